@@ -1,0 +1,41 @@
+"""Embedded default assets: a tiny pretrained base model and instruction datasets, offline.
+
+``embedded:NAME`` in a config (``model.name_or_path``, ``data.train``, ``data.eval``) names a
+file or directory shipped here; it resolves to a local path and loads like any other.
+Shipped: ``tiny-base`` (model + tokenizer dir), ``tasks-alpaca.jsonl``, ``tasks-sharegpt.jsonl``
+and ``tasks-eval.jsonl``; ``python -m raysft.assets.build`` regenerates them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EMBEDDED_PREFIX = "embedded:"
+ASSETS_DIR = Path(__file__).resolve().parent
+# Source files of this package live next to the assets but are not assets.
+_NOT_ASSETS = {"__init__.py", "__pycache__", "build.py", "corpus.py", "tokenizer.py"}
+
+
+def available() -> list[str]:
+    """Names of the shipped assets."""
+    return sorted(
+        p.name
+        for p in ASSETS_DIR.iterdir()
+        if p.name not in _NOT_ASSETS and not p.name.startswith(".")
+    )
+
+
+def asset_path(name: str) -> Path:
+    """Path of the shipped asset ``name``; ``FileNotFoundError`` listing the names otherwise."""
+    if name not in available():
+        raise FileNotFoundError(
+            f"{EMBEDDED_PREFIX}{name}: no such embedded asset (have: {', '.join(available())})"
+        )
+    return ASSETS_DIR / name
+
+
+def resolve(spec: str) -> str:
+    """``embedded:NAME`` -> absolute local path; anything else is returned unchanged."""
+    if spec.startswith(EMBEDDED_PREFIX):
+        return str(asset_path(spec[len(EMBEDDED_PREFIX) :]))
+    return spec

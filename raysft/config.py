@@ -1,0 +1,433 @@
+"""Typed configuration: YAML -> pydantic -> code. The only place defaults live.
+
+Every section is a pydantic model with ``extra="forbid"``. ``load_config`` reports every problem of
+a file at once, each with the file and its dotted path. Importing this module imports neither torch
+nor ray, so validation and ``--dry-run`` are instant.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["full", "lora", "qlora"]
+DataFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
+Template = Literal["llama2", "chatml", "vicuna", "tokenizer"]
+
+
+class ConfigError(Exception):
+    """A user-caused configuration problem; ``problems`` are ``path: message`` lines."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(
+        "embedded:tiny-base",
+        description="Hub id or local directory of the base model (Llama, Qwen2, Mistral style). "
+        "`embedded:tiny-base` is the bundled offline base model.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model repo's own Python code to run. Off unless you trust it."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flex_attention"] = Field(
+        "sdpa",
+        description="Attention kernel. All three keep packed samples independent "
+        "(flex_attention needs CUDA).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank r: trainable 2*d*r per adapted d x d matrix.")
+    alpha: float = Field(
+        32, gt=0, description="LoRA scaling numerator: update = (alpha / r) * B A."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or `all-linear` (every linear layer but the LM head).",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
+
+
+class QloraSection(_Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4 per QLoRA).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the de-quantized matmuls."
+    )
+
+
+class DataSection(_Section):
+    train: str | list[str] = Field(
+        default_factory=lambda: ["embedded:tasks-alpaca.jsonl", "embedded:tasks-sharegpt.jsonl"],
+        description="Training data: JSON / JSONL / Parquet file(s), a saved `datasets` directory, "
+        "or a `datasets` hub name (`hf:NAME[:SPLIT]`). A list concatenates sources.",
+    )
+    eval: str | list[str] | None = Field(
+        "embedded:tasks-eval.jsonl",
+        description="Held-out data, same forms as `train`. Null: a seeded split of `train`.",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of `train` held out when `eval` is null."
+    )
+    format: DataFormat = Field("auto", description="Row format; `auto` detects it per row.")
+    template: Template = Field(
+        "chatml",
+        description="Chat template. `tokenizer` uses the tokenizer's own chat_template.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message added to conversations that have none."
+    )
+    max_seq_len: int = Field(512, gt=8, description="Tokens per sample (and per packed row).")
+    packing: bool = Field(
+        True, description="Pack samples into rows of max_seq_len, each attending only to itself."
+    )
+    on_error: Literal["strict", "skip"] = Field(
+        "strict",
+        description="Malformed rows: `strict` stops naming file/row/field; `skip` drops and "
+        "counts them.",
+    )
+    max_eval_samples: int | None = Field(
+        200, gt=0, description="Cap on eval conversations (loss and exact match). Null: all."
+    )
+
+
+class TrainSection(_Section):
+    learning_rate: float = Field(
+        2e-5,
+        gt=0,
+        description="Peak learning rate. SFT of real models: 1e-5..2e-5 (full), 1e-4..3e-4 (LoRA).",
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps of linear warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping. Null: none.")
+    batch_size: int = Field(4, gt=0, description="Rows (packed or padded) per micro-batch.")
+    grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(200, gt=0, description="Optimizer steps (epochs repeat the data).")
+    eval_every: int = Field(50, gt=0, description="Eval loss every N optimizer steps (and at end).")
+    exact_match: bool = Field(
+        True, description="Greedy-decode the eval set at the end and report exact match."
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Generation cap for exact match.")
+    eval_base: bool = Field(
+        True,
+        description="Also measure the untrained base model's exact match (one more decoding pass).",
+    )
+    neftune_alpha: float | None = Field(
+        None,
+        ge=0,
+        description="NEFTune noise alpha (paper: 5, 10, 15); scale alpha/sqrt(L*d), L = each "
+        "sample's own length. 0 or null: off.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="`auto`: bf16 autocast on a CUDA device that supports it, else fp32."
+    )
+    seed: int = Field(42, description="Seeds data order, split, init of adapters and noise.")
+    num_threads: int | None = Field(
+        None, gt=0, description="torch CPU threads per worker. Null: torch's default."
+    )
+
+
+class SearchParam(_Section):
+    """One searched hyperparameter: a distribution over the value at a dotted config path."""
+
+    type: Literal["loguniform", "uniform", "int", "choice", "multiple_of"] = Field(
+        description="loguniform/uniform/int need low, high; choice needs values; "
+        "multiple_of needs of (a dotted path) and values (the factors)."
+    )
+    low: float | None = Field(None, description="Lower bound (inclusive).")
+    high: float | None = Field(None, description="Upper bound (inclusive).")
+    values: list[Any] | None = Field(None, description="Choices, or factors for multiple_of.")
+    of: str | None = Field(None, description="multiple_of: the path this value multiplies.")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> SearchParam:
+        if self.type in ("loguniform", "uniform", "int"):
+            if self.low is None or self.high is None:
+                raise ValueError(f"type {self.type} needs low and high")
+            if self.low > self.high:
+                raise ValueError(f"low ({self.low}) > high ({self.high})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("loguniform needs low > 0")
+        elif not self.values:
+            raise ValueError(f"type {self.type} needs a non-empty values list")
+        if self.type == "multiple_of" and not self.of:
+            raise ValueError("type multiple_of needs of: <dotted path>")
+        return self
+
+
+class SchedulerSection(_Section):
+    type: Literal["asha", "none"] = Field("asha", description="Early stopping of bad trials.")
+    grace_period: int = Field(1, gt=0, description="ASHA: evals a trial always gets.")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor per rung.")
+
+
+class ResourcesSection(_Section):
+    workers: int = Field(1, gt=0, description="Ray Train workers per trial (data parallel).")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs per worker.")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; fractions share a GPU.")
+
+
+class SearchSection(_Section):
+    params: dict[str, SearchParam] = Field(description="Dotted config path -> distribution.")
+    metric: str = Field("eval_loss", description="Metric to optimise (reported every eval).")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
+    num_samples: int = Field(4, gt=0, description="Trials to run.")
+    seed: int = Field(0, description="Seeds Optuna's TPE sampler.")
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    max_concurrent: int | None = Field(
+        None, gt=0, description="Trials at once. Null: as many as the resources allow."
+    )
+    experiment_dir: str = Field(
+        "runs/search", description="Where trials, checkpoints and summary.json go."
+    )
+
+
+class TrackingSection(_Section):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.",
+    )
+    experiment: str = Field("raysft", description="MLflow experiment name.")
+
+
+class PromoteSection(_Section):
+    enabled: bool = Field(True, description="Register the best adapter after the search.")
+    registered_model: str = Field("raysft-adapter", description="Model Registry name.")
+    alias: str = Field("champion", description="Alias moved to a version that wins.")
+    export_dir: str | None = Field(
+        None, description="Where the promoted adapter is exported. Null: EXPERIMENT_DIR/champion."
+    )
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: Method = Field(
+        "lora", description="full: every weight; lora; qlora: LoRA on 4-bit NF4."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection)
+    qlora: QloraSection = Field(default_factory=QloraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output_dir: str = Field("runs/train", description="Adapter/model, tokenizer, metrics.json.")
+    search: SearchSection | None = Field(None, description="Search spec (raysft.tune only).")
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    promote: PromoteSection = Field(default_factory=PromoteSection)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        if self.train.eval_every > self.train.max_steps:
+            raise ValueError(
+                f"train.eval_every ({self.train.eval_every}) > train.max_steps "
+                f"({self.train.max_steps}): no intermediate eval would run"
+            )
+        if self.method == "full" and (self.lora.use_dora or self.lora.use_rslora):
+            raise ValueError("lora.use_dora/use_rslora are set but method is full")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+# A YAML 1.2 number such as 1e-4 or 5E3, which YAML 1.1 (PyYAML) reads as a string.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value the way YAML would (``1e-4`` -> float, ``[a, b]`` -> list)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # Only number-shaped strings become floats: float() would also turn "inf", "nan" or "1_0"
+    # into numbers, which YAML does not.
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``a.b.c``, creating sections as needed.
+
+    Under ``search.params`` the parameter name is itself a dotted path and stays one key:
+    ``search.params.lora.r.values`` sets ``values`` of the parameter ``lora.r``.
+    """
+    keys = _split_path(dotted)
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise KeyError(f"{dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _split_path(dotted: str) -> list[str]:
+    keys = dotted.split(".")
+    if keys[:2] != ["search", "params"] or len(keys) < 3:
+        return keys
+    rest = keys[2:]
+    if len(rest) > 1 and rest[-1] in SearchParam.model_fields:
+        return ["search", "params", ".".join(rest[:-1]), rest[-1]]
+    return ["search", "params", ".".join(rest)]
+
+
+def get_path(tree: Any, dotted: str) -> Any:
+    node = tree
+    for key in dotted.split("."):
+        node = node[key] if isinstance(node, dict) else getattr(node, key)
+    return node
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> ``{"a.b": 1}``; every malformed pair is reported at once."""
+    out: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            problems.append(f"{pair!r}: expected KEY=VALUE (e.g. train.max_steps=50)")
+        elif not all(part.strip() for part in key.split(".")):
+            problems.append(f"{pair!r}: {key!r} is not a dotted path (e.g. train.max_steps)")
+        else:
+            out[key] = parse_value(raw)
+    if problems:
+        raise ConfigError("--set", problems)
+    return out
+
+
+def _clean_loc(loc: tuple[Any, ...], tree: Any, *, missing: bool) -> tuple[str, str | None]:
+    """Dotted path of an error, and the union member pydantic tagged it with (if any).
+
+    Pydantic puts union member tags (``str``, ``list[str]``) and validator names into ``loc``;
+    only the parts that are keys or indices of the input belong in the path the user sees.
+    """
+    parts: list[str] = []
+    tag: list[str] = []
+    node: Any = tree
+    for i, p in enumerate(loc):
+        last = i == len(loc) - 1
+        in_dict = isinstance(node, dict) and p in node
+        in_list = isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node)
+        if in_dict or in_list:
+            node = node[p]
+        elif not (missing and last):  # a tag: not part of the input
+            if not tag:
+                tag = [".".join(parts), str(p)]
+            continue
+        parts.append(str(p))
+    if tag:
+        return ".".join(parts), f"{tag[0]}\0{tag[1]}"
+    return ".".join(parts), None
+
+
+def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
+    """One ``path: message`` line per problem; a union's failed alternatives share one line."""
+    problems: list[str] = []
+    unions: dict[str, list[str]] = {}
+    for e in err.errors():
+        path, union = _clean_loc(tuple(e["loc"]), tree, missing=e["type"] == "missing")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if union is None:
+            problems.append(f"{path}: {msg}" if path else msg)
+            continue
+        root, member = union.split("\0")
+        rest = path[len(root) :].lstrip(".")
+        if root not in unions:
+            unions[root] = []
+            problems.append(root)  # placeholder, filled below in first-seen order
+        unions[root].append(f"as {member}: {rest + ': ' if rest else ''}{msg}")
+    return [
+        f"{p}: {'; '.join(unions[p])}" if p in unions else p
+        for p in dict.fromkeys(problems)  # keeps order, drops exact duplicates
+    ]
+
+
+def validate_tree(tree: dict[str, Any], *, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(source, _format_errors(err, tree)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [_yaml_problem(err)]) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            str(path),
+            [f"top level must be a mapping of sections (model:, data:, ...), got {_kind(tree)}"],
+        )
+    return tree
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where the YAML breaks and why (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or not problem:
+        return "not valid YAML: " + " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context = getattr(err, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read YAML (or start from defaults), apply ``--set`` overrides, validate all at once."""
+    source = str(path) if path is not None else "<defaults>"
+    tree = read_yaml(path) if path is not None else {}
+    tree = copy.deepcopy(tree)
+    problems = []
+    for key, value in (overrides or {}).items():
+        try:
+            set_path(tree, key, value)
+        except KeyError as err:
+            problems.append(f"--set {err.args[0]}")
+    try:
+        cfg = validate_tree(tree, source=source)
+    except ConfigError as err:
+        raise ConfigError(source, problems + err.problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

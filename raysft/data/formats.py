@@ -1,0 +1,316 @@
+"""Alpaca / ShareGPT / OpenAI-messages rows -> one canonical message list.
+
+A conversation is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an optional
+system message, then user/assistant turns alternating, ending with the assistant. Every malformed
+row is either an error naming file, row and field (strict) or skipped and counted (skip).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+_MESSAGE_ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """A user-caused data problem; the message names source, row and field."""
+
+
+class _RowError(Exception):
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+@dataclass
+class LoadedData:
+    conversations: list[Conversation] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # one "source: row i: field: why" per row
+    n_rows: int = 0
+
+
+# ---------------------------------------------------------------- row -> conversation
+
+
+def detect_format(row: dict[str, Any]) -> Literal["alpaca", "sharegpt", "messages"]:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    raise _RowError(
+        "",
+        "cannot detect the format: expected instruction/output (alpaca), "
+        "conversations (sharegpt) or messages (openai); keys are " + ", ".join(sorted(row)),
+    )
+
+
+def _text(row: dict[str, Any], key: str, *, required: bool, where: str | None = None) -> str:
+    where = where or key
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise _RowError(where, "missing")
+        return ""
+    if not isinstance(value, str):
+        raise _RowError(where, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_alpaca(row: dict[str, Any]) -> Conversation:
+    instruction = _text(row, "instruction", required=True)
+    if not instruction.strip():
+        raise _RowError("instruction", "empty")
+    extra = _text(row, "input", required=False)
+    output = _text(row, "output", required=True)
+    if not output.strip():
+        raise _RowError("output", "empty: nothing to train")
+    system = _text(row, "system", required=False)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    conv: Conversation = [{"role": "system", "content": system}] if system.strip() else []
+    return conv + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _turns(
+    items: Any, *, key: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> Conversation:
+    if not isinstance(items, list) or not items:
+        raise _RowError(key, "must be a non-empty list")
+    conv: Conversation = []
+    for i, turn in enumerate(items):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise _RowError(where, f"must be an object, got {type(turn).__name__}")
+        raw_role = turn.get(role_key)
+        if raw_role not in roles:
+            raise _RowError(
+                f"{where}.{role_key}",
+                f"unknown role {raw_role!r} (expected one of {', '.join(sorted(roles))})",
+            )
+        content = _text(turn, content_key, required=True, where=f"{where}.{content_key}")
+        conv.append({"role": roles[raw_role], "content": content})
+    return conv
+
+
+def _from_sharegpt(row: dict[str, Any]) -> Conversation:
+    conv = _turns(
+        row.get("conversations"),
+        key="conversations",
+        role_key="from",
+        content_key="value",
+        roles=_SHAREGPT_ROLES,
+    )
+    system = _text(row, "system", required=False)
+    if system.strip() and conv[0]["role"] != "system":
+        conv.insert(0, {"role": "system", "content": system})
+    return conv
+
+
+def _from_messages(row: dict[str, Any]) -> Conversation:
+    roles = {r: r for r in _MESSAGE_ROLES}
+    return _turns(
+        row.get("messages"), key="messages", role_key="role", content_key="content", roles=roles
+    )
+
+
+def _check_shape(conv: Conversation, *, key: str) -> None:
+    """System first (optional), then user/assistant alternating, ending on the assistant."""
+    start = 1 if conv and conv[0]["role"] == "system" else 0
+    turns = conv[start:]
+    if not turns:
+        raise _RowError(key, "has no user/assistant turns")
+    for i, msg in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise _RowError(
+                f"{key}[{i + start}]",
+                f"expected {'an' if expected == 'assistant' else 'a'} {expected} turn, "
+                f"got {msg['role']} "
+                "(turns must alternate user/assistant after an optional system message)",
+            )
+        if expected == "assistant" and not msg["content"].strip():
+            raise _RowError(f"{key}[{i + start}]", "assistant content is empty: nothing to train")
+    if turns[-1]["role"] != "assistant":
+        raise _RowError(key, "must end with an assistant turn")
+
+
+_CONVERTERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _from_messages}
+_SHAPE_KEY = {"alpaca": "output", "sharegpt": "conversations", "messages": "messages"}
+
+
+def to_conversation(
+    row: Any, *, fmt: str = "auto", system_prompt: str | None = None
+) -> Conversation:
+    """Convert one row; raises ``_RowError`` (field + problem) on malformed input."""
+    if not isinstance(row, dict):
+        raise _RowError("", f"row must be a JSON object, got {type(row).__name__}")
+    # Parquet and `datasets` give every row every column, null where a row has none: a file
+    # mixing alpaca and sharegpt rows must read like the same rows in JSONL.
+    row = {k: v for k, v in row.items() if v is not None}
+    kind = detect_format(row) if fmt == "auto" else fmt
+    if kind not in _CONVERTERS:
+        raise _RowError("", f"unknown format {kind!r}")
+    if fmt != "auto" and _SHAPE_KEY[kind] not in row and kind != "alpaca":
+        raise _RowError(_SHAPE_KEY[kind], f"missing (data.format is {fmt})")
+    conv = _CONVERTERS[kind](row)
+    _check_shape(conv, key=_SHAPE_KEY[kind])
+    if system_prompt and conv[0]["role"] != "system":
+        conv.insert(0, {"role": "system", "content": system_prompt})
+    return conv
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _iter_rows(source: str) -> Iterator[tuple[int, Any]]:
+    """Yield (row index, row) from a file, a saved dataset dir or ``hf:NAME[:SPLIT]``."""
+    from raysft.assets import resolve
+
+    if source.startswith("hf:"):
+        yield from _iter_hub(source[3:])
+        return
+    path = Path(resolve(source))
+    if path.is_dir():
+        yield from _iter_saved_dataset(path)
+        return
+    if not path.is_file():
+        raise DataError(f"{source}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(path, source)
+    elif suffix == ".json":
+        yield from _iter_json(path, source)
+    elif suffix == ".parquet":
+        yield from _iter_parquet(path, source)
+    else:
+        raise DataError(f"{source}: unsupported file type {suffix!r} (.json, .jsonl, .parquet)")
+
+
+def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        index = 0
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                row = _Unparsable(f"line {line_no}: not valid JSON: {err.msg}")
+            yield index, row
+            index += 1
+
+
+class _Unparsable:
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        # A .json file holding JSON lines is common; read it that way before giving up.
+        if err.msg == "Extra data":
+            yield from _iter_jsonl(path, source)
+            return
+        raise DataError(f"{source}: not valid JSON: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{source}: expected a JSON list of rows (or JSON lines)")
+    yield from enumerate(data)
+
+
+def _iter_parquet(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise DataError(f"{source}: cannot read Parquet: {err}") from None
+    yield from enumerate(table.to_pylist())
+
+
+def _iter_saved_dataset(path: Path) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: not a saved `datasets` directory: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: DatasetDict has no 'train' split ({', '.join(ds)})")
+        ds = ds["train"]
+    yield from enumerate(ds)
+
+
+def _iter_hub(spec: str) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:
+        raise DataError(f"hf:{spec}: cannot load dataset: {err}") from None
+    yield from enumerate(ds)
+
+
+def load_conversations(
+    sources: str | list[str],
+    *,
+    fmt: str = "auto",
+    on_error: str = "strict",
+    system_prompt: str | None = None,
+) -> LoadedData:
+    """Read every source; strict raises on the first bad row, skip records each one."""
+    out = LoadedData()
+    for source in [sources] if isinstance(sources, str) else sources:
+        for index, row in _iter_rows(source):
+            out.n_rows += 1
+            try:
+                if isinstance(row, _Unparsable):
+                    raise _RowError("", row.why)
+                out.conversations.append(to_conversation(row, fmt=fmt, system_prompt=system_prompt))
+            except _RowError as err:
+                where = f"{source}: row {index}: {err}"
+                if on_error == "strict":
+                    raise DataError(
+                        where + " (data.on_error=skip drops and counts such rows)"
+                    ) from None
+                out.skipped.append(where)
+    return out
+
+
+def split_train_eval(
+    conversations: list[Conversation], *, eval_fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """Seeded split; each side gets at least one conversation."""
+    if len(conversations) < 2:
+        raise DataError(
+            f"data.eval is null: need at least 2 conversations to split off an eval set, "
+            f"have {len(conversations)}"
+        )
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    # Both sides non-empty, whatever the fraction.
+    n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
+    held = set(order[:n_eval])
+    train = [c for i, c in enumerate(conversations) if i not in held]
+    evals = [c for i, c in enumerate(conversations) if i in held]
+    return train, evals

@@ -1,0 +1,114 @@
+"""Config's data section -> tokenized train/eval examples and a report of what was dropped."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from raysft.config import DataSection
+from raysft.data.formats import (
+    Conversation,
+    DataError,
+    LoadedData,
+    load_conversations,
+    split_train_eval,
+)
+from raysft.data.templates import Example, TemplateError, render, tokenize
+
+
+@dataclass
+class DataReport:
+    rows_read: int = 0
+    rows_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)  # first few reasons, for the log
+    train_examples: int = 0
+    eval_examples: int = 0
+    truncated: int = 0  # cut to max_seq_len but still trainable
+    dropped_no_trained_tokens: int = 0  # truncation left nothing to learn: dropped, counted
+    train_tokens: int = 0
+    trained_tokens: int = 0
+    packing_efficiency: float | None = None
+    packed_rows: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["skipped"] = self.skipped[:20]
+        return out
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    eval: list[Example]
+    eval_conversations: list[Conversation]  # aligned with ``eval``, for exact match
+    report: DataReport
+
+
+def _tokenize_all(
+    convs: list[Conversation], cfg: DataSection, tokenizer: Any, report: DataReport
+) -> tuple[list[Example], list[Conversation]]:
+    examples, kept = [], []
+    for conv in convs:
+        try:
+            segments = render(conv, template=cfg.template, tokenizer=tokenizer)
+        except TemplateError as err:
+            raise DataError(f"data.template={cfg.template}: {err}") from None
+        ex = tokenize(segments, tokenizer, max_seq_len=cfg.max_seq_len)
+        if ex.n_trained == 0:
+            report.dropped_no_trained_tokens += 1
+            continue
+        report.truncated += ex.truncated
+        examples.append(ex)
+        kept.append(conv)
+    return examples, kept
+
+
+def load_split(
+    cfg: DataSection, *, seed: int
+) -> tuple[list[Conversation], list[Conversation], DataReport]:
+    """Conversations for train and eval (seeded split when no eval source is given)."""
+    report = DataReport()
+
+    def load(sources: str | list[str]) -> LoadedData:
+        return load_conversations(
+            sources, fmt=cfg.format, on_error=cfg.on_error, system_prompt=cfg.system_prompt
+        )
+
+    train = load(cfg.train)
+    report.rows_read += train.n_rows
+    report.skipped += train.skipped
+    if not train.conversations:
+        raise DataError(f"data.train: no usable rows ({len(train.skipped)} skipped)")
+    if cfg.eval is None:
+        train_convs, eval_convs = split_train_eval(
+            train.conversations, eval_fraction=cfg.eval_fraction, seed=seed
+        )
+    else:
+        held = load(cfg.eval)
+        report.rows_read += held.n_rows
+        report.skipped += held.skipped
+        train_convs, eval_convs = train.conversations, held.conversations
+        if not eval_convs:
+            raise DataError(f"data.eval: no usable rows ({len(held.skipped)} skipped)")
+    report.rows_skipped = len(report.skipped)
+    if cfg.max_eval_samples is not None and len(eval_convs) > cfg.max_eval_samples:
+        rng = random.Random(seed)
+        eval_convs = rng.sample(eval_convs, cfg.max_eval_samples)
+    return train_convs, eval_convs, report
+
+
+def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
+    train_convs, eval_convs, report = load_split(cfg, seed=seed)
+    train, _ = _tokenize_all(train_convs, cfg, tokenizer, report)
+    evals, eval_kept = _tokenize_all(eval_convs, cfg, tokenizer, report)
+    for name, kept in (("train", train), ("eval", evals)):
+        if not kept:
+            raise DataError(
+                f"data.{name}: every sample lost its trainable tokens to truncation at "
+                f"data.max_seq_len={cfg.max_seq_len} (raise it or shorten the prompts)"
+            )
+    report.train_examples, report.eval_examples = len(train), len(evals)
+    report.train_tokens = sum(len(e.input_ids) for e in train)
+    report.trained_tokens = sum(e.n_trained for e in train)
+    return PreparedData(train, evals, eval_kept, report)

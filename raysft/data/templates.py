@@ -1,0 +1,193 @@
+"""Chat templates: a conversation -> text segments marked trained or not -> token ids + labels.
+
+The built-in templates are byte-exact to SEED.md section 2. Rendering returns segments, not a
+string, so the label mask is exact by construction: every assistant turn's content plus its
+terminator is trained; system, user, template text and padding are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from raysft.data.formats import Conversation
+
+IGNORE = -100  # label value cross-entropy skips
+
+VICUNA_SYSTEM = "A chat between a curious user and an AI assistant."
+
+# What ends an assistant turn, as trained; generation stops at the stripped form.
+TERMINATORS = {"llama2": " </s>", "chatml": "<|im_end|>", "vicuna": "</s>"}
+
+
+class TemplateError(ValueError):
+    """The conversation cannot be rendered with the chosen template."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trained: bool
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    @property
+    def n_trained(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def _split_system(conv: Conversation) -> tuple[str | None, Conversation]:
+    if conv and conv[0]["role"] == "system":
+        return conv[0]["content"], conv[1:]
+    return None, conv
+
+
+def _llama2(conv: Conversation, *, generation: bool) -> list[Segment]:
+    system, turns = _split_system(conv)
+    segs: list[Segment] = []
+    for i in range(0, len(turns), 2):
+        user = turns[i]["content"]
+        if i == 0 and system is not None:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        segs.append(Segment(f"<s>[INST] {user} [/INST] ", False))
+        if i + 1 < len(turns):
+            segs.append(Segment(turns[i + 1]["content"] + TERMINATORS["llama2"], True))
+    return _finish(segs, generation=generation)
+
+
+def _chatml(conv: Conversation, *, generation: bool) -> list[Segment]:
+    segs: list[Segment] = []
+    for msg in conv:
+        sep = "\n" if segs else ""
+        if msg["role"] == "assistant":
+            segs.append(Segment(f"{sep}<|im_start|>assistant\n", False))
+            segs.append(Segment(msg["content"] + TERMINATORS["chatml"], True))
+        else:
+            segs.append(
+                Segment(f"{sep}<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>", False)
+            )
+    if generation:
+        segs.append(Segment("\n<|im_start|>assistant\n", False))
+    return segs
+
+
+def _vicuna(conv: Conversation, *, generation: bool) -> list[Segment]:
+    system, turns = _split_system(conv)
+    segs = [Segment(f"{VICUNA_SYSTEM if system is None else system}\n\n", False)]
+    for i in range(0, len(turns), 2):
+        sep = "\n" if i else ""
+        segs.append(Segment(f"{sep}USER: {turns[i]['content']}\nASSISTANT: ", False))
+        if i + 1 < len(turns):
+            segs.append(Segment(turns[i + 1]["content"] + TERMINATORS["vicuna"], True))
+    return _finish(segs, generation=generation)
+
+
+def _finish(segs: list[Segment], *, generation: bool) -> list[Segment]:
+    """Without a generation prompt the untrained tail of the last user turn is not wanted."""
+    if not generation and segs and not segs[-1].trained:
+        segs = segs[:-1]
+    if generation and segs and segs[-1].trained:
+        raise TemplateError("a generation prompt must end with a user turn")
+    return segs
+
+
+def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> list[Segment]:
+    """Spans from the tokenizer's own chat_template, found by rendering growing prefixes."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError("data.template is tokenizer but the tokenizer has no chat_template")
+
+    import jinja2
+
+    def render(msgs: Conversation, gen: bool) -> str:
+        try:
+            out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except jinja2.TemplateError as err:  # e.g. "System role not supported"
+            raise TemplateError(f"the tokenizer's chat_template failed: {err}") from None
+        return str(out)
+
+    segs: list[Segment] = []
+    done = ""
+    for i, msg in enumerate(conv):
+        if msg["role"] != "assistant":
+            continue
+        prompt, full = render(conv[:i], True), render(conv[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise TemplateError(
+                "the tokenizer's chat_template does not render conversations as growing prefixes "
+                "(e.g. it drops earlier reasoning); use data.template llama2, chatml or vicuna"
+            )
+        answer = full[len(prompt) :]
+        trained = answer.rstrip()  # the newline after the terminator is formatting, not an answer
+        if msg["content"] not in trained:
+            raise TemplateError("the tokenizer's chat_template rewrites assistant content")
+        segs += [Segment(prompt[len(done) :], False), Segment(trained, True)]
+        done = prompt + trained
+    if generation:
+        prompt = render(conv, True)
+        segs.append(Segment(prompt[len(done) :], False))
+    return [s for s in segs if s.text]
+
+
+_BUILTIN = {"llama2": _llama2, "chatml": _chatml, "vicuna": _vicuna}
+
+
+def render(
+    conv: Conversation, *, template: str, tokenizer: Any = None, generation: bool = False
+) -> list[Segment]:
+    """Segments of one conversation; ``generation`` renders a prompt that ends with a user turn."""
+    if template == "tokenizer":
+        return _from_tokenizer(conv, tokenizer, generation=generation)
+    if template not in _BUILTIN:
+        raise TemplateError(f"unknown template {template!r}")
+    return _BUILTIN[template](conv, generation=generation)
+
+
+def render_text(conv: Conversation, *, template: str, tokenizer: Any = None) -> str:
+    return "".join(s.text for s in render(conv, template=template, tokenizer=tokenizer))
+
+
+def generation_prompt(conv: Conversation, *, template: str, tokenizer: Any = None) -> str:
+    """The text a model continues to answer the final user turn of ``conv`` (assistant dropped)."""
+    if conv and conv[-1]["role"] == "assistant":
+        conv = conv[:-1]
+    segs = render(conv, template=template, tokenizer=tokenizer, generation=True)
+    return "".join(s.text for s in segs)
+
+
+def stop_strings(template: str, tokenizer: Any = None) -> list[str]:
+    """Strings that end a generated answer."""
+    if template in TERMINATORS:
+        return [TERMINATORS[template].strip()]
+    eos = getattr(tokenizer, "eos_token", None)
+    return [t for t in {eos, "<|im_end|>", "<|eot_id|>"} if t]
+
+
+def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Example:
+    """Token ids and labels; each segment is tokenized alone so masks never straddle a boundary."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for seg in segments:
+        seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+        ids += seg_ids
+        labels += seg_ids if seg.trained else [IGNORE] * len(seg_ids)
+    truncated = len(ids) > max_seq_len
+    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated)
+
+
+def trained_spans(example: Example, tokenizer: Any) -> list[str]:
+    """Decoded text of each contiguous run of label-bearing tokens."""
+    spans: list[list[int]] = []
+    prev = False
+    for tok, label in zip(example.input_ids, example.labels, strict=True):
+        on = label != IGNORE
+        if on and not prev:
+            spans.append([])
+        if on:
+            spans[-1].append(tok)
+        prev = on
+    return [tokenizer.decode(s, skip_special_tokens=False) for s in spans]

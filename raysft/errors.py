@@ -1,0 +1,21 @@
+"""The exception types that mean "bad input" rather than "bug", collected lazily."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message says where and what."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from raysft.data.formats import DataError
+    from raysft.data.templates import TemplateError
+
+    types: list[type[BaseException]] = [UserError, DataError, TemplateError, FileNotFoundError]
+    try:
+        from raysft.train.model import ModelError
+
+        types.append(ModelError)
+    except ImportError:  # torch missing: nothing from the model layer can be raised anyway
+        pass
+    return tuple(types)

@@ -1,0 +1,119 @@
+"""``python -m raysft.train CONFIG.yaml``: one SFT training run (no Ray).
+
+--dry-run validates and prints the resolved config and parameter counts (meta device, no weights);
+--preview N [--json] prints the first N training examples exactly as trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import NoReturn
+
+from raysft.cli import add_config_args, load_from_args, run_cli, setup_logging
+from raysft.config import Config, dump_config
+
+
+def _dry_run(cfg: Config) -> int:
+    from raysft.train.model import build_meta_model, count_parameters, format_parameter_counts
+
+    print(dump_config(cfg), end="")
+    trainable, total = count_parameters(build_meta_model(cfg))
+    print(format_parameter_counts(trainable, total))
+    return 0
+
+
+def _runs(ex, tokenizer) -> list[tuple[str, bool]]:
+    """Decoded text of each maximal run of trained / untrained tokens, in order."""
+    runs: list[tuple[list[int], bool]] = []
+    for tok, label in zip(ex.input_ids, ex.labels, strict=True):
+        on = label != -100
+        if not runs or runs[-1][1] != on:
+            runs.append(([], on))
+        runs[-1][0].append(tok)
+    return [(tokenizer.decode(ids, skip_special_tokens=False), on) for ids, on in runs]
+
+
+def _preview(cfg: Config, n: int, as_json: bool) -> int:
+    from raysft.data.pipeline import load_split
+    from raysft.data.templates import render, tokenize, trained_spans
+    from raysft.train.model import load_tokenizer
+
+    # Data first: a bad row is reported before the (slower) tokenizer load.
+    train, _, report = load_split(cfg.data, seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    color = sys.stdout.isatty() and not as_json
+    start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
+    for i, conv in enumerate(train[:n]):
+        ex = tokenize(
+            render(conv, template=cfg.data.template, tokenizer=tokenizer),
+            tokenizer,
+            max_seq_len=cfg.data.max_seq_len,
+        )
+        text = tokenizer.decode(ex.input_ids, skip_special_tokens=False)
+        spans = trained_spans(ex, tokenizer)
+        if as_json:
+            print(
+                json.dumps(
+                    {"text": text, "trained": spans, "n_tokens": len(ex.input_ids)},
+                    ensure_ascii=False,
+                )
+            )
+            continue
+        marked = [f"{start}{t}{end}" if trained else t for t, trained in _runs(ex, tokenizer)]
+        note = " (truncated)" if ex.truncated else ""
+        print(f"--- example {i}: {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")
+        print("".join(marked))
+    if report.rows_skipped and not as_json:
+        print(f"--- {report.rows_skipped} rows skipped (data.on_error=skip)")
+    return 0
+
+
+def _train(cfg: Config) -> int:
+    from raysft.train.recipe import run_trial
+
+    result = run_trial(cfg)
+    f = result.final
+    print(f"output: {result.output_dir}")
+    print(f"eval_loss: {f.get('eval_loss', float('nan')):.4f}  train_seconds: {f['train_seconds']}")
+    if "exact_match" in f:
+        base = f.get("base_exact_match")
+        line = f"held-out exact match: {f['exact_match']:.1%}"
+        if base is not None:
+            line += f" (base model {base:.1%}, gain {f['exact_match_gain'] * 100:+.1f} points)"
+        print(line)
+    return 0
+
+
+def _main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m raysft.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(parser)
+    parser.add_argument("--dry-run", action="store_true", help="validate, print config and counts")
+    parser.add_argument("--preview", type=int, metavar="N", help="print the first N examples")
+    parser.add_argument("--json", action="store_true", help="with --preview: one JSON per line")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    if args.json and args.preview is None:
+        parser.error("--json needs --preview N")
+    cfg = load_from_args(args)
+    if args.dry_run:
+        return _dry_run(cfg)
+    if args.preview is not None:
+        return _preview(cfg, args.preview, args.json)
+    setup_logging(args.verbose)
+    return _train(cfg)
+
+
+def main() -> NoReturn:
+    """Entry point (``python -m raysft.train`` and the ``raysft-train`` script): user errors
+    exit 2 with one message, never a traceback."""
+    run_cli(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Held-out evaluation: loss on response tokens, and greedy exact match."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from raysft.data.formats import Conversation
+from raysft.data.packing import causal_lm_loss, collate_packed, collate_padded, pack
+from raysft.data.templates import Example, generation_prompt, stop_strings
+
+
+def batches(
+    examples: list[Example],
+    *,
+    packing: bool,
+    max_len: int,
+    batch_size: int,
+    pad_id: int,
+    order: list[int] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches; with packing, ``order`` indexes packed rows, else examples."""
+    if packing:
+        bins = pack([len(e.input_ids) for e in examples], max_len=max_len)
+        rows = [[(examples[i].input_ids, examples[i].labels) for i in b] for b in bins]
+        order = order if order is not None else list(range(len(rows)))
+        for s in range(0, len(order), batch_size):
+            yield collate_packed([rows[i] for i in order[s : s + batch_size]], pad_id=pad_id)
+    else:
+        order = order if order is not None else list(range(len(examples)))
+        for s in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[s : s + batch_size]]
+            yield collate_padded([(e.input_ids, e.labels) for e in chunk], pad_id=pad_id)
+
+
+def forward_loss(
+    model: Any, batch: dict[str, torch.Tensor], device: Any
+) -> tuple[torch.Tensor, int]:
+    """Sum of token losses and token count. Packed batches carry no attention_mask on purpose:
+    transformers then builds the per-sample mask from position_ids (needs use_cache=False)."""
+    inputs = {
+        k: batch[k].to(device)
+        for k in ("input_ids", "position_ids", "attention_mask")
+        if k in batch
+    }
+    logits = model(**inputs, use_cache=False).logits
+    return causal_lm_loss(logits, batch["labels"].to(device), batch["position_ids"].to(device))
+
+
+@torch.no_grad()
+def eval_loss(
+    model: Any,
+    examples: list[Example],
+    *,
+    packing: bool,
+    max_len: int,
+    batch_size: int,
+    pad_id: int,
+    device: Any,
+    autocast: Any,
+) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches(
+        examples, packing=packing, max_len=max_len, batch_size=batch_size, pad_id=pad_id
+    ):
+        with autocast():
+            loss_sum, n = forward_loss(model, batch, device)
+        total += float(loss_sum)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _answer(text: str, stops: list[str]) -> str:
+    for stop in stops:
+        cut = text.find(stop)
+        if cut != -1:
+            text = text[:cut]
+    return text.strip()
+
+
+@torch.no_grad()
+def exact_match(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[Conversation],
+    *,
+    template: str,
+    max_new_tokens: int,
+    batch_size: int,
+    device: Any,
+    autocast: Any,
+) -> tuple[float, list[dict[str, str]]]:
+    """Share of eval conversations whose greedy answer equals the reference final answer."""
+    was_training = model.training
+    model.eval()
+    stops = stop_strings(template, tokenizer)
+    stop_ids = [tokenizer.convert_tokens_to_ids(s) for s in stops]
+    stop_ids = [i for i in stop_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+    prompts = [generation_prompt(c, template=template, tokenizer=tokenizer) for c in conversations]
+    samples, hits = [], 0
+    for s in range(0, len(prompts), batch_size):
+        enc = [
+            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]
+        ]
+        width = max(len(e) for e in enc)
+        # Left padding so every prompt ends where generation starts.
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+        with autocast():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids or None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        for j, row in enumerate(out[:, width:].tolist()):
+            got = _answer(tokenizer.decode(row, skip_special_tokens=False), stops)
+            want = conversations[s + j][-1]["content"].strip()
+            hits += got == want
+            samples.append({"prompt": prompts[s + j], "expected": want, "generated": got})
+    model.train(was_training)
+    return hits / max(len(prompts), 1), samples

@@ -1,0 +1,235 @@
+"""Tokenizer and model loading for the three methods (full, lora, qlora), counting and saving.
+
+Training always runs with ``model.config.use_cache = False``: with a cache, transformers ignores
+the position-id resets of packed rows and lets packed samples attend to each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raysft.config import Config, LoraSection, ModelSection, QloraSection
+
+if TYPE_CHECKING:
+    import peft
+    import torch
+    import transformers
+
+log = logging.getLogger(__name__)
+
+# Non-reentrant checkpointing: works with frozen inputs (LoRA) and keyword arguments.
+_GC_KWARGS = {"use_reentrant": False}
+
+
+class ModelError(Exception):
+    """A model cannot be loaded as configured (e.g. qlora without a bitsandbytes backend)."""
+
+
+def _resolve(spec: str) -> str:
+    from raysft.assets import resolve
+
+    return resolve(spec)
+
+
+def load_tokenizer(model_cfg: ModelSection) -> Any:
+    """The model's tokenizer, right padding, with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        _resolve(model_cfg.name_or_path),
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if tok.pad_token is None:
+        # Safe to reuse unk/eos: labels and attention are masked by position (collate_* set -100
+        # and seg_lens on padding), never by comparing token ids with pad_token_id.
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def build_lora_config(lora: LoraSection) -> peft.LoraConfig:
+    """peft LoraConfig for a causal LM; ``all-linear`` is passed through (peft skips lm_head)."""
+    from peft import LoraConfig
+
+    targets = lora.target_modules
+    # peft annotates an int but computes alpha / r in float; keep 32 (not 32.0) in adapter_config.
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        lora_dropout=lora.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_bnb_config(q: QloraSection) -> transformers.BitsAndBytesConfig:
+    """4-bit bitsandbytes quantization of the base model's linear layers (QLoRA)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+    )
+
+
+def _torch_device(device: str | torch.device) -> torch.device:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _check_bnb(dev: torch.device, quant_type: str) -> None:
+    """Raise ModelError unless bitsandbytes can 4-bit quantize on ``dev`` (probe: one block)."""
+    why = "method: qlora needs bitsandbytes with a CUDA device or its CPU backend: "
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as err:  # ImportError, or a broken native library raising at import
+        raise ModelError(f"{why}cannot import bitsandbytes ({err})") from err
+    import torch
+
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"{why}device {dev} requested but CUDA is not available")
+    try:
+        packed, state = bnbf.quantize_4bit(torch.ones(64, device=dev), quant_type=quant_type)
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as err:
+        raise ModelError(f"{why}no usable backend for {dev.type} ({err})") from err
+
+
+def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
+    """The model to train: full (fp32, all trainable), lora or qlora (frozen base + adapter).
+
+    Returned as ``from_pretrained`` leaves it (eval mode); the trainer calls ``.train()``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = _torch_device(device)
+    kwargs: dict[str, Any] = {
+        "revision": cfg.model.revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "attn_implementation": cfg.model.attn_implementation,
+        # fp32 master weights; bf16 compute comes from autocast in the trainer.
+        "dtype": torch.float32,
+        "device_map": {"": dev},
+    }
+    gc = cfg.train.gradient_checkpointing
+    if cfg.method == "qlora":
+        _check_bnb(dev, cfg.qlora.quant_type)
+        kwargs["quantization_config"] = build_bnb_config(cfg.qlora)
+    path = _resolve(cfg.model.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # a cache disables the per-sample mask of packed rows
+    if cfg.method == "full":
+        if gc:
+            _enable_checkpointing(model)
+        model.requires_grad_(True)
+        return model
+    return _attach_adapter(model, cfg, gc=gc)
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing, under its 5.x name where it exists."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=dict(_GC_KWARGS))
+    else:  # older transformers 5.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(_GC_KWARGS))
+
+
+def _attach_adapter(model: Any, cfg: Config, *, gc: bool) -> Any:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        # Freezes the base and upcasts norms/embeddings to fp32. Checkpointing is enabled below,
+        # as peft would with use_reentrant=False, minus its call of the deprecated alias.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gc:
+        _enable_checkpointing(model)
+        # Frozen embeddings give outputs without grad; checkpointed blocks still need a graph.
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, build_lora_config(cfg.lora))
+    log.info("%s: %s", cfg.method, format_parameter_counts(*count_parameters(peft_model)))
+    return peft_model
+
+
+def build_meta_model(cfg: Config) -> Any:
+    """The configured model on the meta device (config.json only, no weights), adapter attached.
+
+    No quantization on meta: counts are logical parameter counts, as peft reports for 4-bit.
+    """
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        _resolve(cfg.model.name_or_path),
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    with torch.device("meta"):
+        # eager: shapes do not depend on the kernel, and eager needs no availability check.
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="eager"
+        )
+        if cfg.method != "full":
+            model = get_peft_model(model, build_lora_config(cfg.lora))
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) with peft's semantics: a 4-bit Params4bit counts numel * 2 * itemsize."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            # Two 4-bit values per byte of quant storage (uint8 -> 2 weights per element).
+            n *= 2 * param.element_size()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def format_parameter_counts(trainable: int, total: int) -> str:
+    """Exactly peft's ``print_trainable_parameters`` line."""
+    share = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, *, method: str) -> Path:
+    """lora/qlora: the adapter only; full: the whole model. The tokenizer goes alongside."""
+    from peft import PeftModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if method in ("lora", "qlora"):
+        if not isinstance(model, PeftModel):
+            raise ModelError(f"method: {method} but the model has no adapter to save")
+        model.save_pretrained(str(out))
+    else:
+        # Inference from the export should use the KV cache again; restore after saving.
+        model.config.use_cache = True
+        try:
+            model.save_pretrained(out)
+        finally:
+            model.config.use_cache = False
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,91 @@
+"""Shared fixtures: a random-init tiny Llama (with a word-level tokenizer) saved to a tmp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_VOCAB = 128
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Idempotent with pyproject's list; keeps `--strict-markers` happy if run without it.
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "integration: real Ray cluster / MLflow server")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return  # only import torch when a cuda test was collected
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in cuda_items:
+        item.add_marker(skip)
+
+
+def save_word_tokenizer(out_dir: Path, *, with_unk: bool = True) -> None:
+    """A whitespace word-level tokenizer over ``TINY_VOCAB`` ids and no pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] if with_unk else ["<s>", "</s>"]
+    words = [f"w{i}" for i in range(TINY_VOCAB - len(specials))]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>" if with_unk else None))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>" if with_unk else None,
+    )
+    tok.save_pretrained(out_dir)
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    # hidden 64: a multiple of bitsandbytes' 64-value NF4 block.
+    kwargs = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer_saver():
+    """``save_word_tokenizer`` as a fixture: ``saver(out_dir, with_unk=...)``."""
+    return save_word_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_llama_config`` as a fixture: call it with overrides for a fresh LlamaConfig."""
+    return tiny_llama_config
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory with a seeded random tiny LlamaForCausalLM (fp32) and its tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.save_pretrained(out)
+    save_word_tokenizer(out)
+    return out

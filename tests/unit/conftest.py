@@ -1,0 +1,33 @@
+"""Fixtures shared by the data/config unit tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tok() -> Any:
+    """The embedded byte-level tokenizer (id == byte, plus <s> </s> <pad> <unk> ChatML tokens)."""
+    from raysft.assets.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def _uses_cli_runs(item: pytest.Item) -> bool:
+    return "cli_runs" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """test_cli's subprocess runs take seconds each (they import torch and peft): its tests that
+    check them go last, so the runs overlap with every other test instead of being waited for."""
+    items[:] = [i for i in items if not _uses_cli_runs(i)] + [i for i in items if _uses_cli_runs(i)]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start those runs as soon as the selected tests are known."""
+    for item in session.items:
+        if _uses_cli_runs(item):
+            item.module.start_cli_runs()  # type: ignore[attr-defined]
+            return

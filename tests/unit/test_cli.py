@@ -1,0 +1,293 @@
+"""``python -m raysft.train`` as a user runs it: exit codes, messages, --dry-run and --preview.
+
+Every subprocess run is declared in ``_jobs``; tests/unit/conftest.py starts them right after
+collection and runs the tests that check them last, so their seconds of importing torch and peft
+overlap with the other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from raysft.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+BAD_ROLE = str(FIXTURES / "bad_role.jsonl")
+IM_END = "<|im_end|>"
+A1 = "Hello! I am an AI assistant; I can help you answer questions, write, code and more."
+A2 = "Of course! Tell me what functionality you need and I will do my best to help."
+PARAMS_LINE = re.compile(
+    r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: (\d+\.\d{4})"
+)
+THREE_ERRORS = "train:\n  learning_rate: -1\n  max_stepz: 10\nlora:\n  r: 0\n"
+
+# `python -m raysft.train ARGS1 [--then ARGS2 ...]`: the CLI run once per argument group in one
+# interpreter (imports paid once), each run followed by "=== exit CODE" on stdout. The first run
+# is exactly a fresh `python -m raysft.train ARGS1`. `--save-tokenizer DIR` first saves the
+# byte-level tokenizer there (a preview needs no weights). At exit it reports whether anything
+# imported ray.
+SEQUENCE = """
+import atexit, runpy, sys
+atexit.register(lambda: print("ray imported:", "ray" in sys.modules, file=sys.stderr))
+args = sys.argv[1:]
+if args[0] == "--save-tokenizer":
+    from raysft.assets.tokenizer import build_tokenizer
+    build_tokenizer().save_pretrained(args[1])
+    args = args[2:]
+codes = []
+while args:
+    n = args.index("--then") if "--then" in args else len(args)
+    sys.argv, args = ["raysft.train", *args[:n]], args[n + 1 :]
+    try:
+        runpy.run_module("raysft.train", run_name="__main__")
+    except SystemExit as e:
+        codes.append(e.code)
+    print("=== exit", codes[-1], flush=True)
+sys.exit(max(codes))
+"""
+# What pyproject's console script `raysft-train = raysft.train.__main__:main` does.
+ENTRY_POINT = "from raysft.train.__main__ import main\nmain()\n"
+
+Run = tuple[subprocess.CompletedProcess, float]  # the process and its wall seconds
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def preview_config(path: Path, tokenizer_dir: Path, **data: Any) -> str:
+    tree = {
+        "model": {"name_or_path": str(tokenizer_dir)},
+        "data": {
+            "train": str(FIXTURES / "chat_zh.jsonl"),
+            "eval": str(FIXTURES / "eval_zh.jsonl"),
+            **data,
+        },
+    }
+    return write(path, yaml.safe_dump(tree, allow_unicode=True))
+
+
+def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
+    """name -> (arguments, ``-c`` code or None for ``python -m raysft.train``)."""
+    ok = write(tmp / "ok.yaml", "{}\n")
+    default = write(tmp / "default.yaml", "# defaults only\n")
+    bad_data = write(tmp / "bad_data.yaml", yaml.safe_dump({"data": {"train": BAD_ROLE}}))
+    tok_dir = tmp / "tokenizer"
+    chatml = preview_config(tmp / "chatml.yaml", tok_dir)
+    vicuna = preview_config(tmp / "vicuna.yaml", tok_dir, template="vicuna")
+    overrides = [
+        "--set",
+        "lora.target_modules=[q_proj,v_proj]",
+        "--set",
+        "train.learning_rate=1e-4",
+    ]
+    return {
+        # The slow ones first: they import torch (and peft).
+        "dry_run": ([default, "--dry-run", "--then", ok, "--dry-run", *overrides], SEQUENCE),
+        "preview": (
+            ["--save-tokenizer", str(tok_dir), chatml, "--preview", "2", "--json"]
+            + ["--then", vicuna, "--preview", "1"],
+            SEQUENCE,
+        ),
+        "three_errors": ([write(tmp / "three.yaml", THREE_ERRORS), "--dry-run"], None),
+        "yaml_syntax": ([write(tmp / "broken.yaml", "train: [1,\n"), "--dry-run"], None),
+        "bad_set": ([ok, "--set", "train.max_steps", "--dry-run"], None),
+        "bad_row": ([bad_data, "--preview", "1"], None),
+        "entry_point": ([write(tmp / "r0.yaml", "lora:\n  r: 0\n")], ENTRY_POINT),
+        "json_without_preview": ([ok, "--json"], None),
+    }
+
+
+def _run(args: list[str], code: str | None) -> Run:
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "raysft.train"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network, ever: fail fast instead
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [*cmd, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=180,
+    )
+    return proc, time.perf_counter() - t0
+
+
+_RUNS: dict[str, Future[Run]] = {}
+_TMP: list[Path] = []
+
+
+def start_cli_runs() -> dict[str, Future[Run]]:
+    """Start every subprocess run of this module, once."""
+    if not _RUNS:
+        tmp = Path(tempfile.mkdtemp(prefix="raysft-test-cli-"))
+        _TMP.append(tmp)
+        jobs = _jobs(tmp)
+        pool = ThreadPoolExecutor(2)  # two at a time: the pytest process needs a core too
+        _RUNS.update({name: pool.submit(_run, *job) for name, job in jobs.items()})
+        pool.shutdown(wait=False)  # the submitted runs go on; nothing else is accepted
+    return _RUNS
+
+
+@pytest.fixture(scope="module")
+def cli_runs() -> Iterator[dict[str, Future[Run]]]:
+    yield start_cli_runs()
+    for future in _RUNS.values():
+        future.exception()  # wait, whatever happened, before removing their files
+    for tmp in _TMP:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def result(cli_runs: dict[str, Future[Run]], name: str) -> subprocess.CompletedProcess:
+    return cli_runs[name].result()[0]
+
+
+def user_error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """Exit 2, no traceback, nothing on stdout; returns the stderr lines."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    return proc.stderr.splitlines()
+
+
+def outputs(proc: subprocess.CompletedProcess) -> list[str]:
+    """The stdout of each run of a SEQUENCE process, each of which must have exited 0."""
+    assert proc.returncode == 0, proc.stderr
+    *runs, rest = proc.stdout.split("=== exit 0\n")
+    assert rest == "", proc.stdout
+    return runs
+
+
+def parse_dry_run(stdout: str) -> tuple[dict[str, Any], int, int, float]:
+    """(printed config, trainable, total, percent) from --dry-run output."""
+    *config_lines, last = stdout.rstrip("\n").split("\n")
+    m = PARAMS_LINE.fullmatch(last)
+    assert m, last
+    trainable, total = (int(g.replace(",", "")) for g in m.groups()[:2])
+    return yaml.safe_load("\n".join(config_lines)), trainable, total, float(m[3])
+
+
+# ---------------------------------------------------------------- user errors
+
+
+def test_config_with_three_errors_prints_all_three(cli_runs: dict[str, Future[Run]]) -> None:
+    path = _TMP[0] / "three.yaml"
+    assert sorted(user_error_lines(result(cli_runs, "three_errors"))) == [
+        f"error: {path}: lora.r: Input should be greater than 0",
+        f"error: {path}: train.learning_rate: Input should be greater than 0",
+        f"error: {path}: train.max_stepz: unknown key",
+    ]
+
+
+def test_yaml_syntax_error_is_one_line(cli_runs: dict[str, Future[Run]]) -> None:
+    lines = user_error_lines(result(cli_runs, "yaml_syntax"))
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"error: {_TMP[0] / 'broken.yaml'}: line 2, column 1: not valid YAML"
+    )
+
+
+def test_bad_set_is_a_user_error(cli_runs: dict[str, Future[Run]]) -> None:
+    assert user_error_lines(result(cli_runs, "bad_set")) == [
+        "error: --set: 'train.max_steps': expected KEY=VALUE (e.g. train.max_steps=50)"
+    ]
+
+
+def test_bad_data_row_exits_2_naming_file_row_and_field(cli_runs: dict[str, Future[Run]]) -> None:
+    lines = user_error_lines(result(cli_runs, "bad_row"))
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"error: {BAD_ROLE}: row 2: conversations[2].from: unknown role 'bot' (expected one of "
+    )
+
+
+def test_console_script_entry_point_also_hides_tracebacks(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    assert user_error_lines(result(cli_runs, "entry_point")) == [
+        f"error: {_TMP[0] / 'r0.yaml'}: lora.r: Input should be greater than 0"
+    ]
+
+
+def test_json_needs_preview(cli_runs: dict[str, Future[Run]]) -> None:
+    proc = result(cli_runs, "json_without_preview")
+    assert proc.returncode == 2
+    assert "--json needs --preview N" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- --dry-run
+
+
+def test_dry_run_prints_resolved_config_and_parameter_counts(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    proc, seconds = cli_runs["dry_run"].result()
+    printed, trainable, total, share = parse_dry_run(outputs(proc)[0])
+    assert printed == load_config(None).model_dump(mode="json")
+    assert 0 < trainable < total
+    assert share == pytest.approx(100 * trainable / total, abs=1e-4)
+    assert "ray imported: False" in proc.stderr
+    # Meta device, no weights, no Ray: ~10 s on 2 busy cores (both runs), mostly importing peft.
+    assert seconds < 60
+
+
+def test_dry_run_reflects_set_overrides(cli_runs: dict[str, Future[Run]]) -> None:
+    default, overridden = outputs(result(cli_runs, "dry_run"))
+    _, default_trainable, default_total, _ = parse_dry_run(default)
+    printed, trainable, total, _ = parse_dry_run(overridden)
+    assert printed["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert printed["train"]["learning_rate"] == 1e-4
+    # q, v instead of q, k, v, o: fewer adapter parameters on the same frozen base
+    # ("all params" includes the adapter, as peft counts).
+    assert 0 < trainable < default_trainable
+    assert total - trainable == default_total - default_trainable
+
+
+# ---------------------------------------------------------------- --preview
+
+
+def test_preview_json_lines(cli_runs: dict[str, Future[Run]]) -> None:
+    lines = outputs(result(cli_runs, "preview"))[0].splitlines()
+    assert len(lines) == 2
+    rows = [json.loads(line) for line in lines]
+    assert all(set(r) == {"text", "trained", "n_tokens"} for r in rows)
+    # The first two rows of chat_zh.jsonl: the seed's Alpaca and ShareGPT examples (chatml).
+    assert rows[0]["trained"] == [f"The weather is really nice today.{IM_END}"]
+    assert rows[1]["trained"] == [A1 + IM_END, A2 + IM_END]
+    assert rows[0]["text"] == (
+        "<|im_start|>user\nTranslate the following sentence into English\n\n今天天气真好"
+        f"{IM_END}\n<|im_start|>assistant\nThe weather is really nice today.{IM_END}"
+    )
+    # Byte tokenizer: one token per UTF-8 byte of plain text, one per special token (4 here).
+    plain = rows[0]["text"].replace("<|im_start|>", "").replace(IM_END, "")
+    assert rows[0]["n_tokens"] == len(plain.encode("utf-8")) + 4
+
+
+def test_preview_marks_trained_spans(cli_runs: dict[str, Future[Run]]) -> None:
+    header, *body = outputs(result(cli_runs, "preview"))[1].rstrip("\n").split("\n")
+    m = re.fullmatch(r"--- example 0: (\d+) tokens, (\d+) trained", header)
+    assert m, header
+    assert int(m[2]) == len("The weather is really nice today.") + 1  # + </s>
+    assert "\n".join(body) == (
+        "A chat between a curious user and an AI assistant.\n\n"
+        "USER: Translate the following sentence into English\n\n今天天气真好\n"
+        "ASSISTANT: «The weather is really nice today.</s>»"
+    )

@@ -1,0 +1,278 @@
+"""Config: defaults, all problems at once with file and dotted path, --set typing, search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.config import (
+    Config,
+    ConfigError,
+    dump_config,
+    get_path,
+    load_config,
+    parse_overrides,
+    parse_value,
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path | None, overrides: dict[str, Any] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    err = info.value
+    # The message is one "file: path: problem" line per problem.
+    assert str(err).splitlines() == [f"{err.source}: {p}" for p in err.problems]
+    return err.problems
+
+
+# ---------------------------------------------------------------- defaults and paths
+
+REQUIRED = {
+    # dotted path -> (--set text, the typed value it must give)
+    "model.name_or_path": ("some/model", "some/model"),
+    "method": ("full", "full"),
+    "lora.r": ("8", 8),
+    "lora.alpha": ("16", 16.0),
+    "lora.dropout": ("0.1", 0.1),
+    "lora.target_modules": ("[q_proj,v_proj]", ["q_proj", "v_proj"]),
+    "data.train": ("a.jsonl", "a.jsonl"),
+    "data.eval": ("null", None),
+    "data.format": ("sharegpt", "sharegpt"),
+    "data.template": ("vicuna", "vicuna"),
+    "data.max_seq_len": ("256", 256),
+    "data.packing": ("false", False),
+    "train.learning_rate": ("1e-4", 1e-4),
+    "train.neftune_alpha": ("5", 5.0),
+    "train.max_steps": ("100", 100),
+    "train.seed": ("7", 7),
+    "output_dir": ("out/x", "out/x"),
+}
+
+
+def test_defaults_load_without_a_file() -> None:
+    cfg = load_config(None)
+    assert cfg.method == "lora"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.data.template == "chatml" and cfg.data.format == "auto"
+    assert cfg.data.on_error == "strict"
+    assert cfg.train.learning_rate == 2e-5
+    assert cfg.train.neftune_alpha is None
+    assert cfg.search is None
+
+
+def test_an_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "# nothing set\n")) == load_config(None)
+
+
+@pytest.mark.parametrize("dotted", sorted(REQUIRED))
+def test_required_path_exists_and_is_settable(dotted: str) -> None:
+    text, value = REQUIRED[dotted]
+    default = get_path(load_config(None), dotted)
+    assert default != value  # the override must change something to prove it landed
+    cfg = load_config(None, parse_overrides([f"{dotted}={text}"]))
+    got = get_path(cfg, dotted)
+    assert got == value and type(got) is type(value)
+
+
+def test_dump_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, parse_overrides(["train.learning_rate=1e-4", "data.eval=null"]))
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+def test_a_file_overrides_only_what_it_sets(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 3.0e-4\nlora:\n  r: 4\n"))
+    assert cfg.train.learning_rate == 3e-4 and cfg.lora.r == 4
+    assert cfg.train.max_steps == Config().train.max_steps
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_keys_are_rejected_with_their_dotted_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "train:\n  learning_rat: 1\nmodle: {}\nsearch:\n  params: {}\n  scheduler:\n    kind: x\n",
+    )
+    assert sorted(problems_of(path)) == [
+        "modle: unknown key",
+        "search.scheduler.kind: unknown key",
+        "train.learning_rat: unknown key",
+    ]
+
+
+def test_every_problem_is_reported_at_once_with_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "train:\n  learning_rate: -1\n  max_stepz: 10\nlora:\n  r: 0\nmethod: lorax\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    heads = sorted(line.removeprefix(f"{path}: ").split(":")[0] for line in lines)
+    assert heads == ["lora.r", "method", "train.learning_rate", "train.max_stepz"]
+    assert f"{path}: train.learning_rate: Input should be greater than 0" in lines
+
+
+def test_a_union_field_gives_one_line_with_a_clean_path(tmp_path: Path) -> None:
+    # data.train is str | list[str]: pydantic reports one error per member, tagged "str" and
+    # "list[str]"; the user sees one problem at data.train.
+    problems = problems_of(write(tmp_path, "data:\n  train: 5\n  eval: [1]\n"))
+    assert len(problems) == 2
+    train, evals = sorted(problems)
+    assert train.startswith("data.eval: ") and evals.startswith("data.train: ")
+    assert "str" in evals and "list" in evals
+    assert ".str" not in "".join(problems) and "list[str]." not in "".join(problems)
+
+
+def test_cross_field_rule_names_both_fields() -> None:
+    problems = problems_of(None, {"train.max_steps": 10, "train.eval_every": 20})
+    assert problems == [
+        "train.eval_every (20) > train.max_steps (10): no intermediate eval would run"
+    ]
+
+
+def test_yaml_syntax_error_is_one_line_with_position(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  learning_rate: 1e-4\n  max_steps: [1,\n")
+    problems = problems_of(path)
+    assert len(problems) == 1
+    assert "\n" not in problems[0]
+    assert problems[0].startswith("line 4, column 1: not valid YAML: ")
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "a list"), ("just text\n", "a string")])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: top level must be a mapping of sections (model:, data:, ...), got {kind}"
+    )
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_config(path)
+
+
+# ---------------------------------------------------------------- --set
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1e-4", 1e-4),
+        ("-2E+3", -2000.0),
+        ("3", 3),
+        ("0.5", 0.5),
+        ("true", True),
+        ("null", None),
+        ("[q_proj,v_proj]", ["q_proj", "v_proj"]),
+        ("{a: 1}", {"a": 1}),
+        ("all-linear", "all-linear"),
+        # float() would take these; YAML does not, and neither do we.
+        ("inf", "inf"),
+        ("nan", "nan"),
+        ("1e", "1e"),
+    ],
+)
+def test_parse_value_is_yaml_typed(text: str, value: Any) -> None:
+    got = parse_value(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_set_overrides_a_file_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  max_steps: 60\n  learning_rate: 3.0e-4\n")
+    cfg = load_config(path, parse_overrides(["train.learning_rate=1e-4", "data.eval=null"]))
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.max_steps == 60
+    assert cfg.data.eval is None
+
+
+def test_set_of_a_word_that_float_would_parse_stays_a_string() -> None:
+    cfg = load_config(None, parse_overrides(["tracking.experiment=nan", "output_dir=inf"]))
+    assert (cfg.tracking.experiment, cfg.output_dir) == ("nan", "inf")
+
+
+def test_bad_set_syntax_reports_every_bad_pair() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_overrides(["train.max_steps", "=3", "train..seed=1", "train.seed=1"])
+    assert info.value.source == "--set"
+    assert info.value.problems == [
+        "'train.max_steps': expected KEY=VALUE (e.g. train.max_steps=50)",
+        "'=3': expected KEY=VALUE (e.g. train.max_steps=50)",
+        "'train..seed=1': 'train..seed' is not a dotted path (e.g. train.max_steps)",
+    ]
+
+
+def test_set_values_are_validated_with_their_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  learning_rate: 1.0e-4\n")
+    problems = problems_of(
+        path,
+        parse_overrides(["train.learning_rate.x=1", "lora.r=many", "data.template=alpaca"]),
+    )
+    assert problems[0] == "--set train.learning_rate.x: learning_rate is not a section"
+    assert sorted(p.split(":")[0] for p in problems[1:]) == ["data.template", "lora.r"]
+
+
+def test_set_of_an_unknown_key_is_rejected() -> None:
+    assert problems_of(None, parse_overrides(["train.lr=1e-4"])) == ["train.lr: unknown key"]
+
+
+# ---------------------------------------------------------------- search params
+
+SEARCH = "search:\n  params:\n{params}"
+
+
+@pytest.mark.parametrize(
+    ("param", "problem"),
+    [
+        ("{type: uniform, low: 0.5, high: 0.1}", "low (0.5) > high (0.1)"),
+        ("{type: loguniform, low: 0, high: 1.0e-3}", "loguniform needs low > 0"),
+        ("{type: loguniform, low: -1.0e-5, high: 1.0e-3}", "loguniform needs low > 0"),
+        ("{type: choice}", "type choice needs a non-empty values list"),
+        ("{type: choice, values: []}", "type choice needs a non-empty values list"),
+        ("{type: int, low: 1}", "type int needs low and high"),
+        ("{type: multiple_of, values: [2]}", "type multiple_of needs of: <dotted path>"),
+    ],
+)
+def test_search_param_validation(tmp_path: Path, param: str, problem: str) -> None:
+    path = write(tmp_path, SEARCH.format(params=f"    train.learning_rate: {param}\n"))
+    assert problems_of(path) == [f"search.params.train.learning_rate: {problem}"]
+
+
+def test_every_bad_search_param_is_reported(tmp_path: Path) -> None:
+    params = (
+        "    train.learning_rate: {type: loguniform, low: 0, high: 1}\n"
+        "    lora.r: {type: choice}\n"
+        "    lora.dropout: {type: uniform, low: 0.2, high: 0.1, step: 2}\n"
+    )
+    problems = problems_of(write(tmp_path, SEARCH.format(params=params)))
+    assert sorted(problems) == [
+        "search.params.lora.dropout.step: unknown key",
+        "search.params.lora.r: type choice needs a non-empty values list",
+        "search.params.train.learning_rate: loguniform needs low > 0",
+    ]
+
+
+def test_a_valid_search_section_loads(tmp_path: Path) -> None:
+    params = (
+        "    train.learning_rate: {type: loguniform, low: 1.0e-5, high: 1.0e-3}\n"
+        "    lora.r: {type: choice, values: [4, 8]}\n"
+    )
+    cfg = load_config(write(tmp_path, SEARCH.format(params=params)))
+    assert cfg.search is not None
+    assert cfg.search.params["lora.r"].values == [4, 8]
+    assert cfg.search.params["train.learning_rate"].low == 1e-5

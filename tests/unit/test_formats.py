@@ -1,0 +1,376 @@
+"""Row formats (Alpaca / ShareGPT / OpenAI messages), file types, row-level errors and the split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.data.formats import (
+    DataError,
+    detect_format,
+    load_conversations,
+    split_train_eval,
+    to_conversation,
+)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+ZH_INSTRUCTION = "Translate the following sentence into English"
+ZH_INPUT = "今天天气真好"
+ZH_OUTPUT = "The weather is really nice today."
+GOOD_ALPACA = {"instruction": "Reverse the word", "input": "abc", "output": "cba"}
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"from": r, "value": v} for r, v in pairs]
+
+
+# ---------------------------------------------------------------- rows -> conversations
+
+
+def test_alpaca_with_input_joins_instruction_and_input() -> None:
+    row = {"instruction": ZH_INSTRUCTION, "input": ZH_INPUT, "output": ZH_OUTPUT}
+    assert to_conversation(row) == msgs(
+        ("user", f"{ZH_INSTRUCTION}\n\n{ZH_INPUT}"), ("assistant", ZH_OUTPUT)
+    )
+
+
+@pytest.mark.parametrize("extra", [{}, {"input": ""}, {"input": "  "}, {"input": None}])
+def test_alpaca_without_input_is_the_instruction_alone(extra: dict[str, Any]) -> None:
+    row = {"instruction": "Say hi", "output": "hi", **extra}
+    assert to_conversation(row) == msgs(("user", "Say hi"), ("assistant", "hi"))
+
+
+def test_alpaca_optional_system() -> None:
+    row = {"instruction": "Say hi", "output": "hi", "system": "Be brief."}
+    assert to_conversation(row) == msgs(
+        ("system", "Be brief."), ("user", "Say hi"), ("assistant", "hi")
+    )
+
+
+def test_sharegpt_human_gpt_roles() -> None:
+    row = {"conversations": turns(("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d"))}
+    assert to_conversation(row) == msgs(
+        ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")
+    )
+
+
+def test_sharegpt_user_assistant_and_system_roles() -> None:
+    row = {"conversations": turns(("system", "s"), ("user", "a"), ("assistant", "b"))}
+    assert to_conversation(row) == msgs(("system", "s"), ("user", "a"), ("assistant", "b"))
+
+
+def test_sharegpt_top_level_system_key() -> None:
+    row = {"system": "Be brief.", "conversations": turns(("human", "a"), ("gpt", "b"))}
+    assert to_conversation(row) == msgs(("system", "Be brief."), ("user", "a"), ("assistant", "b"))
+
+
+def test_openai_messages() -> None:
+    m = msgs(("system", "s"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
+    assert to_conversation({"messages": m}) == m
+
+
+def test_system_prompt_is_added_only_where_there_is_none() -> None:
+    plain = {"instruction": "q", "output": "a"}
+    with_system = {"instruction": "q", "output": "a", "system": "own"}
+    assert to_conversation(plain, system_prompt="default")[0] == {
+        "role": "system",
+        "content": "default",
+    }
+    assert to_conversation(with_system, system_prompt="default")[0]["content"] == "own"
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt"),
+    [
+        ({"instruction": "q", "output": "a"}, "alpaca"),
+        ({"conversations": []}, "sharegpt"),
+        ({"messages": []}, "messages"),
+    ],
+)
+def test_detect_format(row: dict[str, Any], fmt: str) -> None:
+    assert detect_format(row) == fmt
+
+
+def test_null_columns_count_as_absent() -> None:
+    # Parquet / `datasets` rows carry every column of the file, null where a row has none.
+    row = {
+        "instruction": None,
+        "output": None,
+        "conversations": turns(("human", "q"), ("gpt", "a")),
+    }
+    assert to_conversation(row) == msgs(("user", "q"), ("assistant", "a"))
+
+
+# ---------------------------------------------------------------- malformed rows
+
+BAD_ROWS = [
+    (
+        {"conversations": turns(("human", "a"), ("gpt", "b"), ("bot", "c"), ("gpt", "d"))},
+        "conversations[2].from: unknown role 'bot'",
+    ),
+    ({"messages": msgs(("user", "a"), ("tool", "b"))}, "messages[1].role: unknown role 'tool'"),
+    ({"instruction": "q"}, "output: missing"),
+    ({"instruction": "q", "output": "  "}, "output: empty"),
+    ({"instruction": " ", "output": "a"}, "instruction: empty"),
+    ({"instruction": "q", "input": 3, "output": "a"}, "input: must be a string, got int"),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]},
+        "messages[1].content: must be a string, got int",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+        "messages[1].content: missing",
+    ),
+    ({"conversations": []}, "conversations: must be a non-empty list"),
+    ({"conversations": "hello"}, "conversations: must be a non-empty list"),
+    ({"conversations": ["hello"]}, "conversations[0]: must be an object, got str"),
+    (
+        {"messages": msgs(("user", "a"), ("user", "b"))},
+        "messages[1]: expected an assistant turn, got user",
+    ),
+    (
+        {"messages": msgs(("user", "a"), ("assistant", "b"), ("system", "c"), ("assistant", "d"))},
+        "messages[2]: expected a user turn, got system",
+    ),
+    (
+        {"messages": msgs(("user", "a"), ("assistant", "b"), ("user", "c"))},
+        "messages: must end with an assistant turn",
+    ),
+    ({"messages": msgs(("user", "a"), ("assistant", " "))}, "messages[1]: assistant content is"),
+    ({"messages": msgs(("system", "s"))}, "messages: has no user/assistant turns"),
+    ({"prompt": "q", "completion": "a"}, "cannot detect the format"),
+    (["q", "a"], "row must be a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize(("row", "problem"), BAD_ROWS, ids=[p for _, p in BAD_ROWS])
+def test_malformed_row_names_file_row_and_field(tmp_path: Path, row: Any, problem: str) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD_ALPACA, row])
+    with pytest.raises(DataError) as info:
+        load_conversations(str(path))  # strict is the default
+    assert str(info.value).startswith(f"{path}: row 1: {problem}")
+
+
+def test_undetectable_row_lists_its_keys(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError, match="keys are completion, prompt"):
+        load_conversations(str(path))
+
+
+def test_explicit_format_names_the_missing_key(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD_ALPACA])
+    with pytest.raises(DataError) as info:
+        load_conversations(str(path), fmt="sharegpt")
+    assert f"{path}: row 0: conversations: missing (data.format is sharegpt)" in str(info.value)
+
+
+def test_fixture_with_bad_role_is_strict_by_default() -> None:
+    path = str(FIXTURES / "bad_role.jsonl")
+    with pytest.raises(DataError) as info:
+        load_conversations(path)
+    assert str(info.value).startswith(
+        f"{path}: row 2: conversations[2].from: unknown role 'bot' (expected one of "
+    )
+    assert "data.on_error=skip" in str(info.value)  # says how to get past it
+
+
+def test_skip_mode_drops_and_counts_every_bad_row(tmp_path: Path) -> None:
+    rows = [GOOD_ALPACA]
+    for bad, _ in BAD_ROWS:
+        rows += [bad, GOOD_ALPACA]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    out = load_conversations(str(path), on_error="skip")
+    assert out.n_rows == len(rows)
+    assert len(out.conversations) == len(BAD_ROWS) + 1
+    assert len(out.skipped) == len(BAD_ROWS)
+    for i, (reason, (_, problem)) in enumerate(zip(out.skipped, BAD_ROWS, strict=True)):
+        assert reason.startswith(f"{path}: row {2 * i + 1}: {problem}")
+    assert out.n_rows == len(out.conversations) + len(out.skipped)  # nothing silently dropped
+
+
+def test_invalid_json_line_names_the_line() -> None:
+    path = str(FIXTURES / "bad_json.jsonl")
+    with pytest.raises(DataError) as info:
+        load_conversations(path)
+    assert str(info.value).startswith(f"{path}: row 2: line 3: not valid JSON")
+    out = load_conversations(path, on_error="skip")
+    assert len(out.conversations) == 3
+    assert out.n_rows == 4
+    assert len(out.skipped) == 1 and "line 3: not valid JSON" in out.skipped[0]
+
+
+def test_blank_lines_are_not_rows(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + json.dumps(GOOD_ALPACA) + "\n\n  \n" + json.dumps(GOOD_ALPACA) + "\n")
+    out = load_conversations(str(path))
+    assert (out.n_rows, len(out.conversations), out.skipped) == (2, 2, [])
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_fixture_jsonl_mixed_formats_and_chinese_round_trip(tok: Any) -> None:
+    convs = load_conversations(str(FIXTURES / "chat_zh.jsonl")).conversations
+    assert len(convs) == 6
+    assert convs[0] == msgs(("user", f"{ZH_INSTRUCTION}\n\n{ZH_INPUT}"), ("assistant", ZH_OUTPUT))
+    assert [m["role"] for m in convs[1]] == ["user", "assistant"] * 2
+    assert convs[2] == msgs(("user", "把这句话翻译成中文\n\nGood morning"), ("assistant", "早上好"))
+    assert convs[3][0] == {"role": "system", "content": "你是一个乐于助人的助手。"}
+    assert convs[5][0] == {"role": "system", "content": "Be brief."}
+    # Byte-level tokenizer: Chinese survives tokenize -> decode exactly.
+    text = convs[0][0]["content"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_json_list_and_data_key_and_json_lines_in_a_json_file(tmp_path: Path) -> None:
+    rows = [GOOD_ALPACA, {"messages": msgs(("user", ZH_INPUT), ("assistant", ZH_OUTPUT))}]
+    expected = load_conversations(str(write_jsonl(tmp_path / "a.jsonl", rows))).conversations
+    (tmp_path / "list.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "data.json").write_text(json.dumps({"data": rows}), encoding="utf-8")
+    write_jsonl(tmp_path / "lines.json", rows)
+    for name in ("list.json", "data.json", "lines.json"):
+        assert load_conversations(str(tmp_path / name)).conversations == expected, name
+    assert expected[1][0]["content"] == ZH_INPUT
+
+
+def test_invalid_json_file_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"instruction": "q", "output": "a"},\n  {"instruction" "q"}\n]\n')
+    with pytest.raises(DataError, match=r"bad\.json: not valid JSON: .*line 3"):
+        load_conversations(str(path))
+
+
+def test_json_object_without_rows_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(GOOD_ALPACA))
+    with pytest.raises(DataError, match=r"one\.json: expected a JSON list of rows"):
+        load_conversations(str(path))
+
+
+def _mixed_rows() -> list[dict[str, Any]]:
+    """Alpaca and ShareGPT rows with every column present, as a columnar file stores them."""
+    return [
+        {
+            "instruction": ZH_INSTRUCTION,
+            "input": ZH_INPUT,
+            "output": ZH_OUTPUT,
+            "conversations": None,
+        },
+        {
+            "instruction": None,
+            "input": None,
+            "output": None,
+            "conversations": turns(("human", "你好"), ("gpt", "你好！")),
+        },
+    ]
+
+
+EXPECTED_MIXED = [
+    msgs(("user", f"{ZH_INSTRUCTION}\n\n{ZH_INPUT}"), ("assistant", ZH_OUTPUT)),
+    msgs(("user", "你好"), ("assistant", "你好！")),
+]
+
+
+def test_parquet_with_mixed_formats(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist(_mixed_rows()), path)
+    assert load_conversations(str(path)).conversations == EXPECTED_MIXED
+
+
+def test_saved_datasets_dir_and_dataset_dict(tmp_path: Path) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_list(_mixed_rows())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert load_conversations(str(tmp_path / "ds")).conversations == EXPECTED_MIXED
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
+    assert load_conversations(str(tmp_path / "dd")).conversations == EXPECTED_MIXED
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "no_train"))
+    with pytest.raises(DataError, match="no 'train' split"):
+        load_conversations(str(tmp_path / "no_train"))
+
+
+def test_bad_row_in_parquet_names_row_and_field(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""}]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError) as info:
+        load_conversations(str(path))
+    assert str(info.value).startswith(f"{path}: row 1: output: empty")
+
+
+def test_several_sources_concatenate_in_order(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [GOOD_ALPACA])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "x", "output": "y"}])
+    out = load_conversations([str(a), str(b)])
+    assert [c[-1]["content"] for c in out.conversations] == ["cba", "y"]
+    assert out.n_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("missing.jsonl", "file not found"), ("data.csv", "unsupported file type '.csv'")],
+)
+def test_unreadable_source_names_the_file(tmp_path: Path, name: str, problem: str) -> None:
+    if name.endswith(".csv"):
+        (tmp_path / name).write_text("instruction,output\nq,a\n")
+    path = str(tmp_path / name)
+    with pytest.raises(DataError) as info:
+        load_conversations(path)
+    assert str(info.value).startswith(f"{path}: {problem}")
+
+
+# ---------------------------------------------------------------- seeded split
+
+
+def _numbered(n: int) -> list[list[dict[str, str]]]:
+    return [msgs(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(n)]
+
+
+def _ids(convs: list[list[dict[str, str]]]) -> list[str]:
+    return [c[0]["content"] for c in convs]
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    convs = _numbered(50)
+    train, evals = split_train_eval(convs, eval_fraction=0.2, seed=3)
+    again = split_train_eval(convs, eval_fraction=0.2, seed=3)
+    assert (_ids(train), _ids(evals)) == (_ids(again[0]), _ids(again[1]))
+    assert len(evals) == 10 and len(train) == 40
+    assert not set(_ids(train)) & set(_ids(evals))
+    assert sorted(_ids(train) + _ids(evals)) == sorted(_ids(convs))
+    other = split_train_eval(convs, eval_fraction=0.2, seed=4)
+    assert set(_ids(other[1])) != set(_ids(evals))  # the seed matters
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(2, 0.01), (5, 0.01), (2, 0.99), (3, 0.9)])
+def test_split_leaves_both_sides_non_empty(n: int, fraction: float) -> None:
+    train, evals = split_train_eval(_numbered(n), eval_fraction=fraction, seed=0)
+    assert train and evals
+    assert len(train) + len(evals) == n
+
+
+def test_split_of_one_conversation_is_an_error() -> None:
+    with pytest.raises(DataError, match="need at least 2 conversations"):
+        split_train_eval(_numbered(1), eval_fraction=0.1, seed=0)

@@ -1,0 +1,247 @@
+"""Model loading per method, adapters, exact parameter counts, saving."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import pytest
+import torch
+
+from raysft.config import Config, LoraSection, ModelSection, QloraSection, TrainSection
+from raysft.train.model import (
+    ModelError,
+    build_bnb_config,
+    build_lora_config,
+    build_meta_model,
+    count_parameters,
+    format_parameter_counts,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _cfg(path, *, method="lora", gc=False, **lora) -> Config:
+    return Config(
+        model=ModelSection(name_or_path=str(path), attn_implementation="sdpa"),
+        method=method,
+        lora=LoraSection(**lora),
+        train=TrainSection(gradient_checkpointing=gc),
+    )
+
+
+def _train(model, *, steps: int = 3) -> list[float]:
+    """A few AdamW steps (lr 1e-2, no decay) on random tokens; returns the losses."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 128, (2, 16), generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(before, model) -> dict[str, bool]:
+    return {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- tokenizer and configs
+
+
+def test_load_tokenizer_pads_with_unk_then_eos(tiny_llama_dir, tmp_path, word_tokenizer_saver):
+    tok = load_tokenizer(ModelSection(name_or_path=str(tiny_llama_dir)))
+    assert tok.pad_token == "<unk>" and tok.padding_side == "right"
+    word_tokenizer_saver(tmp_path, with_unk=False)
+    tok = load_tokenizer(ModelSection(name_or_path=str(tmp_path)))
+    assert tok.pad_token == "</s>" and tok.pad_token_id == tok.eos_token_id
+
+
+def test_build_lora_config():
+    cfg = build_lora_config(LoraSection(r=8, alpha=16, dropout=0.1, use_rslora=True, use_dora=True))
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.1)
+    assert set(cfg.target_modules) == set(QKVO)
+    assert cfg.use_rslora and cfg.use_dora and cfg.bias == "none"
+    assert cfg.task_type == "CAUSAL_LM"
+    assert (
+        build_lora_config(LoraSection(target_modules="all-linear")).target_modules == "all-linear"
+    )
+
+
+def test_build_bnb_config():
+    bnb = build_bnb_config(
+        QloraSection(quant_type="fp4", double_quant=False, compute_dtype="float16")
+    )
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "fp4"
+    assert not bnb.bnb_4bit_use_double_quant and bnb.bnb_4bit_compute_dtype == torch.float16
+
+
+# ---------------------------------------------------------------- training per method
+
+
+def test_full_trains_every_weight(tiny_llama_dir):
+    model = load_model(_cfg(tiny_llama_dir, method="full"))
+    assert model.config.use_cache is False
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    before = _snapshot(model)
+    _train(model)
+    assert all(_changed(before, model).values())
+
+
+def test_lora_changes_only_the_adapter(tiny_llama_dir):
+    model = load_model(_cfg(tiny_llama_dir, gc=True))
+    assert model.config.use_cache is False and model.is_activation_checkpointing
+    before = _snapshot(model)
+    losses = _train(model)
+    assert all(math.isfinite(v) for v in losses)
+    changed = _changed(before, model)
+    adapter = {n for n in changed if "lora_" in n}
+    assert len(adapter) == 2 * 4 * 2  # A and B, 4 targets, 2 layers
+    assert all(changed[n] for n in adapter)  # lora_B starts at 0: it must have moved too
+    assert not any(changed[n] for n in changed if n not in adapter)
+
+
+def test_qlora_on_cpu_keeps_4bit_base_and_trains_adapter(tiny_llama_dir):
+    import bitsandbytes as bnb
+
+    cfg = _cfg(tiny_llama_dir, method="qlora", gc=True)
+    model = load_model(cfg)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert q_proj.base_layer.weight.dtype == torch.uint8  # two NF4 values per byte
+    assert model.config.use_cache is False and model.is_activation_checkpointing
+    before = _snapshot(model)
+    absmax = q_proj.base_layer.weight.quant_state.absmax.clone()
+    losses = _train(model)
+    assert all(math.isfinite(v) for v in losses)
+    changed = _changed(before, model)
+    assert all(changed[n] for n in changed if "lora_" in n)
+    assert not any(changed[n] for n in changed if "lora_" not in n)
+    assert torch.equal(absmax, q_proj.base_layer.weight.quant_state.absmax)
+    # peft counts a Params4bit as numel * 2: the logical counts equal the unquantized model's.
+    assert count_parameters(model) == count_parameters(build_meta_model(cfg))
+
+
+def test_qlora_without_bitsandbytes_is_a_model_error(tiny_llama_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(ModelError, match="method: qlora needs bitsandbytes"):
+        load_model(_cfg(tiny_llama_dir, method="qlora"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_qlora_on_missing_cuda_is_a_model_error(tiny_llama_dir):
+    with pytest.raises(ModelError, match="method: qlora .*CUDA is not available"):
+        load_model(_cfg(tiny_llama_dir, method="qlora"), device="cuda")
+
+
+# ---------------------------------------------------------------- counts on the meta device
+
+
+@pytest.fixture(scope="module")
+def llama2_7b_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama-2-7b")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("r", "targets", "trainable", "line"),
+    [
+        (
+            16,
+            QKVO,
+            16_777_216,
+            "trainable params: 16,777,216 || all params: 6,755,192,832 || trainable%: 0.2484",
+        ),
+        (8, ["q_proj", "v_proj"], 4_194_304, None),
+    ],
+)
+def test_llama2_7b_counts_on_meta(llama2_7b_dir, r, targets, trainable, line):
+    start = time.perf_counter()
+    model = build_meta_model(_cfg(llama2_7b_dir, r=r, target_modules=targets))
+    counted = count_parameters(model)
+    assert time.perf_counter() - start < 5.0
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert counted == (trainable, 6_738_415_616 + trainable)
+    assert counted == model.get_nb_trainable_parameters()
+    if line is not None:
+        assert format_parameter_counts(*counted) == line
+
+
+def test_llama2_7b_full_counts_on_meta(llama2_7b_dir):
+    model = build_meta_model(_cfg(llama2_7b_dir, method="full"))
+    assert count_parameters(model) == (6_738_415_616, 6_738_415_616)
+
+
+def test_rslora_and_dora_reach_the_peft_model(tiny_llama_dir):
+    cfg = _cfg(tiny_llama_dir, r=4, alpha=8, use_rslora=True, use_dora=True)
+    model = build_meta_model(cfg)
+    assert model.peft_config["default"].use_rslora and model.peft_config["default"].use_dora
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha/sqrt(r)
+    assert "default" in q_proj.lora_magnitude_vector  # DoRA's magnitude
+
+
+def test_all_linear_adapts_every_linear_but_lm_head(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    linear = {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
+    model = build_meta_model(_cfg(tiny_llama_dir, target_modules="all-linear"))
+    adapted = {
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and not n.endswith(".base_layer")
+    }
+    assert adapted == linear - {"lm_head"}
+    assert len(adapted) == 2 * 7  # q, k, v, o, gate, up, down per layer
+
+
+# ---------------------------------------------------------------- saving
+
+
+def test_save_adapter_only_for_lora(tiny_llama_dir, tmp_path):
+    cfg = _cfg(tiny_llama_dir)
+    model, tok = load_model(cfg), load_tokenizer(cfg.model)
+    out = save_model(model, tok, tmp_path / "lora", method="lora")
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+
+
+def test_save_full_model_with_cache_enabled_for_inference(tiny_llama_dir, tmp_path):
+    cfg = _cfg(tiny_llama_dir, method="full")
+    model, tok = load_model(cfg), load_tokenizer(cfg.model)
+    out = save_model(model, tok, tmp_path / "full", method="full")
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    assert model.config.use_cache is False

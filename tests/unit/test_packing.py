@@ -1,0 +1,280 @@
+"""Bin packing, collation, the loss, and packed == unpacked equivalence on a real tiny Llama."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from raysft.data.packing import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    collate_packed,
+    collate_padded,
+    pack,
+    packing_efficiency,
+)
+
+# ---------------------------------------------------------------- pack
+
+
+def _check_bins(lengths: list[int], bins: list[list[int]], max_len: int) -> None:
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(b for b in bins)
+    assert all(sum(lengths[i] for i in b) <= max_len for b in bins)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_len", "optimal"),
+    [
+        ([5, 5, 5, 5], 10, 2),
+        ([7, 3, 6, 4, 5, 5], 10, 3),
+        ([9, 8, 2, 2, 1], 10, 3),
+        ([10, 10, 10], 10, 3),
+        ([1] * 25, 10, 3),
+        ([4, 8, 1, 4, 2, 1], 10, 2),
+        ([6, 6, 6, 4, 4, 4], 10, 3),
+    ],
+)
+def test_pack_known_cases_are_optimal(lengths, max_len, optimal):
+    bins = pack(lengths, max_len=max_len)
+    _check_bins(lengths, bins, max_len)
+    assert len(bins) == optimal
+
+
+def test_pack_exact_best_fit_decreasing_assignment():
+    # 7 -> bin0 (room 3), 6 -> bin1 (4), 5 -> bin2 (5), 5 -> bin2 (0), 4 -> bin1 (0), 3 -> bin0.
+    assert pack([7, 3, 6, 4, 5, 5], max_len=10) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_pack_best_fit_prefers_tightest_bin_and_ties_by_index():
+    # After 6 -> bin0 (room 4) and 5 -> bin1 (room 5), the 4 must go to bin0 (tightest fit).
+    assert pack([6, 5, 4], max_len=10) == [[0, 2], [1]]
+    # Equal lengths: lower index first; equal rooms: older bin first.
+    assert pack([3, 3, 3, 3], max_len=6) == [[0, 1], [2, 3]]
+
+
+def test_pack_random_invariants_and_determinism():
+    rng = random.Random(0)
+    for _ in range(50):
+        max_len = rng.randint(1, 64)
+        lengths = [rng.randint(1, max_len) for _ in range(rng.randint(0, 80))]
+        bins = pack(lengths, max_len=max_len)
+        _check_bins(lengths, bins, max_len)
+        # Any-fit rule: no two bins are both at most half full, so bins < 2 * volume + 1.
+        assert len(bins) < 2 * sum(lengths) / max_len + 1
+        assert sum(sum(lengths[i] for i in b) * 2 <= max_len for b in bins) <= 1
+        assert pack(list(lengths), max_len=max_len) == bins
+
+
+def test_pack_is_fast_on_many_samples():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 512) for _ in range(100_000)]
+    start = time.perf_counter()
+    bins = pack(lengths, max_len=512)
+    assert time.perf_counter() - start < 5.0
+    assert packing_efficiency(lengths, bins, max_len=512) > 0.95
+
+
+@pytest.mark.parametrize("bad", [[11], [0], [3, -1]])
+def test_pack_rejects_lengths_outside_capacity(bad):
+    with pytest.raises(ValueError, match="1..10"):
+        pack(bad, max_len=10)
+
+
+def test_packing_efficiency():
+    lengths = [7, 3, 6, 2]
+    bins = [[0, 1], [2, 3]]
+    assert packing_efficiency(lengths, bins, max_len=10) == pytest.approx(18 / 20)
+    assert packing_efficiency(lengths, [[0], [1], [2], [3]], max_len=10) == pytest.approx(18 / 40)
+    assert packing_efficiency([], [], max_len=10) == 0.0
+
+
+# ---------------------------------------------------------------- collation
+
+
+def test_collate_packed_positions_segments_and_padding():
+    rows = [
+        [([1, 2, 3], [-100, 2, 3]), ([4, 5], [4, 5])],
+        [([6], [6])],
+    ]
+    batch = collate_packed(rows, pad_id=0)
+    assert "attention_mask" not in batch
+    assert all(t.dtype == torch.long and t.shape == (2, 5) for t in batch.values())
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, 4, 5], [6, -100, -100, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert batch["seg_lens"].tolist() == [[3, 3, 3, 2, 2], [1, 0, 0, 0, 0]]
+
+
+def test_collate_packed_rejects_mismatched_sample():
+    with pytest.raises(ValueError, match="differ"):
+        collate_packed([[([1, 2], [1])]], pad_id=0)
+
+
+def test_collate_padded():
+    batch = collate_padded([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch["seg_lens"].tolist() == [[3, 3, 3], [1, 0, 0]]
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_causal_lm_loss_masks_targets_at_sample_starts():
+    logits = torch.randn(1, 5, 7)
+    labels = torch.tensor([[1, 2, 3, 4, 5]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1]])
+    loss, count = causal_lm_loss(logits, labels, position_ids)
+    # Targets at t=1,2,4; t=3 (position 0) would be predicted from the previous sample.
+    ce = torch.nn.functional.cross_entropy(
+        logits[0, [0, 1, 3]], labels[0, [1, 2, 4]], reduction="sum"
+    )
+    assert count == 3
+    torch.testing.assert_close(loss, ce)
+
+
+def test_causal_lm_loss_is_fp32_and_zero_without_targets():
+    logits = torch.randn(1, 3, 7, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.full((1, 3), IGNORE_INDEX)
+    loss, count = causal_lm_loss(logits, labels, torch.arange(3)[None])
+    assert count == 0 and loss.dtype == torch.float32 and loss.item() == 0.0
+    loss.backward()  # still part of the graph
+
+
+# ---------------------------------------------------------------- model equivalence
+
+ATTN_IMPLS = [
+    "eager",
+    "sdpa",
+    pytest.param("flex_attention", marks=pytest.mark.cuda),
+]
+
+
+def _tiny_model(path, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if attn == "flex_attention" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=attn, dtype=torch.float32
+    )
+    return model.to(device).eval()
+
+
+LENGTHS = (5, 11, 8)
+
+
+def _samples(*, prompt_len: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Random samples; labels on every token but the first ``prompt_len`` (the prompt)."""
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+        out.append((ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:]))
+    return out
+
+
+def _alone(model, sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token logits [n, V] and mean loss of one sample run by itself."""
+    dev = model.device
+    ids = torch.tensor([sample[0]], device=dev)
+    labels = torch.tensor([sample[1]], device=dev)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    loss, count = causal_lm_loss(logits, labels, torch.arange(ids.shape[1], device=dev)[None])
+    return logits[0], loss / count
+
+
+def _packed_logits(model, batch, **kwargs) -> torch.Tensor:
+    dev = model.device
+    with torch.no_grad():
+        return model(
+            input_ids=batch["input_ids"].to(dev),
+            position_ids=batch["position_ids"].to(dev),
+            **kwargs,
+        ).logits.float()
+
+
+def _segments(samples, logits_row, labels_row, pos_row):
+    """Per-sample (logits, mean loss) cut out of one packed row."""
+    out, start = [], 0
+    for ids, _ in samples:
+        end = start + len(ids)
+        sl = slice(start, end)
+        loss, count = causal_lm_loss(logits_row[None, sl], labels_row[None, sl], pos_row[None, sl])
+        out.append((logits_row[sl], loss / count))
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("attn", ATTN_IMPLS)
+def test_packed_row_equals_samples_run_alone(tiny_llama_dir, attn):
+    model = _tiny_model(tiny_llama_dir, attn)
+    samples = _samples()
+    # Row 0: three samples packed; row 1: one sample plus padding (its own segment).
+    batch = collate_packed([samples, samples[:1]], pad_id=0)
+    logits = _packed_logits(model, batch, use_cache=False).cpu()
+    alone = [_alone(model, s) for s in samples]
+    labels, pos = batch["labels"], batch["position_ids"]
+    for (seg_logits, seg_loss), (ref_logits, ref_loss) in zip(
+        _segments(samples, logits[0], labels[0], pos[0]), alone, strict=True
+    ):
+        torch.testing.assert_close(seg_logits, ref_logits.cpu(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(seg_loss, ref_loss.cpu(), atol=1e-4, rtol=0)
+    n0 = len(samples[0][0])
+    torch.testing.assert_close(logits[1, :n0], alone[0][0].cpu(), atol=1e-4, rtol=0)
+
+    # Every first token is labelled: only position masking keeps it out of the row's loss.
+    total, count = causal_lm_loss(logits[:1], labels[:1], pos[:1])
+    assert count == sum(n - 1 for n in LENGTHS)
+    expected = sum(loss * (n - 1) for (_, loss), n in zip(alone, LENGTHS, strict=True))
+    torch.testing.assert_close(total, expected.cpu(), atol=1e-3, rtol=1e-5)
+
+
+def _max_later_segment_error(model, samples, batch, **kwargs) -> float:
+    logits = _packed_logits(model, batch, **kwargs).cpu()
+    segs = _segments(samples, logits[0], batch["labels"][0], batch["position_ids"][0])
+    # Sample 0 sees nothing before it in any variant; samples 1, 2 are the contaminated ones.
+    return max(
+        (seg[0] - _alone(model, s)[0].cpu()).abs().max().item()
+        for seg, s in zip(segs[1:], samples[1:], strict=True)
+    )
+
+
+@pytest.mark.parametrize("attn", ATTN_IMPLS)
+def test_negative_controls_show_cross_contamination(tiny_llama_dir, attn):
+    """Each wrong call convention must visibly fail the equivalence (the test above can fail)."""
+    model = _tiny_model(tiny_llama_dir, attn)
+    samples = _samples()
+    batch = collate_packed([samples], pad_id=0)
+    ones = torch.ones_like(batch["input_ids"]).to(model.device)
+    naive = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+    assert _max_later_segment_error(model, samples, batch, use_cache=False) < 1e-4
+    # A mask of ones disables the per-sample mask derived from position ids.
+    assert (
+        _max_later_segment_error(model, samples, batch, attention_mask=ones, use_cache=False) > 1e-2
+    )
+    # A KV cache (config default use_cache=True) disables it too.
+    assert _max_later_segment_error(model, samples, batch, use_cache=True) > 1e-2
+    # Plain concatenation: positions never restart.
+    assert _max_later_segment_error(model, samples, naive, use_cache=False) > 1e-2
+
+
+def test_padded_loss_equals_hf_model_loss(tiny_llama_dir):
+    model = _tiny_model(tiny_llama_dir, "sdpa")
+    batch = collate_padded(_samples(prompt_len=2), pad_id=0)
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
+    loss, count = causal_lm_loss(out.logits, batch["labels"], batch["position_ids"])
+    assert count == sum(n - 2 for n in LENGTHS)  # n - 1 shifted targets, minus 1 prompt target
+    torch.testing.assert_close(loss / count, out.loss, atol=1e-5, rtol=1e-5)

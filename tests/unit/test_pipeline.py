@@ -1,0 +1,162 @@
+"""Data section -> tokenized train/eval examples, and a report whose counts add up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.config import DataSection
+from raysft.data.formats import DataError
+from raysft.data.pipeline import load_split, prepare_data
+from raysft.data.templates import trained_spans
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TRAIN = str(FIXTURES / "chat_zh.jsonl")  # 6 rows, one of them 2 assistant turns
+EVAL = str(FIXTURES / "eval_zh.jsonl")  # 2 rows
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> str:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def alpaca(instruction: str, output: str) -> dict[str, str]:
+    return {"instruction": instruction, "output": output}
+
+
+def section(**kw: Any) -> DataSection:
+    return DataSection(**{"train": TRAIN, "eval": EVAL, "template": "chatml", **kw})
+
+
+# Byte tokenizer, ChatML, single-turn alpaca row: the untrained prompt
+# "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n" is this many tokens plus
+# the instruction's bytes (each special token is one token); then answer + <|im_end|> is trained.
+PROMPT_TOKENS = 1 + len("user\n") + 1 + len("\n") + 1 + len("assistant\n")
+
+
+def prompt_len(instruction: str) -> int:
+    return PROMPT_TOKENS + len(instruction.encode("utf-8"))
+
+
+def test_with_eval_files_counts_are_right(tok: Any) -> None:
+    data = prepare_data(section(), tok, seed=0)
+    r = data.report
+    assert (r.rows_read, r.rows_skipped, r.skipped) == (8, 0, [])
+    assert (r.train_examples, r.eval_examples) == (6, 2)
+    assert len(data.train) == 6 and len(data.eval) == 2
+    assert (r.truncated, r.dropped_no_trained_tokens) == (0, 0)
+    assert r.train_tokens == sum(len(e.input_ids) for e in data.train)
+    assert r.trained_tokens == sum(e.n_trained for e in data.train)
+    assert 0 < r.trained_tokens < r.train_tokens
+    # File order is kept and eval examples line up with their conversations.
+    assert trained_spans(data.train[0], tok) == ["The weather is really nice today.<|im_end|>"]
+    assert [c[-1]["content"] for c in data.eval_conversations] == [
+        "zyx",
+        "The weather is really nice today.",
+    ]
+    assert trained_spans(data.eval[0], tok) == ["zyx<|im_end|>"]
+
+
+def test_without_eval_a_seeded_split_of_train(tok: Any) -> None:
+    cfg = section(eval=None, eval_fraction=0.34)
+    data = prepare_data(cfg, tok, seed=1)
+    again = prepare_data(cfg, tok, seed=1)
+    assert data.report.rows_read == 6
+    assert (data.report.train_examples, data.report.eval_examples) == (4, 2)
+    assert [e.input_ids for e in data.eval] == [e.input_ids for e in again.eval]
+    train_ids = {tuple(e.input_ids) for e in data.train}
+    eval_ids = {tuple(e.input_ids) for e in data.eval}
+    assert not train_ids & eval_ids
+    assert len(train_ids | eval_ids) == 6
+
+
+def test_skip_mode_reports_skipped_rows(tok: Any) -> None:
+    bad_role = str(FIXTURES / "bad_role.jsonl")
+    with pytest.raises(DataError, match="bad_role.jsonl: row 2: conversations"):
+        prepare_data(section(train=bad_role), tok, seed=0)
+    data = prepare_data(section(train=bad_role, on_error="skip"), tok, seed=0)
+    r = data.report
+    assert (r.rows_read, r.rows_skipped, r.train_examples) == (6, 1, 3)
+    assert r.skipped[0].startswith(f"{bad_role}: row 2: conversations[2].from: unknown role")
+    assert r.as_dict()["rows_skipped"] == 1
+
+
+def test_system_prompt_and_template_come_from_the_section(tok: Any) -> None:
+    data = prepare_data(section(template="llama2", system_prompt="Be brief."), tok, seed=0)
+    text = tok.decode(data.train[0].input_ids, skip_special_tokens=False)
+    assert text.startswith("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nTranslate")
+    assert text.endswith("[/INST] The weather is really nice today. </s>")
+    # A row with its own system message keeps it.
+    assert "<<SYS>>\n你是一个乐于助人的助手。\n<</SYS>>" in tok.decode(
+        data.train[3].input_ids, skip_special_tokens=False
+    )
+
+
+def test_truncation_drops_untrainable_and_counts_truncated(tmp_path: Path, tok: Any) -> None:
+    max_len = 64
+    fits = alpaca("short", "ok")
+    cut = alpaca("q" * 40, "a" * 40)  # prompt fits, answer is cut: still trainable
+    lost = alpaca("p" * 70, "answer")  # prompt alone is longer than max_seq_len
+    assert prompt_len("q" * 40) < max_len < prompt_len("q" * 40) + 40
+    assert prompt_len("p" * 70) > max_len
+    train = write_jsonl(tmp_path / "t.jsonl", [fits, cut, lost, fits])
+    held = write_jsonl(tmp_path / "e.jsonl", [fits, cut, lost])
+    data = prepare_data(section(train=train, eval=held, max_seq_len=max_len), tok, seed=0)
+    r = data.report
+    assert r.rows_read == 7
+    assert r.dropped_no_trained_tokens == 2  # train and eval
+    assert r.truncated == 2
+    assert (r.train_examples, r.eval_examples) == (3, 2)
+    assert [c[0]["content"] for c in data.eval_conversations] == ["short", "q" * 40]
+    assert [len(e.input_ids) for e in data.train] == [
+        prompt_len("short") + len("ok") + 1,
+        max_len,
+        prompt_len("short") + len("ok") + 1,
+    ]
+    assert trained_spans(data.train[1], tok) == ["a" * (max_len - prompt_len("q" * 40))]
+
+
+def test_when_truncation_leaves_no_training_example_it_is_an_error(
+    tmp_path: Path, tok: Any
+) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [alpaca("p" * 70, "a"), alpaca("r" * 80, "b")])
+    with pytest.raises(DataError, match=r"data\.train: every sample lost .* data\.max_seq_len=32"):
+        prepare_data(section(train=train, max_seq_len=32), tok, seed=0)
+
+
+def test_when_truncation_leaves_no_eval_example_it_is_an_error(tmp_path: Path, tok: Any) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [alpaca("q", "a")])
+    held = write_jsonl(tmp_path / "e.jsonl", [alpaca("p" * 70, "a")])
+    with pytest.raises(DataError, match=r"data\.eval: every sample lost .* data\.max_seq_len=32"):
+        prepare_data(section(train=train, eval=held, max_seq_len=32), tok, seed=0)
+
+
+def test_all_rows_skipped_is_an_error(tmp_path: Path, tok: Any) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q"}, {"foo": 1}])
+    with pytest.raises(DataError, match=r"data\.train: no usable rows \(2 skipped\)"):
+        load_split(section(train=train, on_error="skip"), seed=0)
+    held = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "q"}])
+    with pytest.raises(DataError, match=r"data\.eval: no usable rows \(1 skipped\)"):
+        load_split(section(eval=held, on_error="skip"), seed=0)
+
+
+def test_max_eval_samples_caps_the_eval_set(tmp_path: Path, tok: Any) -> None:
+    held = write_jsonl(tmp_path / "e.jsonl", [alpaca(f"q{i}", f"a{i}") for i in range(10)])
+    data = prepare_data(section(eval=held, max_eval_samples=3), tok, seed=0)
+    assert len(data.eval) == len(data.eval_conversations) == data.report.eval_examples == 3
+    assert data.report.rows_read == 16
+    answers = [c[-1]["content"] for c in data.eval_conversations]
+    assert len(set(answers)) == 3 and set(answers) <= {f"a{i}" for i in range(10)}
+
+
+def test_template_errors_become_data_errors(tok: Any) -> None:
+    import copy
+
+    bad = copy.deepcopy(tok)
+    bad.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(DataError, match="data.template=tokenizer: .*System role not supported"):
+        prepare_data(section(template="tokenizer"), bad, seed=0)

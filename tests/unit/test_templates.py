@@ -1,0 +1,295 @@
+"""Chat templates against hand-written golden files (SEED.md section 2), and exact label masks."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.data.templates import (
+    IGNORE,
+    Segment,
+    TemplateError,
+    generation_prompt,
+    render,
+    render_text,
+    stop_strings,
+    tokenize,
+    trained_spans,
+)
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "templates"
+
+SYSTEM = "You are a helpful assistant."
+# The seed's ShareGPT example (section 2) and its Alpaca example as one user message.
+U1 = "Hello, please introduce yourself"
+A1 = "Hello! I am an AI assistant; I can help you answer questions, write, code and more."
+U2 = "Can you help me write code?"
+A2 = "Of course! Tell me what functionality you need and I will do my best to help."
+ZH_USER = "Translate the following sentence into English\n\n今天天气真好"
+ZH_ANSWER = "The weather is really nice today."
+
+# What ends an assistant turn, trained with it.
+TERMINATOR = {
+    "llama2": " </s>",
+    "chatml": "<|im_end|>",
+    "vicuna": "</s>",
+    "tokenizer": "<|im_end|>",
+}
+TEMPLATES = sorted(TERMINATOR)
+
+
+def conv(*turns: str, system: str | None = None) -> list[dict[str, str]]:
+    """``conv(u1, a1, u2, a2, system=...)`` -> canonical messages."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    return msgs + [
+        {"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)
+    ]
+
+
+SINGLE = conv(U1, A1)
+MULTI = conv(U1, A1, U2, A2)
+SYSTEM_SINGLE = conv(U1, A1, system=SYSTEM)
+SYSTEM_MULTI = conv(U1, A1, U2, A2, system=SYSTEM)
+ZH = conv(ZH_USER, ZH_ANSWER)
+
+# golden file name -> (template, conversation)
+GOLDEN_CASES = {
+    "llama2_single": ("llama2", SINGLE),
+    "llama2_system_single": ("llama2", SYSTEM_SINGLE),
+    "llama2_multi": ("llama2", MULTI),
+    "llama2_system_multi": ("llama2", SYSTEM_MULTI),
+    "chatml_single": ("chatml", SINGLE),
+    "chatml_system_single": ("chatml", SYSTEM_SINGLE),
+    "chatml_system_multi": ("chatml", SYSTEM_MULTI),
+    "chatml_alpaca_zh": ("chatml", ZH),
+    "vicuna_single": ("vicuna", SINGLE),
+    "vicuna_multi": ("vicuna", MULTI),
+    "vicuna_system_single": ("vicuna", SYSTEM_SINGLE),
+}
+CONVERSATIONS = {
+    "single": SINGLE,
+    "multi": MULTI,
+    "system_single": SYSTEM_SINGLE,
+    "system_multi": SYSTEM_MULTI,
+    "zh": ZH,
+}
+
+
+def golden(name: str) -> bytes:
+    return (GOLDEN / f"{name}.txt").read_bytes()
+
+
+def n_tokens(tok: Any, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def answers(template: str, c: list[dict[str, str]]) -> list[str]:
+    return [m["content"] + TERMINATOR[template] for m in c if m["role"] == "assistant"]
+
+
+# ---------------------------------------------------------------- golden files
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_builtin_template_matches_golden_byte_for_byte(name: str) -> None:
+    template, c = GOLDEN_CASES[name]
+    assert render_text(c, template=template).encode("utf-8") == golden(name)
+
+
+def test_every_golden_file_is_checked() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.txt")} == set(GOLDEN_CASES)
+
+
+def test_golden_llama2_multi_turn_joins_turns_with_eos_bos() -> None:
+    # The seed's "{assistant_response_1} </s><s>[INST] {user_message_2} [/INST]".
+    text = golden("llama2_system_multi").decode()
+    assert f"{A1} </s><s>[INST] {U2} [/INST] {A2} </s>" in text
+    assert text.count("<<SYS>>") == 1  # the system prompt lives in the first turn only
+
+
+@pytest.mark.parametrize("name", ["chatml_single", "chatml_system_single", "chatml_system_multi"])
+def test_tokenizer_template_renders_the_chatml_golden(tok: Any, name: str) -> None:
+    _, c = GOLDEN_CASES[name]
+    text = render_text(c, template="tokenizer", tokenizer=tok)
+    assert text.encode("utf-8") == golden(name)
+    # The tokenizer's own rendering differs only by the newline after the last <|im_end|>,
+    # which is formatting, not part of the trained answer.
+    assert tok.apply_chat_template(c, tokenize=False) == text + "\n"
+
+
+def _merged(segments: list[Segment]) -> list[Segment]:
+    out: list[Segment] = []
+    for s in segments:
+        if out and out[-1].trained == s.trained:
+            out[-1] = Segment(out[-1].text + s.text, s.trained)
+        else:
+            out.append(s)
+    return out
+
+
+def test_tokenizer_template_segments(tok: Any) -> None:
+    segs = render(SYSTEM_MULTI, template="tokenizer", tokenizer=tok)
+    assert segs == [
+        Segment(
+            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            False,
+        ),
+        Segment(f"{A1}<|im_end|>", True),
+        Segment(f"\n<|im_start|>user\n{U2}<|im_end|>\n<|im_start|>assistant\n", False),
+        Segment(f"{A2}<|im_end|>", True),
+    ]
+    assert _merged(render(SYSTEM_MULTI, template="chatml")) == segs
+
+
+def test_tokenizer_template_not_prefix_stable_raises(tok: Any) -> None:
+    bad = copy.deepcopy(tok)
+    # A header that depends on the number of messages: rendering [u] and [u, a] differ at the
+    # start, so the prompt is not a prefix of the conversation (like templates that drop
+    # earlier reasoning).
+    bad.chat_template = (
+        "{{ messages | length }} messages\n"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(TemplateError, match="growing prefixes"):
+        render(SINGLE, template="tokenizer", tokenizer=bad)
+
+
+def test_tokenizer_template_that_rewrites_content_raises(tok: Any) -> None:
+    bad = copy.deepcopy(tok)
+    bad.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(TemplateError, match="rewrites assistant content"):
+        render(SINGLE, template="tokenizer", tokenizer=bad)
+
+
+def test_tokenizer_template_errors_become_template_errors(tok: Any) -> None:
+    bad = copy.deepcopy(tok)
+    bad.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(TemplateError, match="System role not supported"):
+        render(SYSTEM_SINGLE, template="tokenizer", tokenizer=bad)
+    bad.chat_template = None
+    with pytest.raises(TemplateError, match="no chat_template"):
+        render(SINGLE, template="tokenizer", tokenizer=bad)
+
+
+def test_unknown_template_raises() -> None:
+    with pytest.raises(TemplateError, match="unknown template 'alpaca'"):
+        render(SINGLE, template="alpaca")
+
+
+# ---------------------------------------------------------------- label masks
+
+
+@pytest.mark.parametrize("conv_name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_labels_cover_exactly_the_answers_and_terminators(
+    tok: Any, template: str, conv_name: str
+) -> None:
+    c = CONVERSATIONS[conv_name]
+    segs = render(c, template=template, tokenizer=tok)
+    text = "".join(s.text for s in segs)
+    ex = tokenize(segs, tok, max_seq_len=4096)
+    want = answers(template, c)
+
+    assert trained_spans(ex, tok) == want
+    assert tok.decode(ex.input_ids, skip_special_tokens=False) == text
+    assert ex.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert not ex.truncated
+
+    # Independent oracle: find each answer in the text, map its character span to tokens,
+    # and expect labels == ids there and -100 everywhere else (system, user, template text).
+    expected = [IGNORE] * len(ex.input_ids)
+    cursor = 0
+    for answer in want:
+        pos = text.index(answer, cursor)
+        lo, hi = n_tokens(tok, text[:pos]), n_tokens(tok, text[: pos + len(answer)])
+        expected[lo:hi] = ex.input_ids[lo:hi]
+        cursor = pos + len(answer)
+    assert ex.labels == expected
+    assert ex.n_trained == sum(n_tokens(tok, a) for a in want)
+    # Nothing a user or system wrote is trained.
+    untrained = tok.decode(
+        [i for i, lab in zip(ex.input_ids, ex.labels, strict=True) if lab == IGNORE],
+        skip_special_tokens=False,
+    )
+    for m in c:
+        if m["role"] != "assistant":
+            assert m["content"] in untrained
+
+
+@pytest.mark.parametrize("conv_name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_generation_prompt_ends_where_the_answer_starts(
+    tok: Any, template: str, conv_name: str
+) -> None:
+    c = CONVERSATIONS[conv_name]
+    text = render_text(c, template=template, tokenizer=tok)
+    prompt = generation_prompt(c, template=template, tokenizer=tok)
+    assert text == prompt + c[-1]["content"] + TERMINATOR[template]
+    # ... and on a token boundary: the next token is the first trained one of the last answer.
+    ex = tokenize(render(c, template=template, tokenizer=tok), tok, max_seq_len=4096)
+    k = n_tokens(tok, prompt)
+    assert ex.input_ids[:k] == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ex.labels[k] != IGNORE
+    assert ex.labels[k - 1] == IGNORE
+
+
+@pytest.mark.parametrize(
+    ("template", "prompt"),
+    [
+        ("llama2", f"<s>[INST] {U1} [/INST] "),
+        ("chatml", f"<|im_start|>user\n{U1}<|im_end|>\n<|im_start|>assistant\n"),
+        ("tokenizer", f"<|im_start|>user\n{U1}<|im_end|>\n<|im_start|>assistant\n"),
+        (
+            "vicuna",
+            f"A chat between a curious user and an AI assistant.\n\nUSER: {U1}\nASSISTANT: ",
+        ),
+    ],
+)
+def test_generation_prompt_of_a_single_user_turn(tok: Any, template: str, prompt: str) -> None:
+    assert generation_prompt(conv(U1), template=template, tokenizer=tok) == prompt
+    assert generation_prompt(SINGLE, template=template, tokenizer=tok) == prompt
+
+
+def test_stop_strings_are_the_stripped_terminators(tok: Any) -> None:
+    assert stop_strings("llama2") == ["</s>"]
+    assert stop_strings("chatml") == ["<|im_end|>"]
+    assert stop_strings("vicuna") == ["</s>"]
+    assert {"</s>", "<|im_end|>"} <= set(stop_strings("tokenizer", tok))
+
+
+# ---------------------------------------------------------------- truncation
+
+
+def test_truncation_inside_the_answer_keeps_the_trained_prefix(tok: Any) -> None:
+    c = conv("q", "abcdefgh")
+    segs = render(c, template="chatml")
+    k = n_tokens(tok, generation_prompt(c, template="chatml"))
+    ex = tokenize(segs, tok, max_seq_len=k + 3)
+    assert ex.truncated
+    assert len(ex.input_ids) == len(ex.labels) == k + 3
+    assert trained_spans(ex, tok) == ["abc"]
+
+
+def test_truncation_before_the_answer_leaves_nothing_to_train(tok: Any) -> None:
+    c = conv("q" * 50, "answer")
+    k = n_tokens(tok, generation_prompt(c, template="vicuna"))
+    ex = tokenize(render(c, template="vicuna"), tok, max_seq_len=k)
+    assert ex.truncated
+    assert ex.n_trained == 0
+    assert trained_spans(ex, tok) == []
+
+
+def test_exact_fit_is_not_truncated(tok: Any) -> None:
+    segs = render(SINGLE, template="llama2")
+    full = n_tokens(tok, "".join(s.text for s in segs))
+    ex = tokenize(segs, tok, max_seq_len=full)
+    assert not ex.truncated
+    assert trained_spans(ex, tok) == [A1 + " </s>"]
