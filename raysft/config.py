@@ -122,7 +122,9 @@ class TrainSection(_Section):
     batch_size: int = Field(4, gt=0, description="Rows (packed or padded) per micro-batch.")
     grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
     max_steps: int = Field(200, gt=0, description="Optimizer steps (epochs repeat the data).")
-    eval_every: int = Field(50, gt=0, description="Eval loss every N optimizer steps (and at end).")
+    eval_every: int = Field(
+        50, gt=0, description="Eval loss every N optimizer steps, and always at the last step."
+    )
     exact_match: bool = Field(
         True, description="Greedy-decode the eval set at the end and report exact match."
     )
@@ -236,11 +238,6 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:
-        if self.train.eval_every > self.train.max_steps:
-            raise ValueError(
-                f"train.eval_every ({self.train.eval_every}) > train.max_steps "
-                f"({self.train.max_steps}): no intermediate eval would run"
-            )
         if self.method == "full" and (self.lora.use_dora or self.lora.use_rslora):
             raise ValueError("lora.use_dora/use_rslora are set but method is full")
         return self
@@ -253,10 +250,25 @@ class Config(_Section):
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value the way YAML would (``1e-4`` -> float, ``[a, b]`` -> list)."""
     try:
-        value = yaml.safe_load(text)
+        value = yaml_load(text)
     except yaml.YAMLError:
         return text
     # Only number-shaped strings become floats: float() would also turn "inf", "nan" or "1_0"
@@ -379,7 +391,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(str(path), ["file not found"])
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+        tree = yaml_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [_yaml_problem(err)]) from None
     if tree is None:

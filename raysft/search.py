@@ -75,17 +75,95 @@ def _is_int_field(ann: Any) -> bool:
     return int in args and float not in args
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _probe_values(p: SearchParam, params: dict[str, SearchParam], cfg: Config) -> list[Any]:
     """Values that must all validate: the bounds, every choice, every product."""
     if p.type in ("loguniform", "uniform"):
         return [p.low, p.high]
     if p.type == "int":
-        return [int(math.ceil(p.low or 0)), int(math.floor(p.high or 0))]
+        return [int(p.low or 0), int(p.high or 0)]
     if p.type == "choice":
         return list(p.values or [])
+    return [b * f for b in _bases(p, params, cfg) for f in (p.values or [])]
+
+
+def _bases(p: SearchParam, params: dict[str, SearchParam], cfg: Config) -> list[Any]:
+    """The values a multiple_of multiplies: its searched ``of``'s probes, or the fixed value."""
     of = params.get(p.of or "")
-    bases = _probe_values(of, params, cfg) if of else [get_path(cfg, p.of or "")]
-    return [b * f for b in bases for f in (p.values or [])]
+    return _probe_values(of, params, cfg) if of else [get_path(cfg, p.of or "")]
+
+
+def _check_param(
+    name: str, p: SearchParam, params: dict[str, SearchParam], cfg: Config
+) -> str | None:
+    """The first shape problem of one parameter (before its values are probed), or None."""
+    where = f"search.params.{name}"
+    if name.split(".")[0] in _UNSEARCHABLE:
+        return f"{where}: {name.split('.')[0]} cannot be searched"
+    try:
+        ann = _field_annotation(name)
+    except KeyError as err:
+        return f"{where}: {err.args[0]}"
+    if p.type in ("loguniform", "uniform") and _is_int_field(ann):
+        return f"{where}: {name} is an integer; use type int or choice, not {p.type}"
+    if p.type == "int" and not all(float(b).is_integer() for b in (p.low or 0, p.high or 0)):
+        # Optuna's suggest_int needs whole bounds; rounding them silently could leave the range
+        # that was checked here.
+        return f"{where}: type int needs whole-number low and high (got {p.low:g}, {p.high:g})"
+    if p.type != "multiple_of":
+        return None
+    bad = [f for f in p.values or [] if not _is_number(f)]
+    if bad:
+        return f"{where}.values: multiple_of factors must be numbers, got {bad[0]!r}"
+    of = params.get(p.of or "")
+    if of is not None and of.type == "multiple_of":
+        # The products are computed after every other value is sampled, in one pass.
+        return (
+            f"{where}.of: {p.of} is itself a multiple_of; "
+            "multiple_of must refer to a sampled parameter or a fixed config value"
+        )
+    if of is None:
+        try:
+            _field_annotation(p.of or "")
+        except KeyError as err:
+            return f"{where}.of: {err.args[0]}"
+    bases = _bases(p, params, cfg)
+    if not all(_is_number(b) for b in bases):
+        got = next(b for b in bases if not _is_number(b))
+        return f"{where}.of: {p.of} is not a number ({got!r}); multiple_of needs a number"
+    return None
+
+
+# Cap on the value combinations validated together (each is one pydantic validation).
+MAX_JOINT_PROBES = 4096
+
+
+def _joint_probes(params: dict[str, SearchParam], cfg: Config) -> list[dict[str, Any]] | None:
+    """Every combination of the parameters' probe values (products follow their ``of``).
+
+    A cross-field rule (``method: full`` with ``lora.use_dora``) can reject a combination whose
+    values each pass alone. None when there are too many to check.
+    """
+    free = {k: _probe_values(p, params, cfg) for k, p in params.items() if p.type != "multiple_of"}
+    products = {k: p for k, p in params.items() if p.type == "multiple_of"}
+    count = math.prod(len(set(map(repr, v))) for v in free.values())
+    count *= math.prod(len(p.values or []) for p in products.values())
+    if count > MAX_JOINT_PROBES:
+        return None
+    combos: list[dict[str, Any]] = [{}]
+    for k, values in free.items():
+        unique = list({repr(v): v for v in values}.values())
+        combos = [{**c, k: v} for c in combos for v in unique]
+    for k, p in products.items():
+        combos = [
+            {**c, k: c.get(p.of or "", get_path(cfg, p.of or "")) * f}
+            for c in combos
+            for f in p.values or []
+        ]
+    return combos
 
 
 def validate_search(tree: dict[str, Any], cfg: Config, *, source: str) -> list[str]:
@@ -95,23 +173,10 @@ def validate_search(tree: dict[str, Any], cfg: Config, *, source: str) -> list[s
     problems: list[str] = []
     for name, p in s.params.items():
         where = f"search.params.{name}"
-        if name.split(".")[0] in _UNSEARCHABLE:
-            problems.append(f"{where}: {name.split('.')[0]} cannot be searched")
+        shape = _check_param(name, p, s.params, cfg)
+        if shape:
+            problems.append(shape)
             continue
-        try:
-            ann = _field_annotation(name)
-        except KeyError as err:
-            problems.append(f"{where}: {err.args[0]}")
-            continue
-        if p.type in ("loguniform", "uniform") and _is_int_field(ann):
-            problems.append(f"{where}: {name} is an integer; use type int or choice, not {p.type}")
-            continue
-        if p.type == "multiple_of" and p.of not in s.params:
-            try:
-                _field_annotation(p.of or "")
-            except KeyError as err:
-                problems.append(f"{where}.of: {err.args[0]}")
-                continue
         for value in _probe_values(p, s.params, cfg):
             probe = copy.deepcopy(tree)
             set_path(probe, name, value)
@@ -121,29 +186,52 @@ def validate_search(tree: dict[str, Any], cfg: Config, *, source: str) -> list[s
             except ConfigError as err:
                 problems += [f"{where}: value {value!r}: {e}" for e in err.problems]
                 break
+    if not problems and len(s.params) > 1:
+        problems += _check_combinations(tree, s.params, cfg, source=source)
     problems += _check_metric(cfg)
     return problems
+
+
+def _check_combinations(
+    tree: dict[str, Any], params: dict[str, SearchParam], cfg: Config, *, source: str
+) -> list[str]:
+    """The first combination of (individually valid) values that fails validation, if any."""
+    base = copy.deepcopy(tree)
+    base.pop("search", None)
+    for combo in _joint_probes(params, cfg) or []:
+        probe = copy.deepcopy(base)
+        for name, value in combo.items():
+            set_path(probe, name, value)
+        try:
+            validate_tree(probe, source=source)
+        except ConfigError as err:
+            values = ", ".join(f"{k}={v!r}" for k, v in combo.items())
+            return [f"search.params: combination {values}: {e}" for e in err.problems]
+    return []
 
 
 def _check_metric(cfg: Config) -> list[str]:
     assert cfg.search is not None
     s = cfg.search
+    problems = []
     known = PER_EVAL_METRICS + (FINAL_METRICS if cfg.train.exact_match else ())
     if s.metric not in known:
-        return [
+        problems.append(
             f"search.metric: the trainer never reports {s.metric!r} (it reports {', '.join(known)})"
-        ]
-    if s.scheduler.type == "asha" and s.metric not in PER_EVAL_METRICS:
-        return [
+        )
+    elif s.scheduler.type == "asha" and s.metric not in PER_EVAL_METRICS:
+        problems.append(
             f"search.metric: {s.metric} is reported only at the end of a trial; "
             f"search.scheduler asha needs a per-eval metric ({', '.join(PER_EVAL_METRICS)})"
-        ]
-    if s.scheduler.type == "asha" and cfg.train.max_steps < 2 * cfg.train.eval_every:
-        return [
-            "search.scheduler: asha needs at least 2 evals per trial "
-            f"(train.max_steps {cfg.train.max_steps} < 2 x train.eval_every {cfg.train.eval_every})"
-        ]
-    return []
+        )
+    # The recipe evaluates every eval_every steps and at the last step.
+    n_evals = -(-cfg.train.max_steps // cfg.train.eval_every)
+    if s.scheduler.type == "asha" and n_evals < 2:
+        problems.append(
+            f"search.scheduler: asha needs at least 2 evals per trial, this one has {n_evals} "
+            f"(train.max_steps {cfg.train.max_steps}, train.eval_every {cfg.train.eval_every})"
+        )
+    return problems
 
 
 class DefineByRun:
@@ -211,9 +299,7 @@ def plan_resources(
     """Check every worker fits on some node and work out how many trials run at once."""
     r = search.resources
     problems = []
-    if not any(
-        n.get("CPU", 0) >= r.cpus_per_worker and n.get("GPU", 0) >= r.gpus_per_worker for n in nodes
-    ):
+    if not any(_workers_on(n, r.cpus_per_worker, r.gpus_per_worker) for n in nodes):
         have = (
             "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in nodes) or "none"
         )
@@ -226,14 +312,30 @@ def plan_resources(
     gpus = r.workers * r.gpus_per_worker
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0) for n in nodes)
-    fits = int(total_cpu // cpus)
-    if gpus:
-        fits = min(fits, int(total_gpu // gpus + 1e-9))
+    # A worker runs on one node: count the workers each node holds, then whole trials.
+    slots = sum(_workers_on(n, r.cpus_per_worker, r.gpus_per_worker) for n in nodes)
+    fits = slots // r.workers
     if fits < 1:
         problems.append(
-            f"search.resources: one trial needs {cpus:g} CPU, {gpus:g} GPU; "
-            f"the cluster has {total_cpu:g} CPU, {total_gpu:g} GPU ({where})"
+            f"search.resources: one trial needs {r.workers} worker(s) of "
+            f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU (= {cpus:g} CPU, {gpus:g} GPU); "
+            f"the cluster holds {slots} such worker(s) ({where}: {total_cpu:g} CPU, "
+            f"{total_gpu:g} GPU)"
         )
         return None, problems
     concurrent = min(fits, search.max_concurrent or fits, search.num_samples)
     return ResourcePlan(cpus, gpus, concurrent, where), problems
+
+
+def _workers_on(node: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many workers of ``cpus`` CPU and ``gpus`` GPU fit on one node.
+
+    Floor division of floats undercounts fractions (``1.0 // 0.2 == 4.0``); Ray itself adds
+    fractional resources up in units of 1e-4, so five 0.2-GPU workers share one GPU.
+    """
+
+    def times(have: float, need: float) -> int:
+        return math.floor(have / need + 1e-6)
+
+    n = times(node.get("CPU", 0), cpus)
+    return min(n, times(node.get("GPU", 0), gpus)) if gpus else n

@@ -95,6 +95,18 @@ def log_metrics(mlc: Any, run_id: str, result: dict[str, Any]) -> None:
         mlc.log_batch(run_id, metrics=metrics)
 
 
+def trial_runs(mlc: Any, exp_id: str, parent_id: str) -> dict[str, tuple[str, str | None]]:
+    """trial_id -> (run id, status tag) of the child runs a search has in MLflow so far."""
+    runs = mlc.search_runs(
+        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000
+    )
+    return {
+        r.data.tags["raysft.trial_id"]: (r.info.run_id, r.data.tags.get(STATUS_TAG))
+        for r in runs
+        if "raysft.trial_id" in r.data.tags
+    }
+
+
 def make_callback(
     mlc: Any, *, exp_id: str, parent_id: str, max_steps: int, base_params: dict[str, str]
 ) -> Any:
@@ -106,6 +118,14 @@ def make_callback(
             self.runs: dict[str, str] = {}  # trial_id -> run_id
             self.status: dict[str, str] = {}
             self.last: dict[str, dict[str, Any]] = {}
+
+        def setup(self, **info: Any) -> None:
+            # --resume restores the copy of this callback pickled when the search began: pick
+            # up the trial runs created since, so resumed trials keep their run.
+            for trial_id, (run_id, status) in trial_runs(mlc, exp_id, parent_id).items():
+                self.runs.setdefault(trial_id, run_id)
+                if status:
+                    self.status.setdefault(trial_id, status)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if trial.trial_id in self.runs:  # restarted after --resume
@@ -120,8 +140,11 @@ def make_callback(
                 },
             )
             self.runs[trial.trial_id] = run.info.run_id
-            sampled = {f"sampled.{k}": str(v) for k, v in trial.config.items()}
-            _log_params(mlc, run.info.run_id, {**base_params, **sampled})
+            # The sampled values replace the base config's at their own paths (the trial trained
+            # with them) and are repeated under sampled.* to tell the searched ones apart.
+            sampled = {k: str(v) for k, v in trial.config.items()}
+            params = {**base_params, **sampled, **{f"sampled.{k}": v for k, v in sampled.items()}}
+            _log_params(mlc, run.info.run_id, params)
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any

@@ -35,16 +35,54 @@ def load_spec(path: str, overrides: list[str]) -> tuple[dict[str, Any], Config]:
     """Read, override and validate a spec; every problem at once, before Ray starts."""
     tree = read_yaml(path)
     for key, value in parse_overrides(overrides).items():
-        set_path(tree, key, value)
-    cfg = validate_tree(tree, source=path)
+        try:
+            set_path(tree, key, value)
+        except KeyError as err:
+            raise ConfigError(path, [f"--set {err.args[0]}"]) from None
+    problems: list[str] = []
+    try:
+        cfg = validate_tree(tree, source=path)
+    except ConfigError as err:
+        # A malformed search parameter (low > high, ...) must not hide the spec's other
+        # problems: check the rest without the parameters pydantic rejected.
+        rest = _without_malformed_params(tree)
+        if rest is None:
+            raise
+        problems, (tree, cfg) = list(err.problems), rest
     if cfg.search is None:
         raise ConfigError(path, ["search: missing (a search spec needs a search section)"])
-    problems = validate_search(tree, cfg, source=path)
+    problems += validate_search(tree, cfg, source=path)
     if not attaching_to_cluster():  # a cluster's resources are checked once we have joined it
         problems += plan_resources(cfg.search, local_nodes(), where="this machine")[1]
     if problems:
         raise ConfigError(path, problems)
     return tree, cfg
+
+
+def _without_malformed_params(tree: dict[str, Any]) -> tuple[dict[str, Any], Config] | None:
+    """The spec minus its malformed search parameters, if that makes the rest valid."""
+    from pydantic import ValidationError
+
+    from raysft.config import SearchParam
+
+    search = tree.get("search")
+    params = search.get("params") if isinstance(search, dict) else None
+    if not isinstance(params, dict):
+        return None
+    kept = {}
+    for name, param in params.items():
+        try:
+            SearchParam.model_validate(param)
+        except ValidationError:
+            continue
+        kept[name] = param
+    if len(kept) == len(params):
+        return None  # the problem lies elsewhere
+    rest = {**tree, "search": {**search, "params": kept}}
+    try:
+        return rest, validate_tree(rest)
+    except ConfigError:
+        return None
 
 
 def attaching_to_cluster() -> bool:
@@ -363,7 +401,12 @@ def run_search(
     except BaseException:
         mlc.set_terminated(parent_id, "FAILED")
         raise
-    rows = _trial_rows(grid, cfg, callback.runs, callback.status)
+    # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
+    # trial runs of earlier attempts are only known to MLflow.
+    known = tracking.trial_runs(mlc, exp_id, parent_id)
+    runs = {**{t: run for t, (run, _) in known.items()}, **callback.runs}
+    status = {**{t: st for t, (_, st) in known.items() if st}, **callback.status}
+    rows = _trial_rows(grid, cfg, runs, status)
     best = _pick_best(rows)
     if best:
         mlc.log_metric(parent_id, f"best_{s.metric}", float(best["metric"]))

@@ -168,7 +168,29 @@ def stop_strings(template: str, tokenizer: Any = None) -> list[str]:
 
 
 def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Example:
-    """Token ids and labels; each segment is tokenized alone so masks never straddle a boundary."""
+    """Token ids and labels. The whole text is tokenized once (as at inference) and a token is
+    trained when its characters overlap a trained segment, so SentencePiece merges across a
+    segment boundary cannot shift the mask; slow tokenizers fall back to per-segment encoding."""
+    text = "".join(s.text for s in segments)
+    if not getattr(tokenizer, "is_fast", False):
+        return _tokenize_per_segment(segments, tokenizer, max_seq_len=max_seq_len)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = bytearray(len(text))  # 1 where the character belongs to a trained segment
+    pos = 0
+    for seg in segments:
+        if seg.trained:
+            trained[pos : pos + len(seg.text)] = b"\x01" * len(seg.text)
+        pos += len(seg.text)
+    ids: list[int] = list(enc["input_ids"])
+    labels = [
+        tok if any(trained[start:end]) else IGNORE
+        for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
+    truncated = len(ids) > max_seq_len
+    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated)
+
+
+def _tokenize_per_segment(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Example:
     ids: list[int] = []
     labels: list[int] = []
     for seg in segments:

@@ -33,15 +33,28 @@ def _resolve(spec: str) -> str:
     return resolve(spec)
 
 
+def _from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with a missing/unreachable model turned into a ModelError."""
+    path = _resolve(model_cfg.name_or_path)
+    try:
+        return loader.from_pretrained(
+            path,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: {first}"
+        ) from None
+
+
 def load_tokenizer(model_cfg: ModelSection) -> Any:
     """The model's tokenizer, right padding, with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        _resolve(model_cfg.name_or_path),
-        revision=model_cfg.revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    tok = _from_pretrained(AutoTokenizer, model_cfg)
     if tok.pad_token is None:
         # Safe to reuse unk/eos: labels and attention are masked by position (collate_* set -100
         # and seg_lens on padding), never by comparing token ids with pad_token_id.
@@ -175,11 +188,7 @@ def build_meta_model(cfg: Config) -> Any:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(
-        _resolve(cfg.model.name_or_path),
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    config = _from_pretrained(AutoConfig, cfg.model)
     with torch.device("meta"):
         # eager: shapes do not depend on the kernel, and eager needs no availability check.
         model = AutoModelForCausalLM.from_config(

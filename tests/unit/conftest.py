@@ -25,9 +25,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = [i for i in items if not _uses_cli_runs(i)] + [i for i in items if _uses_cli_runs(i)]
 
 
+_STARTED: list[Any] = []  # the test_cli module, once its runs are started
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start those runs as soon as the selected tests are known."""
+    """Start those runs as soon as the selected tests are known (unless none will run)."""
+    opt = session.config.option
+    if opt.collectonly or (session.testsfailed and not opt.continue_on_collection_errors):
+        return
     for item in session.items:
         if _uses_cli_runs(item):
             item.module.start_cli_runs()  # type: ignore[attr-defined]
+            _STARTED.append(item.module)  # type: ignore[attr-defined]
             return
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Interrupted or not, leave no test_cli subprocess behind."""
+    for module in _STARTED:
+        module.stop_cli_runs()

@@ -114,24 +114,31 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
     }
 
 
+_RUNS: dict[str, Future[Run]] = {}
+_PROCS: list[subprocess.Popen] = []
+_TMP: list[Path] = []
+
+
 def _run(args: list[str], code: str | None) -> Run:
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "raysft.train"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network, ever: fail fast instead
     t0 = time.perf_counter()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [*cmd, *args],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         encoding="utf-8",
-        timeout=180,
     )
-    return proc, time.perf_counter() - t0
-
-
-_RUNS: dict[str, Future[Run]] = {}
-_TMP: list[Path] = []
+    _PROCS.append(proc)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()  # no-op once it has exited
+    done = subprocess.CompletedProcess(proc.args, proc.wait(), out, err)
+    return done, time.perf_counter() - t0
 
 
 def start_cli_runs() -> dict[str, Future[Run]]:
@@ -146,13 +153,23 @@ def start_cli_runs() -> dict[str, Future[Run]]:
     return _RUNS
 
 
+def stop_cli_runs() -> None:
+    """Cancel what has not started, kill what still runs, remove the files (session end)."""
+    for future in _RUNS.values():
+        future.cancel()
+    for proc in _PROCS:
+        proc.kill()
+    for future in _RUNS.values():
+        if not future.cancelled():
+            future.exception()  # wait for the thread to collect its process
+    for tmp in _TMP:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def cli_runs() -> Iterator[dict[str, Future[Run]]]:
     yield start_cli_runs()
-    for future in _RUNS.values():
-        future.exception()  # wait, whatever happened, before removing their files
-    for tmp in _TMP:
-        shutil.rmtree(tmp, ignore_errors=True)
+    stop_cli_runs()
 
 
 def result(cli_runs: dict[str, Future[Run]], name: str) -> subprocess.CompletedProcess:

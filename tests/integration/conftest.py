@@ -1,0 +1,348 @@
+"""Integration fixtures: real processes (Ray, ``mlflow server``, the raysft CLIs), no mocks.
+
+Every process a test starts runs in its own process group (``start_new_session=True``) and is
+stopped through that group, never by name: ``ray stop`` or ``pkill`` would also kill other
+people's Ray instances on the machine. Every file a test writes lies under pytest's tmp_path.
+
+Only one Ray instance may run on the machine at a time (two local clusters break Train V2's
+placement-group cleaner), so the tests run strictly one after the other and refuse to start Ray
+while someone else's ``gcs_server`` is running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
+PYTHON = sys.executable
+BIN_DIR = Path(sys.executable).parent  # the venv's bin: `ray`, `python` of this interpreter
+# Development only: a directory holding candidate embedded assets (tiny-base/, tasks-*.jsonl)
+# that replaces `embedded:NAME` in the specs. Unset (as in CI), the shipped assets are used.
+ASSETS_OVERRIDE_ENV = "RAYSFT_IT_ASSETS"
+
+
+# ---------------------------------------------------------------- ports, processes
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback (all sockets held until all are chosen)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def _proc_stat(pid: str) -> tuple[int, str] | None:
+    """(process group, state) of a pid from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
+    return int(fields[2]), fields[0]
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            st = _proc_stat(pid)
+            if st and st[0] == pgid and st[1] != "Z":
+                out.append(int(pid))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def pids_matching(needle: str) -> list[int]:
+    """Processes whose command line contains ``needle`` (this process excluded)."""
+    return [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and int(p) != os.getpid() and needle in cmdline(int(p))
+    ]
+
+
+def gcs_server_pids() -> set[int]:
+    return {
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and cmdline(int(p)).split(" ")[0].endswith("gcs_server")
+    }
+
+
+def wait_group_empty(pgid: int, timeout: float) -> list[int]:
+    """Wait until the group has no live process; returns what is still alive at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = group_pids(pgid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def assert_no_other_ray() -> None:
+    """Two Ray instances on one host break each other (see module docstring): refuse."""
+    others = gcs_server_pids()
+    if others:
+        pytest.fail(
+            "another Ray instance is running on this machine (gcs_server pids "
+            f"{sorted(others)}); the integration tests need the machine to themselves"
+        )
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """Environment of every subprocess: offline, no inherited cluster or tracking server."""
+    env = dict(os.environ)
+    for key in (
+        "RAY_ADDRESS",
+        "RAY_JOB_ID",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_REGISTRY_URI",
+        "MLFLOW_EXPERIMENT_NAME",
+    ):
+        env.pop(key, None)
+    env.update(
+        PATH=f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}",  # `python`/`ray` = this venv's
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Ran:
+    """A finished command: exit code, merged stdout+stderr, wall seconds, leftover pids."""
+
+    cmd: list[str]
+    rc: int
+    output: str
+    seconds: float
+    leftovers: list[int] = field(default_factory=list)
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-n:])
+
+    def explain(self) -> str:
+        return f"{' '.join(self.cmd)} -> rc {self.rc} in {self.seconds:.0f}s\n{self.tail()}"
+
+
+def run_cmd(
+    cmd: list[str],
+    *,
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    settle: float = 30,
+    on_start: Any = None,
+) -> Ran:
+    """Run ``cmd`` in its own process group, output to ``log``; kill the group on a timeout.
+
+    After the command exits, wait up to ``settle`` s for the rest of its group (a local Ray
+    it started) to go; whatever is still alive then is reported in ``leftovers`` and killed.
+    ``on_start(popen)`` is called once the process runs (e.g. to watch it).
+    """
+    t0 = time.monotonic()
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env or base_env(),
+            cwd=cwd,
+            start_new_session=True,
+        )
+        try:
+            if on_start is not None:
+                on_start(proc)
+            rc = proc.wait(timeout=timeout)
+        except BaseException:
+            kill_group(proc.pid)
+            proc.wait()
+            text = log.read_text(encoding="utf-8", errors="replace")
+            tail = "\n".join(text.splitlines()[-80:])
+            pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s; log tail:\n{tail}")
+    seconds = time.monotonic() - t0
+    leftovers = wait_group_empty(proc.pid, settle)
+    if leftovers:
+        kill_group(proc.pid)
+        wait_group_empty(proc.pid, 10)
+    return Ran(cmd, rc, log.read_text(encoding="utf-8", errors="replace"), seconds, leftovers)
+
+
+# ---------------------------------------------------------------- specs and assets
+
+
+def asset_ref(name: str) -> str:
+    """How a spec names an embedded asset (``embedded:NAME``, or the dev override's path)."""
+    override = os.environ.get(ASSETS_OVERRIDE_ENV)
+    return str(Path(override) / name) if override else f"embedded:{name}"
+
+
+def asset_dir(name: str) -> Path:
+    """Local path of an embedded asset, for loading it outside raysft."""
+    from raysft.assets import resolve
+
+    return Path(resolve(asset_ref(name)))
+
+
+def _swap_assets(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _swap_assets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_swap_assets(v) for v in node]
+    if isinstance(node, str) and node.startswith("embedded:"):
+        return asset_ref(node.removeprefix("embedded:"))
+    return node
+
+
+def render_spec(template: str, out: Path, updates: dict[str, Any]) -> Path:
+    """specs/TEMPLATE with dotted-path ``updates`` applied, written to ``out``."""
+    from raysft.config import set_path
+
+    tree = yaml.safe_load((SPECS_DIR / template).read_text(encoding="utf-8"))
+    for key, value in updates.items():
+        set_path(tree, key, value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(_swap_assets(tree), sort_keys=False), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _assets_present() -> None:
+    """Fail early and clearly if the embedded default model or data are missing."""
+    for name in ("tiny-base", "tasks-alpaca.jsonl", "tasks-sharegpt.jsonl", "tasks-eval.jsonl"):
+        path = asset_dir(name)
+        assert path.exists(), f"embedded asset {name} missing at {path}"
+
+
+# ---------------------------------------------------------------- mlflow server
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    proc: subprocess.Popen
+    db: Path
+    artifacts: Path
+    log: Path
+    startup_s: float
+
+
+def _wait_http_ok(url: str, proc: subprocess.Popen, log: Path, timeout: float, **headers: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args} exited rc {proc.returncode}:\n{log.read_text()[-3000:]}")
+        req = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_group_then_wait(proc: subprocess.Popen, grace: float = 15) -> list[int]:
+    """SIGTERM the whole group, wait until the group is empty; SIGKILL what outlives ``grace``.
+
+    Returns the pids that needed SIGKILL (an empty list is a clean stop).
+    """
+    pgid = proc.pid  # start_new_session=True: the group id is the leader's pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    stubborn = wait_group_empty(pgid, grace)
+    if stubborn:
+        kill_group(pgid)
+        wait_group_empty(pgid, 10)
+    proc.wait(timeout=10)
+    return stubborn
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store, proxied artifacts) for one module."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    db, artifacts, log = root / "mlflow.db", root / "artifacts", root / "server.log"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=open(log, "w"),  # noqa: SIM115 - the server owns it until it exits
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        env=base_env(),
+        start_new_session=True,
+    )
+    try:
+        _wait_http_ok(f"http://127.0.0.1:{port}/health", proc, log, timeout=120)
+        server = MlflowServer(
+            f"http://127.0.0.1:{port}", proc, db, artifacts, log, time.monotonic() - t0
+        )
+        yield server
+    finally:
+        stop_group_then_wait(proc)  # SIGKILL after the grace period is fine, leftovers are not
+        left = group_pids(proc.pid)
+    assert not left, f"mlflow server processes outlived SIGKILL: {left}"

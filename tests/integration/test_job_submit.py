@@ -1,0 +1,300 @@
+"""``ray job submit`` of a search to a real token-auth cluster (``ray start --head --block``).
+
+The cluster is this module's: its own ports, auth token, temp dir and process group. It is
+stopped by SIGTERM to the ``ray start`` process only (``ray stop`` would kill every Ray
+instance on the machine), and the last test checks that nothing of it is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    BIN_DIR,
+    _wait_http_ok,
+    assert_no_other_ray,
+    base_env,
+    cmdline,
+    group_pids,
+    kill_group,
+    render_spec,
+    run_cmd,
+    wait_group_empty,
+)
+
+pytestmark = pytest.mark.integration
+
+DEFAULT_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
+@dataclass
+class Cluster:
+    proc: subprocess.Popen
+    root: Path
+    temp_dir: Path  # Ray's session dirs, sockets, logs, unpacked working dirs
+    gcs_port: int
+    dashboard: str
+    client_env: dict[str, str]  # what `ray job submit` needs: token auth on, the token file
+    log: Path
+    startup_s: float
+    stopped: bool = False
+    stop_report: dict = field(default_factory=dict)
+
+    def processes(self) -> list[int]:
+        """Every live process of this cluster: its process group, plus anything (workers in
+        their own groups, job drivers in their own sessions) that runs from its temp dir."""
+        mine = set(group_pids(self.proc.pid))
+        needle = str(self.temp_dir)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                pid = int(entry)
+                if needle in cmdline(pid) or _cwd(pid).startswith(needle):
+                    mine.add(pid)
+        return sorted(p for p in mine if Path(f"/proc/{p}").exists() and not _zombie(p))
+
+    def stop(self) -> dict:
+        """SIGTERM to ``ray start --block`` alone; it takes its cluster down. SIGKILL leftovers."""
+        if self.stopped:
+            return self.stop_report
+        self.stopped = True
+        t0 = time.monotonic()
+        report: dict = {"sigkill": []}
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                report["sigkill"].append("ray start did not exit in 30s")
+        deadline = time.monotonic() + 30
+        while (left := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        if left:
+            report["sigkill"] += [f"{p}: {cmdline(p)[:200]}" for p in left]
+            kill_group(self.proc.pid)
+            for p in left:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            wait_group_empty(self.proc.pid, 10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        report["left"] = self.processes()
+        report["seconds"] = time.monotonic() - t0
+        # `ray start` writes the address file into its temp dir; the default one must not name us.
+        if DEFAULT_ADDRESS_FILE.is_file():
+            held = DEFAULT_ADDRESS_FILE.read_text().strip()
+            if held.endswith(f":{self.gcs_port}"):
+                report["stale_default_address_file"] = held
+                DEFAULT_ADDRESS_FILE.unlink(missing_ok=True)
+        self.stop_report = report
+        if not report["left"]:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return report
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    from .conftest import free_ports
+
+    assert_no_other_ray()
+    root = tmp_path_factory.mktemp("ray-cluster")
+    token = secrets.token_hex(32)
+    token_file = root / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    # Ray's unix sockets live under its temp dir and must stay under ~107 bytes: a pytest
+    # tmp_path is too deep, so this one short dir lives in /tmp (removed after the stop).
+    temp_dir = Path(tempfile.mkdtemp(prefix="rsft-", dir="/tmp"))
+    ports = free_ports(9)
+    gcs, dash, client, nm, om, agent_grpc, agent_http, rtenv, metrics = ports
+    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    cmd = [
+        str(BIN_DIR / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--runtime-env-agent-port={rtenv}",
+        f"--metrics-export-port={metrics}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
+    log = root / "ray-start.log"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=open(log, "w"),  # noqa: SIM115 - `ray start` owns it until it exits
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=root,
+        start_new_session=True,
+    )
+    dashboard = f"http://127.0.0.1:{dash}"
+    c = Cluster(proc, root, temp_dir, gcs, dashboard, env, log, 0.0)
+    try:
+        auth = {"Authorization": f"Bearer {token}"}
+        _wait_http_ok(f"{dashboard}/api/version", proc, log, timeout=120, **auth)
+        _wait_http_ok(f"{dashboard}/api/jobs/", proc, log, timeout=60, **auth)
+        c.startup_s = time.monotonic() - t0
+        yield c
+    finally:
+        c.stop()
+
+
+def _submit(cluster: Cluster, workdir: Path, log: Path, submission_id: str):
+    return run_cmd(
+        [
+            str(BIN_DIR / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--working-dir",
+            str(workdir),
+            "--submission-id",
+            submission_id,
+            "--",
+            "python",
+            "-m",
+            "raysft.tune",
+            "spec.yaml",
+        ],
+        log=log,
+        env=cluster.client_env,
+        cwd=cluster.root,
+        timeout=360,
+        settle=5,
+    )
+
+
+def test_token_auth_is_enforced(cluster: Cluster) -> None:
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{cluster.dashboard}/api/version", timeout=5)
+    assert err.value.code == 401
+
+
+def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    workdir, exp_dir, db = tmp_path / "job", tmp_path / "exp", tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"  # db is absolute: sqlite:////...
+    render_spec(
+        "job_small.yaml",
+        workdir / "spec.yaml",
+        {"search.experiment_dir": str(exp_dir), "tracking.uri": uri},
+    )
+    ran = _submit(cluster, workdir, tmp_path / "submit.log", "raysft-it-ok")
+    assert ran.rc == 0, ran.explain()
+    assert "Job 'raysft-it-ok' succeeded" in ran.output, ran.tail()
+    # It joined this cluster (not a Ray of its own) and planned with the cluster's 2 CPUs.
+    assert re.search(
+        rf"concurrent trials: 2 of 2 \(cluster [\d.]+:{cluster.gcs_port}\)", ran.output
+    ), ran.tail(200)
+
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    trials = summary["trials"]
+    assert [t["status"] for t in trials] == ["finished", "finished"], trials
+    assert all(t["step"] == 8 for t in trials)
+    assert summary["counts"] == {"finished": 2, "stopped_early": 0, "failed": 0}
+    assert summary["mlflow"]["tracking_uri"] == uri
+    promo = summary["promotion"]
+    assert promo["promoted"] is True and str(promo["version"]) == "1", promo
+    assert promo["reason"] == "first champion"
+    assert Path(promo["export_dir"], "adapter_model.safetensors").is_file()
+
+    mlc = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = mlc.get_experiment_by_name("raysft-it-job")
+    runs = mlc.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 3, [r.info.run_name for r in runs]
+    parent = parents[0]
+    assert parent.info.run_id == summary["mlflow"]["parent_run_id"]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r is not parent]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert sorted(r.info.run_id for r in children) == sorted(t["mlflow_run_id"] for t in trials)
+    assert all(r.info.status == "FINISHED" for r in children)
+    champ = mlc.get_model_version_by_alias("raysft-it-job", "champion")
+    assert str(champ.version) == "1" and champ.run_id == summary["best"]["mlflow_run_id"]
+
+
+def test_job_submit_of_a_bad_spec_fails_with_a_clear_message(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    workdir, exp_dir, db = tmp_path / "job", tmp_path / "exp", tmp_path / "mlflow.db"
+    render_spec(
+        "job_small.yaml",
+        workdir / "spec.yaml",
+        {
+            "search.experiment_dir": str(exp_dir),
+            "tracking.uri": f"sqlite:///{db}",
+            # Checked against the cluster once the job has joined it: no node has a GPU.
+            "search.resources.gpus_per_worker": 1,
+        },
+    )
+    ran = _submit(cluster, workdir, tmp_path / "submit.log", "raysft-it-bad")
+    assert ran.rc != 0, ran.explain()
+    out = ran.output
+    assert re.search(
+        r"error: spec\.yaml: search\.resources: no node has 1 CPU and 1 GPU for one worker "
+        rf"\(cluster [\d.]+:{cluster.gcs_port}: 2 CPU, 0 GPU\)",
+        out,
+    ), out[-4000:]
+    assert "Job entrypoint command failed with exit code 2" in out, out[-2000:]
+    assert "Traceback" not in out, out[-4000:]
+    assert not (exp_dir / "summary.json").exists()
+    assert not db.exists(), "a rejected spec must not touch MLflow"
+
+
+def test_cluster_stops_by_its_own_process_group(cluster: Cluster) -> None:
+    assert cluster.processes(), "the cluster should be running before the stop"
+    report = cluster.stop()
+    assert cluster.proc.returncode is not None
+    assert report["left"] == [], report
+    assert report["sigkill"] == [], f"needed SIGKILL: {report}"
+    assert "stale_default_address_file" not in report, report
+    assert not cluster.temp_dir.exists()

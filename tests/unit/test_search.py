@@ -1,0 +1,894 @@
+"""The search-spec layer: validation, the Optuna define-by-run space, trial configs, the resource
+plan, ``--set`` into search parameters and ``python -m raysft.tune --dry-run``. No Ray is started.
+
+The CLI runs happen in one subprocess that starts with this module's first test and is checked
+by the tests at the end, so its seconds of importing torch overlap with the other tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from raysft import tune
+from raysft.config import ConfigError, set_path, validate_tree
+from raysft.search import (
+    DefineByRun,
+    build_space,
+    describe_space,
+    plan_resources,
+    trial_config,
+    validate_search,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = "spec.yaml"
+BASE: dict[str, Any] = {
+    "model": {"name_or_path": "embedded:tiny-base"},
+    "train": {"max_steps": 20, "eval_every": 5},
+}
+LR = {"type": "loguniform", "low": 1e-5, "high": 1e-3}
+R_CHOICE = {"type": "choice", "values": [4, 8]}
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def spec(params: dict[str, Any] | None = None, **search: Any) -> dict[str, Any]:
+    """A spec tree: BASE plus a search section (``params`` defaults to one valid parameter)."""
+    tree = copy.deepcopy(BASE)
+    tree["search"] = {"params": params if params is not None else {"lora.r": R_CHOICE}, **search}
+    return tree
+
+
+def problems_of(tree: dict[str, Any]) -> list[str]:
+    cfg = validate_tree(tree, source=SRC)
+    return validate_search(tree, cfg, source=SRC)
+
+
+def one_problem(tree: dict[str, Any]) -> str:
+    problems = problems_of(tree)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# ---------------------------------------------------------------- validate_search
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "expected"),
+    [
+        (
+            "train.foo",
+            {"type": "uniform", "low": 0, "high": 1},
+            "search.params.train.foo: config has no field 'foo' at train.foo",
+        ),
+        (
+            "lora.r.x",
+            R_CHOICE,
+            "search.params.lora.r.x: lora.r is a value, it has no field 'x'",
+        ),
+        ("lora", R_CHOICE, "search.params.lora: lora is a section, not a value"),
+        ("foo", R_CHOICE, "search.params.foo: config has no field 'foo' at foo"),
+        (
+            "search.num_samples",
+            R_CHOICE,
+            "search.params.search.num_samples: search cannot be searched",
+        ),
+        (
+            "tracking.experiment",
+            {"type": "choice", "values": ["a", "b"]},
+            "search.params.tracking.experiment: tracking cannot be searched",
+        ),
+        (
+            "promote.alias",
+            {"type": "choice", "values": ["a"]},
+            "search.params.promote.alias: promote cannot be searched",
+        ),
+        (
+            "output_dir",
+            {"type": "choice", "values": ["a", "b"]},
+            "search.params.output_dir: output_dir cannot be searched",
+        ),
+        (
+            "lora.r",
+            {"type": "uniform", "low": 4, "high": 16},
+            "search.params.lora.r: lora.r is an integer; use type int or choice, not uniform",
+        ),
+        (
+            "lora.r",
+            {"type": "loguniform", "low": 4, "high": 16},
+            "search.params.lora.r: lora.r is an integer; use type int or choice, not loguniform",
+        ),
+        (
+            "data.max_eval_samples",  # int | None is an integer field too
+            {"type": "uniform", "low": 4, "high": 16},
+            "search.params.data.max_eval_samples: data.max_eval_samples is an integer; "
+            "use type int or choice, not uniform",
+        ),
+        (
+            "lora.dropout",
+            {"type": "uniform", "low": 0.0, "high": 1.5},
+            "search.params.lora.dropout: value 1.5: lora.dropout: Input should be less than 1",
+        ),
+        (
+            "lora.r",
+            {"type": "int", "low": 0, "high": 8},
+            "search.params.lora.r: value 0: lora.r: Input should be greater than 0",
+        ),
+        (
+            "lora.r",
+            {"type": "int", "low": 0.5, "high": 8},
+            "search.params.lora.r: type int needs whole-number low and high (got 0.5, 8)",
+        ),
+    ],
+)
+def test_bad_parameter_is_reported_at_its_dotted_path(
+    name: str, param: dict[str, Any], expected: str
+) -> None:
+    assert one_problem(spec({name: param})) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "bad"),
+    [
+        ("method", ["lora", "foo"], "'foo'"),
+        ("data.template", ["chatml", "mistral"], "'mistral'"),
+        ("lora.r", [8, 4.5], "4.5"),
+    ],
+)
+def test_choice_a_field_rejects_is_reported_with_the_value(
+    name: str, values: list[Any], bad: str
+) -> None:
+    problem = one_problem(spec({name: {"type": "choice", "values": values}}))
+    assert problem.startswith(f"search.params.{name}: value {bad}: {name}: "), problem
+
+
+def test_a_spec_of_valid_parameters_passes() -> None:
+    params = {
+        "train.learning_rate": LR,
+        "lora.r": {"type": "int", "low": 4, "high": 16},
+        "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [1, 2]},
+        "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2},
+        "method": {"type": "choice", "values": ["lora", "qlora"]},
+        "data.template": {"type": "choice", "values": ["chatml", "vicuna"]},
+    }
+    assert problems_of(spec(params)) == []
+
+
+def test_multiple_of_whose_product_is_invalid() -> None:
+    # The products use every value of the searched r: 4 x 2 = 8 passes, 4 x -1 fails.
+    params = {
+        "lora.r": R_CHOICE,
+        "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2, -1]},
+    }
+    assert one_problem(spec(params)) == (
+        "search.params.lora.alpha: value -4: lora.alpha: Input should be greater than 0"
+    )
+
+
+def test_multiple_of_a_fixed_path_multiplies_its_config_value() -> None:
+    tree = spec({"lora.dropout": {"type": "multiple_of", "of": "lora.r", "values": [0.01, 0.2]}})
+    tree["lora"] = {"r": 4}
+    assert problems_of(tree) == []  # 0.04 and 0.8
+    tree["lora"] = {"r": 8}
+    assert one_problem(tree).startswith(
+        "search.params.lora.dropout: value 1.6"  # 8 x 0.2
+    )
+
+
+@pytest.mark.parametrize(
+    ("of", "expected"),
+    [
+        ("lora.rank", "search.params.lora.alpha.of: config has no field 'rank' at lora.rank"),
+        ("lora", "search.params.lora.alpha.of: lora is a section, not a value"),
+        ("lora.r.x", "search.params.lora.alpha.of: lora.r is a value, it has no field 'x'"),
+    ],
+)
+def test_multiple_of_an_unknown_path(of: str, expected: str) -> None:
+    params = {"lora.alpha": {"type": "multiple_of", "of": of, "values": [2]}}
+    assert one_problem(spec(params)) == expected
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (  # a string field: "chatml" x 1.5 used to raise TypeError
+            {"lora.alpha": {"type": "multiple_of", "of": "data.template", "values": [1.5]}},
+            "search.params.lora.alpha.of: data.template is not a number ('chatml'); "
+            "multiple_of needs a number",
+        ),
+        (  # None x 2 used to raise TypeError
+            {"lora.alpha": {"type": "multiple_of", "of": "train.neftune_alpha", "values": [2]}},
+            "search.params.lora.alpha.of: train.neftune_alpha is not a number (None); "
+            "multiple_of needs a number",
+        ),
+        (
+            {"lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2, "x"]}},
+            "search.params.lora.alpha.values: multiple_of factors must be numbers, got 'x'",
+        ),
+        (  # used to recurse forever
+            {"lora.alpha": {"type": "multiple_of", "of": "lora.alpha", "values": [2]}},
+            "search.params.lora.alpha.of: lora.alpha is itself a multiple_of; "
+            "multiple_of must refer to a sampled parameter or a fixed config value",
+        ),
+    ],
+)
+def test_multiple_of_problems_are_reported_not_raised(
+    params: dict[str, Any], expected: str
+) -> None:
+    assert one_problem(spec(params)) == expected
+
+
+def test_chained_multiple_of_is_reported() -> None:
+    # Sampling would raise KeyError for whichever product comes first.
+    params = {
+        "lora.alpha": {"type": "multiple_of", "of": "lora.dropout", "values": [100]},
+        "lora.dropout": {"type": "multiple_of", "of": "lora.r", "values": [0.01]},
+    }
+    assert problems_of(spec(params)) == [
+        "search.params.lora.alpha.of: lora.dropout is itself a multiple_of; "
+        "multiple_of must refer to a sampled parameter or a fixed config value"
+    ]
+
+
+def test_combination_of_individually_valid_values_is_reported() -> None:
+    # Each value passes with the base config (method lora, use_dora false); together they do not.
+    tree = spec(
+        {
+            "method": {"type": "choice", "values": ["lora", "full"]},
+            "lora.use_dora": {"type": "choice", "values": [False, True]},
+        }
+    )
+    assert one_problem(tree) == (
+        "search.params: combination method='full', lora.use_dora=True: "
+        "lora.use_dora/use_rslora are set but method is full"
+    )
+    tree["search"]["params"]["method"]["values"] = ["lora", "qlora"]
+    assert problems_of(tree) == []
+
+
+def test_metric_the_trainer_never_reports() -> None:
+    assert one_problem(spec(metric="accuracy")) == (
+        "search.metric: the trainer never reports 'accuracy' "
+        "(it reports eval_loss, train_loss, exact_match)"
+    )
+
+
+def test_exact_match_is_not_reported_when_train_exact_match_is_off() -> None:
+    tree = spec(metric="exact_match", mode="max", scheduler={"type": "none"})
+    tree["train"]["exact_match"] = False
+    assert one_problem(tree).startswith("search.metric: the trainer never reports 'exact_match'")
+
+
+def test_exact_match_needs_a_scheduler_that_waits_for_the_end() -> None:
+    asha = spec(metric="exact_match", mode="max")
+    assert one_problem(asha) == (
+        "search.metric: exact_match is reported only at the end of a trial; "
+        "search.scheduler asha needs a per-eval metric (eval_loss, train_loss)"
+    )
+    assert problems_of(spec(metric="exact_match", mode="max", scheduler={"type": "none"})) == []
+
+
+@pytest.mark.parametrize("metric", ["eval_loss", "train_loss"])
+def test_per_eval_metrics_work_with_asha(metric: str) -> None:
+    assert problems_of(spec(metric=metric)) == []
+
+
+def test_asha_needs_two_evals() -> None:
+    one_eval = spec()
+    one_eval["train"] = {"max_steps": 10, "eval_every": 10}
+    assert one_problem(one_eval) == (
+        "search.scheduler: asha needs at least 2 evals per trial, this one has 1 "
+        "(train.max_steps 10, train.eval_every 10)"
+    )
+    one_eval["search"]["scheduler"] = {"type": "none"}
+    assert problems_of(one_eval) == []
+    # The last step is always evaluated: with eval_every > max_steps it is the only eval.
+    one_eval["train"] = {"max_steps": 10, "eval_every": 20}
+    one_eval["search"]["scheduler"] = {"type": "asha"}
+    assert one_problem(one_eval).startswith("search.scheduler: asha needs at least 2 evals")
+    # ... and steps 10 and 15 are two evals.
+    two_evals = spec()
+    two_evals["train"] = {"max_steps": 15, "eval_every": 10}
+    assert problems_of(two_evals) == []
+
+
+def test_every_problem_of_a_spec_is_reported_together() -> None:
+    tree = spec(
+        {
+            "train.foo": LR,
+            "tracking.uri": {"type": "choice", "values": ["x"]},
+            "lora.r": {"type": "uniform", "low": 4, "high": 8},
+            "lora.dropout": {"type": "uniform", "low": 0.0, "high": 1.5},
+            "method": {"type": "choice", "values": ["foo"]},
+            "lora.alpha": {"type": "multiple_of", "of": "lora.rank", "values": [2]},
+            "train.learning_rate": LR,  # valid: not reported
+        },
+        metric="exact_match",
+    )
+    tree["train"] = {"max_steps": 10, "eval_every": 10}
+    problems = problems_of(tree)
+    prefixes = [
+        "search.params.train.foo: ",
+        "search.params.tracking.uri: ",
+        "search.params.lora.r: ",
+        "search.params.lora.dropout: ",
+        "search.params.method: ",
+        "search.params.lora.alpha.of: ",
+        "search.metric: exact_match is reported only at the end",
+        "search.scheduler: asha needs at least 2 evals",
+    ]
+    assert len(problems) == len(prefixes), problems
+    for problem, prefix in zip(problems, prefixes, strict=True):
+        assert problem.startswith(prefix), (problem, prefix)
+
+
+# ---------------------------------------------------------------- pydantic-level checks
+
+
+@pytest.mark.parametrize(
+    ("param", "expected"),
+    [
+        (
+            {"type": "uniform", "low": 0.2, "high": 0.1},
+            "search.params.lora.dropout: low (0.2) > high (0.1)",
+        ),
+        (
+            {"type": "loguniform", "low": 0, "high": 0.1},
+            "search.params.lora.dropout: loguniform needs low > 0",
+        ),
+        (
+            {"type": "loguniform", "low": -1e-3, "high": 0.1},
+            "search.params.lora.dropout: loguniform needs low > 0",
+        ),
+        (
+            {"type": "uniform", "low": 0.1},
+            "search.params.lora.dropout: type uniform needs low and high",
+        ),
+        (
+            {"type": "choice"},
+            "search.params.lora.dropout: type choice needs a non-empty values list",
+        ),
+        (
+            {"type": "choice", "values": []},
+            "search.params.lora.dropout: type choice needs a non-empty values list",
+        ),
+        (
+            {"type": "multiple_of", "values": [2]},
+            "search.params.lora.dropout: type multiple_of needs of: <dotted path>",
+        ),
+        (
+            {"type": "uniform", "low": 0, "high": 0.1, "step": 0.01},
+            "search.params.lora.dropout.step: unknown key",
+        ),
+    ],
+)
+def test_malformed_parameter_is_a_validation_error(param: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_tree(spec({"lora.dropout": param}), source=SRC)
+    assert err.value.problems == [expected]
+
+
+def test_malformed_parameters_are_all_reported() -> None:
+    params = {
+        "lora.dropout": {"type": "uniform", "low": 0.2, "high": 0.1},
+        "lora.r": {"type": "choice"},
+        "train.learning_rate": LR,
+    }
+    with pytest.raises(ConfigError) as err:
+        validate_tree(spec(params, num_samples=0), source=SRC)
+    assert sorted(err.value.problems) == [
+        "search.num_samples: Input should be greater than 0",
+        "search.params.lora.dropout: low (0.2) > high (0.1)",
+        "search.params.lora.r: type choice needs a non-empty values list",
+    ]
+
+
+# ---------------------------------------------------------------- the define-by-run space
+
+SPACE = {
+    "train.learning_rate": LR,
+    "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2},
+    "lora.r": {"type": "int", "low": 2, "high": 16},
+    "data.template": {"type": "choice", "values": ["chatml", "vicuna", "llama2"]},
+    "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [1, 2, 4]},
+}
+
+
+def sample(space: DefineByRun, n: int, seed: int = 0) -> list[tuple[dict[str, Any], dict]]:
+    """``n`` asks of a fresh seeded TPE study: (what the space returns, Optuna's own params)."""
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((space(trial), dict(trial.params)))
+    return out
+
+
+def test_sampled_values_respect_bounds_and_types() -> None:
+    tree = spec(SPACE)
+    cfg = validate_tree(tree)
+    assert problems_of(tree) == []
+    draws = sample(build_space(cfg), 40)
+    for values, params in draws:
+        assert set(values) == set(SPACE)
+        lr = values["train.learning_rate"]
+        assert type(lr) is float and 1e-5 <= lr <= 1e-3
+        assert type(values["lora.dropout"]) is float and 0.0 <= values["lora.dropout"] <= 0.2
+        assert type(values["lora.r"]) is int and 2 <= values["lora.r"] <= 16
+        assert values["data.template"] in ("chatml", "vicuna", "llama2")
+        factor = params["lora.alpha/factor"]
+        assert factor in (1, 2, 4)
+        assert values["lora.alpha"] == values["lora.r"] * factor
+    # 40 draws explore the space rather than repeat one point.
+    assert len({v["lora.r"] for v, _ in draws}) > 3
+    assert {v["data.template"] for v, _ in draws} == {"chatml", "vicuna", "llama2"}
+    assert len({v["lora.alpha"] / v["lora.r"] for v, _ in draws}) == 3
+
+
+def test_int_bounds_are_both_reachable() -> None:
+    cfg = validate_tree(spec({"lora.r": {"type": "int", "low": 1, "high": 2}}))
+    assert {v["lora.r"] for v, _ in sample(build_space(cfg), 30)} == {1, 2}
+
+
+def test_multiple_of_a_fixed_path_uses_the_base_config() -> None:
+    tree = spec({"lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2, 3]}})
+    tree["lora"] = {"r": 8}
+    draws = sample(build_space(validate_tree(tree)), 20)
+    assert {v["lora.alpha"] for v, _ in draws} == {16, 24}
+    assert all(set(v) == {"lora.alpha"} for v, _ in draws)  # r itself is not sampled
+
+
+def test_same_seed_same_sequence() -> None:
+    space = build_space(validate_tree(spec(SPACE)))
+    first = [v for v, _ in sample(space, 12, seed=0)]
+    assert first == [v for v, _ in sample(space, 12, seed=0)]
+    assert first != [v for v, _ in sample(space, 12, seed=1)]
+
+
+def test_space_pickles_and_samples_the_same_after() -> None:
+    space = build_space(validate_tree(spec(SPACE)))
+    clone = pickle.loads(pickle.dumps(space))
+    assert isinstance(clone, DefineByRun)
+    assert [v for v, _ in sample(clone, 8)] == [v for v, _ in sample(space, 8)]
+
+
+def test_every_sampled_trial_validates() -> None:
+    """The promise of validate_search: a spec that passes cannot produce an invalid trial."""
+    tree = spec(
+        {
+            **SPACE,
+            "lora.dropout": {"type": "multiple_of", "of": "lora.r", "values": [0.01, 0.05]},
+            "train.eval_every": {"type": "choice", "values": [5, 10]},
+            "train.max_steps": {"type": "int", "low": 10, "high": 40},
+        }
+    )
+    assert problems_of(tree) == []
+    draws = sample(build_space(validate_tree(tree)), 25)
+    for values, params in draws:
+        cfg = trial_config(tree, values, output_dir="out")
+        assert cfg.lora.dropout == pytest.approx(cfg.lora.r * params["lora.dropout/factor"])
+    assert {v["train.eval_every"] for v, _ in draws} == {5, 10}
+
+
+# ---------------------------------------------------------------- trial_config
+
+
+def test_trial_config_applies_sampled_values_and_output_dir() -> None:
+    tree = spec(SPACE)
+    tree["train"]["weight_decay"] = 0.1
+    before = copy.deepcopy(tree)
+    sampled = {
+        "train.learning_rate": 3e-4,
+        "lora.r": 8,
+        "lora.alpha": 32,
+        "data.template": "vicuna",
+        "lora.dropout": 0.1,
+    }
+    cfg = trial_config(tree, sampled, output_dir="runs/search/trials/t1")
+    assert cfg.train.learning_rate == 3e-4
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32, 0.1)
+    assert cfg.data.template == "vicuna"
+    assert cfg.output_dir == "runs/search/trials/t1"
+    assert cfg.search is None
+    assert (cfg.train.max_steps, cfg.train.weight_decay) == (20, 0.1)  # the base stays
+    assert tree == before  # the spec tree is not modified
+
+
+def test_trial_config_rejects_an_invalid_value() -> None:
+    with pytest.raises(ConfigError) as err:
+        trial_config(spec(), {"lora.dropout": 1.5, "lora.r": 8}, output_dir="out")
+    assert err.value.source == "<trial>"
+    assert err.value.problems == ["lora.dropout: Input should be less than 1"]
+
+
+# ---------------------------------------------------------------- describe_space
+
+
+def test_describe_space_lists_every_parameter() -> None:
+    cfg = validate_tree(spec(SPACE))
+    assert cfg.search is not None
+    assert describe_space(cfg.search) == [
+        "train.learning_rate: loguniform(1e-05, 0.001)",
+        "lora.dropout: uniform(0, 0.2)",
+        "lora.r: int(2, 16)",
+        "data.template: choice['chatml', 'vicuna', 'llama2']",
+        "lora.alpha: lora.r x choice[1, 2, 4]",
+    ]
+
+
+# ---------------------------------------------------------------- plan_resources
+
+
+def search_section(num_samples: int = 8, max_concurrent: int | None = None, **resources: Any):
+    tree = spec(num_samples=num_samples, max_concurrent=max_concurrent, resources=resources)
+    cfg = validate_tree(tree)
+    assert cfg.search is not None
+    return cfg.search
+
+
+@pytest.mark.parametrize(
+    ("nodes", "resources", "num_samples", "max_concurrent", "concurrent"),
+    [
+        ([{"CPU": 8, "GPU": 0}], {"workers": 2}, 8, None, 4),  # CPU // (2 x 1)
+        ([{"CPU": 8}], {"workers": 2, "cpus_per_worker": 1.5}, 8, None, 2),  # 8 // 3
+        ([{"CPU": 8, "GPU": 0}], {"workers": 2}, 3, None, 3),  # num_samples
+        ([{"CPU": 8, "GPU": 0}], {"workers": 2}, 8, 2, 2),  # max_concurrent
+        ([{"CPU": 16, "GPU": 4}], {"workers": 2, "gpus_per_worker": 1}, 8, None, 2),  # GPU bound
+        ([{"CPU": 16, "GPU": 1}], {"gpus_per_worker": 0.5}, 8, None, 2),  # half a GPU each
+        ([{"CPU": 16, "GPU": 1}], {"gpus_per_worker": 0.25}, 8, None, 4),
+        ([{"CPU": 16, "GPU": 1}], {"gpus_per_worker": 0.2}, 8, None, 5),  # 1.0 // 0.2 == 4.0
+        ([{"CPU": 16, "GPU": 1}], {"gpus_per_worker": 0.1}, 20, None, 10),  # 1.0 // 0.1 == 9.0
+        ([{"CPU": 2, "GPU": 1}], {"gpus_per_worker": 0.25}, 8, None, 2),  # CPU bound
+        (
+            [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}],
+            {"gpus_per_worker": 1},
+            8,
+            None,
+            2,
+        ),
+        (  # a trial's workers may span nodes
+            [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}],
+            {"workers": 2, "gpus_per_worker": 1},
+            8,
+            None,
+            1,
+        ),
+        ([{"CPU": 4}, {"CPU": 8}, {"CPU": 2}], {"workers": 2, "cpus_per_worker": 2}, 8, None, 3),
+        (  # a worker lives on one node: 1 CPU left on each of three nodes holds no 2-CPU worker
+            [{"CPU": 3}, {"CPU": 3}, {"CPU": 3}],
+            {"cpus_per_worker": 2},
+            8,
+            None,
+            3,
+        ),
+        ([{"CPU": 8, "GPU": 0}, {"CPU": 0, "GPU": 8}], {}, 16, None, 8),
+    ],
+)
+def test_concurrency(
+    nodes: list[dict[str, float]],
+    resources: dict[str, Any],
+    num_samples: int,
+    max_concurrent: int | None,
+    concurrent: int,
+) -> None:
+    s = search_section(num_samples, max_concurrent, **resources)
+    plan, problems = plan_resources(s, nodes, where="test")
+    assert problems == []
+    assert plan is not None
+    assert plan.concurrent == concurrent
+    assert plan.cpus_per_trial == s.resources.workers * s.resources.cpus_per_worker
+    assert plan.gpus_per_trial == s.resources.workers * s.resources.gpus_per_worker
+
+
+def test_plan_describe() -> None:
+    s = search_section(4, workers=2, cpus_per_worker=1, gpus_per_worker=0.5)
+    plan, _ = plan_resources(s, [{"CPU": 8, "GPU": 2}], where="this machine")
+    assert plan is not None
+    assert plan.describe(s) == (
+        "per trial: 2 worker(s) x 1 CPU, 0.5 GPU  (= 2 CPU, 1 GPU)\n"
+        "concurrent trials: 2 of 4 (this machine)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("nodes", "resources", "expected"),
+    [
+        (
+            [{"CPU": 8, "GPU": 0}],
+            {"cpus_per_worker": 16},
+            "search.resources: no node has 16 CPU and 0 GPU for one worker (here: 8 CPU, 0 GPU)",
+        ),
+        (
+            [{"CPU": 8, "GPU": 0}, {"CPU": 2, "GPU": 1}],
+            {"cpus_per_worker": 4, "gpus_per_worker": 1},
+            "search.resources: no node has 4 CPU and 1 GPU for one worker "
+            "(here: 8 CPU, 0 GPU; 2 CPU, 1 GPU)",
+        ),
+        (
+            [],
+            {},
+            "search.resources: no node has 1 CPU and 0 GPU for one worker (here: none)",
+        ),
+    ],
+)
+def test_worker_that_fits_no_node(
+    nodes: list[dict[str, float]], resources: dict[str, Any], expected: str
+) -> None:
+    assert plan_resources(search_section(**resources), nodes, where="here") == (None, [expected])
+
+
+def test_trial_larger_than_the_cluster() -> None:
+    s = search_section(workers=4, gpus_per_worker=1)
+    plan, problems = plan_resources(s, [{"CPU": 16, "GPU": 1}, {"CPU": 16, "GPU": 2}], where="c")
+    assert plan is None
+    assert len(problems) == 1
+    assert problems[0].startswith("search.resources: one trial needs 4 worker(s) of 1 CPU, 1 GPU")
+
+
+# ---------------------------------------------------------------- --set into search params
+
+
+def test_set_path_keeps_the_parameter_name_one_key() -> None:
+    tree = spec({"lora.r": {"type": "choice", "values": [16, 32]}})
+    set_path(tree, "search.params.lora.r.values", [4, 8])
+    set_path(tree, "search.params.train.learning_rate", {"type": "loguniform", "low": 1, "high": 2})
+    set_path(tree, "search.num_samples", 2)
+    assert tree["search"] == {
+        "params": {
+            "lora.r": {"type": "choice", "values": [4, 8]},
+            "train.learning_rate": {"type": "loguniform", "low": 1, "high": 2},
+        },
+        "num_samples": 2,
+    }
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A valid spec file; load_spec sees an 8-CPU machine (no torch import, no cluster)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.setattr(tune, "local_nodes", lambda: [{"CPU": 8.0, "GPU": 0.0}])
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec({"lora.r": {"type": "choice", "values": [16, 32]}})))
+    return path
+
+
+def test_set_replaces_a_field_of_a_parameter(spec_file: Path) -> None:
+    _, cfg = tune.load_spec(str(spec_file), ["search.params.lora.r.values=[4,8]"])
+    assert cfg.search is not None
+    assert cfg.search.params["lora.r"].type == "choice"
+    assert cfg.search.params["lora.r"].values == [4, 8]
+    assert list(cfg.search.params) == ["lora.r"]
+
+
+def test_set_adds_a_whole_parameter(spec_file: Path) -> None:
+    tree, cfg = tune.load_spec(
+        str(spec_file),
+        ["search.params.train.learning_rate={type: loguniform, low: 1e-5, high: 1e-3}"],
+    )
+    assert cfg.search is not None
+    lr = cfg.search.params["train.learning_rate"]
+    assert (lr.type, lr.low, lr.high) == ("loguniform", 1e-5, 1e-3)
+    assert list(cfg.search.params) == ["lora.r", "train.learning_rate"]
+    assert "train.learning_rate" in tree["search"]["params"]  # the tree the trials start from
+
+
+def test_set_value_is_validated_like_the_file(spec_file: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        tune.load_spec(str(spec_file), ["search.params.lora.r.values=[4,2.5]"])
+    assert err.value.problems == [
+        "search.params.lora.r: value 2.5: lora.r: "
+        "Input should be a valid integer, got a number with a fractional part"
+    ]
+
+
+def test_set_into_a_value_is_a_config_error(spec_file: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        tune.load_spec(str(spec_file), ["train.max_steps.x=1"])
+    assert err.value.problems == ["--set train.max_steps.x: max_steps is not a section"]
+
+
+# ---------------------------------------------------------------- python -m raysft.tune --dry-run
+
+# Runs `python -m raysft.tune ARGS1 [--then ARGS2 ...]` in one interpreter (imports paid once);
+# the first run is exactly a fresh `python -m raysft.tune ARGS1`. Prints one JSON list: per run
+# its exit code, stdout, stderr, seconds and the ray modules imported so far.
+SEQUENCE = r"""
+import contextlib, io, json, runpy, sys, time, traceback
+args, runs = sys.argv[1:], []
+while args:
+    n = args.index("--then") if "--then" in args else len(args)
+    sys.argv, args = ["raysft.tune", *args[:n]], args[n + 1 :]
+    out, err, code, t0 = io.StringIO(), io.StringIO(), None, time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("raysft.tune", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = "raised"
+    runs.append({
+        "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
+        "seconds": time.perf_counter() - t0,
+        "ray": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")),
+    })
+print(json.dumps(runs))
+"""
+
+CLI_BAD_PARAMS = {
+    "train.foo": LR,
+    "lora.r": {"type": "uniform", "low": 4, "high": 8},
+    "lora.alpha": {"type": "multiple_of", "of": "lora.rank", "values": [2]},
+}
+
+
+def _cli_files(tmp: Path) -> dict[str, str]:
+    def write(name: str, tree: dict[str, Any]) -> str:
+        path = tmp / name
+        path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+        return str(path)
+
+    return {
+        "ok": write("ok.yaml", spec(SPACE, num_samples=3, max_concurrent=1)),
+        "bad": write("bad.yaml", spec(CLI_BAD_PARAMS, metric="accuracy")),
+        "huge": write("huge.yaml", spec(resources={"cpus_per_worker": 100000})),
+        "no_search": write("no_search.yaml", BASE),
+    }
+
+
+class CliRuns:
+    """The CLI subprocesses, started once; results parsed on first use."""
+
+    def __init__(self, tmp: Path):
+        self.files = _cli_files(tmp)
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID")}
+        env["HF_HUB_OFFLINE"] = "1"
+        f = self.files
+        groups = [
+            [f["ok"], "--dry-run"],
+            [f["bad"], "--dry-run"],
+            [f["huge"], "--dry-run"],
+            [f["ok"], "--dry-run", "--set", "search.params.lora.r={type: choice, values: [4, 8]}"]
+            + ["--set", "search.params.lora.dropout.high=0.1"],
+        ]
+        argv = [a for g in groups for a in (*g, "--then")][:-1]
+        self.t0 = time.perf_counter()
+        self._seq = subprocess.Popen(
+            [sys.executable, "-c", SEQUENCE, *argv], **self._io(env)
+        )  # fmt: skip
+        # A genuine `python -m` run; it fails before anything heavy is imported.
+        self._plain = subprocess.Popen(
+            [sys.executable, "-m", "raysft.tune", f["no_search"], "--dry-run"], **self._io(env)
+        )
+        self._runs: list[dict[str, Any]] | None = None
+
+    @staticmethod
+    def _io(env: dict[str, str]) -> dict[str, Any]:
+        return dict(
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # fmt: skip
+
+    def runs(self) -> list[dict[str, Any]]:
+        if self._runs is None:
+            out, err = self._seq.communicate(timeout=120)
+            assert self._seq.returncode == 0, err
+            self._runs = json.loads(out)
+            assert len(self._runs) == 4
+        return self._runs
+
+    def plain(self) -> subprocess.CompletedProcess:
+        out, err = self._plain.communicate(timeout=120)
+        return subprocess.CompletedProcess(self._plain.args, self._plain.returncode, out, err)
+
+    def close(self) -> None:
+        for proc in (self._seq, self._plain):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+_CLI: list[CliRuns] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_cli_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Start the CLI runs with this module's first test, if any selected test checks them."""
+    module = request.module
+    if any(i.module is module and "cli" in i.fixturenames for i in request.session.items):
+        _CLI.append(CliRuns(tmp_path_factory.mktemp("tune-cli")))
+    yield
+    while _CLI:
+        _CLI.pop().close()
+
+
+@pytest.fixture
+def cli() -> CliRuns:
+    assert _CLI, "started by _start_cli_runs"
+    return _CLI[0]
+
+
+def error_lines(run: dict[str, Any]) -> list[str]:
+    """Exit 2, no traceback, nothing on stdout; the stderr lines."""
+    assert run["code"] == 2, run
+    assert "Traceback" not in run["stderr"]
+    assert run["stdout"] == ""
+    return run["stderr"].splitlines()
+
+
+def test_cli_dry_run_prints_space_and_plan(cli: CliRuns) -> None:
+    run = cli.runs()[0]
+    assert run["code"] == 0, run
+    assert run["stderr"] == ""
+    assert run["stdout"].splitlines() == [
+        "search space:",
+        "  train.learning_rate: loguniform(1e-05, 0.001)",
+        "  lora.dropout: uniform(0, 0.2)",
+        "  lora.r: int(2, 16)",
+        "  data.template: choice['chatml', 'vicuna', 'llama2']",
+        "  lora.alpha: lora.r x choice[1, 2, 4]",
+        "metric: eval_loss (min), samples: 3, seed: 0, scheduler: asha",
+        "per trial: 1 worker(s) x 1 CPU, 0 GPU  (= 1 CPU, 0 GPU)",
+        "concurrent trials: 1 of 3 (this machine)",
+    ]
+    assert run["seconds"] < 60
+
+
+def test_cli_dry_run_never_imports_ray(cli: CliRuns) -> None:
+    runs = cli.runs()
+    assert [r["ray"] for r in runs] == [[]] * len(runs)
+
+
+def test_cli_bad_spec_prints_every_problem(cli: CliRuns) -> None:
+    path = cli.files["bad"]
+    assert error_lines(cli.runs()[1]) == [
+        f"error: {path}: search.params.train.foo: config has no field 'foo' at train.foo",
+        f"error: {path}: search.params.lora.r: lora.r is an integer; "
+        "use type int or choice, not uniform",
+        f"error: {path}: search.params.lora.alpha.of: config has no field 'rank' at lora.rank",
+        f"error: {path}: search.metric: the trainer never reports 'accuracy' "
+        "(it reports eval_loss, train_loss, exact_match)",
+    ]
+
+
+def test_cli_worker_that_fits_no_node(cli: CliRuns) -> None:
+    path = cli.files["huge"]
+    (line,) = error_lines(cli.runs()[2])
+    assert line.startswith(
+        f"error: {path}: search.resources: no node has 100000 CPU and 0 GPU for one worker "
+        "(this machine: "
+    )
+
+
+def test_cli_set_into_search_params(cli: CliRuns) -> None:
+    run = cli.runs()[3]
+    assert run["code"] == 0, run
+    lines = run["stdout"].splitlines()
+    assert "  lora.r: choice[4, 8]" in lines
+    assert "  lora.dropout: uniform(0, 0.1)" in lines
+    assert "  lora.alpha: lora.r x choice[1, 2, 4]" in lines
+
+
+def test_cli_spec_without_search_section(cli: CliRuns) -> None:
+    proc = cli.plain()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"error: {cli.files['no_search']}: search: missing (a search spec needs a search section)"
+    ]
