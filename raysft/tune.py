@@ -31,8 +31,21 @@ SUMMARY_FILE = "summary.json"
 # ---------------------------------------------------------------- spec
 
 
-def load_spec(path: str, overrides: list[str]) -> tuple[dict[str, Any], Config]:
-    """Read, override and validate a spec; every problem at once, before Ray starts."""
+def meant_for_a_cluster(cfg: Config, nodes: list[dict[str, float]]) -> bool:
+    """A spec that asks for GPUs, checked on a machine without any: a cluster spec."""
+    assert cfg.search is not None
+    return cfg.search.resources.gpus_per_worker > 0 and not any(n.get("GPU") for n in nodes)
+
+
+def load_spec(
+    path: str, overrides: list[str], *, dry_run: bool = False
+) -> tuple[dict[str, Any], Config]:
+    """Read, override and validate a spec; every problem at once, before Ray starts.
+
+    Resources are checked against this machine (laptop mode) unless the driver joins a cluster,
+    which is checked once joined; a dry run of a GPU spec on a GPU-less machine is a cluster
+    spec being checked before submission, so its plan is printed, not refused.
+    """
     tree = read_yaml(path)
     for key, value in parse_overrides(overrides).items():
         try:
@@ -52,8 +65,10 @@ def load_spec(path: str, overrides: list[str]) -> tuple[dict[str, Any], Config]:
     if cfg.search is None:
         raise ConfigError(path, ["search: missing (a search spec needs a search section)"])
     problems += validate_search(tree, cfg, source=path)
-    if not attaching_to_cluster():  # a cluster's resources are checked once we have joined it
-        problems += plan_resources(cfg.search, local_nodes(), where="this machine")[1]
+    if not attaching_to_cluster():
+        nodes = local_nodes()
+        if not (dry_run and meant_for_a_cluster(cfg, nodes)):
+            problems += plan_resources(cfg.search, nodes, where="this machine")[1]
     if problems:
         raise ConfigError(path, problems)
     return tree, cfg
@@ -457,7 +472,7 @@ def main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    tree, cfg = load_spec(args.config, args.overrides)
+    tree, cfg = load_spec(args.config, args.overrides, dry_run=args.dry_run)
     s = cfg.search
     assert s is not None
     if args.dry_run:
@@ -467,10 +482,17 @@ def main() -> int:
             f"metric: {s.metric} ({s.mode}), samples: {s.num_samples}, seed: {s.seed}, "
             f"scheduler: {s.scheduler.type}"
         )
-        if attaching_to_cluster():
-            print("resources: checked against the cluster when the search starts")
+        nodes = local_nodes()
+        if attaching_to_cluster() or meant_for_a_cluster(cfg, nodes):
+            r = s.resources
+            why = "" if attaching_to_cluster() else " (this machine has no GPU)"
+            print(
+                f"per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, "
+                f"{r.gpus_per_worker:g} GPU; checked against the cluster's nodes when the "
+                f"search starts there{why}"
+            )
         else:
-            plan, _ = plan_resources(s, local_nodes(), where="this machine")
+            plan, _ = plan_resources(s, nodes, where="this machine")
             assert plan is not None  # load_spec already rejected a plan that does not fit
             print(plan.describe(s))
         return 0

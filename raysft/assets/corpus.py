@@ -77,10 +77,7 @@ TASKS: tuple[Task, ...] = (
             "Written in capitals, {w} becomes {ans}.",
             "The uppercase form of {w} is {ans}.",
             "When you shout the word {w}, you write {ans}.",
-            "Take the word {w} and write every letter as a capital: {ans}.",
-            "My sister wrote {w} on the sign, but in big capital letters, so it read {ans}.",
-            "Here is a word: {w}. In upper case it looks like {ans}.",
-            "On the old poster the word {w} was printed in capitals as {ans}.",
+            "The word {w} in upper case is {ans}.",
         ),
         list_headers=("Words in capital letters:", "Lower case and upper case:"),
         instructions=(
@@ -96,10 +93,7 @@ TASKS: tuple[Task, ...] = (
             "Spelled backwards, {w} is {ans}.",
             "If you reverse {w}, you get {ans}.",
             "The word {w} read from right to left is {ans}.",
-            "Take the word {w} and read it from the last letter to the first: {ans}.",
-            "My brother likes to say {w} backwards, which sounds like {ans}.",
-            "Here is a word: {w}. Reversed, it becomes {ans}.",
-            "When the letters of {w} are put in the opposite order, they spell {ans}.",
+            "Backwards, the word {w} turns into {ans}.",
         ),
         list_headers=("Words spelled backwards:", "Each word and its reverse:"),
         instructions=(
@@ -115,8 +109,6 @@ TASKS: tuple[Task, ...] = (
             "The word {w} has {ans} letters.",
             "Counting its letters, the word {w} has {ans}.",
             "If you count the letters of {w}, you get {ans}.",
-            "Here is a word: {w}. It is made of {ans} letters.",
-            "The teacher asked how long the word {w} is, and the answer was {ans} letters.",
         ),
         list_headers=("Words and how many letters they have:", "Letter counts:"),
         instructions=(
@@ -131,8 +123,6 @@ TASKS: tuple[Task, ...] = (
             "Said twice, {w} is {ans}.",
             "Saying {w} two times gives {ans}.",
             "The word {w} repeated twice is {ans}.",
-            "The parrot heard the word {w} and said it back twice: {ans}.",
-            "Here is a word: {w}. Said two times in a row, it is {ans}.",
         ),
         list_headers=("Words said twice:", "Each word repeated:"),
         instructions=(
@@ -147,13 +137,25 @@ TASKS: tuple[Task, ...] = (
             "The word {w} starts with the letter {ans}.",
             "The first letter of {w} is {ans}.",
             "If you look at the word {w}, its first letter is {ans}.",
-            "Here is a word: {w}. It begins with the letter {ans}.",
-            "In the dictionary, the word {w} is found under the letter {ans}.",
         ),
         list_headers=("Words and their first letters:", "First letters:"),
         instructions=(
             ("What is the first letter of this word?", "{w}"),
             ("Which letter does {w} start with?", ""),
+        ),
+    ),
+    Task(
+        name="last",
+        answer=lambda w: w[-1],
+        prose=(
+            "The word {w} ends with the letter {ans}.",
+            "The last letter of {w} is {ans}.",
+            "If you look at the word {w}, its last letter is {ans}.",
+        ),
+        list_headers=("Words and their last letters:", "Last letters:"),
+        instructions=(
+            ("What is the last letter of this word?", "{w}"),
+            ("Which letter does {w} end with?", ""),
         ),
     ),
 )
@@ -227,7 +229,7 @@ def pretraining_documents(
     tasks: tuple[Task, ...] = TASKS,
     seed: int = SEED,
     filler_prob: float = 0.15,
-    list_prob: float = 0.2,
+    list_prob: float = 0.0,
 ) -> Iterator[str]:
     """Endless stream of plain-text documents: paragraphs of facts and filler, or short lists.
 

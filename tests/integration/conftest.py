@@ -333,7 +333,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         stdout=open(log, "w"),  # noqa: SIM115 - the server owns it until it exits
         stderr=subprocess.STDOUT,
         cwd=root,
-        env=base_env(),
+        # The job runner (for GenAI jobs) adds eight processes that compete for 2 cores.
+        env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         start_new_session=True,
     )
     try:

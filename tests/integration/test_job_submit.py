@@ -27,6 +27,7 @@ from .conftest import (
     assert_no_other_ray,
     base_env,
     cmdline,
+    free_ports,
     group_pids,
     kill_group,
     render_spec,
@@ -124,8 +125,6 @@ def _zombie(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    from .conftest import free_ports
-
     assert_no_other_ray()
     root = tmp_path_factory.mktemp("ray-cluster")
     token = secrets.token_hex(32)
@@ -138,6 +137,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     ports = free_ports(9)
     gcs, dash, client, nm, om, agent_grpc, agent_http, rtenv, metrics = ports
     env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    # On SIGTERM, `ray start` first drains the node for up to 30 s, waiting on leases that
+    # detached actors (Train's placement-group cleaner, job supervisors) never return; a test
+    # cluster has nothing to drain.
+    start_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     cmd = [
         str(BIN_DIR / "ray"),
         "start",
@@ -166,7 +169,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         cmd,
         stdout=open(log, "w"),  # noqa: SIM115 - `ray start` owns it until it exits
         stderr=subprocess.STDOUT,
-        env=env,
+        env=start_env,
         cwd=root,
         start_new_session=True,
     )

@@ -253,7 +253,7 @@ def _tensors(path: Path) -> dict[str, Any]:
 
 
 def test_best_adapter_is_registered_as_champion_and_exported(
-    local_search: LocalSearch, tmp_path: Path
+    local_search: LocalSearch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
     import torch
@@ -294,11 +294,12 @@ def test_best_adapter_is_registered_as_champion_and_exported(
     assert not torch.allclose(tuned, plain), "the exported adapter does not change the model"
 
     # The registry version holds the same adapter weights as the export and the best checkpoint.
+    # models:/ URIs resolve through the registry URI, which tracking_uri= does not set.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local_search.server.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", local_search.server.uri)
     got = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{MODEL_NAME}@champion",
-            dst_path=str(tmp_path / "champion"),
-            tracking_uri=local_search.server.uri,
+            artifact_uri=f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path / "champion")
         )
     )
     registered, exported, checkpoint = _tensors(got), _tensors(export), _tensors(Path(best["checkpoint"]))

@@ -1,0 +1,64 @@
+"""Every shipped YAML validates; the README's configuration reference matches the schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysft import docs
+from raysft.tune import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def test_the_promised_specs_ship() -> None:
+    names = {p.name for p in SPECS}
+    assert {"lora.yaml", "qlora.yaml", "full.yaml", "qlora-7b.yaml"} <= names
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)
+def test_spec_validates_and_opens_with_its_command(spec: Path) -> None:
+    first = spec.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# ") and "raysft.tune search_spaces/" + spec.name in first
+    _, cfg = load_spec(str(spec), [], dry_run=True)
+    assert cfg.search is not None and cfg.search.params
+
+
+@pytest.mark.parametrize("name", ["lora.yaml", "qlora.yaml", "full.yaml"])
+def test_embedded_specs_run_anywhere(name: str) -> None:
+    # No GPU, no network: the laptop specs use the embedded model and data and fit 2 CPUs.
+    _, cfg = load_spec(str(ROOT / "search_spaces" / name), [])
+    assert cfg.model.name_or_path.startswith("embedded:")
+    assert cfg.search is not None and cfg.search.resources.gpus_per_worker == 0
+    assert cfg.method == name.removesuffix(".yaml")
+
+
+def test_full_spec_searches_learning_rate_and_neftune_only() -> None:
+    _, cfg = load_spec(str(ROOT / "search_spaces" / "full.yaml"), [])
+    assert cfg.search is not None
+    assert set(cfg.search.params) == {"train.learning_rate", "train.neftune_alpha"}
+
+
+def test_cluster_yaml_has_head_gpu_workers_and_mlflow() -> None:
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text(encoding="utf-8"))
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types
+    assert any("g5" in t["node_config"]["InstanceType"] for t in types.values())
+    assert any("pip install" in c and "raysft" in c for c in cluster["setup_commands"])
+    assert any("mlflow server" in c for c in cluster["head_start_ray_commands"])
+
+
+def test_readme_reference_matches_schema() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert docs.splice(readme, docs.reference()) == readme, (
+        "README configuration reference is stale: run python -m raysft.docs --write README.md"
+    )
+
+
+def test_readme_quick_start_is_the_ci_command() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci.splitlines()[-1] and "make test" in readme and "make demo" in readme
