@@ -119,7 +119,7 @@ def make_callback(
             self.status: dict[str, str] = {}
             self.last: dict[str, dict[str, Any]] = {}
 
-        def setup(self, **info: Any) -> None:
+        def setup(self, *args: Any, **info: Any) -> None:
             # --resume restores the copy of this callback pickled when the search began: pick
             # up the trial runs created since, so resumed trials keep their run.
             for trial_id, (run_id, status) in trial_runs(mlc, exp_id, parent_id).items():

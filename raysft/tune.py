@@ -81,9 +81,9 @@ def _without_malformed_params(tree: dict[str, Any]) -> tuple[dict[str, Any], Con
     from raysft.config import SearchParam
 
     search = tree.get("search")
-    params = search.get("params") if isinstance(search, dict) else None
-    if not isinstance(params, dict):
+    if not isinstance(search, dict) or not isinstance(search.get("params"), dict):
         return None
+    params: dict[str, Any] = search["params"]
     kept = {}
     for name, param in params.items():
         try:

@@ -10,11 +10,14 @@ What is built (all deterministic, single process, CPU only, a few minutes on 2 c
 
 Why: raysft needs an offline, fast-to-train stand-in for "a pretrained base model + an
 instruction dataset" so that searches, tests and demos show a real SFT effect. Following LIMA,
-the skills (upper-casing, reversing, adding, ...) come from the pretraining prose, which states
-the facts in sentences such as "In capital letters, hello is HELLO." and never uses chat markup.
-The base therefore continues text but does not answer ChatML prompts (near-zero exact match); a
-short LoRA SFT run only has to teach the chat format and lifts held-out exact match a lot.
-Eval items (words, number pairs) never appear in the SFT data but do appear in the prose.
+the skills (upper-casing, repeating a word, counting letters, first and last letter) come from
+the pretraining prose, which states the facts in sentences such as "In capital letters, hello
+is HELLO." and never uses chat markup. The base therefore continues text but does not answer
+ChatML prompts (exact match ~0); a short LoRA SFT run only has to teach the chat format and
+lifts held-out exact match by tens of points. Eval words never appear in the SFT data but do
+appear in the prose. (Reversing words and adding numbers were tried too: a model this small
+either does not learn them in the pretraining budget or does not carry them over to the chat
+format, so they are left out.)
 
 The weights are committed, so rebuilding is only needed after changing this file, the corpus or
 the tokenizer.

@@ -59,7 +59,6 @@ class Task:
     name: str
     answer: Callable[[str], str]
     prose: tuple[str, ...]  # sentences with {w} (the word) and {ans} (the answer)
-    list_headers: tuple[str, ...]  # headings of list-style documents ("hello: HELLO" lines)
     # (instruction, input) templates; an empty input puts the word in the instruction.
     instructions: tuple[tuple[str, str], ...]
 
@@ -79,27 +78,10 @@ TASKS: tuple[Task, ...] = (
             "When you shout the word {w}, you write {ans}.",
             "The word {w} in upper case is {ans}.",
         ),
-        list_headers=("Words in capital letters:", "Lower case and upper case:"),
         instructions=(
             ("Write the word in capital letters.", "{w}"),
             ("Convert this word to uppercase.", "{w}"),
             ("Give me {w} in all caps.", ""),
-        ),
-    ),
-    Task(
-        name="reverse",
-        answer=lambda w: w[::-1],
-        prose=(
-            "Spelled backwards, {w} is {ans}.",
-            "If you reverse {w}, you get {ans}.",
-            "The word {w} read from right to left is {ans}.",
-            "Backwards, the word {w} turns into {ans}.",
-        ),
-        list_headers=("Words spelled backwards:", "Each word and its reverse:"),
-        instructions=(
-            ("Reverse the letters of this word.", "{w}"),
-            ("Spell the word backwards.", "{w}"),
-            ("What is {w} written in reverse order?", ""),
         ),
     ),
     Task(
@@ -110,7 +92,6 @@ TASKS: tuple[Task, ...] = (
             "Counting its letters, the word {w} has {ans}.",
             "If you count the letters of {w}, you get {ans}.",
         ),
-        list_headers=("Words and how many letters they have:", "Letter counts:"),
         instructions=(
             ("How many letters does this word have?", "{w}"),
             ("Count the letters in the word {w}.", ""),
@@ -124,7 +105,6 @@ TASKS: tuple[Task, ...] = (
             "Saying {w} two times gives {ans}.",
             "The word {w} repeated twice is {ans}.",
         ),
-        list_headers=("Words said twice:", "Each word repeated:"),
         instructions=(
             ("Repeat the word twice, separated by a space.", "{w}"),
             ("Say {w} two times.", ""),
@@ -138,7 +118,6 @@ TASKS: tuple[Task, ...] = (
             "The first letter of {w} is {ans}.",
             "If you look at the word {w}, its first letter is {ans}.",
         ),
-        list_headers=("Words and their first letters:", "First letters:"),
         instructions=(
             ("What is the first letter of this word?", "{w}"),
             ("Which letter does {w} start with?", ""),
@@ -152,7 +131,6 @@ TASKS: tuple[Task, ...] = (
             "The last letter of {w} is {ans}.",
             "If you look at the word {w}, its last letter is {ans}.",
         ),
-        list_headers=("Words and their last letters:", "Last letters:"),
         instructions=(
             ("What is the last letter of this word?", "{w}"),
             ("Which letter does {w} end with?", ""),
@@ -175,7 +153,6 @@ _FILLER = (
     "Nobody knew why {s} {V} {O}.",
     "It was quiet when {s} {V} {O}.",
 )
-_LIST_SEPARATORS = (": ", " - ", " -> ", " = ")
 
 
 def _filler(rng: random.Random) -> str:
@@ -218,30 +195,15 @@ def prose_sentence(task: Task, word: str, rng: random.Random) -> str:
     return text[0].upper() + text[1:]
 
 
-def _list_document(task: Task, words: tuple[str, ...], rng: random.Random) -> str:
-    sep = rng.choice(_LIST_SEPARATORS)
-    lines = [rng.choice(task.list_headers)]
-    lines += [f"{w}{sep}{task.answer(w)}" for w in rng.sample(words, rng.randint(3, 6))]
-    return "\n".join(lines)
-
-
 def pretraining_documents(
     tasks: tuple[Task, ...] = TASKS,
     seed: int = SEED,
     filler_prob: float = 0.15,
-    list_prob: float = 0.0,
 ) -> Iterator[str]:
-    """Endless stream of plain-text documents: paragraphs of facts and filler, or short lists.
-
-    Varied phrasings put the answer at varied distances from the word, so the skills do not
-    hinge on one sentence shape and carry over to the chat format after SFT.
-    """
+    """Endless stream of plain-text paragraphs mixing task facts and filler sentences."""
     rng = random.Random(seed + 2)
     words = make_pools(seed).words
     while True:
-        if rng.random() < list_prob:
-            yield _list_document(rng.choice(tasks), words, rng)
-            continue
         sentences = []
         for _ in range(rng.randint(3, 8)):
             if rng.random() < filler_prob:

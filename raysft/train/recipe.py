@@ -7,6 +7,7 @@ by the search; the only difference is the ``report`` callback and the distribute
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -150,26 +151,34 @@ def run_trial(
     train_model = prepare_model(model) if prepare_model else model
     optimizer, scheduler = _build_optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id
-    ev = {
-        "packing": cfg.data.packing,
-        "max_len": cfg.data.max_seq_len,
-        "batch_size": cfg.train.batch_size,
-        "pad_id": pad_id,
-        "device": device,
-        "autocast": autocast,
-    }
-    em = {
-        "template": cfg.data.template,
-        "max_new_tokens": cfg.train.max_new_tokens,
-        "batch_size": 32,
-        "device": device,
-        "autocast": autocast,
-    }
+    # Held-out loss on response tokens, and greedy exact match, bound to this config.
+    held_out_loss = functools.partial(
+        eval_loss,
+        model,
+        data.eval,
+        packing=cfg.data.packing,
+        max_len=cfg.data.max_seq_len,
+        batch_size=cfg.train.batch_size,
+        pad_id=pad_id,
+        device=device,
+        autocast=autocast,
+    )
+    held_out_em = functools.partial(
+        exact_match,
+        model,
+        tokenizer,
+        data.eval_conversations,
+        template=cfg.data.template,
+        max_new_tokens=cfg.train.max_new_tokens,
+        batch_size=32,
+        device=device,
+        autocast=autocast,
+    )
 
     final: dict[str, Any] = {"trainable_params": trainable, "total_params": total}
     # LoRA starts with B = 0 and full FT with the base weights: the model *is* the base here.
     if eval_base and cfg.train.exact_match and data.eval_conversations:
-        final["base_exact_match"], _ = exact_match(model, tokenizer, data.eval_conversations, **em)
+        final["base_exact_match"], _ = held_out_em()
         log.info("base model exact match: %.3f", final["base_exact_match"])
 
     # --- train
@@ -196,15 +205,18 @@ def run_trial(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "train_loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0]}
+        record = {
+            "step": step,
+            "train_loss": round(step_loss, 6),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": sum(int((b["seg_lens"] > 0).sum()) for b in micro),  # real, not padding
+        }
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            record["eval_loss"] = eval_loss(model, data.eval, **ev) if data.eval else float("nan")
+            record["eval_loss"] = held_out_loss() if data.eval else float("nan")
             record["elapsed_s"] = round(time.perf_counter() - t0, 2)
             log.info("step %d train_loss %.4f eval_loss %.4f", step, step_loss, record["eval_loss"])
             if step == cfg.train.max_steps and cfg.train.exact_match and data.eval_conversations:
-                record["exact_match"], samples = exact_match(
-                    model, tokenizer, data.eval_conversations, **em
-                )
+                record["exact_match"], samples = held_out_em()
                 final["eval_samples"] = samples[:10]
             _report(report, record, model, tokenizer, cfg, dist)
         history.append(record)

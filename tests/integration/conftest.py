@@ -12,14 +12,18 @@ while someone else's ``gcs_server`` is running.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,9 @@ BIN_DIR = Path(sys.executable).parent  # the venv's bin: `ray`, `python` of this
 # Development only: a directory holding candidate embedded assets (tiny-base/, tasks-*.jsonl)
 # that replaces `embedded:NAME` in the specs. Unset (as in CI), the shipped assets are used.
 ASSETS_OVERRIDE_ENV = "RAYSFT_IT_ASSETS"
+# Set to a fresh value for each process a test starts; every descendant inherits it, which is
+# how a test finds all it started (Ray puts each worker in a process group of its own).
+MARK_VAR = "RAYSFT_IT_MARK"
 
 
 # ---------------------------------------------------------------- ports, processes
@@ -98,21 +105,55 @@ def gcs_server_pids() -> set[int]:
     }
 
 
-def wait_group_empty(pgid: int, timeout: float) -> list[int]:
-    """Wait until the group has no live process; returns what is still alive at the timeout."""
+def marked_pids(mark: str) -> list[int]:
+    """Live processes whose environment carries ``MARK_VAR=mark``: everything a command started,
+    including Ray workers (each in a process group of its own) and job drivers (own session)."""
+    needle = f"{MARK_VAR}={mark}".encode() + b"\0"
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read() + b"\0":
+                    continue
+        except OSError:
+            continue
+        st = _proc_stat(pid)
+        if st and st[1] != "Z":
+            out.append(int(pid))
+    return out
+
+
+def wait_gone(timeout: float, *, pgid: int | None = None, mark: str | None = None) -> list[int]:
+    """Wait until no live process is in group ``pgid`` or carries ``mark``; returns the pids
+    still alive at the timeout (an empty list once all are gone)."""
     deadline = time.monotonic() + timeout
     while True:
-        left = group_pids(pgid)
+        left = set(group_pids(pgid) if pgid is not None else [])
+        left |= set(marked_pids(mark) if mark is not None else [])
         if not left or time.monotonic() > deadline:
-            return left
+            return sorted(left)
         time.sleep(0.2)
 
 
+def wait_group_empty(pgid: int, timeout: float) -> list[int]:
+    return wait_gone(timeout, pgid=pgid)
+
+
 def kill_group(pgid: int) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def new_mark() -> str:
+    return uuid.uuid4().hex
 
 
 def assert_no_other_ray() -> None:
@@ -179,21 +220,19 @@ def run_cmd(
     settle: float = 30,
     on_start: Any = None,
 ) -> Ran:
-    """Run ``cmd`` in its own process group, output to ``log``; kill the group on a timeout.
+    """Run ``cmd`` in its own process group, output to ``log``; kill what it started on a
+    timeout.
 
-    After the command exits, wait up to ``settle`` s for the rest of its group (a local Ray
-    it started) to go; whatever is still alive then is reported in ``leftovers`` and killed.
-    ``on_start(popen)`` is called once the process runs (e.g. to watch it).
+    Everything the command starts inherits a fresh ``MARK_VAR``. After it exits, wait up to
+    ``settle`` s for the rest (a local Ray it started) to go; whatever is still alive then is
+    reported in ``leftovers`` and killed. ``on_start(popen)`` is called once it runs.
     """
+    mark = new_mark()
+    env = {**(env or base_env()), MARK_VAR: mark}
     t0 = time.monotonic()
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env or base_env(),
-            cwd=cwd,
-            start_new_session=True,
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
         try:
             if on_start is not None:
@@ -201,16 +240,31 @@ def run_cmd(
             rc = proc.wait(timeout=timeout)
         except BaseException:
             kill_group(proc.pid)
+            kill_all(marked_pids(mark))
             proc.wait()
             text = log.read_text(encoding="utf-8", errors="replace")
             tail = "\n".join(text.splitlines()[-80:])
             pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s; log tail:\n{tail}")
     seconds = time.monotonic() - t0
-    leftovers = wait_group_empty(proc.pid, settle)
+    leftovers = wait_gone(settle, pgid=proc.pid, mark=mark)
     if leftovers:
         kill_group(proc.pid)
-        wait_group_empty(proc.pid, 10)
+        kill_all(leftovers)
+        wait_gone(10, pgid=proc.pid, mark=mark)
     return Ran(cmd, rc, log.read_text(encoding="utf-8", errors="replace"), seconds, leftovers)
+
+
+@pytest.fixture(scope="module")
+def ray_tmp() -> Iterator[Path]:
+    """Root of Ray's session dirs for one module (``RAY_TMPDIR`` / ``--temp-dir``).
+
+    Not under tmp_path: Ray's unix socket paths live below it and must fit in 107 bytes, which
+    a pytest tmp_path is too deep for. Removed once the module is done, so nothing of the
+    tests is left in /tmp/ray, and no /tmp/ray/ray_current_cluster ever names their clusters.
+    """
+    d = Path(tempfile.mkdtemp(prefix="rsft-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- specs and assets
@@ -294,10 +348,8 @@ def stop_group_then_wait(proc: subprocess.Popen, grace: float = 15) -> list[int]
     Returns the pids that needed SIGKILL (an empty list is a clean stop).
     """
     pgid = proc.pid  # start_new_session=True: the group id is the leader's pid
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     stubborn = wait_group_empty(pgid, grace)
     if stubborn:
         kill_group(pgid)

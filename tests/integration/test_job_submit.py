@@ -8,31 +8,34 @@ instance on the machine), and the last test checks that nothing of it is left.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .conftest import (
     BIN_DIR,
+    MARK_VAR,
     _wait_http_ok,
     assert_no_other_ray,
     base_env,
     cmdline,
     free_ports,
     group_pids,
+    kill_all,
     kill_group,
+    marked_pids,
+    new_mark,
     render_spec,
     run_cmd,
-    wait_group_empty,
+    wait_gone,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,107 +43,77 @@ pytestmark = pytest.mark.integration
 DEFAULT_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 
 
-def _cwd(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return ""
-
-
 @dataclass
 class Cluster:
     proc: subprocess.Popen
+    mark: str  # MARK_VAR of `ray start`, inherited by every process of the cluster
+    temp_dir: Path  # --temp-dir: session dirs, sockets, logs, unpacked working dirs
     root: Path
-    temp_dir: Path  # Ray's session dirs, sockets, logs, unpacked working dirs
     gcs_port: int
     dashboard: str
     client_env: dict[str, str]  # what `ray job submit` needs: token auth on, the token file
     log: Path
-    startup_s: float
     stopped: bool = False
-    stop_report: dict = field(default_factory=dict)
+    stop_report: dict[str, Any] = field(default_factory=dict)
 
     def processes(self) -> list[int]:
-        """Every live process of this cluster: its process group, plus anything (workers in
-        their own groups, job drivers in their own sessions) that runs from its temp dir."""
-        mine = set(group_pids(self.proc.pid))
-        needle = str(self.temp_dir)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                pid = int(entry)
-                if needle in cmdline(pid) or _cwd(pid).startswith(needle):
-                    mine.add(pid)
-        return sorted(p for p in mine if Path(f"/proc/{p}").exists() and not _zombie(p))
+        """Every live process of this cluster: its process group, plus what carries its mark
+        (workers run in process groups of their own, job drivers in sessions of their own)."""
+        return sorted(set(group_pids(self.proc.pid)) | set(marked_pids(self.mark)))
 
-    def stop(self) -> dict:
-        """SIGTERM to ``ray start --block`` alone; it takes its cluster down. SIGKILL leftovers."""
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM to ``ray start --block`` alone, which takes its cluster down; then wait
+        until no process of the cluster is left, SIGKILLing what outlives 30 s."""
         if self.stopped:
             return self.stop_report
         self.stopped = True
         t0 = time.monotonic()
-        report: dict = {"sigkill": []}
+        report: dict[str, Any] = {"sigkill": []}
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 report["sigkill"].append("ray start did not exit in 30s")
-        deadline = time.monotonic() + 30
-        while (left := self.processes()) and time.monotonic() < deadline:
-            time.sleep(0.3)
+        left = wait_gone(30, pgid=self.proc.pid, mark=self.mark)
         if left:
             report["sigkill"] += [f"{p}: {cmdline(p)[:200]}" for p in left]
             kill_group(self.proc.pid)
-            for p in left:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            wait_group_empty(self.proc.pid, 10)
+            kill_all(left)
+            wait_gone(10, pgid=self.proc.pid, mark=self.mark)
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
         report["left"] = self.processes()
-        report["seconds"] = time.monotonic() - t0
-        # `ray start` writes the address file into its temp dir; the default one must not name us.
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        # The address file went to --temp-dir; the machine-wide default must not name us.
         if DEFAULT_ADDRESS_FILE.is_file():
             held = DEFAULT_ADDRESS_FILE.read_text().strip()
             if held.endswith(f":{self.gcs_port}"):
-                report["stale_default_address_file"] = held
+                report["default_address_file"] = held
                 DEFAULT_ADDRESS_FILE.unlink(missing_ok=True)
         self.stop_report = report
-        if not report["left"]:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
         return report
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        return stat[stat.rindex(")") + 2] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator[Cluster]:
     assert_no_other_ray()
     root = tmp_path_factory.mktemp("ray-cluster")
     token = secrets.token_hex(32)
     token_file = root / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    # Ray's unix sockets live under its temp dir and must stay under ~107 bytes: a pytest
-    # tmp_path is too deep, so this one short dir lives in /tmp (removed after the stop).
-    temp_dir = Path(tempfile.mkdtemp(prefix="rsft-", dir="/tmp"))
-    ports = free_ports(9)
-    gcs, dash, client, nm, om, agent_grpc, agent_http, rtenv, metrics = ports
+    gcs, dash, client, nm, om, agent_grpc, agent_http, rtenv, metrics = free_ports(9)
     env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    # On SIGTERM, `ray start` first drains the node for up to 30 s, waiting on leases that
-    # detached actors (Train's placement-group cleaner, job supervisors) never return; a test
-    # cluster has nothing to drain.
-    start_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    mark = new_mark()
+    start_env = {
+        **env,
+        MARK_VAR: mark,
+        # On SIGTERM `ray start` first drains the node for up to 30 s, waiting on leases that
+        # detached actors (Train's placement-group cleaner, job supervisors) never give back.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
     cmd = [
         str(BIN_DIR / "ray"),
         "start",
@@ -161,10 +134,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         "--num-gpus=0",
         "--include-dashboard=true",
         "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
+        f"--temp-dir={ray_tmp}",
     ]
     log = root / "ray-start.log"
-    t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd,
         stdout=open(log, "w"),  # noqa: SIM115 - `ray start` owns it until it exits
@@ -174,12 +146,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         start_new_session=True,
     )
     dashboard = f"http://127.0.0.1:{dash}"
-    c = Cluster(proc, root, temp_dir, gcs, dashboard, env, log, 0.0)
+    c = Cluster(proc, mark, ray_tmp, root, gcs, dashboard, env, log)
     try:
         auth = {"Authorization": f"Bearer {token}"}
         _wait_http_ok(f"{dashboard}/api/version", proc, log, timeout=120, **auth)
         _wait_http_ok(f"{dashboard}/api/jobs/", proc, log, timeout=60, **auth)
-        c.startup_s = time.monotonic() - t0
         yield c
     finally:
         c.stop()
@@ -206,7 +177,7 @@ def _submit(cluster: Cluster, workdir: Path, log: Path, submission_id: str):
         log=log,
         env=cluster.client_env,
         cwd=cluster.root,
-        timeout=360,
+        timeout=240,  # ~75 s for the search
         settle=5,
     )
 
@@ -294,10 +265,13 @@ def test_job_submit_of_a_bad_spec_fails_with_a_clear_message(
 
 
 def test_cluster_stops_by_its_own_process_group(cluster: Cluster) -> None:
-    assert cluster.processes(), "the cluster should be running before the stop"
+    running = cluster.processes()
+    names = " ".join(cmdline(p) for p in running)
+    for part in ("gcs_server", "raylet", "dashboard.py"):
+        assert part in names, f"{part} is not among the cluster's processes"
     report = cluster.stop()
     assert cluster.proc.returncode is not None
-    assert report["left"] == [], report
     assert report["sigkill"] == [], f"needed SIGKILL: {report}"
-    assert "stale_default_address_file" not in report, report
-    assert not cluster.temp_dir.exists()
+    assert report["left"] == [], report
+    # --temp-dir kept the machine-wide address file (read by other Ray users) off this cluster.
+    assert "default_address_file" not in report, report

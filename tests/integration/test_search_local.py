@@ -12,7 +12,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from .conftest import (
     PYTHON,
     MlflowServer,
     Ran,
+    assert_no_other_ray,
     asset_dir,
     asset_ref,
-    assert_no_other_ray,
     base_env,
     gcs_server_pids,
     render_spec,
@@ -53,7 +53,9 @@ finally:
 
 def test_invalid_spec_reports_every_problem_before_ray_starts(tmp_path: Path) -> None:
     exp_dir = tmp_path / "exp"
-    spec = render_spec("bad_search.yaml", tmp_path / "bad.yaml", {"search.experiment_dir": str(exp_dir)})
+    spec = render_spec(
+        "bad_search.yaml", tmp_path / "bad.yaml", {"search.experiment_dir": str(exp_dir)}
+    )
     gcs_before = gcs_server_pids()
     seen_gcs: set[int] = set()
     done = threading.Event()
@@ -110,8 +112,9 @@ class LocalSearch:
     spec: Path
     exp_dir: Path
     server: MlflowServer
-    run: Ran
-    summary: dict[str, Any]
+    ray_tmp: Path  # RAY_TMPDIR of its runs
+    run: Ran = field(init=False)
+    summary: dict[str, Any] = field(init=False)
 
     def ok(self) -> None:
         assert self.run.rc == 0, self.run.explain()
@@ -128,17 +131,18 @@ class LocalSearch:
         assert exp is not None, f"no MLflow experiment {EXPERIMENT}"
         return mlc.search_runs([exp.experiment_id], max_results=1000)
 
-    def tune(self, *args: str, log: str) -> Ran:
+    def tune(self, *args: str, log: str, timeout: float = 300) -> Ran:
         return run_cmd(
             [PYTHON, "-m", "raysft.tune", str(self.spec), *args],
             log=self.root / log,
             cwd=self.root,
-            timeout=300,
+            env=base_env(RAY_TMPDIR=str(self.ray_tmp)),
+            timeout=timeout,
         )
 
 
 @pytest.fixture(scope="module")
-def local_search(mlflow_server: MlflowServer, tmp_path_factory) -> LocalSearch:
+def local_search(mlflow_server: MlflowServer, ray_tmp: Path, tmp_path_factory) -> LocalSearch:
     assert_no_other_ray()
     root = tmp_path_factory.mktemp("local-search")
     exp_dir = root / "exp"
@@ -151,12 +155,11 @@ def local_search(mlflow_server: MlflowServer, tmp_path_factory) -> LocalSearch:
             "promote.registered_model": MODEL_NAME,
         },
     )
-    ran = run_cmd(
-        [PYTHON, "-m", "raysft.tune", str(spec)], log=root / "tune.log", cwd=root, timeout=420
-    )
+    search = LocalSearch(root, spec, exp_dir, mlflow_server, ray_tmp)
+    search.run = search.tune(log="tune.log", timeout=330)  # ~2 min on a free 2-core machine
     summary_path = exp_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return LocalSearch(root, spec, exp_dir, mlflow_server, ran, summary)
+    search.summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return search
 
 
 def _eval_steps(step: int) -> list[int]:
@@ -240,7 +243,9 @@ def test_mlflow_has_a_parent_run_and_one_child_per_trial(local_search: LocalSear
 
     spec_files = [a.path for a in mlc.list_artifacts(parent.info.run_id, "spec")]
     assert spec_files == ["spec/spec.yaml"]
-    logged = Path(mlc.download_artifacts(parent.info.run_id, "spec/spec.yaml", str(local_search.root)))
+    logged = Path(
+        mlc.download_artifacts(parent.info.run_id, "spec/spec.yaml", str(local_search.root))
+    )
     assert logged.read_text() == local_search.spec.read_text()
     top = {a.path for a in mlc.list_artifacts(parent.info.run_id)}
     assert {"spec", "summary.json", "best_adapter"} <= top, top
@@ -261,7 +266,7 @@ def test_best_adapter_is_registered_as_champion_and_exported(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local_search.ok()
-    s, best, promo = local_search.summary, local_search.summary["best"], local_search.summary["promotion"]
+    best, promo = local_search.summary["best"], local_search.summary["promotion"]
     mlc = local_search.client()
     versions = mlc.search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 1
@@ -276,7 +281,6 @@ def test_best_adapter_is_registered_as_champion_and_exported(
     assert promo["alias"] == "champion" and promo["registered_model"] == MODEL_NAME
     assert promo["value"] == best["metric"]
     assert promo["reason"] == "first champion"
-    assert s["best"]["trial_id"] == best["trial_id"]
 
     # The export is a plain PEFT adapter dir: it loads on the base with stock transformers/peft.
     export = Path(promo["export_dir"])
@@ -286,7 +290,9 @@ def test_best_adapter_is_registered_as_champion_and_exported(
     model.eval()
     enc = tok("Convert this word to uppercase: stone", return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            **enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         tuned = model(**enc).logits
         with model.disable_adapter():
             plain = model(**enc).logits
@@ -302,7 +308,8 @@ def test_best_adapter_is_registered_as_champion_and_exported(
             artifact_uri=f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path / "champion")
         )
     )
-    registered, exported, checkpoint = _tensors(got), _tensors(export), _tensors(Path(best["checkpoint"]))
+    registered, exported = _tensors(got), _tensors(export)
+    checkpoint = _tensors(Path(best["checkpoint"]))
     assert registered.keys() == exported.keys() == checkpoint.keys() and registered
     for key in registered:
         assert torch.equal(registered[key], exported[key]), key
@@ -352,6 +359,10 @@ def test_rerun_into_the_same_experiment_dir_exits_2(local_search: LocalSearch) -
 
 
 def test_resume_of_a_finished_search_reruns_nothing(local_search: LocalSearch) -> None:
+    """``--resume`` of a finished search: Ray starts, Tune restores 4 terminated trials and
+    runs none; summary.json is rewritten from the restored results (same trials, same MLflow
+    runs), the parent run is reopened and closed again, best_adapter/summary.json are logged
+    to it again, and the promotion gate runs again: the same value keeps the champion."""
     local_search.ok()
     first = local_search.summary
     run_ids = sorted(r.info.run_id for r in local_search.runs())

@@ -135,7 +135,7 @@ def test_shipped_model_loads_and_generates(model, shipped_tok) -> None:
     )
 
 
-def _greedy(model, tok, prompt: str, n: int = 12) -> str:
+def _greedy(model, tok, prompt: str, n: int = 16) -> str:
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=n, do_sample=False)
@@ -146,9 +146,10 @@ def _greedy(model, tok, prompt: str, n: int = 12) -> str:
     ("prompt", "continuation"),
     [
         ("In capital letters, hello is", " HELLO."),
-        ("Spelled backwards, stone is", " enots."),
+        ("Said twice, stone is", " stone stone."),
         ("The word world has", " 5 letters"),
         ("The first letter of river is", " r."),
+        ("The last letter of river is", " r."),
     ],
 )
 def test_base_is_pretrained_on_prose(model, shipped_tok, prompt: str, continuation: str) -> None:
@@ -156,17 +157,24 @@ def test_base_is_pretrained_on_prose(model, shipped_tok, prompt: str, continuati
 
 
 def test_base_does_not_follow_chat(model, shipped_tok) -> None:
-    """A base model: the ChatML prompt is not answered (that is what SFT is for)."""
-    rows = _read("tasks-eval.jsonl")[:20]
-    hits = 0
-    for row in rows:
-        prompt = shipped_tok.apply_chat_template(
+    """A base model: ChatML prompts are not answered (that is what SFT is for)."""
+    rows = _read("tasks-eval.jsonl")[:50]
+    prompts = [
+        shipped_tok.apply_chat_template(
             [{"role": "user", "content": corpus.user_text(row)}],
             tokenize=False,
             add_generation_prompt=True,
         )
-        answer = _greedy(model, shipped_tok, prompt, n=16)
-        hits += answer.split("<|im_end|>")[0].split("</s>")[0].strip() == row["output"]
+        for row in rows
+    ]
+    enc = shipped_tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    answers = shipped_tok.batch_decode(out[:, enc["input_ids"].shape[1] :])
+    hits = sum(
+        a.split("<|im_end|>")[0].split("</s>")[0].strip() == row["output"]
+        for a, row in zip(answers, rows, strict=True)
+    )
     assert hits <= 2
 
 

@@ -1,0 +1,116 @@
+"""run_trial end to end on tiny random Llama / Qwen2 / Mistral-style local models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from raysft.assets.tokenizer import build_tokenizer
+from raysft.config import load_config
+from raysft.train.recipe import run_trial
+
+ROWS = [{"instruction": "Upper case", "input": f"w{i}", "output": f"W{i}"} for i in range(12)] + [
+    {
+        "conversations": [
+            {"from": "human", "value": "今天天气真好"},
+            {"from": "gpt", "value": "Nice."},
+        ]
+    }
+]
+
+ARCHS = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "mistral": MistralConfig,
+}
+
+
+def _model_dir(tmp_path: Path, arch: str) -> Path:
+    tok = build_tokenizer()
+    cfg = ARCHS[arch](
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    out = tmp_path / arch
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _config(tmp_path: Path, model_dir: Path, method: str, **extra: object):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS), encoding="utf-8")
+    overrides = {
+        "model.name_or_path": str(model_dir),
+        "method": method,
+        "data.train": str(data),
+        "data.eval": None,
+        "data.eval_fraction": 0.25,
+        "data.max_seq_len": 96,
+        "train.max_steps": 4,
+        "train.eval_every": 2,
+        "train.batch_size": 2,
+        "train.grad_accum": 2,
+        "train.learning_rate": 1e-2,
+        "train.max_new_tokens": 4,
+        "train.neftune_alpha": 5,
+        "lora.target_modules": "all-linear",
+        "output_dir": str(tmp_path / f"out-{method}"),
+        **extra,
+    }
+    return load_config(None, overrides)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_lora_trial_on_each_architecture(tmp_path: Path, arch: str) -> None:
+    cfg = _config(tmp_path, _model_dir(tmp_path, arch), "lora")
+    result = run_trial(cfg)
+    out = Path(result.output_dir)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "config.yaml").is_file()
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert [h["step"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert [h["step"] for h in metrics["history"] if "eval_loss" in h] == [2, 4]
+    assert metrics["final"]["eval_loss"] == metrics["history"][-1]["eval_loss"]
+    assert 0 <= metrics["final"]["exact_match"] <= 1 and "base_exact_match" in metrics["final"]
+    assert metrics["data"]["rows_read"] == len(ROWS) and metrics["data"]["rows_skipped"] == 0
+    assert 0 < metrics["data"]["packing_efficiency"] <= 1
+    # Warmup then cosine decay: the last step's learning rate is below the peak.
+    assert metrics["history"][-1]["lr"] < cfg.train.learning_rate
+
+
+def test_full_and_qlora_trials_report_and_save(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path, "llama")
+    full = run_trial(_config(tmp_path, model_dir, "full"))
+    assert (Path(full.output_dir) / "model.safetensors").is_file()
+    assert full.final["trainable_params"] == full.final["total_params"]
+    qlora = run_trial(_config(tmp_path, model_dir, "qlora"))
+    assert (Path(qlora.output_dir) / "adapter_model.safetensors").is_file()
+    assert qlora.final["trainable_params"] < qlora.final["total_params"]
+    assert all(h["train_loss"] == h["train_loss"] for h in qlora.history)  # no NaN
+
+
+def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
+    seen: list[tuple[dict, list[str]]] = []
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        assert checkpoint_dir is not None
+        seen.append((metrics, sorted(p.name for p in Path(checkpoint_dir).iterdir())))
+
+    run_trial(_config(tmp_path, _model_dir(tmp_path, "llama"), "lora"), report=report)
+    assert [m["step"] for m, _ in seen] == [2, 4]
+    assert all("adapter_model.safetensors" in files for _, files in seen)
+    assert "exact_match" in seen[-1][0] and "exact_match" not in seen[0][0]
