@@ -421,6 +421,7 @@ def run_search(
     known = tracking.trial_runs(mlc, exp_id, parent_id)
     runs = {**{t: run for t, (run, _) in known.items()}, **callback.runs}
     status = {**{t: st for t, (_, st) in known.items() if st}, **callback.status}
+    ray.shutdown()  # flushes worker logs now, not after the summary table
     rows = _trial_rows(grid, cfg, runs, status)
     best = _pick_best(rows)
     if best:

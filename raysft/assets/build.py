@@ -33,6 +33,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -110,13 +111,13 @@ def pretrain(model: LlamaForCausalLM, tokenizer, **overrides) -> list[float]:
     # Special tokens other than </s> never occur in the prose. Left alone, Adam would push their
     # (tied) embedding rows far away from every hidden state (the "untrained token" problem of
     # real base models), and SFT with LoRA could then barely learn to emit <|im_end|>. Freezing
-    # those rows keeps them at their small random init, like tokens added just before SFT.
+    # those rows keeps them near their small random init, like tokens added just before SFT.
     unseen = torch.tensor(
         [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id], dtype=torch.long
     )
     embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
     for weight in {id(m.weight): m.weight for m in embeddings}.values():  # one if tied
-        weight.register_hook(lambda grad: grad.index_fill(0, unseen, 0.0))
+        cast(torch.Tensor, weight).register_hook(lambda grad: grad.index_fill(0, unseen, 0.0))
     model.train()
     losses = []
     start = time.monotonic()

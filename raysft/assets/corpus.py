@@ -148,7 +148,7 @@ _FILLER_PARTS = (
 )
 _SUBJECTS, _VERBS, _OBJECTS, _TIMES = (tuple(p.split("|")) for p in _FILLER_PARTS)
 _FILLER = (
-    "{S} {V} {O} {T}.",
+    "{s} {V} {O} {T}.",
     "{T}, {s} {V} {O}.",
     "Nobody knew why {s} {V} {O}.",
     "It was quiet when {s} {V} {O}.",
@@ -158,7 +158,7 @@ _FILLER = (
 def _filler(rng: random.Random) -> str:
     subject = rng.choice(_SUBJECTS)
     text = rng.choice(_FILLER).format(
-        s=subject, S=subject, V=rng.choice(_VERBS), O=rng.choice(_OBJECTS), T=rng.choice(_TIMES)
+        s=subject, V=rng.choice(_VERBS), O=rng.choice(_OBJECTS), T=rng.choice(_TIMES)
     )
     return text[0].upper() + text[1:]
 

@@ -217,6 +217,8 @@ def run_trial(
             log.info("step %d train_loss %.4f eval_loss %.4f", step, step_loss, record["eval_loss"])
             if step == cfg.train.max_steps and cfg.train.exact_match and data.eval_conversations:
                 record["exact_match"], samples = held_out_em()
+                if "base_exact_match" in final:  # so the search can compare with the base
+                    record["base_exact_match"] = final["base_exact_match"]
                 final["eval_samples"] = samples[:10]
             _report(report, record, model, tokenizer, cfg, dist)
         history.append(record)

@@ -94,10 +94,10 @@ def test_lora_trial_on_each_architecture(tmp_path: Path, arch: str) -> None:
 
 def test_full_and_qlora_trials_report_and_save(tmp_path: Path) -> None:
     model_dir = _model_dir(tmp_path, "llama")
-    full = run_trial(_config(tmp_path, model_dir, "full"))
+    full = run_trial(_config(tmp_path, model_dir, "full", **{"train.exact_match": False}))
     assert (Path(full.output_dir) / "model.safetensors").is_file()
     assert full.final["trainable_params"] == full.final["total_params"]
-    qlora = run_trial(_config(tmp_path, model_dir, "qlora"))
+    qlora = run_trial(_config(tmp_path, model_dir, "qlora", **{"train.exact_match": False}))
     assert (Path(qlora.output_dir) / "adapter_model.safetensors").is_file()
     assert qlora.final["trainable_params"] < qlora.final["total_params"]
     assert all(h["train_loss"] == h["train_loss"] for h in qlora.history)  # no NaN
@@ -110,7 +110,9 @@ def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
         assert checkpoint_dir is not None
         seen.append((metrics, sorted(p.name for p in Path(checkpoint_dir).iterdir())))
 
-    run_trial(_config(tmp_path, _model_dir(tmp_path, "llama"), "lora"), report=report)
+    run_trial(
+        _config(tmp_path, _model_dir(tmp_path, "llama"), "lora"), report=report, eval_base=False
+    )
     assert [m["step"] for m, _ in seen] == [2, 4]
     assert all("adapter_model.safetensors" in files for _, files in seen)
     assert "exact_match" in seen[-1][0] and "exact_match" not in seen[0][0]
