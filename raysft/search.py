@@ -29,7 +29,7 @@ FINAL_METRICS = ("exact_match",)
 _UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")
 # The Tune trial only hosts Ray Train V2's controller: it reserves no CPU, only a token of
 # memory (Ray refuses an empty resource bundle), so N workers x 1 CPU fill N cores exactly.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1 << 20}
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"CPU": 0, "memory": float(1 << 20)}
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ def start_parent(mlc: Any, exp_id: str, *, name: str, cfg: Config, spec_path: st
     run = mlc.create_run(exp_id, run_name=name, tags={"raysft.kind": "search"})
     rid = run.info.run_id
     params = flatten(cfg.model_dump(mode="json", exclude={"search"}))
+    assert cfg.search is not None
     params.update(
         {f"search.{k}": v for k, v in flatten(cfg.search.model_dump(mode="json")).items()}
     )

@@ -177,7 +177,7 @@ def _trial(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str) -> Non
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=str(Path(exp_dir) / "train"),
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train callback
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
@@ -272,7 +272,7 @@ def _trial_rows(
 ) -> list[dict[str, Any]]:
     s = cfg.search
     assert s is not None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in grid:
         m = r.metrics or {}
         trial_id = m.get("trial_id") or Path(r.path).name
@@ -300,13 +300,8 @@ def _trial_rows(
                 "error": str(r.error).splitlines()[0][:500] if r.error else None,
             }
         )
-    reverse = s.mode == "max"
-    rows.sort(
-        key=lambda t: (
-            t["metric"] is None,
-            -t["metric"] if reverse and t["metric"] is not None else t["metric"] or 0,
-        )
-    )
+    sign = -1.0 if s.mode == "max" else 1.0  # best first; trials without a metric last
+    rows.sort(key=lambda t: (t["metric"] is None, sign * float(t["metric"] or 0.0)))
     return rows
 
 
@@ -367,7 +362,8 @@ def run_search(
         raise ConfigError(spec_path, [f"--resume: no search to resume in {exp_dir}"])
     exp_dir.mkdir(parents=True, exist_ok=True)
 
-    plan, problems = (None, [])
+    plan: ResourcePlan | None = None
+    problems: list[str] = []
     if not attaching_to_cluster():
         plan, problems = plan_resources(s, local_nodes(), where="this machine")
     _init_ray(int(local_nodes()[0]["CPU"]) if not attaching_to_cluster() else None)
