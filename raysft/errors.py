@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """A problem the user can fix; its message says where and what."""
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     from raysft.data.formats import DataError
     from raysft.data.templates import TemplateError
 
-    types: list[type[BaseException]] = [UserError, DataError, TemplateError, FileNotFoundError]
+    types: list[type[BaseException]] = [DataError, TemplateError, FileNotFoundError]
     try:
         from raysft.train.model import ModelError
 

@@ -217,6 +217,16 @@ def _init_ray(plan_cpus: int | None) -> None:
         )
 
 
+def _trainable(tree: dict[str, Any], exp_dir: Path) -> Any:
+    """The Tune trainable of a search: ``_trial`` bound to the spec, with its resources."""
+    import ray.tune
+
+    from raysft.search import TRIAL_DRIVER_RESOURCES
+
+    trainable = ray.tune.with_parameters(_trial, tree=tree, exp_dir=str(exp_dir))
+    return ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
+
+
 def build_tuner(
     tree: dict[str, Any], cfg: Config, plan: ResourcePlan, exp_dir: Path, callbacks: list
 ) -> Any:
@@ -225,7 +235,7 @@ def build_tuner(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from raysft.search import TRIAL_DRIVER_RESOURCES, build_space
+    from raysft.search import build_space
 
     s = cfg.search
     assert s is not None
@@ -246,10 +256,8 @@ def build_tuner(
         )
     else:
         scheduler = FIFOScheduler()
-    trainable = ray.tune.with_parameters(_trial, tree=tree, exp_dir=str(exp_dir))
-    trainable = ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     return ray.tune.Tuner(
-        trainable,
+        _trainable(tree, exp_dir),
         tune_config=ray.tune.TuneConfig(
             metric=s.metric,
             mode=s.mode,
@@ -399,13 +407,9 @@ def run_search(
     )
     try:
         if resume:
-            from raysft.search import TRIAL_DRIVER_RESOURCES
-
-            trainable = ray.tune.with_resources(
-                ray.tune.with_parameters(_trial, tree=tree, exp_dir=str(exp_dir)),
-                TRIAL_DRIVER_RESOURCES,
+            tuner = ray.tune.Tuner.restore(
+                str(tune_dir), _trainable(tree, exp_dir), resume_errored=True
             )
-            tuner = ray.tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True)
         else:
             tuner = build_tuner(tree, cfg, plan, exp_dir, [callback])
         grid = tuner.fit()

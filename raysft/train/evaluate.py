@@ -12,27 +12,33 @@ from raysft.data.packing import causal_lm_loss, collate_packed, collate_padded, 
 from raysft.data.templates import Example, generation_prompt, stop_strings
 
 
+def make_bins(examples: list[Example], *, packing: bool, max_len: int) -> list[list[int]]:
+    """Example indices of each row: packed (best-fit decreasing) or one per row. Built once."""
+    if not packing:
+        return [[i] for i in range(len(examples))]
+    return pack([len(e.input_ids) for e in examples], max_len=max_len)
+
+
 def batches(
     examples: list[Example],
+    bins: list[list[int]],
     *,
     packing: bool,
-    max_len: int,
     batch_size: int,
     pad_id: int,
     order: list[int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches; with packing, ``order`` indexes packed rows, else examples."""
-    if packing:
-        bins = pack([len(e.input_ids) for e in examples], max_len=max_len)
-        rows = [[(examples[i].input_ids, examples[i].labels) for i in b] for b in bins]
-        order = order if order is not None else list(range(len(rows)))
-        for s in range(0, len(order), batch_size):
-            yield collate_packed([rows[i] for i in order[s : s + batch_size]], pad_id=pad_id)
-    else:
-        order = order if order is not None else list(range(len(examples)))
-        for s in range(0, len(order), batch_size):
-            chunk = [examples[i] for i in order[s : s + batch_size]]
-            yield collate_padded([(e.input_ids, e.labels) for e in chunk], pad_id=pad_id)
+    """Collated batches of the rows ``bins`` in ``order`` (default: as given)."""
+    order = order if order is not None else list(range(len(bins)))
+    for s in range(0, len(order), batch_size):
+        rows = [
+            [(examples[i].input_ids, examples[i].labels) for i in bins[j]]
+            for j in order[s : s + batch_size]
+        ]
+        if packing:
+            yield collate_packed(rows, pad_id=pad_id)
+        else:
+            yield collate_padded([r[0] for r in rows], pad_id=pad_id)
 
 
 def forward_loss(
@@ -53,9 +59,9 @@ def forward_loss(
 def eval_loss(
     model: Any,
     examples: list[Example],
+    bins: list[list[int]],
     *,
     packing: bool,
-    max_len: int,
     batch_size: int,
     pad_id: int,
     device: Any,
@@ -64,9 +70,7 @@ def eval_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches(
-        examples, packing=packing, max_len=max_len, batch_size=batch_size, pad_id=pad_id
-    ):
+    for batch in batches(examples, bins, packing=packing, batch_size=batch_size, pad_id=pad_id):
         with autocast():
             loss_sum, n = forward_loss(model, batch, device)
         total += float(loss_sum)

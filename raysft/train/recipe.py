@@ -69,17 +69,17 @@ def _epoch_order(n: int, *, seed: int, epoch: int, dist: Dist) -> list[int]:
     return order[dist.rank :: dist.world_size]
 
 
-def _micro_batches(cfg: Config, examples: list, pad_id: int, dist: Dist, n_rows: int):
+def _micro_batches(cfg: Config, examples: list, bins: list[list[int]], pad_id: int, dist: Dist):
     """Endless stream of training micro-batches, reshuffled every epoch."""
     from raysft.train.evaluate import batches
 
     epoch = 0
     while True:
-        order = _epoch_order(n_rows, seed=cfg.train.seed, epoch=epoch, dist=dist)
+        order = _epoch_order(len(bins), seed=cfg.train.seed, epoch=epoch, dist=dist)
         yield from batches(
             examples,
+            bins,
             packing=cfg.data.packing,
-            max_len=cfg.data.max_seq_len,
             batch_size=cfg.train.batch_size,
             pad_id=pad_id,
             order=order,
@@ -113,9 +113,9 @@ def run_trial(
     eval_base: bool = True,
 ) -> TrialResult:
     """Train one config; returns final metrics. ``prepare_model`` wraps the model for DDP."""
-    from raysft.data.packing import pack, packing_efficiency
+    from raysft.data.packing import packing_efficiency
     from raysft.data.pipeline import prepare_data
-    from raysft.train.evaluate import eval_loss, exact_match, forward_loss
+    from raysft.train.evaluate import eval_loss, exact_match, forward_loss, make_bins
     from raysft.train.model import count_parameters, load_model, load_tokenizer
     from raysft.train.neftune import attach_neftune
 
@@ -131,14 +131,13 @@ def run_trial(
     # --- tokenizer and data
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    lengths = [len(e.input_ids) for e in data.train]
-    n_rows = len(lengths)
+    train_bins = make_bins(data.train, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
+    eval_bins = make_bins(data.eval, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     if cfg.data.packing:
-        bins = pack(lengths, max_len=cfg.data.max_seq_len)
-        n_rows = len(bins)
-        data.report.packed_rows = n_rows
+        lengths = [len(e.input_ids) for e in data.train]
+        data.report.packed_rows = len(train_bins)
         data.report.packing_efficiency = round(
-            packing_efficiency(lengths, bins, max_len=cfg.data.max_seq_len), 4
+            packing_efficiency(lengths, train_bins, max_len=cfg.data.max_seq_len), 4
         )
     log.info("data: %s", json.dumps(data.report.as_dict(), ensure_ascii=False))
     for reason in data.report.skipped[:5]:
@@ -156,8 +155,8 @@ def run_trial(
         eval_loss,
         model,
         data.eval,
+        eval_bins,
         packing=cfg.data.packing,
-        max_len=cfg.data.max_seq_len,
         batch_size=cfg.train.batch_size,
         pad_id=pad_id,
         device=device,
@@ -183,7 +182,7 @@ def run_trial(
 
     # --- train
     history: list[dict[str, Any]] = []
-    stream = _micro_batches(cfg, data.train, pad_id, dist, n_rows)
+    stream = _micro_batches(cfg, data.train, train_bins, pad_id, dist)
     model.train()
     t_train = time.perf_counter()
     for step in range(1, cfg.train.max_steps + 1):
