@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from raysft.config import Config, ConfigError, load_config, parse_overrides
+from raysft.config import Config, load_config, parse_overrides
+from raysft.errors import RaysftError
 
-EXIT_USAGE = 2  # bad config, spec or data: the user's to fix
+EXIT_USAGE = 2  # bad config, spec, data or state: the user's to fix
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -39,22 +40,16 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-
-
 def run_cli(main: Callable[[], int]) -> NoReturn:
-    """Run ``main``; user-caused errors print one clear message and exit 2, no traceback."""
-    from raysft.errors import user_errors
+    """Run ``main``; a user-caused error (``RaysftError``) prints one clear message and exits 2.
 
+    Anything else is a bug: it keeps its traceback and Python's exit code 1.
+    """
     try:
         code = main()
-    except ConfigError as err:
-        print("\n".join(f"error: {line}" for line in str(err).splitlines()), file=sys.stderr)
+    except RaysftError as err:
+        print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except user_errors() as err:
-        fail(str(err))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -15,18 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raysft.errors import ConfigError
+
 Method = Literal["full", "lora", "qlora"]
 DataFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
 Template = Literal["llama2", "chatml", "vicuna", "tokenizer"]
-
-
-class ConfigError(Exception):
-    """A user-caused configuration problem; ``problems`` are ``path: message`` lines."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
 class _Section(BaseModel):
@@ -191,8 +184,14 @@ class ResourcesSection(_Section):
 
 class SearchSection(_Section):
     params: dict[str, SearchParam] = Field(description="Dotted config path -> distribution.")
-    metric: str = Field("eval_loss", description="Metric to optimise (reported every eval).")
-    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
+    metric: str = Field(
+        "eval_loss",
+        description="Metric to optimise: a searchable name of the metric registry "
+        "(README: Metrics). ASHA needs one reported at every eval.",
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None, description="Minimise or maximise the metric. Null: the metric's own direction."
+    )
     num_samples: int = Field(4, gt=0, description="Trials to run.")
     seed: int = Field(0, description="Seeds Optuna's TPE sampler.")
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
@@ -241,6 +240,12 @@ class Config(_Section):
         if self.method == "full" and (self.lora.use_dora or self.lora.use_rslora):
             raise ValueError("lora.use_dora/use_rslora are set but method is full")
         return self
+
+
+class SearchSpec(Config):
+    """A search spec (``python -m raysft.tune``): a config whose ``search`` section is required."""
+
+    search: SearchSection = Field(description="Search spec (raysft.tune only).")
 
 
 # ---------------------------------------------------------------- loading
@@ -379,11 +384,22 @@ def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
     ]
 
 
-def validate_tree(tree: dict[str, Any], *, source: str = "<config>") -> Config:
+def validate_tree(
+    tree: dict[str, Any], *, source: str = "<config>", model: type[Config] = Config
+) -> Config:
     try:
-        return Config.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(source, _format_errors(err, tree)) from None
+
+
+def validate_spec(tree: dict[str, Any], *, source: str = "<spec>") -> SearchSpec:
+    """A search spec: like ``validate_tree``, with the ``search`` section required."""
+    if not isinstance(tree.get("search"), dict):
+        raise ConfigError(source, ["search: missing (a search spec needs a search section)"])
+    spec = validate_tree(tree, source=source, model=SearchSpec)
+    assert isinstance(spec, SearchSpec)  # for mypy: model_validate of SearchSpec returns one
+    return spec
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,17 +1,45 @@
-"""The exception types that mean "bad input" rather than "bug", collected lazily."""
+"""One base for every user-caused error.
+
+The CLI edge (``raysft.cli.run_cli``) catches ``RaysftError`` only: it prints
+``file: dotted.path: message`` lines and exits 2. Anything else is a bug and keeps its traceback
+(exit 1). This module imports nothing from the rest of the package, so every layer can raise these.
+"""
 
 from __future__ import annotations
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from raysft.data.formats import DataError
-    from raysft.data.templates import TemplateError
+class RaysftError(Exception):
+    """A problem the user can fix: bad config, spec, data, template, model or search state."""
 
-    types: list[type[BaseException]] = [DataError, TemplateError, FileNotFoundError]
-    try:
-        from raysft.train.model import ModelError
+    def lines(self) -> list[str]:
+        """What the CLI prints, one ``error:`` line each."""
+        return str(self).splitlines() or [type(self).__name__]
 
-        types.append(ModelError)
-    except ImportError:  # torch missing: nothing from the model layer can be raised anyway
-        pass
-    return tuple(types)
+
+class ConfigError(RaysftError):
+    """A configuration or search-spec problem; ``problems`` are ``path: message`` lines."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class DataError(RaysftError):
+    """A data problem; the message names source, row and field."""
+
+
+class TemplateError(RaysftError):
+    """The conversation cannot be rendered with the chosen template."""
+
+
+class ModelError(RaysftError):
+    """A model cannot be loaded as configured (missing path, no bitsandbytes backend, ...)."""
+
+
+class AssetError(RaysftError):
+    """``embedded:NAME`` names no shipped asset."""
+
+
+class SearchStateError(RaysftError):
+    """The experiment directory's state does not allow the request (already holds a search, ...)."""

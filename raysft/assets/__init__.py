@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raysft.errors import AssetError
+
 EMBEDDED_PREFIX = "embedded:"
 ASSETS_DIR = Path(__file__).resolve().parent
 # Source files of this package live next to the assets but are not assets.
@@ -26,9 +28,9 @@ def available() -> list[str]:
 
 
 def asset_path(name: str) -> Path:
-    """Path of the shipped asset ``name``; ``FileNotFoundError`` listing the names otherwise."""
+    """Path of the shipped asset ``name``; ``AssetError`` listing the names otherwise."""
     if name not in available():
-        raise FileNotFoundError(
+        raise AssetError(
             f"{EMBEDDED_PREFIX}{name}: no such embedded asset (have: {', '.join(available())})"
         )
     return ASSETS_DIR / name

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from raysft.errors import DataError
+
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -25,10 +27,6 @@ _SHAREGPT_ROLES = {
     "system": "system",
 }
 _MESSAGE_ROLES = {"system", "user", "assistant"}
-
-
-class DataError(ValueError):
-    """A user-caused data problem; the message names source, row and field."""
 
 
 class _RowError(Exception):

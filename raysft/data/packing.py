@@ -121,19 +121,27 @@ def collate_padded(samples: list[Sample], *, pad_id: int) -> dict[str, torch.Ten
     return {k: torch.tensor(v, dtype=torch.long).reshape(n_rows, width) for k, v in out.items()}
 
 
+def loss_mask(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: the targets the loss scores (trained, and not a packed sample's first token).
+
+    A target whose position id is 0 starts a new packed sample and is never predicted from the
+    previous sample's last token.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX) & (position_ids[:, 1:] != 0)
+
+
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy (fp32) and the number of trained tokens.
 
-    Token t+1 is predicted from logits t. A target whose position id is 0 starts a new packed
-    sample and is never predicted from the previous sample's last token, so it is masked. The
-    caller divides the sum by the count over all gradient-accumulation micro-batches.
+    Token t+1 is predicted from logits t, over the targets of ``loss_mask``. The caller divides
+    the sum by the count over all gradient-accumulation micro-batches.
     """
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
-    keep = (targets != IGNORE_INDEX) & (position_ids[:, 1:] != 0)
+    keep = loss_mask(labels, position_ids)
     # Select first, then upcast: avoids an fp32 copy of the full [B, T, V] logits.
     picked = logits[:, :-1][keep].float()
     loss = F.cross_entropy(picked, targets[keep], reduction="sum")

@@ -14,7 +14,8 @@ from raysft.data.formats import (
     load_conversations,
     split_train_eval,
 )
-from raysft.data.templates import Example, TemplateError, render, tokenize
+from raysft.data.templates import Example, render, tokenize
+from raysft.errors import TemplateError
 
 
 @dataclass
@@ -65,9 +66,12 @@ def _tokenize_all(
 
 
 def load_split(
-    cfg: DataSection, *, seed: int
+    cfg: DataSection, *, seed: int, with_eval: bool = True
 ) -> tuple[list[Conversation], list[Conversation], DataReport]:
-    """Conversations for train and eval (seeded split when no eval source is given)."""
+    """Conversations for train and eval (seeded split when no eval source is given).
+
+    ``with_eval=False`` (a preview) reads the training sources only and splits nothing off.
+    """
     report = DataReport()
 
     def load(sources: str | list[str]) -> LoadedData:
@@ -80,6 +84,9 @@ def load_split(
     report.skipped += train.skipped
     if not train.conversations:
         raise DataError(f"data.train: no usable rows ({len(train.skipped)} skipped)")
+    if not with_eval:
+        report.rows_skipped = len(report.skipped)
+        return train.conversations, [], report
     if cfg.eval is None:
         train_convs, eval_convs = split_train_eval(
             train.conversations, eval_fraction=cfg.eval_fraction, seed=seed

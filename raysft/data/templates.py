@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raysft.data.formats import Conversation
+from raysft.errors import TemplateError
 
 IGNORE = -100  # label value cross-entropy skips
 
@@ -18,10 +19,6 @@ VICUNA_SYSTEM = "A chat between a curious user and an AI assistant."
 
 # What ends an assistant turn, as trained; generation stops at the stripped form.
 TERMINATORS = {"llama2": " </s>", "chatml": "<|im_end|>", "vicuna": "</s>"}
-
-
-class TemplateError(ValueError):
-    """The conversation cannot be rendered with the chosen template."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """``python -m raysft.train CONFIG.yaml``: one SFT training run (no Ray).
 
 --dry-run validates and prints the resolved config and parameter counts (meta device, no weights);
---preview N [--json] prints the first N training examples exactly as trained.
+--preview N [--json] prints the first N training examples exactly as trained;
+--resume-from DIR continues from a checkpoint (OUTPUT_DIR/checkpoints/step-N, written at every
+eval) exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
     from raysft.train.model import load_tokenizer
 
     # Data first: a bad row is reported before the (slower) tokenizer load.
-    train, _, report = load_split(cfg.data, seed=cfg.train.seed)
+    train, _, report = load_split(cfg.data, seed=cfg.train.seed, with_eval=False)
     tokenizer = load_tokenizer(cfg.model)
     color = sys.stdout.isatty() and not as_json
     start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
@@ -70,10 +72,13 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
     return 0
 
 
-def _train(cfg: Config) -> int:
-    from raysft.train.recipe import run_trial
+def _train(cfg: Config, resume_from: str | None) -> int:
+    from pathlib import Path
 
-    result = run_trial(cfg)
+    from raysft.train.recipe import LocalCheckpoints, run_trial
+
+    checkpoints = LocalCheckpoints(Path(cfg.output_dir) / "checkpoints")
+    result = run_trial(cfg, report=checkpoints, resume_from=resume_from)
     f = result.final
     print(f"output: {result.output_dir}")
     print(f"eval_loss: {f.get('eval_loss', float('nan')):.4f}  train_seconds: {f['train_seconds']}")
@@ -96,6 +101,11 @@ def _main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate, print config and counts")
     parser.add_argument("--preview", type=int, metavar="N", help="print the first N examples")
     parser.add_argument("--json", action="store_true", help="with --preview: one JSON per line")
+    parser.add_argument(
+        "--resume-from",
+        metavar="CHECKPOINT_DIR",
+        help="continue from a checkpoint (OUTPUT_DIR/checkpoints/step-N) at its step",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     if args.json and args.preview is None:
@@ -106,7 +116,7 @@ def _main() -> int:
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
     setup_logging(args.verbose)
-    return _train(cfg)
+    return _train(cfg, args.resume_from)
 
 
 def main() -> NoReturn:

@@ -1,8 +1,9 @@
-"""Held-out evaluation: loss on response tokens, and greedy exact match."""
+"""Held-out evaluation: the passes metrics are computed from (summed response-token loss, greedy
+answers). Scores themselves are functions of the metric registry (``train/metrics.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from raysft.data.formats import Conversation
 from raysft.data.packing import causal_lm_loss, collate_packed, collate_padded, pack
 from raysft.data.templates import Example, generation_prompt, stop_strings
+from raysft.train.metrics import EvalOutputs, computed_at
 
 
 def make_bins(examples: list[Example], *, packing: bool, max_len: int) -> list[list[int]]:
@@ -56,7 +58,7 @@ def forward_loss(
 
 
 @torch.no_grad()
-def eval_loss(
+def eval_loss_sum(
     model: Any,
     examples: list[Example],
     bins: list[list[int]],
@@ -66,7 +68,8 @@ def eval_loss(
     pad_id: int,
     device: Any,
     autocast: Any,
-) -> float:
+) -> tuple[float, int]:
+    """Summed response-token loss over the eval rows, and the number of tokens it covers."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -76,7 +79,7 @@ def eval_loss(
         total += float(loss_sum)
         count += n
     model.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 def _answer(text: str, stops: list[str]) -> str:
@@ -88,7 +91,7 @@ def _answer(text: str, stops: list[str]) -> str:
 
 
 @torch.no_grad()
-def exact_match(
+def generate_answers(
     model: Any,
     tokenizer: Any,
     conversations: list[Conversation],
@@ -98,15 +101,16 @@ def exact_match(
     batch_size: int,
     device: Any,
     autocast: Any,
-) -> tuple[float, list[dict[str, str]]]:
-    """Share of eval conversations whose greedy answer equals the reference final answer."""
+) -> list[dict[str, str]]:
+    """Greedy answers to each eval conversation's last user turn, cut at the template's stops,
+    beside the reference answer: ``{"prompt", "expected", "generated"}``."""
     was_training = model.training
     model.eval()
     stops = stop_strings(template, tokenizer)
     stop_ids = [tokenizer.convert_tokens_to_ids(s) for s in stops]
     stop_ids = [i for i in stop_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
     prompts = [generation_prompt(c, template=template, tokenizer=tokenizer) for c in conversations]
-    samples, hits = [], 0
+    samples = []
     for s in range(0, len(prompts), batch_size):
         enc = [
             tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]
@@ -126,8 +130,27 @@ def exact_match(
             )
         for j, row in enumerate(out[:, width:].tolist()):
             got = _answer(tokenizer.decode(row, skip_special_tokens=False), stops)
-            want = conversations[s + j][-1]["content"].strip()
-            hits += got == want
+            want = conversations[s + j][-1]["content"]
             samples.append({"prompt": prompts[s + j], "expected": want, "generated": got})
     model.train(was_training)
-    return hits / max(len(prompts), 1), samples
+    return samples
+
+
+def score(
+    cfg: Any,
+    *,
+    final: bool,
+    loss: Callable[[], tuple[float, int]],
+    answers: Callable[[], list[dict[str, str]]],
+    only: tuple[str, ...] | None = None,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """The registry metrics due at this eval (``final``: the last one; ``only``: just these),
+    each pass (loss, generation) run at most once.
+
+    Returns the scores and the generated samples (empty when nothing generates).
+    """
+    due = [m for m in computed_at(cfg, final=final) if only is None or m.name in only]
+    loss_sum, tokens = loss() if any(not m.generates for m in due) else (0.0, 0)
+    samples = answers() if any(m.generates for m in due) else []
+    out = EvalOutputs(loss_sum=loss_sum, tokens=tokens, samples=samples)
+    return {m.name: m.compute(out) for m in due if m.compute is not None}, samples

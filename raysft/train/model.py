@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
+from raysft.errors import ModelError
 
 if TYPE_CHECKING:
     import peft
@@ -21,10 +22,6 @@ log = logging.getLogger(__name__)
 
 # Non-reentrant checkpointing: works with frozen inputs (LoRA) and keyword arguments.
 _GC_KWARGS = {"use_reentrant": False}
-
-
-class ModelError(Exception):
-    """A model cannot be loaded as configured (e.g. qlora without a bitsandbytes backend)."""
 
 
 def _resolve(spec: str) -> str:

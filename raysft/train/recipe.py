@@ -1,7 +1,10 @@
-"""One SFT trial, top to bottom: config -> tokenizer -> data -> model -> train -> eval -> report.
+"""One SFT trial, top to bottom: setup -> train loop -> finish.
 
-``run_trial`` is called in-process by ``python -m raysft.train`` and inside each Ray Train worker
-by the search; the only difference is the ``report`` callback and the distributed context.
+``setup`` builds everything from the config (tokenizer, data, model + adapter, NEFTune, optimizer)
+and, given a checkpoint, restores the training state; ``train`` runs optimizer steps, evaluating
+and checkpointing every ``eval_every`` steps; ``finish`` writes the outputs. ``run_trial`` chains
+them: ``python -m raysft.train`` calls it in-process, the search inside each Ray Train worker;
+the only differences are the ``report`` callback and the distributed context.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,10 +26,12 @@ from typing import Any
 import torch
 
 from raysft.config import Config, dump_config
+from raysft.train.state import Progress
 
 log = logging.getLogger(__name__)
 
-# report(metrics, checkpoint_dir) -> None; checkpoint_dir holds the adapter (or model) at that step.
+# report(metrics, checkpoint_dir) -> None; checkpoint_dir holds the adapter (or model) and the
+# training state at that step, and is deleted once report returns.
 Reporter = Callable[[dict[str, Any], str | None], None]
 
 
@@ -45,6 +51,74 @@ class Dist:
     world_size: int = 1
 
 
+class BatchStream:
+    """Endless training micro-batches, reshuffled every epoch; resumable at (epoch, position)."""
+
+    def __init__(
+        self, examples: list, bins: list[list[int]], *, cfg: Config, pad_id: int, dist: Dist
+    ):
+        self._examples, self._bins, self._cfg, self._pad, self._dist = (
+            examples,
+            bins,
+            cfg,
+            pad_id,
+            dist,
+        )
+        self.epoch, self.position = 0, 0
+        self._chunks = self._epoch_chunks(0)
+
+    def _epoch_chunks(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self._bins)))
+        random.Random(self._cfg.train.seed * 1_000_003 + epoch).shuffle(order)
+        mine = order[self._dist.rank :: self._dist.world_size]
+        size = self._cfg.train.batch_size
+        return [mine[s : s + size] for s in range(0, len(mine), size)]
+
+    def seek(self, epoch: int, position: int) -> None:
+        self.epoch, self.position = epoch, position
+        self._chunks = self._epoch_chunks(epoch)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        from raysft.train.evaluate import batches
+
+        if self.position >= len(self._chunks):
+            self.seek(self.epoch + 1, 0)
+        chunk = self._chunks[self.position]
+        self.position += 1
+        return next(
+            batches(
+                self._examples,
+                self._bins,
+                packing=self._cfg.data.packing,
+                batch_size=len(chunk),
+                pad_id=self._pad,
+                order=chunk,
+            )
+        )
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds and the loop and ``finish`` use."""
+
+    cfg: Config
+    dist: Dist
+    device: torch.device
+    autocast: Callable[[], Any]
+    tokenizer: Any
+    data: Any  # PreparedData
+    model: Any  # the model whose weights train and are saved
+    train_model: Any  # what the forward pass calls (DDP-wrapped with several workers)
+    neftune: Any
+    optimizer: Any
+    scheduler: Any
+    stream: BatchStream
+    evaluate: Callable[..., tuple[dict[str, float], list[dict[str, str]]]]
+    progress: Progress
+    t0: float
+    train_seconds: float = 0.0
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -56,35 +130,6 @@ def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
     if not use_bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _epoch_order(n: int, *, seed: int, epoch: int, dist: Dist) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[dist.rank :: dist.world_size]
-
-
-def _micro_batches(cfg: Config, examples: list, bins: list[list[int]], pad_id: int, dist: Dist):
-    """Endless stream of training micro-batches, reshuffled every epoch."""
-    from raysft.train.evaluate import batches
-
-    epoch = 0
-    while True:
-        order = _epoch_order(len(bins), seed=cfg.train.seed, epoch=epoch, dist=dist)
-        yield from batches(
-            examples,
-            bins,
-            packing=cfg.data.packing,
-            batch_size=cfg.train.batch_size,
-            pad_id=pad_id,
-            order=order,
-        )
-        epoch += 1
 
 
 def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
@@ -104,32 +149,12 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
     return optimizer, scheduler
 
 
-def run_trial(
-    cfg: Config,
-    *,
-    report: Reporter | None = None,
-    dist: Dist | None = None,
-    prepare_model: Callable[[Any], Any] | None = None,
-    eval_base: bool = True,
-) -> TrialResult:
-    """Train one config; returns final metrics. ``prepare_model`` wraps the model for DDP."""
+def _prepare(cfg: Config, tokenizer: Any) -> tuple[Any, list[list[int]], list[list[int]]]:
+    """Tokenized data and its rows (packed bins, or one sample per row), built once."""
     from raysft.data.packing import packing_efficiency
     from raysft.data.pipeline import prepare_data
-    from raysft.train.evaluate import eval_loss, exact_match, forward_loss, make_bins
-    from raysft.train.model import count_parameters, load_model, load_tokenizer
-    from raysft.train.neftune import attach_neftune
+    from raysft.train.evaluate import make_bins
 
-    dist = dist or Dist()
-    t0 = time.perf_counter()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    _seed_everything(cfg.train.seed)
-    device = pick_device()
-    autocast = _autocast(cfg, device)
-    out_dir = Path(cfg.output_dir)
-
-    # --- tokenizer and data
-    tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     train_bins = make_bins(data.train, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     eval_bins = make_bins(data.eval, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
@@ -142,17 +167,39 @@ def run_trial(
     log.info("data: %s", json.dumps(data.report.as_dict(), ensure_ascii=False))
     for reason in data.report.skipped[:5]:
         log.warning("skipped %s", reason)
+    return data, train_bins, eval_bins
 
-    # --- model (+ adapter), NEFTune, optimizer
+
+def setup(
+    cfg: Config,
+    *,
+    dist: Dist,
+    prepare_model: Callable[[Any], Any] | None = None,
+    resume_from: str | None = None,
+) -> Run:
+    """Tokenizer, data, model (+ adapter), NEFTune, optimizer; the training state if resuming."""
+    from raysft.train.evaluate import eval_loss_sum, generate_answers, score
+    from raysft.train.model import count_parameters, load_model, load_tokenizer
+    from raysft.train.neftune import attach_neftune
+    from raysft.train.state import load_state
+
+    t0 = time.perf_counter()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device()
+    autocast = _autocast(cfg, device)
+    tokenizer = load_tokenizer(cfg.model)
+    data, train_bins, eval_bins = _prepare(cfg, tokenizer)
+
     model = load_model(cfg, device=device)
-    trainable, total = count_parameters(model)
     neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
     train_model = prepare_model(model) if prepare_model else model
     optimizer, scheduler = _build_optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id
-    # Held-out loss on response tokens, and greedy exact match, bound to this config.
-    held_out_loss = functools.partial(
-        eval_loss,
+    loss = functools.partial(
+        eval_loss_sum,
         model,
         data.eval,
         eval_bins,
@@ -162,8 +209,8 @@ def run_trial(
         device=device,
         autocast=autocast,
     )
-    held_out_em = functools.partial(
-        exact_match,
+    answers = functools.partial(
+        generate_answers,
         model,
         tokenizer,
         data.eval_conversations,
@@ -173,103 +220,179 @@ def run_trial(
         device=device,
         autocast=autocast,
     )
+    evaluate = functools.partial(score, cfg, loss=loss, answers=answers)
+    stream = BatchStream(data.train, train_bins, cfg=cfg, pad_id=pad_id, dist=dist)
+    if resume_from is not None:
+        progress = load_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        stream.seek(progress.epoch, progress.position)
+        log.info("resumed from %s at step %d", resume_from, progress.step)
+    else:
+        trainable, total = count_parameters(model)
+        progress = Progress(final={"trainable_params": trainable, "total_params": total})
+        # LoRA starts with B = 0 and full FT with the base weights: the model *is* the base.
+        if cfg.train.eval_base and cfg.train.exact_match and data.eval_conversations:
+            base, _ = evaluate(final=True, only=("exact_match",))
+            progress.final["base_exact_match"] = base["exact_match"]
+            log.info("base model exact match: %.3f", base["exact_match"])
+    return Run(
+        cfg, dist, device, autocast, tokenizer, data, model, train_model, neftune, optimizer,
+        scheduler, stream, evaluate, progress, t0,
+    )  # fmt: skip
 
-    final: dict[str, Any] = {"trainable_params": trainable, "total_params": total}
-    # LoRA starts with B = 0 and full FT with the base weights: the model *is* the base here.
-    if eval_base and cfg.train.exact_match and data.eval_conversations:
-        final["base_exact_match"], _ = held_out_em()
-        log.info("base model exact match: %.3f", final["base_exact_match"])
 
-    # --- train
-    history: list[dict[str, Any]] = []
-    stream = _micro_batches(cfg, data.train, train_bins, pad_id, dist)
-    model.train()
+def _train_step(run: Run) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its step metrics."""
+    from raysft.data.packing import loss_mask
+    from raysft.train.evaluate import forward_loss
+
+    cfg = run.cfg
+    micro = [next(run.stream) for _ in range(cfg.train.grad_accum)]
+    # Mean over every token the loss scores in the step, not a mean of micro-batch means.
+    n_tokens = max(sum(int(loss_mask(b["labels"], b["position_ids"]).sum()) for b in micro), 1)
+    step_loss = 0.0
+    for batch in micro:
+        if run.neftune is not None:
+            run.neftune.set_lengths(batch["seg_lens"].to(run.device))
+        with run.autocast():
+            loss_sum, _ = forward_loss(run.train_model, batch, run.device)
+        (loss_sum / n_tokens).backward()
+        step_loss += float(loss_sum.detach()) / n_tokens
+    if cfg.train.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in run.model.parameters() if p.requires_grad], cfg.train.max_grad_norm
+        )
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses, before the scheduler moves
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {
+        "train_loss": round(step_loss, 6),
+        "lr": lr,
+        "tokens": sum(int((b["seg_lens"] > 0).sum()) for b in micro),  # real, not padding
+    }
+
+
+def train(run: Run, report: Reporter | None) -> None:
+    """Optimizer steps from the run's progress to ``max_steps``; eval + checkpoint every
+    ``eval_every`` steps and at the last one."""
+    cfg, progress = run.cfg, run.progress
+    run.model.train()
     t_train = time.perf_counter()
-    for step in range(1, cfg.train.max_steps + 1):
-        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-        # Mean over every trained token of the step, not a mean of micro-batch means.
-        n_tokens = max(sum(int((b["labels"] != -100).sum()) for b in micro), 1)
-        step_loss = 0.0
-        for batch in micro:
-            if neftune is not None:
-                neftune.set_lengths(batch["seg_lens"].to(device))
-            with autocast():
-                loss_sum, _ = forward_loss(train_model, batch, device)
-            (loss_sum / n_tokens).backward()
-            step_loss += float(loss_sum.detach()) / n_tokens
-        if cfg.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm
+    while progress.step < cfg.train.max_steps:
+        step = progress.step + 1
+        record: dict[str, Any] = {"step": step, **_train_step(run)}
+        last = step == cfg.train.max_steps
+        progress.step, progress.epoch, progress.position = (
+            step,
+            run.stream.epoch,
+            run.stream.position,
+        )
+        if step % cfg.train.eval_every == 0 or last:
+            scores, samples = run.evaluate(final=last)
+            record.update(scores)
+            if last and "base_exact_match" in progress.final:  # for comparison with the base
+                record["base_exact_match"] = progress.final["base_exact_match"]
+            if samples:
+                progress.final["eval_samples"] = samples[:10]
+            record["elapsed_s"] = round(time.perf_counter() - run.t0, 2)
+            log.info(
+                "step %d train_loss %.4f eval_loss %.4f",
+                step,
+                record["train_loss"],
+                record.get("eval_loss", math.nan),
             )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {
-            "step": step,
-            "train_loss": round(step_loss, 6),
-            "lr": scheduler.get_last_lr()[0],
-            "tokens": sum(int((b["seg_lens"] > 0).sum()) for b in micro),  # real, not padding
-        }
-        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            record["eval_loss"] = held_out_loss() if data.eval else float("nan")
-            record["elapsed_s"] = round(time.perf_counter() - t0, 2)
-            log.info("step %d train_loss %.4f eval_loss %.4f", step, step_loss, record["eval_loss"])
-            if step == cfg.train.max_steps and cfg.train.exact_match and data.eval_conversations:
-                record["exact_match"], samples = held_out_em()
-                if "base_exact_match" in final:  # so the search can compare with the base
-                    record["base_exact_match"] = final["base_exact_match"]
-                final["eval_samples"] = samples[:10]
-            _report(report, record, model, tokenizer, cfg, dist)
-        history.append(record)
-    train_s = time.perf_counter() - t_train
-    if neftune is not None:
-        neftune.remove()
+            progress.history.append(record)
+            _checkpoint(run, record, report)
+        else:
+            progress.history.append(record)
+    run.train_seconds = time.perf_counter() - t_train
 
-    # --- outputs
-    last = history[-1]
+
+def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> None:
+    """Report ``record`` with a checkpoint (export + training state) written by rank 0."""
+    if report is None:
+        return
+    from raysft.train.model import save_model
+    from raysft.train.state import save_state
+
+    if run.dist.rank != 0:
+        report(record, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="raysft-ckpt-") as tmp:
+        save_model(run.model, run.tokenizer, tmp, method=run.cfg.method)
+        save_state(
+            tmp,
+            progress=run.progress,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+        )
+        report(record, tmp)
+
+
+def finish(run: Run) -> TrialResult:
+    """Final metrics; rank 0 writes the adapter (or model), config.yaml and metrics.json."""
+    if run.neftune is not None:
+        run.neftune.remove()
+    final = dict(run.progress.final)
+    last = run.progress.history[-1] if run.progress.history else {}
     final.update(
         {k: last[k] for k in ("step", "train_loss", "eval_loss", "exact_match") if k in last}
     )
     if "base_exact_match" in final and "exact_match" in final:
         final["exact_match_gain"] = round(final["exact_match"] - final["base_exact_match"], 4)
-    final.update(
-        {"train_seconds": round(train_s, 2), "wall_seconds": round(time.perf_counter() - t0, 2)}
-    )
-    result = TrialResult(str(out_dir), final, history, data.report.as_dict())
-    if dist.rank == 0:
-        _write_outputs(out_dir, model, tokenizer, cfg, result)
+    final["train_seconds"] = round(run.train_seconds, 2)
+    final["wall_seconds"] = round(time.perf_counter() - run.t0, 2)
+    out_dir = Path(run.cfg.output_dir)
+    result = TrialResult(str(out_dir), final, run.progress.history, run.data.report.as_dict())
+    if run.dist.rank == 0:
+        _write_outputs(out_dir, run, result)
     return result
 
 
-def _report(
-    report: Reporter | None,
-    record: dict[str, Any],
-    model: Any,
-    tokenizer: Any,
-    cfg: Config,
-    dist: Dist,
-) -> None:
-    if report is None:
-        return
-    from raysft.train.model import save_model
-
-    if dist.rank != 0:
-        report(record, None)
-        return
-    with tempfile.TemporaryDirectory(prefix="raysft-ckpt-") as tmp:
-        save_model(model, tokenizer, tmp, method=cfg.method)
-        report(record, tmp)
-
-
-def _write_outputs(
-    out_dir: Path, model: Any, tokenizer: Any, cfg: Config, result: TrialResult
-) -> None:
+def _write_outputs(out_dir: Path, run: Run, result: TrialResult) -> None:
     from raysft.train.model import save_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, tokenizer, str(out_dir), method=cfg.method)
-    (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    save_model(run.model, run.tokenizer, str(out_dir), method=run.cfg.method)
+    (out_dir / "config.yaml").write_text(dump_config(run.cfg), encoding="utf-8")
     metrics = {"final": result.final, "history": result.history, "data": result.data}
     (out_dir / "metrics.json").write_text(
         json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8"
     )
+
+
+def run_trial(
+    cfg: Config,
+    *,
+    report: Reporter | None = None,
+    dist: Dist | None = None,
+    prepare_model: Callable[[Any], Any] | None = None,
+    resume_from: str | None = None,
+) -> TrialResult:
+    """Train one config (from ``resume_from``'s step when given); returns its final metrics.
+    ``prepare_model`` wraps the model for DDP."""
+    run = setup(cfg, dist=dist or Dist(), prepare_model=prepare_model, resume_from=resume_from)
+    train(run, report)
+    return finish(run)
+
+
+class LocalCheckpoints:
+    """A reporter for ``python -m raysft.train``: keeps the latest checkpoint in ``directory``
+    (``step-000050/``), each written beside the previous and swapped in by rename."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"step-{int(metrics['step']):06d}"
+        tmp = self.directory / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        tmp.rename(target)
+        for old in self.directory.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raysft.assets import EMBEDDED_PREFIX, asset_path, corpus, resolve
 from raysft.assets.tokenizer import SPECIAL_TOKENS, build_tokenizer
+from raysft.errors import AssetError
 
 NASTY = [
     "",
@@ -115,9 +116,9 @@ def test_asset_path_and_resolve(tmp_path: Path) -> None:
     assert resolve(f"{EMBEDDED_PREFIX}tiny-base") == str(model_dir)
     assert resolve("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert resolve(str(tmp_path)) == str(tmp_path)
-    with pytest.raises(FileNotFoundError, match="tasks-alpaca.jsonl"):
+    with pytest.raises(AssetError, match="tasks-alpaca.jsonl"):
         asset_path("no-such-asset")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(AssetError):
         asset_path("build.py")
 
 

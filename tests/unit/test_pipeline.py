@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from raysft.config import DataSection
-from raysft.data.formats import DataError
+from raysft.errors import DataError
 from raysft.data.pipeline import load_split, prepare_data
 from raysft.data.templates import trained_spans
 

@@ -110,9 +110,10 @@ def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
         assert checkpoint_dir is not None
         seen.append((metrics, sorted(p.name for p in Path(checkpoint_dir).iterdir())))
 
-    run_trial(
-        _config(tmp_path, _model_dir(tmp_path, "llama"), "lora"), report=report, eval_base=False
-    )
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.eval_base": False})
+    run_trial(cfg, report=report)
     assert [m["step"] for m, _ in seen] == [2, 4]
     assert all("adapter_model.safetensors" in files for _, files in seen)
+    assert all("training_state.pt" in files for _, files in seen)
+    assert "base_exact_match" not in seen[-1][0]  # train.eval_base: false is honoured
     assert "exact_match" in seen[-1][0] and "exact_match" not in seen[0][0]

@@ -22,16 +22,22 @@ import optuna
 import pytest
 import yaml
 
-from raysft import tune
-from raysft.config import ConfigError, set_path, validate_tree
-from raysft.search import (
-    DefineByRun,
-    build_space,
-    describe_space,
-    plan_resources,
-    trial_config,
-    validate_search,
-)
+from raysft.config import set_path, validate_spec
+from raysft.errors import ConfigError
+from raysft.search.resources import plan_resources
+from raysft.search.space import DefineByRun, describe_space, trial_config
+from raysft.search.space import build_space as _build_space
+from raysft.search import spec as spec_module
+from raysft.search.spec import load_spec, validate_search
+
+
+def build_space(cfg: Any) -> DefineByRun:
+    return _build_space(cfg, cfg.search)
+
+
+def validate_tree(tree: dict[str, Any], *, source: str = "<spec>") -> Any:
+    """A search spec tree validated (search section required)."""
+    return validate_spec(tree, source=source)
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = "spec.yaml"
@@ -262,7 +268,7 @@ def test_combination_of_individually_valid_values_is_reported() -> None:
 def test_metric_the_trainer_never_reports() -> None:
     assert one_problem(spec(metric="accuracy")) == (
         "search.metric: the trainer never reports 'accuracy' "
-        "(it reports eval_loss, train_loss, exact_match)"
+        "(it reports train_loss, eval_loss, perplexity, exact_match)"
     )
 
 
@@ -276,7 +282,7 @@ def test_exact_match_needs_a_scheduler_that_waits_for_the_end() -> None:
     asha = spec(metric="exact_match", mode="max")
     assert one_problem(asha) == (
         "search.metric: exact_match is reported only at the end of a trial; "
-        "search.scheduler asha needs a per-eval metric (eval_loss, train_loss)"
+        "search.scheduler asha needs a per-eval metric (train_loss, eval_loss, perplexity)"
     )
     assert problems_of(spec(metric="exact_match", mode="max", scheduler={"type": "none"})) == []
 
@@ -660,14 +666,14 @@ def spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A valid spec file; load_spec sees an 8-CPU machine (no torch import, no cluster)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_JOB_ID", raising=False)
-    monkeypatch.setattr(tune, "local_nodes", lambda: [{"CPU": 8.0, "GPU": 0.0}])
+    monkeypatch.setattr(spec_module, "local_nodes", lambda: [{"CPU": 8.0, "GPU": 0.0}])
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec({"lora.r": {"type": "choice", "values": [16, 32]}})))
     return path
 
 
 def test_set_replaces_a_field_of_a_parameter(spec_file: Path) -> None:
-    _, cfg = tune.load_spec(str(spec_file), ["search.params.lora.r.values=[4,8]"])
+    _, cfg = load_spec(str(spec_file), ["search.params.lora.r.values=[4,8]"])
     assert cfg.search is not None
     assert cfg.search.params["lora.r"].type == "choice"
     assert cfg.search.params["lora.r"].values == [4, 8]
@@ -675,7 +681,7 @@ def test_set_replaces_a_field_of_a_parameter(spec_file: Path) -> None:
 
 
 def test_set_adds_a_whole_parameter(spec_file: Path) -> None:
-    tree, cfg = tune.load_spec(
+    tree, cfg = load_spec(
         str(spec_file),
         ["search.params.train.learning_rate={type: loguniform, low: 1e-5, high: 1e-3}"],
     )
@@ -688,7 +694,7 @@ def test_set_adds_a_whole_parameter(spec_file: Path) -> None:
 
 def test_set_value_is_validated_like_the_file(spec_file: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        tune.load_spec(str(spec_file), ["search.params.lora.r.values=[4,2.5]"])
+        load_spec(str(spec_file), ["search.params.lora.r.values=[4,2.5]"])
     assert err.value.problems == [
         "search.params.lora.r: value 2.5: lora.r: "
         "Input should be a valid integer, got a number with a fractional part"
@@ -697,7 +703,7 @@ def test_set_value_is_validated_like_the_file(spec_file: Path) -> None:
 
 def test_set_into_a_value_is_a_config_error(spec_file: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        tune.load_spec(str(spec_file), ["train.max_steps.x=1"])
+        load_spec(str(spec_file), ["train.max_steps.x=1"])
     assert err.value.problems == ["--set train.max_steps.x: max_steps is not a section"]
 
 
@@ -862,7 +868,7 @@ def test_cli_bad_spec_prints_every_problem(cli: CliRuns) -> None:
         "use type int or choice, not uniform",
         f"error: {path}: search.params.lora.alpha.of: config has no field 'rank' at lora.rank",
         f"error: {path}: search.metric: the trainer never reports 'accuracy' "
-        "(it reports eval_loss, train_loss, exact_match)",
+        "(it reports train_loss, eval_loss, perplexity, exact_match)",
     ]
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from raysft import docs
-from raysft.tune import load_spec
+from raysft.search.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))

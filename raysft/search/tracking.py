@@ -9,18 +9,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raysft.config import Config, TrackingSection
+from raysft.config import Config, SearchSpec, TrackingSection
+from raysft.search.results import classify
+from raysft.train.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-STATUS_TAG = "raysft.status"  # finished | stopped_early | failed
-# MLflow run status for each trial outcome: ASHA stops show as KILLED, distinct from FAILED.
-RUN_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
-_METRICS = ("eval_loss", "train_loss", "lr", "exact_match", "base_exact_match")
+STATUS_TAG = "raysft.status"  # a TrialStatus value
+# (trial_id, sampled values) -> that trial's own resolved config
+TrialResolver = Callable[[str, dict[str, Any]], Config]
 
 
 def tracking_uri(cfg: TrackingSection) -> str:
@@ -61,11 +63,15 @@ def experiment_id(mlc: Any, name: str) -> str:
     return exp.experiment_id if exp else mlc.create_experiment(name)
 
 
-def start_parent(mlc: Any, exp_id: str, *, name: str, cfg: Config, spec_path: str) -> str:
+def config_params(cfg: Config) -> dict[str, str]:
+    """A trial's resolved config as MLflow params (search, tracking, promote: the parent's)."""
+    return flatten(cfg.model_dump(mode="json", exclude={"search", "tracking", "promote"}))
+
+
+def start_parent(mlc: Any, exp_id: str, *, name: str, cfg: SearchSpec, spec_path: str) -> str:
     run = mlc.create_run(exp_id, run_name=name, tags={"raysft.kind": "search"})
     rid = run.info.run_id
     params = flatten(cfg.model_dump(mode="json", exclude={"search"}))
-    assert cfg.search is not None
     params.update(
         {f"search.{k}": v for k, v in flatten(cfg.search.model_dump(mode="json")).items()}
     )
@@ -83,14 +89,18 @@ def _log_params(mlc: Any, run_id: str, params: dict[str, str]) -> None:
 
 
 def log_metrics(mlc: Any, run_id: str, result: dict[str, Any]) -> None:
+    """Every registry metric in a trial's result, at the trial's own step."""
     from mlflow.entities import Metric
 
     step = int(result.get("step", 0))
-    ts = int(result.get("timestamp", 0) * 1000) or None
+    ts = int(result.get("timestamp", 0) * 1000)
     metrics = [
-        Metric(k, float(result[k]), ts or 0, step)
-        for k in _METRICS
-        if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])
+        Metric(k, float(v), ts, step)
+        for k, v in result.items()
+        if k in METRICS
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
     ]
     if metrics:
         mlc.log_batch(run_id, metrics=metrics)
@@ -108,10 +118,12 @@ def trial_runs(mlc: Any, exp_id: str, parent_id: str) -> dict[str, tuple[str, st
     }
 
 
-def make_callback(
-    mlc: Any, *, exp_id: str, parent_id: str, max_steps: int, base_params: dict[str, str]
-) -> Any:
-    """A Tune callback that mirrors every trial into a nested MLflow run."""
+def make_callback(mlc: Any, *, exp_id: str, parent_id: str, resolve_trial: TrialResolver) -> Any:
+    """A Tune callback that mirrors every trial into a nested MLflow run.
+
+    ``resolve_trial`` gives each trial's own config: its params (output_dir included) and the
+    ``max_steps`` its status is judged by.
+    """
     from ray.tune import Callback
 
     class MlflowTrials(Callback):
@@ -141,11 +153,11 @@ def make_callback(
                 },
             )
             self.runs[trial.trial_id] = run.info.run_id
-            # The sampled values replace the base config's at their own paths (the trial trained
-            # with them) and are repeated under sampled.* to tell the searched ones apart.
-            sampled = {k: str(v) for k, v in trial.config.items()}
-            params = {**base_params, **sampled, **{f"sampled.{k}": v for k, v in sampled.items()}}
-            _log_params(mlc, run.info.run_id, params)
+            # The trial's own resolved config, with the sampled values repeated under sampled.*
+            # to tell the searched ones apart.
+            own = config_params(resolve_trial(trial.trial_id, dict(trial.config)))
+            sampled = {f"sampled.{k}": str(v) for k, v in trial.config.items()}
+            _log_params(mlc, run.info.run_id, {**own, **sampled})
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -155,17 +167,19 @@ def make_callback(
                 log_metrics(mlc, self.runs[trial.trial_id], result)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            step = int(self.last.get(trial.trial_id, {}).get("step", 0))
-            self._end(trial, "finished" if step >= max_steps else "stopped_early")
+            self._end(trial, error=False)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._end(trial, "failed")
+            self._end(trial, error=True)
 
-        def _end(self, trial: Any, status: str) -> None:
-            self.status[trial.trial_id] = status
+        def _end(self, trial: Any, *, error: bool) -> None:
+            max_steps = resolve_trial(trial.trial_id, dict(trial.config)).train.max_steps
+            last = self.last.get(trial.trial_id, {}).get("step")
+            status = classify(last_step=last, max_steps=max_steps, error=error)
+            self.status[trial.trial_id] = status.value
             run_id = self.runs.get(trial.trial_id)
             if run_id:
-                mlc.set_tag(run_id, STATUS_TAG, status)
-                mlc.set_terminated(run_id, RUN_STATUS[status])
+                mlc.set_tag(run_id, STATUS_TAG, status.value)
+                mlc.set_terminated(run_id, status.mlflow)
 
     return MlflowTrials()

@@ -1,0 +1,87 @@
+"""A validated spec -> Optuna define-by-run space; sampled values -> a trial's own config.
+
+Pure: no Ray import. Every sampled trial config is validated by the same pydantic models as a
+hand-written config, so a spec that passes validation cannot produce a trial that fails it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raysft.config import Config, SearchSection, get_path, set_path, validate_tree
+
+
+class DefineByRun:
+    """Optuna define-by-run space; a class (not a closure) so Tune can pickle the searcher."""
+
+    def __init__(self, cfg: Config, search: SearchSection):
+        self.params = {k: v.model_dump() for k, v in search.params.items()}
+        # multiple_of an unsearched path multiplies the base config's value.
+        self.fixed = {
+            p.of: get_path(cfg, p.of)
+            for p in search.params.values()
+            if p.type == "multiple_of" and p.of and p.of not in search.params
+        }
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if p["type"] == "loguniform":
+                out[name] = trial.suggest_float(name, p["low"], p["high"], log=True)
+            elif p["type"] == "uniform":
+                out[name] = trial.suggest_float(name, p["low"], p["high"])
+            elif p["type"] == "int":
+                out[name] = trial.suggest_int(name, int(p["low"]), int(p["high"]))
+            elif p["type"] == "choice":
+                out[name] = trial.suggest_categorical(name, p["values"])
+        for name, p in self.params.items():  # products once their factors are sampled
+            if p["type"] == "multiple_of":
+                factor = trial.suggest_categorical(f"{name}/factor", p["values"])
+                out[name] = {**self.fixed, **out}[p["of"]] * factor
+        return out
+
+
+def build_space(cfg: Config, search: SearchSection) -> DefineByRun:
+    return DefineByRun(cfg, search)
+
+
+def trial_output_dir(exp_dir: str | Path, trial_id: str) -> str:
+    return str(Path(exp_dir) / "trials" / trial_id)
+
+
+def trial_config(tree: dict[str, Any], sampled: dict[str, Any], *, output_dir: str) -> Config:
+    """The base config with the sampled values set; validated like any config."""
+    t = copy.deepcopy(tree)
+    t.pop("search", None)
+    for name, value in sampled.items():
+        set_path(t, name, value)
+    t["output_dir"] = output_dir
+    return validate_tree(t, source="<trial>")
+
+
+@dataclass(frozen=True)
+class TrialConfigs:
+    """(trial_id, sampled values) -> that trial's resolved config. Picklable, for Tune callbacks."""
+
+    tree: dict[str, Any]
+    exp_dir: str
+
+    def __call__(self, trial_id: str, sampled: dict[str, Any]) -> Config:
+        return trial_config(self.tree, sampled, output_dir=trial_output_dir(self.exp_dir, trial_id))
+
+
+def describe_space(search: SearchSection) -> list[str]:
+    lines = []
+    for name, p in search.params.items():
+        if p.type in ("loguniform", "uniform"):
+            lines.append(f"{name}: {p.type}({p.low:g}, {p.high:g})")
+        elif p.type == "int":
+            lines.append(f"{name}: int({int(p.low or 0)}, {int(p.high or 0)})")
+        elif p.type == "choice":
+            lines.append(f"{name}: choice{p.values}")
+        else:
+            lines.append(f"{name}: {p.of} x choice{p.values}")
+    return lines

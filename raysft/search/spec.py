@@ -1,0 +1,283 @@
+"""Read, override and validate a search spec: every problem at once, before Ray starts.
+
+Pure but for the node probe of laptop mode (``resources.local_nodes``). Every searched value is
+probed through the same pydantic models a trial config goes through, alone and in combination.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from raysft.config import (
+    Config,
+    SearchParam,
+    SearchSpec,
+    get_path,
+    parse_overrides,
+    read_yaml,
+    set_path,
+    validate_spec,
+    validate_tree,
+)
+from raysft.errors import ConfigError
+from raysft.search.resources import (
+    attaching_to_cluster,
+    local_nodes,
+    meant_for_a_cluster,
+    plan_resources,
+)
+from raysft.train.metrics import METRICS, objective_mode, reported
+
+_UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")
+# Cap on the value combinations validated together (each is one pydantic validation).
+MAX_JOINT_PROBES = 4096
+
+
+def load_spec(
+    path: str, overrides: list[str], *, dry_run: bool = False
+) -> tuple[dict[str, Any], SearchSpec]:
+    """Read, override and validate a spec; every problem at once, before Ray starts.
+
+    Resources are checked against this machine (laptop mode) unless the driver joins a cluster,
+    which is checked once joined; a dry run of a GPU spec on a GPU-less machine is a cluster
+    spec being checked before submission, so its plan is printed, not refused.
+    """
+    tree = read_yaml(path)
+    for key, value in parse_overrides(overrides).items():
+        try:
+            set_path(tree, key, value)
+        except KeyError as err:
+            raise ConfigError(path, [f"--set {err.args[0]}"]) from None
+    problems: list[str] = []
+    try:
+        spec = validate_spec(tree, source=path)
+    except ConfigError as err:
+        # A malformed search parameter (low > high, ...) must not hide the spec's other
+        # problems: check the rest without the parameters pydantic rejected.
+        rest = _without_malformed_params(tree)
+        if rest is None:
+            raise
+        problems, (tree, spec) = list(err.problems), rest
+    problems += validate_search(tree, spec, source=path)
+    if not attaching_to_cluster():
+        nodes = local_nodes()
+        if not (dry_run and meant_for_a_cluster(spec.search, nodes)):
+            problems += plan_resources(spec.search, nodes, where="this machine")[1]
+    if problems:
+        raise ConfigError(path, problems)
+    spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
+    return tree, spec
+
+
+def _without_malformed_params(tree: dict[str, Any]) -> tuple[dict[str, Any], SearchSpec] | None:
+    """The spec minus its malformed search parameters, if that makes the rest valid."""
+    search = tree.get("search")
+    if not isinstance(search, dict) or not isinstance(search.get("params"), dict):
+        return None
+    params: dict[str, Any] = search["params"]
+    kept = {}
+    for name, param in params.items():
+        try:
+            SearchParam.model_validate(param)
+        except ValidationError:
+            continue
+        kept[name] = param
+    if len(kept) == len(params):
+        return None  # the problem lies elsewhere
+    rest = {**tree, "search": {**search, "params": kept}}
+    try:
+        return rest, validate_spec(rest)
+    except ConfigError:
+        return None
+
+
+def _field_annotation(path: str) -> Any:
+    """The type annotation of a leaf config field at ``path``, or raise KeyError."""
+    model: type[BaseModel] = Config
+    keys = path.split(".")
+    for i, key in enumerate(keys):
+        if key not in model.model_fields:
+            raise KeyError(f"config has no field {key!r} at {'.'.join(keys[: i + 1])}")
+        ann = model.model_fields[key].annotation
+        sub = [
+            a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if i == len(keys) - 1:
+            if sub:
+                raise KeyError(f"{path} is a section, not a value")
+            return ann
+        if not sub:
+            raise KeyError(f"{'.'.join(keys[: i + 1])} is a value, it has no field {keys[i + 1]!r}")
+        model = sub[0]
+    raise KeyError(path)
+
+
+def _is_int_field(ann: Any) -> bool:
+    args = get_args(ann) if get_origin(ann) is not None else (ann,)
+    return int in args and float not in args
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _probe_values(p: SearchParam, params: dict[str, SearchParam], cfg: Config) -> list[Any]:
+    """Values that must all validate: the bounds, every choice, every product."""
+    if p.type in ("loguniform", "uniform"):
+        return [p.low, p.high]
+    if p.type == "int":
+        return [int(p.low or 0), int(p.high or 0)]
+    if p.type == "choice":
+        return list(p.values or [])
+    return [b * f for b in _bases(p, params, cfg) for f in (p.values or [])]
+
+
+def _bases(p: SearchParam, params: dict[str, SearchParam], cfg: Config) -> list[Any]:
+    """The values a multiple_of multiplies: its searched ``of``'s probes, or the fixed value."""
+    of = params.get(p.of or "")
+    return _probe_values(of, params, cfg) if of else [get_path(cfg, p.of or "")]
+
+
+def _check_param(
+    name: str, p: SearchParam, params: dict[str, SearchParam], cfg: Config
+) -> str | None:
+    """The first shape problem of one parameter (before its values are probed), or None."""
+    where = f"search.params.{name}"
+    if name.split(".")[0] in _UNSEARCHABLE:
+        return f"{where}: {name.split('.')[0]} cannot be searched"
+    try:
+        ann = _field_annotation(name)
+    except KeyError as err:
+        return f"{where}: {err.args[0]}"
+    if p.type in ("loguniform", "uniform") and _is_int_field(ann):
+        return f"{where}: {name} is an integer; use type int or choice, not {p.type}"
+    if p.type == "int" and not all(float(b).is_integer() for b in (p.low or 0, p.high or 0)):
+        # Optuna's suggest_int needs whole bounds; rounding them silently could leave the range
+        # that was checked here.
+        return f"{where}: type int needs whole-number low and high (got {p.low:g}, {p.high:g})"
+    if p.type != "multiple_of":
+        return None
+    bad = [f for f in p.values or [] if not _is_number(f)]
+    if bad:
+        return f"{where}.values: multiple_of factors must be numbers, got {bad[0]!r}"
+    of = params.get(p.of or "")
+    if of is not None and of.type == "multiple_of":
+        # The products are computed after every other value is sampled, in one pass.
+        return (
+            f"{where}.of: {p.of} is itself a multiple_of; "
+            "multiple_of must refer to a sampled parameter or a fixed config value"
+        )
+    if of is None:
+        try:
+            _field_annotation(p.of or "")
+        except KeyError as err:
+            return f"{where}.of: {err.args[0]}"
+    bases = _bases(p, params, cfg)
+    if not all(_is_number(b) for b in bases):
+        got = next(b for b in bases if not _is_number(b))
+        return f"{where}.of: {p.of} is not a number ({got!r}); multiple_of needs a number"
+    return None
+
+
+def _joint_probes(params: dict[str, SearchParam], cfg: Config) -> list[dict[str, Any]] | None:
+    """Every combination of the parameters' probe values (products follow their ``of``).
+
+    A cross-field rule (``method: full`` with ``lora.use_dora``) can reject a combination whose
+    values each pass alone. None when there are too many to check.
+    """
+    free = {k: _probe_values(p, params, cfg) for k, p in params.items() if p.type != "multiple_of"}
+    products = {k: p for k, p in params.items() if p.type == "multiple_of"}
+    count = math.prod(len(set(map(repr, v))) for v in free.values())
+    count *= math.prod(len(p.values or []) for p in products.values())
+    if count > MAX_JOINT_PROBES:
+        return None
+    combos: list[dict[str, Any]] = [{}]
+    for k, values in free.items():
+        unique = list({repr(v): v for v in values}.values())
+        combos = [{**c, k: v} for c in combos for v in unique]
+    for k, p in products.items():
+        combos = [
+            {**c, k: c.get(p.of or "", get_path(cfg, p.of or "")) * f}
+            for c in combos
+            for f in p.values or []
+        ]
+    return combos
+
+
+def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> list[str]:
+    """Every problem with the spec's ``search`` section, as ``path: message`` lines."""
+    s = spec.search
+    problems: list[str] = []
+    for name, p in s.params.items():
+        where = f"search.params.{name}"
+        shape = _check_param(name, p, s.params, spec)
+        if shape:
+            problems.append(shape)
+            continue
+        for value in _probe_values(p, s.params, spec):
+            probe = copy.deepcopy(tree)
+            set_path(probe, name, value)
+            probe.pop("search", None)
+            try:
+                validate_tree(probe, source=source)
+            except ConfigError as err:
+                problems += [f"{where}: value {value!r}: {e}" for e in err.problems]
+                break
+    if not problems and len(s.params) > 1:
+        problems += _check_combinations(tree, s.params, spec, source=source)
+    problems += _check_metric(spec)
+    return problems
+
+
+def _check_combinations(
+    tree: dict[str, Any], params: dict[str, SearchParam], cfg: Config, *, source: str
+) -> list[str]:
+    """The first combination of (individually valid) values that fails validation, if any."""
+    base = copy.deepcopy(tree)
+    base.pop("search", None)
+    for combo in _joint_probes(params, cfg) or []:
+        probe = copy.deepcopy(base)
+        for name, value in combo.items():
+            set_path(probe, name, value)
+        try:
+            validate_tree(probe, source=source)
+        except ConfigError as err:
+            values = ", ".join(f"{k}={v!r}" for k, v in combo.items())
+            return [f"search.params: combination {values}: {e}" for e in err.problems]
+    return []
+
+
+def _check_metric(spec: SearchSpec) -> list[str]:
+    """``search.metric`` is a searchable metric this config reports, usable by the scheduler."""
+    s = spec.search
+    known = [m.name for m in reported(spec) if m.searchable]
+    metric = METRICS.get(s.metric) if s.metric in known else None
+    if metric is None:
+        return [
+            f"search.metric: the trainer never reports {s.metric!r} (it reports {', '.join(known)})"
+        ]
+    problems = []
+    if s.mode is not None and s.mode != metric.mode:
+        problems.append(
+            f"search.mode: {s.mode}, but {s.metric} is better when "
+            f"{'lower' if metric.mode == 'min' else 'higher'} (mode {metric.mode}); "
+            "leave search.mode out to use the metric's own"
+        )
+    per_eval = [m for m in known if METRICS[m].per_eval]
+    if s.scheduler.type == "asha" and not metric.per_eval:
+        problems.append(
+            f"search.metric: {s.metric} is reported only at the end of a trial; "
+            f"search.scheduler asha needs a per-eval metric ({', '.join(per_eval)})"
+        )
+    # The recipe evaluates every eval_every steps and at the last step.
+    n_evals = -(-spec.train.max_steps // spec.train.eval_every)
+    if s.scheduler.type == "asha" and n_evals < 2:
+        problems.append(
+            f"search.scheduler: asha needs at least 2 evals per trial, this one has {n_evals} "
+            f"(train.max_steps {spec.train.max_steps}, train.eval_every {spec.train.eval_every})"
+        )
+    return problems

@@ -1,0 +1,106 @@
+"""Resumable training state: what a checkpoint needs beyond the adapter for a run to continue
+exactly where it stopped.
+
+Saved beside the adapter (or model) in every reported checkpoint, as one ``torch.save`` file:
+the trainable weights in fp32 (the exported adapter may be cast for inference), optimizer and
+scheduler state, every RNG the loop draws from (LoRA dropout, NEFTune noise), the data stream's
+epoch and position, and the metric history so far.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysft.errors import ConfigError
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where the loop is: the last finished optimizer step and the data stream's position."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # micro-batches of ``epoch`` already consumed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)  # e.g. the base model's scores
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_state(
+    directory: str | Path, *, progress: Progress, model: Any, optimizer: Any, scheduler: Any
+) -> Path:
+    """Write the training state into ``directory`` (the checkpoint being reported)."""
+    path = Path(directory) / STATE_FILE
+    trainable = {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    torch.save(
+        {
+            "progress": asdict(progress),
+            "trainable": trainable,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_states(),
+        },
+        path,
+    )
+    return path
+
+
+def load_state(directory: str | Path, *, model: Any, optimizer: Any, scheduler: Any) -> Progress:
+    """Restore weights, optimizer, scheduler and RNGs from a checkpoint; returns its progress."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(
+            "--resume-from",
+            [
+                f"{directory}: not a raysft checkpoint (no {STATE_FILE}; checkpoints are "
+                "written at every eval to OUTPUT_DIR/checkpoints/)"
+            ],
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state["trainable"]]
+    unknown = [
+        n
+        for n, t in state["trainable"].items()
+        if n not in params or tuple(params[n].shape) != tuple(t.shape)
+    ]
+    if missing or unknown:
+        raise ConfigError(
+            "--resume-from",
+            [
+                f"{directory}: checkpoint does not match this config's model "
+                f"({len(missing)} trainable tensors missing, {len(unknown)} unknown or of "
+                f"another shape, e.g. {(missing or unknown)[0]})"
+            ],
+        )
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_states(state["rng"])
+    return Progress(**state["progress"])
