@@ -14,6 +14,15 @@ from raysft.errors import RaysftError
 EXIT_USAGE = 2  # bad config, spec, data or state: the user's to fix
 
 
+def config_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser for a command that takes a YAML config and ``--set`` overrides."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(parser)
+    return parser
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (see README: Configuration reference)")
     parser.add_argument(

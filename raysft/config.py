@@ -8,12 +8,20 @@ nor ray, so validation and ``--dry-run`` are instant.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raysft.errors import ConfigError
 
@@ -38,9 +46,19 @@ class ModelSection(_Section):
     attn_implementation: Literal["eager", "sdpa", "flex_attention"] = Field(
         "sdpa",
         description="Attention kernel. All three keep packed samples independent "
-        "(flex_attention needs CUDA).",
+        "(flex_attention needs CUDA). flex_attention is not recommended for searches: "
+        "transformers compiles it anew at every train/eval switch (each eval) and shape changes "
+        "trigger recompiles; that cost is unmeasured here (README: GPU clusters).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the frozen base weights (lora, qlora: the base; for qlora its "
+        "unquantized layers: embeddings, norms, lm_head). `auto`: bfloat16 on a CUDA GPU with "
+        "native bf16 (compute capability >= 8), float16 on older CUDA GPUs, float32 on the CPU. "
+        "Adapters and optimizer state stay float32. Full fine-tuning keeps float32 master "
+        "weights (its compute dtype is train.precision): only auto or float32 with method full.",
+    )
 
 
 class LoraSection(_Section):
@@ -119,9 +137,11 @@ class TrainSection(_Section):
         50, gt=0, description="Eval loss every N optimizer steps, and always at the last step."
     )
     exact_match: bool = Field(
-        True, description="Greedy-decode the eval set at the end and report exact match."
+        True,
+        description="Generate answers to the eval set at the end and report exact match, ROUGE-L, "
+        "BLEU and (for rows with tests) pass@k; settings in `eval`.",
     )
-    max_new_tokens: int = Field(32, gt=0, description="Generation cap for exact match.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation cap per answer (tokens).")
     eval_base: bool = Field(
         True,
         description="Also measure the untrained base model's exact match (one more decoding pass).",
@@ -134,12 +154,56 @@ class TrainSection(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="`auto`: bf16 autocast on a CUDA device that supports it, else fp32."
+        "auto",
+        description="Autocast of the forward pass. `auto`: bf16 on a CUDA GPU with native bf16 "
+        "(not emulated), else none.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="Where a trial trains. `auto`: a CUDA GPU if torch can use one, else the CPU; "
+        "but a search worker that Ray granted a GPU (search.resources.gpus_per_worker > 0) fails "
+        "at once if torch cannot use it, naming the node, torch's CUDA build and the driver. "
+        "`cuda`: the same failure without a usable GPU. `cpu`: the CPU even if a GPU is there.",
     )
     seed: int = Field(42, description="Seeds data order, split, init of adapters and noise.")
     num_threads: int | None = Field(
         None, gt=0, description="torch CPU threads per worker. Null: torch's default."
     )
+
+
+class EvalSection(_Section):
+    """How the held-out answers are generated and code answers run (generation metrics: exact
+    match, ROUGE-L, BLEU, pass@k; see README: Metrics). Generation is on with
+    `train.exact_match`, capped by `train.max_new_tokens`."""
+
+    samples: int = Field(
+        1,
+        gt=0,
+        description="Answers generated per held-out prompt (the n of pass@k). Text metrics "
+        "average over all of them.",
+    )
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        description="0: greedy decoding, or sampling at temperature 1 when samples > 1 (n greedy "
+        "answers would be identical). Above 0: sampling at this temperature, no top-k/top-p cut.",
+    )
+    pass_k: int = Field(1, gt=0, description="The k of pass@k (at most `samples`).")
+    code_timeout_s: float = Field(
+        5.0, gt=0, description="pass@k: wall-clock limit of one answer's program and its tests."
+    )
+    code_memory_mb: int = Field(
+        1024, gt=0, description="pass@k: address-space limit of one answer's program (MiB)."
+    )
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> EvalSection:
+        if self.pass_k > self.samples:
+            raise ValueError(
+                f"pass_k ({self.pass_k}) > samples ({self.samples}): pass@k needs at least k "
+                "answers per prompt"
+            )
+        return self
 
 
 class SearchParam(_Section):
@@ -156,6 +220,11 @@ class SearchParam(_Section):
 
     @model_validator(mode="after")
     def _check_shape(self) -> SearchParam:
+        # NaN passes every comparison below (and every ``gt=0`` of a probed field): refuse it here.
+        bounds = [("low", self.low), ("high", self.high)]
+        for name, value in bounds + [("values", v) for v in self.values or []]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name}: {value} is not a finite number")
         if self.type in ("loguniform", "uniform", "int"):
             if self.low is None or self.high is None:
                 raise ValueError(f"type {self.type} needs low and high")
@@ -179,7 +248,34 @@ class SchedulerSection(_Section):
 class ResourcesSection(_Section):
     workers: int = Field(1, gt=0, description="Ray Train workers per trial (data parallel).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs per worker.")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; fractions share a GPU.")
+    gpus_per_worker: float | Literal["auto"] = Field(
+        0,
+        description="GPUs per worker; a fraction shares a GPU between trials (with workers: 1 "
+        "only: two ranks of one trial on one GPU fail in NCCL), each trial's process capped to "
+        "its share of the GPU's memory. `auto`: one GPU per worker, shared by as many trials as "
+        "fit by the memory estimate with 10% headroom (1/n GPU each), when the GPU size is known "
+        "(this machine's GPUs, or gpu_memory_gib) and workers is 1.",
+    )
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of one GPU (GiB) to plan with where none is visible: a cluster spec "
+        "checked on a GPU-less machine (--dry-run) or before the driver joins the cluster. "
+        "Visible GPUs take precedence. Null: unknown there, and the memory check is skipped "
+        "(the plan says so).",
+    )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _non_negative(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int) and value < 0:
+            raise ValueError("must be >= 0 (or auto)")
+        return value
+
+    @property
+    def gpus(self) -> float:
+        """GPUs per worker as a number; ``auto`` is one whole GPU until the plan shares it."""
+        return 1.0 if self.gpus_per_worker == "auto" else self.gpus_per_worker
 
 
 class SearchSection(_Section):
@@ -198,6 +294,12 @@ class SearchSection(_Section):
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     max_concurrent: int | None = Field(
         None, gt=0, description="Trials at once. Null: as many as the resources allow."
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        description="Restarts of a trial whose worker fails (a killed process, a lost node), each "
+        "from the trial's last checkpoint. An out-of-memory trial is failed, never retried.",
     )
     experiment_dir: str = Field(
         "runs/search", description="Where trials, checkpoints and summary.json go."
@@ -230,6 +332,7 @@ class Config(_Section):
     qlora: QloraSection = Field(default_factory=QloraSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output_dir: str = Field("runs/train", description="Adapter/model, tokenizer, metrics.json.")
     search: SearchSection | None = Field(None, description="Search spec (raysft.tune only).")
     tracking: TrackingSection = Field(default_factory=TrackingSection)
@@ -239,6 +342,11 @@ class Config(_Section):
     def _cross_field(self) -> Config:
         if self.method == "full" and (self.lora.use_dora or self.lora.use_rslora):
             raise ValueError("lora.use_dora/use_rslora are set but method is full")
+        if self.method == "full" and self.model.dtype in ("bfloat16", "float16"):
+            raise ValueError(
+                f"model.dtype: {self.model.dtype} but method is full: full fine-tuning keeps "
+                "float32 master weights; set train.precision: bf16 for bf16 compute"
+            )
         return self
 
 
@@ -246,6 +354,15 @@ class SearchSpec(Config):
     """A search spec (``python -m raysft.tune``): a config whose ``search`` section is required."""
 
     search: SearchSection = Field(description="Search spec (raysft.tune only).")
+
+    @model_validator(mode="after")
+    def _device_matches_resources(self) -> SearchSpec:
+        if self.train.device == "cpu" and self.search.resources.gpus > 0:
+            raise ValueError(
+                "train.device: cpu but search.resources.gpus_per_worker > 0: the trials would "
+                "hold GPUs they never use"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- loading

@@ -53,10 +53,11 @@ def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseM
 
 
 def reference() -> str:
-    """Markdown tables, one per section, from field types, defaults and descriptions."""
+    """The metric registry's table, then one table per config section (field types, defaults,
+    descriptions)."""
     from raysft.config import SearchParam
 
-    lines: list[str] = []
+    lines: list[str] = [metrics_table().rstrip("\n"), ""]
     seen = set()
     models = _sections(Config, "") + [("search.params.<dotted.path>", SearchParam)]
     for path, model in models:
@@ -87,6 +88,29 @@ def reference() -> str:
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def metrics_table() -> str:
+    """The metric registry as a table: what ``search.metric`` can name, and when it is computed."""
+    from raysft.train.metrics import METRICS
+
+    when = {"step": "each step (logged at evals)", "eval": "every eval", "final": "last eval only"}
+    lines = [
+        "### Metrics (`search.metric`)",
+        "",
+        "Every number a trial reports, from the metric registry (`raysft/train/metrics.py`). "
+        "A metric with a mode can be `search.metric`; ASHA needs one computed at every eval.",
+        "",
+        "| metric | mode | computed | generates | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for m in METRICS.values():
+        desc = m.description.replace("|", "\\|")
+        lines.append(
+            f"| `{m.name}` | {m.mode or '-'} | {when[m.cadence]} | "
+            f"{'yes' if m.generates else 'no'} | {desc} |"
+        )
+    return "\n".join(lines) + "\n\n"
 
 
 def splice(readme: str, body: str) -> str:

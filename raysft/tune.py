@@ -10,19 +10,21 @@ local Ray with the CPUs/GPUs of this machine.
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import add_config_args, run_cli, setup_logging
+from raysft.cli import config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
 from raysft.search.resources import (
     attaching_to_cluster,
     local_nodes,
     meant_for_a_cluster,
+    plan_memory,
     plan_resources,
 )
 from raysft.search.space import describe_space
-from raysft.search.spec import load_spec
+from raysft.search.spec import load_spec, trial_memory
 
 
 def _dry_run(cfg: SearchSpec) -> int:
@@ -34,26 +36,31 @@ def _dry_run(cfg: SearchSpec) -> int:
         f"scheduler: {s.scheduler.type}"
     )
     nodes = local_nodes()
+    memory = trial_memory(cfg)  # every spec, CPU ones too (host memory then)
     if attaching_to_cluster() or meant_for_a_cluster(s, nodes):
         r = s.resources
         why = "" if attaching_to_cluster() else " (this machine has no GPU)"
         print(
             f"per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, "
-            f"{r.gpus_per_worker:g} GPU; checked against the cluster's nodes when the "
+            f"{r.gpus:g} GPU; checked against the cluster's nodes when the "
             f"search starts there{why}"
         )
+        unknown = "the cluster's GPUs: unknown before joining it"
+        lines = plan_memory(s, memory, None, where=unknown).lines()
     else:
-        plan, problems = plan_resources(s, nodes, where="this machine")
-        if plan is None:  # load_spec refuses such a spec; kept for a direct caller
+        plan, problems = plan_resources(s, nodes, where="this machine", estimate=memory)
+        if plan is None or plan.memory is None:  # load_spec refuses such a spec
             print("\n".join(problems))
             return 2
         print(plan.describe(s))
+        lines = plan.memory.lines()
+    print("\n".join(lines))
     return 0
 
 
 def _print_summary(summary: dict[str, Any], metric: str) -> None:
     from raysft.search.results import SUMMARY_FILE, table
-    from raysft.search.tracking import ui_command
+    from raysft.search.tracking import runs_page, ui_command
 
     print()
     print(table(summary["trials"], metric))
@@ -75,16 +82,15 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
         )
     )
     print(f"summary: {summary['experiment_dir']}/{SUMMARY_FILE}  ({summary['wall_seconds']} s)")
-    print(f"compare trials: {ui_command(summary['mlflow']['tracking_uri'])}")
+    m = summary["mlflow"]
+    page = runs_page(m["experiment_id"], metric=metric, mode=summary["mode"])
+    print(f"compare trials: {ui_command(m['tracking_uri'], page)}")
+    if summary.get("plots"):
+        print(f"plots: {Path(summary['plots'][0]).parent}")
 
 
 def _main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m raysft.tune",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(parser)
+    parser = config_parser("python -m raysft.tune", __doc__)
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -103,6 +109,10 @@ def _main() -> int:
 
     summary = run_search(args.config, tree, cfg, resume=args.resume)
     _print_summary(summary, cfg.search.metric)
+    counts = summary["counts"]
+    if not counts.get("finished") and not counts.get("stopped_early"):
+        print("error: no trial finished (see each trial's error above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,10 +3,14 @@
 A conversation is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an optional
 system message, then user/assistant turns alternating, ending with the assistant. Every malformed
 row is either an error naming file, row and field (strict) or skipped and counted (skip).
+
+Any row may carry ``tests`` (a string of Python statements, e.g. asserts): a code task's tests for
+pass@k. They ride on the final assistant message as its ``tests`` key (``code_tests``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Iterator
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from raysft.errors import DataError
+from raysft.errors import DataError, RaysftError
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -39,6 +43,7 @@ class LoadedData:
     conversations: list[Conversation] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one "source: row i: field: why" per row
     n_rows: int = 0
+    origins: list[str] = field(default_factory=list)  # "source: row i" of each conversation
 
 
 # ---------------------------------------------------------------- row -> conversation
@@ -167,9 +172,49 @@ def to_conversation(
         raise _RowError(_SHAPE_KEY[kind], f"missing (data.format is {fmt})")
     conv = _CONVERTERS[kind](row)
     _check_shape(conv, key=_SHAPE_KEY[kind])
+    if "tests" in row:
+        conv[-1]["tests"] = _tests(row["tests"])
     if system_prompt and conv[0]["role"] != "system":
         conv.insert(0, {"role": "system", "content": system_prompt})
     return conv
+
+
+def _tests(value: Any) -> str:
+    """A code row's ``tests``: Python statements (asserts) that run after the answer's code; the
+    answer passes when they raise nothing (pass@k). Carried on the final assistant message."""
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise _RowError("tests", f"must be a string of Python statements, got {kind}")
+    if not value.strip():
+        raise _RowError("tests", "empty (leave the field out for a row without tests)")
+    try:
+        compile(value, "<tests>", "exec")
+    except SyntaxError as err:
+        raise _RowError("tests", f"not valid Python: line {err.lineno}: {err.msg}") from None
+    return value
+
+
+def code_tests(conv: Conversation) -> str | None:
+    """The tests a row carried (``to_conversation`` puts them on its final answer), or None."""
+    return conv[-1].get("tests") if conv else None
+
+
+@functools.lru_cache(maxsize=16)
+def _sources_have_tests(sources: tuple[str, ...]) -> bool:
+    for source in sources:
+        for _, row in _iter_rows(source):
+            if isinstance(row, dict) and row.get("tests") is not None:
+                return True
+    return False
+
+
+def sources_have_tests(sources: str | list[str]) -> bool:
+    """Whether any row of ``sources`` has a ``tests`` field (read once per process); False when
+    a source cannot be read (loading the data reports that)."""
+    try:
+        return _sources_have_tests((sources,) if isinstance(sources, str) else tuple(sources))
+    except (RaysftError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------- sources
@@ -200,9 +245,16 @@ def _iter_rows(source: str) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as fh:
+    # Bytes, decoded line by line: a line that is not UTF-8 is a bad row, not a crash.
+    with path.open("rb") as fh:
         index = 0
-        for line_no, line in enumerate(fh, start=1):
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield index, _Unparsable(f"line {line_no}: {_not_utf8(raw, err)}")
+                index += 1
+                continue
             if not line.strip():
                 continue
             try:
@@ -213,14 +265,21 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
             index += 1
 
 
+def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})"
+
+
 class _Unparsable:
     def __init__(self, why: str):
         self.why = why
 
 
 def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{source}: {_not_utf8(raw, err)}") from None
     except json.JSONDecodeError as err:
         # A .json file holding JSON lines is common; read it that way before giving up.
         if err.msg == "Extra data":
@@ -285,6 +344,7 @@ def load_conversations(
                 if isinstance(row, _Unparsable):
                     raise _RowError("", row.why)
                 out.conversations.append(to_conversation(row, fmt=fmt, system_prompt=system_prompt))
+                out.origins.append(f"{source}: row {index}")
             except _RowError as err:
                 where = f"{source}: row {index}: {err}"
                 if on_error == "strict":

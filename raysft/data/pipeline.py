@@ -47,7 +47,12 @@ class PreparedData:
 
 
 def _tokenize_all(
-    convs: list[Conversation], cfg: DataSection, tokenizer: Any, report: DataReport
+    convs: list[Conversation],
+    cfg: DataSection,
+    tokenizer: Any,
+    report: DataReport,
+    *,
+    origins: dict[int, str] | None = None,
 ) -> tuple[list[Example], list[Conversation]]:
     examples, kept = [], []
     for conv in convs:
@@ -57,6 +62,13 @@ def _tokenize_all(
             raise DataError(f"data.template={cfg.template}: {err}") from None
         ex = tokenize(segments, tokenizer, max_seq_len=cfg.max_seq_len)
         if ex.n_trained == 0:
+            if cfg.on_error == "strict":
+                # Truncation left nothing to learn: the row is unusable, like a malformed one.
+                raise DataError(
+                    f"{(origins or {}).get(id(conv), 'a row')}: its prompt fills all "
+                    f"data.max_seq_len={cfg.max_seq_len} tokens, nothing left to train (raise "
+                    "data.max_seq_len; data.on_error=skip drops and counts such rows)"
+                )
             report.dropped_no_trained_tokens += 1
             continue
         report.truncated += ex.truncated
@@ -72,21 +84,39 @@ def load_split(
 
     ``with_eval=False`` (a preview) reads the training sources only and splits nothing off.
     """
+    train, evals, report, _ = _load_split(cfg, seed=seed, with_eval=with_eval)
+    return train, evals, report
+
+
+def _no_rows(name: str, sources: str | list[str], loaded: LoadedData) -> DataError:
+    if loaded.n_rows == 0:
+        names = ", ".join([sources] if isinstance(sources, str) else sources)
+        return DataError(f"data.{name}: {names}: no rows (empty)")
+    return DataError(f"data.{name}: no usable rows ({len(loaded.skipped)} skipped)")
+
+
+def _load_split(
+    cfg: DataSection, *, seed: int, with_eval: bool
+) -> tuple[list[Conversation], list[Conversation], DataReport, dict[int, str]]:
+    """``load_split``, and where each conversation came from (``id(conv)`` -> "file: row i")."""
     report = DataReport()
+    origins: dict[int, str] = {}
 
     def load(sources: str | list[str]) -> LoadedData:
-        return load_conversations(
+        loaded = load_conversations(
             sources, fmt=cfg.format, on_error=cfg.on_error, system_prompt=cfg.system_prompt
         )
+        origins.update(zip(map(id, loaded.conversations), loaded.origins, strict=True))
+        return loaded
 
     train = load(cfg.train)
     report.rows_read += train.n_rows
     report.skipped += train.skipped
     if not train.conversations:
-        raise DataError(f"data.train: no usable rows ({len(train.skipped)} skipped)")
+        raise _no_rows("train", cfg.train, train)
     if not with_eval:
         report.rows_skipped = len(report.skipped)
-        return train.conversations, [], report
+        return train.conversations, [], report, origins
     if cfg.eval is None:
         train_convs, eval_convs = split_train_eval(
             train.conversations, eval_fraction=cfg.eval_fraction, seed=seed
@@ -97,18 +127,18 @@ def load_split(
         report.skipped += held.skipped
         train_convs, eval_convs = train.conversations, held.conversations
         if not eval_convs:
-            raise DataError(f"data.eval: no usable rows ({len(held.skipped)} skipped)")
+            raise _no_rows("eval", cfg.eval, held)
     report.rows_skipped = len(report.skipped)
     if cfg.max_eval_samples is not None and len(eval_convs) > cfg.max_eval_samples:
         rng = random.Random(seed)
         eval_convs = rng.sample(eval_convs, cfg.max_eval_samples)
-    return train_convs, eval_convs, report
+    return train_convs, eval_convs, report, origins
 
 
 def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
-    train_convs, eval_convs, report = load_split(cfg, seed=seed)
-    train, _ = _tokenize_all(train_convs, cfg, tokenizer, report)
-    evals, eval_kept = _tokenize_all(eval_convs, cfg, tokenizer, report)
+    train_convs, eval_convs, report, origins = _load_split(cfg, seed=seed, with_eval=True)
+    train, _ = _tokenize_all(train_convs, cfg, tokenizer, report, origins=origins)
+    evals, eval_kept = _tokenize_all(eval_convs, cfg, tokenizer, report, origins=origins)
     for name, kept in (("train", train), ("eval", evals)):
         if not kept:
             raise DataError(

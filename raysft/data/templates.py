@@ -7,6 +7,7 @@ terminator is trained; system, user, template text and padding are not.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,10 @@ VICUNA_SYSTEM = "A chat between a curious user and an AI assistant."
 
 # What ends an assistant turn, as trained; generation stops at the stripped form.
 TERMINATORS = {"llama2": " </s>", "chatml": "<|im_end|>", "vicuna": "</s>"}
+# An answer no chat template alters (no spaces to trim, no markup), to find its terminator.
+_SENTINEL = "RaysftSentinelAnswer"
+# The answer after a generation prompt when tokenizing it as training does: an ordinary word.
+_PROBE_ANSWER = "The"
 
 
 @dataclass(frozen=True)
@@ -93,19 +98,25 @@ def _finish(segs: list[Segment], *, generation: bool) -> list[Segment]:
     return segs
 
 
+def _apply_chat_template(tokenizer: Any, msgs: Conversation, *, generation: bool) -> str:
+    import jinja2
+
+    # Role and content only: a message may carry row metadata (an eval row's ``tests``).
+    plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    try:
+        out = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
+    except jinja2.TemplateError as err:  # e.g. "System role not supported"
+        raise TemplateError(f"the tokenizer's chat_template failed: {err}") from None
+    return str(out)
+
+
 def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> list[Segment]:
     """Spans from the tokenizer's own chat_template, found by rendering growing prefixes."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("data.template is tokenizer but the tokenizer has no chat_template")
 
-    import jinja2
-
     def render(msgs: Conversation, gen: bool) -> str:
-        try:
-            out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        except jinja2.TemplateError as err:  # e.g. "System role not supported"
-            raise TemplateError(f"the tokenizer's chat_template failed: {err}") from None
-        return str(out)
+        return _apply_chat_template(tokenizer, msgs, generation=gen)
 
     segs: list[Segment] = []
     done = ""
@@ -156,12 +167,63 @@ def generation_prompt(conv: Conversation, *, template: str, tokenizer: Any = Non
     return "".join(s.text for s in segs)
 
 
+def generation_prompt_ids(conv: Conversation, *, template: str, tokenizer: Any) -> list[int]:
+    """Token ids of the generation prompt exactly as training saw them before an answer.
+
+    Tokenizing the prompt text alone can differ at its end: a SentencePiece tokenizer reads the
+    space that ends a llama2/vicuna prompt (``[/INST] ``, ``ASSISTANT: ``) as a standalone ``▁``,
+    while in training that space merged into the answer's first token (``▁Paris``). So the prompt
+    is tokenized with a probe answer after it, the way ``tokenize`` does, and the ids before the
+    first trained token are kept. The probe is fixed, never the reference, so the prompt does not
+    depend on the answer.
+    """
+    if conv and conv[-1]["role"] == "assistant":
+        conv = conv[:-1]
+    segs = render(conv, template=template, tokenizer=tokenizer, generation=True)
+    # Only the probe is marked trained: earlier answers in the history are prompt here.
+    probe = [*(Segment(s.text, False) for s in segs), Segment(_PROBE_ANSWER, True)]
+    ex = tokenize(probe, tokenizer, max_seq_len=1 << 30)
+    first = next(i for i, label in enumerate(ex.labels) if label != IGNORE)
+    return ex.input_ids[:first]
+
+
 def stop_strings(template: str, tokenizer: Any = None) -> list[str]:
-    """Strings that end a generated answer."""
+    """Strings that end a generated answer: a built-in template's terminator; for ``tokenizer``,
+    the one its chat_template writes after an assistant turn (``template_terminator``), and EOS."""
     if template in TERMINATORS:
         return [TERMINATORS[template].strip()]
     eos = getattr(tokenizer, "eos_token", None)
-    return [t for t in {eos, "<|im_end|>", "<|eot_id|>"} if t]
+    stops = [template_terminator(tokenizer), eos if isinstance(eos, str) else None]
+    return list(dict.fromkeys(s for s in stops if s))
+
+
+def template_terminator(tokenizer: Any) -> str | None:
+    """What a chat_template writes right after an assistant message's content, e.g. Llama-3
+    ``<|eot_id|>``, Gemma ``<end_of_turn>``, Phi-3 ``<|end|>``, ChatML ``<|im_end|>``.
+
+    Found by rendering a sentinel answer twice, as the last turn and followed by a user turn,
+    and taking the tokens that follow it in both (decoded, whitespace stripped): the last turn
+    alone may be followed by an EOS (Phi-3), the next turn's header is not part of the
+    terminator. None if the template writes nothing there.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}
+    after = []
+    for msgs in ([user, answer], [user, answer, {"role": "user", "content": "Thanks"}]):
+        try:
+            text = _apply_chat_template(tokenizer, msgs, generation=False)
+        except TemplateError:
+            continue  # e.g. a template that allows a single turn only
+        if _SENTINEL in text:
+            after.append(text[text.index(_SENTINEL) + len(_SENTINEL) :])
+    if not after:
+        return None
+    # Common prefix in tokens, not characters: "<|end|>\n<|endoftext|>" and "<|end|>\n<|user|>"
+    # share "<|end|>\n<|" as text, but only "<|end|>", "\n" as tokens.
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in after]
+    common = os.path.commonprefix(ids)
+    return str(tokenizer.decode(common, skip_special_tokens=False)).strip() or None
 
 
 def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Example:

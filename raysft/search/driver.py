@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from raysft.config import SearchSpec, validate_spec
+from raysft.config import SearchSpec
 from raysft.errors import ConfigError, SearchStateError
+from raysft.search import plots, tracking
+from raysft.search import results as res
+from raysft.search.promote import promote
 from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
     ResourcePlan,
@@ -24,94 +26,14 @@ from raysft.search.resources import (
     plan_resources,
     ray_nodes,
 )
-from raysft.search.space import TrialConfigs, build_space, describe_space
+from raysft.search.space import TrialConfigs, build_space, describe_space, trial_output_dir
+from raysft.search.spec import trial_memory
+from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, run_trial_on_ray
 from raysft.train.metrics import objective_mode
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "raysft_state.json"  # parent MLflow run id etc., for --resume and raysft.promote
-
-
-# ---------------------------------------------------------------- what runs on the cluster
-
-
-def _train_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: the SFT recipe, reporting to Ray (and on to Tune).
-
-    After a restart Ray hands back the trial's last reported checkpoint: training resumes there.
-    """
-    import ray.train
-    from ray.train import Checkpoint
-
-    from raysft.train.recipe import Dist, run_trial
-
-    cfg = loop["resolve"](loop["trial_id"], loop["sampled"])
-    ctx = ray.train.get_context()
-    dist = Dist(ctx.get_world_rank(), ctx.get_world_size())
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-    prepare = None
-    if dist.world_size > 1:
-        from ray.train.torch import prepare_model
-
-        prepare = prepare_model
-    restored = ray.train.get_checkpoint()
-    if restored is None:
-        run_trial(cfg, report=report, dist=dist, prepare_model=prepare)
-        return
-    with restored.as_directory() as ckpt_dir:
-        run_trial(cfg, report=report, dist=dist, prepare_model=prepare, resume_from=ckpt_dir)
-
-
-def _trial(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str) -> None:
-    """Tune function trainable: launch this trial's Ray Train run (Train V2 style)."""
-    import ray.train
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    res = validate_spec(tree).search.resources
-    trial_id = ray.tune.get_context().get_trial_id()
-    resources = {"CPU": res.cpus_per_worker}
-    if res.gpus_per_worker:
-        resources["GPU"] = res.gpus_per_worker
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={
-            "resolve": TrialConfigs(tree, exp_dir),
-            "trial_id": trial_id,
-            "sampled": config,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res.workers,
-            use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}",
-            storage_path=str(Path(exp_dir) / "train"),
-            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train callback
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=0),
-        ),
-    )
-    trainer.fit()
-
-
-def pin_ray_address() -> None:
-    """Worker setup hook: point Ray's State API at the cluster this worker belongs to.
-
-    Train V2's placement-group cleaner asks the State API whether its controller is alive. With
-    no RAY_ADDRESS it asks "the latest cluster on this machine", which may be another one: it
-    then crashes, or hears "no such actor" and removes a live placement group. Either way the
-    CPUs of finished trials are never released and the search hangs.
-    """
-    import ray
-
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 # ---------------------------------------------------------------- driver
@@ -122,7 +44,16 @@ def init_ray(plan_cpus: int | None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"worker_process_setup_hook": f"{__name__}.pin_ray_address"}
+    import os
+
+    from raysft.train.model import worker_env
+
+    runtime_env: dict[str, Any] = {
+        "worker_process_setup_hook": "raysft.search.trial.pin_ray_address"
+    }
+    env_vars = worker_env(os.environ)  # HF_TOKEN, if set: gated models load on every worker
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
     if attaching_to_cluster():
         ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
     else:
@@ -134,10 +65,10 @@ def init_ray(plan_cpus: int | None) -> None:
 
 
 def _trainable(tree: dict[str, Any], exp_dir: Path) -> Any:
-    """The Tune trainable of a search: ``_trial`` bound to the spec, with its resources."""
+    """The Tune trainable of a search: ``run_trial_on_ray`` bound to the spec and resources."""
     import ray.tune
 
-    trainable = ray.tune.with_parameters(_trial, tree=tree, exp_dir=str(exp_dir))
+    trainable = ray.tune.with_parameters(run_trial_on_ray, tree=tree, exp_dir=str(exp_dir))
     return ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
 
 
@@ -157,12 +88,13 @@ def build_tuner(
         sampler=optuna.samplers.TPESampler(seed=s.seed),
     )
     if s.scheduler.type == "asha":
-        # One "iteration" is one eval; max_t is the eval count of a full trial.
-        n_evals = -(-cfg.train.max_steps // cfg.train.eval_every)
+        # Time is the trial's own optimizer step (reported with every eval), not Tune's report
+        # count: a trial restarted from a checkpoint then keeps its place on the rungs.
+        every, steps = cfg.train.eval_every, cfg.train.max_steps
         scheduler: Any = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=n_evals,
-            grace_period=min(s.scheduler.grace_period, n_evals),
+            time_attr="step",
+            max_t=steps,
+            grace_period=min(s.scheduler.grace_period * every, steps),
             reduction_factor=s.scheduler.reduction_factor,
         )
     else:
@@ -178,7 +110,12 @@ def build_tuner(
             max_concurrent_trials=plan.concurrent,
         ),
         run_config=ray.tune.RunConfig(
-            name="tune", storage_path=str(exp_dir), callbacks=callbacks, verbose=1
+            name="tune",
+            storage_path=str(exp_dir),
+            callbacks=callbacks,
+            # ASHA never stops a NaN trial (NaN compares false with every cutoff): this does.
+            stop=res.DivergedStopper(),
+            verbose=1,
         ),
     )
 
@@ -206,7 +143,9 @@ def _connect(spec_path: str, cfg: SearchSpec) -> ResourcePlan:
     if attaching_to_cluster():
         init_ray(None)
         where = f"cluster {ray.get_runtime_context().gcs_address}"
-        plan, problems = plan_resources(s, ray_nodes(), where=where)
+        # Checked here, once the cluster's GPUs are known (load_spec could not see them).
+        estimate = trial_memory(cfg) if s.resources.gpus else None
+        plan, problems = plan_resources(s, ray_nodes(), where=where, estimate=estimate)
     else:
         nodes = local_nodes()
         plan, problems = plan_resources(s, nodes, where="this machine")
@@ -222,8 +161,6 @@ def _parent_run(
     mlc: Any, exp_id: str, exp_dir: Path, cfg: SearchSpec, spec_path: str, *, uri: str
 ) -> str:
     """The search's parent MLflow run: created once, reopened by ``--resume``."""
-    from raysft.search import tracking
-
     state_path = exp_dir / STATE_FILE
     if state_path.exists():
         parent_id: str = json.loads(state_path.read_text())["parent_run_id"]
@@ -241,8 +178,6 @@ def run_search(
     import ray
     import ray.tune
 
-    from raysft.search import tracking
-
     t0 = time.perf_counter()
     exp_dir = _open_experiment(spec_path, cfg, resume=resume)
     plan = _connect(spec_path, cfg)
@@ -252,7 +187,11 @@ def run_search(
     parent_id = _parent_run(mlc, exp_id, exp_dir, cfg, spec_path, uri=uri)
     resolve = TrialConfigs(tree, str(exp_dir))
     callback = tracking.make_callback(
-        mlc, exp_id=exp_id, parent_id=parent_id, resolve_trial=resolve
+        mlc,
+        exp_id=exp_id,
+        parent_id=parent_id,
+        resolve_trial=resolve,
+        order=list(cfg.search.params),
     )
     try:
         if resume:
@@ -269,22 +208,76 @@ def run_search(
     # trial runs of earlier attempts are only known to MLflow.
     runs = {t: run for t, (run, _) in tracking.trial_runs(mlc, exp_id, parent_id).items()}
     runs.update(callback.runs)
-    results = [_result_of(grid[i]) for i in range(len(grid))]
+    results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
     ray.shutdown()  # flushes worker logs now, not after the summary table
-    tracked = {"mlc": mlc, "uri": uri, "parent_id": parent_id, "runs": runs}
+    diverged = set(getattr(callback, "diverged", ()))
+    tracked = {
+        "mlc": mlc,
+        "uri": uri,
+        "exp_id": exp_id,
+        "parent_id": parent_id,
+        "runs": runs,
+        "diverged": diverged,
+    }
     return _finish(spec_path, cfg, exp_dir, results, tracked=tracked, resolve=resolve, t0=t0)
 
 
-def _result_of(result: Any) -> dict[str, Any]:
-    """A Tune result as plain values (no Ray types past this point)."""
+def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
+    """A Tune result as plain values (no Ray types past this point), with the trial's cause of
+    failure (not Ray's wrapper) and its failed attempts."""
     m = dict(result.metrics or {})
-    error = str(result.error).splitlines()[0][:500] if result.error else None
+    trial_id = m.get("trial_id") or Path(result.path).name
+    error = None
+    if result.error is not None:
+        error = res.error_cause(result.error).removeprefix(f"{TrialFailure.__name__}: ")
+    attempts_file = Path(trial_output_dir(exp_dir, trial_id)) / ATTEMPTS_FILE
+    attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
     return {
-        "trial_id": m.get("trial_id") or Path(result.path).name,
+        "trial_id": trial_id,
         "metrics": m,
         "sampled": dict(result.config),
         "error": error,
+        "attempts": attempts,
     }
+
+
+def _tag_outcome(mlc: Any, row: dict[str, Any]) -> None:
+    """A trial run's failures in MLflow: the cause, and every failed attempt (retried or not)."""
+    run_id = row["mlflow_run_id"]
+    if not run_id:
+        return
+    if row["error"]:
+        mlc.set_tag(run_id, "raysft.error", row["error"][:5000])
+    if row["attempts"]:
+        mlc.set_tag(run_id, "raysft.retries", str(sum(a["retried"] for a in row["attempts"])))
+        mlc.set_tag(run_id, "raysft.attempts", json.dumps(row["attempts"])[:5000])
+
+
+def _rows(
+    results: list[dict[str, Any]],
+    cfg: SearchSpec,
+    *,
+    tracked: dict[str, Any],
+    resolve: TrialConfigs,
+) -> list[dict[str, Any]]:
+    """summary.json's trial rows, ranked; each trial's failures tagged on its MLflow run."""
+    s = cfg.search
+    rows = []
+    for r in results:
+        row = res.trial_row(
+            trial_id=r["trial_id"],
+            metrics=r["metrics"],
+            sampled=r["sampled"],
+            max_steps=resolve(r["trial_id"], r["sampled"]).train.max_steps,
+            objective=s.metric,
+            error=r["error"],
+            mlflow_run_id=tracked["runs"].get(r["trial_id"]),
+            diverged=r["trial_id"] in tracked["diverged"],
+        )
+        row["attempts"] = r["attempts"]  # failed attempts: cause, and whether it was retried
+        rows.append(row)
+        _tag_outcome(tracked["mlc"], row)
+    return res.rank(rows, objective_mode(s.metric, s.mode))
 
 
 def _finish(
@@ -297,33 +290,19 @@ def _finish(
     resolve: TrialConfigs,
     t0: float,
 ) -> dict[str, Any]:
-    """Rows, the best trial, promotion, summary.json; the parent run is closed last."""
-    from raysft.search import results as res
-    from raysft.search.promote import promote
-
+    """Rows, the best trial, promotion, plots, summary.json; the parent run is closed last."""
     s = cfg.search
-    mlc, parent_id, runs = tracked["mlc"], tracked["parent_id"], tracked["runs"]
-    rows = res.rank(
-        [
-            res.trial_row(
-                trial_id=r["trial_id"],
-                metrics=r["metrics"],
-                sampled=r["sampled"],
-                max_steps=resolve(r["trial_id"], r["sampled"]).train.max_steps,
-                objective=s.metric,
-                error=r["error"],
-                mlflow_run_id=runs.get(r["trial_id"]),
-            )
-            for r in results
-        ],
-        objective_mode(s.metric, s.mode),
-    )
+    mlc, parent_id = tracked["mlc"], tracked["parent_id"]
+    rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
     best = res.pick_best(rows)
     if best:
         mlc.log_metric(parent_id, f"best_{s.metric}", float(best["metric"]))
         mlc.log_artifacts(parent_id, best["checkpoint"], artifact_path="best_adapter")
     promotion = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
     mlc.set_tag(parent_id, "raysft.promotion", json.dumps(promotion)[:5000])
+    histories = plots.histories_from_mlflow(mlc, tracked["runs"], "eval_loss")
+    drawn = plots.write_plots(exp_dir, cfg, rows, histories)
+    plots.log_plots(mlc, parent_id, drawn)
     summary = {
         "spec": spec_path,
         "experiment_dir": str(exp_dir),
@@ -335,12 +314,15 @@ def _finish(
         "mlflow": {
             "tracking_uri": tracked["uri"],
             "experiment": cfg.tracking.experiment,
+            "experiment_id": tracked["exp_id"],
             "parent_run_id": parent_id,
         },
         "promotion": promotion,
+        "plots": [str(p) for p in drawn],
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "resolved_spec": cfg.model_dump(mode="json"),
+        "resolved_spec": res.json_safe(tracking.redact_tree(cfg.model_dump(mode="json"))),
     }
+    tracking.describe_parent(mlc, parent_id, summary)
     mlc.log_artifact(parent_id, str(res.write_summary(exp_dir, summary)))
     mlc.set_terminated(parent_id, "FINISHED")
     return summary

@@ -1,7 +1,16 @@
-"""Champion gate: the best trial's adapter becomes a Model Registry version with alias
-``champion`` only if it beats the current champion on the same eval data and metric.
+"""Champion gate and atomic export: the best trial's adapter becomes a Model Registry version
+with alias ``champion`` only if it beats the current champion on the same eval rows and metric.
 
-``python -m raysft.promote EXPERIMENT_DIR`` re-runs it for a finished search.
+Installing it runs stage (export into a temporary directory beside the target) -> check (loads
+with plain transformers/peft, generates) -> register (a version, no alias yet) -> swap (old
+export renamed aside, new one in) -> alias (the commit point) -> drop the old export, so a
+failure at any step leaves the previous champion's alias and export as they were.
+
+An export describes itself: adapter (or full model) and tokenizer, the trial's resolved
+``config.yaml``, ``metrics.json`` and ``champion.json`` (registry version, metric, fingerprint).
+Its adapter_config.json names the base as the config did (``embedded:NAME`` or a hub id), not
+one install's path: load it with ``load_champion(dir)``, which resolves ``embedded:`` names.
+``python -m raysft.promote EXPERIMENT_DIR`` re-runs the gate for a finished search.
 """
 
 from __future__ import annotations
@@ -10,11 +19,16 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
-from raysft.config import Config, SearchSpec
-from raysft.train.metrics import is_better, objective_mode
+from raysft.config import Config, PromoteSection, SearchSpec, dump_config
+from raysft.errors import ModelError
+from raysft.search.results import finite_or_none, json_safe
+from raysft.search.space import trial_config, trial_output_dir
+from raysft.train.metrics import Mode, is_better, objective_mode
 
 log = logging.getLogger("raysft.promote")
 
@@ -22,6 +36,10 @@ TAG_METRIC = "raysft.metric"
 TAG_VALUE = "raysft.metric_value"
 TAG_EVAL = "raysft.eval_fingerprint"
 TAG_BASE = "raysft.base_model"
+CHAMPION_FILE = "champion.json"  # the export's registry identity, written once registered
+
+
+# ---------------------------------------------------------------- what "the same eval" means
 
 
 def _file_digest(spec: str) -> str:
@@ -40,17 +58,33 @@ def _file_digest(spec: str) -> str:
 
 
 def eval_fingerprint(cfg: Config) -> str:
-    """Same fingerprint <=> same eval examples, rendered and scored the same way."""
+    """Same fingerprint <=> same eval rows, rendered, tokenized and scored the same way.
+
+    Covers the eval files' contents, the split of ``data.train`` when there is no eval file,
+    the seed whenever it picks the rows (that split, or ``max_eval_samples`` of more rows),
+    the rendering (format, template, system prompt, max_seq_len), the tokenizer (the model)
+    and the generation settings of the generated-answer metrics.
+    """
+    from raysft.search.preflight import seed_picks_eval_rows
+
     d = cfg.data
     sources = d.eval if d.eval is not None else d.train
+    generation = getattr(cfg, "eval", None)  # the eval section, where this version has one
     parts = {
         "eval": [_file_digest(s) for s in ([sources] if isinstance(sources, str) else sources)],
-        "split": None if d.eval is not None else [d.eval_fraction, cfg.train.seed],
+        "split": None if d.eval is not None else d.eval_fraction,
+        "seed": cfg.train.seed if seed_picks_eval_rows(cfg) else None,
         "render": [d.format, d.template, d.system_prompt, d.max_seq_len, d.max_eval_samples],
-        "base": cfg.model.name_or_path,
-        "score": [cfg.train.max_new_tokens],
+        "tokenizer": [cfg.model.name_or_path, cfg.model.revision],
+        "generate": [
+            cfg.train.max_new_tokens,
+            generation.model_dump(mode="json") if generation is not None else None,
+        ],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the gate
 
 
 def current_champion(mlc: Any, name: str, alias: str) -> Any | None:
@@ -62,9 +96,178 @@ def current_champion(mlc: Any, name: str, alias: str) -> Any | None:
         return None  # no such registered model, or no version holds the alias yet
 
 
+def champion_value(champ: Any) -> float | None:
+    """The champion's metric as a finite number; None (beatable by any finite value) when the
+    tag is missing, unreadable, NaN or infinite (an older version promoted a diverged trial)."""
+    try:
+        return finite_or_none(float(champ.tags.get(TAG_VALUE)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _refusal(champ: Any, *, metric: str, value: float, fp: str, mode: Mode) -> str | None:
+    """Why ``value`` may not replace ``champ``, or None when it may."""
+    if champ.tags.get(TAG_EVAL) != fp or champ.tags.get(TAG_METRIC) != metric:
+        return (
+            f"champion v{champ.version} was scored on other eval data or metric "
+            f"(fingerprint {champ.tags.get(TAG_EVAL)}, metric {champ.tags.get(TAG_METRIC)}); "
+            "not replaced. Use a new promote.registered_model, or the same eval data."
+        )
+    old = champion_value(champ)
+    if old is not None and not is_better(value, old, mode):
+        return f"{metric} {value:.6g} does not beat champion v{champ.version} ({old:.6g})"
+    return None
+
+
+def promote(
+    *, mlc: Any, cfg: SearchSpec, best: dict[str, Any] | None, exp_dir: Path
+) -> dict[str, Any]:
+    """Gate, export, register and alias; returns the record that goes into summary.json.
+
+    A failure while installing the new champion is recorded as its reason (the traceback is
+    logged) rather than raised: the search's summary is still written, the previous champion
+    stays, and ``python -m raysft.promote`` can retry.
+    """
+    p, s = cfg.promote, cfg.search
+    mode = objective_mode(s.metric, s.mode)
+    if not p.enabled:
+        return {"promoted": False, "reason": "promote.enabled is false"}
+    value = finite_or_none(best.get("metric")) if best else None
+    if best is None or value is None:
+        return {"promoted": False, "reason": f"no trial reported a finite {s.metric}"}
+    if not best.get("checkpoint"):
+        return {"promoted": False, "reason": "the best trial left no checkpoint"}
+    fp = eval_fingerprint(cfg)
+    record: dict[str, Any] = {
+        "metric": s.metric,
+        "value": value,
+        "eval_fingerprint": fp,
+        "registered_model": p.registered_model,
+        "alias": p.alias,
+    }
+    champ = current_champion(mlc, p.registered_model, p.alias)
+    export = Path(p.export_dir) if p.export_dir else exp_dir / "champion"
+    _recover(export, None if champ is None else str(champ.version))
+    if champ is not None:
+        record["previous"] = {"version": str(champ.version), "value": champion_value(champ)}
+        refusal = _refusal(champ, metric=s.metric, value=value, fp=fp, mode=mode)
+        if refusal:
+            return {**record, "promoted": False, "reason": refusal}
+    try:
+        version = _install(mlc, cfg=cfg, best=best, record=record, export=export, exp_dir=exp_dir)
+    except Exception as err:
+        log.exception("promotion failed; the previous champion and its export are unchanged")
+        reason = f"promotion failed, previous champion kept: {type(err).__name__}: {err}"
+        return {**record, "promoted": False, "reason": reason[:1000]}
+    record.update(
+        promoted=True,
+        version=version,
+        export_dir=str(export.resolve()),
+        reason="first champion" if champ is None else f"beats v{champ.version}",
+    )
+    log.info(
+        "promoted %s v%s (%s=%.6g) -> alias %s; exported to %s",
+        p.registered_model, version, s.metric, value, p.alias, export,
+    )  # fmt: skip
+    return record
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def _install(
+    mlc: Any, *, cfg: SearchSpec, best: dict[str, Any], record: dict[str, Any], export: Path,
+    exp_dir: Path,
+) -> str:  # fmt: skip
+    """Stage, check, register, swap in, move the alias; returns the new version."""
+    export.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
+    trial_dir = trial_output_dir(exp_dir.resolve(), best["trial_id"])
+    try:
+        _stage_export(staging, cfg=cfg, best=best, record=record, trial_dir=trial_dir)
+        _check_export(staging)
+        run_id = best["mlflow_run_id"]
+        mv = _register(mlc, export_dir=staging, run_id=run_id, cfg=cfg, record=record)
+        (staging / CHAMPION_FILE).write_text(
+            json.dumps({**record, "version": str(mv.version)}, indent=2, allow_nan=False)
+        )
+        aside = _swap_in(staging, export)
+        try:
+            _move_alias(mlc, cfg.promote, str(mv.version))
+        except BaseException:
+            _swap_back(export, aside, staging)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the half-built or swapped-out export
+    try:  # after the commit point: a failure here must not undo the promotion
+        _drop_old(aside)
+    except Exception:
+        log.warning("could not delete the previous export at %s", aside, exc_info=True)
+    return str(mv.version)
+
+
+def _stage_export(
+    staging: Path, *, cfg: SearchSpec, best: dict[str, Any], record: dict[str, Any], trial_dir: str
+) -> None:
+    """The checkpoint's adapter (or model) and tokenizer, without its training state, plus the
+    trial's resolved config and metrics; the base named portably."""
+    from raysft.train.state import STATE_FILE
+
+    for item in Path(best["checkpoint"]).iterdir():
+        if item.name == STATE_FILE:
+            continue  # optimizer and RNG state: for resuming a trial, not for serving
+        if item.is_dir():
+            shutil.copytree(item, staging / item.name)
+        else:
+            shutil.copy2(item, staging / item.name)
+    own = trial_config(cfg.model_dump(mode="json"), best.get("sampled") or {}, output_dir=trial_dir)
+    (staging / "config.yaml").write_text(dump_config(own), encoding="utf-8")
+    metrics = {
+        "trial_id": best["trial_id"],
+        "step": best.get("step"),
+        "objective": {"metric": record["metric"], "value": record["value"]},
+        "eval_fingerprint": record["eval_fingerprint"],
+        "metrics": best.get("metrics", {}),
+        "sampled": best.get("sampled", {}),
+    }
+    text = json.dumps(json_safe(metrics), indent=2, ensure_ascii=False, allow_nan=False)
+    (staging / "metrics.json").write_text(text, encoding="utf-8")
+    adapter_config = staging / "adapter_config.json"
+    if adapter_config.is_file():
+        # The trial saved the resolved local path of its base; the config's own name (a hub id
+        # or embedded:NAME) still resolves when the package is installed elsewhere.
+        conf = json.loads(adapter_config.read_text(encoding="utf-8"))
+        conf["base_model_name_or_path"] = cfg.model.name_or_path
+        adapter_config.write_text(json.dumps(conf, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _check_export(directory: Path) -> None:
+    """The export loads as a user would load it and generates from finite logits."""
+    import torch
+
+    model, tokenizer = load_champion(directory)
+    ids = tokenizer("Hello", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id or 0]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        if not torch.isfinite(logits).all():
+            raise ModelError(f"{directory}: the exported model's logits are not finite")
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if out.shape[1] <= ids.shape[1]:
+        raise ModelError(f"{directory}: the exported model generated no token")
+
+
 def _register(
-    mlc: Any, *, adapter_dir: str, run_id: str, cfg: Config, metric: str, value: float, fp: str
+    mlc: Any, *, export_dir: Path, run_id: str, cfg: Config, record: dict[str, Any]
 ) -> Any:
+    """A new registry version holding the export (no alias yet), tagged with what it scored."""
     import mlflow
     from mlflow.entities import LoggedModelStatus
 
@@ -76,89 +279,119 @@ def _register(
         experiment_id=exp_id,
         model_type=f"peft-{cfg.method}" if cfg.method != "full" else "full-model",
     )
-    mlc.log_model_artifacts(lm.model_id, adapter_dir)
+    mlc.log_model_artifacts(lm.model_id, str(export_dir))
     mlflow.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
     tags = {
-        TAG_METRIC: metric,
-        TAG_VALUE: repr(value),
-        TAG_EVAL: fp,
+        TAG_METRIC: record["metric"],
+        TAG_VALUE: repr(record["value"]),
+        TAG_EVAL: record["eval_fingerprint"],
         TAG_BASE: cfg.model.name_or_path,
     }
     return mlflow.register_model(f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags)
 
 
-def promote(
-    *, mlc: Any, cfg: SearchSpec, best: dict[str, Any] | None, exp_dir: Path
-) -> dict[str, Any]:
-    """Gate, register, alias and export; returns the record that goes into summary.json."""
-    p = cfg.promote
-    s = cfg.search
-    mode = objective_mode(s.metric, s.mode)
-    if not p.enabled:
-        return {"promoted": False, "reason": "promote.enabled is false"}
-    if best is None or best.get("metric") is None:
-        return {"promoted": False, "reason": "no trial reported the metric"}
-    if not best.get("checkpoint"):
-        return {"promoted": False, "reason": "the best trial left no checkpoint"}
-    value, fp = float(best["metric"]), eval_fingerprint(cfg)
-    record: dict[str, Any] = {
-        "metric": s.metric,
-        "value": value,
-        "eval_fingerprint": fp,
-        "registered_model": p.registered_model,
-        "alias": p.alias,
-    }
-    champ = current_champion(mlc, p.registered_model, p.alias)
-    if champ is not None:
-        record["previous"] = {"version": champ.version, "value": champ.tags.get(TAG_VALUE)}
-        comparable = champ.tags.get(TAG_EVAL) == fp and champ.tags.get(TAG_METRIC) == s.metric
-        if not comparable:
-            record.update(
-                promoted=False,
-                reason=(
-                    f"champion v{champ.version} was scored on other eval data or metric "
-                    f"(fingerprint {champ.tags.get(TAG_EVAL)}, "
-                    f"metric {champ.tags.get(TAG_METRIC)}); "
-                    "not replaced. Use a new promote.registered_model, or the same eval data."
-                ),
-            )
-            return record
-        old = float(champ.tags[TAG_VALUE])
-        if not is_better(value, old, mode):
-            record.update(
-                promoted=False,
-                reason=(
-                    f"{s.metric} {value:.6g} does not beat champion v{champ.version} ({old:.6g})"
-                ),
-            )
-            return record
-    mv = _register(
-        mlc,
-        adapter_dir=best["checkpoint"],
-        run_id=best["mlflow_run_id"],
-        cfg=cfg,
-        metric=s.metric,
-        value=value,
-        fp=fp,
-    )
-    mlc.set_registered_model_alias(p.registered_model, p.alias, mv.version)
-    export = Path(p.export_dir) if p.export_dir else exp_dir / "champion"
+def _rename(src: Path, dst: Path) -> None:
+    src.rename(dst)  # atomic on one filesystem: the staging dir sits beside its target
+
+
+def _swap_in(staging: Path, export: Path) -> Path | None:
+    """Rename the current export aside and the staged one in; returns where the old one went."""
+    aside = None
     if export.exists():
-        shutil.rmtree(export)
-    shutil.copytree(best["checkpoint"], export)
-    record.update(
-        promoted=True,
-        version=mv.version,
-        export_dir=str(export.resolve()),
-        reason="first champion" if champ is None else f"beats v{champ.version}",
+        aside = export.with_name(f".{export.name}.old-{uuid.uuid4().hex[:8]}")
+        _rename(export, aside)
+    try:
+        _rename(staging, export)
+    except BaseException:
+        if aside is not None:
+            _rename(aside, export)
+        raise
+    return aside
+
+
+def _swap_back(export: Path, aside: Path | None, staging: Path) -> None:
+    """Undo ``_swap_in``: the new export goes back to ``staging`` (deleted), the old one in."""
+    _rename(export, staging)
+    if aside is not None:
+        _rename(aside, export)
+
+
+def _move_alias(mlc: Any, p: PromoteSection, version: str) -> None:
+    mlc.set_registered_model_alias(p.registered_model, p.alias, version)
+
+
+def _drop_old(aside: Path | None) -> None:
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _recover(export: Path, champion_version: str | None) -> None:
+    """Tidy what an interrupted promotion left beside ``export``.
+
+    A staged export is deleted. An export set aside is put back if the export now in place was
+    never aliased (the process died between the swap and the alias), else deleted.
+    """
+    for stale in export.parent.glob(f".{export.name}.new-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in export.parent.glob(f".{export.name}.old-*"):
+        restore = (
+            champion_version is not None
+            and _version_of(aside) == champion_version
+            and _version_of(export) != champion_version
+        )
+        if not restore:
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        log.warning("restoring %s: the export in place was never aliased", export)
+        unaliased = export.with_name(f".{export.name}.new-{uuid.uuid4().hex[:8]}")
+        try:
+            if export.exists():
+                _rename(export, unaliased)
+            _rename(aside, export)
+        except OSError:  # the next promotion tries again
+            log.warning("could not restore %s from %s", export, aside, exc_info=True)
+            continue
+        shutil.rmtree(unaliased, ignore_errors=True)
+
+
+def _version_of(export: Path) -> str | None:
+    try:
+        return str(json.loads((export / CHAMPION_FILE).read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# ---------------------------------------------------------------- using an export
+
+
+def load_champion(directory: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of an export: a PEFT adapter on its base, or a full model.
+
+    The adapter names its base portably (``embedded:NAME`` or a hub id); ``embedded:`` names
+    resolve to this install's copy. The base is loaded unquantized (a QLoRA adapter applies to
+    it as is). Revision and trust_remote_code come from the export's config.yaml.
+    """
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raysft.assets import resolve
+
+    d = Path(directory)
+    model_cfg: dict[str, Any] = {}
+    if (d / "config.yaml").is_file():
+        model_cfg = (yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}).get(
+            "model", {}
+        )
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust)
+    adapter_config = d / "adapter_config.json"
+    if not adapter_config.is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(d), trust_remote_code=trust)
+        return model.eval(), tokenizer
+    from peft import PeftModel
+
+    base_name = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve(base_name), revision=model_cfg.get("revision"), trust_remote_code=trust
     )
-    log.info(
-        "promoted %s v%s (%s=%.6g) -> alias %s; exported to %s",
-        p.registered_model,
-        mv.version,
-        s.metric,
-        value,
-        p.alias,
-        export,
-    )
-    return record
+    return PeftModel.from_pretrained(base, str(d)).eval(), tokenizer

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -22,20 +24,64 @@ class TrialStatus(str, Enum):
     FINISHED = "finished"  # trained its own max_steps
     STOPPED_EARLY = "stopped_early"  # stopped by the scheduler (ASHA) before its last step
     FAILED = "failed"  # raised inside its worker
+    DIVERGED = "diverged"  # reported a NaN/inf metric: stopped at once, never ranked
 
     @property
     def mlflow(self) -> str:
-        """MLflow run status: an ASHA stop shows as KILLED, distinct from FAILED."""
-        return {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}[self.value]
+        """MLflow run status: an ASHA stop shows as KILLED, distinct from FAILED; a diverged
+        trial is FAILED in MLflow and told apart by the ``raysft.status`` tag."""
+        return {
+            "finished": "FINISHED",
+            "stopped_early": "KILLED",
+            "failed": "FAILED",
+            "diverged": "FAILED",
+        }[self.value]
 
 
-def classify(*, last_step: int | None, max_steps: int, error: bool) -> TrialStatus:
-    """The status of an ended trial from its last reported step and its own ``max_steps``."""
+def classify(
+    *, last_step: int | None, max_steps: int, error: bool, diverged: bool = False
+) -> TrialStatus:
+    """The status of an ended trial from its last reported step and its own ``max_steps``.
+
+    ``diverged``: some report held a non-finite metric (``is_diverged``). An error still wins:
+    a trial that raised is failed whatever it reported before.
+    """
     if error:
         return TrialStatus.FAILED
+    if diverged:
+        return TrialStatus.DIVERGED
     if last_step is not None and last_step >= max_steps:
         return TrialStatus.FINISHED
     return TrialStatus.STOPPED_EARLY
+
+
+def is_diverged(result: Mapping[str, Any]) -> bool:
+    """Whether one report holds a NaN or infinite value of a searchable metric.
+
+    Every searchable metric counts, not only the objective: a NaN ``train_loss`` means NaN
+    weights, so every later score of that trial (exact match included) is meaningless.
+    """
+    return any(
+        name in result and _number(result[name]) and not math.isfinite(result[name])
+        for name, metric in METRICS.items()
+        if metric.searchable
+    )
+
+
+class DivergedStopper:
+    """Tune stop condition: stop a trial at its first report with a non-finite metric.
+
+    A plain callable ``(trial_id, result) -> bool`` (picklable, no Ray import): pass it as
+    ``ray.tune.RunConfig(stop=DivergedStopper())``; Tune wraps it in its ``FunctionStopper``.
+    ASHA alone never stops such a trial: NaN compares false with every rung's cutoff.
+    """
+
+    def __call__(self, trial_id: str, result: Mapping[str, Any]) -> bool:
+        return is_diverged(result)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -43,6 +89,20 @@ def finite_or_none(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (nested in dicts and lists) replaced by None.
+
+    summary.json is strict JSON (``allow_nan=False``): sampled values and metrics pass here.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def trial_row(
@@ -54,21 +114,31 @@ def trial_row(
     objective: str,
     error: str | None,
     mlflow_run_id: str | None,
+    diverged: bool = False,
 ) -> dict[str, Any]:
-    """One trial's line of summary.json: status, objective, every registry metric it reported."""
-    status = classify(last_step=metrics.get("step"), max_steps=max_steps, error=error is not None)
+    """One trial's line of summary.json: status, objective, every registry metric it reported.
+
+    ``diverged``: an earlier report of the trial held a non-finite metric (its last one is
+    checked here too). Every value is JSON-safe: a non-finite number becomes null.
+    """
+    status = classify(
+        last_step=metrics.get("step"),
+        max_steps=max_steps,
+        error=error is not None,
+        diverged=diverged or is_diverged(metrics),
+    )
     return {
         "trial_id": trial_id,
         "status": status.value,
         "metric": finite_or_none(metrics.get(objective)),
-        "step": metrics.get("step"),
+        "step": json_safe(metrics.get("step")),
         "max_steps": max_steps,
         "exact_match": finite_or_none(metrics.get("exact_match")),
         "base_exact_match": finite_or_none(metrics.get("base_exact_match")),
         "metrics": {
             k: v for k, v in metrics.items() if k in METRICS and finite_or_none(v) is not None
         },
-        "sampled": sampled,
+        "sampled": json_safe(sampled),
         "checkpoint": metrics.get("checkpoint_path"),
         "mlflow_run_id": mlflow_run_id,
         "error": error,
@@ -85,7 +155,8 @@ def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Best finished trial of ranked ``rows``; ASHA-stopped ones trained less, so they come next."""
     for wanted in (TrialStatus.FINISHED.value, TrialStatus.STOPPED_EARLY.value):
         for row in rows:
-            if row["status"] == wanted and row["metric"] is not None and row["checkpoint"]:
+            metric = finite_or_none(row["metric"])
+            if row["status"] == wanted and metric is not None and row["checkpoint"]:
                 return row
     return None
 
@@ -128,3 +199,60 @@ def write_summary(exp_dir: Path, summary: dict[str, Any]) -> Path:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------- a failed trial's cause
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# ``pkg.mod.SomeError: message`` (or a bare ``SomeError``): the last line of a traceback.
+_EXC_LINE = re.compile(
+    r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Failure))(?::\s?(.*))?$"
+)
+# Ray's own wrappers around the exception a trial's code raised.
+_WRAPPERS = {
+    "RayTaskError",
+    "RayActorError",
+    "TuneError",
+    "RayTrainError",
+    "TrainingFailedError",
+    "WorkerGroupError",
+    "ControllerError",
+}
+_NOISE = re.compile(r"^(ray::\S.*\(pid=.*|\[Rank [\d,]+ Error Snippet\]:|Traceback \(most.*)$")
+MAX_CAUSE_CHARS = 500
+
+
+def error_cause(error: BaseException | str) -> str:
+    """A failed trial's root cause, ``ExceptionType: message``, from Ray's wrapped error.
+
+    Tune reports a trial's error as ``ray::ImplicitFunc.train() (pid=.., ip=..)`` followed by
+    the traceback of Ray Train's ``WorkerGroupError``, which holds the worker's own traceback:
+    the cause is the last ``SomethingError: message`` line that is not one of Ray's wrappers.
+    When a worker died without raising (killed, out of host memory) there is no such line:
+    the wrapper's type and the first lines of its text are the cause.
+    """
+    text = _ANSI.sub("", error if isinstance(error, str) else _exception_text(error))
+    lines = [line.strip() for line in text.splitlines()]
+    found, wrapper = None, None
+    for i, line in enumerate(lines):
+        m = _EXC_LINE.match(line)
+        if m is None:
+            continue
+        if m[1] in _WRAPPERS:
+            wrapper = (m[1], i)
+        else:
+            found = f"{m[1]}: {m[2]}" if m[2] else m[1]
+    if found is None and wrapper is not None:
+        name, at = wrapper
+        rest = [ln for ln in lines[at + 1 :] if ln and not _NOISE.match(ln)]
+        found = f"{name}: {' '.join(rest[:2])}" if rest else lines[at]
+    if found is None:
+        meaningful = [ln for ln in lines if ln and not _NOISE.match(ln)]
+        found = meaningful[-1] if meaningful else (lines[0] if lines else "")
+    return found[:MAX_CAUSE_CHARS]
+
+
+def _exception_text(error: BaseException) -> str:
+    """``Type: message``; a ``RayTaskError(Cause)``'s str is already the remote traceback."""
+    name = type(error).__name__
+    return str(error) if "(" in name else f"{name}: {error}"

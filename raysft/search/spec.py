@@ -23,28 +23,44 @@ from raysft.config import (
     validate_spec,
     validate_tree,
 )
-from raysft.errors import ConfigError
-from raysft.search.resources import (
-    attaching_to_cluster,
-    local_nodes,
-    meant_for_a_cluster,
-    plan_resources,
-)
+from raysft.errors import ConfigError, ModelError
+from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
+from raysft.search.resources import attaching_to_cluster, check_resources, local_nodes
 from raysft.train.metrics import METRICS, objective_mode, reported
 
 _UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")
+# Paths whose value changes how long a trial runs or what its metric measures. ASHA's horizon, a
+# trial's status and the eval fingerprint that gates promotion all come from the spec, so trials
+# that differ in one of these would be ranked against each other on unequal terms: refused.
+# A prefix ending in "." covers a whole section.
+_NOT_COMPARABLE = {
+    "train.max_steps": "sets how long a trial runs (ASHA's horizon and the finished status "
+    "are the spec's)",
+    "train.eval_every": "sets when a trial is scored (ASHA counts its rungs in evals)",
+    "data.": "selects or renders the rows the metric is computed on",
+    "model.name_or_path": "sets the tokenizer that renders the eval rows",
+    "model.revision": "sets the tokenizer that renders the eval rows",
+    "train.max_new_tokens": "changes what the generated-answer metrics measure",
+    "train.exact_match": "decides whether the generated-answer metrics are measured",
+}
+# How rows are batched, not which rows are scored or how they render.
+_COMPARABLE = {"data.packing"}
 # Cap on the value combinations validated together (each is one pydantic validation).
 MAX_JOINT_PROBES = 4096
 
 
 def load_spec(
-    path: str, overrides: list[str], *, dry_run: bool = False
+    path: str, overrides: list[str], *, dry_run: bool = False, preflight: bool = True
 ) -> tuple[dict[str, Any], SearchSpec]:
     """Read, override and validate a spec; every problem at once, before Ray starts.
 
     Resources are checked against this machine (laptop mode) unless the driver joins a cluster,
     which is checked once joined; a dry run of a GPU spec on a GPU-less machine is a cluster
     spec being checked before submission, so its plan is printed, not refused.
+
+    Once the spec is valid, ``preflight`` reads its data and model as a trial will
+    (``raysft.search.preflight``), except in that cluster-spec dry run: its data and model may
+    exist only on the cluster, where the search's own run checks them.
     """
     tree = read_yaml(path)
     for key, value in parse_overrides(overrides).items():
@@ -63,14 +79,61 @@ def load_spec(
             raise
         problems, (tree, spec) = list(err.problems), rest
     problems += validate_search(tree, spec, source=path)
-    if not attaching_to_cluster():
-        nodes = local_nodes()
-        if not (dry_run and meant_for_a_cluster(spec.search, nodes)):
-            problems += plan_resources(spec.search, nodes, where="this machine")[1]
+    memory = trial_memory(spec) if spec.search.resources.gpus else None
+    nodes = None if attaching_to_cluster() else local_nodes()
+    more, checked_here = check_resources(tree, spec, memory, nodes, dry_run=dry_run)
+    problems += more
     if problems:
         raise ConfigError(path, problems)
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
+    if preflight and checked_here:
+        from raysft.search.preflight import preflight as read_as_a_trial
+
+        read_as_a_trial(spec, source=path)
     return tree, spec
+
+
+def trial_memory(spec: SearchSpec) -> Estimate | str:
+    """The memory estimate of the largest trial the space can produce (every combination of
+    the searched values that change it), or why there is none."""
+    params = spec.search.params
+    keep = {k: p for k, p in params.items() if k in MEMORY_PATHS}
+    keep.update({p.of: params[p.of] for p in list(keep.values()) if p.of and p.of in params})
+    combos = _joint_probes(keep, spec) or [_largest(keep, spec)]
+    base = spec.model_dump(mode="json", exclude={"search"})
+    gpu = spec.search.resources.gpus > 0 and spec.train.device != "cpu"
+    worst: tuple[Estimate, dict[str, Any]] | None = None
+    for combo in combos:
+        probe = copy.deepcopy(base)
+        for name, value in combo.items():
+            set_path(probe, name, value)
+        try:
+            cfg = validate_tree(probe)
+            shape = model_shape(cfg.model)
+        except ConfigError:
+            continue  # reported by validate_search
+        except ModelError as err:
+            return str(err)
+        est = estimate(
+            cfg, shape, device="gpu" if gpu else "cpu", workers=spec.search.resources.workers
+        )
+        if worst is None or est.peak > worst[0].peak:
+            worst = est, combo
+    if worst is None:
+        return "no valid trial config"
+    est, combo = worst
+    searched = ", ".join(f"{k} {v}" for k, v in combo.items() if k in MEMORY_PATHS)
+    return est.with_note(f"the space's largest trial ({searched})" if searched else "")
+
+
+def _largest(params: dict[str, SearchParam], cfg: Config) -> dict[str, Any]:
+    """Too many combinations: each parameter at its largest value (its first if not a number)."""
+    out = {}
+    for name, p in params.items():
+        values = _probe_values(p, params, cfg)
+        numbers = [v for v in values if _is_number(v)]
+        out[name] = max(numbers) if len(numbers) == len(values) else values[0]
+    return out
 
 
 def _without_malformed_params(tree: dict[str, Any]) -> tuple[dict[str, Any], SearchSpec] | None:
@@ -159,6 +222,12 @@ def _check_param(
         # Optuna's suggest_int needs whole bounds; rounding them silently could leave the range
         # that was checked here.
         return f"{where}: type int needs whole-number low and high (got {p.low:g}, {p.high:g})"
+    why = _not_comparable(name, cfg)
+    if why:
+        return (
+            f"{where}: {name} cannot be searched: it {why}, so trials would not be compared "
+            "on equal terms; set one value in the spec (one search per value)"
+        )
     if p.type != "multiple_of":
         return None
     bad = [f for f in p.values or [] if not _is_number(f)]
@@ -180,6 +249,22 @@ def _check_param(
     if not all(_is_number(b) for b in bases):
         got = next(b for b in bases if not _is_number(b))
         return f"{where}.of: {p.of} is not a number ({got!r}); multiple_of needs a number"
+    return None
+
+
+def _not_comparable(name: str, cfg: Config) -> str | None:
+    """Why trials differing in ``name`` could not be ranked against each other, or None.
+
+    ``train.seed`` picks the eval rows when they are split off ``data.train``; when it samples
+    ``max_eval_samples`` of a larger eval file is known only by reading it (preflight).
+    """
+    if name in _COMPARABLE:
+        return None
+    if name == "train.seed" and cfg.data.eval is None:
+        return "picks the eval rows (data.eval is null: the seed splits them off data.train)"
+    for prefix, why in _NOT_COMPARABLE.items():
+        if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
+            return why
     return None
 
 

@@ -9,18 +9,31 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, SearchSpec, TrackingSection
-from raysft.search.results import classify
-from raysft.train.metrics import METRICS
+from raysft.search.results import classify, is_diverged
+from raysft.train.metrics import METRICS, objective_mode
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 STATUS_TAG = "raysft.status"  # a TrialStatus value
+# MLflow 3 opens an experiment without this tag on its GenAI overview (traces); this value
+# marks it as model training, so the UI opens on the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
+# Short names in run names and plots; any other path goes by its last segment.
+SHORT_NAMES = {
+    "train.learning_rate": "lr",
+    "lora.r": "r",
+    "lora.alpha": "alpha",
+    "train.neftune_alpha": "neft",
+}
 # (trial_id, sampled values) -> that trial's own resolved config
 TrialResolver = Callable[[str, dict[str, Any]], Config]
 
@@ -33,20 +46,83 @@ def tracking_uri(cfg: TrackingSection) -> str:
     return uri
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, page: str = "") -> str:
+    """How to see the runs; ``page`` (``runs_page``) is appended to the server's address."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {uri.rstrip('/')}{page} in a browser"
+    cmd = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"{cmd}, then open http://127.0.0.1:5000{page}" if page else cmd
+
+
+def runs_page(exp_id: str, *, metric: str, mode: str) -> str:
+    """The UI page of an experiment's runs, best trial first, trials unfolded.
+
+    MLflow 3.17's UI ignores the experimentKind tag: a browser-wide GenAI / Model training
+    switch (default GenAI) decides, and ``workflowType`` in the address overrides it. Sorting by a
+    metric also lists the child runs flat instead of folded under their parent.
+    """
+    from urllib.parse import quote, urlencode
+
+    query = {
+        "workflowType": "machine_learning",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": "true" if mode == "min" else "false",
+    }
+    return f"/#/experiments/{exp_id}/runs?{urlencode(query, quote_via=quote)}"
+
+
+# Redaction rule. A param is secret when the LAST WORD of its LAST dotted segment (words split at
+# "_" and "-", case-insensitive) is one of SECRET_WORDS: hf_token, api_key, password, secret,
+# aws_secret_access_key, token. Not secret: train.max_new_tokens, train.tokens (last word
+# "tokens"), lora.target_modules, token_count. Any value is also scrubbed of the driver's HF_TOKEN,
+# of Hugging Face tokens (hf_ + 30 or more letters/digits) and of URL passwords (user:PASS@host).
+SECRET_WORDS = frozenset(
+    {"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials"}
+)
+REDACTED = "***"
+_HF_TOKEN_TEXT = re.compile(r"hf_[A-Za-z0-9]{30,}")
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
+
+
+def is_secret(name: str) -> bool:
+    """True for a param name the redaction rule (above) calls secret."""
+    words = re.split(r"[_\-]", name.rsplit(".", 1)[-1].lower())
+    return words[-1] in SECRET_WORDS
+
+
+def redact_tree(tree: Any, prefix: str = "") -> Any:
+    """A nested config with every value ``redact`` would hide hidden (for summary.json)."""
+    if isinstance(tree, dict):
+        return {k: redact_tree(v, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, str):
+        return redact(prefix.rstrip("."), tree)
+    if is_secret(prefix.rstrip(".")) and tree is not None:
+        return REDACTED
+    return tree
+
+
+def redact(name: str, value: str) -> str:
+    """``value`` as it may be logged under ``name``: REDACTED for a secret name, else scrubbed."""
+    if is_secret(name):
+        return REDACTED
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        token = os.environ.get(var)
+        if token and len(token) >= 8:  # a short value would scrub ordinary text
+            value = value.replace(token, REDACTED)
+    value = _HF_TOKEN_TEXT.sub(REDACTED, value)
+    return _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config -> ``a.b.c: value`` params (MLflow params are strings, <= 6000 chars)."""
+    """Nested config -> ``a.b.c: value`` params (MLflow params are strings, <= 6000 chars),
+    secrets redacted (``redact``)."""
     out: dict[str, str] = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
             out.update(flatten(value, f"{prefix}{key}."))
     else:
-        out[prefix.rstrip(".")] = str(tree)[:6000]
+        name = prefix.rstrip(".")
+        out[name] = redact(name, str(tree))[:6000]
     return out
 
 
@@ -59,8 +135,36 @@ def client(uri: str) -> Any:
 
 
 def experiment_id(mlc: Any, name: str) -> str:
+    """The experiment's id, created if new; marked as model training unless its kind is set."""
     exp = mlc.get_experiment_by_name(name)
-    return exp.experiment_id if exp else mlc.create_experiment(name)
+    if exp is None:
+        return str(mlc.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older raysft or by hand
+        mlc.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return str(exp.experiment_id)
+
+
+def short_name(path: str) -> str:
+    return SHORT_NAMES.get(path, path.rsplit(".", 1)[-1])
+
+
+def format_value(value: Any) -> str:
+    """2 significant digits for floats (``3.2e-3``, ``0.05``); anything else as written."""
+    if not isinstance(value, float) or value == 0 or not math.isfinite(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if 1e-2 <= abs(value) < 100:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def run_name(sampled: dict[str, Any], order: Sequence[str] = ()) -> str:
+    """A trial's sampled values as a run name: ``lr=3.2e-3 r=8 alpha=16 neft=5``.
+
+    ``order`` (the spec's parameter order) comes first: Tune moves products to the end.
+    """
+    keys = [k for k in order if k in sampled] + [k for k in sampled if k not in order]
+    return " ".join(f"{short_name(k)}={format_value(sampled[k])}" for k in keys)[:250]
 
 
 def config_params(cfg: Config) -> dict[str, str]:
@@ -80,10 +184,46 @@ def start_parent(mlc: Any, exp_id: str, *, name: str, cfg: SearchSpec, spec_path
     return rid
 
 
+def describe_parent(mlc: Any, parent_id: str, summary: dict[str, Any]) -> str:
+    """The parent run's description (the UI's "Description"): best trial, metric, promotion."""
+    text = describe(summary)
+    mlc.set_tag(parent_id, NOTE_TAG, text)
+    return text
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """summary.json in three markdown lines: best trial, trial counts, promotion outcome."""
+    metric, best = summary["metric"], summary.get("best")
+    counts = summary.get("counts") or {}
+    if best is None:
+        head = f"No trial reported a finite `{metric}`: nothing to promote."
+    else:
+        order = list((summary.get("resolved_spec") or {}).get("search", {}).get("params", {}))
+        step = f" at step {best['step']} of {best['max_steps']}" if best.get("step") else ""
+        better = "lower" if objective_mode(metric, summary.get("mode")) == "min" else "higher"
+        head = (
+            f"Best trial: **{run_name(best['sampled'], order)}** "
+            f"(trial `{best['trial_id']}`, {best['status'].replace('_', ' ')}{step}): "
+            f"**{metric} = {best['metric']:.4g}** ({better} is better)."
+        )
+    tally = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n)
+    return "\n\n".join([head, f"Trials: {tally or 'none'}.", _promotion_line(summary)])
+
+
+def _promotion_line(summary: dict[str, Any]) -> str:
+    p = summary.get("promotion") or {}
+    if p.get("promoted"):
+        return (
+            f"Promotion: **promoted** as `{p['registered_model']}` v{p['version']} "
+            f"(alias `{p['alias']}`): {p.get('reason', '')}."
+        )
+    return f"Promotion: **not promoted**: {p.get('reason', 'promotion did not run')}."
+
+
 def _log_params(mlc: Any, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, v) for k, v in params.items()]
+    items = [Param(k, redact(k, v)) for k, v in params.items()]  # flatten's, and sampled.*
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         mlc.log_batch(run_id, params=items[i : i + 100])
 
@@ -118,11 +258,18 @@ def trial_runs(mlc: Any, exp_id: str, parent_id: str) -> dict[str, tuple[str, st
     }
 
 
-def make_callback(mlc: Any, *, exp_id: str, parent_id: str, resolve_trial: TrialResolver) -> Any:
+def make_callback(
+    mlc: Any,
+    *,
+    exp_id: str,
+    parent_id: str,
+    resolve_trial: TrialResolver,
+    order: Sequence[str] = (),
+) -> Any:
     """A Tune callback that mirrors every trial into a nested MLflow run.
 
     ``resolve_trial`` gives each trial's own config: its params (output_dir included) and the
-    ``max_steps`` its status is judged by.
+    ``max_steps`` its status is judged by. Runs are named by their sampled values, in ``order``.
     """
     from ray.tune import Callback
 
@@ -131,21 +278,27 @@ def make_callback(mlc: Any, *, exp_id: str, parent_id: str, resolve_trial: Trial
             self.runs: dict[str, str] = {}  # trial_id -> run_id
             self.status: dict[str, str] = {}
             self.last: dict[str, dict[str, Any]] = {}
+            self.diverged: set[str] = set()  # trials that reported a non-finite metric
+            self.logged_step: dict[str, int] = {}  # trial_id -> last step logged to MLflow
 
         def setup(self, *args: Any, **info: Any) -> None:
             # --resume restores the copy of this callback pickled when the search began: pick
-            # up the trial runs created since, so resumed trials keep their run.
+            # up the trial runs created since, so resumed trials keep their run, and the last
+            # step each logged, so a report repeated after a restart is not logged twice.
             for trial_id, (run_id, status) in trial_runs(mlc, exp_id, parent_id).items():
                 self.runs.setdefault(trial_id, run_id)
                 if status:
                     self.status.setdefault(trial_id, status)
+                history = mlc.get_metric_history(run_id, "train_loss")
+                if history:
+                    self.logged_step[trial_id] = max(m.step for m in history)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if trial.trial_id in self.runs:  # restarted after --resume
                 return
             run = mlc.create_run(
                 exp_id,
-                run_name=f"trial-{trial.trial_id}",
+                run_name=run_name(dict(trial.config), order),
                 tags={
                     "mlflow.parentRunId": parent_id,
                     "raysft.kind": "trial",
@@ -164,6 +317,12 @@ def make_callback(mlc: Any, *, exp_id: str, parent_id: str, resolve_trial: Trial
         ) -> None:
             if trial.trial_id in self.runs:
                 self.last[trial.trial_id] = result
+                if is_diverged(result):
+                    self.diverged.add(trial.trial_id)
+                step = int(result.get("step", 0))
+                if step <= self.logged_step.get(trial.trial_id, 0):
+                    return  # re-reported after a restart from an earlier checkpoint
+                self.logged_step[trial.trial_id] = step
                 log_metrics(mlc, self.runs[trial.trial_id], result)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -175,7 +334,9 @@ def make_callback(mlc: Any, *, exp_id: str, parent_id: str, resolve_trial: Trial
         def _end(self, trial: Any, *, error: bool) -> None:
             max_steps = resolve_trial(trial.trial_id, dict(trial.config)).train.max_steps
             last = self.last.get(trial.trial_id, {}).get("step")
-            status = classify(last_step=last, max_steps=max_steps, error=error)
+            # getattr: a callback pickled by an older version (--resume) has no such set.
+            diverged = trial.trial_id in getattr(self, "diverged", set())
+            status = classify(last_step=last, max_steps=max_steps, error=error, diverged=diverged)
             self.status[trial.trial_id] = status.value
             run_id = self.runs.get(trial.trial_id)
             if run_id:

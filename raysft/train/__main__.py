@@ -8,12 +8,11 @@ eval) exactly where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import NoReturn
 
-from raysft.cli import add_config_args, load_from_args, run_cli, setup_logging
+from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
 
 
@@ -92,12 +91,7 @@ def _train(cfg: Config, resume_from: str | None) -> int:
 
 
 def _main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m raysft.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(parser)
+    parser = config_parser("python -m raysft.train", __doc__)
     parser.add_argument("--dry-run", action="store_true", help="validate, print config and counts")
     parser.add_argument("--preview", type=int, metavar="N", help="print the first N examples")
     parser.add_argument("--json", action="store_true", help="with --preview: one JSON per line")

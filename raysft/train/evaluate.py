@@ -1,17 +1,27 @@
-"""Held-out evaluation: the passes metrics are computed from (summed response-token loss, greedy
-answers). Scores themselves are functions of the metric registry (``train/metrics.py``)."""
+"""Held-out evaluation: the passes metrics are computed from (summed response-token loss, generated
+answers, their code run against the rows' tests). Scores themselves are functions of the metric
+registry (``train/metrics.py``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from raysft.data.formats import Conversation
+from raysft.data.formats import Conversation, code_tests
 from raysft.data.packing import causal_lm_loss, collate_packed, collate_padded, pack
-from raysft.data.templates import Example, generation_prompt, stop_strings
-from raysft.train.metrics import EvalOutputs, computed_at
+from raysft.data.templates import (
+    Example,
+    generation_prompt,
+    generation_prompt_ids,
+    stop_strings,
+)
+from raysft.train.metrics import EvalOutputs, Metric, computed_at
+from raysft.train.sandbox import Limits, check_answers
+
+log = logging.getLogger(__name__)
 
 
 def make_bins(examples: list[Example], *, packing: bool, max_len: int) -> list[list[int]]:
@@ -83,11 +93,33 @@ def eval_loss_sum(
 
 
 def _answer(text: str, stops: list[str]) -> str:
+    """The answer in a decoded continuation: cut at the earliest stop, whitespace stripped."""
     for stop in stops:
         cut = text.find(stop)
         if cut != -1:
             text = text[:cut]
     return text.strip()
+
+
+def answer_stops(template: str, tokenizer: Any) -> tuple[list[str], list[int]]:
+    """Stop strings (the template's terminator, and EOS) and those of them that are one token,
+    which ``generate`` stops at; longer ones only cut the decoded text."""
+    eos = getattr(tokenizer, "eos_token", None)
+    stops = list(dict.fromkeys([*stop_strings(template, tokenizer), *([eos] if eos else [])]))
+    ids = []
+    for stop in stops:
+        tid = tokenizer.convert_tokens_to_ids(stop)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.append(tid)
+    return stops, ids
+
+
+def _decoding(samples: int, temperature: float) -> dict[str, Any]:
+    """Greedy, unless several answers are wanted or a temperature is set: then plain sampling."""
+    if temperature <= 0 and samples == 1:
+        return {"do_sample": False}
+    # n greedy answers would be identical: sample at temperature 1 unless one is given.
+    return {"do_sample": True, "temperature": temperature or 1.0, "top_k": 0, "top_p": 1.0}
 
 
 @torch.no_grad()
@@ -101,39 +133,75 @@ def generate_answers(
     batch_size: int,
     device: Any,
     autocast: Any,
-) -> list[dict[str, str]]:
-    """Greedy answers to each eval conversation's last user turn, cut at the template's stops,
-    beside the reference answer: ``{"prompt", "expected", "generated"}``."""
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``samples`` answers to each eval conversation's last user turn, in batches, cut at the
+    template's stops, beside the reference: ``{"prompt", "expected", "generated" (the first),
+    "answers", "tests"?}``. Prompts are tokenized as in training (``generation_prompt_ids``).
+    Sampling draws from its own seeded RNG, so the trainer's RNG stream is left as it was."""
     was_training = model.training
     model.eval()
-    stops = stop_strings(template, tokenizer)
-    stop_ids = [tokenizer.convert_tokens_to_ids(s) for s in stops]
-    stop_ids = [i for i in stop_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
-    prompts = [generation_prompt(c, template=template, tokenizer=tokenizer) for c in conversations]
-    samples = []
-    for s in range(0, len(prompts), batch_size):
-        enc = [
-            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]
-        ]
-        width = max(len(e) for e in enc)
-        # Left padding so every prompt ends where generation starts.
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-        with autocast():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids or None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        for j, row in enumerate(out[:, width:].tolist()):
-            got = _answer(tokenizer.decode(row, skip_special_tokens=False), stops)
-            want = conversations[s + j][-1]["content"]
-            samples.append({"prompt": prompts[s + j], "expected": want, "generated": got})
+    stops, stop_ids = answer_stops(template, tokenizer)
+    decoding = _decoding(samples, temperature)
+    out_samples: list[dict[str, Any]] = []
+    cuda = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for s in range(0, len(conversations), batch_size):
+            convs = conversations[s : s + batch_size]
+            enc = [generation_prompt_ids(c, template=template, tokenizer=tokenizer) for c in convs]
+            width = max(len(e) for e in enc)
+            # Left padding so every prompt ends where generation starts.
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc])
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+            with autocast():
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=samples,
+                    eos_token_id=stop_ids or None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,  # one row per prompt here, no packing: the cache is safe
+                    **decoding,
+                )
+            rows = out[:, width:].tolist()  # samples consecutive rows per prompt
+            for j, conv in enumerate(convs):
+                texts = [
+                    _answer(tokenizer.decode(r, skip_special_tokens=False), stops)
+                    for r in rows[j * samples : (j + 1) * samples]
+                ]
+                out_samples.append(_sample(conv, texts, template=template, tokenizer=tokenizer))
     model.train(was_training)
-    return samples
+    return out_samples
+
+
+def _sample(conv: Conversation, answers: list[str], *, template: str, tokenizer: Any) -> dict:
+    sample: dict[str, Any] = {
+        "prompt": generation_prompt(conv, template=template, tokenizer=tokenizer),
+        "expected": conv[-1]["content"],
+        "generated": answers[0],
+        "answers": answers,
+    }
+    if code_tests(conv) is not None:
+        sample["tests"] = code_tests(conv)
+    return sample
+
+
+def run_code_tests(samples: list[dict[str, Any]], *, limits: Limits) -> None:
+    """Run every answer of each sample that has tests in the sandbox; sets ``passed``."""
+    coded = [s for s in samples if s.get("tests") is not None]
+    results = check_answers([(s["answers"], s["tests"]) for s in coded], limits=limits)
+    for sample, passed in zip(coded, results, strict=True):
+        sample["passed"] = passed
+    log.info(
+        "pass@k: %d of %d programs passed (%d problems)",
+        sum(map(sum, results)),
+        sum(map(len, results)),
+        len(coded),
+    )
 
 
 def score(
@@ -141,16 +209,34 @@ def score(
     *,
     final: bool,
     loss: Callable[[], tuple[float, int]],
-    answers: Callable[[], list[dict[str, str]]],
+    answers: Callable[..., list[dict[str, Any]]],
     only: tuple[str, ...] | None = None,
-) -> tuple[dict[str, float], list[dict[str, str]]]:
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The registry metrics due at this eval (``final``: the last one; ``only``: just these),
-    each pass (loss, generation) run at most once.
+    each pass (loss, generation, code execution) run at most once.
 
     Returns the scores and the generated samples (empty when nothing generates).
     """
     due = [m for m in computed_at(cfg, final=final) if only is None or m.name in only]
+    return compute(due, cfg, loss=loss, answers=answers)
+
+
+def compute(
+    due: list[Metric],
+    cfg: Any,
+    *,
+    loss: Callable[[], tuple[float, int]],
+    answers: Callable[..., list[dict[str, Any]]],
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Scores of the metrics ``due``, with ``cfg.eval``'s generation and sandbox settings."""
     loss_sum, tokens = loss() if any(not m.generates for m in due) else (0.0, 0)
-    samples = answers() if any(m.generates for m in due) else []
-    out = EvalOutputs(loss_sum=loss_sum, tokens=tokens, samples=samples)
+    samples: list[dict[str, Any]] = []
+    if any(m.generates for m in due):
+        samples = answers(
+            samples=cfg.eval.samples, temperature=cfg.eval.temperature, seed=cfg.train.seed
+        )
+    if any(m.executes for m in due):
+        limits = Limits(timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb)
+        run_code_tests(samples, limits=limits)
+    out = EvalOutputs(loss_sum=loss_sum, tokens=tokens, samples=samples, pass_k=cfg.eval.pass_k)
     return {m.name: m.compute(out) for m in due if m.compute is not None}, samples

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from raysft.train import scoring
+
 Cadence = Literal["step", "eval", "final"]
 Mode = Literal["min", "max"]
 
@@ -22,7 +24,10 @@ class EvalOutputs:
 
     loss_sum: float  # summed token cross-entropy over the eval set's response tokens
     tokens: int  # response tokens scored
-    samples: list[dict[str, str]] | None = None  # greedy answers: prompt, expected, generated
+    # One per eval prompt: prompt, expected (the reference), answers (all n generated),
+    # generated (the first), tests (a code row's, or None) and, once run, passed (per answer).
+    samples: list[dict[str, Any]] | None = None
+    pass_k: int = 1  # the k of pass@k
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,8 @@ class Metric:
     # step: every optimizer step (the loop fills it in); eval: every eval; final: last eval only.
     cadence: Cadence
     mode: Mode | None = None  # better when lower/higher; None: reported, never an objective
-    generates: bool = False  # needs greedy decoding of the eval set
+    generates: bool = False  # needs answers generated for the eval set
+    executes: bool = False  # runs the answers' code against the rows' tests (train/sandbox.py)
     compute: Callable[[EvalOutputs], float] | None = None  # None: the training loop fills it in
     # Whether a config reports it at all (e.g. exact match only with train.exact_match).
     enabled: Callable[[Any], bool] = lambda cfg: True
@@ -47,11 +53,6 @@ class Metric:
         return self.cadence in ("step", "eval")
 
 
-def normalize_answer(text: str) -> str:
-    """Exact-match normalization: surrounding whitespace stripped, nothing else (case counts)."""
-    return text.strip()
-
-
 def _eval_loss(out: EvalOutputs) -> float:
     return out.loss_sum / out.tokens if out.tokens else math.nan
 
@@ -61,14 +62,42 @@ def _perplexity(out: EvalOutputs) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
 
 
+def _pairs(out: EvalOutputs) -> tuple[list[str], list[str]]:
+    """(answer, reference) for every generated answer: n per prompt."""
+    answers, refs = [], []
+    for s in out.samples or []:
+        for a in s.get("answers") or [s["generated"]]:
+            answers.append(a)
+            refs.append(s["expected"])
+    return answers, refs
+
+
 def _exact_match(out: EvalOutputs) -> float:
-    samples = out.samples or []
-    hits = sum(normalize_answer(s["generated"]) == normalize_answer(s["expected"]) for s in samples)
-    return hits / len(samples) if samples else math.nan
+    return scoring.exact_match(*_pairs(out))
+
+
+def _rouge_l(out: EvalOutputs) -> float:
+    return scoring.rouge_l(*_pairs(out))
+
+
+def _bleu(out: EvalOutputs) -> float:
+    return scoring.bleu(*_pairs(out))
+
+
+def _pass_at_k(out: EvalOutputs) -> float:
+    results = [s["passed"] for s in out.samples or [] if s.get("tests") is not None]
+    return scoring.mean_pass_at_k(results, out.pass_k)
 
 
 def _generates(cfg: Any) -> bool:
     return bool(cfg.train.exact_match)
+
+
+def _has_tests(cfg: Any) -> bool:
+    from raysft.data.formats import sources_have_tests
+
+    d = cfg.data
+    return _generates(cfg) and sources_have_tests(d.eval if d.eval is not None else d.train)
 
 
 METRICS: dict[str, Metric] = {
@@ -94,13 +123,45 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             "exact_match",
-            "Share of held-out conversations whose greedy answer equals the reference "
-            "(surrounding whitespace stripped).",
+            "Share of held-out answers equal to the reference after stripping surrounding "
+            "whitespace (case, punctuation and inner spacing count).",
             "final",
             "max",
             generates=True,
             compute=_exact_match,
             enabled=_generates,
+        ),
+        Metric(
+            "rouge_l",
+            "Mean ROUGE-L F1 of each held-out answer against the reference (rouge-score; "
+            "lowercased words, each CJK character a word), 0..1.",
+            "final",
+            "max",
+            generates=True,
+            compute=_rouge_l,
+            enabled=_generates,
+        ),
+        Metric(
+            "bleu",
+            "Corpus BLEU of the held-out answers against the references (sacrebleu, 13a "
+            "tokenization, zh when a reference has CJK text), 0..100.",
+            "final",
+            "max",
+            generates=True,
+            compute=_bleu,
+            enabled=_generates,
+        ),
+        Metric(
+            "pass_at_k",
+            "Unbiased pass@k (Chen et al. 2021) over eval rows with a `tests` field (Python "
+            "asserts run after the answer's code, or its first fenced code block, in a sandbox); "
+            "n = eval.samples, k = eval.pass_k. Reported when the eval data has such rows.",
+            "final",
+            "max",
+            generates=True,
+            executes=True,
+            compute=_pass_at_k,
+            enabled=_has_tests,
         ),
         Metric(
             "base_exact_match",

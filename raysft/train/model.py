@@ -2,11 +2,18 @@
 
 Training always runs with ``model.config.use_cache = False``: with a cache, transformers ignores
 the position-id resets of packed rows and lets packed samples attend to each other.
+
+Precision: full fine-tuning holds float32 master weights (bf16 compute comes from autocast);
+lora and qlora load the frozen base in ``model.dtype`` (bf16 on GPUs with native bf16) and keep
+the adapters, hence the optimizer state, in float32.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +30,12 @@ log = logging.getLogger(__name__)
 # Non-reentrant checkpointing: works with frozen inputs (LoRA) and keyword arguments.
 _GC_KWARGS = {"use_reentrant": False}
 
+HUB_TOKEN_VAR = "HF_TOKEN"  # read by huggingface_hub in every process that loads from the Hub
+# Also read by huggingface_hub (its older name): forwarded to the workers like HF_TOKEN.
+_TOKEN_VARS = (HUB_TOKEN_VAR, "HUGGING_FACE_HUB_TOKEN")
+# transformers' OSError texts for a gated repo, or the hub's HTTP 401 for a missing/bad token.
+_GATED = re.compile(r"gated repo|\b401 client error|\bunauthorized\b", re.IGNORECASE)
+
 
 def _resolve(spec: str) -> str:
     from raysft.assets import resolve
@@ -31,7 +44,8 @@ def _resolve(spec: str) -> str:
 
 
 def _from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
-    """``loader.from_pretrained`` with a missing/unreachable model turned into a ModelError."""
+    """``loader.from_pretrained`` with a missing, unreachable or gated model turned into a
+    ModelError."""
     path = _resolve(model_cfg.name_or_path)
     try:
         return loader.from_pretrained(
@@ -41,10 +55,56 @@ def _from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any
             **kwargs,
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(
-            f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: {first}"
-        ) from None
+        raise load_error(err, name=model_cfg.name_or_path, token_set=_has_hub_token()) from None
+
+
+def _has_hub_token() -> bool:
+    """A token from HF_TOKEN or from ``hf auth login``'s token file."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+def load_error(err: BaseException, *, name: str, token_set: bool) -> ModelError:
+    """The ModelError for a failed ``from_pretrained``; says when a Hugging Face token is needed.
+
+    Pure (no network): reads the texts of ``err`` and of the errors it was raised from.
+    """
+    chain: list[str] = []
+    seen: BaseException | None = err
+    while seen is not None and len(chain) < 5:
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(chain)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    why = f"model.name_or_path: cannot load {name!r}: "
+    if _GATED.search(text):
+        if token_set:
+            return ModelError(
+                f"{why}it is gated or private and the Hugging Face token ({HUB_TOKEN_VAR}) has "
+                f"no access to it: request access at https://huggingface.co/{name} ({first})"
+            )
+        return ModelError(
+            f"{why}it is gated or private and needs a Hugging Face token: set {HUB_TOKEN_VAR} "
+            f"in the environment that starts the run (README: GPU clusters) ({first})"
+        )
+    if "private repository" in text.lower() and not token_set:
+        return ModelError(
+            f"{why}not found on the Hugging Face Hub; if it is a private repo, it needs a "
+            f"Hugging Face token: set {HUB_TOKEN_VAR} ({first})"
+        )
+    return ModelError(f"{why}{first}")
+
+
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment variables every Ray worker needs from the driver: the Hub token, if set.
+
+    A variable the Ray job already passes (``ray job submit --runtime-env-json``) is left out:
+    the workers inherit the job's, and Ray refuses a ``ray.init`` runtime_env repeating its key.
+    """
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: environ[k] for k in _TOKEN_VARS if environ.get(k) and k not in job_env}
 
 
 def load_tokenizer(model_cfg: ModelSection) -> Any:
@@ -101,6 +161,21 @@ def _torch_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype the base model loads in (``model.dtype``; full: float32 master weights)."""
+    import torch
+
+    from raysft.train.device import native_bf16
+
+    if cfg.method == "full":
+        return torch.float32  # validation refuses a half model.dtype with method full
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return torch.float32
+
+
 def _check_bnb(dev: torch.device, quant_type: str) -> None:
     """Raise ModelError unless bitsandbytes can 4-bit quantize on ``dev`` (probe: one block)."""
     why = "method: qlora needs bitsandbytes with a CUDA device or its CPU backend: "
@@ -120,28 +195,24 @@ def _check_bnb(dev: torch.device, quant_type: str) -> None:
 
 
 def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
-    """The model to train: full (fp32, all trainable), lora or qlora (frozen base + adapter).
+    """The model to train: full (fp32, all trainable), lora or qlora (frozen base in
+    ``model.dtype`` + fp32 adapter).
 
     Returned as ``from_pretrained`` leaves it (eval mode); the trainer calls ``.train()``.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     dev = _torch_device(device)
     kwargs: dict[str, Any] = {
-        "revision": cfg.model.revision,
-        "trust_remote_code": cfg.model.trust_remote_code,
         "attn_implementation": cfg.model.attn_implementation,
-        # fp32 master weights; bf16 compute comes from autocast in the trainer.
-        "dtype": torch.float32,
+        "dtype": resolve_dtype(cfg, dev),
         "device_map": {"": dev},
     }
     gc = cfg.train.gradient_checkpointing
     if cfg.method == "qlora":
         _check_bnb(dev, cfg.qlora.quant_type)
         kwargs["quantization_config"] = build_bnb_config(cfg.qlora)
-    path = _resolve(cfg.model.name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, cfg.model, **kwargs)
     model.config.use_cache = False  # a cache disables the per-sample mask of packed rows
     if cfg.method == "full":
         if gc:
@@ -161,17 +232,21 @@ def _enable_checkpointing(model: Any) -> None:
 
 
 def _attach_adapter(model: Any, cfg: Config, *, gc: bool) -> Any:
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if cfg.method == "qlora":
-        # Freezes the base and upcasts norms/embeddings to fp32. Checkpointing is enabled below,
-        # as peft would with use_reentrant=False, minus its call of the deprecated alias.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # The base is frozen in its load dtype. Not peft's prepare_model_for_kbit_training: it casts
+    # every unquantized half weight (embeddings, norms, lm_head) to fp32, and bitsandbytes returns
+    # its input's dtype, so the residual stream, activations and KV cache would all be fp32
+    # (about 2x a bf16 model's activation memory). Norms need no fp32 weights: the RMSNorm of
+    # Llama/Qwen2/Mistral computes its statistics in fp32 and casts back.
+    model.requires_grad_(False)
     if gc:
         _enable_checkpointing(model)
         # Frozen embeddings give outputs without grad; checkpointed blocks still need a graph.
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, build_lora_config(cfg.lora))
+    # autocast_adapter_dtype: peft creates the adapter in the base's dtype, then casts it to fp32
+    # (AdamW on bf16 weights would lose updates below 2^-8 of a weight).
+    peft_model = get_peft_model(model, build_lora_config(cfg.lora), autocast_adapter_dtype=True)
     log.info("%s: %s", cfg.method, format_parameter_counts(*count_parameters(peft_model)))
     return peft_model
 

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -124,8 +125,11 @@ def pick_device() -> torch.device:
 
 
 def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
+    from raysft.train.device import native_bf16
+
+    # Native bf16 only: is_bf16_supported() alone also counts slow emulation (T4, V100).
     use_bf16 = cfg.train.precision == "bf16" or (
-        cfg.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        cfg.train.precision == "auto" and native_bf16(device)
     )
     if not use_bf16:
         return contextlib.nullcontext
@@ -178,6 +182,7 @@ def setup(
     resume_from: str | None = None,
 ) -> Run:
     """Tokenizer, data, model (+ adapter), NEFTune, optimizer; the training state if resuming."""
+    from raysft.train.device import granted_gpus, resolve_device
     from raysft.train.evaluate import eval_loss_sum, generate_answers, score
     from raysft.train.model import count_parameters, load_model, load_tokenizer
     from raysft.train.neftune import attach_neftune
@@ -188,10 +193,18 @@ def setup(
         torch.set_num_threads(cfg.train.num_threads)
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    device = pick_device()
+    # Fails now, naming node, CUDA build and driver, if this worker should have a GPU and has none.
+    device = resolve_device(cfg.train.device, granted=granted_gpus())
     autocast = _autocast(cfg, device)
     tokenizer = load_tokenizer(cfg.model)
     data, train_bins, eval_bins = _prepare(cfg, tokenizer)
+    if len(train_bins) < dist.world_size:
+        from raysft.errors import DataError
+
+        raise DataError(
+            f"data.train: {len(train_bins)} training row(s) (packed) for {dist.world_size} "
+            "workers: every worker needs at least one; lower search.resources.workers or add data"
+        )
 
     model = load_model(cfg, device=device)
     neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
@@ -240,23 +253,47 @@ def setup(
     )  # fmt: skip
 
 
+# Fault injection for tests of the search's failure handling: ``path=value`` (e.g.
+# ``lora.r=8``) makes the first optimizer step of every trial whose config has that value raise
+# the out-of-memory error a real one would.
+INJECT_OOM_ENV = "RAYSFT_INJECT_OOM"
+
+
+def _injected_oom(cfg: Config) -> None:
+    from raysft.config import get_path, parse_value
+
+    rule = os.environ.get(INJECT_OOM_ENV, "")
+    path, _, value = rule.partition("=")
+    if path and get_path(cfg, path) == parse_value(value):
+        raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={rule}")
+
+
 def _train_step(run: Run) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches; returns its step metrics."""
     from raysft.data.packing import loss_mask
     from raysft.train.evaluate import forward_loss
 
     cfg = run.cfg
+    _injected_oom(cfg)
     micro = [next(run.stream) for _ in range(cfg.train.grad_accum)]
-    # Mean over every token the loss scores in the step, not a mean of micro-batch means.
-    n_tokens = max(sum(int(loss_mask(b["labels"], b["position_ids"]).sum()) for b in micro), 1)
+    # Mean over every token the loss scores in the step, on every rank: not a mean of
+    # micro-batch means, nor of per-rank means.
+    local_tokens = sum(int(loss_mask(b["labels"], b["position_ids"]).sum()) for b in micro)
+    n_tokens = max(_sum_over_ranks(run, float(local_tokens)), 1.0)
+    # DDP averages gradients over ranks; scaling each rank's loss by world_size turns that
+    # average back into the sum over all ranks' tokens.
+    scale = run.dist.world_size / n_tokens
     step_loss = 0.0
-    for batch in micro:
+    for i, batch in enumerate(micro):
         if run.neftune is not None:
             run.neftune.set_lengths(batch["seg_lens"].to(run.device))
-        with run.autocast():
+        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+        sync = i == len(micro) - 1 or not hasattr(run.train_model, "no_sync")
+        with contextlib.nullcontext() if sync else run.train_model.no_sync(), run.autocast():
             loss_sum, _ = forward_loss(run.train_model, batch, run.device)
-        (loss_sum / n_tokens).backward()
-        step_loss += float(loss_sum.detach()) / n_tokens
+        (loss_sum * scale).backward()
+        step_loss += float(loss_sum.detach())
+    step_loss = _sum_over_ranks(run, step_loss) / n_tokens
     if cfg.train.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(
             [p for p in run.model.parameters() if p.requires_grad], cfg.train.max_grad_norm
@@ -270,6 +307,17 @@ def _train_step(run: Run) -> dict[str, Any]:
         "lr": lr,
         "tokens": sum(int((b["seg_lens"] > 0).sum()) for b in micro),  # real, not padding
     }
+
+
+def _sum_over_ranks(run: Run, value: float) -> float:
+    """``value`` summed over the data-parallel group (itself when run alone)."""
+    if run.dist.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def train(run: Run, report: Reporter | None) -> None:

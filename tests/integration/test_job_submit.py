@@ -1,7 +1,8 @@
-"""``ray job submit`` of a search to a real token-auth cluster (``ray start --head --block``).
+"""``ray job submit`` of a search to a real token-auth cluster of two nodes on this machine:
+a head (``ray start --head --block``, 1 CPU) and a second node (``ray start --address``, 1 CPU).
 
-The cluster is this module's: its own ports, auth token, temp dir and process group. It is
-stopped by SIGTERM to the ``ray start`` process only (``ray stop`` would kill every Ray
+The cluster is this module's: its own ports, auth token, temp dir and process groups. Each node
+is stopped by SIGTERM to its own ``ray start`` process only (``ray stop`` would kill every Ray
 instance on the machine), and the last test checks that nothing of it is left.
 """
 
@@ -45,7 +46,8 @@ DEFAULT_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 
 @dataclass
 class Cluster:
-    proc: subprocess.Popen
+    proc: subprocess.Popen  # the head's `ray start`
+    node: subprocess.Popen | None  # the second node's `ray start`
     mark: str  # MARK_VAR of `ray start`, inherited by every process of the cluster
     temp_dir: Path  # --temp-dir: session dirs, sockets, logs, unpacked working dirs
     root: Path
@@ -59,7 +61,10 @@ class Cluster:
     def processes(self) -> list[int]:
         """Every live process of this cluster: its process group, plus what carries its mark
         (workers run in process groups of their own, job drivers in sessions of their own)."""
-        return sorted(set(group_pids(self.proc.pid)) | set(marked_pids(self.mark)))
+        groups = set(group_pids(self.proc.pid))
+        if self.node is not None:
+            groups |= set(group_pids(self.node.pid))
+        return sorted(groups | set(marked_pids(self.mark)))
 
     def stop(self) -> dict[str, Any]:
         """SIGTERM to ``ray start --block`` alone, which takes its cluster down; then wait
@@ -69,6 +74,16 @@ class Cluster:
         self.stopped = True
         t0 = time.monotonic()
         report: dict[str, Any] = {"sigkill": []}
+        if self.node is not None and self.node.poll() is None:  # the second node first
+            self.node.send_signal(signal.SIGTERM)
+            try:
+                self.node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                report["sigkill"].append("the second node's ray start did not exit in 30s")
+            left = wait_gone(30, pgid=self.node.pid)
+            if left:
+                report["sigkill"] += [f"{p}: {cmdline(p)[:200]}" for p in left]
+                kill_group(self.node.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -130,7 +145,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
         f"--dashboard-agent-listen-port={agent_http}",
         f"--runtime-env-agent-port={rtenv}",
         f"--metrics-export-port={metrics}",
-        "--num-cpus=2",
+        "--num-cpus=1",
         "--num-gpus=0",
         "--include-dashboard=true",
         "--disable-usage-stats",
@@ -146,14 +161,69 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
         start_new_session=True,
     )
     dashboard = f"http://127.0.0.1:{dash}"
-    c = Cluster(proc, mark, ray_tmp, root, gcs, dashboard, env, log)
+    c = Cluster(proc, None, mark, ray_tmp, root, gcs, dashboard, env, log)
     try:
         auth = {"Authorization": f"Bearer {token}"}
         _wait_http_ok(f"{dashboard}/api/version", proc, log, timeout=120, **auth)
         _wait_http_ok(f"{dashboard}/api/jobs/", proc, log, timeout=60, **auth)
+        c.node = _start_second_node(start_env, gcs, root, ray_tmp)
+        _wait_for_nodes(dashboard, token, 2, c.node, root / "ray-node.log")
         yield c
     finally:
         c.stop()
+
+
+def _start_second_node(env: dict[str, str], gcs: int, root: Path, temp: Path) -> subprocess.Popen:
+    """A second Ray node on this machine, joining the head, with its own ports and 1 CPU."""
+    nm, om, agent_grpc, agent_http, rtenv, metrics = free_ports(6)
+    cmd = [
+        str(BIN_DIR / "ray"),
+        "start",
+        f"--address=127.0.0.1:{gcs}",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--runtime-env-agent-port={rtenv}",
+        f"--metrics-export-port={metrics}",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=open(root / "ray-node.log", "w"),  # noqa: SIM115 - owned by `ray start`
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=root,
+        start_new_session=True,
+    )
+
+
+def _state_api(dashboard: str, token: str, path: str) -> list[dict[str, Any]]:
+    """Ray's state API (the dashboard's REST face of ``ray.util.state``)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{dashboard}/api/v0/{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())["data"]["result"]["result"]
+
+
+def _wait_for_nodes(dashboard: str, token: str, n: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"second node exited rc {proc.returncode}:\n{log.read_text()[-3000:]}")
+        alive = [x for x in _state_api(dashboard, token, "nodes") if x["state"] == "ALIVE"]
+        if len(alive) >= n:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{n} nodes not alive after 120 s:\n{log.read_text()[-3000:]}")
 
 
 def _submit(cluster: Cluster, workdir: Path, log: Path, submission_id: str):
@@ -234,6 +304,21 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
     assert all(r.info.status == "FINISHED" for r in children)
     champ = mlc.get_model_version_by_alias("raysft-it-job", "champion")
     assert str(champ.version) == "1" and champ.run_id == summary["best"]["mlflow_run_id"]
+    for t in trials:  # every trial's checkpoint is complete
+        assert Path(t["checkpoint"], "adapter_model.safetensors").is_file(), t
+        assert Path(t["checkpoint"], "training_state.pt").is_file(), t
+
+    # Ray's state API: the trials' Train workers ran on both nodes.
+    token = Path(cluster.client_env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    workers = _state_api(
+        cluster.dashboard,
+        token,
+        "actors?detail=true&limit=1000&filter_keys=class_name&filter_predicates=%3D"
+        "&filter_values=RayTrainWorker",
+    )
+    nodes = {a["node_id"] for a in workers}
+    alive = {x["node_id"] for x in _state_api(cluster.dashboard, token, "nodes")}
+    assert len(workers) >= 2 and len(nodes) == 2 and nodes <= alive, workers
 
 
 def test_job_submit_of_a_bad_spec_fails_with_a_clear_message(
@@ -255,7 +340,7 @@ def test_job_submit_of_a_bad_spec_fails_with_a_clear_message(
     out = ran.output
     assert re.search(
         r"error: spec\.yaml: search\.resources: no node has 1 CPU and 1 GPU for one worker "
-        rf"\(cluster [\d.]+:{cluster.gcs_port}: 2 CPU, 0 GPU\)",
+        rf"\(cluster [\d.]+:{cluster.gcs_port}: 1 CPU, 0 GPU; 1 CPU, 0 GPU\)",
         out,
     ), out[-4000:]
     assert "Job entrypoint command failed with exit code 2" in out, out[-2000:]

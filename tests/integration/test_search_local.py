@@ -87,7 +87,7 @@ def test_invalid_spec_reports_every_problem_before_ray_starts(tmp_path: Path) ->
     expected = {
         "search.params.train.no_such_knob": "no field 'no_such_knob'",
         "search.params.train.learning_rate": "low (0.01) > high (0.0001)",
-        "search.metric": "'bleu'",
+        "search.metric": "'accuracy'",
         "search.resources": "1 GPU",
     }
     for path, detail in expected.items():
@@ -203,7 +203,10 @@ def test_search_stops_some_trials_early_and_reports_the_best(local_search: Local
         row = rf"^{t['trial_id']}\s+{t['status']}\s+{t['step']}\s+{t['metric']:.4g}\s"
         assert re.search(row, out, re.M), f"no table row for {t['trial_id']}:\n{out[-3000:]}"
     assert f"best trial {best['trial_id']}: eval_loss={best['metric']:.4g}" in out
-    assert f"compare trials: open {local_search.server.uri} in a browser" in out
+    page = rf"{re.escape(local_search.server.uri)}/#/experiments/\d+/runs\?workflowType="
+    assert re.search(rf"compare trials: open {page}machine_learning\S* in a browser", out), out
+    for png in ("optimization_history", "param_importances", "parallel_coordinate", "eval_curves"):
+        assert (local_search.exp_dir / "plots" / f"{png}.png").is_file(), png
     assert "promotion: v1 is now @champion" in out
     # The local Ray went down with the driver.
     assert not local_search.run.leftovers, f"processes left behind: {local_search.run.leftovers}"
@@ -231,7 +234,13 @@ def test_mlflow_has_a_parent_run_and_one_child_per_trial(local_search: LocalSear
         assert child.info.run_id == t["mlflow_run_id"]
         for key, value in t["sampled"].items():
             assert child.data.params[f"sampled.{key}"] == str(value), (t["trial_id"], key)
-            assert child.data.params[key] == str(value), f"{key}: base value, not the trial's"
+            # The resolved config's value (lora.alpha is a float field: 8 -> "8.0").
+            got = child.data.params[key]
+            same = float(got) == float(value) if isinstance(value, (int, float)) else got == value
+            assert same, f"{key}: {got}, not the trial's {value}"
+        # The trial's own resolved config, not the base spec's.
+        own_dir = local_search.exp_dir / "trials" / t["trial_id"]
+        assert child.data.params["output_dir"] == str(own_dir), t["trial_id"]
         history = mlc.get_metric_history(child.info.run_id, "eval_loss")
         steps = sorted(m.step for m in history)
         assert steps == _eval_steps(t["step"]), (t["trial_id"], steps)
@@ -249,6 +258,32 @@ def test_mlflow_has_a_parent_run_and_one_child_per_trial(local_search: LocalSear
     assert logged.read_text() == local_search.spec.read_text()
     top = {a.path for a in mlc.list_artifacts(parent.info.run_id)}
     assert {"spec", "summary.json", "best_adapter"} <= top, top
+
+
+def test_every_number_a_trial_reports_reaches_its_mlflow_run(local_search: LocalSearch) -> None:
+    """Tune's own record of each report (result.json) against MLflow's metric histories: every
+    registry metric, at its step, with its value; none missing, none extra."""
+    from raysft.train.metrics import METRICS
+
+    local_search.ok()
+    mlc = local_search.client()
+    run_of = {t["trial_id"]: t["mlflow_run_id"] for t in local_search.summary["trials"]}
+    reported: dict[str, dict[str, set[tuple[int, float]]]] = {}
+    for result_file in local_search.exp_dir.glob("tune/*/result.json"):
+        for line in result_file.read_text().splitlines():
+            rec = json.loads(line)
+            per_trial = reported.setdefault(rec["trial_id"], {})
+            for name, value in rec.items():
+                if name in METRICS and isinstance(value, (int, float)) and math.isfinite(value):
+                    per_trial.setdefault(name, set()).add((rec["step"], float(value)))
+    assert sorted(reported) == sorted(run_of)
+    for trial_id, metrics in reported.items():
+        assert {"train_loss", "eval_loss", "lr", "tokens", "elapsed_s"} <= set(metrics), metrics
+        logged = mlc.get_run(run_of[trial_id]).data.metrics
+        assert set(logged) == set(metrics), (trial_id, set(logged) ^ set(metrics))
+        for name, points in metrics.items():
+            history = {(m.step, m.value) for m in mlc.get_metric_history(run_of[trial_id], name)}
+            assert history == points, (trial_id, name)
 
 
 def _tensors(path: Path) -> dict[str, Any]:

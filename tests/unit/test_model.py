@@ -245,3 +245,8 @@ def test_save_full_model_with_cache_enabled_for_inference(tiny_llama_dir, tmp_pa
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
     assert json.loads((out / "config.json").read_text())["use_cache"] is True
     assert model.config.use_cache is False
+
+
+def test_load_model_of_a_missing_path_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match=r"model.name_or_path: cannot load '.*no-such-model'"):
+        load_model(_cfg(tmp_path / "no-such-model"))

@@ -105,7 +105,8 @@ def test_truncation_drops_untrainable_and_counts_truncated(tmp_path: Path, tok: 
     assert prompt_len("p" * 70) > max_len
     train = write_jsonl(tmp_path / "t.jsonl", [fits, cut, lost, fits])
     held = write_jsonl(tmp_path / "e.jsonl", [fits, cut, lost])
-    data = prepare_data(section(train=train, eval=held, max_seq_len=max_len), tok, seed=0)
+    cfg = section(train=train, eval=held, max_seq_len=max_len, on_error="skip")
+    data = prepare_data(cfg, tok, seed=0)
     r = data.report
     assert r.rows_read == 7
     assert r.dropped_no_trained_tokens == 2  # train and eval
@@ -125,14 +126,30 @@ def test_when_truncation_leaves_no_training_example_it_is_an_error(
 ) -> None:
     train = write_jsonl(tmp_path / "t.jsonl", [alpaca("p" * 70, "a"), alpaca("r" * 80, "b")])
     with pytest.raises(DataError, match=r"data\.train: every sample lost .* data\.max_seq_len=32"):
-        prepare_data(section(train=train, max_seq_len=32), tok, seed=0)
+        prepare_data(section(train=train, max_seq_len=32, on_error="skip"), tok, seed=0)
 
 
 def test_when_truncation_leaves_no_eval_example_it_is_an_error(tmp_path: Path, tok: Any) -> None:
     train = write_jsonl(tmp_path / "t.jsonl", [alpaca("q", "a")])
     held = write_jsonl(tmp_path / "e.jsonl", [alpaca("p" * 70, "a")])
     with pytest.raises(DataError, match=r"data\.eval: every sample lost .* data\.max_seq_len=32"):
-        prepare_data(section(train=train, eval=held, max_seq_len=32), tok, seed=0)
+        prepare_data(section(train=train, eval=held, max_seq_len=32, on_error="skip"), tok, seed=0)
+
+
+@pytest.mark.parametrize("side", ["train", "eval"])
+def test_strict_mode_names_the_row_whose_prompt_fills_max_seq_len(
+    tmp_path: Path, tok: Any, side: str
+) -> None:
+    fits, lost = alpaca("short", "ok"), alpaca("p" * 70, "answer")
+    assert prompt_len("p" * 70) > 64
+    rows = {"train": [fits, fits], "eval": [fits, fits]}
+    rows[side] = [fits, lost, fits]
+    files = {k: write_jsonl(tmp_path / f"{k}.jsonl", v) for k, v in rows.items()}
+    with pytest.raises(DataError) as err:
+        prepare_data(section(**files, max_seq_len=64), tok, seed=0)
+    assert str(err.value).startswith(
+        f"{files[side]}: row 1: its prompt fills all data.max_seq_len=64 tokens"
+    )
 
 
 def test_all_rows_skipped_is_an_error(tmp_path: Path, tok: Any) -> None:

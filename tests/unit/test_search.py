@@ -150,7 +150,7 @@ def test_bad_parameter_is_reported_at_its_dotted_path(
     ("name", "values", "bad"),
     [
         ("method", ["lora", "foo"], "'foo'"),
-        ("data.template", ["chatml", "mistral"], "'mistral'"),
+        ("train.lr_scheduler", ["cosine", "step"], "'step'"),
         ("lora.r", [8, 4.5], "4.5"),
     ],
 )
@@ -168,7 +168,8 @@ def test_a_spec_of_valid_parameters_passes() -> None:
         "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [1, 2]},
         "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2},
         "method": {"type": "choice", "values": ["lora", "qlora"]},
-        "data.template": {"type": "choice", "values": ["chatml", "vicuna"]},
+        "train.lr_scheduler": {"type": "choice", "values": ["cosine", "linear"]},
+        "data.packing": {"type": "choice", "values": [True, False]},
     }
     assert problems_of(spec(params)) == []
 
@@ -268,7 +269,7 @@ def test_combination_of_individually_valid_values_is_reported() -> None:
 def test_metric_the_trainer_never_reports() -> None:
     assert one_problem(spec(metric="accuracy")) == (
         "search.metric: the trainer never reports 'accuracy' "
-        "(it reports train_loss, eval_loss, perplexity, exact_match)"
+        "(it reports train_loss, eval_loss, perplexity, exact_match, rouge_l, bleu)"
     )
 
 
@@ -408,7 +409,7 @@ SPACE = {
     "train.learning_rate": LR,
     "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2},
     "lora.r": {"type": "int", "low": 2, "high": 16},
-    "data.template": {"type": "choice", "values": ["chatml", "vicuna", "llama2"]},
+    "train.lr_scheduler": {"type": "choice", "values": ["cosine", "linear", "constant"]},
     "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [1, 2, 4]},
 }
 
@@ -434,13 +435,13 @@ def test_sampled_values_respect_bounds_and_types() -> None:
         assert type(lr) is float and 1e-5 <= lr <= 1e-3
         assert type(values["lora.dropout"]) is float and 0.0 <= values["lora.dropout"] <= 0.2
         assert type(values["lora.r"]) is int and 2 <= values["lora.r"] <= 16
-        assert values["data.template"] in ("chatml", "vicuna", "llama2")
+        assert values["train.lr_scheduler"] in ("cosine", "linear", "constant")
         factor = params["lora.alpha/factor"]
         assert factor in (1, 2, 4)
         assert values["lora.alpha"] == values["lora.r"] * factor
     # 40 draws explore the space rather than repeat one point.
     assert len({v["lora.r"] for v, _ in draws}) > 3
-    assert {v["data.template"] for v, _ in draws} == {"chatml", "vicuna", "llama2"}
+    assert {v["train.lr_scheduler"] for v, _ in draws} == {"cosine", "linear", "constant"}
     assert len({v["lora.alpha"] / v["lora.r"] for v, _ in draws}) == 3
 
 
@@ -477,8 +478,8 @@ def test_every_sampled_trial_validates() -> None:
         {
             **SPACE,
             "lora.dropout": {"type": "multiple_of", "of": "lora.r", "values": [0.01, 0.05]},
-            "train.eval_every": {"type": "choice", "values": [5, 10]},
-            "train.max_steps": {"type": "int", "low": 10, "high": 40},
+            "train.grad_accum": {"type": "choice", "values": [1, 2]},
+            "train.batch_size": {"type": "int", "low": 1, "high": 8},
         }
     )
     assert problems_of(tree) == []
@@ -486,7 +487,7 @@ def test_every_sampled_trial_validates() -> None:
     for values, params in draws:
         cfg = trial_config(tree, values, output_dir="out")
         assert cfg.lora.dropout == pytest.approx(cfg.lora.r * params["lora.dropout/factor"])
-    assert {v["train.eval_every"] for v, _ in draws} == {5, 10}
+    assert {v["train.grad_accum"] for v, _ in draws} == {1, 2}
 
 
 # ---------------------------------------------------------------- trial_config
@@ -500,13 +501,13 @@ def test_trial_config_applies_sampled_values_and_output_dir() -> None:
         "train.learning_rate": 3e-4,
         "lora.r": 8,
         "lora.alpha": 32,
-        "data.template": "vicuna",
+        "train.lr_scheduler": "linear",
         "lora.dropout": 0.1,
     }
     cfg = trial_config(tree, sampled, output_dir="runs/search/trials/t1")
     assert cfg.train.learning_rate == 3e-4
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32, 0.1)
-    assert cfg.data.template == "vicuna"
+    assert cfg.train.lr_scheduler == "linear"
     assert cfg.output_dir == "runs/search/trials/t1"
     assert cfg.search is None
     assert (cfg.train.max_steps, cfg.train.weight_decay) == (20, 0.1)  # the base stays
@@ -530,7 +531,7 @@ def test_describe_space_lists_every_parameter() -> None:
         "train.learning_rate: loguniform(1e-05, 0.001)",
         "lora.dropout: uniform(0, 0.2)",
         "lora.r: int(2, 16)",
-        "data.template: choice['chatml', 'vicuna', 'llama2']",
+        "train.lr_scheduler: choice['cosine', 'linear', 'constant']",
         "lora.alpha: lora.r x choice[1, 2, 4]",
     ]
 
@@ -841,12 +842,16 @@ def test_cli_dry_run_prints_space_and_plan(cli: CliRuns) -> None:
     run = cli.runs()[0]
     assert run["code"] == 0, run
     assert run["stderr"] == ""
-    assert run["stdout"].splitlines() == [
+    lines = run["stdout"].splitlines()
+    # Then the memory estimate (its numbers: tests/unit/test_memory.py).
+    assert lines[9].startswith("memory per trial: ~")
+    assert "of host memory (a CPU trial: not checked)" in lines[9]
+    assert lines[:9] == [
         "search space:",
         "  train.learning_rate: loguniform(1e-05, 0.001)",
         "  lora.dropout: uniform(0, 0.2)",
         "  lora.r: int(2, 16)",
-        "  data.template: choice['chatml', 'vicuna', 'llama2']",
+        "  train.lr_scheduler: choice['cosine', 'linear', 'constant']",
         "  lora.alpha: lora.r x choice[1, 2, 4]",
         "metric: eval_loss (min), samples: 3, seed: 0, scheduler: asha",
         "per trial: 1 worker(s) x 1 CPU, 0 GPU  (= 1 CPU, 0 GPU)",
@@ -868,7 +873,7 @@ def test_cli_bad_spec_prints_every_problem(cli: CliRuns) -> None:
         "use type int or choice, not uniform",
         f"error: {path}: search.params.lora.alpha.of: config has no field 'rank' at lora.rank",
         f"error: {path}: search.metric: the trainer never reports 'accuracy' "
-        "(it reports train_loss, eval_loss, perplexity, exact_match)",
+        "(it reports train_loss, eval_loss, perplexity, exact_match, rouge_l, bleu)",
     ]
 
 

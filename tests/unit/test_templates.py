@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evalkit import FAMILIES, chat_tokenizer_dir
 
 from raysft.data.templates import (
     IGNORE,
     Segment,
     TemplateError,
     generation_prompt,
+    generation_prompt_ids,
     render,
     render_text,
     stop_strings,
+    template_terminator,
     tokenize,
     trained_spans,
 )
@@ -293,3 +296,98 @@ def test_exact_fit_is_not_truncated(tok: Any) -> None:
     ex = tokenize(segs, tok, max_seq_len=full)
     assert not ex.truncated
     assert trained_spans(ex, tok) == [A1 + " </s>"]
+
+
+# ---------------------------------------------------------------- stops from the template itself
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_stop_strings_come_from_the_chat_template(tmp_path: Path, family: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir(tmp_path, family))
+    terminator = FAMILIES[family][4]
+    assert template_terminator(tok) == terminator
+    assert stop_strings("tokenizer", tok) == [terminator, tok.eos_token]
+    # ... and it is what training puts after an answer: trained with it, then the turn ends.
+    segs = render(conv(U1, "Paris"), template="tokenizer", tokenizer=tok)
+    ex = tokenize(segs, tok, max_seq_len=4096)
+    assert trained_spans(ex, tok)[0].startswith("Paris" + terminator)
+
+
+def test_template_terminator_of_the_embedded_chatml_and_of_none(tok: Any) -> None:
+    assert template_terminator(tok) == "<|im_end|>"
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    assert template_terminator(plain) is None
+    assert stop_strings("tokenizer", plain) == ["</s>"]
+
+
+def test_template_terminator_of_a_template_that_writes_nothing_after_an_answer(tok: Any) -> None:
+    bare = copy.copy(tok)
+    bare.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+    # After the answer comes the next turn's header only: the common prefix is empty.
+    assert template_terminator(bare) is None
+
+
+# ---------------------------------------------------------------- prompt ids as training saw them
+
+
+def _metaspace_tokenizer() -> Any:
+    """A SentencePiece-style tokenizer (Llama-2 like): spaces become "▁" and merge with the next
+    word's first character, so a prompt ending in a space ends in a standalone "▁"."""
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0}
+    for c in ["▁", "\n", *sorted(set(string.printable) - set(string.whitespace))]:
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for c in string.ascii_letters + string.digits + "[<":
+        vocab["▁" + c] = len(vocab)
+        merges.append(("▁", c))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    meta = {"replacement": "▁", "prepend_scheme": "first", "split": False}
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(**meta)
+    tk.decoder = decoders.Metaspace(**meta)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>")])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("template", ["llama2", "vicuna"])
+@pytest.mark.parametrize("conv_name", ["single", "multi", "system_multi"])
+def test_prompt_ids_are_the_prefix_of_the_training_ids(template: str, conv_name: str) -> None:
+    sp = _metaspace_tokenizer()
+    c = CONVERSATIONS[conv_name]
+    ex = tokenize(render(c, template=template), sp, max_seq_len=4096)
+    ids = generation_prompt_ids(c, template=template, tokenizer=sp)
+    assert ex.input_ids[: len(ids)] == ids
+    assert ex.labels[len(ids) - 1] == IGNORE and ex.labels[len(ids)] != IGNORE
+    assert sp.convert_ids_to_tokens(ids[-1]) != "▁"
+    # The bug this avoids: the prompt text tokenized alone ends in a standalone "▁" that
+    # training never saw before an answer.
+    naive = sp(generation_prompt(c, template=template), add_special_tokens=False)["input_ids"]
+    assert sp.convert_ids_to_tokens(naive[-1]) == "▁" and ex.input_ids[: len(naive)] != naive
+
+
+@pytest.mark.parametrize("conv_name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_prompt_ids_with_the_byte_tokenizer(tok: Any, template: str, conv_name: str) -> None:
+    c = CONVERSATIONS[conv_name]
+    ex = tokenize(render(c, template=template, tokenizer=tok), tok, max_seq_len=4096)
+    ids = generation_prompt_ids(c, template=template, tokenizer=tok)
+    # Bytes never merge: the ids are exactly the prompt text's.
+    prompt = generation_prompt(c, template=template, tokenizer=tok)
+    assert ids == tok(prompt, add_special_tokens=False)["input_ids"] == ex.input_ids[: len(ids)]
+    assert ex.labels[len(ids)] != IGNORE
+
+
+def test_tokenizer_template_ignores_row_metadata_on_messages(tok: Any) -> None:
+    strict = copy.copy(tok)  # a template that would show any extra key
+    strict.chat_template = "{% for m in messages %}{{ m | dictsort }}{% endfor %}"
+    tagged = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tests": "t"}]
+    assert "tests" not in render_text(tagged, template="tokenizer", tokenizer=strict)

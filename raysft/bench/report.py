@@ -1,0 +1,148 @@
+"""The benchmark's outputs: ratios, goal checks, the table, and a dated RESULTS.md section."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from raysft.bench.presets import MEMORY_BUDGET_GIB
+
+_COLUMNS = (
+    ("contender", "name", "{}"),
+    ("real tok/s", "tokens_per_s", "{:,.0f}"),
+    ("x first", "ratio", "{:.2f}"),
+    ("step s", "step_s", "{:.3f}"),
+    ("step 1 s", "first_step_s", "{:.2f}"),
+    ("peak MiB", "peak_mib", "{:,.0f}"),
+    ("train loss", "final_train_loss", "{:.3f}"),
+    ("held-out loss", "eval_loss", "{:.4f}"),
+    ("MFU", "mfu", "{:.1%}"),
+)
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """``ratio``: tokens/s over the first contender's (None when either is missing)."""
+    base = rows[0].get("tokens_per_s") if rows else None
+    for row in rows:
+        tps = row.get("tokens_per_s")
+        row["ratio"] = tps / base if tps and base else None
+
+
+def _get(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r.get("name") == name and r.get("tokens_per_s")), None)
+
+
+def _best(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    cands = [r for r in rows if str(r.get("name", "")).startswith(prefix) and r.get("tokens_per_s")]
+    return max(cands, key=lambda r: r["tokens_per_s"]) if cands else None
+
+
+def _vs(a: dict[str, Any] | None, b: dict[str, Any] | None, goal: float) -> dict[str, Any] | None:
+    if a is None or b is None:
+        return None
+    ratio = a["tokens_per_s"] / b["tokens_per_s"]
+    loss_ok = a.get("eval_loss", float("inf")) <= b.get("eval_loss", float("-inf"))
+    return {
+        "of": a["name"],
+        "vs": b["name"],
+        "ratio": round(ratio, 2),
+        "goal": goal,
+        "met": ratio >= goal and loss_ok,
+        "held_out_loss_equal_or_lower": loss_ok,
+    }
+
+
+def goals(preset: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, as ratios between the rows present (a goal without its rows: None)."""
+    trl = _best(rows, "trl")
+    if preset == "cpu":
+        ray = _get(rows, "raysft-full")
+        return {
+            "raysft_vs_seed": _vs(ray, _get(rows, "seed"), 3.5),
+            "raysft_vs_trl_best": _vs(ray, trl, 2.5),
+        }
+    lora = _best(rows, "raysft-lora")
+    full = _best(rows, "raysft-full")
+    qlora, plain = _get(rows, "raysft-qlora"), _get(rows, "raysft-lora")
+    seven = next((r for r in rows if r.get("name") == "raysft-qlora-7b"), None)
+    out: dict[str, Any] = {
+        "lora_vs_seed": _vs(lora, _get(rows, "seed-lora"), 3.0),
+        "lora_vs_trl_best": _vs(lora, trl, 1.2),
+        "full_mfu": None if not full or full.get("mfu") is None else {
+            "of": full["name"], "mfu": round(full["mfu"], 3), "goal": 0.40,
+            "met": full["mfu"] >= 0.40,
+        },
+        "qlora_memory_vs_lora": None,
+        "qlora_7b_fits_24gib": None,
+    }  # fmt: skip
+    if qlora and plain and qlora.get("peak_mib") and plain.get("peak_mib"):
+        share = qlora["peak_mib"] / plain["peak_mib"]
+        out["qlora_memory_vs_lora"] = {"ratio": round(share, 2), "goal": 0.6, "met": share <= 0.6}
+    if seven and seven.get("peak_mib"):
+        gib = seven["peak_mib"] / 1024
+        out["qlora_7b_fits_24gib"] = {
+            "peak_gib": round(gib, 2),
+            "goal": MEMORY_BUDGET_GIB,
+            "met": gib <= MEMORY_BUDGET_GIB,
+        }
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the rows; failed rows show their error."""
+    head = "| " + " | ".join(c[0] for c in _COLUMNS) + " | note |"
+    lines = [head, "|" + "---|" * (len(_COLUMNS) + 1)]
+    for row in rows:
+        cells = []
+        for _, key, fmt in _COLUMNS:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        note = row.get("error") or row.get("note", "")
+        lines.append("| " + " | ".join(cells) + f" | {note} |")
+    return "\n".join(lines)
+
+
+def _goal_lines(goal: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, g in goal.items():
+        if g is None:
+            lines.append(f"- {key}: not measured (rows missing)")
+        else:
+            detail = ", ".join(f"{k}={v}" for k, v in g.items() if k != "met")
+            lines.append(f"- {key}: {'MET' if g['met'] else 'NOT MET'} ({detail})")
+    return lines
+
+
+def section(result: dict[str, Any]) -> str:
+    """A dated RESULTS.md section: command, machine, versions, data, table, goals."""
+    m, v = result["machine"], result["versions"]
+    hw = f"{m.get('cpu_model')}, {m.get('cpus')} CPUs"
+    if m.get("gpu"):
+        hw += f"; GPU {m['gpu']} x{m.get('gpu_count', 1)}"
+    ver = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    missing = [k for k, val in v.items() if not val]
+    parts = [
+        f"## {result['date']}: preset `{result['preset']}`",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"- Machine: {hw}",
+        f"- Versions: {ver}" + (f" (not installed: {', '.join(missing)})" if missing else ""),
+        f"- Settings: {json.dumps(result['settings'])}",
+        f"- Data: {json.dumps(result['data'])}",
+    ]
+    if result.get("note"):
+        parts.append(f"- Note: {result['note']}")
+    parts += ["", table(result["rows"]), "", "Goals:", *_goal_lines(result["goals"]), ""]
+    return "\n".join(parts)
+
+
+def append_results(path: Path, result: dict[str, Any]) -> None:
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    path.write_text(text.rstrip("\n") + "\n\n" + section(result), encoding="utf-8")
+
+
+def today() -> str:
+    return dt.datetime.now().strftime("%Y-%m-%d %H:%M")

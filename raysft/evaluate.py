@@ -1,0 +1,377 @@
+"""``python -m raysft.evaluate DIR``: score a model, an adapter or an experiment's champion on
+held-out rows, optionally beside the base model.
+
+DIR is a full model directory (``config.json``), an adapter directory (``adapter_config.json``:
+the base is loaded from its ``base_model_name_or_path``, a training checkpoint included) or an
+experiment directory (its ``champion``). Settings (eval data, template, generation) come from
+``--config``, else DIR's ``config.yaml`` (``raysft.train`` output), else the experiment's
+``summary.json``, else the defaults; ``--data`` and ``--set`` override them.
+
+``score_model`` is the library entry: the search driver scores the base model and the champion on
+the same rows with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from raysft.cli import run_cli, setup_logging
+from raysft.config import Config, load_config, parse_overrides, set_path, validate_tree
+from raysft.data.formats import Conversation, code_tests
+from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
+from raysft.train.metrics import METRICS, Metric
+
+if TYPE_CHECKING:
+    from raysft.data.templates import Example
+
+log = logging.getLogger("raysft.evaluate")
+
+SCORABLE = [m.name for m in METRICS.values() if m.compute is not None]
+
+
+@dataclass
+class Target:
+    """What DIR names: the model or adapter to load, its base, and the settings to score with."""
+
+    kind: str  # "model", "adapter" or "experiment"
+    path: Path  # the model or adapter directory
+    cfg: Config
+    base: str | None  # the base model (an adapter's, or the config's); None if unknown
+
+
+@dataclass
+class ModelScore:
+    model: str
+    scores: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+
+
+# ---------------------------------------------------------------- what DIR is
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on. A path ending in ``raysft/assets/NAME`` (the
+    embedded base, resolved where the trial ran) maps back to ``embedded:NAME``."""
+    from raysft.assets import available
+
+    meta = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    base = meta.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{adapter_dir}: adapter_config.json names no base model")
+    p = Path(base)
+    if base.startswith("embedded:") or p.is_dir():
+        return str(base)
+    if p.parent.name == "assets" and p.parent.parent.name == "raysft" and p.name in available():
+        return f"embedded:{p.name}"
+    return str(base)  # a hub id, or a path on another machine: loading says which
+
+
+def resolve_target(
+    directory: str, *, config: str | None = None, overrides: dict[str, Any] | None = None
+) -> Target:
+    """Classify DIR and find the settings to score it with."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ModelError(f"{directory}: no such directory")
+    kind, path, summary = "model", root, None
+    if (root / "summary.json").is_file() or (root / "tune").is_dir():
+        kind, summary = "experiment", _read_summary(root)
+        path = _champion_dir(root, summary)
+    elif (root / "adapter_config.json").is_file():
+        kind = "adapter"
+    elif not (root / "config.json").is_file():
+        raise ModelError(
+            f"{directory}: neither a model (config.json), an adapter (adapter_config.json) nor "
+            "an experiment directory (summary.json)"
+        )
+    cfg, known = _settings(root, summary, config=config, overrides=overrides or {})
+    if (path / "adapter_config.json").is_file():
+        base: str | None = adapter_base(path)
+    else:
+        base = cfg.model.name_or_path if known else None
+    return Target(kind, path, cfg, base)
+
+
+def _read_summary(exp_dir: Path) -> dict[str, Any] | None:
+    path = exp_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SearchStateError(f"{path}: not valid JSON: {err}") from None
+    return summary
+
+
+def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
+    promotion = (summary or {}).get("promotion") or {}
+    export = promotion.get("export_dir")
+    path = Path(export) if export else exp_dir / "champion"
+    if path.is_dir():
+        return path
+    best = ((summary or {}).get("best") or {}).get("checkpoint")
+    hint = f"; score the best trial's checkpoint directly: {best}" if best else ""
+    why = promotion.get("reason") or "the search has not finished"
+    raise SearchStateError(f"{exp_dir}: no champion to score ({why}){hint}")
+
+
+def _settings(
+    root: Path, summary: dict[str, Any] | None, *, config: str | None, overrides: dict[str, Any]
+) -> tuple[Config, bool]:
+    """The config to score with, and whether it is known (not just the defaults)."""
+    if config is not None:
+        return load_config(config, overrides), True
+    if (root / "config.yaml").is_file():
+        return load_config(root / "config.yaml", overrides), True
+    if summary is None and (root.parent / "summary.json").is_file():  # EXP_DIR/champion
+        summary = _read_summary(root.parent)
+    spec = (summary or {}).get("resolved_spec")
+    if isinstance(spec, dict):
+        tree = {k: v for k, v in spec.items() if k != "search"}
+        problems = []
+        for key, value in overrides.items():
+            try:
+                set_path(tree, key, value)
+            except KeyError as err:
+                problems.append(f"--set {err.args[0]}")
+        if problems:
+            raise ConfigError("summary.json", problems)
+        return validate_tree(tree, source="summary.json: resolved_spec"), True
+    return load_config(None, overrides), False
+
+
+# ---------------------------------------------------------------- loading and scoring
+
+
+def eval_rows(cfg: Config) -> list[Conversation]:
+    """The held-out conversations ``cfg`` scores on (``data.eval``, or its seeded split)."""
+    from raysft.data.pipeline import load_split
+
+    _, rows, _ = load_split(cfg.data, seed=cfg.train.seed)
+    return rows
+
+
+def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for a model dir, an adapter dir or a base model spec."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raysft.assets import resolve
+    from raysft.train.model import _from_pretrained, load_tokenizer
+    from raysft.train.recipe import pick_device
+
+    path = Path(resolve(model))
+    adapter = (path / "adapter_config.json").is_file()
+    base = (base_model or adapter_base(path)) if adapter else model
+    base_cfg = cfg.model.model_copy(update={"name_or_path": base})
+    kwargs = {"dtype": torch.float32, "attn_implementation": cfg.model.attn_implementation}
+    # fp32 weights, bf16 autocast on a GPU as in training; a QLoRA adapter gets a full base.
+    net = _from_pretrained(AutoModelForCausalLM, base_cfg, **kwargs).to(pick_device())
+    has_tok = (path / "tokenizer_config.json").is_file()
+    tok_cfg = cfg.model.model_copy(update={"name_or_path": str(path) if has_tok else base})
+    tokenizer = load_tokenizer(tok_cfg)
+    if adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, str(path))
+    net.eval()
+    return net, tokenizer
+
+
+def select_metrics(names: list[str] | None, conversations: list[Conversation]) -> list[Metric]:
+    """The metrics to compute: ``names``, else every scorable one (pass@k when a row has tests)."""
+    has_tests = any(code_tests(c) is not None for c in conversations)
+    if names is None:
+        return [METRICS[n] for n in SCORABLE if n != "pass_at_k" or has_tests]
+    unknown = [n for n in names if n not in SCORABLE]
+    if unknown:
+        raise ConfigError(
+            "--metrics", [f"cannot score {n!r} (scorable: {', '.join(SCORABLE)})" for n in unknown]
+        )
+    if "pass_at_k" in names and not has_tests:
+        raise DataError("--metrics pass_at_k: no eval row has a `tests` field to run answers with")
+    return [METRICS[n] for n in dict.fromkeys(names)]
+
+
+def _tokenized(
+    rows: list[Conversation], cfg: Config, tokenizer: Any
+) -> tuple[list[Example], list[Conversation]]:
+    """Rows tokenized as in training, without those whose answer truncation cut off entirely
+    (nothing to score; logged)."""
+    from raysft.data.templates import render, tokenize
+
+    kept = [
+        (ex, conv)
+        for conv in rows
+        if (
+            ex := tokenize(
+                render(conv, template=cfg.data.template, tokenizer=tokenizer),
+                tokenizer,
+                max_seq_len=cfg.data.max_seq_len,
+            )
+        ).n_trained
+    ]
+    if not kept:
+        raise DataError(
+            f"data.eval: no row keeps an answer token at data.max_seq_len={cfg.data.max_seq_len}"
+        )
+    if len(kept) < len(rows):
+        log.warning("%d eval rows lost their answer to data.max_seq_len", len(rows) - len(kept))
+    return [ex for ex, _ in kept], [conv for _, conv in kept]
+
+
+def score_model(
+    model: str,
+    cfg: Config,
+    *,
+    conversations: list[Conversation] | None = None,
+    metrics: list[str] | None = None,
+    base_model: str | None = None,
+) -> ModelScore:
+    """Score ``model`` (a model dir, an adapter dir or a base spec such as ``embedded:tiny-base``)
+    on ``conversations`` (default: ``eval_rows(cfg)``) with ``cfg``'s template and ``eval``
+    settings. Scoring two models on the same rows makes their numbers comparable."""
+    import functools
+
+    from raysft.train.evaluate import compute, eval_loss_sum, generate_answers
+    from raysft.train.recipe import _autocast, pick_device
+
+    rows = eval_rows(cfg) if conversations is None else conversations
+    due = select_metrics(metrics, rows)
+    net, tokenizer = load_for_scoring(model, cfg=cfg, base_model=base_model)
+    examples, kept = _tokenized(rows, cfg, tokenizer)
+    device = pick_device()
+    autocast = _autocast(cfg, device)
+    loss = functools.partial(
+        eval_loss_sum, net, examples, [[i] for i in range(len(examples))], packing=False,
+        batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id, device=device,
+        autocast=autocast,
+    )  # fmt: skip
+    answers = functools.partial(
+        generate_answers, net, tokenizer, kept, template=cfg.data.template,
+        max_new_tokens=cfg.train.max_new_tokens, batch_size=32, device=device, autocast=autocast,
+    )  # fmt: skip
+    scores, samples = compute(due, cfg, loss=loss, answers=answers)
+    log.info("%s: %s", model, json.dumps(scores))
+    return ModelScore(model, scores, samples, len(kept))
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def metrics_table(scores: dict[str, ModelScore]) -> str:
+    """Metrics as rows, one column per scored model (e.g. base, tuned)."""
+    names = list(dict.fromkeys(n for s in scores.values() for n in s.scores))
+    head = ["metric", *scores]
+    body = [[n, *(_fmt(s.scores.get(n)) for s in scores.values())] for n in names]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *body]
+    )
+
+
+def side_by_side(scores: dict[str, ModelScore], *, n: int = 3) -> str:
+    """The first ``n`` prompts with the reference and each model's first answer."""
+    first = next(iter(scores.values()))
+    blocks = []
+    for i, sample in enumerate(first.samples[:n]):
+        lines = [
+            f"--- {i + 1}: {_flat(sample['prompt'])}",
+            f"expected: {sample['expected']!r}",
+        ]
+        lines += [f"{name}: {s.samples[i]['generated']!r}" for name, s in scores.items()]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+def _flat(prompt: str) -> str:
+    """A prompt on one line, its end (the last user turn) kept when it is long."""
+    flat = " ".join(prompt.split())
+    return flat if len(flat) <= 160 else "..." + flat[-157:]
+
+
+def as_json(scores: dict[str, ModelScore], *, n: int) -> dict[str, Any]:
+    """Strict-JSON view (NaN -> null)."""
+    return {
+        name: {
+            "model": s.model,
+            "rows": s.rows,
+            "metrics": {k: None if math.isnan(v) else v for k, v in s.scores.items()},
+            "samples": s.samples[:n],
+        }
+        for name, s in scores.items()
+    }
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m raysft.evaluate", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    p.add_argument("dir", help="a model dir, an adapter dir or an experiment dir (its champion)")
+    p.add_argument("--data", action="append", help="held-out data (sets data.eval; repeatable)")
+    p.add_argument("--metrics", help=f"comma-separated, of: {', '.join(SCORABLE)} (default: all)")
+    p.add_argument("--base", action="store_true", help="also score the base model, same rows")
+    p.add_argument("--base-model", help="the base model, if not the adapter's or the config's")
+    p.add_argument("--config", help="YAML config with the data/template/eval settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--show", type=int, default=3, help="answers shown per model (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The CLI without the error edge (``main`` adds it)."""
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+    overrides = parse_overrides(args.overrides)
+    if args.data:
+        overrides["data.eval"] = args.data
+    target = resolve_target(args.dir, config=args.config, overrides=overrides)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    base = args.base_model or target.base
+    if args.base and base is None:
+        raise ConfigError("--base", [f"no base model known for {args.dir}; pass --base-model"])
+    rows = eval_rows(target.cfg)
+    select_metrics(metrics, rows)  # a bad --metrics fails before any model loads
+    scores: dict[str, ModelScore] = {}
+    if args.base:
+        assert base is not None  # for mypy: checked above
+        scores["base"] = score_model(base, target.cfg, conversations=rows, metrics=metrics)
+    scores["tuned" if args.base else "score"] = score_model(
+        str(target.path), target.cfg, conversations=rows, metrics=metrics, base_model=base
+    )
+    if args.json:
+        head = {"target": str(target.path), "kind": target.kind}
+        print(json.dumps({**head, **as_json(scores, n=args.show)}, ensure_ascii=False))
+        return 0
+    print(f"{target.kind} {target.path} ({scores[next(iter(scores))].rows} eval rows)")
+    print(metrics_table(scores))
+    if args.show:
+        print(side_by_side(scores, n=args.show))
+    return 0
+
+
+def main() -> NoReturn:
+    """Entry point (``python -m raysft.evaluate`` and the ``raysft-evaluate`` script): user errors
+    exit 2 with one message, never a traceback."""
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

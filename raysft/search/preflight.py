@@ -1,0 +1,103 @@
+"""Before Ray starts: read the data and the model exactly as a trial will, on the driver.
+
+A missing, empty or malformed dataset, a model path that does not exist or an architecture that
+``AutoModelForCausalLM`` cannot build is then one message and exit 2 from ``load_spec``, for
+``--dry-run`` and a real search alike, instead of a first trial failing inside Ray. One check
+covers every trial: spec validation refuses searching ``data.*`` and the model path, so every
+trial reads the data and model the spec names.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from raysft.config import Config, ModelSection, SearchSpec
+from raysft.errors import ConfigError, DataError, ModelError, TemplateError
+
+log = logging.getLogger(__name__)
+
+
+def preflight(spec: SearchSpec, *, source: str) -> Any:
+    """Check model and data as a trial would read them; returns the data report.
+
+    Raises ``ModelError``, ``DataError`` or ``TemplateError`` (one message naming the place),
+    or ``ConfigError`` for a searched ``train.seed`` that picks the eval rows.
+    """
+    from raysft.data.pipeline import prepare_data
+    from raysft.train.model import load_tokenizer
+
+    try:
+        check_model(spec.model)
+        tokenizer = load_tokenizer(spec.model)
+        data = prepare_data(spec.data, tokenizer, seed=spec.train.seed)
+    except (ModelError, DataError, TemplateError) as err:
+        # "model.name_or_path: ..." names a field: say which file holds it. A message that
+        # names a data file and row is already its own place.
+        if str(err).startswith(("model.", "data.")):
+            raise type(err)(f"{source}: {err}") from None
+        raise
+    if "train.seed" in spec.search.params and seed_picks_eval_rows(spec):
+        raise ConfigError(
+            source,
+            [
+                "search.params.train.seed: train.seed cannot be searched here: it picks the "
+                f"eval rows (data.eval has more than data.max_eval_samples="
+                f"{spec.data.max_eval_samples} rows), so trials would be scored on different "
+                "rows; set data.max_eval_samples: null (score every eval row) or fix train.seed"
+            ],
+        )
+    log.info("preflight: data and model of %s read as a trial will", source)
+    return data.report
+
+
+def check_model(model: ModelSection) -> None:
+    """The model's config loads and names an architecture ``AutoModelForCausalLM`` builds."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from raysft.assets import resolve
+    from raysft.train.model import _from_pretrained
+
+    name = model.name_or_path
+    path = Path(resolve(name)).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise ModelError(f"model.name_or_path: {name}: no such directory")
+    if path.exists() and not path.is_dir():
+        raise ModelError(
+            f"model.name_or_path: {name}: not a directory (a model directory holds "
+            "config.json and the weights)"
+        )
+    config = _from_pretrained(AutoConfig, model)
+    auto_map = getattr(config, "auto_map", None) or {}
+    remote = model.trust_remote_code and "AutoModelForCausalLM" in auto_map
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise ModelError(
+            f"model.name_or_path: {name}: architecture {config.model_type!r} is not a causal "
+            "language model AutoModelForCausalLM can build (Llama, Qwen2, Mistral style bases are)"
+        )
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (``org/name``): absolute, relative with ./ or ../, ~, or deeper."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def seed_picks_eval_rows(cfg: Config) -> bool:
+    """Whether ``train.seed`` selects which rows are scored: it splits the eval set off
+    ``data.train`` (``data.eval: null``), or it samples ``data.max_eval_samples`` of more rows.
+
+    Counts the eval source's usable rows the way the data pipeline does before sampling.
+    """
+    from raysft.data.formats import load_conversations
+
+    d = cfg.data
+    if d.eval is None:
+        return True
+    if d.max_eval_samples is None:
+        return False
+    held = load_conversations(
+        d.eval, fmt=d.format, on_error=d.on_error, system_prompt=d.system_prompt
+    )
+    return len(held.conversations) > d.max_eval_samples

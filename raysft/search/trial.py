@@ -1,0 +1,157 @@
+"""What runs on the cluster for one trial: the Tune function trainable, its retries, and the
+Ray Train worker that runs the SFT recipe.
+
+A retry (a killed worker, a lost node) is a new TorchTrainer with the same name and storage path:
+Ray Train restores the run's latest checkpoint and the workers resume from it exactly. An
+out-of-memory trial is failed at once, never retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from raysft.config import validate_spec
+from raysft.search.space import TrialConfigs, trial_output_dir
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_FILE = "attempts.json"  # a trial's failed attempts: cause, whether it was retried
+
+
+def _train_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: the SFT recipe, reporting to Ray (and on to Tune).
+
+    After a restart Ray hands back the trial's last reported checkpoint: training resumes there.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    from raysft.train.recipe import Dist, run_trial
+
+    if loop.get("gpu_share"):
+        from raysft.search.resources import cap_process_memory
+
+        # Before the first CUDA allocation: this trial's cache cannot starve its GPU's others.
+        cap_process_memory(loop["gpu_share"])
+    cfg = loop["resolve"](loop["trial_id"], loop["sampled"])
+    ctx = ray.train.get_context()
+    dist = Dist(ctx.get_world_rank(), ctx.get_world_size())
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    prepare = None
+    if dist.world_size > 1:
+        from ray.train.torch import prepare_model
+
+        prepare = prepare_model
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        run_trial(cfg, report=report, dist=dist, prepare_model=prepare)
+        return
+    with restored.as_directory() as ckpt_dir:
+        run_trial(cfg, report=report, dist=dist, prepare_model=prepare, resume_from=ckpt_dir)
+
+
+class TrialFailure(RuntimeError):
+    """A trial failed for good (out of memory, or out of retries); the message is its cause."""
+
+
+_OOM_MARKERS = (
+    "OutOfMemoryError",  # torch (CUDA), and Ray's memory monitor killing a worker
+    "MemoryError",  # Python
+    "out of memory",
+    "can't allocate memory",  # torch's CPU allocator (a RuntimeError)
+)
+
+
+def is_out_of_memory(cause: str) -> bool:
+    """Whether a trial's cause of failure is running out of (accelerator or host) memory."""
+    return any(marker in cause for marker in _OOM_MARKERS)
+
+
+def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str) -> None:
+    """Tune function trainable: this trial's Ray Train run (Train V2 style), retried on faults.
+
+    A retry is a new TorchTrainer with the same name and storage path: Ray Train restores the
+    run's latest checkpoint and the workers resume from it (``_train_worker``). The same holds
+    when ``--resume`` restarts a trial after the driver died.
+    """
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    search = validate_spec(tree).search
+    res = search.resources
+    gpus = res.gpus  # load_spec resolved auto to a number
+    trial_id = ray.tune.get_context().get_trial_id()
+    resources = {"CPU": res.cpus_per_worker}
+    if gpus:
+        resources["GPU"] = gpus
+
+    def trainer() -> Any:
+        return TorchTrainer(
+            _train_worker,
+            train_loop_config={
+                "resolve": TrialConfigs(tree, exp_dir),
+                "trial_id": trial_id,
+                "sampled": config,
+                "gpu_share": gpus if 0 < gpus < 1 else None,  # a GPU shared between trials
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=res.workers,
+                use_gpu=gpus > 0,
+                resources_per_worker=resources,
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"train-{trial_id}",
+                storage_path=str(Path(exp_dir) / "train"),
+                callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train callback
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                # Retries are ours (below): an out-of-memory trial must not be retried.
+                failure_config=ray.train.FailureConfig(max_failures=0),
+            ),
+        )
+
+    record = Path(trial_output_dir(exp_dir, trial_id)) / ATTEMPTS_FILE
+    _fit_with_retries(trainer, retries=search.max_retries, record=record)
+
+
+def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
+    from raysft.search.results import error_cause
+
+    # Attempts of an earlier driver (before a --resume) count too.
+    attempts: list[dict[str, Any]] = json.loads(record.read_text()) if record.is_file() else []
+    for attempt in range(len(attempts) + 1, retries + 2):
+        try:
+            make_trainer().fit()
+            return
+        except Exception as err:  # Ray Train's TrainingFailedError and its kin
+            cause = error_cause(err)
+            oom = is_out_of_memory(cause)
+            last = oom or attempt > retries
+            attempts.append({"attempt": attempt, "error": cause, "retried": not last})
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(attempts, indent=2), encoding="utf-8")
+            if last:
+                raise TrialFailure(f"out of memory: {cause}" if oom else cause) from None
+            log.warning("attempt %d failed (%s); retrying from the last checkpoint", attempt, cause)
+
+
+def pin_ray_address() -> None:
+    """Worker setup hook: point Ray's State API at the cluster this worker belongs to.
+
+    Train V2's placement-group cleaner asks the State API whether its controller is alive. With
+    no RAY_ADDRESS it asks "the latest cluster on this machine", which may be another one: it
+    then crashes, or hears "no such actor" and removes a live placement group. Either way the
+    CPUs of finished trials are never released and the search hangs.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

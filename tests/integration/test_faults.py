@@ -1,0 +1,206 @@
+"""Trial faults and driver crashes, for real: a SIGKILLed Ray Train worker, an injected
+out-of-memory error, and a SIGKILLed driver followed by ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import (
+    PYTHON,
+    Ran,
+    assert_no_other_ray,
+    base_env,
+    cmdline,
+    marked_pids,
+    pids_matching,
+    render_spec,
+    run_cmd,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _spec(root: Path, name: str, **updates: Any) -> Path:
+    return render_spec(
+        "faults.yaml",
+        root / f"{name}.yaml",
+        {
+            "search.experiment_dir": str(root / name),
+            "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
+            "promote.registered_model": f"raysft-it-{name}",
+            **updates,
+        },
+    )
+
+
+def _client(root: Path) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _checkpoints(exp_dir: Path) -> list[Path]:
+    return sorted(exp_dir.glob("train/train-*/checkpoint_*"))
+
+
+def _kill_first_worker_after_a_checkpoint(exp_dir: Path, killed: list[int]) -> Any:
+    """on_start hook: once a trial has a checkpoint, SIGKILL its Ray Train worker process."""
+
+    def watch(_proc: Any) -> None:
+        def poll() -> None:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and not killed:
+                if _checkpoints(exp_dir):
+                    for pid in pids_matching("RayTrainWorker"):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                time.sleep(0.2)
+
+        threading.Thread(target=poll, daemon=True).start()
+
+    return watch
+
+
+def test_killed_worker_resumes_from_its_checkpoint_and_oom_is_not_retried(
+    tmp_path: Path, ray_tmp: Path
+) -> None:
+    from raysft.config import load_config
+    from raysft.train.recipe import run_trial
+
+    assert_no_other_ray()
+    spec = _spec(tmp_path, "faults")
+    exp_dir = tmp_path / "faults"
+    killed: list[int] = []
+    ran = run_cmd(
+        [PYTHON, "-m", "raysft.tune", str(spec)],
+        log=tmp_path / "tune.log",
+        cwd=tmp_path,
+        env=base_env(RAY_TMPDIR=str(ray_tmp), RAYSFT_INJECT_OOM="lora.r=8"),
+        timeout=420,
+        on_start=_kill_first_worker_after_a_checkpoint(exp_dir, killed),
+    )
+    assert ran.rc == 0, ran.explain()
+    assert killed, "no Ray Train worker was killed"
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    by_r = {8: [], 4: []}  # type: dict[int, list[dict[str, Any]]]
+    for t in summary["trials"]:
+        by_r[t["sampled"]["lora.r"]].append(t)
+    assert by_r[8] and by_r[4], summary["trials"]
+
+    for t in by_r[8]:  # the injected OOM: failed at once, one attempt, not retried
+        assert t["status"] == "failed", t
+        assert t["error"].startswith("out of memory: OutOfMemoryError: injected"), t["error"]
+        assert [a["retried"] for a in t["attempts"]] == [False], t["attempts"]
+    (survivor,) = by_r[4]
+    assert survivor["status"] == "finished", survivor
+    assert [a["retried"] for a in survivor["attempts"]] == [True], survivor["attempts"]
+    assert survivor["attempts"][0]["error"], "the retried attempt names its cause"
+    assert summary["best"]["trial_id"] == survivor["trial_id"]
+    assert summary["counts"]["failed"] == len(by_r[8])
+
+    # It resumed from its checkpoint and ended where an uninterrupted trial ends.
+    trial_dir = exp_dir / "trials" / survivor["trial_id"]
+    metrics = json.loads((trial_dir / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 13))
+    cfg = load_config(trial_dir / "config.yaml", {"output_dir": str(tmp_path / "again")})
+    uninterrupted = run_trial(cfg)
+    assert survivor["metric"] == pytest.approx(uninterrupted.final["eval_loss"], abs=1e-4)
+
+    mlc = _client(tmp_path)
+    run = mlc.get_run(survivor["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["raysft.retries"] == "1"
+    steps = [m.step for m in mlc.get_metric_history(run.info.run_id, "eval_loss")]
+    assert steps == [4, 8, 12], "a repeated report was logged twice"
+    for t in by_r[8]:
+        failed = mlc.get_run(t["mlflow_run_id"])
+        assert failed.info.status == "FAILED"
+        assert failed.data.tags["raysft.status"] == "failed"
+        assert failed.data.tags["raysft.error"].startswith("out of memory")
+    assert not ran.leftovers, ran.leftovers
+
+
+def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
+    tmp_path: Path, ray_tmp: Path
+) -> None:
+    assert_no_other_ray()
+    spec = _spec(tmp_path, "crash", **{"search.num_samples": 2, "search.seed": 2})
+    exp_dir = tmp_path / "crash"
+    env = base_env(RAY_TMPDIR=str(ray_tmp))
+    state: dict[str, Any] = {}
+
+    def kill_driver_mid_second_trial(proc: Any) -> None:
+        def poll() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                done = list(exp_dir.glob("trials/*/metrics.json"))
+                ckpts = _checkpoints(exp_dir)
+                if len(done) == 1 and len(ckpts) == 2:
+                    state["finished"] = done[0].parent.name
+                    state["checkpoints"] = {p: p.stat().st_mtime for p in ckpts}
+                    state["mark"] = [
+                        v.split("=", 1)[1]
+                        for v in Path(f"/proc/{proc.pid}/environ").read_text().split("\0")
+                        if v.startswith("RAYSFT_IT_MARK=")
+                    ][0]
+                    os.kill(proc.pid, signal.SIGKILL)  # the driver only, not its group
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=poll, daemon=True).start()
+
+    crashed: Ran = run_cmd(
+        [PYTHON, "-m", "raysft.tune", str(spec)],
+        log=tmp_path / "crash.log",
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+        on_start=kill_driver_mid_second_trial,
+    )
+    assert crashed.rc == -signal.SIGKILL, crashed.explain()
+    assert "finished" in state, "the driver was never killed"
+    assert not crashed.leftovers, "Ray processes of the killed search outlived it: " + "; ".join(
+        cmdline(p) for p in crashed.leftovers
+    )
+
+    resumed = run_cmd(
+        [PYTHON, "-m", "raysft.tune", str(spec), "--resume"],
+        log=tmp_path / "resume.log",
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert resumed.rc == 0, resumed.explain()
+    assert not resumed.leftovers, resumed.leftovers
+    assert not marked_pids(state["mark"])
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"], summary["trials"]
+    # The finished trial was not re-run: its checkpoint is the one it had.
+    first = state["finished"]
+    for path, mtime in state["checkpoints"].items():
+        if first in str(path):
+            assert path.stat().st_mtime == mtime, f"{first} was trained again"
+
+    mlc = _client(tmp_path)
+    exp = mlc.get_experiment_by_name("raysft-it-faults")
+    children = mlc.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow']['parent_run_id']}'",
+    )
+    assert sorted(r.data.tags["raysft.trial_id"] for r in children) == sorted(
+        t["trial_id"] for t in summary["trials"]
+    ), "one child run per trial"
+    for run in children:
+        for key in ("eval_loss", "train_loss"):
+            steps = [m.step for m in mlc.get_metric_history(run.info.run_id, key)]
+            assert sorted(steps) == [4, 8, 12], (run.info.run_name, key, steps)
+    versions = mlc.search_model_versions("name='raysft-it-crash'")
+    assert len(versions) == 1, "promotion ran more than once"

@@ -1,0 +1,54 @@
+"""Load: 16 trials, 4 at a time, every one accounted for, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import PYTHON, assert_no_other_ray, base_env, render_spec, run_cmd
+
+pytestmark = pytest.mark.integration
+
+
+def test_sixteen_trials_four_at_a_time(tmp_path: Path, ray_tmp: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    assert_no_other_ray()
+    exp_dir, scratch = tmp_path / "exp", tmp_path / "tmp"
+    scratch.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = render_spec(
+        "load.yaml",
+        tmp_path / "spec.yaml",
+        {"search.experiment_dir": str(exp_dir), "tracking.uri": uri},
+    )
+    ran = run_cmd(
+        [PYTHON, "-m", "raysft.tune", str(spec)],
+        log=tmp_path / "tune.log",
+        cwd=tmp_path,
+        # TMPDIR: every temp file the search makes (checkpoint staging, ...) lands here.
+        env=base_env(RAY_TMPDIR=str(ray_tmp), TMPDIR=str(scratch)),
+        timeout=480,
+    )
+    assert ran.rc == 0, ran.explain()
+    assert "concurrent trials: 4 of 16" in ran.output, ran.tail()
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == 16 and len({t["trial_id"] for t in trials}) == 16
+    assert summary["counts"]["finished"] == 16, summary["counts"]
+    for t in trials:
+        assert t["step"] == 2 and t["metric"] is not None, t
+        assert Path(t["checkpoint"], "training_state.pt").is_file(), t
+
+    mlc = MlflowClient(tracking_uri=uri)
+    children = mlc.search_runs(
+        [mlc.get_experiment_by_name("raysft-it-load").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow']['parent_run_id']}'",
+        max_results=100,
+    )
+    assert sorted(r.info.run_id for r in children) == sorted(t["mlflow_run_id"] for t in trials)
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert not ran.leftovers, f"processes left behind: {ran.leftovers}"
+    assert sorted(p.name for p in scratch.iterdir()) == [], "temp files left behind"

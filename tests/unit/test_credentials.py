@@ -1,0 +1,224 @@
+"""Credentials: HF_TOKEN reaches the workers' runtime_env, never MLflow params; gated models say
+that they need a token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raysft.config import Config, validate_spec
+from raysft.errors import ModelError
+from raysft.search import tracking
+from raysft.search.tracking import REDACTED, config_params, flatten, is_secret, redact
+from raysft.train.model import HUB_TOKEN_VAR, _has_hub_token, load_error, worker_env
+
+TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+
+# transformers 5.x texts (utils/hub.py) and the hub's 401, as from_pretrained raises them.
+GATED = (
+    "You are trying to access a gated repo.\nMake sure to have access to it at "
+    "https://huggingface.co/meta-llama/Llama-2-7b-hf.\n401 Client Error. (Request ID: x)"
+)
+GATED_HEAD = (
+    "meta-llama/Llama-2-7b-hf is a gated repository. Make sure to request access at "
+    "https://huggingface.co/meta-llama/Llama-2-7b-hf and pass a token having permission"
+)
+PRIVATE = (
+    "acme/secret-model is not a local folder and is not a valid model identifier listed on "
+    "'https://huggingface.co/models'\nIf this is a private repository, make sure to pass a token "
+    "having permission to this repo either by logging in with `hf auth login` or by passing "
+    "`token=<your_token>`"
+)
+
+
+# ---------------------------------------------------------------- redaction
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hf_token",
+        "tracking.token",
+        "search.api_key",
+        "db.password",
+        "secret",
+        "aws.secret_access_key",
+        "x.HF-TOKEN",
+        "apiKey",
+    ],
+)
+def test_secret_names(name):
+    assert is_secret(name)
+    assert redact(name, "anything") == REDACTED
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "train.max_new_tokens",
+        "train.tokens",
+        "lora.target_modules",
+        "token_count",
+        "model.name_or_path",
+        "sampled.lora.r/factor",
+        "keyboard",
+    ],
+)
+def test_ordinary_names_are_not_secret(name):
+    assert not is_secret(name)
+    assert redact(name, "32") == "32"
+
+
+def test_values_are_scrubbed_of_tokens_and_url_passwords(monkeypatch):
+    monkeypatch.setenv(HUB_TOKEN_VAR, "sekrit-value-123")
+    assert redact("output_dir", "/runs/sekrit-value-123/x") == f"/runs/{REDACTED}/x"
+    assert redact("note", f"used {TOKEN} here") == f"used {REDACTED} here"
+    assert (
+        redact("tracking.uri", "https://bob:pa55@mlflow.example:5000/")
+        == f"https://bob:{REDACTED}@mlflow.example:5000/"
+    )
+    assert redact("tracking.uri", "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_flatten_redacts_secret_leaves_only():
+    params = flatten(
+        {
+            "hub": {"hf_token": TOKEN, "endpoint": "https://hf.co"},
+            "train": {"max_new_tokens": 32},
+            "lora": {"target_modules": ["q_proj"]},
+        }
+    )
+    assert params == {
+        "hub.hf_token": REDACTED,
+        "hub.endpoint": "https://hf.co",
+        "train.max_new_tokens": "32",
+        "lora.target_modules": "['q_proj']",
+    }
+
+
+def test_logged_params_never_hold_the_token(monkeypatch, tmp_path):
+    """Parent and trial params of a spec whose strings contain the token (a careless path)."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv(HUB_TOKEN_VAR, TOKEN)
+    spec = validate_spec(
+        {
+            "output_dir": f"runs/{TOKEN}",
+            "search": {
+                "params": {"train.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}
+            },
+        }
+    )
+    assert TOKEN not in json.dumps(config_params(spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlc = MlflowClient(tracking_uri=uri)
+    exp = mlc.create_experiment("t", artifact_location=str(tmp_path / "art"))
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text("search: {}\n")
+    rid = tracking.start_parent(mlc, exp, name="p", cfg=spec, spec_path=str(spec_file))
+    run = mlc.get_run(rid)
+    logged = json.dumps({"params": run.data.params, "tags": run.data.tags})
+    assert TOKEN not in logged
+    assert run.data.params["output_dir"] == f"runs/{REDACTED}"
+
+
+# ---------------------------------------------------------------- the token to the workers
+
+
+def test_worker_env_passes_the_token_only_when_set():
+    assert worker_env({HUB_TOKEN_VAR: TOKEN, "HOME": "/h"}) == {HUB_TOKEN_VAR: TOKEN}
+    assert worker_env({"HUGGING_FACE_HUB_TOKEN": TOKEN}) == {"HUGGING_FACE_HUB_TOKEN": TOKEN}
+    assert worker_env({"HOME": "/h"}) == {}
+    assert worker_env({HUB_TOKEN_VAR: ""}) == {}
+
+
+def test_worker_env_leaves_a_jobs_own_token_to_the_job():
+    job = {"runtime_env": {"env_vars": {HUB_TOKEN_VAR: TOKEN}}}
+    environ = {HUB_TOKEN_VAR: TOKEN, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+    assert worker_env(environ) == {}  # ray.init would refuse the repeated key
+    other = {"runtime_env": {"working_dir": "gcs://x.zip"}}
+    environ["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(other)
+    assert worker_env(environ) == {HUB_TOKEN_VAR: TOKEN}
+
+
+@pytest.mark.parametrize("token", [TOKEN, None])
+def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
+    """ray.init is replaced here only to read its arguments: starting Ray is not a unit test."""
+    import ray
+
+    from raysft.search import driver
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(driver, "attaching_to_cluster", lambda: False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if token:
+        monkeypatch.setenv(HUB_TOKEN_VAR, token)
+    else:
+        monkeypatch.delenv(HUB_TOKEN_VAR, raising=False)
+    driver.init_ray(2)
+    (kwargs,) = calls
+    env_vars = kwargs["runtime_env"].get("env_vars")
+    assert env_vars == ({HUB_TOKEN_VAR: token} if token else None)
+    assert "worker_process_setup_hook" in kwargs["runtime_env"]
+
+
+# ---------------------------------------------------------------- gated models
+
+
+@pytest.mark.parametrize("text", [GATED, GATED_HEAD, "401 Client Error: Unauthorized for url"])
+def test_gated_model_without_token_says_it_needs_one(text):
+    err = load_error(OSError(text), name="meta-llama/Llama-2-7b-hf", token_set=False)
+    assert isinstance(err, ModelError)
+    msg = str(err)
+    assert msg.startswith("model.name_or_path: cannot load 'meta-llama/Llama-2-7b-hf': ")
+    assert "needs a Hugging Face token: set HF_TOKEN" in msg
+
+
+def test_gated_model_with_a_token_says_to_request_access():
+    msg = str(load_error(OSError(GATED), name="meta-llama/Llama-2-7b-hf", token_set=True))
+    assert "has no access to it: request access at https://huggingface.co/meta-llama" in msg
+    assert "set HF_TOKEN" not in msg
+
+
+def test_gated_cause_is_found_through_the_chain():
+    try:
+        try:
+            raise RuntimeError("GatedRepoError: 401 Client Error")
+        except RuntimeError as inner:
+            raise OSError("could not load the model") from inner
+    except OSError as err:
+        msg = str(load_error(err, name="org/m", token_set=False))
+    assert "needs a Hugging Face token" in msg and "(could not load the model)" in msg
+
+
+def test_private_or_missing_repo_mentions_the_token_only_without_one():
+    msg = str(load_error(OSError(PRIVATE), name="acme/secret-model", token_set=False))
+    assert "not found on the Hugging Face Hub; if it is a private repo" in msg
+    assert "set HF_TOKEN" in msg
+    msg = str(load_error(OSError(PRIVATE), name="acme/secret-model", token_set=True))
+    assert "HF_TOKEN" not in msg and "is not a local folder" in msg
+
+
+def test_other_errors_keep_their_first_line():
+    msg = str(load_error(OSError("no file named config.json\nmore"), name="d", token_set=False))
+    assert msg == "model.name_or_path: cannot load 'd': no file named config.json"
+
+
+def test_has_hub_token_reads_hf_token(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))  # no login file
+    for var in (HUB_TOKEN_VAR, "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    assert not _has_hub_token()
+    monkeypatch.setenv(HUB_TOKEN_VAR, TOKEN)
+    assert _has_hub_token()
+
+
+def test_a_config_never_holds_the_token(monkeypatch):
+    monkeypatch.setenv(HUB_TOKEN_VAR, TOKEN)
+    assert TOKEN not in json.dumps(Config().model_dump(mode="json"))

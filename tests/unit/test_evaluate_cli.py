@@ -1,0 +1,276 @@
+"""Generation, scoring and ``python -m raysft.evaluate`` on real tiny models whose answers and
+losses are known by hand (``evalkit.chain_model_dir``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from evalkit import FAMILIES, chain_logit, chain_model_dir, chat_tokenizer_dir
+
+from raysft.assets.tokenizer import build_tokenizer
+from raysft.config import load_config
+from raysft.data.templates import generation_prompt_ids
+from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
+from raysft.evaluate import adapter_base, resolve_target, run, score_model
+from raysft.train import scoring
+from raysft.train.evaluate import _answer, answer_stops, generate_answers
+
+ROWS = [
+    {"instruction": "Set x.", "output": "x=1", "tests": "assert x == 1"},
+    {"instruction": "Set x to two.", "output": "x=2", "tests": "assert x == 2"},
+]
+# After the ChatML prompt's final "\n" the model writes x=1<|im_end|>, then Z forever.
+CHAIN = {"\n": "x", "x": "=", "=": "1", "1": "<|im_end|>"}
+
+
+@pytest.fixture(scope="module")
+def chain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chain_model_dir(tmp_path_factory.mktemp("chain"), build_tokenizer(), CHAIN, default="Z")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(chain_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh LoRA adapter (B = 0: it changes nothing) on the chain model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(chain_dir), lora)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(chain_dir).save_pretrained(out)
+    return out
+
+
+def _rows(tmp_path: Path, rows: list[dict[str, str]] = ROWS) -> str:
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _cfg(tmp_path: Path, model: Path, **extra: Any) -> Any:
+    overrides = {"model.name_or_path": str(model), "data.eval": _rows(tmp_path), **extra}
+    return load_config(None, {"train.max_new_tokens": 8, **overrides})
+
+
+# ---------------------------------------------------------------- every metric, by hand
+
+
+def test_score_model_by_hand(tmp_path: Path, chain_dir: Path) -> None:
+    tok = build_tokenizer()
+    got = score_model(str(chain_dir), _cfg(tmp_path, chain_dir))
+    assert got.rows == 2
+    assert [s["generated"] for s in got.samples] == ["x=1", "x=1"]
+    # Response tokens x = 1|2 <|im_end|>: row 1 all 4 predicted, row 2 the last two missed.
+    # Logits are s for the predicted token and 0 for the V - 1 others.
+    s, v = chain_logit(tok), len(tok)
+    hit, miss = math.log(math.exp(s) + v - 1) - s, math.log(math.exp(s) + v - 1)
+    loss = (6 * hit + 2 * miss) / 8
+    scores = got.scores
+    assert scores["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert scores["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert scores["exact_match"] == 0.5
+    assert scores["rouge_l"] == pytest.approx((1 + 0.5) / 2)  # "x 1" vs "x 2": LCS 1 of 2
+    assert scores["bleu"] == scoring.bleu(["x=1", "x=1"], ["x=1", "x=2"])
+    assert scores["pass_at_k"] == 0.5  # x=1 passes `assert x == 1`, not `assert x == 2`
+    assert [s["passed"] for s in got.samples] == [[True], [False]]
+
+
+def test_pass_at_k_from_n_samples(tmp_path: Path, chain_dir: Path) -> None:
+    # Greedy-identical samples at a low temperature: n = 3 answers per prompt, all x=1;
+    # pass@2 of row 1 is 1 (3 of 3 pass), of row 2 is 0.
+    cfg = _cfg(
+        tmp_path, chain_dir, **{"eval.samples": 3, "eval.pass_k": 2, "eval.temperature": 1e-3}
+    )
+    got = score_model(str(chain_dir), cfg, metrics=["pass_at_k", "exact_match"])
+    assert [len(s["answers"]) for s in got.samples] == [3, 3]
+    assert got.scores == {"pass_at_k": 0.5, "exact_match": 0.5}
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(chain_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(chain_dir)
+    conv = [{"role": "user", "content": "Set x."}, {"role": "assistant", "content": "x=1"}]
+    common = {"template": "chatml", "max_new_tokens": 6, "batch_size": 4, "device": "cpu"}
+
+    def answers(**kw: Any) -> list[str]:
+        out = generate_answers(model, tok, [conv], autocast=contextlib.nullcontext, **common, **kw)
+        return list(out[0]["answers"])
+
+    assert answers() == ["x=1"]  # greedy
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    hot = answers(samples=4, temperature=50.0, seed=7)  # logits s/50 vs 0: near uniform
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(hot) == 4 and len(set(hot)) > 1
+    assert answers(samples=4, temperature=50.0, seed=7) == hot
+
+
+# ---------------------------------------------------------------- answers end at the template's end
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_template_terminators_stop_and_score(tmp_path: Path, family: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir(tmp_path, family))
+    term = FAMILIES[family][4]
+    chain = {"\n": "P", "P": "a", "a": "r", "r": "i", "i": "s", "s": term}
+    model = AutoModelForCausalLM.from_pretrained(chain_model_dir(tmp_path, tok, chain, default="Z"))
+    conv = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris"}]
+    got = generate_answers(
+        model, tok, [conv], template="tokenizer", max_new_tokens=12, batch_size=2,
+        device="cpu", autocast=contextlib.nullcontext,
+    )  # fmt: skip
+    assert got[0]["generated"] == "Paris"
+    assert scoring.exact_match([got[0]["generated"]], ["Paris"]) == 1.0
+    # Generation stops at the terminator token: 6 new tokens, the last one the terminator.
+    stops, stop_ids = answer_stops("tokenizer", tok)
+    assert stops == [term, tok.eos_token]
+    ids = torch.tensor([generation_prompt_ids(conv, template="tokenizer", tokenizer=tok)])
+    out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, eos_token_id=stop_ids)
+    assert tok.decode(out[0, ids.shape[1] :]) == "Paris" + term
+    # Control: with EOS as the only stop (before this change) the answer runs on and misses.
+    raw = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    text = tok.decode(raw[0, ids.shape[1] :], skip_special_tokens=False)
+    assert _answer(text, [tok.eos_token]) != "Paris" and _answer(text, stops) == "Paris"
+
+
+# ---------------------------------------------------------------- what DIR is
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("embedded:tiny-base", "embedded:tiny-base"),
+        ("/other/machine/site-packages/raysft/assets/tiny-base", "embedded:tiny-base"),
+        ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"),
+    ],
+)
+def test_adapter_base(tmp_path: Path, written: str, expected: str) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": written}))
+    assert adapter_base(tmp_path) == expected
+
+
+def test_adapter_on_the_embedded_base_scores(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raysft.assets import resolve
+
+    base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
+    lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    out = tmp_path / "adapter"
+    get_peft_model(base, lora).save_pretrained(out)
+    meta = json.loads((out / "adapter_config.json").read_text())
+    meta["base_model_name_or_path"] = "/gone/raysft/assets/tiny-base"  # trained elsewhere
+    (out / "adapter_config.json").write_text(json.dumps(meta))
+    target = resolve_target(str(out), overrides={"data.eval": _rows(tmp_path)})
+    assert (target.kind, target.base) == ("adapter", "embedded:tiny-base")
+    got = score_model(str(out), target.cfg, metrics=["eval_loss"])  # tokenizer: the base's
+    assert math.isfinite(got.scores["eval_loss"]) and got.rows == 2
+
+
+def test_cli_adapter_against_its_base_json(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _rows(tmp_path)
+    assert run([str(adapter_dir), "--data", rows, "--base", "--json", "--show", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "adapter" and out["target"] == str(adapter_dir)
+    # B = 0: the adapter is its base, so both score the same on the same rows.
+    assert out["base"]["model"] == str(chain_dir)  # from adapter_config.json
+    assert out["base"]["metrics"] == out["tuned"]["metrics"]
+    assert out["tuned"]["metrics"]["exact_match"] == 0.5 and out["tuned"]["rows"] == 2
+    assert [s["generated"] for s in out["tuned"]["samples"]] == ["x=1"]
+
+
+def test_cli_prints_a_table_and_answers_side_by_side(
+    tmp_path: Path, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [str(adapter_dir), "--data", _rows(tmp_path), "--base", "--metrics", "exact_match,bleu"]
+    assert run(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"adapter {adapter_dir} (2 eval rows)"
+    assert lines[1].split() == ["metric", "base", "tuned"]
+    assert lines[2].split() == ["exact_match", "0.5000", "0.5000"]
+    assert lines[3].split()[0] == "bleu"
+    assert "expected: 'x=2'" in lines and "tuned: 'x=1'" in lines
+
+
+def _experiment(tmp_path: Path, cfg: Any, *, champion: Path | None) -> Path:
+    exp = tmp_path / "exp"
+    (exp / "tune").mkdir(parents=True)
+    summary: dict[str, Any] = {
+        "resolved_spec": cfg.model_dump(mode="json"),
+        "best": {"checkpoint": "/exp/tune/trial_1/checkpoint_000002"},
+        "promotion": {"promoted": False, "reason": "exact_match 0.4 does not beat champion v1"},
+    }
+    if champion is not None:
+        shutil.copytree(champion, exp / "champion")
+        summary["promotion"] = {"promoted": True, "export_dir": str(exp / "champion")}
+    (exp / "summary.json").write_text(json.dumps(summary))
+    return exp
+
+
+def test_experiment_dir_scores_its_champion(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp = _experiment(tmp_path, _cfg(tmp_path, chain_dir), champion=adapter_dir)
+    target = resolve_target(str(exp))
+    assert (target.kind, target.path, target.base) == (
+        "experiment",
+        exp / "champion",
+        str(chain_dir),
+    )
+    assert target.cfg.data.eval == _rows(tmp_path)  # the spec's own eval data
+    assert run([str(exp), "--json", "--metrics", "pass_at_k"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"]["metrics"] == {"pass_at_k": 0.5}
+
+
+# ---------------------------------------------------------------- bad input: one message, exit 2
+
+
+def test_bad_input_is_one_clear_error(tmp_path: Path, chain_dir: Path, adapter_dir: Path) -> None:
+    rows = _rows(tmp_path)
+    with pytest.raises(ModelError, match="no such directory"):
+        run([str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="neither a model .* nor an experiment directory"):
+        run([str(tmp_path / "empty")])
+    with pytest.raises(ConfigError, match="cannot score 'accuracy' .scorable: eval_loss, "):
+        run([str(adapter_dir), "--data", rows, "--metrics", "exact_match,accuracy"])
+    plain = _rows(tmp_path / "empty", [{"instruction": "q", "output": "a"}])
+    with pytest.raises(DataError, match="pass_at_k: no eval row has a `tests` field"):
+        run([str(adapter_dir), "--data", plain, "--metrics", "pass_at_k"])
+    with pytest.raises(ConfigError, match="--base: no base model known"):
+        run([str(chain_dir), "--data", rows, "--base"])  # a model dir without config.yaml
+    exp = _experiment(tmp_path, _cfg(tmp_path, chain_dir), champion=None)
+    with pytest.raises(SearchStateError) as err:
+        run([str(exp)])
+    assert str(err.value) == (
+        f"{exp}: no champion to score (exact_match 0.4 does not beat champion v1); score the "
+        "best trial's checkpoint directly: /exp/tune/trial_1/checkpoint_000002"
+    )
+
+
+def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    ran = subprocess.run(
+        [sys.executable, "-m", "raysft.evaluate", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 2
+    assert ran.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such directory"]

@@ -1,0 +1,202 @@
+"""What a user meets in the MLflow UI: the experiment marked as model training, trial runs named
+by their sampled values, the parent run's description. A real MlflowClient on a SQLite store in
+tmp_path; the Tune callback is driven with stand-in trials (ray is imported, never started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from raysft.config import validate_spec
+from raysft.search import tracking
+from raysft.search.space import TrialConfigs
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / "search_spaces" / "lora.yaml"
+
+
+@pytest.fixture(scope="module")
+def mlc(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One store for the module (a new SQLite store costs seconds of migrations); each test
+    uses its own experiment names."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'm.db'}")
+
+
+def test_a_new_experiment_is_marked_as_model_training(mlc: Any) -> None:
+    exp_id = tracking.experiment_id(mlc, "new")
+    tags = mlc.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.experiment_id(mlc, "new") == exp_id  # found, not made twice
+
+
+def test_an_existing_experiment_gets_the_kind_unless_it_has_one(mlc: Any) -> None:
+    old = mlc.create_experiment("made-by-hand")
+    genai = mlc.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    assert tracking.experiment_id(mlc, "made-by-hand") == old
+    assert mlc.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    tracking.experiment_id(mlc, "genai")
+    assert mlc.get_experiment(genai).tags["mlflow.experimentKind"] == "genai_development"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0.0032, "3.2e-3"),
+        (0.00071, "7.1e-4"),
+        (1e-5, "1.0e-5"),
+        (0.05, "0.05"),
+        (0.5, "0.5"),
+        (12.0, "12"),
+        (150.0, "1.5e2"),
+        (0.0, "0"),
+        (8, "8"),
+        (True, "True"),
+        ("chatml", "chatml"),
+    ],
+)
+def test_values_in_run_names_have_two_significant_digits(value: Any, text: str) -> None:
+    assert tracking.format_value(value) == text
+
+
+def test_run_names_use_short_names_in_the_spec_order() -> None:
+    # Tune's config order: the product (lora.alpha) comes after the others.
+    sampled = {
+        "train.learning_rate": 0.0032,
+        "lora.r": 8,
+        "train.neftune_alpha": 5,
+        "data.template": "chatml",
+        "lora.alpha": 16,
+    }
+    order = ["train.learning_rate", "lora.r", "lora.alpha", "train.neftune_alpha"]
+    assert tracking.run_name(sampled, order) == "lr=3.2e-3 r=8 alpha=16 neft=5 template=chatml"
+    assert tracking.run_name(sampled) == "lr=3.2e-3 r=8 neft=5 template=chatml alpha=16"
+
+
+def _trial(trial_id: str, **config: Any) -> Any:
+    return SimpleNamespace(trial_id=trial_id, config=config)
+
+
+def test_trial_runs_are_named_by_their_sampled_values(mlc: Any, tmp_path: Path) -> None:
+    tree = yaml.safe_load(SPEC.read_text())
+    spec = validate_spec(tree, source=str(SPEC))
+    exp_id = tracking.experiment_id(mlc, "named-trials")
+    parent = tracking.start_parent(mlc, exp_id, name="lora-search", cfg=spec, spec_path=str(SPEC))
+    callback = tracking.make_callback(
+        mlc,
+        exp_id=exp_id,
+        parent_id=parent,
+        resolve_trial=TrialConfigs(tree, str(tmp_path / "exp")),
+        order=list(spec.search.params),
+    )
+    callback.setup()
+    trials = [
+        _trial(
+            "t0",
+            **{
+                "train.learning_rate": 0.0032,
+                "lora.r": 8,
+                "train.neftune_alpha": 5,
+                "lora.alpha": 16,
+            },
+        ),
+        _trial(
+            "t1",
+            **{
+                "train.learning_rate": 0.00071,
+                "lora.r": 4,
+                "train.neftune_alpha": 0,
+                "lora.alpha": 4,
+            },
+        ),
+    ]
+    for t in trials:
+        callback.on_trial_start(0, trials, t)
+    runs = {
+        r.data.tags["raysft.trial_id"]: r
+        for r in mlc.search_runs([exp_id], "tags.`raysft.kind` = 'trial'")
+    }
+    assert runs["t0"].info.run_name == "lr=3.2e-3 r=8 alpha=16 neft=5"
+    assert runs["t1"].info.run_name == "lr=7.1e-4 r=4 alpha=4 neft=0"
+    assert runs["t0"].data.tags["mlflow.parentRunId"] == parent
+
+
+def summary(**over: Any) -> dict[str, Any]:
+    best = {
+        "trial_id": "a0003",
+        "status": "finished",
+        "metric": 1.1034,
+        "step": 150,
+        "max_steps": 150,
+        "sampled": {
+            "train.learning_rate": 0.0095,
+            "lora.r": 16,
+            "train.neftune_alpha": 0,
+            "lora.alpha": 32,
+        },
+    }
+    out = {
+        "metric": "eval_loss",
+        "mode": None,  # the metric's own direction
+        "best": best,
+        "counts": {"finished": 2, "stopped_early": 1, "failed": 0},
+        "promotion": {
+            "promoted": True,
+            "registered_model": "raysft-tiny-lora",
+            "version": 3,
+            "alias": "champion",
+            "reason": "beats v2",
+        },
+        "resolved_spec": yaml.safe_load(SPEC.read_text()),
+    }
+    out.update(over)
+    return out
+
+
+def test_parent_description_names_best_trial_metric_and_promotion(mlc: Any) -> None:
+    exp_id = tracking.experiment_id(mlc, "described")
+    parent = mlc.create_run(exp_id, run_name="lora-search").info.run_id
+    text = tracking.describe_parent(mlc, parent, summary())
+    assert mlc.get_run(parent).data.tags["mlflow.note.content"] == text
+    assert "Best trial: **lr=9.5e-3 r=16 alpha=32 neft=0** (trial `a0003`" in text
+    assert "**eval_loss = 1.103** (lower is better)" in text
+    assert "Trials: 2 finished, 1 stopped early." in text
+    assert "**promoted** as `raysft-tiny-lora` v3 (alias `champion`): beats v2." in text
+
+
+def test_parent_description_when_nothing_is_promoted() -> None:
+    text = tracking.describe(
+        summary(
+            promotion={
+                "promoted": False,
+                "reason": "eval_loss 1.2 does not beat champion v2 (1.1)",
+            },
+            metric="exact_match",
+            mode="max",
+        )
+    )
+    assert "**exact_match = 1.103** (higher is better)" in text
+    assert "Promotion: **not promoted**: eval_loss 1.2 does not beat champion v2 (1.1)." in text
+    empty = tracking.describe(summary(best=None, counts={"failed": 3}, promotion={}))
+    assert empty.startswith("No trial reported a finite `eval_loss`")
+    assert "Trials: 3 failed." in empty
+    assert "Promotion: **not promoted**: promotion did not run." in empty
+
+
+def test_the_runs_page_opens_on_model_training_best_trial_first() -> None:
+    page = tracking.runs_page("7", metric="eval_loss", mode="min")
+    assert page == (
+        "/#/experiments/7/runs?workflowType=machine_learning"
+        "&orderByKey=metrics.%60eval_loss%60&orderByAsc=true"
+    )
+    assert "orderByAsc=false" in tracking.runs_page("7", metric="exact_match", mode="max")
+    assert tracking.ui_command("sqlite:///m.db", page).endswith(
+        "--port 5000, then open http://127.0.0.1:5000" + page
+    )
+    assert tracking.ui_command("http://h:5000/", page) == f"open http://h:5000{page} in a browser"
+    assert tracking.ui_command("http://h:5000") == "open http://h:5000 in a browser"

@@ -1,0 +1,577 @@
+"""The champion gate and its atomic export, against a real MLflow registry (SQLite in tmp).
+
+Every decision path: first champion, better replaces, worse keeps, other eval data or metric
+refuses, ``mode: max``, disabled, non-finite values, a champion whose stored value is NaN. Each
+step of installing a champion fails once by injection (our own step functions, MLflow stays
+real): the previous champion's alias and export must be exactly as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.config import SearchSpec, validate_spec
+from raysft.search import promote as promote_mod
+from raysft.search.promote import TAG_VALUE, eval_fingerprint, load_champion, promote
+
+ROOT = Path(__file__).resolve().parents[2]
+NAN = float("nan")
+PROMPT = "Convert this word to uppercase: stone"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+class Registry:
+    """A real MLflow tracking store and model registry in a temporary directory."""
+
+    def __init__(self, root: Path):
+        from raysft.search import tracking
+
+        self.mlc = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
+        self.exp_id = self.mlc.create_experiment("t", artifact_location=str(root / "artifacts"))
+
+    def run_id(self) -> str:
+        return str(self.mlc.create_run(self.exp_id).info.run_id)
+
+    def alias(self, name: str) -> str | None:
+        champ = promote_mod.current_champion(self.mlc, name, "champion")
+        return None if champ is None else str(champ.version)
+
+    def versions(self, name: str) -> int:
+        return len(self.mlc.search_model_versions(f"name='{name}'"))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    yield Registry(tmp_path_factory.mktemp("mlflow"))
+    mlflow.set_tracking_uri(before)  # tracking.client sets the process-wide URI
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Trial checkpoints as the recipe writes them (adapter, tokenizer, training state) for
+    LoRA adapters on the embedded base: two healthy ones and one whose weights are all NaN;
+    plus the logits the healthy ones give, to check what an export loads back."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raysft.assets import resolve
+    from raysft.config import LoraSection, ModelSection
+    from raysft.train.model import build_lora_config, load_tokenizer, save_model
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    tok = load_tokenizer(ModelSection())
+    ids = tok(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out: dict[str, Any] = {"logits": {}}
+    for seed, name in enumerate(("a", "b", "nan")):
+        base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
+        model = get_peft_model(base, build_lora_config(LoraSection()))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:  # B starts at zero: make the adapter change the model
+                    p.normal_(0, 0.05) if name != "nan" else p.fill_(NAN)
+            out["logits"][name] = model.eval()(input_ids=ids).logits
+        save_model(model, tok, root / name, method="lora")
+        (root / name / "training_state.pt").write_bytes(b"optimizer and RNG state")
+        out[name] = root / name
+    out["ids"] = ids
+    return out
+
+
+def spec(name: str, exp_dir: Path, **over: Any) -> SearchSpec:
+    tree: dict[str, Any] = {
+        "model": {"name_or_path": "embedded:tiny-base"},
+        "train": {"max_steps": 10, "eval_every": 5},
+        "search": {
+            "params": {"lora.r": {"type": "choice", "values": [8, 16]}},
+            "experiment_dir": str(exp_dir),
+        },
+        "promote": {"registered_model": name},
+    }
+    for dotted, value in over.items():
+        section, key = dotted.split(".")
+        tree.setdefault(section, {})[key] = value
+    cfg = validate_spec(tree)
+    from raysft.train.metrics import objective_mode
+
+    cfg.search.mode = objective_mode(cfg.search.metric, cfg.search.mode)
+    return cfg
+
+
+def best(registry: Registry, ckpt: Path, value: float, trial_id: str = "t1") -> dict[str, Any]:
+    return {
+        "trial_id": trial_id,
+        "status": "finished",
+        "metric": value,
+        "step": 10,
+        "metrics": {"eval_loss": value, "step": 10},
+        "sampled": {"lora.r": 16},
+        "checkpoint": str(ckpt),
+        "mlflow_run_id": registry.run_id(),
+    }
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(exp_dir: Path) -> list[str]:
+    """Staged or set-aside exports left beside the target."""
+    return sorted(p.name for p in exp_dir.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def champion_v1(
+    request: pytest.FixtureRequest, registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> tuple[SearchSpec, Path]:
+    """A registered model (named after the test) whose champion v1 is checkpoint a at 0.5."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    exp_dir = tmp_path / "exp"
+    cfg = spec(name, exp_dir)
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is True, record
+    assert registry.alias(name) == "1"
+    return cfg, exp_dir
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def test_first_champion_is_registered_aliased_and_exported(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    import torch
+
+    exp_dir = tmp_path / "exp"
+    cfg = spec("first", exp_dir)
+    row = best(registry, checkpoints["a"], 0.5)
+    record = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    assert record["promoted"] is True and record["reason"] == "first champion"
+    assert str(record["version"]) == registry.alias("first") == "1"
+    champ = registry.mlc.get_model_version_by_alias("first", "champion")
+    assert champ.run_id == row["mlflow_run_id"]
+    assert champ.tags["raysft.metric"] == "eval_loss"
+    assert float(champ.tags[TAG_VALUE]) == 0.5
+    assert champ.tags["raysft.eval_fingerprint"] == record["eval_fingerprint"]
+
+    export = exp_dir / "champion"
+    assert Path(record["export_dir"]) == export.resolve()
+    files = set(snapshot(export))
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
+    assert {"config.yaml", "metrics.json", "champion.json"} <= files
+    assert "training_state.pt" not in files  # for resuming a trial, not for serving
+    assert leftovers(exp_dir) == []
+
+    # It describes itself: the trial's own resolved config, its metrics, its registry identity.
+    import yaml
+
+    own = yaml.safe_load((export / "config.yaml").read_text())
+    assert own["lora"]["r"] == 16  # the trial's sampled value, not the spec's default
+    assert own["output_dir"] == str((exp_dir / "trials" / "t1").resolve())
+    assert "search" not in own or own["search"] is None
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert metrics["objective"] == {"metric": "eval_loss", "value": 0.5}
+    assert metrics["trial_id"] == "t1" and metrics["sampled"] == {"lora.r": 16}
+    assert json.loads((export / "champion.json").read_text())["version"] == "1"
+
+    # The base is named portably, not as this install's path; the checkpoint had the path.
+    checkpoint_base = json.loads((checkpoints["a"] / "adapter_config.json").read_text())
+    assert Path(checkpoint_base["base_model_name_or_path"]).is_absolute()
+    adapter = json.loads((export / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "embedded:tiny-base"
+    # ... and loads back to the very model that was trained.
+    model, tok = load_champion(export)
+    with torch.no_grad():
+        logits = model(input_ids=checkpoints["ids"]).logits
+    assert torch.allclose(logits, checkpoints["logits"]["a"], atol=1e-6)
+    assert not torch.allclose(logits, checkpoints["logits"]["b"], atol=1e-3)
+
+
+def test_better_trial_replaces_the_champion_and_its_export(
+    registry: Registry, checkpoints: dict[str, Any], champion_v1: tuple[SearchSpec, Path]
+) -> None:
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+    row = best(registry, checkpoints["b"], 0.3, trial_id="t2")
+    record = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    assert record["promoted"] is True and record["reason"] == "beats v1"
+    assert record["previous"] == {"version": "1", "value": 0.5}
+    assert registry.alias(name) == str(record["version"]) == "2"
+    export = exp_dir / "champion"
+    weights = (export / "adapter_model.safetensors").read_bytes()
+    assert weights == (checkpoints["b"] / "adapter_model.safetensors").read_bytes()
+    assert json.loads((export / "champion.json").read_text())["version"] == "2"
+    assert leftovers(exp_dir) == []  # the old export was set aside, then deleted
+
+
+def test_worse_trial_keeps_the_champion(
+    registry: Registry, checkpoints: dict[str, Any], champion_v1: tuple[SearchSpec, Path]
+) -> None:
+    cfg, exp_dir = champion_v1
+    before = snapshot(exp_dir / "champion")
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.7),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False
+    assert record["reason"] == "eval_loss 0.7 does not beat champion v1 (0.5)"
+    assert registry.alias(cfg.promote.registered_model) == "1"
+    assert registry.versions(cfg.promote.registered_model) == 1
+    assert snapshot(exp_dir / "champion") == before
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"data.max_seq_len": 256}, "fingerprint"),
+        ({"data.template": "vicuna"}, "fingerprint"),
+        ({"search.metric": "perplexity"}, "metric perplexity"),
+    ],
+)
+def test_other_eval_data_or_metric_refuses_with_the_reason(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    champion_v1: tuple[SearchSpec, Path],
+    change: dict[str, Any],
+    what: str,
+) -> None:
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+    other = spec(name, exp_dir, **change)
+    record = promote(mlc=registry.mlc, cfg=other, best=best(registry, checkpoints["b"], 0.01),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False
+    assert record["reason"].startswith("champion v1 was scored on other eval data or metric")
+    assert "eval_loss" in record["reason"]  # the champion's metric, named
+    if what == "fingerprint":
+        assert record["eval_fingerprint"] != eval_fingerprint(cfg)
+    assert registry.alias(name) == "1"
+
+
+def test_mode_max_metric(registry: Registry, checkpoints: dict[str, Any], tmp_path: Path) -> None:
+    exp_dir = tmp_path / "exp"
+    cfg = spec("maxmode", exp_dir, **{"search.metric": "exact_match"})
+    cfg.search.scheduler.type = "none"
+    assert cfg.search.mode == "max"
+    first = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                    exp_dir=exp_dir)  # fmt: skip
+    assert first["promoted"] is True
+    lower = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.4),
+                    exp_dir=exp_dir)  # fmt: skip
+    assert lower["reason"] == "exact_match 0.4 does not beat champion v1 (0.5)"
+    higher = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.6),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert higher["promoted"] is True and registry.alias("maxmode") == "2"
+
+
+def test_promotion_disabled(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = spec("disabled", tmp_path / "exp", **{"promote.enabled": False})
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                     exp_dir=tmp_path / "exp")  # fmt: skip
+    assert record == {"promoted": False, "reason": "promote.enabled is false"}
+    assert registry.versions("disabled") == 0
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("value", [NAN, float("inf"), None])
+def test_a_non_finite_best_is_never_promoted(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path, value: float | None
+) -> None:
+    cfg = spec("nonfinite", tmp_path / "exp")
+    row = best(registry, checkpoints["a"], value)  # type: ignore[arg-type]
+    record = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=tmp_path / "exp")
+    assert record == {"promoted": False, "reason": "no trial reported a finite eval_loss"}
+    json.dumps(record, allow_nan=False)
+    assert registry.versions("nonfinite") == 0
+    no_trial = promote(mlc=registry.mlc, cfg=cfg, best=None, exp_dir=tmp_path / "exp")
+    assert no_trial["promoted"] is False
+
+
+@pytest.mark.parametrize(("stored", "metric"), [("nan", "eval_loss"), ("inf", "exact_match")])
+def test_a_champion_with_a_non_finite_value_can_be_replaced(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    stored: str,
+    metric: str,
+) -> None:
+    """An older version promoted a diverged trial (its value tag reads nan or inf)."""
+    name = f"stale-{stored}"
+    exp_dir = tmp_path / "exp"
+    cfg = spec(name, exp_dir, **{"search.metric": metric})
+    cfg.search.scheduler.type = "none"
+    assert promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                   exp_dir=exp_dir)["promoted"]  # fmt: skip
+    registry.mlc.set_model_version_tag(name, "1", TAG_VALUE, stored)
+    worse_than_before = 0.9 if metric == "eval_loss" else 0.1
+    record = promote(
+        mlc=registry.mlc,
+        cfg=cfg,
+        best=best(registry, checkpoints["b"], worse_than_before),
+        exp_dir=exp_dir,
+    )
+    assert record["promoted"] is True, record
+    assert record["previous"] == {"version": "1", "value": None}
+    json.dumps(record, allow_nan=False)  # summary.json stays strict JSON
+    assert registry.alias(name) == "2"
+
+
+def test_an_export_that_does_not_generate_finite_logits_is_refused(
+    registry: Registry, checkpoints: dict[str, Any], champion_v1: tuple[SearchSpec, Path]
+) -> None:
+    cfg, exp_dir = champion_v1
+    before = snapshot(exp_dir / "champion")
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["nan"], 0.1),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False
+    assert "promotion failed, previous champion kept: ModelError" in record["reason"]
+    assert "logits are not finite" in record["reason"]
+    assert registry.alias(cfg.promote.registered_model) == "1"
+    assert registry.versions(cfg.promote.registered_model) == 1  # checked before registering
+    assert snapshot(exp_dir / "champion") == before
+    assert leftovers(exp_dir) == []
+
+
+# ---------------------------------------------------------------- atomic installation
+
+# How each step fails: after doing its work (the staged files, the registered version exist),
+# or instead of it (a rename, moving the alias: an error there means it did not happen).
+STEPS = {
+    "_stage_export": "after",
+    "_check_export": "after",
+    "_register": "after",
+    "_swap_in": "instead",
+    "_move_alias": "instead",
+}
+
+
+def _inject(monkeypatch: pytest.MonkeyPatch, step: str, when: str) -> None:
+    real = getattr(promote_mod, step)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if when == "after":
+            real(*args, **kwargs)
+        raise RuntimeError(f"injected failure in {step}")
+
+    monkeypatch.setattr(promote_mod, step, failing)
+
+
+@pytest.mark.parametrize("step", [*STEPS, "second_rename"])
+def test_a_failure_at_any_step_leaves_the_previous_champion_intact(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    champion_v1: tuple[SearchSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+) -> None:
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+    export = exp_dir / "champion"
+    before = snapshot(export)
+    with monkeypatch.context() as patch:
+        if step == "second_rename":  # the old export is aside, the new one fails to move in
+            real_rename, calls = promote_mod._rename, []
+
+            def rename(src: Path, dst: Path) -> None:
+                calls.append(src)
+                if len(calls) == 2:
+                    raise OSError("injected failure in the second rename")
+                real_rename(src, dst)
+
+            patch.setattr(promote_mod, "_rename", rename)
+        else:
+            _inject(patch, step, STEPS[step])
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                         exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False
+    assert record["reason"].startswith("promotion failed, previous champion kept: ")
+    assert "injected failure" in record["reason"]
+    assert registry.alias(name) == "1"
+    assert snapshot(export) == before
+    assert leftovers(exp_dir) == []
+    json.dumps(record, allow_nan=False)
+    if step != "_move_alias":  # the step that leaves the most behind (a version, a swap undone)
+        return
+    # Nothing is left that blocks the next attempt.
+    again = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                    exp_dir=exp_dir)  # fmt: skip
+    assert again["promoted"] is True
+    assert registry.alias(name) == str(again["version"])
+    weights = (export / "adapter_model.safetensors").read_bytes()
+    assert weights == (checkpoints["b"] / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_failure_after_the_alias_moved_keeps_the_new_champion(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    champion_v1: tuple[SearchSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dropping the old export comes after the commit point: the new champion stands."""
+    cfg, exp_dir = champion_v1
+    with monkeypatch.context() as patch:
+        _inject(patch, "_drop_old", "instead")
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                         exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is True and record["reason"] == "beats v1"
+    assert registry.alias(cfg.promote.registered_model) == "2"
+    assert json.loads((exp_dir / "champion" / "champion.json").read_text())["version"] == "2"
+    assert len(leftovers(exp_dir)) == 1  # the old export, still aside
+    # The next promotion tidies it away, even one the gate refuses.
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.9),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False
+    assert leftovers(exp_dir) == []
+
+
+def test_an_export_swapped_in_but_never_aliased_is_swapped_back(
+    champion_v1: tuple[SearchSpec, Path], checkpoints: dict[str, Any]
+) -> None:
+    """The process died between the swap and the alias: the alias still holds v1."""
+    import shutil
+
+    _, exp_dir = champion_v1
+    export = exp_dir / "champion"
+    before = snapshot(export)
+    export.rename(exp_dir / ".champion.old-dead0000")
+    shutil.copytree(checkpoints["b"], export)
+    (export / "champion.json").write_text(json.dumps({"version": "2"}))
+    promote_mod._recover(export, "1")
+    assert snapshot(export) == before
+    assert leftovers(exp_dir) == []
+
+
+# ---------------------------------------------------------------- the eval fingerprint
+
+
+def _fp_spec(tmp_path: Path, **data: Any) -> SearchSpec:
+    cfg = spec("fp", tmp_path / "exp")
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+@pytest.fixture
+def eval_file(tmp_path: Path) -> str:
+    rows = [{"instruction": f"Say w{i}", "output": f"w{i}"} for i in range(6)]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("max_eval_samples", "seed_matters"), [(3, True), (6, False), (10, False), (None, False)]
+)
+def test_fingerprint_covers_the_seed_exactly_when_it_picks_the_eval_rows(
+    tmp_path: Path, eval_file: str, max_eval_samples: int | None, seed_matters: bool
+) -> None:
+    one = _fp_spec(tmp_path, eval=eval_file, max_eval_samples=max_eval_samples)
+    other = one.model_copy(deep=True)
+    other.train.seed = one.train.seed + 1
+    assert (eval_fingerprint(one) != eval_fingerprint(other)) is seed_matters
+
+
+def test_fingerprint_of_a_split_off_eval_set_covers_the_seed(tmp_path: Path) -> None:
+    one = _fp_spec(tmp_path, eval=None)
+    other = one.model_copy(deep=True)
+    other.train.seed += 1
+    assert eval_fingerprint(one) != eval_fingerprint(other)
+
+
+def test_fingerprint_covers_what_renders_and_scores_the_rows(
+    tmp_path: Path, eval_file: str
+) -> None:
+    base = _fp_spec(tmp_path, eval=eval_file)
+    fp = eval_fingerprint(base)
+    changes = {
+        "data.template": "llama2",
+        "data.system_prompt": "Be brief.",
+        "data.max_seq_len": 128,
+        "data.max_eval_samples": 2,
+        "data.format": "alpaca",
+        "model.name_or_path": "/models/other",
+        "train.max_new_tokens": 8,
+    }
+    for dotted, value in changes.items():
+        other = base.model_copy(deep=True)
+        section, key = dotted.split(".")
+        setattr(getattr(other, section), key, value)
+        assert eval_fingerprint(other) != fp, dotted
+    Path(eval_file).write_text(
+        Path(eval_file).read_text() + '{"instruction": "x", "output": "y"}\n'
+    )
+    assert eval_fingerprint(base) != fp, "the eval file's content"
+    same = base.model_copy(deep=True)
+    same.train.learning_rate, same.lora.r = 1e-3, 4  # what the search varies
+    assert eval_fingerprint(same) == eval_fingerprint(base)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "data.template",
+        "data.max_seq_len",
+        "data.max_eval_samples",
+        "data.system_prompt",
+        "data.format",
+        "data.eval",
+        "data.train",
+        "model.name_or_path",
+        "model.revision",
+        "train.max_new_tokens",
+        "train.max_steps",
+        "train.eval_every",
+    ],
+)
+def test_a_search_over_what_the_fingerprint_or_horizon_reads_is_refused(path: str) -> None:
+    """Every trial of a search has the spec's fingerprint and horizon: nothing searched can
+    change them."""
+    from raysft.config import get_path
+    from raysft.search.spec import validate_search
+
+    cfg = spec("refused", Path("unused"))
+    value = get_path(cfg, path)
+    tree = cfg.model_dump(mode="json", exclude_none=True)
+    tree["search"]["params"] = {path: {"type": "choice", "values": [value]}}
+    problems = validate_search(tree, validate_spec(tree), source="spec.yaml")
+    assert len(problems) == 1 and problems[0].startswith(
+        f"search.params.{path}: {path} cannot be searched: it "
+    ), problems
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysft.promote", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"error: {tmp_path / 'summary.json'}: not found (is {tmp_path} a finished search's "
+        "experiment dir?)"
+    ]

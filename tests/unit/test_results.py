@@ -1,0 +1,337 @@
+"""Trial status, ranking and summary.json with non-finite metrics; a failed trial's cause.
+
+Ray's errors are built with Ray's own exception classes (no cluster needed), the way Tune hands
+them to the driver: ``RayTaskError`` around Ray Train's ``WorkerGroupError`` around the worker's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from raysft.search.results import (
+    DivergedStopper,
+    TrialStatus,
+    classify,
+    counts,
+    error_cause,
+    is_diverged,
+    json_safe,
+    pick_best,
+    rank,
+    trial_row,
+    write_summary,
+)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def row(trial_id: str, metric: float | None, *, step: int = 10, **kw: Any) -> dict[str, Any]:
+    metrics = {"step": step, "checkpoint_path": f"/ckpt/{trial_id}"}
+    if metric is not None:
+        metrics["eval_loss"] = metric
+    return trial_row(
+        trial_id=trial_id,
+        metrics=metrics,
+        sampled=kw.pop("sampled", {"train.learning_rate": 1e-3}),
+        max_steps=10,
+        objective="eval_loss",
+        error=kw.pop("error", None),
+        mlflow_run_id=None,
+        **kw,
+    )
+
+
+# ---------------------------------------------------------------- status
+
+
+def test_diverged_is_failed_in_mlflow_and_told_apart_by_its_value() -> None:
+    assert TrialStatus.DIVERGED.value == "diverged"
+    assert TrialStatus.DIVERGED.mlflow == "FAILED"
+    assert {s.value: s.mlflow for s in TrialStatus} == {
+        "finished": "FINISHED",
+        "stopped_early": "KILLED",
+        "failed": "FAILED",
+        "diverged": "FAILED",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"last_step": 10, "error": False, "diverged": False}, TrialStatus.FINISHED),
+        ({"last_step": 4, "error": False, "diverged": False}, TrialStatus.STOPPED_EARLY),
+        ({"last_step": 4, "error": False, "diverged": True}, TrialStatus.DIVERGED),
+        ({"last_step": 10, "error": False, "diverged": True}, TrialStatus.DIVERGED),
+        ({"last_step": 4, "error": True, "diverged": True}, TrialStatus.FAILED),
+        ({"last_step": None, "error": True, "diverged": False}, TrialStatus.FAILED),
+    ],
+)
+def test_classify(kw: dict[str, Any], expected: TrialStatus) -> None:
+    assert classify(max_steps=10, **kw) is expected
+
+
+@pytest.mark.parametrize(
+    ("result", "diverged"),
+    [
+        ({"step": 5, "eval_loss": 1.2, "train_loss": 1.3}, False),
+        ({"step": 5, "eval_loss": NAN}, True),
+        ({"step": 5, "train_loss": INF}, True),  # NaN weights: every later score is void
+        ({"step": 5, "train_loss": -INF}, True),
+        ({"step": 5, "perplexity": INF, "eval_loss": 800.0}, True),
+        ({"step": 10, "exact_match": NAN}, True),
+        ({"step": 5, "lr": NAN, "eval_loss": 1.0}, False),  # not a score
+        ({"step": 5}, False),
+        ({"step": 5, "eval_loss": True}, False),
+    ],
+)
+def test_is_diverged(result: dict[str, Any], diverged: bool) -> None:
+    assert is_diverged(result) is diverged
+    assert DivergedStopper()("t1", result) is diverged
+
+
+def test_diverged_stopper_is_a_tune_stop_condition() -> None:
+    from ray.tune.stopper.function_stopper import FunctionStopper
+
+    stopper = DivergedStopper()
+    # What Tune does with RunConfig(stop=...): a plain callable becomes a FunctionStopper.
+    assert FunctionStopper.is_valid_function(stopper)
+    wrapped = FunctionStopper(stopper)
+    assert wrapped("t1", {"eval_loss": NAN}) is True
+    assert wrapped("t1", {"eval_loss": 0.5}) is False
+    assert wrapped.stop_all() is False
+    import pickle
+
+    assert pickle.loads(pickle.dumps(stopper))("t", {"train_loss": NAN}) is True
+
+
+# ---------------------------------------------------------------- rows, ranking, best
+
+
+def test_non_finite_metrics_are_never_ranked_best() -> None:
+    rows = [
+        row("nan", NAN),
+        row("good", 0.3),
+        row("inf", INF),
+        row("ok", 0.5),
+        row("neg-inf", -INF),  # "lowest" of all, and meaningless
+    ]
+    assert [r["status"] for r in rows] == [
+        "diverged",
+        "finished",
+        "diverged",
+        "finished",
+        "diverged",
+    ]
+    assert [r["metric"] for r in rows] == [None, 0.3, None, 0.5, None]
+    ranked = rank(rows, "min")
+    assert [r["trial_id"] for r in ranked][:2] == ["good", "ok"]
+    best = pick_best(ranked)
+    assert best is not None and best["trial_id"] == "good"
+    assert counts(rows) == {
+        "finished": 2,
+        "stopped_early": 0,
+        "failed": 0,
+        "diverged": 3,
+    }
+    # mode max: +inf would be "best" if it were compared.
+    max_rows = [row("inf", INF), row("b", 0.2), row("a", 0.7)]
+    assert pick_best(rank(max_rows, "max"))["trial_id"] == "a"  # type: ignore[index]
+
+
+def test_a_search_whose_every_trial_diverged_has_no_best() -> None:
+    rows = rank([row("a", NAN), row("b", INF, step=3)], "min")
+    assert pick_best(rows) is None
+
+
+def test_diverged_earlier_is_diverged_even_if_the_last_report_is_finite() -> None:
+    r = row("t", 0.1, diverged=True)
+    assert r["status"] == "diverged"
+    assert pick_best([r]) is None
+
+
+def test_pick_best_refuses_a_non_finite_metric_however_the_row_was_made() -> None:
+    forged = {**row("t", 0.1), "metric": NAN}  # e.g. a summary written by an older version
+    assert pick_best([forged]) is None
+
+
+def test_summary_with_non_finite_values_is_strict_json(tmp_path: Path) -> None:
+    rows = [
+        row("nan", NAN, sampled={"train.learning_rate": NAN, "lora.r": 8}),
+        row("good", 0.25),
+    ]
+    assert "eval_loss" not in rows[0]["metrics"] and rows[1]["metrics"]["eval_loss"] == 0.25
+    assert rows[0]["sampled"] == {"train.learning_rate": None, "lora.r": 8}
+    summary = {"trials": rows, "best": pick_best(rank(rows, "min")), "counts": counts(rows)}
+    path = write_summary(tmp_path, summary)
+
+    def no_constants(name: str) -> Any:
+        raise AssertionError(f"{name} in summary.json")
+
+    loaded = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
+    assert loaded["best"]["trial_id"] == "good"
+    assert loaded["trials"][0]["status"] == "diverged"
+
+
+def test_write_summary_refuses_a_nan_it_was_handed(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        write_summary(tmp_path, {"value": NAN})
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_json_safe() -> None:
+    value = {"a": [1.0, NAN, {"b": -INF}], "c": (INF, "x"), "d": 3, "e": None, "f": True}
+    assert json_safe(value) == {"a": [1.0, None, {"b": None}], "c": [None, "x"], "d": 3,
+                                "e": None, "f": True}  # fmt: skip
+
+
+# ---------------------------------------------------------------- error_cause
+
+
+def _ray_task_error(exc: BaseException) -> BaseException:
+    """``exc`` raised inside a Tune function trainable, as the driver receives it."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise exc
+    except BaseException as err:
+        tb = traceback.format_exc()
+        task = RayTaskError(
+            "train", tb, err, proctitle="ray::ImplicitFunc.train()", pid=4242, ip="10.0.0.7"
+        )
+        return task.as_instanceof_cause()
+
+
+def _worker_group_error(worker_error: BaseException, *, running: bool = False) -> BaseException:
+    """What Ray Train raises in the trial when a worker fails: built by Ray's own poll code."""
+    from ray.train.v2._internal.execution.worker_group.poll import (
+        WorkerGroupPollStatus,
+        WorkerStatus,
+    )
+
+    status = WorkerGroupPollStatus({0: WorkerStatus(running=running, error=worker_error)})
+    return status.get_worker_group_error()
+
+
+def _user_error(exc: BaseException) -> BaseException:
+    """A worker's exception with its traceback, as Ray Train carries it to the controller."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    def recipe_step() -> None:
+        raise exc
+
+    try:
+        recipe_step()
+    except BaseException as err:
+        return UserExceptionWithTraceback(err, traceback.format_exc())
+    raise AssertionError("unreachable")
+
+
+def test_cause_of_an_exception_in_a_worker() -> None:
+    err = _ray_task_error(_worker_group_error(_user_error(ValueError("boom: rows 3-4"))))
+    text = str(err)
+    assert text.startswith("\x1b[36mray::ImplicitFunc.train()")  # what the summary showed
+    assert error_cause(err) == "ValueError: boom: rows 3-4"
+    assert error_cause(text) == "ValueError: boom: rows 3-4"
+
+
+def test_cause_of_a_torch_out_of_memory_error() -> None:
+    import torch
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    err = _ray_task_error(_worker_group_error(_user_error(oom)))
+    assert error_cause(err) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_cause_of_a_killed_worker_is_ray_s_own_account() -> None:
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError("Worker health check failed.", ActorDiedError())
+    err = _ray_task_error(_worker_group_error(died, running=True))
+    assert error_cause(err) == (
+        "WorkerGroupError: Worker health check failed. "
+        "The actor died unexpectedly before finishing this task."
+    )
+
+
+def test_cause_of_a_chained_exception_is_the_last_raised() -> None:
+    def load() -> None:
+        try:
+            {}["model"]
+        except KeyError as err:
+            raise RuntimeError("cannot build the model") from err
+
+    try:
+        load()
+    except RuntimeError:
+        tb = traceback.format_exc()
+    assert "KeyError: 'model'" in tb
+    assert error_cause(tb) == "RuntimeError: cannot build the model"
+
+
+def test_cause_survives_ray_s_truncation_of_a_long_traceback() -> None:
+    deep = "\n".join(f'  File "/x/mod{i}.py", line {i}, in f{i}' for i in range(200))
+    text = f"Traceback (most recent call last):\n{deep}\nKeyError: 'eval_loss'"
+    from ray.train.v2._internal.execution.worker_group.poll import _truncate_error_string
+
+    assert error_cause(_truncate_error_string(text)) == "KeyError: 'eval_loss'"
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (ValueError("bad value"), "ValueError: bad value"),
+        (AssertionError(), "AssertionError"),
+        (
+            "\x1b[31mtorch.cuda.OutOfMemoryError: out of memory\x1b[0m",
+            "OutOfMemoryError: out of memory",
+        ),
+        ("something odd happened", "something odd happened"),
+        ("", ""),
+    ],
+)
+def test_error_cause_of_plain_errors(error: BaseException | str, cause: str) -> None:
+    assert error_cause(error) == cause
+
+
+def test_error_cause_is_bounded() -> None:
+    assert len(error_cause("ValueError: " + "x" * 5000)) == 500
+
+
+# ---------------------------------------------------------------- MLflow status of a diverged trial
+
+
+def test_tracking_marks_a_diverged_trial_failed_with_its_status_tag(tmp_path: Path) -> None:
+    from raysft.config import validate_tree
+    from raysft.search import tracking
+
+    mlc = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = mlc.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    parent = mlc.create_run(exp_id).info.run_id
+    cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
+    callback = tracking.make_callback(
+        mlc, exp_id=exp_id, parent_id=parent, resolve_trial=lambda trial_id, sampled: cfg
+    )
+    ok, bad = (SimpleNamespace(trial_id=t, config={}) for t in ("ok", "bad"))
+    for trial in (ok, bad):
+        callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], ok, {"step": 5, "eval_loss": 1.0, "timestamp": 1})
+    callback.on_trial_result(0, [], bad, {"step": 5, "eval_loss": NAN, "timestamp": 1})
+    callback.on_trial_result(0, [], ok, {"step": 10, "eval_loss": 0.8, "timestamp": 2})
+    for trial in (ok, bad):
+        callback.on_trial_complete(0, [], trial)
+    runs = {t: mlc.get_run(r) for t, r in callback.runs.items()}
+    assert (
+        runs["ok"].info.status == "FINISHED" and runs["ok"].data.tags["raysft.status"] == "finished"
+    )
+    assert runs["bad"].info.status == "FAILED"
+    assert runs["bad"].data.tags["raysft.status"] == "diverged"
+    assert "eval_loss" not in runs["bad"].data.metrics  # NaN never logged
+    assert not math.isnan(runs["ok"].data.metrics["eval_loss"])

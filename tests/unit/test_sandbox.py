@@ -1,0 +1,247 @@
+"""The pass@k sandbox: a separate process with a time limit, a scratch dir, no network, resource
+limits and an emptied environment; and how a code row carries its tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from raysft.data.formats import code_tests, load_conversations
+from raysft.errors import DataError
+from raysft.train.sandbox import (
+    Limits,
+    _unshare_prefix,
+    check_answers,
+    extract_code,
+    network_isolation,
+    run_python,
+    run_tests,
+)
+
+NETNS = bool(_unshare_prefix())
+
+
+# ---------------------------------------------------------------- pass / fail
+
+
+def test_a_correct_answer_passes_and_a_wrong_one_fails() -> None:
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+    assert run_tests("def add(a, b):\n    return a + b", tests).status == "passed"
+    wrong = run_tests("def add(a, b):\n    return a - b", tests)
+    assert wrong.status == "failed" and "AssertionError" in wrong.output
+    assert run_tests("def add(a, b) return", tests).status == "failed"  # SyntaxError
+
+
+def test_code_comes_from_the_first_fenced_block() -> None:
+    answer = "Here you go:\n```python\ndef f():\n    return 1\n```\nand\n```\nf = None\n```"
+    assert extract_code(answer) == "def f():\n    return 1\n"
+    assert extract_code("def f(): return 1") == "def f(): return 1"
+    assert run_tests(answer, "assert f() == 1").passed
+
+
+def test_exiting_early_is_not_a_pass() -> None:
+    # exit(0) before the tests ran: the runner's completion marker is missing.
+    assert run_tests("import sys\nsys.exit(0)", "assert False").status == "exited_early"
+    assert run_tests("import os\nos._exit(0)", "assert False").status == "exited_early"
+
+
+def test_time_limit_kills_a_program_that_never_ends() -> None:
+    out = run_python("while True:\n    pass", limits=Limits(timeout_s=1))
+    assert out.status == "timeout" and not out.passed
+
+
+def test_check_answers_gives_pass_fail_per_answer() -> None:
+    problems = [(["x = 1", "x = 2", "x = 1"], "assert x == 1"), (["y = 0"], "assert y == 1")]
+    assert check_answers(problems) == [[True, False, True], [False]]
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def test_runs_in_another_process_with_an_emptied_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAYSFT_SECRET", "hunter2")
+    code = f"""
+import os
+assert os.getpid() != {os.getpid()}
+assert "RAYSFT_SECRET" not in os.environ, os.environ
+assert set(os.environ) <= {{"HOME", "TMPDIR", "LC_CTYPE"}}, sorted(os.environ)
+"""
+    out = run_python(code)
+    assert out.passed, out.output
+
+
+def test_scratch_dir_is_the_cwd_and_is_removed_afterwards() -> None:
+    out = run_python(
+        "import os, tempfile\n"
+        "open('mine.txt', 'w').write('ok')\n"
+        "assert os.environ['TMPDIR'] == os.environ['HOME'] == os.getcwd()\n"
+        "assert tempfile.gettempdir() == os.getcwd()\n"
+        "print(os.getcwd())"
+    )
+    assert out.passed, out.output
+    scratch = Path(out.output.strip())
+    assert scratch.name.startswith("raysft-sandbox-") and not scratch.exists()
+
+
+def test_writes_outside_the_scratch_dir_are_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    for code in (
+        f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')",
+        f"import os\nos.remove({str(victim)!r})",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+    ):
+        out = run_python(code)
+        assert out.status == "failed" and "PermissionError" in out.output, (code, out)
+    assert victim.read_text() == "precious" and not (tmp_path / "new.txt").exists()
+
+
+def test_no_new_processes() -> None:
+    for code in (
+        "import subprocess\nsubprocess.run(['true'])",
+        "import os\nos.system('true')",
+        "import os\nos.fork()",
+        "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)",
+        "import ctypes\nctypes.CDLL(None).fork()",
+    ):
+        out = run_python(code)
+        assert out.status == "failed" and "PermissionError" in out.output, (code, out)
+
+
+def test_resource_limits_are_set_in_the_child() -> None:
+    limits = Limits(timeout_s=2, memory_mb=512, file_mb=1, open_files=32)
+    code = f"""
+import resource as r
+assert r.getrlimit(r.RLIMIT_AS) == ({512 * 2**20}, {512 * 2**20})
+assert r.getrlimit(r.RLIMIT_CPU) == (3, 3)
+assert r.getrlimit(r.RLIMIT_FSIZE) == ({2**20}, {2**20})
+assert r.getrlimit(r.RLIMIT_NOFILE) == (32, 32)
+assert r.getrlimit(r.RLIMIT_NPROC) == (1, 1)
+assert r.getrlimit(r.RLIMIT_CORE) == (0, 0)
+"""
+    out = run_python(code, limits=limits)
+    assert out.passed, out.output
+    # ...and only there: this process keeps its own.
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] != 512 * 2**20
+
+
+def test_memory_and_file_size_limits_bind() -> None:
+    big = run_python("x = bytearray(1024 * 2**20)", limits=Limits(memory_mb=256))
+    assert big.status == "failed" and "MemoryError" in big.output
+    write = run_python("open('f', 'wb').write(b'0' * 2 * 2**20)", limits=Limits(file_mb=1))
+    assert write.status == "failed" and "File too large" in write.output
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP server on loopback in this process, recording what reaches it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(0.2)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                got.append(conn.recv(100))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield srv.getsockname()[1], got
+    stop.set()
+    thread.join()
+    srv.close()
+
+
+def _connect(port: int) -> str:
+    return (
+        "import socket\n"
+        f"s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        "s.sendall(b'leak')\n"
+        "s.close()\n"
+    )
+
+
+def test_socket_connect_from_candidate_code_fails(server: tuple[int, list[bytes]]) -> None:
+    port, got = server
+    out = run_python(_connect(port))  # as pass@k runs it: every layer on
+    assert out.status == "failed" and ("PermissionError" in out.output), out.output
+    assert got == []
+
+
+def test_each_network_layer_blocks_on_its_own(server: tuple[int, list[bytes]]) -> None:
+    port, got = server
+    # Control: without either layer the same program reaches the server, so the checks can fail.
+    assert run_python(_connect(port), netns=False, audit=False).passed
+    assert got == [b"leak"]
+    hook = run_python(_connect(port), netns=False, audit=True)
+    assert hook.status == "failed" and "PermissionError: sandbox: socket" in hook.output
+    if NETNS:  # a namespace with no interface up: loopback of the parent is unreachable
+        ns = run_python(_connect(port), netns=True, audit=False)
+        assert ns.status == "failed" and "Network is unreachable" in ns.output, ns.output
+    assert got == [b"leak"]
+
+
+def test_network_isolation_says_what_this_machine_uses() -> None:
+    assert network_isolation() == ("netns+audit" if NETNS else "audit")
+
+
+# ---------------------------------------------------------------- code rows
+
+
+def _write(tmp_path: Path, *rows: dict) -> str:
+    path = tmp_path / "code.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+CODE_ROW = {
+    "instruction": "Write add(a, b).",
+    "output": "def add(a, b):\n    return a + b",
+    "tests": "assert add(2, 3) == 5",
+}
+
+
+def test_a_code_row_carries_its_tests_to_the_answer(tmp_path: Path) -> None:
+    sharegpt = {
+        "conversations": [{"from": "human", "value": "f?"}, {"from": "gpt", "value": "f = 1"}],
+        "tests": "assert f == 1",
+    }
+    loaded = load_conversations(
+        _write(tmp_path, CODE_ROW, sharegpt, {"instruction": "q", "output": "a"})
+    )
+    tests = [code_tests(c) for c in loaded.conversations]
+    assert tests == ["assert add(2, 3) == 5", "assert f == 1", None]
+    # The reference answers pass their own tests.
+    for conv in loaded.conversations[:2]:
+        assert run_tests(conv[-1]["content"], code_tests(conv) or "").passed
+
+
+@pytest.mark.parametrize(
+    ("tests", "why"),
+    [
+        (["assert 1"], "tests: must be a string of Python statements, got list"),
+        ("  ", "tests: empty"),
+        ("assert add(2, 3) = 5", "tests: not valid Python: line 1:"),
+    ],
+)
+def test_bad_tests_field_names_file_row_and_field(tmp_path: Path, tests: object, why: str) -> None:
+    path = _write(tmp_path, CODE_ROW, {**CODE_ROW, "tests": tests})
+    with pytest.raises(DataError) as err:
+        load_conversations(path)
+    assert str(err.value).startswith(f"{path}: row 1: {why}")

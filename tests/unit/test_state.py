@@ -1,0 +1,89 @@
+"""Resumable training state: a run restarted from the checkpoint of step k continues exactly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.train.metrics import METRICS
+from raysft.train.recipe import LocalCheckpoints, run_trial
+from raysft.train.state import STATE_FILE
+from test_recipe import _config, _model_dir
+
+
+class _KeepAll:
+    """Reporter that keeps a copy of every checkpoint (LocalCheckpoints keeps the latest)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        assert checkpoint_dir is not None
+        self.records.append(dict(metrics))
+        shutil.copytree(checkpoint_dir, self.root / f"step-{metrics['step']}")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, method: str) -> None:
+    model_dir = _model_dir(tmp_path, "llama")
+    # 12 rows, 2 x 2 rows a step: the data wraps into a new epoch mid-run; dropout (LoRA) and
+    # NEFTune noise draw from the RNGs the checkpoint must restore.
+    extra = {"train.max_steps": 8, "train.eval_every": 3, "train.exact_match": False}
+    whole_cfg = _config(tmp_path, model_dir, method, output_dir=str(tmp_path / "whole"), **extra)
+    keep = _KeepAll(tmp_path / "ckpts")
+    whole = run_trial(whole_cfg, report=keep)
+    assert [r["step"] for r in keep.records] == [3, 6, 8]
+    assert (tmp_path / "ckpts" / "step-3" / STATE_FILE).is_file()
+
+    resumed_cfg = _config(tmp_path, model_dir, method, output_dir=str(tmp_path / "re"), **extra)
+    resumed = run_trial(resumed_cfg, resume_from=str(tmp_path / "ckpts" / "step-3"))
+
+    # The resumed run's history holds the checkpoint's steps too, then its own.
+    assert [h["step"] for h in resumed.history] == list(range(1, 9))
+    for a, b in zip(whole.history[3:], resumed.history[3:], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5), a["step"]
+        assert b["lr"] == a["lr"]
+        assert b["tokens"] == a["tokens"]
+    assert resumed.final["eval_loss"] == pytest.approx(whole.final["eval_loss"], abs=1e-5)
+
+
+def test_every_reported_number_is_a_registry_metric(tmp_path: Path) -> None:
+    records: list[dict[str, Any]] = []
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora")
+    run_trial(cfg, report=lambda m, _: records.append(m))
+    assert records, "no eval was reported"
+    for record in records:
+        assert set(record) - {"step"} <= set(METRICS), record
+    assert {"eval_loss", "perplexity", "train_loss", "lr", "tokens", "elapsed_s"} <= set(records[0])
+    assert {"exact_match", "base_exact_match"} <= set(records[-1])
+
+
+def test_local_checkpoints_keep_the_latest_and_resume(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.exact_match": False})
+    ckpts = tmp_path / "out" / "checkpoints"
+    run_trial(cfg, report=LocalCheckpoints(ckpts))
+    assert [p.name for p in ckpts.iterdir()] == ["step-000004"]
+    assert (ckpts / "step-000004" / STATE_FILE).is_file()
+    # Resuming from the last step trains nothing more and keeps the history.
+    again = run_trial(cfg, resume_from=str(ckpts / "step-000004"))
+    assert [h["step"] for h in again.history] == [1, 2, 3, 4]
+
+
+def test_resume_from_a_directory_that_is_no_checkpoint_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: {name_or_path: 'embedded:tiny-base'}\n", encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysft.train", str(cfg), "--resume-from", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "not a raysft checkpoint" in proc.stderr and "Traceback" not in proc.stderr
