@@ -144,7 +144,8 @@ class TrainSection(_Section):
     max_new_tokens: int = Field(32, gt=0, description="Generation cap per answer (tokens).")
     eval_base: bool = Field(
         True,
-        description="Also measure the untrained base model's exact match (one more decoding pass).",
+        description="Also score the untrained base model on the same held-out rows. In a search "
+        "this happens once, after the trials (base_vs_tuned.md), not in each trial.",
     )
     neftune_alpha: float | None = Field(
         None,

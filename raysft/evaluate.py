@@ -61,8 +61,11 @@ def adapter_base(adapter_dir: Path) -> str:
     embedded base, resolved where the trial ran) maps back to ``embedded:NAME``."""
     from raysft.assets import available
 
-    meta = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    base = meta.get("base_model_name_or_path")
+    try:
+        meta = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{adapter_dir}/adapter_config.json: not valid JSON: {err}") from None
+    base = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None
     if not base:
         raise ModelError(f"{adapter_dir}: adapter_config.json names no base model")
     p = Path(base)
@@ -81,7 +84,7 @@ def resolve_target(
     if not root.is_dir():
         raise ModelError(f"{directory}: no such directory")
     kind, path, summary = "model", root, None
-    if (root / "summary.json").is_file() or (root / "tune").is_dir():
+    if any((root / name).exists() for name in ("summary.json", "tune", "champion")):
         kind, summary = "experiment", _read_summary(root)
         path = _champion_dir(root, summary)
     elif (root / "adapter_config.json").is_file():
@@ -113,9 +116,10 @@ def _read_summary(exp_dir: Path) -> dict[str, Any] | None:
 def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
     promotion = (summary or {}).get("promotion") or {}
     export = promotion.get("export_dir")
-    path = Path(export) if export else exp_dir / "champion"
-    if path.is_dir():
-        return path
+    # The recorded export first; EXP_DIR/champion when the experiment dir has moved since.
+    for path in ([Path(export)] if export else []) + [exp_dir / "champion"]:
+        if path.is_dir():
+            return path
     best = ((summary or {}).get("best") or {}).get("checkpoint")
     hint = f"; score the best trial's checkpoint directly: {best}" if best else ""
     why = promotion.get("reason") or "the search has not finished"
@@ -164,8 +168,8 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
     from transformers import AutoModelForCausalLM
 
     from raysft.assets import resolve
-    from raysft.train.model import _from_pretrained, load_tokenizer
-    from raysft.train.recipe import pick_device
+    from raysft.train.device import resolve_device
+    from raysft.train.model import from_pretrained, load_tokenizer
 
     path = Path(resolve(model))
     adapter = (path / "adapter_config.json").is_file()
@@ -173,7 +177,9 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
     base_cfg = cfg.model.model_copy(update={"name_or_path": base})
     kwargs = {"dtype": torch.float32, "attn_implementation": cfg.model.attn_implementation}
     # fp32 weights, bf16 autocast on a GPU as in training; a QLoRA adapter gets a full base.
-    net = _from_pretrained(AutoModelForCausalLM, base_cfg, **kwargs).to(pick_device())
+    net = from_pretrained(AutoModelForCausalLM, base_cfg, **kwargs).to(
+        resolve_device(cfg.train.device)
+    )
     has_tok = (path / "tokenizer_config.json").is_file()
     tok_cfg = cfg.model.model_copy(update={"name_or_path": str(path) if has_tok else base})
     tokenizer = load_tokenizer(tok_cfg)
@@ -240,15 +246,16 @@ def score_model(
     settings. Scoring two models on the same rows makes their numbers comparable."""
     import functools
 
+    from raysft.train.device import resolve_device
     from raysft.train.evaluate import compute, eval_loss_sum, generate_answers
-    from raysft.train.recipe import _autocast, pick_device
+    from raysft.train.recipe import autocast_for
 
     rows = eval_rows(cfg) if conversations is None else conversations
     due = select_metrics(metrics, rows)
     net, tokenizer = load_for_scoring(model, cfg=cfg, base_model=base_model)
     examples, kept = _tokenized(rows, cfg, tokenizer)
-    device = pick_device()
-    autocast = _autocast(cfg, device)
+    device = resolve_device(cfg.train.device)
+    autocast = autocast_for(cfg, device)
     loss = functools.partial(
         eval_loss_sum, net, examples, [[i] for i in range(len(examples))], packing=False,
         batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id, device=device,

@@ -69,9 +69,14 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
         print(f"\nbest trial {best['trial_id']}: {metric}={best['metric']:.4g}", end="")
         if best.get("exact_match") is not None:
             print(f", held-out exact match {best['exact_match']:.1%}", end="")
-            if best.get("base_exact_match") is not None:
-                print(f" (base model {best['base_exact_match']:.1%})", end="")
+            base = ((summary.get("base_vs_tuned") or {}).get("base") or {}).get("metrics", {})
+            if base.get("exact_match") is not None:
+                print(f" (base model {base['exact_match']:.1%})", end="")
         print()
+    cmp = summary.get("base_vs_tuned")
+    if cmp:
+        print(f"\nbase vs tuned on the same held-out rows:\n{cmp['table']}")
+        print(f"\n{cmp['side_by_side']}")
     p = summary["promotion"]
     print(
         "promotion: "

@@ -2,8 +2,9 @@
 
 ``embedded:NAME`` in a config (``model.name_or_path``, ``data.train``, ``data.eval``) names a
 file or directory shipped here; it resolves to a local path and loads like any other.
-Shipped: ``tiny-base`` (model + tokenizer dir), ``tasks-alpaca.jsonl``, ``tasks-sharegpt.jsonl``
-and ``tasks-eval.jsonl``; ``python -m raysft.assets.build`` regenerates them.
+Shipped: ``tiny-base`` (model + tokenizer dir), ``tasks-alpaca.jsonl``, ``tasks-sharegpt.jsonl``,
+``tasks-eval.jsonl``, and the free-text and code tasks ``tasks-text[-eval].jsonl`` and
+``tasks-code[-eval].jsonl``; ``python -m raysft.assets.build`` regenerates them.
 """
 
 from __future__ import annotations

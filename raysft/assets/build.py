@@ -7,6 +7,13 @@ What is built (all deterministic, single process, CPU only, a few minutes on 2 c
   pretrained from scratch with plain next-token loss on generated English-like prose.
 * ``tasks-alpaca.jsonl`` / ``tasks-sharegpt.jsonl``: instruction data for SFT.
 * ``tasks-eval.jsonl``: held-out instructions (Alpaca format) with exact-match answers.
+* ``tasks-text.jsonl`` / ``tasks-text-eval.jsonl``: a free-text task (one-sentence answers about
+  a word) for ROUGE-L and BLEU.
+* ``tasks-code.jsonl`` / ``tasks-code-eval.jsonl``: a code task (``def f()`` returning a fact about
+  a word; rows carry ``tests``) for pass@k.
+
+``--data-only`` rewrites the datasets and leaves the pretrained model as it is (adding SFT or
+eval rows never needs a new base).
 
 Why: raysft needs an offline, fast-to-train stand-in for "a pretrained base model + an
 instruction dataset" so that searches, tests and demos show a real SFT effect. Following LIMA,
@@ -145,14 +152,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def datasets() -> dict[str, list[dict]]:
+    """Every shipped dataset: file name -> rows."""
+    return {
+        "tasks-alpaca.jsonl": corpus.alpaca_rows(),
+        "tasks-sharegpt.jsonl": corpus.sharegpt_rows(),
+        "tasks-eval.jsonl": corpus.eval_rows(),
+        "tasks-text.jsonl": corpus.text_rows(),
+        "tasks-text-eval.jsonl": corpus.text_rows(60, held_out=True),
+        "tasks-code.jsonl": corpus.code_rows(),
+        "tasks-code-eval.jsonl": corpus.code_rows(50, held_out=True),
+    }
+
+
+def write_datasets(out: Path = ASSETS_DIR) -> None:
+    """Write the datasets into ``out`` (no model: seconds)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in datasets().items():
+        write_jsonl(out / name, rows)
+
+
 def build(out: Path = ASSETS_DIR) -> None:
     """Build the datasets and the pretrained tiny base into ``out``."""
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "tasks-alpaca.jsonl", corpus.alpaca_rows())
-    write_jsonl(out / "tasks-sharegpt.jsonl", corpus.sharegpt_rows())
-    write_jsonl(out / "tasks-eval.jsonl", corpus.eval_rows())
+    write_datasets(out)
 
     tokenizer = build_tokenizer()
     model = make_model(tokenizer)
@@ -178,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output directory")
+    parser.add_argument(
+        "--data-only", action="store_true", help="rewrite the datasets, keep the base model"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.monotonic()
-    build(args.out)
+    (write_datasets if args.data_only else build)(args.out)
     print(f"built assets in {args.out} in {time.monotonic() - start:.0f}s")
 
 

@@ -266,3 +266,150 @@ def sharegpt_rows(n: int = 200, tasks: tuple[Task, ...] = TASKS, seed: int = SEE
             conversation.append({"from": "gpt", "value": row["output"]})
         rows.append({"conversations": conversation})
     return rows
+
+
+# ---------------------------------------------------------------- free-text and code tasks
+# Two small tasks on the same skills, so every metric has something to measure on the embedded
+# default: free-text answers of a few words (ROUGE-L / BLEU give partial credit for a sentence
+# that is half right) and code answers checked by running tests (pass@k). Each reference is a
+# deterministic function of the instruction's word; the facts it states (length, first and last
+# letter, capitals) are the ones the base model learnt from the prose.
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """A free-text task: instruction phrasings and the one reference sentence they all get."""
+
+    name: str
+    instructions: tuple[tuple[str, str], ...]  # (instruction, input), as in ``Task``
+    reference: str  # with {w}, {W} (capitals), {n} (letters), {f} / {l} (first / last letter)
+
+
+TEXT_TASKS: tuple[TextTask, ...] = (
+    TextTask(
+        name="describe",
+        instructions=(
+            ("Describe the word {w} in one sentence.", ""),
+            ("Describe this word in one sentence.", "{w}"),
+        ),
+        reference="The word {w} has {n} letters, starts with {f} and ends with {l}.",
+    ),
+    TextTask(
+        name="facts",
+        instructions=(
+            ("Tell me two facts about the word {w}.", ""),
+            ("Give two facts about this word.", "{w}"),
+        ),
+        reference="It has {n} letters. In capital letters it is {W}.",
+    ),
+    TextTask(
+        name="shout",
+        instructions=(
+            ("Shout the word {w} twice and say how long it is.", ""),
+            ("Shout this word twice and say how long it is.", "{w}"),
+        ),
+        reference="{W} {W}! That is {n} letters.",
+    ),
+)
+
+
+def text_fields(word: str) -> dict[str, str]:
+    """Template fields of a free-text reference or a code answer for ``word``."""
+    return {"w": word, "W": word.upper(), "n": str(len(word)), "f": word[0], "l": word[-1]}
+
+
+def text_row(task: TextTask, word: str, rng: random.Random) -> dict[str, str]:
+    """One Alpaca row of the free-text task ``task`` for ``word``."""
+    instruction, inp = rng.choice(task.instructions)
+    fields = text_fields(word)
+    return {
+        "instruction": instruction.format(**fields),
+        "input": inp.format(**fields),
+        "output": task.reference.format(**fields),
+    }
+
+
+@dataclass(frozen=True)
+class CodeTask:
+    """A code task: ``def f()`` returning a fact about a word, written as a literal or as an
+    expression that computes it. Both pass the tests; only one can equal the reference, which
+    is why code is scored by running it (pass@k) rather than by exact match."""
+
+    name: str
+    instruction: str  # with {w}
+    literal: str  # the returned value written out, e.g. "HELLO"
+    expression: str  # the same value computed, e.g. "hello".upper()
+
+
+CODE_TASKS: tuple[CodeTask, ...] = (
+    CodeTask("upper", "returns the word {w} in capital letters", '"{W}"', '"{w}".upper()'),
+    CodeTask("length", "returns the number of letters in {w}", "{n}", 'len("{w}")'),
+    CodeTask(
+        "repeat", "returns {w} said twice, separated by a space", '"{w} {w}"', '" ".join(["{w}"] * 2)'
+    ),
+    CodeTask("first", "returns the first letter of {w}", '"{f}"', '"{w}"[0]'),
+    CodeTask("last", "returns the last letter of {w}", '"{l}"', '"{w}"[-1]'),
+)
+_CODE_PROMPTS = ("Write a Python function f() that {what}.", "Write f() in Python: it {what}.")
+
+
+def code_row(task: CodeTask, word: str, rng: random.Random, *, form: str) -> dict[str, str]:
+    """One Alpaca row with ``tests``: ``form`` is "literal" or "expression" (the answer's style)."""
+    fields = text_fields(word)
+    body = (task.literal if form == "literal" else task.expression).format(**fields)
+    expected = task.literal.format(**fields)  # a Python literal: 5, "HELLO", ...
+    what = task.instruction.format(**fields)
+    return {
+        "instruction": rng.choice(_CODE_PROMPTS).format(what=what),
+        "input": "",
+        "output": f"def f():\n    return {body}",
+        "tests": f"assert f() == {expected}, f()",
+    }
+
+
+def _unique_rows(
+    make: Callable[[int, random.Random], dict[str, str]], n: int, rng: random.Random
+) -> list[dict[str, str]]:
+    """``n`` rows from ``make(i, rng)``, skipping repeated prompts (a held-out set has none)."""
+    rows: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    i = 0
+    while len(rows) < n:
+        row = make(i, rng)
+        i += 1
+        if (row["instruction"], row["input"]) not in seen:
+            seen.add((row["instruction"], row["input"]))
+            rows.append(row)
+    return rows
+
+
+def text_rows(n: int = 450, *, held_out: bool = False, seed: int = SEED) -> list[dict]:
+    """Free-text SFT rows (train words), or held-out rows (eval words, no repeats); tasks
+    balanced."""
+    rng = random.Random(seed + (7 if held_out else 6))
+    pools = make_pools(seed)
+    words = pools.eval_words if held_out else pools.train_words
+
+    def make(i: int, r: random.Random) -> dict[str, str]:
+        return text_row(TEXT_TASKS[i % len(TEXT_TASKS)], r.choice(words), r)
+
+    if held_out:
+        return _unique_rows(make, n, rng)
+    return [make(i, rng) for i in range(n)]
+
+
+def code_rows(n: int = 500, *, held_out: bool = False, seed: int = SEED) -> list[dict]:
+    """Code SFT rows (train words; half the answers literal, half computed), or held-out rows
+    (eval words, no repeats, literal references); tasks balanced."""
+    rng = random.Random(seed + (9 if held_out else 8))
+    pools = make_pools(seed)
+    words = pools.eval_words if held_out else pools.train_words
+
+    def make(i: int, r: random.Random) -> dict[str, str]:
+        task = CODE_TASKS[i % len(CODE_TASKS)]
+        form = "literal" if held_out else r.choice(("literal", "expression"))
+        return code_row(task, r.choice(words), r, form=form)
+
+    if held_out:
+        return _unique_rows(make, n, rng)
+    return [make(i, rng) for i in range(n)]

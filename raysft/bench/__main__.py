@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -111,7 +112,9 @@ def _run_child(spec: dict[str, Any], workdir: Path, tag: str, timeout: int, thre
     spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     out_path.unlink(missing_ok=True)
+    # One inductor cache per benchmark run: torch.compile's step 1 is a cold compile.
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor-cache"))
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "raysft.bench.child", str(spec_path), str(out_path)]
@@ -148,7 +151,9 @@ def prepare_models(
     return dirs
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+def run(args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
+    """Every contender in turn; the results JSON is rewritten after each (a cut-off run keeps
+    what it measured)."""
     preset = PRESETS[args.preset].with_overrides(
         steps=args.steps, rows=args.rows, threads=args.threads
     )
@@ -158,6 +163,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     for line in plan_lines(preset, contenders):
         print(line, flush=True)
+    shutil.rmtree(workdir / "inductor-cache", ignore_errors=True)
     model_dirs = prepare_models(preset, contenders, workdir, args.timeout)
     overrides = {k: v for k, v in (("steps", args.steps), ("rows", args.rows),
                                    ("threads", args.threads)) if v is not None}  # fmt: skip
@@ -176,6 +182,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         rows.append(row)
         status = row.get("error") or f"{row.get('tokens_per_s') or 0:,.0f} real tok/s"
         print(f"  done {c.name}: {status}", flush=True)
+        out.write_text(json.dumps(_result(args, argv, preset, rows), indent=2), encoding="utf-8")
     return _result(args, argv, preset, rows)
 
 
@@ -234,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"vocab {m['vocab']}: {m['params']:,} params, {m['trainable']:,} trainable"
             )
         return 0
-    result = run(args, argv)
+    out = Path(args.out or Path(args.workdir) / f"results-{preset.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args, argv, out)
     print()
     print(report.table(result["rows"]))
     for line in report.section(result).splitlines()[-len(result["goals"]) - 1 :]:
         print(line)
-    out = Path(args.out or Path(args.workdir) / f"results-{preset.name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"results: {out}")
     if not args.no_record:

@@ -58,7 +58,13 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
 
     from raysft.bench.contenders import FAMILIES, Context
     from raysft.bench.data import train_eval_rows
-    from raysft.bench.measure import MemoryProbe, StepClock, matmul_params, mfu
+    from raysft.bench.measure import (
+        WARMUP_STEPS,
+        MemoryProbe,
+        StepClock,
+        matmul_params,
+        mfu,
+    )
     from raysft.bench.presets import PRESETS
 
     preset = PRESETS[spec["preset"]].with_overrides(**spec.get("overrides", {}))
@@ -91,8 +97,10 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
     model = FAMILIES[contender.family](ctx, opt, contender.name)
     out: dict[str, Any] = {"name": contender.name, "family": contender.family}
     out["wall_s"] = round(time.perf_counter() - t0, 2)
-    out.update(clock.summary())
+    out.update(clock.summary(warmup=min(WARMUP_STEPS, max(ctx.steps // 4, 1))))
     out["peak_mib"] = probe.peak_mib()
+    if device == "cuda":  # what the caching allocator held: closer to what an OOM sees
+        out["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
     out.update(_held_out_loss(model, ctx))
     if device == "cuda" and out.get("tokens_per_s"):
         n = matmul_params(model)

@@ -152,12 +152,9 @@ def run_trl(ctx: Context, opt: dict[str, Any], name: str) -> Any:
     dataset = Dataset.from_list(
         [{"prompt": prompt_text(r), "completion": r["output"]} for r in ctx.rows]
     )
-    knobs = ("bf16", "gradient_checkpointing", "packing", "padding_free")
-    args = SFTConfig(
-        **_trainer_args(ctx, opt, name),
-        max_length=ctx.max_len,
-        **{k: opt[k] for k in knobs if k in opt},
-    )
+    knobs = ("bf16", "gradient_checkpointing", "packing", "padding_free", "max_length")
+    kwargs = {**_trainer_args(ctx, opt, name), "max_length": ctx.max_len}
+    args = SFTConfig(**{**kwargs, **{k: opt[k] for k in knobs if k in opt}})
     counter = {"tokens": 0}
     lora = _lora_config(opt) if opt.get("method", "full") == "lora" else None
     trainer = SFTTrainer(
@@ -226,8 +223,8 @@ def run_raysft(ctx: Context, opt: dict[str, Any], name: str) -> Any:
 
     cfg = _raysft_config(ctx, opt, name)
     run = recipe.setup(cfg, dist=recipe.Dist())
-    if opt.get("full_logits"):
-        _use_full_logits()
+    if opt.get("selective_logits"):
+        _use_selective_logits()
     if opt.get("compile"):
         run.train_model = torch.compile(run.model)
     run.model.train()
@@ -240,19 +237,30 @@ def run_raysft(ctx: Context, opt: dict[str, Any], name: str) -> Any:
     return run.model
 
 
-def _use_full_logits() -> None:
-    """Experiment only: the loss from logits at every position (the path before the change to
-    ``forward_loss``), to measure what selecting the trained positions first saves."""
+def _use_selective_logits() -> None:
+    """Experiment: LM head and cross-entropy only at the positions the loss scores (hidden
+    states selected before the head), instead of logits for every position."""
+    import torch
+    import torch.nn.functional as F
+
     import raysft.train.evaluate as ev
-    from raysft.data.packing import causal_lm_loss
+    from raysft.data.packing import loss_mask
 
     def forward_loss(model: Any, batch: dict[str, Any], device: Any) -> Any:
         keys = ("input_ids", "position_ids", "attention_mask")
         inputs = {k: batch[k].to(device) for k in keys if k in batch}
-        logits = model(**inputs, use_cache=False).logits
-        return causal_lm_loss(
-            logits, batch["labels"].to(device), batch["position_ids"].to(device)
-        )
+        labels, pos = batch["labels"].to(device), batch["position_ids"].to(device)
+        keep = loss_mask(labels, pos)
+        at = torch.zeros_like(labels, dtype=torch.bool)
+        at[:, :-1] = keep  # logits at t predict target t + 1
+        head = getattr(model, "module", model).get_output_embeddings()
+        hook = head.register_forward_pre_hook(lambda _m, args: (args[0][at],))
+        try:
+            logits = model(**inputs, use_cache=False).logits
+        finally:
+            hook.remove()
+        loss = F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum")
+        return loss, int(keep.sum())
 
     ev.forward_loss = forward_loss  # type: ignore[assignment]
 

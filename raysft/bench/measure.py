@@ -1,7 +1,10 @@
 """What the benchmark measures, the same way for every contender.
 
-- Throughput: real (non-padding) tokens per second over steps 2..N (step 1 carries one-off costs:
-  allocator warm-up, lazy init, torch.compile); step 1's time is reported on its own.
+- Throughput: real (non-padding) tokens per second after the warm-up steps (``WARMUP_STEPS``;
+  they carry one-off costs: lazy init, optimizer state, kernel selection, torch.compile; on
+  this CPU steps 2-3 still run 2-3x slower than later ones); warm-up time is reported apart. Also real
+  tokens per CPU-second of the process (all its threads): on a machine shared with other work,
+  wall time counts the others' load too, CPU time much less so.
 - Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``; on the CPU, the process's peak RSS
   (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs once the imports are done)
   minus the RSS at that moment. Python-level tracers (tracemalloc) miss torch's allocations.
@@ -20,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+WARMUP_STEPS = 3  # not timed for throughput (a preset of 20 steps times 17)
 
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity), matched by substring of
 # torch.cuda.get_device_name(); first match wins, so specific names come first.
@@ -116,7 +121,9 @@ class StepClock:
 
     sync: Any = None  # torch.cuda.synchronize on a GPU, so a step's time is its own
     t0: float = 0.0
+    cpu0: float = 0.0
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds (all threads)
     tokens: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
@@ -124,26 +131,38 @@ class StepClock:
         if self.sync:
             self.sync()
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
 
     def step(self, tokens_so_far: int, loss: float | None = None) -> None:
         if self.sync:
             self.sync()
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         self.tokens.append(tokens_so_far)
         if loss is not None:
             self.losses.append(loss)
 
-    def summary(self) -> dict[str, Any]:
-        """tokens/s over steps 2..N, step 1 on its own, final loss = mean of the last 5 steps."""
+    def summary(self, *, warmup: int = 1) -> dict[str, Any]:
+        """Throughput over the steps after the first ``warmup`` (timed apart as warm-up); final
+        train loss = mean of the last 5 steps."""
         n = len(self.times)
         out: dict[str, Any] = {"steps": n, "real_tokens": self.tokens[-1] if n else 0}
+        w = min(max(warmup, 1), n - 1) if n >= 2 else 0
         if n:
+            out["warmup_steps"] = w
             out["first_step_s"] = round(self.times[0] - self.t0, 3)
+            out["warmup_s"] = round(self.times[w - 1] - self.t0, 3) if w else None
             out["train_s"] = round(self.times[-1] - self.t0, 3)
-        if n >= 2:
-            dt = self.times[-1] - self.times[0]
-            out["tokens_per_s"] = (self.tokens[-1] - self.tokens[0]) / dt if dt > 0 else None
-            out["step_s"] = dt / (n - 1)
+            marks = [self.t0, *self.times]
+            out["step_times"] = [round(b - a, 3) for a, b in zip(marks, marks[1:])]
+        if w:
+            dt = self.times[-1] - self.times[w - 1]
+            tokens = self.tokens[-1] - self.tokens[w - 1]
+            out["tokens_per_s"] = tokens / dt if dt > 0 else None
+            out["step_s"] = dt / (n - w)
+            cpu = self.cpu[-1] - self.cpu[w - 1]
+            # Robust to other load on a shared machine: work per CPU-second of this process.
+            out["tokens_per_cpu_s"] = tokens / cpu if cpu > 0 else None
         if self.losses:
             tail = self.losses[-5:]
             out["final_train_loss"] = sum(tail) / len(tail)

@@ -56,7 +56,8 @@ class Contender:
     Keys of ``options`` (all optional): method (full/lora/qlora), lr, lora (dict), bf16 (seed,
     trl), weights_bf16 (seed: load in bf16 as the seed does), gradient_checkpointing, packing,
     padding_free (trl), attn, row_len (raysft: packed row width), compile (raysft), model (a
-    preset model key), batch_size, max_len, steps (a memory check's own shape).
+    preset model key), batch_size, max_len, steps (a memory check's own shape),
+    selective_logits (raysft: LM head only where the loss scores).
     """
 
     name: str
@@ -117,8 +118,9 @@ CPU = Preset(
            **_CPU_TRL_FP32),
         _c("trl-fp32-packing", "trl", "fp32, packing=True (bfd: padding-free rows)",
            lr=_FULL_LR, packing=True, **_CPU_TRL_FP32),
-        _c("trl-fp32-padding-free", "trl", "fp32, padding_free=True, no packing", lr=_FULL_LR,
-           padding_free=True, **_CPU_TRL_FP32),
+        _c("trl-fp32-padding-free", "trl", "fp32, padding_free=True, no packing (TRL then "
+           "requires max_length=None: rows over 512 stay whole)", lr=_FULL_LR,
+           padding_free=True, max_length=None, **_CPU_TRL_FP32),
         _c("raysft-full", "raysft", "packing, sdpa, fp32", method="full", lr=_FULL_LR),
         _c("raysft-lora", "raysft", "the seed's adapter (r16 q,v), packing", method="lora",
            lr=_LORA_LR, lora=SEED_LORA),
@@ -138,10 +140,8 @@ CPU = Preset(
            lr=_FULL_LR, compile=True),
         _c("raysft-full-row1024", "raysft", "packed rows of 1024", method="full", lr=_FULL_LR,
            row_len=1024),
-        _c("raysft-full-row256", "raysft", "packed rows of 256", method="full", lr=_FULL_LR,
-           row_len=256),
-        _c("raysft-full-fulllogits", "raysft", "logits for every position (pre-change path)",
-           method="full", lr=_FULL_LR, full_logits=True),
+        _c("raysft-full-sellogits", "raysft", "LM head only at trained positions",
+           method="full", lr=_FULL_LR, selective_logits=True),
     ),
 )
 

@@ -13,8 +13,10 @@ _COLUMNS = (
     ("contender", "name", "{}"),
     ("real tok/s", "tokens_per_s", "{:,.0f}"),
     ("x first", "ratio", "{:.2f}"),
+    ("tok/CPU-s", "tokens_per_cpu_s", "{:,.0f}"),
+    ("x first (CPU)", "cpu_ratio", "{:.2f}"),
     ("step s", "step_s", "{:.3f}"),
-    ("step 1 s", "first_step_s", "{:.2f}"),
+    ("warm-up s", "warmup_s", "{:.1f}"),
     ("peak MiB", "peak_mib", "{:,.0f}"),
     ("train loss", "final_train_loss", "{:.3f}"),
     ("held-out loss", "eval_loss", "{:.4f}"),
@@ -23,11 +25,13 @@ _COLUMNS = (
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``ratio``: tokens/s over the first contender's (None when either is missing)."""
-    base = rows[0].get("tokens_per_s") if rows else None
-    for row in rows:
-        tps = row.get("tokens_per_s")
-        row["ratio"] = tps / base if tps and base else None
+    """``ratio`` (``cpu_ratio``): tokens per second (per CPU-second) over the first contender's;
+    None when either is missing."""
+    for key, ratio in (("tokens_per_s", "ratio"), ("tokens_per_cpu_s", "cpu_ratio")):
+        base = rows[0].get(key) if rows else None
+        for row in rows:
+            value = row.get(key)
+            row[ratio] = value / base if value and base else None
 
 
 def _get(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from raysft.config import SearchSpec
 from raysft.errors import ConfigError, SearchStateError
 from raysft.search import plots, tracking
 from raysft.search import results as res
+from raysft.search.compare import compare
 from raysft.search.promote import promote
 from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
@@ -209,7 +210,6 @@ def run_search(
     runs = {t: run for t, (run, _) in tracking.trial_runs(mlc, exp_id, parent_id).items()}
     runs.update(callback.runs)
     results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
-    ray.shutdown()  # flushes worker logs now, not after the summary table
     diverged = set(getattr(callback, "diverged", ()))
     tracked = {
         "mlc": mlc,
@@ -219,7 +219,10 @@ def run_search(
         "runs": runs,
         "diverged": diverged,
     }
-    return _finish(spec_path, cfg, exp_dir, results, tracked=tracked, resolve=resolve, t0=t0)
+    try:
+        return _finish(spec_path, cfg, exp_dir, results, tracked=tracked, resolve=resolve, t0=t0)
+    finally:
+        ray.shutdown()  # flushes worker logs now, not after the summary table
 
 
 def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
@@ -300,6 +303,12 @@ def _finish(
         mlc.log_artifacts(parent_id, best["checkpoint"], artifact_path="best_adapter")
     promotion = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
     mlc.set_tag(parent_id, "raysft.promotion", json.dumps(promotion)[:5000])
+    comparison = None
+    if best and cfg.train.eval_base:
+        best_cfg = resolve(best["trial_id"], best["sampled"])
+        comparison = compare(
+            cfg, best_cfg, best["checkpoint"], exp_dir, mlc=mlc, parent_id=parent_id
+        )
     histories = plots.histories_from_mlflow(mlc, tracked["runs"], "eval_loss")
     drawn = plots.write_plots(exp_dir, cfg, rows, histories)
     plots.log_plots(mlc, parent_id, drawn)
@@ -312,12 +321,13 @@ def _finish(
         "trials": rows,
         "counts": res.counts(rows),
         "mlflow": {
-            "tracking_uri": tracked["uri"],
+            "tracking_uri": tracking.redact("tracking_uri", tracked["uri"]),
             "experiment": cfg.tracking.experiment,
             "experiment_id": tracked["exp_id"],
             "parent_run_id": parent_id,
         },
         "promotion": promotion,
+        "base_vs_tuned": res.json_safe(comparison),
         "plots": [str(p) for p in drawn],
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "resolved_spec": res.json_safe(tracking.redact_tree(cfg.model_dump(mode="json"))),

@@ -58,7 +58,7 @@ def check_model(model: ModelSection) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from raysft.assets import resolve
-    from raysft.train.model import _from_pretrained
+    from raysft.train.model import from_pretrained
 
     name = model.name_or_path
     path = Path(resolve(name)).expanduser()
@@ -69,7 +69,7 @@ def check_model(model: ModelSection) -> None:
             f"model.name_or_path: {name}: not a directory (a model directory holds "
             "config.json and the weights)"
         )
-    config = _from_pretrained(AutoConfig, model)
+    config = from_pretrained(AutoConfig, model)
     auto_map = getattr(config, "auto_map", None) or {}
     remote = model.trust_remote_code and "AutoModelForCausalLM" in auto_map
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:

@@ -24,10 +24,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from raysft.config import Config, PromoteSection, SearchSpec, dump_config
+import yaml
+
+from raysft.config import Config, PromoteSection, SearchSpec
 from raysft.errors import ModelError
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
+from raysft.search.tracking import redact_tree
 from raysft.train.metrics import Mode, is_better, objective_mode
 
 log = logging.getLogger("raysft.promote")
@@ -221,7 +224,9 @@ def _stage_export(
         else:
             shutil.copy2(item, staging / item.name)
     own = trial_config(cfg.model_dump(mode="json"), best.get("sampled") or {}, output_dir=trial_dir)
-    (staging / "config.yaml").write_text(dump_config(own), encoding="utf-8")
+    # The export is logged to the registry: no secret may ride along (tracking.redact_tree).
+    text = yaml.safe_dump(redact_tree(own.model_dump(mode="json")), sort_keys=False)
+    (staging / "config.yaml").write_text(text, encoding="utf-8")
     metrics = {
         "trial_id": best["trial_id"],
         "step": best.get("step"),
@@ -230,7 +235,7 @@ def _stage_export(
         "metrics": best.get("metrics", {}),
         "sampled": best.get("sampled", {}),
     }
-    text = json.dumps(json_safe(metrics), indent=2, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(json_safe(redact_tree(metrics)), indent=2, allow_nan=False)
     (staging / "metrics.json").write_text(text, encoding="utf-8")
     adapter_config = staging / "adapter_config.json"
     if adapter_config.is_file():
@@ -371,17 +376,13 @@ def load_champion(directory: str | Path) -> tuple[Any, Any]:
     resolve to this install's copy. The base is loaded unquantized (a QLoRA adapter applies to
     it as is). Revision and trust_remote_code come from the export's config.yaml.
     """
-    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raysft.assets import resolve
 
     d = Path(directory)
-    model_cfg: dict[str, Any] = {}
-    if (d / "config.yaml").is_file():
-        model_cfg = (yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}).get(
-            "model", {}
-        )
+    own = d / "config.yaml"
+    model_cfg = (yaml.safe_load(own.read_text()) or {}).get("model", {}) if own.is_file() else {}
     trust = bool(model_cfg.get("trust_remote_code", False))
     tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust)
     adapter_config = d / "adapter_config.json"

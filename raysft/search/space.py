@@ -53,12 +53,16 @@ def trial_output_dir(exp_dir: str | Path, trial_id: str) -> str:
 
 
 def trial_config(tree: dict[str, Any], sampled: dict[str, Any], *, output_dir: str) -> Config:
-    """The base config with the sampled values set; validated like any config."""
+    """The base config with the sampled values set; validated like any config.
+
+    A trial never scores the base model: the search does that once (``train.eval_base``).
+    """
     t = copy.deepcopy(tree)
     t.pop("search", None)
     for name, value in sampled.items():
         set_path(t, name, value)
     t["output_dir"] = output_dir
+    set_path(t, "train.eval_base", False)
     return validate_tree(t, source="<trial>")
 
 

@@ -41,6 +41,7 @@ _NOT_COMPARABLE = {
     "model.name_or_path": "sets the tokenizer that renders the eval rows",
     "model.revision": "sets the tokenizer that renders the eval rows",
     "train.max_new_tokens": "changes what the generated-answer metrics measure",
+    "eval.": "changes what the generated-answer metrics measure",
     "train.exact_match": "decides whether the generated-answer metrics are measured",
 }
 # How rows are batched, not which rows are scored or how they render.

@@ -164,7 +164,8 @@ def run_name(sampled: dict[str, Any], order: Sequence[str] = ()) -> str:
     ``order`` (the spec's parameter order) comes first: Tune moves products to the end.
     """
     keys = [k for k in order if k in sampled] + [k for k in sampled if k not in order]
-    return " ".join(f"{short_name(k)}={format_value(sampled[k])}" for k in keys)[:250]
+    # A searched secret (unlikely, but a name is logged like a param) shows as REDACTED.
+    return " ".join(f"{short_name(k)}={redact(k, format_value(sampled[k]))}" for k in keys)[:250]
 
 
 def config_params(cfg: Config) -> dict[str, str]:

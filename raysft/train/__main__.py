@@ -17,8 +17,10 @@ from raysft.config import Config, dump_config
 
 
 def _dry_run(cfg: Config) -> int:
+    from raysft.search.preflight import check_model
     from raysft.train.model import build_meta_model, count_parameters, format_parameter_counts
 
+    check_model(cfg.model)  # an unsupported architecture is a user error, not a traceback
     print(dump_config(cfg), end="")
     trainable, total = count_parameters(build_meta_model(cfg))
     print(format_parameter_counts(trainable, total))

@@ -43,7 +43,7 @@ def _resolve(spec: str) -> str:
     return resolve(spec)
 
 
-def _from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
+def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` with a missing, unreachable or gated model turned into a
     ModelError."""
     path = _resolve(model_cfg.name_or_path)
@@ -111,7 +111,7 @@ def load_tokenizer(model_cfg: ModelSection) -> Any:
     """The model's tokenizer, right padding, with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    tok = _from_pretrained(AutoTokenizer, model_cfg)
+    tok = from_pretrained(AutoTokenizer, model_cfg)
     if tok.pad_token is None:
         # Safe to reuse unk/eos: labels and attention are masked by position (collate_* set -100
         # and seg_lens on padding), never by comparing token ids with pad_token_id.
@@ -212,7 +212,7 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
     if cfg.method == "qlora":
         _check_bnb(dev, cfg.qlora.quant_type)
         kwargs["quantization_config"] = build_bnb_config(cfg.qlora)
-    model = _from_pretrained(AutoModelForCausalLM, cfg.model, **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, cfg.model, **kwargs)
     model.config.use_cache = False  # a cache disables the per-sample mask of packed rows
     if cfg.method == "full":
         if gc:
@@ -260,7 +260,7 @@ def build_meta_model(cfg: Config) -> Any:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = _from_pretrained(AutoConfig, cfg.model)
+    config = from_pretrained(AutoConfig, cfg.model)
     with torch.device("meta"):
         # eager: shapes do not depend on the kernel, and eager needs no availability check.
         model = AutoModelForCausalLM.from_config(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from raysft.config import Config, dump_config
+from raysft.train.metrics import METRICS
 from raysft.train.state import Progress
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,8 @@ class Run:
     train_seconds: float = 0.0
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
+def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
+    """A context-manager factory: bf16 autocast where ``train.precision`` asks for it, else none."""
     from raysft.train.device import native_bf16
 
     # Native bf16 only: is_bf16_supported() alone also counts slow emulation (T4, V100).
@@ -195,7 +193,7 @@ def setup(
     torch.manual_seed(cfg.train.seed)
     # Fails now, naming node, CUDA build and driver, if this worker should have a GPU and has none.
     device = resolve_device(cfg.train.device, granted=granted_gpus())
-    autocast = _autocast(cfg, device)
+    autocast = autocast_for(cfg, device)
     tokenizer = load_tokenizer(cfg.model)
     data, train_bins, eval_bins = _prepare(cfg, tokenizer)
     if len(train_bins) < dist.world_size:
@@ -384,9 +382,8 @@ def finish(run: Run) -> TrialResult:
         run.neftune.remove()
     final = dict(run.progress.final)
     last = run.progress.history[-1] if run.progress.history else {}
-    final.update(
-        {k: last[k] for k in ("step", "train_loss", "eval_loss", "exact_match") if k in last}
-    )
+    # Every registry metric the last step reported (final-only ones included), and its step.
+    final.update({k: v for k, v in last.items() if k in METRICS or k == "step"})
     if "base_exact_match" in final and "exact_match" in final:
         final["exact_match_gain"] = round(final["exact_match"] - final["base_exact_match"], 4)
     final["train_seconds"] = round(run.train_seconds, 2)

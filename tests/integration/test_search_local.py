@@ -205,6 +205,13 @@ def test_search_stops_some_trials_early_and_reports_the_best(local_search: Local
     assert f"best trial {best['trial_id']}: eval_loss={best['metric']:.4g}" in out
     page = rf"{re.escape(local_search.server.uri)}/#/experiments/\d+/runs\?workflowType="
     assert re.search(rf"compare trials: open {page}machine_learning\S* in a browser", out), out
+    # The base model, scored once after the trials on the same rows as the best trial.
+    cmp = s["base_vs_tuned"]
+    assert cmp["base"]["rows"] == cmp["tuned"]["rows"] == 20
+    assert cmp["tuned"]["metrics"]["exact_match"] == pytest.approx(best["exact_match"])
+    assert cmp["base"]["metrics"]["eval_loss"] > cmp["tuned"]["metrics"]["eval_loss"]
+    assert "base vs tuned on the same held-out rows:" in out
+    assert (local_search.exp_dir / "base_vs_tuned.md").is_file()
     for png in ("optimization_history", "param_importances", "parallel_coordinate", "eval_curves"):
         assert (local_search.exp_dir / "plots" / f"{png}.png").is_file(), png
     assert "promotion: v1 is now @champion" in out

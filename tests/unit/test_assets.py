@@ -214,3 +214,62 @@ def test_datasets_match_generators() -> None:
     assert _read("tasks-alpaca.jsonl") == corpus.alpaca_rows()
     assert _read("tasks-sharegpt.jsonl") == corpus.sharegpt_rows()
     assert _read("tasks-eval.jsonl") == corpus.eval_rows()
+
+
+def test_shipped_datasets_are_what_the_build_writes() -> None:
+    from raysft.assets.build import datasets
+
+    for name, rows in datasets().items():
+        assert _read(name) == rows, name
+
+
+@pytest.mark.parametrize("kind", ["text", "code"])
+def test_text_and_code_tasks_are_held_out(kind: str) -> None:
+    train, held_out = _read(f"tasks-{kind}.jsonl"), _read(f"tasks-{kind}-eval.jsonl")
+    assert len(train) >= 400 and len(held_out) >= 50
+    keys = {"instruction", "input", "output"} | ({"tests"} if kind == "code" else set())
+    assert all(set(row) == keys and row["output"] for row in train + held_out)
+    pools = corpus.make_pools()
+    train_prompts = {corpus.user_text(r) for r in train}
+    prompts = [corpus.user_text(r) for r in held_out]
+    assert len(set(prompts)) == len(prompts)
+    for prompt in prompts:
+        assert prompt not in train_prompts
+        assert not any(w in pools.train_words for w in _words(prompt))
+
+
+def test_text_references_are_a_function_of_the_word() -> None:
+    # Every phrasing of a task gets the same reference, built from facts the prose teaches.
+    for task in corpus.TEXT_TASKS:
+        answers = {
+            corpus.text_row(task, "stone", random.Random(seed))["output"] for seed in range(20)
+        }
+        assert len(answers) == 1
+    row = corpus.text_row(corpus.TEXT_TASKS[0], "stone", random.Random(0))
+    assert row["output"] == "The word stone has 5 letters, starts with s and ends with e."
+    assert {len(r["output"].split()) for r in _read("tasks-text-eval.jsonl")} <= set(range(4, 14))
+
+
+def test_code_answers_pass_their_tests_and_wrong_ones_fail() -> None:
+    from raysft.train.sandbox import run_tests
+
+    train = _read("tasks-code.jsonl")
+    forms = {"literal": 0, "expression": 0}
+    # One row of each task and answer form, plus the held-out references: all must pass.
+    picked: dict[tuple[str, bool], dict] = {}
+    for row in train:
+        literal = row["output"].rstrip().endswith(('"', *"0123456789"))
+        task = next(
+            t.name
+            for t in corpus.CODE_TASKS
+            if all(part in row["instruction"] for part in t.instruction.split("{w}"))
+        )
+        picked.setdefault((task, literal), row)
+        forms["literal" if literal else "expression"] += 1
+    assert len(picked) == 2 * len(corpus.CODE_TASKS)
+    assert min(forms.values()) >= 0.3 * len(train)  # both styles are taught
+    rows = list(picked.values()) + _read("tasks-code-eval.jsonl")[:5]
+    for row in rows:
+        assert run_tests(row["output"], row["tests"]).passed, row
+    wrong = rows[0]["output"].replace("return ", "return 'x' + ")
+    assert not run_tests(wrong, rows[0]["tests"]).passed

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_recipe import _model_dir
 
 from raysft.config import load_config
 from raysft.errors import DataError
 from raysft.train.recipe import Dist, run_trial
-from test_recipe import _model_dir
 
 
 def _rows(path: Path) -> Path:

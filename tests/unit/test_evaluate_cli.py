@@ -235,6 +235,12 @@ def test_experiment_dir_scores_its_champion(
         str(chain_dir),
     )
     assert target.cfg.data.eval == _rows(tmp_path)  # the spec's own eval data
+    # Moved since the search: the recorded export_dir is gone, EXP_DIR/champion is used.
+    summary = json.loads((exp / "summary.json").read_text())
+    summary["promotion"]["export_dir"] = "/moved/away/champion"
+    (exp / "summary.json").write_text(json.dumps(summary))
+    assert resolve_target(str(exp)).path == exp / "champion"
+    assert resolve_target(str(exp / "champion")).cfg.data.eval == _rows(tmp_path)
     assert run([str(exp), "--json", "--metrics", "pass_at_k"]) == 0
     assert json.loads(capsys.readouterr().out)["score"]["metrics"] == {"pass_at_k": 0.5}
 

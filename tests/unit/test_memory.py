@@ -203,7 +203,7 @@ def _saved_bytes(cfg: Config) -> int:
     recipe's load_model, autocast and loss; logits-wide tensors and weights left out)."""
     from raysft.data.packing import causal_lm_loss
     from raysft.train.model import load_model
-    from raysft.train.recipe import _autocast
+    from raysft.train.recipe import autocast_for
 
     model = load_model(cfg, device="cpu")
     model.train()
@@ -219,7 +219,7 @@ def _saved_bytes(cfg: Config) -> int:
     ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
     pos = torch.cat([torch.arange(T // 2), torch.arange(T - T // 2)]).repeat(B, 1)  # packed
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with hooks, _autocast(cfg, torch.device("cpu"))():
+    with hooks, autocast_for(cfg, torch.device("cpu"))():
         logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         causal_lm_loss(logits, ids, pos)
     return sum(seen.values())
@@ -564,7 +564,7 @@ def _measured_peak(cfg: Config, *, steps: int = 2) -> int:
     from raysft.data.packing import collate_packed
     from raysft.train.evaluate import forward_loss
     from raysft.train.model import load_model
-    from raysft.train.recipe import _autocast, _build_optimizer
+    from raysft.train.recipe import _build_optimizer, autocast_for
 
     dev = torch.device("cuda", torch.cuda.current_device())
     gc.collect()
@@ -572,7 +572,7 @@ def _measured_peak(cfg: Config, *, steps: int = 2) -> int:
     torch.cuda.reset_peak_memory_stats()
     model = load_model(cfg, device=dev)
     optimizer, _ = _build_optimizer(model, cfg)
-    autocast = _autocast(cfg, dev)
+    autocast = autocast_for(cfg, dev)
     half, t = cfg.data.max_seq_len // 2, cfg.data.max_seq_len
     model.train()
     for _ in range(steps):

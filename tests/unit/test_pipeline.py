@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from raysft.config import DataSection
-from raysft.errors import DataError
 from raysft.data.pipeline import load_split, prepare_data
 from raysft.data.templates import trained_spans
+from raysft.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TRAIN = str(FIXTURES / "chat_zh.jsonl")  # 6 rows, one of them 2 assistant turns

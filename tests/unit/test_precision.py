@@ -11,7 +11,7 @@ import torch
 
 from raysft.config import Config, ConfigError, LoraSection, ModelSection, TrainSection, load_config
 from raysft.train.model import load_model, resolve_dtype
-from raysft.train.recipe import _autocast, _build_optimizer
+from raysft.train.recipe import _build_optimizer, autocast_for
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -51,7 +51,7 @@ def _step(model, cfg: Config) -> tuple[list[torch.dtype], torch.dtype, set[torch
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     optimizer, _ = _build_optimizer(model, cfg)
     model.train()
-    with _autocast(cfg, torch.device("cpu"))():
+    with autocast_for(cfg, torch.device("cpu"))():
         out = model(input_ids=x, labels=x, output_hidden_states=True, use_cache=False)
     out.loss.backward()
     optimizer.step()
@@ -127,8 +127,8 @@ def test_full_refuses_a_half_base_dtype(tmp_path):
 
 def test_autocast_follows_precision_on_the_cpu():
     cpu = torch.device("cpu")
-    assert isinstance(_autocast(Config(), cpu)(), contextlib.nullcontext)
-    with _autocast(Config(train=TrainSection(precision="bf16")), cpu)():
+    assert isinstance(autocast_for(Config(), cpu)(), contextlib.nullcontext)
+    with autocast_for(Config(train=TrainSection(precision="bf16")), cpu)():
         assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == BF16
 
@@ -171,7 +171,7 @@ def _peak_gib(cfg: Config, *, steps: int = 2, batch: int = 4, seq: int = 512) ->
     x = torch.randint(0, 32000, (batch, seq), device=dev)
     model.train()
     for _ in range(steps):
-        with _autocast(cfg, dev)():
+        with autocast_for(cfg, dev)():
             loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         optimizer.step()

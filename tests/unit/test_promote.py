@@ -510,6 +510,7 @@ def test_fingerprint_covers_what_renders_and_scores_the_rows(
         "data.format": "alpaca",
         "model.name_or_path": "/models/other",
         "train.max_new_tokens": 8,
+        "eval.temperature": 0.7,
     }
     for dotted, value in changes.items():
         other = base.model_copy(deep=True)
@@ -538,6 +539,8 @@ def test_fingerprint_covers_what_renders_and_scores_the_rows(
         "model.name_or_path",
         "model.revision",
         "train.max_new_tokens",
+        "train.exact_match",
+        "eval.temperature",
         "train.max_steps",
         "train.eval_every",
     ],
@@ -556,6 +559,41 @@ def test_a_search_over_what_the_fingerprint_or_horizon_reads_is_refused(path: st
     assert len(problems) == 1 and problems[0].startswith(
         f"search.params.{path}: {path} cannot be searched: it "
     ), problems
+
+
+# ---------------------------------------------------------------- secrets
+
+TOKEN = "hf_" + "Xy7" * 12  # shaped like a Hugging Face token: hf_ + 30 or more letters/digits
+PASSWORD = "s3cretPassw0rd"
+
+
+def test_no_secret_reaches_the_export_or_the_registry(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    exp_dir = tmp_path / "exp"
+    cfg = spec(
+        "secrets",
+        exp_dir,
+        **{
+            "tracking.uri": f"https://bob:{PASSWORD}@mlflow.example:5000/",
+            "data.system_prompt": f"You may use {TOKEN}.",
+        },
+    )
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is True, record
+    texts = {name: data.decode("latin-1") for name, data in snapshot(exp_dir / "champion").items()}
+    texts["record"] = json.dumps(record)
+    version = registry.mlc.get_model_version("secrets", record["version"])
+    texts["version tags"] = json.dumps(version.tags)
+    for name, text in texts.items():
+        assert TOKEN not in text and PASSWORD not in text, name
+    import yaml
+
+    own = yaml.safe_load(texts["config.yaml"])
+    assert own["tracking"]["uri"] == "https://bob:***@mlflow.example:5000/"
+    assert own["data"]["system_prompt"] == "You may use ***."
 
 
 # ---------------------------------------------------------------- the command

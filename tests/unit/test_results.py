@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -308,17 +309,37 @@ def test_error_cause_is_bounded() -> None:
 # ---------------------------------------------------------------- MLflow status of a diverged trial
 
 
-def test_tracking_marks_a_diverged_trial_failed_with_its_status_tag(tmp_path: Path) -> None:
-    from raysft.config import validate_tree
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """A real MLflow tracking store (SQLite) and an experiment in it."""
+    import mlflow
+
     from raysft.search import tracking
 
-    mlc = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp_id = mlc.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    before = mlflow.get_tracking_uri()
+    root = tmp_path_factory.mktemp("mlflow")
+    mlc = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
+    yield mlc, mlc.create_experiment("t", artifact_location=str(root / "artifacts"))
+    mlflow.set_tracking_uri(before)  # tracking.client sets the process-wide URI
+
+
+def _trial_callback(mlc: Any, exp_id: str, cfg: Any) -> Any:
+    from raysft.search import tracking
+
     parent = mlc.create_run(exp_id).info.run_id
-    cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
-    callback = tracking.make_callback(
+    return tracking.make_callback(
         mlc, exp_id=exp_id, parent_id=parent, resolve_trial=lambda trial_id, sampled: cfg
     )
+
+
+def test_tracking_marks_a_diverged_trial_failed_with_its_status_tag(
+    mlflow_store: tuple[Any, str],
+) -> None:
+    from raysft.config import validate_tree
+
+    mlc, exp_id = mlflow_store
+    cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
+    callback = _trial_callback(mlc, exp_id, cfg)
     ok, bad = (SimpleNamespace(trial_id=t, config={}) for t in ("ok", "bad"))
     for trial in (ok, bad):
         callback.on_trial_start(0, [], trial)
@@ -335,3 +356,35 @@ def test_tracking_marks_a_diverged_trial_failed_with_its_status_tag(tmp_path: Pa
     assert runs["bad"].data.tags["raysft.status"] == "diverged"
     assert "eval_loss" not in runs["bad"].data.metrics  # NaN never logged
     assert not math.isnan(runs["ok"].data.metrics["eval_loss"])
+
+
+TOKEN = "hf_" + "Xy7" * 12  # shaped like a Hugging Face token: hf_ + 30 or more letters/digits
+
+
+def test_no_secret_reaches_a_trial_run_s_params(
+    mlflow_store: tuple[Any, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A trial's params: its resolved config (a careless path holding the token, a tracking URI
+    with a password) and its sampled values; and the summary row built from the same trial."""
+    from raysft.config import validate_tree
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    mlc, exp_id = mlflow_store
+    cfg = validate_tree(
+        {
+            "output_dir": f"runs/{TOKEN}/t1",
+            "tracking": {"uri": "https://bob:pa55word@mlflow.example:5000/"},
+            "data": {"system_prompt": f"token {TOKEN}"},
+        }
+    )
+    callback = _trial_callback(mlc, exp_id, cfg)
+    sampled = {"train.learning_rate": 1e-3, "data.system_prompt": f"use {TOKEN}"}
+    trial = SimpleNamespace(trial_id="t1", config=sampled)
+    callback.on_trial_start(0, [], trial)
+    run = mlc.get_run(callback.runs["t1"])
+    params = json.dumps(run.data.params)
+    assert TOKEN not in params and "pa55word" not in params
+    assert run.data.params["output_dir"] == "runs/***/t1"
+    assert run.data.params["sampled.train.learning_rate"] == "0.001"
+    # The run's name (tag mlflow.runName) is made of the sampled values (tracking.run_name).
+    assert TOKEN not in json.dumps(run.data.tags), run.data.tags.get("mlflow.runName")

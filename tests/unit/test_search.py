@@ -24,10 +24,10 @@ import yaml
 
 from raysft.config import set_path, validate_spec
 from raysft.errors import ConfigError
+from raysft.search import spec as spec_module
 from raysft.search.resources import plan_resources
 from raysft.search.space import DefineByRun, describe_space, trial_config
 from raysft.search.space import build_space as _build_space
-from raysft.search import spec as spec_module
 from raysft.search.spec import load_spec, validate_search
 
 

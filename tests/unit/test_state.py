@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_recipe import _config, _model_dir
 
 from raysft.train.metrics import METRICS
 from raysft.train.recipe import LocalCheckpoints, run_trial
 from raysft.train.state import STATE_FILE
-from test_recipe import _config, _model_dir
 
 
 class _KeepAll:
