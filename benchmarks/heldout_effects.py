@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec", default=str(ip.LORA_SPEC))
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trial (0: torch's)")
     p.add_argument("--champion-from", type=Path, default=None, help="a search's summary.json")
     p.add_argument("--neftune-alpha", type=float, default=5.0)
     p.add_argument("--naive-padding", action="store_true")
@@ -146,6 +147,17 @@ def train_once(tree: dict[str, Any], sampled: dict[str, Any], seed: int) -> dict
     }
 
 
+def score_base(tree: dict[str, Any]) -> dict[str, Any]:
+    """The untrained base model on the same held-out rows (trials never score it)."""
+    from raysft.config import validate_tree
+    from raysft.evaluate import score_model
+
+    cfg = validate_tree({k: v for k, v in tree.items() if k != "search"}, source="<base>")
+    t0 = time.perf_counter()
+    scored = score_model(cfg.model.name_or_path, cfg, metrics=["exact_match", "eval_loss"])
+    return {"final": dict(scored.scores), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def find_champion(tree: dict[str, Any], spec: Any, out: Path) -> dict[str, Any]:
     """The spec's own search, in-process: TPE + ASHA, num_samples trials, best finished."""
     import optuna
@@ -181,11 +193,9 @@ def find_champion(tree: dict[str, Any], spec: Any, out: Path) -> dict[str, Any]:
     return best.sampled
 
 
-def _arm_values(name: str, sampled: dict[str, Any], tree: dict[str, Any], packed: dict | None):
-    """The values an arm's runs set: the padded arm's batch size, the base model's score."""
+def _arm_values(sampled: dict[str, Any], tree: dict[str, Any], packed: dict | None) -> dict:
+    """The values an arm's runs set, the padded arm's batch size filled in."""
     values = dict(sampled)
-    if name == "base values":
-        values["train.eval_base"] = True  # the base model's exact match, measured alongside
     if values.get("data.packing") is False and "naive" not in values:
         if packed is None:
             raise RuntimeError("the padded arm needs a packed run's data report first")
@@ -194,8 +204,9 @@ def _arm_values(name: str, sampled: dict[str, Any], tree: dict[str, Any], packed
 
 
 def run_effects(args: argparse.Namespace) -> dict[str, Any]:
-    tree, spec = ip.load(args.spec, args.set)  # the search scores eval loss only
-    scored, _ = ip.load(args.spec, ["train.exact_match=true", *args.set])
+    # The champion search scores eval loss only; every arm's run also generates and scores.
+    tree, spec = ip.load(args.spec, args.set, threads=args.threads)
+    scored, _ = ip.load(args.spec, ["train.exact_match=true", *args.set], threads=args.threads)
     runs_path = args.out / "runs.jsonl"
     done = _done(runs_path)
     seeds = [spec.train.seed + i for i in range(args.seeds)]
@@ -226,12 +237,18 @@ def run_effects(args: argparse.Namespace) -> dict[str, Any]:
         else find_champion(tree, spec, args.out)
     )
     plan = arms(champion, neftune_alpha=args.neftune_alpha, naive=args.naive_padding)
-    results: dict[str, list[dict[str, Any]]] = {}
+    base_key = _key(scored, {"base model": True}, 0)
+    if base_key not in done:
+        done[base_key] = {"key": base_key, "arm": "base model", **score_base(scored)}
+        with runs_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(done[base_key]) + "\n")
+    print(f"base model (untrained): {done[base_key]['final']}", flush=True)
+    results: dict[str, list[dict[str, Any]]] = {"base model": [done[base_key]]}
     packed: dict | None = None
     for name, sampled in plan.items():
         results[name] = []
         for seed in seeds:
-            values = _arm_values(name, sampled, scored, packed)
+            values = _arm_values(sampled, scored, packed)
             key = _key(scored, values, seed)
             if key not in done:
                 print(f"{name}, seed {seed}: training {values}", flush=True)
@@ -279,7 +296,7 @@ def report(result: dict[str, Any]) -> str:
         (m, s), (lm, ls) = mean_std(_em(rows)), mean_std(_loss(rows))
         per_seed = ", ".join(f"{v:.0f}" for v in _em(rows))
         lines.append(f"| {name} | {m:.1f} ± {s:.1f} | {per_seed} | {lm:.4f} ± {ls:.4f} |")
-    base_model = [100 * r["final"].get("base_exact_match", math.nan) for r in arms_["base values"]]
+    base_model = _em(arms_["base model"])
     neft = [n for n in arms_ if n.startswith("champion, NEFTune") and n != "champion, NEFTune off"]
     pairs = [
         ("champion vs base values", "base values", "champion"),

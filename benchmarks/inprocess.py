@@ -42,14 +42,21 @@ Decide = Callable[[int, float], tuple[bool, str | None]]
 # ---------------------------------------------------------------- spec and space
 
 
-def load(spec_path: str | Path, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], Any]:
+def load(
+    spec_path: str | Path, overrides: Iterable[str] = (), *, threads: int | None = 1
+) -> tuple[dict[str, Any], Any]:
     """(tree, SearchSpec) of a spec with ``--set``-style overrides, validated as raysft.tune does.
 
     The benchmarks score eval loss only unless told otherwise: generation is switched off here
-    (``train.exact_match=false``) before the overrides, which may switch it back on."""
+    (``train.exact_match=false``) before the overrides, which may switch it back on. ``threads``
+    sets ``train.num_threads``: one torch thread per trial is as fast as two on a quiet 2-core
+    machine for this model and several times faster when anything else runs (two threads then
+    fight over the cores)."""
     from raysft.search.spec import load_spec
 
-    fixed = ["train.exact_match=false", "train.eval_base=false", *overrides]
+    fixed = ["train.exact_match=false", "train.eval_base=false"]
+    fixed += [f"train.num_threads={threads}"] if threads else []
+    fixed += list(overrides)
     return load_spec(str(spec_path), fixed, preflight=False)
 
 

@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override the spec, as raysft.tune --set (e.g. train.max_steps=60)",
     )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--float-points", type=int, default=5, help="grid values per float range")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trial (0: torch's)")
+    p.add_argument("--float-points", type=int, default=4, help="grid values per float range")
     p.add_argument("--budget-fraction", type=float, default=1 / 3)
     p.add_argument("--methods", default=",".join(METHODS), help=f"of {METHODS + OPTIONAL}")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -249,7 +250,7 @@ def _sampler(method: str, seed: int) -> Any:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    tree, spec = ip.load(args.spec, args.set)
+    tree, spec = ip.load(args.spec, args.set, threads=args.threads)
     s, t = spec.search, spec.train
     from raysft.train.metrics import objective_mode
 
@@ -342,12 +343,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- report
 
 
-COLORS = {
-    "tpe-asha": "tab:blue",
-    "random": "tab:orange",
-    "grid": "tab:gray",
-    "tpe": "tab:green",
-    "random-asha": "tab:red",
+# Colour and line style per method: with the same seed, TPE's first (random) proposals are
+# random search's, so their lines can coincide; dashes keep both visible.
+STYLES = {
+    "tpe-asha": ("tab:blue", "-"),
+    "random": ("tab:orange", "--"),
+    "grid": ("tab:gray", ":"),
+    "tpe": ("tab:green", "-."),
+    "random-asha": ("tab:red", "-."),
 }
 
 
@@ -369,11 +372,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
         end = s["budget"] if s["method"] != "grid" else result["grid_steps"]
         label = None if s["method"] in seen else s["method"]
         seen.add(s["method"])
+        color, style = STYLES.get(s["method"], ("black", "-"))
         ax.step(
             [*xs, end],
             [*ys, ys[-1]],
             where="post",
-            color=COLORS.get(s["method"]),
+            color=color,
+            ls=style,
             alpha=0.8,
             lw=1.5,
             label=label,
@@ -386,7 +391,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             alpha=0.12,
             label="within 1% of it",
         )
-    ax.axvline(budget, color="black", ls=":", lw=1, label=f"budget {budget} steps (1/3 grid)")
+    share = budget / result["grid_steps"]
+    ax.axvline(
+        budget, color="black", ls=":", lw=1, label=f"budget {budget} steps ({share:.0%} of grid)"
+    )
+    ax.set_xlim(0, result["grid_steps"])
     ax.set_xlabel("optimizer steps spent by the search (all trials)")
     ax.set_ylabel(f"best {result['metric']} of a finished trial so far")
     ax.set_title("Search strategies on the embedded default (one line per seed)")

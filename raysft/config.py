@@ -250,7 +250,7 @@ class ResourcesSection(_Section):
     workers: int = Field(1, gt=0, description="Ray Train workers per trial (data parallel).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs per worker.")
     gpus_per_worker: float | Literal["auto"] = Field(
-        0,
+        0.0,
         description="GPUs per worker; a fraction shares a GPU between trials (with workers: 1 "
         "only: two ranks of one trial on one GPU fail in NCCL), each trial's process capped to "
         "its share of the GPU's memory. `auto`: one GPU per worker, shared by as many trials as "
@@ -271,7 +271,7 @@ class ResourcesSection(_Section):
     def _non_negative(cls, value: float | str) -> float | str:
         if isinstance(value, float | int) and value < 0:
             raise ValueError("must be >= 0 (or auto)")
-        return value
+        return float(value) if isinstance(value, int) else value
 
     @property
     def gpus(self) -> float:

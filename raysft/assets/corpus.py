@@ -273,7 +273,9 @@ def sharegpt_rows(n: int = 200, tasks: tuple[Task, ...] = TASKS, seed: int = SEE
 # default: free-text answers of a few words (ROUGE-L / BLEU give partial credit for a sentence
 # that is half right) and code answers checked by running tests (pass@k). Each reference is a
 # deterministic function of the instruction's word; the facts it states (length, first and last
-# letter, capitals) are the ones the base model learnt from the prose.
+# letter, capitals) are the ones the base model learnt from the prose. The free-text answers use
+# only characters the prose has (letters, digits, space, comma, full stop): the base model's
+# embedding rows of the others were pushed away during pretraining and LoRA cannot move them.
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,7 @@ TEXT_TASKS: tuple[TextTask, ...] = (
             ("Shout the word {w} twice and say how long it is.", ""),
             ("Shout this word twice and say how long it is.", "{w}"),
         ),
-        reference="{W} {W}! That is {n} letters.",
+        reference="{W} {W}. That is {n} letters.",
     ),
 )
 
@@ -331,39 +333,49 @@ def text_row(task: TextTask, word: str, rng: random.Random) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CodeTask:
-    """A code task: ``def f()`` returning a fact about a word, written as a literal or as an
-    expression that computes it. Both pass the tests; only one can equal the reference, which
-    is why code is scored by running it (pass@k) rather than by exact match."""
+    """A code task: one line of Python that sets ``x`` to a fact about a word."""
 
     name: str
-    instruction: str  # with {w}
-    literal: str  # the returned value written out, e.g. "HELLO"
-    expression: str  # the same value computed, e.g. "hello".upper()
+    what: str  # what x is set to, with {w} (the word)
+    value: Callable[[str], str | int]
 
 
 CODE_TASKS: tuple[CodeTask, ...] = (
-    CodeTask("upper", "returns the word {w} in capital letters", '"{W}"', '"{w}".upper()'),
-    CodeTask("length", "returns the number of letters in {w}", "{n}", 'len("{w}")'),
-    CodeTask(
-        "repeat", "returns {w} said twice, separated by a space", '"{w} {w}"', '" ".join(["{w}"] * 2)'
-    ),
-    CodeTask("first", "returns the first letter of {w}", '"{f}"', '"{w}"[0]'),
-    CodeTask("last", "returns the last letter of {w}", '"{l}"', '"{w}"[-1]'),
+    CodeTask("upper", "{w} in capital letters", str.upper),
+    CodeTask("length", "the number of letters in {w}", len),
+    CodeTask("repeat", "{w} said twice, separated by a space", lambda w: f"{w} {w}"),
+    CodeTask("first", "the first letter of {w}", lambda w: w[0]),
+    CodeTask("last", "the last letter of {w}", lambda w: w[-1]),
 )
-_CODE_PROMPTS = ("Write a Python function f() that {what}.", "Write f() in Python: it {what}.")
+# Two quote styles of the same line. Both pass the tests and only one can equal the reference,
+# which is why code is scored by running it (pass@k), not by exact match. The value comes a few
+# tokens into the answer, as in the other tasks: with ``def f():\n    return ...`` the tiny model
+# learnt the layout but put the wrong word in the string (1 of 15 held-out answers passed after
+# 100 steps at lr 1e-2), and answers that compute the value ("hello".upper()) need the word
+# copied from the prompt, which it cannot do.
+CODE_QUOTES = {"double": '"', "single": "'"}
+_CODE_PROMPTS = (
+    ("Write one line of Python that sets x to {what}.", ""),
+    ("Write one line of Python that sets x to {what_this}.", "{w}"),
+)
 
 
-def code_row(task: CodeTask, word: str, rng: random.Random, *, form: str) -> dict[str, str]:
-    """One Alpaca row with ``tests``: ``form`` is "literal" or "expression" (the answer's style)."""
-    fields = text_fields(word)
-    body = (task.literal if form == "literal" else task.expression).format(**fields)
-    expected = task.literal.format(**fields)  # a Python literal: 5, "HELLO", ...
-    what = task.instruction.format(**fields)
+def code_line(value: str | int, quote: str) -> str:
+    """``x = <value>``, a string in ``quote`` marks (its words never hold quotes or escapes)."""
+    return f"x = {quote}{value}{quote}" if isinstance(value, str) else f"x = {value}"
+
+
+def code_row(task: CodeTask, word: str, rng: random.Random, *, quotes: str) -> dict[str, str]:
+    """One Alpaca row with ``tests`` for ``task(word)``, strings in ``quotes`` marks."""
+    value = task.value(word)
+    instruction, inp = rng.choice(_CODE_PROMPTS)
     return {
-        "instruction": rng.choice(_CODE_PROMPTS).format(what=what),
-        "input": "",
-        "output": f"def f():\n    return {body}",
-        "tests": f"assert f() == {expected}, f()",
+        "instruction": instruction.format(
+            what=task.what.format(w=word), what_this=task.what.format(w="this word")
+        ),
+        "input": inp.format(w=word),
+        "output": code_line(value, CODE_QUOTES[quotes]),
+        "tests": f"assert x == {value!r}, x",
     }
 
 
@@ -399,16 +411,16 @@ def text_rows(n: int = 450, *, held_out: bool = False, seed: int = SEED) -> list
 
 
 def code_rows(n: int = 500, *, held_out: bool = False, seed: int = SEED) -> list[dict]:
-    """Code SFT rows (train words; half the answers literal, half computed), or held-out rows
-    (eval words, no repeats, literal references); tasks balanced."""
+    """Code SFT rows (train words, both quote styles), or held-out rows (eval words, no
+    repeats, double-quoted references); tasks balanced."""
     rng = random.Random(seed + (9 if held_out else 8))
     pools = make_pools(seed)
     words = pools.eval_words if held_out else pools.train_words
 
     def make(i: int, r: random.Random) -> dict[str, str]:
         task = CODE_TASKS[i % len(CODE_TASKS)]
-        form = "literal" if held_out else r.choice(("literal", "expression"))
-        return code_row(task, r.choice(words), r, form=form)
+        quotes = "double" if held_out else r.choice(tuple(CODE_QUOTES))
+        return code_row(task, r.choice(words), r, quotes=quotes)
 
     if held_out:
         return _unique_rows(make, n, rng)

@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="override the preset's training rows")
     p.add_argument("--threads", type=int, help="override the preset's torch threads")
     p.add_argument("--workdir", default="runs/bench", help="models, logs and per-contender output")
-    p.add_argument("--out", help="results JSON (default: WORKDIR/results-PRESET.json)")
+    p.add_argument(
+        "--out", help="results JSON (benchmarks/bench-PRESET.json; WORKDIR/ with --no-record)"
+    )
     p.add_argument("--results-md", default=str(DEFAULT_RESULTS), help="RESULTS.md to append to")
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     p.add_argument("--note", default="", help="a line recorded with the results")
@@ -192,7 +194,8 @@ def _result(args: Any, argv: list[str], preset: Preset, rows: list[dict[str, Any
 
     report.add_ratios(rows)
     train_rows, _ = train_eval_rows(preset.rows, preset.eval_rows, seed=preset.seed)
-    data = {"rows": preset.rows, "eval_rows": preset.eval_rows, "seed": preset.seed}
+    data: dict[str, Any] = {"rows": preset.rows, "eval_rows": preset.eval_rows}
+    data["seed"] = preset.seed
     try:
         from transformers import AutoTokenizer
 
@@ -241,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"vocab {m['vocab']}: {m['params']:,} params, {m['trainable']:,} trainable"
             )
         return 0
-    out = Path(args.out or Path(args.workdir) / f"results-{preset.name}.json")
+    # A recorded run's JSON sits beside RESULTS.md; a --no-record one stays in the workdir.
+    default = Path(args.workdir) if args.no_record else DEFAULT_RESULTS.parent
+    out = Path(args.out or default / f"bench-{preset.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = run(args, argv, out)
     print()

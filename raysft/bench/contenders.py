@@ -214,20 +214,27 @@ def _raysft_config(ctx: Context, opt: dict[str, Any], name: str) -> Any:
     )
 
 
-def run_raysft(ctx: Context, opt: dict[str, Any], name: str) -> Any:
-    """raysft's own recipe: ``setup`` (data, packing, model, optimizer), then its training step
-    ``steps`` times; the loop alone is timed (no evals or checkpoints inside it)."""
+def raysft_run(ctx: Context, opt: dict[str, Any], name: str) -> Any:
+    """raysft's ``setup`` (data, packing, model, optimizer) with the contender's options."""
     import torch
 
     from raysft.train import recipe
 
-    cfg = _raysft_config(ctx, opt, name)
-    run = recipe.setup(cfg, dist=recipe.Dist())
+    run = recipe.setup(_raysft_config(ctx, opt, name), dist=recipe.Dist())
     if opt.get("selective_logits"):
-        _use_selective_logits()
+        use_selective_logits(run.model)
     if opt.get("compile"):
         run.train_model = torch.compile(run.model)
     run.model.train()
+    return run
+
+
+def run_raysft(ctx: Context, opt: dict[str, Any], name: str) -> Any:
+    """raysft's own recipe: ``setup``, then its training step ``steps`` times; the loop alone
+    is timed (no evals or checkpoints inside it)."""
+    from raysft.train import recipe
+
+    run = raysft_run(ctx, opt, name)
     tokens = 0
     ctx.clock.begin()
     for _ in range(ctx.steps):
@@ -237,24 +244,33 @@ def run_raysft(ctx: Context, opt: dict[str, Any], name: str) -> Any:
     return run.model
 
 
-def _use_selective_logits() -> None:
-    """Experiment: LM head and cross-entropy only at the positions the loss scores (hidden
-    states selected before the head), instead of logits for every position."""
+def use_selective_logits(model: Any) -> None:
+    """Experiment: for ``model``, the LM head and cross-entropy run only at the positions the
+    loss scores (hidden states selected before the head), not at every position."""
     import torch
     import torch.nn.functional as F
 
     import raysft.train.evaluate as ev
     from raysft.data.packing import loss_mask
 
+    model._bench_selective = True
+    original = ev.forward_loss
+    if getattr(original, "_bench_dispatch", False):
+        return
+
     def forward_loss(model: Any, batch: dict[str, Any], device: Any) -> Any:
+        inner = getattr(model, "module", model)
+        if not getattr(inner, "_bench_selective", False):
+            return original(model, batch, device)
         keys = ("input_ids", "position_ids", "attention_mask")
         inputs = {k: batch[k].to(device) for k in keys if k in batch}
         labels, pos = batch["labels"].to(device), batch["position_ids"].to(device)
         keep = loss_mask(labels, pos)
         at = torch.zeros_like(labels, dtype=torch.bool)
         at[:, :-1] = keep  # logits at t predict target t + 1
-        head = getattr(model, "module", model).get_output_embeddings()
-        hook = head.register_forward_pre_hook(lambda _m, args: (args[0][at],))
+        hook = inner.get_output_embeddings().register_forward_pre_hook(
+            lambda _m, args: (args[0][at],)
+        )
         try:
             logits = model(**inputs, use_cache=False).logits
         finally:
@@ -262,6 +278,7 @@ def _use_selective_logits() -> None:
         loss = F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum")
         return loss, int(keep.sum())
 
+    forward_loss._bench_dispatch = True  # type: ignore[attr-defined]
     ev.forward_loss = forward_loss  # type: ignore[assignment]
 
 

@@ -2,9 +2,11 @@
 
 - Throughput: real (non-padding) tokens per second after the warm-up steps (``WARMUP_STEPS``;
   they carry one-off costs: lazy init, optimizer state, kernel selection, torch.compile; on
-  this CPU steps 2-3 still run 2-3x slower than later ones); warm-up time is reported apart. Also real
-  tokens per CPU-second of the process (all its threads): on a machine shared with other work,
-  wall time counts the others' load too, CPU time much less so.
+  this CPU steps 2-3 still run 2-3x slower than later ones); warm-up time is reported apart.
+  Also the median over those steps of each step's tokens/s (a burst of outside load on a shared
+  machine moves it much less than the mean), and real tokens per CPU-second of the process (all
+  its threads; on this 2-core VM it rises and falls with outside load nearly as much as wall
+  time does, so it is no cure).
 - Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``; on the CPU, the process's peak RSS
   (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs once the imports are done)
   minus the RSS at that moment. Python-level tracers (tracemalloc) miss torch's allocations.
@@ -15,9 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -97,10 +101,8 @@ class MemoryProbe:
 
             torch.cuda.reset_peak_memory_stats()
             return
-        try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        with contextlib.suppress(OSError):  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
             Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
         self._rss0 = _status_kib("VmRSS") or 0
 
     def peak_mib(self) -> float | None:
@@ -154,12 +156,21 @@ class StepClock:
             out["warmup_s"] = round(self.times[w - 1] - self.t0, 3) if w else None
             out["train_s"] = round(self.times[-1] - self.t0, 3)
             marks = [self.t0, *self.times]
-            out["step_times"] = [round(b - a, 3) for a, b in zip(marks, marks[1:])]
+            out["step_times"] = [round(b - a, 3) for a, b in zip(marks, marks[1:], strict=False)]
         if w:
             dt = self.times[-1] - self.times[w - 1]
             tokens = self.tokens[-1] - self.tokens[w - 1]
             out["tokens_per_s"] = tokens / dt if dt > 0 else None
             out["step_s"] = dt / (n - w)
+            # Median over the timed steps of each step's own tokens/s: a burst of outside load
+            # that hits a few steps moves it much less than the mean.
+            marks, toks = self.times[w - 1 :], self.tokens[w - 1 :]
+            rates = [
+                (t1 - t0) / (b - a)
+                for a, b, t0, t1 in zip(marks, marks[1:], toks, toks[1:], strict=False)
+                if b > a
+            ]
+            out["tokens_per_s_median"] = statistics.median(rates) if rates else None
             cpu = self.cpu[-1] - self.cpu[w - 1]
             # Robust to other load on a shared machine: work per CPU-second of this process.
             out["tokens_per_cpu_s"] = tokens / cpu if cpu > 0 else None

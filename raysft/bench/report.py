@@ -13,8 +13,9 @@ _COLUMNS = (
     ("contender", "name", "{}"),
     ("real tok/s", "tokens_per_s", "{:,.0f}"),
     ("x first", "ratio", "{:.2f}"),
+    ("median-step tok/s", "tokens_per_s_median", "{:,.0f}"),
+    ("x first (median)", "median_ratio", "{:.2f}"),
     ("tok/CPU-s", "tokens_per_cpu_s", "{:,.0f}"),
-    ("x first (CPU)", "cpu_ratio", "{:.2f}"),
     ("step s", "step_s", "{:.3f}"),
     ("warm-up s", "warmup_s", "{:.1f}"),
     ("peak MiB", "peak_mib", "{:,.0f}"),
@@ -25,9 +26,14 @@ _COLUMNS = (
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``ratio`` (``cpu_ratio``): tokens per second (per CPU-second) over the first contender's;
-    None when either is missing."""
-    for key, ratio in (("tokens_per_s", "ratio"), ("tokens_per_cpu_s", "cpu_ratio")):
+    """``ratio``, ``median_ratio``, ``cpu_ratio``: tokens/s (median-step tokens/s, tokens per
+    CPU-second) over the first contender's; None when either is missing."""
+    pairs = (
+        ("tokens_per_s", "ratio"),
+        ("tokens_per_s_median", "median_ratio"),
+        ("tokens_per_cpu_s", "cpu_ratio"),
+    )
+    for key, ratio in pairs:
         base = rows[0].get(key) if rows else None
         for row in rows:
             value = row.get(key)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from raysft.search.space import TrialConfigs, build_space, describe_space, trial
 from raysft.search.spec import trial_memory
 from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, run_trial_on_ray
 from raysft.train.metrics import objective_mode
+from raysft.train.model import worker_env
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +44,29 @@ STATE_FILE = "raysft_state.json"  # parent MLflow run id etc., for --resume and 
 # ---------------------------------------------------------------- driver
 
 
-def init_ray(plan_cpus: int | None) -> None:
+def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
+    """Join the cluster, or start a local Ray of ``plan_cpus`` CPUs.
+
+    ``scratch`` (local mode): the workers' TMPDIR, removed by the caller after the search. Ray
+    ends its workers without running their exit handlers, so temp files they made would stay.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    import os
-
-    from raysft.train.model import worker_env
-
     runtime_env: dict[str, Any] = {
         "worker_process_setup_hook": "raysft.search.trial.pin_ray_address"
     }
-    env_vars = worker_env(os.environ)  # HF_TOKEN, if set: gated models load on every worker
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
+    # HF_TOKEN, if set: gated models load on every worker.
+    env_vars = worker_env(os.environ)
     if attaching_to_cluster():
+        if env_vars:
+            runtime_env["env_vars"] = env_vars
         ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
     else:
+        env_vars = {**env_vars, **({"TMPDIR": scratch} if scratch else {})}
+        if env_vars:
+            runtime_env["env_vars"] = env_vars
         # address="local": start our own, never silently join a cluster someone left running.
         # The dashboard stays on: the State API it serves is what releases finished trials.
         ray.init(
@@ -136,7 +145,7 @@ def _open_experiment(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
     return exp_dir
 
 
-def _connect(spec_path: str, cfg: SearchSpec) -> ResourcePlan:
+def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
     """Start (laptop) or join (cluster) Ray and plan the search on the nodes it has."""
     import ray
 
@@ -151,7 +160,7 @@ def _connect(spec_path: str, cfg: SearchSpec) -> ResourcePlan:
         nodes = local_nodes()
         plan, problems = plan_resources(s, nodes, where="this machine")
         if plan is not None:
-            init_ray(int(nodes[0]["CPU"]))
+            init_ray(int(nodes[0]["CPU"]), scratch=scratch)
     if problems or plan is None:
         raise ConfigError(spec_path, problems)
     log.info("search space:\n  %s\n%s", "\n  ".join(describe_space(s)), plan.describe(s))
@@ -176,12 +185,30 @@ def run_search(
     spec_path: str, tree: dict[str, Any], cfg: SearchSpec, *, resume: bool
 ) -> dict[str, Any]:
     """Run (or ``resume``) the search of a validated spec; returns summary.json's content."""
+    t0 = time.perf_counter()
+    exp_dir = _open_experiment(spec_path, cfg, resume=resume)
+    scratch = tempfile.mkdtemp(prefix="raysft-workers-")
+    try:
+        return _search(spec_path, tree, cfg, exp_dir, resume=resume, scratch=scratch, t0=t0)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _search(
+    spec_path: str,
+    tree: dict[str, Any],
+    cfg: SearchSpec,
+    exp_dir: Path,
+    *,
+    resume: bool,
+    scratch: str,
+    t0: float,
+) -> dict[str, Any]:
     import ray
     import ray.tune
 
-    t0 = time.perf_counter()
-    exp_dir = _open_experiment(spec_path, cfg, resume=resume)
-    plan = _connect(spec_path, cfg)
+    plan = _connect(spec_path, cfg, scratch=scratch)
+    timing = {"ray_start_s": time.perf_counter() - t0}
     uri = tracking.tracking_uri(cfg.tracking)
     mlc = tracking.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
@@ -201,7 +228,10 @@ def run_search(
             )
         else:
             tuner = build_tuner(tree, cfg, plan, exp_dir, [callback])
+        timing["mlflow_setup_s"] = time.perf_counter() - t0 - timing["ray_start_s"]
+        t_fit = time.perf_counter()
         grid = tuner.fit()
+        timing["trials_s"] = time.perf_counter() - t_fit
     except BaseException:
         mlc.set_terminated(parent_id, "FAILED")
         raise
@@ -218,6 +248,7 @@ def run_search(
         "parent_id": parent_id,
         "runs": runs,
         "diverged": diverged,
+        "timing": timing,
     }
     try:
         return _finish(spec_path, cfg, exp_dir, results, tracked=tracked, resolve=resolve, t0=t0)
@@ -294,6 +325,7 @@ def _finish(
     t0: float,
 ) -> dict[str, Any]:
     """Rows, the best trial, promotion, plots, summary.json; the parent run is closed last."""
+    t_finish = time.perf_counter()
     s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
@@ -330,6 +362,11 @@ def _finish(
         "base_vs_tuned": res.json_safe(comparison),
         "plots": [str(p) for p in drawn],
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        # Where the driver's wall time went (the trials' own split: their setup_s, step_s, ...).
+        "timing": {
+            **{k: round(v, 2) for k, v in tracked["timing"].items()},
+            "finish_s": round(time.perf_counter() - t_finish, 2),
+        },
         "resolved_spec": res.json_safe(tracking.redact_tree(cfg.model_dump(mode="json"))),
     }
     tracking.describe_parent(mlc, parent_id, summary)

@@ -107,6 +107,14 @@ METRICS: dict[str, Metric] = {
         Metric("lr", "Learning rate the step used.", "step"),
         Metric("tokens", "Real (non-padding) tokens in the step.", "step"),
         Metric("elapsed_s", "Seconds since the trial started.", "eval"),
+        Metric("setup_s", "Seconds of setup: data, model load, (resume) state.", "final"),
+        Metric("step_s", "Seconds in optimizer steps (forward, backward, update).", "final"),
+        Metric("eval_s", "Seconds in held-out evaluation (loss and generation).", "final"),
+        Metric(
+            "checkpoint_s",
+            "Seconds writing and reporting checkpoints (all but the last).",
+            "final",
+        ),
         Metric(
             "eval_loss",
             "Held-out mean cross-entropy on response tokens.",

@@ -119,6 +119,8 @@ class Run:
     progress: Progress
     t0: float
     train_seconds: float = 0.0
+    # Where this process's time went, seconds: setup_s, step_s, eval_s, checkpoint_s.
+    times: dict[str, float] = field(default_factory=dict)
 
 
 def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
@@ -324,9 +326,13 @@ def train(run: Run, report: Reporter | None) -> None:
     cfg, progress = run.cfg, run.progress
     run.model.train()
     t_train = time.perf_counter()
+    times = run.times
+    times.setdefault("setup_s", round(t_train - run.t0, 3))
     while progress.step < cfg.train.max_steps:
         step = progress.step + 1
+        t = time.perf_counter()
         record: dict[str, Any] = {"step": step, **_train_step(run)}
+        times["step_s"] = times.get("step_s", 0.0) + time.perf_counter() - t
         last = step == cfg.train.max_steps
         progress.step, progress.epoch, progress.position = (
             step,
@@ -334,7 +340,9 @@ def train(run: Run, report: Reporter | None) -> None:
             run.stream.position,
         )
         if step % cfg.train.eval_every == 0 or last:
+            t = time.perf_counter()
             scores, samples = run.evaluate(final=last)
+            times["eval_s"] = times.get("eval_s", 0.0) + time.perf_counter() - t
             record.update(scores)
             if last and "base_exact_match" in progress.final:  # for comparison with the base
                 record["base_exact_match"] = progress.final["base_exact_match"]
@@ -347,8 +355,12 @@ def train(run: Run, report: Reporter | None) -> None:
                 record["train_loss"],
                 record.get("eval_loss", math.nan),
             )
+            if last:  # where the time went, up to this (last) checkpoint
+                record.update({k: round(v, 3) for k, v in times.items()})
             progress.history.append(record)
+            t = time.perf_counter()
             _checkpoint(run, record, report)
+            times["checkpoint_s"] = times.get("checkpoint_s", 0.0) + time.perf_counter() - t
         else:
             progress.history.append(record)
     run.train_seconds = time.perf_counter() - t_train
@@ -386,6 +398,7 @@ def finish(run: Run) -> TrialResult:
     final.update({k: v for k, v in last.items() if k in METRICS or k == "step"})
     if "base_exact_match" in final and "exact_match" in final:
         final["exact_match_gain"] = round(final["exact_match"] - final["base_exact_match"], 4)
+    final.update({k: round(v, 3) for k, v in run.times.items()})
     final["train_seconds"] = round(run.train_seconds, 2)
     final["wall_seconds"] = round(time.perf_counter() - run.t0, 2)
     out_dir = Path(run.cfg.output_dir)

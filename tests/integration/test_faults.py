@@ -163,6 +163,9 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
         cwd=tmp_path,
         env=env,
         timeout=300,
+        # Ray's processes notice the driver is gone within seconds (gcs, workers) or after the
+        # raylet's reconnect timeout: give them that long before calling them left behind.
+        settle=120,
         on_start=kill_driver_mid_second_trial,
     )
     assert crashed.rc == -signal.SIGKILL, crashed.explain()

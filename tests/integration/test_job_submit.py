@@ -166,7 +166,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
         auth = {"Authorization": f"Bearer {token}"}
         _wait_http_ok(f"{dashboard}/api/version", proc, log, timeout=120, **auth)
         _wait_http_ok(f"{dashboard}/api/jobs/", proc, log, timeout=60, **auth)
-        c.node = _start_second_node(start_env, gcs, root, ray_tmp)
+        # Its own temp dir: two nodes sharing one would garbage-collect each other's unpacked
+        # job working dirs (each node's runtime-env agent counts only its own references).
+        c.node = _start_second_node(start_env, gcs, root, ray_tmp / "n2")
         _wait_for_nodes(dashboard, token, 2, c.node, root / "ray-node.log")
         yield c
     finally:
@@ -283,7 +285,7 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
     trials = summary["trials"]
     assert [t["status"] for t in trials] == ["finished", "finished"], trials
     assert all(t["step"] == 8 for t in trials)
-    assert summary["counts"] == {"finished": 2, "stopped_early": 0, "failed": 0}
+    assert summary["counts"] == {"finished": 2, "stopped_early": 0, "failed": 0, "diverged": 0}
     assert summary["mlflow"]["tracking_uri"] == uri
     promo = summary["promotion"]
     assert promo["promoted"] is True and str(promo["version"]) == "1", promo

@@ -254,22 +254,20 @@ def test_code_answers_pass_their_tests_and_wrong_ones_fail() -> None:
     from raysft.train.sandbox import run_tests
 
     train = _read("tasks-code.jsonl")
-    forms = {"literal": 0, "expression": 0}
-    # One row of each task and answer form, plus the held-out references: all must pass.
-    picked: dict[tuple[str, bool], dict] = {}
+    # One row of each task in each quote style, plus held-out references: all must pass.
+    picked: dict[tuple[str, str], dict] = {}
     for row in train:
-        literal = row["output"].rstrip().endswith(('"', *"0123456789"))
+        quotes = "single" if "'" in row["output"] else "double"
+        what = corpus.user_text(row).split(" sets x to ")[1]
         task = next(
-            t.name
-            for t in corpus.CODE_TASKS
-            if all(part in row["instruction"] for part in t.instruction.split("{w}"))
+            t.name for t in corpus.CODE_TASKS if all(p in what for p in t.what.split("{w}"))
         )
-        picked.setdefault((task, literal), row)
-        forms["literal" if literal else "expression"] += 1
-    assert len(picked) == 2 * len(corpus.CODE_TASKS)
-    assert min(forms.values()) >= 0.3 * len(train)  # both styles are taught
+        picked.setdefault((task, quotes), row)
+    # Both quote styles of every string task are taught (a number has none).
+    assert len(picked) == 2 * len(corpus.CODE_TASKS) - 1
     rows = list(picked.values()) + _read("tasks-code-eval.jsonl")[:5]
     for row in rows:
         assert run_tests(row["output"], row["tests"]).passed, row
-    wrong = rows[0]["output"].replace("return ", "return 'x' + ")
-    assert not run_tests(wrong, rows[0]["tests"]).passed
+    for row in rows[:3]:
+        wrong = row["output"].replace("x = ", "x = 2 * ")
+        assert not run_tests(wrong, row["tests"]).passed, wrong

@@ -201,6 +201,7 @@ def test_step_clock_times_the_steps_after_warmup_and_averages_the_last_losses():
     assert s["warmup_s"] == 14.0 and s["first_step_s"] == 10.0
     assert s["tokens_per_s"] == 200.0 and s["step_s"] == 1.5  # steps 3-4: 600 tokens in 3 s
     assert s["tokens_per_cpu_s"] == 200.0 and s["step_times"] == [10.0, 4.0, 1.0, 2.0]
+    assert s["tokens_per_s_median"] == 200.0  # median of 200 and 200 tok/s
     assert s["final_train_loss"] == 2.0 and s["real_tokens"] == 800
     assert clock.summary(warmup=9)["warmup_steps"] == 3  # at least one timed step
 
@@ -273,7 +274,7 @@ def test_results_md_gets_a_dated_section_per_run(tmp_path):
     text = path.read_text()
     assert text.count("## 2030-01-02 03:04: preset `cpu`") == 2
     assert "Test CPU, 2 CPUs" in text and "not installed: trl" in text
-    assert "| raysft-full | 400 | 4.00 | 200 | 4.00 |" in text
+    assert "| raysft-full | 400 | 4.00 | - | - | 200 |" in text
     assert "ModelError: no backend" in text and "raysft_vs_seed: MET" in text
 
 
@@ -295,3 +296,53 @@ def test_two_contenders_end_to_end(tmp_path):
     # Packed rows are nearly all real tokens; the seed's 512-wide rows are mostly padding.
     assert ray["real_tokens"] > 1.5 * seed["real_tokens"]
     assert result["versions"]["torch"] and "## " in md.read_text()
+
+
+def test_random_model_dirs_load_with_the_benchmark_template(tmp_path):
+    """The GPU preset writes its random-init models this way (here a tiny shape, on the CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raysft.bench.child import write_random_model
+
+    shape = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 300}  # fmt: skip
+    write_random_model(shape, tmp_path / "m", device="cpu", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.num_hidden_layers == 2 and model.dtype.is_floating_point
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    msgs = [{"role": "user", "content": "P\n"}, {"role": "assistant", "content": "A"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == "P\nA</s>"
+
+
+def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
+    """The `sellogits` experiment (LM head only where the loss scores) must compute the same loss
+    and gradients as `forward_loss`, or its timing compares unlike things."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import raysft.train.evaluate as ev
+    from raysft.bench.contenders import use_selective_logits
+    from raysft.data.packing import collate_packed
+
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for n, prompt in ((7, 3), (12, 5), (5, 1)):
+        ids = torch.randint(3, 100, (n,), generator=gen).tolist()
+        samples.append((ids, [-100] * prompt + ids[prompt:]))
+    batch = collate_packed([samples[:2], samples[2:]], pad_id=0)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    selective = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    reference = ev.forward_loss
+    try:
+        use_selective_logits(selective)
+        ref_loss, ref_n = ev.forward_loss(plain, batch, "cpu")  # dispatches to the original
+        loss, n = ev.forward_loss(selective, batch, "cpu")
+    finally:
+        ev.forward_loss = reference
+    assert n == ref_n == (7 - 3) + (12 - 5) + (5 - 1)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    ref_loss.backward()
+    for (name, a), b in zip(selective.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)

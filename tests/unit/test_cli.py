@@ -262,8 +262,6 @@ def test_dry_run_prints_resolved_config_and_parameter_counts(
     assert 0 < trainable < total
     assert share == pytest.approx(100 * trainable / total, abs=1e-4)
     assert "ray imported: False" in proc.stderr
-    # Meta device, no weights, no Ray: ~10 s on 2 busy cores (both runs), mostly importing peft.
-    assert seconds < 60
 
 
 def test_dry_run_reflects_set_overrides(cli_runs: dict[str, Future[Run]]) -> None:

@@ -121,8 +121,17 @@ def test_asha_decides_as_rays_scheduler() -> None:
 def test_budget_stops_a_trial_at_the_eval_where_it_runs_out(tmp_path: Path) -> None:
     cache = _cache(tmp_path, {1.0: [3.0, 2.0, 1.0], 2.0: [2.5, 1.5, 0.5], 3.0: [2.0, 1.0, 0.2]})
     configs = [{"lr": 1.0}, {"lr": 2.0}, {"lr": 3.0}]
-    search = ip.budgeted("grid", 0, ip.fixed_proposals(configs), tree=TREE, metric="eval_loss",
-                         asha=None, budget=150, cache=cache, log=lambda _: None)  # fmt: skip
+    search = ip.budgeted(
+        "grid",
+        0,
+        ip.fixed_proposals(configs),
+        tree=TREE,
+        metric="eval_loss",
+        asha=None,
+        budget=150,
+        cache=cache,
+        log=lambda _: None,
+    )
     assert [t.steps for t in search.trials] == [90, 60]
     assert [t.stopped for t in search.trials] == [None, "budget"]
     assert search.spent_after == [90, 150]
@@ -140,8 +149,17 @@ def test_asha_in_a_search_and_the_cache_resumes(tmp_path: Path) -> None:
             yield {"lr": lr}, lambda out: told.append((out.sampled, out.value, out.stopped))
 
     asha = ip.Asha(max_t=90, grace_period=30, reduction_factor=2, mode="min")
-    search = ip.budgeted("tpe-asha", 0, proposals(), tree=TREE, metric="eval_loss", asha=asha,
-                         budget=10_000, cache=cache, log=lambda _: None)  # fmt: skip
+    search = ip.budgeted(
+        "tpe-asha",
+        0,
+        proposals(),
+        tree=TREE,
+        metric="eval_loss",
+        asha=asha,
+        budget=10_000,
+        cache=cache,
+        log=lambda _: None,
+    )
     # lr=2 is worse than lr=1 at the first rung: stopped after 30 steps, told its value then.
     assert told == [({"lr": 1.0}, 0.5, None), ({"lr": 2.0}, 3.0, "asha"), ({"lr": 3.0}, 0.1, None)]
     assert search.spent == 90 + 30 + 90
@@ -153,8 +171,17 @@ def test_asha_in_a_search_and_the_cache_resumes(tmp_path: Path) -> None:
 
 def test_a_diverged_trial_stops_and_is_never_best(tmp_path: Path) -> None:
     cache = _cache(tmp_path, {1.0: [2.0, math.nan, math.nan], 2.0: [2.0, 1.0, 0.9]})
-    search = ip.budgeted("random", 0, ip.fixed_proposals([{"lr": 1.0}, {"lr": 2.0}]), tree=TREE,
-                         metric="eval_loss", asha=None, budget=1000, cache=cache, log=lambda _: None)  # fmt: skip
+    search = ip.budgeted(
+        "random",
+        0,
+        ip.fixed_proposals([{"lr": 1.0}, {"lr": 2.0}]),
+        tree=TREE,
+        metric="eval_loss",
+        asha=None,
+        budget=1000,
+        cache=cache,
+        log=lambda _: None,
+    )
     assert search.trials[0].stopped == "diverged" and search.trials[0].steps == 60
     assert ip.best_finished(search.trials, "min").sampled == {"lr": 2.0}
 
@@ -187,20 +214,29 @@ def test_budget_and_grid_orders() -> None:
 
 def test_summary_table_and_verdict() -> None:
     searches = [
-        {"method": "tpe-asha", "spent": 300, "curve": [(90, 1.0), (200, 0.505)],
-         "trials": [{"stopped": None}, {"stopped": "asha"}, {"stopped": None}]},
+        {
+            "method": "tpe-asha",
+            "spent": 300,
+            "curve": [(90, 1.0), (200, 0.505)],
+            "trials": [{"stopped": None}, {"stopped": "asha"}, {"stopped": None}],
+        },
         {"method": "tpe-asha", "spent": 300, "curve": [(90, 0.7)], "trials": [{"stopped": None}]},
-        {"method": "grid", "spent": 900, "curve": [(90, 0.9), (600, 0.5)],
-         "trials": [{"stopped": None}] * 10},
-    ]  # fmt: skip
+        {
+            "method": "grid",
+            "spent": 900,
+            "curve": [(90, 0.9), (600, 0.5)],
+            "trials": [{"stopped": None}] * 10,
+        },
+    ]
     rows = ss.summarize(searches, grid_best=0.5, budget=300, mode="min")
     tpe, grid = rows
     assert tpe["best_per_seed"] == [0.505, 0.7] and tpe["best_mean"] == pytest.approx(0.6025)
     assert tpe["within_1pct"] == 1 and tpe["steps_to_1pct"] == 200
     assert tpe["finished"] == 1.5 and tpe["trials"] == 2
     assert grid["best_per_seed"] == [0.9] and grid["within_1pct"] == 0  # 0.5 came after 300
-    text = ss.markdown(rows, metric="eval_loss", grid_best=0.5, grid_steps=900, budget=300,
-                       context="ctx")  # fmt: skip
+    text = ss.markdown(
+        rows, metric="eval_loss", grid_best=0.5, grid_steps=900, budget=300, context="ctx"
+    )
     assert "| tpe-asha | 2 | 2.0 | 1.5 | 0.6025 ± 0.1379 | 0.5050, 0.7000 |" in text
     assert "**not met**: 1 of 2 seeds" in text
     readme = f"a\n{ss.README_START}\nold\n{ss.README_END}\nb\n"
@@ -216,8 +252,9 @@ he = importlib.import_module("heldout_effects")
 
 
 def test_effect_arms_share_the_champions_own_settings() -> None:
-    off = he.arms({"train.learning_rate": 0.01, "train.neftune_alpha": 0}, neftune_alpha=5,
-                  naive=False)  # fmt: skip
+    off = he.arms(
+        {"train.learning_rate": 0.01, "train.neftune_alpha": 0}, neftune_alpha=5, naive=False
+    )
     assert off["champion, NEFTune off"] == off["champion"]  # trained once: same key
     assert off["champion, NEFTune 5"]["train.neftune_alpha"] == 5
     assert off["champion, padding (same rows/step)"]["data.packing"] is False
@@ -240,17 +277,16 @@ def test_effect_statistics() -> None:
 
 
 def test_effects_report_names_each_effect() -> None:
-    def rows(em: list[float], loss: float, base: float | None = None) -> list[dict]:
-        return [{"final": {"exact_match": v / 100, "eval_loss": loss,
-                           **({"base_exact_match": base} if base is not None else {})}}
-                for v in em]  # fmt: skip
+    def rows(em: list[float], loss: float) -> list[dict]:
+        return [{"final": {"exact_match": v / 100, "eval_loss": loss}} for v in em]
 
     result = {
         "champion": {"train.learning_rate": 0.01},
         "champion_from": "in-process search",
         "seeds": [42, 43, 44],
         "arms": {
-            "base values": rows([60, 62, 64], 0.6, base=0.0),
+            "base model": rows([0], 2.5),
+            "base values": rows([60, 62, 64], 0.6),
             "champion": rows([80, 82, 84], 0.4),
             "champion, NEFTune off": rows([80, 82, 84], 0.4),
             "champion, NEFTune 5": rows([79, 83, 84], 0.41),
