@@ -35,6 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 LORA_SPEC = ROOT / "search_spaces" / "lora.yaml"
 
+UNBOUNDED = 10**9  # a budget no search reaches: num_samples decides when it ends
+
 # decide(step, value) -> (continue?, why it stops: "asha" | "budget" | "diverged" | None)
 Decide = Callable[[int, float], tuple[bool, str | None]]
 
@@ -237,24 +239,20 @@ def run(
     if row and row["complete"]:
         out.cached, out.final = True, row.get("final", {})
         return out
-    _train(tree, sampled, out, metric=metric, decide=decide, cache=cache, key=key, done=cached)
+    _train(tree, out, (metric, decide, cache, key), done=cached)
     return out
 
 
 def _train(
-    tree: dict[str, Any],
-    sampled: dict[str, Any],
-    out: Outcome,
-    *,
-    metric: str,
-    decide: Decide,
-    cache: TrialCache,
-    key: str,
-    done: list[tuple[int, float]],
+    tree: dict[str, Any], out: Outcome, how: tuple[str, Decide, TrialCache, str], *, done: list
 ) -> None:
+    """Train ``out.sampled`` from step 0; evals up to ``done``'s last were decided already.
+    ``how``: the metric, the decision rule, the cache and the trial's key in it."""
     from raysft.search.space import trial_config
     from raysft.train.recipe import run_trial
 
+    metric, decide, cache, key = how
+    sampled = out.sampled
     history: list[dict[str, Any]] = []
 
     def report(record: dict[str, Any], _checkpoint: str | None) -> None:
@@ -358,7 +356,7 @@ def _describe(out: Outcome, spent: int, budget: int) -> str:
     state = "finished" if out.finished else f"stopped ({out.stopped})"
     return (
         f"  {out.trial_id} {values}: {state} at step {out.steps}, {out.value:.4f} "
-        f"[{how}; {spent}/{budget} steps]"
+        f"[{how}; {spent}{f'/{budget}' if budget < UNBOUNDED else ''} steps]"
     )
 
 

@@ -23,7 +23,7 @@ END = "<!-- config-reference:end -->"
 
 
 def _type_name(ann: Any) -> str:
-    text = str(ann).replace("typing.", "").replace("raysft.config.", "")
+    text = str(ann).replace("typing.", "").replace("raysft.config.sections.", "")
     text = text.replace("<class '", "").replace("'>", "")
     return text.replace("|", "\\|")
 

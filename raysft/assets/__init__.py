@@ -16,7 +16,14 @@ from raysft.errors import AssetError
 EMBEDDED_PREFIX = "embedded:"
 ASSETS_DIR = Path(__file__).resolve().parent
 # Source files of this package live next to the assets but are not assets.
-_NOT_ASSETS = {"__init__.py", "__pycache__", "build.py", "corpus.py", "tokenizer.py"}
+_NOT_ASSETS = {
+    "__init__.py",
+    "__pycache__",
+    "build.py",
+    "corpus.py",
+    "text_code.py",
+    "tokenizer.py",
+}
 
 
 def available() -> list[str]:

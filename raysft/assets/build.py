@@ -9,8 +9,8 @@ What is built (all deterministic, single process, CPU only, a few minutes on 2 c
 * ``tasks-eval.jsonl``: held-out instructions (Alpaca format) with exact-match answers.
 * ``tasks-text.jsonl`` / ``tasks-text-eval.jsonl``: a free-text task (one-sentence answers about
   a word) for ROUGE-L and BLEU.
-* ``tasks-code.jsonl`` / ``tasks-code-eval.jsonl``: a code task (``def f()`` returning a fact about
-  a word; rows carry ``tests``) for pass@k.
+* ``tasks-code.jsonl`` / ``tasks-code-eval.jsonl``: a code task (one line of Python setting ``x``
+  to a fact about a word; rows carry ``tests``) for pass@k.
 
 ``--data-only`` rewrites the datasets and leaves the pretrained model as it is (adding SFT or
 eval rows never needs a new base).
@@ -45,7 +45,7 @@ from typing import cast
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from raysft.assets import corpus
+from raysft.assets import corpus, text_code
 from raysft.assets.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -158,10 +158,10 @@ def datasets() -> dict[str, list[dict]]:
         "tasks-alpaca.jsonl": corpus.alpaca_rows(),
         "tasks-sharegpt.jsonl": corpus.sharegpt_rows(),
         "tasks-eval.jsonl": corpus.eval_rows(),
-        "tasks-text.jsonl": corpus.text_rows(),
-        "tasks-text-eval.jsonl": corpus.text_rows(60, held_out=True),
-        "tasks-code.jsonl": corpus.code_rows(),
-        "tasks-code-eval.jsonl": corpus.code_rows(50, held_out=True),
+        "tasks-text.jsonl": text_code.text_rows(),
+        "tasks-text-eval.jsonl": text_code.text_rows(60, held_out=True),
+        "tasks-code.jsonl": text_code.code_rows(),
+        "tasks-code-eval.jsonl": text_code.code_rows(50, held_out=True),
     }
 
 

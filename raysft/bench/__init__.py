@@ -11,4 +11,6 @@ mix; held-out loss is computed by one function for all. Layout:
 - ``contenders.py``: one training function per contender family (seed, trl, raysft)
 - ``child.py``: the subprocess entry that runs one contender and writes its JSON
 - ``report.py``: the table, results JSON and the dated section appended to RESULTS.md
+- ``ab.py``: ``python -m raysft.bench.ab``, raysft step variants interleaved in one process (for
+  comparing choices on a machine shared with other work)
 """

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--contenders", help="comma-separated names (default: the preset's list)")
     p.add_argument("--steps", type=int, help="override the preset's optimizer steps")
     p.add_argument("--rows", type=int, help="override the preset's training rows")
+    p.add_argument("--eval-rows", type=int, help="override the preset's held-out rows")
     p.add_argument("--threads", type=int, help="override the preset's torch threads")
     p.add_argument("--workdir", default="runs/bench", help="models, logs and per-contender output")
     p.add_argument(
@@ -153,12 +154,17 @@ def prepare_models(
     return dirs
 
 
+def _preset(args: argparse.Namespace) -> Preset:
+    """The named preset with the command line's overrides (steps, rows, eval rows, threads)."""
+    return PRESETS[args.preset].with_overrides(
+        steps=args.steps, rows=args.rows, eval_rows=args.eval_rows, threads=args.threads
+    )
+
+
 def run(args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
     """Every contender in turn; the results JSON is rewritten after each (a cut-off run keeps
     what it measured)."""
-    preset = PRESETS[args.preset].with_overrides(
-        steps=args.steps, rows=args.rows, threads=args.threads
-    )
+    preset = _preset(args)
     names = args.contenders.split(",") if args.contenders else None
     contenders = preset.select(names)
     workdir = Path(args.workdir).resolve()
@@ -167,8 +173,9 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
         print(line, flush=True)
     shutil.rmtree(workdir / "inductor-cache", ignore_errors=True)
     model_dirs = prepare_models(preset, contenders, workdir, args.timeout)
-    overrides = {k: v for k, v in (("steps", args.steps), ("rows", args.rows),
-                                   ("threads", args.threads)) if v is not None}  # fmt: skip
+    given = (("steps", args.steps), ("rows", args.rows), ("eval_rows", args.eval_rows),
+             ("threads", args.threads))  # fmt: skip
+    overrides = {k: v for k, v in given if v is not None}
     rows: list[dict[str, Any]] = []
     for c in contenders:
         missing = [m for m in _needs(c) if importlib.util.find_spec(m) is None]
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:24s} {kind:10s} [{c.family}] {c.note}")
         return 0
     if args.dry_run:
-        preset = preset.with_overrides(steps=args.steps, rows=args.rows, threads=args.threads)
+        preset = _preset(args)
         contenders = preset.select(args.contenders.split(",") if args.contenders else None)
         for line in plan_lines(preset, contenders):
             print(line)

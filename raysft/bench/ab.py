@@ -68,7 +68,7 @@ def _raysft_stepper(ctx: Any, options: dict[str, Any], name: str) -> Any:
     from raysft.train import recipe
 
     run = raysft_run(ctx, {"lr": _FULL_LR, "method": "full", **options}, name)
-    return lambda: recipe._train_step(run)["tokens"]
+    return lambda: recipe.train_step(run)["tokens"]
 
 
 def measure(variants: list[str], *, rounds: int, warmup: int, threads: int) -> dict[str, Any]:

@@ -134,6 +134,11 @@ def run_seed(ctx: Context, opt: dict[str, Any], name: str) -> Any:
         data_collator=collate,
         callbacks=[_clock_callback(ctx.clock, counter)],
     )
+    return _train(trainer, counter)
+
+
+def _train(trainer: Any, counter: dict[str, int]) -> Any:
+    """Count the real tokens of every training forward, train, return the trained model."""
     _count_tokens(trainer.model, counter)
     trainer.train()
     return trainer.model
@@ -165,9 +170,7 @@ def run_trl(ctx: Context, opt: dict[str, Any], name: str) -> Any:
         peft_config=lora,
         callbacks=[_clock_callback(ctx.clock, counter)],
     )
-    _count_tokens(trainer.model, counter)
-    trainer.train()
-    return trainer.model
+    return _train(trainer, counter)
 
 
 def _raysft_config(ctx: Context, opt: dict[str, Any], name: str) -> Any:
@@ -238,7 +241,7 @@ def run_raysft(ctx: Context, opt: dict[str, Any], name: str) -> Any:
     tokens = 0
     ctx.clock.begin()
     for _ in range(ctx.steps):
-        record = recipe._train_step(run)
+        record = recipe.train_step(run)
         tokens += record["tokens"]
         ctx.clock.step(tokens, record["train_loss"])
     return run.model

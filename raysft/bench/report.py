@@ -9,20 +9,24 @@ from typing import Any
 
 from raysft.bench.presets import MEMORY_BUDGET_GIB
 
-_COLUMNS = (
-    ("contender", "name", "{}"),
-    ("real tok/s", "tokens_per_s", "{:,.0f}"),
-    ("x first", "ratio", "{:.2f}"),
-    ("median-step tok/s", "tokens_per_s_median", "{:,.0f}"),
-    ("x first (median)", "median_ratio", "{:.2f}"),
-    ("tok/CPU-s", "tokens_per_cpu_s", "{:,.0f}"),
-    ("step s", "step_s", "{:.3f}"),
-    ("warm-up s", "warmup_s", "{:.1f}"),
-    ("peak MiB", "peak_mib", "{:,.0f}"),
-    ("train loss", "final_train_loss", "{:.3f}"),
-    ("held-out loss", "eval_loss", "{:.4f}"),
-    ("MFU", "mfu", "{:.1%}"),
-)
+# Table columns, one a line: header | result key | format.
+_COLUMN_SPEC = """
+contender | name | {}
+real tok/s | tokens_per_s | {:,.0f}
+x first | ratio | {:.2f}
+median-step tok/s | tokens_per_s_median | {:,.0f}
+x first (median) | median_ratio | {:.2f}
+tok/CPU-s | tokens_per_cpu_s | {:,.0f}
+step s | step_s | {:.3f}
+warm-up s | warmup_s | {:.1f}
+peak MiB | peak_mib | {:,.0f}
+train loss | final_train_loss | {:.3f}
+held-out loss | eval_loss | {:.4f}
+MFU | mfu | {:.1%}
+"""
+_COLUMNS = [
+    tuple(p.strip() for p in line.split(" | ")) for line in _COLUMN_SPEC.strip().splitlines()
+]
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

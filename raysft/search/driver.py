@@ -47,8 +47,9 @@ STATE_FILE = "raysft_state.json"  # parent MLflow run id etc., for --resume and 
 def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
     """Join the cluster, or start a local Ray of ``plan_cpus`` CPUs.
 
-    ``scratch`` (local mode): the workers' TMPDIR, removed by the caller after the search. Ray
-    ends its workers without running their exit handlers, so temp files they made would stay.
+    ``scratch`` (local mode): TMPDIR of every process of the local Ray (raylet, agents, workers),
+    removed by the caller after the search. Ray ends them without running their exit handlers,
+    so temp files they made would stay.
     """
     import ray
 
@@ -64,14 +65,25 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
             runtime_env["env_vars"] = env_vars
         ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
     else:
-        env_vars = {**env_vars, **({"TMPDIR": scratch} if scratch else {})}
         if env_vars:
             runtime_env["env_vars"] = env_vars
-        # address="local": start our own, never silently join a cluster someone left running.
-        # The dashboard stays on: the State API it serves is what releases finished trials.
-        ray.init(
-            address="local", num_cpus=plan_cpus, include_dashboard=True, runtime_env=runtime_env
-        )
+        before = os.environ.get("TMPDIR")
+        if scratch:
+            os.environ["TMPDIR"] = scratch  # inherited by the Ray processes started here
+        try:
+            # address="local": start our own, never silently join a cluster someone left
+            # running. The dashboard stays on: its State API is what releases finished trials.
+            ray.init(
+                address="local",
+                num_cpus=plan_cpus,
+                include_dashboard=True,
+                runtime_env=runtime_env,
+            )
+        finally:
+            if before is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = before
 
 
 def _trainable(tree: dict[str, Any], exp_dir: Path) -> Any:

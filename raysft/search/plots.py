@@ -189,8 +189,8 @@ def _history(study: Any, metric: str) -> Any:
     if n < 1:
         return f"no trial reported a finite {metric}"
     ax = ovm.plot_optimization_history(study, target_name=metric)
-    ax.set_title(f"Optimization history: {metric} of {_trials(n)} ({_better(study)} is better)")
-    ax.set_xlabel("trial number (creation order; ASHA-stopped trials at their last eval)")
+    title = f"Optimization history: {metric} of {_trials(n)} ({_better(study)} is better)"
+    ax.set(title=title, xlabel="trial number (creation order; ASHA-stopped: last eval)")
     return _sized(ax, 10, 5)
 
 
@@ -219,11 +219,11 @@ def _importances(study: Any, metric: str) -> Any:
 def _parallel(study: Any, metric: str) -> Any:
     import optuna.visualization.matplotlib as ovm
 
-    n = _complete(study)
-    if n < 1:
+    if _complete(study) < 1:
         return f"no trial reported a finite {metric}"
     ax = ovm.plot_parallel_coordinate(study, target_name=metric)
-    ax.set_title(f"Parallel coordinates: {_trials(n)}, coloured by {metric} (darker is better)")
+    what = f"{_trials(_complete(study))}, coloured by {metric} (darker is better)"
+    ax.set_title(f"Parallel coordinates: {what}")
     _visible_cmap(ax)
     return _sized(ax, 12, 6)
 

@@ -76,7 +76,8 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
 def _train(cfg: Config, resume_from: str | None) -> int:
     from pathlib import Path
 
-    from raysft.train.recipe import LocalCheckpoints, run_trial
+    from raysft.train.recipe import run_trial
+    from raysft.train.state import LocalCheckpoints
 
     checkpoints = LocalCheckpoints(Path(cfg.output_dir) / "checkpoints")
     result = run_trial(cfg, report=checkpoints, resume_from=resume_from)

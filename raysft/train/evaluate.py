@@ -5,13 +5,14 @@ registry (``train/metrics.py``)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from raysft.data.batching import batches
 from raysft.data.formats import Conversation, code_tests
-from raysft.data.packing import causal_lm_loss, collate_packed, collate_padded, pack
+from raysft.data.packing import causal_lm_loss
 from raysft.data.templates import (
     Example,
     generation_prompt,
@@ -22,35 +23,6 @@ from raysft.train.metrics import EvalOutputs, Metric, computed_at
 from raysft.train.sandbox import Limits, check_answers
 
 log = logging.getLogger(__name__)
-
-
-def make_bins(examples: list[Example], *, packing: bool, max_len: int) -> list[list[int]]:
-    """Example indices of each row: packed (best-fit decreasing) or one per row. Built once."""
-    if not packing:
-        return [[i] for i in range(len(examples))]
-    return pack([len(e.input_ids) for e in examples], max_len=max_len)
-
-
-def batches(
-    examples: list[Example],
-    bins: list[list[int]],
-    *,
-    packing: bool,
-    batch_size: int,
-    pad_id: int,
-    order: list[int] | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of the rows ``bins`` in ``order`` (default: as given)."""
-    order = order if order is not None else list(range(len(bins)))
-    for s in range(0, len(order), batch_size):
-        rows = [
-            [(examples[i].input_ids, examples[i].labels) for i in bins[j]]
-            for j in order[s : s + batch_size]
-        ]
-        if packing:
-            yield collate_packed(rows, pad_id=pad_id)
-        else:
-            yield collate_padded([r[0] for r in rows], pad_id=pad_id)
 
 
 def forward_loss(

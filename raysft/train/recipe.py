@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,9 +25,17 @@ from typing import Any
 
 import torch
 
-from raysft.config import Config, dump_config
+from raysft.config import Config, dump_config, get_path, parse_value
+from raysft.data.batching import BatchStream, make_bins
+from raysft.data.packing import loss_mask, packing_efficiency
+from raysft.data.pipeline import prepare_data
+from raysft.errors import DataError
+from raysft.train.device import granted_gpus, native_bf16, resolve_device
+from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
 from raysft.train.metrics import METRICS
-from raysft.train.state import Progress
+from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
+from raysft.train.neftune import attach_neftune
+from raysft.train.state import Progress, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -51,52 +58,6 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
-
-
-class BatchStream:
-    """Endless training micro-batches, reshuffled every epoch; resumable at (epoch, position)."""
-
-    def __init__(
-        self, examples: list, bins: list[list[int]], *, cfg: Config, pad_id: int, dist: Dist
-    ):
-        self._examples, self._bins, self._cfg, self._pad, self._dist = (
-            examples,
-            bins,
-            cfg,
-            pad_id,
-            dist,
-        )
-        self.epoch, self.position = 0, 0
-        self._chunks = self._epoch_chunks(0)
-
-    def _epoch_chunks(self, epoch: int) -> list[list[int]]:
-        order = list(range(len(self._bins)))
-        random.Random(self._cfg.train.seed * 1_000_003 + epoch).shuffle(order)
-        mine = order[self._dist.rank :: self._dist.world_size]
-        size = self._cfg.train.batch_size
-        return [mine[s : s + size] for s in range(0, len(mine), size)]
-
-    def seek(self, epoch: int, position: int) -> None:
-        self.epoch, self.position = epoch, position
-        self._chunks = self._epoch_chunks(epoch)
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        from raysft.train.evaluate import batches
-
-        if self.position >= len(self._chunks):
-            self.seek(self.epoch + 1, 0)
-        chunk = self._chunks[self.position]
-        self.position += 1
-        return next(
-            batches(
-                self._examples,
-                self._bins,
-                packing=self._cfg.data.packing,
-                batch_size=len(chunk),
-                pad_id=self._pad,
-                order=chunk,
-            )
-        )
 
 
 @dataclass
@@ -125,7 +86,6 @@ class Run:
 
 def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
     """A context-manager factory: bf16 autocast where ``train.precision`` asks for it, else none."""
-    from raysft.train.device import native_bf16
 
     # Native bf16 only: is_bf16_supported() alone also counts slow emulation (T4, V100).
     use_bf16 = cfg.train.precision == "bf16" or (
@@ -155,9 +115,6 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
 
 def _prepare(cfg: Config, tokenizer: Any) -> tuple[Any, list[list[int]], list[list[int]]]:
     """Tokenized data and its rows (packed bins, or one sample per row), built once."""
-    from raysft.data.packing import packing_efficiency
-    from raysft.data.pipeline import prepare_data
-    from raysft.train.evaluate import make_bins
 
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     train_bins = make_bins(data.train, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
@@ -182,11 +139,6 @@ def setup(
     resume_from: str | None = None,
 ) -> Run:
     """Tokenizer, data, model (+ adapter), NEFTune, optimizer; the training state if resuming."""
-    from raysft.train.device import granted_gpus, resolve_device
-    from raysft.train.evaluate import eval_loss_sum, generate_answers, score
-    from raysft.train.model import count_parameters, load_model, load_tokenizer
-    from raysft.train.neftune import attach_neftune
-    from raysft.train.state import load_state
 
     t0 = time.perf_counter()
     if cfg.train.num_threads:
@@ -199,8 +151,6 @@ def setup(
     tokenizer = load_tokenizer(cfg.model)
     data, train_bins, eval_bins = _prepare(cfg, tokenizer)
     if len(train_bins) < dist.world_size:
-        from raysft.errors import DataError
-
         raise DataError(
             f"data.train: {len(train_bins)} training row(s) (packed) for {dist.world_size} "
             "workers: every worker needs at least one; lower search.resources.workers or add data"
@@ -234,7 +184,15 @@ def setup(
         autocast=autocast,
     )
     evaluate = functools.partial(score, cfg, loss=loss, answers=answers)
-    stream = BatchStream(data.train, train_bins, cfg=cfg, pad_id=pad_id, dist=dist)
+    stream = BatchStream(
+        data.train,
+        train_bins,
+        packing=cfg.data.packing,
+        batch_size=cfg.train.batch_size,
+        pad_id=pad_id,
+        seed=cfg.train.seed,
+        shard=(dist.rank, dist.world_size),
+    )
     if resume_from is not None:
         progress = load_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
         stream.seek(progress.epoch, progress.position)
@@ -260,7 +218,6 @@ INJECT_OOM_ENV = "RAYSFT_INJECT_OOM"
 
 
 def _injected_oom(cfg: Config) -> None:
-    from raysft.config import get_path, parse_value
 
     rule = os.environ.get(INJECT_OOM_ENV, "")
     path, _, value = rule.partition("=")
@@ -268,10 +225,8 @@ def _injected_oom(cfg: Config) -> None:
         raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={rule}")
 
 
-def _train_step(run: Run) -> dict[str, Any]:
+def train_step(run: Run) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches; returns its step metrics."""
-    from raysft.data.packing import loss_mask
-    from raysft.train.evaluate import forward_loss
 
     cfg = run.cfg
     _injected_oom(cfg)
@@ -331,7 +286,7 @@ def train(run: Run, report: Reporter | None) -> None:
     while progress.step < cfg.train.max_steps:
         step = progress.step + 1
         t = time.perf_counter()
-        record: dict[str, Any] = {"step": step, **_train_step(run)}
+        record: dict[str, Any] = {"step": step, **train_step(run)}
         times["step_s"] = times.get("step_s", 0.0) + time.perf_counter() - t
         last = step == cfg.train.max_steps
         progress.step, progress.epoch, progress.position = (
@@ -370,8 +325,6 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
     """Report ``record`` with a checkpoint (export + training state) written by rank 0."""
     if report is None:
         return
-    from raysft.train.model import save_model
-    from raysft.train.state import save_state
 
     if run.dist.rank != 0:
         report(record, None)
@@ -409,7 +362,6 @@ def finish(run: Run) -> TrialResult:
 
 
 def _write_outputs(out_dir: Path, run: Run, result: TrialResult) -> None:
-    from raysft.train.model import save_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(run.model, run.tokenizer, str(out_dir), method=run.cfg.method)
@@ -433,24 +385,3 @@ def run_trial(
     run = setup(cfg, dist=dist or Dist(), prepare_model=prepare_model, resume_from=resume_from)
     train(run, report)
     return finish(run)
-
-
-class LocalCheckpoints:
-    """A reporter for ``python -m raysft.train``: keeps the latest checkpoint in ``directory``
-    (``step-000050/``), each written beside the previous and swapped in by rename."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-
-    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is None:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.directory / f"step-{int(metrics['step']):06d}"
-        tmp = self.directory / f".{target.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        tmp.rename(target)
-        for old in self.directory.glob("step-*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)

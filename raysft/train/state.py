@@ -10,6 +10,7 @@ epoch and position, and the metric history so far.
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,24 @@ def load_state(directory: str | Path, *, model: Any, optimizer: Any, scheduler: 
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_states(state["rng"])
     return Progress(**state["progress"])
+
+
+class LocalCheckpoints:
+    """A reporter for ``python -m raysft.train``: keeps the latest checkpoint in ``directory``
+    (``step-000050/``), each written beside the previous and swapped in by rename."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"step-{int(metrics['step']):06d}"
+        tmp = self.directory / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        tmp.rename(target)
+        for old in self.directory.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)

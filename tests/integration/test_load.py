@@ -51,4 +51,6 @@ def test_sixteen_trials_four_at_a_time(tmp_path: Path, ray_tmp: Path) -> None:
     assert sorted(r.info.run_id for r in children) == sorted(t["mlflow_run_id"] for t in trials)
     assert all(r.info.status == "FINISHED" for r in children)
     assert not ran.leftovers, f"processes left behind: {ran.leftovers}"
-    assert sorted(p.name for p in scratch.iterdir()) == [], "temp files left behind"
+    # torch's compile cache (torchinductor_USER) is a cache by design, reused across runs.
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+    assert left == [], "temp files left behind"

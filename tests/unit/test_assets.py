@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raysft.assets import EMBEDDED_PREFIX, asset_path, corpus, resolve
+from raysft.assets import EMBEDDED_PREFIX, asset_path, corpus, resolve, text_code
 from raysft.assets.tokenizer import SPECIAL_TOKENS, build_tokenizer
 from raysft.errors import AssetError
 
@@ -240,12 +240,12 @@ def test_text_and_code_tasks_are_held_out(kind: str) -> None:
 
 def test_text_references_are_a_function_of_the_word() -> None:
     # Every phrasing of a task gets the same reference, built from facts the prose teaches.
-    for task in corpus.TEXT_TASKS:
+    for task in text_code.TEXT_TASKS:
         answers = {
-            corpus.text_row(task, "stone", random.Random(seed))["output"] for seed in range(20)
+            text_code.text_row(task, "stone", random.Random(seed))["output"] for seed in range(20)
         }
         assert len(answers) == 1
-    row = corpus.text_row(corpus.TEXT_TASKS[0], "stone", random.Random(0))
+    row = text_code.text_row(text_code.TEXT_TASKS[0], "stone", random.Random(0))
     assert row["output"] == "The word stone has 5 letters, starts with s and ends with e."
     assert {len(r["output"].split()) for r in _read("tasks-text-eval.jsonl")} <= set(range(4, 14))
 
@@ -260,14 +260,20 @@ def test_code_answers_pass_their_tests_and_wrong_ones_fail() -> None:
         quotes = "single" if "'" in row["output"] else "double"
         what = corpus.user_text(row).split(" sets x to ")[1]
         task = next(
-            t.name for t in corpus.CODE_TASKS if all(p in what for p in t.what.split("{w}"))
+            t.name for t in text_code.CODE_TASKS if all(p in what for p in t.what.split("{w}"))
         )
         picked.setdefault((task, quotes), row)
     # Both quote styles of every string task are taught (a number has none).
-    assert len(picked) == 2 * len(corpus.CODE_TASKS) - 1
+    assert len(picked) == 2 * len(text_code.CODE_TASKS) - 1
     rows = list(picked.values()) + _read("tasks-code-eval.jsonl")[:5]
     for row in rows:
         assert run_tests(row["output"], row["tests"]).passed, row
     for row in rows[:3]:
         wrong = row["output"].replace("x = ", "x = 2 * ")
         assert not run_tests(wrong, row["tests"]).passed, wrong
+
+
+def test_no_source_file_is_an_asset() -> None:
+    from raysft.assets import available
+
+    assert not [name for name in available() if name.endswith(".py")]

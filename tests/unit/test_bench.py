@@ -281,17 +281,19 @@ def test_results_md_gets_a_dated_section_per_run(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_two_contenders_end_to_end(tmp_path):
     """A short real run: seed and raysft in their own subprocesses, JSON and RESULTS.md out."""
     out, md = tmp_path / "r.json", tmp_path / "RESULTS.md"
-    argv = ["--preset", "cpu", "--steps", "2", "--rows", "24", "--contenders", "seed,raysft-full"]
+    argv = ["--preset", "cpu", "--steps", "2", "--rows", "24", "--eval-rows", "8"]
+    argv += ["--contenders", "seed,raysft-full"]
     argv += ["--workdir", str(tmp_path / "w"), "--out", str(out), "--results-md", str(md)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     seed, ray = result["rows"]
     for row in (seed, ray):
         assert row["steps"] == 2 and row["tokens_per_s"] > 0 and row["peak_mib"] > 0
-        assert 0 < row["eval_loss"] < 10 and row["eval_tokens"] > 1000
+        assert 0 < row["eval_loss"] < 10 and row["eval_tokens"] > 100
     assert seed["ratio"] == 1.0
     # Packed rows are nearly all real tokens; the seed's 512-wide rows are mostly padding.
     assert ray["real_tokens"] > 1.5 * seed["real_tokens"]

@@ -39,6 +39,7 @@ def validate_tree(tree: dict[str, Any], *, source: str = "<spec>") -> Any:
     """A search spec tree validated (search section required)."""
     return validate_spec(tree, source=source)
 
+
 ROOT = Path(__file__).resolve().parents[2]
 SRC = "spec.yaml"
 BASE: dict[str, Any] = {

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 ip = importlib.import_module("inprocess")
 ss = importlib.import_module("search_strategies")
+rep = importlib.import_module("search_report")
 
 TREE = {"train": {"max_steps": 90, "eval_every": 30}, "model": {"name_or_path": "x"}}
 
@@ -47,6 +48,20 @@ def _cache(tmp_path: Path, runs: dict[float, list[float]]) -> ip.TrialCache:
             }
         )
     return cache
+
+
+def _search(proposals, cache: ip.TrialCache, *, asha=None, budget: int = 10_000) -> ip.Search:
+    return ip.budgeted(
+        "m",
+        0,
+        proposals,
+        tree=TREE,
+        metric="eval_loss",
+        asha=asha,
+        budget=budget,
+        cache=cache,
+        log=lambda _: None,
+    )
 
 
 # ---------------------------------------------------------------- space
@@ -121,17 +136,7 @@ def test_asha_decides_as_rays_scheduler() -> None:
 def test_budget_stops_a_trial_at_the_eval_where_it_runs_out(tmp_path: Path) -> None:
     cache = _cache(tmp_path, {1.0: [3.0, 2.0, 1.0], 2.0: [2.5, 1.5, 0.5], 3.0: [2.0, 1.0, 0.2]})
     configs = [{"lr": 1.0}, {"lr": 2.0}, {"lr": 3.0}]
-    search = ip.budgeted(
-        "grid",
-        0,
-        ip.fixed_proposals(configs),
-        tree=TREE,
-        metric="eval_loss",
-        asha=None,
-        budget=150,
-        cache=cache,
-        log=lambda _: None,
-    )
+    search = _search(ip.fixed_proposals(configs), cache, budget=150)
     assert [t.steps for t in search.trials] == [90, 60]
     assert [t.stopped for t in search.trials] == [None, "budget"]
     assert search.spent_after == [90, 150]
@@ -149,17 +154,7 @@ def test_asha_in_a_search_and_the_cache_resumes(tmp_path: Path) -> None:
             yield {"lr": lr}, lambda out: told.append((out.sampled, out.value, out.stopped))
 
     asha = ip.Asha(max_t=90, grace_period=30, reduction_factor=2, mode="min")
-    search = ip.budgeted(
-        "tpe-asha",
-        0,
-        proposals(),
-        tree=TREE,
-        metric="eval_loss",
-        asha=asha,
-        budget=10_000,
-        cache=cache,
-        log=lambda _: None,
-    )
+    search = _search(proposals(), cache, asha=asha)
     # lr=2 is worse than lr=1 at the first rung: stopped after 30 steps, told its value then.
     assert told == [({"lr": 1.0}, 0.5, None), ({"lr": 2.0}, 3.0, "asha"), ({"lr": 3.0}, 0.1, None)]
     assert search.spent == 90 + 30 + 90
@@ -171,17 +166,7 @@ def test_asha_in_a_search_and_the_cache_resumes(tmp_path: Path) -> None:
 
 def test_a_diverged_trial_stops_and_is_never_best(tmp_path: Path) -> None:
     cache = _cache(tmp_path, {1.0: [2.0, math.nan, math.nan], 2.0: [2.0, 1.0, 0.9]})
-    search = ip.budgeted(
-        "random",
-        0,
-        ip.fixed_proposals([{"lr": 1.0}, {"lr": 2.0}]),
-        tree=TREE,
-        metric="eval_loss",
-        asha=None,
-        budget=1000,
-        cache=cache,
-        log=lambda _: None,
-    )
+    search = _search(ip.fixed_proposals([{"lr": 1.0}, {"lr": 2.0}]), cache)
     assert search.trials[0].stopped == "diverged" and search.trials[0].steps == 60
     assert ip.best_finished(search.trials, "min").sampled == {"lr": 2.0}
 
@@ -195,13 +180,13 @@ def _outcome(value: float, steps: int = 90, stopped: str | None = None) -> ip.Ou
 
 def test_curve_counts_every_step_but_only_finished_trials_as_best() -> None:
     trials = [_outcome(1.0), _outcome(0.2, 30, "asha"), _outcome(1.2), _outcome(0.8)]
-    points = ss.curve(trials, "min")
+    points = rep.curve(trials, "min")
     assert points == [(90, 1.0), (300, 0.8)]
-    assert math.isnan(ss.best_at(points, 89))
-    assert ss.best_at(points, 299) == 1.0 and ss.best_at(points, 300) == 0.8
-    assert ss.steps_to_reach(points, ss.within(0.8, 0.01, "min"), "min") == 300
-    assert ss.steps_to_reach(points, 0.5, "min") is None
-    assert ss.curve([_outcome(0.5), _outcome(0.7)], "max") == [(90, 0.5), (180, 0.7)]
+    assert math.isnan(rep.best_at(points, 89))
+    assert rep.best_at(points, 299) == 1.0 and rep.best_at(points, 300) == 0.8
+    assert rep.steps_to_reach(points, rep.within(0.8, 0.01, "min"), "min") == 300
+    assert rep.steps_to_reach(points, 0.5, "min") is None
+    assert rep.curve([_outcome(0.5), _outcome(0.7)], "max") == [(90, 0.5), (180, 0.7)]
 
 
 def test_budget_and_grid_orders() -> None:
@@ -228,21 +213,21 @@ def test_summary_table_and_verdict() -> None:
             "trials": [{"stopped": None}] * 10,
         },
     ]
-    rows = ss.summarize(searches, grid_best=0.5, budget=300, mode="min")
+    rows = rep.summarize(searches, grid_best=0.5, budget=300, mode="min")
     tpe, grid = rows
     assert tpe["best_per_seed"] == [0.505, 0.7] and tpe["best_mean"] == pytest.approx(0.6025)
     assert tpe["within_1pct"] == 1 and tpe["steps_to_1pct"] == 200
     assert tpe["finished"] == 1.5 and tpe["trials"] == 2
     assert grid["best_per_seed"] == [0.9] and grid["within_1pct"] == 0  # 0.5 came after 300
-    text = ss.markdown(
+    text = rep.markdown(
         rows, metric="eval_loss", grid_best=0.5, grid_steps=900, budget=300, context="ctx"
     )
     assert "| tpe-asha | 2 | 2.0 | 1.5 | 0.6025 ± 0.1379 | 0.5050, 0.7000 |" in text
     assert "**not met**: 1 of 2 seeds" in text
-    readme = f"a\n{ss.README_START}\nold\n{ss.README_END}\nb\n"
+    readme = f"a\n{rep.README_START}\nold\n{rep.README_END}\nb\n"
     assert (
-        ss.splice_readme(readme, text)
-        == f"a\n{ss.README_START}\n{text.strip()}\n{ss.README_END}\nb\n"
+        rep.splice_readme(readme, text)
+        == f"a\n{rep.README_START}\n{text.strip()}\n{rep.README_END}\nb\n"
     )
 
 
@@ -296,5 +281,7 @@ def test_effects_report_names_each_effect() -> None:
     text = he.report(result)
     assert "| champion vs base values | +20.0 ± 1.6 |" in text
     assert "| NEFTune on vs off | +0.0 ± 1.9 | +0.0100 ± 0.0000 | no (EM), yes (loss) |" in text
-    assert "champion 82.0% (lift +82.0 points, goal >= 40)" in text
+    assert "champion 82.0% (lift +82.0 points)" in text
+    assert "over the base model: **met**; champion beats" in text
+    assert "seed-to-seed noise: **met**" in text
     assert result["effects"]["champion vs base values"]["exact_match"]["beyond_noise"]

@@ -12,8 +12,8 @@ import pytest
 from test_recipe import _config, _model_dir
 
 from raysft.train.metrics import METRICS
-from raysft.train.recipe import LocalCheckpoints, run_trial
-from raysft.train.state import STATE_FILE
+from raysft.train.recipe import run_trial
+from raysft.train.state import STATE_FILE, LocalCheckpoints
 
 
 class _KeepAll:

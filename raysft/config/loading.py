@@ -1,0 +1,225 @@
+"""YAML -> validated config: reading, ``--set`` overrides, dotted paths, and every problem of a
+file reported at once as ``file: dotted.path: message``. Imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from raysft.config.sections import Config, SearchParam, SearchSpec
+from raysft.errors import ConfigError
+
+# A YAML 1.2 number such as 1e-4 or 5E3, which YAML 1.1 (PyYAML) reads as a string.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value the way YAML would (``1e-4`` -> float, ``[a, b]`` -> list)."""
+    try:
+        value = yaml_load(text)
+    except yaml.YAMLError:
+        return text
+    # Only number-shaped strings become floats: float() would also turn "inf", "nan" or "1_0"
+    # into numbers, which YAML does not.
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``a.b.c``, creating sections as needed.
+
+    Under ``search.params`` the parameter name is itself a dotted path and stays one key:
+    ``search.params.lora.r.values`` sets ``values`` of the parameter ``lora.r``.
+    """
+    keys = _split_path(dotted)
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise KeyError(f"{dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _split_path(dotted: str) -> list[str]:
+    keys = dotted.split(".")
+    if keys[:2] != ["search", "params"] or len(keys) < 3:
+        return keys
+    rest = keys[2:]
+    if len(rest) > 1 and rest[-1] in SearchParam.model_fields:
+        return ["search", "params", ".".join(rest[:-1]), rest[-1]]
+    return ["search", "params", ".".join(rest)]
+
+
+def get_path(tree: Any, dotted: str) -> Any:
+    node = tree
+    for key in dotted.split("."):
+        node = node[key] if isinstance(node, dict) else getattr(node, key)
+    return node
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> ``{"a.b": 1}``; every malformed pair is reported at once."""
+    out: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            problems.append(f"{pair!r}: expected KEY=VALUE (e.g. train.max_steps=50)")
+        elif not all(part.strip() for part in key.split(".")):
+            problems.append(f"{pair!r}: {key!r} is not a dotted path (e.g. train.max_steps)")
+        else:
+            out[key] = parse_value(raw)
+    if problems:
+        raise ConfigError("--set", problems)
+    return out
+
+
+def _clean_loc(loc: tuple[Any, ...], tree: Any, *, missing: bool) -> tuple[str, str | None]:
+    """Dotted path of an error, and the union member pydantic tagged it with (if any).
+
+    Pydantic puts union member tags (``str``, ``list[str]``) and validator names into ``loc``;
+    only the parts that are keys or indices of the input belong in the path the user sees.
+    """
+    parts: list[str] = []
+    tag: list[str] = []
+    node: Any = tree
+    for i, p in enumerate(loc):
+        last = i == len(loc) - 1
+        in_dict = isinstance(node, dict) and p in node
+        in_list = isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node)
+        if in_dict or in_list:
+            node = node[p]
+        elif not (missing and last):  # a tag: not part of the input
+            if not tag:
+                tag = [".".join(parts), str(p)]
+            continue
+        parts.append(str(p))
+    if tag:
+        return ".".join(parts), f"{tag[0]}\0{tag[1]}"
+    return ".".join(parts), None
+
+
+def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
+    """One ``path: message`` line per problem; a union's failed alternatives share one line."""
+    problems: list[str] = []
+    unions: dict[str, list[str]] = {}
+    for e in err.errors():
+        path, union = _clean_loc(tuple(e["loc"]), tree, missing=e["type"] == "missing")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if union is None:
+            problems.append(f"{path}: {msg}" if path else msg)
+            continue
+        root, member = union.split("\0")
+        rest = path[len(root) :].lstrip(".")
+        if root not in unions:
+            unions[root] = []
+            problems.append(root)  # placeholder, filled below in first-seen order
+        unions[root].append(f"as {member}: {rest + ': ' if rest else ''}{msg}")
+    return [
+        f"{p}: {'; '.join(unions[p])}" if p in unions else p
+        for p in dict.fromkeys(problems)  # keeps order, drops exact duplicates
+    ]
+
+
+def validate_tree(
+    tree: dict[str, Any], *, source: str = "<config>", model: type[Config] = Config
+) -> Config:
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(source, _format_errors(err, tree)) from None
+
+
+def validate_spec(tree: dict[str, Any], *, source: str = "<spec>") -> SearchSpec:
+    """A search spec: like ``validate_tree``, with the ``search`` section required."""
+    if not isinstance(tree.get("search"), dict):
+        raise ConfigError(source, ["search: missing (a search spec needs a search section)"])
+    spec = validate_tree(tree, source=source, model=SearchSpec)
+    assert isinstance(spec, SearchSpec)  # for mypy: model_validate of SearchSpec returns one
+    return spec
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        tree = yaml_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [_yaml_problem(err)]) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            str(path),
+            [f"top level must be a mapping of sections (model:, data:, ...), got {_kind(tree)}"],
+        )
+    return tree
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where the YAML breaks and why (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or not problem:
+        return "not valid YAML: " + " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context = getattr(err, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read YAML (or start from defaults), apply ``--set`` overrides, validate all at once."""
+    source = str(path) if path is not None else "<defaults>"
+    tree = read_yaml(path) if path is not None else {}
+    tree = copy.deepcopy(tree)
+    problems = []
+    for key, value in (overrides or {}).items():
+        try:
+            set_path(tree, key, value)
+        except KeyError as err:
+            problems.append(f"--set {err.args[0]}")
+    try:
+        cfg = validate_tree(tree, source=source)
+    except ConfigError as err:
+        raise ConfigError(source, problems + err.problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
