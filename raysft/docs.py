@@ -16,7 +16,8 @@ from typing import Any, get_args
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from raysft.config import Config
+from raysft.config import Config, SearchParam
+from raysft.train.metrics import METRICS
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
@@ -55,7 +56,6 @@ def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseM
 def reference() -> str:
     """The metric registry's table, then one table per config section (field types, defaults,
     descriptions)."""
-    from raysft.config import SearchParam
 
     lines: list[str] = [metrics_table().rstrip("\n"), ""]
     seen = set()
@@ -92,7 +92,6 @@ def reference() -> str:
 
 def metrics_table() -> str:
     """The metric registry as a table: what ``search.metric`` can name, and when it is computed."""
-    from raysft.train.metrics import METRICS
 
     when = {"step": "each step (logged at evals)", "eval": "every eval", "final": "last eval only"}
     lines = [

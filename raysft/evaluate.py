@@ -19,16 +19,18 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
+from raysft.assets import available, resolve
 from raysft.cli import run_cli, setup_logging
 from raysft.config import Config, load_config, parse_overrides, set_path, validate_tree
 from raysft.data.formats import Conversation, code_tests
+from raysft.data.pipeline import load_split
+from raysft.data.templates import Example, render, tokenize
 from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
+from raysft.train.device import resolve_device
 from raysft.train.metrics import METRICS, Metric
-
-if TYPE_CHECKING:
-    from raysft.data.templates import Example
+from raysft.train.model import from_pretrained, load_tokenizer
 
 log = logging.getLogger("raysft.evaluate")
 
@@ -59,7 +61,6 @@ class ModelScore:
 def adapter_base(adapter_dir: Path) -> str:
     """The base model an adapter was trained on. A path ending in ``raysft/assets/NAME`` (the
     embedded base, resolved where the trial ran) maps back to ``embedded:NAME``."""
-    from raysft.assets import available
 
     try:
         meta = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
@@ -156,7 +157,6 @@ def _settings(
 
 def eval_rows(cfg: Config) -> list[Conversation]:
     """The held-out conversations ``cfg`` scores on (``data.eval``, or its seeded split)."""
-    from raysft.data.pipeline import load_split
 
     _, rows, _ = load_split(cfg.data, seed=cfg.train.seed)
     return rows
@@ -166,10 +166,6 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
     """(model in eval mode, tokenizer) for a model dir, an adapter dir or a base model spec."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from raysft.assets import resolve
-    from raysft.train.device import resolve_device
-    from raysft.train.model import from_pretrained, load_tokenizer
 
     path = Path(resolve(model))
     adapter = (path / "adapter_config.json").is_file()
@@ -211,7 +207,6 @@ def _tokenized(
 ) -> tuple[list[Example], list[Conversation]]:
     """Rows tokenized as in training, without those whose answer truncation cut off entirely
     (nothing to score; logged)."""
-    from raysft.data.templates import render, tokenize
 
     kept = [
         (ex, conv)
@@ -246,7 +241,6 @@ def score_model(
     settings. Scoring two models on the same rows makes their numbers comparable."""
     import functools
 
-    from raysft.train.device import resolve_device
     from raysft.train.evaluate import compute, eval_loss_sum, generate_answers
     from raysft.train.recipe import autocast_for
 

@@ -13,12 +13,12 @@ from typing import NoReturn
 from raysft.cli import run_cli, setup_logging
 from raysft.config import validate_spec
 from raysft.errors import SearchStateError
+from raysft.search.promote import promote
+from raysft.search.results import SUMMARY_FILE, write_summary
+from raysft.search.tracking import client
 
 
 def _main() -> int:
-    from raysft.search.promote import promote
-    from raysft.search.results import SUMMARY_FILE, write_summary
-    from raysft.search.tracking import client
 
     parser = argparse.ArgumentParser(prog="python -m raysft.promote", description=__doc__)
     parser.add_argument("experiment_dir", help="the search.experiment_dir of a finished search")

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from raysft.cli import config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
+from raysft.search.driver import run_search
 from raysft.search.resources import (
     attaching_to_cluster,
     local_nodes,
@@ -23,8 +24,10 @@ from raysft.search.resources import (
     plan_memory,
     plan_resources,
 )
+from raysft.search.results import SUMMARY_FILE, table
 from raysft.search.space import describe_space
 from raysft.search.spec import load_spec, trial_memory
+from raysft.search.tracking import runs_page, ui_command
 
 
 def _dry_run(cfg: SearchSpec) -> int:
@@ -59,8 +62,6 @@ def _dry_run(cfg: SearchSpec) -> int:
 
 
 def _print_summary(summary: dict[str, Any], metric: str) -> None:
-    from raysft.search.results import SUMMARY_FILE, table
-    from raysft.search.tracking import runs_page, ui_command
 
     print()
     print(table(summary["trials"], metric))
@@ -110,7 +111,6 @@ def _main() -> int:
     if args.dry_run:
         return _dry_run(cfg)
     setup_logging(args.verbose)
-    from raysft.search.driver import run_search
 
     summary = run_search(args.config, tree, cfg, resume=args.resume)
     _print_summary(summary, cfg.search.metric)

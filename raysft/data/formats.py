@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from raysft.assets import resolve
 from raysft.errors import DataError, RaysftError
 
 Message = dict[str, str]
@@ -222,7 +223,6 @@ def sources_have_tests(sources: str | list[str]) -> bool:
 
 def _iter_rows(source: str) -> Iterator[tuple[int, Any]]:
     """Yield (row index, row) from a file, a saved dataset dir or ``hf:NAME[:SPLIT]``."""
-    from raysft.assets import resolve
 
     if source.startswith("hf:"):
         yield from _iter_hub(source[3:])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, SearchSpec, validate_tree
+from raysft.evaluate import as_json, eval_rows, metrics_table, score_model, side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ SHOWN = 5  # prompts shown side by side
 
 def _score_pair(cfg_tree: dict[str, Any], tuned_dir: str) -> dict[str, Any]:
     """In a Ray worker: score the base and the tuned model on the trial config's eval rows."""
-    from raysft.evaluate import as_json, eval_rows, metrics_table, score_model, side_by_side
 
     cfg = validate_tree(cfg_tree, source="<best trial>")
     rows = eval_rows(cfg)

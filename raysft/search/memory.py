@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from raysft.assets import resolve
 from raysft.config import Config, LoraSection, ModelSection
 from raysft.errors import ModelError
 
@@ -127,8 +128,6 @@ def model_shape(model: ModelSection) -> ModelShape:
 def _shape(name_or_path: str, revision: str | None, trust_remote_code: bool) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from raysft.assets import resolve
 
     try:
         # Local files only: planning stays offline and instant (a hub id: from the HF cache).

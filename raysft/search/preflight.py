@@ -13,8 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from raysft.assets import resolve
 from raysft.config import Config, ModelSection, SearchSpec
+from raysft.data.formats import load_conversations
+from raysft.data.pipeline import prepare_data
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
+from raysft.train.model import from_pretrained, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +29,6 @@ def preflight(spec: SearchSpec, *, source: str) -> Any:
     Raises ``ModelError``, ``DataError`` or ``TemplateError`` (one message naming the place),
     or ``ConfigError`` for a searched ``train.seed`` that picks the eval rows.
     """
-    from raysft.data.pipeline import prepare_data
-    from raysft.train.model import load_tokenizer
 
     try:
         check_model(spec.model)
@@ -56,9 +58,6 @@ def check_model(model: ModelSection) -> None:
     """The model's config loads and names an architecture ``AutoModelForCausalLM`` builds."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from raysft.assets import resolve
-    from raysft.train.model import from_pretrained
 
     name = model.name_or_path
     path = Path(resolve(name)).expanduser()
@@ -90,7 +89,6 @@ def seed_picks_eval_rows(cfg: Config) -> bool:
 
     Counts the eval source's usable rows the way the data pipeline does before sampling.
     """
-    from raysft.data.formats import load_conversations
 
     d = cfg.data
     if d.eval is None:

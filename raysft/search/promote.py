@@ -26,8 +26,10 @@ from typing import Any
 
 import yaml
 
+from raysft.assets import resolve
 from raysft.config import Config, PromoteSection, SearchSpec
 from raysft.errors import ModelError
+from raysft.search.preflight import seed_picks_eval_rows
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
 from raysft.search.tracking import redact_tree
@@ -46,7 +48,6 @@ CHAMPION_FILE = "champion.json"  # the export's registry identity, written once 
 
 
 def _file_digest(spec: str) -> str:
-    from raysft.assets import resolve
 
     path = Path(resolve(spec))
     if path.is_file():
@@ -68,7 +69,6 @@ def eval_fingerprint(cfg: Config) -> str:
     the rendering (format, template, system prompt, max_seq_len), the tokenizer (the model)
     and the generation settings of the generated-answer metrics.
     """
-    from raysft.search.preflight import seed_picks_eval_rows
 
     d = cfg.data
     sources = d.eval if d.eval is not None else d.train
@@ -377,8 +377,6 @@ def load_champion(directory: str | Path) -> tuple[Any, Any]:
     it as is). Revision and trust_remote_code come from the export's config.yaml.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raysft.assets import resolve
 
     d = Path(directory)
     own = d / "config.yaml"

@@ -25,6 +25,7 @@ from raysft.config import (
 )
 from raysft.errors import ConfigError, ModelError
 from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
+from raysft.search.preflight import preflight as read_as_a_trial
 from raysft.search.resources import attaching_to_cluster, check_resources, local_nodes
 from raysft.train.metrics import METRICS, objective_mode, reported
 
@@ -88,8 +89,6 @@ def load_spec(
         raise ConfigError(path, problems)
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
     if preflight and checked_here:
-        from raysft.search.preflight import preflight as read_as_a_trial
-
         read_as_a_trial(spec, source=path)
     return tree, spec
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import validate_spec
+from raysft.search.resources import cap_process_memory
+from raysft.search.results import error_cause
 from raysft.search.space import TrialConfigs, trial_output_dir
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,6 @@ def _train_worker(loop: dict[str, Any]) -> None:
     from raysft.train.recipe import Dist, run_trial
 
     if loop.get("gpu_share"):
-        from raysft.search.resources import cap_process_memory
-
         # Before the first CUDA allocation: this trial's cache cannot starve its GPU's others.
         cap_process_memory(loop["gpu_share"])
     cfg = loop["resolve"](loop["trial_id"], loop["sampled"])
@@ -124,7 +124,6 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
 
 
 def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
-    from raysft.search.results import error_cause
 
     # Attempts of an earlier driver (before a --resume) count too.
     attempts: list[dict[str, Any]] = json.loads(record.read_text()) if record.is_file() else []

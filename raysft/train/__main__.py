@@ -14,11 +14,18 @@ from typing import NoReturn
 
 from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
+from raysft.data.pipeline import load_split
+from raysft.data.templates import render, tokenize, trained_spans
+from raysft.search.preflight import check_model
+from raysft.train.model import (
+    build_meta_model,
+    count_parameters,
+    format_parameter_counts,
+    load_tokenizer,
+)
 
 
 def _dry_run(cfg: Config) -> int:
-    from raysft.search.preflight import check_model
-    from raysft.train.model import build_meta_model, count_parameters, format_parameter_counts
 
     check_model(cfg.model)  # an unsupported architecture is a user error, not a traceback
     print(dump_config(cfg), end="")
@@ -39,9 +46,6 @@ def _runs(ex, tokenizer) -> list[tuple[str, bool]]:
 
 
 def _preview(cfg: Config, n: int, as_json: bool) -> int:
-    from raysft.data.pipeline import load_split
-    from raysft.data.templates import render, tokenize, trained_spans
-    from raysft.train.model import load_tokenizer
 
     # Data first: a bad row is reported before the (slower) tokenizer load.
     train, _, report = load_split(cfg.data, seed=cfg.train.seed, with_eval=False)

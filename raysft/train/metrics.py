@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from raysft.data.formats import sources_have_tests
 from raysft.train import scoring
 
 Cadence = Literal["step", "eval", "final"]
@@ -94,7 +95,6 @@ def _generates(cfg: Any) -> bool:
 
 
 def _has_tests(cfg: Any) -> bool:
-    from raysft.data.formats import sources_have_tests
 
     d = cfg.data
     return _generates(cfg) and sources_have_tests(d.eval if d.eval is not None else d.train)

@@ -17,8 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raysft.assets import resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
 from raysft.errors import ModelError
+from raysft.train.device import native_bf16
 
 if TYPE_CHECKING:
     import peft
@@ -38,7 +40,6 @@ _GATED = re.compile(r"gated repo|\b401 client error|\bunauthorized\b", re.IGNORE
 
 
 def _resolve(spec: str) -> str:
-    from raysft.assets import resolve
 
     return resolve(spec)
 
@@ -164,8 +165,6 @@ def _torch_device(device: str | torch.device) -> torch.device:
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """The dtype the base model loads in (``model.dtype``; full: float32 master weights)."""
     import torch
-
-    from raysft.train.device import native_bf16
 
     if cfg.method == "full":
         return torch.float32  # validation refuses a half model.dtype with method full

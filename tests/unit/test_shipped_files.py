@@ -48,7 +48,9 @@ def test_cluster_yaml_has_head_gpu_workers_and_mlflow() -> None:
     assert cluster["head_node_type"] in types
     assert any("g5" in t["node_config"]["InstanceType"] for t in types.values())
     assert any("pip install" in c and "raysft" in c for c in cluster["setup_commands"])
-    assert any("mlflow server" in c for c in cluster["head_start_ray_commands"])
+    mlflow = [c for c in cluster["head_start_ray_commands"] if "mlflow server" in c]
+    assert mlflow and all("--host 127.0.0.1" in c for c in mlflow), "MLflow open beyond the head"
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text(encoding="utf-8")
 
 
 def test_readme_reference_matches_schema() -> None:
