@@ -199,11 +199,18 @@ def run_search(
     """Run (or ``resume``) the search of a validated spec; returns summary.json's content."""
     t0 = time.perf_counter()
     exp_dir = _open_experiment(spec_path, cfg, resume=resume)
-    scratch = tempfile.mkdtemp(prefix="raysft-workers-")
+    scratch = tempfile.mkdtemp(prefix="rsft-", dir=_short_temp_root())
     try:
         return _search(spec_path, tree, cfg, exp_dir, resume=resume, scratch=scratch, t0=t0)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _short_temp_root() -> str:
+    """Where the local Ray's scratch goes: the temp dir, unless its path is too long for the
+    unix sockets Ray's dashboard makes there (AF_UNIX paths stop at 107 bytes), then /tmp."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= 40 else "/tmp"
 
 
 def _search(

