@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from raysft.bench.presets import LLAMA2_7B  # noqa: E402 - the one copy of the 7B shape
 from raysft.config import Config, validate_spec
 from raysft.errors import ConfigError
 from raysft.search import spec as spec_module
@@ -35,19 +36,6 @@ from raysft.search.resources import (
 )
 from raysft.search.spec import load_spec, trial_memory
 
-LLAMA2_7B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
 P_7B = 6_738_415_616  # Llama-2-7B parameters (peft's "all params" without adapters)
 LINEAR_7B = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o + gate, up, down
 UNQUANTIZED_7B = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096  # embeddings, lm_head, RMSNorms

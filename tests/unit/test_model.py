@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from raysft.bench.presets import LLAMA2_7B
 from raysft.config import Config, LoraSection, ModelSection, QloraSection, TrainSection
 from raysft.train.model import (
     ModelError,
@@ -155,20 +156,7 @@ def test_qlora_on_missing_cuda_is_a_model_error(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def llama2_7b_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("llama-2-7b")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 32000,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    }
-    (out / "config.json").write_text(json.dumps(config))
+    (out / "config.json").write_text(json.dumps(LLAMA2_7B))
     return out
 
 
