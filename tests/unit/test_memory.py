@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from raysft.bench.presets import LLAMA2_7B  # noqa: E402 - the one copy of the 7B shape
+from raysft.bench.presets import LLAMA2_7B
 from raysft.config import Config, validate_spec
 from raysft.errors import ConfigError
 from raysft.search import spec as spec_module
