@@ -142,6 +142,7 @@ def promote(
         return {"promoted": False, "reason": "the best trial left no checkpoint"}
     fp = eval_fingerprint(cfg)
     record: dict[str, Any] = {
+        "trial_id": best["trial_id"],
         "metric": s.metric,
         "value": value,
         "eval_fingerprint": fp,

@@ -279,6 +279,11 @@ def train(run: Run, report: Reporter | None) -> None:
     """Optimizer steps from the run's progress to ``max_steps``; eval + checkpoint every
     ``eval_every`` steps and at the last one."""
     cfg, progress = run.cfg, run.progress
+    if progress.history and report is not None:
+        # Resumed: say the checkpoint's record again. A search driver that died may never have
+        # heard it (the trial would miss that eval in MLflow, or, resumed at max_steps, end as
+        # stopped early); the MLflow callback drops a step it already logged.
+        report(progress.history[-1], None)
     run.model.train()
     t_train = time.perf_counter()
     times = run.times

@@ -75,6 +75,43 @@ def test_local_checkpoints_keep_the_latest_and_resume(tmp_path: Path) -> None:
     assert [h["step"] for h in again.history] == [1, 2, 3, 4]
 
 
+def test_a_resumed_run_first_reports_its_checkpoints_record_again(tmp_path: Path) -> None:
+    # A search's driver that died between a trial's report and hearing it: the restarted trial
+    # says that record again; resumed at max_steps it says its final result, not nothing.
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.exact_match": False})
+    first: list[dict[str, Any]] = []
+    ckpts = tmp_path / "out" / "checkpoints"
+    keep = LocalCheckpoints(ckpts)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        first.append(dict(metrics))
+        keep(metrics, checkpoint_dir)
+
+    run_trial(cfg, report=report)
+    again: list[tuple[dict[str, Any], str | None]] = []
+    run_trial(
+        cfg,
+        report=lambda m, c: again.append((dict(m), c)),
+        resume_from=str(ckpts / "step-000004"),
+    )
+    assert again == [(first[-1], None)]
+
+
+def test_a_run_resumed_mid_way_reports_its_checkpoint_then_goes_on(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path, "llama")
+    extra = {"train.max_steps": 6, "train.eval_every": 3, "train.exact_match": False}
+    cfg = _config(tmp_path, model_dir, "lora", **extra)
+    keep = _KeepAll(tmp_path / "ckpts")
+    run_trial(cfg, report=keep)
+    seen: list[tuple[int, bool]] = []
+    run_trial(
+        cfg,
+        report=lambda m, c: seen.append((m["step"], c is not None)),
+        resume_from=str(tmp_path / "ckpts" / "step-3"),
+    )
+    assert seen == [(3, False), (6, True)]
+
+
 def test_resume_from_a_directory_that_is_no_checkpoint_exits_2(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model: {name_or_path: 'embedded:tiny-base'}\n", encoding="utf-8")
