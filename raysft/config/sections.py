@@ -248,6 +248,12 @@ class ResourcesSection(_Section):
         "fit by the memory estimate with 10% headroom (1/n GPU each), when the GPU size is known "
         "(this machine's GPUs, or gpu_memory_gib) and workers is 1.",
     )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How a trial's workers share the model. `ddp`: each holds all of it. "
+        "`fsdp`: parameters, gradients and optimizer state split over the workers (full "
+        "fine-tuning only). `auto`: fsdp for method full with workers > 1, ddp otherwise.",
+    )
     gpu_memory_gib: float | None = Field(
         None,
         gt=0,
@@ -346,6 +352,22 @@ class SearchSpec(Config):
     """A search spec (``python -m raysft.tune``): a config whose ``search`` section is required."""
 
     search: SearchSection = Field(description="Search spec (raysft.tune only).")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether trials train with FSDP (search.resources.strategy resolved)."""
+        r = self.search.resources
+        wanted = r.strategy == "fsdp" or (r.strategy == "auto" and self.method == "full")
+        return wanted and r.workers > 1
+
+    @model_validator(mode="after")
+    def _fsdp_is_for_full_fine_tuning(self) -> SearchSpec:
+        if self.search.resources.strategy == "fsdp" and self.method != "full":
+            raise ValueError(
+                f"search.resources.strategy: fsdp shards full fine-tuning; method {self.method} "
+                "trains with ddp (its adapters are small: nothing worth sharding)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _device_matches_resources(self) -> SearchSpec:

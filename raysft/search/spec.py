@@ -115,7 +115,11 @@ def trial_memory(spec: SearchSpec) -> Estimate | str:
         except ModelError as err:
             return str(err)
         est = estimate(
-            cfg, shape, device="gpu" if gpu else "cpu", workers=spec.search.resources.workers
+            cfg,
+            shape,
+            device="gpu" if gpu else "cpu",
+            workers=spec.search.resources.workers,
+            sharded=spec.sharded,
         )
         if worst is None or est.peak > worst[0].peak:
             worst = est, combo

@@ -30,7 +30,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
     After a restart Ray hands back the trial's last reported checkpoint: training resumes there.
     """
     import ray.train
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from raysft.train.recipe import Dist, run_trial
 
@@ -39,14 +39,20 @@ def _train_worker(loop: dict[str, Any]) -> None:
         cap_process_memory(loop["gpu_share"])
     cfg = loop["resolve"](loop["trial_id"], loop["sampled"])
     ctx = ray.train.get_context()
-    dist = Dist(ctx.get_world_rank(), ctx.get_world_size())
+    dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), sharded=loop["sharded"])
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        # Uploaded to the run's storage in a background thread, then deleted here: training
+        # goes on meanwhile (a 7B full checkpoint is tens of GB). Reports stay in order.
+        ray.train.report(
+            metrics, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.ASYNC
+        )
+
+    report.takes_checkpoint_dir = True  # type: ignore[attr-defined]
 
     prepare = None
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not dist.sharded:  # FSDP: the recipe shards the model itself
         from ray.train.torch import prepare_model
 
         prepare = prepare_model
@@ -87,7 +93,8 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    search = validate_spec(tree).search
+    spec = validate_spec(tree)
+    search = spec.search
     res = search.resources
     gpus = res.gpus  # load_spec resolved auto to a number
     trial_id = ray.tune.get_context().get_trial_id()
@@ -103,6 +110,7 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
                 "trial_id": trial_id,
                 "sampled": config,
                 "gpu_share": gpus if 0 < gpus < 1 else None,  # a GPU shared between trials
+                "sharded": spec.sharded,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=res.workers,

@@ -108,11 +108,14 @@ def generate_answers(
     samples: int = 1,
     temperature: float = 0.0,
     seed: int = 0,
+    synced: bool = False,
 ) -> list[dict[str, Any]]:
     """``samples`` answers to each eval conversation's last user turn, in batches, cut at the
     template's stops, beside the reference: ``{"prompt", "expected", "generated" (the first),
     "answers", "tests"?}``. Prompts are tokenized as in training (``generation_prompt_ids``).
-    Sampling draws from its own seeded RNG, so the trainer's RNG stream is left as it was."""
+    Sampling draws from its own seeded RNG, so the trainer's RNG stream is left as it was.
+    ``synced``: a sharded model, whose every forward is a collective; all ranks generate until
+    the last one is done."""
     was_training = model.training
     model.eval()
     stops, stop_ids = answer_stops(template, tokenizer)
@@ -137,6 +140,7 @@ def generate_answers(
                     eos_token_id=stop_ids or None,
                     pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,  # one row per prompt here, no packing: the cache is safe
+                    synced_gpus=synced,
                     **decoding,
                 )
             rows = out[:, width:].tolist()  # samples consecutive rows per prompt

@@ -294,8 +294,18 @@ def format_parameter_counts(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path, *, method: str) -> Path:
-    """lora/qlora: the adapter only; full: the whole model. The tokenizer goes alongside."""
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    method: str,
+    weights: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """lora/qlora: the adapter only; full: the whole model, from ``weights`` when given (a
+    sharded model's gathered state), cast to ``dtype`` when given (bf16: half the bytes of an
+    fp32 export). The tokenizer goes alongside."""
     from peft import PeftModel
 
     out = Path(out_dir)
@@ -305,11 +315,18 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path, *, method: str) 
             raise ModelError(f"method: {method} but the model has no adapter to save")
         model.save_pretrained(str(out))
     else:
+        state = weights if weights is not None else model.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # Inference from the export should use the KV cache again; restore after saving.
         model.config.use_cache = True
+        saved_dtype = model.config.dtype
         try:
-            model.save_pretrained(out)
+            if dtype is not None:
+                model.config.dtype = dtype
+            model.save_pretrained(out, state_dict=state)
         finally:
             model.config.use_cache = False
+            model.config.dtype = saved_dtype
     tokenizer.save_pretrained(out)
     return out

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from raysft.config import Config, dump_config, get_path, parse_value
 from raysft.data.batching import BatchStream, make_bins
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
-from raysft.errors import DataError
+from raysft.errors import ConfigError, DataError
+from raysft.train import fsdp
 from raysft.train.device import granted_gpus, native_bf16, resolve_device
 from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
 from raysft.train.metrics import METRICS
@@ -40,7 +42,9 @@ from raysft.train.state import Progress, load_state, save_state
 log = logging.getLogger(__name__)
 
 # report(metrics, checkpoint_dir) -> None; checkpoint_dir holds the adapter (or model) and the
-# training state at that step, and is deleted once report returns.
+# training state at that step, and is deleted once report returns, unless the reporter has
+# ``takes_checkpoint_dir = True``: then it is the reporter's (Ray uploads it in the background
+# and deletes it, and training goes on meanwhile).
 Reporter = Callable[[dict[str, Any], str | None], None]
 
 
@@ -58,6 +62,7 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
+    sharded: bool = False  # FSDP: parameters, gradients and optimizer state split over ranks
 
 
 @dataclass
@@ -70,7 +75,7 @@ class Run:
     autocast: Callable[[], Any]
     tokenizer: Any
     data: Any  # PreparedData
-    model: Any  # the model whose weights train and are saved
+    model: Any  # the model whose weights train and are saved (sharded in place by FSDP)
     train_model: Any  # what the forward pass calls (DDP-wrapped with several workers)
     neftune: Any
     optimizer: Any
@@ -79,19 +84,22 @@ class Run:
     evaluate: Callable[..., tuple[dict[str, float], list[dict[str, str]]]]
     progress: Progress
     t0: float
+    export_dtype: torch.dtype | None = None  # full fine-tuning's export: bf16 on bf16 runs
     train_seconds: float = 0.0
     # Where this process's time went, seconds: setup_s, step_s, eval_s, checkpoint_s.
     times: dict[str, float] = field(default_factory=dict)
 
 
+def computes_in_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether ``train.precision`` asks for bf16 compute on ``device``."""
+    # Native bf16 only: is_bf16_supported() alone also counts slow emulation (T4, V100).
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and native_bf16(device))
+
+
 def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
     """A context-manager factory: bf16 autocast where ``train.precision`` asks for it, else none."""
 
-    # Native bf16 only: is_bf16_supported() alone also counts slow emulation (T4, V100).
-    use_bf16 = cfg.train.precision == "bf16" or (
-        cfg.train.precision == "auto" and native_bf16(device)
-    )
-    if not use_bf16:
+    if not computes_in_bf16(cfg, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -158,7 +166,16 @@ def setup(
 
     model = load_model(cfg, device=device)
     neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
-    train_model = prepare_model(model) if prepare_model else model
+    if dist.sharded:
+        if cfg.method != "full":
+            raise ConfigError(
+                "search.resources.strategy",
+                [f"fsdp shards full fine-tuning; method {cfg.method} trains with ddp"],
+            )
+        model = train_model = fsdp.shard(model, bf16=computes_in_bf16(cfg, device))
+        log.info("FSDP: every decoder layer sharded over %d workers", dist.world_size)
+    else:
+        train_model = prepare_model(model) if prepare_model else model
     optimizer, scheduler = _build_optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id
     loss = functools.partial(
@@ -182,6 +199,7 @@ def setup(
         batch_size=32,
         device=device,
         autocast=autocast,
+        synced=dist.sharded,
     )
     evaluate = functools.partial(score, cfg, loss=loss, answers=answers)
     stream = BatchStream(
@@ -205,9 +223,10 @@ def setup(
             base, _ = evaluate(final=True, only=("exact_match",))
             progress.final["base_exact_match"] = base["exact_match"]
             log.info("base model exact match: %.3f", base["exact_match"])
+    export_dtype = torch.bfloat16 if computes_in_bf16(cfg, device) else None
     return Run(
         cfg, dist, device, autocast, tokenizer, data, model, train_model, neftune, optimizer,
-        scheduler, stream, evaluate, progress, t0,
+        scheduler, stream, evaluate, progress, t0, export_dtype,
     )  # fmt: skip
 
 
@@ -243,10 +262,10 @@ def train_step(run: Run) -> dict[str, Any]:
         if run.neftune is not None:
             run.neftune.set_lengths(batch["seg_lens"].to(run.device))
         # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-        sync = i == len(micro) - 1 or not hasattr(run.train_model, "no_sync")
-        with contextlib.nullcontext() if sync else run.train_model.no_sync(), run.autocast():
-            loss_sum, _ = forward_loss(run.train_model, batch, run.device)
-        (loss_sum * scale).backward()
+        with fsdp.gradient_sync(run.train_model, i == len(micro) - 1):
+            with run.autocast():
+                loss_sum, _ = forward_loss(run.train_model, batch, run.device)
+            (loss_sum * scale).backward()
         step_loss += float(loss_sum.detach())
     step_loss = _sum_over_ranks(run, step_loss) / n_tokens
     if cfg.train.max_grad_norm:
@@ -330,20 +349,35 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
     """Report ``record`` with a checkpoint (export + training state) written by rank 0."""
     if report is None:
         return
-
+    # A sharded model's full state is gathered to rank 0: a collective, every rank joins.
+    full = fsdp.gather(run.model, run.optimizer) if run.dist.sharded else None
     if run.dist.rank != 0:
         report(record, None)
         return
-    with tempfile.TemporaryDirectory(prefix="raysft-ckpt-") as tmp:
-        save_model(run.model, run.tokenizer, tmp, method=run.cfg.method)
+    tmp = tempfile.mkdtemp(prefix="raysft-ckpt-")
+    handed_over = False
+    try:
+        save_model(
+            run.model,
+            run.tokenizer,
+            tmp,
+            method=run.cfg.method,
+            weights=full[0] if full else None,
+            dtype=run.export_dtype,
+        )
         save_state(
             tmp,
             progress=run.progress,
             model=run.model,
             optimizer=run.optimizer,
             scheduler=run.scheduler,
+            full=full,
         )
         report(record, tmp)
+        handed_over = getattr(report, "takes_checkpoint_dir", False)
+    finally:
+        if not handed_over:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finish(run: Run) -> TrialResult:
@@ -361,15 +395,25 @@ def finish(run: Run) -> TrialResult:
     final["wall_seconds"] = round(time.perf_counter() - run.t0, 2)
     out_dir = Path(run.cfg.output_dir)
     result = TrialResult(str(out_dir), final, run.progress.history, run.data.report.as_dict())
+    weights = fsdp.gather(run.model)[0] if run.dist.sharded else None  # a collective
     if run.dist.rank == 0:
-        _write_outputs(out_dir, run, result)
+        _write_outputs(out_dir, run, result, weights)
     return result
 
 
-def _write_outputs(out_dir: Path, run: Run, result: TrialResult) -> None:
+def _write_outputs(
+    out_dir: Path, run: Run, result: TrialResult, weights: dict[str, Any] | None
+) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(run.model, run.tokenizer, str(out_dir), method=run.cfg.method)
+    save_model(
+        run.model,
+        run.tokenizer,
+        str(out_dir),
+        method=run.cfg.method,
+        weights=weights,
+        dtype=run.export_dtype,
+    )
     (out_dir / "config.yaml").write_text(dump_config(run.cfg), encoding="utf-8")
     metrics = {"final": result.final, "history": result.history, "data": result.data}
     (out_dir / "metrics.json").write_text(

@@ -48,22 +48,36 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_state(
-    directory: str | Path, *, progress: Progress, model: Any, optimizer: Any, scheduler: Any
+    directory: str | Path,
+    *,
+    progress: Progress,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    full: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the training state into ``directory`` (the checkpoint being reported)."""
+    """Write the training state into ``directory`` (the checkpoint being reported). ``full``:
+    the weights and optimizer state a sharded model gathered (``fsdp.gather``), else they are
+    read from ``model`` and ``optimizer``."""
     path = Path(directory) / STATE_FILE
-    trainable = {
-        name: p.detach().to("cpu", copy=True)
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    if full is None:
+        trainable = {
+            name: p.detach().to("cpu", copy=True)
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+        optim = optimizer.state_dict()
+    else:
+        weights, optim = full
+        trainable = {name: t.float() for name, t in weights.items()}
     torch.save(
         {
             "progress": asdict(progress),
             "trainable": trainable,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_states(),
+            "sharded": full is not None,
         },
         path,
     )
@@ -82,6 +96,22 @@ def load_state(directory: str | Path, *, model: Any, optimizer: Any, scheduler: 
             ],
         )
     state = torch.load(path, map_location="cpu", weights_only=False)
+    from raysft.train import fsdp
+
+    if state.get("sharded", False) != fsdp.is_sharded(model):
+        kinds = ("a single model or DDP", "FSDP (search.resources.strategy: fsdp)")
+        raise ConfigError(
+            "--resume-from",
+            [
+                f"{directory}: a checkpoint of {kinds[state.get('sharded', False)]} training "
+                f"cannot resume {kinds[fsdp.is_sharded(model)]} training"
+            ],
+        )
+    if state.get("sharded"):
+        fsdp.restore(model, optimizer, state["trainable"], state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_states(state["rng"])
+        return Progress(**state["progress"])
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state["trainable"]]
     unknown = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from test_recipe import _model_dir
 
 from raysft.config import load_config
 from raysft.errors import DataError
-from raysft.train.recipe import Dist, run_trial
+from raysft.train.recipe import Dist, finish, run_trial, setup, train
 
 
 def _rows(path: Path) -> Path:
@@ -107,3 +108,69 @@ def test_fewer_rows_than_workers_is_an_error_before_training(tmp_path: Path) -> 
     with pytest.raises(DataError, match="1 training row\\(s\\) .* for 2 workers"):
         run_trial(cfg, dist=Dist(0, 2))
     assert not (tmp_path / "x").exists()
+
+
+def _fsdp_worker(rank: int, tmp: str, model_dir: str, port: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        full = {"method": "full", "train.max_steps": 2}
+        cfg = _cfg(Path(tmp), Path(model_dir), grad_accum=2, out="fsdp", **full)
+        seen: list[str] = []
+
+        def report(metrics: dict, checkpoint_dir: str | None) -> None:
+            if checkpoint_dir is not None:  # rank 0 writes; keep step 1's to resume from
+                shutil.copytree(checkpoint_dir, Path(tmp) / f"fsdp-ckpt-{metrics['step']}")
+
+        run = setup(cfg, dist=Dist(rank, 2, sharded=True))
+        # Every parameter is a shard: this rank holds about half of the model.
+        local = sum(p.to_local().numel() for p in run.model.parameters())
+        total = sum(p.numel() for p in run.model.parameters())
+        seen.append(f"{local}/{total}")
+        train(run, report)
+        finish(run)
+        (Path(tmp) / f"fsdp-shard-{rank}.txt").write_text(seen[0])
+        # Resumed from step 1 (sharded state restored on both ranks), it ends where it ended.
+        again = _cfg(Path(tmp), Path(model_dir), grad_accum=2, out="fsdp-resumed", **full)
+        run_trial(again, dist=Dist(rank, 2, sharded=True), resume_from=f"{tmp}/fsdp-ckpt-1")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_shards_full_fine_tuning_and_takes_the_step_of_one_worker(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path, "llama")
+    _rows(tmp_path / "rows.jsonl")
+    torch.set_num_threads(1)
+    full = {"method": "full", "train.max_steps": 2}
+    single = run_trial(_cfg(tmp_path, model_dir, grad_accum=4, out="single", **full))
+    os.environ.pop("RANK", None)
+    mp.spawn(_fsdp_worker, args=(str(tmp_path), str(model_dir), _free_port()), nprocs=2, join=True)
+
+    for rank in (0, 1):
+        local, total = map(int, (tmp_path / f"fsdp-shard-{rank}.txt").read_text().split("/"))
+        assert 0.45 * total <= local <= 0.55 * total, (rank, local, total)
+    history = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())["history"]
+    for ours, theirs in zip(history, single.history, strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-5), ours["step"]
+    a = load_file(str(tmp_path / "single" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    c = load_file(str(tmp_path / "fsdp-resumed" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(c[key], b[key], atol=1e-6, rtol=1e-5)
+    resumed = json.loads((tmp_path / "fsdp-resumed" / "metrics.json").read_text())
+    assert resumed["final"]["eval_loss"] == pytest.approx(history[-1]["eval_loss"], abs=1e-5)
+
+
+def test_fsdp_with_lora_is_refused(tmp_path: Path) -> None:
+    from raysft.errors import ConfigError
+
+    model_dir = _model_dir(tmp_path, "llama")
+    _rows(tmp_path / "rows.jsonl")
+    cfg = _cfg(tmp_path, model_dir, grad_accum=1, out="x")
+    with pytest.raises(ConfigError, match="fsdp shards full fine-tuning"):
+        setup(cfg, dist=Dist(0, 2, sharded=True))

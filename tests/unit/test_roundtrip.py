@@ -171,6 +171,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
     for name in b0:
         assert torch.equal(b0[name], a0[name]), name  # same start
         big, acc = b1[name] - b0[name], a1[name] - a0[name]
-        assert torch.allclose(big, acc, rtol=1e-4, atol=1e-7), (name, (big - acc).abs().max())
+        # atol: 2 ulps of a weight near 1.0 (norm weights), the resolution of b1 - b0 there.
+        assert torch.allclose(big, acc, rtol=1e-4, atol=2.5e-7), (name, (big - acc).abs().max())
         moved += bool(big.abs().max() > 0)
     assert moved > len(b0) // 2

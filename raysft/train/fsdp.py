@@ -1,0 +1,102 @@
+"""Sharded data parallelism for full fine-tuning (FSDP2, ``torch.distributed.fsdp.fully_shard``).
+
+With ``search.resources.strategy: fsdp`` (the default for ``method: full`` with several workers)
+every rank holds 1/world_size of the parameters, gradients and AdamW state instead of a whole
+copy each (DDP): a 7B model's 16 bytes per parameter split over the trial's workers. Each decoder
+layer is its own shard group, all-gathered for its forward and backward and freed after, so one
+layer at a time is whole. Gradients are reduce-scattered in fp32 (averaged over ranks, as DDP
+does); with bf16 compute the all-gather sends bf16 parameters.
+
+Checkpoints: the full (unsharded) weights and optimizer state are gathered to rank 0's CPU
+memory, a collective every rank joins, and rank 0 writes them (the export in the run's compute
+dtype, the training state in fp32 for an exact resume). A resume loads the full state on every
+rank and each keeps its shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def _layer_classes(model: Any) -> set[str]:
+    """The model's repeated block classes (what Hugging Face never splits across devices)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} names no decoder layer class (_no_split_modules): "
+            "cannot shard it layer by layer"
+        )
+    return names
+
+
+def shard(model: Any, *, bf16: bool) -> Any:
+    """Shard ``model`` in place across the default process group (every decoder layer, then
+    the rest: embeddings, final norm, head); returns it. Build the optimizer afterwards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+    )
+    classes = _layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no module of class {sorted(classes)} found")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: Any) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+@contextlib.contextmanager
+def gradient_sync(model: Any, sync: bool) -> Iterator[None]:
+    """Synchronize gradients on this backward only when ``sync``: once per optimizer step, on
+    its last micro-batch (DDP's ``no_sync``, FSDP's reduce-scatter switch), never per
+    micro-batch. A model run alone has nothing to synchronize."""
+    if sync:
+        if is_sharded(model):
+            model.set_requires_gradient_sync(True)
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        yield
+    else:
+        yield
+
+
+def gather(model: Any, optimizer: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The full weights (and optimizer state, given the optimizer) on rank 0's CPU, empty dicts
+    on other ranks. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = {} if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
+    return weights, optim
+
+
+def restore(model: Any, optimizer: Any, weights: dict[str, Any], optim: dict[str, Any]) -> None:
+    """Load full weights and optimizer state (as ``gather`` returns them) into the shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
