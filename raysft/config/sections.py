@@ -275,6 +275,10 @@ class ResourcesSection(_Section):
         """GPUs per worker as a number; ``auto`` is one whole GPU until the plan shares it."""
         return 1.0 if self.gpus_per_worker == "auto" else self.gpus_per_worker
 
+    def shards(self, method: str) -> bool:
+        """Whether a trial of ``method`` trains with FSDP (``strategy`` resolved)."""
+        return self.strategy != "ddp" and method == "full" and self.workers > 1
+
 
 class SearchSection(_Section):
     params: dict[str, SearchParam] = Field(description="Dotted config path -> distribution.")
@@ -353,18 +357,14 @@ class SearchSpec(Config):
 
     search: SearchSection = Field(description="Search spec (raysft.tune only).")
 
-    @property
-    def sharded(self) -> bool:
-        """Whether trials train with FSDP (search.resources.strategy resolved)."""
-        r = self.search.resources
-        wanted = r.strategy == "fsdp" or (r.strategy == "auto" and self.method == "full")
-        return wanted and r.workers > 1
-
     @model_validator(mode="after")
     def _fsdp_is_for_full_fine_tuning(self) -> SearchSpec:
-        if self.search.resources.strategy == "fsdp" and self.method != "full":
+        searched = self.search.params.get("method")
+        methods = {self.method, *(searched.values or [] if searched else [])}
+        if self.search.resources.strategy == "fsdp" and methods != {"full"}:
+            other = sorted(str(m) for m in methods - {"full"})[0]
             raise ValueError(
-                f"search.resources.strategy: fsdp shards full fine-tuning; method {self.method} "
+                f"search.resources.strategy: fsdp shards full fine-tuning; method {other} "
                 "trains with ddp (its adapters are small: nothing worth sharding)"
             )
         return self

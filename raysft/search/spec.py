@@ -119,7 +119,7 @@ def trial_memory(spec: SearchSpec) -> Estimate | str:
             shape,
             device="gpu" if gpu else "cpu",
             workers=spec.search.resources.workers,
-            sharded=spec.sharded,
+            sharded=spec.search.resources.shards(cfg.method),
         )
         if worst is None or est.peak > worst[0].peak:
             worst = est, combo

@@ -39,7 +39,8 @@ def _train_worker(loop: dict[str, Any]) -> None:
         cap_process_memory(loop["gpu_share"])
     cfg = loop["resolve"](loop["trial_id"], loop["sampled"])
     ctx = ray.train.get_context()
-    dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), sharded=loop["sharded"])
+    sharded = loop["resources"].shards(cfg.method)  # this trial's method: it may be searched
+    dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), sharded=sharded)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -93,8 +94,7 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    spec = validate_spec(tree)
-    search = spec.search
+    search = validate_spec(tree).search
     res = search.resources
     gpus = res.gpus  # load_spec resolved auto to a number
     trial_id = ray.tune.get_context().get_trial_id()
@@ -110,7 +110,7 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
                 "trial_id": trial_id,
                 "sampled": config,
                 "gpu_share": gpus if 0 < gpus < 1 else None,  # a GPU shared between trials
-                "sharded": spec.sharded,
+                "resources": res,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=res.workers,

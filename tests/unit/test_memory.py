@@ -644,3 +644,44 @@ def test_cuda_process_cap_is_set() -> None:
             torch.empty(int(0.6 * total), dtype=torch.uint8, device="cuda")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_fsdp_splits_weights_grads_and_optimizer_over_the_workers(llama2_7b: Path) -> None:
+    cfg = cfg_of(llama2_7b, method="full", data={"max_seq_len": 1024}, train={"batch_size": 4})
+    shape = model_shape(cfg.model)
+    one = estimate(cfg, shape, device="gpu").phases["optimizer step"]
+    four = estimate(cfg, shape, device="gpu", workers=4, sharded=True).phases["optimizer step"]
+    assert four["grads"] == one["grads"] / 4
+    assert four["optimizer"] == one["optimizer"] / 4
+    # A quarter of the fp32 weights, plus two whole layers in the compute dtype (bf16).
+    layer = (P_7B - 2 * 32000 * 4096) / 32
+    assert four["weights"] == pytest.approx(one["weights"] / 4 + 2 * layer * 2)
+    ddp = estimate(cfg, shape, device="gpu", workers=4).phases["optimizer step"]
+    assert ddp["weights"] == one["weights"] and ddp["grads"] == 2 * one["grads"]
+
+
+@pytest.mark.usefixtures("no_gpu")
+def test_load_spec_plans_a_full_fine_tuning_trial_sharded(tmp_path: Path, llama2_7b: Path) -> None:
+    tree = spec_tree(llama2_7b, {"train.learning_rate": {"type": "choice", "values": [1e-5]}})
+    tree["method"] = "full"
+    tree["search"]["resources"].update(gpu_memory_gib=80, workers=8)
+    _, spec = load_spec(write_spec(tmp_path, tree), [], dry_run=True)  # fits: sharded over 8
+    assert spec.search.resources.shards("full")
+    tree["search"]["resources"]["strategy"] = "ddp"
+    with pytest.raises(ConfigError) as err:  # every worker holds 16 B/param: > 80 GB
+        load_spec(write_spec(tmp_path, tree), [], dry_run=True)
+    assert err.value.problems[0].startswith("search.resources: a trial needs ~")
+
+
+@pytest.mark.parametrize(("method", "searched"), [("lora", None), ("full", ["full", "qlora"])])
+def test_fsdp_strategy_is_refused_for_adapters(
+    tmp_path: Path, llama2_7b: Path, method: str, searched: list[str] | None
+) -> None:
+    params: dict[str, Any] = {"train.learning_rate": {"type": "choice", "values": [1e-5]}}
+    if searched:
+        params["method"] = {"type": "choice", "values": searched}
+    tree = spec_tree(llama2_7b, params, strategy="fsdp", workers=2)
+    tree["method"] = method
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_spec(tmp_path, tree), [], dry_run=True)
+    assert any("fsdp shards full fine-tuning" in p for p in err.value.problems), err.value.problems
