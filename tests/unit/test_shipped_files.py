@@ -64,3 +64,12 @@ def test_readme_quick_start_is_the_ci_command() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "make test" in ci.splitlines()[-1] and "make test" in readme and "make demo" in readme
+
+
+def test_gpu_fractional_spec_plans_two_trials_on_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # benchmarks/gpu_check.sh runs it on a lent GPU; here its plan is checked without one.
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    _, cfg = load_spec(str(ROOT / "benchmarks" / "gpu_fractional.yaml"), [], dry_run=True)
+    r = cfg.search.resources
+    assert (r.workers, r.gpus_per_worker, cfg.search.max_concurrent) == (1, 0.5, 2)
+    assert cfg.train.device == "cuda" and cfg.search.num_samples == 2
