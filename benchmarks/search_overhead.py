@@ -8,7 +8,9 @@
    checkpoint_s; elapsed_s for the ones ASHA stopped).
 2. Bare training: each trial's own config, trained again in this process one after another,
    with the same threads, for the steps that trial actually ran, with no checkpoints, no Ray
-   and no base scoring. Its step_s + eval_s is the work the search had to do.
+   and no base scoring. Its step_s + eval_s is the work the search had to do. "The same
+   threads": a trial's ``train.num_threads``, else what Ray gives a worker of
+   ``cpus_per_worker`` CPUs (OMP_NUM_THREADS = that number, hence torch's thread count).
 3. Prints the split and the ratio search wall / bare training. Nothing is asserted.
 """
 
@@ -48,6 +50,7 @@ def _bare(summary: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
     from raysft.train.recipe import run_trial
 
     out = []
+    resources = summary["resolved_spec"]["search"]["resources"]
     for t in summary["trials"]:
         trial_dir = Path(summary["experiment_dir"]) / "trials" / t["trial_id"]
         cfg_file = trial_dir / "config.yaml"
@@ -58,6 +61,8 @@ def _bare(summary: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
             cfg = trial_config(
                 summary["resolved_spec"], t["sampled"], output_dir=overrides["output_dir"]
             )
+        threads = cfg.train.num_threads or max(1, int(resources["cpus_per_worker"]))
+        cfg.train.num_threads = threads
         steps = int(t["step"] or 0)
         if steps < cfg.train.max_steps:  # same LR schedule length does not change the time
             cfg = cfg.model_copy(
@@ -69,6 +74,7 @@ def _bare(summary: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
         out.append(
             {
                 "trial_id": t["trial_id"],
+                "threads": threads,
                 "steps": steps,
                 "step_s": f.get("step_s", 0.0),
                 "eval_s": f.get("eval_s", 0.0),

@@ -278,12 +278,15 @@ def _register(
     from mlflow.entities import LoggedModelStatus
 
     exp_id = mlc.get_run(run_id).info.experiment_id
+    # The trial's own method (it may be searched), from the export's config.yaml.
+    own = yaml.safe_load((export_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    method = own.get("method", cfg.method)
     # MLflow 3 registers logged models, not artifact folders.
     lm = mlflow.initialize_logged_model(
-        name="adapter",
+        name="adapter" if method != "full" else "model",
         source_run_id=run_id,
         experiment_id=exp_id,
-        model_type=f"peft-{cfg.method}" if cfg.method != "full" else "full-model",
+        model_type=f"peft-{method}" if method != "full" else "full-model",
     )
     mlc.log_model_artifacts(lm.model_id, str(export_dir))
     mlflow.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)

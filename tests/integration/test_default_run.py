@@ -45,28 +45,22 @@ def test_default_lora_run_lifts_exact_match_by_30_points(tmp_path: Path) -> None
     assert float(printed.group(1)) == pytest.approx(final["exact_match"] * 100, abs=0.05)
 
 
-@pytest.mark.parametrize(
-    ("method", "wrapped"),
-    [
-        ("lora", "Wrapping provided model in DistributedDataParallel"),
-        ("full", "FSDP: every decoder layer sharded over 2 workers"),
-    ],
-)
-def test_two_worker_trial_trains_data_parallel(
-    tmp_path: Path, ray_tmp: Path, method: str, wrapped: str
-) -> None:
-    # lora: DDP; full: FSDP (strategy auto), parameters, gradients and AdamW state sharded.
+def test_two_worker_trials_train_data_parallel_ddp_and_fsdp(tmp_path: Path, ray_tmp: Path) -> None:
+    # One search, two trials of 2 workers each: method lora trains with DDP, method full with
+    # FSDP (strategy auto): parameters, gradients and AdamW state sharded. TPE (seed 0) samples
+    # full, then lora.
     assert_no_other_ray()
-    updates = {
-        "method": method,
-        "search.experiment_dir": str(tmp_path / "exp"),
-        "search.num_samples": 1,
-        "search.resources.workers": 2,
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    if method == "full":
-        updates["search.params"] = {"train.learning_rate": {"type": "choice", "values": [1e-4]}}
-    spec = render_spec("job_small.yaml", tmp_path / "spec.yaml", updates)
+    spec = render_spec(
+        "job_small.yaml",
+        tmp_path / "spec.yaml",
+        {
+            "search.params": {"method": {"type": "choice", "values": ["lora", "full"]}},
+            "search.experiment_dir": str(tmp_path / "exp"),
+            "search.resources.workers": 2,
+            "train.learning_rate": 1e-3,
+            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
+    )
     ran = run_cmd(
         [PYTHON, "-m", "raysft.tune", str(spec)],
         log=tmp_path / "tune.log",
@@ -75,13 +69,16 @@ def test_two_worker_trial_trains_data_parallel(
         timeout=400,
     )
     assert ran.rc == 0, ran.explain()
-    assert wrapped in ran.output
+    assert "Wrapping provided model in DistributedDataParallel" in ran.output
+    assert "FSDP: every decoder layer sharded over 2 workers" in ran.output
     workers = set(re.findall(r"RayTrainWorker pid=(\d+)", ran.output))
-    assert len(workers) == 2, workers
+    assert len(workers) == 4, workers  # 2 per trial
     summary = json.loads((tmp_path / "exp" / "summary.json").read_text(encoding="utf-8"))
-    assert [t["status"] for t in summary["trials"]] == ["finished"]
-    (trial,) = summary["trials"]
-    assert math.isfinite(trial["metric"]), trial
-    export = "model.safetensors" if method == "full" else "adapter_model.safetensors"
-    assert Path(trial["checkpoint"], export).is_file(), trial
+    trials = {t["sampled"]["method"]: t for t in summary["trials"]}
+    assert sorted(trials) == ["full", "lora"], summary["trials"]
+    for method, trial in trials.items():
+        assert trial["status"] == "finished", trial
+        assert math.isfinite(trial["metric"]), trial
+        export = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+        assert Path(trial["checkpoint"], export).is_file(), trial
     assert summary["promotion"]["promoted"] is True
