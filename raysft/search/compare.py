@@ -39,16 +39,24 @@ def _score_pair(cfg_tree: dict[str, Any], tuned_dir: str) -> dict[str, Any]:
     }
 
 
-def compare(
-    spec: SearchSpec, best_cfg: Config, tuned_dir: str, exp_dir: Path, *, mlc: Any, parent_id: str
-) -> dict[str, Any]:
-    """Score base and tuned on Ray, write EXP_DIR/base_vs_tuned.{md,json}, log both to the
-    parent run (files, and ``base_*``/``tuned_*`` metrics). Returns the JSON record."""
+def start(spec: SearchSpec, best_cfg: Config, tuned_dir: str) -> Any:
+    """Launch the scoring as a Ray task; returns its handle for ``collect``. The driver promotes
+    and draws meanwhile."""
     import ray
 
     res = spec.search.resources
     task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus or 0)(_score_pair)
-    out = ray.get(task.remote(best_cfg.model_dump(mode="json"), tuned_dir))
+    return task.remote(best_cfg.model_dump(mode="json"), tuned_dir)
+
+
+def collect(
+    handle: Any, best_cfg: Config, tuned_dir: str, exp_dir: Path, *, mlc: Any, parent_id: str
+) -> dict[str, Any]:
+    """Wait for ``start``'s scores, write EXP_DIR/base_vs_tuned.{md,json}, log both to the
+    parent run (files, and ``base_*``/``tuned_*`` metrics). Returns the JSON record."""
+    import ray
+
+    out = ray.get(handle)
     md = (
         f"# Base vs tuned ({best_cfg.model.name_or_path} vs {tuned_dir})\n\n"
         f"```\n{out['table']}\n```\n\n## Answers side by side\n\n```\n{out['side_by_side']}\n```\n"

@@ -18,9 +18,8 @@ from typing import Any
 
 from raysft.config import SearchSpec
 from raysft.errors import ConfigError, SearchStateError
-from raysft.search import plots, tracking
+from raysft.search import compare, plots, tracking
 from raysft.search import results as res
-from raysft.search.compare import compare
 from raysft.search.promote import promote
 from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
@@ -352,17 +351,21 @@ def _finish(
     if best:
         mlc.log_metric(parent_id, f"best_{s.metric}", float(best["metric"]))
         mlc.log_artifacts(parent_id, best["checkpoint"], artifact_path="best_adapter")
-    promotion = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
-    mlc.set_tag(parent_id, "raysft.promotion", json.dumps(promotion)[:5000])
-    comparison = None
+    # Base vs tuned scores on the cluster while the driver promotes and draws.
+    pending = None
     if best and cfg.train.eval_base:
         best_cfg = resolve(best["trial_id"], best["sampled"])
-        comparison = compare(
-            cfg, best_cfg, best["checkpoint"], exp_dir, mlc=mlc, parent_id=parent_id
-        )
+        pending = compare.start(cfg, best_cfg, best["checkpoint"])
+    promotion = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
+    mlc.set_tag(parent_id, "raysft.promotion", json.dumps(promotion)[:5000])
     histories = plots.histories_from_mlflow(mlc, tracked["runs"], "eval_loss")
     drawn = plots.write_plots(exp_dir, cfg, rows, histories)
     plots.log_plots(mlc, parent_id, drawn)
+    comparison = None
+    if pending is not None and best:
+        comparison = compare.collect(
+            pending, best_cfg, best["checkpoint"], exp_dir, mlc=mlc, parent_id=parent_id
+        )
     summary = {
         "spec": spec_path,
         "experiment_dir": str(exp_dir),
