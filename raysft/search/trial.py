@@ -131,6 +131,16 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
     _fit_with_retries(trainer, retries=search.max_retries, record=record)
 
 
+def tune_is_running_this_trial() -> bool:
+    """False once Tune has stopped this trial (ASHA, a stopper, the search's end): its session
+    is gone, and the Ray Train run it launched is torn down with it."""
+    try:
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+    except ImportError:  # a Ray that moved it: assume running (a stopped trial then retries once)
+        return True
+    return bool(_in_tune_session())
+
+
 def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
 
     # Attempts of an earlier driver (before a --resume) count too.
@@ -140,6 +150,10 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
             make_trainer().fit()
             return
         except Exception as err:  # Ray Train's TrainingFailedError and its kin
+            if not tune_is_running_this_trial():
+                # Stopped by Tune (ASHA, ...), which ended the Train run: no failure, no retry.
+                log.info("trial stopped by Tune: %s", error_cause(err))
+                return
             cause = error_cause(err)
             oom = is_out_of_memory(cause)
             last = oom or attempt > retries

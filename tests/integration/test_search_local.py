@@ -183,6 +183,8 @@ def test_search_stops_some_trials_early_and_reports_the_best(local_search: Local
     }
     for t in trials:
         assert isinstance(t["metric"], float) and math.isfinite(t["metric"]), t
+        # Nothing failed: a trial ASHA stopped is not a failed attempt, nor retried.
+        assert t["attempts"] == [], t["attempts"]
         assert t["mlflow_run_id"], t
         assert Path(t["checkpoint"], "adapter_model.safetensors").is_file(), t
         if t["status"] == "finished":

@@ -904,3 +904,34 @@ def test_cli_spec_without_search_section(cli: CliRuns) -> None:
     assert proc.stderr.splitlines() == [
         f"error: {cli.files['no_search']}: search: missing (a search spec needs a search section)"
     ]
+
+
+# ---------------------------------------------------------------- retries
+
+
+class _Failing:
+    def __init__(self, calls: list[int]):
+        self.calls = calls
+
+    def fit(self) -> None:
+        self.calls.append(1)
+        raise RuntimeError("ActorDiedError: The actor died unexpectedly")
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_a_trial_tune_stopped_is_neither_retried_nor_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running: bool
+) -> None:
+    from raysft.search import trial
+
+    monkeypatch.setattr(trial, "tune_is_running_this_trial", lambda: running)
+    calls: list[int] = []
+    record = tmp_path / "attempts.json"
+    if running:  # a real fault: retried, then failed for good, every attempt recorded
+        with pytest.raises(trial.TrialFailure, match="ActorDiedError"):
+            trial._fit_with_retries(lambda: _Failing(calls), retries=2, record=record)
+        assert len(calls) == 3
+        assert [a["retried"] for a in json.loads(record.read_text())] == [True, True, False]
+    else:  # ASHA stopped it: Tune tore the Train run down; nothing failed
+        trial._fit_with_retries(lambda: _Failing(calls), retries=2, record=record)
+        assert len(calls) == 1 and not record.exists()
