@@ -29,6 +29,9 @@ from .conftest import (
 pytestmark = pytest.mark.integration
 
 
+MAX_CRASH_STEPS = 40
+
+
 def _spec(root: Path, name: str, **updates: Any) -> Path:
     return render_spec(
         "faults.yaml",
@@ -133,7 +136,10 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     tmp_path: Path, ray_tmp: Path
 ) -> None:
     assert_no_other_ray()
-    spec = _spec(tmp_path, "crash", **{"search.num_samples": 2, "search.seed": 2})
+    # 40 steps: checkpoints upload in the background, so Ray Train registers one (its snapshot)
+    # a moment after the report; a 12-step trial could finish before the kill window opened.
+    crash = {"search.num_samples": 2, "search.seed": 2, "train.max_steps": MAX_CRASH_STEPS}
+    spec = _spec(tmp_path, "crash", **crash)
     exp_dir = tmp_path / "crash"
     env = base_env(RAY_TMPDIR=str(ray_tmp))
     state: dict[str, Any] = {}
@@ -195,10 +201,12 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     for path, mtime in state["checkpoints"].items():
         if first in str(path):
             assert path.stat().st_mtime == mtime, f"{first} was trained again"
-    # The unfinished one went on from its checkpoint (step 4 or 8), not from step 0.
+    # The unfinished one went on from its checkpoint, not from step 0.
     second = next(p.parent.name for p in state["checkpoints"] if first not in str(p))
     log = (tmp_path / "resume.log").read_text(encoding="utf-8", errors="replace")
-    assert re.search(rf"resumed from \S*/{second}/checkpoint_\S* at step [48]\b", log), second
+    resumed_at = re.search(rf"resumed from \S*/{second}/checkpoint_\S* at step (\d+)\b", log)
+    assert resumed_at, f"{second} did not resume from its checkpoint"
+    assert 4 <= int(resumed_at.group(1)) < MAX_CRASH_STEPS, resumed_at.group(0)
 
     mlc = _client(tmp_path)
     exp = mlc.get_experiment_by_name("raysft-it-faults")
@@ -212,7 +220,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     for run in children:
         for key in ("eval_loss", "train_loss"):
             steps = [m.step for m in mlc.get_metric_history(run.info.run_id, key)]
-            assert sorted(steps) == [4, 8, 12], (run.info.run_name, key, steps)
+            assert sorted(steps) == list(range(4, MAX_CRASH_STEPS + 1, 4)), (key, steps)
     versions = mlc.search_model_versions("name='raysft-it-crash'")
     assert len(versions) == 1, "promotion ran more than once"
 
