@@ -84,7 +84,6 @@ class Run:
     evaluate: Callable[..., tuple[dict[str, float], list[dict[str, str]]]]
     progress: Progress
     t0: float
-    export_dtype: torch.dtype | None = None  # full fine-tuning's export: bf16 on bf16 runs
     train_seconds: float = 0.0
     # Where this process's time went, seconds: setup_s, step_s, eval_s, checkpoint_s.
     times: dict[str, float] = field(default_factory=dict)
@@ -94,6 +93,11 @@ def computes_in_bf16(cfg: Config, device: torch.device) -> bool:
     """Whether ``train.precision`` asks for bf16 compute on ``device``."""
     # Native bf16 only: is_bf16_supported() alone also counts slow emulation (T4, V100).
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and native_bf16(device))
+
+
+def _export_dtype(run: Run) -> torch.dtype | None:
+    """Full fine-tuning's export: bf16 on bf16 runs (half an fp32 export), else as trained."""
+    return torch.bfloat16 if computes_in_bf16(run.cfg, run.device) else None
 
 
 def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
@@ -223,10 +227,9 @@ def setup(
             base, _ = evaluate(final=True, only=("exact_match",))
             progress.final["base_exact_match"] = base["exact_match"]
             log.info("base model exact match: %.3f", base["exact_match"])
-    export_dtype = torch.bfloat16 if computes_in_bf16(cfg, device) else None
     return Run(
         cfg, dist, device, autocast, tokenizer, data, model, train_model, neftune, optimizer,
-        scheduler, stream, evaluate, progress, t0, export_dtype,
+        scheduler, stream, evaluate, progress, t0,
     )  # fmt: skip
 
 
@@ -363,7 +366,7 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
             tmp,
             method=run.cfg.method,
             weights=full[0] if full else None,
-            dtype=run.export_dtype,
+            dtype=_export_dtype(run),
         )
         save_state(
             tmp,
@@ -412,7 +415,7 @@ def _write_outputs(
         str(out_dir),
         method=run.cfg.method,
         weights=weights,
-        dtype=run.export_dtype,
+        dtype=_export_dtype(run),
     )
     (out_dir / "config.yaml").write_text(dump_config(run.cfg), encoding="utf-8")
     metrics = {"final": result.final, "history": result.history, "data": result.data}

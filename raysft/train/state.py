@@ -109,29 +109,27 @@ def load_state(directory: str | Path, *, model: Any, optimizer: Any, scheduler: 
         )
     if state.get("sharded"):
         fsdp.restore(model, optimizer, state["trainable"], state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"])
-        return Progress(**state["progress"])
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state["trainable"]]
-    unknown = [
-        n
-        for n, t in state["trainable"].items()
-        if n not in params or tuple(params[n].shape) != tuple(t.shape)
-    ]
-    if missing or unknown:
-        raise ConfigError(
-            "--resume-from",
-            [
-                f"{directory}: checkpoint does not match this config's model "
-                f"({len(missing)} trainable tensors missing, {len(unknown)} unknown or of "
-                f"another shape, e.g. {(missing or unknown)[0]})"
-            ],
-        )
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(state["optimizer"])
+    else:
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state["trainable"]]
+        unknown = [
+            n
+            for n, t in state["trainable"].items()
+            if n not in params or tuple(params[n].shape) != tuple(t.shape)
+        ]
+        if missing or unknown:
+            raise ConfigError(
+                "--resume-from",
+                [
+                    f"{directory}: checkpoint does not match this config's model "
+                    f"({len(missing)} trainable tensors missing, {len(unknown)} unknown or of "
+                    f"another shape, e.g. {(missing or unknown)[0]})"
+                ],
+            )
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_states(state["rng"])
     return Progress(**state["progress"])

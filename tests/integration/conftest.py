@@ -210,6 +210,16 @@ class Ran:
         return f"{' '.join(self.cmd)} -> rc {self.rc} in {self.seconds:.0f}s\n{self.tail()}"
 
 
+def run_tune(
+    spec: Path, tmp_path: Path, ray_tmp: Path, *args: str, log: str = "tune.log", **kw: Any
+) -> Ran:
+    """``python -m raysft.tune SPEC ARGS`` as a user runs it, from ``tmp_path``, with this test's
+    Ray temp dir; ``env`` adds variables, the rest goes to ``run_cmd``."""
+    env = base_env(RAY_TMPDIR=str(ray_tmp), **kw.pop("env", {}))
+    cmd = [PYTHON, "-m", "raysft.tune", str(spec), *args]
+    return run_cmd(cmd, log=tmp_path / log, cwd=tmp_path, env=env, **kw)
+
+
 def run_cmd(
     cmd: list[str],
     *,

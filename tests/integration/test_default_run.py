@@ -12,9 +12,9 @@ import pytest
 from .conftest import (
     PYTHON,
     assert_no_other_ray,
-    base_env,
     render_spec,
     run_cmd,
+    run_tune,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +61,7 @@ def test_two_worker_trials_train_data_parallel_ddp_and_fsdp(tmp_path: Path, ray_
             "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         },
     )
-    ran = run_cmd(
-        [PYTHON, "-m", "raysft.tune", str(spec)],
-        log=tmp_path / "tune.log",
-        cwd=tmp_path,
-        env=base_env(RAY_TMPDIR=str(ray_tmp)),
-        timeout=400,
-    )
+    ran = run_tune(spec, tmp_path, ray_tmp, timeout=400)
     assert ran.rc == 0, ran.explain()
     assert "Wrapping provided model in DistributedDataParallel" in ran.output
     assert "FSDP: every decoder layer sharded over 2 workers" in ran.output

@@ -15,15 +15,13 @@ from typing import Any
 import pytest
 
 from .conftest import (
-    PYTHON,
     Ran,
     assert_no_other_ray,
-    base_env,
     cmdline,
     marked_pids,
     pids_matching,
     render_spec,
-    run_cmd,
+    run_tune,
 )
 
 pytestmark = pytest.mark.integration
@@ -84,11 +82,11 @@ def test_killed_worker_resumes_from_its_checkpoint_and_oom_is_not_retried(
     spec = _spec(tmp_path, "faults")
     exp_dir = tmp_path / "faults"
     killed: list[int] = []
-    ran = run_cmd(
-        [PYTHON, "-m", "raysft.tune", str(spec)],
-        log=tmp_path / "tune.log",
-        cwd=tmp_path,
-        env=base_env(RAY_TMPDIR=str(ray_tmp), RAYSFT_INJECT_OOM="lora.r=8"),
+    ran = run_tune(
+        spec,
+        tmp_path,
+        ray_tmp,
+        env={"RAYSFT_INJECT_OOM": "lora.r=8"},
         timeout=420,
         on_start=_kill_first_worker_after_a_checkpoint(exp_dir, killed),
     )
@@ -141,7 +139,6 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     crash = {"search.num_samples": 2, "search.seed": 2, "train.max_steps": MAX_CRASH_STEPS}
     spec = _spec(tmp_path, "crash", **crash)
     exp_dir = tmp_path / "crash"
-    env = base_env(RAY_TMPDIR=str(ray_tmp))
     state: dict[str, Any] = {}
 
     def kill_driver_mid_second_trial(proc: Any) -> None:
@@ -167,11 +164,11 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
 
         threading.Thread(target=poll, daemon=True).start()
 
-    crashed: Ran = run_cmd(
-        [PYTHON, "-m", "raysft.tune", str(spec)],
-        log=tmp_path / "crash.log",
-        cwd=tmp_path,
-        env=env,
+    crashed: Ran = run_tune(
+        spec,
+        tmp_path,
+        ray_tmp,
+        log="crash.log",
         timeout=300,
         # Ray's processes notice the driver is gone within seconds (gcs, workers) or after the
         # raylet's reconnect timeout: give them that long before calling them left behind.
@@ -184,11 +181,12 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
         cmdline(p) for p in crashed.leftovers
     )
 
-    resumed = run_cmd(
-        [PYTHON, "-m", "raysft.tune", str(spec), "--resume"],
-        log=tmp_path / "resume.log",
-        cwd=tmp_path,
-        env=env,
+    resumed = run_tune(
+        spec,
+        tmp_path,
+        ray_tmp,
+        "--resume",
+        log="resume.log",
         timeout=300,
     )
     assert resumed.rc == 0, resumed.explain()
@@ -244,13 +242,7 @@ def test_a_really_diverging_trial_is_stopped_at_once_and_never_promoted(
         },
     )
     exp_dir = tmp_path / "diverge"
-    ran = run_cmd(
-        [PYTHON, "-m", "raysft.tune", str(spec)],
-        log=tmp_path / "tune.log",
-        cwd=tmp_path,
-        env=base_env(RAY_TMPDIR=str(ray_tmp)),
-        timeout=300,
-    )
+    ran = run_tune(spec, tmp_path, ray_tmp, timeout=300)
     assert ran.rc == 0, ran.explain()
     assert not ran.leftovers, ran.leftovers
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, assert_no_other_ray, base_env, render_spec, run_cmd
+from .conftest import assert_no_other_ray, render_spec, run_tune
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +24,12 @@ def test_sixteen_trials_four_at_a_time(tmp_path: Path, ray_tmp: Path) -> None:
         tmp_path / "spec.yaml",
         {"search.experiment_dir": str(exp_dir), "tracking.uri": uri},
     )
-    ran = run_cmd(
-        [PYTHON, "-m", "raysft.tune", str(spec)],
-        log=tmp_path / "tune.log",
-        cwd=tmp_path,
+    ran = run_tune(
+        spec,
+        tmp_path,
+        ray_tmp,
         # TMPDIR: every temp file the search makes (checkpoint staging, ...) lands here.
-        env=base_env(RAY_TMPDIR=str(ray_tmp), TMPDIR=str(scratch)),
+        env={"TMPDIR": str(scratch)},
         timeout=480,
     )
     assert ran.rc == 0, ran.explain()
