@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import platform
@@ -72,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help=f"of {METHODS + OPTIONAL}")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--readme", type=Path, default=None, help="splice the table into this file")
+    p.add_argument(
+        "--reseeds",
+        type=int,
+        default=3,
+        help="train every method's champion again on this many other train.seed values (0: no)",
+    )
     p.add_argument("--estimate-only", action="store_true")
     return p.parse_args(argv)
 
@@ -203,6 +210,50 @@ def print_estimate(plan: Plan, args: argparse.Namespace) -> None:
     )
 
 
+def champions(searches: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Each search's champion config (its best finished trial), in order, without repeats."""
+    pick = min if mode == "min" else max
+    seen: dict[str, dict[str, Any]] = {}
+    for s in searches:
+        done = [t for t in s["trials"] if t["stopped"] is None and math.isfinite(t["value"])]
+        if done:
+            best = pick(done, key=lambda t: t["value"])["sampled"]
+            seen.setdefault(json.dumps(best, sort_keys=True), best)
+    return list(seen.values())
+
+
+def reseed(plan: Plan, args: argparse.Namespace, configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every config again on ``args.reseeds`` other training seeds (data order, adapter init):
+    {config json: [its value at the spec's seed, then at each other seed]}. How much of a
+    champion's lead is the config, and how much the seed it happened to be trained with."""
+    base = int(plan.spec.train.seed)
+    seeds = [base + i for i in range(1, args.reseeds + 1)]
+    trees = {
+        s: ip.load(args.spec, [*args.set, f"train.seed={s}"], threads=args.threads)[0]
+        for s in seeds
+    }
+    out: dict[str, Any] = {"seeds": [base, *seeds], "values": {}}
+    metric = plan.spec.search.metric
+    for sampled in configs:
+        values = []
+        for seed, tree in [(base, plan.tree), *trees.items()]:
+            print(f"reseed {seed}:", flush=True)
+            found = ip.run(
+                tree,
+                sampled,
+                metric=metric,
+                decide=lambda step, value: (
+                    math.isfinite(value),
+                    None if math.isfinite(value) else "diverged",
+                ),
+                cache=plan.cache,
+                trial_id=f"reseed-{seed}",
+            )
+            values.append(found.value)
+        out["values"][json.dumps(sampled, sort_keys=True)] = values
+    return out
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(args)
     print_estimate(plan, args)
@@ -232,6 +283,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             asha = ip.Asha(**plan.asha()) if method.endswith("asha") else None
             found = ip.budgeted(method, seed, proposals, asha=asha, budget=plan.budget, **common)
             searches.append(_search_dict(found, plan.mode))
+    reseeded = None
+    if args.reseeds > 0:
+        reseeded = reseed(plan, args, champions(searches, plan.mode))
     t = plan.spec.train
     return {
         "spec": args.spec,
@@ -252,6 +306,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # every cached trial's own training wall time: the whole benchmark's, however resumed
         "trial_seconds": round(sum(r["wall_s"] for r in plan.cache.rows.values()), 1),
         "searches": searches,
+        "reseeded": reseeded,
     }
 
 

@@ -1,4 +1,4 @@
-"""Run a search on Ray: the Train worker, the Tune trainable, Ray init, the tuner, the run.
+"""Run a search on Ray: the tuner, the run, and what follows it (promotion, base vs tuned).
 
 Optuna TPE proposes configs, ASHA stops bad trials on the per-eval metric, each trial runs the
 SFT recipe under Ray Train (TorchTrainer) launched from a Tune function trainable (Train V2),
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -25,6 +24,7 @@ from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
     ResourcePlan,
     attaching_to_cluster,
+    init_ray,
     local_nodes,
     plan_resources,
     ray_nodes,
@@ -33,7 +33,6 @@ from raysft.search.space import TrialConfigs, build_space, describe_space, trial
 from raysft.search.spec import trial_memory
 from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, run_trial_on_ray
 from raysft.train.metrics import objective_mode
-from raysft.train.model import worker_env
 
 log = logging.getLogger(__name__)
 
@@ -41,48 +40,6 @@ STATE_FILE = "raysft_state.json"  # parent MLflow run id etc., for --resume and 
 
 
 # ---------------------------------------------------------------- driver
-
-
-def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
-    """Join the cluster, or start a local Ray of ``plan_cpus`` CPUs.
-
-    ``scratch`` (local mode): TMPDIR of every process of the local Ray (raylet, agents, workers),
-    removed by the caller after the search. Ray ends them without running their exit handlers,
-    so temp files they made would stay.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env: dict[str, Any] = {
-        "worker_process_setup_hook": "raysft.search.trial.pin_ray_address"
-    }
-    # HF_TOKEN, if set: gated models load on every worker.
-    env_vars = worker_env(os.environ)
-    if attaching_to_cluster():
-        if env_vars:
-            runtime_env["env_vars"] = env_vars
-        ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
-    else:
-        if env_vars:
-            runtime_env["env_vars"] = env_vars
-        before = os.environ.get("TMPDIR")
-        if scratch:
-            os.environ["TMPDIR"] = scratch  # inherited by the Ray processes started here
-        try:
-            # address="local": start our own, never silently join a cluster someone left
-            # running. The dashboard stays on: its State API is what releases finished trials.
-            ray.init(
-                address="local",
-                num_cpus=plan_cpus,
-                include_dashboard=True,
-                runtime_env=runtime_env,
-            )
-        finally:
-            if before is None:
-                os.environ.pop("TMPDIR", None)
-            else:
-                os.environ["TMPDIR"] = before
 
 
 def _trainable(tree: dict[str, Any], exp_dir: Path) -> Any:

@@ -147,22 +147,24 @@ def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
     """ray.init is replaced here only to read its arguments: starting Ray is not a unit test."""
     import ray
 
-    from raysft.search import driver
+    from raysft.search import resources
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(driver, "attaching_to_cluster", lambda: False)
+    monkeypatch.setattr(resources, "attaching_to_cluster", lambda: False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     if token:
         monkeypatch.setenv(HUB_TOKEN_VAR, token)
     else:
         monkeypatch.delenv(HUB_TOKEN_VAR, raising=False)
-    driver.init_ray(2)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    resources.init_ray(2)
     (kwargs,) = calls
     env_vars = kwargs["runtime_env"].get("env_vars")
-    assert env_vars == ({HUB_TOKEN_VAR: token} if token else None)
+    local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # a local Ray: nobody drains its node
+    assert env_vars == ({HUB_TOKEN_VAR: token, **local} if token else local)
     assert "worker_process_setup_hook" in kwargs["runtime_env"]
 
 

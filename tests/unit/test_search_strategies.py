@@ -231,6 +231,41 @@ def test_summary_table_and_verdict() -> None:
     )
 
 
+def test_champions_are_retrained_on_other_seeds_and_compared_by_their_means() -> None:
+    def t(lr: float, value: float, stopped: str | None = None) -> dict:
+        return {"sampled": {"lr": lr}, "value": value, "stopped": stopped}
+
+    searches = [
+        {"method": "grid", "trials": [t(1.0, 0.5), t(2.0, 0.6)]},
+        {"method": "tpe-asha", "trials": [t(3.0, 0.4, "asha"), t(2.0, 0.6), t(4.0, 0.55)]},
+        {"method": "tpe-asha", "trials": [t(2.0, 0.6), t(5.0, math.nan, "diverged")]},
+    ]
+    # A stopped trial (0.4) is never a champion; the same config twice is trained once.
+    assert ss.champions(searches, "min") == [{"lr": 1.0}, {"lr": 4.0}, {"lr": 2.0}]
+    result = {
+        "mode": "min",
+        "grid_best_config": {"lr": 1.0},
+        "searches": searches,
+        "reseeded": {
+            "seeds": [42, 43, 44],
+            "values": {
+                '{"lr": 1.0}': [0.5, 0.56, 0.53],  # mean 0.53, std 0.03
+                '{"lr": 4.0}': [0.55, 0.5, 0.51],  # mean 0.52
+                '{"lr": 2.0}': [0.6, 0.58, 0.62],  # mean 0.60
+            },
+        },
+    }
+    grid, tpe = rep.reseed_rows(result)
+    assert grid["mean"] == pytest.approx(0.53) and grid["gap_pct"] == pytest.approx(0.0)
+    # tpe-asha: champions lr 4 (0.52) and lr 2 (0.60): mean 0.56, 0.03 / 0.53 = 5.66% behind
+    assert tpe["champion_means"] == pytest.approx([0.52, 0.60])
+    assert tpe["gap_pct"] == pytest.approx(100 * 0.03 / 0.53)
+    text = rep.reseed_markdown(result)
+    assert "seed-to-seed std of 0.0300 (5.7% of its mean)" in text
+    assert "| lr=4 | 0.5500, 0.5000, 0.5100 | 0.5200 ± 0.0265 |" in text
+    assert "| tpe-asha | 0.5600 | 5.66% |" in text
+
+
 # ---------------------------------------------------------------- heldout_effects.py
 
 he = importlib.import_module("heldout_effects")
