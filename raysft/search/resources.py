@@ -3,7 +3,8 @@ plan (does a trial fit its GPU; how many trials share one; each process's cap) a
 joining Ray (``init_ray``).
 
 Pure but for the node probes (torch for this machine, Ray's node table for a cluster), the
-process cap and ``init_ray``, which import torch or ray only when called. The estimate itself: ``memory.py``.
+process cap and ``init_ray``, which import torch or ray only when called. The estimate itself:
+``memory.py``.
 """
 
 from __future__ import annotations
