@@ -16,7 +16,7 @@ from typing import Any
 
 from raysft.config import Config, SearchSpec, TrackingSection
 from raysft.search.results import classify, is_diverged
-from raysft.train.metrics import METRICS, objective_mode
+from raysft.train.metrics import METRICS, REPLAYED, objective_mode
 
 log = logging.getLogger(__name__)
 
@@ -317,14 +317,18 @@ def make_callback(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
             if trial.trial_id in self.runs:
+                replayed = result.get(REPLAYED) or []
+                result = {k: v for k, v in result.items() if k != REPLAYED}
                 self.last[trial.trial_id] = result
                 if is_diverged(result):
                     self.diverged.add(trial.trial_id)
-                step = int(result.get("step", 0))
-                if step <= self.logged_step.get(trial.trial_id, 0):
-                    return  # re-reported after a restart from an earlier checkpoint
-                self.logged_step[trial.trial_id] = step
-                log_metrics(mlc, self.runs[trial.trial_id], result)
+                ts = result.get("timestamp", 0)
+                for record in [*replayed, result]:  # a resumed trial's earlier records first
+                    step = int(record.get("step", 0))
+                    if step <= self.logged_step.get(trial.trial_id, 0):
+                        continue  # re-reported after a restart from an earlier checkpoint
+                    self.logged_step[trial.trial_id] = step
+                    log_metrics(mlc, self.runs[trial.trial_id], {**record, "timestamp": ts})
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._end(trial, error=False)

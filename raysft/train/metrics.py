@@ -100,6 +100,10 @@ def _has_tests(cfg: Any) -> bool:
     return _generates(cfg) and sources_have_tests(d.eval if d.eval is not None else d.train)
 
 
+# Key of a resumed trial's first report: the checkpoint's records before the one reported, in
+# step order (``recipe.train``), for a driver that may have missed them (``tracking``).
+REPLAYED = "replayed_records"
+
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (

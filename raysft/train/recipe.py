@@ -34,7 +34,7 @@ from raysft.errors import ConfigError, DataError
 from raysft.train import fsdp
 from raysft.train.device import granted_gpus, native_bf16, resolve_device
 from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
-from raysft.train.metrics import METRICS
+from raysft.train.metrics import METRICS, REPLAYED
 from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
 from raysft.train.neftune import attach_neftune
 from raysft.train.state import Progress, load_state, save_state
@@ -302,10 +302,16 @@ def train(run: Run, report: Reporter | None) -> None:
     ``eval_every`` steps and at the last one."""
     cfg, progress = run.cfg, run.progress
     if progress.history and report is not None:
-        # Resumed: say the checkpoint's record again. A search driver that died may never have
-        # heard it (the trial would miss that eval in MLflow, or, resumed at max_steps, end as
-        # stopped early); the MLflow callback drops a step it already logged.
-        report(progress.history[-1], None)
+        # Resumed: say the checkpoint's record again, carrying the records before it. A search
+        # driver that died may never have heard the last few (the trial would miss those evals
+        # in MLflow, or, resumed at max_steps, end as stopped early). One report, not one per
+        # record: Ray Train takes a report per controller poll (2 s). The MLflow callback logs
+        # the steps it has not logged yet and drops the rest.
+        every, max_steps = cfg.train.eval_every, cfg.train.max_steps
+        *earlier, restored = [  # the eval records, the ones reported; the checkpoint's is last
+            r for r in progress.history if r["step"] % every == 0 or r["step"] == max_steps
+        ]
+        report({**restored, REPLAYED: earlier} if earlier else restored, None)
     run.model.train()
     t_train = time.perf_counter()
     times = run.times

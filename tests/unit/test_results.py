@@ -358,6 +358,32 @@ def test_tracking_marks_a_diverged_trial_failed_with_its_status_tag(
     assert not math.isnan(runs["ok"].data.metrics["eval_loss"])
 
 
+def test_a_resumed_trials_replayed_records_reach_mlflow_once(
+    mlflow_store: tuple[Any, str],
+) -> None:
+    """A driver killed before it heard steps 4 and 8; the trial, resumed from step 8's
+    checkpoint, reports step 8 carrying step 4. Each step lands once, the earlier ones too."""
+    from raysft.config import validate_tree
+    from raysft.train.metrics import REPLAYED
+
+    mlc, exp_id = mlflow_store
+    cfg = validate_tree({"train": {"max_steps": 12, "eval_every": 4}})
+    callback = _trial_callback(mlc, exp_id, cfg)
+    lost, heard = (SimpleNamespace(trial_id=t, config={}) for t in ("lost", "heard"))
+    for trial in (lost, heard):
+        callback.on_trial_start(0, [], trial)
+    # "heard": the old driver logged step 4 before it died; only 8 is new.
+    callback.on_trial_result(0, [], heard, {"step": 4, "eval_loss": 2.0, "timestamp": 1})
+    r4, r8 = {"step": 4, "eval_loss": 2.0}, {"step": 8, "eval_loss": 1.5}
+    for trial in (lost, heard):
+        callback.on_trial_result(0, [], trial, {**r8, REPLAYED: [r4], "timestamp": 5})
+        callback.on_trial_result(0, [], trial, {"step": 12, "eval_loss": 1.2, "timestamp": 6})
+    for trial in (lost, heard):
+        history = mlc.get_metric_history(callback.runs[trial.trial_id], "eval_loss")
+        assert [(m.step, m.value) for m in history] == [(4, 2.0), (8, 1.5), (12, 1.2)]
+    assert REPLAYED not in callback.last["lost"]  # the summary's last record stays flat
+
+
 TOKEN = "hf_" + "Xy7" * 12  # shaped like a Hugging Face token: hf_ + 30 or more letters/digits
 
 
