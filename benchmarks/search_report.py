@@ -131,22 +131,25 @@ def markdown(
     return f"{context}\n\n{head}" + "\n".join(lines) + verdict + "\n"
 
 
+def champion(search: dict[str, Any], mode: str) -> dict[str, Any] | None:
+    """A search's champion config: its best finished trial's sampled values (None: none)."""
+    done = [t for t in search["trials"] if t["stopped"] is None and math.isfinite(t["value"])]
+    if not done:
+        return None
+    pick = min if mode == "min" else max
+    return pick(done, key=lambda t: t["value"])["sampled"]
+
+
 def reseed_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per method: its seeds' champions, each trained on every reseed seed; the mean
     over champions and training seeds, and its gap to the grid champion's mean."""
     rs, mode = result["reseeded"], result["mode"]
-    pick = min if mode == "min" else max
     grid_key = json.dumps(result["grid_best_config"], sort_keys=True)
     grid_mean = statistics.fmean(rs["values"][grid_key])
     rows = []
     for method in dict.fromkeys(s["method"] for s in result["searches"]):
-        keys = []
-        for s in result["searches"]:
-            done = [t for t in s["trials"] if t["stopped"] is None and math.isfinite(t["value"])]
-            if s["method"] == method and done:
-                keys.append(
-                    json.dumps(pick(done, key=lambda t: t["value"])["sampled"], sort_keys=True)
-                )
+        picked = [champion(s, mode) for s in result["searches"] if s["method"] == method]
+        keys = [json.dumps(c, sort_keys=True) for c in picked if c is not None]
         means = [statistics.fmean(rs["values"][k]) for k in keys]
         mean = statistics.fmean(means) if means else math.nan
         rows.append(

@@ -212,12 +212,10 @@ def print_estimate(plan: Plan, args: argparse.Namespace) -> None:
 
 def champions(searches: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """Each search's champion config (its best finished trial), in order, without repeats."""
-    pick = min if mode == "min" else max
     seen: dict[str, dict[str, Any]] = {}
     for s in searches:
-        done = [t for t in s["trials"] if t["stopped"] is None and math.isfinite(t["value"])]
-        if done:
-            best = pick(done, key=lambda t: t["value"])["sampled"]
+        best = report.champion(s, mode)
+        if best is not None:
             seen.setdefault(json.dumps(best, sort_keys=True), best)
     return list(seen.values())
 

@@ -357,13 +357,14 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
     }
     # HF_TOKEN, if set: gated models load on every worker.
     env_vars = worker_env(os.environ)
-    if attaching_to_cluster():
-        if env_vars:
-            runtime_env["env_vars"] = env_vars
+    joining = attaching_to_cluster()
+    if not joining:
+        env_vars = {**local_ray_env(os.environ), **env_vars}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    if joining:
         ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
     else:
-        env_vars = {**local_ray_env(os.environ), **env_vars}
-        runtime_env["env_vars"] = env_vars
         before = os.environ.get("TMPDIR")
         if scratch:
             os.environ["TMPDIR"] = scratch  # inherited by the Ray processes started here

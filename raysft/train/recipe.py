@@ -307,10 +307,8 @@ def train(run: Run, report: Reporter | None) -> None:
         # in MLflow, or, resumed at max_steps, end as stopped early). One report, not one per
         # record: Ray Train takes a report per controller poll (2 s). The MLflow callback logs
         # the steps it has not logged yet and drops the rest.
-        every, max_steps = cfg.train.eval_every, cfg.train.max_steps
-        *earlier, restored = [  # the eval records, the ones reported; the checkpoint's is last
-            r for r in progress.history if r["step"] % every == 0 or r["step"] == max_steps
-        ]
+        # The eval records, the ones reported; the checkpoint's is the last.
+        *earlier, restored = [r for r in progress.history if _evaluates_at(r["step"], cfg)]
         report({**restored, REPLAYED: earlier} if earlier else restored, None)
     run.model.train()
     t_train = time.perf_counter()
@@ -327,7 +325,7 @@ def train(run: Run, report: Reporter | None) -> None:
             run.stream.epoch,
             run.stream.position,
         )
-        if step % cfg.train.eval_every == 0 or last:
+        if _evaluates_at(step, cfg):
             t = time.perf_counter()
             scores, samples = run.evaluate(final=last)
             times["eval_s"] = times.get("eval_s", 0.0) + time.perf_counter() - t
@@ -352,6 +350,11 @@ def train(run: Run, report: Reporter | None) -> None:
         else:
             progress.history.append(record)
     run.train_seconds = time.perf_counter() - t_train
+
+
+def _evaluates_at(step: int, cfg: Config) -> bool:
+    """Whether ``train`` evaluates, checkpoints and reports at ``step``."""
+    return step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
 
 
 def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> None:
