@@ -22,6 +22,7 @@ from typing import Any
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "seed-step": {},
+    "seed-step-bf16": {},
     "raysft": {},
     "eager": {"attn": "eager"},
     "bf16": {"precision": "bf16"},
@@ -29,12 +30,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "row1024": {"row_len": 1024},
     "sellogits": {"selective_logits": True},
     "compile": {"compile": True},
+    "compile-bf16": {"compile": True, "precision": "bf16"},
+    "flex": {"attn": "flex_attention"},
+    "flex-bf16": {"attn": "flex_attention", "precision": "bf16"},
 }
 _FULL_LR = 1e-3
 
 
-def _seed_stepper(ctx: Any) -> Any:
-    """One optimizer step of the seed's recipe per call; returns the real tokens it trained."""
+def _seed_stepper(ctx: Any, *, bf16: bool = False) -> Any:
+    """One optimizer step of the seed's recipe per call (``bf16``: its ``bf16=True``, CPU
+    autocast); returns the real tokens it trained."""
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +61,10 @@ def _seed_stepper(ctx: Any) -> Any:
         state["i"] += 1
         rows = slice(s, s + ctx.batch_size)
         ids, mask = enc["input_ids"][rows], enc["attention_mask"][rows]
-        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,7 +95,9 @@ def measure(variants: list[str], *, rounds: int, warmup: int, threads: int) -> d
     model_dir = copy_model_dir(Path(resolve("embedded:tiny-base")), work / "model")
     ctx = Context(model_dir, work, "cpu", rows, held, 8, 512, 10_000, 0, threads, StepClock())
     steppers = {
-        v: _seed_stepper(ctx) if v == "seed-step" else _raysft_stepper(ctx, VARIANTS[v], v)
+        v: _seed_stepper(ctx, bf16=v.endswith("bf16"))
+        if v.startswith("seed-step")
+        else _raysft_stepper(ctx, VARIANTS[v], v)
         for v in variants
     }
     out: dict[str, Any] = {v: {"wall": [], "cpu": [], "tokens": []} for v in variants}

@@ -208,6 +208,7 @@ def _raysft_config(ctx: Context, opt: dict[str, Any], name: str) -> Any:
                 "exact_match": False,
                 "eval_base": False,
                 "gradient_checkpointing": bool(opt.get("gradient_checkpointing")),
+                "compile": bool(opt.get("compile")),
                 "precision": opt.get("precision", "auto"),
                 "seed": ctx.seed,
                 "num_threads": ctx.threads,
@@ -219,15 +220,11 @@ def _raysft_config(ctx: Context, opt: dict[str, Any], name: str) -> Any:
 
 def raysft_run(ctx: Context, opt: dict[str, Any], name: str) -> Any:
     """raysft's ``setup`` (data, packing, model, optimizer) with the contender's options."""
-    import torch
-
     from raysft.train import recipe
 
     run = recipe.setup(_raysft_config(ctx, opt, name), dist=recipe.Dist())
     if opt.get("selective_logits"):
         use_selective_logits(run.model)
-    if opt.get("compile"):
-        run.train_model = torch.compile(run.model)
     run.model.train()
     return run
 

@@ -159,9 +159,17 @@ CPU = Preset(
     ),
     experiments=(
         _c(
+            "trl-bf16",
+            "trl",
+            "bf16 autocast, no checkpointing, packing=False",
+            lr=_FULL_LR,
+            bf16=True,
+            gradient_checkpointing=False,
+        ),
+        _c(
             "seed-bf16",
             "seed",
-            "the seed's bf16=True (CPU autocast; AMX here)",
+            "the seed's bf16=True (CPU autocast)",
             lr=_FULL_LR,
             bf16=True,
         ),
@@ -192,9 +200,27 @@ CPU = Preset(
         _c(
             "raysft-full-compile",
             "raysft",
-            "torch.compile (inductor)",
+            "train.compile (inductor)",
             method="full",
             lr=_FULL_LR,
+            compile=True,
+        ),
+        _c(
+            "raysft-full-compile-bf16",
+            "raysft",
+            "train.compile and bf16 autocast on the CPU",
+            method="full",
+            lr=_FULL_LR,
+            compile=True,
+            precision="bf16",
+        ),
+        _c(
+            "raysft-lora-compile",
+            "raysft",
+            "the seed's adapter, train.compile",
+            method="lora",
+            lr=_LORA_LR,
+            lora=SEED_LORA,
             compile=True,
         ),
         _c(

@@ -157,6 +157,15 @@ class TrainSection(_Section):
         "at once if torch cannot use it, naming the node, torch's CUDA build and the driver. "
         "`cuda`: the same failure without a usable GPU. `cpu`: the CPU even if a GPU is there.",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor) the training forward and backward. Evals and "
+        "generation stay eager. Packed rows are then padded to `data.max_seq_len` and an epoch's "
+        "last, partial micro-batch is skipped, so one shape compiles once (padded rows recompile "
+        "once with a dynamic width). The first step pays the compile (CPU, embedded base: "
+        "60-100 s cold, ~20 s from a warm inductor cache): worth it for long trials "
+        "(benchmarks/RESULTS.md).",
+    )
     seed: int = Field(42, description="Seeds data order, split, init of adapters and noise.")
     num_threads: int | None = Field(
         None, gt=0, description="torch CPU threads per worker. Null: torch's default."
@@ -366,6 +375,11 @@ class SearchSpec(Config):
             raise ValueError(
                 f"search.resources.strategy: fsdp shards full fine-tuning; method {other} "
                 "trains with ddp (its adapters are small: nothing worth sharding)"
+            )
+        if self.search.resources.strategy == "fsdp" and self.train.compile:
+            raise ValueError(
+                "train.compile: not with search.resources.strategy fsdp yet (untested here); "
+                "use ddp or set train.compile: false"
             )
         return self
 

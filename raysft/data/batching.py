@@ -31,8 +31,10 @@ def batches(
     batch_size: int,
     pad_id: int,
     order: list[int] | None = None,
+    width: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of the rows ``bins`` in ``order`` (default: as given)."""
+    """Collated batches of the rows ``bins`` in ``order`` (default: as given); packed rows
+    padded to ``width`` when given."""
     order = order if order is not None else list(range(len(bins)))
     for s in range(0, len(order), batch_size):
         rows = [
@@ -40,7 +42,7 @@ def batches(
             for j in order[s : s + batch_size]
         ]
         if packing:
-            yield collate_packed(rows, pad_id=pad_id)
+            yield collate_packed(rows, pad_id=pad_id, width=width)
         else:
             yield collate_padded([r[0] for r in rows], pad_id=pad_id)
 
@@ -49,6 +51,9 @@ class BatchStream:
     """Endless training micro-batches, reshuffled every epoch; resumable at (epoch, position).
 
     Rank r of a ``shard`` (r, world size) takes every world-size-th row of each epoch's order.
+    ``fixed_width`` (packing only): every batch has ``batch_size`` rows padded to that width,
+    one shape for torch.compile; an epoch's last, partial batch is skipped (its rows come up
+    in other epochs, shuffled), unless it is the epoch's only batch.
     """
 
     def __init__(
@@ -61,8 +66,12 @@ class BatchStream:
         pad_id: int,
         seed: int,
         shard: tuple[int, int] = (0, 1),  # (rank, world size)
+        fixed_width: int | None = None,
     ):
+        if fixed_width is not None and not packing:
+            raise ValueError("fixed_width pads packed rows; unpacked rows keep their own width")
         self._examples, self._bins, self._packing = examples, bins, packing
+        self._width = fixed_width
         self._batch_size, self._pad, self._seed = batch_size, pad_id, seed
         self._rank, self._world = shard
         self.epoch, self.position = 0, 0
@@ -73,7 +82,10 @@ class BatchStream:
         random.Random(self._seed * 1_000_003 + epoch).shuffle(order)
         mine = order[self._rank :: self._world]
         size = self._batch_size
-        return [mine[s : s + size] for s in range(0, len(mine), size)]
+        chunks = [mine[s : s + size] for s in range(0, len(mine), size)]
+        if self._width is not None and len(chunks) > 1 and len(chunks[-1]) < size:
+            chunks.pop()
+        return chunks
 
     def seek(self, epoch: int, position: int) -> None:
         self.epoch, self.position = epoch, position
@@ -91,5 +103,6 @@ class BatchStream:
             batch_size=len(chunk),
             pad_id=self._pad,
             order=chunk,
+            width=self._width,
         )
         return next(rows)

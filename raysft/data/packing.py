@@ -68,12 +68,15 @@ def _check_sample(ids: list[int], labels: list[int]) -> None:
         raise ValueError("empty sample")
 
 
-def collate_packed(rows: list[list[Sample]], *, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(
+    rows: list[list[Sample]], *, pad_id: int, width: int | None = None
+) -> dict[str, torch.Tensor]:
     """Packed rows -> ``input_ids``, ``labels``, ``position_ids``, ``seg_lens`` (all [B, T]).
 
     Positions restart at 0 per sample; padding (label -100, seg_len 0) gets its own positions
     from 0 so it is a separate segment. No ``attention_mask``: its presence disables the
-    per-sample mask in transformers.
+    per-sample mask in transformers. T is the longest row, or ``width`` when given (one shape
+    for every batch, for torch.compile).
     """
     import torch
 
@@ -90,7 +93,10 @@ def collate_packed(rows: list[list[Sample]], *, pad_id: int) -> dict[str, torch.
             pos += range(len(s_ids))
             seg += [len(s_ids)] * len(s_ids)
         flat.append((ids, labels, pos, seg))
-    width = max((len(f[0]) for f in flat), default=0)
+    longest = max((len(f[0]) for f in flat), default=0)
+    if width is not None and longest > width:
+        raise ValueError(f"a packed row of {longest} tokens is over the width {width}")
+    width = width if width is not None else longest
     out: dict[str, list[list[int]]] = {k: [] for k in _PACKED_KEYS}
     for ids, labels, pos, seg in flat:
         pad = width - len(ids)

@@ -176,10 +176,21 @@ def setup(
                 "search.resources.strategy",
                 [f"fsdp shards full fine-tuning; method {cfg.method} trains with ddp"],
             )
+        if cfg.train.compile:
+            raise ConfigError(
+                "train.compile",
+                ["not with search.resources.strategy fsdp yet (untested here); use ddp or set "
+                 "train.compile: false"],
+            )  # fmt: skip
         model = train_model = fsdp.shard(model, bf16=computes_in_bf16(cfg, device))
         log.info("FSDP: every decoder layer sharded over %d workers", dist.world_size)
     else:
         train_model = prepare_model(model) if prepare_model else model
+    if cfg.train.compile:
+        # Evals and generation call the eager ``model`` (same weights): their shapes change at
+        # every batch and token. Packed batches have one shape (``BatchStream.fixed_width``);
+        # unpacked ones change width, so they compile once with dynamic shapes.
+        train_model = torch.compile(train_model, dynamic=None if cfg.data.packing else True)
     optimizer, scheduler = _build_optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id
     loss = functools.partial(
@@ -214,6 +225,7 @@ def setup(
         pad_id=pad_id,
         seed=cfg.train.seed,
         shard=(dist.rank, dist.world_size),
+        fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
     )
     if resume_from is not None:
         progress = load_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)

@@ -239,6 +239,17 @@ def test_goals_compare_raysft_with_the_seed_and_trls_best():
     assert not report.goals("cpu", rows)["raysft_vs_seed"]["met"]
 
 
+def test_cpu_goals_take_each_sides_fastest_configuration():
+    rows = _rows() + [
+        {"name": "seed-bf16", "tokens_per_s": 200.0, "eval_loss": 2.0},
+        {"name": "raysft-full-compile", "tokens_per_s": 500.0, "eval_loss": 1.5},
+        {"name": "raysft-full-sellogits", "tokens_per_s": 900.0, "eval_loss": 1.5},  # no option
+    ]
+    vs_seed = report.goals("cpu", rows)["raysft_vs_seed"]
+    assert (vs_seed["of"], vs_seed["vs"], vs_seed["ratio"]) == ("raysft-full-compile", "seed-bf16",
+                                                                2.5)  # fmt: skip
+
+
 def test_gpu_goals_memory_and_mfu():
     rows = [
         {"name": "seed-lora", "tokens_per_s": 100.0, "eval_loss": 3.0},

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from raysft.data.batching import BatchStream
 from raysft.data.packing import (
     IGNORE_INDEX,
     causal_lm_loss,
@@ -16,6 +17,7 @@ from raysft.data.packing import (
     pack,
     packing_efficiency,
 )
+from raysft.data.templates import Example
 
 # ---------------------------------------------------------------- pack
 
@@ -107,6 +109,40 @@ def test_collate_packed_positions_segments_and_padding():
     assert batch["labels"].tolist() == [[-100, 2, 3, 4, 5], [6, -100, -100, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
     assert batch["seg_lens"].tolist() == [[3, 3, 3, 2, 2], [1, 0, 0, 0, 0]]
+
+
+def test_collate_packed_pads_to_a_given_width():
+    batch = collate_packed([[([1, 2], [1, 2])], [([3], [3])]], pad_id=0, width=4)
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [3, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 0, 1, 2]]
+    assert batch["seg_lens"].tolist() == [[2, 2, 0, 0], [1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="3 tokens is over the width 2"):
+        collate_packed([[([1, 2, 3], [1, 2, 3])]], pad_id=0, width=2)
+
+
+def test_fixed_width_stream_has_one_shape_and_skips_partial_batches():
+    # 7 one-sample rows, batches of 3: [3, 3, 1] per epoch; fixed width keeps the two full ones.
+    examples = [Example([1] * (i + 1), [1] * (i + 1), truncated=False) for i in range(7)]
+    bins = [[i] for i in range(7)]
+    fixed = BatchStream(examples, bins, packing=True, batch_size=3, pad_id=0, seed=0,
+                        fixed_width=16)  # fmt: skip
+    free = BatchStream(examples, bins, packing=True, batch_size=3, pad_id=0, seed=0)
+    seen: set[int] = set()
+    for epoch in range(4):
+        for _ in range(2):
+            batch = next(fixed)
+            assert batch["input_ids"].shape == (3, 16)
+            seen.update(int(n) for n in batch["seg_lens"][:, 0])
+        assert fixed.epoch == epoch
+        widths = [next(free)["input_ids"].shape for _ in range(3)]
+        assert widths[-1][0] == 1  # without it, the epoch's last batch is partial
+    assert seen == set(range(1, 8))  # a row skipped in one epoch comes up in another
+    # An epoch of one partial batch keeps it: it is the only shape there is.
+    alone = BatchStream(examples[:2], bins[:2], packing=True, batch_size=3, pad_id=0, seed=0,
+                        fixed_width=16)  # fmt: skip
+    assert next(alone)["input_ids"].shape == (2, 16) and next(alone)["input_ids"].shape == (2, 16)
+    with pytest.raises(ValueError, match="unpacked rows keep their own width"):
+        BatchStream(examples, bins, packing=False, batch_size=3, pad_id=0, seed=0, fixed_width=16)
 
 
 def test_collate_packed_rejects_mismatched_sample():

@@ -117,3 +117,32 @@ def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
     assert all("training_state.pt" in files for _, files in seen)
     assert "base_exact_match" not in seen[-1][0]  # train.eval_base: false is honoured
     assert "exact_match" in seen[-1][0] and "exact_match" not in seen[0][0]
+
+
+def test_compiled_training_steps_equal_eager_ones(tmp_path: Path) -> None:
+    """train.compile: the same losses step by step (full fine-tuning has no dropout or noise to
+    draw differently), evals and checkpoints in between, and the saved weights keep their
+    names (torch.compile's wrapper would prefix them with ``_orig_mod.``)."""
+    from safetensors.torch import load_file
+
+    model_dir = _model_dir(tmp_path, "llama")
+    # Batches of one row: no epoch ends on a partial batch, which compiled training skips.
+    common = {"train.exact_match": False, "train.neftune_alpha": None, "train.eval_base": False,
+              "train.batch_size": 1}  # fmt: skip
+    eager = run_trial(_config(tmp_path, model_dir, "full", **common))
+    checkpoints: list[list[str]] = []
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        assert checkpoint_dir is not None
+        checkpoints.append(sorted(load_file(f"{checkpoint_dir}/model.safetensors")))
+
+    options = {**common, "train.compile": True, "output_dir": str(tmp_path / "out-compiled")}
+    compiled = run_trial(_config(tmp_path, model_dir, "full", **options), report=report)
+    pairs = list(zip(eager.history, compiled.history, strict=True))
+    assert [c["step"] for _, c in pairs] == [1, 2, 3, 4]
+    for e, c in pairs:
+        assert c["train_loss"] == pytest.approx(e["train_loss"], abs=1e-4)
+        assert c.get("eval_loss", 0.0) == pytest.approx(e.get("eval_loss", 0.0), abs=1e-4)
+    saved = sorted(load_file(Path(compiled.output_dir) / "model.safetensors"))
+    assert checkpoints == [saved, saved]
+    assert saved == sorted(load_file(Path(eager.output_dir) / "model.safetensors"))
