@@ -189,7 +189,10 @@ def setup(
     if cfg.train.compile:
         # Evals and generation call the eager ``model`` (same weights): their shapes change at
         # every batch and token. Packed batches have one shape (``BatchStream.fixed_width``);
-        # unpacked ones change width, so they compile once with dynamic shapes.
+        # unpacked ones change width, so they compile once with dynamic shapes. Dynamo neither
+        # guards on module hooks nor on which instance runs: a graph compiled for an earlier
+        # trial's model in this process (without NEFTune's hook, say) would be reused as is.
+        torch._dynamo.reset()
         train_model = torch.compile(train_model, dynamic=None if cfg.data.packing else True)
     optimizer, scheduler = _build_optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id

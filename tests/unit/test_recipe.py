@@ -146,3 +146,27 @@ def test_compiled_training_steps_equal_eager_ones(tmp_path: Path) -> None:
     saved = sorted(load_file(Path(compiled.output_dir) / "model.safetensors"))
     assert checkpoints == [saved, saved]
     assert saved == sorted(load_file(Path(eager.output_dir) / "model.safetensors"))
+
+
+def test_compiled_trials_in_one_process_each_trace_their_own_model(tmp_path: Path) -> None:
+    """A compiled model without NEFTune, then one with it, in the same process: the second
+    must not run the first one's graph (dynamo guards neither hooks nor the instance). The
+    embedded base is pretrained: unlike a random model's, its loss moves with noisy embeddings."""
+    from raysft.train.evaluate import forward_loss
+    from raysft.train.recipe import Dist, setup
+
+    losses = {}
+    for alpha in (None, 200.0):
+        options = {"train.compile": True, "train.neftune_alpha": alpha, "train.eval_base": False}
+        cfg = _config(tmp_path, Path("unused"), "full", **options)
+        cfg.model.name_or_path = "embedded:tiny-base"
+        torch.manual_seed(0)
+        run = setup(cfg, dist=Dist())
+        run.model.train()
+        batch = next(run.stream)
+        if run.neftune is not None:
+            run.neftune.set_lengths(batch["seg_lens"])
+        with torch.no_grad():
+            losses[alpha] = float(forward_loss(run.train_model, batch, run.device)[0])
+    # The same model, batch and seed: only the noise can move the loss.
+    assert abs(losses[200.0] - losses[None]) > 0.05 * losses[None], losses
