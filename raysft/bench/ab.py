@@ -31,8 +31,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sellogits": {"selective_logits": True},
     "compile": {"compile": True},
     "compile-bf16": {"compile": True, "precision": "bf16"},
-    "flex": {"attn": "flex_attention"},
-    "flex-bf16": {"attn": "flex_attention", "precision": "bf16"},
 }
 _FULL_LR = 1e-3
 

@@ -162,9 +162,9 @@ class TrainSection(_Section):
         description="torch.compile (inductor) the training forward and backward. Evals and "
         "generation stay eager. Packed rows are then padded to `data.max_seq_len` and an epoch's "
         "last, partial micro-batch is skipped, so one shape compiles once (padded rows recompile "
-        "once with a dynamic width). The first step pays the compile (CPU, embedded base: "
-        "60-100 s cold, ~20 s from a warm inductor cache): worth it for long trials "
-        "(benchmarks/RESULTS.md).",
+        "once with a dynamic width). The first step pays the compile (embedded base on 2 CPU "
+        "cores: 20-100 s); on the CPU it gains 5-15% per step (benchmarks/RESULTS.md). Not "
+        "with FSDP yet.",
     )
     seed: int = Field(42, description="Seeds data order, split, init of adapters and noise.")
     num_threads: int | None = Field(
