@@ -262,6 +262,19 @@ def _tag_outcome(mlc: Any, row: dict[str, Any]) -> None:
         mlc.set_tag(run_id, "raysft.attempts", json.dumps(row["attempts"])[:5000])
 
 
+def _check_checkpoint(row: dict[str, Any]) -> None:
+    """A row names no checkpoint that is gone. Train keeps a trial's 2 newest; a stopped trial
+    whose worker got 2 checkpoints past the report ASHA stopped it on has lost that one."""
+    path = row["checkpoint"]
+    if path and not Path(path).is_dir():
+        log.warning(
+            "trial %s: its checkpoint at step %s was replaced by later ones Tune never read "
+            "(the trial was stopped meanwhile): %s",
+            row["trial_id"], row["step"], path,
+        )  # fmt: skip
+        row["checkpoint"] = None
+
+
 def _rows(
     results: list[dict[str, Any]],
     cfg: SearchSpec,
@@ -284,6 +297,7 @@ def _rows(
             diverged=r["trial_id"] in tracked["diverged"],
         )
         row["attempts"] = r["attempts"]  # failed attempts: cause, and whether it was retried
+        _check_checkpoint(row)
         rows.append(row)
         _tag_outcome(tracked["mlc"], row)
     return res.rank(rows, objective_mode(s.metric, s.mode))

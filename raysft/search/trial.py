@@ -121,7 +121,10 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
                 name=f"train-{trial_id}",
                 storage_path=str(Path(exp_dir) / "train"),
                 callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train callback
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                # 2, not 1: the worker runs on while Tune reads a report, so the next
+                # checkpoint may be registered (and the one before it deleted) before ASHA stops
+                # the trial on that report; its row must still find the checkpoint it names.
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 # Retries are ours (below): an out-of-memory trial must not be retried.
                 failure_config=ray.train.FailureConfig(max_failures=0),
             ),

@@ -414,3 +414,28 @@ def test_no_secret_reaches_a_trial_run_s_params(
     assert run.data.params["sampled.train.learning_rate"] == "0.001"
     # The run's name (tag mlflow.runName) is made of the sampled values (tracking.run_name).
     assert TOKEN not in json.dumps(run.data.tags), run.data.tags.get("mlflow.runName")
+
+
+def test_a_row_never_names_a_checkpoint_that_is_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Train keeps a trial's 2 newest checkpoints; a stopped trial whose worker ran 2 past the
+    report ASHA stopped it on has lost the one that report names: the row says so (None) and
+    the driver warns, so nothing promotes or links a missing directory."""
+    import logging
+
+    from raysft.search.driver import _check_checkpoint
+
+    kept = tmp_path / "checkpoint_b"
+    kept.mkdir()
+    rows = [
+        {"trial_id": "lost", "step": 4, "checkpoint": str(tmp_path / "checkpoint_a")},
+        {"trial_id": "kept", "step": 8, "checkpoint": str(kept)},
+        {"trial_id": "none", "step": 2, "checkpoint": None},
+    ]
+    with caplog.at_level(logging.WARNING, logger="raysft.search.driver"):
+        for row in rows:
+            _check_checkpoint(row)
+    assert [r["checkpoint"] for r in rows] == [None, str(kept), None]
+    assert "trial lost: its checkpoint at step 4 was replaced" in caplog.text
+    assert "trial kept" not in caplog.text and "trial none" not in caplog.text
