@@ -22,7 +22,7 @@ from typing import Any
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "seed-step": {},
-    "seed-step-bf16": {},
+    "seed-step-bf16": {"bf16": True},
     "raysft": {},
     "eager": {"attn": "eager"},
     "bf16": {"precision": "bf16"},
@@ -93,7 +93,7 @@ def measure(variants: list[str], *, rounds: int, warmup: int, threads: int) -> d
     model_dir = copy_model_dir(Path(resolve("embedded:tiny-base")), work / "model")
     ctx = Context(model_dir, work, "cpu", rows, held, 8, 512, 10_000, 0, threads, StepClock())
     steppers = {
-        v: _seed_stepper(ctx, bf16=v.endswith("bf16"))
+        v: _seed_stepper(ctx, bf16=VARIANTS[v].get("bf16", False))
         if v.startswith("seed-step")
         else _raysft_stepper(ctx, VARIANTS[v], v)
         for v in variants

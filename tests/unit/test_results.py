@@ -332,6 +332,14 @@ def _trial_callback(mlc: Any, exp_id: str, cfg: Any) -> Any:
     )
 
 
+def _start_trials(callback: Any, *trial_ids: str) -> list[SimpleNamespace]:
+    """Tune's trials as the callback sees them (no sampled values), each started."""
+    trials = [SimpleNamespace(trial_id=t, config={}) for t in trial_ids]
+    for trial in trials:
+        callback.on_trial_start(0, [], trial)
+    return trials
+
+
 def test_tracking_marks_a_diverged_trial_failed_with_its_status_tag(
     mlflow_store: tuple[Any, str],
 ) -> None:
@@ -340,9 +348,7 @@ def test_tracking_marks_a_diverged_trial_failed_with_its_status_tag(
     mlc, exp_id = mlflow_store
     cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
     callback = _trial_callback(mlc, exp_id, cfg)
-    ok, bad = (SimpleNamespace(trial_id=t, config={}) for t in ("ok", "bad"))
-    for trial in (ok, bad):
-        callback.on_trial_start(0, [], trial)
+    ok, bad = _start_trials(callback, "ok", "bad")
     callback.on_trial_result(0, [], ok, {"step": 5, "eval_loss": 1.0, "timestamp": 1})
     callback.on_trial_result(0, [], bad, {"step": 5, "eval_loss": NAN, "timestamp": 1})
     callback.on_trial_result(0, [], ok, {"step": 10, "eval_loss": 0.8, "timestamp": 2})
@@ -369,9 +375,7 @@ def test_a_resumed_trials_replayed_records_reach_mlflow_once(
     mlc, exp_id = mlflow_store
     cfg = validate_tree({"train": {"max_steps": 12, "eval_every": 4}})
     callback = _trial_callback(mlc, exp_id, cfg)
-    lost, heard = (SimpleNamespace(trial_id=t, config={}) for t in ("lost", "heard"))
-    for trial in (lost, heard):
-        callback.on_trial_start(0, [], trial)
+    lost, heard = _start_trials(callback, "lost", "heard")
     # "heard": the old driver logged step 4 before it died; only 8 is new.
     callback.on_trial_result(0, [], heard, {"step": 4, "eval_loss": 2.0, "timestamp": 1})
     r4, r8 = {"step": 4, "eval_loss": 2.0}, {"step": 8, "eval_loss": 1.5}
