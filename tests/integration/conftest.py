@@ -202,6 +202,8 @@ class Ran:
     output: str
     seconds: float
     leftovers: list[int] = field(default_factory=list)
+    pgid: int | None = None  # the command's process group
+    mark: str | None = None  # the MARK_VAR value of everything it started
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.output.splitlines()[-n:])
@@ -227,7 +229,7 @@ def run_cmd(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 300,
-    settle: float = 30,
+    settle: float | None = 30,
     on_start: Any = None,
 ) -> Ran:
     """Run ``cmd`` in its own process group, output to ``log``; kill what it started on a
@@ -235,7 +237,9 @@ def run_cmd(
 
     Everything the command starts inherits a fresh ``MARK_VAR``. After it exits, wait up to
     ``settle`` s for the rest (a local Ray it started) to go; whatever is still alive then is
-    reported in ``leftovers`` and killed. ``on_start(popen)`` is called once it runs.
+    reported in ``leftovers`` and killed. ``settle=None``: no wait, nothing killed; the caller
+    checks later with ``wait_gone(pgid=ran.pgid, mark=ran.mark)``. ``on_start(popen)`` is
+    called once it runs.
     """
     mark = new_mark()
     env = {**(env or base_env()), MARK_VAR: mark}
@@ -256,12 +260,13 @@ def run_cmd(
             tail = "\n".join(text.splitlines()[-80:])
             pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s; log tail:\n{tail}")
     seconds = time.monotonic() - t0
-    leftovers = wait_gone(settle, pgid=proc.pid, mark=mark)
+    leftovers = [] if settle is None else wait_gone(settle, pgid=proc.pid, mark=mark)
     if leftovers:
         kill_group(proc.pid)
         kill_all(leftovers)
         wait_gone(10, pgid=proc.pid, mark=mark)
-    return Ran(cmd, rc, log.read_text(encoding="utf-8", errors="replace"), seconds, leftovers)
+    output = log.read_text(encoding="utf-8", errors="replace")
+    return Ran(cmd, rc, output, seconds, leftovers, pgid=proc.pid, mark=mark)
 
 
 @pytest.fixture(scope="module")
