@@ -1,0 +1,70 @@
+"""What a trial's Train worker does to its own process before the recipe runs.
+
+Each check runs in a fresh interpreter, as a Train worker is: hiding bitsandbytes must happen
+before anything imports peft, and must not leak into this test process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# One short trial per method given, in one process, after keep_bitsandbytes_out(first method):
+# 2 steps, an eval with generation (exact match) and a checkpoint, on the embedded default.
+_WORKER = """
+import json, sys
+from raysft.config import load_config
+from raysft.search.trial import keep_bitsandbytes_out
+from raysft.train.recipe import run_trial
+
+out, methods = sys.argv[1], sys.argv[2:]
+hidden = keep_bitsandbytes_out(methods[0])
+report = {"hidden": hidden, "runs": {}}
+for method in methods:
+    cfg = load_config(
+        "search_spaces/%s.yaml" % method,
+        {"output_dir": out + "/" + method, "train.max_steps": 2, "train.eval_every": 2,
+         "train.eval_base": False, "data.max_eval_samples": 4, "train.max_new_tokens": 4,
+         "train.num_threads": 1},
+    )
+    final = run_trial(cfg).final
+    report["runs"][method] = {"eval_loss": final["eval_loss"], "exact_match": final["exact_match"]}
+bnb = sys.modules.get("bitsandbytes", "absent")
+report["bitsandbytes"] = "hidden" if bnb is None else ("absent" if bnb == "absent" else "loaded")
+report["peft"] = "peft" in sys.modules
+print(json.dumps(report))
+"""
+
+
+def _worker(tmp: Path, *methods: str) -> dict:
+    ran = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(tmp), *methods],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return json.loads(ran.stdout.strip().splitlines()[-1])
+
+
+def test_lora_and_full_workers_train_without_bitsandbytes(tmp_path: Path) -> None:
+    report = _worker(tmp_path, "lora", "full")
+    assert report["hidden"] is True
+    assert report["bitsandbytes"] == "hidden" and report["peft"], report
+    for method in ("lora", "full"):
+        run = report["runs"][method]
+        assert run["eval_loss"] > 0 and 0 <= run["exact_match"] <= 1, run
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_a_qlora_worker_keeps_bitsandbytes(tmp_path: Path) -> None:
+    report = _worker(tmp_path, "qlora")
+    assert report["hidden"] is False
+    assert report["bitsandbytes"] == "loaded", report
+    assert report["runs"]["qlora"]["eval_loss"] > 0
