@@ -175,23 +175,24 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
         on_start=kill_driver_mid_second_trial,
     )
     killed_at = time.monotonic()
-    assert crashed.rc == -signal.SIGKILL, crashed.explain()
-    assert "finished" in state, "the driver was never killed"
-
-    resumed = run_tune(
-        spec,
-        tmp_path,
-        ray_tmp,
-        "--resume",
-        log="resume.log",
-        timeout=300,
-    )
+    try:
+        assert crashed.rc == -signal.SIGKILL, crashed.explain()
+        assert "finished" in state, "the driver was never killed"
+        resumed = run_tune(
+            spec,
+            tmp_path,
+            ray_tmp,
+            "--resume",
+            log="resume.log",
+            timeout=300,
+        )
+        left = wait_gone(killed_at + 120 - time.monotonic(), pgid=crashed.pgid, mark=crashed.mark)
+        outlived = "; ".join(cmdline(p) for p in left)
+    finally:  # whatever happened above, nothing of the killed search lingers into later tests
+        kill_all(wait_gone(0, pgid=crashed.pgid, mark=crashed.mark))
+    assert not left, f"Ray processes of the killed search outlived it by 120 s: {outlived}"
     assert resumed.rc == 0, resumed.explain()
     assert not resumed.leftovers, resumed.leftovers
-    left = wait_gone(killed_at + 120 - time.monotonic(), pgid=crashed.pgid, mark=crashed.mark)
-    outlived = "; ".join(cmdline(p) for p in left)
-    kill_all(left)
-    assert not left, f"Ray processes of the killed search outlived it by 120 s: {outlived}"
     summary = json.loads((exp_dir / "summary.json").read_text())
     assert [t["status"] for t in summary["trials"]] == ["finished", "finished"], summary["trials"]
     # The finished trial was not re-run: its checkpoint is the one it had.
