@@ -201,9 +201,9 @@ class Ran:
     rc: int
     output: str
     seconds: float
+    pgid: int  # the command's process group
+    mark: str  # the MARK_VAR value of everything it started
     leftovers: list[int] = field(default_factory=list)
-    pgid: int | None = None  # the command's process group
-    mark: str | None = None  # the MARK_VAR value of everything it started
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.output.splitlines()[-n:])
@@ -266,7 +266,7 @@ def run_cmd(
         kill_all(leftovers)
         wait_gone(10, pgid=proc.pid, mark=mark)
     output = log.read_text(encoding="utf-8", errors="replace")
-    return Ran(cmd, rc, output, seconds, leftovers, pgid=proc.pid, mark=mark)
+    return Ran(cmd, rc, output, seconds, pgid=proc.pid, mark=mark, leftovers=leftovers)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from .conftest import (
     assert_no_other_ray,
     cmdline,
     kill_all,
+    kill_group,
+    marked_pids,
     pids_matching,
     render_spec,
     run_tune,
@@ -189,7 +191,8 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
         left = wait_gone(killed_at + 120 - time.monotonic(), pgid=crashed.pgid, mark=crashed.mark)
         outlived = "; ".join(cmdline(p) for p in left)
     finally:  # whatever happened above, nothing of the killed search lingers into later tests
-        kill_all(wait_gone(0, pgid=crashed.pgid, mark=crashed.mark))
+        kill_group(crashed.pgid)
+        kill_all(marked_pids(crashed.mark))
     assert not left, f"Ray processes of the killed search outlived it by 120 s: {outlived}"
     assert resumed.rc == 0, resumed.explain()
     assert not resumed.leftovers, resumed.leftovers
