@@ -1,8 +1,9 @@
 """Run a search on Ray: the tuner, the run, and what follows it (promotion, base vs tuned).
 
 Optuna TPE proposes configs, ASHA stops bad trials on the per-eval metric, each trial runs the
-SFT recipe under Ray Train (TorchTrainer) launched from a Tune function trainable (Train V2),
-the driver mirrors every trial into MLflow, and the best adapter is promoted.
+SFT recipe under Ray Train (its torch backend; ``raysft.search.backend`` for one worker) launched
+from a Tune function trainable (Train V2), the driver mirrors every trial into MLflow, and the
+best adapter is promoted.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What runs on the cluster for one trial: the Tune function trainable, its retries, and the
 Ray Train worker that runs the SFT recipe.
 
-A retry (a killed worker, a lost node) is a new TorchTrainer with the same name and storage path:
+A retry (a killed worker, a lost node) is a new Train run with the same name and storage path:
 Ray Train restores the run's latest checkpoint and the workers resume from it exactly. An
 out-of-memory trial is failed at once, never retried.
 """
@@ -104,13 +104,13 @@ def is_out_of_memory(cause: str) -> bool:
 def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str) -> None:
     """Tune function trainable: this trial's Ray Train run (Train V2 style), retried on faults.
 
-    A retry is a new TorchTrainer with the same name and storage path: Ray Train restores the
+    A retry is a new Train run with the same name and storage path: Ray Train restores the
     run's latest checkpoint and the workers resume from it (``_train_worker``). The same holds
     when ``--resume`` restarts a trial after the driver died.
     """
     import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     search = validate_spec(tree).search
@@ -121,9 +121,20 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
     if gpus:
         resources["GPU"] = gpus
 
+    if res.workers == 1:  # no process group, and torch stays out of this process
+        from raysft.search.backend import OneWorkerTorchConfig
+
+        backend: Any = OneWorkerTorchConfig()
+    else:
+        from ray.train.torch.config import TorchConfig
+
+        backend = TorchConfig(backend="nccl" if gpus else "gloo")
+
     def trainer() -> Any:
-        return TorchTrainer(
+        # TorchTrainer is this with Ray's TorchConfig (which imports torch where it is built).
+        return DataParallelTrainer(
             _train_worker,
+            backend_config=backend,
             train_loop_config={
                 "resolve": TrialConfigs(tree, exp_dir),
                 "trial_id": trial_id,
