@@ -3,8 +3,9 @@
 Ray's ``TorchConfig`` imports torch at module level, and a ``TorchTrainer`` hands it to two
 processes that never run torch: Tune's function trainable, which builds the trainer, and the Train
 controller, which unpickles the config and calls ``torch.distributed.is_available()`` before it
-sets up a process group. That is ~2.3 CPU-s of imports in each, per trial, on the critical path of
-every trial (2026-12-03, 2 cores; see benchmarks/RESULTS.md, "Search overhead").
+sets up a process group. That is 2.0 CPU-s of imports in each (``ray.train.torch`` after
+``ray.train``) on the critical path of every trial (2026-12-03, 2 cores; see
+benchmarks/RESULTS.md, "Search overhead").
 
 A trial of one worker has no process group to set up: raysft's recipe communicates only when
 ``world_size > 1`` (``raysft.train.recipe``). So ``OneWorkerTorchConfig`` keeps what Ray's torch
@@ -19,8 +20,8 @@ Nothing here imports torch at module level; each function that needs it imports 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from ray.train.backend import Backend, BackendConfig
@@ -44,23 +45,12 @@ def _worker_shutdown() -> None:
     _shutdown_torch(destroy_process_group=False)
 
 
-class _TrainFuncContext:
+def _train_func_context() -> Any:
     """Around the training function, in the worker: Ray's ``TorchConfigContextManager`` (it makes
     the worker's granted GPU the current CUDA device)."""
+    from ray.train.torch.config import TorchConfigContextManager
 
-    def __enter__(self) -> None:
-        from ray.train.torch.config import TorchConfigContextManager
-
-        self._inner = TorchConfigContextManager()
-        self._inner.__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        return bool(self._inner.__exit__(exc_type, exc, tb))
+    return TorchConfigContextManager()
 
 
 class _OneWorkerTorchBackend(Backend):
@@ -94,8 +84,8 @@ class OneWorkerTorchConfig(BackendConfig):
         return _OneWorkerTorchBackend
 
     @property
-    def train_func_context(self) -> type[_TrainFuncContext]:
-        return _TrainFuncContext
+    def train_func_context(self) -> Callable[[], Any]:
+        return _train_func_context
 
     @property
     def framework(self) -> Any:

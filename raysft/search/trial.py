@@ -121,14 +121,7 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
     if gpus:
         resources["GPU"] = gpus
 
-    if res.workers == 1:  # no process group, and torch stays out of this process
-        from raysft.search.backend import OneWorkerTorchConfig
-
-        backend: Any = OneWorkerTorchConfig()
-    else:
-        from ray.train.torch.config import TorchConfig
-
-        backend = TorchConfig(backend="nccl" if gpus else "gloo")
+    backend = backend_config(res.workers)
 
     def trainer() -> Any:
         # TorchTrainer is this with Ray's TorchConfig (which imports torch where it is built).
@@ -162,6 +155,19 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
 
     record = Path(trial_output_dir(exp_dir, trial_id)) / ATTEMPTS_FILE
     _fit_with_retries(trainer, retries=search.max_retries, record=record)
+
+
+def backend_config(workers: int) -> Any:
+    """Ray Train's backend for a trial of ``workers`` workers: Ray's ``TorchConfig`` (its process
+    group: gloo, or nccl when workers have GPUs), or for one worker ``OneWorkerTorchConfig``,
+    which keeps torch out of this process and the Train controller."""
+    if workers == 1:
+        from raysft.search.backend import OneWorkerTorchConfig
+
+        return OneWorkerTorchConfig()
+    from ray.train.torch.config import TorchConfig
+
+    return TorchConfig()
 
 
 def tune_is_running_this_trial() -> bool:

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     import json, os, sys
     import ray, ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-    from raysft.search.backend import OneWorkerTorchConfig
+    from raysft.search.trial import backend_config
 
     out, storage = sys.argv[1], sys.argv[2]
 
@@ -40,14 +40,13 @@ SCRIPT = textwrap.dedent(
                 "env": {k: os.environ.get(k) for k in keys},
                 "process_group": torch.distributed.is_initialized(),
                 "controller_has_torch": controller_has_torch,
-                "worker_pid": os.getpid(),
             }, f)
 
     ray.init(num_cpus=1)
     DataParallelTrainer(
         worker,
         train_loop_config={"out": out},
-        backend_config=OneWorkerTorchConfig(),
+        backend_config=backend_config(1),  # what a one-worker trial gets
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="one", storage_path=storage),
     ).fit()

@@ -68,3 +68,14 @@ def test_a_qlora_worker_keeps_bitsandbytes(tmp_path: Path) -> None:
     assert report["hidden"] is False
     assert report["bitsandbytes"] == "loaded", report
     assert report["runs"]["qlora"]["eval_loss"] > 0
+
+
+def test_one_worker_trials_get_the_torch_free_backend_and_data_parallel_ones_rays() -> None:
+    from ray.train.torch.config import TorchConfig
+
+    from raysft.search.backend import OneWorkerTorchConfig
+    from raysft.search.trial import backend_config
+
+    assert isinstance(backend_config(1), OneWorkerTorchConfig)
+    multi = backend_config(2)  # a process group: gloo, or nccl when the workers have GPUs
+    assert isinstance(multi, TorchConfig) and multi.backend is None
