@@ -242,7 +242,7 @@ def score_model(
     import functools
 
     from raysft.train.evaluate import compute, eval_loss_sum, generate_answers
-    from raysft.train.recipe import autocast_for
+    from raysft.train.recipe import autocast_for, group_by_length_tokens
 
     rows = eval_rows(cfg) if conversations is None else conversations
     due = select_metrics(metrics, rows)
@@ -253,7 +253,7 @@ def score_model(
     loss = functools.partial(
         eval_loss_sum, net, examples, [[i] for i in range(len(examples))], packing=False,
         batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id, device=device,
-        autocast=autocast,
+        autocast=autocast, group_tokens=group_by_length_tokens(cfg),
     )  # fmt: skip
     answers = functools.partial(
         generate_answers, net, tokenizer, kept, template=cfg.data.template,

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import shlex
 import shutil
 import subprocess
@@ -41,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     p.add_argument("--note", default="", help="a line recorded with the results")
     p.add_argument("--timeout", type=int, default=900, help="seconds per contender")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every contender, each round after the first in a shuffled order; a "
+        "contender's row is its median run by real tok/s (this VM's speed drifts between runs)",
+    )
     p.add_argument("--list", action="store_true", help="list contenders and experiments")
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan, build each model on meta"
@@ -176,23 +184,58 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
     given = (("steps", args.steps), ("rows", args.rows), ("eval_rows", args.eval_rows),
              ("threads", args.threads))  # fmt: skip
     overrides = {k: v for k, v in given if v is not None}
-    rows: list[dict[str, Any]] = []
-    for c in contenders:
-        missing = [m for m in _needs(c) if importlib.util.find_spec(m) is None]
-        if missing:
-            row = {"name": c.name, "error": f"skipped: {', '.join(missing)} not installed"}
-        else:
-            t0 = time.perf_counter()
-            spec = {"preset": preset.name, "contender": c.name, "overrides": overrides,
-                    "workdir": str(workdir), "model_dirs": model_dirs}  # fmt: skip
-            row = _run_child(spec, workdir, c.name, args.timeout, preset.threads)
-            row["process_s"] = round(time.perf_counter() - t0, 1)
-        row.setdefault("note", c.note)
-        rows.append(row)
-        status = row.get("error") or f"{row.get('tokens_per_s') or 0:,.0f} real tok/s"
-        print(f"  done {c.name}: {status}", flush=True)
-        out.write_text(json.dumps(_result(args, argv, preset, rows), indent=2), encoding="utf-8")
+    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
+    shuffle = random.Random(0)
+    for round_ in range(max(args.repeat, 1)):
+        order = list(contenders)
+        if round_:
+            shuffle.shuffle(order)  # no contender always runs first, or after a given other one
+        for c in order:
+            row = _run_contender(c, preset, workdir, model_dirs, overrides, args.timeout)
+            runs[c.name].append(row)
+            status = row.get("error") or f"{row.get('tokens_per_s') or 0:,.0f} real tok/s"
+            print(f"  done {c.name}: {status}", flush=True)
+            rows = [median_run(runs[c.name]) for c in contenders if runs[c.name]]
+            out.write_text(json.dumps(_result(args, argv, preset, rows), indent=2), "utf-8")
+    rows = [median_run(runs[c.name]) for c in contenders]
     return _result(args, argv, preset, rows)
+
+
+def _run_contender(
+    c: Contender,
+    preset: Preset,
+    workdir: Path,
+    model_dirs: dict[str, str],
+    overrides: dict[str, Any],
+    timeout: int,
+) -> dict[str, Any]:
+    missing = [m for m in _needs(c) if importlib.util.find_spec(m) is None]
+    if missing:
+        row = {"name": c.name, "error": f"skipped: {', '.join(missing)} not installed"}
+    else:
+        t0 = time.perf_counter()
+        spec = {"preset": preset.name, "contender": c.name, "overrides": overrides,
+                "workdir": str(workdir), "model_dirs": model_dirs}  # fmt: skip
+        row = _run_child(spec, workdir, c.name, timeout, preset.threads)
+        row["process_s"] = round(time.perf_counter() - t0, 1)
+    row.setdefault("note", c.note)
+    return row
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A contender's row over its runs: the median run by real tok/s (the lower middle one of
+    an even count), with every run's tok/s; the first error when no run measured."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r.get("tokens_per_s") or 0)
+    if not ok:
+        return runs[0]
+    row = dict(ok[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        row["runs_tokens_per_s"] = [r.get("tokens_per_s") for r in runs]
+        speeds = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in ok)
+        failed = len(runs) - len(ok)
+        row["note"] = (f"{row.get('note', '')} (median of {len(ok)} runs: {speeds} tok/s"
+                       f"{f'; {failed} failed' if failed else ''})").strip()  # fmt: skip
+    return row
 
 
 def _result(args: Any, argv: list[str], preset: Preset, rows: list[dict[str, Any]]) -> dict:

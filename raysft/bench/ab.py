@@ -31,6 +31,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sellogits": {"selective_logits": True},
     "compile": {"compile": True},
     "compile-bf16": {"compile": True, "precision": "bf16"},
+    "bf16-a32": {"precision": "bf16", "attn": "sdpa_fp32"},
+    "grouped": {"group_by_length": True},
+    "grouped-bf16": {"group_by_length": True, "precision": "bf16"},
+    "grouped-bf16-a32": {"group_by_length": True, "precision": "bf16", "attn": "sdpa_fp32"},
+    "grouped-compile-bf16-a32": {
+        "group_by_length": True,
+        "precision": "bf16",
+        "attn": "sdpa_fp32",
+        "compile": True,
+    },
 }
 _FULL_LR = 1e-3
 

@@ -194,7 +194,8 @@ def _raysft_config(ctx: Context, opt: dict[str, Any], name: str) -> Any:
                 "format": "messages",
                 "template": "tokenizer",  # data.CHAT_TEMPLATE: the seed's text + EOS
                 "max_seq_len": opt.get("row_len", ctx.max_len),
-                "packing": opt.get("packing", True),
+                "packing": opt.get("packing", True) and not opt.get("group_by_length"),
+                "group_by_length": bool(opt.get("group_by_length")),
                 "max_eval_samples": None,
             },
             "train": {

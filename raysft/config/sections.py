@@ -34,10 +34,12 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(
         False, description="Allow the model repo's own Python code to run. Off unless you trust it."
     )
-    attn_implementation: Literal["eager", "sdpa", "flex_attention"] = Field(
+    attn_implementation: Literal["eager", "sdpa", "sdpa_fp32", "flex_attention"] = Field(
         "sdpa",
-        description="Attention kernel. All three keep packed samples independent "
-        "(flex_attention needs CUDA). flex_attention is not recommended for searches: "
+        description="Attention kernel. All keep packed samples independent (flex_attention "
+        "needs CUDA). `sdpa_fp32`: sdpa on float32 q, k, v under bf16 autocast, for CPUs whose "
+        "bf16 attention kernel is slower than their fp32 one (benchmarks/RESULTS.md); the same "
+        "as sdpa without autocast. flex_attention is not recommended for searches: "
         "transformers compiles it anew at every train/eval switch (each eval) and shape changes "
         "trigger recompiles; that cost is unmeasured here (README: GPU clusters).",
     )
@@ -99,6 +101,14 @@ class DataSection(_Section):
     packing: bool = Field(
         True, description="Pack samples into rows of max_seq_len, each attending only to itself."
     )
+    group_by_length: bool = Field(
+        False,
+        description="With `packing: false`: one sample per row, and each micro-batch takes "
+        "samples of similar length, up to `train.batch_size` x `max_seq_len` tokens padding "
+        "included, with causal attention and no mask. Little padding and short rows: faster "
+        "than packing where the attention kernel computes a packed row's masked blocks anyway "
+        "(the CPU; benchmarks/RESULTS.md).",
+    )
     on_error: Literal["strict", "skip"] = Field(
         "strict",
         description="Malformed rows: `strict` stops naming file/row/field; `skip` drops and "
@@ -107,6 +117,15 @@ class DataSection(_Section):
     max_eval_samples: int | None = Field(
         200, gt=0, description="Cap on eval conversations (loss and exact match). Null: all."
     )
+
+    @model_validator(mode="after")
+    def _grouping_is_unpacked(self) -> DataSection:
+        if self.group_by_length and self.packing:
+            raise ValueError(
+                "group_by_length: groups unpacked samples by length, but packing is true; set "
+                "data.packing: false"
+            )
+        return self
 
 
 class TrainSection(_Section):
@@ -162,9 +181,9 @@ class TrainSection(_Section):
         description="torch.compile (inductor) the training forward and backward. Evals and "
         "generation stay eager. Packed rows are then padded to `data.max_seq_len` and an epoch's "
         "last, partial micro-batch is skipped, so one shape compiles once (padded rows recompile "
-        "once with a dynamic width). The first step pays the compile (embedded base on 2 CPU "
-        "cores: 20-100 s); on the CPU it gains 5-15% per step (benchmarks/RESULTS.md). Not "
-        "with FSDP yet.",
+        "once with a dynamic width, as do batches grouped by length). The first step pays the "
+        "compile (embedded base on 2 CPU cores: 20-100 s); on the CPU it gains 5-25% per step "
+        "(benchmarks/RESULTS.md). Not with FSDP yet.",
     )
     seed: int = Field(42, description="Seeds data order, split, init of adapters and noise.")
     num_threads: int | None = Field(

@@ -127,6 +127,49 @@ def collate_padded(samples: list[Sample], *, pad_id: int) -> dict[str, torch.Ten
     return {k: torch.tensor(v, dtype=torch.long).reshape(n_rows, width) for k, v in out.items()}
 
 
+def collate_causal(samples: list[Sample], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Unpacked batch for causal attention alone: right-padded, NO ``attention_mask``, and
+    ``position_ids`` 0..T-1 in every row, padding included.
+
+    Each row holds one sample at its start, so under causal attention no real token sees the
+    padding after it, and the mask can go: transformers then finds no packed rows (positions
+    never restart) and calls sdpa with ``is_causal`` and no mask tensor. Padding has label -100
+    and seg_len 0, so it is neither scored nor counted as real; its logits are never read.
+    """
+    import torch
+
+    for s_ids, s_labels in samples:
+        _check_sample(s_ids, s_labels)
+    width = max((len(ids) for ids, _ in samples), default=0)
+    out: dict[str, list[list[int]]] = {k: [] for k in ("input_ids", "labels", "seg_lens")}
+    for ids, labels in samples:
+        n, pad = len(ids), width - len(ids)
+        out["input_ids"].append(ids + [pad_id] * pad)
+        out["labels"].append(labels + [IGNORE_INDEX] * pad)
+        out["seg_lens"].append([n] * n + [0] * pad)
+    n_rows = len(samples)
+    batch = {k: torch.tensor(v, dtype=torch.long).reshape(n_rows, width) for k, v in out.items()}
+    batch["position_ids"] = torch.arange(width).expand(n_rows, width).contiguous()
+    return batch
+
+
+def by_length(lengths: list[int], *, tokens: int) -> list[list[int]]:
+    """Indices into ``lengths`` cut into batches of similar length: ascending, each batch as
+    many as fit in ``tokens`` once padded to its longest (rows x longest <= tokens). A sample
+    longer than ``tokens`` is a batch of its own. Ties keep the given order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:  # ascending, so the newcomer sets the batch's width
+        if cur and (len(cur) + 1) * lengths[i] > tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
 def loss_mask(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """[B, T-1] bool: the targets the loss scores (trained, and not a packed sample's first token).
 

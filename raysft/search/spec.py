@@ -46,7 +46,7 @@ _NOT_COMPARABLE = {
     "train.exact_match": "decides whether the generated-answer metrics are measured",
 }
 # How rows are batched, not which rows are scored or how they render.
-_COMPARABLE = {"data.packing"}
+_COMPARABLE = {"data.packing", "data.group_by_length"}
 # Cap on the value combinations validated together (each is one pydantic validation).
 MAX_JOINT_PROBES = 4096
 

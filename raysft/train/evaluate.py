@@ -50,12 +50,18 @@ def eval_loss_sum(
     pad_id: int,
     device: Any,
     autocast: Any,
+    group_tokens: int | None = None,
 ) -> tuple[float, int]:
-    """Summed response-token loss over the eval rows, and the number of tokens it covers."""
+    """Summed response-token loss over the eval rows, and the number of tokens it covers
+    (``group_tokens``: unpacked rows batched by length, as ``batching.batches`` does)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches(examples, bins, packing=packing, batch_size=batch_size, pad_id=pad_id):
+    rows = batches(
+        examples, bins, packing=packing, batch_size=batch_size, pad_id=pad_id,
+        group_tokens=group_tokens,
+    )  # fmt: skip
+    for batch in rows:
         with autocast():
             loss_sum, n = forward_loss(model, batch, device)
         total += float(loss_sum)

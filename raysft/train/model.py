@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from raysft.assets import resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
 from raysft.errors import ModelError
+from raysft.train import attention
 from raysft.train.device import native_bf16
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` with a missing, unreachable or gated model turned into a
     ModelError."""
     path = _resolve(model_cfg.name_or_path)
+    if kwargs.get("attn_implementation") == attention.SDPA_FP32:
+        attention.register()
     try:
         return loader.from_pretrained(
             path,

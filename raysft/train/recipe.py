@@ -125,6 +125,12 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
     return optimizer, scheduler
 
 
+def group_by_length_tokens(cfg: Config) -> int | None:
+    """Tokens per micro-batch (padding included) of ``data.group_by_length``: those of a batch of
+    packed rows, ``train.batch_size`` x ``data.max_seq_len``; None when off."""
+    return cfg.train.batch_size * cfg.data.max_seq_len if cfg.data.group_by_length else None
+
+
 def _prepare(cfg: Config, tokenizer: Any) -> tuple[Any, list[list[int]], list[list[int]]]:
     """Tokenized data and its rows (packed bins, or one sample per row), built once."""
 
@@ -196,6 +202,7 @@ def setup(
         train_model = torch.compile(train_model, dynamic=None if cfg.data.packing else True)
     optimizer, scheduler = _build_optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id
+    group_tokens = group_by_length_tokens(cfg)
     loss = functools.partial(
         eval_loss_sum,
         model,
@@ -206,6 +213,7 @@ def setup(
         pad_id=pad_id,
         device=device,
         autocast=autocast,
+        group_tokens=group_tokens,
     )
     answers = functools.partial(
         generate_answers,
@@ -229,6 +237,7 @@ def setup(
         seed=cfg.train.seed,
         shard=(dist.rank, dist.world_size),
         fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
+        group_tokens=group_tokens,
     )
     if resume_from is not None:
         progress = load_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)

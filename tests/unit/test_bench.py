@@ -359,3 +359,21 @@ def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
     ref_loss.backward()
     for (name, a), b in zip(selective.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_median_run_keeps_the_middle_run_and_every_speed() -> None:
+    from raysft.bench.__main__ import median_run
+
+    runs = [
+        {"name": "a", "tokens_per_s": 300.0, "eval_loss": 1.0, "note": "n"},
+        {"name": "a", "error": "timed out after 900 s"},
+        {"name": "a", "tokens_per_s": 100.0, "eval_loss": 1.0, "note": "n"},
+        {"name": "a", "tokens_per_s": 200.0, "eval_loss": 1.0, "note": "n"},
+    ]
+    row = median_run(runs)
+    assert row["tokens_per_s"] == 200.0
+    assert row["runs_tokens_per_s"] == [300.0, None, 100.0, 200.0]
+    assert row["note"] == "n (median of 3 runs: 100, 200, 300 tok/s; 1 failed)"
+    assert median_run(runs[:1]) == runs[0]  # one run: as it came
+    assert median_run(runs[1:2])["error"].startswith("timed out")
+    assert median_run(runs[2:])["tokens_per_s"] == 100.0  # even count: the lower middle

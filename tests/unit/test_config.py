@@ -141,6 +141,15 @@ def test_cross_field_rule_names_both_fields() -> None:
     assert problems == ["lora.use_dora/use_rslora are set but method is full"]
 
 
+def test_group_by_length_needs_packing_off() -> None:
+    assert problems_of(None, {"data.group_by_length": True}) == [
+        "data: group_by_length: groups unpacked samples by length, but packing is true; set "
+        "data.packing: false"
+    ]
+    cfg = load_config(None, {"data.group_by_length": True, "data.packing": False})
+    assert cfg.data.group_by_length and not cfg.data.packing
+
+
 def test_max_steps_below_eval_every_is_allowed() -> None:
     # The last step always evaluates, so a short run needs no eval_every override.
     cfg = load_config(None, {"train.max_steps": 10, "train.eval_every": 20})

@@ -8,10 +8,12 @@ import time
 import pytest
 import torch
 
-from raysft.data.batching import BatchStream
+from raysft.data.batching import BatchStream, batches
 from raysft.data.packing import (
     IGNORE_INDEX,
+    by_length,
     causal_lm_loss,
+    collate_causal,
     collate_packed,
     collate_padded,
     pack,
@@ -159,6 +161,104 @@ def test_collate_padded():
     assert batch["seg_lens"].tolist() == [[3, 3, 3], [1, 0, 0]]
 
 
+def test_collate_causal_has_no_mask_and_positions_that_never_restart():
+    batch = collate_causal([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=9)
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert batch["seg_lens"].tolist() == [[3, 3, 3], [1, 0, 0]]
+
+
+def test_by_length_batches_by_hand():
+    # sorted: idx 1 (1), 3 (2), 2 (3), 0 (5), 4 (8); a batch is rows x its longest <= 6 tokens
+    assert by_length([5, 1, 3, 2, 8], tokens=6) == [[1, 3], [2], [0], [4]]
+    assert by_length([2, 2, 2, 2], tokens=6) == [[0, 1, 2], [3]]
+    assert by_length([], tokens=6) == []
+
+
+def _examples(lengths: list[int]) -> list[Example]:
+    """Example i has ``lengths[i]`` tokens, all of id i + 1 (so a row's first id names it)."""
+    return [Example([i + 1] * n, [1] * n, truncated=False) for i, n in enumerate(lengths)]
+
+
+def _first_tokens(batch) -> list[tuple[int, int]]:
+    """(length, first id) of each row: identifies the sample in ``_examples``."""
+    rows = zip(batch["seg_lens"], batch["input_ids"], strict=True)
+    return [(int(n[0]), int(ids[0])) for n, ids in rows]
+
+
+def test_grouped_stream_covers_each_epoch_within_the_token_budget():
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 120) for _ in range(300)]
+    examples = _examples(lengths)
+    bins = [[i] for i in range(len(examples))]
+    tokens = 4 * 128
+    stream = BatchStream(examples, bins, packing=False, batch_size=4, pad_id=0, seed=7,
+                         group_tokens=tokens)  # fmt: skip
+    epochs: list[list[list[int]]] = [[], []]
+    real = padded = 0
+    while True:
+        batch = next(stream)
+        epoch = stream.epoch  # of this batch (the stream moves on when asked for the next)
+        if epoch == 2:
+            break
+        rows, width = batch["input_ids"].shape
+        assert rows * width <= tokens and "attention_mask" not in batch
+        real += int((batch["seg_lens"] > 0).sum())
+        padded += rows * width
+        epochs[epoch].append(sorted(n for n, _ in _first_tokens(batch)))
+    for batches_ in epochs:  # every sample exactly once per epoch
+        assert sorted(n for b in batches_ for n in b) == sorted(lengths)
+    assert real == 2 * sum(lengths)
+    assert real / padded > 0.9  # grouped: little padding (random batches of 4: about 0.6)
+    assert epochs[0] != epochs[1]  # reshuffled
+    # Resumable: seeking to (1, 3) gives the same batches as reading on.
+    again = BatchStream(examples, bins, packing=False, batch_size=4, pad_id=0, seed=7,
+                        group_tokens=tokens)  # fmt: skip
+    again.seek(1, 3)
+    assert sorted(n for n, _ in _first_tokens(next(again))) == epochs[1][3]
+    with pytest.raises(ValueError, match="packed rows are full"):
+        BatchStream(examples, bins, packing=True, batch_size=4, pad_id=0, seed=0, group_tokens=8)
+
+
+def test_grouped_stream_deals_ranks_equal_batch_counts_of_disjoint_rows():
+    rng = random.Random(2)
+    lengths = [rng.randint(5, 120) for _ in range(101)]
+    examples = _examples(lengths)
+    bins = [[i] for i in range(len(examples))]
+    streams = [
+        BatchStream(
+            examples,
+            bins,
+            packing=False,
+            batch_size=2,
+            pad_id=0,
+            seed=3,
+            shard=(rank, 2),
+            group_tokens=256,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    counts = [len(s._chunks) for s in streams]
+    assert counts[0] == counts[1] > 0
+    seen = [[(n, f) for _ in range(counts[0]) for n, f in _first_tokens(next(s))] for s in streams]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) + len(seen[1]) <= len(lengths)
+    # Two ranks, three rows: fewer grouped batches than ranks falls back to a row each.
+    few = [BatchStream(examples[:3], bins[:3], packing=False, batch_size=2, pad_id=0, seed=0,
+                       shard=(rank, 2), group_tokens=4096) for rank in range(2)]  # fmt: skip
+    assert [len(s._chunks) for s in few] == [1, 1]
+
+
+def test_grouped_eval_batches_cover_every_row_once():
+    examples = _examples([9, 3, 4, 10, 2])
+    bins = [[i] for i in range(5)]
+    out = list(batches(examples, bins, packing=False, batch_size=2, pad_id=0, group_tokens=10))
+    assert [b["input_ids"].shape for b in out] == [(2, 3), (1, 4), (1, 9), (1, 10)]
+    assert sorted(n for b in out for n, _ in _first_tokens(b)) == [2, 3, 4, 9, 10]
+
+
 # ---------------------------------------------------------------- loss
 
 
@@ -188,6 +288,7 @@ def test_causal_lm_loss_is_fp32_and_zero_without_targets():
 ATTN_IMPLS = [
     "eager",
     "sdpa",
+    "sdpa_fp32",
     pytest.param("flex_attention", marks=pytest.mark.cuda),
 ]
 
@@ -195,6 +296,9 @@ ATTN_IMPLS = [
 def _tiny_model(path, attn: str):
     from transformers import AutoModelForCausalLM
 
+    from raysft.train import attention
+
+    attention.register()  # raysft's model loading does this for sdpa_fp32
     device = "cuda" if attn == "flex_attention" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         path, attn_implementation=attn, dtype=torch.float32
@@ -314,3 +418,40 @@ def test_padded_loss_equals_hf_model_loss(tiny_llama_dir):
     loss, count = causal_lm_loss(out.logits, batch["labels"], batch["position_ids"])
     assert count == sum(n - 2 for n in LENGTHS)  # n - 1 shifted targets, minus 1 prompt target
     torch.testing.assert_close(loss / count, out.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ATTN_IMPLS)
+def test_causal_batch_equals_samples_run_alone(tiny_llama_dir, attn):
+    """One sample per row, right-padded, no mask: real tokens never see the padding."""
+    model = _tiny_model(tiny_llama_dir, attn)
+    samples = _samples(prompt_len=2)
+    batch = collate_causal(samples, pad_id=0)
+    logits = _packed_logits(model, batch, use_cache=False).cpu()
+    for row, sample in enumerate(samples):
+        ref_logits, ref_loss = _alone(model, sample)
+        n = len(sample[0])
+        torch.testing.assert_close(logits[row, :n], ref_logits.cpu(), atol=1e-4, rtol=0)
+        one = slice(row, row + 1)
+        loss, count = causal_lm_loss(logits[one], batch["labels"][one], batch["position_ids"][one])
+        torch.testing.assert_close(loss / count, ref_loss.cpu(), atol=1e-4, rtol=0)
+
+
+def test_sdpa_fp32_attends_in_fp32_under_bf16_autocast(tiny_llama_dir):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[torch.dtype] = []
+
+    class Spy(TorchDispatchMode):  # sees the aten ops after autocast has cast their inputs
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func):
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    batch = collate_packed([_samples()], pad_id=0)
+    for attn, dtype in (("sdpa", torch.bfloat16), ("sdpa_fp32", torch.float32)):
+        model = _tiny_model(tiny_llama_dir, attn)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+            logits = _packed_logits(model, batch, use_cache=False)
+        assert seen and set(seen) == {dtype}, (attn, seen)
+        assert torch.isfinite(logits).all()

@@ -170,3 +170,46 @@ def test_compiled_trials_in_one_process_each_trace_their_own_model(tmp_path: Pat
             losses[alpha] = float(forward_loss(run.train_model, batch, run.device)[0])
     # The same model, batch and seed: only the noise can move the loss.
     assert abs(losses[200.0] - losses[None]) > 0.05 * losses[None], losses
+
+
+def test_eval_loss_is_the_same_packed_padded_or_grouped_by_length(tmp_path: Path) -> None:
+    """The held-out loss is a sum over response tokens: the batch layout must not move it."""
+    from raysft.train.recipe import Dist, setup
+
+    model_dir = _model_dir(tmp_path, "llama")
+    sums = {}
+    layouts = {
+        "packed": {},
+        "padded": {"data.packing": False},
+        "grouped": {"data.packing": False, "data.group_by_length": True},
+    }
+    for name, layout in layouts.items():
+        options = {"train.eval_base": False, "train.batch_size": 2, **layout}
+        run = setup(_config(tmp_path, model_dir, "full", **options), dist=Dist())
+        scores, _ = run.evaluate(final=False)
+        sums[name] = scores["eval_loss"]
+    assert sums["grouped"] == pytest.approx(sums["packed"], rel=1e-5)
+    assert sums["padded"] == pytest.approx(sums["packed"], rel=1e-5)
+
+
+def test_grouped_bf16_trial_with_fp32_attention_trains_and_saves(tmp_path: Path) -> None:
+    """data.group_by_length with model.attn_implementation: sdpa_fp32 under bf16 autocast (the
+    CPU benchmark's fastest layout): the loss falls, and the saved model loads with plain sdpa
+    (the attention choice is not written into its config)."""
+    model_dir = _model_dir(tmp_path, "llama")
+    options = {
+        "data.packing": False,
+        "data.group_by_length": True,
+        "model.attn_implementation": "sdpa_fp32",
+        "train.precision": "bf16",
+        "train.exact_match": False,
+        "train.max_steps": 8,
+        "train.eval_every": 8,
+        "train.neftune_alpha": None,
+    }
+    result = run_trial(_config(tmp_path, model_dir, "full", **options))
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    saved = json.loads((Path(result.output_dir) / "config.json").read_text(encoding="utf-8"))
+    assert "sdpa_fp32" not in json.dumps(saved)
+    AutoModelForCausalLM.from_pretrained(result.output_dir)
