@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         "--repeat",
         type=int,
         default=1,
-        help="rounds of every contender, each round after the first in a shuffled order; a "
-        "contender's row is its median run by real tok/s (this VM's speed drifts between runs)",
+        help="rounds of every contender, each round after the first in a shuffled order and "
+        "with the next training seed (same rows); a contender's row is its median run by real "
+        "tok/s (this VM's speed drifts between runs), its held-out loss the mean over rounds",
     )
     p.add_argument("--list", action="store_true", help="list contenders and experiments")
     p.add_argument(
@@ -191,7 +192,8 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
         if round_:
             shuffle.shuffle(order)  # no contender always runs first, or after a given other one
         for c in order:
-            row = _run_contender(c, preset, workdir, model_dirs, overrides, args.timeout)
+            seed = preset.seed + round_
+            row = _run_contender(c, preset, workdir, model_dirs, overrides, args.timeout, seed)
             runs[c.name].append(row)
             status = row.get("error") or f"{row.get('tokens_per_s') or 0:,.0f} real tok/s"
             print(f"  done {c.name}: {status}", flush=True)
@@ -208,6 +210,7 @@ def _run_contender(
     model_dirs: dict[str, str],
     overrides: dict[str, Any],
     timeout: int,
+    train_seed: int,
 ) -> dict[str, Any]:
     missing = [m for m in _needs(c) if importlib.util.find_spec(m) is None]
     if missing:
@@ -215,7 +218,8 @@ def _run_contender(
     else:
         t0 = time.perf_counter()
         spec = {"preset": preset.name, "contender": c.name, "overrides": overrides,
-                "workdir": str(workdir), "model_dirs": model_dirs}  # fmt: skip
+                "workdir": str(workdir), "model_dirs": model_dirs,
+                "train_seed": train_seed}  # fmt: skip
         row = _run_child(spec, workdir, c.name, timeout, preset.threads)
         row["process_s"] = round(time.perf_counter() - t0, 1)
     row.setdefault("note", c.note)
@@ -223,17 +227,26 @@ def _run_contender(
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A contender's row over its runs: the median run by real tok/s (the lower middle one of
-    an even count), with every run's tok/s; the first error when no run measured."""
+    """A contender's row over its runs (one per training seed): the median run by real tok/s
+    (the lower middle one of an even count) with every run's tok/s, and the held-out and final
+    train losses averaged over the runs; the first error when no run measured."""
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r.get("tokens_per_s") or 0)
     if not ok:
         return runs[0]
     row = dict(ok[(len(ok) - 1) // 2])
     if len(runs) > 1:
         row["runs_tokens_per_s"] = [r.get("tokens_per_s") for r in runs]
+        row["train_seed"] = [r.get("train_seed") for r in runs]
+        for key in ("eval_loss", "final_train_loss"):
+            values = [r[key] for r in runs if "error" not in r and r.get(key) is not None]
+            if values:
+                row[f"runs_{key}"] = values
+                row[key] = sum(values) / len(values)
         speeds = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in ok)
+        losses = ", ".join(f"{v:.4f}" for v in row.get("runs_eval_loss", []))
         failed = len(runs) - len(ok)
-        row["note"] = (f"{row.get('note', '')} (median of {len(ok)} runs: {speeds} tok/s"
+        row["note"] = (f"{row.get('note', '')} (median of {len(ok)} runs: {speeds} tok/s; "
+                       f"held-out loss the mean of {losses}"
                        f"{f'; {failed} failed' if failed else ''})").strip()  # fmt: skip
     return row
 

@@ -72,7 +72,9 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
     opt = contender.options
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    torch.manual_seed(preset.seed)
+    # The rows are the preset's; the training seed (data order, dropout, noise) may be a round's.
+    train_seed = spec.get("train_seed", preset.seed)
+    torch.manual_seed(train_seed)
     device = preset.device
     rows, eval_rows = train_eval_rows(preset.rows, preset.eval_rows, seed=preset.seed)
     clock = StepClock(sync=torch.cuda.synchronize if device == "cuda" else None)
@@ -87,7 +89,7 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
         batch_size=opt.get("batch_size", preset.batch_size),
         max_len=opt.get("max_len", preset.max_len),
         steps=opt.get("steps", preset.steps),
-        seed=preset.seed,
+        seed=train_seed,
         threads=preset.threads,
         clock=clock,
     )
@@ -107,6 +109,7 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
         out["matmul_params"] = n
         out["mfu"] = mfu(n, out["tokens_per_s"], torch.cuda.get_device_name())
     out["batch_size"], out["max_len"], out["threads"] = ctx.batch_size, ctx.max_len, ctx.threads
+    out["train_seed"] = train_seed
     return out
 
 

@@ -311,6 +311,20 @@ def test_two_contenders_end_to_end(tmp_path):
     assert result["versions"]["torch"] and "## " in md.read_text()
 
 
+@pytest.mark.slow
+def test_repeat_runs_each_round_on_its_own_training_seed(tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--preset", "cpu", "--steps", "2", "--rows", "24", "--eval-rows", "8", "--repeat", "2"]
+    argv += ["--contenders", "raysft-full", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    argv += ["--no-record"]
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["train_seed"] == [0, 1] and len(row["runs_tokens_per_s"]) == 2
+    first, second = row["runs_eval_loss"]
+    assert first != second  # another seed, another data order: another model
+    assert row["eval_loss"] == pytest.approx((first + second) / 2)
+
+
 def test_random_model_dirs_load_with_the_benchmark_template(tmp_path):
     """The GPU preset writes its random-init models this way (here a tiny shape, on the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -361,19 +375,26 @@ def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_median_run_keeps_the_middle_run_and_every_speed() -> None:
+def test_median_run_keeps_the_middle_run_and_averages_the_losses() -> None:
     from raysft.bench.__main__ import median_run
 
-    runs = [
-        {"name": "a", "tokens_per_s": 300.0, "eval_loss": 1.0, "note": "n"},
-        {"name": "a", "error": "timed out after 900 s"},
-        {"name": "a", "tokens_per_s": 100.0, "eval_loss": 1.0, "note": "n"},
-        {"name": "a", "tokens_per_s": 200.0, "eval_loss": 1.0, "note": "n"},
-    ]
+    def run(tok_s: float, loss: float, seed: int) -> dict:
+        return {"name": "a", "tokens_per_s": tok_s, "eval_loss": loss, "train_seed": seed,
+                "final_train_loss": 2 * loss, "note": "n"}  # fmt: skip
+
+    runs = [run(300.0, 1.0, 0), {"name": "a", "error": "timed out after 900 s"},
+            run(100.0, 1.2, 2), run(200.0, 1.5, 3)]  # fmt: skip
     row = median_run(runs)
     assert row["tokens_per_s"] == 200.0
     assert row["runs_tokens_per_s"] == [300.0, None, 100.0, 200.0]
-    assert row["note"] == "n (median of 3 runs: 100, 200, 300 tok/s; 1 failed)"
+    assert row["train_seed"] == [0, None, 2, 3]
+    assert row["runs_eval_loss"] == [1.0, 1.2, 1.5]  # in round order
+    assert row["eval_loss"] == pytest.approx(3.7 / 3)
+    assert row["final_train_loss"] == pytest.approx(7.4 / 3)
+    assert row["note"] == (
+        "n (median of 3 runs: 100, 200, 300 tok/s; held-out loss the mean of 1.0000, 1.2000, "
+        "1.5000; 1 failed)"
+    )
     assert median_run(runs[:1]) == runs[0]  # one run: as it came
     assert median_run(runs[1:2])["error"].startswith("timed out")
     assert median_run(runs[2:])["tokens_per_s"] == 100.0  # even count: the lower middle
