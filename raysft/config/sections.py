@@ -140,7 +140,12 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps of linear warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping. Null: none.")
-    batch_size: int = Field(4, gt=0, description="Rows (packed or padded) per micro-batch.")
+    batch_size: int = Field(
+        4,
+        gt=0,
+        description="Rows (packed or padded) per micro-batch. With `data.group_by_length`: a "
+        "micro-batch holds up to batch_size x `data.max_seq_len` tokens, as many rows as fit.",
+    )
     grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
     max_steps: int = Field(200, gt=0, description="Optimizer steps (epochs repeat the data).")
     eval_every: int = Field(
