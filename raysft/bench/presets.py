@@ -405,6 +405,23 @@ GPU = Preset(
             lora=SEED_LORA,
             packing=False,
         ),
+        _c(
+            "raysft-lora-grouped",
+            "raysft",
+            "grouped by length (no mask: sdpa's flash kernel with is_causal), LoRA q,v",
+            method="lora",
+            lr=_GPU_LR,
+            lora=SEED_LORA,
+            group_by_length=True,
+        ),
+        _c(
+            "raysft-full-grouped",
+            "raysft",
+            "grouped by length (no mask: sdpa's flash kernel with is_causal)",
+            method="full",
+            lr=_GPU_LR,
+            group_by_length=True,
+        ),
     ),
 )
 
