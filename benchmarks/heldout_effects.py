@@ -16,7 +16,8 @@ eval loss as mean ± std over its seeds:
 (b) **NEFTune on vs off**: the champion with ``train.neftune_alpha`` 0 and ``--neftune-alpha``.
 (c) **packing on vs off**: the champion packed, and padded at the same samples per optimizer step
     (batch_size scaled by the samples a packed row holds), so both see the same rows in the same
-    number of steps; ``--naive-padding`` adds padding at the spec's batch_size (fewer rows/step).
+    number of steps; ``--naive-padding`` adds padding at the spec's batch_size (fewer rows/step);
+    and grouped by length (``data.group_by_length``) at the packed micro-batch's token budget.
 
 A difference is called beyond noise when it exceeds twice its standard error,
 sqrt(std_a^2/n + std_b^2/n). Each finished run is appended to ``OUT/runs.jsonl`` and skipped on a
@@ -73,6 +74,11 @@ def arms(champion: dict[str, Any], *, neftune_alpha: float, naive: bool) -> dict
         "champion, NEFTune off": {**champ, "train.neftune_alpha": 0},
         f"champion, NEFTune {neftune_alpha:g}": {**champ, "train.neftune_alpha": neftune_alpha},
         "champion, padding (same rows/step)": {**champ, "data.packing": False},
+        "champion, grouped by length": {
+            **champ,
+            "data.packing": False,
+            "data.group_by_length": True,
+        },
     }
     if naive:
         out["champion, padding (same batch_size)"] = {**champ, "data.packing": False, "naive": 1}
@@ -196,7 +202,8 @@ def find_champion(tree: dict[str, Any], spec: Any, out: Path) -> dict[str, Any]:
 def _arm_values(sampled: dict[str, Any], tree: dict[str, Any], packed: dict | None) -> dict:
     """The values an arm's runs set, the padded arm's batch size filled in."""
     values = dict(sampled)
-    if values.get("data.packing") is False and "naive" not in values:
+    grouped = values.get("data.group_by_length")  # its own token budget: batch_size x max_seq_len
+    if values.get("data.packing") is False and "naive" not in values and not grouped:
         if packed is None:
             raise RuntimeError("the padded arm needs a packed run's data report first")
         values["train.batch_size"] = padded_batch_size(tree["train"]["batch_size"], packed)
@@ -212,7 +219,7 @@ def run_effects(args: argparse.Namespace) -> dict[str, Any]:
     seeds = [spec.train.seed + i for i in range(args.seeds)]
     walls = sorted(r["wall_s"] for r in done.values())
     per_run = walls[len(walls) // 2] if walls else DEFAULT_SEC_PER_RUN
-    n_arms = 5 + args.naive_padding - 1  # the champion's own NEFTune setting is one of the arms
+    n_arms = 6 + args.naive_padding - 1  # the champion's own NEFTune setting is one of the arms
     search_s = (
         0
         if args.champion_from
@@ -309,6 +316,9 @@ def report(result: dict[str, Any]) -> str:
         ("NEFTune on vs off", "champion, NEFTune off", neft[0] if neft else "champion"),
         ("padding vs packing (same rows/step)", "champion", "champion, padding (same rows/step)"),
     ]
+    if "champion, grouped by length" in arms_:  # runs from before the arm existed lack it
+        pairs.append(("grouped vs packing (same tokens/step)", "champion",
+                      "champion, grouped by length"))  # fmt: skip
     if "champion, padding (same batch_size)" in arms_:
         pairs.append(
             (

@@ -107,7 +107,8 @@ class DataSection(_Section):
         "samples of similar length, up to `train.batch_size` x `max_seq_len` tokens padding "
         "included, with causal attention and no mask. Little padding and short rows: faster "
         "than packing where the attention kernel computes a packed row's masked blocks anyway "
-        "(the CPU; benchmarks/RESULTS.md).",
+        "(the CPU; benchmarks/RESULTS.md). A batch of one length can be a batch of one kind "
+        "of task: compare the held-out metric with packing's on your data (README).",
     )
     on_error: Literal["strict", "skip"] = Field(
         "strict",

@@ -278,6 +278,8 @@ def test_effect_arms_share_the_champions_own_settings() -> None:
     assert off["champion, NEFTune off"] == off["champion"]  # trained once: same key
     assert off["champion, NEFTune 5"]["train.neftune_alpha"] == 5
     assert off["champion, padding (same rows/step)"]["data.packing"] is False
+    grouped = off["champion, grouped by length"]
+    assert grouped["data.group_by_length"] is True and grouped["data.packing"] is False
     assert off["base values"] == {}
     on = he.arms({"train.neftune_alpha": 5}, neftune_alpha=5, naive=True)
     assert on["champion, NEFTune 5"] == on["champion"]
@@ -311,9 +313,11 @@ def test_effects_report_names_each_effect() -> None:
             "champion, NEFTune off": rows([80, 82, 84], 0.4),
             "champion, NEFTune 5": rows([79, 83, 84], 0.41),
             "champion, padding (same rows/step)": rows([81, 82, 83], 0.4),
+            "champion, grouped by length": rows([78, 80, 82], 0.45),
         },
     }
     text = he.report(result)
+    assert "| grouped vs packing (same tokens/step) | -2.0 ± 1.6 | +0.0500 ± 0.0000 |" in text
     assert "| champion vs base values | +20.0 ± 1.6 |" in text
     assert "| NEFTune on vs off | +0.0 ± 1.9 | +0.0100 ± 0.0000 | no (EM), yes (loss) |" in text
     assert "champion 82.0% (lift +82.0 points)" in text
