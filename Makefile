@@ -16,8 +16,10 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m raysft.tune search_spaces/lora.yaml
 
+# Two xdist workers: the integration tests in one, in order; the unit tests beside them in the
+# other (tests/conftest.py says why and how).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check raysft tests && $(VENV)/bin/ruff format --check raysft tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,46 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: real Ray cluster / MLflow server")
 
 
+# `make test` runs the suite on 2 xdist workers (`-n 2`). The scheduler below gives one worker
+# every integration test, one after the other (they need the machine's only Ray instance), and
+# deals the unit tests out a module at a time, so the other worker runs them meanwhile. The
+# integration tests start with the ones that leave a core idle (one trial at a time), so the unit
+# tests fill it. Measured alone on 2 cores: test_faults keeps the CPU 60% busy, test_search_local
+# 72%.
+INTEGRATION_DIR = "tests/integration/"
+INTEGRATION_ORDER = ("test_faults", "test_search_local", "test_job_submit", "test_backend")
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: without xdist, never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduler, with one scope for all integration tests and one per module for
+    the rest, in collection order (integration first: the scope that takes longest starts
+    first). xdist's own ``xdist_group`` marker cannot do it under pytest 9.2: xdist 3.8 renames
+    the node id through an attribute pytest no longer reads."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationLane(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(INTEGRATION_DIR):
+                return INTEGRATION_DIR
+            return nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems made
+    return IntegrationLane(config, log)
+
+
+def _integration_rank(item: pytest.Item) -> int:
+    name = item.path.stem
+    return INTEGRATION_ORDER.index(name) if name in INTEGRATION_ORDER else len(INTEGRATION_ORDER)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    integration = [item for item in items if item.get_closest_marker("integration")]
+    if integration:  # integration first (one worker starts on them at once), in INTEGRATION_ORDER
+        in_integration = set(integration)
+        rest = [item for item in items if item not in in_integration]
+        items[:] = sorted(integration, key=_integration_rank) + rest  # sorted() is stable
+
     cuda_items = [item for item in items if item.get_closest_marker("cuda")]
     if not cuda_items:
         return  # only import torch when a cuda test was collected

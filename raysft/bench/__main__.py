@@ -228,15 +228,16 @@ def _run_contender(
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A contender's row over its runs (one per training seed): the median run by real tok/s
-    (the lower middle one of an even count) with every run's tok/s, and the held-out and final
-    train losses averaged over the runs; the first error when no run measured."""
+    (the lower middle one of an even count; its seed stays ``train_seed``) with every run's
+    tok/s and seed (``runs_tokens_per_s``, ``train_seeds``, in round order), and the held-out
+    and final train losses averaged over the runs; the first error when no run measured."""
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r.get("tokens_per_s") or 0)
     if not ok:
         return runs[0]
     row = dict(ok[(len(ok) - 1) // 2])
     if len(runs) > 1:
         row["runs_tokens_per_s"] = [r.get("tokens_per_s") for r in runs]
-        row["train_seed"] = [r.get("train_seed") for r in runs]
+        row["train_seeds"] = [r.get("train_seed") for r in runs]  # train_seed: the median run's
         for key in ("eval_loss", "final_train_loss"):
             values = [r[key] for r in runs if "error" not in r and r.get(key) is not None]
             if values:

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from raysft.data.packing import by_length, collate_causal, collate_packed, collate_padded, pack
+from raysft.data.packing import by_length, collate_packed, collate_padded, pack
 from raysft.data.templates import Example
 
 if TYPE_CHECKING:
@@ -47,9 +47,7 @@ def _collate(
     rows = [[(examples[i].input_ids, examples[i].labels) for i in bins[j]] for j in chunk]
     if packing:
         return collate_packed(rows, pad_id=pad_id, width=width)
-    if causal:
-        return collate_causal([r[0] for r in rows], pad_id=pad_id)
-    return collate_padded([r[0] for r in rows], pad_id=pad_id)
+    return collate_padded([r[0] for r in rows], pad_id=pad_id, causal=causal)
 
 
 def _row_lengths(examples: list[Example], bins: list[list[int]], rows: list[int]) -> list[int]:

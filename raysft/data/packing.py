@@ -107,49 +107,40 @@ def collate_packed(
     return {k: torch.tensor(v, dtype=torch.long).reshape(len(flat), width) for k, v in out.items()}
 
 
-def collate_padded(samples: list[Sample], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Unpacked batch, right-padded; padding has label -100, mask 0, position 0, seg_len 0."""
-    import torch
+def collate_padded(
+    samples: list[Sample], *, pad_id: int, causal: bool = False
+) -> dict[str, torch.Tensor]:
+    """Unpacked batch, one sample per row, right-padded; padding has label -100 and seg_len 0,
+    so it is neither scored nor counted as real.
 
-    for s_ids, s_labels in samples:
-        _check_sample(s_ids, s_labels)
-    width = max((len(ids) for ids, _ in samples), default=0)
-    out: dict[str, list[list[int]]] = {k: [] for k in (*_PACKED_KEYS, "attention_mask")}
-    for ids, labels in samples:
-        n, pad = len(ids), width - len(ids)
-        out["input_ids"].append(ids + [pad_id] * pad)
-        out["labels"].append(labels + [IGNORE_INDEX] * pad)
-        out["attention_mask"].append([1] * n + [0] * pad)
-        # Padding at position 0: even without the mask, each pad token is then its own segment.
-        out["position_ids"].append(list(range(n)) + [0] * pad)
-        out["seg_lens"].append([n] * n + [0] * pad)
-    n_rows = len(samples)
-    return {k: torch.tensor(v, dtype=torch.long).reshape(n_rows, width) for k, v in out.items()}
+    Default: an ``attention_mask`` (0 on padding), and padding at position 0, so even without
+    the mask each pad token is its own segment.
 
-
-def collate_causal(samples: list[Sample], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Unpacked batch for causal attention alone: right-padded, NO ``attention_mask``, and
-    ``position_ids`` 0..T-1 in every row, padding included.
-
-    Each row holds one sample at its start, so under causal attention no real token sees the
-    padding after it, and the mask can go: transformers then finds no packed rows (positions
-    never restart) and calls sdpa with ``is_causal`` and no mask tensor. Padding has label -100
-    and seg_len 0, so it is neither scored nor counted as real; its logits are never read.
+    ``causal=True``: NO ``attention_mask``, and ``position_ids`` 0..T-1 in every row, padding
+    included. Each row holds one sample at its start, so under causal attention no real token
+    sees the padding after it, and the mask can go: transformers then finds no packed rows
+    (positions never restart) and calls sdpa with ``is_causal`` and no mask tensor. The
+    padding's logits are never read.
     """
     import torch
 
     for s_ids, s_labels in samples:
         _check_sample(s_ids, s_labels)
     width = max((len(ids) for ids, _ in samples), default=0)
-    out: dict[str, list[list[int]]] = {k: [] for k in ("input_ids", "labels", "seg_lens")}
+    keys = ("input_ids", "labels", "seg_lens") if causal else (*_PACKED_KEYS, "attention_mask")
+    out: dict[str, list[list[int]]] = {k: [] for k in keys}
     for ids, labels in samples:
         n, pad = len(ids), width - len(ids)
         out["input_ids"].append(ids + [pad_id] * pad)
         out["labels"].append(labels + [IGNORE_INDEX] * pad)
         out["seg_lens"].append([n] * n + [0] * pad)
+        if not causal:
+            out["attention_mask"].append([1] * n + [0] * pad)
+            out["position_ids"].append(list(range(n)) + [0] * pad)
     n_rows = len(samples)
     batch = {k: torch.tensor(v, dtype=torch.long).reshape(n_rows, width) for k, v in out.items()}
-    batch["position_ids"] = torch.arange(width).expand(n_rows, width).contiguous()
+    if causal:
+        batch["position_ids"] = torch.arange(width).expand(n_rows, width).contiguous()
     return batch
 
 

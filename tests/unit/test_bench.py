@@ -319,7 +319,7 @@ def test_repeat_runs_each_round_on_its_own_training_seed(tmp_path):
     argv += ["--no-record"]
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["train_seed"] == [0, 1] and len(row["runs_tokens_per_s"]) == 2
+    assert row["train_seeds"] == [0, 1] and len(row["runs_tokens_per_s"]) == 2
     first, second = row["runs_eval_loss"]
     assert first != second  # another seed, another data order: another model
     assert row["eval_loss"] == pytest.approx((first + second) / 2)
@@ -387,7 +387,8 @@ def test_median_run_keeps_the_middle_run_and_averages_the_losses() -> None:
     row = median_run(runs)
     assert row["tokens_per_s"] == 200.0
     assert row["runs_tokens_per_s"] == [300.0, None, 100.0, 200.0]
-    assert row["train_seed"] == [0, None, 2, 3]
+    assert row["train_seeds"] == [0, None, 2, 3]
+    assert row["train_seed"] == 3  # the median run's
     assert row["runs_eval_loss"] == [1.0, 1.2, 1.5]  # in round order
     assert row["eval_loss"] == pytest.approx(3.7 / 3)
     assert row["final_train_loss"] == pytest.approx(7.4 / 3)

@@ -13,7 +13,6 @@ from raysft.data.packing import (
     IGNORE_INDEX,
     by_length,
     causal_lm_loss,
-    collate_causal,
     collate_packed,
     collate_padded,
     pack,
@@ -161,8 +160,8 @@ def test_collate_padded():
     assert batch["seg_lens"].tolist() == [[3, 3, 3], [1, 0, 0]]
 
 
-def test_collate_causal_has_no_mask_and_positions_that_never_restart():
-    batch = collate_causal([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=9)
+def test_collate_padded_causal_has_no_mask_and_positions_that_never_restart():
+    batch = collate_padded([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=9, causal=True)
     assert "attention_mask" not in batch
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
@@ -425,7 +424,7 @@ def test_causal_batch_equals_samples_run_alone(tiny_llama_dir, attn):
     """One sample per row, right-padded, no mask: real tokens never see the padding."""
     model = _tiny_model(tiny_llama_dir, attn)
     samples = _samples(prompt_len=2)
-    batch = collate_causal(samples, pad_id=0)
+    batch = collate_padded(samples, pad_id=0, causal=True)
     logits = _packed_logits(model, batch, use_cache=False).cpu()
     for row, sample in enumerate(samples):
         ref_logits, ref_loss = _alone(model, sample)
