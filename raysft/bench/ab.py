@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grouped": {"group_by_length": True},
     "grouped-bf16": {"group_by_length": True, "precision": "bf16"},
     "grouped-bf16-a32": {"group_by_length": True, "precision": "bf16", "attn": "sdpa_fp32"},
+    "grouped-compile": {"group_by_length": True, "compile": True},
     "grouped-compile-bf16-a32": {
         "group_by_length": True,
         "precision": "bf16",

@@ -194,7 +194,9 @@ def count_real_tokens(kwargs: dict[str, Any]) -> int:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores, GPU name: what the numbers were measured on."""
+    """CPU model, cores, torch's CPU capability and bf16 support, GPU name: what the numbers
+    were measured on (one VM's "AMD EPYC" has been an AVX512-BF16 host one day and an AVX2-only
+    one the next, with bf16 10x slower there)."""
     info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -205,6 +207,10 @@ def machine() -> dict[str, Any]:
     try:
         import torch
 
+        from raysft.train.device import bf16_emulation
+
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["cpu_bf16"] = "emulated" if bf16_emulation(torch.device("cpu")) else "native"
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
             info["gpu_count"] = torch.cuda.device_count()

@@ -233,6 +233,15 @@ CPU = Preset(
             attn="sdpa_fp32",
         ),
         _c(
+            "raysft-full-grouped-compile",
+            "raysft",
+            "grouped by length, train.compile (dynamic shapes), fp32: for CPUs that emulate bf16",
+            method="full",
+            lr=_FULL_LR,
+            group_by_length=True,
+            compile=True,
+        ),
+        _c(
             "raysft-full-grouped-compile-bf16",
             "raysft",
             "grouped by length, bf16 autocast, sdpa_fp32, train.compile (dynamic shapes)",

@@ -138,6 +138,8 @@ def section(result: dict[str, Any]) -> str:
     """A dated RESULTS.md section: command, machine, versions, data, table, goals."""
     m, v = result["machine"], result["versions"]
     hw = f"{m.get('cpu_model')}, {m.get('cpus')} CPUs"
+    if m.get("cpu_capability"):  # rows recorded before 2026-12-04 lack these
+        hw += f" ({m['cpu_capability']}, bf16 {m.get('cpu_bf16', 'unknown')})"
     if m.get("gpu"):
         hw += f"; GPU {m['gpu']} x{m.get('gpu_count', 1)}"
     ver = ", ".join(f"{k} {val}" for k, val in v.items() if val)

@@ -71,8 +71,12 @@ class LoraSection(_Section):
 class QloraSection(_Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4 per QLoRA).")
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Dtype of the de-quantized matmuls."
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype of the de-quantized matmuls. `auto`: bfloat16 where bf16 is native "
+        "(a CUDA GPU of compute capability >= 8.0, a CPU with AVX512-BF16 or AMX), float16 on "
+        "older CUDA GPUs, float32 on other CPUs: there bf16 is emulated, and QLoRA on the "
+        "embedded base trained 9x slower with bfloat16 (benchmarks/RESULTS.md).",
     )
 
 
@@ -173,7 +177,9 @@ class TrainSection(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
         description="Autocast of the forward pass. `auto`: bf16 on a CUDA GPU with native bf16 "
-        "(not emulated), else none.",
+        "(not emulated), else none. `bf16` on a device that emulates it (a CPU without "
+        "AVX512-BF16 or AMX, a GPU below compute capability 8.0) trains, with a warning in the "
+        "trial's log (on an AVX2-only CPU it was 10x slower than fp32: benchmarks/RESULTS.md).",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",

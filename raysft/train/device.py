@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raysft.errors import ModelError
 
@@ -138,6 +138,37 @@ def native_bf16(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # a torch without the argument
         return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def bf16_emulation(device: torch.device) -> str | None:
+    """Why bf16 compute on ``device`` would be emulated (slow), or None where it is native or
+    cannot be told.
+
+    A CPU computes bf16 natively with AVX512-BF16 or AMX; without them bf16 matmuls take slow
+    fallback paths: on an AVX2-only AMD EPYC the seed's training step took 6.1-7.1 s under bf16
+    autocast against 0.60-0.65 s in fp32 (benchmarks/RESULTS.md). A CUDA GPU below compute
+    capability 8.0 (T4, V100) emulates it too (unmeasured here).
+    """
+    import torch
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or native_bf16(device):
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"GPU compute capability {major}.{minor} has no native bf16 (needs >= 8.0)"
+    if device.type != "cpu":
+        return None
+    probes: list[Any] = [getattr(torch.cpu, name, None) for name in _CPU_BF16_PROBES]
+    if not all(callable(probe) for probe in probes):  # a torch without the probes: cannot tell
+        return None
+    if any(probe() for probe in probes):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"this CPU has neither AVX512-BF16 nor AMX (torch's CPU capability: {capability})"
+
+
+# torch's own CPU feature probes (private, present since torch 2.3).
+_CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def torch_wheel_index(driver: str) -> str:

@@ -21,7 +21,7 @@ from raysft.assets import resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
 from raysft.errors import ModelError
 from raysft.train import attention
-from raysft.train.device import native_bf16
+from raysft.train.device import bf16_emulation, native_bf16
 
 if TYPE_CHECKING:
     import peft
@@ -143,16 +143,26 @@ def build_lora_config(lora: LoraSection) -> peft.LoraConfig:
     )
 
 
-def build_bnb_config(q: QloraSection) -> transformers.BitsAndBytesConfig:
-    """4-bit bitsandbytes quantization of the base model's linear layers (QLoRA)."""
+def resolve_compute_dtype(q: QloraSection, device: torch.device) -> torch.dtype:
+    """``qlora.compute_dtype`` on ``device``: `auto` is bf16 only where bf16 is native."""
     import torch
+
+    if q.compute_dtype != "auto":
+        return getattr(torch, q.compute_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return torch.float32 if bf16_emulation(device) else torch.bfloat16
+
+
+def build_bnb_config(q: QloraSection, device: torch.device) -> transformers.BitsAndBytesConfig:
+    """4-bit bitsandbytes quantization of the base model's linear layers (QLoRA)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_compute_dtype=resolve_compute_dtype(q, device),
     )
 
 
@@ -213,7 +223,13 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
     gc = cfg.train.gradient_checkpointing
     if cfg.method == "qlora":
         _check_bnb(dev, cfg.qlora.quant_type)
-        kwargs["quantization_config"] = build_bnb_config(cfg.qlora)
+        kwargs["quantization_config"] = bnb = build_bnb_config(cfg.qlora, dev)
+        log.info(
+            "qlora: %s base, compute dtype %s (qlora.compute_dtype: %s)",
+            cfg.qlora.quant_type,
+            str(bnb.bnb_4bit_compute_dtype).removeprefix("torch."),
+            cfg.qlora.compute_dtype,
+        )
     model = from_pretrained(AutoModelForCausalLM, cfg.model, **kwargs)
     model.config.use_cache = False  # a cache disables the per-sample mask of packed rows
     if cfg.method == "full":

@@ -32,7 +32,7 @@ from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.errors import ConfigError, DataError
 from raysft.train import fsdp
-from raysft.train.device import granted_gpus, native_bf16, resolve_device
+from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
 from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
 from raysft.train.metrics import METRICS, REPLAYED
 from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
@@ -108,6 +108,32 @@ def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def asks_for_bf16(cfg: Config) -> list[str]:
+    """The settings that explicitly ask for bf16 compute or weights (not `auto`)."""
+    asked = []
+    if cfg.train.precision == "bf16":
+        asked.append("train.precision: bf16")
+    if cfg.method != "full" and cfg.model.dtype == "bfloat16":
+        asked.append("model.dtype: bfloat16")
+    if cfg.method == "qlora" and cfg.qlora.compute_dtype == "bfloat16":
+        asked.append("qlora.compute_dtype: bfloat16")
+    return asked
+
+
+def _warn_of_emulated_bf16(cfg: Config, device: torch.device) -> None:
+    """One warning in the trial's log when a setting asks for bf16 where it is emulated."""
+    asked = asks_for_bf16(cfg)
+    why = bf16_emulation(device) if asked else None
+    if why:
+        log.warning(
+            "%s on %s, but %s: bf16 is emulated there (on an AVX2-only CPU about 10x slower than "
+            "fp32, benchmarks/RESULTS.md); `auto` (or fp32 / float32) avoids it",
+            " and ".join(asked),
+            device,
+            why,
+        )
+
+
 def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
     from transformers import get_scheduler
 
@@ -166,6 +192,7 @@ def setup(
     # Fails now, naming node, CUDA build and driver, if this worker should have a GPU and has none.
     device = resolve_device(cfg.train.device, granted=granted_gpus())
     autocast = autocast_for(cfg, device)
+    _warn_of_emulated_bf16(cfg, device)
     tokenizer = load_tokenizer(cfg.model)
     data, train_bins, eval_bins = _prepare(cfg, tokenizer)
     if len(train_bins) < dist.world_size:

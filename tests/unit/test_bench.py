@@ -264,6 +264,17 @@ def test_gpu_goals_memory_and_mfu():
     assert goals["qlora_memory_vs_lora"]["met"] and goals["qlora_7b_fits_24gib"]["met"]
 
 
+def test_machine_names_the_cpus_capability_and_whether_bf16_is_native():
+    import torch
+
+    from raysft.train.device import bf16_emulation
+
+    info = measure.machine()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    native = bf16_emulation(torch.device("cpu")) is None
+    assert info["cpu_bf16"] == ("native" if native else "emulated")
+
+
 def test_results_md_gets_a_dated_section_per_run(tmp_path):
     rows = _rows()
     report.add_ratios(rows)
@@ -272,7 +283,12 @@ def test_results_md_gets_a_dated_section_per_run(tmp_path):
         "preset": "cpu",
         "command": "python -m raysft.bench --preset cpu",
         "note": "measured under load",
-        "machine": {"cpu_model": "Test CPU", "cpus": 2},
+        "machine": {
+            "cpu_model": "Test CPU",
+            "cpus": 2,
+            "cpu_capability": "AVX2",
+            "cpu_bf16": "emulated",
+        },  # fmt: skip
         "versions": {"torch": "2.x", "trl": None},
         "settings": {"steps": 20},
         "data": {"rows": 600},
@@ -284,7 +300,7 @@ def test_results_md_gets_a_dated_section_per_run(tmp_path):
     report.append_results(path, result)
     text = path.read_text()
     assert text.count("## 2030-01-02 03:04: preset `cpu`") == 2
-    assert "Test CPU, 2 CPUs" in text and "not installed: trl" in text
+    assert "Test CPU, 2 CPUs (AVX2, bf16 emulated)" in text and "not installed: trl" in text
     assert "| raysft-full | 400 | 4.00 | - | - | 200 |" in text
     assert "ModelError: no backend" in text and "raysft_vs_seed: MET" in text
 

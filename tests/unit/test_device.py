@@ -1,5 +1,5 @@
 """Device resolution: no silent CPU fallback, the no-CUDA message, driver detection, the torch
-wheel a driver runs (cluster.yaml), native bf16."""
+wheel a driver runs (cluster.yaml), native bf16 and where bf16 is emulated."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from raysft.train import device as device_mod
 from raysft.train.device import (
     NO_DRIVER,
     TORCH_VERSION,
+    bf16_emulation,
     driver_version,
     granted_gpus,
     main,
@@ -201,6 +202,38 @@ def test_device_module_runs_without_torch(tmp_path):
 
 def test_native_bf16_is_false_off_cuda():
     assert native_bf16(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "emulated"),
+    [(False, False, True), (True, False, False), (False, True, False), (True, True, False)],
+)
+def test_bf16_emulation_on_the_cpu_follows_torchs_feature_probes(
+    monkeypatch, avx512_bf16, amx, emulated
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    why = bf16_emulation(torch.device("cpu"))
+    if emulated:
+        assert why is not None and "neither AVX512-BF16 nor AMX" in why
+        assert torch.backends.cpu.get_cpu_capability() in why
+    else:
+        assert why is None
+
+
+def test_bf16_emulation_cannot_tell_without_torchs_probes(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert bf16_emulation(torch.device("cpu")) is None
+
+
+def test_bf16_emulation_on_this_cpu_agrees_with_its_flags():
+    """The probes read the same CPU flags as the kernel: no avx512_bf16 and no amx_bf16 in
+    /proc/cpuinfo means emulation (this checks the probes' names and meaning, unpatched)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16|amx_tile)\b", cpuinfo.read_text()))
+    assert (bf16_emulation(torch.device("cpu")) is None) == bool(flags)
 
 
 def test_cluster_yaml_installs_the_driver_matched_torch_and_checks_it():

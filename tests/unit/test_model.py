@@ -21,6 +21,7 @@ from raysft.train.model import (
     format_parameter_counts,
     load_model,
     load_tokenizer,
+    resolve_compute_dtype,
     save_model,
 )
 
@@ -85,10 +86,25 @@ def test_build_lora_config():
 
 def test_build_bnb_config():
     bnb = build_bnb_config(
-        QloraSection(quant_type="fp4", double_quant=False, compute_dtype="float16")
+        QloraSection(quant_type="fp4", double_quant=False, compute_dtype="float16"),
+        torch.device("cpu"),
     )
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "fp4"
     assert not bnb.bnb_4bit_use_double_quant and bnb.bnb_4bit_compute_dtype == torch.float16
+
+
+@pytest.mark.parametrize(("native", "expected"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_qlora_compute_dtype_auto_is_bf16_only_on_a_cpu_that_has_it(monkeypatch, native, expected):
+    """On a CPU without AVX512-BF16 or AMX, bf16 is emulated: `auto` computes in fp32 there.
+    An explicit dtype is kept whatever the CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert QloraSection().compute_dtype == "auto"
+    assert resolve_compute_dtype(QloraSection(), cpu) == expected
+    assert build_bnb_config(QloraSection(), cpu).bnb_4bit_compute_dtype == expected
+    explicit = QloraSection(compute_dtype="bfloat16")
+    assert resolve_compute_dtype(explicit, cpu) == torch.bfloat16
 
 
 # ---------------------------------------------------------------- training per method

@@ -172,6 +172,49 @@ def test_compiled_trials_in_one_process_each_trace_their_own_model(tmp_path: Pat
     assert abs(losses[200.0] - losses[None]) > 0.05 * losses[None], losses
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(tmp_path, monkeypatch, caplog, native):
+    """train.precision: bf16 where the CPU has no native bf16 trains ~10x slower: the trial's
+    log says so, naming the setting and what to use instead; a native CPU gets no warning."""
+    import logging
+
+    from raysft.train.recipe import Dist, setup
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    options = {"train.precision": "bf16", "train.eval_base": False, "train.device": "cpu"}
+    with caplog.at_level(logging.WARNING, logger="raysft.train.recipe"):
+        setup(_config(tmp_path, _model_dir(tmp_path, "llama"), "full", **options), dist=Dist())
+    warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    if native:
+        assert warned == []
+    else:
+        assert len(warned) == 1
+        assert "train.precision: bf16" in warned[0] and "neither AVX512-BF16 nor AMX" in warned[0]
+        assert "`auto` (or fp32 / float32) avoids it" in warned[0]
+
+
+def test_every_explicit_bf16_setting_is_named_and_auto_is_not():
+    from raysft.config import load_config
+    from raysft.train.recipe import asks_for_bf16
+
+    base = {"model.name_or_path": "embedded:tiny-base"}
+    assert asks_for_bf16(load_config(None, {**base, "method": "qlora"})) == []
+    asked = {
+        "train.precision": "bf16",
+        "model.dtype": "bfloat16",
+        "qlora.compute_dtype": "bfloat16",
+    }
+    cfg = load_config(None, {**base, "method": "qlora", **asked})
+    assert asks_for_bf16(cfg) == [
+        "train.precision: bf16",
+        "model.dtype: bfloat16",
+        "qlora.compute_dtype: bfloat16",
+    ]
+    lora = load_config(None, {**base, "method": "lora", "qlora.compute_dtype": "bfloat16"})
+    assert asks_for_bf16(lora) == []  # the qlora section does nothing for lora
+
+
 def test_eval_loss_is_the_same_packed_padded_or_grouped_by_length(tmp_path: Path) -> None:
     """The held-out loss is a sum over response tokens: the batch layout must not move it."""
     from raysft.train.recipe import Dist, setup
