@@ -61,7 +61,10 @@ def _reload(cfg: Config, out: Path) -> Any:
         return AutoModelForCausalLM.from_pretrained(out)
     kwargs: dict[str, Any] = {}
     if cfg.method == "qlora":  # the 4-bit base is quantized again, deterministically
-        kwargs = {"quantization_config": build_bnb_config(cfg.qlora), "device_map": {"": "cpu"}}
+        kwargs = {
+            "quantization_config": build_bnb_config(cfg.qlora, torch.device("cpu")),
+            "device_map": {"": "cpu"},
+        }
     base = AutoModelForCausalLM.from_pretrained(resolve(cfg.model.name_or_path), **kwargs)
     return PeftModel.from_pretrained(base, out)
 
