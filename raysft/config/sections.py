@@ -76,7 +76,7 @@ class QloraSection(_Section):
         description="Dtype of the de-quantized matmuls. `auto`: bfloat16 where bf16 is native "
         "(a CUDA GPU of compute capability >= 8.0, a CPU with AVX512-BF16 or AMX), float16 on "
         "older CUDA GPUs, float32 on other CPUs: there bf16 is emulated, and QLoRA on the "
-        "embedded base trained 9x slower with bfloat16 (benchmarks/RESULTS.md).",
+        "embedded base trained 8x slower with bfloat16 (benchmarks/RESULTS.md).",
     )
 
 

@@ -150,8 +150,15 @@ def resolve_compute_dtype(q: QloraSection, device: torch.device) -> torch.dtype:
     if q.compute_dtype != "auto":
         return getattr(torch, q.compute_dtype)
     if device.type == "cuda":
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        return _cuda_half(device)
     return torch.float32 if bf16_emulation(device) else torch.bfloat16
+
+
+def _cuda_half(device: torch.device) -> torch.dtype:
+    """The half dtype a CUDA GPU computes natively: bf16 from compute capability 8.0, else fp16."""
+    import torch
+
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 def build_bnb_config(q: QloraSection, device: torch.device) -> transformers.BitsAndBytesConfig:
@@ -184,7 +191,7 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.model.dtype != "auto":
         return getattr(torch, cfg.model.dtype)
     if device.type == "cuda":
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        return _cuda_half(device)
     return torch.float32
 
 
