@@ -13,10 +13,12 @@ On the embedded default (``search_spaces/lora.yaml``, its space, steps and objec
   ASHA with the spec's grace period and reduction factor (``inprocess.Asha``, Ray's rule).
 - **random**: Optuna's ``RandomSampler(seed)`` over the same space, every trial to max_steps.
 
-TPESampler's defaults are raysft's: its first 10 proposals are random, drawn exactly as
-``RandomSampler(seed)`` draws them. A budget that fits fewer than ~10 trials therefore gives
-tpe-asha and random the same configs, and the difference between them is ASHA's; ``--methods``
-can add ``tpe`` (no ASHA) and ``random-asha`` to separate the two.
+TPE's first ``startup_trials`` proposals (``search.sampler``; ``auto`` is a third of the spec's
+``num_samples``, at least 2) are random, drawn exactly as ``RandomSampler(seed)`` draws them, so
+tpe-asha and random share their first configs. With Optuna's default of 10 random trials, which
+raysft used until 2026-12-04, a budget that fits fewer than ~10 trials gave tpe-asha and random
+the same configs throughout. ``--methods`` can add ``tpe`` (no ASHA) and ``random-asha`` to
+separate TPE's share from ASHA's.
 
 tpe-asha and random get the same budget of optimizer steps, ``--budget-fraction`` (1/3) of the
 grid's; a search stops launching trials when its budget is spent, and a trial running when it
@@ -131,11 +133,15 @@ def _search_dict(search: ip.Search, mode: str) -> dict[str, Any]:
     }
 
 
-def _sampler(method: str, seed: int) -> Any:
+def _sampler(method: str, search: Any, seed: int) -> Any:
+    """raysft's own sampler for the spec's search section (``tpe*``, one trial at a time, as
+    here), or Optuna's ``RandomSampler``, both seeded with ``seed``."""
     import optuna
 
+    from raysft.search.space import build_sampler
+
     if method.startswith("tpe"):
-        return optuna.samplers.TPESampler(seed=seed)
+        return build_sampler(search.model_copy(update={"seed": seed}), concurrent=1)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -276,7 +282,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{method} seed {seed}:", flush=True)
             direction = "minimize" if plan.mode == "min" else "maximize"
             proposals = ip.optuna_proposals(
-                plan.tree, plan.spec, _sampler(method, seed), direction=direction
+                plan.tree, plan.spec, _sampler(method, plan.spec.search, seed), direction=direction
             )
             asha = ip.Asha(**plan.asha()) if method.endswith("asha") else None
             found = ip.budgeted(method, seed, proposals, asha=asha, budget=plan.budget, **common)

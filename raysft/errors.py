@@ -43,3 +43,7 @@ class AssetError(RaysftError):
 
 class SearchStateError(RaysftError):
     """The experiment directory's state does not allow the request (already holds a search, ...)."""
+
+
+class TrainingDiverged(RaysftError):
+    """The loss stopped being finite (too high a learning rate, most often): training stopped."""

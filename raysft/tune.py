@@ -25,7 +25,7 @@ from raysft.search.resources import (
     plan_resources,
 )
 from raysft.search.results import SUMMARY_FILE, table
-from raysft.search.space import describe_space
+from raysft.search.space import describe_sampler, describe_space
 from raysft.search.spec import load_spec, trial_memory
 from raysft.search.tracking import runs_page, ui_command
 
@@ -48,6 +48,7 @@ def _dry_run(cfg: SearchSpec) -> int:
             f"{r.gpus:g} GPU; checked against the cluster's nodes when the "
             f"search starts there{why}"
         )
+        print(describe_sampler(s, concurrent=s.max_concurrent))  # None: the cluster decides
         unknown = "the cluster's GPUs: unknown before joining it"
         lines = plan_memory(s, memory, None, where=unknown).lines()
     else:
@@ -55,6 +56,7 @@ def _dry_run(cfg: SearchSpec) -> int:
         if plan is None or plan.memory is None:  # load_spec refuses such a spec
             print("\n".join(problems))
             return 2
+        print(describe_sampler(s, concurrent=plan.concurrent))
         print(plan.describe(s))
         lines = plan.memory.lines()
     print("\n".join(lines))

@@ -277,6 +277,39 @@ class SchedulerSection(_Section):
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor per rung.")
 
 
+class SamplerSection(_Section):
+    type: Literal["tpe", "random"] = Field(
+        "tpe",
+        description="How trials' values are proposed. `tpe`: Optuna's TPE, random for the "
+        "first startup_trials, then modelled on the finished ones. `random`: independent draws.",
+    )
+    startup_trials: int | Literal["auto"] = Field(
+        "auto",
+        description="TPE: trials drawn at random before it models the results. `auto`: a third "
+        "of num_samples, at least 2 and at most 10 (Optuna's own default, 10, would leave any "
+        "search of up to 10 trials random).",
+    )
+    multivariate: bool = Field(
+        True,
+        description="TPE: model the parameters jointly (learning rate and rank interact), not "
+        "each on its own.",
+    )
+
+    @field_validator("startup_trials")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 (or auto)")
+        return value
+
+    @model_validator(mode="after")
+    def _tpe_settings_need_tpe(self) -> SamplerSection:
+        ignored = sorted({"startup_trials", "multivariate"} & self.model_fields_set)
+        if self.type == "random" and ignored:
+            raise ValueError(f"{', '.join(ignored)}: TPE settings, but type is random")
+        return self
+
+
 class ResourcesSection(_Section):
     workers: int = Field(1, gt=0, description="Ray Train workers per trial (data parallel).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs per worker.")
@@ -331,7 +364,8 @@ class SearchSection(_Section):
         None, description="Minimise or maximise the metric. Null: the metric's own direction."
     )
     num_samples: int = Field(4, gt=0, description="Trials to run.")
-    seed: int = Field(0, description="Seeds Optuna's TPE sampler.")
+    seed: int = Field(0, description="Seeds the sampler.")
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     max_concurrent: int | None = Field(

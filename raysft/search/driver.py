@@ -30,7 +30,12 @@ from raysft.search.resources import (
     plan_resources,
     ray_nodes,
 )
-from raysft.search.space import TrialConfigs, build_space, describe_space, trial_output_dir
+from raysft.search.space import (
+    TrialConfigs,
+    describe_sampler,
+    describe_space,
+    trial_output_dir,
+)
 from raysft.search.spec import trial_memory
 from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, run_trial_on_ray
 from raysft.train.metrics import objective_mode
@@ -54,18 +59,13 @@ def _trainable(tree: dict[str, Any], exp_dir: Path) -> Any:
 def build_tuner(
     tree: dict[str, Any], cfg: SearchSpec, plan: ResourcePlan, exp_dir: Path, callbacks: list
 ) -> Any:
-    import optuna
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from raysft.search.searcher import build_searcher
 
     s = cfg.search
-    searcher = OptunaSearch(
-        space=build_space(cfg, s),
-        metric=s.metric,
-        mode=s.mode,
-        sampler=optuna.samplers.TPESampler(seed=s.seed),
-    )
+    searcher = build_searcher(cfg, s, concurrent=plan.concurrent)
     if s.scheduler.type == "asha":
         # Time is the trial's own optimizer step (reported with every eval), not Tune's report
         # count: a trial restarted from a checkpoint then keeps its place on the rungs.
@@ -132,7 +132,12 @@ def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
             init_ray(int(nodes[0]["CPU"]), scratch=scratch)
     if problems or plan is None:
         raise ConfigError(spec_path, problems)
-    log.info("search space:\n  %s\n%s", "\n  ".join(describe_space(s)), plan.describe(s))
+    log.info(
+        "search space:\n  %s\n%s\n%s",
+        "\n  ".join(describe_space(s)),
+        describe_sampler(s, concurrent=plan.concurrent),
+        plan.describe(s),
+    )
     return plan
 
 

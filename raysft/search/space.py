@@ -77,6 +77,55 @@ class TrialConfigs:
         return trial_config(self.tree, sampled, output_dir=trial_output_dir(self.exp_dir, trial_id))
 
 
+def startup_trials(search: SearchSection) -> int:
+    """TPE's random trials before it models the results (``search.sampler.startup_trials``).
+
+    ``auto``: a third of the trials, 2 to 10. With Optuna's default of 10, a search of up to 10
+    trials (the laptop default runs 4) never leaves random sampling, and its first 10 draws are
+    exactly ``RandomSampler(seed)``'s.
+    """
+    n = search.sampler.startup_trials
+    if n == "auto":
+        return min(10, max(2, round(search.num_samples / 3)))
+    return int(n)
+
+
+def build_sampler(search: SearchSection, *, concurrent: int) -> Any:
+    """The Optuna sampler of a search, seeded with ``search.seed``.
+
+    With more than one trial at a time, TPE runs with ``constant_liar``: a trial still running
+    counts as a bad result, so two trials started together are not proposed the same point.
+    """
+    import optuna
+
+    s = search.sampler
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=search.seed)
+    return optuna.samplers.TPESampler(
+        seed=search.seed,
+        n_startup_trials=startup_trials(search),
+        multivariate=s.multivariate,
+        constant_liar=concurrent > 1,
+    )
+
+
+def describe_sampler(search: SearchSection, *, concurrent: int | None) -> str:
+    """One line for the search plan: which sampler, how many trials it draws at random.
+    ``concurrent``: trials at once, None where the cluster decides it later."""
+    s, n = search.sampler, search.num_samples
+    if s.type == "random":
+        return f"sampler: random, seed {search.seed}"
+    k = startup_trials(search)
+    random_part = f"all {n} trials random" if k >= n else f"first {k} of {n} trials random"
+    extras = ["multivariate"] if s.multivariate else []
+    if concurrent is None:
+        extras.append("constant liar if trials run together")
+    elif concurrent > 1:
+        extras.append("constant liar")
+    how = f" ({', '.join(extras)})" if extras else ""
+    return f"sampler: TPE{how}, {random_part}, seed {search.seed}"
+
+
 def describe_space(search: SearchSection) -> list[str]:
     lines = []
     for name, p in search.params.items():

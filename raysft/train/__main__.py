@@ -80,12 +80,21 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
 def _train(cfg: Config, resume_from: str | None) -> int:
     from pathlib import Path
 
-    from raysft.train.recipe import run_trial
+    from raysft.errors import TrainingDiverged
+    from raysft.train.recipe import DIVERGED_AT, divergence_hint, run_trial
     from raysft.train.state import LocalCheckpoints
 
     checkpoints = LocalCheckpoints(Path(cfg.output_dir) / "checkpoints")
     result = run_trial(cfg, report=checkpoints, resume_from=resume_from)
     f = result.final
+    if DIVERGED_AT in f:
+        kept = checkpoints.latest()
+        last = f"; the last finite checkpoint: {kept}" if kept else ""
+        raise TrainingDiverged(
+            f"training diverged at step {f[DIVERGED_AT]} (train_loss {f.get('train_loss')}, "
+            f"eval_loss {f.get('eval_loss', '-')}) and stopped: {divergence_hint(cfg)}. "
+            f"{result.output_dir} holds config.yaml and metrics.json, no model{last}"
+        )
     print(f"output: {result.output_dir}")
     print(f"eval_loss: {f.get('eval_loss', float('nan')):.4f}  train_seconds: {f['train_seconds']}")
     if "exact_match" in f:

@@ -34,7 +34,7 @@ from raysft.errors import ConfigError, DataError
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
 from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
-from raysft.train.metrics import METRICS, REPLAYED
+from raysft.train.metrics import METRICS, REPLAYED, computed_at
 from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
 from raysft.train.neftune import attach_neftune
 from raysft.train.state import Progress, load_state, save_state
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # ``takes_checkpoint_dir = True``: then it is the reporter's (Ray uploads it in the background
 # and deletes it, and training goes on meanwhile).
 Reporter = Callable[[dict[str, Any], str | None], None]
+
+# Key of a run's final metrics: the step at which its loss stopped being finite, and training.
+DIVERGED_AT = "diverged_at"
 
 
 @dataclass
@@ -376,11 +379,22 @@ def train(run: Run, report: Reporter | None) -> None:
             run.stream.epoch,
             run.stream.position,
         )
+        if not math.isfinite(record["train_loss"]):
+            # A non-finite loss has non-finite gradients, and the update just made from them
+            # left every weight it touched NaN: nothing is left to evaluate or checkpoint. Every
+            # metric an eval would give is reported NaN (a search needs its objective in the
+            # report, and stops the trial on it).
+            record.update({m.name: math.nan for m in computed_at(cfg, final=True)})
+            _stop_diverged(run, record, report)
+            break
         if _evaluates_at(step, cfg):
             t = time.perf_counter()
             scores, samples = run.evaluate(final=last)
             times["eval_s"] = times.get("eval_s", 0.0) + time.perf_counter() - t
             record.update(scores)
+            if not math.isfinite(record.get("eval_loss", 0.0)):  # this step's update did it
+                _stop_diverged(run, record, report)
+                break
             if last and "base_exact_match" in progress.final:  # for comparison with the base
                 record["base_exact_match"] = progress.final["base_exact_match"]
             if samples:
@@ -401,6 +415,32 @@ def train(run: Run, report: Reporter | None) -> None:
         else:
             progress.history.append(record)
     run.train_seconds = time.perf_counter() - t_train
+
+
+def _stop_diverged(run: Run, record: dict[str, Any], report: Reporter | None) -> None:
+    """End training at ``record``'s step, whose loss is not finite: reported without a
+    checkpoint (the last finite one stays the latest), and marked for ``finish``."""
+    step = record["step"]
+    run.progress.final[DIVERGED_AT] = step
+    run.progress.history.append(record)
+    log.warning(
+        "step %d train_loss %s eval_loss %s: training diverged, stopped (%s)",
+        step,
+        record["train_loss"],
+        record.get("eval_loss", "-"),
+        divergence_hint(run.cfg),
+    )
+    if report is not None:
+        report(record, None)
+
+
+def divergence_hint(cfg: Config) -> str:
+    t = cfg.train
+    clip = "" if t.max_grad_norm else ", or clip gradients (train.max_grad_norm)"
+    return (
+        f"lower train.learning_rate (now {t.learning_rate:g}) or raise train.warmup_ratio "
+        f"(now {t.warmup_ratio:g}){clip}"
+    )
 
 
 def _evaluates_at(step: int, cfg: Config) -> bool:
@@ -458,25 +498,33 @@ def finish(run: Run) -> TrialResult:
     final["wall_seconds"] = round(time.perf_counter() - run.t0, 2)
     out_dir = Path(run.cfg.output_dir)
     result = TrialResult(str(out_dir), final, run.progress.history, run.data.report.as_dict())
-    weights = fsdp.gather(run.model)[0] if run.dist.sharded else None  # a collective
+    diverged = DIVERGED_AT in final
+    weights = fsdp.gather(run.model)[0] if run.dist.sharded and not diverged else None
     if run.dist.rank == 0:
-        _write_outputs(out_dir, run, result, weights)
+        _write_outputs(out_dir, run, result, weights, model=not diverged)
     return result
 
 
 def _write_outputs(
-    out_dir: Path, run: Run, result: TrialResult, weights: dict[str, Any] | None
+    out_dir: Path,
+    run: Run,
+    result: TrialResult,
+    weights: dict[str, Any] | None,
+    *,
+    model: bool = True,
 ) -> None:
-
+    """The run's outputs; ``model=False`` (a diverged run): config and metrics only, no NaN
+    weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(
-        run.model,
-        run.tokenizer,
-        str(out_dir),
-        method=run.cfg.method,
-        weights=weights,
-        dtype=_export_dtype(run),
-    )
+    if model:
+        save_model(
+            run.model,
+            run.tokenizer,
+            str(out_dir),
+            method=run.cfg.method,
+            weights=weights,
+            dtype=_export_dtype(run),
+        )
     (out_dir / "config.yaml").write_text(dump_config(run.cfg), encoding="utf-8")
     metrics = {"final": result.final, "history": result.history, "data": result.data}
     (out_dir / "metrics.json").write_text(

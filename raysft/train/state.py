@@ -154,3 +154,8 @@ class LocalCheckpoints:
         for old in self.directory.glob("step-*"):
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The checkpoint kept (the latest written), if any."""
+        kept = sorted(self.directory.glob("step-*"))
+        return kept[-1] if kept else None

@@ -259,6 +259,10 @@ def test_a_really_diverging_trial_is_stopped_at_once_and_never_promoted(
     assert bad["status"] == "diverged", bad
     assert bad["step"] == 4, "stopped at its first non-finite eval, not run on to max_steps"
     assert bad["metric"] is None, bad
+    # The worker stopped by itself at that step (Tune's stop would have come a report or more
+    # later) and wrote no checkpoint of its NaN weights: step 2's is its only one.
+    assert "step 4 train_loss nan eval_loss nan: training diverged, stopped" in ran.output
+    assert len(list(exp_dir.glob(f"train/train-{bad['trial_id']}/checkpoint_*"))) == 1
     assert good["status"] == "finished", good
     assert summary["counts"]["diverged"] == 1
     assert summary["best"]["trial_id"] == good["trial_id"]

@@ -304,6 +304,13 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert sorted(r.info.run_id for r in children) == sorted(t["mlflow_run_id"] for t in trials)
     assert all(r.info.status == "FINISHED" for r in children)
+    for run in children:  # eval loss at every eval; the objective, exact match, at the last
+        history = {
+            key: [m.step for m in mlc.get_metric_history(run.info.run_id, key)]
+            for key in ("eval_loss", "exact_match")
+        }
+        assert history == {"eval_loss": [4, 8], "exact_match": [8]}, history
+    assert summary["best"]["metric"] == max(t["metric"] for t in trials)
     champ = mlc.get_model_version_by_alias("raysft-it-job", "champion")
     assert str(champ.version) == "1" and champ.run_id == summary["best"]["mlflow_run_id"]
     for t in trials:  # every trial's checkpoint is complete

@@ -83,6 +83,23 @@ def preview_config(path: Path, tokenizer_dir: Path, **data: Any) -> str:
     return write(path, yaml.safe_dump(tree, allow_unicode=True))
 
 
+def DIVERGES(tmp: Path) -> dict[str, Any]:  # noqa: N802  (a constant, given its folder)
+    """A run whose first update overflows float32: a loss turns NaN within a few steps (before
+    the first eval, at step 3, or at it), and the run stops there."""
+    return {
+        "method": "full",
+        "data": {"max_eval_samples": 4},
+        "train": {
+            "learning_rate": 1e20,
+            "warmup_ratio": 0.0,
+            "max_steps": 6,
+            "eval_every": 3,
+            "exact_match": False,
+        },
+        "output_dir": str(tmp / "diverged"),
+    }
+
+
 def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
     """name -> (arguments, ``-c`` code or None for ``python -m raysft.train``)."""
     ok = write(tmp / "ok.yaml", "{}\n")
@@ -111,6 +128,7 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
         "bad_row": ([bad_data, "--preview", "1"], None),
         "entry_point": ([write(tmp / "r0.yaml", "lora:\n  r: 0\n")], ENTRY_POINT),
         "json_without_preview": ([ok, "--json"], None),
+        "diverges": ([write(tmp / "diverges.yaml", yaml.safe_dump(DIVERGES(tmp)))], None),
     }
 
 
@@ -233,6 +251,27 @@ def test_bad_data_row_exits_2_naming_file_row_and_field(cli_runs: dict[str, Futu
     assert lines[0].startswith(
         f"error: {BAD_ROLE}: row 2: conversations[2].from: unknown role 'bot' (expected one of "
     )
+
+
+def test_a_diverging_run_stops_with_one_message_and_no_model(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    proc = result(cli_runs, "diverges")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    *_, last = proc.stderr.splitlines()
+    out = re.fullmatch(
+        r"error: training diverged at step (\d) \(train_loss nan, eval_loss nan\) and stopped: "
+        r"lower train\.learning_rate \(now 1e\+20\) or raise train\.warmup_ratio \(now 0\)\. "
+        r"(\S+) holds config\.yaml and metrics\.json, no model",
+        last,
+    )
+    assert out, last
+    step, out_dir = int(out.group(1)), Path(out.group(2))
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.yaml", "metrics.json"]
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["final"]["diverged_at"] == step < 6
+    assert [h["step"] for h in metrics["history"]] == list(range(1, step + 1))
 
 
 def test_console_script_entry_point_also_hides_tracebacks(

@@ -256,3 +256,54 @@ def test_grouped_bf16_trial_with_fp32_attention_trains_and_saves(tmp_path: Path)
     saved = json.loads((Path(result.output_dir) / "config.json").read_text(encoding="utf-8"))
     assert "sdpa_fp32" not in json.dumps(saved)
     AutoModelForCausalLM.from_pretrained(result.output_dir)
+
+
+def _diverging(tmp_path: Path, eval_every: int):
+    """learning_rate 1e20, no warmup: the first update takes the weights past what float32
+    multiplies, and every loss after it is NaN."""
+    return _config(
+        tmp_path,
+        _model_dir(tmp_path, "llama"),
+        "full",
+        **{
+            "train.learning_rate": 1e20,
+            "train.warmup_ratio": 0.0,
+            "train.eval_every": eval_every,
+            "train.max_steps": 6,
+        },
+    )
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path: Path) -> None:
+    """Step 2's loss is NaN, between evals: the run stops there, reports that step without a
+    checkpoint and with every eval metric NaN, unevaluated (a search needs its objective in
+    the report), and writes no NaN model."""
+    seen: list[tuple[dict, bool]] = []
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        seen.append((metrics, checkpoint_dir is not None))
+
+    result = run_trial(_diverging(tmp_path, eval_every=3), report=report)
+    assert [(m["step"], ckpt) for m, ckpt in seen] == [(2, False)]
+    last = seen[-1][0]
+    for name in ("train_loss", "eval_loss", "perplexity", "exact_match"):
+        assert last[name] != last[name], name  # NaN
+    assert result.final["diverged_at"] == 2
+    assert [h["step"] for h in result.history] == [1, 2]
+    out = Path(result.output_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json"]
+
+
+def test_a_finite_step_whose_eval_is_not_finite_stops_the_run(tmp_path: Path) -> None:
+    """Step 1's own loss is finite, its update is not: the eval right after it says so, and
+    the run stops there."""
+    seen: list[tuple[dict, bool]] = []
+    result = run_trial(
+        _diverging(tmp_path, eval_every=1),
+        report=lambda m, ckpt: seen.append((m, ckpt is not None)),
+    )
+    assert [(m["step"], ckpt) for m, ckpt in seen] == [(1, False)]
+    first = seen[0][0]
+    assert first["train_loss"] == first["train_loss"] and first["eval_loss"] != first["eval_loss"]
+    assert result.final["diverged_at"] == 1
+    assert not (Path(result.output_dir) / "model.safetensors").exists()

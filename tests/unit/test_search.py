@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -26,7 +27,14 @@ from raysft.config import set_path, validate_spec
 from raysft.errors import ConfigError
 from raysft.search import spec as spec_module
 from raysft.search.resources import plan_resources
-from raysft.search.space import DefineByRun, describe_space, trial_config
+from raysft.search.space import (
+    DefineByRun,
+    build_sampler,
+    describe_sampler,
+    describe_space,
+    startup_trials,
+    trial_config,
+)
 from raysft.search.space import build_space as _build_space
 from raysft.search.spec import load_spec, validate_search
 
@@ -537,6 +545,180 @@ def test_describe_space_lists_every_parameter() -> None:
     ]
 
 
+# ---------------------------------------------------------------- the sampler
+
+
+def sampler_search(num_samples: int = 4, **sampler: Any) -> Any:
+    tree = spec({"train.learning_rate": LR}, num_samples=num_samples, sampler=sampler)
+    return validate_tree(tree, source=SRC).search
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "expected"), [(1, 2), (4, 2), (8, 3), (9, 3), (12, 4), (30, 10), (200, 10)]
+)
+def test_auto_startup_trials_is_a_third_of_the_trials_from_2_to_10(
+    num_samples: int, expected: int
+) -> None:
+    assert startup_trials(sampler_search(num_samples)) == expected
+
+
+def test_startup_trials_as_given() -> None:
+    assert startup_trials(sampler_search(4, startup_trials=1)) == 1
+    assert startup_trials(sampler_search(4, startup_trials=7)) == 7
+
+
+def lr_proposals(sampler: Any, n: int) -> list[float]:
+    """``n`` sequential trials of a study minimising |log10(lr) + 4| over LR: each proposal is
+    told its value before the next is asked, as a one-at-a-time search does."""
+    study = optuna.create_study(sampler=sampler)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        lr = trial.suggest_float("train.learning_rate", LR["low"], LR["high"], log=True)
+        study.tell(trial, abs(math.log10(lr) + 4))
+        out.append(lr)
+    return out
+
+
+def test_tpe_leaves_random_sampling_after_its_startup_trials() -> None:
+    """The first ``startup_trials`` proposals are RandomSampler's own draws; from there TPE
+    proposes from the results (Optuna's default of 10 would keep a 4-trial search random)."""
+    search = sampler_search(4)  # auto: 2
+    tpe = lr_proposals(build_sampler(search, concurrent=1), 6)
+    rnd = lr_proposals(optuna.samplers.RandomSampler(seed=search.seed), 6)
+    assert tpe[:2] == rnd[:2]
+    assert tpe[2:] != rnd[2:]
+
+
+def test_tpe_finds_better_points_than_random_at_equal_trials() -> None:
+    """12 trials (auto: 4 random), 20 seeds each: TPE's best is on average nearer the optimum
+    than random search's (measured: 0.031 against 0.070 decades over 40 seeds)."""
+
+    def mean_best(make: Any) -> float:
+        bests = [
+            min(abs(math.log10(lr) + 4) for lr in lr_proposals(make(seed), 12))
+            for seed in range(20)
+        ]
+        return sum(bests) / len(bests)
+
+    search = sampler_search(12)
+    tpe = mean_best(
+        lambda seed: build_sampler(search.model_copy(update={"seed": seed}), concurrent=1)
+    )
+    rnd = mean_best(lambda seed: optuna.samplers.RandomSampler(seed=seed))
+    assert tpe < 0.7 * rnd, (tpe, rnd)
+
+
+def test_random_sampler_and_explicit_startup() -> None:
+    rnd = lr_proposals(build_sampler(sampler_search(4, type="random"), concurrent=1), 6)
+    assert rnd == lr_proposals(optuna.samplers.RandomSampler(seed=0), 6)
+    # All of a search's trials random when startup_trials covers them.
+    all_random = lr_proposals(build_sampler(sampler_search(4, startup_trials=4), concurrent=1), 4)
+    assert all_random == rnd[:4]
+
+
+def test_same_sampler_seed_same_proposals() -> None:
+    search = sampler_search(4)
+    first = lr_proposals(build_sampler(search, concurrent=2), 6)
+    assert first == lr_proposals(build_sampler(search, concurrent=2), 6)
+
+
+def test_concurrent_trials_are_not_proposed_the_same_point() -> None:
+    """Two trials asked before either is told (two at a time): with the constant liar, TPE
+    counts the running one as a bad result and proposes elsewhere."""
+    search = sampler_search(8, startup_trials=2)
+    study = optuna.create_study(sampler=build_sampler(search, concurrent=2))
+    for _ in range(6):  # a one-dimensional space where one point is clearly best
+        trial = study.ask()
+        lr = trial.suggest_float("train.learning_rate", LR["low"], LR["high"], log=True)
+        study.tell(trial, abs(math.log10(lr) + 4))
+    running = [study.ask() for _ in range(2)]
+    lrs = [t.suggest_float("train.learning_rate", LR["low"], LR["high"], log=True) for t in running]
+    # Measured, seeds 0-4: 0.64-1.33 decades apart with it, 0.02-0.16 without.
+    assert abs(math.log10(lrs[0]) - math.log10(lrs[1])) > 0.3, lrs
+
+
+def test_searcher_takes_an_objective_reported_only_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """exact_match comes with a trial's last eval only: the reports before it (eval loss) pass
+    the searcher by, the last is told to Optuna, and Tune is told not to insist on the metric
+    in every report. Ray's own OptunaSearch raises KeyError on the first report."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysft.search.searcher import STRICT_METRIC_CHECKING, build_searcher
+
+    monkeypatch.delenv(STRICT_METRIC_CHECKING, raising=False)
+    tree = spec({"train.learning_rate": LR}, metric="exact_match", scheduler={"type": "none"})
+    cfg = validate_tree(tree)
+    searcher = build_searcher(cfg, cfg.search, concurrent=1)
+    assert os.environ[STRICT_METRIC_CHECKING] == "1"
+    sampled = searcher.suggest("t1")
+    assert set(sampled) == {"train.learning_rate"}
+    searcher.on_trial_result("t1", {"step": 5, "eval_loss": 1.2, "training_iteration": 1})
+    last = {"step": 20, "eval_loss": 1.0, "exact_match": 0.25, "training_iteration": 4}
+    searcher.on_trial_result("t1", last)
+    searcher.on_trial_complete("t1", last)
+    (done,) = searcher._ot_study.trials
+    assert (
+        done.value == 0.25 and done.params["train.learning_rate"] == sampled["train.learning_rate"]
+    )
+    with pytest.raises(KeyError):  # why the subclass exists
+        plain = OptunaSearch(space=searcher._space, metric="exact_match", mode="max")
+        plain.suggest("t2")
+        plain.on_trial_result("t2", {"step": 5, "eval_loss": 1.2, "training_iteration": 1})
+
+
+def test_a_per_eval_objective_leaves_tunes_metric_check_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from raysft.search.searcher import STRICT_METRIC_CHECKING, build_searcher
+
+    monkeypatch.delenv(STRICT_METRIC_CHECKING, raising=False)
+    cfg = validate_tree(spec({"train.learning_rate": LR}))
+    build_searcher(cfg, cfg.search, concurrent=2)
+    assert STRICT_METRIC_CHECKING not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("sampler", "expected"),
+    [
+        ({"startup_trials": 0}, "search.sampler.startup_trials: must be >= 1 (or auto)"),
+        (
+            {"type": "random", "startup_trials": 3},
+            "search.sampler: startup_trials: TPE settings, but type is random",
+        ),
+        (
+            {"type": "random", "multivariate": False, "startup_trials": 3},
+            "search.sampler: multivariate, startup_trials: TPE settings, but type is random",
+        ),
+        ({"type": "grid"}, "search.sampler.type: Input should be 'tpe' or 'random'"),
+        ({"startup": 3}, "search.sampler.startup: unknown key"),
+    ],
+)
+def test_bad_sampler_settings(sampler: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        sampler_search(4, **sampler)
+    assert err.value.problems == [expected]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "concurrent", "expected"),
+    [
+        ({}, 1, "sampler: TPE (multivariate), first 2 of 4 trials random, seed 0"),
+        ({}, 2, "sampler: TPE (multivariate, constant liar), first 2 of 4 trials random, seed 0"),
+        (
+            {"multivariate": False},
+            None,
+            "sampler: TPE (constant liar if trials run together), first 2 of 4 trials random, "
+            "seed 0",
+        ),
+        ({"startup_trials": 4}, 1, "sampler: TPE (multivariate), all 4 trials random, seed 0"),
+        ({"type": "random"}, 2, "sampler: random, seed 0"),
+    ],
+)
+def test_describe_sampler(sampler: dict[str, Any], concurrent: int | None, expected: str) -> None:
+    assert describe_sampler(sampler_search(4, **sampler), concurrent=concurrent) == expected
+
+
 # ---------------------------------------------------------------- plan_resources
 
 
@@ -845,9 +1027,9 @@ def test_cli_dry_run_prints_space_and_plan(cli: CliRuns) -> None:
     assert run["stderr"] == ""
     lines = run["stdout"].splitlines()
     # Then the memory estimate (its numbers: tests/unit/test_memory.py).
-    assert lines[9].startswith("memory per trial: ~")
-    assert "of host memory (a CPU trial: not checked)" in lines[9]
-    assert lines[:9] == [
+    assert lines[10].startswith("memory per trial: ~")
+    assert "of host memory (a CPU trial: not checked)" in lines[10]
+    assert lines[:10] == [
         "search space:",
         "  train.learning_rate: loguniform(1e-05, 0.001)",
         "  lora.dropout: uniform(0, 0.2)",
@@ -855,6 +1037,7 @@ def test_cli_dry_run_prints_space_and_plan(cli: CliRuns) -> None:
         "  train.lr_scheduler: choice['cosine', 'linear', 'constant']",
         "  lora.alpha: lora.r x choice[1, 2, 4]",
         "metric: eval_loss (min), samples: 3, seed: 0, scheduler: asha",
+        "sampler: TPE (multivariate), first 2 of 3 trials random, seed 0",
         "per trial: 1 worker(s) x 1 CPU, 0 GPU  (= 1 CPU, 0 GPU)",
         "concurrent trials: 1 of 3 (this machine)",
     ]
