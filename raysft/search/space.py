@@ -116,7 +116,10 @@ def describe_sampler(search: SearchSection, *, concurrent: int | None) -> str:
     if s.type == "random":
         return f"sampler: random, seed {search.seed}"
     k = startup_trials(search)
-    random_part = f"all {n} trials random" if k >= n else f"first {k} of {n} trials random"
+    if k >= n:
+        random_part = f"all {n} trials random" if n > 1 else "its one trial random"
+    else:
+        random_part = f"first {k} of {n} trials random"
     extras = ["multivariate"] if s.multivariate else []
     if concurrent is None:
         extras.append("constant liar if trials run together")
