@@ -166,8 +166,7 @@ def score_base(tree: dict[str, Any]) -> dict[str, Any]:
 
 def find_champion(tree: dict[str, Any], spec: Any, out: Path) -> dict[str, Any]:
     """The spec's own search, in-process: TPE + ASHA, num_samples trials, best finished."""
-    import optuna
-
+    from raysft.search.space import build_sampler
     from raysft.train.metrics import objective_mode
 
     s, t = spec.search, spec.train
@@ -180,7 +179,7 @@ def find_champion(tree: dict[str, Any], spec: Any, out: Path) -> dict[str, Any]:
             grace_period=min(s.scheduler.grace_period * t.eval_every, t.max_steps),
             mode=mode,
         )
-    sampler = optuna.samplers.TPESampler(seed=s.seed)
+    sampler = build_sampler(s, concurrent=1)  # raysft's own; one trial at a time here
     proposals = ip.optuna_proposals(tree, spec, sampler, direction=f"{mode}imize")
     search = ip.budgeted(
         "search",

@@ -53,8 +53,9 @@ def _client(root: Path) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _checkpoints(exp_dir: Path) -> list[Path]:
-    return sorted(exp_dir.glob("train/train-*/checkpoint_*"))
+def _checkpoints(exp_dir: Path, trial: str = "*") -> list[Path]:
+    """Ray Train's checkpoint folders (not its checkpoint_manager_snapshot.json beside them)."""
+    return sorted(p for p in exp_dir.glob(f"train/train-{trial}/checkpoint_*") if p.is_dir())
 
 
 def _kill_first_worker_after_a_checkpoint(exp_dir: Path, killed: list[int]) -> Any:
@@ -262,7 +263,7 @@ def test_a_really_diverging_trial_is_stopped_at_once_and_never_promoted(
     # The worker stopped by itself at that step (Tune's stop would have come a report or more
     # later) and wrote no checkpoint of its NaN weights: step 2's is its only one.
     assert "step 4 train_loss nan eval_loss nan: training diverged, stopped" in ran.output
-    assert len(list(exp_dir.glob(f"train/train-{bad['trial_id']}/checkpoint_*"))) == 1
+    assert len(_checkpoints(exp_dir, bad["trial_id"])) == 1
     assert good["status"] == "finished", good
     assert summary["counts"]["diverged"] == 1
     assert summary["best"]["trial_id"] == good["trial_id"]
