@@ -45,6 +45,12 @@ MARK_VAR = "RAYSFT_IT_MARK"
 # ---------------------------------------------------------------- ports, processes
 
 
+def train_checkpoints(exp_dir: Path, trial: str = "*") -> list[Path]:
+    """Ray Train's checkpoint folders of a search's trials (``trial``: one trial id, or all),
+    not the ``checkpoint_manager_snapshot.json`` Train writes beside them."""
+    return sorted(p for p in exp_dir.glob(f"train/train-{trial}/checkpoint_*") if p.is_dir())
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free TCP ports on loopback (all sockets held until all are chosen)."""
     with ExitStack() as stack:

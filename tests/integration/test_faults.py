@@ -24,6 +24,7 @@ from .conftest import (
     pids_matching,
     render_spec,
     run_tune,
+    train_checkpoints,
     wait_gone,
 )
 
@@ -53,11 +54,6 @@ def _client(root: Path) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _checkpoints(exp_dir: Path, trial: str = "*") -> list[Path]:
-    """Ray Train's checkpoint folders (not its checkpoint_manager_snapshot.json beside them)."""
-    return sorted(p for p in exp_dir.glob(f"train/train-{trial}/checkpoint_*") if p.is_dir())
-
-
 def _kill_first_worker_after_a_checkpoint(exp_dir: Path, killed: list[int]) -> Any:
     """on_start hook: once a trial has a checkpoint, SIGKILL its Ray Train worker process."""
 
@@ -65,7 +61,7 @@ def _kill_first_worker_after_a_checkpoint(exp_dir: Path, killed: list[int]) -> A
         def poll() -> None:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and not killed:
-                if _checkpoints(exp_dir):
+                if train_checkpoints(exp_dir):
                     for pid in pids_matching("RayTrainWorker"):
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
@@ -150,7 +146,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 done = list(exp_dir.glob("trials/*/metrics.json"))
-                ckpts = _checkpoints(exp_dir)
+                ckpts = train_checkpoints(exp_dir)
                 # The first trial finished; Ray Train registered a checkpoint of the second one
                 # (in its snapshot: a checkpoint folder alone may be half-written) and it runs on.
                 snapshots = list(exp_dir.glob("train/train-*/checkpoint_manager_snapshot.json"))
@@ -263,7 +259,7 @@ def test_a_really_diverging_trial_is_stopped_at_once_and_never_promoted(
     # The worker stopped by itself at that step (Tune's stop would have come a report or more
     # later) and wrote no checkpoint of its NaN weights: step 2's is its only one.
     assert "step 4 train_loss nan eval_loss nan: training diverged, stopped" in ran.output
-    assert len(_checkpoints(exp_dir, bad["trial_id"])) == 1
+    assert len(train_checkpoints(exp_dir, bad["trial_id"])) == 1
     assert good["status"] == "finished", good
     assert summary["counts"]["diverged"] == 1
     assert summary["best"]["trial_id"] == good["trial_id"]

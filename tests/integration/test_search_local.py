@@ -29,6 +29,7 @@ from .conftest import (
     gcs_server_pids,
     render_spec,
     run_cmd,
+    train_checkpoints,
 )
 
 pytestmark = pytest.mark.integration
@@ -188,8 +189,8 @@ def test_search_stops_some_trials_early_and_reports_the_best(local_search: Local
         assert t["mlflow_run_id"], t
         if t["checkpoint"] is None:  # lost: its worker ran 2 checkpoints past the stop report
             assert t["status"] == "stopped_early", t
-            kept = local_search.exp_dir.glob(f"train/train-{t['trial_id']}/checkpoint_*")
-            assert len([p for p in kept if p.is_dir()]) == 2, t  # Train keeps the 2 newest
+            kept = train_checkpoints(local_search.exp_dir, t["trial_id"])
+            assert len(kept) == 2, t  # Train keeps the trial's 2 newest
         else:
             assert Path(t["checkpoint"], "adapter_model.safetensors").is_file(), t
         if t["status"] == "finished":
@@ -424,7 +425,7 @@ def test_resume_of_a_finished_search_reruns_nothing(local_search: LocalSearch) -
     local_search.ok()
     first = local_search.summary
     run_ids = sorted(r.info.run_id for r in local_search.runs())
-    checkpoints = sorted(local_search.exp_dir.glob("train/*/checkpoint_*"))
+    checkpoints = train_checkpoints(local_search.exp_dir)
     ran = local_search.tune("--resume", log="resume.log")
     assert ran.rc == 0, ran.explain()
     assert not ran.leftovers, ran.leftovers
@@ -437,7 +438,7 @@ def test_resume_of_a_finished_search_reruns_nothing(local_search: LocalSearch) -
     assert again["best"]["trial_id"] == first["best"]["trial_id"]
     assert again["mlflow"]["parent_run_id"] == first["mlflow"]["parent_run_id"]
     assert sorted(r.info.run_id for r in local_search.runs()) == run_ids, "new MLflow runs"
-    assert sorted(local_search.exp_dir.glob("train/*/checkpoint_*")) == checkpoints, "retrained"
+    assert train_checkpoints(local_search.exp_dir) == checkpoints, "retrained"
     parent = local_search.client().get_run(first["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
     # Promotion runs again and, with the same best value, keeps the champion.
