@@ -111,6 +111,8 @@ def _read_summary(exp_dir: Path) -> dict[str, Any] | None:
         summary: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise SearchStateError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(summary, dict):
+        raise SearchStateError(f"{path}: not a raysft summary (not a JSON object)")
     return summary
 
 

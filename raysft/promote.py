@@ -30,7 +30,16 @@ def _main() -> int:
         raise SearchStateError(
             f"{summary_path}: not found (is {exp_dir} a finished search's experiment dir?)"
         )
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SearchStateError(f"{summary_path}: not valid JSON: {err}") from None
+    if not isinstance(summary, dict) or not all(
+        isinstance(summary.get(key), dict) for key in ("resolved_spec", "mlflow")
+    ):
+        raise SearchStateError(
+            f"{summary_path}: not a raysft summary (no resolved_spec and mlflow sections)"
+        )
     cfg = validate_spec(summary["resolved_spec"], source=str(summary_path))
     mlc = client(summary["mlflow"]["tracking_uri"])
     record = promote(mlc=mlc, cfg=cfg, best=summary.get("best"), exp_dir=exp_dir)

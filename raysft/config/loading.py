@@ -20,7 +20,31 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` as a string."""
+    """SafeLoader that reads YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` as a string.
+
+    It also refuses a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second ``train:`` section would drop every setting of the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *base`` merges are meant to repeat keys
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it
+            if seen is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {seen + 1})",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

@@ -22,7 +22,8 @@ Template = Literal["llama2", "chatml", "vicuna", "tokenizer"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: ``.inf`` (or ``--set ...=inf``) passes every ``gt=0``; NaN none.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -122,6 +123,13 @@ class DataSection(_Section):
     max_eval_samples: int | None = Field(
         200, gt=0, description="Cap on eval conversations (loss and exact match). Null: all."
     )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _names_a_source(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value == [] or value == "":
+            raise ValueError("names no data: give a file, directory or hf:NAME (or a list)")
+        return value
 
     @model_validator(mode="after")
     def _grouping_is_unpacked(self) -> DataSection:
@@ -240,6 +248,9 @@ class EvalSection(_Section):
 
 class SearchParam(_Section):
     """One searched hyperparameter: a distribution over the value at a dotted config path."""
+
+    # Non-finite bounds and values get _check_shape's own message, which names them.
+    model_config = ConfigDict(allow_inf_nan=True)
 
     type: Literal["loguniform", "uniform", "int", "choice", "multiple_of"] = Field(
         description="loguniform/uniform/int need low, high; choice needs values; "
@@ -380,6 +391,13 @@ class SearchSection(_Section):
     experiment_dir: str = Field(
         "runs/search", description="Where trials, checkpoints and summary.json go."
     )
+
+    @field_validator("params")
+    @classmethod
+    def _searches_something(cls, value: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        if not value:
+            raise ValueError("names no parameter: every trial would train the same config")
+        return value
 
 
 class TrackingSection(_Section):

@@ -249,6 +249,8 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as fh:
         index = 0
         for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(_BOM)  # Windows tools write one; it is not the row's
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -269,13 +271,16 @@ def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
     return f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})"
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark
+
+
 class _Unparsable:
     def __init__(self, why: str):
         self.why = why
 
 
 def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(_BOM)
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:

@@ -59,7 +59,14 @@ def _tokenize_all(
         try:
             segments = render(conv, template=cfg.template, tokenizer=tokenizer)
         except TemplateError as err:
-            raise DataError(f"data.template={cfg.template}: {err}") from None
+            # One row the template cannot render (Gemma's "System role not supported"): a
+            # malformed row, so an error in strict mode, dropped and counted in skip mode.
+            why = f"{(origins or {}).get(id(conv), 'a row')}: data.template={cfg.template}: {err}"
+            if cfg.on_error == "strict":
+                raise DataError(why) from None
+            report.skipped.append(why)
+            report.rows_skipped += 1
+            continue
         ex = tokenize(segments, tokenizer, max_seq_len=cfg.max_seq_len)
         if ex.n_trained == 0:
             if cfg.on_error == "strict":
@@ -140,11 +147,14 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
     train, _ = _tokenize_all(train_convs, cfg, tokenizer, report, origins=origins)
     evals, eval_kept = _tokenize_all(eval_convs, cfg, tokenizer, report, origins=origins)
     for name, kept in (("train", train), ("eval", evals)):
-        if not kept:
+        if kept:
+            continue
+        if report.dropped_no_trained_tokens:
             raise DataError(
                 f"data.{name}: every sample lost its trainable tokens to truncation at "
                 f"data.max_seq_len={cfg.max_seq_len} (raise it or shorten the prompts)"
             )
+        raise DataError(f"data.{name}: no usable rows ({report.rows_skipped} skipped)")
     report.train_examples, report.eval_examples = len(train), len(evals)
     report.train_tokens = sum(len(e.input_ids) for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)

@@ -7,7 +7,9 @@ terminator is trained; system, user, template text and padding are not.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +133,9 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
             )
         answer = full[len(prompt) :]
         trained = answer.rstrip()  # the newline after the terminator is formatting, not an answer
-        if msg["content"] not in trained:
+        # Trimming the content is not rewriting it: Llama-3's and Gemma's templates apply
+        # `| trim` to every message, and answers often end in a newline (code).
+        if msg["content"].strip() not in trained:
             raise TemplateError("the tokenizer's chat_template rewrites assistant content")
         segs += [Segment(prompt[len(done) :], False), Segment(trained, True)]
         done = prompt + trained
@@ -235,18 +239,49 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
         return _tokenize_per_segment(segments, tokenizer, max_seq_len=max_seq_len)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     trained = bytearray(len(text))  # 1 where the character belongs to a trained segment
+    merges = _space_merges_into_word(tokenizer)
     pos = 0
     for seg in segments:
         if seg.trained:
-            trained[pos : pos + len(seg.text)] = b"\x01" * len(seg.text)
+            # Where a space merges into the next word ("▁Paris") but not always ("▁", "4" in
+            # Llama-2), the spaces ending the prompt ("[/INST] ") go with the answer, so the
+            # answer starts at the same token whatever it is, as ``generation_prompt_ids`` has it.
+            lead = pos - len(text[:pos].rstrip(" ")) if merges else 0
+            trained[pos - lead : pos + len(seg.text)] = b"\x01" * (lead + len(seg.text))
         pos += len(seg.text)
     ids: list[int] = list(enc["input_ids"])
-    labels = [
-        tok if any(trained[start:end]) else IGNORE
-        for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
-    ]
+    labels: list[int] = []
+    prev_end = 0
+    for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
+        # A token owns the characters since the previous token ended: offsets trimmed of
+        # whitespace (a ByteLevel post_processor with trim_offsets) leave a token of spaces
+        # (code indentation) an empty span that would never be trained.
+        labels.append(tok if any(trained[min(start, prev_end) : end]) else IGNORE)
+        prev_end = max(prev_end, end)
     truncated = len(ids) > max_seq_len
     return Example(ids[:max_seq_len], labels[:max_seq_len], truncated)
+
+
+_MERGES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per tokenizer
+
+
+def _space_merges_into_word(tokenizer: Any) -> bool:
+    """Whether the tokenizer joins a space with the word after it (SentencePiece "▁The", GPT-2
+    "ĠThe"), unlike a byte tokenizer. Asked once per tokenizer object."""
+    try:
+        return _MERGES[tokenizer]
+    except (KeyError, TypeError):  # TypeError: an object without weak references
+        pass
+    enc = tokenizer(": The", add_special_tokens=False, return_offsets_mapping=True)
+    merges, prev_end = False, 0
+    for start, end in enc["offset_mapping"]:
+        if start <= 2 < end:  # the token holding "T": does it (or a trimmed gap) hold the space?
+            merges = min(start, prev_end) <= 1
+            break
+        prev_end = max(prev_end, end)
+    with contextlib.suppress(TypeError):
+        _MERGES[tokenizer] = merges
+    return merges
 
 
 def _tokenize_per_segment(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Example:

@@ -110,8 +110,50 @@ def _open_experiment(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
         )
     if resume and not tune_dir.exists():
         raise SearchStateError(f"{spec_path}: --resume: no search to resume in {exp_dir}")
+    if resume:
+        _check_same_spec(spec_path, cfg, exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
     return exp_dir
+
+
+# May change on --resume: where and how many trials run at once, not what they train.
+_RESUMABLE_CHANGES = ("search.resources",)
+
+
+def _spec_record(cfg: SearchSpec) -> dict[str, Any]:
+    """The resolved spec as raysft_state.json keeps it (credentials redacted)."""
+    tree: dict[str, Any] = res.json_safe(tracking.redact_tree(cfg.model_dump(mode="json")))
+    return tree
+
+
+def _changed_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            path
+            for key in sorted(set(old) | set(new), key=str)
+            for path in _changed_paths(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    path = prefix.rstrip(".")
+    return [] if old == new or path.startswith(_RESUMABLE_CHANGES) else [path]
+
+
+def _check_same_spec(spec_path: str, cfg: SearchSpec, exp_dir: Path) -> None:
+    """``--resume`` continues the search it finds with the spec it started with: Tune restores
+    its sampler and trials, but every trial's config comes from the spec given now."""
+    state_path = exp_dir / STATE_FILE
+    started = json.loads(state_path.read_text()).get("spec") if state_path.is_file() else None
+    if started is None:  # an experiment dir from before raysft kept its spec
+        return
+    changed = _changed_paths(started, _spec_record(cfg))
+    if changed:
+        shown = ", ".join(changed[:8]) + (
+            f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        )
+        raise SearchStateError(
+            f"{spec_path}: --resume: the spec differs from the one {exp_dir} was started with, "
+            f"at {shown}; resume with that spec, or start a new search in another "
+            "search.experiment_dir"
+        )
 
 
 def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
@@ -151,7 +193,8 @@ def _parent_run(
         mlc.update_run(parent_id, status="RUNNING")
         return parent_id
     parent_id = tracking.start_parent(mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path)
-    state_path.write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": uri}))
+    state = {"parent_run_id": parent_id, "tracking_uri": uri, "spec": _spec_record(cfg)}
+    state_path.write_text(json.dumps(state))
     return parent_id
 
 

@@ -188,6 +188,12 @@ def _is_int_field(ann: Any) -> bool:
     return int in args and float not in args
 
 
+def _takes_a_float(ann: Any) -> bool:
+    """Whether any float of a range is a valid value (not for bool, int, str or Literal)."""
+    args = get_args(ann) if get_origin(ann) is not None else (ann,)
+    return float in args
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -222,6 +228,9 @@ def _check_param(
         return f"{where}: {err.args[0]}"
     if p.type in ("loguniform", "uniform") and _is_int_field(ann):
         return f"{where}: {name} is an integer; use type int or choice, not {p.type}"
+    if p.type in ("loguniform", "uniform") and not _takes_a_float(ann):
+        # Only the bounds are probed: 0 and 1 pass a bool field, 0.37 would fail every trial.
+        return f"{where}: {name} is not a real number; use type choice, not {p.type}"
     if p.type == "int" and not all(float(b).is_integer() for b in (p.low or 0, p.high or 0)):
         # Optuna's suggest_int needs whole bounds; rounding them silently could leave the range
         # that was checked here.
@@ -310,9 +319,10 @@ def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> l
         for value in _probe_values(p, s.params, spec):
             probe = copy.deepcopy(tree)
             set_path(probe, name, value)
-            probe.pop("search", None)
             try:
-                validate_tree(probe, source=source)
+                # As a SearchSpec: its rules that join a trial's values to search.resources
+                # (fsdp and train.compile, train.device cpu and GPUs) hold for searched values.
+                validate_tree(probe, source=source, model=SearchSpec)
             except ConfigError as err:
                 problems += [f"{where}: value {value!r}: {e}" for e in err.problems]
                 break
@@ -326,14 +336,12 @@ def _check_combinations(
     tree: dict[str, Any], params: dict[str, SearchParam], cfg: Config, *, source: str
 ) -> list[str]:
     """The first combination of (individually valid) values that fails validation, if any."""
-    base = copy.deepcopy(tree)
-    base.pop("search", None)
     for combo in _joint_probes(params, cfg) or []:
-        probe = copy.deepcopy(base)
+        probe = copy.deepcopy(tree)
         for name, value in combo.items():
             set_path(probe, name, value)
         try:
-            validate_tree(probe, source=source)
+            validate_tree(probe, source=source, model=SearchSpec)
         except ConfigError as err:
             values = ", ".join(f"{k}={v!r}" for k, v in combo.items())
             return [f"search.params: combination {values}: {e}" for e in err.problems]

@@ -23,6 +23,7 @@ from raysft.search.space import TrialConfigs, trial_output_dir
 log = logging.getLogger(__name__)
 
 ATTEMPTS_FILE = "attempts.json"  # a trial's failed attempts: cause, whether it was retried
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # ray.tune.integration.ray_train's key for a checkpoint
 
 
 def _train_worker(loop: dict[str, Any]) -> None:
@@ -43,9 +44,14 @@ def _train_worker(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     sharded = loop["resources"].shards(cfg.method)  # this trial's method: it may be searched
     dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), sharded=sharded)
+    restored = ray.train.get_checkpoint()
+    replayed = [restored.path] if restored is not None else []
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        metrics = name_restored_checkpoint(
+            metrics, has_checkpoint=ckpt is not None, restored=replayed
+        )
         # Uploaded to the run's storage in a background thread, then deleted here: training
         # goes on meanwhile (a 7B full checkpoint is tens of GB). Reports stay in order.
         ray.train.report(
@@ -59,12 +65,25 @@ def _train_worker(loop: dict[str, Any]) -> None:
         from ray.train.torch import prepare_model
 
         prepare = prepare_model
-    restored = ray.train.get_checkpoint()
     if restored is None:
         run_trial(cfg, report=report, dist=dist, prepare_model=prepare)
         return
     with restored.as_directory() as ckpt_dir:
         run_trial(cfg, report=report, dist=dist, prepare_model=prepare, resume_from=ckpt_dir)
+
+
+def name_restored_checkpoint(
+    metrics: dict[str, Any], *, has_checkpoint: bool, restored: list[str]
+) -> dict[str, Any]:
+    """A resumed run's first report, which says its checkpoint's record again with no new
+    checkpoint (``recipe.train``), names the restored checkpoint (``restored``, emptied here) as
+    Tune's callback names a reported one. A trial resumed at max_steps (``--resume`` after the
+    driver died past its last report, a retry after a fault in ``finish``) reports nothing else:
+    without it, its row would have no checkpoint and could be neither ranked nor promoted."""
+    if not restored:
+        return metrics
+    path = restored.pop()
+    return metrics if has_checkpoint else {**metrics, CHECKPOINT_PATH_KEY: path}
 
 
 def keep_bitsandbytes_out(method: str) -> bool:

@@ -106,6 +106,26 @@ def _train(cfg: Config, resume_from: str | None) -> int:
     return 0
 
 
+def _check_output_dir(cfg: Config, source: str) -> None:
+    """Refuse to train over a previous run's outputs: a re-run would overwrite its model and
+    metrics (and collide with its checkpoint). ``--resume-from`` continues one instead."""
+    from pathlib import Path
+
+    from raysft.config import ConfigError
+
+    out = Path(cfg.output_dir)
+    kept = sorted((out / "checkpoints").glob("step-*"))
+    if (out / "metrics.json").exists() or kept:
+        hint = f", or continue it: --resume-from {kept[-1]}" if kept else ""
+        raise ConfigError(
+            source,
+            [
+                f"output_dir: {out.resolve()} already holds a training run; choose another "
+                f"(--set output_dir=...) or remove it{hint}"
+            ],
+        )
+
+
 def _main() -> int:
     parser = config_parser("python -m raysft.train", __doc__)
     parser.add_argument("--dry-run", action="store_true", help="validate, print config and counts")
@@ -120,11 +140,16 @@ def _main() -> int:
     args = parser.parse_args()
     if args.json and args.preview is None:
         parser.error("--json needs --preview N")
+    if args.preview is not None and args.preview < 0:
+        # train[:N] with N < 0 would print all but the last -N examples
+        parser.error(f"--preview N: N must be >= 0 (got {args.preview})")
     cfg = load_from_args(args)
     if args.dry_run:
         return _dry_run(cfg)
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
+    if args.resume_from is None:
+        _check_output_dir(cfg, args.config)
     setup_logging(args.verbose)
     return _train(cfg, args.resume_from)
 

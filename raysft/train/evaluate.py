@@ -221,4 +221,12 @@ def compute(
         limits = Limits(timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb)
         run_code_tests(samples, limits=limits)
     out = EvalOutputs(loss_sum=loss_sum, tokens=tokens, samples=samples, pass_k=cfg.eval.pass_k)
-    return {m.name: m.compute(out) for m in due if m.compute is not None}, samples
+    scores = {m.name: m.compute(out) for m in due if m.compute is not None}
+    if any(m.executes for m in due) and not any(s.get("tests") is not None for s in samples):
+        # The eval source has rows with tests, but none of the rows scored here has (a seeded
+        # split of data.train, max_eval_samples, truncation): no pass@k to report. A NaN one
+        # would read as a diverged trial (results.is_diverged).
+        for m in due:
+            if m.executes and scores.pop(m.name, None) is not None:
+                log.warning("%s: none of the %d eval rows scored has tests", m.name, len(samples))
+    return scores, samples

@@ -166,8 +166,8 @@ METRICS: dict[str, Metric] = {
         Metric(
             "pass_at_k",
             "Unbiased pass@k (Chen et al. 2021) over eval rows with a `tests` field (Python "
-            "asserts run after the answer's code, or its first fenced code block, in a sandbox); "
-            "n = eval.samples, k = eval.pass_k. Reported when the eval data has such rows.",
+            "asserts run after the answer's code, or its first fenced Python block, in a sandbox); "
+            "n = eval.samples, k = eval.pass_k. Reported when a scored eval row has tests.",
             "final",
             "max",
             generates=True,

@@ -44,8 +44,10 @@ from typing import Any, Literal
 
 Status = Literal["passed", "failed", "timeout", "exited_early"]
 
-# The first fenced block of an answer: ```python / ```py / ``` ... ```.
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# A fenced block of an answer: its language tag (```python, ```bash, none), then its text. Each
+# match takes its closing fence, so the next search starts after it.
+_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_PYTHON_TAGS = {"", "python", "python3", "py", "py3"}
 
 _EXITED_EARLY = 97  # the runner's exit code when the program called exit(0) before its end
 
@@ -154,10 +156,13 @@ class Outcome:
 
 
 def extract_code(answer: str) -> str:
-    """The code of an answer: its first fenced block (```python ... ```) if it has one, else the
-    whole answer."""
-    match = _FENCE.search(answer)
-    return match.group(1) if match else answer
+    """The code of an answer: its first fenced Python block (```python, ```py3 or untagged)
+    if it has one, else the whole answer. Blocks tagged with another language (```bash) are
+    passed over."""
+    for match in _FENCE.finditer(answer):
+        if match.group(1).lower() in _PYTHON_TAGS:
+            return match.group(2)
+    return answer
 
 
 def program(answer: str, tests: str) -> str:

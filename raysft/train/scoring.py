@@ -67,7 +67,9 @@ def bleu_tokenizer(references: Sequence[str]) -> str:
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU of the predictions against one reference each, by ``sacrebleu``: 0..100 as
-    sacreBLEU reports it (4-gram, brevity penalty, no smoothing); NaN if there are no pairs."""
+    sacreBLEU reports it with its defaults (4-gram, brevity penalty, ``exp`` smoothing of an order
+    with no match); NaN if there are no pairs. Answers shorter than 4 tokens have no 4-grams,
+    so a set of one-word answers scores 0 whatever they say: read exact match there."""
     _check_pairs(predictions, references)
     if not predictions:
         return math.nan

@@ -150,6 +150,9 @@ class LocalCheckpoints:
         tmp = self.directory / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(checkpoint_dir, tmp)
+        # A directory rename does not replace a non-empty one (ENOTEMPTY): a checkpoint of
+        # this step may be there already (a run resumed into a directory that has one).
+        shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         for old in self.directory.glob("step-*"):
             if old != target:

@@ -129,7 +129,17 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
         "entry_point": ([write(tmp / "r0.yaml", "lora:\n  r: 0\n")], ENTRY_POINT),
         "json_without_preview": ([ok, "--json"], None),
         "diverges": ([write(tmp / "diverges.yaml", yaml.safe_dump(DIVERGES(tmp)))], None),
+        "held_output_dir": ([_held_output_dir(tmp)], None),
+        "negative_preview": ([ok, "--preview", "-1"], None),
     }
+
+
+def _held_output_dir(tmp: Path) -> str:
+    """A config whose output_dir holds an earlier run (its metrics and a checkpoint)."""
+    held = tmp / "held"
+    (held / "checkpoints" / "step-000002").mkdir(parents=True)
+    (held / "metrics.json").write_text("{}\n", encoding="utf-8")
+    return write(tmp / "held.yaml", yaml.safe_dump({"output_dir": str(held)}))
 
 
 _RUNS: dict[str, Future[Run]] = {}
@@ -280,6 +290,25 @@ def test_console_script_entry_point_also_hides_tracebacks(
     assert user_error_lines(result(cli_runs, "entry_point")) == [
         f"error: {_TMP[0] / 'r0.yaml'}: lora.r: Input should be greater than 0"
     ]
+
+
+def test_a_run_into_a_held_output_dir_is_refused_before_anything_loads(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    held = _TMP[0] / "held"
+    assert user_error_lines(result(cli_runs, "held_output_dir")) == [
+        f"error: {_TMP[0] / 'held.yaml'}: output_dir: {held} already holds a training run; choose "
+        f"another (--set output_dir=...) or remove it, or continue it: --resume-from "
+        f"{held / 'checkpoints' / 'step-000002'}"
+    ]
+    assert sorted(p.name for p in held.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
+
+
+def test_a_negative_preview_count_is_refused(cli_runs: dict[str, Future[Run]]) -> None:
+    proc = result(cli_runs, "negative_preview")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--preview N: N must be >= 0 (got -1)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_json_needs_preview(cli_runs: dict[str, Future[Run]]) -> None:

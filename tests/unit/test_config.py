@@ -101,7 +101,8 @@ def test_a_file_overrides_only_what_it_sets(tmp_path: Path) -> None:
 def test_unknown_keys_are_rejected_with_their_dotted_path(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "train:\n  learning_rat: 1\nmodle: {}\nsearch:\n  params: {}\n  scheduler:\n    kind: x\n",
+        "train:\n  learning_rat: 1\nmodle: {}\nsearch:\n  params: {lora.r: {type: int, low: 4, "
+        "high: 8}}\n  scheduler:\n    kind: x\n",
     )
     assert sorted(problems_of(path)) == [
         "modle: unknown key",

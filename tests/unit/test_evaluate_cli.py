@@ -262,6 +262,11 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, chain_dir: Path, adapter_d
         run([str(adapter_dir), "--data", plain, "--metrics", "pass_at_k"])
     with pytest.raises(ConfigError, match="--base: no base model known"):
         run([str(chain_dir), "--data", rows, "--base"])  # a model dir without config.yaml
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("[1]", encoding="utf-8")
+    with pytest.raises(SearchStateError, match=r"summary.json: not a raysft summary"):
+        run([str(foreign)])
     exp = _experiment(tmp_path, _cfg(tmp_path, chain_dir), champion=None)
     with pytest.raises(SearchStateError) as err:
         run([str(exp)])

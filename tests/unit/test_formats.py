@@ -212,6 +212,18 @@ def test_invalid_json_line_names_the_line() -> None:
     assert len(out.skipped) == 1 and "line 3: not valid JSON" in out.skipped[0]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path, suffix: str) -> None:
+    # Notepad, Excel and PowerShell start UTF-8 files with one.
+    rows = [GOOD_ALPACA, {"instruction": "Q", "output": "A"}]
+    body = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    out = load_conversations(str(path))
+    assert (out.n_rows, len(out.conversations), out.skipped) == (2, 2, [])
+    assert out.conversations[1] == msgs(("user", "Q"), ("assistant", "A"))
+
+
 def test_blank_lines_are_not_rows(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + json.dumps(GOOD_ALPACA) + "\n\n  \n" + json.dumps(GOOD_ALPACA) + "\n")

@@ -299,7 +299,8 @@ def qlora_estimate(llama2_7b: Path) -> Estimate:
 
 
 def search_of(num_samples: int = 16, **resources: Any) -> Any:
-    tree = {"search": {"params": {}, "num_samples": num_samples, "resources": resources}}
+    searched = {"train.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}
+    tree = {"search": {"params": searched, "num_samples": num_samples, "resources": resources}}
     return validate_spec(tree).search
 
 

@@ -177,3 +177,35 @@ def test_template_errors_become_data_errors(tok: Any) -> None:
     bad.chat_template = "{{ raise_exception('System role not supported') }}"
     with pytest.raises(DataError, match="data.template=tokenizer: .*System role not supported"):
         prepare_data(section(template="tokenizer"), bad, seed=0)
+
+
+def _no_system_role(tok: Any) -> Any:
+    """The embedded tokenizer with a template that refuses system messages, as Gemma's does."""
+    import copy
+
+    bad = copy.deepcopy(tok)
+    bad.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + tok.chat_template
+    )
+    return bad
+
+
+def test_a_row_the_template_refuses_is_named_or_skipped(tmp_path: Path, tok: Any) -> None:
+    system_row = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]}  # fmt: skip
+    path = write_jsonl(tmp_path / "t.jsonl", [alpaca("q0", "a0"), system_row, alpaca("q2", "a2")])
+    bad = _no_system_role(tok)
+    with pytest.raises(DataError) as info:
+        prepare_data(section(train=path, template="tokenizer"), bad, seed=0)
+    assert str(info.value).startswith(f"{path}: row 1: data.template=tokenizer: ")
+    assert "System role not supported" in str(info.value)
+    data = prepare_data(section(train=path, template="tokenizer", on_error="skip"), bad, seed=0)
+    assert data.report.train_examples == 2 and data.report.rows_skipped == 1
+    assert data.report.skipped[0].startswith(f"{path}: row 1: data.template=tokenizer: ")
+    only = write_jsonl(tmp_path / "s.jsonl", [system_row])
+    with pytest.raises(DataError, match=r"data.train: no usable rows \(1 skipped\)"):
+        prepare_data(section(train=only, template="tokenizer", on_error="skip"), bad, seed=0)

@@ -613,3 +613,27 @@ def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) 
         f"error: {tmp_path / 'summary.json'}: not found (is {tmp_path} a finished search's "
         "experiment dir?)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"best": nul', "not valid JSON: "),
+        ('{"best": null}', "not a raysft summary (no resolved_spec and mlflow sections)"),
+        ("[1]", "not a raysft summary (no resolved_spec and mlflow sections)"),
+    ],
+)
+def test_promote_cli_on_a_broken_summary_exits_2_with_one_message(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    (tmp_path / "summary.json").write_text(text, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysft.promote", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'summary.json'}: {problem}"), line

@@ -44,6 +44,11 @@ def test_code_comes_from_the_first_fenced_block() -> None:
     assert extract_code(answer) == "def f():\n    return 1\n"
     assert extract_code("def f(): return 1") == "def f(): return 1"
     assert run_tests(answer, "assert f() == 1").passed
+    # A block in another language first: passed over, its closing fence not read as an opening.
+    shell_first = "```bash\npip install x\n```\nthen\n```python\nx = 1\n```"
+    assert extract_code(shell_first) == "x = 1\n"
+    assert extract_code("```py3\ny = 2\n```") == "y = 2\n"
+    assert extract_code("```Python\nz = 3\n```") == "z = 3\n"
 
 
 def test_exiting_early_is_not_a_pass() -> None:

@@ -201,3 +201,24 @@ def test_pass_at_k_as_search_metric_needs_eval_rows_with_tests(tmp_path: Path) -
         "search.metric: the trainer never reports 'pass_at_k' "
         "(it reports train_loss, eval_loss, perplexity, exact_match, rouge_l, bleu)"
     ]
+
+
+def test_pass_at_k_is_left_out_when_no_scored_row_has_tests(tmp_path: Path) -> None:
+    # The source has tests, but the rows scored (a split, max_eval_samples) have none: a NaN
+    # pass@k would mark a healthy trial diverged (results.is_diverged) and keep it from the ranking.
+    from raysft.search.results import trial_row
+    from raysft.train.evaluate import score
+
+    cfg = load_config(None, {"data.eval": _rows(tmp_path / "coded.jsonl", True)})
+    plain = [{"expected": "Paris", "generated": "Paris", "answers": ["Paris"], "tests": None}]
+    scores, _ = score(cfg, final=True, loss=lambda: (6.0, 4), answers=lambda **_: plain)
+    assert "pass_at_k" not in scores and scores["exact_match"] == 1.0
+    row = trial_row(
+        trial_id="t", metrics={**scores, "step": 20, "train_loss": 0.2, "checkpoint_path": "/c"},
+        sampled={}, max_steps=20, objective="eval_loss", error=None, mlflow_run_id=None,
+    )  # fmt: skip
+    assert row["status"] == "finished"
+    # A scored row with tests: pass@k is there (the sandbox runs the answer, then the tests).
+    coded = [{**plain[0], "tests": "assert x == 1", "answers": ["x = 1"]}]
+    scores, _ = score(cfg, final=True, loss=lambda: (6.0, 4), answers=lambda **_: coded)
+    assert scores["pass_at_k"] == 1.0

@@ -1118,3 +1118,35 @@ def test_a_trial_tune_stopped_is_neither_retried_nor_a_failure(
     else:  # ASHA stopped it: Tune tore the Train run down; nothing failed
         trial._fit_with_retries(lambda: _Failing(calls), retries=2, record=record)
         assert len(calls) == 1 and not record.exists()
+
+
+def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: Path) -> None:
+    from raysft.errors import SearchStateError
+    from raysft.search import driver
+
+    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    started = validate_spec(tree, source="s.yaml")
+    exp = tmp_path / "exp"
+    (exp / "tune").mkdir(parents=True)
+    state = {"parent_run_id": "p", "tracking_uri": "sqlite:///m.db"}
+    record = {**state, "spec": driver._spec_record(started)}
+    (exp / driver.STATE_FILE).write_text(json.dumps(record))
+    assert driver._open_experiment("s.yaml", started, resume=True) == exp.resolve()
+    # Where trials run may change; what they train may not.
+    moved = copy.deepcopy(tree)
+    moved["search"]["resources"]["cpus_per_worker"] = 2
+    driver._open_experiment("s.yaml", validate_spec(moved, source="s.yaml"), resume=True)
+    changed = copy.deepcopy(tree)
+    changed["train"]["max_steps"] = 300
+    changed["search"]["num_samples"] = 8
+    with pytest.raises(SearchStateError) as err:
+        driver._open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
+    assert str(err.value) == (
+        f"s.yaml: --resume: the spec differs from the one {exp.resolve()} was started with, at "
+        "search.num_samples, train.max_steps; resume with that spec, or start a new search in "
+        "another search.experiment_dir"
+    )
+    # An experiment dir from before raysft kept its spec: nothing to compare with.
+    (exp / driver.STATE_FILE).write_text(json.dumps(state))
+    driver._open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)

@@ -359,6 +359,63 @@ def _metaspace_tokenizer() -> Any:
 
 
 @pytest.mark.parametrize("template", ["llama2", "vicuna"])
+@pytest.mark.parametrize("answer", ["Paris", "-3", "(b)", "42"])
+def test_every_answer_starts_at_the_token_generation_starts_at(template: str, answer: str) -> None:
+    # "▁Paris" is one token, but "▁", "-" are two: the space ending "[/INST] " is trained with
+    # the answer either way, so the model learns to write the "▁" it must generate after "]".
+    sp = _metaspace_tokenizer()
+    c = conv("Q", answer)
+    ex = tokenize(render(c, template=template), sp, max_seq_len=4096)
+    ids = generation_prompt_ids(c, template=template, tokenizer=sp)
+    assert ex.input_ids[: len(ids)] == ids
+    assert ex.labels[len(ids) - 1] == IGNORE and ex.labels[len(ids)] != IGNORE
+    assert sp.convert_ids_to_tokens(ex.input_ids[len(ids)]).startswith("▁")
+
+
+def _gpt2_style_tokenizer(tmp_path: Path) -> Any:
+    """A byte-level BPE whose post-processor trims whitespace off offsets (GPT-2, GPT-NeoX ship
+    it), so a token of spaces has an empty span; saved and reloaded as a user would load it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from raysft.assets.tokenizer import bytes_to_unicode
+
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    merges = [("Ġ", "Ġ"), ("ĠĠ", "ĠĠ")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.post_processor = processors.ByteLevel(trim_offsets=True)
+    tk.decoder = decoders.ByteLevel()
+    specials = ("<|im_start|>", "<|im_end|>", "</s>")
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
+    fast.save_pretrained(tmp_path)
+    return AutoTokenizer.from_pretrained(tmp_path)
+
+
+def test_indentation_is_trained_with_offsets_trimmed_of_spaces(tmp_path: Path) -> None:
+    tok = _gpt2_style_tokenizer(tmp_path)
+    answer = "def f():\n    return  1\n"
+    assert any(s == e for s, e in tok(answer, return_offsets_mapping=True)["offset_mapping"])
+    ex = tokenize(render(conv("Write f", answer), template="chatml"), tok, max_seq_len=4096)
+    assert trained_spans(ex, tok) == [answer + "<|im_end|>"]
+
+
+def test_tokenizer_template_that_trims_content_is_not_rewriting_it(tok: Any) -> None:
+    # Llama-3's and Gemma's templates write every message `| trim`: an answer ending in a newline
+    # (code) is still the answer.
+    trims = copy.deepcopy(tok)
+    content = "message['content']"
+    trims.chat_template = tok.chat_template.replace(content, f"{content} | trim")
+    assert trims.chat_template != tok.chat_template
+    c = conv("Write f", "def f():\n    return 1\n")
+    ex = tokenize(render(c, template="tokenizer", tokenizer=trims), trims, max_seq_len=4096)
+    assert trained_spans(ex, trims) == ["def f():\n    return 1<|im_end|>"]
+
+
+@pytest.mark.parametrize("template", ["llama2", "vicuna"])
 @pytest.mark.parametrize("conv_name", ["single", "multi", "system_multi"])
 def test_prompt_ids_are_the_prefix_of_the_training_ids(template: str, conv_name: str) -> None:
     sp = _metaspace_tokenizer()

@@ -79,3 +79,23 @@ def test_one_worker_trials_get_the_torch_free_backend_and_data_parallel_ones_ray
     assert isinstance(backend_config(1), OneWorkerTorchConfig)
     multi = backend_config(2)  # a process group: gloo, or nccl when the workers have GPUs
     assert isinstance(multi, TorchConfig) and multi.backend is None
+
+
+def test_a_resumed_runs_first_report_names_the_restored_checkpoint() -> None:
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from raysft.search.trial import name_restored_checkpoint
+
+    assert CHECKPOINT_PATH_KEY == "checkpoint_path"  # raysft's copy of Ray's key
+    restored = ["/exp/train/train-t/checkpoint_a"]
+    # The replayed record of a run resumed at max_steps: nothing else will name a checkpoint.
+    replay = {"step": 20, "eval_loss": 0.3}
+    named = name_restored_checkpoint(replay, has_checkpoint=False, restored=restored)
+    assert named == {**replay, "checkpoint_path": "/exp/train/train-t/checkpoint_a"}
+    assert restored == [] and replay == {"step": 20, "eval_loss": 0.3}
+    # Later reports, and a first report that carries its own checkpoint, are left as they are.
+    later = {"step": 24, "eval_loss": 0.2}
+    assert name_restored_checkpoint(later, has_checkpoint=False, restored=restored) is later
+    own = ["/exp/old"]
+    assert name_restored_checkpoint(later, has_checkpoint=True, restored=own) is later
+    assert own == []
