@@ -203,10 +203,15 @@ def run_search(
 ) -> dict[str, Any]:
     """Run (or ``resume``) the search of a validated spec; returns summary.json's content."""
     t0 = time.perf_counter()
+    fresh = not Path(cfg.search.experiment_dir).resolve().exists()
     exp_dir = _open_experiment(spec_path, cfg, resume=resume)
     scratch = tempfile.mkdtemp(prefix="rsft-", dir=_short_temp_root())
     try:
         return _search(spec_path, tree, cfg, exp_dir, resume=resume, scratch=scratch, t0=t0)
+    except BaseException:
+        if fresh and exp_dir.is_dir() and not any(exp_dir.iterdir()):
+            exp_dir.rmdir()  # refused before anything was written (Ray not reached, no plan)
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

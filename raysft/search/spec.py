@@ -377,4 +377,13 @@ def _check_metric(spec: SearchSpec) -> list[str]:
             f"search.scheduler: asha needs at least 2 evals per trial, this one has {n_evals} "
             f"(train.max_steps {spec.train.max_steps}, train.eval_every {spec.train.eval_every})"
         )
+    elif s.scheduler.type == "asha" and s.scheduler.grace_period * spec.train.eval_every >= (
+        spec.train.max_steps
+    ):
+        # ASHA's first rung would be the trial's end (driver.build_tuner caps it at max_steps).
+        problems.append(
+            f"search.scheduler.grace_period: {s.scheduler.grace_period} evals x train.eval_every "
+            f"{spec.train.eval_every} reaches train.max_steps {spec.train.max_steps}: ASHA would "
+            "stop no trial; lower it, or set search.scheduler.type: none"
+        )
     return problems

@@ -319,6 +319,12 @@ def test_asha_needs_two_evals() -> None:
     two_evals = spec()
     two_evals["train"] = {"max_steps": 15, "eval_every": 10}
     assert problems_of(two_evals) == []
+    # A grace period that reaches the last step leaves ASHA nothing to stop.
+    two_evals["search"]["scheduler"] = {"type": "asha", "grace_period": 2}
+    assert one_problem(two_evals) == (
+        "search.scheduler.grace_period: 2 evals x train.eval_every 10 reaches train.max_steps "
+        "15: ASHA would stop no trial; lower it, or set search.scheduler.type: none"
+    )
 
 
 def test_every_problem_of_a_spec_is_reported_together() -> None:
@@ -1150,3 +1156,26 @@ def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: P
     # An experiment dir from before raysft kept its spec: nothing to compare with.
     (exp / driver.STATE_FILE).write_text(json.dumps(state))
     driver._open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
+
+
+def test_a_search_refused_before_it_wrote_anything_leaves_no_experiment_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raysft.search import driver
+
+    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = str(tmp_path / "new")
+    cfg = validate_spec(tree, source="s.yaml")
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise ConfigError("s.yaml", ["search.resources: no node has 1 GPU"])  # as _connect does
+
+    monkeypatch.setattr(driver, "_search", refused)
+    with pytest.raises(ConfigError):
+        driver.run_search("s.yaml", tree, cfg, resume=False)
+    assert not (tmp_path / "new").exists()
+    # A directory the user made (or an earlier search's files) is never removed.
+    (tmp_path / "new").mkdir()
+    with pytest.raises(ConfigError):
+        driver.run_search("s.yaml", tree, cfg, resume=False)
+    assert (tmp_path / "new").is_dir()
