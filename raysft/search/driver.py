@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -266,7 +267,11 @@ def _search(
         raise
     # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
     # trial runs of earlier attempts are only known to MLflow.
-    runs = {t: run for t, (run, _) in tracking.trial_runs(mlc, exp_id, parent_id).items()}
+    known = tracking.trial_runs(mlc, exp_id, parent_id)
+    unended = interrupted_trials(known, created=len(grid), num_samples=cfg.search.num_samples)
+    if unended is not None:
+        _stop_interrupted(mlc, parent_id, known, unended, exp_dir=exp_dir)
+    runs = {t: run for t, (run, _) in known.items()}
     runs.update(callback.runs)
     results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
     diverged = set(getattr(callback, "diverged", ()))
@@ -285,6 +290,40 @@ def _search(
         ray.shutdown()  # flushes worker logs now, not after the summary table
 
 
+def interrupted_trials(
+    known: dict[str, tuple[str, str | None]], *, created: int, num_samples: int
+) -> list[str] | None:
+    """The trial runs a search left open (no status tag: the callback never saw them end), or
+    None when it ran to its end. Tune's SIGINT/SIGUSR1 handler ends ``fit()`` early and returns
+    normally, its running trials torn down without a callback and the rest never created."""
+    open_runs = sorted(t for t, (_, status) in known.items() if status is None)
+    return open_runs if open_runs or created < num_samples else None
+
+
+def _stop_interrupted(
+    mlc: Any,
+    parent_id: str,
+    known: dict[str, tuple[str, str | None]],
+    unended: list[str],
+    *,
+    exp_dir: Path,
+) -> None:
+    """An interrupted search is not finished: no ranking, promotion or summary; its open runs
+    and the parent are KILLED (``--resume`` reopens them), and the CLI says it was interrupted."""
+    import ray
+
+    for trial_id in unended:
+        mlc.set_terminated(known[trial_id][0], "KILLED")
+    mlc.set_terminated(parent_id, "KILLED")
+    ray.shutdown()
+    log.warning(
+        "search interrupted before its trials ended (%d left running); continue it with "
+        "--resume (search.experiment_dir %s)",
+        len(unended), exp_dir,
+    )  # fmt: skip
+    raise KeyboardInterrupt
+
+
 def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
     """A Tune result as plain values (no Ray types past this point), with the trial's cause of
     failure (not Ray's wrapper) and its failed attempts."""
@@ -297,11 +336,19 @@ def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
     attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
     return {
         "trial_id": trial_id,
+        "number": trial_number(Path(result.path).name, trial_id),
         "metrics": m,
         "sampled": dict(result.config),
         "error": error,
         "attempts": attempts,
     }
+
+
+def trial_number(dirname: str, trial_id: str) -> int | None:
+    """Tune's creation counter of a trial (1, 2, ...), from its directory name
+    ``TRAINABLE_{trial_id}_{N}_{values}_{date}``; None when the name does not hold it."""
+    m = re.search(rf"_{re.escape(trial_id)}_(\d+)(?:_|$)", dirname)
+    return int(m[1]) if m else None
 
 
 def _tag_outcome(mlc: Any, row: dict[str, Any]) -> None:
@@ -351,6 +398,7 @@ def _rows(
             diverged=r["trial_id"] in tracked["diverged"],
         )
         row["attempts"] = r["attempts"]  # failed attempts: cause, and whether it was retried
+        row["number"] = r.get("number")  # creation order (the plots' trial number)
         _check_checkpoint(row)
         rows.append(row)
         _tag_outcome(tracked["mlc"], row)

@@ -111,8 +111,9 @@ def build_study(spec: SearchSpec, rows: list[dict[str, Any]], histories: History
         study = optuna.create_study(direction=direction)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    # Tune's trial ids end in a zero-padded counter: sorting them gives creation order.
-    for row in sorted(rows, key=lambda r: r["trial_id"]):
+    # Creation order: Tune's counter of the trial (``number``, from its directory name). A trial
+    # id is 8 random hex digits under a searcher (uuid4), so sorting by it shuffles the trials.
+    for row in sorted(rows, key=creation_order):
         params = {names[p]: _plain(v) for p, v in row["sampled"].items() if p in names}
         history = histories.get(row["trial_id"], ())
         steps = {
@@ -135,6 +136,12 @@ def build_study(spec: SearchSpec, rows: list[dict[str, Any]], histories: History
         except ValueError as e:  # a value outside its distribution
             log.warning("trial %s left out of the plots: %s", row["trial_id"], e)
     return study
+
+
+def creation_order(row: Mapping[str, Any]) -> tuple[bool, int, str]:
+    """Sort key of a trial row: Tune's creation counter, rows without one last, by trial id."""
+    number = row.get("number")
+    return (number is None, number if isinstance(number, int) else 0, str(row["trial_id"]))
 
 
 def display_names(paths: list[str]) -> dict[str, str]:

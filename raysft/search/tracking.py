@@ -296,6 +296,7 @@ def make_callback(
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if trial.trial_id in self.runs:  # restarted after --resume
+                mlc.update_run(self.runs[trial.trial_id], status="RUNNING")  # KILLED if stopped
                 return
             run = mlc.create_run(
                 exp_id,

@@ -203,6 +203,11 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
 
     # Attempts of an earlier driver (before a --resume) count too.
     attempts: list[dict[str, Any]] = json.loads(record.read_text()) if record.is_file() else []
+    if attempts and not attempts[-1]["retried"]:
+        # It failed for good before a --resume (out of memory, or of retries), and Tune's
+        # resume_errored starts it again: it stays failed, for the same cause, without running.
+        cause = attempts[-1]["error"]
+        raise TrialFailure(f"out of memory: {cause}" if is_out_of_memory(cause) else cause)
     for attempt in range(len(attempts) + 1, retries + 2):
         try:
             make_trainer().fit()

@@ -287,3 +287,24 @@ def test_many_trials_name_only_the_best_in_the_legend() -> None:
         assert legend.get_title().get_text() == f"best {plots._LEGEND_MAX} of 15"
     finally:
         plt.close(fig)
+
+
+def test_study_orders_trials_by_tunes_creation_counter_not_their_random_ids() -> None:
+    # Under a searcher Tune names trials with 8 random hex digits (uuid4): these four, created in
+    # this order, sort to 36bc1f92 first by id. The history plot's x axis is creation order.
+    made = ["3bb3f45f", "5a933856", "65835288", "36bc1f92"]
+    rows, _ = six_trials()
+    rows = rows[:4]
+    for n, (r, tid) in enumerate(zip(rows, made, strict=True), start=1):
+        r["trial_id"], r["number"] = tid, n
+    study = plots.build_study(lora_spec(), list(reversed(rows)), {})
+    assert [t.user_attrs["trial_id"] for t in study.get_trials()] == made
+
+
+def test_trial_number_is_read_from_tunes_trial_directory() -> None:
+    from raysft.search.driver import trial_number
+
+    name = "run_trial_on_ray_36bc1f92_4_lora_alpha=8,lora_r=4,train_learning_rate=0.0021_2026-12-04"
+    assert trial_number(name, "36bc1f92") == 4
+    assert trial_number("run_trial_on_ray_36bc1f92_12_x", "36bc1f92") == 12
+    assert trial_number("36bc1f92", "36bc1f92") is None

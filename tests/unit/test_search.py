@@ -1126,6 +1126,29 @@ def test_a_trial_tune_stopped_is_neither_retried_nor_a_failure(
         assert len(calls) == 1 and not record.exists()
 
 
+@pytest.mark.parametrize("cause", ["ActorDiedError: died", "torch.OutOfMemoryError: CUDA"])
+def test_a_trial_failed_for_good_stays_failed_when_resume_restarts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cause: str
+) -> None:
+    from raysft.search import trial
+
+    class Failing:
+        def fit(self) -> None:
+            calls.append(1)
+            raise RuntimeError(cause)
+
+    monkeypatch.setattr(trial, "tune_is_running_this_trial", lambda: True)
+    calls: list[int] = []
+    record = tmp_path / "attempts.json"
+    with pytest.raises(trial.TrialFailure):
+        trial._fit_with_retries(Failing, retries=2, record=record)
+    before, calls[:] = record.read_text(), []
+    # --resume (Tuner.restore(resume_errored=True)) runs the errored trial's trainable again.
+    with pytest.raises(trial.TrialFailure, match=cause.split(":")[0]):
+        trial._fit_with_retries(Failing, retries=2, record=record)
+    assert calls == [] and record.read_text() == before
+
+
 def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: Path) -> None:
     from raysft.errors import SearchStateError
     from raysft.search import driver
@@ -1179,3 +1202,31 @@ def test_a_search_refused_before_it_wrote_anything_leaves_no_experiment_dir(
     with pytest.raises(ConfigError):
         driver.run_search("s.yaml", tree, cfg, resume=False)
     assert (tmp_path / "new").is_dir()
+
+
+def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
+    tmp_path: Path,
+) -> None:
+    """Tune's SIGINT handler makes ``fit()`` return early, tearing running trials down without a
+    callback: their runs have no status tag. The driver must not rank, promote or close the
+    search as FINISHED then, and must not leave those runs RUNNING."""
+    from raysft.search import driver
+
+    ended = {"a1b2c3d4": ("r1", "finished"), "e5f6a7b8": ("r2", "stopped_early")}
+    assert driver.interrupted_trials(ended, created=2, num_samples=2) is None
+    # Ctrl-C between trials: every created trial ended, but not all were created.
+    assert driver.interrupted_trials(ended, created=2, num_samples=4) == []
+    running = {**ended, "0badcafe": ("r3", None)}
+    assert driver.interrupted_trials(running, created=3, num_samples=3) == ["0badcafe"]
+
+    class Client:
+        def __init__(self) -> None:
+            self.terminated: dict[str, str] = {}
+
+        def set_terminated(self, run_id: str, status: str) -> None:
+            self.terminated[run_id] = status
+
+    mlc = Client()
+    with pytest.raises(KeyboardInterrupt):
+        driver._stop_interrupted(mlc, "parent", running, ["0badcafe"], exp_dir=tmp_path)
+    assert mlc.terminated == {"r3": "KILLED", "parent": "KILLED"}
