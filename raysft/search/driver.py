@@ -26,6 +26,7 @@ from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
     ResourcePlan,
     attaching_to_cluster,
+    check_ray_address,
     init_ray,
     local_nodes,
     plan_resources,
@@ -163,6 +164,7 @@ def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
 
     s = cfg.search
     if attaching_to_cluster():
+        check_ray_address()
         init_ray(None)
         where = f"cluster {ray.get_runtime_context().gcs_address}"
         # Checked here, once the cluster's GPUs are known (load_spec could not see them).

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raysft.config import ResourcesSection, SearchSection, SearchSpec
+from raysft.errors import ConfigError
 from raysft.search.memory import CUDA_CONTEXT, GIB, SHARE_HEADROOM, Estimate, gib
 from raysft.train.model import worker_env
 
@@ -59,6 +60,28 @@ class ResourcePlan:
 def attaching_to_cluster() -> bool:
     """``ray job submit`` and RAY_ADDRESS both mean: join an existing cluster."""
     return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+
+
+def check_ray_address(timeout_s: float = 5.0) -> None:
+    """Fail at once when RAY_ADDRESS names a host:port nobody listens on: ``ray.init`` would
+    retry for about two minutes (measured) before saying so. ``auto``, ``local`` and Ray Client
+    (``ray://``) addresses are left to Ray."""
+    import socket
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(
+            "RAY_ADDRESS",
+            [
+                f"{address}: no Ray cluster answers there ({err}); start one "
+                "(`ray start --head`), fix the address, or unset RAY_ADDRESS for a local Ray"
+            ],
+        ) from None
 
 
 def local_nodes() -> list[Node]:

@@ -1230,3 +1230,26 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     with pytest.raises(KeyboardInterrupt):
         driver._stop_interrupted(mlc, "parent", running, ["0badcafe"], exp_dir=tmp_path)
     assert mlc.terminated == {"r3": "KILLED", "parent": "KILLED"}
+
+
+def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from raysft.search.resources import check_ray_address
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        check_ray_address()  # something answers: left to ray.init
+    # Port 9 ("discard") has no listener here; ray.init would retry for about two minutes.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        check_ray_address()
+    assert str(err.value).startswith("RAY_ADDRESS: 127.0.0.1:9: no Ray cluster answers there (")
+    assert time.monotonic() - t0 < 10
+    for left_to_ray in ("auto", "ray://head:10001", "local"):
+        monkeypatch.setenv("RAY_ADDRESS", left_to_ray)
+        check_ray_address()
