@@ -84,7 +84,8 @@ def batches(
 class BatchStream:
     """Endless training micro-batches, reshuffled every epoch; resumable at (epoch, position).
 
-    Rank r of a ``shard`` (r, world size) takes every world-size-th row of each epoch's order.
+    Rank r of a ``shard`` (r, world size) takes every world-size-th row of each epoch's order,
+    cut to a multiple of the world size: every rank has as many batches per epoch as the others.
     ``fixed_width`` (packing only): every batch has ``batch_size`` rows padded to that width,
     one shape for torch.compile; an epoch's last, partial batch is skipped (its rows come up
     in other epochs, shuffled), unless it is the epoch's only batch.
@@ -129,7 +130,10 @@ class BatchStream:
             if len(chunks) < self._world:
                 chunks = [[r] for r in order]
             return chunks[: len(chunks) - len(chunks) % self._world][self._rank :: self._world]
-        mine = order[self._rank :: self._world]
+        # Every rank the same number of rows (the few left over come up in other epochs), so
+        # every rank the same number of batches: the epochs of all ranks end at the same step,
+        # and rank 0's (epoch, position) in a checkpoint resumes them all.
+        mine = order[: len(order) - len(order) % self._world][self._rank :: self._world]
         size = self._batch_size
         chunks = [mine[s : s + size] for s in range(0, len(mine), size)]
         if self._width is not None and len(chunks) > 1 and len(chunks[-1]) < size:

@@ -37,7 +37,7 @@ from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers,
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
 from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
 from raysft.train.neftune import attach_neftune
-from raysft.train.state import Progress, load_state, save_state
+from raysft.train.state import Progress, load_state, rng_states, save_state
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Run:
     train_seconds: float = 0.0
     # Where this process's time went, seconds: setup_s, step_s, eval_s, checkpoint_s.
     times: dict[str, float] = field(default_factory=dict)
+    scaler: Any = None  # torch.amp.GradScaler where the base computes in fp16, else None
 
 
 def computes_in_bf16(cfg: Config, device: torch.device) -> bool:
@@ -152,6 +153,18 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
         num_training_steps=cfg.train.max_steps,
     )
     return optimizer, scheduler
+
+
+def loss_scaler(model: Any, cfg: Config, device: torch.device) -> Any:
+    """A GradScaler where the forward computes in fp16 (a float16 base: `auto` on a GPU below
+    compute capability 8.0, or asked for), else None. Unscaled, the step's loss, divided by
+    its thousands of tokens, gives gradients that fp16 rounds to subnormals or to zero."""
+    from raysft.train.model import resolve_compute_dtype
+
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    if cfg.method == "qlora":
+        fp16 = fp16 or resolve_compute_dtype(cfg.qlora, device) == torch.float16
+    return torch.amp.GradScaler(device.type) if fp16 else None
 
 
 def group_by_length_tokens(cfg: Config) -> int | None:
@@ -231,6 +244,7 @@ def setup(
         torch._dynamo.reset()
         train_model = torch.compile(train_model, dynamic=None if cfg.data.packing else True)
     optimizer, scheduler = _build_optimizer(model, cfg)
+    scaler = loss_scaler(model, cfg, device)
     pad_id = tokenizer.pad_token_id
     group_tokens = group_by_length_tokens(cfg)
     loss = functools.partial(
@@ -270,7 +284,10 @@ def setup(
         group_tokens=group_tokens,
     )
     if resume_from is not None:
-        progress = load_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        progress = load_state(
+            resume_from, model=model, optimizer=optimizer, scheduler=scheduler, rank=dist.rank,
+            scaler=scaler,
+        )  # fmt: skip
         stream.seek(progress.epoch, progress.position)
         log.info("resumed from %s at step %d", resume_from, progress.step)
     else:
@@ -283,7 +300,7 @@ def setup(
             log.info("base model exact match: %.3f", base["exact_match"])
     return Run(
         cfg, dist, device, autocast, tokenizer, data, model, train_model, neftune, optimizer,
-        scheduler, stream, evaluate, progress, t0,
+        scheduler, stream, evaluate, progress, t0, scaler=scaler,
     )  # fmt: skip
 
 
@@ -310,7 +327,7 @@ def train_step(run: Run) -> dict[str, Any]:
     # Mean over every token the loss scores in the step, on every rank: not a mean of
     # micro-batch means, nor of per-rank means.
     local_tokens = sum(int(loss_mask(b["labels"], b["position_ids"]).sum()) for b in micro)
-    n_tokens = max(_sum_over_ranks(run, float(local_tokens)), 1.0)
+    n_tokens = max(_sum_over_ranks(run, float(local_tokens))[0], 1.0)
     # DDP averages gradients over ranks; scaling each rank's loss by world_size turns that
     # average back into the sum over all ranks' tokens.
     scale = run.dist.world_size / n_tokens
@@ -322,33 +339,53 @@ def train_step(run: Run) -> dict[str, Any]:
         with fsdp.gradient_sync(run.train_model, i == len(micro) - 1):
             with run.autocast():
                 loss_sum, _ = forward_loss(run.train_model, batch, run.device)
-            (loss_sum * scale).backward()
+            scaled = loss_sum * scale
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         step_loss += float(loss_sum.detach())
-    step_loss = _sum_over_ranks(run, step_loss) / n_tokens
+    real = sum(int((b["seg_lens"] > 0).sum()) for b in micro)  # not padding
+    step_loss, real_tokens = _sum_over_ranks(run, step_loss, float(real))
+    step_loss /= n_tokens
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients
     if cfg.train.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(
             [p for p in run.model.parameters() if p.requires_grad], cfg.train.max_grad_norm
         )
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses, before the scheduler moves
-    run.optimizer.step()
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # skipped when a gradient overflowed fp16
+        run.scaler.update()
+    else:
+        run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {
         "train_loss": round(step_loss, 6),
         "lr": lr,
-        "tokens": sum(int((b["seg_lens"] > 0).sum()) for b in micro),  # real, not padding
+        "tokens": int(real_tokens),  # of every rank: the step's
     }
 
 
-def _sum_over_ranks(run: Run, value: float) -> float:
-    """``value`` summed over the data-parallel group (itself when run alone)."""
+def _sum_over_ranks(run: Run, *values: float) -> list[float]:
+    """Each of ``values`` summed over the data-parallel group (as given when run alone)."""
     if run.dist.world_size == 1:
-        return value
+        return list(values)
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=run.device)
+    t = torch.tensor(values, dtype=torch.float64, device=run.device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
+
+
+def _gather_over_ranks(run: Run, value: Any) -> list[Any]:
+    """``value`` of every rank of the data-parallel group, in rank order (``[value]`` alone)."""
+    if run.dist.world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * run.dist.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def train(run: Run, report: Reporter | None) -> None:
@@ -454,6 +491,7 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
         return
     # A sharded model's full state is gathered to rank 0: a collective, every rank joins.
     full = fsdp.gather(run.model, run.optimizer) if run.dist.sharded else None
+    rng = _gather_over_ranks(run, rng_states())  # a collective too
     if run.dist.rank != 0:
         report(record, None)
         return
@@ -475,6 +513,8 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             full=full,
+            rng=rng,
+            scaler=run.scaler,
         )
         report(record, tmp)
         handed_over = getattr(report, "takes_checkpoint_dir", False)

@@ -33,7 +33,8 @@ class Progress:
     final: dict[str, Any] = field(default_factory=dict)  # e.g. the base model's scores
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
+    """This process's RNG states (python, torch CPU, CUDA)."""
     states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -55,10 +56,13 @@ def save_state(
     optimizer: Any,
     scheduler: Any,
     full: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    rng: list[dict[str, Any]] | None = None,
+    scaler: Any = None,
 ) -> Path:
     """Write the training state into ``directory`` (the checkpoint being reported). ``full``:
     the weights and optimizer state a sharded model gathered (``fsdp.gather``), else they are
-    read from ``model`` and ``optimizer``."""
+    read from ``model`` and ``optimizer``. ``rng``: every data-parallel rank's RNG states
+    (``rng_states``, gathered; rank order), else this process's."""
     path = Path(directory) / STATE_FILE
     if full is None:
         trainable = {
@@ -76,16 +80,28 @@ def save_state(
             "trainable": trainable,
             "optimizer": optim,
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_states(),
+            # Each rank's own: dropout and NEFTune draw as many numbers as their rows' tokens,
+            # so the ranks' RNGs part ways after the first step of unequal batch shapes.
+            "rng": rng if rng is not None else [rng_states()],
             "sharded": full is not None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
         },
         path,
     )
     return path
 
 
-def load_state(directory: str | Path, *, model: Any, optimizer: Any, scheduler: Any) -> Progress:
-    """Restore weights, optimizer, scheduler and RNGs from a checkpoint; returns its progress."""
+def load_state(
+    directory: str | Path,
+    *,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    rank: int = 0,
+    scaler: Any = None,
+) -> Progress:
+    """Restore weights, optimizer, scheduler and RNGs (data-parallel ``rank``'s own) from a
+    checkpoint; returns its progress."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise ConfigError(
@@ -131,7 +147,11 @@ def load_state(directory: str | Path, *, model: Any, optimizer: Any, scheduler: 
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_states(state["rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    # A checkpoint of fewer ranks (or of one): rank 0's states (the data split changed anyway).
+    _set_rng_states(rngs[rank] if rank < len(rngs) else rngs[0])
     return Progress(**state["progress"])
 
 

@@ -96,6 +96,8 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     assert ddp_metrics["history"][0]["train_loss"] == pytest.approx(
         single.history[0]["train_loss"], abs=tol
     )
+    # The step's tokens are those of both workers, not rank 0's alone.
+    assert ddp_metrics["history"][0]["tokens"] == single.history[0]["tokens"]
     a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
@@ -104,6 +106,52 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
         torch.testing.assert_close(b[key], a[key], atol=tol, rtol=1e-3 if compiled else 1e-5)
         moved += int(not torch.equal(a[key], torch.zeros_like(a[key])))
     assert moved, "the step changed no adapter weight"
+
+
+def _resume_worker(rank: int, tmp: str, model_dir: str, port: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def keep(metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, Path(tmp) / f"ckpt-{metrics['step']}")
+
+    # Dropout and NEFTune: each rank's RNG draws as many numbers as its rows have tokens.
+    extra = {"train.max_steps": 6, "train.eval_every": 3, "lora.dropout": 0.1,
+             "train.neftune_alpha": 5}  # fmt: skip
+    try:
+        for out, resume in (("whole", None), ("resumed", f"{tmp}/ckpt-3")):
+            cfg = _cfg(Path(tmp), Path(model_dir), grad_accum=1, out=out, **extra)
+            run_trial(cfg, dist=Dist(rank, 2), prepare_model=DistributedDataParallel,
+                      report=keep if resume is None else None, resume_from=resume)  # fmt: skip
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path, "llama")
+    # 7 rows: the ranks cannot split them evenly; and rows of different lengths, so the
+    # ranks' RNGs part ways from the first step.
+    rows = _rows(tmp_path / "rows.jsonl").read_text().splitlines()[:7]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows), encoding="utf-8")
+    torch.set_num_threads(1)
+    os.environ.pop("RANK", None)
+    mp.spawn(_resume_worker, args=(str(tmp_path), str(model_dir), _free_port()), nprocs=2,
+             join=True)  # fmt: skip
+
+    whole, resumed = (
+        json.loads((tmp_path / out / "metrics.json").read_text())["history"]
+        for out in ("whole", "resumed")
+    )
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+    a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)
 
 
 def test_fewer_rows_than_workers_is_an_error_before_training(tmp_path: Path) -> None:

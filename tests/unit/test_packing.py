@@ -250,6 +250,36 @@ def test_grouped_stream_deals_ranks_equal_batch_counts_of_disjoint_rows():
     assert [len(s._chunks) for s in few] == [1, 1]
 
 
+@pytest.mark.parametrize("fixed_width", [None, 16])
+def test_ranks_of_uneven_rows_resume_from_rank_0s_position(fixed_width):
+    # 5 rows over 2 ranks: were rank 0 to take 3 rows and rank 1 two, their epochs would end
+    # at different steps, and rank 0's (epoch, position), all a checkpoint holds, would put
+    # rank 1 elsewhere on resume.
+    examples = _examples([3, 4, 5, 6, 7])
+    bins = [[i] for i in range(len(examples))]
+
+    def stream(rank: int) -> BatchStream:
+        return BatchStream(examples, bins, packing=True, batch_size=2, pad_id=0, seed=0,
+                           shard=(rank, 2), fixed_width=fixed_width)  # fmt: skip
+
+    streams = [stream(rank) for rank in range(2)]
+    assert len(streams[0]._chunks) == len(streams[1]._chunks)
+    whole = [[_first_tokens(next(s)) for _ in range(9)] for s in streams]
+    for k in range(1, 9):
+        replay = [stream(rank) for rank in range(2)]
+        for s in replay:
+            for _ in range(k):
+                next(s)
+        assert replay[0].epoch == replay[1].epoch and replay[0].position == replay[1].position
+        for rank in range(2):
+            resumed = stream(rank)
+            resumed.seek(replay[0].epoch, replay[0].position)
+            assert [_first_tokens(next(resumed)) for _ in range(9 - k)] == whole[rank][k:]
+    # Within an epoch the ranks' rows are disjoint.
+    epoch = [{r for b in whole[rank][:1] for r in b} for rank in range(2)]
+    assert not epoch[0] & epoch[1]
+
+
 def test_grouped_eval_batches_cover_every_row_once():
     examples = _examples([9, 3, 4, 10, 2])
     bins = [[i] for i in range(5)]

@@ -307,3 +307,22 @@ def test_a_finite_step_whose_eval_is_not_finite_stops_the_run(tmp_path: Path) ->
     assert first["train_loss"] == first["train_loss"] and first["eval_loss"] != first["eval_loss"]
     assert result.final["diverged_at"] == 1
     assert not (Path(result.output_dir) / "model.safetensors").exists()
+
+
+def test_a_float16_base_trains_with_a_loss_scaler(tmp_path: Path) -> None:
+    # fp16 (`auto` on a GPU below compute capability 8.0): the loss of a step, divided by its
+    # tokens, backpropagates through fp16 activations; unscaled, small gradients are lost.
+    from raysft.train.recipe import Dist, finish, setup, train
+
+    model_dir = _model_dir(tmp_path, "llama")
+    extra = {"train.exact_match": False, "train.neftune_alpha": None}
+    half = setup(_config(tmp_path, model_dir, "lora", **{"model.dtype": "float16", **extra}),
+                 dist=Dist())  # fmt: skip
+    assert isinstance(half.scaler, torch.amp.GradScaler)
+    train(half, None)
+    assert all(r["train_loss"] == r["train_loss"] for r in half.progress.history)  # no NaN
+    assert half.scaler.get_scale() > 1.0
+    finish(half)
+    fp32 = setup(_config(tmp_path, model_dir, "lora", **{"model.dtype": "float32", **extra}),
+                 dist=Dist())  # fmt: skip
+    assert fp32.scaler is None
