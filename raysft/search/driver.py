@@ -334,8 +334,17 @@ def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
     error = None
     if result.error is not None:
         error = res.error_cause(result.error).removeprefix(f"{TrialFailure.__name__}: ")
+        # An exception may quote a token or a URL with its password: scrubbed as logged params
+        # are, before it reaches summary.json and MLflow tags.
+        error = tracking.redact("error", error)
     attempts_file = Path(trial_output_dir(exp_dir, trial_id)) / ATTEMPTS_FILE
     attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
+    attempts = [
+        {**a, "error": tracking.redact("error", a["error"])}
+        if isinstance(a.get("error"), str)
+        else a
+        for a in attempts
+    ]
     return {
         "trial_id": trial_id,
         "number": trial_number(Path(result.path).name, trial_id),

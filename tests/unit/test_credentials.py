@@ -4,6 +4,7 @@ that they need a token."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,25 @@ def test_has_hub_token_reads_hf_token(monkeypatch, tmp_path):
 def test_a_config_never_holds_the_token(monkeypatch):
     monkeypatch.setenv(HUB_TOKEN_VAR, TOKEN)
     assert TOKEN not in json.dumps(Config().model_dump(mode="json"))
+
+
+def test_a_trials_error_and_attempts_are_scrubbed_before_summary_and_mlflow(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from raysft.search import driver
+    from raysft.search.space import trial_output_dir
+    from raysft.search.trial import ATTEMPTS_FILE
+
+    leak = f"OSError: 401 for https://bob:s3cret@hub.example/m with token {TOKEN}"
+    record = tmp_path / trial_output_dir(str(tmp_path), "t1") / ATTEMPTS_FILE
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps([{"attempt": 1, "error": leak, "retried": True}]))
+    result = SimpleNamespace(
+        metrics={"trial_id": "t1"}, path=str(tmp_path / "run_trial_on_ray_t1_1_x"),
+        error=RuntimeError(leak), config={},
+    )  # fmt: skip
+    row = driver._result_of(result, tmp_path)
+    for text in (row["error"], row["attempts"][0]["error"]):
+        assert "s3cret" not in text and TOKEN not in text and REDACTED in text, text
