@@ -28,6 +28,7 @@ from raysft.data.formats import Conversation, code_tests
 from raysft.data.pipeline import load_split
 from raysft.data.templates import Example, render, tokenize
 from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
+from raysft.search.results import read_summary
 from raysft.train.device import resolve_device
 from raysft.train.metrics import METRICS, Metric
 from raysft.train.model import from_pretrained, load_tokenizer
@@ -86,7 +87,7 @@ def resolve_target(
         raise ModelError(f"{directory}: no such directory")
     kind, path, summary = "model", root, None
     if any((root / name).exists() for name in ("summary.json", "tune", "champion")):
-        kind, summary = "experiment", _read_summary(root)
+        kind, summary = "experiment", read_summary(root)
         path = _champion_dir(root, summary)
     elif (root / "adapter_config.json").is_file():
         kind = "adapter"
@@ -101,19 +102,6 @@ def resolve_target(
     else:
         base = cfg.model.name_or_path if known else None
     return Target(kind, path, cfg, base)
-
-
-def _read_summary(exp_dir: Path) -> dict[str, Any] | None:
-    path = exp_dir / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SearchStateError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(summary, dict):
-        raise SearchStateError(f"{path}: not a raysft summary (not a JSON object)")
-    return summary
 
 
 def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
@@ -138,7 +126,7 @@ def _settings(
     if (root / "config.yaml").is_file():
         return load_config(root / "config.yaml", overrides), True
     if summary is None and (root.parent / "summary.json").is_file():  # EXP_DIR/champion
-        summary = _read_summary(root.parent)
+        summary = read_summary(root.parent)
     spec = (summary or {}).get("resolved_spec")
     if isinstance(spec, dict):
         tree = {k: v for k, v in spec.items() if k != "search"}

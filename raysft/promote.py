@@ -14,7 +14,7 @@ from raysft.cli import run_cli, setup_logging
 from raysft.config import validate_spec
 from raysft.errors import SearchStateError
 from raysft.search.promote import promote
-from raysft.search.results import SUMMARY_FILE, write_summary
+from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking import client
 
 
@@ -25,22 +25,13 @@ def _main() -> int:
     args = parser.parse_args()
     setup_logging()
     exp_dir = Path(args.experiment_dir)
-    summary_path = exp_dir / SUMMARY_FILE
-    if not summary_path.is_file():
+    summary = read_summary(exp_dir, sections=("resolved_spec", "mlflow"))
+    if summary is None:
         raise SearchStateError(
-            f"{summary_path}: not found (is {exp_dir} a finished search's experiment dir?)"
+            f"{exp_dir / SUMMARY_FILE}: not found (is {exp_dir} a finished search's experiment "
+            "dir?)"
         )
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SearchStateError(f"{summary_path}: not valid JSON: {err}") from None
-    if not isinstance(summary, dict) or not all(
-        isinstance(summary.get(key), dict) for key in ("resolved_spec", "mlflow")
-    ):
-        raise SearchStateError(
-            f"{summary_path}: not a raysft summary (no resolved_spec and mlflow sections)"
-        )
-    cfg = validate_spec(summary["resolved_spec"], source=str(summary_path))
+    cfg = validate_spec(summary["resolved_spec"], source=str(exp_dir / SUMMARY_FILE))
     mlc = client(summary["mlflow"]["tracking_uri"])
     record = promote(mlc=mlc, cfg=cfg, best=summary.get("best"), exp_dir=exp_dir)
     summary["promotion"] = record

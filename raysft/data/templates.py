@@ -246,7 +246,9 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
             # Where a space merges into the next word ("▁Paris") but not always ("▁", "4" in
             # Llama-2), the spaces ending the prompt ("[/INST] ") go with the answer, so the
             # answer starts at the same token whatever it is, as ``generation_prompt_ids`` has it.
-            lead = pos - len(text[:pos].rstrip(" ")) if merges else 0
+            lead = 0
+            while merges and lead < pos and text[pos - lead - 1] == " ":
+                lead += 1
             trained[pos - lead : pos + len(seg.text)] = b"\x01" * (lead + len(seg.text))
         pos += len(seg.text)
     ids: list[int] = list(enc["input_ids"])

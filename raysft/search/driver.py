@@ -128,15 +128,14 @@ def _spec_record(cfg: SearchSpec) -> dict[str, Any]:
     return tree
 
 
-def _changed_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [
-            path
-            for key in sorted(set(old) | set(new), key=str)
-            for path in _changed_paths(old.get(key), new.get(key), f"{prefix}{key}.")
-        ]
-    path = prefix.rstrip(".")
-    return [] if old == new or path.startswith(_RESUMABLE_CHANGES) else [path]
+def _changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted paths whose values differ between two spec records, but for _RESUMABLE_CHANGES."""
+    a, b = tracking.flatten(old), tracking.flatten(new)
+    return sorted(
+        path
+        for path in a.keys() | b.keys()
+        if a.get(path) != b.get(path) and not path.startswith(_RESUMABLE_CHANGES)
+    )
 
 
 def _check_same_spec(spec_path: str, cfg: SearchSpec, exp_dir: Path) -> None:
@@ -473,7 +472,7 @@ def _finish(
             **{k: round(v, 2) for k, v in tracked["timing"].items()},
             "finish_s": round(time.perf_counter() - t_finish, 2),
         },
-        "resolved_spec": res.json_safe(tracking.redact_tree(cfg.model_dump(mode="json"))),
+        "resolved_spec": _spec_record(cfg),
     }
     tracking.describe_parent(mlc, parent_id, summary)
     mlc.log_artifact(parent_id, str(res.write_summary(exp_dir, summary)))

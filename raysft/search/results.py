@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from raysft.errors import SearchStateError
 from raysft.train.metrics import METRICS
 
 SUMMARY_FILE = "summary.json"
@@ -189,6 +190,22 @@ def table(rows: list[dict[str, Any]], metric: str) -> str:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def read_summary(exp_dir: Path, *, sections: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """EXP_DIR/summary.json, None when there is none; a file that is not JSON, not an object or
+    lacks one of ``sections`` (each an object) is one SearchStateError."""
+    path = exp_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SearchStateError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(summary, dict) or not all(isinstance(summary.get(k), dict) for k in sections):
+        why = f"no {' and '.join(sections)} sections" if sections else "not a JSON object"
+        raise SearchStateError(f"{path}: not a raysft summary ({why})")
+    return summary
 
 
 def write_summary(exp_dir: Path, summary: dict[str, Any]) -> Path:

@@ -599,14 +599,19 @@ def test_no_secret_reaches_the_export_or_the_registry(
 # ---------------------------------------------------------------- the command
 
 
-def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "raysft.promote", str(tmp_path)],
+def _promote_cli(exp_dir: Path) -> subprocess.CompletedProcess:
+    """``python -m raysft.promote EXP_DIR`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "raysft.promote", str(exp_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) -> None:
+    proc = _promote_cli(tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
@@ -627,13 +632,7 @@ def test_promote_cli_on_a_broken_summary_exits_2_with_one_message(
     tmp_path: Path, text: str, problem: str
 ) -> None:
     (tmp_path / "summary.json").write_text(text, encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "raysft.promote", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _promote_cli(tmp_path)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"error: {tmp_path / 'summary.json'}: {problem}"), line

@@ -1219,17 +1219,19 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     running = {**ended, "0badcafe": ("r3", None)}
     assert driver.interrupted_trials(running, created=3, num_samples=3) == ["0badcafe"]
 
-    class Client:
-        def __init__(self) -> None:
-            self.terminated: dict[str, str] = {}
+    # A real MLflow store (SQLite): the parent, a trial that ended, one the interrupt tore down.
+    from mlflow.tracking import MlflowClient
 
-        def set_terminated(self, run_id: str, status: str) -> None:
-            self.terminated[run_id] = status
-
-    mlc = Client()
+    mlc = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = mlc.create_experiment("interrupted")
+    parent = mlc.create_run(exp_id).info.run_id
+    ended_run, open_run = (mlc.create_run(exp_id).info.run_id for _ in range(2))
+    mlc.set_terminated(ended_run, "FINISHED")
+    known = {"a1b2c3d4": (ended_run, "finished"), "0badcafe": (open_run, None)}
     with pytest.raises(KeyboardInterrupt):
-        driver._stop_interrupted(mlc, "parent", running, ["0badcafe"], exp_dir=tmp_path)
-    assert mlc.terminated == {"r3": "KILLED", "parent": "KILLED"}
+        driver._stop_interrupted(mlc, parent, known, ["0badcafe"], exp_dir=tmp_path)
+    status = {r: mlc.get_run(r).info.status for r in (parent, ended_run, open_run)}
+    assert status == {parent: "KILLED", ended_run: "FINISHED", open_run: "KILLED"}
 
 
 def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1243,7 +1245,7 @@ def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.Monke
         port = listening.getsockname()[1]
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         check_ray_address()  # something answers: left to ray.init
-    # Port 9 ("discard") has no listener here; ray.init would retry for about two minutes.
+    # Port 9 ("discard") has no listener here; ray.init was still retrying after 100 s.
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     t0 = time.monotonic()
     with pytest.raises(ConfigError) as err:
