@@ -36,7 +36,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, parse_overrides(args.overrides))
+    return load_config(args.config, parse_overrides(args.overrides), authored=True)
 
 
 def setup_logging(verbose: bool = False) -> None:

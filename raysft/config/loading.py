@@ -181,6 +181,53 @@ def validate_tree(
         raise ConfigError(source, _format_errors(err, tree)) from None
 
 
+# The method sections and the training methods that read them: LoRA settings apply to LoRA and
+# QLoRA, the 4-bit settings to QLoRA alone.
+_READ_BY = {"lora": ("lora", "qlora"), "qlora": ("qlora",)}
+
+
+def methods_of(cfg: Config) -> list[str]:
+    """The training methods a config runs: its own, and those its search (if any) samples."""
+    searched = cfg.search.params.get("method") if cfg.search else None
+    return [cfg.method, *(str(m) for m in (searched.values or [] if searched else []))]
+
+
+def unread_sections(
+    cfg: Config, tree: dict[str, Any], searched: list[str] | None = None
+) -> list[str]:
+    """Method sections (and searched parameters in them) that no run of the config reads.
+
+    ``tree``: the config as written (a section counts when it is there and sets anything but
+    the defaults: a saved config holds every section); ``searched``: a spec's searched parameter
+    names (None for a training config). Such settings would be dropped without a word
+    (``method: full`` with a ``lora:`` section), and searching them would run trials that
+    differ in nothing.
+    """
+    used = list(dict.fromkeys(methods_of(cfg)))
+    if len(used) > 1:
+        why = f"the methods are {', '.join(used)}"
+    else:
+        why = f"method is {used[0]}" + (" (not searched)" if searched is not None else "")
+    problems = []
+    for section, readers in _READ_BY.items():
+        if set(used) & set(readers):
+            continue
+        for_whom = " and ".join(readers)
+        values = getattr(cfg, section)
+        if section in tree and values != type(values)():
+            problems.append(
+                f"{section}: settings for method {for_whom} only, but {why}: they would be "
+                f"ignored; remove the section or set method: {' or '.join(readers)}"
+            )
+        for name in searched or []:
+            if name.split(".", 1)[0] == section:
+                problems.append(
+                    f"search.params.{name}: a setting for method {for_whom} only, but {why}: "
+                    "every trial would ignore it; search another parameter"
+                )
+    return problems
+
+
 def validate_spec(tree: dict[str, Any], *, source: str = "<spec>") -> SearchSpec:
     """A search spec: like ``validate_tree``, with the ``search`` section required."""
     if not isinstance(tree.get("search"), dict):
@@ -225,8 +272,15 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read YAML (or start from defaults), apply ``--set`` overrides, validate all at once."""
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, *, authored: bool = False
+) -> Config:
+    """Read YAML (or start from defaults), apply ``--set`` overrides, validate all at once.
+
+    ``authored``: a config a person wrote (``raysft.train``'s): a method section that its
+    methods never read is refused too. Not for a run's saved ``config.yaml``, which holds every
+    section.
+    """
     source = str(path) if path is not None else "<defaults>"
     tree = read_yaml(path) if path is not None else {}
     tree = copy.deepcopy(tree)
@@ -240,6 +294,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         cfg = validate_tree(tree, source=source)
     except ConfigError as err:
         raise ConfigError(source, problems + err.problems) from None
+    if authored:
+        problems += unread_sections(cfg, tree)
     if problems:
         raise ConfigError(source, problems)
     return cfg

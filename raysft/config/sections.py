@@ -347,6 +347,17 @@ class ResourcesSection(_Section):
         "(the plan says so).",
     )
 
+    scale_up_timeout_s: float = Field(
+        900,
+        ge=0,
+        description="Joining a cluster that has an autoscaler (cluster.yaml: GPU workers from "
+        "zero) whose nodes up hold fewer trials than wanted (max_concurrent, else num_samples): "
+        "how long the driver asks it for nodes and waits before planning on the nodes then up. "
+        "It stops waiting sooner once enough are up, or once the autoscaler has launched "
+        "nothing for 60 s (it has no node type that fits, or is at its max_workers). 0: no "
+        "wait. Without an autoscaler the plan is made at once on the nodes up.",
+    )
+
     @field_validator("gpus_per_worker")
     @classmethod
     def _non_negative(cls, value: float | str) -> float | str:

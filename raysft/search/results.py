@@ -18,6 +18,10 @@ from typing import Any
 from raysft.errors import SearchStateError
 from raysft.train.metrics import METRICS
 
+# ray.tune.integration.ray_train's key for a trial's checkpoint in its reported metrics (a copy:
+# this module imports no Ray; tests/unit/test_trial.py checks that the two agree).
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+
 SUMMARY_FILE = "summary.json"
 
 
@@ -140,7 +144,7 @@ def trial_row(
             k: v for k, v in metrics.items() if k in METRICS and finite_or_none(v) is not None
         },
         "sampled": json_safe(sampled),
-        "checkpoint": metrics.get("checkpoint_path"),
+        "checkpoint": metrics.get(CHECKPOINT_PATH_KEY),
         "mlflow_run_id": mlflow_run_id,
         "error": error,
     }

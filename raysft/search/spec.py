@@ -20,6 +20,7 @@ from raysft.config import (
     parse_overrides,
     read_yaml,
     set_path,
+    unread_sections,
     validate_spec,
     validate_tree,
 )
@@ -326,6 +327,7 @@ def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> l
             except ConfigError as err:
                 problems += [f"{where}: value {value!r}: {e}" for e in err.problems]
                 break
+    problems += unread_sections(spec, tree, list(s.params))
     if not problems and len(s.params) > 1:
         problems += _check_combinations(tree, s.params, spec, source=source)
     problems += _check_metric(spec)

@@ -17,13 +17,12 @@ from typing import Any
 
 from raysft.config import validate_spec
 from raysft.search.resources import cap_process_memory
-from raysft.search.results import error_cause
+from raysft.search.results import CHECKPOINT_PATH_KEY, error_cause
 from raysft.search.space import TrialConfigs, trial_output_dir
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS_FILE = "attempts.json"  # a trial's failed attempts: cause, whether it was retried
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # ray.tune.integration.ray_train's key for a checkpoint
 
 
 def _train_worker(loop: dict[str, Any]) -> None:

@@ -149,7 +149,11 @@ _TMP: list[Path] = []
 
 def _run(args: list[str], code: str | None) -> Run:
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "raysft.train"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network, ever: fail fast instead
+    # No network, ever: fail fast instead. One thread per run: two run at once, beside the other
+    # xdist worker's Ray trials, on 2 cores. With torch's default (a thread per core) the
+    # diverging run, 13 s alone, once timed out after 180 s there; oversubscription is the
+    # likely cause, not a proven one.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [*cmd, *args],
@@ -162,7 +166,7 @@ def _run(args: list[str], code: str | None) -> Run:
     )
     _PROCS.append(proc)
     try:
-        out, err = proc.communicate(timeout=180)
+        out, err = proc.communicate(timeout=300)
     finally:
         proc.kill()  # no-op once it has exited
     done = subprocess.CompletedProcess(proc.args, proc.wait(), out, err)

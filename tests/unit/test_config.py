@@ -15,6 +15,7 @@ from raysft.config import (
     load_config,
     parse_overrides,
     parse_value,
+    unread_sections,
 )
 
 
@@ -26,7 +27,7 @@ def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
 
 def problems_of(path: Path | None, overrides: dict[str, Any] | None = None) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        load_config(path, overrides, authored=True)
     err = info.value
     # The message is one "file: path: problem" line per problem.
     assert str(err).splitlines() == [f"{err.source}: {p}" for p in err.problems]
@@ -290,3 +291,41 @@ def test_a_valid_search_section_loads(tmp_path: Path) -> None:
     assert cfg.search is not None
     assert cfg.search.params["lora.r"].values == [4, 8]
     assert cfg.search.params["train.learning_rate"].low == 1e-5
+
+
+# ---------------------------------------------------------------- method sections
+
+
+def test_a_section_no_method_reads_is_refused(tmp_path: Path) -> None:
+    assert problems_of(write(tmp_path, "method: lora\nqlora: {quant_type: fp4}\n")) == [
+        "qlora: settings for method qlora only, but method is lora: they would be ignored; "
+        "remove the section or set method: qlora"
+    ]
+    # LoRA settings are read by qlora too.
+    assert load_config(write(tmp_path, "method: qlora\nlora: {r: 4}\n"), authored=True).lora.r == 4
+    # A run's saved config.yaml holds every section: read as it is.
+    assert load_config(write(tmp_path, "method: lora\nqlora: {quant_type: fp4}\n")).method == "lora"
+
+
+def test_a_searched_method_that_reads_the_section_makes_it_used(tmp_path: Path) -> None:
+    params = "    method: {type: choice, values: [full, lora]}\n"
+    text = "method: full\nlora: {r: 4}\n" + SEARCH.format(params=params)
+    assert load_config(write(tmp_path, text), authored=True).lora.r == 4
+
+
+def test_a_searched_parameter_no_trial_reads_is_refused() -> None:
+    searched = ["qlora.quant_type", "lora.r"]
+    lora = Config(method="lora")
+    assert unread_sections(lora, {"method": "lora"}, searched) == [
+        "search.params.qlora.quant_type: a setting for method qlora only, but method is lora "
+        "(not searched): every trial would ignore it; search another parameter"
+    ]
+    assert unread_sections(Config(method="qlora"), {}, searched) == []
+    full = Config(method="full", lora={"r": 4})
+    assert unread_sections(full, {"lora": {"r": 4}}, []) == [
+        "lora: settings for method lora and qlora only, but method is full (not searched): "
+        "they would be ignored; remove the section or set method: lora or qlora"
+    ]
+    # A section of defaults changes nothing: a saved config (every section) is not refused.
+    everything = Config(method="full").model_dump(mode="json")
+    assert unread_sections(Config(method="full"), everything, []) == []

@@ -665,6 +665,7 @@ def test_fsdp_splits_weights_grads_and_optimizer_over_the_workers(llama2_7b: Pat
 def test_load_spec_plans_a_full_fine_tuning_trial_sharded(tmp_path: Path, llama2_7b: Path) -> None:
     tree = spec_tree(llama2_7b, {"train.learning_rate": {"type": "choice", "values": [1e-5]}})
     tree["method"] = "full"
+    del tree["lora"]  # not read by full fine-tuning: refused
     tree["search"]["resources"].update(gpu_memory_gib=80, workers=8)
     _, spec = load_spec(write_spec(tmp_path, tree), [], dry_run=True)  # fits: sharded over 8
     assert spec.search.resources.shards("full")

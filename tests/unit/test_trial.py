@@ -84,9 +84,10 @@ def test_one_worker_trials_get_the_torch_free_backend_and_data_parallel_ones_ray
 def test_a_resumed_runs_first_report_names_the_restored_checkpoint() -> None:
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
+    from raysft.search import results
     from raysft.search.trial import name_restored_checkpoint
 
-    assert CHECKPOINT_PATH_KEY == "checkpoint_path"  # raysft's copy of Ray's key
+    assert results.CHECKPOINT_PATH_KEY == CHECKPOINT_PATH_KEY  # raysft's copy of Ray's key
     restored = ["/exp/train/train-t/checkpoint_a"]
     # The replayed record of a run resumed at max_steps: nothing else will name a checkpoint.
     replay = {"step": 20, "eval_loss": 0.3}
