@@ -30,7 +30,7 @@ from raysft.search.resources import (
     init_ray,
     local_nodes,
     plan_resources,
-    ray_nodes,
+    scale_up,
 )
 from raysft.search.space import (
     TrialConfigs,
@@ -166,9 +166,11 @@ def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
         check_ray_address()
         init_ray(None)
         where = f"cluster {ray.get_runtime_context().gcs_address}"
+        nodes, waited = scale_up(s)
+        where += f", {waited}" if waited else ""
         # Checked here, once the cluster's GPUs are known (load_spec could not see them).
         estimate = trial_memory(cfg) if s.resources.gpus else None
-        plan, problems = plan_resources(s, ray_nodes(), where=where, estimate=estimate)
+        plan, problems = plan_resources(s, nodes, where=where, estimate=estimate)
     else:
         nodes = local_nodes()
         plan, problems = plan_resources(s, nodes, where="this machine")

@@ -1,4 +1,5 @@
-"""The embedded default as a user runs it, and a data-parallel (2-worker) trial."""
+"""A data-parallel (2-worker) trial of each strategy. (The embedded default as a user trains it:
+tests/unit/test_default_run.py, which needs no Ray.)"""
 
 from __future__ import annotations
 
@@ -10,39 +11,12 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
-    PYTHON,
     assert_no_other_ray,
     render_spec,
-    run_cmd,
     run_tune,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-def test_default_lora_run_lifts_exact_match_by_30_points(tmp_path: Path) -> None:
-    # The shipped default exactly (search section ignored), as `python -m raysft.train`.
-    ran = run_cmd(
-        [
-            PYTHON,
-            "-m",
-            "raysft.train",
-            str(ROOT / "search_spaces" / "lora.yaml"),
-            "--set",
-            f"output_dir={tmp_path / 'out'}",
-        ],
-        log=tmp_path / "train.log",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert ran.rc == 0, ran.explain()
-    final = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))["final"]
-    assert final["base_exact_match"] <= 0.05  # a base model: it continues text, does not answer
-    assert final["exact_match"] - final["base_exact_match"] >= 0.30
-    printed = re.search(r"held-out exact match: ([\d.]+)% \(base model ([\d.]+)%", ran.output)
-    assert printed, ran.tail()
-    assert float(printed.group(1)) == pytest.approx(final["exact_match"] * 100, abs=0.05)
 
 
 def test_two_worker_trials_train_data_parallel_ddp_and_fsdp(tmp_path: Path, ray_tmp: Path) -> None:

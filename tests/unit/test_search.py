@@ -26,7 +26,12 @@ import yaml
 from raysft.config import set_path, validate_spec
 from raysft.errors import ConfigError
 from raysft.search import spec as spec_module
-from raysft.search.resources import plan_resources
+from raysft.search.resources import (
+    AUTOSCALER_SETTLE_S,
+    launches_nodes,
+    plan_resources,
+    scale_up,
+)
 from raysft.search.space import (
     DefineByRun,
     build_sampler,
@@ -824,6 +829,99 @@ def test_worker_that_fits_no_node(
     nodes: list[dict[str, float]], resources: dict[str, Any], expected: str
 ) -> None:
     assert plan_resources(search_section(**resources), nodes, where="here") == (None, [expected])
+
+
+class FakeAutoscaler:
+    """A cluster whose autoscaler brings up one node ``boot_s`` after it is asked for room,
+    launching at most ``max_nodes``; time is simulated."""
+
+    def __init__(self, node: dict[str, float], max_nodes: int, boot_s: float, up: int = 0):
+        self.node, self.max_nodes, self.boot_s = node, max_nodes, boot_s
+        self.now, self.asked_at = 0.0, None
+        self.up = [dict(node) for _ in range(up)]
+        self.head = {"CPU": 0.0, "GPU": 0.0}
+        self.requests: list[list[dict[str, float]]] = []
+
+    def nodes(self) -> list[dict[str, float]]:
+        return [self.head, *self.up]
+
+    def launching(self) -> int:
+        wanted = self.max_nodes - len(self.up) if self.requests and self.requests[-1] else 0
+        return max(wanted, 0)
+
+    def request(self, bundles: list[dict[str, float]]) -> None:
+        self.requests.append(bundles)
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        # Nodes come up one per boot_s while the request stands, up to max_nodes.
+        if self.requests and self.requests[-1] and len(self.up) < self.max_nodes:
+            due = int(self.now // self.boot_s)
+            while len(self.up) < min(due, self.max_nodes):
+                self.up.append(dict(self.node))
+
+    def run(self, search: Any) -> tuple[list[dict[str, float]], str]:
+        return scale_up(
+            search, self.nodes, self.launching, self.request, clock=lambda: self.now,
+            sleep=self.sleep,
+        )  # fmt: skip
+
+
+def test_a_read_only_autoscaler_is_told_from_one_that_launches_nodes() -> None:
+    # As Ray 2.60 reports them: `ray start --head` by hand, and a cluster launcher's head.
+    node = "572fd2954d15e3209d542e32f468bd73a93696574257f8606fcd1e20"
+    assert not launches_nodes({"node_type_mapping": {node: f"node_{node}"}, "legacy": True})
+    assert launches_nodes({"node_type_mapping": {node: "head"}})
+    assert not launches_nodes({})  # an older report without the mapping: planned as it is
+
+
+def test_a_cluster_without_an_autoscaler_is_planned_as_it_is() -> None:
+    s = search_section(4, gpus_per_worker=1)
+    nodes, waited = scale_up(s, lambda: [{"CPU": 8.0, "GPU": 0.0}], lambda: None, pytest.fail)
+    assert nodes == [{"CPU": 8.0, "GPU": 0.0}] and waited == ""
+
+
+def test_the_autoscaler_is_asked_for_the_trials_wanted_and_waited_for() -> None:
+    # cluster.yaml: a CPU head, GPU workers from zero; 4 trials at once of 2 x (4 CPU, 1 GPU).
+    s = search_section(16, max_concurrent=2, workers=2, cpus_per_worker=4, gpus_per_worker=1)
+    cluster = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=8, boot_s=100)
+    nodes, waited = cluster.run(s)
+    assert len(nodes) == 1 + 4  # 2 trials x 2 workers: 4 one-GPU nodes
+    assert cluster.requests[0] == [{"CPU": 4.0, "GPU": 1.0}] * 4
+    assert cluster.requests[-1] == []  # withdrawn: Tune's demand keeps what its trials use
+    assert waited == "after 400 s of its autoscaler"
+    plan, problems = plan_resources(s, nodes, where="c")
+    assert problems == [] and plan is not None and plan.concurrent == 2
+
+
+def test_an_autoscaler_at_its_limit_is_waited_for_until_it_settles() -> None:
+    s = search_section(16, gpus_per_worker=1)  # 16 wanted, the autoscaler has 3
+    cluster = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=3, boot_s=100)
+    nodes, waited = cluster.run(s)
+    assert len(nodes) == 1 + 3
+    assert cluster.now == pytest.approx(300 + AUTOSCALER_SETTLE_S, abs=2.5)
+    assert cluster.requests[-1] == []
+
+
+def test_no_node_type_that_fits_is_given_up_on_once_nothing_launches() -> None:
+    s = search_section(4, gpus_per_worker=1)
+    cluster = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=0, boot_s=100)
+    nodes, waited = cluster.run(s)
+    assert nodes == [cluster.head] and cluster.now == pytest.approx(AUTOSCALER_SETTLE_S, abs=2.5)
+    assert plan_resources(s, nodes, where=f"c, {waited}")[1] == [
+        "search.resources: no node has 1 CPU and 1 GPU for one worker "
+        "(c, after 60 s of its autoscaler: 0 CPU, 0 GPU)"
+    ]
+
+
+def test_the_wait_ends_at_scale_up_timeout_s_and_0_turns_it_off() -> None:
+    s = search_section(4, gpus_per_worker=1, scale_up_timeout_s=250)
+    cluster = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=4, boot_s=100)
+    nodes, _ = cluster.run(s)
+    assert len(nodes) == 1 + 2 and cluster.now == pytest.approx(250, abs=2.5)
+    off = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=4, boot_s=100, up=1)
+    assert off.run(search_section(4, gpus_per_worker=1, scale_up_timeout_s=0))[1] == ""
+    assert off.requests == []
 
 
 def test_trial_larger_than_the_cluster() -> None:
