@@ -334,7 +334,11 @@ def run(argv: list[str] | None = None) -> int:
     if args.data:
         overrides["data.eval"] = args.data
     target = resolve_target(args.dir, config=args.config, overrides=overrides)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    metrics = None
+    if args.metrics is not None:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        if not metrics:
+            raise ConfigError("--metrics", [f"names no metric (scorable: {', '.join(SCORABLE)})"])
     base = args.base_model or target.base
     if args.base and base is None:
         raise ConfigError("--base", [f"no base model known for {args.dir}; pass --base-model"])

@@ -193,6 +193,8 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
             shuffle.shuffle(order)  # no contender always runs first, or after a given other one
         for c in order:
             seed = preset.seed + round_
+            # Every run compiles cold: a cache left by an earlier round hides the compile.
+            shutil.rmtree(workdir / "inductor-cache", ignore_errors=True)
             row = _run_contender(c, preset, workdir, model_dirs, overrides, args.timeout, seed)
             runs[c.name].append(row)
             status = row.get("error") or f"{row.get('tokens_per_s') or 0:,.0f} real tok/s"
@@ -254,7 +256,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _result(args: Any, argv: list[str], preset: Preset, rows: list[dict[str, Any]]) -> dict:
     from raysft.bench.data import eval_examples, length_summary, train_eval_rows
-    from raysft.bench.measure import machine, versions
+    from raysft.bench.measure import WARMUP_STEPS, machine, versions
 
     report.add_ratios(rows)
     train_rows, _ = train_eval_rows(preset.rows, preset.eval_rows, seed=preset.seed)
@@ -281,6 +283,7 @@ def _result(args: Any, argv: list[str], preset: Preset, rows: list[dict[str, Any
             "max_len": preset.max_len,
             "steps": preset.steps,
             "threads": preset.threads,
+            "warmup_steps": min(WARMUP_STEPS, max(preset.steps // 4, 1)),  # as child.py
         },
         "data": data,
         "rows": rows,

@@ -93,6 +93,13 @@ def run_contender(spec: dict[str, Any]) -> dict[str, Any]:
         threads=preset.threads,
         clock=clock,
     )
+    # Library code is no contender's memory: import every family's libraries before the reset.
+    import contextlib
+    import importlib
+
+    for mod in ("transformers.trainer", "peft", "raysft.train.recipe", "datasets", "trl"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(mod)
     probe = MemoryProbe(device)
     probe.start()
     t0 = time.perf_counter()

@@ -7,12 +7,12 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
-from raysft.config.sections import Config, SearchParam, SearchSpec
+from raysft.config.sections import Config, Method, SearchParam, SearchSpec
 from raysft.errors import ConfigError
 
 # A YAML 1.2 number such as 1e-4 or 5E3, which YAML 1.1 (PyYAML) reads as a string.
@@ -186,10 +186,13 @@ def validate_tree(
 _READ_BY = {"lora": ("lora", "qlora"), "qlora": ("qlora",)}
 
 
-def methods_of(cfg: Config) -> list[str]:
-    """The training methods a config runs: its own, and those its search (if any) samples."""
+def methods_of(cfg: Config, *, trials: bool = False) -> list[str]:
+    """The training methods a config runs: its own, and those its search (if any) samples;
+    ``trials``: the search's trials alone (a searched method replaces the config's in each)."""
     searched = cfg.search.params.get("method") if cfg.search else None
-    return [cfg.method, *(str(m) for m in (searched.values or [] if searched else []))]
+    # Values that are no method are reported where they are searched, not here.
+    sampled = [m for m in (searched.values or [] if searched else []) if m in get_args(Method)]
+    return sampled if trials and sampled else [cfg.method, *sampled]
 
 
 def unread_sections(
@@ -203,8 +206,10 @@ def unread_sections(
     (``method: full`` with a ``lora:`` section), and searching them would run trials that
     differ in nothing.
     """
-    used = list(dict.fromkeys(methods_of(cfg)))
-    if len(used) > 1:
+    used = list(dict.fromkeys(methods_of(cfg, trials=searched is not None)))
+    if searched is not None and "method" in searched:
+        why = f"the searched methods are {', '.join(used)}"
+    elif len(used) > 1:
         why = f"the methods are {', '.join(used)}"
     else:
         why = f"method is {used[0]}" + (" (not searched)" if searched is not None else "")
@@ -278,8 +283,8 @@ def load_config(
     """Read YAML (or start from defaults), apply ``--set`` overrides, validate all at once.
 
     ``authored``: a config a person wrote (``raysft.train``'s): a method section that its
-    methods never read is refused too. Not for a run's saved ``config.yaml``, which holds every
-    section.
+    methods never read is refused too. A run's saved ``config.yaml`` (``saved_tree``) holds
+    none such.
     """
     source = str(path) if path is not None else "<defaults>"
     tree = read_yaml(path) if path is not None else {}
@@ -301,5 +306,25 @@ def load_config(
     return cfg
 
 
+def saved_tree(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as a run saves it: without the method sections its method never reads (a full
+    trial of a search over methods would otherwise save the spec's ``lora:``, which
+    ``raysft.train`` refuses)."""
+    tree = cfg.model_dump(mode="json")
+    for section, readers in _READ_BY.items():
+        if cfg.method not in readers:
+            tree.pop(section, None)
+    return tree
+
+
+def flat_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b.c": leaf}`` (lists are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {
+        k: v for key, val in tree.items() for k, v in flat_paths(val, f"{prefix}{key}.").items()
+    }
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(saved_tree(cfg), sort_keys=False, allow_unicode=True)

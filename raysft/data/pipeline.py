@@ -99,7 +99,11 @@ def _no_rows(name: str, sources: str | list[str], loaded: LoadedData) -> DataErr
     if loaded.n_rows == 0:
         names = ", ".join([sources] if isinstance(sources, str) else sources)
         return DataError(f"data.{name}: {names}: no rows (empty)")
-    return DataError(f"data.{name}: no usable rows ({len(loaded.skipped)} skipped)")
+    return _no_usable_rows(name, len(loaded.skipped))
+
+
+def _no_usable_rows(name: str, skipped: int) -> DataError:
+    return DataError(f"data.{name}: no usable rows ({skipped} skipped)")
 
 
 def _load_split(
@@ -154,7 +158,7 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
                 f"data.{name}: every sample lost its trainable tokens to truncation at "
                 f"data.max_seq_len={cfg.max_seq_len} (raise it or shorten the prompts)"
             )
-        raise DataError(f"data.{name}: no usable rows ({report.rows_skipped} skipped)")
+        raise _no_usable_rows(name, report.rows_skipped)
     report.train_examples, report.eval_examples = len(train), len(evals)
     report.train_tokens = sum(len(e.input_ids) for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)

@@ -8,6 +8,7 @@ terminator is trained; system, user, template text and padding are not.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import weakref
 from dataclasses import dataclass
@@ -146,6 +147,41 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
 
 
 _BUILTIN = {"llama2": _llama2, "chatml": _chatml, "vicuna": _vicuna}
+
+
+# The built-in templates as Jinja chat_templates, saved with the trained model's tokenizer so
+# that ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` writes the prompt
+# it was trained on (``generation_prompt``), byte for byte.
+_SYS = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+)
+JINJA = {
+    "llama2": _SYS
+    + (
+        "{%- for m in turns -%}{%- if loop.index0 % 2 == 0 -%}"
+        "{{ '<s>[INST] ' }}{%- if loop.first and system is not none -%}"
+        "{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{%- endif -%}"
+        "{{ m['content'] + ' [/INST] ' }}"
+        "{%- else -%}{{ m['content'] + ' </s>' }}{%- endif -%}{%- endfor -%}"
+    ),
+    "chatml": (
+        "{%- for m in messages -%}{%- if not loop.first -%}{{ '\n' }}{%- endif -%}"
+        "{%- if m['role'] == 'assistant' -%}{{ '<|im_start|>assistant\n' + m['content'] }}"
+        "{%- else -%}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}{%- endif -%}"
+        "{{ '<|im_end|>' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '\n<|im_start|>assistant\n' }}{%- endif -%}"
+    ),
+    "vicuna": _SYS
+    + (
+        "{{ (system if system is not none else " + json.dumps(VICUNA_SYSTEM) + ") + '\n\n' }}"
+        "{%- for m in turns -%}{%- if loop.index0 % 2 == 0 -%}"
+        "{%- if not loop.first -%}{{ '\n' }}{%- endif -%}"
+        "{{ 'USER: ' + m['content'] + '\nASSISTANT: ' }}"
+        "{%- else -%}{{ m['content'] + '</s>' }}{%- endif -%}{%- endfor -%}"
+    ),
+}
 
 
 def render(

@@ -29,7 +29,9 @@ from raysft.search.resources import (
     check_ray_address,
     init_ray,
     local_nodes,
+    plan_memory,
     plan_resources,
+    ray_nodes,
     scale_up,
 )
 from raysft.search.space import (
@@ -166,10 +168,13 @@ def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
         check_ray_address()
         init_ray(None)
         where = f"cluster {ray.get_runtime_context().gcs_address}"
-        nodes, waited = scale_up(s)
-        where += f", {waited}" if waited else ""
         # Checked here, once the cluster's GPUs are known (load_spec could not see them).
         estimate = trial_memory(cfg) if s.resources.gpus else None
+        share = None  # gpus_per_worker auto: ask for the share a trial needs, not a whole GPU
+        if estimate is not None and s.resources.gpus_per_worker == "auto":
+            share = plan_memory(s, estimate, ray_nodes(), where=where).gpus_per_worker
+        nodes, waited = scale_up(s, share=share)
+        where += f", {waited}" if waited else ""
         plan, problems = plan_resources(s, nodes, where=where, estimate=estimate)
     else:
         nodes = local_nodes()

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from raysft.assets import resolve
-from raysft.config import Config, PromoteSection, SearchSpec
+from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
 from raysft.errors import ModelError
 from raysft.search.preflight import seed_picks_eval_rows
 from raysft.search.results import finite_or_none, json_safe
@@ -226,7 +226,7 @@ def _stage_export(
             shutil.copy2(item, staging / item.name)
     own = trial_config(cfg.model_dump(mode="json"), best.get("sampled") or {}, output_dir=trial_dir)
     # The export is logged to the registry: no secret may ride along (tracking.redact_tree).
-    text = yaml.safe_dump(redact_tree(own.model_dump(mode="json")), sort_keys=False)
+    text = yaml.safe_dump(redact_tree(saved_tree(own)), sort_keys=False)
     (staging / "config.yaml").write_text(text, encoding="utf-8")
     metrics = {
         "trial_id": best["trial_id"],

@@ -1,10 +1,10 @@
-"""Where trials run: node discovery, the resource plan (how many trials at once), the memory
-plan (does a trial fit its GPU; how many trials share one; each process's cap) and starting or
-joining Ray (``init_ray``).
+"""Where trials run: node discovery, waiting for an autoscaling cluster's nodes (``scale_up``),
+the resource plan (how many trials at once), the memory plan (does a trial fit its GPU; how many
+trials share one; each process's cap) and starting or joining Ray (``init_ray``).
 
-Pure but for the node probes (torch for this machine, Ray's node table for a cluster), the
-process cap and ``init_ray``, which import torch or ray only when called. The estimate itself:
-``memory.py``.
+Pure but for the node probes (torch for this machine, Ray's node table and autoscaler status for
+a cluster), the process cap and ``init_ray``, which import torch or ray only when called. The
+estimate itself: ``memory.py``.
 """
 
 from __future__ import annotations
@@ -146,9 +146,14 @@ def autoscaler_launching() -> int | None:
     if is_autoscaler_v2(fetch_from_server=True):
         from ray.autoscaler.v2.sdk import get_cluster_status
 
-        status = get_cluster_status(ray.get_runtime_context().gcs_address)
-        return sum(r.count for r in status.pending_launches) + len(status.pending_nodes)
+        return v2_launching(get_cluster_status(ray.get_runtime_context().gcs_address))
     return None
+
+
+def v2_launching(status: Any) -> int:
+    """Nodes an autoscaler v2 ``ClusterStatus`` says are on their way: its pending launch
+    requests (failed ones are listed apart) and the nodes still starting."""
+    return sum(r.count for r in status.pending_launches) + len(status.pending_nodes)
 
 
 def launches_nodes(report: dict[str, Any]) -> bool:
@@ -167,14 +172,25 @@ def request_nodes(bundles: list[dict[str, float]]) -> None:
     request_resources(bundles=bundles)
 
 
-def trials_on(search: SearchSection, nodes: list[Node]) -> int:
-    """Whole trials the nodes hold at once (``gpus_per_worker: auto`` counted as one GPU)."""
+def trials_on(search: SearchSection, nodes: list[Node], share: float | None = None) -> int:
+    """Whole trials the nodes hold at once, each worker taking ``share`` GPU (default
+    ``resources.gpus``: ``gpus_per_worker: auto`` counted as one GPU)."""
     r = search.resources
-    return sum(_workers_on(n, r.cpus_per_worker, r.gpus) for n in nodes) // r.workers
+    g = r.gpus if share is None else share
+    return sum(_workers_on(n, r.cpus_per_worker, g) for n in nodes) // r.workers
 
 
 def wanted_trials(search: SearchSection) -> int:
     return min(search.max_concurrent or search.num_samples, search.num_samples)
+
+
+def _launching(launching: Callable[[], int | None]) -> int | None:
+    """``launching()``, or None (no autoscaler to wait for) when its status cannot be read."""
+    try:
+        return launching()
+    except Exception as err:  # an RPC error of Ray's autoscaler SDK: plan on the nodes up
+        log.warning("could not read the cluster autoscaler's status (%s): not waiting for it", err)
+        return None
 
 
 def scale_up(
@@ -183,6 +199,7 @@ def scale_up(
     launching: Callable[[], int | None] = autoscaler_launching,
     request: Callable[[list[dict[str, float]]], None] = request_nodes,
     *,
+    share: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[list[Node], str]:
@@ -198,10 +215,11 @@ def scale_up(
     """
     r = search.resources
     up, wanted = nodes(), wanted_trials(search)
-    have = trials_on(search, up)
-    if have >= wanted or r.scale_up_timeout_s <= 0 or launching() is None:
+    g = r.gpus if share is None else share  # auto: the share the memory plan gives, if known
+    have = trials_on(search, up, g)
+    if have >= wanted or r.scale_up_timeout_s <= 0 or _launching(launching) is None:
         return up, ""
-    worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus} if r.gpus else {})}
+    worker = {"CPU": r.cpus_per_worker, **({"GPU": g} if g else {})}
     log.info(
         "the cluster's nodes hold %d of the %d trial(s) wanted at once: asking its autoscaler "
         "for nodes (waiting up to %g s, search.resources.scale_up_timeout_s)",
@@ -213,19 +231,18 @@ def scale_up(
         while clock() - start < r.scale_up_timeout_s:
             sleep(AUTOSCALER_POLL_S)
             up = nodes()
-            now = trials_on(search, up)
+            now = trials_on(search, up, g)
             if now >= wanted:
                 break
-            if now != have or launching():
+            if now != have or _launching(launching):
                 have, changed = now, clock()
             elif clock() - changed >= AUTOSCALER_SETTLE_S:
                 break
     finally:
         request([])
     waited = clock() - start
-    log.info(
-        "after %.0f s, the cluster's nodes hold %d trial(s) at once", waited, trials_on(search, up)
-    )
+    held = trials_on(search, up, g)
+    log.info("after %.0f s, the cluster's nodes hold %d trial(s) at once", waited, held)
     return up, f"after {waited:.0f} s of its autoscaler"
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from raysft.config import Config, SearchSpec, TrackingSection
+from raysft.config import Config, SearchSpec, TrackingSection, flat_paths
 from raysft.search.results import classify, is_diverged
 from raysft.train.metrics import METRICS, REPLAYED, objective_mode
 
@@ -116,14 +116,9 @@ def redact(name: str, value: str) -> str:
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     """Nested config -> ``a.b.c: value`` params (MLflow params are strings, <= 6000 chars),
     secrets redacted (``redact``)."""
-    out: dict[str, str] = {}
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-    else:
-        name = prefix.rstrip(".")
-        out[name] = redact(name, str(tree))[:6000]
-    return out
+    return {
+        name: redact(name, str(value))[:6000] for name, value in flat_paths(tree, prefix).items()
+    }
 
 
 def client(uri: str) -> Any:

@@ -150,6 +150,10 @@ def _main() -> int:
         return _preview(cfg, args.preview, args.json)
     if args.resume_from is None:
         _check_output_dir(cfg, args.config)
+    else:
+        from raysft.train.state import check_resumable
+
+        check_resumable(args.resume_from, cfg)  # before any data or weights load
     setup_logging(args.verbose)
     return _train(cfg, args.resume_from)
 

@@ -30,6 +30,7 @@ from raysft.config import Config, dump_config, get_path, parse_value
 from raysft.data.batching import BatchStream, make_bins
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
+from raysft.data.templates import JINJA
 from raysft.errors import ConfigError, DataError
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
@@ -37,7 +38,7 @@ from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers,
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
 from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
 from raysft.train.neftune import attach_neftune
-from raysft.train.state import Progress, load_state, rng_states, save_state
+from raysft.train.state import CONFIG_FILE, Progress, load_state, rng_states, save_state
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,10 @@ def setup(
     autocast = autocast_for(cfg, device)
     _warn_of_emulated_bf16(cfg, device)
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.data.template in JINJA:
+        # Saved with every export: plain transformers then prompts as training did (the base's
+        # own chat_template may be another format). Built-in rendering never reads it.
+        tokenizer.chat_template = JINJA[cfg.data.template]
     data, train_bins, eval_bins = _prepare(cfg, tokenizer)
     if len(train_bins) < dist.world_size:
         raise DataError(
@@ -506,6 +511,9 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
             weights=full[0] if full else None,
             dtype=_export_dtype(run),
         )
+        # The run's settings travel with its weights: `raysft.evaluate CHECKPOINT` scores with
+        # them (template, eval rows) and `--resume-from` checks the config against them.
+        (Path(tmp) / CONFIG_FILE).write_text(dump_config(run.cfg), encoding="utf-8")
         save_state(
             tmp,
             progress=run.progress,

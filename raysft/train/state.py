@@ -9,8 +9,10 @@ epoch and position, and the metric history so far.
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,11 @@ import torch
 from raysft.errors import ConfigError
 
 STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.yaml"  # the run's resolved config, written into every checkpoint
+# What may differ between a checkpoint's run and the run resuming it: where outputs go and how
+# the same computation is placed or tracked. Anything else changes what the remaining steps do.
+RESUMABLE_CHANGES = ("output_dir", "train.num_threads", "train.device", "search.", "tracking.",
+                     "promote.")  # fmt: skip
 
 
 @dataclass
@@ -111,7 +118,7 @@ def load_state(
                 "written at every eval to OUTPUT_DIR/checkpoints/)"
             ],
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _read_state(path)
     from raysft.train import fsdp
 
     if state.get("sharded", False) != fsdp.is_sharded(model):
@@ -153,6 +160,64 @@ def load_state(
     # A checkpoint of fewer ranks (or of one): rank 0's states (the data split changed anyway).
     _set_rng_states(rngs[rank] if rank < len(rngs) else rngs[0])
     return Progress(**state["progress"])
+
+
+def _unreadable(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        "--resume-from",
+        [f"{path}: {why}: the checkpoint is truncated or corrupt; resume from an intact one "
+         "or start over"],
+    )  # fmt: skip
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, f"cannot be read ({str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "progress" not in state:
+        raise _unreadable(path, "holds no training state")
+    return state
+
+
+def check_resumable(directory: str | Path, cfg: Any) -> None:
+    """Before anything loads: ``directory`` is an intact checkpoint, and ``cfg`` is the config
+    its run trained with (but for ``RESUMABLE_CHANGES``), so the resumed run continues it
+    exactly and its config.yaml describes what ran."""
+    from raysft.config import flat_paths, load_config
+
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(
+            "--resume-from",
+            [f"{directory}: not a raysft checkpoint (no {STATE_FILE}; checkpoints are "
+             "written at every eval to OUTPUT_DIR/checkpoints/)"],
+        )  # fmt: skip
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise _unreadable(path, f"not a complete torch.save archive ({err})") from None
+    if bad is not None:
+        raise _unreadable(path, f"{bad} fails its checksum")
+    saved = Path(directory) / CONFIG_FILE
+    if not saved.is_file():
+        return  # a checkpoint written before checkpoints carried their config
+    old = flat_paths(load_config(saved).model_dump(mode="json"))
+    new = flat_paths(cfg.model_dump(mode="json"))
+    changed = [
+        f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+        and not any(k == p.rstrip(".") or k.startswith(p) for p in RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise ConfigError(
+            "--resume-from",
+            [f"{directory}: was trained with another config; resuming continues that run "
+             f"exactly, so it must be the same (set it back, or start a new run): {c}"
+             for c in changed],
+        )  # fmt: skip
 
 
 class LocalCheckpoints:

@@ -158,6 +158,35 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def ray_head_command(temp_dir: Path, *extra: str) -> tuple[list[str], int, int]:
+    """``ray start --head --block`` on loopback with every port its own free one, the dashboard
+    on, under ``temp_dir``; ``extra`` flags (``--num-cpus=1``, ...) go last. Returns the command,
+    the GCS port and the dashboard port."""
+    gcs, dash, client, nm, om, agent_grpc, agent_http, rtenv, metrics = free_ports(9)
+    cmd = [
+        str(BIN_DIR / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--runtime-env-agent-port={rtenv}",
+        f"--metrics-export-port={metrics}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        *extra,
+    ]
+    return cmd, gcs, dash
+
+
 def new_mark() -> str:
     return uuid.uuid4().hex
 

@@ -34,6 +34,7 @@ from .conftest import (
     kill_group,
     marked_pids,
     new_mark,
+    ray_head_command,
     render_spec,
     run_cmd,
     wait_gone,
@@ -119,7 +120,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
     token_file = root / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    gcs, dash, client, nm, om, agent_grpc, agent_http, rtenv, metrics = free_ports(9)
     env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     mark = new_mark()
     start_env = {
@@ -129,28 +129,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
         # detached actors (Train's placement-group cleaner, job supervisors) never give back.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
-    cmd = [
-        str(BIN_DIR / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--runtime-env-agent-port={rtenv}",
-        f"--metrics-export-port={metrics}",
-        "--num-cpus=1",
-        "--num-gpus=0",
-        "--include-dashboard=true",
-        "--disable-usage-stats",
-        f"--temp-dir={ray_tmp}",
-    ]
+    cmd, gcs, dash = ray_head_command(ray_tmp, "--num-cpus=1", "--num-gpus=0")
     log = root / "ray-start.log"
     proc = subprocess.Popen(
         cmd,

@@ -101,7 +101,8 @@ def test_invalid_spec_reports_every_problem_before_ray_starts(tmp_path: Path) ->
     assert "ray initialized: False" in out, out
     assert not seen_gcs, f"a gcs_server started during validation: {seen_gcs}"
     assert not exp_dir.exists()
-    assert ran.seconds < 20, f"validation took {ran.seconds:.1f}s"
+    # No wall-time bound: it measured the machine's load (22.9 s once in CI beside other work),
+    # not whether Ray started, which the lines above check.
 
 
 # ---------------------------------------------------------------- the search

@@ -262,6 +262,14 @@ def test_gpu_goals_memory_and_mfu():
     assert goals["lora_vs_seed"]["met"] and goals["lora_vs_trl_best"] is None
     assert goals["full_mfu"] == {"of": "raysft-full", "mfu": 0.31, "goal": 0.4, "met": False}
     assert goals["qlora_memory_vs_lora"]["met"] and goals["qlora_7b_fits_24gib"]["met"]
+    # An experiment is no raysft option, and a 24 GiB card must hold what the allocator reserves.
+    rows.append({"name": "raysft-full-sellogits", "tokens_per_s": 330.0, "mfu": 0.45})
+    rows[-2]["peak_reserved_mib"] = 25 * 1024
+    goals = report.goals("gpu", rows)
+    assert goals["full_mfu"]["of"] == "raysft-full" and not goals["full_mfu"]["met"]
+    assert (
+        goals["qlora_7b_fits_24gib"]["peak_gib"] == 25 and not goals["qlora_7b_fits_24gib"]["met"]
+    )
 
 
 def test_machine_names_the_cpus_capability_and_whether_bf16_is_native():

@@ -15,6 +15,7 @@ from raysft.config import (
     load_config,
     parse_overrides,
     parse_value,
+    saved_tree,
     unread_sections,
 )
 
@@ -329,3 +330,29 @@ def test_a_searched_parameter_no_trial_reads_is_refused() -> None:
     # A section of defaults changes nothing: a saved config (every section) is not refused.
     everything = Config(method="full").model_dump(mode="json")
     assert unread_sections(Config(method="full"), everything, []) == []
+
+
+def test_a_searched_method_replaces_the_specs_own_for_every_trial() -> None:
+    from raysft.config import validate_spec
+
+    tree = {
+        "method": "qlora",
+        "qlora": {"quant_type": "fp4"},
+        "search": {"params": {"method": {"type": "choice", "values": ["lora", "full"]}}},
+    }
+    spec = validate_spec(tree)
+    assert unread_sections(spec, tree, list(spec.search.params)) == [
+        "qlora: settings for method qlora only, but the searched methods are lora, full: they "
+        "would be ignored; remove the section or set method: qlora"
+    ]
+    # raysft.train on the spec runs its own method, qlora, which reads the section.
+    assert unread_sections(spec, tree) == []
+
+
+def test_a_run_saves_no_section_its_method_ignores(tmp_path: Path) -> None:
+    # A full trial of a search over methods: the spec's lora section is not saved with it.
+    cfg = Config(method="full", lora={"r": 4})
+    assert "lora" not in saved_tree(cfg) and "qlora" not in saved_tree(cfg)
+    assert "lora" in saved_tree(Config(method="qlora"))
+    saved = write(tmp_path, dump_config(cfg), "config.yaml")
+    assert load_config(saved, authored=True).method == "full"  # rerun as is

@@ -257,6 +257,9 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, chain_dir: Path, adapter_d
         run([str(tmp_path / "empty")])
     with pytest.raises(ConfigError, match="cannot score 'accuracy' .scorable: eval_loss, "):
         run([str(adapter_dir), "--data", rows, "--metrics", "exact_match,accuracy"])
+    for nothing in (",", ""):  # not "every metric", and no empty table with exit 0
+        with pytest.raises(ConfigError, match="--metrics: names no metric .scorable: eval_loss"):
+            run([str(adapter_dir), "--data", rows, "--metrics", nothing])
     plain = _rows(tmp_path / "empty", [{"instruction": "q", "output": "a"}])
     with pytest.raises(DataError, match="pass_at_k: no eval row has a `tests` field"):
         run([str(adapter_dir), "--data", plain, "--metrics", "pass_at_k"])

@@ -31,6 +31,7 @@ from raysft.search.resources import (
     launches_nodes,
     plan_resources,
     scale_up,
+    v2_launching,
 )
 from raysft.search.space import (
     DefineByRun,
@@ -875,6 +876,23 @@ def test_a_read_only_autoscaler_is_told_from_one_that_launches_nodes() -> None:
     assert not launches_nodes({})  # an older report without the mapping: planned as it is
 
 
+def test_an_autoscaler_v2_status_counts_launches_and_starting_nodes() -> None:
+    # Ray's own v2 schema objects, as get_cluster_status returns them (ray up's default).
+    from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
+
+    def launch(count: int, state: LaunchRequest.Status) -> LaunchRequest:
+        return LaunchRequest("g5.2xlarge", "gpu_a10g", count, state, request_ts_s=0)
+
+    starting = NodeInfo("g5.2xlarge", "gpu_a10g", "i-0abc", "10.0.0.5")
+    status = ClusterStatus(
+        pending_launches=[launch(2, LaunchRequest.Status.PENDING)],
+        failed_launches=[launch(1, LaunchRequest.Status.FAILED)],
+        pending_nodes=[starting],
+    )
+    assert v2_launching(status) == 3
+    assert v2_launching(ClusterStatus()) == 0
+
+
 def test_a_cluster_without_an_autoscaler_is_planned_as_it_is() -> None:
     s = search_section(4, gpus_per_worker=1)
     nodes, waited = scale_up(s, lambda: [{"CPU": 8.0, "GPU": 0.0}], lambda: None, pytest.fail)
@@ -912,6 +930,30 @@ def test_no_node_type_that_fits_is_given_up_on_once_nothing_launches() -> None:
         "search.resources: no node has 1 CPU and 1 GPU for one worker "
         "(c, after 60 s of its autoscaler: 0 CPU, 0 GPU)"
     ]
+
+
+def test_auto_gpus_ask_for_the_share_a_trial_needs() -> None:
+    # gpus_per_worker auto, planned at 1/4 GPU a trial: one GPU node up holds all four.
+    s = search_section(4, gpus_per_worker="auto")
+    cluster = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=4, boot_s=100, up=1)
+    nodes, waited = scale_up(
+        s, cluster.nodes, cluster.launching, cluster.request, share=0.25, sleep=cluster.sleep
+    )
+    assert waited == "" and cluster.requests == [] and len(nodes) == 2
+
+
+def test_an_autoscaler_status_that_cannot_be_read_is_not_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken() -> int:
+        raise TimeoutError("GetClusterStatus timed out")
+
+    s = search_section(4, gpus_per_worker=1)
+    nodes, waited = scale_up(s, lambda: [{"CPU": 8.0, "GPU": 1.0}], broken, pytest.fail)
+    assert waited == "" and len(nodes) == 1
+    assert "could not read the cluster autoscaler's status (GetClusterStatus timed out)" in (
+        caplog.text
+    )
 
 
 def test_the_wait_ends_at_scale_up_timeout_s_and_0_turns_it_off() -> None:

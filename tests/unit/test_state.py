@@ -126,3 +126,23 @@ def test_resume_from_a_directory_that_is_no_checkpoint_exits_2(tmp_path: Path) -
     )
     assert proc.returncode == 2, proc.stderr
     assert "not a raysft checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_carries_its_config_and_resume_refuses_another(tmp_path: Path) -> None:
+    from raysft.config import ConfigError, load_config
+    from raysft.train.state import CONFIG_FILE, check_resumable
+
+    extra = {"train.exact_match": False, "data.template": "vicuna"}
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **extra)
+    ckpts = tmp_path / "out" / "checkpoints"
+    run_trial(cfg, report=LocalCheckpoints(ckpts))
+    ckpt = ckpts / "step-000004"
+    assert load_config(ckpt / CONFIG_FILE).data.template == "vicuna"  # raysft.evaluate reads it
+    check_resumable(ckpt, cfg.model_copy(update={"output_dir": str(tmp_path / "elsewhere")}))
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 0.5})})
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        check_resumable(ckpt, changed)
+    state = ckpt / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
+    with pytest.raises(ConfigError, match="truncated or corrupt"):
+        check_resumable(ckpt, cfg)

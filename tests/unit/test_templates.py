@@ -448,3 +448,20 @@ def test_tokenizer_template_ignores_row_metadata_on_messages(tok: Any) -> None:
     strict.chat_template = "{% for m in messages %}{{ m | dictsort }}{% endfor %}"
     tagged = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tests": "t"}]
     assert "tests" not in render_text(tagged, template="tokenizer", tokenizer=strict)
+
+
+@pytest.mark.parametrize("template", ["llama2", "chatml", "vicuna"])
+def test_saved_chat_template_writes_the_trained_prompt(template: str) -> None:
+    from raysft.assets.tokenizer import build_tokenizer
+    from raysft.data.templates import JINJA, generation_prompt, render_text
+
+    tok = build_tokenizer()
+    tok.chat_template = JINJA[template]
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "2+2?"}]  # fmt: skip
+    for conv in (turns, system + turns, turns[:1]):
+        got = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert got == generation_prompt(conv, template=template)
+        full = [*conv, {"role": "assistant", "content": "4"}]
+        assert tok.apply_chat_template(full, tokenize=False) == render_text(full, template=template)
