@@ -111,13 +111,7 @@ def load_state(
     checkpoint; returns its progress."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise ConfigError(
-            "--resume-from",
-            [
-                f"{directory}: not a raysft checkpoint (no {STATE_FILE}; checkpoints are "
-                "written at every eval to OUTPUT_DIR/checkpoints/)"
-            ],
-        )
+        raise _not_a_checkpoint(directory)
     state = _read_state(path)
     from raysft.train import fsdp
 
@@ -162,6 +156,14 @@ def load_state(
     return Progress(**state["progress"])
 
 
+def _not_a_checkpoint(directory: str | Path) -> ConfigError:
+    return ConfigError(
+        "--resume-from",
+        [f"{directory}: not a raysft checkpoint (no {STATE_FILE}; checkpoints are written at "
+         "every eval to OUTPUT_DIR/checkpoints/)"],
+    )  # fmt: skip
+
+
 def _unreadable(path: Path, why: str) -> ConfigError:
     return ConfigError(
         "--resume-from",
@@ -188,11 +190,7 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
 
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise ConfigError(
-            "--resume-from",
-            [f"{directory}: not a raysft checkpoint (no {STATE_FILE}; checkpoints are "
-             "written at every eval to OUTPUT_DIR/checkpoints/)"],
-        )  # fmt: skip
+        raise _not_a_checkpoint(directory)
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()

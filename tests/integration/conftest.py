@@ -158,11 +158,24 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def node_port_flags() -> list[str]:
+    """``ray start`` flags giving a node's own servers each a free port of its own."""
+    nm, om, agent_grpc, agent_http, rtenv, metrics = free_ports(6)
+    return [
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--runtime-env-agent-port={rtenv}",
+        f"--metrics-export-port={metrics}",
+    ]
+
+
 def ray_head_command(temp_dir: Path, *extra: str) -> tuple[list[str], int, int]:
     """``ray start --head --block`` on loopback with every port its own free one, the dashboard
     on, under ``temp_dir``; ``extra`` flags (``--num-cpus=1``, ...) go last. Returns the command,
     the GCS port and the dashboard port."""
-    gcs, dash, client, nm, om, agent_grpc, agent_http, rtenv, metrics = free_ports(9)
+    gcs, dash, client = free_ports(3)
     cmd = [
         str(BIN_DIR / "ray"),
         "start",
@@ -173,18 +186,25 @@ def ray_head_command(temp_dir: Path, *extra: str) -> tuple[list[str], int, int]:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
         f"--ray-client-server-port={client}",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--runtime-env-agent-port={rtenv}",
-        f"--metrics-export-port={metrics}",
+        *node_port_flags(),
         "--include-dashboard=true",
         "--disable-usage-stats",
         f"--temp-dir={temp_dir}",
         *extra,
     ]
     return cmd, gcs, dash
+
+
+def start_ray(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    """``ray start ... --block`` in a process group of its own, output to ``log``."""
+    return subprocess.Popen(
+        cmd,
+        stdout=open(log, "w"),  # noqa: SIM115 - `ray start` owns it until it exits
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
 
 
 def new_mark() -> str:

@@ -40,6 +40,7 @@ from .conftest import (
     ray_head_command,
     render_spec,
     run_tune,
+    start_ray,
     wait_gone,
 )
 
@@ -117,14 +118,7 @@ def head(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator[He
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
     )
     log = root / "ray-start.log"
-    proc = subprocess.Popen(
-        cmd,
-        stdout=open(log, "w"),  # noqa: SIM115 - `ray start` owns it until it exits
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=root,
-        start_new_session=True,
-    )
+    proc = start_ray(cmd, env, root, log)
     try:
         url = f"http://127.0.0.1:{dash}/api/version"
         _wait_http_ok(url, proc, log, timeout=120, Authorization=f"Bearer {token}")

@@ -28,15 +28,16 @@ from .conftest import (
     assert_no_other_ray,
     base_env,
     cmdline,
-    free_ports,
     group_pids,
     kill_all,
     kill_group,
     marked_pids,
     new_mark,
+    node_port_flags,
     ray_head_command,
     render_spec,
     run_cmd,
+    start_ray,
     wait_gone,
 )
 
@@ -131,14 +132,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
     }
     cmd, gcs, dash = ray_head_command(ray_tmp, "--num-cpus=1", "--num-gpus=0")
     log = root / "ray-start.log"
-    proc = subprocess.Popen(
-        cmd,
-        stdout=open(log, "w"),  # noqa: SIM115 - `ray start` owns it until it exits
-        stderr=subprocess.STDOUT,
-        env=start_env,
-        cwd=root,
-        start_new_session=True,
-    )
+    proc = start_ray(cmd, start_env, root, log)
     dashboard = f"http://127.0.0.1:{dash}"
     c = Cluster(proc, None, mark, ray_tmp, root, gcs, dashboard, env, log)
     try:
@@ -156,32 +150,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
 
 def _start_second_node(env: dict[str, str], gcs: int, root: Path, temp: Path) -> subprocess.Popen:
     """A second Ray node on this machine, joining the head, with its own ports and 1 CPU."""
-    nm, om, agent_grpc, agent_http, rtenv, metrics = free_ports(6)
     cmd = [
         str(BIN_DIR / "ray"),
         "start",
         f"--address=127.0.0.1:{gcs}",
         "--block",
         "--node-ip-address=127.0.0.1",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--runtime-env-agent-port={rtenv}",
-        f"--metrics-export-port={metrics}",
+        *node_port_flags(),
         "--num-cpus=1",
         "--num-gpus=0",
         "--disable-usage-stats",
         f"--temp-dir={temp}",
     ]
-    return subprocess.Popen(
-        cmd,
-        stdout=open(root / "ray-node.log", "w"),  # noqa: SIM115 - owned by `ray start`
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=root,
-        start_new_session=True,
-    )
+    return start_ray(cmd, env, root, root / "ray-node.log")
 
 
 def _state_api(dashboard: str, token: str, path: str) -> list[dict[str, Any]]:
