@@ -16,8 +16,8 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m raysft.tune search_spaces/lora.yaml
 
-# Two xdist workers: the integration tests in one, in order; the unit tests beside them in the
-# other (tests/conftest.py says why and how).
+# Two xdist workers: each runs a lane of integration tests in order, side by side, then unit
+# tests (tests/conftest.py says why and how).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
 

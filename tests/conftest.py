@@ -2,57 +2,81 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 TINY_VOCAB = 128
+# Set once per pytest run (pytest_configure); see there.
+SUITE_RUN_VAR = "RAYSFT_IT_RUN"
+
+
+# `make test` runs the suite on 2 xdist workers (`-n 2`). The scheduler below gives the
+# integration tests two lanes, one per worker, each running its modules one after the other in
+# INTEGRATION_LANES order, the two lanes side by side (every test starts a Ray of its own); then
+# both workers take the unit tests, a module at a time. Most integration tests wait more than
+# they compute (a Ray start, one trial at a time, a resume after a kill), so two at once fill the
+# 2 cores. Lane 1 holds the tests that start clusters with `ray start` (whose raylet must register
+# within Ray's fixed 30 s) and the 4-trials-at-a-time load test, so they never overlap; the load
+# test goes last, beside lane 0's lighter one-trial-at-a-time searches.
+INTEGRATION_DIR = "tests/integration/"
+INTEGRATION_LANES = (
+    ("test_faults", "test_search_local", "test_backend"),
+    ("test_job_submit", "test_autoscale", "test_default_run", "test_load"),
+)
+
+
+def integration_lane(nodeid: str) -> int:
+    """Index of the lane an integration test runs in (modules not listed: the last lane)."""
+    name = nodeid[len(INTEGRATION_DIR) :].split("::", 1)[0].removesuffix(".py")
+    for i, lane in enumerate(INTEGRATION_LANES):
+        if name in lane:
+            return i
+    return len(INTEGRATION_LANES) - 1
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: without xdist, never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduler, with one scope per integration lane and one per module for the
+    rest, in collection order (the lanes first: they take longest, and each goes to a worker of
+    its own). xdist's own ``xdist_group`` marker cannot do it under pytest 9.2: xdist 3.8
+    renames the node id through an attribute pytest no longer reads."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationLanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(INTEGRATION_DIR):
+                return f"{INTEGRATION_DIR}lane-{integration_lane(nodeid)}"
+            return nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems made
+    return IntegrationLanes(config, log)
+
+
+def _integration_rank(item: pytest.Item) -> tuple[int, int]:
+    lane = integration_lane(item.nodeid)
+    names = INTEGRATION_LANES[lane]
+    name = item.path.stem
+    return lane, names.index(name) if name in names else len(names)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Idempotent with pyproject's list; keeps `--strict-markers` happy if run without it.
     config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "integration: real Ray cluster / MLflow server")
-
-
-# `make test` runs the suite on 2 xdist workers (`-n 2`). The scheduler below gives one worker
-# every integration test, one after the other (they need the machine's only Ray instance), and
-# deals the unit tests out a module at a time, so the other worker runs them meanwhile. The
-# integration tests start with the ones that leave a core idle (one trial at a time), so the unit
-# tests fill it. Measured alone on 2 cores: test_faults keeps the CPU 60% busy, test_search_local
-# 72%.
-INTEGRATION_DIR = "tests/integration/"
-INTEGRATION_ORDER = ("test_faults", "test_search_local", "test_job_submit", "test_backend")
-
-
-@pytest.hookimpl(optionalhook=True)  # xdist's hook: without xdist, never called
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist's scope scheduler, with one scope for all integration tests and one per module for
-    the rest, in collection order (integration first: the scope that takes longest starts
-    first). xdist's own ``xdist_group`` marker cannot do it under pytest 9.2: xdist 3.8 renames
-    the node id through an attribute pytest no longer reads."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class IntegrationLane(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith(INTEGRATION_DIR):
-                return INTEGRATION_DIR
-            return nodeid.split("::", 1)[0]
-
-    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems made
-    return IntegrationLane(config, log)
-
-
-def _integration_rank(item: pytest.Item) -> int:
-    name = item.path.stem
-    return INTEGRATION_ORDER.index(name) if name in INTEGRATION_ORDER else len(INTEGRATION_ORDER)
+    # One id per `pytest` run, inherited by its xdist workers (started after this hook): the
+    # integration tests mark every process they start with it, so a lane tells its sibling
+    # lane's Ray from anyone else's (tests/integration/conftest.py).
+    os.environ.setdefault(SUITE_RUN_VAR, uuid.uuid4().hex[:12])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Integration tests are told apart by their directory, as the scheduler tells them apart.
     integration = [item for item in items if item.nodeid.startswith(INTEGRATION_DIR)]
-    if integration:  # integration first (one worker starts on them at once), in INTEGRATION_ORDER
+    if integration:  # integration first, lane by lane, each lane in its order
         rest = [item for item in items if not item.nodeid.startswith(INTEGRATION_DIR)]
         items[:] = sorted(integration, key=_integration_rank) + rest  # sorted() is stable
 

@@ -4,9 +4,11 @@ Every process a test starts runs in its own process group (``start_new_session=T
 stopped through that group, never by name: ``ray stop`` or ``pkill`` would also kill other
 people's Ray instances on the machine. Every file a test writes lies under pytest's tmp_path.
 
-Only one Ray instance may run on the machine at a time (two local clusters break Train V2's
-placement-group cleaner), so the tests run strictly one after the other and refuse to start Ray
-while someone else's ``gcs_server`` is running.
+Every Ray a test starts is its own (its own temp dir, its own free ports), so the suite runs two
+integration lanes at once (tests/conftest.py), each starting its own. Processes are found by the
+mark they inherit (``MARK_VAR``), never by name alone, so a lane never touches its sibling's. A
+Ray instance the suite did not start (someone's ``gcs_server``) makes a test refuse to start:
+the tests' figures and leftover checks assume the machine is theirs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ ASSETS_OVERRIDE_ENV = "RAYSFT_IT_ASSETS"
 # Set to a fresh value for each process a test starts; every descendant inherits it, which is
 # how a test finds all it started (Ray puts each worker in a process group of its own).
 MARK_VAR = "RAYSFT_IT_MARK"
+# This pytest run's id (tests/conftest.py sets it): the prefix of every mark.
+SUITE_RUN_VAR = "RAYSFT_IT_RUN"
 
 
 # ---------------------------------------------------------------- ports, processes
@@ -94,36 +98,41 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def pids_matching(needle: str) -> list[int]:
-    """Processes whose command line contains ``needle`` (this process excluded)."""
-    return [
-        int(p)
-        for p in os.listdir("/proc")
-        if p.isdigit() and int(p) != os.getpid() and needle in cmdline(int(p))
-    ]
+def mark_of(pid: int) -> str | None:
+    """The ``MARK_VAR`` a process inherited, or None (unmarked, gone, or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{MARK_VAR}=".encode()
+    for entry in environ:
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
 
 
-def gcs_server_pids() -> set[int]:
-    return {
-        int(p)
-        for p in os.listdir("/proc")
-        if p.isdigit() and cmdline(int(p)).split(" ")[0].endswith("gcs_server")
-    }
+def pids_matching(needle: str, *, mark: str) -> list[int]:
+    """Processes carrying ``mark`` whose command line contains ``needle``."""
+    return [pid for pid in marked_pids(mark) if needle in cmdline(pid)]
+
+
+def gcs_server_pids(*, mark: str | None = None) -> set[int]:
+    """``gcs_server`` processes carrying ``mark``; with ``mark=None``, every one on the machine."""
+    pids = (
+        marked_pids(mark)
+        if mark is not None
+        else [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    )
+    return {pid for pid in pids if cmdline(pid).split(" ")[0].endswith("gcs_server")}
 
 
 def marked_pids(mark: str) -> list[int]:
     """Live processes whose environment carries ``MARK_VAR=mark``: everything a command started,
     including Ray workers (each in a process group of its own) and job drivers (own session)."""
-    needle = f"{MARK_VAR}={mark}".encode() + b"\0"
     out = []
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle not in f.read() + b"\0":
-                    continue
-        except OSError:
+        if not pid.isdigit() or int(pid) == os.getpid() or mark_of(int(pid)) != mark:
             continue
         st = _proc_stat(pid)
         if st and st[1] != "Z":
@@ -208,16 +217,26 @@ def start_ray(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subp
 
 
 def new_mark() -> str:
-    return uuid.uuid4().hex
+    """A fresh mark, prefixed with this pytest run's id: ``RUN-UUID``."""
+    return f"{os.environ.get(SUITE_RUN_VAR, 'solo')}-{uuid.uuid4().hex}"
 
 
 def assert_no_other_ray() -> None:
-    """Two Ray instances on one host break each other (see module docstring): refuse."""
-    others = gcs_server_pids()
-    if others:
+    """Refuse to start while a Ray instance this pytest run did not start is up (see the module
+    docstring); the sibling lane's Rays carry this run's id in their mark and are let be."""
+    ours = f"{os.environ.get(SUITE_RUN_VAR, 'solo')}-"
+
+    def others() -> set[int]:
+        return {pid for pid in gcs_server_pids() if not (mark_of(pid) or "").startswith(ours)}
+
+    unknown = others()
+    if unknown:  # a process shows an empty environment for a moment while it execs: look again
+        time.sleep(1.0)
+        unknown = others()
+    if unknown:
         pytest.fail(
             "another Ray instance is running on this machine (gcs_server pids "
-            f"{sorted(others)}); the integration tests need the machine to themselves"
+            f"{sorted(unknown)}); the integration tests need the machine to themselves"
         )
 
 
@@ -293,8 +312,8 @@ def run_cmd(
     Everything the command starts inherits a fresh ``MARK_VAR``. After it exits, wait up to
     ``settle`` s for the rest (a local Ray it started) to go; whatever is still alive then is
     reported in ``leftovers`` and killed. ``settle=None``: no wait, nothing killed; the caller
-    checks later with ``wait_gone(pgid=ran.pgid, mark=ran.mark)``. ``on_start(popen)`` is
-    called once it runs.
+    checks later with ``wait_gone(pgid=ran.pgid, mark=ran.mark)``. ``on_start(popen, mark)`` is
+    called once it runs, with the mark its processes carry.
     """
     mark = new_mark()
     env = {**(env or base_env()), MARK_VAR: mark}
@@ -305,7 +324,7 @@ def run_cmd(
         )
         try:
             if on_start is not None:
-                on_start(proc)
+                on_start(proc, mark)
             rc = proc.wait(timeout=timeout)
         except BaseException:
             kill_group(proc.pid)

@@ -42,7 +42,12 @@ SCRIPT = textwrap.dedent(
                 "controller_has_torch": controller_has_torch,
             }, f)
 
-    ray.init(num_cpus=1)
+    # As raysft.tune starts a local Ray: each worker's State API pinned to this cluster, not to
+    # the latest one on the machine (another test's, in the other lane).
+    ray.init(
+        num_cpus=1,
+        runtime_env={"worker_process_setup_hook": "raysft.search.trial.pin_ray_address"},
+    )
     DataParallelTrainer(
         worker,
         train_loop_config={"out": out},

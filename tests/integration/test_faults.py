@@ -57,12 +57,12 @@ def _client(root: Path) -> Any:
 def _kill_first_worker_after_a_checkpoint(exp_dir: Path, killed: list[int]) -> Any:
     """on_start hook: once a trial has a checkpoint, SIGKILL its Ray Train worker process."""
 
-    def watch(_proc: Any) -> None:
+    def watch(_proc: Any, mark: str) -> None:
         def poll() -> None:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and not killed:
                 if train_checkpoints(exp_dir):
-                    for pid in pids_matching("RayTrainWorker"):
+                    for pid in pids_matching("RayTrainWorker", mark=mark):  # not another lane's
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
                 time.sleep(0.2)
@@ -141,7 +141,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     exp_dir = tmp_path / "crash"
     state: dict[str, Any] = {}
 
-    def kill_driver_mid_second_trial(proc: Any) -> None:
+    def kill_driver_mid_second_trial(proc: Any, _mark: str) -> None:
         def poll() -> None:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:

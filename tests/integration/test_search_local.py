@@ -57,14 +57,13 @@ def test_invalid_spec_reports_every_problem_before_ray_starts(tmp_path: Path) ->
     spec = render_spec(
         "bad_search.yaml", tmp_path / "bad.yaml", {"search.experiment_dir": str(exp_dir)}
     )
-    gcs_before = gcs_server_pids()
     seen_gcs: set[int] = set()
     done = threading.Event()
 
-    def watch_for_gcs(_proc: Any) -> None:
+    def watch_for_gcs(_proc: Any, mark: str) -> None:
         def poll() -> None:
             while not done.is_set():
-                seen_gcs.update(gcs_server_pids() - gcs_before)
+                seen_gcs.update(gcs_server_pids(mark=mark))  # not another lane's
                 time.sleep(0.1)
 
         threading.Thread(target=poll, daemon=True).start()
