@@ -6,6 +6,7 @@ package imports neither torch nor ray, so validation and ``--dry-run`` are insta
 """
 
 from raysft.config.loading import (
+    drop_sections_of_replaced_method,
     dump_config,
     flat_paths,
     get_path,
@@ -62,6 +63,7 @@ __all__ = [
     "Template",
     "TrackingSection",
     "TrainSection",
+    "drop_sections_of_replaced_method",
     "dump_config",
     "flat_paths",
     "get_path",

@@ -5,6 +5,7 @@ file reported at once as ``file: dotted.path: message``. Imports neither torch n
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any, get_args
@@ -14,6 +15,8 @@ from pydantic import ValidationError
 
 from raysft.config.sections import Config, Method, SearchParam, SearchSpec
 from raysft.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # A YAML 1.2 number such as 1e-4 or 5E3, which YAML 1.1 (PyYAML) reads as a string.
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -195,6 +198,42 @@ def methods_of(cfg: Config, *, trials: bool = False) -> list[str]:
     return sampled if trials and sampled else [cfg.method, *sampled]
 
 
+def drop_sections_of_replaced_method(
+    tree: dict[str, Any], overrides: dict[str, Any], *, source: str
+) -> list[str]:
+    """``--set method=X`` on a file written for another method: remove (and log) the file's
+    method sections that X never reads, so the run goes ahead without them.
+
+    The file's ``lora:`` was written for its own method; the command line asks for another one,
+    so those settings are knowingly left out, not forgotten (``unread_sections`` refuses the
+    forgotten kind). A section the command line sets too (``--set lora.r=8``) stays, and is
+    refused if X does not read it. A spec that searches ``method`` keeps every section: its
+    trials choose their methods.
+    """
+    method = overrides.get("method")
+    params = tree.get("search", {}).get("params") if isinstance(tree.get("search"), dict) else None
+    if not isinstance(method, str) or method == tree.get("method"):
+        return []
+    if isinstance(params, dict) and "method" in params:
+        return []
+    set_here = {key.split(".", 1)[0] for key in overrides}
+    dropped = [
+        section
+        for section, readers in _READ_BY.items()
+        if section in tree and section not in set_here and method not in readers
+    ]
+    for section in dropped:
+        tree.pop(section)
+        log.info(
+            "--set method=%s: the %s: section of %s is for method %s only; running without it",
+            method,
+            section,
+            source,
+            " and ".join(_READ_BY[section]),
+        )
+    return dropped
+
+
 def unread_sections(
     cfg: Config, tree: dict[str, Any], searched: list[str] | None = None
 ) -> list[str]:
@@ -289,6 +328,7 @@ def load_config(
     source = str(path) if path is not None else "<defaults>"
     tree = read_yaml(path) if path is not None else {}
     tree = copy.deepcopy(tree)
+    drop_sections_of_replaced_method(tree, overrides or {}, source=source)
     problems = []
     for key, value in (overrides or {}).items():
         try:

@@ -16,6 +16,7 @@ from raysft.config import (
     Config,
     SearchParam,
     SearchSpec,
+    drop_sections_of_replaced_method,
     get_path,
     parse_overrides,
     read_yaml,
@@ -66,7 +67,9 @@ def load_spec(
     exist only on the cluster, where the search's own run checks them.
     """
     tree = read_yaml(path)
-    for key, value in parse_overrides(overrides).items():
+    changes = parse_overrides(overrides)
+    drop_sections_of_replaced_method(tree, changes, source=path)
+    for key, value in changes.items():
         try:
             set_path(tree, key, value)
         except KeyError as err:

@@ -209,7 +209,7 @@ def _submit(cluster: Cluster, workdir: Path, log: Path, submission_id: str):
         log=log,
         env=cluster.client_env,
         cwd=cluster.root,
-        timeout=240,  # ~75 s for the search
+        timeout=480,  # ~75 s for the search alone; 125-150 s beside the other lane
         settle=5,
     )
 

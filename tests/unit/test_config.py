@@ -308,6 +308,33 @@ def test_a_section_no_method_reads_is_refused(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "method: lora\nqlora: {quant_type: fp4}\n")).method == "lora"
 
 
+def test_set_method_runs_without_the_sections_of_the_files_method(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, "method: qlora\nlora: {r: 4}\nqlora: {quant_type: fp4}\n")
+    with caplog.at_level("INFO", logger="raysft.config.loading"):
+        full = load_config(path, {"method": "full"}, authored=True)
+    assert full.method == "full"
+    assert full.lora == Config().lora and full.qlora == Config().qlora
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--set method=full: the lora: section of {path} is for method lora and qlora only; "
+        "running without it",
+        f"--set method=full: the qlora: section of {path} is for method qlora only; "
+        "running without it",
+    ]
+    # LoRA keeps the file's lora: and leaves its qlora: out.
+    lora = load_config(path, {"method": "lora"}, authored=True)
+    assert (lora.lora.r, lora.qlora) == (4, Config().qlora)
+    # A section the command line sets too was meant: refused as ever.
+    assert problems_of(path, {"method": "full", "lora.r": 8}) == [
+        "lora: settings for method lora and qlora only, but method is full: they would be "
+        "ignored; remove the section or set method: lora or qlora"
+    ]
+    # The file's own method, set again, drops nothing; a file's forgotten section is refused.
+    assert load_config(path, {"method": "qlora"}, authored=True).qlora.quant_type == "fp4"
+    assert problems_of(write(tmp_path, "method: full\nlora: {r: 4}\n"), {"method": "full"})
+
+
 def test_a_searched_method_that_reads_the_section_makes_it_used(tmp_path: Path) -> None:
     params = "    method: {type: choice, values: [full, lora]}\n"
     text = "method: full\nlora: {r: 4}\n" + SEARCH.format(params=params)

@@ -1037,6 +1037,21 @@ def test_set_into_a_value_is_a_config_error(spec_file: Path) -> None:
     assert err.value.problems == ["--set train.max_steps.x: max_steps is not a section"]
 
 
+def test_set_method_on_a_spec_leaves_the_files_method_sections_out(spec_file: Path) -> None:
+    tree = {**spec({"train.learning_rate": LR}), "method": "lora", "lora": {"r": 8}}
+    spec_file.write_text(yaml.safe_dump(tree))
+    path = str(spec_file)
+    tree, cfg = load_spec(path, ["method=full"], preflight=False)
+    assert cfg.method == "full" and "lora" not in tree  # the tree every trial starts from
+    # Searching a LoRA setting with method full is still refused, as is a section set too.
+    with pytest.raises(ConfigError) as err:
+        load_spec(path, ["method=full", "search.params.lora.r={type: choice, values: [4, 8]}"])
+    assert [p.split(":")[0] for p in err.value.problems] == ["search.params.lora.r"]
+    with pytest.raises(ConfigError) as err:
+        load_spec(path, ["method=full", "lora.alpha=4"])
+    assert [p.split(":")[0] for p in err.value.problems] == ["lora"]
+
+
 # ---------------------------------------------------------------- python -m raysft.tune --dry-run
 
 # Runs `python -m raysft.tune ARGS1 [--then ARGS2 ...]` in one interpreter (imports paid once);
@@ -1170,7 +1185,9 @@ def error_lines(run: dict[str, Any]) -> list[str]:
 def test_cli_dry_run_prints_space_and_plan(cli: CliRuns) -> None:
     run = cli.runs()[0]
     assert run["code"] == 0, run
-    assert run["stderr"] == ""
+    # stderr: the log, which says the data and model were read; nothing else.
+    logged = run["stderr"].splitlines()
+    assert len(logged) == 1 and " INFO raysft.search.preflight: preflight: " in logged[0], logged
     lines = run["stdout"].splitlines()
     # Then the memory estimate (its numbers: tests/unit/test_memory.py).
     assert lines[10].startswith("memory per trial: ~")
