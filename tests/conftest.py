@@ -20,8 +20,9 @@ SUITE_RUN_VAR = "RAYSFT_IT_RUN"
 # both workers take the unit tests, a module at a time. Most integration tests wait more than
 # they compute (a Ray start, one trial at a time, a resume after a kill), so two at once fill the
 # 2 cores. Lane 1 holds the tests that start clusters with `ray start` (whose raylet must register
-# within Ray's fixed 30 s) and the 4-trials-at-a-time load test, so they never overlap; the load
-# test goes last, beside lane 0's lighter one-trial-at-a-time searches.
+# within Ray's fixed 30 s) and the 4-trials-at-a-time load test, so they never overlap. The load
+# test goes last in its lane: beside lane 0's one-trial-at-a-time searches, or beside unit tests
+# once lane 0 is done.
 INTEGRATION_DIR = "tests/integration/"
 INTEGRATION_LANES = (
     ("test_faults", "test_search_local", "test_backend"),

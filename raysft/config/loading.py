@@ -4,6 +4,7 @@ file reported at once as ``file: dotted.path: message``. Imports neither torch n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -187,6 +188,7 @@ def validate_tree(
 # The method sections and the training methods that read them: LoRA settings apply to LoRA and
 # QLoRA, the 4-bit settings to QLoRA alone.
 _READ_BY = {"lora": ("lora", "qlora"), "qlora": ("qlora",)}
+_DEFAULT_METHOD = Config.model_fields["method"].default
 
 
 def methods_of(cfg: Config, *, trials: bool = False) -> list[str]:
@@ -211,9 +213,14 @@ def drop_sections_of_replaced_method(
     trials choose their methods.
     """
     method = overrides.get("method")
-    params = tree.get("search", {}).get("params") if isinstance(tree.get("search"), dict) else None
-    if not isinstance(method, str) or method == tree.get("method"):
-        return []
+    if method not in get_args(Method) or method == tree.get("method", _DEFAULT_METHOD):
+        return []  # no change of method (an invalid one is reported by validation)
+    after = copy.deepcopy(tree)  # the spec as the command line leaves it: does it search method?
+    for key, value in overrides.items():
+        with contextlib.suppress(KeyError):  # reported where the overrides are applied
+            set_path(after, key, value)
+    search = after.get("search")
+    params = search.get("params") if isinstance(search, dict) else None
     if isinstance(params, dict) and "method" in params:
         return []
     set_here = {key.split(".", 1)[0] for key in overrides}

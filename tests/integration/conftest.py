@@ -4,8 +4,13 @@ Every process a test starts runs in its own process group (``start_new_session=T
 stopped through that group, never by name: ``ray stop`` or ``pkill`` would also kill other
 people's Ray instances on the machine. Every file a test writes lies under pytest's tmp_path.
 
-Every Ray a test starts is its own (its own temp dir, its own free ports), so the suite runs two
-integration lanes at once (tests/conftest.py), each starting its own. Processes are found by the
+Every Ray a test starts is its own, under a temp dir of its own, so the suite runs two
+integration lanes at once (tests/conftest.py). ``ray start`` clusters get free ports
+(``node_port_flags``); a local Ray that raysft starts takes Ray's own choice: random ports, the
+dashboard on the first free one from 8265, and the dashboard agent's HTTP server on 52365, which
+the second of two local Rays finds taken, so that agent runs without it (nothing here uses it;
+Ray logs it and goes on). Each worker's State API is pinned to its own cluster
+(``raysft.search.trial.pin_ray_address``). Processes are found by the
 mark they inherit (``MARK_VAR``), never by name alone, so a lane never touches its sibling's. A
 Ray instance the suite did not start (someone's ``gcs_server``) makes a test refuse to start:
 the tests' figures and leftover checks assume the machine is theirs.

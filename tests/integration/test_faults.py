@@ -59,7 +59,7 @@ def _kill_first_worker_after_a_checkpoint(exp_dir: Path, killed: list[int]) -> A
 
     def watch(_proc: Any, mark: str) -> None:
         def poll() -> None:
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + 480
             while time.monotonic() < deadline and not killed:
                 if train_checkpoints(exp_dir):
                     for pid in pids_matching("RayTrainWorker", mark=mark):  # not another lane's
@@ -87,7 +87,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_oom_is_not_retried(
         tmp_path,
         ray_tmp,
         env={"RAYSFT_INJECT_OOM": "lora.r=8"},
-        timeout=420,
+        timeout=600,
         on_start=_kill_first_worker_after_a_checkpoint(exp_dir, killed),
     )
     assert ran.rc == 0, ran.explain()
@@ -143,7 +143,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
 
     def kill_driver_mid_second_trial(proc: Any, _mark: str) -> None:
         def poll() -> None:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 450
             while time.monotonic() < deadline:
                 done = list(exp_dir.glob("trials/*/metrics.json"))
                 ckpts = train_checkpoints(exp_dir)
@@ -164,7 +164,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
         tmp_path,
         ray_tmp,
         log="crash.log",
-        timeout=300,
+        timeout=450,
         # Ray's processes follow the driver within seconds, except its dashboard and runtime-env
         # agents: they see their raylet die within 2 s, then try for 60 s (a timeout hard-coded
         # in ray._private.utils.publish_error_to_driver) to report it to the GCS, which died with
@@ -183,7 +183,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
             ray_tmp,
             "--resume",
             log="resume.log",
-            timeout=300,
+            timeout=450,
         )
         left = wait_gone(killed_at + 120 - time.monotonic(), pgid=crashed.pgid, mark=crashed.mark)
         outlived = "; ".join(cmdline(p) for p in left)
@@ -243,7 +243,7 @@ def test_a_really_diverging_trial_is_stopped_at_once_and_never_promoted(
         },
     )
     exp_dir = tmp_path / "diverge"
-    ran = run_tune(spec, tmp_path, ray_tmp, timeout=300)
+    ran = run_tune(spec, tmp_path, ray_tmp, timeout=450)
     assert ran.rc == 0, ran.explain()
     assert not ran.leftovers, ran.leftovers
 

@@ -47,9 +47,10 @@ DEAD_RAY_ADDRESS = "127.0.0.1:9"
 # Runs jobs (module, argv, cwd) one after another in this interpreter, each exactly as
 # `python -m MODULE ARGV` from cwd would; prints one JSON line of results.
 SEQUENCE = r"""
-import contextlib, io, json, os, runpy, sys, traceback
+import contextlib, io, json, logging, os, runpy, sys, traceback
 jobs, results = json.loads(open(sys.argv[1]).read()), []
 for job in jobs:
+    logging.root.handlers.clear()  # a fresh process's logging: the CLI's basicConfig binds err
     os.chdir(job["cwd"])
     sys.argv = [job["module"], *job["argv"]]
     out, err, code = io.StringIO(), io.StringIO(), None

@@ -330,9 +330,19 @@ def test_set_method_runs_without_the_sections_of_the_files_method(
         "lora: settings for method lora and qlora only, but method is full: they would be "
         "ignored; remove the section or set method: lora or qlora"
     ]
-    # The file's own method, set again, drops nothing; a file's forgotten section is refused.
+    # The file's own method, set again, drops nothing; a file's forgotten section is refused,
+    # also where the file leaves its method at the default (lora), and a misspelt method is
+    # reported as such, with nothing dropped.
     assert load_config(path, {"method": "qlora"}, authored=True).qlora.quant_type == "fp4"
     assert problems_of(write(tmp_path, "method: full\nlora: {r: 4}\n"), {"method": "full"})
+    assert problems_of(write(tmp_path, "qlora: {quant_type: fp4}\n"), {"method": "lora"}) == [
+        "qlora: settings for method qlora only, but method is lora: they would be ignored; "
+        "remove the section or set method: qlora"
+    ]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="raysft.config.loading"):
+        assert [p.split(":")[0] for p in problems_of(path, {"method": "ful"})] == ["method"]
+    assert caplog.records == []
 
 
 def test_a_searched_method_that_reads_the_section_makes_it_used(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The embedded default as a user runs it: `python -m raysft.train search_spaces/lora.yaml`.
 
-No Ray: it runs beside the other unit tests, off the integration tests' lane (tests/conftest.py).
+No Ray: it runs with the other unit tests, off the integration tests' lanes (tests/conftest.py).
 """
 
 from __future__ import annotations

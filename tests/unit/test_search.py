@@ -1050,6 +1050,10 @@ def test_set_method_on_a_spec_leaves_the_files_method_sections_out(spec_file: Pa
     with pytest.raises(ConfigError) as err:
         load_spec(path, ["method=full", "lora.alpha=4"])
     assert [p.split(":")[0] for p in err.value.problems] == ["lora"]
+    # A method search, added on the command line too, keeps the file's lora: for its trials.
+    methods = "search.params.method={type: choice, values: [lora, full]}"
+    tree, _ = load_spec(path, ["method=full", methods], preflight=False)
+    assert tree["lora"] == {"r": 8}
 
 
 # ---------------------------------------------------------------- python -m raysft.tune --dry-run
@@ -1058,9 +1062,10 @@ def test_set_method_on_a_spec_leaves_the_files_method_sections_out(spec_file: Pa
 # the first run is exactly a fresh `python -m raysft.tune ARGS1`. Prints one JSON list: per run
 # its exit code, stdout, stderr, seconds and the ray modules imported so far.
 SEQUENCE = r"""
-import contextlib, io, json, runpy, sys, time, traceback
+import contextlib, io, json, logging, runpy, sys, time, traceback
 args, runs = sys.argv[1:], []
 while args:
+    logging.root.handlers.clear()  # a fresh process's logging: the CLI's basicConfig binds err
     n = args.index("--then") if "--then" in args else len(args)
     sys.argv, args = ["raysft.tune", *args[:n]], args[n + 1 :]
     out, err, code, t0 = io.StringIO(), io.StringIO(), None, time.perf_counter()

@@ -39,7 +39,7 @@ def _tree(root: Path) -> None:
     (root / "tests" / "conftest.py").write_text(
         (ROOT / "tests" / "conftest.py").read_text(encoding="utf-8"), encoding="utf-8"
     )
-    # Collected in alphabetical order; the scheduler must run them in INTEGRATION_ORDER.
+    # Collected in alphabetical order; the scheduler must run them in INTEGRATION_LANES order.
     for name in (
         "test_backend",
         "test_faults",
