@@ -109,10 +109,10 @@ def _main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    setup_logging(args.verbose)  # to stderr: --dry-run prints its plan to stdout
     tree, cfg = load_spec(args.config, args.overrides, dry_run=args.dry_run)
     if args.dry_run:
         return _dry_run(cfg)
+    setup_logging(args.verbose)
 
     summary = run_search(args.config, tree, cfg, resume=args.resume)
     _print_summary(summary, cfg.search.metric)

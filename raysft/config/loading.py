@@ -231,7 +231,10 @@ def drop_sections_of_replaced_method(
     ]
     for section in dropped:
         tree.pop(section)
-        log.info(
+        # A warning: it is printed before the CLIs set up logging (Python's last-resort
+        # handler), which they do only once the config is valid, so that a refused config
+        # prints its error lines and nothing else.
+        log.warning(
             "--set method=%s: the %s: section of %s is for method %s only; running without it",
             method,
             section,

@@ -143,7 +143,6 @@ def _main() -> int:
     if args.preview is not None and args.preview < 0:
         # train[:N] with N < 0 would print all but the last -N examples
         parser.error(f"--preview N: N must be >= 0 (got {args.preview})")
-    setup_logging(args.verbose)  # to stderr: --dry-run and --preview print to stdout
     cfg = load_from_args(args)
     if args.dry_run:
         return _dry_run(cfg)
@@ -155,6 +154,7 @@ def _main() -> int:
         from raysft.train.state import check_resumable
 
         check_resumable(args.resume_from, cfg)  # before any data or weights load
+    setup_logging(args.verbose)
     return _train(cfg, args.resume_from)
 
 

@@ -312,7 +312,7 @@ def test_set_method_runs_without_the_sections_of_the_files_method(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = write(tmp_path, "method: qlora\nlora: {r: 4}\nqlora: {quant_type: fp4}\n")
-    with caplog.at_level("INFO", logger="raysft.config.loading"):
+    with caplog.at_level("WARNING", logger="raysft.config.loading"):
         full = load_config(path, {"method": "full"}, authored=True)
     assert full.method == "full"
     assert full.lora == Config().lora and full.qlora == Config().qlora
@@ -340,7 +340,7 @@ def test_set_method_runs_without_the_sections_of_the_files_method(
         "remove the section or set method: qlora"
     ]
     caplog.clear()
-    with caplog.at_level("INFO", logger="raysft.config.loading"):
+    with caplog.at_level("WARNING", logger="raysft.config.loading"):
         assert [p.split(":")[0] for p in problems_of(path, {"method": "ful"})] == ["method"]
     assert caplog.records == []
 
