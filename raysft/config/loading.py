@@ -4,7 +4,6 @@ file reported at once as ``file: dotted.path: message``. Imports neither torch n
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
@@ -201,10 +200,11 @@ def methods_of(cfg: Config, *, trials: bool = False) -> list[str]:
 
 
 def drop_sections_of_replaced_method(
-    tree: dict[str, Any], overrides: dict[str, Any], *, source: str
-) -> list[str]:
-    """``--set method=X`` on a file written for another method: remove (and log) the file's
-    method sections that X never reads, so the run goes ahead without them.
+    tree: dict[str, Any], overrides: dict[str, Any], file_method: Any, *, source: str
+) -> None:
+    """``--set method=X`` on a file written for another method (``file_method``, as the file
+    wrote it, or None): remove (and log) the method sections of ``tree``, the config with the
+    overrides applied, that X never reads, so the run goes ahead without them.
 
     The file's ``lora:`` was written for its own method; the command line asks for another one,
     so those settings are knowingly left out, not forgotten (``unread_sections`` refuses the
@@ -213,16 +213,12 @@ def drop_sections_of_replaced_method(
     trials choose their methods.
     """
     method = overrides.get("method")
-    if method not in get_args(Method) or method == tree.get("method", _DEFAULT_METHOD):
-        return []  # no change of method (an invalid one is reported by validation)
-    after = copy.deepcopy(tree)  # the spec as the command line leaves it: does it search method?
-    for key, value in overrides.items():
-        with contextlib.suppress(KeyError):  # reported where the overrides are applied
-            set_path(after, key, value)
-    search = after.get("search")
+    if method not in get_args(Method) or method == (file_method or _DEFAULT_METHOD):
+        return  # no change of method (an invalid one is reported by validation)
+    search = tree.get("search")
     params = search.get("params") if isinstance(search, dict) else None
     if isinstance(params, dict) and "method" in params:
-        return []
+        return
     set_here = {key.split(".", 1)[0] for key in overrides}
     dropped = [
         section
@@ -241,7 +237,6 @@ def drop_sections_of_replaced_method(
             source,
             " and ".join(_READ_BY[section]),
         )
-    return dropped
 
 
 def unread_sections(
@@ -338,13 +333,14 @@ def load_config(
     source = str(path) if path is not None else "<defaults>"
     tree = read_yaml(path) if path is not None else {}
     tree = copy.deepcopy(tree)
-    drop_sections_of_replaced_method(tree, overrides or {}, source=source)
+    file_method = tree.get("method")
     problems = []
     for key, value in (overrides or {}).items():
         try:
             set_path(tree, key, value)
         except KeyError as err:
             problems.append(f"--set {err.args[0]}")
+    drop_sections_of_replaced_method(tree, overrides or {}, file_method, source=source)
     try:
         cfg = validate_tree(tree, source=source)
     except ConfigError as err:

@@ -67,13 +67,14 @@ def load_spec(
     exist only on the cluster, where the search's own run checks them.
     """
     tree = read_yaml(path)
+    file_method = tree.get("method")
     changes = parse_overrides(overrides)
-    drop_sections_of_replaced_method(tree, changes, source=path)
     for key, value in changes.items():
         try:
             set_path(tree, key, value)
         except KeyError as err:
             raise ConfigError(path, [f"--set {err.args[0]}"]) from None
+    drop_sections_of_replaced_method(tree, changes, file_method, source=path)
     problems: list[str] = []
     try:
         spec = validate_spec(tree, source=path)

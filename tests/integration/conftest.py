@@ -221,15 +221,20 @@ def start_ray(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subp
     )
 
 
+def _run_prefix() -> str:
+    """The start of every mark this pytest run makes: ``RUN-``."""
+    return f"{os.environ.get(SUITE_RUN_VAR, 'solo')}-"
+
+
 def new_mark() -> str:
     """A fresh mark, prefixed with this pytest run's id: ``RUN-UUID``."""
-    return f"{os.environ.get(SUITE_RUN_VAR, 'solo')}-{uuid.uuid4().hex}"
+    return f"{_run_prefix()}{uuid.uuid4().hex}"
 
 
 def assert_no_other_ray() -> None:
     """Refuse to start while a Ray instance this pytest run did not start is up (see the module
     docstring); the sibling lane's Rays carry this run's id in their mark and are let be."""
-    ours = f"{os.environ.get(SUITE_RUN_VAR, 'solo')}-"
+    ours = _run_prefix()
 
     def others() -> set[int]:
         return {pid for pid in gcs_server_pids() if not (mark_of(pid) or "").startswith(ours)}
