@@ -29,6 +29,7 @@ from raysft.data.pipeline import load_split
 from raysft.data.templates import Example, render, tokenize
 from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
 from raysft.search.results import read_summary
+from raysft.thirdparty import peft_quietly
 from raysft.train.device import resolve_device
 from raysft.train.metrics import METRICS, Metric
 from raysft.train.model import from_pretrained, load_tokenizer
@@ -172,7 +173,8 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
     if adapter:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, str(path))
+        with peft_quietly():
+            net = PeftModel.from_pretrained(net, str(path))
     net.eval()
     return net, tokenizer
 

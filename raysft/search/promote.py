@@ -33,6 +33,7 @@ from raysft.search.preflight import seed_picks_eval_rows
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
 from raysft.search.tracking import redact_tree
+from raysft.thirdparty import peft_quietly
 from raysft.train.metrics import Mode, is_better, objective_mode
 
 log = logging.getLogger("raysft.promote")
@@ -397,4 +398,5 @@ def load_champion(directory: str | Path) -> tuple[Any, Any]:
     base = AutoModelForCausalLM.from_pretrained(
         resolve(base_name), revision=model_cfg.get("revision"), trust_remote_code=trust
     )
-    return PeftModel.from_pretrained(base, str(d)).eval(), tokenizer
+    with peft_quietly():
+        return PeftModel.from_pretrained(base, str(d)).eval(), tokenizer

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from raysft.assets import resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
 from raysft.errors import ModelError
+from raysft.thirdparty import peft_quietly
 from raysft.train import attention
 from raysft.train.device import bf16_emulation, native_bf16
 
@@ -271,7 +272,8 @@ def _attach_adapter(model: Any, cfg: Config, *, gc: bool) -> Any:
         model.enable_input_require_grads()
     # autocast_adapter_dtype: peft creates the adapter in the base's dtype, then casts it to fp32
     # (AdamW on bf16 weights would lose updates below 2^-8 of a weight).
-    peft_model = get_peft_model(model, build_lora_config(cfg.lora), autocast_adapter_dtype=True)
+    with peft_quietly():
+        peft_model = get_peft_model(model, build_lora_config(cfg.lora), autocast_adapter_dtype=True)
     log.info("%s: %s", cfg.method, format_parameter_counts(*count_parameters(peft_model)))
     return peft_model
 
@@ -292,7 +294,8 @@ def build_meta_model(cfg: Config) -> Any:
             config, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="eager"
         )
         if cfg.method != "full":
-            model = get_peft_model(model, build_lora_config(cfg.lora))
+            with peft_quietly():
+                model = get_peft_model(model, build_lora_config(cfg.lora))
     return model
 
 

@@ -41,6 +41,7 @@ print(json.dumps(report))
 
 
 def _worker(tmp: Path, *methods: str) -> dict:
+    """The worker's report, with its stderr under "stderr"."""
     ran = subprocess.run(
         [sys.executable, "-c", _WORKER, str(tmp), *methods],
         cwd=ROOT,
@@ -49,13 +50,21 @@ def _worker(tmp: Path, *methods: str) -> dict:
         timeout=300,
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
-    return json.loads(ran.stdout.strip().splitlines()[-1])
+    return {**json.loads(ran.stdout.strip().splitlines()[-1]), "stderr": ran.stderr}
+
+
+def _assert_no_third_party_noise(stderr: str) -> None:
+    """Neither bitsandbytes' failed Hub kernel lookup (AVX512-BF16 CPUs) nor transformers'
+    deprecation warning on peft's read (raysft/thirdparty.py)."""
+    assert "kernels-community" not in stderr, stderr[-3000:]
+    assert "is_gradient_checkpointing" not in stderr, stderr[-3000:]
 
 
 def test_lora_and_full_workers_train_without_bitsandbytes(tmp_path: Path) -> None:
     report = _worker(tmp_path, "lora", "full")
     assert report["hidden"] is True
     assert report["bitsandbytes"] == "hidden" and report["peft"], report
+    _assert_no_third_party_noise(report["stderr"])
     for method in ("lora", "full"):
         run = report["runs"][method]
         assert run["eval_loss"] > 0 and 0 <= run["exact_match"] <= 1, run
@@ -67,6 +76,7 @@ def test_a_qlora_worker_keeps_bitsandbytes(tmp_path: Path) -> None:
     report = _worker(tmp_path, "qlora")
     assert report["hidden"] is False
     assert report["bitsandbytes"] == "loaded", report
+    _assert_no_third_party_noise(report["stderr"])
     assert report["runs"]["qlora"]["eval_loss"] > 0
 
 

@@ -1,0 +1,101 @@
+"""raysft/thirdparty.py: bitsandbytes imported without its Hub kernel lookup; peft's deprecated
+read kept out of the logs. The imports run in fresh interpreters: an import hook acts once per
+process, before the first import of bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from raysft.thirdparty import HUB_KERNELS_VAR, kernels_hidden, peft_quietly
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Imports raysft then peft (which imports bitsandbytes) with every DNS lookup and connect recorded.
+_PROBE = """
+import json, socket, sys
+looked_up = []
+_gai, _connect = socket.getaddrinfo, socket.socket.connect
+socket.getaddrinfo = lambda *a, **k: (looked_up.append(str(a[0])), _gai(*a, **k))[1]
+socket.socket.connect = lambda self, addr: (looked_up.append(str(addr)), _connect(self, addr))[1]
+import raysft, peft, bitsandbytes
+from bitsandbytes.functional import has_avx512bf16
+print(json.dumps({
+    "looked_up": looked_up,
+    "avx512bf16": bool(has_avx512bf16()),
+    "own_loader": type(bitsandbytes.__spec__.loader).__name__,
+}))
+"""
+
+
+def _probe(env: dict[str, str]) -> tuple[dict, str]:
+    ran = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return json.loads(ran.stdout.strip().splitlines()[-1]), ran.stderr
+
+
+def test_bitsandbytes_imports_without_looking_up_the_hub() -> None:
+    report, stderr = _probe({HUB_KERNELS_VAR: "0"})
+    assert report["looked_up"] == [], report
+    assert "kernels-community" not in stderr, stderr[-2000:]
+    # The module keeps bitsandbytes' own loader, not the hook's wrapper.
+    assert report["own_loader"] == "SourceFileLoader", report
+    if not report["avx512bf16"]:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not look up its Hub kernel")
+    # The control: left alone (the opt-out), the same import asks the Hub.
+    control, control_err = _probe({HUB_KERNELS_VAR: "1"})
+    assert any("huggingface.co" in host for host in control["looked_up"]), control
+    assert "kernels-community" in control_err
+
+
+def test_kernels_hidden_fails_the_import_inside_and_restores_it_after() -> None:
+    before = sys.modules.get("kernels")
+    with kernels_hidden(), pytest.raises(ImportError):
+        from kernels import get_kernel  # noqa: F401
+    assert sys.modules.get("kernels") is before
+    import kernels  # importable again
+
+    assert hasattr(kernels, "get_kernel")
+
+
+def test_peft_quietly_drops_only_the_deprecation_of_peft_s_read() -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def wrap() -> list[str]:
+        model = LlamaForCausalLM(
+            LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with peft_quietly():
+                get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+                warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+        return [str(w.message) for w in seen]
+
+    seen = wrap()
+    assert not any("is_gradient_checkpointing" in m for m in seen), seen
+    assert "another FutureWarning" in seen
+    # The control: without the shim peft's read warns (if this fails, the shim can go).
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen_plain:
+        warnings.simplefilter("always")
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert any("is_gradient_checkpointing" in str(w.message) for w in seen_plain)
