@@ -112,16 +112,21 @@ def _turns(
 
 
 def _from_sharegpt(row: dict[str, Any]) -> Conversation:
-    conv = _turns(
+    return _turns(
         row.get("conversations"),
         key="conversations",
         role_key="from",
         content_key="value",
         roles=_SHAREGPT_ROLES,
     )
+
+
+def _with_sharegpt_system(conv: Conversation, row: dict[str, Any]) -> Conversation:
+    """A ShareGPT row's top-level ``system``, unless its turns open with their own. Added after
+    the shape check, so a bad turn's index is its index in ``conversations``."""
     system = _text(row, "system", required=False)
     if system.strip() and conv[0]["role"] != "system":
-        conv.insert(0, {"role": "system", "content": system})
+        return [{"role": "system", "content": system}, *conv]
     return conv
 
 
@@ -173,6 +178,8 @@ def to_conversation(
         raise _RowError(_SHAPE_KEY[kind], f"missing (data.format is {fmt})")
     conv = _CONVERTERS[kind](row)
     _check_shape(conv, key=_SHAPE_KEY[kind])
+    if kind == "sharegpt":
+        conv = _with_sharegpt_system(conv, row)
     if "tests" in row:
         conv[-1]["tests"] = _tests(row["tests"])
     if system_prompt and conv[0]["role"] != "system":

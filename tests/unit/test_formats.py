@@ -151,6 +151,10 @@ BAD_ROWS = [
     ),
     ({"messages": msgs(("user", "a"), ("assistant", " "))}, "messages[1]: assistant content is"),
     ({"messages": msgs(("system", "s"))}, "messages: has no user/assistant turns"),
+    (  # the index is the turn's own in `conversations`, not shifted by the top-level system
+        {"system": "S", "conversations": turns(("human", "a"), ("human", "b"))},
+        "conversations[1]: expected an assistant turn, got user",
+    ),
     ({"prompt": "q", "completion": "a"}, "cannot detect the format"),
     (["q", "a"], "row must be a JSON object, got list"),
 ]
