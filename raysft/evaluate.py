@@ -172,9 +172,16 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
     tokenizer = load_tokenizer(tok_cfg)
     if adapter:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
-        with peft_quietly():
-            net = PeftModel.from_pretrained(net, str(path))
+        try:
+            with peft_quietly():
+                net = PeftModel.from_pretrained(net, str(path))
+        except (OSError, ValueError, SafetensorError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if isinstance(err, SafetensorError):
+                first = f"a weights file is truncated or corrupt ({first})"
+            raise ModelError(f"{path}: cannot load the adapter: {first}") from None
     net.eval()
     return net, tokenizer
 

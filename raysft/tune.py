@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from raysft.cli import config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
-from raysft.search.driver import run_search
+from raysft.search.driver import check_experiment_dir, run_search
 from raysft.search.resources import (
     attaching_to_cluster,
     local_nodes,
@@ -110,6 +110,7 @@ def _main() -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     tree, cfg = load_spec(args.config, args.overrides, dry_run=args.dry_run)
+    check_experiment_dir(args.config, cfg, resume=args.resume)  # a dry run checks it too
     if args.dry_run:
         return _dry_run(cfg)
     setup_logging(args.verbose)

@@ -294,6 +294,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         tree = yaml_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [_yaml_problem(err)]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            str(path), [f"not UTF-8 text (byte {err.start}: 0x{err.object[err.start]:02x})"]
+        ) from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):

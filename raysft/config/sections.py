@@ -6,6 +6,7 @@ place defaults live; every option is documented once, on its field (README refer
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -19,6 +20,10 @@ from pydantic import (
 Method = Literal["full", "lora", "qlora"]
 DataFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
 Template = Literal["llama2", "chatml", "vicuna", "tokenizer"]
+MAX_SEED = 2**32 - 1  # what every seeded library takes (Optuna and numpy refuse more)
+# MLflow's own rules (mlflow/utils/validation.py), checked at load rather than after the trials.
+_ALIAS = re.compile(r"^[\w\-]{1,255}$")
+_RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 
 
 class _Section(BaseModel):
@@ -63,7 +68,10 @@ class LoraSection(_Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names to adapt, or `all-linear` (every linear layer but the LM head).",
+        min_length=1,
+        description="Module names to adapt, or `all-linear` (every linear layer but the LM head). "
+        "Each name must match a linear or embedding layer of the model (its dotted name, or its "
+        "last components).",
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r).")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
@@ -205,7 +213,12 @@ class TrainSection(_Section):
         "compile (embedded base on 2 CPU cores: 20-100 s); on the CPU it gains 5-25% per step "
         "(benchmarks/RESULTS.md). Not with FSDP yet.",
     )
-    seed: int = Field(42, description="Seeds data order, split, init of adapters and noise.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=MAX_SEED,
+        description="Seeds data order, split, init of adapters and noise.",
+    )
     num_threads: int | None = Field(
         None, gt=0, description="torch CPU threads per worker. Null: torch's default."
     )
@@ -279,7 +292,24 @@ class SearchParam(_Section):
             raise ValueError(f"type {self.type} needs a non-empty values list")
         if self.type == "multiple_of" and not self.of:
             raise ValueError("type multiple_of needs of: <dotted path>")
+        takes = _PARAM_FIELDS[self.type]
+        unread = [k for k in ("low", "high", "values", "of") if k not in takes]
+        unread = [k for k in unread if getattr(self, k) is not None]
+        if unread:
+            raise ValueError(
+                f"type {self.type} reads {' and '.join(takes)} only: {', '.join(unread)} "
+                "would be ignored"
+            )
         return self
+
+
+_PARAM_FIELDS = {
+    "loguniform": ("low", "high"),
+    "uniform": ("low", "high"),
+    "int": ("low", "high"),
+    "choice": ("values",),
+    "multiple_of": ("of", "values"),
+}
 
 
 class SchedulerSection(_Section):
@@ -386,7 +416,7 @@ class SearchSection(_Section):
         None, description="Minimise or maximise the metric. Null: the metric's own direction."
     )
     num_samples: int = Field(4, gt=0, description="Trials to run.")
-    seed: int = Field(0, description="Seeds the sampler.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds the sampler.")
     sampler: SamplerSection = Field(default_factory=SamplerSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
@@ -416,7 +446,9 @@ class TrackingSection(_Section):
         None,
         description="MLflow tracking URI. Null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.",
     )
-    experiment: str = Field("raysft", description="MLflow experiment name.")
+    experiment: str = Field(
+        "raysft", min_length=1, max_length=500, description="MLflow experiment name."
+    )
 
 
 class PromoteSection(_Section):
@@ -426,6 +458,26 @@ class PromoteSection(_Section):
     export_dir: str | None = Field(
         None, description="Where the promoted adapter is exported. Null: EXPERIMENT_DIR/champion."
     )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: the Model Registry needs a name")
+        if "/" in value or ":" in value:
+            raise ValueError(f"{value!r}: a Model Registry name cannot contain '/' or ':'")
+        return value
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        if not _ALIAS.match(value):
+            raise ValueError(
+                f"{value!r}: an MLflow alias is 1-255 letters, digits, underscores or dashes"
+            )
+        if _RESERVED_ALIAS.match(value):
+            raise ValueError(f"{value!r}: MLflow reserves 'latest' and version names (v1, V2)")
+        return value
 
 
 class Config(_Section):

@@ -105,7 +105,19 @@ def build_tuner(
 
 def _open_experiment(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
     """The experiment dir, checked against ``--resume`` before anything starts."""
+    exp_dir = check_experiment_dir(spec_path, cfg, resume=resume)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    return exp_dir
+
+
+def check_experiment_dir(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
+    """Where the search goes (resolved), refused if it cannot go there: a file, a search that
+    is there without ``--resume`` or missing with it, another spec's search to resume."""
     exp_dir = Path(cfg.search.experiment_dir).resolve()
+    if exp_dir.exists() and not exp_dir.is_dir():
+        raise SearchStateError(
+            f"{spec_path}: search.experiment_dir: {exp_dir} is a file, not a directory"
+        )
     tune_dir = exp_dir / "tune"
     if tune_dir.exists() and not resume:
         raise SearchStateError(
@@ -116,7 +128,6 @@ def _open_experiment(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
         raise SearchStateError(f"{spec_path}: --resume: no search to resume in {exp_dir}")
     if resume:
         _check_same_spec(spec_path, cfg, exp_dir)
-    exp_dir.mkdir(parents=True, exist_ok=True)
     return exp_dir
 
 

@@ -18,7 +18,13 @@ from raysft.config import Config, ModelSection, SearchSpec
 from raysft.data.formats import load_conversations
 from raysft.data.pipeline import prepare_data
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
-from raysft.train.model import from_pretrained, load_tokenizer
+from raysft.train.model import (
+    build_meta_model,
+    check_targets,
+    from_pretrained,
+    load_tokenizer,
+    targetable_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +38,13 @@ def preflight(spec: SearchSpec, *, source: str) -> Any:
 
     try:
         check_model(spec.model)
+        check_searched_targets(spec)
         tokenizer = load_tokenizer(spec.model)
         data = prepare_data(spec.data, tokenizer, seed=spec.train.seed)
     except (ModelError, DataError, TemplateError) as err:
         # "model.name_or_path: ..." names a field: say which file holds it. A message that
         # names a data file and row is already its own place.
-        if str(err).startswith(("model.", "data.")):
+        if str(err).startswith(("model.", "data.", "lora.", "search.")):
             raise type(err)(f"{source}: {err}") from None
         raise
     if "train.seed" in spec.search.params and seed_picks_eval_rows(spec):
@@ -76,6 +83,30 @@ def check_model(model: ModelSection) -> None:
             f"model.name_or_path: {name}: architecture {config.model_type!r} is not a causal "
             "language model AutoModelForCausalLM can build (Llama, Qwen2, Mistral style bases are)"
         )
+
+
+def check_searched_targets(spec: SearchSpec) -> None:
+    """Every ``lora.target_modules`` a trial may train with (the spec's, or each searched
+    choice) names layers of the model: else every trial would fail inside Ray, or quietly
+    adapt fewer layers than the spec says."""
+    searched = spec.search.params.get("lora.target_modules")
+    method = spec.search.params.get("method")
+    if spec.method == "full" and method is None and searched is None:
+        return
+    choices = list(searched.values or []) if searched is not None else [spec.lora.target_modules]
+    base = build_meta_model(spec.model_copy(update={"method": "full"}))
+    targetable, linears = targetable_modules(base)
+    for targets in choices:
+        lora = spec.lora.model_copy(update={"target_modules": targets})
+        try:
+            check_targets(targetable, linears, lora, model=spec.model.name_or_path)
+        except ModelError as err:
+            if searched is None:
+                raise
+            why = str(err).removeprefix("lora.target_modules: ")
+            raise ModelError(
+                f"search.params.lora.target_modules: the choice {targets}: {why}"
+            ) from None
 
 
 def _looks_local(name: str) -> bool:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
 from raysft.data.pipeline import load_split
 from raysft.data.templates import render, tokenize, trained_spans
+from raysft.errors import ModelError
 from raysft.search.preflight import check_model
 from raysft.train.model import (
     build_meta_model,
@@ -25,12 +26,23 @@ from raysft.train.model import (
 )
 
 
-def _dry_run(cfg: Config) -> int:
+def _check_model(cfg: Config, source: str) -> Any:
+    """The model on the meta device (config.json only), adapter attached: an unsupported
+    architecture or a ``lora.target_modules`` name that matches nothing is one error naming
+    the config file, before anything is printed or loaded."""
+    try:
+        check_model(cfg.model)
+        return build_meta_model(cfg)
+    except ModelError as err:
+        if str(err).startswith(("model.", "lora.")):
+            raise ModelError(f"{source}: {err}") from None
+        raise
 
-    check_model(cfg.model)  # an unsupported architecture is a user error, not a traceback
+
+def _dry_run(cfg: Config, source: str) -> int:
+    meta = _check_model(cfg, source)
     print(dump_config(cfg), end="")
-    trainable, total = count_parameters(build_meta_model(cfg))
-    print(format_parameter_counts(trainable, total))
+    print(format_parameter_counts(*count_parameters(meta)))
     return 0
 
 
@@ -106,14 +118,19 @@ def _train(cfg: Config, resume_from: str | None) -> int:
     return 0
 
 
-def _check_output_dir(cfg: Config, source: str) -> None:
-    """Refuse to train over a previous run's outputs: a re-run would overwrite its model and
-    metrics (and collide with its checkpoint). ``--resume-from`` continues one instead."""
+def _check_output_dir(cfg: Config, source: str, *, resuming: bool) -> None:
+    """Refuse to train over a previous run's outputs or other files: a re-run would overwrite
+    them (and collide with its checkpoint). ``--resume-from`` continues a run in its own
+    directory instead. Either way output_dir must be a directory, not a file."""
     from pathlib import Path
 
     from raysft.config import ConfigError
 
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(source, [f"output_dir: {out.resolve()} is a file, not a directory"])
+    if resuming:
+        return
     kept = sorted((out / "checkpoints").glob("step-*"))
     if (out / "metrics.json").exists() or kept:
         hint = f", or continue it: --resume-from {kept[-1]}" if kept else ""
@@ -122,6 +139,19 @@ def _check_output_dir(cfg: Config, source: str) -> None:
             [
                 f"output_dir: {out.resolve()} already holds a training run; choose another "
                 f"(--set output_dir=...) or remove it{hint}"
+            ],
+        )
+    others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if others:
+        # The run writes config.yaml, README.md (peft's model card), the weights and the
+        # tokenizer's files there, over any of the same names.
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ConfigError(
+            source,
+            [
+                f"output_dir: {out.resolve()} is not empty ({shown}); a run writes its model, "
+                "tokenizer, config.yaml, metrics.json and README.md there, over files of the "
+                "same names: choose a new or empty directory (--set output_dir=...)"
             ],
         )
 
@@ -145,12 +175,12 @@ def _main() -> int:
         parser.error(f"--preview N: N must be >= 0 (got {args.preview})")
     cfg = load_from_args(args)
     if args.dry_run:
-        return _dry_run(cfg)
+        return _dry_run(cfg, args.config)
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
-    if args.resume_from is None:
-        _check_output_dir(cfg, args.config)
-    else:
+    _check_output_dir(cfg, args.config, resuming=args.resume_from is not None)
+    _check_model(cfg, args.config)
+    if args.resume_from is not None:
         from raysft.train.state import check_resumable
 
         check_resumable(args.resume_from, cfg)  # before any data or weights load

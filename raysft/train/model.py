@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,8 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
     path = _resolve(model_cfg.name_or_path)
     if kwargs.get("attn_implementation") == attention.SDPA_FP32:
         attention.register()
+    from safetensors import SafetensorError  # a truncated or corrupt weights file
+
     try:
         return loader.from_pretrained(
             path,
@@ -59,7 +61,7 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
             trust_remote_code=model_cfg.trust_remote_code,
             **kwargs,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise load_error(err, name=model_cfg.name_or_path, token_set=_has_hub_token()) from None
 
 
@@ -93,6 +95,8 @@ def load_error(err: BaseException, *, name: str, token_set: bool) -> ModelError:
             f"{why}it is gated or private and needs a Hugging Face token: set {HUB_TOKEN_VAR} "
             f"in the environment that starts the run (README: GPU clusters) ({first})"
         )
+    if "SafetensorError" in text:
+        return ModelError(f"{why}a weights file is truncated or corrupt ({first})")
     if "private repository" in text.lower() and not token_set:
         return ModelError(
             f"{why}not found on the Hugging Face Hub; if it is a private repo, it needs a "
@@ -123,6 +127,49 @@ def load_tokenizer(model_cfg: ModelSection) -> Any:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def unmatched_targets(targetable: Iterable[str], targets: list[str] | str) -> list[str]:
+    """The names of ``lora.target_modules`` that match none of the ``targetable`` modules (the
+    model's linear and embedding layers, what LoRA adapts), by peft's rule: a module's dotted
+    name equals the name or ends with ``.name``. peft refuses a list none of which matches, but
+    adapts the matching ones of a list and drops the rest without a word."""
+    if isinstance(targets, str):  # all-linear
+        return []
+    names = list(targetable)
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
+def check_targets(
+    targetable: Iterable[str], linears: Iterable[str], lora: LoraSection, *, model: str
+) -> None:
+    """ModelError naming the ``lora.target_modules`` that match no linear or embedding layer
+    of ``model``, with the names of its linear layers."""
+    missing = unmatched_targets(targetable, lora.target_modules)
+    if missing:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ModelError(
+            f"lora.target_modules: {', '.join(map(repr, missing))} "
+            f"match{'es' if len(missing) == 1 else ''} no linear or embedding layer of {model} "
+            f"(its linear layers: {', '.join(kinds)}; or all-linear)"
+        )
+
+
+def targetable_modules(model: Any) -> tuple[list[str], list[str]]:
+    """(linear and embedding layers, linear layers but the LM head) of ``model``, by name."""
+    import torch
+
+    head = model.get_output_embeddings()
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    targetable = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    linears = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    ]
+    return targetable, linears
+
+
+def _check_model_targets(model: Any, cfg: Config) -> None:
+    check_targets(*targetable_modules(model), cfg.lora, model=cfg.model.name_or_path)
 
 
 def build_lora_config(lora: LoraSection) -> peft.LoraConfig:
@@ -272,6 +319,7 @@ def _attach_adapter(model: Any, cfg: Config, *, gc: bool) -> Any:
         model.enable_input_require_grads()
     # autocast_adapter_dtype: peft creates the adapter in the base's dtype, then casts it to fp32
     # (AdamW on bf16 weights would lose updates below 2^-8 of a weight).
+    _check_model_targets(model, cfg)
     with peft_quietly():
         peft_model = get_peft_model(model, build_lora_config(cfg.lora), autocast_adapter_dtype=True)
     log.info("%s: %s", cfg.method, format_parameter_counts(*count_parameters(peft_model)))
@@ -294,6 +342,7 @@ def build_meta_model(cfg: Config) -> Any:
             config, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="eager"
         )
         if cfg.method != "full":
+            _check_model_targets(model, cfg)
             with peft_quietly():
                 model = get_peft_model(model, build_lora_config(cfg.lora))
     return model

@@ -130,6 +130,11 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
         "json_without_preview": ([ok, "--json"], None),
         "diverges": ([write(tmp / "diverges.yaml", yaml.safe_dump(DIVERGES(tmp)))], None),
         "held_output_dir": ([_held_output_dir(tmp)], None),
+        "foreign_output_dir": ([_foreign_output_dir(tmp)], None),
+        "output_dir_a_file": (
+            [write(tmp / "to_file.yaml", yaml.safe_dump({"output_dir": str(tmp / "ok.yaml")}))],
+            None,
+        ),
         "negative_preview": ([ok, "--preview", "-1"], None),
     }
 
@@ -140,6 +145,15 @@ def _held_output_dir(tmp: Path) -> str:
     (held / "checkpoints" / "step-000002").mkdir(parents=True)
     (held / "metrics.json").write_text("{}\n", encoding="utf-8")
     return write(tmp / "held.yaml", yaml.safe_dump({"output_dir": str(held)}))
+
+
+def _foreign_output_dir(tmp: Path) -> str:
+    """A config whose output_dir holds a user's files, two of them of names a run writes."""
+    mine = tmp / "mine"
+    mine.mkdir()
+    for name, text in (("README.md", "my notes\n"), ("config.yaml", "a: 1\n"), ("x.txt", "x\n")):
+        (mine / name).write_text(text, encoding="utf-8")
+    return write(tmp / "mine.yaml", yaml.safe_dump({"output_dir": str(mine)}))
 
 
 _RUNS: dict[str, Future[Run]] = {}
@@ -306,6 +320,29 @@ def test_a_run_into_a_held_output_dir_is_refused_before_anything_loads(
         f"{held / 'checkpoints' / 'step-000002'}"
     ]
     assert sorted(p.name for p in held.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
+
+
+def test_a_run_into_a_folder_of_other_files_is_refused_and_overwrites_none(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    mine = _TMP[0] / "mine"
+    assert user_error_lines(result(cli_runs, "foreign_output_dir")) == [
+        f"error: {_TMP[0] / 'mine.yaml'}: output_dir: {mine} is not empty (README.md, "
+        "config.yaml, x.txt); a run writes its model, tokenizer, config.yaml, metrics.json and "
+        "README.md there, over files of the same names: choose a new or empty directory "
+        "(--set output_dir=...)"
+    ]
+    assert (mine / "README.md").read_text(encoding="utf-8") == "my notes\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.yaml", "x.txt"]
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_training(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    assert user_error_lines(result(cli_runs, "output_dir_a_file")) == [
+        f"error: {_TMP[0] / 'to_file.yaml'}: output_dir: {_TMP[0] / 'ok.yaml'} is a file, not a "
+        "directory"
+    ]
 
 
 def test_a_negative_preview_count_is_refused(cli_runs: dict[str, Future[Run]]) -> None:

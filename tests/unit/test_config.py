@@ -393,3 +393,44 @@ def test_a_run_saves_no_section_its_method_ignores(tmp_path: Path) -> None:
     assert "lora" in saved_tree(Config(method="qlora"))
     saved = write(tmp_path, dump_config(cfg), "config.yaml")
     assert load_config(saved, authored=True).method == "full"  # rerun as is
+
+
+@pytest.mark.parametrize(
+    "alias",
+    ["champion", "champion-2", "best_v1", "latest", "LATEST", "v1", "V12", "a b", "", "x" * 256],
+)
+def test_alias_rule_is_mlflows(alias: str) -> None:
+    """promote.alias is refused at load exactly when MLflow would refuse it at promotion."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    try:
+        validation._validate_model_alias_name(alias)
+        validation._validate_model_alias_name_reserved(alias)
+        mlflow_takes = True
+    except MlflowException:
+        mlflow_takes = False
+    try:
+        load_config(None, {"promote.alias": alias})
+        we_take = True
+    except ConfigError:
+        we_take = False
+    assert we_take == mlflow_takes, alias
+
+
+@pytest.mark.parametrize("name", ["raysft-adapter", "my model", " ", "", "a/b", "a:b"])
+def test_registered_model_rule_is_mlflows(name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    try:
+        validation._validate_model_name(name)
+        mlflow_takes = True
+    except MlflowException:
+        mlflow_takes = False
+    try:
+        load_config(None, {"promote.registered_model": name})
+        we_take = True
+    except ConfigError:
+        we_take = False
+    assert we_take == mlflow_takes, name

@@ -279,6 +279,25 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, chain_dir: Path, adapter_d
     )
 
 
+def test_truncated_weights_are_one_clear_error(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path
+) -> None:
+    """A .safetensors file cut short (a copy that failed half-way), of an adapter or a model."""
+    rows = _rows(tmp_path)
+    for source, weights in (
+        (adapter_dir, "adapter_model.safetensors"),
+        (chain_dir, "model.safetensors"),
+    ):
+        cut = tmp_path / f"cut-{source.name}"
+        shutil.copytree(source, cut)
+        (cut / weights).write_bytes((source / weights).read_bytes()[:5])
+        with pytest.raises(ModelError) as err:
+            run([str(cut), "--data", rows, "--metrics", "eval_loss"])
+        where = f"{cut}: cannot load the adapter" if source == adapter_dir else "model.name_or_path"
+        assert str(err.value).startswith(where), err.value
+        assert "truncated or corrupt (Error while deserializing header" in str(err.value)
+
+
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     ran = subprocess.run(
         [sys.executable, "-m", "raysft.evaluate", str(tmp_path / "nope")],
