@@ -160,13 +160,22 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
 
     path = Path(resolve(model))
     adapter = (path / "adapter_config.json").is_file()
-    base = (base_model or adapter_base(path)) if adapter else model
+    own = adapter_base(path) if adapter else None
+    base = (base_model or own) if adapter else model
     base_cfg = cfg.model.model_copy(update={"name_or_path": base})
     kwargs = {"dtype": torch.float32, "attn_implementation": cfg.model.attn_implementation}
     # fp32 weights, bf16 autocast on a GPU as in training; a QLoRA adapter gets a full base.
-    net = from_pretrained(AutoModelForCausalLM, base_cfg, **kwargs).to(
-        resolve_device(cfg.train.device)
-    )
+    try:
+        net = from_pretrained(AutoModelForCausalLM, base_cfg, **kwargs)
+    except ModelError as err:
+        # Name where the base came from: the command line, or the adapter's own config.
+        place = (
+            f"{path}/adapter_config.json: base_model_name_or_path"
+            if base == own
+            else "--base-model"
+        )
+        raise (_placed(err, place) if adapter else err) from None
+    net = net.to(resolve_device(cfg.train.device))
     has_tok = (path / "tokenizer_config.json").is_file()
     tok_cfg = cfg.model.model_copy(update={"name_or_path": str(path) if has_tok else base})
     tokenizer = load_tokenizer(tok_cfg)
@@ -184,6 +193,11 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
             raise ModelError(f"{path}: cannot load the adapter: {first}") from None
     net.eval()
     return net, tokenizer
+
+
+def _placed(err: ModelError, place: str) -> ModelError:
+    """``err`` (a ``model.name_or_path: ...`` message) naming ``place`` instead."""
+    return ModelError(f"{place}: {str(err).removeprefix('model.name_or_path: ')}")
 
 
 def select_metrics(names: list[str] | None, conversations: list[Conversation]) -> list[Metric]:
@@ -337,7 +351,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """The CLI without the error edge (``main`` adds it)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.show < 0:
+        parser.error(f"--show N: N must be >= 0 (got {args.show})")
     setup_logging(args.verbose)
     overrides = parse_overrides(args.overrides)
     if args.data:
@@ -356,7 +373,10 @@ def run(argv: list[str] | None = None) -> int:
     scores: dict[str, ModelScore] = {}
     if args.base:
         assert base is not None  # for mypy: checked above
-        scores["base"] = score_model(base, target.cfg, conversations=rows, metrics=metrics)
+        try:
+            scores["base"] = score_model(base, target.cfg, conversations=rows, metrics=metrics)
+        except ModelError as err:
+            raise (_placed(err, "--base-model") if args.base_model else err) from None
     scores["tuned" if args.base else "score"] = score_model(
         str(target.path), target.cfg, conversations=rows, metrics=metrics, base_model=base
     )

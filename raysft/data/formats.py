@@ -45,6 +45,17 @@ class LoadedData:
     skipped: list[str] = field(default_factory=list)  # one "source: row i: field: why" per row
     n_rows: int = 0
     origins: list[str] = field(default_factory=list)  # "source: row i" of each conversation
+    # (source, format, field) -> rows of that source holding a field its format does not read
+    unread: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+
+# The fields each format reads; any other field of a row is reported (a typo, or a column the
+# data carries for something else), never used.
+READS = {
+    "alpaca": ("instruction", "input", "output", "system", "tests"),
+    "sharegpt": ("conversations", "system", "tests"),
+    "messages": ("messages", "tests"),
+}
 
 
 # ---------------------------------------------------------------- row -> conversation
@@ -267,11 +278,27 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_one_value_per_key)
             except json.JSONDecodeError as err:
                 row = _Unparsable(f"line {line_no}: not valid JSON: {err.msg}")
+            except _DuplicateKey as err:
+                row = _Unparsable(f"line {line_no}: {err}")
             yield index, row
             index += 1
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (json keeps the last silently)."""
+    row: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in row:
+            raise _DuplicateKey(f"key {key!r} given twice in one object; which one is meant?")
+        row[key] = value
+    return row
 
 
 def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
@@ -289,9 +316,11 @@ class _Unparsable:
 def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     raw = path.read_bytes().removeprefix(_BOM)
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_one_value_per_key)
     except UnicodeDecodeError as err:
         raise DataError(f"{source}: {_not_utf8(raw, err)}") from None
+    except _DuplicateKey as err:
+        raise DataError(f"{source}: {err}") from None
     except json.JSONDecodeError as err:
         # A .json file holding JSON lines is common; read it that way before giving up.
         if err.msg == "Extra data":
@@ -357,6 +386,10 @@ def load_conversations(
                     raise _RowError("", row.why)
                 out.conversations.append(to_conversation(row, fmt=fmt, system_prompt=system_prompt))
                 out.origins.append(f"{source}: row {index}")
+                kind = detect_format(row) if fmt == "auto" else fmt
+                for key in row:
+                    if key not in READS[kind] and row[key] is not None:
+                        out.unread[source, kind, key] = out.unread.get((source, kind, key), 0) + 1
             except _RowError as err:
                 where = f"{source}: row {index}: {err}"
                 if on_error == "strict":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raysft.config import DataSection
 from raysft.data.formats import (
+    READS,
     Conversation,
     DataError,
     LoadedData,
@@ -16,6 +18,8 @@ from raysft.data.formats import (
 )
 from raysft.data.templates import Example, render, tokenize
 from raysft.errors import TemplateError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +35,8 @@ class DataReport:
     trained_tokens: int = 0
     packing_efficiency: float | None = None
     packed_rows: int | None = None
+    # Fields of rows no format reads: "source: 'inputs' in 12 rows (alpaca reads ...)"
+    unread_fields: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -99,11 +105,24 @@ def _no_rows(name: str, sources: str | list[str], loaded: LoadedData) -> DataErr
     if loaded.n_rows == 0:
         names = ", ".join([sources] if isinstance(sources, str) else sources)
         return DataError(f"data.{name}: {names}: no rows (empty)")
-    return _no_usable_rows(name, len(loaded.skipped))
+    return _no_usable_rows(name, loaded.skipped)
 
 
-def _no_usable_rows(name: str, skipped: int) -> DataError:
-    return DataError(f"data.{name}: no usable rows ({skipped} skipped)")
+def _no_usable_rows(name: str, skipped: list[str]) -> DataError:
+    first = f"; the first: {skipped[0]}" if skipped else ""
+    return DataError(f"data.{name}: no usable rows ({len(skipped)} skipped{first})")
+
+
+def _note_unread(loaded: LoadedData, report: DataReport) -> None:
+    """Say which fields of the rows no format reads: a misspelt field (``inputs``) would
+    otherwise drop its text from every row without a word."""
+    for (source, kind, key), rows in sorted(loaded.unread.items()):
+        note = (
+            f"{source}: field {key!r} in {rows} row(s) is not read ({kind} rows read "
+            f"{', '.join(READS[kind])}); if it is misspelt, its text is left out"
+        )
+        report.unread_fields.append(note)
+        log.warning("%s", note)
 
 
 def _load_split(
@@ -121,6 +140,7 @@ def _load_split(
         return loaded
 
     train = load(cfg.train)
+    _note_unread(train, report)
     report.rows_read += train.n_rows
     report.skipped += train.skipped
     if not train.conversations:
@@ -134,6 +154,7 @@ def _load_split(
         )
     else:
         held = load(cfg.eval)
+        _note_unread(held, report)
         report.rows_read += held.n_rows
         report.skipped += held.skipped
         train_convs, eval_convs = train.conversations, held.conversations
@@ -146,7 +167,18 @@ def _load_split(
     return train_convs, eval_convs, report, origins
 
 
+def check_template(cfg: DataSection, tokenizer: Any) -> None:
+    """``template: tokenizer`` needs a tokenizer with a chat_template: said once, of the model,
+    not of the first row each would fail on."""
+    if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "data.template: tokenizer, but the model's tokenizer has no chat_template (a base "
+            "model often has none): choose llama2, chatml or vicuna"
+        )
+
+
 def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
+    check_template(cfg, tokenizer)
     train_convs, eval_convs, report, origins = _load_split(cfg, seed=seed, with_eval=True)
     train, _ = _tokenize_all(train_convs, cfg, tokenizer, report, origins=origins)
     evals, eval_kept = _tokenize_all(eval_convs, cfg, tokenizer, report, origins=origins)
@@ -158,7 +190,7 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
                 f"data.{name}: every sample lost its trainable tokens to truncation at "
                 f"data.max_seq_len={cfg.max_seq_len} (raise it or shorten the prompts)"
             )
-        raise _no_usable_rows(name, report.rows_skipped)
+        raise _no_usable_rows(name, report.skipped)
     report.train_examples, report.eval_examples = len(train), len(evals)
     report.train_tokens = sum(len(e.input_ids) for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)

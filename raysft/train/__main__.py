@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
-from raysft.data.pipeline import load_split
+from raysft.data.pipeline import check_template, load_split
 from raysft.data.templates import render, tokenize, trained_spans
 from raysft.errors import ModelError
 from raysft.search.preflight import check_model
@@ -62,6 +62,7 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
     # Data first: a bad row is reported before the (slower) tokenizer load.
     train, _, report = load_split(cfg.data, seed=cfg.train.seed, with_eval=False)
     tokenizer = load_tokenizer(cfg.model)
+    check_template(cfg.data, tokenizer)
     color = sys.stdout.isatty() and not as_json
     start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
     for i, conv in enumerate(train[:n]):
@@ -82,6 +83,9 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
             continue
         marked = [f"{start}{t}{end}" if trained else t for t, trained in _runs(ex, tokenizer)]
         note = " (truncated)" if ex.truncated else ""
+        if ex.n_trained == 0:
+            what = "refuses it" if cfg.data.on_error == "strict" else "drops and counts it"
+            note = f" (truncated, nothing left to train: a run {what})"
         print(f"--- example {i}: {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")
         print("".join(marked))
     if report.rows_skipped and not as_json:
@@ -170,6 +174,10 @@ def _main() -> int:
     args = parser.parse_args()
     if args.json and args.preview is None:
         parser.error("--json needs --preview N")
+    modes = [f for f, on in (("--dry-run", args.dry_run), ("--preview", args.preview is not None),
+                             ("--resume-from", args.resume_from is not None)) if on]  # fmt: skip
+    if len(modes) > 1:
+        parser.error(f"{' and '.join(modes)} do different things: give one")
     if args.preview is not None and args.preview < 0:
         # train[:N] with N < 0 would print all but the last -N examples
         parser.error(f"--preview N: N must be >= 0 (got {args.preview})")

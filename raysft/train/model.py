@@ -50,6 +50,11 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` with a missing, unreachable or gated model turned into a
     ModelError."""
     path = _resolve(model_cfg.name_or_path)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        # Not a hub id: transformers would say "Repo id must be in the form ...".
+        raise ModelError(
+            f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: no such directory"
+        )
     if kwargs.get("attn_implementation") == attention.SDPA_FP32:
         attention.register()
     from safetensors import SafetensorError  # a truncated or corrupt weights file

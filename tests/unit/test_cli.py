@@ -136,6 +136,7 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
             None,
         ),
         "negative_preview": ([ok, "--preview", "-1"], None),
+        "two_modes": ([ok, "--dry-run", "--preview", "2"], None),
     }
 
 
@@ -343,6 +344,14 @@ def test_an_output_dir_that_is_a_file_is_refused_before_training(
         f"error: {_TMP[0] / 'to_file.yaml'}: output_dir: {_TMP[0] / 'ok.yaml'} is a file, not a "
         "directory"
     ]
+
+
+def test_two_modes_at_once_are_refused(cli_runs: dict[str, Future[Run]]) -> None:
+    proc = result(cli_runs, "two_modes")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines()[-1] == (
+        "python -m raysft.train: error: --dry-run and --preview do different things: give one"
+    )
 
 
 def test_a_negative_preview_count_is_refused(cli_runs: dict[str, Future[Run]]) -> None:

@@ -298,6 +298,33 @@ def test_truncated_weights_are_one_clear_error(
         assert "truncated or corrupt (Error while deserializing header" in str(err.value)
 
 
+def test_a_base_that_cannot_load_is_named_where_it_came_from(
+    tmp_path: Path, adapter_dir: Path
+) -> None:
+    rows = _rows(tmp_path)
+    moved = tmp_path / "moved"  # an adapter whose base was on another machine
+    shutil.copytree(adapter_dir, moved)
+    meta = json.loads((moved / "adapter_config.json").read_text(encoding="utf-8"))
+    meta["base_model_name_or_path"] = "/elsewhere/base"
+    (moved / "adapter_config.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(ModelError) as err:
+        run([str(moved), "--data", rows, "--metrics", "eval_loss"])
+    assert str(err.value) == (
+        f"{moved}/adapter_config.json: base_model_name_or_path: cannot load '/elsewhere/base': "
+        "no such directory"
+    )
+    for args in (["--base-model", "./nope"], ["--base", "--base-model", "./nope"]):
+        with pytest.raises(ModelError) as err:
+            run([str(adapter_dir), "--data", rows, "--metrics", "eval_loss", *args])
+        assert str(err.value) == "--base-model: cannot load './nope': no such directory"
+
+
+def test_a_negative_show_count_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as err:
+        run([str(tmp_path), "--show", "-1"])
+    assert err.value.code == 2
+
+
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     ran = subprocess.run(
         [sys.executable, "-m", "raysft.evaluate", str(tmp_path / "nope")],

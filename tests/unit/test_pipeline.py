@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +155,13 @@ def test_strict_mode_names_the_row_whose_prompt_fills_max_seq_len(
 
 def test_all_rows_skipped_is_an_error(tmp_path: Path, tok: Any) -> None:
     train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q"}, {"foo": 1}])
-    with pytest.raises(DataError, match=r"data\.train: no usable rows \(2 skipped\)"):
+    with pytest.raises(DataError) as err:
         load_split(section(train=train, on_error="skip"), seed=0)
+    assert str(err.value) == (
+        f"data.train: no usable rows (2 skipped; the first: {train}: row 0: output: missing)"
+    )
     held = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "q"}])
-    with pytest.raises(DataError, match=r"data\.eval: no usable rows \(1 skipped\)"):
+    with pytest.raises(DataError, match=r"data\.eval: no usable rows \(1 skipped; the first: "):
         load_split(section(eval=held, on_error="skip"), seed=0)
 
 
@@ -207,5 +211,38 @@ def test_a_row_the_template_refuses_is_named_or_skipped(tmp_path: Path, tok: Any
     assert data.report.train_examples == 2 and data.report.rows_skipped == 1
     assert data.report.skipped[0].startswith(f"{path}: row 1: data.template=tokenizer: ")
     only = write_jsonl(tmp_path / "s.jsonl", [system_row])
-    with pytest.raises(DataError, match=r"data.train: no usable rows \(1 skipped\)"):
+    with pytest.raises(DataError) as info:
         prepare_data(section(train=only, template="tokenizer", on_error="skip"), bad, seed=0)
+    assert str(info.value).startswith(
+        f"data.train: no usable rows (1 skipped; the first: {only}: row 0: data.template="
+    )
+
+
+def test_fields_no_format_reads_are_reported_once_per_source_and_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    typo = {"instruction": "q", "inputs": "context", "output": "a"}
+    train = write_jsonl(tmp_path / "t.jsonl", [typo, typo, {**alpaca("q", "a"), "id": 7}])
+    with caplog.at_level(logging.WARNING, logger="raysft.data.pipeline"):
+        _, _, report = load_split(section(train=train), seed=0)
+    reads = "instruction, input, output, system, tests"
+    assert report.unread_fields == [
+        f"{train}: field 'id' in 1 row(s) is not read (alpaca rows read {reads}); if it is "
+        "misspelt, its text is left out",
+        f"{train}: field 'inputs' in 2 row(s) is not read (alpaca rows read {reads}); if it is "
+        "misspelt, its text is left out",
+    ]
+    assert [r.getMessage() for r in caplog.records] == report.unread_fields
+
+
+def test_a_key_given_twice_in_a_row_is_a_bad_row(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        '{"instruction": "q", "output": "a"}\n{"instruction": "q", "output": "a", "output": "b"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError) as err:
+        load_split(section(train=str(path)), seed=0)
+    assert str(err.value).startswith(
+        f"{path}: row 1: line 2: key 'output' given twice in one object; which one is meant?"
+    )

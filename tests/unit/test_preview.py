@@ -19,3 +19,48 @@ def test_preview_of_a_one_row_dataset(tmp_path: Path, capsys: pytest.CaptureFixt
     (line,) = capsys.readouterr().out.splitlines()
     shown = json.loads(line)
     assert shown["trained"] and "hi" in shown["text"]
+
+
+@pytest.mark.parametrize(
+    ("on_error", "what"), [("strict", "refuses it"), ("skip", "drops and counts it")]
+)
+def test_preview_says_which_rows_a_run_would_not_train_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], on_error: str, what: str
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    long_prompt = {"instruction": "word " * 200, "output": "hi"}
+    rows.write_text(
+        json.dumps(long_prompt) + "\n" + json.dumps({"instruction": "q", "output": "a"}) + "\n"
+    )
+    cfg = load_config(
+        None,
+        {
+            "data.train": str(rows),
+            "data.eval": None,
+            "data.max_seq_len": 32,
+            "data.on_error": on_error,
+        },
+    )
+    assert _preview(cfg, 2, False) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--- ")]
+    assert heads[0] == (
+        f"--- example 0: 32 tokens, 0 trained (truncated, nothing left to train: a run {what})"
+    )
+    assert "truncated" not in heads[1]
+
+
+def test_template_tokenizer_without_a_chat_template_is_said_once_of_the_model() -> None:
+    from raysft.assets.tokenizer import build_tokenizer
+    from raysft.data.pipeline import check_template
+    from raysft.errors import TemplateError
+
+    plain = build_tokenizer()
+    plain.chat_template = None
+    cfg = load_config(None, {"data.template": "tokenizer"})
+    with pytest.raises(TemplateError) as err:
+        check_template(cfg.data, plain)
+    assert str(err.value) == (
+        "data.template: tokenizer, but the model's tokenizer has no chat_template (a base model "
+        "often has none): choose llama2, chatml or vicuna"
+    )
+    check_template(load_config(None, {"data.template": "chatml"}).data, plain)  # not read

@@ -326,3 +326,20 @@ def test_a_float16_base_trains_with_a_loss_scaler(tmp_path: Path) -> None:
     fp32 = setup(_config(tmp_path, model_dir, "lora", **{"model.dtype": "float32", **extra}),
                  dist=Dist())  # fmt: skip
     assert fp32.scaler is None
+
+
+def test_flex_attention_on_the_cpu_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    from raysft.errors import ModelError
+
+    cfg = load_config(
+        None,
+        {"model.attn_implementation": "flex_attention", "train.device": "cpu",
+         "output_dir": str(tmp_path / "out")},
+    )  # fmt: skip
+    with pytest.raises(ModelError) as err:
+        run_trial(cfg)
+    assert str(err.value) == (
+        "model.attn_implementation: flex_attention needs a CUDA GPU (torch has no flex_attention "
+        "backward on cpu), and this run trains on cpu: use sdpa"
+    )
+    assert not (tmp_path / "out").exists()
