@@ -40,6 +40,10 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    # A token holds prompt and answer text at once (the tokenizer merged across their boundary,
+    # e.g. an answer starting with a newline after ChatML's "assistant\n"): it is trained, and a
+    # generation prompt ends one token short of what training saw (README: Data).
+    merged_boundary: bool = False
 
     @property
     def n_trained(self) -> int:
@@ -289,15 +293,17 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
         pos += len(seg.text)
     ids: list[int] = list(enc["input_ids"])
     labels: list[int] = []
-    prev_end = 0
+    prev_end, merged = 0, False
     for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
         # A token owns the characters since the previous token ended: offsets trimmed of
         # whitespace (a ByteLevel post_processor with trim_offsets) leave a token of spaces
         # (code indentation) an empty span that would never be trained.
-        labels.append(tok if any(trained[min(start, prev_end) : end]) else IGNORE)
+        owned = trained[min(start, prev_end) : end]
+        labels.append(tok if any(owned) else IGNORE)
+        merged = merged or (len(owned) > 1 and not owned[0] and bool(owned[-1]))  # prompt, answer
         prev_end = max(prev_end, end)
     truncated = len(ids) > max_seq_len
-    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated)
+    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated, merged)
 
 
 _MERGES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per tokenizer

@@ -403,6 +403,60 @@ def test_indentation_is_trained_with_offsets_trimmed_of_spaces(tmp_path: Path) -
     assert trained_spans(ex, tok) == [answer + "<|im_end|>"]
 
 
+def _newline_merging_tokenizer() -> Any:
+    """A byte-level BPE with Llama-3's pre-tokenizer rule that keeps runs of newlines together
+    (``\\s*[\\r\\n]+``) and a "\\n\\n" token."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from raysft.assets.tokenizer import bytes_to_unicode
+
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    vocab["ĊĊ"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "Ċ")]))
+    rule = r"\s*[\r\n]+|\s+(?!\S)|\s+|[^\s]+"
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rule), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tk.decoder = decoders.ByteLevel()
+    specials = ("<|im_start|>", "<|im_end|>", "</s>")
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
+
+
+def test_a_token_of_prompt_and_answer_text_is_flagged() -> None:
+    # The case README: Data says is not handled: "assistant\n" + "\nanswer" tokenizes as
+    # "assistant", "\n\n", "answer"; the sample is flagged so the run can say so.
+    tok = _newline_merging_tokenizer()
+    starts_with_newline = tokenize(
+        render(conv("Q", "\nfoo"), template="chatml"), tok, max_seq_len=99
+    )
+    assert "ĊĊ" in tok.convert_ids_to_tokens(starts_with_newline.input_ids)
+    assert starts_with_newline.merged_boundary
+    plain = tokenize(render(conv("Q", "foo\n\nbar"), template="chatml"), tok, max_seq_len=99)
+    assert not plain.merged_boundary  # newlines inside the answer merge among themselves only
+
+
+def test_the_data_report_counts_and_warns_of_merged_boundaries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from raysft.config import DataSection
+    from raysft.data.pipeline import prepare_data
+
+    rows = [{"instruction": f"q{i}", "output": ("\n" if i % 2 else "") + f"a{i}"} for i in range(6)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = DataSection(train=str(path), eval=str(path), template="chatml")
+    with caplog.at_level(logging.WARNING, logger="raysft.data.pipeline"):
+        data = prepare_data(cfg, _newline_merging_tokenizer(), seed=0)
+    assert data.report.merged_boundary == 6  # 3 train + 3 eval samples
+    assert any(r.getMessage().startswith("6 sample(s) have a token") for r in caplog.records)
+
+
 def test_tokenizer_template_that_trims_content_is_not_rewriting_it(tok: Any) -> None:
     # Llama-3's and Gemma's templates write every message `| trim`: an answer ending in a newline
     # (code) is still the answer.
