@@ -31,7 +31,7 @@ class DataReport:
     eval_examples: int = 0
     truncated: int = 0  # cut to max_seq_len but still trainable
     dropped_no_trained_tokens: int = 0  # truncation left nothing to learn: dropped, counted
-    merged_boundary: int = 0  # samples with a token of prompt and answer text (Example)
+    merged_boundary: int = 0  # samples tokenized apart where prompt and answer would merge
     train_tokens: int = 0
     trained_tokens: int = 0
     packing_efficiency: float | None = None
@@ -193,14 +193,6 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
                 f"data.max_seq_len={cfg.max_seq_len} (raise it or shorten the prompts)"
             )
         raise _no_usable_rows(name, report.skipped)
-    if report.merged_boundary:
-        log.warning(
-            "%d sample(s) have a token that holds the end of the prompt and the start of the "
-            "answer (e.g. an answer starting with a newline after a prompt ending with one): "
-            "it is trained, and generation's prompt ends one token short of what training saw; "
-            "strip leading whitespace from those answers (README: Data)",
-            report.merged_boundary,
-        )
     report.train_examples, report.eval_examples = len(train), len(evals)
     report.train_tokens = sum(len(e.input_ids) for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)

@@ -40,9 +40,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
-    # A token holds prompt and answer text at once (the tokenizer merged across their boundary,
-    # e.g. an answer starting with a newline after ChatML's "assistant\n"): it is trained, and a
-    # generation prompt ends one token short of what training saw (README: Data).
+    # The tokenizer would have merged the end of a prompt with the start of its answer (an
+    # answer starting with a newline after ChatML's "assistant\n"): tokenized apart there.
     merged_boundary: bool = False
 
     @property
@@ -273,7 +272,9 @@ def template_terminator(tokenizer: Any) -> str | None:
 def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Example:
     """Token ids and labels. The whole text is tokenized once (as at inference) and a token is
     trained when its characters overlap a trained segment, so SentencePiece merges across a
-    segment boundary cannot shift the mask; slow tokenizers fall back to per-segment encoding."""
+    segment boundary cannot shift the mask. Where a token would hold the end of a prompt and the
+    start of its answer, the two are tokenized apart (``_encode_apart``), as generation sees
+    them. Slow tokenizers fall back to per-segment encoding."""
     text = "".join(s.text for s in segments)
     if not getattr(tokenizer, "is_fast", False):
         return _tokenize_per_segment(segments, tokenizer, max_seq_len=max_seq_len)
@@ -292,18 +293,68 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
             trained[pos - lead : pos + len(seg.text)] = b"\x01" * (lead + len(seg.text))
         pos += len(seg.text)
     ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = list(enc["offset_mapping"])
+    cuts = _answers_merged_into_prompts(offsets, trained)
+    if cuts:
+        ids, offsets = _encode_apart(text, cuts, tokenizer, whole=(ids, offsets))
     labels: list[int] = []
-    prev_end, merged = 0, False
-    for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
+    prev_end = 0
+    for tok, (start, end) in zip(ids, offsets, strict=True):
         # A token owns the characters since the previous token ended: offsets trimmed of
         # whitespace (a ByteLevel post_processor with trim_offsets) leave a token of spaces
         # (code indentation) an empty span that would never be trained.
-        owned = trained[min(start, prev_end) : end]
-        labels.append(tok if any(owned) else IGNORE)
-        merged = merged or (len(owned) > 1 and not owned[0] and bool(owned[-1]))  # prompt, answer
+        labels.append(tok if any(trained[min(start, prev_end) : end]) else IGNORE)
         prev_end = max(prev_end, end)
     truncated = len(ids) > max_seq_len
-    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated, merged)
+    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated, bool(cuts))
+
+
+def _answers_merged_into_prompts(offsets: list[tuple[int, int]], trained: bytearray) -> list[int]:
+    """Where an answer starts inside a token that begins in the prompt: Llama-3's and Qwen's
+    pre-tokenizers keep a run of newlines together, so ChatML's "assistant\n" followed by an
+    answer starting with "\n" is one "\n\n" token. Returns those answers' first characters."""
+    cuts, prev_end = [], 0
+    for start, end in offsets:
+        lo = min(start, prev_end)
+        owned = trained[lo:end]
+        if len(owned) > 1 and not owned[0] and owned[-1]:
+            cuts.append(lo + owned.index(1))
+        prev_end = max(prev_end, end)
+    return cuts
+
+
+def _encode_apart(
+    text: str,
+    cuts: list[int],
+    tokenizer: Any,
+    *,
+    whole: tuple[list[int], list[tuple[int, int]]],
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """``text`` tokenized with a token boundary at each cut, as inference sees it: the prompt
+    alone (what ``generation_prompt_ids`` gives), then the answer the model must generate after
+    it. The answer is encoded after the EOS token, which no merge crosses and after which a
+    SentencePiece tokenizer adds no "▁" of its own, and the EOS is dropped. ``whole`` is kept if
+    the tokenizer has no EOS token to do that with."""
+    sentinel = getattr(tokenizer, "eos_token", None)
+    if not isinstance(sentinel, str) or not sentinel:
+        return whole
+    head = tokenizer(sentinel, add_special_tokens=False)["input_ids"]
+    if len(head) != 1:
+        return whole
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(text)], strict=True)):
+        piece = text[a:b] if i == 0 else sentinel + text[a:b]
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        shift = a - (0 if i == 0 else len(sentinel))
+        pairs = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+        if i:
+            if not pairs or pairs[0][0] != head[0]:
+                return whole
+            pairs = pairs[1:]
+        ids += [t for t, _ in pairs]
+        offsets += [(s + shift, e + shift) for _, (s, e) in pairs]
+    return ids, offsets
 
 
 _MERGES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per tokenizer

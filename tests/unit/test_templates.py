@@ -425,24 +425,37 @@ def _newline_merging_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
 
 
-def test_a_token_of_prompt_and_answer_text_is_flagged() -> None:
-    # The case README: Data says is not handled: "assistant\n" + "\nanswer" tokenizes as
-    # "assistant", "\n\n", "answer"; the sample is flagged so the run can say so.
-    tok = _newline_merging_tokenizer()
-    starts_with_newline = tokenize(
-        render(conv("Q", "\nfoo"), template="chatml"), tok, max_seq_len=99
-    )
-    assert "ĊĊ" in tok.convert_ids_to_tokens(starts_with_newline.input_ids)
-    assert starts_with_newline.merged_boundary
-    plain = tokenize(render(conv("Q", "foo\n\nbar"), template="chatml"), tok, max_seq_len=99)
-    assert not plain.merged_boundary  # newlines inside the answer merge among themselves only
-
-
-def test_the_data_report_counts_and_warns_of_merged_boundaries(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("answer", ["\nfoo", "\n\n```python\nx = 1\n```"])
+def test_an_answer_the_tokenizer_would_merge_into_the_prompt_is_tokenized_apart(
+    answer: str,
 ) -> None:
+    # Whole, "assistant\n" + "\nfoo" tokenizes as "assistant", "\n\n", "foo": a token of
+    # prompt and answer, and a prompt generation never sees. Training sees what inference
+    # does: the prompt's ids (generation_prompt_ids), then the answer's, the first trained.
+    tok = _newline_merging_tokenizer()
+    c = conv("Q", answer)
+    segments = render(c, template="chatml")
+    whole = tok("".join(s.text for s in segments), add_special_tokens=False)["input_ids"]
+    ex = tokenize(segments, tok, max_seq_len=99)
+    prompt = generation_prompt_ids(c, template="chatml", tokenizer=tok)
+    assert ex.merged_boundary and ex.input_ids != whole
+    assert ex.input_ids[: len(prompt)] == prompt
+    assert ex.labels[len(prompt) - 1] == IGNORE and ex.labels[len(prompt)] != IGNORE
+    assert trained_spans(ex, tok) == [answer + "<|im_end|>"]
+    rest = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[len(prompt) :] == rest
+
+
+def test_newlines_inside_an_answer_are_tokenized_whole() -> None:
+    tok = _newline_merging_tokenizer()
+    segments = render(conv("Q", "foo\n\nbar"), template="chatml")
+    ex = tokenize(segments, tok, max_seq_len=99)
+    whole = tok("".join(s.text for s in segments), add_special_tokens=False)["input_ids"]
+    assert not ex.merged_boundary and ex.input_ids == whole
+
+
+def test_the_data_report_counts_answers_tokenized_apart(tmp_path: Path) -> None:
     import json
-    import logging
 
     from raysft.config import DataSection
     from raysft.data.pipeline import prepare_data
@@ -451,10 +464,8 @@ def test_the_data_report_counts_and_warns_of_merged_boundaries(
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cfg = DataSection(train=str(path), eval=str(path), template="chatml")
-    with caplog.at_level(logging.WARNING, logger="raysft.data.pipeline"):
-        data = prepare_data(cfg, _newline_merging_tokenizer(), seed=0)
+    data = prepare_data(cfg, _newline_merging_tokenizer(), seed=0)
     assert data.report.merged_boundary == 6  # 3 train + 3 eval samples
-    assert any(r.getMessage().startswith("6 sample(s) have a token") for r in caplog.records)
 
 
 def test_tokenizer_template_that_trims_content_is_not_rewriting_it(tok: Any) -> None:
