@@ -446,6 +446,20 @@ def test_an_answer_the_tokenizer_would_merge_into_the_prompt_is_tokenized_apart(
     assert ex.input_ids[len(prompt) :] == rest
 
 
+def test_every_turn_of_a_conversation_is_tokenized_apart_where_it_would_merge() -> None:
+    tok = _newline_merging_tokenizer()
+    c = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "\nfirst"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "\n\nsecond"},
+    ]
+    ex = tokenize(render(c, template="chatml"), tok, max_seq_len=99)
+    assert trained_spans(ex, tok) == ["\nfirst<|im_end|>", "\n\nsecond<|im_end|>"]
+    prompt = generation_prompt_ids(c, template="chatml", tokenizer=tok)
+    assert ex.input_ids[: len(prompt)] == prompt and ex.labels[len(prompt)] != IGNORE
+
+
 def test_newlines_inside_an_answer_are_tokenized_whole() -> None:
     tok = _newline_merging_tokenizer()
     segments = render(conv("Q", "foo\n\nbar"), template="chatml")
