@@ -334,7 +334,11 @@ def _encode_apart(
     alone (what ``generation_prompt_ids`` gives), then the answer the model must generate after
     it. The answer is encoded after the EOS token, which no merge crosses and after which a
     SentencePiece tokenizer adds no "▁" of its own, and the EOS is dropped. ``whole`` is kept if
-    the tokenizer has no EOS token to do that with."""
+    the tokenizer has no EOS token to do that with.
+
+    In a later turn's history, inference (``generation_prompt_ids``, transformers'
+    ``apply_chat_template``) tokenizes an earlier answer whole, merged; training keeps every
+    answer apart, each starting where its own generation did."""
     sentinel = getattr(tokenizer, "eos_token", None)
     if not isinstance(sentinel, str) or not sentinel:
         return whole

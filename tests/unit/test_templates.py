@@ -456,8 +456,13 @@ def test_every_turn_of_a_conversation_is_tokenized_apart_where_it_would_merge() 
     ]
     ex = tokenize(render(c, template="chatml"), tok, max_seq_len=99)
     assert trained_spans(ex, tok) == ["\nfirst<|im_end|>", "\n\nsecond<|im_end|>"]
-    prompt = generation_prompt_ids(c, template="chatml", tokenizer=tok)
-    assert ex.input_ids[: len(prompt)] == prompt and ex.labels[len(prompt)] != IGNORE
+    # Each answer starts at the token its own generation starts at: after the first prompt,
+    first = generation_prompt_ids(c[:2], template="chatml", tokenizer=tok)
+    assert ex.input_ids[: len(first)] == first and ex.labels[len(first)] != IGNORE
+    # and the second answer right after its prompt's own last token ("\n", not "\n\n").
+    start = ex.labels.index(IGNORE, len(first))
+    second = ex.labels.index(next(x for x in ex.labels[start:] if x != IGNORE), start)
+    assert tok.convert_ids_to_tokens(ex.input_ids[second - 1]) == "Ċ"
 
 
 def test_newlines_inside_an_answer_are_tokenized_whole() -> None:
