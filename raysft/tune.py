@@ -110,9 +110,16 @@ def _main() -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     tree, cfg = load_spec(args.config, args.overrides, dry_run=args.dry_run)
-    check_experiment_dir(args.config, cfg, resume=args.resume)  # a dry run checks it too
+    # A dry run checks it too, but may be of a spec edited after its search ran.
+    exp_dir = check_experiment_dir(args.config, cfg, resume=args.resume, held_ok=args.dry_run)
     if args.dry_run:
-        return _dry_run(cfg)
+        code = _dry_run(cfg)
+        if (exp_dir / "tune").exists() and not args.resume:
+            print(
+                f"note: search.experiment_dir {exp_dir} already holds a search: the run would "
+                "be refused; pass --resume to continue it, or choose another directory"
+            )
+        return code
     setup_logging(args.verbose)
 
     summary = run_search(args.config, tree, cfg, resume=args.resume)

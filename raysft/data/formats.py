@@ -278,27 +278,35 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, object_pairs_hook=_one_value_per_key)
+                row = json.loads(line, object_pairs_hook=_Object.of)
             except json.JSONDecodeError as err:
                 row = _Unparsable(f"line {line_no}: not valid JSON: {err.msg}")
-            except _DuplicateKey as err:
-                row = _Unparsable(f"line {line_no}: {err}")
             yield index, row
             index += 1
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _Object(dict):  # type: ignore[type-arg]
+    """A parsed JSON object that remembers a key given twice in it or in an object inside it
+    (``json`` keeps the last value without a word): such a row is malformed."""
+
+    duplicate: str | None = None
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> _Object:
+        obj = cls()
+        for key, value in pairs:
+            if obj.duplicate is None:
+                obj.duplicate = key if key in obj else _duplicate_in(value)
+            obj[key] = value
+        return obj
 
 
-def _one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object as a dict, refusing a key given twice (json keeps the last silently)."""
-    row: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in row:
-            raise _DuplicateKey(f"key {key!r} given twice in one object; which one is meant?")
-        row[key] = value
-    return row
+def _duplicate_in(value: Any) -> str | None:
+    if isinstance(value, _Object):
+        return value.duplicate
+    if isinstance(value, list):
+        return next((d for d in map(_duplicate_in, value) if d is not None), None)
+    return None
 
 
 def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
@@ -316,11 +324,9 @@ class _Unparsable:
 def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     raw = path.read_bytes().removeprefix(_BOM)
     try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_one_value_per_key)
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object.of)
     except UnicodeDecodeError as err:
         raise DataError(f"{source}: {_not_utf8(raw, err)}") from None
-    except _DuplicateKey as err:
-        raise DataError(f"{source}: {err}") from None
     except json.JSONDecodeError as err:
         # A .json file holding JSON lines is common; read it that way before giving up.
         if err.msg == "Extra data":
@@ -384,12 +390,16 @@ def load_conversations(
             try:
                 if isinstance(row, _Unparsable):
                     raise _RowError("", row.why)
+                if isinstance(row, _Object) and row.duplicate is not None:
+                    raise _RowError(
+                        "", f"key {row.duplicate!r} given twice in one object; which is meant?"
+                    )
                 out.conversations.append(to_conversation(row, fmt=fmt, system_prompt=system_prompt))
                 out.origins.append(f"{source}: row {index}")
-                kind = detect_format(row) if fmt == "auto" else fmt
-                for key in row:
-                    if key not in READS[kind] and row[key] is not None:
-                        out.unread[source, kind, key] = out.unread.get((source, kind, key), 0) + 1
+                given = {k: v for k, v in row.items() if v is not None}  # as to_conversation
+                kind = detect_format(given) if fmt == "auto" else fmt
+                for key in given.keys() - set(READS[kind]):
+                    out.unread[source, kind, key] = out.unread.get((source, kind, key), 0) + 1
             except _RowError as err:
                 where = f"{source}: row {index}: {err}"
                 if on_error == "strict":

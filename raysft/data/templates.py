@@ -8,6 +8,7 @@ terminator is trained; system, user, template text and padding are not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import weakref
@@ -295,8 +296,9 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
     ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = list(enc["offset_mapping"])
     cuts = _answers_merged_into_prompts(offsets, trained)
-    if cuts:
-        ids, offsets = _encode_apart(text, cuts, tokenizer, whole=(ids, offsets))
+    apart = _encode_apart(text, cuts, tokenizer, whole=ids) if cuts else None
+    if apart is not None:
+        ids, offsets = apart
     labels: list[int] = []
     prev_end = 0
     for tok, (start, end) in zip(ids, offsets, strict=True):
@@ -306,7 +308,7 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
         labels.append(tok if any(trained[min(start, prev_end) : end]) else IGNORE)
         prev_end = max(prev_end, end)
     truncated = len(ids) > max_seq_len
-    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated, bool(cuts))
+    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated, apart is not None)
 
 
 def _answers_merged_into_prompts(offsets: list[tuple[int, int]], trained: bytearray) -> list[int]:
@@ -328,23 +330,25 @@ def _encode_apart(
     cuts: list[int],
     tokenizer: Any,
     *,
-    whole: tuple[list[int], list[tuple[int, int]]],
-) -> tuple[list[int], list[tuple[int, int]]]:
+    whole: list[int],
+) -> tuple[list[int], list[tuple[int, int]]] | None:
     """``text`` tokenized with a token boundary at each cut, as inference sees it: the prompt
     alone (what ``generation_prompt_ids`` gives), then the answer the model must generate after
     it. The answer is encoded after the EOS token, which no merge crosses and after which a
-    SentencePiece tokenizer adds no "▁" of its own, and the EOS is dropped. ``whole`` is kept if
-    the tokenizer has no EOS token to do that with.
+    SentencePiece tokenizer adds no "▁" of its own, and the EOS is dropped. None (keep the
+    ``whole`` text's ids) if the tokenizer has no single-token EOS to do that with, or if the ids
+    do not decode to the text ``whole`` decodes to (a legacy normalizer that adds "▁" after
+    every special token).
 
     In a later turn's history, inference (``generation_prompt_ids``, transformers'
     ``apply_chat_template``) tokenizes an earlier answer whole, merged; training keeps every
     answer apart, each starting where its own generation did."""
     sentinel = getattr(tokenizer, "eos_token", None)
     if not isinstance(sentinel, str) or not sentinel:
-        return whole
+        return None
     head = tokenizer(sentinel, add_special_tokens=False)["input_ids"]
     if len(head) != 1:
-        return whole
+        return None
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(text)], strict=True)):
@@ -354,11 +358,12 @@ def _encode_apart(
         pairs = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
         if i:
             if not pairs or pairs[0][0] != head[0]:
-                return whole
+                return None
             pairs = pairs[1:]
         ids += [t for t, _ in pairs]
         offsets += [(s + shift, e + shift) for _, (s, e) in pairs]
-    return ids, offsets
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
+    return (ids, offsets) if decode(ids) == decode(whole) else None
 
 
 _MERGES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per tokenizer

@@ -110,16 +110,19 @@ def _open_experiment(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
     return exp_dir
 
 
-def check_experiment_dir(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
+def check_experiment_dir(
+    spec_path: str, cfg: SearchSpec, *, resume: bool, held_ok: bool = False
+) -> Path:
     """Where the search goes (resolved), refused if it cannot go there: a file, a search that
-    is there without ``--resume`` or missing with it, another spec's search to resume."""
+    is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
+    with it, another spec's search to resume."""
     exp_dir = Path(cfg.search.experiment_dir).resolve()
     if exp_dir.exists() and not exp_dir.is_dir():
         raise SearchStateError(
             f"{spec_path}: search.experiment_dir: {exp_dir} is a file, not a directory"
         )
     tune_dir = exp_dir / "tune"
-    if tune_dir.exists() and not resume:
+    if tune_dir.exists() and not resume and not held_ok:
         raise SearchStateError(
             f"{spec_path}: search.experiment_dir: {exp_dir} already holds a search; "
             "pass --resume to continue it or choose another directory"

@@ -145,7 +145,10 @@ def _check_output_dir(cfg: Config, source: str, *, resuming: bool) -> None:
                 f"(--set output_dir=...) or remove it{hint}"
             ],
         )
-    others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # Hidden files (.gitkeep, .DS_Store, .nfs*) and a volume root's lost+found are no one's run.
+    ignored = ("lost+found",)
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    others = [n for n in names if not n.startswith(".") and n not in ignored]
     if others:
         # The run writes config.yaml, README.md (peft's model card), the weights and the
         # tokenizer's files there, over any of the same names.

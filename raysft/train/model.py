@@ -148,28 +148,33 @@ def unmatched_targets(targetable: Iterable[str], targets: list[str] | str) -> li
 def check_targets(
     targetable: Iterable[str], linears: Iterable[str], lora: LoraSection, *, model: str
 ) -> None:
-    """ModelError naming the ``lora.target_modules`` that match no linear or embedding layer
-    of ``model``, with the names of its linear layers."""
+    """ModelError naming the ``lora.target_modules`` that match no layer LoRA can adapt in
+    ``model`` (``targetable_modules``), with the names of its linear layers."""
     missing = unmatched_targets(targetable, lora.target_modules)
     if missing:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ModelError(
             f"lora.target_modules: {', '.join(map(repr, missing))} "
-            f"match{'es' if len(missing) == 1 else ''} no linear or embedding layer of {model} "
+            f"match{'es' if len(missing) == 1 else ''} no layer LoRA can adapt in {model} "
             f"(its linear layers: {', '.join(kinds)}; or all-linear)"
         )
 
 
 def targetable_modules(model: Any) -> tuple[list[str], list[str]]:
-    """(linear and embedding layers, linear layers but the LM head) of ``model``, by name."""
-    import torch
+    """(the layers peft's LoRA adapts, the linear ones but the LM head) of ``model``, by name.
 
+    peft adapts ``nn.Linear`` (bitsandbytes' 4-bit layers are subclasses), transformers'
+    ``Conv1D`` (GPT-2's projections), ``nn.Embedding``, ``nn.Conv1d/2d/3d`` and
+    ``nn.MultiheadAttention``."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    nn = torch.nn
     head = model.get_output_embeddings()
-    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    linear = (nn.Linear, Conv1D)
+    kinds = (*linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
     targetable = [n for n, m in model.named_modules() if isinstance(m, kinds)]
-    linears = [
-        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
-    ]
+    linears = [n for n, m in model.named_modules() if isinstance(m, linear) and m is not head]
     return targetable, linears
 
 

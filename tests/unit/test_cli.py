@@ -425,3 +425,12 @@ def test_preview_marks_trained_spans(cli_runs: dict[str, Future[Run]]) -> None:
         "USER: Translate the following sentence into English\n\n今天天气真好\n"
         "ASSISTANT: «The weather is really nice today.</s>»"
     )
+
+
+def test_an_output_dir_of_hidden_files_or_a_volume_root_counts_as_empty(tmp_path: Path) -> None:
+    from raysft.train.__main__ import _check_output_dir
+
+    out = tmp_path / "out"
+    (out / "lost+found").mkdir(parents=True)
+    (out / ".gitkeep").write_text("", encoding="utf-8")
+    _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=False)

@@ -254,3 +254,26 @@ def test_save_full_model_with_cache_enabled_for_inference(tiny_llama_dir, tmp_pa
 def test_load_model_of_a_missing_path_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match=r"model.name_or_path: cannot load '.*no-such-model'"):
         load_model(_cfg(tmp_path / "no-such-model"))
+
+
+def test_gpt2_conv1d_projections_are_lora_targets() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from raysft.config import LoraSection
+    from raysft.errors import ModelError
+    from raysft.train.model import check_targets, targetable_modules
+
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2))
+    targetable, linears = targetable_modules(net)
+    lora = LoraSection(target_modules=["c_attn", "c_proj", "c_fc"])
+    check_targets(targetable, linears, lora, model="gpt2-tiny")  # peft adapts Conv1D
+    with pytest.raises(
+        ModelError,
+        match=r"'q_proj' matches no layer LoRA can adapt in gpt2-tiny "
+        r"\(its linear layers: c_attn, c_fc, c_proj; or all-linear\)",
+    ):
+        check_targets(
+            targetable, linears, LoraSection(target_modules=["q_proj"]), model="gpt2-tiny"
+        )

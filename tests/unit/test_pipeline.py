@@ -235,6 +235,13 @@ def test_fields_no_format_reads_are_reported_once_per_source_and_field(
     assert [r.getMessage() for r in caplog.records] == report.unread_fields
 
 
+def test_null_columns_are_not_unread_fields(tmp_path: Path) -> None:
+    # Parquet / `datasets` rows of mixed formats carry every column, null where a row has none.
+    rows = [{**alpaca("q", "a"), "conversations": None}, {**alpaca("q2", "a2"), "input": None}]
+    _, _, report = load_split(section(train=write_jsonl(tmp_path / "t.jsonl", rows)), seed=0)
+    assert report.unread_fields == []
+
+
 def test_a_key_given_twice_in_a_row_is_a_bad_row(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(
@@ -244,5 +251,22 @@ def test_a_key_given_twice_in_a_row_is_a_bad_row(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_split(section(train=str(path)), seed=0)
     assert str(err.value).startswith(
-        f"{path}: row 1: line 2: key 'output' given twice in one object; which one is meant?"
+        f"{path}: row 1: key 'output' given twice in one object; which is meant?"
     )
+
+
+def test_a_key_given_twice_in_a_json_file_is_one_bad_row_that_skip_drops(tmp_path: Path) -> None:
+    # A JSON array, and the key twice inside a message: the row is malformed, not the file.
+    path = tmp_path / "t.json"
+    path.write_text(
+        '[{"instruction": "q", "output": "a"},'
+        ' {"messages": [{"role": "user", "content": "q", "content": "r"},'
+        ' {"role": "assistant", "content": "a"}]},'
+        ' {"instruction": "q2", "output": "a2"}]',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError) as err:
+        load_split(section(train=str(path)), seed=0)
+    assert str(err.value).startswith(f"{path}: row 1: key 'content' given twice in one object")
+    train, _, report = load_split(section(train=str(path), on_error="skip"), seed=0)
+    assert len(train) == 2 and report.rows_skipped == 1

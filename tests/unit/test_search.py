@@ -1415,3 +1415,19 @@ def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.Monke
     for left_to_ray in ("auto", "ray://head:10001", "local"):
         monkeypatch.setenv("RAY_ADDRESS", left_to_ray)
         check_ray_address()
+
+
+def test_a_dry_run_of_a_spec_whose_experiment_dir_holds_a_search_notes_it(tmp_path: Path) -> None:
+    """A spec edited after its search still dry-runs; the note says the run would be refused."""
+    held = tmp_path / "held"
+    (held / "tune").mkdir(parents=True)
+    ran = subprocess.run(
+        [sys.executable, "-m", "raysft.tune", str(ROOT / "search_spaces" / "lora.yaml"),
+         "--dry-run", "--set", f"search.experiment_dir={held}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.splitlines()[-1] == (
+        f"note: search.experiment_dir {held} already holds a search: the run would be refused; "
+        "pass --resume to continue it, or choose another directory"
+    )

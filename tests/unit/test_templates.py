@@ -465,6 +465,29 @@ def test_every_turn_of_a_conversation_is_tokenized_apart_where_it_would_merge() 
     assert tok.convert_ids_to_tokens(ex.input_ids[second - 1]) == "Ċ"
 
 
+def test_a_tokenizer_that_adds_a_space_after_special_tokens_keeps_the_whole_ids() -> None:
+    # A legacy normalizer prepends "▁" to every piece, after a special token too: encoding the
+    # answer after EOS would add a trained "▁" the text does not have, so the ids stay whole.
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("▁abcdefghijklmnopqrstuvwxyzQ\n"))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab["\n\n"] = len(vocab)
+    vocab["<unk>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n")], unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Replace("▁", " ")
+    specials = ("<|im_start|>", "<|im_end|>", "</s>")
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
+    segments = render(conv("Q", "\nfoo"), template="chatml")
+    ex = tokenize(segments, tok, max_seq_len=99)
+    whole = tok("".join(s.text for s in segments), add_special_tokens=False)["input_ids"]
+    assert not ex.merged_boundary and ex.input_ids == whole
+    assert trained_spans(ex, tok) == ["\n\nfoo<|im_end|>"]
+
+
 def test_newlines_inside_an_answer_are_tokenized_whole() -> None:
     tok = _newline_merging_tokenizer()
     segments = render(conv("Q", "foo\n\nbar"), template="chatml")
