@@ -33,6 +33,7 @@ from raysft.thirdparty import peft_quietly
 from raysft.train.device import resolve_device
 from raysft.train.metrics import METRICS, Metric
 from raysft.train.model import from_pretrained, load_tokenizer
+from raysft.train.scoring import bleu_says_nothing
 
 log = logging.getLogger("raysft.evaluate")
 
@@ -284,16 +285,26 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def metrics_table(scores: dict[str, ModelScore]) -> str:
-    """Metrics as rows, one column per scored model (e.g. base, tuned)."""
+def metrics_table(
+    scores: dict[str, ModelScore], *, conversations: list[Conversation] | None = None
+) -> str:
+    """Metrics as rows, one column per scored model (e.g. base, tuned); with the scored
+    ``conversations``, a note under a BLEU that is 0 whatever the answers."""
     names = list(dict.fromkeys(n for s in scores.values() for n in s.scores))
     head = ["metric", *scores]
     body = [[n, *(_fmt(s.scores.get(n)) for s in scores.values())] for n in names]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in [head, *body]
     )
+    references = [c[-1]["content"] for c in conversations or []]
+    if "bleu" in names and bleu_says_nothing(references):
+        table += (
+            "\n(bleu: every reference answer is shorter than 4 tokens, so BLEU, a 4-gram "
+            "score, is 0 whatever the answers; read exact_match and rouge_l)"
+        )
+    return table
 
 
 def side_by_side(scores: dict[str, ModelScore], *, n: int = 3) -> str:
@@ -385,7 +396,7 @@ def run(argv: list[str] | None = None) -> int:
         print(json.dumps({**head, **as_json(scores, n=args.show)}, ensure_ascii=False))
         return 0
     print(f"{target.kind} {target.path} ({scores[next(iter(scores))].rows} eval rows)")
-    print(metrics_table(scores))
+    print(metrics_table(scores, conversations=rows))
     if args.show:
         print(side_by_side(scores, n=args.show))
     return 0

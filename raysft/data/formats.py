@@ -165,6 +165,9 @@ def _check_shape(conv: Conversation, *, key: str) -> None:
             )
         if expected == "assistant" and not msg["content"].strip():
             raise _RowError(f"{key}[{i + start}]", "assistant content is empty: nothing to train")
+        if expected == "user" and not msg["content"].strip():
+            # As an alpaca row's empty instruction: an answer to nothing.
+            raise _RowError(f"{key}[{i + start}]", "user content is empty: nothing to answer")
     if turns[-1]["role"] != "assistant":
         raise _RowError(key, "must end with an assistant turn")
 

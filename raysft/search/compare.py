@@ -33,7 +33,7 @@ def _score_pair(cfg_tree: dict[str, Any], tuned_dir: str) -> dict[str, Any]:
         "tuned": score_model(tuned_dir, cfg, conversations=rows),
     }
     return {
-        "table": metrics_table(scores),
+        "table": metrics_table(scores, conversations=rows),
         "side_by_side": side_by_side(scores, n=SHOWN),
         "scores": as_json(scores, n=SHOWN),
     }

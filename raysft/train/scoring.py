@@ -81,6 +81,17 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     )
 
 
+def bleu_says_nothing(references: Sequence[str]) -> bool:
+    """Whether BLEU is 0 here whatever the answers: no reference has 4 tokens (after BLEU's own
+    tokenization), so no answer can match a 4-gram (the embedded default's one-word answers)."""
+    if not references:
+        return False
+    import sacrebleu
+
+    tokenize = sacrebleu.metrics.BLEU(tokenize=bleu_tokenizer(references)).tokenizer
+    return all(len(tokenize(r).split()) < 4 for r in references)
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one problem from ``n`` samples of which ``c`` pass (Chen et al. 2021,
     "Evaluating Large Language Models Trained on Code"): 1 - C(n-c, k) / C(n, k)."""

@@ -206,6 +206,11 @@ def test_cli_prints_a_table_and_answers_side_by_side(
     assert lines[1].split() == ["metric", "base", "tuned"]
     assert lines[2].split() == ["exact_match", "0.5000", "0.5000"]
     assert lines[3].split()[0] == "bleu"
+    # The references ("x=1", "x=2") are 3 BLEU tokens each: BLEU cannot tell answers apart.
+    assert lines[4] == (
+        "(bleu: every reference answer is shorter than 4 tokens, so BLEU, a 4-gram score, is 0 "
+        "whatever the answers; read exact_match and rouge_l)"
+    )
     assert "expected: 'x=2'" in lines and "tuned: 'x=1'" in lines
 
 

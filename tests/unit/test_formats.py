@@ -150,6 +150,10 @@ BAD_ROWS = [
         "messages: must end with an assistant turn",
     ),
     ({"messages": msgs(("user", "a"), ("assistant", " "))}, "messages[1]: assistant content is"),
+    (
+        {"messages": msgs(("user", ""), ("assistant", "b"))},
+        "messages[0]: user content is empty: nothing to answer",
+    ),
     ({"messages": msgs(("system", "s"))}, "messages: has no user/assistant turns"),
     (  # the index is the turn's own in `conversations`, not shifted by the top-level system
         {"system": "S", "conversations": turns(("human", "a"), ("human", "b"))},

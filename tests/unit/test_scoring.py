@@ -222,3 +222,11 @@ def test_pass_at_k_is_left_out_when_no_scored_row_has_tests(tmp_path: Path) -> N
     coded = [{**plain[0], "tests": "assert x == 1", "answers": ["x = 1"]}]
     scores, _ = score(cfg, final=True, loss=lambda: (6.0, 4), answers=lambda **_: coded)
     assert scores["pass_at_k"] == 1.0
+
+
+def test_bleu_says_nothing_when_no_reference_has_a_4_gram() -> None:
+    short = ["BASKET", "3", "stutdim stutdim."]  # "stutdim stutdim ." is 3 tokens
+    assert scoring.bleu_says_nothing(short)
+    assert scoring.bleu(short, short) == 0.0  # even for perfect answers
+    assert not scoring.bleu_says_nothing([*short, "The word means a house."])
+    assert not scoring.bleu_says_nothing([])
