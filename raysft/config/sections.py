@@ -70,11 +70,17 @@ class LoraSection(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         min_length=1,
         description="Module names to adapt, or `all-linear` (every linear layer but the LM head). "
-        "Each name must match a linear or embedding layer of the model (its dotted name, or its "
-        "last components).",
+        "Each name must match a layer LoRA can adapt (linear, Conv1D, embedding, ...) by its "
+        "dotted name or its last components.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r).")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
+
+    @staticmethod
+    def matches(module: str, target: str) -> bool:
+        """peft's rule for a list of target_modules: ``target`` names ``module`` when the
+        module's dotted name equals it or ends with ``.target``."""
+        return module == target or module.endswith(f".{target}")
 
 
 class QloraSection(_Section):

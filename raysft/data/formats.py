@@ -180,6 +180,13 @@ def to_conversation(
     row: Any, *, fmt: str = "auto", system_prompt: str | None = None
 ) -> Conversation:
     """Convert one row; raises ``_RowError`` (field + problem) on malformed input."""
+    return _convert(row, fmt=fmt, system_prompt=system_prompt)[0]
+
+
+def _convert(
+    row: Any, *, fmt: str, system_prompt: str | None
+) -> tuple[Conversation, tuple[str, list[str]]]:
+    """``to_conversation``, and (the row's format, its fields that format does not read)."""
     if not isinstance(row, dict):
         raise _RowError("", f"row must be a JSON object, got {type(row).__name__}")
     # Parquet and `datasets` give every row every column, null where a row has none: a file
@@ -198,7 +205,7 @@ def to_conversation(
         conv[-1]["tests"] = _tests(row["tests"])
     if system_prompt and conv[0]["role"] != "system":
         conv.insert(0, {"role": "system", "content": system_prompt})
-    return conv
+    return conv, (kind, sorted(row.keys() - set(READS[kind])))
 
 
 def _tests(value: Any) -> str:
@@ -397,11 +404,10 @@ def load_conversations(
                     raise _RowError(
                         "", f"key {row.duplicate!r} given twice in one object; which is meant?"
                     )
-                out.conversations.append(to_conversation(row, fmt=fmt, system_prompt=system_prompt))
+                conv, (kind, unread) = _convert(row, fmt=fmt, system_prompt=system_prompt)
+                out.conversations.append(conv)
                 out.origins.append(f"{source}: row {index}")
-                given = {k: v for k, v in row.items() if v is not None}  # as to_conversation
-                kind = detect_format(given) if fmt == "auto" else fmt
-                for key in given.keys() - set(READS[kind]):
+                for key in unread:
                     out.unread[source, kind, key] = out.unread.get((source, kind, key), 0) + 1
             except _RowError as err:
                 where = f"{source}: row {index}: {err}"

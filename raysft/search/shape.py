@@ -94,9 +94,7 @@ def adapted_modules(shape: ModelShape, lora: LoraSection) -> list[tuple[str, int
     if targets == "all-linear":
         return list(shape.linears)
     return [
-        (n, i, o)
-        for n, i, o in shape.linears
-        if any(n == t or n.endswith(f".{t}") for t in targets)
+        (n, i, o) for n, i, o in shape.linears if any(LoraSection.matches(n, t) for t in targets)
     ]
 
 

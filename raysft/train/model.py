@@ -136,13 +136,13 @@ def load_tokenizer(model_cfg: ModelSection) -> Any:
 
 def unmatched_targets(targetable: Iterable[str], targets: list[str] | str) -> list[str]:
     """The names of ``lora.target_modules`` that match none of the ``targetable`` modules (the
-    model's linear and embedding layers, what LoRA adapts), by peft's rule: a module's dotted
-    name equals the name or ends with ``.name``. peft refuses a list none of which matches, but
-    adapts the matching ones of a list and drops the rest without a word."""
+    layers LoRA adapts, ``targetable_modules``), by peft's rule (``LoraSection.matches``). peft
+    refuses a list none of which matches, but adapts the matching ones of a list and drops the
+    rest without a word."""
     if isinstance(targets, str):  # all-linear
         return []
     names = list(targetable)
-    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    return [t for t in targets if not any(LoraSection.matches(n, t) for n in names)]
 
 
 def check_targets(

@@ -395,6 +395,14 @@ def test_a_run_saves_no_section_its_method_ignores(tmp_path: Path) -> None:
     assert load_config(saved, authored=True).method == "full"  # rerun as is
 
 
+def _takes(check: Any, refused: type[Exception]) -> bool:
+    try:
+        check()
+    except refused:
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
     "alias",
     ["champion", "champion-2", "best_v1", "latest", "LATEST", "v1", "V12", "a b", "", "x" * 256],
@@ -404,18 +412,12 @@ def test_alias_rule_is_mlflows(alias: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.utils import validation
 
-    try:
+    def mlflow() -> None:
         validation._validate_model_alias_name(alias)
         validation._validate_model_alias_name_reserved(alias)
-        mlflow_takes = True
-    except MlflowException:
-        mlflow_takes = False
-    try:
-        load_config(None, {"promote.alias": alias})
-        we_take = True
-    except ConfigError:
-        we_take = False
-    assert we_take == mlflow_takes, alias
+
+    ours = _takes(lambda: load_config(None, {"promote.alias": alias}), ConfigError)
+    assert ours == _takes(mlflow, MlflowException), alias
 
 
 @pytest.mark.parametrize("name", ["raysft-adapter", "my model", " ", "", "a/b", "a:b"])
@@ -423,14 +425,5 @@ def test_registered_model_rule_is_mlflows(name: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.utils import validation
 
-    try:
-        validation._validate_model_name(name)
-        mlflow_takes = True
-    except MlflowException:
-        mlflow_takes = False
-    try:
-        load_config(None, {"promote.registered_model": name})
-        we_take = True
-    except ConfigError:
-        we_take = False
-    assert we_take == mlflow_takes, name
+    ours = _takes(lambda: load_config(None, {"promote.registered_model": name}), ConfigError)
+    assert ours == _takes(lambda: validation._validate_model_name(name), MlflowException), name

@@ -71,31 +71,29 @@ def test_kernels_hidden_fails_the_import_inside_and_restores_it_after() -> None:
     assert hasattr(kernels, "get_kernel")
 
 
-def test_peft_quietly_drops_only_the_deprecation_of_peft_s_read() -> None:
+def _wrap_tiny_llama() -> None:
+    """peft wraps a one-layer Llama (peft reads the deprecated property here)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def wrap() -> list[str]:
-        model = LlamaForCausalLM(
-            LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
-        )  # fmt: skip
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            with peft_quietly():
-                get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
-                warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
-        return [str(w.message) for w in seen]
-
-    seen = wrap()
-    assert not any("is_gradient_checkpointing" in m for m in seen), seen
-    assert "another FutureWarning" in seen
-    # The control: without the shim peft's read warns (if this fails, the shim can go).
     model = LlamaForCausalLM(
         LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
     )  # fmt: skip
-    with warnings.catch_warnings(record=True) as seen_plain:
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_peft_quietly_drops_only_the_deprecation_of_peft_s_read() -> None:
+    with warnings.catch_warnings(record=True) as quiet:
         warnings.simplefilter("always")
-        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
-    assert any("is_gradient_checkpointing" in str(w.message) for w in seen_plain)
+        with peft_quietly():
+            _wrap_tiny_llama()
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+    seen = [str(w.message) for w in quiet]
+    assert not any("is_gradient_checkpointing" in m for m in seen), seen
+    assert "another FutureWarning" in seen
+    # The control: without the shim peft's read warns (if this fails, the shim can go).
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        _wrap_tiny_llama()
+    assert any("is_gradient_checkpointing" in str(w.message) for w in plain)
