@@ -19,6 +19,7 @@ the tests' figures and leftover checks assume the machine is theirs.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -60,13 +61,43 @@ def train_checkpoints(exp_dir: Path, trial: str = "*") -> list[Path]:
     return sorted(p for p in exp_dir.glob(f"train/train-{trial}/checkpoint_*") if p.is_dir())
 
 
+# Test servers take ports from 20000-32767: above the ports Ray gives its workers (10002-19999)
+# and below the kernel's ephemeral range (from 32768), where Ray's own random choices and
+# outgoing connections land. Each xdist lane draws from a band of its own, so the two lanes
+# never pick the same port; within a process no port is handed out twice (a ``ray start``
+# given one port for two servers refuses to start, and a probe socket once closed frees it).
+_TEST_PORTS = range(20000, 32768)
+_HANDED_OUT: set[int] = set()
+
+
+def _lane_band() -> range:
+    """This xdist lane's share of ``_TEST_PORTS`` (all of it outside xdist)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    lanes = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), 1)
+    index = int(worker[2:]) % lanes if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = len(_TEST_PORTS) // lanes
+    return range(_TEST_PORTS.start + index * width, _TEST_PORTS.start + (index + 1) * width)
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on loopback (all sockets held until all are chosen)."""
+    """``n`` distinct loopback TCP ports of this lane's band that bind now and that this process
+    has not handed out before; each probe socket stays bound until all ``n`` are chosen."""
+    band = _lane_band()
+    chosen: list[int] = []
     with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+        for port in random.sample(band, min(len(band), 200)):
+            if port in _HANDED_OUT:
+                continue
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == n:
+                _HANDED_OUT.update(chosen)
+                return chosen
+    raise RuntimeError(f"found {len(chosen)} of {n} free ports in {band} after 200 tries")
 
 
 def free_port() -> int:
