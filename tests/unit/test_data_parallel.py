@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -58,12 +57,12 @@ def _cfg(tmp: Path, model_dir: Path, *, grad_accum: int, out: str, **extra: obje
     )
 
 
-def _worker(rank: int, tmp: str, model_dir: str, port: int, compiled: bool) -> None:
+def _worker(rank: int, tmp: str, model_dir: str, rendezvous: str, compiled: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
         cfg = _cfg(Path(tmp), Path(model_dir), grad_accum=2, out="ddp",
                    **{"train.compile": compiled})  # fmt: skip
@@ -72,10 +71,10 @@ def _worker(rank: int, tmp: str, model_dir: str, port: int, compiled: bool) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp: Path) -> str:
+    """The ranks meet through a file, not a TCP port: a free port probed here could be taken
+    by the other xdist lane's Ray before the spawned ranks bind it."""
+    return f"file://{tmp / 'rendezvous'}"
 
 
 # compiled: torch.compile over the DDP wrapper (DDP's no_sync through the compiled module).
@@ -88,8 +87,8 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     torch.set_num_threads(1)
     single = run_trial(_cfg(tmp_path, model_dir, grad_accum=4, out="single"))
     os.environ.pop("RANK", None)
-    mp.spawn(_worker, args=(str(tmp_path), str(model_dir), _free_port(), compiled), nprocs=2,
-             join=True)  # fmt: skip
+    args = (str(tmp_path), str(model_dir), _rendezvous(tmp_path), compiled)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
 
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     tol = 1e-5 if compiled else 1e-6  # inductor's fused kernels round differently
@@ -108,12 +107,12 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     assert moved, "the step changed no adapter weight"
 
 
-def _resume_worker(rank: int, tmp: str, model_dir: str, port: int) -> None:
+def _resume_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
 
     def keep(metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir is not None:
@@ -140,8 +139,8 @@ def test_two_workers_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) ->
     (tmp_path / "rows.jsonl").write_text("\n".join(rows), encoding="utf-8")
     torch.set_num_threads(1)
     os.environ.pop("RANK", None)
-    mp.spawn(_resume_worker, args=(str(tmp_path), str(model_dir), _free_port()), nprocs=2,
-             join=True)  # fmt: skip
+    args = (str(tmp_path), str(model_dir), _rendezvous(tmp_path))
+    mp.spawn(_resume_worker, args=args, nprocs=2, join=True)
 
     whole, resumed = (
         json.loads((tmp_path / out / "metrics.json").read_text())["history"]
@@ -165,11 +164,11 @@ def test_fewer_rows_than_workers_is_an_error_before_training(tmp_path: Path) -> 
     assert not (tmp_path / "x").exists()
 
 
-def _fsdp_worker(rank: int, tmp: str, model_dir: str, port: int) -> None:
+def _fsdp_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
         full = {"method": "full", "train.max_steps": 2}
         cfg = _cfg(Path(tmp), Path(model_dir), grad_accum=2, out="fsdp", **full)
@@ -201,7 +200,8 @@ def test_fsdp_shards_full_fine_tuning_and_takes_the_step_of_one_worker(tmp_path:
     full = {"method": "full", "train.max_steps": 2}
     single = run_trial(_cfg(tmp_path, model_dir, grad_accum=4, out="single", **full))
     os.environ.pop("RANK", None)
-    mp.spawn(_fsdp_worker, args=(str(tmp_path), str(model_dir), _free_port()), nprocs=2, join=True)
+    args = (str(tmp_path), str(model_dir), _rendezvous(tmp_path))
+    mp.spawn(_fsdp_worker, args=args, nprocs=2, join=True)
 
     for rank in (0, 1):
         local, total = map(int, (tmp_path / f"fsdp-shard-{rank}.txt").read_text().split("/"))
