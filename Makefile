@@ -1,12 +1,16 @@
 # Two entry points (README "Quick start"): `make demo` and `make test`. Both set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; on a CUDA machine install your torch first (see README, Install).
+# torch first, as pip is configured plus TORCH_PIP_ARGS. From PyPI, torch 2.13's Linux wheel is
+# the CUDA 13.0 build; TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" takes the
+# CPU build. The dev and CI machines find the CPU wheel in pip's local wheel folder.
 TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
 	touch $@
 
