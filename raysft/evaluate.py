@@ -161,6 +161,10 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
 
     path = Path(resolve(model))
     adapter = (path / "adapter_config.json").is_file()
+    weights = ("adapter_model.safetensors", "adapter_model.bin")
+    if adapter and not any((path / name).is_file() for name in weights):
+        # peft would look the folder up on the Hub (a relative path) or blame a repo id
+        raise ModelError(f"{path}: no adapter weights ({' or '.join(weights)})")
     own = adapter_base(path) if adapter else None
     base = (base_model or own) if adapter else model
     base_cfg = cfg.model.model_copy(update={"name_or_path": base})
@@ -186,7 +190,7 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
 
         try:
             with peft_quietly():
-                net = PeftModel.from_pretrained(net, str(path))
+                net = PeftModel.from_pretrained(net, str(path.resolve()))
         except (OSError, ValueError, SafetensorError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             if isinstance(err, SafetensorError):

@@ -8,20 +8,26 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from raysft.cli import run_cli, setup_logging
 from raysft.config import validate_spec
-from raysft.errors import SearchStateError
+from raysft.errors import ConfigError, SearchStateError
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking import client
+from raysft.train.metrics import objective_mode
 
 
 def _main() -> int:
 
     parser = argparse.ArgumentParser(prog="python -m raysft.promote", description=__doc__)
     parser.add_argument("experiment_dir", help="the search.experiment_dir of a finished search")
+    parser.add_argument(
+        "--tracking-uri",
+        help="the MLflow tracking URI (default: the search's, from summary.json; needed when "
+        "its password was redacted there)",
+    )
     args = parser.parse_args()
     setup_logging()
     exp_dir = Path(args.experiment_dir)
@@ -31,13 +37,50 @@ def _main() -> int:
             f"{exp_dir / SUMMARY_FILE}: not found (is {exp_dir} a finished search's experiment "
             "dir?)"
         )
-    cfg = validate_spec(summary["resolved_spec"], source=str(exp_dir / SUMMARY_FILE))
-    mlc = client(summary["mlflow"]["tracking_uri"])
+    source = str(exp_dir / SUMMARY_FILE)
+    cfg = validate_spec(summary["resolved_spec"], source=source)
+    try:
+        objective_mode(cfg.search.metric, cfg.search.mode)
+    except ValueError as err:
+        raise ConfigError(source, [f"resolved_spec: search.metric: {err}"]) from None
+    if args.tracking_uri:
+        mlc = _registry(args.tracking_uri, "--tracking-uri")
+    else:
+        mlc = _registry(summary["mlflow"].get("tracking_uri"), f"{source}: mlflow.tracking_uri")
     record = promote(mlc=mlc, cfg=cfg, best=summary.get("best"), exp_dir=exp_dir)
-    summary["promotion"] = record
-    write_summary(exp_dir, summary)
+    if not record.get("failed") or not summary.get("promotion"):
+        summary["promotion"] = record  # a failed retry keeps the record it would have replaced
+        write_summary(exp_dir, summary)
     print(json.dumps(record, indent=2))
+    if record.get("failed"):
+        raise SearchStateError(f"{exp_dir}: promotion failed: {record['reason']}")
     return 0
+
+
+def _registry(uri: Any, where: str) -> Any:
+    """The MLflow client of the search's registry, reached before anything is decided. A
+    SQLite store that is not there is refused: MLflow would make a new, empty one and find no
+    champion in it."""
+    if not isinstance(uri, str) or not uri:
+        raise SearchStateError(f"{where}: missing")
+    if "***" in uri:
+        raise SearchStateError(
+            f"{where}: {uri}: its password was redacted when saved; pass the real URI with "
+            "--tracking-uri"
+        )
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :].split("?", 1)[0]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise SearchStateError(f"{where}: {uri}: no such database file")
+    try:
+        mlc = client(uri)
+        mlc.search_registered_models(max_results=1)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise SearchStateError(
+            f"{where}: {uri}: cannot reach the model registry ({type(err).__name__}: {first})"
+        ) from None
+    return mlc
 
 
 def main() -> NoReturn:

@@ -84,7 +84,8 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
     print(
         "promotion: "
         + (
-            f"v{p['version']} is now @{p['alias']}, exported to {p['export_dir']}"
+            f"v{p['version']} is now @{p['alias']}"
+            + (f", exported to {p['export_dir']}" if p.get("export_dir") else "")
             if p.get("promoted")
             else f"none ({p.get('reason')})"
         )

@@ -6,6 +6,7 @@ place defaults live; every option is documented once, on its field (README refer
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 from typing import Any, Literal
 
@@ -472,6 +473,10 @@ class PromoteSection(_Section):
             raise ValueError("empty: the Model Registry needs a name")
         if "/" in value or ":" in value:
             raise ValueError(f"{value!r}: a Model Registry name cannot contain '/' or ':'")
+        norm = posixpath.normpath(value)  # MLflow treats the name as a path, too
+        if norm != value or norm == "." or norm.startswith(".."):
+            raise ValueError(f"{value!r}: MLflow refuses a Model Registry name it would read as "
+                             f"the path {norm!r}")  # fmt: skip
         return value
 
     @field_validator("alias")

@@ -28,7 +28,7 @@ import yaml
 
 from raysft.assets import resolve
 from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
-from raysft.errors import ModelError
+from raysft.errors import DataError, ModelError
 from raysft.search.preflight import seed_picks_eval_rows
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
@@ -42,6 +42,7 @@ TAG_METRIC = "raysft.metric"
 TAG_VALUE = "raysft.metric_value"
 TAG_EVAL = "raysft.eval_fingerprint"
 TAG_BASE = "raysft.base_model"
+TAG_RUN = "raysft.source_run"  # the trial's MLflow run
 CHAMPION_FILE = "champion.json"  # the export's registry identity, written once registered
 
 
@@ -50,6 +51,8 @@ CHAMPION_FILE = "champion.json"  # the export's registry identity, written once 
 
 def _file_digest(spec: str) -> str:
 
+    if spec.startswith("hf:"):
+        return spec  # a hub dataset: its name is all we know
     path = Path(resolve(spec))
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -59,7 +62,11 @@ def _file_digest(spec: str) -> str:
             h.update(f.relative_to(path).as_posix().encode())
             h.update(f.read_bytes())
         return h.hexdigest()
-    return spec  # a hub dataset name: its name is all we know
+    # Not its name: a fingerprint of a path that is not there would differ from the search's.
+    raise DataError(
+        f"data: {spec}: file not found (a relative path is read from the current directory, "
+        f"{Path.cwd()}: run from where the search ran)"
+    )
 
 
 def eval_fingerprint(cfg: Config) -> str:
@@ -92,12 +99,50 @@ def eval_fingerprint(cfg: Config) -> str:
 
 
 def current_champion(mlc: Any, name: str, alias: str) -> Any | None:
+    """The version holding ``alias``; None only when the registry says there is none (no such
+    model, or no version holds the alias). Any other error is raised: an outage read as "no
+    champion" would let a worse adapter take the alias."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlc.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None  # no such registered model, or no version holds the alias yet
+        model = mlc.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if alias not in (model.aliases or {}):
+        return None
+    return mlc.get_model_version_by_alias(name, alias)
+
+
+def _source_run(champ: Any) -> str | None:
+    """The MLflow run of the trial a version was promoted from."""
+    return champ.tags.get(TAG_RUN) or getattr(champ, "run_id", None)
+
+
+def _failure(record: dict[str, Any], what: str, err: BaseException) -> dict[str, Any]:
+    """The record of a promotion that could not be decided or installed (``failed``: the
+    promote command exits non-zero on it); the traceback is logged at debug level."""
+    reason = f"{what}: {type(err).__name__}: {err}"[:1000]
+    log.debug("%s", reason, exc_info=err)
+    return {**record, "promoted": False, "failed": True, "reason": reason}
+
+
+def _checkpoint_problem(checkpoint: str) -> str | None:
+    """Why the best trial's checkpoint cannot be exported, or None: said up front, by file,
+    rather than by whatever transformers raises on a half-empty folder."""
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        return f"{ckpt}: the best trial's checkpoint is not there (no such directory)"
+    if (ckpt / "adapter_config.json").is_file():
+        wanted = ["adapter_model.safetensors", "adapter_model.bin"]
+    else:
+        wanted = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+        if not (ckpt / "config.json").is_file():
+            return f"{ckpt}: neither adapter_config.json nor config.json (not a checkpoint)"
+    if not any((ckpt / name).is_file() for name in wanted):
+        return f"{ckpt}: no weights ({' or '.join(wanted)})"
+    return None
 
 
 def champion_value(champ: Any) -> float | None:
@@ -109,8 +154,9 @@ def champion_value(champ: Any) -> float | None:
         return None
 
 
-def _refusal(champ: Any, *, metric: str, value: float, fp: str, mode: Mode) -> str | None:
-    """Why ``value`` may not replace ``champ``, or None when it may."""
+def _refusal(champ: Any, *, metric: str, value: float, fp: str, mode: Mode | None) -> str | None:
+    """Why ``value`` may not replace ``champ``, or None when it may (``mode`` None: only
+    whether both were scored alike)."""
     if champ.tags.get(TAG_EVAL) != fp or champ.tags.get(TAG_METRIC) != metric:
         return (
             f"champion v{champ.version} was scored on other eval data or metric "
@@ -118,7 +164,7 @@ def _refusal(champ: Any, *, metric: str, value: float, fp: str, mode: Mode) -> s
             "not replaced. Use a new promote.registered_model, or the same eval data."
         )
     old = champion_value(champ)
-    if old is not None and not is_better(value, old, mode):
+    if mode is not None and old is not None and not is_better(value, old, mode):
         return f"{metric} {value:.6g} does not beat champion v{champ.version} ({old:.6g})"
     return None
 
@@ -150,20 +196,31 @@ def promote(
         "registered_model": p.registered_model,
         "alias": p.alias,
     }
-    champ = current_champion(mlc, p.registered_model, p.alias)
+    try:
+        champ = current_champion(mlc, p.registered_model, p.alias)
+    except Exception as err:
+        return _failure(record, "could not read the current champion, nothing changed", err)
     export = Path(p.export_dir) if p.export_dir else exp_dir / "champion"
     _recover(export, None if champ is None else str(champ.version))
     if champ is not None:
+        if _source_run(champ) == best.get("mlflow_run_id") and not _refusal(
+            champ, metric=s.metric, value=value, fp=fp, mode=None
+        ):  # promote run again on the same search: its best already holds the alias
+            kept = {"version": str(champ.version), "reason": f"already champion v{champ.version}"}
+            if _version_of(export) == str(champ.version):
+                kept["export_dir"] = str(export.resolve())
+            return {**record, "promoted": True, **kept}
         record["previous"] = {"version": str(champ.version), "value": champion_value(champ)}
         refusal = _refusal(champ, metric=s.metric, value=value, fp=fp, mode=mode)
         if refusal:
             return {**record, "promoted": False, "reason": refusal}
+    problem = _checkpoint_problem(best["checkpoint"])
+    if problem:
+        return {**record, "promoted": False, "failed": True, "reason": problem}
     try:
         version = _install(mlc, cfg=cfg, best=best, record=record, export=export, exp_dir=exp_dir)
     except Exception as err:
-        log.exception("promotion failed; the previous champion and its export are unchanged")
-        reason = f"promotion failed, previous champion kept: {type(err).__name__}: {err}"
-        return {**record, "promoted": False, "reason": reason[:1000]}
+        return _failure(record, "promotion failed, previous champion kept", err)
     record.update(
         promoted=True,
         version=version,
@@ -187,20 +244,25 @@ def _install(
     """Stage, check, register, swap in, move the alias; returns the new version."""
     export.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep a serving user out
     trial_dir = trial_output_dir(exp_dir.resolve(), best["trial_id"])
     try:
         _stage_export(staging, cfg=cfg, best=best, record=record, trial_dir=trial_dir)
         _check_export(staging)
         run_id = best["mlflow_run_id"]
         mv = _register(mlc, export_dir=staging, run_id=run_id, cfg=cfg, record=record)
-        (staging / CHAMPION_FILE).write_text(
-            json.dumps({**record, "version": str(mv.version)}, indent=2, allow_nan=False)
-        )
-        aside = _swap_in(staging, export)
         try:
-            _move_alias(mlc, cfg.promote, str(mv.version))
+            (staging / CHAMPION_FILE).write_text(
+                json.dumps({**record, "version": str(mv.version)}, indent=2, allow_nan=False)
+            )
+            aside = _swap_in(staging, export)
+            try:
+                _move_alias(mlc, cfg.promote, str(mv.version))
+            except BaseException:
+                _swap_back(export, aside, staging)
+                raise
         except BaseException:
-            _swap_back(export, aside, staging)
+            _forget(mlc, cfg.promote.registered_model, str(mv.version))
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the half-built or swapped-out export
@@ -209,6 +271,18 @@ def _install(
     except Exception:
         log.warning("could not delete the previous export at %s", aside, exc_info=True)
     return str(mv.version)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` would change it for every
+    thread for a moment); 0o022 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _stage_export(
@@ -296,6 +370,7 @@ def _register(
         TAG_VALUE: repr(record["value"]),
         TAG_EVAL: record["eval_fingerprint"],
         TAG_BASE: cfg.model.name_or_path,
+        TAG_RUN: run_id,
     }
     return mlflow.register_model(f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags)
 
@@ -324,6 +399,15 @@ def _swap_back(export: Path, aside: Path | None, staging: Path) -> None:
     _rename(export, staging)
     if aside is not None:
         _rename(aside, export)
+
+
+def _forget(mlc: Any, name: str, version: str) -> None:
+    """Delete a version registered by a promotion that then failed before its alias moved: a
+    version tagged with a metric but never champion would only mislead."""
+    try:
+        mlc.delete_model_version(name, version)
+    except Exception:
+        log.warning("could not delete %s v%s (never champion)", name, version, exc_info=True)
 
 
 def _move_alias(mlc: Any, p: PromoteSection, version: str) -> None:

@@ -393,15 +393,14 @@ def test_promote_rerun_keeps_the_champion(local_search: LocalSearch) -> None:
     after = mlc.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(after.version) == str(before.version)
 
-    best = local_search.summary["best"]
+    # Its best already holds the alias: the record says so, and keeps version and export.
+    first = local_search.summary["promotion"]
     record = json.loads((local_search.exp_dir / "summary.json").read_text())["promotion"]
-    assert record["promoted"] is False
-    assert record["reason"] == (
-        f"eval_loss {best['metric']:.6g} does not beat champion v{before.version} "
-        f"({best['metric']:.6g})"
-    )
-    assert str(record["previous"]["version"]) == str(before.version)
-    assert '"promoted": false' in ran.output
+    assert record["promoted"] is True
+    assert record["reason"] == f"already champion v{before.version}"
+    assert record["version"] == str(before.version)
+    assert record["export_dir"] == first["export_dir"]
+    assert '"promoted": true' in ran.output
 
 
 def test_rerun_into_the_same_experiment_dir_exits_2(local_search: LocalSearch) -> None:
@@ -422,7 +421,7 @@ def test_resume_of_a_finished_search_reruns_nothing(local_search: LocalSearch) -
     """``--resume`` of a finished search: Ray starts, Tune restores 4 terminated trials and
     runs none; summary.json is rewritten from the restored results (same trials, same MLflow
     runs), the parent run is reopened and closed again, best_adapter/summary.json are logged
-    to it again, and the promotion gate runs again: the same value keeps the champion."""
+    to it again, and the promotion gate runs again: it finds the same best already champion."""
     local_search.ok()
     first = local_search.summary
     run_ids = sorted(r.info.run_id for r in local_search.runs())
@@ -442,7 +441,7 @@ def test_resume_of_a_finished_search_reruns_nothing(local_search: LocalSearch) -
     assert train_checkpoints(local_search.exp_dir) == checkpoints, "retrained"
     parent = local_search.client().get_run(first["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    # Promotion runs again and, with the same best value, keeps the champion.
-    assert again["promotion"]["promoted"] is False
-    assert "does not beat champion v1" in again["promotion"]["reason"]
+    # Promotion runs again and finds the same best already champion.
+    assert again["promotion"]["promoted"] is True
+    assert again["promotion"]["reason"] == "already champion v1"
     assert len(local_search.client().search_model_versions(f"name='{MODEL_NAME}'")) == 1

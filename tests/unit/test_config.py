@@ -420,7 +420,9 @@ def test_alias_rule_is_mlflows(alias: str) -> None:
     assert ours == _takes(mlflow, MlflowException), alias
 
 
-@pytest.mark.parametrize("name", ["raysft-adapter", "my model", " ", "", "a/b", "a:b"])
+@pytest.mark.parametrize(
+    "name", ["raysft-adapter", "my model", " ", "", "a/b", "a:b", "..x", ".", "..", "a.", "v1.2"]
+)
 def test_registered_model_rule_is_mlflows(name: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.utils import validation

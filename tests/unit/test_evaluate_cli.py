@@ -303,6 +303,23 @@ def test_truncated_weights_are_one_clear_error(
         assert "truncated or corrupt (Error while deserializing header" in str(err.value)
 
 
+def test_an_adapter_without_weights_is_one_clear_error(
+    tmp_path: Path, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Named as what it is, by relative path too (peft would have looked it up on the Hub)."""
+    rows = _rows(tmp_path)
+    bare = tmp_path / "bare"
+    shutil.copytree(adapter_dir, bare)
+    (bare / "adapter_model.safetensors").unlink()
+    monkeypatch.chdir(tmp_path)
+    for given in (str(bare), "bare"):
+        with pytest.raises(ModelError) as err:
+            run([given, "--data", rows, "--metrics", "eval_loss"])
+        assert str(err.value) == (
+            f"{given}: no adapter weights (adapter_model.safetensors or adapter_model.bin)"
+        )
+
+
 def test_a_base_that_cannot_load_is_named_where_it_came_from(
     tmp_path: Path, adapter_dir: Path
 ) -> None:

@@ -179,6 +179,8 @@ def test_first_champion_is_registered_aliased_and_exported(
     assert {"config.yaml", "metrics.json", "champion.json"} <= files
     assert "training_state.pt" not in files  # for resuming a trial, not for serving
     assert leftovers(exp_dir) == []
+    umask = promote_mod._umask()
+    assert export.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
     # It describes itself: the trial's own resolved config, its metrics, its registry identity.
     import yaml
@@ -220,6 +222,76 @@ def test_better_trial_replaces_the_champion_and_its_export(
     assert weights == (checkpoints["b"] / "adapter_model.safetensors").read_bytes()
     assert json.loads((export / "champion.json").read_text())["version"] == "2"
     assert leftovers(exp_dir) == []  # the old export was set aside, then deleted
+
+
+def test_promoting_the_champions_own_trial_again_keeps_it(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """``python -m raysft.promote`` run twice on one search: the second run finds its best
+    already champion (a tie with itself is no refusal), registers nothing, keeps the record."""
+    exp_dir = tmp_path / "exp"
+    cfg = spec("twice", exp_dir)
+    row = best(registry, checkpoints["a"], 0.5)
+    first = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    again = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    assert again["promoted"] is True and again["reason"] == "already champion v1"
+    assert again["version"] == "1" and again["export_dir"] == first["export_dir"]
+    assert registry.versions("twice") == 1 and registry.alias("twice") == "1"
+    # Another trial with the same value is still refused: ties do not replace a champion.
+    other = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.5),
+                    exp_dir=exp_dir)  # fmt: skip
+    assert other["promoted"] is False and "does not beat champion v1" in other["reason"]
+
+
+def test_a_registry_that_cannot_be_read_promotes_nothing(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    champion_v1: tuple[SearchSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An outage is not "no champion": a worse trial must not take the alias through it."""
+    from mlflow.exceptions import MlflowException
+
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+    before = snapshot(exp_dir / "champion")
+
+    def outage(*args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry.mlc, "get_registered_model", outage)
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 9.0),
+                         exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False and record["failed"] is True
+    assert record["reason"] == (
+        "could not read the current champion, nothing changed: MlflowException: "
+        "503 Service Unavailable"
+    )
+    assert registry.alias(name) == "1" and registry.versions(name) == 1
+    assert snapshot(exp_dir / "champion") == before
+
+
+def test_a_checkpoint_that_cannot_be_exported_is_named(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    import shutil
+
+    exp_dir = tmp_path / "exp"
+    cfg = spec("no-weights", exp_dir)
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoints["a"], bare)
+    (bare / "adapter_model.safetensors").unlink()
+    cases = {
+        tmp_path / "gone": "the best trial's checkpoint is not there (no such directory)",
+        bare: "no weights (adapter_model.safetensors or adapter_model.bin)",
+    }
+    for ckpt, problem in cases.items():
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, ckpt, 0.5),
+                         exp_dir=exp_dir)  # fmt: skip
+        assert record["promoted"] is False and record["failed"] is True
+        assert record["reason"] == f"{ckpt}: {problem}"
+    assert registry.alias("no-weights") is None and not exp_dir.exists()
 
 
 def test_worse_trial_keeps_the_champion(
@@ -406,6 +478,9 @@ def test_a_failure_at_any_step_leaves_the_previous_champion_intact(
     assert record["reason"].startswith("promotion failed, previous champion kept: ")
     assert "injected failure" in record["reason"]
     assert registry.alias(name) == "1"
+    # A version registered before the failure is deleted again (with "_register" itself
+    # failing, the injection hides it): none is left tagged with a metric, never champion.
+    assert registry.versions(name) == (1 if step != "_register" else 2)
     assert snapshot(export) == before
     assert leftovers(exp_dir) == []
     json.dumps(record, allow_nan=False)
@@ -608,6 +683,66 @@ def _promote_cli(exp_dir: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def test_fingerprint_of_a_data_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    """Not hashed as a name: run from elsewhere, a relative path would give another
+    fingerprint, and promotion would refuse the search's own champion as "other eval data"."""
+    from raysft.errors import DataError
+
+    cfg = _fp_spec(tmp_path, eval="d/eval.jsonl")
+    with pytest.raises(DataError, match=r"^data: d/eval.jsonl: file not found \(a relative"):
+        eval_fingerprint(cfg)
+
+
+def _finished(tmp_path: Path, registry: Registry, ckpt: Path, **mlflow: Any) -> Path:
+    """An experiment dir as a finished search leaves it, for the promote command."""
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    cfg = spec("cli", exp_dir)
+    summary = {
+        "resolved_spec": cfg.model_dump(mode="json"),
+        "mlflow": {"tracking_uri": registry.mlc.tracking_uri, **mlflow},
+        "best": best(registry, ckpt, 0.5),
+        "promotion": {"promoted": False, "reason": "earlier record"},
+    }
+    (exp_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return exp_dir
+
+
+def test_promote_cli_exits_2_when_it_cannot_promote(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """A failed promotion is an error, not a JSON record with exit 0; the summary keeps the
+    record the failed retry would have replaced."""
+    exp_dir = _finished(tmp_path, registry, tmp_path / "gone")
+    before = (exp_dir / "summary.json").read_text()
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: {exp_dir}: promotion failed: {tmp_path / 'gone'}: the best trial's checkpoint "
+        "is not there (no such directory)"
+    ]
+    assert (exp_dir / "summary.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        ("sqlite:////nonexistent-raysft/mlflow.db", "no such database file"),
+        ("https://bob:***@mlflow.example/", "its password was redacted when saved; pass"),
+    ],
+)
+def test_promote_cli_refuses_a_registry_it_cannot_use(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path, uri: str, problem: str
+) -> None:
+    exp_dir = _finished(tmp_path, registry, checkpoints["a"], tracking_uri=uri)
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"error: {exp_dir / 'summary.json'}: mlflow.tracking_uri: {uri}: "
+                           f"{problem}"), line  # fmt: skip
+    assert not Path("/nonexistent-raysft").exists()
 
 
 def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) -> None:
