@@ -23,7 +23,14 @@ from typing import Any, NoReturn
 
 from raysft.assets import available, resolve
 from raysft.cli import run_cli, setup_logging
-from raysft.config import Config, load_config, parse_overrides, set_path, validate_tree
+from raysft.config import (
+    Config,
+    blame_overrides,
+    load_config,
+    parse_overrides,
+    set_path,
+    validate_tree,
+)
 from raysft.data.formats import Conversation, code_tests
 from raysft.data.pipeline import load_split
 from raysft.data.templates import Example, render, tokenize
@@ -127,6 +134,7 @@ def _settings(
         return load_config(config, overrides), True
     if (root / "config.yaml").is_file():
         return load_config(root / "config.yaml", overrides), True
+    summary_here = summary is not None
     if summary is None and (root.parent / "summary.json").is_file():  # EXP_DIR/champion
         summary = read_summary(root.parent)
     spec = (summary or {}).get("resolved_spec")
@@ -138,9 +146,16 @@ def _settings(
                 set_path(tree, key, value)
             except KeyError as err:
                 problems.append(f"--set {err.args[0]}")
+        source = str(root / "summary.json") if summary_here else str(root.parent / "summary.json")
         if problems:
-            raise ConfigError("summary.json", problems)
-        return validate_tree(tree, source="summary.json: resolved_spec"), True
+            raise ConfigError(source, problems)
+        try:
+            return validate_tree(tree, source=source), True
+        except ConfigError as err:
+            blamed = blame_overrides(err.problems, overrides)
+            raise ConfigError(
+                source, [b if b.startswith("--set ") else f"resolved_spec: {b}" for b in blamed]
+            ) from None
     return load_config(None, overrides), False
 
 

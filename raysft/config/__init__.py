@@ -6,6 +6,7 @@ package imports neither torch nor ray, so validation and ``--dry-run`` are insta
 """
 
 from raysft.config.loading import (
+    blame_overrides,
     drop_sections_of_replaced_method,
     dump_config,
     flat_paths,
@@ -68,6 +69,7 @@ __all__ = [
     "flat_paths",
     "get_path",
     "load_config",
+    "blame_overrides",
     "parse_overrides",
     "parse_value",
     "read_yaml",

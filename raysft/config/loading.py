@@ -92,6 +92,23 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def blame_overrides(problems: list[str], keys: Any) -> list[str]:
+    """``problems`` (``path: message`` lines) with those about a ``--set`` key marked
+    ``--set``: the value came from the command line, not from the file the message names."""
+    keys = list(keys)
+    out = []
+    for line in problems:
+        path = line.split(": ", 1)[0]
+        ours = any(
+            k == path
+            or path.startswith(k + ".")
+            or (k.startswith(path + ".") and line.endswith(": unknown key"))
+            for k in keys
+        )
+        out.append(f"--set {line}" if ours and not line.startswith("--set ") else line)
+    return out
+
+
 def _split_path(dotted: str) -> list[str]:
     keys = dotted.split(".")
     if keys[:2] != ["search", "params"] or len(keys) < 3:
@@ -348,7 +365,8 @@ def load_config(
     try:
         cfg = validate_tree(tree, source=source)
     except ConfigError as err:
-        raise ConfigError(source, problems + err.problems) from None
+        blamed = blame_overrides(err.problems, overrides or {})
+        raise ConfigError(source, problems + blamed) from None
     if authored:
         problems += unread_sections(cfg, tree)
     if problems:

@@ -16,6 +16,7 @@ from raysft.config import (
     Config,
     SearchParam,
     SearchSpec,
+    blame_overrides,
     drop_sections_of_replaced_method,
     get_path,
     parse_overrides,
@@ -83,7 +84,7 @@ def load_spec(
         # problems: check the rest without the parameters pydantic rejected.
         rest = _without_malformed_params(tree)
         if rest is None:
-            raise
+            raise ConfigError(path, blame_overrides(err.problems, changes)) from None
         problems, (tree, spec) = list(err.problems), rest
     problems += validate_search(tree, spec, source=path)
     memory = trial_memory(spec) if spec.search.resources.gpus else None
@@ -91,7 +92,7 @@ def load_spec(
     more, checked_here = check_resources(tree, spec, memory, nodes, dry_run=dry_run)
     problems += more
     if problems:
-        raise ConfigError(path, problems)
+        raise ConfigError(path, blame_overrides(problems, changes))
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
     if preflight and checked_here:
         read_as_a_trial(spec, source=path)

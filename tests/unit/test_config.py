@@ -240,11 +240,23 @@ def test_set_values_are_validated_with_their_path(tmp_path: Path) -> None:
         parse_overrides(["train.learning_rate.x=1", "lora.r=many", "data.template=alpaca"]),
     )
     assert problems[0] == "--set train.learning_rate.x: learning_rate is not a section"
-    assert sorted(p.split(":")[0] for p in problems[1:]) == ["data.template", "lora.r"]
+    assert sorted(p.split(":")[0] for p in problems[1:]) == ["--set data.template", "--set lora.r"]
 
 
 def test_set_of_an_unknown_key_is_rejected() -> None:
-    assert problems_of(None, parse_overrides(["train.lr=1e-4"])) == ["train.lr: unknown key"]
+    assert problems_of(None, parse_overrides(["train.lr=1e-4"])) == ["--set train.lr: unknown key"]
+
+
+def test_a_problem_of_a_set_value_is_blamed_on_set_not_on_the_file(tmp_path: Path) -> None:
+    """The file's own problems name the file; those of --set values say --set."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_stepz: 3\n", encoding="utf-8")
+    problems = problems_of(path, parse_overrides(["lora.r=0", "nosuch.key=1", "train.seed=1"]))
+    assert sorted(problems) == [
+        "--set lora.r: Input should be greater than 0",
+        "--set nosuch: unknown key",
+        "train.max_stepz: unknown key",
+    ]
 
 
 # ---------------------------------------------------------------- search params
@@ -341,7 +353,7 @@ def test_set_method_runs_without_the_sections_of_the_files_method(
     ]
     caplog.clear()
     with caplog.at_level("WARNING", logger="raysft.config.loading"):
-        assert [p.split(":")[0] for p in problems_of(path, {"method": "ful"})] == ["method"]
+        assert [p.split(":")[0] for p in problems_of(path, {"method": "ful"})] == ["--set method"]
     assert caplog.records == []
 
 

@@ -303,6 +303,19 @@ def test_truncated_weights_are_one_clear_error(
         assert "truncated or corrupt (Error while deserializing header" in str(err.value)
 
 
+def test_a_bad_set_on_an_experiment_names_set_and_the_summary(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path
+) -> None:
+    exp = _experiment(tmp_path, _cfg(tmp_path, chain_dir), champion=adapter_dir)
+    for target in (exp, exp / "champion"):  # the experiment, or its champion export
+        with pytest.raises(ConfigError) as err:
+            resolve_target(str(target), overrides={"nosuch.key": 1, "train.max_steps": 0})
+        assert sorted(str(err.value).splitlines()) == [
+            f"{exp / 'summary.json'}: --set nosuch: unknown key",
+            f"{exp / 'summary.json'}: --set train.max_steps: Input should be greater than 0",
+        ]
+
+
 def test_an_adapter_without_weights_is_one_clear_error(
     tmp_path: Path, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1046,7 +1046,7 @@ def test_set_method_on_a_spec_leaves_the_files_method_sections_out(spec_file: Pa
     # Searching a LoRA setting with method full is still refused, as is a section set too.
     with pytest.raises(ConfigError) as err:
         load_spec(path, ["method=full", "search.params.lora.r={type: choice, values: [4, 8]}"])
-    assert [p.split(":")[0] for p in err.value.problems] == ["search.params.lora.r"]
+    assert [p.split(":")[0] for p in err.value.problems] == ["--set search.params.lora.r"]
     with pytest.raises(ConfigError) as err:
         load_spec(path, ["method=full", "lora.alpha=4"])
     assert [p.split(":")[0] for p in err.value.problems] == ["lora"]
