@@ -92,21 +92,52 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def blame_overrides(problems: list[str], keys: Any) -> list[str]:
+def blame_overrides(
+    problems: list[str], keys: Any, file_tree: dict[str, Any] | None = None
+) -> list[str]:
     """``problems`` (``path: message`` lines) with those about a ``--set`` key marked
-    ``--set``: the value came from the command line, not from the file the message names."""
+    ``--set``: the value came from the command line, not from the file the message names.
+
+    A line is the key's when its path is the key, lies under it, is the search parameter whose
+    field the key sets, or is a section above the key that the file itself (``file_tree``,
+    read before the overrides) does not have, or an unknown one.
+    """
     keys = list(keys)
     out = []
     for line in problems:
         path = line.split(": ", 1)[0]
         ours = any(
-            k == path
+            path in _set_targets(k)
             or path.startswith(k + ".")
-            or (k.startswith(path + ".") and line.endswith(": unknown key"))
+            or (
+                k.startswith(path + ".")
+                and (
+                    line.endswith(": unknown key")
+                    or (file_tree is not None and not _has_path(file_tree, path))
+                )
+            )
             for k in keys
         )
         out.append(f"--set {line}" if ours and not line.startswith("--set ") else line)
     return out
+
+
+def _set_targets(key: str) -> set[str]:
+    """The paths a problem of ``--set key`` is reported at: the key, and for a search
+    parameter's field (``search.params.lora.r.values``) the parameter."""
+    parts = _split_path(key)
+    if parts[:2] == ["search", "params"] and len(parts) == 4:
+        return {key, f"search.params.{parts[2]}"}
+    return {key}
+
+
+def _has_path(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
 
 
 def _split_path(dotted: str) -> list[str]:
@@ -353,6 +384,7 @@ def load_config(
     """
     source = str(path) if path is not None else "<defaults>"
     tree = read_yaml(path) if path is not None else {}
+    in_file = copy.deepcopy(tree)
     tree = copy.deepcopy(tree)
     file_method = tree.get("method")
     problems = []
@@ -365,10 +397,10 @@ def load_config(
     try:
         cfg = validate_tree(tree, source=source)
     except ConfigError as err:
-        blamed = blame_overrides(err.problems, overrides or {})
+        blamed = blame_overrides(err.problems, overrides or {}, in_file)
         raise ConfigError(source, problems + blamed) from None
     if authored:
-        problems += unread_sections(cfg, tree)
+        problems += blame_overrides(unread_sections(cfg, tree), overrides or {}, in_file)
     if problems:
         raise ConfigError(source, problems)
     return cfg

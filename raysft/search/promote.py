@@ -203,8 +203,10 @@ def promote(
     export = Path(p.export_dir) if p.export_dir else exp_dir / "champion"
     _recover(export, None if champ is None else str(champ.version))
     if champ is not None:
-        if _source_run(champ) == best.get("mlflow_run_id") and not _refusal(
-            champ, metric=s.metric, value=value, fp=fp, mode=None
+        if (
+            _source_run(champ) == best.get("mlflow_run_id")
+            and champion_value(champ) == value
+            and not _refusal(champ, metric=s.metric, value=value, fp=fp, mode=None)
         ):  # promote run again on the same search: its best already holds the alias
             kept = {"version": str(champ.version), "reason": f"already champion v{champ.version}"}
             if _version_of(export) == str(champ.version):
@@ -218,7 +220,10 @@ def promote(
     if problem:
         return {**record, "promoted": False, "failed": True, "reason": problem}
     try:
-        version = _install(mlc, cfg=cfg, best=best, record=record, export=export, exp_dir=exp_dir)
+        version = _install(
+            mlc, cfg=cfg, best=best, record=record, export=export, exp_dir=exp_dir,
+            previous=None if champ is None else str(champ.version),
+        )  # fmt: skip
     except Exception as err:
         return _failure(record, "promotion failed, previous champion kept", err)
     record.update(
@@ -239,9 +244,10 @@ def promote(
 
 def _install(
     mlc: Any, *, cfg: SearchSpec, best: dict[str, Any], record: dict[str, Any], export: Path,
-    exp_dir: Path,
+    exp_dir: Path, previous: str | None,
 ) -> str:  # fmt: skip
-    """Stage, check, register, swap in, move the alias; returns the new version."""
+    """Stage, check, register, swap in, move the alias; returns the new version.
+    ``previous``: the version that held the alias before."""
     export.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep a serving user out
@@ -262,7 +268,7 @@ def _install(
                 _swap_back(export, aside, staging)
                 raise
         except BaseException:
-            _forget(mlc, cfg.promote.registered_model, str(mv.version))
+            _forget(mlc, cfg.promote, str(mv.version), previous)
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the half-built or swapped-out export
@@ -401,13 +407,25 @@ def _swap_back(export: Path, aside: Path | None, staging: Path) -> None:
         _rename(aside, export)
 
 
-def _forget(mlc: Any, name: str, version: str) -> None:
-    """Delete a version registered by a promotion that then failed before its alias moved: a
-    version tagged with a metric but never champion would only mislead."""
+def _forget(mlc: Any, p: PromoteSection, version: str, previous: str | None) -> None:
+    """Undo the registration of a promotion that failed at or before its alias move: a version
+    tagged with a metric but never champion would only mislead. The alias move may have taken
+    effect though the call failed (a lost reply): the alias goes back to ``previous`` (or is
+    removed) first, so no version is deleted while it holds the alias. When the registry
+    cannot say, the version is left as it is."""
     try:
-        mlc.delete_model_version(name, version)
+        holder = current_champion(mlc, p.registered_model, p.alias)
+        if holder is not None and str(holder.version) == version:
+            if previous is not None:
+                mlc.set_registered_model_alias(p.registered_model, p.alias, previous)
+            else:
+                mlc.delete_registered_model_alias(p.registered_model, p.alias)
+        mlc.delete_model_version(p.registered_model, version)
     except Exception:
-        log.warning("could not delete %s v%s (never champion)", name, version, exc_info=True)
+        log.warning(
+            "could not undo %s v%s (registered, never champion)", p.registered_model, version,
+            exc_info=True,
+        )  # fmt: skip
 
 
 def _move_alias(mlc: Any, p: PromoteSection, version: str) -> None:

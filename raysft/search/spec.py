@@ -68,6 +68,7 @@ def load_spec(
     exist only on the cluster, where the search's own run checks them.
     """
     tree = read_yaml(path)
+    in_file = copy.deepcopy(tree)
     file_method = tree.get("method")
     changes = parse_overrides(overrides)
     for key, value in changes.items():
@@ -84,7 +85,7 @@ def load_spec(
         # problems: check the rest without the parameters pydantic rejected.
         rest = _without_malformed_params(tree)
         if rest is None:
-            raise ConfigError(path, blame_overrides(err.problems, changes)) from None
+            raise ConfigError(path, blame_overrides(err.problems, changes, in_file)) from None
         problems, (tree, spec) = list(err.problems), rest
     problems += validate_search(tree, spec, source=path)
     memory = trial_memory(spec) if spec.search.resources.gpus else None
@@ -92,7 +93,7 @@ def load_spec(
     more, checked_here = check_resources(tree, spec, memory, nodes, dry_run=dry_run)
     problems += more
     if problems:
-        raise ConfigError(path, blame_overrides(problems, changes))
+        raise ConfigError(path, blame_overrides(problems, changes, in_file))
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
     if preflight and checked_here:
         read_as_a_trial(spec, source=path)

@@ -146,8 +146,8 @@ def test_cross_field_rule_names_both_fields() -> None:
 
 def test_group_by_length_needs_packing_off() -> None:
     assert problems_of(None, {"data.group_by_length": True}) == [
-        "data: group_by_length: groups unpacked samples by length, but packing is true; set "
-        "data.packing: false"
+        "--set data: group_by_length: groups unpacked samples by length, but packing is true; "
+        "set data.packing: false"
     ]
     cfg = load_config(None, {"data.group_by_length": True, "data.packing": False})
     assert cfg.data.group_by_length and not cfg.data.packing
@@ -256,6 +256,12 @@ def test_a_problem_of_a_set_value_is_blamed_on_set_not_on_the_file(tmp_path: Pat
         "--set lora.r: Input should be greater than 0",
         "--set nosuch: unknown key",
         "train.max_stepz: unknown key",
+    ]
+    # A section only --set made, which the method never reads: not "remove it from the file".
+    path.write_text("method: full\n", encoding="utf-8")
+    assert problems_of(path, parse_overrides(["lora.r=8"])) == [
+        "--set lora: settings for method lora and qlora only, but method is full: they would be "
+        "ignored; remove the section or set method: lora or qlora"
     ]
 
 

@@ -9,6 +9,7 @@ real): the previous champion's alias and export must be exactly as they were.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -163,7 +164,11 @@ def test_first_champion_is_registered_aliased_and_exported(
     exp_dir = tmp_path / "exp"
     cfg = spec("first", exp_dir)
     row = best(registry, checkpoints["a"], 0.5)
-    record = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    umask = os.umask(0o022)  # mkdtemp's 0700 would differ from the 0755 this umask gives
+    try:
+        record = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    finally:
+        os.umask(umask)
     assert record["promoted"] is True and record["reason"] == "first champion"
     assert str(record["version"]) == registry.alias("first") == "1"
     champ = registry.mlc.get_model_version_by_alias("first", "champion")
@@ -179,8 +184,7 @@ def test_first_champion_is_registered_aliased_and_exported(
     assert {"config.yaml", "metrics.json", "champion.json"} <= files
     assert "training_state.pt" not in files  # for resuming a trial, not for serving
     assert leftovers(exp_dir) == []
-    umask = promote_mod._umask()
-    assert export.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert export.stat().st_mode & 0o777 == 0o755  # readable by a serving user
 
     # It describes itself: the trial's own resolved config, its metrics, its registry identity.
     import yaml
@@ -241,6 +245,10 @@ def test_promoting_the_champions_own_trial_again_keeps_it(
     other = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.5),
                     exp_dir=exp_dir)  # fmt: skip
     assert other["promoted"] is False and "does not beat champion v1" in other["reason"]
+    # The same run with another value is no longer the champion's own result: gated as any.
+    better = {**row, "metric": 0.3, "checkpoint": str(checkpoints["b"])}
+    record = promote(mlc=registry.mlc, cfg=cfg, best=better, exp_dir=exp_dir)
+    assert record["promoted"] is True and record["reason"] == "beats v1"
 
 
 def test_a_registry_that_cannot_be_read_promotes_nothing(
@@ -493,6 +501,38 @@ def test_a_failure_at_any_step_leaves_the_previous_champion_intact(
     assert registry.alias(name) == str(again["version"])
     weights = (export / "adapter_model.safetensors").read_bytes()
     assert weights == (checkpoints["b"] / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["over-v1", "first-champion"])
+def test_an_alias_move_that_took_effect_but_failed_is_undone(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    first: bool,
+) -> None:
+    """The registry moved the alias, the reply was lost: the alias goes back before the new
+    version is deleted, so the registry is never left without its champion."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    exp_dir = tmp_path / "exp"
+    cfg = spec(name, exp_dir)
+    if not first:
+        assert promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                       exp_dir=exp_dir)["promoted"]  # fmt: skip
+    real = promote_mod._move_alias
+
+    def lost_reply(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        raise ConnectionError("read timed out")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(promote_mod, "_move_alias", lost_reply)
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                         exp_dir=exp_dir)  # fmt: skip
+    assert record["failed"] is True and "ConnectionError: read timed out" in record["reason"]
+    assert registry.alias(name) == (None if first else "1")
+    assert registry.versions(name) == (0 if first else 1)
 
 
 def test_a_failure_after_the_alias_moved_keeps_the_new_champion(

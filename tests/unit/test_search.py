@@ -1025,8 +1025,8 @@ def test_set_adds_a_whole_parameter(spec_file: Path) -> None:
 def test_set_value_is_validated_like_the_file(spec_file: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_spec(str(spec_file), ["search.params.lora.r.values=[4,2.5]"])
-    assert err.value.problems == [
-        "search.params.lora.r: value 2.5: lora.r: "
+    assert err.value.problems == [  # the value came from --set, not from the file
+        "--set search.params.lora.r: value 2.5: lora.r: "
         "Input should be a valid integer, got a number with a fractional part"
     ]
 
