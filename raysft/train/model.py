@@ -297,12 +297,32 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
         )
     model = from_pretrained(AutoModelForCausalLM, cfg.model, **kwargs)
     model.config.use_cache = False  # a cache disables the per-sample mask of packed rows
+    if cfg.method == "qlora":
+        keep_4bit_weights_trainable(model)
     if cfg.method == "full":
         if gc:
             _enable_checkpointing(model)
         model.requires_grad_(True)
         return model
     return _attach_adapter(model, cfg, gc=gc)
+
+
+def keep_4bit_weights_trainable(model: Any) -> int:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights; returns the layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s NF4 weights into
+    an inference layout the first time the layer runs in eval mode without gradients (every
+    eval does). In that layout the matmul has no autograd kernel: after the first eval, no
+    gradient flows back through the base layers, so the adapters of earlier layers stop
+    learning. Saving a checkpoint unpacks the weights, but not bit-exactly, so a resumed run
+    would part from an uninterrupted one too. Training keeps the plain layout.
+    """
+    layers = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            layers += 1
+    return layers
 
 
 def _enable_checkpointing(model: Any) -> None:

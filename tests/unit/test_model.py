@@ -153,6 +153,46 @@ def test_qlora_on_cpu_keeps_4bit_base_and_trains_adapter(tiny_llama_dir):
     assert count_parameters(model) == count_parameters(build_meta_model(cfg))
 
 
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointed"])
+def test_qlora_gradients_are_the_same_after_an_eval(gc):
+    """An eval (eval mode, no grad) must not leave the 4-bit base in bitsandbytes' CPU
+    inference layout (AVX512-BF16 CPUs), whose matmul has no autograd kernel: the gradients of
+    one batch are the same before and after an eval. The embedded base (d=128), since
+    bitsandbytes repacks only layers of some shapes."""
+    import bitsandbytes as bnb
+
+    cfg = Config(
+        model=ModelSection(attn_implementation="sdpa"),
+        method="qlora",
+        train=TrainSection(gradient_checkpointing=gc),
+    )
+    model = load_model(cfg)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    with torch.no_grad():  # lora_B off zero, so every adapter weight has a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(1))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(2)  # the same LoRA dropout masks each time
+        model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    after = grads()
+    assert len(before) == 4 * 4 * 2  # A and B of the 4 default targets in 4 blocks
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, msg=name)
+
+
 def test_qlora_without_bitsandbytes_is_a_model_error(tiny_llama_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import -> ImportError
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
