@@ -122,10 +122,12 @@ def _train(cfg: Config, resume_from: str | None) -> int:
     return 0
 
 
-def _check_output_dir(cfg: Config, source: str, *, resuming: bool) -> None:
+def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:
     """Refuse to train over a previous run's outputs or other files: a re-run would overwrite
-    them (and collide with its checkpoint). ``--resume-from`` continues a run in its own
-    directory instead. Either way output_dir must be a directory, not a file."""
+    them (and collide with its checkpoint). ``--resume-from`` (``resuming``) continues a run in
+    its own directory (OUTPUT_DIR/checkpoints/step-N), or into a new or empty one; another
+    run's directory is refused as ever. Either way output_dir must be a directory, not a
+    file."""
     from pathlib import Path
 
     from raysft.config import ConfigError
@@ -133,7 +135,7 @@ def _check_output_dir(cfg: Config, source: str, *, resuming: bool) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(source, [f"output_dir: {out.resolve()} is a file, not a directory"])
-    if resuming:
+    if resuming is not None and Path(resuming).resolve().parent.parent == out.resolve():
         return
     kept = sorted((out / "checkpoints").glob("step-*"))
     if (out / "metrics.json").exists() or kept:
@@ -189,7 +191,7 @@ def _main() -> int:
         return _dry_run(cfg, args.config)
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
-    _check_output_dir(cfg, args.config, resuming=args.resume_from is not None)
+    _check_output_dir(cfg, args.config, resuming=args.resume_from)
     _check_model(cfg, args.config)
     if args.resume_from is not None:
         from raysft.train.state import check_resumable

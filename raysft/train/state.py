@@ -200,7 +200,14 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
         raise _unreadable(path, f"{bad} fails its checksum")
     saved = Path(directory) / CONFIG_FILE
     if not saved.is_file():
-        return  # a checkpoint written before checkpoints carried their config
+        # Without it nothing says the run continues the checkpoint's: the optimizer and the
+        # learning-rate schedule come back from the checkpoint whatever the config says now.
+        raise ConfigError(
+            "--resume-from",
+            [f"{directory}: no {CONFIG_FILE} (every raysft checkpoint has one): cannot check "
+             "that this run continues the checkpoint's; resume from an intact checkpoint or "
+             "start over"],
+        )  # fmt: skip
     old = flat_paths(load_config(saved).model_dump(mode="json"))
     new = flat_paths(cfg.model_dump(mode="json"))
     changed = [

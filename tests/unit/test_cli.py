@@ -130,6 +130,11 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
         "json_without_preview": ([ok, "--json"], None),
         "diverges": ([write(tmp / "diverges.yaml", yaml.safe_dump(DIVERGES(tmp)))], None),
         "held_output_dir": ([_held_output_dir(tmp)], None),
+        # --resume-from a checkpoint of another run, into the held run's directory
+        "resume_into_another_run": (
+            [_held_output_dir(tmp), "--resume-from", str(tmp / "other" / "checkpoints" / "s")],
+            None,
+        ),
         "foreign_output_dir": ([_foreign_output_dir(tmp)], None),
         "output_dir_a_file": (
             [write(tmp / "to_file.yaml", yaml.safe_dump({"output_dir": str(tmp / "ok.yaml")}))],
@@ -143,7 +148,7 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
 def _held_output_dir(tmp: Path) -> str:
     """A config whose output_dir holds an earlier run (its metrics and a checkpoint)."""
     held = tmp / "held"
-    (held / "checkpoints" / "step-000002").mkdir(parents=True)
+    (held / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
     (held / "metrics.json").write_text("{}\n", encoding="utf-8")
     return write(tmp / "held.yaml", yaml.safe_dump({"output_dir": str(held)}))
 
@@ -323,6 +328,19 @@ def test_a_run_into_a_held_output_dir_is_refused_before_anything_loads(
     assert sorted(p.name for p in held.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
 
 
+def test_a_resume_into_another_runs_output_dir_is_refused(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    """--resume-from continues a run in its own directory (or a new one), never over another."""
+    held = _TMP[0] / "held"
+    assert user_error_lines(result(cli_runs, "resume_into_another_run")) == [
+        f"error: {_TMP[0] / 'held.yaml'}: output_dir: {held} already holds a training run; choose "
+        f"another (--set output_dir=...) or remove it, or continue it: --resume-from "
+        f"{held / 'checkpoints' / 'step-000002'}"
+    ]
+    assert sorted(p.name for p in held.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
+
+
 def test_a_run_into_a_folder_of_other_files_is_refused_and_overwrites_none(
     cli_runs: dict[str, Future[Run]],
 ) -> None:
@@ -433,4 +451,4 @@ def test_an_output_dir_of_hidden_files_or_a_volume_root_counts_as_empty(tmp_path
     out = tmp_path / "out"
     (out / "lost+found").mkdir(parents=True)
     (out / ".gitkeep").write_text("", encoding="utf-8")
-    _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=False)
+    _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)

@@ -142,6 +142,11 @@ def test_a_checkpoint_carries_its_config_and_resume_refuses_another(tmp_path: Pa
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 0.5})})
     with pytest.raises(ConfigError, match="train.learning_rate"):
         check_resumable(ckpt, changed)
+    # Without its config.yaml nothing says the run is the same: refused, not taken on trust.
+    (ckpt / CONFIG_FILE).rename(tmp_path / "kept.yaml")
+    with pytest.raises(ConfigError, match=f"no {CONFIG_FILE} .every raysft checkpoint has one"):
+        check_resumable(ckpt, changed)
+    (tmp_path / "kept.yaml").rename(ckpt / CONFIG_FILE)
     state = ckpt / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
     with pytest.raises(ConfigError, match="truncated or corrupt"):
