@@ -17,7 +17,13 @@ import pytest
 import torch
 
 from raysft.config import Config, load_config
-from raysft.train.model import build_bnb_config, load_model, load_tokenizer, save_model
+from raysft.train.model import (
+    build_bnb_config,
+    keep_4bit_weights_trainable,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
 
 PROMPTS = ["Convert this word to uppercase: stone", "Say stutdim two times."]
 
@@ -66,6 +72,11 @@ def _reload(cfg: Config, out: Path) -> Any:
             "device_map": {"": "cpu"},
         }
     base = AutoModelForCausalLM.from_pretrained(resolve(cfg.model.name_or_path), **kwargs)
+    if cfg.method == "qlora":
+        # The same 4-bit kernel as the trained model: on an AVX512-BF16 CPU, stock
+        # bitsandbytes would switch to its inference layout, whose bf16 arithmetic differs
+        # (up to 0.2 in these logits), and the check is of the saved weights, not of kernels.
+        keep_4bit_weights_trainable(base)
     return PeftModel.from_pretrained(base, out)
 
 
