@@ -39,7 +39,7 @@ from raysft.search.results import read_summary
 from raysft.thirdparty import peft_quietly
 from raysft.train.device import resolve_device
 from raysft.train.metrics import METRICS, Metric
-from raysft.train.model import from_pretrained, load_tokenizer
+from raysft.train.model import ADAPTER_WEIGHTS, from_pretrained, load_tokenizer
 from raysft.train.scoring import bleu_says_nothing
 
 log = logging.getLogger("raysft.evaluate")
@@ -176,10 +176,9 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
 
     path = Path(resolve(model))
     adapter = (path / "adapter_config.json").is_file()
-    weights = ("adapter_model.safetensors", "adapter_model.bin")
-    if adapter and not any((path / name).is_file() for name in weights):
+    if adapter and not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
         # peft would look the folder up on the Hub (a relative path) or blame a repo id
-        raise ModelError(f"{path}: no adapter weights ({' or '.join(weights)})")
+        raise ModelError(f"{path}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     own = adapter_base(path) if adapter else None
     base = (base_model or own) if adapter else model
     base_cfg = cfg.model.model_copy(update={"name_or_path": base})

@@ -35,6 +35,7 @@ from raysft.search.space import trial_config, trial_output_dir
 from raysft.search.tracking import redact_tree
 from raysft.thirdparty import peft_quietly
 from raysft.train.metrics import Mode, is_better, objective_mode
+from raysft.train.model import ADAPTER_WEIGHTS
 
 log = logging.getLogger("raysft.promote")
 
@@ -135,7 +136,7 @@ def _checkpoint_problem(checkpoint: str) -> str | None:
     if not ckpt.is_dir():
         return f"{ckpt}: the best trial's checkpoint is not there (no such directory)"
     if (ckpt / "adapter_config.json").is_file():
-        wanted = ["adapter_model.safetensors", "adapter_model.bin"]
+        wanted = list(ADAPTER_WEIGHTS)
     else:
         wanted = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
         if not (ckpt / "config.json").is_file():

@@ -307,8 +307,12 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
     return _attach_adapter(model, cfg, gc=gc)
 
 
-def keep_4bit_weights_trainable(model: Any) -> int:
-    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights; returns the layers.
+# The weight files of a saved peft adapter, in the order peft looks for them.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def keep_4bit_weights_trainable(model: Any) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s NF4 weights into
     an inference layout the first time the layer runs in eval mode without gradients (every
@@ -317,12 +321,9 @@ def keep_4bit_weights_trainable(model: Any) -> int:
     learning. Saving a checkpoint unpacks the weights, but not bit-exactly, so a resumed run
     would part from an uninterrupted one too. Training keeps the plain layout.
     """
-    layers = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            layers += 1
-    return layers
 
 
 def _enable_checkpointing(model: Any) -> None:

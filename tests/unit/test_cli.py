@@ -316,24 +316,14 @@ def test_console_script_entry_point_also_hides_tracebacks(
     ]
 
 
+# A new run, and a --resume-from of another run's checkpoint (a resume continues a run in its
+# own directory, or a new one, never over another run).
+@pytest.mark.parametrize("job", ["held_output_dir", "resume_into_another_run"])
 def test_a_run_into_a_held_output_dir_is_refused_before_anything_loads(
-    cli_runs: dict[str, Future[Run]],
+    cli_runs: dict[str, Future[Run]], job: str
 ) -> None:
     held = _TMP[0] / "held"
-    assert user_error_lines(result(cli_runs, "held_output_dir")) == [
-        f"error: {_TMP[0] / 'held.yaml'}: output_dir: {held} already holds a training run; choose "
-        f"another (--set output_dir=...) or remove it, or continue it: --resume-from "
-        f"{held / 'checkpoints' / 'step-000002'}"
-    ]
-    assert sorted(p.name for p in held.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
-
-
-def test_a_resume_into_another_runs_output_dir_is_refused(
-    cli_runs: dict[str, Future[Run]],
-) -> None:
-    """--resume-from continues a run in its own directory (or a new one), never over another."""
-    held = _TMP[0] / "held"
-    assert user_error_lines(result(cli_runs, "resume_into_another_run")) == [
+    assert user_error_lines(result(cli_runs, job)) == [
         f"error: {_TMP[0] / 'held.yaml'}: output_dir: {held} already holds a training run; choose "
         f"another (--set output_dir=...) or remove it, or continue it: --resume-from "
         f"{held / 'checkpoints' / 'step-000002'}"
