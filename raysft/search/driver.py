@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
+from raysft.data.digest import changed_sources, data_digests
 from raysft.errors import ConfigError, SearchStateError
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
@@ -158,10 +159,10 @@ def _check_same_spec(spec_path: str, cfg: SearchSpec, exp_dir: Path) -> None:
     """``--resume`` continues the search it finds with the spec it started with: Tune restores
     its sampler and trials, but every trial's config comes from the spec given now."""
     state_path = exp_dir / STATE_FILE
-    started = json.loads(state_path.read_text()).get("spec") if state_path.is_file() else None
-    if started is None:  # an experiment dir from before raysft kept its spec
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("spec") is None:  # an experiment dir from before raysft kept its spec
         return
-    changed = _changed_paths(started, _spec_record(cfg))
+    changed = _changed_paths(state["spec"], _spec_record(cfg))
     if changed:
         shown = ", ".join(changed[:8]) + (
             f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
@@ -170,6 +171,14 @@ def _check_same_spec(spec_path: str, cfg: SearchSpec, exp_dir: Path) -> None:
             f"{spec_path}: --resume: the spec differs from the one {exp_dir} was started with, "
             f"at {shown}; resume with that spec, or start a new search in another "
             "search.experiment_dir"
+        )
+    # Same paths, other bytes: the trials so far trained and were scored on the old ones.
+    moved = changed_sources(state.get("data", {}), data_digests(cfg.data))
+    if moved:
+        raise SearchStateError(
+            f"{spec_path}: --resume: the data differs from what the trials in {exp_dir} "
+            f"trained and were scored on; restore it, or start a new search in another "
+            f"search.experiment_dir: {'; '.join(moved)}"
         )
 
 
@@ -216,7 +225,12 @@ def _parent_run(
         mlc.update_run(parent_id, status="RUNNING")
         return parent_id
     parent_id = tracking.start_parent(mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path)
-    state = {"parent_run_id": parent_id, "tracking_uri": uri, "spec": _spec_record(cfg)}
+    state = {
+        "parent_run_id": parent_id,
+        "tracking_uri": uri,
+        "spec": _spec_record(cfg),
+        "data": data_digests(cfg.data),  # --resume checks the bytes too
+    }
     state_path.write_text(json.dumps(state))
     return parent_id
 

@@ -28,7 +28,9 @@ import yaml
 
 from raysft.assets import resolve
 from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
-from raysft.errors import DataError, ModelError
+from raysft.data.digest import source_digest
+from raysft.data.digest import sources as data_sources
+from raysft.errors import ModelError
 from raysft.search.preflight import seed_picks_eval_rows
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
@@ -50,26 +52,6 @@ CHAMPION_FILE = "champion.json"  # the export's registry identity, written once 
 # ---------------------------------------------------------------- what "the same eval" means
 
 
-def _file_digest(spec: str) -> str:
-
-    if spec.startswith("hf:"):
-        return spec  # a hub dataset: its name is all we know
-    path = Path(resolve(spec))
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f.relative_to(path).as_posix().encode())
-            h.update(f.read_bytes())
-        return h.hexdigest()
-    # Not its name: a fingerprint of a path that is not there would differ from the search's.
-    raise DataError(
-        f"data: {spec}: file not found (a relative path is read from the current directory, "
-        f"{Path.cwd()}: run from where the search ran)"
-    )
-
-
 def eval_fingerprint(cfg: Config) -> str:
     """Same fingerprint <=> same eval rows, rendered, tokenized and scored the same way.
 
@@ -83,7 +65,7 @@ def eval_fingerprint(cfg: Config) -> str:
     sources = d.eval if d.eval is not None else d.train
     generation = getattr(cfg, "eval", None)  # the eval section, where this version has one
     parts = {
-        "eval": [_file_digest(s) for s in ([sources] if isinstance(sources, str) else sources)],
+        "eval": [source_digest(s) for s in data_sources(sources)],
         "split": None if d.eval is not None else d.eval_fraction,
         "seed": cfg.train.seed if seed_picks_eval_rows(cfg) else None,
         "render": [d.format, d.template, d.system_prompt, d.max_seq_len, d.max_eval_samples],

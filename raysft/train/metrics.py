@@ -110,8 +110,14 @@ METRICS: dict[str, Metric] = {
         Metric("train_loss", "Mean loss over the step's trained tokens.", "step", "min"),
         Metric("lr", "Learning rate the step used.", "step"),
         Metric("tokens", "Real (non-padding) tokens in the step.", "step"),
-        Metric("elapsed_s", "Seconds since the trial started.", "eval"),
-        Metric("setup_s", "Seconds of setup: data, model load, (resume) state.", "final"),
+        Metric(
+            "elapsed_s",
+            "Seconds since the trial started; after a resume, up to its checkpoint plus since.",
+            "eval",
+        ),
+        Metric(
+            "setup_s", "Seconds of setup: data, model load, (resume) state; every start's.", "final"
+        ),
         Metric("step_s", "Seconds in optimizer steps (forward, backward, update).", "final"),
         Metric("eval_s", "Seconds in held-out evaluation (loss and generation).", "final"),
         Metric(

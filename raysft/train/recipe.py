@@ -28,6 +28,7 @@ import torch
 
 from raysft.config import Config, dump_config, get_path, parse_value
 from raysft.data.batching import BatchStream, make_bins
+from raysft.data.digest import DATA_FILE, data_digests
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.templates import JINJA
@@ -38,7 +39,14 @@ from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers,
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
 from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
 from raysft.train.neftune import attach_neftune
-from raysft.train.state import CONFIG_FILE, Progress, load_state, rng_states, save_state
+from raysft.train.state import (
+    CONFIG_FILE,
+    Progress,
+    check_same_data,
+    load_state,
+    rng_states,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +96,10 @@ class Run:
     evaluate: Callable[..., tuple[dict[str, float], list[dict[str, str]]]]
     progress: Progress
     t0: float
+    data_digests: dict[str, dict[str, str]] = field(default_factory=dict)  # data.json
     train_seconds: float = 0.0
-    # Where this process's time went, seconds: setup_s, step_s, eval_s, checkpoint_s.
+    # Where the run's time went, seconds (a resumed run's from its start): setup_s, step_s, ...
+    # (_PHASES).
     times: dict[str, float] = field(default_factory=dict)
     scaler: Any = None  # torch.amp.GradScaler where the base computes in fp16, else None
 
@@ -222,6 +232,9 @@ def setup(
         # Saved with every export: plain transformers then prompts as training did (the base's
         # own chat_template may be another format). Built-in rendering never reads it.
         tokenizer.chat_template = JINJA[cfg.data.template]
+    digests = data_digests(cfg.data)
+    if resume_from is not None:
+        check_same_data(resume_from, digests)  # before the old stream position meets new rows
     data, train_bins, eval_bins = _prepare(cfg, tokenizer)
     if len(train_bins) < dist.world_size:
         raise DataError(
@@ -312,7 +325,7 @@ def setup(
             log.info("base model exact match: %.3f", base["exact_match"])
     return Run(
         cfg, dist, device, autocast, tokenizer, data, model, train_model, neftune, optimizer,
-        scheduler, stream, evaluate, progress, t0, scaler=scaler,
+        scheduler, stream, evaluate, progress, t0, data_digests=digests, scaler=scaler,
     )  # fmt: skip
 
 
@@ -400,6 +413,9 @@ def _gather_over_ranks(run: Run, value: Any) -> list[Any]:
     return out
 
 
+_PHASES = ("setup_s", "step_s", "eval_s", "checkpoint_s")  # Run.times' keys
+
+
 def train(run: Run, report: Reporter | None) -> None:
     """Optimizer steps from the run's progress to ``max_steps``; eval + checkpoint every
     ``eval_every`` steps and at the last one."""
@@ -416,7 +432,12 @@ def train(run: Run, report: Reporter | None) -> None:
     run.model.train()
     t_train = time.perf_counter()
     times = run.times
-    times.setdefault("setup_s", round(t_train - run.t0, 3))
+    # A resumed run's time up to its checkpoint counts too (what ran after it is done again).
+    before = progress.seconds
+    times.update({k: v for k, v in before.items() if k in _PHASES})
+    times["setup_s"] = times.get("setup_s", 0.0) + t_train - run.t0
+    run.t0 -= before.get("elapsed_s", 0.0)
+    t_train -= before.get("train_s", 0.0)
     while progress.step < cfg.train.max_steps:
         step = progress.step + 1
         t = time.perf_counter()
@@ -459,6 +480,11 @@ def train(run: Run, report: Reporter | None) -> None:
                 record.update({k: round(v, 3) for k, v in times.items()})
             progress.history.append(record)
             t = time.perf_counter()
+            progress.seconds = {
+                **{k: round(v, 3) for k, v in times.items()},
+                "train_s": round(t - t_train, 3),
+                "elapsed_s": record["elapsed_s"],
+            }
             _checkpoint(run, record, report)
             times["checkpoint_s"] = times.get("checkpoint_s", 0.0) + time.perf_counter() - t
         else:
@@ -521,6 +547,7 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
         # The run's settings travel with its weights: `raysft.evaluate CHECKPOINT` scores with
         # them (template, eval rows) and `--resume-from` checks the config against them.
         (Path(tmp) / CONFIG_FILE).write_text(dump_config(run.cfg), encoding="utf-8")
+        (Path(tmp) / DATA_FILE).write_text(json.dumps(run.data_digests), encoding="utf-8")
         save_state(
             tmp,
             progress=run.progress,

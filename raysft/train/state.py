@@ -4,11 +4,13 @@ exactly where it stopped.
 Saved beside the adapter (or model) in every reported checkpoint, as one ``torch.save`` file:
 the trainable weights in fp32 (the exported adapter may be cast for inference), optimizer and
 scheduler state, every RNG the loop draws from (LoRA dropout, NEFTune noise), the data stream's
-epoch and position, and the metric history so far.
+epoch and position, the metric history and the time spent so far. Beside it the run's
+``config.yaml`` and ``data.json`` (its data sources' digests): a resume is checked against both.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import shutil
@@ -19,7 +21,8 @@ from typing import Any
 
 import torch
 
-from raysft.errors import ConfigError
+from raysft.data.digest import DATA_FILE, changed_sources
+from raysft.errors import ConfigError, DataError
 
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"  # the run's resolved config, written into every checkpoint
@@ -38,6 +41,8 @@ class Progress:
     position: int = 0  # micro-batches of ``epoch`` already consumed
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)  # e.g. the base model's scores
+    # Time spent up to this checkpoint (Run.times, train_s, elapsed_s): a resume adds to it.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def rng_states() -> dict[str, Any]:
@@ -174,8 +179,17 @@ def _unreadable(path: Path, why: str) -> ConfigError:
 
 def _read_state(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        # Tensors and plain data only: unpickling anything else could run code from the file.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err).lower().replace(" ", "_"):
+            raise _unreadable(path, f"cannot be read ({str(err).splitlines()[0][:200]})") from None
+        raise ConfigError(
+            "--resume-from",
+            [f"{path}: holds objects other than tensors and plain data, which raysft never "
+             "writes; refused, since loading them could run code from the file"],
+        ) from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise _unreadable(path, f"cannot be read ({str(err).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or "progress" not in state:
         raise _unreadable(path, "holds no training state")
@@ -223,6 +237,26 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
              f"exactly, so it must be the same (set it back, or start a new run): {c}"
              for c in changed],
         )  # fmt: skip
+
+
+def check_same_data(directory: str | Path, digests: dict[str, dict[str, str]]) -> None:
+    """The data sources hold the bytes the checkpoint's run trained on (``data_digests``): the
+    data stream resumes at a position counted in the old rows. A checkpoint written before
+    raysft kept its digests is not checked."""
+    path = Path(directory) / DATA_FILE
+    if not path.is_file():
+        return
+    try:
+        then = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _unreadable(path, f"cannot be read ({err})") from None
+    changed = changed_sources(then, digests)
+    if changed:
+        raise DataError(
+            f"--resume-from {directory}: the data differs from what its run trained on; the "
+            f"remaining steps would read other rows at the old rows' positions (restore the "
+            f"data, or start a new run): {'; '.join(changed)}"
+        )
 
 
 class LocalCheckpoints:

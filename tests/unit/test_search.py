@@ -1341,6 +1341,39 @@ def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: P
     driver._open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
 
 
+def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
+    tmp_path: Path,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from raysft.assets import resolve
+    from raysft.errors import SearchStateError
+    from raysft.search import driver
+
+    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    evals = tmp_path / "eval.jsonl"
+    evals.write_bytes(Path(resolve("embedded:tasks-eval.jsonl")).read_bytes())
+    tree["data"]["eval"] = str(evals)
+    started = validate_spec(tree, source="s.yaml")
+    exp = tmp_path / "exp"
+    (exp / "tune").mkdir(parents=True)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri="sqlite://")
+    assert driver._open_experiment("s.yaml", started, resume=True) == exp.resolve()
+    lines = evals.read_text(encoding="utf-8").splitlines()
+    evals.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # reordered
+    with pytest.raises(SearchStateError) as err:
+        driver._open_experiment("s.yaml", started, resume=True)
+    assert str(err.value).startswith(
+        f"s.yaml: --resume: the data differs from what the trials in {exp.resolve()} trained and "
+        "were scored on; restore it, or start a new search in another search.experiment_dir: "
+        f"data.eval: {evals} changed since (sha256 "
+    )
+
+
 def test_a_search_refused_before_it_wrote_anything_leaves_no_experiment_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -51,6 +53,17 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, method: str) -
         assert b["lr"] == a["lr"]
         assert b["tokens"] == a["tokens"]
     assert resumed.final["eval_loss"] == pytest.approx(whole.final["eval_loss"], abs=1e-5)
+    # Its time counts from the first start: the checkpoint's, plus the resumed run's own.
+    import torch
+
+    before = torch.load(tmp_path / "ckpts" / "step-3" / STATE_FILE)["progress"]["seconds"]
+    assert before["step_s"] > 0 and before["elapsed_s"] == keep.records[0]["elapsed_s"]
+    for phase in ("setup_s", "step_s", "eval_s"):
+        assert resumed.final[phase] > before[phase], phase
+    assert resumed.final["train_seconds"] > before["train_s"]
+    second_setup = resumed.final["setup_s"] - before["setup_s"]
+    last = resumed.history[-1]["elapsed_s"]
+    assert resumed.final["wall_seconds"] >= last >= before["elapsed_s"] + second_setup - 0.01
 
 
 def test_every_reported_number_is_a_registry_metric(tmp_path: Path) -> None:
@@ -73,6 +86,64 @@ def test_local_checkpoints_keep_the_latest_and_resume(tmp_path: Path) -> None:
     # Resuming from the last step trains nothing more and keeps the history.
     again = run_trial(cfg, resume_from=str(ckpts / "step-000004"))
     assert [h["step"] for h in again.history] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_data_whose_bytes_changed_since_the_checkpoint(tmp_path: Path) -> None:
+    from raysft.data.digest import DATA_FILE
+    from raysft.errors import DataError
+
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.exact_match": False})
+    ckpts = tmp_path / "out" / "checkpoints"
+    run_trial(cfg, report=LocalCheckpoints(ckpts))
+    ckpt = ckpts / "step-000004"
+    rows = Path(str(cfg.data.train))
+    original = rows.read_bytes()
+    sha = hashlib.sha256(original).hexdigest()
+    assert json.loads((ckpt / DATA_FILE).read_text()) == {"train": {str(rows): sha}, "eval": {}}
+    # Same path, same number of rows, one answer edited: the stream's position would now
+    # point into other rows.
+    first, rest = original.split(b"\n", 1)
+    row = json.loads(first)
+    row["output"] = row["output"] + " (edited)"
+    rows.write_bytes(json.dumps(row).encode() + b"\n" + rest)
+    with pytest.raises(DataError) as err:
+        run_trial(cfg, resume_from=str(ckpt))
+    assert str(err.value).startswith(f"--resume-from {ckpt}: the data differs from what its run")
+    assert f"data.train: {rows} changed since (sha256 {sha[:12]} then, " in str(err.value)
+    rows.write_bytes(original)
+    assert [h["step"] for h in run_trial(cfg, resume_from=str(ckpt)).history] == [1, 2, 3, 4]
+    # A checkpoint from before raysft kept digests resumes unchecked.
+    (ckpt / DATA_FILE).unlink()
+    rows.write_bytes(json.dumps(row).encode() + b"\n" + rest)
+    run_trial(cfg, resume_from=str(ckpt))
+
+
+class _RunsCode:
+    """Unpickled by plain pickle, it creates ``marker``: any call could be made the same way."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_holding_code_is_refused_unrun(tmp_path: Path) -> None:
+    import torch
+
+    from raysft.config import ConfigError
+
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.exact_match": False})
+    ckpts = tmp_path / "out" / "checkpoints"
+    run_trial(cfg, report=LocalCheckpoints(ckpts))
+    path = ckpts / "step-000004" / STATE_FILE
+    state = torch.load(path, weights_only=True)  # what raysft writes loads as plain data
+    marker = tmp_path / "ran"
+    state["progress"]["final"]["note"] = _RunsCode(marker)
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="holds objects other than tensors and plain data"):
+        run_trial(cfg, resume_from=str(path.parent))
+    assert not marker.exists()
 
 
 def test_a_resumed_run_first_reports_its_checkpoints_record_again(tmp_path: Path) -> None:

@@ -1,0 +1,72 @@
+"""What a data source holds, as a digest: a run that continues (a checkpoint's ``--resume-from``,
+a search's ``--resume``, a trial Ray restarts) checks that it reads the bytes it started with,
+and promotion that a champion was scored on the same eval rows.
+
+Pure: hashlib and the file system, no torch (the search driver checks before anything loads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from raysft.assets import resolve
+from raysft.errors import DataError
+
+DATA_FILE = "data.json"  # a checkpoint's record of its sources' digests
+_CHUNK = 1 << 20
+
+
+def source_digest(spec: str) -> str:
+    """sha256 of a data source's bytes (a file, or every file of a saved ``datasets`` directory
+    with its relative path). A hub dataset (``hf:NAME``) is known by its name alone."""
+    if spec.startswith("hf:"):
+        return spec
+    path = Path(resolve(spec))
+    h = hashlib.sha256()
+    if path.is_file():
+        _update(h, path)
+        return h.hexdigest()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode())
+            _update(h, f)
+        return h.hexdigest()
+    # Not its name: a digest of a path that is not there would match no run's.
+    raise DataError(
+        f"data: {spec}: file not found (a relative path is read from the current directory, "
+        f"{Path.cwd()})"
+    )
+
+
+def _update(h: Any, path: Path) -> None:
+    with path.open("rb") as f:  # in chunks: a training set may be larger than memory
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+
+
+def sources(value: str | list[str] | None) -> list[str]:
+    """A ``data.train`` / ``data.eval`` value as a list of sources."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def data_digests(data: Any) -> dict[str, dict[str, str]]:
+    """Digest of every source of a ``DataSection``: ``{"train": {spec: sha}, "eval": {...}}``."""
+    return {
+        part: {s: source_digest(s) for s in sources(getattr(data, part))}
+        for part in ("train", "eval")
+    }
+
+
+def changed_sources(then: dict[str, dict[str, str]], now: dict[str, dict[str, str]]) -> list[str]:
+    """One line per source whose bytes differ between two ``data_digests`` (a source added or
+    dropped is a config change, reported by the config check, not here)."""
+    return [
+        f"data.{part}: {spec} changed since (sha256 {old[:12]} then, {now[part][spec][:12]} now)"
+        for part, digests in sorted(then.items())
+        for spec, old in sorted(digests.items())
+        if spec in now.get(part, {}) and now[part][spec] != old
+    ]
