@@ -111,9 +111,9 @@ def _main() -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     tree, cfg = load_spec(args.config, args.overrides, dry_run=args.dry_run)
-    # A dry run checks it too, but may be of a spec edited after its search ran.
-    exp_dir = check_experiment_dir(args.config, cfg, resume=args.resume, held_ok=args.dry_run)
     if args.dry_run:
+        # Checked too, but a dry run may be of a spec edited after its search ran.
+        exp_dir = check_experiment_dir(args.config, cfg, resume=args.resume, held_ok=True)
         code = _dry_run(cfg)
         if (exp_dir / "tune").exists() and not args.resume:
             print(
@@ -123,7 +123,7 @@ def _main() -> int:
         return code
     setup_logging(args.verbose)
 
-    summary = run_search(args.config, tree, cfg, resume=args.resume)
+    summary = run_search(args.config, tree, cfg, resume=args.resume)  # checks experiment_dir first
     _print_summary(summary, cfg.search.metric)
     counts = summary["counts"]
     if not counts.get("finished") and not counts.get("stopped_early"):
