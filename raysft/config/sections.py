@@ -99,12 +99,15 @@ class QloraSection(_Section):
 class DataSection(_Section):
     train: str | list[str] = Field(
         default_factory=lambda: ["embedded:tasks-alpaca.jsonl", "embedded:tasks-sharegpt.jsonl"],
-        description="Training data: JSON / JSONL / Parquet file(s), a saved `datasets` directory, "
-        "or a `datasets` hub name (`hf:NAME[:SPLIT]`). A list concatenates sources.",
+        description="Training data: JSON / JSONL / Parquet file(s), a saved `datasets` directory "
+        "(`DIR[:SPLIT]`; a DatasetDict's `train` by default), or a `datasets` hub name "
+        "(`hf:NAME[:SPLIT]`). A list concatenates sources.",
     )
     eval: str | list[str] | None = Field(
         "embedded:tasks-eval.jsonl",
-        description="Held-out data, same forms as `train`. Null: a seeded split of `train`.",
+        description="Held-out data, same forms as `train`, but a saved DatasetDict of several "
+        "splits and a hub dataset name their split (`DIR:test`, `hf:NAME:validation`): never "
+        "`train` by default. Null: a seeded split of `train`.",
     )
     eval_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of `train` held out when `eval` is null."

@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from raysft.assets import resolve
+from raysft.data.formats import saved_split
 from raysft.errors import DataError
 
 DATA_FILE = "data.json"  # a checkpoint's record of its sources' digests
@@ -23,7 +23,7 @@ def source_digest(spec: str) -> str:
     with its relative path). A hub dataset (``hf:NAME``) is known by its name alone."""
     if spec.startswith("hf:"):
         return spec
-    path = Path(resolve(spec))
+    path, _ = saved_split(spec)  # DIR:SPLIT: the whole saved directory
     h = hashlib.sha256()
     if path.is_file():
         _update(h, path)

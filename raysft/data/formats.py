@@ -21,6 +21,8 @@ from typing import Any, Literal
 from raysft.assets import resolve
 from raysft.errors import DataError, RaysftError
 
+Role = Literal["train", "eval"]  # which of data.train / data.eval a source is read for
+
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -199,6 +201,8 @@ def _convert(
         raise _RowError(_SHAPE_KEY[kind], f"missing (data.format is {fmt})")
     conv = _CONVERTERS[kind](row)
     _check_shape(conv, key=_SHAPE_KEY[kind])
+    if conv[0]["role"] == "system" and not conv[0]["content"].strip():
+        conv = conv[1:]  # a blank system turn is no system prompt, as a blank `system` field is
     if kind == "sharegpt":
         conv = _with_sharegpt_system(conv, row)
     if "tests" in row:
@@ -229,19 +233,20 @@ def code_tests(conv: Conversation) -> str | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _sources_have_tests(sources: tuple[str, ...]) -> bool:
+def _sources_have_tests(sources: tuple[str, ...], role: Role) -> bool:
     for source in sources:
-        for _, row in _iter_rows(source):
+        for _, row in _iter_rows(source, role):
             if isinstance(row, dict) and row.get("tests") is not None:
                 return True
     return False
 
 
-def sources_have_tests(sources: str | list[str]) -> bool:
+def sources_have_tests(sources: str | list[str], role: Role = "train") -> bool:
     """Whether any row of ``sources`` has a ``tests`` field (read once per process); False when
     a source cannot be read (loading the data reports that)."""
     try:
-        return _sources_have_tests((sources,) if isinstance(sources, str) else tuple(sources))
+        many = (sources,) if isinstance(sources, str) else tuple(sources)
+        return _sources_have_tests(many, role)
     except (RaysftError, OSError):
         return False
 
@@ -249,15 +254,27 @@ def sources_have_tests(sources: str | list[str]) -> bool:
 # ---------------------------------------------------------------- sources
 
 
-def _iter_rows(source: str) -> Iterator[tuple[int, Any]]:
-    """Yield (row index, row) from a file, a saved dataset dir or ``hf:NAME[:SPLIT]``."""
+def saved_split(source: str) -> tuple[Path, str | None]:
+    """A local source's path, and the split a ``DIR:SPLIT`` names (a saved ``DatasetDict``)."""
+    path = Path(resolve(source))
+    head, sep, split = source.rpartition(":")
+    if sep and split and not path.exists() and Path(resolve(head)).is_dir():
+        return Path(resolve(head)), split
+    return path, None
+
+
+def _iter_rows(source: str, role: Role = "train") -> Iterator[tuple[int, Any]]:
+    """Yield (row index, row) from a file, a saved dataset dir (``DIR[:SPLIT]``) or
+    ``hf:NAME[:SPLIT]``. Without a split, ``role`` says which: train reads ``train``; eval
+    needs one named unless there is only one (a held-out set read from ``train`` would be
+    the training rows)."""
 
     if source.startswith("hf:"):
-        yield from _iter_hub(source[3:])
+        yield from _iter_hub(source[3:], role)
         return
-    path = Path(resolve(source))
+    path, split = saved_split(source)
     if path.is_dir():
-        yield from _iter_saved_dataset(path)
+        yield from _iter_saved_dataset(path, split, role, source)
         return
     if not path.is_file():
         raise DataError(f"{source}: file not found")
@@ -360,7 +377,9 @@ def _iter_parquet(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(table.to_pylist())
 
 
-def _iter_saved_dataset(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_saved_dataset(
+    path: Path, split: str | None, role: Role, source: str
+) -> Iterator[tuple[int, Any]]:
     import datasets
 
     try:
@@ -368,16 +387,33 @@ def _iter_saved_dataset(path: Path) -> Iterator[tuple[int, Any]]:
     except Exception as err:
         raise DataError(f"{path}: not a saved `datasets` directory: {err}") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: DatasetDict has no 'train' split ({', '.join(ds)})")
-        ds = ds["train"]
+        names = ", ".join(ds)
+        if split is None and role == "train" and "train" in ds:
+            split = "train"
+        elif split is None and role == "eval" and len(ds) == 1:
+            split = next(iter(ds))  # the held-out set the user pointed at
+        elif split is None:
+            raise DataError(
+                f"data.{role}: {source}: a DatasetDict of splits {names}: name the "
+                f"{'held-out' if role == 'eval' else 'training'} one, as {source}:SPLIT"
+            )
+        if split not in ds:
+            raise DataError(f"data.{role}: {source}: no split {split!r} (has {names})")
+        ds = ds[split]
+    elif split is not None:
+        raise DataError(f"data.{role}: {source}: {path} is one Dataset, not splits to pick from")
     yield from enumerate(ds)
 
 
-def _iter_hub(spec: str) -> Iterator[tuple[int, Any]]:
+def _iter_hub(spec: str, role: Role) -> Iterator[tuple[int, Any]]:
     import datasets
 
     name, _, split = spec.partition(":")
+    if not split and role == "eval":
+        raise DataError(
+            f"data.eval: hf:{spec}: name the held-out split (hf:{name}:test, "
+            f"hf:{name}:validation); without one it would be the training split"
+        )
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:
@@ -388,6 +424,7 @@ def _iter_hub(spec: str) -> Iterator[tuple[int, Any]]:
 def load_conversations(
     sources: str | list[str],
     *,
+    role: Role = "train",
     fmt: str = "auto",
     on_error: str = "strict",
     system_prompt: str | None = None,
@@ -395,7 +432,7 @@ def load_conversations(
     """Read every source; strict raises on the first bad row, skip records each one."""
     out = LoadedData()
     for source in [sources] if isinstance(sources, str) else sources:
-        for index, row in _iter_rows(source):
+        for index, row in _iter_rows(source, role):
             out.n_rows += 1
             try:
                 if isinstance(row, _Unparsable):

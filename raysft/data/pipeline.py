@@ -13,6 +13,7 @@ from raysft.data.formats import (
     Conversation,
     DataError,
     LoadedData,
+    Role,
     load_conversations,
     split_train_eval,
 )
@@ -134,9 +135,13 @@ def _load_split(
     report = DataReport()
     origins: dict[int, str] = {}
 
-    def load(sources: str | list[str]) -> LoadedData:
+    def load(sources: str | list[str], role: Role = "train") -> LoadedData:
         loaded = load_conversations(
-            sources, fmt=cfg.format, on_error=cfg.on_error, system_prompt=cfg.system_prompt
+            sources,
+            role=role,
+            fmt=cfg.format,
+            on_error=cfg.on_error,
+            system_prompt=cfg.system_prompt,
         )
         origins.update(zip(map(id, loaded.conversations), loaded.origins, strict=True))
         return loaded
@@ -155,7 +160,7 @@ def _load_split(
             train.conversations, eval_fraction=cfg.eval_fraction, seed=seed
         )
     else:
-        held = load(cfg.eval)
+        held = load(cfg.eval, "eval")
         _note_unread(held, report)
         report.rows_read += held.n_rows
         report.skipped += held.skipped

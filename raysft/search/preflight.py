@@ -127,6 +127,6 @@ def seed_picks_eval_rows(cfg: Config) -> bool:
     if d.max_eval_samples is None:
         return False
     held = load_conversations(
-        d.eval, fmt=d.format, on_error=d.on_error, system_prompt=d.system_prompt
+        d.eval, role="eval", fmt=d.format, on_error=d.on_error, system_prompt=d.system_prompt
     )
     return len(held.conversations) > d.max_eval_samples

@@ -97,7 +97,9 @@ def _generates(cfg: Any) -> bool:
 def _has_tests(cfg: Any) -> bool:
 
     d = cfg.data
-    return _generates(cfg) and sources_have_tests(d.eval if d.eval is not None else d.train)
+    if d.eval is None:  # a seeded split of train
+        return _generates(cfg) and sources_have_tests(d.train, "train")
+    return _generates(cfg) and sources_have_tests(d.eval, "eval")
 
 
 # Key of a resumed trial's first report: the checkpoint's records before the one reported, in

@@ -93,6 +93,24 @@ def test_system_prompt_is_added_only_where_there_is_none() -> None:
 
 
 @pytest.mark.parametrize(
+    "row",
+    [
+        {"instruction": "q", "output": "a", "system": " "},
+        {"messages": msgs(("system", ""), ("user", "q"), ("assistant", "a"))},
+        {"conversations": turns(("system", "\n"), ("human", "q"), ("gpt", "a"))},
+        {"system": "", "conversations": turns(("system", " "), ("human", "q"), ("gpt", "a"))},
+    ],
+)
+def test_a_blank_system_message_is_no_system_message(row: dict[str, Any]) -> None:
+    # In every format alike: no empty system block rendered, and data.system_prompt applies.
+    assert to_conversation(row) == msgs(("user", "q"), ("assistant", "a"))
+    assert to_conversation(row, system_prompt="default")[0] == msgs(("system", "default"))[0]
+    # A ShareGPT row's top-level system still applies over its blank system turn.
+    shared = {"system": "own", "conversations": turns(("system", ""), ("human", "q"), ("gpt", "a"))}
+    assert to_conversation(shared)[0] == msgs(("system", "own"))[0]
+
+
+@pytest.mark.parametrize(
     ("row", "fmt"),
     [
         ({"instruction": "q", "output": "a"}, "alpaca"),
@@ -324,8 +342,60 @@ def test_saved_datasets_dir_and_dataset_dict(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
     assert load_conversations(str(tmp_path / "dd")).conversations == EXPECTED_MIXED
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "no_train"))
-    with pytest.raises(DataError, match="no 'train' split"):
+    with pytest.raises(DataError, match=r"splits test: name the training one, as .*no_train:SPLIT"):
         load_conversations(str(tmp_path / "no_train"))
+    # Held out: its one split, whatever its name, or the one named.
+    assert load_conversations(str(tmp_path / "no_train"), role="eval").conversations
+    assert load_conversations(f"{tmp_path / 'no_train'}:test").conversations == EXPECTED_MIXED
+
+
+def test_a_held_out_set_is_never_a_training_split_by_default(tmp_path: Path) -> None:
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"instruction": "train q", "output": "a"}])
+    held = datasets.Dataset.from_list([{"instruction": "test q", "output": "b"}])
+    both = tmp_path / "dd"
+    datasets.DatasetDict({"train": rows, "test": held}).save_to_disk(str(both))
+    with pytest.raises(DataError) as err:
+        load_conversations(str(both), role="eval")
+    assert str(err.value) == (
+        f"data.eval: {both}: a DatasetDict of splits train, test: name the held-out one, "
+        f"as {both}:SPLIT"
+    )
+    got = load_conversations(f"{both}:test", role="eval").conversations
+    assert got[0][0]["content"] == "test q"
+    assert load_conversations(str(both)).conversations[0][0]["content"] == "train q"
+    with pytest.raises(DataError, match=r"no split 'dev' \(has train, test\)"):
+        load_conversations(f"{both}:dev", role="eval")
+    rows.save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match="is one Dataset, not splits to pick from"):
+        load_conversations(f"{tmp_path / 'one'}:test")
+    # A hub dataset read as the held-out set names its split (offline: refused before loading).
+    with pytest.raises(DataError, match=r"^data.eval: hf:org/set: name the held-out split"):
+        load_conversations("hf:org/set", role="eval")
+
+
+def test_the_split_of_a_saved_dataset_is_read_through_the_pipeline(tmp_path: Path) -> None:
+    import datasets
+
+    from raysft.config import load_config
+    from raysft.data.digest import source_digest
+    from raysft.data.pipeline import load_split
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(rows[:3]),
+            "test": datasets.Dataset.from_list(rows[3:]),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "dd"))
+    cfg = load_config(
+        None, {"data.train": str(tmp_path / "dd"), "data.eval": f"{tmp_path}/dd:test"}
+    )
+    train, held, _ = load_split(cfg.data, seed=0)
+    assert [c[-1]["content"] for c in held] == ["a3"] and len(train) == 3
+    assert source_digest(f"{tmp_path}/dd:test") == source_digest(str(tmp_path / "dd"))
 
 
 def test_bad_row_in_parquet_names_row_and_field(tmp_path: Path) -> None:
