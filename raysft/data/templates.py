@@ -125,29 +125,59 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
     def render(msgs: Conversation, gen: bool) -> str:
         return _apply_chat_template(tokenizer, msgs, generation=gen)
 
+    not_growing = TemplateError(
+        "the tokenizer's chat_template does not render conversations as growing prefixes "
+        "(e.g. it drops earlier reasoning); use data.template llama2, chatml or vicuna"
+    )
+    answers = [i for i, msg in enumerate(conv) if msg["role"] == "assistant"]
     segs: list[Segment] = []
     done = ""
-    for i, msg in enumerate(conv):
-        if msg["role"] != "assistant":
-            continue
+    for k, i in enumerate(answers):
         prompt, full = render(conv[:i], True), render(conv[: i + 1], False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise TemplateError(
-                "the tokenizer's chat_template does not render conversations as growing prefixes "
-                "(e.g. it drops earlier reasoning); use data.template llama2, chatml or vicuna"
-            )
+            raise not_growing
         answer = full[len(prompt) :]
+        # Some templates end the last message with an EOS that a next turn does not follow
+        # (Phi-3: "<|end|>\n<|endoftext|>"): an answer the conversation goes on after is what
+        # stays of it when it does.
+        later = conv[: answers[k + 1]] if k + 1 < len(answers) else None
+        if later is None and generation and len(conv) > i + 1:
+            later = conv
+        if later is not None:
+            nxt = render(later, True)
+            if not nxt.startswith(prompt):
+                raise not_growing
+            answer = _common_start(tokenizer, answer, nxt[len(prompt) :])
         trained = answer.rstrip()  # the newline after the terminator is formatting, not an answer
         # Trimming the content is not rewriting it: Llama-3's and Gemma's templates apply
         # `| trim` to every message, and answers often end in a newline (code).
-        if msg["content"].strip() not in trained:
+        content = conv[i]["content"].strip()
+        if content not in trained:
+            if later is not None and content in full[len(prompt) :]:
+                raise not_growing  # it renders an earlier answer otherwise than the last
             raise TemplateError("the tokenizer's chat_template rewrites assistant content")
         segs += [Segment(prompt[len(done) :], False), Segment(trained, True)]
         done = prompt + trained
     if generation:
         prompt = render(conv, True)
+        if not prompt.startswith(done):
+            raise not_growing
         segs.append(Segment(prompt[len(done) :], False))
     return [s for s in segs if s.text]
+
+
+def _common_start(tokenizer: Any, a: str, b: str) -> str:
+    """The start ``a`` shares with ``b`` in whole tokens: "<|end|>\n<|endoftext|>" and
+    "<|end|>\n<|user|>" share "<|end|>\n", where their characters share "<|end|>\n<|"."""
+    if not getattr(tokenizer, "is_fast", False):
+        return os.path.commonprefix([a, b])
+    enc = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
+    n = len(
+        os.path.commonprefix(
+            [enc["input_ids"], tokenizer(b, add_special_tokens=False)["input_ids"]]
+        )
+    )
+    return a[: enc["offset_mapping"][n - 1][1]] if n else ""
 
 
 _BUILTIN = {"llama2": _llama2, "chatml": _chatml, "vicuna": _vicuna}
@@ -186,6 +216,24 @@ JINJA = {
         "{%- else -%}{{ m['content'] + '</s>' }}{%- endif -%}{%- endfor -%}"
     ),
 }
+
+
+def export_chat_template(
+    template: str, *, system_prompt: str | None, tokenizer_template: str | None
+) -> str | None:
+    """The chat_template saved with a trained model: the built-in template's Jinja (or the
+    tokenizer's own), opening with ``data.system_prompt`` where a conversation has no system
+    message, as every training and eval conversation did. None: nothing to save."""
+    jinja = JINJA.get(template, tokenizer_template if template == "tokenizer" else None)
+    if jinja is None or not system_prompt:
+        return jinja
+    # A JSON string is a Jinja string literal; non-ASCII kept as is (Jinja would read a JSON
+    # surrogate pair as two characters).
+    default = "{'role': 'system', 'content': " + json.dumps(system_prompt, ensure_ascii=False) + "}"
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' -%}"
+        "{%- set messages = [" + default + "] + messages -%}{%- endif -%}" + jinja
+    )
 
 
 def render(
@@ -239,6 +287,24 @@ def stop_strings(template: str, tokenizer: Any = None) -> list[str]:
     eos = getattr(tokenizer, "eos_token", None)
     stops = [template_terminator(tokenizer), eos if isinstance(eos, str) else None]
     return list(dict.fromkeys(s for s in stops if s))
+
+
+def answer_preamble(template: str, tokenizer: Any = None) -> str:
+    """What a chat_template writes between the generation prompt and the last answer's content,
+    e.g. Qwen3's empty reasoning block "<think>\n\n</think>\n\n": trained with the answer, so
+    generated before it, and no part of it. Found with a sentinel answer; "" for the built-in
+    templates and for templates that write nothing there."""
+    if template != "tokenizer" or not getattr(tokenizer, "chat_template", None):
+        return ""
+    user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}
+    try:
+        prompt = _apply_chat_template(tokenizer, [user], generation=True)
+        full = _apply_chat_template(tokenizer, [user, answer], generation=False)
+    except TemplateError:
+        return ""
+    if not full.startswith(prompt) or _SENTINEL not in full[len(prompt) :]:
+        return ""
+    return full[len(prompt) : full.index(_SENTINEL, len(prompt))]
 
 
 def template_terminator(tokenizer: Any) -> str | None:

@@ -15,6 +15,7 @@ from raysft.data.formats import Conversation, code_tests
 from raysft.data.packing import causal_lm_loss
 from raysft.data.templates import (
     Example,
+    answer_preamble,
     generation_prompt,
     generation_prompt_ids,
     stop_strings,
@@ -70,13 +71,17 @@ def eval_loss_sum(
     return total, count
 
 
-def _answer(text: str, stops: list[str]) -> str:
-    """The answer in a decoded continuation: cut at the earliest stop, whitespace stripped."""
+def _answer(text: str, stops: list[str], preamble: str = "") -> str:
+    """The answer in a decoded continuation: cut at the earliest stop, the template's answer
+    preamble (``answer_preamble``, stripped) taken off its start, whitespace stripped."""
     for stop in stops:
         cut = text.find(stop)
         if cut != -1:
             text = text[:cut]
-    return text.strip()
+    text = text.strip()
+    if preamble and text.startswith(preamble):
+        text = text[len(preamble) :].strip()
+    return text
 
 
 def answer_stops(template: str, tokenizer: Any) -> tuple[list[str], list[int]]:
@@ -125,6 +130,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     stops, stop_ids = answer_stops(template, tokenizer)
+    preamble = answer_preamble(template, tokenizer).strip()
     decoding = _decoding(samples, temperature)
     out_samples: list[dict[str, Any]] = []
     cuda = [device] if torch.device(device).type == "cuda" else []
@@ -152,7 +158,7 @@ def generate_answers(
             rows = out[:, width:].tolist()  # samples consecutive rows per prompt
             for j, conv in enumerate(convs):
                 texts = [
-                    _answer(tokenizer.decode(r, skip_special_tokens=False), stops)
+                    _answer(tokenizer.decode(r, skip_special_tokens=False), stops, preamble)
                     for r in rows[j * samples : (j + 1) * samples]
                 ]
                 out_samples.append(_sample(conv, texts, template=template, tokenizer=tokenizer))

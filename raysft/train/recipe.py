@@ -31,7 +31,7 @@ from raysft.data.batching import BatchStream, make_bins
 from raysft.data.digest import DATA_FILE, data_digests
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
-from raysft.data.templates import JINJA
+from raysft.data.templates import export_chat_template
 from raysft.errors import ConfigError, DataError, ModelError
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
@@ -228,10 +228,15 @@ def setup(
     autocast = autocast_for(cfg, device)
     _warn_of_emulated_bf16(cfg, device)
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.data.template in JINJA:
-        # Saved with every export: plain transformers then prompts as training did (the base's
-        # own chat_template may be another format). Built-in rendering never reads it.
-        tokenizer.chat_template = JINJA[cfg.data.template]
+    # Saved with every export: plain transformers then prompts as training did (the base's own
+    # chat_template may be another format, and knows nothing of data.system_prompt). Rendering
+    # is unchanged by it: built-in templates never read it, and every conversation already
+    # opens with the system prompt where the wrapper would add it.
+    tokenizer.chat_template = export_chat_template(
+        cfg.data.template,
+        system_prompt=cfg.data.system_prompt,
+        tokenizer_template=getattr(tokenizer, "chat_template", None),
+    )
     digests = data_digests(cfg.data)
     if resume_from is not None:
         check_same_data(resume_from, digests)  # before the old stream position meets new rows

@@ -41,6 +41,11 @@ PHI3_TEMPLATE = (
     "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+# Qwen3's (tokenizer_config.json), less its tools branch: the last answer after the last user
+# turn opens with a reasoning block, empty when the message has none.
+QWEN3_TEMPLATE = (
+    Path(__file__).resolve().parents[1] / "golden" / "chat_templates" / "qwen3.jinja"
+).read_text(encoding="utf-8")
 
 # family -> (chat template, bos, eos, other special tokens, the turn terminator)
 FAMILIES: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {

@@ -11,8 +11,10 @@ from evalkit import FAMILIES, chat_tokenizer_dir
 
 from raysft.data.templates import (
     IGNORE,
+    JINJA,
     Segment,
     TemplateError,
+    answer_preamble,
     generation_prompt,
     generation_prompt_ids,
     render,
@@ -315,6 +317,58 @@ def test_stop_strings_come_from_the_chat_template(tmp_path: Path, family: str) -
     assert trained_spans(ex, tok)[0].startswith("Paris" + terminator)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_turn_of_a_multi_turn_conversation_trains_under_each_family(
+    tmp_path: Path, family: str
+) -> None:
+    # Phi-3 ends the last message with an EOS that a next turn never follows: an earlier
+    # answer trains what stays of it ("A1<|end|>"), the last one its whole ending.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir(tmp_path, family))
+    terminator = FAMILIES[family][4]
+    two = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+           {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]  # fmt: skip
+    segs = render(two, template="tokenizer", tokenizer=tok)
+    assert [s.text for s in segs if s.trained][0] == "A1" + terminator
+    last = [s.text for s in segs if s.trained][1]
+    assert last == "A2" + terminator + ("\n" + tok.eos_token if family == "phi3" else "")
+    assert "".join(s.text for s in segs) == tok.apply_chat_template(two, tokenize=False).rstrip()
+    # The second turn's generation prompt is the training text up to its answer.
+    prompt = generation_prompt(two, template="tokenizer", tokenizer=tok)
+    assert prompt == tok.apply_chat_template(two[:3], tokenize=False, add_generation_prompt=True)
+    assert "".join(s.text for s in segs).startswith(prompt)
+    ex = tokenize(segs, tok, max_seq_len=4096)
+    ids = generation_prompt_ids(two, template="tokenizer", tokenizer=tok)
+    assert ex.input_ids[: len(ids)] == ids and ex.labels[len(ids)] != IGNORE
+
+
+def test_an_answer_preamble_of_the_template_is_no_part_of_the_answer(tok: Any) -> None:
+    # Qwen3 writes an empty reasoning block before the last answer: it is trained, so a model
+    # generates it, and exact match must not count it against the answer.
+    from evalkit import QWEN3_TEMPLATE
+
+    from raysft.train.evaluate import _answer, answer_stops
+    from raysft.train.scoring import exact_match
+
+    qwen = copy.copy(tok)
+    qwen.chat_template = QWEN3_TEMPLATE
+    assert answer_preamble("tokenizer", qwen) == "<think>\n\n</think>\n\n"
+    assert answer_preamble("tokenizer", tok) == answer_preamble("chatml") == ""
+    one = conv("2+2?", "4")
+    ex = tokenize(render(one, template="tokenizer", tokenizer=qwen), qwen, max_seq_len=4096)
+    assert trained_spans(ex, qwen) == ["<think>\n\n</think>\n\n4<|im_end|>"]
+    # A model that writes exactly what it was trained on scores as right.
+    prompt = generation_prompt_ids(one, template="tokenizer", tokenizer=qwen)
+    continuation = qwen.decode(ex.input_ids[len(prompt) :], skip_special_tokens=False)
+    stops, _ = answer_stops("tokenizer", qwen)
+    preamble = answer_preamble("tokenizer", qwen).strip()
+    assert _answer(continuation, stops, preamble) == "4"
+    assert exact_match([_answer(continuation, stops, preamble)], ["4"]) == 1.0
+    # An answer that does not open with it is kept whole.
+    assert _answer("<think>4", stops, preamble) == "<think>4"
+
+
 def test_template_terminator_of_the_embedded_chatml_and_of_none(tok: Any) -> None:
     assert template_terminator(tok) == "<|im_end|>"
     plain = copy.copy(tok)
@@ -572,3 +626,39 @@ def test_saved_chat_template_writes_the_trained_prompt(template: str) -> None:
         assert got == generation_prompt(conv, template=template)
         full = [*conv, {"role": "assistant", "content": "4"}]
         assert tok.apply_chat_template(full, tokenize=False) == render_text(full, template=template)
+
+
+@pytest.mark.parametrize("template", ["llama2", "chatml", "vicuna", "llama3", "phi3"])
+def test_saved_chat_template_opens_with_the_runs_system_prompt(
+    tmp_path: Path, template: str
+) -> None:
+    # Training and eval put data.system_prompt first where a row has no system message: so does
+    # the template saved with the model, or plain transformers would prompt it without one.
+    from transformers import AutoTokenizer
+
+    from raysft.assets.tokenizer import build_tokenizer
+    from raysft.data.templates import export_chat_template
+
+    if template in FAMILIES:
+        tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir(tmp_path, template))
+        name = "tokenizer"
+    else:
+        tok, name = build_tokenizer(), template
+    system_prompt = 'Réponds "brièvement".\n{{ no jinja }} {% here %} \\ 🙂'
+    saved = copy.copy(tok)
+    saved.chat_template = export_chat_template(
+        name, system_prompt=system_prompt, tokenizer_template=tok.chat_template
+    )
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "2+2?"}]  # fmt: skip
+    for conv in (turns, [{"role": "system", "content": "own"}, *turns]):
+        trained = conv if conv[0]["role"] == "system" else [
+            {"role": "system", "content": system_prompt}, *conv
+        ]  # fmt: skip
+        got = saved.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert got == generation_prompt(trained, template=name, tokenizer=tok)
+        assert ("Réponds" in got) is (conv is turns)
+    # Without a system prompt the saved template is the template itself.
+    assert export_chat_template(name, system_prompt=None, tokenizer_template=tok.chat_template) == (
+        tok.chat_template if name == "tokenizer" else JINJA[name]
+    )
