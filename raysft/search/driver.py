@@ -20,9 +20,10 @@ from typing import Any
 from raysft.config import SearchSpec
 from raysft.data.digest import changed_sources, data_digests
 from raysft.errors import ConfigError, SearchStateError
+from raysft.paths import writable_dir_problem
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
-from raysft.search.promote import promote
+from raysft.search.promote import export_dir_problem, promote
 from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
     ResourcePlan,
@@ -118,10 +119,9 @@ def check_experiment_dir(
     is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
     with it, another spec's search to resume."""
     exp_dir = Path(cfg.search.experiment_dir).resolve()
-    if exp_dir.exists() and not exp_dir.is_dir():
-        raise SearchStateError(
-            f"{spec_path}: search.experiment_dir: {exp_dir} is a file, not a directory"
-        )
+    unusable = writable_dir_problem(exp_dir)
+    if unusable:
+        raise SearchStateError(f"{spec_path}: search.experiment_dir: {unusable}")
     tune_dir = exp_dir / "tune"
     if tune_dir.exists() and not resume and not held_ok:
         raise SearchStateError(
@@ -132,6 +132,9 @@ def check_experiment_dir(
         raise SearchStateError(f"{spec_path}: --resume: no search to resume in {exp_dir}")
     if resume:
         _check_same_spec(spec_path, cfg, exp_dir)
+    unsafe = export_dir_problem(cfg.promote, exp_dir) if cfg.promote.enabled else None
+    if unsafe:  # found now, not after the search
+        raise SearchStateError(f"{spec_path}: promote.export_dir: {unsafe}")
     return exp_dir
 
 

@@ -31,6 +31,7 @@ from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
 from raysft.data.digest import source_digest
 from raysft.data.digest import sources as data_sources
 from raysft.errors import ModelError
+from raysft.paths import writable_dir_problem
 from raysft.search.preflight import seed_picks_eval_rows
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
@@ -76,6 +77,35 @@ def eval_fingerprint(cfg: Config) -> str:
         ],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- where the export goes
+
+
+def export_target(p: PromoteSection, exp_dir: Path) -> Path:
+    """Where the champion is exported: ``promote.export_dir``, or EXPERIMENT_DIR/champion."""
+    return Path(p.export_dir) if p.export_dir else exp_dir / "champion"
+
+
+def export_dir_problem(p: PromoteSection, exp_dir: Path) -> str | None:
+    """Why the export cannot go where the spec says, or None. Installing a champion swaps the
+    export directory whole and deletes the old one: that must only ever be an earlier export."""
+    export, exp = export_target(p, exp_dir).resolve(), exp_dir.resolve()
+    if export == exp or export in exp.parents:
+        return (
+            f"{export} is or holds search.experiment_dir {exp}: installing a champion replaces "
+            "the export directory whole; choose a directory of its own"
+        )
+    # The swap renames inside the export's parent directory.
+    unusable = writable_dir_problem(export) or writable_dir_problem(export.parent)
+    if unusable:
+        return unusable
+    if export.is_dir() and any(export.iterdir()) and not (export / CHAMPION_FILE).is_file():
+        return (
+            f"{export} holds files that are no champion export (no {CHAMPION_FILE}); installing "
+            "a champion would replace them: choose a new or empty directory"
+        )
+    return None
 
 
 # ---------------------------------------------------------------- the gate
@@ -183,7 +213,15 @@ def promote(
         champ = current_champion(mlc, p.registered_model, p.alias)
     except Exception as err:
         return _failure(record, "could not read the current champion, nothing changed", err)
-    export = Path(p.export_dir) if p.export_dir else exp_dir / "champion"
+    export = export_target(p, exp_dir)
+    unsafe = export_dir_problem(p, exp_dir)
+    if unsafe:
+        return {
+            **record,
+            "promoted": False,
+            "failed": True,
+            "reason": f"promote.export_dir: {unsafe}",
+        }
     _recover(export, None if champ is None else str(champ.version))
     if champ is not None:
         if (

@@ -131,10 +131,12 @@ def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None
     from pathlib import Path
 
     from raysft.config import ConfigError
+    from raysft.paths import writable_dir_problem
 
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(source, [f"output_dir: {out.resolve()} is a file, not a directory"])
+    unusable = writable_dir_problem(out)
+    if unusable:
+        raise ConfigError(source, [f"output_dir: {unusable}"])
     if resuming is not None and Path(resuming).resolve().parent.parent == out.resolve():
         return
     kept = sorted((out / "checkpoints").glob("step-*"))

@@ -140,6 +140,10 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
             [write(tmp / "to_file.yaml", yaml.safe_dump({"output_dir": str(tmp / "ok.yaml")}))],
             None,
         ),
+        "output_dir_under_a_file": (
+            [write(tmp / "under.yaml", yaml.safe_dump({"output_dir": str(tmp / "ok.yaml" / "o")}))],
+            None,
+        ),
         "negative_preview": ([ok, "--preview", "-1"], None),
         "two_modes": ([ok, "--dry-run", "--preview", "2"], None),
     }
@@ -352,6 +356,18 @@ def test_an_output_dir_that_is_a_file_is_refused_before_training(
         f"error: {_TMP[0] / 'to_file.yaml'}: output_dir: {_TMP[0] / 'ok.yaml'} is a file, not a "
         "directory"
     ]
+
+
+def test_an_output_dir_that_cannot_be_created_is_refused_before_training(
+    cli_runs: dict[str, Future[Run]],
+) -> None:
+    # Not at the first checkpoint, after training up to it: before anything loads.
+    proc = result(cli_runs, "output_dir_under_a_file")
+    assert user_error_lines(proc) == [
+        f"error: {_TMP[0] / 'under.yaml'}: output_dir: {_TMP[0] / 'ok.yaml' / 'o'} cannot be "
+        f"created: {_TMP[0] / 'ok.yaml'} is a file"
+    ]
+    assert "step 1" not in proc.stderr
 
 
 def test_two_modes_at_once_are_refused(cli_runs: dict[str, Future[Run]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -300,6 +301,46 @@ def test_a_checkpoint_that_cannot_be_exported_is_named(
         assert record["promoted"] is False and record["failed"] is True
         assert record["reason"] == f"{ckpt}: {problem}"
     assert registry.alias("no-weights") is None and not exp_dir.exists()
+
+
+def test_an_export_dir_that_holds_other_files_is_never_replaced(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    # Installing a champion swaps the export directory whole and deletes the old one: a user's
+    # directory, or the experiment itself, must be refused, before the search and at promotion.
+    from raysft.errors import SearchStateError
+    from raysft.search.driver import check_experiment_dir
+
+    exp_dir = tmp_path / "exp"
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("years of work", encoding="utf-8")
+    cases = {
+        str(mine): f"{mine} holds files that are no champion export (no champion.json)",
+        str(exp_dir): f"{exp_dir} is or holds search.experiment_dir {exp_dir}",
+        str(tmp_path): f"{tmp_path} is or holds search.experiment_dir {exp_dir}",
+        str(mine / "thesis.txt"): f"{mine / 'thesis.txt'} is a file, not a directory",
+    }
+    before = snapshot(tmp_path)
+    for target, problem in cases.items():
+        cfg = spec("unsafe-export", exp_dir, **{"promote.export_dir": target})
+        with pytest.raises(
+            SearchStateError, match=re.escape(f"s.yaml: promote.export_dir: {problem}")
+        ):
+            check_experiment_dir("s.yaml", cfg, resume=False)
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                         exp_dir=exp_dir)  # fmt: skip
+        assert record["promoted"] is False and record["failed"] is True
+        assert record["reason"].startswith(f"promote.export_dir: {problem}")
+    assert snapshot(tmp_path) == before and registry.alias("unsafe-export") is None
+    # A new or empty directory is fine, and so is an earlier champion export.
+    (tmp_path / "empty").mkdir()
+    cfg = spec("unsafe-export", exp_dir, **{"promote.export_dir": str(tmp_path / "empty")})
+    check_experiment_dir("s.yaml", cfg, resume=False)
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is True, record
+    check_experiment_dir("s.yaml", cfg, resume=False)
 
 
 def test_worse_trial_keeps_the_champion(
