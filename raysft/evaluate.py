@@ -165,7 +165,13 @@ def _settings(
 def eval_rows(cfg: Config) -> list[Conversation]:
     """The held-out conversations ``cfg`` scores on (``data.eval``, or its seeded split)."""
 
-    _, rows, _ = load_split(cfg.data, seed=cfg.train.seed)
+    _, rows, report = load_split(cfg.data, seed=cfg.train.seed)
+    if report.rows_skipped:  # dropped under data.on_error=skip: said, never silent
+        log.warning(
+            "%d row(s) skipped (data.on_error=skip), e.g. %s",
+            report.rows_skipped,
+            report.skipped[0],
+        )
     return rows
 
 

@@ -47,7 +47,10 @@ def _main() -> int:
         mlc = _registry(args.tracking_uri, "--tracking-uri")
     else:
         mlc = _registry(summary["mlflow"].get("tracking_uri"), f"{source}: mlflow.tracking_uri")
-    record = promote(mlc=mlc, cfg=cfg, best=summary.get("best"), exp_dir=exp_dir)
+    best = summary.get("best")
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("trial_id"), str)):
+        raise SearchStateError(f"{source}: best: not a trial's record (no trial_id)")
+    record = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
     if not record.get("failed") or not summary.get("promotion"):
         summary["promotion"] = record  # a failed retry keeps the record it would have replaced
         write_summary(exp_dir, summary)

@@ -61,6 +61,9 @@ def preflight(spec: SearchSpec, *, source: str) -> Any:
     return data.report
 
 
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
 def check_model(model: ModelSection) -> None:
     """The model's config loads and names an architecture ``AutoModelForCausalLM`` builds."""
     from transformers import AutoConfig
@@ -82,6 +85,13 @@ def check_model(model: ModelSection) -> None:
         raise ModelError(
             f"model.name_or_path: {name}: architecture {config.model_type!r} is not a causal "
             "language model AutoModelForCausalLM can build (Llama, Qwen2, Mistral style bases are)"
+        )
+    if path.is_dir() and not any(any(path.glob(pattern)) for pattern in _WEIGHTS):
+        # Only the config is read here (the model is built on the meta device): without this,
+        # every trial would fail at its load, inside Ray.
+        raise ModelError(
+            f"model.name_or_path: {name}: no weights in the directory (model.safetensors, "
+            "pytorch_model.bin or their sharded *.index.json)"
         )
 
 

@@ -88,8 +88,12 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
             note = f" (truncated, nothing left to train: a run {what})"
         print(f"--- example {i}: {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")
         print("".join(marked))
-    if report.rows_skipped and not as_json:
-        print(f"--- {report.rows_skipped} rows skipped (data.on_error=skip)")
+    if report.rows_skipped:  # on stderr beside --json's lines, which stay one JSON each
+        print(
+            f"--- {report.rows_skipped} rows skipped (data.on_error=skip), e.g. "
+            f"{report.skipped[0]}",
+            file=sys.stderr if as_json else sys.stdout,
+        )
     return 0
 
 

@@ -88,7 +88,10 @@ def load_error(err: BaseException, *, name: str, token_set: bool) -> ModelError:
         chain.append(f"{type(seen).__name__}: {seen}")
         seen = seen.__cause__ or seen.__context__
     text = "\n".join(chain)
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    if first.endswith(":"):  # a list follows ("Couldn't instantiate ... from one of:"): keep it
+        first = " ".join(lines)[:500]
     why = f"model.name_or_path: cannot load {name!r}: "
     if _GATED.search(text):
         if token_set:

@@ -209,6 +209,13 @@ def test_private_or_missing_repo_mentions_the_token_only_without_one():
 def test_other_errors_keep_their_first_line():
     msg = str(load_error(OSError("no file named config.json\nmore"), name="d", token_set=False))
     assert msg == "model.name_or_path: cannot load 'd': no file named config.json"
+    # ... unless the first line only opens a list, as a tokenizer dir without its files gives.
+    listed = "Couldn't instantiate the tokenizer from one of: \n(1) a file, \n(2) a slow one."
+    msg = str(load_error(ValueError(listed), name="d", token_set=False))
+    assert msg == (
+        "model.name_or_path: cannot load 'd': Couldn't instantiate the tokenizer from one of: "
+        "(1) a file, (2) a slow one."
+    )
 
 
 def test_has_hub_token_reads_hf_token(monkeypatch, tmp_path):

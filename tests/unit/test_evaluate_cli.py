@@ -369,3 +369,20 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert ran.returncode == 2
     assert ran.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such directory"]
+
+
+def test_eval_rows_skipped_under_on_error_skip_are_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from raysft.config import load_config
+    from raysft.evaluate import eval_rows
+
+    rows = tmp_path / "held.jsonl"
+    rows.write_text('{"instruction": "q", "output": "a"}\n{"instruction": 3}\n', encoding="utf-8")
+    cfg = load_config(None, {"data.eval": str(rows), "data.on_error": "skip"})
+    with caplog.at_level("WARNING", logger="raysft.evaluate"):
+        assert len(eval_rows(cfg)) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 row(s) skipped (data.on_error=skip), e.g. {rows}: row 1: instruction: must be a "
+        "string, got int"
+    ]

@@ -64,3 +64,23 @@ def test_template_tokenizer_without_a_chat_template_is_said_once_of_the_model() 
         "often has none): choose llama2, chatml or vicuna"
     )
     check_template(load_config(None, {"data.template": "chatml"}).data, plain)  # not read
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_preview_says_how_many_rows_were_skipped_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"instruction": "q", "output": "a"}) + "\n{not json\n", encoding="utf-8"
+    )
+    cfg = load_config(None, {"data.train": str(rows), "data.eval": None, "data.on_error": "skip"})
+    assert _preview(cfg, 1, as_json) == 0
+    out, err = capsys.readouterr()
+    said = [line for line in (err if as_json else out).splitlines() if "skipped" in line]
+    assert said == [
+        f"--- 1 rows skipped (data.on_error=skip), e.g. {rows}: row 1: line 2: not valid JSON: "
+        "Expecting property name enclosed in double quotes"
+    ]
+    if as_json:  # stdout stays one JSON object per line
+        assert [json.loads(line)["trained"] for line in out.splitlines()] == [["a<|im_end|>"]]

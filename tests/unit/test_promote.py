@@ -807,6 +807,19 @@ def test_promote_cli_exits_2_when_it_cannot_promote(
     assert (exp_dir / "summary.json").read_text() == before
 
 
+def test_promote_cli_on_a_best_record_without_its_trial_exits_2(
+    registry: Registry, tmp_path: Path
+) -> None:
+    exp_dir = _finished(tmp_path, registry, tmp_path / "gone")
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    del summary["best"]["trial_id"]  # edited by hand
+    (exp_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: {exp_dir / 'summary.json'}: best: not a trial's record (no trial_id)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("uri", "problem"),
     [
