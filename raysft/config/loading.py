@@ -62,15 +62,46 @@ def yaml_load(text: str) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a ``--set`` value the way YAML would (``1e-4`` -> float, ``[a, b]`` -> list)."""
+    """Parse a ``--set`` value the way YAML would (``1e-4`` -> float, ``[a, b]`` -> list), but
+    where YAML would read part of a plain string as markup, keep the text as it is: ``#`` opening
+    a comment (``Be brief # really`` would lose its end, ``#1`` would be null) and a ``key:
+    value`` not in braces (``Answer: briefly`` would be a mapping)."""
     try:
         value = yaml_load(text)
     except yaml.YAMLError:
         return text
+    if _hides_a_comment(text, value) or (
+        isinstance(value, dict) and not text.lstrip().startswith("{")
+    ):
+        return text
     # Only number-shaped strings become floats: float() would also turn "inf", "nan" or "1_0"
     # into numbers, which YAML does not.
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+    if isinstance(value, str) and _NUMBER.fullmatch(text.strip()):  # unquoted ("2024" stays)
         return float(value)
+    return value
+
+
+_MARK = "\ue000"  # a private-use character standing in for "#"
+
+
+def _hides_a_comment(text: str, value: Any) -> bool:
+    """Whether YAML read a ``#`` of ``text`` as the start of a comment."""
+    if "#" not in text:
+        return False
+    try:
+        marked = yaml_load(text.replace("#", _MARK))
+    except yaml.YAMLError:
+        return True
+    return bool(_unmark(marked) != value)
+
+
+def _unmark(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace(_MARK, "#")
+    if isinstance(value, list):
+        return [_unmark(v) for v in value]
+    if isinstance(value, dict):
+        return {_unmark(k): _unmark(v) for k, v in value.items()}
     return value
 
 
@@ -118,7 +149,11 @@ def blame_overrides(
             )
             for k in keys
         )
-        out.append(f"--set {line}" if ours and not line.startswith("--set ") else line)
+        if ours and not line.startswith("--set "):
+            line = f"--set {line}"
+            if line.endswith("Input should be a valid string"):  # 2024, yes, 1.0 are not
+                line += f" (YAML reads the value as another type: quote it, '{path}=\"...\"')"
+        out.append(line)
     return out
 
 

@@ -202,6 +202,15 @@ def test_missing_file(tmp_path: Path) -> None:
         ("inf", "inf"),
         ("nan", "nan"),
         ("1e", "1e"),
+        # Quoted, a number stays text.
+        ('"2024"', "2024"),
+        ('"1e-4"', "1e-4"),
+        # Markup YAML would find in plain text is text: no comment cut off, no mapping.
+        ("Be brief # really", "Be brief # really"),
+        ("#1 rule", "#1 rule"),
+        ("Answer: briefly", "Answer: briefly"),
+        ("[1, 2] # c", "[1, 2] # c"),
+        ("a#b", "a#b"),
     ],
 )
 def test_parse_value_is_yaml_typed(text: str, value: Any) -> None:
@@ -220,6 +229,17 @@ def test_set_overrides_a_file_and_keeps_the_rest(tmp_path: Path) -> None:
 def test_set_of_a_word_that_float_would_parse_stays_a_string() -> None:
     cfg = load_config(None, parse_overrides(["tracking.experiment=nan", "output_dir=inf"]))
     assert (cfg.tracking.experiment, cfg.output_dir) == ("nan", "inf")
+
+
+def test_set_of_a_string_field_to_another_type_says_to_quote_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, parse_overrides(["tracking.experiment=2024"]))
+    assert err.value.problems == [
+        "--set tracking.experiment: Input should be a valid string (YAML reads the value as "
+        "another type: quote it, 'tracking.experiment=\"...\"')"
+    ]
+    cfg = load_config(None, parse_overrides(['tracking.experiment="2024"']))
+    assert cfg.tracking.experiment == "2024"
 
 
 def test_bad_set_syntax_reports_every_bad_pair() -> None:
