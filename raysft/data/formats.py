@@ -263,7 +263,13 @@ def saved_split(source: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def _iter_rows(source: str, role: Role = "train") -> Iterator[tuple[int, Any]]:
+def _numbered(rows: Any) -> Iterator[tuple[str, Any]]:
+    """Rows named by index from 0, as ``datasets`` and pandas index them."""
+    for i, row in enumerate(rows):
+        yield f"row {i}", row
+
+
+def _iter_rows(source: str, role: Role = "train") -> Iterator[tuple[str, Any]]:
     """Yield (row index, row) from a file, a saved dataset dir (``DIR[:SPLIT]``) or
     ``hf:NAME[:SPLIT]``. Without a split, ``role`` says which: train reads ``train``; eval
     needs one named unless there is only one (a held-out set read from ``train`` would be
@@ -289,27 +295,25 @@ def _iter_rows(source: str, role: Role = "train") -> Iterator[tuple[int, Any]]:
         raise DataError(f"{source}: unsupported file type {suffix!r} (.json, .jsonl, .parquet)")
 
 
-def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
-    # Bytes, decoded line by line: a line that is not UTF-8 is a bad row, not a crash.
+def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    # Bytes, decoded line by line: a line that is not UTF-8 is a bad row, not a crash. A row is
+    # named by its line (from 1, blank lines counted), as an editor shows it.
     with path.open("rb") as fh:
-        index = 0
         for line_no, raw in enumerate(fh, start=1):
             if line_no == 1:
                 raw = raw.removeprefix(_BOM)  # Windows tools write one; it is not the row's
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield index, _Unparsable(f"line {line_no}: {_not_utf8(raw, err)}")
-                index += 1
+                yield f"line {line_no}", _Unparsable(_not_utf8(raw, err))
                 continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line, object_pairs_hook=_Object.of)
             except json.JSONDecodeError as err:
-                row = _Unparsable(f"line {line_no}: not valid JSON: {err.msg}")
-            yield index, row
-            index += 1
+                row = _Unparsable(f"not valid JSON: {err.msg}")
+            yield f"line {line_no}", row
 
 
 class _Object(dict):  # type: ignore[type-arg]
@@ -348,7 +352,7 @@ class _Unparsable:
         self.why = why
 
 
-def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+def _iter_json(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     raw = path.read_bytes().removeprefix(_BOM)
     try:
         data = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object.of)
@@ -364,22 +368,22 @@ def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{source}: expected a JSON list of rows (or JSON lines)")
-    yield from enumerate(data)
+    yield from _numbered(data)
 
 
-def _iter_parquet(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+def _iter_parquet(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a bad file
         raise DataError(f"{source}: cannot read Parquet: {err}") from None
-    yield from enumerate(table.to_pylist())
+    yield from _numbered(table.to_pylist())
 
 
 def _iter_saved_dataset(
     path: Path, split: str | None, role: Role, source: str
-) -> Iterator[tuple[int, Any]]:
+) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
@@ -402,10 +406,10 @@ def _iter_saved_dataset(
         ds = ds[split]
     elif split is not None:
         raise DataError(f"data.{role}: {source}: {path} is one Dataset, not splits to pick from")
-    yield from enumerate(ds)
+    yield from _numbered(ds)
 
 
-def _iter_hub(spec: str, role: Role) -> Iterator[tuple[int, Any]]:
+def _iter_hub(spec: str, role: Role) -> Iterator[tuple[str, Any]]:
     import datasets
 
     name, _, split = spec.partition(":")
@@ -418,7 +422,7 @@ def _iter_hub(spec: str, role: Role) -> Iterator[tuple[int, Any]]:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:
         raise DataError(f"hf:{spec}: cannot load dataset: {err}") from None
-    yield from enumerate(ds)
+    yield from _numbered(ds)
 
 
 def load_conversations(
@@ -443,11 +447,11 @@ def load_conversations(
                     )
                 conv, (kind, unread) = _convert(row, fmt=fmt, system_prompt=system_prompt)
                 out.conversations.append(conv)
-                out.origins.append(f"{source}: row {index}")
+                out.origins.append(f"{source}: {index}")
                 for key in unread:
                     out.unread[source, kind, key] = out.unread.get((source, kind, key), 0) + 1
             except _RowError as err:
-                where = f"{source}: row {index}: {err}"
+                where = f"{source}: {index}: {err}"
                 if on_error == "strict":
                     raise DataError(
                         where + " (data.on_error=skip drops and counts such rows)"

@@ -287,7 +287,7 @@ def test_bad_data_row_exits_2_naming_file_row_and_field(cli_runs: dict[str, Futu
     lines = user_error_lines(result(cli_runs, "bad_row"))
     assert len(lines) == 1
     assert lines[0].startswith(
-        f"error: {BAD_ROLE}: row 2: conversations[2].from: unknown role 'bot' (expected one of "
+        f"error: {BAD_ROLE}: line 3: conversations[2].from: unknown role 'bot' (expected one of "
     )
 
 

@@ -383,6 +383,6 @@ def test_eval_rows_skipped_under_on_error_skip_are_said(
     with caplog.at_level("WARNING", logger="raysft.evaluate"):
         assert len(eval_rows(cfg)) == 1
     assert [r.getMessage() for r in caplog.records] == [
-        f"1 row(s) skipped (data.on_error=skip), e.g. {rows}: row 1: instruction: must be a "
+        f"1 row(s) skipped (data.on_error=skip), e.g. {rows}: line 2: instruction: must be a "
         "string, got int"
     ]

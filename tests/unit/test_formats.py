@@ -187,7 +187,7 @@ def test_malformed_row_names_file_row_and_field(tmp_path: Path, row: Any, proble
     path = write_jsonl(tmp_path / "data.jsonl", [GOOD_ALPACA, row])
     with pytest.raises(DataError) as info:
         load_conversations(str(path))  # strict is the default
-    assert str(info.value).startswith(f"{path}: row 1: {problem}")
+    assert str(info.value).startswith(f"{path}: line 2: {problem}")
 
 
 def test_undetectable_row_lists_its_keys(tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ def test_explicit_format_names_the_missing_key(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD_ALPACA])
     with pytest.raises(DataError) as info:
         load_conversations(str(path), fmt="sharegpt")
-    assert f"{path}: row 0: conversations: missing (data.format is sharegpt)" in str(info.value)
+    assert f"{path}: line 1: conversations: missing (data.format is sharegpt)" in str(info.value)
 
 
 def test_fixture_with_bad_role_is_strict_by_default() -> None:
@@ -208,7 +208,7 @@ def test_fixture_with_bad_role_is_strict_by_default() -> None:
     with pytest.raises(DataError) as info:
         load_conversations(path)
     assert str(info.value).startswith(
-        f"{path}: row 2: conversations[2].from: unknown role 'bot' (expected one of "
+        f"{path}: line 3: conversations[2].from: unknown role 'bot' (expected one of "
     )
     assert "data.on_error=skip" in str(info.value)  # says how to get past it
 
@@ -223,7 +223,7 @@ def test_skip_mode_drops_and_counts_every_bad_row(tmp_path: Path) -> None:
     assert len(out.conversations) == len(BAD_ROWS) + 1
     assert len(out.skipped) == len(BAD_ROWS)
     for i, (reason, (_, problem)) in enumerate(zip(out.skipped, BAD_ROWS, strict=True)):
-        assert reason.startswith(f"{path}: row {2 * i + 1}: {problem}")
+        assert reason.startswith(f"{path}: line {2 * i + 2}: {problem}")
     assert out.n_rows == len(out.conversations) + len(out.skipped)  # nothing silently dropped
 
 
@@ -231,7 +231,7 @@ def test_invalid_json_line_names_the_line() -> None:
     path = str(FIXTURES / "bad_json.jsonl")
     with pytest.raises(DataError) as info:
         load_conversations(path)
-    assert str(info.value).startswith(f"{path}: row 2: line 3: not valid JSON")
+    assert str(info.value).startswith(f"{path}: line 3: not valid JSON")
     out = load_conversations(path, on_error="skip")
     assert len(out.conversations) == 3
     assert out.n_rows == 4

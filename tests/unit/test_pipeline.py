@@ -77,12 +77,12 @@ def test_without_eval_a_seeded_split_of_train(tok: Any) -> None:
 
 def test_skip_mode_reports_skipped_rows(tok: Any) -> None:
     bad_role = str(FIXTURES / "bad_role.jsonl")
-    with pytest.raises(DataError, match="bad_role.jsonl: row 2: conversations"):
+    with pytest.raises(DataError, match="bad_role.jsonl: line 3: conversations"):
         prepare_data(section(train=bad_role), tok, seed=0)
     data = prepare_data(section(train=bad_role, on_error="skip"), tok, seed=0)
     r = data.report
     assert (r.rows_read, r.rows_skipped, r.train_examples) == (6, 1, 3)
-    assert r.skipped[0].startswith(f"{bad_role}: row 2: conversations[2].from: unknown role")
+    assert r.skipped[0].startswith(f"{bad_role}: line 3: conversations[2].from: unknown role")
     assert r.as_dict()["rows_skipped"] == 1
 
 
@@ -149,7 +149,7 @@ def test_strict_mode_names_the_row_whose_prompt_fills_max_seq_len(
     with pytest.raises(DataError) as err:
         prepare_data(section(**files, max_seq_len=64), tok, seed=0)
     assert str(err.value).startswith(
-        f"{files[side]}: row 1: its prompt fills all data.max_seq_len=64 tokens"
+        f"{files[side]}: line 2: its prompt fills all data.max_seq_len=64 tokens"
     )
 
 
@@ -158,7 +158,7 @@ def test_all_rows_skipped_is_an_error(tmp_path: Path, tok: Any) -> None:
     with pytest.raises(DataError) as err:
         load_split(section(train=train, on_error="skip"), seed=0)
     assert str(err.value) == (
-        f"data.train: no usable rows (2 skipped; the first: {train}: row 0: output: missing)"
+        f"data.train: no usable rows (2 skipped; the first: {train}: line 1: output: missing)"
     )
     held = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "q"}])
     with pytest.raises(DataError, match=r"data\.eval: no usable rows \(1 skipped; the first: "):
@@ -205,16 +205,16 @@ def test_a_row_the_template_refuses_is_named_or_skipped(tmp_path: Path, tok: Any
     bad = _no_system_role(tok)
     with pytest.raises(DataError) as info:
         prepare_data(section(train=path, template="tokenizer"), bad, seed=0)
-    assert str(info.value).startswith(f"{path}: row 1: data.template=tokenizer: ")
+    assert str(info.value).startswith(f"{path}: line 2: data.template=tokenizer: ")
     assert "System role not supported" in str(info.value)
     data = prepare_data(section(train=path, template="tokenizer", on_error="skip"), bad, seed=0)
     assert data.report.train_examples == 2 and data.report.rows_skipped == 1
-    assert data.report.skipped[0].startswith(f"{path}: row 1: data.template=tokenizer: ")
+    assert data.report.skipped[0].startswith(f"{path}: line 2: data.template=tokenizer: ")
     only = write_jsonl(tmp_path / "s.jsonl", [system_row])
     with pytest.raises(DataError) as info:
         prepare_data(section(train=only, template="tokenizer", on_error="skip"), bad, seed=0)
     assert str(info.value).startswith(
-        f"data.train: no usable rows (1 skipped; the first: {only}: row 0: data.template="
+        f"data.train: no usable rows (1 skipped; the first: {only}: line 1: data.template="
     )
 
 
@@ -251,7 +251,7 @@ def test_a_key_given_twice_in_a_row_is_a_bad_row(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_split(section(train=str(path)), seed=0)
     assert str(err.value).startswith(
-        f"{path}: row 1: key 'output' given twice in one object; which is meant?"
+        f"{path}: line 2: key 'output' given twice in one object; which is meant?"
     )
 
 

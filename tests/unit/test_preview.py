@@ -79,7 +79,7 @@ def test_preview_says_how_many_rows_were_skipped_and_why(
     out, err = capsys.readouterr()
     said = [line for line in (err if as_json else out).splitlines() if "skipped" in line]
     assert said == [
-        f"--- 1 rows skipped (data.on_error=skip), e.g. {rows}: row 1: line 2: not valid JSON: "
+        f"--- 1 rows skipped (data.on_error=skip), e.g. {rows}: line 2: not valid JSON: "
         "Expecting property name enclosed in double quotes"
     ]
     if as_json:  # stdout stays one JSON object per line

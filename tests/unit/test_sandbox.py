@@ -249,4 +249,4 @@ def test_bad_tests_field_names_file_row_and_field(tmp_path: Path, tests: object,
     path = _write(tmp_path, CODE_ROW, {**CODE_ROW, "tests": tests})
     with pytest.raises(DataError) as err:
         load_conversations(path)
-    assert str(err.value).startswith(f"{path}: row 1: {why}")
+    assert str(err.value).startswith(f"{path}: line 2: {why}")
