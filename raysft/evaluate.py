@@ -93,6 +93,8 @@ def resolve_target(
     """Classify DIR and find the settings to score it with."""
     root = Path(directory)
     if not root.is_dir():
+        if root.exists():
+            raise ModelError(f"{directory}: a file; give a model, adapter or experiment directory")
         raise ModelError(f"{directory}: no such directory")
     kind, path, summary = "model", root, None
     if any((root / name).exists() for name in ("summary.json", "tune", "champion")):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from raysft.config.sections import Config, Method, SearchParam, SearchSpec
 from raysft.errors import ConfigError
@@ -371,6 +371,8 @@ def validate_spec(tree: dict[str, Any], *, source: str = "<spec>") -> SearchSpec
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(path), ["a directory, not a YAML file"])
     if not p.is_file():
         raise ConfigError(str(path), ["file not found"])
     try:
@@ -388,7 +390,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             str(path),
             [f"top level must be a mapping of sections (model:, data:, ...), got {_kind(tree)}"],
         )
-    return tree
+    # A section whose keys are all commented out reads as null: its defaults are meant.
+    return {k: {} if v is None and k in _SECTIONS else v for k, v in tree.items()}
+
+
+_SECTIONS = {
+    name
+    for name, field in Config.model_fields.items()  # not search: null there means no search
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+}
 
 
 def _kind(value: Any) -> str:

@@ -77,6 +77,17 @@ class LoraSection(_Section):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r).")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _a_list_or_all_linear(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all-linear":
+            names = [n.strip() for n in value.split(",") if n.strip()]
+            raise ValueError(
+                f"{value!r}: a list of module names ([{', '.join(names) or 'q_proj, v_proj'}]) "
+                "or all-linear"
+            )
+        return value
+
     @staticmethod
     def matches(module: str, target: str) -> bool:
         """peft's rule for a list of target_modules: ``target`` names ``module`` when the

@@ -467,3 +467,24 @@ def test_registered_model_rule_is_mlflows(name: str) -> None:
 
     ours = _takes(lambda: load_config(None, {"promote.registered_model": name}), ConfigError)
     assert ours == _takes(lambda: validation._validate_model_name(name), MlflowException), name
+
+
+def test_a_section_with_every_key_commented_out_means_its_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  # name_or_path: x\ntrain:\n  max_steps: 3\ndata:\n")
+    cfg = load_config(path)
+    assert cfg.model == load_config(None).model and cfg.train.max_steps == 3
+
+
+def test_target_modules_as_one_string_says_how_to_write_a_list() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, parse_overrides(["lora.target_modules=q_proj,v_proj"]))
+    assert err.value.problems == [
+        "--set lora.target_modules: 'q_proj,v_proj': a list of module names ([q_proj, v_proj]) "
+        "or all-linear"
+    ]
+
+
+def test_a_directory_given_as_the_config_is_said_to_be_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path)
+    assert err.value.problems == ["a directory, not a YAML file"]
