@@ -16,7 +16,7 @@ from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
 from raysft.data.pipeline import check_template, load_split
 from raysft.data.templates import render, tokenize, trained_spans
-from raysft.errors import ModelError
+from raysft.errors import ConfigError, ModelError
 from raysft.search.preflight import check_model
 from raysft.train.model import (
     build_meta_model,
@@ -43,6 +43,10 @@ def _dry_run(cfg: Config, source: str) -> int:
     meta = _check_model(cfg, source)
     print(dump_config(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
+    try:  # as raysft.tune --dry-run does for its experiment dir: said, not refused
+        _check_output_dir(cfg, source, resuming=None)
+    except ConfigError as err:
+        print(f"note: the run would be refused: {'; '.join(err.problems)}")
     return 0
 
 
@@ -134,7 +138,6 @@ def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None
     file."""
     from pathlib import Path
 
-    from raysft.config import ConfigError
     from raysft.paths import writable_dir_problem
 
     out = Path(cfg.output_dir)

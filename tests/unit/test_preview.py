@@ -84,3 +84,18 @@ def test_preview_says_how_many_rows_were_skipped_and_why(
     ]
     if as_json:  # stdout stays one JSON object per line
         assert [json.loads(line)["trained"] for line in out.splitlines()] == [["a<|im_end|>"]]
+
+
+def test_a_dry_run_says_when_the_run_would_be_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raysft.train.__main__ import _dry_run
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x", encoding="utf-8")
+    assert _dry_run(load_config(None, {"output_dir": str(mine)}), "c.yaml") == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"note: the run would be refused: output_dir: {mine} is not empty")
+    assert _dry_run(load_config(None, {"output_dir": str(tmp_path / "new")}), "c.yaml") == 0
+    assert "note:" not in capsys.readouterr().out
