@@ -16,11 +16,14 @@ from raysft.errors import DataError
 
 DATA_FILE = "data.json"  # a checkpoint's record of its sources' digests
 _CHUNK = 1 << 20
+_WHOLE = 256 << 20  # files up to this size are hashed whole
+_SAMPLES = 17  # 1 MiB samples of a larger file, its first and last included
 
 
 def source_digest(spec: str) -> str:
     """sha256 of a data source's bytes (a file, or every file of a saved ``datasets`` directory
-    with its relative path). A hub dataset (``hf:NAME``) is known by its name alone."""
+    with its relative path; a file over 256 MiB by its size and 17 samples of 1 MiB). A hub
+    dataset (``hf:NAME``) is known by its name alone."""
     if spec.startswith("hf:"):
         return spec
     path, _ = saved_split(spec)  # DIR:SPLIT: the whole saved directory
@@ -41,9 +44,19 @@ def source_digest(spec: str) -> str:
 
 
 def _update(h: Any, path: Path) -> None:
-    with path.open("rb") as f:  # in chunks: a training set may be larger than memory
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= _WHOLE:
+            while chunk := f.read(_CHUNK):  # in chunks: a file may be larger than memory
+                h.update(chunk)
+            return
+        # Larger: its size and evenly spaced samples, so that every trial (which checks its
+        # data on every start) does not read tens of GB first. A same-size edit between the
+        # samples goes unnoticed; an append, a truncation or a rewrite does not.
+        h.update(f"size {size}".encode())
+        for i in range(_SAMPLES):
+            f.seek((size - _CHUNK) * i // (_SAMPLES - 1))
+            h.update(f.read(_CHUNK))
 
 
 def sources(value: str | list[str] | None) -> list[str]:

@@ -169,8 +169,10 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
 def _common_start(tokenizer: Any, a: str, b: str) -> str:
     """The start ``a`` shares with ``b`` in whole tokens: "<|end|>\n<|endoftext|>" and
     "<|end|>\n<|user|>" share "<|end|>\n", where their characters share "<|end|>\n<|"."""
-    if not getattr(tokenizer, "is_fast", False):
-        return os.path.commonprefix([a, b])
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: decode the common ids
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (a, b)]
+        text = str(tokenizer.decode(os.path.commonprefix(ids), skip_special_tokens=False))
+        return text if a.startswith(text) else os.path.commonprefix([a, b])
     enc = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
     n = len(
         os.path.commonprefix(
@@ -219,21 +221,25 @@ JINJA = {
 
 
 def export_chat_template(
-    template: str, *, system_prompt: str | None, tokenizer_template: str | None
-) -> str | None:
+    template: str, *, system_prompt: str | None, tokenizer_template: str | dict[str, str] | None
+) -> str | dict[str, str] | None:
     """The chat_template saved with a trained model: the built-in template's Jinja (or the
-    tokenizer's own), opening with ``data.system_prompt`` where a conversation has no system
-    message, as every training and eval conversation did. None: nothing to save."""
+    tokenizer's own, or each of its named ones), opening with ``data.system_prompt`` where a
+    conversation has no system message, as every training and eval conversation did. None:
+    nothing to save."""
     jinja = JINJA.get(template, tokenizer_template if template == "tokenizer" else None)
     if jinja is None or not system_prompt:
         return jinja
     # A JSON string is a Jinja string literal; non-ASCII kept as is (Jinja would read a JSON
     # surrogate pair as two characters).
     default = "{'role': 'system', 'content': " + json.dumps(system_prompt, ensure_ascii=False) + "}"
-    return (
+    opening = (
         "{%- if not messages or messages[0]['role'] != 'system' -%}"
-        "{%- set messages = [" + default + "] + messages -%}{%- endif -%}" + jinja
+        "{%- set messages = [" + default + "] + messages -%}{%- endif -%}"
     )
+    if isinstance(jinja, dict):  # named templates ("default", "tool_use"): each of them
+        return {name: opening + text for name, text in jinja.items()}
+    return opening + jinja
 
 
 def render(

@@ -30,6 +30,7 @@ from raysft.assets import resolve
 from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
 from raysft.data.digest import source_digest
 from raysft.data.digest import sources as data_sources
+from raysft.data.formats import saved_split
 from raysft.errors import ModelError
 from raysft.paths import writable_dir_problem
 from raysft.search.preflight import seed_picks_eval_rows
@@ -66,7 +67,12 @@ def eval_fingerprint(cfg: Config) -> str:
     sources = d.eval if d.eval is not None else d.train
     generation = getattr(cfg, "eval", None)  # the eval section, where this version has one
     parts = {
-        "eval": [source_digest(s) for s in data_sources(sources)],
+        # A DatasetDict's split is not in its directory's digest (and is left out where there
+        # is none, so fingerprints of file sources stay what they were).
+        "eval": [
+            source_digest(s) if saved_split(s)[1] is None else [source_digest(s), saved_split(s)[1]]
+            for s in data_sources(sources)
+        ],
         "split": None if d.eval is not None else d.eval_fraction,
         "seed": cfg.train.seed if seed_picks_eval_rows(cfg) else None,
         "render": [d.format, d.template, d.system_prompt, d.max_seq_len, d.max_eval_samples],

@@ -43,7 +43,7 @@ def _dry_run(cfg: Config, source: str) -> int:
     meta = _check_model(cfg, source)
     print(dump_config(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
-    try:  # as raysft.tune --dry-run does for its experiment dir: said, not refused
+    try:  # said, not refused: a config may be checked before its output_dir is cleared
         _check_output_dir(cfg, source, resuming=None)
     except ConfigError as err:
         print(f"note: the run would be refused: {'; '.join(err.problems)}")

@@ -237,8 +237,9 @@ def setup(
         system_prompt=cfg.data.system_prompt,
         tokenizer_template=getattr(tokenizer, "chat_template", None),
     )
-    digests = data_digests(cfg.data)
-    if resume_from is not None:
+    # Rank 0 writes the checkpoints, so it alone reads the data through for their data.json.
+    digests = data_digests(cfg.data) if dist.rank == 0 else {}
+    if resume_from is not None and dist.rank == 0:
         check_same_data(resume_from, digests)  # before the old stream position meets new rows
     data, train_bins, eval_bins = _prepare(cfg, tokenizer)
     if len(train_bins) < dist.world_size:

@@ -117,6 +117,7 @@ def load_state(
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise _not_a_checkpoint(directory)
+    _check_archive(path)  # a trial Ray restarts comes here without check_resumable
     state = _read_state(path)
     from raysft.train import fsdp
 
@@ -196,6 +197,18 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def _check_archive(path: Path) -> None:
+    """Every member of the torch.save zip archive passes its CRC: a corrupt file is called
+    corrupt, not (by the weights-only unpickler it would trip) one that holds code."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise _unreadable(path, f"not a complete torch.save archive ({err})") from None
+    if bad is not None:
+        raise _unreadable(path, f"{bad} fails its checksum")
+
+
 def check_resumable(directory: str | Path, cfg: Any) -> None:
     """Before anything loads: ``directory`` is an intact checkpoint, and ``cfg`` is the config
     its run trained with (but for ``RESUMABLE_CHANGES``), so the resumed run continues it
@@ -205,13 +218,7 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise _not_a_checkpoint(directory)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise _unreadable(path, f"not a complete torch.save archive ({err})") from None
-    if bad is not None:
-        raise _unreadable(path, f"{bad} fails its checksum")
+    _check_archive(path)
     saved = Path(directory) / CONFIG_FILE
     if not saved.is_file():
         # Without it nothing says the run continues the checkpoint's: the optimizer and the
@@ -250,6 +257,8 @@ def check_same_data(directory: str | Path, digests: dict[str, dict[str, str]]) -
         then = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise _unreadable(path, f"cannot be read ({err})") from None
+    if not (isinstance(then, dict) and all(isinstance(v, dict) for v in then.values())):
+        raise _unreadable(path, "holds no data digests")
     changed = changed_sources(then, digests)
     if changed:
         raise DataError(

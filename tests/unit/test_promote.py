@@ -766,6 +766,16 @@ def _promote_cli(exp_dir: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_fingerprint_covers_the_split_of_a_saved_dataset_dict(tmp_path: Path) -> None:
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"instruction": "q", "output": "a"}])
+    datasets.DatasetDict({"test": rows, "validation": rows}).save_to_disk(str(tmp_path / "dd"))
+    test = _fp_spec(tmp_path, eval=f"{tmp_path / 'dd'}:test")
+    validation = _fp_spec(tmp_path, eval=f"{tmp_path / 'dd'}:validation")
+    assert eval_fingerprint(test) != eval_fingerprint(validation)
+
+
 def test_fingerprint_of_a_data_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
     """Not hashed as a name: run from elsewhere, a relative path would give another
     fingerprint, and promotion would refuse the search's own champion as "other eval data"."""

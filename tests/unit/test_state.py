@@ -222,3 +222,36 @@ def test_a_checkpoint_carries_its_config_and_resume_refuses_another(tmp_path: Pa
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
     with pytest.raises(ConfigError, match="truncated or corrupt"):
         check_resumable(ckpt, cfg)
+    # A trial Ray restarts loads it without check_resumable: called corrupt there too.
+    with pytest.raises(ConfigError, match="truncated or corrupt"):
+        run_trial(cfg, resume_from=str(ckpt))
+
+
+def test_a_large_data_file_is_fingerprinted_by_size_and_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raysft.data import digest
+
+    monkeypatch.setattr(digest, "_WHOLE", 8 << 20)  # "large" from 8 MiB, for the test
+    big = tmp_path / "big.bin"
+    data = bytearray(b"x" * (40 << 20))
+    big.write_bytes(data)
+    first = digest.source_digest(str(big))
+    data[-1:] = b"y"  # in the last sample
+    big.write_bytes(data)
+    assert digest.source_digest(str(big)) != first
+    big.write_bytes(bytes(data) + b"z")  # appended
+    assert digest.source_digest(str(big)) != first
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"abc")
+    assert digest.source_digest(str(small)) == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_a_data_json_of_another_shape_is_said_to_be_unreadable(tmp_path: Path) -> None:
+    from raysft.config import ConfigError
+    from raysft.data.digest import DATA_FILE
+    from raysft.train.state import check_same_data
+
+    (tmp_path / DATA_FILE).write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ConfigError, match="holds no data digests: the checkpoint is truncated"):
+        check_same_data(tmp_path, {"train": {}, "eval": {}})

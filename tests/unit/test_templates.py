@@ -662,3 +662,13 @@ def test_saved_chat_template_opens_with_the_runs_system_prompt(
     assert export_chat_template(name, system_prompt=None, tokenizer_template=tok.chat_template) == (
         tok.chat_template if name == "tokenizer" else JINJA[name]
     )
+
+
+def test_named_chat_templates_each_open_with_the_system_prompt() -> None:
+    from raysft.data.templates import export_chat_template
+
+    named = {"default": "{{ messages[0]['content'] }}", "tool_use": "{{ messages | length }}"}
+    saved = export_chat_template("tokenizer", system_prompt="S", tokenizer_template=named)
+    assert isinstance(saved, dict) and saved.keys() == named.keys()
+    for name, text in named.items():
+        assert saved[name].endswith(text) and "'content': \"S\"" in saved[name]
