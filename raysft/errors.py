@@ -45,5 +45,9 @@ class SearchStateError(RaysftError):
     """The experiment directory's state does not allow the request (already holds a search, ...)."""
 
 
+class RayStartError(RaysftError):
+    """The local Ray could not be started (the machine too busy for Ray's start-up limits)."""
+
+
 class TrainingDiverged(RaysftError):
     """The loss stopped being finite (too high a learning rate, most often): training stopped."""

@@ -9,6 +9,7 @@ estimate itself: ``memory.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raysft.config import ResourcesSection, SearchSection, SearchSpec
-from raysft.errors import ConfigError
+from raysft.errors import ConfigError, RayStartError
 from raysft.search.memory import CUDA_CONTEXT, GIB, SHARE_HEADROOM, Estimate, gib
 from raysft.train.model import worker_env
 
@@ -508,7 +509,7 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
         "worker_process_setup_hook": "raysft.search.trial.pin_ray_address"
     }
     # HF_TOKEN, if set: gated models load on every worker.
-    env_vars = worker_env(os.environ)
+    env_vars = {**trial_env(os.environ), **worker_env(os.environ)}
     joining = attaching_to_cluster()
     if not joining:
         env_vars = {**local_ray_env(os.environ), **env_vars}
@@ -523,17 +524,71 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
         try:
             # address="local": start our own, never silently join a cluster someone left
             # running. The dashboard stays on: its State API is what releases finished trials.
-            ray.init(
-                address="local",
-                num_cpus=plan_cpus,
-                include_dashboard=True,
-                runtime_env=runtime_env,
+            _start_local_ray(
+                lambda: ray.init(
+                    address="local",
+                    num_cpus=plan_cpus,
+                    include_dashboard=True,
+                    runtime_env=runtime_env,
+                )
             )
         finally:
             if before is None:
                 os.environ.pop("TMPDIR", None)
             else:
                 os.environ["TMPDIR"] = before
+
+
+# Ray gives a local node 30 s to register with its GCS, a constant in its code
+# (ray/_private/node.py, "The current node timed out during startup"). On 2 busy cores it once
+# took longer (a CI run with other searches beside it): the search ended in Ray's traceback before
+# it began. Such a start is tried once more, after the first try's processes are ended.
+NODE_START_TIMEOUT = "The current node timed out during startup"
+RAY_START_TRIES = 2
+
+
+def _start_local_ray(start: Callable[[], Any]) -> None:
+    """``start()`` (a local ``ray.init``), once more if Ray's node timed out at its start."""
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, RAY_START_TRIES + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            start()
+            return
+        except Exception as err:
+            if NODE_START_TIMEOUT not in str(err):
+                raise
+            import ray
+
+            ray.shutdown()
+            _end(p for p in me.children(recursive=True) if p.pid not in before)
+            if attempt == RAY_START_TRIES:
+                load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+                raise RayStartError(
+                    f"Ray's local node did not register with its GCS within Ray's 30 s, "
+                    f"{RAY_START_TRIES} times (load average {load}): the machine is too busy "
+                    "to start Ray; run the search when it is quieter"
+                ) from None
+            log.warning(
+                "Ray's local node took over 30 s to start (a busy machine?): starting it again"
+            )
+
+
+def _end(processes: Any) -> None:
+    """Terminate ``processes`` (psutil), then kill what is left of them after 5 s."""
+    import psutil
+
+    procs = list(processes)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 # Ray Train starts a PreemptionWatcher actor (a Python process) for every Train run, to hear of
@@ -546,3 +601,19 @@ _LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 def local_ray_env(environ: Mapping[str, str]) -> dict[str, str]:
     """Settings for the workers of a local Ray we start; the user's own environment wins."""
     return {k: v for k, v in _LOCAL_RAY_ENV.items() if k not in environ}
+
+
+# Ray Tune and Ray Train move each trial's processes into a directory of the trial's own
+# (RAY_CHDIR_TO_TRIAL_DIR, on by default), where a spec's relative paths (`data.train:
+# data/x.jsonl`) are not: every trial failed with "file not found", retried twice, for a file the
+# driver had just checked. Off, a trial's processes keep the directory Ray starts its workers in:
+# the driver's own on a local Ray, the job's unpacked --working-dir on each node of a cluster.
+# raysft writes nothing to a relative path, so no trial needs a directory of its own.
+_TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+def trial_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Settings for the workers of every search; the user's environment and the job's win."""
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in _TRIAL_ENV.items() if k not in environ and k not in job_env}

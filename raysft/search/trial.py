@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import validate_spec
+from raysft.errors import (
+    AssetError,
+    ConfigError,
+    DataError,
+    SearchStateError,
+    TemplateError,
+)
 from raysft.search.resources import cap_process_memory
 from raysft.search.results import CHECKPOINT_PATH_KEY, error_cause
 from raysft.search.space import TrialConfigs, trial_output_dir
@@ -103,7 +110,8 @@ def keep_bitsandbytes_out(method: str) -> bool:
 
 
 class TrialFailure(RuntimeError):
-    """A trial failed for good (out of memory, or out of retries); the message is its cause."""
+    """A trial failed for good (out of memory, on its inputs, or out of retries); the message is
+    its cause."""
 
 
 _OOM_MARKERS = (
@@ -117,6 +125,19 @@ _OOM_MARKERS = (
 def is_out_of_memory(cause: str) -> bool:
     """Whether a trial's cause of failure is running out of (accelerator or host) memory."""
     return any(marker in cause for marker in _OOM_MARKERS)
+
+
+# What raysft raises for the spec, data or templates it was given (raysft.errors): the same
+# inputs fail the same way again, so a retry would only repeat the error, after a worker start.
+# A model that fails to load (ModelError) may be a download or a disk that comes back: retried.
+_INPUT_ERRORS = frozenset(
+    cls.__name__ for cls in (ConfigError, DataError, TemplateError, AssetError, SearchStateError)
+)
+
+
+def is_input_error(cause: str) -> bool:
+    """Whether a trial failed on its inputs (``error_cause``'s ``Type: message``): no retry."""
+    return cause.split(":", 1)[0] in _INPUT_ERRORS
 
 
 def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str) -> None:
@@ -218,7 +239,7 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
                 return
             cause = error_cause(err)
             oom = is_out_of_memory(cause)
-            last = oom or attempt > retries
+            last = oom or is_input_error(cause) or attempt > retries
             attempts.append({"attempt": attempt, "error": cause, "retried": not last})
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(attempts, indent=2), encoding="utf-8")

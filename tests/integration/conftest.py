@@ -337,38 +337,7 @@ def run_tune(
     return run_cmd(cmd, log=tmp_path / log, cwd=tmp_path, env=env, **kw)
 
 
-# Ray gives a local node a hard-coded 30 s to register with its GCS (ray/_private/node.py). On
-# these 2 cores, with the other lane's trials running, it once took longer (CI, 2026-12-05):
-# the command failed before doing anything. Such a command is run once more, and only then.
-RAY_NODE_START_TIMEOUT = "The current node timed out during startup."
-
-
 def run_cmd(
-    cmd: list[str],
-    *,
-    log: Path,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    timeout: float = 300,
-    settle: float | None = 30,
-    on_start: Any = None,
-) -> Ran:
-    """``_run_cmd``, run once more if Ray's local node timed out at its start (nothing ran)."""
-    ran = _run_cmd(
-        cmd, log=log, env=env, cwd=cwd, timeout=timeout, settle=settle, on_start=on_start
-    )
-    if ran.rc != 0 and RAY_NODE_START_TIMEOUT in ran.output:
-        if settle is None:  # the first try's processes go before the second starts
-            kill_group(ran.pgid)
-            kill_all(wait_gone(30, pgid=ran.pgid, mark=ran.mark))
-        log.rename(log.with_name(log.name + ".ray-start-timeout"))  # kept for a look
-        ran = _run_cmd(
-            cmd, log=log, env=env, cwd=cwd, timeout=timeout, settle=settle, on_start=on_start
-        )
-    return ran
-
-
-def _run_cmd(
     cmd: list[str],
     *,
     log: Path,

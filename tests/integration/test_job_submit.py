@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -26,6 +27,8 @@ from .conftest import (
     MARK_VAR,
     _wait_http_ok,
     assert_no_other_ray,
+    asset_dir,
+    asset_ref,
     base_env,
     cmdline,
     group_pids,
@@ -228,10 +231,18 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
 
     workdir, exp_dir, db = tmp_path / "job", tmp_path / "exp", tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"  # db is absolute: sqlite:////...
+    # Training rows by a path relative to the job's working dir, which Ray unpacks on each node:
+    # every trial reads them there (Ray used to move a trial into a directory of its own).
+    (workdir / "data").mkdir(parents=True)
+    shutil.copy(asset_dir("tasks-alpaca.jsonl"), workdir / "data" / "alpaca.jsonl")
     render_spec(
         "job_small.yaml",
         workdir / "spec.yaml",
-        {"search.experiment_dir": str(exp_dir), "tracking.uri": uri},
+        {
+            "search.experiment_dir": str(exp_dir),
+            "tracking.uri": uri,
+            "data.train": ["data/alpaca.jsonl", asset_ref("tasks-sharegpt.jsonl")],
+        },
     )
     ran = _submit(cluster, workdir, tmp_path / "submit.log", "raysft-it-ok")
     assert ran.rc == 0, ran.explain()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ def local_search(mlflow_server: MlflowServer, ray_tmp: Path, tmp_path_factory) -
     assert_no_other_ray()
     root = tmp_path_factory.mktemp("local-search")
     exp_dir = root / "exp"
+    # The held-out rows by a path relative to where the search runs (its cwd is root), as a
+    # user's own data: Ray moved each trial into a directory of its own, where it was not found.
+    shutil.copy(asset_dir("tasks-eval.jsonl"), root / "heldout.jsonl")
     spec = render_spec(
         "local_asha.yaml",
         root / "spec.yaml",
@@ -154,6 +158,7 @@ def local_search(mlflow_server: MlflowServer, ray_tmp: Path, tmp_path_factory) -
             "search.experiment_dir": str(exp_dir),
             "tracking.uri": mlflow_server.uri,
             "promote.registered_model": MODEL_NAME,
+            "data.eval": "heldout.jsonl",
         },
     )
     search = LocalSearch(root, spec, exp_dir, mlflow_server, ray_tmp)
@@ -280,8 +285,10 @@ def test_mlflow_has_a_parent_run_and_one_child_per_trial(local_search: LocalSear
 def test_every_number_a_trial_reports_reaches_its_mlflow_run(local_search: LocalSearch) -> None:
     """The recipe's own record of each report against MLflow's metric histories: every
     registry metric, at its step, with its value; none missing, none extra. A finished trial's
-    reports are the eval steps of its metrics.json history; an ASHA-stopped trial (no outputs)
-    is checked on its last report, which summary.json keeps."""
+    reports are the eval steps of its metrics.json history; an ASHA-stopped trial is checked on
+    its last report, which summary.json keeps. (Its worker may run on to the end and write
+    metrics.json while Tune tears it down: these trials train 8 steps in 2 s. Tune, and so
+    MLflow, never hears of those steps.)"""
     from raysft.train.metrics import METRICS
 
     local_search.ok()
@@ -289,7 +296,9 @@ def test_every_number_a_trial_reports_reaches_its_mlflow_run(local_search: Local
     checked = 0
     for t in local_search.summary["trials"]:
         out = local_search.exp_dir / "trials" / t["trial_id"] / "metrics.json"
-        if out.is_file():
+        finished = t["status"] == "finished"
+        assert finished or t["status"] == "stopped_early", t
+        if finished:
             history = json.loads(out.read_text())["history"]
             reports = [h for h in history if "eval_loss" in h]
         else:
@@ -302,11 +311,11 @@ def test_every_number_a_trial_reports_reaches_its_mlflow_run(local_search: Local
         assert {"train_loss", "eval_loss", "lr", "tokens", "elapsed_s"} <= set(points), points
         run_id = t["mlflow_run_id"]
         logged = set(mlc.get_run(run_id).data.metrics)
-        if out.is_file():
+        if finished:
             assert logged == set(points), (t["trial_id"], logged ^ set(points))
         for name, want in points.items():
             history = {(m.step, m.value) for m in mlc.get_metric_history(run_id, name)}
-            assert want <= history if not out.is_file() else want == history, (t, name)
+            assert want == history if finished else want <= history, (t, name)
         checked += 1
     assert checked == len(local_search.summary["trials"])
 

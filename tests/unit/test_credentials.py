@@ -161,12 +161,25 @@ def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
     else:
         monkeypatch.delenv(HUB_TOKEN_VAR, raising=False)
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    monkeypatch.delenv("RAY_CHDIR_TO_TRIAL_DIR", raising=False)
     resources.init_ray(2)
     (kwargs,) = calls
     env_vars = kwargs["runtime_env"].get("env_vars")
-    local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # a local Ray: nobody drains its node
+    local = {
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a local Ray: nobody drains its node
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",  # trials read relative paths where the driver does
+    }
     assert env_vars == ({HUB_TOKEN_VAR: token, **local} if token else local)
     assert "worker_process_setup_hook" in kwargs["runtime_env"]
+
+
+def test_trials_keep_the_working_dir_unless_the_user_or_the_job_says_otherwise():
+    from raysft.search.resources import trial_env
+
+    assert trial_env({}) == {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    assert trial_env({"RAY_CHDIR_TO_TRIAL_DIR": "1"}) == {}
+    job = {"runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "1"}}}
+    assert trial_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}) == {}
 
 
 # ---------------------------------------------------------------- gated models

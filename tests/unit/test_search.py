@@ -1286,6 +1286,40 @@ def test_a_trial_tune_stopped_is_neither_retried_nor_a_failure(
         assert len(calls) == 1 and not record.exists()
 
 
+@pytest.mark.parametrize(
+    ("raised", "attempts"),
+    [
+        ("raysft.errors.DataError: data: data/train.jsonl: file not found", 1),
+        ("raysft.errors.ConfigError: s.yaml: resume: the data changed", 1),
+        ("raysft.errors.TemplateError: row 3: no assistant turn", 1),
+        # A model that did not load may be a download that fails once: retried.
+        ("raysft.errors.ModelError: model.name_or_path: org/m: connection reset", 3),
+    ],
+)
+def test_a_trial_that_failed_on_its_inputs_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: str, attempts: int
+) -> None:
+    from raysft.search import trial
+
+    class Failing:  # the text of Ray Train's WorkerGroupError around the worker's traceback
+        def fit(self) -> None:
+            calls.append(1)
+            raise RuntimeError(
+                "Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+                f'Traceback (most recent call last):\n  File "recipe.py", line 1\n{raised}'
+            )
+
+    monkeypatch.setattr(trial, "tune_is_running_this_trial", lambda: True)
+    calls: list[int] = []
+    record = tmp_path / "attempts.json"
+    with pytest.raises(trial.TrialFailure, match=raised.split(": ", 1)[1]):
+        trial._fit_with_retries(Failing, retries=2, record=record)
+    assert len(calls) == attempts
+    assert [a["retried"] for a in json.loads(record.read_text())] == [True] * (attempts - 1) + [
+        False
+    ]
+
+
 @pytest.mark.parametrize("cause", ["ActorDiedError: died", "torch.OutOfMemoryError: CUDA"])
 def test_a_trial_failed_for_good_stays_failed_when_resume_restarts_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cause: str
