@@ -29,6 +29,11 @@ class DataError(RaysftError):
     """A data problem; the message names source, row and field."""
 
 
+class DatasetLoadError(DataError):
+    """``datasets.load_dataset`` failed (the Hub unreachable, a name it does not know): unlike a
+    bad row or file, it may pass on another try, so a trial retries it."""
+
+
 class TemplateError(RaysftError):
     """The conversation cannot be rendered with the chosen template."""
 

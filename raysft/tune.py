@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 from raysft.cli import config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
 from raysft.search.driver import check_experiment_dir, run_search
+from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import (
-    attaching_to_cluster,
     local_nodes,
     meant_for_a_cluster,
     plan_memory,

@@ -448,8 +448,9 @@ class SearchSection(_Section):
         2,
         ge=0,
         description="Restarts of a trial whose worker fails (a killed process, a lost node), each "
-        "from the trial's last checkpoint. A trial out of memory, or failed on its data, spec or "
-        "template (the same inputs would fail again), is failed, never retried.",
+        "from the trial's last checkpoint, or after a model or Hub dataset failed to load. A "
+        "trial out of memory, or failed on its data, spec or template (the same inputs would "
+        "fail again), is failed, never retried.",
     )
     experiment_dir: str = Field(
         "runs/search", description="Where trials, checkpoints and summary.json go."

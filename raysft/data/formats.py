@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raysft.assets import resolve
-from raysft.errors import DataError, RaysftError
+from raysft.errors import DataError, DatasetLoadError, RaysftError
 
 Role = Literal["train", "eval"]  # which of data.train / data.eval a source is read for
 
@@ -421,7 +421,7 @@ def _iter_hub(spec: str, role: Role) -> Iterator[tuple[str, Any]]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as err:
-        raise DataError(f"hf:{spec}: cannot load dataset: {err}") from None
+        raise DatasetLoadError(f"hf:{spec}: cannot load dataset: {err}") from None
     yield from _numbered(ds)
 
 

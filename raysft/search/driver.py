@@ -24,12 +24,10 @@ from raysft.paths import writable_dir_problem
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
 from raysft.search.promote import export_dir_problem, promote
+from raysft.search.ray_start import attaching_to_cluster, check_ray_address, init_ray
 from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
     ResourcePlan,
-    attaching_to_cluster,
-    check_ray_address,
-    init_ray,
     local_nodes,
     plan_memory,
     plan_resources,

@@ -1,28 +1,25 @@
 """Where trials run: node discovery, waiting for an autoscaling cluster's nodes (``scale_up``),
 the resource plan (how many trials at once), the memory plan (does a trial fit its GPU; how many
-trials share one; each process's cap) and starting or joining Ray (``init_ray``).
+trials share one; each process's cap). Starting or joining Ray: ``ray_start.py``.
 
 Pure but for the node probes (torch for this machine, Ray's node table and autoscaler status for
-a cluster), the process cap and ``init_ray``, which import torch or ray only when called. The
-estimate itself: ``memory.py``.
+a cluster) and the process cap, which import torch or ray only when called. The estimate itself:
+``memory.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from raysft.config import ResourcesSection, SearchSection, SearchSpec
-from raysft.errors import ConfigError, RayStartError
 from raysft.search.memory import CUDA_CONTEXT, GIB, SHARE_HEADROOM, Estimate, gib
-from raysft.train.model import worker_env
 
 log = logging.getLogger(__name__)
 
@@ -58,33 +55,6 @@ class ResourcePlan:
             f"{self.gpus_per_trial:g} GPU)\n"
             f"concurrent trials: {self.concurrent} of {search.num_samples} ({self.nodes})"
         )
-
-
-def attaching_to_cluster() -> bool:
-    """``ray job submit`` and RAY_ADDRESS both mean: join an existing cluster."""
-    return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
-
-
-def check_ray_address(timeout_s: float = 5.0) -> None:
-    """Fail at once when RAY_ADDRESS names a host:port nobody listens on: ``ray.init`` was
-    still retrying when killed after 100 s (measured). ``auto``, ``local`` and Ray Client
-    (``ray://``) addresses are left to Ray."""
-    import socket
-
-    address = os.environ.get("RAY_ADDRESS", "")
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address or not host:
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise ConfigError(
-            "RAY_ADDRESS",
-            [
-                f"{address}: no Ray cluster answers there ({err}); start one "
-                "(`ray start --head`), fix the address, or unset RAY_ADDRESS for a local Ray"
-            ],
-        ) from None
 
 
 def local_nodes() -> list[Node]:
@@ -492,128 +462,3 @@ def cap_process_memory(share: float) -> float | None:
     fraction = memory_fraction(share, total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return fraction
-
-
-def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
-    """Join the cluster, or start a local Ray of ``plan_cpus`` CPUs.
-
-    ``scratch`` (local mode): TMPDIR of every process of the local Ray (raylet, agents, workers),
-    removed by the caller after the search. Ray ends them without running their exit handlers,
-    so temp files they made would stay.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env: dict[str, Any] = {
-        "worker_process_setup_hook": "raysft.search.trial.pin_ray_address"
-    }
-    # HF_TOKEN, if set: gated models load on every worker.
-    env_vars = {**trial_env(os.environ), **worker_env(os.environ)}
-    joining = attaching_to_cluster()
-    if not joining:
-        env_vars = {**local_ray_env(os.environ), **env_vars}
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    if joining:
-        ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
-    else:
-        before = os.environ.get("TMPDIR")
-        if scratch:
-            os.environ["TMPDIR"] = scratch  # inherited by the Ray processes started here
-        try:
-            # address="local": start our own, never silently join a cluster someone left
-            # running. The dashboard stays on: its State API is what releases finished trials.
-            _start_local_ray(
-                lambda: ray.init(
-                    address="local",
-                    num_cpus=plan_cpus,
-                    include_dashboard=True,
-                    runtime_env=runtime_env,
-                )
-            )
-        finally:
-            if before is None:
-                os.environ.pop("TMPDIR", None)
-            else:
-                os.environ["TMPDIR"] = before
-
-
-# Ray gives a local node 30 s to register with its GCS, a constant in its code
-# (ray/_private/node.py, "The current node timed out during startup"). On 2 busy cores it once
-# took longer (a CI run with other searches beside it): the search ended in Ray's traceback before
-# it began. Such a start is tried once more, after the first try's processes are ended.
-NODE_START_TIMEOUT = "The current node timed out during startup"
-RAY_START_TRIES = 2
-
-
-def _start_local_ray(start: Callable[[], Any]) -> None:
-    """``start()`` (a local ``ray.init``), once more if Ray's node timed out at its start."""
-    import psutil
-
-    me = psutil.Process()
-    for attempt in range(1, RAY_START_TRIES + 1):
-        before = {p.pid for p in me.children(recursive=True)}
-        try:
-            start()
-            return
-        except Exception as err:
-            if NODE_START_TIMEOUT not in str(err):
-                raise
-            import ray
-
-            ray.shutdown()
-            _end(p for p in me.children(recursive=True) if p.pid not in before)
-            if attempt == RAY_START_TRIES:
-                load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-                raise RayStartError(
-                    f"Ray's local node did not register with its GCS within Ray's 30 s, "
-                    f"{RAY_START_TRIES} times (load average {load}): the machine is too busy "
-                    "to start Ray; run the search when it is quieter"
-                ) from None
-            log.warning(
-                "Ray's local node took over 30 s to start (a busy machine?): starting it again"
-            )
-
-
-def _end(processes: Any) -> None:
-    """Terminate ``processes`` (psutil), then kill what is left of them after 5 s."""
-    import psutil
-
-    procs = list(processes)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
-# Ray Train starts a PreemptionWatcher actor (a Python process) for every Train run, to hear of
-# nodes being drained (spot instances). A local Ray we started ourselves is one node that nobody
-# drains, and on a laptop each process is seconds of CPU. Measured on 2 cores, a search of 8
-# 2-step trials, 4 at a time: 140, 144 and 153 s of trials without it, 152 and 171 s with it.
-_LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-
-
-def local_ray_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Settings for the workers of a local Ray we start; the user's own environment wins."""
-    return {k: v for k, v in _LOCAL_RAY_ENV.items() if k not in environ}
-
-
-# Ray Tune and Ray Train move each trial's processes into a directory of the trial's own
-# (RAY_CHDIR_TO_TRIAL_DIR, on by default), where a spec's relative paths (`data.train:
-# data/x.jsonl`) are not: every trial failed with "file not found", retried twice, for a file the
-# driver had just checked. Off, a trial's processes keep the directory Ray starts its workers in:
-# the driver's own on a local Ray, the job's unpacked --working-dir on each node of a cluster.
-# raysft writes nothing to a relative path, so no trial needs a directory of its own.
-_TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
-
-
-def trial_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Settings for the workers of every search; the user's environment and the job's win."""
-    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return {k: v for k, v in _TRIAL_ENV.items() if k not in environ and k not in job_env}

@@ -29,7 +29,8 @@ from raysft.config import (
 from raysft.errors import ConfigError, ModelError
 from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
 from raysft.search.preflight import preflight as read_as_a_trial
-from raysft.search.resources import attaching_to_cluster, check_resources, local_nodes
+from raysft.search.ray_start import attaching_to_cluster
+from raysft.search.resources import check_resources, local_nodes
 from raysft.train.metrics import METRICS, objective_mode, reported
 
 _UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")

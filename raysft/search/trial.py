@@ -129,7 +129,8 @@ def is_out_of_memory(cause: str) -> bool:
 
 # What raysft raises for the spec, data or templates it was given (raysft.errors): the same
 # inputs fail the same way again, so a retry would only repeat the error, after a worker start.
-# A model that fails to load (ModelError) may be a download or a disk that comes back: retried.
+# A model or a Hub dataset that fails to load (ModelError, DatasetLoadError, a DataError by
+# another name) may be a download or a disk that comes back: retried.
 _INPUT_ERRORS = frozenset(
     cls.__name__ for cls in (ConfigError, DataError, TemplateError, AssetError, SearchStateError)
 )
@@ -224,8 +225,9 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
     # Attempts of an earlier driver (before a --resume) count too.
     attempts: list[dict[str, Any]] = json.loads(record.read_text()) if record.is_file() else []
     if attempts and not attempts[-1]["retried"]:
-        # It failed for good before a --resume (out of memory, or of retries), and Tune's
-        # resume_errored starts it again: it stays failed, for the same cause, without running.
+        # It failed for good before a --resume (out of memory, on its inputs, or out of
+        # retries), and Tune's resume_errored starts it again: it stays failed, for the same
+        # cause, without running (--resume refuses changed data or a changed spec anyway).
         cause = attempts[-1]["error"]
         raise TrialFailure(f"out of memory: {cause}" if is_out_of_memory(cause) else cause)
     for attempt in range(len(attempts) + 1, retries + 2):

@@ -36,7 +36,7 @@ _GC_KWARGS = {"use_reentrant": False}
 
 HUB_TOKEN_VAR = "HF_TOKEN"  # read by huggingface_hub in every process that loads from the Hub
 # Also read by huggingface_hub (its older name): forwarded to the workers like HF_TOKEN.
-_TOKEN_VARS = (HUB_TOKEN_VAR, "HUGGING_FACE_HUB_TOKEN")
+TOKEN_VARS = (HUB_TOKEN_VAR, "HUGGING_FACE_HUB_TOKEN")
 # transformers' OSError texts for a gated repo, or the hub's HTTP 401 for a missing/bad token.
 _GATED = re.compile(r"gated repo|\b401 client error|\bunauthorized\b", re.IGNORECASE)
 
@@ -121,7 +121,7 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     """
     job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return {k: environ[k] for k in _TOKEN_VARS if environ.get(k) and k not in job_env}
+    return {k: environ[k] for k in TOKEN_VARS if environ.get(k) and k not in job_env}
 
 
 def load_tokenizer(model_cfg: ModelSection) -> Any:

@@ -197,16 +197,27 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+# Archives this process found intact, by (path, size, mtime): `--resume-from` checks one before
+# the model loads (check_resumable) and load_state again (a trial Ray restarts comes there
+# alone); a full fine-tuning's optimizer state is several times the model, so it is read once.
+_INTACT: set[tuple[str, int, int]] = set()
+
+
 def _check_archive(path: Path) -> None:
     """Every member of the torch.save zip archive passes its CRC: a corrupt file is called
     corrupt, not (by the weights-only unpickler it would trip) one that holds code."""
     try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _INTACT:
+            return
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise _unreadable(path, f"not a complete torch.save archive ({err})") from None
     if bad is not None:
         raise _unreadable(path, f"{bad} fails its checksum")
+    _INTACT.add(key)
 
 
 def check_resumable(directory: str | Path, cfg: Any) -> None:

@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent(
     import json, os, sys
     import ray, ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    from raysft.search.ray_start import start_local_ray
     from raysft.search.trial import backend_config
 
     out, storage = sys.argv[1], sys.argv[2]
@@ -44,10 +45,11 @@ SCRIPT = textwrap.dedent(
 
     # As raysft.tune starts a local Ray: each worker's State API pinned to this cluster, not to
     # the latest one on the machine (another test's, in the other lane).
-    ray.init(
+    # Started as raysft starts it: once more if its node is slow to register (a busy machine).
+    start_local_ray(lambda: ray.init(
         num_cpus=1,
         runtime_env={"worker_process_setup_hook": "raysft.search.trial.pin_ray_address"},
-    )
+    ))
     DataParallelTrainer(
         worker,
         train_loop_config={"out": out},

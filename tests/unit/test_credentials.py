@@ -148,12 +148,12 @@ def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
     """ray.init is replaced here only to read its arguments: starting Ray is not a unit test."""
     import ray
 
-    from raysft.search import resources
+    from raysft.search import ray_start
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(resources, "attaching_to_cluster", lambda: False)
+    monkeypatch.setattr(ray_start, "attaching_to_cluster", lambda: False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     if token:
@@ -162,24 +162,17 @@ def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
         monkeypatch.delenv(HUB_TOKEN_VAR, raising=False)
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     monkeypatch.delenv("RAY_CHDIR_TO_TRIAL_DIR", raising=False)
-    resources.init_ray(2)
+    monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
+    ray_start.init_ray(2)
     (kwargs,) = calls
     env_vars = kwargs["runtime_env"].get("env_vars")
     local = {
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a local Ray: nobody drains its node
         "RAY_CHDIR_TO_TRIAL_DIR": "0",  # trials read relative paths where the driver does
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",  # a trial granted no GPU sees none
     }
     assert env_vars == ({HUB_TOKEN_VAR: token, **local} if token else local)
     assert "worker_process_setup_hook" in kwargs["runtime_env"]
-
-
-def test_trials_keep_the_working_dir_unless_the_user_or_the_job_says_otherwise():
-    from raysft.search.resources import trial_env
-
-    assert trial_env({}) == {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
-    assert trial_env({"RAY_CHDIR_TO_TRIAL_DIR": "1"}) == {}
-    job = {"runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "1"}}}
-    assert trial_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}) == {}
 
 
 # ---------------------------------------------------------------- gated models

@@ -1292,8 +1292,9 @@ def test_a_trial_tune_stopped_is_neither_retried_nor_a_failure(
         ("raysft.errors.DataError: data: data/train.jsonl: file not found", 1),
         ("raysft.errors.ConfigError: s.yaml: resume: the data changed", 1),
         ("raysft.errors.TemplateError: row 3: no assistant turn", 1),
-        # A model that did not load may be a download that fails once: retried.
+        # A model or a Hub dataset that did not load may be a download that fails once: retried.
         ("raysft.errors.ModelError: model.name_or_path: org/m: connection reset", 3),
+        ("raysft.errors.DatasetLoadError: hf:org/d: cannot load dataset: timed out", 3),
     ],
 )
 def test_a_trial_that_failed_on_its_inputs_is_not_retried(
@@ -1464,7 +1465,7 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
 def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from raysft.search.resources import check_ray_address
+    from raysft.search.ray_start import check_ray_address
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

@@ -227,6 +227,38 @@ def test_a_checkpoint_carries_its_config_and_resume_refuses_another(tmp_path: Pa
         run_trial(cfg, resume_from=str(ckpt))
 
 
+def test_a_checkpoint_archive_is_read_for_its_checksums_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zipfile
+
+    import torch
+
+    from raysft.config import ConfigError
+    from raysft.train import state as st
+
+    path = tmp_path / STATE_FILE
+    torch.save({"progress": {"step": 1}, "w": torch.arange(4096.0)}, path)
+    opened: list[Path] = []
+    real = zipfile.ZipFile
+
+    def counting(file, *a, **kw):  # type: ignore[no-untyped-def]
+        opened.append(file)
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(zipfile, "ZipFile", counting)
+    st._check_archive(path)
+    st._check_archive(path)  # check_resumable, then load_state: one read
+    assert len(opened) == 1
+    data = bytearray(path.read_bytes())
+    i = data.index(torch.arange(4096.0).numpy().tobytes()[8:16])  # inside the tensor's bytes
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size, a later mtime: checked again, and caught
+    with pytest.raises(ConfigError, match="fails its checksum"):
+        st._check_archive(path)
+    assert len(opened) == 2
+
+
 def test_a_large_data_file_is_fingerprinted_by_size_and_samples(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

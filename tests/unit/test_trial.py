@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 # One short trial per method given, in one process, after keep_bitsandbytes_out(first method):
@@ -112,51 +110,3 @@ def test_a_resumed_runs_first_report_names_the_restored_checkpoint() -> None:
     own = ["/exp/old"]
     assert name_restored_checkpoint(later, has_checkpoint=True, restored=own) is later
     assert own == []
-
-
-# ---------------------------------------------------------------- a local Ray that starts slowly
-
-
-class _SlowNode:
-    """A start whose first ``failures`` tries fail as Ray's does when its node takes over 30 s
-    to register, each leaving a process behind as a half-started Ray would."""
-
-    def __init__(self, failures: int, error: str = "The current node timed out during startup."):
-        self.failures, self.error = failures, error
-        self.left: list[subprocess.Popen] = []
-
-    def __call__(self) -> None:
-        if len(self.left) < self.failures:
-            sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-            self.left.append(subprocess.Popen(sleeper))
-            raise Exception(f"{self.error} This could happen because some of the raylet failed")
-
-
-def test_a_local_ray_that_timed_out_at_its_start_is_started_once_more() -> None:
-    from raysft.search.resources import _start_local_ray
-
-    start = _SlowNode(failures=1)
-    _start_local_ray(start)
-    assert len(start.left) == 1
-    assert start.left[0].poll() is not None  # the first try's process was ended
-
-
-def test_a_local_ray_that_times_out_twice_is_one_clear_error() -> None:
-    from raysft.errors import RayStartError
-    from raysft.search.resources import _start_local_ray
-
-    start = _SlowNode(failures=5)
-    with pytest.raises(RayStartError, match=r"within Ray's 30 s, 2 times \(load average [\d.]+"):
-        _start_local_ray(start)
-    assert len(start.left) == 2 and all(p.poll() is not None for p in start.left)
-
-
-def test_other_errors_of_a_local_ray_start_are_not_retried() -> None:
-    from raysft.search.resources import _start_local_ray
-
-    start = _SlowNode(failures=5, error="Address already in use.")
-    with pytest.raises(Exception, match="Address already in use"):
-        _start_local_ray(start)
-    assert len(start.left) == 1
-    start.left[0].kill()
-    start.left[0].wait()

@@ -1,0 +1,218 @@
+"""Starting Ray, or joining a cluster: whether this driver joins one (``attaching_to_cluster``),
+a quick check of ``RAY_ADDRESS``, and ``init_ray`` with what every trial's processes need in
+their environment. A local Ray whose node times out at its start is started once more
+(``start_local_ray``). Imports ray only when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from raysft.errors import ConfigError, RayStartError
+from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, worker_env
+
+log = logging.getLogger(__name__)
+
+
+def attaching_to_cluster() -> bool:
+    """``ray job submit`` and RAY_ADDRESS both mean: join an existing cluster."""
+    return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+
+
+def check_ray_address(timeout_s: float = 5.0) -> None:
+    """Fail at once when RAY_ADDRESS names a host:port nobody listens on: ``ray.init`` was
+    still retrying when killed after 100 s (measured). ``auto``, ``local`` and Ray Client
+    (``ray://``) addresses are left to Ray."""
+    import socket
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(
+            "RAY_ADDRESS",
+            [
+                f"{address}: no Ray cluster answers there ({err}); start one "
+                "(`ray start --head`), fix the address, or unset RAY_ADDRESS for a local Ray"
+            ],
+        ) from None
+
+
+def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
+    """Join the cluster, or start a local Ray of ``plan_cpus`` CPUs.
+
+    ``scratch`` (local mode): TMPDIR of every process of the local Ray (raylet, agents, workers),
+    removed by the caller after the search. Ray ends them without running their exit handlers,
+    so temp files they made would stay.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env: dict[str, Any] = {
+        "worker_process_setup_hook": "raysft.search.trial.pin_ray_address"
+    }
+    # HF_TOKEN, if set: gated models load on every worker.
+    env_vars = {**trial_env(os.environ), **worker_env(os.environ)}
+    joining = attaching_to_cluster()
+    if joining:  # a local Ray's workers inherit this process's environment and home directory
+        env_vars = {**hub_env(os.environ), **env_vars}
+    else:
+        env_vars = {**local_ray_env(os.environ), **env_vars}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    if joining:
+        ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
+    else:
+        before = os.environ.get("TMPDIR")
+        if scratch:
+            os.environ["TMPDIR"] = scratch  # inherited by the Ray processes started here
+        try:
+            # address="local": start our own, never silently join a cluster someone left
+            # running. The dashboard stays on: its State API is what releases finished trials.
+            start_local_ray(
+                lambda: ray.init(
+                    address="local",
+                    num_cpus=plan_cpus,
+                    include_dashboard=True,
+                    runtime_env=runtime_env,
+                )
+            )
+        finally:
+            if before is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = before
+
+
+# Ray gives a local node 30 s to register with its GCS, a constant in its code
+# (ray/_private/node.py, "The current node timed out during startup"). On 2 busy cores it once
+# took longer (a CI run with other searches beside it): the search ended in Ray's traceback before
+# it began. Such a start is tried once more, after the first try's processes are ended.
+NODE_START_TIMEOUT = "The current node timed out during startup"
+RAY_START_TRIES = 2
+
+
+def start_local_ray(start: Callable[[], Any]) -> None:
+    """``start()`` (a local ``ray.init``), once more if Ray's node timed out at its start."""
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, RAY_START_TRIES + 1):
+        before = {p.pid for p in me.children()}
+        try:
+            start()
+            return
+        except Exception as err:
+            if NODE_START_TIMEOUT not in str(err):
+                raise
+            import ray
+
+            ray.shutdown()
+            # What this try started (GCS, raylet, dashboard, ...) and theirs; not the new
+            # children of processes that were there before.
+            new = [p for p in me.children() if p.pid not in before]
+            _end(new + [d for p in new for d in _descendants(p)])
+            if attempt == RAY_START_TRIES:
+                load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+                raise RayStartError(
+                    f"Ray's local node did not register with its GCS within Ray's 30 s, "
+                    f"{RAY_START_TRIES} times (load average {load}): the machine is too busy "
+                    "to start Ray; run the search when it is quieter"
+                ) from None
+            log.warning(
+                "Ray's local node took over 30 s to start (a busy machine?): starting it again"
+            )
+
+
+def _descendants(process: Any) -> list[Any]:
+    import psutil
+
+    try:
+        return list(process.children(recursive=True))
+    except psutil.Error:  # gone already
+        return []
+
+
+def _end(processes: Iterable[Any]) -> None:
+    """Terminate ``processes`` (psutil), then kill what is left of them after 5 s."""
+    import psutil
+
+    procs = list(processes)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+# Ray Train starts a PreemptionWatcher actor (a Python process) for every Train run, to hear of
+# nodes being drained (spot instances). A local Ray we started ourselves is one node that nobody
+# drains, and on a laptop each process is seconds of CPU. Measured on 2 cores, a search of 8
+# 2-step trials, 4 at a time: 140, 144 and 153 s of trials without it, 152 and 171 s with it.
+_LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def local_ray_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Settings for the workers of a local Ray we start; the user's own environment wins."""
+    return {k: v for k, v in _LOCAL_RAY_ENV.items() if k not in environ}
+
+
+# What every trial's processes get (the user's environment and the job's win):
+# - RAY_CHDIR_TO_TRIAL_DIR=0. Ray Tune and Ray Train move each trial's processes into a
+#   directory of the trial's own, where a spec's relative paths (`data.train: data/x.jsonl`) are
+#   not: every trial failed with "file not found", retried twice, for a file the driver had just
+#   checked. Off, a trial's processes keep the directory Ray starts its workers in: the driver's
+#   own on a local Ray, the job's unpacked --working-dir on each node of a cluster. raysft writes
+#   nothing to a relative path, so no trial needs a directory of its own.
+# - RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1. Since Ray 2.49 a process granted no GPU keeps the
+#   node's CUDA_VISIBLE_DEVICES (ray-project/ray#54868), so on a GPU machine a CPU trial
+#   (`gpus_per_worker: 0`, `train.device: auto`) would train on GPU 0, as many at once as the
+#   CPU plan allows and without a memory cap. With it, Ray hides the GPUs from such a process,
+#   as it did before, and the trial trains on the CPU it was planned for.
+_TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+
+
+def _job_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (``ray job submit --runtime-env-json``):
+    the workers inherit them, and Ray refuses a ``ray.init`` runtime_env repeating one."""
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+
+
+def trial_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Settings for the workers of every search; the user's environment and the job's win."""
+    job_env = _job_env(environ)
+    return {k: v for k, v in _TRIAL_ENV.items() if k not in environ and k not in job_env}
+
+
+# Hub settings of the driver that a cluster's other nodes would not have: offline mode (the
+# preflight passed from the driver's cache) and a mirror. HF_HOME is a path on each node: not
+# passed.
+_HUB_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT")
+
+
+def hub_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a cluster's workers need of the driver's Hugging Face settings: ``_HUB_VARS``, and
+    the token of ``hf auth login`` (a file on this machine only) as HF_TOKEN when no token
+    variable is set (``worker_env`` passes those)."""
+    from huggingface_hub import get_token
+
+    job_env = _job_env(environ)
+    out = {k: environ[k] for k in _HUB_VARS if environ.get(k) and k not in job_env}
+    if not any(environ.get(k) or k in job_env for k in TOKEN_VARS):
+        token = get_token()
+        if token:
+            out[HUB_TOKEN_VAR] = token
+    return out

@@ -1,0 +1,163 @@
+"""Starting or joining Ray (raysft/search/ray_start.py): what every trial's processes get in
+their environment, and a local Ray whose node is slow to start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def test_trials_keep_the_working_dir_unless_the_user_or_the_job_says_otherwise():
+    from raysft.search.ray_start import trial_env
+
+    both = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+    assert trial_env({}) == both
+    assert trial_env({"RAY_CHDIR_TO_TRIAL_DIR": "1"}) == {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+    job = {"runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "1"}}}
+    assert trial_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}) == {
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"
+    }
+
+
+def test_a_cluster_gets_the_drivers_hub_settings_and_its_login_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from raysft.search.ray_start import hub_env
+
+    token_file = tmp_path / "token"  # what `hf auth login` writes, on the driver's machine only
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    offline = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "https://mirror.example", "HF_HOME": "/x"}
+    assert hub_env(offline) == {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "https://mirror.example"}
+    token_file.write_text("hf_from_login\n")
+    assert hub_env({}) == {"HF_TOKEN": "hf_from_login"}
+    assert hub_env({"HUGGING_FACE_HUB_TOKEN": "hf_env"}) == {}  # worker_env passes that one
+    job = {"runtime_env": {"env_vars": {"HF_TOKEN": "hf_job", "HF_HUB_OFFLINE": "1"}}}
+    assert hub_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job), "HF_HUB_OFFLINE": "1"}) == {}
+
+
+def test_a_search_joining_a_cluster_keeps_its_trials_in_the_working_dir(monkeypatch):
+    """ray.init is replaced here only to read its arguments: joining a cluster is tested end to
+    end in tests/integration/test_job_submit.py (relative data paths on two nodes)."""
+    import ray
+
+    from raysft.search import ray_start
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray_start, "attaching_to_cluster", lambda: True)
+    for var in ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_CHDIR_TO_TRIAL_DIR", "HF_TOKEN",
+                "HUGGING_FACE_HUB_TOKEN", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "HF_OIDC_RESOURCE"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")  # no login here
+    ray_start.init_ray(None)
+    (kwargs,) = calls
+    assert "num_cpus" not in kwargs  # Ray refuses it when joining
+    assert kwargs["runtime_env"]["env_vars"] == {
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+    }
+
+
+# ---------------------------------------------------------------- a local Ray that starts slowly
+
+
+class _SlowNode:
+    """A start whose first ``failures`` tries fail as Ray's does when its node takes over 30 s
+    to register, each leaving a process behind as a half-started Ray would, with a child of its
+    own (a raylet's worker); ``grandchildren`` holds the pid files of those children."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        failures: int,
+        error: str = "The current node timed out during startup.",
+    ):
+        self.tmp, self.failures, self.error = tmp, failures, error
+        self.left: list[subprocess.Popen] = []
+        self.grandchildren: list[Path] = []
+
+    def __call__(self) -> None:
+        if len(self.left) < self.failures:
+            pid_file = self.tmp / f"grandchild-{len(self.left)}"
+            code = (
+                "import subprocess, sys, time\n"
+                "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+                "time.sleep(60)\n"
+            )
+            self.left.append(subprocess.Popen([sys.executable, "-c", code]))
+            _wait_for(pid_file)
+            self.grandchildren.append(pid_file)
+            raise Exception(f"{self.error} This could happen because some of the raylet failed")
+
+
+def _wait_for(path: Path) -> None:
+    for _ in range(200):
+        if path.is_file() and path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never written")
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_local_ray_that_timed_out_at_its_start_is_started_once_more(tmp_path: Path) -> None:
+    from raysft.search.ray_start import start_local_ray
+
+    # A process of the caller's, there before: not the failed start's to end.
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = _SlowNode(tmp_path, failures=1)
+        start_local_ray(start)
+        assert len(start.left) == 1
+        assert start.left[0].poll() is not None  # the first try's process was ended
+        assert not _alive(int(start.grandchildren[0].read_text()))  # and its child
+        assert mine.poll() is None
+    finally:
+        mine.kill()
+        mine.wait()
+
+
+def test_a_local_ray_that_times_out_twice_is_one_clear_error(tmp_path: Path) -> None:
+    from raysft.errors import RayStartError
+    from raysft.search.ray_start import start_local_ray
+
+    start = _SlowNode(tmp_path, failures=5)
+    with pytest.raises(RayStartError, match=r"within Ray's 30 s, 2 times \(load average [\d.]+"):
+        start_local_ray(start)
+    assert len(start.left) == 2 and all(p.poll() is not None for p in start.left)
+    assert not any(_alive(int(f.read_text())) for f in start.grandchildren)
+
+
+def test_other_errors_of_a_local_ray_start_are_not_retried(tmp_path: Path) -> None:
+    from raysft.search.ray_start import start_local_ray
+
+    start = _SlowNode(tmp_path, failures=5, error="Address already in use.")
+    with pytest.raises(Exception, match="Address already in use"):
+        start_local_ray(start)
+    assert len(start.left) == 1 and start.left[0].poll() is None  # not the start's to end
+    os.kill(int(start.grandchildren[0].read_text()), signal.SIGKILL)
+    start.left[0].kill()
+    start.left[0].wait()
