@@ -6,6 +6,7 @@ place defaults live; every option is documented once, on its field (README refer
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 import re
 from typing import Any, Literal
@@ -25,6 +26,19 @@ MAX_SEED = 2**32 - 1  # what every seeded library takes (Optuna and numpy refuse
 # MLflow's own rules (mlflow/utils/validation.py), checked at load rather than after the trials.
 _ALIAS = re.compile(r"^[\w\-]{1,255}$")
 _RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+
+
+def _home(value: Any) -> Any:
+    """A path setting's leading ``~`` (or ``~user``) as a shell expands it, in a string or in
+    each string of a list: YAML passes it on as written, and a file named ``~/d.jsonl`` is
+    never what was meant. ``sqlite:///~/m.db`` too. Other values are left as they are."""
+    if isinstance(value, list):
+        return [_home(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    if value.startswith("sqlite:///~"):
+        return "sqlite:///" + os.path.expanduser(value.removeprefix("sqlite:///"))
+    return os.path.expanduser(value) if value.startswith("~") else value
 
 
 class _Section(BaseModel):
@@ -59,6 +73,8 @@ class ModelSection(_Section):
         "Adapters and optimizer state stay float32. Full fine-tuning keeps float32 master "
         "weights (its compute dtype is train.precision): only auto or float32 with method full.",
     )
+
+    _name_home = field_validator("name_or_path")(_home)  # a local directory as ~/models/x
 
 
 class LoraSection(_Section):
@@ -158,7 +174,7 @@ class DataSection(_Section):
     def _names_a_source(cls, value: str | list[str] | None) -> str | list[str] | None:
         if value == [] or value == "":
             raise ValueError("names no data: give a file, directory or hf:NAME (or a list)")
-        return value
+        return _home(value)  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _grouping_is_unpacked(self) -> DataSection:
@@ -455,6 +471,7 @@ class SearchSection(_Section):
     experiment_dir: str = Field(
         "runs/search", description="Where trials, checkpoints and summary.json go."
     )
+    _experiment_home = field_validator("experiment_dir")(_home)
 
     @field_validator("params")
     @classmethod
@@ -472,6 +489,7 @@ class TrackingSection(_Section):
     experiment: str = Field(
         "raysft", min_length=1, max_length=500, description="MLflow experiment name."
     )
+    _uri_home = field_validator("uri")(_home)  # sqlite:///~/mlflow.db
 
 
 class PromoteSection(_Section):
@@ -481,6 +499,7 @@ class PromoteSection(_Section):
     export_dir: str | None = Field(
         None, description="Where the promoted adapter is exported. Null: EXPERIMENT_DIR/champion."
     )
+    _export_home = field_validator("export_dir")(_home)
 
     @field_validator("registered_model")
     @classmethod
@@ -521,6 +540,8 @@ class Config(_Section):
     search: SearchSection | None = Field(None, description="Search spec (raysft.tune only).")
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     promote: PromoteSection = Field(default_factory=PromoteSection)
+
+    _output_home = field_validator("output_dir")(_home)
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -23,8 +24,13 @@ from raysft.errors import ConfigError, SearchStateError
 from raysft.paths import writable_dir_problem
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
-from raysft.search.promote import export_dir_problem, promote
-from raysft.search.ray_start import attaching_to_cluster, check_ray_address, init_ray
+from raysft.search.promote import export_dir_problem, export_target, promote
+from raysft.search.ray_start import (
+    attaching_to_cluster,
+    check_ray_address,
+    init_ray,
+    inside_job_copy,
+)
 from raysft.search.resources import (
     TRIAL_DRIVER_RESOURCES,
     ResourcePlan,
@@ -117,6 +123,9 @@ def check_experiment_dir(
     is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
     with it, another spec's search to resume."""
     exp_dir = Path(cfg.search.experiment_dir).resolve()
+    lost = inside_job_copy(_outputs(cfg, exp_dir), os.environ, Path.cwd())
+    if lost:
+        raise ConfigError(spec_path, lost)
     unusable = writable_dir_problem(exp_dir)
     if unusable:
         raise SearchStateError(f"{spec_path}: search.experiment_dir: {unusable}")
@@ -134,6 +143,23 @@ def check_experiment_dir(
     if unsafe:  # found now, not after the search
         raise SearchStateError(f"{spec_path}: promote.export_dir: {unsafe}")
     return exp_dir
+
+
+def _outputs(cfg: SearchSpec, exp_dir: Path) -> dict[str, Path | None]:
+    """Where a search writes, by setting: its experiment dir, the champion's export and a local
+    MLflow store (sqlite or file); None for a store on a server."""
+    uri = tracking.tracking_uri(cfg.tracking)
+    store = tracking.local_store(uri)
+    return {
+        "search.experiment_dir": exp_dir,
+        # Its default is inside the experiment dir: named only when set.
+        "promote.export_dir": (
+            export_target(cfg.promote, exp_dir).resolve()
+            if cfg.promote.enabled and cfg.promote.export_dir
+            else None
+        ),
+        "tracking.uri": store,
+    }
 
 
 # May change on --resume: where and how many trials run at once, not what they train.

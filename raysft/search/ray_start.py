@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from raysft.errors import ConfigError, RayStartError
@@ -91,6 +92,41 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
                 os.environ.pop("TMPDIR", None)
             else:
                 os.environ["TMPDIR"] = before
+
+
+def job_working_dir(environ: Mapping[str, str]) -> str | None:
+    """The ``--working-dir`` of the Ray job this driver runs in (its URI), or None."""
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    wd = (job.get("runtime_env") or {}).get("working_dir")
+    return str(wd) if wd else None
+
+
+def inside_job_copy(
+    outputs: Mapping[str, Path | None], environ: Mapping[str, str], cwd: Path
+) -> list[str]:
+    """Problems of output paths (setting -> resolved path) that would land in the Ray job's copy
+    of its ``--working-dir``: the driver runs in that copy, which Ray unpacks into a temporary
+    directory of the head node. What is written there is not where the user looks, other nodes
+    never see it, and Ray removes it with the job's runtime env. Outside a job: none."""
+    if job_working_dir(environ) is None:
+        return []
+    copy = cwd.resolve()
+    return [
+        f"{setting}: {path} is inside the job's copy of --working-dir ({copy}), a temporary "
+        "directory of the head node that other nodes never see and Ray removes; give "
+        f"{_ELSEWHERE.get(setting, 'an absolute path on storage every node sees')}"
+        for setting, path in outputs.items()
+        if path is not None and (path == copy or copy in path.parents)
+    ]
+
+
+_ELSEWHERE = {
+    "search.experiment_dir": "an absolute path on storage every node sees "
+    "(--set search.experiment_dir=/mnt/shared/runs/NAME)",
+    "promote.export_dir": "an absolute path (--set promote.export_dir=/mnt/shared/champion)",
+    "tracking.uri": "an MLflow server (--set tracking.uri=http://127.0.0.1:5000, the head's in "
+    "cluster.yaml) or an absolute path (sqlite:////mnt/shared/mlflow.db)",
+}
 
 
 # Ray gives a local node 30 s to register with its GCS, a constant in its code

@@ -46,6 +46,18 @@ def tracking_uri(cfg: TrackingSection) -> str:
     return uri
 
 
+def local_store(uri: str) -> Path | None:
+    """The directory or file of a local MLflow store (``sqlite:///``, ``file:``, a plain path),
+    resolved; None for a server (http, databricks, ...)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).resolve()
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file:").removeprefix("//")).resolve()
+    if "://" in uri or ":" in uri.split("/", 1)[0] or uri.startswith("databricks"):
+        return None
+    return Path(uri).resolve()  # MLflow takes a plain path as a file store
+
+
 def ui_command(uri: str, page: str = "") -> str:
     """How to see the runs; ``page`` (``runs_page``) is appended to the server's address."""
     if uri.startswith(("http://", "https://")):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from .conftest import (
     BIN_DIR,
@@ -329,6 +330,30 @@ def test_job_submit_of_a_bad_spec_fails_with_a_clear_message(
     assert "Traceback" not in out, out[-4000:]
     assert not (exp_dir / "summary.json").exists()
     assert not db.exists(), "a rejected spec must not touch MLflow"
+
+
+def test_job_submit_refuses_outputs_inside_its_working_dir_copy(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The shipped laptop specs write to runs/... and sqlite:///mlflow.db, relative: under
+    `ray job submit --working-dir` that is Ray's temporary copy of the working dir on the head."""
+    workdir = tmp_path / "job"
+    spec = render_spec("job_small.yaml", workdir / "spec.yaml", {})
+    tree = yaml.safe_load(spec.read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = "runs/search"
+    del tree["tracking"]["uri"]  # the default: sqlite:///mlflow.db
+    spec.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    ran = _submit(cluster, workdir, tmp_path / "submit.log", "raysft-it-copy")
+    assert ran.rc != 0, ran.explain()
+    out = ran.output
+    for setting, path in (("search.experiment_dir", "runs/search"), ("tracking.uri", "mlflow.db")):
+        assert re.search(
+            rf"error: spec\.yaml: {re.escape(setting)}: /\S+/{re.escape(path)} is inside the "
+            r"job's copy of --working-dir \(/\S+\), a temporary directory of the head node",
+            out,
+        ), out[-4000:]
+    assert "Job entrypoint command failed with exit code 2" in out, out[-2000:]
+    assert "Traceback" not in out, out[-4000:]
 
 
 def test_cluster_stops_by_its_own_process_group(cluster: Cluster) -> None:

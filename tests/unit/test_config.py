@@ -488,3 +488,38 @@ def test_a_directory_given_as_the_config_is_said_to_be_one(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path)
     assert err.value.problems == ["a directory, not a YAML file"]
+
+
+def test_a_leading_tilde_in_a_path_setting_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raysft.config import validate_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    import yaml
+
+    spec = Path(__file__).parents[2] / "search_spaces" / "lora.yaml"
+    tree = yaml.safe_load(spec.read_text(encoding="utf-8"))
+    tree["model"]["name_or_path"] = "~/models/base"
+    tree["data"]["train"] = ["~/d.jsonl", "embedded:tasks-alpaca.jsonl", "~/saved:train"]
+    tree["data"]["eval"] = "~/e.jsonl"
+    tree["search"]["experiment_dir"] = "~/runs/x"
+    tree["tracking"] = {"uri": "sqlite:///~/mlflow.db"}
+    tree["promote"] = {"export_dir": "~/champion"}
+    tree["output_dir"] = "~/out"
+    cfg = validate_spec(tree, source="s.yaml")
+    home = str(tmp_path)
+    assert cfg.model.name_or_path == f"{home}/models/base"
+    assert cfg.data.train == [
+        f"{home}/d.jsonl",
+        "embedded:tasks-alpaca.jsonl",
+        f"{home}/saved:train",
+    ]
+    assert cfg.data.eval == f"{home}/e.jsonl"
+    assert cfg.search is not None and cfg.search.experiment_dir == f"{home}/runs/x"
+    assert cfg.tracking.uri == f"sqlite:///{home}/mlflow.db"
+    assert cfg.promote.export_dir == f"{home}/champion"
+    assert cfg.output_dir == f"{home}/out"
+    # Only a leading ~ is a home directory: elsewhere it is part of a name.
+    tree["data"]["eval"] = "data/~e.jsonl"
+    assert validate_spec(tree, source="s.yaml").data.eval == "data/~e.jsonl"

@@ -161,3 +161,40 @@ def test_other_errors_of_a_local_ray_start_are_not_retried(tmp_path: Path) -> No
     os.kill(int(start.grandchildren[0].read_text()), signal.SIGKILL)
     start.left[0].kill()
     start.left[0].wait()
+
+
+# ---------------------------------------------------------------- outputs under `ray job submit`
+
+
+def test_outputs_inside_the_jobs_working_dir_copy_are_refused(tmp_path: Path) -> None:
+    from raysft.search.ray_start import inside_job_copy
+
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}
+    environ = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+    copy = tmp_path / "_ray_pkg_0123"
+    outputs = {
+        "search.experiment_dir": copy / "runs" / "search",
+        "promote.export_dir": tmp_path / "shared" / "champion",
+        "tracking.uri": copy / "mlflow.db",
+        "unset": None,
+    }
+    problems = inside_job_copy(outputs, environ, copy)
+    assert [p.split(":", 1)[0] for p in problems] == ["search.experiment_dir", "tracking.uri"]
+    assert f"is inside the job's copy of --working-dir ({copy})" in problems[0]
+    assert inside_job_copy(outputs, {}, copy) == []  # not a job: the user's own directory
+    no_copy = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {}})}
+    assert inside_job_copy(outputs, no_copy, copy) == []
+
+
+def test_local_mlflow_stores_are_found_and_servers_are_not(tmp_path: Path, monkeypatch) -> None:
+    from raysft.search.tracking import local_store
+
+    monkeypatch.chdir(tmp_path)
+    assert local_store("sqlite:///mlflow.db") == tmp_path / "mlflow.db"
+    assert local_store("sqlite:////abs/m.db") == Path("/abs/m.db")
+    assert local_store("file:./mlruns") == tmp_path / "mlruns"
+    assert local_store("file:///abs/mlruns") == Path("/abs/mlruns")
+    assert local_store("mlruns") == tmp_path / "mlruns"
+    for server in ("http://127.0.0.1:5000", "https://x", "databricks", "databricks://p",
+                   "postgresql://u@h/db"):  # fmt: skip
+        assert local_store(server) is None, server
