@@ -6,7 +6,9 @@ The gate itself lives in ``raysft.search.promote``; this is the command-line edg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,6 +19,8 @@ from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking import client
 from raysft.train.metrics import objective_mode
+
+log = logging.getLogger(__name__)
 
 
 def _main() -> int:
@@ -30,7 +34,8 @@ def _main() -> int:
     )
     args = parser.parse_args()
     setup_logging()
-    exp_dir = Path(args.experiment_dir)
+    # Absolute: the gate runs in the search's working dir (below), not necessarily this one.
+    exp_dir = Path(args.experiment_dir).resolve()
     summary = read_summary(exp_dir, sections=("resolved_spec", "mlflow"))
     if summary is None:
         raise SearchStateError(
@@ -50,7 +55,9 @@ def _main() -> int:
     best = summary.get("best")
     if best is not None and not (isinstance(best, dict) and isinstance(best.get("trial_id"), str)):
         raise SearchStateError(f"{source}: best: not a trial's record (no trial_id)")
-    record = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
+    # The spec's relative paths (data.eval, promote.export_dir) as the search read them.
+    with contextlib.chdir(_search_dir(summary, source)):
+        record = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
     if not record.get("failed") or not summary.get("promotion"):
         summary["promotion"] = record  # a failed retry keeps the record it would have replaced
         write_summary(exp_dir, summary)
@@ -58,6 +65,24 @@ def _main() -> int:
     if record.get("failed"):
         raise SearchStateError(f"{exp_dir}: promotion failed: {record['reason']}")
     return 0
+
+
+def _search_dir(summary: dict[str, Any], source: str) -> str:
+    """The directory the search ran in (summary.json's ``working_dir``), or this one for a
+    summary written before raysft kept it, or when it is gone (said once)."""
+    where = summary.get("working_dir")
+    if not isinstance(where, str):
+        return "."
+    if not Path(where).is_dir():
+        log.warning(
+            "%s: working_dir: %s, where the search ran, is gone: the spec's relative paths are "
+            "read from %s",
+            source,
+            where,
+            Path.cwd(),
+        )
+        return "."
+    return where
 
 
 def _registry(uri: Any, where: str) -> Any:

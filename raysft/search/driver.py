@@ -535,6 +535,8 @@ def _finish(
             "finish_s": round(time.perf_counter() - t_finish, 2),
         },
         "resolved_spec": _spec_record(cfg),
+        # What the spec's relative paths are relative to: raysft.promote reads them from here.
+        "working_dir": os.getcwd(),
     }
     tracking.describe_parent(mlc, parent_id, summary)
     mlc.log_artifact(parent_id, str(res.write_summary(exp_dir, summary)))

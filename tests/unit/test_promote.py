@@ -875,3 +875,29 @@ def test_promote_cli_on_a_broken_summary_exits_2_with_one_message(
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"error: {tmp_path / 'summary.json'}: {problem}"), line
+
+
+def test_promote_cli_reads_relative_paths_from_where_the_search_ran(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """Run from elsewhere (here: the repository root), a relative data.eval would be another
+    file, or none; summary.json's working_dir says where the search read it."""
+    ran_in = tmp_path / "project"
+    (ran_in / "data").mkdir(parents=True)
+    (ran_in / "data" / "heldout.jsonl").write_text(
+        '{"instruction": "q", "output": "a"}\n', encoding="utf-8"
+    )
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    cfg = spec("cli-working-dir", exp_dir, **{"data.eval": "data/heldout.jsonl"})
+    summary = {
+        "resolved_spec": cfg.model_dump(mode="json"),
+        "mlflow": {"tracking_uri": registry.mlc.tracking_uri},
+        "best": best(registry, checkpoints["a"], 0.5),
+        "working_dir": str(ran_in),
+    }
+    (exp_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["promoted"] is True
+    assert registry.alias("cli-working-dir") == "1"
