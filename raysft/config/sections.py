@@ -238,8 +238,9 @@ class TrainSection(_Section):
         "auto",
         description="Where a trial trains. `auto`: a CUDA GPU if torch can use one, else the CPU; "
         "but a search worker that Ray granted a GPU (search.resources.gpus_per_worker > 0) fails "
-        "at once if torch cannot use it, naming the node, torch's CUDA build and the driver. "
-        "`cuda`: the same failure without a usable GPU. `cpu`: the CPU even if a GPU is there.",
+        "at once if torch cannot use it, naming the node, torch's CUDA build and the driver, "
+        "and one granted none trains on the CPU. `cuda`: the same failure without a usable GPU. "
+        "`cpu`: the CPU even if a GPU is there.",
     )
     compile: bool = Field(
         False,
@@ -583,5 +584,11 @@ class SearchSpec(Config):
             raise ValueError(
                 "train.device: cpu but search.resources.gpus_per_worker > 0: the trials would "
                 "hold GPUs they never use"
+            )
+        if self.train.device == "cuda" and self.search.resources.gpus == 0:
+            raise ValueError(
+                "train.device: cuda but search.resources.gpus_per_worker is 0: Ray gives the "
+                "trials no GPU (and hides the GPUs from them); set gpus_per_worker to a number "
+                "or auto"
             )
         return self

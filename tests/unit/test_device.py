@@ -127,6 +127,21 @@ def test_spec_refuses_cpu_device_with_gpus_per_worker():
     assert validate_spec(tree).train.device == "auto"
 
 
+def test_spec_refuses_cuda_device_without_gpus_per_worker():
+    tree = {
+        "train": {"device": "cuda"},
+        "search": {
+            "params": {"train.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
+            "resources": {"gpus_per_worker": 0},
+        },
+    }
+    with pytest.raises(ConfigError, match="train.device: cuda but search.resources.gpus_per_wor"):
+        validate_spec(tree, source="s.yaml")
+    for gpus in (1, 0.5, "auto"):
+        tree["search"]["resources"]["gpus_per_worker"] = gpus
+        assert validate_spec(tree).train.device == "cuda"
+
+
 # ---------------------------------------------------------------- driver and wheel
 
 
