@@ -7,9 +7,12 @@ their environment. A local Ray whose node times out at its start is started once
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import os
+import re
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -201,8 +204,29 @@ _LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def local_ray_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Settings for the workers of a local Ray we start; the user's own environment wins."""
-    return {k: v for k, v in _LOCAL_RAY_ENV.items() if k not in environ}
+    """Settings for the workers of a local Ray we start; the user's own environment wins.
+
+    Their TMPDIR is the search's scratch directory, removed after the search, and torch keeps
+    its compile cache under TMPDIR: every search's first `train.compile` trial compiled cold
+    (56-115 s on 2 cores, against about 20 s warm; benchmarks/RESULTS.md). The cache stays where
+    torch would keep it without the scratch directory.
+    """
+    env = {k: v for k, v in _LOCAL_RAY_ENV.items() if k not in environ}
+    if "TORCHINDUCTOR_CACHE_DIR" not in environ:
+        env["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache_dir()
+    return env
+
+
+def _inductor_cache_dir() -> str:
+    """torch's default (torch/_inductor/runtime/cache_dir_utils.py ``default_cache_dir``, whose
+    import loads inductor: 1.7 s here), under the temp dir of this process, not the scratch."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    return os.path.join(
+        tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)
+    )
 
 
 # What every trial's processes get (the user's environment and the job's win):

@@ -163,6 +163,7 @@ def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     monkeypatch.delenv("RAY_CHDIR_TO_TRIAL_DIR", raising=False)
     monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/cache")  # the user's: kept, not passed
     ray_start.init_ray(2)
     (kwargs,) = calls
     env_vars = kwargs["runtime_env"].get("env_vars")

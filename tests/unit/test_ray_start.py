@@ -73,6 +73,22 @@ def test_a_search_joining_a_cluster_keeps_its_trials_in_the_working_dir(monkeypa
     }
 
 
+def test_a_local_rays_workers_keep_torchs_compile_cache_out_of_the_scratch_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from raysft.search.ray_start import local_ray_env
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this process's temp dir
+    want = default_cache_dir()  # torch's own, with no TMPDIR of the search's
+    assert want.startswith(str(tmp_path))
+    assert local_ray_env({})["TORCHINDUCTOR_CACHE_DIR"] == want
+    assert "TORCHINDUCTOR_CACHE_DIR" not in local_ray_env({"TORCHINDUCTOR_CACHE_DIR": "/mine"})
+
+
 # ---------------------------------------------------------------- a local Ray that starts slowly
 
 
