@@ -142,6 +142,7 @@ def _settings(
     spec = (summary or {}).get("resolved_spec")
     if isinstance(spec, dict):
         tree = {k: v for k, v in spec.items() if k != "search"}
+        _rebase(tree, (summary or {}).get("working_dir"))  # before --set: those are yours
         problems = []
         for key, value in overrides.items():
             try:
@@ -159,6 +160,32 @@ def _settings(
                 source, [b if b.startswith("--set ") else f"resolved_spec: {b}" for b in blamed]
             ) from None
     return load_config(None, overrides), False
+
+
+def _rebase(tree: dict[str, Any], working_dir: Any) -> None:
+    """The search's relative local paths (``data.train``, ``data.eval``,
+    ``model.name_or_path``) made absolute in the directory it ran in (summary.json's
+    ``working_dir``), where they are there; a Hub id such as ``org/name`` is not, and stays."""
+    if not isinstance(working_dir, str) or not Path(working_dir).is_dir():
+        return
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if not isinstance(value, str) or value.startswith(("embedded:", "hf:")):
+            return value
+        if Path(value).is_absolute():
+            return value
+        here = Path(working_dir, value)
+        dir_part = Path(working_dir, value.rsplit(":", 1)[0])  # DIR:SPLIT
+        if not (here.exists() or dir_part.exists()):
+            return value
+        return str(here)
+
+    for section, key in (("data", "train"), ("data", "eval"), ("model", "name_or_path")):
+        part = tree.get(section)
+        if isinstance(part, dict) and key in part:
+            part[key] = moved(part[key])
 
 
 # ---------------------------------------------------------------- loading and scoring

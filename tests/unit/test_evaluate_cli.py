@@ -250,6 +250,27 @@ def test_experiment_dir_scores_its_champion(
     assert json.loads(capsys.readouterr().out)["score"]["metrics"] == {"pass_at_k": 0.5}
 
 
+def test_an_experiments_relative_paths_are_read_where_the_search_ran(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran_in = tmp_path / "project"
+    (ran_in / "rows").mkdir(parents=True)
+    Path(_rows(tmp_path)).rename(ran_in / "rows" / "eval.jsonl")
+    cfg = _cfg(tmp_path, chain_dir, **{"data.eval": "rows/eval.jsonl"})
+    exp = _experiment(tmp_path, cfg, champion=adapter_dir)
+    summary = json.loads((exp / "summary.json").read_text())
+    summary["working_dir"] = str(ran_in)
+    summary["resolved_spec"]["model"]["name_or_path"] = "org/name"  # a Hub id: left alone
+    (exp / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.chdir(tmp_path)  # elsewhere: rows/eval.jsonl is no file here
+    target = resolve_target(str(exp))
+    assert target.cfg.data.eval == str(ran_in / "rows" / "eval.jsonl")
+    assert target.cfg.model.name_or_path == "org/name"
+    # --data is the caller's, read from the caller's directory.
+    got = resolve_target(str(exp), overrides={"data.eval": "mine.jsonl"})
+    assert got.cfg.data.eval == "mine.jsonl"
+
+
 # ---------------------------------------------------------------- bad input: one message, exit 2
 
 
