@@ -236,11 +236,12 @@ def _inductor_cache_dir() -> str:
 #   checked. Off, a trial's processes keep the directory Ray starts its workers in: the driver's
 #   own on a local Ray, the job's unpacked --working-dir on each node of a cluster. raysft writes
 #   nothing to a relative path, so no trial needs a directory of its own.
-# - RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1. Since Ray 2.49 a process granted no GPU keeps the
-#   node's CUDA_VISIBLE_DEVICES (ray-project/ray#54868), so on a GPU machine a CPU trial
-#   (`gpus_per_worker: 0`, `train.device: auto`) would train on GPU 0, as many at once as the
-#   CPU plan allows and without a memory cap. With it, Ray hides the GPUs from such a process,
-#   as it did before, and the trial trains on the CPU it was planned for.
+# - RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1. Ray now leaves a process granted no GPU with the
+#   node's CUDA_VISIBLE_DEVICES (its default since ray-project/ray#62492, April 2026; the Ray
+#   2.60 installed here), so on a GPU machine a CPU trial (`gpus_per_worker: 0`, `train.device:
+#   auto`) would train on GPU 0, as many at once as the CPU plan allows and without a memory
+#   cap. With it, Ray hides the GPUs from such a process, as it did before, and the trial
+#   trains on the CPU it was planned for.
 _TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 
 
