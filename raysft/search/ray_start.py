@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.errors import ConfigError, RayStartError
-from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, worker_env
+from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, job_runtime_env, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +98,7 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
 
 def job_working_dir(environ: Mapping[str, str]) -> str | None:
     """The ``--working-dir`` of the Ray job this driver runs in (its URI), or None."""
-    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    wd = (job.get("runtime_env") or {}).get("working_dir")
+    wd = job_runtime_env(environ).get("working_dir")
     return str(wd) if wd else None
 
 
@@ -248,8 +246,7 @@ _TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO
 def _job_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The env_vars of the Ray job this driver runs in (``ray job submit --runtime-env-json``):
     the workers inherit them, and Ray refuses a ``ray.init`` runtime_env repeating one."""
-    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    return dict(job_runtime_env(environ).get("env_vars") or {})
 
 
 def trial_env(environ: Mapping[str, str]) -> dict[str, str]:

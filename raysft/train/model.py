@@ -119,9 +119,14 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     A variable the Ray job already passes (``ray job submit --runtime-env-json``) is left out:
     the workers inherit the job's, and Ray refuses a ``ray.init`` runtime_env repeating its key.
     """
-    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
+    job_env = job_runtime_env(environ).get("env_vars") or {}
     return {k: environ[k] for k in TOKEN_VARS if environ.get(k) and k not in job_env}
+
+
+def job_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The runtime_env of the Ray job this driver runs in (``ray job submit``), or {}."""
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return dict(job.get("runtime_env") or {})
 
 
 def load_tokenizer(model_cfg: ModelSection) -> Any:

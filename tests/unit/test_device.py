@@ -113,33 +113,30 @@ def test_recipe_setup_fails_before_loading_anything(tmp_path):
         setup(cfg, dist=Dist())
 
 
-def test_spec_refuses_cpu_device_with_gpus_per_worker():
-    tree = {
-        "train": {"device": "cpu"},
+def _search(device: str, gpus: float | str) -> dict[str, object]:
+    return {
+        "train": {"device": device},
         "search": {
             "params": {"train.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
-            "resources": {"gpus_per_worker": 1},
+            "resources": {"gpus_per_worker": gpus},
         },
     }
-    with pytest.raises(ConfigError, match="train.device: cpu but search.resources.gpus_per_worker"):
-        validate_spec(tree, source="s.yaml")
-    tree["train"]["device"] = "auto"
-    assert validate_spec(tree).train.device == "auto"
 
 
-def test_spec_refuses_cuda_device_without_gpus_per_worker():
-    tree = {
-        "train": {"device": "cuda"},
-        "search": {
-            "params": {"train.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
-            "resources": {"gpus_per_worker": 0},
-        },
-    }
-    with pytest.raises(ConfigError, match="train.device: cuda but search.resources.gpus_per_wor"):
-        validate_spec(tree, source="s.yaml")
-    for gpus in (1, 0.5, "auto"):
-        tree["search"]["resources"]["gpus_per_worker"] = gpus
-        assert validate_spec(tree).train.device == "cuda"
+@pytest.mark.parametrize(
+    ("device", "gpus", "accepted"),
+    [
+        ("cpu", 1, [("auto", 1)]),  # the trials would hold GPUs they never use
+        ("cuda", 0, [("cuda", 1), ("cuda", 0.5), ("cuda", "auto")]),  # Ray gives them none
+    ],
+)
+def test_spec_refuses_a_device_its_gpus_per_worker_contradicts(
+    device: str, gpus: float, accepted: list[tuple[str, float | str]]
+) -> None:
+    with pytest.raises(ConfigError, match=f"train.device: {device} but search.resources.gpus_per"):
+        validate_spec(_search(device, gpus), source="s.yaml")
+    for ok_device, ok_gpus in accepted:
+        assert validate_spec(_search(ok_device, ok_gpus)).train.device == ok_device
 
 
 # ---------------------------------------------------------------- driver and wheel
