@@ -243,6 +243,8 @@ def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
         path, union = _clean_loc(tuple(e["loc"]), tree, missing=e["type"] == "missing")
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         msg = msg.removeprefix("Value error, ")
+        if e["type"] == "model_type":  # a section given a scalar or a list: no class names
+            msg = f"should be a mapping of its settings (key: value), not {_kind(e['input'])}"
         if union is None:
             problems.append(f"{path}: {msg}" if path else msg)
             continue
@@ -404,6 +406,12 @@ _SECTIONS = {
 def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "empty"
     return "a string" if isinstance(value, str) else type(value).__name__
 
 

@@ -177,6 +177,16 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, kind: str) -> No
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(3, "a number"), ([1, 2], "a list"), ("abc", "a string"), (True, "true/false")],
+)
+def test_a_section_given_a_value_says_so_without_class_names(value: object, kind: str) -> None:
+    assert problems_of(None, {"model": value}) == [
+        f"--set model: should be a mapping of its settings (key: value), not {kind}"
+    ]
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
