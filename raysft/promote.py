@@ -17,7 +17,7 @@ from raysft.config import validate_spec
 from raysft.errors import ConfigError, SearchStateError
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
-from raysft.search.tracking import client
+from raysft.search.tracking import client, local_store
 from raysft.train.metrics import objective_mode
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,9 @@ def _registry(uri: Any, where: str) -> Any:
             f"{where}: {uri}: its password was redacted when saved; pass the real URI with "
             "--tracking-uri"
         )
-    if uri.startswith("sqlite:///"):
-        db = uri[len("sqlite:///") :].split("?", 1)[0]
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise SearchStateError(f"{where}: {uri}: no such database file")
+    db = local_store(uri) if uri.startswith("sqlite:///") else None
+    if db is not None and db.name != ":memory:" and not db.is_file():
+        raise SearchStateError(f"{where}: {uri}: no such database file")
     try:
         mlc = client(uri)
         mlc.search_registered_models(max_results=1)

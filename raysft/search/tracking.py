@@ -49,8 +49,8 @@ def tracking_uri(cfg: TrackingSection) -> str:
 def local_store(uri: str) -> Path | None:
     """The directory or file of a local MLflow store (``sqlite:///``, ``file:``, a plain path),
     resolved; None for a server (http, databricks, ...)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).resolve()
+    if uri.startswith("sqlite:///"):  # ?timeout=30 and the like are SQLAlchemy's, not the path's
+        return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
     if uri.startswith("file:"):
         return Path(uri.removeprefix("file:").removeprefix("//")).resolve()
     if "://" in uri or ":" in uri.split("/", 1)[0] or uri.startswith("databricks"):

@@ -834,6 +834,7 @@ def test_promote_cli_on_a_best_record_without_its_trial_exits_2(
     ("uri", "problem"),
     [
         ("sqlite:////nonexistent-raysft/mlflow.db", "no such database file"),
+        ("sqlite:////nonexistent-raysft/mlflow.db?timeout=5", "no such database file"),
         ("https://bob:***@mlflow.example/", "its password was redacted when saved; pass"),
     ],
 )

@@ -208,6 +208,7 @@ def test_local_mlflow_stores_are_found_and_servers_are_not(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     assert local_store("sqlite:///mlflow.db") == tmp_path / "mlflow.db"
     assert local_store("sqlite:////abs/m.db") == Path("/abs/m.db")
+    assert local_store("sqlite:///m.db?timeout=30") == tmp_path / "m.db"
     assert local_store("file:./mlruns") == tmp_path / "mlruns"
     assert local_store("file:///abs/mlruns") == Path("/abs/mlruns")
     assert local_store("mlruns") == tmp_path / "mlruns"
