@@ -122,8 +122,13 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("data.template is tokenizer but the tokenizer has no chat_template")
 
-    def render(msgs: Conversation, gen: bool) -> str:
-        return _apply_chat_template(tokenizer, msgs, generation=gen)
+    rendered: dict[tuple[int, bool], str] = {}  # a turn's prompt is also the last one's "next"
+
+    def render(n: int, gen: bool) -> str:
+        """The first ``n`` messages rendered (with the generation prompt when ``gen``)."""
+        if (n, gen) not in rendered:
+            rendered[n, gen] = _apply_chat_template(tokenizer, conv[:n], generation=gen)
+        return rendered[n, gen]
 
     not_growing = TemplateError(
         "the tokenizer's chat_template does not render conversations as growing prefixes "
@@ -133,16 +138,16 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
     segs: list[Segment] = []
     done = ""
     for k, i in enumerate(answers):
-        prompt, full = render(conv[:i], True), render(conv[: i + 1], False)
+        prompt, full = render(i, True), render(i + 1, False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise not_growing
         answer = full[len(prompt) :]
         # Some templates end the last message with an EOS that a next turn does not follow
         # (Phi-3: "<|end|>\n<|endoftext|>"): an answer the conversation goes on after is what
         # stays of it when it does.
-        later = conv[: answers[k + 1]] if k + 1 < len(answers) else None
+        later = answers[k + 1] if k + 1 < len(answers) else None
         if later is None and generation and len(conv) > i + 1:
-            later = conv
+            later = len(conv)
         if later is not None:
             nxt = render(later, True)
             if not nxt.startswith(prompt):
@@ -159,7 +164,7 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
         segs += [Segment(prompt[len(done) :], False), Segment(trained, True)]
         done = prompt + trained
     if generation:
-        prompt = render(conv, True)
+        prompt = render(len(conv), True)
         if not prompt.startswith(done):
             raise not_growing
         segs.append(Segment(prompt[len(done) :], False))

@@ -150,6 +150,24 @@ def test_tokenizer_template_segments(tok: Any) -> None:
     assert _merged(render(SYSTEM_MULTI, template="chatml")) == segs
 
 
+def test_tokenizer_template_renders_each_prefix_once(
+    tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted = copy.deepcopy(tok)
+    calls: list[tuple[int, bool]] = []
+    real = counted.apply_chat_template
+
+    def apply(msgs: Any, **kw: Any) -> Any:
+        calls.append((len(msgs), kw["add_generation_prompt"]))
+        return real(msgs, **kw)
+
+    monkeypatch.setattr(counted, "apply_chat_template", apply)
+    segs = render(SYSTEM_MULTI, template="tokenizer", tokenizer=counted)
+    assert segs == render(SYSTEM_MULTI, template="tokenizer", tokenizer=tok)
+    # system, user, assistant, user, assistant: each answer's prompt and whole, once each
+    assert sorted(calls) == [(2, True), (3, False), (4, True), (5, False)]
+
+
 def test_tokenizer_template_not_prefix_stable_raises(tok: Any) -> None:
     bad = copy.deepcopy(tok)
     # A header that depends on the number of messages: rendering [u] and [u, a] differ at the
