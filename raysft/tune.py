@@ -26,7 +26,7 @@ from raysft.search.resources import (
 )
 from raysft.search.results import SUMMARY_FILE, table
 from raysft.search.space import describe_sampler, describe_space
-from raysft.search.spec import load_spec, trial_memory
+from raysft.search.spec import read_spec, trial_memory
 from raysft.search.tracking import runs_page, ui_command
 
 
@@ -110,7 +110,7 @@ def _main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    tree, cfg = load_spec(args.config, args.overrides, dry_run=args.dry_run)
+    tree, cfg, shared = read_spec(args.config, args.overrides, dry_run=args.dry_run)
     if args.dry_run:
         # Checked too, but a dry run may be of a spec edited after its search ran.
         exp_dir = check_experiment_dir(args.config, cfg, resume=args.resume, held_ok=True)
@@ -123,7 +123,8 @@ def _main() -> int:
         return code
     setup_logging(args.verbose)
 
-    summary = run_search(args.config, tree, cfg, resume=args.resume)  # checks experiment_dir first
+    # run_search checks experiment_dir first; the trials take the data read_spec read.
+    summary = run_search(args.config, tree, cfg, resume=args.resume, shared=shared)
     _print_summary(summary, cfg.search.metric)
     counts = summary["counts"]
     if not counts.get("finished") and not counts.get("stopped_early"):

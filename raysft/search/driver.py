@@ -20,6 +20,7 @@ from typing import Any
 
 from raysft.config import SearchSpec
 from raysft.data.digest import changed_sources, data_digests
+from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, SearchStateError
 from raysft.paths import writable_dir_problem
 from raysft.search import compare, plots, tracking
@@ -58,16 +59,25 @@ STATE_FILE = "raysft_state.json"  # parent MLflow run id etc., for --resume and 
 # ---------------------------------------------------------------- driver
 
 
-def _trainable(tree: dict[str, Any], exp_dir: Path) -> Any:
-    """The Tune trainable of a search: ``run_trial_on_ray`` bound to the spec and resources."""
+def _trainable(tree: dict[str, Any], exp_dir: Path, shared: Any = None) -> Any:
+    """The Tune trainable of a search: ``run_trial_on_ray`` bound to the spec and resources,
+    and to ``shared``, the reference of the data the driver read (in a list: Ray hands a
+    bare reference over as its value, in every trial process)."""
     import ray.tune
 
-    trainable = ray.tune.with_parameters(run_trial_on_ray, tree=tree, exp_dir=str(exp_dir))
+    trainable = ray.tune.with_parameters(
+        run_trial_on_ray, tree=tree, exp_dir=str(exp_dir), shared=[shared]
+    )
     return ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
 
 
 def build_tuner(
-    tree: dict[str, Any], cfg: SearchSpec, plan: ResourcePlan, exp_dir: Path, callbacks: list
+    tree: dict[str, Any],
+    cfg: SearchSpec,
+    plan: ResourcePlan,
+    exp_dir: Path,
+    callbacks: list,
+    shared: Any = None,
 ) -> Any:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -89,7 +99,7 @@ def build_tuner(
     else:
         scheduler = FIFOScheduler()
     return ray.tune.Tuner(
-        _trainable(tree, exp_dir),
+        _trainable(tree, exp_dir, shared),
         tune_config=ray.tune.TuneConfig(
             metric=s.metric,
             mode=s.mode,
@@ -263,15 +273,23 @@ def _parent_run(
 
 
 def run_search(
-    spec_path: str, tree: dict[str, Any], cfg: SearchSpec, *, resume: bool
+    spec_path: str,
+    tree: dict[str, Any],
+    cfg: SearchSpec,
+    *,
+    resume: bool,
+    shared: SharedData | None = None,
 ) -> dict[str, Any]:
-    """Run (or ``resume``) the search of a validated spec; returns summary.json's content."""
+    """Run (or ``resume``) the search of a validated spec; returns summary.json's content.
+    ``shared``: its data as ``read_spec`` read it, for the trials (else each reads its own)."""
     t0 = time.perf_counter()
     fresh = not Path(cfg.search.experiment_dir).resolve().exists()
     exp_dir = _open_experiment(spec_path, cfg, resume=resume)
     scratch = tempfile.mkdtemp(prefix="rsft-", dir=_short_temp_root())
     try:
-        return _search(spec_path, tree, cfg, exp_dir, resume=resume, scratch=scratch, t0=t0)
+        return _search(
+            spec_path, tree, cfg, exp_dir, resume=resume, scratch=scratch, t0=t0, shared=shared
+        )
     except BaseException:
         if fresh and exp_dir.is_dir() and not any(exp_dir.iterdir()):
             exp_dir.rmdir()  # refused before anything was written (Ray not reached, no plan)
@@ -296,12 +314,15 @@ def _search(
     resume: bool,
     scratch: str,
     t0: float,
+    shared: SharedData | None,
 ) -> dict[str, Any]:
     import ray
     import ray.tune
 
     plan = _connect(spec_path, cfg, scratch=scratch)
     timing = {"ray_start_s": time.perf_counter() - t0}
+    # Held here for the whole search: the object lives as long as the driver holds it.
+    shared_ref = ray.put(shared) if shared is not None else None
     uri = tracking.tracking_uri(cfg.tracking)
     mlc = tracking.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
@@ -317,10 +338,10 @@ def _search(
     try:
         if resume:
             tuner = ray.tune.Tuner.restore(
-                str(exp_dir / "tune"), _trainable(tree, exp_dir), resume_errored=True
+                str(exp_dir / "tune"), _trainable(tree, exp_dir, shared_ref), resume_errored=True
             )
         else:
-            tuner = build_tuner(tree, cfg, plan, exp_dir, [callback])
+            tuner = build_tuner(tree, cfg, plan, exp_dir, [callback], shared_ref)
         timing["mlflow_setup_s"] = time.perf_counter() - t0 - timing["ray_start_s"]
         t_fit = time.perf_counter()
         grid = tuner.fit()

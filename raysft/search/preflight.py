@@ -11,26 +11,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from raysft.assets import resolve
-from raysft.config import Config, ModelSection, SearchSpec
-from raysft.data.formats import load_conversations
-from raysft.data.pipeline import prepare_data
+from raysft.config import ModelSection, SearchSpec
+from raysft.data.shared import SharedData, read_once
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.train.model import (
     build_meta_model,
     check_targets,
     from_pretrained,
-    load_tokenizer,
     targetable_modules,
+    training_tokenizer,
 )
 
 log = logging.getLogger(__name__)
 
 
-def preflight(spec: SearchSpec, *, source: str) -> Any:
-    """Check model and data as a trial would read them; returns the data report.
+def preflight(spec: SearchSpec, *, source: str) -> SharedData:
+    """Check model and data as a trial would read them; returns the data as read, for the
+    trials to take (``raysft.data.shared``).
 
     Raises ``ModelError``, ``DataError`` or ``TemplateError`` (one message naming the place),
     or ``ConfigError`` for a searched ``train.seed`` that picks the eval rows.
@@ -39,15 +38,15 @@ def preflight(spec: SearchSpec, *, source: str) -> Any:
     try:
         check_model(spec.model)
         check_searched_targets(spec)
-        tokenizer = load_tokenizer(spec.model)
-        data = prepare_data(spec.data, tokenizer, seed=spec.train.seed)
+        tokenizer = training_tokenizer(spec)
+        data = read_once(spec, tokenizer)
     except (ModelError, DataError, TemplateError) as err:
         # "model.name_or_path: ..." names a field: say which file holds it. A message that
         # names a data file and row is already its own place.
         if str(err).startswith(("model.", "data.", "lora.", "search.")):
             raise type(err)(f"{source}: {err}") from None
         raise
-    if "train.seed" in spec.search.params and seed_picks_eval_rows(spec):
+    if "train.seed" in spec.search.params and data.seed_matters:
         raise ConfigError(
             source,
             [
@@ -58,7 +57,7 @@ def preflight(spec: SearchSpec, *, source: str) -> Any:
             ],
         )
     log.info("preflight: data and model of %s read as a trial will", source)
-    return data.report
+    return data
 
 
 _WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
@@ -122,21 +121,3 @@ def check_searched_targets(spec: SearchSpec) -> None:
 def _looks_local(name: str) -> bool:
     """A path, not a hub id (``org/name``): absolute, relative with ./ or ../, ~, or deeper."""
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-
-
-def seed_picks_eval_rows(cfg: Config) -> bool:
-    """Whether ``train.seed`` selects which rows are scored: it splits the eval set off
-    ``data.train`` (``data.eval: null``), or it samples ``data.max_eval_samples`` of more rows.
-
-    Counts the eval source's usable rows the way the data pipeline does before sampling.
-    """
-
-    d = cfg.data
-    if d.eval is None:
-        return True
-    if d.max_eval_samples is None:
-        return False
-    held = load_conversations(
-        d.eval, role="eval", fmt=d.format, on_error=d.on_error, system_prompt=d.system_prompt
-    )
-    return len(held.conversations) > d.max_eval_samples

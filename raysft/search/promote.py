@@ -31,9 +31,9 @@ from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
 from raysft.data.digest import source_digest
 from raysft.data.digest import sources as data_sources
 from raysft.data.formats import saved_split
+from raysft.data.shared import seed_picks_eval_rows
 from raysft.errors import ModelError
 from raysft.paths import writable_dir_problem
-from raysft.search.preflight import seed_picks_eval_rows
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
 from raysft.search.tracking import redact_tree

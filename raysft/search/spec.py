@@ -26,6 +26,7 @@ from raysft.config import (
     validate_spec,
     validate_tree,
 )
+from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, ModelError
 from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
 from raysft.search.preflight import preflight as read_as_a_trial
@@ -58,6 +59,14 @@ MAX_JOINT_PROBES = 4096
 def load_spec(
     path: str, overrides: list[str], *, dry_run: bool = False, preflight: bool = True
 ) -> tuple[dict[str, Any], SearchSpec]:
+    """``read_spec`` without the data it read."""
+    tree, spec, _ = read_spec(path, overrides, dry_run=dry_run, preflight=preflight)
+    return tree, spec
+
+
+def read_spec(
+    path: str, overrides: list[str], *, dry_run: bool = False, preflight: bool = True
+) -> tuple[dict[str, Any], SearchSpec, SharedData | None]:
     """Read, override and validate a spec; every problem at once, before Ray starts.
 
     Resources are checked against this machine (laptop mode) unless the driver joins a cluster,
@@ -66,7 +75,8 @@ def load_spec(
 
     Once the spec is valid, ``preflight`` reads its data and model as a trial will
     (``raysft.search.preflight``), except in that cluster-spec dry run: its data and model may
-    exist only on the cluster, where the search's own run checks them.
+    exist only on the cluster, where the search's own run checks them. The data it read and
+    tokenized is returned for the trials to take (None when it read none).
     """
     tree = read_yaml(path)
     in_file = copy.deepcopy(tree)
@@ -96,9 +106,8 @@ def load_spec(
     if problems:
         raise ConfigError(path, blame_overrides(problems, changes, in_file))
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
-    if preflight and checked_here:
-        read_as_a_trial(spec, source=path)
-    return tree, spec
+    shared = read_as_a_trial(spec, source=path) if preflight and checked_here else None
+    return tree, spec, shared
 
 
 def trial_memory(spec: SearchSpec) -> Estimate | str:

@@ -37,6 +37,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
 
     After a restart Ray hands back the trial's last reported checkpoint: training resumes there.
     """
+    import ray
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
@@ -52,6 +53,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
     dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), sharded=sharded)
     restored = ray.train.get_checkpoint()
     replayed = [restored.path] if restored is not None else []
+    shared = ray.get(loop["shared"]) if loop.get("shared") is not None else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -72,10 +74,17 @@ def _train_worker(loop: dict[str, Any]) -> None:
 
         prepare = prepare_model
     if restored is None:
-        run_trial(cfg, report=report, dist=dist, prepare_model=prepare)
+        run_trial(cfg, report=report, dist=dist, prepare_model=prepare, shared=shared)
         return
     with restored.as_directory() as ckpt_dir:
-        run_trial(cfg, report=report, dist=dist, prepare_model=prepare, resume_from=ckpt_dir)
+        run_trial(
+            cfg,
+            report=report,
+            dist=dist,
+            prepare_model=prepare,
+            resume_from=ckpt_dir,
+            shared=shared,
+        )
 
 
 def name_restored_checkpoint(
@@ -141,8 +150,12 @@ def is_input_error(cause: str) -> bool:
     return cause.split(":", 1)[0] in _INPUT_ERRORS
 
 
-def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str) -> None:
+def run_trial_on_ray(
+    config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str, shared: list[Any] | None = None
+) -> None:
     """Tune function trainable: this trial's Ray Train run (Train V2 style), retried on faults.
+    ``shared``: ``[reference]`` of the data the driver read (``raysft.data.shared``), or
+    ``[None]``; the workers fetch it, this process never does.
 
     A retry is a new Train run with the same name and storage path: Ray Train restores the
     run's latest checkpoint and the workers resume from it (``_train_worker``). The same holds
@@ -174,6 +187,7 @@ def run_trial_on_ray(config: dict[str, Any], *, tree: dict[str, Any], exp_dir: s
                 "sampled": config,
                 "gpu_share": gpus if 0 < gpus < 1 else None,  # a GPU shared between trials
                 "resources": res,
+                "shared": (shared or [None])[0],
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=res.workers,

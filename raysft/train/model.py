@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from raysft.assets import resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
+from raysft.data.templates import export_chat_template
 from raysft.errors import ModelError
 from raysft.thirdparty import peft_quietly
 from raysft.train import attention
@@ -140,6 +141,21 @@ def load_tokenizer(model_cfg: ModelSection) -> Any:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def training_tokenizer(cfg: Config) -> Any:
+    """The tokenizer a run renders and tokenizes its data with, and saves with every export:
+    the model's, with the chat template of ``data.template`` (plain transformers then prompts
+    as training did: the base's own chat_template may be another format, and knows nothing of
+    ``data.system_prompt``). Rendering is unchanged by it: built-in templates never read it,
+    and every conversation already opens with the system prompt where the wrapper adds it."""
+    tokenizer = load_tokenizer(cfg.model)
+    tokenizer.chat_template = export_chat_template(
+        cfg.data.template,
+        system_prompt=cfg.data.system_prompt,
+        tokenizer_template=getattr(tokenizer, "chat_template", None),
+    )
+    return tokenizer
 
 
 def unmatched_targets(targetable: Iterable[str], targets: list[str] | str) -> list[str]:

@@ -10,6 +10,7 @@ the only differences are the ``report`` callback and the distributed context.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,13 @@ from raysft.data.batching import BatchStream, make_bins
 from raysft.data.digest import DATA_FILE, data_digests
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
-from raysft.data.templates import export_chat_template
+from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, DataError, ModelError
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
 from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
-from raysft.train.model import count_parameters, load_model, load_tokenizer, save_model
+from raysft.train.model import count_parameters, load_model, save_model, training_tokenizer
 from raysft.train.neftune import attach_neftune
 from raysft.train.state import (
     CONFIG_FILE,
@@ -184,10 +185,17 @@ def group_by_length_tokens(cfg: Config) -> int | None:
     return cfg.train.batch_size * cfg.data.max_seq_len if cfg.data.group_by_length else None
 
 
-def _prepare(cfg: Config, tokenizer: Any) -> tuple[Any, list[list[int]], list[list[int]]]:
-    """Tokenized data and its rows (packed bins, or one sample per row), built once."""
+def _prepare(
+    cfg: Config, tokenizer: Any, shared: SharedData | None = None
+) -> tuple[Any, list[list[int]], list[list[int]]]:
+    """Tokenized data (read here, or the driver's ``shared``, which fits ``cfg``) and its rows
+    (packed bins, or one sample per row), built once."""
 
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    if shared is None:
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    else:  # its report gets this run's packing figures: a copy, the rest is only read
+        data = replace(shared.prepared, report=copy.copy(shared.prepared.report))
+        log.info("data: as the search's driver read and tokenized it (no second read)")
     train_bins = make_bins(data.train, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     eval_bins = make_bins(data.eval, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     if cfg.data.packing:
@@ -208,8 +216,10 @@ def setup(
     dist: Dist,
     prepare_model: Callable[[Any], Any] | None = None,
     resume_from: str | None = None,
+    shared: SharedData | None = None,
 ) -> Run:
-    """Tokenizer, data, model (+ adapter), NEFTune, optimizer; the training state if resuming."""
+    """Tokenizer, data (``shared``: the search driver's, when it fits), model (+ adapter),
+    NEFTune, optimizer; the training state if resuming."""
 
     t0 = time.perf_counter()
     if cfg.train.num_threads:
@@ -227,21 +237,18 @@ def setup(
         )
     autocast = autocast_for(cfg, device)
     _warn_of_emulated_bf16(cfg, device)
-    tokenizer = load_tokenizer(cfg.model)
-    # Saved with every export: plain transformers then prompts as training did (the base's own
-    # chat_template may be another format, and knows nothing of data.system_prompt). Rendering
-    # is unchanged by it: built-in templates never read it, and every conversation already
-    # opens with the system prompt where the wrapper would add it.
-    tokenizer.chat_template = export_chat_template(
-        cfg.data.template,
-        system_prompt=cfg.data.system_prompt,
-        tokenizer_template=getattr(tokenizer, "chat_template", None),
-    )
+    tokenizer = training_tokenizer(cfg)
+    # The search's driver read and tokenized the data already: taken from it when this trial
+    # reads the same (raysft.data.shared), else read here.
+    taken = shared if shared is not None and shared.fits(cfg) else None
     # Rank 0 writes the checkpoints, so it alone reads the data through for their data.json.
-    digests = data_digests(cfg.data) if dist.rank == 0 else {}
+    if dist.rank != 0:
+        digests = {}
+    else:
+        digests = taken.digests if taken is not None else data_digests(cfg.data)
     if resume_from is not None and dist.rank == 0:
         check_same_data(resume_from, digests)  # before the old stream position meets new rows
-    data, train_bins, eval_bins = _prepare(cfg, tokenizer)
+    data, train_bins, eval_bins = _prepare(cfg, tokenizer, taken)
     if len(train_bins) < dist.world_size:
         raise DataError(
             f"data.train: {len(train_bins)} training row(s) (packed) for {dist.world_size} "
@@ -627,9 +634,16 @@ def run_trial(
     dist: Dist | None = None,
     prepare_model: Callable[[Any], Any] | None = None,
     resume_from: str | None = None,
+    shared: SharedData | None = None,
 ) -> TrialResult:
     """Train one config (from ``resume_from``'s step when given); returns its final metrics.
-    ``prepare_model`` wraps the model for DDP."""
-    run = setup(cfg, dist=dist or Dist(), prepare_model=prepare_model, resume_from=resume_from)
+    ``prepare_model`` wraps the model for DDP; ``shared`` is the search's data, read once."""
+    run = setup(
+        cfg,
+        dist=dist or Dist(),
+        prepare_model=prepare_model,
+        resume_from=resume_from,
+        shared=shared,
+    )
     train(run, report)
     return finish(run)

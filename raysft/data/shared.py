@@ -1,0 +1,79 @@
+"""A search's data, read and tokenized once by its driver and handed to every trial.
+
+Every trial of a search reads the same data: spec validation refuses searching ``data.*`` (but
+``data.packing`` and ``data.group_by_length``, which batch the rows after tokenization) and the
+model's path and revision (its tokenizer), and ``train.seed`` where it picks the eval rows. The
+driver already reads and tokenizes all of it before Ray starts (preflight), so it puts that in
+Ray's object store and each trial's workers take it from there instead of reading, hashing and
+tokenizing the sources again: on a large dataset that is seconds to minutes of every trial's
+start (``benchmarks/RESULTS.md``), and the workers need no copy of the data files.
+
+A worker takes it only when its own config would tokenize the same (``SharedData.fits``: the
+key below), and otherwise reads the data itself as before. Pure Python, no torch or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from raysft.config import Config
+from raysft.data.digest import data_digests
+from raysft.data.formats import load_conversations
+from raysft.data.pipeline import PreparedData, prepare_data
+
+# Data settings that batch the tokenized rows (raysft.data.batching), not what they hold.
+_BATCHING = {"packing", "group_by_length"}
+
+
+def data_key(cfg: Config, *, seed_matters: bool) -> str:
+    """Everything that decides what ``prepare_data`` returns for ``cfg``: the data settings,
+    the tokenizer, and the seed where it picks the eval rows (``seed_matters``)."""
+    return json.dumps(
+        {
+            "data": cfg.data.model_dump(mode="json", exclude=_BATCHING),
+            "tokenizer": [cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code],
+            "seed": cfg.train.seed if seed_matters else None,
+        },
+        sort_keys=True,
+    )
+
+
+@dataclass(frozen=True)
+class SharedData:
+    key: str
+    seed_matters: bool
+    prepared: PreparedData
+    digests: dict[str, dict[str, str]]  # data_digests of the sources it was read from
+
+    def fits(self, cfg: Config) -> bool:
+        """Whether ``cfg`` would read and tokenize exactly this."""
+        return self.key == data_key(cfg, seed_matters=self.seed_matters)
+
+
+def read_once(cfg: Config, tokenizer: Any) -> SharedData:
+    """``cfg``'s data read and tokenized as a trial's setup does it (the sources' digests
+    first, as there: a file edited meanwhile then fails a resume's check, never passes it)."""
+    digests = data_digests(cfg.data)
+    prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    seed_matters = seed_picks_eval_rows(cfg)
+    return SharedData(data_key(cfg, seed_matters=seed_matters), seed_matters, prepared, digests)
+
+
+def seed_picks_eval_rows(cfg: Config) -> bool:
+    """Whether ``train.seed`` selects which rows are scored: it splits the eval set off
+    ``data.train`` (``data.eval: null``), or it samples ``data.max_eval_samples`` of more rows.
+
+    Counts the eval source's usable rows the way the data pipeline does before sampling.
+    """
+
+    d = cfg.data
+    if d.eval is None:
+        return True
+    if d.max_eval_samples is None:
+        return False
+    held = load_conversations(
+        d.eval, role="eval", fmt=d.format, on_error=d.on_error, system_prompt=d.system_prompt
+    )
+    return len(held.conversations) > d.max_eval_samples

@@ -1,0 +1,105 @@
+"""The data a search's driver reads once and hands to its trials (raysft.data.shared)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.config import Config, load_config
+from raysft.data.shared import read_once
+from raysft.train.model import training_tokenizer
+from raysft.train.recipe import run_trial
+
+ROWS = [{"instruction": "Upper case", "input": f"w{i}", "output": f"W{i}"} for i in range(24)]
+EVAL = [{"instruction": "Upper case", "input": f"e{i}", "output": f"E{i}"} for i in range(8)]
+
+
+@pytest.fixture(autouse=True)
+def _data(tmp_path: Path) -> None:
+    for name, rows in (("rows.jsonl", ROWS), ("eval.jsonl", EVAL)):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+
+
+def _config(tmp_path: Path, **extra: Any) -> Config:
+    overrides = {
+        "data.train": str(tmp_path / "rows.jsonl"),
+        "data.eval": str(tmp_path / "eval.jsonl"),
+        "data.max_seq_len": 96,
+        "train.max_steps": 4,
+        "train.eval_every": 2,
+        "train.batch_size": 2,
+        "train.max_new_tokens": 4,
+        "train.num_threads": 1,
+        "output_dir": str(tmp_path / "out"),
+        **extra,
+    }
+    return load_config(None, overrides)
+
+
+def _learned(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's history without its timings (``elapsed_s``, ``eval_s``, ...)."""
+    return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
+
+
+@pytest.mark.parametrize(
+    ("change", "fits"),
+    [
+        ({}, True),
+        ({"data.packing": False}, True),  # batches the tokenized rows: same data
+        ({"data.packing": False, "data.group_by_length": True}, True),
+        ({"train.learning_rate": 1e-3, "lora.r": 4}, True),
+        ({"train.seed": 7}, True),  # picks no eval row: 8 rows, none sampled
+        ({"data.max_seq_len": 64}, False),
+        ({"data.system_prompt": "Be brief."}, False),
+        ({"data.template": "llama2"}, False),
+        ({"model.revision": "main"}, False),
+    ],
+)
+def test_a_trial_takes_the_drivers_data_only_where_it_would_read_the_same(
+    tmp_path: Path, change: dict[str, Any], fits: bool
+) -> None:
+    cfg = _config(tmp_path)
+    shared = read_once(cfg, training_tokenizer(cfg))
+    assert not shared.seed_matters
+    assert shared.fits(_config(tmp_path, **change)) is fits
+
+
+def test_a_seed_that_samples_the_eval_rows_is_part_of_the_key(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, **{"data.max_eval_samples": 4})  # 4 of 8 eval rows, by train.seed
+    shared = read_once(cfg, training_tokenizer(cfg))
+    assert shared.seed_matters
+    assert shared.fits(_config(tmp_path, **{"data.max_eval_samples": 4}))
+    assert not shared.fits(_config(tmp_path, **{"data.max_eval_samples": 4, "train.seed": 7}))
+
+
+def test_a_trial_on_the_drivers_data_trains_as_on_its_own_and_reads_no_file(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(tmp_path)
+    # As a worker gets it from Ray's object store: pickled, a copy of the driver's.
+    shared = pickle.loads(pickle.dumps(read_once(cfg, training_tokenizer(cfg))))
+    own = run_trial(cfg)
+    for name in ("rows.jsonl", "eval.jsonl"):  # the worker's node need not have them
+        (tmp_path / name).rename(tmp_path / f"{name}.away")
+    taken = run_trial(_config(tmp_path, output_dir=str(tmp_path / "out-shared")), shared=shared)
+    assert _learned(taken.history) == _learned(
+        own.history
+    )  # every loss, eval and learning rate, step by step
+    assert taken.data == own.data  # the data report too (rows read, packing efficiency)
+    assert shared.prepared.report.packing_efficiency is None  # the trial's copy got it
+    with pytest.raises(Exception, match="rows.jsonl"):  # without it the trial reads the file
+        run_trial(_config(tmp_path, output_dir=str(tmp_path / "out-own")))
+
+
+def test_a_trial_whose_data_differs_reads_its_own(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    shared = read_once(cfg, training_tokenizer(cfg))
+    other = _config(tmp_path, **{"data.max_seq_len": 64})
+    assert not shared.fits(other)
+    taken = run_trial(other, shared=shared)
+    own = run_trial(_config(tmp_path, **{"data.max_seq_len": 64}, output_dir=str(tmp_path / "o")))
+    assert _learned(taken.history) == _learned(own.history)
