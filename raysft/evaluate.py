@@ -28,14 +28,15 @@ from raysft.config import (
     blame_overrides,
     load_config,
     parse_overrides,
+    read_yaml,
     set_path,
     validate_tree,
 )
 from raysft.data.formats import Conversation, code_tests
-from raysft.data.pipeline import load_split
+from raysft.data.pipeline import load_eval
 from raysft.data.templates import Example, render, tokenize
 from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
-from raysft.search.results import read_summary
+from raysft.search.results import SUMMARY_FILE, read_summary
 from raysft.thirdparty import peft_quietly
 from raysft.train.device import resolve_device
 from raysft.train.metrics import METRICS, Metric
@@ -131,35 +132,67 @@ def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
 def _settings(
     root: Path, summary: dict[str, Any] | None, *, config: str | None, overrides: dict[str, Any]
 ) -> tuple[Config, bool]:
-    """The config to score with, and whether it is known (not just the defaults)."""
+    """The config to score with, and whether it is known (not just the defaults).
+
+    A run's own settings (its ``config.yaml``, or the spec in the experiment's summary.json)
+    name data and model by the paths the run was given: relative ones are read from the
+    directory it ran in (``_working_dir``), not from yours. ``--config`` is yours."""
     if config is not None:
         return load_config(config, overrides), True
     if (root / "config.yaml").is_file():
-        return load_config(root / "config.yaml", overrides), True
-    summary_here = summary is not None
-    if summary is None and (root.parent / "summary.json").is_file():  # EXP_DIR/champion
-        summary = read_summary(root.parent)
-    spec = (summary or {}).get("resolved_spec")
-    if isinstance(spec, dict):
+        source, tree, prefix = str(root / "config.yaml"), read_yaml(root / "config.yaml"), ""
+    else:
+        if summary is None and (root.parent / "summary.json").is_file():  # EXP_DIR/champion
+            root = root.parent
+            summary = read_summary(root)
+        spec = (summary or {}).get("resolved_spec")
+        if not isinstance(spec, dict):
+            return load_config(None, overrides), False
         tree = {k: v for k, v in spec.items() if k != "search"}
-        _rebase(tree, (summary or {}).get("working_dir"))  # before --set: those are yours
-        problems = []
-        for key, value in overrides.items():
-            try:
-                set_path(tree, key, value)
-            except KeyError as err:
-                problems.append(f"--set {err.args[0]}")
-        source = str(root / "summary.json") if summary_here else str(root.parent / "summary.json")
-        if problems:
-            raise ConfigError(source, problems)
+        source, prefix = str(root / "summary.json"), "resolved_spec: "
+    _rebase(tree, _working_dir(root))  # before --set: those are yours
+    problems = []
+    for key, value in overrides.items():
         try:
-            return validate_tree(tree, source=source), True
-        except ConfigError as err:
-            blamed = blame_overrides(err.problems, overrides)
-            raise ConfigError(
-                source, [b if b.startswith("--set ") else f"resolved_spec: {b}" for b in blamed]
-            ) from None
-    return load_config(None, overrides), False
+            set_path(tree, key, value)
+        except KeyError as err:
+            problems.append(f"--set {err.args[0]}")
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        return validate_tree(tree, source=source), True
+    except ConfigError as err:
+        blamed = blame_overrides(err.problems, overrides)
+        raise ConfigError(
+            source, [b if b.startswith("--set ") else f"{prefix}{b}" for b in blamed]
+        ) from None
+
+
+def _working_dir(root: Path) -> str | None:
+    """The directory the run under ``root`` read its relative paths from: its experiment's
+    (summary.json, in ``root`` or up to 4 levels above: EXP/champion, EXP/trials/ID,
+    EXP/train/train-ID/checkpoint_*), else its own or its export's record (metrics.json, up to
+    2 levels above: OUT/checkpoints/step-N); None when no record says."""
+    here = root.resolve()
+    for d in [here, *list(here.parents)[:4]]:
+        if (d / SUMMARY_FILE).is_file():  # the nearest experiment: older ones record none
+            wd = _json_field(d / SUMMARY_FILE, "working_dir")
+            if wd is not None:
+                return wd
+            break
+    for d in [here, *list(here.parents)[:2]]:
+        wd = _json_field(d / "metrics.json", "working_dir")
+        if wd is not None:
+            return wd
+    return None
+
+
+def _json_field(path: Path, key: str) -> str | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None  # not there, or not a record of ours: no working dir from it
+    return value if isinstance(value, str) else None
 
 
 def _rebase(tree: dict[str, Any], working_dir: Any) -> None:
@@ -194,7 +227,7 @@ def _rebase(tree: dict[str, Any], working_dir: Any) -> None:
 def eval_rows(cfg: Config) -> list[Conversation]:
     """The held-out conversations ``cfg`` scores on (``data.eval``, or its seeded split)."""
 
-    _, rows, report = load_split(cfg.data, seed=cfg.train.seed)
+    rows, report = load_eval(cfg.data, seed=cfg.train.seed)  # data.train only if split from
     if report.rows_skipped:  # dropped under data.on_error=skip: said, never silent
         log.warning(
             "%d row(s) skipped (data.on_error=skip), e.g. %s",
@@ -401,7 +434,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m raysft.evaluate", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     p.add_argument("dir", help="a model dir, an adapter dir or an experiment dir (its champion)")
-    p.add_argument("--data", action="append", help="held-out data (sets data.eval; repeatable)")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="held-out data (sets data.eval; repeatable), every row scored unless "
+        "--set data.max_eval_samples=N",
+    )
     p.add_argument("--metrics", help=f"comma-separated, of: {', '.join(SCORABLE)} (default: all)")
     p.add_argument("--base", action="store_true", help="also score the base model, same rows")
     p.add_argument("--base-model", help="the base model, if not the adapter's or the config's")
@@ -423,6 +461,8 @@ def run(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.overrides)
     if args.data:
         overrides["data.eval"] = args.data
+        # Your held-out file is scored whole, not the run's data.max_eval_samples of it.
+        overrides.setdefault("data.max_eval_samples", None)
     target = resolve_target(args.dir, config=args.config, overrides=overrides)
     metrics = None
     if args.metrics is not None:

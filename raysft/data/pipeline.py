@@ -168,10 +168,37 @@ def _load_split(
         if not eval_convs:
             raise _no_rows("eval", cfg.eval, held)
     report.rows_skipped = len(report.skipped)
-    if cfg.max_eval_samples is not None and len(eval_convs) > cfg.max_eval_samples:
-        rng = random.Random(seed)
-        eval_convs = rng.sample(eval_convs, cfg.max_eval_samples)
-    return train_convs, eval_convs, report, origins
+    return train_convs, _sampled(eval_convs, cfg, seed=seed), report, origins
+
+
+def _sampled(convs: list[Conversation], cfg: DataSection, *, seed: int) -> list[Conversation]:
+    """``data.max_eval_samples`` of the held-out conversations, picked by ``seed``."""
+    if cfg.max_eval_samples is not None and len(convs) > cfg.max_eval_samples:
+        return random.Random(seed).sample(convs, cfg.max_eval_samples)
+    return convs
+
+
+def load_eval(cfg: DataSection, *, seed: int) -> tuple[list[Conversation], DataReport]:
+    """The held-out conversations ``load_split`` returns, without reading the training data
+    where it is not needed: a ``data.eval`` source is read alone (the same rows, picked by the
+    same seed); without one, the eval rows are a seeded split of ``data.train``."""
+    if cfg.eval is None:
+        _, evals, report, _ = _load_split(cfg, seed=seed, with_eval=True)
+        return evals, report
+    report = DataReport()
+    held = load_conversations(
+        cfg.eval,
+        role="eval",
+        fmt=cfg.format,
+        on_error=cfg.on_error,
+        system_prompt=cfg.system_prompt,
+    )
+    _note_unread(held, report)
+    report.rows_read, report.skipped = held.n_rows, list(held.skipped)
+    report.rows_skipped = len(report.skipped)
+    if not held.conversations:
+        raise _no_rows("eval", cfg.eval, held)
+    return _sampled(held.conversations, cfg, seed=seed), report
 
 
 def check_template(cfg: DataSection, tokenizer: Any) -> None:

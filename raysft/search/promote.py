@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -343,6 +344,7 @@ def _stage_export(
         "eval_fingerprint": record["eval_fingerprint"],
         "metrics": best.get("metrics", {}),
         "sampled": best.get("sampled", {}),
+        "working_dir": os.getcwd(),  # the search's: config.yaml's relative paths are read there
     }
     text = json.dumps(json_safe(redact_tree(metrics)), indent=2, allow_nan=False)
     (staging / "metrics.json").write_text(text, encoding="utf-8")

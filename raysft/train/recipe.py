@@ -621,7 +621,13 @@ def _write_outputs(
             dtype=_export_dtype(run),
         )
     (out_dir / "config.yaml").write_text(dump_config(run.cfg), encoding="utf-8")
-    metrics = {"final": result.final, "history": result.history, "data": result.data}
+    metrics = {
+        "final": result.final,
+        "history": result.history,
+        "data": result.data,
+        # Where config.yaml's relative paths were read from: raysft.evaluate reads them there.
+        "working_dir": os.getcwd(),
+    }
     (out_dir / "metrics.json").write_text(
         json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8"
     )

@@ -271,6 +271,58 @@ def test_an_experiments_relative_paths_are_read_where_the_search_ran(
     assert got.cfg.data.eval == "mine.jsonl"
 
 
+@pytest.mark.parametrize(
+    ("where", "record"),
+    [
+        ("trials/t1", "summary"),  # a trial of the experiment
+        ("train/train-t1/checkpoint_000002", "summary"),  # one of its checkpoints
+        ("out", "metrics"),  # a raysft.train output, or an exported champion
+        ("out/checkpoints/step-000002", "metrics"),  # its checkpoint
+    ],
+)
+def test_a_runs_own_relative_paths_are_read_where_it_ran(
+    tmp_path: Path,
+    adapter_dir: Path,
+    chain_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    record: str,
+) -> None:
+    ran_in = tmp_path / "project"
+    (ran_in / "rows").mkdir(parents=True)
+    Path(_rows(tmp_path)).rename(ran_in / "rows" / "eval.jsonl")
+    exp = tmp_path / "exp"
+    run_dir = exp / where
+    shutil.copytree(adapter_dir, run_dir)
+    saved = _cfg(tmp_path, chain_dir, **{"data.eval": "rows/eval.jsonl"}).model_dump(mode="json")
+    saved["data"]["train"] = ["rows/train.jsonl"]  # not there: scoring must not need it
+    (run_dir / "config.yaml").write_text(json.dumps(saved), encoding="utf-8")
+    if record == "summary":
+        (exp / "summary.json").write_text(json.dumps({"working_dir": str(ran_in)}))
+    else:
+        (exp / "out" / "metrics.json").write_text(json.dumps({"working_dir": str(ran_in)}))
+    monkeypatch.chdir(tmp_path)  # elsewhere: rows/eval.jsonl is no file here
+    assert resolve_target(str(run_dir)).cfg.data.eval == str(ran_in / "rows" / "eval.jsonl")
+    assert run([str(run_dir), "--json", "--metrics", "exact_match"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"]["rows"] == 2
+
+
+def test_data_scores_every_row_of_your_file_unless_told(
+    tmp_path: Path, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "out"
+    shutil.copytree(adapter_dir, run_dir)
+    saved = load_config(None, {"data.max_eval_samples": 1}).model_dump(mode="json")
+    (run_dir / "config.yaml").write_text(json.dumps(saved), encoding="utf-8")
+    rows = _rows(tmp_path)
+    assert run([str(run_dir), "--data", rows, "--json", "--metrics", "exact_match"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"]["rows"] == 2  # not the run's 1
+    told = ["--set", "data.max_eval_samples=1"]
+    assert run([str(run_dir), "--data", rows, *told, "--json", "--metrics", "exact_match"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"]["rows"] == 1
+
+
 # ---------------------------------------------------------------- bad input: one message, exit 2
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from raysft.config import DataSection
-from raysft.data.pipeline import load_split, prepare_data
+from raysft.data.pipeline import load_eval, load_split, prepare_data
 from raysft.data.templates import trained_spans
 from raysft.errors import DataError
 
@@ -270,3 +270,23 @@ def test_a_key_given_twice_in_a_json_file_is_one_bad_row_that_skip_drops(tmp_pat
     assert str(err.value).startswith(f"{path}: row 1: key 'content' given twice in one object")
     train, _, report = load_split(section(train=str(path), on_error="skip"), seed=0)
     assert len(train) == 2 and report.rows_skipped == 1
+
+
+@pytest.mark.parametrize("max_eval_samples", [None, 3])
+def test_load_eval_reads_the_rows_load_split_does_without_the_training_data(
+    tmp_path: Path, max_eval_samples: int | None
+) -> None:
+    held = write_jsonl(tmp_path / "e.jsonl", [alpaca(f"q{i}", f"a{i}") for i in range(8)])
+    train = write_jsonl(tmp_path / "t.jsonl", [alpaca("t", "u")])
+    cfg = section(train=train, eval=held, max_eval_samples=max_eval_samples)
+    _, split_rows, _ = load_split(cfg, seed=5)
+    (tmp_path / "t.jsonl").unlink()  # scoring needs only the held-out rows
+    rows, report = load_eval(cfg, seed=5)
+    assert rows == split_rows and len(rows) == (max_eval_samples or 8)
+    assert report.rows_read == 8
+
+
+def test_load_eval_splits_the_training_data_when_there_is_no_eval_source(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [alpaca(f"q{i}", f"a{i}") for i in range(20)])
+    cfg = section(train=train, eval=None, eval_fraction=0.25)
+    assert load_eval(cfg, seed=1)[0] == load_split(cfg, seed=1)[1]

@@ -197,6 +197,7 @@ def test_first_champion_is_registered_aliased_and_exported(
     metrics = json.loads((export / "metrics.json").read_text())
     assert metrics["objective"] == {"metric": "eval_loss", "value": 0.5}
     assert metrics["trial_id"] == "t1" and metrics["sampled"] == {"lora.r": 16}
+    assert metrics["working_dir"] == os.getcwd()  # raysft.evaluate reads config.yaml's paths there
     assert json.loads((export / "champion.json").read_text())["version"] == "1"
 
     # The base is named portably, not as this install's path; the checkpoint had the path.

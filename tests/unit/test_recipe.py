@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ def test_lora_trial_on_each_architecture(tmp_path: Path, arch: str) -> None:
     assert metrics["final"]["eval_loss"] == metrics["history"][-1]["eval_loss"]
     assert 0 <= metrics["final"]["exact_match"] <= 1 and "base_exact_match" in metrics["final"]
     assert metrics["data"]["rows_read"] == len(ROWS) and metrics["data"]["rows_skipped"] == 0
+    assert metrics["working_dir"] == os.getcwd()  # where config.yaml's relative paths are
     assert 0 < metrics["data"]["packing_efficiency"] <= 1
     # Warmup then cosine decay: the last step's learning rate is below the peak.
     assert metrics["history"][-1]["lr"] < cfg.train.learning_rate
