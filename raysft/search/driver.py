@@ -8,13 +8,17 @@ best adapter is promoted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +348,8 @@ def _search(
             tuner = build_tuner(tree, cfg, plan, exp_dir, [callback], shared_ref)
         timing["mlflow_setup_s"] = time.perf_counter() - t0 - timing["ray_start_s"]
         t_fit = time.perf_counter()
-        grid = tuner.fit()
+        with _own_signal_handlers():
+            grid = tuner.fit()
         timing["trials_s"] = time.perf_counter() - t_fit
     except BaseException:
         mlc.set_terminated(parent_id, "FAILED")
@@ -370,8 +375,36 @@ def _search(
     }
     try:
         return _finish(spec_path, cfg, exp_dir, results, tracked=tracked, resolve=resolve, t0=t0)
+    except KeyboardInterrupt:
+        # Ctrl-C while ranking, scoring or promoting (promotion is atomic): --resume runs the
+        # finish again, its trials all ended.
+        mlc.set_terminated(parent_id, "KILLED")
+        log.warning(
+            "search interrupted after its trials ended, before its summary; finish it with "
+            "--resume (search.experiment_dir %s)",
+            exp_dir,
+        )
+        raise
     finally:
         ray.shutdown()  # flushes worker logs now, not after the summary table
+
+
+@contextlib.contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """Tune's ``fit`` installs a SIGINT (and SIGUSR1) handler that ends the trials and lets
+    ``fit`` return, and leaves it in place when no signal came: after ``fit``, Ctrl-C would
+    only log "ending Ray Tune run" while ranking, scoring and promotion went on to exit 0.
+    The handlers from before ``fit`` are put back (signals are the main thread's alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    before = {sig: signal.getsignal(sig) for sig in names}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def interrupted_trials(

@@ -1462,6 +1462,25 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     assert status == {parent: "KILLED", ended_run: "FINISHED", open_run: "KILLED"}
 
 
+def test_ctrl_c_after_the_trials_interrupts_the_finish_again() -> None:
+    """Tune's fit() leaves its SIGINT handler (which only ends trials) installed when no signal
+    came; the driver puts the one from before back, so Ctrl-C while ranking, scoring or
+    promoting raises KeyboardInterrupt (exit 130) instead of being logged and ignored."""
+    import signal
+
+    from ray.tune.tune import _setup_signal_catching
+
+    from raysft.search import driver
+
+    before = signal.getsignal(signal.SIGINT)
+    with driver._own_signal_handlers():
+        _setup_signal_catching()  # what Tune's fit() does first
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+
+
 def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
