@@ -283,7 +283,8 @@ def _iter_rows(source: str, role: Role = "train") -> Iterator[tuple[str, Any]]:
         yield from _iter_saved_dataset(path, split, role, source)
         return
     if not path.is_file():
-        raise DataError(f"{source}: file not found")
+        here = "" if path.is_absolute() else f" (a relative path is read from {Path.cwd()})"
+        raise DataError(f"{source}: file not found{here}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _iter_jsonl(path, source)

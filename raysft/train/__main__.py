@@ -1,6 +1,7 @@
 """``python -m raysft.train CONFIG.yaml``: one SFT training run (no Ray).
 
---dry-run validates and prints the resolved config and parameter counts (meta device, no weights);
+--dry-run validates, reads the data as the run will and prints the resolved config, parameter
+counts (meta device, no weights) and the data's size;
 --preview N [--json] prints the first N training examples exactly as trained;
 --resume-from DIR continues from a checkpoint (OUTPUT_DIR/checkpoints/step-N, written at every
 eval) exactly where it stopped.
@@ -14,15 +15,16 @@ from typing import Any, NoReturn
 
 from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
-from raysft.data.pipeline import check_template, load_split
+from raysft.data.pipeline import DataReport, check_template, load_split
 from raysft.data.templates import render, tokenize, trained_spans
-from raysft.errors import ConfigError, ModelError
+from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.search.preflight import check_model
 from raysft.train.model import (
     build_meta_model,
     count_parameters,
     format_parameter_counts,
     load_tokenizer,
+    training_tokenizer,
 )
 
 
@@ -39,10 +41,29 @@ def _check_model(cfg: Config, source: str) -> Any:
         raise
 
 
+def _check_data(cfg: Config, source: str) -> DataReport:
+    """The data read and tokenized as the run will: a missing file, a malformed row or a
+    template the tokenizer cannot render is one error naming the place, as a run's would be."""
+    from raysft.data.pipeline import prepare_data
+
+    try:
+        return prepare_data(cfg.data, training_tokenizer(cfg), seed=cfg.train.seed).report
+    except (DataError, TemplateError, ModelError) as err:
+        if str(err).startswith(("data.", "model.")):
+            raise type(err)(f"{source}: {err}") from None
+        raise
+
+
 def _dry_run(cfg: Config, source: str) -> int:
     meta = _check_model(cfg, source)
+    report = _check_data(cfg, source)
     print(dump_config(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
+    print(
+        f"data: {report.train_examples} training and {report.eval_examples} eval examples, "
+        f"{report.train_tokens:,} training tokens ({report.trained_tokens:,} trained)"
+        + (f", {report.rows_skipped} rows skipped" if report.rows_skipped else "")
+    )
     try:  # said, not refused: a config may be checked before its output_dir is cleared
         _check_output_dir(cfg, source, resuming=None)
     except ConfigError as err:

@@ -248,11 +248,21 @@ def outputs(proc: subprocess.CompletedProcess) -> list[str]:
     return runs
 
 
+DATA_LINE = re.compile(
+    r"data: ([\d,]+) training and ([\d,]+) eval examples, ([\d,]+) training tokens "
+    r"\(([\d,]+) trained\)"
+)
+
+
 def parse_dry_run(stdout: str) -> tuple[dict[str, Any], int, int, float]:
     """(printed config, trainable, total, percent) from --dry-run output."""
-    *config_lines, last = stdout.rstrip("\n").split("\n")
+    *config_lines, last, data = stdout.rstrip("\n").split("\n")
     m = PARAMS_LINE.fullmatch(last)
     assert m, last
+    # The data read as the run reads it (the embedded default: 700 rows, 100 of them eval).
+    d = DATA_LINE.fullmatch(data)
+    assert d, data
+    assert int(d[2]) == 100 and 0 < int(d[4].replace(",", "")) < int(d[3].replace(",", ""))
     trainable, total = (int(g.replace(",", "")) for g in m.groups()[:2])
     return yaml.safe_load("\n".join(config_lines)), trainable, total, float(m[3])
 
