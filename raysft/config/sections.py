@@ -9,12 +9,13 @@ import math
 import os
 import posixpath
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -41,9 +42,27 @@ def _home(value: Any) -> Any:
     return os.path.expanduser(value) if value.startswith("~") else value
 
 
+def _takes(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type is, or is a union or Literal... holding, one of ``kinds``."""
+    if annotation in kinds:
+        return True
+    return any(_takes(arg, kinds) for arg in get_args(annotation) if arg is not annotation)
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: ``.inf`` (or ``--set ...=inf``) passes every ``gt=0``; NaN none.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true/false as 1/0 for a number (YAML's yes/on are true): ``lora.r:
+        true`` would train at rank 1 without a word."""
+        if isinstance(value, bool) and info.field_name is not None:
+            kind = cls.model_fields[info.field_name].annotation
+            if _takes(kind, (int, float)) and not _takes(kind, (bool,)):
+                raise ValueError(f"should be a number, not {str(value).lower()}")
+        return value
 
 
 class ModelSection(_Section):

@@ -187,6 +187,23 @@ def test_a_section_given_a_value_says_so_without_class_names(value: object, kind
     ]
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lora.r", True), ("train.batch_size", True), ("train.learning_rate", False),
+     ("train.neftune_alpha", True), ("data.max_eval_samples", True)],
+)  # fmt: skip
+def test_true_or_false_for_a_number_is_refused(key: str, value: bool) -> None:
+    # pydantic alone reads them as 1 and 0: lora.r: true would train at rank 1.
+    assert problems_of(None, {key: value}) == [
+        f"--set {key}: should be a number, not {str(value).lower()}"
+    ]
+
+
+def test_true_or_false_where_a_flag_is_meant_stays_one() -> None:
+    cfg = load_config(None, {"train.exact_match": False, "data.packing": True})
+    assert cfg.train.exact_match is False and cfg.data.packing is True
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
