@@ -17,6 +17,8 @@ import argparse
 import json
 import logging
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -104,9 +106,17 @@ def resolve_target(
     elif (root / "adapter_config.json").is_file():
         kind = "adapter"
     elif not (root / "config.json").is_file():
+        trial = re.match(r"run_trial_on_ray_([0-9a-f]+)_", root.name)
+        hint = (
+            f"; this is Ray Tune's record of trial {trial[1]}: score its output "
+            f"({root.parent.parent / 'trials' / trial[1]}) or a checkpoint of it "
+            f"({root.parent.parent / 'train' / ('train-' + trial[1])}/checkpoint_*)"
+            if trial and root.parent.name == "tune"
+            else ""
+        )
         raise ModelError(
             f"{directory}: neither a model (config.json), an adapter (adapter_config.json) nor "
-            "an experiment directory (summary.json)"
+            f"an experiment directory (summary.json){hint}"
         )
     cfg, known = _settings(root, summary, config=config, overrides=overrides or {})
     if (path / "adapter_config.json").is_file():
@@ -119,14 +129,47 @@ def resolve_target(
 def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
     promotion = (summary or {}).get("promotion") or {}
     export = promotion.get("export_dir")
-    # The recorded export first; EXP_DIR/champion when the experiment dir has moved since.
-    for path in ([Path(export)] if export else []) + [exp_dir / "champion"]:
+    moved = _mover((summary or {}).get("experiment_dir"), exp_dir)
+    # The recorded export; where it is if the project moved with the experiment dir since;
+    # EXP_DIR/champion.
+    for path in [Path(p) for p in (export, moved(export)) if p] + [exp_dir / "champion"]:
         if path.is_dir():
             return path
-    best = ((summary or {}).get("best") or {}).get("checkpoint")
+    if promotion.get("promoted"):
+        raise SearchStateError(
+            f"{exp_dir}: its champion (v{promotion.get('version')}) was exported to {export}, "
+            "which is not there (moved or deleted?); score the export where it is now"
+        )
+    recorded = ((summary or {}).get("best") or {}).get("checkpoint")
+    best = next((p for p in (recorded, moved(recorded)) if p and Path(p).is_dir()), None)
     hint = f"; score the best trial's checkpoint directly: {best}" if best else ""
+    if recorded and not best:
+        hint = f"; the best trial's checkpoint was {recorded}, which is not there now"
     why = promotion.get("reason") or "the search has not finished"
     raise SearchStateError(f"{exp_dir}: no champion to score ({why}){hint}")
+
+
+def _mover(old_exp: Any, new_exp: Path) -> Callable[[Any], str | None]:
+    """Where a path the summary recorded is now, if the experiment dir moved from ``old_exp``
+    to ``new_exp`` together with that path: the directories above their common tail (e.g.
+    ``/old/proj`` for ``/old/proj/exp`` -> ``/new/proj/exp``) map onto each other."""
+    if not isinstance(old_exp, str):
+        return lambda _: None
+    old, new = Path(old_exp).parts, new_exp.resolve().parts
+    tail = 0
+    while tail < min(len(old), len(new)) - 1 and old[-1 - tail] == new[-1 - tail]:
+        tail += 1
+    old_root, new_root = Path(*old[: len(old) - tail]), Path(*new[: len(new) - tail])
+
+    def moved(path: Any) -> str | None:
+        if not isinstance(path, str) or old_root == new_root:
+            return None
+        try:
+            return str(new_root / Path(path).relative_to(old_root))
+        except ValueError:
+            return None  # not under the directory that moved
+
+    return moved
 
 
 def _settings(

@@ -271,6 +271,42 @@ def test_an_experiments_relative_paths_are_read_where_the_search_ran(
     assert got.cfg.data.eval == "mine.jsonl"
 
 
+def test_a_moved_projects_champion_is_found_where_it_moved_with_it(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path
+) -> None:
+    proj = tmp_path / "moved" / "proj"  # was /old/proj: exp/search1 and its export out/champion
+    exp = _experiment(proj / "exp", _cfg(tmp_path, chain_dir), champion=None)
+    shutil.copytree(adapter_dir, proj / "out" / "champion")
+    summary = json.loads((exp / "summary.json").read_text())
+    summary["experiment_dir"] = "/old/proj/exp/exp"
+    summary["promotion"] = {
+        "promoted": True,
+        "version": "3",
+        "export_dir": "/old/proj/out/champion",
+    }
+    (exp / "summary.json").write_text(json.dumps(summary))
+    assert resolve_target(str(exp)).path == proj / "out" / "champion"
+    shutil.rmtree(proj / "out")
+    with pytest.raises(SearchStateError) as err:
+        resolve_target(str(exp))
+    assert str(err.value) == (
+        f"{exp}: its champion (v3) was exported to /old/proj/out/champion, which is not there "
+        "(moved or deleted?); score the export where it is now"
+    )
+
+
+def test_tunes_record_of_a_trial_points_at_what_can_be_scored(tmp_path: Path) -> None:
+    record = tmp_path / "exp" / "tune" / "run_trial_on_ray_4b8d9fe8_2_lora_r=4_2026-12-05_10-40-54"
+    record.mkdir(parents=True)
+    with pytest.raises(ModelError) as err:
+        resolve_target(str(record))
+    exp = tmp_path / "exp"
+    assert str(err.value).endswith(
+        f"; this is Ray Tune's record of trial 4b8d9fe8: score its output ({exp}/trials/4b8d9fe8) "
+        f"or a checkpoint of it ({exp}/train/train-4b8d9fe8/checkpoint_*)"
+    )
+
+
 @pytest.mark.parametrize(
     ("where", "record"),
     [
@@ -352,9 +388,17 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, chain_dir: Path, adapter_d
     with pytest.raises(SearchStateError) as err:
         run([str(exp)])
     assert str(err.value) == (
-        f"{exp}: no champion to score (exact_match 0.4 does not beat champion v1); score the "
-        "best trial's checkpoint directly: /exp/tune/trial_1/checkpoint_000002"
+        f"{exp}: no champion to score (exact_match 0.4 does not beat champion v1); the best "
+        "trial's checkpoint was /exp/tune/trial_1/checkpoint_000002, which is not there now"
     )
+    checkpoint = exp / "train" / "train-t1" / "checkpoint_000002"
+    checkpoint.mkdir(parents=True)
+    summary = json.loads((exp / "summary.json").read_text())
+    summary["best"]["checkpoint"] = str(checkpoint)
+    (exp / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SearchStateError) as err:
+        run([str(exp)])
+    assert str(err.value).endswith(f"; score the best trial's checkpoint directly: {checkpoint}")
 
 
 def test_truncated_weights_are_one_clear_error(
