@@ -235,16 +235,40 @@ def _clean_loc(loc: tuple[Any, ...], tree: Any, *, missing: bool) -> tuple[str, 
     return ".".join(parts), None
 
 
+# A value of the wrong type for a union's alternative: the union says what it takes instead.
+_TYPE_ERRORS = {
+    *("string_type", "list_type", "dict_type", "int_type", "int_parsing", "float_type"),
+    *("float_parsing", "bool_type", "bool_parsing", "literal_error", "none_required"),
+}
+_MEMBERS = {
+    **{"str": "a string", "int": "a whole number", "float": "a number", "bool": "true/false"},
+    **{"list[str]": "a list of strings", "none": "null"},
+}
+
+
+def _member(tag: str) -> str:
+    """A union alternative as pydantic tags it (``list[str]``, ``literal['all-linear']``), in
+    words."""
+    if tag.startswith("literal[") and tag.endswith("]"):
+        return " or ".join(v.strip() for v in tag[len("literal[") : -1].split(","))
+    return _MEMBERS.get(tag, "a list" if tag.startswith("list[") else tag)
+
+
 def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
-    """One ``path: message`` line per problem; a union's failed alternatives share one line."""
+    """One ``path: message`` line per problem; a union's failed alternatives share one line:
+    "should be a string or a list of strings, not a number" where each failed on its type,
+    else each alternative's own problem."""
     problems: list[str] = []
-    unions: dict[str, list[str]] = {}
+    unions: dict[str, list[tuple[str, str, str, Any]]] = {}
     for e in err.errors():
         path, union = _clean_loc(tuple(e["loc"]), tree, missing=e["type"] == "missing")
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         msg = msg.removeprefix("Value error, ")
         if e["type"] == "model_type":  # a section given a scalar or a list: no class names
             msg = f"should be a mapping of its settings (key: value), not {_kind(e['input'])}"
+        if e["type"] == "too_short":
+            n, got = e["ctx"]["min_length"], e["ctx"]["actual_length"]
+            msg = f"should hold at least {n} item{'s' * (n != 1)}, not {got}"
         if union is None:
             problems.append(f"{path}: {msg}" if path else msg)
             continue
@@ -253,11 +277,22 @@ def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
         if root not in unions:
             unions[root] = []
             problems.append(root)  # placeholder, filled below in first-seen order
-        unions[root].append(f"as {member}: {rest + ': ' if rest else ''}{msg}")
+        unions[root].append((member, rest, msg, e["input"] if e["type"] in _TYPE_ERRORS else ...))
     return [
-        f"{p}: {'; '.join(unions[p])}" if p in unions else p
+        f"{p}: {_union_problem(unions[p])}" if p in unions else p
         for p in dict.fromkeys(problems)  # keeps order, drops exact duplicates
     ]
+
+
+def _union_problem(failed: list[tuple[str, str, str, Any]]) -> str:
+    """What a union's alternatives (member, path inside it, message, the value when its type
+    was wrong) say together."""
+    if all(not rest and value is not ... for _, rest, _, value in failed):
+        wanted = " or ".join(dict.fromkeys(_member(m) for m, _, _, _ in failed))
+        return f"should be {wanted}, not {_kind(failed[0][3])}"
+    return "; ".join(
+        f"as {_member(m)}: {rest + ': ' if rest else ''}{msg}" for m, rest, msg, _ in failed
+    )
 
 
 def validate_tree(
@@ -406,6 +441,8 @@ _SECTIONS = {
 def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
     if isinstance(value, bool):
         return "true/false"
     if isinstance(value, int | float):

@@ -16,7 +16,9 @@ from raysft.config import (
     parse_overrides,
     parse_value,
     saved_tree,
+    set_path,
     unread_sections,
+    validate_spec,
 )
 
 
@@ -202,6 +204,26 @@ def test_true_or_false_for_a_number_is_refused(key: str, value: bool) -> None:
 def test_true_or_false_where_a_flag_is_meant_stays_one() -> None:
     cfg = load_config(None, {"train.exact_match": False, "data.packing": True})
     assert cfg.train.exact_match is False and cfg.data.packing is True
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("lora.target_modules", 5, "should be a list of strings or 'all-linear', not a number"),
+        ("data.train", {"a": 1}, "should be a string or a list of strings, not a mapping"),
+        ("search.sampler.startup_trials", "x", "should be a whole number or 'auto', not a string"),
+        ("lora.target_modules", [], "should hold at least 1 item, not 0"),
+    ],
+)
+def test_a_value_of_no_type_a_field_takes_says_which_it_takes(
+    key: str, value: object, problem: str
+) -> None:
+    # Not pydantic's "as list[str]: Input should be a valid list; as literal['all-linear']: ..."
+    tree = {"search": {"params": {"lora.r": {"type": "choice", "values": [4]}}}}
+    set_path(tree, key, value)
+    with pytest.raises(ConfigError) as info:
+        validate_spec(tree)
+    assert info.value.problems == [f"{key}: {problem}"]
 
 
 def test_missing_file(tmp_path: Path) -> None:
