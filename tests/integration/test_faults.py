@@ -206,6 +206,10 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     resumed_at = re.search(rf"resumed from \S*/{second}/checkpoint_\S* at step (\d+)\b", log)
     assert resumed_at, f"{second} did not resume from its checkpoint"
     assert 4 <= int(resumed_at.group(1)) < MAX_CRASH_STEPS, resumed_at.group(0)
+    # Train keeps 2 per trial (num_to_keep); one the killed run uploaded unnamed is deleted.
+    for run_dir in exp_dir.glob("train/train-*"):
+        kept = [p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+        assert len(kept) <= 2, (run_dir.name, kept)
 
     mlc = _client(tmp_path)
     exp = mlc.get_experiment_by_name("raysft-it-faults")

@@ -1518,3 +1518,34 @@ def test_a_dry_run_of_a_spec_whose_experiment_dir_holds_a_search_notes_it(tmp_pa
         f"note: search.experiment_dir {held} already holds a search: the run would be refused; "
         "pass --resume to continue it, or choose another directory"
     )
+
+
+def test_checkpoints_ray_train_no_longer_tracks_are_deleted_once_the_trials_ended(
+    tmp_path: Path,
+) -> None:
+    """An interrupted run leaves a checkpoint its snapshot never named (seen after Ctrl-C and
+    --resume: 3 checkpoints in a trial kept to 2). The layout is Ray 2.60's."""
+    from raysft.search import driver
+
+    run = tmp_path / "train" / "train-t1"
+    names = [f"checkpoint_2026-12-05_10-4{i}-00.000000" for i in range(4)]
+    for name in names:
+        (run / name).mkdir(parents=True)
+        (run / name / "adapter_model.safetensors").write_bytes(b"w")
+    snapshot = {
+        "ray_version": "2.60.0",
+        "checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names[2:]],
+        "latest_checkpoint_result": {"checkpoint_dir_name": names[3], "metrics": {}},
+    }
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    named_by_a_row = str((run / names[1]).resolve())  # a stopped trial's row may name one
+    dropped = driver.drop_untracked_checkpoints(tmp_path, {named_by_a_row})
+    assert dropped == [run / names[0]]
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == names[1:]
+    # A snapshot it cannot read (another Ray's layout, or none): nothing is deleted.
+    other = tmp_path / "train" / "train-t2"
+    (other / names[0]).mkdir(parents=True)
+    (other / "checkpoint_manager_snapshot.json").write_text(json.dumps({"results": []}))
+    (tmp_path / "train" / "train-t3" / names[0]).mkdir(parents=True)
+    assert driver.drop_untracked_checkpoints(tmp_path, {named_by_a_row}) == []
+    assert (other / names[0]).is_dir() and (tmp_path / "train" / "train-t3" / names[0]).is_dir()
