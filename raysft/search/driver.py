@@ -325,8 +325,7 @@ def _search(
 
     plan = _connect(spec_path, cfg, scratch=scratch)
     timing = {"ray_start_s": time.perf_counter() - t0}
-    # Held here for the whole search: the object lives as long as the driver holds it.
-    shared_ref = ray.put(shared) if shared is not None else None
+    shared_ref = _share(shared)  # held for the whole search: the object lives while it is
     uri = tracking.tracking_uri(cfg.tracking)
     mlc = tracking.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
@@ -387,6 +386,20 @@ def _search(
         raise
     finally:
         ray.shutdown()  # flushes worker logs now, not after the summary table
+
+
+def _share(shared: SharedData | None) -> Any:
+    """The data the driver read, put in Ray's object store for the trials; None (each trial
+    then reads its own, as it would without it) where the store cannot take it."""
+    import ray
+
+    if shared is None:
+        return None
+    try:
+        return ray.put(shared)
+    except Exception as err:  # ObjectStoreFullError, or spilling failed: never fatal here
+        log.warning("trials read the data themselves: Ray's object store refused it (%s)", err)
+        return None
 
 
 @contextlib.contextmanager
@@ -502,35 +515,6 @@ def _check_checkpoint(row: dict[str, Any]) -> None:
         row["checkpoint"] = None
 
 
-def drop_untracked_checkpoints(exp_dir: Path, keep: set[str]) -> list[Path]:
-    """Delete the checkpoints Ray Train wrote but no longer tracks, and return them.
-
-    A run interrupted (Ctrl-C, a killed driver or worker) after a checkpoint was uploaded but
-    before Train's snapshot of its checkpoints (``checkpoint_manager_snapshot.json``) named it
-    leaves that one behind: the restarted run resumes from the snapshot's latest, and Train
-    never deletes it (``num_to_keep`` counts tracked checkpoints only), so every interruption
-    would keep one more copy of the model on disk for good. Called once every trial ended;
-    ``keep``: resolved paths a trial's row names. A snapshot it cannot read deletes nothing."""
-    dropped = []
-    for run_dir in sorted((exp_dir / "train").glob("train-*")):
-        try:
-            snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-            tracked = {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
-            tracked.add((snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # not there, or a layout this Ray version does not write
-        for ckpt in sorted(run_dir.glob("checkpoint_*")):
-            if ckpt.is_dir() and ckpt.name not in tracked and str(ckpt.resolve()) not in keep:
-                shutil.rmtree(ckpt)
-                dropped.append(ckpt)
-    if dropped:
-        log.info(
-            "deleted %d checkpoint(s) of interrupted runs that Ray Train no longer tracks: %s",
-            len(dropped), ", ".join(str(p) for p in dropped),
-        )  # fmt: skip
-    return dropped
-
-
 def _rows(
     results: list[dict[str, Any]],
     cfg: SearchSpec,
@@ -575,7 +559,7 @@ def _finish(
     s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
-    drop_untracked_checkpoints(
+    res.drop_untracked_checkpoints(
         exp_dir, {str(Path(r["checkpoint"]).resolve()) for r in rows if r["checkpoint"]}
     )
     best = res.pick_best(rows)

@@ -8,8 +8,10 @@ honoured; the MLflow callback uses the same classifier.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+import shutil
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 
 from raysft.errors import SearchStateError
 from raysft.train.metrics import METRICS
+
+log = logging.getLogger(__name__)
 
 # ray.tune.integration.ray_train's key for a trial's checkpoint in its reported metrics (a copy:
 # this module imports no Ray; tests/unit/test_trial.py checks that the two agree).
@@ -277,3 +281,32 @@ def _exception_text(error: BaseException) -> str:
     """``Type: message``; a ``RayTaskError(Cause)``'s str is already the remote traceback."""
     name = type(error).__name__
     return str(error) if "(" in name else f"{name}: {error}"
+
+
+def drop_untracked_checkpoints(exp_dir: Path, keep: set[str]) -> list[Path]:
+    """Delete the checkpoints Ray Train wrote but no longer tracks, and return them.
+
+    A run interrupted (Ctrl-C, a killed driver or worker) after a checkpoint was uploaded but
+    before Train's snapshot of its checkpoints (``checkpoint_manager_snapshot.json``) named it
+    leaves that one behind: the restarted run resumes from the snapshot's latest, and Train
+    never deletes it (``num_to_keep`` counts tracked checkpoints only), so every interruption
+    would keep one more copy of the model on disk for good. Called once every trial ended;
+    ``keep``: resolved paths a trial's row names. A snapshot it cannot read deletes nothing."""
+    dropped = []
+    for run_dir in sorted((exp_dir / "train").glob("train-*")):
+        try:
+            snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+            tracked = {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
+            tracked.add((snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not there, or a layout this Ray version does not write
+        for ckpt in sorted(run_dir.glob("checkpoint_*")):
+            if ckpt.is_dir() and ckpt.name not in tracked and str(ckpt.resolve()) not in keep:
+                shutil.rmtree(ckpt)
+                dropped.append(ckpt)
+    if dropped:
+        log.info(
+            "deleted %d checkpoint(s) of interrupted runs that Ray Train no longer tracks: %s",
+            len(dropped), ", ".join(str(p) for p in dropped),
+        )  # fmt: skip
+    return dropped

@@ -1525,7 +1525,7 @@ def test_checkpoints_ray_train_no_longer_tracks_are_deleted_once_the_trials_ende
 ) -> None:
     """An interrupted run leaves a checkpoint its snapshot never named (seen after Ctrl-C and
     --resume: 3 checkpoints in a trial kept to 2). The layout is Ray 2.60's."""
-    from raysft.search import driver
+    from raysft.search.results import drop_untracked_checkpoints
 
     run = tmp_path / "train" / "train-t1"
     names = [f"checkpoint_2026-12-05_10-4{i}-00.000000" for i in range(4)]
@@ -1539,7 +1539,7 @@ def test_checkpoints_ray_train_no_longer_tracks_are_deleted_once_the_trials_ende
     }
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     named_by_a_row = str((run / names[1]).resolve())  # a stopped trial's row may name one
-    dropped = driver.drop_untracked_checkpoints(tmp_path, {named_by_a_row})
+    dropped = drop_untracked_checkpoints(tmp_path, {named_by_a_row})
     assert dropped == [run / names[0]]
     assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == names[1:]
     # A snapshot it cannot read (another Ray's layout, or none): nothing is deleted.
@@ -1547,5 +1547,5 @@ def test_checkpoints_ray_train_no_longer_tracks_are_deleted_once_the_trials_ende
     (other / names[0]).mkdir(parents=True)
     (other / "checkpoint_manager_snapshot.json").write_text(json.dumps({"results": []}))
     (tmp_path / "train" / "train-t3" / names[0]).mkdir(parents=True)
-    assert driver.drop_untracked_checkpoints(tmp_path, {named_by_a_row}) == []
+    assert drop_untracked_checkpoints(tmp_path, {named_by_a_row}) == []
     assert (other / names[0]).is_dir() and (tmp_path / "train" / "train-t3" / names[0]).is_dir()
