@@ -135,7 +135,7 @@ def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
     for path in [Path(p) for p in (export, moved(export)) if p] + [exp_dir / "champion"]:
         if path.is_dir():
             return path
-    if promotion.get("promoted"):
+    if promotion.get("promoted") and export:
         raise SearchStateError(
             f"{exp_dir}: its champion (v{promotion.get('version')}) was exported to {export}, "
             "which is not there (moved or deleted?); score the export where it is now"
@@ -480,8 +480,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         action="append",
-        help="held-out data (sets data.eval; repeatable), every row scored unless "
-        "--set data.max_eval_samples=N",
+        help="held-out data (sets data.eval; repeatable), every row scored: the run's or "
+        "--config's data.max_eval_samples does not apply, --set data.max_eval_samples=N does",
     )
     p.add_argument("--metrics", help=f"comma-separated, of: {', '.join(SCORABLE)} (default: all)")
     p.add_argument("--base", action="store_true", help="also score the base model, same rows")

@@ -61,8 +61,22 @@ class _Section(BaseModel):
         if isinstance(value, bool) and info.field_name is not None:
             kind = cls.model_fields[info.field_name].annotation
             if _takes(kind, (int, float)) and not _takes(kind, (bool,)):
-                raise ValueError(f"should be a number, not {str(value).lower()}")
+                raise ValueError(f"should be {_numbers(kind)}, not {str(value).lower()}")
         return value
+
+
+def _numbers(kind: Any) -> str:
+    """What a number field takes, in words: "a number", "a number or 'auto'", "... or null"."""
+    words = ["a number"]
+    words += [repr(a) for a in _literals(kind)]
+    words += ["null"] if _takes(kind, (type(None),)) else []
+    return " or ".join(words)
+
+
+def _literals(kind: Any) -> list[Any]:
+    if getattr(kind, "__origin__", None) is Literal:
+        return list(get_args(kind))
+    return [v for arg in get_args(kind) if arg is not kind for v in _literals(arg)]
 
 
 class ModelSection(_Section):

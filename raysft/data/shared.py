@@ -15,6 +15,7 @@ key below), and otherwise reads the data itself as before. Pure Python, no torch
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,21 +45,32 @@ def data_key(cfg: Config, *, seed_matters: bool) -> str:
 class SharedData:
     key: str
     seed_matters: bool
-    prepared: PreparedData
+    # The PreparedData, pickled: the driver keeps a few bytes a token for the whole search, not
+    # Python's objects (several times more), and a trial it does not fit never unpickles it.
+    payload: bytes
     digests: dict[str, dict[str, str]]  # data_digests of the sources it was read from
 
     def fits(self, cfg: Config) -> bool:
         """Whether ``cfg`` would read and tokenize exactly this."""
         return self.key == data_key(cfg, seed_matters=self.seed_matters)
 
+    def prepared(self) -> PreparedData:
+        """A fresh copy of the data, the caller's own."""
+        data: PreparedData = pickle.loads(self.payload)
+        return data
 
-def read_once(cfg: Config, tokenizer: Any) -> SharedData:
+
+def read_once(cfg: Config, tokenizer: Any, *, seed_searched: bool) -> SharedData:
     """``cfg``'s data read and tokenized as a trial's setup does it (the sources' digests
-    first, as there: a file edited meanwhile then fails a resume's check, never passes it)."""
+    first, as there: a file edited meanwhile then fails a resume's check, never passes it).
+
+    Without a searched ``train.seed`` every trial has the spec's, so the key keeps it; with one,
+    it is in the key only where it picks the eval rows (read again to count them)."""
     digests = data_digests(cfg.data)
     prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    seed_matters = seed_picks_eval_rows(cfg)
-    return SharedData(data_key(cfg, seed_matters=seed_matters), seed_matters, prepared, digests)
+    seed_matters = seed_picks_eval_rows(cfg) if seed_searched else True
+    payload = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
+    return SharedData(data_key(cfg, seed_matters=seed_matters), seed_matters, payload, digests)
 
 
 def seed_picks_eval_rows(cfg: Config) -> bool:

@@ -353,36 +353,38 @@ def _search(
     except BaseException:
         mlc.set_terminated(parent_id, "FAILED")
         raise
-    # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
-    # trial runs of earlier attempts are only known to MLflow.
-    known = tracking.trial_runs(mlc, exp_id, parent_id)
-    unended = interrupted_trials(known, created=len(grid), num_samples=cfg.search.num_samples)
-    if unended is not None:
-        _stop_interrupted(mlc, parent_id, known, unended, exp_dir=exp_dir)
-    runs = {t: run for t, (run, _) in known.items()}
-    runs.update(callback.runs)
-    results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
-    diverged = set(getattr(callback, "diverged", ()))
-    tracked = {
-        "mlc": mlc,
-        "uri": uri,
-        "exp_id": exp_id,
-        "parent_id": parent_id,
-        "runs": runs,
-        "diverged": diverged,
-        "timing": timing,
-    }
+    ended = False  # whether every trial ended (a Ctrl-C during fit() is told apart below)
     try:
+        # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
+        # trial runs of earlier attempts are only known to MLflow.
+        known = tracking.trial_runs(mlc, exp_id, parent_id)
+        unended = interrupted_trials(known, created=len(grid), num_samples=cfg.search.num_samples)
+        if unended is not None:
+            _stop_interrupted(mlc, parent_id, known, unended, exp_dir=exp_dir)
+        ended = True
+        runs = {t: run for t, (run, _) in known.items()}
+        runs.update(callback.runs)
+        tracked = {
+            "mlc": mlc,
+            "uri": uri,
+            "exp_id": exp_id,
+            "parent_id": parent_id,
+            "runs": runs,
+            "diverged": set(getattr(callback, "diverged", ())),
+            "timing": timing,
+        }
+        results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
         return _finish(spec_path, cfg, exp_dir, results, tracked=tracked, resolve=resolve, t0=t0)
     except KeyboardInterrupt:
-        # Ctrl-C while ranking, scoring or promoting (promotion is atomic): --resume runs the
-        # finish again, its trials all ended.
-        mlc.set_terminated(parent_id, "KILLED")
-        log.warning(
-            "search interrupted after its trials ended, before its summary; finish it with "
-            "--resume (search.experiment_dir %s)",
-            exp_dir,
-        )
+        mlc.set_terminated(parent_id, "KILLED")  # again, if _stop_interrupted did: the same
+        if ended:
+            # Ctrl-C while ranking, scoring or promoting (promotion is atomic): --resume runs
+            # the finish again, its trials all ended.
+            log.warning(
+                "search interrupted after its trials ended, before its summary; finish it with "
+                "--resume (search.experiment_dir %s)",
+                exp_dir,
+            )
         raise
     finally:
         ray.shutdown()  # flushes worker logs now, not after the summary table
@@ -417,7 +419,8 @@ def _own_signal_handlers() -> Iterator[None]:
         yield
     finally:
         for sig, handler in before.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(sig, handler)
 
 
 def interrupted_trials(

@@ -39,7 +39,7 @@ def preflight(spec: SearchSpec, *, source: str) -> SharedData:
         check_model(spec.model)
         check_searched_targets(spec)
         tokenizer = training_tokenizer(spec)
-        data = read_once(spec, tokenizer)
+        data = read_once(spec, tokenizer, seed_searched="train.seed" in spec.search.params)
     except (ModelError, DataError, TemplateError) as err:
         # "model.name_or_path: ..." names a field: say which file holds it. A message that
         # names a data file and row is already its own place.

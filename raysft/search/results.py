@@ -302,7 +302,11 @@ def drop_untracked_checkpoints(exp_dir: Path, keep: set[str]) -> list[Path]:
             continue  # not there, or a layout this Ray version does not write
         for ckpt in sorted(run_dir.glob("checkpoint_*")):
             if ckpt.is_dir() and ckpt.name not in tracked and str(ckpt.resolve()) not in keep:
-                shutil.rmtree(ckpt)
+                try:
+                    shutil.rmtree(ckpt)
+                except OSError as err:  # a file still open on NFS: disk, never the search
+                    log.warning("could not delete untracked checkpoint %s: %s", ckpt, err)
+                    continue
                 dropped.append(ckpt)
     if dropped:
         log.info(

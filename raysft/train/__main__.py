@@ -59,10 +59,16 @@ def _dry_run(cfg: Config, source: str) -> int:
     report = _check_data(cfg, source)
     print(dump_config(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
+    dropped = [
+        f"{report.rows_skipped:,} rows skipped" if report.rows_skipped else "",
+        f"{report.dropped_no_trained_tokens:,} samples dropped (truncated to nothing to train)"
+        if report.dropped_no_trained_tokens
+        else "",
+    ]
     print(
-        f"data: {report.train_examples} training and {report.eval_examples} eval examples, "
+        f"data: {report.train_examples:,} training and {report.eval_examples:,} eval examples, "
         f"{report.train_tokens:,} training tokens ({report.trained_tokens:,} trained)"
-        + (f", {report.rows_skipped} rows skipped" if report.rows_skipped else "")
+        + "".join(f", {d}" for d in dropped if d)
     )
     try:  # said, not refused: a config may be checked before its output_dir is cleared
         _check_output_dir(cfg, source, resuming=None)

@@ -10,7 +10,6 @@ the only differences are the ``report`` callback and the distributed context.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -21,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +192,8 @@ def _prepare(
 
     if shared is None:
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    else:  # its report gets this run's packing figures: a copy, the rest is only read
-        data = replace(shared.prepared, report=copy.copy(shared.prepared.report))
+    else:
+        data = shared.prepared()
         log.info("data: as the search's driver read and tokenized it (no second read)")
     train_bins = make_bins(data.train, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     eval_bins = make_bins(data.eval, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)

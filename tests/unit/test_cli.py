@@ -259,7 +259,7 @@ def parse_dry_run(stdout: str) -> tuple[dict[str, Any], int, int, float]:
     *config_lines, last, data = stdout.rstrip("\n").split("\n")
     m = PARAMS_LINE.fullmatch(last)
     assert m, last
-    # The data read as the run reads it (the embedded default: 700 rows, 100 of them eval).
+    # The data read as the run reads it (the embedded default: 800 training rows, 100 eval).
     d = DATA_LINE.fullmatch(data)
     assert d, data
     assert int(d[2]) == 100 and 0 < int(d[4].replace(",", "")) < int(d[3].replace(",", ""))
@@ -468,3 +468,22 @@ def test_an_output_dir_of_hidden_files_or_a_volume_root_counts_as_empty(tmp_path
     (out / "lost+found").mkdir(parents=True)
     (out / ".gitkeep").write_text("", encoding="utf-8")
     _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
+
+
+def test_dry_run_counts_the_rows_and_samples_a_run_would_drop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from raysft.train.__main__ import _dry_run
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)]
+    rows += [{"instruction": "x" * 300, "output": "y"}]  # its prompt fills max_seq_len
+    lines = [json.dumps(r) for r in rows] + ["{not json"]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = load_config(
+        None,
+        {"data.train": str(tmp_path / "t.jsonl"), "data.eval": None, "data.eval_fraction": 0.2,
+         "data.on_error": "skip", "data.max_seq_len": 128, "train.seed": 0},
+    )  # fmt: skip
+    assert _dry_run(cfg, "c.yaml") == 0
+    last = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
+    assert last.endswith(", 1 rows skipped, 1 samples dropped (truncated to nothing to train)")

@@ -191,14 +191,29 @@ def test_a_section_given_a_value_says_so_without_class_names(value: object, kind
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("lora.r", True), ("train.batch_size", True), ("train.learning_rate", False),
-     ("train.neftune_alpha", True), ("data.max_eval_samples", True)],
+    [("lora.r", True), ("train.batch_size", True), ("train.learning_rate", False)],
 )  # fmt: skip
 def test_true_or_false_for_a_number_is_refused(key: str, value: bool) -> None:
     # pydantic alone reads them as 1 and 0: lora.r: true would train at rank 1.
     assert problems_of(None, {key: value}) == [
         f"--set {key}: should be a number, not {str(value).lower()}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [("search.resources.gpus_per_worker", True, "should be a number or 'auto', not true"),
+     ("train.neftune_alpha", False, "should be a number or null, not false"),
+     ("data.max_eval_samples", True, "should be a number or null, not true")],
+)  # fmt: skip
+def test_true_or_false_for_a_number_names_what_else_it_takes(
+    key: str, value: bool, problem: str
+) -> None:
+    tree = {"search": {"params": {"lora.r": {"type": "choice", "values": [4]}}}}
+    set_path(tree, key, value)
+    with pytest.raises(ConfigError) as info:
+        validate_spec(tree)
+    assert info.value.problems == [f"{key}: {problem}"]
 
 
 def test_true_or_false_where_a_flag_is_meant_stays_one() -> None:

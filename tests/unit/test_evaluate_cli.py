@@ -293,6 +293,12 @@ def test_a_moved_projects_champion_is_found_where_it_moved_with_it(
         f"{exp}: its champion (v3) was exported to /old/proj/out/champion, which is not there "
         "(moved or deleted?); score the export where it is now"
     )
+    # Already the champion, its export elsewhere: no export recorded, none invented.
+    summary["promotion"] = {"promoted": True, "version": "3", "reason": "already champion v3"}
+    (exp / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SearchStateError) as err:
+        resolve_target(str(exp))
+    assert str(err.value).startswith(f"{exp}: no champion to score (already champion v3); ")
 
 
 def test_tunes_record_of_a_trial_points_at_what_can_be_scored(tmp_path: Path) -> None:

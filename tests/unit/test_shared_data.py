@@ -63,14 +63,21 @@ def test_a_trial_takes_the_drivers_data_only_where_it_would_read_the_same(
     tmp_path: Path, change: dict[str, Any], fits: bool
 ) -> None:
     cfg = _config(tmp_path)
-    shared = read_once(cfg, training_tokenizer(cfg))
+    shared = read_once(cfg, training_tokenizer(cfg), seed_searched=True)
     assert not shared.seed_matters
     assert shared.fits(_config(tmp_path, **change)) is fits
 
 
+def test_without_a_searched_seed_the_key_keeps_the_specs(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)  # every trial has the spec's seed: the eval file is not read again
+    shared = read_once(cfg, training_tokenizer(cfg), seed_searched=False)
+    assert shared.seed_matters and shared.fits(cfg)
+    assert not shared.fits(_config(tmp_path, **{"train.seed": 7}))
+
+
 def test_a_seed_that_samples_the_eval_rows_is_part_of_the_key(tmp_path: Path) -> None:
     cfg = _config(tmp_path, **{"data.max_eval_samples": 4})  # 4 of 8 eval rows, by train.seed
-    shared = read_once(cfg, training_tokenizer(cfg))
+    shared = read_once(cfg, training_tokenizer(cfg), seed_searched=True)
     assert shared.seed_matters
     assert shared.fits(_config(tmp_path, **{"data.max_eval_samples": 4}))
     assert not shared.fits(_config(tmp_path, **{"data.max_eval_samples": 4, "train.seed": 7}))
@@ -81,7 +88,9 @@ def test_a_trial_on_the_drivers_data_trains_as_on_its_own_and_reads_no_file(
 ) -> None:
     cfg = _config(tmp_path)
     # As a worker gets it from Ray's object store: pickled, a copy of the driver's.
-    shared = pickle.loads(pickle.dumps(read_once(cfg, training_tokenizer(cfg))))
+    shared = pickle.loads(
+        pickle.dumps(read_once(cfg, training_tokenizer(cfg), seed_searched=False))
+    )
     own = run_trial(cfg)
     for name in ("rows.jsonl", "eval.jsonl"):  # the worker's node need not have them
         (tmp_path / name).rename(tmp_path / f"{name}.away")
@@ -90,14 +99,14 @@ def test_a_trial_on_the_drivers_data_trains_as_on_its_own_and_reads_no_file(
         own.history
     )  # every loss, eval and learning rate, step by step
     assert taken.data == own.data  # the data report too (rows read, packing efficiency)
-    assert shared.prepared.report.packing_efficiency is None  # the trial's copy got it
+    assert shared.prepared().report.packing_efficiency is None  # the trial's copy got it
     with pytest.raises(Exception, match="rows.jsonl"):  # without it the trial reads the file
         run_trial(_config(tmp_path, output_dir=str(tmp_path / "out-own")))
 
 
 def test_a_trial_whose_data_differs_reads_its_own(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
-    shared = read_once(cfg, training_tokenizer(cfg))
+    shared = read_once(cfg, training_tokenizer(cfg), seed_searched=False)
     other = _config(tmp_path, **{"data.max_seq_len": 64})
     assert not shared.fits(other)
     taken = run_trial(other, shared=shared)
