@@ -212,18 +212,21 @@ def _settings(
 
 
 def _working_dir(root: Path) -> str | None:
-    """The directory the run under ``root`` read its relative paths from: its experiment's
-    (summary.json, in ``root`` or up to 4 levels above: EXP/champion, EXP/trials/ID,
-    EXP/train/train-ID/checkpoint_*), else its own or its export's record (metrics.json, up to
-    2 levels above: OUT/checkpoints/step-N); None when no record says."""
+    """The directory the run under ``root`` read its relative paths from: its own record
+    (metrics.json: a raysft.train output, a trial, an export), else its experiment's
+    (summary.json, there or up to 4 levels above: EXP/train/train-ID/checkpoint_*), else its run's
+    (metrics.json, up to 2 levels above: OUT/checkpoints/step-N); None when no record says."""
     here = root.resolve()
+    own = _json_field(here / "metrics.json", "working_dir")
+    if own is not None:
+        return own
     for d in [here, *list(here.parents)[:4]]:
         if (d / SUMMARY_FILE).is_file():  # the nearest experiment: older ones record none
             wd = _json_field(d / SUMMARY_FILE, "working_dir")
             if wd is not None:
                 return wd
             break
-    for d in [here, *list(here.parents)[:2]]:
+    for d in list(here.parents)[:2]:
         wd = _json_field(d / "metrics.json", "working_dir")
         if wd is not None:
             return wd

@@ -320,6 +320,7 @@ def test_tunes_record_of_a_trial_points_at_what_can_be_scored(tmp_path: Path) ->
         ("train/train-t1/checkpoint_000002", "summary"),  # one of its checkpoints
         ("out", "metrics"),  # a raysft.train output, or an exported champion
         ("out/checkpoints/step-000002", "metrics"),  # its checkpoint
+        ("out", "both"),  # a raysft.train output kept inside an experiment dir: its own wins
     ],
 )
 def test_a_runs_own_relative_paths_are_read_where_it_ran(
@@ -344,6 +345,8 @@ def test_a_runs_own_relative_paths_are_read_where_it_ran(
         (exp / "summary.json").write_text(json.dumps({"working_dir": str(ran_in)}))
     else:
         (exp / "out" / "metrics.json").write_text(json.dumps({"working_dir": str(ran_in)}))
+    if record == "both":
+        (exp / "summary.json").write_text(json.dumps({"working_dir": str(tmp_path / "other")}))
     monkeypatch.chdir(tmp_path)  # elsewhere: rows/eval.jsonl is no file here
     assert resolve_target(str(run_dir)).cfg.data.eval == str(ran_in / "rows" / "eval.jsonl")
     assert run([str(run_dir), "--json", "--metrics", "exact_match"]) == 0
