@@ -66,7 +66,10 @@ def sources(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def data_digests(data: Any) -> dict[str, dict[str, str]]:
+Digests = dict[str, dict[str, str]]  # data_digests: "train"/"eval" -> source -> sha256
+
+
+def data_digests(data: Any) -> Digests:
     """Digest of every source of a ``DataSection``: ``{"train": {spec: sha}, "eval": {...}}``."""
     return {
         part: {s: source_digest(s) for s in sources(getattr(data, part))}

@@ -129,9 +129,10 @@ def _note_unread(loaded: LoadedData, report: DataReport) -> None:
 
 
 def _load_split(
-    cfg: DataSection, *, seed: int, with_eval: bool
+    cfg: DataSection, *, seed: int, with_eval: bool, with_train: bool = True
 ) -> tuple[list[Conversation], list[Conversation], DataReport, dict[int, str]]:
-    """``load_split``, and where each conversation came from (``id(conv)`` -> "file: row i")."""
+    """``load_split``, and where each conversation came from (``id(conv)`` -> "file: row i").
+    ``with_train=False``: ``data.train`` is read only if the eval rows are split from it."""
     report = DataReport()
     origins: dict[int, str] = {}
 
@@ -146,25 +147,28 @@ def _load_split(
         origins.update(zip(map(id, loaded.conversations), loaded.origins, strict=True))
         return loaded
 
-    train = load(cfg.train)
-    _note_unread(train, report)
-    report.rows_read += train.n_rows
-    report.skipped += train.skipped
-    if not train.conversations:
-        raise _no_rows("train", cfg.train, train)
+    train_convs: list[Conversation] = []
+    if with_train or cfg.eval is None:
+        train = load(cfg.train)
+        _note_unread(train, report)
+        report.rows_read += train.n_rows
+        report.skipped += train.skipped
+        if not train.conversations:
+            raise _no_rows("train", cfg.train, train)
+        train_convs = train.conversations
     if not with_eval:
         report.rows_skipped = len(report.skipped)
-        return train.conversations, [], report, origins
+        return train_convs, [], report, origins
     if cfg.eval is None:
         train_convs, eval_convs = split_train_eval(
-            train.conversations, eval_fraction=cfg.eval_fraction, seed=seed
+            train_convs, eval_fraction=cfg.eval_fraction, seed=seed
         )
     else:
         held = load(cfg.eval, "eval")
         _note_unread(held, report)
         report.rows_read += held.n_rows
         report.skipped += held.skipped
-        train_convs, eval_convs = train.conversations, held.conversations
+        eval_convs = held.conversations
         if not eval_convs:
             raise _no_rows("eval", cfg.eval, held)
     report.rows_skipped = len(report.skipped)
@@ -179,26 +183,11 @@ def _sampled(convs: list[Conversation], cfg: DataSection, *, seed: int) -> list[
 
 
 def load_eval(cfg: DataSection, *, seed: int) -> tuple[list[Conversation], DataReport]:
-    """The held-out conversations ``load_split`` returns, without reading the training data
-    where it is not needed: a ``data.eval`` source is read alone (the same rows, picked by the
-    same seed); without one, the eval rows are a seeded split of ``data.train``."""
-    if cfg.eval is None:
-        _, evals, report, _ = _load_split(cfg, seed=seed, with_eval=True)
-        return evals, report
-    report = DataReport()
-    held = load_conversations(
-        cfg.eval,
-        role="eval",
-        fmt=cfg.format,
-        on_error=cfg.on_error,
-        system_prompt=cfg.system_prompt,
-    )
-    _note_unread(held, report)
-    report.rows_read, report.skipped = held.n_rows, list(held.skipped)
-    report.rows_skipped = len(report.skipped)
-    if not held.conversations:
-        raise _no_rows("eval", cfg.eval, held)
-    return _sampled(held.conversations, cfg, seed=seed), report
+    """The held-out conversations ``load_split`` returns (the same rows, picked by the same
+    seed), without reading the training data where it is not needed: only a split of
+    ``data.train`` (no ``data.eval``) reads it."""
+    _, evals, report, _ = _load_split(cfg, seed=seed, with_eval=True, with_train=False)
+    return evals, report
 
 
 def check_template(cfg: DataSection, tokenizer: Any) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raysft.config import Config
-from raysft.data.digest import data_digests
+from raysft.data.digest import Digests, data_digests
 from raysft.data.formats import load_conversations
 from raysft.data.pipeline import PreparedData, prepare_data
 
@@ -48,7 +48,7 @@ class SharedData:
     # The PreparedData, pickled: the driver keeps a few bytes a token for the whole search, not
     # Python's objects (several times more), and a trial it does not fit never unpickles it.
     payload: bytes
-    digests: dict[str, dict[str, str]]  # data_digests of the sources it was read from
+    digests: Digests  # data_digests of the sources it was read from
 
     def fits(self, cfg: Config) -> bool:
         """Whether ``cfg`` would read and tokenize exactly this."""

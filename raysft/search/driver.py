@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
-from raysft.data.digest import changed_sources, data_digests
+from raysft.data.digest import Digests, changed_sources, data_digests
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, SearchStateError
 from raysft.paths import writable_dir_problem
@@ -123,15 +123,22 @@ def build_tuner(
     )
 
 
-def _open_experiment(spec_path: str, cfg: SearchSpec, *, resume: bool) -> Path:
+def _open_experiment(
+    spec_path: str, cfg: SearchSpec, *, resume: bool, digests: Digests | None = None
+) -> Path:
     """The experiment dir, checked against ``--resume`` before anything starts."""
-    exp_dir = check_experiment_dir(spec_path, cfg, resume=resume)
+    exp_dir = check_experiment_dir(spec_path, cfg, resume=resume, digests=digests)
     exp_dir.mkdir(parents=True, exist_ok=True)
     return exp_dir
 
 
 def check_experiment_dir(
-    spec_path: str, cfg: SearchSpec, *, resume: bool, held_ok: bool = False
+    spec_path: str,
+    cfg: SearchSpec,
+    *,
+    resume: bool,
+    held_ok: bool = False,
+    digests: Digests | None = None,
 ) -> Path:
     """Where the search goes (resolved), refused if it cannot go there: a file, a search that
     is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
@@ -152,7 +159,7 @@ def check_experiment_dir(
     if resume and not tune_dir.exists():
         raise SearchStateError(f"{spec_path}: --resume: no search to resume in {exp_dir}")
     if resume:
-        _check_same_spec(spec_path, cfg, exp_dir)
+        _check_same_spec(spec_path, cfg, exp_dir, digests)
     unsafe = export_dir_problem(cfg.promote, exp_dir) if cfg.promote.enabled else None
     if unsafe:  # found now, not after the search
         raise SearchStateError(f"{spec_path}: promote.export_dir: {unsafe}")
@@ -196,9 +203,12 @@ def _changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     )
 
 
-def _check_same_spec(spec_path: str, cfg: SearchSpec, exp_dir: Path) -> None:
+def _check_same_spec(
+    spec_path: str, cfg: SearchSpec, exp_dir: Path, digests: Digests | None
+) -> None:
     """``--resume`` continues the search it finds with the spec it started with: Tune restores
-    its sampler and trials, but every trial's config comes from the spec given now."""
+    its sampler and trials, but every trial's config comes from the spec given now.
+    ``digests``: the data's, where the caller has them (``SharedData``), else read here."""
     state_path = exp_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("spec") is None:  # an experiment dir from before raysft kept its spec
@@ -214,7 +224,8 @@ def _check_same_spec(spec_path: str, cfg: SearchSpec, exp_dir: Path) -> None:
             "search.experiment_dir"
         )
     # Same paths, other bytes: the trials so far trained and were scored on the old ones.
-    moved = changed_sources(state.get("data", {}), data_digests(cfg.data))
+    now = data_digests(cfg.data) if digests is None else digests
+    moved = changed_sources(state.get("data", {}), now)
     if moved:
         raise SearchStateError(
             f"{spec_path}: --resume: the data differs from what the trials in {exp_dir} "
@@ -257,7 +268,14 @@ def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
 
 
 def _parent_run(
-    mlc: Any, exp_id: str, exp_dir: Path, cfg: SearchSpec, spec_path: str, *, uri: str
+    mlc: Any,
+    exp_id: str,
+    exp_dir: Path,
+    cfg: SearchSpec,
+    spec_path: str,
+    *,
+    uri: str,
+    digests: Digests | None = None,
 ) -> str:
     """The search's parent MLflow run: created once, reopened by ``--resume``."""
     state_path = exp_dir / STATE_FILE
@@ -270,7 +288,8 @@ def _parent_run(
         "parent_run_id": parent_id,
         "tracking_uri": uri,
         "spec": _spec_record(cfg),
-        "data": data_digests(cfg.data),  # --resume checks the bytes too
+        # --resume checks the bytes too: those the trials train on, where the driver has them
+        "data": data_digests(cfg.data) if digests is None else digests,
     }
     state_path.write_text(json.dumps(state))
     return parent_id
@@ -288,7 +307,8 @@ def run_search(
     ``shared``: its data as ``read_spec`` read it, for the trials (else each reads its own)."""
     t0 = time.perf_counter()
     fresh = not Path(cfg.search.experiment_dir).resolve().exists()
-    exp_dir = _open_experiment(spec_path, cfg, resume=resume)
+    digests = shared.digests if shared is not None else None  # read once, with the data
+    exp_dir = _open_experiment(spec_path, cfg, resume=resume, digests=digests)
     scratch = tempfile.mkdtemp(prefix="rsft-", dir=_short_temp_root())
     try:
         return _search(
@@ -329,7 +349,8 @@ def _search(
     uri = tracking.tracking_uri(cfg.tracking)
     mlc = tracking.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
-    parent_id = _parent_run(mlc, exp_id, exp_dir, cfg, spec_path, uri=uri)
+    digests = shared.digests if shared is not None else None
+    parent_id = _parent_run(mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests)
     resolve = TrialConfigs(tree, str(exp_dir))
     callback = tracking.make_callback(
         mlc,
