@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -252,6 +253,39 @@ def start_ray(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subp
     )
 
 
+# Ray gives a starting node fixed windows: the raylet aborts when its dashboard agent has not
+# written its port file within about 15 s, the driver when the node has not registered within
+# 30 s. The suite runs two lanes side by side on 2 cores (tests/conftest.py), and a search's
+# Ray started beside the other lane's 4-trials-at-a-time load test missed them twice in a CI
+# run (load average 30). Measured on the dev VM, 5 local Ray starts beside that search: 17-56 s
+# each with the search at their priority, 3.5-10 s with its session 10 levels below them
+# (alone: 3 s). So every search and cluster a test starts is lowered to LOWERED_NICE once its
+# Ray is up: starts keep the CPU, searches that have started share the rest. Linux schedules
+# each session as a group (autogroup, on here and in CI: every command a test starts is a
+# session of its own), and a group's nice value weighs the whole session, the processes Ray
+# goes on starting in it included. Without autogroup nothing is changed.
+LOWERED_NICE = 10
+RAY_UP_LINE = "search space:"  # what raysft.tune logs once its Ray is up (search/driver.py)
+
+
+def lower_cpu_share(pid: int) -> None:
+    """Lower the CPU share of the session ``pid`` leads to ``LOWERED_NICE`` (autogroup)."""
+    with suppress(OSError):  # no autogroup, or the session already gone
+        Path(f"/proc/{pid}/autogroup").write_text(f"{LOWERED_NICE}\n")
+
+
+def _lower_once_up(proc: subprocess.Popen, log: Path) -> None:
+    """Watch ``log`` until ``RAY_UP_LINE`` appears, then ``lower_cpu_share`` of ``proc``."""
+    seen = ""
+    with open(log, encoding="utf-8", errors="replace") as f:
+        while proc.poll() is None:
+            seen = (seen + f.read())[-len(RAY_UP_LINE) - 4096 :]
+            if RAY_UP_LINE in seen:
+                lower_cpu_share(proc.pid)
+                return
+            time.sleep(0.5)
+
+
 def _run_prefix() -> str:
     """The start of every mark this pytest run makes: ``RUN-``."""
     return f"{os.environ.get(SUITE_RUN_VAR, 'solo')}-"
@@ -350,7 +384,8 @@ def run_cmd(
     """Run ``cmd`` in its own process group, output to ``log``; kill what it started on a
     timeout.
 
-    Everything the command starts inherits a fresh ``MARK_VAR``. After it exits, wait up to
+    Everything the command starts inherits a fresh ``MARK_VAR``. A search's share of the CPU is
+    lowered once its Ray is up (``lower_cpu_share``). After it exits, wait up to
     ``settle`` s for the rest (a local Ray it started) to go; whatever is still alive then is
     reported in ``leftovers`` and killed. ``settle=None``: no wait, nothing killed; the caller
     checks later with ``wait_gone(pgid=ran.pgid, mark=ran.mark)``. ``on_start(popen, mark)`` is
@@ -363,6 +398,7 @@ def run_cmd(
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
+        threading.Thread(target=_lower_once_up, args=(proc, log), daemon=True).start()
         try:
             if on_start is not None:
                 on_start(proc, mark)

@@ -35,6 +35,7 @@ from .conftest import (
     group_pids,
     kill_all,
     kill_group,
+    lower_cpu_share,
     marked_pids,
     new_mark,
     node_port_flags,
@@ -147,6 +148,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, ray_tmp: Path) -> Iterator
         # job working dirs (each node's runtime-env agent counts only its own references).
         c.node = _start_second_node(start_env, gcs, root, ray_tmp / "n2")
         _wait_for_nodes(dashboard, token, 2, c.node, root / "ray-node.log")
+        for node in (c.proc, c.node):  # both up: their jobs' trials yield to others' Ray starts
+            lower_cpu_share(node.pid)
         yield c
     finally:
         c.stop()
