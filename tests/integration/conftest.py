@@ -268,20 +268,25 @@ LOWERED_NICE = 10
 RAY_UP_LINE = "search space:"  # what raysft.tune logs once its Ray is up (search/driver.py)
 
 
-def lower_cpu_share(pid: int) -> None:
-    """Lower the CPU share of the session ``pid`` leads to ``LOWERED_NICE`` (autogroup)."""
-    with suppress(OSError):  # no autogroup, or the session already gone
+def lower_cpu_share(pid: int) -> bool:
+    """Lower the CPU share of the session ``pid`` leads to ``LOWERED_NICE`` (autogroup);
+    whether it was."""
+    try:
         Path(f"/proc/{pid}/autogroup").write_text(f"{LOWERED_NICE}\n")
+    except OSError:  # no autogroup, or the session already gone
+        return False
+    return True
 
 
-def _lower_once_up(proc: subprocess.Popen, log: Path) -> None:
-    """Watch ``log`` until ``RAY_UP_LINE`` appears, then ``lower_cpu_share`` of ``proc``."""
+def _lower_once_up(proc: subprocess.Popen, log: Path, lowered: list[bool]) -> None:
+    """Watch ``log`` until ``RAY_UP_LINE`` appears, then ``lower_cpu_share`` of ``proc``; say
+    in ``lowered`` whether it was."""
     seen = ""
     with open(log, encoding="utf-8", errors="replace") as f:
         while proc.poll() is None:
             seen = (seen + f.read())[-len(RAY_UP_LINE) - 4096 :]
             if RAY_UP_LINE in seen:
-                lower_cpu_share(proc.pid)
+                lowered.append(lower_cpu_share(proc.pid))
                 return
             time.sleep(0.5)
 
@@ -353,6 +358,7 @@ class Ran:
     pgid: int  # the command's process group
     mark: str  # the MARK_VAR value of everything it started
     leftovers: list[int] = field(default_factory=list)
+    lowered: bool = False  # its CPU share lowered once its Ray was up (lower_cpu_share)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.output.splitlines()[-n:])
@@ -398,7 +404,9 @@ def run_cmd(
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
-        threading.Thread(target=_lower_once_up, args=(proc, log), daemon=True).start()
+        lowered: list[bool] = []
+        watcher = threading.Thread(target=_lower_once_up, args=(proc, log, lowered), daemon=True)
+        watcher.start()
         try:
             if on_start is not None:
                 on_start(proc, mark)
@@ -411,13 +419,15 @@ def run_cmd(
             tail = "\n".join(text.splitlines()[-80:])
             pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s; log tail:\n{tail}")
     seconds = time.monotonic() - t0
+    watcher.join()
     leftovers = [] if settle is None else wait_gone(settle, pgid=proc.pid, mark=mark)
     if leftovers:
         kill_group(proc.pid)
         kill_all(leftovers)
         wait_gone(10, pgid=proc.pid, mark=mark)
     output = log.read_text(encoding="utf-8", errors="replace")
-    return Ran(cmd, rc, output, seconds, pgid=proc.pid, mark=mark, leftovers=leftovers)
+    done = dict(pgid=proc.pid, mark=mark, leftovers=leftovers, lowered=any(lowered))
+    return Ran(cmd, rc, output, seconds, **done)
 
 
 @pytest.fixture(scope="module")
