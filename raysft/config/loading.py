@@ -4,6 +4,7 @@ file reported at once as ``file: dotted.path: message``. Imports neither torch n
 
 from __future__ import annotations
 
+import ast
 import copy
 import logging
 import re
@@ -250,7 +251,12 @@ def _member(tag: str) -> str:
     """A union alternative as pydantic tags it (``list[str]``, ``literal['all-linear']``), in
     words."""
     if tag.startswith("literal[") and tag.endswith("]"):
-        return " or ".join(v.strip() for v in tag[len("literal[") : -1].split(","))
+        inner = tag[len("literal[") : -1]
+        try:  # the values' reprs: a comma inside a quoted value is not a separator
+            values = [repr(v) for v in ast.literal_eval(f"({inner},)")]
+        except (SyntaxError, ValueError):
+            values = [v.strip() for v in inner.split(",")]
+        return " or ".join(values)
     return _MEMBERS.get(tag, "a list" if tag.startswith("list[") else tag)
 
 

@@ -229,6 +229,21 @@ def test_a_value_of_no_type_a_field_takes_says_which_it_takes(
     assert info.value.problems == [f"{key}: {problem}"]
 
 
+@pytest.mark.parametrize(
+    ("tag", "words"),
+    [
+        ("literal['all-linear']", "'all-linear'"),
+        ("literal['a, b', 'c']", "'a, b' or 'c'"),  # a comma inside a value separates nothing
+        ("literal[1, 'x']", "1 or 'x'"),
+        ("list[str]", "a list of strings"),
+    ],
+)
+def test_a_union_alternative_in_words(tag: str, words: str) -> None:
+    from raysft.config.loading import _member
+
+    assert _member(tag) == words
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
