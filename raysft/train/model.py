@@ -43,8 +43,14 @@ _GATED = re.compile(r"gated repo|\b401 client error|\bunauthorized\b", re.IGNORE
 
 
 def _resolve(spec: str) -> str:
-
-    return resolve(spec)
+    """``resolve``, and a local directory by its absolute path. A model keeps the name it was
+    loaded by (``config._name_or_path``), and an adapter saved on it records that as its base
+    (``base_model_name_or_path``): a relative one would be read from whatever directory loads
+    the adapter later. A hub id is left alone, unless a directory of that name is here: then
+    transformers would load that directory anyway."""
+    path = resolve(spec)
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.is_dir() else path
 
 
 def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:

@@ -235,16 +235,19 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
 
     workdir, exp_dir, db = tmp_path / "job", tmp_path / "exp", tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"  # db is absolute: sqlite:////...
-    # Training rows by a path relative to the job's working dir, which Ray unpacks on each node:
-    # every trial reads them there (Ray used to move a trial into a directory of its own).
+    # The base model and training rows by paths relative to the job's working dir, which Ray
+    # unpacks on each node: the driver reads the rows there (its trials get them from it), and
+    # every trial loads the model there (Ray used to move a trial into a directory of its own).
     (workdir / "data").mkdir(parents=True)
     shutil.copy(asset_dir("tasks-alpaca.jsonl"), workdir / "data" / "alpaca.jsonl")
+    shutil.copytree(asset_dir("tiny-base"), workdir / "base")
     render_spec(
         "job_small.yaml",
         workdir / "spec.yaml",
         {
             "search.experiment_dir": str(exp_dir),
             "tracking.uri": uri,
+            "model.name_or_path": "base",
             "data.train": ["data/alpaca.jsonl", asset_ref("tasks-sharegpt.jsonl")],
         },
     )

@@ -291,6 +291,22 @@ def test_save_full_model_with_cache_enabled_for_inference(tiny_llama_dir, tmp_pa
     assert model.config.use_cache is False
 
 
+def test_an_adapter_on_a_base_given_by_a_relative_path_names_it_absolutely(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """``model.name_or_path: base`` (a directory beside the spec): the saved adapter names
+    the base by its absolute path, so it loads from any directory (raysft.evaluate, a user)."""
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg("base")
+    model, tok = load_model(cfg), load_tokenizer(cfg.model)
+    out = save_model(model, tok, tmp_path / "lora", method="lora")
+    named = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str((tmp_path / "base").resolve())
+
+
 def test_load_model_of_a_missing_path_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match=r"model.name_or_path: cannot load '.*no-such-model'"):
         load_model(_cfg(tmp_path / "no-such-model"))
