@@ -32,6 +32,7 @@ from raysft.search import results as res
 from raysft.search.promote import export_dir_problem, export_target, promote
 from raysft.search.ray_start import (
     attaching_to_cluster,
+    base_inside_job_copy,
     check_ray_address,
     init_ray,
     inside_job_copy,
@@ -147,6 +148,10 @@ def check_experiment_dir(
     lost = inside_job_copy(_outputs(cfg, exp_dir), os.environ, Path.cwd())
     if lost:
         raise ConfigError(spec_path, lost)
+    if cfg.promote.enabled and cfg.method != "full":  # a full model's export holds its weights
+        gone = base_inside_job_copy(cfg.model.name_or_path, os.environ, Path.cwd())
+        if gone:
+            log.warning("%s: %s", spec_path, gone)
     unusable = writable_dir_problem(exp_dir)
     if unusable:
         raise SearchStateError(f"{spec_path}: search.experiment_dir: {unusable}")

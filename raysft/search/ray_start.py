@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from raysft.assets import EMBEDDED_PREFIX
 from raysft.errors import ConfigError, RayStartError
 from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, job_runtime_env, worker_env
 
@@ -119,6 +120,26 @@ def inside_job_copy(
         for setting, path in outputs.items()
         if path is not None and (path == copy or copy in path.parents)
     ]
+
+
+def base_inside_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> str | None:
+    """A warning when the base model is a directory inside the Ray job's copy of its
+    ``--working-dir``: the trials load it there, but an adapter names its base by that path
+    (``promote.export_base_name``), and Ray removes the copy after the job. None otherwise."""
+    if job_working_dir(environ) is None or name_or_path.startswith(EMBEDDED_PREFIX):
+        return None
+    local = cwd / Path(name_or_path).expanduser()  # an absolute path stays as it is
+    if not local.is_dir():
+        return None  # a hub id
+    path, copy = local.resolve(), cwd.resolve()
+    if path != copy and copy not in path.parents:
+        return None
+    return (
+        f"model.name_or_path: {path} is inside the job's copy of --working-dir ({copy}), which "
+        "Ray removes after the job: the trials load it there, but the champion's adapter names "
+        "its base by that path, so raysft.evaluate and load_champion will not find it later; "
+        "put the base on storage every node sees (--set model.name_or_path=/mnt/shared/MODEL)"
+    )
 
 
 _ELSEWHERE = {

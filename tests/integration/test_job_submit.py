@@ -254,6 +254,8 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
     ran = _submit(cluster, workdir, tmp_path / "submit.log", "raysft-it-ok")
     assert ran.rc == 0, ran.explain()
     assert "Job 'raysft-it-ok' succeeded" in ran.output, ran.tail()
+    # Its base lies in the job's copy of --working-dir, which Ray removes: said at the start.
+    assert "model.name_or_path: " in ran.output and "load_champion will not find it" in ran.output
     # It joined this cluster (not a Ray of its own) and planned with the cluster's 2 CPUs.
     assert re.search(
         rf"concurrent trials: 2 of 2 \(cluster [\d.]+:{cluster.gcs_port}\)", ran.output

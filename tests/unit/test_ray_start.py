@@ -202,6 +202,23 @@ def test_outputs_inside_the_jobs_working_dir_copy_are_refused(tmp_path: Path) ->
     assert inside_job_copy(outputs, no_copy, copy) == []
 
 
+def test_a_base_model_inside_the_jobs_working_dir_copy_is_warned_of(tmp_path: Path) -> None:
+    from raysft.search.ray_start import base_inside_job_copy
+
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}
+    environ = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+    copy = tmp_path / "_ray_pkg_0123"
+    (copy / "base").mkdir(parents=True)
+    (tmp_path / "shared").mkdir()
+    warning = base_inside_job_copy("base", environ, copy)
+    assert warning is not None and warning.startswith(f"model.name_or_path: {copy / 'base'} is")
+    assert "load_champion will not find it later" in warning
+    assert base_inside_job_copy(str(tmp_path / "shared"), environ, copy) is None  # elsewhere
+    assert base_inside_job_copy("embedded:tiny-base", environ, copy) is None
+    assert base_inside_job_copy("org/model", environ, copy) is None  # a hub id
+    assert base_inside_job_copy("base", {}, copy) is None  # not a job
+
+
 def test_local_mlflow_stores_are_found_and_servers_are_not(tmp_path: Path, monkeypatch) -> None:
     from raysft.search.tracking import local_store
 
