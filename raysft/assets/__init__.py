@@ -49,3 +49,13 @@ def resolve(spec: str) -> str:
     if spec.startswith(EMBEDDED_PREFIX):
         return str(asset_path(spec[len(EMBEDDED_PREFIX) :]))
     return spec
+
+
+def absolute_if_local(name_or_path: str) -> str:
+    """A local directory by its absolute path (``~`` expanded); anything else (a hub id,
+    ``embedded:NAME``) as given. A model keeps the name it was loaded by, and an adapter saved on
+    it (a trial's checkpoint, a champion export) records that as its base: a relative one would
+    be read from whatever directory loads the adapter later. A hub id that is also a directory
+    here is that directory: transformers would load it."""
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else name_or_path

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from raysft.assets import EMBEDDED_PREFIX, resolve
+from raysft.assets import absolute_if_local, resolve
 from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
 from raysft.data.digest import source_digest
 from raysft.data.digest import sources as data_sources
@@ -350,20 +350,11 @@ def _stage_export(
     (staging / "metrics.json").write_text(text, encoding="utf-8")
     adapter_config = staging / "adapter_config.json"
     if adapter_config.is_file():
+        # The trial's checkpoint names the path it loaded its base from; embedded:NAME and a hub
+        # id are kept as the config gives them, to resolve where the package is installed.
         conf = json.loads(adapter_config.read_text(encoding="utf-8"))
-        conf["base_model_name_or_path"] = export_base_name(cfg.model.name_or_path)
+        conf["base_model_name_or_path"] = absolute_if_local(cfg.model.name_or_path)
         adapter_config.write_text(json.dumps(conf, indent=2, sort_keys=True), encoding="utf-8")
-
-
-def export_base_name(name_or_path: str) -> str:
-    """How an export names its base. The trial's checkpoint has the path it loaded the base
-    from; ``embedded:NAME`` and a hub id are kept as the config gives them, so they resolve
-    where the package is installed elsewhere. A local directory is named by its absolute path:
-    a relative one would be read from the directory of whoever loads the export."""
-    if name_or_path.startswith(EMBEDDED_PREFIX):
-        return name_or_path
-    local = Path(name_or_path).expanduser()
-    return str(local.resolve()) if local.is_dir() else name_or_path
 
 
 def _check_export(directory: Path) -> None:
@@ -413,7 +404,7 @@ def _register(
         TAG_METRIC: record["metric"],
         TAG_VALUE: repr(record["value"]),
         TAG_EVAL: record["eval_fingerprint"],
-        TAG_BASE: export_base_name(cfg.model.name_or_path),
+        TAG_BASE: absolute_if_local(cfg.model.name_or_path),
         TAG_RUN: run_id,
     }
     return mlflow.register_model(f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags)

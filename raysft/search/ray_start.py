@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from raysft.assets import EMBEDDED_PREFIX
+from raysft.assets import absolute_if_local
 from raysft.errors import ConfigError, RayStartError
 from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, job_runtime_env, worker_env
 
@@ -124,16 +124,14 @@ def inside_job_copy(
 
 def base_inside_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> str | None:
     """A warning when the base model is a directory inside the Ray job's copy of its
-    ``--working-dir``: the trials load it there, but an adapter names its base by that path
-    (``promote.export_base_name``), and Ray removes the copy after the job. None otherwise."""
-    if job_working_dir(environ) is None or name_or_path.startswith(EMBEDDED_PREFIX):
+    ``--working-dir`` (``cwd``): the trials load it there, but an adapter names its base by that
+    path (``absolute_if_local``), and Ray removes the copy after the job. None otherwise."""
+    if job_working_dir(environ) is None:
         return None
-    local = cwd / Path(name_or_path).expanduser()  # an absolute path stays as it is
-    if not local.is_dir():
-        return None  # a hub id
-    path, copy = local.resolve(), cwd.resolve()
-    if path != copy and copy not in path.parents:
-        return None
+    path = Path(absolute_if_local(name_or_path))
+    copy = cwd.resolve()
+    if not path.is_dir() or (path != copy and copy not in path.parents):
+        return None  # a hub id, embedded:NAME, or a directory elsewhere
     return (
         f"model.name_or_path: {path} is inside the job's copy of --working-dir ({copy}), which "
         "Ray removes after the job: the trials load it there, but the champion's adapter names "

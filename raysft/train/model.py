@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raysft.assets import resolve
+from raysft.assets import absolute_if_local, resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
 from raysft.data.templates import export_chat_template
 from raysft.errors import ModelError
@@ -43,14 +43,8 @@ _GATED = re.compile(r"gated repo|\b401 client error|\bunauthorized\b", re.IGNORE
 
 
 def _resolve(spec: str) -> str:
-    """``resolve``, and a local directory by its absolute path. A model keeps the name it was
-    loaded by (``config._name_or_path``), and an adapter saved on it records that as its base
-    (``base_model_name_or_path``): a relative one would be read from whatever directory loads
-    the adapter later. A hub id is left alone, unless a directory of that name is here: then
-    transformers would load that directory anyway."""
-    path = resolve(spec)
-    local = Path(path).expanduser()
-    return str(local.resolve()) if local.is_dir() else path
+    """``resolve``, and a local directory by its absolute path (``absolute_if_local``)."""
+    return absolute_if_local(resolve(spec))
 
 
 def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:

@@ -426,8 +426,16 @@ def run_cmd(
         kill_all(leftovers)
         wait_gone(10, pgid=proc.pid, mark=mark)
     output = log.read_text(encoding="utf-8", errors="replace")
-    done = dict(pgid=proc.pid, mark=mark, leftovers=leftovers, lowered=any(lowered))
-    return Ran(cmd, rc, output, seconds, **done)
+    return Ran(
+        cmd,
+        rc,
+        output,
+        seconds,
+        pgid=proc.pid,
+        mark=mark,
+        leftovers=leftovers,
+        lowered=any(lowered),
+    )
 
 
 @pytest.fixture(scope="module")

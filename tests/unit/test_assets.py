@@ -10,7 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raysft.assets import EMBEDDED_PREFIX, asset_path, corpus, resolve, text_code
+from raysft.assets import (
+    EMBEDDED_PREFIX,
+    absolute_if_local,
+    asset_path,
+    corpus,
+    resolve,
+    text_code,
+)
 from raysft.assets.tokenizer import SPECIAL_TOKENS, build_tokenizer
 from raysft.errors import AssetError
 
@@ -277,3 +284,14 @@ def test_no_source_file_is_an_asset() -> None:
     from raysft.assets import available
 
     assert not [name for name in available() if name.endswith(".py")]
+
+
+def test_a_local_base_is_named_by_its_absolute_path(tmp_path, monkeypatch) -> None:
+    """A relative base directory would be read from the loader's directory; embedded:NAME and
+    a hub id stay as given, to resolve wherever the package is installed."""
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert absolute_if_local("base") == str((tmp_path / "base").resolve())
+    assert absolute_if_local("./base") == str((tmp_path / "base").resolve())
+    assert absolute_if_local("embedded:tiny-base") == "embedded:tiny-base"
+    assert absolute_if_local("org/model") == "org/model"  # no such directory: a hub id

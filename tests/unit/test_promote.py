@@ -903,16 +903,3 @@ def test_promote_cli_reads_relative_paths_from_where_the_search_ran(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["promoted"] is True
     assert registry.alias("cli-working-dir") == "1"
-
-
-def test_an_export_names_a_local_base_by_its_absolute_path(tmp_path, monkeypatch) -> None:
-    """A relative base directory would be read from the loader's directory; embedded:NAME and
-    a hub id stay as given, to resolve wherever the package is installed."""
-    from raysft.search.promote import export_base_name
-
-    (tmp_path / "base").mkdir()
-    monkeypatch.chdir(tmp_path)
-    assert export_base_name("base") == str((tmp_path / "base").resolve())
-    assert export_base_name("./base") == str((tmp_path / "base").resolve())
-    assert export_base_name("embedded:tiny-base") == "embedded:tiny-base"
-    assert export_base_name("org/model") == "org/model"  # no such directory: a hub id

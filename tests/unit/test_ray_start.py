@@ -202,7 +202,9 @@ def test_outputs_inside_the_jobs_working_dir_copy_are_refused(tmp_path: Path) ->
     assert inside_job_copy(outputs, no_copy, copy) == []
 
 
-def test_a_base_model_inside_the_jobs_working_dir_copy_is_warned_of(tmp_path: Path) -> None:
+def test_a_base_model_inside_the_jobs_working_dir_copy_is_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from raysft.search.ray_start import base_inside_job_copy
 
     job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}
@@ -210,6 +212,7 @@ def test_a_base_model_inside_the_jobs_working_dir_copy_is_warned_of(tmp_path: Pa
     copy = tmp_path / "_ray_pkg_0123"
     (copy / "base").mkdir(parents=True)
     (tmp_path / "shared").mkdir()
+    monkeypatch.chdir(copy)  # the driver of a job runs in the copy
     warning = base_inside_job_copy("base", environ, copy)
     assert warning is not None and warning.startswith(f"model.name_or_path: {copy / 'base'} is")
     assert "load_champion will not find it later" in warning
