@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.assets import available, resolve
+from raysft.assets import adapter_base_path, available, resolve
 from raysft.cli import run_cli, setup_logging
 from raysft.config import (
     Config,
@@ -82,6 +82,7 @@ def adapter_base(adapter_dir: Path) -> str:
     base = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None
     if not base:
         raise ModelError(f"{adapter_dir}: adapter_config.json names no base model")
+    base = adapter_base_path(adapter_dir, base)  # a champion export's own copy, if it has one
     p = Path(base)
     if base.startswith("embedded:") or p.is_dir():
         return str(base)

@@ -59,3 +59,16 @@ def absolute_if_local(name_or_path: str) -> str:
     here is that directory: transformers would load it."""
     local = Path(name_or_path).expanduser()
     return str(local.resolve()) if local.is_dir() else name_or_path
+
+
+# A champion export whose base would be lost (it lay in a Ray job's copy of --working-dir, which
+# Ray removes after the job) carries a copy of the base in this subdirectory, and its
+# adapter_config.json names the base by this relative name.
+BUNDLED_BASE = "base-model"
+
+
+def adapter_base_path(adapter_dir: Path, base: str) -> str:
+    """An adapter's ``base_model_name_or_path`` as a loader takes it: the adapter directory's
+    own copy of its base (``BUNDLED_BASE``) when it carries one, else ``base`` as given."""
+    own = adapter_dir / base
+    return str(own.resolve()) if base == BUNDLED_BASE and own.is_dir() else base

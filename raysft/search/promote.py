@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from raysft.assets import absolute_if_local, resolve
+from raysft.assets import BUNDLED_BASE, absolute_if_local, adapter_base_path, resolve
 from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
 from raysft.data.digest import source_digest
 from raysft.data.digest import sources as data_sources
@@ -35,6 +35,7 @@ from raysft.data.formats import saved_split
 from raysft.data.shared import seed_picks_eval_rows
 from raysft.errors import ModelError
 from raysft.paths import writable_dir_problem
+from raysft.search.ray_start import base_in_job_copy
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
 from raysft.search.tracking import redact_tree
@@ -354,6 +355,12 @@ def _stage_export(
         # id are kept as the config gives them, to resolve where the package is installed.
         conf = json.loads(adapter_config.read_text(encoding="utf-8"))
         conf["base_model_name_or_path"] = absolute_if_local(cfg.model.name_or_path)
+        gone = base_in_job_copy(cfg.model.name_or_path, os.environ, Path.cwd())
+        if gone is not None:  # Ray removes the job's copy after the job: the export keeps one
+            shutil.copytree(gone, staging / BUNDLED_BASE)
+            conf["base_model_name_or_path"] = BUNDLED_BASE
+            record["base_bundled_from"] = str(gone)
+            log.info("the export carries its base (%s), which Ray removes after the job", gone)
         adapter_config.write_text(json.dumps(conf, indent=2, sort_keys=True), encoding="utf-8")
 
 
@@ -404,7 +411,11 @@ def _register(
         TAG_METRIC: record["metric"],
         TAG_VALUE: repr(record["value"]),
         TAG_EVAL: record["eval_fingerprint"],
-        TAG_BASE: absolute_if_local(cfg.model.name_or_path),
+        TAG_BASE: (
+            f"{BUNDLED_BASE}/ of this model (copied from {record['base_bundled_from']})"
+            if "base_bundled_from" in record
+            else absolute_if_local(cfg.model.name_or_path)
+        ),
         TAG_RUN: run_id,
     }
     return mlflow.register_model(f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags)
@@ -527,7 +538,9 @@ def load_champion(directory: str | Path) -> tuple[Any, Any]:
 
     base_name = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
     base = AutoModelForCausalLM.from_pretrained(
-        resolve(base_name), revision=model_cfg.get("revision"), trust_remote_code=trust
+        resolve(adapter_base_path(d, base_name)),
+        revision=model_cfg.get("revision"),
+        trust_remote_code=trust,
     )
     with peft_quietly():
         return PeftModel.from_pretrained(base, str(d)).eval(), tokenizer

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from raysft.assets import absolute_if_local
+from raysft.assets import BUNDLED_BASE, absolute_if_local
 from raysft.errors import ConfigError, RayStartError
 from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, job_runtime_env, worker_env
 
@@ -122,21 +122,32 @@ def inside_job_copy(
     ]
 
 
-def base_inside_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> str | None:
-    """A warning when the base model is a directory inside the Ray job's copy of its
-    ``--working-dir`` (``cwd``): the trials load it there, but an adapter names its base by that
-    path (``absolute_if_local``), and Ray removes the copy after the job. None otherwise."""
+def base_in_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> Path | None:
+    """The base model's directory when it lies inside the Ray job's copy of its
+    ``--working-dir`` (``cwd``), which Ray removes after the job; None for a hub id,
+    ``embedded:NAME``, a directory elsewhere, or outside a job."""
     if job_working_dir(environ) is None:
         return None
     path = Path(absolute_if_local(name_or_path))
     copy = cwd.resolve()
-    if not path.is_dir() or (path != copy and copy not in path.parents):
-        return None  # a hub id, embedded:NAME, or a directory elsewhere
+    return path if path.is_dir() and (path == copy or copy in path.parents) else None
+
+
+def base_inside_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> str | None:
+    """What the driver says at its start when the base model lies inside the job's copy of
+    ``--working-dir`` (``base_in_job_copy``): the trials load it there, the champion's export
+    carries a copy of it (``BUNDLED_BASE``), but the trials' checkpoints name it by a path
+    that is gone after the job. None otherwise."""
+    path = base_in_job_copy(name_or_path, environ, cwd)
+    if path is None:
+        return None
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
     return (
-        f"model.name_or_path: {path} is inside the job's copy of --working-dir ({copy}), which "
-        "Ray removes after the job: the trials load it there, but the champion's adapter names "
-        "its base by that path, so raysft.evaluate and load_champion will not find it later; "
-        "put the base on storage every node sees (--set model.name_or_path=/mnt/shared/MODEL)"
+        f"model.name_or_path: {path} is inside the job's copy of --working-dir ({cwd.resolve()}), "
+        f"which Ray removes after the job: the champion's export will carry a copy of it "
+        f"({size / 2**20:.1f} MiB, in its {BUNDLED_BASE}/), and the trials' checkpoints name it by "
+        "this path (score one later with raysft.evaluate --base-model); to keep one copy, put "
+        "the base on storage every node sees (--set model.name_or_path=/mnt/shared/MODEL)"
     )
 
 

@@ -255,7 +255,8 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
     assert ran.rc == 0, ran.explain()
     assert "Job 'raysft-it-ok' succeeded" in ran.output, ran.tail()
     # Its base lies in the job's copy of --working-dir, which Ray removes: said at the start.
-    assert "model.name_or_path: " in ran.output and "load_champion will not find it" in ran.output
+    assert "model.name_or_path: " in ran.output
+    assert "the champion's export will carry a copy of it" in ran.output
     # It joined this cluster (not a Ray of its own) and planned with the cluster's 2 CPUs.
     assert re.search(
         rf"concurrent trials: 2 of 2 \(cluster [\d.]+:{cluster.gcs_port}\)", ran.output
@@ -271,6 +272,11 @@ def test_job_submit_runs_the_search_on_the_cluster(cluster: Cluster, tmp_path: P
     assert promo["promoted"] is True and str(promo["version"]) == "1", promo
     assert promo["reason"] == "first champion"
     assert Path(promo["export_dir"], "adapter_model.safetensors").is_file()
+    # ... and the export carries it, so it loads once the job's copy is gone.
+    assert promo["base_bundled_from"].endswith("/base"), promo
+    adapter = json.loads(Path(promo["export_dir"], "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "base-model"
+    assert Path(promo["export_dir"], "base-model", "model.safetensors").is_file()
 
     mlc = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = mlc.get_experiment_by_name("raysft-it-job")

@@ -100,9 +100,13 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
+    # AdamW's first step moves a weight by lr * g / (|g| + eps): where g is near eps, inductor's
+    # rounding of g shows amplified (seen: 2e-5 on 1 of 1024 weights). A wrong gradient (one
+    # rank's, or unsynchronised) moves weights by up to lr = 1e-2, 100x the compiled tolerance.
+    wtol = 1e-4 if compiled else 1e-6
     moved = 0
     for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=tol, rtol=1e-3 if compiled else 1e-5)
+        torch.testing.assert_close(b[key], a[key], atol=wtol, rtol=1e-2 if compiled else 1e-5)
         moved += int(not torch.equal(a[key], torch.zeros_like(a[key])))
     assert moved, "the step changed no adapter weight"
 

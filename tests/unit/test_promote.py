@@ -213,6 +213,61 @@ def test_first_champion_is_registered_aliased_and_exported(
     assert not torch.allclose(logits, checkpoints["logits"]["b"], atol=1e-3)
 
 
+def test_a_base_inside_a_jobs_working_dir_copy_travels_with_the_export(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ray job's driver runs in Ray's copy of --working-dir, which Ray removes after the job:
+    a base model given by a path inside it is copied into the export, which names it relatively
+    and loads after the copy is gone."""
+    import shutil
+
+    import torch
+
+    from raysft.assets import asset_path
+    from raysft.evaluate import adapter_base
+    from raysft.search.promote import TAG_BASE
+
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    copy = tmp_path / "_ray_pkg_0123"
+    shutil.copytree(asset_path("tiny-base"), copy / "base")
+    monkeypatch.chdir(copy)
+    exp_dir = tmp_path / "exp"
+    cfg = spec("bundled", exp_dir, **{"model.name_or_path": "base"})
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is True, record
+    assert record["base_bundled_from"] == str(copy / "base")
+    champ = registry.mlc.get_model_version_by_alias("bundled", "champion")
+    assert champ.tags[TAG_BASE] == f"base-model/ of this model (copied from {copy / 'base'})"
+
+    shutil.rmtree(copy)  # what Ray does after the job
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    export = exp_dir / "champion"
+    adapter = json.loads((export / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "base-model"
+    assert (export / "base-model" / "config.json").is_file()
+    assert adapter_base(export) == str((export / "base-model").resolve())  # raysft.evaluate's
+    model, _ = load_champion(export)
+    with torch.no_grad():
+        logits = model(input_ids=checkpoints["ids"]).logits
+    assert torch.allclose(logits, checkpoints["logits"]["a"], atol=1e-6)
+    # The registry's copy, as a user fetches it, carries the base too.
+    import mlflow
+
+    fetched = mlflow.artifacts.download_artifacts(
+        "models:/bundled@champion", dst_path=tmp_path / "f"
+    )
+    assert adapter_base(Path(fetched)) == str((Path(fetched) / "base-model").resolve())
+    model, _ = load_champion(fetched)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=checkpoints["ids"]).logits, logits, atol=1e-6)
+
+
 def test_better_trial_replaces_the_champion_and_its_export(
     registry: Registry, checkpoints: dict[str, Any], champion_v1: tuple[SearchSpec, Path]
 ) -> None:

@@ -202,7 +202,7 @@ def test_outputs_inside_the_jobs_working_dir_copy_are_refused(tmp_path: Path) ->
     assert inside_job_copy(outputs, no_copy, copy) == []
 
 
-def test_a_base_model_inside_the_jobs_working_dir_copy_is_warned_of(
+def test_a_base_model_inside_the_jobs_working_dir_copy_is_said_at_the_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from raysft.search.ray_start import base_inside_job_copy
@@ -213,9 +213,11 @@ def test_a_base_model_inside_the_jobs_working_dir_copy_is_warned_of(
     (copy / "base").mkdir(parents=True)
     (tmp_path / "shared").mkdir()
     monkeypatch.chdir(copy)  # the driver of a job runs in the copy
+    (copy / "base" / "model.safetensors").write_bytes(b"w" * 3 * 2**20)
     warning = base_inside_job_copy("base", environ, copy)
     assert warning is not None and warning.startswith(f"model.name_or_path: {copy / 'base'} is")
-    assert "load_champion will not find it later" in warning
+    assert "the champion's export will carry a copy of it (3.0 MiB, in its base-model/)" in warning
+    assert "score one later with raysft.evaluate --base-model" in warning
     assert base_inside_job_copy(str(tmp_path / "shared"), environ, copy) is None  # elsewhere
     assert base_inside_job_copy("embedded:tiny-base", environ, copy) is None
     assert base_inside_job_copy("org/model", environ, copy) is None  # a hub id
