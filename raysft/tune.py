@@ -77,7 +77,9 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
                 print(f" (base model {base['exact_match']:.1%})", end="")
         print()
     cmp = summary.get("base_vs_tuned")
-    if cmp:
+    if cmp and cmp.get("failed"):
+        print(f"\nbase vs tuned: not scored ({cmp['reason']})")
+    elif cmp:
         print(f"\nbase vs tuned on the same held-out rows:\n{cmp['table']}")
         print(f"\n{cmp['side_by_side']}")
     p = summary["promotion"]

@@ -2,18 +2,26 @@
 held-out rows, with the same metrics and decoding, side by side.
 
 Runs as one Ray task with one worker's resources (on a cluster it lands where the trials ran,
-with a GPU if they had one), while the search's Ray is still up. Trials themselves no longer
-score the base (``TrialConfigs`` turns ``train.eval_base`` off): once per search, not per trial.
+with a GPU if they had one), while the search's Ray is still up. The driver reads the held-out
+rows and hands them to the task, as it hands the trials their data: the task reads no data file.
+Trials themselves no longer score the base (``TrialConfigs`` turns ``train.eval_base`` off): once
+per search, not per trial.
+
+The comparison is a report on the search, not part of it: when it fails (the base does not load
+on the task's node, the task runs out of memory, ...) the search still ranks, promotes and writes
+its summary, which records the failure and its reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, SearchSpec, validate_tree
+from raysft.data.formats import Conversation
 from raysft.evaluate import as_json, eval_rows, metrics_table, score_model, side_by_side
 
 log = logging.getLogger(__name__)
@@ -23,11 +31,12 @@ COMPARISON_JSON = "base_vs_tuned.json"
 SHOWN = 5  # prompts shown side by side
 
 
-def _score_pair(cfg_tree: dict[str, Any], tuned_dir: str) -> dict[str, Any]:
-    """In a Ray worker: score the base and the tuned model on the trial config's eval rows."""
+def _score_pair(
+    cfg_tree: dict[str, Any], tuned_dir: str, rows: list[Conversation]
+) -> dict[str, Any]:
+    """In a Ray worker: score the base and the tuned model on the held-out ``rows``."""
 
     cfg = validate_tree(cfg_tree, source="<best trial>")
-    rows = eval_rows(cfg)
     scores = {
         "base": score_model(cfg.model.name_or_path, cfg, conversations=rows),
         "tuned": score_model(tuned_dir, cfg, conversations=rows),
@@ -39,24 +48,53 @@ def _score_pair(cfg_tree: dict[str, Any], tuned_dir: str) -> dict[str, Any]:
     }
 
 
-def start(spec: SearchSpec, best_cfg: Config, tuned_dir: str) -> Any:
-    """Launch the scoring as a Ray task; returns its handle for ``collect``. The driver promotes
-    and draws meanwhile."""
+Scores = Callable[[], dict[str, Any]]  # waits for the task's scores; raises what it raised
+
+
+def start(spec: SearchSpec, best_cfg: Config, tuned_dir: str) -> Scores:
+    """Read the held-out rows and launch the scoring as a Ray task; returns what waits for its
+    scores (``collect``). The driver promotes and draws meanwhile."""
     import ray
 
+    try:
+        rows = eval_rows(best_cfg)
+    except Exception as err:  # a data file changed or went away since the search read it
+        failure = err
+
+        def raise_it() -> dict[str, Any]:
+            raise failure
+
+        return raise_it
     res = spec.search.resources
     task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus or 0)(_score_pair)
-    return task.remote(best_cfg.model_dump(mode="json"), tuned_dir)
+    handle = task.remote(best_cfg.model_dump(mode="json"), tuned_dir, rows)
+    return lambda: ray.get(handle)
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line on why the scoring failed: a Ray task's own exception rather than Ray's wrapper
+    and traceback."""
+    cause = getattr(err, "cause", None)
+    what = cause if isinstance(cause, BaseException) else err
+    first = (str(what).strip().splitlines() or [""])[0]
+    return f"{type(what).__name__}: {first}" if first else type(what).__name__
 
 
 def collect(
-    handle: Any, best_cfg: Config, tuned_dir: str, exp_dir: Path, *, mlc: Any, parent_id: str
+    scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path, *, mlc: Any, parent_id: str
 ) -> dict[str, Any]:
     """Wait for ``start``'s scores, write EXP_DIR/base_vs_tuned.{md,json}, log both to the
-    parent run (files, and ``base_*``/``tuned_*`` metrics). Returns the JSON record."""
-    import ray
-
-    out = ray.get(handle)
+    parent run (files, and ``base_*``/``tuned_*`` metrics). Returns the JSON record; a failed
+    scoring returns ``{"failed": True, "reason": ...}``, tagged on the parent run, and writes
+    no file."""
+    try:
+        out = scores()
+    except Exception as err:  # the task raised, its worker or node died, ...
+        reason = failure_reason(err)
+        log.warning("base vs tuned: the scoring failed (%s); the search goes on without it", reason)
+        log.debug("base vs tuned failure", exc_info=True)
+        mlc.set_tag(parent_id, "raysft.base_vs_tuned", f"failed: {reason}"[:5000])
+        return {"failed": True, "reason": reason}
     md = (
         f"# Base vs tuned ({best_cfg.model.name_or_path} vs {tuned_dir})\n\n"
         f"```\n{out['table']}\n```\n\n## Answers side by side\n\n```\n{out['side_by_side']}\n```\n"
