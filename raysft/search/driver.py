@@ -143,7 +143,9 @@ def check_experiment_dir(
 ) -> Path:
     """Where the search goes (resolved), refused if it cannot go there: a file, a search that
     is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
-    with it, another spec's search to resume."""
+    with it, another spec's search to resume, or any of its outputs inside a Ray job's copy of
+    ``--working-dir``. A base model inside that copy is said here too (the export will carry
+    it: ``promote._stage_export``)."""
     exp_dir = Path(cfg.search.experiment_dir).resolve()
     lost = inside_job_copy(_outputs(cfg, exp_dir), os.environ, Path.cwd())
     if lost:
