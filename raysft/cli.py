@@ -12,6 +12,9 @@ from raysft.config import Config, load_config, parse_overrides
 from raysft.errors import RaysftError
 
 EXIT_USAGE = 2  # bad config, spec, data or state: the user's to fix
+# raysft.tune: the search finished and wrote its summary, but a finishing step failed
+# (promotion, MLflow logging, plots, base vs tuned): summary.json's finish_failures say which
+EXIT_FINISH_FAILED = 3
 
 
 def config_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

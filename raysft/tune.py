@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import config_parser, run_cli, setup_logging
+from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
 from raysft.search.driver import check_experiment_dir, run_search
 from raysft.search.ray_start import attaching_to_cluster
@@ -128,10 +128,27 @@ def _main() -> int:
     # run_search checks experiment_dir first; the trials take the data read_spec read.
     summary = run_search(args.config, tree, cfg, resume=args.resume, shared=shared)
     _print_summary(summary, cfg.search.metric)
+    return exit_code(summary)
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0; 1 when no trial finished; ``EXIT_FINISH_FAILED`` when the search finished and wrote
+    its summary but a finishing step failed (each said on stderr)."""
     counts = summary["counts"]
     if not counts.get("finished") and not counts.get("stopped_early"):
         print("error: no trial finished (see each trial's error above)", file=sys.stderr)
         return 1
+    failures = summary.get("finish_failures") or []
+    if failures:
+        for line in failures:
+            print(f"error: {line}", file=sys.stderr)
+        print(
+            f"error: the search finished, but {len(failures)} of its finishing steps failed; "
+            f"{summary['experiment_dir']}/{SUMMARY_FILE} holds its results "
+            "(python -m raysft.promote retries a promotion, --resume the whole finish)",
+            file=sys.stderr,
+        )
+        return EXIT_FINISH_FAILED
     return 0
 
 

@@ -93,7 +93,10 @@ def collect(
         reason = failure_reason(err)
         log.warning("base vs tuned: the scoring failed (%s); the search goes on without it", reason)
         log.debug("base vs tuned failure", exc_info=True)
-        mlc.set_tag(parent_id, "raysft.base_vs_tuned", f"failed: {reason}"[:5000])
+        try:
+            mlc.set_tag(parent_id, "raysft.base_vs_tuned", f"failed: {reason}"[:5000])
+        except Exception as tag_err:  # the record above matters more than the tag
+            log.warning("base vs tuned: could not tag the parent run (%s)", failure_reason(tag_err))
         return {"failed": True, "reason": reason}
     md = (
         f"# Base vs tuned ({best_cfg.model.name_or_path} vs {tuned_dir})\n\n"

@@ -18,7 +18,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -379,7 +379,7 @@ def _search(
             grid = tuner.fit()
         timing["trials_s"] = time.perf_counter() - t_fit
     except BaseException:
-        mlc.set_terminated(parent_id, "FAILED")
+        _close_parent(mlc, parent_id, "FAILED")
         raise
     ended = False  # whether every trial ended (a Ctrl-C during fit() is told apart below)
     try:
@@ -404,7 +404,7 @@ def _search(
         results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
         return _finish(spec_path, cfg, exp_dir, results, tracked=tracked, resolve=resolve, t0=t0)
     except KeyboardInterrupt:
-        mlc.set_terminated(parent_id, "KILLED")  # again, if _stop_interrupted did: the same
+        _close_parent(mlc, parent_id, "KILLED")  # again, if _stop_interrupted did: the same
         if ended:
             # Ctrl-C while ranking, scoring or promoting (promotion is atomic): --resume runs
             # the finish again, its trials all ended.
@@ -414,8 +414,30 @@ def _search(
                 exp_dir,
             )
         raise
+    except Exception:
+        _close_parent(mlc, parent_id, "FAILED")
+        if ended:  # ranking or writing the summary failed (FinishSteps keeps the rest from it)
+            log.error(
+                "the search's trials all ended but its summary was not written; once the cause "
+                "below is fixed, --resume finishes it without training again "
+                "(search.experiment_dir %s)",
+                exp_dir,
+            )
+        raise
     finally:
         ray.shutdown()  # flushes worker logs now, not after the summary table
+
+
+def _close_parent(mlc: Any, parent_id: str, status: str) -> None:
+    """Mark the parent run ended, as a search that did not finish; a tracking server out of
+    reach is said, and the error that ended the search stays the one raised."""
+    try:
+        mlc.set_terminated(parent_id, status)
+    except Exception as err:
+        log.warning(
+            "MLflow: could not mark the search's parent run %s %s (%s)",
+            parent_id, status, compare.failure_reason(err),
+        )  # fmt: skip
 
 
 def _share(shared: SharedData | None) -> Any:
@@ -552,6 +574,7 @@ def _rows(
     *,
     tracked: dict[str, Any],
     resolve: TrialConfigs,
+    steps: FinishSteps,
 ) -> list[dict[str, Any]]:
     """summary.json's trial rows, ranked; each trial's failures tagged on its MLflow run."""
     s = cfg.search
@@ -571,8 +594,43 @@ def _rows(
         row["number"] = r.get("number")  # creation order (the plots' trial number)
         _check_checkpoint(row)
         rows.append(row)
-        _tag_outcome(tracked["mlc"], row)
+        steps.run(f"MLflow tags of trial {row['trial_id']}", _tag_outcome, tracked["mlc"], row)
     return res.rank(rows, objective_mode(s.metric, s.mode))
+
+
+class FinishSteps:
+    """The finish's steps that report on a search rather than decide it (MLflow logging, base vs
+    tuned, plots) and promotion: one that fails is logged and recorded in summary.json's
+    ``finish_failures``, and the finish goes on, so the search's results are never lost to a
+    tracking server that went away or a plot that could not be drawn."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, or None when it raised (recorded as ``what: reason``)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            reason = compare.failure_reason(err)
+            log.warning("%s failed (%s); the search's summary is written without it", what, reason)
+            log.debug("%s failed", what, exc_info=True)
+            self.failures.append(f"{what}: {reason}")
+            return None
+
+
+def _log_best_adapter(mlc: Any, run_id: str, checkpoint: str) -> None:
+    """The best checkpoint as the parent run's ``best_adapter`` artifact, without its training
+    state (optimizer and RNG: for resuming the trial, often the largest file)."""
+    from raysft.train.state import STATE_FILE
+
+    for item in sorted(Path(checkpoint).iterdir()):
+        if item.name == STATE_FILE:
+            continue
+        if item.is_dir():
+            mlc.log_artifacts(run_id, str(item), artifact_path=f"best_adapter/{item.name}")
+        else:
+            mlc.log_artifact(run_id, str(item), artifact_path="best_adapter")
 
 
 def _finish(
@@ -585,33 +643,51 @@ def _finish(
     resolve: TrialConfigs,
     t0: float,
 ) -> dict[str, Any]:
-    """Rows, the best trial, promotion, plots, summary.json; the parent run is closed last."""
+    """Rows, the best trial, promotion, plots, summary.json; the parent run is closed last.
+    Only ranking and writing the summary may raise (``FinishSteps`` for the rest)."""
     t_finish = time.perf_counter()
     s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
-    rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
+    steps = FinishSteps()
+    rows = _rows(results, cfg, tracked=tracked, resolve=resolve, steps=steps)
     res.drop_untracked_checkpoints(
         exp_dir, {str(Path(r["checkpoint"]).resolve()) for r in rows if r["checkpoint"]}
     )
     best = res.pick_best(rows)
     if best:
-        mlc.log_metric(parent_id, f"best_{s.metric}", float(best["metric"]))
-        mlc.log_artifacts(parent_id, best["checkpoint"], artifact_path="best_adapter")
+        value = float(best["metric"])
+        steps.run("MLflow: the best metric", mlc.log_metric, parent_id, f"best_{s.metric}", value)
+        steps.run("MLflow: the best adapter", _log_best_adapter, mlc, parent_id, best["checkpoint"])
     # Base vs tuned scores on the cluster while the driver promotes and draws.
-    pending = None
+    scores = None
     if best and cfg.train.eval_base:
         best_cfg = resolve(best["trial_id"], best["sampled"])
-        pending = compare.start(cfg, best_cfg, best["checkpoint"])
-    promotion = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
-    mlc.set_tag(parent_id, "raysft.promotion", json.dumps(promotion)[:5000])
-    histories = plots.histories_from_mlflow(mlc, tracked["runs"], "eval_loss")
-    drawn = plots.write_plots(exp_dir, cfg, rows, histories)
-    plots.log_plots(mlc, parent_id, drawn)
+        scores = steps.run("base vs tuned", compare.start, cfg, best_cfg, best["checkpoint"])
+    promotion = steps.run("promotion", promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
+    if promotion is None:  # promote records its own failures; this one escaped it
+        reason = steps.failures[-1].split(": ", 1)[1]
+        promotion = {"promoted": False, "failed": True, "reason": reason}
+    elif promotion.get("failed"):
+        steps.failures.append(f"promotion: {promotion['reason']}")
+    steps.run(
+        "MLflow: the promotion tag",
+        mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
+    )  # fmt: skip
+    histories = steps.run(
+        "MLflow: the trials' eval curves",
+        plots.histories_from_mlflow, mlc, tracked["runs"], "eval_loss",
+    )  # fmt: skip
+    drawn = steps.run("plots", plots.write_plots, exp_dir, cfg, rows, histories or {}) or []
+    steps.run("MLflow: the plots", plots.log_plots, mlc, parent_id, drawn)
     comparison = None
-    if pending is not None and best:
-        comparison = compare.collect(
-            pending, best_cfg, best["checkpoint"], exp_dir, mlc=mlc, parent_id=parent_id
-        )
+    if scores is not None and best:
+        comparison = steps.run(
+            "base vs tuned",
+            compare.collect, scores, best_cfg, best["checkpoint"], exp_dir,
+            mlc=mlc, parent_id=parent_id,
+        )  # fmt: skip
+        if comparison and comparison.get("failed"):
+            steps.failures.append(f"base vs tuned: {comparison['reason']}")
     summary = {
         "spec": spec_path,
         "experiment_dir": str(exp_dir),
@@ -638,8 +714,15 @@ def _finish(
         "resolved_spec": _spec_record(cfg),
         # What the spec's relative paths are relative to: raysft.promote reads them from here.
         "working_dir": os.getcwd(),
+        "finish_failures": steps.failures,
     }
-    tracking.describe_parent(mlc, parent_id, summary)
-    mlc.log_artifact(parent_id, str(res.write_summary(exp_dir, summary)))
-    mlc.set_terminated(parent_id, "FINISHED")
+    steps.run("MLflow: the parent run's description", tracking.describe_parent, mlc, parent_id,
+              summary)  # fmt: skip
+    path = res.write_summary(exp_dir, summary)
+    closing = FinishSteps()  # failures after the write: added, and the summary written again
+    closing.run("MLflow: summary.json", mlc.log_artifact, parent_id, str(path))
+    closing.run("MLflow: closing the parent run", mlc.set_terminated, parent_id, "FINISHED")
+    if closing.failures:
+        steps.failures.extend(closing.failures)
+        res.write_summary(exp_dir, summary)
     return summary

@@ -1,0 +1,165 @@
+"""A search's finish (raysft.search.driver._finish) with a real MLflow store: a finishing step
+that fails (MLflow refusing a write, a plot that cannot be saved) is recorded in summary.json,
+and the rest of the finish, promotion and the summary included, still happens."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysft.cli import EXIT_FINISH_FAILED
+from raysft.config import validate_spec
+from raysft.search.driver import _finish
+from raysft.search.results import CHECKPOINT_PATH_KEY, SUMMARY_FILE
+from raysft.search.space import TrialConfigs
+from raysft.train.metrics import objective_mode
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA checkpoint on the embedded base, as a trial writes it."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raysft.assets import resolve
+    from raysft.config import LoraSection, ModelSection
+    from raysft.train.model import build_lora_config, load_tokenizer, save_model
+
+    out = tmp_path_factory.mktemp("ckpt") / "checkpoint_000001"
+    base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
+    model = get_peft_model(base, build_lora_config(LoraSection()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_model(model, load_tokenizer(ModelSection()), out, method="lora")
+    (out / "training_state.pt").write_bytes(b"optimizer and RNG state")
+    return out
+
+
+def _search(tmp_path: Path, checkpoint: Path, name: str) -> dict[str, Any]:
+    """Two ended trials of a LoRA search, mirrored in a real MLflow store, ready to finish."""
+    import mlflow
+
+    from raysft.search import tracking
+
+    tree: dict[str, Any] = {
+        "model": {"name_or_path": "embedded:tiny-base"},
+        "train": {"max_steps": 10, "eval_every": 5, "eval_base": False},
+        "search": {
+            "params": {"lora.r": {"type": "choice", "values": [8, 16]}},
+            "experiment_dir": str(tmp_path / "exp"),
+            "num_samples": 2,
+        },
+        "promote": {"registered_model": name},
+    }
+    cfg = validate_spec(tree)
+    cfg.search.mode = objective_mode(cfg.search.metric, cfg.search.mode)
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    before = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlc = tracking.client(uri)
+    exp_id = mlc.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
+    parent = mlc.create_run(exp_id).info.run_id
+    runs, results = {}, []
+    for trial_id, value, r in (("a1", 0.5, 16), ("b2", 0.7, 8)):
+        runs[trial_id] = mlc.create_run(exp_id, tags={"mlflow.parentRunId": parent}).info.run_id
+        for step, loss in ((5, value + 0.2), (10, value)):
+            mlc.log_metric(runs[trial_id], "eval_loss", loss, step=step)
+        metrics = {"trial_id": trial_id, "step": 10, "eval_loss": value}
+        if trial_id == "a1":
+            metrics[CHECKPOINT_PATH_KEY] = str(checkpoint)
+        results.append(
+            {"trial_id": trial_id, "number": len(results) + 1, "metrics": metrics,
+             "sampled": {"lora.r": r}, "error": None, "attempts": []}
+        )  # fmt: skip
+    tracked = {
+        "mlc": mlc, "uri": uri, "exp_id": exp_id, "parent_id": parent, "runs": runs,
+        "diverged": set(), "timing": {},
+    }  # fmt: skip
+    return {
+        "cfg": cfg, "exp_dir": exp_dir, "results": results, "tracked": tracked,
+        "resolve": TrialConfigs(tree, str(exp_dir)), "restore_uri": before,
+    }  # fmt: skip
+
+
+def _run_finish(s: dict[str, Any]) -> dict[str, Any]:
+    import mlflow
+
+    try:
+        return _finish(
+            "spec.yaml", s["cfg"], s["exp_dir"], s["results"],
+            tracked=s["tracked"], resolve=s["resolve"], t0=time.perf_counter(),
+        )  # fmt: skip
+    finally:
+        mlflow.set_tracking_uri(s["restore_uri"])  # tracking.client sets the process-wide URI
+
+
+def test_a_finish_without_failures_records_none(tmp_path: Path, checkpoint: Path) -> None:
+    s = _search(tmp_path, checkpoint, "clean")
+    summary = _run_finish(s)
+    assert summary["finish_failures"] == []
+    assert summary["promotion"]["promoted"] is True
+    mlc, parent = s["tracked"]["mlc"], s["tracked"]["parent_id"]
+    assert mlc.get_run(parent).info.status == "FINISHED"
+    # The best adapter is logged without its training state (for resuming, not for use).
+    logged = {f.path for f in mlc.list_artifacts(parent, "best_adapter")}
+    assert "best_adapter/adapter_model.safetensors" in logged
+    assert "best_adapter/training_state.pt" not in logged
+
+
+def test_mlflow_refusing_every_write_to_the_parent_run_loses_nothing_else(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    s = _search(tmp_path, checkpoint, "refused")
+    mlc, parent = s["tracked"]["mlc"], s["tracked"]["parent_id"]
+    mlc.delete_run(parent)  # MLflow refuses writes to a deleted run: a real failure
+    summary = _run_finish(s)
+
+    failures = summary["finish_failures"]
+    # (Artifacts go to the run's artifact folder, which MLflow does not check.)
+    assert [f[: f.find(": MlflowException: ")] for f in failures] == [
+        "MLflow: the best metric",
+        "MLflow: the promotion tag",
+        "MLflow: the parent run's description",
+        "MLflow: closing the parent run",
+    ], failures
+    assert all("must be in the 'active' state" in f for f in failures), failures
+    # The search's results are all there: ranked rows, promotion, plots, the summary on disk.
+    assert [t["trial_id"] for t in summary["trials"]] == ["a1", "b2"]
+    assert summary["promotion"]["promoted"] is True, summary["promotion"]
+    assert (s["exp_dir"] / "champion" / "adapter_model.safetensors").is_file()
+    assert len(summary["plots"]) == 4
+    on_disk = json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())
+    assert on_disk["finish_failures"] == failures  # written again with the last one
+
+
+def test_plots_that_cannot_be_saved_are_recorded_and_the_rest_goes_on(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    s = _search(tmp_path, checkpoint, "noplots")
+    (s["exp_dir"] / "plots").write_text("a file where the plots' folder goes")
+    summary = _run_finish(s)
+    assert len(summary["finish_failures"]) == 1, summary["finish_failures"]
+    assert summary["finish_failures"][0].startswith("plots: FileExistsError: ")
+    assert summary["plots"] == []
+    assert summary["promotion"]["promoted"] is True
+    mlc, parent = s["tracked"]["mlc"], s["tracked"]["parent_id"]
+    assert mlc.get_run(parent).info.status == "FINISHED"
+
+
+def test_raysft_tune_exits_3_when_a_finishing_step_failed(tmp_path: Path) -> None:
+    from raysft.tune import exit_code
+
+    ok = {"counts": {"finished": 2}, "finish_failures": [], "experiment_dir": str(tmp_path)}
+    assert exit_code(ok) == 0
+    assert exit_code({**ok, "counts": {"failed": 2}}) == 1  # no trial finished
+    failed = {**ok, "finish_failures": ["plots: FileExistsError: x"]}
+    assert exit_code(failed) == EXIT_FINISH_FAILED == 3
