@@ -230,6 +230,17 @@ def _check_same_spec(
             f"at {shown}; resume with that spec, or start a new search in another "
             "search.experiment_dir"
         )
+    # Its parent and trial runs are in the MLflow store it started with (the spec may leave the
+    # store to $MLFLOW_TRACKING_URI, or to ./mlflow.db of another directory).
+    then = state.get("tracking_uri")
+    uri = tracking.redact("tracking_uri", tracking.tracking_uri(cfg.tracking))
+    if isinstance(then, str) and tracking.redact("tracking_uri", then) != uri:
+        raise SearchStateError(
+            f"{spec_path}: --resume: the search in {exp_dir} is tracked in the MLflow store "
+            f"{tracking.redact('tracking_uri', then)}, not {uri}; resume with that store "
+            "(tracking.uri or $MLFLOW_TRACKING_URI), from the directory the search ran in if "
+            "the spec names a relative one"
+        )
     # Same paths, other bytes: the trials so far trained and were scored on the old ones.
     now = data_digests(cfg.data) if digests is None else digests
     moved = changed_sources(state.get("data", {}), now)
@@ -293,7 +304,7 @@ def _parent_run(
     parent_id = tracking.start_parent(mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path)
     state = {
         "parent_run_id": parent_id,
-        "tracking_uri": uri,
+        "tracking_uri": tracking.redact("tracking_uri", uri),  # --resume checks it is the same
         "spec": _spec_record(cfg),
         # --resume checks the bytes too: those the trials train on, where the driver has them
         "data": data_digests(cfg.data) if digests is None else digests,

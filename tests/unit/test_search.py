@@ -1346,14 +1346,14 @@ def test_a_trial_failed_for_good_stays_failed_when_resume_restarts_it(
 
 def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: Path) -> None:
     from raysft.errors import SearchStateError
-    from raysft.search import driver
+    from raysft.search import driver, tracking
 
     tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
     tree["search"]["experiment_dir"] = str(tmp_path / "exp")
     started = validate_spec(tree, source="s.yaml")
     exp = tmp_path / "exp"
     (exp / "tune").mkdir(parents=True)
-    state = {"parent_run_id": "p", "tracking_uri": "sqlite:///m.db"}
+    state = {"parent_run_id": "p", "tracking_uri": tracking.tracking_uri(started.tracking)}
     record = {**state, "spec": driver._spec_record(started)}
     (exp / driver.STATE_FILE).write_text(json.dumps(record))
     assert driver._open_experiment("s.yaml", started, resume=True) == exp.resolve()
@@ -1383,7 +1383,7 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
 
     from raysft.assets import resolve
     from raysft.errors import SearchStateError
-    from raysft.search import driver
+    from raysft.search import driver, tracking
 
     tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
     tree["search"]["experiment_dir"] = str(tmp_path / "exp")
@@ -1396,7 +1396,8 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri="sqlite://")
+    uri = tracking.tracking_uri(started.tracking)
+    driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri)
     assert driver._open_experiment("s.yaml", started, resume=True) == exp.resolve()
     lines = evals.read_text(encoding="utf-8").splitlines()
     evals.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # reordered
@@ -1407,6 +1408,45 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
         "were scored on; restore it, or start a new search in another search.experiment_dir: "
         f"data.eval: {evals} changed since (sha256 "
     )
+
+
+def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search tracked through $MLFLOW_TRACKING_URI (with a password) resumed from a shell
+    without it would reopen its parent run in a new, empty store: refused before Ray starts, and
+    the state file keeps no password."""
+    from mlflow.tracking import MlflowClient
+
+    from raysft.errors import SearchStateError
+    from raysft.search import driver, tracking
+
+    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    assert "uri" not in tree["tracking"]  # left to $MLFLOW_TRACKING_URI, else ./mlflow.db
+    cfg = validate_spec(tree, source="s.yaml")
+    exp = tmp_path / "exp"
+    (exp / "tune").mkdir(parents=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ci:s3cret@mlflow.example.com")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")  # where the runs go in this test
+    uri = tracking.tracking_uri(cfg.tracking)
+    driver._parent_run(mlc, mlc.create_experiment("e"), exp, cfg, str(spec), uri=uri)
+    assert "s3cret" not in (exp / driver.STATE_FILE).read_text()
+    assert driver._open_experiment("s.yaml", cfg, resume=True) == exp.resolve()
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SearchStateError) as err:
+        driver._open_experiment("s.yaml", cfg, resume=True)
+    assert str(err.value) == (
+        f"s.yaml: --resume: the search in {exp.resolve()} is tracked in the MLflow store "
+        f"https://ci:***@mlflow.example.com, not sqlite:///{tmp_path / 'mlflow.db'}; resume with "
+        "that store (tracking.uri or $MLFLOW_TRACKING_URI), from the directory the search ran "
+        "in if the spec names a relative one"
+    )
+    assert not (tmp_path / "mlflow.db").exists()  # no stray store made
 
 
 def test_a_search_refused_before_it_wrote_anything_leaves_no_experiment_dir(
