@@ -12,8 +12,8 @@ from raysft.config import Config, load_config, parse_overrides
 from raysft.errors import RaysftError
 
 EXIT_USAGE = 2  # bad config, spec, data or state: the user's to fix
-# raysft.tune: the search finished and wrote its summary, but a finishing step failed
-# (promotion, MLflow logging, plots, base vs tuned): summary.json's finish_failures say which
+# raysft.tune: the search finished and wrote its summary, but a step failed without ending it
+# (MLflow logging, promotion, plots, base vs tuned): summary.json's failed_steps say which
 EXIT_FINISH_FAILED = 3
 
 

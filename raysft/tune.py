@@ -133,17 +133,17 @@ def _main() -> int:
 
 def exit_code(summary: dict[str, Any]) -> int:
     """0; 1 when no trial finished; ``EXIT_FINISH_FAILED`` when the search finished and wrote
-    its summary but a finishing step failed (each said on stderr)."""
+    its summary but a step failed without ending it (each said on stderr)."""
     counts = summary["counts"]
     if not counts.get("finished") and not counts.get("stopped_early"):
         print("error: no trial finished (see each trial's error above)", file=sys.stderr)
         return 1
-    failures = summary.get("finish_failures") or []
+    failures = summary.get("failed_steps") or []
     if failures:
         for line in failures:
             print(f"error: {line}", file=sys.stderr)
         print(
-            f"error: the search finished, but {len(failures)} of its finishing steps failed; "
+            f"error: the search finished, but {len(failures)} of its steps failed; "
             f"{summary['experiment_dir']}/{SUMMARY_FILE} holds its results "
             "(python -m raysft.promote retries a promotion, --resume the whole finish)",
             file=sys.stderr,

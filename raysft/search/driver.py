@@ -410,6 +410,7 @@ def _search(
             "parent_id": parent_id,
             "runs": runs,
             "diverged": set(getattr(callback, "diverged", ())),
+            "tracking_failures": list(getattr(callback, "failures", ())),
             "timing": timing,
         }
         results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
@@ -612,7 +613,8 @@ def _rows(
 class FinishSteps:
     """The finish's steps that report on a search rather than decide it (MLflow logging, base vs
     tuned, plots) and promotion: one that fails is logged and recorded in summary.json's
-    ``finish_failures``, and the finish goes on, so the search's results are never lost to a
+    ``failed_steps`` (with the MLflow records the trials' callback could not write), and the
+    finish goes on, so the search's results are never lost to a
     tracking server that went away or a plot that could not be drawn."""
 
     def __init__(self) -> None:
@@ -660,6 +662,9 @@ def _finish(
     s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     steps = FinishSteps()
+    # MLflow records the callback could not write while the trials ran (a fresh search's; after
+    # --resume Tune drives its restored copy of the callback, whose failures are only logged).
+    steps.failures.extend(tracked.get("tracking_failures", ()))
     rows = _rows(results, cfg, tracked=tracked, resolve=resolve, steps=steps)
     res.drop_untracked_checkpoints(
         exp_dir, {str(Path(r["checkpoint"]).resolve()) for r in rows if r["checkpoint"]}
@@ -725,7 +730,7 @@ def _finish(
         "resolved_spec": _spec_record(cfg),
         # What the spec's relative paths are relative to: raysft.promote reads them from here.
         "working_dir": os.getcwd(),
-        "finish_failures": steps.failures,
+        "failed_steps": steps.failures,
     }
     steps.run("MLflow: the parent run's description", tracking.describe_parent, mlc, parent_id,
               summary)  # fmt: skip

@@ -6,6 +6,7 @@ no tracking credentials and a SQLite store never sees concurrent writers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -288,8 +289,25 @@ def make_callback(
             self.last: dict[str, dict[str, Any]] = {}
             self.diverged: set[str] = set()  # trials that reported a non-finite metric
             self.logged_step: dict[str, int] = {}  # trial_id -> last step logged to MLflow
+            self.failures: list[str] = []  # MLflow calls that failed (``_mlflow``)
+
+        def _mlflow(self, what: str, call: Callable[[], Any]) -> None:
+            """One MLflow step of the callback. A failure (a tracking server out of reach past
+            MLflow's own retries) is logged and kept in ``failures``, and the search goes on:
+            raised from a callback, Tune would end every running trial."""
+            try:
+                call()
+            except Exception as err:
+                first = (str(err).strip().splitlines() or [""])[0]
+                reason = f"{type(err).__name__}: {first}"
+                log.warning("MLflow: %s failed (%s); the trials go on", what, reason)
+                # getattr: a callback pickled by an older version (--resume) has no such list.
+                self.failures = [*getattr(self, "failures", []), f"MLflow: {what}: {reason}"]
 
         def setup(self, *args: Any, **info: Any) -> None:
+            self._mlflow("reading the search's trial runs", self._pick_up)
+
+        def _pick_up(self) -> None:
             # --resume restores the copy of this callback pickled when the search began: pick
             # up the trial runs created since, so resumed trials keep their run, and the last
             # step each logged, so a report repeated after a restart is not logged twice.
@@ -302,9 +320,14 @@ def make_callback(
                     self.logged_step[trial_id] = max(m.step for m in history)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if trial.trial_id in self.runs:  # restarted after --resume
-                mlc.update_run(self.runs[trial.trial_id], status="RUNNING")  # KILLED if stopped
-                return
+            tid = trial.trial_id
+            if tid in self.runs:  # restarted after --resume
+                run_id = self.runs[tid]  # KILLED if it was stopped
+                self._mlflow(f"reopening trial {tid}'s run", lambda: reopen(run_id))
+            else:
+                self._mlflow(f"creating trial {tid}'s run", lambda: self._create(trial))
+
+        def _create(self, trial: Any) -> None:
             run = mlc.create_run(
                 exp_id,
                 run_name=run_name(dict(trial.config), order),
@@ -324,19 +347,24 @@ def make_callback(
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
-            if trial.trial_id in self.runs:
-                replayed = result.get(REPLAYED) or []
-                result = {k: v for k, v in result.items() if k != REPLAYED}
-                self.last[trial.trial_id] = result
-                if is_diverged(result):
-                    self.diverged.add(trial.trial_id)
-                ts = result.get("timestamp", 0)
-                for record in [*replayed, result]:  # a resumed trial's earlier records first
-                    step = int(record.get("step", 0))
-                    if step <= self.logged_step.get(trial.trial_id, 0):
-                        continue  # re-reported after a restart from an earlier checkpoint
-                    self.logged_step[trial.trial_id] = step
-                    log_metrics(mlc, self.runs[trial.trial_id], {**record, "timestamp": ts})
+            replayed = result.get(REPLAYED) or []
+            result = {k: v for k, v in result.items() if k != REPLAYED}
+            self.last[trial.trial_id] = result
+            if is_diverged(result):
+                self.diverged.add(trial.trial_id)
+            run_id = self.runs.get(trial.trial_id)
+            if run_id is None:  # its run could not be created
+                return
+            ts = result.get("timestamp", 0)
+            for record in [*replayed, result]:  # a resumed trial's earlier records first
+                step = int(record.get("step", 0))
+                if step <= self.logged_step.get(trial.trial_id, 0):
+                    continue  # re-reported after a restart from an earlier checkpoint
+                self.logged_step[trial.trial_id] = step
+                self._mlflow(
+                    f"trial {trial.trial_id}'s metrics at step {step}",
+                    functools.partial(log_metrics, mlc, run_id, {**record, "timestamp": ts}),
+                )
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._end(trial, error=False)
@@ -353,7 +381,16 @@ def make_callback(
             self.status[trial.trial_id] = status.value
             run_id = self.runs.get(trial.trial_id)
             if run_id:
-                mlc.set_tag(run_id, STATUS_TAG, status.value)
-                mlc.set_terminated(run_id, status.mlflow)
+                self._mlflow(
+                    f"closing trial {trial.trial_id}'s run",
+                    lambda: close(run_id, status.value, status.mlflow),
+                )
+
+    def reopen(run_id: str) -> None:
+        mlc.update_run(run_id, status="RUNNING")
+
+    def close(run_id: str, status: str, mlflow_status: str) -> None:
+        mlc.set_tag(run_id, STATUS_TAG, status)
+        mlc.set_terminated(run_id, mlflow_status)
 
     return MlflowTrials()

@@ -105,7 +105,7 @@ def _run_finish(s: dict[str, Any]) -> dict[str, Any]:
 def test_a_finish_without_failures_records_none(tmp_path: Path, checkpoint: Path) -> None:
     s = _search(tmp_path, checkpoint, "clean")
     summary = _run_finish(s)
-    assert summary["finish_failures"] == []
+    assert summary["failed_steps"] == []
     assert summary["promotion"]["promoted"] is True
     mlc, parent = s["tracked"]["mlc"], s["tracked"]["parent_id"]
     assert mlc.get_run(parent).info.status == "FINISHED"
@@ -123,7 +123,7 @@ def test_mlflow_refusing_every_write_to_the_parent_run_loses_nothing_else(
     mlc.delete_run(parent)  # MLflow refuses writes to a deleted run: a real failure
     summary = _run_finish(s)
 
-    failures = summary["finish_failures"]
+    failures = summary["failed_steps"]
     # (Artifacts go to the run's artifact folder, which MLflow does not check.)
     assert [f[: f.find(": MlflowException: ")] for f in failures] == [
         "MLflow: the best metric",
@@ -138,7 +138,7 @@ def test_mlflow_refusing_every_write_to_the_parent_run_loses_nothing_else(
     assert (s["exp_dir"] / "champion" / "adapter_model.safetensors").is_file()
     assert len(summary["plots"]) == 4
     on_disk = json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())
-    assert on_disk["finish_failures"] == failures  # written again with the last one
+    assert on_disk["failed_steps"] == failures  # written again with the last one
 
 
 def test_plots_that_cannot_be_saved_are_recorded_and_the_rest_goes_on(
@@ -146,9 +146,13 @@ def test_plots_that_cannot_be_saved_are_recorded_and_the_rest_goes_on(
 ) -> None:
     s = _search(tmp_path, checkpoint, "noplots")
     (s["exp_dir"] / "plots").write_text("a file where the plots' folder goes")
+    # What the trials' MLflow callback could not write comes first (tracking.make_callback).
+    missed = "MLflow: trial a1's metrics at step 5: MlflowException: gone"
+    s["tracked"]["tracking_failures"] = [missed]
     summary = _run_finish(s)
-    assert len(summary["finish_failures"]) == 1, summary["finish_failures"]
-    assert summary["finish_failures"][0].startswith("plots: FileExistsError: ")
+    assert len(summary["failed_steps"]) == 2, summary["failed_steps"]
+    assert summary["failed_steps"][0] == missed
+    assert summary["failed_steps"][1].startswith("plots: FileExistsError: ")
     assert summary["plots"] == []
     assert summary["promotion"]["promoted"] is True
     mlc, parent = s["tracked"]["mlc"], s["tracked"]["parent_id"]
@@ -158,8 +162,8 @@ def test_plots_that_cannot_be_saved_are_recorded_and_the_rest_goes_on(
 def test_raysft_tune_exits_3_when_a_finishing_step_failed(tmp_path: Path) -> None:
     from raysft.tune import exit_code
 
-    ok = {"counts": {"finished": 2}, "finish_failures": [], "experiment_dir": str(tmp_path)}
+    ok = {"counts": {"finished": 2}, "failed_steps": [], "experiment_dir": str(tmp_path)}
     assert exit_code(ok) == 0
     assert exit_code({**ok, "counts": {"failed": 2}}) == 1  # no trial finished
-    failed = {**ok, "finish_failures": ["plots: FileExistsError: x"]}
+    failed = {**ok, "failed_steps": ["plots: FileExistsError: x"]}
     assert exit_code(failed) == EXIT_FINISH_FAILED == 3

@@ -443,3 +443,32 @@ def test_a_row_never_names_a_checkpoint_that_is_gone(
     assert [r["checkpoint"] for r in rows] == [None, str(kept), None]
     assert "trial lost: its checkpoint at step 4 was replaced" in caplog.text
     assert "trial kept" not in caplog.text and "trial none" not in caplog.text
+
+
+def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
+    mlflow_store: tuple[Any, str],
+) -> None:
+    """Raised from a Tune callback, an MLflow error would end every running trial: each one is
+    logged and kept in ``failures`` (summary.json's failed_steps), and the trials' outcomes are
+    still known to the search."""
+    from raysft.config import validate_tree
+
+    mlc, _ = mlflow_store
+    exp_id = mlc.create_experiment("refusing")
+    cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
+    callback = _trial_callback(mlc, exp_id, cfg)
+    (tracked,) = _start_trials(callback, "tracked")
+    mlc.delete_run(callback.runs["tracked"])  # MLflow refuses writes to a deleted run...
+    mlc.delete_experiment(exp_id)  # ... and new runs in a deleted experiment
+    (untracked,) = _start_trials(callback, "untracked")
+    assert "untracked" not in callback.runs
+    for trial in (tracked, untracked):
+        callback.on_trial_result(0, [], trial, {"step": 10, "eval_loss": 0.5, "timestamp": 1})
+        callback.on_trial_complete(0, [], trial)
+    assert [f[: f.find(": MlflowException")] for f in callback.failures] == [
+        "MLflow: creating trial untracked's run",
+        "MLflow: trial tracked's metrics at step 10",
+        "MLflow: closing trial tracked's run",
+    ], callback.failures
+    assert callback.status == {"tracked": "finished", "untracked": "finished"}
+    assert callback.last["untracked"]["eval_loss"] == 0.5
