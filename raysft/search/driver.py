@@ -396,8 +396,22 @@ def _search(
     try:
         # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
         # trial runs of earlier attempts are only known to MLflow.
-        known = tracking.trial_runs(mlc, exp_id, parent_id)
-        unended = interrupted_trials(known, created=len(grid), num_samples=cfg.search.num_samples)
+        tracking_failures = list(getattr(callback, "failures", ()))
+        try:
+            known = tracking.trial_runs(mlc, exp_id, parent_id)
+        except Exception as err:  # MLflow out of reach: the callback's record stands in
+            reason = compare.failure_reason(err)
+            log.warning("MLflow: could not read the search's trial runs (%s)", reason)
+            tracking_failures.append(f"MLflow: reading the search's trial runs: {reason}")
+            known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
+        # Trials Tune created but never started (pending when Ctrl-C came) have no run at all.
+        never_started = len(grid) - grid.num_terminated - grid.num_errors
+        unended = interrupted_trials(
+            known,
+            created=len(grid),
+            num_samples=cfg.search.num_samples,
+            never_started=never_started,
+        )
         if unended is not None:
             _stop_interrupted(mlc, parent_id, known, unended, exp_dir=exp_dir)
         ended = True
@@ -410,7 +424,7 @@ def _search(
             "parent_id": parent_id,
             "runs": runs,
             "diverged": set(getattr(callback, "diverged", ())),
-            "tracking_failures": list(getattr(callback, "failures", ())),
+            "tracking_failures": tracking_failures,
             "timing": timing,
         }
         results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
@@ -440,16 +454,16 @@ def _search(
         ray.shutdown()  # flushes worker logs now, not after the summary table
 
 
-def _close_parent(mlc: Any, parent_id: str, status: str) -> None:
-    """Mark the parent run ended, as a search that did not finish; a tracking server out of
-    reach is said, and the error that ended the search stays the one raised."""
+def _close_parent(mlc: Any, run_id: str, status: str) -> None:
+    """Mark the parent run (or an open trial run) ended, as a search that did not finish; a
+    tracking server out of reach is said, and the error that ended the search stays the one
+    raised."""
     try:
-        mlc.set_terminated(parent_id, status)
+        mlc.set_terminated(run_id, status)
     except Exception as err:
         log.warning(
-            "MLflow: could not mark the search's parent run %s %s (%s)",
-            parent_id, status, compare.failure_reason(err),
-        )  # fmt: skip
+            "MLflow: could not mark run %s %s (%s)", run_id, status, compare.failure_reason(err)
+        )
 
 
 def _share(shared: SharedData | None) -> Any:
@@ -486,13 +500,19 @@ def _own_signal_handlers() -> Iterator[None]:
 
 
 def interrupted_trials(
-    known: dict[str, tuple[str, str | None]], *, created: int, num_samples: int
+    known: dict[str, tuple[str, str | None]],
+    *,
+    created: int,
+    num_samples: int,
+    never_started: int = 0,
 ) -> list[str] | None:
     """The trial runs a search left open (no status tag: the callback never saw them end), or
     None when it ran to its end. Tune's SIGINT/SIGUSR1 handler ends ``fit()`` early and returns
-    normally, its running trials torn down without a callback and the rest never created."""
+    normally, its running trials torn down without a callback (Tune marks them TERMINATED), the
+    trials it had created but not started still pending (``never_started``: no run yet), and the
+    rest never created."""
     open_runs = sorted(t for t, (_, status) in known.items() if status is None)
-    return open_runs if open_runs or created < num_samples else None
+    return open_runs if open_runs or created < num_samples or never_started > 0 else None
 
 
 def _stop_interrupted(
@@ -508,8 +528,8 @@ def _stop_interrupted(
     import ray
 
     for trial_id in unended:
-        mlc.set_terminated(known[trial_id][0], "KILLED")
-    mlc.set_terminated(parent_id, "KILLED")
+        _close_parent(mlc, known[trial_id][0], "KILLED")
+    _close_parent(mlc, parent_id, "KILLED")
     ray.shutdown()
     log.warning(
         "search interrupted before its trials ended (%d left running); continue it with "

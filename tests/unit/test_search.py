@@ -1486,6 +1486,8 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     assert driver.interrupted_trials(ended, created=2, num_samples=4) == []
     running = {**ended, "0badcafe": ("r3", None)}
     assert driver.interrupted_trials(running, created=3, num_samples=3) == ["0badcafe"]
+    # Ctrl-C while the last trial waited to start: created, never started, no run.
+    assert driver.interrupted_trials(ended, created=3, num_samples=3, never_started=1) == []
 
     # A real MLflow store (SQLite): the parent, a trial that ended, one the interrupt tore down.
     from mlflow.tracking import MlflowClient
