@@ -633,9 +633,9 @@ def _rows(
 class FinishSteps:
     """The finish's steps that report on a search rather than decide it (MLflow logging, base vs
     tuned, plots) and promotion: one that fails is logged and recorded in summary.json's
-    ``failed_steps`` (with the MLflow records the trials' callback could not write), and the
-    finish goes on, so the search's results are never lost to a
-    tracking server that went away or a plot that could not be drawn."""
+    ``failed_steps`` (after the MLflow records the trials' callback could not write), and the
+    finish goes on: the search's results are never lost to a tracking server gone away or a
+    plot that could not be drawn."""
 
     def __init__(self) -> None:
         self.failures: list[str] = []
