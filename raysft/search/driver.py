@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -327,17 +328,48 @@ def run_search(
     fresh = not Path(cfg.search.experiment_dir).resolve().exists()
     digests = shared.digests if shared is not None else None  # read once, with the data
     exp_dir = _open_experiment(spec_path, cfg, resume=resume, digests=digests)
+    lock = hold_experiment_dir(spec_path, exp_dir)  # refused: another search's, left as it is
     scratch = tempfile.mkdtemp(prefix="rsft-", dir=_short_temp_root())
     try:
         return _search(
             spec_path, tree, cfg, exp_dir, resume=resume, scratch=scratch, t0=t0, shared=shared
         )
     except BaseException:
-        if fresh and exp_dir.is_dir() and not any(exp_dir.iterdir()):
-            exp_dir.rmdir()  # refused before anything was written (Ray not reached, no plan)
+        if fresh and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
+            # Refused before anything was written (Ray not reached, no plan).
+            (exp_dir / LOCK_FILE).unlink(missing_ok=True)
+            exp_dir.rmdir()
         raise
     finally:
+        lock.close()  # releases it
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+LOCK_FILE = ".raysft.lock"  # held by the search running in an experiment dir (its pid inside)
+
+
+def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
+    """An exclusive lock on the experiment dir for this search's lifetime (released when the
+    returned file is closed, or the process ends however it ends). A second search started into
+    the same directory before the first wrote anything there would otherwise pass every check
+    and the two would write over each other's trials, runs and summary."""
+    import fcntl
+
+    handle = (exp_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SearchStateError(
+            f"{spec_path}: search.experiment_dir: {exp_dir} is in use by another search "
+            f"({holder}); wait for it to end, or choose another directory"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}")
+    handle.flush()
+    return handle
 
 
 def _short_temp_root() -> str:

@@ -1472,6 +1472,48 @@ def test_a_search_refused_before_it_wrote_anything_leaves_no_experiment_dir(
     assert (tmp_path / "new").is_dir()
 
 
+def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two searches started into one new directory both pass the "already holds a search"
+    check (neither has written yet): the second is refused by the first's lock, and leaves the
+    directory (and the lock) to the first."""
+    import subprocess
+    import sys
+
+    from raysft.errors import SearchStateError
+    from raysft.search import driver
+
+    exp = tmp_path / "new"
+    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = str(exp)
+    cfg = validate_spec(tree, source="s.yaml")
+    exp.mkdir()
+    first = subprocess.Popen(  # the first search: holds the lock until its stdin closes
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from raysft.search.driver import "
+         f"hold_experiment_dir as h; x = h('a.yaml', Path({str(exp)!r})); print('held', "
+         "flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "held"
+        ran: list[int] = []
+        monkeypatch.setattr(driver, "_search", lambda *a, **k: ran.append(1))
+        with pytest.raises(SearchStateError) as err:
+            driver.run_search("s.yaml", tree, cfg, resume=False)
+        assert str(err.value).startswith(
+            f"s.yaml: search.experiment_dir: {exp} is in use by another search (pid {first.pid} "
+        ), err.value
+        assert str(err.value).endswith("; wait for it to end, or choose another directory")
+        assert ran == [] and (exp / driver.LOCK_FILE).is_file()
+    finally:
+        first.communicate(input="", timeout=30)
+    # Once the first has ended, the directory is free again.
+    driver.run_search("s.yaml", tree, cfg, resume=False)
+    assert ran == [1]
+
+
 def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     tmp_path: Path,
 ) -> None:
