@@ -393,10 +393,19 @@ def _search(
     import ray
     import ray.tune
 
+    uri = tracking.tracking_uri(cfg.tracking)
+    unusable = tracking.store_problem(uri)  # before Ray: MLflow would retry for minutes
+    if unusable:
+        where = (
+            "tracking.uri"
+            if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
+            else "tracking.uri (from $MLFLOW_TRACKING_URI)"
+        )
+        redacted = tracking.redact("tracking_uri", uri)
+        raise ConfigError(spec_path, [f"{where}: {redacted}: {tracking.redact('e', unusable)}"])
     plan = _connect(spec_path, cfg, scratch=scratch)
     timing = {"ray_start_s": time.perf_counter() - t0}
     shared_ref = _share(shared)  # held for the whole search: the object lives while it is
-    uri = tracking.tracking_uri(cfg.tracking)
     mlc = tracking.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
     digests = shared.digests if shared is not None else None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, SearchSpec, TrackingSection, flat_paths
+from raysft.paths import writable_dir_problem
 from raysft.search.results import classify, is_diverged
 from raysft.train.metrics import METRICS, REPLAYED, objective_mode
 
@@ -140,6 +141,37 @@ def client(uri: str) -> Any:
 
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+# MLflow retries an HTTP request for minutes (7 times, with backoff): the check below asks once.
+_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def store_problem(uri: str) -> str | None:
+    """Why a search could not track in ``uri``, found in seconds before Ray starts (one request,
+    no retries); None when it can. A SQLite file's folder is made if it can be."""
+    store = local_store(uri)
+    if store is not None and uri.startswith("sqlite:"):
+        if store.is_dir():
+            return f"{store} is a directory, not a database file"
+        unusable = writable_dir_problem(store.parent)
+        if unusable:
+            return unusable
+        store.parent.mkdir(parents=True, exist_ok=True)
+    saved = {name: os.environ.get(name) for name in _FAST}
+    os.environ.update(_FAST)
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        return f"cannot use this MLflow store ({type(err).__name__}: {first})"
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return None
 
 
 def experiment_id(mlc: Any, name: str) -> str:

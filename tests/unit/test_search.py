@@ -1514,6 +1514,57 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
     assert ran == [1]
 
 
+def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow retries a server nobody answers for minutes, and a bad sqlite path or scheme
+    ended in its traceback after Ray had started: each is one message before Ray now."""
+    import mlflow
+
+    from raysft.search import driver
+    from raysft.search.tracking import store_problem
+
+    before = mlflow.get_tracking_uri()
+    try:
+        (tmp_path / "a-file").write_text("x")
+        (tmp_path / "a-dir").mkdir()
+        t0 = time.monotonic()
+        assert "cannot use this MLflow store (MlflowException: " in (
+            store_problem("http://127.0.0.1:9") or ""
+        )
+        assert time.monotonic() - t0 < 30
+        assert store_problem(f"sqlite:///{tmp_path}/a-file/m.db") == (
+            f"{tmp_path}/a-file is a file, not a directory"
+        )
+        assert store_problem(f"sqlite:///{tmp_path}/a-dir") == (
+            f"{tmp_path}/a-dir is a directory, not a database file"
+        )
+        assert "cannot use this MLflow store" in (store_problem("notascheme://x") or "")
+        # A folder that is not there yet is made, as a user would expect of runs/mlflow.db.
+        assert store_problem(f"sqlite:///{tmp_path}/runs/m.db") is None
+        assert (tmp_path / "runs" / "m.db").is_file()
+
+        tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+        tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+        tree["tracking"]["uri"] = "http://ci:s3cret@127.0.0.1:9"
+        cfg = validate_spec(tree, source="s.yaml")
+
+        def no_ray(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("Ray was started")
+
+        monkeypatch.setattr(driver, "_connect", no_ray)
+        with pytest.raises(ConfigError) as err:
+            driver.run_search("s.yaml", tree, cfg, resume=False)
+        (line,) = err.value.lines()
+        assert line.startswith(
+            "s.yaml: tracking.uri: http://ci:***@127.0.0.1:9: cannot use this MLflow store ("
+        ), line
+        assert "s3cret" not in line
+        assert not (tmp_path / "exp").exists()  # nothing half-made
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     tmp_path: Path,
 ) -> None:
