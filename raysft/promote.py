@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from raysft.cli import run_cli, setup_logging
 from raysft.config import validate_spec
 from raysft.errors import ConfigError, SearchStateError
+from raysft.search.compare import base_value
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking import client, local_store
@@ -57,7 +58,10 @@ def _main() -> int:
         raise SearchStateError(f"{source}: best: not a trial's record (no trial_id)")
     # The spec's relative paths (data.eval, promote.export_dir) as the search read them.
     with contextlib.chdir(_search_dir(summary, source)):
-        record = promote(mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
+        record = promote(
+            mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
+            base_value=base_value(summary.get("base_vs_tuned"), cfg.search.metric),
+        )  # fmt: skip
     if not record.get("failed") or not summary.get("promotion"):
         summary["promotion"] = record  # a failed retry keeps the record it would have replaced
         write_summary(exp_dir, summary)

@@ -113,3 +113,12 @@ def collect(
     mlc.log_artifact(parent_id, str(path))
     log.info("base vs tuned:\n%s", out["table"])
     return {"table": out["table"], "side_by_side": out["side_by_side"], **out["scores"]}
+
+
+def base_value(comparison: dict[str, Any] | None, metric: str) -> float | None:
+    """The base model's ``metric`` in a comparison (``collect``'s record, or summary.json's
+    ``base_vs_tuned``); None where it was not scored."""
+    if not isinstance(comparison, dict) or comparison.get("failed"):
+        return None
+    value = ((comparison.get("base") or {}).get("metrics") or {}).get(metric)
+    return float(value) if isinstance(value, int | float) else None

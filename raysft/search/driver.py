@@ -735,21 +735,12 @@ def _finish(
         value = float(best["metric"])
         steps.run("MLflow: the best metric", mlc.log_metric, parent_id, f"best_{s.metric}", value)
         steps.run("MLflow: the best adapter", _log_best_adapter, mlc, parent_id, best["checkpoint"])
-    # Base vs tuned scores on the cluster while the driver promotes and draws.
+    # Base vs tuned scores on the cluster while the driver draws; promotion waits for it: a
+    # best trial that does not beat the base model is not promoted.
     scores = None
     if best and cfg.train.eval_base:
         best_cfg = resolve(best["trial_id"], best["sampled"])
         scores = steps.run("base vs tuned", compare.start, cfg, best_cfg, best["checkpoint"])
-    promotion = steps.run("promotion", promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir)
-    if promotion is None:  # promote records its own failures; this one escaped it
-        reason = steps.failures[-1].split(": ", 1)[1]
-        promotion = {"promoted": False, "failed": True, "reason": reason}
-    elif promotion.get("failed"):
-        steps.failures.append(f"promotion: {promotion['reason']}")
-    steps.run(
-        "MLflow: the promotion tag",
-        mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
-    )  # fmt: skip
     histories = steps.run(
         "MLflow: the trials' eval curves",
         plots.histories_from_mlflow, mlc, tracked["runs"], "eval_loss",
@@ -765,6 +756,20 @@ def _finish(
         )  # fmt: skip
         if comparison and comparison.get("failed"):
             steps.failures.append(f"base vs tuned: {comparison['reason']}")
+    promotion = steps.run(
+        "promotion",
+        promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
+        base_value=compare.base_value(comparison, s.metric),
+    )  # fmt: skip
+    if promotion is None:  # promote records its own failures; this one escaped it
+        reason = steps.failures[-1].split(": ", 1)[1]
+        promotion = {"promoted": False, "failed": True, "reason": reason}
+    elif promotion.get("failed"):
+        steps.failures.append(f"promotion: {promotion['reason']}")
+    steps.run(
+        "MLflow: the promotion tag",
+        mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
+    )  # fmt: skip
     summary = {
         "spec": spec_path,
         "experiment_dir": str(exp_dir),

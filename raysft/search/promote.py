@@ -191,9 +191,18 @@ def _refusal(champ: Any, *, metric: str, value: float, fp: str, mode: Mode | Non
 
 
 def promote(
-    *, mlc: Any, cfg: SearchSpec, best: dict[str, Any] | None, exp_dir: Path
+    *,
+    mlc: Any,
+    cfg: SearchSpec,
+    best: dict[str, Any] | None,
+    exp_dir: Path,
+    base_value: float | None = None,
 ) -> dict[str, Any]:
     """Gate, export, register and alias; returns the record that goes into summary.json.
+
+    ``base_value``: the base model's ``search.metric`` on the same held-out rows (base vs
+    tuned), where it was scored: a best trial that does not beat it is not promoted (a search
+    whose every trial diverged or was stopped early can leave a "best" worse than no training).
 
     A failure while installing the new champion is recorded as its reason (the traceback is
     logged) rather than raised: the search's summary is still written, the previous champion
@@ -217,6 +226,16 @@ def promote(
         "registered_model": p.registered_model,
         "alias": p.alias,
     }
+    base = finite_or_none(base_value)
+    if base is not None:
+        record["base_value"] = base
+        if not is_better(value, base, mode):
+            return {
+                **record,
+                "promoted": False,
+                "reason": f"{s.metric} {value:.6g} does not beat the base model's {base:.6g} "
+                "on the same held-out rows",
+            }
     try:
         champ = current_champion(mlc, p.registered_model, p.alias)
     except Exception as err:

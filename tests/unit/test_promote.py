@@ -268,6 +268,40 @@ def test_a_base_inside_a_jobs_working_dir_copy_travels_with_the_export(
         assert torch.allclose(model(input_ids=checkpoints["ids"]).logits, logits, atol=1e-6)
 
 
+def test_a_best_trial_that_does_not_beat_the_base_model_is_never_promoted(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """A search whose trials all diverged or were stopped early can leave a "best" that is
+    worse than no training at all: with the base model scored on the same rows, it stays out."""
+    exp_dir = tmp_path / "exp"
+    cfg = spec("worse-than-base", exp_dir)  # eval_loss, lower is better
+    record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 9.18),
+                     exp_dir=exp_dir, base_value=5.47)  # fmt: skip
+    assert record["promoted"] is False and "failed" not in record
+    assert record["reason"] == (
+        "eval_loss 9.18 does not beat the base model's 5.47 on the same held-out rows"
+    )
+    assert record["base_value"] == 5.47
+    assert registry.versions("worse-than-base") == 0 and not (exp_dir / "champion").exists()
+    # Equal is not better; a base that was not scored (None, or NaN) gates nothing.
+    equal = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 5.47),
+                    exp_dir=exp_dir, base_value=5.47)  # fmt: skip
+    assert equal["promoted"] is False
+    for unknown in (None, NAN):  # the second meets the first as champion: a tie, not promoted
+        kept = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 9.18),
+                       exp_dir=exp_dir, base_value=unknown)  # fmt: skip
+        assert "base_value" not in kept and "base model" not in kept["reason"], kept
+    assert registry.versions("worse-than-base") == 1
+    # The base's value as raysft.promote finds it in summary.json.
+    from raysft.search.compare import base_value
+
+    summary_cmp = {"base": {"metrics": {"eval_loss": 5.47, "exact_match": 0.0}}, "tuned": {}}
+    assert base_value(summary_cmp, "eval_loss") == 5.47
+    assert base_value(summary_cmp, "rougeL") is None
+    assert base_value({"failed": True, "reason": "x"}, "eval_loss") is None
+    assert base_value(None, "eval_loss") is None
+
+
 def test_better_trial_replaces_the_champion_and_its_export(
     registry: Registry, checkpoints: dict[str, Any], champion_v1: tuple[SearchSpec, Path]
 ) -> None:
