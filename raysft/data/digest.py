@@ -20,10 +20,11 @@ _WHOLE = 256 << 20  # files up to this size are hashed whole
 _SAMPLES = 17  # 1 MiB samples of a larger file, its first and last included
 
 
-def source_digest(spec: str) -> str:
+def source_digest(spec: str, field: str = "data") -> str:
     """sha256 of a data source's bytes (a file, or every file of a saved ``datasets`` directory
     with its relative path; a file over 256 MiB by its size and 17 samples of 1 MiB). A hub
-    dataset (``hf:NAME``) is known by its name alone."""
+    dataset (``hf:NAME``) is known by its name alone. ``field``: the setting that names it, for
+    the message when it is not there."""
     if spec.startswith("hf:"):
         return spec
     path, _ = saved_split(spec)  # DIR:SPLIT: the whole saved directory
@@ -38,7 +39,7 @@ def source_digest(spec: str) -> str:
         return h.hexdigest()
     # Not its name: a digest of a path that is not there would match no run's.
     raise DataError(
-        f"data: {spec}: file not found (a relative path is read from the current directory, "
+        f"{field}: {spec}: file not found (a relative path is read from the current directory, "
         f"{Path.cwd()})"
     )
 
@@ -72,7 +73,7 @@ Digests = dict[str, dict[str, str]]  # data_digests: "train"/"eval" -> source ->
 def data_digests(data: Any) -> Digests:
     """Digest of every source of a ``DataSection``: ``{"train": {spec: sha}, "eval": {...}}``."""
     return {
-        part: {s: source_digest(s) for s in sources(getattr(data, part))}
+        part: {s: source_digest(s, f"data.{part}") for s in sources(getattr(data, part))}
         for part in ("train", "eval")
     }
 

@@ -140,6 +140,12 @@ def load_tokenizer(model_cfg: ModelSection) -> Any:
         # and seg_lens on padding), never by comparing token ids with pad_token_id.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.padding_side = "right"
+    # raysft holds every sample to data.max_seq_len itself, naming the row; transformers' own
+    # "Token indices sequence length is longer than ..." warning, about the model's
+    # model_max_length, read like a crash just before that message.
+    warned = getattr(tok, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tok
 
 

@@ -163,10 +163,17 @@ def load_state(
 
 
 def _not_a_checkpoint(directory: str | Path) -> ConfigError:
+    where = Path(directory)
+    what = (
+        "no such directory"
+        if not where.exists()
+        else "a file, not a checkpoint directory"
+        if not where.is_dir()
+        else f"not a raysft checkpoint (no {STATE_FILE})"
+    )
     return ConfigError(
         "--resume-from",
-        [f"{directory}: not a raysft checkpoint (no {STATE_FILE}; checkpoints are written at "
-         "every eval to OUTPUT_DIR/checkpoints/)"],
+        [f"{directory}: {what}; checkpoints are written at every eval to OUTPUT_DIR/checkpoints/"],
     )  # fmt: skip
 
 

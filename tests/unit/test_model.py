@@ -333,3 +333,18 @@ def test_gpt2_conv1d_projections_are_lora_targets() -> None:
         check_targets(
             targetable, linears, LoraSection(target_modules=["q_proj"]), model="gpt2-tiny"
         )
+
+
+def test_a_text_longer_than_the_models_max_length_gets_no_transformers_warning(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """raysft names a sample over data.max_seq_len itself; transformers' warning about the
+    model's model_max_length read like a crash just before that message."""
+    from raysft.config import ModelSection
+    from raysft.train.model import load_tokenizer
+
+    tok = load_tokenizer(ModelSection())
+    tok.model_max_length = 8
+    ids = tok("word " * 50, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 8
+    assert "Token indices sequence length" not in capfd.readouterr().err

@@ -287,3 +287,15 @@ def test_a_data_json_of_another_shape_is_said_to_be_unreadable(tmp_path: Path) -
     (tmp_path / DATA_FILE).write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ConfigError, match="holds no data digests: the checkpoint is truncated"):
         check_same_data(tmp_path, {"train": {}, "eval": {}})
+
+
+def test_resume_from_a_path_that_is_not_there_or_a_file_says_so(tmp_path: Path) -> None:
+    from raysft.config import ConfigError
+    from raysft.train.state import check_resumable
+
+    (tmp_path / "f").write_text("x")
+    for path, what in ((tmp_path / "gone" / "step-20", "no such directory"),
+                       (tmp_path / "f", "a file, not a checkpoint directory")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            check_resumable(str(path), None)
+        assert str(err.value).startswith(f"--resume-from: {path}: {what}; "), err.value
