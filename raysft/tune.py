@@ -83,16 +83,18 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
         print(f"\nbase vs tuned on the same held-out rows:\n{cmp['table']}")
         print(f"\n{cmp['side_by_side']}")
     p = summary["promotion"]
-    print(
-        "promotion: "
-        + (
-            f"v{p['version']} is now @{p['alias']}"
-            + (f", exported to {p['export_dir']}" if p.get("export_dir") else "")
-            if p.get("promoted")
-            else f"none ({p.get('reason')})"
-        )
-    )
-    print(f"summary: {summary['experiment_dir']}/{SUMMARY_FILE}  ({summary['wall_seconds']} s)")
+    if not p.get("promoted"):
+        line = f"none ({p.get('reason')})"
+    elif str(p.get("reason", "")).startswith("already champion"):  # --resume of a finished one
+        line = f"v{p['version']} stays @{p['alias']} (already champion)"
+    else:
+        line = f"v{p['version']} is now @{p['alias']}"
+        line += f", exported to {p['export_dir']}" if p.get("export_dir") else ""
+    print(f"promotion: {line}")
+    took = f"{summary['wall_seconds']} s"
+    if summary.get("starts", 1) > 1:
+        took += f"; {summary['wall_seconds_all_starts']} s over {summary['starts']} starts"
+    print(f"summary: {summary['experiment_dir']}/{SUMMARY_FILE}  ({took})")
     m = summary["mlflow"]
     page = runs_page(m["experiment_id"], metric=metric, mode=summary["mode"])
     print(f"compare trials: {ui_command(m['tracking_uri'], page)}")

@@ -341,8 +341,27 @@ def run_search(
             exp_dir.rmdir()
         raise
     finally:
+        _count_start(exp_dir, time.perf_counter() - t0)
         lock.close()  # releases it
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _count_start(exp_dir: Path, seconds: float) -> None:
+    """Add this start of the search (ended however it ended, but for a kill it cannot catch) to
+    raysft_state.json's ``earlier_starts``: a ``--resume``'s summary counts the whole search."""
+    path = exp_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        done = state.get("earlier_starts") or {"count": 0, "seconds": 0.0}
+        state["earlier_starts"] = {
+            "count": int(done["count"]) + 1,
+            "seconds": round(float(done["seconds"]) + seconds, 1),
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+        tmp.replace(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # no state yet (refused early)
+        log.debug("search start not counted in %s: %s", path, err)
 
 
 LOCK_FILE = ".raysft.lock"  # held by the search running in an experiment dir (its pid inside)
@@ -693,6 +712,16 @@ class FinishSteps:
             return None
 
 
+def _all_starts(exp_dir: Path, this_start: float) -> dict[str, Any]:
+    try:
+        state = json.loads((exp_dir / STATE_FILE).read_text(encoding="utf-8"))
+        done = state.get("earlier_starts") or {"count": 0, "seconds": 0.0}
+        count, seconds = int(done["count"]), float(done["seconds"])
+    except (OSError, ValueError, TypeError, KeyError):
+        count, seconds = 0, 0.0
+    return {"starts": count + 1, "wall_seconds_all_starts": round(seconds + this_start, 1)}
+
+
 def _log_best_adapter(mlc: Any, run_id: str, checkpoint: str) -> None:
     """The best checkpoint as the parent run's ``best_adapter`` artifact, without its training
     state (optimizer and RNG: for resuming the trial, often the largest file)."""
@@ -787,7 +816,9 @@ def _finish(
         "promotion": promotion,
         "base_vs_tuned": res.json_safe(comparison),
         "plots": [str(p) for p in drawn],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1),  # this start's
+        # With the earlier starts of a resumed search (each counted when it ended).
+        **_all_starts(exp_dir, time.perf_counter() - t0),
         # Where the driver's wall time went (the trials' own split: their setup_s, step_s, ...).
         "timing": {
             **{k: round(v, 2) for k, v in tracked["timing"].items()},

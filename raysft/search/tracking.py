@@ -136,9 +136,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def client(uri: str) -> Any:
+    """An MLflow client of ``uri``, the process's tracking URI from now on. A SQLite file's
+    missing folder is made (``sqlite:///runs/mlflow.db`` in a fresh checkout)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    store = local_store(uri) if uri.startswith("sqlite:") else None
+    if store is not None and store.name != ":memory:":
+        store.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -148,16 +153,21 @@ _FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": 
 
 
 def store_problem(uri: str) -> str | None:
-    """Why a search could not track in ``uri``, found in seconds before Ray starts (one request,
-    no retries); None when it can. A SQLite file's folder is made if it can be."""
+    """Why a search could not track in ``uri``, found in seconds before Ray starts; None when it
+    can. A local store is checked where it would be written (nothing is made: a search refused
+    later leaves no store behind); any other is asked once, without retries."""
     store = local_store(uri)
-    if store is not None and uri.startswith("sqlite:"):
+    if store is not None:
+        if not uri.startswith("sqlite:"):
+            return writable_dir_problem(store)  # a file store: a directory
         if store.is_dir():
             return f"{store} is a directory, not a database file"
-        unusable = writable_dir_problem(store.parent)
-        if unusable:
-            return unusable
-        store.parent.mkdir(parents=True, exist_ok=True)
+        if store.is_file():
+            with store.open("rb") as fh:
+                if store.stat().st_size and fh.read(16) != b"SQLite format 3\x00":
+                    return f"{store} is not a SQLite database"
+            return None if os.access(store, os.W_OK) else f"{store} is not writable"
+        return writable_dir_problem(store.parent)
     saved = {name: os.environ.get(name) for name in _FAST}
     os.environ.update(_FAST)
     try:

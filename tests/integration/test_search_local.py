@@ -453,4 +453,11 @@ def test_resume_of_a_finished_search_reruns_nothing(local_search: LocalSearch) -
     # Promotion runs again and finds the same best already champion.
     assert again["promotion"]["promoted"] is True
     assert again["promotion"]["reason"] == "already champion v1"
+    assert "promotion: v1 stays @champion (already champion)" in ran.output
     assert len(local_search.client().search_model_versions(f"name='{MODEL_NAME}'")) == 1
+    # Its time: this start's, and the whole search's over both starts.
+    assert first["starts"] == 1 and again["starts"] == 2
+    both = first["wall_seconds"] + again["wall_seconds"]
+    # (the first start counted to its exit: its summary was written a little before)
+    assert both - 0.5 <= again["wall_seconds_all_starts"] <= both + 30, again
+    assert "s over 2 starts)" in ran.output

@@ -1522,7 +1522,7 @@ def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
     import mlflow
 
     from raysft.search import driver
-    from raysft.search.tracking import store_problem
+    from raysft.search.tracking import client, store_problem
 
     before = mlflow.get_tracking_uri()
     try:
@@ -1540,8 +1540,14 @@ def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
             f"{tmp_path}/a-dir is a directory, not a database file"
         )
         assert "cannot use this MLflow store" in (store_problem("notascheme://x") or "")
-        # A folder that is not there yet is made, as a user would expect of runs/mlflow.db.
+        assert store_problem(f"sqlite:///{tmp_path}/a-file") == (
+            f"{tmp_path}/a-file is not a SQLite database"
+        )
+        # A folder that is not there yet is fine, and not made by the check (a search refused
+        # later leaves nothing behind); the client makes it, as a user expects of runs/m.db.
         assert store_problem(f"sqlite:///{tmp_path}/runs/m.db") is None
+        assert not (tmp_path / "runs").exists()
+        client(f"sqlite:///{tmp_path}/runs/m.db").search_experiments(max_results=1)
         assert (tmp_path / "runs" / "m.db").is_file()
 
         tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
