@@ -64,6 +64,9 @@ def _main() -> int:
         )  # fmt: skip
     if not record.get("failed") or not summary.get("promotion"):
         summary["promotion"] = record  # a failed retry keeps the record it would have replaced
+        if not record.get("failed") and summary.get("failed_steps"):  # the failure it retried
+            kept = [f for f in summary["failed_steps"] if not str(f).startswith("promotion: ")]
+            summary["failed_steps"] = kept
         write_summary(exp_dir, summary)
     print(json.dumps(record, indent=2))
     if record.get("failed"):

@@ -83,10 +83,9 @@ def failure_reason(err: BaseException) -> str:
 def collect(
     scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path, *, mlc: Any, parent_id: str
 ) -> dict[str, Any]:
-    """Wait for ``start``'s scores, write EXP_DIR/base_vs_tuned.{md,json}, log both to the
-    parent run (files, and ``base_*``/``tuned_*`` metrics). Returns the JSON record; a failed
-    scoring returns ``{"failed": True, "reason": ...}``, tagged on the parent run, and writes
-    no file."""
+    """Wait for ``start``'s scores and write EXP_DIR/base_vs_tuned.{md,json} (``log_comparison``
+    logs them). Returns the JSON record; a failed scoring returns ``{"failed": True, "reason":
+    ...}``, tagged on the parent run, and writes no file."""
     try:
         out = scores()
     except Exception as err:  # the task raised, its worker or node died, ...
@@ -105,14 +104,19 @@ def collect(
     (exp_dir / COMPARISON_MD).write_text(md, encoding="utf-8")
     path = exp_dir / COMPARISON_JSON
     path.write_text(json.dumps(out["scores"], indent=2, ensure_ascii=False), encoding="utf-8")
-    for name, scored in out["scores"].items():
-        for metric, value in scored["metrics"].items():
+    log.info("base vs tuned:\n%s", out["table"])
+    return {"table": out["table"], "side_by_side": out["side_by_side"], **out["scores"]}
+
+
+def log_comparison(mlc: Any, parent_id: str, exp_dir: Path, record: dict[str, Any]) -> None:
+    """``collect``'s scores on the parent run: ``base_*``/``tuned_*`` metrics and both files. Apart
+    from ``collect``, so that MLflow refusing them loses neither the scores nor the gate on them."""
+    for name in ("base", "tuned"):
+        for metric, value in record[name]["metrics"].items():
             if value is not None:
                 mlc.log_metric(parent_id, f"{name}_{metric}", float(value))
     mlc.log_artifact(parent_id, str(exp_dir / COMPARISON_MD))
-    mlc.log_artifact(parent_id, str(path))
-    log.info("base vs tuned:\n%s", out["table"])
-    return {"table": out["table"], "side_by_side": out["side_by_side"], **out["scores"]}
+    mlc.log_artifact(parent_id, str(exp_dir / COMPARISON_JSON))
 
 
 def base_value(comparison: dict[str, Any] | None, metric: str) -> float | None:

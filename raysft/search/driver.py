@@ -329,19 +329,24 @@ def run_search(
     digests = shared.digests if shared is not None else None  # read once, with the data
     exp_dir = _open_experiment(spec_path, cfg, resume=resume, digests=digests)
     lock = hold_experiment_dir(spec_path, exp_dir)  # refused: another search's, left as it is
+    begun: list[bool] = []  # set once the search has its parent run: a start that counts
     scratch = tempfile.mkdtemp(prefix="rsft-", dir=_short_temp_root())
     try:
         return _search(
-            spec_path, tree, cfg, exp_dir, resume=resume, scratch=scratch, t0=t0, shared=shared
-        )
+            spec_path, tree, cfg, exp_dir,
+            resume=resume, scratch=scratch, t0=t0, shared=shared, begun=begun,
+        )  # fmt: skip
     except BaseException:
         if fresh and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
-            # Refused before anything was written (Ray not reached, no plan).
-            (exp_dir / LOCK_FILE).unlink(missing_ok=True)
-            exp_dir.rmdir()
+            # Refused before anything was written (Ray not reached, no plan); another search
+            # may have come in meanwhile: then the directory is its.
+            with contextlib.suppress(OSError):
+                (exp_dir / LOCK_FILE).unlink(missing_ok=True)
+                exp_dir.rmdir()
         raise
     finally:
-        _count_start(exp_dir, time.perf_counter() - t0)
+        if begun:  # not a start refused before it began (Ray, the plan, the MLflow store)
+            _count_start(exp_dir, time.perf_counter() - t0)
         lock.close()  # releases it
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -374,10 +379,16 @@ def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
     and the two would write over each other's trials, runs and summary."""
     import fcntl
 
-    handle = (exp_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        handle = (exp_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    except FileNotFoundError:  # removed meanwhile by another search refused as it started
+        raise SearchStateError(
+            f"{spec_path}: search.experiment_dir: {exp_dir} was removed as this search started "
+            "(another search into it was refused at the same moment); run it again"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
@@ -385,6 +396,13 @@ def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
             f"{spec_path}: search.experiment_dir: {exp_dir} is in use by another search "
             f"({holder}); wait for it to end, or choose another directory"
         ) from None
+    except OSError as err:  # a filesystem without flock (Lustre without -o flock, some FUSE)
+        log.warning(
+            "search.experiment_dir %s: cannot be locked (%s): a second search started into it "
+            "would not be refused",
+            exp_dir, err,
+        )  # fmt: skip
+        return handle
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}")
     handle.flush()
@@ -408,11 +426,13 @@ def _search(
     scratch: str,
     t0: float,
     shared: SharedData | None,
+    begun: list[bool],
 ) -> dict[str, Any]:
     import ray
     import ray.tune
 
     uri = tracking.tracking_uri(cfg.tracking)
+    tracking.callback_failures(reset=True)
     unusable = tracking.store_problem(uri)  # before Ray: MLflow would retry for minutes
     if unusable:
         where = (
@@ -429,6 +449,7 @@ def _search(
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
     digests = shared.digests if shared is not None else None
     parent_id = _parent_run(mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests)
+    begun.append(True)
     resolve = TrialConfigs(tree, str(exp_dir))
     callback = tracking.make_callback(
         mlc,
@@ -456,7 +477,7 @@ def _search(
     try:
         # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
         # trial runs of earlier attempts are only known to MLflow.
-        tracking_failures = list(getattr(callback, "failures", ()))
+        tracking_failures = tracking.callback_failures()  # this start's: reset at its start
         try:
             known = tracking.trial_runs(mlc, exp_id, parent_id)
         except Exception as err:  # MLflow out of reach: the callback's record stands in
@@ -752,8 +773,7 @@ def _finish(
     s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     steps = FinishSteps()
-    # MLflow records the callback could not write while the trials ran (a fresh search's; after
-    # --resume Tune drives its restored copy of the callback, whose failures are only logged).
+    # MLflow records the trials' callback could not write while they ran (tracking.py).
     steps.failures.extend(tracked.get("tracking_failures", ()))
     rows = _rows(results, cfg, tracked=tracked, resolve=resolve, steps=steps)
     res.drop_untracked_checkpoints(
@@ -785,6 +805,11 @@ def _finish(
         )  # fmt: skip
         if comparison and comparison.get("failed"):
             steps.failures.append(f"base vs tuned: {comparison['reason']}")
+        elif comparison:
+            steps.run(
+                "MLflow: base vs tuned",
+                compare.log_comparison, mlc, parent_id, exp_dir, comparison,
+            )  # fmt: skip
     promotion = steps.run(
         "promotion",
         promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,

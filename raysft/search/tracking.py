@@ -309,6 +309,33 @@ def trial_runs(mlc: Any, exp_id: str, parent_id: str) -> dict[str, tuple[str, st
     }
 
 
+# What the trials' callback could not write to MLflow, kept here (not on the callback): after
+# --resume Tune drives the copy of the callback it pickled when the search began, which the
+# driver never sees; a module-level function is pickled by reference and reaches this list.
+_CALLBACK_FAILURES: list[str] = []
+_CALLBACK_FAILURES_SHOWN = 5  # listed one by one; the rest counted
+
+
+def note_callback_failure(line: str) -> None:
+    """Note one failed MLflow write of the callback. After the first, MLflow asks once per call
+    (no retries): a server down for good would otherwise hold every report for minutes, and
+    the trials with it (a trial's report waits for Tune's loop)."""
+    os.environ.update(_FAST)
+    _CALLBACK_FAILURES.append(line)
+
+
+def callback_failures(*, reset: bool = False) -> list[str]:
+    """The callback's failed MLflow writes since the last reset, the first few by name and the
+    rest counted; ``reset`` empties the record (a search's start)."""
+    lines = list(_CALLBACK_FAILURES[:_CALLBACK_FAILURES_SHOWN])
+    more = len(_CALLBACK_FAILURES) - len(lines)
+    if more > 0:
+        lines.append(f"MLflow: {more} more of the trials' records not written (see the log)")
+    if reset:
+        _CALLBACK_FAILURES.clear()
+    return lines
+
+
 def make_callback(
     mlc: Any,
     *,
@@ -331,20 +358,18 @@ def make_callback(
             self.last: dict[str, dict[str, Any]] = {}
             self.diverged: set[str] = set()  # trials that reported a non-finite metric
             self.logged_step: dict[str, int] = {}  # trial_id -> last step logged to MLflow
-            self.failures: list[str] = []  # MLflow calls that failed (``_mlflow``)
 
         def _mlflow(self, what: str, call: Callable[[], Any]) -> None:
             """One MLflow step of the callback. A failure (a tracking server out of reach past
-            MLflow's own retries) is logged and kept in ``failures``, and the search goes on:
-            raised from a callback, Tune would end every running trial."""
+            MLflow's own retries) is logged and noted (``note_callback_failure``), and the search
+            goes on: raised from a callback, Tune would end every running trial."""
             try:
                 call()
             except Exception as err:
                 first = (str(err).strip().splitlines() or [""])[0]
                 reason = f"{type(err).__name__}: {first}"
                 log.warning("MLflow: %s failed (%s); the trials go on", what, reason)
-                # getattr: a callback pickled by an older version (--resume) has no such list.
-                self.failures = [*getattr(self, "failures", []), f"MLflow: {what}: {reason}"]
+                note_callback_failure(f"MLflow: {what}: {reason}")
 
         def setup(self, *args: Any, **info: Any) -> None:
             self._mlflow("reading the search's trial runs", self._pick_up)

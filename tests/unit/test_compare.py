@@ -93,8 +93,12 @@ def test_a_scoring_that_succeeds_is_written_and_logged(
     assert out["base"] == result["scores"]["base"] and out["table"] == result["table"]
     assert (exp_dir / compare.COMPARISON_MD).is_file()
     assert (exp_dir / compare.COMPARISON_JSON).is_file()
+    assert mlc.get_run(parent).data.metrics == {}  # logging is log_comparison's
+    compare.log_comparison(mlc, parent, exp_dir, out)
     metrics = mlc.get_run(parent).data.metrics
     assert metrics == {"base_exact_match": 0.0, "tuned_exact_match": 0.5}  # None is not logged
+    names = {f.path for f in mlc.list_artifacts(parent)}
+    assert names == {compare.COMPARISON_MD, compare.COMPARISON_JSON}
 
 
 def test_eval_rows_the_driver_cannot_read_fail_the_scoring_not_the_search(

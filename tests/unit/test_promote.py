@@ -992,3 +992,36 @@ def test_promote_cli_reads_relative_paths_from_where_the_search_ran(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["promoted"] is True
     assert registry.alias("cli-working-dir") == "1"
+
+
+def test_promote_cli_gates_on_the_base_and_clears_the_failure_it_retried(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """raysft.promote reads the base model's score from summary.json's base_vs_tuned (the
+    search's gate), and a retry that promotes drops the promotion failure from failed_steps."""
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    cfg = spec("cli-retry", exp_dir)
+    summary = {
+        "resolved_spec": cfg.model_dump(mode="json"),
+        "mlflow": {"tracking_uri": registry.mlc.tracking_uri},
+        "best": best(registry, checkpoints["a"], 0.5),
+        "promotion": {"promoted": False, "failed": True, "reason": "registry out of reach"},
+        "failed_steps": ["promotion: registry out of reach", "plots: OSError: disk full"],
+        "base_vs_tuned": {"base": {"metrics": {"eval_loss": 0.4}}, "tuned": {"metrics": {}}},
+    }
+    path = exp_dir / "summary.json"
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    proc = _promote_cli(exp_dir)  # the base (0.4) beats the best trial (0.5): not promoted
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["promoted"] is False and "does not beat the base model's 0.4" in record["reason"]
+    assert registry.versions("cli-retry") == 0
+
+    summary["base_vs_tuned"]["base"]["metrics"]["eval_loss"] = 2.0
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 0, proc.stderr
+    after = json.loads(path.read_text())
+    assert after["promotion"]["promoted"] is True
+    assert after["failed_steps"] == ["plots: OSError: disk full"]

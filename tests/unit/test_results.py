@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -446,14 +447,19 @@ def test_a_row_never_names_a_checkpoint_that_is_gone(
 
 
 def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
-    mlflow_store: tuple[Any, str],
+    mlflow_store: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Raised from a Tune callback, an MLflow error would end every running trial: each one is
-    logged and kept in ``failures`` (summary.json's failed_steps), and the trials' outcomes are
-    still known to the search."""
+    logged and noted (summary.json's failed_steps), and the trials' outcomes are still known to
+    the search; after the first, MLflow asks once per call instead of retrying for minutes."""
     from raysft.config import validate_tree
+    from raysft.search import tracking
 
     mlc, _ = mlflow_store
+    tracking.callback_failures(reset=True)
+    # MLflow's defaults, as a user has them; put back after the test (the callback changes them).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     exp_id = mlc.create_experiment("refusing")
     cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
     callback = _trial_callback(mlc, exp_id, cfg)
@@ -465,10 +471,18 @@ def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
     for trial in (tracked, untracked):
         callback.on_trial_result(0, [], trial, {"step": 10, "eval_loss": 0.5, "timestamp": 1})
         callback.on_trial_complete(0, [], trial)
-    assert [f[: f.find(": MlflowException")] for f in callback.failures] == [
+    failures = tracking.callback_failures(reset=True)
+    assert [f[: f.find(": MlflowException")] for f in failures] == [
         "MLflow: creating trial untracked's run",
         "MLflow: trial tracked's metrics at step 10",
         "MLflow: closing trial tracked's run",
-    ], callback.failures
+    ], failures
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     assert callback.status == {"tracked": "finished", "untracked": "finished"}
     assert callback.last["untracked"]["eval_loss"] == 0.5
+    # Past the first few, they are counted, not listed.
+    for i in range(7):
+        tracking.note_callback_failure(f"MLflow: trial t{i}'s metrics at step 5: gone")
+    lines = tracking.callback_failures(reset=True)
+    assert len(lines) == 6 and lines[-1].startswith("MLflow: 2 more of the trials' records")
+    assert tracking.callback_failures() == []
