@@ -8,6 +8,15 @@ The CLI edge (``raysft.cli.run_cli``) catches ``RaysftError`` only: it prints
 from __future__ import annotations
 
 
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for a log line or a record; a Ray
+    task's own exception (its ``cause``) rather than Ray's wrapper and traceback."""
+    cause = getattr(err, "cause", None)
+    what = cause if isinstance(cause, BaseException) else err
+    first = (str(what).strip().splitlines() or [""])[0]
+    return f"{type(what).__name__}: {first}" if first else type(what).__name__
+
+
 class RaysftError(Exception):
     """A problem the user can fix: bad config, spec, data, template, model or search state."""
 

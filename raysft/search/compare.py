@@ -22,6 +22,7 @@ from typing import Any
 
 from raysft.config import Config, SearchSpec, validate_tree
 from raysft.data.formats import Conversation
+from raysft.errors import one_line
 from raysft.evaluate import as_json, eval_rows, metrics_table, score_model, side_by_side
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,6 @@ def start(spec: SearchSpec, best_cfg: Config, tuned_dir: str) -> Scores:
     return lambda: ray.get(handle)
 
 
-def failure_reason(err: BaseException) -> str:
-    """One line on why the scoring failed: a Ray task's own exception rather than Ray's wrapper
-    and traceback."""
-    cause = getattr(err, "cause", None)
-    what = cause if isinstance(cause, BaseException) else err
-    first = (str(what).strip().splitlines() or [""])[0]
-    return f"{type(what).__name__}: {first}" if first else type(what).__name__
-
-
 def collect(
     scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path, *, mlc: Any, parent_id: str
 ) -> dict[str, Any]:
@@ -89,13 +81,13 @@ def collect(
     try:
         out = scores()
     except Exception as err:  # the task raised, its worker or node died, ...
-        reason = failure_reason(err)
+        reason = one_line(err)
         log.warning("base vs tuned: the scoring failed (%s); the search goes on without it", reason)
         log.debug("base vs tuned failure", exc_info=True)
         try:
             mlc.set_tag(parent_id, "raysft.base_vs_tuned", f"failed: {reason}"[:5000])
         except Exception as tag_err:  # the record above matters more than the tag
-            log.warning("base vs tuned: could not tag the parent run (%s)", failure_reason(tag_err))
+            log.warning("base vs tuned: could not tag the parent run (%s)", one_line(tag_err))
         return {"failed": True, "reason": reason}
     md = (
         f"# Base vs tuned ({best_cfg.model.name_or_path} vs {tuned_dir})\n\n"

@@ -26,14 +26,14 @@ from typing import Any
 from raysft.config import SearchSpec
 from raysft.data.digest import Digests, changed_sources, data_digests
 from raysft.data.shared import SharedData
-from raysft.errors import ConfigError, SearchStateError
+from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.paths import writable_dir_problem
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
 from raysft.search.promote import export_dir_problem, export_target, promote
 from raysft.search.ray_start import (
     attaching_to_cluster,
-    base_inside_job_copy,
+    base_in_job_copy_notice,
     check_ray_address,
     init_ray,
     inside_job_copy,
@@ -152,7 +152,7 @@ def check_experiment_dir(
     if lost:
         raise ConfigError(spec_path, lost)
     if cfg.promote.enabled and cfg.method != "full":  # a full model's export holds its weights
-        gone = base_inside_job_copy(cfg.model.name_or_path, os.environ, Path.cwd())
+        gone = base_in_job_copy_notice(cfg.model.name_or_path, os.environ, Path.cwd())
         if gone:
             log.warning("%s: %s", spec_path, gone)
     unusable = writable_dir_problem(exp_dir)
@@ -357,11 +357,8 @@ def _count_start(exp_dir: Path, seconds: float) -> None:
     path = exp_dir / STATE_FILE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-        done = state.get("earlier_starts") or {"count": 0, "seconds": 0.0}
-        state["earlier_starts"] = {
-            "count": int(done["count"]) + 1,
-            "seconds": round(float(done["seconds"]) + seconds, 1),
-        }
+        count, before = _earlier_starts(state)
+        state["earlier_starts"] = {"count": count + 1, "seconds": round(before + seconds, 1)}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
         tmp.replace(path)
@@ -441,7 +438,7 @@ def _search(
             else "tracking.uri (from $MLFLOW_TRACKING_URI)"
         )
         redacted = tracking.redact("tracking_uri", uri)
-        raise ConfigError(spec_path, [f"{where}: {redacted}: {tracking.redact('e', unusable)}"])
+        raise ConfigError(spec_path, [f"{where}: {redacted}: {tracking.redact('error', unusable)}"])
     plan = _connect(spec_path, cfg, scratch=scratch)
     timing = {"ray_start_s": time.perf_counter() - t0}
     shared_ref = _share(shared)  # held for the whole search: the object lives while it is
@@ -481,7 +478,7 @@ def _search(
         try:
             known = tracking.trial_runs(mlc, exp_id, parent_id)
         except Exception as err:  # MLflow out of reach: the callback's record stands in
-            reason = compare.failure_reason(err)
+            reason = one_line(err)
             log.warning("MLflow: could not read the search's trial runs (%s)", reason)
             tracking_failures.append(f"MLflow: reading the search's trial runs: {reason}")
             known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
@@ -542,9 +539,7 @@ def _close_parent(mlc: Any, run_id: str, status: str) -> None:
     try:
         mlc.set_terminated(run_id, status)
     except Exception as err:
-        log.warning(
-            "MLflow: could not mark run %s %s (%s)", run_id, status, compare.failure_reason(err)
-        )
+        log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, one_line(err))
 
 
 def _share(shared: SharedData | None) -> Any:
@@ -726,18 +721,23 @@ class FinishSteps:
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            reason = compare.failure_reason(err)
+            reason = one_line(err)
             log.warning("%s failed (%s); the search's summary is written without it", what, reason)
             log.debug("%s failed", what, exc_info=True)
             self.failures.append(f"{what}: {reason}")
             return None
 
 
+def _earlier_starts(state: dict[str, Any]) -> tuple[int, float]:
+    """(count, seconds) of a search's earlier starts, from its raysft_state.json (``_count_start``;
+    none in a state written before raysft counted them)."""
+    done = state.get("earlier_starts") or {"count": 0, "seconds": 0.0}
+    return int(done["count"]), float(done["seconds"])
+
+
 def _all_starts(exp_dir: Path, this_start: float) -> dict[str, Any]:
     try:
-        state = json.loads((exp_dir / STATE_FILE).read_text(encoding="utf-8"))
-        done = state.get("earlier_starts") or {"count": 0, "seconds": 0.0}
-        count, seconds = int(done["count"]), float(done["seconds"])
+        count, seconds = _earlier_starts(json.loads((exp_dir / STATE_FILE).read_text("utf-8")))
     except (OSError, ValueError, TypeError, KeyError):
         count, seconds = 0, 0.0
     return {"starts": count + 1, "wall_seconds_all_starts": round(seconds + this_start, 1)}
@@ -745,12 +745,10 @@ def _all_starts(exp_dir: Path, this_start: float) -> dict[str, Any]:
 
 def _log_best_adapter(mlc: Any, run_id: str, checkpoint: str) -> None:
     """The best checkpoint as the parent run's ``best_adapter`` artifact, without its training
-    state (optimizer and RNG: for resuming the trial, often the largest file)."""
-    from raysft.train.state import STATE_FILE
+    state (``serving_files``)."""
+    from raysft.train.state import serving_files
 
-    for item in sorted(Path(checkpoint).iterdir()):
-        if item.name == STATE_FILE:
-            continue
+    for item in serving_files(checkpoint):
         if item.is_dir():
             mlc.log_artifacts(run_id, str(item), artifact_path=f"best_adapter/{item.name}")
         else:

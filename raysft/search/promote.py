@@ -344,11 +344,9 @@ def _stage_export(
 ) -> None:
     """The checkpoint's adapter (or model) and tokenizer, without its training state, plus the
     trial's resolved config and metrics; the base named portably."""
-    from raysft.train.state import STATE_FILE
+    from raysft.train.state import serving_files
 
-    for item in Path(best["checkpoint"]).iterdir():
-        if item.name == STATE_FILE:
-            continue  # optimizer and RNG state: for resuming a trial, not for serving
+    for item in serving_files(best["checkpoint"]):
         if item.is_dir():
             shutil.copytree(item, staging / item.name)
         else:

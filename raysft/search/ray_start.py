@@ -118,8 +118,12 @@ def inside_job_copy(
         "directory of the head node that other nodes never see and Ray removes; give "
         f"{_ELSEWHERE.get(setting, 'an absolute path on storage every node sees')}"
         for setting, path in outputs.items()
-        if path is not None and (path == copy or copy in path.parents)
+        if path is not None and _within(path, copy)
     ]
+
+
+def _within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
 
 
 def base_in_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> Path | None:
@@ -130,10 +134,10 @@ def base_in_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -
         return None
     path = Path(absolute_if_local(name_or_path))
     copy = cwd.resolve()
-    return path if path.is_dir() and (path == copy or copy in path.parents) else None
+    return path if path.is_dir() and _within(path, copy) else None
 
 
-def base_inside_job_copy(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> str | None:
+def base_in_job_copy_notice(name_or_path: str, environ: Mapping[str, str], cwd: Path) -> str | None:
     """What the driver says at its start when the base model lies inside the job's copy of
     ``--working-dir`` (``base_in_job_copy``): the trials load it there, the champion's export
     carries a copy of it (``BUNDLED_BASE``), but the trials' checkpoints name it by a path

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, SearchSpec, TrackingSection, flat_paths
+from raysft.errors import one_line
 from raysft.paths import writable_dir_problem
 from raysft.search.results import classify, is_diverged
 from raysft.train.metrics import METRICS, REPLAYED, objective_mode
@@ -173,8 +174,7 @@ def store_problem(uri: str) -> str | None:
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        return f"cannot use this MLflow store ({type(err).__name__}: {first})"
+        return f"cannot use this MLflow store ({one_line(err)[:300]})"
     finally:
         for name, value in saved.items():
             if value is None:
@@ -366,8 +366,7 @@ def make_callback(
             try:
                 call()
             except Exception as err:
-                first = (str(err).strip().splitlines() or [""])[0]
-                reason = f"{type(err).__name__}: {first}"
+                reason = one_line(err)
                 log.warning("MLflow: %s failed (%s); the trials go on", what, reason)
                 note_callback_failure(f"MLflow: {what}: {reason}")
 

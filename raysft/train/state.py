@@ -162,6 +162,12 @@ def load_state(
     return Progress(**state["progress"])
 
 
+def serving_files(checkpoint: str | Path) -> list[Path]:
+    """A checkpoint's files and folders but its training state (optimizer and RNG: for resuming
+    a trial, not for serving, and often the largest file): what an export or an artifact holds."""
+    return sorted(p for p in Path(checkpoint).iterdir() if p.name != STATE_FILE)
+
+
 def _not_a_checkpoint(directory: str | Path) -> ConfigError:
     where = Path(directory)
     what = (

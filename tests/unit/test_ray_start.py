@@ -205,7 +205,7 @@ def test_outputs_inside_the_jobs_working_dir_copy_are_refused(tmp_path: Path) ->
 def test_a_base_model_inside_the_jobs_working_dir_copy_is_said_at_the_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from raysft.search.ray_start import base_inside_job_copy
+    from raysft.search.ray_start import base_in_job_copy_notice
 
     job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}
     environ = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
@@ -214,14 +214,14 @@ def test_a_base_model_inside_the_jobs_working_dir_copy_is_said_at_the_start(
     (tmp_path / "shared").mkdir()
     monkeypatch.chdir(copy)  # the driver of a job runs in the copy
     (copy / "base" / "model.safetensors").write_bytes(b"w" * 3 * 2**20)
-    warning = base_inside_job_copy("base", environ, copy)
+    warning = base_in_job_copy_notice("base", environ, copy)
     assert warning is not None and warning.startswith(f"model.name_or_path: {copy / 'base'} is")
     assert "the champion's export will carry a copy of it (3.0 MiB, in its base-model/)" in warning
     assert "score one later with raysft.evaluate --base-model" in warning
-    assert base_inside_job_copy(str(tmp_path / "shared"), environ, copy) is None  # elsewhere
-    assert base_inside_job_copy("embedded:tiny-base", environ, copy) is None
-    assert base_inside_job_copy("org/model", environ, copy) is None  # a hub id
-    assert base_inside_job_copy("base", {}, copy) is None  # not a job
+    assert base_in_job_copy_notice(str(tmp_path / "shared"), environ, copy) is None  # elsewhere
+    assert base_in_job_copy_notice("embedded:tiny-base", environ, copy) is None
+    assert base_in_job_copy_notice("org/model", environ, copy) is None  # a hub id
+    assert base_in_job_copy_notice("base", {}, copy) is None  # not a job
 
 
 def test_local_mlflow_stores_are_found_and_servers_are_not(tmp_path: Path, monkeypatch) -> None:
