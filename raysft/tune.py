@@ -16,9 +16,15 @@ from typing import Any, NoReturn
 
 from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
-from raysft.search.driver import check_experiment_dir, run_search
+from raysft.search.driver import (
+    check_experiment_dir,
+    experiment_dir_holder,
+    run_search,
+    tracking_store_error,
+)
 from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import (
+    Node,
     local_nodes,
     meant_for_a_cluster,
     plan_memory,
@@ -30,7 +36,32 @@ from raysft.search.spec import read_spec, trial_memory
 from raysft.search.tracking import runs_page, ui_command
 
 
-def _dry_run(cfg: SearchSpec) -> int:
+def _dry_run(spec_path: str, cfg: SearchSpec, exp_dir: Path, *, resume: bool) -> int:
+    """Print what the search would do; 2 where it would be refused (a note where the refusal
+    depends on where it runs: a cluster's MLflow store may answer there and not here)."""
+    nodes = local_nodes()
+    cluster = attaching_to_cluster() or meant_for_a_cluster(cfg.search, nodes)
+    store = tracking_store_error(spec_path, cfg)
+    if store is not None and not cluster:
+        raise store
+    code = _print_plan(cfg, nodes, cluster=cluster)
+    if store is not None:
+        print(f"note: {store} (from this machine; the search checks it again where it runs)")
+    holder = experiment_dir_holder(exp_dir)
+    if holder:
+        print(
+            f"note: search.experiment_dir {exp_dir} is in use by a running search ({holder}): "
+            "the run would be refused until it ends"
+        )
+    elif (exp_dir / "tune").exists() and not resume:
+        print(
+            f"note: search.experiment_dir {exp_dir} already holds a search: the run would be "
+            "refused; pass --resume to continue it, or choose another directory"
+        )
+    return code
+
+
+def _print_plan(cfg: SearchSpec, nodes: list[Node], *, cluster: bool) -> int:
     s = cfg.search
     print("search space:")
     print("\n".join(f"  {line}" for line in describe_space(s)))
@@ -38,9 +69,8 @@ def _dry_run(cfg: SearchSpec) -> int:
         f"metric: {s.metric} ({s.mode}), samples: {s.num_samples}, seed: {s.seed}, "
         f"scheduler: {s.scheduler.type}"
     )
-    nodes = local_nodes()
     memory = trial_memory(cfg)  # every spec, CPU ones too (host memory then)
-    if attaching_to_cluster() or meant_for_a_cluster(s, nodes):
+    if cluster:
         r = s.resources
         why = "" if attaching_to_cluster() else " (this machine has no GPU)"
         print(
@@ -118,13 +148,7 @@ def _main() -> int:
     if args.dry_run:
         # Checked too, but a dry run may be of a spec edited after its search ran.
         exp_dir = check_experiment_dir(args.config, cfg, resume=args.resume, held_ok=True)
-        code = _dry_run(cfg)
-        if (exp_dir / "tune").exists() and not args.resume:
-            print(
-                f"note: search.experiment_dir {exp_dir} already holds a search: the run would "
-                "be refused; pass --resume to continue it, or choose another directory"
-            )
-        return code
+        return _dry_run(args.config, cfg, exp_dir, resume=args.resume)
     setup_logging(args.verbose)
 
     # run_search checks experiment_dir first; the trials take the data read_spec read.

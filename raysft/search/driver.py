@@ -406,6 +406,38 @@ def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
     return handle
 
 
+def experiment_dir_holder(exp_dir: Path) -> str | None:
+    """Who holds ``exp_dir``'s lock (``hold_experiment_dir``): the running search's pid and host
+    as it wrote them, or None when no search runs there (or the lock cannot be read)."""
+    import fcntl
+
+    try:
+        with (exp_dir / LOCK_FILE).open("r", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+    except OSError:  # no lock file, or a filesystem without flock
+        return None
+    return None
+
+
+def tracking_store_error(spec_path: str, cfg: SearchSpec) -> ConfigError | None:
+    """The error a search gives when its MLflow store cannot be used (``tracking.store_problem``:
+    nothing is made, a server is asked once); None when it can."""
+    uri = tracking.tracking_uri(cfg.tracking)
+    unusable = tracking.store_problem(uri)
+    if unusable is None:
+        return None
+    where = (
+        "tracking.uri"
+        if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
+        else "tracking.uri (from $MLFLOW_TRACKING_URI)"
+    )
+    redacted = tracking.redact("tracking_uri", uri)
+    return ConfigError(spec_path, [f"{where}: {redacted}: {tracking.redact('error', unusable)}"])
+
+
 def _short_temp_root() -> str:
     """Where the local Ray's scratch goes: the temp dir, unless its path is too long for the
     unix sockets Ray's dashboard makes there (AF_UNIX paths stop at 107 bytes), then /tmp."""
@@ -430,15 +462,9 @@ def _search(
 
     uri = tracking.tracking_uri(cfg.tracking)
     tracking.callback_failures(reset=True)
-    unusable = tracking.store_problem(uri)  # before Ray: MLflow would retry for minutes
+    unusable = tracking_store_error(spec_path, cfg)  # before Ray: MLflow would retry for minutes
     if unusable:
-        where = (
-            "tracking.uri"
-            if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
-            else "tracking.uri (from $MLFLOW_TRACKING_URI)"
-        )
-        redacted = tracking.redact("tracking_uri", uri)
-        raise ConfigError(spec_path, [f"{where}: {redacted}: {tracking.redact('error', unusable)}"])
+        raise unusable
     plan = _connect(spec_path, cfg, scratch=scratch)
     timing = {"ray_start_s": time.perf_counter() - t0}
     shared_ref = _share(shared)  # held for the whole search: the object lives while it is

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -1110,16 +1111,26 @@ class CliRuns:
     """The CLI subprocesses, started once; results parsed on first use."""
 
     def __init__(self, tmp: Path):
+        from raysft.search.driver import hold_experiment_dir
+
         self.files = _cli_files(tmp)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID")}
         env["HF_HUB_OFFLINE"] = "1"
         f = self.files
+        # A search running in an experiment dir, as far as its lock tells (this process holds it).
+        self.held = tmp / "held"
+        self.held.mkdir()
+        self._lock = hold_experiment_dir("held.yaml", self.held)
+        self.store = tmp / "a-folder"  # a directory where the SQLite store's file would be
+        self.store.mkdir()
         groups = [
             [f["ok"], "--dry-run"],
             [f["bad"], "--dry-run"],
             [f["huge"], "--dry-run"],
             [f["ok"], "--dry-run", "--set", "search.params.lora.r={type: choice, values: [4, 8]}"]
             + ["--set", "search.params.lora.dropout.high=0.1"],
+            [f["ok"], "--dry-run", "--set", f"search.experiment_dir={self.held}"],
+            [f["ok"], "--dry-run", "--set", f"tracking.uri=sqlite:///{self.store}"],
         ]
         argv = [a for g in groups for a in (*g, "--then")][:-1]
         self.t0 = time.perf_counter()
@@ -1143,7 +1154,7 @@ class CliRuns:
             out, err = self._seq.communicate(timeout=120)
             assert self._seq.returncode == 0, err
             self._runs = json.loads(out)
-            assert len(self._runs) == 4
+            assert len(self._runs) == 6
         return self._runs
 
     def plain(self) -> subprocess.CompletedProcess:
@@ -1155,6 +1166,7 @@ class CliRuns:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+        self._lock.close()
 
 
 _CLI: list[CliRuns] = []
@@ -1243,6 +1255,25 @@ def test_cli_set_into_search_params(cli: CliRuns) -> None:
     assert "  lora.r: choice[4, 8]" in lines
     assert "  lora.dropout: uniform(0, 0.1)" in lines
     assert "  lora.alpha: lora.r x choice[1, 2, 4]" in lines
+
+
+def test_cli_dry_run_names_the_search_running_in_its_experiment_dir(cli: CliRuns) -> None:
+    run = cli.runs()[4]
+    assert run["code"] == 0, run
+    assert run["stdout"].splitlines()[-1] == (
+        f"note: search.experiment_dir {cli.held} is in use by a running search "
+        f"(pid {os.getpid()} on {socket.gethostname()}, since "
+        + run["stdout"].rsplit("since ", 1)[1].split(")")[0]
+        + "): the run would be refused until it ends"
+    )
+
+
+def test_cli_dry_run_refuses_an_mlflow_store_the_search_would_refuse(cli: CliRuns) -> None:
+    (line,) = error_lines(cli.runs()[5])
+    assert line == (
+        f"error: {cli.files['ok']}: tracking.uri: sqlite:///{cli.store}: "
+        f"{cli.store} is a directory, not a database file"
+    )
 
 
 def test_cli_spec_without_search_section(cli: CliRuns) -> None:
