@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -21,5 +22,8 @@ def writable_dir_problem(path: str | Path) -> str | None:
         os.rmdir(tempfile.mkdtemp(prefix=".raysft-probe-", dir=anchor))
     except OSError as err:
         what = "written into" if anchor == path else "created"
-        return f"{path} cannot be {what}: {err.strerror or err} ({anchor})"
+        why = err.strerror or str(err)
+        if err.errno == errno.ENOENT:  # the folder is there: a filesystem like /proc refuses
+            why = "its filesystem takes no new directories"
+        return f"{path} cannot be {what}: {why} ({anchor})"
     return None
