@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from raysft.cli import run_cli, setup_logging
 from raysft.config import validate_spec
-from raysft.errors import ConfigError, SearchStateError
+from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.search.compare import base_value
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
@@ -110,9 +110,8 @@ def _registry(uri: Any, where: str) -> Any:
         mlc = client(uri)
         mlc.search_registered_models(max_results=1)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0]
         raise SearchStateError(
-            f"{where}: {uri}: cannot reach the model registry ({type(err).__name__}: {first})"
+            f"{where}: {uri}: cannot reach the model registry ({one_line(err)})"
         ) from None
     return mlc
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSection, SearchSpec, get_path
+from raysft.errors import one_line
 from raysft.search.tracking import run_name, short_name
 from raysft.train.metrics import objective_mode
 
@@ -316,7 +317,7 @@ def _quietly(draw: Callable[[], Any]) -> Any:
         try:
             return draw()
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few or too alike trials
-            return f"{type(e).__name__}: {e}"
+            return one_line(e)
 
 
 def _save(fig: Any, path: Path) -> Path:
