@@ -490,8 +490,9 @@ def test_dry_run_prints_the_estimate(
     from raysft.tune import _dry_run
 
     tree = spec_tree(llama2_7b, R_CHOICE, gpu_memory_gib=22)
-    _, spec = load_spec(write_spec(tmp_path, tree), [], dry_run=True)
-    assert _dry_run(spec) == 0
+    path = write_spec(tmp_path, tree)
+    _, spec = load_spec(path, [], dry_run=True)
+    assert _dry_run(str(path), spec, Path(spec.search.experiment_dir), resume=False) == 0
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("memory per trial:"))
     assert lines[at].endswith("of GPU memory at its peak (training)")
@@ -513,8 +514,9 @@ def test_dry_run_of_a_cpu_spec_prints_host_memory(
     from raysft.tune import _dry_run
 
     tree = {"search": {"params": R_CHOICE}}
-    _, spec = load_spec(write_spec(tmp_path, tree), [], dry_run=True, preflight=False)
-    assert _dry_run(spec) == 0
+    path = write_spec(tmp_path, tree)
+    _, spec = load_spec(path, [], dry_run=True, preflight=False)
+    assert _dry_run(str(path), spec, Path(spec.search.experiment_dir), resume=False) == 0
     out = capsys.readouterr().out
     assert "of host memory (a CPU trial: not checked) at its peak" in out
 
