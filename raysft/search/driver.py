@@ -9,6 +9,7 @@ best adapter is promoted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -462,6 +463,7 @@ def _search(
 
     uri = tracking.tracking_uri(cfg.tracking)
     tracking.callback_failures(reset=True)
+    tracking.bound_retries()
     unusable = tracking_store_error(spec_path, cfg)  # before Ray: MLflow would retry for minutes
     if unusable:
         raise unusable
@@ -480,6 +482,7 @@ def _search(
         parent_id=parent_id,
         resolve_trial=resolve,
         order=list(cfg.search.params),
+        ended_file=exp_dir / tracking.ENDED_FILE,
     )
     try:
         if resume:
@@ -501,13 +504,16 @@ def _search(
         # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
         # trial runs of earlier attempts are only known to MLflow.
         tracking_failures = tracking.callback_failures()  # this start's: reset at its start
+        known: dict[str, tuple[str | None, str | None]]
         try:
-            known = tracking.trial_runs(mlc, exp_id, parent_id)
+            known = dict(tracking.trial_runs(mlc, exp_id, parent_id))
         except Exception as err:  # MLflow out of reach: the callback's record stands in
             reason = one_line(err)
             log.warning("MLflow: could not read the search's trial runs (%s)", reason)
             tracking_failures.append(f"MLflow: reading the search's trial runs: {reason}")
             known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
+        ids = [(grid[i].metrics or {}).get("trial_id") for i in range(len(grid))]
+        known = _with_local_ends(known, exp_dir, ids)
         # Trials Tune created but never started (pending when Ctrl-C came) have no run at all.
         never_started = len(grid) - grid.num_terminated - grid.num_errors
         unended = interrupted_trials(
@@ -519,7 +525,7 @@ def _search(
         if unended is not None:
             _stop_interrupted(mlc, parent_id, known, unended, exp_dir=exp_dir)
         ended = True
-        runs = {t: run for t, (run, _) in known.items()}
+        runs = {t: run for t, (run, _) in known.items() if run}
         runs.update(callback.runs)
         tracked = {
             "mlc": mlc,
@@ -601,8 +607,24 @@ def _own_signal_handlers() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+def _with_local_ends(
+    known: dict[str, tuple[str | None, str | None]], exp_dir: Path, trial_ids: list[Any]
+) -> dict[str, tuple[str | None, str | None]]:
+    """MLflow's trial runs and end statuses, completed by the ends the trials' callback noted in
+    the experiment dir (``tracking.ENDED_FILE``: written when MLflow could not take them), and
+    every trial of Tune's grid without either as open (no run, no end)."""
+    known = dict(known)
+    for trial_id, status in tracking.ended_trials(exp_dir / tracking.ENDED_FILE).items():
+        run, tag = known.get(trial_id, (None, None))
+        known[trial_id] = (run, tag or status)
+    for trial_id in trial_ids:
+        if isinstance(trial_id, str):  # None: a trial that never reported
+            known.setdefault(trial_id, (None, None))
+    return known
+
+
 def interrupted_trials(
-    known: dict[str, tuple[str, str | None]],
+    known: dict[str, tuple[str | None, str | None]],
     *,
     created: int,
     num_samples: int,
@@ -620,7 +642,7 @@ def interrupted_trials(
 def _stop_interrupted(
     mlc: Any,
     parent_id: str,
-    known: dict[str, tuple[str, str | None]],
+    known: dict[str, tuple[str | None, str | None]],
     unended: list[str],
     *,
     exp_dir: Path,
@@ -630,7 +652,9 @@ def _stop_interrupted(
     import ray
 
     for trial_id in unended:
-        _close_parent(mlc, known[trial_id][0], "KILLED")
+        run_id = known[trial_id][0]
+        if run_id:
+            _close_parent(mlc, run_id, "KILLED")
     _close_parent(mlc, parent_id, "KILLED")
     ray.shutdown()
     log.warning(
@@ -667,7 +691,20 @@ def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
         "sampled": dict(result.config),
         "error": error,
         "attempts": attempts,
+        "history": _history_of(result),
     }
+
+
+def _history_of(result: Any) -> list[dict[str, Any]] | None:
+    """Every record a trial reported (``tracking.trial_history``), from Tune's own file of its
+    reports; None where it cannot be read (MLflow's copy is then all there is)."""
+    path = f"{result.path}/result.json"
+    try:
+        with result.filesystem.open_input_stream(path) as fh:
+            return tracking.trial_history(fh.read().decode("utf-8").splitlines())
+    except (OSError, ValueError) as err:
+        log.debug("trial history %s not read: %s", path, err)
+        return None
 
 
 def trial_number(dirname: str, trial_id: str) -> int | None:
@@ -708,7 +745,6 @@ def _rows(
     *,
     tracked: dict[str, Any],
     resolve: TrialConfigs,
-    steps: FinishSteps,
 ) -> list[dict[str, Any]]:
     """summary.json's trial rows, ranked; each trial's failures tagged on its MLflow run."""
     s = cfg.search
@@ -728,8 +764,42 @@ def _rows(
         row["number"] = r.get("number")  # creation order (the plots' trial number)
         _check_checkpoint(row)
         rows.append(row)
-        steps.run(f"MLflow tags of trial {row['trial_id']}", _tag_outcome, tracked["mlc"], row)
     return res.rank(rows, objective_mode(s.metric, s.mode))
+
+
+def _complete_trial_runs(
+    cfg: SearchSpec,
+    rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    *,
+    tracked: dict[str, Any],
+    resolve: TrialConfigs,
+) -> int:
+    """Every trial's MLflow run made whole from the trial's own reports
+    (``tracking.complete_trial_run``), its run id set on its row; the number of fields written
+    (0 when the trials' callback wrote everything). Raises on the first failure (MLflow still
+    out of reach): the rest would fail alike."""
+    history = {r["trial_id"]: r.get("history") for r in results}
+    order = list(cfg.search.params)
+    written = 0
+    for row in rows:
+        tid, sampled = row["trial_id"], row["sampled"]
+        status = res.TrialStatus(row["status"])
+        row["mlflow_run_id"], n = tracking.complete_trial_run(
+            tracked["mlc"],
+            exp_id=tracked["exp_id"],
+            parent_id=tracked["parent_id"],
+            run_id=row["mlflow_run_id"],
+            trial_id=tid,
+            name=tracking.run_name(sampled, order),
+            params=functools.partial(tracking.trial_params, resolve, tid, sampled),
+            history=history.get(tid) or [],
+            status=status.value,
+            mlflow_status=status.mlflow,
+        )
+        tracked["runs"][tid] = row["mlflow_run_id"]
+        written += n
+    return written
 
 
 class FinishSteps:
@@ -752,6 +822,20 @@ class FinishSteps:
             log.debug("%s failed", what, exc_info=True)
             self.failures.append(f"{what}: {reason}")
             return None
+
+
+def _eval_curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """trial_id -> [{step, eval_loss}] in step order, as ``plots.histories_from_mlflow`` gives
+    them, for the trials whose reports were read (``_history_of``)."""
+    return {
+        r["trial_id"]: [
+            {"step": h["step"], "eval_loss": h["eval_loss"]}
+            for h in r["history"]
+            if "eval_loss" in h
+        ]
+        for r in results
+        if r.get("history") is not None
+    }
 
 
 def _earlier_starts(state: dict[str, Any]) -> tuple[int, float]:
@@ -797,9 +881,24 @@ def _finish(
     s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     steps = FinishSteps()
-    # MLflow records the trials' callback could not write while they ran (tracking.py).
-    steps.failures.extend(tracked.get("tracking_failures", ()))
-    rows = _rows(results, cfg, tracked=tracked, resolve=resolve, steps=steps)
+    rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
+    # What the trials' callback could not write to MLflow while they ran (tracking.py) is
+    # written now, from the trials' own reports; failures stay failures only if that fails too.
+    missed = list(tracked.get("tracking_failures", ()))
+    written = steps.run(
+        "MLflow: the trials' runs",
+        _complete_trial_runs, cfg, rows, results, tracked=tracked, resolve=resolve,
+    )  # fmt: skip
+    if written is None:
+        steps.failures[:0] = missed
+    elif written:
+        log.info(
+            "MLflow: the trials' runs lacked %d fields (a tracking server out of reach while "
+            "they ran): written now",
+            written,
+        )
+    for row in rows:
+        steps.run(f"MLflow tags of trial {row['trial_id']}", _tag_outcome, mlc, row)
     res.drop_untracked_checkpoints(
         exp_dir, {str(Path(r["checkpoint"]).resolve()) for r in rows if r["checkpoint"]}
     )
@@ -814,10 +913,14 @@ def _finish(
     if best and cfg.train.eval_base:
         best_cfg = resolve(best["trial_id"], best["sampled"])
         scores = steps.run("base vs tuned", compare.start, cfg, best_cfg, best["checkpoint"])
-    histories = steps.run(
-        "MLflow: the trials' eval curves",
-        plots.histories_from_mlflow, mlc, tracked["runs"], "eval_loss",
-    )  # fmt: skip
+    histories = _eval_curves(results)  # the trials' own reports, else MLflow's copy
+    unread = {t: run for t, run in tracked["runs"].items() if t not in histories and run}
+    if unread:
+        from_mlflow = steps.run(
+            "MLflow: the trials' eval curves",
+            plots.histories_from_mlflow, mlc, unread, "eval_loss",
+        )  # fmt: skip
+        histories.update(from_mlflow or {})
     drawn = steps.run("plots", plots.write_plots, exp_dir, cfg, rows, histories or {}) or []
     steps.run("MLflow: the plots", plots.log_plots, mlc, parent_id, drawn)
     comparison = None

@@ -7,6 +7,7 @@ no tracking credentials and a SQLite store never sees concurrent writers.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -151,6 +152,19 @@ def client(uri: str) -> Any:
 
 # MLflow retries an HTTP request for minutes (7 times, with backoff): the check below asks once.
 _FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# A search asks 3 more times, about 1, 2 and 4 s apart: the trials' callback runs in Tune's
+# loop, which every trial's report waits for, and what a failed call could not write is written
+# at the finish (``complete_trial_run``) or by --resume. A value set in the environment is kept.
+_SEARCH_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+
+def bound_retries() -> None:
+    """This process's MLflow requests retried as a search's are (``_SEARCH_RETRIES``)."""
+    for name, value in _SEARCH_RETRIES.items():
+        os.environ.setdefault(name, value)
 
 
 def store_problem(uri: str) -> str | None:
@@ -221,6 +235,15 @@ def run_name(sampled: dict[str, Any], order: Sequence[str] = ()) -> str:
 def config_params(cfg: Config) -> dict[str, str]:
     """A trial's resolved config as MLflow params (search, tracking, promote: the parent's)."""
     return flatten(cfg.model_dump(mode="json", exclude={"search", "tracking", "promote"}))
+
+
+def trial_params(resolve: TrialResolver, trial_id: str, sampled: dict[str, Any]) -> dict[str, str]:
+    """A trial run's params: its own resolved config, and its sampled values again under
+    ``sampled.*`` to tell the searched ones apart."""
+    return {
+        **config_params(resolve(trial_id, sampled)),
+        **{f"sampled.{k}": str(v) for k, v in sampled.items()},
+    }
 
 
 def start_parent(mlc: Any, exp_id: str, *, name: str, cfg: SearchSpec, spec_path: str) -> str:
@@ -297,6 +320,85 @@ def log_metrics(mlc: Any, run_id: str, result: dict[str, Any]) -> None:
         mlc.log_batch(run_id, metrics=metrics)
 
 
+def trial_history(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """A trial's reports (Tune's ``result.json``, one JSON object per line), with the records a
+    resumed trial replays (``REPLAYED``), as ``{step, timestamp, registry metrics}`` per step in
+    step order; a step reported twice (a restart from an earlier checkpoint) keeps its latest."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        report = json.loads(line)
+        ts = report.get("timestamp", 0)
+        for record in [*(report.get(REPLAYED) or []), report]:
+            if not isinstance(record.get("step"), int):
+                continue
+            kept = {k: v for k, v in record.items() if k in METRICS}
+            by_step[record["step"]] = {"step": record["step"], "timestamp": ts, **kept}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def complete_trial_run(
+    mlc: Any,
+    *,
+    exp_id: str,
+    parent_id: str,
+    run_id: str | None,
+    trial_id: str,
+    name: str,
+    params: Callable[[], dict[str, str]],
+    history: Sequence[dict[str, Any]],
+    status: str,
+    mlflow_status: str,
+) -> tuple[str, int]:
+    """Make a trial's MLflow run whole after its trial ended: the run (made if the trials'
+    callback could not make it), its params, every metric point of ``history`` it lacks, its
+    status. The callback writes these as the trial runs; a tracking server out of reach then
+    leaves gaps, filled here (or by a later ``--resume``). Returns the run id and the number of
+    points and fields written; writes nothing to a run that is whole."""
+    from mlflow.entities import Metric
+
+    written = 0
+    if run_id is None:
+        run_id = mlc.create_run(
+            exp_id,
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": parent_id,
+                "raysft.kind": "trial",
+                "raysft.trial_id": trial_id,
+            },
+        ).info.run_id
+        written += 1
+    run = mlc.get_run(run_id)
+    missing_params = {k: v for k, v in params().items() if k not in run.data.params}
+    if missing_params:
+        _log_params(mlc, run_id, missing_params)
+        written += len(missing_params)
+    keys = sorted({k for record in history for k in record if k in METRICS})
+    have = {k: {int(m.step) for m in mlc.get_metric_history(run_id, k)} for k in keys}
+    points = [
+        Metric(k, float(v), int(record["timestamp"] * 1000), record["step"])
+        for record in history
+        for k, v in record.items()
+        if k in METRICS
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and record["step"] not in have[k]
+    ]
+    for i in range(0, len(points), 1000):  # MLflow caps a batch at 1000 metrics
+        mlc.log_batch(run_id, metrics=points[i : i + 1000])
+    written += len(points)
+    if run.data.tags.get(STATUS_TAG) != status:
+        mlc.set_tag(run_id, STATUS_TAG, status)
+        written += 1
+    if run.info.status != mlflow_status:
+        mlc.set_terminated(run_id, mlflow_status)
+        written += 1
+    return run_id, written
+
+
 def trial_runs(mlc: Any, exp_id: str, parent_id: str) -> dict[str, tuple[str, str | None]]:
     """trial_id -> (run id, status tag) of the child runs a search has in MLflow so far."""
     runs = mlc.search_runs(
@@ -336,6 +438,34 @@ def callback_failures(*, reset: bool = False) -> list[str]:
     return lines
 
 
+# In the experiment dir: each trial's end as the trials' callback saw it, one JSON line per end.
+# MLflow's status tags say the same, but a tracking server out of reach when a trial ended would
+# make a finished trial look torn down by Ctrl-C (``driver.interrupted_trials``).
+ENDED_FILE = "trials_ended.jsonl"
+
+
+def note_trial_end(path: Path, trial_id: str, status: str) -> None:
+    try:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"trial_id": trial_id, "status": status}) + "\n")
+    except OSError as err:  # MLflow's tag is then the only record
+        log.warning("could not note trial %s's end in %s: %s", trial_id, path, err)
+
+
+def ended_trials(path: Path) -> dict[str, str]:
+    """trial_id -> status of every trial end noted in ``path`` (the last one counts)."""
+    if not path.is_file():
+        return {}
+    ended = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            ended[record["trial_id"]] = record["status"]
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+    return ended
+
+
 def make_callback(
     mlc: Any,
     *,
@@ -343,6 +473,7 @@ def make_callback(
     parent_id: str,
     resolve_trial: TrialResolver,
     order: Sequence[str] = (),
+    ended_file: Path | None = None,
 ) -> Any:
     """A Tune callback that mirrors every trial into a nested MLflow run.
 
@@ -404,11 +535,8 @@ def make_callback(
                 },
             )
             self.runs[trial.trial_id] = run.info.run_id
-            # The trial's own resolved config, with the sampled values repeated under sampled.*
-            # to tell the searched ones apart.
-            own = config_params(resolve_trial(trial.trial_id, dict(trial.config)))
-            sampled = {f"sampled.{k}": str(v) for k, v in trial.config.items()}
-            _log_params(mlc, run.info.run_id, {**own, **sampled})
+            params = trial_params(resolve_trial, trial.trial_id, dict(trial.config))
+            _log_params(mlc, run.info.run_id, params)
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -445,6 +573,8 @@ def make_callback(
             diverged = trial.trial_id in getattr(self, "diverged", set())
             status = classify(last_step=last, max_steps=max_steps, error=error, diverged=diverged)
             self.status[trial.trial_id] = status.value
+            if ended_file is not None:
+                note_trial_end(ended_file, trial.trial_id, status.value)
             run_id = self.runs.get(trial.trial_id)
             if run_id:
                 self._mlflow(

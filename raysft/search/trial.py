@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,7 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
     for attempt in range(len(attempts) + 1, retries + 2):
         try:
             make_trainer().fit()
+            let_tune_take_the_last_report()
             return
         except Exception as err:  # Ray Train's TrainingFailedError and its kin
             if not tune_is_running_this_trial():
@@ -262,6 +264,36 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
             if last:
                 raise TrialFailure(f"out of memory: {cause}" if oom else cause) from None
             log.warning("attempt %d failed (%s); retrying from the last checkpoint", attempt, cause)
+
+
+def let_tune_take_the_last_report(timeout_s: float = 600.0) -> None:
+    """Return only once Tune has taken this trial's last report. In Ray 2.60 the Train run's
+    reports reach the trial's main thread through a one-slot actor queue (TuneReportCallback);
+    when the trial function returns, Tune's wrapper puts a final result in a one-slot queue
+    that the same main thread reads, and a main thread that then takes a report still waiting
+    in the actor queue blocks for ever queueing it behind that result. Seen when Tune's loop
+    was held up by an MLflow server out of reach: the trial stayed RUNNING with its Train run
+    gone. Gives up after ``timeout_s`` (and on a Ray without these internals)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        if session is None:
+            return
+        reports, results = session._inter_actor_queue, session.result_queue
+    except (ImportError, AttributeError):
+        return
+    if reports is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if reports.empty() and results.empty():
+            # The main thread may be between taking a report and queueing it: look again.
+            time.sleep(1.0)
+            if reports.empty() and results.empty():
+                return
+        time.sleep(0.5)
+    log.warning("Tune did not take the trial's last report in %.0f s", timeout_s)
 
 
 def pin_ray_address() -> None:

@@ -146,13 +146,9 @@ def test_plots_that_cannot_be_saved_are_recorded_and_the_rest_goes_on(
 ) -> None:
     s = _search(tmp_path, checkpoint, "noplots")
     (s["exp_dir"] / "plots").write_text("a file where the plots' folder goes")
-    # What the trials' MLflow callback could not write comes first (tracking.make_callback).
-    missed = "MLflow: trial a1's metrics at step 5: MlflowException: gone"
-    s["tracked"]["tracking_failures"] = [missed]
     summary = _run_finish(s)
-    assert len(summary["failed_steps"]) == 2, summary["failed_steps"]
-    assert summary["failed_steps"][0] == missed
-    assert summary["failed_steps"][1].startswith("plots: FileExistsError: ")
+    assert len(summary["failed_steps"]) == 1, summary["failed_steps"]
+    assert summary["failed_steps"][0].startswith("plots: FileExistsError: ")
     assert summary["plots"] == []
     assert summary["promotion"]["promoted"] is True
     mlc, parent = s["tracked"]["mlc"], s["tracked"]["parent_id"]
@@ -167,3 +163,112 @@ def test_raysft_tune_exits_3_when_a_finishing_step_failed(tmp_path: Path) -> Non
     assert exit_code({**ok, "counts": {"failed": 2}}) == 1  # no trial finished
     failed = {**ok, "failed_steps": ["plots: FileExistsError: x"]}
     assert exit_code(failed) == EXIT_FINISH_FAILED == 3
+
+
+def _history(value: float) -> list[dict[str, Any]]:
+    """A trial's reports as read from Tune's result.json (``tracking.trial_history``)."""
+    return [
+        {
+            "step": 5,
+            "timestamp": 1_800_000_000,
+            "train_loss": value + 0.4,
+            "eval_loss": value + 0.2,
+        },
+        {"step": 10, "timestamp": 1_800_000_060, "train_loss": value + 0.3, "eval_loss": value},
+    ]
+
+
+def test_what_the_trials_callback_could_not_write_is_written_at_the_finish(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """A tracking server away while the trials ran: one trial's run was never made, another
+    lost its last report. The finish writes both from the trials' own reports, and the search
+    has nothing left to report as failed."""
+    s = _search(tmp_path, checkpoint, "mended")
+    mlc, tracked = s["tracked"]["mlc"], s["tracked"]
+    for r in s["results"]:
+        r["history"] = _history(r["metrics"]["eval_loss"])
+    b2_run = tracked["runs"].pop("b2")  # its run "could not be created": made afresh
+    mlc.delete_run(b2_run)
+    a1_run = tracked["runs"]["a1"]
+    mlc.log_metric(a1_run, "train_loss", 0.9, step=5)  # step 10's report was lost
+    tracked["tracking_failures"] = [
+        "MLflow: creating trial b2's run: MlflowException: gone",
+        "MLflow: trial a1's metrics at step 10: MlflowException: gone",
+    ]
+    summary = _run_finish(s)
+    assert summary["failed_steps"] == []
+    rows = {t["trial_id"]: t for t in summary["trials"]}
+    assert rows["a1"]["mlflow_run_id"] == a1_run
+    b2 = mlc.get_run(rows["b2"]["mlflow_run_id"])
+    assert b2.info.run_id != b2_run and b2.info.lifecycle_stage == "active"
+    assert b2.data.tags["mlflow.parentRunId"] == tracked["parent_id"]
+    assert b2.data.tags["raysft.trial_id"] == "b2"
+    assert b2.data.tags["raysft.status"] == "finished" and b2.info.status == "FINISHED"
+    assert b2.info.run_name == "r=8"
+    assert b2.data.params["sampled.lora.r"] == "8" and b2.data.params["lora.r"] == "8"
+
+    def points(run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, round(m.value, 6)) for m in mlc.get_metric_history(run_id, key))
+
+    # Nothing logged twice: a1's step 5 points stay as they were.
+    assert points(a1_run, "eval_loss") == [(5, 0.7), (10, 0.5)]
+    assert points(a1_run, "train_loss") == [(5, 0.9), (10, 0.8)]
+    assert points(b2.info.run_id, "eval_loss") == [(5, 0.9), (10, 0.7)]
+    assert mlc.get_run(a1_run).data.tags["raysft.status"] == "finished"
+    # Run again (--resume of the finished search): the runs are whole, nothing is written.
+    assert _complete_again(s) == 0
+
+
+def _complete_again(s: dict[str, Any]) -> int:
+    from raysft.search.driver import _complete_trial_runs
+
+    summary = json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())
+    return _complete_trial_runs(
+        s["cfg"], summary["trials"], s["results"], tracked=s["tracked"], resolve=s["resolve"]
+    )
+
+
+def test_the_trials_records_stay_failed_when_mlflow_refuses_them_at_the_finish_too(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    s = _search(tmp_path, checkpoint, "unmended")
+    mlc, tracked = s["tracked"]["mlc"], s["tracked"]
+    for r in s["results"]:
+        r["history"] = _history(r["metrics"]["eval_loss"])
+    mlc.delete_run(tracked["runs"]["a1"])  # MLflow refuses writes to a deleted run
+    missed = "MLflow: trial a1's metrics at step 10: MlflowException: gone"
+    tracked["tracking_failures"] = [missed]
+    summary = _run_finish(s)
+    failures = summary["failed_steps"]
+    # What the callback could not write comes first, then the finish's own try.
+    assert failures[0] == missed, failures
+    assert failures[1].startswith("MLflow: the trials' runs: MlflowException: "), failures
+    assert len(failures) == 2, failures
+    # The plots drew the eval curves from the trials' own reports, not from MLflow.
+    assert len(summary["plots"]) == 4
+    assert summary["promotion"]["promoted"] is True
+
+
+def test_a_trials_history_is_its_reports_and_their_replayed_records_latest_per_step() -> None:
+    from raysft.search.tracking import trial_history
+    from raysft.train.metrics import REPLAYED
+
+    lines = [
+        json.dumps({"step": 4, "timestamp": 10, "eval_loss": 2.0, "trial_id": "x", "config": {}}),
+        json.dumps({"step": 8, "timestamp": 20, "eval_loss": 1.5, "done": False}),
+        "",
+        # Restarted from step 4's checkpoint (--resume): step 8 again, with step 4 replayed.
+        json.dumps(
+            {
+                "step": 8,
+                "timestamp": 30,
+                "eval_loss": 1.4,
+                REPLAYED: [{"step": 4, "eval_loss": 2.0}],
+            }
+        ),
+    ]
+    assert trial_history(lines) == [
+        {"step": 4, "timestamp": 30, "eval_loss": 2.0},
+        {"step": 8, "timestamp": 30, "eval_loss": 1.4},
+    ]

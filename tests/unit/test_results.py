@@ -324,12 +324,16 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
     mlflow.set_tracking_uri(before)  # tracking.client sets the process-wide URI
 
 
-def _trial_callback(mlc: Any, exp_id: str, cfg: Any) -> Any:
+def _trial_callback(mlc: Any, exp_id: str, cfg: Any, ended_file: Path | None = None) -> Any:
     from raysft.search import tracking
 
     parent = mlc.create_run(exp_id).info.run_id
     return tracking.make_callback(
-        mlc, exp_id=exp_id, parent_id=parent, resolve_trial=lambda trial_id, sampled: cfg
+        mlc,
+        exp_id=exp_id,
+        parent_id=parent,
+        resolve_trial=lambda trial_id, sampled: cfg,
+        ended_file=ended_file,
     )
 
 
@@ -486,3 +490,28 @@ def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
     lines = tracking.callback_failures(reset=True)
     assert len(lines) == 6 and lines[-1].startswith("MLflow: 2 more of the trials' records")
     assert tracking.callback_failures() == []
+
+
+def test_each_trials_end_is_noted_in_the_experiment_dir_too(
+    mlflow_store: tuple[Any, str], tmp_path: Path
+) -> None:
+    """MLflow's status tag may not be written (a tracking server away): the end noted beside
+    the search tells a finished trial from one torn down by Ctrl-C (driver._with_local_ends)."""
+    from raysft.config import validate_tree
+    from raysft.search.tracking import ENDED_FILE, ended_trials
+
+    mlc, exp_id = mlflow_store
+    cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
+    ended_file = tmp_path / ENDED_FILE
+    callback = _trial_callback(mlc, exp_id, cfg, ended_file)
+    done, stopped, failed = _start_trials(callback, "done", "stopped", "failed")
+    callback.on_trial_result(0, [], done, {"step": 10, "eval_loss": 1.0, "timestamp": 1})
+    callback.on_trial_result(0, [], stopped, {"step": 5, "eval_loss": 2.0, "timestamp": 1})
+    callback.on_trial_complete(0, [], done)
+    callback.on_trial_complete(0, [], stopped)
+    callback.on_trial_error(0, [], failed)
+    with ended_file.open("a", encoding="utf-8") as fh:
+        fh.write('{"trial_id": "cut')  # a line a kill cut short is passed over
+    assert ended_trials(ended_file) == {
+        "done": "finished", "stopped": "stopped_early", "failed": "failed"
+    }  # fmt: skip

@@ -1619,6 +1619,23 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     # Ctrl-C while the last trial waited to start: created, never started, no run.
     assert driver.interrupted_trials(ended, created=3, num_samples=3, never_started=1) == []
 
+    # MLflow away as trials ended: no status tag, or no run at all. The ends the callback noted
+    # in the experiment dir say they finished; a trial of Tune's with neither is open.
+    from raysft.search.tracking import ENDED_FILE, note_trial_end
+
+    untagged = {"a1b2c3d4": ("r1", "finished"), "e5f6a7b8": ("r2", None)}
+    note_trial_end(tmp_path / ENDED_FILE, "e5f6a7b8", "finished")
+    note_trial_end(tmp_path / ENDED_FILE, "0f0f0f0f", "stopped_early")
+    known = driver._with_local_ends(untagged, tmp_path, ["a1b2c3d4", "e5f6a7b8", "0f0f0f0f"])
+    assert known == {
+        "a1b2c3d4": ("r1", "finished"),
+        "e5f6a7b8": ("r2", "finished"),
+        "0f0f0f0f": (None, "stopped_early"),
+    }
+    assert driver.interrupted_trials(known, created=3, num_samples=3) is None
+    torn_down = driver._with_local_ends(untagged, tmp_path, ["e5f6a7b8", "0badcafe", None])
+    assert driver.interrupted_trials(torn_down, created=4, num_samples=4) == ["0badcafe"]
+
     # A real MLflow store (SQLite): the parent, a trial that ended, one the interrupt tore down.
     from mlflow.tracking import MlflowClient
 
