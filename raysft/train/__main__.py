@@ -15,8 +15,14 @@ from typing import Any, NoReturn
 
 from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
-from raysft.data.pipeline import DataReport, check_template, load_split
-from raysft.data.templates import render, tokenize, trained_spans
+from raysft.data.pipeline import (
+    DataReport,
+    TrainingRows,
+    check_template,
+    render_row,
+    training_rows,
+)
+from raysft.data.templates import Segment, tokenize, trained_spans
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.search.preflight import check_model
 from raysft.train.model import (
@@ -88,20 +94,31 @@ def _runs(ex, tokenizer) -> list[tuple[str, bool]]:
     return [(tokenizer.decode(ids, skip_special_tokens=False), on) for ids, on in runs]
 
 
-def _preview(cfg: Config, n: int, as_json: bool) -> int:
+def _rendered(cfg: Config, rows: TrainingRows, n: int, tokenizer: Any) -> list[list[Segment]]:
+    """The first ``n`` training rows as the run renders them. Every row goes through the
+    pipeline's per-row handling, so ``rows.report`` counts the skipped ones over all rows, as a
+    dry run does: a row the template refuses is skipped or (strict) an error naming its file
+    and line."""
+    shown: list[list[Segment]] = []
+    for conv in rows.conversations:
+        segments = render_row(conv, cfg.data, tokenizer, rows.report, origins=rows.origins)
+        if segments is not None and len(shown) < n:
+            shown.append(segments)
+    return shown
 
+
+def _preview(cfg: Config, n: int, as_json: bool) -> int:
     # Data first: a bad row is reported before the (slower) tokenizer load.
-    train, _, report = load_split(cfg.data, seed=cfg.train.seed, with_eval=False)
+    rows = training_rows(cfg.data, seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     check_template(cfg.data, tokenizer)
+    rendered, report = _rendered(cfg, rows, n, tokenizer), rows.report
     color = sys.stdout.isatty() and not as_json
     start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
-    for i, conv in enumerate(train[:n]):
-        ex = tokenize(
-            render(conv, template=cfg.data.template, tokenizer=tokenizer),
-            tokenizer,
-            max_seq_len=cfg.data.max_seq_len,
-        )
+    # Notes go to stderr beside --json's lines, which stay one JSON each.
+    notes = sys.stderr if as_json else sys.stdout
+    for i, segments in enumerate(rendered):
+        ex = tokenize(segments, tokenizer, max_seq_len=cfg.data.max_seq_len)
         text = tokenizer.decode(ex.input_ids, skip_special_tokens=False)
         spans = trained_spans(ex, tokenizer)
         if as_json:
@@ -119,12 +136,14 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
             note = f" (truncated, nothing left to train: a run {what})"
         print(f"--- example {i}: {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")
         print("".join(marked))
-    if report.rows_skipped:  # on stderr beside --json's lines, which stay one JSON each
+    if report.rows_skipped:
         print(
             f"--- {report.rows_skipped} rows skipped (data.on_error=skip), e.g. "
             f"{report.skipped[0]}",
-            file=sys.stderr if as_json else sys.stdout,
+            file=notes,
         )
+    if rows.no_split:
+        print(f"--- note: a run would refuse this data: {rows.no_split}", file=notes)
     return 0
 
 
