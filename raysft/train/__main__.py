@@ -1,8 +1,9 @@
 """``python -m raysft.train CONFIG.yaml``: one SFT training run (no Ray).
 
---dry-run validates, reads the data as the run will and prints the resolved config, parameter
-counts (meta device, no weights) and the data's size;
---preview N [--json] prints the first N training examples exactly as trained;
+--dry-run validates, checks the device, reads the data as the run will and prints the resolved
+config, parameter counts (meta device, no weights) and the data's size;
+--preview N [--json] prints the first N training examples (held-out rows left out) exactly as
+trained;
 --resume-from DIR continues from a checkpoint (OUTPUT_DIR/checkpoints/step-N, written at every
 eval) exactly where it stopped.
 """
@@ -61,6 +62,9 @@ def _check_data(cfg: Config, source: str) -> DataReport:
 
 
 def _dry_run(cfg: Config, source: str) -> int:
+    from raysft.train.device import training_device
+
+    training_device(cfg)  # the run's own first check: CUDA asked for and unusable, and the like
     meta = _check_model(cfg, source)
     report = _check_data(cfg, source)
     print(dump_config(cfg), end="")
