@@ -55,14 +55,15 @@ def setup_logging(verbose: bool = False) -> None:
 def run_cli(main: Callable[[], int]) -> NoReturn:
     """Run ``main``; a user-caused error (``RaysftError``) prints one clear message and exits 2.
 
-    Anything else is a bug: it keeps its traceback and Python's exit code 1.
+    Anything else is a bug: it keeps its traceback and Python's exit code 1. Ctrl-C exits 130;
+    a ``KeyboardInterrupt`` raised with a message (what is left, how to continue) says it.
     """
     try:
         code = main()
     except RaysftError as err:
         print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)

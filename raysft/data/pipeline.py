@@ -17,7 +17,7 @@ from raysft.data.formats import (
     load_conversations,
     split_train_eval,
 )
-from raysft.data.templates import Example, render, tokenize
+from raysft.data.templates import Example, Segment, render, tokenize
 from raysft.errors import TemplateError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,30 @@ class PreparedData:
     report: DataReport
 
 
+def render_row(
+    conv: Conversation,
+    cfg: DataSection,
+    tokenizer: Any,
+    report: DataReport,
+    *,
+    origins: dict[int, str] | None = None,
+) -> list[Segment] | None:
+    """``conv`` rendered by ``data.template``; None for a row the template refuses in skip mode
+    (counted in ``report``). In strict mode such a row is a DataError naming it (``origins``:
+    ``id(conv)`` -> "file: line N")."""
+    try:
+        return render(conv, template=cfg.template, tokenizer=tokenizer)
+    except TemplateError as err:
+        # One row the template cannot render (Gemma's "System role not supported"): a
+        # malformed row, so an error in strict mode, dropped and counted in skip mode.
+        why = f"{(origins or {}).get(id(conv), 'a row')}: data.template={cfg.template}: {err}"
+        if cfg.on_error == "strict":
+            raise DataError(why) from None
+        report.skipped.append(why)
+        report.rows_skipped += 1
+        return None
+
+
 def _tokenize_all(
     convs: list[Conversation],
     cfg: DataSection,
@@ -64,16 +88,8 @@ def _tokenize_all(
 ) -> tuple[list[Example], list[Conversation]]:
     examples, kept = [], []
     for conv in convs:
-        try:
-            segments = render(conv, template=cfg.template, tokenizer=tokenizer)
-        except TemplateError as err:
-            # One row the template cannot render (Gemma's "System role not supported"): a
-            # malformed row, so an error in strict mode, dropped and counted in skip mode.
-            why = f"{(origins or {}).get(id(conv), 'a row')}: data.template={cfg.template}: {err}"
-            if cfg.on_error == "strict":
-                raise DataError(why) from None
-            report.skipped.append(why)
-            report.rows_skipped += 1
+        segments = render_row(conv, cfg, tokenizer, report, origins=origins)
+        if segments is None:
             continue
         ex = tokenize(segments, tokenizer, max_seq_len=cfg.max_seq_len)
         if ex.n_trained == 0:
@@ -98,10 +114,33 @@ def load_split(
 ) -> tuple[list[Conversation], list[Conversation], DataReport]:
     """Conversations for train and eval (seeded split when no eval source is given).
 
-    ``with_eval=False`` (a preview) reads the training sources only and splits nothing off.
+    ``with_eval=False`` reads the training sources only and splits nothing off.
     """
     train, evals, report, _ = _load_split(cfg, seed=seed, with_eval=with_eval)
     return train, evals, report
+
+
+@dataclass
+class TrainingRows:
+    conversations: list[Conversation]
+    report: DataReport
+    origins: dict[int, str]  # id(conv) -> "file: line N"
+    # Why data.train could not be split (fewer than 2 rows): all its rows are here, and a run
+    # would refuse them.
+    no_split: str | None = None
+
+
+def training_rows(cfg: DataSection, *, seed: int) -> TrainingRows:
+    """The conversations a run trains on, in file order (a preview): ``data.train`` less the
+    rows ``load_split`` holds out when ``data.eval`` is null (the same split, same seed); the
+    eval source itself is not read."""
+    train, _, report, origins = _load_split(cfg, seed=seed, with_eval=False)
+    if cfg.eval is None:
+        try:
+            train, _ = split_train_eval(train, eval_fraction=cfg.eval_fraction, seed=seed)
+        except DataError as err:
+            return TrainingRows(train, report, origins, no_split=str(err))
+    return TrainingRows(train, report, origins)
 
 
 def _no_rows(name: str, sources: str | list[str], loaded: LoadedData) -> DataError:

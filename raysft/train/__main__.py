@@ -1,8 +1,9 @@
 """``python -m raysft.train CONFIG.yaml``: one SFT training run (no Ray).
 
---dry-run validates, reads the data as the run will and prints the resolved config, parameter
-counts (meta device, no weights) and the data's size;
---preview N [--json] prints the first N training examples exactly as trained;
+--dry-run validates, checks the device, reads the data as the run will and prints the resolved
+config, parameter counts (meta device, no weights) and the data's size;
+--preview N [--json] prints the first N training examples (held-out rows left out) exactly as
+trained;
 --resume-from DIR continues from a checkpoint (OUTPUT_DIR/checkpoints/step-N, written at every
 eval) exactly where it stopped.
 """
@@ -10,13 +11,22 @@ eval) exactly where it stopped.
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
 from raysft.config import Config, dump_config
-from raysft.data.pipeline import DataReport, check_template, load_split
-from raysft.data.templates import render, tokenize, trained_spans
+from raysft.data.pipeline import (
+    DataReport,
+    TrainingRows,
+    check_template,
+    render_row,
+    training_rows,
+)
+from raysft.data.templates import Segment, tokenize, trained_spans
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.search.preflight import check_model
 from raysft.train.model import (
@@ -26,6 +36,8 @@ from raysft.train.model import (
     load_tokenizer,
     training_tokenizer,
 )
+
+log = logging.getLogger("raysft.train")  # __name__ is "__main__" under -m
 
 
 def _check_model(cfg: Config, source: str) -> Any:
@@ -55,6 +67,9 @@ def _check_data(cfg: Config, source: str) -> DataReport:
 
 
 def _dry_run(cfg: Config, source: str) -> int:
+    from raysft.train.device import training_device
+
+    training_device(cfg)  # the run's own first check: CUDA asked for and unusable, and the like
     meta = _check_model(cfg, source)
     report = _check_data(cfg, source)
     print(dump_config(cfg), end="")
@@ -88,20 +103,31 @@ def _runs(ex, tokenizer) -> list[tuple[str, bool]]:
     return [(tokenizer.decode(ids, skip_special_tokens=False), on) for ids, on in runs]
 
 
-def _preview(cfg: Config, n: int, as_json: bool) -> int:
+def _rendered(cfg: Config, rows: TrainingRows, n: int, tokenizer: Any) -> list[list[Segment]]:
+    """The first ``n`` training rows as the run renders them. Every row goes through the
+    pipeline's per-row handling, so ``rows.report`` counts the skipped ones over all rows, as a
+    dry run does: a row the template refuses is skipped or (strict) an error naming its file
+    and line."""
+    shown: list[list[Segment]] = []
+    for conv in rows.conversations:
+        segments = render_row(conv, cfg.data, tokenizer, rows.report, origins=rows.origins)
+        if segments is not None and len(shown) < n:
+            shown.append(segments)
+    return shown
 
+
+def _preview(cfg: Config, n: int, as_json: bool) -> int:
     # Data first: a bad row is reported before the (slower) tokenizer load.
-    train, _, report = load_split(cfg.data, seed=cfg.train.seed, with_eval=False)
+    rows = training_rows(cfg.data, seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     check_template(cfg.data, tokenizer)
+    rendered, report = _rendered(cfg, rows, n, tokenizer), rows.report
     color = sys.stdout.isatty() and not as_json
     start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
-    for i, conv in enumerate(train[:n]):
-        ex = tokenize(
-            render(conv, template=cfg.data.template, tokenizer=tokenizer),
-            tokenizer,
-            max_seq_len=cfg.data.max_seq_len,
-        )
+    # Notes go to stderr beside --json's lines, which stay one JSON each.
+    notes = sys.stderr if as_json else sys.stdout
+    for i, segments in enumerate(rendered):
+        ex = tokenize(segments, tokenizer, max_seq_len=cfg.data.max_seq_len)
         text = tokenizer.decode(ex.input_ids, skip_special_tokens=False)
         spans = trained_spans(ex, tokenizer)
         if as_json:
@@ -119,24 +145,29 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
             note = f" (truncated, nothing left to train: a run {what})"
         print(f"--- example {i}: {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")
         print("".join(marked))
-    if report.rows_skipped:  # on stderr beside --json's lines, which stay one JSON each
+    if report.rows_skipped:
         print(
             f"--- {report.rows_skipped} rows skipped (data.on_error=skip), e.g. "
             f"{report.skipped[0]}",
-            file=sys.stderr if as_json else sys.stdout,
+            file=notes,
         )
+    if rows.no_split:
+        print(f"--- note: a run would refuse this data: {rows.no_split}", file=notes)
     return 0
 
 
 def _train(cfg: Config, resume_from: str | None) -> int:
-    from pathlib import Path
-
     from raysft.errors import TrainingDiverged
     from raysft.train.recipe import DIVERGED_AT, divergence_hint, run_trial
     from raysft.train.state import LocalCheckpoints
 
     checkpoints = LocalCheckpoints(Path(cfg.output_dir) / "checkpoints")
-    result = run_trial(cfg, report=checkpoints, resume_from=resume_from)
+    try:
+        result = run_trial(cfg, report=checkpoints, resume_from=resume_from)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            interrupted_note(cfg, checkpoints.latest(), resume_from=resume_from)
+        ) from None
     f = result.final
     if DIVERGED_AT in f:
         kept = checkpoints.latest()
@@ -157,14 +188,52 @@ def _train(cfg: Config, resume_from: str | None) -> int:
     return 0
 
 
+def interrupted_note(cfg: Config, kept: Path | None, *, resume_from: str | None) -> str:
+    """What a run stopped by Ctrl-C leaves and how to continue it. The checkpoint's config.yaml
+    is the run's resolved config (every --set in it), and its relative paths are read from
+    the working directory, as the run read them: the command works from here."""
+    if kept is None:
+        again = f" (--resume-from {shlex.quote(resume_from)})" if resume_from else ""
+        return (
+            f"no checkpoint was written yet under {Path(cfg.output_dir) / 'checkpoints'} (the "
+            f"first comes at step {min(cfg.train.eval_every, cfg.train.max_steps)}); start "
+            f"again with the same command"
+            f"{again}"
+        )
+    ckpt = shlex.quote(str(kept))
+    return (
+        f"the newest checkpoint is {kept}; continue from it with: python -m raysft.train "
+        f"{shlex.quote(str(kept / 'config.yaml'))} --resume-from {ckpt}"
+    )
+
+
+def _nothing_left(cfg: Config, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` is its run's last (step train.max_steps): resuming it trains
+    nothing and only writes the run's outputs, which a run stopped after its last checkpoint
+    lacks. Refused where output_dir holds them already: they would be rewritten for nothing."""
+    from raysft.train.state import checkpoint_step
+
+    step = checkpoint_step(checkpoint)
+    if step < cfg.train.max_steps:
+        return False
+    out = Path(cfg.output_dir)
+    if (out / "metrics.json").exists():
+        raise ConfigError(
+            "--resume-from",
+            [f"{checkpoint}: the run already finished at step {step} (train.max_steps) and "
+             f"{out} holds its outputs: nothing is left to train. A longer run starts anew, "
+             "since train.max_steps shapes the learning-rate schedule (--set output_dir=... "
+             "--set train.max_steps=...)"],
+        )  # fmt: skip
+    return True
+
+
 def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:
     """Refuse to train over a previous run's outputs or other files: a re-run would overwrite
     them (and collide with its checkpoint). ``--resume-from`` (``resuming``) continues a run in
     its own directory (OUTPUT_DIR/checkpoints/step-N), or into a new or empty one; another
     run's directory is refused as ever. Either way output_dir must be a directory, not a
     file."""
-    from pathlib import Path
-
     from raysft.paths import writable_dir_problem
 
     out = Path(cfg.output_dir)
@@ -174,13 +243,22 @@ def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None
     if resuming is not None and Path(resuming).resolve().parent.parent == out.resolve():
         return
     kept = sorted((out / "checkpoints").glob("step-*"))
-    if (out / "metrics.json").exists() or kept:
-        hint = f", or continue it: --resume-from {kept[-1]}" if kept else ""
+    if (out / "metrics.json").exists():
+        # Written when a run ends (finished or diverged): its checkpoint has nothing to continue.
         raise ConfigError(
             source,
             [
-                f"output_dir: {out.resolve()} already holds a training run; choose another "
-                f"(--set output_dir=...) or remove it{hint}"
+                f"output_dir: {out.resolve()} already holds a training run that ended (its "
+                "metrics.json); choose another (--set output_dir=...) or remove it"
+            ],
+        )
+    if kept:
+        raise ConfigError(
+            source,
+            [
+                f"output_dir: {out.resolve()} already holds an unfinished training run (a "
+                f"checkpoint, no metrics.json); continue it: --resume-from {kept[-1]}, or choose "
+                "another (--set output_dir=...) or remove it"
             ],
         )
     # Hidden files (.gitkeep, .DS_Store, .nfs*) and a volume root's lost+found are no one's run.
@@ -233,7 +311,16 @@ def _main() -> int:
         from raysft.train.state import check_resumable
 
         check_resumable(args.resume_from, cfg)  # before any data or weights load
+    finishing = args.resume_from is not None and _nothing_left(cfg, args.resume_from)
     setup_logging(args.verbose)
+    if finishing:
+        log.info(
+            "%s is the run's last step (train.max_steps=%d): nothing is left to train; writing "
+            "its outputs to %s",
+            args.resume_from,
+            cfg.train.max_steps,
+            cfg.output_dir,
+        )
     return _train(cfg, args.resume_from)
 
 

@@ -23,6 +23,8 @@ from raysft.errors import ModelError
 if TYPE_CHECKING:
     import torch
 
+    from raysft.config import Config
+
 NO_DRIVER = "no NVIDIA driver found"
 # The torch release cluster.yaml installs: keep equal to pyproject's upper bound for torch (a
 # unit test checks it).
@@ -62,19 +64,27 @@ def no_cuda_message(
     torch_cuda: str | None,
     driver: str,
     visible: str | None,
+    trial: bool = True,
 ) -> str:
-    """The error of a trial that needs CUDA and cannot use it; pure, for tests."""
+    """The error of a search trial (``trial``) or a single run that needs CUDA and cannot use
+    it; pure, for tests."""
     build = f"CUDA {torch_cuda}" if torch_cuda else "a CPU-only build (torch.version.cuda is None)"
+    # A single run (python -m raysft.train) has no search.resources to point at.
+    who, cpu = (
+        ("this trial", "train.device: cpu and search.resources.gpus_per_worker: 0")
+        if trial
+        else ("this run", "--set train.device=cpu (auto takes a GPU only where one works)")
+    )
     return (
-        f"train.device: this trial needs a CUDA GPU but {why} on node {host}: "
+        f"train.device: {who} needs a CUDA GPU but {why} on node {host}: "
         f"torch {torch_version} is {build}; NVIDIA driver: {driver}; "
         f"CUDA_VISIBLE_DEVICES={visible if visible is not None else '(unset)'}. "
-        "Install a torch build the driver supports (README: GPU clusters), "
-        "or train on the CPU with train.device: cpu and search.resources.gpus_per_worker: 0."
+        f"Install a torch build the driver supports (README: GPU clusters), "
+        f"or train on the CPU with {cpu}."
     )
 
 
-def _fail(why: str) -> ModelError:
+def _fail(why: str, *, trial: bool) -> ModelError:
     import torch
 
     return ModelError(
@@ -85,8 +95,18 @@ def _fail(why: str) -> ModelError:
             torch_cuda=torch.version.cuda,
             driver=driver_version(),
             visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            trial=trial,
         )
     )
+
+
+def in_ray() -> bool:
+    """True in a process Ray runs in (a search's trial); False in ``python -m raysft.train``.
+
+    Never imports ray.
+    """
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
 
 
 def granted_gpus() -> list[str]:
@@ -94,17 +114,23 @@ def granted_gpus() -> list[str]:
 
     Never imports ray: outside a Ray worker (``python -m raysft.train``) it is not loaded.
     """
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if not in_ray():
         return []
+    import ray
+
     ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     return [str(i) for i in ids]
 
 
-def resolve_device(setting: str, *, granted: Sequence[str] = ()) -> torch.device:
+def resolve_device(
+    setting: str, *, granted: Sequence[str] = (), trial: bool | None = None
+) -> torch.device:
     """``train.device`` -> the device to train on; raises ModelError when CUDA is required
-    (``cuda``, or ``auto`` in a worker Ray granted GPUs) and unusable."""
+    (``cuda``, or ``auto`` in a worker Ray granted GPUs) and unusable. ``trial``: the message
+    is a search trial's (default: when running under Ray), else a single run's."""
     import torch
+
+    trial = in_ray() if trial is None else trial
 
     if setting == "cpu":
         return torch.device("cpu")
@@ -114,15 +140,30 @@ def resolve_device(setting: str, *, granted: Sequence[str] = ()) -> torch.device
             why = "torch.cuda.is_available() is False"
             if granted:
                 why = f"Ray granted GPU {','.join(granted)} and {why}"
-            raise _fail(why)
+            raise _fail(why, trial=trial)
         return torch.device("cpu")
     dev = torch.device("cuda", torch.cuda.current_device())
     try:  # one kernel launch: catches a wheel without kernels for this GPU's architecture
         (torch.ones(1, device=dev) * 2).item()
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _fail(f"a kernel launch on {dev} failed ({first})") from err
+        raise _fail(f"a kernel launch on {dev} failed ({first})", trial=trial) from err
     return dev
+
+
+def training_device(cfg: Config, *, granted: Sequence[str] = ()) -> torch.device:
+    """The device ``cfg`` trains on; ModelError when it cannot train there: CUDA required and
+    unusable, or flex_attention off CUDA. Shared by the run's setup and ``--dry-run``, so a
+    dry run refuses what the run would refuse at once."""
+    device = resolve_device(cfg.train.device, granted=granted)
+    if device.type != "cuda" and cfg.model.attn_implementation == "flex_attention":
+        # Checked before anything loads: torch fails only at the first backward pass.
+        raise ModelError(
+            f"model.attn_implementation: flex_attention needs a CUDA GPU (torch has no "
+            f"flex_attention backward on {device.type}), and this run trains on {device.type}: "
+            "use sdpa"
+        )
+    return device
 
 
 def native_bf16(device: torch.device) -> bool:

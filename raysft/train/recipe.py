@@ -32,9 +32,9 @@ from raysft.data.digest import DATA_FILE, data_digests
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
-from raysft.errors import ConfigError, DataError, ModelError
+from raysft.errors import ConfigError, DataError
 from raysft.train import fsdp
-from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
+from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, training_device
 from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
 from raysft.train.model import count_parameters, load_model, save_model, training_tokenizer
@@ -226,14 +226,7 @@ def setup(
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     # Fails now, naming node, CUDA build and driver, if this worker should have a GPU and has none.
-    device = resolve_device(cfg.train.device, granted=granted_gpus())
-    if device.type != "cuda" and cfg.model.attn_implementation == "flex_attention":
-        # Checked before anything loads: torch fails only at the first backward pass.
-        raise ModelError(
-            f"model.attn_implementation: flex_attention needs a CUDA GPU (torch has no "
-            f"flex_attention backward on {device.type}), and this run trains on {device.type}: "
-            "use sdpa"
-        )
+    device = training_device(cfg, granted=granted_gpus())
     autocast = autocast_for(cfg, device)
     _warn_of_emulated_bf16(cfg, device)
     tokenizer = training_tokenizer(cfg)

@@ -191,10 +191,15 @@ def _unreadable(path: Path, why: str) -> ConfigError:
     )  # fmt: skip
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def checkpoint_step(directory: str | Path) -> int:
+    """The step a checkpoint was written at; its tensors are mapped, not read (``mmap``)."""
+    return int(_read_state(Path(directory) / STATE_FILE, mmap=True)["progress"]["step"])
+
+
+def _read_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     try:
         # Tensors and plain data only: unpickling anything else could run code from the file.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights_only" not in str(err).lower().replace(" ", "_"):
             raise _unreadable(path, f"cannot be read ({str(err).splitlines()[0][:200]})") from None

@@ -338,9 +338,8 @@ def test_a_run_into_a_held_output_dir_is_refused_before_anything_loads(
 ) -> None:
     held = _TMP[0] / "held"
     assert user_error_lines(result(cli_runs, job)) == [
-        f"error: {_TMP[0] / 'held.yaml'}: output_dir: {held} already holds a training run; choose "
-        f"another (--set output_dir=...) or remove it, or continue it: --resume-from "
-        f"{held / 'checkpoints' / 'step-000002'}"
+        f"error: {_TMP[0] / 'held.yaml'}: output_dir: {held} already holds a training run that "
+        "ended (its metrics.json); choose another (--set output_dir=...) or remove it"
     ]
     assert sorted(p.name for p in held.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
 
@@ -487,3 +486,131 @@ def test_dry_run_counts_the_rows_and_samples_a_run_would_drop(
     assert _dry_run(cfg, "c.yaml") == 0
     last = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
     assert last.endswith(", 1 rows skipped, 1 samples dropped (truncated to nothing to train)")
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_ctrl_c_says_what_is_left_and_how_to_continue(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    checkpointed: bool,
+) -> None:
+    from raysft.cli import run_cli
+    from raysft.config import dump_config
+    from raysft.train import recipe
+    from raysft.train.__main__ import _check_output_dir, _train
+
+    out = tmp_path / "out"
+    cfg = load_config(None, {"output_dir": str(out), "train.eval_every": 5})
+
+    def interrupted(cfg: Any, *, report: Any, resume_from: str | None) -> None:
+        if checkpointed:  # the checkpoint of step 5, as the run hands it over
+            written = tmp_path / "written"
+            written.mkdir()
+            (written / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            report({"step": 5}, str(written))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "run_trial", interrupted)
+    with pytest.raises(SystemExit) as done:
+        run_cli(lambda: _train(cfg, None))
+    assert done.value.code == 130
+    said = capsys.readouterr().err
+    if not checkpointed:
+        assert said == (
+            f"interrupted: no checkpoint was written yet under {out / 'checkpoints'} (the first "
+            "comes at step 5); start again with the same command\n"
+        )
+        return
+    kept = out / "checkpoints" / "step-000005"
+    assert said == (
+        f"interrupted: the newest checkpoint is {kept}; continue from it with: "
+        f"python -m raysft.train {kept / 'config.yaml'} --resume-from {kept}\n"
+    )
+    # The command's config is the run's own, and its output_dir takes the resume.
+    again = load_config(kept / "config.yaml", authored=True)
+    assert again == cfg
+    _check_output_dir(again, str(kept / "config.yaml"), resuming=str(kept))
+
+
+def _checkpoint_at(out: Path, step: int, cfg: Any) -> Path:
+    """A checkpoint of ``cfg``'s run at ``step``: config.yaml and a training state holding its
+    progress (all ``--resume-from``'s checks before the model loads read)."""
+    import torch
+
+    from raysft.config import dump_config
+
+    ckpt = out / "checkpoints" / f"step-{step:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    torch.save({"progress": {"step": step}}, ckpt / "training_state.pt")
+    return ckpt
+
+
+@pytest.mark.parametrize(("step", "ended"), [(4, True), (4, False), (2, True)])
+def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    step: int,
+    ended: bool,
+) -> None:
+    """``ended``: output_dir holds the run's metrics.json. A last checkpoint without it (a run
+    stopped before it wrote its outputs) is resumed to write them, and says so."""
+    import logging
+
+    from raysft.cli import run_cli
+    from raysft.train import __main__ as train_main
+
+    out = tmp_path / "out"
+    cfg = load_config(None, {"output_dir": str(out), "train.max_steps": 4, "train.eval_every": 2})
+    ckpt = _checkpoint_at(out, step, cfg)
+    if ended:
+        (out / "metrics.json").write_text("{}\n", encoding="utf-8")
+    trained: list[str | None] = []
+    monkeypatch.setattr(train_main, "_train", lambda cfg, resume: trained.append(resume) or 0)
+    argv = ["raysft.train", str(ckpt / "config.yaml"), "--resume-from", str(ckpt)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with caplog.at_level(logging.INFO, logger="raysft.train"), pytest.raises(SystemExit) as done:
+        run_cli(train_main._main)
+    if step == 4 and ended:
+        assert done.value.code == 2 and trained == []
+        assert capsys.readouterr().err == (
+            f"error: --resume-from: {ckpt}: the run already finished at step 4 (train.max_steps) "
+            f"and {out} holds its outputs: nothing is left to train. A longer run starts anew, "
+            "since train.max_steps shapes the learning-rate schedule (--set output_dir=... "
+            "--set train.max_steps=...)\n"
+        )
+        assert (out / "metrics.json").read_text(encoding="utf-8") == "{}\n"
+        return
+    assert done.value.code == 0 and trained == [str(ckpt)]
+    said = [r.getMessage() for r in caplog.records if "nothing is left" in r.getMessage()]
+    assert said == (
+        [f"{ckpt} is the run's last step (train.max_steps=4): nothing is left to train; writing "
+         f"its outputs to {out}"]
+        if step == 4
+        else []
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_held_output_dir_is_said_to_be_ended_or_continuable(tmp_path: Path, ended: bool) -> None:
+    from raysft.errors import ConfigError
+    from raysft.train.__main__ import _check_output_dir
+
+    out = tmp_path / "out"
+    kept = out / "checkpoints" / "step-000002"
+    kept.mkdir(parents=True)
+    if ended:
+        (out / "metrics.json").write_text("{}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
+    assert err.value.problems == [
+        f"output_dir: {out} already holds a training run that ended (its metrics.json); choose "
+        "another (--set output_dir=...) or remove it"
+        if ended
+        else f"output_dir: {out} already holds an unfinished training run (a checkpoint, no "
+        f"metrics.json); continue it: --resume-from {kept}, or choose another "
+        "(--set output_dir=...) or remove it"
+    ]

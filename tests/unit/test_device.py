@@ -63,6 +63,46 @@ def test_no_cuda_message_names_node_cuda_build_and_driver():
     assert "README: GPU clusters" in msg and "train.device: cpu" in msg
 
 
+def test_no_cuda_message_of_a_single_run_names_no_search_setting():
+    facts = {"host": "h", "torch_version": "2.13.0+cpu", "torch_cuda": None, "driver": NO_DRIVER,
+             "visible": None}  # fmt: skip
+    run = no_cuda_message("x", trial=False, **facts)
+    assert run.startswith("train.device: this run needs a CUDA GPU but x on node h: ")
+    assert "search." not in run and run.endswith(
+        "or train on the CPU with --set train.device=cpu (auto takes a GPU only where one works)."
+    )
+    trial = no_cuda_message("x", trial=True, **facts)
+    assert trial.startswith("train.device: this trial needs a CUDA GPU")
+    assert "search.resources.gpus_per_worker: 0" in trial
+
+
+@needs_no_cuda
+def test_outside_ray_cuda_asked_for_is_a_single_runs_error():
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    with pytest.raises(ModelError, match=r"^train\.device: this run needs a CUDA GPU") as err:
+        resolve_device("cuda")
+    assert "gpus_per_worker" not in str(err.value)
+
+
+@needs_no_cuda
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"train.device": "cuda"}, "train.device: this run needs a CUDA GPU but "),
+        ({"model.attn_implementation": "flex_attention"},
+         "model.attn_implementation: flex_attention needs a CUDA GPU"),
+    ],
+)  # fmt: skip
+def test_a_dry_run_refuses_what_the_run_refuses_at_once(tmp_path, settings, said):
+    from raysft.config import load_config
+    from raysft.train.__main__ import _dry_run
+
+    cfg = load_config(None, {**settings, "output_dir": str(tmp_path / "out")})
+    with pytest.raises(ModelError) as err:
+        _dry_run(cfg, "c.yaml")
+    assert str(err.value).startswith(said)
+
+
 def test_no_cuda_message_for_a_cpu_build_without_driver():
     msg = no_cuda_message(
         "x", host="h", torch_version="2.13.0+cpu", torch_cuda=None, driver=NO_DRIVER, visible=None
