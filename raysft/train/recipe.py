@@ -33,6 +33,7 @@ from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, DataError, ModelError
+from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
 from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
@@ -627,9 +628,9 @@ def _write_outputs(
         # Where config.yaml's relative paths were read from: raysft.evaluate reads them there.
         "working_dir": os.getcwd(),
     }
-    (out_dir / "metrics.json").write_text(
-        json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8"
-    )
+    # Strict JSON: a diverged run's NaN/inf metrics are written as null, which every parser reads.
+    text = json.dumps(json_safe(metrics), indent=2, ensure_ascii=False, allow_nan=False)
+    (out_dir / "metrics.json").write_text(text, encoding="utf-8")
 
 
 def run_trial(
