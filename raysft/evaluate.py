@@ -388,13 +388,20 @@ def score_model(
     settings. Scoring two models on the same rows makes their numbers comparable."""
     import functools
 
-    from raysft.train.evaluate import compute, eval_loss_sum, generate_answers
+    from raysft.train.evaluate import (
+        compute,
+        eval_loss_sum,
+        generate_answers,
+        warn_of_capped_references,
+    )
     from raysft.train.recipe import autocast_for, group_by_length_tokens
 
     rows = eval_rows(cfg) if conversations is None else conversations
     due = select_metrics(metrics, rows)
     net, tokenizer = load_for_scoring(model, cfg=cfg, base_model=base_model)
     examples, kept = _tokenized(rows, cfg, tokenizer)
+    if any(m.generates for m in due):
+        warn_of_capped_references(kept, tokenizer, max_new_tokens=cfg.train.max_new_tokens)
     device = resolve_device(cfg.train.device)
     autocast = autocast_for(cfg, device)
     loss = functools.partial(

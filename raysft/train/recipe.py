@@ -36,7 +36,13 @@ from raysft.errors import ConfigError, DataError, ModelError
 from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, resolve_device
-from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
+from raysft.train.evaluate import (
+    eval_loss_sum,
+    forward_loss,
+    generate_answers,
+    score,
+    warn_of_capped_references,
+)
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
 from raysft.train.model import count_parameters, load_model, save_model, training_tokenizer
 from raysft.train.neftune import attach_neftune
@@ -297,6 +303,10 @@ def setup(
         autocast=autocast,
         group_tokens=group_tokens,
     )
+    if dist.rank == 0 and any(m.generates for m in computed_at(cfg, final=True)):
+        warn_of_capped_references(
+            data.eval_conversations, tokenizer, max_new_tokens=cfg.train.max_new_tokens
+        )
     answers = functools.partial(
         generate_answers,
         model,

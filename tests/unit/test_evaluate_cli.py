@@ -85,6 +85,25 @@ def test_score_model_by_hand(tmp_path: Path, chain_dir: Path) -> None:
     assert [s["passed"] for s in got.samples] == [[True], [False]]
 
 
+def test_references_longer_than_max_new_tokens_are_warned_of(
+    tmp_path: Path, chain_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "x=1" and "x=2" are 3 tokens, 4 with <|im_end|>: a cap of 3 cuts both of them.
+    cfg = _cfg(tmp_path, chain_dir, **{"train.max_new_tokens": 3})
+    with caplog.at_level("WARNING", logger="raysft.train.evaluate"):
+        score_model(str(chain_dir), cfg, metrics=["exact_match"])
+    said = [r.getMessage() for r in caplog.records if "max_new_tokens" in r.getMessage()]
+    assert said == [
+        "train.max_new_tokens=3 is shorter than 2 of the 2 eval reference answers (the longest "
+        "is 4 tokens with its terminator): their answers are cut there, so exact match, ROUGE-L "
+        "and BLEU are capped by it; raise train.max_new_tokens to 4"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raysft.train.evaluate"):
+        score_model(str(chain_dir), _cfg(tmp_path, chain_dir), metrics=["exact_match"])
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]
+
+
 def test_pass_at_k_from_n_samples(tmp_path: Path, chain_dir: Path) -> None:
     # Greedy-identical samples at a low temperature: n = 3 answers per prompt, all x=1;
     # pass@2 of row 1 is 1 (3 of 3 pass), of row 2 is 0.
