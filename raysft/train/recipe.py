@@ -213,6 +213,8 @@ def _prepare(
     log.info("data: %s", json.dumps(data.report.as_dict(), ensure_ascii=False))
     for reason in data.report.skipped[:5]:
         log.warning("skipped %s", reason)
+    for reason in data.report.dropped[:5]:
+        log.warning("dropped %s", reason)
     return data, train_bins, eval_bins
 
 
