@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raysft.config import DataSection
+from raysft.data.digest import sources
 from raysft.data.formats import (
     READS,
     Conversation,
@@ -15,6 +16,7 @@ from raysft.data.formats import (
     LoadedData,
     Role,
     load_conversations,
+    saved_split,
     split_train_eval,
 )
 from raysft.data.templates import Example, render, tokenize
@@ -141,6 +143,30 @@ def _note_unread(loaded: LoadedData, report: DataReport) -> None:
         log.warning("%s", note)
 
 
+def _where(source: str) -> tuple[str, str | None]:
+    """What a source reads, for comparing two: a hub name as given, else the resolved path."""
+    if source.startswith("hf:"):
+        return source, None
+    path, split = saved_split(source)
+    return str(path.resolve()), split
+
+
+def warn_of_eval_in_train(cfg: DataSection) -> list[str]:
+    """Warn of each ``data.eval`` source that ``data.train`` reads too: its "held-out" scores
+    would be on training rows. Returns the sources warned of."""
+    train = {_where(t): t for t in sources(cfg.train)}
+    same = [e for e in sources(cfg.eval) if _where(e) in train]
+    for source in same:
+        log.warning(
+            "data.eval: %s is also in data.train (as %s): the eval rows are training rows, so "
+            "the held-out scores say nothing of unseen data; use another file, or set "
+            "data.eval: null for a seeded split (data.eval_fraction)",
+            source,
+            train[_where(source)],
+        )
+    return same
+
+
 def _load_split(
     cfg: DataSection, *, seed: int, with_eval: bool, with_train: bool = True
 ) -> tuple[
@@ -182,6 +208,7 @@ def _load_split(
             train_convs, eval_fraction=cfg.eval_fraction, seed=seed
         )
     else:
+        warn_of_eval_in_train(cfg)
         held = load(cfg.eval, "eval")
         _note_unread(held, report)
         report.rows_read += held.n_rows

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from raysft.config import DataSection
-from raysft.data.pipeline import load_eval, load_split, prepare_data
+from raysft.data.pipeline import load_eval, load_split, prepare_data, warn_of_eval_in_train
 from raysft.data.templates import trained_spans
 from raysft.errors import DataError
 
@@ -164,6 +164,29 @@ def test_an_empty_eval_split_is_told_with_its_own_rows_only(tmp_path: Path, tok:
         "all data.max_seq_len=32 tokens, nothing left to train)"
     )
     assert str(err.value).startswith("data.eval: every sample lost")
+
+
+def test_an_eval_file_that_is_also_a_training_file_is_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from raysft.assets import asset_path
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [alpaca("q", "a"), alpaca("r", "b")])
+    monkeypatch.chdir(tmp_path)
+    # Two spellings of one file: compared by the path they resolve to.
+    cfg = section(train=[TRAIN, "./rows.jsonl"], eval=rows)
+    with caplog.at_level("WARNING", logger="raysft.data.pipeline"):
+        load_split(cfg, seed=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.eval: {rows} is also in data.train (as ./rows.jsonl): the eval rows are training "
+        "rows, so the held-out scores say nothing of unseen data; use another file, or set "
+        "data.eval: null for a seeded split (data.eval_fraction)"
+    ]
+    embedded = "embedded:tasks-alpaca.jsonl"
+    same = section(train=embedded, eval=str(asset_path("tasks-alpaca.jsonl")))
+    assert warn_of_eval_in_train(same) == [str(asset_path("tasks-alpaca.jsonl"))]
+    assert warn_of_eval_in_train(section(train=embedded, eval="embedded:tasks-eval.jsonl")) == []
+    assert warn_of_eval_in_train(section()) == []  # chat_zh.jsonl, eval_zh.jsonl
 
 
 def test_rows_truncation_left_nothing_to_train_are_named(
