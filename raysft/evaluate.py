@@ -388,13 +388,20 @@ def score_model(
     settings. Scoring two models on the same rows makes their numbers comparable."""
     import functools
 
-    from raysft.train.evaluate import compute, eval_loss_sum, generate_answers
+    from raysft.train.evaluate import (
+        compute,
+        eval_loss_sum,
+        generate_answers,
+        warn_of_capped_references,
+    )
     from raysft.train.recipe import autocast_for, group_by_length_tokens
 
     rows = eval_rows(cfg) if conversations is None else conversations
     due = select_metrics(metrics, rows)
     net, tokenizer = load_for_scoring(model, cfg=cfg, base_model=base_model)
     examples, kept = _tokenized(rows, cfg, tokenizer)
+    if any(m.generates for m in due):
+        warn_of_capped_references(kept, tokenizer, max_new_tokens=cfg.train.max_new_tokens)
     device = resolve_device(cfg.train.device)
     autocast = autocast_for(cfg, device)
     loss = functools.partial(
@@ -422,7 +429,7 @@ def metrics_table(
     scores: dict[str, ModelScore], *, conversations: list[Conversation] | None = None
 ) -> str:
     """Metrics as rows, one column per scored model (e.g. base, tuned); with the scored
-    ``conversations``, a note under a BLEU that is 0 whatever the answers."""
+    ``conversations``, a note under a BLEU no answer can earn by a 4-gram match."""
     names = list(dict.fromkeys(n for s in scores.values() for n in s.scores))
     head = ["metric", *scores]
     body = [[n, *(_fmt(s.scores.get(n)) for s in scores.values())] for n in names]
@@ -434,22 +441,26 @@ def metrics_table(
     references = [c[-1]["content"] for c in conversations or []]
     if "bleu" in names and bleu_says_nothing(references):
         table += (
-            "\n(bleu: every reference answer is shorter than 4 tokens, so BLEU, a 4-gram "
-            "score, is 0 whatever the answers; read exact_match and rouge_l)"
+            "\n(bleu: every reference answer is shorter than 4 tokens, so no answer can match a "
+            "4-gram: BLEU is 0 for answers as short, and above 0 only through sacreBLEU's "
+            "smoothing of answers of 4 tokens or more, which scores their length, not their "
+            "match; read exact_match and rouge_l)"
         )
     return table
 
 
 def side_by_side(scores: dict[str, ModelScore], *, n: int = 3) -> str:
-    """The first ``n`` prompts with the reference and each model's first answer."""
+    """The first ``n`` prompts with the reference and each model's first answer, labelled by
+    model (base, tuned) when there are several, else ``generated``."""
     first = next(iter(scores.values()))
+    label = {name: name if len(scores) > 1 else "generated" for name in scores}
     blocks = []
     for i, sample in enumerate(first.samples[:n]):
         lines = [
             f"--- {i + 1}: {_flat(sample['prompt'])}",
             f"expected: {sample['expected']!r}",
         ]
-        lines += [f"{name}: {s.samples[i]['generated']!r}" for name, s in scores.items()]
+        lines += [f"{label[name]}: {s.samples[i]['generated']!r}" for name, s in scores.items()]
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 

@@ -46,7 +46,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from raysft.assets import corpus, text_code
-from raysft.assets.tokenizer import build_tokenizer
+from raysft.assets.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ MODEL_KWARGS = {
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
+    "max_position_embeddings": MODEL_MAX_LENGTH,
     "tie_word_embeddings": True,
 }
 PRETRAIN = {

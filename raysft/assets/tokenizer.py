@@ -17,7 +17,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 # Order fixes the ids: 256, 257, ... right after the byte tokens.
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, IM_START, IM_END)
-MODEL_MAX_LENGTH = 1024
+# The tiny model's context (its max_position_embeddings, build.MODEL_KWARGS): the two agree.
+MODEL_MAX_LENGTH = 512
 
 # Standard ChatML (Qwen style); no default system prompt so prompts stay short.
 CHAT_TEMPLATE = (

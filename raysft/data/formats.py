@@ -282,9 +282,10 @@ def _iter_rows(source: str, role: Role = "train") -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         yield from _iter_saved_dataset(path, split, role, source)
         return
+    # The field is named here too: a dry run or a preview reads the rows before any digest.
     if not path.is_file():
         here = "" if path.is_absolute() else f" (a relative path is read from {Path.cwd()})"
-        raise DataError(f"{source}: file not found{here}")
+        raise DataError(f"data.{role}: {source}: file not found{here}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _iter_jsonl(path, source)
@@ -293,7 +294,9 @@ def _iter_rows(source: str, role: Role = "train") -> Iterator[tuple[str, Any]]:
     elif suffix == ".parquet":
         yield from _iter_parquet(path, source)
     else:
-        raise DataError(f"{source}: unsupported file type {suffix!r} (.json, .jsonl, .parquet)")
+        raise DataError(
+            f"data.{role}: {source}: unsupported file type {suffix!r} (.json, .jsonl, .parquet)"
+        )
 
 
 def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:

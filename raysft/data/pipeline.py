@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raysft.config import DataSection
+from raysft.data.digest import sources
 from raysft.data.formats import (
     READS,
     Conversation,
@@ -15,6 +16,7 @@ from raysft.data.formats import (
     LoadedData,
     Role,
     load_conversations,
+    saved_split,
     split_train_eval,
 )
 from raysft.data.templates import Example, Segment, render, tokenize
@@ -32,6 +34,7 @@ class DataReport:
     eval_examples: int = 0
     truncated: int = 0  # cut to max_seq_len but still trainable
     dropped_no_trained_tokens: int = 0  # truncation left nothing to learn: dropped, counted
+    dropped: list[str] = field(default_factory=list)  # those rows, named, for the log
     merged_boundary: int = 0  # samples tokenized apart where prompt and answer would merge
     train_tokens: int = 0
     trained_tokens: int = 0
@@ -43,6 +46,7 @@ class DataReport:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["skipped"] = self.skipped[:20]
+        out["dropped"] = self.dropped[:20]
         return out
 
 
@@ -85,11 +89,16 @@ def _tokenize_all(
     report: DataReport,
     *,
     origins: dict[int, str] | None = None,
-) -> tuple[list[Example], list[Conversation]]:
-    examples, kept = [], []
+    skipped: list[str] | None = None,
+) -> tuple[list[Example], list[Conversation], list[str]]:
+    """The examples and the conversations kept, and the rows truncation left nothing to train
+    (named). ``skipped``: this split's own list of skipped rows, extended here too."""
+    examples, kept, dropped = [], [], []
     for conv in convs:
         segments = render_row(conv, cfg, tokenizer, report, origins=origins)
-        if segments is None:
+        if segments is None:  # skipped (skip mode): counted in report, and in this split's list
+            if skipped is not None:
+                skipped.append(report.skipped[-1])
             continue
         ex = tokenize(segments, tokenizer, max_seq_len=cfg.max_seq_len)
         if ex.n_trained == 0:
@@ -100,13 +109,19 @@ def _tokenize_all(
                     f"data.max_seq_len={cfg.max_seq_len} tokens, nothing left to train (raise "
                     "data.max_seq_len; data.on_error=skip drops and counts such rows)"
                 )
-            report.dropped_no_trained_tokens += 1
+            # Named like a skipped row, so the dropped ones can be found and fixed.
+            dropped.append(
+                f"{(origins or {}).get(id(conv), 'a row')}: its prompt fills all "
+                f"data.max_seq_len={cfg.max_seq_len} tokens, nothing left to train"
+            )
             continue
         report.truncated += ex.truncated
         report.merged_boundary += ex.merged_boundary
         examples.append(ex)
         kept.append(conv)
-    return examples, kept
+    report.dropped_no_trained_tokens += len(dropped)
+    report.dropped += dropped
+    return examples, kept, dropped
 
 
 def load_split(
@@ -116,7 +131,7 @@ def load_split(
 
     ``with_eval=False`` reads the training sources only and splits nothing off.
     """
-    train, evals, report, _ = _load_split(cfg, seed=seed, with_eval=with_eval)
+    train, evals, report, _, _ = _load_split(cfg, seed=seed, with_eval=with_eval)
     return train, evals, report
 
 
@@ -134,7 +149,7 @@ def training_rows(cfg: DataSection, *, seed: int) -> TrainingRows:
     """The conversations a run trains on, in file order (a preview): ``data.train`` less the
     rows ``load_split`` holds out when ``data.eval`` is null (the same split, same seed); the
     eval source itself is not read."""
-    train, _, report, origins = _load_split(cfg, seed=seed, with_eval=False)
+    train, _, report, origins, _ = _load_split(cfg, seed=seed, with_eval=False)
     if cfg.eval is None:
         try:
             train, _ = split_train_eval(train, eval_fraction=cfg.eval_fraction, seed=seed)
@@ -167,13 +182,41 @@ def _note_unread(loaded: LoadedData, report: DataReport) -> None:
         log.warning("%s", note)
 
 
+def _where(source: str) -> tuple[str, str | None]:
+    """What a source reads, for comparing two: a hub name as given, else the resolved path."""
+    if source.startswith("hf:"):
+        return source, None
+    path, split = saved_split(source)
+    return str(path.resolve()), split
+
+
+def warn_of_eval_in_train(cfg: DataSection) -> list[str]:
+    """Warn of each ``data.eval`` source that ``data.train`` reads too: its "held-out" scores
+    would be on training rows. Returns the sources warned of."""
+    train = {_where(t): t for t in sources(cfg.train)}
+    same = [e for e in sources(cfg.eval) if _where(e) in train]
+    for source in same:
+        log.warning(
+            "data.eval: %s is also in data.train (as %s): the eval rows are training rows, so "
+            "the held-out scores say nothing of unseen data; use another file, or set "
+            "data.eval: null for a seeded split (data.eval_fraction)",
+            source,
+            train[_where(source)],
+        )
+    return same
+
+
 def _load_split(
     cfg: DataSection, *, seed: int, with_eval: bool, with_train: bool = True
-) -> tuple[list[Conversation], list[Conversation], DataReport, dict[int, str]]:
-    """``load_split``, and where each conversation came from (``id(conv)`` -> "file: row i").
+) -> tuple[
+    list[Conversation], list[Conversation], DataReport, dict[int, str], dict[str, list[str]]
+]:
+    """``load_split``, where each conversation came from (``id(conv)`` -> "file: line i"), and
+    the rows skipped per split ("train", "eval": a split's errors name its own rows only).
     ``with_train=False``: ``data.train`` is read only if the eval rows are split from it."""
     report = DataReport()
     origins: dict[int, str] = {}
+    skipped: dict[str, list[str]] = {"train": [], "eval": []}
 
     def load(sources: str | list[str], role: Role = "train") -> LoadedData:
         loaded = load_conversations(
@@ -192,26 +235,29 @@ def _load_split(
         _note_unread(train, report)
         report.rows_read += train.n_rows
         report.skipped += train.skipped
+        skipped["train"] += train.skipped
         if not train.conversations:
             raise _no_rows("train", cfg.train, train)
         train_convs = train.conversations
     if not with_eval:
         report.rows_skipped = len(report.skipped)
-        return train_convs, [], report, origins
+        return train_convs, [], report, origins, skipped
     if cfg.eval is None:
         train_convs, eval_convs = split_train_eval(
             train_convs, eval_fraction=cfg.eval_fraction, seed=seed
         )
     else:
+        warn_of_eval_in_train(cfg)
         held = load(cfg.eval, "eval")
         _note_unread(held, report)
         report.rows_read += held.n_rows
         report.skipped += held.skipped
+        skipped["eval"] += held.skipped
         eval_convs = held.conversations
         if not eval_convs:
             raise _no_rows("eval", cfg.eval, held)
     report.rows_skipped = len(report.skipped)
-    return train_convs, _sampled(eval_convs, cfg, seed=seed), report, origins
+    return train_convs, _sampled(eval_convs, cfg, seed=seed), report, origins, skipped
 
 
 def _sampled(convs: list[Conversation], cfg: DataSection, *, seed: int) -> list[Conversation]:
@@ -225,7 +271,7 @@ def load_eval(cfg: DataSection, *, seed: int) -> tuple[list[Conversation], DataR
     """The held-out conversations ``load_split`` returns (the same rows, picked by the same
     seed), without reading the training data where it is not needed: only a split of
     ``data.train`` (no ``data.eval``) reads it."""
-    _, evals, report, _ = _load_split(cfg, seed=seed, with_eval=True, with_train=False)
+    _, evals, report, _, _ = _load_split(cfg, seed=seed, with_eval=True, with_train=False)
     return evals, report
 
 
@@ -241,18 +287,23 @@ def check_template(cfg: DataSection, tokenizer: Any) -> None:
 
 def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
     check_template(cfg, tokenizer)
-    train_convs, eval_convs, report, origins = _load_split(cfg, seed=seed, with_eval=True)
-    train, _ = _tokenize_all(train_convs, cfg, tokenizer, report, origins=origins)
-    evals, eval_kept = _tokenize_all(eval_convs, cfg, tokenizer, report, origins=origins)
-    for name, kept in (("train", train), ("eval", evals)):
+    train_convs, eval_convs, report, origins, skipped = _load_split(cfg, seed=seed, with_eval=True)
+    tokenized = {
+        name: _tokenize_all(convs, cfg, tokenizer, report, origins=origins, skipped=skipped[name])
+        for name, convs in (("train", train_convs), ("eval", eval_convs))
+    }
+    train, _, _ = tokenized["train"]
+    evals, eval_kept, _ = tokenized["eval"]
+    for name, (kept, _, dropped) in tokenized.items():
         if kept:
             continue
-        if report.dropped_no_trained_tokens:
+        if dropped:  # this split's own rows, never the other's
             raise DataError(
                 f"data.{name}: every sample lost its trainable tokens to truncation at "
-                f"data.max_seq_len={cfg.max_seq_len} (raise it or shorten the prompts)"
+                f"data.max_seq_len={cfg.max_seq_len} (raise it or shorten the prompts; the "
+                f"first: {dropped[0]})"
             )
-        raise _no_usable_rows(name, report.skipped)
+        raise _no_usable_rows(name, skipped[name])
     report.train_examples, report.eval_examples = len(train), len(evals)
     report.train_tokens = sum(len(e.input_ids) for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)

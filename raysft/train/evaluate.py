@@ -166,6 +166,32 @@ def generate_answers(
     return out_samples
 
 
+def warn_of_capped_references(
+    conversations: list[Conversation], tokenizer: Any, *, max_new_tokens: int
+) -> int:
+    """Warn (once per eval setup) when some reference answers are longer than the generation
+    cap: their generated answers are cut short, so exact match, ROUGE-L and BLEU measure the
+    cap, not the model. Returns how many references are longer."""
+    # +1: the answer's terminator is generated too, inside the same cap.
+    lengths = [
+        len(tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"]) + 1
+        for c in conversations
+    ]
+    over = [n for n in lengths if n > max_new_tokens]
+    if over:
+        log.warning(
+            "train.max_new_tokens=%d is shorter than %d of the %d eval reference answers (the "
+            "longest is %d tokens with its terminator): their answers are cut there, so exact "
+            "match, ROUGE-L and BLEU are capped by it; raise train.max_new_tokens to %d",
+            max_new_tokens,
+            len(over),
+            len(lengths),
+            max(over),
+            max(over),
+        )
+    return len(over)
+
+
 def _sample(conv: Conversation, answers: list[str], *, template: str, tokenizer: Any) -> dict:
     sample: dict[str, Any] = {
         "prompt": generation_prompt(conv, template=template, tokenizer=tokenizer),

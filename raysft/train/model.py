@@ -387,6 +387,26 @@ def _attach_adapter(model: Any, cfg: Config, *, gc: bool) -> Any:
     return peft_model
 
 
+def warn_past_context(cfg: Config, config: Any) -> bool:
+    """Warn when ``data.max_seq_len`` is longer than the model's context: positions past it
+    were never trained. A warning, not an error: RoPE bases are sometimes stretched on purpose.
+    Returns whether it warned."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or cfg.data.max_seq_len <= limit:
+        return False
+    log.warning(
+        "data.max_seq_len=%d is longer than the model's context (max_position_embeddings=%d "
+        "in %s's config.json): positions past %d were never trained; lower data.max_seq_len "
+        "to %d unless training past the context is meant",
+        cfg.data.max_seq_len,
+        limit,
+        cfg.model.name_or_path,
+        limit,
+        limit,
+    )
+    return True
+
+
 def build_meta_model(cfg: Config) -> Any:
     """The configured model on the meta device (config.json only, no weights), adapter attached.
 
@@ -397,6 +417,7 @@ def build_meta_model(cfg: Config) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = from_pretrained(AutoConfig, cfg.model)
+    warn_past_context(cfg, config)
     with torch.device("meta"):
         # eager: shapes do not depend on the kernel, and eager needs no availability check.
         model = AutoModelForCausalLM.from_config(

@@ -33,9 +33,16 @@ from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, DataError
+from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, training_device
-from raysft.train.evaluate import eval_loss_sum, forward_loss, generate_answers, score
+from raysft.train.evaluate import (
+    eval_loss_sum,
+    forward_loss,
+    generate_answers,
+    score,
+    warn_of_capped_references,
+)
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
 from raysft.train.model import count_parameters, load_model, save_model, training_tokenizer
 from raysft.train.neftune import attach_neftune
@@ -206,6 +213,8 @@ def _prepare(
     log.info("data: %s", json.dumps(data.report.as_dict(), ensure_ascii=False))
     for reason in data.report.skipped[:5]:
         log.warning("skipped %s", reason)
+    for reason in data.report.dropped[:5]:
+        log.warning("dropped %s", reason)
     return data, train_bins, eval_bins
 
 
@@ -289,6 +298,10 @@ def setup(
         autocast=autocast,
         group_tokens=group_tokens,
     )
+    if dist.rank == 0 and any(m.generates for m in computed_at(cfg, final=True)):
+        warn_of_capped_references(
+            data.eval_conversations, tokenizer, max_new_tokens=cfg.train.max_new_tokens
+        )
     answers = functools.partial(
         generate_answers,
         model,
@@ -620,9 +633,9 @@ def _write_outputs(
         # Where config.yaml's relative paths were read from: raysft.evaluate reads them there.
         "working_dir": os.getcwd(),
     }
-    (out_dir / "metrics.json").write_text(
-        json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8"
-    )
+    # Strict JSON: a diverged run's NaN/inf metrics are written as null, which every parser reads.
+    text = json.dumps(json_safe(metrics), indent=2, ensure_ascii=False, allow_nan=False)
+    (out_dir / "metrics.json").write_text(text, encoding="utf-8")
 
 
 def run_trial(

@@ -82,8 +82,10 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def bleu_says_nothing(references: Sequence[str]) -> bool:
-    """Whether BLEU is 0 here whatever the answers: no reference has 4 tokens (after BLEU's own
-    tokenization), so no answer can match a 4-gram (the embedded default's one-word answers)."""
+    """Whether BLEU says nothing of the answers here: no reference has 4 tokens (after BLEU's own
+    tokenization), so no answer can match a 4-gram (the embedded default's one-word answers).
+    Not always 0: answers of 4 tokens or more score above 0 by the smoothing of the missing
+    4-gram matches, a score of their length."""
     if not references:
         return False
     import sacrebleu

@@ -85,6 +85,25 @@ def test_score_model_by_hand(tmp_path: Path, chain_dir: Path) -> None:
     assert [s["passed"] for s in got.samples] == [[True], [False]]
 
 
+def test_references_longer_than_max_new_tokens_are_warned_of(
+    tmp_path: Path, chain_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "x=1" and "x=2" are 3 tokens, 4 with <|im_end|>: a cap of 3 cuts both of them.
+    cfg = _cfg(tmp_path, chain_dir, **{"train.max_new_tokens": 3})
+    with caplog.at_level("WARNING", logger="raysft.train.evaluate"):
+        score_model(str(chain_dir), cfg, metrics=["exact_match"])
+    said = [r.getMessage() for r in caplog.records if "max_new_tokens" in r.getMessage()]
+    assert said == [
+        "train.max_new_tokens=3 is shorter than 2 of the 2 eval reference answers (the longest "
+        "is 4 tokens with its terminator): their answers are cut there, so exact match, ROUGE-L "
+        "and BLEU are capped by it; raise train.max_new_tokens to 4"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raysft.train.evaluate"):
+        score_model(str(chain_dir), _cfg(tmp_path, chain_dir), metrics=["exact_match"])
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]
+
+
 def test_pass_at_k_from_n_samples(tmp_path: Path, chain_dir: Path) -> None:
     # Greedy-identical samples at a low temperature: n = 3 answers per prompt, all x=1;
     # pass@2 of row 1 is 1 (3 of 3 pass), of row 2 is 0.
@@ -206,12 +225,24 @@ def test_cli_prints_a_table_and_answers_side_by_side(
     assert lines[1].split() == ["metric", "base", "tuned"]
     assert lines[2].split() == ["exact_match", "0.5000", "0.5000"]
     assert lines[3].split()[0] == "bleu"
-    # The references ("x=1", "x=2") are 3 BLEU tokens each: BLEU cannot tell answers apart.
+    # The references ("x=1", "x=2") are shorter than 4 BLEU tokens: no 4-gram can match. The
+    # note must not say BLEU is 0 whatever the answers: longer answers score above 0.
     assert lines[4] == (
-        "(bleu: every reference answer is shorter than 4 tokens, so BLEU, a 4-gram score, is 0 "
-        "whatever the answers; read exact_match and rouge_l)"
+        "(bleu: every reference answer is shorter than 4 tokens, so no answer can match a "
+        "4-gram: BLEU is 0 for answers as short, and above 0 only through sacreBLEU's smoothing "
+        "of answers of 4 tokens or more, which scores their length, not their match; read "
+        "exact_match and rouge_l)"
     )
     assert "expected: 'x=2'" in lines and "tuned: 'x=1'" in lines
+
+
+def test_cli_without_base_labels_the_answer_generated(
+    tmp_path: Path, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run([str(adapter_dir), "--data", _rows(tmp_path), "--metrics", "exact_match"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "expected: 'x=2'" in lines and "generated: 'x=1'" in lines
+    assert not [line for line in lines if line.startswith("score: ")]
 
 
 def _experiment(tmp_path: Path, cfg: Any, *, champion: Path | None) -> Path:

@@ -428,7 +428,10 @@ def test_unreadable_source_names_the_file(tmp_path: Path, name: str, problem: st
     path = str(tmp_path / name)
     with pytest.raises(DataError) as info:
         load_conversations(path)
-    assert str(info.value).startswith(f"{path}: {problem}")
+    assert str(info.value).startswith(f"data.train: {path}: {problem}")
+    with pytest.raises(DataError) as info:
+        load_conversations(path, role="eval")
+    assert str(info.value).startswith(f"data.eval: {path}: {problem}")
 
 
 # ---------------------------------------------------------------- seeded split

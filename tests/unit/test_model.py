@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from raysft.bench.presets import LLAMA2_7B
-from raysft.config import Config, LoraSection, ModelSection, QloraSection, TrainSection
+from raysft.config import (
+    Config,
+    DataSection,
+    LoraSection,
+    ModelSection,
+    QloraSection,
+    TrainSection,
+)
 from raysft.train.model import (
     ModelError,
     build_bnb_config,
@@ -348,3 +355,23 @@ def test_a_text_longer_than_the_models_max_length_gets_no_transformers_warning(
     ids = tok("word " * 50, add_special_tokens=False)["input_ids"]
     assert len(ids) > 8
     assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_a_max_seq_len_past_the_models_context_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The embedded base's context is 512 positions (config.json), and its tokenizer says so too.
+    cfg = Config(data=DataSection(max_seq_len=4096))
+    with caplog.at_level("WARNING", logger="raysft.train.model"):
+        build_meta_model(cfg)
+    said = [r.getMessage() for r in caplog.records if "max_seq_len" in r.getMessage()]
+    assert said == [
+        "data.max_seq_len=4096 is longer than the model's context (max_position_embeddings=512 "
+        "in embedded:tiny-base's config.json): positions past 512 were never trained; lower "
+        "data.max_seq_len to 512 unless training past the context is meant"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raysft.train.model"):
+        build_meta_model(Config(data=DataSection(max_seq_len=512)))
+    assert not [r for r in caplog.records if "max_seq_len" in r.getMessage()]
+    assert load_tokenizer(cfg.model).model_max_length == 512

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from raysft.config import DataSection
-from raysft.data.pipeline import load_eval, load_split, prepare_data
+from raysft.data.pipeline import load_eval, load_split, prepare_data, warn_of_eval_in_train
 from raysft.data.templates import trained_spans
 from raysft.errors import DataError
 
@@ -135,6 +135,72 @@ def test_when_truncation_leaves_no_eval_example_it_is_an_error(tmp_path: Path, t
     held = write_jsonl(tmp_path / "e.jsonl", [alpaca("p" * 70, "a")])
     with pytest.raises(DataError, match=r"data\.eval: every sample lost .* data\.max_seq_len=32"):
         prepare_data(section(train=train, eval=held, max_seq_len=32, on_error="skip"), tok, seed=0)
+
+
+def test_an_empty_eval_split_is_told_with_its_own_rows_only(tmp_path: Path, tok: Any) -> None:
+    """Rows skipped or truncated in data.train are neither counted nor quoted as data.eval's."""
+    system_row = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]}  # fmt: skip
+    train = write_jsonl(
+        tmp_path / "t.jsonl", [alpaca("q", "a"), {"foo": 1}, {"foo": 2}, alpaca("p" * 70, "a")]
+    )
+    held = write_jsonl(tmp_path / "e.jsonl", [system_row])
+    cfg = section(train=train, eval=held, template="tokenizer", on_error="skip", max_seq_len=32)
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg, _no_system_role(tok), seed=0)
+    assert str(err.value).startswith(
+        f"data.eval: no usable rows (1 skipped; the first: {held}: line 1: data.template="
+    )
+    truncated = write_jsonl(tmp_path / "e2.jsonl", [alpaca("p" * 70, "a")])
+    with pytest.raises(DataError) as err:
+        prepare_data(
+            section(train=train, eval=truncated, on_error="skip", max_seq_len=32), tok, seed=0
+        )
+    assert str(err.value).endswith(
+        f"(raise it or shorten the prompts; the first: {truncated}: line 1: its prompt fills "
+        "all data.max_seq_len=32 tokens, nothing left to train)"
+    )
+    assert str(err.value).startswith("data.eval: every sample lost")
+
+
+def test_an_eval_file_that_is_also_a_training_file_is_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from raysft.assets import asset_path
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [alpaca("q", "a"), alpaca("r", "b")])
+    monkeypatch.chdir(tmp_path)
+    # Two spellings of one file: compared by the path they resolve to.
+    cfg = section(train=[TRAIN, "./rows.jsonl"], eval=rows)
+    with caplog.at_level("WARNING", logger="raysft.data.pipeline"):
+        load_split(cfg, seed=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.eval: {rows} is also in data.train (as ./rows.jsonl): the eval rows are training "
+        "rows, so the held-out scores say nothing of unseen data; use another file, or set "
+        "data.eval: null for a seeded split (data.eval_fraction)"
+    ]
+    embedded = "embedded:tasks-alpaca.jsonl"
+    same = section(train=embedded, eval=str(asset_path("tasks-alpaca.jsonl")))
+    assert warn_of_eval_in_train(same) == [str(asset_path("tasks-alpaca.jsonl"))]
+    assert warn_of_eval_in_train(section(train=embedded, eval="embedded:tasks-eval.jsonl")) == []
+    assert warn_of_eval_in_train(section()) == []  # chat_zh.jsonl, eval_zh.jsonl
+
+
+def test_rows_truncation_left_nothing_to_train_are_named(
+    tmp_path: Path, tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    fits, lost = alpaca("short", "ok"), alpaca("p" * 70, "answer")
+    train = write_jsonl(tmp_path / "t.jsonl", [fits, lost, fits])
+    held = write_jsonl(tmp_path / "e.jsonl", [fits, fits, lost])
+    data = prepare_data(
+        section(train=train, eval=held, max_seq_len=64, on_error="skip"), tok, seed=0
+    )
+    said = " its prompt fills all data.max_seq_len=64 tokens, nothing left to train"
+    assert data.report.dropped == [f"{train}: line 2:{said}", f"{held}: line 3:{said}"]
+    assert data.report.as_dict()["dropped"] == data.report.dropped
 
 
 @pytest.mark.parametrize("side", ["train", "eval"])

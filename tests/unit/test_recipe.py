@@ -294,6 +294,10 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path: Path) -> N
     assert [h["step"] for h in result.history] == [1, 2]
     out = Path(result.output_dir)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json"]
+    # Strict JSON: NaN is written as null (json.loads would otherwise accept the NaN token).
+    text = (out / "metrics.json").read_text(encoding="utf-8")
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert metrics["history"][-1]["train_loss"] is None
 
 
 def test_a_finite_step_whose_eval_is_not_finite_stops_the_run(tmp_path: Path) -> None:

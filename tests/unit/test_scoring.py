@@ -228,5 +228,9 @@ def test_bleu_says_nothing_when_no_reference_has_a_4_gram() -> None:
     short = ["BASKET", "3", "stutdim stutdim."]  # "stutdim stutdim ." is 3 tokens
     assert scoring.bleu_says_nothing(short)
     assert scoring.bleu(short, short) == 0.0  # even for perfect answers
+    # ...but not whatever the answers: longer ones have 4-grams, and their smoothed (unmatched)
+    # 4-gram precision is above 0 (raysft.evaluate's note must say so).
+    longer = ["BASKET is the word here", "3 is the number here", "stutdim stutdim. and more"]
+    assert scoring.bleu(longer, short) > 0
     assert not scoring.bleu_says_nothing([*short, "The word means a house."])
     assert not scoring.bleu_says_nothing([])
