@@ -533,6 +533,7 @@ def _search(
             "exp_id": exp_id,
             "parent_id": parent_id,
             "runs": runs,
+            "statuses": {t: status for t, (_, status) in known.items()},
             "diverged": set(getattr(callback, "diverged", ())),
             "tracking_failures": tracking_failures,
             "timing": timing,
@@ -699,9 +700,14 @@ def _history_of(result: Any) -> list[dict[str, Any]] | None:
     """Every record a trial reported (``tracking.trial_history``), from Tune's own file of its
     reports; None where it cannot be read (MLflow's copy is then all there is)."""
     path = f"{result.path}/result.json"
+    fs = getattr(result, "filesystem", None)  # pyarrow's, where Tune's storage is not local
     try:
-        with result.filesystem.open_input_stream(path) as fh:
-            return tracking.trial_history(fh.read().decode("utf-8").splitlines())
+        if fs is None:
+            text = Path(path).read_text(encoding="utf-8")
+        else:
+            with fs.open_input_stream(path) as fh:
+                text = fh.read().decode("utf-8")
+        return tracking.trial_history(text.splitlines())
     except (OSError, ValueError) as err:
         log.debug("trial history %s not read: %s", path, err)
         return None
@@ -769,21 +775,29 @@ def _rows(
 
 def _complete_trial_runs(
     cfg: SearchSpec,
+    exp_dir: Path,
     rows: list[dict[str, Any]],
     results: list[dict[str, Any]],
     *,
     tracked: dict[str, Any],
     resolve: TrialConfigs,
 ) -> int:
-    """Every trial's MLflow run made whole from the trial's own reports
-    (``tracking.complete_trial_run``), its run id set on its row; the number of fields written
-    (0 when the trials' callback wrote everything). Raises on the first failure (MLflow still
-    out of reach): the rest would fail alike."""
+    """The trials' MLflow runs made whole from the trials' own reports
+    (``tracking.complete_trial_run``), run ids set on their rows; the number of fields written.
+    Every run is checked where a write of the trials' callback failed (this start, or an
+    earlier one: ``tracking.GAPS_FILE``), else only the runs with no end status (cheap: a
+    search whose callback wrote everything asks MLflow nothing more). Raises on the first
+    failure (MLflow still out of reach): the rest would fail alike."""
     history = {r["trial_id"]: r.get("history") for r in results}
     order = list(cfg.search.params)
+    gaps = exp_dir / tracking.GAPS_FILE
+    every = bool(tracked.get("tracking_failures")) or gaps.exists()
+    statuses = tracked.get("statuses", {})
     written = 0
     for row in rows:
         tid, sampled = row["trial_id"], row["sampled"]
+        if not every and row["mlflow_run_id"] and statuses.get(tid):
+            continue
         status = res.TrialStatus(row["status"])
         row["mlflow_run_id"], n = tracking.complete_trial_run(
             tracked["mlc"],
@@ -799,6 +813,7 @@ def _complete_trial_runs(
         )
         tracked["runs"][tid] = row["mlflow_run_id"]
         written += n
+    gaps.unlink(missing_ok=True)
     return written
 
 
@@ -887,7 +902,7 @@ def _finish(
     missed = list(tracked.get("tracking_failures", ()))
     written = steps.run(
         "MLflow: the trials' runs",
-        _complete_trial_runs, cfg, rows, results, tracked=tracked, resolve=resolve,
+        _complete_trial_runs, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve,
     )  # fmt: skip
     if written is None:
         steps.failures[:0] = missed

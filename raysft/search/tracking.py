@@ -6,6 +6,7 @@ no tracking credentials and a SQLite store never sees concurrent writers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -442,6 +443,10 @@ def callback_failures(*, reset: bool = False) -> list[str]:
 # MLflow's status tags say the same, but a tracking server out of reach when a trial ended would
 # make a finished trial look torn down by Ctrl-C (``driver.interrupted_trials``).
 ENDED_FILE = "trials_ended.jsonl"
+# Beside it while some write of the trials' callback has failed and the finish has not made the
+# trials' runs whole since (``driver._complete_trial_runs``): it then checks every trial's run,
+# else only the runs with no end status.
+GAPS_FILE = "mlflow_gaps"
 
 
 def note_trial_end(path: Path, trial_id: str, status: str) -> None:
@@ -500,6 +505,9 @@ def make_callback(
                 reason = one_line(err)
                 log.warning("MLflow: %s failed (%s); the trials go on", what, reason)
                 note_callback_failure(f"MLflow: {what}: {reason}")
+                if ended_file is not None:
+                    with contextlib.suppress(OSError):
+                        (ended_file.parent / GAPS_FILE).touch()
 
         def setup(self, *args: Any, **info: Any) -> None:
             self._mlflow("reading the search's trial runs", self._pick_up)

@@ -224,9 +224,11 @@ def _complete_again(s: dict[str, Any]) -> int:
     from raysft.search.driver import _complete_trial_runs
 
     summary = json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())
+    s["tracked"]["tracking_failures"] = ["as if the callback had failed: every run checked"]
     return _complete_trial_runs(
-        s["cfg"], summary["trials"], s["results"], tracked=s["tracked"], resolve=s["resolve"]
-    )
+        s["cfg"], s["exp_dir"], summary["trials"], s["results"],
+        tracked=s["tracked"], resolve=s["resolve"],
+    )  # fmt: skip
 
 
 def test_the_trials_records_stay_failed_when_mlflow_refuses_them_at_the_finish_too(
@@ -272,3 +274,39 @@ def test_a_trials_history_is_its_reports_and_their_replayed_records_latest_per_s
         {"step": 4, "timestamp": 30, "eval_loss": 2.0},
         {"step": 8, "timestamp": 30, "eval_loss": 1.4},
     ]
+
+
+def test_runs_are_checked_only_where_the_trials_callback_may_have_missed_a_write(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """A search whose callback wrote every record asks MLflow nothing more at the finish (a
+    search of many trials on a remote server would otherwise pay a request per metric and
+    trial); a failed write, noted beside the search, has every run checked, once."""
+    from raysft.search.driver import _complete_trial_runs
+    from raysft.search.tracking import GAPS_FILE
+
+    s = _search(tmp_path, checkpoint, "checked")
+    tracked, mlc = s["tracked"], s["tracked"]["mlc"]
+    for r in s["results"]:
+        r["history"] = _history(r["metrics"]["eval_loss"])
+    rows = [
+        {"trial_id": r["trial_id"], "sampled": r["sampled"], "status": "finished",
+         "mlflow_run_id": tracked["runs"][r["trial_id"]]}
+        for r in s["results"]
+    ]  # fmt: skip
+    tracked["statuses"] = {"a1": "finished", "b2": "finished"}
+    asked: list[str] = []
+    history = mlc.get_metric_history
+    mlc.get_metric_history = lambda run_id, key: asked.append(key) or history(run_id, key)
+
+    def complete() -> int:
+        return _complete_trial_runs(
+            s["cfg"], s["exp_dir"], rows, s["results"], tracked=tracked, resolve=s["resolve"]
+        )
+
+    assert complete() == 0 and asked == []
+    (s["exp_dir"] / GAPS_FILE).touch()  # an earlier start's callback failed a write
+    assert complete() > 0 and asked  # the train_loss points and params it lacked
+    assert not (s["exp_dir"] / GAPS_FILE).exists()
+    asked.clear()
+    assert complete() == 0 and asked == []
