@@ -192,7 +192,8 @@ _BUILTIN = {"llama2": _llama2, "chatml": _chatml, "vicuna": _vicuna}
 
 # The built-in templates as Jinja chat_templates, saved with the trained model's tokenizer so
 # that ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` writes the prompt
-# it was trained on (``generation_prompt``), byte for byte.
+# it was trained on (``generation_prompt``), byte for byte (for a tokenizer that joins a space
+# to the next word, as the ids training saw: ``JINJA_SPACE_WITH_ANSWER``).
 _SYS = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
@@ -225,14 +226,44 @@ JINJA = {
 }
 
 
+# llama2 and vicuna for a tokenizer that joins a space to the word after it (SentencePiece
+# "▁Paris"): the space ending a prompt ("[/INST] ") is written before the answer, not at the
+# end of a generation prompt. Training merged it into the answer's first token, so a prompt
+# ending in it would tokenize to a standalone "▁" the model never saw before an answer
+# (``generation_prompt_ids``). A whole conversation renders to the same text either way.
+_SPACE_AFTER_USER_TURN = "{%- if not loop.last -%}{{ ' ' }}{%- endif -%}"
+JINJA_SPACE_WITH_ANSWER = {
+    "llama2": JINJA["llama2"].replace(
+        "{{ m['content'] + ' [/INST] ' }}",
+        "{{ m['content'] + ' [/INST]' }}" + _SPACE_AFTER_USER_TURN,
+    ),
+    "vicuna": JINJA["vicuna"].replace(
+        "{{ 'USER: ' + m['content'] + '\nASSISTANT: ' }}",
+        "{{ 'USER: ' + m['content'] + '\nASSISTANT:' }}" + _SPACE_AFTER_USER_TURN,
+    ),
+}
+
+
 def export_chat_template(
-    template: str, *, system_prompt: str | None, tokenizer_template: str | dict[str, str] | None
+    template: str,
+    *,
+    system_prompt: str | None,
+    tokenizer_template: str | dict[str, str] | None,
+    space_with_answer: bool = False,
 ) -> str | dict[str, str] | None:
     """The chat_template saved with a trained model: the built-in template's Jinja (or the
     tokenizer's own, or each of its named ones), opening with ``data.system_prompt`` where a
     conversation has no system message, as every training and eval conversation did. None:
-    nothing to save."""
-    jinja = JINJA.get(template, tokenizer_template if template == "tokenizer" else None)
+    nothing to save. ``space_with_answer`` (``space_merges_into_word`` of the tokenizer):
+    a generation prompt that tokenizes as training saw it (``JINJA_SPACE_WITH_ANSWER``)."""
+    builtin = (
+        JINJA_SPACE_WITH_ANSWER
+        if space_with_answer and template in JINJA_SPACE_WITH_ANSWER
+        else JINJA
+    )
+    jinja: str | dict[str, str] | None = builtin.get(template)
+    if template == "tokenizer":
+        jinja = tokenizer_template
     if jinja is None or not system_prompt:
         return jinja
     # A JSON string is a Jinja string literal; non-ASCII kept as is (Jinja would read a JSON
@@ -358,7 +389,7 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
         return _tokenize_per_segment(segments, tokenizer, max_seq_len=max_seq_len)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     trained = bytearray(len(text))  # 1 where the character belongs to a trained segment
-    merges = _space_merges_into_word(tokenizer)
+    merges = space_merges_into_word(tokenizer)
     pos = 0
     for seg in segments:
         if seg.trained:
@@ -446,7 +477,7 @@ def _encode_apart(
 _MERGES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per tokenizer
 
 
-def _space_merges_into_word(tokenizer: Any) -> bool:
+def space_merges_into_word(tokenizer: Any) -> bool:
     """Whether the tokenizer joins a space with the word after it (SentencePiece "▁The", GPT-2
     "ĠThe"), unlike a byte tokenizer. Asked once per tokenizer object."""
     try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from raysft.assets import absolute_if_local, resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
-from raysft.data.templates import export_chat_template
+from raysft.data.templates import export_chat_template, space_merges_into_word
 from raysft.errors import ModelError
 from raysft.thirdparty import peft_quietly
 from raysft.train import attention
@@ -160,6 +160,9 @@ def training_tokenizer(cfg: Config) -> Any:
         cfg.data.template,
         system_prompt=cfg.data.system_prompt,
         tokenizer_template=getattr(tokenizer, "chat_template", None),
+        space_with_answer=(
+            getattr(tokenizer, "is_fast", False) and space_merges_into_word(tokenizer)
+        ),
     )
     return tokenizer
 

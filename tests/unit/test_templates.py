@@ -690,3 +690,33 @@ def test_named_chat_templates_each_open_with_the_system_prompt() -> None:
     assert isinstance(saved, dict) and saved.keys() == named.keys()
     for name, text in named.items():
         assert saved[name].endswith(text) and "'content': \"S\"" in saved[name]
+
+
+def _ids(out: Any) -> list[int]:
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("template", ["llama2", "vicuna"])
+def test_a_saved_template_prompts_a_merging_tokenizer_as_training_did(template: str) -> None:
+    """Plain transformers on an export (apply_chat_template, then its ids) must prompt with
+    the ids training put before an answer: with a SentencePiece-style tokenizer, a prompt
+    ending in "[/INST] " or "ASSISTANT: " ends in a standalone "▁" training never had there."""
+    from raysft.data.templates import export_chat_template, render_text, space_merges_into_word
+
+    sp = _metaspace_tokenizer()
+    assert space_merges_into_word(sp)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "2+2?"}]  # fmt: skip
+    trained = generation_prompt_ids(turns, template=template, tokenizer=sp)
+    saved, as_written = copy.copy(sp), copy.copy(sp)
+    saved.chat_template = export_chat_template(
+        template, system_prompt=None, tokenizer_template=None, space_with_answer=True
+    )
+    as_written.chat_template = JINJA[template]
+    served = saved.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+    assert _ids(served) == trained
+    before = as_written.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+    assert _ids(before) != trained  # the template as written: a trailing standalone "▁"
+    # A whole conversation is still the training text, byte for byte.
+    whole = [*turns, {"role": "assistant", "content": "4"}]
+    assert saved.apply_chat_template(whole, tokenize=False) == render_text(whole, template=template)
