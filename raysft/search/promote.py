@@ -34,7 +34,7 @@ from raysft.data.digest import sources as data_sources
 from raysft.data.formats import saved_split
 from raysft.data.shared import seed_picks_eval_rows
 from raysft.errors import ModelError
-from raysft.paths import writable_dir_problem
+from raysft.paths import umask, writable_dir_problem
 from raysft.search.ray_start import base_in_job_copy
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
@@ -298,7 +298,7 @@ def _install(
     ``previous``: the version that held the alias before."""
     export.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep a serving user out
+    staging.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep a serving user out
     trial_dir = trial_output_dir(exp_dir.resolve(), best["trial_id"])
     try:
         _stage_export(staging, cfg=cfg, best=best, record=record, trial_dir=trial_dir)
@@ -325,18 +325,6 @@ def _install(
     except Exception:
         log.warning("could not delete the previous export at %s", aside, exc_info=True)
     return str(mv.version)
-
-
-def _umask() -> int:
-    """The process's umask, read without setting it (``os.umask`` would change it for every
-    thread for a moment); 0o022 where /proc does not say."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
 
 
 def _stage_export(

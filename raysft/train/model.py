@@ -21,6 +21,7 @@ from raysft.assets import absolute_if_local, resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
 from raysft.data.templates import export_chat_template, space_merges_into_word
 from raysft.errors import ModelError
+from raysft.paths import give_plain_modes
 from raysft.thirdparty import peft_quietly
 from raysft.train import attention
 from raysft.train.device import bf16_emulation, native_bf16
@@ -492,4 +493,5 @@ def save_model(
             model.config.use_cache = False
             model.config.dtype = saved_dtype
     tokenizer.save_pretrained(out)
+    give_plain_modes(out)
     return out

@@ -551,7 +551,10 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
     if run.dist.rank != 0:
         report(record, None)
         return
-    tmp = tempfile.mkdtemp(prefix="raysft-ckpt-")
+    # Beside where the reporter keeps checkpoints where it says (a run's own folder: no copy
+    # through the system's temp folder, which may be small), else in the temp folder (Ray
+    # uploads it to the search's storage).
+    tmp = tempfile.mkdtemp(prefix=".raysft-ckpt-", dir=getattr(report, "staging_dir", None))
     handed_over = False
     try:
         save_model(

@@ -304,6 +304,13 @@ class LocalCheckpoints:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
+    @property
+    def staging_dir(self) -> str:
+        """Where a checkpoint is written before it is reported: in ``directory``, so that it
+        moves in by rename (no copy, nothing in the system's temp folder)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return str(self.directory)
+
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
             return
@@ -311,7 +318,10 @@ class LocalCheckpoints:
         target = self.directory / f"step-{int(metrics['step']):06d}"
         tmp = self.directory / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
+        if Path(checkpoint_dir).parent.resolve() == self.directory.resolve():
+            Path(checkpoint_dir).rename(tmp)  # written in staging_dir: moved, not copied
+        else:
+            shutil.copytree(checkpoint_dir, tmp)  # the writer removes its own
         # A directory rename does not replace a non-empty one (ENOTEMPTY): a checkpoint of
         # this step may be there already (a run resumed into a directory that has one).
         shutil.rmtree(target, ignore_errors=True)

@@ -299,3 +299,40 @@ def test_resume_from_a_path_that_is_not_there_or_a_file_says_so(tmp_path: Path) 
         with pytest.raises(ConfigError) as err:
             check_resumable(str(path), None)
         assert str(err.value).startswith(f"--resume-from: {path}: {what}; "), err.value
+
+
+def test_a_runs_outputs_and_checkpoints_are_readable_as_plainly_written_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors writes weights through a 0600 temp file and mkdtemp makes 0700 folders: a
+    colleague or a serving user could not load the adapter. Checkpoints are written beside
+    where they are kept, not in the system's temp folder."""
+    import os
+    import tempfile
+
+    from raysft.config import load_config
+    from raysft.train.recipe import run_trial
+    from raysft.train.state import LocalCheckpoints
+
+    before = os.umask(0o022)
+    staged: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(
+        tempfile, "mkdtemp", lambda *a, **k: staged.append(str(k.get("dir"))) or mkdtemp(*a, **k)
+    )
+    try:
+        out = tmp_path / "out"
+        cfg = load_config(
+            None,
+            {"output_dir": str(out), "train": {"max_steps": 2, "eval_every": 2,
+             "exact_match": False}, "data": {"max_eval_samples": 4}},
+        )  # fmt: skip
+        run_trial(cfg, report=LocalCheckpoints(out / "checkpoints"))
+    finally:
+        os.umask(before)
+    assert staged == [str(out / "checkpoints")]
+    files = [p for p in out.rglob("*")]
+    assert any(p.name == "adapter_model.safetensors" for p in files)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *files]}
+    assert {m for m in modes.values()} <= {0o644, 0o755}, modes
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
