@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def writable_dir_problem(path: str | Path) -> str | None:
@@ -41,12 +44,18 @@ def umask() -> int:
     return 0o022
 
 
-def give_plain_modes(root: Path) -> None:
-    """``root`` and everything under it with the modes a plain write gives (0666 for files,
-    0777 for folders, less the umask): safetensors writes weights through a 0600 temp file and
-    ``tempfile.mkdtemp`` makes 0700 folders, which keep a colleague or a serving user out."""
+def give_plain_modes(folder: Path | None, files: list[Path]) -> None:
+    """A ``folder`` this process made and ``files`` it wrote with the modes a plain write gives
+    (0777 for a folder, 0666 for a file, less the umask): ``tempfile.mkdtemp`` makes 0700
+    folders and safetensors writes weights through a 0600 temp file, which keep a colleague or
+    a serving user out. Only a 0600 file is changed (others were made as the user's umask
+    says). A filesystem that refuses ``chmod`` (CIFS, some FUSE) is said, never an error."""
     mask = umask()
-    root.chmod(0o777 & ~mask)
-    for path in root.rglob("*"):
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    try:
+        if folder is not None:
+            folder.chmod(0o777 & ~mask)
+        for path in files:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+                path.chmod(0o666 & ~mask)
+    except OSError as err:
+        log.warning("could not give %s the modes of a plain write: %s", folder or files, err)

@@ -793,11 +793,13 @@ def _complete_trial_runs(
     gaps = exp_dir / tracking.GAPS_FILE
     every = bool(tracked.get("tracking_failures")) or gaps.exists()
     statuses = tracked.get("statuses", {})
-    written = 0
+    written, unread = 0, []
     for row in rows:
         tid, sampled = row["trial_id"], row["sampled"]
         if not every and row["mlflow_run_id"] and statuses.get(tid):
             continue
+        if history.get(tid) is None:
+            unread.append(tid)
         status = res.TrialStatus(row["status"])
         row["mlflow_run_id"], n = tracking.complete_trial_run(
             tracked["mlc"],
@@ -813,6 +815,11 @@ def _complete_trial_runs(
         )
         tracked["runs"][tid] = row["mlflow_run_id"]
         written += n
+    if unread:  # their runs may still lack metric points: not whole, so not said to be
+        raise RuntimeError(
+            f"the reports of trial(s) {', '.join(unread)} could not be read from Tune's "
+            "result.json: their MLflow runs may lack metric points"
+        )
     gaps.unlink(missing_ok=True)
     return written
 

@@ -327,9 +327,10 @@ def trial_history(lines: Sequence[str]) -> list[dict[str, Any]]:
     step order; a step reported twice (a restart from an earlier checkpoint) keeps its latest."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in lines:
-        if not line.strip():
+        try:
+            report = json.loads(line)
+        except ValueError:  # empty, or cut short by a kill while Tune wrote it
             continue
-        report = json.loads(line)
         ts = report.get("timestamp", 0)
         for record in [*(report.get(REPLAYED) or []), report]:
             if not isinstance(record.get("step"), int):
@@ -360,6 +361,15 @@ def complete_trial_run(
     from mlflow.entities import Metric
 
     written = 0
+    if run_id is None:  # none known to the driver: one may be there all the same
+        same = mlc.search_runs(
+            [exp_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent_id}' and tags.raysft.trial_id = '{trial_id}'"
+            ),
+            max_results=1,
+        )
+        run_id = same[0].info.run_id if same else None
     if run_id is None:
         run_id = mlc.create_run(
             exp_id,

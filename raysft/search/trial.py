@@ -248,7 +248,10 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
     for attempt in range(len(attempts) + 1, retries + 2):
         try:
             make_trainer().fit()
-            let_tune_take_the_last_report()
+            try:
+                let_tune_take_the_last_report()
+            except Exception as err:  # the fit succeeded: never a failed attempt for this
+                log.warning("could not wait for Tune to take the last report: %s", err)
             return
         except Exception as err:  # Ray Train's TrainingFailedError and its kin
             if not tune_is_running_this_trial():

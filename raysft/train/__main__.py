@@ -193,12 +193,15 @@ def interrupted_note(cfg: Config, kept: Path | None, *, resume_from: str | None)
     is the run's resolved config (every --set in it), and its relative paths are read from
     the working directory, as the run read them: the command works from here."""
     if kept is None:
+        from raysft.train.state import checkpoint_step
+
         again = f" (--resume-from {shlex.quote(resume_from)})" if resume_from else ""
+        start = checkpoint_step(resume_from) if resume_from else 0
+        every = cfg.train.eval_every
+        first = min((start // every + 1) * every, cfg.train.max_steps)
         return (
             f"no checkpoint was written yet under {Path(cfg.output_dir) / 'checkpoints'} (the "
-            f"first comes at step {min(cfg.train.eval_every, cfg.train.max_steps)}); start "
-            f"again with the same command"
-            f"{again}"
+            f"first comes at step {first}); start again with the same command{again}"
         )
     ckpt = shlex.quote(str(kept))
     return (
@@ -261,8 +264,12 @@ def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None
                 "another (--set output_dir=...) or remove it"
             ],
         )
-    # Hidden files (.gitkeep, .DS_Store, .nfs*) and a volume root's lost+found are no one's run.
-    ignored = ("lost+found",)
+    # Hidden files (.gitkeep, .DS_Store, .nfs*) and a volume root's lost+found are no one's run,
+    # nor a checkpoints/ folder a run stopped in before its first checkpoint was in (only the
+    # hidden staging folder of one, or nothing).
+    ckpts = out / "checkpoints"
+    unused = ckpts.is_dir() and all(p.name.startswith(".") for p in ckpts.iterdir())
+    ignored = ("lost+found", "checkpoints") if unused else ("lost+found",)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     others = [n for n in names if not n.startswith(".") and n not in ignored]
     if others:

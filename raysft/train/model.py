@@ -474,6 +474,7 @@ def save_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     if method in ("lora", "qlora"):
         if not isinstance(model, PeftModel):
             raise ModelError(f"method: {method} but the model has no adapter to save")
@@ -493,5 +494,8 @@ def save_model(
             model.config.use_cache = False
             model.config.dtype = saved_dtype
     tokenizer.save_pretrained(out)
-    give_plain_modes(out)
+    # The files written here (new or rewritten), not the folder: output_dir may be the user's,
+    # with modes of their choosing (0700, a group's setgid).
+    written = [p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns]
+    give_plain_modes(None, [out / name for name in written])
     return out

@@ -33,6 +33,7 @@ from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, DataError
+from raysft.paths import give_plain_modes
 from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, training_device
@@ -48,6 +49,7 @@ from raysft.train.model import count_parameters, load_model, save_model, trainin
 from raysft.train.neftune import attach_neftune
 from raysft.train.state import (
     CONFIG_FILE,
+    STAGING_PREFIX,
     Progress,
     check_same_data,
     load_state,
@@ -554,7 +556,8 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
     # Beside where the reporter keeps checkpoints where it says (a run's own folder: no copy
     # through the system's temp folder, which may be small), else in the temp folder (Ray
     # uploads it to the search's storage).
-    tmp = tempfile.mkdtemp(prefix=".raysft-ckpt-", dir=getattr(report, "staging_dir", None))
+    tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=getattr(report, "staging_dir", None))
+    give_plain_modes(Path(tmp), [])  # mkdtemp's 0700 would keep a colleague out
     handed_over = False
     try:
         save_model(

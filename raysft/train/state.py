@@ -297,6 +297,9 @@ def check_same_data(directory: str | Path, digests: dict[str, dict[str, str]]) -
         )
 
 
+STAGING_PREFIX = ".raysft-ckpt-"  # a checkpoint being written (recipe._checkpoint)
+
+
 class LocalCheckpoints:
     """A reporter for ``python -m raysft.train``: keeps the latest checkpoint in ``directory``
     (``step-000050/``), each written beside the previous and swapped in by rename."""
@@ -322,6 +325,8 @@ class LocalCheckpoints:
             Path(checkpoint_dir).rename(tmp)  # written in staging_dir: moved, not copied
         else:
             shutil.copytree(checkpoint_dir, tmp)  # the writer removes its own
+        for stale in self.directory.glob(f"{STAGING_PREFIX}*"):  # a killed run's, half written
+            shutil.rmtree(stale, ignore_errors=True)
         # A directory rename does not replace a non-empty one (ENOTEMPTY): a checkpoint of
         # this step may be there already (a run resumed into a directory that has one).
         shutil.rmtree(target, ignore_errors=True)

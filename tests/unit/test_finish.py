@@ -70,7 +70,8 @@ def _search(tmp_path: Path, checkpoint: Path, name: str) -> dict[str, Any]:
     parent = mlc.create_run(exp_id).info.run_id
     runs, results = {}, []
     for trial_id, value, r in (("a1", 0.5, 16), ("b2", 0.7, 8)):
-        runs[trial_id] = mlc.create_run(exp_id, tags={"mlflow.parentRunId": parent}).info.run_id
+        tags = {"mlflow.parentRunId": parent, "raysft.trial_id": trial_id}
+        runs[trial_id] = mlc.create_run(exp_id, tags=tags).info.run_id
         for step, loss in ((5, value + 0.2), (10, value)):
             mlc.log_metric(runs[trial_id], "eval_loss", loss, step=step)
         metrics = {"trial_id": trial_id, "step": 10, "eval_loss": value}
@@ -82,6 +83,7 @@ def _search(tmp_path: Path, checkpoint: Path, name: str) -> dict[str, Any]:
         )  # fmt: skip
     tracked = {
         "mlc": mlc, "uri": uri, "exp_id": exp_id, "parent_id": parent, "runs": runs,
+        "statuses": {"a1": "finished", "b2": "finished"},  # the callback closed both runs
         "diverged": set(), "timing": {},
     }  # fmt: skip
     return {
@@ -190,7 +192,8 @@ def test_what_the_trials_callback_could_not_write_is_written_at_the_finish(
         r["history"] = _history(r["metrics"]["eval_loss"])
     b2_run = tracked["runs"].pop("b2")  # its run "could not be created": made afresh
     mlc.delete_run(b2_run)
-    a1_run = tracked["runs"]["a1"]
+    a1_run = tracked["runs"].pop("a1")  # unknown to the driver, but there: found, not made again
+    tracked["statuses"] = {}  # neither run was closed
     mlc.log_metric(a1_run, "train_loss", 0.9, step=5)  # step 10's report was lost
     tracked["tracking_failures"] = [
         "MLflow: creating trial b2's run: MlflowException: gone",
@@ -260,6 +263,7 @@ def test_a_trials_history_is_its_reports_and_their_replayed_records_latest_per_s
         json.dumps({"step": 4, "timestamp": 10, "eval_loss": 2.0, "trial_id": "x", "config": {}}),
         json.dumps({"step": 8, "timestamp": 20, "eval_loss": 1.5, "done": False}),
         "",
+        '{"step": 12, "timestamp": 25, "eval_lo',  # cut short by a kill: passed over
         # Restarted from step 4's checkpoint (--resume): step 8 again, with step 4 replayed.
         json.dumps(
             {
@@ -310,3 +314,23 @@ def test_runs_are_checked_only_where_the_trials_callback_may_have_missed_a_write
     assert not (s["exp_dir"] / GAPS_FILE).exists()
     asked.clear()
     assert complete() == 0 and asked == []
+
+
+def test_a_trial_whose_reports_cannot_be_read_leaves_its_gaps_said(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """Tune's result.json unreadable: the run cannot be made whole, so the callback's failures
+    stay listed (and mlflow_gaps stays for a later --resume) instead of a clean exit."""
+    from raysft.search.tracking import GAPS_FILE
+
+    s = _search(tmp_path, checkpoint, "unread")
+    missed = "MLflow: trial a1's metrics at step 10: MlflowException: gone"
+    s["tracked"]["tracking_failures"] = [missed]
+    (s["exp_dir"] / GAPS_FILE).touch()
+    summary = _run_finish(s)  # no "history" in the results: their reports were not read
+    failures = summary["failed_steps"]
+    assert failures[0] == missed, failures
+    assert failures[1].startswith("MLflow: the trials' runs: RuntimeError: the reports of "), (
+        failures
+    )
+    assert (s["exp_dir"] / GAPS_FILE).exists()

@@ -336,3 +336,25 @@ def test_a_runs_outputs_and_checkpoints_are_readable_as_plainly_written_files(
     modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *files]}
     assert {m for m in modes.values()} <= {0o644, 0o755}, modes
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_in_the_way(
+    tmp_path: Path,
+) -> None:
+    """Killed while writing its first checkpoint, a run leaves checkpoints/ with a hidden
+    staging folder in it: the same command starts again, and the next checkpoint clears it."""
+    from raysft.config import load_config
+    from raysft.train.__main__ import _check_output_dir
+    from raysft.train.state import STAGING_PREFIX, LocalCheckpoints
+
+    out = tmp_path / "out"
+    stale = out / "checkpoints" / f"{STAGING_PREFIX}killed"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
+    kept = LocalCheckpoints(out / "checkpoints")
+    new = Path(kept.staging_dir) / f"{STAGING_PREFIX}new"
+    new.mkdir()
+    (new / "adapter_model.safetensors").write_bytes(b"w")
+    kept({"step": 4}, str(new))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
