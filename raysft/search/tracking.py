@@ -303,20 +303,26 @@ def _log_params(mlc: Any, run_id: str, params: dict[str, str]) -> None:
         mlc.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(mlc: Any, run_id: str, result: dict[str, Any]) -> None:
-    """Every registry metric in a trial's result, at the trial's own step."""
+def metric_points(record: dict[str, Any]) -> list[Any]:
+    """Every finite registry metric of one trial report as MLflow points, at the report's own
+    step and time (``timestamp``, in seconds)."""
     from mlflow.entities import Metric
 
-    step = int(result.get("step", 0))
-    ts = int(result.get("timestamp", 0) * 1000)
-    metrics = [
+    step = int(record.get("step", 0))
+    ts = int(record.get("timestamp", 0) * 1000)
+    return [
         Metric(k, float(v), ts, step)
-        for k, v in result.items()
+        for k, v in record.items()
         if k in METRICS
         and isinstance(v, (int, float))
         and not isinstance(v, bool)
         and math.isfinite(v)
     ]
+
+
+def log_metrics(mlc: Any, run_id: str, result: dict[str, Any]) -> None:
+    """Every registry metric in a trial's result, at the trial's own step."""
+    metrics = metric_points(result)
     if metrics:
         mlc.log_batch(run_id, metrics=metrics)
 
@@ -358,8 +364,6 @@ def complete_trial_run(
     status. The callback writes these as the trial runs; a tracking server out of reach then
     leaves gaps, filled here (or by a later ``--resume``). Returns the run id and the number of
     points and fields written; writes nothing to a run that is whole."""
-    from mlflow.entities import Metric
-
     written = 0
     if run_id is None:  # none known to the driver: one may be there all the same
         same = mlc.search_runs(
@@ -388,16 +392,7 @@ def complete_trial_run(
         written += len(missing_params)
     keys = sorted({k for record in history for k in record if k in METRICS})
     have = {k: {int(m.step) for m in mlc.get_metric_history(run_id, k)} for k in keys}
-    points = [
-        Metric(k, float(v), int(record["timestamp"] * 1000), record["step"])
-        for record in history
-        for k, v in record.items()
-        if k in METRICS
-        and isinstance(v, (int, float))
-        and not isinstance(v, bool)
-        and math.isfinite(v)
-        and record["step"] not in have[k]
-    ]
+    points = [m for record in history for m in metric_points(record) if m.step not in have[m.key]]
     for i in range(0, len(points), 1000):  # MLflow caps a batch at 1000 metrics
         mlc.log_batch(run_id, metrics=points[i : i + 1000])
     written += len(points)
