@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
@@ -182,26 +183,38 @@ def _note_unread(loaded: LoadedData, report: DataReport) -> None:
         log.warning("%s", note)
 
 
-def _where(source: str) -> tuple[str, str | None]:
-    """What a source reads, for comparing two: a hub name as given, else the resolved path."""
+def _where(source: str, role: Role) -> tuple[str, str | None]:
+    """What a source reads, for comparing two: a hub name and split, else the resolved path and
+    the split a saved ``DatasetDict`` gives ``role`` without one named (read from its
+    ``dataset_dict.json``, as ``_iter_saved_dataset`` picks it; None: one Dataset, a file)."""
     if source.startswith("hf:"):
-        return source, None
+        name, _, hub_split = source[3:].partition(":")
+        return f"hf:{name}", hub_split or "train"  # an unnamed split: train reads `train`
     path, split = saved_split(source)
+    if split is None and path.is_dir():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = []  # one Dataset, or not a dataset at all (its read says so)
+        if role == "train" and "train" in splits:
+            split = "train"
+        elif role == "eval" and len(splits) == 1:
+            split = str(splits[0])
     return str(path.resolve()), split
 
 
 def warn_of_eval_in_train(cfg: DataSection) -> list[str]:
     """Warn of each ``data.eval`` source that ``data.train`` reads too: its "held-out" scores
     would be on training rows. Returns the sources warned of."""
-    train = {_where(t): t for t in sources(cfg.train)}
-    same = [e for e in sources(cfg.eval) if _where(e) in train]
+    train = {_where(t, "train"): t for t in sources(cfg.train)}
+    same = [e for e in sources(cfg.eval) if _where(e, "eval") in train]
     for source in same:
         log.warning(
             "data.eval: %s is also in data.train (as %s): the eval rows are training rows, so "
             "the held-out scores say nothing of unseen data; use another file, or set "
             "data.eval: null for a seeded split (data.eval_fraction)",
             source,
-            train[_where(source)],
+            train[_where(source, "eval")],
         )
     return same
 

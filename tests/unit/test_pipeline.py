@@ -189,6 +189,31 @@ def test_an_eval_file_that_is_also_a_training_file_is_warned_of(
     assert warn_of_eval_in_train(section()) == []  # chat_zh.jsonl, eval_zh.jsonl
 
 
+def test_a_saved_split_is_compared_by_the_split_each_side_reads(tmp_path: Path) -> None:
+    import datasets
+
+    rows = {"instruction": ["q", "r"], "output": ["a", "b"]}
+    both = tmp_path / "both"
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(rows), test=datasets.Dataset.from_dict(rows)
+    ).save_to_disk(both)
+    only = tmp_path / "only"
+    datasets.DatasetDict(validation=datasets.Dataset.from_dict(rows)).save_to_disk(only)
+
+    def warned(train: str, eval_: str) -> bool:
+        return warn_of_eval_in_train(section(train=train, eval=eval_)) == [eval_]
+
+    # Training reads a DatasetDict's `train` unless told: DIR and DIR:train are the same rows.
+    assert warned(str(both), f"{both}:train")
+    assert not warned(str(both), f"{both}:test")
+    # A held-out DIR of one split reads that split, whatever its name.
+    assert warned(f"{only}:validation", str(only))
+    assert not warned(str(both), str(only))
+    # The hub: an unnamed split is `train` for training.
+    assert warned("hf:org/set", "hf:org/set:train")
+    assert not warned("hf:org/set", "hf:org/set:test")
+
+
 def test_rows_truncation_left_nothing_to_train_are_named(
     tmp_path: Path, tok: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
