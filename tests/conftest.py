@@ -26,7 +26,7 @@ SUITE_RUN_VAR = "RAYSFT_IT_RUN"
 INTEGRATION_DIR = "tests/integration/"
 INTEGRATION_LANES = (
     ("test_faults", "test_search_local", "test_backend"),
-    ("test_job_submit", "test_autoscale", "test_default_run", "test_load"),
+    ("test_job_submit", "test_autoscale", "test_default_run", "test_tracking_outage", "test_load"),
 )
 
 

@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -542,11 +542,11 @@ def stop_group_then_wait(proc: subprocess.Popen, grace: float = 15) -> list[int]
     return stubborn
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite store, proxied artifacts) for one module."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+@contextmanager
+def serve_mlflow(root: Path, port: int) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` over ``root``'s SQLite store and proxied
+    artifacts (a second one on the same ``root`` takes up where the first left off); stopped
+    by its process group on exit, which fails if any of its processes outlives SIGKILL."""
     db, artifacts, log = root / "mlflow.db", root / "artifacts", root / "server.log"
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -566,7 +566,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             "--workers",
             "1",
         ],
-        stdout=open(log, "w"),  # noqa: SIM115 - the server owns it until it exits
+        stdout=open(log, "a"),  # noqa: SIM115 - the server owns it until it exits
         stderr=subprocess.STDOUT,
         cwd=root,
         # The job runner (for GenAI jobs) adds eight processes that compete for 2 cores.
@@ -575,11 +575,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     )
     try:
         _wait_http_ok(f"http://127.0.0.1:{port}/health", proc, log, timeout=120)
-        server = MlflowServer(
+        yield MlflowServer(
             f"http://127.0.0.1:{port}", proc, db, artifacts, log, time.monotonic() - t0
         )
-        yield server
     finally:
         stop_group_then_wait(proc)  # SIGKILL after the grace period is fine, leftovers are not
         left = group_pids(proc.pid)
     assert not left, f"mlflow server processes outlived SIGKILL: {left}"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` for one module."""
+    with serve_mlflow(tmp_path_factory.mktemp("mlflow-server"), free_port()) as server:
+        yield server

@@ -1661,13 +1661,19 @@ def test_ctrl_c_after_the_trials_interrupts_the_finish_again() -> None:
 
     from raysft.search import driver
 
-    before = signal.getsignal(signal.SIGINT)
-    with driver._own_signal_handlers():
-        _setup_signal_catching()  # what Tune's fit() does first
-        assert signal.getsignal(signal.SIGINT) is not before
-    assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+    # Python's own handler, as a CLI has it (an earlier test in this process may have left
+    # another one installed).
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with driver._own_signal_handlers():
+            _setup_signal_catching()  # what Tune's fit() does first
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        if found is not None:  # None: installed outside Python
+            signal.signal(signal.SIGINT, found)
 
 
 def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
