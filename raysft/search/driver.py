@@ -523,7 +523,9 @@ def _search(
             never_started=never_started,
         )
         if unended is not None:
-            _stop_interrupted(mlc, parent_id, known, unended, exp_dir=exp_dir)
+            _stop_interrupted(
+                mlc, parent_id, known, unended, exp_dir=exp_dir, num_samples=cfg.search.num_samples
+            )
         ended = True
         runs = {t: run for t, (run, _) in known.items() if run}
         runs.update(callback.runs)
@@ -647,6 +649,7 @@ def _stop_interrupted(
     unended: list[str],
     *,
     exp_dir: Path,
+    num_samples: int,
 ) -> None:
     """An interrupted search is not finished: no ranking, promotion or summary; its open runs
     and the parent are KILLED (``--resume`` reopens them), and the CLI says it was interrupted."""
@@ -658,10 +661,11 @@ def _stop_interrupted(
             _close_parent(mlc, run_id, "KILLED")
     _close_parent(mlc, parent_id, "KILLED")
     ray.shutdown()
+    ended = sum(1 for _, status in known.values() if status)
     log.warning(
-        "search interrupted before its trials ended (%d left running); continue it with "
-        "--resume (search.experiment_dir %s)",
-        len(unended), exp_dir,
+        "search interrupted: %d of its %d trials ended, %d stopped while running, %d not "
+        "started; continue it with --resume (search.experiment_dir %s)",
+        ended, num_samples, len(unended), max(num_samples - ended - len(unended), 0), exp_dir,
     )  # fmt: skip
     raise KeyboardInterrupt
 

@@ -1603,7 +1603,7 @@ def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
 
 
 def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Tune's SIGINT handler makes ``fit()`` return early, tearing running trials down without a
     callback: their runs have no status tag. The driver must not rank, promote or close the
@@ -1645,10 +1645,14 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     ended_run, open_run = (mlc.create_run(exp_id).info.run_id for _ in range(2))
     mlc.set_terminated(ended_run, "FINISHED")
     known = {"a1b2c3d4": (ended_run, "finished"), "0badcafe": (open_run, None)}
-    with pytest.raises(KeyboardInterrupt):
-        driver._stop_interrupted(mlc, parent, known, ["0badcafe"], exp_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", "raysft.search.driver"):
+        driver._stop_interrupted(mlc, parent, known, ["0badcafe"], exp_dir=tmp_path, num_samples=4)
     status = {r: mlc.get_run(r).info.status for r in (parent, ended_run, open_run)}
     assert status == {parent: "KILLED", ended_run: "FINISHED", open_run: "KILLED"}
+    assert caplog.messages[-1] == (
+        "search interrupted: 1 of its 4 trials ended, 1 stopped while running, 2 not started; "
+        f"continue it with --resume (search.experiment_dir {tmp_path})"
+    )
 
 
 def test_ctrl_c_after_the_trials_interrupts_the_finish_again() -> None:
