@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,32 @@ _FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": 
 # A search asks 3 more times, about 1, 2 and 4 s apart: the trials' callback runs in Tune's
 # loop, which every trial's report waits for, and what a failed call could not write is written
 # at the finish (``complete_trial_run``) or by --resume. A value set in the environment is kept.
+# Each waits up to 30 s for an answer, not MLflow's 120: a server that takes connections and
+# never answers (a hung process, packets dropped on the way) held the trials 8 minutes at a
+# time. An artifact upload is not cut short: the wait is for the server's next bytes.
 _SEARCH_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+# After the trials' callback finds the tracking server out of reach, it leaves MLflow alone
+# for this long, then asks again; each failure again doubles the wait, up to the last figure.
+QUIET_S = (30.0, 300.0)
+
+
+def out_of_reach(err: BaseException) -> bool:
+    """Whether an MLflow error is the tracking server not answering (refused, timed out,
+    retries spent on 5xx answers), as opposed to a request it answered and refused."""
+    import requests
+
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, requests.exceptions.RequestException):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def bound_retries() -> None:
@@ -484,11 +507,13 @@ def make_callback(
     resolve_trial: TrialResolver,
     order: Sequence[str] = (),
     ended_file: Path | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Any:
     """A Tune callback that mirrors every trial into a nested MLflow run.
 
     ``resolve_trial`` gives each trial's own config: its params (output_dir included) and the
     ``max_steps`` its status is judged by. Runs are named by their sampled values, in ``order``.
+    ``clock`` times the quiet periods after the tracking server is found out of reach.
     """
     from ray.tune import Callback
 
@@ -499,22 +524,57 @@ def make_callback(
             self.last: dict[str, dict[str, Any]] = {}
             self.diverged: set[str] = set()  # trials that reported a non-finite metric
             self.logged_step: dict[str, int] = {}  # trial_id -> last step logged to MLflow
+            # While the tracking server is out of reach: how long MLflow is left alone, until
+            # when (monotonic, and wall-clock for the log); set again by each start (setup).
+            self.quiet_s = self.quiet_until = self.quiet_wall = 0.0
+            self.picked_up = True  # the trial runs of earlier starts are known
 
         def _mlflow(self, what: str, call: Callable[[], Any]) -> None:
             """One MLflow step of the callback. A failure (a tracking server out of reach past
             MLflow's own retries) is logged and noted (``note_callback_failure``), and the search
-            goes on: raised from a callback, Tune would end every running trial."""
+            goes on: raised from a callback, Tune would end every running trial. A server out
+            of reach is left alone for a while (``QUIET_S``): every trial's report waits for
+            this loop, and a server that never answers would hold each one up to a timeout.
+            What is not written then is written at the finish, as failed writes are."""
+            # getattr: a callback pickled by an older version (--resume) has no such fields.
+            quiet_until = getattr(self, "quiet_until", 0.0)
+            if clock() < quiet_until:
+                note_callback_failure(
+                    f"MLflow: {what}: not tried (the tracking server was out of reach; asked "
+                    f"again from {time.strftime('%H:%M:%S', time.localtime(self.quiet_wall))})"
+                )
+                self._note_gap()
+                return
             try:
                 call()
             except Exception as err:
                 reason = one_line(err)
-                log.warning("MLflow: %s failed (%s); the trials go on", what, reason)
                 note_callback_failure(f"MLflow: {what}: {reason}")
-                if ended_file is not None:
-                    with contextlib.suppress(OSError):
-                        (ended_file.parent / GAPS_FILE).touch()
+                self._note_gap()
+                if not out_of_reach(err):
+                    log.warning("MLflow: %s failed (%s); the trials go on", what, reason)
+                    return
+                wait = min(2 * getattr(self, "quiet_s", 0.0), QUIET_S[1]) or QUIET_S[0]
+                self.quiet_s, self.quiet_until = wait, clock() + wait
+                self.quiet_wall = time.time() + wait
+                log.warning(
+                    "MLflow: %s failed (%s); the trials go on, and MLflow is left alone for "
+                    "%.0f s (what goes unwritten is written at the search's finish)",
+                    what, reason, wait,
+                )  # fmt: skip
+            else:
+                self.quiet_s = 0.0
+
+        def _note_gap(self) -> None:
+            if ended_file is not None:
+                with contextlib.suppress(OSError):
+                    (ended_file.parent / GAPS_FILE).touch()
 
         def setup(self, *args: Any, **info: Any) -> None:
+            # A start of the search (--resume included: a wait timed by another start's clock
+            # means nothing here).
+            self.quiet_s = self.quiet_until = self.quiet_wall = 0.0
+            self.picked_up = False
             self._mlflow("reading the search's trial runs", self._pick_up)
 
         def _pick_up(self) -> None:
@@ -528,6 +588,7 @@ def make_callback(
                 history = mlc.get_metric_history(run_id, "train_loss")
                 if history:
                     self.logged_step[trial_id] = max(m.step for m in history)
+            self.picked_up = True
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             tid = trial.trial_id
@@ -538,6 +599,11 @@ def make_callback(
                 self._mlflow(f"creating trial {tid}'s run", lambda: self._create(trial))
 
         def _create(self, trial: Any) -> None:
+            if not getattr(self, "picked_up", True):  # MLflow was out of reach at the start
+                self._pick_up()
+                if trial.trial_id in self.runs:  # a resumed trial's run: not made twice
+                    reopen(self.runs[trial.trial_id])
+                    return
             run = mlc.create_run(
                 exp_id,
                 run_name=run_name(dict(trial.config), order),

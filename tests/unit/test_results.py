@@ -492,6 +492,129 @@ def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
     assert tracking.callback_failures() == []
 
 
+def test_a_search_bounds_mlflows_retries_and_waits_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from raysft.search import tracking
+
+    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "90")  # the user's own
+    tracking.bound_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "90"
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    tracking.bound_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+
+
+class _OutOfReach:
+    """A real MLflow client behind a link that can go down: while ``down``, every call fails as
+    MLflow fails when its server does not answer (an MlflowException raised while handling
+    requests' ConnectionError). ``calls`` counts what was asked."""
+
+    def __init__(self, mlc: Any) -> None:
+        self.mlc, self.down, self.calls = mlc, True, 0
+
+    def __getattr__(self, name: str) -> Any:
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        method = getattr(self.mlc, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.down:
+                try:
+                    raise requests.exceptions.ConnectionError("Connection refused")
+                except requests.exceptions.ConnectionError as err:
+                    # As rest_utils.http_request raises it: no `from`, the cause is its context.
+                    raise MlflowException(f"API request to /{name} failed with exception {err}")  # noqa: B904
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
+    mlflow_store: tuple[Any, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each trial report waits for Tune's loop, where the callback runs: a server that does not
+    answer is asked again only after 30 s, then 60 s, ... (what is skipped is a gap the finish
+    fills). Back, the callback picks up the runs it could not read at the start, so a resumed
+    trial keeps its run, and a later failure waits 30 s again."""
+    from raysft.config import validate_tree
+    from raysft.search import tracking
+
+    mlc, _ = mlflow_store
+    exp_id = mlc.create_experiment("out-of-reach")
+    parent = mlc.create_run(exp_id).info.run_id
+    earlier = mlc.create_run(  # a trial of an earlier start of this search
+        exp_id, tags={"mlflow.parentRunId": parent, "raysft.trial_id": "t0"}
+    ).info.run_id
+    mlc.set_terminated(earlier, "KILLED")
+    link = _OutOfReach(mlc)
+    cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
+    now = [1000.0]
+    callback = tracking.make_callback(
+        link,
+        exp_id=exp_id,
+        parent_id=parent,
+        resolve_trial=lambda trial_id, sampled: cfg,
+        ended_file=tmp_path / tracking.ENDED_FILE,
+        clock=lambda: now[0],
+    )
+    tracking.callback_failures(reset=True)
+    t0, t1, t2 = (SimpleNamespace(trial_id=t, config={}) for t in ("t0", "t1", "t2"))
+
+    with caplog.at_level("WARNING", logger="raysft.search.tracking"):
+        callback.setup()  # reading the earlier start's runs: out of reach
+        assert link.calls == 1 and (tmp_path / tracking.GAPS_FILE).exists()
+        now[0] += 29
+        callback.on_trial_start(0, [], t1)  # not asked
+        callback.on_trial_result(0, [], t1, {"step": 10, "eval_loss": 0.5, "timestamp": 1})
+        callback.on_trial_complete(0, [], t1)
+        assert link.calls == 1
+        now[0] += 2
+        callback.on_trial_start(0, [], t2)  # asked again: still out of reach, left 60 s
+        assert link.calls == 2
+        now[0] += 59
+        callback.on_trial_start(0, [], t0)
+        assert link.calls == 2
+    assert [m.split(" (")[0] for m in caplog.messages] == [
+        "MLflow: reading the search's trial runs failed",
+        "MLflow: creating trial t2's run failed",
+    ]
+    assert caplog.messages[0].endswith(
+        "the trials go on, and MLflow is left alone for 30 s (what goes unwritten is written "
+        "at the search's finish)"
+    )
+    assert "left alone for 60 s" in caplog.messages[1]
+    failures = tracking.callback_failures(reset=True)
+    assert [f.split(": ")[1] for f in failures] == [
+        "reading the search's trial runs",
+        "creating trial t1's run",  # never made: nothing to close either
+        "creating trial t2's run",
+        "creating trial t0's run",
+    ]
+    assert failures[1].split(": ", 2)[2].startswith("not tried (the tracking server was out of")
+    assert callback.status == {"t1": "finished"}  # the trial's outcome is known all the same
+
+    link.down = False
+    now[0] += 2
+    callback.on_trial_start(0, [], t0)  # resumed: its run of the earlier start, reopened
+    assert callback.runs["t0"] == earlier and mlc.get_run(earlier).info.status == "RUNNING"
+    callback.on_trial_start(0, [], t1)
+    runs = mlc.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.data.tags["raysft.trial_id"] for r in runs) == ["t0", "t1"]
+    assert tracking.callback_failures() == []
+
+    link.down = True  # out of reach again: 30 s, not twice the last wait
+    callback.on_trial_result(0, [], t1, {"step": 5, "eval_loss": 1.0, "timestamp": 1})
+    assert callback.quiet_s == 30.0 and callback.quiet_until == now[0] + 30
+    tracking.callback_failures(reset=True)
+
+
 def test_each_trials_end_is_noted_in_the_experiment_dir_too(
     mlflow_store: tuple[Any, str], tmp_path: Path
 ) -> None:
