@@ -4,7 +4,8 @@ is stopped while the first trial trains, then started again on the same store fo
 The first start must end (exit 3, the failed MLflow steps said), not hang: in Ray 2.60 a trial
 whose last report was still queued when Tune's loop was held up by MLflow's retries stayed
 RUNNING for ever (``raysft.search.trial.let_tune_take_the_last_report``). The resume must make
-the trials' MLflow runs whole from Tune's own records, writing nothing twice, and promote."""
+the trials' MLflow runs whole from Tune's own records, writing nothing twice, and promote; it is
+also the suite's resume of a search whose trials all ended (none runs again)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .conftest import (
     run_tune,
     serve_mlflow,
     stop_group_then_wait,
+    train_checkpoints,
 )
 
 pytestmark = pytest.mark.integration
@@ -95,6 +97,8 @@ def test_a_search_whose_tracking_server_goes_away_loses_nothing_on_resume(
     assert "error: the search finished, but " in first.output, first.explain()
     assert not first.leftovers, first.leftovers
     assert (exp_dir / "mlflow_gaps").exists(), "the failed writes were not noted"
+    first_summary = json.loads((exp_dir / "summary.json").read_text())
+    checkpoints = train_checkpoints(exp_dir)
 
     with serve_mlflow(store, port):
         resumed = run_tune(spec, tmp_path, ray_tmp, "--resume", log="resume.log", timeout=300)
@@ -107,6 +111,19 @@ def test_a_search_whose_tracking_server_goes_away_loses_nothing_on_resume(
         assert summary["failed_steps"] == [], summary["failed_steps"]
         trial_ids = sorted(t["trial_id"] for t in summary["trials"])
         assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+        # A resume of a search whose trials all ended: Tune restores them and runs none.
+        keys = ("trial_id", "status", "step", "metric", "sampled", "checkpoint")
+        assert [{k: t[k] for k in keys} for t in summary["trials"]] == [
+            {k: t[k] for k in keys} for t in first_summary["trials"]
+        ]
+        assert train_checkpoints(exp_dir) == checkpoints, "retrained"
+        assert summary["mlflow"]["parent_run_id"] == first_summary["mlflow"]["parent_run_id"]
+        # Its time: this start's, and the whole search's over both starts.
+        assert first_summary["starts"] == 1 and summary["starts"] == 2
+        both = first_summary["wall_seconds"] + summary["wall_seconds"]
+        # (the first start counted to its exit: its summary was written a little before)
+        assert both - 0.5 <= summary["wall_seconds_all_starts"] <= both + 30, summary
+        assert "s over 2 starts)" in resumed.output
 
         mlc = _client(uri)
         exp = mlc.get_experiment_by_name(EXPERIMENT)
