@@ -528,33 +528,34 @@ def make_callback(
             # when (monotonic, and wall-clock for the log); set again by each start (setup).
             self.quiet_s = self.quiet_until = self.quiet_wall = 0.0
             self.picked_up = True  # the trial runs of earlier starts are known
+            self.unstarted: set[str] = set()  # trials whose run was not made or reopened yet
 
-        def _mlflow(self, what: str, call: Callable[[], Any]) -> None:
+        def _mlflow(self, what: str, call: Callable[[], Any]) -> bool:
             """One MLflow step of the callback. A failure (a tracking server out of reach past
             MLflow's own retries) is logged and noted (``note_callback_failure``), and the search
             goes on: raised from a callback, Tune would end every running trial. A server out
             of reach is left alone for a while (``QUIET_S``): every trial's report waits for
             this loop, and a server that never answers would hold each one up to a timeout.
-            What is not written then is written at the finish, as failed writes are."""
-            # getattr: a callback pickled by an older version (--resume) has no such fields.
-            quiet_until = getattr(self, "quiet_until", 0.0)
-            if clock() < quiet_until:
+            What is not written then is written at the finish, as failed writes are. Returns
+            False when the write is left for later (MLflow left alone, or out of reach)."""
+            if self.quiet():
                 note_callback_failure(
                     f"MLflow: {what}: not tried (the tracking server was out of reach; asked "
                     f"again from {time.strftime('%H:%M:%S', time.localtime(self.quiet_wall))})"
                 )
                 self._note_gap()
-                return
+                return False
             try:
                 call()
             except Exception as err:
                 reason = one_line(err)
                 note_callback_failure(f"MLflow: {what}: {reason}")
                 self._note_gap()
-                if not out_of_reach(err):
+                if not out_of_reach(err):  # it answered: the next failure waits from the start
+                    self.quiet_s = 0.0
                     log.warning("MLflow: %s failed (%s); the trials go on", what, reason)
-                    return
-                wait = min(2 * getattr(self, "quiet_s", 0.0), QUIET_S[1]) or QUIET_S[0]
+                    return True
+                wait = min(2 * self.quiet_s, QUIET_S[1]) or QUIET_S[0]
                 self.quiet_s, self.quiet_until = wait, clock() + wait
                 self.quiet_wall = time.time() + wait
                 log.warning(
@@ -562,8 +563,14 @@ def make_callback(
                     "%.0f s (what goes unwritten is written at the search's finish)",
                     what, reason, wait,
                 )  # fmt: skip
+                return False
             else:
                 self.quiet_s = 0.0
+            return True
+
+        def quiet(self) -> bool:
+            """Whether MLflow is being left alone now (the server was found out of reach)."""
+            return clock() < self.quiet_until
 
         def _note_gap(self) -> None:
             if ended_file is not None:
@@ -575,6 +582,7 @@ def make_callback(
             # means nothing here).
             self.quiet_s = self.quiet_until = self.quiet_wall = 0.0
             self.picked_up = False
+            self.unstarted = set()
             self._mlflow("reading the search's trial runs", self._pick_up)
 
         def _pick_up(self) -> None:
@@ -591,16 +599,31 @@ def make_callback(
             self.picked_up = True
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._start(trial)
+
+        def _start(self, trial: Any) -> None:
+            """Make or reopen a trial's run; when that is left for later (the server out of
+            reach), again at a later report of the trial (``unstarted``), so the trial is
+            followed live once the server is back."""
             tid = trial.trial_id
             if tid in self.runs:  # restarted after --resume
                 run_id = self.runs[tid]  # KILLED if it was stopped
-                self._mlflow(f"reopening trial {tid}'s run", lambda: reopen(run_id))
+                done = self._mlflow(f"reopening trial {tid}'s run", lambda: reopen(run_id))
             else:
-                self._mlflow(f"creating trial {tid}'s run", lambda: self._create(trial))
+                done = self._mlflow(f"creating trial {tid}'s run", lambda: self._create(trial))
+            if done:
+                self.unstarted.discard(tid)
+            else:
+                self.unstarted.add(tid)
 
         def _create(self, trial: Any) -> None:
-            if not getattr(self, "picked_up", True):  # MLflow was out of reach at the start
-                self._pick_up()
+            if not self.picked_up:  # the search's start could not read the runs of earlier ones
+                try:
+                    self._pick_up()
+                except Exception as err:
+                    if out_of_reach(err):
+                        raise
+                    self.picked_up = True  # refused, not away: make the run as before
                 if trial.trial_id in self.runs:  # a resumed trial's run: not made twice
                     reopen(self.runs[trial.trial_id])
                     return
@@ -625,6 +648,8 @@ def make_callback(
             self.last[trial.trial_id] = result
             if is_diverged(result):
                 self.diverged.add(trial.trial_id)
+            if trial.trial_id in self.unstarted and not self.quiet():
+                self._start(trial)  # its start came while MLflow was left alone
             run_id = self.runs.get(trial.trial_id)
             if run_id is None:  # its run could not be created
                 return
@@ -648,8 +673,7 @@ def make_callback(
         def _end(self, trial: Any, *, error: bool) -> None:
             max_steps = resolve_trial(trial.trial_id, dict(trial.config)).train.max_steps
             last = self.last.get(trial.trial_id, {}).get("step")
-            # getattr: a callback pickled by an older version (--resume) has no such set.
-            diverged = trial.trial_id in getattr(self, "diverged", set())
+            diverged = trial.trial_id in self.diverged
             status = classify(last_step=last, max_steps=max_steps, error=error, diverged=diverged)
             self.status[trial.trial_id] = status.value
             if ended_file is not None:

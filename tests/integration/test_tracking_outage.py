@@ -40,6 +40,11 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def first_trial_id(summary: dict[str, Any]) -> str:
+    """The trial that started first (its run was made before the server went away)."""
+    return min(summary["trials"], key=lambda t: t["number"])["trial_id"]
+
+
 def _trial_runs(mlc: Any) -> list[Any]:
     exp = mlc.get_experiment_by_name(EXPERIMENT)
     if exp is None:
@@ -117,6 +122,10 @@ def test_a_search_whose_tracking_server_goes_away_loses_nothing_on_resume(
             {k: t[k] for k in keys} for t in first_summary["trials"]
         ]
         assert train_checkpoints(exp_dir) == checkpoints, "retrained"
+        had_runs = {t["trial_id"]: t["mlflow_run_id"] for t in first_summary["trials"]}
+        assert had_runs.get(first_trial_id(first_summary)), "the first trial had no run"
+        for t in summary["trials"]:  # a run made before the outage is kept, not made again
+            assert had_runs[t["trial_id"]] in (None, t["mlflow_run_id"]), t
         assert summary["mlflow"]["parent_run_id"] == first_summary["mlflow"]["parent_run_id"]
         # Its time: this start's, and the whole search's over both starts.
         assert first_summary["starts"] == 1 and summary["starts"] == 2

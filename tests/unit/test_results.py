@@ -516,6 +516,7 @@ class _OutOfReach:
 
     def __init__(self, mlc: Any) -> None:
         self.mlc, self.down, self.calls = mlc, True, 0
+        self.refuse: set[str] = set()  # methods the server answers with a refusal ("*": all)
 
     def __getattr__(self, name: str) -> Any:
         import requests
@@ -525,6 +526,8 @@ class _OutOfReach:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
+            if name in self.refuse or "*" in self.refuse:  # the server is there and says no
+                raise MlflowException(f"/{name}: RESOURCE_DOES_NOT_EXIST")
             if self.down:
                 try:
                     raise requests.exceptions.ConnectionError("Connection refused")
@@ -542,7 +545,8 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     """Each trial report waits for Tune's loop, where the callback runs: a server that does not
     answer is asked again only after 30 s, then 60 s, ... (what is skipped is a gap the finish
     fills). Back, the callback picks up the runs it could not read at the start, so a resumed
-    trial keeps its run, and a later failure waits 30 s again."""
+    trial keeps its run; a trial that started meanwhile gets its run at its next report; and a
+    later failure waits 30 s again, as after an answered refusal."""
     from raysft.config import validate_tree
     from raysft.search import tracking
 
@@ -604,15 +608,52 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     now[0] += 2
     callback.on_trial_start(0, [], t0)  # resumed: its run of the earlier start, reopened
     assert callback.runs["t0"] == earlier and mlc.get_run(earlier).info.status == "RUNNING"
-    callback.on_trial_start(0, [], t1)
+    callback.on_trial_result(0, [], t2, {"step": 5, "eval_loss": 1.0, "timestamp": 1})
     runs = mlc.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.data.tags["raysft.trial_id"] for r in runs) == ["t0", "t1"]
+    assert sorted(r.data.tags["raysft.trial_id"] for r in runs) == ["t0", "t2"]
+    history = mlc.get_metric_history(callback.runs["t2"], "eval_loss")
+    assert [(m.step, m.value) for m in history] == [(5, 1.0)]
+    assert callback.unstarted == {"t1"}  # ended unseen: its run is the finish's to make
     assert tracking.callback_failures() == []
 
     link.down = True  # out of reach again: 30 s, not twice the last wait
-    callback.on_trial_result(0, [], t1, {"step": 5, "eval_loss": 1.0, "timestamp": 1})
+    callback.on_trial_result(0, [], t2, {"step": 6, "eval_loss": 0.9, "timestamp": 2})
     assert callback.quiet_s == 30.0 and callback.quiet_until == now[0] + 30
+    now[0] += 31
+    link.refuse = {"*"}  # an answer: the next time it is away waits 30 s again
+    callback.on_trial_result(0, [], t2, {"step": 7, "eval_loss": 0.8, "timestamp": 3})
+    assert callback.quiet_s == 0.0 and not callback.quiet()
+    link.refuse = set()
+    callback.on_trial_result(0, [], t2, {"step": 8, "eval_loss": 0.7, "timestamp": 4})
+    assert callback.quiet_s == 30.0
     tracking.callback_failures(reset=True)
+
+
+def test_a_start_whose_runs_cannot_be_read_still_makes_its_trials_runs(
+    mlflow_store: tuple[Any, str], tmp_path: Path
+) -> None:
+    """A server that answers the search's read of its runs with a refusal (not out of reach):
+    each trial's run is made all the same (the finish finds runs by their tag)."""
+    from raysft.config import validate_tree
+    from raysft.search import tracking
+
+    mlc, _ = mlflow_store
+    exp_id = mlc.create_experiment("refused-read")
+    parent = mlc.create_run(exp_id).info.run_id
+    link = _OutOfReach(mlc)
+    link.down, link.refuse = False, {"search_runs"}
+    callback = tracking.make_callback(
+        link, exp_id=exp_id, parent_id=parent,
+        resolve_trial=lambda trial_id, sampled: validate_tree({}),
+        ended_file=tmp_path / tracking.ENDED_FILE,
+    )  # fmt: skip
+    tracking.callback_failures(reset=True)
+    callback.setup()
+    (trial,) = _start_trials(callback, "t1")
+    assert mlc.get_run(callback.runs["t1"]).data.tags["raysft.trial_id"] == "t1"
+    assert not callback.quiet() and callback.unstarted == set()
+    failures = tracking.callback_failures(reset=True)
+    assert [f.split(": ")[1] for f in failures] == ["reading the search's trial runs"]
 
 
 def test_each_trials_end_is_noted_in_the_experiment_dir_too(
