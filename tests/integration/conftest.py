@@ -384,7 +384,7 @@ def run_cmd(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 300,
-    settle: float | None = 30,
+    settle: float | None = 90,
     on_start: Any = None,
 ) -> Ran:
     """Run ``cmd`` in its own process group, output to ``log``; kill what it started on a
@@ -393,9 +393,12 @@ def run_cmd(
     Everything the command starts inherits a fresh ``MARK_VAR``. A search's share of the CPU is
     lowered once its Ray is up (``lower_cpu_share``). After it exits, wait up to
     ``settle`` s for the rest (a local Ray it started) to go; whatever is still alive then is
-    reported in ``leftovers`` and killed. ``settle=None``: no wait, nothing killed; the caller
-    checks later with ``wait_gone(pgid=ran.pgid, mark=ran.mark)``. ``on_start(popen, mark)`` is
-    called once it runs, with the mark its processes carry.
+    reported in ``leftovers`` and killed. 90 s: the search's processes run at a lowered CPU share,
+    and beside the other lane's work one of them took more than 30 s to exit (a failed trial's
+    Train controller, CI run of 2026-12-05); a process left behind for good outlives any wait.
+    ``settle=None``: no wait, nothing killed; the caller checks later with
+    ``wait_gone(pgid=ran.pgid, mark=ran.mark)``. ``on_start(popen, mark)`` is called once it
+    runs, with the mark its processes carry.
     """
     mark = new_mark()
     env = {**(env or base_env()), MARK_VAR: mark}
