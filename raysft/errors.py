@@ -7,6 +7,19 @@ The CLI edge (``raysft.cli.run_cli``) catches ``RaysftError`` only: it prints
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+
+def chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors it was raised from or while handling, nearest first (a loop in
+    the chain ends it)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        yield current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+
 
 def one_line(err: BaseException) -> str:
     """``Type: first line of the message`` of an exception, for a log line or a record; a Ray

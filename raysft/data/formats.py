@@ -385,6 +385,14 @@ def _iter_parquet(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     yield from _numbered(table.to_pylist())
 
 
+def default_split(splits: list[str], role: Role) -> str | None:
+    """The split of a saved ``DatasetDict`` read without one named: training reads ``train``,
+    a held-out set its only split; None when there is no such split (the read says so)."""
+    if role == "train":
+        return "train" if "train" in splits else None
+    return splits[0] if len(splits) == 1 else None
+
+
 def _iter_saved_dataset(
     path: Path, split: str | None, role: Role, source: str
 ) -> Iterator[tuple[str, Any]]:
@@ -396,11 +404,8 @@ def _iter_saved_dataset(
         raise DataError(f"{path}: not a saved `datasets` directory: {err}") from None
     if isinstance(ds, datasets.DatasetDict):
         names = ", ".join(ds)
-        if split is None and role == "train" and "train" in ds:
-            split = "train"
-        elif split is None and role == "eval" and len(ds) == 1:
-            split = next(iter(ds))  # the held-out set the user pointed at
-        elif split is None:
+        split = split or default_split(list(ds), role)
+        if split is None:
             raise DataError(
                 f"data.{role}: {source}: a DatasetDict of splits {names}: name the "
                 f"{'held-out' if role == 'eval' else 'training'} one, as {source}:SPLIT"

@@ -16,6 +16,7 @@ from raysft.data.formats import (
     DataError,
     LoadedData,
     Role,
+    default_split,
     load_conversations,
     saved_split,
     split_train_eval,
@@ -196,10 +197,7 @@ def _where(source: str, role: Role) -> tuple[str, str | None]:
             splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
         except (OSError, ValueError, KeyError, TypeError):
             splits = []  # one Dataset, or not a dataset at all (its read says so)
-        if role == "train" and "train" in splits:
-            split = "train"
-        elif role == "eval" and len(splits) == 1:
-            split = str(splits[0])
+        split = default_split([str(s) for s in splits], role)
     return str(path.resolve()), split
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, SearchSpec, TrackingSection, flat_paths
-from raysft.errors import one_line
+from raysft.errors import chain, one_line
 from raysft.paths import writable_dir_problem
 from raysft.search.results import classify, is_diverged
 from raysft.train.metrics import METRICS, REPLAYED, objective_mode
@@ -175,14 +175,7 @@ def out_of_reach(err: BaseException) -> bool:
     retries spent on 5xx answers), as opposed to a request it answered and refused."""
     import requests
 
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, requests.exceptions.RequestException):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(isinstance(e, requests.exceptions.RequestException) for e in chain(err))
 
 
 def bound_retries() -> None:
@@ -524,9 +517,9 @@ def make_callback(
             self.last: dict[str, dict[str, Any]] = {}
             self.diverged: set[str] = set()  # trials that reported a non-finite metric
             self.logged_step: dict[str, int] = {}  # trial_id -> last step logged to MLflow
-            # While the tracking server is out of reach: how long MLflow is left alone, until
-            # when (monotonic, and wall-clock for the log); set again by each start (setup).
-            self.quiet_s = self.quiet_until = self.quiet_wall = 0.0
+            # While the tracking server is out of reach: how long MLflow is left alone, and
+            # until when (``clock``); set again by each start (setup).
+            self.quiet_s = self.quiet_until = 0.0
             self.picked_up = True  # the trial runs of earlier starts are known
             self.unstarted: set[str] = set()  # trials whose run was not made or reopened yet
 
@@ -539,9 +532,10 @@ def make_callback(
             What is not written then is written at the finish, as failed writes are. Returns
             False when the write is left for later (MLflow left alone, or out of reach)."""
             if self.quiet():
+                again = time.localtime(time.time() + self.quiet_until - clock())
                 note_callback_failure(
                     f"MLflow: {what}: not tried (the tracking server was out of reach; asked "
-                    f"again from {time.strftime('%H:%M:%S', time.localtime(self.quiet_wall))})"
+                    f"again from {time.strftime('%H:%M:%S', again)})"
                 )
                 self._note_gap()
                 return False
@@ -557,7 +551,6 @@ def make_callback(
                     return True
                 wait = min(2 * self.quiet_s, QUIET_S[1]) or QUIET_S[0]
                 self.quiet_s, self.quiet_until = wait, clock() + wait
-                self.quiet_wall = time.time() + wait
                 log.warning(
                     "MLflow: %s failed (%s); the trials go on, and MLflow is left alone for "
                     "%.0f s (what goes unwritten is written at the search's finish)",
@@ -580,7 +573,7 @@ def make_callback(
         def setup(self, *args: Any, **info: Any) -> None:
             # A start of the search (--resume included: a wait timed by another start's clock
             # means nothing here).
-            self.quiet_s = self.quiet_until = self.quiet_wall = 0.0
+            self.quiet_s = self.quiet_until = 0.0
             self.picked_up = False
             self.unstarted = set()
             self._mlflow("reading the search's trial runs", self._pick_up)

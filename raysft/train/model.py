@@ -10,6 +10,7 @@ the adapters, hence the optimizer state, in float32.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from raysft.assets import absolute_if_local, resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
 from raysft.data.templates import export_chat_template, space_merges_into_word
-from raysft.errors import ModelError
+from raysft.errors import ModelError, chain
 from raysft.paths import give_plain_modes
 from raysft.thirdparty import peft_quietly
 from raysft.train import attention
@@ -84,12 +85,7 @@ def load_error(err: BaseException, *, name: str, token_set: bool) -> ModelError:
 
     Pure (no network): reads the texts of ``err`` and of the errors it was raised from.
     """
-    chain: list[str] = []
-    seen: BaseException | None = err
-    while seen is not None and len(chain) < 5:
-        chain.append(f"{type(seen).__name__}: {seen}")
-        seen = seen.__cause__ or seen.__context__
-    text = "\n".join(chain)
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in itertools.islice(chain(err), 5))
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     first = lines[0] if lines else type(err).__name__
     if first.endswith(":"):  # a list follows ("Couldn't instantiate ... from one of:"): keep it
