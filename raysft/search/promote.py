@@ -34,7 +34,7 @@ from raysft.data.digest import sources as data_sources
 from raysft.data.formats import saved_split
 from raysft.data.shared import seed_picks_eval_rows
 from raysft.errors import ModelError
-from raysft.paths import umask, writable_dir_problem
+from raysft.paths import give_plain_modes, writable_dir_problem
 from raysft.search.ray_start import base_in_job_copy
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
@@ -197,12 +197,15 @@ def promote(
     best: dict[str, Any] | None,
     exp_dir: Path,
     base_value: float | None = None,
+    unreachable: str | None = None,
 ) -> dict[str, Any]:
     """Gate, export, register and alias; returns the record that goes into summary.json.
 
     ``base_value``: the base model's ``search.metric`` on the same held-out rows (base vs
     tuned), where it was scored: a best trial that does not beat it is not promoted (a search
     whose every trial diverged or was stopped early can leave a "best" worse than no training).
+    ``unreachable``: the earlier step that found the tracking server out of reach, if one did:
+    the gates still decide, but the registry is not asked (a failure, ``not tried``).
 
     A failure while installing the new champion is recorded as its reason (the traceback is
     logged) rather than raised: the search's summary is still written, the previous champion
@@ -236,6 +239,13 @@ def promote(
                 "reason": f"{s.metric} {value:.6g} does not beat the base model's {base:.6g} "
                 "on the same held-out rows",
             }
+    if unreachable is not None:
+        return {
+            **record,
+            "promoted": False,
+            "failed": True,
+            "reason": f"not tried: the tracking server was out of reach ({unreachable})",
+        }
     try:
         champ = current_champion(mlc, p.registered_model, p.alias)
     except Exception as err:
@@ -298,7 +308,7 @@ def _install(
     ``previous``: the version that held the alias before."""
     export.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
-    staging.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep a serving user out
+    give_plain_modes(staging, [])  # mkdtemp's 0700 would keep a serving user out
     trial_dir = trial_output_dir(exp_dir.resolve(), best["trial_id"])
     try:
         _stage_export(staging, cfg=cfg, best=best, record=record, trial_dir=trial_dir)
