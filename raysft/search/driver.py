@@ -724,16 +724,21 @@ def trial_number(dirname: str, trial_id: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def _tag_outcome(mlc: Any, row: dict[str, Any]) -> None:
-    """A trial run's failures in MLflow: the cause, and every failed attempt (retried or not)."""
-    run_id = row["mlflow_run_id"]
-    if not run_id:
-        return
-    if row["error"]:
-        mlc.set_tag(run_id, "raysft.error", row["error"][:5000])
-    if row["attempts"]:
-        mlc.set_tag(run_id, "raysft.retries", str(sum(a["retried"] for a in row["attempts"])))
-        mlc.set_tag(run_id, "raysft.attempts", json.dumps(row["attempts"])[:5000])
+def _outcome_tags(row: dict[str, Any]) -> dict[str, str]:
+    """A trial run's failures as MLflow tags: the cause, and every failed attempt (retried or
+    not); none for a trial that ended without one, or without a run."""
+    tags = {}
+    if row["mlflow_run_id"] and row["error"]:
+        tags["raysft.error"] = row["error"][:5000]
+    if row["mlflow_run_id"] and row["attempts"]:
+        tags["raysft.retries"] = str(sum(a["retried"] for a in row["attempts"]))
+        tags["raysft.attempts"] = json.dumps(row["attempts"])[:5000]
+    return tags
+
+
+def _tag_outcome(mlc: Any, run_id: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        mlc.set_tag(run_id, key, value)
 
 
 def _check_checkpoint(row: dict[str, Any]) -> None:
@@ -833,21 +838,46 @@ class FinishSteps:
     tuned, plots) and promotion: one that fails is logged and recorded in summary.json's
     ``failed_steps`` (after the MLflow records the trials' callback could not write), and the
     finish goes on: the search's results are never lost to a tracking server gone away or a
-    plot that could not be drawn."""
+    plot that could not be drawn.
+
+    Steps run by ``mlflow`` ask the tracking server. Once one of them finds it out of reach
+    (``tracking.out_of_reach``: each call has already spent its retries), the later ones are not
+    tried and are recorded as such: each would wait out the same retries (tens of seconds on a
+    server that takes connections and never answers), and ``--resume`` writes them all."""
 
     def __init__(self) -> None:
         self.failures: list[str] = []
+        self.unreachable: str | None = None  # the MLflow step that found the server out of reach
 
     def run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, or None when it raised (recorded as ``what: reason``)."""
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            reason = one_line(err)
-            log.warning("%s failed (%s); the search's summary is written without it", what, reason)
+            self._failed(what, one_line(err))
             log.debug("%s failed", what, exc_info=True)
-            self.failures.append(f"{what}: {reason}")
             return None
+
+    def mlflow(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``run`` for a step that asks the tracking server; None, recorded and not tried, once
+        an earlier one found the server out of reach."""
+        if self.unreachable is not None:
+            self._failed(
+                what, f"not tried: the tracking server was out of reach ({self.unreachable})"
+            )
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if tracking.out_of_reach(err):
+                self.unreachable = what
+            self._failed(what, one_line(err))
+            log.debug("%s failed", what, exc_info=True)
+            return None
+
+    def _failed(self, what: str, reason: str) -> None:
+        log.warning("%s failed (%s); the search's summary is written without it", what, reason)
+        self.failures.append(f"{what}: {reason}")
 
 
 def _eval_curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -911,7 +941,7 @@ def _finish(
     # What the trials' callback could not write to MLflow while they ran (tracking.py) is
     # written now, from the trials' own reports; failures stay failures only if that fails too.
     missed = list(tracked.get("tracking_failures", ()))
-    written = steps.run(
+    written = steps.mlflow(
         "MLflow: the trials' runs",
         _complete_trial_runs, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve,
     )  # fmt: skip
@@ -924,15 +954,22 @@ def _finish(
             written,
         )
     for row in rows:
-        steps.run(f"MLflow tags of trial {row['trial_id']}", _tag_outcome, mlc, row)
+        tags = _outcome_tags(row)
+        if tags:  # asked only for what there is to write, so "not tried" lists only that
+            what = f"MLflow tags of trial {row['trial_id']}"
+            steps.mlflow(what, _tag_outcome, mlc, row["mlflow_run_id"], tags)
     res.drop_untracked_checkpoints(
         exp_dir, {str(Path(r["checkpoint"]).resolve()) for r in rows if r["checkpoint"]}
     )
     best = res.pick_best(rows)
     if best:
         value = float(best["metric"])
-        steps.run("MLflow: the best metric", mlc.log_metric, parent_id, f"best_{s.metric}", value)
-        steps.run("MLflow: the best adapter", _log_best_adapter, mlc, parent_id, best["checkpoint"])
+        steps.mlflow(
+            "MLflow: the best metric", mlc.log_metric, parent_id, f"best_{s.metric}", value
+        )
+        steps.mlflow(
+            "MLflow: the best adapter", _log_best_adapter, mlc, parent_id, best["checkpoint"]
+        )
     # Base vs tuned scores on the cluster while the driver draws; promotion waits for it: a
     # best trial that does not beat the base model is not promoted.
     scores = None
@@ -942,13 +979,13 @@ def _finish(
     histories = _eval_curves(results)  # the trials' own reports, else MLflow's copy
     unread = {t: run for t, run in tracked["runs"].items() if t not in histories and run}
     if unread:
-        from_mlflow = steps.run(
+        from_mlflow = steps.mlflow(
             "MLflow: the trials' eval curves",
             plots.histories_from_mlflow, mlc, unread, "eval_loss",
         )  # fmt: skip
         histories.update(from_mlflow or {})
     drawn = steps.run("plots", plots.write_plots, exp_dir, cfg, rows, histories or {}) or []
-    steps.run("MLflow: the plots", plots.log_plots, mlc, parent_id, drawn)
+    steps.mlflow("MLflow: the plots", plots.log_plots, mlc, parent_id, drawn)
     comparison = None
     if scores is not None and best:
         comparison = steps.run(
@@ -959,21 +996,21 @@ def _finish(
         if comparison and comparison.get("failed"):
             steps.failures.append(f"base vs tuned: {comparison['reason']}")
         elif comparison:
-            steps.run(
+            steps.mlflow(
                 "MLflow: base vs tuned",
                 compare.log_comparison, mlc, parent_id, exp_dir, comparison,
             )  # fmt: skip
     promotion = steps.run(
         "promotion",
         promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
-        base_value=compare.base_value(comparison, s.metric),
+        base_value=compare.base_value(comparison, s.metric), unreachable=steps.unreachable,
     )  # fmt: skip
     if promotion is None:  # promote records its own failures; this one escaped it
         reason = steps.failures[-1].split(": ", 1)[1]
         promotion = {"promoted": False, "failed": True, "reason": reason}
     elif promotion.get("failed"):
         steps.failures.append(f"promotion: {promotion['reason']}")
-    steps.run(
+    steps.mlflow(
         "MLflow: the promotion tag",
         mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
     )  # fmt: skip
@@ -1007,12 +1044,13 @@ def _finish(
         "working_dir": os.getcwd(),
         "failed_steps": steps.failures,
     }
-    steps.run("MLflow: the parent run's description", tracking.describe_parent, mlc, parent_id,
-              summary)  # fmt: skip
+    steps.mlflow("MLflow: the parent run's description", tracking.describe_parent, mlc, parent_id,
+                 summary)  # fmt: skip
     path = res.write_summary(exp_dir, summary)
     closing = FinishSteps()  # failures after the write: added, and the summary written again
-    closing.run("MLflow: summary.json", mlc.log_artifact, parent_id, str(path))
-    closing.run("MLflow: closing the parent run", mlc.set_terminated, parent_id, "FINISHED")
+    closing.unreachable = steps.unreachable
+    closing.mlflow("MLflow: summary.json", mlc.log_artifact, parent_id, str(path))
+    closing.mlflow("MLflow: closing the parent run", mlc.set_terminated, parent_id, "FINISHED")
     if closing.failures:
         steps.failures.extend(closing.failures)
         res.write_summary(exp_dir, summary)

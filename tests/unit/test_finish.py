@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflowkit import OutOfReach
 
 from raysft.cli import EXIT_FINISH_FAILED
 from raysft.config import validate_spec
 from raysft.search.driver import _finish
+from raysft.search.plots import HISTORY, IMPORTANCES, PARALLEL
 from raysft.search.results import CHECKPOINT_PATH_KEY, SUMMARY_FILE
 from raysft.search.space import TrialConfigs
 from raysft.train.metrics import objective_mode
@@ -141,6 +143,64 @@ def test_mlflow_refusing_every_write_to_the_parent_run_loses_nothing_else(
     assert len(summary["plots"]) == 4
     on_disk = json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())
     assert on_disk["failed_steps"] == failures  # written again with the last one
+
+
+def test_a_tracking_server_out_of_reach_is_asked_once_and_the_rest_is_recorded_not_tried(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """Each MLflow call spends its retries before it fails (tens of seconds on a server that
+    takes connections and never answers): once one step finds the server out of reach, the
+    later MLflow steps and the registry are not asked. Each is recorded, so the search exits 3
+    and --resume writes them; plots, the summary and the ranking are unaffected."""
+    s = _search(tmp_path, checkpoint, "unreachable")
+    link = OutOfReach(s["tracked"]["mlc"])
+    s["tracked"]["mlc"] = link
+    missed = "MLflow: trial b2's metrics at step 10: MlflowException: (as the callback saw it)"
+    s["tracked"]["tracking_failures"] = [missed]  # so the finish reads every trial's run
+    summary = _run_finish(s)
+
+    assert link.calls == 1, link.calls
+    failures = summary["failed_steps"]
+    assert failures[0] == missed, failures
+    assert failures[1].startswith("MLflow: the trials' runs: MlflowException: "), failures
+    not_tried = "not tried: the tracking server was out of reach (MLflow: the trials' runs)"
+    # Not the trials' tags: both finished at the first try, so there is nothing to tag.
+    assert [f.removesuffix(f": {not_tried}") for f in failures[2:]] == [
+        "MLflow: the best metric",
+        "MLflow: the best adapter",
+        "MLflow: the trials' eval curves",
+        "MLflow: the plots",
+        "promotion",
+        "MLflow: the promotion tag",
+        "MLflow: the parent run's description",
+        "MLflow: summary.json",
+        "MLflow: closing the parent run",
+    ], failures
+    assert summary["promotion"]["failed"] is True
+    assert summary["promotion"]["reason"] == not_tried
+    assert not (s["exp_dir"] / "champion").exists()
+    assert [t["trial_id"] for t in summary["trials"]] == ["a1", "b2"]
+    # All but the eval curves, which these trials left only in MLflow (no Tune history).
+    drawn = sorted(Path(p).name for p in summary["plots"])
+    assert drawn == sorted({HISTORY, IMPORTANCES, PARALLEL}), drawn
+    assert json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())["failed_steps"] == failures
+
+
+def test_a_trials_failures_are_tagged_on_its_run_and_nothing_on_the_others(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    s = _search(tmp_path, checkpoint, "tagged")
+    attempts = [{"error": "RayActorError: the worker died", "retried": True}]
+    b2 = s["results"][1]
+    b2.update(error="out of memory: OutOfMemoryError: injected", attempts=attempts)
+    summary = _run_finish(s)
+    assert summary["failed_steps"] == []
+    mlc, runs = s["tracked"]["mlc"], s["tracked"]["runs"]
+    tags = mlc.get_run(runs["b2"]).data.tags
+    assert tags["raysft.error"] == "out of memory: OutOfMemoryError: injected"
+    assert tags["raysft.retries"] == "1"
+    assert json.loads(tags["raysft.attempts"]) == attempts
+    assert not {"raysft.error", "raysft.retries"} & set(mlc.get_run(runs["a1"]).data.tags)
 
 
 def test_plots_that_cannot_be_saved_are_recorded_and_the_rest_goes_on(

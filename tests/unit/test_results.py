@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from mlflowkit import OutOfReach
 
 from raysft.search.results import (
     DivergedStopper,
@@ -509,36 +510,6 @@ def test_a_search_bounds_mlflows_retries_and_waits_unless_told_otherwise(
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
 
 
-class _OutOfReach:
-    """A real MLflow client behind a link that can go down: while ``down``, every call fails as
-    MLflow fails when its server does not answer (an MlflowException raised while handling
-    requests' ConnectionError). ``calls`` counts what was asked."""
-
-    def __init__(self, mlc: Any) -> None:
-        self.mlc, self.down, self.calls = mlc, True, 0
-        self.refuse: set[str] = set()  # methods the server answers with a refusal ("*": all)
-
-    def __getattr__(self, name: str) -> Any:
-        import requests
-        from mlflow.exceptions import MlflowException
-
-        method = getattr(self.mlc, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            if name in self.refuse or "*" in self.refuse:  # the server is there and says no
-                raise MlflowException(f"/{name}: RESOURCE_DOES_NOT_EXIST")
-            if self.down:
-                try:
-                    raise requests.exceptions.ConnectionError("Connection refused")
-                except requests.exceptions.ConnectionError as err:
-                    # As rest_utils.http_request raises it: no `from`, the cause is its context.
-                    raise MlflowException(f"API request to /{name} failed with exception {err}")  # noqa: B904
-            return method(*args, **kwargs)
-
-        return call
-
-
 def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     mlflow_store: tuple[Any, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -557,7 +528,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
         exp_id, tags={"mlflow.parentRunId": parent, "raysft.trial_id": "t0"}
     ).info.run_id
     mlc.set_terminated(earlier, "KILLED")
-    link = _OutOfReach(mlc)
+    link = OutOfReach(mlc)
     cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
     now = [1000.0]
     callback = tracking.make_callback(
@@ -640,7 +611,7 @@ def test_a_start_whose_runs_cannot_be_read_still_makes_its_trials_runs(
     mlc, _ = mlflow_store
     exp_id = mlc.create_experiment("refused-read")
     parent = mlc.create_run(exp_id).info.run_id
-    link = _OutOfReach(mlc)
+    link = OutOfReach(mlc)
     link.down, link.refuse = False, {"search_runs"}
     callback = tracking.make_callback(
         link, exp_id=exp_id, parent_id=parent,
