@@ -72,22 +72,16 @@ def start(spec: SearchSpec, best_cfg: Config, tuned_dir: str) -> Scores:
     return lambda: ray.get(handle)
 
 
-def collect(
-    scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path, *, mlc: Any, parent_id: str
-) -> dict[str, Any]:
+def collect(scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path) -> dict[str, Any]:
     """Wait for ``start``'s scores and write EXP_DIR/base_vs_tuned.{md,json} (``log_comparison``
     logs them). Returns the JSON record; a failed scoring returns ``{"failed": True, "reason":
-    ...}``, tagged on the parent run, and writes no file."""
+    ...}`` (the finish tags it on the parent run) and writes no file."""
     try:
         out = scores()
     except Exception as err:  # the task raised, its worker or node died, ...
         reason = one_line(err)
         log.warning("base vs tuned: the scoring failed (%s); the search goes on without it", reason)
         log.debug("base vs tuned failure", exc_info=True)
-        try:
-            mlc.set_tag(parent_id, "raysft.base_vs_tuned", f"failed: {reason}"[:5000])
-        except Exception as tag_err:  # the record above matters more than the tag
-            log.warning("base vs tuned: could not tag the parent run (%s)", one_line(tag_err))
         return {"failed": True, "reason": reason}
     md = (
         f"# Base vs tuned ({best_cfg.model.name_or_path} vs {tuned_dir})\n\n"

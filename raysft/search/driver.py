@@ -504,6 +504,7 @@ def _search(
         # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
         # trial runs of earlier attempts are only known to MLflow.
         tracking_failures = tracking.callback_failures()  # this start's: reset at its start
+        unreachable: str | None = None
         known: dict[str, tuple[str | None, str | None]]
         try:
             known = dict(tracking.trial_runs(mlc, exp_id, parent_id))
@@ -512,6 +513,8 @@ def _search(
             log.warning("MLflow: could not read the search's trial runs (%s)", reason)
             tracking_failures.append(f"MLflow: reading the search's trial runs: {reason}")
             known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
+            if tracking.out_of_reach(err):  # the finish does not ask again
+                unreachable = "MLflow: reading the search's trial runs"
         ids = [(grid[i].metrics or {}).get("trial_id") for i in range(len(grid))]
         known = _with_local_ends(known, exp_dir, ids)
         # Trials Tune created but never started (pending when Ctrl-C came) have no run at all.
@@ -538,6 +541,7 @@ def _search(
             "statuses": {t: status for t, (_, status) in known.items()},
             "diverged": set(getattr(callback, "diverged", ())),
             "tracking_failures": tracking_failures,
+            "unreachable": unreachable,
             "timing": timing,
         }
         results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
@@ -761,7 +765,7 @@ def _rows(
     tracked: dict[str, Any],
     resolve: TrialConfigs,
 ) -> list[dict[str, Any]]:
-    """summary.json's trial rows, ranked; each trial's failures tagged on its MLflow run."""
+    """summary.json's trial rows, ranked."""
     s = cfg.search
     rows = []
     for r in results:
@@ -840,14 +844,16 @@ class FinishSteps:
     finish goes on: the search's results are never lost to a tracking server gone away or a
     plot that could not be drawn.
 
-    Steps run by ``mlflow`` ask the tracking server. Once one of them finds it out of reach
-    (``tracking.out_of_reach``: each call has already spent its retries), the later ones are not
-    tried and are recorded as such: each would wait out the same retries (tens of seconds on a
-    server that takes connections and never answers), and ``--resume`` writes them all."""
+    ``mlflow`` and ``upload`` run steps that ask the tracking server. Once one finds it out of
+    reach (``tracking.out_of_reach``: each call has spent its retries by then), the later ones
+    are not tried and are recorded as such: each would spend the same retries (tens of seconds
+    on a server that takes connections and never answers), and ``--resume`` writes them all.
+    An upload does not decide it (``upload``): its error may come from an artifact store that
+    is not the tracking server. ``unreachable``: the step that found it so, if one did."""
 
-    def __init__(self) -> None:
+    def __init__(self, unreachable: str | None = None) -> None:
         self.failures: list[str] = []
-        self.unreachable: str | None = None  # the MLflow step that found the server out of reach
+        self.unreachable = unreachable
 
     def run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, or None when it raised (recorded as ``what: reason``)."""
@@ -858,21 +864,40 @@ class FinishSteps:
             log.debug("%s failed", what, exc_info=True)
             return None
 
-    def mlflow(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``run`` for a step that asks the tracking server; None, recorded and not tried, once
-        an earlier one found the server out of reach."""
-        if self.unreachable is not None:
-            self._failed(
-                what, f"not tried: the tracking server was out of reach ({self.unreachable})"
+    def mlflow(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``run`` for a step that asks the tracking server."""
+        return self._ask(what, fn, args, decides=True)
+
+    def upload(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``run`` for a step that uploads artifacts (and may log through the tracking server)."""
+        return self._ask(what, fn, args, decides=False)
+
+    def found_out_of_reach(self, what: str) -> None:
+        """Later MLflow steps are not tried: ``what`` found the tracking server out of reach."""
+        if self.unreachable is None:
+            self.unreachable = what
+            log.warning(
+                "the tracking server is out of reach (%s): the finish's later MLflow steps are "
+                "not tried; --resume writes them once it is back",
+                what,
             )
+
+    def _ask(
+        self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], *, decides: bool
+    ) -> Any:
+        if self.unreachable is not None:
+            log.debug(
+                "%s: not tried (%s found the tracking server out of reach)", what, self.unreachable
+            )
+            self.failures.append(f"{what}: {tracking.not_tried(self.unreachable)}")
             return None
         try:
-            return fn(*args, **kwargs)
+            return fn(*args)
         except Exception as err:
-            if tracking.out_of_reach(err):
-                self.unreachable = what
             self._failed(what, one_line(err))
             log.debug("%s failed", what, exc_info=True)
+            if decides and tracking.out_of_reach(err):
+                self.found_out_of_reach(what)
             return None
 
     def _failed(self, what: str, reason: str) -> None:
@@ -936,14 +961,15 @@ def _finish(
     t_finish = time.perf_counter()
     s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
-    steps = FinishSteps()
+    steps = FinishSteps(tracked.get("unreachable"))  # the read of the trial runs just before
     rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
     # What the trials' callback could not write to MLflow while they ran (tracking.py) is
     # written now, from the trials' own reports; failures stay failures only if that fails too.
     missed = list(tracked.get("tracking_failures", ()))
     written = steps.mlflow(
         "MLflow: the trials' runs",
-        _complete_trial_runs, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve,
+        functools.partial(_complete_trial_runs, tracked=tracked, resolve=resolve),
+        cfg, exp_dir, rows, results,
     )  # fmt: skip
     if written is None:
         steps.failures[:0] = missed
@@ -967,7 +993,7 @@ def _finish(
         steps.mlflow(
             "MLflow: the best metric", mlc.log_metric, parent_id, f"best_{s.metric}", value
         )
-        steps.mlflow(
+        steps.upload(
             "MLflow: the best adapter", _log_best_adapter, mlc, parent_id, best["checkpoint"]
         )
     # Base vs tuned scores on the cluster while the driver draws; promotion waits for it: a
@@ -985,18 +1011,21 @@ def _finish(
         )  # fmt: skip
         histories.update(from_mlflow or {})
     drawn = steps.run("plots", plots.write_plots, exp_dir, cfg, rows, histories or {}) or []
-    steps.mlflow("MLflow: the plots", plots.log_plots, mlc, parent_id, drawn)
+    steps.upload("MLflow: the plots", plots.log_plots, mlc, parent_id, drawn)
     comparison = None
     if scores is not None and best:
         comparison = steps.run(
-            "base vs tuned",
-            compare.collect, scores, best_cfg, best["checkpoint"], exp_dir,
-            mlc=mlc, parent_id=parent_id,
-        )  # fmt: skip
+            "base vs tuned", compare.collect, scores, best_cfg, best["checkpoint"], exp_dir
+        )
         if comparison and comparison.get("failed"):
             steps.failures.append(f"base vs tuned: {comparison['reason']}")
-        elif comparison:
+            failed_tag = f"failed: {comparison['reason']}"[:5000]
             steps.mlflow(
+                "MLflow: the base vs tuned tag",
+                mlc.set_tag, parent_id, "raysft.base_vs_tuned", failed_tag,
+            )  # fmt: skip
+        elif comparison:
+            steps.upload(
                 "MLflow: base vs tuned",
                 compare.log_comparison, mlc, parent_id, exp_dir, comparison,
             )  # fmt: skip
@@ -1010,6 +1039,8 @@ def _finish(
         promotion = {"promoted": False, "failed": True, "reason": reason}
     elif promotion.get("failed"):
         steps.failures.append(f"promotion: {promotion['reason']}")
+        if promotion.get("out_of_reach"):  # the registry is the tracking server
+            steps.found_out_of_reach("promotion")
     steps.mlflow(
         "MLflow: the promotion tag",
         mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
@@ -1047,9 +1078,9 @@ def _finish(
     steps.mlflow("MLflow: the parent run's description", tracking.describe_parent, mlc, parent_id,
                  summary)  # fmt: skip
     path = res.write_summary(exp_dir, summary)
-    closing = FinishSteps()  # failures after the write: added, and the summary written again
-    closing.unreachable = steps.unreachable
-    closing.mlflow("MLflow: summary.json", mlc.log_artifact, parent_id, str(path))
+    # Failures after the write: added, and the summary written again.
+    closing = FinishSteps(steps.unreachable)
+    closing.upload("MLflow: summary.json", mlc.log_artifact, parent_id, str(path))
     closing.mlflow("MLflow: closing the parent run", mlc.set_terminated, parent_id, "FINISHED")
     if closing.failures:
         steps.failures.extend(closing.failures)

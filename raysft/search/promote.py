@@ -38,7 +38,7 @@ from raysft.paths import give_plain_modes, writable_dir_problem
 from raysft.search.ray_start import base_in_job_copy
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
-from raysft.search.tracking import redact_tree
+from raysft.search.tracking import not_tried, out_of_reach, redact_tree
 from raysft.thirdparty import peft_quietly
 from raysft.train.metrics import Mode, is_better, objective_mode
 from raysft.train.model import ADAPTER_WEIGHTS
@@ -146,7 +146,10 @@ def _failure(record: dict[str, Any], what: str, err: BaseException) -> dict[str,
     promote command exits non-zero on it); the traceback is logged at debug level."""
     reason = f"{what}: {type(err).__name__}: {err}"[:1000]
     log.debug("%s", reason, exc_info=err)
-    return {**record, "promoted": False, "failed": True, "reason": reason}
+    failure = {**record, "promoted": False, "failed": True, "reason": reason}
+    if out_of_reach(err):  # the registry did not answer: the finish asks MLflow no more
+        failure["out_of_reach"] = True
+    return failure
 
 
 def _checkpoint_problem(checkpoint: str) -> str | None:
@@ -240,12 +243,8 @@ def promote(
                 "on the same held-out rows",
             }
     if unreachable is not None:
-        return {
-            **record,
-            "promoted": False,
-            "failed": True,
-            "reason": f"not tried: the tracking server was out of reach ({unreachable})",
-        }
+        reason = not_tried(unreachable)
+        return {**record, "promoted": False, "failed": True, "reason": reason}
     try:
         champ = current_champion(mlc, p.registered_model, p.alias)
     except Exception as err:

@@ -172,10 +172,17 @@ QUIET_S = (30.0, 300.0)
 
 def out_of_reach(err: BaseException) -> bool:
     """Whether an MLflow error is the tracking server not answering (refused, timed out,
-    retries spent on 5xx answers), as opposed to a request it answered and refused."""
-    import requests
+    retries spent on 5xx answers), as opposed to a request it answered and refused (an
+    ``HTTPError``: an artifact upload's 4xx, for one)."""
+    from requests.exceptions import HTTPError, RequestException
 
-    return any(isinstance(e, requests.exceptions.RequestException) for e in chain(err))
+    return any(isinstance(e, RequestException) and not isinstance(e, HTTPError) for e in chain(err))
+
+
+def not_tried(found_by: str) -> str:
+    """Why a finish step did not ask MLflow: ``found_by`` found the tracking server out of
+    reach earlier in the same finish."""
+    return f"not tried (the tracking server was out of reach at: {found_by})"
 
 
 def bound_retries() -> None:

@@ -14,6 +14,8 @@ class OutOfReach:
     def __init__(self, mlc: Any) -> None:
         self.mlc, self.down, self.calls = mlc, True, 0
         self.refuse: set[str] = set()  # methods the server answers with a refusal ("*": all)
+        self.only: set[str] = set()  # while down, only these methods fail (empty: all)
+        self.down_from: str | None = None  # the link goes down at the first call of this method
 
     def __getattr__(self, name: str) -> Any:
         import requests
@@ -23,9 +25,11 @@ class OutOfReach:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
+            if name == self.down_from:
+                self.down = True
             if name in self.refuse or "*" in self.refuse:  # the server is there and says no
                 raise MlflowException(f"/{name}: RESOURCE_DOES_NOT_EXIST")
-            if self.down:
+            if self.down and (not self.only or name in self.only):
                 try:
                     raise requests.exceptions.ConnectionError("Connection refused")
                 except requests.exceptions.ConnectionError as err:

@@ -163,7 +163,7 @@ def test_a_tracking_server_out_of_reach_is_asked_once_and_the_rest_is_recorded_n
     failures = summary["failed_steps"]
     assert failures[0] == missed, failures
     assert failures[1].startswith("MLflow: the trials' runs: MlflowException: "), failures
-    not_tried = "not tried: the tracking server was out of reach (MLflow: the trials' runs)"
+    not_tried = "not tried (the tracking server was out of reach at: MLflow: the trials' runs)"
     # Not the trials' tags: both finished at the first try, so there is nothing to tag.
     assert [f.removesuffix(f": {not_tried}") for f in failures[2:]] == [
         "MLflow: the best metric",
@@ -184,6 +184,88 @@ def test_a_tracking_server_out_of_reach_is_asked_once_and_the_rest_is_recorded_n
     drawn = sorted(Path(p).name for p in summary["plots"])
     assert drawn == sorted({HISTORY, IMPORTANCES, PARALLEL}), drawn
     assert json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())["failed_steps"] == failures
+    from raysft.tune import exit_code
+
+    assert exit_code(summary) == EXIT_FINISH_FAILED
+
+
+def test_a_finish_after_a_read_that_found_the_server_out_of_reach_asks_nothing(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """The driver reads the trial runs just before the finish: when that read found the server
+    out of reach, the finish starts where it left off."""
+    s = _search(tmp_path, checkpoint, "read-first")
+    link = OutOfReach(s["tracked"]["mlc"])
+    s["tracked"].update(mlc=link, unreachable="MLflow: reading the search's trial runs")
+    s["tracked"]["tracking_failures"] = ["MLflow: reading the search's trial runs: (its error)"]
+    summary = _run_finish(s)
+    assert link.calls == 0, link.calls
+    reason = "not tried (the tracking server was out of reach at: MLflow: reading the search's"
+    assert all(reason in f for f in summary["failed_steps"][1:]), summary["failed_steps"]
+    assert summary["promotion"]["failed"] is True
+
+
+def test_a_registry_found_out_of_reach_by_the_promotion_stops_the_later_steps(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    s = _search(tmp_path, checkpoint, "registry-gone")
+    link = OutOfReach(s["tracked"]["mlc"])
+    link.down, link.down_from = False, "get_registered_model"  # up until the promotion asks
+    s["tracked"]["mlc"] = link
+    summary = _run_finish(s)
+    promotion = summary["promotion"]
+    assert promotion["failed"] is True and promotion["out_of_reach"] is True, promotion
+    assert promotion["reason"].startswith("could not read the current champion"), promotion
+    not_tried = "not tried (the tracking server was out of reach at: promotion)"
+    assert [f.removesuffix(f": {not_tried}") for f in summary["failed_steps"][1:]] == [
+        "MLflow: the promotion tag",
+        "MLflow: the parent run's description",
+        "MLflow: summary.json",
+        "MLflow: closing the parent run",
+    ], summary["failed_steps"]
+    assert summary["failed_steps"][0].startswith("promotion: could not read the current champion")
+    # The plots and the best adapter were logged before it went down.
+    logged = {f.path for f in link.mlc.list_artifacts(s["tracked"]["parent_id"])}
+    assert {"best_adapter", "plots"} <= logged, logged
+
+
+def test_a_failed_upload_does_not_stop_the_later_mlflow_steps(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """An upload's error may come from an artifact store that is not the tracking server: it
+    fails alone, and promotion and the parent run's metadata are still written."""
+    s = _search(tmp_path, checkpoint, "upload-gone")
+    link = OutOfReach(s["tracked"]["mlc"])
+    link.only = {"log_artifact", "log_artifacts"}
+    s["tracked"]["mlc"] = link
+    summary = _run_finish(s)
+    failed = [f.split(": ", 2)[1] for f in summary["failed_steps"]]
+    assert failed == ["the best adapter", "the plots", "summary.json"], summary["failed_steps"]
+    assert not any("not tried" in f for f in summary["failed_steps"])
+    assert summary["promotion"]["promoted"] is True, summary["promotion"]
+    assert link.mlc.get_run(s["tracked"]["parent_id"]).info.status == "FINISHED"
+
+
+def test_a_failed_scoring_is_tagged_on_the_parent_run(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Base vs tuned runs as a Ray task (``compare.start``); here its handle raises as a task
+    whose worker died raises, and the finish tags the failure on the parent run."""
+    from raysft.search import compare
+
+    def scores() -> Any:
+        raise RuntimeError("the scoring task's worker died")
+
+    monkeypatch.setattr(compare, "start", lambda *args: scores)
+    s = _search(tmp_path, checkpoint, "scoring-failed")
+    s["cfg"].train.eval_base = True
+    summary = _run_finish(s)
+    assert summary["failed_steps"] == [
+        "base vs tuned: RuntimeError: the scoring task's worker died"
+    ], summary["failed_steps"]
+    tags = s["tracked"]["mlc"].get_run(s["tracked"]["parent_id"]).data.tags
+    assert tags["raysft.base_vs_tuned"] == "failed: RuntimeError: the scoring task's worker died"
+    assert summary["promotion"]["promoted"] is True  # no base score: nothing to gate on
 
 
 def test_a_trials_failures_are_tagged_on_its_run_and_nothing_on_the_others(

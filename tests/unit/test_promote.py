@@ -369,6 +369,67 @@ def test_a_registry_that_cannot_be_read_promotes_nothing(
     )
     assert registry.alias(name) == "1" and registry.versions(name) == 1
     assert snapshot(exp_dir / "champion") == before
+    assert "out_of_reach" not in record  # the server answered (a 503 after MLflow's retries)
+
+
+def test_a_registry_out_of_reach_is_said_and_the_gates_decide_without_it(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """A registry that does not answer marks the record ``out_of_reach`` (the finish then asks
+    MLflow no more); a finish that already found it so asks nothing, but the gates that need no
+    registry still decide."""
+    from mlflowkit import OutOfReach
+
+    from raysft.search.tracking import not_tried
+
+    exp_dir = tmp_path / "exp"
+    cfg = spec("unreachable-registry", exp_dir)
+    link = OutOfReach(registry.mlc)
+    record = promote(mlc=link, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["failed"] is True and record["out_of_reach"] is True, record
+    assert record["reason"].startswith("could not read the current champion, nothing changed")
+
+    link.calls = 0
+    worse = promote(mlc=link, cfg=cfg, best=best(registry, checkpoints["a"], 9.18),
+                    exp_dir=exp_dir, base_value=5.47, unreachable="MLflow: x")  # fmt: skip
+    assert worse["promoted"] is False and "failed" not in worse, worse
+    assert worse["reason"].startswith("eval_loss 9.18 does not beat the base model's 5.47")
+    off = spec("unreachable-registry", exp_dir, **{"promote.enabled": False})
+    skipped = promote(mlc=link, cfg=off, best=best(registry, checkpoints["a"], 0.5),
+                      exp_dir=exp_dir, unreachable="MLflow: x")  # fmt: skip
+    assert skipped == {"promoted": False, "reason": "promote.enabled is false"}
+    untried = promote(mlc=link, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                      exp_dir=exp_dir, unreachable="MLflow: x")  # fmt: skip
+    assert untried["failed"] is True and untried["reason"] == not_tried("MLflow: x"), untried
+    assert link.calls == 0
+    assert registry.versions("unreachable-registry") == 0 and not exp_dir.exists()
+
+
+def test_a_staging_folder_that_refuses_chmod_is_said_and_promoted(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A filesystem that refuses chmod (CIFS, some FUSE) keeps mkdtemp's 0700: said, and the
+    promotion goes on."""
+    exp_dir = tmp_path / "exp"
+    cfg = spec("no-chmod", exp_dir)
+    plain_chmod = Path.chmod
+
+    def chmod(self: Path, mode: int, **kwargs: Any) -> None:
+        if self.name.startswith(".champion.new-"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        plain_chmod(self, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "chmod", chmod)
+    with caplog.at_level("WARNING", logger="raysft.paths"):
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                         exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is True, record
+    assert "could not give" in caplog.text and "Operation not permitted" in caplog.text
 
 
 def test_a_checkpoint_that_cannot_be_exported_is_named(

@@ -510,6 +510,28 @@ def test_a_search_bounds_mlflows_retries_and_waits_unless_told_otherwise(
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
 
 
+def test_out_of_reach_is_a_server_that_did_not_answer_not_one_that_said_no() -> None:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from raysft.search.tracking import out_of_reach
+
+    def raised(cause: BaseException) -> BaseException:
+        try:
+            try:
+                raise cause
+            except Exception as err:  # as MLflow wraps it: the cause is the context
+                raise MlflowException(f"API request failed with exception {err}")  # noqa: B904
+        except MlflowException as wrapped:
+            return wrapped
+
+    assert out_of_reach(raised(requests.exceptions.ConnectionError("Connection refused")))
+    assert out_of_reach(raised(requests.exceptions.ReadTimeout("read timed out")))
+    assert out_of_reach(raised(requests.exceptions.RetryError("too many 503 error responses")))
+    assert not out_of_reach(raised(requests.exceptions.HTTPError("413 Payload Too Large")))
+    assert not out_of_reach(MlflowException("RESOURCE_DOES_NOT_EXIST"))
+
+
 def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     mlflow_store: tuple[Any, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
