@@ -472,7 +472,7 @@ def callback_failures(*, reset: bool = False) -> list[str]:
 # make a finished trial look torn down by Ctrl-C (``driver.interrupted_trials``).
 ENDED_FILE = "trials_ended.jsonl"
 # Beside it while some write of the trials' callback has failed and the finish has not made the
-# trials' runs whole since (``driver._complete_trial_runs``): it then checks every trial's run,
+# trials' runs whole since (``finish.complete_trial_runs``): it then checks every trial's run,
 # else only the runs with no end status.
 GAPS_FILE = "mlflow_gaps"
 

@@ -1,4 +1,4 @@
-"""A search's finish (raysft.search.driver._finish) with a real MLflow store: a finishing step
+"""A search's finish (raysft.search.finish.finish_search) with a real MLflow store: a finishing step
 that fails (MLflow refusing a write, a plot that cannot be saved) is recorded in summary.json,
 and the rest of the finish, promotion and the summary included, still happens."""
 
@@ -14,7 +14,8 @@ from mlflowkit import OutOfReach
 
 from raysft.cli import EXIT_FINISH_FAILED
 from raysft.config import validate_spec
-from raysft.search.driver import _finish
+from raysft.search.driver import _spec_record
+from raysft.search.finish import finish_search
 from raysft.search.plots import HISTORY, IMPORTANCES, PARALLEL
 from raysft.search.results import CHECKPOINT_PATH_KEY, SUMMARY_FILE
 from raysft.search.space import TrialConfigs
@@ -98,9 +99,10 @@ def _run_finish(s: dict[str, Any]) -> dict[str, Any]:
     import mlflow
 
     try:
-        return _finish(
+        return finish_search(
             "spec.yaml", s["cfg"], s["exp_dir"], s["results"],
             tracked=s["tracked"], resolve=s["resolve"], t0=time.perf_counter(),
+            resolved_spec=_spec_record(s["cfg"]),
         )  # fmt: skip
     finally:
         mlflow.set_tracking_uri(s["restore_uri"])  # tracking.client sets the process-wide URI
@@ -366,11 +368,11 @@ def test_what_the_trials_callback_could_not_write_is_written_at_the_finish(
 
 
 def _complete_again(s: dict[str, Any]) -> int:
-    from raysft.search.driver import _complete_trial_runs
+    from raysft.search.finish import complete_trial_runs
 
     summary = json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())
     s["tracked"]["tracking_failures"] = ["as if the callback had failed: every run checked"]
-    return _complete_trial_runs(
+    return complete_trial_runs(
         s["cfg"], s["exp_dir"], summary["trials"], s["results"],
         tracked=s["tracked"], resolve=s["resolve"],
     )  # fmt: skip
@@ -428,7 +430,7 @@ def test_runs_are_checked_only_where_the_trials_callback_may_have_missed_a_write
     """A search whose callback wrote every record asks MLflow nothing more at the finish (a
     search of many trials on a remote server would otherwise pay a request per metric and
     trial); a failed write, noted beside the search, has every run checked, once."""
-    from raysft.search.driver import _complete_trial_runs
+    from raysft.search.finish import complete_trial_runs
     from raysft.search.tracking import GAPS_FILE
 
     s = _search(tmp_path, checkpoint, "checked")
@@ -446,7 +448,7 @@ def test_runs_are_checked_only_where_the_trials_callback_may_have_missed_a_write
     mlc.get_metric_history = lambda run_id, key: asked.append(key) or history(run_id, key)
 
     def complete() -> int:
-        return _complete_trial_runs(
+        return complete_trial_runs(
             s["cfg"], s["exp_dir"], rows, s["results"], tracked=tracked, resolve=s["resolve"]
         )
 

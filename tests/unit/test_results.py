@@ -434,7 +434,7 @@ def test_a_row_never_names_a_checkpoint_that_is_gone(
     the driver warns, so nothing promotes or links a missing directory."""
     import logging
 
-    from raysft.search.driver import _check_checkpoint
+    from raysft.search.finish import check_checkpoint
 
     kept = tmp_path / "checkpoint_b"
     kept.mkdir()
@@ -445,7 +445,7 @@ def test_a_row_never_names_a_checkpoint_that_is_gone(
     ]
     with caplog.at_level(logging.WARNING, logger="raysft.search.driver"):
         for row in rows:
-            _check_checkpoint(row)
+            check_checkpoint(row)
     assert [r["checkpoint"] for r in rows] == [None, str(kept), None]
     assert "trial lost: its checkpoint at step 4 was replaced" in caplog.text
     assert "trial kept" not in caplog.text and "trial none" not in caplog.text
