@@ -157,20 +157,15 @@ class FinishSteps:
 
     def run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, or None when it raised (recorded as ``what: reason``)."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            self._failed(what, one_line(err))
-            log.debug("%s failed", what, exc_info=True)
-            return None
+        return self._call(what, fn, args, kwargs)[0]
 
-    def mlflow(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def mlflow(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``run`` for a step that asks the tracking server."""
-        return self._ask(what, fn, args, decides=True)
+        return self._ask(what, fn, args, kwargs, decides=True)
 
-    def upload(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def upload(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``run`` for a step that uploads artifacts (and may log through the tracking server)."""
-        return self._ask(what, fn, args, decides=False)
+        return self._ask(what, fn, args, kwargs, decides=False)
 
     def found_out_of_reach(self, what: str) -> None:
         """Later MLflow steps are not tried: ``what`` found the tracking server out of reach."""
@@ -183,7 +178,7 @@ class FinishSteps:
             )
 
     def _ask(
-        self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], *, decides: bool
+        self, what: str, fn: Callable[..., Any], args: tuple, kwargs: dict, *, decides: bool
     ) -> Any:
         if self.unreachable is not None:
             log.debug(
@@ -191,14 +186,20 @@ class FinishSteps:
             )
             self.failures.append(f"{what}: {tracking.not_tried(self.unreachable)}")
             return None
+        value, err = self._call(what, fn, args, kwargs)
+        if err is not None and decides and tracking.out_of_reach(err):
+            self.found_out_of_reach(what)
+        return value
+
+    def _call(
+        self, what: str, fn: Callable[..., Any], args: tuple, kwargs: dict
+    ) -> tuple[Any, Exception | None]:
         try:
-            return fn(*args)
+            return fn(*args, **kwargs), None
         except Exception as err:
             self._failed(what, one_line(err))
             log.debug("%s failed", what, exc_info=True)
-            if decides and tracking.out_of_reach(err):
-                self.found_out_of_reach(what)
-            return None
+            return None, err
 
     def _failed(self, what: str, reason: str) -> None:
         log.warning("%s failed (%s); the search's summary is written without it", what, reason)
@@ -259,8 +260,7 @@ def finish_search(
     missed = list(tracked.get("tracking_failures", ()))
     written = steps.mlflow(
         "MLflow: the trials' runs",
-        functools.partial(complete_trial_runs, tracked=tracked, resolve=resolve),
-        cfg, exp_dir, rows, results,
+        complete_trial_runs, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve,
     )  # fmt: skip
     if written is None:
         steps.failures[:0] = missed
