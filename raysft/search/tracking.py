@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,13 @@ _SEARCH_RETRIES = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+# The trials' callback asks less of a server: every trial's report waits for Tune's loop, where
+# it runs. Its requests wait 10 s for an answer and are retried once: about 21 s on a server that
+# takes connections and never answers, against 127 s at the figures above (Tune's log, on a
+# frozen server). A lower value in the environment is kept. After its first failure the whole
+# process asks once (``note_callback_failure``); what the callback could not write, the finish
+# writes.
+_CALLBACK_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1, "MLFLOW_HTTP_REQUEST_TIMEOUT": 10}
 # After the trials' callback finds the tracking server out of reach, it leaves MLflow alone
 # for this long, then asks again; each failure again doubles the wait, up to the last figure.
 QUIET_S = (30.0, 300.0)
@@ -189,6 +196,29 @@ def bound_retries() -> None:
     """This process's MLflow requests retried as a search's are (``_SEARCH_RETRIES``)."""
     for name, value in _SEARCH_RETRIES.items():
         os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def callback_requests() -> Iterator[None]:
+    """MLflow's requests in the block retried and timed as the trials' callback's are
+    (``_CALLBACK_REQUESTS``, or the process's values where lower); the process's values are back
+    after it. MLflow reads them at each request. Tune's loop, in the driver's main thread, is the
+    only MLflow caller while trials run, so no other request sees them."""
+    saved = {name: os.environ.get(name) for name in _CALLBACK_REQUESTS}
+    for name, cap in _CALLBACK_REQUESTS.items():
+        try:
+            value = min(int(saved[name] or cap), cap)
+        except ValueError:  # MLflow would refuse it at the request: its own message then
+            continue
+        os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def store_problem(uri: str) -> str | None:
@@ -547,7 +577,8 @@ def make_callback(
                 self._note_gap()
                 return False
             try:
-                call()
+                with callback_requests():
+                    call()
             except Exception as err:
                 reason = one_line(err)
                 note_callback_failure(f"MLflow: {what}: {reason}")

@@ -556,7 +556,10 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
     # Beside where the reporter keeps checkpoints where it says (a run's own folder: no copy
     # through the system's temp folder, which may be small), else in the temp folder (Ray
     # uploads it to the search's storage).
-    tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=getattr(report, "staging_dir", None))
+    staging = getattr(report, "staging_dir", None)
+    if staging is not None:
+        Path(staging).mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging)
     give_plain_modes(Path(tmp), [])  # mkdtemp's 0700 would keep a colleague out
     handed_over = False
     try:

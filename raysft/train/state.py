@@ -306,13 +306,10 @@ class LocalCheckpoints:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-
-    @property
-    def staging_dir(self) -> str:
-        """Where a checkpoint is written before it is reported: in ``directory``, so that it
-        moves in by rename (no copy, nothing in the system's temp folder)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return str(self.directory)
+        # Where a checkpoint is written before it is reported (the writer makes the folder):
+        # in ``directory``, so that it moves in by rename (no copy, nothing in the system's
+        # temp folder).
+        self.staging_dir = str(self.directory)
 
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:

@@ -6,6 +6,7 @@ them to the driver: ``RayTaskError`` around Ray Train's ``WorkerGroupError`` aro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -508,6 +509,93 @@ def test_a_search_bounds_mlflows_retries_and_waits_unless_told_otherwise(
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
     tracking.bound_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+
+
+class HungServer:
+    """A tracking server that takes connections and never answers (a hung process): a real
+    socket; ``connections`` counts the requests MLflow made, retries included."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every trial's report waits for the callback (Tune's loop): a server that never answers
+    holds it for one request and one retry at the callback's wait, not at the search's (3
+    retries of 30 s each, 127 s in all). After that first failure the process asks once."""
+    from mlflow.tracking import MlflowClient
+
+    from raysft.config import validate_tree
+    from raysft.search import tracking
+
+    monkeypatch.setitem(tracking._CALLBACK_REQUESTS, "MLFLOW_HTTP_REQUEST_TIMEOUT", 1)
+    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
+    tracking.bound_retries()  # as a search: 3 retries, 30 s each
+    server = HungServer()
+    try:
+        callback = tracking.make_callback(
+            MlflowClient(tracking_uri=server.uri), exp_id="1", parent_id="p",
+            resolve_trial=lambda trial_id, sampled: validate_tree({}),
+            ended_file=tmp_path / tracking.ENDED_FILE,
+        )  # fmt: skip
+        tracking.callback_failures(reset=True)
+        callback.setup()  # reads the search's trial runs: no answer
+        assert server.connections == 2  # the request and its one retry
+        assert callback.quiet()  # out of reach: left alone for a while
+        (failure,) = tracking.callback_failures(reset=True)
+        assert failure.startswith("MLflow: reading the search's trial runs: ")
+        assert "timed out" in failure
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+
+        callback.quiet_until = 0.0  # the quiet period is over: asked again, once
+        callback.setup()
+        assert server.connections == 3
+    finally:
+        server.close()
+        tracking.callback_failures(reset=True)
+
+
+def test_the_callbacks_request_figures_are_the_lower_and_last_only_for_its_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from raysft.search import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # the user's, lower than 10
+    with tracking.callback_requests():
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    with pytest.raises(RuntimeError), tracking.callback_requests():
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
+        raise RuntimeError("the call failed")
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # unset again, as it was
 
 
 def test_out_of_reach_is_a_server_that_did_not_answer_not_one_that_said_no() -> None:
