@@ -501,34 +501,11 @@ def _search(
         raise
     ended = False  # whether every trial ended (a Ctrl-C during fit() is told apart below)
     try:
-        # After --resume, Tune drives its restored copy of the callback, not ``callback``: the
-        # trial runs of earlier attempts are only known to MLflow.
         tracking_failures = tracking.callback_failures()  # this start's: reset at its start
-        unreachable: str | None = None
-        known: dict[str, tuple[str | None, str | None]]
-        try:
-            known = dict(tracking.trial_runs(mlc, exp_id, parent_id))
-        except Exception as err:  # MLflow out of reach: the callback's record stands in
-            reason = one_line(err)
-            log.warning("MLflow: could not read the search's trial runs (%s)", reason)
-            tracking_failures.append(f"MLflow: reading the search's trial runs: {reason}")
-            known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
-            if tracking.out_of_reach(err):  # the finish does not ask again
-                unreachable = "MLflow: reading the search's trial runs"
+        known, unreachable = _known_trial_runs(mlc, exp_id, parent_id, callback, tracking_failures)
         ids = [(grid[i].metrics or {}).get("trial_id") for i in range(len(grid))]
         known = _with_local_ends(known, exp_dir, ids)
-        # Trials Tune created but never started (pending when Ctrl-C came) have no run at all.
-        never_started = len(grid) - grid.num_terminated - grid.num_errors
-        unended = interrupted_trials(
-            known,
-            created=len(grid),
-            num_samples=cfg.search.num_samples,
-            never_started=never_started,
-        )
-        if unended is not None:
-            _stop_interrupted(
-                mlc, parent_id, known, unended, exp_dir=exp_dir, num_samples=cfg.search.num_samples
-            )
+        _stop_if_interrupted(grid, known, mlc, parent_id, exp_dir=exp_dir, cfg=cfg)
         ended = True
         runs = {t: run for t, (run, _) in known.items() if run}
         runs.update(callback.runs)
@@ -573,6 +550,51 @@ def _search(
         raise
     finally:
         ray.shutdown()  # flushes worker logs now, not after the summary table
+
+
+def _known_trial_runs(
+    mlc: Any, exp_id: str, parent_id: str, callback: Any, failures: list[str]
+) -> tuple[dict[str, tuple[str | None, str | None]], str | None]:
+    """trial_id -> (run id, status tag) of the search's trial runs just after its trials, and
+    the step that found the tracking server out of reach (the finish then does not ask
+    again), if it did. MLflow is asked: after --resume, Tune drives its restored copy of the
+    callback, not ``callback``, so the trial runs of earlier starts are only known to MLflow.
+    Where it cannot answer, the callback's record stands in and the failure joins
+    ``failures``."""
+    try:
+        return dict(tracking.trial_runs(mlc, exp_id, parent_id)), None
+    except Exception as err:
+        reason = one_line(err)
+        log.warning("MLflow: could not read the search's trial runs (%s)", reason)
+        failures.append(f"MLflow: reading the search's trial runs: {reason}")
+        known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
+        unreachable = "MLflow: reading the search's trial runs"
+        return known, unreachable if tracking.out_of_reach(err) else None
+
+
+def _stop_if_interrupted(
+    grid: Any,
+    known: dict[str, tuple[str | None, str | None]],
+    mlc: Any,
+    parent_id: str,
+    *,
+    exp_dir: Path,
+    cfg: SearchSpec,
+) -> None:
+    """Raises KeyboardInterrupt, the open runs marked KILLED, where a trial did not end (a
+    Ctrl-C during ``fit``: ``interrupted_trials``)."""
+    # Trials Tune created but never started (pending when Ctrl-C came) have no run at all.
+    never_started = len(grid) - grid.num_terminated - grid.num_errors
+    unended = interrupted_trials(
+        known,
+        created=len(grid),
+        num_samples=cfg.search.num_samples,
+        never_started=never_started,
+    )
+    if unended is not None:
+        _stop_interrupted(
+            mlc, parent_id, known, unended, exp_dir=exp_dir, num_samples=cfg.search.num_samples
+        )
 
 
 def _close_parent(mlc: Any, run_id: str, status: str) -> None:

@@ -251,30 +251,10 @@ def finish_search(
     raysft_state.json keeps it; ``earlier_starts``: (count, seconds) of the search's starts
     before this one."""
     t_finish = time.perf_counter()
-    s = cfg.search
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     steps = FinishSteps(tracked.get("unreachable"))  # the read of the trial runs just before
     rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
-    # What the trials' callback could not write to MLflow while they ran (tracking.py) is
-    # written now, from the trials' own reports; failures stay failures only if that fails too.
-    missed = list(tracked.get("tracking_failures", ()))
-    written = steps.mlflow(
-        "MLflow: the trials' runs",
-        complete_trial_runs, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve,
-    )  # fmt: skip
-    if written is None:
-        steps.failures[:0] = missed
-    elif written:
-        log.info(
-            "MLflow: the trials' runs lacked %d fields (a tracking server out of reach while "
-            "they ran): written now",
-            written,
-        )
-    for row in rows:
-        tags = _outcome_tags(row)
-        if tags:  # asked only for what there is to write, so "not tried" lists only that
-            what = f"MLflow tags of trial {row['trial_id']}"
-            steps.mlflow(what, _tag_outcome, mlc, row["mlflow_run_id"], tags)
+    _make_trial_runs_whole(steps, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve)
     res.drop_untracked_checkpoints(
         exp_dir, {str(Path(r["checkpoint"]).resolve()) for r in rows if r["checkpoint"]}
     )
@@ -282,65 +262,27 @@ def finish_search(
     if best:
         value = float(best["metric"])
         steps.mlflow(
-            "MLflow: the best metric", mlc.log_metric, parent_id, f"best_{s.metric}", value
+            "MLflow: the best metric", mlc.log_metric, parent_id, f"best_{cfg.search.metric}", value
         )
         steps.upload(
             "MLflow: the best adapter", _log_best_adapter, mlc, parent_id, best["checkpoint"]
         )
     # Base vs tuned scores on the cluster while the driver draws; promotion waits for it: a
     # best trial that does not beat the base model is not promoted.
-    scores = None
+    scores = best_cfg = None
     if best and cfg.train.eval_base:
         best_cfg = resolve(best["trial_id"], best["sampled"])
         scores = steps.run("base vs tuned", compare.start, cfg, best_cfg, best["checkpoint"])
-    histories = _eval_curves(results)  # the trials' own reports, else MLflow's copy
-    unread = {t: run for t, run in tracked["runs"].items() if t not in histories and run}
-    if unread:
-        from_mlflow = steps.mlflow(
-            "MLflow: the trials' eval curves",
-            plots.histories_from_mlflow, mlc, unread, "eval_loss",
-        )  # fmt: skip
-        histories.update(from_mlflow or {})
-    drawn = steps.run("plots", plots.write_plots, exp_dir, cfg, rows, histories or {}) or []
-    steps.upload("MLflow: the plots", plots.log_plots, mlc, parent_id, drawn)
+    drawn = _plots(steps, cfg, exp_dir, rows, results, tracked)
     comparison = None
     if scores is not None and best:
-        comparison = steps.run(
-            "base vs tuned", compare.collect, scores, best_cfg, best["checkpoint"], exp_dir
-        )
-        if comparison and comparison.get("failed"):
-            steps.failures.append(f"base vs tuned: {comparison['reason']}")
-            failed_tag = f"failed: {comparison['reason']}"[:5000]
-            steps.mlflow(
-                "MLflow: the base vs tuned tag",
-                mlc.set_tag, parent_id, "raysft.base_vs_tuned", failed_tag,
-            )  # fmt: skip
-        elif comparison:
-            steps.upload(
-                "MLflow: base vs tuned",
-                compare.log_comparison, mlc, parent_id, exp_dir, comparison,
-            )  # fmt: skip
-    promotion = steps.run(
-        "promotion",
-        promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
-        base_value=compare.base_value(comparison, s.metric), unreachable=steps.unreachable,
-    )  # fmt: skip
-    if promotion is None:  # promote records its own failures; this one escaped it
-        reason = steps.failures[-1].split(": ", 1)[1]
-        promotion = {"promoted": False, "failed": True, "reason": reason}
-    elif promotion.get("failed"):
-        steps.failures.append(f"promotion: {promotion['reason']}")
-        if promotion.get("out_of_reach"):  # the registry is the tracking server
-            steps.found_out_of_reach("promotion")
-    steps.mlflow(
-        "MLflow: the promotion tag",
-        mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
-    )  # fmt: skip
+        comparison = _base_vs_tuned(steps, scores, best_cfg, best, exp_dir, tracked)
+    promotion = _promotion(steps, cfg, best, exp_dir, comparison, tracked)
     summary = {
         "spec": spec_path,
         "experiment_dir": str(exp_dir),
-        "metric": s.metric,
-        "mode": s.mode,
+        "metric": cfg.search.metric,
+        "mode": cfg.search.mode,
         "best": best,
         "trials": rows,
         "counts": res.counts(rows),
@@ -367,14 +309,139 @@ def finish_search(
         "working_dir": os.getcwd(),
         "failed_steps": steps.failures,
     }
+    _write_summary(steps, exp_dir, summary, tracked)
+    return summary
+
+
+def _make_trial_runs_whole(
+    steps: FinishSteps,
+    cfg: SearchSpec,
+    exp_dir: Path,
+    rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    *,
+    tracked: dict[str, Any],
+    resolve: TrialConfigs,
+) -> None:
+    """What the trials' callback could not write to MLflow while they ran (tracking.py) is
+    written now, from the trials' own reports; its failures stay failures only if that fails
+    too. Then each trial's failures are tagged on its run."""
+    missed = list(tracked.get("tracking_failures", ()))
+    written = steps.mlflow(
+        "MLflow: the trials' runs",
+        complete_trial_runs, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve,
+    )  # fmt: skip
+    if written is None:
+        steps.failures[:0] = missed
+    elif written:
+        log.info(
+            "MLflow: the trials' runs lacked %d fields (a tracking server out of reach while "
+            "they ran): written now",
+            written,
+        )
+    for row in rows:
+        tags = _outcome_tags(row)
+        if tags:  # asked only for what there is to write, so "not tried" lists only that
+            what = f"MLflow tags of trial {row['trial_id']}"
+            steps.mlflow(what, _tag_outcome, tracked["mlc"], row["mlflow_run_id"], tags)
+
+
+def _plots(
+    steps: FinishSteps,
+    cfg: SearchSpec,
+    exp_dir: Path,
+    rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    tracked: dict[str, Any],
+) -> list[Path]:
+    """The search's plots, drawn in the experiment dir and logged to the parent run; the eval
+    curves from the trials' own reports, else from MLflow's copy. The files drawn."""
+    mlc = tracked["mlc"]
+    histories = _eval_curves(results)
+    unread = {t: run for t, run in tracked["runs"].items() if t not in histories and run}
+    if unread:
+        from_mlflow = steps.mlflow(
+            "MLflow: the trials' eval curves",
+            plots.histories_from_mlflow, mlc, unread, "eval_loss",
+        )  # fmt: skip
+        histories.update(from_mlflow or {})
+    drawn = steps.run("plots", plots.write_plots, exp_dir, cfg, rows, histories or {}) or []
+    steps.upload("MLflow: the plots", plots.log_plots, mlc, tracked["parent_id"], drawn)
+    return drawn
+
+
+def _base_vs_tuned(
+    steps: FinishSteps,
+    scores: Any,
+    best_cfg: Any,
+    best: dict[str, Any],
+    exp_dir: Path,
+    tracked: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The base vs tuned scoring collected (``compare.start`` began it), written and logged; a
+    failed one is a failed step and a tag on the parent run."""
+    mlc, parent_id = tracked["mlc"], tracked["parent_id"]
+    comparison = steps.run(
+        "base vs tuned", compare.collect, scores, best_cfg, best["checkpoint"], exp_dir
+    )
+    if comparison and comparison.get("failed"):
+        steps.failures.append(f"base vs tuned: {comparison['reason']}")
+        failed_tag = f"failed: {comparison['reason']}"[:5000]
+        steps.mlflow(
+            "MLflow: the base vs tuned tag",
+            mlc.set_tag, parent_id, "raysft.base_vs_tuned", failed_tag,
+        )  # fmt: skip
+    elif comparison:
+        steps.upload(
+            "MLflow: base vs tuned",
+            compare.log_comparison, mlc, parent_id, exp_dir, comparison,
+        )  # fmt: skip
+    return comparison
+
+
+def _promotion(
+    steps: FinishSteps,
+    cfg: SearchSpec,
+    best: dict[str, Any] | None,
+    exp_dir: Path,
+    comparison: dict[str, Any] | None,
+    tracked: dict[str, Any],
+) -> dict[str, Any]:
+    """The best trial promoted (``promote``: its gates, the registry, the export) and the
+    outcome tagged on the parent run; the promotion record."""
+    mlc, parent_id = tracked["mlc"], tracked["parent_id"]
+    promotion = steps.run(
+        "promotion",
+        promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
+        base_value=compare.base_value(comparison, cfg.search.metric),
+        unreachable=steps.unreachable,
+    )  # fmt: skip
+    if promotion is None:  # promote records its own failures; this one escaped it
+        reason = steps.failures[-1].split(": ", 1)[1]
+        promotion = {"promoted": False, "failed": True, "reason": reason}
+    elif promotion.get("failed"):
+        steps.failures.append(f"promotion: {promotion['reason']}")
+        if promotion.get("out_of_reach"):  # the registry is the tracking server
+            steps.found_out_of_reach("promotion")
+    steps.mlflow(
+        "MLflow: the promotion tag",
+        mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
+    )  # fmt: skip
+    return promotion
+
+
+def _write_summary(
+    steps: FinishSteps, exp_dir: Path, summary: dict[str, Any], tracked: dict[str, Any]
+) -> None:
+    """The parent run's description, summary.json written and logged, the parent run closed.
+    Failures after the write are added to it, and it is written again."""
+    mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     steps.mlflow("MLflow: the parent run's description", tracking.describe_parent, mlc, parent_id,
                  summary)  # fmt: skip
     path = res.write_summary(exp_dir, summary)
-    # Failures after the write: added, and the summary written again.
     closing = FinishSteps(steps.unreachable)
     closing.upload("MLflow: summary.json", mlc.log_artifact, parent_id, str(path))
     closing.mlflow("MLflow: closing the parent run", mlc.set_terminated, parent_id, "FINISHED")
     if closing.failures:
         steps.failures.extend(closing.failures)
         res.write_summary(exp_dir, summary)
-    return summary
