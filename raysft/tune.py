@@ -16,12 +16,8 @@ from typing import Any, NoReturn
 
 from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
-from raysft.search.driver import (
-    check_experiment_dir,
-    experiment_dir_holder,
-    run_search,
-    tracking_store_error,
-)
+from raysft.search.driver import run_search, tracking_store_error
+from raysft.search.experiment import check_experiment_dir, experiment_dir_holder
 from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import (
     Node,

@@ -14,7 +14,7 @@ from mlflowkit import OutOfReach
 
 from raysft.cli import EXIT_FINISH_FAILED
 from raysft.config import validate_spec
-from raysft.search.driver import _spec_record
+from raysft.search.experiment import spec_record
 from raysft.search.finish import finish_search
 from raysft.search.plots import HISTORY, IMPORTANCES, PARALLEL
 from raysft.search.results import CHECKPOINT_PATH_KEY, SUMMARY_FILE
@@ -102,7 +102,7 @@ def _run_finish(s: dict[str, Any]) -> dict[str, Any]:
         return finish_search(
             "spec.yaml", s["cfg"], s["exp_dir"], s["results"],
             tracked=s["tracked"], resolve=s["resolve"], t0=time.perf_counter(),
-            resolved_spec=_spec_record(s["cfg"]),
+            resolved_spec=spec_record(s["cfg"]),
         )  # fmt: skip
     finally:
         mlflow.set_tracking_uri(s["restore_uri"])  # tracking.client sets the process-wide URI

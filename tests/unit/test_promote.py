@@ -460,7 +460,7 @@ def test_an_export_dir_that_holds_other_files_is_never_replaced(
     # Installing a champion swaps the export directory whole and deletes the old one: a user's
     # directory, or the experiment itself, must be refused, before the search and at promotion.
     from raysft.errors import SearchStateError
-    from raysft.search.driver import check_experiment_dir
+    from raysft.search.experiment import check_experiment_dir
 
     exp_dir = tmp_path / "exp"
     mine = tmp_path / "mine"

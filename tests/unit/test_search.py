@@ -1111,7 +1111,7 @@ class CliRuns:
     """The CLI subprocesses, started once; results parsed on first use."""
 
     def __init__(self, tmp: Path):
-        from raysft.search.driver import hold_experiment_dir
+        from raysft.search.experiment import hold_experiment_dir
 
         self.files = _cli_files(tmp)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID")}
@@ -1377,7 +1377,7 @@ def test_a_trial_failed_for_good_stays_failed_when_resume_restarts_it(
 
 def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: Path) -> None:
     from raysft.errors import SearchStateError
-    from raysft.search import driver, tracking
+    from raysft.search import experiment, tracking
 
     tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
     tree["search"]["experiment_dir"] = str(tmp_path / "exp")
@@ -1385,26 +1385,26 @@ def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: P
     exp = tmp_path / "exp"
     (exp / "tune").mkdir(parents=True)
     state = {"parent_run_id": "p", "tracking_uri": tracking.tracking_uri(started.tracking)}
-    record = {**state, "spec": driver._spec_record(started)}
-    (exp / driver.STATE_FILE).write_text(json.dumps(record))
-    assert driver._open_experiment("s.yaml", started, resume=True) == exp.resolve()
+    record = {**state, "spec": experiment.spec_record(started)}
+    (exp / experiment.STATE_FILE).write_text(json.dumps(record))
+    assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
     # Where trials run may change; what they train may not.
     moved = copy.deepcopy(tree)
     moved["search"]["resources"]["cpus_per_worker"] = 2
-    driver._open_experiment("s.yaml", validate_spec(moved, source="s.yaml"), resume=True)
+    experiment.open_experiment("s.yaml", validate_spec(moved, source="s.yaml"), resume=True)
     changed = copy.deepcopy(tree)
     changed["train"]["max_steps"] = 300
     changed["search"]["num_samples"] = 8
     with pytest.raises(SearchStateError) as err:
-        driver._open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
+        experiment.open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
     assert str(err.value) == (
         f"s.yaml: --resume: the spec differs from the one {exp.resolve()} was started with, at "
         "search.num_samples, train.max_steps; resume with that spec, or start a new search in "
         "another search.experiment_dir"
     )
     # An experiment dir from before raysft kept its spec: nothing to compare with.
-    (exp / driver.STATE_FILE).write_text(json.dumps(state))
-    driver._open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
+    (exp / experiment.STATE_FILE).write_text(json.dumps(state))
+    experiment.open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
 
 
 def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
@@ -1414,7 +1414,7 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
 
     from raysft.assets import resolve
     from raysft.errors import SearchStateError
-    from raysft.search import driver, tracking
+    from raysft.search import driver, experiment, tracking
 
     tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
     tree["search"]["experiment_dir"] = str(tmp_path / "exp")
@@ -1429,11 +1429,11 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     uri = tracking.tracking_uri(started.tracking)
     driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri)
-    assert driver._open_experiment("s.yaml", started, resume=True) == exp.resolve()
+    assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
     lines = evals.read_text(encoding="utf-8").splitlines()
     evals.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # reordered
     with pytest.raises(SearchStateError) as err:
-        driver._open_experiment("s.yaml", started, resume=True)
+        experiment.open_experiment("s.yaml", started, resume=True)
     assert str(err.value).startswith(
         f"s.yaml: --resume: the data differs from what the trials in {exp.resolve()} trained and "
         "were scored on; restore it, or start a new search in another search.experiment_dir: "
@@ -1450,7 +1450,7 @@ def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
     from mlflow.tracking import MlflowClient
 
     from raysft.errors import SearchStateError
-    from raysft.search import driver, tracking
+    from raysft.search import driver, experiment, tracking
 
     tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
     tree["search"]["experiment_dir"] = str(tmp_path / "exp")
@@ -1464,13 +1464,13 @@ def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")  # where the runs go in this test
     uri = tracking.tracking_uri(cfg.tracking)
     driver._parent_run(mlc, mlc.create_experiment("e"), exp, cfg, str(spec), uri=uri)
-    assert "s3cret" not in (exp / driver.STATE_FILE).read_text()
-    assert driver._open_experiment("s.yaml", cfg, resume=True) == exp.resolve()
+    assert "s3cret" not in (exp / experiment.STATE_FILE).read_text()
+    assert experiment.open_experiment("s.yaml", cfg, resume=True) == exp.resolve()
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SearchStateError) as err:
-        driver._open_experiment("s.yaml", cfg, resume=True)
+        experiment.open_experiment("s.yaml", cfg, resume=True)
     assert str(err.value) == (
         f"s.yaml: --resume: the search in {exp.resolve()} is tracked in the MLflow store "
         f"https://ci:***@mlflow.example.com, not sqlite:///{tmp_path / 'mlflow.db'}; resume with "
@@ -1513,7 +1513,7 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
     import sys
 
     from raysft.errors import SearchStateError
-    from raysft.search import driver
+    from raysft.search import driver, experiment
 
     exp = tmp_path / "new"
     tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
@@ -1522,7 +1522,7 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
     exp.mkdir()
     first = subprocess.Popen(  # the first search: holds the lock until its stdin closes
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from raysft.search.driver import "
+         "import sys; from pathlib import Path; from raysft.search.experiment import "
          f"hold_experiment_dir as h; x = h('a.yaml', Path({str(exp)!r})); print('held', "
          "flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -1537,7 +1537,7 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
             f"s.yaml: search.experiment_dir: {exp} is in use by another search (pid {first.pid} "
         ), err.value
         assert str(err.value).endswith("; wait for it to end, or choose another directory")
-        assert ran == [] and (exp / driver.LOCK_FILE).is_file()
+        assert ran == [] and (exp / experiment.LOCK_FILE).is_file()
     finally:
         first.communicate(input="", timeout=30)
     # Once the first has ended, the directory is free again.

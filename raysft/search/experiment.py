@@ -1,0 +1,240 @@
+"""A search's experiment dir: checked before anything starts, held by one search at a time, and
+its state file (``raysft_state.json``): the parent run, the spec, MLflow store and data a
+``--resume`` must match, and the search's starts so far."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from raysft.config import SearchSpec
+from raysft.data.digest import Digests, changed_sources, data_digests
+from raysft.errors import ConfigError, SearchStateError
+from raysft.paths import writable_dir_problem
+from raysft.search import results as res
+from raysft.search import tracking
+from raysft.search.promote import export_dir_problem, export_target
+from raysft.search.ray_start import base_in_job_copy_notice, inside_job_copy
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "raysft_state.json"  # parent MLflow run id etc., for --resume and raysft.promote
+
+
+def open_experiment(
+    spec_path: str, cfg: SearchSpec, *, resume: bool, digests: Digests | None = None
+) -> Path:
+    """The experiment dir, checked against ``--resume`` before anything starts."""
+    exp_dir = check_experiment_dir(spec_path, cfg, resume=resume, digests=digests)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    return exp_dir
+
+
+def check_experiment_dir(
+    spec_path: str,
+    cfg: SearchSpec,
+    *,
+    resume: bool,
+    held_ok: bool = False,
+    digests: Digests | None = None,
+) -> Path:
+    """Where the search goes (resolved), refused if it cannot go there: a file, a search that
+    is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
+    with it, another spec's search to resume, or any of its outputs inside a Ray job's copy of
+    ``--working-dir``. A base model inside that copy is said here too (the export will carry
+    it: ``promote._stage_export``)."""
+    exp_dir = Path(cfg.search.experiment_dir).resolve()
+    lost = inside_job_copy(_outputs(cfg, exp_dir), os.environ, Path.cwd())
+    if lost:
+        raise ConfigError(spec_path, lost)
+    if cfg.promote.enabled and cfg.method != "full":  # a full model's export holds its weights
+        gone = base_in_job_copy_notice(cfg.model.name_or_path, os.environ, Path.cwd())
+        if gone:
+            log.warning("%s: %s", spec_path, gone)
+    unusable = writable_dir_problem(exp_dir)
+    if unusable:
+        raise SearchStateError(f"{spec_path}: search.experiment_dir: {unusable}")
+    tune_dir = exp_dir / "tune"
+    if tune_dir.exists() and not resume and not held_ok:
+        raise SearchStateError(
+            f"{spec_path}: search.experiment_dir: {exp_dir} already holds a search; "
+            "pass --resume to continue it or choose another directory"
+        )
+    if resume and not tune_dir.exists():
+        raise SearchStateError(f"{spec_path}: --resume: no search to resume in {exp_dir}")
+    if resume:
+        _check_same_spec(spec_path, cfg, exp_dir, digests)
+    unsafe = export_dir_problem(cfg.promote, exp_dir) if cfg.promote.enabled else None
+    if unsafe:  # found now, not after the search
+        raise SearchStateError(f"{spec_path}: promote.export_dir: {unsafe}")
+    return exp_dir
+
+
+def _outputs(cfg: SearchSpec, exp_dir: Path) -> dict[str, Path | None]:
+    """Where a search writes, by setting: its experiment dir, the champion's export and a local
+    MLflow store (sqlite or file); None for a store on a server."""
+    uri = tracking.tracking_uri(cfg.tracking)
+    store = tracking.local_store(uri)
+    return {
+        "search.experiment_dir": exp_dir,
+        # Its default is inside the experiment dir: named only when set.
+        "promote.export_dir": (
+            export_target(cfg.promote, exp_dir).resolve()
+            if cfg.promote.enabled and cfg.promote.export_dir
+            else None
+        ),
+        "tracking.uri": store,
+    }
+
+
+# May change on --resume: where and how many trials run at once, not what they train.
+_RESUMABLE_CHANGES = ("search.resources",)
+
+
+def spec_record(cfg: SearchSpec) -> dict[str, Any]:
+    """The resolved spec as raysft_state.json keeps it (credentials redacted)."""
+    tree: dict[str, Any] = res.json_safe(tracking.redact_tree(cfg.model_dump(mode="json")))
+    return tree
+
+
+def _changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted paths whose values differ between two spec records, but for _RESUMABLE_CHANGES."""
+    a, b = tracking.flatten(old), tracking.flatten(new)
+    return sorted(
+        path
+        for path in a.keys() | b.keys()
+        if a.get(path) != b.get(path) and not path.startswith(_RESUMABLE_CHANGES)
+    )
+
+
+def _check_same_spec(
+    spec_path: str, cfg: SearchSpec, exp_dir: Path, digests: Digests | None
+) -> None:
+    """``--resume`` continues the search it finds with the spec it started with: Tune restores
+    its sampler and trials, but every trial's config comes from the spec given now.
+    ``digests``: the data's, where the caller has them (``SharedData``), else read here."""
+    state_path = exp_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("spec") is None:  # an experiment dir from before raysft kept its spec
+        return
+    changed = _changed_paths(state["spec"], spec_record(cfg))
+    if changed:
+        shown = ", ".join(changed[:8]) + (
+            f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        )
+        raise SearchStateError(
+            f"{spec_path}: --resume: the spec differs from the one {exp_dir} was started with, "
+            f"at {shown}; resume with that spec, or start a new search in another "
+            "search.experiment_dir"
+        )
+    # Its parent and trial runs are in the MLflow store it started with (the spec may leave the
+    # store to $MLFLOW_TRACKING_URI, or to ./mlflow.db of another directory).
+    then = state.get("tracking_uri")
+    uri = tracking.redact("tracking_uri", tracking.tracking_uri(cfg.tracking))
+    if isinstance(then, str) and tracking.redact("tracking_uri", then) != uri:
+        raise SearchStateError(
+            f"{spec_path}: --resume: the search in {exp_dir} is tracked in the MLflow store "
+            f"{tracking.redact('tracking_uri', then)}, not {uri}; resume with that store "
+            "(tracking.uri or $MLFLOW_TRACKING_URI), from the directory the search ran in if "
+            "the spec names a relative one"
+        )
+    # Same paths, other bytes: the trials so far trained and were scored on the old ones.
+    now = data_digests(cfg.data) if digests is None else digests
+    moved = changed_sources(state.get("data", {}), now)
+    if moved:
+        raise SearchStateError(
+            f"{spec_path}: --resume: the data differs from what the trials in {exp_dir} "
+            f"trained and were scored on; restore it, or start a new search in another "
+            f"search.experiment_dir: {'; '.join(moved)}"
+        )
+
+
+def count_start(exp_dir: Path, seconds: float) -> None:
+    """Add this start of the search (ended however it ended, but for a kill it cannot catch) to
+    raysft_state.json's ``earlier_starts``: a ``--resume``'s summary counts the whole search."""
+    path = exp_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        count, before = _earlier_starts(state)
+        state["earlier_starts"] = {"count": count + 1, "seconds": round(before + seconds, 1)}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+        tmp.replace(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # no state yet (refused early)
+        log.debug("search start not counted in %s: %s", path, err)
+
+
+LOCK_FILE = ".raysft.lock"  # held by the search running in an experiment dir (its pid inside)
+
+
+def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
+    """An exclusive lock on the experiment dir for this search's lifetime (released when the
+    returned file is closed, or the process ends however it ends). A second search started into
+    the same directory before the first wrote anything there would otherwise pass every check
+    and the two would write over each other's trials, runs and summary."""
+    import fcntl
+
+    try:
+        handle = (exp_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    except FileNotFoundError:  # removed meanwhile by another search refused as it started
+        raise SearchStateError(
+            f"{spec_path}: search.experiment_dir: {exp_dir} was removed as this search started "
+            "(another search into it was refused at the same moment); run it again"
+        ) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SearchStateError(
+            f"{spec_path}: search.experiment_dir: {exp_dir} is in use by another search "
+            f"({holder}); wait for it to end, or choose another directory"
+        ) from None
+    except OSError as err:  # a filesystem without flock (Lustre without -o flock, some FUSE)
+        log.warning(
+            "search.experiment_dir %s: cannot be locked (%s): a second search started into it "
+            "would not be refused",
+            exp_dir, err,
+        )  # fmt: skip
+        return handle
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}")
+    handle.flush()
+    return handle
+
+
+def experiment_dir_holder(exp_dir: Path) -> str | None:
+    """Who holds ``exp_dir``'s lock (``hold_experiment_dir``): the running search's pid and host
+    as it wrote them, or None when no search runs there (or the lock cannot be read)."""
+    import fcntl
+
+    try:
+        with (exp_dir / LOCK_FILE).open("r", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+    except OSError:  # no lock file, or a filesystem without flock
+        return None
+    return None
+
+
+def _earlier_starts(state: dict[str, Any]) -> tuple[int, float]:
+    """(count, seconds) of a search's earlier starts, from its raysft_state.json (``count_start``;
+    none in a state written before raysft counted them)."""
+    done = state.get("earlier_starts") or {"count": 0, "seconds": 0.0}
+    return int(done["count"]), float(done["seconds"])
+
+
+def read_earlier_starts(exp_dir: Path) -> tuple[int, float]:
+    """``_earlier_starts`` of the experiment dir's state; (0, 0.0) where there is none."""
+    try:
+        return _earlier_starts(json.loads((exp_dir / STATE_FILE).read_text("utf-8")))
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0, 0.0
