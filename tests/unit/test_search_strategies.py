@@ -224,6 +224,11 @@ def test_summary_table_and_verdict() -> None:
     )
     assert "| tpe-asha | 2 | 2.0 | 1.5 | 0.6025 ± 0.1379 | 0.5050, 0.7000 |" in text
     assert "**not met**: 1 of 2 seeds" in text
+    # std of (0.505, 0.7) is 0.1379, over sqrt(2) 0.0975: 19.50% of 0.5
+    assert "Their mean, 0.6025, is +20.50% from it (standard error of the mean 19.50%)." in text
+    assert "| 0.5050, 0.7000 | +20.50% | 1/2 | 200 |" in text  # 0.6025 is 20.5% worse than 0.5
+    assert rep.gap_pct(0.49, 0.5, "min") == pytest.approx(-2.0)  # better: below zero
+    assert rep.gap_pct(0.49, 0.5, "max") == pytest.approx(2.0)
     readme = f"a\n{rep.README_START}\nold\n{rep.README_END}\nb\n"
     assert (
         rep.splice_readme(readme, text)
@@ -263,7 +268,7 @@ def test_champions_are_retrained_on_other_seeds_and_compared_by_their_means() ->
     text = rep.reseed_markdown(result)
     assert "seed-to-seed std of 0.0300 (5.7% of its mean)" in text
     assert "| lr=4 | 0.5500, 0.5000, 0.5100 | 0.5200 ± 0.0265 |" in text
-    assert "| tpe-asha | 0.5600 | 5.66% |" in text
+    assert "| tpe-asha | 0.5600 | +5.66% |" in text
 
 
 # ---------------------------------------------------------------- heldout_effects.py
