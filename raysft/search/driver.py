@@ -29,6 +29,7 @@ from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, one_line
 from raysft.search import results as res
 from raysft.search import tracking
+from raysft.search.callback import make_callback
 from raysft.search.experiment import (
     LOCK_FILE,
     STATE_FILE,
@@ -279,7 +280,7 @@ def _search(
     parent_id = _parent_run(mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests)
     begun.append(True)
     resolve = TrialConfigs(tree, str(exp_dir))
-    callback = tracking.make_callback(
+    callback = make_callback(
         mlc,
         exp_id=exp_id,
         parent_id=parent_id,

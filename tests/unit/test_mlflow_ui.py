@@ -13,6 +13,7 @@ import yaml
 
 from raysft.config import validate_spec
 from raysft.search import tracking
+from raysft.search.callback import make_callback
 from raysft.search.space import TrialConfigs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +88,7 @@ def test_trial_runs_are_named_by_their_sampled_values(mlc: Any, tmp_path: Path) 
     spec = validate_spec(tree, source=str(SPEC))
     exp_id = tracking.experiment_id(mlc, "named-trials")
     parent = tracking.start_parent(mlc, exp_id, name="lora-search", cfg=spec, spec_path=str(SPEC))
-    callback = tracking.make_callback(
+    callback = make_callback(
         mlc,
         exp_id=exp_id,
         parent_id=parent,

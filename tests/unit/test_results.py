@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from mlflowkit import OutOfReach
 
+from raysft.search.callback import make_callback
 from raysft.search.results import (
     DivergedStopper,
     TrialStatus,
@@ -327,10 +328,9 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
 
 
 def _trial_callback(mlc: Any, exp_id: str, cfg: Any, ended_file: Path | None = None) -> Any:
-    from raysft.search import tracking
 
     parent = mlc.create_run(exp_id).info.run_id
-    return tracking.make_callback(
+    return make_callback(
         mlc,
         exp_id=exp_id,
         parent_id=parent,
@@ -558,7 +558,7 @@ def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
     tracking.bound_retries()  # as a search: 3 retries, 30 s each
     server = HungServer()
     try:
-        callback = tracking.make_callback(
+        callback = make_callback(
             MlflowClient(tracking_uri=server.uri), exp_id="1", parent_id="p",
             resolve_trial=lambda trial_id, sampled: validate_tree({}),
             ended_file=tmp_path / tracking.ENDED_FILE,
@@ -641,7 +641,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     link = OutOfReach(mlc)
     cfg = validate_tree({"train": {"max_steps": 10, "eval_every": 5}})
     now = [1000.0]
-    callback = tracking.make_callback(
+    callback = make_callback(
         link,
         exp_id=exp_id,
         parent_id=parent,
@@ -652,7 +652,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     tracking.callback_failures(reset=True)
     t0, t1, t2 = (SimpleNamespace(trial_id=t, config={}) for t in ("t0", "t1", "t2"))
 
-    with caplog.at_level("WARNING", logger="raysft.search.tracking"):
+    with caplog.at_level("WARNING", logger="raysft.search.callback"):
         callback.setup()  # reading the earlier start's runs: out of reach
         assert link.calls == 1 and (tmp_path / tracking.GAPS_FILE).exists()
         now[0] += 29
@@ -723,7 +723,7 @@ def test_a_start_whose_runs_cannot_be_read_still_makes_its_trials_runs(
     parent = mlc.create_run(exp_id).info.run_id
     link = OutOfReach(mlc)
     link.down, link.refuse = False, {"search_runs"}
-    callback = tracking.make_callback(
+    callback = make_callback(
         link, exp_id=exp_id, parent_id=parent,
         resolve_trial=lambda trial_id, sampled: validate_tree({}),
         ended_file=tmp_path / tracking.ENDED_FILE,
