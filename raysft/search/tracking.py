@@ -1,7 +1,8 @@
 """MLflow: one parent run per search, one nested child run per trial.
 
-Only the driver talks to MLflow (through a Tune callback fed by trial results), so workers need
-no tracking credentials and a SQLite store never sees concurrent writers.
+Only the driver talks to MLflow (through a Tune callback fed by trial results,
+``raysft.search.callback``, and at the search's finish), so workers need no tracking
+credentials and a SQLite store never sees concurrent writers.
 """
 
 from __future__ import annotations
