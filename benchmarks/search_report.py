@@ -277,9 +277,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
         budget, color="black", ls=":", lw=1, label=f"budget {budget} steps ({share:.0%} of grid)"
     )
     ax.set_xlim(0, result["grid_steps"])
+    values = [v for s in result["searches"] for _, v in s["curve"] if math.isfinite(v)]
+    if math.isfinite(best) and values:
+        # Where the searches end up, not their first trials: up to 1.5x the grid's best
+        # (down to 2/3 of it for a metric to maximize); the rest runs off the chart.
+        far = within(best, 0.5, mode) if mode == "min" else best / 1.5
+        near = min(values) if mode == "min" else max(values)
+        low, high = sorted((near, far))
+        pad = 0.03 * (high - low)
+        ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("optimizer steps spent by the search (all trials)")
     ax.set_ylabel(f"best {result['metric']} of a finished trial so far")
-    ax.set_title("Search strategies on the embedded default (one line per seed)")
+    ax.set_title(
+        "Search strategies on the embedded default (a line per seed; y to 1.5x grid best)"
+        if mode == "min"
+        else "Search strategies on the embedded default (a line per seed)"
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
