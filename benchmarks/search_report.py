@@ -130,14 +130,17 @@ def markdown(
     if tpe is not None:
         met = tpe["within_1pct"] == tpe["seeds"]
         found = [v for v in tpe["best_per_seed"] if math.isfinite(v)]
-        sem = statistics.stdev(found) / math.sqrt(len(found)) if len(found) > 1 else math.nan
         verdict = (
             f"\n\nGoal (TPE + ASHA within 1% of the grid's best at <= 1/3 of its steps): "
             f"**{'met' if met else 'not met'}**: {tpe['within_1pct']} of {tpe['seeds']} seeds "
-            f"within 1% of {_f(grid_best)} by {budget} of the grid's {grid_steps} steps. "
-            f"Their mean, {_f(tpe['best_mean'])}, is {tpe['gap_pct']:+.2f}% from it "
-            f"(standard error of the mean {100 * sem / abs(grid_best):.2f}%)."
+            f"within 1% of {_f(grid_best)} by {budget} of the grid's {grid_steps} steps."
         )
+        if len(found) > 1:  # a mean and its spread
+            sem = statistics.stdev(found) / math.sqrt(len(found))
+            verdict += (
+                f" Their mean, {_f(tpe['best_mean'])}, is {tpe['gap_pct']:+.2f}% from it "
+                f"(standard error of the mean {100 * sem / abs(grid_best):.2f}%)."
+            )
     return f"{context}\n\n{head}" + "\n".join(lines) + verdict + "\n"
 
 
@@ -278,21 +281,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     ax.set_xlim(0, result["grid_steps"])
     values = [v for s in result["searches"] for _, v in s["curve"] if math.isfinite(v)]
+    ends = [s["curve"][-1][1] for s in result["searches"] if s["curve"]]
+    ends = [v for v in ends if math.isfinite(v)]
     if math.isfinite(best) and values:
-        # Where the searches end up, not their first trials: up to 1.5x the grid's best
-        # (down to 2/3 of it for a metric to maximize); the rest runs off the chart.
-        far = within(best, 0.5, mode) if mode == "min" else best / 1.5
+        # Where the searches end up, not their first trials: up to 1.5x the grid's best (down
+        # to 2/3 of it for a metric to maximize) or the worst search's end, if further; the
+        # first trials of a search run off the chart.
+        pick = max if mode == "min" else min
+        far = pick([within(best, 0.5, mode) if mode == "min" else best / 1.5, *ends])
         near = min(values) if mode == "min" else max(values)
         low, high = sorted((near, far))
-        pad = 0.03 * (high - low)
+        pad = 0.03 * (high - low) or 0.05 * abs(high) or 1.0
         ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("optimizer steps spent by the search (all trials)")
     ax.set_ylabel(f"best {result['metric']} of a finished trial so far")
-    ax.set_title(
-        "Search strategies on the embedded default (a line per seed; y to 1.5x grid best)"
-        if mode == "min"
-        else "Search strategies on the embedded default (a line per seed)"
-    )
+    ax.set_title("Search strategies on the embedded default (a line per seed; their ends)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -23,7 +23,7 @@ from raysft.search.ray_start import base_in_job_copy_notice, inside_job_copy
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "raysft_state.json"  # parent MLflow run id etc., for --resume and raysft.promote
+STATE_FILE = "raysft_state.json"  # first written with the parent run (driver._parent_run)
 
 
 def open_experiment(

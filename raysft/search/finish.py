@@ -323,7 +323,7 @@ def _make_trial_runs_whole(
     tracked: dict[str, Any],
     resolve: TrialConfigs,
 ) -> None:
-    """What the trials' callback could not write to MLflow while they ran (tracking.py) is
+    """What the trials' callback could not write to MLflow while they ran (callback.py) is
     written now, from the trials' own reports; its failures stay failures only if that fails
     too. Then each trial's failures are tagged on its run."""
     missed = list(tracked.get("tracking_failures", ()))

@@ -150,14 +150,15 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-# MLflow retries an HTTP request for minutes (7 times, with backoff): the check below asks once.
-_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-# A search asks 3 more times, about 1, 2 and 4 s apart: the trials' callback runs in Tune's
-# loop, which every trial's report waits for, and what a failed call could not write is written
-# at the finish (``complete_trial_run``) or by --resume. A value set in the environment is kept.
-# Each waits up to 30 s for an answer, not MLflow's 120: a server that takes connections and
-# never answers (a hung process, packets dropped on the way) held the trials 8 minutes at a
-# time. An artifact upload is not cut short: the wait is for the server's next bytes.
+# MLflow retries an HTTP request for minutes (7 times, with backoff): the store check before
+# Ray starts asks once, and so does the whole process once the trials' callback has failed.
+_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0, "MLFLOW_HTTP_REQUEST_TIMEOUT": 10}
+# A search's driver asks 3 more times, backing off about 0-1, 2 and 4 s (urllib3's schedule,
+# plus MLflow's jitter), and what a failed call could not write is written at the finish
+# (``complete_trial_run``) or by --resume. A value set in the environment is kept. Each waits up
+# to 30 s for an answer, not MLflow's 120: a server that takes connections and never answers (a
+# hung process, packets dropped on the way) held the trials 8 minutes at a time. An artifact
+# upload is not cut short: the wait is for the server's next bytes.
 _SEARCH_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -196,20 +197,23 @@ def bound_retries() -> None:
         os.environ.setdefault(name, value)
 
 
-@contextlib.contextmanager
-def callback_requests() -> Iterator[None]:
-    """MLflow's requests in the block retried and timed as the trials' callback's are
-    (``_CALLBACK_REQUESTS``, or the process's values where lower); the process's values are back
-    after it. MLflow reads them at each request. Tune's loop, in the driver's main thread, is the
-    only MLflow caller while trials run, so no other request sees them."""
-    saved = {name: os.environ.get(name) for name in _CALLBACK_REQUESTS}
-    for name, cap in _CALLBACK_REQUESTS.items():
+def _cap_environ(caps: dict[str, int]) -> None:
+    """Each of MLflow's request variables in ``caps`` at most its cap: a lower value already in
+    the environment is kept, an unset one gets the cap."""
+    for name, cap in caps.items():
         try:
-            value = min(int(saved[name] or cap), cap)
+            value = min(int(os.environ.get(name) or cap), cap)
         except ValueError:  # MLflow would refuse it at the request: its own message then
             continue
         os.environ[name] = str(value)
+
+
+@contextlib.contextmanager
+def _capped_environ(caps: dict[str, int]) -> Iterator[None]:
+    """``_cap_environ`` for the block; the process's values are back after it."""
+    saved = {name: os.environ.get(name) for name in caps}
     try:
+        _cap_environ(caps)
         yield
     finally:
         for name, old in saved.items():
@@ -217,6 +221,14 @@ def callback_requests() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = old
+
+
+def callback_requests() -> contextlib.AbstractContextManager[None]:
+    """MLflow's requests in the block retried and timed as the trials' callback's are
+    (``_CALLBACK_REQUESTS``, or the process's values where lower); the process's values are back
+    after it. MLflow reads them at each request. Tune's loop, in the driver's main thread, is the
+    only MLflow caller while trials run, so no other request sees them."""
+    return _capped_environ(_CALLBACK_REQUESTS)
 
 
 def store_problem(uri: str) -> str | None:
@@ -235,18 +247,11 @@ def store_problem(uri: str) -> str | None:
                     return f"{store} is not a SQLite database"
             return None if os.access(store, os.W_OK) else f"{store} is not writable"
         return writable_dir_problem(store.parent)
-    saved = {name: os.environ.get(name) for name in _FAST}
-    os.environ.update(_FAST)
     try:
-        client(uri).search_experiments(max_results=1)
+        with _capped_environ(_FAST):
+            client(uri).search_experiments(max_results=1)
     except Exception as err:
         return f"cannot use this MLflow store ({one_line(err)[:300]})"
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return None
 
 
@@ -482,9 +487,10 @@ _CALLBACK_FAILURES_SHOWN = 5  # listed one by one; the rest counted
 
 def note_callback_failure(line: str) -> None:
     """Note one failed MLflow write of the callback. After the first, MLflow asks once per call
-    (no retries): a server down for good would otherwise hold every report for minutes, and
-    the trials with it (a trial's report waits for Tune's loop)."""
-    os.environ.update(_FAST)
+    (no retries, ``_FAST``; lower figures in the environment stay): a server down for good would
+    otherwise hold every report, and the trials with it (a trial's report waits for Tune's loop),
+    and the finish would spend the search's retries on each of its steps."""
+    _cap_environ(_FAST)
     _CALLBACK_FAILURES.append(line)
 
 

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+MLFLOW_REQUEST_VARIABLES = tuple(
+    f"MLFLOW_HTTP_REQUEST_{name}" for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT")
+)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_request_variables() -> Iterator[None]:
+    """MLflow's request variables back as they were after each test: a search's driver sets
+    them for its whole process (``tracking.bound_retries``, a failure of the trials' callback),
+    and a test that runs its code would leave them to the tests after it."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_REQUEST_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -516,7 +517,6 @@ class HungServer:
     socket; ``connections`` counts the requests MLflow made, retries included."""
 
     def __init__(self) -> None:
-        import socket
         import threading
 
         self.sock = socket.socket()
@@ -536,6 +536,8 @@ class HungServer:
                 self.held.append(self.sock.accept()[0])
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         self.sock.close()
         for conn in self.held:
             conn.close()
@@ -546,7 +548,8 @@ def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
 ) -> None:
     """Every trial's report waits for the callback (Tune's loop): a server that never answers
     holds it for one request and one retry at the callback's wait, not at the search's (3
-    retries of 30 s each, 127 s in all). After that first failure the process asks once."""
+    retries of 30 s each, 127 s in all). After that first failure the process asks once, and
+    the callback asks again only once its quiet period is over."""
     from mlflow.tracking import MlflowClient
 
     from raysft.config import validate_tree
@@ -556,24 +559,28 @@ def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
     for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"):
         monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
     tracking.bound_retries()  # as a search: 3 retries, 30 s each
+    now = [1000.0]
     server = HungServer()
     try:
         callback = make_callback(
             MlflowClient(tracking_uri=server.uri), exp_id="1", parent_id="p",
             resolve_trial=lambda trial_id, sampled: validate_tree({}),
-            ended_file=tmp_path / tracking.ENDED_FILE,
+            ended_file=tmp_path / tracking.ENDED_FILE, clock=lambda: now[0],
         )  # fmt: skip
         tracking.callback_failures(reset=True)
         callback.setup()  # reads the search's trial runs: no answer
         assert server.connections == 2  # the request and its one retry
-        assert callback.quiet()  # out of reach: left alone for a while
         (failure,) = tracking.callback_failures(reset=True)
         assert failure.startswith("MLflow: reading the search's trial runs: ")
         assert "timed out" in failure
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
 
-        callback.quiet_until = 0.0  # the quiet period is over: asked again, once
-        callback.setup()
+        trial = SimpleNamespace(trial_id="t1", config={})
+        now[0] += 29
+        callback.on_trial_start(0, [], trial)  # left alone: not asked
+        assert server.connections == 2
+        now[0] += 2  # the 30 s are over: asked again, once
+        callback.on_trial_start(0, [], trial)
         assert server.connections == 3
     finally:
         server.close()
@@ -591,6 +598,10 @@ def test_the_callbacks_request_figures_are_the_lower_and_last_only_for_its_call(
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    tracking.note_callback_failure("MLflow: x: gone")  # the process asks once from now on
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"  # the user's lower figure stays
+    tracking.callback_failures(reset=True)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
     with pytest.raises(RuntimeError), tracking.callback_requests():
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"

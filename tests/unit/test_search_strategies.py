@@ -227,6 +227,11 @@ def test_summary_table_and_verdict() -> None:
     # std of (0.505, 0.7) is 0.1379, over sqrt(2) 0.0975: 19.50% of 0.5
     assert "Their mean, 0.6025, is +20.50% from it (standard error of the mean 19.50%)." in text
     assert "| 0.5050, 0.7000 | +20.50% | 1/2 | 200 |" in text  # 0.6025 is 20.5% worse than 0.5
+    one = rep.markdown(
+        [{**tpe, "seeds": 1, "best_per_seed": [0.505], "within_1pct": 1}],
+        metric="eval_loss", grid_best=0.5, grid_steps=900, budget=300, context="ctx",
+    )  # fmt: skip
+    assert "**met**: 1 of 1 seeds" in one and "Their mean" not in one  # no spread of one
     assert rep.gap_pct(0.49, 0.5, "min") == pytest.approx(-2.0)  # better: below zero
     assert rep.gap_pct(0.49, 0.5, "max") == pytest.approx(2.0)
     readme = f"a\n{rep.README_START}\nold\n{rep.README_END}\nb\n"
