@@ -153,7 +153,7 @@ def client(uri: str) -> Any:
 # MLflow retries an HTTP request for minutes (7 times, with backoff): the store check before
 # Ray starts asks once, and so does the whole process once the trials' callback has failed.
 _FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0, "MLFLOW_HTTP_REQUEST_TIMEOUT": 10}
-# A search's driver asks 3 more times, backing off about 0-1, 2 and 4 s (urllib3's schedule,
+# A search's driver asks 3 more times: at once, then after about 2 and 4 s (urllib3's schedule,
 # plus MLflow's jitter), and what a failed call could not write is written at the finish
 # (``complete_trial_run``) or by --resume. A value set in the environment is kept. Each waits up
 # to 30 s for an answer, not MLflow's 120: a server that takes connections and never answers (a
@@ -165,7 +165,7 @@ _SEARCH_RETRIES = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 # The trials' callback asks less of a server: every trial's report waits for Tune's loop, where
-# it runs. Its requests wait 10 s for an answer and are retried once: about 21 s on a server that
+# it runs. Its requests wait 10 s for an answer and are retried once: about 20 s on a server that
 # takes connections and never answers, against 127 s at the figures above (Tune's log, on a
 # frozen server). A lower value in the environment is kept. After its first failure the whole
 # process asks once (``note_callback_failure``); what the callback could not write, the finish
