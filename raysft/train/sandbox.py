@@ -3,24 +3,32 @@
 Each program (the answer's code, then the row's tests) runs in a fresh ``python -I -B`` child:
 
 - **time limit**: the wall-clock ``timeout_s`` (the child's process group is killed), backed by
-  RLIMIT_CPU;
-- **resource limits** set by ``resource.setrlimit`` in ``preexec_fn`` (between fork and exec):
-  RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NPROC (no new processes for a non-root user; Linux does
-  not enforce it for root, the audit hook below covers that case), RLIMIT_FSIZE, RLIMIT_NOFILE and
-  RLIMIT_CORE = 0;
+  RLIMIT_CPU. Where a PID namespace can be made, the child is its namespace's first process, so
+  when it ends or is killed the kernel kills every process it left behind, even one that left its
+  process group (``setsid``);
+- **resource limits**, set by the child itself before the program runs: RLIMIT_AS (memory),
+  RLIMIT_CPU, RLIMIT_NPROC (no new processes for a non-root user; Linux does not enforce it for
+  root, the audit hook below covers that case), RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_CORE = 0.
+  Not in ``preexec_fn``: the caller (a Ray worker) has threads, and Python code between fork and
+  exec can deadlock on a lock one of them held;
 - **scratch directory**: a fresh temporary directory, the child's cwd, HOME and TMPDIR, deleted
   afterwards;
 - **emptied environment**: nothing of the caller's environment is inherited (only HOME and TMPDIR,
   both the scratch dir), and ``-I`` ignores PYTHON* variables, the user site and the script dir;
 - **no network**, two layers: a fresh network namespace (``unshare -n``, or ``unshare -rn`` for a
-  non-root user), in which no interface is up, when this machine allows it (``network_isolation``
-  says which); and, always, an audit hook (PEP 578) in the child that raises ``PermissionError`` on
-  socket connect/bind/send/resolve, process creation, signals, ``ctypes`` and writes outside the
-  scratch directory. The hook is a guard against accidents, not a security boundary on its own.
+  non-root user), in which no interface is up, when this machine allows it (``isolation`` says
+  which layers it has); and, always, an audit hook (PEP 578) in the child that raises
+  ``PermissionError`` on socket connect/bind/send/resolve, process creation, signals, ``ctypes``,
+  changing the limits or the working directory, and writes outside the scratch directory (or
+  opening a directory outside it, whose descriptor would let a relative path escape). The hook is
+  a guard against accidents, not a security boundary: a process started past it
+  (``_posixsubprocess``) writes wherever the user running the search may. Run searches that
+  score untrusted models' code as an unprivileged user.
 
-The program passes when it exits 0 after running to its end (a completion marker, written only
-then, tells "ran the tests" from an early ``exit(0)``). Runs are sequential: ``preexec_fn`` is not
-safe to call from several threads at once.
+The program passes when it exits 0 after running to its end: a completion marker with a nonce,
+written only then, tells "ran the tests" from an early ``exit(0)``. The nonce is a local of the
+runner's frame, not a global the program could import; a program that walks the stack to it
+(``sys._getframe``, which the standard library itself uses, stays allowed) could forge a pass.
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,11 +59,14 @@ _PYTHON_TAGS = {"", "python", "python3", "py", "py3"}
 _EXITED_EARLY = 97  # the runner's exit code when the program called exit(0) before its end
 
 _RUNNER = r"""
-import os, sys
+import os, resource, sys
+for _what, _value in {limits!r}:
+    _hard = resource.getrlimit(_what)[1]
+    # An unprivileged process cannot raise a hard limit: never ask above it.
+    _value = _value if _hard == resource.RLIM_INFINITY else min(_value, _hard)
+    resource.setrlimit(_what, (_value, _value))
 _EXITED_EARLY = {exited_early}
-nonce = sys.stdin.readline().strip()
-sys.stdin.close()
-done = os.path.abspath(".done")
+AUDIT = {audit}
 scratch = os.path.realpath(os.getcwd())
 DENY = {deny!r}
 WRITES = {writes!r}
@@ -77,23 +87,33 @@ def _hook(event, args):
             isinstance(flags, int) and flags > 0 and flags & WFLAGS)
         if writing and not _inside(args[0]):
             raise PermissionError("sandbox: writing outside the scratch directory is not allowed")
+        if os.path.isdir(args[0]) and not _inside(args[0]):  # a dir_fd for relative paths
+            raise PermissionError("sandbox: opening a directory outside the scratch directory")
     elif event in WRITES:
         for path in args[: WRITES[event]]:
             if path is not None and not _inside(path):
                 raise PermissionError("sandbox: " + event + " outside the scratch directory")
 
-sys.addaudithook(_hook)
-with open("candidate.py", encoding="utf-8") as f:
-    code = compile(f.read(), "candidate.py", "exec")
-try:
-    exec(code, {{"__name__": "candidate", "__builtins__": __builtins__}})
-except SystemExit as e:
-    if e.code not in (None, 0):
-        raise
-    sys.stderr.write("sandbox: the program exited before its end (its tests did not all run)\n")
-    os._exit(_EXITED_EARLY)
-with open(done, "w") as f:
-    f.write(nonce)
+def _main():
+    # The nonce is this frame's local, not a global the program could import from __main__.
+    nonce = sys.stdin.readline().strip()
+    sys.stdin.close()
+    done = os.path.abspath(".done")
+    with open("candidate.py", encoding="utf-8") as f:
+        code = compile(f.read(), "candidate.py", "exec")
+    if AUDIT:
+        sys.addaudithook(_hook)
+    try:
+        exec(code, {{"__name__": "candidate", "__builtins__": __builtins__}})
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+        sys.stderr.write("sandbox: the program exited before its end (its tests did not all run)\n")
+        os._exit(_EXITED_EARLY)
+    with open(done, "w") as f:
+        f.write(nonce)
+
+_main()
 """
 
 _NETWORK_EVENTS = (
@@ -119,6 +139,12 @@ _PROCESS_EVENTS = (
     # ctypes could call libc's connect/fork past every hook above. Looking a C function up is
     # denied; loading a library is not (numpy imports ctypes, which loads libpython).
     "ctypes.dlsym",
+    "ctypes.string_at",
+    # Root may raise its hard limits again; a changed cwd would make the hook resolve a relative
+    # path against another directory than the kernel does with a dir_fd.
+    "resource.setrlimit",
+    "resource.prlimit",
+    "os.chdir",
 )
 # event -> how many leading arguments are paths that must stay inside the scratch directory
 _WRITE_EVENTS = {
@@ -184,24 +210,37 @@ def check_answers(
     ]
 
 
-def network_isolation() -> str:
-    """How this machine keeps candidate code off the network: ``"netns+audit"`` when a network
-    namespace can be made, else ``"audit"`` (the in-process hook alone)."""
-    return "netns+audit" if _unshare_prefix() else "audit"
+def isolation() -> str:
+    """The layers this machine gives candidate code: ``"pidns+netns+audit"`` where PID and network
+    namespaces can be made, ``"netns+audit"`` where only a network namespace can, else
+    ``"audit"`` (the in-process hook alone)."""
+    prefix = _unshare_prefix()
+    return "+".join(
+        [*(["pidns"] if "-p" in prefix else []), *(["netns"] if prefix else []), "audit"]
+    )
 
 
 def run_python(
-    source: str, *, limits: Limits | None = None, netns: bool | None = None, audit: bool = True
+    source: str,
+    *,
+    limits: Limits | None = None,
+    namespaces: bool | None = None,
+    audit: bool = True,
 ) -> Outcome:
-    """Run ``source`` in a sandboxed child. ``netns``: None uses a network namespace where one
-    can be made; ``audit=False`` leaves out the hook (tests check each layer on its own)."""
+    """Run ``source`` in a sandboxed child. ``namespaces``: None uses the PID and network
+    namespaces this machine allows; ``False`` and ``audit=False`` leave a layer out (tests check
+    each layer on its own)."""
     limits = limits or Limits()
-    prefix = _unshare_prefix() if netns is not False else []
-    if netns and not prefix:
+    prefix = _unshare_prefix() if namespaces is not False else []
+    if namespaces and not prefix:
         raise RuntimeError("no network namespace on this machine (unshare -n failed)")
-    deny = (_NETWORK_EVENTS + _PROCESS_EVENTS) if audit else ()
-    writes = _WRITE_EVENTS if audit else {}
-    runner = _RUNNER.format(deny=deny, writes=writes, exited_early=_EXITED_EARLY)
+    runner = _RUNNER.format(
+        limits=_rlimits(limits),
+        audit=audit,
+        deny=_NETWORK_EVENTS + _PROCESS_EVENTS,
+        writes=_WRITE_EVENTS,
+        exited_early=_EXITED_EARLY,
+    )
     with tempfile.TemporaryDirectory(prefix="raysft-sandbox-") as scratch:
         (Path(scratch) / "candidate.py").write_text(source, encoding="utf-8")
         cmd = [*prefix, sys.executable, "-I", "-B", "-c", runner]
@@ -219,7 +258,6 @@ def _execute(cmd: list[str], scratch: Path, limits: Limits) -> Outcome:
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=err,
-            preexec_fn=_rlimits(limits),  # safe: runs are sequential (module doc)
             start_new_session=True,  # its own process group, killed whole on timeout
             close_fds=True,
         )
@@ -257,47 +295,41 @@ def _tail(path: Path, limit: int = 2000) -> str:
         return fh.read().decode("utf-8", errors="replace")
 
 
-def _rlimits(limits: Limits) -> Callable[[], None]:
-    """``preexec_fn``: runs in the child between fork and exec; the limits bind the child only."""
-    cpu = math.ceil(limits.timeout_s) + 1
-    wanted = {
-        resource.RLIMIT_CPU: cpu,
-        resource.RLIMIT_AS: limits.memory_mb * 2**20,
-        resource.RLIMIT_FSIZE: limits.file_mb * 2**20,
-        resource.RLIMIT_NOFILE: limits.open_files,
-        resource.RLIMIT_NPROC: 1,  # counts the user's processes: fork fails, exec does not
-        resource.RLIMIT_CORE: 0,
-    }
-
-    def apply() -> None:
-        for what, value in wanted.items():
-            _, hard = resource.getrlimit(what)
-            # An unprivileged process cannot raise a hard limit: never ask above it.
-            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(what, (value, value))
-
-    return apply
+def _rlimits(limits: Limits) -> list[tuple[int, int]]:
+    """(resource, value) pairs the runner sets on itself before the program runs."""
+    return [
+        (resource.RLIMIT_CPU, math.ceil(limits.timeout_s) + 1),
+        (resource.RLIMIT_AS, limits.memory_mb * 2**20),
+        (resource.RLIMIT_FSIZE, limits.file_mb * 2**20),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+        (resource.RLIMIT_NPROC, 1),  # counts the user's processes: fork fails, exec does not
+        (resource.RLIMIT_CORE, 0),
+    ]
 
 
 @functools.lru_cache(maxsize=1)
 def _unshare_prefix() -> list[str]:
-    """``[unshare, -n]`` (root) or ``[unshare, -rn]`` if a network namespace can be made here
-    (containers often forbid it), else ``[]``. Probed once per process."""
+    """The ``unshare`` command line that puts the child in new PID and network namespaces
+    (``-p -f --kill-child``: the child is the first process of its PID namespace; ``-r`` for a
+    non-root user), or in a network namespace alone, whichever this machine allows first
+    (containers often forbid both); else ``[]``. Probed once per process."""
     unshare = shutil.which("unshare") or next(
         (p for p in ("/usr/bin/unshare", "/bin/unshare") if os.access(p, os.X_OK)), None
     )
     if unshare is None:
         return []
-    flags = ["-n"] if os.geteuid() == 0 else ["-rn"]
-    try:
-        probe = subprocess.run(
-            [unshare, *flags, sys.executable, "-I", "-c", "pass"],
-            env={},
-            capture_output=True,
-            timeout=30,
-            preexec_fn=_rlimits(Limits()),
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [unshare, *flags] if probe.returncode == 0 else []
+    user = [] if os.geteuid() == 0 else ["-r"]
+    for flags in ([*user, "-n", "-p", "-f", "--kill-child"], [*user, "-n"]):
+        try:
+            probe = subprocess.run(
+                [unshare, *flags, sys.executable, "-I", "-c", "import sys; sys.exit(3)"],
+                env={},
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 3:  # the child ran, and its exit status came back
+            return [unshare, *flags]
+    return []

@@ -8,6 +8,7 @@ import os
 import resource
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from raysft.train.sandbox import (
     _unshare_prefix,
     check_answers,
     extract_code,
-    network_isolation,
+    isolation,
     run_python,
     run_tests,
 )
 
 NETNS = bool(_unshare_prefix())
+PIDNS = "-p" in _unshare_prefix()
 
 
 # ---------------------------------------------------------------- pass / fail
@@ -122,6 +124,76 @@ def test_no_new_processes() -> None:
         assert out.status == "failed" and "PermissionError" in out.output, (code, out)
 
 
+def test_a_process_that_left_the_process_group_dies_with_the_program(tmp_path: Path) -> None:
+    """One the hook missed (audit=False stands for it) and that left the process group: killed
+    with its program, at the time limit or at the end, where a PID namespace can be made."""
+
+    def program(name: str, wait: str) -> str:
+        marker = tmp_path / name
+        return (
+            "import subprocess, time\n"
+            f"subprocess.Popen(['/bin/sh', '-c', 'sleep 1.5; echo out > {marker}'],"
+            " start_new_session=True)\n"
+            f"{wait}\n"
+        )
+
+    limits = Limits(timeout_s=1)
+    runs = {
+        "timeout": run_python(program("timeout", "time.sleep(30)"), limits=limits, audit=False),
+        "ended": run_python(program("ended", "pass"), limits=limits, audit=False),
+        # Control: the same programs without namespaces leave their process running.
+        "timeout-bare": run_python(
+            program("timeout-bare", "time.sleep(30)"), limits=limits, audit=False, namespaces=False
+        ),
+        "ended-bare": run_python(
+            program("ended-bare", "pass"), limits=limits, audit=False, namespaces=False
+        ),
+    }
+    time.sleep(2.5)
+    assert runs["timeout"].status == runs["timeout-bare"].status == "timeout"
+    if os.geteuid() == 0:  # RLIMIT_NPROC stops the Popen of a non-root user in every variant
+        assert runs["ended"].passed and runs["ended-bare"].passed
+        assert (tmp_path / "timeout-bare").exists() and (tmp_path / "ended-bare").exists()
+    if not PIDNS:
+        pytest.skip("no PID namespace on this machine: the hook alone stops new processes")
+    assert not (tmp_path / "timeout").exists() and not (tmp_path / "ended").exists()
+
+
+def test_a_directory_outside_cannot_be_opened_for_relative_writes(tmp_path: Path) -> None:
+    code = (
+        "import os\n"
+        f"d = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+        "os.write(os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=d), b'x')\n"
+    )
+    out = run_python(code)
+    assert out.status == "failed" and "PermissionError" in out.output, out.output
+    assert not (tmp_path / "escaped.txt").exists()
+    assert run_python(code, audit=False).passed  # control: the check can fail
+    assert (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import os\nos.chdir('/')",
+        "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (100, 100))",
+    ],
+)
+def test_the_limits_and_the_working_directory_stay(code: str) -> None:
+    out = run_python(code)
+    assert out.status == "failed" and "PermissionError: sandbox" in out.output, out.output
+
+
+def test_the_completion_nonce_is_not_a_global_of_the_runner() -> None:
+    out = run_python(
+        "import __main__, os\n"
+        "open('.done', 'w').write(getattr(__main__, 'nonce', 'not there'))\n"
+        "os._exit(0)\n"
+        "assert False\n"
+    )
+    assert out.status == "exited_early", out
+
+
 def test_resource_limits_are_set_in_the_child() -> None:
     limits = Limits(timeout_s=2, memory_mb=512, file_mb=1, open_files=32)
     code = f"""
@@ -192,18 +264,18 @@ def test_socket_connect_from_candidate_code_fails(server: tuple[int, list[bytes]
 def test_each_network_layer_blocks_on_its_own(server: tuple[int, list[bytes]]) -> None:
     port, got = server
     # Control: without either layer the same program reaches the server, so the checks can fail.
-    assert run_python(_connect(port), netns=False, audit=False).passed
+    assert run_python(_connect(port), namespaces=False, audit=False).passed
     assert got == [b"leak"]
-    hook = run_python(_connect(port), netns=False, audit=True)
+    hook = run_python(_connect(port), namespaces=False, audit=True)
     assert hook.status == "failed" and "PermissionError: sandbox: socket" in hook.output
     if NETNS:  # a namespace with no interface up: loopback of the parent is unreachable
-        ns = run_python(_connect(port), netns=True, audit=False)
+        ns = run_python(_connect(port), namespaces=True, audit=False)
         assert ns.status == "failed" and "Network is unreachable" in ns.output, ns.output
     assert got == [b"leak"]
 
 
-def test_network_isolation_says_what_this_machine_uses() -> None:
-    assert network_isolation() == ("netns+audit" if NETNS else "audit")
+def test_isolation_says_what_this_machine_uses() -> None:
+    assert isolation() == ("pidns+netns+audit" if PIDNS else "netns+audit" if NETNS else "audit")
 
 
 # ---------------------------------------------------------------- code rows
