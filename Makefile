@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check raysft tests && $(VENV)/bin/ruff format --check raysft tests
+	$(VENV)/bin/ruff check raysft tests benchmarks && $(VENV)/bin/ruff format --check raysft tests benchmarks
 	$(VENV)/bin/mypy raysft
 
 docs: $(VENV)/.installed
