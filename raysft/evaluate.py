@@ -35,8 +35,8 @@ from raysft.config import (
     validate_tree,
 )
 from raysft.data.formats import Conversation, code_tests
-from raysft.data.pipeline import load_eval
-from raysft.data.templates import Example, render, tokenize
+from raysft.data.pipeline import DataReport, check_template, load_eval, render_row
+from raysft.data.templates import Example, tokenize
 from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
 from raysft.search.results import SUMMARY_FILE, read_summary
 from raysft.thirdparty import peft_quietly
@@ -352,26 +352,35 @@ def select_metrics(names: list[str] | None, conversations: list[Conversation]) -
 def _tokenized(
     rows: list[Conversation], cfg: Config, tokenizer: Any
 ) -> tuple[list[Example], list[Conversation]]:
-    """Rows tokenized as in training, without those whose answer truncation cut off entirely
-    (nothing to score; logged)."""
-
-    kept = [
-        (ex, conv)
-        for conv in rows
-        if (
-            ex := tokenize(
-                render(conv, template=cfg.data.template, tokenizer=tokenizer),
-                tokenizer,
-                max_seq_len=cfg.data.max_seq_len,
-            )
-        ).n_trained
-    ]
-    if not kept:
-        raise DataError(
-            f"data.eval: no row keeps an answer token at data.max_seq_len={cfg.data.max_seq_len}"
+    """Rows rendered and tokenized as in training (``render_row``: under data.on_error=skip a
+    row the template refuses is dropped, under strict it is a DataError naming it), without
+    those whose answer truncation cut off entirely (nothing to score). Drops are logged."""
+    check_template(cfg.data, tokenizer)
+    report = DataReport()
+    # The rows scored, numbered: eval rows may be a sampled split, so no file line to name.
+    origins = {id(conv): f"eval row {i}" for i, conv in enumerate(rows, 1)}
+    kept, cut = [], 0
+    for conv in rows:
+        segments = render_row(conv, cfg.data, tokenizer, report, origins=origins)
+        if segments is None:
+            continue
+        ex = tokenize(segments, tokenizer, max_seq_len=cfg.data.max_seq_len)
+        if ex.n_trained:
+            kept.append((ex, conv))
+        else:
+            cut += 1
+    drops = []
+    if report.rows_skipped:
+        drops.append(
+            f"{report.rows_skipped} skipped as the template refuses them (data.on_error=skip), "
+            f"e.g. {report.skipped[0]}"
         )
-    if len(kept) < len(rows):
-        log.warning("%d eval rows lost their answer to data.max_seq_len", len(rows) - len(kept))
+    if cut:
+        drops.append(f"{cut} lost their answer to data.max_seq_len={cfg.data.max_seq_len}")
+    if not kept:
+        raise DataError(f"data.eval: no row left to score: {'; '.join(drops)}")
+    for drop in drops:
+        log.warning("%d of %d eval rows scored; %s", len(kept), len(rows), drop)
     return [ex for ex, _ in kept], [conv for _, conv in kept]
 
 

@@ -4,8 +4,9 @@ registry (``train/metrics.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -105,6 +106,55 @@ def _decoding(samples: int, temperature: float) -> dict[str, Any]:
     return {"do_sample": True, "temperature": temperature or 1.0, "top_k": 0, "top_p": 1.0}
 
 
+def eval_generation_config(
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int | None,
+) -> Any:
+    """The whole decoding setup of eval generation, from raysft's settings alone (``eval.samples``,
+    ``eval.temperature``, ``train.max_new_tokens``); ``generate`` runs it with the model's own
+    defaults blanked (``_without_model_defaults``)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        **_decoding(samples, temperature),
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=samples,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,  # one row per prompt here, no packing: the cache is safe
+    )
+
+
+@contextlib.contextmanager
+def _without_model_defaults(model: Any) -> Iterator[None]:
+    """Blank the model's saved ``generation_config`` while eval generates.
+
+    transformers (5.x ``_prepare_generation_config``) fills every field a passed config leaves
+    None from the model's own, so a checkpoint's repetition_penalty, no_repeat_ngram_size, min_p
+    or suppress_tokens would change eval answers. Blanked in place: wrappers (PEFT, FSDP) resolve
+    ``model.generation_config`` to this same object, and PeftModel.generate copies its own onto
+    the base model, so swapping the attribute would not reach it or would not be undone.
+    """
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    if not isinstance(own, GenerationConfig):
+        yield
+        return
+    saved = dict(own.__dict__)
+    own.__dict__.clear()
+    own.__dict__.update(GenerationConfig().__dict__)
+    try:
+        yield
+    finally:
+        own.__dict__.clear()
+        own.__dict__.update(saved)
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -124,6 +174,7 @@ def generate_answers(
     """``samples`` answers to each eval conversation's last user turn, in batches, cut at the
     template's stops, beside the reference: ``{"prompt", "expected", "generated" (the first),
     "answers", "tests"?}``. Prompts are tokenized as in training (``generation_prompt_ids``).
+    Decoding is ``eval_generation_config``'s alone: the model's saved generation_config is unused.
     Sampling draws from its own seeded RNG, so the trainer's RNG stream is left as it was.
     ``synced``: a sharded model, whose every forward is a collective; all ranks generate until
     the last one is done."""
@@ -131,10 +182,17 @@ def generate_answers(
     model.eval()
     stops, stop_ids = answer_stops(template, tokenizer)
     preamble = answer_preamble(template, tokenizer).strip()
-    decoding = _decoding(samples, temperature)
+    own_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    decoding = eval_generation_config(
+        samples=samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids or own_eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     out_samples: list[dict[str, Any]] = []
     cuda = [device] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), _without_model_defaults(model):
         torch.manual_seed(seed)
         for s in range(0, len(conversations), batch_size):
             convs = conversations[s : s + batch_size]
@@ -147,13 +205,8 @@ def generate_answers(
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=samples,
-                    eos_token_id=stop_ids or None,
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,  # one row per prompt here, no packing: the cache is safe
+                    generation_config=decoding,
                     synced_gpus=synced,
-                    **decoding,
                 )
             rows = out[:, width:].tolist()  # samples consecutive rows per prompt
             for j, conv in enumerate(convs):

@@ -60,7 +60,12 @@ def _eval_loss(out: EvalOutputs) -> float:
 
 def _perplexity(out: EvalOutputs) -> float:
     loss = _eval_loss(out)
-    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+    if math.isnan(loss):  # no tokens, or a diverged model: no perplexity either
+        return math.nan
+    try:
+        return math.exp(loss)
+    except OverflowError:  # past ln(float max) ~ 709.78
+        return math.inf
 
 
 def _pairs(out: EvalOutputs) -> tuple[list[str], list[str]]:

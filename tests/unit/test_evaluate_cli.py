@@ -543,3 +543,37 @@ def test_eval_rows_skipped_under_on_error_skip_are_said(
         f"1 row(s) skipped (data.on_error=skip), e.g. {rows}: line 2: instruction: must be a "
         "string, got int"
     ]
+
+
+def test_eval_rows_the_template_refuses_are_skipped_as_in_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gemma's template refuses a system turn: data.on_error=skip drops that row (as training
+    does) and says so; strict names it in one error."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir(tmp_path, "gemma"))
+    # After "<start_of_turn>model\n" the model writes a<end_of_turn>.
+    chain = {"\n": "a", "a": "<end_of_turn>"}
+    model = chain_model_dir(tmp_path, tok, chain, default="Z")
+    rows = _rows(tmp_path, [
+        {"instruction": "q", "output": "a"},
+        {"system": "Be brief.", "instruction": "q2", "output": "a"},
+    ])  # fmt: skip
+    args = [str(model), "--data", rows, "--set", "data.template=tokenizer", "--json"]
+    skip = ["--set", "data.on_error=skip", "--metrics", "exact_match"]
+    with caplog.at_level("WARNING", logger="raysft.evaluate"):
+        assert run([*args, *skip]) == 0
+    score = json.loads(capsys.readouterr().out)["score"]
+    assert score["rows"] == 1 and score["metrics"]["exact_match"] == 1.0
+    refused = (
+        "eval row 2: data.template=tokenizer: the tokenizer's chat_template failed: System role "
+        "not supported"
+    )
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 of 2 eval rows scored; 1 skipped as the template refuses them "
+        f"(data.on_error=skip), e.g. {refused}"
+    ]
+    with pytest.raises(DataError) as err:
+        run([*args, "--metrics", "eval_loss"])
+    assert str(err.value) == refused

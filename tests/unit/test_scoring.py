@@ -143,6 +143,24 @@ def test_registry_entries_compute_by_hand() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("loss_sum", "tokens", "expected"),
+    [
+        (0.0, 0, math.nan),  # no tokens scored: no loss, so no perplexity either
+        (math.nan, 4, math.nan),  # a NaN loss stays NaN, not inf
+        (705.0 * 2, 2, math.exp(705.0)),  # finite up to ln(float max) ~ 709.78
+        (710.0 * 2, 2, math.inf),  # exp overflows a float
+        (math.inf, 4, math.inf),
+    ],
+)
+def test_perplexity_edges(loss_sum: float, tokens: int, expected: float) -> None:
+    got = METRICS["perplexity"].compute(EvalOutputs(loss_sum=loss_sum, tokens=tokens))  # type: ignore[misc]
+    if math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(expected)
+
+
 def test_generation_metrics_are_final_and_maximised() -> None:
     for name in ("exact_match", "rouge_l", "bleu", "pass_at_k"):
         m = METRICS[name]

@@ -1,0 +1,76 @@
+"""Eval generation decodes with raysft's settings only: a checkpoint's saved generation_config
+(repetition penalty, n-gram blocking, min_p, suppressed tokens) must not change its answers."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from evalkit import chain_model_dir, token_id
+
+from raysft.assets.tokenizer import build_tokenizer
+from raysft.train.evaluate import generate_answers
+
+# After the ChatML prompt's final "\n" the model loops a, b, a, b, ... (greedy).
+LOOP = {"\n": "a", "a": "b", "b": "a"}
+CONV = [{"role": "user", "content": "Loop."}, {"role": "assistant", "content": "abab"}]
+
+
+@pytest.fixture(scope="module")
+def loop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chain_model_dir(tmp_path_factory.mktemp("loop"), build_tokenizer(), LOOP, default="Z")
+
+
+def _model(path: Path, **saved: Any) -> Any:
+    """The loop model, its generation_config carrying ``saved`` as a checkpoint's would."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    for key, value in saved.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def _answers(model: Any, **kw: Any) -> list[str]:
+    out = generate_answers(
+        model, build_tokenizer(), [CONV], template="chatml", max_new_tokens=8, batch_size=2,
+        device="cpu", autocast=contextlib.nullcontext, **kw,
+    )  # fmt: skip
+    return list(out[0]["answers"])
+
+
+def _checkpoint_defaults() -> dict[str, Any]:
+    tok = build_tokenizer()
+    return {
+        "repetition_penalty": 1.3,  # Qwen2.5-Instruct ships 1.05
+        "no_repeat_ngram_size": 2,  # bans the second "ab"
+        "suppress_tokens": [token_id(tok, "b")],  # a field whose neutral value is None
+        "min_p": 0.9,  # sampling: keeps only the successor (logit ~16/50 vs 0)
+        "top_k": 1,
+        "max_new_tokens": 2,
+    }
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["plain", "peft"])
+def test_greedy_answers_ignore_the_models_generation_config(loop_dir: Path, peft: bool) -> None:
+    plain = _answers(_model(loop_dir))
+    assert plain == ["abababab"]
+    model = _model(loop_dir, **_checkpoint_defaults())
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)  # B = 0: same answers
+    assert _answers(model) == plain
+    # The model's own config is left as it was, for whoever generates with it next.
+    assert model.generation_config.no_repeat_ngram_size == 2
+    assert model.generation_config.max_new_tokens == 2
+
+
+def test_sampled_answers_ignore_the_models_generation_config(loop_dir: Path) -> None:
+    kw = {"samples": 4, "temperature": 50.0, "seed": 7}  # near uniform: the answers differ
+    plain = _answers(_model(loop_dir), **kw)
+    assert len(set(plain)) > 1
+    assert _answers(_model(loop_dir, **_checkpoint_defaults()), **kw) == plain
