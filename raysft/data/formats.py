@@ -6,6 +6,10 @@ row is either an error naming file, row and field (strict) or skipped and counte
 
 Any row may carry ``tests`` (a string of Python statements, e.g. asserts): a code task's tests for
 pass@k. They ride on the final assistant message as its ``tests`` key (``code_tests``).
+
+An OpenAI-messages assistant message may carry ``"weight": 0`` (in the conversation, not
+trained) or ``1`` (trained, as without it); a 0 rides on the message as its ``UNTRAINED`` key
+(``is_trained``).
 """
 
 from __future__ import annotations
@@ -52,12 +56,23 @@ class LoadedData:
 
 
 # The fields each format reads; any other field of a row is reported (a typo, or a column the
-# data carries for something else), never used.
+# data carries for something else), never used. So is any other key of a message in its list,
+# named as "messages[].name".
 READS = {
     "alpaca": ("instruction", "input", "output", "system", "tests"),
     "sharegpt": ("conversations", "system", "tests"),
     "messages": ("messages", "tests"),
 }
+MESSAGE_READS = {"sharegpt": ("from", "value"), "messages": ("role", "content", "weight")}
+
+# The key marking an assistant message a row gave ``"weight": 0`` (OpenAI fine-tuning data):
+# the model reads it as context and is not trained to write it.
+UNTRAINED = "untrained"
+
+
+def is_trained(msg: Message) -> bool:
+    """Whether an assistant message is trained: all are, but one its row gave weight 0."""
+    return UNTRAINED not in msg
 
 
 # ---------------------------------------------------------------- row -> conversation
@@ -104,8 +119,15 @@ def _from_alpaca(row: dict[str, Any]) -> Conversation:
 
 
 def _turns(
-    items: Any, *, key: str, role_key: str, content_key: str, roles: dict[str, str]
+    items: Any,
+    *,
+    key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+    weighted: bool = False,
 ) -> Conversation:
+    """``weighted``: assistant messages may carry OpenAI's ``weight`` (0: not trained)."""
     if not isinstance(items, list) or not items:
         raise _RowError(key, "must be a non-empty list")
     conv: Conversation = []
@@ -121,7 +143,23 @@ def _turns(
             )
         content = _text(turn, content_key, required=True, where=f"{where}.{content_key}")
         conv.append({"role": roles[raw_role], "content": content})
+        if weighted and _weight(turn, role=roles[raw_role], where=f"{where}.weight") == 0:
+            conv[-1][UNTRAINED] = "weight 0"
     return conv
+
+
+def _weight(turn: dict[str, Any], *, role: str, where: str) -> int:
+    """An OpenAI message's ``weight``: 0 (not trained) or 1 (trained, as when absent or null:
+    Parquet gives every message every key)."""
+    weight = turn.get("weight")
+    if weight is None:
+        return 1
+    if role != "assistant":
+        raise _RowError(where, f"only an assistant message has a weight, not a {role} message")
+    # bool is an int to Python, not to JSON; "0" is a string: neither is a weight.
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight not in (0, 1):
+        raise _RowError(where, f"must be 0 (not trained) or 1 (trained), got {weight!r}")
+    return int(weight)
 
 
 def _from_sharegpt(row: dict[str, Any]) -> Conversation:
@@ -146,7 +184,12 @@ def _with_sharegpt_system(conv: Conversation, row: dict[str, Any]) -> Conversati
 def _from_messages(row: dict[str, Any]) -> Conversation:
     roles = {r: r for r in _MESSAGE_ROLES}
     return _turns(
-        row.get("messages"), key="messages", role_key="role", content_key="content", roles=roles
+        row.get("messages"),
+        key="messages",
+        role_key="role",
+        content_key="content",
+        roles=roles,
+        weighted=True,
     )
 
 
@@ -172,6 +215,8 @@ def _check_shape(conv: Conversation, *, key: str) -> None:
             raise _RowError(f"{key}[{i + start}]", "user content is empty: nothing to answer")
     if turns[-1]["role"] != "assistant":
         raise _RowError(key, "must end with an assistant turn")
+    if not any(is_trained(msg) for msg in turns if msg["role"] == "assistant"):
+        raise _RowError(key, "every assistant message has weight 0: nothing to train")
 
 
 _CONVERTERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _from_messages}
@@ -209,7 +254,31 @@ def _convert(
         conv[-1]["tests"] = _tests(row["tests"])
     if system_prompt and conv[0]["role"] != "system":
         conv.insert(0, {"role": "system", "content": system_prompt})
-    return conv, (kind, sorted(row.keys() - set(READS[kind])))
+    return conv, (kind, _unread(row, kind))
+
+
+def reads(kind: str, field: str) -> tuple[str, ...]:
+    """What a row of format ``kind`` reads beside its unread ``field``: its fields, or for a
+    key of its messages ("messages[].name"), their keys."""
+    key = _SHAPE_KEY[kind]
+    if kind in MESSAGE_READS and field.startswith(f"{key}[]."):
+        return tuple(f"{key}[].{name}" for name in MESSAGE_READS[kind])
+    return READS[kind]
+
+
+def _unread(row: dict[str, Any], kind: str) -> list[str]:
+    """The fields of a (well-formed) row its format does not read, and the keys of its messages
+    (as "messages[].name"); a null one is absent, as a null column is."""
+    unread = row.keys() - set(READS[kind])
+    if kind in MESSAGE_READS:
+        key = _SHAPE_KEY[kind]
+        unread |= {
+            f"{key}[].{name}"
+            for msg in row[key]
+            for name, value in msg.items()
+            if value is not None and name not in MESSAGE_READS[kind]
+        }
+    return sorted(unread)
 
 
 def _tests(value: Any) -> str:

@@ -11,13 +11,13 @@ from typing import Any
 from raysft.config import DataSection
 from raysft.data.digest import sources
 from raysft.data.formats import (
-    READS,
     Conversation,
     DataError,
     LoadedData,
     Role,
     default_split,
     load_conversations,
+    reads,
     saved_split,
     split_train_eval,
 )
@@ -34,9 +34,13 @@ class DataReport:
     skipped: list[str] = field(default_factory=list)  # first few reasons, for the log
     train_examples: int = 0
     eval_examples: int = 0
-    truncated: int = 0  # cut to max_seq_len but still trainable
-    dropped_no_trained_tokens: int = 0  # truncation left nothing to learn: dropped, counted
-    dropped: list[str] = field(default_factory=list)  # those rows, named, for the log
+    # Per split, so that held-out rows never count as training's: samples cut to max_seq_len
+    # but still trainable, and samples truncation left nothing to learn (dropped, counted).
+    train_truncated: int = 0
+    eval_truncated: int = 0
+    train_dropped_no_trained_tokens: int = 0
+    eval_dropped_no_trained_tokens: int = 0
+    dropped: list[str] = field(default_factory=list)  # those rows of both splits, named
     merged_boundary: int = 0  # samples tokenized apart where prompt and answer would merge
     train_tokens: int = 0
     trained_tokens: int = 0
@@ -117,11 +121,9 @@ def _tokenize_all(
                 f"data.max_seq_len={cfg.max_seq_len} tokens, nothing left to train"
             )
             continue
-        report.truncated += ex.truncated
         report.merged_boundary += ex.merged_boundary
         examples.append(ex)
         kept.append(conv)
-    report.dropped_no_trained_tokens += len(dropped)
     report.dropped += dropped
     return examples, kept, dropped
 
@@ -173,12 +175,12 @@ def _no_usable_rows(name: str, skipped: list[str]) -> DataError:
 
 
 def _note_unread(loaded: LoadedData, report: DataReport) -> None:
-    """Say which fields of the rows no format reads: a misspelt field (``inputs``) would
-    otherwise drop its text from every row without a word."""
+    """Say which fields of the rows (and keys of their messages) no format reads: a misspelt
+    field (``inputs``) would otherwise drop its text from every row without a word."""
     for (source, kind, key), rows in sorted(loaded.unread.items()):
         note = (
             f"{source}: field {key!r} in {rows} row(s) is not read ({kind} rows read "
-            f"{', '.join(READS[kind])}); if it is misspelt, its text is left out"
+            f"{', '.join(reads(kind, key))}); if it is misspelt, its text is left out"
         )
         report.unread_fields.append(note)
         log.warning("%s", note)
@@ -316,6 +318,10 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
             )
         raise _no_usable_rows(name, skipped[name])
     report.train_examples, report.eval_examples = len(train), len(evals)
+    report.train_truncated = sum(e.truncated for e in train)
+    report.eval_truncated = sum(e.truncated for e in evals)
+    report.train_dropped_no_trained_tokens = len(tokenized["train"][2])
+    report.eval_dropped_no_trained_tokens = len(tokenized["eval"][2])
     report.train_tokens = sum(len(e.input_ids) for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)
     return PreparedData(train, evals, eval_kept, report)

@@ -2,7 +2,8 @@
 
 The built-in templates are byte-exact to SEED.md section 2. Rendering returns segments, not a
 string, so the label mask is exact by construction: every assistant turn's content plus its
-terminator is trained; system, user, template text and padding are not.
+terminator is trained (but a turn its row gave weight 0, ``is_trained``); system, user, template
+text and padding are not.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from raysft.data.formats import Conversation
+from raysft.data.formats import Conversation, is_trained
 from raysft.errors import TemplateError
 
 IGNORE = -100  # label value cross-entropy skips
@@ -41,8 +42,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
-    # The tokenizer would have merged the end of a prompt with the start of its answer (an
-    # answer starting with a newline after ChatML's "assistant\n"): tokenized apart there.
+    # The tokenizer would have merged prompt and answer text into one token (an answer starting
+    # with a newline after ChatML's "assistant\n", a plain-text "</s>" and the next "\n"):
+    # tokenized apart there.
     merged_boundary: bool = False
 
     @property
@@ -65,8 +67,9 @@ def _llama2(conv: Conversation, *, generation: bool) -> list[Segment]:
             user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
         segs.append(Segment(f"<s>[INST] {user} [/INST] ", False))
         if i + 1 < len(turns):
-            segs.append(Segment(turns[i + 1]["content"] + TERMINATORS["llama2"], True))
-    return _finish(segs, generation=generation)
+            answer = turns[i + 1]
+            segs.append(Segment(answer["content"] + TERMINATORS["llama2"], is_trained(answer)))
+    return _finish(segs, turns, generation=generation)
 
 
 def _chatml(conv: Conversation, *, generation: bool) -> list[Segment]:
@@ -75,7 +78,7 @@ def _chatml(conv: Conversation, *, generation: bool) -> list[Segment]:
         sep = "\n" if segs else ""
         if msg["role"] == "assistant":
             segs.append(Segment(f"{sep}<|im_start|>assistant\n", False))
-            segs.append(Segment(msg["content"] + TERMINATORS["chatml"], True))
+            segs.append(Segment(msg["content"] + TERMINATORS["chatml"], is_trained(msg)))
         else:
             segs.append(
                 Segment(f"{sep}<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>", False)
@@ -92,15 +95,18 @@ def _vicuna(conv: Conversation, *, generation: bool) -> list[Segment]:
         sep = "\n" if i else ""
         segs.append(Segment(f"{sep}USER: {turns[i]['content']}\nASSISTANT: ", False))
         if i + 1 < len(turns):
-            segs.append(Segment(turns[i + 1]["content"] + TERMINATORS["vicuna"], True))
-    return _finish(segs, generation=generation)
+            answer = turns[i + 1]
+            segs.append(Segment(answer["content"] + TERMINATORS["vicuna"], is_trained(answer)))
+    return _finish(segs, turns, generation=generation)
 
 
-def _finish(segs: list[Segment], *, generation: bool) -> list[Segment]:
-    """Without a generation prompt the untrained tail of the last user turn is not wanted."""
-    if not generation and segs and not segs[-1].trained:
+def _finish(segs: list[Segment], turns: Conversation, *, generation: bool) -> list[Segment]:
+    """Without a generation prompt the tail of a last user turn (no answer) is not wanted."""
+    # By the turns, not by the last segment's mask: an answer of weight 0 is untrained too.
+    answered = bool(turns) and len(turns) % 2 == 0
+    if not generation and not answered:
         segs = segs[:-1]
-    if generation and segs and segs[-1].trained:
+    if generation and answered:
         raise TemplateError("a generation prompt must end with a user turn")
     return segs
 
@@ -161,7 +167,7 @@ def _from_tokenizer(conv: Conversation, tokenizer: Any, *, generation: bool) -> 
             if later is not None and content in full[len(prompt) :]:
                 raise not_growing  # it renders an earlier answer otherwise than the last
             raise TemplateError("the tokenizer's chat_template rewrites assistant content")
-        segs += [Segment(prompt[len(done) :], False), Segment(trained, True)]
+        segs += [Segment(prompt[len(done) :], False), Segment(trained, is_trained(conv[i]))]
         done = prompt + trained
     if generation:
         prompt = render(len(conv), True)
@@ -382,15 +388,44 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
     """Token ids and labels. The whole text is tokenized once (as at inference) and a token is
     trained when its characters overlap a trained segment, so SentencePiece merges across a
     segment boundary cannot shift the mask. Where a token would hold the end of a prompt and the
-    start of its answer, the two are tokenized apart (``_encode_apart``), as generation sees
-    them. Slow tokenizers fall back to per-segment encoding."""
+    start of its answer, or the end of an answer and the start of the next prompt, the two are
+    tokenized apart (``_encode_apart``), as generation sees them. Slow tokenizers fall back to
+    per-segment encoding."""
     text = "".join(s.text for s in segments)
     if not getattr(tokenizer, "is_fast", False):
         return _tokenize_per_segment(segments, tokenizer, max_seq_len=max_seq_len)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    trained = bytearray(len(text))  # 1 where the character belongs to a trained segment
-    merges = space_merges_into_word(tokenizer)
-    pos = 0
+    trained, answer = _trained_chars(segments, merges=space_merges_into_word(tokenizer))
+    ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = list(enc["offset_mapping"])
+    cuts = _answers_merged_into_prompts(offsets, trained)
+    apart = _encode_apart(text, cuts, tokenizer, whole=ids) if cuts else None
+    if apart is not None:
+        ids, offsets = apart
+    owned, prev_end = [], 0
+    for start, end in offsets:
+        # A token owns the characters since the previous token ended: offsets trimmed of
+        # whitespace (a ByteLevel post_processor with trim_offsets) leave a token of spaces
+        # (code indentation) an empty span that would never be trained.
+        owned.append((min(start, prev_end), end))
+        prev_end = max(prev_end, end)
+    labels = [t if any(trained[a:b]) else IGNORE for t, (a, b) in zip(ids, owned, strict=True)]
+    truncated = len(ids) > max_seq_len
+    labels = labels[:max_seq_len]
+    # An answer cut right after the prompt's space trained with it ("[/INST]", "▁") keeps none
+    # of its own text: that "▁" alone is nothing to learn (a sample left without any is dropped).
+    last = max_seq_len - 1 if truncated else -1
+    while last >= 0 and labels[last] != IGNORE and not any(answer[slice(*owned[last])]):
+        labels[last], last = IGNORE, last - 1
+    return Example(ids[:max_seq_len], labels, truncated, apart is not None)
+
+
+def _trained_chars(segments: list[Segment], *, merges: bool) -> tuple[bytearray, bytearray]:
+    """1 for each character of the text that is trained, and 1 for each of an answer's own
+    (without the spaces before it that ``merges`` trains with it)."""
+    n = sum(len(s.text) for s in segments)
+    trained, answer = bytearray(n), bytearray(n)
+    text, pos = "".join(s.text for s in segments), 0
     for seg in segments:
         if seg.trained:
             # Where a space merges into the next word ("▁Paris") but not always ("▁", "4" in
@@ -400,37 +435,25 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
             while merges and lead < pos and text[pos - lead - 1] == " ":
                 lead += 1
             trained[pos - lead : pos + len(seg.text)] = b"\x01" * (lead + len(seg.text))
+            answer[pos : pos + len(seg.text)] = b"\x01" * len(seg.text)
         pos += len(seg.text)
-    ids: list[int] = list(enc["input_ids"])
-    offsets: list[tuple[int, int]] = list(enc["offset_mapping"])
-    cuts = _answers_merged_into_prompts(offsets, trained)
-    apart = _encode_apart(text, cuts, tokenizer, whole=ids) if cuts else None
-    if apart is not None:
-        ids, offsets = apart
-    labels: list[int] = []
-    prev_end = 0
-    for tok, (start, end) in zip(ids, offsets, strict=True):
-        # A token owns the characters since the previous token ended: offsets trimmed of
-        # whitespace (a ByteLevel post_processor with trim_offsets) leave a token of spaces
-        # (code indentation) an empty span that would never be trained.
-        labels.append(tok if any(trained[min(start, prev_end) : end]) else IGNORE)
-        prev_end = max(prev_end, end)
-    truncated = len(ids) > max_seq_len
-    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated, apart is not None)
+    return trained, answer
 
 
 def _answers_merged_into_prompts(offsets: list[tuple[int, int]], trained: bytearray) -> list[int]:
-    """Where an answer starts inside a token that begins in the prompt: Llama-3's and Qwen's
-    pre-tokenizers keep a run of newlines together, so ChatML's "assistant\n" followed by an
-    answer starting with "\n" is one "\n\n" token. Returns those answers' first characters."""
-    cuts, prev_end = [], 0
+    """Where a token would hold trained and untrained text, at each change between them: an
+    answer's start merged into its prompt (Llama-3's and Qwen's pre-tokenizers keep a run of
+    newlines together, so ChatML's "assistant\n" and an answer starting with "\n" are one "\n\n"
+    token), or a plain-text terminator merged into the next prompt (Qwen's ">\n" of "</s>\nUSER",
+    "><" of " </s><s>[INST]"). Such a token, trained for any trained character, would train
+    the prompt's text too."""
+    cuts: set[int] = set()  # a set: tokens of one multi-byte character share their offsets
+    prev_end = 0
     for start, end in offsets:
         lo = min(start, prev_end)
-        owned = trained[lo:end]
-        if len(owned) > 1 and not owned[0] and owned[-1]:
-            cuts.append(lo + owned.index(1))
+        cuts.update(i for i in range(lo + 1, end) if trained[i] != trained[i - 1])
         prev_end = max(prev_end, end)
-    return cuts
+    return sorted(cuts)
 
 
 def _encode_apart(
@@ -442,7 +465,8 @@ def _encode_apart(
 ) -> tuple[list[int], list[tuple[int, int]]] | None:
     """``text`` tokenized with a token boundary at each cut, as inference sees it: the prompt
     alone (what ``generation_prompt_ids`` gives), then the answer the model must generate after
-    it. The answer is encoded after the EOS token, which no merge crosses and after which a
+    it, which ends where its generation stops, apart from the next prompt. Each piece after the
+    first is encoded after the EOS token, which no merge crosses and after which a
     SentencePiece tokenizer adds no "▁" of its own, and the EOS is dropped. None (keep the
     ``whole`` text's ids) if the tokenizer has no single-token EOS to do that with, or if the ids
     do not decode to the text ``whole`` decodes to (a legacy normalizer that adds "▁" after
@@ -450,7 +474,7 @@ def _encode_apart(
 
     In a later turn's history, inference (``generation_prompt_ids``, transformers'
     ``apply_chat_template``) tokenizes an earlier answer whole, merged; training keeps every
-    answer apart, each starting where its own generation did."""
+    answer apart, each starting and ending where its own generation did."""
     sentinel = getattr(tokenizer, "eos_token", None)
     if not isinstance(sentinel, str) or not sentinel:
         return None

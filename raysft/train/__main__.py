@@ -74,11 +74,13 @@ def _dry_run(cfg: Config, source: str) -> int:
     report = _check_data(cfg, source)
     print(dump_config(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
+    lost = report.train_dropped_no_trained_tokens + report.eval_dropped_no_trained_tokens
     dropped = [
-        f"{report.rows_skipped:,} rows skipped" if report.rows_skipped else "",
-        f"{report.dropped_no_trained_tokens:,} samples dropped (truncated to nothing to train)"
-        if report.dropped_no_trained_tokens
+        f"{report.train_truncated:,} training samples truncated to data.max_seq_len"
+        if report.train_truncated
         else "",
+        f"{report.rows_skipped:,} rows skipped" if report.rows_skipped else "",
+        f"{lost:,} samples dropped (truncated to nothing to train)" if lost else "",
     ]
     print(
         f"data: {report.train_examples:,} training and {report.eval_examples:,} eval examples, "

@@ -11,6 +11,7 @@ import pytest
 from raysft.data.formats import (
     DataError,
     detect_format,
+    is_trained,
     load_conversations,
     split_train_eval,
     to_conversation,
@@ -80,6 +81,25 @@ def test_sharegpt_top_level_system_key() -> None:
 def test_openai_messages() -> None:
     m = msgs(("system", "s"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
     assert to_conversation({"messages": m}) == m
+
+
+def weighted(*weights: Any) -> dict[str, Any]:
+    """A messages row of one user/assistant pair per weight (None: the answer has no weight)."""
+    m: list[dict[str, Any]] = []
+    for i, w in enumerate(weights):
+        m += msgs(("user", f"q{i}"), ("assistant", f"a{i}"))
+        if w is not None:
+            m[-1]["weight"] = w
+    return {"messages": m}
+
+
+def test_an_answer_of_weight_0_is_in_the_conversation_and_not_trained() -> None:
+    conv = to_conversation(weighted(0, 1, None, 0.0, 1.0))
+    assert [m["content"] for m in conv] == [f"{x}{i}" for i in range(5) for x in "qa"]
+    answers = [m for m in conv if m["role"] == "assistant"]
+    assert [is_trained(m) for m in answers] == [False, True, True, False, True]
+    # A null weight is none (Parquet gives every message every key).
+    assert all(map(is_trained, to_conversation(weighted(None, 1))))
 
 
 def test_system_prompt_is_added_only_where_there_is_none() -> None:
@@ -177,6 +197,14 @@ BAD_ROWS = [
         {"system": "S", "conversations": turns(("human", "a"), ("human", "b"))},
         "conversations[1]: expected an assistant turn, got user",
     ),
+    (weighted(1, 2), "messages[3].weight: must be 0 (not trained) or 1 (trained), got 2"),
+    (weighted("0"), "messages[1].weight: must be 0 (not trained) or 1 (trained), got '0'"),
+    (weighted(True), "messages[1].weight: must be 0 (not trained) or 1 (trained), got True"),
+    (
+        {"messages": [{"role": "user", "content": "q", "weight": 1}, msgs(("assistant", "a"))[0]]},
+        "messages[0].weight: only an assistant message has a weight, not a user message",
+    ),
+    (weighted(0, 0), "messages: every assistant message has weight 0: nothing to train"),
     ({"prompt": "q", "completion": "a"}, "cannot detect the format"),
     (["q", "a"], "row must be a JSON object, got list"),
 ]
@@ -225,6 +253,24 @@ def test_skip_mode_drops_and_counts_every_bad_row(tmp_path: Path) -> None:
     for i, (reason, (_, problem)) in enumerate(zip(out.skipped, BAD_ROWS, strict=True)):
         assert reason.startswith(f"{path}: line {2 * i + 2}: {problem}")
     assert out.n_rows == len(out.conversations) + len(out.skipped)  # nothing silently dropped
+
+
+def test_unknown_keys_of_messages_are_reported_as_unread(tmp_path: Path) -> None:
+    named = weighted(1)
+    named["messages"][0]["name"] = "bob"
+    rows = [
+        named,
+        named,
+        {"conversations": [{"from": "human", "value": "q", "weight": 0}, turns(("gpt", "a"))[0]]},
+        {"messages": [{"role": "user", "content": "q", "name": None}, *msgs(("assistant", "a"))]},
+    ]
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    out = load_conversations(path)
+    assert out.unread == {
+        (path, "messages", "messages[].name"): 2,
+        (path, "sharegpt", "conversations[].weight"): 1,
+    }
+    assert len(out.conversations) == 4  # reported, never a reason to drop the row
 
 
 def test_invalid_json_line_names_the_line() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def test_with_eval_files_counts_are_right(tok: Any) -> None:
     assert (r.rows_read, r.rows_skipped, r.skipped) == (8, 0, [])
     assert (r.train_examples, r.eval_examples) == (6, 2)
     assert len(data.train) == 6 and len(data.eval) == 2
-    assert (r.truncated, r.dropped_no_trained_tokens) == (0, 0)
+    assert (r.train_truncated, r.train_dropped_no_trained_tokens) == (0, 0)
+    assert (r.eval_truncated, r.eval_dropped_no_trained_tokens) == (0, 0)
     assert r.train_tokens == sum(len(e.input_ids) for e in data.train)
     assert r.trained_tokens == sum(e.n_trained for e in data.train)
     assert 0 < r.trained_tokens < r.train_tokens
@@ -110,8 +112,8 @@ def test_truncation_drops_untrainable_and_counts_truncated(tmp_path: Path, tok: 
     data = prepare_data(cfg, tok, seed=0)
     r = data.report
     assert r.rows_read == 7
-    assert r.dropped_no_trained_tokens == 2  # train and eval
-    assert r.truncated == 2
+    assert (r.train_dropped_no_trained_tokens, r.eval_dropped_no_trained_tokens) == (1, 1)
+    assert (r.train_truncated, r.eval_truncated) == (1, 1)
     assert (r.train_examples, r.eval_examples) == (3, 2)
     assert [c[0]["content"] for c in data.eval_conversations] == ["short", "q" * 40]
     assert [len(e.input_ids) for e in data.train] == [
@@ -120,6 +122,26 @@ def test_truncation_drops_untrainable_and_counts_truncated(tmp_path: Path, tok: 
         prompt_len("short") + len("ok") + 1,
     ]
     assert trained_spans(data.train[1], tok) == ["a" * (max_len - prompt_len("q" * 40))]
+
+
+def test_truncation_is_counted_per_split(tmp_path: Path, tok: Any) -> None:
+    fits, cut, lost = alpaca("short", "ok"), alpaca("q" * 40, "a" * 40), alpaca("p" * 70, "x")
+    train = write_jsonl(tmp_path / "t.jsonl", [fits, fits])
+    held = write_jsonl(tmp_path / "e.jsonl", [cut, cut, lost, fits])
+    data = prepare_data(
+        section(train=train, eval=held, max_seq_len=64, on_error="skip"), tok, seed=0
+    )
+    r = data.report
+    assert (r.train_truncated, r.train_dropped_no_trained_tokens) == (0, 0)
+    assert (r.eval_truncated, r.eval_dropped_no_trained_tokens) == (2, 1)
+    assert sum(e.truncated for e in data.eval) == 2 and r.as_dict()["eval_truncated"] == 2
+    # And the other way round: the training split's own.
+    data = prepare_data(
+        section(train=held, eval=train, max_seq_len=64, on_error="skip"), tok, seed=0
+    )
+    r = data.report
+    assert (r.train_truncated, r.train_dropped_no_trained_tokens) == (2, 1)
+    assert (r.eval_truncated, r.eval_dropped_no_trained_tokens) == (0, 0)
 
 
 def test_when_truncation_leaves_no_training_example_it_is_an_error(
@@ -324,6 +346,30 @@ def test_fields_no_format_reads_are_reported_once_per_source_and_field(
         "misspelt, its text is left out",
     ]
     assert [r.getMessage() for r in caplog.records] == report.unread_fields
+
+
+def test_keys_of_messages_no_format_reads_are_reported(tmp_path: Path) -> None:
+    user = {"role": "user", "content": "q", "name": "bob"}
+    answer = {"role": "assistant", "content": "a", "weight": 1}
+    train = write_jsonl(tmp_path / "t.jsonl", [{"messages": [user, answer]}])
+    _, _, report = load_split(section(train=train), seed=0)
+    reads = "messages[].role, messages[].content, messages[].weight"
+    assert report.unread_fields == [
+        f"{train}: field 'messages[].name' in 1 row(s) is not read (messages rows read "
+        f"{reads}); if it is misspelt, its text is left out"
+    ]
+
+
+def test_an_all_weight_0_row_is_skipped_and_counted(tmp_path: Path, tok: Any) -> None:
+    answer = {"role": "assistant", "content": "a", "weight": 0}
+    untrained = {"messages": [{"role": "user", "content": "q"}, answer]}
+    train = write_jsonl(tmp_path / "t.jsonl", [alpaca("q", "a"), untrained, alpaca("r", "b")])
+    why = f"{train}: line 2: messages: every assistant message has weight 0: nothing to train"
+    with pytest.raises(DataError, match=re.escape(why)):
+        prepare_data(section(train=train), tok, seed=0)
+    data = prepare_data(section(train=train, on_error="skip"), tok, seed=0)
+    assert (data.report.rows_skipped, data.report.train_examples) == (1, 2)
+    assert data.report.skipped == [why]
 
 
 def test_null_columns_are_not_unread_fields(tmp_path: Path) -> None:

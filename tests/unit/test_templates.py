@@ -247,6 +247,31 @@ def test_labels_cover_exactly_the_answers_and_terminators(
             assert m["content"] in untrained
 
 
+@pytest.mark.parametrize("weights", [(0, 1), (1, 0), (0, 1, 0)])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_an_answer_of_weight_0_is_context_and_not_trained(
+    tok: Any, template: str, weights: tuple[int, ...]
+) -> None:
+    from raysft.data.formats import to_conversation
+
+    contents = ["Paris", "Rome", "Oslo"][: len(weights)]
+    messages: list[dict[str, Any]] = []
+    for i, (content, weight) in enumerate(zip(contents, weights, strict=True)):
+        messages += [
+            {"role": "user", "content": f"Capital {i}?"},
+            {"role": "assistant", "content": content, "weight": weight},
+        ]
+    c = to_conversation({"messages": messages}, system_prompt=SYSTEM)
+    segments = render(c, template=template, tokenizer=tok)
+    # The weight changes the mask, never the text: every answer is in the context.
+    plain = [{"role": m["role"], "content": m["content"]} for m in c]
+    assert "".join(s.text for s in segments) == render_text(plain, template=template, tokenizer=tok)
+    ex = tokenize(segments, tok, max_seq_len=4096)
+    kept = [a + TERMINATOR[template] for a, w in zip(contents, weights, strict=True) if w]
+    assert trained_spans(ex, tok) == kept
+    assert ex.n_trained == sum(n_tokens(tok, t) for t in kept)
+
+
 @pytest.mark.parametrize("conv_name", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_generation_prompt_ends_where_the_answer_starts(
@@ -444,6 +469,25 @@ def test_every_answer_starts_at_the_token_generation_starts_at(template: str, an
     assert sp.convert_ids_to_tokens(ex.input_ids[len(ids)]).startswith("▁")
 
 
+@pytest.mark.parametrize("template", ["llama2", "vicuna"])
+def test_truncation_that_keeps_only_the_answers_lead_space_leaves_nothing_to_train(
+    template: str,
+) -> None:
+    # "-3" is "▁", "-", "3": cut after the "▁" trained with it, no character of the answer is
+    # left, so the sample has nothing to train (the pipeline drops and counts it).
+    sp = _metaspace_tokenizer()
+    segments = render(conv("Q", "-3"), template=template)
+    full = tokenize(segments, sp, max_seq_len=4096)
+    first = next(i for i, label in enumerate(full.labels) if label != IGNORE)
+    assert sp.convert_ids_to_tokens(full.input_ids[first]) == "▁"
+    cut = tokenize(segments, sp, max_seq_len=first + 1)
+    assert cut.truncated and cut.n_trained == 0
+    assert cut.input_ids == full.input_ids[: first + 1]
+    # One token more keeps the "-": the "▁" before it is trained with it.
+    more = tokenize(segments, sp, max_seq_len=first + 2)
+    assert more.labels[first:] == full.input_ids[first : first + 2]
+
+
 def _gpt2_style_tokenizer(tmp_path: Path) -> Any:
     """A byte-level BPE whose post-processor trims whitespace off offsets (GPT-2, GPT-NeoX ship
     it), so a token of spaces has an empty span; saved and reloaded as a user would load it."""
@@ -566,6 +610,57 @@ def test_newlines_inside_an_answer_are_tokenized_whole() -> None:
     ex = tokenize(segments, tok, max_seq_len=99)
     whole = tok("".join(s.text for s in segments), add_special_tokens=False)["input_ids"]
     assert not ex.merged_boundary and ex.input_ids == whole
+
+
+def _plain_terminator_tokenizer() -> Any:
+    """A byte-level BPE with Qwen2's and Llama-3's pre-tokenizer rule that keeps newlines after
+    punctuation (`` ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*``), ">\\n" and "><" tokens, and "</s>", "<s>"
+    as plain text (not special in those vocabularies); its EOS is "<|endoftext|>"."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from raysft.assets.tokenizer import bytes_to_unicode
+
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    merges = [(">", "Ċ"), (">", "<")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    rule = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rule), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token=eos)
+
+
+@pytest.mark.parametrize(
+    ("template", "merged"), [("vicuna", ">Ċ"), ("llama2", "><")], ids=["vicuna", "llama2"]
+)
+def test_a_plain_text_terminator_is_tokenized_apart_from_the_next_prompt(
+    template: str, merged: str
+) -> None:
+    # Whole, "Yo</s>\nUSER:" holds a ">\n" token (" </s><s>[INST]" a "><"): trained for its
+    # ">", it would train the next user turn's first character too.
+    tok = _plain_terminator_tokenizer()
+    c = conv("Hi", "Yo", "Bye", "Ok")
+    segments = render(c, template=template)
+    whole = tok("".join(s.text for s in segments), add_special_tokens=False)["input_ids"]
+    assert merged in tok.convert_ids_to_tokens(whole)
+    ex = tokenize(segments, tok, max_seq_len=512)
+    assert trained_spans(ex, tok) == answers(template, c)
+    assert ex.merged_boundary
+    # The first answer ends in the tokens its own generation ends in, the text tokenized alone.
+    first = tok(c[1]["content"] + TERMINATOR[template], add_special_tokens=False)["input_ids"]
+    start = next(i for i, label in enumerate(ex.labels) if label != IGNORE)
+    assert ex.input_ids[start : start + len(first)] == first
+    assert ex.labels[start + len(first)] == IGNORE
 
 
 def test_the_data_report_counts_answers_tokenized_apart(tmp_path: Path) -> None:
