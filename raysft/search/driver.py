@@ -32,12 +32,13 @@ from raysft.search import tracking
 from raysft.search.callback import make_callback
 from raysft.search.experiment import (
     LOCK_FILE,
-    STATE_FILE,
     count_start,
     hold_experiment_dir,
     open_experiment,
     read_earlier_starts,
+    read_state,
     spec_record,
+    write_state,
 )
 from raysft.search.finish import finish_search
 from raysft.search.ray_start import (
@@ -173,9 +174,9 @@ def _parent_run(
     digests: Digests | None = None,
 ) -> str:
     """The search's parent MLflow run: created once, reopened by ``--resume``."""
-    state_path = exp_dir / STATE_FILE
-    if state_path.exists():
-        parent_id: str = json.loads(state_path.read_text())["parent_run_id"]
+    state = read_state(spec_path, exp_dir)
+    if state:
+        parent_id: str = state["parent_run_id"]
         mlc.update_run(parent_id, status="RUNNING")
         return parent_id
     parent_id = tracking.start_parent(mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path)
@@ -186,8 +187,17 @@ def _parent_run(
         # --resume checks the bytes too: those the trials train on, where the driver has them
         "data": data_digests(cfg.data) if digests is None else digests,
     }
-    state_path.write_text(json.dumps(state))
+    write_state(exp_dir, state)
     return parent_id
+
+
+def _missing(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def run_search(
@@ -201,7 +211,8 @@ def run_search(
     """Run (or ``resume``) the search of a validated spec; returns summary.json's content.
     ``shared``: its data as ``read_spec`` read it, for the trials (else each reads its own)."""
     t0 = time.perf_counter()
-    fresh = not Path(cfg.search.experiment_dir).resolve().exists()
+    # The directories this start creates, innermost first: removed again if it is refused.
+    created = _missing(Path(cfg.search.experiment_dir).resolve())
     digests = shared.digests if shared is not None else None  # read once, with the data
     exp_dir = open_experiment(spec_path, cfg, resume=resume, digests=digests)
     lock = hold_experiment_dir(spec_path, exp_dir)  # refused: another search's, left as it is
@@ -213,12 +224,14 @@ def run_search(
             resume=resume, scratch=scratch, t0=t0, shared=shared, begun=begun,
         )  # fmt: skip
     except BaseException:
-        if fresh and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
+        if created and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
             # Refused before anything was written (Ray not reached, no plan); another search
-            # may have come in meanwhile: then the directory is its.
+            # may have come in meanwhile: then the directory is its. So are parents it created
+            # that are no longer empty (rmdir refuses those).
             with contextlib.suppress(OSError):
                 (exp_dir / LOCK_FILE).unlink(missing_ok=True)
-                exp_dir.rmdir()
+                for path in created:
+                    path.rmdir()
         raise
     finally:
         if begun:  # not a start refused before it began (Ray, the plan, the MLflow store)

@@ -14,7 +14,7 @@ from typing import Any
 
 from raysft.config import SearchSpec
 from raysft.data.digest import Digests, changed_sources, data_digests
-from raysft.errors import ConfigError, SearchStateError
+from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.paths import writable_dir_problem
 from raysft.search import results as res
 from raysft.search import tracking
@@ -118,8 +118,7 @@ def _check_same_spec(
     """``--resume`` continues the search it finds with the spec it started with: Tune restores
     its sampler and trials, but every trial's config comes from the spec given now.
     ``digests``: the data's, where the caller has them (``SharedData``), else read here."""
-    state_path = exp_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = read_state(spec_path, exp_dir)
     if state.get("spec") is None:  # an experiment dir from before raysft kept its spec
         return
     changed = _changed_paths(state["spec"], spec_record(cfg))
@@ -154,6 +153,38 @@ def _check_same_spec(
         )
 
 
+def read_state(spec_path: str, exp_dir: Path) -> dict[str, Any]:
+    """The experiment dir's raysft_state.json ({} where there is none yet). A damaged one (cut
+    short by a kill or a full disk before raysft wrote it atomically, or edited by hand) is a
+    ``SearchStateError`` naming it: without its parent run, spec and data record the search
+    cannot be continued as the one it was."""
+    path = exp_dir / STATE_FILE
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) else f"not JSON: {one_line(err)}"
+        state = why
+    if not isinstance(state, dict) or not isinstance(state.get("parent_run_id"), str):
+        why = state if isinstance(state, str) else "not a record with the search's parent run"
+        raise SearchStateError(
+            f"{spec_path}: {path} is damaged ({why}): this search cannot be continued; "
+            "start it anew in another search.experiment_dir (the trials' own results stay "
+            f"under {exp_dir / 'tune'})"
+        )
+    return state
+
+
+def write_state(exp_dir: Path, state: dict[str, Any]) -> None:
+    """raysft_state.json replaced whole (a temporary file renamed over it): a kill or a full
+    disk leaves the old one or the new one, never one cut short."""
+    path = exp_dir / STATE_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
 def count_start(exp_dir: Path, seconds: float) -> None:
     """Add this start of the search (ended however it ended, but for a kill it cannot catch) to
     raysft_state.json's ``earlier_starts``: a ``--resume``'s summary counts the whole search."""
@@ -162,9 +193,7 @@ def count_start(exp_dir: Path, seconds: float) -> None:
         state = json.loads(path.read_text(encoding="utf-8"))
         count, before = _earlier_starts(state)
         state["earlier_starts"] = {"count": count + 1, "seconds": round(before + seconds, 1)}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-        tmp.replace(path)
+        write_state(exp_dir, state)
     except (OSError, ValueError, TypeError, KeyError) as err:  # no state yet (refused early)
         log.debug("search start not counted in %s: %s", path, err)
 
