@@ -334,6 +334,16 @@ def _placed(err: ModelError, place: str) -> ModelError:
     return ModelError(f"{place}: {str(err).removeprefix('model.name_or_path: ')}")
 
 
+def _at_dir(err: ModelError, path: Path) -> ModelError:
+    """``err`` naming the model directory ``path`` (DIR, or an experiment's champion) where it
+    says the model at ``path`` does not load: the directory came from the command line, not
+    from a ``model.name_or_path`` setting."""
+    said = f"model.name_or_path: cannot load {str(path)!r}: "
+    if not str(err).startswith(said):
+        return err  # an adapter's or its base's problem, placed already
+    return ModelError(f"{path}: cannot load the model: {str(err).removeprefix(said)}")
+
+
 def select_metrics(names: list[str] | None, conversations: list[Conversation]) -> list[Metric]:
     """The metrics to compute: ``names``, else every scorable one (pass@k when a row has tests)."""
     has_tests = any(code_tests(c) is not None for c in conversations)
@@ -548,9 +558,12 @@ def run(argv: list[str] | None = None) -> int:
             scores["base"] = score_model(base, target.cfg, conversations=rows, metrics=metrics)
         except ModelError as err:
             raise (_placed(err, "--base-model") if args.base_model else err) from None
-    scores["tuned" if args.base else "score"] = score_model(
-        str(target.path), target.cfg, conversations=rows, metrics=metrics, base_model=base
-    )
+    try:
+        scores["tuned" if args.base else "score"] = score_model(
+            str(target.path), target.cfg, conversations=rows, metrics=metrics, base_model=base
+        )
+    except ModelError as err:
+        raise _at_dir(err, target.path) from None
     if args.json:
         head = {"target": str(target.path), "kind": target.kind}
         print(json.dumps({**head, **as_json(scores, n=args.show)}, ensure_ascii=False))

@@ -405,8 +405,10 @@ def unread_sections(
 
 def validate_spec(tree: dict[str, Any], *, source: str = "<spec>") -> SearchSpec:
     """A search spec: like ``validate_tree``, with the ``search`` section required."""
-    if not isinstance(tree.get("search"), dict):
+    if "search" not in tree:
         raise ConfigError(source, ["search: missing (a search spec needs a search section)"])
+    # One that is there but no mapping (``search: 5``, ``search: null``) is reported by
+    # validation, as any other section would be, with the spec's other problems.
     spec = validate_tree(tree, source=source, model=SearchSpec)
     assert isinstance(spec, SearchSpec)  # for mypy: model_validate of SearchSpec returns one
     return spec

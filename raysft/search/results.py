@@ -210,9 +210,15 @@ def read_summary(exp_dir: Path, *, sections: tuple[str, ...] = ()) -> dict[str, 
         summary = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise SearchStateError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(summary, dict) or not all(isinstance(summary.get(k), dict) for k in sections):
-        why = f"no {' and '.join(sections)} sections" if sections else "not a JSON object"
-        raise SearchStateError(f"{path}: not a raysft summary ({why})")
+    if not isinstance(summary, dict):
+        raise SearchStateError(f"{path}: not a raysft summary (not a JSON object)")
+    # Only what is wrong: "no mlflow section", not every section asked for.
+    absent = [k for k in sections if k not in summary]
+    not_objects = [k for k in sections if k in summary and not isinstance(summary[k], dict)]
+    why = [f"no {' and '.join(absent)} section{'s' * (len(absent) > 1)}"] if absent else []
+    why += [f"{k} is not a JSON object" for k in not_objects]
+    if why:
+        raise SearchStateError(f"{path}: not a raysft summary ({'; '.join(why)})")
     return summary
 
 

@@ -81,12 +81,15 @@ def read_spec(
     tree = read_yaml(path)
     in_file = copy.deepcopy(tree)
     file_method = tree.get("method")
-    changes = parse_overrides(overrides)
-    for key, value in changes.items():
+    changes: dict[str, Any] = {}
+    bad_sets: list[str] = []  # reported with the spec's other problems, not alone
+    for key, value in parse_overrides(overrides).items():
         try:
             set_path(tree, key, value)
         except KeyError as err:
-            raise ConfigError(path, [f"--set {err.args[0]}"]) from None
+            bad_sets.append(f"--set {err.args[0]}")
+        else:
+            changes[key] = value
     drop_sections_of_replaced_method(tree, changes, file_method, source=path)
     problems: list[str] = []
     try:
@@ -96,15 +99,16 @@ def read_spec(
         # problems: check the rest without the parameters pydantic rejected.
         rest = _without_malformed_params(tree)
         if rest is None:
-            raise ConfigError(path, blame_overrides(err.problems, changes, in_file)) from None
+            blamed = blame_overrides(err.problems, changes, in_file)
+            raise ConfigError(path, bad_sets + blamed) from None
         problems, (tree, spec) = list(err.problems), rest
     problems += validate_search(tree, spec, source=path)
     memory = trial_memory(spec) if spec.search.resources.gpus else None
     nodes = None if attaching_to_cluster() else local_nodes()
     more, checked_here = check_resources(tree, spec, memory, nodes, dry_run=dry_run)
     problems += more
-    if problems:
-        raise ConfigError(path, blame_overrides(problems, changes, in_file))
+    if problems or bad_sets:
+        raise ConfigError(path, bad_sets + blame_overrides(problems, changes, in_file))
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
     shared = read_as_a_trial(spec, source=path) if preflight and checked_here else None
     return tree, spec, shared
@@ -327,11 +331,13 @@ def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> l
     """Every problem with the spec's ``search`` section, as ``path: message`` lines."""
     s = spec.search
     problems: list[str] = []
+    rejected: set[str] = set()  # the parameters reported here
     for name, p in s.params.items():
         where = f"search.params.{name}"
         shape = _check_param(name, p, s.params, spec)
         if shape:
             problems.append(shape)
+            rejected.add(name)
             continue
         for value in _probe_values(p, s.params, spec):
             probe = copy.deepcopy(tree)
@@ -342,8 +348,12 @@ def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> l
                 validate_tree(probe, source=source, model=SearchSpec)
             except ConfigError as err:
                 problems += [f"{where}: value {value!r}: {e}" for e in err.problems]
+                rejected.add(name)
                 break
-    problems += unread_sections(spec, tree, list(s.params))
+    if "method" not in rejected:
+        # A rejected method search (a typo among its values) says nothing of the methods the
+        # trials will run: which sections they read is judged once it is fixed.
+        problems += unread_sections(spec, tree, list(s.params))
     if not problems and len(s.params) > 1:
         problems += _check_combinations(tree, s.params, spec, source=source)
     problems += _check_metric(spec)

@@ -251,8 +251,19 @@ def store_problem(uri: str) -> str | None:
         with _capped_environ(_FAST):
             client(uri).search_experiments(max_results=1)
     except Exception as err:
-        return f"cannot use this MLflow store ({one_line(err)[:300]})"
+        return f"cannot use this MLflow store ({_clipped(one_line(err), 300)})"
     return None
+
+
+def _clipped(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters: cut at a space (a word or URL cut in the
+    middle reads as another), the cut marked with "…"."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 1]
+    if " " in head[limit // 2 :]:  # else one long word: cut inside it
+        head = head.rsplit(" ", 1)[0]
+    return head.rstrip() + "…"
 
 
 def experiment_id(mlc: Any, name: str) -> str:

@@ -399,6 +399,20 @@ def test_a_valid_search_section_loads(tmp_path: Path) -> None:
     assert cfg.search.params["train.learning_rate"].low == 1e-5
 
 
+@pytest.mark.parametrize(("value", "kind"), [(5, "a number"), (None, "empty"), ([1], "a list")])
+def test_a_spec_whose_search_is_no_mapping_says_so_not_missing(value: object, kind: str) -> None:
+    # As raysft.train says for the same file; and the spec's other problems come with it.
+    with pytest.raises(ConfigError) as info:
+        validate_spec({"search": value, "train": {"max_stepz": 1}}, source="s.yaml")
+    assert info.value.problems == [
+        "train.max_stepz: unknown key",
+        f"search: should be a mapping of its settings (key: value), not {kind}",
+    ]
+    with pytest.raises(ConfigError) as info:  # "missing" is for a spec without the key
+        validate_spec({"train": {"max_steps": 1}}, source="s.yaml")
+    assert info.value.problems == ["search: missing (a search spec needs a search section)"]
+
+
 # ---------------------------------------------------------------- method sections
 
 

@@ -455,9 +455,24 @@ def test_truncated_weights_are_one_clear_error(
         (cut / weights).write_bytes((source / weights).read_bytes()[:5])
         with pytest.raises(ModelError) as err:
             run([str(cut), "--data", rows, "--metrics", "eval_loss"])
-        where = f"{cut}: cannot load the adapter" if source == adapter_dir else "model.name_or_path"
-        assert str(err.value).startswith(where), err.value
+        what = "the adapter" if source == adapter_dir else "the model"
+        assert str(err.value).startswith(f"{cut}: cannot load {what}: "), err.value
         assert "truncated or corrupt (Error while deserializing header" in str(err.value)
+
+
+def test_a_model_dir_without_weights_is_named_as_given_not_as_a_setting(
+    tmp_path: Path, chain_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DIR came from the command line: no ``model.name_or_path`` the user never wrote."""
+    rows = _rows(tmp_path)
+    (tmp_path / "cfgonly").mkdir()
+    shutil.copy(chain_dir / "config.json", tmp_path / "cfgonly")
+    monkeypatch.chdir(tmp_path)
+    for given in (str(tmp_path / "cfgonly"), "cfgonly"):
+        with pytest.raises(ModelError) as err:
+            run([given, "--data", rows, "--metrics", "eval_loss"])
+        assert str(err.value).startswith(f"{given}: cannot load the model: Error no file named")
+        assert "model.name_or_path" not in str(err.value)
 
 
 def test_a_bad_set_on_an_experiment_names_set_and_the_summary(

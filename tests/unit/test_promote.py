@@ -1016,7 +1016,10 @@ def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) 
     [
         ('{"best": nul', "not valid JSON: "),
         ('{"best": null}', "not a raysft summary (no resolved_spec and mlflow sections)"),
-        ("[1]", "not a raysft summary (no resolved_spec and mlflow sections)"),
+        ("[1]", "not a raysft summary (not a JSON object)"),
+        # Only what is missing or wrong is named, not every section the summary needs.
+        ('{"resolved_spec": {}}', "not a raysft summary (no mlflow section)"),
+        ('{"mlflow": [], "resolved_spec": {}}', "not a raysft summary (mlflow is not a JSON"),
     ],
 )
 def test_promote_cli_on_a_broken_summary_exits_2_with_one_message(

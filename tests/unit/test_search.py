@@ -282,6 +282,24 @@ def test_combination_of_individually_valid_values_is_reported() -> None:
     assert problems_of(tree) == []
 
 
+def test_a_typo_among_searched_methods_is_the_one_problem() -> None:
+    # Not also "lora: ... but the searched methods are full" for the lora: section and every
+    # searched LoRA setting: with the typo fixed ("lora") the trials read them.
+    tree = spec(
+        {
+            "lora.r": R_CHOICE,
+            "method": {"type": "choice", "values": ["full", "lorax"]},
+        }
+    )
+    tree.update(method="lora", lora={"r": 8, "alpha": 16})
+    assert one_problem(tree) == (
+        "search.params.method: value 'lorax': method: Input should be 'full', 'lora' or 'qlora'"
+    )
+    # Methods that all exist are still checked against the sections and searched settings.
+    tree["search"]["params"]["method"]["values"] = ["full"]
+    assert [p.split(":")[0] for p in problems_of(tree)] == ["lora", "search.params.lora.r"]
+
+
 def test_metric_the_trainer_never_reports() -> None:
     assert one_problem(spec(metric="accuracy")) == (
         "search.metric: the trainer never reports 'accuracy' "
@@ -1038,6 +1056,30 @@ def test_set_into_a_value_is_a_config_error(spec_file: Path) -> None:
     assert err.value.problems == ["--set train.max_steps.x: max_steps is not a section"]
 
 
+def test_every_bad_set_path_comes_with_the_specs_other_problems(spec_file: Path) -> None:
+    # As raysft.train reports them: the first bad path does not hide the rest.
+    tree = yaml.safe_load(spec_file.read_text())
+    tree["search"]["num_samples"] = 0
+    spec_file.write_text(yaml.safe_dump(tree))
+    sets = ["train.eval_every.x=1", "train.max_steps=0", "model.name_or_path.y=2"]
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(spec_file), sets, preflight=False)
+    assert err.value.problems == [
+        "--set train.eval_every.x: eval_every is not a section",
+        "--set model.name_or_path.y: name_or_path is not a section",
+        "--set train.max_steps: Input should be greater than 0",
+        "search.num_samples: Input should be greater than 0",
+    ]
+    # Bad paths in a spec that is otherwise valid: every one, and still refused.
+    spec_file.write_text(yaml.safe_dump(spec()))
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(spec_file), [sets[0], sets[2]], preflight=False)
+    assert err.value.problems == [
+        "--set train.eval_every.x: eval_every is not a section",
+        "--set model.name_or_path.y: name_or_path is not a section",
+    ]
+
+
 def test_set_method_on_a_spec_leaves_the_files_method_sections_out(spec_file: Path) -> None:
     tree = {**spec({"train.learning_rate": LR}), "method": "lora", "lora": {"r": 8}}
     spec_file.write_text(yaml.safe_dump(tree))
@@ -1543,6 +1585,28 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
     # Once the first has ended, the directory is free again.
     driver.run_search("s.yaml", tree, cfg, resume=False)
     assert ran == [1]
+
+
+def test_a_long_store_error_is_cut_at_a_word_and_marked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow's message for an unknown scheme ends in a URL that a cut at 300 characters left
+    # as "See https:)".
+    from raysft.search import tracking
+
+    said = "Supported URI schemes are: ['', 'file', 'sqlite']. " * 6
+    said += "See https://www.mlflow.org/docs/latest/tracking.html#storage for how to run one."
+
+    class Refusing:
+        def search_experiments(self, max_results: int) -> None:
+            raise RuntimeError(f"{said}\nsecond line")
+
+    monkeypatch.setattr(tracking, "client", lambda uri: Refusing())
+    problem = tracking.store_problem("foo://bar") or ""
+    head = "cannot use this MLflow store (RuntimeError: "
+    assert problem.startswith(head) and problem.endswith("…)"), problem
+    kept = problem[len(head) : -len("…)")]
+    assert len(kept) < 300 and said.startswith(kept + " ")  # whole words, the cut marked
+    said = "short: no such store"  # a message that fits is kept whole, unmarked
+    assert tracking.store_problem("foo://bar") == f"{head}{said})"
 
 
 def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
