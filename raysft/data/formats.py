@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raysft.assets import resolve
-from raysft.errors import DataError, DatasetLoadError, RaysftError
+from raysft.errors import DataError, DatasetLoadError, RaysftError, one_line
 
 Role = Literal["train", "eval"]  # which of data.train / data.eval a source is read for
 
@@ -470,7 +470,10 @@ def _iter_saved_dataset(
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:
-        raise DataError(f"{path}: not a saved `datasets` directory: {err}") from None
+        raise DataError(
+            f"data.{role}: {source}: a directory, but not one `datasets` saved (a directory is "
+            f"read as a saved dataset; give a .jsonl, .json or .parquet file): {one_line(err)}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         names = ", ".join(ds)
         split = split or default_split(list(ds), role)

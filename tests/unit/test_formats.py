@@ -513,3 +513,15 @@ def test_split_leaves_both_sides_non_empty(n: int, fraction: float) -> None:
 def test_split_of_one_conversation_is_an_error() -> None:
     with pytest.raises(DataError, match="need at least 2 conversations"):
         split_train_eval(_numbered(1), eval_fraction=0.1, seed=0)
+
+
+def test_a_plain_directory_is_named_as_the_data_setting_with_what_to_give(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "rows.txt").write_text("not a dataset", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_conversations(str(folder), role="eval")
+    assert str(err.value).startswith(
+        f"data.eval: {folder}: a directory, but not one `datasets` saved (a directory is read as "
+        "a saved dataset; give a .jsonl, .json or .parquet file): "
+    ), err.value
