@@ -15,7 +15,9 @@ from typing import Any, NoReturn
 from raysft.cli import run_cli, setup_logging
 from raysft.config import validate_spec
 from raysft.errors import ConfigError, SearchStateError, one_line
+from raysft.search import tracking
 from raysft.search.compare import base_value
+from raysft.search.experiment import read_state
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking import client, local_store
@@ -61,17 +63,63 @@ def _main() -> int:
         record = promote(
             mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
             base_value=base_value(summary.get("base_vs_tuned"), cfg.search.metric),
+            recorded=read_state(source, exp_dir).get("data"),  # what the trials scored on
         )  # fmt: skip
-    if not record.get("failed") or not summary.get("promotion"):
-        summary["promotion"] = record  # a failed retry keeps the record it would have replaced
-        if not record.get("failed") and summary.get("failed_steps"):  # the failure it retried
-            kept = [f for f in summary["failed_steps"] if not str(f).startswith("promotion: ")]
-            summary["failed_steps"] = kept
+    if record.get("failed") and summary.get("promotion"):
+        pass  # a failed retry keeps the record it would have replaced
+    elif record.get("failed"):
+        summary["promotion"] = record
         write_summary(exp_dir, summary)
+    else:
+        summary["promotion"] = record
+        _tell_the_parent_run(mlc, exp_dir, summary)
     print(json.dumps(record, indent=2))
     if record.get("failed"):
         raise SearchStateError(f"{exp_dir}: promotion failed: {record['reason']}")
     return 0
+
+
+# What the finish wrote about the promotion on the parent run, and its failed step's name.
+_PARENT_STEPS = (
+    "MLflow: the promotion tag",
+    "MLflow: the parent run's description",
+    "MLflow: summary.json",
+)
+
+
+def _tell_the_parent_run(mlc: Any, exp_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json, then the parent run, say what this promotion did: its tag, description
+    and summary.json artifact still said what the finish's failed promotion left. The failures
+    this retries leave failed_steps; any step that fails again is put back, and said."""
+    parent = summary["mlflow"].get("parent_run_id")
+    retried = ("promotion: ", *(f"{what}: " for what in _PARENT_STEPS))
+    summary["failed_steps"] = [
+        f for f in summary.get("failed_steps") or [] if not str(f).startswith(retried)
+    ]
+    if not isinstance(parent, str):  # a summary from before raysft kept it: summary.json alone
+        write_summary(exp_dir, summary)
+        return
+    tag = json.dumps(summary["promotion"])[:5000]
+    steps = [
+        (_PARENT_STEPS[0], lambda: mlc.set_tag(parent, tracking.PROMOTION_TAG, tag)),
+        (_PARENT_STEPS[1], lambda: tracking.describe_parent(mlc, parent, summary)),
+    ]
+    for what, step in steps:
+        _try(what, step, summary)
+    path = write_summary(exp_dir, summary)
+    if _try(_PARENT_STEPS[2], lambda: mlc.log_artifact(parent, str(path)), summary):
+        write_summary(exp_dir, summary)
+
+
+def _try(what: str, step: Any, summary: dict[str, Any]) -> bool:
+    """Run one MLflow step; a failure is logged and added to failed_steps (True)."""
+    try:
+        step()
+    except Exception as err:
+        log.warning("%s: %s", what, one_line(err))
+        summary["failed_steps"].append(f"{what}: {one_line(err)}")
+        return True
+    return False
 
 
 def _search_dir(summary: dict[str, Any], source: str) -> str:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
-from raysft.errors import one_line
+from raysft.errors import SearchStateError, one_line
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
+from raysft.search.experiment import read_state
 from raysft.search.promote import promote
 from raysft.search.space import TrialConfigs
 from raysft.train.metrics import objective_mode
@@ -414,7 +415,7 @@ def _promotion(
         "promotion",
         promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
         base_value=compare.base_value(comparison, cfg.search.metric),
-        unreachable=steps.unreachable,
+        unreachable=steps.unreachable, recorded=_recorded_digests(exp_dir),
     )  # fmt: skip
     if promotion is None:  # promote records its own failures; this one escaped it
         reason = steps.failures[-1].split(": ", 1)[1]
@@ -425,9 +426,18 @@ def _promotion(
             steps.found_out_of_reach("promotion")
     steps.mlflow(
         "MLflow: the promotion tag",
-        mlc.set_tag, parent_id, "raysft.promotion", json.dumps(promotion)[:5000],
+        mlc.set_tag, parent_id, tracking.PROMOTION_TAG, json.dumps(promotion)[:5000],
     )  # fmt: skip
     return promotion
+
+
+def _recorded_digests(exp_dir: Path) -> Any:
+    """The data's digests as the search recorded them at its start (what its trials were
+    scored on), or None where it has none to give (promotion then reads the files)."""
+    try:
+        return read_state(str(exp_dir), exp_dir).get("data")
+    except SearchStateError:  # read whole at the start: only a hand edit since damages it
+        return None
 
 
 def _write_summary(

@@ -29,7 +29,7 @@ import yaml
 
 from raysft.assets import BUNDLED_BASE, absolute_if_local, adapter_base_path, resolve
 from raysft.config import Config, PromoteSection, SearchSpec, saved_tree
-from raysft.data.digest import source_digest
+from raysft.data.digest import Digests, source_digest
 from raysft.data.digest import sources as data_sources
 from raysft.data.formats import saved_split
 from raysft.data.shared import seed_picks_eval_rows
@@ -50,29 +50,39 @@ TAG_VALUE = "raysft.metric_value"
 TAG_EVAL = "raysft.eval_fingerprint"
 TAG_BASE = "raysft.base_model"
 TAG_RUN = "raysft.source_run"  # the trial's MLflow run
+TAG_MODE = "raysft.mode"  # min or max: which way the metric is better
 CHAMPION_FILE = "champion.json"  # the export's registry identity, written once registered
 
 
 # ---------------------------------------------------------------- what "the same eval" means
 
 
-def eval_fingerprint(cfg: Config) -> str:
+def eval_fingerprint(cfg: Config, recorded: Digests | None = None) -> str:
     """Same fingerprint <=> same eval rows, rendered, tokenized and scored the same way.
 
     Covers the eval files' contents, the split of ``data.train`` when there is no eval file,
     the seed whenever it picks the rows (that split, or ``max_eval_samples`` of more rows),
     the rendering (format, template, system prompt, max_seq_len), the tokenizer (the model)
     and the generation settings of the generated-answer metrics.
+
+    ``recorded``: the data's digests as the search read them when it started
+    (raysft_state.json): the trials were scored on those bytes, whatever the files hold now.
+    A source it lacks (a search from before raysft recorded them) is read now.
     """
 
     d = cfg.data
     sources = d.eval if d.eval is not None else d.train
+    part = (recorded or {}).get("eval" if d.eval is not None else "train", {})
+
+    def digest(s: str) -> str:
+        return part.get(s) or source_digest(s)
+
     generation = getattr(cfg, "eval", None)  # the eval section, where this version has one
     parts = {
         # A DatasetDict's split is not in its directory's digest (and is left out where there
         # is none, so fingerprints of file sources stay what they were).
         "eval": [
-            source_digest(s) if saved_split(s)[1] is None else [source_digest(s), saved_split(s)[1]]
+            digest(s) if saved_split(s)[1] is None else [digest(s), saved_split(s)[1]]
             for s in data_sources(sources)
         ],
         "split": None if d.eval is not None else d.eval_fraction,
@@ -178,17 +188,36 @@ def champion_value(champ: Any) -> float | None:
         return None
 
 
-def _refusal(champ: Any, *, metric: str, value: float, fp: str, mode: Mode | None) -> str | None:
-    """Why ``value`` may not replace ``champ``, or None when it may (``mode`` None: only
-    whether both were scored alike)."""
+def _champion_mode(champ: Any) -> str | None:
+    """Which way the champion's metric was judged better: its tag, or for a version promoted
+    before raysft kept one, its metric's own mode (the only one raysft allowed then)."""
+    if champ.tags.get(TAG_MODE):
+        return str(champ.tags[TAG_MODE])
+    try:
+        return objective_mode(champ.tags.get(TAG_METRIC) or "", None)
+    except ValueError:
+        return None
+
+
+def _refusal(
+    champ: Any, *, metric: str, value: float, fp: str, mode: Mode, judge: bool = True
+) -> str | None:
+    """Why ``value`` may not replace ``champ``, or None when it may (``judge`` False: only
+    whether both were scored alike and judged the same way)."""
     if champ.tags.get(TAG_EVAL) != fp or champ.tags.get(TAG_METRIC) != metric:
         return (
             f"champion v{champ.version} was scored on other eval data or metric "
             f"(fingerprint {champ.tags.get(TAG_EVAL)}, metric {champ.tags.get(TAG_METRIC)}); "
             "not replaced. Use a new promote.registered_model, or the same eval data."
         )
+    if _champion_mode(champ) != mode:  # "better" the other way round would let worse win
+        return (
+            f"champion v{champ.version} was chosen with {metric} judged by mode "
+            f"{_champion_mode(champ)}, this search by mode {mode}; not replaced. Use a new "
+            "promote.registered_model, or the same search.mode."
+        )
     old = champion_value(champ)
-    if mode is not None and old is not None and not is_better(value, old, mode):
+    if judge and old is not None and not is_better(value, old, mode):
         return f"{metric} {value:.6g} does not beat champion v{champ.version} ({old:.6g})"
     return None
 
@@ -201,6 +230,7 @@ def promote(
     exp_dir: Path,
     base_value: float | None = None,
     unreachable: str | None = None,
+    recorded: Digests | None = None,
 ) -> dict[str, Any]:
     """Gate, export, register and alias; returns the record that goes into summary.json.
 
@@ -209,6 +239,7 @@ def promote(
     whose every trial diverged or was stopped early can leave a "best" worse than no training).
     ``unreachable``: the earlier step that found the tracking server out of reach, if one did:
     the gates still decide, but the registry is not asked (a failure, ``not tried``).
+    ``recorded``: the data's digests from the search's start (``eval_fingerprint``).
 
     A failure while installing the new champion is recorded as its reason (the traceback is
     logged) rather than raised: the search's summary is still written, the previous champion
@@ -223,10 +254,11 @@ def promote(
         return {"promoted": False, "reason": f"no trial reported a finite {s.metric}"}
     if not best.get("checkpoint"):
         return {"promoted": False, "reason": "the best trial left no checkpoint"}
-    fp = eval_fingerprint(cfg)
+    fp = eval_fingerprint(cfg, recorded)
     record: dict[str, Any] = {
         "trial_id": best["trial_id"],
         "metric": s.metric,
+        "mode": mode,
         "value": value,
         "eval_fingerprint": fp,
         "registered_model": p.registered_model,
@@ -258,12 +290,12 @@ def promote(
             "failed": True,
             "reason": f"promote.export_dir: {unsafe}",
         }
-    _recover(export, None if champ is None else str(champ.version))
+    _recover(mlc, p, export, None if champ is None else str(champ.version))
     if champ is not None:
         if (
             _source_run(champ) == best.get("mlflow_run_id")
             and champion_value(champ) == value
-            and not _refusal(champ, metric=s.metric, value=value, fp=fp, mode=None)
+            and not _refusal(champ, metric=s.metric, value=value, fp=fp, mode=mode, judge=False)
         ):  # promote run again on the same search: its best already holds the alias
             kept = {"version": str(champ.version), "reason": f"already champion v{champ.version}"}
             if _version_of(export) == str(champ.version):
@@ -431,6 +463,7 @@ def _register(
             else absolute_if_local(cfg.model.name_or_path)
         ),
         TAG_RUN: run_id,
+        TAG_MODE: record["mode"],
     }
     return mlflow.register_model(f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags)
 
@@ -491,11 +524,12 @@ def _drop_old(aside: Path | None) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _recover(export: Path, champion_version: str | None) -> None:
+def _recover(mlc: Any, p: PromoteSection, export: Path, champion_version: str | None) -> None:
     """Tidy what an interrupted promotion left beside ``export``.
 
     A staged export is deleted. An export set aside is put back if the export now in place was
-    never aliased (the process died between the swap and the alias), else deleted.
+    never aliased (the process died between the swap and the alias), else deleted; the version
+    that unaliased export registered is deleted from the registry too (``_forget``).
     """
     for stale in export.parent.glob(f".{export.name}.new-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -509,6 +543,7 @@ def _recover(export: Path, champion_version: str | None) -> None:
             shutil.rmtree(aside, ignore_errors=True)
             continue
         log.warning("restoring %s: the export in place was never aliased", export)
+        never_champion = _version_of(export)
         unaliased = export.with_name(f".{export.name}.new-{uuid.uuid4().hex[:8]}")
         try:
             if export.exists():
@@ -518,6 +553,8 @@ def _recover(export: Path, champion_version: str | None) -> None:
             log.warning("could not restore %s from %s", export, aside, exc_info=True)
             continue
         shutil.rmtree(unaliased, ignore_errors=True)
+        if never_champion is not None:
+            _forget(mlc, p, never_champion, champion_version)
 
 
 def _version_of(export: Path) -> str | None:

@@ -31,6 +31,7 @@ STATUS_TAG = "raysft.status"  # a TrialStatus value
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
+PROMOTION_TAG = "raysft.promotion"  # the parent run's promotion record (JSON)
 # Short names in run names and plots; any other path goes by its last segment.
 SHORT_NAMES = {
     "train.learning_rate": "lr",

@@ -552,6 +552,45 @@ def test_mode_max_metric(registry: Registry, checkpoints: dict[str, Any], tmp_pa
     assert higher["promoted"] is True and registry.alias("maxmode") == "2"
 
 
+def test_a_champion_judged_the_other_way_is_not_replaced(
+    registry: Registry, checkpoints: dict[str, Any], champion_v1: tuple[SearchSpec, Path]
+) -> None:
+    """v1 won eval_loss by min; a spec that sets mode max on the same metric would take a worse
+    adapter for a better one."""
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+    champ = promote_mod.current_champion(registry.mlc, name, "champion")
+    assert champ.tags[promote_mod.TAG_MODE] == "min"
+    other = spec(name, exp_dir, **{"search.mode": "max"})
+    record = promote(mlc=registry.mlc, cfg=other, best=best(registry, checkpoints["b"], 0.9),
+                     exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False, record
+    assert record["reason"].startswith(
+        "champion v1 was chosen with eval_loss judged by mode min, this search by mode max"
+    )
+    assert registry.alias(name) == "1"
+    # A version promoted before raysft tagged the mode is judged by its metric's own mode.
+    registry.mlc.delete_model_version_tag(name, "1", promote_mod.TAG_MODE)
+    again = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                    exp_dir=exp_dir)  # fmt: skip
+    assert again["promoted"] is True, again
+
+
+def test_the_fingerprint_is_of_the_data_the_trials_were_scored_on(
+    tmp_path: Path, eval_file: str
+) -> None:
+    """Promoted later (python -m raysft.promote, --resume), an eval file edited since the
+    search started must not give the champion the fingerprint of rows it was not scored on."""
+    from raysft.data.digest import data_digests
+
+    cfg = _fp_spec(tmp_path, eval=eval_file)
+    recorded = data_digests(cfg.data)
+    then = eval_fingerprint(cfg)
+    Path(eval_file).write_text('{"instruction": "edited", "output": "x"}\n', encoding="utf-8")
+    assert eval_fingerprint(cfg) != then  # the files as they are now
+    assert eval_fingerprint(cfg, recorded) == then  # the data the search recorded at its start
+
+
 def test_promotion_disabled(
     registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -751,7 +790,7 @@ def test_a_failure_after_the_alias_moved_keeps_the_new_champion(
 
 
 def test_an_export_swapped_in_but_never_aliased_is_swapped_back(
-    champion_v1: tuple[SearchSpec, Path], checkpoints: dict[str, Any]
+    registry: Registry, champion_v1: tuple[SearchSpec, Path], checkpoints: dict[str, Any]
 ) -> None:
     """The process died between the swap and the alias: the alias still holds v1."""
     import shutil
@@ -762,9 +801,43 @@ def test_an_export_swapped_in_but_never_aliased_is_swapped_back(
     export.rename(exp_dir / ".champion.old-dead0000")
     shutil.copytree(checkpoints["b"], export)
     (export / "champion.json").write_text(json.dumps({"version": "2"}))
-    promote_mod._recover(export, "1")
+    cfg, _ = champion_v1
+    promote_mod._recover(registry.mlc, cfg.promote, export, "1")
     assert snapshot(export) == before
     assert leftovers(exp_dir) == []
+
+
+def test_a_version_registered_by_a_promotion_killed_before_its_alias_move_is_deleted(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    champion_v1: tuple[SearchSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed between the swap and the alias move: nothing of the process's own undoing ran.
+    The next promotion puts v1's export back and deletes v2, registered but never champion."""
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+    before = snapshot(exp_dir / "champion")
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:  # a kill runs no except clause: none of the undoing
+        patch.setattr(promote_mod, "_move_alias", killed)
+        patch.setattr(promote_mod, "_swap_back", lambda *a, **k: None)
+        patch.setattr(promote_mod, "_forget", lambda *a, **k: None)
+        with pytest.raises(Killed):
+            promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                    exp_dir=exp_dir)  # fmt: skip
+    assert registry.versions(name) == 2 and registry.alias(name) == "1"
+    refused = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.9),
+                      exp_dir=exp_dir)  # fmt: skip
+    assert refused["promoted"] is False
+    assert registry.versions(name) == 1 and registry.alias(name) == "1"
+    assert snapshot(exp_dir / "champion") == before and leftovers(exp_dir) == []
 
 
 # ---------------------------------------------------------------- the eval fingerprint
@@ -1089,3 +1162,48 @@ def test_promote_cli_gates_on_the_base_and_clears_the_failure_it_retried(
     after = json.loads(path.read_text())
     assert after["promotion"]["promoted"] is True
     assert after["failed_steps"] == ["plots: OSError: disk full"]
+
+
+def test_a_promote_retry_that_succeeds_says_so_on_the_parent_run_too(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """The finish's promotion failed and said so on the parent run (tag, description, logged
+    summary.json); raysft.promote promotes: the parent run says what summary.json now says."""
+    from raysft.search import tracking
+
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    cfg = spec("cli-parent", exp_dir)
+    parent = registry.run_id()
+    failed = {"promoted": False, "failed": True, "reason": "registry out of reach"}
+    registry.mlc.set_tag(parent, tracking.PROMOTION_TAG, json.dumps(failed))
+    registry.mlc.set_tag(parent, tracking.NOTE_TAG, "Promotion: **not promoted**: out of reach.")
+    summary = {
+        "resolved_spec": cfg.model_dump(mode="json"),
+        "metric": "eval_loss",
+        "mode": "min",
+        "mlflow": {"tracking_uri": registry.mlc.tracking_uri, "parent_run_id": parent},
+        "best": {**best(registry, checkpoints["a"], 0.5), "max_steps": 10},
+        "counts": {"finished": 1},
+        "promotion": failed,
+        "failed_steps": [
+            "promotion: registry out of reach",
+            "MLflow: the promotion tag: not tried (the tracking server was out of reach at: "
+            "promotion)",
+            "plots: OSError: disk full",
+        ],
+    }
+    path = exp_dir / "summary.json"
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 0, proc.stderr
+    after = json.loads(path.read_text())
+    assert after["promotion"]["promoted"] is True
+    assert after["failed_steps"] == ["plots: OSError: disk full"]
+    tags = registry.mlc.get_run(parent).data.tags
+    assert json.loads(tags[tracking.PROMOTION_TAG]) == after["promotion"]
+    assert (
+        "Promotion: **promoted** as `cli-parent` v1 (alias `champion`)" in tags[tracking.NOTE_TAG]
+    )
+    logged = Path(registry.mlc.download_artifacts(parent, "summary.json", str(tmp_path)))
+    assert json.loads(logged.read_text()) == after
