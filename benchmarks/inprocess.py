@@ -8,8 +8,10 @@ What ``raysft.tune`` does on Ray, reproduced where the benchmarks need it on 2 C
   time = the trial's optimizer step, rungs at grace_period * rf^k, a trial is stopped at a rung
   when its metric is below the (1 - 1/rf) percentile of the values that rung recorded before it).
   With one worker, trials run one at a time and each is judged against those before it;
-- Optuna proposes configs through raysft's own define-by-run space, and is told each trial's last
-  reported metric as COMPLETE, stopped or not (what Ray's ``OptunaSearch`` tells it);
+- Optuna proposes configs through raysft's own define-by-run space, and is told each trial as
+  raysft's searcher tells it (``raysft.search.searcher``): a finished trial COMPLETE with its
+  last metric, one stopped early PRUNED with that metric at its step (until 2026-12-06 raysft,
+  and so this, told it COMPLETE, as Ray's ``OptunaSearch`` does);
 - a trial with a non-finite metric stops at once (raysft's ``DivergedStopper``).
 
 Every trial's eval history is appended to a JSONL cache keyed by (spec, sampled values, steps):
@@ -368,7 +370,8 @@ def optuna_proposals(
     tree: dict[str, Any], spec: Any, sampler: Any, *, direction: str
 ) -> Iterator[tuple[dict[str, Any], Callable[[Outcome], None]]]:
     """Configs from an Optuna sampler through raysft's define-by-run space; each ``tell``
-    reports the trial's last metric as COMPLETE (a NaN one as FAIL), as Ray's OptunaSearch."""
+    reports a finished trial's last metric as COMPLETE, a stopped one's as PRUNED at its step,
+    a NaN one as FAIL, as raysft's searcher does."""
     import optuna
 
     from raysft.search.space import build_space
@@ -381,10 +384,13 @@ def optuna_proposals(
         sampled = space(trial)
 
         def tell(out: Outcome, _trial: Any = trial) -> None:
-            if math.isfinite(out.value):
+            if not math.isfinite(out.value):
+                study.tell(_trial, state=optuna.trial.TrialState.FAIL)
+            elif out.finished:
                 study.tell(_trial, out.value)
             else:
-                study.tell(_trial, state=optuna.trial.TrialState.FAIL)
+                _trial.report(out.value, out.steps)
+                study.tell(_trial, state=optuna.trial.TrialState.PRUNED)
 
         yield sampled, tell
 

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from raysft.errors import one_line
 from raysft.search.results import classify, is_diverged
 from raysft.search.tracking import (
     GAPS_FILE,
@@ -31,6 +30,7 @@ from raysft.search.tracking import (
     note_trial_end,
     out_of_reach,
     run_name,
+    scrubbed,
     trial_params,
     trial_runs,
 )
@@ -90,7 +90,7 @@ def make_callback(
                 with callback_requests():
                     call()
             except Exception as err:
-                reason = one_line(err)
+                reason = scrubbed(err)
                 note_callback_failure(f"MLflow: {what}: {reason}")
                 self._note_gap()
                 if not out_of_reach(err):  # it answered: the next failure waits from the start

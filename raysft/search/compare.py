@@ -22,8 +22,8 @@ from typing import Any
 
 from raysft.config import Config, SearchSpec, validate_tree
 from raysft.data.formats import Conversation
-from raysft.errors import one_line
 from raysft.evaluate import as_json, eval_rows, metrics_table, score_model, side_by_side
+from raysft.search.tracking import scrubbed
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def collect(scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path) -> 
     try:
         out = scores()
     except Exception as err:  # the task raised, its worker or node died, ...
-        reason = one_line(err)
+        reason = scrubbed(err)
         log.warning("base vs tuned: the scoring failed (%s); the search goes on without it", reason)
         log.debug("base vs tuned failure", exc_info=True)
         return {"failed": True, "reason": reason}

@@ -26,7 +26,7 @@ from typing import Any
 from raysft.config import SearchSpec
 from raysft.data.digest import Digests, data_digests
 from raysft.data.shared import SharedData
-from raysft.errors import ConfigError, one_line
+from raysft.errors import ConfigError
 from raysft.search import results as res
 from raysft.search import tracking
 from raysft.search.callback import make_callback
@@ -242,11 +242,12 @@ def run_search(
 
 def tracking_store_error(spec_path: str, cfg: SearchSpec) -> ConfigError | None:
     """The error a search gives when its MLflow store cannot be used (``tracking.store_problem``:
-    nothing is made, a server is asked once); None when it can."""
+    nothing is made, a server is asked once) or its experiment was deleted; None when it can."""
     uri = tracking.tracking_uri(cfg.tracking)
     unusable = tracking.store_problem(uri)
     if unusable is None:
-        return None
+        gone = tracking.deleted_experiment(uri, cfg.tracking.experiment)
+        return None if gone is None else ConfigError(spec_path, [f"tracking.experiment: {gone}"])
     where = (
         "tracking.uri"
         if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
@@ -303,6 +304,9 @@ def _search(
     )
     try:
         if resume:
+            from raysft.search.searcher import allow_final_only_objective
+
+            allow_final_only_objective(cfg.search)
             tuner = ray.tune.Tuner.restore(
                 str(exp_dir / "tune"), _trainable(tree, exp_dir, shared_ref), resume_errored=True
             )
@@ -381,7 +385,7 @@ def _known_trial_runs(
     try:
         return dict(tracking.trial_runs(mlc, exp_id, parent_id)), None
     except Exception as err:
-        reason = one_line(err)
+        reason = tracking.scrubbed(err)
         log.warning("MLflow: could not read the search's trial runs (%s)", reason)
         failures.append(f"MLflow: reading the search's trial runs: {reason}")
         known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
@@ -421,7 +425,7 @@ def _close_parent(mlc: Any, run_id: str, status: str) -> None:
     try:
         mlc.set_terminated(run_id, status)
     except Exception as err:
-        log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, one_line(err))
+        log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, tracking.scrubbed(err))
 
 
 def _share(shared: SharedData | None) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
-from raysft.errors import SearchStateError, one_line
+from raysft.errors import SearchStateError
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
 from raysft.search.experiment import read_state
@@ -198,7 +198,7 @@ class FinishSteps:
         try:
             return fn(*args, **kwargs), None
         except Exception as err:
-            self._failed(what, one_line(err))
+            self._failed(what, tracking.scrubbed(err))
             log.debug("%s failed", what, exc_info=True)
             return None, err
 

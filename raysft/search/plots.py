@@ -17,6 +17,7 @@ from typing import Any
 
 from raysft.config import SearchSection, SearchSpec, get_path
 from raysft.errors import one_line
+from raysft.search.results import pick_best
 from raysft.search.tracking import run_name, short_name
 from raysft.train.metrics import objective_mode
 
@@ -83,7 +84,10 @@ def histories_from_mlflow(
 ) -> dict[str, list[dict[str, Any]]]:
     """trial_id -> [{step, metric}] in step order, from each trial run's metric history.
 
-    A step logged twice (a trial resumed from an earlier checkpoint) keeps its latest value.
+    The trials' callback logs a step once (a trial restarted from an earlier checkpoint
+    reports steps it logged before; those are not logged again): MLflow keeps the first
+    attempt's values, which a deterministic resume gives again. Should a step hold two, the
+    latest is kept.
     """
     out: dict[str, list[dict[str, Any]]] = {}
     for trial_id, run_id in run_ids.items():
@@ -249,11 +253,14 @@ def _visible_cmap(ax: Any) -> None:
 
 
 def _curves(rows: list[dict[str, Any]], histories: History, metric: str, order: list[str]) -> Any:
-    """One line per trial: ``metric`` against step, best trial first and drawn thickest."""
+    """One line per trial: ``metric`` against step, the best trial (the one promotion takes,
+    ``pick_best``: a finished trial before one stopped early) first and drawn thickest."""
     import matplotlib.pyplot as plt
 
+    best_id = (pick_best(rows) or {}).get("trial_id")
     lines = []
-    for row in rows:  # ranked: the best trial first
+    # Ranked, but the best trial first: rank() orders by metric alone.
+    for row in sorted(rows, key=lambda r: r["trial_id"] != best_id):
         points = [
             (h["step"], h[metric])
             for h in histories.get(row["trial_id"], ())
@@ -267,7 +274,7 @@ def _curves(rows: list[dict[str, Any]], histories: History, metric: str, order: 
         fig, ax = plt.subplots(figsize=(10, 5.5))
         colors = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20").colors  # type: ignore[attr-defined]
         for i, (row, points) in enumerate(lines):
-            best = i == 0 and row["status"] in _RANKED and _finite(row["metric"])
+            best = row["trial_id"] == best_id
             label = ("best: " if best else "") + run_name(row["sampled"], order)
             if row["status"] != "finished":
                 label += f" ({row['status'].replace('_', ' ')})"

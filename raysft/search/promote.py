@@ -38,7 +38,7 @@ from raysft.paths import give_plain_modes, writable_dir_problem
 from raysft.search.ray_start import base_in_job_copy
 from raysft.search.results import finite_or_none, json_safe
 from raysft.search.space import trial_config, trial_output_dir
-from raysft.search.tracking import not_tried, out_of_reach, redact_tree
+from raysft.search.tracking import not_tried, out_of_reach, redact, redact_tree
 from raysft.thirdparty import peft_quietly
 from raysft.train.metrics import Mode, is_better, objective_mode
 from raysft.train.model import ADAPTER_WEIGHTS
@@ -154,7 +154,7 @@ def _source_run(champ: Any) -> str | None:
 def _failure(record: dict[str, Any], what: str, err: BaseException) -> dict[str, Any]:
     """The record of a promotion that could not be decided or installed (``failed``: the
     promote command exits non-zero on it); the traceback is logged at debug level."""
-    reason = f"{what}: {type(err).__name__}: {err}"[:1000]
+    reason = f"{what}: {type(err).__name__}: {redact('error', str(err))}"[:1000]
     log.debug("%s", reason, exc_info=err)
     failure = {**record, "promoted": False, "failed": True, "reason": reason}
     if out_of_reach(err):  # the registry did not answer: the finish asks MLflow no more

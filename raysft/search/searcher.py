@@ -12,9 +12,11 @@ docs leave final-only objectives to that environment variable; the searcher is m
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
+from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from raysft.config import Config, SearchSection
@@ -25,27 +27,68 @@ STRICT_METRIC_CHECKING = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 
 
 class FinalMetricOptunaSearch(OptunaSearch):
-    """Ray's ``OptunaSearch``, passing Optuna only the results that carry the objective.
+    """Ray's ``OptunaSearch``, passing Optuna only the results that carry the objective, and
+    telling it how each trial ended.
 
     Optuna's intermediate values are for its pruners, which Ray never calls (early stopping is
-    ASHA's), so nothing is lost. The final result, which has the objective, is told on
-    completion as before; a trial stopped or failed before it is told PRUNED or FAIL.
+    ASHA's), so nothing is lost. A trial that ran to ``max_steps`` is told COMPLETE with its
+    final value. One stopped before (ASHA) is told PRUNED, its last value as its intermediate
+    value at its step: Ray tells it COMPLETE with the value of the rung where it stopped, so TPE
+    weighed an eval loss at step 30 as the equal of one at step 150. One that failed is told
+    FAIL (Ray: COMPLETE when its last report carried the objective).
     """
+
+    def __init__(self, *args: Any, max_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_steps = max_steps
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if isinstance(self.metric, str) and self.metric not in result:
             return
         super().on_trial_result(trial_id, result)
 
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        # A searcher pickled before max_steps was kept (a --resume of an older search) has none.
+        max_steps = getattr(self, "max_steps", None)
+        step = (result or {}).get("step")
+        value = (result or {}).get(self.metric) if isinstance(self.metric, str) else None
+        early = (
+            isinstance(max_steps, int)
+            and isinstance(step, int)
+            and step < max_steps
+            and isinstance(value, int | float)
+            and math.isfinite(value)
+        )
+        if trial_id in self._completed_trials or not (error or early):
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        trial, study = self._ot_trials[trial_id], self._ot_study
+        assert study is not None  # made with the searcher's space, before any trial
+        if error:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            trial.report(float(value), step)  # type: ignore[arg-type]  # early: a finite number
+            study.tell(trial, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
 
-def build_searcher(cfg: Config, search: SearchSection, *, concurrent: int) -> OptunaSearch:
-    """The searcher of a search; for an objective reported only at a trial's end, also lets Tune
-    accept the reports before it (``STRICT_METRIC_CHECKING``, in this driver process only)."""
+
+def allow_final_only_objective(search: SearchSection) -> None:
+    """For an objective reported only at a trial's end, let Tune accept the reports before it
+    (``STRICT_METRIC_CHECKING``, in this driver process only). Set for a fresh search and for a
+    ``--resume`` alike: a restored tuner does not build its searcher again."""
     if not METRICS[search.metric].per_eval:
         os.environ[STRICT_METRIC_CHECKING] = "1"
+
+
+def build_searcher(cfg: Config, search: SearchSection, *, concurrent: int) -> OptunaSearch:
+    """The searcher of a search (``allow_final_only_objective`` too)."""
+    allow_final_only_objective(search)
     return FinalMetricOptunaSearch(
         space=build_space(cfg, search),
         metric=search.metric,
         mode=objective_mode(search.metric, search.mode),  # null: the metric's own
         sampler=build_sampler(search, concurrent=concurrent),
+        max_steps=cfg.train.max_steps,
     )

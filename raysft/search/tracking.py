@@ -92,13 +92,20 @@ def runs_page(exp_id: str, *, metric: str, mode: str) -> str:
 # "_" and "-", case-insensitive) is one of SECRET_WORDS: hf_token, api_key, password, secret,
 # aws_secret_access_key, token. Not secret: train.max_new_tokens, train.tokens (last word
 # "tokens"), lora.target_modules, token_count. Any value is also scrubbed of the driver's HF_TOKEN,
-# of Hugging Face tokens (hf_ + 30 or more letters/digits) and of URL passwords (user:PASS@host).
+# of Hugging Face tokens (hf_ + 30 or more letters/digits), of a URL's user info (user:PASS@host,
+# :TOKEN@host, TOKEN@host: the whole of it, as a token may stand where a user name does) and of
+# secret query values (?token=, ?sig=, ?X-Amz-Signature=).
 SECRET_WORDS = frozenset(
     {"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials"}
 )
 REDACTED = "***"
 _HF_TOKEN_TEXT = re.compile(r"hf_[A-Za-z0-9]{30,}")
-_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
+# scheme:// then a user (no "/", "?", "#") and perhaps ":password" (which may hold a "/", as AWS
+# secret keys do), up to the "@" before the host. The user is kept beside a password (the
+# message then says whose), hidden without one (it may be a token).
+_URL_USERINFO = re.compile(r"(\w[\w+.-]*://)([^/?#@\s:]*)(:[^@\s]*)?@")
+_QUERY_VALUE = re.compile(r"([?&;])([^=&#\s]+)=([^&#\s]*)")
+_QUERY_SECRETS = ("sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token")
 
 
 def is_secret(name: str) -> bool:
@@ -127,7 +134,25 @@ def redact(name: str, value: str) -> str:
         if token and len(token) >= 8:  # a short value would scrub ordinary text
             value = value.replace(token, REDACTED)
     value = _HF_TOKEN_TEXT.sub(REDACTED, value)
-    return _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", value)
+    value = _URL_USERINFO.sub(_userinfo, value)
+    return _QUERY_VALUE.sub(_query_value, value)
+
+
+def _userinfo(match: re.Match[str]) -> str:
+    scheme, user, password = match.groups()
+    return f"{scheme}{user}:{REDACTED}@" if password else f"{scheme}{REDACTED}@"
+
+
+def _query_value(match: re.Match[str]) -> str:
+    sep, key, value = match.groups()
+    secret = is_secret(key) or key.lower() in _QUERY_SECRETS
+    return f"{sep}{key}={REDACTED if secret and value else value}"
+
+
+def scrubbed(err: BaseException) -> str:
+    """An exception on one line, as it may be logged, written to summary.json or tagged: MLflow's
+    and HTTP libraries' messages carry the request's whole address, credentials included."""
+    return redact("error", one_line(err))
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -252,8 +277,29 @@ def store_problem(uri: str) -> str | None:
         with _capped_environ(_FAST):
             client(uri).search_experiments(max_results=1)
     except Exception as err:
-        return f"cannot use this MLflow store ({_clipped(one_line(err), 300)})"
+        return f"cannot use this MLflow store ({_clipped(scrubbed(err), 300)})"
     return None
+
+
+def deleted_experiment(uri: str, name: str) -> str | None:
+    """Why the search cannot log to experiment ``name``, or None: one deleted in the UI stays in
+    MLflow's trash under its name, and MLflow refuses every new run in it (after Ray started,
+    were it not asked before)."""
+    local = local_store(uri)
+    if local is not None and not local.exists():  # a new store: no experiment, and none made
+        return None
+    try:
+        with _capped_environ(_FAST):
+            exp = client(uri).get_experiment_by_name(name)
+    except Exception:  # store_problem has just reached the store: what fails now fails later
+        return None
+    if exp is None or exp.lifecycle_stage != "deleted":
+        return None
+    return (
+        f"{name} was deleted (MLflow keeps it in its trash and adds no run to it): restore it "
+        f"(mlflow experiments restore --experiment-id {exp.experiment_id}), delete it for good "
+        "(mlflow gc), or choose another tracking.experiment"
+    )
 
 
 def _clipped(text: str, limit: int) -> str:

@@ -82,6 +82,45 @@ def test_values_are_scrubbed_of_tokens_and_url_passwords(monkeypatch):
     assert redact("tracking.uri", "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
+@pytest.mark.parametrize(
+    ("value", "logged"),
+    [
+        ("https://:tok3n@host/x", "https://:***@host/x"),  # no user name
+        ("redis://:secretpw@h:6379", "redis://:***@h:6379"),
+        ("s3://AKIA:wJalr/XUtnFEMI@bucket/k", "s3://AKIA:***@bucket/k"),  # "/" in the secret
+        ("https://ghp_t0ken@github.com/x", "https://***@github.com/x"),  # a token as the user
+        (
+            "https://h/d.jsonl?sig=S1G&token=abc&max_tokens=5&X-Amz-Signature=f00",
+            "https://h/d.jsonl?sig=***&token=***&max_tokens=5&X-Amz-Signature=***",
+        ),
+        ("https://h/path?e=a@b", "https://h/path?e=a@b"),  # an "@" after the host: kept
+        ("/data/x@y.jsonl", "/data/x@y.jsonl"),
+    ],
+)
+def test_every_shape_of_url_credential_is_scrubbed(value: str, logged: str) -> None:
+    assert redact("data.train", value) == logged
+
+
+def test_an_mlflow_error_is_scrubbed_wherever_it_is_written(tmp_path: Path) -> None:
+    """MLflow's messages carry the request's address, password and all: the finish's failed
+    steps (summary.json, logged to the parent run) and the log get it scrubbed."""
+    from raysft.search.finish import FinishSteps
+
+    class Refused(Exception):
+        pass
+
+    def request() -> None:
+        raise Refused("API request to http://alice:s3cretpw@127.0.0.1:9/api/2.0/x failed")
+
+    steps = FinishSteps()
+    steps.mlflow("MLflow: the best metric", request)
+    assert steps.failures == [
+        "MLflow: the best metric: Refused: API request to http://alice:***@127.0.0.1:9/api/2.0/x "
+        "failed"
+    ]
+    assert "s3cretpw" not in tracking.scrubbed(Refused("see https://h/x?token=s3cretpw"))
+
+
 def test_flatten_redacts_secret_leaves_only():
     params = flatten(
         {

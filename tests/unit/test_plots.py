@@ -21,6 +21,7 @@ import optuna  # noqa: E402
 from raysft.config import validate_spec  # noqa: E402
 from raysft.search import plots  # noqa: E402
 from raysft.search.results import rank  # noqa: E402
+from raysft.search.tracking import run_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -308,3 +309,27 @@ def test_trial_number_is_read_from_tunes_trial_directory() -> None:
     assert trial_number(name, "36bc1f92") == 4
     assert trial_number("run_trial_on_ray_36bc1f92_12_x", "36bc1f92") == 12
     assert trial_number("36bc1f92", "36bc1f92") is None
+
+
+def test_the_curve_labelled_best_is_the_trial_promotion_takes() -> None:
+    """rank() orders by metric alone: a trial stopped early with a lower eval loss than every
+    finished one comes first there, but the best trial (pick_best, the champion) is finished."""
+    from raysft.search.results import pick_best
+
+    rows, hists = six_trials()
+    early = next(r for r in rows if r["status"] == "stopped_early")
+    early["metric"] = 0.01  # lower than any finished trial's
+    hists[early["trial_id"]][-1]["eval_loss"] = 0.01
+    rows = rank(rows, "min")
+    assert rows[0] is early and pick_best(rows)["status"] == "finished"
+    fig = plots._curves(rows, hists, "eval_loss", list(lora_spec().search.params))
+    try:
+        ax = fig.axes[0]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        best = run_name(pick_best(rows)["sampled"], list(lora_spec().search.params))
+        assert labels[0] == f"best: {best}"
+        assert [label for label in labels if label.startswith("best: ")] == [labels[0]]
+        widths = [line.get_linewidth() for line in ax.lines]
+        assert widths[0] > max(widths[1:])
+    finally:
+        plt.close(fig)

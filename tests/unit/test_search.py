@@ -700,6 +700,48 @@ def test_searcher_takes_an_objective_reported_only_at_the_end(
         plain.on_trial_result("t2", {"step": 5, "eval_loss": 1.2, "training_iteration": 1})
 
 
+def test_optuna_is_told_how_each_trial_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray tells Optuna a trial ASHA stopped as COMPLETE with the value of the rung where it
+    stopped, so TPE weighed an eval loss at step 30 as the equal of one after every step: it is
+    PRUNED, at its step; a failed trial is FAIL whatever it reported; a finished one COMPLETE."""
+    import optuna
+
+    from raysft.search.searcher import build_searcher
+
+    cfg = validate_tree(spec({"train.learning_rate": LR}))
+    searcher = build_searcher(cfg, cfg.search, concurrent=1)
+    end = cfg.train.max_steps
+    for trial_id in ("stopped", "failed", "finished"):
+        searcher.suggest(trial_id)
+    early = end // 2  # a rung before the end
+    stopped = {"step": early, "eval_loss": 0.9, "training_iteration": 1}
+    searcher.on_trial_complete("stopped", stopped)  # Tune's stop_trial: the last result
+    searcher.on_trial_complete("failed", {**stopped, "eval_loss": 0.1}, error=True)
+    searcher.on_trial_complete("finished", {"step": end, "eval_loss": 0.5})
+    searcher.on_trial_complete("finished", {"step": end, "eval_loss": 0.4})  # told once
+    by_state = {t.state: t for t in searcher._ot_study.trials}
+    assert set(by_state) == {
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.COMPLETE,
+    }
+    assert by_state[optuna.trial.TrialState.PRUNED].intermediate_values == {early: 0.9}
+    assert by_state[optuna.trial.TrialState.COMPLETE].value == 0.5
+
+
+def test_a_resumed_search_lets_tune_take_a_final_only_objective_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--resume restores the tuner without building its searcher again: the environment Tune
+    reads is set for it all the same."""
+    from raysft.search.searcher import STRICT_METRIC_CHECKING, allow_final_only_objective
+
+    monkeypatch.delenv(STRICT_METRIC_CHECKING, raising=False)
+    tree = spec({"train.learning_rate": LR}, metric="exact_match", scheduler={"type": "none"})
+    allow_final_only_objective(validate_tree(tree).search)
+    assert os.environ[STRICT_METRIC_CHECKING] == "1"
+
+
 def test_a_per_eval_objective_leaves_tunes_metric_check_on(monkeypatch: pytest.MonkeyPatch) -> None:
     from raysft.search.searcher import STRICT_METRIC_CHECKING, build_searcher
 
@@ -1812,3 +1854,37 @@ def test_checkpoints_ray_train_no_longer_tracks_are_deleted_once_the_trials_ende
     (tmp_path / "train" / "train-t3" / names[0]).mkdir(parents=True)
     assert drop_untracked_checkpoints(tmp_path, {named_by_a_row}) == []
     assert (other / names[0]).is_dir() and (tmp_path / "train" / "train-t3" / names[0]).is_dir()
+
+
+def test_a_search_into_an_experiment_deleted_in_mlflow_is_refused_before_ray(
+    tmp_path: Path,
+) -> None:
+    """MLflow keeps a deleted experiment under its name and refuses new runs in it: said before
+    Ray starts, with what to do, not as MLflow's error after it."""
+    import mlflow
+
+    from raysft.search import driver
+    from raysft.search.tracking import client
+
+    before = mlflow.get_tracking_uri()
+    try:
+        uri = f"sqlite:///{tmp_path / 'm.db'}"
+        tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+        tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+        tree["tracking"]["uri"] = uri
+        cfg = validate_spec(tree, source="s.yaml")
+        assert driver.tracking_store_error("s.yaml", cfg) is None  # a new store: nothing made
+        assert not (tmp_path / "m.db").exists()
+        mlc = client(uri)
+        exp_id = mlc.create_experiment(cfg.tracking.experiment)
+        assert driver.tracking_store_error("s.yaml", cfg) is None
+        mlc.delete_experiment(exp_id)
+        err = driver.tracking_store_error("s.yaml", cfg)
+        assert err is not None and err.problems == [
+            f"tracking.experiment: {cfg.tracking.experiment} was deleted (MLflow keeps it in its "
+            f"trash and adds no run to it): restore it (mlflow experiments restore "
+            f"--experiment-id {exp_id}), delete it for good (mlflow gc), or choose another "
+            "tracking.experiment"
+        ]
+    finally:
+        mlflow.set_tracking_uri(before)
