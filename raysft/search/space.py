@@ -118,8 +118,10 @@ def describe_sampler(search: SearchSection, *, concurrent: int | None) -> str:
     k = startup_trials(search)
     if k >= n:
         random_part = f"all {n} trials random" if n > 1 else "its one trial random"
-    else:
+    elif concurrent == 1:
         random_part = f"first {k} of {n} trials random"
+    else:  # TPE models only ended trials: those started while the first k run are random too
+        random_part = f"random until {k} of {n} trials have ended"
     extras = ["multivariate"] if s.multivariate else []
     if concurrent is None:
         extras.append("constant liar if trials run together")

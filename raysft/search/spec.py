@@ -283,6 +283,21 @@ def _check_param(
     if not all(_is_number(b) for b in bases):
         got = next(b for b in bases if not _is_number(b))
         return f"{where}.of: {p.of} is not a number ({got!r}); multiple_of needs a number"
+    if of is not None and _is_int_field(ann):
+        # Only the bounds of a range are probed: products between them must be whole too.
+        if of.type in ("loguniform", "uniform"):
+            return (
+                f"{where}.of: {name} is an integer, but {p.of} is searched as a real-valued "
+                f"range ({of.type}): its multiples are not whole numbers; search {p.of} with "
+                "type int or choice"
+            )
+        halves = [f for f in p.values or [] if not float(f).is_integer()]
+        if of.type == "int" and halves:
+            return (
+                f"{where}.values: {name} is an integer, and {p.of} an int range: a factor of "
+                f"{halves[0]:g} gives a fraction for some of its values; use whole factors, or "
+                f"search {p.of} as a choice of values whose products are whole"
+            )
     return None
 
 

@@ -201,6 +201,43 @@ def test_multiple_of_whose_product_is_invalid() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (  # every sampled alpha (8.62, ...) gave r a fraction: each trial failed its config
+            {
+                "lora.alpha": {"type": "uniform", "low": 8, "high": 32},
+                "lora.r": {"type": "multiple_of", "of": "lora.alpha", "values": [0.5]},
+            },
+            "search.params.lora.r.of: lora.r is an integer, but lora.alpha is searched as a "
+            "real-valued range (uniform): its multiples are not whole numbers; search lora.alpha "
+            "with type int or choice",
+        ),
+        (  # only the bounds (4, 16) were probed: r = 15 gave a batch of 7.5
+            {
+                "lora.r": {"type": "int", "low": 4, "high": 16},
+                "train.batch_size": {"type": "multiple_of", "of": "lora.r", "values": [0.5]},
+            },
+            "search.params.train.batch_size.values: train.batch_size is an integer, and lora.r "
+            "an int range: a factor of 0.5 gives a fraction for some of its values; use whole "
+            "factors, or search lora.r as a choice of values whose products are whole",
+        ),
+    ],
+)
+def test_multiple_of_into_an_integer_gives_whole_numbers_or_is_refused(
+    params: dict[str, Any], expected: str
+) -> None:
+    assert one_problem(spec(params)) == expected
+
+
+def test_a_fractional_factor_of_a_choice_is_fine_where_every_product_is_whole() -> None:
+    params = {
+        "lora.r": {"type": "choice", "values": [4, 8, 16]},
+        "train.batch_size": {"type": "multiple_of", "of": "lora.r", "values": [0.5]},
+    }
+    assert problems_of(spec(params)) == []
+
+
 def test_multiple_of_a_fixed_path_multiplies_its_config_value() -> None:
     tree = spec({"lora.dropout": {"type": "multiple_of", "of": "lora.r", "values": [0.01, 0.2]}})
     tree["lora"] = {"r": 4}
@@ -777,11 +814,17 @@ def test_bad_sampler_settings(sampler: dict[str, Any], expected: str) -> None:
     ("sampler", "concurrent", "expected"),
     [
         ({}, 1, "sampler: TPE (multivariate), first 2 of 4 trials random, seed 0"),
-        ({}, 2, "sampler: TPE (multivariate, constant liar), first 2 of 4 trials random, seed 0"),
+        (
+            {},
+            2,
+            "sampler: TPE (multivariate, constant liar), random until 2 of 4 trials have ended, "
+            "seed 0",
+        ),
         (
             {"multivariate": False},
             None,
-            "sampler: TPE (constant liar if trials run together), first 2 of 4 trials random, "
+            "sampler: TPE (constant liar if trials run together), random until 2 of 4 trials "
+            "have ended, "
             "seed 0",
         ),
         ({"startup_trials": 4}, 1, "sampler: TPE (multivariate), all 4 trials random, seed 0"),
