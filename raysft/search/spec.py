@@ -347,7 +347,11 @@ def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> l
     s = spec.search
     problems: list[str] = []
     rejected: set[str] = set()  # the parameters reported here
-    for name, p in s.params.items():
+    # A multiple_of after the parameter it multiplies: one whose base is already reported is
+    # left until that is fixed (its products of a bad value would only repeat the problem).
+    for name, p in sorted(s.params.items(), key=lambda item: item[1].type == "multiple_of"):
+        if p.type == "multiple_of" and p.of in rejected:
+            continue
         where = f"search.params.{name}"
         shape = _check_param(name, p, s.params, spec)
         if shape:
@@ -364,7 +368,8 @@ def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> l
             except ConfigError as err:
                 problems += [f"{where}: value {value!r}: {e}" for e in err.problems]
                 rejected.add(name)
-                break
+                if p.type != "choice":  # a choice names every bad value: each is one of its own
+                    break  # a range's bounds or a multiple's products share one cause
     if "method" not in rejected:
         # A rejected method search (a typo among its values) says nothing of the methods the
         # trials will run: which sections they read is judged once it is fixed.

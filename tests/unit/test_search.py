@@ -177,6 +177,18 @@ def test_choice_a_field_rejects_is_reported_with_the_value(
     assert problem.startswith(f"search.params.{name}: value {bad}: {name}: "), problem
 
 
+def test_every_bad_value_of_a_choice_is_named_and_its_multiples_wait_for_it() -> None:
+    params = {
+        "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2]},  # listed first
+        "lora.r": {"type": "choice", "values": [4, "x", -2]},
+    }
+    problems = problems_of(spec(params))
+    assert [p.split(": ")[:2] for p in problems] == [
+        ["search.params.lora.r", "value 'x'"],
+        ["search.params.lora.r", "value -2"],
+    ], problems
+
+
 def test_a_spec_of_valid_parameters_passes() -> None:
     params = {
         "train.learning_rate": LR,
