@@ -10,9 +10,11 @@ the adapters, hence the optimizer state, in float32.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -62,6 +64,17 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
         attention.register()
     from safetensors import SafetensorError  # a truncated or corrupt weights file
 
+    # A hub id on a machine that cannot resolve the Hub: the local cache only, at once, where
+    # huggingface_hub would retry for ~25 s (6 warnings) and then look there anyway.
+    offline = not Path(path).expanduser().exists() and hub_unreachable() is not None
+    if offline:
+        kwargs = {**kwargs, "local_files_only": True}
+        if hasattr(loader, "_model_mapping"):  # AutoModelFor*: transformers 5 does not pass
+            # local_files_only on to its look for an adapter_config.json (which then retries)
+            kwargs["adapter_kwargs"] = {
+                **kwargs.get("adapter_kwargs", {}),
+                "local_files_only": True,
+            }
     try:
         return loader.from_pretrained(
             path,
@@ -70,7 +83,30 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
             **kwargs,
         )
     except (OSError, ValueError, SafetensorError) as err:
+        if offline:
+            raise ModelError(
+                f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: not a local "
+                f"directory, not in the Hugging Face cache, and the Hub cannot be reached from "
+                f"here ({hub_unreachable()}): give a model directory, or embedded:tiny-base"
+            ) from None
         raise load_error(err, name=model_cfg.name_or_path, token_set=_has_hub_token()) from None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why this machine cannot reach the Hugging Face Hub (its host name does not resolve, or
+    HF_HUB_OFFLINE is set), or None. Asked once per process: a name lookup, no request."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    host = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"{host} does not resolve: {err.strerror or err}"
+    return None
 
 
 def _has_hub_token() -> bool:

@@ -375,3 +375,28 @@ def test_a_max_seq_len_past_the_models_context_is_warned_of(
         build_meta_model(Config(data=DataSection(max_seq_len=512)))
     assert not [r for r in caplog.records if "max_seq_len" in r.getMessage()]
     assert load_tokenizer(cfg.model).model_max_length == 512
+
+
+def test_a_hub_id_on_a_machine_without_the_hub_is_one_message_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Offline, huggingface_hub retried a name that is no local directory for ~25 s, printing 6
+    warnings, before transformers' "couldn't connect": now the local cache alone, at once."""
+    import time
+
+    from raysft.train import model as model_mod
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub unreachable whatever this host's network
+    model_mod.hub_unreachable.cache_clear()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ModelError) as err:
+            load_model(_cfg("raysft-test/no-such-model"))
+        assert time.monotonic() - t0 < 20
+        assert str(err.value) == (
+            "model.name_or_path: cannot load 'raysft-test/no-such-model': not a local directory, "
+            "not in the Hugging Face cache, and the Hub cannot be reached from here "
+            "(HF_HUB_OFFLINE is set): give a model directory, or embedded:tiny-base"
+        )
+    finally:
+        model_mod.hub_unreachable.cache_clear()
