@@ -15,13 +15,16 @@ one install's path: load it with ``load_champion(dir)``, which resolves ``embedd
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,10 +280,6 @@ def promote(
     if unreachable is not None:
         reason = not_tried(unreachable)
         return {**record, "promoted": False, "failed": True, "reason": reason}
-    try:
-        champ = current_champion(mlc, p.registered_model, p.alias)
-    except Exception as err:
-        return _failure(record, "could not read the current champion, nothing changed", err)
     export = export_target(p, exp_dir)
     unsafe = export_dir_problem(p, exp_dir)
     if unsafe:
@@ -290,6 +289,72 @@ def promote(
             "failed": True,
             "reason": f"promote.export_dir: {unsafe}",
         }
+    try:
+        with _one_promotion_at_a_time(mlc, p.registered_model):
+            return _gate_and_install(mlc, cfg=cfg, best=best, record=record, export=export,
+                                     exp_dir=exp_dir, fp=fp)  # fmt: skip
+    except TimeoutError as err:
+        return _failure(record, "nothing changed", err)
+
+
+_LOCK_WAIT_S = 600.0  # a promotion loads, checks and uploads one export: minutes at most
+
+
+@contextlib.contextmanager
+def _one_promotion_at_a_time(mlc: Any, name: str) -> Iterator[None]:
+    """Promotions of one registered model, from this machine, one at a time. The gate reads the
+    champion and the alias move commits: another promotion between the two could put a worse
+    adapter over a better one, and tidy away the other's staged export. Searches started with
+    ``ray job submit`` run their drivers on the head node, so theirs queue here too. Across
+    machines MLflow's registry offers nothing to lock (no compare-and-set on an alias).
+    Raises TimeoutError after ``_LOCK_WAIT_S``."""
+    import fcntl
+
+    path = _lock_path(mlc, name)
+    try:
+        handle = path.open("a+")
+    except OSError as err:  # another user's lock file: promotions are not queued then
+        log.warning("promotion of %s not queued behind others (%s): %s", name, path, err)
+        yield
+        return
+    with handle:
+        deadline, said = time.monotonic() + _LOCK_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another promotion of {name} held {path} for {_LOCK_WAIT_S:.0f} s"
+                    ) from None
+                if not said:
+                    log.info("waiting for another promotion of %s to end (%s)", name, path)
+                    said = True
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_path(mlc: Any, name: str) -> Path:
+    """The lock file of one registered model in one registry (``_one_promotion_at_a_time``)."""
+    key = hashlib.sha256(f"{getattr(mlc, 'tracking_uri', '')}\0{name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"raysft-promote-{key}.lock"
+
+
+def _gate_and_install(
+    mlc: Any, *, cfg: SearchSpec, best: dict[str, Any], record: dict[str, Any], export: Path,
+    exp_dir: Path, fp: str,
+) -> dict[str, Any]:  # fmt: skip
+    """``promote``'s gate against the current champion and the install, under its lock."""
+    p, s = cfg.promote, cfg.search
+    mode, value = record["mode"], record["value"]
+    try:
+        champ = current_champion(mlc, p.registered_model, p.alias)
+    except Exception as err:
+        return _failure(record, "could not read the current champion, nothing changed", err)
     _recover(mlc, p, export, None if champ is None else str(champ.version))
     if champ is not None:
         if (

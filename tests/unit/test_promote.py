@@ -1207,3 +1207,44 @@ def test_a_promote_retry_that_succeeds_says_so_on_the_parent_run_too(
     )
     logged = Path(registry.mlc.download_artifacts(parent, "summary.json", str(tmp_path)))
     assert json.loads(logged.read_text()) == after
+
+
+def test_promotions_of_one_model_queue_behind_each_other(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    champion_v1: tuple[SearchSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another promotion of the same registered model (here: a process holding its lock) runs
+    between this one's gate and its alias move no more: this one waits, and says so when it
+    gives up, with nothing changed."""
+    import time
+
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+    lock = promote_mod._lock_path(registry.mlc, name)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(float(sys.argv[2]))", str(lock), "2"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(promote_mod, "_LOCK_WAIT_S", 0.5)
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                         exp_dir=exp_dir)  # fmt: skip
+        assert record["promoted"] is False and record["failed"] is True
+        assert record["reason"] == (
+            f"nothing changed: TimeoutError: another promotion of {name} held {lock} for 0 s"
+        )
+        assert registry.alias(name) == "1" and registry.versions(name) == 1
+        monkeypatch.setattr(promote_mod, "_LOCK_WAIT_S", 60.0)
+        t0 = time.monotonic()
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                         exp_dir=exp_dir)  # fmt: skip
+        assert record["promoted"] is True and holder.poll() is not None  # waited for it
+        assert registry.alias(name) == "2" and time.monotonic() - t0 > 0.5
+    finally:
+        holder.kill()
+        holder.wait()
