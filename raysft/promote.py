@@ -17,7 +17,7 @@ from raysft.config import validate_spec
 from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.search import tracking
 from raysft.search.compare import base_value
-from raysft.search.experiment import read_state
+from raysft.search.experiment import recorded_digests
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking import client, local_store
@@ -63,7 +63,7 @@ def _main() -> int:
         record = promote(
             mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
             base_value=base_value(summary.get("base_vs_tuned"), cfg.search.metric),
-            recorded=read_state(source, exp_dir).get("data"),  # what the trials scored on
+            recorded=recorded_digests(exp_dir),  # what the trials were scored on
         )  # fmt: skip
     if record.get("failed") and summary.get("promotion"):
         pass  # a failed retry keeps the record it would have replaced
@@ -116,8 +116,9 @@ def _try(what: str, step: Any, summary: dict[str, Any]) -> bool:
     try:
         step()
     except Exception as err:
-        log.warning("%s: %s", what, one_line(err))
-        summary["failed_steps"].append(f"{what}: {one_line(err)}")
+        reason = tracking.scrubbed(err)  # MLflow's messages carry the request's address
+        log.warning("%s: %s", what, reason)
+        summary["failed_steps"].append(f"{what}: {reason}")
         return True
     return False
 

@@ -176,6 +176,15 @@ def read_state(spec_path: str, exp_dir: Path) -> dict[str, Any]:
     return state
 
 
+def recorded_digests(exp_dir: Path) -> Digests | None:
+    """The data's digests as the search recorded them at its start (what its trials were
+    scored on), or None where it has none to give (promotion then reads the files)."""
+    try:
+        return read_state(str(exp_dir), exp_dir).get("data")
+    except SearchStateError:  # written whole: only a hand edit since damages it
+        return None
+
+
 def write_state(exp_dir: Path, state: dict[str, Any]) -> None:
     """raysft_state.json replaced whole (a temporary file renamed over it): a kill or a full
     disk leaves the old one or the new one, never one cut short."""

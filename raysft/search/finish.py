@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
-from raysft.errors import SearchStateError
 from raysft.search import compare, plots, tracking
 from raysft.search import results as res
-from raysft.search.experiment import read_state
+from raysft.search.experiment import recorded_digests
 from raysft.search.promote import promote
 from raysft.search.space import TrialConfigs
 from raysft.train.metrics import objective_mode
@@ -415,7 +414,7 @@ def _promotion(
         "promotion",
         promote, mlc=mlc, cfg=cfg, best=best, exp_dir=exp_dir,
         base_value=compare.base_value(comparison, cfg.search.metric),
-        unreachable=steps.unreachable, recorded=_recorded_digests(exp_dir),
+        unreachable=steps.unreachable, recorded=recorded_digests(exp_dir),
     )  # fmt: skip
     if promotion is None:  # promote records its own failures; this one escaped it
         reason = steps.failures[-1].split(": ", 1)[1]
@@ -429,15 +428,6 @@ def _promotion(
         mlc.set_tag, parent_id, tracking.PROMOTION_TAG, json.dumps(promotion)[:5000],
     )  # fmt: skip
     return promotion
-
-
-def _recorded_digests(exp_dir: Path) -> Any:
-    """The data's digests as the search recorded them at its start (what its trials were
-    scored on), or None where it has none to give (promotion then reads the files)."""
-    try:
-        return read_state(str(exp_dir), exp_dir).get("data")
-    except SearchStateError:  # read whole at the start: only a hand edit since damages it
-        return None
 
 
 def _write_summary(

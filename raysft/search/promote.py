@@ -293,11 +293,16 @@ def promote(
         with _one_promotion_at_a_time(mlc, p.registered_model):
             return _gate_and_install(mlc, cfg=cfg, best=best, record=record, export=export,
                                      exp_dir=exp_dir, fp=fp)  # fmt: skip
-    except TimeoutError as err:
+    except LockTimeout as err:
         return _failure(record, "nothing changed", err)
 
 
 _LOCK_WAIT_S = 600.0  # a promotion loads, checks and uploads one export: minutes at most
+
+
+class LockTimeout(Exception):
+    """Another promotion of the model held its lock for ``_LOCK_WAIT_S``. Its own class: an
+    OSError (TimeoutError is one) from the promotion's steps means something else."""
 
 
 @contextlib.contextmanager
@@ -307,7 +312,7 @@ def _one_promotion_at_a_time(mlc: Any, name: str) -> Iterator[None]:
     adapter over a better one, and tidy away the other's staged export. Searches started with
     ``ray job submit`` run their drivers on the head node, so theirs queue here too. Across
     machines MLflow's registry offers nothing to lock (no compare-and-set on an alias).
-    Raises TimeoutError after ``_LOCK_WAIT_S``."""
+    Raises LockTimeout after ``_LOCK_WAIT_S``."""
     import fcntl
 
     path = _lock_path(mlc, name)
@@ -325,13 +330,16 @@ def _one_promotion_at_a_time(mlc: Any, name: str) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(
+                    raise LockTimeout(
                         f"another promotion of {name} held {path} for {_LOCK_WAIT_S:.0f} s"
                     ) from None
                 if not said:
                     log.info("waiting for another promotion of %s to end (%s)", name, path)
                     said = True
                 time.sleep(0.5)
+            except OSError as err:  # a file system without flock (some NFS, FUSE): unqueued
+                log.warning("promotion of %s not queued behind others (%s): %s", name, path, err)
+                break
         try:
             yield
         finally:
@@ -340,7 +348,9 @@ def _one_promotion_at_a_time(mlc: Any, name: str) -> Iterator[None]:
 
 def _lock_path(mlc: Any, name: str) -> Path:
     """The lock file of one registered model in one registry (``_one_promotion_at_a_time``)."""
-    key = hashlib.sha256(f"{getattr(mlc, 'tracking_uri', '')}\0{name}".encode()).hexdigest()[:16]
+    # The registry's URI (MLflow's own attribute; the tracking URI where it has none).
+    uri = getattr(mlc, "_registry_uri", None) or getattr(mlc, "tracking_uri", "")
+    key = hashlib.sha256(f"{str(uri).rstrip('/')}\0{name}".encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"raysft-promote-{key}.lock"
 
 

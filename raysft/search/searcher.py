@@ -12,6 +12,7 @@ docs leave final-only objectives to that environment variable; the searcher is m
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -22,6 +23,8 @@ from ray.tune.search.optuna import OptunaSearch
 from raysft.config import Config, SearchSection
 from raysft.search.space import build_sampler, build_space
 from raysft.train.metrics import METRICS, objective_mode
+
+log = logging.getLogger(__name__)
 
 STRICT_METRIC_CHECKING = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 
@@ -41,6 +44,13 @@ class FinalMetricOptunaSearch(OptunaSearch):
     def __init__(self, *args: Any, max_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_steps = max_steps
+        self.trial_max_steps: dict[str, int] = {}  # where train.max_steps is searched
+
+    def suggest(self, trial_id: str) -> Any:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict) and config.get("train.max_steps") is not None:
+            self.trial_max_steps[trial_id] = int(config["train.max_steps"])
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if isinstance(self.metric, str) and self.metric not in result:
@@ -51,7 +61,9 @@ class FinalMetricOptunaSearch(OptunaSearch):
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         # A searcher pickled before max_steps was kept (a --resume of an older search) has none.
-        max_steps = getattr(self, "max_steps", None)
+        max_steps = getattr(self, "trial_max_steps", {}).get(
+            trial_id, getattr(self, "max_steps", None)
+        )
         step = (result or {}).get("step")
         value = (result or {}).get(self.metric) if isinstance(self.metric, str) else None
         early = (
@@ -66,11 +78,14 @@ class FinalMetricOptunaSearch(OptunaSearch):
             return
         trial, study = self._ot_trials[trial_id], self._ot_study
         assert study is not None  # made with the searcher's space, before any trial
-        if error:
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            trial.report(float(value), step)  # type: ignore[arg-type]  # early: a finite number
-            study.tell(trial, state=TrialState.PRUNED)
+        try:  # as Ray's own: a tell Optuna refuses (a trial it already has) must not end the search
+            if error:
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                trial.report(float(value), step)  # type: ignore[arg-type]  # early: finite
+                study.tell(trial, state=TrialState.PRUNED)
+        except Exception as exc:
+            log.warning("Optuna: trial %s not told: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
 
 

@@ -103,8 +103,9 @@ _HF_TOKEN_TEXT = re.compile(r"hf_[A-Za-z0-9]{30,}")
 # scheme:// then a user (no "/", "?", "#") and perhaps ":password" (which may hold a "/", as AWS
 # secret keys do), up to the "@" before the host. The user is kept beside a password (the
 # message then says whose), hidden without one (it may be a token).
-_URL_USERINFO = re.compile(r"(\w[\w+.-]*://)([^/?#@\s:]*)(:[^@\s]*)?@")
-_QUERY_VALUE = re.compile(r"([?&;])([^=&#\s]+)=([^&#\s]*)")
+# Not a port and a path ("host:5000/models/a@v2"), nor an IPv6 host ("[::1]:5000/x@y").
+_URL_USERINFO = re.compile(r"(\w[\w+.-]*://)([^/?#@\s:\[\]]*)(:(?!\d+(?:/|$))[^@\s]*)?@")
+_QUERY_VALUE = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
 _QUERY_SECRETS = ("sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token")
 
 

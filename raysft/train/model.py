@@ -10,7 +10,6 @@ the adapters, hence the optimizer state, in float32.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -39,6 +38,7 @@ log = logging.getLogger(__name__)
 # Non-reentrant checkpointing: works with frozen inputs (LoRA) and keyword arguments.
 _GC_KWARGS = {"use_reentrant": False}
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
 HUB_TOKEN_VAR = "HF_TOKEN"  # read by huggingface_hub in every process that loads from the Hub
 # Also read by huggingface_hub (its older name): forwarded to the workers like HF_TOKEN.
 TOKEN_VARS = (HUB_TOKEN_VAR, "HUGGING_FACE_HUB_TOKEN")
@@ -83,7 +83,7 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
             **kwargs,
         )
     except (OSError, ValueError, SafetensorError) as err:
-        if offline:
+        if offline and any(type(e).__name__ == "LocalEntryNotFoundError" for e in chain(err)):
             raise ModelError(
                 f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: not a local "
                 f"directory, not in the Hugging Face cache, and the Hub cannot be reached from "
@@ -92,15 +92,17 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
         raise load_error(err, name=model_cfg.name_or_path, token_set=_has_hub_token()) from None
 
 
-@functools.lru_cache(maxsize=1)
 def hub_unreachable() -> str | None:
-    """Why this machine cannot reach the Hugging Face Hub (its host name does not resolve, or
-    HF_HUB_OFFLINE is set), or None. Asked once per process: a name lookup, no request."""
+    """Why this machine cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set, or its host
+    name does not resolve here and no proxy would resolve it instead), or None. A name lookup,
+    no request; asked at each load, so a lookup that failed once does not hold for good."""
     import socket
     from urllib.parse import urlsplit
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in _PROXY_VARS):  # the proxy resolves the name, not this host
+        return None
     host = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
     try:
         socket.getaddrinfo(host, 443)

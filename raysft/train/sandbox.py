@@ -261,6 +261,10 @@ def _execute(cmd: list[str], scratch: Path, limits: Limits) -> Outcome:
             start_new_session=True,  # its own process group, killed whole on timeout
             close_fds=True,
         )
+        # The runner sets its own limits; `unshare -f` re-raises its child's fatal signal on
+        # itself, so it must not dump core either.
+        with contextlib.suppress(OSError):
+            resource.prlimit(proc.pid, resource.RLIMIT_CORE, (0, 0))
         try:
             proc.communicate(input=(nonce + "\n").encode(), timeout=limits.timeout_s)
             timed_out = False

@@ -94,6 +94,10 @@ def test_values_are_scrubbed_of_tokens_and_url_passwords(monkeypatch):
             "https://h/d.jsonl?sig=***&token=***&max_tokens=5&X-Amz-Signature=***",
         ),
         ("https://h/path?e=a@b", "https://h/path?e=a@b"),  # an "@" after the host: kept
+        ("http://host:5000/models/a@v2", "http://host:5000/models/a@v2"),  # a port, no password
+        ("git+https://git.local:8443/o/r.git@v1.2", "git+https://git.local:8443/o/r.git@v1.2"),
+        ("http://[::1]:5000/x@y", "http://[::1]:5000/x@y"),
+        ("https://h/x?b=c;password=hunter2", "https://h/x?b=c;password=***"),
         ("/data/x@y.jsonl", "/data/x@y.jsonl"),
     ],
 )

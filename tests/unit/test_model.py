@@ -387,16 +387,16 @@ def test_a_hub_id_on_a_machine_without_the_hub_is_one_message_at_once(
     from raysft.train import model as model_mod
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub unreachable whatever this host's network
-    model_mod.hub_unreachable.cache_clear()
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(ModelError) as err:
-            load_model(_cfg("raysft-test/no-such-model"))
-        assert time.monotonic() - t0 < 20
-        assert str(err.value) == (
-            "model.name_or_path: cannot load 'raysft-test/no-such-model': not a local directory, "
-            "not in the Hugging Face cache, and the Hub cannot be reached from here "
-            "(HF_HUB_OFFLINE is set): give a model directory, or embedded:tiny-base"
-        )
-    finally:
-        model_mod.hub_unreachable.cache_clear()
+    t0 = time.monotonic()
+    with pytest.raises(ModelError) as err:
+        load_model(_cfg("raysft-test/no-such-model"))
+    assert time.monotonic() - t0 < 20
+    assert str(err.value) == (
+        "model.name_or_path: cannot load 'raysft-test/no-such-model': not a local directory, "
+        "not in the Hugging Face cache, and the Hub cannot be reached from here "
+        "(HF_HUB_OFFLINE is set): give a model directory, or embedded:tiny-base"
+    )
+    assert model_mod.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # it resolves the name
+    assert model_mod.hub_unreachable() is None

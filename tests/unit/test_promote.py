@@ -1236,7 +1236,7 @@ def test_promotions_of_one_model_queue_behind_each_other(
                          exp_dir=exp_dir)  # fmt: skip
         assert record["promoted"] is False and record["failed"] is True
         assert record["reason"] == (
-            f"nothing changed: TimeoutError: another promotion of {name} held {lock} for 0 s"
+            f"nothing changed: LockTimeout: another promotion of {name} held {lock} for 0 s"
         )
         assert registry.alias(name) == "1" and registry.versions(name) == 1
         monkeypatch.setattr(promote_mod, "_LOCK_WAIT_S", 60.0)

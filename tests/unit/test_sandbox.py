@@ -151,9 +151,11 @@ def test_a_process_that_left_the_process_group_dies_with_the_program(tmp_path: P
     }
     time.sleep(2.5)
     assert runs["timeout"].status == runs["timeout-bare"].status == "timeout"
-    if os.geteuid() == 0:  # RLIMIT_NPROC stops the Popen of a non-root user in every variant
-        assert runs["ended"].passed and runs["ended-bare"].passed
-        assert (tmp_path / "timeout-bare").exists() and (tmp_path / "ended-bare").exists()
+    if os.geteuid() != 0:  # RLIMIT_NPROC stops the Popen of a non-root user in every variant
+        pytest.skip("not root: no process starts, with or without namespaces")
+    assert runs["ended"].passed and runs["ended-bare"].passed
+    # The control: without namespaces the process outlives its program, so the check can fail.
+    assert (tmp_path / "timeout-bare").exists() and (tmp_path / "ended-bare").exists()
     if not PIDNS:
         pytest.skip("no PID namespace on this machine: the hook alone stops new processes")
     assert not (tmp_path / "timeout").exists() and not (tmp_path / "ended").exists()

@@ -1943,3 +1943,25 @@ def test_a_search_into_an_experiment_deleted_in_mlflow_is_refused_before_ray(
         ]
     finally:
         mlflow.set_tracking_uri(before)
+
+
+def test_a_searched_max_steps_decides_which_trials_ended_early() -> None:
+    """A trial ran to its own train.max_steps: finished (COMPLETE), though the spec's is more."""
+    import optuna
+
+    from raysft.search.searcher import build_searcher
+
+    steps = {"type": "choice", "values": [10, 40]}
+    cfg = validate_tree(spec({"train.learning_rate": LR, "train.max_steps": steps}))
+    searcher = build_searcher(cfg, cfg.search, concurrent=1)
+    sampled = {t: searcher.suggest(t)["train.max_steps"] for t in ("a", "b", "c", "d")}
+    assert set(sampled.values()) == {10, 40}
+    for trial_id in sampled:
+        searcher.on_trial_complete(trial_id, {"step": 10, "eval_loss": 0.5})
+    states = {
+        t: trial.state
+        for t, trial in zip(sampled, searcher._ot_study.trials, strict=True)  # asked in order
+    }
+    for trial_id, end in sampled.items():
+        expected = optuna.trial.TrialState.COMPLETE if end == 10 else optuna.trial.TrialState.PRUNED
+        assert states[trial_id] == expected, (trial_id, end)
