@@ -317,8 +317,9 @@ def _one_promotion_at_a_time(mlc: Any, name: str) -> Iterator[None]:
 
     path = _lock_path(mlc, name)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
-    except OSError as err:  # another user's lock file: promotions are not queued then
+    except OSError as err:  # no writable cache dir: promotions are not queued then
         log.warning("promotion of %s not queued behind others (%s): %s", name, path, err)
         yield
         return
@@ -351,7 +352,10 @@ def _lock_path(mlc: Any, name: str) -> Path:
     # The registry's URI (MLflow's own attribute; the tracking URI where it has none).
     uri = getattr(mlc, "_registry_uri", None) or getattr(mlc, "tracking_uri", "")
     key = hashlib.sha256(f"{str(uri).rstrip('/')}\0{name}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"raysft-promote-{key}.lock"
+    # A lasting place, not the temp dir: a lock file is never deleted (a process waiting on it
+    # would hold a lock on a file no other one opens), and a search leaves no file in /tmp.
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "raysft" / "locks" / f"promote-{key}.lock"
 
 
 def _gate_and_install(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,3 +65,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Interrupted or not, leave no test_cli subprocess behind."""
     for module in _STARTED:
         module.stop_cli_runs()
+
+
+@pytest.fixture(autouse=True)
+def _promotion_locks_of_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promotion locks (``promote._lock_path``: the user's cache dir) in the test's own dir."""
+    from raysft.search import promote
+
+    real = promote._lock_path
+    monkeypatch.setattr(
+        promote, "_lock_path", lambda mlc, name: tmp_path / "locks" / real(mlc, name).name
+    )

@@ -980,13 +980,17 @@ def test_no_secret_reaches_the_export_or_the_registry(
 
 
 def _promote_cli(exp_dir: Path) -> subprocess.CompletedProcess:
-    """``python -m raysft.promote EXP_DIR`` as a user runs it."""
+    """``python -m raysft.promote EXP_DIR`` as a user runs it (its promotion lock in the test's
+    dir, not the user's cache)."""
+    import os
+
     return subprocess.run(
         [sys.executable, "-m", "raysft.promote", str(exp_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "XDG_CACHE_HOME": str(exp_dir.parent / "cache")},
     )
 
 
