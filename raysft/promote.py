@@ -18,6 +18,7 @@ from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.search import tracking
 from raysft.search.compare import base_value
 from raysft.search.experiment import recorded_digests
+from raysft.search.finish import FinishSteps
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking import client, local_store
@@ -99,28 +100,19 @@ def _tell_the_parent_run(mlc: Any, exp_dir: Path, summary: dict[str, Any]) -> No
     if not isinstance(parent, str):  # a summary from before raysft kept it: summary.json alone
         write_summary(exp_dir, summary)
         return
+    # The finish's own steps (one that fails is recorded, and none is tried once the server is
+    # found out of reach), in the finish's order: tag and description, then summary.json.
+    steps = FinishSteps()
     tag = json.dumps(summary["promotion"])[:5000]
-    steps = [
-        (_PARENT_STEPS[0], lambda: mlc.set_tag(parent, tracking.PROMOTION_TAG, tag)),
-        (_PARENT_STEPS[1], lambda: tracking.describe_parent(mlc, parent, summary)),
-    ]
-    for what, step in steps:
-        _try(what, step, summary)
+    steps.mlflow(_PARENT_STEPS[0], mlc.set_tag, parent, tracking.PROMOTION_TAG, tag)
+    steps.mlflow(_PARENT_STEPS[1], tracking.describe_parent, mlc, parent, summary)
+    summary["failed_steps"] += steps.failures
     path = write_summary(exp_dir, summary)
-    if _try(_PARENT_STEPS[2], lambda: mlc.log_artifact(parent, str(path)), summary):
+    closing = FinishSteps(steps.unreachable)
+    closing.upload(_PARENT_STEPS[2], mlc.log_artifact, parent, str(path))
+    if closing.failures:
+        summary["failed_steps"] += closing.failures
         write_summary(exp_dir, summary)
-
-
-def _try(what: str, step: Any, summary: dict[str, Any]) -> bool:
-    """Run one MLflow step; a failure is logged and added to failed_steps (True)."""
-    try:
-        step()
-    except Exception as err:
-        reason = tracking.scrubbed(err)  # MLflow's messages carry the request's address
-        log.warning("%s: %s", what, reason)
-        summary["failed_steps"].append(f"{what}: {reason}")
-        return True
-    return False
 
 
 def _search_dir(summary: dict[str, Any], source: str) -> str:

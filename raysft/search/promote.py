@@ -213,10 +213,11 @@ def _refusal(
             f"(fingerprint {champ.tags.get(TAG_EVAL)}, metric {champ.tags.get(TAG_METRIC)}); "
             "not replaced. Use a new promote.registered_model, or the same eval data."
         )
-    if _champion_mode(champ) != mode:  # "better" the other way round would let worse win
+    champion_mode = _champion_mode(champ)
+    if champion_mode != mode:  # "better" the other way round would let worse win
         return (
             f"champion v{champ.version} was chosen with {metric} judged by mode "
-            f"{_champion_mode(champ)}, this search by mode {mode}; not replaced. Use a new "
+            f"{champion_mode}, this search by mode {mode}; not replaced. Use a new "
             "promote.registered_model, or the same search.mode."
         )
     old = champion_value(champ)

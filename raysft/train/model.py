@@ -66,7 +66,7 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
 
     # A hub id on a machine that cannot resolve the Hub: the local cache only, at once, where
     # huggingface_hub would retry for ~25 s (6 warnings) and then look there anyway.
-    offline = not Path(path).expanduser().exists() and hub_unreachable() is not None
+    offline = None if Path(path).expanduser().exists() else hub_unreachable()  # why, if so
     if offline:
         kwargs = {**kwargs, "local_files_only": True}
         if hasattr(loader, "_model_mapping"):  # AutoModelFor*: transformers 5 does not pass
@@ -87,7 +87,7 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
             raise ModelError(
                 f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: not a local "
                 f"directory, not in the Hugging Face cache, and the Hub cannot be reached from "
-                f"here ({hub_unreachable()}): give a model directory, or embedded:tiny-base"
+                f"here ({offline}): give a model directory, or embedded:tiny-base"
             ) from None
         raise load_error(err, name=model_cfg.name_or_path, token_set=_has_hub_token()) from None
 
