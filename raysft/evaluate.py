@@ -34,7 +34,7 @@ from raysft.config import (
     set_path,
     validate_tree,
 )
-from raysft.data.formats import Conversation, code_tests
+from raysft.data.formats import Conversation, code_tests, scored_part
 from raysft.data.pipeline import DataReport, check_template, load_eval, render_row
 from raysft.data.templates import Example, tokenize
 from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
@@ -376,7 +376,7 @@ def _tokenized(
             continue
         ex = tokenize(segments, tokenizer, max_seq_len=cfg.data.max_seq_len)
         if ex.n_trained:
-            kept.append((ex, conv))
+            kept.append((ex, scored_part(conv)))  # generation scores its last trained answer
         else:
             cut += 1
     drops = []
@@ -457,7 +457,7 @@ def metrics_table(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in [head, *body]
     )
-    references = [c[-1]["content"] for c in conversations or []]
+    references = [scored_part(c)[-1]["content"] for c in conversations or []]
     if "bleu" in names and bleu_says_nothing(references):
         table += (
             "\n(bleu: every reference answer is shorter than 4 tokens, so no answer can match a "

@@ -112,7 +112,8 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
     if not p.get("promoted"):
         line = f"none ({p.get('reason')})"
     elif str(p.get("reason", "")).startswith("already champion"):  # --resume of a finished one
-        line = f"v{p['version']} stays @{p['alias']} (already champion)"
+        line = f"v{p['version']} stays @{p['alias']} ({p['reason']})"
+        line += f", its export rebuilt at {p['export_dir']}" if p.get("export_rebuilt") else ""
     else:
         line = f"v{p['version']} is now @{p['alias']}"
         line += f", exported to {p['export_dir']}" if p.get("export_dir") else ""

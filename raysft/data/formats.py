@@ -296,6 +296,16 @@ def _tests(value: Any) -> str:
     return value
 
 
+def scored_part(conv: Conversation) -> Conversation:
+    """What generation metrics score of a held-out conversation: up to its last trained answer,
+    whose prompt is everything before it. A final answer of weight 0 is context the model is
+    not trained to write, so it is no reference either (its tests go with it)."""
+    last = max(
+        (i for i, m in enumerate(conv) if m["role"] == "assistant" and is_trained(m)), default=None
+    )
+    return conv if last is None else conv[: last + 1]
+
+
 def code_tests(conv: Conversation) -> str | None:
     """The tests a row carried (``to_conversation`` puts them on its final answer), or None."""
     return conv[-1].get("tests") if conv else None

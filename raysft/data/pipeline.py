@@ -19,6 +19,7 @@ from raysft.data.formats import (
     load_conversations,
     reads,
     saved_split,
+    scored_part,
     split_train_eval,
 )
 from raysft.data.templates import Example, Segment, render, tokenize
@@ -324,4 +325,5 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
     report.eval_dropped_no_trained_tokens = len(tokenized["eval"][2])
     report.train_tokens = sum(len(e.input_ids) for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)
-    return PreparedData(train, evals, eval_kept, report)
+    # Generation scores each row's last trained answer (a final one of weight 0 is context).
+    return PreparedData(train, evals, [scored_part(c) for c in eval_kept], report)

@@ -377,10 +377,7 @@ def _gate_and_install(
             and champion_value(champ) == value
             and not _refusal(champ, metric=s.metric, value=value, fp=fp, mode=mode, judge=False)
         ):  # promote run again on the same search: its best already holds the alias
-            kept = {"version": str(champ.version), "reason": f"already champion v{champ.version}"}
-            if _version_of(export) == str(champ.version):
-                kept["export_dir"] = str(export.resolve())
-            return {**record, "promoted": True, **kept}
+            return _already_champion(mlc, p, export, record, version=str(champ.version))
         record["previous"] = {"version": str(champ.version), "value": champion_value(champ)}
         refusal = _refusal(champ, metric=s.metric, value=value, fp=fp, mode=mode)
         if refusal:
@@ -446,6 +443,47 @@ def _install(
     except Exception:
         log.warning("could not delete the previous export at %s", aside, exc_info=True)
     return str(mv.version)
+
+
+def _already_champion(
+    mlc: Any, p: PromoteSection, export: Path, record: dict[str, Any], *, version: str
+) -> dict[str, Any]:
+    """The record of a best trial that already holds the alias; its export is rebuilt from the
+    registry where it is gone (or holds another version)."""
+    reason = f"already champion v{version}"
+    kept = {**record, "promoted": True, "version": version, "reason": reason}
+    if _version_of(export) != version:
+        try:
+            _rebuild_export(mlc, p, export, kept)
+        except Exception as err:
+            why = f"{kept['reason']}, but its export at {export} could not be rebuilt"
+            return {**_failure(record, why, err), "promoted": True, "version": version}
+        kept["export_rebuilt"] = True
+    return {**kept, "export_dir": str(export.resolve())}
+
+
+def _rebuild_export(mlc: Any, p: PromoteSection, export: Path, record: dict[str, Any]) -> None:
+    """The champion's export put back from its registry version, staged, checked and swapped in
+    as ``_install`` does: the version holds what was exported, less champion.json (written
+    once registered). The registry itself is left as it is."""
+    import mlflow
+
+    export.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
+    give_plain_modes(staging, [])
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{p.registered_model}/{record['version']}",
+            dst_path=str(staging),
+            tracking_uri=mlc.tracking_uri,
+        )
+        _check_export(staging)
+        (staging / CHAMPION_FILE).write_text(json.dumps(record, indent=2, allow_nan=False))
+        aside = _swap_in(staging, export)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("rebuilt the export of %s v%s at %s", p.registered_model, record["version"], export)
+    _drop_old(aside)
 
 
 def _stage_export(

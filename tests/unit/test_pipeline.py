@@ -372,6 +372,20 @@ def test_an_all_weight_0_row_is_skipped_and_counted(tmp_path: Path, tok: Any) ->
     assert data.report.skipped == [why]
 
 
+def test_generation_scores_the_last_trained_answer_of_an_eval_row(tmp_path: Path, tok: Any) -> None:
+    """A final answer of weight 0 is context, not a reference: exact match and the other
+    generation metrics answer the row's last trained turn, after the history before it."""
+    first = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    second = [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "x", "weight": 0}]
+    evals = write_jsonl(tmp_path / "e.jsonl", [{"messages": first + second}, alpaca("q", "a")])
+    data = prepare_data(section(eval=evals), tok, seed=0)
+    assert [c[-1]["content"] for c in data.eval_conversations] == ["a1", "a"]
+    assert data.eval_conversations[0] == first
+    # The eval loss still reads the whole row: its weight-0 answer is in the tokens, untrained.
+    assert data.eval[0].n_trained == len("a1") + 1  # its bytes and <|im_end|>
+    assert tok.decode(data.eval[0].input_ids).rstrip().endswith("assistant\nx<|im_end|>")
+
+
 def test_null_columns_are_not_unread_fields(tmp_path: Path) -> None:
     # Parquet / `datasets` rows of mixed formats carry every column, null where a row has none.
     rows = [{**alpaca("q", "a"), "conversations": None}, {**alpaca("q2", "a2"), "input": None}]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,13 @@ import pytest
 
 from raysft.config import SearchSpec, validate_spec
 from raysft.search import promote as promote_mod
-from raysft.search.promote import TAG_VALUE, eval_fingerprint, load_champion, promote
+from raysft.search.promote import (
+    CHAMPION_FILE,
+    TAG_VALUE,
+    eval_fingerprint,
+    load_champion,
+    promote,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NAN = float("nan")
@@ -222,7 +229,6 @@ def test_a_base_inside_a_jobs_working_dir_copy_travels_with_the_export(
     """A Ray job's driver runs in Ray's copy of --working-dir, which Ray removes after the job:
     a base model given by a path inside it is copied into the export, which names it relatively
     and loads after the copy is gone."""
-    import shutil
 
     import torch
 
@@ -340,6 +346,52 @@ def test_promoting_the_champions_own_trial_again_keeps_it(
     better = {**row, "metric": 0.3, "checkpoint": str(checkpoints["b"])}
     record = promote(mlc=registry.mlc, cfg=cfg, best=better, exp_dir=exp_dir)
     assert record["promoted"] is True and record["reason"] == "beats v1"
+
+
+def test_promoting_the_champion_again_rebuilds_its_deleted_export_from_the_registry(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """The champion's export deleted (or its checkpoints with it): promote run again puts the
+    registry version back where the export was, as it was, and says so; nothing registered."""
+    exp_dir = tmp_path / "exp"
+    cfg = spec("rebuilt", exp_dir)
+    row = best(registry, checkpoints["a"], 0.5)
+    first = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    export = Path(first["export_dir"])
+    files = snapshot(export)
+    shutil.rmtree(export)
+    again = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    assert again["promoted"] is True and again["reason"] == "already champion v1", again
+    assert again["export_rebuilt"] is True and again["export_dir"] == str(export)
+    rebuilt = snapshot(export)
+    assert json.loads(rebuilt.pop(CHAMPION_FILE))["version"] == "1"
+    files.pop(CHAMPION_FILE)
+    assert rebuilt == files
+    assert registry.versions("rebuilt") == 1 and leftovers(exp_dir) == []
+    # Present and in place: left alone.
+    third = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    assert "export_rebuilt" not in third and third["export_dir"] == str(export)
+
+
+def test_an_export_that_cannot_be_rebuilt_fails_with_the_champion_kept(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    exp_dir = tmp_path / "exp"
+    cfg = spec("unrebuildable", exp_dir)
+    row = best(registry, checkpoints["a"], 0.5)
+    first = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    shutil.rmtree(first["export_dir"])
+    # The registry version's files are gone too.
+    champ = promote_mod.current_champion(registry.mlc, "unrebuildable", "champion")
+    model_id = champ.source.removeprefix("models:/")
+    shutil.rmtree(registry.mlc.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    again = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
+    assert again["failed"] is True and again["promoted"] is True and again["version"] == "1"
+    assert again["reason"].startswith(
+        f"already champion v1, but its export at {exp_dir / 'champion'} could not be rebuilt: "
+    ), again["reason"]
+    assert registry.alias("unrebuildable") == "1" and not (exp_dir / "champion").exists()
+    assert leftovers(exp_dir) == []
 
 
 def test_a_registry_that_cannot_be_read_promotes_nothing(
