@@ -17,7 +17,7 @@ import math
 import os
 from typing import Any
 
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 from ray.tune.search.optuna import OptunaSearch
 
 from raysft.config import Config, SearchSection
@@ -38,7 +38,9 @@ class FinalMetricOptunaSearch(OptunaSearch):
     final value. One stopped before (ASHA) is told PRUNED, its last value as its intermediate
     value at its step: Ray tells it COMPLETE with the value of the rung where it stopped, so TPE
     weighed an eval loss at step 30 as the equal of one at step 150. One that failed is told
-    FAIL (Ray: COMPLETE when its last report carried the objective).
+    FAIL (Ray: COMPLETE when its last report carried the objective). A failed trial that
+    ``--resume`` runs again is told as a new Optuna trial with the same values when it ends:
+    Optuna takes no second tell of a trial it has (Ray's own dropped it with a warning).
     """
 
     def __init__(self, *args: Any, max_steps: int | None = None, **kwargs: Any) -> None:
@@ -54,6 +56,8 @@ class FinalMetricOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if isinstance(self.metric, str) and self.metric not in result:
+            return
+        if trial_id in getattr(self, "failed_trials", ()):  # a rerun: its Optuna trial ended
             return
         super().on_trial_result(trial_id, result)
 
@@ -73,6 +77,12 @@ class FinalMetricOptunaSearch(OptunaSearch):
             and isinstance(value, int | float)
             and math.isfinite(value)
         )
+        # A searcher pickled before failed trials were kept (an older search's) has none.
+        self.failed_trials: set[str] = getattr(self, "failed_trials", set())
+        if trial_id in self.failed_trials:
+            if not error:
+                self._tell_rerun(trial_id, value=value, step=step, early=early)
+            return
         if trial_id in self._completed_trials or not (error or early):
             super().on_trial_complete(trial_id, result=result, error=error)
             return
@@ -81,12 +91,31 @@ class FinalMetricOptunaSearch(OptunaSearch):
         try:  # as Ray's own: a tell Optuna refuses (a trial it already has) must not end the search
             if error:
                 study.tell(trial, state=TrialState.FAIL)
+                self.failed_trials.add(trial_id)
             else:
                 trial.report(float(value), step)  # type: ignore[arg-type]  # early: finite
                 study.tell(trial, state=TrialState.PRUNED)
         except Exception as exc:
             log.warning("Optuna: trial %s not told: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
+
+    def _tell_rerun(self, trial_id: str, *, value: Any, step: Any, early: bool) -> None:
+        """A failed trial run again (``--resume``) that ended: a new Optuna trial with its
+        values, told how it ended; its first stays FAIL."""
+        first, study = self._ot_trials[trial_id], self._ot_study
+        assert study is not None
+        told: dict[str, Any] = {"state": TrialState.FAIL}
+        if early:
+            told = {"state": TrialState.PRUNED, "intermediate_values": {step: float(value)}}
+        elif isinstance(value, int | float) and math.isfinite(value):
+            told = {"state": TrialState.COMPLETE, "value": float(value)}
+        try:
+            study.add_trial(
+                create_trial(params=first.params, distributions=first.distributions, **told)
+            )
+        except Exception as exc:
+            log.warning("Optuna: the rerun of trial %s not told: %s", trial_id, exc)
+        self.failed_trials.discard(trial_id)
 
 
 def allow_final_only_objective(search: SearchSection) -> None:

@@ -15,6 +15,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -776,6 +777,39 @@ def test_optuna_is_told_how_each_trial_ended(monkeypatch: pytest.MonkeyPatch) ->
     }
     assert by_state[optuna.trial.TrialState.PRUNED].intermediate_values == {early: 0.9}
     assert by_state[optuna.trial.TrialState.COMPLETE].value == 0.5
+
+
+def test_a_failed_trial_run_again_by_resume_is_told_to_optuna_when_it_ends() -> None:
+    """Tune's resume_errored runs a failed trial again under its own id: Optuna, which has it
+    as FAIL and takes no second tell, learns the rerun's result as a new trial with the same
+    values, through a searcher saved and restored as Tune does around a --resume."""
+    import optuna
+
+    from raysft.search.searcher import build_searcher
+
+    cfg = validate_tree(spec({"train.learning_rate": LR}))
+    searcher = build_searcher(cfg, cfg.search, concurrent=1)
+    end = cfg.train.max_steps
+    sampled = [searcher.suggest(t) for t in ("crashed", "crashed twice")]
+    for trial_id in ("crashed", "crashed twice"):
+        searcher.on_trial_result(trial_id, {"step": 1, "eval_loss": 2.0, "training_iteration": 1})
+        searcher.on_trial_complete(trial_id, {"step": 1, "eval_loss": 2.0}, error=True)
+    with tempfile.TemporaryDirectory() as saved:
+        searcher.save(f"{saved}/searcher.pkl")
+        searcher = build_searcher(cfg, cfg.search, concurrent=1)
+        searcher.restore(f"{saved}/searcher.pkl")
+    for trial_id in ("crashed", "crashed twice"):  # the reruns report under the same ids
+        searcher.on_trial_result(trial_id, {"step": 1, "eval_loss": 1.5, "training_iteration": 1})
+    searcher.on_trial_complete("crashed twice", {"step": 1, "eval_loss": 1.5}, error=True)
+    searcher.on_trial_complete("crashed", {"step": end, "eval_loss": 0.5})
+    searcher.on_trial_complete("crashed", {"step": end, "eval_loss": 0.4})  # told once
+    states = [(t.state, t.value, t.params) for t in searcher._ot_study.trials]
+    fail = optuna.trial.TrialState.FAIL
+    assert states == [
+        (fail, None, sampled[0]),
+        (fail, None, sampled[1]),
+        (optuna.trial.TrialState.COMPLETE, 0.5, sampled[0]),
+    ]
 
 
 def test_a_resumed_search_lets_tune_take_a_final_only_objective_too(
