@@ -457,6 +457,12 @@ def metrics_table(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in [head, *body]
     )
+    if len({s.rows for s in scores.values()}) > 1:  # a --base-model of another tokenizer
+        counts = ", ".join(f"{name} {s.rows}" for name, s in scores.items())
+        table += (
+            f"\n(rows scored: {counts}: the models' tokenizers or templates keep different "
+            "rows (data.on_error=skip, truncation), so the columns are not of the same rows)"
+        )
     references = [scored_part(c)[-1]["content"] for c in conversations or []]
     if "bleu" in names and bleu_says_nothing(references):
         table += (

@@ -592,3 +592,20 @@ def test_eval_rows_the_template_refuses_are_skipped_as_in_training(
     with pytest.raises(DataError) as err:
         run([*args, "--metrics", "eval_loss"])
     assert str(err.value) == refused
+
+
+def test_a_table_of_models_scored_on_different_rows_says_so() -> None:
+    """--base-model of another tokenizer may keep other rows (a template refusal skipped, a
+    truncation): the table says its columns are not of the same rows."""
+    from raysft.evaluate import ModelScore, metrics_table
+
+    def table(base_rows: int) -> str:
+        return metrics_table(
+            {
+                "base": ModelScore("b", {"eval_loss": 1.0}, rows=base_rows),
+                "tuned": ModelScore("t", {"eval_loss": 0.5}, rows=2),
+            }
+        )
+
+    assert "rows scored" not in table(2)
+    assert "\n(rows scored: base 1, tuned 2: the models' tokenizers or templates keep " in table(1)
