@@ -134,6 +134,7 @@ def blame_overrides(
     field the key sets, or is a section above the key that the file itself (``file_tree``,
     read before the overrides) does not have, or an unknown one.
     """
+    values = keys if isinstance(keys, dict) else {}
     keys = list(keys)
     out = []
     for line in problems:
@@ -154,6 +155,10 @@ def blame_overrides(
             line = f"--set {line}"
             if line.endswith("Input should be a valid string"):  # 2024, yes, 1.0 are not
                 line += f" (YAML reads the value as another type: quote it, '{path}=\"...\"')"
+            elif "Input should be '" in line and type(values.get(path, "")) in (bool, type(None)):
+                # A choice given a YAML 1.1 word: =yes, =no, =off, =null, =~ arrive as true/null.
+                read = yaml.safe_dump(values[path]).removesuffix("\n...\n")
+                line += f" (YAML reads the value as {read}; quote it for the word)"
         out.append(line)
     return out
 

@@ -309,6 +309,18 @@ def test_set_of_a_string_field_to_another_type_says_to_quote_it() -> None:
     assert cfg.tracking.experiment == "2024"
 
 
+def test_set_of_a_choice_to_a_yaml_word_says_how_yaml_read_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, parse_overrides(["data.template=yes", "method=off", "train.seed=no"]))
+    assert err.value.problems == [
+        "--set method: Input should be 'full', 'lora' or 'qlora' (YAML reads the value as "
+        "false; quote it for the word)",
+        "--set data.template: Input should be 'llama2', 'chatml', 'vicuna' or 'tokenizer' (YAML "
+        "reads the value as true; quote it for the word)",
+        "--set train.seed: should be a number, not false",  # says what it got already
+    ]
+
+
 def test_bad_set_syntax_reports_every_bad_pair() -> None:
     with pytest.raises(ConfigError) as info:
         parse_overrides(["train.max_steps", "=3", "train..seed=1", "train.seed=1"])
