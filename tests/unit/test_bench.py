@@ -385,6 +385,11 @@ def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     selective = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     reference = ev.forward_loss
+    heads: list[tuple[int, ...]] = []  # the LM head's input, as its pre-hooks left it
+    for model in (plain, selective):
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _out: heads.append(tuple(args[0].shape))
+        )
     try:
         use_selective_logits(selective)
         ref_loss, ref_n = ev.forward_loss(plain, batch, "cpu")  # dispatches to the original
@@ -392,6 +397,9 @@ def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
     finally:
         ev.forward_loss = reference
     assert n == ref_n == (7 - 3) + (12 - 5) + (5 - 1)
+    hidden = plain.config.hidden_size
+    # The head ran at every position of the plain model, at the scored ones alone of the other.
+    assert heads == [(*batch["input_ids"].shape, hidden), (n, hidden)]
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     loss.backward()
     ref_loss.backward()

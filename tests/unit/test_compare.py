@@ -46,11 +46,37 @@ def test_the_task_scores_the_rows_it_is_given_and_reads_no_data_file(tmp_path: P
     rows = eval_rows(_cfg("embedded:tasks-eval.jsonl"))[:ROWS]
     # On the task's node the eval file is not there: the rows come from the driver.
     tree = _cfg(str(tmp_path / "not-on-this-node.jsonl")).model_dump(mode="json")
-    out = compare._score_pair(tree, str(asset_path("tiny-base")), rows)
-    assert out["scores"]["base"]["rows"] == out["scores"]["tuned"]["rows"] == ROWS
+    same = compare._score_pair(tree, str(asset_path("tiny-base")), rows)
+    assert same["scores"]["base"]["rows"] == same["scores"]["tuned"]["rows"] == ROWS
     # The same model on both sides: the same scores.
-    assert out["scores"]["base"]["metrics"] == out["scores"]["tuned"]["metrics"]
-    assert "eval_loss" in out["table"] and "exact_match" in out["table"]
+    assert same["scores"]["base"]["metrics"] == same["scores"]["tuned"]["metrics"]
+    assert "eval_loss" in same["table"] and "exact_match" in same["table"]
+    # The tuned side scores the adapter it is given, on the base the config names.
+    out = compare._score_pair(tree, str(_moved_adapter(tmp_path / "adapter")), rows)
+    assert out["scores"]["base"]["metrics"] == same["scores"]["base"]["metrics"]
+    tuned, base = out["scores"]["tuned"]["metrics"], out["scores"]["base"]["metrics"]
+    assert abs(tuned["eval_loss"] - base["eval_loss"]) > 1e-3, (tuned, base)
+
+
+def _moved_adapter(out: Path) -> Path:
+    """A LoRA adapter on the embedded base with B off zero, saved as a trial saves one."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raysft.assets import resolve
+    from raysft.config import LoraSection, ModelSection
+    from raysft.train.model import build_lora_config, load_tokenizer, save_model
+
+    base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
+    model = get_peft_model(base, build_lora_config(LoraSection()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_model(model, load_tokenizer(ModelSection()), out, method="lora")
+    return out
 
 
 def test_a_failed_scoring_is_recorded_with_its_reason_and_writes_nothing(tmp_path: Path) -> None:

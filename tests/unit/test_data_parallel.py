@@ -107,7 +107,8 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     moved = 0
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=wtol, rtol=1e-2 if compiled else 1e-5)
-        moved += int(not torch.equal(a[key], torch.zeros_like(a[key])))
+        if "lora_B" in key:  # B starts at zero: only a step moves it (A starts random)
+            moved += int(not torch.equal(a[key], torch.zeros_like(a[key])))
     assert moved, "the step changed no adapter weight"
 
 

@@ -215,6 +215,46 @@ def test_cli_adapter_against_its_base_json(
     assert [s["generated"] for s in out["tuned"]["samples"]] == ["x=1"]
 
 
+@pytest.fixture(scope="module")
+def moved_adapter_dir(chain_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the chain model's head with B off zero: it changes the losses (the
+    chain model's attention carries nothing, so q/v adapters would not)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(chain_dir), lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("moved") / "adapter"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(chain_dir).save_pretrained(out)
+    return out
+
+
+def test_cli_base_and_tuned_columns_score_each_model(
+    tmp_path: Path, chain_dir: Path, moved_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _rows(tmp_path)
+    assert (
+        run([str(moved_adapter_dir), "--data", rows, "--base", "--json", "--metrics", "eval_loss"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert (out["base"]["model"], out["tuned"]["model"]) == (str(chain_dir), str(moved_adapter_dir))
+    cfg = resolve_target(str(moved_adapter_dir), overrides={"data.eval": rows}).cfg
+    base = score_model(str(chain_dir), cfg, metrics=["eval_loss"]).scores["eval_loss"]
+    tuned = score_model(
+        str(moved_adapter_dir), cfg, metrics=["eval_loss"], base_model=str(chain_dir)
+    ).scores["eval_loss"]
+    assert abs(tuned - base) > 1e-3  # the adapter moved the model
+    assert out["base"]["metrics"]["eval_loss"] == pytest.approx(base, rel=1e-6)
+    assert out["tuned"]["metrics"]["eval_loss"] == pytest.approx(tuned, rel=1e-6)
+
+
 def test_cli_prints_a_table_and_answers_side_by_side(
     tmp_path: Path, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

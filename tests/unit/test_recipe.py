@@ -139,7 +139,9 @@ def test_compiled_training_steps_equal_eager_ones(tmp_path: Path) -> None:
         checkpoints.append(sorted(load_file(f"{checkpoint_dir}/model.safetensors")))
 
     options = {**common, "train.compile": True, "output_dir": str(tmp_path / "out-compiled")}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = run_trial(_config(tmp_path, model_dir, "full", **options), report=report)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
     pairs = list(zip(eager.history, compiled.history, strict=True))
     assert [c["step"] for _, c in pairs] == [1, 2, 3, 4]
     for e, c in pairs:
@@ -164,6 +166,7 @@ def test_compiled_trials_in_one_process_each_trace_their_own_model(tmp_path: Pat
         cfg.model.name_or_path = "embedded:tiny-base"
         torch.manual_seed(0)
         run = setup(cfg, dist=Dist())
+        assert isinstance(run.train_model, torch._dynamo.eval_frame.OptimizedModule)
         run.model.train()
         batch = next(run.stream)
         if run.neftune is not None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,6 @@ from raysft.data.formats import code_tests, load_conversations
 from raysft.errors import DataError
 from raysft.train.sandbox import (
     Limits,
-    _unshare_prefix,
     check_answers,
     extract_code,
     isolation,
@@ -26,8 +27,20 @@ from raysft.train.sandbox import (
     run_tests,
 )
 
-NETNS = bool(_unshare_prefix())
-PIDNS = "-p" in _unshare_prefix()
+
+def _unshare_can(*flags: str) -> bool:
+    """Whether ``unshare`` can make these namespaces here: probed by the test itself, apart
+    from the sandbox's own probe (``_unshare_prefix``), so a broken probe there shows."""
+    unshare = shutil.which("unshare")
+    user = [] if os.geteuid() == 0 else ["-r"]
+    if unshare is None:
+        return False
+    run = subprocess.run([unshare, *user, *flags, "true"], capture_output=True, check=False)
+    return run.returncode == 0
+
+
+NETNS = _unshare_can("-n")
+PIDNS = _unshare_can("-n", "-p", "-f", "--kill-child")
 
 
 # ---------------------------------------------------------------- pass / fail
@@ -270,14 +283,25 @@ def test_each_network_layer_blocks_on_its_own(server: tuple[int, list[bytes]]) -
     assert got == [b"leak"]
     hook = run_python(_connect(port), namespaces=False, audit=True)
     assert hook.status == "failed" and "PermissionError: sandbox: socket" in hook.output
-    if NETNS:  # a namespace with no interface up: loopback of the parent is unreachable
-        ns = run_python(_connect(port), namespaces=True, audit=False)
-        assert ns.status == "failed" and "Network is unreachable" in ns.output, ns.output
+    assert got == [b"leak"]
+    if not NETNS:
+        pytest.skip("unshare makes no network namespace here: the hook alone blocks")
+    # A namespace with no interface up: the parent's loopback is unreachable.
+    ns = run_python(_connect(port), namespaces=True, audit=False)
+    assert ns.status == "failed" and "Network is unreachable" in ns.output, ns.output
     assert got == [b"leak"]
 
 
 def test_isolation_says_what_this_machine_uses() -> None:
     assert isolation() == ("pidns+netns+audit" if PIDNS else "netns+audit" if NETNS else "audit")
+    if not NETNS:
+        pytest.skip("unshare makes no namespace here")
+    # The child's own namespaces, not the parent's, by their inodes.
+    read = "import os; print(os.readlink('/proc/self/ns/net'), os.readlink('/proc/self/ns/pid'))"
+    child = run_python(read, namespaces=True, audit=False)
+    net, pid = child.output.split()[:2]
+    assert net != os.readlink("/proc/self/ns/net"), child.output
+    assert (pid != os.readlink("/proc/self/ns/pid")) is PIDNS, child.output
 
 
 # ---------------------------------------------------------------- code rows

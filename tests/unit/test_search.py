@@ -750,6 +750,21 @@ def test_searcher_takes_an_objective_reported_only_at_the_end(
         plain.on_trial_result("t2", {"step": 5, "eval_loss": 1.2, "training_iteration": 1})
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_the_search_seed_picks_the_proposals(sampler: str) -> None:
+    """search.seed reaches the sampler: the same seed proposes the same trials, another seed
+    others (TPE's first proposals are its random startup ones)."""
+    from raysft.search.searcher import build_searcher
+
+    def proposals(seed: int) -> list[float]:
+        cfg = validate_tree(spec({"train.learning_rate": LR}, seed=seed, sampler={"type": sampler}))
+        searcher = build_searcher(cfg, cfg.search, concurrent=1)
+        return [searcher.suggest(f"t{i}")["train.learning_rate"] for i in range(3)]
+
+    first = proposals(0)
+    assert proposals(0) == first and proposals(1) != first
+
+
 def test_optuna_is_told_how_each_trial_ended(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray tells Optuna a trial ASHA stopped as COMPLETE with the value of the rung where it
     stopped, so TPE weighed an eval loss at step 30 as the equal of one after every step: it is

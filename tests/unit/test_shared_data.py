@@ -107,8 +107,11 @@ def test_a_trial_on_the_drivers_data_trains_as_on_its_own_and_reads_no_file(
 def test_a_trial_whose_data_differs_reads_its_own(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     shared = read_once(cfg, training_tokenizer(cfg), seed_searched=False)
-    other = _config(tmp_path, **{"data.max_seq_len": 64})
+    change = {"data.system_prompt": "Be brief."}  # in every row's tokens
+    other = _config(tmp_path, **change)
     assert not shared.fits(other)
     taken = run_trial(other, shared=shared)
-    own = run_trial(_config(tmp_path, **{"data.max_seq_len": 64}, output_dir=str(tmp_path / "o")))
+    own = run_trial(_config(tmp_path, **change, output_dir=str(tmp_path / "o")))
     assert _learned(taken.history) == _learned(own.history)
+    assert taken.data == own.data
+    assert taken.data["train_tokens"] > shared.prepared().report.train_tokens

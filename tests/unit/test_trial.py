@@ -110,3 +110,11 @@ def test_a_resumed_runs_first_report_names_the_restored_checkpoint() -> None:
     own = ["/exp/old"]
     assert name_restored_checkpoint(later, has_checkpoint=True, restored=own) is later
     assert own == []
+
+
+def test_outside_a_tune_session_no_trial_is_running() -> None:
+    """The real check (tests of the retry loop replace it): Ray still has the function it
+    imports, and it answers False outside a trial, where a Ray that moved it would say True."""
+    from raysft.search.trial import tune_is_running_this_trial
+
+    assert tune_is_running_this_trial() is False
