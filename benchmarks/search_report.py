@@ -311,7 +311,8 @@ def write_report(result: dict[str, Any], out: Path, readme: Path | None) -> str:
         mode=result["mode"],
     )
     context = (
-        f"Measured by `python benchmarks/search_strategies.py` on {result['machine']} "
+        f"Measured by `{result.get('command', 'python benchmarks/search_strategies.py')}` on "
+        f"{result['machine']} "
         f"({result['trial_seconds'] / 60:.1f} min of trials): `{Path(result['spec']).name}`"
         f"{' with ' + ', '.join(result['overrides']) if result['overrides'] else ''}, "
         f"{result['max_steps']} steps per trial, metric `{result['metric']}` ({result['mode']}). "

@@ -292,6 +292,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         reseeded = reseed(plan, args, champions(searches, plan.mode))
     t = plan.spec.train
     return {
+        "command": " ".join(["python benchmarks/search_strategies.py", *sys.argv[1:]]),
         "spec": args.spec,
         "overrides": args.set,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -604,10 +604,12 @@ class SearchSpec(Config):
                 f"search.resources.strategy: fsdp shards full fine-tuning; method {other} "
                 "trains with ddp (its adapters are small: nothing worth sharding)"
             )
-        if self.search.resources.strategy == "fsdp" and self.train.compile:
+        r = self.search.resources
+        if self.train.compile and any(r.shards(str(m)) for m in methods):
             raise ValueError(
-                "train.compile: not with search.resources.strategy fsdp yet (untested here); "
-                "use ddp or set train.compile: false"
+                f"train.compile: not with FSDP yet (untested here), which search.resources."
+                f"strategy {r.strategy} gives method full on {r.workers} workers; set strategy: "
+                "ddp or train.compile: false"
             )
         return self
 

@@ -269,8 +269,8 @@ def setup(
         if cfg.train.compile:
             raise ConfigError(
                 "train.compile",
-                ["not with search.resources.strategy fsdp yet (untested here); use ddp or set "
-                 "train.compile: false"],
+                ["not with FSDP yet (untested here), which shards this trial; set "
+                 "search.resources.strategy: ddp or train.compile: false"],
             )  # fmt: skip
         model = train_model = fsdp.shard(model, bf16=computes_in_bf16(cfg, device))
         log.info("FSDP: every decoder layer sharded over %d workers", dist.world_size)

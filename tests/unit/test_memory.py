@@ -691,12 +691,16 @@ def test_fsdp_strategy_is_refused_for_adapters(
     assert any("fsdp shards full fine-tuning" in p for p in err.value.problems), err.value.problems
 
 
-def test_fsdp_strategy_is_refused_with_compile(tmp_path: Path, llama2_7b: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fsdp", "auto"])  # auto: full on 2 workers shards too
+def test_fsdp_strategy_is_refused_with_compile(
+    tmp_path: Path, llama2_7b: Path, strategy: str
+) -> None:
     params: dict[str, Any] = {"train.learning_rate": {"type": "choice", "values": [1e-5]}}
-    tree = spec_tree(llama2_7b, params, strategy="fsdp", workers=2)
+    tree = spec_tree(llama2_7b, params, strategy=strategy, workers=2)
     tree["method"] = "full"
     tree.setdefault("train", {})["compile"] = True
     with pytest.raises(ConfigError) as err:
         load_spec(write_spec(tmp_path, tree), [], dry_run=True)
-    assert any(p.startswith("train.compile: not with search.resources.strategy fsdp")
-               for p in err.value.problems), err.value.problems  # fmt: skip
+    why = "train.compile: not with FSDP yet (untested here), which search.resources.strategy "
+    why += strategy
+    assert any(p.startswith(why) for p in err.value.problems), err.value.problems
