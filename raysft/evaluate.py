@@ -42,7 +42,16 @@ from raysft.search.results import SUMMARY_FILE, read_summary
 from raysft.thirdparty import peft_quietly
 from raysft.train.device import resolve_device
 from raysft.train.metrics import METRICS, Metric
-from raysft.train.model import ADAPTER_WEIGHTS, from_pretrained, load_tokenizer
+from raysft.train.model import (
+    ADAPTER_WEIGHTS,
+    build_bnb_config,
+    check_bnb,
+    from_pretrained,
+    keep_4bit_weights_trainable,
+    load_tokenizer,
+    resolve_dtype,
+    torch_device,
+)
 from raysft.train.scoring import bleu_says_nothing
 
 log = logging.getLogger("raysft.evaluate")
@@ -284,9 +293,24 @@ def eval_rows(cfg: Config) -> list[Conversation]:
     return rows
 
 
+def _as_trained(cfg: Config, device: Any) -> dict[str, Any]:
+    """``from_pretrained`` settings that load a base as ``cfg``'s trials trained on it: in
+    ``model.dtype`` (fp32 weights for full fine-tuning, half on a GPU for LoRA: a 7B base in
+    fp32 would not fit the GPU its trial did), 4-bit for QLoRA, so the scores are those of the
+    model the trials' metrics came from. Autocast is ``score_model``'s, as in training."""
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(cfg, device),
+        "attn_implementation": cfg.model.attn_implementation,
+        "device_map": {"": device},
+    }
+    if cfg.method == "qlora":
+        check_bnb(device, cfg.qlora.quant_type)
+        kwargs["quantization_config"] = build_bnb_config(cfg.qlora, device)
+    return kwargs
+
+
 def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for a model dir, an adapter dir or a base model spec."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(resolve(model))
@@ -297,10 +321,9 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
     own = adapter_base(path) if adapter else None
     base = (base_model or own) if adapter else model
     base_cfg = cfg.model.model_copy(update={"name_or_path": base})
-    kwargs = {"dtype": torch.float32, "attn_implementation": cfg.model.attn_implementation}
-    # fp32 weights, bf16 autocast on a GPU as in training; a QLoRA adapter gets a full base.
+    device = torch_device(resolve_device(cfg.train.device))
     try:
-        net = from_pretrained(AutoModelForCausalLM, base_cfg, **kwargs)
+        net = from_pretrained(AutoModelForCausalLM, base_cfg, **_as_trained(cfg, device))
     except ModelError as err:
         # Name where the base came from: the command line, or the adapter's own config.
         place = (
@@ -309,7 +332,8 @@ def load_for_scoring(model: str, *, cfg: Config, base_model: str | None = None) 
             else "--base-model"
         )
         raise (_placed(err, place) if adapter else err) from None
-    net = net.to(resolve_device(cfg.train.device))
+    if cfg.method == "qlora":  # the 4-bit layout training computes in, not the inference one
+        keep_4bit_weights_trainable(net)
     has_tok = (path / "tokenizer_config.json").is_file()
     tok_cfg = cfg.model.model_copy(update={"name_or_path": str(path) if has_tok else base})
     tokenizer = load_tokenizer(tok_cfg)

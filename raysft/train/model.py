@@ -299,7 +299,7 @@ def build_bnb_config(q: QloraSection, device: torch.device) -> transformers.Bits
     )
 
 
-def _torch_device(device: str | torch.device) -> torch.device:
+def torch_device(device: str | torch.device) -> torch.device:
     import torch
 
     dev = torch.device(device)
@@ -321,7 +321,7 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _check_bnb(dev: torch.device, quant_type: str) -> None:
+def check_bnb(dev: torch.device, quant_type: str) -> None:
     """Raise ModelError unless bitsandbytes can 4-bit quantize on ``dev`` (probe: one block)."""
     why = "method: qlora needs bitsandbytes with a CUDA device or its CPU backend: "
     try:
@@ -347,7 +347,7 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
     """
     from transformers import AutoModelForCausalLM
 
-    dev = _torch_device(device)
+    dev = torch_device(device)
     kwargs: dict[str, Any] = {
         "attn_implementation": cfg.model.attn_implementation,
         "dtype": resolve_dtype(cfg, dev),
@@ -355,7 +355,7 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
     }
     gc = cfg.train.gradient_checkpointing
     if cfg.method == "qlora":
-        _check_bnb(dev, cfg.qlora.quant_type)
+        check_bnb(dev, cfg.qlora.quant_type)
         kwargs["quantization_config"] = bnb = build_bnb_config(cfg.qlora, dev)
         log.info(
             "qlora: %s base, compute dtype %s (qlora.compute_dtype: %s)",

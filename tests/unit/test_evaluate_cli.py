@@ -649,3 +649,29 @@ def test_a_table_of_models_scored_on_different_rows_says_so() -> None:
 
     assert "rows scored" not in table(2)
     assert "\n(rows scored: base 1, tuned 2: the models' tokenizers or templates keep " in table(1)
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_a_trial_is_scored_on_the_base_it_trained_on(tmp_path: Path, method: str) -> None:
+    """raysft.evaluate of a trial's adapter gives the trial's own last eval loss: a QLoRA
+    adapter is scored on the 4-bit base it trained on (on the full-precision base its loss
+    moved by ~1%, so the registry, base vs tuned and the base gate compared other models)."""
+    from raysft.train.recipe import run_trial
+
+    overrides = {
+        "method": method,
+        "data.eval": _rows(tmp_path, [{"instruction": f"Say {w}.", "output": w} for w in "abcd"]),
+        "train.max_steps": 4,
+        "train.eval_every": 4,
+        "train.exact_match": False,
+        "train.eval_base": False,
+        "train.num_threads": 1,
+        "output_dir": str(tmp_path / "out"),
+    }
+    if method == "qlora":
+        overrides["qlora.compute_dtype"] = "float32"  # bf16 where the CPU has it: rounding
+    cfg = load_config(None, overrides)
+    trial = run_trial(cfg)
+    scored = score_model(trial.output_dir, cfg, metrics=["eval_loss"])
+    last = trial.history[-1]["eval_loss"]
+    assert scored.scores["eval_loss"] == pytest.approx(last, rel=1e-5, abs=1e-5)
