@@ -690,7 +690,9 @@ def load_champion(directory: str | Path) -> tuple[Any, Any]:
 
     The adapter names its base portably (``embedded:NAME`` or a hub id); ``embedded:`` names
     resolve to this install's copy. The base is loaded unquantized (a QLoRA adapter applies to
-    it as is). Revision and trust_remote_code come from the export's config.yaml.
+    it as is). Revision and trust_remote_code come from the export's config.yaml; an adapter's
+    generation_config.json (the template's end of answer among its EOS ids) replaces the
+    base's, as a full model's does by itself.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -711,5 +713,9 @@ def load_champion(directory: str | Path) -> tuple[Any, Any]:
         revision=model_cfg.get("revision"),
         trust_remote_code=trust,
     )
+    if (d / "generation_config.json").is_file():  # the template's end of answer (save_model)
+        from transformers import GenerationConfig
+
+        base.generation_config = GenerationConfig.from_pretrained(str(d))
     with peft_quietly():
         return PeftModel.from_pretrained(base, str(d)).eval(), tokenizer

@@ -10,12 +10,13 @@ the adapters, hence the optimizer state, in float32.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -492,6 +493,22 @@ def format_parameter_counts(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
 
 
+def _serving_generation_config(model: Any, stop_ids: Sequence[int]) -> Any | None:
+    """A copy of the model's generation_config with ``stop_ids`` added to its EOS ids, or None
+    where there is nothing to add."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None or not stop_ids:
+        return None
+    eos = gen.eos_token_id
+    own = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = list(dict.fromkeys([*own, *stop_ids]))
+    if ids == own:
+        return None
+    gen = copy.deepcopy(gen)
+    gen.eos_token_id = ids if len(ids) > 1 else ids[0]
+    return gen
+
+
 def save_model(
     model: Any,
     tokenizer: Any,
@@ -500,33 +517,42 @@ def save_model(
     method: str,
     weights: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> Path:
     """lora/qlora: the adapter only; full: the whole model, from ``weights`` when given (a
     sharded model's gathered state), cast to ``dtype`` when given (bf16: half the bytes of an
-    fp32 export). The tokenizer goes alongside."""
+    fp32 export). The tokenizer goes alongside, and a generation_config.json whose EOS ids
+    include ``stop_ids`` (the template's one-token end of answer: ``answer_stops``), so a plain
+    ``generate`` stops where the eval's answers did, not at the base's own EOS alone."""
     from peft import PeftModel
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    serving = _serving_generation_config(model, stop_ids)
     if method in ("lora", "qlora"):
         if not isinstance(model, PeftModel):
             raise ModelError(f"method: {method} but the model has no adapter to save")
         model.save_pretrained(str(out))
+        if serving is not None:  # peft saves none: load_champion applies this one
+            serving.save_pretrained(out)
     else:
         state = weights if weights is not None else model.state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # Inference from the export should use the KV cache again; restore after saving.
         model.config.use_cache = True
-        saved_dtype = model.config.dtype
+        saved_dtype, saved_generation = model.config.dtype, model.generation_config
         try:
             if dtype is not None:
                 model.config.dtype = dtype
+            if serving is not None:
+                model.generation_config = serving
             model.save_pretrained(out, state_dict=state)
         finally:
             model.config.use_cache = False
             model.config.dtype = saved_dtype
+            model.generation_config = saved_generation
     tokenizer.save_pretrained(out)
     # The files written here (new or rewritten), not the folder: output_dir may be the user's,
     # with modes of their choosing (0700, a group's setgid).

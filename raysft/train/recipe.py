@@ -38,6 +38,7 @@ from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, training_device
 from raysft.train.evaluate import (
+    answer_stops,
     eval_loss_sum,
     forward_loss,
     generate_answers,
@@ -570,6 +571,7 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
             method=run.cfg.method,
             weights=full[0] if full else None,
             dtype=_export_dtype(run),
+            stop_ids=answer_stops(run.cfg.data.template, run.tokenizer)[1],
         )
         # The run's settings travel with its weights: `raysft.evaluate CHECKPOINT` scores with
         # them (template, eval rows) and `--resume-from` checks the config against them.
@@ -633,6 +635,7 @@ def _write_outputs(
             method=run.cfg.method,
             weights=weights,
             dtype=_export_dtype(run),
+            stop_ids=answer_stops(run.cfg.data.template, run.tokenizer)[1],
         )
     (out_dir / "config.yaml").write_text(dump_config(run.cfg), encoding="utf-8")
     metrics = {

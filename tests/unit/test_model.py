@@ -400,3 +400,41 @@ def test_a_hub_id_on_a_machine_without_the_hub_is_one_message_at_once(
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # it resolves the name
     assert model_mod.hub_unreachable() is None
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_saved_model_stops_plain_generation_at_the_templates_end_of_answer(tmp_path, method):
+    """A base whose own EOS is </s> alone, trained on ChatML: the eval stops answers at
+    <|im_end|>, and so must a plain ``generate`` of the export (full: transformers reads the
+    saved generation_config.json; adapter: ``load_champion`` applies it)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from raysft.assets import asset_path
+    from raysft.config import load_config
+    from raysft.search.promote import load_champion
+    from raysft.train.recipe import run_trial
+
+    base = tmp_path / "base"
+    shutil.copytree(asset_path("tiny-base"), base)
+    gen = GenerationConfig.from_pretrained(base)
+    gen.eos_token_id = 257  # </s> only
+    gen.save_pretrained(base)
+    overrides = {
+        "model.name_or_path": str(base),
+        "method": method,
+        "data.template": "chatml",
+        "train.max_steps": 2,
+        "train.eval_every": 2,
+        "train.exact_match": False,
+        "train.eval_base": False,
+        "train.num_threads": 1,
+        "output_dir": str(tmp_path / "out"),
+    }
+    out = run_trial(load_config(None, overrides)).output_dir
+    saved = GenerationConfig.from_pretrained(out)
+    assert saved.eos_token_id == [257, 261]  # the base's own, then <|im_end|>
+    model, _ = load_champion(out)
+    assert model.generation_config.eos_token_id == [257, 261]
+    assert GenerationConfig.from_pretrained(base).eos_token_id == 257  # the base is untouched
