@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from raysft.assets import resolve
 from raysft.config import ModelSection, SearchSpec
@@ -19,6 +20,7 @@ from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.train.model import (
     build_meta_model,
     check_targets,
+    check_vocab,
     from_pretrained,
     targetable_modules,
     training_tokenizer,
@@ -36,9 +38,10 @@ def preflight(spec: SearchSpec, *, source: str) -> SharedData:
     """
 
     try:
-        check_model(spec.model)
+        config = check_model(spec.model)
         check_searched_targets(spec)
         tokenizer = training_tokenizer(spec)
+        check_vocab(config.vocab_size, tokenizer, name=spec.model.name_or_path)
         data = read_once(spec, tokenizer, seed_searched="train.seed" in spec.search.params)
     except (ModelError, DataError, TemplateError) as err:
         # "model.name_or_path: ..." names a field: say which file holds it. A message that
@@ -63,8 +66,9 @@ def preflight(spec: SearchSpec, *, source: str) -> SharedData:
 _WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
 
 
-def check_model(model: ModelSection) -> None:
-    """The model's config loads and names an architecture ``AutoModelForCausalLM`` builds."""
+def check_model(model: ModelSection) -> Any:
+    """The model's config loads and names an architecture ``AutoModelForCausalLM`` builds;
+    returns it."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -92,6 +96,7 @@ def check_model(model: ModelSection) -> None:
             f"model.name_or_path: {name}: no weights in the directory (model.safetensors, "
             "pytorch_model.bin or their sharded *.index.json)"
         )
+    return config
 
 
 def check_searched_targets(spec: SearchSpec) -> None:

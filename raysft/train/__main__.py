@@ -31,6 +31,7 @@ from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.search.preflight import check_model
 from raysft.train.model import (
     build_meta_model,
+    check_vocab,
     count_parameters,
     format_parameter_counts,
     load_tokenizer,
@@ -45,7 +46,8 @@ def _check_model(cfg: Config, source: str) -> Any:
     architecture or a ``lora.target_modules`` name that matches nothing is one error naming
     the config file, before anything is printed or loaded."""
     try:
-        check_model(cfg.model)
+        config = check_model(cfg.model)
+        check_vocab(config.vocab_size, training_tokenizer(cfg), name=cfg.model.name_or_path)
         return build_meta_model(cfg)
     except ModelError as err:
         if str(err).startswith(("model.", "lora.")):

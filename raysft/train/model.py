@@ -185,6 +185,18 @@ def load_tokenizer(model_cfg: ModelSection) -> Any:
     return tok
 
 
+def check_vocab(vocab_size: Any, tokenizer: Any, *, name: str) -> None:
+    """The tokenizer's ids all have an embedding row: a larger tokenizer (another model's)
+    would stop every trial at its first forward, with an IndexError (a device-side assert on
+    CUDA)."""
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ModelError(
+            f"model.name_or_path: {name}: its tokenizer has {len(tokenizer)} tokens but the model "
+            f"embeds {vocab_size} (vocab_size): ids from {vocab_size} on have no embedding (a "
+            "tokenizer of another model?)"
+        )
+
+
 def training_tokenizer(cfg: Config) -> Any:
     """The tokenizer a run renders and tokenizes its data with, and saves with every export:
     the model's, with the chat template of ``data.template`` (plain transformers then prompts

@@ -46,7 +46,13 @@ from raysft.train.evaluate import (
     warn_of_capped_references,
 )
 from raysft.train.metrics import METRICS, REPLAYED, computed_at
-from raysft.train.model import count_parameters, load_model, save_model, training_tokenizer
+from raysft.train.model import (
+    check_vocab,
+    count_parameters,
+    load_model,
+    save_model,
+    training_tokenizer,
+)
 from raysft.train.neftune import attach_neftune
 from raysft.train.state import (
     CONFIG_FILE,
@@ -260,6 +266,8 @@ def setup(
         )
 
     model = load_model(cfg, device=device)
+    vocab = model.get_input_embeddings().num_embeddings
+    check_vocab(vocab, tokenizer, name=cfg.model.name_or_path)
     neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
     if dist.sharded:
         if cfg.method != "full":

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -438,3 +439,15 @@ def test_a_saved_model_stops_plain_generation_at_the_templates_end_of_answer(tmp
     model, _ = load_champion(out)
     assert model.generation_config.eos_token_id == [257, 261]
     assert GenerationConfig.from_pretrained(base).eos_token_id == 257  # the base is untouched
+
+
+def test_a_trial_on_a_model_smaller_than_its_tokenizer_is_refused(tmp_path):
+    """Checked again where the model loads (a trial, whatever preflight saw): one ModelError,
+    not an IndexError at the first forward."""
+    from raysft.config import load_config
+    from raysft.train.recipe import run_trial
+
+    small = Path(__file__).parent / "bad_inputs" / "models" / "small_vocab"
+    cfg = load_config(None, {"model.name_or_path": str(small), "output_dir": str(tmp_path / "o")})
+    with pytest.raises(ModelError, match="its tokenizer has 262 tokens but the model embeds 260"):
+        run_trial(cfg)
