@@ -433,7 +433,12 @@ def _attach_adapter(model: Any, cfg: Config, *, gc: bool) -> Any:
     # (AdamW on bf16 weights would lose updates below 2^-8 of a weight).
     _check_model_targets(model, cfg)
     with peft_quietly():
-        peft_model = get_peft_model(model, build_lora_config(cfg.lora), autocast_adapter_dtype=True)
+        peft_model = get_peft_model(
+            model,
+            build_lora_config(cfg.lora),
+            autocast_adapter_dtype=True,
+            revision=cfg.model.revision,  # in adapter_config.json: plain peft loads that base
+        )
     log.info("%s: %s", cfg.method, format_parameter_counts(*count_parameters(peft_model)))
     return peft_model
 

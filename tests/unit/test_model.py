@@ -451,3 +451,13 @@ def test_a_trial_on_a_model_smaller_than_its_tokenizer_is_refused(tmp_path):
     cfg = load_config(None, {"model.name_or_path": str(small), "output_dir": str(tmp_path / "o")})
     with pytest.raises(ModelError, match="its tokenizer has 262 tokens but the model embeds 260"):
         run_trial(cfg)
+
+
+def test_a_saved_adapter_names_its_bases_revision(tiny_llama_dir, tmp_path):
+    """model.revision rides in adapter_config.json: plain peft then loads the adapter on the
+    revision it trained on, not on the hub's main."""
+    cfg = _cfg(tiny_llama_dir)
+    cfg.model.revision = "v1"  # a local directory has no revisions: loading ignores it
+    model, tok = load_model(cfg), load_tokenizer(cfg.model)
+    out = save_model(model, tok, tmp_path / "lora", method="lora")
+    assert json.loads((out / "adapter_config.json").read_text())["revision"] == "v1"
