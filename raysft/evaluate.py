@@ -128,7 +128,15 @@ def resolve_target(
             f"{directory}: neither a model (config.json), an adapter (adapter_config.json) nor "
             f"an experiment directory (summary.json){hint}"
         )
-    cfg, known = _settings(root, summary, config=config, overrides=overrides or {})
+    # An experiment without its summary (copied without it, say): its champion export's own.
+    own = path if kind == "experiment" and summary is None else root
+    cfg, known = _settings(own, summary, config=config, overrides=overrides or {})
+    if not known:
+        log.warning(
+            "%s: no config.yaml or summary.json to read the run's settings from: scored with "
+            "the defaults and your --set (pass --config FILE for the run's data and template)",
+            directory,
+        )
     if (path / "adapter_config.json").is_file():
         base: str | None = adapter_base(path)
     else:

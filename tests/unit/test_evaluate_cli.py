@@ -675,3 +675,23 @@ def test_a_trial_is_scored_on_the_base_it_trained_on(tmp_path: Path, method: str
     scored = score_model(trial.output_dir, cfg, metrics=["eval_loss"])
     last = trial.history[-1]["eval_loss"]
     assert scored.scores["eval_loss"] == pytest.approx(last, rel=1e-5, abs=1e-5)
+
+
+def test_an_experiment_dir_without_its_summary_scores_with_its_champions_settings(
+    tmp_path: Path, adapter_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EXP_DIR holding only champion/ (summary.json left behind): the export's config.yaml
+    gives the settings, not the defaults; a bare adapter without one is warned of."""
+    from raysft.config import dump_config
+
+    exp = tmp_path / "exp"
+    shutil.copytree(adapter_dir, exp / "champion")
+    rows = _rows(tmp_path)
+    own = load_config(None, {"data.eval": rows, "train.max_new_tokens": 8})
+    (exp / "champion" / "config.yaml").write_text(dump_config(own), encoding="utf-8")
+    target = resolve_target(str(exp))
+    assert target.kind == "experiment" and target.path == exp / "champion"
+    assert target.cfg.data.eval == rows and target.cfg.train.max_new_tokens == 8
+    assert "scored with the defaults" not in caplog.text
+    resolve_target(str(adapter_dir))
+    assert f"{adapter_dir}: no config.yaml or summary.json" in caplog.text
