@@ -131,10 +131,10 @@ def resolve_target(
     # An experiment without its summary (copied without it, say): its champion export's own.
     own = path if kind == "experiment" and summary is None else root
     cfg, known = _settings(own, summary, config=config, overrides=overrides or {})
-    if not known:
+    if not known and not overrides:  # nothing of the run's, nothing of yours
         log.warning(
             "%s: no config.yaml or summary.json to read the run's settings from: scored with "
-            "the defaults and your --set (pass --config FILE for the run's data and template)",
+            "the defaults (pass --config FILE, or --data and --set, for its data and template)",
             directory,
         )
     if (path / "adapter_config.json").is_file():
