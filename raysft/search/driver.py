@@ -217,11 +217,12 @@ def run_search(
     exp_dir = open_experiment(spec_path, cfg, resume=resume, digests=digests)
     lock = hold_experiment_dir(spec_path, exp_dir)  # refused: another search's, left as it is
     begun: list[bool] = []  # set once the search has its parent run: a start that counts
+    replaced: dict[int, Any] = {}  # the signal handlers _search replaced, put back at the end
     scratch = tempfile.mkdtemp(prefix="rsft-", dir=_short_temp_root())
     try:
         return _search(
             spec_path, tree, cfg, exp_dir,
-            resume=resume, scratch=scratch, t0=t0, shared=shared, begun=begun,
+            resume=resume, scratch=scratch, t0=t0, shared=shared, begun=begun, replaced=replaced,
         )  # fmt: skip
     except BaseException:
         if created and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
@@ -234,6 +235,8 @@ def run_search(
                     path.rmdir()
         raise
     finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
         if begun:  # not a start refused before it began (Ray, the plan, the MLflow store)
             count_start(exp_dir, time.perf_counter() - t0)
         lock.close()  # releases it
@@ -275,6 +278,7 @@ def _search(
     t0: float,
     shared: SharedData | None,
     begun: list[bool],
+    replaced: dict[int, Any],
 ) -> dict[str, Any]:
     import ray
     import ray.tune
@@ -286,6 +290,7 @@ def _search(
     if unusable:
         raise unusable
     plan = _connect(spec_path, cfg, scratch=scratch)
+    replaced.update(_stops_as_ctrl_c())  # after ray.init, whose driver aborts on them
     timing = {"ray_start_s": time.perf_counter() - t0}
     shared_ref = _share(shared)  # held for the whole search: the object lives while it is
     mlc = tracking.client(uri)
@@ -440,6 +445,23 @@ def _share(shared: SharedData | None) -> Any:
     except Exception as err:  # ObjectStoreFullError, or spilling failed: never fatal here
         log.warning("trials read the data themselves: Ray's object store refused it (%s)", err)
         return None
+
+
+def _stops_as_ctrl_c() -> dict[int, Any]:
+    """SIGTERM (``kill``, ``docker stop``, Slurm, ``ray job stop``) and SIGHUP (a closed
+    terminal) end the search as Ctrl-C does: its trials stopped, their runs KILLED, and
+    ``--resume`` said. Ray's driver aborts on them otherwise (glog's handler, which
+    ``ray.init`` installs: a C++ stack dump, exit 134), leaving the MLflow runs RUNNING.
+    Returns the handlers replaced; none outside the main thread (signals are its alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            before = signal.signal(sig, lambda *_: signal.raise_signal(signal.SIGINT))
+            replaced[sig] = before if before is not None else signal.SIG_DFL
+    return replaced
 
 
 @contextlib.contextmanager

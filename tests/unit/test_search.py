@@ -1890,6 +1890,33 @@ def test_ctrl_c_after_the_trials_interrupts_the_finish_again() -> None:
             signal.signal(signal.SIGINT, found)
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_termination_stops_the_search_as_ctrl_c_does(name: str) -> None:
+    """kill, docker stop, Slurm, ray job stop (SIGTERM) and a closed terminal (SIGHUP) take
+    Ctrl-C's path: during fit() Tune's handler ends the trials; outside it, KeyboardInterrupt
+    (exit 130, "--resume" said). The handlers are put back after the search."""
+    import os
+    import signal
+
+    from raysft.search import driver
+
+    sig = getattr(signal, name)
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = signal.getsignal(sig)
+    try:
+        replaced = driver._stops_as_ctrl_c()
+        assert set(replaced) == {signal.SIGTERM, signal.SIGHUP}
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), sig)
+            time.sleep(1)  # the handler runs at the next bytecode; this is never reached
+        for each, handler in replaced.items():
+            signal.signal(each, handler)
+        assert signal.getsignal(sig) == before
+    finally:
+        if found is not None:
+            signal.signal(signal.SIGINT, found)
+
+
 def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
