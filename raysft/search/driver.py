@@ -10,7 +10,6 @@ best adapter is promoted.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -62,7 +61,7 @@ from raysft.search.space import (
     trial_output_dir,
 )
 from raysft.search.spec import trial_memory
-from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, run_trial_on_ray
+from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, read_attempts, run_trial_on_ray
 
 log = logging.getLogger(__name__)
 
@@ -555,12 +554,12 @@ def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
         # are, before it reaches summary.json and MLflow tags.
         error = tracking.redact("error", error)
     attempts_file = Path(trial_output_dir(exp_dir, trial_id)) / ATTEMPTS_FILE
-    attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
     attempts = [
+
         {**a, "error": tracking.redact("error", a["error"])}
         if isinstance(a.get("error"), str)
         else a
-        for a in attempts
+        for a in read_attempts(attempts_file)
     ]
     return {
         "trial_id": trial_id,

@@ -235,10 +235,34 @@ def tune_is_running_this_trial() -> bool:
     return bool(_in_tune_session())
 
 
+def read_attempts(record: Path) -> list[dict[str, Any]]:
+    """A trial's failed attempts (``ATTEMPTS_FILE``); none where there is no record, and none,
+    said, where it cannot be read (one cut short by a full disk, written before writes were
+    atomic): the record reports on the trial, it must not stop the search."""
+    if not record.is_file():
+        return []
+    try:
+        attempts = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        attempts = err
+    if isinstance(attempts, list) and all(isinstance(a, dict) for a in attempts):
+        return attempts
+    log.warning("%s: unreadable, its failed attempts are not counted (%s)", record, attempts)
+    return []
+
+
+def _write_attempts(record: Path, attempts: list[dict[str, Any]]) -> None:
+    """Replaced whole (a temporary file renamed over it), never left cut short."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(attempts, indent=2), encoding="utf-8")
+    tmp.replace(record)
+
+
 def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
 
     # Attempts of an earlier driver (before a --resume) count too.
-    attempts: list[dict[str, Any]] = json.loads(record.read_text()) if record.is_file() else []
+    attempts = read_attempts(record)
     if attempts and not attempts[-1]["retried"]:
         # It failed for good before a --resume (out of memory, on its inputs, or out of
         # retries), and Tune's resume_errored starts it again: it stays failed, for the same
@@ -262,8 +286,7 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
             oom = is_out_of_memory(cause)
             last = oom or is_input_error(cause) or attempt > retries
             attempts.append({"attempt": attempt, "error": cause, "retried": not last})
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(attempts, indent=2), encoding="utf-8")
+            _write_attempts(record, attempts)
             if last:
                 raise TrialFailure(f"out of memory: {cause}" if oom else cause) from None
             log.warning("attempt %d failed (%s); retrying from the last checkpoint", attempt, cause)

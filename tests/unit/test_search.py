@@ -1505,6 +1505,27 @@ def test_a_trial_tune_stopped_is_neither_retried_nor_a_failure(
         assert len(calls) == 1 and not record.exists()
 
 
+@pytest.mark.parametrize("damaged", ["", '[{"attempt": 1, "err', '{"attempt": 1}'])
+def test_a_damaged_attempts_record_is_said_and_counts_no_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, damaged: str
+) -> None:
+    """An attempts.json cut short (a full disk, a kill mid-write before writes were atomic)
+    stops neither the trial nor the finish that reads it: it is said, and the record is
+    written whole again."""
+    from raysft.search import trial
+
+    record = tmp_path / "attempts.json"
+    record.write_text(damaged, encoding="utf-8")
+    assert trial.read_attempts(record) == []
+    assert f"{record}: unreadable, its failed attempts are not counted" in caplog.text
+    monkeypatch.setattr(trial, "tune_is_running_this_trial", lambda: True)  # a real fault
+    calls: list[int] = []
+    with pytest.raises(trial.TrialFailure):
+        trial._fit_with_retries(lambda: _Failing(calls), retries=0, record=record)
+    assert [a["attempt"] for a in trial.read_attempts(record)] == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["attempts.json"]  # no temporary left
+
+
 @pytest.mark.parametrize(
     ("raised", "attempts"),
     [
