@@ -171,9 +171,12 @@ def _parent_run(
     *,
     uri: str,
     digests: Digests | None = None,
+    resume: bool,
 ) -> str:
-    """The search's parent MLflow run: created once, reopened by ``--resume``."""
-    state = read_state(spec_path, exp_dir)
+    """The search's parent MLflow run: created once, reopened by ``--resume``. A start that is
+    no resume (no ``tune/`` yet: one interrupted before its tuner was saved) begins anew: its
+    state file, spec record and parent run are this start's."""
+    state = read_state(spec_path, exp_dir) if resume else {}
     if state:
         parent_id: str = state["parent_run_id"]
         mlc.update_run(parent_id, status="RUNNING")
@@ -295,7 +298,9 @@ def _search(
     mlc = tracking.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
     digests = shared.digests if shared is not None else None
-    parent_id = _parent_run(mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests)
+    parent_id = _parent_run(
+        mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests, resume=resume
+    )
     begun.append(True)
     resolve = TrialConfigs(tree, str(exp_dir))
     callback = make_callback(
@@ -555,7 +560,6 @@ def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
         error = tracking.redact("error", error)
     attempts_file = Path(trial_output_dir(exp_dir, trial_id)) / ATTEMPTS_FILE
     attempts = [
-
         {**a, "error": tracking.redact("error", a["error"])}
         if isinstance(a.get("error"), str)
         else a

@@ -119,6 +119,13 @@ def _check_same_spec(
     its sampler and trials, but every trial's config comes from the spec given now.
     ``digests``: the data's, where the caller has them (``SharedData``), else read here."""
     state = read_state(spec_path, exp_dir)
+    if not state:  # tune/ without it: lost, or copied without it
+        raise SearchStateError(
+            f"{spec_path}: --resume: {exp_dir / STATE_FILE} is missing, so neither the spec "
+            "nor the data and MLflow store the search started with can be checked, and its "
+            "parent run is not known: put the file back, or start the search anew in another "
+            "search.experiment_dir"
+        )
     if state.get("spec") is None:  # an experiment dir from before raysft kept its spec
         return
     changed = _changed_paths(state["spec"], spec_record(cfg))

@@ -1637,7 +1637,9 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     uri = tracking.tracking_uri(started.tracking)
-    driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri)
+    driver._parent_run(
+        mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri, resume=False
+    )
     assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
     lines = evals.read_text(encoding="utf-8").splitlines()
     evals.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # reordered
@@ -1647,6 +1649,48 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
         f"s.yaml: --resume: the data differs from what the trials in {exp.resolve()} trained and "
         "were scored on; restore it, or start a new search in another search.experiment_dir: "
         f"data.eval: {evals} changed since (sha256 "
+    )
+
+
+def test_a_start_after_one_interrupted_before_its_tuner_begins_anew_and_resume_needs_the_state(
+    tmp_path: Path,
+) -> None:
+    """Interrupted after its state file but before Tune saved anything (no tune/): the next
+    start (not --resume: there is nothing to resume) records its own spec and parent run, so a
+    later --resume checks against the spec its trials train with. A --resume whose state file
+    is gone is refused: nothing it would continue could be checked."""
+    from mlflow.tracking import MlflowClient
+
+    from raysft.errors import SearchStateError
+    from raysft.search import driver, experiment, tracking
+
+    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    first = validate_spec(tree, source="s.yaml")
+    tree["train"]["max_steps"] = 8
+    second = validate_spec(tree, source="s.yaml")
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp_id, uri = mlc.create_experiment("e"), tracking.tracking_uri(first.tracking)
+    old = driver._parent_run(mlc, exp_id, exp, first, str(spec), uri=uri, resume=False)
+    new = driver._parent_run(mlc, exp_id, exp, second, str(spec), uri=uri, resume=False)
+    assert new != old
+    state = experiment.read_state("s.yaml", exp)
+    assert state["parent_run_id"] == new and state["spec"]["train"]["max_steps"] == 8
+    (exp / "tune").mkdir()  # the second start's tuner
+    assert experiment.open_experiment("s.yaml", second, resume=True) == exp.resolve()
+    with pytest.raises(SearchStateError, match="the spec differs .* at train.max_steps"):
+        experiment.open_experiment("s.yaml", first, resume=True)
+    assert driver._parent_run(mlc, exp_id, exp, second, str(spec), uri=uri, resume=True) == new
+    (exp / experiment.STATE_FILE).unlink()
+    with pytest.raises(SearchStateError) as err:
+        experiment.open_experiment("s.yaml", second, resume=True)
+    assert str(err.value).startswith(
+        f"s.yaml: --resume: {exp.resolve() / experiment.STATE_FILE} is missing, so neither the "
+        "spec nor the data"
     )
 
 
@@ -1672,7 +1716,7 @@ def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")  # where the runs go in this test
     uri = tracking.tracking_uri(cfg.tracking)
-    driver._parent_run(mlc, mlc.create_experiment("e"), exp, cfg, str(spec), uri=uri)
+    driver._parent_run(mlc, mlc.create_experiment("e"), exp, cfg, str(spec), uri=uri, resume=False)
     assert "s3cret" not in (exp / experiment.STATE_FILE).read_text()
     assert experiment.open_experiment("s.yaml", cfg, resume=True) == exp.resolve()
 
