@@ -25,7 +25,7 @@ from typing import Any
 from raysft.config import SearchSpec
 from raysft.data.digest import Digests, data_digests
 from raysft.data.shared import SharedData
-from raysft.errors import ConfigError
+from raysft.errors import ConfigError, SearchStateError
 from raysft.search import results as res
 from raysft.search import tracking
 from raysft.search.callback import make_callback
@@ -291,6 +291,10 @@ def _search(
     unusable = tracking_store_error(spec_path, cfg)  # before Ray: MLflow would retry for minutes
     if unusable:
         raise unusable
+    parent = read_state(spec_path, exp_dir).get("parent_run_id") if resume else None
+    gone = tracking.unusable_run(uri, parent) if parent else None
+    if gone:
+        raise SearchStateError(f"{spec_path}: --resume: {gone}")
     plan = _connect(spec_path, cfg, scratch=scratch)
     replaced.update(_stops_as_ctrl_c())  # after ray.init, whose driver aborts on them
     timing = {"ray_start_s": time.perf_counter() - t0}

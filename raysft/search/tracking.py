@@ -303,6 +303,32 @@ def deleted_experiment(uri: str, name: str) -> str | None:
     )
 
 
+def unusable_run(uri: str, run_id: str) -> str | None:
+    """Why ``--resume`` cannot reopen the search's parent run ``run_id``, or None: one deleted
+    in the UI (MLflow refuses to update it) or not in this store (purged, or another store)."""
+    local = local_store(uri)
+    missing = local is not None and not local.exists()  # asking would make a new, empty one
+    try:
+        if missing:
+            raise FileNotFoundError(local)
+        with _capped_environ(_FAST):
+            run = client(uri).get_run(run_id)
+    except Exception as err:
+        if not missing and getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            return None  # store_problem has just reached the store: what fails now fails later
+        return (
+            f"the search's parent run {run_id} is not in this MLflow store (deleted for good?): "
+            "start the search anew in another search.experiment_dir"
+        )
+    if run.info.lifecycle_stage != "deleted":
+        return None
+    return (
+        f"the search's parent run {run_id} was deleted (MLflow keeps it in its trash and updates "
+        f"it no more): restore it (mlflow runs restore --run-id {run_id}), or start the search "
+        "anew in another search.experiment_dir"
+    )
+
+
 def _clipped(text: str, limit: int) -> str:
     """``text`` in at most ``limit`` characters: cut at a space (a word or URL cut in the
     middle reads as another), the cut marked with "…"."""

@@ -2086,6 +2086,56 @@ def test_a_search_into_an_experiment_deleted_in_mlflow_is_refused_before_ray(
         mlflow.set_tracking_uri(before)
 
 
+def test_resume_of_a_search_whose_parent_run_is_gone_is_refused_before_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--resume reopens the parent run: one deleted in the UI, or not in the store, is said
+    with what to do before Ray starts, not as MLflow's traceback after it."""
+    import mlflow
+
+    from raysft.errors import SearchStateError
+    from raysft.search import driver
+    from raysft.search.tracking import client, unusable_run
+
+    before = mlflow.get_tracking_uri()
+    try:
+        uri = f"sqlite:///{tmp_path / 'm.db'}"
+        tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+        tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+        tree["tracking"]["uri"] = uri
+        cfg = validate_spec(tree, source="s.yaml")
+        spec = tmp_path / "s.yaml"
+        spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
+        (tmp_path / "exp" / "tune").mkdir(parents=True)
+        mlc = client(uri)
+        exp_id = mlc.create_experiment(cfg.tracking.experiment)
+        parent = driver._parent_run(
+            mlc, exp_id, tmp_path / "exp", cfg, str(spec), uri=uri, resume=False
+        )
+        assert unusable_run(uri, parent) is None
+        mlc.delete_run(parent)
+        monkeypatch.setattr(driver, "_connect", lambda *_, **__: pytest.fail("Ray was reached"))
+        with pytest.raises(SearchStateError) as err:
+            driver.run_search(str(spec), tree, cfg, resume=True)
+        assert str(err.value) == (
+            f"{spec}: --resume: the search's parent run {parent} was deleted (MLflow keeps it in "
+            f"its trash and updates it no more): restore it (mlflow runs restore --run-id "
+            f"{parent}), or start the search anew in another search.experiment_dir"
+        )
+        gone = "0" * 32
+        assert unusable_run(uri, gone) == (
+            f"the search's parent run {gone} is not in this MLflow store (deleted for good?): "
+            "start the search anew in another search.experiment_dir"
+        )
+        elsewhere = tmp_path / "other.db"
+        assert unusable_run(f"sqlite:///{elsewhere}", parent).startswith(  # type: ignore[union-attr]
+            f"the search's parent run {parent} is not in this MLflow store"
+        )
+        assert not elsewhere.exists()  # no empty store made by asking
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 def test_a_searched_max_steps_decides_which_trials_ended_early() -> None:
     """A trial ran to its own train.max_steps: finished (COMPLETE), though the spec's is more."""
     import optuna
