@@ -320,6 +320,10 @@ def _search(
             from raysft.search.searcher import allow_final_only_objective
 
             allow_final_only_objective(cfg.search)
+            log.info(
+                "--resume: trials at once stay as the search's first start set them (Tune "
+                "restores its limit); a changed search.resources applies to each trial's resources"
+            )
             tuner = ray.tune.Tuner.restore(
                 str(exp_dir / "tune"), _trainable(tree, exp_dir, shared_ref), resume_errored=True
             )

@@ -92,7 +92,7 @@ def _outputs(cfg: SearchSpec, exp_dir: Path) -> dict[str, Path | None]:
     }
 
 
-# May change on --resume: where and how many trials run at once, not what they train.
+# May change on --resume: each trial's resources (how many at once stays: Tune restores it).
 _RESUMABLE_CHANGES = ("search.resources",)
 
 
