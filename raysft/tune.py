@@ -159,7 +159,12 @@ def exit_code(summary: dict[str, Any]) -> int:
     its summary but a step failed without ending it (each said on stderr)."""
     counts = summary["counts"]
     if not counts.get("finished") and not counts.get("stopped_early"):
-        print("error: no trial finished (see each trial's error above)", file=sys.stderr)
+        print(
+            "error: no trial finished (see each trial's error above); a trial that failed for "
+            "good fails again on --resume: fix the cause, then start the search in another "
+            "search.experiment_dir",
+            file=sys.stderr,
+        )
         return 1
     failures = summary.get("failed_steps") or []
     if failures:

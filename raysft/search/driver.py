@@ -226,7 +226,7 @@ def run_search(
             spec_path, tree, cfg, exp_dir,
             resume=resume, scratch=scratch, t0=t0, shared=shared, begun=begun, replaced=replaced,
         )  # fmt: skip
-    except BaseException:
+    except BaseException as err:
         if created and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
             # Refused before anything was written (Ray not reached, no plan); another search
             # may have come in meanwhile: then the directory is its. So are parents it created
@@ -235,6 +235,10 @@ def run_search(
                 (exp_dir / LOCK_FILE).unlink(missing_ok=True)
                 for path in created:
                     path.rmdir()
+        if isinstance(err, KeyboardInterrupt) and begun and not str(err):
+            # A Ctrl-C the driver did not see through (a second one, during the teardown): the
+            # CLI's last line says what to do, not a bare "interrupted".
+            raise KeyboardInterrupt(_continue_it(exp_dir)) from None
         raise
     finally:
         for sig, handler in replaced.items():
@@ -338,6 +342,7 @@ def _search(
         _close_parent(mlc, parent_id, "FAILED")
         raise
     ended = False  # whether every trial ended (a Ctrl-C during fit() is told apart below)
+    summary: dict[str, Any] | None = None
     try:
         tracking_failures = tracking.callback_failures()  # this start's: reset at its start
         known, unreachable = _known_trial_runs(mlc, exp_id, parent_id, callback, tracking_failures)
@@ -360,7 +365,7 @@ def _search(
             "timing": timing,
         }
         results = [_result_of(grid[i], exp_dir) for i in range(len(grid))]
-        return finish_search(
+        summary = finish_search(
             spec_path, cfg, exp_dir, results,
             tracked=tracked, resolve=resolve, t0=t0,
             resolved_spec=spec_record(cfg), earlier_starts=read_earlier_starts(exp_dir),
@@ -387,7 +392,15 @@ def _search(
             )
         raise
     finally:
-        ray.shutdown()  # flushes worker logs now, not after the summary table
+        try:
+            ray.shutdown()  # flushes worker logs now, not after the summary table
+        except KeyboardInterrupt:
+            if summary is None:
+                raise
+            # Ctrl-C once all was done: the search finished, its summary is written.
+            log.warning("Ray's shutdown interrupted; the search had finished")
+    assert summary is not None  # set, or the try above raised
+    return summary
 
 
 def _known_trial_runs(
@@ -549,10 +562,15 @@ def _stop_interrupted(
     ended = sum(1 for _, status in known.values() if status)
     log.warning(
         "search interrupted: %d of its %d trials ended, %d stopped while running, %d not "
-        "started; continue it with --resume (search.experiment_dir %s)",
-        ended, num_samples, len(unended), max(num_samples - ended - len(unended), 0), exp_dir,
+        "started; %s",
+        ended, num_samples, len(unended), max(num_samples - ended - len(unended), 0),
+        _continue_it(exp_dir),
     )  # fmt: skip
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(_continue_it(exp_dir))
+
+
+def _continue_it(exp_dir: Path) -> str:
+    return f"continue it with --resume (search.experiment_dir {exp_dir})"
 
 
 def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:

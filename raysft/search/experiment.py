@@ -60,6 +60,12 @@ def check_experiment_dir(
     if unusable:
         raise SearchStateError(f"{spec_path}: search.experiment_dir: {unusable}")
     tune_dir = exp_dir / "tune"
+    holder = None if held_ok else experiment_dir_holder(exp_dir)
+    if holder:  # said first: "--resume" would be refused while it runs too
+        raise SearchStateError(
+            f"{spec_path}: search.experiment_dir: {exp_dir} is in use by another search "
+            f"({holder}); wait for it to end, or choose another directory"
+        )
     if tune_dir.exists() and not resume and not held_ok:
         raise SearchStateError(
             f"{spec_path}: search.experiment_dir: {exp_dir} already holds a search; "

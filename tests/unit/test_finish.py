@@ -301,12 +301,19 @@ def test_plots_that_cannot_be_saved_are_recorded_and_the_rest_goes_on(
     assert mlc.get_run(parent).info.status == "FINISHED"
 
 
-def test_raysft_tune_exits_3_when_a_finishing_step_failed(tmp_path: Path) -> None:
+def test_raysft_tune_exits_3_when_a_finishing_step_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from raysft.tune import exit_code
 
     ok = {"counts": {"finished": 2}, "failed_steps": [], "experiment_dir": str(tmp_path)}
     assert exit_code(ok) == 0
     assert exit_code({**ok, "counts": {"failed": 2}}) == 1  # no trial finished
+    assert capsys.readouterr().err == (  # what to do: --resume would fail them again
+        "error: no trial finished (see each trial's error above); a trial that failed for good "
+        "fails again on --resume: fix the cause, then start the search in another "
+        "search.experiment_dir\n"
+    )
     failed = {**ok, "failed_steps": ["plots: FileExistsError: x"]}
     assert exit_code(failed) == EXIT_FINISH_FAILED == 3
 

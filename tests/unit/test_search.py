@@ -1791,6 +1791,10 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
         ), err.value
         assert str(err.value).endswith("; wait for it to end, or choose another directory")
         assert ran == [] and (exp / experiment.LOCK_FILE).is_file()
+        (exp / "tune").mkdir()  # its tuner saved: still "in use", not "pass --resume"
+        with pytest.raises(SearchStateError, match=" is in use by another search "):
+            driver.run_search("s.yaml", tree, cfg, resume=False)
+        (exp / "tune").rmdir()
     finally:
         first.communicate(input="", timeout=30)
     # Once the first has ended, the directory is free again.
@@ -1920,8 +1924,13 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     ended_run, open_run = (mlc.create_run(exp_id).info.run_id for _ in range(2))
     mlc.set_terminated(ended_run, "FINISHED")
     known = {"a1b2c3d4": (ended_run, "finished"), "0badcafe": (open_run, None)}
-    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", "raysft.search.driver"):
+    with (
+        pytest.raises(KeyboardInterrupt) as stopped,
+        caplog.at_level("WARNING", "raysft.search.driver"),
+    ):
         driver._stop_interrupted(mlc, parent, known, ["0badcafe"], exp_dir=tmp_path, num_samples=4)
+    # The CLI's last line ("interrupted: ...") says it too.
+    assert str(stopped.value) == f"continue it with --resume (search.experiment_dir {tmp_path})"
     status = {r: mlc.get_run(r).info.status for r in (parent, ended_run, open_run)}
     assert status == {parent: "KILLED", ended_run: "FINISHED", open_run: "KILLED"}
     assert caplog.messages[-1] == (
