@@ -98,8 +98,10 @@ def _outputs(cfg: SearchSpec, exp_dir: Path) -> dict[str, Path | None]:
     }
 
 
-# May change on --resume: each trial's resources (how many at once stays: Tune restores it).
-_RESUMABLE_CHANGES = ("search.resources",)
+# May change on --resume, as none changes what a trial trains or is scored on: each trial's
+# resources (how many at once stays: Tune restores it), how often a failed one is retried, and
+# the promotion (a promote.export_dir that failed the first finish, fixed for the next).
+_RESUMABLE_CHANGES = ("search.resources", "search.max_retries", "promote.")
 
 
 def spec_record(cfg: SearchSpec) -> dict[str, Any]:

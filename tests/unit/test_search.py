@@ -1600,6 +1600,9 @@ def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: P
     # Where trials run may change; what they train may not.
     moved = copy.deepcopy(tree)
     moved["search"]["resources"]["cpus_per_worker"] = 2
+    # ...and so may retries and the promotion (an export_dir the first finish could not use).
+    moved["search"]["max_retries"] = 5
+    moved.setdefault("promote", {}).update(export_dir=str(tmp_path / "served"), alias="prod")
     experiment.open_experiment("s.yaml", validate_spec(moved, source="s.yaml"), resume=True)
     changed = copy.deepcopy(tree)
     changed["train"]["max_steps"] = 300
