@@ -261,6 +261,33 @@ def targetable_modules(model: Any) -> tuple[list[str], list[str]]:
 
 def _check_model_targets(model: Any, cfg: Config) -> None:
     check_targets(*targetable_modules(model), cfg.lora, model=cfg.model.name_or_path)
+    _warn_of_tied_targets(model, cfg.lora)
+
+
+def _warn_of_tied_targets(model: Any, lora: LoraSection) -> list[str]:
+    """Warn where ``lora.target_modules`` names the input embedding or the LM head of a model
+    that ties them (one weight): the adapter trains and scores as it should, but merging it
+    (``merge_and_unload``) changes the other use of the weight too, so the merged model is not
+    the one scored. Returns the tied layers named."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if (
+        out is None
+        or inp is None
+        or inp.weight is not out.weight
+        or isinstance(lora.target_modules, str)
+    ):
+        return []
+    tied = [n for n, m in model.named_modules() if m is inp or m is out]
+    named = [n for n in tied if any(LoraSection.matches(n, t) for t in lora.target_modules)]
+    if named:
+        log.warning(
+            "lora.target_modules: %s shares its weight with %s (tied embeddings): the adapter "
+            "is right as it is, but merged into the base it would change both; serve it "
+            "unmerged, or target other layers",
+            ", ".join(named),
+            ", ".join(n for n in tied if n not in named) or "the other",
+        )
+    return named
 
 
 def build_lora_config(lora: LoraSection) -> peft.LoraConfig:

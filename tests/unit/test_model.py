@@ -461,3 +461,22 @@ def test_a_saved_adapter_names_its_bases_revision(tiny_llama_dir, tmp_path):
     model, tok = load_model(cfg), load_tokenizer(cfg.model)
     out = save_model(model, tok, tmp_path / "lora", method="lora")
     assert json.loads((out / "adapter_config.json").read_text())["revision"] == "v1"
+
+
+@pytest.mark.parametrize(
+    ("targets", "warned"),
+    [(["q_proj", "lm_head"], ["lm_head"]), (["embed_tokens"], ["model.embed_tokens"]),
+     (["q_proj", "v_proj"], [])],
+)  # fmt: skip
+def test_an_adapter_on_a_tied_embedding_is_warned_of(caplog, targets, warned):
+    """The embedded base ties its input embedding and LM head: an adapter on either trains
+    right, but merged it would change both (seen: logits 0.3-3.0 off the adapter's)."""
+    from raysft.config import load_config
+    from raysft.train.model import _warn_of_tied_targets
+
+    cfg = load_config(None, {"lora.target_modules": targets})
+    model = load_model(cfg)
+    said = [r.getMessage() for r in caplog.records if "tied embeddings" in r.getMessage()]
+    assert len(said) == (1 if warned else 0)  # once, as the adapter is attached
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert _warn_of_tied_targets(model.get_base_model(), cfg.lora) == warned
