@@ -423,6 +423,10 @@ def _promotion(
         steps.failures.append(f"promotion: {promotion['reason']}")
         if promotion.get("out_of_reach"):  # the registry is the tracking server
             steps.found_out_of_reach("promotion")
+    if comparison is not None and comparison.get("failed") and promotion.get("promoted"):
+        # Promoted without the gate against the base model: said, not left to be assumed.
+        promotion["base_gate"] = f"not checked: base vs tuned failed ({comparison['reason']})"
+        log.warning("promotion: %s", promotion["base_gate"])
     steps.mlflow(
         "MLflow: the promotion tag",
         mlc.set_tag, parent_id, tracking.PROMOTION_TAG, json.dumps(promotion)[:5000],

@@ -268,6 +268,10 @@ def test_a_failed_scoring_is_tagged_on_the_parent_run(
     tags = s["tracked"]["mlc"].get_run(s["tracked"]["parent_id"]).data.tags
     assert tags["raysft.base_vs_tuned"] == "failed: RuntimeError: the scoring task's worker died"
     assert summary["promotion"]["promoted"] is True  # no base score: nothing to gate on
+    # ...which the promotion's record and tag say, rather than leave it to be assumed.
+    skipped = "not checked: base vs tuned failed (RuntimeError: the scoring task's worker died)"
+    assert summary["promotion"]["base_gate"] == skipped
+    assert json.loads(tags["raysft.promotion"])["base_gate"] == skipped
 
 
 def test_a_trials_failures_are_tagged_on_its_run_and_nothing_on_the_others(
