@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from raysft.bench.measure import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,9 @@ def main() -> int:
         for t in summary["trials"]
     ]
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}",
-        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),  # CPU model and bf16 support: the hosts of this VM differ
+        "command": " ".join(["python benchmarks/search_overhead.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "spec": args.spec,
         "search_wall_s": round(wall, 1),
         "driver_split_s": summary.get("timing"),

@@ -52,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 import inprocess as ip  # noqa: E402
 import search_report as report  # noqa: E402
 
+from raysft.bench.measure import machine  # noqa: E402
+
 METHODS = ("tpe-asha", "random", "grid")
 OPTIONAL = ("tpe", "random-asha")  # to tell TPE's share from ASHA's, when asked for
 DEFAULT_OUT = Path(__file__).resolve().parent / "search_strategies"
@@ -296,6 +298,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "spec": args.spec,
         "overrides": args.set,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": machine(),  # this start's host (a resumed run's cached trials may be another's)
         "metric": plan.spec.search.metric,
         "mode": plan.mode,
         "max_steps": t.max_steps,

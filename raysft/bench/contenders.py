@@ -157,7 +157,15 @@ def run_trl(ctx: Context, opt: dict[str, Any], name: str) -> Any:
     dataset = Dataset.from_list(
         [{"prompt": prompt_text(r), "completion": r["output"]} for r in ctx.rows]
     )
-    knobs = ("bf16", "gradient_checkpointing", "packing", "padding_free", "max_length")
+    knobs = (
+        "bf16",
+        "gradient_checkpointing",
+        "packing",
+        "padding_free",
+        "max_length",
+        "train_sampling_strategy",  # group_by_length: batches of like lengths, as raysft's
+        "torch_compile",
+    )
     kwargs = {**_trainer_args(ctx, opt, name), "max_length": ctx.max_len}
     args = SFTConfig(**{**kwargs, **{k: opt[k] for k in knobs if k in opt}})
     counter = {"tokens": 0}

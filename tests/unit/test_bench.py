@@ -250,6 +250,19 @@ def test_cpu_goals_take_each_sides_fastest_configuration():
                                                                 2.5)  # fmt: skip
 
 
+def test_a_goal_over_several_rounds_pairs_them_by_training_seed():
+    """Rounds run on different seeds (data orders): a median taken from one seed over a median
+    from another mixes data with speed. The goal is the median of per-seed ratios (seen on the
+    AMX host: 2.86x as a ratio of medians, 2.76x paired)."""
+    rows = _rows()
+    # seed's median run is seed 1, raysft's seed 0: their ratio 4.0; paired, 3.0.
+    rows[0].update(train_seeds=[0, 1, 2], runs_tokens_per_s=[120.0, 100.0, 80.0])
+    rows[3].update(train_seeds=[2, 0, 1], runs_tokens_per_s=[240.0, 400.0, 300.0])
+    vs_seed = report.goals("cpu", rows)["raysft_vs_seed"]
+    assert vs_seed["per_seed_ratios"] == [3.0, 3.33, 3.0] and vs_seed["ratio"] == 3.0
+    assert not vs_seed["met"]  # 3.0 < 3.5, where the ratio of medians (4.0) would meet it
+
+
 def test_gpu_goals_memory_and_mfu():
     rows = [
         {"name": "seed-lora", "tokens_per_s": 100.0, "eval_loss": 3.0},
