@@ -452,7 +452,9 @@ def score_model(
     net, tokenizer = load_for_scoring(model, cfg=cfg, base_model=base_model)
     examples, kept = _tokenized(rows, cfg, tokenizer)
     if any(m.generates for m in due):
-        warn_of_capped_references(kept, tokenizer, max_new_tokens=cfg.train.max_new_tokens)
+        warn_of_capped_references(
+            kept, tokenizer, max_new_tokens=cfg.train.max_new_tokens, template=cfg.data.template
+        )
     device = resolve_device(cfg.train.device)
     autocast = autocast_for(cfg, device)
     loss = functools.partial(

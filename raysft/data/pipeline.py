@@ -22,7 +22,14 @@ from raysft.data.formats import (
     scored_part,
     split_train_eval,
 )
-from raysft.data.templates import Example, Segment, render, tokenize
+from raysft.data.templates import (
+    TERMINATORS,
+    Example,
+    Segment,
+    render,
+    terminator_tokens,
+    tokenize,
+)
 from raysft.errors import TemplateError
 
 log = logging.getLogger(__name__)
@@ -289,9 +296,34 @@ def load_eval(cfg: DataSection, *, seed: int) -> tuple[list[Conversation], DataR
     return evals, report
 
 
+_WARNED_TERMINATORS: set[tuple[str, str]] = set()  # (template, tokenizer): said once a process
+
+
+def _warn_of_a_split_terminator(cfg: DataSection, tokenizer: Any) -> None:
+    """A built-in template whose end of answer this tokenizer splits into ordinary tokens: said
+    once, with what to do (the run still trains: the answers end with those tokens)."""
+    if cfg.template not in TERMINATORS:
+        return
+    n = terminator_tokens(cfg.template, tokenizer)
+    key = (cfg.template, str(getattr(tokenizer, "name_or_path", "")))
+    if n <= 1 or key in _WARNED_TERMINATORS:
+        return
+    _WARNED_TERMINATORS.add(key)
+    end = TERMINATORS[cfg.template].strip()
+    log.warning(
+        "data.template: %s ends each answer with %r, which this tokenizer has no token for: it "
+        "is %d ordinary tokens, so the model learns to end answers with them and never with "
+        "EOS, and generation stops only on the text (eval cuts there; a plain generate of the "
+        "export runs to its length limit). Use data.template: tokenizer where the model has a "
+        "chat template, or a template whose markers this tokenizer has",
+        cfg.template, end, n,
+    )  # fmt: skip
+
+
 def check_template(cfg: DataSection, tokenizer: Any) -> None:
     """``template: tokenizer`` needs a tokenizer with a chat_template: said once, of the model,
     not of the first row each would fail on."""
+    _warn_of_a_split_terminator(cfg, tokenizer)
     if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "data.template: tokenizer, but the model's tokenizer has no chat_template (a base "

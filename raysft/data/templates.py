@@ -337,6 +337,20 @@ def stop_strings(template: str, tokenizer: Any = None) -> list[str]:
     return list(dict.fromkeys(s for s in stops if s))
 
 
+def terminator_tokens(template: str, tokenizer: Any) -> int:
+    """How many tokens of ``tokenizer`` the template's end of answer takes: 1 where it is a
+    special token, more where a built-in template writes a marker the tokenizer does not have
+    (ChatML's ``<|im_end|>`` on a Llama tokenizer): the model then learns to end answers with
+    those ordinary tokens and never with EOS. 1 when the template has none to measure."""
+    stops = stop_strings(template, tokenizer)
+    return max(1, token_count(stops[0], tokenizer)) if stops else 1
+
+
+def token_count(text: str, tokenizer: Any) -> int:
+    """How many tokens ``text`` takes in ``tokenizer``, alone (no special tokens added)."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def answer_preamble(template: str, tokenizer: Any = None) -> str:
     """What a chat_template writes between the generation prompt and the last answer's content,
     e.g. Qwen3's empty reasoning block "<think>\n\n</think>\n\n": trained with the answer, so

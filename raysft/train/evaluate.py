@@ -20,6 +20,8 @@ from raysft.data.templates import (
     generation_prompt,
     generation_prompt_ids,
     stop_strings,
+    terminator_tokens,
+    token_count,
 )
 from raysft.train.metrics import EvalOutputs, Metric, computed_at
 from raysft.train.sandbox import Limits, check_answers
@@ -190,6 +192,11 @@ def generate_answers(
         eos_token_id=stop_ids or own_eos,
         pad_token_id=tokenizer.pad_token_id,
     )
+    # A stop of several tokens (a template marker the tokenizer has no token for) ends
+    # generation too, not only the decoded text: else every answer runs to max_new_tokens.
+    split = [s for s in stops if token_count(s, tokenizer) > 1]
+    decoding.stop_strings = split or None
+    by_text = {"tokenizer": tokenizer} if split else {}
     out_samples: list[dict[str, Any]] = []
     cuda = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), _without_model_defaults(model):
@@ -207,6 +214,7 @@ def generate_answers(
                     attention_mask=mask.to(device),
                     generation_config=decoding,
                     synced_gpus=synced,
+                    **by_text,
                 )
             rows = out[:, width:].tolist()  # samples consecutive rows per prompt
             for j, conv in enumerate(convs):
@@ -220,14 +228,16 @@ def generate_answers(
 
 
 def warn_of_capped_references(
-    conversations: list[Conversation], tokenizer: Any, *, max_new_tokens: int
+    conversations: list[Conversation], tokenizer: Any, *, max_new_tokens: int, template: str
 ) -> int:
     """Warn (once per eval setup) when some reference answers are longer than the generation
     cap: their generated answers are cut short, so exact match, ROUGE-L and BLEU measure the
     cap, not the model. Returns how many references are longer."""
-    # +1: the answer's terminator is generated too, inside the same cap.
+    # The answer's terminator is generated too, inside the same cap: one token, or the several
+    # a tokenizer without the template's marker splits it into.
+    end = terminator_tokens(template, tokenizer)
     lengths = [
-        len(tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"]) + 1
+        len(tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"]) + end
         for c in conversations
     ]
     over = [n for n in lengths if n > max_new_tokens]

@@ -311,7 +311,10 @@ def setup(
     )
     if dist.rank == 0 and any(m.generates for m in computed_at(cfg, final=True)):
         warn_of_capped_references(
-            data.eval_conversations, tokenizer, max_new_tokens=cfg.train.max_new_tokens
+            data.eval_conversations,
+            tokenizer,
+            max_new_tokens=cfg.train.max_new_tokens,
+            template=cfg.data.template,
         )
     answers = functools.partial(
         generate_answers,

@@ -166,6 +166,60 @@ def test_template_terminators_stop_and_score(tmp_path: Path, family: str) -> Non
     assert _answer(text, [tok.eos_token]) != "Paris" and _answer(text, stops) == "Paris"
 
 
+def _tokenizer_without_eos_marker(root: Path) -> Any:
+    """The embedded byte tokenizer with its "</s>" token renamed "<|endoftext|>" (EOS still):
+    Vicuna's "</s>" is then 4 ordinary tokens, as ChatML's marker is on a Llama tokenizer."""
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(root / "src")
+    spec = json.loads((root / "src" / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        if token["content"] == "</s>":
+            token["content"] = "<|endoftext|>"
+    (root / "src" / "tokenizer.json").write_text(json.dumps(spec))
+    conf = json.loads((root / "src" / "tokenizer_config.json").read_text())
+    conf["eos_token"] = "<|endoftext|>"
+    (root / "src" / "tokenizer_config.json").write_text(json.dumps(conf))
+    return AutoTokenizer.from_pretrained(root / "src")
+
+
+def test_a_template_marker_the_tokenizer_splits_is_said_and_still_ends_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Vicuna's "</s>" on a tokenizer without it: said once (the model learns to end answers
+    with 4 ordinary tokens, never EOS); the capped-answer warning counts those 4; and eval
+    generation stops at the text, not at max_new_tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from raysft.config import DataSection
+    from raysft.data.pipeline import check_template
+    from raysft.data.templates import terminator_tokens
+    from raysft.train.evaluate import warn_of_capped_references
+
+    tok = _tokenizer_without_eos_marker(tmp_path)
+    assert terminator_tokens("vicuna", tok) == 4 and terminator_tokens("chatml", tok) == 1
+    for _ in range(2):
+        check_template(DataSection(template="vicuna"), tok)
+    said = [m for m in caplog.messages if "data.template: vicuna ends each answer with '</s>'" in m]
+    assert len(said) == 1, caplog.messages
+    conv = [{"role": "user", "content": "Set x."}, {"role": "assistant", "content": "x=1"}]
+    # 3 tokens of answer and 4 of its end: a cap of 6 cuts it (counting 1 for the end, it did not).
+    assert warn_of_capped_references([conv], tok, max_new_tokens=6, template="vicuna") == 1
+    assert warn_of_capped_references([conv], tok, max_new_tokens=7, template="vicuna") == 0
+    # After the prompt's last token the model writes x=1</s>, then Z forever.
+    last = tok.decode(generation_prompt_ids(conv, template="vicuna", tokenizer=tok)[-1:])
+    chain = {last: "x", "x": "=", "=": "1", "1": "<", "<": "/", "/": "s", "s": ">"}
+    model = AutoModelForCausalLM.from_pretrained(chain_model_dir(tmp_path, tok, chain, default="Z"))
+    steps: list[int] = []
+    model.register_forward_hook(lambda *_: steps.append(1))
+    got = generate_answers(
+        model, tok, [conv], template="vicuna", max_new_tokens=30, batch_size=1,
+        device="cpu", autocast=contextlib.nullcontext,
+    )  # fmt: skip
+    assert got[0]["generated"] == "x=1"
+    assert len(steps) == len("x=1</s>")  # stopped at the marker: 7 forwards, not 30
+
+
 # ---------------------------------------------------------------- what DIR is
 
 
