@@ -223,7 +223,9 @@ class TrainSection(_Section):
     learning_rate: float = Field(
         2e-5,
         gt=0,
-        description="Peak learning rate. SFT of real models: 1e-5..2e-5 (full), 1e-4..3e-4 (LoRA).",
+        description="Peak learning rate. SFT of real models: 1e-5..2e-5 (full), 1e-4..3e-4 "
+        "(LoRA). The default is full fine-tuning's: with lora or qlora, set it (every shipped "
+        "spec does); the embedded ~1M-parameter base wants ~100x more.",
     )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warmup."
