@@ -59,3 +59,11 @@ def give_plain_modes(folder: Path | None, files: list[Path]) -> None:
                 path.chmod(0o666 & ~mask)
     except OSError as err:
         log.warning("could not give %s the modes of a plain write: %s", folder or files, err)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """``path`` replaced whole by ``text`` (a temporary file beside it renamed over it): a kill
+    or a full disk leaves the old file or the new one, never one cut short."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

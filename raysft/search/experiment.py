@@ -15,7 +15,7 @@ from typing import Any
 from raysft.config import SearchSpec
 from raysft.data.digest import Digests, changed_sources, data_digests
 from raysft.errors import ConfigError, SearchStateError, one_line
-from raysft.paths import writable_dir_problem
+from raysft.paths import replace_text, writable_dir_problem
 from raysft.search import results as res
 from raysft.search import tracking
 from raysft.search.promote import export_dir_problem, export_target
@@ -62,10 +62,7 @@ def check_experiment_dir(
     tune_dir = exp_dir / "tune"
     holder = None if held_ok else experiment_dir_holder(exp_dir)
     if holder:  # said first: "--resume" would be refused while it runs too
-        raise SearchStateError(
-            f"{spec_path}: search.experiment_dir: {exp_dir} is in use by another search "
-            f"({holder}); wait for it to end, or choose another directory"
-        )
+        raise _in_use(spec_path, exp_dir, holder)
     if tune_dir.exists() and not resume and not held_ok:
         raise SearchStateError(
             f"{spec_path}: search.experiment_dir: {exp_dir} already holds a search; "
@@ -201,12 +198,8 @@ def recorded_digests(exp_dir: Path) -> Digests | None:
 
 
 def write_state(exp_dir: Path, state: dict[str, Any]) -> None:
-    """raysft_state.json replaced whole (a temporary file renamed over it): a kill or a full
-    disk leaves the old one or the new one, never one cut short."""
-    path = exp_dir / STATE_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    """raysft_state.json replaced whole (``replace_text``)."""
+    replace_text(exp_dir / STATE_FILE, json.dumps(state, indent=2))
 
 
 def count_start(exp_dir: Path, seconds: float) -> None:
@@ -245,10 +238,7 @@ def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise SearchStateError(
-            f"{spec_path}: search.experiment_dir: {exp_dir} is in use by another search "
-            f"({holder}); wait for it to end, or choose another directory"
-        ) from None
+        raise _in_use(spec_path, exp_dir, holder) from None
     except OSError as err:  # a filesystem without flock (Lustre without -o flock, some FUSE)
         log.warning(
             "search.experiment_dir %s: cannot be locked (%s): a second search started into it "
@@ -260,6 +250,13 @@ def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}")
     handle.flush()
     return handle
+
+
+def _in_use(spec_path: str, exp_dir: Path, holder: str) -> SearchStateError:
+    return SearchStateError(
+        f"{spec_path}: search.experiment_dir: {exp_dir} is in use by another search "
+        f"({holder}); wait for it to end, or choose another directory"
+    )
 
 
 def experiment_dir_holder(exp_dir: Path) -> str | None:

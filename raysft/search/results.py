@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.errors import SearchStateError
+from raysft.paths import replace_text
 from raysft.train.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -225,10 +226,7 @@ def read_summary(exp_dir: Path, *, sections: tuple[str, ...] = ()) -> dict[str, 
 def write_summary(exp_dir: Path, summary: dict[str, Any]) -> Path:
     """summary.json as strict JSON (a NaN anywhere is a bug, not a number to write)."""
     path = exp_dir / SUMMARY_FILE
-    text = json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    replace_text(path, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False))
     return path
 
 

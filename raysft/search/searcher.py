@@ -47,6 +47,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.max_steps = max_steps
         self.trial_max_steps: dict[str, int] = {}  # where train.max_steps is searched
+        self.failed_trials: set[str] = set()  # told FAIL: a --resume may run them again
 
     def suggest(self, trial_id: str) -> Any:
         config = super().suggest(trial_id)
@@ -78,7 +79,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
             and math.isfinite(value)
         )
         # A searcher pickled before failed trials were kept (an older search's) has none.
-        self.failed_trials: set[str] = getattr(self, "failed_trials", set())
+        self.failed_trials = getattr(self, "failed_trials", set())
         if trial_id in self.failed_trials:
             if not error:
                 self._tell_rerun(trial_id, value=value, step=step, early=early)

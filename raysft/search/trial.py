@@ -24,6 +24,7 @@ from raysft.errors import (
     SearchStateError,
     TemplateError,
 )
+from raysft.paths import replace_text
 from raysft.search.resources import cap_process_memory
 from raysft.search.results import CHECKPOINT_PATH_KEY, error_cause
 from raysft.search.space import TrialConfigs, trial_output_dir
@@ -251,14 +252,6 @@ def read_attempts(record: Path) -> list[dict[str, Any]]:
     return []
 
 
-def _write_attempts(record: Path, attempts: list[dict[str, Any]]) -> None:
-    """Replaced whole (a temporary file renamed over it), never left cut short."""
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(attempts, indent=2), encoding="utf-8")
-    tmp.replace(record)
-
-
 def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
 
     # Attempts of an earlier driver (before a --resume) count too.
@@ -286,7 +279,8 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
             oom = is_out_of_memory(cause)
             last = oom or is_input_error(cause) or attempt > retries
             attempts.append({"attempt": attempt, "error": cause, "retried": not last})
-            _write_attempts(record, attempts)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            replace_text(record, json.dumps(attempts, indent=2))  # never left cut short
             if last:
                 raise TrialFailure(f"out of memory: {cause}" if oom else cause) from None
             log.warning("attempt %d failed (%s); retrying from the last checkpoint", attempt, cause)

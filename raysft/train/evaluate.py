@@ -236,10 +236,7 @@ def warn_of_capped_references(
     # The answer's terminator is generated too, inside the same cap: one token, or the several
     # a tokenizer without the template's marker splits it into.
     end = terminator_tokens(template, tokenizer)
-    lengths = [
-        len(tokenizer(c[-1]["content"], add_special_tokens=False)["input_ids"]) + end
-        for c in conversations
-    ]
+    lengths = [token_count(c[-1]["content"], tokenizer) + end for c in conversations]
     over = [n for n in lengths if n > max_new_tokens]
     if over:
         log.warning(

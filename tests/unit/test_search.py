@@ -1980,18 +1980,19 @@ def test_a_termination_stops_the_search_as_ctrl_c_does(name: str) -> None:
     sig = getattr(signal, name)
     found = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(sig)
+    replaced: dict[int, Any] = {}
     try:
         replaced = driver._stops_as_ctrl_c()
         assert set(replaced) == {signal.SIGTERM, signal.SIGHUP}
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), sig)
             time.sleep(1)  # the handler runs at the next bytecode; this is never reached
+    finally:  # as run_search does, whatever happened: this process keeps its own handlers
         for each, handler in replaced.items():
             signal.signal(each, handler)
-        assert signal.getsignal(sig) == before
-    finally:
         if found is not None:
             signal.signal(signal.SIGINT, found)
+    assert signal.getsignal(sig) == before
 
 
 def test_a_ray_address_nobody_listens_on_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
