@@ -293,7 +293,10 @@ class TrainSection(_Section):
         description="Seeds data order, split, init of adapters and noise.",
     )
     num_threads: int | None = Field(
-        None, gt=0, description="torch CPU threads per worker. Null: torch's default."
+        None,
+        gt=0,
+        description="torch CPU threads per worker. Null: torch's default (in a search Ray sets "
+        "it to search.resources.cpus_per_worker); in a search at most cpus_per_worker.",
     )
 
 
@@ -612,6 +615,19 @@ class SearchSpec(Config):
                 f"train.compile: not with FSDP yet (untested here), which search.resources."
                 f"strategy {r.strategy} gives method full on {r.workers} workers; set strategy: "
                 "ddp or train.compile: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _threads_fit_the_cpus(self) -> SearchSpec:
+        cpus = self.search.resources.cpus_per_worker
+        threads = self.train.num_threads
+        if threads is not None and threads > max(1.0, cpus):
+            raise ValueError(
+                f"train.num_threads: {threads} threads per worker, but search.resources."
+                f"cpus_per_worker is {cpus:g}: the workers would oversubscribe the CPUs Ray "
+                "reserves for them, slowing their own trial and the ones beside it; set it to "
+                "at most cpus_per_worker, or null (Ray then sets OMP_NUM_THREADS to it)"
             )
         return self
 

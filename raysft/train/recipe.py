@@ -343,7 +343,7 @@ def setup(
     if resume_from is not None:
         progress = load_state(
             resume_from, model=model, optimizer=optimizer, scheduler=scheduler, rank=dist.rank,
-            scaler=scaler,
+            world_size=dist.world_size, scaler=scaler,
         )  # fmt: skip
         stream.seek(progress.epoch, progress.position)
         log.info("resumed from %s at step %d", resume_from, progress.step)

@@ -110,15 +110,28 @@ def load_state(
     optimizer: Any,
     scheduler: Any,
     rank: int = 0,
+    world_size: int = 1,
     scaler: Any = None,
 ) -> Progress:
     """Restore weights, optimizer, scheduler and RNGs (data-parallel ``rank``'s own) from a
-    checkpoint; returns its progress."""
+    checkpoint; returns its progress. Refused on another number of workers than it was written
+    by: each worker's share of the data and its RNG are the checkpoint's."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise _not_a_checkpoint(directory)
     _check_archive(path)  # a trial Ray restarts comes here without check_resumable
     state = _read_state(path)
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) != world_size:  # one RNG state per worker, in rank order (save_state)
+        raise ConfigError(
+            "--resume-from",
+            [
+                f"{directory}: written by {len(rngs)} data-parallel worker(s), resumed by "
+                f"{world_size}: the data's split across workers and their random streams would "
+                f"differ, so the run would not continue exactly; resume with "
+                f"search.resources.workers: {len(rngs)}, or start over"
+            ],
+        )
     from raysft.train import fsdp
 
     if state.get("sharded", False) != fsdp.is_sharded(model):
@@ -156,9 +169,7 @@ def load_state(
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-    # A checkpoint of fewer ranks (or of one): rank 0's states (the data split changed anyway).
-    _set_rng_states(rngs[rank] if rank < len(rngs) else rngs[0])
+    _set_rng_states(rngs[rank])
     return Progress(**state["progress"])
 
 

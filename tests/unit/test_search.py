@@ -765,6 +765,29 @@ def test_the_search_seed_picks_the_proposals(sampler: str) -> None:
     assert proposals(0) == first and proposals(1) != first
 
 
+@pytest.mark.parametrize(
+    ("cpus", "threads", "refused"), [(1, 2, True), (0.5, 1, False), (2, 2, False)]
+)
+def test_more_torch_threads_than_a_worker_has_cpus_is_refused(
+    cpus: float, threads: int, refused: bool
+) -> None:
+    """Ray sets a worker's OMP_NUM_THREADS to its CPUs; train.num_threads overrides it, and more
+    threads than CPUs oversubscribe the cores the trials share (seen: 16 threads on 2 CPUs)."""
+    tree = spec({"train.learning_rate": LR}, resources={"workers": 2, "cpus_per_worker": cpus})
+    tree["train"]["num_threads"] = threads
+    if not refused:
+        validate_tree(tree)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_tree(tree)
+    assert err.value.problems == [
+        f"train.num_threads: {threads} threads per worker, but search.resources.cpus_per_worker "
+        f"is {cpus:g}: the workers would oversubscribe the CPUs Ray reserves for them, slowing "
+        "their own trial and the ones beside it; set it to at most cpus_per_worker, or null (Ray "
+        "then sets OMP_NUM_THREADS to it)"
+    ]
+
+
 def test_optuna_is_told_how_each_trial_ended(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray tells Optuna a trial ASHA stopped as COMPLETE with the value of the rung where it
     stopped, so TPE weighed an eval loss at step 30 as the equal of one after every step: it is

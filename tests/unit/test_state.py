@@ -88,6 +88,25 @@ def test_local_checkpoints_keep_the_latest_and_resume(tmp_path: Path) -> None:
     assert [h["step"] for h in again.history] == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_resumes_only_on_the_number_of_workers_that_wrote_it(tmp_path: Path) -> None:
+    """Each data-parallel worker's share of the data and its RNG are in the checkpoint: on
+    another number of workers the run would re-read some rows, skip others and halve its steps
+    (seen by review), so it is refused, with the number to resume on."""
+    from raysft.errors import ConfigError
+    from raysft.train.state import load_state
+
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.exact_match": False})
+    ckpts = tmp_path / "out" / "checkpoints"
+    run_trial(cfg, report=LocalCheckpoints(ckpts))
+    with pytest.raises(ConfigError) as err:  # refused before anything is loaded
+        load_state(ckpts / "step-000004", model=None, optimizer=None, scheduler=None, world_size=2)
+    assert err.value.problems == [
+        f"{ckpts / 'step-000004'}: written by 1 data-parallel worker(s), resumed by 2: the data's "
+        "split across workers and their random streams would differ, so the run would not "
+        "continue exactly; resume with search.resources.workers: 1, or start over"
+    ]
+
+
 def test_resume_refuses_data_whose_bytes_changed_since_the_checkpoint(tmp_path: Path) -> None:
     from raysft.data.digest import DATA_FILE
     from raysft.errors import DataError
