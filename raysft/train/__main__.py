@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -166,16 +167,28 @@ def _train(cfg: Config, resume_from: str | None) -> int:
     from raysft.train.state import LocalCheckpoints
 
     checkpoints = LocalCheckpoints(Path(cfg.output_dir) / "checkpoints")
+    # kill, docker stop, Slurm (SIGTERM) and a closed terminal (SIGHUP) take Ctrl-C's path:
+    # the note says where the run can continue from.
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
     try:
         result = run_trial(cfg, report=checkpoints, resume_from=resume_from)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             interrupted_note(cfg, checkpoints.latest(), resume_from=resume_from)
         ) from None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     f = result.final
     if DIVERGED_AT in f:
         kept = checkpoints.latest()
-        last = f"; the last finite checkpoint: {kept}" if kept else ""
+        last = (
+            f"; the last finite checkpoint, to score (raysft.evaluate), not to resume with the "
+            f"same settings: {kept}"
+            if kept
+            else ""
+        )
         raise TrainingDiverged(
             f"training diverged at step {f[DIVERGED_AT]} (train_loss {f.get('train_loss')}, "
             f"eval_loss {f.get('eval_loss', '-')}) and stopped: {divergence_hint(cfg)}. "
@@ -183,6 +196,10 @@ def _train(cfg: Config, resume_from: str | None) -> int:
         )
     print(f"output: {result.output_dir}")
     print(f"eval_loss: {f.get('eval_loss', float('nan')):.4f}  train_seconds: {f['train_seconds']}")
+    computed = ("perplexity", "rouge_l", "bleu", "pass_at_k")
+    others = [f"{m}: {f[m]:.4g}" for m in computed if isinstance(f.get(m), int | float)]
+    if others:  # the generation metrics the run computed (its spec may search on one)
+        print("  ".join(others))
     if "exact_match" in f:
         base = f.get("base_exact_match")
         line = f"held-out exact match: {f['exact_match']:.1%}"

@@ -33,7 +33,7 @@ from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, DataError
-from raysft.paths import give_plain_modes
+from raysft.paths import give_plain_modes, replace_text
 from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, training_device
@@ -658,7 +658,7 @@ def _write_outputs(
     }
     # Strict JSON: a diverged run's NaN/inf metrics are written as null, which every parser reads.
     text = json.dumps(json_safe(metrics), indent=2, ensure_ascii=False, allow_nan=False)
-    (out_dir / "metrics.json").write_text(text, encoding="utf-8")
+    replace_text(out_dir / "metrics.json", text)  # whole or not at all: it marks a run ended
 
 
 def run_trial(

@@ -11,6 +11,7 @@ epoch and position, the metric history and the time spent so far. Beside it the 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import random
 import shutil
@@ -24,12 +25,19 @@ import torch
 from raysft.data.digest import DATA_FILE, changed_sources
 from raysft.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"  # the run's resolved config, written into every checkpoint
 # What may differ between a checkpoint's run and the run resuming it: where outputs go and how
 # the same computation is placed or tracked. Anything else changes what the remaining steps do.
+# Also what only evaluates (the training steps' numbers are the same; checked by review:
+# losses, rates and weights bit for bit) and activation checkpointing, the usual fix for a run
+# out of memory (torch keeps dropout's RNG across the recomputation).
 RESUMABLE_CHANGES = ("output_dir", "train.num_threads", "train.device", "search.", "tracking.",
-                     "promote.")  # fmt: skip
+                     "promote.", "train.gradient_checkpointing", "train.eval_every",
+                     "train.exact_match", "train.max_new_tokens", "train.eval_base",
+                     "eval.")  # fmt: skip
 
 
 @dataclass
@@ -197,8 +205,8 @@ def _not_a_checkpoint(directory: str | Path) -> ConfigError:
 def _unreadable(path: Path, why: str) -> ConfigError:
     return ConfigError(
         "--resume-from",
-        [f"{path}: {why}: the checkpoint is truncated or corrupt; resume from an intact one "
-         "or start over"],
+        [f"{path}: {why}: the checkpoint is truncated or corrupt (a run keeps only its latest): "
+         "start the run over"],
     )  # fmt: skip
 
 
@@ -292,6 +300,11 @@ def check_same_data(directory: str | Path, digests: dict[str, dict[str, str]]) -
     raysft kept its digests is not checked."""
     path = Path(directory) / DATA_FILE
     if not path.is_file():
+        log.warning(
+            "%s: no %s (raysft writes one into every checkpoint): the data cannot be checked "
+            "to hold the bytes the run trained on",
+            directory, DATA_FILE,
+        )  # fmt: skip
         return
     try:
         then = json.loads(path.read_text(encoding="utf-8"))

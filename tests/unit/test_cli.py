@@ -488,13 +488,22 @@ def test_dry_run_counts_the_rows_and_samples_a_run_would_drop(
     assert last.endswith(", 1 rows skipped, 1 samples dropped (truncated to nothing to train)")
 
 
-@pytest.mark.parametrize("checkpointed", [True, False])
+@pytest.mark.parametrize(
+    ("checkpointed", "stop"),
+    [(True, "SIGINT"), (False, "SIGINT"), (True, "SIGTERM"), (True, "SIGHUP")],
+)
 def test_ctrl_c_says_what_is_left_and_how_to_continue(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     checkpointed: bool,
+    stop: str,
 ) -> None:
+    """Ctrl-C, and kill / docker stop / Slurm (SIGTERM) or a closed terminal (SIGHUP) alike."""
+    import os
+    import signal
+    import time
+
     from raysft.cli import run_cli
     from raysft.config import dump_config
     from raysft.train import recipe
@@ -509,12 +518,18 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
             written.mkdir()
             (written / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
             report({"step": 5}, str(written))
-        raise KeyboardInterrupt
+        if stop == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), getattr(signal, stop))
+        time.sleep(5)  # the handler raises at the next bytecode
+        raise AssertionError(f"{stop} did not stop the run")
 
     monkeypatch.setattr(recipe, "run_trial", interrupted)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     with pytest.raises(SystemExit) as done:
         run_cli(lambda: _train(cfg, None))
     assert done.value.code == 130
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back after
     said = capsys.readouterr().err
     if not checkpointed:
         assert said == (

@@ -66,6 +66,36 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, method: str) -
     assert resumed.final["wall_seconds"] >= last >= before["elapsed_s"] + second_setup - 0.01
 
 
+def test_a_resume_may_turn_on_activation_checkpointing_and_change_what_only_evaluates(
+    tmp_path: Path,
+) -> None:
+    """The usual fix for a run out of memory is activation checkpointing; evals every other
+    step or generation settings change no training step. Resumed with those changed, the run
+    takes the uninterrupted one's steps (dropout's RNG survives the recomputation)."""
+    from raysft.train.state import check_resumable
+
+    model_dir = _model_dir(tmp_path, "llama")
+    extra = {"train.max_steps": 6, "train.eval_every": 3, "train.exact_match": False}
+    keep = _KeepAll(tmp_path / "ckpts")
+    whole = run_trial(_config(tmp_path, model_dir, "lora", **extra), report=keep)
+    changed = {
+        **extra,
+        "train.gradient_checkpointing": True,
+        "train.eval_every": 2,
+        "train.max_new_tokens": 4,
+        "eval.samples": 2,
+    }
+    resumed_cfg = _config(tmp_path, model_dir, "lora", output_dir=str(tmp_path / "re"), **changed)
+    check_resumable(tmp_path / "ckpts" / "step-3", resumed_cfg)  # not refused
+    resumed = run_trial(resumed_cfg, resume_from=str(tmp_path / "ckpts" / "step-3"))
+    steps = [h for h in resumed.history if h["step"] > 3]
+    assert [h["step"] for h in steps] == [4, 5, 6]
+    for a, b in zip(whole.history[3:], steps, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-6), a["step"]
+        assert (b["lr"], b["tokens"]) == (a["lr"], a["tokens"])
+    assert resumed.final["eval_loss"] == pytest.approx(whole.final["eval_loss"], abs=1e-6)
+
+
 def test_every_reported_number_is_a_registry_metric(tmp_path: Path) -> None:
     records: list[dict[str, Any]] = []
     cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora")
