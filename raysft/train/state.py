@@ -31,9 +31,9 @@ STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"  # the run's resolved config, written into every checkpoint
 # What may differ between a checkpoint's run and the run resuming it: where outputs go and how
 # the same computation is placed or tracked. Anything else changes what the remaining steps do.
-# Also what only evaluates (the training steps' numbers are the same; checked by review:
-# losses, rates and weights bit for bit) and activation checkpointing, the usual fix for a run
-# out of memory (torch keeps dropout's RNG across the recomputation).
+# Also what only evaluates (the training steps' numbers stay the same: tests/unit/test_state.py)
+# and activation checkpointing, the usual fix for a run out of memory (torch keeps dropout's RNG
+# across the recomputation).
 RESUMABLE_CHANGES = ("output_dir", "train.num_threads", "train.device", "search.", "tracking.",
                      "promote.", "train.gradient_checkpointing", "train.eval_every",
                      "train.exact_match", "train.max_new_tokens", "train.eval_base",
@@ -205,8 +205,8 @@ def _not_a_checkpoint(directory: str | Path) -> ConfigError:
 def _unreadable(path: Path, why: str) -> ConfigError:
     return ConfigError(
         "--resume-from",
-        [f"{path}: {why}: the checkpoint is truncated or corrupt (a run keeps only its latest): "
-         "start the run over"],
+        [f"{path}: {why}: the checkpoint is truncated or corrupt; resume from another of the "
+         "run's if it has one (raysft.train keeps only its latest), or start the run over"],
     )  # fmt: skip
 
 
