@@ -7,6 +7,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,59 @@ def replace_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+LOCK_FILE = ".raysft.lock"  # held by the search or run writing into a directory (its pid inside)
+
+
+class InUse(Exception):
+    """The directory is held by another process (``holder``: its pid and host as it wrote them)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_dir(directory: Path, *, what: str) -> Any:
+    """An exclusive lock on ``directory`` (which must exist) for this process's work there: the
+    returned file releases it when closed, or when the process ends however it ends. Raises
+    ``InUse`` where another process holds it; where the filesystem has no flock (Lustre without
+    -o flock, some FUSE) it warns that a second ``what`` would not be refused, and goes on."""
+    import fcntl
+    import socket
+    import time
+
+    handle = (directory / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise InUse(holder) from None
+    except OSError as err:
+        log.warning(
+            "%s: cannot be locked (%s): a second %s started into it would not be refused",
+            directory, err, what,
+        )  # fmt: skip
+        return handle
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}")
+    handle.flush()
+    return handle
+
+
+def dir_holder(directory: Path) -> str | None:
+    """Who holds ``directory``'s lock (``hold_dir``), or None when no one does (or the lock
+    cannot be read)."""
+    import fcntl
+
+    try:
+        with (directory / LOCK_FILE).open("r", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+    except OSError:  # no lock file, or a filesystem without flock
+        return None
+    return None

@@ -26,11 +26,11 @@ from raysft.config import SearchSpec
 from raysft.data.digest import Digests, data_digests
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, SearchStateError
+from raysft.paths import LOCK_FILE
 from raysft.search import results as res
 from raysft.search import tracking
 from raysft.search.callback import make_callback
 from raysft.search.experiment import (
-    LOCK_FILE,
     count_start,
     hold_experiment_dir,
     open_experiment,

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
 from raysft.data.digest import Digests, changed_sources, data_digests
 from raysft.errors import ConfigError, SearchStateError, one_line
-from raysft.paths import replace_text, writable_dir_problem
+from raysft.paths import InUse, dir_holder, hold_dir, replace_text, writable_dir_problem
 from raysft.search import results as res
 from raysft.search import tracking
 from raysft.search.promote import export_dir_problem, export_target
@@ -215,41 +213,20 @@ def count_start(exp_dir: Path, seconds: float) -> None:
         log.debug("search start not counted in %s: %s", path, err)
 
 
-LOCK_FILE = ".raysft.lock"  # held by the search running in an experiment dir (its pid inside)
-
-
 def hold_experiment_dir(spec_path: str, exp_dir: Path) -> Any:
-    """An exclusive lock on the experiment dir for this search's lifetime (released when the
-    returned file is closed, or the process ends however it ends). A second search started into
-    the same directory before the first wrote anything there would otherwise pass every check
-    and the two would write over each other's trials, runs and summary."""
-    import fcntl
-
+    """An exclusive lock on the experiment dir for this search's lifetime (``hold_dir``). A
+    second search started into the same directory before the first wrote anything there would
+    otherwise pass every check and the two would write over each other's trials, runs and
+    summary."""
     try:
-        handle = (exp_dir / LOCK_FILE).open("a+", encoding="utf-8")
+        return hold_dir(exp_dir, what="search")
     except FileNotFoundError:  # removed meanwhile by another search refused as it started
         raise SearchStateError(
             f"{spec_path}: search.experiment_dir: {exp_dir} was removed as this search started "
             "(another search into it was refused at the same moment); run it again"
         ) from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise _in_use(spec_path, exp_dir, holder) from None
-    except OSError as err:  # a filesystem without flock (Lustre without -o flock, some FUSE)
-        log.warning(
-            "search.experiment_dir %s: cannot be locked (%s): a second search started into it "
-            "would not be refused",
-            exp_dir, err,
-        )  # fmt: skip
-        return handle
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}")
-    handle.flush()
-    return handle
+    except InUse as err:
+        raise _in_use(spec_path, exp_dir, err.holder) from None
 
 
 def _in_use(spec_path: str, exp_dir: Path, holder: str) -> SearchStateError:
@@ -261,18 +238,8 @@ def _in_use(spec_path: str, exp_dir: Path, holder: str) -> SearchStateError:
 
 def experiment_dir_holder(exp_dir: Path) -> str | None:
     """Who holds ``exp_dir``'s lock (``hold_experiment_dir``): the running search's pid and host
-    as it wrote them, or None when no search runs there (or the lock cannot be read)."""
-    import fcntl
-
-    try:
-        with (exp_dir / LOCK_FILE).open("r", encoding="utf-8") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
-            except BlockingIOError:
-                return handle.read().strip() or "another process"
-    except OSError:  # no lock file, or a filesystem without flock
-        return None
-    return None
+    as it wrote them, or None when no search runs there."""
+    return dir_holder(exp_dir)
 
 
 def _earlier_starts(state: dict[str, Any]) -> tuple[int, float]:

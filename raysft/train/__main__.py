@@ -252,18 +252,44 @@ def _nothing_left(cfg: Config, checkpoint: str) -> bool:
     return True
 
 
+def _follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
+    """``cfg`` for a resume of ``checkpoint`` (RUN/checkpoints/step-N) whose run folder moved
+    or was copied since: its config.yaml, the printed command's, still names the old
+    output_dir. The run goes on in the folder the checkpoint lies in, not at the old path (gone,
+    or another run's); said. An output_dir given anew (--set) is kept."""
+    from raysft.config import load_config
+    from raysft.train.state import CONFIG_FILE
+
+    ckpt = Path(checkpoint).resolve()
+    saved = ckpt / CONFIG_FILE
+    if ckpt.parent.name != "checkpoints" or not saved.is_file():
+        return cfg  # check_resumable says what is wrong with it
+    run_dir, then = ckpt.parent.parent, Path(load_config(saved).output_dir).resolve()
+    if Path(cfg.output_dir).resolve() != then or then == run_dir:
+        return cfg
+    print(
+        f"note: {checkpoint} was written by a run in {then}; it is continued where the "
+        f"checkpoint is, in {run_dir} (--set output_dir=... for another folder)",
+        file=sys.stderr,
+    )
+    return cfg.model_copy(update={"output_dir": str(run_dir)})
+
+
 def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:
     """Refuse to train over a previous run's outputs or other files: a re-run would overwrite
     them (and collide with its checkpoint). ``--resume-from`` (``resuming``) continues a run in
     its own directory (OUTPUT_DIR/checkpoints/step-N), or into a new or empty one; another
     run's directory is refused as ever. Either way output_dir must be a directory, not a
     file."""
-    from raysft.paths import writable_dir_problem
+    from raysft.paths import dir_holder, writable_dir_problem
 
     out = Path(cfg.output_dir)
     unusable = writable_dir_problem(out)
     if unusable:
         raise ConfigError(source, [f"output_dir: {unusable}"])
+    holder = dir_holder(out)
+    if holder:  # said first: its checkpoints would read as a run to continue
+        raise _in_use(source, out, holder)
     if resuming is not None and Path(resuming).resolve().parent.parent == out.resolve():
         return
     kept = sorted((out / "checkpoints").glob("step-*"))
@@ -307,6 +333,30 @@ def _check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None
         )
 
 
+def _in_use(source: str, out: Path, holder: str) -> ConfigError:
+    return ConfigError(
+        source,
+        [
+            f"output_dir: {out.resolve()} is in use by another training run ({holder}); wait "
+            "for it to end, or choose another (--set output_dir=...)"
+        ],
+    )
+
+
+def _hold_output_dir(cfg: Config, source: str) -> Any:
+    """An exclusive lock on output_dir while the run writes there: two runs started into one
+    directory (or two resumes of one checkpoint) would both pass its checks and write over each
+    other's checkpoints and outputs."""
+    from raysft.paths import InUse, hold_dir
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return hold_dir(out, what="training run")
+    except InUse as err:
+        raise _in_use(source, out, err.holder) from None
+
+
 def _main() -> int:
     parser = config_parser("python -m raysft.train", __doc__)
     parser.add_argument("--dry-run", action="store_true", help="validate, print config and counts")
@@ -333,6 +383,8 @@ def _main() -> int:
         return _dry_run(cfg, args.config)
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
+    if args.resume_from is not None:
+        cfg = _follow_a_moved_run(cfg, args.resume_from)
     _check_output_dir(cfg, args.config, resuming=args.resume_from)
     _check_model(cfg, args.config)
     if args.resume_from is not None:
@@ -349,7 +401,8 @@ def _main() -> int:
             cfg.train.max_steps,
             cfg.output_dir,
         )
-    return _train(cfg, args.resume_from)
+    with _hold_output_dir(cfg, args.config):
+        return _train(cfg, args.resume_from)
 
 
 def main() -> NoReturn:

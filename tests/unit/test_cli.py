@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from raysft.config import load_config, saved_tree
+from raysft.paths import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -316,7 +317,8 @@ def test_a_diverging_run_stops_with_one_message_and_no_model(
     )
     assert out, last
     step, out_dir = int(out.group(1)), Path(out.group(2))
-    assert sorted(p.name for p in out_dir.iterdir()) == ["config.yaml", "metrics.json"]
+    # No model; the hidden lock the run held output_dir with stays (as a search's does).
+    assert sorted(p.name for p in out_dir.iterdir()) == [LOCK_FILE, "config.yaml", "metrics.json"]
     metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["final"]["diverged_at"] == step < 6
     assert [h["step"] for h in metrics["history"]] == list(range(1, step + 1))
@@ -562,6 +564,30 @@ def _checkpoint_at(out: Path, step: int, cfg: Any) -> Path:
     return ckpt
 
 
+def test_a_run_folder_moved_since_its_checkpoint_is_continued_where_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The printed command's config.yaml names the folder the run was in when the checkpoint
+    was written; moved (or copied) since, the resume goes on where the checkpoint is, not at
+    the old path (gone, or another run's). An output_dir given anew is kept."""
+    from raysft.train.__main__ import _check_output_dir, _follow_a_moved_run
+
+    old = tmp_path / "M1"
+    cfg = load_config(None, {"output_dir": str(old)})
+    ckpt = _checkpoint_at(tmp_path / "M2", 2, cfg)  # M1's checkpoint, in its new place
+    resumed = _follow_a_moved_run(load_config(ckpt / "config.yaml"), str(ckpt))
+    assert resumed.output_dir == str(tmp_path / "M2")
+    assert capsys.readouterr().err == (
+        f"note: {ckpt} was written by a run in {old}; it is continued where the checkpoint is, "
+        f"in {tmp_path / 'M2'} (--set output_dir=... for another folder)\n"
+    )
+    _check_output_dir(resumed, "c.yaml", resuming=str(ckpt))  # its own folder: taken
+    elsewhere = load_config(ckpt / "config.yaml", {"output_dir": str(tmp_path / "new")})
+    assert _follow_a_moved_run(elsewhere, str(ckpt)).output_dir == str(tmp_path / "new")
+    in_place = _checkpoint_at(old, 2, cfg)  # not moved: nothing changes
+    assert _follow_a_moved_run(load_config(in_place / "config.yaml"), str(in_place)) == cfg
+
+
 @pytest.mark.parametrize(("step", "ended"), [(4, True), (4, False), (2, True)])
 def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
     tmp_path: Path,
@@ -629,3 +655,40 @@ def test_a_held_output_dir_is_said_to_be_ended_or_continuable(tmp_path: Path, en
         f"metrics.json); continue it: --resume-from {kept}, or choose another "
         "(--set output_dir=...) or remove it"
     ]
+
+
+def test_a_run_into_an_output_dir_another_run_holds_is_refused(tmp_path: Path) -> None:
+    """Two runs into one output_dir (or two resumes of one checkpoint) would pass its checks
+    and write over each other's checkpoints: the second is told the first holds it, before its
+    checkpoints could read as a run to continue; once the first ends, the directory is free."""
+    import subprocess
+    import sys
+
+    from raysft.errors import ConfigError
+    from raysft.train.__main__ import _check_output_dir, _hold_output_dir
+
+    out = tmp_path / "out"
+    cfg = load_config(None, {"output_dir": str(out)})
+    first = subprocess.Popen(  # the first run: holds output_dir until its stdin closes
+        [sys.executable, "-c",
+         "import sys; from raysft.config import load_config; from raysft.train.__main__ import "
+         f"_hold_output_dir as h; x = h(load_config(None, {{'output_dir': {str(out)!r}}}), "
+         "'a.yaml'); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "held"
+        (out / "checkpoints" / "step-000002").mkdir(parents=True)  # the first run's, so far
+        for check in (
+            lambda: _check_output_dir(cfg, "c.yaml", resuming=None),
+            lambda: _hold_output_dir(cfg, "c.yaml"),
+        ):
+            with pytest.raises(ConfigError) as err:
+                check()
+            assert err.value.problems[0].startswith(
+                f"output_dir: {out.resolve()} is in use by another training run (pid {first.pid} "
+            ), err.value.problems
+    finally:
+        first.communicate(input="", timeout=30)
+    with _hold_output_dir(cfg, "c.yaml"):  # free again
+        pass

@@ -27,6 +27,7 @@ import yaml
 
 from raysft.config import set_path, validate_spec
 from raysft.errors import ConfigError
+from raysft.paths import LOCK_FILE
 from raysft.search import spec as spec_module
 from raysft.search.resources import (
     AUTOSCALER_SETTLE_S,
@@ -1792,7 +1793,7 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
     import sys
 
     from raysft.errors import SearchStateError
-    from raysft.search import driver, experiment
+    from raysft.search import driver
 
     exp = tmp_path / "new"
     tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
@@ -1816,7 +1817,7 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
             f"s.yaml: search.experiment_dir: {exp} is in use by another search (pid {first.pid} "
         ), err.value
         assert str(err.value).endswith("; wait for it to end, or choose another directory")
-        assert ran == [] and (exp / experiment.LOCK_FILE).is_file()
+        assert ran == [] and (exp / LOCK_FILE).is_file()
         (exp / "tune").mkdir()  # its tuner saved: still "in use", not "pass --resume"
         with pytest.raises(SearchStateError, match=" is in use by another search "):
             driver.run_search("s.yaml", tree, cfg, resume=False)
