@@ -171,12 +171,12 @@ def _parent_run(
     *,
     uri: str,
     digests: Digests | None = None,
-    resume: bool,
+    state: dict[str, Any],
 ) -> str:
-    """The search's parent MLflow run: created once, reopened by ``--resume``. A start that is
-    no resume (no ``tune/`` yet: one interrupted before its tuner was saved) begins anew: its
+    """The search's parent MLflow run: created once, reopened by ``--resume`` (``state``: the
+    experiment's raysft_state.json, ``{}`` for a start that is no resume). A start that is no
+    resume (no ``tune/`` yet: one interrupted before its tuner was saved) begins anew: its
     state file, spec record and parent run are this start's."""
-    state = read_state(spec_path, exp_dir) if resume else {}
     if state:
         parent_id: str = state["parent_run_id"]
         mlc.update_run(parent_id, status="RUNNING")
@@ -295,8 +295,8 @@ def _search(
     unusable = tracking_store_error(spec_path, cfg)  # before Ray: MLflow would retry for minutes
     if unusable:
         raise unusable
-    parent = read_state(spec_path, exp_dir).get("parent_run_id") if resume else None
-    gone = tracking.unusable_run(uri, parent) if parent else None
+    state = read_state(spec_path, exp_dir) if resume else {}
+    gone = tracking.unusable_run(uri, state["parent_run_id"]) if state else None
     if gone:
         raise SearchStateError(f"{spec_path}: --resume: {gone}")
     plan = _connect(spec_path, cfg, scratch=scratch)
@@ -307,7 +307,7 @@ def _search(
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
     digests = shared.digests if shared is not None else None
     parent_id = _parent_run(
-        mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests, resume=resume
+        mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests, state=state
     )
     begun.append(True)
     resolve = TrialConfigs(tree, str(exp_dir))

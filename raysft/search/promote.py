@@ -414,9 +414,7 @@ def _install(
 ) -> str:  # fmt: skip
     """Stage, check, register, swap in, move the alias; returns the new version.
     ``previous``: the version that held the alias before."""
-    export.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
-    give_plain_modes(staging, [])  # mkdtemp's 0700 would keep a serving user out
+    staging = _new_staging(export)
     trial_dir = trial_output_dir(exp_dir.resolve(), best["trial_id"])
     try:
         _stage_export(staging, cfg=cfg, best=best, record=record, trial_dir=trial_dir)
@@ -424,9 +422,7 @@ def _install(
         run_id = best["mlflow_run_id"]
         mv = _register(mlc, export_dir=staging, run_id=run_id, cfg=cfg, record=record)
         try:
-            (staging / CHAMPION_FILE).write_text(
-                json.dumps({**record, "version": str(mv.version)}, indent=2, allow_nan=False)
-            )
+            _write_identity(staging, {**record, "version": str(mv.version)})
             aside = _swap_in(staging, export)
             try:
                 _move_alias(mlc, cfg.promote, str(mv.version))
@@ -468,9 +464,7 @@ def _rebuild_export(mlc: Any, p: PromoteSection, export: Path, record: dict[str,
     once registered). The registry itself is left as it is."""
     import mlflow
 
-    export.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
-    give_plain_modes(staging, [])
+    staging = _new_staging(export)
     try:
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{p.registered_model}/{record['version']}",
@@ -478,12 +472,26 @@ def _rebuild_export(mlc: Any, p: PromoteSection, export: Path, record: dict[str,
             tracking_uri=mlc.tracking_uri,
         )
         _check_export(staging)
-        (staging / CHAMPION_FILE).write_text(json.dumps(record, indent=2, allow_nan=False))
+        _write_identity(staging, record)
         aside = _swap_in(staging, export)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("rebuilt the export of %s v%s at %s", p.registered_model, record["version"], export)
     _drop_old(aside)
+
+
+def _new_staging(export: Path) -> Path:
+    """An empty folder beside ``export`` (the swap renames within one filesystem) that the
+    export is built in; ``_recover`` tidies one a killed promotion left."""
+    export.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export.name}.new-", dir=export.parent))
+    give_plain_modes(staging, [])  # mkdtemp's 0700 would keep a serving user out
+    return staging
+
+
+def _write_identity(staging: Path, record: dict[str, Any]) -> None:
+    """The export's champion.json: its registry version and what it scored (``_version_of``)."""
+    (staging / CHAMPION_FILE).write_text(json.dumps(record, indent=2, allow_nan=False))
 
 
 def _stage_export(

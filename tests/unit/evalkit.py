@@ -5,6 +5,8 @@
   tokens; no network.
 - ``chain_model_dir``: a real one-layer Llama whose weights make its next token a function of the
   current token only, so its greedy answer and its loss are known by hand.
+- ``moved_lora_dir``: a LoRA adapter on the embedded base that changes it (B off zero), saved as
+  a trial saves one.
 """
 
 from __future__ import annotations
@@ -158,3 +160,24 @@ def chain_logit(tokenizer: Any) -> float:
     """The successor's logit ``s`` in ``chain_model_dir``'s model."""
     hidden = -(-len(tokenizer) // 8) * 8
     return float((1 / hidden + 1e-6) ** -0.5)
+
+
+def moved_lora_dir(out: Path) -> Path:
+    """A LoRA adapter on the embedded base with B off zero (so it changes the base's losses and
+    answers), saved as a trial saves one: adapter, tokenizer, generation config."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raysft.assets import resolve
+    from raysft.config import LoraSection, ModelSection
+    from raysft.train.model import build_lora_config, load_tokenizer, save_model
+
+    base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
+    model = get_peft_model(base, build_lora_config(LoraSection()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return save_model(model, load_tokenizer(ModelSection()), out, method="lora")

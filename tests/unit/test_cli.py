@@ -661,23 +661,15 @@ def test_a_run_into_an_output_dir_another_run_holds_is_refused(tmp_path: Path) -
     """Two runs into one output_dir (or two resumes of one checkpoint) would pass its checks
     and write over each other's checkpoints: the second is told the first holds it, before its
     checkpoints could read as a run to continue; once the first ends, the directory is free."""
-    import subprocess
-    import sys
+    from lockkit import held_elsewhere
 
     from raysft.errors import ConfigError
     from raysft.train.__main__ import _check_output_dir, _hold_output_dir
 
     out = tmp_path / "out"
+    out.mkdir()
     cfg = load_config(None, {"output_dir": str(out)})
-    first = subprocess.Popen(  # the first run: holds output_dir until its stdin closes
-        [sys.executable, "-c",
-         "import sys; from raysft.config import load_config; from raysft.train.__main__ import "
-         f"_hold_output_dir as h; x = h(load_config(None, {{'output_dir': {str(out)!r}}}), "
-         "'a.yaml'); print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert first.stdout is not None and first.stdout.readline().strip() == "held"
+    with held_elsewhere(out) as first:  # the first run
         (out / "checkpoints" / "step-000002").mkdir(parents=True)  # the first run's, so far
         for check in (
             lambda: _check_output_dir(cfg, "c.yaml", resuming=None),
@@ -686,9 +678,7 @@ def test_a_run_into_an_output_dir_another_run_holds_is_refused(tmp_path: Path) -
             with pytest.raises(ConfigError) as err:
                 check()
             assert err.value.problems[0].startswith(
-                f"output_dir: {out.resolve()} is in use by another training run (pid {first.pid} "
+                f"output_dir: {out.resolve()} is in use by another training run (pid {first} "
             ), err.value.problems
-    finally:
-        first.communicate(input="", timeout=30)
     with _hold_output_dir(cfg, "c.yaml"):  # free again
         pass

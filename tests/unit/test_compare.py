@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evalkit import moved_lora_dir
 
 from raysft.config import validate_tree
 from raysft.errors import ModelError
@@ -52,31 +53,10 @@ def test_the_task_scores_the_rows_it_is_given_and_reads_no_data_file(tmp_path: P
     assert same["scores"]["base"]["metrics"] == same["scores"]["tuned"]["metrics"]
     assert "eval_loss" in same["table"] and "exact_match" in same["table"]
     # The tuned side scores the adapter it is given, on the base the config names.
-    out = compare._score_pair(tree, str(_moved_adapter(tmp_path / "adapter")), rows)
+    out = compare._score_pair(tree, str(moved_lora_dir(tmp_path / "adapter")), rows)
     assert out["scores"]["base"]["metrics"] == same["scores"]["base"]["metrics"]
     tuned, base = out["scores"]["tuned"]["metrics"], out["scores"]["base"]["metrics"]
     assert abs(tuned["eval_loss"] - base["eval_loss"]) > 1e-3, (tuned, base)
-
-
-def _moved_adapter(out: Path) -> Path:
-    """A LoRA adapter on the embedded base with B off zero, saved as a trial saves one."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from raysft.assets import resolve
-    from raysft.config import LoraSection, ModelSection
-    from raysft.train.model import build_lora_config, load_tokenizer, save_model
-
-    base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
-    model = get_peft_model(base, build_lora_config(LoraSection()))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    save_model(model, load_tokenizer(ModelSection()), out, method="lora")
-    return out
 
 
 def test_a_failed_scoring_is_recorded_with_its_reason_and_writes_nothing(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evalkit import moved_lora_dir
 from mlflowkit import OutOfReach
 
 from raysft.cli import EXIT_FINISH_FAILED
@@ -25,23 +26,7 @@ from raysft.train.metrics import objective_mode
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA checkpoint on the embedded base, as a trial writes it."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from raysft.assets import resolve
-    from raysft.config import LoraSection, ModelSection
-    from raysft.train.model import build_lora_config, load_tokenizer, save_model
-
-    out = tmp_path_factory.mktemp("ckpt") / "checkpoint_000001"
-    base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
-    model = get_peft_model(base, build_lora_config(LoraSection()))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    save_model(model, load_tokenizer(ModelSection()), out, method="lora")
+    out = moved_lora_dir(tmp_path_factory.mktemp("ckpt") / "checkpoint_000001")
     (out / "training_state.pt").write_bytes(b"optimizer and RNG state")
     return out
 

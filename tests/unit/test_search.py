@@ -66,6 +66,24 @@ BASE: dict[str, Any] = {
 LR = {"type": "loguniform", "low": 1e-5, "high": 1e-3}
 R_CHOICE = {"type": "choice", "values": [4, 8]}
 
+
+def _lora_tree(exp_dir: Path) -> dict[str, Any]:
+    """search_spaces/lora.yaml as a tree, its search.experiment_dir set to ``exp_dir``."""
+    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
+    tree["search"]["experiment_dir"] = str(exp_dir)
+    return tree
+
+
+@pytest.fixture
+def kept_tracking_uri() -> Iterator[None]:
+    """tracking.client sets the process-wide MLflow URI: the one before is put back after."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(before)
+
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -1612,8 +1630,7 @@ def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: P
     from raysft.errors import SearchStateError
     from raysft.search import experiment, tracking
 
-    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    tree = _lora_tree(tmp_path / "exp")
     started = validate_spec(tree, source="s.yaml")
     exp = tmp_path / "exp"
     (exp / "tune").mkdir(parents=True)
@@ -1652,8 +1669,7 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
     from raysft.errors import SearchStateError
     from raysft.search import driver, experiment, tracking
 
-    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    tree = _lora_tree(tmp_path / "exp")
     evals = tmp_path / "eval.jsonl"
     evals.write_bytes(Path(resolve("embedded:tasks-eval.jsonl")).read_bytes())
     tree["data"]["eval"] = str(evals)
@@ -1664,9 +1680,7 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     uri = tracking.tracking_uri(started.tracking)
-    driver._parent_run(
-        mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri, resume=False
-    )
+    driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri, state={})
     assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
     lines = evals.read_text(encoding="utf-8").splitlines()
     evals.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # reordered
@@ -1691,8 +1705,7 @@ def test_a_start_after_one_interrupted_before_its_tuner_begins_anew_and_resume_n
     from raysft.errors import SearchStateError
     from raysft.search import driver, experiment, tracking
 
-    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    tree = _lora_tree(tmp_path / "exp")
     first = validate_spec(tree, source="s.yaml")
     tree["train"]["max_steps"] = 8
     second = validate_spec(tree, source="s.yaml")
@@ -1702,8 +1715,8 @@ def test_a_start_after_one_interrupted_before_its_tuner_begins_anew_and_resume_n
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp_id, uri = mlc.create_experiment("e"), tracking.tracking_uri(first.tracking)
-    old = driver._parent_run(mlc, exp_id, exp, first, str(spec), uri=uri, resume=False)
-    new = driver._parent_run(mlc, exp_id, exp, second, str(spec), uri=uri, resume=False)
+    old = driver._parent_run(mlc, exp_id, exp, first, str(spec), uri=uri, state={})
+    new = driver._parent_run(mlc, exp_id, exp, second, str(spec), uri=uri, state={})
     assert new != old
     state = experiment.read_state("s.yaml", exp)
     assert state["parent_run_id"] == new and state["spec"]["train"]["max_steps"] == 8
@@ -1711,7 +1724,8 @@ def test_a_start_after_one_interrupted_before_its_tuner_begins_anew_and_resume_n
     assert experiment.open_experiment("s.yaml", second, resume=True) == exp.resolve()
     with pytest.raises(SearchStateError, match="the spec differs .* at train.max_steps"):
         experiment.open_experiment("s.yaml", first, resume=True)
-    assert driver._parent_run(mlc, exp_id, exp, second, str(spec), uri=uri, resume=True) == new
+    resumed = experiment.read_state("s.yaml", exp)
+    assert driver._parent_run(mlc, exp_id, exp, second, str(spec), uri=uri, state=resumed) == new
     (exp / experiment.STATE_FILE).unlink()
     with pytest.raises(SearchStateError) as err:
         experiment.open_experiment("s.yaml", second, resume=True)
@@ -1732,8 +1746,7 @@ def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
     from raysft.errors import SearchStateError
     from raysft.search import driver, experiment, tracking
 
-    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-    tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+    tree = _lora_tree(tmp_path / "exp")
     assert "uri" not in tree["tracking"]  # left to $MLFLOW_TRACKING_URI, else ./mlflow.db
     cfg = validate_spec(tree, source="s.yaml")
     exp = tmp_path / "exp"
@@ -1743,7 +1756,7 @@ def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")  # where the runs go in this test
     uri = tracking.tracking_uri(cfg.tracking)
-    driver._parent_run(mlc, mlc.create_experiment("e"), exp, cfg, str(spec), uri=uri, resume=False)
+    driver._parent_run(mlc, mlc.create_experiment("e"), exp, cfg, str(spec), uri=uri, state={})
     assert "s3cret" not in (exp / experiment.STATE_FILE).read_text()
     assert experiment.open_experiment("s.yaml", cfg, resume=True) == exp.resolve()
 
@@ -1765,8 +1778,7 @@ def test_a_search_refused_before_it_wrote_anything_leaves_no_experiment_dir(
 ) -> None:
     from raysft.search import driver
 
-    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-    tree["search"]["experiment_dir"] = str(tmp_path / "new")
+    tree = _lora_tree(tmp_path / "new")
     cfg = validate_spec(tree, source="s.yaml")
 
     def refused(*args: Any, **kwargs: Any) -> None:
@@ -1789,32 +1801,22 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
     """Two searches started into one new directory both pass the "already holds a search"
     check (neither has written yet): the second is refused by the first's lock, and leaves the
     directory (and the lock) to the first."""
-    import subprocess
-    import sys
+    from lockkit import held_elsewhere
 
     from raysft.errors import SearchStateError
     from raysft.search import driver
 
     exp = tmp_path / "new"
-    tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-    tree["search"]["experiment_dir"] = str(exp)
+    tree = _lora_tree(exp)
     cfg = validate_spec(tree, source="s.yaml")
     exp.mkdir()
-    first = subprocess.Popen(  # the first search: holds the lock until its stdin closes
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from raysft.search.experiment import "
-         f"hold_experiment_dir as h; x = h('a.yaml', Path({str(exp)!r})); print('held', "
-         "flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert first.stdout is not None and first.stdout.readline().strip() == "held"
-        ran: list[int] = []
+    ran: list[int] = []
+    with held_elsewhere(exp) as first:  # the first search
         monkeypatch.setattr(driver, "_search", lambda *a, **k: ran.append(1))
         with pytest.raises(SearchStateError) as err:
             driver.run_search("s.yaml", tree, cfg, resume=False)
         assert str(err.value).startswith(
-            f"s.yaml: search.experiment_dir: {exp} is in use by another search (pid {first.pid} "
+            f"s.yaml: search.experiment_dir: {exp} is in use by another search (pid {first} "
         ), err.value
         assert str(err.value).endswith("; wait for it to end, or choose another directory")
         assert ran == [] and (exp / LOCK_FILE).is_file()
@@ -1822,8 +1824,6 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
         with pytest.raises(SearchStateError, match=" is in use by another search "):
             driver.run_search("s.yaml", tree, cfg, resume=False)
         (exp / "tune").rmdir()
-    finally:
-        first.communicate(input="", timeout=30)
     # Once the first has ended, the directory is free again.
     driver.run_search("s.yaml", tree, cfg, resume=False)
     assert ran == [1]
@@ -1887,8 +1887,7 @@ def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
         client(f"sqlite:///{tmp_path}/runs/m.db").search_experiments(max_results=1)
         assert (tmp_path / "runs" / "m.db").is_file()
 
-        tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-        tree["search"]["experiment_dir"] = str(tmp_path / "exp")
+        tree = _lora_tree(tmp_path / "exp")
         tree["tracking"]["uri"] = "http://ci:s3cret@127.0.0.1:9"
         cfg = validate_spec(tree, source="s.yaml")
 
@@ -2089,88 +2088,76 @@ def test_checkpoints_ray_train_no_longer_tracks_are_deleted_once_the_trials_ende
     assert (other / names[0]).is_dir() and (tmp_path / "train" / "train-t3" / names[0]).is_dir()
 
 
+def _spec_on_store(tmp_path: Path) -> tuple[dict[str, Any], Any, str]:
+    """lora.yaml into tmp_path/exp, tracked in a SQLite store there: (tree, spec, its URI)."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tree = _lora_tree(tmp_path / "exp")
+    tree["tracking"]["uri"] = uri
+    return tree, validate_spec(tree, source="s.yaml"), uri
+
+
+@pytest.mark.usefixtures("kept_tracking_uri")
 def test_a_search_into_an_experiment_deleted_in_mlflow_is_refused_before_ray(
     tmp_path: Path,
 ) -> None:
     """MLflow keeps a deleted experiment under its name and refuses new runs in it: said before
     Ray starts, with what to do, not as MLflow's error after it."""
-    import mlflow
-
     from raysft.search import driver
     from raysft.search.tracking import client
 
-    before = mlflow.get_tracking_uri()
-    try:
-        uri = f"sqlite:///{tmp_path / 'm.db'}"
-        tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-        tree["search"]["experiment_dir"] = str(tmp_path / "exp")
-        tree["tracking"]["uri"] = uri
-        cfg = validate_spec(tree, source="s.yaml")
-        assert driver.tracking_store_error("s.yaml", cfg) is None  # a new store: nothing made
-        assert not (tmp_path / "m.db").exists()
-        mlc = client(uri)
-        exp_id = mlc.create_experiment(cfg.tracking.experiment)
-        assert driver.tracking_store_error("s.yaml", cfg) is None
-        mlc.delete_experiment(exp_id)
-        err = driver.tracking_store_error("s.yaml", cfg)
-        assert err is not None and err.problems == [
-            f"tracking.experiment: {cfg.tracking.experiment} was deleted (MLflow keeps it in its "
-            f"trash and adds no run to it): restore it (mlflow experiments restore "
-            f"--experiment-id {exp_id}), delete it for good (mlflow gc), or choose another "
-            "tracking.experiment"
-        ]
-    finally:
-        mlflow.set_tracking_uri(before)
+    _, cfg, uri = _spec_on_store(tmp_path)
+    assert driver.tracking_store_error("s.yaml", cfg) is None  # a new store: nothing made
+    assert not (tmp_path / "m.db").exists()
+    mlc = client(uri)
+    exp_id = mlc.create_experiment(cfg.tracking.experiment)
+    assert driver.tracking_store_error("s.yaml", cfg) is None
+    mlc.delete_experiment(exp_id)
+    err = driver.tracking_store_error("s.yaml", cfg)
+    assert err is not None and err.problems == [
+        f"tracking.experiment: {cfg.tracking.experiment} was deleted (MLflow keeps it in its "
+        f"trash and adds no run to it): restore it (mlflow experiments restore "
+        f"--experiment-id {exp_id}), delete it for good (mlflow gc), or choose another "
+        "tracking.experiment"
+    ]
 
 
+@pytest.mark.usefixtures("kept_tracking_uri")
 def test_resume_of_a_search_whose_parent_run_is_gone_is_refused_before_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--resume reopens the parent run: one deleted in the UI, or not in the store, is said
     with what to do before Ray starts, not as MLflow's traceback after it."""
-    import mlflow
-
     from raysft.errors import SearchStateError
     from raysft.search import driver
     from raysft.search.tracking import client, unusable_run
 
-    before = mlflow.get_tracking_uri()
-    try:
-        uri = f"sqlite:///{tmp_path / 'm.db'}"
-        tree = yaml.safe_load((ROOT / "search_spaces" / "lora.yaml").read_text(encoding="utf-8"))
-        tree["search"]["experiment_dir"] = str(tmp_path / "exp")
-        tree["tracking"]["uri"] = uri
-        cfg = validate_spec(tree, source="s.yaml")
-        spec = tmp_path / "s.yaml"
-        spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
-        (tmp_path / "exp" / "tune").mkdir(parents=True)
-        mlc = client(uri)
-        exp_id = mlc.create_experiment(cfg.tracking.experiment)
-        parent = driver._parent_run(
-            mlc, exp_id, tmp_path / "exp", cfg, str(spec), uri=uri, resume=False
-        )
-        assert unusable_run(uri, parent) is None
-        mlc.delete_run(parent)
-        monkeypatch.setattr(driver, "_connect", lambda *_, **__: pytest.fail("Ray was reached"))
-        with pytest.raises(SearchStateError) as err:
-            driver.run_search(str(spec), tree, cfg, resume=True)
-        assert str(err.value) == (
-            f"{spec}: --resume: the search's parent run {parent} was deleted (MLflow keeps it in "
-            f"its trash and updates it no more): restore it (mlflow runs restore --run-id "
-            f"{parent}), or start the search anew in another search.experiment_dir"
-        )
-        gone = "0" * 32
-        assert unusable_run(uri, gone) == (
-            f"the search's parent run {gone} is not in this MLflow store (deleted for good?): "
-            "start the search anew in another search.experiment_dir"
-        )
-        elsewhere = tmp_path / "other.db"
-        assert unusable_run(f"sqlite:///{elsewhere}", parent).startswith(  # type: ignore[union-attr]
-            f"the search's parent run {parent} is not in this MLflow store"
-        )
-        assert not elsewhere.exists()  # no empty store made by asking
-    finally:
-        mlflow.set_tracking_uri(before)
+    tree, cfg, uri = _spec_on_store(tmp_path)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    (tmp_path / "exp" / "tune").mkdir(parents=True)
+    mlc = client(uri)
+    exp_id = mlc.create_experiment(cfg.tracking.experiment)
+    parent = driver._parent_run(mlc, exp_id, tmp_path / "exp", cfg, str(spec), uri=uri, state={})
+    assert unusable_run(uri, parent) is None
+    mlc.delete_run(parent)
+    monkeypatch.setattr(driver, "_connect", lambda *_, **__: pytest.fail("Ray was reached"))
+    with pytest.raises(SearchStateError) as err:
+        driver.run_search(str(spec), tree, cfg, resume=True)
+    assert str(err.value) == (
+        f"{spec}: --resume: the search's parent run {parent} was deleted (MLflow keeps it in "
+        f"its trash and updates it no more): restore it (mlflow runs restore --run-id "
+        f"{parent}), or start the search anew in another search.experiment_dir"
+    )
+    gone = "0" * 32
+    assert unusable_run(uri, gone) == (
+        f"the search's parent run {gone} is not in this MLflow store (deleted for good?): "
+        "start the search anew in another search.experiment_dir"
+    )
+    elsewhere = tmp_path / "other.db"
+    assert unusable_run(f"sqlite:///{elsewhere}", parent).startswith(  # type: ignore[union-attr]
+        f"the search's parent run {parent} is not in this MLflow store"
+    )
+    assert not elsewhere.exists()  # no empty store made by asking
 
 
 def test_a_searched_max_steps_decides_which_trials_ended_early() -> None:
