@@ -41,8 +41,9 @@ def _outcome_tags(row: dict[str, Any]) -> dict[str, str]:
 
 
 def _tag_outcome(mlc: Any, run_id: str, tags: dict[str, str]) -> None:
-    for key, value in tags.items():
-        mlc.set_tag(run_id, key, value)
+    from mlflow.entities import RunTag
+
+    mlc.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # one request
 
 
 def check_checkpoint(row: dict[str, Any]) -> None:
@@ -325,7 +326,7 @@ def _make_trial_runs_whole(
 ) -> None:
     """What the trials' callback could not write to MLflow while they ran (callback.py) is
     written now, from the trials' own reports; its failures stay failures only if that fails
-    too. Then each trial's failures are tagged on its run."""
+    too. Then each trial run gets its description (how it ended) and its failures as tags."""
     missed = list(tracked.get("tracking_failures", ()))
     written = steps.mlflow(
         "MLflow: the trials' runs",
@@ -339,11 +340,19 @@ def _make_trial_runs_whole(
             "they ran): written now",
             written,
         )
+    best_id = (res.pick_best(rows) or {}).get("trial_id")
     for row in rows:
-        tags = _outcome_tags(row)
-        if tags:  # asked only for what there is to write, so "not tried" lists only that
-            what = f"MLflow tags of trial {row['trial_id']}"
-            steps.mlflow(what, _tag_outcome, tracked["mlc"], row["mlflow_run_id"], tags)
+        if not row["mlflow_run_id"]:
+            continue
+        note = tracking.trial_note(
+            row,
+            metric=cfg.search.metric,
+            scheduler=cfg.search.scheduler.type.upper(),
+            best=row["trial_id"] == best_id,
+        )
+        tags = {tracking.NOTE_TAG: note, **_outcome_tags(row)}
+        what = f"MLflow tags of trial {row['trial_id']}"
+        steps.mlflow(what, _tag_outcome, tracked["mlc"], row["mlflow_run_id"], tags)
 
 
 def _plots(

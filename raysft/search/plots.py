@@ -28,7 +28,7 @@ HISTORY = "optimization_history.png"
 IMPORTANCES = "param_importances.png"
 PARALLEL = "parallel_coordinate.png"
 CURVES = "eval_curves.png"
-# Statuses whose metric counts: Tune tells an ASHA-stopped trial to Optuna as COMPLETE too.
+# Statuses drawn as solid curves: trials that ended as the search meant them to.
 _RANKED = ("finished", "stopped_early")
 _LEGEND_MAX = 12  # trials named in the curves' legend (the best ones); the rest are drawn only
 _MAX_PRODUCTS = 1000  # a multiple_of over more products than this is recorded as a float range
@@ -55,9 +55,11 @@ def write_plots(
     study = build_study(spec, rows, histories)
     metric = spec.search.metric
     order = list(spec.search.params)
+    derived = [p for p, d in spec.search.params.items() if d.type == "multiple_of"]
+    searched = [n for p, n in display_names(order).items() if p not in derived]
     drawers: dict[str, Callable[[], Any]] = {
         HISTORY: lambda: _history(study, metric),
-        IMPORTANCES: lambda: _importances(study, metric),
+        IMPORTANCES: lambda: _importances(study, metric, searched),
         PARALLEL: lambda: _parallel(study, metric),
         CURVES: lambda: _curves(rows, histories, curve_metric, order),
     }
@@ -99,10 +101,14 @@ def histories_from_mlflow(
 
 
 def build_study(spec: SearchSpec, rows: list[dict[str, Any]], histories: History) -> Any:
-    """An in-memory Optuna study of the finished trials, in the order they were created.
+    """An in-memory Optuna study of the search's trials, in the order they were created.
 
-    A trial that failed, diverged or has no finite metric is added as FAIL (the plots leave it
-    out); one whose values fall outside the spec's space (the spec changed) is left out.
+    A finished trial is COMPLETE; one ASHA stopped is PRUNED with its evals as intermediate
+    values (as the searcher told Optuna: its value at step 30 is not a final one, so Optuna's
+    history, importances and parallel coordinates leave it out and ``_history`` marks it
+    apart); one that failed, diverged or has no finite metric is FAIL. One whose values fall
+    outside the spec's space (the spec changed) is left out. ``user_attrs["number"]``: Tune's
+    counter, the number summary.json gives it.
     """
     import optuna
 
@@ -126,16 +132,23 @@ def build_study(spec: SearchSpec, rows: list[dict[str, Any]], histories: History
             for h in history
             if h.get("step") is not None and _finite(h.get(s.metric))
         }
-        ok = row["status"] in _RANKED and _finite(row["metric"])
+        ok = _finite(row["metric"])
+        state = {"finished": "COMPLETE", "stopped_early": "PRUNED"}.get(row["status"], "FAIL")
+        state = state if ok else "FAIL"
         try:
             study.add_trial(
                 optuna.trial.create_trial(
-                    state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
-                    value=float(row["metric"]) if ok else None,
+                    state=_state(state),
+                    value=float(row["metric"]) if state == "COMPLETE" else None,
                     params=params,
                     distributions={k: dists[k] for k in params},
                     intermediate_values=steps,
-                    user_attrs={"trial_id": row["trial_id"], "status": row["status"]},
+                    user_attrs={
+                        "trial_id": row["trial_id"],
+                        "status": row["status"],
+                        "number": row.get("number"),
+                        "metric": float(row["metric"]) if ok else None,
+                    },
                 )
             )
         except ValueError as e:  # a value outside its distribution
@@ -195,47 +208,71 @@ def _products(spec: SearchSpec, s: SearchSection, path: str, base: Any) -> Any:
 
 
 def _history(study: Any, metric: str) -> Any:
+    """Optuna's history of the finished trials, with the ASHA-stopped ones marked apart at
+    their last eval's value; the x axis numbers trials as summary.json does."""
     import optuna.visualization.matplotlib as ovm
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     n = _complete(study)
     if n < 1:
-        return f"no trial reported a finite {metric}"
+        return f"no trial finished with a finite {metric}"
     ax = ovm.plot_optimization_history(study, target_name=metric)
-    title = f"Optimization history: {metric} of {_trials(n)} ({_better(study)} is better)"
-    ax.set(title=title, xlabel="trial number (creation order; ASHA-stopped: last eval)")
+    stopped = study.get_trials(deepcopy=False, states=(_state("PRUNED"),))
+    if stopped:
+        ax.scatter(
+            [t.number for t in stopped],
+            [t.user_attrs["metric"] for t in stopped],
+            marker="x",
+            color="dimgray",
+            zorder=3,
+            label=f"stopped early ({len(stopped)}): {metric} at its last eval",
+        )
+        ax.legend(loc="best")
+    numbers = {t.number: t.user_attrs.get("number") for t in study.get_trials(deepcopy=False)}
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(
+        FuncFormatter(lambda x, _: str(numbers.get(round(x), "")) if x == round(x) else "")
+    )
+    trials = _counted(n, len(stopped))
+    title = f"Optimization history: {metric} of {trials} ({_better(study)} is better)"
+    ax.set(title=title, xlabel="trial (creation order, numbered as in summary.json)")
     return _sized(ax, 10, 5)
 
 
-def _importances(study: Any, metric: str) -> Any:
+def _importances(study: Any, metric: str, params: list[str]) -> Any:
+    """PED-ANOVA importances over the finished trials of the parameters searched on their own
+    (a ``multiple_of`` follows its base: it would split that one's importance in two)."""
     import optuna
     import optuna.visualization.matplotlib as ovm
 
     n = _complete(study)
     if n < 2:
-        return f"needs >= 2 trials with a finite {metric}, got {n}"
+        return f"needs >= 2 finished trials with a finite {metric}, got {n}"
     done = study.get_trials(deepcopy=False, states=(_state("COMPLETE"),))
-    varied = {k for t in done for k in t.params if len({repr(u.params.get(k)) for u in done}) > 1}
+    varied = [k for k in params if len({repr(t.params.get(k)) for t in done}) > 1]
     if not varied:
-        return "no parameter took two values among the completed trials"
+        return "no parameter took two values among the finished trials"
     # Named, not Optuna's default: that changed between versions (fANOVA before 5.0).
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-    ax = ovm.plot_param_importances(study, evaluator=evaluator, target_name=metric)
+    ax = ovm.plot_param_importances(study, evaluator=evaluator, params=params, target_name=metric)
     ax.set_title("", loc="left")  # Optuna's own title, which ours would overlap
-    ax.set_title(f"Parameter importances for {metric} ({_trials(n)}, PED-ANOVA)")
+    ax.set_title(f"Parameter importances for {metric} ({_trials(n)} finished, PED-ANOVA)")
     legend = ax.get_legend()
     if legend is not None:  # one objective: the legend only repeats the title
         legend.remove()
-    return _sized(ax, 9, 0.6 * len({k for t in done for k in t.params}) + 2.5)
+    ax.margins(x=0.15)  # room for the value labels Optuna writes beside the bars
+    return _sized(ax, 9, 0.6 * len(params) + 2.5)
 
 
 def _parallel(study: Any, metric: str) -> Any:
     import optuna.visualization.matplotlib as ovm
 
-    if _complete(study) < 1:
-        return f"no trial reported a finite {metric}"
+    n = _complete(study)
+    if n < 1:
+        return f"no trial finished with a finite {metric}"
     ax = ovm.plot_parallel_coordinate(study, target_name=metric)
-    what = f"{_trials(_complete(study))}, coloured by {metric} (darker is better)"
-    ax.set_title(f"Parallel coordinates: {what}")
+    what = f"{_trials(n)} finished, coloured by {metric} (darker is better)"
+    ax.set_title(f"Parallel coordinates: {what}", pad=16)
     _visible_cmap(ax)
     return _sized(ax, 12, 6)
 
@@ -294,6 +331,10 @@ def _curves(rows: list[dict[str, Any]], histories: History, metric: str, order: 
             )
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
+        every = [v for _, points in lines for _, v in points]
+        if min(every) > 0 and max(every) / min(every) > 4:  # early evals would flatten the rest
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{metric} (log scale)")
         ax.set_title(f"{metric} on the eval split, {_trials(len(lines))}")
         more = len(lines) - _LEGEND_MAX
         ax.legend(
@@ -347,6 +388,11 @@ def _state(name: str) -> Any:
 
 def _trials(n: int) -> str:
     return f"{n} trial" if n == 1 else f"{n} trials"
+
+
+def _counted(finished: int, stopped: int) -> str:
+    more = f" (+{stopped} stopped early)" if stopped else ""
+    return f"{_trials(finished)} finished{more}"
 
 
 def _better(study: Any) -> str:

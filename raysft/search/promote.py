@@ -591,7 +591,20 @@ def _register(
         TAG_RUN: run_id,
         TAG_MODE: record["mode"],
     }
-    return mlflow.register_model(f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags)
+    version = mlflow.register_model(
+        f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags
+    )
+    better = "lower" if record["mode"] == "min" else "higher"
+    what = f"{method} adapter" if method != "full" else "fully fine-tuned model"
+    mlc.update_model_version(
+        cfg.promote.registered_model,
+        version.version,
+        description=f"A {what} of {tags[TAG_BASE]}, from the trial run {run_id}: "
+        f"**{record['metric']} = {record['value']:.4g}** ({better} is better) on the search's "
+        "eval rows (tag raysft.eval_fingerprint). Load it with "
+        "raysft.search.promote.load_champion.",
+    )
+    return version
 
 
 def _rename(src: Path, dst: Path) -> None:

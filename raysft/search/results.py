@@ -38,11 +38,13 @@ class TrialStatus(str, Enum):
 
     @property
     def mlflow(self) -> str:
-        """MLflow run status: an ASHA stop shows as KILLED, distinct from FAILED; a diverged
-        trial is FAILED in MLflow and told apart by the ``raysft.status`` tag."""
+        """MLflow run status. An ASHA stop ended as the search meant it to: FINISHED (the UI
+        draws KILLED as a failure), told apart by the ``raysft.status`` tag and the run's
+        description (``tracking.trial_note``); KILLED is left to interrupted runs. A diverged
+        trial is FAILED, told apart by the tag too."""
         return {
             "finished": "FINISHED",
-            "stopped_early": "KILLED",
+            "stopped_early": "FINISHED",
             "failed": "FAILED",
             "diverged": "FAILED",
         }[self.value]
@@ -144,7 +146,6 @@ def trial_row(
         "step": json_safe(metrics.get("step")),
         "max_steps": max_steps,
         "exact_match": finite_or_none(metrics.get("exact_match")),
-        "base_exact_match": finite_or_none(metrics.get("base_exact_match")),
         "metrics": {
             k: v for k, v in metrics.items() if k in METRICS and finite_or_none(v) is not None
         },

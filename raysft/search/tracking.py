@@ -340,14 +340,51 @@ def _clipped(text: str, limit: int) -> str:
     return head.rstrip() + "…"
 
 
-def experiment_id(mlc: Any, name: str) -> str:
-    """The experiment's id, created if new; marked as model training unless its kind is set."""
+def experiment_id(mlc: Any, name: str, *, uri: str | None = None) -> str:
+    """The experiment's id, created if new; marked as model training unless its kind is set,
+    and described (``experiment_note``) unless it has a description. ``uri``: the tracking
+    store, whose artifacts a new experiment keeps beside it (``artifact_root``)."""
     exp = mlc.get_experiment_by_name(name)
     if exp is None:
-        return str(mlc.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+        exp_id = str(
+            mlc.create_experiment(
+                name,
+                artifact_location=artifact_root(uri) if uri else None,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        )
+        mlc.set_experiment_tag(exp_id, NOTE_TAG, experiment_note(exp_id))
+        return exp_id
+    exp_id = str(exp.experiment_id)
     if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older raysft or by hand
-        mlc.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return str(exp.experiment_id)
+        mlc.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if NOTE_TAG not in exp.tags:  # a user's own description is kept
+        mlc.set_experiment_tag(exp_id, NOTE_TAG, experiment_note(exp_id))
+    return exp_id
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns`` beside the
+    database file. MLflow's own default is ``./mlruns`` of the process's working directory,
+    which under ``ray job submit`` is the job's temporary copy of ``--working-dir``: plots,
+    adapters and registered models would go with it. None (MLflow's default) for a server,
+    which has its own artifact store, and for a file store, which holds its artifacts."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    store = local_store(uri)
+    return (store.parent / "mlruns").as_uri() if store is not None else None
+
+
+def experiment_note(exp_id: str) -> str:
+    """The experiment's description: MLflow 3.17's UI ignores the kind tag and opens it on its
+    GenAI overview (``runs_page``), so the description says how to reach the runs."""
+    runs = f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    return (
+        "Hyperparameter searches by raysft: one parent run per search, its trials nested "
+        "under it, named by their sampled values.\n\n"
+        "MLflow's UI opens experiments on its GenAI overview (traces) until the sidebar's "
+        f"switch is set to **Model training** (once per browser): [open the runs]({runs})."
+    )
 
 
 def short_name(path: str) -> str:
@@ -424,6 +461,29 @@ def describe(summary: dict[str, Any]) -> str:
         )
     tally = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n)
     return "\n\n".join([head, f"Trials: {tally or 'none'}.", _promotion_line(summary)])
+
+
+def trial_note(row: dict[str, Any], *, metric: str, scheduler: str, best: bool) -> str:
+    """A trial run's description (the UI's "Description"): how it ended, at which step, with
+    which value; an ASHA stop said to be one, not a failure."""
+    step, of = row.get("step"), row["max_steps"]
+    at = f"step {step} of {of}" if step is not None else f"no step of {of}"
+    value = row.get("metric")
+    scored = f"{metric} {value:.4g}" if value is not None else f"no finite {metric}"
+    status = row["status"]
+    if status == "finished":
+        text = f"Finished: {at}, {scored}."
+    elif status == "stopped_early":
+        text = (
+            f"Stopped early by the {scheduler} scheduler at {at}: {scored} at its last eval. "
+            "Not a failure: the scheduler gave its steps to more promising trials."
+        )
+    elif status == "diverged":
+        text = f"Diverged at {at}: a non-finite metric; stopped at once, never ranked."
+    else:
+        cause = (row.get("error") or "no error recorded").strip().splitlines() or [""]
+        text = f"Failed at {at}: {_clipped(cause[-1], 300)} (tag `raysft.error`: the whole error)."
+    return f"**The search's best trial.** {text}" if best else text
 
 
 def _promotion_line(summary: dict[str, Any]) -> str:

@@ -33,7 +33,42 @@ def test_a_new_experiment_is_marked_as_model_training(mlc: Any) -> None:
     exp_id = tracking.experiment_id(mlc, "new")
     tags = mlc.get_experiment(exp_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+    # MLflow 3.17's UI ignores the kind: the description says how to reach the runs.
+    note = tags["mlflow.note.content"]
+    assert "Model training" in note and f"#/experiments/{exp_id}/runs?workflowType=" in note
     assert tracking.experiment_id(mlc, "new") == exp_id  # found, not made twice
+
+
+def test_a_sqlite_stores_artifacts_stay_beside_it_not_in_the_working_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under ray job submit the working dir is the job's temporary copy: MLflow's ./mlruns
+    # default would put plots, adapters and registered models there.
+    from mlflow.tracking import MlflowClient
+
+    store, job_copy = tmp_path / "shared", tmp_path / "job-copy"
+    store.mkdir()
+    job_copy.mkdir()
+    monkeypatch.chdir(job_copy)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlc = MlflowClient(tracking_uri=uri)
+    exp_id = tracking.experiment_id(mlc, "beside", uri=uri)
+    assert mlc.get_experiment(exp_id).artifact_location == (store / "mlruns").as_uri()
+    run = mlc.create_run(exp_id)
+    (tmp_path / "a.txt").write_text("x")
+    mlc.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
+    assert (store / "mlruns").is_dir() and not (job_copy / "mlruns").exists()
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None
+    assert tracking.artifact_root(f"file://{tmp_path}/store") is None
+
+
+def test_a_users_own_experiment_description_is_kept(mlc: Any) -> None:
+    own = mlc.create_experiment("described", tags={"mlflow.note.content": "my notes"})
+    bare = mlc.create_experiment("undescribed")
+    tracking.experiment_id(mlc, "described")
+    tracking.experiment_id(mlc, "undescribed")
+    assert mlc.get_experiment(own).tags["mlflow.note.content"] == "my notes"
+    assert "Model training" in mlc.get_experiment(bare).tags["mlflow.note.content"]
 
 
 def test_an_existing_experiment_gets_the_kind_unless_it_has_one(mlc: Any) -> None:
@@ -201,3 +236,47 @@ def test_the_runs_page_opens_on_model_training_best_trial_first() -> None:
     )
     assert tracking.ui_command("http://h:5000/", page) == f"open http://h:5000{page} in a browser"
     assert tracking.ui_command("http://h:5000") == "open http://h:5000 in a browser"
+
+
+@pytest.mark.parametrize(
+    ("row", "best", "said"),
+    [
+        (
+            {"status": "finished", "step": 150, "max_steps": 150, "metric": 0.49171},
+            True,
+            "**The search's best trial.** Finished: step 150 of 150, eval_loss 0.4917.",
+        ),
+        (
+            {"status": "stopped_early", "step": 30, "max_steps": 150, "metric": 2.19812},
+            False,
+            "Stopped early by the ASHA scheduler at step 30 of 150: eval_loss 2.198 at its last "
+            "eval. Not a failure",
+        ),
+        (
+            {
+                "status": "failed",
+                "step": 4,
+                "max_steps": 12,
+                "metric": None,
+                "error": "Traceback ...\nout of memory: CUDA",
+            },
+            False,
+            "Failed at step 4 of 12: out of memory: CUDA (tag `raysft.error`",
+        ),
+        (
+            {"status": "failed", "step": None, "max_steps": 12, "metric": None, "error": None},
+            False,
+            "Failed at no step of 12: no error recorded",
+        ),
+        (
+            {"status": "diverged", "step": 8, "max_steps": 12, "metric": None},
+            False,
+            "Diverged at step 8 of 12: a non-finite metric",
+        ),
+    ],
+)
+def test_a_trial_runs_description_says_how_it_ended(
+    row: dict[str, Any], best: bool, said: str
+) -> None:
+    note = tracking.trial_note(row, metric="eval_loss", scheduler="ASHA", best=best)
+    assert note.startswith(said), note

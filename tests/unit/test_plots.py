@@ -116,7 +116,7 @@ def test_six_trials_give_four_valid_pngs_in_the_experiment_dir(tmp_path: Path) -
     assert not plt.get_fignums(), "figures left open"
 
 
-def test_study_holds_ranked_trials_as_complete_and_the_rest_as_fail() -> None:
+def test_study_holds_finished_trials_as_complete_stopped_as_pruned_the_rest_as_fail() -> None:
     rows, hists = six_trials()
     study = plots.build_study(lora_spec(), rows, hists)
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
@@ -124,8 +124,11 @@ def test_study_holds_ranked_trials_as_complete_and_the_rest_as_fail() -> None:
     # Creation order (trial id), not rank order.
     assert [t.user_attrs["trial_id"] for t in trials] == [f"7c1e2_{i:05d}" for i in range(6)]
     states = [t.state.name for t in trials]
-    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "FAIL", "FAIL"]
     by_id = {r["trial_id"]: r for r in rows}
+    # As the searcher told Optuna: a value at ASHA's rung is not a final one.
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "FAIL", "FAIL"]
+    assert trials[2].value is None
+    assert trials[2].user_attrs["metric"] == pytest.approx(by_id["7c1e2_00002"]["metric"])
     first = trials[0]
     assert first.value == pytest.approx(by_id["7c1e2_00000"]["metric"])
     assert first.params == {"lr": 0.0032, "r": 8, "neft": 5, "alpha": 16}
@@ -161,8 +164,8 @@ def test_one_trial_skips_importances_with_a_reason(
         )
     assert [p.name for p in paths] == [plots.HISTORY, plots.PARALLEL, plots.CURVES]
     assert (
-        "param_importances.png skipped: needs >= 2 trials with a finite eval_loss, got 1"
-        in caplog.text
+        "param_importances.png skipped: needs >= 2 finished trials with a finite eval_loss, "
+        "got 1" in caplog.text
     )
 
 
@@ -333,3 +336,51 @@ def test_the_curve_labelled_best_is_the_trial_promotion_takes() -> None:
         assert widths[0] > max(widths[1:])
     finally:
         plt.close(fig)
+
+
+def test_history_marks_stopped_trials_apart_and_numbers_trials_as_the_summary() -> None:
+    rows, hists = six_trials()
+    for r in rows:
+        r["number"] = int(r["trial_id"][-5:]) + 1  # Tune's counter: 1-based
+    study = plots.build_study(lora_spec(), rows, hists)
+    fig = plots._history(study, "eval_loss")
+    try:
+        ax = fig.axes[0]
+        assert "3 trials finished (+1 stopped early)" in ax.get_title()
+        stopped = [c for c in ax.collections if "stopped early" in str(c.get_label())]
+        assert len(stopped) == 1
+        x, y = stopped[0].get_offsets()[0]
+        stopped_row = next(r for r in rows if r["status"] == "stopped_early")
+        assert (x, y) == (2, pytest.approx(stopped_row["metric"]))  # its place, its last eval
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert labels and set(labels) <= {"1", "2", "3", "4", "5", "6"}  # no 0, no 0.5
+        assert "3" in labels  # position 2 is summary.json's trial 3
+    finally:
+        plt.close(fig)
+
+
+def test_importances_leave_out_a_product_of_a_searched_parameter() -> None:
+    rows, hists = six_trials()
+    study = plots.build_study(lora_spec(), rows, hists)
+    fig = plots._importances(study, "eval_loss", ["lr", "r", "neft"])
+    try:
+        ax = fig.axes[0]
+        names = {t.get_text() for t in ax.get_yticklabels()}
+        assert names == {"lr", "r", "neft"}  # not alpha, which is r x 1 or 2
+        assert "3 trials finished" in ax.get_title()
+    finally:
+        plt.close(fig)
+
+
+def test_curves_take_a_log_scale_when_early_evals_would_flatten_the_rest() -> None:
+    rows, hists = six_trials()
+    order = list(lora_spec().search.params)
+    fig = plots._curves(rows, hists, "eval_loss", order)
+    assert fig.axes[0].get_yscale() == "linear"  # six_trials' evals lie within 4x
+    plt.close(fig)
+    best = rows[0]["trial_id"]
+    hists = {**hists, best: [{"step": 30, "eval_loss": 6.0}, *hists[best]]}
+    fig = plots._curves(rows, hists, "eval_loss", order)
+    assert fig.axes[0].get_yscale() == "log"
+    plt.close(fig)

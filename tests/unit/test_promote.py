@@ -184,6 +184,8 @@ def test_first_champion_is_registered_aliased_and_exported(
     assert champ.tags["raysft.metric"] == "eval_loss"
     assert float(champ.tags[TAG_VALUE]) == 0.5
     assert champ.tags["raysft.eval_fingerprint"] == record["eval_fingerprint"]
+    assert "**eval_loss = 0.5** (lower is better)" in champ.description
+    assert row["mlflow_run_id"] in champ.description
 
     export = exp_dir / "champion"
     assert Path(record["export_dir"]) == export.resolve()
