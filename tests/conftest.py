@@ -27,7 +27,7 @@ SUITE_RUN_VAR = "RAYSFT_IT_RUN"
 INTEGRATION_DIR = "tests/integration/"
 INTEGRATION_LANES = (
     ("test_faults", "test_search_local", "test_backend", "test_tracking_outage"),
-    ("test_job_submit", "test_autoscale", "test_default_run", "test_load"),
+    ("test_job_submit", "test_autoscale", "test_default_run", "test_storage", "test_load"),
 )
 
 

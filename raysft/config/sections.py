@@ -42,6 +42,20 @@ def _home(value: Any) -> Any:
     return os.path.expanduser(value) if value.startswith("~") else value
 
 
+def _local_path(value: Any) -> Any:
+    """An output directory setting (``_home`` expanded), refusing a URI: raysft writes there
+    with plain file I/O, so ``s3://bucket/x`` became the relative directory ``s3:/bucket/x``
+    under the working directory of each node, and a cluster's trials need one directory that
+    every node sees."""
+    value = _home(value)
+    if isinstance(value, str) and "://" in value:
+        raise ValueError(
+            f"{value}: a URI; raysft needs a shared filesystem path (NFS/EFS mounted at the "
+            "same path on every node), not a cloud URI"
+        )
+    return value
+
+
 def _takes(annotation: Any, kinds: tuple[type, ...]) -> bool:
     """Whether a field's type is, or is a union or Literal... holding, one of ``kinds``."""
     if annotation in kinds:
@@ -421,7 +435,14 @@ class SamplerSection(_Section):
 
     @model_validator(mode="after")
     def _tpe_settings_need_tpe(self) -> SamplerSection:
-        ignored = sorted({"startup_trials", "multivariate"} & self.model_fields_set)
+        # Set to other than their defaults: a saved spec (raysft_state.json, a checkpoint's
+        # config.yaml) holds every field, and must load again.
+        fields = type(self).model_fields
+        ignored = sorted(
+            k
+            for k in ("startup_trials", "multivariate")
+            if k in self.model_fields_set and getattr(self, k) != fields[k].default
+        )
         if self.type == "random" and ignored:
             raise ValueError(f"{', '.join(ignored)}: TPE settings, but type is random")
         return self
@@ -510,7 +531,7 @@ class SearchSection(_Section):
     experiment_dir: str = Field(
         "runs/search", description="Where trials, checkpoints and summary.json go."
     )
-    _experiment_home = field_validator("experiment_dir")(_home)
+    _experiment_home = field_validator("experiment_dir")(_local_path)
 
     @field_validator("params")
     @classmethod
@@ -538,7 +559,7 @@ class PromoteSection(_Section):
     export_dir: str | None = Field(
         None, description="Where the promoted adapter is exported. Null: EXPERIMENT_DIR/champion."
     )
-    _export_home = field_validator("export_dir")(_home)
+    _export_home = field_validator("export_dir")(_local_path)
 
     @field_validator("registered_model")
     @classmethod
@@ -580,7 +601,7 @@ class Config(_Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     promote: PromoteSection = Field(default_factory=PromoteSection)
 
-    _output_home = field_validator("output_dir")(_home)
+    _output_home = field_validator("output_dir")(_local_path)
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:

@@ -52,6 +52,7 @@ from raysft.search.resources import (
     plan_memory,
     plan_resources,
     ray_nodes,
+    resolve_auto_share,
     scale_up,
 )
 from raysft.search.space import (
@@ -61,6 +62,7 @@ from raysft.search.space import (
     trial_output_dir,
 )
 from raysft.search.spec import trial_memory
+from raysft.search.storage import check_shared_storage
 from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, read_attempts, run_trial_on_ray
 
 log = logging.getLogger(__name__)
@@ -129,12 +131,17 @@ def build_tuner(
     )
 
 
-def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
-    """Start (laptop) or join (cluster) Ray and plan the search on the nodes it has."""
+def _connect(
+    spec_path: str, tree: dict[str, Any], cfg: SearchSpec, exp_dir: Path, *, scratch: str
+) -> ResourcePlan:
+    """Start (laptop) or join (cluster) Ray and plan the search on the nodes it has. Joining,
+    ``gpus_per_worker: auto`` is resolved here into ``tree`` and ``cfg`` (load_spec left it),
+    and ``exp_dir`` must be storage every node sees."""
     import ray
 
     s = cfg.search
-    if attaching_to_cluster():
+    joining = attaching_to_cluster()
+    if joining:
         check_ray_address()
         init_ray(None)
         where = f"cluster {ray.get_runtime_context().gcs_address}"
@@ -146,6 +153,10 @@ def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
         nodes, waited = scale_up(s, share=share)
         where += f", {waited}" if waited else ""
         plan, problems = plan_resources(s, nodes, where=where, estimate=estimate)
+        if plan is not None and not problems:
+            resolve_auto_share(
+                tree, cfg, plan.memory.gpus_per_worker if plan.memory else s.resources.gpus
+            )
     else:
         nodes = local_nodes()
         plan, problems = plan_resources(s, nodes, where="this machine")
@@ -153,6 +164,10 @@ def _connect(spec_path: str, cfg: SearchSpec, *, scratch: str) -> ResourcePlan:
             init_ray(int(nodes[0]["CPU"]), scratch=scratch)
     if problems or plan is None:
         raise ConfigError(spec_path, problems)
+    if joining:  # before any trial: on a head-local path each would fail late, and retry
+        unshared = check_shared_storage(exp_dir)
+        if unshared:
+            raise ConfigError(spec_path, unshared)
     log.info(
         "search space:\n  %s\n%s\n%s",
         "\n  ".join(describe_space(s)),
@@ -299,12 +314,12 @@ def _search(
     gone = tracking.unusable_run(uri, state["parent_run_id"]) if state else None
     if gone:
         raise SearchStateError(f"{spec_path}: --resume: {gone}")
-    plan = _connect(spec_path, cfg, scratch=scratch)
+    plan = _connect(spec_path, tree, cfg, exp_dir, scratch=scratch)
     replaced.update(_stops_as_ctrl_c())  # after ray.init, whose driver aborts on them
     timing = {"ray_start_s": time.perf_counter() - t0}
     shared_ref = _share(shared)  # held for the whole search: the object lives while it is
     mlc = tracking.client(uri)
-    exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment)
+    exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment, uri=uri)
     digests = shared.digests if shared is not None else None
     parent_id = _parent_run(
         mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests, state=state

@@ -76,6 +76,9 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
     if joining:
         ray.init(runtime_env=runtime_env)  # num_cpus would raise when joining a cluster
     else:
+        notice = running_cluster_notice(running_clusters())
+        if notice:
+            log.warning("%s", notice)
         before = os.environ.get("TMPDIR")
         if scratch:
             os.environ["TMPDIR"] = scratch  # inherited by the Ray processes started here
@@ -95,6 +98,43 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
                 os.environ.pop("TMPDIR", None)
             else:
                 os.environ["TMPDIR"] = before
+
+
+def running_clusters() -> tuple[list[str], str | None]:
+    """The GCS addresses of the Ray clusters with a node on this machine (Ray's own search:
+    the raylet processes' ``--gcs-address``), and the one ``RAY_ADDRESS=auto`` would join
+    (the latest ``ray start``'s, in Ray's ray_current_cluster file), or None. Nothing, said
+    at debug level, when Ray's internals cannot tell: this only informs a warning."""
+    try:
+        from ray._private import services, utils
+
+        found = sorted(services.find_gcs_addresses())
+        latest = utils.read_ray_address()
+    except Exception as err:  # a Ray that moved them, a process table we may not read
+        log.debug("could not look for a running Ray cluster: %s", err)
+        return [], None
+    return found, latest
+
+
+def running_cluster_notice(clusters: tuple[list[str], str | None]) -> str | None:
+    """What a driver starting its own local Ray says when a Ray cluster already runs on this
+    machine (``running_clusters``): run on a cluster's head without RAY_ADDRESS, a search
+    would train on a second Ray of this machine alone, beside the cluster it was meant for.
+    Not refused: a local search may run beside someone else's Ray."""
+    found, latest = clusters
+    if not found:
+        return None
+    join = (
+        "RAY_ADDRESS=auto"
+        if latest in found or len(found) == 1 and latest is None
+        else f"RAY_ADDRESS={found[0]}"
+    )
+    named = ", ".join(found)
+    return (
+        f"a Ray cluster already runs on this machine (GCS {named}), but this search starts a "
+        f"local Ray of its own beside it; to run the search on that cluster, set {join} (or "
+        "submit it with `ray job submit`)"
+    )
 
 
 def job_working_dir(environ: Mapping[str, str]) -> str | None:

@@ -299,7 +299,10 @@ def check_resources(
 
     A cluster spec (joining one, or a GPU spec dry-run on a GPU-less machine) gets the memory
     check alone, against ``gpu_memory_gib``. ``gpus_per_worker: auto`` is resolved into ``tree``
-    and ``spec`` (the share each trial gets), so every trial reads a number.
+    and ``spec`` (the share each trial gets), so every trial reads a number; except when
+    joining a cluster, where it stays ``auto``: the driver resolves it from the cluster's nodes
+    once joined (``resolve_auto_share``), whose GPUs take precedence over ``gpu_memory_gib``
+    and over this machine's (a cluster's head may have none).
     """
     s = spec.search
     problems = gpu_sharing_problems(s.resources)
@@ -316,11 +319,19 @@ def check_resources(
     else:
         more = []
     problems += more
-    if plan is not None and s.resources.gpus_per_worker == "auto" and not problems:
-        tree.setdefault("search", {}).setdefault("resources", {})
-        tree["search"]["resources"]["gpus_per_worker"] = plan.gpus_per_worker
-        s.resources.gpus_per_worker = plan.gpus_per_worker
+    if plan is not None and nodes is not None and not problems:
+        resolve_auto_share(tree, spec, plan.gpus_per_worker)
     return problems, nodes is None or here
+
+
+def resolve_auto_share(tree: dict[str, Any], spec: SearchSpec, share: float) -> None:
+    """``gpus_per_worker: auto`` becomes ``share`` in ``spec`` and in ``tree`` (what every trial
+    validates again); a number is left as it is."""
+    if spec.search.resources.gpus_per_worker != "auto":
+        return
+    tree.setdefault("search", {}).setdefault("resources", {})
+    tree["search"]["resources"]["gpus_per_worker"] = share
+    spec.search.resources.gpus_per_worker = share
 
 
 def gpu_sharing_problems(r: ResourcesSection) -> list[str]:
@@ -345,7 +356,8 @@ class MemoryPlan:
 
     estimate: Estimate | None
     why_not: str | None  # no estimate: why
-    gpu: tuple[float, float] | None  # (largest, smallest) GPU in bytes; None: unknown
+    # (largest, smallest) GPU in bytes of the nodes that can host a worker; None: unknown
+    gpu: tuple[float, float] | None
     gpu_source: str
     gpus_per_worker: float  # resolved: auto -> 1/n
     problems: list[str] = field(default_factory=list)
@@ -377,7 +389,9 @@ class MemoryPlan:
                 f"GPU memory: unknown ({self.gpu_source}); set search.resources.gpu_memory_gib "
                 "to check it here: memory check skipped"
             )
-        head = f"GPU memory: {gib(self.gpu[0])} ({self.gpu_source})"
+        largest, smallest = self.gpu
+        sizes = gib(smallest) if largest == smallest else f"{gib(smallest)} to {gib(largest)}"
+        head = f"GPU memory: {sizes} ({self.gpu_source})"
         g = self.gpus_per_worker
         if self.problems:
             return f"{head}: does not fit"
@@ -400,13 +414,15 @@ def plan_memory(
 ) -> MemoryPlan:
     """Check a trial's estimate against the GPUs (of ``nodes``, else ``gpu_memory_gib``) and
     resolve ``gpus_per_worker: auto``: n trials per GPU when n of them fit in 90% of the
-    smallest GPU, with workers 1; one whole GPU otherwise."""
+    smallest GPU, with workers 1; one whole GPU otherwise.
+
+    Only the GPUs of nodes that can host a worker count (``worker_gpu_sizes``), and the trial
+    must fit the smallest of them: Ray may place it on any, and a check against the largest
+    passed trials that then ran out of memory on a smaller GPU of a mixed cluster."""
     r = search.resources
     if isinstance(estimate, str):
         return MemoryPlan(None, estimate, None, where, r.gpus)
-    sizes = [
-        n["gpu_memory_gib"] * GIB for n in nodes or [] if n.get("GPU") and "gpu_memory_gib" in n
-    ]
+    sizes = worker_gpu_sizes(r, nodes or [])
     if sizes:
         gpu: tuple[float, float] | None = (max(sizes), min(sizes))
         source = where
@@ -421,15 +437,26 @@ def plan_memory(
     if r.gpus_per_worker == "auto" and r.workers == 1:
         n = math.floor(SHARE_HEADROOM * gpu[1] / estimate.peak)
         share = math.floor(1e4 / n) / 1e4 if n > 1 else 1.0  # Ray counts GPUs in 1e-4 units
-    room = gpu[0] * min(share, 1.0)
+    room = gpu[1] * min(share, 1.0)
     if estimate.peak <= room:
         return MemoryPlan(estimate, None, gpu, source, share)
     return MemoryPlan(
-        estimate, None, gpu, source, share, [_too_big(estimate, share, gpu[0], source)]
+        estimate, None, gpu, source, share, [_too_big(estimate, share, gpu[1], source)]
     )
 
 
-def _too_big(e: Estimate, share: float, largest: float, source: str) -> str:
+def worker_gpu_sizes(r: ResourcesSection, nodes: list[Node]) -> list[float]:
+    """Bytes of the (smallest) GPU of each node that can host a worker: one with the CPUs and
+    GPUs it asks for (``auto`` as a whole GPU) and a known GPU size. A GPU head that Ray gives
+    no CPU (``CPU: 0``) never hosts one, so its GPU does not count."""
+    return [
+        n["gpu_memory_gib"] * GIB
+        for n in nodes
+        if "gpu_memory_gib" in n and n.get("GPU") and _workers_on(n, r.cpus_per_worker, r.gpus)
+    ]
+
+
+def _too_big(e: Estimate, share: float, smallest: float, source: str) -> str:
     parts = ", ".join(f"{k} {gib(v)}" for k, v in e.breakdown.items() if v)
     need = (
         f"search.resources: a trial needs ~{gib(e.peak)} of GPU memory at its peak "
@@ -437,10 +464,13 @@ def _too_big(e: Estimate, share: float, largest: float, source: str) -> str:
     )
     if share < 1:
         return (
-            f"{need}; its share of a GPU (gpus_per_worker {share:g} of {gib(largest)}, {source}) "
-            f"is {gib(largest * share)}"
+            f"{need}; its share of a GPU (gpus_per_worker {share:g} of {gib(smallest)}, "
+            f"{source}) is {gib(smallest * share)}"
         )
-    return f"{need}, the largest GPU has {gib(largest)} ({source}); to lower it: {e.levers}"
+    return (
+        f"{need}, the smallest GPU a worker may land on has {gib(smallest)} ({source}); "
+        f"to lower it: {e.levers}"
+    )
 
 
 def memory_fraction(share: float, total: float) -> float:

@@ -3,7 +3,8 @@ Ray Train worker that runs the SFT recipe.
 
 A retry (a killed worker, a lost node) is a new Train run with the same name and storage path:
 Ray Train restores the run's latest checkpoint and the workers resume from it exactly. An
-out-of-memory trial is failed at once, never retried.
+out-of-memory trial, or one whose storage the nodes do not share, is failed at once, never
+retried.
 """
 
 from __future__ import annotations
@@ -152,6 +153,30 @@ def is_input_error(cause: str) -> bool:
     return cause.split(":", 1)[0] in _INPUT_ERRORS
 
 
+# Ray Train's check that a run's storage path is the same directory on every node (its
+# StorageContext writes a marker on the driver's node, then looks for it on each worker's): a
+# path on the head alone fails it on every other node, again on every retry, each from step 0.
+STORAGE_SETUP_ERROR = "Unable to set up cluster storage"
+_SHARED_STORAGE = (
+    "search.experiment_dir is not storage every node sees: mount shared storage (NFS/EFS) at "
+    "the same path on every node"
+)
+
+
+def is_storage_error(cause: str) -> bool:
+    """Whether a trial failed because its storage is not shared by every node: no retry."""
+    return STORAGE_SETUP_ERROR in cause
+
+
+def failure_message(cause: str) -> str:
+    """What a trial failed for good says: its cause, with what to do where raysft knows."""
+    if is_out_of_memory(cause):
+        return f"out of memory: {cause}"
+    if is_storage_error(cause):
+        return f"{_SHARED_STORAGE} ({cause})"
+    return cause
+
+
 def run_trial_on_ray(
     config: dict[str, Any], *, tree: dict[str, Any], exp_dir: str, shared: list[Any] | None = None
 ) -> None:
@@ -260,8 +285,7 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
         # It failed for good before a --resume (out of memory, on its inputs, or out of
         # retries), and Tune's resume_errored starts it again: it stays failed, for the same
         # cause, without running (--resume refuses changed data or a changed spec anyway).
-        cause = attempts[-1]["error"]
-        raise TrialFailure(f"out of memory: {cause}" if is_out_of_memory(cause) else cause)
+        raise TrialFailure(failure_message(attempts[-1]["error"]))
     for attempt in range(len(attempts) + 1, retries + 2):
         try:
             make_trainer().fit()
@@ -276,13 +300,17 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
                 log.info("trial stopped by Tune: %s", error_cause(err))
                 return
             cause = error_cause(err)
-            oom = is_out_of_memory(cause)
-            last = oom or is_input_error(cause) or attempt > retries
+            last = (
+                is_out_of_memory(cause)
+                or is_input_error(cause)
+                or is_storage_error(cause)
+                or attempt > retries
+            )
             attempts.append({"attempt": attempt, "error": cause, "retried": not last})
             record.parent.mkdir(parents=True, exist_ok=True)
             replace_text(record, json.dumps(attempts, indent=2))  # never left cut short
             if last:
-                raise TrialFailure(f"out of memory: {cause}" if oom else cause) from None
+                raise TrialFailure(failure_message(cause)) from None
             log.warning("attempt %d failed (%s); retrying from the last checkpoint", attempt, cause)
 
 

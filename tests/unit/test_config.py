@@ -583,6 +583,32 @@ def test_a_directory_given_as_the_config_is_said_to_be_one(tmp_path: Path) -> No
     assert err.value.problems == ["a directory, not a YAML file"]
 
 
+def test_a_cloud_uri_as_an_output_directory_is_refused_at_load(tmp_path: Path) -> None:
+    """Written with plain file I/O, s3://bucket/x was the directory ./s3:/bucket/x."""
+    spec = write(tmp_path, "search:\n  params:\n    lora.r: {type: choice, values: [8, 16]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            spec,
+            {
+                "search.experiment_dir": "s3://bucket/x",
+                "promote.export_dir": "gs://bucket/champion",
+                "output_dir": "file:///mnt/out",
+            },
+        )
+    why = (
+        "a URI; raysft needs a shared filesystem path (NFS/EFS mounted at the same path on "
+        "every node), not a cloud URI"
+    )
+    assert sorted(err.value.problems) == [
+        f"--set output_dir: file:///mnt/out: {why}",
+        f"--set promote.export_dir: gs://bucket/champion: {why}",
+        f"--set search.experiment_dir: s3://bucket/x: {why}",
+    ]
+    # A path that only holds a colon is a path.
+    cfg = load_config(spec, {"search.experiment_dir": "/mnt/nfs/a:b", "output_dir": "o:1"})
+    assert cfg.search is not None and cfg.search.experiment_dir == "/mnt/nfs/a:b"
+
+
 def test_a_leading_tilde_in_a_path_setting_is_the_home_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -299,6 +299,24 @@ def test_cluster_yaml_installs_the_driver_matched_torch_and_checks_it():
     assert any("raysft.train.device --require-cuda" in c for c in cluster["worker_setup_commands"])
 
 
+def test_cluster_yaml_makes_its_venv_with_a_python_raysft_supports():
+    """The AMI's python3 is 3.10; pyproject's requires-python would refuse the install."""
+    import re
+
+    import tomllib
+    import yaml
+
+    floor = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    need = tuple(int(x) for x in re.fullmatch(r">=(\d+)\.(\d+)", floor).groups())  # type: ignore[union-attr]
+    setup = yaml.safe_load((ROOT / "cluster.yaml").read_text())["setup_commands"]
+    venv = next(c for c in setup if " -m venv " in c)
+    got = re.search(r"python(\d+)\.(\d+) -m venv", venv)
+    assert got, f"the venv is made with an unversioned python: {venv}"
+    assert tuple(map(int, got.groups())) >= need
+    installed = next(c for c in setup if "apt-get install" in c and "-venv" in c)
+    assert f"python{got[1]}.{got[2]}-venv" in installed
+
+
 # ---------------------------------------------------------------- on a GPU
 
 

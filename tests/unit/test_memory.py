@@ -349,8 +349,8 @@ def test_a_trial_larger_than_the_gpu_is_refused_with_the_numbers(llama2_7b: Path
         "(optimizer step: weights 25.10 GiB, grads 25.10 GiB, optimizer 75.31 GiB, overhead "
     )
     assert problem.endswith(
-        "the largest GPU has 79.10 GiB (c); to lower it: method qlora or lora, a smaller "
-        "train.batch_size (more train.grad_accum), a smaller data.max_seq_len"
+        "the smallest GPU a worker may land on has 79.10 GiB (c); to lower it: method qlora "
+        "or lora, a smaller train.batch_size (more train.grad_accum), a smaller data.max_seq_len"
     )
 
 
@@ -363,6 +363,41 @@ def test_a_share_too_small_is_refused(qlora_estimate: Estimate) -> None:
     assert "its share of a GPU (gpus_per_worker 0.25 of 22.00 GiB, c) is 5.50 GiB" in problems[0]
 
 
+def test_a_trial_is_checked_against_the_smallest_gpu_a_worker_may_land_on(
+    qlora_estimate: Estimate,
+) -> None:
+    """A mixed cluster: Ray may place a trial on the small GPUs, so it must fit them; a GPU
+    head that Ray gives no CPU hosts no worker and does not count, however large."""
+    peak = qlora_estimate.peak / GIB
+    small = math.floor(peak) - 1  # GiB: the trial does not fit
+    mixed = [
+        {"CPU": 0.0, "GPU": 1.0, "gpu_memory_gib": 139.8},  # the head: no CPU for a worker
+        {"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": 79.1},
+        {"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": float(small)},
+    ]
+    plan, problems = plan_resources(
+        search_of(gpus_per_worker=1), mixed, where="c", estimate=qlora_estimate
+    )
+    assert plan is None
+    (problem,) = problems
+    assert f"the smallest GPU a worker may land on has {small:.2f} GiB (c)" in problem
+    # The same cluster without the small node: checked against 79.1 GiB, not the head's 139.8.
+    plan, problems = plan_resources(
+        search_of(gpus_per_worker="auto"), mixed[:2], where="c", estimate=qlora_estimate
+    )
+    assert problems == [] and plan is not None and plan.memory is not None
+    assert plan.memory.gpu == (79.1 * GIB, 79.1 * GIB)
+    n = math.floor(0.9 * 79.1 * GIB / qlora_estimate.peak)  # shared by the 79.1 GiB GPU
+    assert plan.memory.gpus_per_worker == math.floor(1e4 / n) / 1e4
+    # A node without the CPUs a worker asks for does not count either.
+    few_cpus = [{"CPU": 2.0, "GPU": 1.0, "gpu_memory_gib": float(small)}, mixed[1]]
+    plan, problems = plan_resources(
+        search_of(gpus_per_worker=1, cpus_per_worker=4), few_cpus, where="c",
+        estimate=qlora_estimate,
+    )  # fmt: skip
+    assert problems == [] and plan is not None and plan.concurrent == 1
+
+
 def test_unknown_gpu_memory_is_said_and_skipped(qlora_estimate: Estimate) -> None:
     memory = plan_memory(search_of(gpus_per_worker=1), qlora_estimate, None, where="the cluster")
     assert memory.problems == [] and not memory.checked
@@ -371,7 +406,10 @@ def test_unknown_gpu_memory_is_said_and_skipped(qlora_estimate: Estimate) -> Non
     given = plan_memory(
         search_of(gpus_per_worker=1, gpu_memory_gib=8), qlora_estimate, None, where="the cluster"
     )
-    assert "the largest GPU has 8.00 GiB (search.resources.gpu_memory_gib)" in given.problems[0]
+    assert (
+        "the smallest GPU a worker may land on has 8.00 GiB (search.resources.gpu_memory_gib)"
+        in given.problems[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -446,7 +484,10 @@ def test_load_spec_refuses_a_cluster_spec_that_cannot_fit(tmp_path: Path, llama2
         load_spec(path, [], dry_run=True)
     (problem,) = err.value.problems
     assert problem.startswith("search.resources: a trial needs ~")
-    assert "the largest GPU has 8.00 GiB (search.resources.gpu_memory_gib)" in problem
+    assert (
+        "the smallest GPU a worker may land on has 8.00 GiB (search.resources.gpu_memory_gib)"
+        in problem
+    )
     _, spec = load_spec(path, ["search.resources.gpu_memory_gib=24"], dry_run=True)
     assert spec.search.resources.gpus_per_worker == 1
 
@@ -458,6 +499,93 @@ def test_load_spec_resolves_auto_into_the_trials_tree(tmp_path: Path, llama2_7b:
     share = spec.search.resources.gpus_per_worker
     assert isinstance(share, float) and 0 < share <= 0.5
     assert resolved["search"]["resources"]["gpus_per_worker"] == share  # what trials read
+
+
+def test_auto_joining_a_cluster_is_resolved_from_the_clusters_gpus_once_joined(
+    tmp_path: Path, llama2_7b: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver runs on a GPU-less head (or a laptop with a small GPU, here 10 GiB): load
+    leaves auto as it is, and the share comes from the cluster's A100-80G worker."""
+    import types
+
+    import ray
+
+    from raysft.search import driver
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setattr(spec_module, "local_nodes", lambda: pytest.fail("this machine probed"))
+    tree, spec = load_spec(
+        write_spec(tmp_path, spec_tree(llama2_7b, R_CHOICE, gpus_per_worker="auto")),
+        [],
+        preflight=False,
+    )
+    assert spec.search.resources.gpus_per_worker == "auto"
+    assert tree["search"]["resources"]["gpus_per_worker"] == "auto"
+    cluster = [
+        {"CPU": 8.0, "GPU": 0.0},  # the head
+        node_of({"Resources": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100-80G": 1.0}}),
+    ]
+    checked: list[Path] = []
+    monkeypatch.setattr(driver, "check_ray_address", lambda: None)
+    monkeypatch.setattr(driver, "init_ray", lambda plan_cpus: None)
+    monkeypatch.setattr(
+        ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address="10.0.0.1:6379")
+    )
+    monkeypatch.setattr(driver, "ray_nodes", lambda: cluster)
+    monkeypatch.setattr(driver, "scale_up", lambda search, share: (cluster, ""))
+    monkeypatch.setattr(driver, "check_shared_storage", lambda d: checked.append(d) or [])
+    plan = driver._connect("s.yaml", tree, spec, tmp_path / "exp", scratch=str(tmp_path))
+    n = math.floor(0.9 * 79.1 * GIB / trial_memory(spec).peak)  # type: ignore[union-attr]
+    assert n >= 2
+    share = math.floor(1e4 / n) / 1e4
+    assert spec.search.resources.gpus_per_worker == share
+    assert tree["search"]["resources"]["gpus_per_worker"] == share  # what every trial reads
+    assert plan.gpus_per_trial == share and plan.concurrent == min(n, spec.search.num_samples)
+    assert checked == [tmp_path / "exp"]  # the storage check ran, once joined
+
+
+def test_auto_in_laptop_mode_is_still_resolved_at_load_from_this_machine(
+    tmp_path: Path, llama2_7b: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    here = [{"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": 79.1}]
+    monkeypatch.setattr(spec_module, "local_nodes", lambda: here)
+    tree, spec = load_spec(
+        write_spec(tmp_path, spec_tree(llama2_7b, R_CHOICE, gpus_per_worker="auto")),
+        [],
+        preflight=False,
+    )
+    n = math.floor(0.9 * 79.1 * GIB / trial_memory(spec).peak)  # type: ignore[union-attr]
+    share = math.floor(1e4 / n) / 1e4
+    assert spec.search.resources.gpus_per_worker == share
+    assert tree["search"]["resources"]["gpus_per_worker"] == share
+
+
+def test_a_cluster_whose_storage_a_node_does_not_see_is_refused_before_any_trial(
+    tmp_path: Path, llama2_7b: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import ray
+
+    from raysft.search import driver
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    tree, spec = load_spec(
+        write_spec(tmp_path, spec_tree(llama2_7b, R_CHOICE)), [], preflight=False
+    )
+    cluster = [{"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": 79.1}] * 2
+    monkeypatch.setattr(driver, "check_ray_address", lambda: None)
+    monkeypatch.setattr(driver, "init_ray", lambda plan_cpus: None)
+    monkeypatch.setattr(
+        ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address="10.0.0.1:6379")
+    )
+    monkeypatch.setattr(driver, "scale_up", lambda search, share: (cluster, ""))
+    monkeypatch.setattr(driver, "check_shared_storage", lambda d: [f"{d} is not visible"])
+    with pytest.raises(ConfigError) as err:
+        driver._connect("s.yaml", tree, spec, tmp_path / "exp", scratch=str(tmp_path))
+    assert err.value.problems == [f"{tmp_path / 'exp'} is not visible"]
 
 
 @pytest.mark.usefixtures("no_gpu")
@@ -480,7 +608,10 @@ def test_load_spec_checks_memory_on_a_gpu_machine(
     path = write_spec(tmp_path, spec_tree(llama2_7b, R_CHOICE))
     with pytest.raises(ConfigError) as err:
         load_spec(path, [], preflight=False)
-    assert "the largest GPU has 10.00 GiB (this machine)" in err.value.problems[0]
+    assert (
+        "the smallest GPU a worker may land on has 10.00 GiB (this machine)"
+        in err.value.problems[0]
+    )
 
 
 @pytest.mark.usefixtures("no_gpu")

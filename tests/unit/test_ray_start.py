@@ -237,3 +237,62 @@ def test_local_mlflow_stores_are_found_and_servers_are_not(tmp_path: Path, monke
     for server in ("http://127.0.0.1:5000", "https://x", "databricks", "databricks://p",
                    "postgresql://u@h/db"):  # fmt: skip
         assert local_store(server) is None, server
+
+
+# ---------------------------------------------------------------- a cluster already running here
+
+
+def test_a_running_cluster_on_this_machine_is_named_with_how_to_join_it() -> None:
+    from raysft.search.ray_start import running_cluster_notice
+
+    assert running_cluster_notice(([], None)) is None
+    assert running_cluster_notice(([], "10.0.0.1:6379")) is None  # a stale file: none runs
+    head = running_cluster_notice((["10.0.0.1:6379"], "10.0.0.1:6379"))
+    assert head == (
+        "a Ray cluster already runs on this machine (GCS 10.0.0.1:6379), but this search starts "
+        "a local Ray of its own beside it; to run the search on that cluster, set "
+        "RAY_ADDRESS=auto (or submit it with `ray job submit`)"
+    )
+    # Two, and the latest `ray start` names neither: auto would not reach them, an address does.
+    two = running_cluster_notice((["10.0.0.1:6379", "10.0.0.1:6380"], "10.0.0.9:6379"))
+    assert two is not None and "(GCS 10.0.0.1:6379, 10.0.0.1:6380)" in two
+    assert "set RAY_ADDRESS=10.0.0.1:6379 (or submit" in two
+
+
+def test_a_local_search_beside_a_running_cluster_warns_and_still_starts_its_own(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ray.init is replaced to read its arguments; what Ray finds running is given."""
+    import ray
+
+    from raysft.search import ray_start
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray_start, "attaching_to_cluster", lambda: False)
+    monkeypatch.setattr(ray_start, "running_clusters", lambda: (["10.0.0.1:6379"], None))
+    with caplog.at_level("WARNING", logger=ray_start.__name__):
+        ray_start.init_ray(2)
+    assert [kw["address"] for kw in calls] == ["local"]  # not refused, not joined
+    (record,) = [r for r in caplog.records if r.name == ray_start.__name__]
+    assert record.levelname == "WARNING"
+    assert "GCS 10.0.0.1:6379" in record.getMessage()
+    assert "set RAY_ADDRESS=auto" in record.getMessage()
+    calls.clear()
+    caplog.clear()
+    monkeypatch.setattr(ray_start, "running_clusters", lambda: ([], None))
+    ray_start.init_ray(2)
+    assert len(calls) == 1 and not caplog.records
+
+
+def test_rays_own_search_for_running_clusters_answers() -> None:
+    """Ray's internals still answer where raysft reads them (a Ray that moved them would make
+    the warning silently never fire)."""
+    from raysft.search.ray_start import running_clusters
+
+    found, latest = running_clusters()
+    from ray._private import services, utils
+
+    assert found == sorted(services.find_gcs_addresses())
+    assert latest == utils.read_ray_address()

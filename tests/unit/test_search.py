@@ -913,6 +913,17 @@ def test_bad_sampler_settings(sampler: dict[str, Any], expected: str) -> None:
     assert err.value.problems == [expected]
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_saved_spec_loads_again_whatever_its_sampler(sampler: str) -> None:
+    # raysft_state.json, summary.json's resolved_spec and a run's config.yaml hold every field,
+    # TPE's defaults too: raysft.promote, raysft.evaluate and --resume-from read them back.
+    from raysft.search.experiment import spec_record
+
+    cfg = validate_tree(spec({"train.learning_rate": LR}, sampler={"type": sampler}))
+    again = validate_tree(spec_record(cfg))
+    assert again.search.sampler == cfg.search.sampler
+
+
 @pytest.mark.parametrize(
     ("sampler", "concurrent", "expected"),
     [
@@ -1601,6 +1612,39 @@ def test_a_trial_that_failed_on_its_inputs_is_not_retried(
     assert [a["retried"] for a in json.loads(record.read_text())] == [True] * (attempts - 1) + [
         False
     ]
+
+
+def test_a_trial_whose_storage_the_nodes_do_not_share_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train's storage check fails the same way on every attempt (a head-local
+    experiment_dir): failed at once, saying what to mount, and again so on --resume."""
+    from raysft.search import trial
+
+    class Failing:  # as Ray Train V2's StorageContext raises it on a worker's node
+        def fit(self) -> None:
+            calls.append(1)
+            raise RuntimeError(
+                "Unable to set up cluster storage with the following settings:\n"
+                "StorageContext<\n  storage_path='/home/me/runs/search/train',\n>\n"
+                "Check that all nodes in the cluster have read/write access"
+            )
+
+    monkeypatch.setattr(trial, "tune_is_running_this_trial", lambda: True)
+    calls: list[int] = []
+    record = tmp_path / "attempts.json"
+    want = (
+        r"^search\.experiment_dir is not storage every node sees: mount shared storage "
+        r"\(NFS/EFS\) at the same path on every node \(RuntimeError: Unable to set up cluster "
+        r"storage"
+    )
+    with pytest.raises(trial.TrialFailure, match=want):
+        trial._fit_with_retries(Failing, retries=2, record=record)
+    assert len(calls) == 1
+    assert [a["retried"] for a in json.loads(record.read_text())] == [False]
+    with pytest.raises(trial.TrialFailure, match=want):  # --resume restarts it: still failed
+        trial._fit_with_retries(Failing, retries=2, record=record)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("cause", ["ActorDiedError: died", "torch.OutOfMemoryError: CUDA"])
