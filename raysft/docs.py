@@ -93,7 +93,11 @@ def reference() -> str:
 def metrics_table() -> str:
     """The metric registry as a table: what ``search.metric`` can name, and when it is computed."""
 
-    when = {"step": "each step (logged at evals)", "eval": "every eval", "final": "last eval only"}
+    when = {
+        "step": "each step (reported at evals, with the steps since the last)",
+        "eval": "every eval",
+        "final": "last eval only",
+    }
     lines = [
         "### Metrics (`search.metric`)",
         "",

@@ -24,8 +24,8 @@ from raysft.search.tracking import (
     STATUS_TAG,
     TrialResolver,
     callback_requests,
-    log_metrics,
     log_params,
+    log_records,
     note_callback_failure,
     note_trial_end,
     out_of_reach,
@@ -195,15 +195,24 @@ def make_callback(
             if run_id is None:  # its run could not be created
                 return
             ts = result.get("timestamp", 0)
-            for record in [*replayed, result]:  # a resumed trial's earlier records first
-                step = int(record.get("step", 0))
-                if step <= self.logged_step.get(trial.trial_id, 0):
-                    continue  # re-reported after a restart from an earlier checkpoint
-                self.logged_step[trial.trial_id] = step
-                self._mlflow(
-                    f"trial {trial.trial_id}'s metrics at step {step}",
-                    functools.partial(log_metrics, mlc, run_id, {**record, "timestamp": ts}),
-                )
+            # The report's earlier records first: its steps since the last report, or a resumed
+            # trial's replay. A step logged before (a restart from an earlier checkpoint) is not
+            # logged again.
+            done = self.logged_step.get(trial.trial_id, 0)
+            new = [
+                {**record, "timestamp": ts}
+                for record in [*replayed, result]
+                if int(record.get("step", 0)) > done
+            ]
+            if not new:
+                return
+            first, last = int(new[0].get("step", 0)), int(new[-1].get("step", 0))
+            self.logged_step[trial.trial_id] = last
+            steps = f"step {last}" if first == last else f"steps {first}-{last}"
+            self._mlflow(
+                f"trial {trial.trial_id}'s metrics at {steps}",
+                functools.partial(log_records, mlc, run_id, new),
+            )
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._end(trial, error=False)

@@ -36,7 +36,6 @@ def _score_pair(
     cfg_tree: dict[str, Any], tuned_dir: str, rows: list[Conversation]
 ) -> dict[str, Any]:
     """In a Ray worker: score the base and the tuned model on the held-out ``rows``."""
-
     cfg = validate_tree(cfg_tree, source="<best trial>")
     scores = {
         "base": score_model(cfg.model.name_or_path, cfg, conversations=rows),
@@ -47,6 +46,18 @@ def _score_pair(
         "side_by_side": side_by_side(scores, n=SHOWN),
         "scores": as_json(scores, n=SHOWN),
     }
+
+
+def _score_pair_task(
+    cfg_tree: dict[str, Any], tuned_dir: str, rows: list[Conversation]
+) -> dict[str, Any]:
+    """``_score_pair`` as the Ray task runs it: in a task process of its own, for this one
+    scoring, a model that is not quantized loads without bitsandbytes' import, as in a trial's
+    worker (``keep_bitsandbytes_out``: ~1 CPU-s on the finish's critical path)."""
+    from raysft.search.trial import keep_bitsandbytes_out
+
+    keep_bitsandbytes_out(str(cfg_tree.get("method")))
+    return _score_pair(cfg_tree, tuned_dir, rows)
 
 
 Scores = Callable[[], dict[str, Any]]  # waits for the task's scores; raises what it raised
@@ -67,7 +78,7 @@ def start(spec: SearchSpec, best_cfg: Config, tuned_dir: str) -> Scores:
 
         return raise_it
     res = spec.search.resources
-    task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus or 0)(_score_pair)
+    task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus or 0)(_score_pair_task)
     handle = task.remote(best_cfg.model_dump(mode="json"), tuned_dir, rows)
     return lambda: ray.get(handle)
 

@@ -602,7 +602,13 @@ def _register(
         description=f"A {what} of {tags[TAG_BASE]}, from the trial run {run_id}: "
         f"**{record['metric']} = {record['value']:.4g}** ({better} is better) on the search's "
         "eval rows (tag raysft.eval_fingerprint). Load it with "
-        "raysft.search.promote.load_champion.",
+        "raysft.search.promote.load_champion"
+        + (
+            ", which puts it on the unquantized base: it scored that value on the 4-bit base it "
+            "trained on, and scores slightly differently there."
+            if method == "qlora"
+            else "."
+        ),
     )
     return version
 

@@ -527,15 +527,22 @@ def metric_points(record: dict[str, Any]) -> list[Any]:
 
 
 def log_metrics(mlc: Any, run_id: str, result: dict[str, Any]) -> None:
-    """Every registry metric in a trial's result, at the trial's own step."""
-    metrics = metric_points(result)
-    if metrics:
-        mlc.log_batch(run_id, metrics=metrics)
+    """Every registry metric in a trial's result, at the trial's own step. (What the trials'
+    callback of a search begun before 2026-12-06 calls, by name, after --resume.)"""
+    log_records(mlc, run_id, [result])
+
+
+def log_records(mlc: Any, run_id: str, records: Sequence[dict[str, Any]]) -> None:
+    """Every registry metric of ``records`` (one per step), in as few requests as MLflow takes
+    (a report carries the steps since the last one)."""
+    points = [m for record in records for m in metric_points(record)]
+    for i in range(0, len(points), 1000):  # MLflow caps a batch at 1000 metrics
+        mlc.log_batch(run_id, metrics=points[i : i + 1000])
 
 
 def trial_history(lines: Sequence[str]) -> list[dict[str, Any]]:
-    """A trial's reports (Tune's ``result.json``, one JSON object per line), with the records a
-    resumed trial replays (``REPLAYED``), as ``{step, timestamp, registry metrics}`` per step in
+    """A trial's reports (Tune's ``result.json``, one JSON object per line), with the earlier
+    records each carries (``REPLAYED``), as ``{step, timestamp, registry metrics}`` per step in
     step order; a step reported twice (a restart from an earlier checkpoint) keeps its latest."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in lines:
@@ -544,6 +551,7 @@ def trial_history(lines: Sequence[str]) -> list[dict[str, Any]]:
         except ValueError:  # empty, or cut short by a kill while Tune wrote it
             continue
         ts = report.get("timestamp", 0)
+        # A report's earlier records: its steps since the last one, a resumed trial's replay.
         for record in [*(report.get(REPLAYED) or []), report]:
             if not isinstance(record.get("step"), int):
                 continue

@@ -112,7 +112,8 @@ def keep_bitsandbytes_out(method: str) -> bool:
     ImportError), and bitsandbytes wraps its CPU kernels in ``torch.compile`` at import, which
     loads inductor: 1.9 s of a LoRA trial's 5.4 s setup on 2 idle cores (2026-12-03), on the
     critical path of every trial, for a module only QLoRA uses. A Train worker is a process of its
-    own, for one run of one trial's method, so this cannot reach a QLoRA trial; it is never done
+    own, for one run of one trial's method, so this cannot reach a QLoRA trial (nor can the
+    base-vs-tuned task's, ``compare._score_pair_task``: one scoring of one method); it is never done
     in a user's process.
     """
     if method == "qlora" or "bitsandbytes" in sys.modules or "peft" in sys.modules:

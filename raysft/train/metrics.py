@@ -107,8 +107,10 @@ def _has_tests(cfg: Any) -> bool:
     return _generates(cfg) and sources_have_tests(d.eval, "eval")
 
 
-# Key of a resumed trial's first report: the checkpoint's records before the one reported, in
-# step order (``recipe.train``), for a driver that may have missed them (``tracking``).
+# Key of a report's earlier records, in step order (``recipe.train``): the steps since the last
+# report (reports come at evals; MLflow logs every step's records), and in a resumed trial's first
+# report the checkpoint's records before the one reported, for a driver that may have missed them
+# (``tracking``). The name is kept: a search's pickled callback reads it by value.
 REPLAYED = "replayed_records"
 
 METRICS: dict[str, Metric] = {

@@ -131,6 +131,42 @@ def _export_dtype(run: Run) -> torch.dtype | None:
     return torch.bfloat16 if computes_in_bf16(run.cfg, run.device) else None
 
 
+NUMERICS = "numerics"  # progress.final's key: the dtypes the run resolved (``numerics``)
+
+
+def numerics(cfg: Config, device: torch.device, model: Any) -> dict[str, str]:
+    """The dtypes this run trains with, as its ``auto`` settings resolved them on this device:
+    the frozen base's, QLoRA's matmuls', and the autocast. Recorded with every checkpoint (and
+    in metrics.json), so that a resume on another kind of host says it computes otherwise."""
+    from raysft.train.model import resolve_compute_dtype
+
+    out = {
+        "base_dtype": str(model.dtype).removeprefix("torch."),
+        "autocast": "bfloat16" if computes_in_bf16(cfg, device) else "none",
+    }
+    if cfg.method == "qlora":
+        out["compute_dtype"] = str(resolve_compute_dtype(cfg.qlora, device)).removeprefix("torch.")
+    return out
+
+
+def _warn_of_other_numerics(
+    saved: dict[str, str] | None, own: dict[str, str], checkpoint: str | Path
+) -> None:
+    """A checkpoint's run computed with other dtypes (``auto`` resolves per device: bf16 on a
+    GPU or an AMX CPU, fp32 on an AVX2 one): it continues, no longer as the run would have."""
+    if not saved:  # a checkpoint from before the record
+        return
+    changed = [f"{k} {own.get(k)} (was {v})" for k, v in saved.items() if own.get(k) != v]
+    if changed:
+        log.warning(
+            "resumed from %s with other numerics than it was trained with: %s; the run goes "
+            "on, but not as it would have on its first device (`auto` dtypes resolve per "
+            "device: set model.dtype, qlora.compute_dtype and train.precision to keep them)",
+            checkpoint,
+            ", ".join(changed),
+        )
+
+
 def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
     """A context-manager factory: bf16 autocast where ``train.precision`` asks for it, else none."""
 
@@ -340,6 +376,7 @@ def setup(
         fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
         group_tokens=group_tokens,
     )
+    own = numerics(cfg, device, model)
     if resume_from is not None:
         progress = load_state(
             resume_from, model=model, optimizer=optimizer, scheduler=scheduler, rank=dist.rank,
@@ -347,9 +384,13 @@ def setup(
         )  # fmt: skip
         stream.seek(progress.epoch, progress.position)
         log.info("resumed from %s at step %d", resume_from, progress.step)
+        _warn_of_other_numerics(progress.final.get(NUMERICS), own, resume_from)
+        progress.final[NUMERICS] = own
     else:
         trainable, total = count_parameters(model)
-        progress = Progress(final={"trainable_params": trainable, "total_params": total})
+        progress = Progress(
+            final={"trainable_params": trainable, "total_params": total, NUMERICS: own}
+        )
         # LoRA starts with B = 0 and full FT with the base weights: the model *is* the base.
         if cfg.train.eval_base and cfg.train.exact_match and data.eval_conversations:
             base, _ = evaluate(final=True, only=("exact_match",))
@@ -457,9 +498,9 @@ def train(run: Run, report: Reporter | None) -> None:
         # driver that died may never have heard the last few (the trial would miss those evals
         # in MLflow, or, resumed at max_steps, end as stopped early). One report, not one per
         # record: Ray Train takes a report per controller poll (2 s). The MLflow callback logs
-        # the steps it has not logged yet and drops the rest.
-        # The eval records, the ones reported; the checkpoint's is the last.
-        *earlier, restored = [r for r in progress.history if _evaluates_at(r["step"], cfg)]
+        # the steps it has not logged yet and drops the rest. The checkpoint's record is the
+        # last (a checkpoint is written at an eval, after its record).
+        *earlier, restored = progress.history
         report({**restored, REPLAYED: earlier} if earlier else restored, None)
     run.model.train()
     t_train = time.perf_counter()
@@ -467,6 +508,9 @@ def train(run: Run, report: Reporter | None) -> None:
     # A resumed run's time up to its checkpoint counts too (what ran after it is done again).
     before = progress.seconds
     times.update({k: v for k, v in before.items() if k in _PHASES})
+    # The steps' records since the last report, carried by the next one (``REPLAYED``): Tune
+    # hears a trial at its evals, MLflow gets every step's train_loss, lr and tokens.
+    between: list[dict[str, Any]] = []
     times["setup_s"] = times.get("setup_s", 0.0) + t_train - run.t0
     run.t0 -= before.get("elapsed_s", 0.0)
     t_train -= before.get("train_s", 0.0)
@@ -517,10 +561,12 @@ def train(run: Run, report: Reporter | None) -> None:
                 "train_s": round(t - t_train, 3),
                 "elapsed_s": record["elapsed_s"],
             }
-            _checkpoint(run, record, report)
+            _checkpoint(run, {**record, REPLAYED: between} if between else record, report)
+            between = []
             times["checkpoint_s"] = times.get("checkpoint_s", 0.0) + time.perf_counter() - t
         else:
             progress.history.append(record)
+            between.append(record)
     run.train_seconds = time.perf_counter() - t_train
 
 

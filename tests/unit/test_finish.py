@@ -151,8 +151,10 @@ def test_a_tracking_server_out_of_reach_is_asked_once_and_the_rest_is_recorded_n
     assert failures[0] == missed, failures
     assert failures[1].startswith("MLflow: the trials' runs: MlflowException: "), failures
     not_tried = "not tried (the tracking server was out of reach at: MLflow: the trials' runs)"
-    # Not the trials' tags: both finished at the first try, so there is nothing to tag.
+    # Each trial run's description (how it ended) is not written either.
     assert [f.removesuffix(f": {not_tried}") for f in failures[2:]] == [
+        "MLflow tags of trial a1",
+        "MLflow tags of trial b2",
         "MLflow: the best metric",
         "MLflow: the best adapter",
         "MLflow: the trials' eval curves",
@@ -389,7 +391,9 @@ def test_the_trials_records_stay_failed_when_mlflow_refuses_them_at_the_finish_t
     # What the callback could not write comes first, then the finish's own try.
     assert failures[0] == missed, failures
     assert failures[1].startswith("MLflow: the trials' runs: MlflowException: "), failures
-    assert len(failures) == 2, failures
+    # Nor can the deleted run take its description (how the trial ended).
+    assert failures[2].startswith("MLflow tags of trial a1: MlflowException: "), failures
+    assert len(failures) == 3, failures
     # The plots drew the eval curves from the trials' own reports, not from MLflow.
     assert len(summary["plots"]) == 4
     assert summary["promotion"]["promoted"] is True

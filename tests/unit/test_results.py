@@ -397,6 +397,34 @@ def test_a_resumed_trials_replayed_records_reach_mlflow_once(
     assert REPLAYED not in callback.last["lost"]  # the summary's last record stays flat
 
 
+def test_every_steps_records_reach_mlflow_in_one_request_per_report(
+    mlflow_store: tuple[Any, str],
+) -> None:
+    """Reports come at evals, carrying the steps since the last one: MLflow gets a point per
+    step for the per-step metrics (train_loss, lr, tokens), one request per report."""
+    from raysft.config import validate_tree
+    from raysft.train.metrics import REPLAYED
+
+    mlc, exp_id = mlflow_store
+    cfg = validate_tree({"train": {"max_steps": 4, "eval_every": 2}})
+    callback = _trial_callback(mlc, exp_id, cfg)
+    (trial,) = _start_trials(callback, "steps")
+    calls = []
+    real = mlc.log_batch
+    mlc.log_batch = lambda *a, **k: (calls.append(k), real(*a, **k))[1]
+    try:
+        for last in (2, 4):
+            earlier = {"step": last - 1, "train_loss": 3.0 / last, "lr": 1e-3}
+            report = {"step": last, "train_loss": 2.0 / last, "lr": 1e-3, "eval_loss": 1.0 / last}
+            callback.on_trial_result(0, [], trial, {**report, REPLAYED: [earlier], "timestamp": 1})
+    finally:
+        mlc.log_batch = real
+    run_id = callback.runs["steps"]
+    assert [m.step for m in mlc.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in mlc.get_metric_history(run_id, "eval_loss")] == [2, 4]
+    assert len(calls) == 2  # one per report
+
+
 TOKEN = "hf_" + "Xy7" * 12  # shaped like a Hugging Face token: hf_ + 30 or more letters/digits
 
 

@@ -101,8 +101,16 @@ def test_every_reported_number_is_a_registry_metric(tmp_path: Path) -> None:
     cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora")
     run_trial(cfg, report=lambda m, _: records.append(m))
     assert records, "no eval was reported"
+    steps = []
     for record in records:
-        assert set(record) - {"step"} <= set(METRICS), record
+        # The steps since the last report ride along with it, for MLflow's per-step curves.
+        for earlier in record.get(REPLAYED, []):
+            assert set(earlier) - {"step"} <= set(METRICS), earlier
+            steps.append(earlier["step"])
+        assert set(record) - {"step", REPLAYED} <= set(METRICS), record
+        steps.append(record["step"])
+    assert steps == list(range(1, cfg.train.max_steps + 1))  # every step, once, in order
+    assert len(records) < len(steps)  # reported at evals only
     assert {"eval_loss", "perplexity", "train_loss", "lr", "tokens", "elapsed_s"} <= set(records[0])
     assert {"exact_match", "base_exact_match"} <= set(records[-1])
 
@@ -214,9 +222,15 @@ def test_a_resumed_run_first_reports_its_checkpoints_record_again(tmp_path: Path
         report=lambda m, c: again.append((dict(m), c)),
         resume_from=str(ckpts / "step-000004"),
     )
-    # The records before it ride along in the same report, for a driver that missed them too.
-    assert len(first) >= 2
-    assert again == [({**first[-1], REPLAYED: first[:-1]}, None)]
+    # The records before it ride along in the same report, for a driver that missed them too:
+    # every step's, as the first run's reports carried them.
+    steps = [r for m in first for r in [*m.get(REPLAYED, []), _own(m)]]
+    assert len(first) >= 2 and len(steps) == cfg.train.max_steps
+    assert again == [({**steps[-1], REPLAYED: steps[:-1]}, None)]
+
+
+def _own(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != REPLAYED}
 
 
 def test_a_run_resumed_mid_way_reports_its_checkpoint_then_goes_on(tmp_path: Path) -> None:
@@ -407,3 +421,30 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_in_the_way(
     (new / "adapter_model.safetensors").write_bytes(b"w")
     kept({"step": 4}, str(new))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
+
+
+def test_a_resume_that_computes_in_other_dtypes_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `auto` dtypes resolve per device: a checkpoint of a bf16 host resumed on an fp32 one
+    # goes on, but not as it would have; the checkpoint's record tells.
+    import logging
+
+    import torch
+
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.exact_match": False})
+    ckpts = tmp_path / "out" / "checkpoints"
+    first = run_trial(cfg, report=LocalCheckpoints(ckpts))
+    own = first.final["numerics"]
+    assert own == {"base_dtype": "float32", "autocast": "none"}  # lora on the CPU, fp32
+    state_path = ckpts / "step-000004" / STATE_FILE
+    with caplog.at_level(logging.WARNING, logger="raysft.train.recipe"):
+        run_trial(cfg, resume_from=str(state_path.parent))
+    assert "other numerics" not in caplog.text  # same host, same dtypes: nothing said
+    state = torch.load(state_path, weights_only=True)
+    state["progress"]["final"]["numerics"] = {**own, "autocast": "bfloat16"}  # a bf16 host's
+    torch.save(state, state_path)
+    with caplog.at_level(logging.WARNING, logger="raysft.train.recipe"):
+        again = run_trial(cfg, resume_from=str(state_path.parent))
+    assert "other numerics than it was trained with: autocast none (was bfloat16)" in caplog.text
+    assert again.final["numerics"] == own  # what this run computed with
