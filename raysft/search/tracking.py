@@ -379,11 +379,12 @@ def experiment_note(exp_id: str) -> str:
     """The experiment's description: MLflow 3.17's UI ignores the kind tag and opens it on its
     GenAI overview (``runs_page``), so the description says how to reach the runs."""
     runs = f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    # The UI shows the first line alone until the description is unfolded: what to do first.
     return (
-        "Hyperparameter searches by raysft: one parent run per search, its trials nested "
-        "under it, named by their sampled values.\n\n"
-        "MLflow's UI opens experiments on its GenAI overview (traces) until the sidebar's "
-        f"switch is set to **Model training** (once per browser): [open the runs]({runs})."
+        f"Training runs, not traces: [open the runs]({runs}), or set the sidebar's switch to "
+        "**Model training** (once per browser).\n\n"
+        "Hyperparameter searches by raysft: one parent run per search, its trials nested under "
+        "it, named by their sampled values."
     )
 
 
