@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from raysft.config import Config, load_config, parse_overrides
 from raysft.errors import RaysftError
 
 EXIT_USAGE = 2  # bad config, spec, data or state: the user's to fix
@@ -36,10 +35,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a dotted config path, e.g. --set train.learning_rate=1e-4 (repeatable)",
     )
-
-
-def load_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, parse_overrides(args.overrides), authored=True)
 
 
 def setup_logging(verbose: bool = False) -> None:

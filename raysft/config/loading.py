@@ -8,13 +8,20 @@ import ast
 import copy
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raysft.config.sections import Config, Method, SearchParam, SearchSpec
+from raysft.config.sections import (
+    RULE_SEPARATOR,
+    Config,
+    Method,
+    SearchParam,
+    SearchSpec,
+)
 from raysft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -200,6 +207,15 @@ def get_path(tree: Any, dotted: str) -> Any:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["a.b=1", ...]`` -> ``{"a.b": 1}``; every malformed pair is reported at once."""
+    out, problems = split_overrides(pairs)
+    if problems:
+        raise ConfigError("--set", problems)
+    return out
+
+
+def split_overrides(pairs: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``["a.b=1", ...]`` -> (``{"a.b": 1}``, a problem line for each malformed pair), for a
+    caller that reports those with the file's own problems rather than alone."""
     out: dict[str, Any] = {}
     problems = []
     for pair in pairs:
@@ -211,9 +227,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             problems.append(f"{pair!r}: {key!r} is not a dotted path (e.g. train.max_steps)")
         else:
             out[key] = parse_value(raw)
-    if problems:
-        raise ConfigError("--set", problems)
-    return out
+    return out, problems
 
 
 def _clean_loc(loc: tuple[Any, ...], tree: Any, *, missing: bool) -> tuple[str, str | None]:
@@ -274,6 +288,8 @@ def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
     for e in err.errors():
         path, union = _clean_loc(tuple(e["loc"]), tree, missing=e["type"] == "missing")
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg += _nested_form(tuple(e["loc"]))
         msg = msg.removeprefix("Value error, ")
         if e["type"] == "model_type":  # a section given a scalar or a list: no class names
             msg = f"should be a mapping of its settings (key: value), not {_kind(e['input'])}"
@@ -281,7 +297,8 @@ def _format_errors(err: ValidationError, tree: Any = None) -> list[str]:
             n, got = e["ctx"]["min_length"], e["ctx"]["actual_length"]
             msg = f"should hold at least {n} item{'s' * (n != 1)}, not {got}"
         if union is None:
-            problems.append(f"{path}: {msg}" if path else msg)
+            # Cross-field rules broken together come as one error, a line each.
+            problems += [f"{path}: {m}" if path else m for m in msg.split(RULE_SEPARATOR)]
             continue
         root, member = union.split("\0")
         rest = path[len(root) :].lstrip(".")
@@ -309,10 +326,107 @@ def _union_problem(failed: list[tuple[str, str, str, Any]]) -> str:
 def validate_tree(
     tree: dict[str, Any], *, source: str = "<config>", model: type[Config] = Config
 ) -> Config:
+    """``tree`` validated as ``model``; every problem at once, cross-field rules included: a
+    field error hides none of the rules whose fields validated (``validate_rest``)."""
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(source, _format_errors(err, tree)) from None
+        problems = _format_errors(err, tree)
+        if any(e["loc"] for e in err.errors()):  # field errors: the rules did not run
+            problems += validate_rest(tree, model=model).rules
+        raise ConfigError(source, list(dict.fromkeys(problems))) from None
+
+
+@dataclass
+class Rest:
+    """What of a tree validates: ``tree`` without the values that failed (their defaults
+    hold instead), ``cfg`` validated from it with no cross-field rule (None where even that
+    fails), the ``dropped`` dotted paths, and the messages of the ``rules`` it breaks whose
+    inputs are none of the dropped ones."""
+
+    tree: dict[str, Any]
+    cfg: Config | None
+    dropped: set[str]
+    rules: list[str]
+
+
+# Each pass drops the values a validation refused; one inside a section can leave the section
+# refusing as a whole (a search parameter without its low), so a few passes.
+_MAX_PASSES = 8
+
+
+def validate_rest(tree: dict[str, Any], *, model: type[Config] = Config) -> Rest:
+    """``tree`` less each value that fails validation, validated again (``Rest``), so that the
+    checks that do not read a failed value still run and report in the same run."""
+    rest, dropped = copy.deepcopy(tree), set[str]()
+    rules: list[str] = []
+    for _ in range(_MAX_PASSES):
+        try:
+            model.model_validate(rest, context={"dropped": dropped})
+            break
+        except ValidationError as err:
+            errors = err.errors()
+            if all(not e["loc"] for e in errors):  # every field valid: these are the rules
+                rules = [m for e in errors for m in _message(e).split(RULE_SEPARATOR)]
+                break
+            paths = [_drop(rest, e) for e in errors if e["loc"]]
+            if None in paths or set(paths) <= dropped:  # cannot be left out: nothing to check
+                return Rest(rest, None, dropped, [])
+            dropped.update(p for p in paths if p is not None)
+    else:
+        return Rest(rest, None, dropped, [])
+    try:
+        cfg = model.model_validate(rest, context={"dropped": dropped, "no_rules": True})
+    except ValidationError:
+        return Rest(rest, None, dropped, rules)
+    return Rest(rest, cfg, dropped, rules)
+
+
+def _message(error: Any) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _drop(tree: dict[str, Any], error: Any) -> str | None:
+    """Remove the value ``error`` is about from ``tree`` (a list whole, a missing key's
+    section); its dotted path, or None where nothing can be removed."""
+    parts: list[Any] = []
+    node: Any = tree
+    for p in error["loc"]:  # the keys of the input, not pydantic's union tags
+        if isinstance(node, dict) and p in node:
+            parts.append(p)
+            node = node[p]
+        elif isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node):
+            break  # an item: the list goes
+    if error["type"] == "missing" and parts == ["search"] and error["loc"][-1] == "params":
+        parts.append("params")
+    if not parts:
+        return None
+    parent: Any = tree
+    for key in parts[:-1]:  # by the keys: a search parameter's name has dots
+        parent = parent[key]
+    if parts == ["search", "params"]:  # required: none left stands for the refused ones
+        parent["params"] = {}
+    else:
+        parent.pop(parts[-1], None)
+    return ".".join(map(str, parts))
+
+
+def _nested_form(loc: tuple[Any, ...]) -> str:
+    """For an unknown key written dotted (``train.max_steps: 5``) that names a field: how to
+    write it (YAML reads the dots as part of one key)."""
+    key = loc[-1] if loc else None
+    if not isinstance(key, str) or "." not in key:
+        return ""
+    model: Any = Config
+    for part in [*loc[:-1], *key.split(".")]:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return ""
+        args = get_args(fields[part].annotation) or (fields[part].annotation,)
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    first, *rest = key.split(".")
+    nested = "{" + ": {".join(rest) + ": ...}" + "}" * (len(rest) - 1)
+    return f"; write it nested: {first}: {nested}"
 
 
 # The method sections and the training methods that read them: LoRA settings apply to LoRA and
@@ -423,10 +537,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(str(path), ["a directory, not a YAML file"])
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(str(path), ["file not found"])
-    try:
+    try:  # any path that is no directory: a file, or a pipe (``<(cat spec.yaml)``)
         tree = yaml_load(p.read_text(encoding="utf-8"))
+    except OSError as err:  # unreadable: permissions, an I/O error (/proc/self/mem)
+        raise ConfigError(str(path), [f"cannot read: {err.strerror or err}"]) from None
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [_yaml_problem(err)]) from None
     except UnicodeDecodeError as err:
@@ -477,33 +593,45 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def load_config(
-    path: str | Path | None, overrides: dict[str, Any] | None = None, *, authored: bool = False
+    path: str | Path | None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    *,
+    authored: bool = False,
 ) -> Config:
     """Read YAML (or start from defaults), apply ``--set`` overrides, validate all at once.
 
+    ``overrides``: parsed (``parse_overrides``), or the ``KEY=VALUE`` pairs as given, whose
+    malformed ones are then reported with the file's problems, not alone before them.
     ``authored``: a config a person wrote (``raysft.train``'s): a method section that its
     methods never read is refused too. A run's saved ``config.yaml`` (``saved_tree``) holds
     none such.
     """
     source = str(path) if path is not None else "<defaults>"
-    tree = read_yaml(path) if path is not None else {}
+    problems: list[str] = []
+    if isinstance(overrides, list):
+        overrides, bad = split_overrides(overrides)
+        problems += [f"--set {p}" for p in bad]
+    overrides = overrides or {}
+    try:
+        tree = read_yaml(path) if path is not None else {}
+    except ConfigError as err:
+        raise ConfigError(source, err.problems + problems) from None
     in_file = copy.deepcopy(tree)
     tree = copy.deepcopy(tree)
     file_method = tree.get("method")
-    problems = []
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         try:
             set_path(tree, key, value)
         except KeyError as err:
             problems.append(f"--set {err.args[0]}")
-    drop_sections_of_replaced_method(tree, overrides or {}, file_method, source=source)
+    drop_sections_of_replaced_method(tree, overrides, file_method, source=source)
     try:
         cfg = validate_tree(tree, source=source)
     except ConfigError as err:
-        blamed = blame_overrides(err.problems, overrides or {}, in_file)
+        blamed = blame_overrides(err.problems, overrides, in_file)
         raise ConfigError(source, problems + blamed) from None
     if authored:
-        problems += blame_overrides(unread_sections(cfg, tree), overrides or {}, in_file)
+        problems += blame_overrides(unread_sections(cfg, tree), overrides, in_file)
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -9,6 +9,7 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from pydantic import (
@@ -48,6 +49,9 @@ def _local_path(value: Any) -> Any:
     under the working directory of each node, and a cluster's trials need one directory that
     every node sees."""
     value = _home(value)
+    if isinstance(value, str) and not value.strip():
+        # Path("") is the working directory: its files would be written over or among.
+        raise ValueError("empty: give a directory (empty is the working directory)")
     if isinstance(value, str) and "://" in value:
         raise ValueError(
             f"{value}: a URI; raysft needs a shared filesystem path (NFS/EFS mounted at the "
@@ -121,7 +125,12 @@ class ModelSection(_Section):
         "weights (its compute dtype is train.precision): only auto or float32 with method full.",
     )
 
-    _name_home = field_validator("name_or_path")(_home)  # a local directory as ~/models/x
+    @field_validator("name_or_path")
+    @classmethod
+    def _names_a_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: give a Hub id, a local directory or embedded:tiny-base")
+        return _home(value)  # type: ignore[no-any-return]  # a local directory as ~/models/x
 
 
 class LoraSection(_Section):
@@ -221,6 +230,11 @@ class DataSection(_Section):
     def _names_a_source(cls, value: str | list[str] | None) -> str | list[str] | None:
         if value == [] or value == "":
             raise ValueError("names no data: give a file, directory or hf:NAME (or a list)")
+        empty = [i for i, v in enumerate(value) if not v.strip()] if isinstance(value, list) else []
+        if empty or (isinstance(value, str) and not value.strip()):
+            # An empty path would be read as the working directory.
+            where = f"item {empty[0]} " if empty else ""
+            raise ValueError(f"{where}is empty: give a file, directory or hf:NAME")
         return _home(value)  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
@@ -380,6 +394,20 @@ class SearchParam(_Section):
                 raise ValueError("loguniform needs low > 0")
         elif not self.values:
             raise ValueError(f"type {self.type} needs a non-empty values list")
+        else:
+            # A value listed twice is drawn twice as often: the search would lean on it
+            # unasked (4 and 4.0 are one value).
+            seen: set[Any] = set()
+            for v in self.values:
+                key = (
+                    float(v) if isinstance(v, int | float) and not isinstance(v, bool) else repr(v)
+                )
+                if key in seen:
+                    raise ValueError(
+                        f"values: {v!r} is listed more than once; each value is drawn as often "
+                        "as it is listed: list it once"
+                    )
+                seen.add(key)
         if self.type == "multiple_of" and not self.of:
             raise ValueError("type multiple_of needs of: <dotted path>")
         takes = _PARAM_FIELDS[self.type]
@@ -535,8 +563,12 @@ class SearchSection(_Section):
 
     @field_validator("params")
     @classmethod
-    def _searches_something(cls, value: dict[str, SearchParam]) -> dict[str, SearchParam]:
-        if not value:
+    def _searches_something(
+        cls, value: dict[str, SearchParam], info: ValidationInfo
+    ) -> dict[str, SearchParam]:
+        # Not when validating again without the failed fields (``dropped``): the parameters
+        # left may be none, and the other rules still have something to say.
+        if not value and not (isinstance(info.context, dict) and "dropped" in info.context):
             raise ValueError("names no parameter: every trial would train the same config")
         return value
 
@@ -604,15 +636,8 @@ class Config(_Section):
     _output_home = field_validator("output_dir")(_local_path)
 
     @model_validator(mode="after")
-    def _cross_field(self) -> Config:
-        if self.method == "full" and (self.lora.use_dora or self.lora.use_rslora):
-            raise ValueError("lora.use_dora/use_rslora are set but method is full")
-        if self.method == "full" and self.model.dtype in ("bfloat16", "float16"):
-            raise ValueError(
-                f"model.dtype: {self.model.dtype} but method is full: full fine-tuning keeps "
-                "float32 master weights; set train.precision: bf16 for bf16 compute"
-            )
-        return self
+    def _cross_field(self, info: ValidationInfo) -> Config:
+        return _apply_rules(self, _CONFIG_RULES, info)  # type: ignore[no-any-return]
 
 
 class SearchSpec(Config):
@@ -621,48 +646,135 @@ class SearchSpec(Config):
     search: SearchSection = Field(description="Search spec (raysft.tune only).")
 
     @model_validator(mode="after")
-    def _fsdp_is_for_full_fine_tuning(self) -> SearchSpec:
-        searched = self.search.params.get("method")
-        methods = {self.method, *(searched.values or [] if searched else [])}
-        if self.search.resources.strategy == "fsdp" and methods != {"full"}:
-            other = sorted(str(m) for m in methods - {"full"})[0]
-            raise ValueError(
-                f"search.resources.strategy: fsdp shards full fine-tuning; method {other} "
-                "trains with ddp (its adapters are small: nothing worth sharding)"
-            )
-        r = self.search.resources
-        if self.train.compile and any(r.shards(str(m)) for m in methods):
-            raise ValueError(
-                f"train.compile: not with FSDP yet (untested here), which search.resources."
-                f"strategy {r.strategy} gives method full on {r.workers} workers; set strategy: "
-                "ddp or train.compile: false"
-            )
-        return self
+    def _cross_field(self, info: ValidationInfo) -> SearchSpec:
+        # Replaces Config's validator of the same name: one list, so one broken rule of either
+        # kind does not hide the other's.
+        return _apply_rules(self, _CONFIG_RULES + _SPEC_RULES, info)  # type: ignore[no-any-return]
 
-    @model_validator(mode="after")
-    def _threads_fit_the_cpus(self) -> SearchSpec:
-        cpus = self.search.resources.cpus_per_worker
-        threads = self.train.num_threads
-        if threads is not None and threads > max(1.0, cpus):
-            raise ValueError(
-                f"train.num_threads: {threads} threads per worker, but search.resources."
-                f"cpus_per_worker is {cpus:g}: the workers would oversubscribe the CPUs Ray "
-                "reserves for them, slowing their own trial and the ones beside it; set it to "
-                "at most cpus_per_worker, or null (Ray then sets OMP_NUM_THREADS to it)"
-            )
-        return self
 
-    @model_validator(mode="after")
-    def _device_matches_resources(self) -> SearchSpec:
-        if self.train.device == "cpu" and self.search.resources.gpus > 0:
-            raise ValueError(
-                "train.device: cpu but search.resources.gpus_per_worker > 0: the trials would "
-                "hold GPUs they never use"
-            )
-        if self.train.device == "cuda" and self.search.resources.gpus == 0:
-            raise ValueError(
-                "train.device: cuda but search.resources.gpus_per_worker is 0: Ray gives the "
-                "trials no GPU (and hides the GPUs from them); set gpus_per_worker to a number "
-                "or auto"
-            )
-        return self
+# Cross-field rules: (the dotted paths a rule reads, the rule: its message or None). Each is a
+# function, not a validator that raises, so that every broken rule is reported in one run,
+# and so that a rule whose inputs all validated still runs when another field failed
+# (``loading.validate_tree`` validates again without the failed fields, naming them in the
+# context: a rule reading one of them is skipped, its input being a default, not the file's).
+Rule = tuple[tuple[str, ...], Callable[[Any], "str | None"]]
+
+
+def _apply_rules(cfg: Any, rules: list[Rule], info: ValidationInfo) -> Any:
+    context = info.context if isinstance(info.context, dict) else {}
+    if context.get("no_rules"):
+        return cfg
+    dropped = context.get("dropped", ())
+    problems = [
+        msg
+        for inputs, rule in rules
+        if not any(_overlaps(i, d) for i in inputs for d in dropped)
+        for msg in [rule(cfg)]
+        if msg
+    ]
+    if problems:
+        raise ValueError(RULE_SEPARATOR.join(problems))
+    return cfg
+
+
+# Joins the messages of broken rules into one pydantic error; loading splits them again.
+RULE_SEPARATOR = "\n"
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether dotted paths ``a`` and ``b`` are the same, or one lies under the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _full_with_dora(cfg: Config) -> str | None:
+    if cfg.method == "full" and (cfg.lora.use_dora or cfg.lora.use_rslora):
+        return "lora.use_dora/use_rslora are set but method is full"
+    return None
+
+
+def _full_with_half_weights(cfg: Config) -> str | None:
+    if cfg.method == "full" and cfg.model.dtype in ("bfloat16", "float16"):
+        return (
+            f"model.dtype: {cfg.model.dtype} but method is full: full fine-tuning keeps "
+            "float32 master weights; set train.precision: bf16 for bf16 compute"
+        )
+    return None
+
+
+def _methods(spec: SearchSpec) -> set[Any]:
+    searched = spec.search.params.get("method")
+    return {spec.method, *(searched.values or [] if searched else [])}
+
+
+def _fsdp_is_for_full_fine_tuning(spec: SearchSpec) -> str | None:
+    methods = _methods(spec)
+    if spec.search.resources.strategy == "fsdp" and methods != {"full"}:
+        other = sorted(str(m) for m in methods - {"full"})[0]
+        return (
+            f"search.resources.strategy: fsdp shards full fine-tuning; method {other} "
+            "trains with ddp (its adapters are small: nothing worth sharding)"
+        )
+    return None
+
+
+def _compile_is_not_for_fsdp(spec: SearchSpec) -> str | None:
+    r = spec.search.resources
+    if spec.train.compile and any(r.shards(str(m)) for m in _methods(spec)):
+        return (
+            f"train.compile: not with FSDP yet (untested here), which search.resources."
+            f"strategy {r.strategy} gives method full on {r.workers} workers; set strategy: "
+            "ddp or train.compile: false"
+        )
+    return None
+
+
+def _threads_fit_the_cpus(spec: SearchSpec) -> str | None:
+    cpus = spec.search.resources.cpus_per_worker
+    threads = spec.train.num_threads
+    if threads is not None and threads > max(1.0, cpus):
+        return (
+            f"train.num_threads: {threads} threads per worker, but search.resources."
+            f"cpus_per_worker is {cpus:g}: the workers would oversubscribe the CPUs Ray "
+            "reserves for them, slowing their own trial and the ones beside it; set it to "
+            "at most cpus_per_worker, or null (Ray then sets OMP_NUM_THREADS to it)"
+        )
+    return None
+
+
+def _device_matches_resources(spec: SearchSpec) -> str | None:
+    if spec.train.device == "cpu" and spec.search.resources.gpus > 0:
+        return (
+            "train.device: cpu but search.resources.gpus_per_worker > 0: the trials would "
+            "hold GPUs they never use"
+        )
+    if spec.train.device == "cuda" and spec.search.resources.gpus == 0:
+        return (
+            "train.device: cuda but search.resources.gpus_per_worker is 0: Ray gives the "
+            "trials no GPU (and hides the GPUs from them); set gpus_per_worker to a number "
+            "or auto"
+        )
+    return None
+
+
+_CONFIG_RULES: list[Rule] = [
+    (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
+    (("method", "model.dtype"), _full_with_half_weights),
+]
+_SPEC_RULES: list[Rule] = [
+    (
+        ("method", "search.params.method", "search.resources.strategy"),
+        _fsdp_is_for_full_fine_tuning,
+    ),
+    (
+        (
+            "method",
+            "search.params.method",
+            "train.compile",
+            "search.resources.strategy",
+            "search.resources.workers",
+        ),
+        _compile_is_not_for_fsdp,
+    ),  # fmt: skip
+    (("train.num_threads", "search.resources.cpus_per_worker"), _threads_fit_the_cpus),
+    (("train.device", "search.resources.gpus_per_worker"), _device_matches_resources),
+]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Collection, Iterator
 from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from raysft.config import (
     Config,
@@ -19,10 +20,11 @@ from raysft.config import (
     blame_overrides,
     drop_sections_of_replaced_method,
     get_path,
-    parse_overrides,
     read_yaml,
     set_path,
+    split_overrides,
     unread_sections,
+    validate_rest,
     validate_spec,
     validate_tree,
 )
@@ -35,6 +37,11 @@ from raysft.search.resources import check_resources, local_nodes
 from raysft.train.metrics import METRICS, objective_mode, reported
 
 _UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")
+# Single paths that cannot be searched, and why.
+_UNSEARCHABLE_PATHS = {
+    "train.eval_base": "a trial never scores the base model (the search does, once, after "
+    "the trials): every trial would run the same",
+}
 # Paths whose value changes how long a trial runs or what its metric measures. ASHA's horizon, a
 # trial's status and the eval fingerprint that gates promotion all come from the spec, so trials
 # that differ in one of these would be ranked against each other on unequal terms: refused.
@@ -78,12 +85,17 @@ def read_spec(
     exist only on the cluster, where the search's own run checks them. The data it read and
     tokenized is returned for the trials to take (None when it read none).
     """
-    tree = read_yaml(path)
+    sets, bad = split_overrides(overrides)
+    # Reported with the spec's other problems, not alone.
+    bad_sets: list[str] = [f"--set {p}" for p in bad]
+    try:
+        tree = read_yaml(path)
+    except ConfigError as err:
+        raise ConfigError(path, err.problems + bad_sets) from None
     in_file = copy.deepcopy(tree)
     file_method = tree.get("method")
     changes: dict[str, Any] = {}
-    bad_sets: list[str] = []  # reported with the spec's other problems, not alone
-    for key, value in parse_overrides(overrides).items():
+    for key, value in sets.items():
         try:
             set_path(tree, key, value)
         except KeyError as err:
@@ -92,21 +104,30 @@ def read_spec(
             changes[key] = value
     drop_sections_of_replaced_method(tree, changes, file_method, source=path)
     problems: list[str] = []
+    dropped: set[str] = set()
+    rules_broken = False
     try:
         spec = validate_spec(tree, source=path)
     except ConfigError as err:
-        # A malformed search parameter (low > high, ...) must not hide the spec's other
-        # problems: check the rest without the parameters pydantic rejected.
-        rest = _without_malformed_params(tree)
-        if rest is None:
-            blamed = blame_overrides(err.problems, changes, in_file)
+        # A problem of the schema or of a cross-field rule must not hide the search's own:
+        # those are checked on what validated (``validate_rest``), each check that reads a
+        # value that failed left out.
+        problems = list(err.problems)
+        rest = validate_rest(tree, model=SearchSpec) if "search" in tree else None
+        if rest is None or not isinstance(rest.cfg, SearchSpec):
+            blamed = blame_overrides(problems, changes, in_file)
             raise ConfigError(path, bad_sets + blamed) from None
-        problems, (tree, spec) = list(err.problems), rest
-    problems += validate_search(tree, spec, source=path)
-    memory = trial_memory(spec) if spec.search.resources.gpus else None
-    nodes = None if attaching_to_cluster() else local_nodes()
-    more, checked_here = check_resources(tree, spec, memory, nodes, dry_run=dry_run)
-    problems += more
+        tree, spec, dropped, rules_broken = rest.tree, rest.cfg, rest.dropped, bool(rest.rules)
+    problems += validate_search(tree, spec, source=path, dropped=dropped, known=problems)
+    # The resource plan reads nearly every setting (the memory estimate): made once the rest
+    # of the spec holds, or where only malformed search parameters were left out.
+    if all(d.startswith("search.params.") for d in dropped) and not rules_broken:
+        memory = trial_memory(spec) if spec.search.resources.gpus else None
+        nodes = None if attaching_to_cluster() else local_nodes()
+        more, checked_here = check_resources(tree, spec, memory, nodes, dry_run=dry_run)
+        problems += more
+    else:
+        checked_here = False
     if problems or bad_sets:
         raise ConfigError(path, bad_sets + blame_overrides(problems, changes, in_file))
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
@@ -159,28 +180,6 @@ def _largest(params: dict[str, SearchParam], cfg: Config) -> dict[str, Any]:
         numbers = [v for v in values if _is_number(v)]
         out[name] = max(numbers) if len(numbers) == len(values) else values[0]
     return out
-
-
-def _without_malformed_params(tree: dict[str, Any]) -> tuple[dict[str, Any], SearchSpec] | None:
-    """The spec minus its malformed search parameters, if that makes the rest valid."""
-    search = tree.get("search")
-    if not isinstance(search, dict) or not isinstance(search.get("params"), dict):
-        return None
-    params: dict[str, Any] = search["params"]
-    kept = {}
-    for name, param in params.items():
-        try:
-            SearchParam.model_validate(param)
-        except ValidationError:
-            continue
-        kept[name] = param
-    if len(kept) == len(params):
-        return None  # the problem lies elsewhere
-    rest = {**tree, "search": {**search, "params": kept}}
-    try:
-        return rest, validate_spec(rest)
-    except ConfigError:
-        return None
 
 
 def _field_annotation(path: str) -> Any:
@@ -243,6 +242,8 @@ def _check_param(
     where = f"search.params.{name}"
     if name.split(".")[0] in _UNSEARCHABLE:
         return f"{where}: {name.split('.')[0]} cannot be searched"
+    if name in _UNSEARCHABLE_PATHS:
+        return f"{where}: {name} cannot be searched: {_UNSEARCHABLE_PATHS[name]}"
     try:
         ann = _field_annotation(name)
     except KeyError as err:
@@ -342,11 +343,26 @@ def _joint_probes(params: dict[str, SearchParam], cfg: Config) -> list[dict[str,
     return combos
 
 
-def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> list[str]:
-    """Every problem with the spec's ``search`` section, as ``path: message`` lines."""
+def validate_search(
+    tree: dict[str, Any],
+    spec: SearchSpec,
+    *,
+    source: str,
+    dropped: Collection[str] = (),
+    known: Collection[str] = (),
+) -> list[str]:
+    """Every problem with the spec's ``search`` section, as ``path: message`` lines.
+
+    ``dropped``: dotted paths whose values failed validation and were left out of ``tree`` and
+    ``spec`` (``validate_rest``): a check reading one is skipped. ``known``: the spec's own
+    problems, already reported: a searched value's probe that fails on one of them alone says
+    nothing of the value.
+    """
     s = spec.search
     problems: list[str] = []
-    rejected: set[str] = set()  # the parameters reported here
+    # The parameters reported here, and those the schema refused (left out of ``spec``): a
+    # check that depends on their values (which methods the trials run) waits for them.
+    rejected: set[str] = {_param_of(d) for d in dropped if d.startswith("search.params.")}
     # A multiple_of after the parameter it multiplies: one whose base is already reported is
     # left until that is fixed (its products of a bad value would only repeat the problem).
     for name, p in sorted(s.params.items(), key=lambda item: item[1].type == "multiple_of"):
@@ -366,25 +382,48 @@ def validate_search(tree: dict[str, Any], spec: SearchSpec, *, source: str) -> l
                 # (fsdp and train.compile, train.device cpu and GPUs) hold for searched values.
                 validate_tree(probe, source=source, model=SearchSpec)
             except ConfigError as err:
-                problems += [f"{where}: value {value!r}: {e}" for e in err.problems]
+                own = [e for e in err.problems if e not in known]
+                if not own:
+                    continue
+                problems += [f"{where}: value {value!r}: {e}" for e in own]
                 rejected.add(name)
                 if p.type != "choice":  # a choice names every bad value: each is one of its own
                     break  # a range's bounds or a multiple's products share one cause
-    if "method" not in rejected:
+    if "method" not in rejected and not _reads(dropped, "method", "lora", "qlora"):
         # A rejected method search (a typo among its values) says nothing of the methods the
         # trials will run: which sections they read is judged once it is fixed.
-        problems += unread_sections(spec, tree, list(s.params))
-    if not problems and len(s.params) > 1:
+        problems += unread_sections(spec, tree, [n for n in s.params if n not in rejected])
+    if not problems and not known and len(s.params) > 1:
         problems += _check_combinations(tree, s.params, spec, source=source)
-    problems += _check_metric(spec)
+    problems += _check_metric(spec, dropped)
     return problems
+
+
+def _param_of(dropped: str) -> str:
+    """The search parameter a dropped path ``search.params.NAME[.field]`` is of."""
+    name = dropped.removeprefix("search.params.")
+    head, _, last = name.rpartition(".")
+    return head if head and last in SearchParam.model_fields else name
+
+
+def _reads(dropped: Collection[str], *paths: str) -> bool:
+    """Whether any of ``paths`` is, holds or lies under a dropped path."""
+    return any(
+        p == d or p.startswith(d + ".") or d.startswith(p + ".") for p in paths for d in dropped
+    )
 
 
 def _check_combinations(
     tree: dict[str, Any], params: dict[str, SearchParam], cfg: Config, *, source: str
 ) -> list[str]:
-    """The first combination of (individually valid) values that fails validation, if any."""
-    for combo in _joint_probes(params, cfg) or []:
+    """The first combination of (individually valid) values that fails validation, if any.
+
+    Beyond ``MAX_JOINT_PROBES`` combinations, every pair of values of every two parameters
+    (``_pair_probes``): a rule joining two parameters (method and lora.use_dora) is caught,
+    one joining three or more searched values (fsdp: method, workers and train.compile all
+    searched) may not be.
+    """
+    for combo in _joint_probes(params, cfg) or _pair_probes(params, cfg):
         probe = copy.deepcopy(tree)
         for name, value in combo.items():
             set_path(probe, name, value)
@@ -396,22 +435,61 @@ def _check_combinations(
     return []
 
 
-def _check_metric(spec: SearchSpec) -> list[str]:
-    """``search.metric`` is a searchable metric this config reports, usable by the scheduler."""
+def _pair_probes(params: dict[str, SearchParam], cfg: Config) -> Iterator[dict[str, Any]]:
+    """Each pair of probe values of each two parameters, the others at the spec's own values
+    (a multiple_of follows its ``of`` when that is one of the two, else at its first factor).
+    Values that each pass alone and not together are the common failure of a big space."""
+    free = {k: _unique(_probe_values(p, params, cfg)) for k, p in params.items()}
+    names = list(params)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            x, y = (b, a) if params[a].type == "multiple_of" and params[a].of == b else (a, b)
+            pairs = (  # a multiple_of and its base: the products the space draws
+                [(vx, vx * f) for vx in free[x] for f in params[y].values or []]
+                if params[y].type == "multiple_of" and params[y].of == x
+                else [(vx, vy) for vx in free[x] for vy in free[y]]
+            )
+            for vx, vy in pairs:
+                combo = {x: vx, y: vy}
+                for k, p in params.items():  # the products of the pair's values
+                    if p.type == "multiple_of" and p.of in combo and k not in combo:
+                        combo[k] = combo[p.of] * (p.values or [1])[0]
+                yield combo
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    return list({repr(v): v for v in values}.values())
+
+
+def _check_metric(spec: SearchSpec, dropped: Collection[str] = ()) -> list[str]:
+    """``search.metric`` is a searchable metric this config reports, usable by the scheduler;
+    each check left out where a setting it reads failed validation (``dropped``)."""
     s = spec.search
+    reads = ("train.exact_match", "train.eval_base", "data.train", "data.eval")
+    if _reads(dropped, "search.metric", *reads):
+        return []
     known = [m.name for m in reported(spec) if m.searchable]
     metric = METRICS.get(s.metric) if s.metric in known else None
     if metric is None:
+        if s.metric in [m.name for m in reported(spec)] and METRICS[s.metric].mode is None:
+            # Reported, but neither lower nor higher is better: nothing to optimise.
+            return [
+                f"search.metric: {s.metric!r} is reported but has no direction (neither lower "
+                f"nor higher is better), so it cannot be optimised; choose one of "
+                f"{', '.join(known)}"
+            ]
         return [
             f"search.metric: the trainer never reports {s.metric!r} (it reports {', '.join(known)})"
         ]
     problems = []
-    if s.mode is not None and s.mode != metric.mode:
+    if s.mode is not None and s.mode != metric.mode and not _reads(dropped, "search.mode"):
         problems.append(
             f"search.mode: {s.mode}, but {s.metric} is better when "
             f"{'lower' if metric.mode == 'min' else 'higher'} (mode {metric.mode}); "
             "leave search.mode out to use the metric's own"
         )
+    if _reads(dropped, "search.scheduler", "train.max_steps", "train.eval_every"):
+        return problems
     per_eval = [m for m in known if METRICS[m].per_eval]
     if s.scheduler.type == "asha" and not metric.per_eval:
         problems.append(

@@ -461,7 +461,40 @@ def describe(summary: dict[str, Any]) -> str:
             f"**{metric} = {best['metric']:.4g}** ({better} is better)."
         )
     tally = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n)
-    return "\n\n".join([head, f"Trials: {tally or 'none'}.", _promotion_line(summary)])
+    parts = [head, f"Trials: {tally or 'none'}.", _promotion_line(summary)]
+    table = _trials_table(summary)
+    return "\n\n".join([*parts, table] if table else parts)
+
+
+_TABLE_ROWS = 20  # trials listed in the parent's description, best first
+_TABLE_CHARS = 5000  # and fewer if their names are long: MLflow caps a tag at 8000 characters
+
+
+def _trials_table(summary: dict[str, Any]) -> str:
+    """The ranked trials as a markdown table, each name a link to its run: the runs table
+    folds the trials under the parent and shows no metric until columns are picked."""
+    rows = summary.get("trials") or []
+    if not rows:
+        return ""
+    metric = summary["metric"]
+    order = list((summary.get("resolved_spec") or {}).get("search", {}).get("params", {}))
+    exp_id = (summary.get("mlflow") or {}).get("experiment_id")
+    lines = [f"| # | trial | status | step | {metric} |", "|---|---|---|---|---|"]
+    listed = 0
+    for i, row in enumerate(rows[:_TABLE_ROWS], 1):
+        if sum(map(len, lines)) > _TABLE_CHARS:
+            break
+        listed = i
+        name = run_name(row["sampled"], order).replace("|", "/")
+        if exp_id and row.get("mlflow_run_id"):
+            name = f"[{name}](#/experiments/{exp_id}/runs/{row['mlflow_run_id']})"
+        value = row.get("metric")
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+        step = f"{row['step']}/{row['max_steps']}" if row.get("step") is not None else "-"
+        lines.append(f"| {i} | {name} | {row['status'].replace('_', ' ')} | {step} | {shown} |")
+    if len(rows) > listed:
+        lines.append(f"\n{len(rows) - listed} more in summary.json.")
+    return "\n".join(lines)
 
 
 def trial_note(row: dict[str, Any], *, metric: str, scheduler: str, best: bool) -> str:

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import config_parser, load_from_args, run_cli, setup_logging
-from raysft.config import Config, dump_config
+from raysft.cli import config_parser, run_cli, setup_logging
+from raysft.config import Config, dump_config, load_config
 from raysft.data.pipeline import (
     DataReport,
     TrainingRows,
@@ -257,7 +257,6 @@ def _follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
     or was copied since: its config.yaml, the printed command's, still names the old
     output_dir. The run goes on in the folder the checkpoint lies in, not at the old path (gone,
     or another run's); said. An output_dir given anew (--set) is kept."""
-    from raysft.config import load_config
     from raysft.train.state import CONFIG_FILE
 
     ckpt = Path(checkpoint).resolve()
@@ -378,7 +377,8 @@ def _main() -> int:
     if args.preview is not None and args.preview < 0:
         # train[:N] with N < 0 would print all but the last -N examples
         parser.error(f"--preview N: N must be >= 0 (got {args.preview})")
-    cfg = load_from_args(args)
+    # The --set pairs as given: a malformed one is reported with the file's problems.
+    cfg = load_config(args.config, args.overrides, authored=True)
     if args.dry_run:
         return _dry_run(cfg, args.config)
     if args.preview is not None:

@@ -126,6 +126,11 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
         "three_errors": ([write(tmp / "three.yaml", THREE_ERRORS), "--dry-run"], None),
         "yaml_syntax": ([write(tmp / "broken.yaml", "train: [1,\n"), "--dry-run"], None),
         "bad_set": ([ok, "--set", "train.max_steps", "--dry-run"], None),
+        # A malformed --set and the file's own problems, in one run.
+        "bad_set_and_file": (
+            [write(tmp / "three2.yaml", THREE_ERRORS), "--set", "noequals", "--dry-run"],
+            None,
+        ),
         "bad_row": ([bad_data, "--preview", "1"], None),
         "entry_point": ([write(tmp / "r0.yaml", "lora:\n  r: 0\n")], ENTRY_POINT),
         "json_without_preview": ([ok, "--json"], None),
@@ -290,7 +295,18 @@ def test_yaml_syntax_error_is_one_line(cli_runs: dict[str, Future[Run]]) -> None
 
 def test_bad_set_is_a_user_error(cli_runs: dict[str, Future[Run]]) -> None:
     assert user_error_lines(result(cli_runs, "bad_set")) == [
-        "error: --set: 'train.max_steps': expected KEY=VALUE (e.g. train.max_steps=50)"
+        f"error: {_TMP[0] / 'ok.yaml'}: --set 'train.max_steps': expected KEY=VALUE (e.g. "
+        "train.max_steps=50)"
+    ]
+
+
+def test_bad_set_does_not_hide_the_files_problems(cli_runs: dict[str, Future[Run]]) -> None:
+    path = _TMP[0] / "three2.yaml"
+    assert sorted(user_error_lines(result(cli_runs, "bad_set_and_file"))) == [
+        f"error: {path}: --set 'noequals': expected KEY=VALUE (e.g. train.max_steps=50)",
+        f"error: {path}: lora.r: Input should be greater than 0",
+        f"error: {path}: train.learning_rate: Input should be greater than 0",
+        f"error: {path}: train.max_stepz: unknown key",
     ]
 
 

@@ -28,7 +28,9 @@ def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
     return path
 
 
-def problems_of(path: Path | None, overrides: dict[str, Any] | None = None) -> list[str]:
+def problems_of(
+    path: Path | None, overrides: dict[str, Any] | list[str] | None = None
+) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides, authored=True)
     err = info.value
@@ -642,3 +644,129 @@ def test_a_leading_tilde_in_a_path_setting_is_the_home_directory(
     # Only a leading ~ is a home directory: elsewhere it is part of a name.
     tree["data"]["eval"] = "data/~e.jsonl"
     assert validate_spec(tree, source="s.yaml").data.eval == "data/~e.jsonl"
+
+
+# ---------------------------------------------------------------- every problem in one run
+
+
+def test_a_malformed_set_comes_with_the_files_problems(tmp_path: Path) -> None:
+    # The pairs as given: the malformed one does not hide the file's problems, nor they it.
+    path = write(tmp_path, "train:\n  max_stepz: 3\n")
+    assert problems_of(path, ["noequals", "lora.r=0"]) == [
+        "--set 'noequals': expected KEY=VALUE (e.g. train.max_steps=50)",
+        "--set lora.r: Input should be greater than 0",
+        "train.max_stepz: unknown key",
+    ]
+    missing = tmp_path / "nope.yaml"
+    assert problems_of(missing, ["noequals"]) == [
+        "file not found",
+        "--set 'noequals': expected KEY=VALUE (e.g. train.max_steps=50)",
+    ]
+
+
+def test_every_broken_cross_field_rule_is_reported_with_the_field_errors(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "method: full\nlora: {use_dora: true}\nmodel: {dtype: bfloat16}\ntrain: {max_steps: 0}\n",
+    )
+    assert problems_of(path) == [
+        "train.max_steps: Input should be greater than 0",
+        "lora.use_dora/use_rslora are set but method is full",
+        "model.dtype: bfloat16 but method is full: full fine-tuning keeps float32 master "
+        "weights; set train.precision: bf16 for bf16 compute",
+    ]
+
+
+def test_a_rule_reading_a_value_that_failed_is_left_out(tmp_path: Path) -> None:
+    # model.dtype failed: its rule would judge the default, not the file's value; the other
+    # rule's inputs validated, so it still speaks.
+    path = write(tmp_path, "method: full\nlora: {use_dora: true}\nmodel: {dtype: bf16}\n")
+    problems = problems_of(path)
+    assert [p.split(":")[0] for p in problems] == [
+        "model.dtype",
+        "lora.use_dora/use_rslora are set but method is full",
+    ]
+    # A method that failed: neither rule, each reading it.
+    path = write(tmp_path, "method: fulll\nlora: {use_dora: true}\nmodel: {dtype: bfloat16}\n")
+    assert [p.split(":")[0] for p in problems_of(path)] == ["method"]
+
+
+def test_an_unreadable_config_is_one_message(tmp_path: Path) -> None:
+    mem = Path("/proc/self/mem")
+    if not mem.exists():
+        pytest.skip("no /proc/self/mem here")
+    assert problems_of(mem) == ["cannot read: Input/output error"]
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path: Path) -> None:
+    # As the shell passes <(cat lora.yaml): a FIFO, not a regular file.
+    import contextlib
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        # OSError: no reader came (the pipe refused); the assertion says so.
+        with contextlib.suppress(OSError):
+            fifo.write_text("train:\n  max_steps: 7\n", encoding="utf-8")
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        assert load_config(fifo).train.max_steps == 7
+    finally:
+        if writer.is_alive():  # blocked opening the pipe: a reader lets it go on
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "train.max_steps: 5\n",
+            "train.max_steps: unknown key; write it nested: train: {max_steps: ...}",
+        ),
+        (
+            "search.resources.workers: 2\n",
+            "search.resources.workers: unknown key; write it nested: search: {resources: "
+            "{workers: ...}}",
+        ),
+        ("train:\n  lora.r: 5\n", "train.lora.r: unknown key"),  # names no field there
+        ("foo.bar: 1\n", "foo.bar: unknown key"),
+    ],
+)
+def test_a_dotted_key_that_names_a_field_says_to_nest_it(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert problems_of(write(tmp_path, text)) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("output_dir: ''\n", "output_dir: empty: give a directory"),
+        ("promote: {export_dir: ''}\n", "promote.export_dir: empty: give a directory"),
+        ("model: {name_or_path: ' '}\n", "model.name_or_path: empty: give a Hub id"),
+        (
+            "data: {train: ['', embedded:tasks-alpaca.jsonl]}\n",
+            "data.train: item 0 is empty: give a file, directory or hf:NAME",
+        ),
+        ("data: {eval: [' ']}\n", "data.eval: item 0 is empty"),
+    ],
+)
+def test_an_empty_path_is_refused(tmp_path: Path, text: str, expected: str) -> None:
+    problems = problems_of(write(tmp_path, text))
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_an_empty_experiment_dir_is_refused() -> None:
+    tree = {"search": {"params": {"lora.r": {"type": "choice", "values": [4, 8]}}}}
+    tree["search"]["experiment_dir"] = ""  # type: ignore[index]
+    with pytest.raises(ConfigError) as info:
+        validate_spec(tree)
+    assert info.value.problems == [
+        "search.experiment_dir: empty: give a directory (empty is the working directory)"
+    ]

@@ -205,6 +205,33 @@ def test_parent_description_names_best_trial_metric_and_promotion(mlc: Any) -> N
     assert "**promoted** as `raysft-tiny-lora` v3 (alias `champion`): beats v2." in text
 
 
+def test_parent_description_lists_the_ranked_trials_linked_to_their_runs() -> None:
+    def row(tid: str, lr: float, status: str, step: int, metric: float | None) -> dict:
+        sampled = {"train.learning_rate": lr, "lora.r": 8, "lora.alpha": 16}
+        return {"trial_id": tid, "status": status, "step": step, "max_steps": 150,
+                "metric": metric, "sampled": sampled, "mlflow_run_id": f"run-{tid}"}  # fmt: skip
+
+    rows = [
+        row("a", 3.6e-3, "finished", 150, 0.49171),
+        row("b", 1.8e-2, "stopped_early", 30, 2.198),
+        row("c", 5e-3, "failed", 4, None),
+    ]
+    text = tracking.describe(summary(trials=rows, mlflow={"experiment_id": "7"}))
+    table = text.split("\n\n")[-1].splitlines()
+    assert table[0] == "| # | trial | status | step | eval_loss |"
+    assert table[2] == (
+        "| 1 | [lr=3.6e-3 r=8 alpha=16](#/experiments/7/runs/run-a) | finished | 150/150 | 0.4917 |"
+    )
+    assert table[3].endswith("| stopped early | 30/150 | 2.198 |")
+    assert table[4].endswith("| failed | 4/150 | - |")
+    many = tracking.describe(summary(trials=rows * 9, mlflow={"experiment_id": "7"}))
+    assert many.endswith("7 more in summary.json.")  # 27 trials, 20 listed
+    long = [{**r, "sampled": {**r["sampled"], "data.system_prompt": "y" * 240}} for r in rows * 9]
+    text = tracking.describe(summary(trials=long, mlflow={"experiment_id": "7"}))
+    assert len(text) < 8000  # MLflow's cap on a tag
+    assert "more in summary.json." in text
+
+
 def test_parent_description_when_nothing_is_promoted() -> None:
     text = tracking.describe(
         summary(

@@ -2224,3 +2224,150 @@ def test_a_searched_max_steps_decides_which_trials_ended_early() -> None:
     for trial_id, end in sampled.items():
         expected = optuna.trial.TrialState.COMPLETE if end == 10 else optuna.trial.TrialState.PRUNED
         assert states[trial_id] == expected, (trial_id, end)
+
+
+# ---------------------------------------------------------------- every problem in one run
+
+
+def _problems(spec_file: Path, tree: dict[str, Any], sets: list[str] | None = None) -> list[str]:
+    spec_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(spec_file), sets or [], preflight=False)
+    return err.value.problems
+
+
+def test_a_malformed_set_comes_with_the_specs_problems(spec_file: Path) -> None:
+    assert _problems(spec_file, spec(num_samples=0), ["noequals"]) == [
+        "--set 'noequals': expected KEY=VALUE (e.g. train.max_steps=50)",
+        "search.num_samples: Input should be greater than 0",
+    ]
+
+
+def test_a_schema_error_does_not_hide_the_search_checks(spec_file: Path) -> None:
+    tree = spec({"lora.rank": R_CHOICE}, num_samples=0, metric="accurcy")
+    assert _problems(spec_file, tree) == [
+        "search.num_samples: Input should be greater than 0",
+        "search.params.lora.rank: config has no field 'rank' at lora.rank",
+        "search.metric: the trainer never reports 'accurcy' (it reports train_loss, eval_loss, "
+        "perplexity, exact_match, rouge_l, bleu)",
+    ]
+
+
+def test_rules_schema_and_search_problems_come_in_one_run(spec_file: Path) -> None:
+    # /tmp/review-config/s/staged2.yaml: took four runs to see all.
+    tree = spec(
+        {"lora.rank": R_CHOICE},
+        metric="accurcy",
+        resources={"gpus_per_worker": 1, "strategy": "fsdp", "workers": 0},
+    )
+    tree.update(method="full", lora={"use_dora": True}, model={"dtype": "bfloat16"})
+    tree["train"]["device"] = "cpu"
+    assert [p.split(": ")[0] for p in _problems(spec_file, tree)] == [
+        "search.resources.workers",
+        "lora.use_dora/use_rslora are set but method is full",
+        "model.dtype",
+        "train.device",
+        "search.params.lora.rank",
+        "lora",
+        "search.metric",
+    ]
+
+
+def test_a_check_reading_a_value_that_failed_is_left_out(spec_file: Path) -> None:
+    # eval_every failed: ASHA's count of evals would be of its default (50), a false problem.
+    tree = spec()
+    tree["train"] = {"max_steps": 20, "eval_every": 0}
+    assert _problems(spec_file, tree) == ["train.eval_every: Input should be greater than 0"]
+
+
+def test_a_malformed_method_search_is_the_one_problem(spec_file: Path) -> None:
+    # The dropped method search says nothing of the methods the trials run: no "lora: ...
+    # method is full" for the section and the searched LoRA setting.
+    tree = spec(
+        {
+            "method": {"type": "choice", "values": ["full", "lora"], "low": 1},
+            "lora.alpha": {"type": "choice", "values": [8, 16]},
+        }
+    )
+    tree.update(method="full", lora={"r": 4})
+    assert _problems(spec_file, tree) == [
+        "search.params.method: type choice reads values only: low would be ignored"
+    ]
+
+
+def test_a_contradictory_pair_is_found_in_a_space_too_big_to_check_whole() -> None:
+    twos = {
+        "train.learning_rate": [1e-3, 2e-3],
+        "train.weight_decay": [0.0, 0.1],
+        "train.warmup_ratio": [0.0, 0.1],
+        "train.max_grad_norm": [1.0, 0.5],
+        "train.batch_size": [2, 4],
+        "train.grad_accum": [1, 2],
+        "train.neftune_alpha": [0, 5],
+        "train.lr_scheduler": ["cosine", "linear"],
+        "lora.r": [4, 8],
+        "lora.dropout": [0.0, 0.1],
+        "train.gradient_checkpointing": [False, True],
+    }
+    params = {
+        "method": {"type": "choice", "values": ["lora", "full"]},
+        "lora.use_dora": {"type": "choice", "values": [False, True]},
+        **{k: {"type": "choice", "values": v} for k, v in twos.items()},
+    }
+    assert 2 ** len(params) > spec_module.MAX_JOINT_PROBES  # too many to check every one
+    assert problems_of(spec(params)) == [
+        "search.params: combination method='full', lora.use_dora=True: "
+        "lora.use_dora/use_rslora are set but method is full"
+    ]
+    params["method"]["values"] = ["lora", "qlora"]
+    assert problems_of(spec(params)) == []
+
+
+def test_pairs_follow_a_multiple_of_its_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Checked pair by pair: lora.alpha takes lora.r's products, never an arbitrary one.
+    monkeypatch.setattr(spec_module, "MAX_JOINT_PROBES", 1)
+    params = {
+        "lora.r": {"type": "choice", "values": [4, 8]},
+        "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2]},
+        "lora.dropout": {"type": "choice", "values": [0.0, 0.1]},
+    }
+    cfg = validate_tree(spec(params))
+    pairs = list(spec_module._pair_probes(cfg.search.params, cfg))
+    assert {"lora.r": 4, "lora.alpha": 8} in pairs and {"lora.r": 8, "lora.alpha": 16} in pairs
+    assert all(c["lora.alpha"] == 2 * c["lora.r"] for c in pairs if "lora.r" in c)
+    assert problems_of(spec(params)) == []
+
+
+def test_eval_base_cannot_be_searched() -> None:
+    problem = one_problem(spec({"train.eval_base": {"type": "choice", "values": [False, True]}}))
+    assert problem.startswith(
+        "search.params.train.eval_base: train.eval_base cannot be searched: a trial never "
+        "scores the base model"
+    )
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ({"type": "choice", "values": [4, 4, 8]}, "4"),
+        ({"type": "choice", "values": [4, 4.0]}, "4.0"),
+        ({"type": "multiple_of", "of": "lora.r", "values": [2, 2, 2]}, "2"),
+    ],
+)
+def test_a_value_listed_twice_is_refused(param: dict[str, Any], value: str) -> None:
+    name = "lora.alpha" if param["type"] == "multiple_of" else "lora.r"
+    with pytest.raises(ConfigError) as err:
+        validate_tree(spec({name: param}), source=SRC)
+    assert err.value.problems == [
+        f"search.params.{name}: values: {value} is listed more than once; each value is drawn "
+        "as often as it is listed: list it once"
+    ]
+
+
+@pytest.mark.parametrize("metric", ["lr", "elapsed_s", "base_exact_match"])
+def test_a_metric_without_a_direction_is_said_so(metric: str) -> None:
+    problem = one_problem(spec(metric=metric, scheduler={"type": "none"}))
+    assert problem.startswith(
+        f"search.metric: {metric!r} is reported but has no direction (neither lower nor higher "
+        "is better), so it cannot be optimised; choose one of train_loss, eval_loss"
+    )
