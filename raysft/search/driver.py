@@ -64,6 +64,7 @@ from raysft.search.space import (
 from raysft.search.spec import trial_memory
 from raysft.search.storage import check_shared_storage
 from raysft.search.trial import ATTEMPTS_FILE, TrialFailure, read_attempts, run_trial_on_ray
+from raysft.train.metrics import REPLAYED
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,19 @@ def _trainable(tree: dict[str, Any], exp_dir: Path, shared: Any = None) -> Any:
     return ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
 
 
+def _quiet_tune_output() -> None:
+    """What Tune prints and logs beyond raysft's use: no CSV or TensorBoard logger (the latter
+    warns of every non-number, and names a log dir in the run's scratch Ray dir, gone after it),
+    and a report's earlier records (``REPLAYED``, the steps since the last report) left out of
+    the result tables it prints, as Tune leaves out its own bookkeeping."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read by Tuner.fit, in this process
+    try:
+        from ray.tune.experimental.output import BLACKLISTED_KEYS
+    except ImportError:  # another layout of Tune's: the tables show the records
+        return
+    BLACKLISTED_KEYS.add(REPLAYED)
+
+
 def build_tuner(
     tree: dict[str, Any],
     cfg: SearchSpec,
@@ -92,9 +106,12 @@ def build_tuner(
     shared: Any = None,
 ) -> Any:
     import ray.tune
+    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raysft.search.searcher import build_searcher
+
+    _quiet_tune_output()
 
     s = cfg.search
     searcher = build_searcher(cfg, s, concurrent=plan.concurrent)
@@ -123,7 +140,9 @@ def build_tuner(
         run_config=ray.tune.RunConfig(
             name="tune",
             storage_path=str(exp_dir),
-            callbacks=callbacks,
+            # Tune's result.json (read at the finish) alone: its CSV and TensorBoard loggers
+            # are off (_quiet_tune_output), raysft's curves are in MLflow and the plots.
+            callbacks=[*callbacks, JsonLoggerCallback()],
             # ASHA never stops a NaN trial (NaN compares false with every cutoff): this does.
             stop=res.DivergedStopper(),
             verbose=1,

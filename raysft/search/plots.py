@@ -268,8 +268,8 @@ def _parallel(study: Any, metric: str) -> Any:
     import optuna.visualization.matplotlib as ovm
 
     n = _complete(study)
-    if n < 1:
-        return f"no trial finished with a finite {metric}"
+    if n < 2:  # one line relates nothing to anything
+        return f"needs >= 2 finished trials with a finite {metric}, got {n}"
     ax = ovm.plot_parallel_coordinate(study, target_name=metric)
     what = f"{_trials(n)} finished, coloured by {metric} (darker is better)"
     ax.set_title(f"Parallel coordinates: {what}", pad=16)

@@ -67,8 +67,22 @@ def ui_command(uri: str, page: str = "") -> str:
     """How to see the runs; ``page`` (``runs_page``) is appended to the server's address."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}{page} in a browser"
-    cmd = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    cmd = f"{_mlflow_command()} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"{cmd}, then open http://127.0.0.1:5000{page}" if page else cmd
+
+
+def _mlflow_command() -> str:
+    """``mlflow`` where the shell finds this Python's, else its path: a search run as
+    ``.venv/bin/python -m raysft.tune`` (``make demo``) from a shell that did not activate the
+    venv has no ``mlflow`` on its PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "mlflow"
+    found = shutil.which("mlflow")
+    if found is None and beside.is_file():
+        return str(beside)
+    return "mlflow"
 
 
 def runs_page(exp_id: str, *, metric: str, mode: str) -> str:

@@ -46,6 +46,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
 
     from raysft.train.recipe import Dist, run_trial
 
+    quiet_worker_logs()
     if loop.get("gpu_share"):
         # Before the first CUDA allocation: this trial's cache cannot starve its GPU's others.
         cap_process_memory(loop["gpu_share"])
@@ -102,6 +103,22 @@ def name_restored_checkpoint(
         return metrics
     path = restored.pop()
     return metrics if has_checkpoint else {**metrics, CHECKPOINT_PATH_KEY: path}
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train logs every report at INFO, its metrics in full ("Reporting training result N:
+    TrainingReport(...)"): a trial's reports carry the steps since the last one, thousands of
+    characters on the driver's console for what MLflow shows. Its logger is named by its file.
+    transformers' progress bars ("Loading weights: 0%|...") go the same way: in a worker's log
+    they are lines of carriage returns."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another layout of Ray's: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def keep_bitsandbytes_out(method: str) -> bool:

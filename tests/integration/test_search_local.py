@@ -230,6 +230,12 @@ def test_search_stops_some_trials_early_and_reports_the_best(local_search: Local
     for png in ("optimization_history", "param_importances", "parallel_coordinate", "eval_curves"):
         assert (local_search.exp_dir / "plots" / f"{png}.png").is_file(), png
     assert "promotion: v1 is now @champion" in out
+    # The steps each report carries stay off the console (Ray Train's report lines, Tune's
+    # result tables, its TensorBoard logger's warnings), and in Tune's result.json.
+    assert "Reporting training result" not in out and "replayed_records" not in out
+    assert "tensorboard" not in out.lower()
+    tune_dir = local_search.exp_dir / "tune"
+    assert not list(tune_dir.rglob("progress.csv")) and list(tune_dir.rglob("result.json"))
     # The local Ray went down with the driver.
     assert not local_search.run.leftovers, f"processes left behind: {local_search.run.leftovers}"
 

@@ -307,3 +307,17 @@ def test_a_trial_runs_description_says_how_it_ended(
 ) -> None:
     note = tracking.trial_note(row, metric="eval_loss", scheduler="ASHA", best=best)
     assert note.startswith(said), note
+
+
+def test_the_ui_command_names_the_venvs_mlflow_when_the_shell_has_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # make demo runs .venv/bin/python from a shell that did not activate .venv.
+    import shutil
+    import sys
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    beside = str(Path(sys.executable).parent / "mlflow")
+    assert tracking.ui_command("sqlite:///m.db").startswith(f"{beside} ui --backend-store-uri")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/mlflow")
+    assert tracking.ui_command("sqlite:///m.db").startswith("mlflow ui --backend-store-uri")

@@ -2371,3 +2371,25 @@ def test_a_metric_without_a_direction_is_said_so(metric: str) -> None:
         f"search.metric: {metric!r} is reported but has no direction (neither lower nor higher "
         "is better), so it cannot be optimised; choose one of train_loss, eval_loss"
     )
+
+
+def test_a_workers_reports_and_progress_bars_stay_off_the_drivers_console() -> None:
+    # Ray Train logs every report in full at INFO, and a report carries the steps since the
+    # last one: thousands of characters per eval on the console of `python -m raysft.tune`.
+    import logging
+
+    from ray.train.v2._internal.execution import context
+    from transformers.utils import logging as hf_logging
+
+    from raysft.search.trial import quiet_worker_logs
+
+    reports = logging.getLogger(context.__file__)
+    level, bars = reports.level, hf_logging.is_progress_bar_enabled()
+    try:
+        quiet_worker_logs()
+        assert not reports.isEnabledFor(logging.INFO)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        reports.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
