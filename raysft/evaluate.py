@@ -29,9 +29,9 @@ from raysft.config import (
     Config,
     blame_overrides,
     load_config,
-    parse_overrides,
     read_yaml,
     set_path,
+    split_overrides,
     validate_tree,
 )
 from raysft.data.formats import Conversation, code_tests, scored_part
@@ -575,7 +575,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.show < 0:
         parser.error(f"--show N: N must be >= 0 (got {args.show})")
     setup_logging(args.verbose)
-    overrides = parse_overrides(args.overrides)
+    overrides, bad = split_overrides(args.overrides)
+    if bad:  # named by what they override, as raysft.train and raysft.tune do
+        raise ConfigError(args.config or args.dir, [f"--set {p}" for p in bad])
     if args.data:
         overrides["data.eval"] = args.data
         # Your held-out file is scored whole, not the run's data.max_eval_samples of it.

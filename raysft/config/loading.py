@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import ast
 import copy
+import difflib
 import logging
 import re
-from dataclasses import dataclass
+import stat
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
@@ -21,6 +24,7 @@ from raysft.config.sections import (
     Method,
     SearchParam,
     SearchSpec,
+    broken_rules,
 )
 from raysft.errors import ConfigError
 
@@ -324,16 +328,22 @@ def _union_problem(failed: list[tuple[str, str, str, Any]]) -> str:
 
 
 def validate_tree(
-    tree: dict[str, Any], *, source: str = "<config>", model: type[Config] = Config
+    tree: dict[str, Any],
+    *,
+    source: str = "<config>",
+    model: type[Config] = Config,
+    dropped: Collection[str] = (),
 ) -> Config:
     """``tree`` validated as ``model``; every problem at once, cross-field rules included: a
-    field error hides none of the rules whose fields validated (``validate_rest``)."""
+    field error hides none of the rules whose fields validated (``validate_rest``).
+    ``dropped``: paths already left out of ``tree`` (``Rest.dropped``): a rule reading one is
+    not applied (its input is a default, not what the file meant)."""
     try:
-        return model.model_validate(tree)
+        return model.model_validate(tree, context={"dropped": set(dropped)} if dropped else None)
     except ValidationError as err:
         problems = _format_errors(err, tree)
         if any(e["loc"] for e in err.errors()):  # field errors: the rules did not run
-            problems += validate_rest(tree, model=model).rules
+            problems += validate_rest(tree, model=model, dropped=dropped).rules
         raise ConfigError(source, list(dict.fromkeys(problems))) from None
 
 
@@ -341,13 +351,15 @@ def validate_tree(
 class Rest:
     """What of a tree validates: ``tree`` without the values that failed (their defaults
     hold instead), ``cfg`` validated from it with no cross-field rule (None where even that
-    fails), the ``dropped`` dotted paths, and the messages of the ``rules`` it breaks whose
-    inputs are none of the dropped ones."""
+    fails), the ``dropped`` dotted paths (those left out, and for an unknown key the section
+    it was meant for: ``_meant``), the messages of the ``rules`` it breaks whose inputs are
+    none of the dropped ones, and the paths those broken rules ``read``."""
 
     tree: dict[str, Any]
     cfg: Config | None
     dropped: set[str]
     rules: list[str]
+    read: set[str] = field(default_factory=set)
 
 
 # Each pass drops the values a validation refused; one inside a section can leave the section
@@ -355,31 +367,75 @@ class Rest:
 _MAX_PASSES = 8
 
 
-def validate_rest(tree: dict[str, Any], *, model: type[Config] = Config) -> Rest:
+def validate_rest(
+    tree: dict[str, Any], *, model: type[Config] = Config, dropped: Collection[str] = ()
+) -> Rest:
     """``tree`` less each value that fails validation, validated again (``Rest``), so that the
-    checks that do not read a failed value still run and report in the same run."""
-    rest, dropped = copy.deepcopy(tree), set[str]()
+    checks that do not read a failed value still run and report in the same run.
+    ``dropped``: paths already counted as left out (``validate_tree``'s)."""
+    rest, removed, counted = copy.deepcopy(tree), set[str](), set(dropped)
     rules: list[str] = []
     for _ in range(_MAX_PASSES):
         try:
-            model.model_validate(rest, context={"dropped": dropped})
+            model.model_validate(rest, context={"dropped": counted})
             break
         except ValidationError as err:
             errors = err.errors()
             if all(not e["loc"] for e in errors):  # every field valid: these are the rules
                 rules = [m for e in errors for m in _message(e).split(RULE_SEPARATOR)]
                 break
+            # Before the values go: where an unknown key sits is read from the tree.
+            meant = [m for e in errors if e["type"] == "extra_forbidden" for m in _meant(rest, e)]
             paths = [_drop(rest, e) for e in errors if e["loc"]]
-            if None in paths or set(paths) <= dropped:  # cannot be left out: nothing to check
-                return Rest(rest, None, dropped, [])
-            dropped.update(p for p in paths if p is not None)
+            if None in paths or set(paths) <= removed:  # cannot be left out: nothing to check
+                return Rest(rest, None, counted, [])
+            removed.update(p for p in paths if p is not None)
+            counted.update([*removed, *meant])
     else:
-        return Rest(rest, None, dropped, [])
+        return Rest(rest, None, counted, [])
     try:
-        cfg = model.model_validate(rest, context={"dropped": dropped, "no_rules": True})
+        cfg = model.model_validate(rest, context={"dropped": counted, "no_rules": True})
     except ValidationError:
-        return Rest(rest, None, dropped, rules)
-    return Rest(rest, cfg, dropped, rules)
+        return Rest(rest, None, counted, rules)
+    read = {i for inputs, _ in broken_rules(cfg, dropped=counted) for i in inputs}
+    return Rest(rest, cfg, counted, rules, read)
+
+
+def _meant(tree: dict[str, Any], error: Any) -> list[str]:
+    """The paths an unknown key (``error``, extra_forbidden) was meant to set, as far as known:
+    its section (``search.resources`` for ``cpus_per_workr``). The value written there is left
+    out, so a rule or search check reading that section would judge a default as if the file
+    had set it (num_threads 4 against the default 1 CPU per worker): that section counts as
+    left out for them, while it stays in the tree for validation.
+
+    A top-level key has no section: it counts the section a dotted one names
+    (``train.max_steps: 5`` -> ``train``) or the ones its name is close to (``trian``), else
+    nothing. Not everything: a stray key (``notes:``) was meant for no setting, and counting
+    it against every section would leave out every rule and search check, so the file's other
+    problems would come one run at a time again."""
+    keys = _input_keys(tree, error["loc"])
+    if len(keys) > 1:
+        return [".".join(map(str, keys[:-1]))]
+    if not keys or not isinstance(keys[0], str):
+        return []
+    key = keys[0]
+    if "." in key:
+        return [key.rpartition(".")[0]]
+    return difflib.get_close_matches(key, list(Config.model_fields), n=3)
+
+
+def _input_keys(tree: dict[str, Any], loc: tuple[Any, ...]) -> list[Any]:
+    """The keys of ``loc`` that are keys of the input (not pydantic's union tags), up to the
+    first list item."""
+    parts: list[Any] = []
+    node: Any = tree
+    for p in loc:
+        if isinstance(node, dict) and p in node:
+            parts.append(p)
+            node = node[p]
+        elif isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node):
+            break  # an item: the list goes
+    return parts
 
 
 def _message(error: Any) -> str:
@@ -389,14 +445,7 @@ def _message(error: Any) -> str:
 def _drop(tree: dict[str, Any], error: Any) -> str | None:
     """Remove the value ``error`` is about from ``tree`` (a list whole, a missing key's
     section); its dotted path, or None where nothing can be removed."""
-    parts: list[Any] = []
-    node: Any = tree
-    for p in error["loc"]:  # the keys of the input, not pydantic's union tags
-        if isinstance(node, dict) and p in node:
-            parts.append(p)
-            node = node[p]
-        elif isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node):
-            break  # an item: the list goes
+    parts = _input_keys(tree, error["loc"])
     if error["type"] == "missing" and parts == ["search"] and error["loc"][-1] == "params":
         parts.append("params")
     if not parts:
@@ -537,9 +586,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(str(path), ["a directory, not a YAML file"])
-    if not p.exists():
-        raise ConfigError(str(path), ["file not found"])
-    try:  # any path that is no directory: a file, or a pipe (``<(cat spec.yaml)``)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except OSError as err:
+        raise ConfigError(str(path), [f"cannot read: {err.strerror or err}"]) from None
+    # A file, or a pipe (``<(cat spec.yaml)``): a device would be read forever (/dev/zero) or
+    # wait for input (/dev/stdin on a terminal).
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise ConfigError(str(path), ["not a regular file"])
+    try:
         tree = yaml_load(p.read_text(encoding="utf-8"))
     except OSError as err:  # unreadable: permissions, an I/O error (/proc/self/mem)
         raise ConfigError(str(path), [f"cannot read: {err.strerror or err}"]) from None

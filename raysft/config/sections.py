@@ -51,6 +51,9 @@ def _local_path(value: Any) -> Any:
     value = _home(value)
     if isinstance(value, str) and not value.strip():
         # Path("") is the working directory: its files would be written over or among.
+        # Refused in the validator, so on saved specs too (summary.json's, a trial's): a search
+        # started since this refusal cannot have saved one, but one started before it could
+        # (an empty output_dir or experiment_dir was accepted then) and would not load.
         raise ValueError("empty: give a directory (empty is the working directory)")
     if isinstance(value, str) and "://" in value:
         raise ValueError(
@@ -394,20 +397,8 @@ class SearchParam(_Section):
                 raise ValueError("loguniform needs low > 0")
         elif not self.values:
             raise ValueError(f"type {self.type} needs a non-empty values list")
-        else:
-            # A value listed twice is drawn twice as often: the search would lean on it
-            # unasked (4 and 4.0 are one value).
-            seen: set[Any] = set()
-            for v in self.values:
-                key = (
-                    float(v) if isinstance(v, int | float) and not isinstance(v, bool) else repr(v)
-                )
-                if key in seen:
-                    raise ValueError(
-                        f"values: {v!r} is listed more than once; each value is drawn as often "
-                        "as it is listed: list it once"
-                    )
-                seen.add(key)
+        # A value listed twice is refused by the spec file's checks (raysft.search.spec), not
+        # here: a saved spec of a search that ran with one must load.
         if self.type == "multiple_of" and not self.of:
             raise ValueError("type multiple_of needs of: <dotted path>")
         takes = _PARAM_FIELDS[self.type]
@@ -664,17 +655,26 @@ def _apply_rules(cfg: Any, rules: list[Rule], info: ValidationInfo) -> Any:
     context = info.context if isinstance(info.context, dict) else {}
     if context.get("no_rules"):
         return cfg
-    dropped = context.get("dropped", ())
-    problems = [
-        msg
+    problems = [msg for _, msg in broken_rules(cfg, rules, context.get("dropped", ()))]
+    if problems:
+        raise ValueError(RULE_SEPARATOR.join(problems))
+    return cfg
+
+
+def broken_rules(
+    cfg: Any, rules: list[Rule] | None = None, dropped: Any = ()
+) -> list[tuple[tuple[str, ...], str]]:
+    """(the paths it reads, its message) of each rule ``cfg`` breaks, those reading a
+    ``dropped`` path left out; ``rules``: None for the model's own."""
+    if rules is None:
+        rules = _CONFIG_RULES + (_SPEC_RULES if isinstance(cfg, SearchSpec) else [])
+    return [
+        (inputs, msg)
         for inputs, rule in rules
         if not any(_overlaps(i, d) for i in inputs for d in dropped)
         for msg in [rule(cfg)]
         if msg
     ]
-    if problems:
-        raise ValueError(RULE_SEPARATOR.join(problems))
-    return cfg
 
 
 # Joins the messages of broken rules into one pydantic error; loading splits them again.
@@ -778,3 +778,6 @@ _SPEC_RULES: list[Rule] = [
     (("train.num_threads", "search.resources.cpus_per_worker"), _threads_fit_the_cpus),
     (("train.device", "search.resources.gpus_per_worker"), _device_matches_resources),
 ]
+# The paths each rule reads: parameters read together are probed together first
+# (raysft.search.spec).
+RULE_INPUTS: list[tuple[str, ...]] = [inputs for inputs, _ in _CONFIG_RULES + _SPEC_RULES]

@@ -7,6 +7,8 @@ probed through the same pydantic models a trial config goes through, alone and i
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
 import math
 from collections.abc import Collection, Iterator
 from typing import Any, get_args, get_origin
@@ -28,6 +30,7 @@ from raysft.config import (
     validate_spec,
     validate_tree,
 )
+from raysft.config.sections import RULE_INPUTS
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, ModelError
 from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
@@ -35,6 +38,8 @@ from raysft.search.preflight import preflight as read_as_a_trial
 from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import check_resources, local_nodes
 from raysft.train.metrics import METRICS, objective_mode, reported
+
+log = logging.getLogger(__name__)
 
 _UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")
 # Single paths that cannot be searched, and why.
@@ -59,7 +64,8 @@ _NOT_COMPARABLE = {
 }
 # How rows are batched, not which rows are scored or how they render.
 _COMPARABLE = {"data.packing", "data.group_by_length"}
-# Cap on the value combinations validated together (each is one pydantic validation).
+# Cap on the value combinations validated together (each is one pydantic validation), whole
+# combinations or, in a bigger space, pairs of values (~0.3 ms each: about a second).
 MAX_JOINT_PROBES = 4096
 
 
@@ -106,6 +112,7 @@ def read_spec(
     problems: list[str] = []
     dropped: set[str] = set()
     rules_broken = False
+    rules_read: set[str] = set()
     try:
         spec = validate_spec(tree, source=path)
     except ConfigError as err:
@@ -118,7 +125,10 @@ def read_spec(
             blamed = blame_overrides(problems, changes, in_file)
             raise ConfigError(path, bad_sets + blamed) from None
         tree, spec, dropped, rules_broken = rest.tree, rest.cfg, rest.dropped, bool(rest.rules)
-    problems += validate_search(tree, spec, source=path, dropped=dropped, known=problems)
+        rules_read = rest.read
+    problems += validate_search(
+        tree, spec, source=path, dropped=dropped, known=problems, read=rules_read
+    )
     # The resource plan reads nearly every setting (the memory estimate): made once the rest
     # of the spec holds, or where only malformed search parameters were left out.
     if all(d.startswith("search.params.") for d in dropped) and not rules_broken:
@@ -248,6 +258,15 @@ def _check_param(
         ann = _field_annotation(name)
     except KeyError as err:
         return f"{where}: {err.args[0]}"
+    twice = _listed_twice(p.values or [])
+    if twice is not None:
+        # Here, on the spec file a search starts from, not in SearchParam's validator: a
+        # saved spec (summary.json's resolved_spec, a trial's, --resume's) of a search that
+        # ran with one must still load.
+        return (
+            f"{where}: values: {twice!r} is listed more than once; each value is drawn as "
+            "often as it is listed: list it once"
+        )
     if p.type in ("loguniform", "uniform") and _is_int_field(ann):
         return f"{where}: {name} is an integer; use type int or choice, not {p.type}"
     if p.type in ("loguniform", "uniform") and not _takes_a_float(ann):
@@ -302,6 +321,18 @@ def _check_param(
     return None
 
 
+def _listed_twice(values: list[Any]) -> Any:
+    """The first value listed a second time (4 and 4.0 are one value), or None: it would be
+    drawn twice as often, the search leaning on it unasked."""
+    seen: set[Any] = set()
+    for v in values:
+        key = float(v) if _is_number(v) else repr(v)
+        if key in seen:
+            return v
+        seen.add(key)
+    return None
+
+
 def _not_comparable(name: str, cfg: Config) -> str | None:
     """Why trials differing in ``name`` could not be ranked against each other, or None.
 
@@ -350,13 +381,15 @@ def validate_search(
     source: str,
     dropped: Collection[str] = (),
     known: Collection[str] = (),
+    read: Collection[str] = (),
 ) -> list[str]:
     """Every problem with the spec's ``search`` section, as ``path: message`` lines.
 
     ``dropped``: dotted paths whose values failed validation and were left out of ``tree`` and
     ``spec`` (``validate_rest``): a check reading one is skipped. ``known``: the spec's own
     problems, already reported: a searched value's probe that fails on one of them alone says
-    nothing of the value.
+    nothing of the value. ``read``: the paths the broken cross-field rules among them read
+    (``Rest.read``): a section one of them judged is not reported again as unread.
     """
     s = spec.search
     problems: list[str] = []
@@ -375,12 +408,11 @@ def validate_search(
             rejected.add(name)
             continue
         for value in _probe_values(p, s.params, spec):
-            probe = copy.deepcopy(tree)
-            set_path(probe, name, value)
+            probe = _probe_tree(tree, {name: value})
             try:
                 # As a SearchSpec: its rules that join a trial's values to search.resources
                 # (fsdp and train.compile, train.device cpu and GPUs) hold for searched values.
-                validate_tree(probe, source=source, model=SearchSpec)
+                validate_tree(probe, source=source, model=SearchSpec, dropped=dropped)
             except ConfigError as err:
                 own = [e for e in err.problems if e not in known]
                 if not own:
@@ -392,9 +424,21 @@ def validate_search(
     if "method" not in rejected and not _reads(dropped, "method", "lora", "qlora"):
         # A rejected method search (a typo among its values) says nothing of the methods the
         # trials will run: which sections they read is judged once it is fixed.
-        problems += unread_sections(spec, tree, [n for n in s.params if n not in rejected])
-    if not problems and not known and len(s.params) > 1:
-        problems += _check_combinations(tree, s.params, spec, source=source)
+        unread = unread_sections(spec, tree, [n for n in s.params if n not in rejected])
+        # One cause, one line: ``method: full`` with a ``lora:`` that sets use_dora breaks
+        # a rule reading lora; that section is not said to be unread as well.
+        problems += [u for u in unread if not _section_read(u.split(": ", 1)[0], read)]
+    # The parameters not rejected, together: a problem elsewhere hides none of their
+    # contradictions (a multiple_of of a rejected one waits for it, as above).
+    valid = {
+        n: p
+        for n, p in s.params.items()
+        if n not in rejected and not (p.type == "multiple_of" and p.of in rejected)
+    }
+    if len(valid) > 1:
+        problems += _check_combinations(
+            tree, valid, spec, source=source, dropped=dropped, known=known
+        )
     problems += _check_metric(spec, dropped)
     return problems
 
@@ -406,6 +450,11 @@ def _param_of(dropped: str) -> str:
     return head if head and last in SearchParam.model_fields else name
 
 
+def _section_read(path: str, read: Collection[str]) -> bool:
+    """Whether ``path`` is a section (no dot) that a path of ``read`` lies in."""
+    return "." not in path and _reads(read, path)
+
+
 def _reads(dropped: Collection[str], *paths: str) -> bool:
     """Whether any of ``paths`` is, holds or lies under a dropped path."""
     return any(
@@ -414,47 +463,112 @@ def _reads(dropped: Collection[str], *paths: str) -> bool:
 
 
 def _check_combinations(
-    tree: dict[str, Any], params: dict[str, SearchParam], cfg: Config, *, source: str
+    tree: dict[str, Any],
+    params: dict[str, SearchParam],
+    cfg: Config,
+    *,
+    source: str,
+    dropped: Collection[str] = (),
+    known: Collection[str] = (),
 ) -> list[str]:
-    """The first combination of (individually valid) values that fails validation, if any.
+    """The first combination of (individually valid) values that fails validation, if any;
+    a failure on the spec's ``known`` problems alone says nothing of the combination.
 
-    Beyond ``MAX_JOINT_PROBES`` combinations, every pair of values of every two parameters
-    (``_pair_probes``): a rule joining two parameters (method and lora.use_dora) is caught,
-    one joining three or more searched values (fsdp: method, workers and train.compile all
-    searched) may not be.
+    Beyond ``MAX_JOINT_PROBES`` combinations, pairs of values of two parameters
+    (``_pair_probes``), at most ``MAX_JOINT_PROBES`` of them: a rule joining two parameters
+    (method and lora.use_dora) is caught, one joining three or more searched values (fsdp:
+    method, workers and train.compile all searched) may not be.
     """
-    for combo in _joint_probes(params, cfg) or _pair_probes(params, cfg):
-        probe = copy.deepcopy(tree)
-        for name, value in combo.items():
-            set_path(probe, name, value)
+    combos = _joint_probes(params, cfg)
+    unchecked = 0
+    if combos is None:
+        pairs = _pair_probes(params, cfg)
+        combos = list(itertools.islice(pairs, MAX_JOINT_PROBES))
+        unchecked = _pair_total(params, cfg) - len(combos)
+    for combo in combos:
+        probe = _probe_tree(tree, combo)
         try:
-            validate_tree(probe, source=source, model=SearchSpec)
+            validate_tree(probe, source=source, model=SearchSpec, dropped=dropped)
         except ConfigError as err:
+            own = [e for e in err.problems if e not in known]
+            if not own:
+                continue
             values = ", ".join(f"{k}={v!r}" for k, v in combo.items())
-            return [f"search.params: combination {values}: {e}" for e in err.problems]
+            return [f"search.params: combination {values}: {e}" for e in own]
+    if unchecked:
+        # Printed before the CLIs set up logging (Python's last-resort handler): a dry run
+        # and a run both say it.
+        log.warning(
+            "%s: search.params: %d pairs of searched values checked together, %d not (too "
+            "many; those of parameters a rule or a section reads together were checked first)",
+            source,
+            len(combos),
+            unchecked,
+        )
     return []
 
 
 def _pair_probes(params: dict[str, SearchParam], cfg: Config) -> Iterator[dict[str, Any]]:
     """Each pair of probe values of each two parameters, the others at the spec's own values
     (a multiple_of follows its ``of`` when that is one of the two, else at its first factor).
-    Values that each pass alone and not together are the common failure of a big space."""
+    Values that each pass alone and not together are the common failure of a big space.
+    Pairs of parameters read together come first (``_related``): a cap keeps those."""
     free = {k: _unique(_probe_values(p, params, cfg)) for k, p in params.items()}
     names = list(params)
+    couples = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    couples.sort(key=lambda ab: not _related(ab[0], ab[1], params))  # stable: else spec order
+    for a, b in couples:
+        x, y = (b, a) if params[a].type == "multiple_of" and params[a].of == b else (a, b)
+        pairs = (  # a multiple_of and its base: the products the space draws
+            [(vx, vx * f) for vx in free[x] for f in params[y].values or []]
+            if params[y].type == "multiple_of" and params[y].of == x
+            else [(vx, vy) for vx in free[x] for vy in free[y]]
+        )
+        for vx, vy in pairs:
+            combo = {x: vx, y: vy}
+            for k, p in params.items():  # the products of the pair's values
+                if p.type == "multiple_of" and p.of in combo and k not in combo:
+                    combo[k] = combo[p.of] * (p.values or [1])[0]
+            yield combo
+
+
+def _pair_total(params: dict[str, SearchParam], cfg: Config) -> int:
+    """How many combinations ``_pair_probes`` yields, counted, not made."""
+    n = {k: len(_unique(_probe_values(p, params, cfg))) for k, p in params.items()}
+    names = list(params)
+    total = 0
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             x, y = (b, a) if params[a].type == "multiple_of" and params[a].of == b else (a, b)
-            pairs = (  # a multiple_of and its base: the products the space draws
-                [(vx, vx * f) for vx in free[x] for f in params[y].values or []]
-                if params[y].type == "multiple_of" and params[y].of == x
-                else [(vx, vy) for vx in free[x] for vy in free[y]]
-            )
-            for vx, vy in pairs:
-                combo = {x: vx, y: vy}
-                for k, p in params.items():  # the products of the pair's values
-                    if p.type == "multiple_of" and p.of in combo and k not in combo:
-                        combo[k] = combo[p.of] * (p.values or [1])[0]
-                yield combo
+            of_x = params[y].type == "multiple_of" and params[y].of == x
+            total += n[x] * (len(params[y].values or []) if of_x else n[y])
+    return total
+
+
+def _related(a: str, b: str, params: dict[str, SearchParam]) -> bool:
+    """Whether parameters ``a`` and ``b`` are read together: by one section's validator (the
+    same section), by one cross-field rule, or one is the other's multiple."""
+    if params[a].of == b or params[b].of == a:
+        return True
+    if "." in a and a.split(".")[0] == b.split(".")[0]:
+        return True
+    return any(_reads(inputs, a) and _reads(inputs, b) for inputs in RULE_INPUTS)
+
+
+def _probe_tree(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``values`` set at their (config field) paths, copying only the sections on
+    those paths: a deep copy per probe would copy the search's value lists each time (most
+    of a big space's validation time). Validation never changes its input."""
+    probe = dict(tree)
+    for name, value in values.items():
+        *sections, leaf = name.split(".")
+        node = probe
+        for key in sections:
+            child = node.get(key)
+            node[key] = dict(child) if isinstance(child, dict) else {}
+            node = node[key]
+        node[leaf] = value
+    return probe
 
 
 def _unique(values: list[Any]) -> list[Any]:

@@ -300,6 +300,17 @@ def test_bad_set_is_a_user_error(cli_runs: dict[str, Future[Run]]) -> None:
     ]
 
 
+def test_a_malformed_set_of_evaluate_names_what_it_overrides(tmp_path: Path) -> None:
+    from raysft.errors import ConfigError
+    from raysft.evaluate import run
+
+    with pytest.raises(ConfigError) as err:
+        run([str(tmp_path), "--set", "foo"])
+    assert str(err.value) == (
+        f"{tmp_path}: --set 'foo': expected KEY=VALUE (e.g. train.max_steps=50)"
+    )
+
+
 def test_bad_set_does_not_hide_the_files_problems(cli_runs: dict[str, Future[Run]]) -> None:
     path = _TMP[0] / "three2.yaml"
     assert sorted(user_error_lines(result(cli_runs, "bad_set_and_file"))) == [

@@ -698,6 +698,14 @@ def test_an_unreadable_config_is_one_message(tmp_path: Path) -> None:
     assert problems_of(mem) == ["cannot read: Input/output error"]
 
 
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_a_device_is_not_read_as_a_config(device: str) -> None:
+    # /dev/zero would be read forever, /dev/stdin on a terminal would wait for input.
+    if not Path(device).exists():
+        pytest.skip(f"no {device} here")
+    assert problems_of(Path(device)) == ["not a regular file"]
+
+
 def test_a_config_from_a_pipe_is_read(tmp_path: Path) -> None:
     # As the shell passes <(cat lora.yaml): a FIFO, not a regular file.
     import contextlib

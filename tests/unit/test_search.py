@@ -2268,8 +2268,7 @@ def test_rules_schema_and_search_problems_come_in_one_run(spec_file: Path) -> No
         "model.dtype",
         "train.device",
         "search.params.lora.rank",
-        "lora",
-        "search.metric",
+        "search.metric",  # not "lora: ... method is full" too: the first rule said so
     ]
 
 
@@ -2356,11 +2355,111 @@ def test_eval_base_cannot_be_searched() -> None:
 )
 def test_a_value_listed_twice_is_refused(param: dict[str, Any], value: str) -> None:
     name = "lora.alpha" if param["type"] == "multiple_of" else "lora.r"
-    with pytest.raises(ConfigError) as err:
-        validate_tree(spec({name: param}), source=SRC)
-    assert err.value.problems == [
+    assert problems_of(spec({name: param})) == [
         f"search.params.{name}: values: {value} is listed more than once; each value is drawn "
         "as often as it is listed: list it once"
+    ]
+
+
+def test_a_saved_spec_with_a_value_listed_twice_loads() -> None:
+    # summary.json's resolved_spec of a search that ran with one: raysft.promote, a trial and
+    # --resume validate it again; the refusal is the spec file's, when a search starts.
+    saved = spec({"lora.r": {"type": "choice", "values": [4, 4, 8]}})
+    assert validate_tree(saved).search.params["lora.r"].values == [4, 4, 8]
+
+
+def spec_file_problems(tmp_path: Path, tree: dict[str, Any]) -> list[str]:
+    """The problems ``load_spec`` reports for ``tree`` written as a spec file."""
+    path = tmp_path / SRC
+    tree = copy.deepcopy(tree)
+    tree["search"].setdefault("experiment_dir", str(tmp_path / "exp"))
+    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(path), [], dry_run=True, preflight=False)
+    return err.value.problems
+
+
+def test_a_combination_is_checked_beside_another_problem(tmp_path: Path) -> None:
+    params = {
+        "method": {"type": "choice", "values": ["lora", "full"]},
+        "lora.use_dora": {"type": "choice", "values": [False, True]},
+        "train.learning_rate": {"type": "loguniform", "low": 1e-2, "high": 1e-3},
+    }
+    assert spec_file_problems(tmp_path, spec(params)) == [
+        "search.params.train.learning_rate: low (0.01) > high (0.001)",
+        "search.params: combination method='full', lora.use_dora=True: "
+        "lora.use_dora/use_rslora are set but method is full",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "typo", "setting"),
+    [
+        ("search.resources", {"cpus_per_workr": 4}, {"train.num_threads": 4}),
+        ("search.resources", {"gpus_per_workr": 1}, {"train.device": "cuda"}),
+        ("train", {"eval_evry": 5}, {}),  # asha's evals: max_steps 20 / the default eval_every
+    ],
+)
+def test_a_misspelt_key_leaves_its_section_unjudged(
+    tmp_path: Path, section: str, typo: dict[str, Any], setting: dict[str, Any]
+) -> None:
+    # The setting meant is at its default: a rule or search check reading that section would
+    # judge the default as the file's.
+    tree = spec()
+    if section == "train":
+        del tree["train"]["eval_every"]
+    for key, value in setting.items():
+        set_path(tree, key, value)
+    for key, value in typo.items():
+        set_path(tree, f"{section}.{key}", value)
+    [key] = typo
+    assert spec_file_problems(tmp_path, tree) == [f"{section}.{key}: unknown key"]
+
+
+def test_a_method_section_a_broken_rule_read_is_not_also_unread(tmp_path: Path) -> None:
+    tree = spec({"train.learning_rate": LR})
+    tree.update(method="full", lora={"use_dora": True})
+    assert spec_file_problems(tmp_path, tree) == [
+        "lora.use_dora/use_rslora are set but method is full"
+    ]
+
+
+def test_a_big_space_is_validated_in_a_bounded_number_of_validations(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+    validate = spec_module.validate_tree
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(spec_module, "validate_tree", counted)
+    params = {
+        "lora.r": {"type": "choice", "values": list(range(1, 401))},
+        "lora.alpha": {"type": "choice", "values": list(range(1, 401))},
+    }
+    assert problems_of(spec(params)) == []
+    # 800 values alone, then pairs up to the cap (not 160000).
+    assert calls <= 800 + spec_module.MAX_JOINT_PROBES
+    assert "4096 pairs of searched values checked together, 155904 not" in caplog.text
+
+
+def test_capped_pairs_keep_those_of_parameters_read_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # method and lora.use_dora, read by one rule, their pair listed last: still probed
+    # under a cap that the 12 pairs in spec order would reach first.
+    monkeypatch.setattr(spec_module, "MAX_JOINT_PROBES", 8)
+    params = {
+        "train.learning_rate": {"type": "choice", "values": [1e-3, 2e-3, 3e-3]},
+        "method": {"type": "choice", "values": ["lora", "full"]},
+        "lora.use_dora": {"type": "choice", "values": [False, True]},
+    }
+    assert problems_of(spec(params)) == [
+        "search.params: combination method='full', lora.use_dora=True: "
+        "lora.use_dora/use_rslora are set but method is full"
     ]
 
 
