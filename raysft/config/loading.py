@@ -18,14 +18,8 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raysft.config.sections import (
-    RULE_SEPARATOR,
-    Config,
-    Method,
-    SearchParam,
-    SearchSpec,
-    broken_rules,
-)
+from raysft.config.rules import RULE_SEPARATOR, broken_rules
+from raysft.config.sections import Config, Method, SearchParam, SearchSpec
 from raysft.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ import math
 import os
 import posixpath
 import re
-from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from pydantic import (
@@ -20,6 +19,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from raysft.config.rules import CONFIG_RULES, SPEC_RULES, apply_rules
 
 Method = Literal["full", "lora", "qlora"]
 DataFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
@@ -628,7 +629,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Config:
-        return _apply_rules(self, _CONFIG_RULES, info)  # type: ignore[no-any-return]
+        return apply_rules(self, CONFIG_RULES, info)  # type: ignore[no-any-return]
 
 
 class SearchSpec(Config):
@@ -640,144 +641,4 @@ class SearchSpec(Config):
     def _cross_field(self, info: ValidationInfo) -> SearchSpec:
         # Replaces Config's validator of the same name: one list, so one broken rule of either
         # kind does not hide the other's.
-        return _apply_rules(self, _CONFIG_RULES + _SPEC_RULES, info)  # type: ignore[no-any-return]
-
-
-# Cross-field rules: (the dotted paths a rule reads, the rule: its message or None). Each is a
-# function, not a validator that raises, so that every broken rule is reported in one run,
-# and so that a rule whose inputs all validated still runs when another field failed
-# (``loading.validate_tree`` validates again without the failed fields, naming them in the
-# context: a rule reading one of them is skipped, its input being a default, not the file's).
-Rule = tuple[tuple[str, ...], Callable[[Any], "str | None"]]
-
-
-def _apply_rules(cfg: Any, rules: list[Rule], info: ValidationInfo) -> Any:
-    context = info.context if isinstance(info.context, dict) else {}
-    if context.get("no_rules"):
-        return cfg
-    problems = [msg for _, msg in broken_rules(cfg, rules, context.get("dropped", ()))]
-    if problems:
-        raise ValueError(RULE_SEPARATOR.join(problems))
-    return cfg
-
-
-def broken_rules(
-    cfg: Any, rules: list[Rule] | None = None, dropped: Any = ()
-) -> list[tuple[tuple[str, ...], str]]:
-    """(the paths it reads, its message) of each rule ``cfg`` breaks, those reading a
-    ``dropped`` path left out; ``rules``: None for the model's own."""
-    if rules is None:
-        rules = _CONFIG_RULES + (_SPEC_RULES if isinstance(cfg, SearchSpec) else [])
-    return [
-        (inputs, msg)
-        for inputs, rule in rules
-        if not any(_overlaps(i, d) for i in inputs for d in dropped)
-        for msg in [rule(cfg)]
-        if msg
-    ]
-
-
-# Joins the messages of broken rules into one pydantic error; loading splits them again.
-RULE_SEPARATOR = "\n"
-
-
-def _overlaps(a: str, b: str) -> bool:
-    """Whether dotted paths ``a`` and ``b`` are the same, or one lies under the other."""
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def _full_with_dora(cfg: Config) -> str | None:
-    if cfg.method == "full" and (cfg.lora.use_dora or cfg.lora.use_rslora):
-        return "lora.use_dora/use_rslora are set but method is full"
-    return None
-
-
-def _full_with_half_weights(cfg: Config) -> str | None:
-    if cfg.method == "full" and cfg.model.dtype in ("bfloat16", "float16"):
-        return (
-            f"model.dtype: {cfg.model.dtype} but method is full: full fine-tuning keeps "
-            "float32 master weights; set train.precision: bf16 for bf16 compute"
-        )
-    return None
-
-
-def _methods(spec: SearchSpec) -> set[Any]:
-    searched = spec.search.params.get("method")
-    return {spec.method, *(searched.values or [] if searched else [])}
-
-
-def _fsdp_is_for_full_fine_tuning(spec: SearchSpec) -> str | None:
-    methods = _methods(spec)
-    if spec.search.resources.strategy == "fsdp" and methods != {"full"}:
-        other = sorted(str(m) for m in methods - {"full"})[0]
-        return (
-            f"search.resources.strategy: fsdp shards full fine-tuning; method {other} "
-            "trains with ddp (its adapters are small: nothing worth sharding)"
-        )
-    return None
-
-
-def _compile_is_not_for_fsdp(spec: SearchSpec) -> str | None:
-    r = spec.search.resources
-    if spec.train.compile and any(r.shards(str(m)) for m in _methods(spec)):
-        return (
-            f"train.compile: not with FSDP yet (untested here), which search.resources."
-            f"strategy {r.strategy} gives method full on {r.workers} workers; set strategy: "
-            "ddp or train.compile: false"
-        )
-    return None
-
-
-def _threads_fit_the_cpus(spec: SearchSpec) -> str | None:
-    cpus = spec.search.resources.cpus_per_worker
-    threads = spec.train.num_threads
-    if threads is not None and threads > max(1.0, cpus):
-        return (
-            f"train.num_threads: {threads} threads per worker, but search.resources."
-            f"cpus_per_worker is {cpus:g}: the workers would oversubscribe the CPUs Ray "
-            "reserves for them, slowing their own trial and the ones beside it; set it to "
-            "at most cpus_per_worker, or null (Ray then sets OMP_NUM_THREADS to it)"
-        )
-    return None
-
-
-def _device_matches_resources(spec: SearchSpec) -> str | None:
-    if spec.train.device == "cpu" and spec.search.resources.gpus > 0:
-        return (
-            "train.device: cpu but search.resources.gpus_per_worker > 0: the trials would "
-            "hold GPUs they never use"
-        )
-    if spec.train.device == "cuda" and spec.search.resources.gpus == 0:
-        return (
-            "train.device: cuda but search.resources.gpus_per_worker is 0: Ray gives the "
-            "trials no GPU (and hides the GPUs from them); set gpus_per_worker to a number "
-            "or auto"
-        )
-    return None
-
-
-_CONFIG_RULES: list[Rule] = [
-    (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
-    (("method", "model.dtype"), _full_with_half_weights),
-]
-_SPEC_RULES: list[Rule] = [
-    (
-        ("method", "search.params.method", "search.resources.strategy"),
-        _fsdp_is_for_full_fine_tuning,
-    ),
-    (
-        (
-            "method",
-            "search.params.method",
-            "train.compile",
-            "search.resources.strategy",
-            "search.resources.workers",
-        ),
-        _compile_is_not_for_fsdp,
-    ),  # fmt: skip
-    (("train.num_threads", "search.resources.cpus_per_worker"), _threads_fit_the_cpus),
-    (("train.device", "search.resources.gpus_per_worker"), _device_matches_resources),
-]
-# The paths each rule reads: parameters read together are probed together first
-# (raysft.search.spec).
-RULE_INPUTS: list[tuple[str, ...]] = [inputs for inputs, _ in _CONFIG_RULES + _SPEC_RULES]
+        return apply_rules(self, CONFIG_RULES + SPEC_RULES, info)  # type: ignore[no-any-return]

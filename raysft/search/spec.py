@@ -30,7 +30,7 @@ from raysft.config import (
     validate_spec,
     validate_tree,
 )
-from raysft.config.sections import RULE_INPUTS
+from raysft.config.rules import RULE_INPUTS
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, ModelError
 from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape

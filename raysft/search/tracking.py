@@ -515,22 +515,22 @@ def trial_note(row: dict[str, Any], *, metric: str, scheduler: str, best: bool) 
     """A trial run's description (the UI's "Description"): how it ended, at which step, with
     which value; an ASHA stop said to be one, not a failure."""
     step, of = row.get("step"), row["max_steps"]
-    at = f"step {step} of {of}" if step is not None else f"no step of {of}"
+    at = f"at step {step} of {of}" if step is not None else f"before its first eval (of {of} steps)"
     value = row.get("metric")
     scored = f"{metric} {value:.4g}" if value is not None else f"no finite {metric}"
     status = row["status"]
     if status == "finished":
-        text = f"Finished: {at}, {scored}."
+        text = f"Finished {at}: {scored}."
     elif status == "stopped_early":
         text = (
-            f"Stopped early by the {scheduler} scheduler at {at}: {scored} at its last eval. "
+            f"Stopped early by the {scheduler} scheduler {at}: {scored} at its last eval. "
             "Not a failure: the scheduler gave its steps to more promising trials."
         )
     elif status == "diverged":
-        text = f"Diverged at {at}: a non-finite metric; stopped at once, never ranked."
+        text = f"Diverged {at}: a non-finite metric; stopped at once, never ranked."
     else:
         cause = (row.get("error") or "no error recorded").strip().splitlines() or [""]
-        text = f"Failed at {at}: {_clipped(cause[-1], 300)} (tag `raysft.error`: the whole error)."
+        text = f"Failed {at}: {_clipped(cause[-1], 300)} (tag `raysft.error`: the whole error)."
     return f"**The search's best trial.** {text}" if best else text
 
 

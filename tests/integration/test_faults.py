@@ -127,7 +127,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_oom_is_not_retried(
         assert failed.info.status == "FAILED"
         assert failed.data.tags["raysft.status"] == "failed"
         assert failed.data.tags["raysft.error"].startswith("out of memory")
-        assert failed.data.tags["mlflow.note.content"].startswith("Failed at step")
+        assert failed.data.tags["mlflow.note.content"].startswith("Failed before its first eval")
     assert not ran.leftovers, ran.leftovers
 
 

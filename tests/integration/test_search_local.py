@@ -277,8 +277,10 @@ def test_mlflow_has_a_parent_run_and_one_child_per_trial(local_search: LocalSear
         assert child.info.status == "FINISHED", t["trial_id"]  # stopped early too
         assert child.data.tags["raysft.status"] == t["status"]
         note = child.data.tags["mlflow.note.content"]
+        best = t["trial_id"] == local_search.summary["best"]["trial_id"]
+        assert note.startswith("**The search's best trial.** ") == best, note
         said = {"finished": "Finished", "stopped_early": "Stopped early by the ASHA scheduler"}
-        assert note.startswith(said[t["status"]]), note
+        assert note.removeprefix("**The search's best trial.** ").startswith(said[t["status"]])
         assert f"step {t['step']} of {t['max_steps']}" in note, note
 
     spec_files = [a.path for a in mlc.list_artifacts(parent.info.run_id, "spec")]

@@ -548,13 +548,17 @@ def test_auto_joining_a_cluster_is_resolved_from_the_clusters_gpus_once_joined(
     assert checked == [tmp_path / "exp"]  # the storage check ran, once joined
 
 
+def on_this_machine(monkeypatch: pytest.MonkeyPatch, nodes: list[dict[str, Any]]) -> None:
+    """Laptop mode (no cluster to join) on a machine whose Ray would have ``nodes``."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.setattr(spec_module, "local_nodes", lambda: nodes)
+
+
 def test_auto_in_laptop_mode_is_still_resolved_at_load_from_this_machine(
     tmp_path: Path, llama2_7b: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_JOB_ID", raising=False)
-    here = [{"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": 79.1}]
-    monkeypatch.setattr(spec_module, "local_nodes", lambda: here)
+    on_this_machine(monkeypatch, [{"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": 79.1}])
     tree, spec = load_spec(
         write_spec(tmp_path, spec_tree(llama2_7b, R_CHOICE, gpus_per_worker="auto")),
         [],
@@ -605,10 +609,7 @@ def test_load_spec_refuses_fractional_gpus_with_several_workers(
 def test_load_spec_checks_memory_on_a_gpu_machine(
     tmp_path: Path, llama2_7b: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_JOB_ID", raising=False)
-    gpu = [{"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": 10.0}]
-    monkeypatch.setattr(spec_module, "local_nodes", lambda: gpu)
+    on_this_machine(monkeypatch, [{"CPU": 8.0, "GPU": 1.0, "gpu_memory_gib": 10.0}])
     path = write_spec(tmp_path, spec_tree(llama2_7b, R_CHOICE))
     with pytest.raises(ConfigError) as err:
         load_spec(path, [], preflight=False)

@@ -271,7 +271,7 @@ def test_the_runs_page_opens_on_model_training_best_trial_first() -> None:
         (
             {"status": "finished", "step": 150, "max_steps": 150, "metric": 0.49171},
             True,
-            "**The search's best trial.** Finished: step 150 of 150, eval_loss 0.4917.",
+            "**The search's best trial.** Finished at step 150 of 150: eval_loss 0.4917.",
         ),
         (
             {"status": "stopped_early", "step": 30, "max_steps": 150, "metric": 2.19812},
@@ -293,7 +293,7 @@ def test_the_runs_page_opens_on_model_training_best_trial_first() -> None:
         (
             {"status": "failed", "step": None, "max_steps": 12, "metric": None, "error": None},
             False,
-            "Failed at no step of 12: no error recorded",
+            "Failed before its first eval (of 12 steps): no error recorded",
         ),
         (
             {"status": "diverged", "step": 8, "max_steps": 12, "metric": None},
