@@ -327,16 +327,18 @@ def validate_tree(
     source: str = "<config>",
     model: type[Config] = Config,
     dropped: Collection[str] = (),
+    rest: bool = True,
 ) -> Config:
     """``tree`` validated as ``model``; every problem at once, cross-field rules included: a
     field error hides none of the rules whose fields validated (``validate_rest``).
     ``dropped``: paths already left out of ``tree`` (``Rest.dropped``): a rule reading one is
-    not applied (its input is a default, not what the file meant)."""
+    not applied (its input is a default, not what the file meant). ``rest=False``: the field
+    errors alone (a probe of one searched value, whose rules the spec's check already ran)."""
     try:
         return model.model_validate(tree, context={"dropped": set(dropped)} if dropped else None)
     except ValidationError as err:
         problems = _format_errors(err, tree)
-        if any(e["loc"] for e in err.errors()):  # field errors: the rules did not run
+        if rest and any(e["loc"] for e in err.errors()):  # field errors: the rules did not run
             problems += validate_rest(tree, model=model, dropped=dropped).rules
         raise ConfigError(source, list(dict.fromkeys(problems))) from None
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # Cross-field rules: (the dotted paths a rule reads, the rule: its message or None). Each is a
 # function, not a validator that raises, so that every broken rule is reported in one run,
 # and so that a rule whose inputs all validated still runs when another field failed
-# (``loading.validate_tree`` validates again without the failed fields, naming them in the
+# (``loading.validate_rest`` validates again without the failed fields, naming them in the
 # context: a rule reading one of them is skipped, its input being a default, not the file's).
 Rule = tuple[tuple[str, ...], Callable[[Any], "str | None"]]
 
@@ -45,7 +45,7 @@ def broken_rules(
     return [
         (inputs, msg)
         for inputs, rule in rules
-        if not any(_overlaps(i, d) for i in inputs for d in dropped)
+        if not any(overlaps(i, d) for i in inputs for d in dropped)
         for msg in [rule(cfg)]
         if msg
     ]
@@ -55,7 +55,7 @@ def broken_rules(
 RULE_SEPARATOR = "\n"
 
 
-def _overlaps(a: str, b: str) -> bool:
+def overlaps(a: str, b: str) -> bool:
     """Whether dotted paths ``a`` and ``b`` are the same, or one lies under the other."""
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 

@@ -29,12 +29,12 @@ from raysft.search.tracking import (
     note_callback_failure,
     note_trial_end,
     out_of_reach,
+    report_records,
     run_name,
     scrubbed,
     trial_params,
     trial_runs,
 )
-from raysft.train.metrics import REPLAYED
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,7 @@ def make_callback(
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
-            replayed = result.get(REPLAYED) or []
-            result = {k: v for k, v in result.items() if k != REPLAYED}
+            *earlier, result = report_records(result)
             self.last[trial.trial_id] = result
             if is_diverged(result):
                 self.diverged.add(trial.trial_id)
@@ -201,7 +200,7 @@ def make_callback(
             done = self.logged_step.get(trial.trial_id, 0)
             new = [
                 {**record, "timestamp": ts}
-                for record in [*replayed, result]
+                for record in [*earlier, result]
                 if int(record.get("step", 0)) > done
             ]
             if not new:

@@ -54,10 +54,10 @@ def _score_pair_task(
     """``_score_pair`` as the Ray task runs it: in a task process of its own, for this one
     scoring, a model that is not quantized loads without bitsandbytes' import, as in a trial's
     worker (``keep_bitsandbytes_out``: ~1 CPU-s on the finish's critical path)."""
-    from raysft.search.trial import keep_bitsandbytes_out, quiet_worker_logs
+    from raysft.search.trial import keep_bitsandbytes_out, no_progress_bars
 
     keep_bitsandbytes_out(str(cfg_tree.get("method")))
-    quiet_worker_logs()
+    no_progress_bars()
     return _score_pair(cfg_tree, tuned_dir, rows)
 
 

@@ -84,17 +84,33 @@ def _trainable(tree: dict[str, Any], exp_dir: Path, shared: Any = None) -> Any:
     return ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
 
 
-def _quiet_tune_output() -> None:
-    """What Tune prints and logs beyond raysft's use: no CSV or TensorBoard logger (the latter
-    warns of every non-number, and names a log dir in the run's scratch Ray dir, gone after it),
-    and a report's earlier records (``REPLAYED``, the steps since the last report) left out of
-    the result tables it prints, as Tune leaves out its own bookkeeping."""
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read by Tuner.fit, in this process
+_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # read by Tuner.fit, in this process
+
+
+@contextlib.contextmanager
+def _quiet_tune_output(*, loggers_off: bool) -> Iterator[None]:
+    """While the trials run, what Tune prints and logs beyond raysft's use: a report's earlier
+    records (``REPLAYED``, the steps since the last report) left out of the result tables it
+    prints, as Tune leaves out its own bookkeeping; with ``loggers_off``, no CSV or TensorBoard
+    logger (the latter warns of every non-number, and names a log dir in the run's scratch Ray
+    dir, gone after it). Not for a restored tuner: one saved before raysft passed its own JSON
+    logger (``build_tuner``) would then write no result.json, which the finish reads."""
+    before = os.environ.get(_AUTO_LOGGERS)
+    if loggers_off:
+        os.environ[_AUTO_LOGGERS] = "1"
     try:
         from ray.tune.experimental.output import BLACKLISTED_KEYS
     except ImportError:  # another layout of Tune's: the tables show the records
-        return
+        BLACKLISTED_KEYS = set()
     BLACKLISTED_KEYS.add(REPLAYED)
+    try:
+        yield
+    finally:
+        BLACKLISTED_KEYS.discard(REPLAYED)
+        if before is None:
+            os.environ.pop(_AUTO_LOGGERS, None)
+        else:
+            os.environ[_AUTO_LOGGERS] = before
 
 
 def build_tuner(
@@ -110,8 +126,6 @@ def build_tuner(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raysft.search.searcher import build_searcher
-
-    _quiet_tune_output()
 
     s = cfg.search
     searcher = build_searcher(cfg, s, concurrent=plan.concurrent)
@@ -369,7 +383,7 @@ def _search(
             tuner = build_tuner(tree, cfg, plan, exp_dir, [callback], shared_ref)
         timing["mlflow_setup_s"] = time.perf_counter() - t0 - timing["ray_start_s"]
         t_fit = time.perf_counter()
-        with _own_signal_handlers():
+        with _own_signal_handlers(), _quiet_tune_output(loggers_off=not resume):
             grid = tuner.fit()
         timing["trials_s"] = time.perf_counter() - t_fit
     except BaseException:

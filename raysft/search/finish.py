@@ -255,11 +255,13 @@ def finish_search(
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     steps = FinishSteps(tracked.get("unreachable"))  # the read of the trial runs just before
     rows = _rows(results, cfg, tracked=tracked, resolve=resolve)
-    _make_trial_runs_whole(steps, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve)
+    best = res.pick_best(rows)
+    _make_trial_runs_whole(
+        steps, cfg, exp_dir, rows, results, tracked=tracked, resolve=resolve, best=best
+    )
     res.drop_untracked_checkpoints(
         exp_dir, {str(Path(r["checkpoint"]).resolve()) for r in rows if r["checkpoint"]}
     )
-    best = res.pick_best(rows)
     if best:
         value = float(best["metric"])
         steps.mlflow(
@@ -323,6 +325,7 @@ def _make_trial_runs_whole(
     *,
     tracked: dict[str, Any],
     resolve: TrialConfigs,
+    best: dict[str, Any] | None,
 ) -> None:
     """What the trials' callback could not write to MLflow while they ran (callback.py) is
     written now, from the trials' own reports; its failures stay failures only if that fails
@@ -340,7 +343,7 @@ def _make_trial_runs_whole(
             "they ran): written now",
             written,
         )
-    best_id = (res.pick_best(rows) or {}).get("trial_id")
+    best_id = (best or {}).get("trial_id")
     for row in rows:
         if not row["mlflow_run_id"]:
             continue

@@ -29,7 +29,7 @@ IMPORTANCES = "param_importances.png"
 PARALLEL = "parallel_coordinate.png"
 CURVES = "eval_curves.png"
 # Statuses drawn as solid curves: trials that ended as the search meant them to.
-_RANKED = ("finished", "stopped_early")
+_SOLID = ("finished", "stopped_early")
 _LEGEND_MAX = 12  # trials named in the curves' legend (the best ones); the rest are drawn only
 _MAX_PRODUCTS = 1000  # a multiple_of over more products than this is recorded as a float range
 
@@ -324,7 +324,7 @@ def _curves(rows: list[dict[str, Any]], histories: History, metric: str, order: 
                 marker="o",
                 markersize=3,
                 linewidth=2.8 if best else 1.4,
-                linestyle="-" if row["status"] in _RANKED else "--",
+                linestyle="-" if row["status"] in _SOLID else "--",
                 color=colors[i % len(colors)],
                 label=label,
                 zorder=3 if best else 2,

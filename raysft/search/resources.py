@@ -69,11 +69,16 @@ def local_nodes() -> list[Node]:
     return [node]
 
 
-def ray_nodes() -> list[Node]:
-    """The alive nodes of the cluster Ray is connected to."""
+def alive_node_entries() -> list[dict[str, Any]]:
+    """Ray's node table rows of the alive nodes of the cluster Ray is connected to."""
     import ray
 
-    return [node_of(n) for n in ray.nodes() if n.get("Alive")]
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def ray_nodes() -> list[Node]:
+    """The alive nodes of the cluster Ray is connected to."""
+    return [node_of(n) for n in alive_node_entries()]
 
 
 def node_of(entry: dict[str, Any]) -> Node:

@@ -30,7 +30,7 @@ from raysft.config import (
     validate_spec,
     validate_tree,
 )
-from raysft.config.rules import RULE_INPUTS
+from raysft.config.rules import RULE_INPUTS, overlaps
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, ModelError
 from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
@@ -326,11 +326,15 @@ def _listed_twice(values: list[Any]) -> Any:
     drawn twice as often, the search leaning on it unasked."""
     seen: set[Any] = set()
     for v in values:
-        key = float(v) if _is_number(v) else repr(v)
-        if key in seen:
+        if _same_value(v) in seen:
             return v
-        seen.add(key)
+        seen.add(_same_value(v))
     return None
+
+
+def _same_value(v: Any) -> Any:
+    """What tells two listed values apart: 4 and 4.0 are one value."""
+    return float(v) if _is_number(v) else repr(v)
 
 
 def _not_comparable(name: str, cfg: Config) -> str | None:
@@ -412,7 +416,7 @@ def validate_search(
             try:
                 # As a SearchSpec: its rules that join a trial's values to search.resources
                 # (fsdp and train.compile, train.device cpu and GPUs) hold for searched values.
-                validate_tree(probe, source=source, model=SearchSpec, dropped=dropped)
+                validate_tree(probe, source=source, model=SearchSpec, dropped=dropped, rest=False)
             except ConfigError as err:
                 own = [e for e in err.problems if e not in known]
                 if not own:
@@ -457,9 +461,7 @@ def _section_read(path: str, read: Collection[str]) -> bool:
 
 def _reads(dropped: Collection[str], *paths: str) -> bool:
     """Whether any of ``paths`` is, holds or lies under a dropped path."""
-    return any(
-        p == d or p.startswith(d + ".") or d.startswith(p + ".") for p in paths for d in dropped
-    )
+    return any(overlaps(p, d) for p in paths for d in dropped)
 
 
 def _check_combinations(
@@ -488,7 +490,7 @@ def _check_combinations(
     for combo in combos:
         probe = _probe_tree(tree, combo)
         try:
-            validate_tree(probe, source=source, model=SearchSpec, dropped=dropped)
+            validate_tree(probe, source=source, model=SearchSpec, dropped=dropped, rest=False)
         except ConfigError as err:
             own = [e for e in err.problems if e not in known]
             if not own:
@@ -572,7 +574,7 @@ def _probe_tree(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unique(values: list[Any]) -> list[Any]:
-    return list({repr(v): v for v in values}.values())
+    return list({_same_value(v): v for v in values}.values())
 
 
 def _check_metric(spec: SearchSpec, dropped: Collection[str] = ()) -> list[str]:

@@ -41,13 +41,12 @@ Probe = Callable[[list[ClusterNode], Path, str, float], dict[str, str | None]]
 
 
 def alive_nodes() -> list[ClusterNode]:
-    """The alive nodes of the cluster Ray is connected to."""
-    import ray
+    """The alive nodes of the cluster Ray is connected to, by id and address."""
+    from raysft.search.resources import alive_node_entries
 
     return [
         ClusterNode(str(n["NodeID"]), str(n.get("NodeManagerAddress", "?")))
-        for n in ray.nodes()
-        if n.get("Alive")
+        for n in alive_node_entries()
     ]
 
 

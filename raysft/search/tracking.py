@@ -588,6 +588,13 @@ def log_records(mlc: Any, run_id: str, records: Sequence[dict[str, Any]]) -> Non
         mlc.log_batch(run_id, metrics=points[i : i + 1000])
 
 
+def report_records(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A trial's report as its records, in step order: the earlier ones it carries
+    (``REPLAYED``: its steps since the last report, a resumed trial's replay), then its own."""
+    own = {k: v for k, v in report.items() if k != REPLAYED}
+    return [*(report.get(REPLAYED) or []), own]
+
+
 def trial_history(lines: Sequence[str]) -> list[dict[str, Any]]:
     """A trial's reports (Tune's ``result.json``, one JSON object per line), with the earlier
     records each carries (``REPLAYED``), as ``{step, timestamp, registry metrics}`` per step in
@@ -600,7 +607,7 @@ def trial_history(lines: Sequence[str]) -> list[dict[str, Any]]:
             continue
         ts = report.get("timestamp", 0)
         # A report's earlier records: its steps since the last one, a resumed trial's replay.
-        for record in [*(report.get(REPLAYED) or []), report]:
+        for record in report_records(report):
             if not isinstance(record.get("step"), int):
                 continue
             kept = {k: v for k, v in record.items() if k in METRICS}

@@ -108,17 +108,21 @@ def name_restored_checkpoint(
 def quiet_worker_logs() -> None:
     """Ray Train logs every report at INFO, its metrics in full ("Reporting training result N:
     TrainingReport(...)"): a trial's reports carry the steps since the last one, thousands of
-    characters on the driver's console for what MLflow shows. Its logger is named by its file.
-    transformers' progress bars ("Loading weights: 0%|...") go the same way: in a worker's log
-    they are lines of carriage returns."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    characters on the driver's console for what MLflow shows. Its logger is named by its file."""
+    no_progress_bars()
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another layout of Ray's: its lines stay
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def no_progress_bars() -> None:
+    """transformers' progress bars ("Loading weights: 0%|..."): in a Ray worker's log, lines
+    of carriage returns on the driver's console."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def keep_bitsandbytes_out(method: str) -> bool:

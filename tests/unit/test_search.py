@@ -2492,3 +2492,23 @@ def test_a_workers_reports_and_progress_bars_stay_off_the_drivers_console() -> N
         reports.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("loggers_off", [True, False])
+def test_tunes_loggers_and_tables_are_quieted_while_the_trials_run_only(
+    monkeypatch: pytest.MonkeyPatch, loggers_off: bool
+) -> None:
+    # A restored tuner (--resume) keeps Tune's own loggers: one saved before raysft passed its
+    # JSON logger would write no result.json otherwise.
+    from ray.tune.experimental.output import BLACKLISTED_KEYS
+
+    from raysft.search.driver import _quiet_tune_output
+    from raysft.train.metrics import REPLAYED
+
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    with _quiet_tune_output(loggers_off=loggers_off):
+        on = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+        assert on == ("1" if loggers_off else None)
+        assert REPLAYED in BLACKLISTED_KEYS  # the steps a report carries: not in its tables
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+    assert REPLAYED not in BLACKLISTED_KEYS
