@@ -25,6 +25,7 @@ from typing import Any
 from raysft.config import SearchSpec
 from raysft.data.digest import Digests, data_digests
 from raysft.data.shared import SharedData
+from raysft.environ import environ
 from raysft.errors import ConfigError, SearchStateError
 from raysft.paths import LOCK_FILE
 from raysft.search import results as res
@@ -95,22 +96,16 @@ def _quiet_tune_output(*, loggers_off: bool) -> Iterator[None]:
     logger (the latter warns of every non-number, and names a log dir in the run's scratch Ray
     dir, gone after it). Not for a restored tuner: one saved before raysft passed its own JSON
     logger (``build_tuner``) would then write no result.json, which the finish reads."""
-    before = os.environ.get(_AUTO_LOGGERS)
-    if loggers_off:
-        os.environ[_AUTO_LOGGERS] = "1"
     try:
         from ray.tune.experimental.output import BLACKLISTED_KEYS
     except ImportError:  # another layout of Tune's: the tables show the records
         BLACKLISTED_KEYS = set()
     BLACKLISTED_KEYS.add(REPLAYED)
     try:
-        yield
+        with environ({_AUTO_LOGGERS: "1"} if loggers_off else {}):
+            yield
     finally:
         BLACKLISTED_KEYS.discard(REPLAYED)
-        if before is None:
-            os.environ.pop(_AUTO_LOGGERS, None)
-        else:
-            os.environ[_AUTO_LOGGERS] = before
 
 
 def build_tuner(

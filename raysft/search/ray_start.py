@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.assets import BUNDLED_BASE, absolute_if_local
+from raysft.environ import environ
 from raysft.errors import ConfigError, RayStartError
 from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, job_runtime_env, worker_env
 
@@ -79,10 +80,8 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
         notice = running_cluster_notice(running_clusters())
         if notice:
             log.warning("%s", notice)
-        before = os.environ.get("TMPDIR")
-        if scratch:
-            os.environ["TMPDIR"] = scratch  # inherited by the Ray processes started here
-        try:
+        # TMPDIR: inherited by the Ray processes started here.
+        with environ({"TMPDIR": scratch} if scratch else {}):
             # address="local": start our own, never silently join a cluster someone left
             # running. The dashboard stays on: its State API is what releases finished trials.
             start_local_ray(
@@ -93,11 +92,6 @@ def init_ray(plan_cpus: int | None, *, scratch: str | None = None) -> None:
                     runtime_env=runtime_env,
                 )
             )
-        finally:
-            if before is None:
-                os.environ.pop("TMPDIR", None)
-            else:
-                os.environ["TMPDIR"] = before
 
 
 def running_clusters() -> tuple[list[str], str | None]:

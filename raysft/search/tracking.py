@@ -13,11 +13,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, SearchSpec, TrackingSection, flat_paths
+from raysft.environ import environ
 from raysft.errors import chain, one_line
 from raysft.paths import writable_dir_problem
 from raysft.train.metrics import METRICS, REPLAYED, objective_mode
@@ -238,30 +239,26 @@ def bound_retries() -> None:
         os.environ.setdefault(name, value)
 
 
-def _cap_environ(caps: dict[str, int]) -> None:
+def _capped(caps: dict[str, int]) -> dict[str, str]:
     """Each of MLflow's request variables in ``caps`` at most its cap: a lower value already in
     the environment is kept, an unset one gets the cap."""
+    out = {}
     for name, cap in caps.items():
         try:
-            value = min(int(os.environ.get(name) or cap), cap)
+            out[name] = str(min(int(os.environ.get(name) or cap), cap))
         except ValueError:  # MLflow would refuse it at the request: its own message then
             continue
-        os.environ[name] = str(value)
+    return out
 
 
-@contextlib.contextmanager
-def _capped_environ(caps: dict[str, int]) -> Iterator[None]:
+def _cap_environ(caps: dict[str, int]) -> None:
+    """``_capped`` in the process's environment."""
+    os.environ.update(_capped(caps))
+
+
+def _capped_environ(caps: dict[str, int]) -> contextlib.AbstractContextManager[None]:
     """``_cap_environ`` for the block; the process's values are back after it."""
-    saved = {name: os.environ.get(name) for name in caps}
-    try:
-        _cap_environ(caps)
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
+    return environ(_capped(caps))
 
 
 def callback_requests() -> contextlib.AbstractContextManager[None]:

@@ -296,3 +296,19 @@ def test_rays_own_search_for_running_clusters_answers() -> None:
 
     assert found == sorted(services.find_gcs_addresses())
     assert latest == utils.read_ray_address()
+
+
+def test_environ_sets_for_the_block_and_puts_back_what_was_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    from raysft.environ import environ
+
+    monkeypatch.setenv("RAYSFT_T_SET", "before")
+    monkeypatch.delenv("RAYSFT_T_UNSET", raising=False)
+    with pytest.raises(RuntimeError), environ({"RAYSFT_T_SET": "in", "RAYSFT_T_UNSET": "in"}):
+        assert os.environ["RAYSFT_T_SET"] == os.environ["RAYSFT_T_UNSET"] == "in"
+        raise RuntimeError("the block failed")
+    assert os.environ["RAYSFT_T_SET"] == "before"
+    assert "RAYSFT_T_UNSET" not in os.environ
