@@ -333,11 +333,15 @@ def setup(
     scaler = loss_scaler(model, cfg, device)
     pad_id = tokenizer.pad_token_id
     group_tokens = group_by_length_tokens(cfg)
+    # Data parallel (DDP): each rank scores its share of the eval rows and the sums are added
+    # up. FSDP keeps every rank on every row: each of its forwards is a collective, so the
+    # ranks' batch counts would have to match.
+    share = not dist.sharded and dist.world_size > 1
     loss = functools.partial(
         eval_loss_sum,
         model,
         data.eval,
-        eval_bins,
+        eval_bins[dist.rank :: dist.world_size] if share else eval_bins,
         packing=cfg.data.packing,
         batch_size=cfg.train.batch_size,
         pad_id=pad_id,
@@ -352,11 +356,13 @@ def setup(
             max_new_tokens=cfg.train.max_new_tokens,
             template=cfg.data.template,
         )
+    if share:
+        loss = functools.partial(_loss_of_all_ranks, loss, dist=dist, device=device)
     answers = functools.partial(
         generate_answers,
         model,
         tokenizer,
-        data.eval_conversations,
+        data.eval_conversations[dist.rank :: dist.world_size] if share else data.eval_conversations,
         template=cfg.data.template,
         max_new_tokens=cfg.train.max_new_tokens,
         batch_size=32,
@@ -364,6 +370,8 @@ def setup(
         autocast=autocast,
         synced=dist.sharded,
     )
+    if share:
+        answers = functools.partial(_answers_of_all_ranks, answers, dist=dist)
     evaluate = functools.partial(score, cfg, loss=loss, answers=answers)
     stream = BatchStream(
         data.train,
@@ -425,7 +433,7 @@ def train_step(run: Run) -> dict[str, Any]:
     # Mean over every token the loss scores in the step, on every rank: not a mean of
     # micro-batch means, nor of per-rank means.
     local_tokens = sum(int(loss_mask(b["labels"], b["position_ids"]).sum()) for b in micro)
-    n_tokens = max(_sum_over_ranks(run, float(local_tokens))[0], 1.0)
+    n_tokens = max(_sum_over_ranks(run.dist, run.device, float(local_tokens))[0], 1.0)
     # DDP averages gradients over ranks; scaling each rank's loss by world_size turns that
     # average back into the sum over all ranks' tokens.
     scale = run.dist.world_size / n_tokens
@@ -441,7 +449,7 @@ def train_step(run: Run) -> dict[str, Any]:
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         step_loss += float(loss_sum.detach())
     real = sum(int((b["seg_lens"] > 0).sum()) for b in micro)  # not padding
-    step_loss, real_tokens = _sum_over_ranks(run, step_loss, float(real))
+    step_loss, real_tokens = _sum_over_ranks(run.dist, run.device, step_loss, float(real))
     step_loss /= n_tokens
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
@@ -464,26 +472,43 @@ def train_step(run: Run) -> dict[str, Any]:
     }
 
 
-def _sum_over_ranks(run: Run, *values: float) -> list[float]:
+def _sum_over_ranks(group: Dist, device: Any, *values: float) -> list[float]:
     """Each of ``values`` summed over the data-parallel group (as given when run alone)."""
-    if run.dist.world_size == 1:
+    if group.world_size == 1:
         return list(values)
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def _gather_over_ranks(run: Run, value: Any) -> list[Any]:
+def _gather_over_ranks(group: Dist, value: Any) -> list[Any]:
     """``value`` of every rank of the data-parallel group, in rank order (``[value]`` alone)."""
-    if run.dist.world_size == 1:
+    if group.world_size == 1:
         return [value]
     import torch.distributed as dist
 
-    out: list[Any] = [None] * run.dist.world_size
+    out: list[Any] = [None] * group.world_size
     dist.all_gather_object(out, value)
     return out
+
+
+def _loss_of_all_ranks(
+    loss: Callable[[], tuple[float, int]], *, dist: Dist, device: Any
+) -> tuple[float, int]:
+    """The eval loss sum and token count of every rank's share of the eval rows, added up."""
+    total, count = _sum_over_ranks(dist, device, *loss())
+    return total, int(count)
+
+
+def _answers_of_all_ranks(
+    answers: Callable[..., list[dict[str, Any]]], *, dist: Dist, **decoding: Any
+) -> list[dict[str, Any]]:
+    """Every rank's answers to its share of the eval conversations (rank r has rows r, r + W,
+    ...), put back in the rows' order: every rank gets them all."""
+    shares = _gather_over_ranks(dist, answers(**decoding))
+    return [shares[i % dist.world_size][i // dist.world_size] for i in range(sum(map(len, shares)))]
 
 
 _PHASES = ("setup_s", "step_s", "eval_s", "checkpoint_s")  # Run.times' keys
@@ -607,7 +632,7 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
         return
     # A sharded model's full state is gathered to rank 0: a collective, every rank joins.
     full = fsdp.gather(run.model, run.optimizer) if run.dist.sharded else None
-    rng = _gather_over_ranks(run, rng_states())  # a collective too
+    rng = _gather_over_ranks(run.dist, rng_states())  # a collective too
     if run.dist.rank != 0:
         report(record, None)
         return

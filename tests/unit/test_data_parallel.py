@@ -57,6 +57,9 @@ def _cfg(tmp: Path, model_dir: Path, *, grad_accum: int, out: str, **extra: obje
     )
 
 
+_GENERATES = {"train.exact_match": True, "train.max_new_tokens": 4}  # answers at each eval
+
+
 def _worker(rank: int, tmp: str, model_dir: str, rendezvous: str, compiled: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -65,7 +68,7 @@ def _worker(rank: int, tmp: str, model_dir: str, rendezvous: str, compiled: bool
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
         cfg = _cfg(Path(tmp), Path(model_dir), grad_accum=2, out="ddp",
-                   **{"train.compile": compiled})  # fmt: skip
+                   **{"train.compile": compiled, **_GENERATES})  # fmt: skip
         run_trial(cfg, dist=Dist(rank, 2), prepare_model=DistributedDataParallel)
     finally:
         dist.destroy_process_group()
@@ -85,7 +88,7 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     model_dir = _model_dir(tmp_path, "llama")
     _rows(tmp_path / "rows.jsonl")
     torch.set_num_threads(1)
-    single = run_trial(_cfg(tmp_path, model_dir, grad_accum=4, out="single"))
+    single = run_trial(_cfg(tmp_path, model_dir, grad_accum=4, out="single", **_GENERATES))
     os.environ.pop("RANK", None)
     args = (str(tmp_path), str(model_dir), _rendezvous(tmp_path), compiled)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
@@ -97,6 +100,15 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     )
     # The step's tokens are those of both workers, not rank 0's alone.
     assert ddp_metrics["history"][0]["tokens"] == single.history[0]["tokens"]
+    # Each rank scored half of the eval rows: added up, they are the whole eval, and the
+    # answers come back in the rows' order.
+    assert ddp_metrics["history"][0]["eval_loss"] == pytest.approx(
+        single.history[0]["eval_loss"], abs=tol
+    )
+    assert ddp_metrics["history"][0]["exact_match"] == single.history[0]["exact_match"]
+    assert [s["prompt"] for s in ddp_metrics["final"]["eval_samples"]] == [
+        s["prompt"] for s in single.final["eval_samples"]
+    ]
     a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
