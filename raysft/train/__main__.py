@@ -5,7 +5,8 @@ config, parameter counts (meta device, no weights) and the data's size;
 --preview N [--json] prints the first N training examples (held-out rows left out) exactly as
 trained;
 --resume-from DIR continues from a checkpoint (OUTPUT_DIR/checkpoints/step-N, written at every
-eval) exactly where it stopped.
+eval) exactly where it stopped; with --dry-run, checks the resume as it would start (the
+checkpoint, the config against it, the data's bytes) and trains nothing.
 """
 
 from __future__ import annotations
@@ -69,12 +70,21 @@ def _check_data(cfg: Config, source: str) -> DataReport:
         raise
 
 
-def _dry_run(cfg: Config, source: str) -> int:
+def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int:
     from raysft.train.device import training_device
 
     training_device(cfg)  # the run's own first check: CUDA asked for and unusable, and the like
+    if resume_from is not None:
+        from raysft.train.state import check_resumable
+
+        check_resumable(resume_from, cfg)
     meta = _check_model(cfg, source)
     report = _check_data(cfg, source)
+    if resume_from is not None:
+        from raysft.data.digest import data_digests
+        from raysft.train.state import check_same_data
+
+        check_same_data(resume_from, data_digests(cfg.data))  # as the run's setup does
     print(dump_config(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
     lost = report.train_dropped_no_trained_tokens + report.eval_dropped_no_trained_tokens
@@ -90,8 +100,15 @@ def _dry_run(cfg: Config, source: str) -> int:
         f"{report.train_tokens:,} training tokens ({report.trained_tokens:,} trained)"
         + "".join(f", {d}" for d in dropped if d)
     )
+    if resume_from is not None:
+        from raysft.train.state import checkpoint_step
+
+        step = checkpoint_step(resume_from)
+        print(f"resume: from step {step:,} of {cfg.train.max_steps:,}, in {cfg.output_dir}")
     try:  # said, not refused: a config may be checked before its output_dir is cleared
-        _check_output_dir(cfg, source, resuming=None)
+        _check_output_dir(cfg, source, resuming=resume_from)
+        if resume_from is not None:
+            _nothing_left(cfg, resume_from)
     except ConfigError as err:
         print(f"note: the run would be refused: {'; '.join(err.problems)}")
     return 0
@@ -370,8 +387,10 @@ def _main() -> int:
     args = parser.parse_args()
     if args.json and args.preview is None:
         parser.error("--json needs --preview N")
+    # --dry-run --resume-from checks a resume: one mode.
+    resuming = args.resume_from is not None and not args.dry_run
     modes = [f for f, on in (("--dry-run", args.dry_run), ("--preview", args.preview is not None),
-                             ("--resume-from", args.resume_from is not None)) if on]  # fmt: skip
+                             ("--resume-from", resuming)) if on]  # fmt: skip
     if len(modes) > 1:
         parser.error(f"{' and '.join(modes)} do different things: give one")
     if args.preview is not None and args.preview < 0:
@@ -380,7 +399,9 @@ def _main() -> int:
     # The --set pairs as given: a malformed one is reported with the file's problems.
     cfg = load_config(args.config, args.overrides, authored=True)
     if args.dry_run:
-        return _dry_run(cfg, args.config)
+        if args.resume_from is not None:
+            cfg = _follow_a_moved_run(cfg, args.resume_from)
+        return _dry_run(cfg, args.config, resume_from=args.resume_from)
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
     if args.resume_from is not None:

@@ -709,3 +709,54 @@ def test_a_run_into_an_output_dir_another_run_holds_is_refused(tmp_path: Path) -
             ), err.value.problems
     with _hold_output_dir(cfg, "c.yaml"):  # free again
         pass
+
+
+@pytest.mark.parametrize("case", ["resumable", "other_config", "other_data", "finished"])
+def test_a_dry_run_checks_a_resume_as_it_would_start(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+) -> None:
+    """``--dry-run --resume-from``: the checkpoint, the config against it and the data's bytes
+    are checked as the resume would (an error, exit 2), and nothing trains."""
+    import json
+
+    from raysft.cli import run_cli
+    from raysft.data.digest import DATA_FILE, data_digests
+    from raysft.train import __main__ as train_main
+
+    out = tmp_path / "out"
+    cfg = load_config(None, {"output_dir": str(out), "train.max_steps": 4, "train.eval_every": 2})
+    ckpt = _checkpoint_at(out, 4 if case == "finished" else 2, cfg)
+    digests = data_digests(cfg.data)
+    if case == "other_data":
+        source = next(iter(digests["train"]))
+        digests["train"][source] = "0" * 64
+    (ckpt / DATA_FILE).write_text(json.dumps(digests), encoding="utf-8")
+    if case == "finished":
+        (out / "metrics.json").write_text("{}\n", encoding="utf-8")
+    monkeypatch.setattr(train_main, "_train", lambda *a: pytest.fail("a dry run trained"))
+    argv = ["raysft.train", str(ckpt / "config.yaml"), "--dry-run", "--resume-from", str(ckpt)]
+    if case == "other_config":
+        argv += ["--set", "train.learning_rate=0.5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        run_cli(train_main._main)
+    printed = capsys.readouterr()
+    if case == "other_config":
+        assert done.value.code == 2 and "train.learning_rate" in printed.err
+        return
+    if case == "other_data":
+        assert done.value.code == 2
+        assert "the data differs from what its run trained on" in printed.err
+        assert f"data.train: {source} changed since" in printed.err
+        return
+    assert done.value.code == 0, printed.err
+    step = 4 if case == "finished" else 2
+    assert f"resume: from step {step} of 4, in {out}\n" in printed.out
+    refused = [line for line in printed.out.splitlines() if line.startswith("note:")]
+    if case == "finished":
+        assert len(refused) == 1 and "the run already finished at step 4" in refused[0]
+    else:
+        assert refused == []
