@@ -15,13 +15,13 @@ from typing import Any, NoReturn
 from raysft.cli import run_cli, setup_logging
 from raysft.config import validate_spec
 from raysft.errors import ConfigError, SearchStateError, one_line
-from raysft.search import tracking
+from raysft.search import notes, tracking
 from raysft.search.compare import base_value
 from raysft.search.experiment import recorded_digests
 from raysft.search.finish import FinishSteps
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
-from raysft.search.tracking import client, local_store
+from raysft.search.tracking_store import client, local_store
 from raysft.train.metrics import objective_mode
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _tell_the_parent_run(mlc: Any, exp_dir: Path, summary: dict[str, Any]) -> No
     steps = FinishSteps()
     tag = json.dumps(summary["promotion"])[:5000]
     steps.mlflow(_PARENT_STEPS[0], mlc.set_tag, parent, tracking.PROMOTION_TAG, tag)
-    steps.mlflow(_PARENT_STEPS[1], tracking.describe_parent, mlc, parent, summary)
+    steps.mlflow(_PARENT_STEPS[1], notes.describe_parent, mlc, parent, summary)
     summary["failed_steps"] += steps.failures
     path = write_summary(exp_dir, summary)
     closing = FinishSteps(steps.unreachable)

@@ -29,7 +29,7 @@ from raysft.search.resources import (
 from raysft.search.results import SUMMARY_FILE, table
 from raysft.search.space import describe_sampler, describe_space
 from raysft.search.spec import read_spec, trial_memory
-from raysft.search.tracking import runs_page, ui_command
+from raysft.search.tracking_store import runs_page, ui_command
 
 
 def _dry_run(spec_path: str, cfg: SearchSpec, exp_dir: Path, *, resume: bool) -> int:

@@ -1,10 +1,10 @@
 """The Tune callback that mirrors every trial into a nested MLflow run while the trials run
-(``make_callback``). What it could not write is noted (``tracking.note_callback_failure``, and
-``tracking.GAPS_FILE`` in the experiment dir) and written at the search's finish.
+(``make_callback``). What it could not write is noted (``tracking_requests.note_callback_failure``,
+and ``tracking.GAPS_FILE`` in the experiment dir) and written at the search's finish.
 
 Tune pickles the callback with the search's state and drives that copy after ``--resume``: its
-records of what failed therefore live in module-level functions of ``tracking``, which a pickled
-copy reaches by reference.
+records of what failed therefore live in module-level functions of ``tracking_requests``, which a
+pickled copy reaches by reference.
 """
 
 from __future__ import annotations
@@ -17,23 +17,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from raysft.search.notes import run_name
+from raysft.search.redact import scrubbed
 from raysft.search.results import classify, is_diverged
 from raysft.search.tracking import (
     GAPS_FILE,
-    QUIET_S,
     STATUS_TAG,
     TrialResolver,
-    callback_requests,
     log_params,
     log_records,
-    note_callback_failure,
     note_trial_end,
-    out_of_reach,
     report_records,
-    run_name,
-    scrubbed,
     trial_params,
     trial_runs,
+)
+from raysft.search.tracking_requests import (
+    QUIET_S,
+    callback_requests,
+    note_callback_failure,
+    out_of_reach,
 )
 
 log = logging.getLogger(__name__)

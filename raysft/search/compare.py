@@ -23,7 +23,7 @@ from typing import Any
 from raysft.config import Config, SearchSpec, validate_tree
 from raysft.data.formats import Conversation
 from raysft.evaluate import as_json, eval_rows, metrics_table, score_model, side_by_side
-from raysft.search.tracking import scrubbed
+from raysft.search.redact import scrubbed
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from raysft.data.shared import SharedData
 from raysft.environ import environ
 from raysft.errors import ConfigError, SearchStateError
 from raysft.paths import LOCK_FILE
+from raysft.search import redact, tracking, tracking_requests, tracking_store
 from raysft.search import results as res
-from raysft.search import tracking
 from raysft.search.callback import make_callback
 from raysft.search.experiment import (
     count_start,
@@ -227,7 +227,7 @@ def _parent_run(
     parent_id = tracking.start_parent(mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path)
     state = {
         "parent_run_id": parent_id,
-        "tracking_uri": tracking.redact("tracking_uri", uri),  # --resume checks it is the same
+        "tracking_uri": redact.redact("tracking_uri", uri),  # --resume checks it is the same
         "spec": spec_record(cfg),
         # --resume checks the bytes too: those the trials train on, where the driver has them
         "data": data_digests(cfg.data) if digests is None else digests,
@@ -293,20 +293,21 @@ def run_search(
 
 
 def tracking_store_error(spec_path: str, cfg: SearchSpec) -> ConfigError | None:
-    """The error a search gives when its MLflow store cannot be used (``tracking.store_problem``:
-    nothing is made, a server is asked once) or its experiment was deleted; None when it can."""
-    uri = tracking.tracking_uri(cfg.tracking)
-    unusable = tracking.store_problem(uri)
+    """The error a search gives when its MLflow store cannot be used
+    (``tracking_store.store_problem``: nothing is made, a server is asked once) or its experiment
+    was deleted; None when it can."""
+    uri = tracking_store.tracking_uri(cfg.tracking)
+    unusable = tracking_store.store_problem(uri)
     if unusable is None:
-        gone = tracking.deleted_experiment(uri, cfg.tracking.experiment)
+        gone = tracking_store.deleted_experiment(uri, cfg.tracking.experiment)
         return None if gone is None else ConfigError(spec_path, [f"tracking.experiment: {gone}"])
     where = (
         "tracking.uri"
         if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
         else "tracking.uri (from $MLFLOW_TRACKING_URI)"
     )
-    redacted = tracking.redact("tracking_uri", uri)
-    return ConfigError(spec_path, [f"{where}: {redacted}: {tracking.redact('error', unusable)}"])
+    redacted = redact.redact("tracking_uri", uri)
+    return ConfigError(spec_path, [f"{where}: {redacted}: {redact.redact('error', unusable)}"])
 
 
 def _short_temp_root() -> str:
@@ -332,21 +333,21 @@ def _search(
     import ray
     import ray.tune
 
-    uri = tracking.tracking_uri(cfg.tracking)
-    tracking.callback_failures(reset=True)
-    tracking.bound_retries()
+    uri = tracking_store.tracking_uri(cfg.tracking)
+    tracking_requests.callback_failures(reset=True)
+    tracking_requests.bound_retries()
     unusable = tracking_store_error(spec_path, cfg)  # before Ray: MLflow would retry for minutes
     if unusable:
         raise unusable
     state = read_state(spec_path, exp_dir) if resume else {}
-    gone = tracking.unusable_run(uri, state["parent_run_id"]) if state else None
+    gone = tracking_store.unusable_run(uri, state["parent_run_id"]) if state else None
     if gone:
         raise SearchStateError(f"{spec_path}: --resume: {gone}")
     plan = _connect(spec_path, tree, cfg, exp_dir, scratch=scratch)
     replaced.update(_stops_as_ctrl_c())  # after ray.init, whose driver aborts on them
     timing = {"ray_start_s": time.perf_counter() - t0}
     shared_ref = _share(shared)  # held for the whole search: the object lives while it is
-    mlc = tracking.client(uri)
+    mlc = tracking_store.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment, uri=uri)
     digests = shared.digests if shared is not None else None
     parent_id = _parent_run(
@@ -387,7 +388,8 @@ def _search(
     ended = False  # whether every trial ended (a Ctrl-C during fit() is told apart below)
     summary: dict[str, Any] | None = None
     try:
-        tracking_failures = tracking.callback_failures()  # this start's: reset at its start
+        # This start's: reset at its start.
+        tracking_failures = tracking_requests.callback_failures()
         known, unreachable = _known_trial_runs(mlc, exp_id, parent_id, callback, tracking_failures)
         ids = [(grid[i].metrics or {}).get("trial_id") for i in range(len(grid))]
         known = _with_local_ends(known, exp_dir, ids)
@@ -458,12 +460,12 @@ def _known_trial_runs(
     try:
         return dict(tracking.trial_runs(mlc, exp_id, parent_id)), None
     except Exception as err:
-        reason = tracking.scrubbed(err)
+        reason = redact.scrubbed(err)
         log.warning("MLflow: could not read the search's trial runs (%s)", reason)
         failures.append(f"MLflow: reading the search's trial runs: {reason}")
         known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
         unreachable = "MLflow: reading the search's trial runs"
-        return known, unreachable if tracking.out_of_reach(err) else None
+        return known, unreachable if tracking_requests.out_of_reach(err) else None
 
 
 def _stop_if_interrupted(
@@ -498,7 +500,7 @@ def _close_parent(mlc: Any, run_id: str, status: str) -> None:
     try:
         mlc.set_terminated(run_id, status)
     except Exception as err:
-        log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, tracking.scrubbed(err))
+        log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, redact.scrubbed(err))
 
 
 def _share(shared: SharedData | None) -> Any:
@@ -626,12 +628,10 @@ def _result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
         error = res.error_cause(result.error).removeprefix(f"{TrialFailure.__name__}: ")
         # An exception may quote a token or a URL with its password: scrubbed as logged params
         # are, before it reaches summary.json and MLflow tags.
-        error = tracking.redact("error", error)
+        error = redact.redact("error", error)
     attempts_file = Path(trial_output_dir(exp_dir, trial_id)) / ATTEMPTS_FILE
     attempts = [
-        {**a, "error": tracking.redact("error", a["error"])}
-        if isinstance(a.get("error"), str)
-        else a
+        {**a, "error": redact.redact("error", a["error"])} if isinstance(a.get("error"), str) else a
         for a in read_attempts(attempts_file)
     ]
     return {

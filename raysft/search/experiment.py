@@ -14,9 +14,9 @@ from raysft.config import SearchSpec
 from raysft.data.digest import Digests, changed_sources, data_digests
 from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.paths import InUse, dir_holder, hold_dir, replace_text, writable_dir_problem
+from raysft.search import redact, tracking_store
 from raysft.search import results as res
-from raysft.search import tracking
-from raysft.search.promote import export_dir_problem, export_target
+from raysft.search.export import export_dir_problem, export_target
 from raysft.search.ray_start import base_in_job_copy_notice, inside_job_copy
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def check_experiment_dir(
     is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
     with it, another spec's search to resume, or any of its outputs inside a Ray job's copy of
     ``--working-dir``. A base model inside that copy is said here too (the export will carry
-    it: ``promote._stage_export``)."""
+    it: ``export.stage_export``)."""
     exp_dir = Path(cfg.search.experiment_dir).resolve()
     lost = inside_job_copy(_outputs(cfg, exp_dir), os.environ, Path.cwd())
     if lost:
@@ -79,8 +79,8 @@ def check_experiment_dir(
 def _outputs(cfg: SearchSpec, exp_dir: Path) -> dict[str, Path | None]:
     """Where a search writes, by setting: its experiment dir, the champion's export and a local
     MLflow store (sqlite or file); None for a store on a server."""
-    uri = tracking.tracking_uri(cfg.tracking)
-    store = tracking.local_store(uri)
+    uri = tracking_store.tracking_uri(cfg.tracking)
+    store = tracking_store.local_store(uri)
     return {
         "search.experiment_dir": exp_dir,
         # Its default is inside the experiment dir: named only when set.
@@ -101,13 +101,13 @@ _RESUMABLE_CHANGES = ("search.resources", "search.max_retries", "promote.")
 
 def spec_record(cfg: SearchSpec) -> dict[str, Any]:
     """The resolved spec as raysft_state.json keeps it (credentials redacted)."""
-    tree: dict[str, Any] = res.json_safe(tracking.redact_tree(cfg.model_dump(mode="json")))
+    tree: dict[str, Any] = res.json_safe(redact.redact_tree(cfg.model_dump(mode="json")))
     return tree
 
 
 def _changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted paths whose values differ between two spec records, but for _RESUMABLE_CHANGES."""
-    a, b = tracking.flatten(old), tracking.flatten(new)
+    a, b = redact.flatten(old), redact.flatten(new)
     return sorted(
         path
         for path in a.keys() | b.keys()
@@ -144,11 +144,11 @@ def _check_same_spec(
     # Its parent and trial runs are in the MLflow store it started with (the spec may leave the
     # store to $MLFLOW_TRACKING_URI, or to ./mlflow.db of another directory).
     then = state.get("tracking_uri")
-    uri = tracking.redact("tracking_uri", tracking.tracking_uri(cfg.tracking))
-    if isinstance(then, str) and tracking.redact("tracking_uri", then) != uri:
+    uri = redact.redact("tracking_uri", tracking_store.tracking_uri(cfg.tracking))
+    if isinstance(then, str) and redact.redact("tracking_uri", then) != uri:
         raise SearchStateError(
             f"{spec_path}: --resume: the search in {exp_dir} is tracked in the MLflow store "
-            f"{tracking.redact('tracking_uri', then)}, not {uri}; resume with that store "
+            f"{redact.redact('tracking_uri', then)}, not {uri}; resume with that store "
             "(tracking.uri or $MLFLOW_TRACKING_URI), from the directory the search ran in if "
             "the spec names a relative one"
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
-from raysft.search import compare, plots, tracking
+from raysft.search import compare, notes, plots, redact, tracking, tracking_requests
 from raysft.search import results as res
 from raysft.search.experiment import recorded_digests
 from raysft.search.promote import promote
@@ -121,7 +121,7 @@ def complete_trial_runs(
             parent_id=tracked["parent_id"],
             run_id=row["mlflow_run_id"],
             trial_id=tid,
-            name=tracking.run_name(sampled, order),
+            name=notes.run_name(sampled, order),
             params=functools.partial(tracking.trial_params, resolve, tid, sampled),
             history=history.get(tid) or [],
             status=status.value,
@@ -146,9 +146,10 @@ class FinishSteps:
     plot that could not be drawn.
 
     ``mlflow`` and ``upload`` run steps that ask the tracking server. Once one finds it out of
-    reach (``tracking.out_of_reach``: each call has spent its retries by then), the later ones
-    are not tried and are recorded as such: each would spend the same retries (tens of seconds
-    on a server that takes connections and never answers), and ``--resume`` writes them all.
+    reach (``tracking_requests.out_of_reach``: each call has spent its retries by then), the later
+    ones are not tried and are recorded as such: each would spend the same retries (tens of
+    seconds on a server that takes connections and never answers), and ``--resume`` writes them
+    all.
     An upload does not decide it (``upload``): its error may come from an artifact store that
     is not the tracking server. ``unreachable``: the step that found it so, if one did."""
 
@@ -185,10 +186,10 @@ class FinishSteps:
             log.debug(
                 "%s: not tried (%s found the tracking server out of reach)", what, self.unreachable
             )
-            self.failures.append(f"{what}: {tracking.not_tried(self.unreachable)}")
+            self.failures.append(f"{what}: {tracking_requests.not_tried(self.unreachable)}")
             return None
         value, err = self._call(what, fn, args, kwargs)
-        if err is not None and decides and tracking.out_of_reach(err):
+        if err is not None and decides and tracking_requests.out_of_reach(err):
             self.found_out_of_reach(what)
         return value
 
@@ -198,7 +199,7 @@ class FinishSteps:
         try:
             return fn(*args, **kwargs), None
         except Exception as err:
-            self._failed(what, tracking.scrubbed(err))
+            self._failed(what, redact.scrubbed(err))
             log.debug("%s failed", what, exc_info=True)
             return None, err
 
@@ -290,7 +291,7 @@ def finish_search(
         "trials": rows,
         "counts": res.counts(rows),
         "mlflow": {
-            "tracking_uri": tracking.redact("tracking_uri", tracked["uri"]),
+            "tracking_uri": redact.redact("tracking_uri", tracked["uri"]),
             "experiment": cfg.tracking.experiment,
             "experiment_id": tracked["exp_id"],
             "parent_run_id": parent_id,
@@ -347,13 +348,13 @@ def _make_trial_runs_whole(
     for row in rows:
         if not row["mlflow_run_id"]:
             continue
-        note = tracking.trial_note(
+        note = notes.trial_note(
             row,
             metric=cfg.search.metric,
             scheduler=cfg.search.scheduler.type.upper(),
             best=row["trial_id"] == best_id,
         )
-        tags = {tracking.NOTE_TAG: note, **_outcome_tags(row)}
+        tags = {notes.NOTE_TAG: note, **_outcome_tags(row)}
         what = f"MLflow tags of trial {row['trial_id']}"
         steps.mlflow(what, _tag_outcome, tracked["mlc"], row["mlflow_run_id"], tags)
 
@@ -452,7 +453,7 @@ def _write_summary(
     """The parent run's description, summary.json written and logged, the parent run closed.
     Failures after the write are added to it, and it is written again."""
     mlc, parent_id = tracked["mlc"], tracked["parent_id"]
-    steps.mlflow("MLflow: the parent run's description", tracking.describe_parent, mlc, parent_id,
+    steps.mlflow("MLflow: the parent run's description", notes.describe_parent, mlc, parent_id,
                  summary)  # fmt: skip
     path = res.write_summary(exp_dir, summary)
     closing = FinishSteps(steps.unreachable)

@@ -17,8 +17,8 @@ from typing import Any
 
 from raysft.config import SearchSection, SearchSpec, get_path
 from raysft.errors import one_line
+from raysft.search.notes import run_name, short_name
 from raysft.search.results import pick_best
-from raysft.search.tracking import run_name, short_name
 from raysft.train.metrics import objective_mode
 
 log = logging.getLogger(__name__)

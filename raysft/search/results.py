@@ -40,7 +40,7 @@ class TrialStatus(str, Enum):
     def mlflow(self) -> str:
         """MLflow run status. An ASHA stop ended as the search meant it to: FINISHED (the UI
         draws KILLED as a failure), told apart by the ``raysft.status`` tag and the run's
-        description (``tracking.trial_note``); KILLED is left to interrupted runs. A diverged
+        description (``notes.trial_note``); KILLED is left to interrupted runs. A diverged
         trial is FAILED, told apart by the tag too."""
         return {
             "finished": "FINISHED",

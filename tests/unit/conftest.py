@@ -17,8 +17,8 @@ MLFLOW_REQUEST_VARIABLES = tuple(
 @pytest.fixture(autouse=True)
 def _mlflow_request_variables() -> Iterator[None]:
     """MLflow's request variables back as they were after each test: a search's driver sets
-    them for its whole process (``tracking.bound_retries``, a failure of the trials' callback),
-    and a test that runs its code would leave them to the tests after it."""
+    them for its whole process (``tracking_requests.bound_retries``, a failure of the trials'
+    callback), and a test that runs its code would leave them to the tests after it."""
     saved = {name: os.environ.get(name) for name in MLFLOW_REQUEST_VARIABLES}
     yield
     for name, value in saved.items():
@@ -69,10 +69,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.fixture(autouse=True)
 def _promotion_locks_of_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Promotion locks (``promote._lock_path``: the user's cache dir) in the test's own dir."""
-    from raysft.search import promote
+    """Promotion locks (``promotion_lock._lock_path``: the user's cache dir) in the test's own
+    dir."""
+    from raysft.search import promotion_lock
 
-    real = promote._lock_path
+    real = promotion_lock._lock_path
     monkeypatch.setattr(
-        promote, "_lock_path", lambda mlc, name: tmp_path / "locks" / real(mlc, name).name
+        promotion_lock, "_lock_path", lambda mlc, name: tmp_path / "locks" / real(mlc, name).name
     )

@@ -31,13 +31,13 @@ def mlflow_run(tmp_path: Path) -> tuple[Any, str]:
     """A real MLflow store (SQLite) and a parent run in it."""
     import mlflow
 
-    from raysft.search import tracking
+    from raysft.search import tracking_store
 
     before = mlflow.get_tracking_uri()
-    mlc = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlc = tracking_store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = mlc.create_experiment("cmp", artifact_location=str(tmp_path / "artifacts"))
     yield mlc, str(mlc.create_run(exp_id).info.run_id)
-    mlflow.set_tracking_uri(before)  # tracking.client sets the process-wide URI
+    mlflow.set_tracking_uri(before)  # tracking_store.client sets the process-wide URI
 
 
 def test_the_task_scores_the_rows_it_is_given_and_reads_no_data_file(tmp_path: Path) -> None:

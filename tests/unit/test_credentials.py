@@ -11,7 +11,8 @@ import pytest
 from raysft.config import Config, validate_spec
 from raysft.errors import ModelError
 from raysft.search import tracking
-from raysft.search.tracking import REDACTED, config_params, flatten, is_secret, redact
+from raysft.search.redact import REDACTED, flatten, is_secret, redact, scrubbed
+from raysft.search.tracking import config_params
 from raysft.train.model import HUB_TOKEN_VAR, _has_hub_token, load_error, worker_env
 
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
@@ -122,7 +123,7 @@ def test_an_mlflow_error_is_scrubbed_wherever_it_is_written(tmp_path: Path) -> N
         "MLflow: the best metric: Refused: API request to http://alice:***@127.0.0.1:9/api/2.0/x "
         "failed"
     ]
-    assert "s3cretpw" not in tracking.scrubbed(Refused("see https://h/x?token=s3cretpw"))
+    assert "s3cretpw" not in scrubbed(Refused("see https://h/x?token=s3cretpw"))
 
 
 def test_flatten_redacts_secret_leaves_only():

@@ -35,7 +35,7 @@ def _search(tmp_path: Path, checkpoint: Path, name: str) -> dict[str, Any]:
     """Two ended trials of a LoRA search, mirrored in a real MLflow store, ready to finish."""
     import mlflow
 
-    from raysft.search import tracking
+    from raysft.search import tracking_store
 
     tree: dict[str, Any] = {
         "model": {"name_or_path": "embedded:tiny-base"},
@@ -53,7 +53,7 @@ def _search(tmp_path: Path, checkpoint: Path, name: str) -> dict[str, Any]:
     exp_dir.mkdir()
     before = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlc = tracking.client(uri)
+    mlc = tracking_store.client(uri)
     exp_id = mlc.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
     parent = mlc.create_run(exp_id).info.run_id
     runs, results = {}, []
@@ -90,7 +90,7 @@ def _run_finish(s: dict[str, Any]) -> dict[str, Any]:
             resolved_spec=spec_record(s["cfg"]),
         )  # fmt: skip
     finally:
-        mlflow.set_tracking_uri(s["restore_uri"])  # tracking.client sets the process-wide URI
+        mlflow.set_tracking_uri(s["restore_uri"])  # tracking_store.client sets the process-wide URI
 
 
 def test_a_finish_without_failures_records_none(tmp_path: Path, checkpoint: Path) -> None:

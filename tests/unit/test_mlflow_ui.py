@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from raysft.config import validate_spec
-from raysft.search import tracking
+from raysft.search import notes, tracking, tracking_store
 from raysft.search.callback import make_callback
 from raysft.search.space import TrialConfigs
 
@@ -58,8 +58,8 @@ def test_a_sqlite_stores_artifacts_stay_beside_it_not_in_the_working_dir(
     (tmp_path / "a.txt").write_text("x")
     mlc.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
     assert (store / "mlruns").is_dir() and not (job_copy / "mlruns").exists()
-    assert tracking.artifact_root("http://127.0.0.1:5000") is None
-    assert tracking.artifact_root(f"file://{tmp_path}/store") is None
+    assert tracking_store.artifact_root("http://127.0.0.1:5000") is None
+    assert tracking_store.artifact_root(f"file://{tmp_path}/store") is None
 
 
 def test_a_users_own_experiment_description_is_kept(mlc: Any) -> None:
@@ -97,7 +97,7 @@ def test_an_existing_experiment_gets_the_kind_unless_it_has_one(mlc: Any) -> Non
     ],
 )
 def test_values_in_run_names_have_two_significant_digits(value: Any, text: str) -> None:
-    assert tracking.format_value(value) == text
+    assert notes.format_value(value) == text
 
 
 def test_run_names_use_short_names_in_the_spec_order() -> None:
@@ -110,8 +110,8 @@ def test_run_names_use_short_names_in_the_spec_order() -> None:
         "lora.alpha": 16,
     }
     order = ["train.learning_rate", "lora.r", "lora.alpha", "train.neftune_alpha"]
-    assert tracking.run_name(sampled, order) == "lr=3.2e-3 r=8 alpha=16 neft=5 template=chatml"
-    assert tracking.run_name(sampled) == "lr=3.2e-3 r=8 neft=5 template=chatml alpha=16"
+    assert notes.run_name(sampled, order) == "lr=3.2e-3 r=8 alpha=16 neft=5 template=chatml"
+    assert notes.run_name(sampled) == "lr=3.2e-3 r=8 neft=5 template=chatml alpha=16"
 
 
 def _trial(trial_id: str, **config: Any) -> Any:
@@ -197,7 +197,7 @@ def summary(**over: Any) -> dict[str, Any]:
 def test_parent_description_names_best_trial_metric_and_promotion(mlc: Any) -> None:
     exp_id = tracking.experiment_id(mlc, "described")
     parent = mlc.create_run(exp_id, run_name="lora-search").info.run_id
-    text = tracking.describe_parent(mlc, parent, summary())
+    text = notes.describe_parent(mlc, parent, summary())
     assert mlc.get_run(parent).data.tags["mlflow.note.content"] == text
     assert "Best trial: **lr=9.5e-3 r=16 alpha=32 neft=0** (trial `a0003`" in text
     assert "**eval_loss = 1.103** (lower is better)" in text
@@ -216,7 +216,7 @@ def test_parent_description_lists_the_ranked_trials_linked_to_their_runs() -> No
         row("b", 1.8e-2, "stopped_early", 30, 2.198),
         row("c", 5e-3, "failed", 4, None),
     ]
-    text = tracking.describe(summary(trials=rows, mlflow={"experiment_id": "7"}))
+    text = notes.describe(summary(trials=rows, mlflow={"experiment_id": "7"}))
     table = text.split("\n\n")[-1].splitlines()
     assert table[0] == "| # | trial | status | step | eval_loss |"
     assert table[2] == (
@@ -224,16 +224,16 @@ def test_parent_description_lists_the_ranked_trials_linked_to_their_runs() -> No
     )
     assert table[3].endswith("| stopped early | 30/150 | 2.198 |")
     assert table[4].endswith("| failed | 4/150 | - |")
-    many = tracking.describe(summary(trials=rows * 9, mlflow={"experiment_id": "7"}))
+    many = notes.describe(summary(trials=rows * 9, mlflow={"experiment_id": "7"}))
     assert many.endswith("7 more in summary.json.")  # 27 trials, 20 listed
     long = [{**r, "sampled": {**r["sampled"], "data.system_prompt": "y" * 240}} for r in rows * 9]
-    text = tracking.describe(summary(trials=long, mlflow={"experiment_id": "7"}))
+    text = notes.describe(summary(trials=long, mlflow={"experiment_id": "7"}))
     assert len(text) < 8000  # MLflow's cap on a tag
     assert "more in summary.json." in text
 
 
 def test_parent_description_when_nothing_is_promoted() -> None:
-    text = tracking.describe(
+    text = notes.describe(
         summary(
             promotion={
                 "promoted": False,
@@ -245,24 +245,27 @@ def test_parent_description_when_nothing_is_promoted() -> None:
     )
     assert "**exact_match = 1.103** (higher is better)" in text
     assert "Promotion: **not promoted**: eval_loss 1.2 does not beat champion v2 (1.1)." in text
-    empty = tracking.describe(summary(best=None, counts={"failed": 3}, promotion={}))
+    empty = notes.describe(summary(best=None, counts={"failed": 3}, promotion={}))
     assert empty.startswith("No trial reported a finite `eval_loss`")
     assert "Trials: 3 failed." in empty
     assert "Promotion: **not promoted**: promotion did not run." in empty
 
 
 def test_the_runs_page_opens_on_model_training_best_trial_first() -> None:
-    page = tracking.runs_page("7", metric="eval_loss", mode="min")
+    page = tracking_store.runs_page("7", metric="eval_loss", mode="min")
     assert page == (
         "/#/experiments/7/runs?workflowType=machine_learning"
         "&orderByKey=metrics.%60eval_loss%60&orderByAsc=true"
     )
-    assert "orderByAsc=false" in tracking.runs_page("7", metric="exact_match", mode="max")
-    assert tracking.ui_command("sqlite:///m.db", page).endswith(
+    assert "orderByAsc=false" in tracking_store.runs_page("7", metric="exact_match", mode="max")
+    assert tracking_store.ui_command("sqlite:///m.db", page).endswith(
         "--port 5000, then open http://127.0.0.1:5000" + page
     )
-    assert tracking.ui_command("http://h:5000/", page) == f"open http://h:5000{page} in a browser"
-    assert tracking.ui_command("http://h:5000") == "open http://h:5000 in a browser"
+    assert (
+        tracking_store.ui_command("http://h:5000/", page)
+        == f"open http://h:5000{page} in a browser"
+    )
+    assert tracking_store.ui_command("http://h:5000") == "open http://h:5000 in a browser"
 
 
 @pytest.mark.parametrize(
@@ -305,7 +308,7 @@ def test_the_runs_page_opens_on_model_training_best_trial_first() -> None:
 def test_a_trial_runs_description_says_how_it_ended(
     row: dict[str, Any], best: bool, said: str
 ) -> None:
-    note = tracking.trial_note(row, metric="eval_loss", scheduler="ASHA", best=best)
+    note = notes.trial_note(row, metric="eval_loss", scheduler="ASHA", best=best)
     assert note.startswith(said), note
 
 
@@ -318,6 +321,8 @@ def test_the_ui_command_names_the_venvs_mlflow_when_the_shell_has_none(
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     beside = str(Path(sys.executable).parent / "mlflow")
-    assert tracking.ui_command("sqlite:///m.db").startswith(f"{beside} ui --backend-store-uri")
+    assert tracking_store.ui_command("sqlite:///m.db").startswith(
+        f"{beside} ui --backend-store-uri"
+    )
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/mlflow")
-    assert tracking.ui_command("sqlite:///m.db").startswith("mlflow ui --backend-store-uri")
+    assert tracking_store.ui_command("sqlite:///m.db").startswith("mlflow ui --backend-store-uri")

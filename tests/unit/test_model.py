@@ -414,7 +414,7 @@ def test_a_saved_model_stops_plain_generation_at_the_templates_end_of_answer(tmp
 
     from raysft.assets import asset_path
     from raysft.config import load_config
-    from raysft.search.promote import load_champion
+    from raysft.search.export import load_champion
     from raysft.train.recipe import run_trial
 
     base = tmp_path / "base"

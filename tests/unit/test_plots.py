@@ -20,8 +20,8 @@ import optuna  # noqa: E402
 
 from raysft.config import validate_spec  # noqa: E402
 from raysft.search import plots  # noqa: E402
+from raysft.search.notes import run_name  # noqa: E402
 from raysft.search.results import rank  # noqa: E402
-from raysft.search.tracking import run_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

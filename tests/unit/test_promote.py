@@ -21,14 +21,12 @@ from typing import Any
 import pytest
 
 from raysft.config import SearchSpec, validate_spec
+from raysft.search import export as export_mod
+from raysft.search import model_registry, promotion_lock
 from raysft.search import promote as promote_mod
-from raysft.search.promote import (
-    CHAMPION_FILE,
-    TAG_VALUE,
-    eval_fingerprint,
-    load_champion,
-    promote,
-)
+from raysft.search.export import CHAMPION_FILE, load_champion
+from raysft.search.model_registry import TAG_VALUE
+from raysft.search.promote import eval_fingerprint, promote
 
 ROOT = Path(__file__).resolve().parents[2]
 NAN = float("nan")
@@ -42,16 +40,16 @@ class Registry:
     """A real MLflow tracking store and model registry in a temporary directory."""
 
     def __init__(self, root: Path):
-        from raysft.search import tracking
+        from raysft.search import tracking_store
 
-        self.mlc = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
+        self.mlc = tracking_store.client(f"sqlite:///{root / 'mlflow.db'}")
         self.exp_id = self.mlc.create_experiment("t", artifact_location=str(root / "artifacts"))
 
     def run_id(self) -> str:
         return str(self.mlc.create_run(self.exp_id).info.run_id)
 
     def alias(self, name: str) -> str | None:
-        champ = promote_mod.current_champion(self.mlc, name, "champion")
+        champ = model_registry.current_champion(self.mlc, name, "champion")
         return None if champ is None else str(champ.version)
 
     def versions(self, name: str) -> int:
@@ -64,7 +62,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
     before = mlflow.get_tracking_uri()
     yield Registry(tmp_path_factory.mktemp("mlflow"))
-    mlflow.set_tracking_uri(before)  # tracking.client sets the process-wide URI
+    mlflow.set_tracking_uri(before)  # tracking_store.client sets the process-wide URI
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +212,9 @@ def test_first_champion_is_registered_aliased_and_exported(
     assert Path(checkpoint_base["base_model_name_or_path"]).is_absolute()
     adapter = json.loads((export / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "embedded:tiny-base"
-    # ... and loads back to the very model that was trained.
+    # ... and loads back to the very model that was trained, by the path the README and the
+    # version's description give.
+    assert promote_mod.load_champion is load_champion
     model, tok = load_champion(export)
     with torch.no_grad():
         logits = model(input_ids=checkpoints["ids"]).logits
@@ -236,7 +236,7 @@ def test_a_base_inside_a_jobs_working_dir_copy_travels_with_the_export(
 
     from raysft.assets import asset_path
     from raysft.evaluate import adapter_base
-    from raysft.search.promote import TAG_BASE
+    from raysft.search.model_registry import TAG_BASE
 
     job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
@@ -384,7 +384,7 @@ def test_an_export_that_cannot_be_rebuilt_fails_with_the_champion_kept(
     first = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
     shutil.rmtree(first["export_dir"])
     # The registry version's files are gone too.
-    champ = promote_mod.current_champion(registry.mlc, "unrebuildable", "champion")
+    champ = model_registry.current_champion(registry.mlc, "unrebuildable", "champion")
     model_id = champ.source.removeprefix("models:/")
     shutil.rmtree(registry.mlc.get_logged_model(model_id).artifact_location.removeprefix("file://"))
     again = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=exp_dir)
@@ -434,7 +434,7 @@ def test_a_registry_out_of_reach_is_said_and_the_gates_decide_without_it(
     registry still decide."""
     from mlflowkit import OutOfReach
 
-    from raysft.search.tracking import not_tried
+    from raysft.search.tracking_requests import not_tried
 
     exp_dir = tmp_path / "exp"
     cfg = spec("unreachable-registry", exp_dir)
@@ -613,8 +613,8 @@ def test_a_champion_judged_the_other_way_is_not_replaced(
     adapter for a better one."""
     cfg, exp_dir = champion_v1
     name = cfg.promote.registered_model
-    champ = promote_mod.current_champion(registry.mlc, name, "champion")
-    assert champ.tags[promote_mod.TAG_MODE] == "min"
+    champ = model_registry.current_champion(registry.mlc, name, "champion")
+    assert champ.tags[model_registry.TAG_MODE] == "min"
     other = spec(name, exp_dir, **{"search.mode": "max"})
     record = promote(mlc=registry.mlc, cfg=other, best=best(registry, checkpoints["b"], 0.9),
                      exp_dir=exp_dir)  # fmt: skip
@@ -624,7 +624,7 @@ def test_a_champion_judged_the_other_way_is_not_replaced(
     )
     assert registry.alias(name) == "1"
     # A version promoted before raysft tagged the mode is judged by its metric's own mode.
-    registry.mlc.delete_model_version_tag(name, "1", promote_mod.TAG_MODE)
+    registry.mlc.delete_model_version_tag(name, "1", model_registry.TAG_MODE)
     again = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
                     exp_dir=exp_dir)  # fmt: skip
     assert again["promoted"] is True, again
@@ -719,13 +719,14 @@ def test_an_export_that_does_not_generate_finite_logits_is_refused(
 # ---------------------------------------------------------------- atomic installation
 
 # How each step fails: after doing its work (the staged files, the registered version exist),
-# or instead of it (a rename, moving the alias: an error there means it did not happen).
+# or instead of it (a rename, moving the alias: an error there means it did not happen). Each is
+# patched in promote, where ``_install`` looks it up (it is defined in export or model_registry).
 STEPS = {
-    "_stage_export": "after",
-    "_check_export": "after",
-    "_register": "after",
-    "_swap_in": "instead",
-    "_move_alias": "instead",
+    "stage_export": "after",
+    "check_export": "after",
+    "register_version": "after",
+    "swap_in": "instead",
+    "move_alias": "instead",
 }
 
 
@@ -754,7 +755,7 @@ def test_a_failure_at_any_step_leaves_the_previous_champion_intact(
     before = snapshot(export)
     with monkeypatch.context() as patch:
         if step == "second_rename":  # the old export is aside, the new one fails to move in
-            real_rename, calls = promote_mod._rename, []
+            real_rename, calls = export_mod._rename, []
 
             def rename(src: Path, dst: Path) -> None:
                 calls.append(src)
@@ -762,7 +763,7 @@ def test_a_failure_at_any_step_leaves_the_previous_champion_intact(
                     raise OSError("injected failure in the second rename")
                 real_rename(src, dst)
 
-            patch.setattr(promote_mod, "_rename", rename)
+            patch.setattr(export_mod, "_rename", rename)  # swap_in's
         else:
             _inject(patch, step, STEPS[step])
         record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
@@ -771,13 +772,13 @@ def test_a_failure_at_any_step_leaves_the_previous_champion_intact(
     assert record["reason"].startswith("promotion failed, previous champion kept: ")
     assert "injected failure" in record["reason"]
     assert registry.alias(name) == "1"
-    # A version registered before the failure is deleted again (with "_register" itself
+    # A version registered before the failure is deleted again (with "register_version" itself
     # failing, the injection hides it): none is left tagged with a metric, never champion.
-    assert registry.versions(name) == (1 if step != "_register" else 2)
+    assert registry.versions(name) == (1 if step != "register_version" else 2)
     assert snapshot(export) == before
     assert leftovers(exp_dir) == []
     json.dumps(record, allow_nan=False)
-    if step != "_move_alias":  # the step that leaves the most behind (a version, a swap undone)
+    if step != "move_alias":  # the step that leaves the most behind (a version, a swap undone)
         return
     # Nothing is left that blocks the next attempt.
     again = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
@@ -805,14 +806,14 @@ def test_an_alias_move_that_took_effect_but_failed_is_undone(
     if not first:
         assert promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
                        exp_dir=exp_dir)["promoted"]  # fmt: skip
-    real = promote_mod._move_alias
+    real = promote_mod.move_alias
 
     def lost_reply(*args: Any, **kwargs: Any) -> None:
         real(*args, **kwargs)
         raise ConnectionError("read timed out")
 
     with monkeypatch.context() as patch:
-        patch.setattr(promote_mod, "_move_alias", lost_reply)
+        patch.setattr(promote_mod, "move_alias", lost_reply)
         record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
                          exp_dir=exp_dir)  # fmt: skip
     assert record["failed"] is True and "ConnectionError: read timed out" in record["reason"]
@@ -829,7 +830,7 @@ def test_a_failure_after_the_alias_moved_keeps_the_new_champion(
     """Dropping the old export comes after the commit point: the new champion stands."""
     cfg, exp_dir = champion_v1
     with monkeypatch.context() as patch:
-        _inject(patch, "_drop_old", "instead")
+        _inject(patch, "drop_old_export", "instead")
         record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
                          exp_dir=exp_dir)  # fmt: skip
     assert record["promoted"] is True and record["reason"] == "beats v1"
@@ -856,7 +857,7 @@ def test_an_export_swapped_in_but_never_aliased_is_swapped_back(
     shutil.copytree(checkpoints["b"], export)
     (export / "champion.json").write_text(json.dumps({"version": "2"}))
     cfg, _ = champion_v1
-    promote_mod._recover(registry.mlc, cfg.promote, export, "1")
+    export_mod.recover_export(registry.mlc, cfg.promote, export, "1")
     assert snapshot(export) == before
     assert leftovers(exp_dir) == []
 
@@ -880,9 +881,9 @@ def test_a_version_registered_by_a_promotion_killed_before_its_alias_move_is_del
         raise Killed
 
     with monkeypatch.context() as patch:  # a kill runs no except clause: none of the undoing
-        patch.setattr(promote_mod, "_move_alias", killed)
-        patch.setattr(promote_mod, "_swap_back", lambda *a, **k: None)
-        patch.setattr(promote_mod, "_forget", lambda *a, **k: None)
+        patch.setattr(promote_mod, "move_alias", killed)
+        patch.setattr(promote_mod, "swap_back", lambda *a, **k: None)
+        patch.setattr(promote_mod, "forget_version", lambda *a, **k: None)
         with pytest.raises(Killed):
             promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
                     exp_dir=exp_dir)  # fmt: skip
@@ -1227,7 +1228,7 @@ def test_a_promote_retry_that_succeeds_says_so_on_the_parent_run_too(
 ) -> None:
     """The finish's promotion failed and said so on the parent run (tag, description, logged
     summary.json); raysft.promote promotes: the parent run says what summary.json now says."""
-    from raysft.search import tracking
+    from raysft.search import notes, tracking
 
     exp_dir = tmp_path / "exp"
     exp_dir.mkdir()
@@ -1235,7 +1236,7 @@ def test_a_promote_retry_that_succeeds_says_so_on_the_parent_run_too(
     parent = registry.run_id()
     failed = {"promoted": False, "failed": True, "reason": "registry out of reach"}
     registry.mlc.set_tag(parent, tracking.PROMOTION_TAG, json.dumps(failed))
-    registry.mlc.set_tag(parent, tracking.NOTE_TAG, "Promotion: **not promoted**: out of reach.")
+    registry.mlc.set_tag(parent, notes.NOTE_TAG, "Promotion: **not promoted**: out of reach.")
     summary = {
         "resolved_spec": cfg.model_dump(mode="json"),
         "metric": "eval_loss",
@@ -1260,9 +1261,7 @@ def test_a_promote_retry_that_succeeds_says_so_on_the_parent_run_too(
     assert after["failed_steps"] == ["plots: OSError: disk full"]
     tags = registry.mlc.get_run(parent).data.tags
     assert json.loads(tags[tracking.PROMOTION_TAG]) == after["promotion"]
-    assert (
-        "Promotion: **promoted** as `cli-parent` v1 (alias `champion`)" in tags[tracking.NOTE_TAG]
-    )
+    assert "Promotion: **promoted** as `cli-parent` v1 (alias `champion`)" in tags[notes.NOTE_TAG]
     logged = Path(registry.mlc.download_artifacts(parent, "summary.json", str(tmp_path)))
     assert json.loads(logged.read_text()) == after
 
@@ -1280,7 +1279,7 @@ def test_promotions_of_one_model_queue_behind_each_other(
 
     cfg, exp_dir = champion_v1
     name = cfg.promote.registered_model
-    lock = promote_mod._lock_path(registry.mlc, name)
+    lock = promotion_lock._lock_path(registry.mlc, name)
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
@@ -1289,7 +1288,7 @@ def test_promotions_of_one_model_queue_behind_each_other(
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(promote_mod, "_LOCK_WAIT_S", 0.5)
+        monkeypatch.setattr(promotion_lock, "_LOCK_WAIT_S", 0.5)
         record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
                          exp_dir=exp_dir)  # fmt: skip
         assert record["promoted"] is False and record["failed"] is True
@@ -1297,7 +1296,7 @@ def test_promotions_of_one_model_queue_behind_each_other(
             f"nothing changed: LockTimeout: another promotion of {name} held {lock} for 0 s"
         )
         assert registry.alias(name) == "1" and registry.versions(name) == 1
-        monkeypatch.setattr(promote_mod, "_LOCK_WAIT_S", 60.0)
+        monkeypatch.setattr(promotion_lock, "_LOCK_WAIT_S", 60.0)
         t0 = time.monotonic()
         record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
                          exp_dir=exp_dir)  # fmt: skip

@@ -225,7 +225,7 @@ def test_a_base_model_inside_the_jobs_working_dir_copy_is_said_at_the_start(
 
 
 def test_local_mlflow_stores_are_found_and_servers_are_not(tmp_path: Path, monkeypatch) -> None:
-    from raysft.search.tracking import local_store
+    from raysft.search.tracking_store import local_store
 
     monkeypatch.chdir(tmp_path)
     assert local_store("sqlite:///mlflow.db") == tmp_path / "mlflow.db"

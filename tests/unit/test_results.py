@@ -320,13 +320,13 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
     """A real MLflow tracking store (SQLite) and an experiment in it."""
     import mlflow
 
-    from raysft.search import tracking
+    from raysft.search import tracking_store
 
     before = mlflow.get_tracking_uri()
     root = tmp_path_factory.mktemp("mlflow")
-    mlc = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
+    mlc = tracking_store.client(f"sqlite:///{root / 'mlflow.db'}")
     yield mlc, mlc.create_experiment("t", artifact_location=str(root / "artifacts"))
-    mlflow.set_tracking_uri(before)  # tracking.client sets the process-wide URI
+    mlflow.set_tracking_uri(before)  # tracking_store.client sets the process-wide URI
 
 
 def _trial_callback(mlc: Any, exp_id: str, cfg: Any, ended_file: Path | None = None) -> Any:
@@ -453,7 +453,7 @@ def test_no_secret_reaches_a_trial_run_s_params(
     assert TOKEN not in params and "pa55word" not in params
     assert run.data.params["output_dir"] == "runs/***/t1"
     assert run.data.params["sampled.train.learning_rate"] == "0.001"
-    # The run's name (tag mlflow.runName) is made of the sampled values (tracking.run_name).
+    # The run's name (tag mlflow.runName) is made of the sampled values (notes.run_name).
     assert TOKEN not in json.dumps(run.data.tags), run.data.tags.get("mlflow.runName")
 
 
@@ -489,10 +489,10 @@ def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
     logged and noted (summary.json's failed_steps), and the trials' outcomes are still known to
     the search; after the first, MLflow asks once per call instead of retrying for minutes."""
     from raysft.config import validate_tree
-    from raysft.search import tracking
+    from raysft.search import tracking_requests
 
     mlc, _ = mlflow_store
-    tracking.callback_failures(reset=True)
+    tracking_requests.callback_failures(reset=True)
     # MLflow's defaults, as a user has them; put back after the test (the callback changes them).
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
@@ -507,7 +507,7 @@ def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
     for trial in (tracked, untracked):
         callback.on_trial_result(0, [], trial, {"step": 10, "eval_loss": 0.5, "timestamp": 1})
         callback.on_trial_complete(0, [], trial)
-    failures = tracking.callback_failures(reset=True)
+    failures = tracking_requests.callback_failures(reset=True)
     assert [f[: f.find(": MlflowException")] for f in failures] == [
         "MLflow: creating trial untracked's run",
         "MLflow: trial tracked's metrics at step 10",
@@ -518,26 +518,26 @@ def test_mlflow_refusing_the_callbacks_writes_never_ends_the_trials(
     assert callback.last["untracked"]["eval_loss"] == 0.5
     # Past the first few, they are counted, not listed.
     for i in range(7):
-        tracking.note_callback_failure(f"MLflow: trial t{i}'s metrics at step 5: gone")
-    lines = tracking.callback_failures(reset=True)
+        tracking_requests.note_callback_failure(f"MLflow: trial t{i}'s metrics at step 5: gone")
+    lines = tracking_requests.callback_failures(reset=True)
     assert len(lines) == 6 and lines[-1].startswith("MLflow: 2 more of the trials' records")
-    assert tracking.callback_failures() == []
+    assert tracking_requests.callback_failures() == []
 
 
 def test_a_search_bounds_mlflows_retries_and_waits_unless_told_otherwise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from raysft.search import tracking
+    from raysft.search import tracking_requests
 
     for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"):
         monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "90")  # the user's own
-    tracking.bound_retries()
+    tracking_requests.bound_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "90"
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
-    tracking.bound_retries()
+    tracking_requests.bound_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
 
 
@@ -582,12 +582,12 @@ def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
     from mlflow.tracking import MlflowClient
 
     from raysft.config import validate_tree
-    from raysft.search import tracking
+    from raysft.search import tracking, tracking_requests
 
-    monkeypatch.setitem(tracking._CALLBACK_REQUESTS, "MLFLOW_HTTP_REQUEST_TIMEOUT", 1)
+    monkeypatch.setitem(tracking_requests._CALLBACK_REQUESTS, "MLFLOW_HTTP_REQUEST_TIMEOUT", 1)
     for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"):
         monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
-    tracking.bound_retries()  # as a search: 3 retries, 30 s each
+    tracking_requests.bound_retries()  # as a search: 3 retries, 30 s each
     now = [1000.0]
     server = HungServer()
     try:
@@ -596,10 +596,10 @@ def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
             resolve_trial=lambda trial_id, sampled: validate_tree({}),
             ended_file=tmp_path / tracking.ENDED_FILE, clock=lambda: now[0],
         )  # fmt: skip
-        tracking.callback_failures(reset=True)
+        tracking_requests.callback_failures(reset=True)
         callback.setup()  # reads the search's trial runs: no answer
         assert server.connections == 2  # the request and its one retry
-        (failure,) = tracking.callback_failures(reset=True)
+        (failure,) = tracking_requests.callback_failures(reset=True)
         assert failure.startswith("MLflow: reading the search's trial runs: ")
         assert "timed out" in failure
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
@@ -613,26 +613,26 @@ def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
         assert server.connections == 3
     finally:
         server.close()
-        tracking.callback_failures(reset=True)
+        tracking_requests.callback_failures(reset=True)
 
 
 def test_the_callbacks_request_figures_are_the_lower_and_last_only_for_its_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from raysft.search import tracking
+    from raysft.search import tracking_requests
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # the user's, lower than 10
-    with tracking.callback_requests():
+    with tracking_requests.callback_requests():
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
-    tracking.note_callback_failure("MLflow: x: gone")  # the process asks once from now on
+    tracking_requests.note_callback_failure("MLflow: x: gone")  # the process asks once from now on
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"  # the user's lower figure stays
-    tracking.callback_failures(reset=True)
+    tracking_requests.callback_failures(reset=True)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
-    with pytest.raises(RuntimeError), tracking.callback_requests():
+    with pytest.raises(RuntimeError), tracking_requests.callback_requests():
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
         raise RuntimeError("the call failed")
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # unset again, as it was
@@ -642,7 +642,7 @@ def test_out_of_reach_is_a_server_that_did_not_answer_not_one_that_said_no() -> 
     import requests
     from mlflow.exceptions import MlflowException
 
-    from raysft.search.tracking import out_of_reach
+    from raysft.search.tracking_requests import out_of_reach
 
     def raised(cause: BaseException) -> BaseException:
         try:
@@ -669,7 +669,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     trial keeps its run; a trial that started meanwhile gets its run at its next report; and a
     later failure waits 30 s again, as after an answered refusal."""
     from raysft.config import validate_tree
-    from raysft.search import tracking
+    from raysft.search import tracking, tracking_requests
 
     mlc, _ = mlflow_store
     exp_id = mlc.create_experiment("out-of-reach")
@@ -689,7 +689,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
         ended_file=tmp_path / tracking.ENDED_FILE,
         clock=lambda: now[0],
     )
-    tracking.callback_failures(reset=True)
+    tracking_requests.callback_failures(reset=True)
     t0, t1, t2 = (SimpleNamespace(trial_id=t, config={}) for t in ("t0", "t1", "t2"))
 
     with caplog.at_level("WARNING", logger="raysft.search.callback"):
@@ -715,7 +715,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
         "at the search's finish)"
     )
     assert "left alone for 60 s" in caplog.messages[1]
-    failures = tracking.callback_failures(reset=True)
+    failures = tracking_requests.callback_failures(reset=True)
     assert [f.split(": ")[1] for f in failures] == [
         "reading the search's trial runs",
         "creating trial t1's run",  # never made: nothing to close either
@@ -735,7 +735,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     history = mlc.get_metric_history(callback.runs["t2"], "eval_loss")
     assert [(m.step, m.value) for m in history] == [(5, 1.0)]
     assert callback.unstarted == {"t1"}  # ended unseen: its run is the finish's to make
-    assert tracking.callback_failures() == []
+    assert tracking_requests.callback_failures() == []
 
     link.down = True  # out of reach again: 30 s, not twice the last wait
     callback.on_trial_result(0, [], t2, {"step": 6, "eval_loss": 0.9, "timestamp": 2})
@@ -747,7 +747,7 @@ def test_a_tracking_server_out_of_reach_is_left_alone_for_a_while(
     link.refuse = set()
     callback.on_trial_result(0, [], t2, {"step": 8, "eval_loss": 0.7, "timestamp": 4})
     assert callback.quiet_s == 30.0
-    tracking.callback_failures(reset=True)
+    tracking_requests.callback_failures(reset=True)
 
 
 def test_a_start_whose_runs_cannot_be_read_still_makes_its_trials_runs(
@@ -756,7 +756,7 @@ def test_a_start_whose_runs_cannot_be_read_still_makes_its_trials_runs(
     """A server that answers the search's read of its runs with a refusal (not out of reach):
     each trial's run is made all the same (the finish finds runs by their tag)."""
     from raysft.config import validate_tree
-    from raysft.search import tracking
+    from raysft.search import tracking, tracking_requests
 
     mlc, _ = mlflow_store
     exp_id = mlc.create_experiment("refused-read")
@@ -768,12 +768,12 @@ def test_a_start_whose_runs_cannot_be_read_still_makes_its_trials_runs(
         resolve_trial=lambda trial_id, sampled: validate_tree({}),
         ended_file=tmp_path / tracking.ENDED_FILE,
     )  # fmt: skip
-    tracking.callback_failures(reset=True)
+    tracking_requests.callback_failures(reset=True)
     callback.setup()
     (trial,) = _start_trials(callback, "t1")
     assert mlc.get_run(callback.runs["t1"]).data.tags["raysft.trial_id"] == "t1"
     assert not callback.quiet() and callback.unstarted == set()
-    failures = tracking.callback_failures(reset=True)
+    failures = tracking_requests.callback_failures(reset=True)
     assert [f.split(": ")[1] for f in failures] == ["reading the search's trial runs"]
 
 

@@ -76,7 +76,7 @@ def _lora_tree(exp_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def kept_tracking_uri() -> Iterator[None]:
-    """tracking.client sets the process-wide MLflow URI: the one before is put back after."""
+    """tracking_store.client sets the process-wide MLflow URI: the one before is put back after."""
     import mlflow
 
     before = mlflow.get_tracking_uri()
@@ -1672,13 +1672,13 @@ def test_a_trial_failed_for_good_stays_failed_when_resume_restarts_it(
 
 def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: Path) -> None:
     from raysft.errors import SearchStateError
-    from raysft.search import experiment, tracking
+    from raysft.search import experiment, tracking_store
 
     tree = _lora_tree(tmp_path / "exp")
     started = validate_spec(tree, source="s.yaml")
     exp = tmp_path / "exp"
     (exp / "tune").mkdir(parents=True)
-    state = {"parent_run_id": "p", "tracking_uri": tracking.tracking_uri(started.tracking)}
+    state = {"parent_run_id": "p", "tracking_uri": tracking_store.tracking_uri(started.tracking)}
     record = {**state, "spec": experiment.spec_record(started)}
     (exp / experiment.STATE_FILE).write_text(json.dumps(record))
     assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
@@ -1711,7 +1711,7 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
 
     from raysft.assets import resolve
     from raysft.errors import SearchStateError
-    from raysft.search import driver, experiment, tracking
+    from raysft.search import driver, experiment, tracking_store
 
     tree = _lora_tree(tmp_path / "exp")
     evals = tmp_path / "eval.jsonl"
@@ -1723,7 +1723,7 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    uri = tracking.tracking_uri(started.tracking)
+    uri = tracking_store.tracking_uri(started.tracking)
     driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri, state={})
     assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
     lines = evals.read_text(encoding="utf-8").splitlines()
@@ -1747,7 +1747,7 @@ def test_a_start_after_one_interrupted_before_its_tuner_begins_anew_and_resume_n
     from mlflow.tracking import MlflowClient
 
     from raysft.errors import SearchStateError
-    from raysft.search import driver, experiment, tracking
+    from raysft.search import driver, experiment, tracking_store
 
     tree = _lora_tree(tmp_path / "exp")
     first = validate_spec(tree, source="s.yaml")
@@ -1758,7 +1758,7 @@ def test_a_start_after_one_interrupted_before_its_tuner_begins_anew_and_resume_n
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    exp_id, uri = mlc.create_experiment("e"), tracking.tracking_uri(first.tracking)
+    exp_id, uri = mlc.create_experiment("e"), tracking_store.tracking_uri(first.tracking)
     old = driver._parent_run(mlc, exp_id, exp, first, str(spec), uri=uri, state={})
     new = driver._parent_run(mlc, exp_id, exp, second, str(spec), uri=uri, state={})
     assert new != old
@@ -1788,7 +1788,7 @@ def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
     from mlflow.tracking import MlflowClient
 
     from raysft.errors import SearchStateError
-    from raysft.search import driver, experiment, tracking
+    from raysft.search import driver, experiment, tracking_store
 
     tree = _lora_tree(tmp_path / "exp")
     assert "uri" not in tree["tracking"]  # left to $MLFLOW_TRACKING_URI, else ./mlflow.db
@@ -1799,7 +1799,7 @@ def test_resume_refuses_another_mlflow_store_than_the_search_started_with(
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
     mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")  # where the runs go in this test
-    uri = tracking.tracking_uri(cfg.tracking)
+    uri = tracking_store.tracking_uri(cfg.tracking)
     driver._parent_run(mlc, mlc.create_experiment("e"), exp, cfg, str(spec), uri=uri, state={})
     assert "s3cret" not in (exp / experiment.STATE_FILE).read_text()
     assert experiment.open_experiment("s.yaml", cfg, resume=True) == exp.resolve()
@@ -1876,7 +1876,7 @@ def test_a_second_search_into_an_experiment_dir_in_use_is_refused_and_touches_no
 def test_a_long_store_error_is_cut_at_a_word_and_marked(monkeypatch: pytest.MonkeyPatch) -> None:
     # MLflow's message for an unknown scheme ends in a URL that a cut at 300 characters left
     # as "See https:)".
-    from raysft.search import tracking
+    from raysft.search import tracking_store
 
     said = "Supported URI schemes are: ['', 'file', 'sqlite']. " * 6
     said += "See https://www.mlflow.org/docs/latest/tracking.html#storage for how to run one."
@@ -1885,14 +1885,14 @@ def test_a_long_store_error_is_cut_at_a_word_and_marked(monkeypatch: pytest.Monk
         def search_experiments(self, max_results: int) -> None:
             raise RuntimeError(f"{said}\nsecond line")
 
-    monkeypatch.setattr(tracking, "client", lambda uri: Refusing())
-    problem = tracking.store_problem("foo://bar") or ""
+    monkeypatch.setattr(tracking_store, "client", lambda uri: Refusing())
+    problem = tracking_store.store_problem("foo://bar") or ""
     head = "cannot use this MLflow store (RuntimeError: "
     assert problem.startswith(head) and problem.endswith("…)"), problem
     kept = problem[len(head) : -len("…)")]
     assert len(kept) < 300 and said.startswith(kept + " ")  # whole words, the cut marked
     said = "short: no such store"  # a message that fits is kept whole, unmarked
-    assert tracking.store_problem("foo://bar") == f"{head}{said})"
+    assert tracking_store.store_problem("foo://bar") == f"{head}{said})"
 
 
 def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
@@ -1903,7 +1903,7 @@ def test_an_mlflow_store_the_search_cannot_use_is_refused_in_seconds_before_ray(
     import mlflow
 
     from raysft.search import driver
-    from raysft.search.tracking import client, store_problem
+    from raysft.search.tracking_store import client, store_problem
 
     before = mlflow.get_tracking_uri()
     try:
@@ -2147,7 +2147,7 @@ def test_a_search_into_an_experiment_deleted_in_mlflow_is_refused_before_ray(
     """MLflow keeps a deleted experiment under its name and refuses new runs in it: said before
     Ray starts, with what to do, not as MLflow's error after it."""
     from raysft.search import driver
-    from raysft.search.tracking import client
+    from raysft.search.tracking_store import client
 
     _, cfg, uri = _spec_on_store(tmp_path)
     assert driver.tracking_store_error("s.yaml", cfg) is None  # a new store: nothing made
@@ -2173,7 +2173,7 @@ def test_resume_of_a_search_whose_parent_run_is_gone_is_refused_before_ray(
     with what to do before Ray starts, not as MLflow's traceback after it."""
     from raysft.errors import SearchStateError
     from raysft.search import driver
-    from raysft.search.tracking import client, unusable_run
+    from raysft.search.tracking_store import client, unusable_run
 
     tree, cfg, uri = _spec_on_store(tmp_path)
     spec = tmp_path / "s.yaml"
