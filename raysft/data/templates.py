@@ -29,6 +29,9 @@ TERMINATORS = {"llama2": " </s>", "chatml": "<|im_end|>", "vicuna": "</s>"}
 _SENTINEL = "RaysftSentinelAnswer"
 # The answer after a generation prompt when tokenizing it as training does: an ordinary word.
 _PROBE_ANSWER = "The"
+# Built-in templates whose text has no BOS of its own (llama2 writes "<s>"): they open with the
+# tokenizer's BOS where it adds one by default (``adds_bos_token``).
+_OPENS_WITH_BOS = ("chatml", "vicuna")
 
 
 @dataclass(frozen=True)
@@ -59,16 +62,20 @@ def _split_system(conv: Conversation) -> tuple[str | None, Conversation]:
 
 
 def _llama2(conv: Conversation, *, generation: bool) -> list[Segment]:
+    # Every content stripped, as Meta's chat_completion and HF's Llama-2 template (`| trim`) do:
+    # else an answer's "\n" lands between "[/INST] " and the answer and before " </s>", and the
+    # model learns to open and close answers with a newline no Llama-2 prompt ever has.
     system, turns = _split_system(conv)
     segs: list[Segment] = []
     for i in range(0, len(turns), 2):
-        user = turns[i]["content"]
+        user = turns[i]["content"].strip()
         if i == 0 and system is not None:
-            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+            user = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user}"
         segs.append(Segment(f"<s>[INST] {user} [/INST] ", False))
         if i + 1 < len(turns):
             answer = turns[i + 1]
-            segs.append(Segment(answer["content"] + TERMINATORS["llama2"], is_trained(answer)))
+            text = answer["content"].strip() + TERMINATORS["llama2"]
+            segs.append(Segment(text, is_trained(answer)))
     return _finish(segs, turns, generation=generation)
 
 
@@ -210,9 +217,9 @@ JINJA = {
     + (
         "{%- for m in turns -%}{%- if loop.index0 % 2 == 0 -%}"
         "{{ '<s>[INST] ' }}{%- if loop.first and system is not none -%}"
-        "{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{%- endif -%}"
-        "{{ m['content'] + ' [/INST] ' }}"
-        "{%- else -%}{{ m['content'] + ' </s>' }}{%- endif -%}{%- endfor -%}"
+        "{{ '<<SYS>>\n' + (system | trim) + '\n<</SYS>>\n\n' }}{%- endif -%}"
+        "{{ (m['content'] | trim) + ' [/INST] ' }}"
+        "{%- else -%}{{ (m['content'] | trim) + ' </s>' }}{%- endif -%}{%- endfor -%}"
     ),
     "chatml": (
         "{%- for m in messages -%}{%- if not loop.first -%}{{ '\n' }}{%- endif -%}"
@@ -240,8 +247,8 @@ JINJA = {
 _SPACE_AFTER_USER_TURN = "{%- if not loop.last -%}{{ ' ' }}{%- endif -%}"
 JINJA_SPACE_WITH_ANSWER = {
     "llama2": JINJA["llama2"].replace(
-        "{{ m['content'] + ' [/INST] ' }}",
-        "{{ m['content'] + ' [/INST]' }}" + _SPACE_AFTER_USER_TURN,
+        "{{ (m['content'] | trim) + ' [/INST] ' }}",
+        "{{ (m['content'] | trim) + ' [/INST]' }}" + _SPACE_AFTER_USER_TURN,
     ),
     "vicuna": JINJA["vicuna"].replace(
         "{{ 'USER: ' + m['content'] + '\nASSISTANT: ' }}",
@@ -256,18 +263,24 @@ def export_chat_template(
     system_prompt: str | None,
     tokenizer_template: str | dict[str, str] | None,
     space_with_answer: bool = False,
+    bos: bool = False,
 ) -> str | dict[str, str] | None:
     """The chat_template saved with a trained model: the built-in template's Jinja (or the
     tokenizer's own, or each of its named ones), opening with ``data.system_prompt`` where a
     conversation has no system message, as every training and eval conversation did. None:
     nothing to save. ``space_with_answer`` (``space_merges_into_word`` of the tokenizer):
-    a generation prompt that tokenizes as training saw it (``JINJA_SPACE_WITH_ANSWER``)."""
+    a generation prompt that tokenizes as training saw it (``JINJA_SPACE_WITH_ANSWER``).
+    ``bos`` (``adds_bos_token`` of the tokenizer): chatml and vicuna open with its BOS, as
+    training rendered them (``render``)."""
     builtin = (
         JINJA_SPACE_WITH_ANSWER
         if space_with_answer and template in JINJA_SPACE_WITH_ANSWER
         else JINJA
     )
     jinja: str | dict[str, str] | None = builtin.get(template)
+    if bos and template in _OPENS_WITH_BOS:
+        # In the text: apply_chat_template tokenizes it with add_special_tokens=False.
+        jinja = "{{ bos_token }}" + builtin[template]
     if template == "tokenizer":
         jinja = tokenizer_template
     if jinja is None or not system_prompt:
@@ -287,12 +300,26 @@ def export_chat_template(
 def render(
     conv: Conversation, *, template: str, tokenizer: Any = None, generation: bool = False
 ) -> list[Segment]:
-    """Segments of one conversation; ``generation`` renders a prompt that ends with a user turn."""
+    """Segments of one conversation; ``generation`` renders a prompt that ends with a user turn.
+    chatml and vicuna open with the tokenizer's BOS (untrained) where it adds one by default."""
     if template == "tokenizer":
         return _from_tokenizer(conv, tokenizer, generation=generation)
     if template not in _BUILTIN:
         raise TemplateError(f"unknown template {template!r}")
-    return _BUILTIN[template](conv, generation=generation)
+    segs = _BUILTIN[template](conv, generation=generation)
+    # A Llama/Mistral base saw BOS first in every pretraining sequence, and ``tok(text)`` (vLLM
+    # given a string, FastChat) puts it there: trained without it, the model is off its
+    # pretraining distribution and meets at inference a BOS it was never tuned with. Written as
+    # text, so the ids, the generation prompt and the saved template (``{{ bos_token }}``,
+    # which apply_chat_template tokenizes without special tokens) all have it. A tokenizer that
+    # adds none (Qwen, the embedded byte one, whose model was pretrained without) is untouched.
+    # (After a BOS in the text, transformers 5's Llama tokenizer writes "A", not tok(text)'s
+    # "▁A": so do HF's own Llama chat templates, and the export must give these very ids.)
+    if template in _OPENS_WITH_BOS and tokenizer is not None and adds_bos_token(tokenizer):
+        bos = str(tokenizer.bos_token)
+        if not "".join(s.text for s in segs).startswith(bos):
+            segs = [Segment(bos, False), *segs]
+    return segs
 
 
 def render_text(conv: Conversation, *, template: str, tokenizer: Any = None) -> str:
@@ -513,6 +540,23 @@ def _encode_apart(
 
 
 _MERGES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per tokenizer
+_BOS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # per tokenizer
+
+
+def adds_bos_token(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS first when it encodes text by default (its
+    post-processor adds it: Llama, Mistral), as a model of it saw every pretraining sequence
+    start. Asked once per tokenizer object."""
+    try:
+        return _BOS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: an object without weak references
+        pass
+    bos_id, bos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    ids = tokenizer("x")["input_ids"] if isinstance(bos_id, int) and isinstance(bos, str) else []
+    adds = bool(ids) and ids[0] == bos_id
+    with contextlib.suppress(TypeError):
+        _BOS[tokenizer] = adds
+    return adds
 
 
 def space_merges_into_word(tokenizer: Any) -> bool:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from raysft.assets import absolute_if_local, resolve
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
-from raysft.data.templates import export_chat_template, space_merges_into_word
+from raysft.data.templates import adds_bos_token, export_chat_template, space_merges_into_word
 from raysft.errors import ModelError, chain
 from raysft.paths import give_plain_modes
 from raysft.thirdparty import peft_quietly
@@ -211,6 +211,7 @@ def training_tokenizer(cfg: Config) -> Any:
         space_with_answer=(
             getattr(tokenizer, "is_fast", False) and space_merges_into_word(tokenizer)
         ),
+        bos=adds_bos_token(tokenizer),
     )
     return tokenizer
 

@@ -430,12 +430,13 @@ def test_template_terminator_of_a_template_that_writes_nothing_after_an_answer(t
 # ---------------------------------------------------------------- prompt ids as training saw them
 
 
-def _metaspace_tokenizer() -> Any:
+def _metaspace_tokenizer(*, bos: bool = False) -> Any:
     """A SentencePiece-style tokenizer (Llama-2 like): spaces become "▁" and merge with the next
-    word's first character, so a prompt ending in a space ends in a standalone "▁"."""
+    word's first character, so a prompt ending in a space ends in a standalone "▁". ``bos``: its
+    post-processor puts "<s>" first, as Llama-2's does."""
     import string
 
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0}
@@ -450,6 +451,10 @@ def _metaspace_tokenizer() -> Any:
     tk.pre_tokenizer = pre_tokenizers.Metaspace(**meta)
     tk.decoder = decoders.Metaspace(**meta)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>")])
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
     )
@@ -815,3 +820,127 @@ def test_a_saved_template_prompts_a_merging_tokenizer_as_training_did(template: 
     # A whole conversation is still the training text, byte for byte.
     whole = [*turns, {"role": "assistant", "content": "4"}]
     assert saved.apply_chat_template(whole, tokenize=False) == render_text(whole, template=template)
+
+
+# ------------------------------------------------------ BOS, and llama2 stripping contents
+
+
+def _saved(tok: Any, template: str, *, bos: bool) -> Any:
+    """``tok`` with the chat_template a run exports for ``template`` (as ``training_tokenizer``)."""
+    from raysft.data.templates import export_chat_template, space_merges_into_word
+
+    saved = copy.copy(tok)
+    saved.chat_template = export_chat_template(
+        template,
+        system_prompt=None,
+        tokenizer_template=None,
+        space_with_answer=space_merges_into_word(tok),
+        bos=bos,
+    )
+    return saved
+
+
+@pytest.mark.parametrize("conv_name", ["single", "multi", "system_multi"])
+@pytest.mark.parametrize("template", ["chatml", "vicuna"])
+def test_chatml_and_vicuna_open_with_the_bos_a_llama_tokenizer_adds(
+    template: str, conv_name: str
+) -> None:
+    # A Llama base saw "<s>" first in every pretraining sequence, and tok(text) (FastChat, vLLM
+    # given a string) puts it there: training, the eval prompt and the export all have it.
+    from raysft.data.templates import adds_bos_token
+
+    sp = _metaspace_tokenizer(bos=True)
+    bos = sp.bos_token_id
+    assert adds_bos_token(sp) and sp("x")["input_ids"][0] == bos
+    c = CONVERSATIONS[conv_name]
+    ex = tokenize(render(c, template=template, tokenizer=sp), sp, max_seq_len=4096)
+    assert ex.input_ids[0] == bos and ex.labels[0] == IGNORE
+    assert ex.input_ids.count(bos) == 1
+    assert trained_spans(ex, sp) == [a.lstrip() for a in answers(template, c)]
+    ids = generation_prompt_ids(c, template=template, tokenizer=sp)
+    assert ids[0] == bos and ex.input_ids[: len(ids)] == ids
+    assert ex.labels[len(ids) - 1] == IGNORE and ex.labels[len(ids)] != IGNORE
+    # Plain transformers on the export prompts with the same ids, BOS included.
+    prompt = c[:-1]
+    served = _saved(sp, template, bos=True).apply_chat_template(
+        prompt, tokenize=True, add_generation_prompt=True
+    )
+    assert _ids(served) == generation_prompt_ids(prompt, template=template, tokenizer=sp)
+
+
+@pytest.mark.parametrize("conv_name", ["single", "system_multi"])
+def test_llama2_never_gets_a_second_bos(conv_name: str) -> None:
+    # llama2 writes "<s>" itself, before every [INST]: nothing is put before it.
+    sp = _metaspace_tokenizer(bos=True)
+    bos = sp.bos_token_id
+    c = CONVERSATIONS[conv_name]
+    ex = tokenize(render(c, template="llama2", tokenizer=sp), sp, max_seq_len=4096)
+    assert ex.input_ids[0] == bos and ex.input_ids[1] != bos
+    ids = generation_prompt_ids(c, template="llama2", tokenizer=sp)
+    assert ids[0] == bos and ids[1] != bos and ex.input_ids[: len(ids)] == ids
+    saved = _saved(sp, "llama2", bos=True)
+    assert "bos_token" not in saved.chat_template
+    served = saved.apply_chat_template(c[:-1], tokenize=True, add_generation_prompt=True)
+    assert _ids(served) == generation_prompt_ids(c[:-1], template="llama2", tokenizer=sp)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_a_tokenizer_that_adds_no_bos_renders_the_golden_files(tok: Any, name: str) -> None:
+    # The embedded byte tokenizer (its model was pretrained without BOS), Qwen's: unchanged.
+    from raysft.data.templates import adds_bos_token, export_chat_template
+
+    template, c = GOLDEN_CASES[name]
+    for no_bos in (tok, _metaspace_tokenizer()):
+        assert not adds_bos_token(no_bos)
+        text = render_text(c, template=template, tokenizer=no_bos)
+        assert text.encode("utf-8") == golden(name)
+    assert (
+        export_chat_template(template, system_prompt=None, tokenizer_template=None, bos=False)
+        == (JINJA[template])
+    )
+    ex = tokenize(render(c, template=template, tokenizer=tok), tok, max_seq_len=4096)
+    assert ex.input_ids == tok(golden(name).decode("utf-8"), add_special_tokens=False)["input_ids"]
+
+
+SPACED = conv("  Tell me a joke.\n", "\nWhy did the chicken cross the road?\n", "Again ", " No.\n")
+SPACED_SYSTEM = [{"role": "system", "content": " Be funny.\n"}, *SPACED]
+
+
+def _stripped(c: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**m, "content": m["content"].strip()} for m in c]
+
+
+@pytest.mark.parametrize("c", [SPACED, SPACED_SYSTEM], ids=["plain", "system"])
+def test_llama2_strips_every_message_as_meta_does(c: list[dict[str, str]]) -> None:
+    # Meta's chat_completion and HF's Llama-2 template (`| trim`) strip each message: the model
+    # must not learn to open an answer with "\n" after "[/INST] " or close it with "\n </s>".
+    from raysft.train.scoring import exact_match
+
+    sp = _metaspace_tokenizer(bos=True)
+    clean = _stripped(c)
+    assert render(c, template="llama2") == render(clean, template="llama2")
+    ex = tokenize(render(c, template="llama2", tokenizer=sp), sp, max_seq_len=4096)
+    assert trained_spans(ex, sp) == [
+        "Why did the chicken cross the road? </s>",
+        "No. </s>",
+    ]
+    assert ex == tokenize(render(clean, template="llama2", tokenizer=sp), sp, max_seq_len=4096)
+    ids = generation_prompt_ids(c, template="llama2", tokenizer=sp)
+    assert ids == generation_prompt_ids(clean, template="llama2", tokenizer=sp)
+    assert ex.input_ids[: len(ids)] == ids and ex.labels[len(ids)] != IGNORE
+    # The export trims as well, so plain transformers prompts as training did.
+    saved = _saved(sp, "llama2", bos=True)
+    assert saved.apply_chat_template(c, tokenize=False) == render_text(clean, template="llama2")
+    served = saved.apply_chat_template(c[:-1], tokenize=True, add_generation_prompt=True)
+    assert _ids(served) == ids
+    # Eval's reference is the raw content; exact match strips it, as training did.
+    assert exact_match(["No."], [c[-1]["content"]]) == 1.0
+
+
+@pytest.mark.parametrize("template", ["chatml", "vicuna"])
+def test_chatml_and_vicuna_keep_surrounding_whitespace(template: str) -> None:
+    # ChatML (Qwen's template) and FastChat write contents as they are.
+    assert render_text(SPACED, template=template) != render_text(
+        _stripped(SPACED), template=template
+    )
+    assert "\nWhy did the chicken cross the road?\n" in render_text(SPACED, template=template)
