@@ -227,6 +227,36 @@ def generate_answers(
     return out_samples
 
 
+def prompts_that_fit(
+    conversations: list[Conversation],
+    tokenizer: Any,
+    *,
+    template: str,
+    max_seq_len: int,
+    warn: bool = True,
+) -> list[Conversation]:
+    """The conversations whose generation prompt is shorter than ``max_seq_len`` tokens; the
+    others are left out of generation, said in one warning (``warn``). Training cut such a
+    row's sample before the answer generation scores (a long multi-turn history), so that
+    answer was never trained, and its prompt could run past the model's context (and memory)."""
+    kept, over = [], []
+    for conv in conversations:
+        n = len(generation_prompt_ids(conv, template=template, tokenizer=tokenizer))
+        if n < max_seq_len:
+            kept.append(conv)
+        else:
+            over.append(n)
+    if over and warn:
+        log.warning(
+            "%d of the %d eval rows have a generation prompt of data.max_seq_len=%d tokens or "
+            "more (the longest %d): left out of generation (exact match, ROUGE-L, BLEU, "
+            "pass@k score the other %d), since training cut their samples before the answer "
+            "these score",
+            len(over), len(conversations), max_seq_len, max(over), len(kept),
+        )  # fmt: skip
+    return kept
+
+
 def warn_of_capped_references(
     conversations: list[Conversation], tokenizer: Any, *, max_new_tokens: int, template: str
 ) -> int:

@@ -42,6 +42,7 @@ from raysft.train.evaluate import (
     eval_loss_sum,
     forward_loss,
     generate_answers,
+    prompts_that_fit,
     score,
     warn_of_capped_references,
 )
@@ -349,9 +350,12 @@ def setup(
         autocast=autocast,
         group_tokens=group_tokens,
     )
+    convs = data.eval_conversations
+    if any(m.generates for m in computed_at(cfg, final=True)):
+        convs = _generated_for(cfg, tokenizer, convs, said=dist.rank == 0)
     if dist.rank == 0 and any(m.generates for m in computed_at(cfg, final=True)):
         warn_of_capped_references(
-            data.eval_conversations,
+            convs,
             tokenizer,
             max_new_tokens=cfg.train.max_new_tokens,
             template=cfg.data.template,
@@ -362,7 +366,7 @@ def setup(
         generate_answers,
         model,
         tokenizer,
-        data.eval_conversations[dist.rank :: dist.world_size] if share else data.eval_conversations,
+        convs[dist.rank :: dist.world_size] if share else convs,
         template=cfg.data.template,
         max_new_tokens=cfg.train.max_new_tokens,
         batch_size=32,
@@ -400,7 +404,7 @@ def setup(
             final={"trainable_params": trainable, "total_params": total, NUMERICS: own}
         )
         # LoRA starts with B = 0 and full FT with the base weights: the model *is* the base.
-        if cfg.train.eval_base and cfg.train.exact_match and data.eval_conversations:
+        if cfg.train.eval_base and cfg.train.exact_match and convs:
             base, _ = evaluate(final=True, only=("exact_match",))
             progress.final["base_exact_match"] = base["exact_match"]
             log.info("base model exact match: %.3f", base["exact_match"])
@@ -470,6 +474,21 @@ def train_step(run: Run) -> dict[str, Any]:
         "lr": lr,
         "tokens": int(real_tokens),  # of every rank: the step's
     }
+
+
+def _generated_for(cfg: Config, tokenizer: Any, convs: list[Any], *, said: bool) -> list[Any]:
+    """The eval conversations generation scores (``prompts_that_fit``, warned of on rank 0);
+    none of them is an error before training."""
+    kept = prompts_that_fit(
+        convs, tokenizer, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len, warn=said
+    )
+    if convs and not kept:
+        raise DataError(
+            f"data.eval: every one of the {len(convs)} eval rows has a generation prompt of "
+            f"data.max_seq_len={cfg.data.max_seq_len} tokens or more: nothing to generate for "
+            "(raise data.max_seq_len, or shorten the held-out prompts)"
+        )
+    return kept
 
 
 def _sum_over_ranks(group: Dist, device: Any, *values: float) -> list[float]:

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from raysft.assets.tokenizer import build_tokenizer
+from raysft.errors import DataError
 from raysft.config import load_config
 from raysft.train.recipe import run_trial
 
@@ -352,3 +353,38 @@ def test_flex_attention_on_the_cpu_is_refused_before_anything_loads(tmp_path: Pa
         "backward on cpu), and this run trains on cpu: use sdpa"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_rows_whose_prompt_fills_max_seq_len_are_not_generated_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A held-out conversation whose history before the scored answer is data.max_seq_len
+    tokens or more: its training sample was cut before that answer, so generation leaves it out
+    (said with the counts) instead of prompting past the context; all of them is an error
+    before training."""
+    from raysft.train.recipe import Dist, setup
+
+    long_history = [
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "Now repeat: " + "word " * 60},
+        {"role": "assistant", "content": "no"},
+    ]
+    short = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(
+        "\n".join(json.dumps({"messages": m}) for m in (long_history, short)), encoding="utf-8"
+    )
+    model_dir = _model_dir(tmp_path, "llama")
+    options = {"data.eval": str(evals), "train.exact_match": True}
+    run = setup(_config(tmp_path, model_dir, "lora", **options), dist=Dist())
+    assert [len(c) for c in run.data.eval_conversations] == [4, 2]  # both kept for the loss
+    _, samples = run.evaluate(final=True)
+    assert [s["expected"] for s in samples] == ["yes"]
+    said = [m for m in caplog.messages if "left out of generation" in m]
+    assert said and said[0].startswith(
+        "1 of the 2 eval rows have a generation prompt of data.max_seq_len=96 tokens or more"
+    )
+    evals.write_text(json.dumps({"messages": long_history}), encoding="utf-8")
+    with pytest.raises(DataError, match="every one of the 1 eval rows has a generation prompt"):
+        setup(_config(tmp_path, model_dir, "lora", **options), dist=Dist())
