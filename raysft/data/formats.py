@@ -395,7 +395,10 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line, object_pairs_hook=_Object.of)
             except json.JSONDecodeError as err:
-                row = _Unparsable(f"not valid JSON: {err.msg}")
+                # err.msg alone may end in "at" ("Invalid control character at"): its
+                # position is the column (the line is the row's).
+                where = err.msg.removesuffix(" at")
+                row = _Unparsable(f"not valid JSON: {where} at column {err.colno}")
             yield f"line {line_no}", row
 
 

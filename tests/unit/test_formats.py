@@ -284,6 +284,16 @@ def test_invalid_json_line_names_the_line() -> None:
     assert len(out.skipped) == 1 and "line 3: not valid JSON" in out.skipped[0]
 
 
+def test_invalid_json_says_the_column(tmp_path: Path) -> None:
+    """json's message for a control character ends in "at": the column is said after it."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"instruction": "q", "output": "a"}\n{"instruction": "q\x01"}\n')
+    out = load_conversations(str(path), on_error="skip")
+    assert out.skipped == [
+        f"{path}: line 2: not valid JSON: Invalid control character at column 19"
+    ]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path, suffix: str) -> None:
     # Notepad, Excel and PowerShell start UTF-8 files with one.

@@ -90,7 +90,7 @@ def test_preview_says_how_many_rows_were_skipped_and_why(
     said = [line for line in (err if as_json else out).splitlines() if "skipped" in line]
     assert said == [
         f"--- 1 rows skipped (data.on_error=skip), e.g. {rows}: line 2: not valid JSON: "
-        "Expecting property name enclosed in double quotes"
+        "Expecting property name enclosed in double quotes at column 2"
     ]
     if as_json:  # stdout stays one JSON object per line
         assert [json.loads(line)["trained"] for line in out.splitlines()] == [["a<|im_end|>"]]
