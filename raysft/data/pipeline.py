@@ -42,6 +42,7 @@ class DataReport:
     skipped: list[str] = field(default_factory=list)  # first few reasons, for the log
     train_examples: int = 0
     eval_examples: int = 0
+    eval_sampled_from: int = 0  # held-out conversations data.max_eval_samples picked from (0: all)
     # Per split, so that held-out rows never count as training's: samples cut to max_seq_len
     # but still trainable, and samples truncation left nothing to learn (dropped, counted).
     train_truncated: int = 0
@@ -278,7 +279,9 @@ def _load_split(
         if not eval_convs:
             raise _no_rows("eval", cfg.eval, held)
     report.rows_skipped = len(report.skipped)
-    return train_convs, _sampled(eval_convs, cfg, seed=seed), report, origins, skipped
+    picked = _sampled(eval_convs, cfg, seed=seed)
+    report.eval_sampled_from = len(eval_convs) if len(picked) < len(eval_convs) else 0
+    return train_convs, picked, report, origins, skipped
 
 
 def _sampled(convs: list[Conversation], cfg: DataSection, *, seed: int) -> list[Conversation]:

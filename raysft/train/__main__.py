@@ -95,11 +95,20 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
         f"{report.rows_skipped:,} rows skipped" if report.rows_skipped else "",
         f"{lost:,} samples dropped (truncated to nothing to train)" if lost else "",
     ]
+    sampled = (
+        f" (picked from {report.eval_sampled_from:,} held-out rows: data.max_eval_samples)"
+        if report.eval_sampled_from
+        else ""
+    )
     print(
-        f"data: {report.train_examples:,} training and {report.eval_examples:,} eval examples, "
-        f"{report.train_tokens:,} training tokens ({report.trained_tokens:,} trained)"
+        f"data: {report.train_examples:,} training and {report.eval_examples:,} eval examples"
+        f"{sampled}, {report.train_tokens:,} training tokens ({report.trained_tokens:,} trained)"
         + "".join(f", {d}" for d in dropped if d)
     )
+    # The first of each, as --preview says it: a count alone does not say what to fix.
+    for what, reasons in (("skipped", report.skipped), ("dropped", report.dropped)):
+        if reasons:
+            print(f"  first {what}: {reasons[0]}")
     if resume_from is not None:
         from raysft.train.state import checkpoint_step
 

@@ -760,3 +760,30 @@ def test_a_dry_run_checks_a_resume_as_it_would_start(
         assert len(refused) == 1 and "the run already finished at step 4" in refused[0]
     else:
         assert refused == []
+
+
+def test_a_dry_run_gives_the_first_skipped_row_and_the_eval_rows_sampled_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Counts alone do not say what to fix, nor that data.max_eval_samples left rows out."""
+    from raysft.train.__main__ import _dry_run
+
+    rows = tmp_path / "rows.jsonl"
+    good = [json.dumps({"instruction": f"Say {i}.", "output": str(i)}) for i in range(12)]
+    rows.write_text("\n".join([*good[:3], "{oops", *good[3:]]) + "\n", encoding="utf-8")
+    cfg = load_config(None, {
+        "data.train": str(rows), "data.eval": None, "data.eval_fraction": 0.5,
+        "data.on_error": "skip", "data.max_eval_samples": 2, "output_dir": str(tmp_path / "o"),
+    })  # fmt: skip
+    assert _dry_run(cfg, "c.yaml") == 0
+    out = capsys.readouterr().out.splitlines()
+    data = next(line for line in out if line.startswith("data: "))
+    assert data.startswith(
+        "data: 6 training and 2 eval examples (picked from 6 held-out rows: "
+        "data.max_eval_samples), "
+    ), data
+    assert data.endswith(", 1 rows skipped")
+    first = out[out.index(data) + 1]
+    assert first == f"  first skipped: {rows}: line 4: not valid JSON: " + (
+        "Expecting property name enclosed in double quotes at column 2"
+    )
