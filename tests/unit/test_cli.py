@@ -513,8 +513,13 @@ def test_dry_run_counts_the_rows_and_samples_a_run_would_drop(
          "data.on_error": "skip", "data.max_seq_len": 128, "train.seed": 0},
     )  # fmt: skip
     assert _dry_run(cfg, "c.yaml") == 0
-    last = capsys.readouterr().out.rstrip("\n").split("\n")[-1]
-    assert last.endswith(", 1 rows skipped, 1 samples dropped (truncated to nothing to train)")
+    data, skipped, dropped = capsys.readouterr().out.rstrip("\n").split("\n")[-3:]
+    assert data.endswith(", 1 rows skipped, 1 samples dropped (truncated to nothing to train)")
+    assert skipped.startswith(f"  first skipped: {tmp_path / 't.jsonl'}: line 8: not valid JSON")
+    assert dropped == (
+        f"  first dropped: {tmp_path / 't.jsonl'}: line 7: its prompt fills all "
+        "data.max_seq_len=128 tokens, nothing left to train"
+    )
 
 
 @pytest.mark.parametrize(
