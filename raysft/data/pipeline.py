@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +34,10 @@ from raysft.data.templates import (
 from raysft.errors import TemplateError
 
 log = logging.getLogger(__name__)
+
+# A split that takes longer to tokenize says how far it got this often: 100,000 rows take a
+# minute or more on 2 CPU cores, silent until now.
+PROGRESS_EVERY_S = 15.0
 
 
 @dataclass
@@ -105,11 +110,22 @@ def _tokenize_all(
     *,
     origins: dict[int, str] | None = None,
     skipped: list[str] | None = None,
+    name: str = "data",
 ) -> tuple[list[Example], list[Conversation], list[str]]:
     """The examples and the conversations kept, and the rows truncation left nothing to train
-    (named). ``skipped``: this split's own list of skipped rows, extended here too."""
+    (named). ``skipped``: this split's own list of skipped rows, extended here too. ``name``:
+    the split, in the progress lines of a long one."""
     examples, kept, dropped = [], [], []
-    for conv in convs:
+    start = time.monotonic()
+    say_at = start + PROGRESS_EVERY_S
+    for done, conv in enumerate(convs):
+        if done and time.monotonic() >= say_at:
+            rate = done / (time.monotonic() - start)
+            log.info(
+                "data.%s: tokenized %s of %s conversations (%.0f a second)",
+                name, f"{done:,}", f"{len(convs):,}", rate,
+            )  # fmt: skip
+            say_at += PROGRESS_EVERY_S
         segments = render_row(conv, cfg, tokenizer, report, origins=origins)
         if segments is None:  # skipped (skip mode): counted in report, and in this split's list
             if skipped is not None:
@@ -338,7 +354,9 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
     check_template(cfg, tokenizer)
     train_convs, eval_convs, report, origins, skipped = _load_split(cfg, seed=seed, with_eval=True)
     tokenized = {
-        name: _tokenize_all(convs, cfg, tokenizer, report, origins=origins, skipped=skipped[name])
+        name: _tokenize_all(
+            convs, cfg, tokenizer, report, origins=origins, skipped=skipped[name], name=name
+        )
         for name, convs in (("train", train_convs), ("eval", eval_convs))
     }
     train, _, _ = tokenized["train"]

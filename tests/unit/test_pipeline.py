@@ -64,6 +64,22 @@ def test_with_eval_files_counts_are_right(tok: Any) -> None:
     assert trained_spans(data.eval[0], tok) == ["zyx<|im_end|>"]
 
 
+def test_a_long_tokenization_says_how_far_it_got(
+    tok: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every PROGRESS_EVERY_S (here 0: at every row after the first), per split."""
+    from raysft.data import pipeline
+
+    monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="raysft.data.pipeline"):
+        prepare_data(section(), tok, seed=0)
+    said = [m for m in caplog.messages if " conversations (" in m]
+    assert [m.split(" (")[0] for m in said] == [
+        *(f"data.train: tokenized {i} of 6 conversations" for i in range(1, 6)),
+        "data.eval: tokenized 1 of 2 conversations",
+    ]
+
+
 def test_without_eval_a_seeded_split_of_train(tok: Any) -> None:
     cfg = section(eval=None, eval_fraction=0.34)
     data = prepare_data(cfg, tok, seed=1)
