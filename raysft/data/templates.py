@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import weakref
@@ -52,7 +53,7 @@ class Example:
 
     @property
     def n_trained(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 def _split_system(conv: Conversation) -> tuple[str | None, Conversation]:
@@ -439,26 +440,38 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
     trained, answer = _trained_chars(segments, merges=space_merges_into_word(tokenizer))
     ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = list(enc["offset_mapping"])
-    cuts = _answers_merged_into_prompts(offsets, trained)
+    # Trained characters before each position: a token's span [a, b) holds one iff
+    # counted[b] > counted[a] (a per-token slice and any() was most of the data's setup time).
+    counted = list(itertools.accumulate(trained, initial=0))
+    starts, ends = _owned_spans(offsets)
+    cuts = _answers_merged_into_prompts(starts, ends, trained, counted)
     apart = _encode_apart(text, cuts, tokenizer, whole=ids) if cuts else None
     if apart is not None:
         ids, offsets = apart
-    owned, prev_end = [], 0
-    for start, end in offsets:
-        # A token owns the characters since the previous token ended: offsets trimmed of
-        # whitespace (a ByteLevel post_processor with trim_offsets) leave a token of spaces
-        # (code indentation) an empty span that would never be trained.
-        owned.append((min(start, prev_end), end))
-        prev_end = max(prev_end, end)
-    labels = [t if any(trained[a:b]) else IGNORE for t, (a, b) in zip(ids, owned, strict=True)]
+        starts, ends = _owned_spans(offsets)
+    labels = [
+        t if counted[b] > counted[a] else IGNORE
+        for t, a, b in zip(ids[:max_seq_len], starts, ends, strict=False)
+    ]
     truncated = len(ids) > max_seq_len
-    labels = labels[:max_seq_len]
     # An answer cut right after the prompt's space trained with it ("[/INST]", "▁") keeps none
     # of its own text: that "▁" alone is nothing to learn (a sample left without any is dropped).
     last = max_seq_len - 1 if truncated else -1
-    while last >= 0 and labels[last] != IGNORE and not any(answer[slice(*owned[last])]):
+    while last >= 0 and labels[last] != IGNORE and not any(answer[starts[last] : ends[last]]):
         labels[last], last = IGNORE, last - 1
     return Example(ids[:max_seq_len], labels, truncated, apart is not None)
+
+
+def _owned_spans(offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Each token's span of the text as (starts, ends): a token owns the characters since the
+    previous token ended. Offsets trimmed of whitespace (a ByteLevel post_processor with
+    trim_offsets) leave a token of spaces (code indentation) an empty span that would never be
+    trained."""
+    if not offsets:
+        return [], []
+    starts, ends = zip(*offsets, strict=True)
+    reached = itertools.accumulate(ends, max, initial=0)  # the furthest end before each token
+    return list(map(min, starts, reached)), list(ends)
 
 
 def _trained_chars(segments: list[Segment], *, merges: bool) -> tuple[bytearray, bytearray]:
@@ -481,19 +494,20 @@ def _trained_chars(segments: list[Segment], *, merges: bool) -> tuple[bytearray,
     return trained, answer
 
 
-def _answers_merged_into_prompts(offsets: list[tuple[int, int]], trained: bytearray) -> list[int]:
+def _answers_merged_into_prompts(
+    starts: list[int], ends: list[int], trained: bytearray, counted: list[int]
+) -> list[int]:
     """Where a token would hold trained and untrained text, at each change between them: an
     answer's start merged into its prompt (Llama-3's and Qwen's pre-tokenizers keep a run of
     newlines together, so ChatML's "assistant\n" and an answer starting with "\n" are one "\n\n"
     token), or a plain-text terminator merged into the next prompt (Qwen's ">\n" of "</s>\nUSER",
     "><" of " </s><s>[INST]"). Such a token, trained for any trained character, would train
-    the prompt's text too."""
+    the prompt's text too. ``starts``, ``ends``: the tokens' spans (``_owned_spans``);
+    ``counted``: trained characters before each position."""
     cuts: set[int] = set()  # a set: tokens of one multi-byte character share their offsets
-    prev_end = 0
-    for start, end in offsets:
-        lo = min(start, prev_end)
-        cuts.update(i for i in range(lo + 1, end) if trained[i] != trained[i - 1])
-        prev_end = max(prev_end, end)
+    for lo, end in zip(starts, ends, strict=True):
+        if 0 < counted[end] - counted[lo] < end - lo:  # partly trained: a change inside
+            cuts.update(i for i in range(lo + 1, end) if trained[i] != trained[i - 1])
     return sorted(cuts)
 
 

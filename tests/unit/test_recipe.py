@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from raysft.assets.tokenizer import build_tokenizer
-from raysft.errors import DataError
 from raysft.config import load_config
+from raysft.errors import DataError
 from raysft.train.recipe import run_trial
 
 ROWS = [{"instruction": "Upper case", "input": f"w{i}", "output": f"W{i}"} for i in range(12)] + [
