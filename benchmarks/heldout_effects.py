@@ -156,7 +156,7 @@ def train_once(tree: dict[str, Any], sampled: dict[str, Any], seed: int) -> dict
 def score_base(tree: dict[str, Any]) -> dict[str, Any]:
     """The untrained base model on the same held-out rows (trials never score it)."""
     from raysft.config import validate_tree
-    from raysft.evaluate import score_model
+    from raysft.train.score_saved import score_model
 
     cfg = validate_tree({k: v for k, v in tree.items() if k != "search"}, source="<base>")
     t0 = time.perf_counter()

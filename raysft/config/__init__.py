@@ -1,28 +1,26 @@
 """Typed configuration: YAML -> pydantic -> code.
 
-``sections`` is the schema (the only place defaults live), ``loading`` reads YAML, applies
-``--set`` overrides and validates, reporting every problem of a file at once. Importing this
-package imports neither torch nor ray, so validation and ``--dry-run`` are instant.
+``sections`` is the schema (the only place defaults live), ``loading`` reads YAML
+(``yaml_reader``), applies ``--set`` overrides (``overrides``) and validates (``validation``),
+reporting every problem of a file at once. Importing this package imports neither torch nor
+ray, so validation and ``--dry-run`` are instant.
 """
 
 from raysft.config.loading import (
-    blame_overrides,
     drop_sections_of_replaced_method,
     dump_config,
+    load_config,
+    saved_tree,
+    unread_sections,
+)
+from raysft.config.overrides import (
+    blame_overrides,
     flat_paths,
     get_path,
-    load_config,
     parse_overrides,
     parse_value,
-    read_yaml,
-    saved_tree,
     set_path,
     split_overrides,
-    unread_sections,
-    validate_rest,
-    validate_spec,
-    validate_tree,
-    yaml_load,
 )
 from raysft.config.sections import (
     Config,
@@ -44,6 +42,8 @@ from raysft.config.sections import (
     TrackingSection,
     TrainSection,
 )
+from raysft.config.validation import validate_rest, validate_spec, validate_tree
+from raysft.config.yaml_reader import read_yaml, yaml_load
 from raysft.errors import ConfigError
 
 __all__ = [

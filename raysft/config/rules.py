@@ -1,8 +1,8 @@
 """Cross-field rules of a config and a search spec: each a small function that returns its
 message or None, beside the dotted paths it reads (``Rule``). ``sections.Config`` and
 ``SearchSpec`` apply them in one validator (``apply_rules``), so that every broken rule is
-reported in one run, and ``loading`` and ``raysft.search.spec`` read which rule broke and what it
-read (``broken_rules``, ``RULE_INPUTS``).
+reported in one run, and ``validation`` and ``raysft.search.combinations`` read which rule broke
+and what it read (``broken_rules``, ``RULE_INPUTS``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # Cross-field rules: (the dotted paths a rule reads, the rule: its message or None). Each is a
 # function, not a validator that raises, so that every broken rule is reported in one run,
 # and so that a rule whose inputs all validated still runs when another field failed
-# (``loading.validate_rest`` validates again without the failed fields, naming them in the
+# (``validation.validate_rest`` validates again without the failed fields, naming them in the
 # context: a rule reading one of them is skipped, its input being a default, not the file's).
 Rule = tuple[tuple[str, ...], Callable[[Any], "str | None"]]
 
@@ -153,5 +153,5 @@ SPEC_RULES: list[Rule] = [
     (("train.device", "search.resources.gpus_per_worker"), _device_matches_resources),
 ]
 # The paths each rule reads: parameters read together are probed together first
-# (raysft.search.spec).
+# (raysft.search.combinations).
 RULE_INPUTS: list[tuple[str, ...]] = [inputs for inputs, _ in CONFIG_RULES + SPEC_RULES]

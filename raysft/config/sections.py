@@ -398,7 +398,7 @@ class SearchParam(_Section):
                 raise ValueError("loguniform needs low > 0")
         elif not self.values:
             raise ValueError(f"type {self.type} needs a non-empty values list")
-        # A value listed twice is refused by the spec file's checks (raysft.search.spec), not
+        # A value listed twice is refused by the spec file's checks (raysft.search.searchable), not
         # here: a saved spec of a search that ran with one must load.
         if self.type == "multiple_of" and not self.of:
             raise ValueError("type multiple_of needs of: <dotted path>")

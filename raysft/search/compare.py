@@ -22,8 +22,9 @@ from typing import Any
 
 from raysft.config import Config, SearchSpec, validate_tree
 from raysft.data.formats import Conversation
-from raysft.evaluate import as_json, eval_rows, metrics_table, score_model, side_by_side
 from raysft.search.redact import scrubbed
+from raysft.train.score_report import as_json, metrics_table, side_by_side
+from raysft.train.score_saved import eval_rows, score_model
 
 log = logging.getLogger(__name__)
 

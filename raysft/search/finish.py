@@ -210,7 +210,7 @@ class FinishSteps:
 
 def _eval_curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """trial_id -> [{step, eval_loss}] in step order, as ``plots.histories_from_mlflow`` gives
-    them, for the trials whose reports were read (``_history_of``)."""
+    them, for the trials whose reports were read (``tune_results._history_of``)."""
     return {
         r["trial_id"]: [
             {"step": h["step"], "eval_loss": h["eval_loss"]}

@@ -234,7 +234,7 @@ def trial_runs(mlc: Any, exp_id: str, parent_id: str) -> dict[str, tuple[str, st
 
 # In the experiment dir: each trial's end as the trials' callback saw it, one JSON line per end.
 # MLflow's status tags say the same, but a tracking server out of reach when a trial ended would
-# make a finished trial look torn down by Ctrl-C (``driver.interrupted_trials``).
+# make a finished trial look torn down by Ctrl-C (``interrupt.interrupted_trials``).
 ENDED_FILE = "trials_ended.jsonl"
 # Beside it while some write of the trials' callback has failed and the finish has not made the
 # trials' runs whole since (``finish.complete_trial_runs``): it then checks every trial's run,

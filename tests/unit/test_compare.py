@@ -42,7 +42,7 @@ def mlflow_run(tmp_path: Path) -> tuple[Any, str]:
 
 def test_the_task_scores_the_rows_it_is_given_and_reads_no_data_file(tmp_path: Path) -> None:
     from raysft.assets import asset_path
-    from raysft.evaluate import eval_rows
+    from raysft.train.score_saved import eval_rows
 
     rows = eval_rows(_cfg("embedded:tasks-eval.jsonl"))[:ROWS]
     # On the task's node the eval file is not there: the rows come from the driver.

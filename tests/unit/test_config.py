@@ -241,7 +241,7 @@ def test_a_value_of_no_type_a_field_takes_says_which_it_takes(
     ],
 )
 def test_a_union_alternative_in_words(tag: str, words: str) -> None:
-    from raysft.config.loading import _member
+    from raysft.config.validation import _member
 
     assert _member(tag) == words
 

@@ -290,7 +290,7 @@ def test_a_trials_error_and_attempts_are_scrubbed_before_summary_and_mlflow(
 ) -> None:
     from types import SimpleNamespace
 
-    from raysft.search import driver
+    from raysft.search import tune_results
     from raysft.search.space import trial_output_dir
     from raysft.search.trial import ATTEMPTS_FILE
 
@@ -302,6 +302,6 @@ def test_a_trials_error_and_attempts_are_scrubbed_before_summary_and_mlflow(
         metrics={"trial_id": "t1"}, path=str(tmp_path / "run_trial_on_ray_t1_1_x"),
         error=RuntimeError(leak), config={},
     )  # fmt: skip
-    row = driver._result_of(result, tmp_path)
+    row = tune_results.result_of(result, tmp_path)
     for text in (row["error"], row["attempts"][0]["error"]):
         assert "s3cret" not in text and TOKEN not in text and REDACTED in text, text

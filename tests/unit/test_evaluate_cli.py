@@ -20,9 +20,11 @@ from raysft.assets.tokenizer import build_tokenizer
 from raysft.config import load_config
 from raysft.data.templates import generation_prompt_ids
 from raysft.errors import ConfigError, DataError, ModelError, SearchStateError
-from raysft.evaluate import adapter_base, resolve_target, run, score_model
+from raysft.evaluate import run
+from raysft.search.eval_target import resolve_target
 from raysft.train import scoring
 from raysft.train.evaluate import _answer, answer_stops, generate_answers
+from raysft.train.score_saved import adapter_base, score_model
 
 ROWS = [
     {"instruction": "Set x.", "output": "x=1", "tests": "assert x == 1"},
@@ -102,6 +104,28 @@ def test_references_longer_than_max_new_tokens_are_warned_of(
     with caplog.at_level("WARNING", logger="raysft.train.evaluate"):
         score_model(str(chain_dir), _cfg(tmp_path, chain_dir), metrics=["exact_match"])
     assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]
+
+
+def test_rows_whose_prompt_fills_max_seq_len_are_scored_for_loss_only(
+    tmp_path: Path, chain_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long multi-turn history before the scored answer: left out of generation, said; if
+    every row is like that, generation metrics are refused."""
+    history = [
+        {"role": "user", "content": "Set x."},
+        {"role": "assistant", "content": "x=1"},
+        {"role": "user", "content": "Again, " + "please " * 20},
+        {"role": "assistant", "content": "x=2"},
+    ]
+    short = [{"role": "user", "content": "Set x."}, {"role": "assistant", "content": "x=1"}]
+    cfg = _cfg(tmp_path, chain_dir, **{"data.max_seq_len": 64})
+    got = score_model(str(chain_dir), cfg, conversations=[history, short])
+    assert got.rows == 2 and [s["expected"] for s in got.samples] == ["x=1"]
+    assert any("1 of the 2 eval rows have a generation prompt" in m for m in caplog.messages)
+    with pytest.raises(DataError, match="every one of the 1 eval rows has a generation prompt"):
+        score_model(str(chain_dir), cfg, conversations=[history], metrics=["exact_match"])
+    assert "eval_loss" in score_model(str(chain_dir), cfg, conversations=[history],
+                                      metrics=["eval_loss"]).scores  # fmt: skip
 
 
 def test_pass_at_k_from_n_samples(tmp_path: Path, chain_dir: Path) -> None:
@@ -641,12 +665,12 @@ def test_eval_rows_skipped_under_on_error_skip_are_said(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from raysft.config import load_config
-    from raysft.evaluate import eval_rows
+    from raysft.train.score_saved import eval_rows
 
     rows = tmp_path / "held.jsonl"
     rows.write_text('{"instruction": "q", "output": "a"}\n{"instruction": 3}\n', encoding="utf-8")
     cfg = load_config(None, {"data.eval": str(rows), "data.on_error": "skip"})
-    with caplog.at_level("WARNING", logger="raysft.evaluate"):
+    with caplog.at_level("WARNING", logger="raysft.train.score_saved"):
         assert len(eval_rows(cfg)) == 1
     assert [r.getMessage() for r in caplog.records] == [
         f"1 row(s) skipped (data.on_error=skip), e.g. {rows}: line 2: instruction: must be a "
@@ -671,7 +695,7 @@ def test_eval_rows_the_template_refuses_are_skipped_as_in_training(
     ])  # fmt: skip
     args = [str(model), "--data", rows, "--set", "data.template=tokenizer", "--json"]
     skip = ["--set", "data.on_error=skip", "--metrics", "exact_match"]
-    with caplog.at_level("WARNING", logger="raysft.evaluate"):
+    with caplog.at_level("WARNING", logger="raysft.train.score_saved"):
         assert run([*args, *skip]) == 0
     score = json.loads(capsys.readouterr().out)["score"]
     assert score["rows"] == 1 and score["metrics"]["exact_match"] == 1.0
@@ -691,7 +715,8 @@ def test_eval_rows_the_template_refuses_are_skipped_as_in_training(
 def test_a_table_of_models_scored_on_different_rows_says_so() -> None:
     """--base-model of another tokenizer may keep other rows (a template refusal skipped, a
     truncation): the table says its columns are not of the same rows."""
-    from raysft.evaluate import ModelScore, metrics_table
+    from raysft.train.score_report import metrics_table
+    from raysft.train.score_saved import ModelScore
 
     def table(base_rows: int) -> str:
         return metrics_table(

@@ -305,7 +305,7 @@ def test_study_orders_trials_by_tunes_creation_counter_not_their_random_ids() ->
 
 
 def test_trial_number_is_read_from_tunes_trial_directory() -> None:
-    from raysft.search.driver import trial_number
+    from raysft.search.tune_results import trial_number
 
     name = "run_trial_on_ray_36bc1f92_4_lora_alpha=8,lora_r=4,train_learning_rate=0.0021_2026-12-04"
     assert trial_number(name, "36bc1f92") == 4

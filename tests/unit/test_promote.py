@@ -235,8 +235,8 @@ def test_a_base_inside_a_jobs_working_dir_copy_travels_with_the_export(
     import torch
 
     from raysft.assets import asset_path
-    from raysft.evaluate import adapter_base
     from raysft.search.model_registry import TAG_BASE
+    from raysft.train.score_saved import adapter_base
 
     job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))

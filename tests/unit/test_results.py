@@ -781,7 +781,7 @@ def test_each_trials_end_is_noted_in_the_experiment_dir_too(
     mlflow_store: tuple[Any, str], tmp_path: Path
 ) -> None:
     """MLflow's status tag may not be written (a tracking server away): the end noted beside
-    the search tells a finished trial from one torn down by Ctrl-C (driver._with_local_ends)."""
+    the search tells a finished trial from one torn down by Ctrl-C (interrupt.with_local_ends)."""
     from raysft.config import validate_tree
     from raysft.search.tracking import ENDED_FILE, ended_trials
 

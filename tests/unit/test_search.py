@@ -28,6 +28,7 @@ import yaml
 from raysft.config import set_path, validate_spec
 from raysft.errors import ConfigError
 from raysft.paths import LOCK_FILE
+from raysft.search import combinations as combinations_module
 from raysft.search import spec as spec_module
 from raysft.search.resources import (
     AUTOSCALER_SETTLE_S,
@@ -1957,16 +1958,16 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     """Tune's SIGINT handler makes ``fit()`` return early, tearing running trials down without a
     callback: their runs have no status tag. The driver must not rank, promote or close the
     search as FINISHED then, and must not leave those runs RUNNING."""
-    from raysft.search import driver
+    from raysft.search import interrupt
 
     ended = {"a1b2c3d4": ("r1", "finished"), "e5f6a7b8": ("r2", "stopped_early")}
-    assert driver.interrupted_trials(ended, created=2, num_samples=2) is None
+    assert interrupt.interrupted_trials(ended, created=2, num_samples=2) is None
     # Ctrl-C between trials: every created trial ended, but not all were created.
-    assert driver.interrupted_trials(ended, created=2, num_samples=4) == []
+    assert interrupt.interrupted_trials(ended, created=2, num_samples=4) == []
     running = {**ended, "0badcafe": ("r3", None)}
-    assert driver.interrupted_trials(running, created=3, num_samples=3) == ["0badcafe"]
+    assert interrupt.interrupted_trials(running, created=3, num_samples=3) == ["0badcafe"]
     # Ctrl-C while the last trial waited to start: created, never started, no run.
-    assert driver.interrupted_trials(ended, created=3, num_samples=3, never_started=1) == []
+    assert interrupt.interrupted_trials(ended, created=3, num_samples=3, never_started=1) == []
 
     # MLflow away as trials ended: no status tag, or no run at all. The ends the callback noted
     # in the experiment dir say they finished; a trial of Tune's with neither is open.
@@ -1975,15 +1976,15 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     untagged = {"a1b2c3d4": ("r1", "finished"), "e5f6a7b8": ("r2", None)}
     note_trial_end(tmp_path / ENDED_FILE, "e5f6a7b8", "finished")
     note_trial_end(tmp_path / ENDED_FILE, "0f0f0f0f", "stopped_early")
-    known = driver._with_local_ends(untagged, tmp_path, ["a1b2c3d4", "e5f6a7b8", "0f0f0f0f"])
+    known = interrupt.with_local_ends(untagged, tmp_path, ["a1b2c3d4", "e5f6a7b8", "0f0f0f0f"])
     assert known == {
         "a1b2c3d4": ("r1", "finished"),
         "e5f6a7b8": ("r2", "finished"),
         "0f0f0f0f": (None, "stopped_early"),
     }
-    assert driver.interrupted_trials(known, created=3, num_samples=3) is None
-    torn_down = driver._with_local_ends(untagged, tmp_path, ["e5f6a7b8", "0badcafe", None])
-    assert driver.interrupted_trials(torn_down, created=4, num_samples=4) == ["0badcafe"]
+    assert interrupt.interrupted_trials(known, created=3, num_samples=3) is None
+    torn_down = interrupt.with_local_ends(untagged, tmp_path, ["e5f6a7b8", "0badcafe", None])
+    assert interrupt.interrupted_trials(torn_down, created=4, num_samples=4) == ["0badcafe"]
 
     # A real MLflow store (SQLite): the parent, a trial that ended, one the interrupt tore down.
     from mlflow.tracking import MlflowClient
@@ -1996,9 +1997,11 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     known = {"a1b2c3d4": (ended_run, "finished"), "0badcafe": (open_run, None)}
     with (
         pytest.raises(KeyboardInterrupt) as stopped,
-        caplog.at_level("WARNING", "raysft.search.driver"),
+        caplog.at_level("WARNING", "raysft.search.interrupt"),
     ):
-        driver._stop_interrupted(mlc, parent, known, ["0badcafe"], exp_dir=tmp_path, num_samples=4)
+        interrupt.stop_interrupted(
+            mlc, parent, known, ["0badcafe"], exp_dir=tmp_path, num_samples=4
+        )
     # The CLI's last line ("interrupted: ...") says it too.
     assert str(stopped.value) == f"continue it with --resume (search.experiment_dir {tmp_path})"
     status = {r: mlc.get_run(r).info.status for r in (parent, ended_run, open_run)}
@@ -2017,13 +2020,13 @@ def test_ctrl_c_after_the_trials_interrupts_the_finish_again() -> None:
 
     from ray.tune.tune import _setup_signal_catching
 
-    from raysft.search import driver
+    from raysft.search import interrupt
 
     # Python's own handler, as a CLI has it (an earlier test in this process may have left
     # another one installed).
     found = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with driver._own_signal_handlers():
+        with interrupt.own_signal_handlers():
             _setup_signal_catching()  # what Tune's fit() does first
             assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -2042,14 +2045,14 @@ def test_a_termination_stops_the_search_as_ctrl_c_does(name: str) -> None:
     import os
     import signal
 
-    from raysft.search import driver
+    from raysft.search import interrupt
 
     sig = getattr(signal, name)
     found = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(sig)
     replaced: dict[int, Any] = {}
     try:
-        replaced = driver._stops_as_ctrl_c()
+        replaced = interrupt.stops_as_ctrl_c()
         assert set(replaced) == {signal.SIGTERM, signal.SIGHUP}
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), sig)
@@ -2313,7 +2316,7 @@ def test_a_contradictory_pair_is_found_in_a_space_too_big_to_check_whole() -> No
         "lora.use_dora": {"type": "choice", "values": [False, True]},
         **{k: {"type": "choice", "values": v} for k, v in twos.items()},
     }
-    assert 2 ** len(params) > spec_module.MAX_JOINT_PROBES  # too many to check every one
+    assert 2 ** len(params) > combinations_module.MAX_JOINT_PROBES  # too many to check every one
     assert problems_of(spec(params)) == [
         "search.params: combination method='full', lora.use_dora=True: "
         "lora.use_dora/use_rslora are set but method is full"
@@ -2324,14 +2327,14 @@ def test_a_contradictory_pair_is_found_in_a_space_too_big_to_check_whole() -> No
 
 def test_pairs_follow_a_multiple_of_its_base(monkeypatch: pytest.MonkeyPatch) -> None:
     # Checked pair by pair: lora.alpha takes lora.r's products, never an arbitrary one.
-    monkeypatch.setattr(spec_module, "MAX_JOINT_PROBES", 1)
+    monkeypatch.setattr(combinations_module, "MAX_JOINT_PROBES", 1)
     params = {
         "lora.r": {"type": "choice", "values": [4, 8]},
         "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2]},
         "lora.dropout": {"type": "choice", "values": [0.0, 0.1]},
     }
     cfg = validate_tree(spec(params))
-    pairs = list(spec_module._pair_probes(cfg.search.params, cfg))
+    pairs = list(combinations_module._pair_probes(cfg.search.params, cfg))
     assert {"lora.r": 4, "lora.alpha": 8} in pairs and {"lora.r": 8, "lora.alpha": 16} in pairs
     assert all(c["lora.alpha"] == 2 * c["lora.r"] for c in pairs if "lora.r" in c)
     assert problems_of(spec(params)) == []
@@ -2435,14 +2438,15 @@ def test_a_big_space_is_validated_in_a_bounded_number_of_validations(
         calls += 1
         return validate(*args, **kwargs)
 
-    monkeypatch.setattr(spec_module, "validate_tree", counted)
+    monkeypatch.setattr(spec_module, "validate_tree", counted)  # values alone
+    monkeypatch.setattr(combinations_module, "validate_tree", counted)  # values together
     params = {
         "lora.r": {"type": "choice", "values": list(range(1, 401))},
         "lora.alpha": {"type": "choice", "values": list(range(1, 401))},
     }
     assert problems_of(spec(params)) == []
     # 800 values alone, then pairs up to the cap (not 160000).
-    assert calls <= 800 + spec_module.MAX_JOINT_PROBES
+    assert calls <= 800 + combinations_module.MAX_JOINT_PROBES
     assert "4096 pairs of searched values checked together, 155904 not" in caplog.text
 
 
@@ -2451,7 +2455,7 @@ def test_capped_pairs_keep_those_of_parameters_read_together(
 ) -> None:
     # method and lora.use_dora, read by one rule, their pair listed last: still probed
     # under a cap that the 12 pairs in spec order would reach first.
-    monkeypatch.setattr(spec_module, "MAX_JOINT_PROBES", 8)
+    monkeypatch.setattr(combinations_module, "MAX_JOINT_PROBES", 8)
     params = {
         "train.learning_rate": {"type": "choice", "values": [1e-3, 2e-3, 3e-3]},
         "method": {"type": "choice", "values": ["lora", "full"]},
@@ -2502,11 +2506,11 @@ def test_tunes_loggers_and_tables_are_quieted_while_the_trials_run_only(
     # JSON logger would write no result.json otherwise.
     from ray.tune.experimental.output import BLACKLISTED_KEYS
 
-    from raysft.search.driver import _quiet_tune_output
+    from raysft.search.tuner import quiet_tune_output
     from raysft.train.metrics import REPLAYED
 
     monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
-    with _quiet_tune_output(loggers_off=loggers_off):
+    with quiet_tune_output(loggers_off=loggers_off):
         on = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
         assert on == ("1" if loggers_off else None)
         assert REPLAYED in BLACKLISTED_KEYS  # the steps a report carries: not in its tables

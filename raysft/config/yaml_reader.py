@@ -1,0 +1,123 @@
+"""Reading YAML: a loader that reads YAML 1.2 floats (``1e-4``) and refuses a key given twice,
+and a file read into a tree of sections, each way it can fail one line. Imports neither torch
+nor ray.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from raysft.config.sections import Config
+from raysft.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` as a string.
+
+    It also refuses a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second ``train:`` section would drop every setting of the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *base`` merges are meant to repeat keys
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it
+            if seen is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {seen + 1})",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(path), ["a directory, not a YAML file"])
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except OSError as err:
+        raise ConfigError(str(path), [f"cannot read: {err.strerror or err}"]) from None
+    # A file, or a pipe (``<(cat spec.yaml)``): a device would be read forever (/dev/zero) or
+    # wait for input (/dev/stdin on a terminal).
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise ConfigError(str(path), ["not a regular file"])
+    try:
+        tree = yaml_load(p.read_text(encoding="utf-8"))
+    except OSError as err:  # unreadable: permissions, an I/O error (/proc/self/mem)
+        raise ConfigError(str(path), [f"cannot read: {err.strerror or err}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [_yaml_problem(err)]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            str(path), [f"not UTF-8 text (byte {err.start}: 0x{err.object[err.start]:02x})"]
+        ) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            str(path),
+            [f"top level must be a mapping of sections (model:, data:, ...), got {kind_of(tree)}"],
+        )
+    # A section whose keys are all commented out reads as null: its defaults are meant.
+    return {k: {} if v is None and k in _SECTIONS else v for k, v in tree.items()}
+
+
+_SECTIONS = {
+    name
+    for name, field in Config.model_fields.items()  # not search: null there means no search
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+}
+
+
+def kind_of(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "empty"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where the YAML breaks and why (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or not problem:
+        return "not valid YAML: " + " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context = getattr(err, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")

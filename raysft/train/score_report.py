@@ -1,0 +1,80 @@
+"""Scores of models on the same held-out rows, as text and JSON: a metrics table with one
+column per model, their answers side by side, a strict-JSON record."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from raysft.data.formats import Conversation, scored_part
+from raysft.train.score_saved import ModelScore
+from raysft.train.scoring import bleu_says_nothing
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def metrics_table(
+    scores: dict[str, ModelScore], *, conversations: list[Conversation] | None = None
+) -> str:
+    """Metrics as rows, one column per scored model (e.g. base, tuned); with the scored
+    ``conversations``, a note under a BLEU no answer can earn by a 4-gram match."""
+    names = list(dict.fromkeys(n for s in scores.values() for n in s.scores))
+    head = ["metric", *scores]
+    body = [[n, *(_fmt(s.scores.get(n)) for s in scores.values())] for n in names]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    table = "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *body]
+    )
+    if len({s.rows for s in scores.values()}) > 1:  # a --base-model of another tokenizer
+        counts = ", ".join(f"{name} {s.rows}" for name, s in scores.items())
+        table += (
+            f"\n(rows scored: {counts}: the models' tokenizers or templates keep different "
+            "rows (data.on_error=skip, truncation), so the columns are not of the same rows)"
+        )
+    references = [scored_part(c)[-1]["content"] for c in conversations or []]
+    if "bleu" in names and bleu_says_nothing(references):
+        table += (
+            "\n(bleu: every reference answer is shorter than 4 tokens, so no answer can match a "
+            "4-gram: BLEU is 0 for answers as short, and above 0 only through sacreBLEU's "
+            "smoothing of answers of 4 tokens or more, which scores their length, not their "
+            "match; read exact_match and rouge_l)"
+        )
+    return table
+
+
+def side_by_side(scores: dict[str, ModelScore], *, n: int = 3) -> str:
+    """The first ``n`` prompts with the reference and each model's first answer, labelled by
+    model (base, tuned) when there are several, else ``generated``."""
+    first = next(iter(scores.values()))
+    label = {name: name if len(scores) > 1 else "generated" for name in scores}
+    blocks = []
+    for i, sample in enumerate(first.samples[:n]):
+        lines = [
+            f"--- {i + 1}: {_flat(sample['prompt'])}",
+            f"expected: {sample['expected']!r}",
+        ]
+        lines += [f"{label[name]}: {s.samples[i]['generated']!r}" for name, s in scores.items()]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+def _flat(prompt: str) -> str:
+    """A prompt on one line, its end (the last user turn) kept when it is long."""
+    flat = " ".join(prompt.split())
+    return flat if len(flat) <= 160 else "..." + flat[-157:]
+
+
+def as_json(scores: dict[str, ModelScore], *, n: int) -> dict[str, Any]:
+    """Strict-JSON view (NaN -> null)."""
+    return {
+        name: {
+            "model": s.model,
+            "rows": s.rows,
+            "metrics": {k: None if math.isnan(v) else v for k, v in s.scores.items()},
+            "samples": s.samples[:n],
+        }
+        for name, s in scores.items()
+    }
