@@ -11,6 +11,7 @@ local Ray with the CPUs/GPUs of this machine.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -141,15 +142,19 @@ def _main() -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
+    if not args.dry_run:
+        setup_logging(args.verbose)  # before the data is read: a long read says how far it got
+    t0 = time.perf_counter()
     tree, cfg, shared = read_spec(args.config, args.overrides, dry_run=args.dry_run)
     if args.dry_run:
         # Checked too, but a dry run may be of a spec edited after its search ran.
         exp_dir = check_experiment_dir(args.config, cfg, resume=args.resume, held_ok=True)
         return _dry_run(args.config, cfg, exp_dir, resume=args.resume)
-    setup_logging(args.verbose)
 
     # run_search checks experiment_dir first; the trials take the data read_spec read.
-    summary = run_search(args.config, tree, cfg, resume=args.resume, shared=shared)
+    summary = run_search(
+        args.config, tree, cfg, resume=args.resume, shared=shared, read_s=time.perf_counter() - t0
+    )
     _print_summary(summary, cfg.search.metric)
     return exit_code(summary)
 

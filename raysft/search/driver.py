@@ -167,10 +167,13 @@ def run_search(
     *,
     resume: bool,
     shared: SharedData | None = None,
+    read_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run (or ``resume``) the search of a validated spec; returns summary.json's content.
-    ``shared``: its data as ``read_spec`` read it, for the trials (else each reads its own)."""
-    t0 = time.perf_counter()
+    ``shared``: its data as ``read_spec`` read it, for the trials (else each reads its own).
+    ``read_s``: the seconds that read took (the spec, its data and model checked), counted in
+    this start's wall time."""
+    t0 = time.perf_counter() - read_s
     # The directories this start creates, innermost first: removed again if it is refused.
     created = _missing(Path(cfg.search.experiment_dir).resolve())
     digests = shared.digests if shared is not None else None  # read once, with the data
@@ -182,7 +185,8 @@ def run_search(
     try:
         return _search(
             spec_path, tree, cfg, exp_dir,
-            resume=resume, scratch=scratch, t0=t0, shared=shared, begun=begun, replaced=replaced,
+            resume=resume, scratch=scratch, t0=t0, read_s=read_s, shared=shared, begun=begun,
+            replaced=replaced,
         )  # fmt: skip
     except BaseException as err:
         if created and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
@@ -241,6 +245,7 @@ def _search(
     resume: bool,
     scratch: str,
     t0: float,
+    read_s: float,
     shared: SharedData | None,
     begun: list[bool],
     replaced: dict[int, Any],
@@ -260,7 +265,7 @@ def _search(
         raise SearchStateError(f"{spec_path}: --resume: {gone}")
     plan = _connect(spec_path, tree, cfg, exp_dir, scratch=scratch)
     replaced.update(stops_as_ctrl_c())  # after ray.init, whose driver aborts on them
-    timing = {"ray_start_s": time.perf_counter() - t0}
+    timing = {"preflight_s": read_s, "ray_start_s": time.perf_counter() - t0 - read_s}
     shared_ref = _share(shared)  # held for the whole search: the object lives while it is
     mlc = tracking_store.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment, uri=uri)
@@ -294,7 +299,7 @@ def _search(
             )
         else:
             tuner = build_tuner(tree, cfg, plan, exp_dir, [callback], shared_ref)
-        timing["mlflow_setup_s"] = time.perf_counter() - t0 - timing["ray_start_s"]
+        timing["mlflow_setup_s"] = time.perf_counter() - t0 - read_s - timing["ray_start_s"]
         t_fit = time.perf_counter()
         with own_signal_handlers(), quiet_tune_output(loggers_off=not resume):
             grid = tuner.fit()

@@ -188,6 +188,13 @@ def test_search_stops_some_trials_early_and_reports_the_best(local_search: Local
         "failed": 0,
         "diverged": 0,
     }
+    # The driver's time, from reading the spec and its data (preflight) to the summary.
+    timing = s["timing"]
+    assert list(timing) == [
+        "preflight_s", "ray_start_s", "mlflow_setup_s", "trials_s", "finish_s"
+    ], timing  # fmt: skip
+    assert timing["preflight_s"] > 0
+    assert sum(timing.values()) <= s["wall_seconds"] + 0.5, s
     for t in trials:
         assert isinstance(t["metric"], float) and math.isfinite(t["metric"]), t
         # Nothing failed: a trial ASHA stopped is not a failed attempt, nor retried.
