@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from raysft.config import Config
 from raysft.data.digest import Digests, data_digests
-from raysft.data.formats import load_conversations
+from raysft.data.formats import Conversation, load_conversations
 from raysft.data.pipeline import PreparedData, prepare_data
 
 # Data settings that batch the tokenized rows (raysft.data.batching), not what they hold.
@@ -60,14 +61,23 @@ class SharedData:
         return data
 
 
-def read_once(cfg: Config, tokenizer: Any, *, seed_searched: bool) -> SharedData:
+def read_once(
+    cfg: Config,
+    tokenizer: Any,
+    *,
+    seed_searched: bool,
+    check_eval: Callable[[list[Conversation]], object] | None = None,
+) -> SharedData:
     """``cfg``'s data read and tokenized as a trial's setup does it (the sources' digests
     first, as there: a file edited meanwhile then fails a resume's check, never passes it).
+    ``check_eval``: called with the held-out conversations generation would score.
 
     Without a searched ``train.seed`` every trial has the spec's, so the key keeps it; with one,
     it is in the key only where it picks the eval rows (read again to count them)."""
     digests = data_digests(cfg.data)
     prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    if check_eval is not None:
+        check_eval(prepared.eval_conversations)
     seed_matters = seed_picks_eval_rows(cfg) if seed_searched else True
     payload = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
     return SharedData(data_key(cfg, seed_matters=seed_matters), seed_matters, payload, digests)

@@ -449,9 +449,12 @@ def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Ex
     if apart is not None:
         ids, offsets = apart
         starts, ends = _owned_spans(offsets)
+    if len(starts) != len(ids):  # one span per token, or the labels would be misplaced
+        raise TemplateError(f"{len(ids)} token ids but {len(starts)} offsets from the tokenizer")
+    n = min(len(ids), max_seq_len)
     labels = [
         t if counted[b] > counted[a] else IGNORE
-        for t, a, b in zip(ids[:max_seq_len], starts, ends, strict=False)
+        for t, a, b in zip(ids[:n], starts[:n], ends[:n], strict=True)
     ]
     truncated = len(ids) > max_seq_len
     # An answer cut right after the prompt's space trained with it ("[/INST]", "▁") keeps none

@@ -87,8 +87,8 @@ def check_combinations(
             values = ", ".join(f"{k}={v!r}" for k, v in combo.items())
             return [f"search.params: combination {values}: {e}" for e in own]
     if unchecked:
-        # Printed before the CLIs set up logging (Python's last-resort handler): a dry run
-        # and a run both say it.
+        # A warning: a dry run, which sets up no logging, says it too (Python's last-resort
+        # handler).
         log.warning(
             "%s: search.params: %d pairs of searched values checked together, %d not (too "
             "many; those of parameters a rule or a section reads together were checked first)",

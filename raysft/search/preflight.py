@@ -9,6 +9,7 @@ trial reads the data and model the spec names.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,12 @@ def preflight(spec: SearchSpec, *, source: str) -> SharedData:
         check_searched_targets(spec)
         tokenizer = training_tokenizer(spec)
         check_vocab(config.vocab_size, tokenizer, name=spec.model.name_or_path)
-        data = read_once(spec, tokenizer, seed_searched="train.seed" in spec.search.params)
+        data = read_once(
+            spec,
+            tokenizer,
+            seed_searched="train.seed" in spec.search.params,
+            check_eval=functools.partial(_generation_rows, tokenizer=tokenizer, spec=spec),
+        )
     except (ModelError, DataError, TemplateError) as err:
         # "model.name_or_path: ..." names a field: say which file holds it. A message that
         # names a data file and row is already its own place.
@@ -59,8 +65,20 @@ def preflight(spec: SearchSpec, *, source: str) -> SharedData:
                 "rows; set data.max_eval_samples: null (score every eval row) or fix train.seed"
             ],
         )
-    log.info("preflight: data and model of %s read as a trial will", source)
+    # Debug: the driver's logging is on by now, and a spec refused after this (its experiment
+    # dir held, say) must still say one line.
+    log.debug("preflight: data and model of %s read as a trial will", source)
     return data
+
+
+def _generation_rows(convs: list[Any], *, tokenizer: Any, spec: SearchSpec) -> None:
+    """Where the trials generate: their held-out prompts fit (``generation_rows``), said here
+    before Ray starts, and none fitting refused."""
+    from raysft.train.evaluate import generation_rows
+    from raysft.train.metrics import computed_at
+
+    if any(m.generates for m in computed_at(spec, final=True)):
+        generation_rows(convs, tokenizer, spec)
 
 
 _WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")

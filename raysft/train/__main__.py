@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from raysft.cli import config_parser, run_cli, setup_logging
 from raysft.config import Config, dump_config, load_config
 from raysft.data.pipeline import (
-    DataReport,
+    PreparedData,
     TrainingRows,
     check_template,
     render_row,
@@ -57,13 +57,13 @@ def _check_model(cfg: Config, source: str) -> Any:
         raise
 
 
-def _check_data(cfg: Config, source: str) -> DataReport:
+def _check_data(cfg: Config, source: str) -> PreparedData:
     """The data read and tokenized as the run will: a missing file, a malformed row or a
     template the tokenizer cannot render is one error naming the place, as a run's would be."""
     from raysft.data.pipeline import prepare_data
 
     try:
-        return prepare_data(cfg.data, training_tokenizer(cfg), seed=cfg.train.seed).report
+        return prepare_data(cfg.data, training_tokenizer(cfg), seed=cfg.train.seed)
     except (DataError, TemplateError, ModelError) as err:
         if str(err).startswith(("data.", "model.")):
             raise type(err)(f"{source}: {err}") from None
@@ -79,7 +79,16 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
 
         check_resumable(resume_from, cfg)
     meta = _check_model(cfg, source)
-    report = _check_data(cfg, source)
+    prepared = _check_data(cfg, source)
+    report = prepared.report
+    from raysft.train.evaluate import generation_rows
+    from raysft.train.metrics import computed_at
+
+    if any(m.generates for m in computed_at(cfg, final=True)):
+        try:  # the run's own check, before its model loads
+            generation_rows(prepared.eval_conversations, training_tokenizer(cfg), cfg)
+        except DataError as err:
+            raise DataError(f"{source}: {err}") from None
     if resume_from is not None:
         from raysft.data.digest import data_digests
         from raysft.train.state import check_same_data

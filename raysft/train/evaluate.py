@@ -23,6 +23,7 @@ from raysft.data.templates import (
     terminator_tokens,
     token_count,
 )
+from raysft.errors import DataError
 from raysft.train.metrics import EvalOutputs, Metric, computed_at
 from raysft.train.sandbox import Limits, check_answers
 
@@ -172,6 +173,7 @@ def generate_answers(
     temperature: float = 0.0,
     seed: int = 0,
     synced: bool = False,
+    share: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
     """``samples`` answers to each eval conversation's last user turn, in batches, cut at the
     template's stops, beside the reference: ``{"prompt", "expected", "generated" (the first),
@@ -179,7 +181,9 @@ def generate_answers(
     Decoding is ``eval_generation_config``'s alone: the model's saved generation_config is unused.
     Sampling draws from its own seeded RNG, so the trainer's RNG stream is left as it was.
     ``synced``: a sharded model, whose every forward is a collective; all ranks generate until
-    the last one is done."""
+    the last one is done. ``share`` (rank, ranks): this rank answers batches rank, rank + ranks,
+    ... of ``batch_size`` conversations. Each batch is seeded by its index, so the answers do not
+    depend on how many ranks share the batches, nor on which."""
     was_training = model.training
     model.eval()
     stops, stop_ids = answer_stops(template, tokenizer)
@@ -200,9 +204,10 @@ def generate_answers(
     out_samples: list[dict[str, Any]] = []
     cuda = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), _without_model_defaults(model):
-        torch.manual_seed(seed)
-        for s in range(0, len(conversations), batch_size):
-            convs = conversations[s : s + batch_size]
+        rank, ranks = share
+        for b in range(rank, -(-len(conversations) // batch_size), ranks):
+            torch.manual_seed(seed + b)
+            convs = conversations[b * batch_size : (b + 1) * batch_size]
             enc = [generation_prompt_ids(c, template=template, tokenizer=tokenizer) for c in convs]
             width = max(len(e) for e in enc)
             # Left padding so every prompt ends where generation starts.
@@ -225,6 +230,18 @@ def generate_answers(
                 out_samples.append(_sample(conv, texts, template=template, tokenizer=tokenizer))
     model.train(was_training)
     return out_samples
+
+
+def in_row_order(
+    shares: list[list[dict[str, Any]]], *, rows: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """The answers of every rank's share (``generate_answers(share=(rank, len(shares)))``) put
+    back in the order of the ``rows`` conversations they answer."""
+    out: list[dict[str, Any]] = []
+    for b in range(-(-rows // batch_size)):
+        first = (b // len(shares)) * batch_size  # where batch b starts in its rank's share
+        out += shares[b % len(shares)][first : first + batch_size]
+    return out
 
 
 def prompts_that_fit(
@@ -254,6 +271,29 @@ def prompts_that_fit(
             "these score",
             len(over), len(conversations), max_seq_len, max(over), len(kept),
         )  # fmt: skip
+    return kept
+
+
+def generation_rows(
+    conversations: list[Conversation],
+    tokenizer: Any,
+    cfg: Any,
+    *,
+    warn: bool = True,
+    hint: str = "raise data.max_seq_len, or shorten the held-out prompts",
+) -> list[Conversation]:
+    """``prompts_that_fit`` of ``cfg``'s template and max_seq_len, where generation metrics are
+    due; none of several is an error (``DataError``, ending in ``hint``), before anything loads."""
+    kept = prompts_that_fit(
+        conversations, tokenizer, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len,
+        warn=warn,
+    )  # fmt: skip
+    if conversations and not kept:
+        raise DataError(
+            f"data.eval: every one of the {len(conversations)} eval rows has a generation prompt "
+            f"of data.max_seq_len={cfg.data.max_seq_len} tokens or more: nothing to generate "
+            f"for ({hint})"
+        )
     return kept
 
 

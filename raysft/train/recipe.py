@@ -42,7 +42,8 @@ from raysft.train.evaluate import (
     eval_loss_sum,
     forward_loss,
     generate_answers,
-    prompts_that_fit,
+    generation_rows,
+    in_row_order,
     score,
     warn_of_capped_references,
 )
@@ -301,6 +302,10 @@ def setup(
             f"data.train: {len(train_bins)} training row(s) (packed) for {dist.world_size} "
             "workers: every worker needs at least one; lower search.resources.workers or add data"
         )
+    generates = any(m.generates for m in computed_at(cfg, final=True))
+    convs = data.eval_conversations
+    if generates:  # before the model loads: none of them left is an error
+        convs = generation_rows(convs, tokenizer, cfg, warn=dist.rank == 0)
 
     model = load_model(cfg, device=device)
     vocab = model.get_input_embeddings().num_embeddings
@@ -350,10 +355,7 @@ def setup(
         autocast=autocast,
         group_tokens=group_tokens,
     )
-    convs = data.eval_conversations
-    if any(m.generates for m in computed_at(cfg, final=True)):
-        convs = _generated_for(cfg, tokenizer, convs, said=dist.rank == 0)
-    if dist.rank == 0 and any(m.generates for m in computed_at(cfg, final=True)):
+    if dist.rank == 0 and generates:
         warn_of_capped_references(
             convs,
             tokenizer,
@@ -366,16 +368,17 @@ def setup(
         generate_answers,
         model,
         tokenizer,
-        convs[dist.rank :: dist.world_size] if share else convs,
+        convs,
         template=cfg.data.template,
         max_new_tokens=cfg.train.max_new_tokens,
-        batch_size=32,
+        batch_size=_GEN_BATCH,
         device=device,
         autocast=autocast,
         synced=dist.sharded,
+        share=(dist.rank, dist.world_size) if share else (0, 1),
     )
     if share:
-        answers = functools.partial(_answers_of_all_ranks, answers, dist=dist)
+        answers = functools.partial(_answers_of_all_ranks, answers, dist=dist, rows=len(convs))
     evaluate = functools.partial(score, cfg, loss=loss, answers=answers)
     stream = BatchStream(
         data.train,
@@ -476,21 +479,6 @@ def train_step(run: Run) -> dict[str, Any]:
     }
 
 
-def _generated_for(cfg: Config, tokenizer: Any, convs: list[Any], *, said: bool) -> list[Any]:
-    """The eval conversations generation scores (``prompts_that_fit``, warned of on rank 0);
-    none of them is an error before training."""
-    kept = prompts_that_fit(
-        convs, tokenizer, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len, warn=said
-    )
-    if convs and not kept:
-        raise DataError(
-            f"data.eval: every one of the {len(convs)} eval rows has a generation prompt of "
-            f"data.max_seq_len={cfg.data.max_seq_len} tokens or more: nothing to generate for "
-            "(raise data.max_seq_len, or shorten the held-out prompts)"
-        )
-    return kept
-
-
 def _sum_over_ranks(group: Dist, device: Any, *values: float) -> list[float]:
     """Each of ``values`` summed over the data-parallel group (as given when run alone)."""
     if group.world_size == 1:
@@ -522,14 +510,16 @@ def _loss_of_all_ranks(
 
 
 def _answers_of_all_ranks(
-    answers: Callable[..., list[dict[str, Any]]], *, dist: Dist, **decoding: Any
+    answers: Callable[..., list[dict[str, Any]]], *, dist: Dist, rows: int, **decoding: Any
 ) -> list[dict[str, Any]]:
-    """Every rank's answers to its share of the eval conversations (rank r has rows r, r + W,
-    ...), put back in the rows' order: every rank gets them all."""
+    """Every rank's answers to its share of the ``rows`` eval conversations (rank r answers
+    batches r, r + W, ... of ``_GEN_BATCH``), put back in the rows' order: every rank gets them
+    all."""
     shares = _gather_over_ranks(dist, answers(**decoding))
-    return [shares[i % dist.world_size][i // dist.world_size] for i in range(sum(map(len, shares)))]
+    return in_row_order(shares, rows=rows, batch_size=_GEN_BATCH)
 
 
+_GEN_BATCH = 32  # prompts per generate() call (search/memory.py plans for it: GEN_BATCH)
 _PHASES = ("setup_s", "step_s", "eval_s", "checkpoint_s")  # Run.times' keys
 
 

@@ -208,7 +208,7 @@ def score_model(
         compute,
         eval_loss_sum,
         generate_answers,
-        prompts_that_fit,
+        generation_rows,
         warn_of_capped_references,
     )
     from raysft.train.recipe import autocast_for, group_by_length_tokens
@@ -219,15 +219,8 @@ def score_model(
     examples, kept = _tokenized(rows, cfg, tokenizer)
     prompted = kept
     if any(m.generates for m in due):
-        prompted = prompts_that_fit(
-            kept, tokenizer, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len
-        )
-        if not prompted:
-            raise DataError(
-                f"every one of the {len(kept)} eval rows has a generation prompt of "
-                f"data.max_seq_len={cfg.data.max_seq_len} tokens or more: nothing to generate "
-                "for (raise it with --set data.max_seq_len=..., or score --metrics eval_loss)"
-            )
+        hint = "raise it with --set data.max_seq_len=..., or score --metrics eval_loss"
+        prompted = generation_rows(kept, tokenizer, cfg, hint=hint)
         warn_of_capped_references(
             prompted, tokenizer, max_new_tokens=cfg.train.max_new_tokens, template=cfg.data.template
         )

@@ -74,3 +74,27 @@ def test_sampled_answers_ignore_the_models_generation_config(loop_dir: Path) -> 
     plain = _answers(_model(loop_dir), **kw)
     assert len(set(plain)) > 1
     assert _answers(_model(loop_dir, **_checkpoint_defaults()), **kw) == plain
+
+
+def test_answers_shared_by_ranks_equal_one_ranks_in_the_rows_order(loop_dir: Path) -> None:
+    """Data-parallel evals: rank r answers batches r, r + W, ... of the conversations, each
+    batch seeded by its index; put back in order (``in_row_order``), the sampled answers are
+    those one process gives, for any number of ranks."""
+    from raysft.train.evaluate import in_row_order
+
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+             for i in range(11)]  # fmt: skip
+    model = _model(loop_dir)
+
+    def answers(share: tuple[int, int]) -> list[dict[str, Any]]:
+        return generate_answers(
+            model, build_tokenizer(), convs, template="chatml", max_new_tokens=4, batch_size=3,
+            device="cpu", autocast=contextlib.nullcontext, samples=2, temperature=50.0, seed=7,
+            share=share,
+        )  # fmt: skip
+
+    alone = answers((0, 1))
+    assert len({a for s in alone for a in s["answers"]}) > 1  # sampled: the seeds matter
+    for ranks in (2, 3, 5):
+        shares = [answers((r, ranks)) for r in range(ranks)]
+        assert in_row_order(shares, rows=len(convs), batch_size=3) == alone, ranks

@@ -382,7 +382,7 @@ def test_eval_rows_whose_prompt_fills_max_seq_len_are_not_generated_for(
     _, samples = run.evaluate(final=True)
     assert [s["expected"] for s in samples] == ["yes"]
     said = [m for m in caplog.messages if "left out of generation" in m]
-    assert said and said[0].startswith(
+    assert len(said) == 1 and said[0].startswith(
         "1 of the 2 eval rows have a generation prompt of data.max_seq_len=96 tokens or more"
     )
     evals.write_text(json.dumps({"messages": long_history}), encoding="utf-8")

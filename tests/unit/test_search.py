@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from raysft.config import set_path, validate_spec
-from raysft.errors import ConfigError
+from raysft.errors import ConfigError, DataError
 from raysft.paths import LOCK_FILE
 from raysft.search import combinations as combinations_module
 from raysft.search import spec as spec_module
@@ -2516,3 +2516,22 @@ def test_tunes_loggers_and_tables_are_quieted_while_the_trials_run_only(
         assert REPLAYED in BLACKLISTED_KEYS  # the steps a report carries: not in its tables
     assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
     assert REPLAYED not in BLACKLISTED_KEYS
+
+
+def test_a_spec_whose_eval_prompts_all_fill_max_seq_len_is_refused_before_ray(
+    spec_file: Path, tmp_path: Path
+) -> None:
+    """Generation would have nothing to score in every trial: refused by the preflight, with
+    the file named, before Ray starts (also for --dry-run)."""
+    history = [
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "Now repeat: " + "word " * 60},
+        {"role": "assistant", "content": "no"},
+    ]
+    evals = tmp_path / "long.jsonl"
+    evals.write_text(json.dumps({"messages": history}) + "\n", encoding="utf-8")
+    sets = [f"data.eval={evals}", "data.max_seq_len=96"]
+    with pytest.raises(DataError, match=r"spec\.yaml: data\.eval: every one of the 1 eval rows"):
+        load_spec(str(spec_file), sets, dry_run=True)
+    load_spec(str(spec_file), [*sets, "train.exact_match=false"])  # nothing generates: taken
