@@ -7,12 +7,21 @@
   current token only, so its greedy answer and its loss are known by hand.
 - ``moved_lora_dir``: a LoRA adapter on the embedded base that changes it (B off zero), saved as
   a trial saves one.
+- ``LONG_HISTORY``: a held-out conversation whose prompt before its last answer fills
+  ``data.max_seq_len: 96`` (embedded tokenizer), so generation leaves it out.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+LONG_HISTORY = [
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "hi"},
+    {"role": "user", "content": "Now repeat: " + "word " * 60},
+    {"role": "assistant", "content": "no"},
+]
 
 # The chat templates as the model repos ship them (tokenizer_config.json "chat_template").
 LLAMA3_TEMPLATE = (

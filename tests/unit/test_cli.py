@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from evalkit import LONG_HISTORY
 
 from raysft.config import load_config, saved_tree
 from raysft.errors import DataError
@@ -799,14 +800,8 @@ def test_a_dry_run_refuses_eval_prompts_that_all_fill_max_seq_len(tmp_path: Path
     """The run's own check before its model loads: nothing for generation to score."""
     from raysft.train.__main__ import _dry_run
 
-    history = [
-        {"role": "user", "content": "Say hi."},
-        {"role": "assistant", "content": "hi"},
-        {"role": "user", "content": "Now repeat: " + "word " * 60},
-        {"role": "assistant", "content": "no"},
-    ]
     evals = tmp_path / "long.jsonl"
-    evals.write_text(json.dumps({"messages": history}) + "\n", encoding="utf-8")
+    evals.write_text(json.dumps({"messages": LONG_HISTORY}) + "\n", encoding="utf-8")
     cfg = load_config(None, {"data.eval": str(evals), "data.max_seq_len": 96,
                              "output_dir": str(tmp_path / "o")})  # fmt: skip
     with pytest.raises(DataError, match=r"^c\.yaml: data\.eval: every one of the 1 eval rows"):

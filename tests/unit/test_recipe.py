@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from evalkit import LONG_HISTORY
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from raysft.assets.tokenizer import build_tokenizer
@@ -364,16 +365,10 @@ def test_eval_rows_whose_prompt_fills_max_seq_len_are_not_generated_for(
     before training."""
     from raysft.train.recipe import Dist, setup
 
-    long_history = [
-        {"role": "user", "content": "Say hi."},
-        {"role": "assistant", "content": "hi"},
-        {"role": "user", "content": "Now repeat: " + "word " * 60},
-        {"role": "assistant", "content": "no"},
-    ]
     short = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
     evals = tmp_path / "eval.jsonl"
     evals.write_text(
-        "\n".join(json.dumps({"messages": m}) for m in (long_history, short)), encoding="utf-8"
+        "\n".join(json.dumps({"messages": m}) for m in (LONG_HISTORY, short)), encoding="utf-8"
     )
     model_dir = _model_dir(tmp_path, "llama")
     options = {"data.eval": str(evals), "train.exact_match": True}
@@ -385,6 +380,6 @@ def test_eval_rows_whose_prompt_fills_max_seq_len_are_not_generated_for(
     assert len(said) == 1 and said[0].startswith(
         "1 of the 2 eval rows have a generation prompt of data.max_seq_len=96 tokens or more"
     )
-    evals.write_text(json.dumps({"messages": long_history}), encoding="utf-8")
+    evals.write_text(json.dumps({"messages": LONG_HISTORY}), encoding="utf-8")
     with pytest.raises(DataError, match="every one of the 1 eval rows has a generation prompt"):
         setup(_config(tmp_path, model_dir, "lora", **options), dist=Dist())

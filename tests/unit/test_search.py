@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from evalkit import LONG_HISTORY
 
 from raysft.config import set_path, validate_spec
 from raysft.errors import ConfigError, DataError
@@ -2523,14 +2524,8 @@ def test_a_spec_whose_eval_prompts_all_fill_max_seq_len_is_refused_before_ray(
 ) -> None:
     """Generation would have nothing to score in every trial: refused by the preflight, with
     the file named, before Ray starts (also for --dry-run)."""
-    history = [
-        {"role": "user", "content": "Say hi."},
-        {"role": "assistant", "content": "hi"},
-        {"role": "user", "content": "Now repeat: " + "word " * 60},
-        {"role": "assistant", "content": "no"},
-    ]
     evals = tmp_path / "long.jsonl"
-    evals.write_text(json.dumps({"messages": history}) + "\n", encoding="utf-8")
+    evals.write_text(json.dumps({"messages": LONG_HISTORY}) + "\n", encoding="utf-8")
     sets = [f"data.eval={evals}", "data.max_seq_len=96"]
     with pytest.raises(DataError, match=r"spec\.yaml: data\.eval: every one of the 1 eval rows"):
         load_spec(str(spec_file), sets, dry_run=True)
