@@ -77,13 +77,8 @@ def check_combinations(
         combos = list(itertools.islice(pairs, MAX_JOINT_PROBES))
         unchecked = _pair_total(params, cfg) - len(combos)
     for combo in combos:
-        probe = probe_tree(tree, combo)
-        try:
-            validate_tree(probe, source=source, model=SearchSpec, dropped=dropped, rest=False)
-        except ConfigError as err:
-            own = [e for e in err.problems if e not in known]
-            if not own:
-                continue
+        own = probe_problems(tree, combo, source=source, dropped=dropped, known=known)
+        if own:
             values = ", ".join(f"{k}={v!r}" for k, v in combo.items())
             return [f"search.params: combination {values}: {e}" for e in own]
     if unchecked:
@@ -144,6 +139,26 @@ def _related(a: str, b: str, params: dict[str, SearchParam]) -> bool:
     if "." in a and a.split(".")[0] == b.split(".")[0]:
         return True
     return any(reads_any(inputs, a) and reads_any(inputs, b) for inputs in RULE_INPUTS)
+
+
+def probe_problems(
+    tree: dict[str, Any],
+    values: dict[str, Any],
+    *,
+    source: str,
+    dropped: Collection[str],
+    known: Collection[str],
+) -> list[str]:
+    """The problems of the spec with searched ``values`` set that are not ``known`` (the
+    spec's own). Validated as a SearchSpec: its rules that join a trial's values to
+    search.resources (fsdp and train.compile, train.device cpu and GPUs) hold for them."""
+    try:
+        validate_tree(
+            probe_tree(tree, values), source=source, model=SearchSpec, dropped=dropped, rest=False
+        )
+    except ConfigError as err:
+        return [e for e in err.problems if e not in known]
+    return []
 
 
 def probe_tree(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

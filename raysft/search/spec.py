@@ -27,7 +27,12 @@ from raysft.config import (
 )
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, ModelError
-from raysft.search.combinations import check_combinations, joint_probes, probe_tree, reads_any
+from raysft.search.combinations import (
+    check_combinations,
+    joint_probes,
+    probe_problems,
+    reads_any,
+)
 from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
 from raysft.search.preflight import preflight as read_as_a_trial
 from raysft.search.ray_start import attaching_to_cluster
@@ -193,15 +198,8 @@ def validate_search(
             rejected.add(name)
             continue
         for value in probe_values(p, s.params, spec):
-            probe = probe_tree(tree, {name: value})
-            try:
-                # As a SearchSpec: its rules that join a trial's values to search.resources
-                # (fsdp and train.compile, train.device cpu and GPUs) hold for searched values.
-                validate_tree(probe, source=source, model=SearchSpec, dropped=dropped, rest=False)
-            except ConfigError as err:
-                own = [e for e in err.problems if e not in known]
-                if not own:
-                    continue
+            own = probe_problems(tree, {name: value}, source=source, dropped=dropped, known=known)
+            if own:
                 problems += [f"{where}: value {value!r}: {e}" for e in own]
                 rejected.add(name)
                 if p.type != "choice":  # a choice names every bad value: each is one of its own
