@@ -8,6 +8,8 @@ Pure: hashlib and the file system, no torch (the search driver checks before any
 from __future__ import annotations
 
 import hashlib
+from array import array
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from raysft.data.formats import saved_split
 from raysft.errors import DataError
 
 DATA_FILE = "data.json"  # a checkpoint's record of its sources' digests
+# Digests' key for what the sources tokenized to: {"train": sha256, "eval": sha256}.
+TOKENS = "tokens"
 _CHUNK = 1 << 20
 _WHOLE = 256 << 20  # files up to this size are hashed whole
 _SAMPLES = 17  # 1 MiB samples of a larger file, its first and last included
@@ -67,7 +71,9 @@ def sources(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-Digests = dict[str, dict[str, str]]  # data_digests: "train"/"eval" -> source -> sha256
+# data_digests: "train"/"eval" -> source -> sha256; once tokenized, TOKENS -> "train"/"eval" ->
+# sha256 of their samples (token_digests).
+Digests = dict[str, dict[str, str]]
 
 
 def data_digests(data: Any) -> Digests:
@@ -84,6 +90,38 @@ def changed_sources(then: dict[str, dict[str, str]], now: dict[str, dict[str, st
     return [
         f"data.{part}: {spec} changed since (sha256 {old[:12]} then, {now[part][spec][:12]} now)"
         for part, digests in sorted(then.items())
+        if part != TOKENS
         for spec, old in sorted(digests.items())
         if spec in now.get(part, {}) and now[part][spec] != old
+    ]
+
+
+def token_digests(data: Any) -> dict[str, str]:
+    """sha256 of each split's samples as training reads them (``data``: a ``PreparedData``):
+    every sample's ``input_ids`` and ``labels``, in order. The same bytes give other ids when
+    the chat template, the tokenizer's files or its library's behaviour change (a raysft,
+    transformers or model-directory update): a run that continues must see that too."""
+    return {"train": _samples_digest(data.train), "eval": _samples_digest(data.eval)}
+
+
+def _samples_digest(examples: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(len(ex.input_ids).to_bytes(4, "little"))  # where one sample ends
+        h.update(array("q", ex.input_ids).tobytes())
+        h.update(array("q", ex.labels).tobytes())
+    return h.hexdigest()
+
+
+def changed_tokens(then: Digests, now: Digests) -> list[str]:
+    """One line per split whose samples tokenize to other ids now than ``then``, where both
+    record them (a record written before raysft kept them says nothing)."""
+    old, new = then.get(TOKENS), now.get(TOKENS)
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    return [
+        f"data.{part}: the same rows tokenize to other ids now (sha256 {old[part][:12]} then, "
+        f"{new[part][:12]} now)"
+        for part in ("train", "eval")
+        if part in old and part in new and old[part] != new[part]
     ]

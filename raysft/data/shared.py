@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raysft.config import Config
-from raysft.data.digest import Digests, data_digests
+from raysft.data.digest import TOKENS, Digests, data_digests, token_digests
 from raysft.data.formats import Conversation, load_conversations
 from raysft.data.pipeline import PreparedData, prepare_data
 
@@ -49,7 +49,7 @@ class SharedData:
     # The PreparedData, pickled: the driver keeps a few bytes a token for the whole search, not
     # Python's objects (several times more), and a trial it does not fit never unpickles it.
     payload: bytes
-    digests: Digests  # data_digests of the sources it was read from
+    digests: Digests  # data_digests of the sources it was read from, with their TOKENS
 
     def fits(self, cfg: Config) -> bool:
         """Whether ``cfg`` would read and tokenize exactly this."""
@@ -76,6 +76,7 @@ def read_once(
     it is in the key only where it picks the eval rows (read again to count them)."""
     digests = data_digests(cfg.data)
     prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    digests[TOKENS] = token_digests(prepared)
     if check_eval is not None:
         check_eval(prepared.eval_conversations)
     seed_matters = seed_picks_eval_rows(cfg) if seed_searched else True

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
-from raysft.data.digest import Digests, changed_sources, data_digests
+from raysft.data.digest import Digests, changed_sources, changed_tokens, data_digests
 from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.paths import InUse, dir_holder, hold_dir, replace_text, writable_dir_problem
 from raysft.search import redact, tracking_store
@@ -154,7 +154,8 @@ def _check_same_spec(
         )
     # Same paths, other bytes: the trials so far trained and were scored on the old ones.
     now = data_digests(cfg.data) if digests is None else digests
-    moved = changed_sources(state.get("data", {}), now)
+    # ... or the same bytes tokenized to other ids (a template or tokenizer change since).
+    moved = changed_sources(state.get("data", {}), now) + changed_tokens(state.get("data", {}), now)
     if moved:
         raise SearchStateError(
             f"{spec_path}: --resume: the data differs from what the trials in {exp_dir} "

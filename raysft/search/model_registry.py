@@ -19,6 +19,9 @@ log = logging.getLogger("raysft.promote")
 TAG_METRIC = "raysft.metric"
 TAG_VALUE = "raysft.metric_value"
 TAG_EVAL = "raysft.eval_fingerprint"
+# sha256 (first 16) of the eval samples' token ids the search scored on, where it read them:
+# the fingerprint names the data and settings, this what they tokenized to (promote._refusal).
+TAG_EVAL_TOKENS = "raysft.eval_tokens"
 TAG_BASE = "raysft.base_model"
 TAG_RUN = "raysft.source_run"  # the trial's MLflow run
 TAG_MODE = "raysft.mode"  # min or max: which way the metric is better
@@ -82,6 +85,8 @@ def register_version(
         TAG_RUN: run_id,
         TAG_MODE: record["mode"],
     }
+    if record.get("eval_tokens"):
+        tags[TAG_EVAL_TOKENS] = record["eval_tokens"]
     version = mlflow.register_model(
         f"models:/{lm.model_id}", cfg.promote.registered_model, tags=tags
     )

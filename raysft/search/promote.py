@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, PromoteSection, SearchSpec
-from raysft.data.digest import Digests, source_digest
+from raysft.data.digest import TOKENS, Digests, source_digest
 from raysft.data.digest import sources as data_sources
 from raysft.data.formats import saved_split
 from raysft.data.shared import seed_picks_eval_rows
@@ -40,6 +40,7 @@ from raysft.search.export import (
 from raysft.search.export import load_champion as load_champion
 from raysft.search.model_registry import (
     TAG_EVAL,
+    TAG_EVAL_TOKENS,
     TAG_METRIC,
     TAG_MODE,
     TAG_RUN,
@@ -106,6 +107,15 @@ def eval_fingerprint(cfg: Config, recorded: Digests | None = None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def eval_tokens(recorded: Digests | None) -> str | None:
+    """The first 16 hex digits of the eval samples' token digest the search recorded at its
+    start (``digest.token_digests``), or None where it has none (a search from before raysft
+    recorded them, or whose driver did not read the data)."""
+    tokens = (recorded or {}).get(TOKENS) or {}
+    digest = tokens.get("eval")
+    return digest[:16] if isinstance(digest, str) else None
+
+
 # ---------------------------------------------------------------- the gate
 
 
@@ -154,15 +164,25 @@ def _champion_mode(champ: Any) -> str | None:
 
 
 def _refusal(
-    champ: Any, *, metric: str, value: float, fp: str, mode: Mode, judge: bool = True
-) -> str | None:
+    champ: Any, *, metric: str, value: float, fp: str, mode: Mode, judge: bool = True,
+    tokens: str | None = None,
+) -> str | None:  # fmt: skip
     """Why ``value`` may not replace ``champ``, or None when it may (``judge`` False: only
-    whether both were scored alike and judged the same way)."""
+    whether both were scored alike and judged the same way). ``tokens``: the eval samples'
+    token digest (``eval_tokens``), where known."""
     if champ.tags.get(TAG_EVAL) != fp or champ.tags.get(TAG_METRIC) != metric:
         return (
             f"champion v{champ.version} was scored on other eval data or metric "
             f"(fingerprint {champ.tags.get(TAG_EVAL)}, metric {champ.tags.get(TAG_METRIC)}); "
             "not replaced. Use a new promote.registered_model, or the same eval data."
+        )
+    then = champ.tags.get(TAG_EVAL_TOKENS)
+    if tokens and then and then != tokens:  # where both searches recorded them
+        return (
+            f"champion v{champ.version} was scored on the same eval data tokenized to other ids "
+            f"(tokens {then}, now {tokens}: the chat template, the tokenizer's files or the "
+            "raysft / transformers version changed since); not replaced. Use a new "
+            "promote.registered_model."
         )
     champion_mode = _champion_mode(champ)
     if champion_mode != mode:  # "better" the other way round would let worse win
@@ -216,6 +236,7 @@ def promote(
         "mode": mode,
         "value": value,
         "eval_fingerprint": fp,
+        "eval_tokens": eval_tokens(recorded),
         "registered_model": p.registered_model,
         "alias": p.alias,
     }
@@ -265,11 +286,21 @@ def _gate_and_install(
         if (
             _source_run(champ) == best.get("mlflow_run_id")
             and champion_value(champ) == value
-            and not _refusal(champ, metric=s.metric, value=value, fp=fp, mode=mode, judge=False)
+            and not _refusal(
+                champ,
+                metric=s.metric,
+                value=value,
+                fp=fp,
+                mode=mode,
+                judge=False,
+                tokens=record["eval_tokens"],
+            )  # fmt: skip
         ):  # promote run again on the same search: its best already holds the alias
             return _already_champion(mlc, p, export, record, version=str(champ.version))
         record["previous"] = {"version": str(champ.version), "value": champion_value(champ)}
-        refusal = _refusal(champ, metric=s.metric, value=value, fp=fp, mode=mode)
+        refusal = _refusal(
+            champ, metric=s.metric, value=value, fp=fp, mode=mode, tokens=record["eval_tokens"]
+        )
         if refusal:
             return {**record, "promoted": False, "reason": refusal}
     problem = _checkpoint_problem(best["checkpoint"])

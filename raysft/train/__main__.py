@@ -89,11 +89,13 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
             generation_rows(prepared.eval_conversations, training_tokenizer(cfg), cfg)
         except DataError as err:
             raise DataError(f"{source}: {err}") from None
-    if resume_from is not None:
-        from raysft.data.digest import data_digests
-        from raysft.train.state import check_same_data
+    if resume_from is not None:  # as the run's setup does
+        from raysft.data.digest import TOKENS, data_digests, token_digests
+        from raysft.train.state import check_same_data, check_same_tokens
 
-        check_same_data(resume_from, data_digests(cfg.data))  # as the run's setup does
+        digests = data_digests(cfg.data)
+        check_same_data(resume_from, digests)
+        check_same_tokens(resume_from, {**digests, TOKENS: token_digests(prepared)})
     print(dump_config(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
     lost = report.train_dropped_no_trained_tokens + report.eval_dropped_no_trained_tokens

@@ -28,7 +28,7 @@ import torch
 
 from raysft.config import Config, dump_config, get_path, parse_value
 from raysft.data.batching import BatchStream, make_bins
-from raysft.data.digest import DATA_FILE, data_digests
+from raysft.data.digest import DATA_FILE, TOKENS, data_digests, token_digests
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
@@ -61,6 +61,7 @@ from raysft.train.state import (
     STAGING_PREFIX,
     Progress,
     check_same_data,
+    check_same_tokens,
     load_state,
     rng_states,
     save_state,
@@ -297,6 +298,11 @@ def setup(
     if resume_from is not None and dist.rank == 0:
         check_same_data(resume_from, digests)  # before the old stream position meets new rows
     data, train_bins, eval_bins = _prepare(cfg, tokenizer, taken)
+    if dist.rank == 0:
+        if TOKENS not in digests:  # the driver's has them
+            digests = {**digests, TOKENS: token_digests(data)}
+        if resume_from is not None:
+            check_same_tokens(resume_from, digests)  # the same bytes, the same ids
     if len(train_bins) < dist.world_size:
         raise DataError(
             f"data.train: {len(train_bins)} training row(s) (packed) for {dist.world_size} "

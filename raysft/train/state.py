@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from raysft.data.digest import DATA_FILE, changed_sources
+from raysft.data.digest import DATA_FILE, TOKENS, changed_sources, changed_tokens
 from raysft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -298,20 +298,14 @@ def check_same_data(directory: str | Path, digests: dict[str, dict[str, str]]) -
     """The data sources hold the bytes the checkpoint's run trained on (``data_digests``): the
     data stream resumes at a position counted in the old rows. A checkpoint written before
     raysft kept its digests is not checked."""
-    path = Path(directory) / DATA_FILE
-    if not path.is_file():
+    then = _data_record(directory)
+    if then is None:
         log.warning(
             "%s: no %s (raysft writes one into every checkpoint): the data cannot be checked "
             "to hold the bytes the run trained on",
             directory, DATA_FILE,
         )  # fmt: skip
         return
-    try:
-        then = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise _unreadable(path, f"cannot be read ({err})") from None
-    if not (isinstance(then, dict) and all(isinstance(v, dict) for v in then.values())):
-        raise _unreadable(path, "holds no data digests")
     changed = changed_sources(then, digests)
     if changed:
         raise DataError(
@@ -319,6 +313,47 @@ def check_same_data(directory: str | Path, digests: dict[str, dict[str, str]]) -
             f"remaining steps would read other rows at the old rows' positions (restore the "
             f"data, or start a new run): {'; '.join(changed)}"
         )
+
+
+def check_same_tokens(directory: str | Path, digests: dict[str, dict[str, str]]) -> None:
+    """The same bytes tokenize to the ids the checkpoint's run trained on (``digests``' TOKENS):
+    a changed chat template, tokenizer file or tokenizer library would otherwise train the
+    remaining steps on other ids, packed into other rows, at the old stream position. A
+    checkpoint written before raysft kept them is not checked (said once)."""
+    then = _data_record(directory)
+    if then is None:
+        return  # check_same_data said so
+    if TOKENS not in then:
+        log.warning(
+            "%s: written before raysft recorded the token ids its run trained on: cannot check "
+            "that the data tokenizes as it did (a chat template, tokenizer or transformers "
+            "change since would go unnoticed)",
+            directory,
+        )
+        return
+    changed = changed_tokens(then, digests)
+    if changed:
+        raise DataError(
+            f"--resume-from {directory}: the data's bytes are the ones its run trained on, but "
+            f"they tokenize to other ids now: the chat template, the tokenizer's files or the "
+            f"raysft / transformers version changed since; the remaining steps would train on "
+            f"other ids at the old rows' positions (resume with what wrote the checkpoint, or "
+            f"start a new run): {'; '.join(changed)}"
+        )
+
+
+def _data_record(directory: str | Path) -> dict[str, dict[str, str]] | None:
+    """A checkpoint's data.json (None where it has none)."""
+    path = Path(directory) / DATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        then = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _unreadable(path, f"cannot be read ({err})") from None
+    if not (isinstance(then, dict) and all(isinstance(v, dict) for v in then.values())):
+        raise _unreadable(path, "holds no data digests")
+    return then
 
 
 STAGING_PREFIX = ".raysft-ckpt-"  # a checkpoint being written (recipe._checkpoint)

@@ -718,7 +718,9 @@ def test_a_run_into_an_output_dir_another_run_holds_is_refused(tmp_path: Path) -
         pass
 
 
-@pytest.mark.parametrize("case", ["resumable", "other_config", "other_data", "finished"])
+@pytest.mark.parametrize(
+    "case", ["resumable", "other_config", "other_data", "other_tokens", "finished"]
+)
 def test_a_dry_run_checks_a_resume_as_it_would_start(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -730,7 +732,7 @@ def test_a_dry_run_checks_a_resume_as_it_would_start(
     import json
 
     from raysft.cli import run_cli
-    from raysft.data.digest import DATA_FILE, data_digests
+    from raysft.data.digest import DATA_FILE, TOKENS, data_digests
     from raysft.train import __main__ as train_main
 
     out = tmp_path / "out"
@@ -740,6 +742,8 @@ def test_a_dry_run_checks_a_resume_as_it_would_start(
     if case == "other_data":
         source = next(iter(digests["train"]))
         digests["train"][source] = "0" * 64
+    if case == "other_tokens":  # the same bytes, tokenized to other ids back then
+        digests[TOKENS] = {"train": "1" * 64, "eval": "2" * 64}
     (ckpt / DATA_FILE).write_text(json.dumps(digests), encoding="utf-8")
     if case == "finished":
         (out / "metrics.json").write_text("{}\n", encoding="utf-8")
@@ -758,6 +762,16 @@ def test_a_dry_run_checks_a_resume_as_it_would_start(
         assert done.value.code == 2
         assert "the data differs from what its run trained on" in printed.err
         assert f"data.train: {source} changed since" in printed.err
+        return
+    if case == "other_tokens":
+        assert done.value.code == 2
+        assert "they tokenize to other ids now" in printed.err
+        assert "data.train: the same rows tokenize to other ids now (sha256 111111111111 then" in (
+            printed.err
+        )
+        assert "data.eval: the same rows tokenize to other ids now (sha256 222222222222" in (
+            printed.err
+        )
         return
     assert done.value.code == 0, printed.err
     step = 4 if case == "finished" else 2

@@ -590,6 +590,40 @@ def test_other_eval_data_or_metric_refuses_with_the_reason(
     assert registry.alias(name) == "1"
 
 
+def test_the_same_eval_data_tokenized_otherwise_refuses_with_the_reason(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """Same files and settings (the same fingerprint), other token ids (a chat template or
+    tokenizer change between two searches): the scores are not comparable. Where a search
+    recorded no token digest (one from before), the fingerprint alone decides, as before."""
+    from raysft.data.digest import TOKENS
+    from raysft.search.model_registry import TAG_EVAL_TOKENS
+
+    exp_dir = tmp_path / "exp"
+    cfg = spec("tokens", exp_dir)
+    then = {"train": {}, "eval": {}, TOKENS: {"train": "a" * 64, "eval": "b" * 64}}
+    first = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["a"], 0.5),
+                    exp_dir=exp_dir, recorded=then)  # fmt: skip
+    assert first["promoted"] is True and first["eval_tokens"] == "b" * 16
+    champ = model_registry.current_champion(registry.mlc, "tokens", "champion")
+    assert champ.tags[TAG_EVAL_TOKENS] == "b" * 16
+
+    now = {**then, TOKENS: {"train": "a" * 64, "eval": "c" * 64}}
+    refused = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.01),
+                      exp_dir=exp_dir, recorded=now)  # fmt: skip
+    assert refused["promoted"] is False and refused["eval_fingerprint"] == first["eval_fingerprint"]
+    assert refused["reason"].startswith(
+        f"champion v1 was scored on the same eval data tokenized to other ids (tokens {'b' * 16}, "
+        f"now {'c' * 16}: "
+    )
+    assert registry.alias("tokens") == "1"
+    # Not recorded on one side: the fingerprint decides, and the better trial wins.
+    unknown = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.01),
+                      exp_dir=exp_dir)  # fmt: skip
+    assert unknown["promoted"] is True and unknown["eval_tokens"] is None, unknown
+    assert registry.alias("tokens") == "2"
+
+
 def test_mode_max_metric(registry: Registry, checkpoints: dict[str, Any], tmp_path: Path) -> None:
     exp_dir = tmp_path / "exp"
     cfg = spec("maxmode", exp_dir, **{"search.metric": "exact_match"})

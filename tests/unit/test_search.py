@@ -1739,6 +1739,38 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_search_started(
     )
 
 
+def test_resume_refuses_the_same_data_tokenized_to_other_ids(tmp_path: Path) -> None:
+    """The driver records what the data tokenized to (the preflight's read): a --resume after
+    a chat template or tokenizer change is refused before Ray starts, not trial by trial."""
+    from mlflow.tracking import MlflowClient
+
+    from raysft.data.digest import TOKENS, data_digests
+    from raysft.errors import SearchStateError
+    from raysft.search import driver, experiment, tracking_store
+
+    tree = _lora_tree(tmp_path / "exp")
+    started = validate_spec(tree, source="s.yaml")
+    exp = tmp_path / "exp"
+    (exp / "tune").mkdir(parents=True)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    then = {**data_digests(started.data), TOKENS: {"train": "a" * 64, "eval": "b" * 64}}
+    mlc = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    uri = tracking_store.tracking_uri(started.tracking)
+    driver._parent_run(mlc, mlc.create_experiment("e"), exp, started, str(spec), uri=uri,
+                       digests=then, state={})  # fmt: skip
+    assert experiment.open_experiment("s.yaml", started, resume=True, digests=then)
+    now = {**then, TOKENS: {"train": "a" * 64, "eval": "c" * 64}}
+    with pytest.raises(SearchStateError) as err:
+        experiment.open_experiment("s.yaml", started, resume=True, digests=now)
+    assert str(err.value).endswith(
+        "search.experiment_dir: data.eval: the same rows tokenize to other ids now (sha256 "
+        f"{'b' * 12} then, {'c' * 12} now)"
+    )
+    # The data read without tokenizing (no driver's read): its bytes alone are compared.
+    assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
+
+
 def test_a_start_after_one_interrupted_before_its_tuner_begins_anew_and_resume_needs_the_state(
     tmp_path: Path,
 ) -> None:

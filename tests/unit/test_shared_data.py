@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 
 from raysft.config import Config, load_config
+from raysft.data.digest import DATA_FILE, TOKENS
 from raysft.data.shared import read_once
 from raysft.train.model import training_tokenizer
 from raysft.train.recipe import run_trial
+from raysft.train.state import LocalCheckpoints
 
 ROWS = [{"instruction": "Upper case", "input": f"w{i}", "output": f"W{i}"} for i in range(24)]
 EVAL = [{"instruction": "Upper case", "input": f"e{i}", "output": f"E{i}"} for i in range(8)]
@@ -91,10 +93,21 @@ def test_a_trial_on_the_drivers_data_trains_as_on_its_own_and_reads_no_file(
     shared = pickle.loads(
         pickle.dumps(read_once(cfg, training_tokenizer(cfg), seed_searched=False))
     )
-    own = run_trial(cfg)
+    own = run_trial(cfg, report=LocalCheckpoints(tmp_path / "own"))
     for name in ("rows.jsonl", "eval.jsonl"):  # the worker's node need not have them
         (tmp_path / name).rename(tmp_path / f"{name}.away")
-    taken = run_trial(_config(tmp_path, output_dir=str(tmp_path / "out-shared")), shared=shared)
+    taken = run_trial(
+        _config(tmp_path, output_dir=str(tmp_path / "out-shared")),
+        shared=shared,
+        report=LocalCheckpoints(tmp_path / "taken"),
+    )
+    # Its checkpoints record the same sources and token ids as a trial that read its own, so
+    # either resumes the other's (``check_same_tokens``).
+    records = [
+        json.loads((d / "step-000004" / DATA_FILE).read_text())
+        for d in (tmp_path / "own", tmp_path / "taken")
+    ]
+    assert records[0] == records[1] and set(records[0][TOKENS]) == {"train", "eval"}
     assert _learned(taken.history) == _learned(
         own.history
     )  # every loss, eval and learning rate, step by step

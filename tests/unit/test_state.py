@@ -156,7 +156,8 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_checkpoint(tmp_path: 
     rows = Path(str(cfg.data.train))
     original = rows.read_bytes()
     sha = hashlib.sha256(original).hexdigest()
-    assert json.loads((ckpt / DATA_FILE).read_text()) == {"train": {str(rows): sha}, "eval": {}}
+    record = json.loads((ckpt / DATA_FILE).read_text())
+    assert {k: record[k] for k in ("train", "eval")} == {"train": {str(rows): sha}, "eval": {}}
     # Same path, same number of rows, one answer edited: the stream's position would now
     # point into other rows.
     first, rest = original.split(b"\n", 1)
@@ -173,6 +174,50 @@ def test_resume_refuses_data_whose_bytes_changed_since_the_checkpoint(tmp_path: 
     (ckpt / DATA_FILE).unlink()
     rows.write_bytes(json.dumps(row).encode() + b"\n" + rest)
     run_trial(cfg, resume_from=str(ckpt))
+
+
+def test_resume_refuses_the_same_bytes_tokenized_to_other_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chat template, the tokenizer's files or the libraries changed since the checkpoint:
+    the same rows give other ids, which the remaining steps would train on at the old stream
+    position. The checkpoint records what its rows tokenized to, and a resume compares."""
+    from raysft.data import pipeline
+    from raysft.data.digest import DATA_FILE, TOKENS, token_digests
+    from raysft.data.templates import Segment
+    from raysft.errors import DataError
+    from raysft.train.model import training_tokenizer
+
+    cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.exact_match": False})
+    ckpts = tmp_path / "out" / "checkpoints"
+    first = run_trial(cfg, report=LocalCheckpoints(ckpts))
+    ckpt = ckpts / "step-000004"
+    record = json.loads((ckpt / DATA_FILE).read_text())
+    prepared = pipeline.prepare_data(cfg.data, training_tokenizer(cfg), seed=cfg.train.seed)
+    assert record[TOKENS] == token_digests(prepared)  # the rows it trained on, as read now
+    assert first.history[-1]["step"] == 4
+
+    render = pipeline.render
+
+    def rendered_otherwise(conv: Any, **kwargs: Any) -> list[Segment]:
+        # As a template fix would: the same conversation, one more character before it.
+        segments = render(conv, **kwargs)
+        return [Segment(" " + segments[0].text, segments[0].trained), *segments[1:]]
+
+    monkeypatch.setattr(pipeline, "render", rendered_otherwise)
+    with pytest.raises(DataError) as err:
+        run_trial(cfg, resume_from=str(ckpt))
+    message = str(err.value)
+    assert message.startswith(f"--resume-from {ckpt}: the data's bytes are the ones its run")
+    assert "they tokenize to other ids now" in message
+    then = record[TOKENS]["train"][:12]
+    assert f"data.train: the same rows tokenize to other ids now (sha256 {then} then, " in message
+    # A checkpoint written before raysft recorded its ids resumes, said so.
+    record.pop(TOKENS)
+    (ckpt / DATA_FILE).write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="raysft.train.state"):
+        assert run_trial(cfg, resume_from=str(ckpt)).history[-1]["step"] == 4
+    assert "written before raysft recorded the token ids its run trained on" in caplog.text
 
 
 class _RunsCode:
