@@ -232,12 +232,11 @@ def generate_answers(
     return out_samples
 
 
-def in_row_order(
-    shares: list[list[dict[str, Any]]], *, rows: int, batch_size: int
-) -> list[dict[str, Any]]:
+def in_row_order(shares: list[list[Any]], *, rows: int, batch_size: int) -> list[Any]:
     """The answers of every rank's share (``generate_answers(share=(rank, len(shares)))``) put
-    back in the order of the ``rows`` conversations they answer."""
-    out: list[dict[str, Any]] = []
+    back in the order of the ``rows`` conversations they answer (any items dealt out over
+    ranks by batches: rank r took batches r, r + W, ...)."""
+    out: list[Any] = []
     for b in range(-(-rows // batch_size)):
         first = (b // len(shares)) * batch_size  # where batch b starts in its rank's share
         out += shares[b % len(shares)][first : first + batch_size]
@@ -334,10 +333,16 @@ def _sample(conv: Conversation, answers: list[str], *, template: str, tokenizer:
     return sample
 
 
-def run_code_tests(samples: list[dict[str, Any]], *, limits: Limits) -> None:
-    """Run every answer of each sample that has tests in the sandbox; sets ``passed``."""
+Checker = Callable[..., list[list[bool]]]  # check_answers(problems, *, limits)
+
+
+def run_code_tests(
+    samples: list[dict[str, Any]], *, limits: Limits, check: Checker = check_answers
+) -> None:
+    """Run every answer of each sample that has tests in the sandbox; sets ``passed``.
+    ``check``: ``check_answers``, or what shares it over data-parallel workers."""
     coded = [s for s in samples if s.get("tests") is not None]
-    results = check_answers([(s["answers"], s["tests"]) for s in coded], limits=limits)
+    results = check([(s["answers"], s["tests"]) for s in coded], limits=limits)
     for sample, passed in zip(coded, results, strict=True):
         sample["passed"] = passed
     log.info(
@@ -355,6 +360,7 @@ def score(
     loss: Callable[[], tuple[float, int]],
     answers: Callable[..., list[dict[str, Any]]],
     only: tuple[str, ...] | None = None,
+    check: Checker = check_answers,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The registry metrics due at this eval (``final``: the last one; ``only``: just these),
     each pass (loss, generation, code execution) run at most once.
@@ -362,7 +368,7 @@ def score(
     Returns the scores and the generated samples (empty when nothing generates).
     """
     due = [m for m in computed_at(cfg, final=final) if only is None or m.name in only]
-    return compute(due, cfg, loss=loss, answers=answers)
+    return compute(due, cfg, loss=loss, answers=answers, check=check)
 
 
 def compute(
@@ -371,8 +377,10 @@ def compute(
     *,
     loss: Callable[[], tuple[float, int]],
     answers: Callable[..., list[dict[str, Any]]],
+    check: Checker = check_answers,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Scores of the metrics ``due``, with ``cfg.eval``'s generation and sandbox settings."""
+    """Scores of the metrics ``due``, with ``cfg.eval``'s generation and sandbox settings
+    (``check``: runs the answers' code, ``run_code_tests``)."""
     loss_sum, tokens = loss() if any(not m.generates for m in due) else (0.0, 0)
     samples: list[dict[str, Any]] = []
     if any(m.generates for m in due):
@@ -381,7 +389,7 @@ def compute(
         )
     if any(m.executes for m in due):
         limits = Limits(timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb)
-        run_code_tests(samples, limits=limits)
+        run_code_tests(samples, limits=limits, check=check)
     out = EvalOutputs(loss_sum=loss_sum, tokens=tokens, samples=samples, pass_k=cfg.eval.pass_k)
     scores = {m.name: m.compute(out) for m in due if m.compute is not None}
     if any(m.executes for m in due) and not any(s.get("tests") is not None for s in samples):

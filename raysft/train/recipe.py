@@ -56,6 +56,7 @@ from raysft.train.model import (
     training_tokenizer,
 )
 from raysft.train.neftune import attach_neftune
+from raysft.train.sandbox import Limits, check_answers
 from raysft.train.state import (
     CONFIG_FILE,
     STAGING_PREFIX,
@@ -385,7 +386,12 @@ def setup(
     )
     if share:
         answers = functools.partial(_answers_of_all_ranks, answers, dist=dist, rows=len(convs))
-    evaluate = functools.partial(score, cfg, loss=loss, answers=answers)
+    # Every worker holds every answer (gathered, or under FSDP generated alike): each runs the
+    # code tests of its share of the problems.
+    check = (
+        functools.partial(_checks_of_all_ranks, dist=dist) if dist.world_size > 1 else check_answers
+    )
+    evaluate = functools.partial(score, cfg, loss=loss, answers=answers, check=check)
     stream = BatchStream(
         data.train,
         train_bins,
@@ -523,6 +529,16 @@ def _answers_of_all_ranks(
     all."""
     shares = _gather_over_ranks(dist, answers(**decoding))
     return in_row_order(shares, rows=rows, batch_size=_GEN_BATCH)
+
+
+def _checks_of_all_ranks(
+    problems: list[tuple[list[str], str]], *, limits: Limits, dist: Dist
+) -> list[list[bool]]:
+    """``check_answers`` of every problem, rank r running problems r, r + W, ... in its
+    sandbox (a program each, up to ``eval.code_timeout_s``), gathered back in order: every
+    rank gets all."""
+    mine = check_answers(problems[dist.rank :: dist.world_size], limits=limits)
+    return in_row_order(_gather_over_ranks(dist, mine), rows=len(problems), batch_size=1)
 
 
 _GEN_BATCH = 32  # prompts per generate() call (search/memory.py plans for it: GEN_BATCH)

@@ -65,6 +65,8 @@ _GENERATES = {"train.exact_match": True, "train.max_new_tokens": 4}
 def _eval_rows(tmp: Path) -> Path:
     path = tmp / "eval.jsonl"
     rows = [{"instruction": f"Say {n}", "output": "w " * (n % 7 + 1)} for n in range(41)]
+    for row in rows[::8]:  # 6 code rows: pass@k, their programs shared by the ranks too
+        row["tests"] = "assert True"
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     return path
 
@@ -117,6 +119,7 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
         single.history[0]["eval_loss"], abs=tol
     )
     assert ddp_metrics["history"][0]["exact_match"] == single.history[0]["exact_match"]
+    assert ddp_metrics["final"]["pass_at_k"] == single.final["pass_at_k"]
     # The same greedy answers (eval_samples: the first 10 rows, rank 0's batch; the rows' order
     # over ranks: test_generation.py).
     assert ddp_metrics["final"]["eval_samples"] == single.final["eval_samples"]

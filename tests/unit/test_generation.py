@@ -98,3 +98,64 @@ def test_answers_shared_by_ranks_equal_one_ranks_in_the_rows_order(loop_dir: Pat
     for ranks in (2, 3, 5):
         shares = [answers((r, ranks)) for r in range(ranks)]
         assert in_row_order(shares, rows=len(convs), batch_size=3) == alone, ranks
+
+
+def _judged(share: list[tuple[list[str], str]]) -> list[list[bool]]:
+    """Stands in for the sandbox: ``x = N`` passes when N is divisible by 3."""
+    return [[int(a.split("=")[1]) % 3 == 0 for a in answers] for answers, _ in share]
+
+
+def _checked_by_ranks(
+    problems: list[tuple[list[str], str]], ranks: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[int, Any], dict[int, Any]]:
+    """``recipe._checks_of_all_ranks`` on ``ranks`` threads standing in for ranks, meeting
+    as ``all_gather_object`` does: what each rank returned, and the problems each ran."""
+    import threading
+
+    from raysft.train import recipe
+    from raysft.train.sandbox import Limits
+
+    ran: dict[int, Any] = {}
+    got: dict[int, Any] = {}
+    slots: list[Any] = [None] * ranks
+    met = threading.Barrier(ranks)
+    local = threading.local()
+
+    def check(share: list[Any], *, limits: Limits) -> list[list[bool]]:
+        ran[local.rank] = share
+        return _judged(share)
+
+    def gather(dist: Any, value: Any) -> list[Any]:
+        slots[dist.rank] = value
+        met.wait(timeout=30)
+        return list(slots)
+
+    def rank_of(r: int) -> None:
+        local.rank = r
+        got[r] = recipe._checks_of_all_ranks(problems, limits=Limits(), dist=recipe.Dist(r, ranks))
+
+    monkeypatch.setattr(recipe, "check_answers", check)
+    monkeypatch.setattr(recipe, "_gather_over_ranks", gather)
+    threads = [threading.Thread(target=rank_of, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return got, ran
+
+
+def test_code_tests_are_shared_by_ranks_and_every_rank_gets_all_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Data-parallel pass@k: every rank holds every answer, and rank r runs the programs of
+    problems r, r + W, ... only; gathered, every rank has every problem's results in order."""
+    # 11 problems of 1-3 answers each.
+    problems = [
+        ([f"x = {i + j}" for j in range(i % 3 + 1)], "assert x % 3 == 0") for i in range(11)
+    ]
+    alone = _judged(problems)
+    assert any(map(any, alone)) and not all(map(all, alone))
+    for ranks in (2, 3, 5):
+        got, ran = _checked_by_ranks(problems, ranks, monkeypatch)
+        assert got == dict.fromkeys(range(ranks), alone), ranks
+        assert ran == {r: problems[r::ranks] for r in range(ranks)}, ranks
