@@ -63,8 +63,7 @@ class Estimate:
     """Peak memory of one trial: components (bytes) per phase; the peak is the largest phase."""
 
     device: Device
-    # "training" / "optimizer step" / "generation" (/ "loading": FSDP)
-    phases: dict[str, dict[str, float]]
+    phases: dict[str, dict[str, float]]  # "training" / "optimizer step" / "generation"
     assumptions: str
     levers: str = ""  # config changes that would lower it, for messages
 
@@ -230,8 +229,7 @@ def estimate(
 ) -> Estimate:
     """Peak memory of one trial of ``cfg`` (one worker of ``workers``) on ``device``. ``sharded``
     (FSDP): weights, gradients and optimizer state split over the workers, plus two whole layers
-    (the one computing and the next, prefetched) in the compute dtype; but every worker loads
-    the whole model onto its device before ``fsdp.shard`` splits it (the "loading" phase)."""
+    (the one computing and the next, prefetched) in the compute dtype."""
     b = _bytes(cfg, device)
     lora = cfg.method != "full"
     adapted_all = adapted_modules(shape, cfg.lora) if lora else []
@@ -243,7 +241,6 @@ def estimate(
     # DDP keeps a bucket copy of the gradients; FSDP reduce-scatters into its shard.
     grads = 4.0 * trainable * (2 if workers > 1 and not sharded else 1) / split
     optimizer = 8.0 * trainable / split  # AdamW: exp_avg, exp_avg_sq in fp32
-    whole = stored
     if sharded:  # layers are gathered in the compute dtype: autocast has nothing to copy
         layer = max(shape.params - 2 * shape.vocab * shape.hidden, 0) / shape.layers
         stored, copies = stored / split + 2 * layer * b.compute, 0.0
@@ -261,10 +258,6 @@ def estimate(
         },
         "optimizer step": {"weights": stored, "grads": grads, "optimizer": 1.5 * optimizer},
     }
-    if sharded:
-        # from_pretrained puts the whole model on the worker's device; fully_shard then frees
-        # all but its shard. Not yet: rank 0 alone loading and broadcasting (README).
-        phases["loading"] = {"weights": whole}
     kv, prefill = _generation(cfg, shape, b)
     if kv:
         phases["generation"] = {
@@ -276,16 +269,7 @@ def estimate(
     base = CUDA_CONTEXT if device == "gpu" else HOST_BASELINE
     for parts in phases.values():
         parts["overhead"] = base + FRAGMENTATION * sum(parts.values())
-    est = Estimate(device, phases, _assumptions(cfg, shape, b, len(adapted_all)), _levers(cfg))
-    if est.peak_phase == "loading":  # nothing the training settings change
-        est = replace(est, levers=LOADING_LEVERS)
-    return est
-
-
-LOADING_LEVERS = (
-    "method qlora or lora (every worker loads the whole model onto its GPU before FSDP shards "
-    "it, fp32 for full fine-tuning: more workers do not lower this)"
-)
+    return Estimate(device, phases, _assumptions(cfg, shape, b, len(adapted_all)), _levers(cfg))
 
 
 def _levers(cfg: Config) -> str:

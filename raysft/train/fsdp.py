@@ -11,6 +11,9 @@ Checkpoints: the full (unsharded) weights and optimizer state are gathered to ra
 memory, a collective every rank joins, and rank 0 writes them (the export in the run's compute
 dtype, the training state in fp32 for an exact resume). A resume loads the full state on every
 rank and each keeps its shard.
+
+Loading (``load_sharded``): rank 0 reads the weights into host memory and broadcasts them; the
+model is built on the meta device and sharded before any weight lands on a GPU.
 """
 
 from __future__ import annotations
@@ -48,6 +51,45 @@ def shard(model: Any, *, bf16: bool) -> Any:
     for layer in layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    return model
+
+
+def load_sharded(cfg: Any, *, device: Any, bf16: bool, rank: int) -> Any:
+    """Method full's model, sharded over the default process group with no worker ever holding
+    all of it on its device: every rank builds it on the meta device and shards it, each
+    allocates its own shard on ``device``, and rank 0 alone reads the weights (into host
+    memory) and broadcasts them, each rank keeping its shard. The non-persistent buffers (rotary
+    frequencies, computed at construction, which the meta device left empty) and the
+    generation config (generation is a collective under FSDP: every rank must stop alike) come
+    from rank 0's copy too."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from raysft.train.model import from_pretrained, weightless_full_model
+
+    full: Any = None
+    weights: dict[str, Any] = {}
+    extras: list[Any] = [None]
+    if rank == 0:  # the weights do not depend on the attention kernel: eager loads anywhere
+        full = from_pretrained(
+            AutoModelForCausalLM, cfg.model, dtype=torch.float32, device_map={"": "cpu"},
+            attn_implementation="eager",
+        )  # fmt: skip
+        weights = full.state_dict()
+        buffers = {n: b for n, b in full.named_buffers() if n not in weights}
+        extras = [{"buffers": buffers, "generation_config": full.generation_config}]
+    model = weightless_full_model(cfg)
+    shard(model, bf16=bf16)
+    model.to_empty(device=device)
+    dist.broadcast_object_list(extras, src=0)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    with torch.no_grad():
+        for name, value in extras[0]["buffers"].items():
+            model.get_buffer(name).copy_(value)
+    model.generation_config = extras[0]["generation_config"]
+    del full, weights
     return model
 
 

@@ -416,6 +416,31 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
     return _attach_adapter(model, cfg, gc=gc)
 
 
+def weightless_full_model(cfg: Config) -> Any:
+    """The model ``load_model`` gives for method full, built on the meta device: no weights,
+    no memory. Each FSDP worker shards it and takes its shard of the weights rank 0 read
+    (``fsdp.load_sharded``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = from_pretrained(AutoConfig, cfg.model)
+    if cfg.model.attn_implementation == attention.SDPA_FP32:
+        attention.register()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=torch.float32,  # full fine-tuning's master weights (resolve_dtype)
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    model.config.use_cache = False  # as load_model
+    if cfg.train.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model.requires_grad_(True)
+    model.eval()  # as from_pretrained leaves it
+    return model
+
+
 # The weight files of a saved peft adapter, in the order peft looks for them.
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -582,7 +607,10 @@ def save_model(
         if serving is not None:  # peft saves none: load_champion applies this one
             serving.save_pretrained(out)
     else:
-        state = weights if weights is not None else model.state_dict()
+        # A copy: save_pretrained pops what it writes from the dict it is given (transformers
+        # 5, for a model it did not load itself), and the caller's weights go on to the
+        # training state.
+        state = dict(weights) if weights is not None else model.state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # Inference from the export should use the KV cache again; restore after saving.

@@ -314,10 +314,6 @@ def setup(
     if generates:  # before the model loads: none of them left is an error
         convs = generation_rows(convs, tokenizer, cfg, warn=dist.rank == 0)
 
-    model = load_model(cfg, device=device)
-    vocab = model.get_input_embeddings().num_embeddings
-    check_vocab(vocab, tokenizer, name=cfg.model.name_or_path)
-    neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
     if dist.sharded:
         if cfg.method != "full":
             raise ConfigError(
@@ -330,10 +326,15 @@ def setup(
                 ["not with FSDP yet (untested here), which shards this trial; set "
                  "search.resources.strategy: ddp or train.compile: false"],
             )  # fmt: skip
-        model = train_model = fsdp.shard(model, bf16=computes_in_bf16(cfg, device))
+        bf16 = computes_in_bf16(cfg, device)
+        model = fsdp.load_sharded(cfg, device=device, bf16=bf16, rank=dist.rank)
         log.info("FSDP: every decoder layer sharded over %d workers", dist.world_size)
     else:
-        train_model = prepare_model(model) if prepare_model else model
+        model = load_model(cfg, device=device)
+    vocab = model.get_input_embeddings().num_embeddings
+    check_vocab(vocab, tokenizer, name=cfg.model.name_or_path)
+    neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
+    train_model = model if dist.sharded or prepare_model is None else prepare_model(model)
     if cfg.train.compile:
         # Evals and generation call the eager ``model`` (same weights): their shapes change at
         # every batch and token. Packed batches have one shape (``BatchStream.fixed_width``);

@@ -252,6 +252,75 @@ def test_fsdp_shards_full_fine_tuning_and_takes_the_step_of_one_worker(tmp_path:
     assert resumed["final"]["eval_loss"] == pytest.approx(history[-1]["eval_loss"], abs=1e-5)
 
 
+def _sharded_load_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from raysft.train import fsdp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    try:
+        if rank != 0:  # only rank 0 reads the weights
+
+            def refused(*args: object, **kwargs: object) -> None:
+                raise AssertionError(f"rank {rank} loaded the weights itself")
+
+            AutoModelForCausalLM.from_pretrained = refused  # type: ignore[assignment]
+        cfg = load_config(
+            None, {"model.name_or_path": model_dir, "method": "full", "output_dir": tmp}
+        )
+        model = fsdp.load_sharded(cfg, device=torch.device("cpu"), bf16=False, rank=rank)
+        weights, _ = fsdp.gather(model)
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+        stops = model.generation_config.eos_token_id
+        torch.save(
+            {"weights": weights, "buffers": buffers, "tied": tied, "stops": stops},
+            Path(tmp) / f"loaded-{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_workers_take_their_shards_of_the_weights_rank_0_alone_read(tmp_path: Path) -> None:
+    """Each worker builds the model on the meta device, shards it and gets its shard from rank
+    0's read (no worker holds the whole model on its device): the gathered weights, the rotary
+    buffers (computed at construction, not in the weights file), tied embeddings and the
+    generation config are the model's, on a model whose input and output embeddings are one
+    tensor (Qwen2, tie_word_embeddings)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _model_dir(tmp_path, "qwen2")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    tied_dir = tmp_path / "qwen2-tied"
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(
+        type(AutoModelForCausalLM.from_pretrained(model_dir).config).from_dict(config)
+    )
+    ref.save_pretrained(tied_dir)
+    shutil.copy(model_dir / "tokenizer.json", tied_dir)
+    shutil.copy(model_dir / "tokenizer_config.json", tied_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tied_dir)
+    assert ref.get_input_embeddings().weight is ref.get_output_embeddings().weight
+    os.environ.pop("RANK", None)
+    args = (str(tmp_path), str(tied_dir), _rendezvous(tmp_path))
+    mp.spawn(_sharded_load_worker, args=args, nprocs=2, join=True)
+
+    want = ref.state_dict()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"loaded-{rank}.pt", weights_only=False)
+        assert got["tied"] and got["stops"] == ref.generation_config.eos_token_id
+        assert sorted(got["buffers"]) == sorted(n for n, _ in ref.named_buffers())
+        for name, buf in ref.named_buffers():
+            torch.testing.assert_close(got["buffers"][name], buf, atol=0, rtol=0)
+    weights = torch.load(tmp_path / "loaded-0.pt", weights_only=False)["weights"]
+    assert sorted(weights) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(weights[key], value, atol=0, rtol=0)
+
+
 def test_fsdp_with_lora_is_refused(tmp_path: Path) -> None:
     from raysft.errors import ConfigError
 

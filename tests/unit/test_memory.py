@@ -20,7 +20,6 @@ from raysft.search import spec as spec_module
 from raysft.search.memory import (
     CUDA_CONTEXT,
     GIB,
-    LOADING_LEVERS,
     Estimate,
     estimate,
     layer_activation_bytes,
@@ -812,35 +811,6 @@ def test_load_spec_plans_a_full_fine_tuning_trial_sharded(tmp_path: Path, llama2
     with pytest.raises(ConfigError) as err:  # every worker holds 16 B/param: > 80 GB
         load_spec(write_spec(tmp_path, tree), [], dry_run=True)
     assert err.value.problems[0].startswith("search.resources: a trial needs ~")
-
-
-@pytest.mark.usefixtures("no_gpu")
-def test_fsdp_plans_the_whole_model_each_worker_loads_before_sharding(
-    tmp_path: Path, llama2_7b: Path
-) -> None:
-    """Every worker loads the whole model onto its GPU (fp32 for full fine-tuning: 27 GB for
-    a 7B) before ``fully_shard`` frees all but its shard: with 8 workers, training needs less
-    than that, and a GPU that holds the training but not the load is refused for it."""
-    train = {"batch_size": 1, "exact_match": False}
-    cfg = cfg_of(llama2_7b, method="full", data={"max_seq_len": 1024}, train=train)
-    shape = model_shape(cfg.model)
-    eight = estimate(cfg, shape, device="gpu", workers=8, sharded=True)
-    assert eight.phases["loading"]["weights"] == 4.0 * shape.params
-    assert eight.peak_phase == "loading"
-    assert sum(eight.phases["training"].values()) < 26 * GIB < eight.peak
-    assert eight.levers == LOADING_LEVERS
-    assert "loading" not in estimate(cfg, shape, device="gpu", workers=8).phases  # DDP: none
-
-    tree = spec_tree(llama2_7b, {"train.learning_rate": {"type": "choice", "values": [1e-5]}})
-    tree["method"] = "full"
-    del tree["lora"]
-    tree.setdefault("train", {}).update(train)
-    tree["search"]["resources"].update(gpu_memory_gib=26, workers=8)
-    with pytest.raises(ConfigError) as err:
-        load_spec(write_spec(tmp_path, tree), [], dry_run=True)
-    assert err.value.problems[0].startswith("search.resources: a trial needs ~"), err.value
-    assert "at its peak (loading: weights 2" in err.value.problems[0]
-    assert err.value.problems[0].endswith(f"to lower it: {LOADING_LEVERS}")
 
 
 @pytest.mark.parametrize(("method", "searched"), [("lora", None), ("full", ["full", "qlora"])])
