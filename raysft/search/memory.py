@@ -105,7 +105,7 @@ class _Bytes:
 
 
 def _bytes(cfg: Config, device: Device) -> _Bytes:
-    # The recipe's autocast rule (recipe.autocast_for), assuming a GPU with native bf16.
+    # The recipe's autocast rule (precision.autocast_for), assuming a GPU with native bf16.
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "gpu")
     compute = 2 if bf16 else 4
     # Frozen bases load in bf16 on a GPU that computes in bf16, fp32 otherwise (issue 10 point 2);

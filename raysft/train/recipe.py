@@ -9,7 +9,6 @@ the only differences are the ``report`` callback and the distributed context.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -36,14 +35,13 @@ from raysft.errors import ConfigError, DataError
 from raysft.paths import give_plain_modes, replace_text
 from raysft.search.results import json_safe
 from raysft.train import fsdp
-from raysft.train.device import bf16_emulation, granted_gpus, native_bf16, training_device
+from raysft.train.device import granted_gpus, training_device
 from raysft.train.evaluate import (
     answer_stops,
     eval_loss_sum,
     forward_loss,
     generate_answers,
     generation_rows,
-    in_row_order,
     score,
     warn_of_capped_references,
 )
@@ -56,7 +54,24 @@ from raysft.train.model import (
     training_tokenizer,
 )
 from raysft.train.neftune import attach_neftune
-from raysft.train.sandbox import Limits, check_answers
+from raysft.train.precision import (
+    NUMERICS,
+    autocast_for,
+    computes_in_bf16,
+    loss_scaler,
+    numerics,
+    warn_of_emulated_bf16,
+    warn_of_other_numerics,
+)
+from raysft.train.ranks import (
+    Dist,
+    answers_of_all_ranks,
+    checks_of_all_ranks,
+    gather_over_ranks,
+    loss_of_all_ranks,
+    sum_over_ranks,
+)
+from raysft.train.sandbox import check_answers
 from raysft.train.state import (
     CONFIG_FILE,
     STAGING_PREFIX,
@@ -88,15 +103,6 @@ class TrialResult:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Dist:
-    """Where this process sits in a data-parallel group (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    sharded: bool = False  # FSDP: parameters, gradients and optimizer state split over ranks
-
-
 @dataclass
 class Run:
     """Everything ``setup`` builds and the loop and ``finish`` use."""
@@ -124,85 +130,9 @@ class Run:
     scaler: Any = None  # torch.amp.GradScaler where the base computes in fp16, else None
 
 
-def computes_in_bf16(cfg: Config, device: torch.device) -> bool:
-    """Whether ``train.precision`` asks for bf16 compute on ``device``."""
-    # Native bf16 only: is_bf16_supported() alone also counts slow emulation (T4, V100).
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and native_bf16(device))
-
-
 def _export_dtype(run: Run) -> torch.dtype | None:
     """Full fine-tuning's export: bf16 on bf16 runs (half an fp32 export), else as trained."""
     return torch.bfloat16 if computes_in_bf16(run.cfg, run.device) else None
-
-
-NUMERICS = "numerics"  # progress.final's key: the dtypes the run resolved (``numerics``)
-
-
-def numerics(cfg: Config, device: torch.device, model: Any) -> dict[str, str]:
-    """The dtypes this run trains with, as its ``auto`` settings resolved them on this device:
-    the frozen base's, QLoRA's matmuls', and the autocast. Recorded with every checkpoint (and
-    in metrics.json), so that a resume on another kind of host says it computes otherwise."""
-    from raysft.train.model import resolve_compute_dtype
-
-    out = {
-        "base_dtype": str(model.dtype).removeprefix("torch."),
-        "autocast": "bfloat16" if computes_in_bf16(cfg, device) else "none",
-    }
-    if cfg.method == "qlora":
-        out["compute_dtype"] = str(resolve_compute_dtype(cfg.qlora, device)).removeprefix("torch.")
-    return out
-
-
-def _warn_of_other_numerics(
-    saved: dict[str, str] | None, own: dict[str, str], checkpoint: str | Path
-) -> None:
-    """A checkpoint's run computed with other dtypes (``auto`` resolves per device: bf16 on a
-    GPU or an AMX CPU, fp32 on an AVX2 one): it continues, no longer as the run would have."""
-    if not saved:  # a checkpoint from before the record
-        return
-    changed = [f"{k} {own.get(k)} (was {v})" for k, v in saved.items() if own.get(k) != v]
-    if changed:
-        log.warning(
-            "resumed from %s with other numerics than it was trained with: %s; the run goes "
-            "on, but not as it would have on its first device (`auto` dtypes resolve per "
-            "device: set model.dtype, qlora.compute_dtype and train.precision to keep them)",
-            checkpoint,
-            ", ".join(changed),
-        )
-
-
-def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
-    """A context-manager factory: bf16 autocast where ``train.precision`` asks for it, else none."""
-
-    if not computes_in_bf16(cfg, device):
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def asks_for_bf16(cfg: Config) -> list[str]:
-    """The settings that explicitly ask for bf16 compute or weights (not `auto`)."""
-    asked = []
-    if cfg.train.precision == "bf16":
-        asked.append("train.precision: bf16")
-    if cfg.method != "full" and cfg.model.dtype == "bfloat16":
-        asked.append("model.dtype: bfloat16")
-    if cfg.method == "qlora" and cfg.qlora.compute_dtype == "bfloat16":
-        asked.append("qlora.compute_dtype: bfloat16")
-    return asked
-
-
-def _warn_of_emulated_bf16(cfg: Config, device: torch.device) -> None:
-    """One warning in the trial's log when a setting asks for bf16 where it is emulated."""
-    asked = asks_for_bf16(cfg)
-    why = bf16_emulation(device) if asked else None
-    if why:
-        log.warning(
-            "%s on %s, but %s: bf16 is emulated there (on an AVX2-only CPU about 10x slower than "
-            "fp32, benchmarks/RESULTS.md); `auto` (or fp32 / float32) avoids it",
-            " and ".join(asked),
-            device,
-            why,
-        )
 
 
 def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
@@ -220,18 +150,6 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
         num_training_steps=cfg.train.max_steps,
     )
     return optimizer, scheduler
-
-
-def loss_scaler(model: Any, cfg: Config, device: torch.device) -> Any:
-    """A GradScaler where the forward computes in fp16 (a float16 base: `auto` on a GPU below
-    compute capability 8.0, or asked for), else None. Unscaled, the step's loss, divided by
-    its thousands of tokens, gives gradients that fp16 rounds to subnormals or to zero."""
-    from raysft.train.model import resolve_compute_dtype
-
-    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
-    if cfg.method == "qlora":
-        fp16 = fp16 or resolve_compute_dtype(cfg.qlora, device) == torch.float16
-    return torch.amp.GradScaler(device.type) if fp16 else None
 
 
 def group_by_length_tokens(cfg: Config) -> int | None:
@@ -286,7 +204,7 @@ def setup(
     # Fails now, naming node, CUDA build and driver, if this worker should have a GPU and has none.
     device = training_device(cfg, granted=granted_gpus())
     autocast = autocast_for(cfg, device)
-    _warn_of_emulated_bf16(cfg, device)
+    warn_of_emulated_bf16(cfg, device)
     tokenizer = training_tokenizer(cfg)
     # The search's driver read and tokenized the data already: taken from it when this trial
     # reads the same (raysft.data.shared), else read here.
@@ -371,7 +289,7 @@ def setup(
             template=cfg.data.template,
         )
     if share:
-        loss = functools.partial(_loss_of_all_ranks, loss, dist=dist, device=device)
+        loss = functools.partial(loss_of_all_ranks, loss, dist=dist, device=device)
     answers = functools.partial(
         generate_answers,
         model,
@@ -386,11 +304,13 @@ def setup(
         share=(dist.rank, dist.world_size) if share else (0, 1),
     )
     if share:
-        answers = functools.partial(_answers_of_all_ranks, answers, dist=dist, rows=len(convs))
+        answers = functools.partial(
+            answers_of_all_ranks, answers, dist=dist, rows=len(convs), batch_size=_GEN_BATCH
+        )
     # Every worker holds every answer (gathered, or under FSDP generated alike): each runs the
     # code tests of its share of the problems.
     check = (
-        functools.partial(_checks_of_all_ranks, dist=dist) if dist.world_size > 1 else check_answers
+        functools.partial(checks_of_all_ranks, dist=dist) if dist.world_size > 1 else check_answers
     )
     evaluate = functools.partial(score, cfg, loss=loss, answers=answers, check=check)
     stream = BatchStream(
@@ -412,7 +332,7 @@ def setup(
         )  # fmt: skip
         stream.seek(progress.epoch, progress.position)
         log.info("resumed from %s at step %d", resume_from, progress.step)
-        _warn_of_other_numerics(progress.final.get(NUMERICS), own, resume_from)
+        warn_of_other_numerics(progress.final.get(NUMERICS), own, resume_from)
         progress.final[NUMERICS] = own
     else:
         trainable, total = count_parameters(model)
@@ -453,7 +373,7 @@ def train_step(run: Run) -> dict[str, Any]:
     # Mean over every token the loss scores in the step, on every rank: not a mean of
     # micro-batch means, nor of per-rank means.
     local_tokens = sum(int(loss_mask(b["labels"], b["position_ids"]).sum()) for b in micro)
-    n_tokens = max(_sum_over_ranks(run.dist, run.device, float(local_tokens))[0], 1.0)
+    n_tokens = max(sum_over_ranks(run.dist, run.device, float(local_tokens))[0], 1.0)
     # DDP averages gradients over ranks; scaling each rank's loss by world_size turns that
     # average back into the sum over all ranks' tokens.
     scale = run.dist.world_size / n_tokens
@@ -469,7 +389,7 @@ def train_step(run: Run) -> dict[str, Any]:
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         step_loss += float(loss_sum.detach())
     real = sum(int((b["seg_lens"] > 0).sum()) for b in micro)  # not padding
-    step_loss, real_tokens = _sum_over_ranks(run.dist, run.device, step_loss, float(real))
+    step_loss, real_tokens = sum_over_ranks(run.dist, run.device, step_loss, float(real))
     step_loss /= n_tokens
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
@@ -490,56 +410,6 @@ def train_step(run: Run) -> dict[str, Any]:
         "lr": lr,
         "tokens": int(real_tokens),  # of every rank: the step's
     }
-
-
-def _sum_over_ranks(group: Dist, device: Any, *values: float) -> list[float]:
-    """Each of ``values`` summed over the data-parallel group (as given when run alone)."""
-    if group.world_size == 1:
-        return list(values)
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _gather_over_ranks(group: Dist, value: Any) -> list[Any]:
-    """``value`` of every rank of the data-parallel group, in rank order (``[value]`` alone)."""
-    if group.world_size == 1:
-        return [value]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * group.world_size
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _loss_of_all_ranks(
-    loss: Callable[[], tuple[float, int]], *, dist: Dist, device: Any
-) -> tuple[float, int]:
-    """The eval loss sum and token count of every rank's share of the eval rows, added up."""
-    total, count = _sum_over_ranks(dist, device, *loss())
-    return total, int(count)
-
-
-def _answers_of_all_ranks(
-    answers: Callable[..., list[dict[str, Any]]], *, dist: Dist, rows: int, **decoding: Any
-) -> list[dict[str, Any]]:
-    """Every rank's answers to its share of the ``rows`` eval conversations (rank r answers
-    batches r, r + W, ... of ``_GEN_BATCH``), put back in the rows' order: every rank gets them
-    all."""
-    shares = _gather_over_ranks(dist, answers(**decoding))
-    return in_row_order(shares, rows=rows, batch_size=_GEN_BATCH)
-
-
-def _checks_of_all_ranks(
-    problems: list[tuple[list[str], str]], *, limits: Limits, dist: Dist
-) -> list[list[bool]]:
-    """``check_answers`` of every problem, rank r running problems r, r + W, ... in its
-    sandbox (a program each, up to ``eval.code_timeout_s``), gathered back in order: every
-    rank gets all."""
-    mine = check_answers(problems[dist.rank :: dist.world_size], limits=limits)
-    return in_row_order(_gather_over_ranks(dist, mine), rows=len(problems), batch_size=1)
 
 
 _GEN_BATCH = 32  # prompts per generate() call (search/memory.py plans for it: GEN_BATCH)
@@ -664,7 +534,7 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
         return
     # A sharded model's full state is gathered to rank 0: a collective, every rank joins.
     full = fsdp.gather(run.model, run.optimizer) if run.dist.sharded else None
-    rng = _gather_over_ranks(run.dist, rng_states())  # a collective too
+    rng = gather_over_ranks(run.dist, rng_states())  # a collective too
     if run.dist.rank != 0:
         report(record, None)
         return

@@ -211,7 +211,8 @@ def score_model(
         generation_rows,
         warn_of_capped_references,
     )
-    from raysft.train.recipe import autocast_for, group_by_length_tokens
+    from raysft.train.precision import autocast_for
+    from raysft.train.recipe import group_by_length_tokens
 
     rows = eval_rows(cfg) if conversations is None else conversations
     due = select_metrics(metrics, rows)

@@ -108,11 +108,11 @@ def _judged(share: list[tuple[list[str], str]]) -> list[list[bool]]:
 def _checked_by_ranks(
     problems: list[tuple[list[str], str]], ranks: int, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[dict[int, Any], dict[int, Any]]:
-    """``recipe._checks_of_all_ranks`` on ``ranks`` threads standing in for ranks, meeting
+    """``ranks.checks_of_all_ranks`` on ``ranks`` threads standing in for ranks, meeting
     as ``all_gather_object`` does: what each rank returned, and the problems each ran."""
     import threading
 
-    from raysft.train import recipe
+    from raysft.train import ranks as group
     from raysft.train.sandbox import Limits
 
     ran: dict[int, Any] = {}
@@ -132,10 +132,10 @@ def _checked_by_ranks(
 
     def rank_of(r: int) -> None:
         local.rank = r
-        got[r] = recipe._checks_of_all_ranks(problems, limits=Limits(), dist=recipe.Dist(r, ranks))
+        got[r] = group.checks_of_all_ranks(problems, limits=Limits(), dist=group.Dist(r, ranks))
 
-    monkeypatch.setattr(recipe, "check_answers", check)
-    monkeypatch.setattr(recipe, "_gather_over_ranks", gather)
+    monkeypatch.setattr(group, "check_answers", check)
+    monkeypatch.setattr(group, "gather_over_ranks", gather)
     threads = [threading.Thread(target=rank_of, args=(r,)) for r in range(ranks)]
     for t in threads:
         t.start()

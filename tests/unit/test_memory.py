@@ -191,7 +191,7 @@ def _saved_bytes(cfg: Config) -> int:
     recipe's load_model, autocast and loss; logits-wide tensors and weights left out)."""
     from raysft.data.packing import causal_lm_loss
     from raysft.train.model import load_model
-    from raysft.train.recipe import autocast_for
+    from raysft.train.precision import autocast_for
 
     model = load_model(cfg, device="cpu")
     model.train()
@@ -691,7 +691,8 @@ def _measured_peak(cfg: Config, *, steps: int = 2) -> int:
     from raysft.data.packing import collate_packed
     from raysft.train.evaluate import forward_loss
     from raysft.train.model import load_model
-    from raysft.train.recipe import _build_optimizer, autocast_for
+    from raysft.train.precision import autocast_for
+    from raysft.train.recipe import _build_optimizer
 
     dev = torch.device("cuda", torch.cuda.current_device())
     gc.collect()

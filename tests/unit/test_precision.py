@@ -11,7 +11,8 @@ import torch
 
 from raysft.config import Config, ConfigError, LoraSection, ModelSection, TrainSection, load_config
 from raysft.train.model import load_model, resolve_dtype
-from raysft.train.recipe import _build_optimizer, autocast_for
+from raysft.train.precision import autocast_for
+from raysft.train.recipe import _build_optimizer
 
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -203,7 +203,7 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(tmp_path, monkeypatch, capl
 
 def test_every_explicit_bf16_setting_is_named_and_auto_is_not():
     from raysft.config import load_config
-    from raysft.train.recipe import asks_for_bf16
+    from raysft.train.precision import asks_for_bf16
 
     base = {"model.name_or_path": "embedded:tiny-base"}
     assert asks_for_bf16(load_config(None, {**base, "method": "qlora"})) == []
