@@ -113,6 +113,14 @@ def _samples_digest(examples: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
+# What can give the same sources other token ids, for messages.
+TOKENS_CHANGED = (
+    "the chat template, the tokenizer's files or the raysft / transformers version changed "
+    "since, or the data itself where it is not hashed whole (an hf: dataset is known by its "
+    "name, a file over 256 MiB by 17 samples)"
+)
+
+
 def changed_tokens(then: Digests, now: Digests) -> list[str]:
     """One line per split whose samples tokenize to other ids now than ``then``, where both
     record them (a record written before raysft kept them says nothing)."""

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
-from raysft.data.digest import Digests, changed_sources, changed_tokens, data_digests
+from raysft.data.digest import (
+    TOKENS_CHANGED,
+    Digests,
+    changed_sources,
+    changed_tokens,
+    data_digests,
+)
 from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.paths import InUse, dir_holder, hold_dir, replace_text, writable_dir_problem
 from raysft.search import redact, tracking_store
@@ -154,13 +160,21 @@ def _check_same_spec(
         )
     # Same paths, other bytes: the trials so far trained and were scored on the old ones.
     now = data_digests(cfg.data) if digests is None else digests
-    # ... or the same bytes tokenized to other ids (a template or tokenizer change since).
-    moved = changed_sources(state.get("data", {}), now) + changed_tokens(state.get("data", {}), now)
+    moved = changed_sources(state.get("data", {}), now)
     if moved:
         raise SearchStateError(
             f"{spec_path}: --resume: the data differs from what the trials in {exp_dir} "
             f"trained and were scored on; restore it, or start a new search in another "
             f"search.experiment_dir: {'; '.join(moved)}"
+        )
+    # The same bytes as far as they are hashed, other token ids.
+    retokenized = changed_tokens(state.get("data", {}), now)
+    if retokenized:
+        raise SearchStateError(
+            f"{spec_path}: --resume: the data tokenizes to other ids than the trials in "
+            f"{exp_dir} trained and were scored on ({TOKENS_CHANGED}); resume with what "
+            f"started the search, or start a new search in another search.experiment_dir: "
+            f"{'; '.join(retokenized)}"
         )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, PromoteSection, SearchSpec
-from raysft.data.digest import TOKENS, Digests, source_digest
+from raysft.data.digest import TOKENS, TOKENS_CHANGED, Digests, source_digest
 from raysft.data.digest import sources as data_sources
 from raysft.data.formats import saved_split
 from raysft.data.shared import seed_picks_eval_rows
@@ -179,9 +179,8 @@ def _refusal(
     then = champ.tags.get(TAG_EVAL_TOKENS)
     if tokens and then and then != tokens:  # where both searches recorded them
         return (
-            f"champion v{champ.version} was scored on the same eval data tokenized to other ids "
-            f"(tokens {then}, now {tokens}: the chat template, the tokenizer's files or the "
-            "raysft / transformers version changed since); not replaced. Use a new "
+            f"champion v{champ.version} was scored on eval samples of other token ids (tokens "
+            f"{then}, now {tokens}: {TOKENS_CHANGED}); not replaced. Use a new "
             "promote.registered_model."
         )
     champion_mode = _champion_mode(champ)

@@ -83,6 +83,18 @@ def load_sharded(cfg: Any, *, device: Any, bf16: bool, rank: int) -> Any:
     shard(model, bf16=bf16)
     model.to_empty(device=device)
     dist.broadcast_object_list(extras, src=0)
+    # Every rank: the same check, so all raise together or none (no collective left waiting).
+    built = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    loaded = set(extras[0]["buffers"])
+    if built != loaded:
+        from raysft.errors import ModelError
+
+        raise ModelError(
+            f"model.name_or_path: {cfg.model.name_or_path}: built on the meta device it has "
+            f"other buffers than loaded from its files (only built: {sorted(built - loaded)}, "
+            f"only loaded: {sorted(loaded - built)}): FSDP cannot shard it without leaving one "
+            "uninitialized; train it with search.resources.strategy: ddp"
+        )
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
     with torch.no_grad():

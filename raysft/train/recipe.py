@@ -71,7 +71,6 @@ from raysft.train.ranks import (
     loss_of_all_ranks,
     sum_over_ranks,
 )
-from raysft.train.sandbox import check_answers
 from raysft.train.state import (
     CONFIG_FILE,
     STAGING_PREFIX,
@@ -308,10 +307,8 @@ def setup(
             answers_of_all_ranks, answers, dist=dist, rows=len(convs), batch_size=_GEN_BATCH
         )
     # Every worker holds every answer (gathered, or under FSDP generated alike): each runs the
-    # code tests of its share of the problems.
-    check = (
-        functools.partial(checks_of_all_ranks, dist=dist) if dist.world_size > 1 else check_answers
-    )
+    # code tests of its share of the problems (all of them alone).
+    check = functools.partial(checks_of_all_ranks, dist=dist)
     evaluate = functools.partial(score, cfg, loss=loss, answers=answers, check=check)
     stream = BatchStream(
         data.train,

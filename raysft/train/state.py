@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
-from raysft.data.digest import DATA_FILE, TOKENS, changed_sources, changed_tokens
+from raysft.data.digest import (
+    DATA_FILE,
+    TOKENS,
+    TOKENS_CHANGED,
+    changed_sources,
+    changed_tokens,
+)
 from raysft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -334,11 +340,10 @@ def check_same_tokens(directory: str | Path, digests: dict[str, dict[str, str]])
     changed = changed_tokens(then, digests)
     if changed:
         raise DataError(
-            f"--resume-from {directory}: the data's bytes are the ones its run trained on, but "
-            f"they tokenize to other ids now: the chat template, the tokenizer's files or the "
-            f"raysft / transformers version changed since; the remaining steps would train on "
-            f"other ids at the old rows' positions (resume with what wrote the checkpoint, or "
-            f"start a new run): {'; '.join(changed)}"
+            f"--resume-from {directory}: the data tokenizes to other ids than its run trained "
+            f"on ({TOKENS_CHANGED}); the remaining steps would train on other ids at the old "
+            f"rows' positions (resume with what wrote the checkpoint, or start a new run): "
+            f"{'; '.join(changed)}"
         )
 
 

@@ -765,7 +765,7 @@ def test_a_dry_run_checks_a_resume_as_it_would_start(
         return
     if case == "other_tokens":
         assert done.value.code == 2
-        assert "they tokenize to other ids now" in printed.err
+        assert "the data tokenizes to other ids than its run trained on" in printed.err
         assert "data.train: the same rows tokenize to other ids now (sha256 111111111111 then" in (
             printed.err
         )

@@ -65,16 +65,33 @@ _GENERATES = {"train.exact_match": True, "train.max_new_tokens": 4}
 def _eval_rows(tmp: Path) -> Path:
     path = tmp / "eval.jsonl"
     rows = [{"instruction": f"Say {n}", "output": "w " * (n % 7 + 1)} for n in range(41)]
-    for row in rows[::8]:  # 6 code rows: pass@k, their programs shared by the ranks too
-        row["tests"] = "assert True"
+    for n, row in enumerate(rows[::8]):  # 6 code rows: pass@k, their programs shared too
+        row["tests"] = f"assert True  # problem {n}"
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     return path
+
+
+def _judge_in(tmp: Path, who: str) -> None:
+    """The tiny model's answers are never Python (every program fails), so the code tests are
+    judged by the problem instead, whatever the answer: even problems pass. Which problems
+    this process ran goes to ``ran-WHO.txt``."""
+    from raysft.train import ranks
+
+    def judged(problems: list[tuple[list[str], str]], *, limits: object) -> list[list[bool]]:
+        numbers = [int(tests.rsplit(" ", 1)[1]) for _, tests in problems]
+        (tmp / f"ran-{who}.txt").write_text(" ".join(map(str, numbers)))
+        return [
+            [n % 2 == 0] * len(answers) for n, (answers, _) in zip(numbers, problems, strict=True)
+        ]
+
+    ranks.check_answers = judged  # type: ignore[assignment]
 
 
 def _worker(rank: int, tmp: str, model_dir: str, rendezvous: str, compiled: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    _judge_in(Path(tmp), f"rank{rank}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
@@ -101,7 +118,14 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     _rows(tmp_path / "rows.jsonl")
     torch.set_num_threads(1)
     evals = {**_GENERATES, "data.eval": str(_eval_rows(tmp_path))}
-    single = run_trial(_cfg(tmp_path, model_dir, grad_accum=4, out="single", **evals))
+    from raysft.train import ranks
+
+    check_answers = ranks.check_answers
+    _judge_in(tmp_path, "single")
+    try:
+        single = run_trial(_cfg(tmp_path, model_dir, grad_accum=4, out="single", **evals))
+    finally:
+        ranks.check_answers = check_answers
     os.environ.pop("RANK", None)
     args = (str(tmp_path), str(model_dir), _rendezvous(tmp_path), compiled)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
@@ -119,9 +143,16 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
         single.history[0]["eval_loss"], abs=tol
     )
     assert ddp_metrics["history"][0]["exact_match"] == single.history[0]["exact_match"]
+    # Each rank ran the programs of every other problem, and every rank got all results.
+    assert (tmp_path / "ran-single.txt").read_text() == "0 1 2 3 4 5"
+    assert (tmp_path / "ran-rank0.txt").read_text() == "0 2 4"
+    assert (tmp_path / "ran-rank1.txt").read_text() == "1 3 5"
+    assert single.final["pass_at_k"] == 0.5
     assert ddp_metrics["final"]["pass_at_k"] == single.final["pass_at_k"]
-    # The same greedy answers (eval_samples: the first 10 rows, rank 0's batch; the rows' order
-    # over ranks: test_generation.py).
+    # The same greedy answers and code results, per row (eval_samples: the first 10 rows, rank
+    # 0's batch, problems 0 (passes) and 1 (fails); the rows' order over ranks:
+    # test_generation.py).
+    assert [s.get("passed") for s in single.final["eval_samples"]][::8] == [[True], [False]]
     assert ddp_metrics["final"]["eval_samples"] == single.final["eval_samples"]
     a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))

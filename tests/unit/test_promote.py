@@ -613,8 +613,8 @@ def test_the_same_eval_data_tokenized_otherwise_refuses_with_the_reason(
                       exp_dir=exp_dir, recorded=now)  # fmt: skip
     assert refused["promoted"] is False and refused["eval_fingerprint"] == first["eval_fingerprint"]
     assert refused["reason"].startswith(
-        f"champion v1 was scored on the same eval data tokenized to other ids (tokens {'b' * 16}, "
-        f"now {'c' * 16}: "
+        f"champion v1 was scored on eval samples of other token ids (tokens {'b' * 16}, "
+        f"now {'c' * 16}: the chat template"
     )
     assert registry.alias("tokens") == "1"
     # Not recorded on one side: the fingerprint decides, and the better trial wins.

@@ -190,7 +190,7 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(tmp_path, monkeypatch, capl
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     options = {"train.precision": "bf16", "train.eval_base": False, "train.device": "cpu"}
-    with caplog.at_level(logging.WARNING, logger="raysft.train.recipe"):
+    with caplog.at_level(logging.WARNING, logger="raysft.train.precision"):
         setup(_config(tmp_path, _model_dir(tmp_path, "llama"), "full", **options), dist=Dist())
     warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
     if native:

@@ -1763,10 +1763,22 @@ def test_resume_refuses_the_same_data_tokenized_to_other_ids(tmp_path: Path) -> 
     now = {**then, TOKENS: {"train": "a" * 64, "eval": "c" * 64}}
     with pytest.raises(SearchStateError) as err:
         experiment.open_experiment("s.yaml", started, resume=True, digests=now)
+    assert str(err.value).startswith(
+        f"s.yaml: --resume: the data tokenizes to other ids than the trials in {exp.resolve()} "
+        "trained and were scored on (the chat template, "
+    )
     assert str(err.value).endswith(
         "search.experiment_dir: data.eval: the same rows tokenize to other ids now (sha256 "
         f"{'b' * 12} then, {'c' * 12} now)"
     )
+    # An edited file is said once, as such (its ids changed too).
+    edited = {"train": {s: "0" * 64 for s in then["train"]}, "eval": {**then["eval"]}}
+    with pytest.raises(SearchStateError) as err:
+        experiment.open_experiment(
+            "s.yaml", started, resume=True, digests={**edited, TOKENS: now[TOKENS]}
+        )
+    assert "the data differs from what the trials" in str(err.value)
+    assert "tokenize" not in str(err.value)
     # The data read without tokenizing (no driver's read): its bytes alone are compared.
     assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
 

@@ -208,8 +208,8 @@ def test_resume_refuses_the_same_bytes_tokenized_to_other_ids(
     with pytest.raises(DataError) as err:
         run_trial(cfg, resume_from=str(ckpt))
     message = str(err.value)
-    assert message.startswith(f"--resume-from {ckpt}: the data's bytes are the ones its run")
-    assert "they tokenize to other ids now" in message
+    assert message.startswith(f"--resume-from {ckpt}: the data tokenizes to other ids than its")
+    assert "the chat template, the tokenizer's files or the raysft / transformers" in message
     then = record[TOKENS]["train"][:12]
     assert f"data.train: the same rows tokenize to other ids now (sha256 {then} then, " in message
     # A checkpoint written before raysft recorded its ids resumes, said so.
@@ -483,13 +483,13 @@ def test_a_resume_that_computes_in_other_dtypes_says_so(
     own = first.final["numerics"]
     assert own == {"base_dtype": "float32", "autocast": "none"}  # lora on the CPU, fp32
     state_path = ckpts / "step-000004" / STATE_FILE
-    with caplog.at_level(logging.WARNING, logger="raysft.train.recipe"):
+    with caplog.at_level(logging.WARNING, logger="raysft.train.precision"):
         run_trial(cfg, resume_from=str(state_path.parent))
     assert "other numerics" not in caplog.text  # same host, same dtypes: nothing said
     state = torch.load(state_path, weights_only=True)
     state["progress"]["final"]["numerics"] = {**own, "autocast": "bfloat16"}  # a bf16 host's
     torch.save(state, state_path)
-    with caplog.at_level(logging.WARNING, logger="raysft.train.recipe"):
+    with caplog.at_level(logging.WARNING, logger="raysft.train.precision"):
         again = run_trial(cfg, resume_from=str(state_path.parent))
     assert "other numerics than it was trained with: autocast none (was bfloat16)" in caplog.text
     assert again.final["numerics"] == own  # what this run computed with
