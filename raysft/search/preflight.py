@@ -18,11 +18,11 @@ from raysft.assets import resolve
 from raysft.config import ModelSection, SearchSpec
 from raysft.data.shared import SharedData, read_once
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
+from raysft.train.hub import from_pretrained
 from raysft.train.model import (
     build_meta_model,
     check_targets,
     check_vocab,
-    from_pretrained,
     targetable_modules,
     training_tokenizer,
 )

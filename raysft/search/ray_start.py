@@ -19,7 +19,7 @@ from typing import Any
 from raysft.assets import BUNDLED_BASE, absolute_if_local
 from raysft.environ import environ
 from raysft.errors import ConfigError, RayStartError
-from raysft.train.model import HUB_TOKEN_VAR, TOKEN_VARS, job_runtime_env, worker_env
+from raysft.train.hub import HUB_TOKEN_VAR, TOKEN_VARS, job_runtime_env, worker_env
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,8 @@ def load_sharded(cfg: Any, *, device: Any, bf16: bool, rank: int) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from raysft.train.model import from_pretrained, weightless_full_model
+    from raysft.train.hub import from_pretrained
+    from raysft.train.model import weightless_full_model
 
     full: Any = None
     weights: dict[str, Any] = {}

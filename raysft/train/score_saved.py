@@ -18,12 +18,12 @@ from raysft.data.templates import Example, tokenize
 from raysft.errors import ConfigError, DataError, ModelError
 from raysft.thirdparty import peft_quietly
 from raysft.train.device import resolve_device
+from raysft.train.hub import from_pretrained
 from raysft.train.metrics import METRICS, Metric
 from raysft.train.model import (
     ADAPTER_WEIGHTS,
     build_bnb_config,
     check_bnb,
-    from_pretrained,
     keep_4bit_weights_trainable,
     load_tokenizer,
     resolve_dtype,

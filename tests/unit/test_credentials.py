@@ -13,7 +13,7 @@ from raysft.errors import ModelError
 from raysft.search import tracking
 from raysft.search.redact import REDACTED, flatten, is_secret, redact, scrubbed
 from raysft.search.tracking import config_params
-from raysft.train.model import HUB_TOKEN_VAR, _has_hub_token, load_error, worker_env
+from raysft.train.hub import HUB_TOKEN_VAR, _has_hub_token, load_error, worker_env
 
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
 

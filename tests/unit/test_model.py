@@ -385,7 +385,7 @@ def test_a_hub_id_on_a_machine_without_the_hub_is_one_message_at_once(
     warnings, before transformers' "couldn't connect": now the local cache alone, at once."""
     import time
 
-    from raysft.train import model as model_mod
+    from raysft.train import hub as model_mod
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub unreachable whatever this host's network
     t0 = time.monotonic()
