@@ -160,21 +160,21 @@ def _check_same_spec(
         )
     # Same paths, other bytes: the trials so far trained and were scored on the old ones.
     now = data_digests(cfg.data) if digests is None else digests
-    moved = changed_sources(state.get("data", {}), now)
-    if moved:
-        raise SearchStateError(
-            f"{spec_path}: --resume: the data differs from what the trials in {exp_dir} "
-            f"trained and were scored on; restore it, or start a new search in another "
-            f"search.experiment_dir: {'; '.join(moved)}"
+    then_data = state.get("data", {})
+    moved = changed_sources(then_data, now)
+    # Else the same bytes as far as they are hashed, maybe other token ids.
+    retokenized = [] if moved else changed_tokens(then_data, now)
+    if moved or retokenized:
+        why = (
+            f"the data differs from what the trials in {exp_dir} trained and were scored on; "
+            "restore it"
+            if moved
+            else f"the data tokenizes to other ids than the trials in {exp_dir} trained and were "
+            f"scored on ({TOKENS_CHANGED}); resume with what started the search"
         )
-    # The same bytes as far as they are hashed, other token ids.
-    retokenized = changed_tokens(state.get("data", {}), now)
-    if retokenized:
         raise SearchStateError(
-            f"{spec_path}: --resume: the data tokenizes to other ids than the trials in "
-            f"{exp_dir} trained and were scored on ({TOKENS_CHANGED}); resume with what "
-            f"started the search, or start a new search in another search.experiment_dir: "
-            f"{'; '.join(retokenized)}"
+            f"{spec_path}: --resume: {why}, or start a new search in another "
+            f"search.experiment_dir: {'; '.join(moved or retokenized)}"
         )
 
 
