@@ -12,8 +12,9 @@ memory, a collective every rank joins, and rank 0 writes them (the export in the
 dtype, the training state in fp32 for an exact resume). A resume loads the full state on every
 rank and each keeps its shard.
 
-Loading (``load_sharded``): rank 0 reads the weights into host memory and broadcasts them; the
-model is built on the meta device and sharded before any weight lands on a GPU.
+Loading (``load_sharded``): the model is built with its parameters on the meta device and sharded
+before any weight lands on a GPU; rank 0 reads the weights into host memory and broadcasts them
+(not on a resume, whose checkpoint holds them).
 """
 
 from __future__ import annotations
@@ -54,55 +55,37 @@ def shard(model: Any, *, bf16: bool) -> Any:
     return model
 
 
-def load_sharded(cfg: Any, *, device: Any, bf16: bool, rank: int) -> Any:
+def load_sharded(cfg: Any, *, device: Any, bf16: bool, rank: int, weights: bool = True) -> Any:
     """Method full's model, sharded over the default process group with no worker ever holding
-    all of it on its device: every rank builds it on the meta device and shards it, each
-    allocates its own shard on ``device``, and rank 0 alone reads the weights (into host
-    memory) and broadcasts them, each rank keeping its shard. The non-persistent buffers (rotary
-    frequencies, computed at construction, which the meta device left empty) and the
-    generation config (generation is a collective under FSDP: every rank must stop alike) come
-    from rank 0's copy too."""
-    import torch.distributed as dist
+    all of it on its device: every rank builds it with its parameters on the meta device and
+    shards it, and each allocates its own shard on ``device``. ``weights``: rank 0 alone reads
+    them (into host memory) and broadcasts them, a tensor at a time, each rank keeping its
+    shard; without (a resume), the checkpoint's fill the shards next and nothing is read."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
     from raysft.train.hub import from_pretrained
     from raysft.train.model import weightless_full_model
 
-    full: Any = None
-    weights: dict[str, Any] = {}
-    extras: list[Any] = [None]
-    if rank == 0:  # the weights do not depend on the attention kernel: eager loads anywhere
-        full = from_pretrained(
-            AutoModelForCausalLM, cfg.model, dtype=torch.float32, device_map={"": "cpu"},
-            attn_implementation="eager",
-        )  # fmt: skip
-        weights = full.state_dict()
-        buffers = {n: b for n, b in full.named_buffers() if n not in weights}
-        extras = [{"buffers": buffers, "generation_config": full.generation_config}]
     model = weightless_full_model(cfg)
+    # Computed at construction (rotary frequencies), not in any weights file: allocating the
+    # shards allocates the buffers anew, empty.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     shard(model, bf16=bf16)
     model.to_empty(device=device)
-    dist.broadcast_object_list(extras, src=0)
-    # Every rank: the same check, so all raise together or none (no collective left waiting).
-    built = {n for n, _ in model.named_buffers()} - set(model.state_dict())
-    loaded = set(extras[0]["buffers"])
-    if built != loaded:
-        from raysft.errors import ModelError
-
-        raise ModelError(
-            f"model.name_or_path: {cfg.model.name_or_path}: built on the meta device it has "
-            f"other buffers than loaded from its files (only built: {sorted(built - loaded)}, "
-            f"only loaded: {sorted(loaded - built)}): FSDP cannot shard it without leaving one "
-            "uninitialized; train it with search.resources.strategy: ddp"
-        )
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, weights, options=options)
     with torch.no_grad():
-        for name, value in extras[0]["buffers"].items():
+        for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
-    model.generation_config = extras[0]["generation_config"]
-    del full, weights
+    if weights:
+        full: dict[str, Any] = {}
+        if rank == 0:  # the weights do not depend on the attention kernel: eager loads anywhere
+            full = from_pretrained(
+                AutoModelForCausalLM, cfg.model, dtype=torch.float32, device_map={"": "cpu"},
+                attn_implementation="eager",
+            ).state_dict()  # fmt: skip
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+        del full
     return model
 
 

@@ -10,6 +10,7 @@ the adapters, hence the optimizer state, in float32.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Iterable, Sequence
@@ -287,22 +288,30 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
 
 
 def weightless_full_model(cfg: Config) -> Any:
-    """The model ``load_model`` gives for method full, built on the meta device: no weights,
-    no memory. Each FSDP worker shards it and takes its shard of the weights rank 0 read
-    (``fsdp.load_sharded``)."""
+    """The model ``load_model`` gives for method full, its parameters on the meta device (no
+    weights, no memory) and its buffers computed as at construction (rotary frequencies: they
+    are not in the weights files), with the generation config of its files. Each FSDP worker
+    shards it and takes its shard of the weights (``fsdp.load_sharded``)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = from_pretrained(AutoConfig, cfg.model)
     if cfg.model.attn_implementation == attention.SDPA_FP32:
         attention.register()
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config,
             dtype=torch.float32,  # full fine-tuning's master weights (resolve_dtype)
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
         )
+    model.tie_weights()  # init_empty_weights swaps each parameter for a meta one, ties and all
+    # As from_pretrained: the files' generation_config.json, else the one from config.json.
+    with contextlib.suppress(ModelError):
+        loaded = from_pretrained(GenerationConfig, cfg.model)
+        vars(loaded).pop("trust_remote_code", None)  # the loader's argument, kept as a field
+        model.generation_config = loaded
     model.config.use_cache = False  # as load_model
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(model)

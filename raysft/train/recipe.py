@@ -244,7 +244,9 @@ def setup(
                  "search.resources.strategy: ddp or train.compile: false"],
             )  # fmt: skip
         bf16 = computes_in_bf16(cfg, device)
-        model = fsdp.load_sharded(cfg, device=device, bf16=bf16, rank=dist.rank)
+        model = fsdp.load_sharded(
+            cfg, device=device, bf16=bf16, rank=dist.rank, weights=resume_from is None
+        )
         log.info("FSDP: every decoder layer sharded over %d workers", dist.world_size)
     else:
         model = load_model(cfg, device=device)

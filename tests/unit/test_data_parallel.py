@@ -248,7 +248,9 @@ def _fsdp_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
         train(run, report)
         finish(run)
         (Path(tmp) / f"fsdp-shard-{rank}.txt").write_text(seen[0])
-        # Resumed from step 1 (sharded state restored on both ranks), it ends where it ended.
+        # Resumed from step 1 (sharded state restored on both ranks), it ends where it ended;
+        # the checkpoint holds the weights, so no rank reads the model's.
+        _refuse_to_load_weights(f"rank {rank}, resuming")
         again = _cfg(Path(tmp), Path(model_dir), grad_accum=2, out="fsdp-resumed", **full)
         run_trial(again, dist=Dist(rank, 2, sharded=True), resume_from=f"{tmp}/fsdp-ckpt-1")
     finally:
@@ -283,9 +285,19 @@ def test_fsdp_shards_full_fine_tuning_and_takes_the_step_of_one_worker(tmp_path:
     assert resumed["final"]["eval_loss"] == pytest.approx(history[-1]["eval_loss"], abs=1e-5)
 
 
+def _refuse_to_load_weights(who: str) -> None:
+    """In this process, loading a model's weights (``AutoModelForCausalLM.from_pretrained``)
+    fails the test."""
+    from transformers import AutoModelForCausalLM
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{who} loaded the weights itself")
+
+    AutoModelForCausalLM.from_pretrained = refused  # type: ignore[assignment,method-assign]
+
+
 def _sharded_load_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     from raysft.train import fsdp
 
@@ -293,11 +305,7 @@ def _sharded_load_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     try:
         if rank != 0:  # only rank 0 reads the weights
-
-            def refused(*args: object, **kwargs: object) -> None:
-                raise AssertionError(f"rank {rank} loaded the weights itself")
-
-            AutoModelForCausalLM.from_pretrained = refused  # type: ignore[assignment]
+            _refuse_to_load_weights(f"rank {rank}")
         cfg = load_config(
             None, {"model.name_or_path": model_dir, "method": "full", "output_dir": tmp}
         )
@@ -315,11 +323,11 @@ def _sharded_load_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -
 
 
 def test_fsdp_workers_take_their_shards_of_the_weights_rank_0_alone_read(tmp_path: Path) -> None:
-    """Each worker builds the model on the meta device, shards it and gets its shard from rank
-    0's read (no worker holds the whole model on its device): the gathered weights, the rotary
-    buffers (computed at construction, not in the weights file), tied embeddings and the
-    generation config are the model's, on a model whose input and output embeddings are one
-    tensor (Qwen2, tie_word_embeddings)."""
+    """Each worker builds the model with its parameters on the meta device, shards it and gets
+    its shard from rank 0's read (no worker holds the whole model on its device): the gathered
+    weights, the rotary buffers (computed at construction, not in the weights file), tied
+    embeddings and the generation config are the model's, on a model whose input and output
+    embeddings are one tensor (Qwen2, tie_word_embeddings)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = _model_dir(tmp_path, "qwen2")
