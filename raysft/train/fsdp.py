@@ -65,7 +65,7 @@ def load_sharded(cfg: Any, *, device: Any, bf16: bool, rank: int, weights: bool 
     from transformers import AutoModelForCausalLM
 
     from raysft.train.hub import from_pretrained
-    from raysft.train.model import weightless_full_model
+    from raysft.train.model import resolve_dtype, weightless_full_model
 
     model = weightless_full_model(cfg)
     # Computed at construction (rotary frequencies), not in any weights file: allocating the
@@ -79,9 +79,10 @@ def load_sharded(cfg: Any, *, device: Any, bf16: bool, rank: int, weights: bool 
     if weights:
         full: dict[str, Any] = {}
         if rank == 0:  # the weights do not depend on the attention kernel: eager loads anywhere
+            cpu = torch.device("cpu")
             full = from_pretrained(
-                AutoModelForCausalLM, cfg.model, dtype=torch.float32, device_map={"": "cpu"},
-                attn_implementation="eager",
+                AutoModelForCausalLM, cfg.model, dtype=resolve_dtype(cfg, cpu),
+                device_map={"": cpu}, attn_implementation="eager",
             ).state_dict()  # fmt: skip
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full, options=options)

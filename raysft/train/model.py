@@ -280,11 +280,17 @@ def load_model(cfg: Config, *, device: str | torch.device = "cpu") -> Any:
     if cfg.method == "qlora":
         keep_4bit_weights_trainable(model)
     if cfg.method == "full":
-        if gc:
-            _enable_checkpointing(model)
-        model.requires_grad_(True)
-        return model
+        return _all_trainable(model, gc=gc)
     return _attach_adapter(model, cfg, gc=gc)
+
+
+def _all_trainable(model: Any, *, gc: bool) -> Any:
+    """Method full's model as training takes it: every weight trainable, activation
+    checkpointing where ``train.gradient_checkpointing`` asks for it."""
+    if gc:
+        _enable_checkpointing(model)
+    model.requires_grad_(True)
+    return model
 
 
 def weightless_full_model(cfg: Config) -> Any:
@@ -302,7 +308,7 @@ def weightless_full_model(cfg: Config) -> Any:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config,
-            dtype=torch.float32,  # full fine-tuning's master weights (resolve_dtype)
+            dtype=resolve_dtype(cfg, torch.device("meta")),  # full: fp32 master weights
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
         )
@@ -313,11 +319,8 @@ def weightless_full_model(cfg: Config) -> Any:
         vars(loaded).pop("trust_remote_code", None)  # the loader's argument, kept as a field
         model.generation_config = loaded
     model.config.use_cache = False  # as load_model
-    if cfg.train.gradient_checkpointing:
-        _enable_checkpointing(model)
-    model.requires_grad_(True)
     model.eval()  # as from_pretrained leaves it
-    return model
+    return _all_trainable(model, gc=cfg.train.gradient_checkpointing)
 
 
 # The weight files of a saved peft adapter, in the order peft looks for them.
