@@ -50,14 +50,15 @@ promote: {enabled: false}
 """
 
 
-def _prepare(workdir: Path) -> None:
-    """The 50,000 rows: the embedded Alpaca rows again and again, each instruction numbered."""
+def _prepare(workdir: Path, *, rows: int = ROWS) -> None:
+    """``rows`` rows (50,000): the embedded Alpaca rows again and again, each instruction
+    numbered."""
     workdir.mkdir(parents=True, exist_ok=True)
     lines = Path(resolve("embedded:tasks-alpaca.jsonl")).read_text(encoding="utf-8").splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
+    alpaca = [json.loads(line) for line in lines if line.strip()]
     with (workdir / "big.jsonl").open("w", encoding="utf-8") as f:
-        for i in range(ROWS):
-            row = dict(rows[i % len(rows)])
+        for i in range(rows):
+            row = dict(alpaca[i % len(alpaca)])
             row["instruction"] = f"{row['instruction']} (#{i})"
             f.write(json.dumps(row) + "\n")
     (workdir / "spec.yaml").write_text(SPEC, encoding="utf-8")

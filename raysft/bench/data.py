@@ -150,7 +150,7 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
 
 def length_summary(examples: list[Example]) -> dict[str, float]:
     """Median and mean sample length and trained-token count, for the report."""
-    lengths = sorted(len(e.input_ids) for e in examples)
+    lengths = sorted(e.n_tokens for e in examples)
     trained = sorted(e.n_trained for e in examples)
     mid = len(lengths) // 2
     return {

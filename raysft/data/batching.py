@@ -24,7 +24,7 @@ def make_bins(examples: list[Example], *, packing: bool, max_len: int) -> list[l
     """Example indices of each row: packed (best-fit decreasing) or one per row. Built once."""
     if not packing:
         return [[i] for i in range(len(examples))]
-    return pack([len(e.input_ids) for e in examples], max_len=max_len)
+    return pack([e.n_tokens for e in examples], max_len=max_len)
 
 
 # A training epoch is grouped by length in windows of this many batches' worth of tokens, taken
@@ -51,7 +51,7 @@ def _collate(
 
 
 def _row_lengths(examples: list[Example], bins: list[list[int]], rows: list[int]) -> list[int]:
-    return [sum(len(examples[i].input_ids) for i in bins[j]) for j in rows]
+    return [sum(examples[i].n_tokens for i in bins[j]) for j in rows]
 
 
 def batches(

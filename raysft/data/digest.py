@@ -107,7 +107,7 @@ def token_digests(data: Any) -> dict[str, str]:
 def _samples_digest(examples: Iterable[Any]) -> str:
     h = hashlib.sha256()
     for ex in examples:
-        h.update(len(ex.input_ids).to_bytes(4, "little"))  # where one sample ends
+        h.update(ex.n_tokens.to_bytes(4, "little"))  # where one sample ends
         h.update(array("q", ex.input_ids).tobytes())
         h.update(array("q", ex.labels).tobytes())
     return h.hexdigest()

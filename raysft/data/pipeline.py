@@ -376,7 +376,7 @@ def prepare_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> PreparedData
     report.eval_truncated = sum(e.truncated for e in evals)
     report.train_dropped_no_trained_tokens = len(tokenized["train"][2])
     report.eval_dropped_no_trained_tokens = len(tokenized["eval"][2])
-    report.train_tokens = sum(len(e.input_ids) for e in train)
+    report.train_tokens = sum(e.n_tokens for e in train)
     report.trained_tokens = sum(e.n_trained for e in train)
     # Generation scores each row's last trained answer (a final one of weight 0 is context).
     return PreparedData(train, evals, [scored_part(c) for c in eval_kept], report)

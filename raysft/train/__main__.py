@@ -175,7 +175,7 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
         if as_json:
             print(
                 json.dumps(
-                    {"text": text, "trained": spans, "n_tokens": len(ex.input_ids)},
+                    {"text": text, "trained": spans, "n_tokens": ex.n_tokens},
                     ensure_ascii=False,
                 )
             )
@@ -185,7 +185,7 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
         if ex.n_trained == 0:
             what = "refuses it" if cfg.data.on_error == "strict" else "drops and counts it"
             note = f" (truncated, nothing left to train: a run {what})"
-        print(f"--- example {i}: {len(ex.input_ids)} tokens, {ex.n_trained} trained{note}")
+        print(f"--- example {i}: {ex.n_tokens} tokens, {ex.n_trained} trained{note}")
         print("".join(marked))
     if report.rows_skipped:
         print(

@@ -171,7 +171,7 @@ def _prepare(
     train_bins = make_bins(data.train, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     eval_bins = make_bins(data.eval, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     if cfg.data.packing:
-        lengths = [len(e.input_ids) for e in data.train]
+        lengths = [e.n_tokens for e in data.train]
         data.report.packed_rows = len(train_bins)
         data.report.packing_efficiency = round(
             packing_efficiency(lengths, train_bins, max_len=cfg.data.max_seq_len), 4

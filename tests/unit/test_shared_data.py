@@ -128,3 +128,42 @@ def test_a_trial_whose_data_differs_reads_its_own(tmp_path: Path) -> None:
     assert _learned(taken.history) == _learned(own.history)
     assert taken.data == own.data
     assert taken.data["train_tokens"] > shared.prepared().report.train_tokens
+
+
+def test_token_digests_are_those_of_the_ids_as_written_before_they_were_arrays() -> None:
+    # Checkpoints and searches record these digests (data.json, raysft_state.json); the hex
+    # below is what raysft gave while samples were lists of ints (b3b7bce): a change of how
+    # samples are held must not make every earlier checkpoint refuse to resume.
+    from raysft.data.digest import _samples_digest
+    from raysft.data.templates import Example
+
+    samples = [Example([1, 300, 70000], [-100, 300, 70000], False), Example([5], [5], True)]
+    assert _samples_digest(samples) == (
+        "30507f0d50939460f3fd3839a6387be05461be98c502cf2dbd17240ff2a77781"
+    )
+
+
+def test_the_drivers_data_unpickles_at_about_four_bytes_a_token() -> None:
+    # Every trial's worker unpickles the search's data and keeps it for the whole trial: as
+    # Python lists that is a pointer and an int object per token (about 36 bytes), 9x this.
+    import tracemalloc
+
+    from raysft.data.templates import Example
+
+    n, length = 2000, 100
+    samples = [
+        Example(range(1000 + i, 1000 + i + length), [-100] * 40 + list(range(60)), False)
+        for i in range(n)
+    ]
+    assert samples[1].input_ids[:2] == [1001, 1002] and samples[1].n_trained == 60
+    payload = pickle.dumps(samples, protocol=pickle.HIGHEST_PROTOCOL)
+    tracemalloc.start()
+    try:
+        again = pickle.loads(payload)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert again == samples
+    tokens = 2 * n * length  # ids and labels
+    # 4 bytes a token, and each sample's three objects (~300 bytes over its 200 tokens)
+    assert held < 8 * tokens, f"{held / tokens:.1f} bytes a token"
