@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from raysft.data.templates import IGNORE, Example
+from raysft.data.tokens import IGNORE, Example
 
 MEDIAN_ANSWER = 120  # tokens (= characters for the byte-level embedded tokenizer)
 SIGMA = 0.7  # lognormal shape: p90 ~ 2.5x the median, a few answers near the cap

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from raysft.data.packing import by_length, collate_packed, collate_padded, pack
-from raysft.data.templates import Example
+from raysft.data.tokens import Example
 
 if TYPE_CHECKING:
     import torch

@@ -23,14 +23,8 @@ from raysft.data.formats import (
     scored_part,
     split_train_eval,
 )
-from raysft.data.templates import (
-    TERMINATORS,
-    Example,
-    Segment,
-    render,
-    terminator_tokens,
-    tokenize,
-)
+from raysft.data.templates import TERMINATORS, render, terminator_tokens
+from raysft.data.tokens import Example, Segment, tokenize
 from raysft.errors import TemplateError
 
 log = logging.getLogger(__name__)

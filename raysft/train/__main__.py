@@ -28,7 +28,7 @@ from raysft.data.pipeline import (
     render_row,
     training_rows,
 )
-from raysft.data.templates import Segment, tokenize, trained_spans
+from raysft.data.tokens import Segment, tokenize, trained_spans
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.search.preflight import check_model
 from raysft.train.model import (

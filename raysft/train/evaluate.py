@@ -15,7 +15,6 @@ from raysft.data.batching import batches
 from raysft.data.formats import Conversation, code_tests
 from raysft.data.packing import causal_lm_loss
 from raysft.data.templates import (
-    Example,
     answer_preamble,
     generation_prompt,
     generation_prompt_ids,
@@ -23,6 +22,7 @@ from raysft.data.templates import (
     terminator_tokens,
     token_count,
 )
+from raysft.data.tokens import Example
 from raysft.errors import DataError
 from raysft.train.metrics import EvalOutputs, Metric, computed_at
 from raysft.train.sandbox import Limits, check_answers

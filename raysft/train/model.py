@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raysft.config import Config, LoraSection, ModelSection, QloraSection
-from raysft.data.templates import adds_bos_token, export_chat_template, space_merges_into_word
+from raysft.data.templates import export_chat_template
+from raysft.data.tokens import adds_bos_token, space_merges_into_word
 from raysft.errors import ModelError
 from raysft.paths import give_plain_modes
 from raysft.thirdparty import peft_quietly

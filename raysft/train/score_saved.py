@@ -14,7 +14,7 @@ from raysft.assets import adapter_base_path, available, resolve
 from raysft.config import Config
 from raysft.data.formats import Conversation, code_tests, scored_part
 from raysft.data.pipeline import DataReport, check_template, load_eval, render_row
-from raysft.data.templates import Example, tokenize
+from raysft.data.tokens import Example, tokenize
 from raysft.errors import ConfigError, DataError, ModelError
 from raysft.thirdparty import peft_quietly
 from raysft.train.device import resolve_device

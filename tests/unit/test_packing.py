@@ -18,7 +18,7 @@ from raysft.data.packing import (
     pack,
     packing_efficiency,
 )
-from raysft.data.templates import Example
+from raysft.data.tokens import Example
 
 # ---------------------------------------------------------------- pack
 

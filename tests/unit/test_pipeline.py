@@ -12,7 +12,7 @@ import pytest
 
 from raysft.config import DataSection
 from raysft.data.pipeline import load_eval, load_split, prepare_data, warn_of_eval_in_train
-from raysft.data.templates import trained_spans
+from raysft.data.tokens import trained_spans
 from raysft.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -135,7 +135,7 @@ def test_token_digests_are_those_of_the_ids_as_written_before_they_were_arrays()
     # below is what raysft gave while samples were lists of ints (b3b7bce): a change of how
     # samples are held must not make every earlier checkpoint refuse to resume.
     from raysft.data.digest import _samples_digest
-    from raysft.data.templates import Example
+    from raysft.data.tokens import Example
 
     samples = [Example([1, 300, 70000], [-100, 300, 70000], False), Example([5], [5], True)]
     assert _samples_digest(samples) == (
@@ -148,7 +148,7 @@ def test_the_drivers_data_unpickles_at_about_four_bytes_a_token() -> None:
     # Python lists that is a pointer and an int object per token (about 36 bytes), 9x this.
     import tracemalloc
 
-    from raysft.data.templates import Example
+    from raysft.data.tokens import Example
 
     n, length = 2000, 100
     samples = [

@@ -184,7 +184,7 @@ def test_resume_refuses_the_same_bytes_tokenized_to_other_ids(
     position. The checkpoint records what its rows tokenized to, and a resume compares."""
     from raysft.data import pipeline
     from raysft.data.digest import DATA_FILE, TOKENS, token_digests
-    from raysft.data.templates import Segment
+    from raysft.data.tokens import Segment
     from raysft.errors import DataError
     from raysft.train.model import training_tokenizer
 

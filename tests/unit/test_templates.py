@@ -10,9 +10,7 @@ import pytest
 from evalkit import FAMILIES, chat_tokenizer_dir
 
 from raysft.data.templates import (
-    IGNORE,
     JINJA,
-    Segment,
     TemplateError,
     answer_preamble,
     generation_prompt,
@@ -21,9 +19,8 @@ from raysft.data.templates import (
     render_text,
     stop_strings,
     template_terminator,
-    tokenize,
-    trained_spans,
 )
+from raysft.data.tokens import IGNORE, Segment, tokenize, trained_spans
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "templates"
 
@@ -801,7 +798,8 @@ def test_a_saved_template_prompts_a_merging_tokenizer_as_training_did(template: 
     """Plain transformers on an export (apply_chat_template, then its ids) must prompt with
     the ids training put before an answer: with a SentencePiece-style tokenizer, a prompt
     ending in "[/INST] " or "ASSISTANT: " ends in a standalone "▁" training never had there."""
-    from raysft.data.templates import export_chat_template, render_text, space_merges_into_word
+    from raysft.data.templates import export_chat_template, render_text
+    from raysft.data.tokens import space_merges_into_word
 
     sp = _metaspace_tokenizer()
     assert space_merges_into_word(sp)
@@ -827,7 +825,8 @@ def test_a_saved_template_prompts_a_merging_tokenizer_as_training_did(template: 
 
 def _saved(tok: Any, template: str, *, bos: bool) -> Any:
     """``tok`` with the chat_template a run exports for ``template`` (as ``training_tokenizer``)."""
-    from raysft.data.templates import export_chat_template, space_merges_into_word
+    from raysft.data.templates import export_chat_template
+    from raysft.data.tokens import space_merges_into_word
 
     saved = copy.copy(tok)
     saved.chat_template = export_chat_template(
@@ -847,7 +846,7 @@ def test_chatml_and_vicuna_open_with_the_bos_a_llama_tokenizer_adds(
 ) -> None:
     # A Llama base saw "<s>" first in every pretraining sequence, and tok(text) (FastChat, vLLM
     # given a string) puts it there: training, the eval prompt and the export all have it.
-    from raysft.data.templates import adds_bos_token
+    from raysft.data.tokens import adds_bos_token
 
     sp = _metaspace_tokenizer(bos=True)
     bos = sp.bos_token_id
@@ -887,7 +886,8 @@ def test_llama2_never_gets_a_second_bos(conv_name: str) -> None:
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_a_tokenizer_that_adds_no_bos_renders_the_golden_files(tok: Any, name: str) -> None:
     # The embedded byte tokenizer (its model was pretrained without BOS), Qwen's: unchanged.
-    from raysft.data.templates import adds_bos_token, export_chat_template
+    from raysft.data.templates import export_chat_template
+    from raysft.data.tokens import adds_bos_token
 
     template, c = GOLDEN_CASES[name]
     for no_bos in (tok, _metaspace_tokenizer()):
