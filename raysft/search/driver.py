@@ -250,9 +250,6 @@ def _search(
     begun: list[bool],
     replaced: dict[int, Any],
 ) -> dict[str, Any]:
-    import ray
-    import ray.tune
-
     uri = tracking_store.tracking_uri(cfg.tracking)
     tracking_requests.callback_failures(reset=True)
     tracking_requests.bound_retries()
@@ -283,6 +280,33 @@ def _search(
         order=list(cfg.search.params),
         ended_file=exp_dir / tracking.ENDED_FILE,
     )
+    tracked = {"mlc": mlc, "uri": uri, "exp_id": exp_id, "parent_id": parent_id, "timing": timing}
+    grid = _run_trials(
+        tree, cfg, plan, exp_dir, callback, shared_ref,
+        resume=resume, tracked=tracked, t_setup=t0 + read_s,
+    )  # fmt: skip
+    return _after_trials(
+        spec_path, cfg, exp_dir, grid, callback, tracked=tracked, resolve=resolve, t0=t0
+    )
+
+
+def _run_trials(
+    tree: dict[str, Any],
+    cfg: SearchSpec,
+    plan: Any,
+    exp_dir: Path,
+    callback: Any,
+    shared_ref: Any,
+    *,
+    resume: bool,
+    tracked: dict[str, Any],
+    t_setup: float,
+) -> Any:
+    """Tune's run of the trials: a new search's Tuner, or the one ``--resume`` restores. Its
+    ResultGrid; the parent run is closed FAILED if it raises."""
+    import ray.tune
+
+    timing = tracked["timing"]
     try:
         if resume:
             from raysft.search.searcher import allow_final_only_objective
@@ -299,14 +323,34 @@ def _search(
             )
         else:
             tuner = build_tuner(tree, cfg, plan, exp_dir, [callback], shared_ref)
-        timing["mlflow_setup_s"] = time.perf_counter() - t0 - read_s - timing["ray_start_s"]
+        timing["mlflow_setup_s"] = time.perf_counter() - t_setup - timing["ray_start_s"]
         t_fit = time.perf_counter()
         with own_signal_handlers(), quiet_tune_output(loggers_off=not resume):
             grid = tuner.fit()
         timing["trials_s"] = time.perf_counter() - t_fit
     except BaseException:
-        close_parent(mlc, parent_id, "FAILED")
+        close_parent(tracked["mlc"], tracked["parent_id"], "FAILED")
         raise
+    return grid
+
+
+def _after_trials(
+    spec_path: str,
+    cfg: SearchSpec,
+    exp_dir: Path,
+    grid: Any,
+    callback: Any,
+    *,
+    tracked: dict[str, Any],
+    resolve: TrialConfigs,
+    t0: float,
+) -> dict[str, Any]:
+    """What follows Tune's run: every trial's end found (a Ctrl-C during ``fit()`` told apart),
+    then ``finish_search`` (ranking, base vs tuned, promotion, summary); Ray shut down
+    whatever happens. ``tracked``: the search's MLflow client, ids and timing."""
+    import ray
+
+    mlc, exp_id, parent_id = tracked["mlc"], tracked["exp_id"], tracked["parent_id"]
     ended = False  # whether every trial ended (a Ctrl-C during fit() is told apart below)
     summary: dict[str, Any] | None = None
     try:
@@ -320,16 +364,12 @@ def _search(
         runs = {t: run for t, (run, _) in known.items() if run}
         runs.update(callback.runs)
         tracked = {
-            "mlc": mlc,
-            "uri": uri,
-            "exp_id": exp_id,
-            "parent_id": parent_id,
+            **tracked,
             "runs": runs,
             "statuses": {t: status for t, (_, status) in known.items()},
             "diverged": set(getattr(callback, "diverged", ())),
             "tracking_failures": tracking_failures,
             "unreachable": unreachable,
-            "timing": timing,
         }
         results = [result_of(grid[i], exp_dir) for i in range(len(grid))]
         summary = finish_search(
