@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, get_args
@@ -24,7 +25,7 @@ END = "<!-- config-reference:end -->"
 
 
 def _type_name(ann: Any) -> str:
-    text = str(ann).replace("typing.", "").replace("raysft.config.sections.", "")
+    text = re.sub(r"raysft\.config\.\w+\.", "", str(ann).replace("typing.", ""))
     text = text.replace("<class '", "").replace("'>", "")
     return text.replace("|", "\\|")
 

@@ -6,6 +6,7 @@ reporting every problem of a file at once. Importing this package imports neithe
 ray, so validation and ``--dry-run`` are instant.
 """
 
+from raysft.config.fields import DataFormat, Method, Template
 from raysft.config.loading import (
     drop_sections_of_replaced_method,
     dump_config,
@@ -22,24 +23,23 @@ from raysft.config.overrides import (
     set_path,
     split_overrides,
 )
-from raysft.config.sections import (
-    Config,
-    DataFormat,
-    DataSection,
-    EvalSection,
-    LoraSection,
-    Method,
-    ModelSection,
+from raysft.config.search_sections import (
     PromoteSection,
-    QloraSection,
     ResourcesSection,
     SamplerSection,
     SchedulerSection,
     SearchParam,
     SearchSection,
-    SearchSpec,
-    Template,
     TrackingSection,
+)
+from raysft.config.sections import (
+    Config,
+    DataSection,
+    EvalSection,
+    LoraSection,
+    ModelSection,
+    QloraSection,
+    SearchSpec,
     TrainSection,
 )
 from raysft.config.validation import validate_rest, validate_spec, validate_tree

@@ -13,8 +13,9 @@ from typing import Any, get_args
 
 import yaml
 
+from raysft.config.fields import Method
 from raysft.config.overrides import blame_overrides, set_path, split_overrides
-from raysft.config.sections import Config, Method
+from raysft.config.sections import Config
 from raysft.config.validation import validate_tree
 from raysft.config.yaml_reader import read_yaml
 from raysft.errors import ConfigError

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from raysft.config.sections import SearchParam
+from raysft.config.search_sections import SearchParam
 from raysft.config.yaml_reader import yaml_load
 from raysft.errors import ConfigError
 

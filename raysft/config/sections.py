@@ -1,107 +1,30 @@
 """The configuration schema: one pydantic model per YAML section, ``extra="forbid"``. The only
 place defaults live; every option is documented once, on its field (README reference and
-``--help`` come from here).
+``--help`` come from here). This module holds a training run's sections and the two top-level
+models (``Config``, ``SearchSpec``); ``search_sections`` the sections a search adds, ``fields``
+what they all share.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import posixpath
-import re
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from raysft.config.fields import (
+    MAX_SEED,
+    DataFormat,
+    Method,
+    Section,
+    Template,
+    expand_home,
+    local_path,
 )
-
 from raysft.config.rules import CONFIG_RULES, SPEC_RULES, apply_rules
-
-Method = Literal["full", "lora", "qlora"]
-DataFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
-Template = Literal["llama2", "chatml", "vicuna", "tokenizer"]
-MAX_SEED = 2**32 - 1  # what every seeded library takes (Optuna and numpy refuse more)
-# MLflow's own rules (mlflow/utils/validation.py), checked at load rather than after the trials.
-_ALIAS = re.compile(r"^[\w\-]{1,255}$")
-_RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+from raysft.config.search_sections import PromoteSection, SearchSection, TrackingSection
 
 
-def _home(value: Any) -> Any:
-    """A path setting's leading ``~`` (or ``~user``) as a shell expands it, in a string or in
-    each string of a list: YAML passes it on as written, and a file named ``~/d.jsonl`` is
-    never what was meant. ``sqlite:///~/m.db`` too. Other values are left as they are."""
-    if isinstance(value, list):
-        return [_home(v) for v in value]
-    if not isinstance(value, str):
-        return value
-    if value.startswith("sqlite:///~"):
-        return "sqlite:///" + os.path.expanduser(value.removeprefix("sqlite:///"))
-    return os.path.expanduser(value) if value.startswith("~") else value
-
-
-def _local_path(value: Any) -> Any:
-    """An output directory setting (``_home`` expanded), refusing a URI: raysft writes there
-    with plain file I/O, so ``s3://bucket/x`` became the relative directory ``s3:/bucket/x``
-    under the working directory of each node, and a cluster's trials need one directory that
-    every node sees."""
-    value = _home(value)
-    if isinstance(value, str) and not value.strip():
-        # Path("") is the working directory: its files would be written over or among.
-        # Refused in the validator, so on saved specs too (summary.json's, a trial's): a search
-        # started since this refusal cannot have saved one, but one started before it could
-        # (an empty output_dir or experiment_dir was accepted then) and would not load.
-        raise ValueError("empty: give a directory (empty is the working directory)")
-    if isinstance(value, str) and "://" in value:
-        raise ValueError(
-            f"{value}: a URI; raysft needs a shared filesystem path (NFS/EFS mounted at the "
-            "same path on every node), not a cloud URI"
-        )
-    return value
-
-
-def _takes(annotation: Any, kinds: tuple[type, ...]) -> bool:
-    """Whether a field's type is, or is a union or Literal... holding, one of ``kinds``."""
-    if annotation in kinds:
-        return True
-    return any(_takes(arg, kinds) for arg in get_args(annotation) if arg is not annotation)
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: ``.inf`` (or ``--set ...=inf``) passes every ``gt=0``; NaN none.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """pydantic reads true/false as 1/0 for a number (YAML's yes/on are true): ``lora.r:
-        true`` would train at rank 1 without a word."""
-        if isinstance(value, bool) and info.field_name is not None:
-            kind = cls.model_fields[info.field_name].annotation
-            if _takes(kind, (int, float)) and not _takes(kind, (bool,)):
-                raise ValueError(f"should be {_numbers(kind)}, not {str(value).lower()}")
-        return value
-
-
-def _numbers(kind: Any) -> str:
-    """What a number field takes, in words: "a number", "a number or 'auto'", "... or null"."""
-    words = ["a number"]
-    words += [repr(a) for a in _literals(kind)]
-    words += ["null"] if _takes(kind, (type(None),)) else []
-    return " or ".join(words)
-
-
-def _literals(kind: Any) -> list[Any]:
-    if getattr(kind, "__origin__", None) is Literal:
-        return list(get_args(kind))
-    return [v for arg in get_args(kind) if arg is not kind for v in _literals(arg)]
-
-
-class ModelSection(_Section):
+class ModelSection(Section):
     name_or_path: str = Field(
         "embedded:tiny-base",
         description="Hub id or local directory of the base model (Llama, Qwen2, Mistral style). "
@@ -134,10 +57,10 @@ class ModelSection(_Section):
     def _names_a_model(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("empty: give a Hub id, a local directory or embedded:tiny-base")
-        return _home(value)  # type: ignore[no-any-return]  # a local directory as ~/models/x
+        return expand_home(value)  # type: ignore[no-any-return]  # a local directory as ~/models/x
 
 
-class LoraSection(_Section):
+class LoraSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank r: trainable 2*d*r per adapted d x d matrix.")
     alpha: float = Field(
         32, gt=0, description="LoRA scaling numerator: update = (alpha / r) * B A."
@@ -171,7 +94,7 @@ class LoraSection(_Section):
         return module == target or module.endswith(f".{target}")
 
 
-class QloraSection(_Section):
+class QloraSection(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4 per QLoRA).")
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -183,7 +106,7 @@ class QloraSection(_Section):
     )
 
 
-class DataSection(_Section):
+class DataSection(Section):
     train: str | list[str] = Field(
         default_factory=lambda: ["embedded:tasks-alpaca.jsonl", "embedded:tasks-sharegpt.jsonl"],
         description="Training data: JSON / JSONL / Parquet file(s), a saved `datasets` directory "
@@ -239,7 +162,7 @@ class DataSection(_Section):
             # An empty path would be read as the working directory.
             where = f"item {empty[0]} " if empty else ""
             raise ValueError(f"{where}is empty: give a file, directory or hf:NAME")
-        return _home(value)  # type: ignore[no-any-return]
+        return expand_home(value)  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _grouping_is_unpacked(self) -> DataSection:
@@ -251,7 +174,7 @@ class DataSection(_Section):
         return self
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     learning_rate: float = Field(
         2e-5,
         gt=0,
@@ -332,7 +255,7 @@ class TrainSection(_Section):
     )
 
 
-class EvalSection(_Section):
+class EvalSection(Section):
     """How the held-out answers are generated and code answers run (generation metrics: exact
     match, ROUGE-L, BLEU, pass@k; see README: Metrics). Generation is on with
     `train.exact_match`, capped by `train.max_new_tokens`."""
@@ -367,250 +290,7 @@ class EvalSection(_Section):
         return self
 
 
-class SearchParam(_Section):
-    """One searched hyperparameter: a distribution over the value at a dotted config path."""
-
-    # Non-finite bounds and values get _check_shape's own message, which names them.
-    model_config = ConfigDict(allow_inf_nan=True)
-
-    type: Literal["loguniform", "uniform", "int", "choice", "multiple_of"] = Field(
-        description="loguniform/uniform/int need low, high; choice needs values; "
-        "multiple_of needs of (a dotted path) and values (the factors)."
-    )
-    low: float | None = Field(None, description="Lower bound (inclusive).")
-    high: float | None = Field(None, description="Upper bound (inclusive).")
-    values: list[Any] | None = Field(None, description="Choices, or factors for multiple_of.")
-    of: str | None = Field(None, description="multiple_of: the path this value multiplies.")
-
-    @model_validator(mode="after")
-    def _check_shape(self) -> SearchParam:
-        # NaN passes every comparison below (and every ``gt=0`` of a probed field): refuse it here.
-        bounds = [("low", self.low), ("high", self.high)]
-        for name, value in bounds + [("values", v) for v in self.values or []]:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name}: {value} is not a finite number")
-        if self.type in ("loguniform", "uniform", "int"):
-            if self.low is None or self.high is None:
-                raise ValueError(f"type {self.type} needs low and high")
-            if self.low > self.high:
-                raise ValueError(f"low ({self.low}) > high ({self.high})")
-            if self.type == "loguniform" and self.low <= 0:
-                raise ValueError("loguniform needs low > 0")
-        elif not self.values:
-            raise ValueError(f"type {self.type} needs a non-empty values list")
-        # A value listed twice is refused by the spec file's checks (raysft.search.searchable), not
-        # here: a saved spec of a search that ran with one must load.
-        if self.type == "multiple_of" and not self.of:
-            raise ValueError("type multiple_of needs of: <dotted path>")
-        takes = _PARAM_FIELDS[self.type]
-        unread = [k for k in ("low", "high", "values", "of") if k not in takes]
-        unread = [k for k in unread if getattr(self, k) is not None]
-        if unread:
-            raise ValueError(
-                f"type {self.type} reads {' and '.join(takes)} only: {', '.join(unread)} "
-                "would be ignored"
-            )
-        return self
-
-
-_PARAM_FIELDS = {
-    "loguniform": ("low", "high"),
-    "uniform": ("low", "high"),
-    "int": ("low", "high"),
-    "choice": ("values",),
-    "multiple_of": ("of", "values"),
-}
-
-
-class SchedulerSection(_Section):
-    type: Literal["asha", "none"] = Field("asha", description="Early stopping of bad trials.")
-    grace_period: int = Field(1, gt=0, description="ASHA: evals a trial always gets.")
-    reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor per rung.")
-
-
-class SamplerSection(_Section):
-    type: Literal["tpe", "random"] = Field(
-        "tpe",
-        description="How trials' values are proposed. `tpe`: Optuna's TPE, random for the "
-        "first startup_trials, then modelled on the finished ones. `random`: independent draws.",
-    )
-    startup_trials: int | Literal["auto"] = Field(
-        "auto",
-        description="TPE: trials drawn at random before it models the results. `auto`: a third "
-        "of num_samples, at least 2 and at most 10 (Optuna's own default, 10, would leave any "
-        "search of up to 10 trials random).",
-    )
-    multivariate: bool = Field(
-        True,
-        description="TPE: model the parameters jointly (learning rate and rank interact), not "
-        "each on its own.",
-    )
-
-    @field_validator("startup_trials")
-    @classmethod
-    def _at_least_one(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be >= 1 (or auto)")
-        return value
-
-    @model_validator(mode="after")
-    def _tpe_settings_need_tpe(self) -> SamplerSection:
-        # Set to other than their defaults: a saved spec (raysft_state.json, a checkpoint's
-        # config.yaml) holds every field, and must load again.
-        fields = type(self).model_fields
-        ignored = sorted(
-            k
-            for k in ("startup_trials", "multivariate")
-            if k in self.model_fields_set and getattr(self, k) != fields[k].default
-        )
-        if self.type == "random" and ignored:
-            raise ValueError(f"{', '.join(ignored)}: TPE settings, but type is random")
-        return self
-
-
-class ResourcesSection(_Section):
-    workers: int = Field(1, gt=0, description="Ray Train workers per trial (data parallel).")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs per worker.")
-    gpus_per_worker: float | Literal["auto"] = Field(
-        0.0,
-        description="GPUs per worker; a fraction shares a GPU between trials (with workers: 1 "
-        "only: two ranks of one trial on one GPU fail in NCCL), each trial's process capped to "
-        "its share of the GPU's memory. `auto`: one GPU per worker, shared by as many trials as "
-        "fit by the memory estimate with 10% headroom (1/n GPU each), when the GPU size is known "
-        "(this machine's GPUs, or gpu_memory_gib) and workers is 1.",
-    )
-    strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto",
-        description="How a trial's workers share the model. `ddp`: each holds all of it. "
-        "`fsdp`: parameters, gradients and optimizer state split over the workers (full "
-        "fine-tuning only). `auto`: fsdp for method full with workers > 1, ddp otherwise.",
-    )
-    gpu_memory_gib: float | None = Field(
-        None,
-        gt=0,
-        description="Memory of one GPU (GiB) to plan with where none is visible: a cluster spec "
-        "checked on a GPU-less machine (--dry-run) or before the driver joins the cluster. "
-        "Visible GPUs take precedence. Null: unknown there, and the memory check is skipped "
-        "(the plan says so).",
-    )
-
-    scale_up_timeout_s: float = Field(
-        900,
-        ge=0,
-        description="Joining a cluster that has an autoscaler (cluster.yaml: GPU workers from "
-        "zero) whose nodes up hold fewer trials than wanted (max_concurrent, else num_samples): "
-        "how long the driver asks it for nodes and waits before planning on the nodes then up. "
-        "It stops waiting sooner once enough are up, or once the autoscaler has launched "
-        "nothing for 60 s (it has no node type that fits, or is at its max_workers). 0: no "
-        "wait. Without an autoscaler the plan is made at once on the nodes up.",
-    )
-
-    @field_validator("gpus_per_worker")
-    @classmethod
-    def _non_negative(cls, value: float | str) -> float | str:
-        if isinstance(value, float | int) and value < 0:
-            raise ValueError("must be >= 0 (or auto)")
-        return float(value) if isinstance(value, int) else value
-
-    @property
-    def gpus(self) -> float:
-        """GPUs per worker as a number; ``auto`` is one whole GPU until the plan shares it."""
-        return 1.0 if self.gpus_per_worker == "auto" else self.gpus_per_worker
-
-    def shards(self, method: str) -> bool:
-        """Whether a trial of ``method`` trains with FSDP (``strategy`` resolved)."""
-        return self.strategy != "ddp" and method == "full" and self.workers > 1
-
-
-class SearchSection(_Section):
-    params: dict[str, SearchParam] = Field(description="Dotted config path -> distribution.")
-    metric: str = Field(
-        "eval_loss",
-        description="Metric to optimise: a searchable name of the metric registry "
-        "(README: Metrics). ASHA needs one reported at every eval.",
-    )
-    mode: Literal["min", "max"] | None = Field(
-        None, description="Minimise or maximise the metric. Null: the metric's own direction."
-    )
-    num_samples: int = Field(4, gt=0, description="Trials to run.")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds the sampler.")
-    sampler: SamplerSection = Field(default_factory=SamplerSection)
-    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
-    resources: ResourcesSection = Field(default_factory=ResourcesSection)
-    max_concurrent: int | None = Field(
-        None, gt=0, description="Trials at once. Null: as many as the resources allow."
-    )
-    max_retries: int = Field(
-        2,
-        ge=0,
-        description="Restarts of a trial whose worker fails (a killed process, a lost node), each "
-        "from the trial's last checkpoint, or after a model or Hub dataset failed to load. A "
-        "trial out of memory, or failed on its data, spec or template (the same inputs would "
-        "fail again), is failed, never retried.",
-    )
-    experiment_dir: str = Field(
-        "runs/search", description="Where trials, checkpoints and summary.json go."
-    )
-    _experiment_home = field_validator("experiment_dir")(_local_path)
-
-    @field_validator("params")
-    @classmethod
-    def _searches_something(
-        cls, value: dict[str, SearchParam], info: ValidationInfo
-    ) -> dict[str, SearchParam]:
-        # Not when validating again without the failed fields (``dropped``): the parameters
-        # left may be none, and the other rules still have something to say.
-        if not value and not (isinstance(info.context, dict) and "dropped" in info.context):
-            raise ValueError("names no parameter: every trial would train the same config")
-        return value
-
-
-class TrackingSection(_Section):
-    uri: str | None = Field(
-        None,
-        description="MLflow tracking URI. Null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.",
-    )
-    experiment: str = Field(
-        "raysft", min_length=1, max_length=500, description="MLflow experiment name."
-    )
-    _uri_home = field_validator("uri")(_home)  # sqlite:///~/mlflow.db
-
-
-class PromoteSection(_Section):
-    enabled: bool = Field(True, description="Register the best adapter after the search.")
-    registered_model: str = Field("raysft-adapter", description="Model Registry name.")
-    alias: str = Field("champion", description="Alias moved to a version that wins.")
-    export_dir: str | None = Field(
-        None, description="Where the promoted adapter is exported. Null: EXPERIMENT_DIR/champion."
-    )
-    _export_home = field_validator("export_dir")(_local_path)
-
-    @field_validator("registered_model")
-    @classmethod
-    def _model_name(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("empty: the Model Registry needs a name")
-        if "/" in value or ":" in value:
-            raise ValueError(f"{value!r}: a Model Registry name cannot contain '/' or ':'")
-        norm = posixpath.normpath(value)  # MLflow treats the name as a path, too
-        if norm != value or norm == "." or norm.startswith(".."):
-            raise ValueError(f"{value!r}: MLflow refuses a Model Registry name it would read as "
-                             f"the path {norm!r}")  # fmt: skip
-        return value
-
-    @field_validator("alias")
-    @classmethod
-    def _alias(cls, value: str) -> str:
-        if not _ALIAS.match(value):
-            raise ValueError(
-                f"{value!r}: an MLflow alias is 1-255 letters, digits, underscores or dashes"
-            )
-        if _RESERVED_ALIAS.match(value):
-            raise ValueError(f"{value!r}: MLflow reserves 'latest' and version names (v1, V2)")
-        return value
-
-
-class Config(_Section):
+class Config(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     method: Method = Field(
         "lora", description="full: every weight; lora; qlora: LoRA on 4-bit NF4."
@@ -625,7 +305,7 @@ class Config(_Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     promote: PromoteSection = Field(default_factory=PromoteSection)
 
-    _output_home = field_validator("output_dir")(_local_path)
+    _output_home = field_validator("output_dir")(local_path)
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Config:
