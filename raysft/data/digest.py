@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from raysft.data.formats import saved_split
+from raysft.data.sources import saved_split
 from raysft.errors import DataError
 
 DATA_FILE = "data.json"  # a checkpoint's record of its sources' digests

@@ -15,14 +15,12 @@ from raysft.data.formats import (
     Conversation,
     DataError,
     LoadedData,
-    Role,
-    default_split,
     load_conversations,
     reads,
-    saved_split,
     scored_part,
     split_train_eval,
 )
+from raysft.data.sources import Role, default_split, saved_split
 from raysft.data.templates import TERMINATORS, render, terminator_tokens
 from raysft.data.tokens import Example, Segment, tokenize
 from raysft.errors import TemplateError

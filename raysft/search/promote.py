@@ -21,8 +21,8 @@ from typing import Any
 from raysft.config import Config, PromoteSection, SearchSpec
 from raysft.data.digest import TOKENS, TOKENS_CHANGED, Digests, source_digest
 from raysft.data.digest import sources as data_sources
-from raysft.data.formats import saved_split
 from raysft.data.shared import seed_picks_eval_rows
+from raysft.data.sources import saved_split
 from raysft.search.export import (
     check_export,
     drop_old_export,
