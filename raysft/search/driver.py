@@ -27,6 +27,7 @@ from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, SearchStateError
 from raysft.paths import LOCK_FILE
 from raysft.search import redact, tracking, tracking_requests, tracking_store
+from raysft.search.autoscale import scale_up
 from raysft.search.callback import make_callback
 from raysft.search.experiment import (
     count_start,
@@ -59,7 +60,6 @@ from raysft.search.resources import (
     plan_resources,
     ray_nodes,
     resolve_auto_share,
-    scale_up,
 )
 from raysft.search.space import (
     TrialConfigs,

@@ -31,13 +31,8 @@ from raysft.errors import ConfigError, DataError
 from raysft.paths import LOCK_FILE
 from raysft.search import combinations as combinations_module
 from raysft.search import spec as spec_module
-from raysft.search.resources import (
-    AUTOSCALER_SETTLE_S,
-    launches_nodes,
-    plan_resources,
-    scale_up,
-    v2_launching,
-)
+from raysft.search.autoscale import AUTOSCALER_SETTLE_S, launches_nodes, scale_up, v2_launching
+from raysft.search.resources import plan_resources
 from raysft.search.space import (
     DefineByRun,
     build_sampler,
