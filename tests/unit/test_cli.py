@@ -492,12 +492,12 @@ def test_preview_marks_trained_spans(cli_runs: dict[str, Future[Run]]) -> None:
 
 
 def test_an_output_dir_of_hidden_files_or_a_volume_root_counts_as_empty(tmp_path: Path) -> None:
-    from raysft.train.__main__ import _check_output_dir
+    from raysft.train.run_dir import check_output_dir
 
     out = tmp_path / "out"
     (out / "lost+found").mkdir(parents=True)
     (out / ".gitkeep").write_text("", encoding="utf-8")
-    _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
+    check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
 
 
 def test_dry_run_counts_the_rows_and_samples_a_run_would_drop(
@@ -543,7 +543,8 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
     from raysft.cli import run_cli
     from raysft.config import dump_config
     from raysft.train import recipe
-    from raysft.train.__main__ import _check_output_dir, _train
+    from raysft.train.__main__ import _train
+    from raysft.train.run_dir import check_output_dir
 
     out = tmp_path / "out"
     cfg = load_config(None, {"output_dir": str(out), "train.eval_every": 5})
@@ -581,7 +582,7 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
     # The command's config is the run's own, and its output_dir takes the resume.
     again = load_config(kept / "config.yaml", authored=True)
     assert again == cfg
-    _check_output_dir(again, str(kept / "config.yaml"), resuming=str(kept))
+    check_output_dir(again, str(kept / "config.yaml"), resuming=str(kept))
 
 
 def _checkpoint_at(out: Path, step: int, cfg: Any) -> Path:
@@ -604,22 +605,22 @@ def test_a_run_folder_moved_since_its_checkpoint_is_continued_where_it_is(
     """The printed command's config.yaml names the folder the run was in when the checkpoint
     was written; moved (or copied) since, the resume goes on where the checkpoint is, not at
     the old path (gone, or another run's). An output_dir given anew is kept."""
-    from raysft.train.__main__ import _check_output_dir, _follow_a_moved_run
+    from raysft.train.run_dir import check_output_dir, follow_a_moved_run
 
     old = tmp_path / "M1"
     cfg = load_config(None, {"output_dir": str(old)})
     ckpt = _checkpoint_at(tmp_path / "M2", 2, cfg)  # M1's checkpoint, in its new place
-    resumed = _follow_a_moved_run(load_config(ckpt / "config.yaml"), str(ckpt))
+    resumed = follow_a_moved_run(load_config(ckpt / "config.yaml"), str(ckpt))
     assert resumed.output_dir == str(tmp_path / "M2")
     assert capsys.readouterr().err == (
         f"note: {ckpt} was written by a run in {old}; it is continued where the checkpoint is, "
         f"in {tmp_path / 'M2'} (--set output_dir=... for another folder)\n"
     )
-    _check_output_dir(resumed, "c.yaml", resuming=str(ckpt))  # its own folder: taken
+    check_output_dir(resumed, "c.yaml", resuming=str(ckpt))  # its own folder: taken
     elsewhere = load_config(ckpt / "config.yaml", {"output_dir": str(tmp_path / "new")})
-    assert _follow_a_moved_run(elsewhere, str(ckpt)).output_dir == str(tmp_path / "new")
+    assert follow_a_moved_run(elsewhere, str(ckpt)).output_dir == str(tmp_path / "new")
     in_place = _checkpoint_at(old, 2, cfg)  # not moved: nothing changes
-    assert _follow_a_moved_run(load_config(in_place / "config.yaml"), str(in_place)) == cfg
+    assert follow_a_moved_run(load_config(in_place / "config.yaml"), str(in_place)) == cfg
 
 
 @pytest.mark.parametrize(("step", "ended"), [(4, True), (4, False), (2, True)])
@@ -672,7 +673,7 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
 @pytest.mark.parametrize("ended", [True, False])
 def test_a_held_output_dir_is_said_to_be_ended_or_continuable(tmp_path: Path, ended: bool) -> None:
     from raysft.errors import ConfigError
-    from raysft.train.__main__ import _check_output_dir
+    from raysft.train.run_dir import check_output_dir
 
     out = tmp_path / "out"
     kept = out / "checkpoints" / "step-000002"
@@ -680,7 +681,7 @@ def test_a_held_output_dir_is_said_to_be_ended_or_continuable(tmp_path: Path, en
     if ended:
         (out / "metrics.json").write_text("{}\n", encoding="utf-8")
     with pytest.raises(ConfigError) as err:
-        _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
+        check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
     assert err.value.problems == [
         f"output_dir: {out} already holds a training run that ended (its metrics.json); choose "
         "another (--set output_dir=...) or remove it"
@@ -698,7 +699,7 @@ def test_a_run_into_an_output_dir_another_run_holds_is_refused(tmp_path: Path) -
     from lockkit import held_elsewhere
 
     from raysft.errors import ConfigError
-    from raysft.train.__main__ import _check_output_dir, _hold_output_dir
+    from raysft.train.run_dir import check_output_dir, hold_output_dir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -706,15 +707,15 @@ def test_a_run_into_an_output_dir_another_run_holds_is_refused(tmp_path: Path) -
     with held_elsewhere(out) as first:  # the first run
         (out / "checkpoints" / "step-000002").mkdir(parents=True)  # the first run's, so far
         for check in (
-            lambda: _check_output_dir(cfg, "c.yaml", resuming=None),
-            lambda: _hold_output_dir(cfg, "c.yaml"),
+            lambda: check_output_dir(cfg, "c.yaml", resuming=None),
+            lambda: hold_output_dir(cfg, "c.yaml"),
         ):
             with pytest.raises(ConfigError) as err:
                 check()
             assert err.value.problems[0].startswith(
                 f"output_dir: {out.resolve()} is in use by another training run (pid {first} "
             ), err.value.problems
-    with _hold_output_dir(cfg, "c.yaml"):  # free again
+    with hold_output_dir(cfg, "c.yaml"):  # free again
         pass
 
 

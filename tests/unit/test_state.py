@@ -452,14 +452,14 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_in_the_way(
     """Killed while writing its first checkpoint, a run leaves checkpoints/ with a hidden
     staging folder in it: the same command starts again, and the next checkpoint clears it."""
     from raysft.config import load_config
-    from raysft.train.__main__ import _check_output_dir
+    from raysft.train.run_dir import check_output_dir
     from raysft.train.state import STAGING_PREFIX, LocalCheckpoints
 
     out = tmp_path / "out"
     stale = out / "checkpoints" / f"{STAGING_PREFIX}killed"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
-    _check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
+    check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
     kept = LocalCheckpoints(out / "checkpoints")
     new = Path(kept.staging_dir) / f"{STAGING_PREFIX}new"
     new.mkdir()

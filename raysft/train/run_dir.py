@@ -1,0 +1,163 @@
+"""A training run's output directory: another run's outputs or files refused
+(``check_output_dir``), a resume of a run folder that moved since followed
+(``follow_a_moved_run``), a finished run's last checkpoint told apart (``nothing_left``), the
+lock held while the run writes (``hold_output_dir``), and what a run stopped by Ctrl-C leaves
+(``interrupted_note``).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from raysft.config import Config, load_config
+from raysft.errors import ConfigError
+
+
+def interrupted_note(cfg: Config, kept: Path | None, *, resume_from: str | None) -> str:
+    """What a run stopped by Ctrl-C leaves and how to continue it. The checkpoint's config.yaml
+    is the run's resolved config (every --set in it), and its relative paths are read from
+    the working directory, as the run read them: the command works from here."""
+    if kept is None:
+        from raysft.train.state import checkpoint_step
+
+        again = f" (--resume-from {shlex.quote(resume_from)})" if resume_from else ""
+        start = checkpoint_step(resume_from) if resume_from else 0
+        every = cfg.train.eval_every
+        first = min((start // every + 1) * every, cfg.train.max_steps)
+        return (
+            f"no checkpoint was written yet under {Path(cfg.output_dir) / 'checkpoints'} (the "
+            f"first comes at step {first}); start again with the same command{again}"
+        )
+    ckpt = shlex.quote(str(kept))
+    return (
+        f"the newest checkpoint is {kept}; continue from it with: python -m raysft.train "
+        f"{shlex.quote(str(kept / 'config.yaml'))} --resume-from {ckpt}"
+    )
+
+
+def nothing_left(cfg: Config, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` is its run's last (step train.max_steps): resuming it trains
+    nothing and only writes the run's outputs, which a run stopped after its last checkpoint
+    lacks. Refused where output_dir holds them already: they would be rewritten for nothing."""
+    from raysft.train.state import checkpoint_step
+
+    step = checkpoint_step(checkpoint)
+    if step < cfg.train.max_steps:
+        return False
+    out = Path(cfg.output_dir)
+    if (out / "metrics.json").exists():
+        raise ConfigError(
+            "--resume-from",
+            [f"{checkpoint}: the run already finished at step {step} (train.max_steps) and "
+             f"{out} holds its outputs: nothing is left to train. A longer run starts anew, "
+             "since train.max_steps shapes the learning-rate schedule (--set output_dir=... "
+             "--set train.max_steps=...)"],
+        )  # fmt: skip
+    return True
+
+
+def follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
+    """``cfg`` for a resume of ``checkpoint`` (RUN/checkpoints/step-N) whose run folder moved
+    or was copied since: its config.yaml, the printed command's, still names the old
+    output_dir. The run goes on in the folder the checkpoint lies in, not at the old path (gone,
+    or another run's); said. An output_dir given anew (--set) is kept."""
+    from raysft.train.state import CONFIG_FILE
+
+    ckpt = Path(checkpoint).resolve()
+    saved = ckpt / CONFIG_FILE
+    if ckpt.parent.name != "checkpoints" or not saved.is_file():
+        return cfg  # check_resumable says what is wrong with it
+    run_dir, then = ckpt.parent.parent, Path(load_config(saved).output_dir).resolve()
+    if Path(cfg.output_dir).resolve() != then or then == run_dir:
+        return cfg
+    print(
+        f"note: {checkpoint} was written by a run in {then}; it is continued where the "
+        f"checkpoint is, in {run_dir} (--set output_dir=... for another folder)",
+        file=sys.stderr,
+    )
+    return cfg.model_copy(update={"output_dir": str(run_dir)})
+
+
+def check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:
+    """Refuse to train over a previous run's outputs or other files: a re-run would overwrite
+    them (and collide with its checkpoint). ``--resume-from`` (``resuming``) continues a run in
+    its own directory (OUTPUT_DIR/checkpoints/step-N), or into a new or empty one; another
+    run's directory is refused as ever. Either way output_dir must be a directory, not a
+    file."""
+    from raysft.paths import dir_holder, writable_dir_problem
+
+    out = Path(cfg.output_dir)
+    unusable = writable_dir_problem(out)
+    if unusable:
+        raise ConfigError(source, [f"output_dir: {unusable}"])
+    holder = dir_holder(out)
+    if holder:  # said first: its checkpoints would read as a run to continue
+        raise _in_use(source, out, holder)
+    if resuming is not None and Path(resuming).resolve().parent.parent == out.resolve():
+        return
+    kept = sorted((out / "checkpoints").glob("step-*"))
+    if (out / "metrics.json").exists():
+        # Written when a run ends (finished or diverged): its checkpoint has nothing to continue.
+        raise ConfigError(
+            source,
+            [
+                f"output_dir: {out.resolve()} already holds a training run that ended (its "
+                "metrics.json); choose another (--set output_dir=...) or remove it"
+            ],
+        )
+    if kept:
+        raise ConfigError(
+            source,
+            [
+                f"output_dir: {out.resolve()} already holds an unfinished training run (a "
+                f"checkpoint, no metrics.json); continue it: --resume-from {kept[-1]}, or choose "
+                "another (--set output_dir=...) or remove it"
+            ],
+        )
+    # Hidden files (.gitkeep, .DS_Store, .nfs*) and a volume root's lost+found are no one's run,
+    # nor a checkpoints/ folder a run stopped in before its first checkpoint was in (only the
+    # hidden staging folder of one, or nothing).
+    ckpts = out / "checkpoints"
+    unused = ckpts.is_dir() and all(p.name.startswith(".") for p in ckpts.iterdir())
+    ignored = ("lost+found", "checkpoints") if unused else ("lost+found",)
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    others = [n for n in names if not n.startswith(".") and n not in ignored]
+    if others:
+        # The run writes config.yaml, README.md (peft's model card), the weights and the
+        # tokenizer's files there, over any of the same names.
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ConfigError(
+            source,
+            [
+                f"output_dir: {out.resolve()} is not empty ({shown}); a run writes its model, "
+                "tokenizer, config.yaml, metrics.json and README.md there, over files of the "
+                "same names: choose a new or empty directory (--set output_dir=...)"
+            ],
+        )
+
+
+def _in_use(source: str, out: Path, holder: str) -> ConfigError:
+    return ConfigError(
+        source,
+        [
+            f"output_dir: {out.resolve()} is in use by another training run ({holder}); wait "
+            "for it to end, or choose another (--set output_dir=...)"
+        ],
+    )
+
+
+def hold_output_dir(cfg: Config, source: str) -> Any:
+    """An exclusive lock on output_dir while the run writes there: two runs started into one
+    directory (or two resumes of one checkpoint) would both pass its checks and write over each
+    other's checkpoints and outputs."""
+    from raysft.paths import InUse, hold_dir
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return hold_dir(out, what="training run")
+    except InUse as err:
+        raise _in_use(source, out, err.holder) from None
