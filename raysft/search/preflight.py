@@ -19,13 +19,8 @@ from raysft.config import ModelSection, SearchSpec
 from raysft.data.shared import SharedData, read_once
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.train.hub import from_pretrained
-from raysft.train.model import (
-    build_meta_model,
-    check_targets,
-    check_vocab,
-    targetable_modules,
-    training_tokenizer,
-)
+from raysft.train.lora import check_targets, targetable_modules
+from raysft.train.model import build_meta_model, check_vocab, training_tokenizer
 
 log = logging.getLogger(__name__)
 

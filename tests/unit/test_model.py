@@ -20,10 +20,10 @@ from raysft.config import (
     QloraSection,
     TrainSection,
 )
+from raysft.train.lora import build_lora_config
 from raysft.train.model import (
     ModelError,
     build_bnb_config,
-    build_lora_config,
     build_meta_model,
     count_parameters,
     format_parameter_counts,
@@ -326,7 +326,7 @@ def test_gpt2_conv1d_projections_are_lora_targets() -> None:
 
     from raysft.config import LoraSection
     from raysft.errors import ModelError
-    from raysft.train.model import check_targets, targetable_modules
+    from raysft.train.lora import check_targets, targetable_modules
 
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2))
@@ -472,11 +472,11 @@ def test_an_adapter_on_a_tied_embedding_is_warned_of(caplog, targets, warned):
     """The embedded base ties its input embedding and LM head: an adapter on either trains
     right, but merged it would change both (seen: logits 0.3-3.0 off the adapter's)."""
     from raysft.config import load_config
-    from raysft.train.model import _warn_of_tied_targets
+    from raysft.train.lora import warn_of_tied_targets
 
     cfg = load_config(None, {"lora.target_modules": targets})
     model = load_model(cfg)
     said = [r.getMessage() for r in caplog.records if "tied embeddings" in r.getMessage()]
     assert len(said) == (1 if warned else 0)  # once, as the adapter is attached
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    assert _warn_of_tied_targets(model.get_base_model(), cfg.lora) == warned
+    assert warn_of_tied_targets(model.get_base_model(), cfg.lora) == warned
