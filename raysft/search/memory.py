@@ -18,6 +18,8 @@ What it models (the recipe's code paths: ``train/model.py``, ``train/recipe.py``
   tokens for ``GEN_BATCH`` prompts (times ``eval.samples``), prompts <= ``data.max_seq_len``.
 - Overhead: the CUDA context (outside torch's allocator) or the Python process, plus the
   caching allocator's fragmentation.
+- FSDP's load (``train/fsdp.py``): rank 0 reads the whole model into host memory, 4 B a
+  parameter, and broadcasts it; said in the assumptions, since the plan checks GPUs.
 Not modelled: DoRA's per-layer weight temporaries, and architectures unlike Llama's (RMSNorm,
 rotary attention, gated MLP) beyond their linear layers.
 """
@@ -269,7 +271,13 @@ def estimate(
     base = CUDA_CONTEXT if device == "gpu" else HOST_BASELINE
     for parts in phases.values():
         parts["overhead"] = base + FRAGMENTATION * sum(parts.values())
-    return Estimate(device, phases, _assumptions(cfg, shape, b, len(adapted_all)), _levers(cfg))
+    assumptions = _assumptions(cfg, shape, b, len(adapted_all))
+    if sharded:  # fsdp.load_sharded: not on a GPU, so not in the phases; a resume reads none
+        assumptions += (
+            f"; rank 0 reads the whole model into host memory to load it "
+            f"({gib(4.0 * shape.params)} in fp32, beside its process)"
+        )
+    return Estimate(device, phases, assumptions, _levers(cfg))
 
 
 def _levers(cfg: Config) -> str:

@@ -22,6 +22,7 @@ from raysft.search.memory import (
     GIB,
     Estimate,
     estimate,
+    gib,
     layer_activation_bytes,
     lora_params,
     model_shape,
@@ -798,6 +799,10 @@ def test_fsdp_splits_weights_grads_and_optimizer_over_the_workers(llama2_7b: Pat
     assert four["weights"] == pytest.approx(one["weights"] / 4 + 2 * layer * 2)
     ddp = estimate(cfg, shape, device="gpu", workers=4).phases["optimizer step"]
     assert ddp["weights"] == one["weights"] and ddp["grads"] == 2 * one["grads"]
+    # Rank 0 reads the whole fp32 model into host memory to broadcast it: said, not on a GPU.
+    said = estimate(cfg, shape, device="gpu", workers=4, sharded=True).assumptions
+    assert f"rank 0 reads the whole model into host memory to load it ({gib(4.0 * P_7B)}" in said
+    assert "host memory" not in estimate(cfg, shape, device="gpu", workers=4).assumptions
 
 
 @pytest.mark.usefixtures("no_gpu")
