@@ -149,7 +149,10 @@ class DataSection(Section):
         "counts them.",
     )
     max_eval_samples: int | None = Field(
-        200, gt=0, description="Cap on eval conversations (loss and exact match). Null: all."
+        200,
+        gt=0,
+        description="Cap on eval conversations (eval loss, and the generated-answer metrics "
+        "unless `eval.max_prompts` caps them lower). Null: all.",
     )
 
     @field_validator("train", "eval")
@@ -271,6 +274,13 @@ class EvalSection(Section):
         ge=0,
         description="0: greedy decoding, or sampling at temperature 1 when samples > 1 (n greedy "
         "answers would be identical). Above 0: sampling at this temperature, no top-k/top-p cut.",
+    )
+    max_prompts: int | None = Field(
+        None,
+        gt=0,
+        description="Held-out prompts the generated-answer metrics answer: the first N eval rows "
+        "whose prompts fit `data.max_seq_len`, where generating for all of them would take too "
+        "long. Eval loss still scores every eval row (`data.max_eval_samples`). Null: all.",
     )
     pass_k: int = Field(1, gt=0, description="The k of pass@k (at most `samples`).")
     code_timeout_s: float = Field(

@@ -101,10 +101,19 @@ def eval_fingerprint(cfg: Config, recorded: Digests | None = None) -> str:
         "tokenizer": [cfg.model.name_or_path, cfg.model.revision],
         "generate": [
             cfg.train.max_new_tokens,
-            generation.model_dump(mode="json") if generation is not None else None,
+            _generation_settings(generation) if generation is not None else None,
         ],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _generation_settings(section: Any) -> dict[str, Any]:
+    """The eval section as fingerprinted: ``max_prompts`` only where set, so a champion scored
+    before raysft had it keeps its fingerprint."""
+    settings: dict[str, Any] = section.model_dump(mode="json")
+    if settings.get("max_prompts") is None:
+        settings.pop("max_prompts", None)
+    return settings
 
 
 def eval_tokens(recorded: Digests | None) -> str | None:

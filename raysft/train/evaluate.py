@@ -282,7 +282,8 @@ def generation_rows(
     hint: str = "raise data.max_seq_len, or shorten the held-out prompts",
 ) -> list[Conversation]:
     """``prompts_that_fit`` of ``cfg``'s template and max_seq_len, where generation metrics are
-    due; none of several is an error (``DataError``, ending in ``hint``), before anything loads."""
+    due, the first ``eval.max_prompts`` of them; none of several is an error (``DataError``,
+    ending in ``hint``), before anything loads."""
     kept = prompts_that_fit(
         conversations, tokenizer, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len,
         warn=warn,
@@ -293,7 +294,7 @@ def generation_rows(
             f"of data.max_seq_len={cfg.data.max_seq_len} tokens or more: nothing to generate "
             f"for ({hint})"
         )
-    return kept
+    return kept[: cfg.eval.max_prompts]
 
 
 def warn_of_capped_references(

@@ -967,6 +967,17 @@ def test_fingerprint_of_a_split_off_eval_set_covers_the_seed(tmp_path: Path) -> 
     assert eval_fingerprint(one) != eval_fingerprint(other)
 
 
+def test_an_unset_eval_max_prompts_leaves_the_fingerprint_as_it_was() -> None:
+    # Champions carry the fingerprint they were scored under: the eval settings it hashed before
+    # eval.max_prompts existed are these, and an unset one must not add to them.
+    from raysft.config import EvalSection
+    from raysft.search.promote import _generation_settings
+
+    before = {"samples", "temperature", "pass_k", "code_timeout_s", "code_memory_mb"}
+    assert set(_generation_settings(EvalSection())) == before
+    assert set(_generation_settings(EvalSection(max_prompts=5))) == before | {"max_prompts"}
+
+
 def test_fingerprint_covers_what_renders_and_scores_the_rows(
     tmp_path: Path, eval_file: str
 ) -> None:
@@ -981,6 +992,7 @@ def test_fingerprint_covers_what_renders_and_scores_the_rows(
         "model.name_or_path": "/models/other",
         "train.max_new_tokens": 8,
         "eval.temperature": 0.7,
+        "eval.max_prompts": 3,
     }
     for dotted, value in changes.items():
         other = base.model_copy(deep=True)

@@ -383,3 +383,29 @@ def test_eval_rows_whose_prompt_fills_max_seq_len_are_not_generated_for(
     evals.write_text(json.dumps({"messages": LONG_HISTORY}), encoding="utf-8")
     with pytest.raises(DataError, match="every one of the 1 eval rows has a generation prompt"):
         setup(_config(tmp_path, model_dir, "lora", **options), dist=Dist())
+
+
+def test_eval_max_prompts_caps_the_generated_answers_not_the_loss(tmp_path: Path) -> None:
+    """Generation takes the first eval.max_prompts eval rows whose prompts fit; eval loss
+    scores all of them."""
+    from raysft.train.recipe import Dist, setup
+
+    rows = [
+        [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]
+        for w in ("yes", "no", "maybe", "sure")
+    ]
+    evals = tmp_path / "eval.jsonl"
+    lines = [json.dumps({"messages": m}) for m in (LONG_HISTORY, *rows)]
+    evals.write_text("\n".join(lines), encoding="utf-8")
+    model_dir = _model_dir(tmp_path, "llama")
+    options = {"data.eval": str(evals), "train.exact_match": True}
+    capped = setup(
+        _config(tmp_path, model_dir, "lora", **options, **{"eval.max_prompts": 2}), dist=Dist()
+    )
+    every = setup(_config(tmp_path, model_dir, "lora", **options), dist=Dist())
+    scores, samples = capped.evaluate(final=True)
+    assert [s["expected"] for s in samples] == ["yes", "no"]  # the long one does not fit
+    all_scores, all_samples = every.evaluate(final=True)
+    assert [s["expected"] for s in all_samples] == ["yes", "no", "maybe", "sure"]
+    assert len(capped.data.eval) == len(every.data.eval) == 5
+    assert scores["eval_loss"] == pytest.approx(all_scores["eval_loss"])
