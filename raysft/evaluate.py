@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         action="append",
         help="held-out data (sets data.eval; repeatable), every row scored: the run's or "
-        "--config's data.max_eval_samples does not apply, --set data.max_eval_samples=N does",
+        "--config's data.max_eval_samples and eval.max_prompts do not apply, --set does",
     )
     p.add_argument("--metrics", help=f"comma-separated, of: {', '.join(SCORABLE)} (default: all)")
     p.add_argument("--base", action="store_true", help="also score the base model, same rows")
@@ -78,8 +78,10 @@ def run(argv: list[str] | None = None) -> int:
         raise ConfigError(args.config or args.dir, [f"--set {p}" for p in bad])
     if args.data:
         overrides["data.eval"] = args.data
-        # Your held-out file is scored whole, not the run's data.max_eval_samples of it.
+        # Your held-out file is scored whole, not the run's data.max_eval_samples of it, nor
+        # the run's eval.max_prompts of it for the generated answers.
         overrides.setdefault("data.max_eval_samples", None)
+        overrides.setdefault("eval.max_prompts", None)
     target = resolve_target(args.dir, config=args.config, overrides=overrides)
     metrics = None
     if args.metrics is not None:
@@ -109,7 +111,7 @@ def run(argv: list[str] | None = None) -> int:
         print(json.dumps({**head, **as_json(scores, n=args.show)}, ensure_ascii=False))
         return 0
     print(f"{target.kind} {target.path} ({scores[next(iter(scores))].rows} eval rows)")
-    print(metrics_table(scores, conversations=rows))
+    print(metrics_table(scores))
     if args.show:
         print(side_by_side(scores, n=args.show))
     return 0

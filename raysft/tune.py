@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
-from raysft.search.driver import run_search, tracking_store_error
+from raysft.search.driver import run_search
 from raysft.search.experiment import check_experiment_dir, experiment_dir_holder
 from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import (
@@ -30,7 +30,7 @@ from raysft.search.resources import (
 from raysft.search.results import SUMMARY_FILE, table
 from raysft.search.space import describe_sampler, describe_space
 from raysft.search.spec import read_spec, trial_memory
-from raysft.search.tracking_store import runs_page, ui_command
+from raysft.search.tracking_store import runs_page, spec_store_error, ui_command
 
 
 def _dry_run(spec_path: str, cfg: SearchSpec, exp_dir: Path, *, resume: bool) -> int:
@@ -38,7 +38,7 @@ def _dry_run(spec_path: str, cfg: SearchSpec, exp_dir: Path, *, resume: bool) ->
     depends on where it runs: a cluster's MLflow store may answer there and not here)."""
     nodes = local_nodes()
     cluster = attaching_to_cluster() or meant_for_a_cluster(cfg.search, nodes)
-    store = tracking_store_error(spec_path, cfg)
+    store = spec_store_error(spec_path, cfg)
     if store is not None and not cluster:
         raise store
     code = _print_plan(cfg, nodes, cluster=cluster)

@@ -31,17 +31,21 @@ class Segment:
 
 class Example:
     """One tokenized sample: its token ids, its labels (IGNORE where not trained), whether it
-    was cut to ``max_seq_len``, and whether prompt and answer were tokenized apart.
+    was cut to ``max_seq_len``, and whether prompt and answer were tokenized apart. Read-only.
 
     The ids and labels are kept as 4-byte arrays, read back as lists. Every sample of a run's
     data stays in memory for the whole run, in every data-parallel worker, and in a search in
-    every trial's worker: a Python list of token ids takes about 9 times the memory (a pointer
+    every trial's worker: a Python list of token ids takes several times the memory (a pointer
     and an int object per id), and unpickling the search's shared data (raysft.data.shared)
-    builds one int object per token. Measured on 100,000 samples of 160 tokens: about 990 MiB
-    as lists against 125 MiB as arrays, unpickled in 3.9 s against 0.4 s.
+    builds one int object per token. On 100,000 Alpaca rows (7.1M tokens) a worker held 355 MiB
+    as lists and 82 MiB as arrays (benchmarks/data_memory.py, benchmarks/RESULTS.md).
     """
 
-    __slots__ = ("_ids", "_labels", "truncated", "merged_boundary")
+    __slots__ = ("_ids", "_labels", "_truncated", "_merged")
+    _ids: array[int]
+    _labels: array[int]
+    _truncated: bool
+    _merged: bool
 
     def __init__(
         self,
@@ -50,15 +54,30 @@ class Example:
         truncated: bool,
         merged_boundary: bool = False,
     ) -> None:
-        self._ids = array("i", input_ids)
-        self._labels = array("i", labels)
-        if len(self._ids) != len(self._labels):
-            raise ValueError(f"{len(self._ids)} input_ids but {len(self._labels)} labels")
-        self.truncated = truncated
-        # The tokenizer would have merged prompt and answer text into one token (an answer
-        # starting with a newline after ChatML's "assistant\n", a plain-text "</s>" and the next
-        # "\n"): tokenized apart there.
-        self.merged_boundary = merged_boundary
+        ids, labs = array("i", input_ids), array("i", labels)
+        if len(ids) != len(labs):
+            raise ValueError(f"{len(ids)} input_ids but {len(labs)} labels")
+        for name, value in zip(
+            self.__slots__, (ids, labs, truncated, merged_boundary), strict=True
+        ):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"an Example is read-only ({name})")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # unpickled by _restore: no setattr, no copy
+        return (_restore, (self._ids, self._labels, self._truncated, self._merged))
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self._truncated)
+
+    @property
+    def merged_boundary(self) -> bool:
+        """The tokenizer would have merged prompt and answer text into one token (an answer
+        starting with a newline after ChatML's "assistant\\n", a plain-text "</s>" and the
+        next "\\n"): tokenized apart there."""
+        return bool(self._merged)
 
     @property
     def input_ids(self) -> list[int]:
@@ -79,12 +98,8 @@ class Example:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Example):
             return NotImplemented
-        return (self._ids, self._labels, self.truncated, self.merged_boundary) == (
-            other._ids,
-            other._labels,
-            other.truncated,
-            other.merged_boundary,
-        )
+        mine = (self._ids, self._labels, self.truncated, self.merged_boundary)
+        return mine == (other._ids, other._labels, other.truncated, other.merged_boundary)
 
     __hash__ = None  # type: ignore[assignment]  # equal by value, and mutable arrays inside
 
@@ -93,6 +108,13 @@ class Example:
             f"Example(input_ids={self.input_ids}, labels={self.labels}, "
             f"truncated={self.truncated}, merged_boundary={self.merged_boundary})"
         )
+
+
+def _restore(ids: array[int], labels: array[int], truncated: bool, merged: bool) -> Example:
+    example = object.__new__(Example)
+    for name, value in zip(Example.__slots__, (ids, labels, truncated, merged), strict=True):
+        object.__setattr__(example, name, value)
+    return example
 
 
 def tokenize(segments: list[Segment], tokenizer: Any, *, max_seq_len: int) -> Example:

@@ -43,7 +43,7 @@ def _score_pair(
         "tuned": score_model(tuned_dir, cfg, conversations=rows),
     }
     return {
-        "table": metrics_table(scores, conversations=rows),
+        "table": metrics_table(scores),
         "side_by_side": side_by_side(scores, n=SHOWN),
         "scores": as_json(scores, n=SHOWN),
     }

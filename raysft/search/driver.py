@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -68,6 +67,7 @@ from raysft.search.space import (
 )
 from raysft.search.spec import trial_memory
 from raysft.search.storage import check_shared_storage
+from raysft.search.trial import share_data
 from raysft.search.tune_results import result_of
 from raysft.search.tuner import build_tuner, quiet_tune_output, search_trainable
 
@@ -211,24 +211,6 @@ def run_search(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def tracking_store_error(spec_path: str, cfg: SearchSpec) -> ConfigError | None:
-    """The error a search gives when its MLflow store cannot be used
-    (``tracking_store.store_problem``: nothing is made, a server is asked once) or its experiment
-    was deleted; None when it can."""
-    uri = tracking_store.tracking_uri(cfg.tracking)
-    unusable = tracking_store.store_problem(uri)
-    if unusable is None:
-        gone = tracking_store.deleted_experiment(uri, cfg.tracking.experiment)
-        return None if gone is None else ConfigError(spec_path, [f"tracking.experiment: {gone}"])
-    where = (
-        "tracking.uri"
-        if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
-        else "tracking.uri (from $MLFLOW_TRACKING_URI)"
-    )
-    redacted = redact.redact("tracking_uri", uri)
-    return ConfigError(spec_path, [f"{where}: {redacted}: {redact.redact('error', unusable)}"])
-
-
 def _short_temp_root() -> str:
     """Where the local Ray's scratch goes: the temp dir, unless its path is too long for the
     unix sockets Ray's dashboard makes there (AF_UNIX paths stop at 107 bytes), then /tmp."""
@@ -253,7 +235,9 @@ def _search(
     uri = tracking_store.tracking_uri(cfg.tracking)
     tracking_requests.callback_failures(reset=True)
     tracking_requests.bound_retries()
-    unusable = tracking_store_error(spec_path, cfg)  # before Ray: MLflow would retry for minutes
+    unusable = tracking_store.spec_store_error(
+        spec_path, cfg
+    )  # before Ray: MLflow would retry for minutes
     if unusable:
         raise unusable
     state = read_state(spec_path, exp_dir) if resume else {}
@@ -263,7 +247,7 @@ def _search(
     plan = _connect(spec_path, tree, cfg, exp_dir, scratch=scratch)
     replaced.update(stops_as_ctrl_c())  # after ray.init, whose driver aborts on them
     timing = {"preflight_s": read_s, "ray_start_s": time.perf_counter() - t0 - read_s}
-    shared_ref = _share(shared)  # held for the whole search: the object lives while it is
+    shared_ref = share_data(shared)  # held for the whole search: the object lives while it is
     mlc = tracking_store.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment, uri=uri)
     digests = shared.digests if shared is not None else None
@@ -280,11 +264,15 @@ def _search(
         order=list(cfg.search.params),
         ended_file=exp_dir / tracking.ENDED_FILE,
     )
+    try:
+        grid = _run_trials(
+            tree, cfg, plan, exp_dir, callback, shared_ref,
+            resume=resume, timing=timing, setup_from=t0 + read_s,
+        )  # fmt: skip
+    except BaseException:
+        close_parent(mlc, parent_id, "FAILED")
+        raise
     tracked = {"mlc": mlc, "uri": uri, "exp_id": exp_id, "parent_id": parent_id, "timing": timing}
-    grid = _run_trials(
-        tree, cfg, plan, exp_dir, callback, shared_ref,
-        resume=resume, tracked=tracked, t_setup=t0 + read_s,
-    )  # fmt: skip
     return _after_trials(
         spec_path, cfg, exp_dir, grid, callback, tracked=tracked, resolve=resolve, t0=t0
     )
@@ -299,38 +287,34 @@ def _run_trials(
     shared_ref: Any,
     *,
     resume: bool,
-    tracked: dict[str, Any],
-    t_setup: float,
+    timing: dict[str, float],
+    setup_from: float,
 ) -> Any:
-    """Tune's run of the trials: a new search's Tuner, or the one ``--resume`` restores. Its
-    ResultGrid; the parent run is closed FAILED if it raises."""
+    """Tune's run of the trials, its ResultGrid: a new search's Tuner, or the one ``--resume``
+    restores. ``timing`` gets the setup since ``setup_from`` (Ray's start, MLflow, the tuner)
+    and the trials' own time."""
     import ray.tune
 
-    timing = tracked["timing"]
-    try:
-        if resume:
-            from raysft.search.searcher import allow_final_only_objective
+    if resume:
+        from raysft.search.searcher import allow_final_only_objective
 
-            allow_final_only_objective(cfg.search)
-            log.info(
-                "--resume: trials at once stay as the search's first start set them (Tune "
-                "restores its limit); a changed search.resources applies to each trial's resources"
-            )
-            tuner = ray.tune.Tuner.restore(
-                str(exp_dir / "tune"),
-                search_trainable(tree, exp_dir, shared_ref),
-                resume_errored=True,
-            )
-        else:
-            tuner = build_tuner(tree, cfg, plan, exp_dir, [callback], shared_ref)
-        timing["mlflow_setup_s"] = time.perf_counter() - t_setup - timing["ray_start_s"]
-        t_fit = time.perf_counter()
-        with own_signal_handlers(), quiet_tune_output(loggers_off=not resume):
-            grid = tuner.fit()
-        timing["trials_s"] = time.perf_counter() - t_fit
-    except BaseException:
-        close_parent(tracked["mlc"], tracked["parent_id"], "FAILED")
-        raise
+        allow_final_only_objective(cfg.search)
+        log.info(
+            "--resume: trials at once stay as the search's first start set them (Tune "
+            "restores its limit); a changed search.resources applies to each trial's resources"
+        )
+        tuner = ray.tune.Tuner.restore(
+            str(exp_dir / "tune"),
+            search_trainable(tree, exp_dir, shared_ref),
+            resume_errored=True,
+        )
+    else:
+        tuner = build_tuner(tree, cfg, plan, exp_dir, [callback], shared_ref)
+    timing["mlflow_setup_s"] = time.perf_counter() - setup_from - timing["ray_start_s"]
+    t_fit = time.perf_counter()
+    with own_signal_handlers(), quiet_tune_output(loggers_off=not resume):
+        grid = tuner.fit()
+    timing["trials_s"] = time.perf_counter() - t_fit
     return grid
 
 
@@ -345,37 +329,18 @@ def _after_trials(
     resolve: TrialConfigs,
     t0: float,
 ) -> dict[str, Any]:
-    """What follows Tune's run: every trial's end found (a Ctrl-C during ``fit()`` told apart),
-    then ``finish_search`` (ranking, base vs tuned, promotion, summary); Ray shut down
-    whatever happens. ``tracked``: the search's MLflow client, ids and timing."""
+    """What follows Tune's run (``_finish``), its failures told apart from those before every
+    trial had ended, and Ray shut down whatever happens. ``tracked``: the search's MLflow
+    client, ids and timing."""
     import ray
 
-    mlc, exp_id, parent_id = tracked["mlc"], tracked["exp_id"], tracked["parent_id"]
-    ended = False  # whether every trial ended (a Ctrl-C during fit() is told apart below)
+    mlc, parent_id = tracked["mlc"], tracked["parent_id"]
+    ended: list[bool] = []  # set once every trial ended (a Ctrl-C during fit() is told apart)
     summary: dict[str, Any] | None = None
     try:
-        # This start's: reset at its start.
-        tracking_failures = tracking_requests.callback_failures()
-        known, unreachable = known_trial_runs(mlc, exp_id, parent_id, callback, tracking_failures)
-        ids = [(grid[i].metrics or {}).get("trial_id") for i in range(len(grid))]
-        known = with_local_ends(known, exp_dir, ids)
-        stop_if_interrupted(grid, known, mlc, parent_id, exp_dir=exp_dir, cfg=cfg)
-        ended = True
-        runs = {t: run for t, (run, _) in known.items() if run}
-        runs.update(callback.runs)
-        tracked = {
-            **tracked,
-            "runs": runs,
-            "statuses": {t: status for t, (_, status) in known.items()},
-            "diverged": set(getattr(callback, "diverged", ())),
-            "tracking_failures": tracking_failures,
-            "unreachable": unreachable,
-        }
-        results = [result_of(grid[i], exp_dir) for i in range(len(grid))]
-        summary = finish_search(
-            spec_path, cfg, exp_dir, results,
-            tracked=tracked, resolve=resolve, t0=t0,
-            resolved_spec=spec_record(cfg), earlier_starts=read_earlier_starts(exp_dir),
+        summary = _finish(
+            spec_path, cfg, exp_dir, grid, callback,
+            tracked=tracked, resolve=resolve, t0=t0, ended=ended,
         )  # fmt: skip
     except KeyboardInterrupt:
         close_parent(mlc, parent_id, "KILLED")  # again, if stop_interrupted did: the same
@@ -410,15 +375,41 @@ def _after_trials(
     return summary
 
 
-def _share(shared: SharedData | None) -> Any:
-    """The data the driver read, put in Ray's object store for the trials; None (each trial
-    then reads its own, as it would without it) where the store cannot take it."""
-    import ray
-
-    if shared is None:
-        return None
-    try:
-        return ray.put(shared)
-    except Exception as err:  # ObjectStoreFullError, or spilling failed: never fatal here
-        log.warning("trials read the data themselves: Ray's object store refused it (%s)", err)
-        return None
+def _finish(
+    spec_path: str,
+    cfg: SearchSpec,
+    exp_dir: Path,
+    grid: Any,
+    callback: Any,
+    *,
+    tracked: dict[str, Any],
+    resolve: TrialConfigs,
+    t0: float,
+    ended: list[bool],
+) -> dict[str, Any]:
+    """Every trial's end found (``stop_if_interrupted`` raises on a Ctrl-C during ``fit()``;
+    ``ended`` set past it), then ``finish_search``: ranking, base vs tuned, promotion, summary."""
+    mlc, exp_id, parent_id = tracked["mlc"], tracked["exp_id"], tracked["parent_id"]
+    # This start's: reset at its start.
+    tracking_failures = tracking_requests.callback_failures()
+    known, unreachable = known_trial_runs(mlc, exp_id, parent_id, callback, tracking_failures)
+    ids = [(grid[i].metrics or {}).get("trial_id") for i in range(len(grid))]
+    known = with_local_ends(known, exp_dir, ids)
+    stop_if_interrupted(grid, known, mlc, parent_id, exp_dir=exp_dir, cfg=cfg)
+    ended.append(True)
+    runs = {t: run for t, (run, _) in known.items() if run}
+    runs.update(callback.runs)
+    tracked = {
+        **tracked,
+        "runs": runs,
+        "statuses": {t: status for t, (_, status) in known.items()},
+        "diverged": set(getattr(callback, "diverged", ())),
+        "tracking_failures": tracking_failures,
+        "unreachable": unreachable,
+    }
+    results = [result_of(grid[i], exp_dir) for i in range(len(grid))]
+    return finish_search(
+        spec_path, cfg, exp_dir, results,
+        tracked=tracked, resolve=resolve, t0=t0,
+        resolved_spec=spec_record(cfg), earlier_starts=read_earlier_starts(exp_dir),
+    )  # fmt: skip

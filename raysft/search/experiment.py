@@ -8,7 +8,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from pydantic import BaseModel
 
 from raysft.config import SearchSpec
 from raysft.data.digest import (
@@ -112,13 +114,34 @@ def spec_record(cfg: SearchSpec) -> dict[str, Any]:
 
 
 def _changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted paths whose values differ between two spec records, but for _RESUMABLE_CHANGES."""
+    """Dotted paths whose values differ between two spec records, but for _RESUMABLE_CHANGES
+    and for settings added to raysft since ``old`` was recorded that hold their default now
+    (``eval.max_prompts`` on a search started before it existed)."""
     a, b = redact.flatten(old), redact.flatten(new)
     return sorted(
         path
         for path in a.keys() | b.keys()
-        if a.get(path) != b.get(path) and not path.startswith(_RESUMABLE_CHANGES)
+        if a.get(path) != b.get(path)
+        and not path.startswith(_RESUMABLE_CHANGES)
+        and not (path not in a and b[path] == _default_as_recorded(path))
     )
+
+
+def _default_as_recorded(path: str) -> str | None:
+    """The schema's default of a dotted SearchSpec field as ``spec_record`` and ``flatten``
+    write it; None for a path that is no field, or one without a default."""
+    model: Any = SearchSpec
+    *sections, name = path.split(".")
+    for part in sections:
+        field = model.model_fields.get(part)
+        kinds = (field.annotation, *get_args(field.annotation)) if field is not None else ()
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if model is None:
+            return None
+    field = model.model_fields.get(name)
+    if field is None or field.is_required():
+        return None
+    return redact.flatten({name: res.json_safe(field.get_default(call_default_factory=True))})[name]
 
 
 def _check_same_spec(

@@ -15,7 +15,8 @@ What it models (the recipe's code paths: ``train/model.py``, ``train/recipe.py``
   layer with gradient checkpointing. Logits: the loss picks the trained tokens of the [B, T, V]
   logits, upcasts them to fp32 and keeps a log-softmax; every token is assumed trained.
 - Generation (exact match): a KV cache of 2 * layers * kv_heads * head_dim * (prompt + new)
-  tokens for ``GEN_BATCH`` prompts (times ``eval.samples``), prompts <= ``data.max_seq_len``.
+  tokens for ``GEN_BATCH`` prompts (or fewer: ``data.max_eval_samples``, ``eval.max_prompts``)
+  times ``eval.samples``, prompts <= ``data.max_seq_len``.
 - Overhead: the CUDA context (outside torch's allocator) or the Python process, plus the
   caching allocator's fragmentation.
 - FSDP's load (``train/fsdp.py``): rank 0 reads the whole model into host memory, 4 B a
@@ -49,6 +50,7 @@ MEMORY_PATHS = (
     "lora.use_dora", "qlora.double_quant", "data.max_seq_len", "data.max_eval_samples",
     "train.batch_size", "train.grad_accum", "train.gradient_checkpointing", "train.precision",
     "train.exact_match", "train.max_new_tokens", "model.attn_implementation", "eval.samples",
+    "eval.max_prompts",
 )  # fmt: skip
 # Llama-style projection names -> the tensor they read; linears reading one tensor can share
 # the copy saved for backward.
@@ -216,7 +218,8 @@ def _generation(cfg: Config, shape: ModelShape, b: _Bytes) -> tuple[float, float
     if not cfg.train.exact_match:
         return 0.0, 0.0
     # generate() expands each prompt into eval.samples sequences before the prefill.
-    batch = min(GEN_BATCH, cfg.data.max_eval_samples or GEN_BATCH) * cfg.eval.samples
+    prompts = (cfg.data.max_eval_samples, cfg.eval.max_prompts)
+    batch = min(GEN_BATCH, *(n or GEN_BATCH for n in prompts)) * cfg.eval.samples
     prompt, s = cfg.data.max_seq_len, b.compute  # prompts bounded by the sample length
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * (prompt + cfg.train.max_new_tokens)
     h, q = shape.hidden, shape.heads * shape.head_dim

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raysft.config import TrackingSection
+from raysft.config import SearchSpec, TrackingSection
+from raysft.errors import ConfigError
 from raysft.paths import writable_dir_problem
+from raysft.search import redact
 from raysft.search.notes import clipped
 from raysft.search.redact import scrubbed
 from raysft.search.tracking_requests import FAST_REQUESTS, capped_environ
@@ -169,3 +171,21 @@ def artifact_root(uri: str) -> str | None:
         return None
     store = local_store(uri)
     return (store.parent / "mlruns").as_uri() if store is not None else None
+
+
+def spec_store_error(spec_path: str, cfg: SearchSpec) -> ConfigError | None:
+    """The error a search gives when its MLflow store cannot be used
+    (``store_problem``: nothing is made, a server is asked once) or its experiment
+    was deleted; None when it can."""
+    uri = tracking_uri(cfg.tracking)
+    unusable = store_problem(uri)
+    if unusable is None:
+        gone = deleted_experiment(uri, cfg.tracking.experiment)
+        return None if gone is None else ConfigError(spec_path, [f"tracking.experiment: {gone}"])
+    where = (
+        "tracking.uri"
+        if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
+        else "tracking.uri (from $MLFLOW_TRACKING_URI)"
+    )
+    redacted = redact.redact("tracking_uri", uri)
+    return ConfigError(spec_path, [f"{where}: {redacted}: {redact.redact('error', unusable)}"])

@@ -40,9 +40,9 @@ from raysft.train.model import (
 )
 from raysft.train.run_dir import (
     check_output_dir,
-    follow_a_moved_run,
     hold_output_dir,
     interrupted_note,
+    moved_run,
     nothing_left,
 )
 
@@ -252,6 +252,21 @@ def _train(cfg: Config, resume_from: str | None) -> int:
     return 0
 
 
+def _follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
+    """``cfg`` with the output_dir the resume of ``checkpoint`` goes on in (``moved_run``),
+    said where its run folder moved."""
+    moved = moved_run(cfg, checkpoint)
+    if moved is None:
+        return cfg
+    then, now = moved
+    print(
+        f"note: {checkpoint} was written by a run in {then}; it is continued where the "
+        f"checkpoint is, in {now} (--set output_dir=... for another folder)",
+        file=sys.stderr,
+    )
+    return cfg.model_copy(update={"output_dir": str(now)})
+
+
 def _main() -> int:
     parser = config_parser("python -m raysft.train", __doc__)
     parser.add_argument("--dry-run", action="store_true", help="validate, print config and counts")
@@ -279,12 +294,12 @@ def _main() -> int:
     cfg = load_config(args.config, args.overrides, authored=True)
     if args.dry_run:
         if args.resume_from is not None:
-            cfg = follow_a_moved_run(cfg, args.resume_from)
+            cfg = _follow_a_moved_run(cfg, args.resume_from)
         return _dry_run(cfg, args.config, resume_from=args.resume_from)
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
     if args.resume_from is not None:
-        cfg = follow_a_moved_run(cfg, args.resume_from)
+        cfg = _follow_a_moved_run(cfg, args.resume_from)
     check_output_dir(cfg, args.config, resuming=args.resume_from)
     _check_model(cfg, args.config)
     if args.resume_from is not None:

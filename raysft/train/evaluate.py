@@ -294,7 +294,14 @@ def generation_rows(
             f"of data.max_seq_len={cfg.data.max_seq_len} tokens or more: nothing to generate "
             f"for ({hint})"
         )
-    return kept[: cfg.eval.max_prompts]
+    cap = cfg.eval.max_prompts
+    if cap is not None and len(kept) > cap and warn:
+        log.info(
+            "eval.max_prompts=%d: the generated-answer metrics answer the first %d of the %d "
+            "eval rows whose prompts fit; eval loss scores all of them",
+            cap, cap, len(kept),
+        )  # fmt: skip
+    return kept[:cap]
 
 
 def warn_of_capped_references(

@@ -1,6 +1,6 @@
 """A training run's output directory: another run's outputs or files refused
 (``check_output_dir``), a resume of a run folder that moved since followed
-(``follow_a_moved_run``), a finished run's last checkpoint told apart (``nothing_left``), the
+(``moved_run``), a finished run's last checkpoint told apart (``nothing_left``), the
 lock held while the run writes (``hold_output_dir``), and what a run stopped by Ctrl-C leaves
 (``interrupted_note``).
 """
@@ -8,7 +8,6 @@ lock held while the run writes (``hold_output_dir``), and what a run stopped by 
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,26 +58,22 @@ def nothing_left(cfg: Config, checkpoint: str) -> bool:
     return True
 
 
-def follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
-    """``cfg`` for a resume of ``checkpoint`` (RUN/checkpoints/step-N) whose run folder moved
-    or was copied since: its config.yaml, the printed command's, still names the old
-    output_dir. The run goes on in the folder the checkpoint lies in, not at the old path (gone,
-    or another run's); said. An output_dir given anew (--set) is kept."""
+def moved_run(cfg: Config, checkpoint: str) -> tuple[Path, Path] | None:
+    """(the folder the run was in, the folder its checkpoint lies in now) for a resume of
+    ``checkpoint`` (RUN/checkpoints/step-N) whose run folder moved or was copied since: its
+    config.yaml, the printed command's, still names the old output_dir, and the run goes on
+    where the checkpoint is, not at the old path (gone, or another run's). None where it did
+    not move, or where output_dir was given anew (--set)."""
     from raysft.train.state import CONFIG_FILE
 
     ckpt = Path(checkpoint).resolve()
     saved = ckpt / CONFIG_FILE
     if ckpt.parent.name != "checkpoints" or not saved.is_file():
-        return cfg  # check_resumable says what is wrong with it
+        return None  # check_resumable says what is wrong with it
     run_dir, then = ckpt.parent.parent, Path(load_config(saved).output_dir).resolve()
     if Path(cfg.output_dir).resolve() != then or then == run_dir:
-        return cfg
-    print(
-        f"note: {checkpoint} was written by a run in {then}; it is continued where the "
-        f"checkpoint is, in {run_dir} (--set output_dir=... for another folder)",
-        file=sys.stderr,
-    )
-    return cfg.model_copy(update={"output_dir": str(run_dir)})
+        return None
+    return then, run_dir
 
 
 def check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from raysft.data.formats import Conversation, scored_part
 from raysft.train.score_saved import ModelScore
 from raysft.train.scoring import bleu_says_nothing
 
@@ -15,11 +14,9 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def metrics_table(
-    scores: dict[str, ModelScore], *, conversations: list[Conversation] | None = None
-) -> str:
-    """Metrics as rows, one column per scored model (e.g. base, tuned); with the scored
-    ``conversations``, a note under a BLEU no answer can earn by a 4-gram match."""
+def metrics_table(scores: dict[str, ModelScore]) -> str:
+    """Metrics as rows, one column per scored model (e.g. base, tuned), and a note under a BLEU
+    no answer can earn by a 4-gram match (the references the answers were scored against)."""
     names = list(dict.fromkeys(n for s in scores.values() for n in s.scores))
     head = ["metric", *scores]
     body = [[n, *(_fmt(s.scores.get(n)) for s in scores.values())] for n in names]
@@ -34,7 +31,8 @@ def metrics_table(
             f"\n(rows scored: {counts}: the models' tokenizers or templates keep different "
             "rows (data.on_error=skip, truncation), so the columns are not of the same rows)"
         )
-    references = [scored_part(c)[-1]["content"] for c in conversations or []]
+    first = next(iter(scores.values()), None)
+    references = [sample["expected"] for sample in first.samples] if first else []
     if "bleu" in names and bleu_says_nothing(references):
         table += (
             "\n(bleu: every reference answer is shorter than 4 tokens, so no answer can match a "

@@ -605,12 +605,13 @@ def test_a_run_folder_moved_since_its_checkpoint_is_continued_where_it_is(
     """The printed command's config.yaml names the folder the run was in when the checkpoint
     was written; moved (or copied) since, the resume goes on where the checkpoint is, not at
     the old path (gone, or another run's). An output_dir given anew is kept."""
-    from raysft.train.run_dir import check_output_dir, follow_a_moved_run
+    from raysft.train.__main__ import _follow_a_moved_run
+    from raysft.train.run_dir import check_output_dir
 
     old = tmp_path / "M1"
     cfg = load_config(None, {"output_dir": str(old)})
     ckpt = _checkpoint_at(tmp_path / "M2", 2, cfg)  # M1's checkpoint, in its new place
-    resumed = follow_a_moved_run(load_config(ckpt / "config.yaml"), str(ckpt))
+    resumed = _follow_a_moved_run(load_config(ckpt / "config.yaml"), str(ckpt))
     assert resumed.output_dir == str(tmp_path / "M2")
     assert capsys.readouterr().err == (
         f"note: {ckpt} was written by a run in {old}; it is continued where the checkpoint is, "
@@ -618,9 +619,9 @@ def test_a_run_folder_moved_since_its_checkpoint_is_continued_where_it_is(
     )
     check_output_dir(resumed, "c.yaml", resuming=str(ckpt))  # its own folder: taken
     elsewhere = load_config(ckpt / "config.yaml", {"output_dir": str(tmp_path / "new")})
-    assert follow_a_moved_run(elsewhere, str(ckpt)).output_dir == str(tmp_path / "new")
+    assert _follow_a_moved_run(elsewhere, str(ckpt)).output_dir == str(tmp_path / "new")
     in_place = _checkpoint_at(old, 2, cfg)  # not moved: nothing changes
-    assert follow_a_moved_run(load_config(in_place / "config.yaml"), str(in_place)) == cfg
+    assert _follow_a_moved_run(load_config(in_place / "config.yaml"), str(in_place)) == cfg
 
 
 @pytest.mark.parametrize(("step", "ended"), [(4, True), (4, False), (2, True)])

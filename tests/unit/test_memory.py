@@ -135,6 +135,9 @@ def test_kv_cache_of_generation(llama2_7b: Path) -> None:
     est = estimate(cfg, model_shape(cfg.model), device="gpu")
     # 2 (k, v) * layers * kv heads * head dim * (prompt + new) * sequences * 2 bytes (bf16)
     assert est.phases["generation"]["kv cache"] == 2 * 32 * 8 * 128 * (512 + 64) * (20 * 2) * 2
+    fewer = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_prompts": 5})})
+    est = estimate(fewer, model_shape(cfg.model), device="gpu")
+    assert est.phases["generation"]["kv cache"] == 2 * 32 * 8 * 128 * (512 + 64) * (5 * 2) * 2
 
 
 def test_nf4_bytes() -> None:

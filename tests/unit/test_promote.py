@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from raysft.config import SearchSpec, validate_spec
+from raysft.config import SearchSpec, load_config, validate_spec
 from raysft.search import export as export_mod
 from raysft.search import model_registry, promotion_lock
 from raysft.search import promote as promote_mod
@@ -976,6 +976,9 @@ def test_an_unset_eval_max_prompts_leaves_the_fingerprint_as_it_was() -> None:
     before = {"samples", "temperature", "pass_k", "code_timeout_s", "code_memory_mb"}
     assert set(_generation_settings(EvalSection())) == before
     assert set(_generation_settings(EvalSection(max_prompts=5))) == before | {"max_prompts"}
+    # The defaults' fingerprint as b3b7bce computed it (it also hashes the embedded eval file:
+    # a change to that file changes every fingerprint, and this line with it).
+    assert eval_fingerprint(load_config(None)) == "6e4f286c98af4d3d"
 
 
 def test_fingerprint_covers_what_renders_and_scores_the_rows(

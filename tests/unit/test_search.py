@@ -1696,6 +1696,16 @@ def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: P
         "search.num_samples, train.max_steps; resume with that spec, or start a new search in "
         "another search.experiment_dir"
     )
+    # A search started before raysft had a setting (eval.max_prompts) resumes where the spec
+    # leaves it at its default, and not where it sets it: the trials would score otherwise.
+    older = copy.deepcopy(record)
+    del older["spec"]["eval"]["max_prompts"]
+    (exp / experiment.STATE_FILE).write_text(json.dumps(older))
+    assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
+    capped = copy.deepcopy(tree)
+    capped.setdefault("eval", {})["max_prompts"] = 5
+    with pytest.raises(SearchStateError, match=r"the spec differs .* at eval\.max_prompts;"):
+        experiment.open_experiment("s.yaml", validate_spec(capped, source="s.yaml"), resume=True)
     # An experiment dir from before raysft kept its spec: nothing to compare with.
     (exp / experiment.STATE_FILE).write_text(json.dumps(state))
     experiment.open_experiment("s.yaml", validate_spec(changed, source="s.yaml"), resume=True)
@@ -2189,17 +2199,16 @@ def test_a_search_into_an_experiment_deleted_in_mlflow_is_refused_before_ray(
 ) -> None:
     """MLflow keeps a deleted experiment under its name and refuses new runs in it: said before
     Ray starts, with what to do, not as MLflow's error after it."""
-    from raysft.search import driver
-    from raysft.search.tracking_store import client
+    from raysft.search.tracking_store import client, spec_store_error
 
     _, cfg, uri = _spec_on_store(tmp_path)
-    assert driver.tracking_store_error("s.yaml", cfg) is None  # a new store: nothing made
+    assert spec_store_error("s.yaml", cfg) is None  # a new store: nothing made
     assert not (tmp_path / "m.db").exists()
     mlc = client(uri)
     exp_id = mlc.create_experiment(cfg.tracking.experiment)
-    assert driver.tracking_store_error("s.yaml", cfg) is None
+    assert spec_store_error("s.yaml", cfg) is None
     mlc.delete_experiment(exp_id)
-    err = driver.tracking_store_error("s.yaml", cfg)
+    err = spec_store_error("s.yaml", cfg)
     assert err is not None and err.problems == [
         f"tracking.experiment: {cfg.tracking.experiment} was deleted (MLflow keeps it in its "
         f"trash and adds no run to it): restore it (mlflow experiments restore "
