@@ -103,7 +103,10 @@ def metrics_table() -> str:
         "### Metrics (`search.metric`)",
         "",
         "Every number a trial reports, from the metric registry (`raysft/train/metrics.py`). "
-        "A metric with a mode can be `search.metric`; ASHA needs one computed at every eval.",
+        "A metric with a mode can be `search.metric`; ASHA needs one computed at every eval. "
+        "The metrics that generate answer the held-out rows whose prompts fit "
+        "`data.max_seq_len`, the first `eval.max_prompts` of them where it is set; the loss "
+        "scores every held-out row (`data.max_eval_samples`).",
         "",
         "| metric | mode | computed | generates | meaning |",
         "|---|---|---|---|---|",
