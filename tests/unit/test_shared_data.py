@@ -167,3 +167,19 @@ def test_the_drivers_data_unpickles_at_about_four_bytes_a_token() -> None:
     tokens = 2 * n * length  # ids and labels
     # 4 bytes a token, and each sample's three objects (~300 bytes over its 200 tokens)
     assert held < 8 * tokens, f"{held / tokens:.1f} bytes a token"
+
+
+def test_the_data_memory_benchmark_measures_this_checkout(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "data_memory.py"),
+         "--workdir", str(tmp_path), "--rows", "40"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    (line,) = out.strip().splitlines()
+    got = json.loads(line)
+    assert got["variant"] == "this" and got["samples"] > 40  # 40 training rows, the eval rows
+    assert got["tokens"] > got["samples"] and got["object_mib"] > 0 and got["held_mib"] > 0
