@@ -110,7 +110,10 @@ def run(argv: list[str] | None = None) -> int:
         head = {"target": str(target.path), "kind": target.kind}
         print(json.dumps({**head, **as_json(scores, n=args.show)}, ensure_ascii=False))
         return 0
-    print(f"{target.kind} {target.path} ({scores[next(iter(scores))].rows} eval rows)")
+    first = scores[next(iter(scores))]
+    fewer = first.samples and len(first.samples) < first.rows  # prompts too long, max_prompts
+    answered = f", answers generated for {len(first.samples)}" if fewer else ""
+    print(f"{target.kind} {target.path} ({first.rows} eval rows{answered})")
     print(metrics_table(scores))
     if args.show:
         print(side_by_side(scores, n=args.show))

@@ -71,6 +71,7 @@ def as_json(scores: dict[str, ModelScore], *, n: int) -> dict[str, Any]:
         name: {
             "model": s.model,
             "rows": s.rows,
+            "answered": len(s.samples),  # rows generated for (prompts that fit, max_prompts)
             "metrics": {k: None if math.isnan(v) else v for k, v in s.scores.items()},
             "samples": s.samples[:n],
         }

@@ -515,6 +515,15 @@ def test_data_scores_every_row_of_your_file_unless_told(
     told = ["--set", "data.max_eval_samples=1"]
     assert run([str(run_dir), "--data", rows, *told, "--json", "--metrics", "exact_match"]) == 0
     assert json.loads(capsys.readouterr().out)["score"]["rows"] == 1
+    # The run's eval.max_prompts does not cap your file's generated answers either; --set does.
+    saved = load_config(None, {"eval.max_prompts": 1}).model_dump(mode="json")
+    (run_dir / "config.yaml").write_text(json.dumps(saved), encoding="utf-8")
+    assert run([str(run_dir), "--data", rows, "--json", "--metrics", "exact_match"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"]["answered"] == 2
+    capped = ["--set", "eval.max_prompts=1", "--metrics", "exact_match,eval_loss"]
+    assert run([str(run_dir), "--data", rows, *capped]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.endswith("(2 eval rows, answers generated for 1)"), head
 
 
 # ---------------------------------------------------------------- bad input: one message, exit 2
