@@ -12,11 +12,13 @@ best adapter is promoted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,9 +275,10 @@ def _search(
         close_parent(mlc, parent_id, "FAILED")
         raise
     tracked = {"mlc": mlc, "uri": uri, "exp_id": exp_id, "parent_id": parent_id, "timing": timing}
-    return _after_trials(
-        spec_path, cfg, exp_dir, grid, callback, tracked=tracked, resolve=resolve, t0=t0
+    finish = functools.partial(
+        _finish, spec_path, cfg, exp_dir, grid, callback, tracked=tracked, resolve=resolve, t0=t0
     )
+    return _after_trials(finish, mlc=mlc, parent_id=parent_id, exp_dir=exp_dir)
 
 
 def _run_trials(
@@ -319,29 +322,16 @@ def _run_trials(
 
 
 def _after_trials(
-    spec_path: str,
-    cfg: SearchSpec,
-    exp_dir: Path,
-    grid: Any,
-    callback: Any,
-    *,
-    tracked: dict[str, Any],
-    resolve: TrialConfigs,
-    t0: float,
+    finish: Callable[[list[bool]], dict[str, Any]], *, mlc: Any, parent_id: str, exp_dir: Path
 ) -> dict[str, Any]:
-    """What follows Tune's run (``_finish``), its failures told apart from those before every
-    trial had ended, and Ray shut down whatever happens. ``tracked``: the search's MLflow
-    client, ids and timing."""
+    """What follows Tune's run (``finish``: ``_finish`` of this search), its failures told
+    apart from those before every trial had ended, and Ray shut down whatever happens."""
     import ray
 
-    mlc, parent_id = tracked["mlc"], tracked["parent_id"]
     ended: list[bool] = []  # set once every trial ended (a Ctrl-C during fit() is told apart)
     summary: dict[str, Any] | None = None
     try:
-        summary = _finish(
-            spec_path, cfg, exp_dir, grid, callback,
-            tracked=tracked, resolve=resolve, t0=t0, ended=ended,
-        )  # fmt: skip
+        summary = finish(ended)
     except KeyboardInterrupt:
         close_parent(mlc, parent_id, "KILLED")  # again, if stop_interrupted did: the same
         if ended:
@@ -381,11 +371,11 @@ def _finish(
     exp_dir: Path,
     grid: Any,
     callback: Any,
+    ended: list[bool],
     *,
     tracked: dict[str, Any],
     resolve: TrialConfigs,
     t0: float,
-    ended: list[bool],
 ) -> dict[str, Any]:
     """Every trial's end found (``stop_if_interrupted`` raises on a Ctrl-C during ``fit()``;
     ``ended`` set past it), then ``finish_search``: ranking, base vs tuned, promotion, summary."""
