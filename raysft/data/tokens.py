@@ -65,6 +65,9 @@ class Example:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"an Example is read-only ({name})")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"an Example is read-only ({name})")
+
     def __reduce__(self) -> tuple[Any, ...]:  # unpickled by _restore: no setattr, no copy
         return (_restore, (self._ids, self._labels, self._truncated, self._merged))
 

@@ -69,9 +69,8 @@ from raysft.search.space import (
 )
 from raysft.search.spec import trial_memory
 from raysft.search.storage import check_shared_storage
-from raysft.search.trial import share_data
 from raysft.search.tune_results import result_of
-from raysft.search.tuner import build_tuner, quiet_tune_output, search_trainable
+from raysft.search.tuner import build_tuner, quiet_tune_output, search_trainable, share_data
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +236,8 @@ def _search(
     uri = tracking_store.tracking_uri(cfg.tracking)
     tracking_requests.callback_failures(reset=True)
     tracking_requests.bound_retries()
-    unusable = tracking_store.spec_store_error(
-        spec_path, cfg
-    )  # before Ray: MLflow would retry for minutes
+    # Before Ray starts: MLflow would retry for minutes.
+    unusable = tracking_store.spec_store_error(spec_path, cfg)
     if unusable:
         raise unusable
     state = read_state(spec_path, exp_dir) if resume else {}

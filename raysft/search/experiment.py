@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, get_args
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from raysft.config import SearchSpec
 from raysft.data.digest import (
@@ -129,7 +129,9 @@ def _changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _default_as_recorded(path: str) -> str | None:
     """The schema's default of a dotted SearchSpec field as ``spec_record`` and ``flatten``
-    write it; None for a path that is no field, or one without a default."""
+    write it; None for a path that is no field, or one without a default. A field that a
+    section's validator fills in from others (``search.mode`` from the metric) is not its
+    default: such a new field would still be refused on resume."""
     model: Any = SearchSpec
     *sections, name = path.split(".")
     for part in sections:
@@ -141,7 +143,12 @@ def _default_as_recorded(path: str) -> str | None:
     field = model.model_fields.get(name)
     if field is None or field.is_required():
         return None
-    return redact.flatten({name: res.json_safe(field.get_default(call_default_factory=True))})[name]
+    # Validated and dumped as model_dump(mode="json") writes it: a float field's 2 as 2.0.
+    kind = TypeAdapter(field.annotation)
+    default = kind.dump_python(
+        kind.validate_python(field.get_default(call_default_factory=True)), mode="json"
+    )
+    return redact.flatten({name: res.json_safe(default)})[name]
 
 
 def _check_same_spec(

@@ -10,9 +10,8 @@ from typing import Any
 from raysft.config import SearchSpec, TrackingSection
 from raysft.errors import ConfigError
 from raysft.paths import writable_dir_problem
-from raysft.search import redact
 from raysft.search.notes import clipped
-from raysft.search.redact import scrubbed
+from raysft.search.redact import redact, scrubbed
 from raysft.search.tracking_requests import FAST_REQUESTS, capped_environ
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -187,5 +186,5 @@ def spec_store_error(spec_path: str, cfg: SearchSpec) -> ConfigError | None:
         if cfg.tracking.uri or "MLFLOW_TRACKING_URI" not in os.environ
         else "tracking.uri (from $MLFLOW_TRACKING_URI)"
     )
-    redacted = redact.redact("tracking_uri", uri)
-    return ConfigError(spec_path, [f"{where}: {redacted}: {redact.redact('error', unusable)}"])
+    redacted = redact("tracking_uri", uri)
+    return ConfigError(spec_path, [f"{where}: {redacted}: {redact('error', unusable)}"])

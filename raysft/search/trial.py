@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import validate_spec
-from raysft.data.shared import SharedData
 from raysft.errors import (
     AssetError,
     ConfigError,
@@ -378,17 +377,3 @@ def pin_ray_address() -> None:
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-
-
-def share_data(shared: SharedData | None) -> Any:
-    """The data the driver read, put in Ray's object store for the trials; None (each trial
-    then reads its own, as it would without it) where the store cannot take it."""
-    import ray
-
-    if shared is None:
-        return None
-    try:
-        return ray.put(shared)
-    except Exception as err:  # ObjectStoreFullError, or spilling failed: never fatal here
-        log.warning("trials read the data themselves: Ray's object store refused it (%s)", err)
-        return None

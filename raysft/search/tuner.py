@@ -1,20 +1,24 @@
 """The Tune side of a search: its trainable (the SFT recipe under Ray Train, bound to the spec),
-the Tuner (Optuna TPE, ASHA on the trial's own step, the divergence stopper) and the quiet
-output while its trials run."""
+the Tuner (Optuna TPE, ASHA on the trial's own step, the divergence stopper), the quiet output
+while its trials run, and the driver's data put in Ray's object store for them (``share_data``)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raysft.config import SearchSpec
+from raysft.data.shared import SharedData
 from raysft.environ import environ
 from raysft.search import results as res
 from raysft.search.resources import TRIAL_DRIVER_RESOURCES, ResourcePlan
 from raysft.search.trial import run_trial_on_ray
 from raysft.train.metrics import REPLAYED
+
+log = logging.getLogger(__name__)
 
 
 def search_trainable(tree: dict[str, Any], exp_dir: Path, shared: Any = None) -> Any:
@@ -101,3 +105,17 @@ def build_tuner(
             verbose=1,
         ),
     )
+
+
+def share_data(shared: SharedData | None) -> Any:
+    """The data the driver read, put in Ray's object store for the trials; None (each trial
+    then reads its own, as it would without it) where the store cannot take it."""
+    import ray
+
+    if shared is None:
+        return None
+    try:
+        return ray.put(shared)
+    except Exception as err:  # ObjectStoreFullError, or spilling failed: never fatal here
+        log.warning("trials read the data themselves: Ray's object store refused it (%s)", err)
+        return None

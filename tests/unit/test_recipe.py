@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -385,7 +386,9 @@ def test_eval_rows_whose_prompt_fills_max_seq_len_are_not_generated_for(
         setup(_config(tmp_path, model_dir, "lora", **options), dist=Dist())
 
 
-def test_eval_max_prompts_caps_the_generated_answers_not_the_loss(tmp_path: Path) -> None:
+def test_eval_max_prompts_caps_the_generated_answers_not_the_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Generation takes the first eval.max_prompts eval rows whose prompts fit; eval loss
     scores all of them."""
     from raysft.train.recipe import Dist, setup
@@ -399,12 +402,19 @@ def test_eval_max_prompts_caps_the_generated_answers_not_the_loss(tmp_path: Path
     evals.write_text("\n".join(lines), encoding="utf-8")
     model_dir = _model_dir(tmp_path, "llama")
     options = {"data.eval": str(evals), "train.exact_match": True}
-    capped = setup(
-        _config(tmp_path, model_dir, "lora", **options, **{"eval.max_prompts": 2}), dist=Dist()
-    )
+    with caplog.at_level(logging.INFO, logger="raysft"):
+        capped = setup(
+            _config(tmp_path, model_dir, "lora", **options, **{"eval.max_prompts": 2}),
+            dist=Dist(),
+        )
     every = setup(_config(tmp_path, model_dir, "lora", **options), dist=Dist())
     scores, samples = capped.evaluate(final=True)
     assert [s["expected"] for s in samples] == ["yes", "no"]  # the long one does not fit
+    said = [m for m in caplog.messages if m.startswith("eval.max_prompts=2: ")]
+    assert said == [
+        "eval.max_prompts=2: the generated-answer metrics answer the first 2 of the 4 eval rows "
+        "whose prompts fit; eval loss scores all of them"
+    ]
     all_scores, all_samples = every.evaluate(final=True)
     assert [s["expected"] for s in all_samples] == ["yes", "no", "maybe", "sure"]
     assert len(capped.data.eval) == len(every.data.eval) == 5

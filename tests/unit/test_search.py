@@ -1700,6 +1700,9 @@ def test_resume_refuses_a_spec_that_changed_since_the_search_started(tmp_path: P
     # leaves it at its default, and not where it sets it: the trials would score otherwise.
     older = copy.deepcopy(record)
     del older["spec"]["eval"]["max_prompts"]
+    # (and as if these had been added since: float defaults are recorded as floats, 2 as 2.0)
+    del older["spec"]["search"]["scheduler"]["reduction_factor"]
+    del older["spec"]["eval"]["temperature"]
     (exp / experiment.STATE_FILE).write_text(json.dumps(older))
     assert experiment.open_experiment("s.yaml", started, resume=True) == exp.resolve()
     capped = copy.deepcopy(tree)

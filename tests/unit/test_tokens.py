@@ -24,6 +24,8 @@ def test_an_example_is_read_only_and_pickles_whole() -> None:
     for name in ("truncated", "merged_boundary", "_ids", "input_ids"):
         with pytest.raises(AttributeError):
             setattr(ex, name, None)
+        with pytest.raises(AttributeError):
+            delattr(ex, name)
     again = pickle.loads(pickle.dumps([ex, ex], protocol=pickle.HIGHEST_PROTOCOL))
     assert again == [ex, ex] and again[0].merged_boundary and not again[0].truncated
 
