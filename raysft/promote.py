@@ -18,7 +18,7 @@ from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.search import notes, tracking
 from raysft.search.compare import base_value
 from raysft.search.experiment import recorded_digests
-from raysft.search.finish import FinishSteps
+from raysft.search.finish_steps import FinishSteps
 from raysft.search.promote import promote
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
 from raysft.search.tracking_store import client, local_store

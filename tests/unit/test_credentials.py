@@ -109,7 +109,7 @@ def test_every_shape_of_url_credential_is_scrubbed(value: str, logged: str) -> N
 def test_an_mlflow_error_is_scrubbed_wherever_it_is_written(tmp_path: Path) -> None:
     """MLflow's messages carry the request's address, password and all: the finish's failed
     steps (summary.json, logged to the parent run) and the log get it scrubbed."""
-    from raysft.search.finish import FinishSteps
+    from raysft.search.finish_steps import FinishSteps
 
     class Refused(Exception):
         pass
