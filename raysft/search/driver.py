@@ -29,7 +29,6 @@ from raysft.errors import ConfigError, SearchStateError
 from raysft.paths import LOCK_FILE
 from raysft.search import redact, tracking, tracking_requests, tracking_store
 from raysft.search.autoscale import scale_up
-from raysft.search.callback import make_callback
 from raysft.search.experiment import (
     count_start,
     hold_experiment_dir,
@@ -256,6 +255,8 @@ def _search(
     )
     begun.append(True)
     resolve = TrialConfigs(tree, str(exp_dir))
+    from raysft.search.callback import make_callback  # imports Ray's Tune
+
     callback = make_callback(
         mlc,
         exp_id=exp_id,
