@@ -35,10 +35,11 @@ class ModelSection(Section):
     )
     attn_implementation: Literal["eager", "sdpa", "sdpa_fp32", "flex_attention"] = Field(
         "sdpa",
-        description="Attention kernel. All keep packed samples independent (flex_attention "
-        "needs CUDA). `sdpa_fp32`: sdpa on float32 q, k, v under bf16 autocast, for CPUs whose "
-        "bf16 attention kernel is slower than their fp32 one (benchmarks/RESULTS.md); the same "
-        "as sdpa without autocast. flex_attention is not recommended for searches: "
+        description="Attention kernel. All keep packed samples independent (`data.packing`; "
+        "flex_attention needs CUDA). `sdpa_fp32`: sdpa on float32 q, k, v under bf16 "
+        "autocast, for CPUs whose bf16 attention kernel is slower than their fp32 one "
+        "(benchmarks/RESULTS.md); the same as sdpa without autocast. flex_attention is not "
+        "recommended for searches: "
         "transformers compiles it anew at every train/eval switch (each eval) and shape changes "
         "trigger recompiles; that cost is unmeasured here (README: GPU clusters).",
     )
@@ -132,7 +133,11 @@ class DataSection(Section):
     )
     max_seq_len: int = Field(512, gt=8, description="Tokens per sample (and per packed row).")
     packing: bool = Field(
-        True, description="Pack samples into rows of max_seq_len, each attending only to itself."
+        True,
+        description="Pack samples into rows of max_seq_len, each attending only to itself. "
+        "Needs a model that builds its attention mask from position ids (Llama, Mistral, Qwen, "
+        "Gemma, Phi, GPT-2 do; OPT, Bloom and MPT do not): each run checks the loaded model "
+        "with one forward and refuses packing on one whose packed samples would see each other.",
     )
     group_by_length: bool = Field(
         False,

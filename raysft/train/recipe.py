@@ -54,6 +54,7 @@ from raysft.train.model import (
     training_tokenizer,
 )
 from raysft.train.neftune import attach_neftune
+from raysft.train.packing_check import check_packing
 from raysft.train.precision import (
     NUMERICS,
     autocast_for,
@@ -252,6 +253,10 @@ def setup(
         model = load_model(cfg, device=device)
     vocab = model.get_input_embeddings().num_embeddings
     check_vocab(vocab, tokenizer, name=cfg.model.name_or_path)
+    # Before anything trains on packed rows; every rank (FSDP's forward is collective). FSDP
+    # shards resumed are empty until the checkpoint loads: the first start checked this model.
+    if cfg.data.packing and not (dist.sharded and resume_from is not None):
+        check_packing(model, name=cfg.model.name_or_path, vocab_size=vocab, device=device)
     neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
     train_model = model if dist.sharded or prepare_model is None else prepare_model(model)
     if cfg.train.compile:
