@@ -22,7 +22,13 @@ from raysft.data.formats import (
 )
 from raysft.data.sources import Role, default_split, saved_split
 from raysft.data.templates import TERMINATORS, render, terminator_tokens
-from raysft.data.tokens import Example, Segment, tokenize
+from raysft.data.tokens import (
+    Example,
+    Segment,
+    special_text_in,
+    special_token_texts,
+    tokenize,
+)
 from raysft.errors import TemplateError
 
 log = logging.getLogger(__name__)
@@ -108,6 +114,7 @@ def _tokenize_all(
     (named). ``skipped``: this split's own list of skipped rows, extended here too. ``name``:
     the split, in the progress lines of a long one."""
     examples, kept, dropped = [], [], []
+    specials, special_rows = special_token_texts(tokenizer), []
     start = time.monotonic()
     say_at = start + PROGRESS_EVERY_S
     for done, conv in enumerate(convs):
@@ -123,6 +130,9 @@ def _tokenize_all(
             if skipped is not None:
                 skipped.append(report.skipped[-1])
             continue
+        found = specials and special_text_in(conv, specials)
+        if found:
+            special_rows.append(f"{(origins or {}).get(id(conv), 'a row')}, {found}")
         ex = tokenize(segments, tokenizer, max_seq_len=cfg.max_seq_len)
         if ex.n_trained == 0:
             if cfg.on_error == "strict":
@@ -142,7 +152,19 @@ def _tokenize_all(
         examples.append(ex)
         kept.append(conv)
     report.dropped += dropped
+    if special_rows:
+        _warn_of_special_text(name, special_rows, len(convs))
     return examples, kept, dropped
+
+
+def _warn_of_special_text(name: str, rows: list[str], total: int) -> None:
+    log.warning(
+        "data.%s: %d of %d rows hold a special token's text in a message (the first: %s): the "
+        "tokenizer reads it as that token, not as text, as a chat template does at inference. "
+        "In an answer the model learns to emit it there (an end-of-sequence token ends "
+        "generation early). If it is meant as text, change it in the data",
+        name, len(rows), total, rows[0],
+    )  # fmt: skip
 
 
 def load_split(

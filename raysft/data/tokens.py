@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import re
 import weakref
 from array import array
 from collections.abc import Iterable
@@ -312,3 +313,26 @@ def trained_spans(example: Example, tokenizer: Any) -> list[str]:
             spans[-1].append(tok)
         prev = on
     return [tokenizer.decode(s, skip_special_tokens=False) for s in spans]
+
+
+def special_token_texts(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern matching the text of the tokenizer's special tokens (EOS, BOS, a chat
+    template's turn markers), longest first; None where it has none. Such text inside a message
+    is read as the token itself, by training's tokenization as by a chat template's at
+    inference."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts |= {t.content for t in added.values() if getattr(t, "special", False)}
+    texts = {t for t in texts if isinstance(t, str) and t}
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def special_text_in(conv: Iterable[dict[str, Any]], pattern: re.Pattern[str]) -> str | None:
+    """``role: 'TEXT'`` for the first message of ``conv`` that holds a special token's text."""
+    for message in conv:
+        found = pattern.search(message["content"])
+        if found:
+            return f"{message['role']}: {found.group()!r}"
+    return None

@@ -457,3 +457,34 @@ def test_load_eval_splits_the_training_data_when_there_is_no_eval_source(tmp_pat
     train = write_jsonl(tmp_path / "t.jsonl", [alpaca(f"q{i}", f"a{i}") for i in range(20)])
     cfg = section(train=train, eval=None, eval_fraction=0.25)
     assert load_eval(cfg, seed=1)[0] == load_split(cfg, seed=1)[1]
+
+
+def test_special_token_text_in_a_message_is_said_with_its_row(
+    tmp_path: Path, tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer holding '</s>' (HTML strikethrough) is tokenized with the real EOS id, as a
+    chat template tokenizes it at inference: the run trains on, and says which rows do so."""
+    rows = [
+        {"instruction": "Say hi.", "output": "hi"},
+        {"instruction": "Strike it.", "output": "Use <s>old</s> here."},
+        {"instruction": "Mark <|im_start|> it.", "output": "ok"},
+    ]
+    train = tmp_path / "rows.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="raysft.data.pipeline"):
+        data = prepare_data(section(train=str(train), template="llama2"), tok, seed=0)
+    said = [m for m in caplog.messages if "special token's text" in m]
+    assert said == [
+        f"data.train: 2 of 3 rows hold a special token's text in a message (the first: {train}: "
+        "line 2, assistant: '<s>'): the tokenizer reads it as that token, not as text, as a chat "
+        "template does at inference. In an answer the model learns to emit it there (an "
+        "end-of-sequence token ends generation early). If it is meant as text, change it in the "
+        "data"
+    ]
+    assert data.report.train_examples == 3  # said, not dropped
+    eos = [t for t in data.train[1].labels if t == tok.eos_token_id]
+    assert len(eos) == 2  # the answer's '</s>' and its terminator
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raysft.data.pipeline"):
+        prepare_data(section(), tok, seed=0)
+    assert not [m for m in caplog.messages if "special token's text" in m]
