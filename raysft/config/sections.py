@@ -129,7 +129,9 @@ class DataSection(Section):
         description="Chat template. `tokenizer` uses the tokenizer's own chat_template.",
     )
     system_prompt: str | None = Field(
-        None, description="System message added to conversations that have none."
+        None,
+        description="System message added to conversations that have none. Blank: none (as "
+        "a row's blank system message is).",
     )
     max_seq_len: int = Field(512, gt=8, description="Tokens per sample (and per packed row).")
     packing: bool = Field(
@@ -159,6 +161,12 @@ class DataSection(Section):
         description="Cap on eval conversations (eval loss, and the generated-answer metrics "
         "unless `eval.max_prompts` caps them lower). Null: all.",
     )
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        # Else an empty "<<SYS>>" block, or a blank line in place of vicuna's own system line.
+        return value if value is None or value.strip() else None
 
     @field_validator("train", "eval")
     @classmethod

@@ -488,3 +488,11 @@ def test_special_token_text_in_a_message_is_said_with_its_row(
     with caplog.at_level("WARNING", logger="raysft.data.pipeline"):
         prepare_data(section(), tok, seed=0)
     assert not [m for m in caplog.messages if "special token's text" in m]
+
+
+@pytest.mark.parametrize("blank", ["", "  ", "\n"])
+def test_a_blank_system_prompt_is_none_as_a_rows_blank_system_is(tok: Any, blank: str) -> None:
+    cfg = section(template="llama2", system_prompt=blank)
+    assert cfg.system_prompt is None
+    text = tok.decode(prepare_data(cfg, tok, seed=0).train[0].input_ids)
+    assert "<<SYS>>" not in text and text.startswith("<s>[INST] Translate")
