@@ -78,7 +78,8 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, object_pairs_hook=JsonObject.of)
+                # Without its newline: an error at the line's end is then at its last column.
+                row = json.loads(line.rstrip("\r\n"), object_pairs_hook=JsonObject.of)
             except json.JSONDecodeError as err:
                 # err.msg alone may end in "at" ("Invalid control character at"): its
                 # position is the column (the line is the row's).

@@ -294,6 +294,15 @@ def test_invalid_json_says_the_column(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b""])
+def test_a_row_cut_short_is_said_at_its_last_column(tmp_path: Path, end: bytes) -> None:
+    """Not "column 1" of a line after it: the row's newline is not part of it."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"instruction": "x", "output": "y"' + end)
+    out = load_conversations(str(path), on_error="skip")
+    assert out.skipped == [f"{path}: line 1: not valid JSON: Expecting ',' delimiter at column 35"]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path, suffix: str) -> None:
     # Notepad, Excel and PowerShell start UTF-8 files with one.
