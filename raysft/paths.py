@@ -71,6 +71,9 @@ def replace_text(path: Path, text: str) -> None:
 
 
 LOCK_FILE = ".raysft.lock"  # held by the search or run writing into a directory (its pid inside)
+# In every checkpoint: where its run read its config's relative paths from (raysft.evaluate
+# reads them there when no finished run or experiment around the checkpoint says: a stopped run).
+ORIGIN_FILE = "origin.json"
 
 
 class InUse(Exception):

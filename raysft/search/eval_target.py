@@ -22,6 +22,7 @@ from raysft.config import (
     validate_tree,
 )
 from raysft.errors import ConfigError, ModelError, SearchStateError
+from raysft.paths import ORIGIN_FILE
 from raysft.search.results import SUMMARY_FILE, read_summary
 from raysft.train.score_saved import adapter_base
 
@@ -171,7 +172,8 @@ def _working_dir(root: Path) -> str | None:
     """The directory the run under ``root`` read its relative paths from: its own record
     (metrics.json: a raysft.train output, a trial, an export), else its experiment's
     (summary.json, there or up to 4 levels above: EXP/train/train-ID/checkpoint_*), else its run's
-    (metrics.json, up to 2 levels above: OUT/checkpoints/step-N); None when no record says."""
+    (metrics.json, up to 2 levels above: OUT/checkpoints/step-N), else the checkpoint's own
+    (origin.json: a stopped run's); None when no record says."""
     here = root.resolve()
     own = _json_field(here / "metrics.json", "working_dir")
     if own is not None:
@@ -186,7 +188,8 @@ def _working_dir(root: Path) -> str | None:
         wd = _json_field(d / "metrics.json", "working_dir")
         if wd is not None:
             return wd
-    return None
+    # Last: a trial's worker may run elsewhere than its search's driver (summary.json's).
+    return _json_field(here / ORIGIN_FILE, "working_dir")
 
 
 def _json_field(path: Path, key: str) -> str | None:

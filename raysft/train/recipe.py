@@ -32,7 +32,7 @@ from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, DataError
-from raysft.paths import give_plain_modes, replace_text
+from raysft.paths import ORIGIN_FILE, give_plain_modes, replace_text
 from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import granted_gpus, training_device
@@ -565,6 +565,8 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
         # them (template, eval rows) and `--resume-from` checks the config against them.
         (Path(tmp) / CONFIG_FILE).write_text(dump_config(run.cfg), encoding="utf-8")
         (Path(tmp) / DATA_FILE).write_text(json.dumps(run.data_digests), encoding="utf-8")
+        origin = json.dumps({"working_dir": os.getcwd()})
+        (Path(tmp) / ORIGIN_FILE).write_text(origin, encoding="utf-8")
         save_state(
             tmp,
             progress=run.progress,

@@ -470,6 +470,7 @@ def test_tunes_record_of_a_trial_points_at_what_can_be_scored(tmp_path: Path) ->
         ("out", "metrics"),  # a raysft.train output, or an exported champion
         ("out/checkpoints/step-000002", "metrics"),  # its checkpoint
         ("out", "both"),  # a raysft.train output kept inside an experiment dir: its own wins
+        ("out/checkpoints/step-000002", "origin"),  # a stopped run's: no metrics.json yet
     ],
 )
 def test_a_runs_own_relative_paths_are_read_where_it_ran(
@@ -492,6 +493,8 @@ def test_a_runs_own_relative_paths_are_read_where_it_ran(
     (run_dir / "config.yaml").write_text(json.dumps(saved), encoding="utf-8")
     if record == "summary":
         (exp / "summary.json").write_text(json.dumps({"working_dir": str(ran_in)}))
+    elif record == "origin":
+        (run_dir / "origin.json").write_text(json.dumps({"working_dir": str(ran_in)}))
     else:
         (exp / "out" / "metrics.json").write_text(json.dumps({"working_dir": str(ran_in)}))
     if record == "both":

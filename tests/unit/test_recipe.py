@@ -114,6 +114,8 @@ def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         assert checkpoint_dir is not None
         seen.append((metrics, sorted(p.name for p in Path(checkpoint_dir).iterdir())))
+        origin = json.loads((Path(checkpoint_dir) / "origin.json").read_text(encoding="utf-8"))
+        assert origin == {"working_dir": os.getcwd()}  # raysft.evaluate reads relative paths there
 
     cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **{"train.eval_base": False})
     run_trial(cfg, report=report)
