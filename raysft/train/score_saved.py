@@ -54,6 +54,11 @@ def adapter_base(adapter_dir: Path) -> str:
     base = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None
     if not base:
         raise ModelError(f"{adapter_dir}: adapter_config.json names no base model")
+    if not isinstance(base, str):
+        raise ModelError(
+            f"{adapter_dir}/adapter_config.json: base_model_name_or_path: not a string "
+            f"({json.dumps(base)})"
+        )
     base = adapter_base_path(adapter_dir, base)  # a champion export's own copy, if it has one
     p = Path(base)
     if base.startswith("embedded:") or p.is_dir():

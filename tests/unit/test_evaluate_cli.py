@@ -635,6 +635,23 @@ def test_an_adapter_without_weights_is_one_clear_error(
         )
 
 
+@pytest.mark.parametrize("base", [123, ["a", "b"], {"path": "x"}])
+def test_an_adapter_config_whose_base_is_no_string_is_one_clear_error(
+    tmp_path: Path, adapter_dir: Path, base: object
+) -> None:
+    odd = tmp_path / "odd"
+    shutil.copytree(adapter_dir, odd)
+    meta = json.loads((odd / "adapter_config.json").read_text(encoding="utf-8"))
+    (odd / "adapter_config.json").write_text(
+        json.dumps({**meta, "base_model_name_or_path": base}), encoding="utf-8"
+    )
+    with pytest.raises(ModelError) as err:
+        run([str(odd), "--data", _rows(tmp_path), "--metrics", "eval_loss"])
+    assert str(err.value) == (
+        f"{odd}/adapter_config.json: base_model_name_or_path: not a string ({json.dumps(base)})"
+    )
+
+
 def test_a_base_that_cannot_load_is_named_where_it_came_from(
     tmp_path: Path, adapter_dir: Path
 ) -> None:
