@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -415,9 +416,20 @@ def save_model(
             model.config.use_cache = False
             model.config.dtype = saved_dtype
             model.generation_config = saved_generation
+        if dtype is not None:
+            _record_dtype(out / "config.json", dtype)
     tokenizer.save_pretrained(out)
     # The files written here (new or rewritten), not the folder: output_dir may be the user's,
     # with modes of their choosing (0700, a group's setgid).
     written = [p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns]
     give_plain_modes(None, [out / name for name in written])
     return out
+
+
+def _record_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    """config.json says the dtype the weights were written in. transformers 5's
+    ``save_pretrained`` writes the live model's (fp32 training weights) over the one set, and
+    ``from_pretrained(dtype="auto")`` would load a bf16 export in fp32, at twice the memory."""
+    config = json.loads(config_json.read_text(encoding="utf-8"))
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -265,7 +265,10 @@ def test_grouped_bf16_trial_with_fp32_attention_trains_and_saves(tmp_path: Path)
     assert len(losses) == 8 and losses[-1] < losses[0]
     saved = json.loads((Path(result.output_dir) / "config.json").read_text(encoding="utf-8"))
     assert "sdpa_fp32" not in json.dumps(saved)
-    AutoModelForCausalLM.from_pretrained(result.output_dir)
+    # Exported in bf16, and config.json says so (transformers 5 writes the live fp32's).
+    assert saved["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
 def _diverging(tmp_path: Path, eval_every: int):
