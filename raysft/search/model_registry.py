@@ -92,21 +92,34 @@ def register_version(
     )
     better = "lower" if record["mode"] == "min" else "higher"
     what = f"{method} adapter" if method != "full" else "fully fine-tuned model"
-    mlc.update_model_version(
-        cfg.promote.registered_model,
-        version.version,
-        description=f"A {what} of {tags[TAG_BASE]}, from the trial run {run_id}: "
-        f"**{record['metric']} = {record['value']:.4g}** ({better} is better) on the search's "
-        "eval rows (tag raysft.eval_fingerprint). Load it with "
-        "raysft.search.promote.load_champion"
-        + (
-            ", which puts it on the unquantized base: it scored that value on the 4-bit base it "
-            "trained on, and scores slightly differently there."
-            if method == "qlora"
-            else "."
-        ),
-    )
+    try:
+        mlc.update_model_version(
+            cfg.promote.registered_model,
+            version.version,
+            description=f"A {what} of {tags[TAG_BASE]}, from the trial run {run_id}: "
+            f"**{record['metric']} = {record['value']:.4g}** ({better} is better) on the "
+            "search's eval rows (tag raysft.eval_fingerprint). Load it with "
+            "raysft.search.promote.load_champion"
+            + (
+                ", which puts it on the unquantized base: it scored that value on the 4-bit base "
+                "it trained on, and scores slightly differently there."
+                if method == "qlora"
+                else "."
+            ),
+        )
+    except BaseException:
+        # Registered, never champion: the caller never learns its number, so it goes here.
+        _delete_unreturned(mlc, cfg.promote.registered_model, str(version.version))
+        raise
     return version
+
+
+def _delete_unreturned(mlc: Any, name: str, version: str) -> None:
+    try:
+        mlc.delete_model_version(name, version)
+    except Exception:
+        log.warning("could not undo %s v%s (registered, never champion)", name, version,
+                    exc_info=True)  # fmt: skip
 
 
 def forget_version(mlc: Any, p: PromoteSection, version: str, previous: str | None) -> None:

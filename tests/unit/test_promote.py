@@ -824,6 +824,29 @@ def test_a_failure_at_any_step_leaves_the_previous_champion_intact(
     assert weights == (checkpoints["b"] / "adapter_model.safetensors").read_bytes()
 
 
+def test_a_version_registered_whose_description_fails_is_deleted_again(
+    registry: Registry,
+    checkpoints: dict[str, Any],
+    champion_v1: tuple[SearchSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inside register_version, after mlflow.register_model made the version: its caller never
+    learns the number, so register_version itself deletes it."""
+    cfg, exp_dir = champion_v1
+    name = cfg.promote.registered_model
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected failure in update_model_version")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry.mlc, "update_model_version", fails)
+        record = promote(mlc=registry.mlc, cfg=cfg, best=best(registry, checkpoints["b"], 0.3),
+                         exp_dir=exp_dir)  # fmt: skip
+    assert record["promoted"] is False and "update_model_version" in record["reason"]
+    assert registry.alias(name) == "1"
+    assert registry.versions(name) == 1  # the one made is gone; v1 stays champion
+
+
 @pytest.mark.parametrize("first", [False, True], ids=["over-v1", "first-champion"])
 def test_an_alias_move_that_took_effect_but_failed_is_undone(
     registry: Registry,
