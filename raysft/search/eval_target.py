@@ -69,7 +69,8 @@ def resolve_target(
         )
     # An experiment without its summary (copied without it, say): its champion export's own.
     own = path if kind == "experiment" and summary is None else root
-    cfg, known = _settings(own, summary, config=config, overrides=overrides or {})
+    sampled = _champion_sampled(path, summary) if summary is not None else {}
+    cfg, known = _settings(own, summary, config=config, overrides=overrides or {}, sampled=sampled)
     if not known and not overrides:  # nothing of the run's, nothing of yours
         log.warning(
             "%s: no config.yaml or summary.json to read the run's settings from: scored with "
@@ -129,8 +130,27 @@ def _mover(old_exp: Any, new_exp: Path) -> Callable[[Any], str | None]:
     return moved
 
 
+def _champion_sampled(champion: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The values the champion's trial sampled: its export's record (metrics.json), else the
+    search's best trial's where the search promoted it."""
+    try:
+        own = json.loads((champion / "metrics.json").read_text(encoding="utf-8")).get("sampled")
+    except (OSError, ValueError, AttributeError):
+        own = None
+    if isinstance(own, dict):
+        return own
+    best = summary.get("best") or {}
+    promoted = (summary.get("promotion") or {}).get("promoted")
+    return dict(best.get("sampled") or {}) if promoted else {}
+
+
 def _settings(
-    root: Path, summary: dict[str, Any] | None, *, config: str | None, overrides: dict[str, Any]
+    root: Path,
+    summary: dict[str, Any] | None,
+    *,
+    config: str | None,
+    overrides: dict[str, Any],
+    sampled: dict[str, Any],
 ) -> tuple[Config, bool]:
     """The config to score with, and whether it is known (not just the defaults).
 
@@ -149,6 +169,8 @@ def _settings(
         if not isinstance(spec, dict):
             return load_config(None, overrides), False
         tree = {k: v for k, v in spec.items() if k != "search"}
+        for name, value in sampled.items():  # as the champion's trial trained (space.trial_config)
+            set_path(tree, name, value)
         source, prefix = str(root / "summary.json"), "resolved_spec: "
     _rebase(tree, _working_dir(root))  # before --set: those are yours
     problems = []

@@ -399,6 +399,33 @@ def test_experiment_dir_scores_its_champion(
     assert json.loads(capsys.readouterr().out)["score"]["metrics"] == {"pass_at_k": 0.5}
 
 
+def test_an_experiment_is_scored_with_its_champions_sampled_values(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path
+) -> None:
+    """Not with the spec's base values: a searched model.dtype or method loads the champion
+    (and --base) as its trial trained them."""
+    spec = _cfg(tmp_path, chain_dir)
+    exp = _experiment(tmp_path, spec, champion=adapter_dir)
+    assert not (exp / "champion" / "metrics.json").exists()
+    summary = json.loads((exp / "summary.json").read_text())
+    summary["best"]["sampled"] = {"model.dtype": "bfloat16", "lora.r": 4}
+    (exp / "summary.json").write_text(json.dumps(summary))
+    # The export without a record of its own: the best trial's values (the search promoted it).
+    got = resolve_target(str(exp)).cfg
+    assert (got.model.dtype, got.lora.r) == ("bfloat16", 4)
+    assert spec.model.dtype != "bfloat16" and spec.lora.r != 4
+    # The export's record of what its trial sampled wins (an earlier promotion's champion).
+    record = {"sampled": {"model.dtype": "bfloat16", "lora.alpha": 8}}
+    (exp / "champion" / "metrics.json").write_text(json.dumps(record))
+    got = resolve_target(str(exp)).cfg
+    assert (got.model.dtype, got.lora.alpha, got.lora.r) == ("bfloat16", 8, spec.lora.r)
+    # Neither: the spec's own values.
+    (exp / "champion" / "metrics.json").unlink()
+    summary["promotion"]["promoted"] = False
+    (exp / "summary.json").write_text(json.dumps(summary))
+    assert resolve_target(str(exp)).cfg.model.dtype == spec.model.dtype
+
+
 def test_an_experiments_relative_paths_are_read_where_the_search_ran(
     tmp_path: Path, chain_dir: Path, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
