@@ -44,19 +44,28 @@ def metrics_table(scores: dict[str, ModelScore]) -> str:
 
 
 def side_by_side(scores: dict[str, ModelScore], *, n: int = 3) -> str:
-    """The first ``n`` prompts with the reference and each model's first answer, labelled by
-    model (base, tuned) when there are several, else ``generated``."""
+    """The first ``n`` prompts with the reference and each model's first answer to that eval
+    row, labelled by model (base, tuned) when there are several, else ``generated``."""
     first = next(iter(scores.values()))
     label = {name: name if len(scores) > 1 else "generated" for name in scores}
+    by_row = {name: {_row(x, i): x for i, x in enumerate(s.samples)} for name, s in scores.items()}
     blocks = []
     for i, sample in enumerate(first.samples[:n]):
         lines = [
             f"--- {i + 1}: {_flat(sample['prompt'])}",
             f"expected: {sample['expected']!r}",
         ]
-        lines += [f"{label[name]}: {s.samples[i]['generated']!r}" for name, s in scores.items()]
+        for name in scores:
+            answer = by_row[name].get(_row(sample, i))
+            shown = repr(answer["generated"]) if answer else "(not answered: not among its rows)"
+            lines.append(f"{label[name]}: {shown}")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
+
+
+def _row(sample: dict[str, Any], i: int) -> Any:
+    """The eval row a sample answers (score_model numbers them), else its position."""
+    return sample.get("row", ("position", i))
 
 
 def _flat(prompt: str) -> str:

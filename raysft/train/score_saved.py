@@ -163,22 +163,23 @@ def select_metrics(names: list[str] | None, conversations: list[Conversation]) -
 
 def _tokenized(
     rows: list[Conversation], cfg: Config, tokenizer: Any
-) -> tuple[list[Example], list[Conversation]]:
+) -> tuple[list[Example], list[Conversation], list[int]]:
     """Rows rendered and tokenized as in training (``render_row``: under data.on_error=skip a
     row the template refuses is dropped, under strict it is a DataError naming it), without
-    those whose answer truncation cut off entirely (nothing to score). Drops are logged."""
+    those whose answer truncation cut off entirely (nothing to score). Drops are logged.
+    Returns the examples, the conversations scored and their row numbers (1-based)."""
     check_template(cfg.data, tokenizer)
     report = DataReport()
     # The rows scored, numbered: eval rows may be a sampled split, so no file line to name.
     origins = {id(conv): f"eval row {i}" for i, conv in enumerate(rows, 1)}
     kept, cut = [], 0
-    for conv in rows:
+    for number, conv in enumerate(rows, 1):
         segments = render_row(conv, cfg.data, tokenizer, report, origins=origins)
         if segments is None:
             continue
         ex = tokenize(segments, tokenizer, max_seq_len=cfg.data.max_seq_len)
         if ex.n_trained:
-            kept.append((ex, scored_part(conv)))  # generation scores its last trained answer
+            kept.append((ex, scored_part(conv), number))  # generation: its last trained answer
         else:
             cut += 1
     drops = []
@@ -193,7 +194,7 @@ def _tokenized(
         raise DataError(f"data.eval: no row left to score: {'; '.join(drops)}")
     for drop in drops:
         log.warning("%d of %d eval rows scored; %s", len(kept), len(rows), drop)
-    return [ex for ex, _ in kept], [conv for _, conv in kept]
+    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
 
 
 def score_model(
@@ -222,7 +223,7 @@ def score_model(
     rows = eval_rows(cfg) if conversations is None else conversations
     due = select_metrics(metrics, rows)
     net, tokenizer = load_for_scoring(model, cfg=cfg, base_model=base_model)
-    examples, kept = _tokenized(rows, cfg, tokenizer)
+    examples, kept, numbers = _tokenized(rows, cfg, tokenizer)
     prompted = kept
     if any(m.generates for m in due):
         hint = "raise it with --set data.max_seq_len=..., or score --metrics eval_loss"
@@ -242,5 +243,10 @@ def score_model(
         max_new_tokens=cfg.train.max_new_tokens, batch_size=32, device=device, autocast=autocast,
     )  # fmt: skip
     scores, samples = compute(due, cfg, loss=loss, answers=answers)
+    # Which eval row each answer is to (one per prompt, in order): models whose templates or
+    # tokenizers keep different rows are shown side by side by row, not by position.
+    number = {id(conv): n for conv, n in zip(kept, numbers, strict=True)}
+    for sample, conv in zip(samples, prompted if samples else [], strict=True):
+        sample["row"] = number[id(conv)]
     log.info("%s: %s", model, json.dumps(scores))
     return ModelScore(model, scores, samples, len(kept))

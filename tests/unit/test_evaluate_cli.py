@@ -291,6 +291,27 @@ def test_cli_adapter_against_its_base_json(
     assert out["base"]["metrics"] == out["tuned"]["metrics"]
     assert out["tuned"]["metrics"]["exact_match"] == 0.5 and out["tuned"]["rows"] == 2
     assert [s["generated"] for s in out["tuned"]["samples"]] == ["x=1"]
+    assert [s["row"] for s in out["base"]["samples"]] == [1]  # the eval row answered
+
+
+def test_answers_side_by_side_are_paired_by_eval_row() -> None:
+    """Models whose templates keep different rows: each answer under its own row's prompt,
+    and a row one model did not answer said so (not another row's answer, nor an IndexError)."""
+    from raysft.train.score_report import side_by_side
+    from raysft.train.score_saved import ModelScore
+
+    def sample(row: int, answer: str) -> dict[str, Any]:
+        return {"prompt": f"Q{row}", "expected": f"A{row}", "generated": answer, "row": row}
+
+    scores = {
+        "base": ModelScore("b", {}, [sample(1, "b1"), sample(2, "b2"), sample(3, "b3")], 3),
+        "tuned": ModelScore("t", {}, [sample(2, "t2"), sample(3, "t3")], 2),
+    }
+    assert side_by_side(scores, n=3).splitlines() == [
+        "--- 1: Q1", "expected: 'A1'", "base: 'b1'", "tuned: (not answered: not among its rows)",
+        "--- 2: Q2", "expected: 'A2'", "base: 'b2'", "tuned: 't2'",
+        "--- 3: Q3", "expected: 'A3'", "base: 'b3'", "tuned: 't3'",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
