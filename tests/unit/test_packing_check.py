@@ -60,10 +60,10 @@ def test_models_that_keep_packed_samples_apart_pass(arch: str, dtype: torch.dtyp
 
 def test_a_mixture_of_experts_rounding_is_not_a_leak() -> None:
     """Mixtral's experts sum a token's outputs in an order that depends on the batch: its
-    packed samples differ by rounding (about 3e-7 of the largest logit in fp32), not a leak."""
+    packed samples may differ by rounding (3e-7 of the largest logit in fp32 here), not a leak."""
     model = _model("mixtral", {**_SMALL, "num_local_experts": 8, "num_experts_per_tok": 2})
     leak, _ = packed_leak(model, vocab_size=128, device="cpu")
-    assert 0 < leak < 1e-5
+    assert leak < 1e-5  # 0 on some CPUs, where the sums happen to round alike
     check_packing(model, name="mixtral", vocab_size=128, device="cpu")
 
 
