@@ -53,7 +53,8 @@ def _model(arch: str, options: dict[str, Any], dtype: torch.dtype = torch.float3
 @pytest.mark.parametrize("arch", sorted(KEPT_APART))
 def test_models_that_keep_packed_samples_apart_pass(arch: str, dtype: torch.dtype) -> None:
     model = _model(arch, KEPT_APART[arch], dtype).train()
-    assert packed_leak(model, vocab_size=128, device="cpu") == (0.0, dtype)
+    leak, logits_dtype = packed_leak(model, vocab_size=128, device="cpu")
+    assert leak < 1e-6 and logits_dtype == dtype  # 0 here: the same sums in both rows
     check_packing(model, name=arch, vocab_size=128, device="cpu")
     assert model.training  # put back as it was
 
