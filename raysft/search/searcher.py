@@ -37,8 +37,10 @@ class FinalMetricOptunaSearch(OptunaSearch):
     ASHA's), so nothing is lost. A trial that ran to ``max_steps`` is told COMPLETE with its
     final value. One stopped before (ASHA) is told PRUNED, its last value as its intermediate
     value at its step: Ray tells it COMPLETE with the value of the rung where it stopped, so TPE
-    weighed an eval loss at step 30 as the equal of one at step 150. One that failed is told
-    FAIL (Ray: COMPLETE when its last report carried the objective). A failed trial that
+    weighed an eval loss at step 30 as the equal of one at step 150. One that diverged (its
+    objective NaN) is told PRUNED at NaN, which TPE ranks below every other (Ray's tell of a
+    NaN value fails, and left it RUNNING: TPE never learned where trials diverge). One that
+    failed is told FAIL (Ray: COMPLETE when its last report carried the objective). A failed trial that
     ``--resume`` runs again is told as a new Optuna trial with the same values when it ends:
     Optuna takes no second tell of a trial it has (Ray's own dropped it with a warning).
     """
@@ -78,13 +80,16 @@ class FinalMetricOptunaSearch(OptunaSearch):
             and isinstance(value, int | float)
             and math.isfinite(value)
         )
+        # A diverged trial ends with a NaN objective, which Optuna refuses as a value (Ray's
+        # tell would leave it RUNNING for good): told PRUNED at NaN, which TPE ranks worst.
+        diverged = not error and isinstance(value, float) and math.isnan(value)
         # A searcher pickled before failed trials were kept (an older search's) has none.
         self.failed_trials = getattr(self, "failed_trials", set())
         if trial_id in self.failed_trials:
             if not error:
-                self._tell_rerun(trial_id, value=value, step=step, early=early)
+                self._tell_rerun(trial_id, value=value, step=step, early=early or diverged)
             return
-        if trial_id in self._completed_trials or not (error or early):
+        if trial_id in self._completed_trials or not (error or early or diverged):
             super().on_trial_complete(trial_id, result=result, error=error)
             return
         trial, study = self._ot_trials[trial_id], self._ot_study
@@ -94,7 +99,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
                 study.tell(trial, state=TrialState.FAIL)
                 self.failed_trials.add(trial_id)
             else:
-                trial.report(float(value), step)  # type: ignore[arg-type]  # early: finite
+                trial.report(float(value), step if isinstance(step, int) else 0)  # type: ignore[arg-type]
                 study.tell(trial, state=TrialState.PRUNED)
         except Exception as exc:
             log.warning("Optuna: trial %s not told: %s", trial_id, exc)
@@ -106,8 +111,9 @@ class FinalMetricOptunaSearch(OptunaSearch):
         first, study = self._ot_trials[trial_id], self._ot_study
         assert study is not None
         told: dict[str, Any] = {"state": TrialState.FAIL}
-        if early:
-            told = {"state": TrialState.PRUNED, "intermediate_values": {step: float(value)}}
+        if early:  # or diverged (NaN)
+            at = step if isinstance(step, int) else 0
+            told = {"state": TrialState.PRUNED, "intermediate_values": {at: float(value)}}
         elif isinstance(value, int | float) and math.isfinite(value):
             told = {"state": TrialState.COMPLETE, "value": float(value)}
         try:

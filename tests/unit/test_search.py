@@ -833,6 +833,28 @@ def test_optuna_is_told_how_each_trial_ended(monkeypatch: pytest.MonkeyPatch) ->
     assert by_state[optuna.trial.TrialState.COMPLETE].value == 0.5
 
 
+@pytest.mark.parametrize("at", ["rung", "end"])
+def test_a_diverged_trial_is_told_to_optuna_as_the_worst_pruned_one(at: str) -> None:
+    """A NaN objective: Ray's tell of it as a value fails and leaves the trial RUNNING, so TPE
+    (without the constant liar, one trial at a time) never learned that a region diverges.
+    Told PRUNED at NaN, which TPE's pruned-trial score ranks below every other."""
+    import math
+
+    import optuna
+
+    from raysft.search.searcher import build_searcher
+
+    cfg = validate_tree(spec({"train.learning_rate": LR}))
+    searcher = build_searcher(cfg, cfg.search, concurrent=1)
+    step = cfg.train.max_steps // 2 if at == "rung" else cfg.train.max_steps
+    searcher.suggest("diverged")
+    searcher.on_trial_complete("diverged", {"step": step, "eval_loss": float("nan")})
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    ((told_at, value),) = trial.intermediate_values.items()
+    assert told_at == step and math.isnan(value)
+
+
 def test_a_failed_trial_run_again_by_resume_is_told_to_optuna_when_it_ends() -> None:
     """Tune's resume_errored runs a failed trial again under its own id: Optuna, which has it
     as FAIL and takes no second tell, learns the rerun's result as a new trial with the same
