@@ -50,7 +50,7 @@ MEMORY_PATHS = (
     "lora.use_dora", "qlora.double_quant", "data.max_seq_len", "data.max_eval_samples",
     "train.batch_size", "train.grad_accum", "train.gradient_checkpointing", "train.precision",
     "train.exact_match", "train.max_new_tokens", "model.attn_implementation", "eval.samples",
-    "eval.max_prompts",
+    "eval.max_prompts", "model.dtype",
 )  # fmt: skip
 # Llama-style projection names -> the tensor they read; linears reading one tensor can share
 # the copy saved for backward.

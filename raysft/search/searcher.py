@@ -40,9 +40,10 @@ class FinalMetricOptunaSearch(OptunaSearch):
     weighed an eval loss at step 30 as the equal of one at step 150. One that diverged (its
     objective NaN) is told PRUNED at NaN, which TPE ranks below every other (Ray's tell of a
     NaN value fails, and left it RUNNING: TPE never learned where trials diverge). One that
-    failed is told FAIL (Ray: COMPLETE when its last report carried the objective). A failed trial that
-    ``--resume`` runs again is told as a new Optuna trial with the same values when it ends:
-    Optuna takes no second tell of a trial it has (Ray's own dropped it with a warning).
+    failed is told FAIL (Ray: COMPLETE when its last report carried the objective). A failed
+    trial that ``--resume`` runs again is told as a new Optuna trial with the same values when
+    it ends: Optuna takes no second tell of a trial it has (Ray's own dropped it with a
+    warning).
     """
 
     def __init__(self, *args: Any, max_steps: int | None = None, **kwargs: Any) -> None:

@@ -289,6 +289,22 @@ def test_the_space_is_planned_at_its_largest_trial(llama2_7b: Path) -> None:
     assert est.assumptions.startswith("the space's largest trial (lora.r 64, method lora);")
 
 
+def test_a_searched_base_dtype_is_planned_at_its_largest(llama2_7b: Path) -> None:
+    """model.dtype sizes a LoRA trial's frozen base: fp32 is twice bf16's."""
+    params = {"model.dtype": {"type": "choice", "values": ["bfloat16", "float32"]}}
+    tree = {**spec_tree(llama2_7b, params), "method": "lora"}
+    est = trial_memory(validate_spec(tree))
+    assert isinstance(est, Estimate)
+    assert est.assumptions.startswith("the space's largest trial (model.dtype float32);")
+    lr = {"train.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}
+    each = {}
+    for dtype in ("bfloat16", "float32"):
+        fixed = {**spec_tree(llama2_7b, lr), "method": "lora"}
+        fixed["model"] = {**fixed["model"], "dtype": dtype}
+        each[dtype] = trial_memory(validate_spec(fixed))
+    assert est.peak == each["float32"].peak > each["bfloat16"].peak + 10 * GIB  # type: ignore[union-attr]
+
+
 def test_a_model_without_a_local_config_is_not_estimated(tmp_path: Path) -> None:
     tree = spec_tree(tmp_path / "nowhere", {"lora.r": {"type": "choice", "values": [8]}})
     why = trial_memory(validate_spec(tree))
