@@ -130,6 +130,18 @@ def _device_matches_resources(spec: SearchSpec) -> str | None:
     return None
 
 
+def _flex_attention_needs_a_gpu(spec: SearchSpec) -> str | None:
+    if spec.model.attn_implementation != "flex_attention":
+        return None
+    if spec.search.resources.gpus == 0 or spec.train.device == "cpu":
+        return (
+            "model.attn_implementation: flex_attention needs a CUDA GPU, but the trials train "
+            "on the CPU (search.resources.gpus_per_worker is 0, or train.device: cpu): every "
+            "trial would fail; use sdpa, or give the trials GPUs"
+        )
+    return None
+
+
 CONFIG_RULES: list[Rule] = [
     (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
     (("method", "model.dtype"), _full_with_half_weights),
@@ -151,6 +163,10 @@ SPEC_RULES: list[Rule] = [
     ),  # fmt: skip
     (("train.num_threads", "search.resources.cpus_per_worker"), _threads_fit_the_cpus),
     (("train.device", "search.resources.gpus_per_worker"), _device_matches_resources),
+    (
+        ("model.attn_implementation", "search.resources.gpus_per_worker", "train.device"),
+        _flex_attention_needs_a_gpu,
+    ),
 ]
 # The paths each rule reads: parameters read together are probed together first
 # (raysft.search.combinations).

@@ -3,6 +3,7 @@ wheel a driver runs (cluster.yaml), native bf16 and where bf16 is emulated."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import torch
 
 from raysft.config import Config, ConfigError, validate_spec
 from raysft.errors import ModelError
+from raysft.search.spec import load_spec
 from raysft.train import device as device_mod
 from raysft.train.device import (
     NO_DRIVER,
@@ -177,6 +179,28 @@ def test_spec_refuses_a_device_its_gpus_per_worker_contradicts(
         validate_spec(_search(device, gpus), source="s.yaml")
     for ok_device, ok_gpus in accepted:
         assert validate_spec(_search(ok_device, ok_gpus)).train.device == ok_device
+
+
+@pytest.mark.parametrize(("device", "gpus"), [("auto", 0), ("cpu", 0)])
+def test_spec_refuses_flex_attention_for_trials_on_the_cpu(
+    tmp_path: Path, device: str, gpus: float
+) -> None:
+    """Every trial would fail at its start, and be retried: refused before Ray starts, for a
+    searched value too."""
+    tree = {**_search(device, gpus), "model": {"attn_implementation": "flex_attention"}}
+    with pytest.raises(ConfigError, match="flex_attention needs a CUDA GPU, but the trials"):
+        validate_spec(tree, source="s.yaml")
+    searched = _search(device, gpus)
+    searched["search"]["params"]["model.attn_implementation"] = {  # type: ignore[index]
+        "type": "choice",
+        "values": ["sdpa", "flex_attention"],
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(searched), encoding="utf-8")  # JSON is YAML
+    with pytest.raises(ConfigError, match="value 'flex_attention': model.attn_implementation"):
+        load_spec(str(path), [], preflight=False)
+    ok = {**_search("auto", 1), "model": {"attn_implementation": "flex_attention"}}
+    assert validate_spec(ok).model.attn_implementation == "flex_attention"
 
 
 # ---------------------------------------------------------------- driver and wheel
