@@ -68,9 +68,12 @@ def test_a_mixture_of_experts_rounding_is_not_a_leak() -> None:
     check_packing(model, name="mixtral", vocab_size=128, device="cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", sorted(LEAKING))
-def test_models_whose_packed_samples_see_each_other_are_refused(arch: str) -> None:
-    model = _model(arch, LEAKING[arch])
+def test_models_whose_packed_samples_see_each_other_are_refused(
+    arch: str, dtype: torch.dtype
+) -> None:
+    model = _model(arch, LEAKING[arch], dtype)
     assert packed_leak(model, vocab_size=128, device="cpu")[0] > 1e-3
     with pytest.raises(ConfigError) as err:
         check_packing(model, name=f"/models/{arch}", vocab_size=128, device="cpu")
