@@ -38,12 +38,12 @@ class FinalMetricOptunaSearch(OptunaSearch):
     final value. One stopped before (ASHA) is told PRUNED, its last value as its intermediate
     value at its step: Ray tells it COMPLETE with the value of the rung where it stopped, so TPE
     weighed an eval loss at step 30 as the equal of one at step 150. One that diverged (its
-    objective NaN) is told PRUNED at NaN, which TPE ranks below every other (Ray's tell of a
-    NaN value fails, and left it RUNNING: TPE never learned where trials diverge). One that
-    failed is told FAIL (Ray: COMPLETE when its last report carried the objective). A failed
-    trial that ``--resume`` runs again is told as a new Optuna trial with the same values when
-    it ends: Optuna takes no second tell of a trial it has (Ray's own dropped it with a
-    warning).
+    objective NaN) is told PRUNED at NaN at step 0, which TPE ranks below every finished trial
+    and every one pruned at a later step (Ray's tell of a NaN value fails, and left it RUNNING:
+    TPE never learned where trials diverge). One that failed is told FAIL (Ray: COMPLETE when
+    its last report carried the objective). A failed trial that ``--resume`` runs again is told
+    as a new Optuna trial with the same values when it ends: Optuna takes no second tell of a
+    trial it has (Ray's own dropped it with a warning).
     """
 
     def __init__(self, *args: Any, max_steps: int | None = None, **kwargs: Any) -> None:
@@ -100,7 +100,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
                 study.tell(trial, state=TrialState.FAIL)
                 self.failed_trials.add(trial_id)
             else:
-                trial.report(float(value), step if isinstance(step, int) else 0)  # type: ignore[arg-type]
+                trial.report(float(value), _told_step(step, value))  # type: ignore[arg-type]
                 study.tell(trial, state=TrialState.PRUNED)
         except Exception as exc:
             log.warning("Optuna: trial %s not told: %s", trial_id, exc)
@@ -113,7 +113,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
         assert study is not None
         told: dict[str, Any] = {"state": TrialState.FAIL}
         if early:  # or diverged (NaN)
-            at = step if isinstance(step, int) else 0
+            at = _told_step(step, value)
             told = {"state": TrialState.PRUNED, "intermediate_values": {at: float(value)}}
         elif isinstance(value, int | float) and math.isfinite(value):
             told = {"state": TrialState.COMPLETE, "value": float(value)}
@@ -124,6 +124,15 @@ class FinalMetricOptunaSearch(OptunaSearch):
         except Exception as exc:
             log.warning("Optuna: the rerun of trial %s not told: %s", trial_id, exc)
         self.failed_trials.discard(trial_id)
+
+
+def _told_step(step: Any, value: Any) -> int:
+    """The step a PRUNED trial's value is told at: its own, or 0 for a NaN. TPE ranks pruned
+    trials by their last step first (a later one is better), then by value (NaN worst): a
+    trial that diverged at step 150 would rank above every trial ASHA stopped at 30."""
+    if isinstance(value, float) and math.isnan(value) or not isinstance(step, int):
+        return 0
+    return step
 
 
 def allow_final_only_objective(search: SearchSection) -> None:

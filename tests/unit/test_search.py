@@ -837,22 +837,29 @@ def test_optuna_is_told_how_each_trial_ended(monkeypatch: pytest.MonkeyPatch) ->
 def test_a_diverged_trial_is_told_to_optuna_as_the_worst_pruned_one(at: str) -> None:
     """A NaN objective: Ray's tell of it as a value fails and leaves the trial RUNNING, so TPE
     (without the constant liar, one trial at a time) never learned that a region diverges.
-    Told PRUNED at NaN, which TPE's pruned-trial score ranks below every other."""
+    Told PRUNED at NaN at step 0, which TPE ranks below a trial pruned at any later step."""
     import math
 
     import optuna
+    from optuna.samplers._tpe.sampler import _split_pruned_trials
 
     from raysft.search.searcher import build_searcher
 
     cfg = validate_tree(spec({"train.learning_rate": LR}))
     searcher = build_searcher(cfg, cfg.search, concurrent=1)
     step = cfg.train.max_steps // 2 if at == "rung" else cfg.train.max_steps
-    searcher.suggest("diverged")
+    for trial_id in ("diverged", "stopped"):
+        searcher.suggest(trial_id)
     searcher.on_trial_complete("diverged", {"step": step, "eval_loss": float("nan")})
-    (trial,) = searcher._ot_study.trials
-    assert trial.state == optuna.trial.TrialState.PRUNED
-    ((told_at, value),) = trial.intermediate_values.items()
-    assert told_at == step and math.isnan(value)
+    rung = {"step": cfg.train.max_steps // 4, "eval_loss": 3.0}  # ASHA's first rung, a bad loss
+    searcher.on_trial_complete("stopped", rung)
+    diverged, stopped = searcher._ot_study.trials
+    assert diverged.state == stopped.state == optuna.trial.TrialState.PRUNED
+    ((told_at, value),) = diverged.intermediate_values.items()
+    assert told_at == 0 and math.isnan(value)
+    # TPE's own ranking of pruned trials (last step first, then value): below the stopped one.
+    good, bad = _split_pruned_trials([diverged, stopped], searcher._ot_study, 1)
+    assert (good, bad) == ([stopped], [diverged])
 
 
 def test_a_failed_trial_run_again_by_resume_is_told_to_optuna_when_it_ends() -> None:
