@@ -121,6 +121,7 @@ def test_rows_whose_prompt_fills_max_seq_len_are_scored_for_loss_only(
     cfg = _cfg(tmp_path, chain_dir, **{"data.max_seq_len": 64})
     got = score_model(str(chain_dir), cfg, conversations=[history, short])
     assert got.rows == 2 and [s["expected"] for s in got.samples] == ["x=1"]
+    assert [s["row"] for s in got.samples] == [2]  # the eval row it answers, not its position
     assert any("1 of the 2 eval rows have a generation prompt" in m for m in caplog.messages)
     with pytest.raises(DataError, match="every one of the 1 eval rows has a generation prompt"):
         score_model(str(chain_dir), cfg, conversations=[history], metrics=["exact_match"])
