@@ -158,14 +158,20 @@ def _workers_on(node: Node, cpus: float, gpus: float) -> int:
     """How many workers of ``cpus`` CPU and ``gpus`` GPU fit on one node.
 
     Floor division of floats undercounts fractions (``1.0 // 0.2 == 4.0``); Ray itself adds
-    fractional resources up in units of 1e-4, so five 0.2-GPU workers share one GPU.
+    fractional resources up in units of 1e-4, so five 0.2-GPU workers share one GPU. A
+    fractional request takes its share of one GPU, never of two: 0.4 GPU fits twice per GPU,
+    four times on two.
     """
 
     def times(have: float, need: float) -> int:
         return math.floor(have / need + 1e-6)
 
     n = times(node.get("CPU", 0), cpus)
-    return min(n, times(node.get("GPU", 0), gpus)) if gpus else n
+    if not gpus:
+        return n
+    have = node.get("GPU", 0)
+    per_gpu = times(have, gpus) if gpus >= 1 else math.floor(have + 1e-6) * times(1.0, gpus)
+    return min(n, per_gpu)
 
 
 # ---------------------------------------------------------------- the memory plan

@@ -354,6 +354,17 @@ def test_auto_shares_a_gpu_between_trials_that_fit(qlora_estimate: Estimate) -> 
     assert f"{n} trials per GPU (gpus_per_worker {share:g})" in plan.memory.lines()[-1]
 
 
+@pytest.mark.parametrize(
+    ("gpus", "share", "trials"), [(2.0, 0.4, 4), (4.0, 0.75, 4), (2.0, 0.5, 4)]
+)
+def test_a_fractional_gpu_share_is_counted_per_gpu(gpus: float, share: float, trials: int) -> None:
+    """Ray puts a fractional request on one GPU: 0.4 fits twice on each (not 5 times on 2)."""
+    nodes = [{"CPU": 16.0, "GPU": gpus}]
+    search = search_of(gpus_per_worker=share, cpus_per_worker=1)
+    plan, problems = plan_resources(search, nodes, where="c")
+    assert problems == [] and plan is not None and plan.concurrent == trials
+
+
 def test_auto_on_a_gpu_too_small_to_share_is_one_gpu(qlora_estimate: Estimate) -> None:
     nodes = [{"CPU": 16.0, "GPU": 4.0, "gpu_memory_gib": 14.5}]  # T4s
     memory = plan_memory(search_of(gpus_per_worker="auto"), qlora_estimate, nodes, where="c")
