@@ -78,6 +78,19 @@ class SchedulerSection(Section):
     grace_period: int = Field(1, gt=0, description="ASHA: evals a trial always gets.")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor per rung.")
 
+    @model_validator(mode="after")
+    def _asha_settings_need_asha(self) -> SchedulerSection:
+        # Set to other than their defaults, as the sampler's: a saved spec holds every field.
+        fields = type(self).model_fields
+        ignored = sorted(
+            k
+            for k in ("grace_period", "reduction_factor")
+            if k in self.model_fields_set and getattr(self, k) != fields[k].default
+        )
+        if self.type == "none" and ignored:
+            raise ValueError(f"{', '.join(ignored)}: ASHA settings, but type is none")
+        return self
+
 
 class SamplerSection(Section):
     type: Literal["tpe", "random"] = Field(

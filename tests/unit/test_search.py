@@ -939,6 +939,18 @@ def test_bad_sampler_settings(sampler: dict[str, Any], expected: str) -> None:
     assert err.value.problems == [expected]
 
 
+def test_asha_settings_without_asha_are_refused() -> None:
+    """As TPE's with a random sampler: they would be dropped without a word."""
+    with pytest.raises(ConfigError) as err:
+        validate_tree(
+            spec({"train.learning_rate": LR}, scheduler={"type": "none", "grace_period": 3})
+        )
+    assert err.value.problems == ["search.scheduler: grace_period: ASHA settings, but type is none"]
+    # A saved spec holds every field at its default: it loads.
+    default = {"type": "none", "grace_period": 1, "reduction_factor": 2}
+    assert validate_tree(spec({"train.learning_rate": LR}, scheduler=default)).search
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
 def test_a_saved_spec_loads_again_whatever_its_sampler(sampler: str) -> None:
     # raysft_state.json, summary.json's resolved_spec and a run's config.yaml hold every field,
