@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from raysft.config import ResourcesSection, SearchSection, SearchSpec
@@ -53,12 +54,42 @@ class ResourcePlan:
         )
 
 
+CGROUP = Path("/sys/fs/cgroup")  # where a container's or Slurm job's CPU quota is read
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity (taskset, Slurm's cpuset), capped by a
+    cgroup CPU quota (a container's --cpus), as Ray counts them; ``os.cpu_count`` is the
+    host's, so a local Ray told it would run more trials than there are CPUs."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(n, math.floor(quota))) if quota else n
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs a cgroup quota allows (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None for none."""
+    try:
+        if (CGROUP / "cpu.max").is_file():
+            quota, period = (CGROUP / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (CGROUP / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (CGROUP / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
 def local_nodes() -> list[Node]:
-    """What a laptop-mode Ray would see: this machine's CPUs and CUDA GPUs."""
+    """What a laptop-mode Ray would see: this machine's usable CPUs and CUDA GPUs."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    node = {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+    node = {"CPU": float(usable_cpus()), "GPU": float(gpus)}
     if gpus:
         sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(gpus)]
         node["gpu_memory_gib"] = min(sizes) / GIB

@@ -876,3 +876,35 @@ def test_fsdp_strategy_is_refused_with_compile(
     why = "train.compile: not with FSDP yet (untested here), which search.resources.strategy "
     why += strategy
     assert any(p.startswith(why) for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize(
+    ("files", "affinity", "expected"),
+    [
+        ({}, 8, 8),  # no cgroup files: the affinity
+        ({"cpu.max": "max 100000\n"}, 8, 8),  # v2, no quota
+        ({"cpu.max": "200000 100000\n"}, 8, 2),  # a container's --cpus=2
+        ({"cpu.max": "150000 100000\n"}, 8, 1),  # 1.5 CPUs: one whole
+        ({"cpu.max": "50000 100000\n"}, 8, 1),  # at least one
+        ({"cpu.max": "800000 100000\n"}, 2, 2),  # taskset -c 0,1 below the quota
+        ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 8, 3),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 8, 8),
+    ],
+)
+def test_the_local_plan_counts_the_cpus_this_process_may_use(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    files: dict[str, str],
+    affinity: int,
+    expected: int,
+) -> None:
+    """Not the host's: a taskset, Slurm cpuset or container quota caps them, as Ray counts."""
+    from raysft.search import resources
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(resources, "CGROUP", tmp_path)
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    assert resources.usable_cpus() == expected
+    assert resources.local_nodes()[0]["CPU"] == float(expected)
