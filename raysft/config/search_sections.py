@@ -73,6 +73,18 @@ _PARAM_FIELDS = {
 }
 
 
+def _changed(section: Section, names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` set to other than their defaults. Set to a default, a field counts as
+    unset: a saved spec (raysft_state.json, a checkpoint's config.yaml) holds every field, and
+    must load again."""
+    fields = type(section).model_fields
+    return sorted(
+        k
+        for k in names
+        if k in section.model_fields_set and getattr(section, k) != fields[k].default
+    )
+
+
 class SchedulerSection(Section):
     type: Literal["asha", "none"] = Field("asha", description="Early stopping of bad trials.")
     grace_period: int = Field(1, gt=0, description="ASHA: evals a trial always gets.")
@@ -80,13 +92,7 @@ class SchedulerSection(Section):
 
     @model_validator(mode="after")
     def _asha_settings_need_asha(self) -> SchedulerSection:
-        # Set to other than their defaults, as the sampler's: a saved spec holds every field.
-        fields = type(self).model_fields
-        ignored = sorted(
-            k
-            for k in ("grace_period", "reduction_factor")
-            if k in self.model_fields_set and getattr(self, k) != fields[k].default
-        )
+        ignored = _changed(self, ("grace_period", "reduction_factor"))
         if self.type == "none" and ignored:
             raise ValueError(f"{', '.join(ignored)}: ASHA settings, but type is none")
         return self
@@ -119,14 +125,7 @@ class SamplerSection(Section):
 
     @model_validator(mode="after")
     def _tpe_settings_need_tpe(self) -> SamplerSection:
-        # Set to other than their defaults: a saved spec (raysft_state.json, a checkpoint's
-        # config.yaml) holds every field, and must load again.
-        fields = type(self).model_fields
-        ignored = sorted(
-            k
-            for k in ("startup_trials", "multivariate")
-            if k in self.model_fields_set and getattr(self, k) != fields[k].default
-        )
+        ignored = _changed(self, ("startup_trials", "multivariate"))
         if self.type == "random" and ignored:
             raise ValueError(f"{', '.join(ignored)}: TPE settings, but type is random")
         return self
