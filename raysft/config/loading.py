@@ -83,11 +83,11 @@ def unread_sections(
 ) -> list[str]:
     """Method sections (and searched parameters in them) that no run of the config reads.
 
-    ``tree``: the config as written (a section counts when it sets any key, a default value
-    included: ``lora: {r: 16}`` on a full run would be ignored); ``searched``: a spec's
-    searched parameter names (None for a training config). Such settings would be dropped
-    without a word (``method: full`` with a ``lora:`` section), and searching them would run
-    trials that differ in nothing.
+    ``tree``: the config as written (a section counts when it is there and sets anything but
+    the defaults: a saved config holds every section); ``searched``: a spec's searched parameter
+    names (None for a training config). Such settings would be dropped without a word
+    (``method: full`` with a ``lora:`` section), and searching them would run trials that
+    differ in nothing.
     """
     used = list(dict.fromkeys(methods_of(cfg, trials=searched is not None)))
     if searched is not None and "method" in searched:
@@ -102,7 +102,7 @@ def unread_sections(
             continue
         for_whom = " and ".join(readers)
         values = getattr(cfg, section)
-        if section in tree and (tree[section] or values != type(values)()):
+        if section in tree and values != type(values)():
             problems.append(
                 f"{section}: settings for method {for_whom} only, but {why}: they would be "
                 f"ignored; remove the section or set method: {' or '.join(readers)}"

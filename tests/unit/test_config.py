@@ -437,12 +437,6 @@ def test_a_section_no_method_reads_is_refused(tmp_path: Path) -> None:
     ]
     # LoRA settings are read by qlora too.
     assert load_config(write(tmp_path, "method: qlora\nlora: {r: 4}\n"), authored=True).lora.r == 4
-    # A section that sets only default values is a setting too (``lora.r`` defaults to 16).
-    assert problems_of(write(tmp_path, "method: full\nlora: {r: 16}\n")) == [
-        "lora: settings for method lora and qlora only, but method is full: they would be "
-        "ignored; remove the section or set method: lora or qlora"
-    ]
-    assert load_config(write(tmp_path, "method: full\nlora: {}\n"), authored=True).lora.r == 16
     # A run's saved config.yaml holds every section: read as it is.
     assert load_config(write(tmp_path, "method: lora\nqlora: {quant_type: fp4}\n")).method == "lora"
 
