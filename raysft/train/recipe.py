@@ -253,10 +253,6 @@ def setup(
         model = load_model(cfg, device=device)
     vocab = model.get_input_embeddings().num_embeddings
     check_vocab(vocab, tokenizer, name=cfg.model.name_or_path)
-    # Before anything trains on packed rows; every rank (FSDP's forward is collective). FSDP
-    # shards resumed are empty until the checkpoint loads: the first start checked this model.
-    if cfg.data.packing and not (dist.sharded and resume_from is not None):
-        check_packing(model, name=cfg.model.name_or_path, vocab_size=vocab, device=device)
     neftune = attach_neftune(model, alpha=cfg.train.neftune_alpha)
     train_model = model if dist.sharded or prepare_model is None else prepare_model(model)
     if cfg.train.compile:
@@ -268,6 +264,12 @@ def setup(
         torch._dynamo.reset()
         train_model = torch.compile(train_model, dynamic=None if cfg.data.packing else True)
     optimizer, scheduler = _build_optimizer(model, cfg)
+    # Before anything trains on packed rows; on every rank (FSDP's forward is collective), and
+    # after the optimizer is built: an FSDP model's first forward initializes its sharded
+    # parameters, and an optimizer built after that could not be gathered for a checkpoint.
+    # FSDP shards resumed are empty until the checkpoint loads: the first start checked them.
+    if cfg.data.packing and not (dist.sharded and resume_from is not None):
+        check_packing(model, name=cfg.model.name_or_path, vocab_size=vocab, device=device)
     scaler = loss_scaler(model, cfg, device)
     pad_id = tokenizer.pad_token_id
     group_tokens = group_by_length_tokens(cfg)
