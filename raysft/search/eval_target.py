@@ -133,11 +133,8 @@ def _mover(old_exp: Any, new_exp: Path) -> Callable[[Any], str | None]:
 def _champion_sampled(champion: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """The values the champion's trial sampled: its export's record (metrics.json), else the
     search's best trial's where the search promoted it."""
-    try:
-        own = json.loads((champion / "metrics.json").read_text(encoding="utf-8")).get("sampled")
-    except (OSError, ValueError, AttributeError):
-        own = None
-    if isinstance(own, dict):
+    own = _json_field(champion / "metrics.json", "sampled", dict)
+    if own is not None:
         return own
     best = summary.get("best") or {}
     promoted = (summary.get("promotion") or {}).get("promoted")
@@ -214,12 +211,13 @@ def _working_dir(root: Path) -> str | None:
     return _json_field(here / ORIGIN_FILE, "working_dir")
 
 
-def _json_field(path: Path, key: str) -> str | None:
+def _json_field(path: Path, key: str, kind: type = str) -> Any:
+    """``key`` of the JSON object at ``path`` when it is a ``kind``, else None."""
     try:
         value = json.loads(path.read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
-        return None  # not there, or not a record of ours: no working dir from it
-    return value if isinstance(value, str) else None
+        return None  # not there, or not a record of ours
+    return value if isinstance(value, kind) else None
 
 
 def _rebase(tree: dict[str, Any], working_dir: Any) -> None:

@@ -25,8 +25,9 @@ _FIRST, _SECOND = 24, 6
 # Kept apart, the second sample's logits are the same computation in both rows (its own
 # tokens and positions; masked keys add exact zeros), so they agree to rounding. Seen on tiny
 # random models (relative to the largest logit): exactly 0 for Llama, Mistral, Qwen2/3, Gemma
-# 1-3, Phi, Phi-3, GPT-2, GPT-NeoX, GPT-J, Falcon, StarCoder2, OLMo, Cohere, Granite in fp32 and
-# bf16; up to 3e-7 for MoE models in fp32 (Mixtral, Qwen2-MoE: experts sum in another order);
+# 1-3, Phi, Phi-3, GPT-2, GPT-NeoX, GPT-J, Falcon, StarCoder2, OLMo, Cohere, Granite in fp32
+# (in bf16 too for Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2); up to 3e-7 for MoE models in
+# fp32 (Mixtral, Qwen2-MoE: experts sum in another order);
 # leaking: 0.15 OPT, 0.004-0.005 Bloom (ALiBi), 0.16 MPT, 0.016 BioGPT, 0.002 XGLM, 0.22 Mamba.
 # In bf16 and fp16 (CPU) every model that keeps samples apart, MoE included, gave exactly 0,
 # and the leaking ones 0.002-0.005 (XGLM, Bloom) and more: the same bound would do, but a GPU's
