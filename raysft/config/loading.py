@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -79,16 +80,22 @@ def drop_sections_of_replaced_method(
 
 
 def unread_sections(
-    cfg: Config, tree: dict[str, Any], searched: list[str] | None = None
+    cfg: Config,
+    tree: dict[str, Any],
+    searched: list[str] | None = None,
+    explicit: Iterable[str] = (),
 ) -> list[str]:
     """Method sections (and searched parameters in them) that no run of the config reads.
 
     ``tree``: the config as written (a section counts when it is there and sets anything but
     the defaults: a saved config holds every section); ``searched``: a spec's searched parameter
-    names (None for a training config). Such settings would be dropped without a word
+    names (None for a training config); ``explicit``: the keys set on the command line, whose
+    section counts whatever they set it to (``--set lora.r=16`` on a full run, 16 being the
+    default, was asked for all the same). Such settings would be dropped without a word
     (``method: full`` with a ``lora:`` section), and searching them would run trials that
     differ in nothing.
     """
+    set_here = {k.split(".", 1)[0] for k in explicit}
     used = list(dict.fromkeys(methods_of(cfg, trials=searched is not None)))
     if searched is not None and "method" in searched:
         why = f"the searched methods are {', '.join(used)}"
@@ -102,7 +109,7 @@ def unread_sections(
             continue
         for_whom = " and ".join(readers)
         values = getattr(cfg, section)
-        if section in tree and values != type(values)():
+        if section in tree and (values != type(values)() or section in set_here):
             problems.append(
                 f"{section}: settings for method {for_whom} only, but {why}: they would be "
                 f"ignored; remove the section or set method: {' or '.join(readers)}"
@@ -155,7 +162,8 @@ def load_config(
         blamed = blame_overrides(err.problems, overrides, in_file)
         raise ConfigError(source, problems + blamed) from None
     if authored:
-        problems += blame_overrides(unread_sections(cfg, tree), overrides, in_file)
+        unread = unread_sections(cfg, tree, explicit=overrides)
+        problems += blame_overrides(unread, overrides, in_file)
     if problems:
         raise ConfigError(source, problems)
     return cfg

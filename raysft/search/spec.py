@@ -99,7 +99,13 @@ def read_spec(
         tree, spec, dropped, rules_broken = rest.tree, rest.cfg, rest.dropped, bool(rest.rules)
         rules_read = rest.read
     problems += validate_search(
-        tree, spec, source=path, dropped=dropped, known=problems, read=rules_read
+        tree,
+        spec,
+        source=path,
+        dropped=dropped,
+        known=problems,
+        read=rules_read,
+        explicit=changes,
     )
     # The resource plan reads nearly every setting (the memory estimate): made once the rest
     # of the spec holds, or where only malformed search parameters were left out.
@@ -172,6 +178,7 @@ def validate_search(
     dropped: Collection[str] = (),
     known: Collection[str] = (),
     read: Collection[str] = (),
+    explicit: Collection[str] = (),
 ) -> list[str]:
     """Every problem with the spec's ``search`` section, as ``path: message`` lines.
 
@@ -180,6 +187,7 @@ def validate_search(
     problems, already reported: a searched value's probe that fails on one of them alone says
     nothing of the value. ``read``: the paths the broken cross-field rules among them read
     (``Rest.read``): a section one of them judged is not reported again as unread.
+    ``explicit``: the keys set on the command line (``unread_sections``).
     """
     s = spec.search
     problems: list[str] = []
@@ -207,7 +215,8 @@ def validate_search(
     if "method" not in rejected and not reads_any(dropped, "method", "lora", "qlora"):
         # A rejected method search (a typo among its values) says nothing of the methods the
         # trials will run: which sections they read is judged once it is fixed.
-        unread = unread_sections(spec, tree, [n for n in s.params if n not in rejected])
+        searched = [n for n in s.params if n not in rejected]
+        unread = unread_sections(spec, tree, searched, explicit)
         # One cause, one line: ``method: full`` with a ``lora:`` that sets use_dora breaks
         # a rule reading lora; that section is not said to be unread as well.
         problems += [u for u in unread if not _section_read(u.split(": ", 1)[0], read)]

@@ -364,6 +364,11 @@ def test_a_problem_of_a_set_value_is_blamed_on_set_not_on_the_file(tmp_path: Pat
         "--set lora: settings for method lora and qlora only, but method is full: they would be "
         "ignored; remove the section or set method: lora or qlora"
     ]
+    # Set to its default (r=16), it was still asked for: refused all the same.
+    assert problems_of(path, parse_overrides(["lora.r=16"])) == [
+        "--set lora: settings for method lora and qlora only, but method is full: they would be "
+        "ignored; remove the section or set method: lora or qlora"
+    ]
 
 
 # ---------------------------------------------------------------- search params

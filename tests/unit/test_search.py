@@ -2622,3 +2622,17 @@ def test_a_spec_whose_eval_prompts_all_fill_max_seq_len_is_refused_before_ray(
     with pytest.raises(DataError, match=r"spec\.yaml: data\.eval: every one of the 1 eval rows"):
         load_spec(str(spec_file), sets, dry_run=True)
     load_spec(str(spec_file), [*sets, "train.exact_match=false"])  # nothing generates: taken
+
+
+def test_a_set_of_a_method_section_no_trial_reads_is_refused_at_its_default(
+    spec_file: Path,
+) -> None:
+    """``--set lora.r=16`` on a full search asks for a setting no trial reads, though 16 is
+    lora.r's default: refused, as any other value is."""
+    tree = spec({"train.learning_rate": LR})
+    tree["method"] = "full"
+    tree["search"]["experiment_dir"] = str(spec_file.parent / "exp")
+    assert _problems(spec_file, tree, ["lora.r=16"]) == [
+        "--set lora: settings for method lora and qlora only, but method is full (not "
+        "searched): they would be ignored; remove the section or set method: lora or qlora"
+    ]
