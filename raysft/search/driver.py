@@ -40,6 +40,7 @@ from raysft.search.experiment import (
 )
 from raysft.search.finish import finish_search
 from raysft.search.interrupt import (
+    close_open_trial_runs,
     close_parent,
     continue_it,
     known_trial_runs,
@@ -139,7 +140,14 @@ def _parent_run(
         parent_id: str = state["parent_run_id"]
         mlc.update_run(parent_id, status="RUNNING")
         return parent_id
-    parent_id = tracking.start_parent(mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path)
+    try:
+        parent_id = tracking.start_parent(
+            mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path
+        )
+    except Exception as err:  # one line, not MLflow's traceback (the store answered before)
+        where = f"tracking.uri: {redact.redact('tracking_uri', uri)}"
+        why = f"the search's parent run could not be written ({redact.scrubbed(err)})"
+        raise ConfigError(spec_path, [f"{where}: {why}"]) from err
     state = {
         "parent_run_id": parent_id,
         "tracking_uri": redact.redact("tracking_uri", uri),  # --resume checks it is the same
@@ -250,28 +258,35 @@ def _search(
     mlc = tracking_store.client(uri)
     exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment, uri=uri)
     digests = shared.digests if shared is not None else None
+    resolve = TrialConfigs(tree, str(exp_dir))
     parent_id = _parent_run(
         mlc, exp_id, exp_dir, cfg, spec_path, uri=uri, digests=digests, state=state
     )
     begun.append(True)
-    resolve = TrialConfigs(tree, str(exp_dir))
-    from raysft.search.callback import make_callback  # imports Ray's Tune
-
-    callback = make_callback(
-        mlc,
-        exp_id=exp_id,
-        parent_id=parent_id,
-        resolve_trial=resolve,
-        order=list(cfg.search.params),
-        ended_file=exp_dir / tracking.ENDED_FILE,
-    )
+    callback = None
     try:
+        from raysft.search.callback import make_callback  # imports Ray's Tune
+
+        callback = make_callback(
+            mlc,
+            exp_id=exp_id,
+            parent_id=parent_id,
+            resolve_trial=resolve,
+            order=list(cfg.search.params),
+            ended_file=exp_dir / tracking.ENDED_FILE,
+        )
         grid = _run_trials(
             tree, cfg, plan, exp_dir, callback, shared_ref,
             resume=resume, timing=timing, setup_from=t0 + read_s,
         )  # fmt: skip
-    except BaseException:
-        close_parent(mlc, parent_id, "FAILED")
+    except BaseException as err:
+        # Before Tune's run, or Tune's run itself failed (its own Ctrl-C handling returns):
+        # no run of it is left RUNNING; a Ctrl-C is KILLED, as everywhere else.
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        close_open_trial_runs(mlc, callback, status)
+        close_parent(mlc, parent_id, status)
+        if not isinstance(err, KeyboardInterrupt):
+            log.error("the search failed before its trials ended; %s", continue_it(exp_dir))
         raise
     tracked = {"mlc": mlc, "uri": uri, "exp_id": exp_id, "parent_id": parent_id, "timing": timing}
     finish = functools.partial(

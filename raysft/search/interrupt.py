@@ -73,6 +73,22 @@ def close_parent(mlc: Any, run_id: str, status: str) -> None:
         log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, redact.scrubbed(err))
 
 
+def close_open_trial_runs(mlc: Any, callback: Any, status: str) -> None:
+    """Mark ``status`` the trial runs ``callback`` (``MlflowTrials``) opened and never closed,
+    where Tune's run of the trials ended without ending them (it raised). A run of an earlier
+    start whose trial had ended stays as it is."""
+    for trial_id, run_id in getattr(callback, "runs", {}).items():
+        if trial_id in getattr(callback, "status", {}):
+            continue  # closed by the callback
+        try:
+            open_now = mlc.get_run(run_id).info.status == "RUNNING"
+        except Exception as err:
+            log.warning("MLflow: could not read run %s (%s)", run_id, redact.scrubbed(err))
+            continue
+        if open_now:
+            close_parent(mlc, run_id, status)
+
+
 def stops_as_ctrl_c() -> dict[int, Any]:
     """SIGTERM (``kill``, ``docker stop``, Slurm, ``ray job stop``) and SIGHUP (a closed
     terminal) end the search as Ctrl-C does: its trials stopped, their runs KILLED, and
@@ -171,4 +187,12 @@ def stop_interrupted(
 
 
 def continue_it(exp_dir: Path) -> str:
-    return f"continue it with --resume (search.experiment_dir {exp_dir})"
+    """What to run next: ``--resume`` where Tune saved the search (``tune/``), else the same
+    command again (a start interrupted before its tuner was saved has nothing to resume, and
+    ``--resume`` would be refused; a start without it begins anew)."""
+    if (exp_dir / "tune").exists():
+        return f"continue it with --resume (search.experiment_dir {exp_dir})"
+    return (
+        "no trial had started: run the same command again, without --resume "
+        f"(search.experiment_dir {exp_dir})"
+    )

@@ -7,6 +7,7 @@ credentials and a SQLite store never sees concurrent writers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -79,14 +80,22 @@ def trial_params(resolve: TrialResolver, trial_id: str, sampled: dict[str, Any])
 
 
 def start_parent(mlc: Any, exp_id: str, *, name: str, cfg: SearchSpec, spec_path: str) -> str:
+    """The search's parent run, its params and spec logged. One that cannot be written whole
+    (an artifact store the client cannot reach, most often) is marked FAILED before the error
+    is raised: a start that failed leaves no RUNNING run behind."""
     run = mlc.create_run(exp_id, run_name=name, tags={"raysft.kind": "search"})
     rid = run.info.run_id
     params = flatten(cfg.model_dump(mode="json", exclude={"search"}))
     params.update(
         {f"search.{k}": v for k, v in flatten(cfg.search.model_dump(mode="json")).items()}
     )
-    log_params(mlc, rid, params)
-    mlc.log_artifact(rid, spec_path, artifact_path="spec")
+    try:
+        log_params(mlc, rid, params)
+        mlc.log_artifact(rid, spec_path, artifact_path="spec")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            mlc.set_terminated(rid, "FAILED")
+        raise
     return rid
 
 

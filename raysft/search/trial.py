@@ -308,6 +308,16 @@ def _fit_with_retries(make_trainer: Any, *, retries: int, record: Path) -> None:
         # retries), and Tune's resume_errored starts it again: it stays failed, for the same
         # cause, without running (--resume refuses changed data or a changed spec anyway).
         raise TrialFailure(failure_message(attempts[-1]["error"]))
+    if len(attempts) > retries:
+        # search.max_retries lowered on --resume below the attempts already failed: out of
+        # retries, recorded so (a trial that ran no attempt must not pass for one that ended).
+        attempts[-1]["retried"] = False
+        replace_text(record, json.dumps(attempts, indent=2))
+        cause = attempts[-1]["error"]
+        raise TrialFailure(
+            f"{failure_message(cause)} (out of retries: {len(attempts)} failed attempts, "
+            f"search.max_retries={retries})"
+        )
     for attempt in range(len(attempts) + 1, retries + 2):
         try:
             make_trainer().fit()

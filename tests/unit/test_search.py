@@ -1596,6 +1596,32 @@ def test_a_trial_tune_stopped_is_neither_retried_nor_a_failure(
         assert len(calls) == 1 and not record.exists()
 
 
+def test_a_trial_out_of_retries_lowered_on_resume_fails_without_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two attempts failed and the second was to be retried; --resume lowered
+    search.max_retries to 1: the trial has used its retries. It fails for good (recorded so)
+    and trains nothing; it used to return as if it had ended."""
+    from raysft.search import trial
+
+    monkeypatch.setattr(trial, "tune_is_running_this_trial", lambda: True)
+    record = tmp_path / "attempts.json"
+    error = "ActorDiedError: The actor died unexpectedly"
+    record.write_text(
+        json.dumps([{"attempt": n, "error": error, "retried": True} for n in (1, 2)]),
+        encoding="utf-8",
+    )
+    calls: list[int] = []
+    with pytest.raises(trial.TrialFailure, match=r"out of retries: 2 failed attempts, search"):
+        trial._fit_with_retries(lambda: _Failing(calls), retries=1, record=record)
+    assert calls == []
+    assert [a["retried"] for a in trial.read_attempts(record)] == [True, False]
+    # Resumed again, it stays failed for the same cause.
+    with pytest.raises(trial.TrialFailure, match="ActorDiedError"):
+        trial._fit_with_retries(lambda: _Failing(calls), retries=5, record=record)
+    assert calls == []
+
+
 @pytest.mark.parametrize("damaged", ["", '[{"attempt": 1, "err', '{"attempt": 1}'])
 def test_a_damaged_attempts_record_is_said_and_counts_no_attempt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, damaged: str
@@ -2089,6 +2115,7 @@ def test_an_interrupted_search_is_not_finished_and_leaves_no_run_running(
     ended_run, open_run = (mlc.create_run(exp_id).info.run_id for _ in range(2))
     mlc.set_terminated(ended_run, "FINISHED")
     known = {"a1b2c3d4": (ended_run, "finished"), "0badcafe": (open_run, None)}
+    (tmp_path / "tune").mkdir()  # Tune saved the search when its run began
     with (
         pytest.raises(KeyboardInterrupt) as stopped,
         caplog.at_level("WARNING", "raysft.search.interrupt"),
