@@ -5,7 +5,8 @@ Each program (the answer's code, then the row's tests) runs in a fresh ``python 
 - **time limit**: the wall-clock ``timeout_s`` (the child's process group is killed), backed by
   RLIMIT_CPU. Where a PID namespace can be made, the child is its namespace's first process, so
   when it ends or is killed the kernel kills every process it left behind, even one that left its
-  process group (``setsid``);
+  process group (``setsid``); with a /proc of that namespace mounted where it may be, the
+  environment of the search's own processes (``/proc/PID/environ``: tokens) is out of its sight;
 - **resource limits**, set by the child itself before the program runs: RLIMIT_AS (memory),
   RLIMIT_CPU, RLIMIT_NPROC (no new processes for a non-root user; Linux does not enforce it for
   root, the audit hook below covers that case), RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_CORE = 0.
@@ -20,10 +21,15 @@ Each program (the answer's code, then the row's tests) runs in a fresh ``python 
   which layers it has); and, always, an audit hook (PEP 578) in the child that raises
   ``PermissionError`` on socket connect/bind/send/resolve, process creation, signals, ``ctypes``,
   changing the limits or the working directory, and writes outside the scratch directory (or
-  opening a directory outside it, whose descriptor would let a relative path escape). The hook is
-  a guard against accidents, not a security boundary: a process started past it
-  (``_posixsubprocess``) writes wherever the user running the search may. Run searches that
-  score untrusted models' code as an unprivileged user.
+  opening a directory outside it, whose descriptor would let a relative path escape; a SQLite
+  database, owner, times or extended attributes there). ``os.mknod``, ``os.mkfifo`` outside the
+  scratch directory and ``_posixsubprocess.fork_exec`` (multiprocessing's spawn), which raise no
+  audit event, are replaced by refusals. The hook is a guard against accidents, not a security
+  boundary: code written to get past it (restoring those functions through ``ctypes``-free
+  tricks) writes wherever the user running the search may. Run searches that score untrusted
+  models' code as an unprivileged user. What the program leaves (its output, the completion
+  marker) is read through descriptors the scorer holds, never by path: a FIFO or a link put in
+  their place can neither block the scorer nor point it at another file.
 
 The program passes when it exits 0 after running to its end: a completion marker with a nonce,
 written only then, tells "ran the tests" from an early ``exit(0)``. The nonce is a local of the
@@ -42,6 +48,7 @@ import resource
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -81,7 +88,11 @@ def _inside(path):
 def _hook(event, args):
     if event in DENY:
         raise PermissionError("sandbox: " + event + " is not allowed")
-    if event == "open":
+    if event == "sqlite3.connect":  # sqlite3 writes its database past the "open" event
+        database = args[0]
+        if database not in (":memory:", "", b":memory:", b"") and not _inside(database):
+            raise PermissionError("sandbox: a database outside the scratch directory")
+    elif event == "open":
         mode, flags = args[1], args[2]
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
             isinstance(flags, int) and flags > 0 and flags & WFLAGS)
@@ -102,6 +113,19 @@ def _main():
     with open("candidate.py", encoding="utf-8") as f:
         code = compile(f.read(), "candidate.py", "exec")
     if AUDIT:
+        # Calls that raise no audit event: device nodes and FIFOs (made anywhere), and the
+        # process start multiprocessing's spawn uses (past the hook's fork and exec events).
+        import _posixsubprocess, posix
+        def _denied(*args, **kwargs):
+            raise PermissionError("sandbox: not allowed")
+        _mkfifo = os.mkfifo
+        def _fifo(path, mode=0o666, *, dir_fd=None):
+            if dir_fd is not None or not _inside(path):
+                raise PermissionError("sandbox: mkfifo outside the scratch directory")
+            return _mkfifo(path, mode)
+        for _mod in (os, posix):
+            _mod.mknod, _mod.mkfifo = _denied, _fifo
+        _posixsubprocess.fork_exec = _denied
         sys.addaudithook(_hook)
     try:
         exec(code, {{"__name__": "candidate", "__builtins__": __builtins__}})
@@ -145,6 +169,8 @@ _PROCESS_EVENTS = (
     "resource.setrlimit",
     "resource.prlimit",
     "os.chdir",
+    "sqlite3.enable_load_extension",
+    "sqlite3.load_extension",
 )
 # event -> how many leading arguments are paths that must stay inside the scratch directory
 _WRITE_EVENTS = {
@@ -152,6 +178,10 @@ _WRITE_EVENTS = {
     "os.rmdir": 1,
     "os.mkdir": 1,
     "os.chmod": 1,
+    "os.chown": 1,
+    "os.utime": 1,
+    "os.setxattr": 1,
+    "os.removexattr": 1,
     "os.truncate": 1,
     "shutil.rmtree": 1,
     "os.rename": 2,
@@ -211,12 +241,18 @@ def check_answers(
 
 
 def isolation() -> str:
-    """The layers this machine gives candidate code: ``"pidns+netns+audit"`` where PID and network
-    namespaces can be made, ``"netns+audit"`` where only a network namespace can, else
-    ``"audit"`` (the in-process hook alone)."""
+    """The layers this machine gives candidate code: ``"pidns+proc+netns+audit"`` where PID and
+    network namespaces can be made and a /proc of its own mounted, ``"pidns+netns+audit"``
+    without that /proc, ``"netns+audit"`` where only a network namespace can, else ``"audit"``
+    (the in-process hook alone)."""
     prefix = _unshare_prefix()
     return "+".join(
-        [*(["pidns"] if "-p" in prefix else []), *(["netns"] if prefix else []), "audit"]
+        [
+            *(["pidns"] if "-p" in prefix else []),
+            *(["proc"] if "--mount-proc" in prefix else []),
+            *(["netns"] if prefix else []),
+            "audit",
+        ]
     )
 
 
@@ -248,9 +284,15 @@ def run_python(
 
 
 def _execute(cmd: list[str], scratch: Path, limits: Limits) -> Outcome:
+    """Run ``cmd`` in ``scratch``. Once it ends, what it left there is read through descriptors
+    this process holds, never by path: the program may have replaced its output files or
+    ``.done`` with a FIFO (an open that blocks for ever) or a link out of the directory."""
     nonce = secrets.token_hex(16)
-    out_path, err_path = scratch / ".stdout", scratch / ".stderr"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
+    with (
+        (scratch / ".stdout").open("w+b") as out,
+        (scratch / ".stderr").open("w+b") as err,
+        _open_dir(scratch) as dir_fd,
+    ):
         proc = subprocess.Popen(
             cmd,
             cwd=scratch,
@@ -272,9 +314,8 @@ def _execute(cmd: list[str], scratch: Path, limits: Limits) -> Outcome:
             timed_out = True
         finally:
             _kill_group(proc)
-    output = _tail(out_path) + _tail(err_path)
-    done = scratch / ".done"
-    finished = done.is_file() and done.read_text(errors="replace") == nonce
+        output = _tail(out) + _tail(err)
+        finished = _read_marker(dir_fd, ".done", len(nonce) + 1) == nonce.encode()
     if timed_out:
         status: Status = "timeout"
     elif proc.returncode == 0 and finished:
@@ -293,10 +334,32 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
     proc.wait()
 
 
-def _tail(path: Path, limit: int = 2000) -> str:
-    with path.open("rb") as fh:
-        fh.seek(max(0, path.stat().st_size - limit))
-        return fh.read().decode("utf-8", errors="replace")
+@contextlib.contextmanager
+def _open_dir(path: Path) -> Any:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _tail(fh: Any, limit: int = 2000) -> str:
+    """The last ``limit`` bytes written to the open file ``fh``."""
+    fh.seek(max(0, os.fstat(fh.fileno()).st_size - limit))
+    return fh.read(limit).decode("utf-8", errors="replace")
+
+
+def _read_marker(dir_fd: int, name: str, limit: int) -> bytes | None:
+    """At most ``limit`` bytes of the regular file ``name`` in the directory ``dir_fd``; None
+    where it is missing, a link, a FIFO or anything else."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    finally:
+        os.close(fd)
 
 
 def _rlimits(limits: Limits) -> list[tuple[int, int]]:
@@ -323,7 +386,10 @@ def _unshare_prefix() -> list[str]:
     if unshare is None:
         return []
     user = [] if os.geteuid() == 0 else ["-r"]
-    for flags in ([*user, "-n", "-p", "-f", "--kill-child"], [*user, "-n"]):
+    pid = ["-p", "-f", "--kill-child"]
+    # --mount-proc: a /proc of the new PID namespace alone, so the program cannot read the
+    # environment (tokens, passwords) of the search's processes in /proc/PID/environ.
+    for flags in ([*user, "-n", *pid, "--mount-proc"], [*user, "-n", *pid], [*user, "-n"]):
         try:
             probe = subprocess.run(
                 [unshare, *flags, sys.executable, "-I", "-c", "import sys; sys.exit(3)"],

@@ -75,13 +75,13 @@ def _flat(prompt: str) -> str:
 
 
 def as_json(scores: dict[str, ModelScore], *, n: int) -> dict[str, Any]:
-    """Strict-JSON view (NaN -> null)."""
+    """Strict-JSON view (NaN and infinity -> null: a perplexity past exp(709) is inf)."""
     return {
         name: {
             "model": s.model,
             "rows": s.rows,
             "answered": len(s.samples),  # rows generated for (prompts that fit, max_prompts)
-            "metrics": {k: None if math.isnan(v) else v for k, v in s.scores.items()},
+            "metrics": {k: v if math.isfinite(v) else None for k, v in s.scores.items()},
             "samples": s.samples[:n],
         }
         for name, s in scores.items()

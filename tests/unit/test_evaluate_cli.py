@@ -852,3 +852,18 @@ def test_an_experiment_dir_without_its_summary_scores_with_its_champions_setting
     assert "scored with the defaults" not in caplog.text
     resolve_target(str(adapter_dir))
     assert f"{adapter_dir}: no config.yaml or summary.json" in caplog.text
+
+
+def test_the_json_view_is_strict_json_when_a_metric_is_not_finite() -> None:
+    """A perplexity past exp(709) is inf: --json prints null for it, not ``Infinity``."""
+    from raysft.train.score_report import as_json
+    from raysft.train.score_saved import ModelScore
+
+    score = ModelScore("m", {"eval_loss": 800.0, "perplexity": math.inf, "bleu": math.nan})
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    text = json.dumps(as_json({"tuned": score}, n=0))
+    metrics = json.loads(text, parse_constant=refuse)["tuned"]["metrics"]
+    assert metrics == {"eval_loss": 800.0, "perplexity": None, "bleu": None}

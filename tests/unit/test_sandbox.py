@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,7 @@ def _unshare_can(*flags: str) -> bool:
 
 NETNS = _unshare_can("-n")
 PIDNS = _unshare_can("-n", "-p", "-f", "--kill-child")
+PROC = _unshare_can("-n", "-p", "-f", "--kill-child", "--mount-proc")
 
 
 # ---------------------------------------------------------------- pass / fail
@@ -115,14 +117,94 @@ def test_scratch_dir_is_the_cwd_and_is_removed_afterwards() -> None:
 def test_writes_outside_the_scratch_dir_are_refused(tmp_path: Path) -> None:
     victim = tmp_path / "keep.txt"
     victim.write_text("precious")
+    before = victim.stat()
     for code in (
         f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')",
         f"import os\nos.remove({str(victim)!r})",
         f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+        # Writes past the "open" event, or with no audit event of their own.
+        f"import sqlite3\ndb = sqlite3.connect({str(tmp_path / 'new.db')!r})\n"
+        "db.execute('create table t(x)')",
+        f"import os\nos.mkfifo({str(tmp_path / 'new.fifo')!r})",
+        f"import os, stat\nos.mknod({str(tmp_path / 'new.node')!r}, stat.S_IFREG)",
+        f"import os\nos.chown({str(victim)!r}, 4321, 4321)",
+        f"import os\nos.utime({str(victim)!r}, (0, 0))",
+        f"import os\nos.setxattr({str(victim)!r}, 'user.x', b'1')",
     ):
         out = run_python(code)
         assert out.status == "failed" and "PermissionError" in out.output, (code, out)
-    assert victim.read_text() == "precious" and not (tmp_path / "new.txt").exists()
+    assert victim.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "keep.txt"
+    ]
+    after = victim.stat()
+    assert (after.st_uid, after.st_mtime_ns) == (before.st_uid, before.st_mtime_ns)
+    # Inside the scratch directory they work.
+    inside = run_python(
+        "import os, sqlite3\nsqlite3.connect('t.db').execute('create table t(x)')\n"
+        "sqlite3.connect(':memory:').execute('select 1')\nos.mkfifo('f')\n"
+        "open('x', 'w').close()\nos.utime('x', (0, 0))"
+    )
+    assert inside.passed, inside.output
+
+
+def _run_into(code: str, box: list[Any]) -> None:
+    box.append(run_python(code, limits=Limits(timeout_s=2)))
+
+
+def test_what_the_program_leaves_is_read_without_following_it(tmp_path: Path) -> None:
+    """Its output files or completion marker replaced by a FIFO (an open of it blocks for
+    ever) or by a link out of the scratch directory: the scorer neither hangs nor reads
+    beyond a few bytes, and a forged marker is no pass."""
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 2**20)
+    for code, status in (
+        ("import os\nos.remove('.stderr')\nos.mkfifo('.stderr')\nraise SystemExit(1)", "failed"),
+        ("import os\nos.remove('.stdout')\nos.mkfifo('.stdout')\nprint('hi')", "passed"),
+        # The runner's own write of the marker then blocks: the time limit ends it.
+        ("import os\nos.mkfifo('.done.tmp')\nos.rename('.done.tmp', '.done')", "timeout"),
+        (f"import os\nos.symlink({str(big)!r}, '.done')", "failed"),
+    ):
+        box: list[Any] = []
+        worker = threading.Thread(target=_run_into, args=(code, box), daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert box, f"the scorer hung on: {code}"
+        assert box[0].status == status, (code, box[0])
+
+
+def test_spawned_processes_are_refused() -> None:
+    """multiprocessing's spawn starts its interpreter through _posixsubprocess, which raises no
+    audit event of its own (and the new interpreter would have no hook)."""
+    code = (
+        "import multiprocessing as mp\n"
+        "p = mp.get_context('spawn').Process(target=print)\np.start()\np.join()"
+    )
+    out = run_python(code)
+    assert out.status == "failed" and "PermissionError" in out.output, out
+
+
+def test_the_searchs_environment_is_not_readable_through_proc() -> None:
+    """With a /proc of its own PID namespace, the program cannot read the environment of the
+    search's processes (an MLflow token, ...) from /proc/PID/environ."""
+    if not PROC:
+        pytest.skip("unshare cannot mount a /proc of a new PID namespace here")
+    # A process started with the secret in its environment (/proc shows the one it began with).
+    holder = subprocess.Popen(["sleep", "60"], env={"RAYSFT_SECRET": "hunter2"})
+    code = (
+        "import glob\nfound = []\n"
+        "for path in glob.glob('/proc/[0-9]*/environ'):\n"
+        "    try:\n        found += [path] if b'hunter2' in open(path, 'rb').read() else []\n"
+        "    except OSError:\n        pass\n"
+        "assert not found, found"
+    )
+    try:
+        # The same program finds it without the namespaces: the check can fail.
+        assert run_python(code, namespaces=False).status == "failed"
+        out = run_python(code)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.passed, out.output
 
 
 def test_no_new_processes() -> None:
@@ -293,7 +375,15 @@ def test_each_network_layer_blocks_on_its_own(server: tuple[int, list[bytes]]) -
 
 
 def test_isolation_says_what_this_machine_uses() -> None:
-    assert isolation() == ("pidns+netns+audit" if PIDNS else "netns+audit" if NETNS else "audit")
+    assert isolation() == (
+        "pidns+proc+netns+audit"
+        if PROC
+        else "pidns+netns+audit"
+        if PIDNS
+        else "netns+audit"
+        if NETNS
+        else "audit"
+    )
     if not NETNS:
         pytest.skip("unshare makes no namespace here")
     # The child's own namespaces, not the parent's, by their inodes.
