@@ -75,6 +75,18 @@ def _full_with_half_weights(cfg: Config) -> str | None:
     return None
 
 
+def _one_step_of_warmup(cfg: Config) -> str | None:
+    # The warmup's first step runs at rate 0 (as transformers' schedules do): a run of one
+    # step with any warmup would train nothing, and say it trained.
+    if cfg.train.max_steps == 1 and cfg.train.warmup_ratio > 0:
+        return (
+            f"train.warmup_ratio: {cfg.train.warmup_ratio} of train.max_steps 1 is one warmup "
+            "step, taken at learning rate 0 (the warmup's first): the run would train nothing; "
+            "set train.warmup_ratio: 0"
+        )
+    return None
+
+
 def _methods(spec: SearchSpec) -> set[Any]:
     searched = spec.search.params.get("method")
     return {spec.method, *(searched.values or [] if searched else [])}
@@ -145,6 +157,7 @@ def _flex_attention_needs_a_gpu(spec: SearchSpec) -> str | None:
 CONFIG_RULES: list[Rule] = [
     (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
     (("method", "model.dtype"), _full_with_half_weights),
+    (("train.max_steps", "train.warmup_ratio"), _one_step_of_warmup),
 ]
 SPEC_RULES: list[Rule] = [
     (

@@ -201,8 +201,21 @@ class TrainSection(Section):
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warmup."
     )
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps of linear warmup.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(
+        0.03,
+        ge=0,
+        lt=1,
+        description=(
+            "Share of steps of linear warmup (rounded up to whole steps). The first warmup "
+            "step runs at rate 0, as in transformers' schedules: a run of max_steps 1 needs "
+            "warmup_ratio 0."
+        ),
+    )
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="AdamW weight decay, on weight matrices only (not on norm gains or biases).",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping. Null: none.")
     batch_size: int = Field(
         4,

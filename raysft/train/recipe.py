@@ -139,9 +139,20 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
-    )
+    decay = cfg.train.weight_decay
+    # Weight decay on matrices only: norm gains and biases (1-D) pulled toward 0 would fight
+    # what they are for (a gain's neutral value is 1). One group without decay, as before.
+    groups: Any = params
+    if decay:
+        groups = [
+            g
+            for g in (
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, weight_decay=decay)
     name = {"constant": "constant_with_warmup"}.get(cfg.train.lr_scheduler, cfg.train.lr_scheduler)
     scheduler = get_scheduler(
         name,
@@ -404,12 +415,18 @@ def train_step(run: Run) -> dict[str, Any]:
             [p for p in run.model.parameters() if p.requires_grad], cfg.train.max_grad_norm
         )
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses, before the scheduler moves
+    stepped = True
     if run.scaler is not None:
+        scale = run.scaler.get_scale()
         run.scaler.step(run.optimizer)  # skipped when a gradient overflowed fp16
         run.scaler.update()
+        # A skipped step lowers the scale; the schedule waits for a step that was taken (as
+        # accelerate does), or overflows at the start would use up the warmup.
+        stepped = run.scaler.get_scale() >= scale
     else:
         run.optimizer.step()
-    run.scheduler.step()
+    if stepped:
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {
         "train_loss": round(step_loss, 6),
@@ -464,7 +481,7 @@ def train(run: Run, report: Reporter | None) -> None:
             # metric an eval would give is reported NaN (a search needs its objective in the
             # report, and stops the trial on it).
             record.update({m.name: math.nan for m in computed_at(cfg, final=True)})
-            _stop_diverged(run, record, report)
+            _stop_diverged(run, record, report, between)
             break
         if _evaluates_at(step, cfg):
             t = time.perf_counter()
@@ -472,7 +489,7 @@ def train(run: Run, report: Reporter | None) -> None:
             times["eval_s"] = times.get("eval_s", 0.0) + time.perf_counter() - t
             record.update(scores)
             if not math.isfinite(record.get("eval_loss", 0.0)):  # this step's update did it
-                _stop_diverged(run, record, report)
+                _stop_diverged(run, record, report, between)
                 break
             if last and "base_exact_match" in progress.final:  # for comparison with the base
                 record["base_exact_match"] = progress.final["base_exact_match"]
@@ -503,9 +520,12 @@ def train(run: Run, report: Reporter | None) -> None:
     run.train_seconds = time.perf_counter() - t_train
 
 
-def _stop_diverged(run: Run, record: dict[str, Any], report: Reporter | None) -> None:
+def _stop_diverged(
+    run: Run, record: dict[str, Any], report: Reporter | None, between: list[dict[str, Any]]
+) -> None:
     """End training at ``record``'s step, whose loss is not finite: reported without a
-    checkpoint (the last finite one stays the latest), and marked for ``finish``."""
+    checkpoint (the last finite one stays the latest), with the steps since the last report
+    (``between``: the curve up to the divergence), and marked for ``finish``."""
     step = record["step"]
     run.progress.final[DIVERGED_AT] = step
     run.progress.history.append(record)
@@ -517,7 +537,7 @@ def _stop_diverged(run: Run, record: dict[str, Any], report: Reporter | None) ->
         divergence_hint(run.cfg),
     )
     if report is not None:
-        report(record, None)
+        report({**record, REPLAYED: between} if between else record, None)
 
 
 def divergence_hint(cfg: Config) -> str:

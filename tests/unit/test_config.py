@@ -428,8 +428,18 @@ def test_a_spec_whose_search_is_no_mapping_says_so_not_missing(value: object, ki
         f"search: should be a mapping of its settings (key: value), not {kind}",
     ]
     with pytest.raises(ConfigError) as info:  # "missing" is for a spec without the key
-        validate_spec({"train": {"max_steps": 1}}, source="s.yaml")
+        validate_spec({"train": {"max_steps": 2}}, source="s.yaml")
     assert info.value.problems == ["search: missing (a search spec needs a search section)"]
+
+
+def test_a_run_of_one_step_with_warmup_is_refused() -> None:
+    """Its one step would be the warmup's first, at learning rate 0: nothing trained."""
+    assert problems_of(None, parse_overrides(["train.max_steps=1"])) == [
+        "train.warmup_ratio: 0.03 of train.max_steps 1 is one warmup step, taken at "
+        "learning rate 0 (the warmup's first): the run would train nothing; set "
+        "train.warmup_ratio: 0"
+    ]
+    assert load_config(None, {"train.max_steps": 1, "train.warmup_ratio": 0.0}).train.max_steps == 1
 
 
 # ---------------------------------------------------------------- method sections

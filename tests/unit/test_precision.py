@@ -205,3 +205,27 @@ def test_cuda_qlora_peak_memory_is_at_most_0_6_of_loras(tinyllama_1b_dir):
     lora = _peak_gib(_cfg(tinyllama_1b_dir, method="lora"))
     qlora = _peak_gib(_cfg(tinyllama_1b_dir, method="qlora"))
     assert qlora <= 0.6 * lora, f"QLoRA peak {qlora:.2f} GiB vs LoRA {lora:.2f} GiB"
+
+
+def test_weight_decay_leaves_norm_gains_and_biases_alone(tiny_llama_dir) -> None:
+    """AdamW's decay pulls a weight toward 0: right for matrices, wrong for an RMSNorm gain
+    (neutral at 1). With zero gradients, 50 steps leave the gains at 1 and shrink the
+    matrices."""
+    cfg = _cfg(tiny_llama_dir, method="full", dtype="float32", precision="fp32", gc=False)
+    cfg.train.weight_decay = 0.1
+    model = load_model(cfg)
+    optimizer, _ = _build_optimizer(model, cfg)
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    norms = {n: p for n, p in model.named_parameters() if p.ndim == 1}
+    assert norms and all(decays[id(p)] == 0.0 for p in norms.values())
+    matrix = model.get_decoder().layers[0].self_attn.q_proj.weight
+    assert decays[id(matrix)] == 0.1
+    norm_before, matrix_before = {n: p.detach().clone() for n, p in norms.items()}, matrix.norm()
+    for group in optimizer.param_groups:  # past the warmup's first rate (0)
+        group["lr"] = 1e-2
+    for _ in range(50):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert all(torch.equal(norms[n], norm_before[n]) for n in norms)
+    assert matrix.norm() < 0.999 * matrix_before

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from raysft.assets.tokenizer import build_tokenizer
 from raysft.config import load_config
 from raysft.errors import DataError
+from raysft.train.metrics import REPLAYED
 from raysft.train.recipe import run_trial
 
 ROWS = [{"instruction": "Upper case", "input": f"w{i}", "output": f"W{i}"} for i in range(12)] + [
@@ -299,6 +300,8 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path: Path) -> N
     result = run_trial(_diverging(tmp_path, eval_every=3), report=report)
     assert [(m["step"], ckpt) for m, ckpt in seen] == [(2, False)]
     last = seen[-1][0]
+    # The steps since the last report come with it: MLflow and Tune get the curve up to it.
+    assert [r["step"] for r in last[REPLAYED]] == [1]
     for name in ("train_loss", "eval_loss", "perplexity", "exact_match"):
         assert last[name] != last[name], name  # NaN
     assert result.final["diverged_at"] == 2
@@ -343,6 +346,25 @@ def test_a_float16_base_trains_with_a_loss_scaler(tmp_path: Path) -> None:
     fp32 = setup(_config(tmp_path, model_dir, "lora", **{"model.dtype": "float32", **extra}),
                  dist=Dist())  # fmt: skip
     assert fp32.scaler is None
+
+
+def test_a_float16_step_the_scaler_skips_does_not_move_the_schedule(tmp_path: Path) -> None:
+    """A gradient that overflowed fp16 skips the optimizer's step; the learning rate schedule
+    waits too (it used up the warmup on steps never taken)."""
+    from raysft.train.recipe import Dist, finish, setup, train
+
+    model_dir = _model_dir(tmp_path, "llama")
+    extra = {"train.exact_match": False, "train.neftune_alpha": None, "train.max_steps": 2}
+    half = setup(_config(tmp_path, model_dir, "lora", **{"model.dtype": "float16", **extra}),
+                 dist=Dist())  # fmt: skip
+    half.scaler._init_scale = 2.0**60  # every gradient overflows: both steps are skipped
+    before = {n: p.detach().clone() for n, p in half.model.named_parameters() if p.requires_grad}
+    train(half, None)
+    after = dict(half.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # no step was taken
+    assert half.scheduler.last_epoch == 0
+    assert [r["lr"] for r in half.progress.history] == [0.0, 0.0]  # warmup's first rate
+    finish(half)
 
 
 def test_flex_attention_on_the_cpu_is_refused_before_anything_loads(tmp_path: Path) -> None:
