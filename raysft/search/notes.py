@@ -49,11 +49,14 @@ def short_name(path: str) -> str:
 
 
 def format_value(value: Any) -> str:
-    """2 significant digits for floats (``3.2e-3``, ``0.05``); anything else as written."""
+    """2 significant digits for floats: ``3.2e-3`` and ``1.2e-2`` below 0.1 (so a learning rate
+    range keeps one notation), ``0.25`` and ``16`` up to 100; anything else as written."""
     if not isinstance(value, float) or value == 0 or not math.isfinite(value):
         return f"{value:g}" if isinstance(value, float) else str(value)
-    if 1e-2 <= abs(value) < 100:
-        return f"{value:.2g}"
+    if 0.1 <= abs(value) < 100:  # learning rates (rarely 0.1 or more) stay in one notation
+        text = f"{value:.2g}"
+        if "e" not in text:  # 99.5 rounds to 1e+02
+            return text
     mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"
 
@@ -80,7 +83,13 @@ def describe(summary: dict[str, Any]) -> str:
     metric, best = summary["metric"], summary.get("best")
     counts = summary.get("counts") or {}
     if best is None:
-        head = f"No trial reported a finite `{metric}`: nothing to promote."
+        rows = summary.get("trials") or []
+        head = (
+            f"No finished or stopped-early trial has a finite `{metric}` and a checkpoint "
+            "(failed and diverged trials are never promoted): nothing to promote."
+            if any(r.get("metric") is not None for r in rows)
+            else f"No trial reported a finite `{metric}`: nothing to promote."
+        )
     else:
         order = list((summary.get("resolved_spec") or {}).get("search", {}).get("params", {}))
         step = f" at step {best['step']} of {best['max_steps']}" if best.get("step") else ""

@@ -234,7 +234,12 @@ def promote(
         return {"promoted": False, "reason": "promote.enabled is false"}
     value = finite_or_none(best.get("metric")) if best else None
     if best is None or value is None:
-        return {"promoted": False, "reason": f"no trial reported a finite {s.metric}"}
+        return {
+            "promoted": False,
+            "reason": (
+                f"no finished or stopped-early trial has a finite {s.metric} and a checkpoint"
+            ),
+        }
     if not best.get("checkpoint"):
         return {"promoted": False, "reason": "the best trial left no checkpoint"}
     fp = eval_fingerprint(cfg, recorded)

@@ -156,10 +156,23 @@ def trial_row(
     }
 
 
+_RANK_GROUP = {TrialStatus.FINISHED.value: 0, TrialStatus.STOPPED_EARLY.value: 1}
+
+
 def rank(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """Best first; trials without a (finite) metric last, in their given order."""
+    """Best first, as promotion chooses (``pick_best``): finished trials by metric, then those
+    ASHA stopped (they trained less), then failed and diverged ones (their last eval says
+    nothing of a config that trains); within each, trials without a (finite) metric last, in
+    their given order. So the first row of every table is the best trial, where one is."""
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(rows, key=lambda t: (t["metric"] is None, sign * (t["metric"] or 0.0)))
+    return sorted(
+        rows,
+        key=lambda t: (
+            _RANK_GROUP.get(t["status"], 2),
+            t["metric"] is None,
+            sign * (t["metric"] or 0.0),
+        ),
+    )
 
 
 def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

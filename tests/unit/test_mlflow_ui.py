@@ -86,8 +86,12 @@ def test_an_existing_experiment_gets_the_kind_unless_it_has_one(mlc: Any) -> Non
         (0.0032, "3.2e-3"),
         (0.00071, "7.1e-4"),
         (1e-5, "1.0e-5"),
-        (0.05, "0.05"),
+        (0.05, "5.0e-2"),
+        # One notation on both sides of 0.01, where learning rate ranges cross it.
+        (0.0099, "9.9e-3"),
+        (0.012, "1.2e-2"),
         (0.5, "0.5"),
+        (99.5, "1.0e2"),  # not .2g's 1e+02
         (12.0, "12"),
         (150.0, "1.5e2"),
         (0.0, "0"),
@@ -247,6 +251,14 @@ def test_parent_description_when_nothing_is_promoted() -> None:
     assert "Promotion: **not promoted**: eval_loss 1.2 does not beat champion v2 (1.1)." in text
     empty = notes.describe(summary(best=None, counts={"failed": 3}, promotion={}))
     assert empty.startswith("No trial reported a finite `eval_loss`")
+    # Failed trials with a last eval: the best is None for another reason than no metric.
+    rows = [{"trial_id": "a", "sampled": {}, "status": "failed", "metric": 1.4, "step": 60,
+             "max_steps": 150}]  # fmt: skip
+    failed = notes.describe(summary(best=None, counts={"failed": 1}, promotion={}, trials=rows))
+    assert failed.startswith(
+        "No finished or stopped-early trial has a finite `eval_loss` and a checkpoint (failed "
+        "and diverged trials are never promoted): nothing to promote."
+    )
     assert "Trials: 3 failed." in empty
     assert "Promotion: **not promoted**: promotion did not run." in empty
 

@@ -698,7 +698,10 @@ def test_a_non_finite_best_is_never_promoted(
     cfg = spec("nonfinite", tmp_path / "exp")
     row = best(registry, checkpoints["a"], value)  # type: ignore[arg-type]
     record = promote(mlc=registry.mlc, cfg=cfg, best=row, exp_dir=tmp_path / "exp")
-    assert record == {"promoted": False, "reason": "no trial reported a finite eval_loss"}
+    assert record == {
+        "promoted": False,
+        "reason": "no finished or stopped-early trial has a finite eval_loss and a checkpoint",
+    }
     json.dumps(record, allow_nan=False)
     assert registry.versions("nonfinite") == 0
     no_trial = promote(mlc=registry.mlc, cfg=cfg, best=None, exp_dir=tmp_path / "exp")

@@ -152,6 +152,22 @@ def test_non_finite_metrics_are_never_ranked_best() -> None:
     assert pick_best(rank(max_rows, "max"))["trial_id"] == "a"  # type: ignore[index]
 
 
+def test_the_first_ranked_trial_is_the_best_one() -> None:
+    """A failed trial's last eval and a stopped one's lower than every finished trial's: the
+    finished one is ranked first (it is the one promoted), then the stopped, then the failed."""
+    rows = [
+        {**row("failed", 1.1), "status": "failed"},
+        {**row("stopped", 1.2, step=60), "status": "stopped_early"},
+        row("finished-a", 1.3),
+        row("finished-b", 1.4),
+    ]
+    ranked = rank(rows, "min")
+    assert [r["trial_id"] for r in ranked] == ["finished-a", "finished-b", "stopped", "failed"]
+    assert ranked[0] is pick_best(ranked)
+    ranked = rank(rows, "max")
+    assert [r["trial_id"] for r in ranked] == ["finished-b", "finished-a", "stopped", "failed"]
+
+
 def test_a_search_whose_every_trial_diverged_has_no_best() -> None:
     rows = rank([row("a", NAN), row("b", INF, step=3)], "min")
     assert pick_best(rows) is None
