@@ -154,6 +154,7 @@ def test_cpu_dry_run_uses_the_embedded_base(capsys):
         ("NVIDIA H200", 989e12),
         ("NVIDIA H100 80GB HBM3", 989e12),
         ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("Tesla T4", None),
     ],
@@ -248,6 +249,23 @@ def test_cpu_goals_take_each_sides_fastest_configuration():
     vs_seed = report.goals("cpu", rows)["raysft_vs_seed"]
     assert (vs_seed["of"], vs_seed["vs"], vs_seed["ratio"]) == ("raysft-full-compile", "seed-bf16",
                                                                 2.5)  # fmt: skip
+
+
+def test_a_goal_is_judged_on_the_fastest_contender_that_meets_the_loss_condition():
+    """The fastest raysft contender has a higher held-out loss than TRL's; a slower one is 3x
+    TRL at a lower loss: that one meets the 2.5x goal (the fastest was taken, and failed it)."""
+    rows = [
+        {"name": "trl-bf16", "tokens_per_s": 2000.0, "eval_loss": 1.80},
+        {"name": "raysft-full", "tokens_per_s": 6000.0, "eval_loss": 1.75},
+        {"name": "raysft-full-grouped-compile-bf16", "tokens_per_s": 7000.0, "eval_loss": 1.82},
+    ]
+    vs_trl = report.goals("cpu", rows)["raysft_vs_trl_best"]
+    assert (vs_trl["of"], vs_trl["ratio"], vs_trl["met"]) == ("raysft-full", 3.0, True)
+    # None at that loss: the fastest is reported, not met.
+    rows[1]["eval_loss"] = 1.81
+    vs_trl = report.goals("cpu", rows)["raysft_vs_trl_best"]
+    assert vs_trl["of"] == "raysft-full-grouped-compile-bf16" and not vs_trl["met"]
+    assert vs_trl["held_out_loss_equal_or_lower"] is False
 
 
 def test_a_goal_over_several_rounds_pairs_them_by_training_seed():
@@ -386,6 +404,7 @@ def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     import raysft.train.evaluate as ev
+    import raysft.train.recipe as recipe
     from raysft.bench.contenders import use_selective_logits
     from raysft.data.packing import collate_packed
 
@@ -398,6 +417,7 @@ def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     selective = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     reference = ev.forward_loss
+    assert recipe.forward_loss is reference
     heads: list[tuple[int, ...]] = []  # the LM head's input, as its pre-hooks left it
     for model in (plain, selective):
         model.get_output_embeddings().register_forward_hook(
@@ -406,9 +426,10 @@ def test_selective_logits_experiment_gives_the_recipes_loss(tiny_llama_dir):
     try:
         use_selective_logits(selective)
         ref_loss, ref_n = ev.forward_loss(plain, batch, "cpu")  # dispatches to the original
-        loss, n = ev.forward_loss(selective, batch, "cpu")
+        # The name the training step calls (train_step), not only the eval module's.
+        loss, n = recipe.forward_loss(selective, batch, "cpu")
     finally:
-        ev.forward_loss = reference
+        ev.forward_loss = recipe.forward_loss = reference
     assert n == ref_n == (7 - 3) + (12 - 5) + (5 - 1)
     hidden = plain.config.hidden_size
     # The head ran at every position of the plain model, at the scored ones alone of the other.
