@@ -42,6 +42,8 @@ def from_pretrained(loader: Any, model_cfg: ModelSection, **kwargs: Any) -> Any:
         raise ModelError(
             f"model.name_or_path: cannot load {model_cfg.name_or_path!r}: no such directory"
         )
+    if "Tokenizer" not in getattr(loader, "__name__", ""):  # an adapter dir keeps one
+        _refuse_an_adapter(path, model_cfg.name_or_path)
     if kwargs.get("attn_implementation") == attention.SDPA_FP32:
         attention.register()
     from safetensors import SafetensorError  # a truncated or corrupt weights file
@@ -93,6 +95,25 @@ def hub_unreachable() -> str | None:
     return None
 
 
+def _refuse_an_adapter(path: str, name: str) -> None:
+    """An adapter directory (a run's output, an export) given as the model: transformers 5
+    would load its base with the adapter on it, and training then failed on target modules
+    or trained base and old adapter together. Said at once, naming the base to give."""
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        base = base.get("base_model_name_or_path") if isinstance(base, dict) else None
+    except (OSError, ValueError):
+        base = None
+    give = f"give its base ({base!r}) here" if isinstance(base, str) else "give its base here"
+    raise ModelError(
+        f"model.name_or_path: {name!r} is a LoRA adapter (adapter_config.json), not a model: "
+        f"{give}; an adapter is scored with python -m raysft.evaluate"
+    )
+
+
 def _has_hub_token() -> bool:
     """A token from HF_TOKEN or from ``hf auth login``'s token file."""
     from huggingface_hub import get_token
@@ -111,6 +132,21 @@ def load_error(err: BaseException, *, name: str, token_set: bool) -> ModelError:
     if first.endswith(":"):  # a list follows ("Couldn't instantiate ... from one of:"): keep it
         first = " ".join(lines)[:500]
     why = f"model.name_or_path: cannot load {name!r}: "
+    names = {type(e).__name__ for e in itertools.islice(chain(err), 5)}
+    if ("RepositoryNotFoundError" in names or "repository not found" in text.lower()) and not (
+        "GatedRepoError" in names or "gated repo" in text.lower()
+    ):
+        # The Hub answers 401 for a repo that does not exist when asked without a token: a
+        # typo, most often, not a gated model (its 401 matched _GATED before this).
+        if token_set:
+            return ModelError(
+                f"{why}not found on the Hugging Face Hub, or the token ({HUB_TOKEN_VAR}) has no "
+                f"access to it: check the id ({first})"
+            )
+        return ModelError(
+            f"{why}not found on the Hugging Face Hub: check the id; if it is a private repo, "
+            f"it needs a Hugging Face token: set {HUB_TOKEN_VAR} ({first})"
+        )
     if _GATED.search(text):
         if token_set:
             return ModelError(

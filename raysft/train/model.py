@@ -402,7 +402,7 @@ def save_model(
         # training state.
         state = dict(weights) if weights is not None else model.state_dict()
         if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            state = _cast_state(state, dtype)
         # Inference from the export should use the KV cache again; restore after saving.
         model.config.use_cache = True
         saved_dtype, saved_generation = model.config.dtype, model.generation_config
@@ -423,6 +423,29 @@ def save_model(
     # with modes of their choosing (0700, a group's setgid).
     written = [p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns]
     give_plain_modes(None, [out / name for name in written])
+    return out
+
+
+def _cast_state(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``state``'s floating tensors in ``dtype``, those that shared storage (tied embedding and
+    LM head) still sharing it: save_pretrained drops a tied copy only when it shares, and cast
+    apart, a tied 1B model's export carried its embedding twice."""
+    cast: dict[tuple[int, int, Any, Any], torch.Tensor] = {}
+    out = {}
+    for key, value in state.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        # The same view of the same storage: one cast for all its names (not for tensors
+        # without storage, meta ones, whose data pointers are all 0).
+        ptr = value.untyped_storage().data_ptr()
+        ident = (ptr, value.storage_offset(), value.shape, value.stride())
+        if not ptr:
+            out[key] = value.to(dtype)
+            continue
+        if ident not in cast:
+            cast[ident] = value.to(dtype)
+        out[key] = cast[ident]
     return out
 
 

@@ -257,6 +257,35 @@ def test_private_or_missing_repo_mentions_the_token_only_without_one():
     assert "HF_TOKEN" not in msg and "is not a local folder" in msg
 
 
+def test_a_missing_repo_asked_without_a_token_is_not_called_gated():
+    """The Hub answers a missing repo with 401 when asked without a token; transformers raises
+    its OSError from huggingface_hub's RepositoryNotFoundError. A typo, not a gated model.
+    (Stand-ins by name: huggingface_hub's need an HTTP response to be made.)"""
+
+    class RepositoryNotFoundError(OSError):
+        pass
+
+    class GatedRepoError(RepositoryNotFoundError):  # as in huggingface_hub
+        pass
+
+    def chained(cause: Exception) -> OSError:
+        try:
+            try:
+                raise cause
+            except Exception as inner:
+                raise OSError(PRIVATE) from inner
+        except OSError as err:
+            return err
+
+    missing = chained(RepositoryNotFoundError("401 Client Error. Repository Not Found for url"))
+    msg = str(load_error(missing, name="acme/typo-model", token_set=False))
+    assert "not found on the Hugging Face Hub: check the id" in msg and "gated" not in msg
+    msg = str(load_error(missing, name="acme/typo-model", token_set=True))
+    assert "not found on the Hugging Face Hub, or the token (HF_TOKEN) has no access" in msg
+    gated = chained(GatedRepoError("401 Client Error. Cannot access gated repo for url"))
+    assert "gated or private" in str(load_error(gated, name="meta/llama", token_set=False))
+
+
 def test_other_errors_keep_their_first_line():
     msg = str(load_error(OSError("no file named config.json\nmore"), name="d", token_set=False))
     assert msg == "model.name_or_path: cannot load 'd': no file named config.json"

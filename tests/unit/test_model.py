@@ -289,6 +289,46 @@ def test_save_adapter_only_for_lora(tiny_llama_dir, tmp_path):
     assert "model.safetensors" not in files
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_an_adapter_given_as_the_model_is_refused_naming_its_base(tiny_llama_dir, tmp_path, method):
+    """A run's adapter as model.name_or_path: transformers 5 loads its base with the adapter
+    on; LoRA then failed on its target modules, full trained both. One message, at once."""
+    from raysft.search.preflight import check_model
+
+    cfg = _cfg(tiny_llama_dir)
+    out = save_model(load_model(cfg), load_tokenizer(cfg.model), tmp_path / "a", method="lora")
+    again = _cfg(out, method=method)
+    want = (
+        f"model.name_or_path: '{out}' is a LoRA adapter (adapter_config.json), not a model: give "
+        f"its base ('{tiny_llama_dir}') here; an adapter is scored with python -m raysft.evaluate"
+    )
+    for load in (load_model, lambda c: check_model(c.model)):
+        with pytest.raises(ModelError) as err:
+            load(again)
+        assert str(err.value) == want
+    assert load_tokenizer(again.model) is not None  # the tokenizer it keeps still loads
+
+
+def test_a_bf16_export_of_a_tied_model_writes_its_embedding_once(tmp_path):
+    """The embedded base ties its LM head to its embedding. Cast to bf16 one tensor at a time,
+    the two stopped sharing storage and the export carried the matrix twice."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    cfg = Config(model=ModelSection(name_or_path="embedded:tiny-base"), method="full")
+    model, tok = load_model(cfg), load_tokenizer(cfg.model)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    out = save_model(model, tok, tmp_path / "full", method="full", dtype=torch.bfloat16)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    head, emb = loaded.get_output_embeddings().weight, loaded.get_input_embeddings().weight
+    assert head.dtype == torch.bfloat16 and torch.equal(head, emb)
+    want = model.get_input_embeddings().weight.detach().to(torch.bfloat16)
+    assert torch.equal(emb, want)
+
+
 def test_save_full_model_with_cache_enabled_for_inference(tiny_llama_dir, tmp_path):
     cfg = _cfg(tiny_llama_dir, method="full")
     model, tok = load_model(cfg), load_tokenizer(cfg.model)
