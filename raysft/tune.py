@@ -163,7 +163,10 @@ def exit_code(summary: dict[str, Any]) -> int:
     """0; 1 when no trial finished; ``EXIT_FINISH_FAILED`` when the search finished and wrote
     its summary but a step failed without ending it (each said on stderr)."""
     counts = summary["counts"]
+    failures = summary.get("failed_steps") or []
     if not counts.get("finished") and not counts.get("stopped_early"):
+        for line in failures:  # the finish's own failures, said here too
+            print(f"error: {line}", file=sys.stderr)
         print(
             "error: no trial finished (see each trial's error above); a trial that failed for "
             "good fails again on --resume: fix the cause, then start the search in another "
@@ -171,7 +174,6 @@ def exit_code(summary: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 1
-    failures = summary.get("failed_steps") or []
     if failures:
         for line in failures:
             print(f"error: {line}", file=sys.stderr)

@@ -307,6 +307,11 @@ def test_raysft_tune_exits_3_when_a_finishing_step_failed(
     )
     failed = {**ok, "failed_steps": ["plots: FileExistsError: x"]}
     assert exit_code(failed) == EXIT_FINISH_FAILED == 3
+    capsys.readouterr()
+    # No trial finished and a finishing step failed too: both said.
+    assert exit_code({**failed, "counts": {"failed": 2}}) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: plots: FileExistsError: x\nerror: no trial finished"), err
 
 
 def _history(value: float) -> list[dict[str, Any]]:
