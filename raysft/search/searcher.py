@@ -44,6 +44,10 @@ class FinalMetricOptunaSearch(OptunaSearch):
     its last report carried the objective). A failed trial that ``--resume`` runs again is told
     as a new Optuna trial with the same values when it ends: Optuna takes no second tell of a
     trial it has (Ray's own dropped it with a warning).
+
+    It keeps the search's limit of trials at once itself (``set_max_concurrency``): Ray's
+    ``ConcurrencyLimiter`` passes on the end of a trial it suggested only, so that rerun, which
+    Tune queues again without asking the searcher, was never told.
     """
 
     def __init__(self, *args: Any, max_steps: int | None = None, **kwargs: Any) -> None:
@@ -52,18 +56,34 @@ class FinalMetricOptunaSearch(OptunaSearch):
         self.trial_max_steps: dict[str, int] = {}  # where train.max_steps is searched
         self.failed_trials: set[str] = set()  # told FAIL: a --resume may run them again
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Ray asks before it wraps the searcher in its limiter; True: this one limits."""
+        self.max_concurrent = max_concurrent
+        return True
+
+    def _live(self) -> set[str]:
+        # A searcher pickled before it kept its own limit (an older search's) has none.
+        self.live_trials: set[str] = getattr(self, "live_trials", set())
+        return self.live_trials
+
     def suggest(self, trial_id: str) -> Any:
+        live = self._live()
+        if len(live) >= getattr(self, "max_concurrent", math.inf):
+            return None  # Tune asks again once a trial ended
         config = super().suggest(trial_id)
-        if isinstance(config, dict) and config.get("train.max_steps") is not None:
-            self.trial_max_steps[trial_id] = int(config["train.max_steps"])
+        if isinstance(config, dict):
+            live.add(trial_id)
+            if config.get("train.max_steps") is not None:
+                self.trial_max_steps[trial_id] = int(config["train.max_steps"])
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if isinstance(self.metric, str) and self.metric not in result:
-            return
-        if trial_id in getattr(self, "failed_trials", ()):  # a rerun: its Optuna trial ended
-            return
-        super().on_trial_result(trial_id, result)
+        """Nothing for Optuna: its intermediate values are for its pruners, which Ray never
+        calls, and Ray's keyed them by eval count, which TPE then ranked a trial's last step
+        by (a diverged trial's earlier evals outranked a trial ASHA stopped at a later step).
+        A failed trial run again by --resume counts as running from its first result."""
+        if trial_id in getattr(self, "failed_trials", ()):
+            self._live().add(trial_id)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -72,6 +92,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
         max_steps = getattr(self, "trial_max_steps", {}).get(
             trial_id, getattr(self, "max_steps", None)
         )
+        self._live().discard(trial_id)
         step = (result or {}).get("step")
         value = (result or {}).get(self.metric) if isinstance(self.metric, str) else None
         early = (
@@ -81,9 +102,10 @@ class FinalMetricOptunaSearch(OptunaSearch):
             and isinstance(value, int | float)
             and math.isfinite(value)
         )
-        # A diverged trial ends with a NaN objective, which Optuna refuses as a value (Ray's
-        # tell would leave it RUNNING for good): told PRUNED at NaN, which TPE ranks worst.
-        diverged = not error and isinstance(value, float) and math.isnan(value)
+        # A diverged trial ends with a NaN objective (or an infinite perplexity), which Optuna
+        # refuses as a value (Ray's tell would leave it RUNNING for good), or took for a
+        # finished trial's: told PRUNED at NaN, which TPE ranks worst.
+        diverged = not error and isinstance(value, float) and not math.isfinite(value)
         # A searcher pickled before failed trials were kept (an older search's) has none.
         self.failed_trials = getattr(self, "failed_trials", set())
         if trial_id in self.failed_trials:
@@ -100,7 +122,8 @@ class FinalMetricOptunaSearch(OptunaSearch):
                 study.tell(trial, state=TrialState.FAIL)
                 self.failed_trials.add(trial_id)
             else:
-                trial.report(float(value), _told_step(step, value))  # type: ignore[arg-type]
+                at = _told_step(step, value)
+                trial.report(float(value) if at else math.nan, at)  # type: ignore[arg-type]
                 study.tell(trial, state=TrialState.PRUNED)
         except Exception as exc:
             log.warning("Optuna: trial %s not told: %s", trial_id, exc)
@@ -112,9 +135,10 @@ class FinalMetricOptunaSearch(OptunaSearch):
         first, study = self._ot_trials[trial_id], self._ot_study
         assert study is not None
         told: dict[str, Any] = {"state": TrialState.FAIL}
-        if early:  # or diverged (NaN)
+        if early:  # or diverged (not finite)
             at = _told_step(step, value)
-            told = {"state": TrialState.PRUNED, "intermediate_values": {at: float(value)}}
+            reported = float(value) if at else math.nan
+            told = {"state": TrialState.PRUNED, "intermediate_values": {at: reported}}
         elif isinstance(value, int | float) and math.isfinite(value):
             told = {"state": TrialState.COMPLETE, "value": float(value)}
         try:
@@ -127,10 +151,11 @@ class FinalMetricOptunaSearch(OptunaSearch):
 
 
 def _told_step(step: Any, value: Any) -> int:
-    """The step a PRUNED trial's value is told at: its own, or 0 for a NaN. TPE ranks pruned
-    trials by their last step first (a later one is better), then by value (NaN worst): a
-    trial that diverged at step 150 would rank above every trial ASHA stopped at 30."""
-    if isinstance(value, float) and math.isnan(value) or not isinstance(step, int):
+    """The step a PRUNED trial's value is told at: its own, or 0 for a value that is not finite
+    (then told as NaN). TPE ranks pruned trials by their last step first (a later one is
+    better), then by value (NaN worst): a trial that diverged at step 150 would rank above
+    every trial ASHA stopped at 30."""
+    if isinstance(value, float) and not math.isfinite(value) or not isinstance(step, int):
         return 0
     return step
 

@@ -833,11 +833,14 @@ def test_optuna_is_told_how_each_trial_ended(monkeypatch: pytest.MonkeyPatch) ->
     assert by_state[optuna.trial.TrialState.COMPLETE].value == 0.5
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("at", ["rung", "end"])
-def test_a_diverged_trial_is_told_to_optuna_as_the_worst_pruned_one(at: str) -> None:
+def test_a_diverged_trial_is_told_to_optuna_as_the_worst_pruned_one(at: str, value: float) -> None:
     """A NaN objective: Ray's tell of it as a value fails and leaves the trial RUNNING, so TPE
     (without the constant liar, one trial at a time) never learned that a region diverges.
-    Told PRUNED at NaN at step 0, which TPE ranks below a trial pruned at any later step."""
+    Told PRUNED at NaN at step 0, which TPE ranks below a trial pruned at any later step. An
+    infinite one (a perplexity past exp(709)) alike: Ray told it COMPLETE. Its evals before
+    (many: Ray kept each as an intermediate value at its eval count) change nothing."""
     import math
 
     import optuna
@@ -850,7 +853,9 @@ def test_a_diverged_trial_is_told_to_optuna_as_the_worst_pruned_one(at: str) -> 
     step = cfg.train.max_steps // 2 if at == "rung" else cfg.train.max_steps
     for trial_id in ("diverged", "stopped"):
         searcher.suggest(trial_id)
-    searcher.on_trial_complete("diverged", {"step": step, "eval_loss": float("nan")})
+    for n in range(1, 40):  # more evals than the first rung's steps
+        searcher.on_trial_result("diverged", {"step": n, "eval_loss": 1.0, "training_iteration": n})
+    searcher.on_trial_complete("diverged", {"step": step, "eval_loss": value})
     rung = {"step": cfg.train.max_steps // 4, "eval_loss": 3.0}  # ASHA's first rung, a bad loss
     searcher.on_trial_complete("stopped", rung)
     diverged, stopped = searcher._ot_study.trials
@@ -860,6 +865,40 @@ def test_a_diverged_trial_is_told_to_optuna_as_the_worst_pruned_one(at: str) -> 
     # TPE's own ranking of pruned trials (last step first, then value): below the stopped one.
     good, bad = _split_pruned_trials([diverged, stopped], searcher._ot_study, 1)
     assert (good, bad) == ([stopped], [diverged])
+
+
+def test_a_failed_trial_rerun_is_told_through_the_wrappers_ray_puts_around_the_searcher() -> None:
+    """Ray wraps the searcher as Tune runs it (``max_concurrent_trials``): its limiter passed on
+    the end of a trial it had suggested only, and Tune queues a failed trial again on --resume
+    without asking it, so the rerun's end never reached Optuna. The searcher keeps the limit of
+    trials at once itself."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+
+    from raysft.search.searcher import build_searcher
+
+    cfg = validate_tree(spec({"train.learning_rate": LR}))
+    end = cfg.train.max_steps
+
+    def as_tune_runs_it() -> Any:
+        return SearchGenerator(ConcurrencyLimiter(build_searcher(cfg, cfg.search, concurrent=1), 1))
+
+    alg = as_tune_runs_it()
+    limiter = alg.searcher
+    assert limiter.searcher.suggest("t1") is not None
+    assert limiter.suggest("t2") is None  # one at a time, kept by the searcher
+    alg.on_trial_complete("t1", {"step": 5, "eval_loss": 2.0}, error=True)
+    with tempfile.TemporaryDirectory() as saved:
+        alg.save_to_dir(saved, "s")
+        alg = as_tune_runs_it()  # Tuner.restore
+        alg.restore_from_dir(saved)
+    alg.on_trial_result("t1", {"step": 5, "eval_loss": 1.5, "training_iteration": 1})  # rerun
+    assert alg.searcher.suggest("t3") is None  # the rerun counts as running
+    alg.on_trial_complete("t1", {"step": end, "eval_loss": 0.5})
+    study = alg.searcher.searcher._ot_study
+    states = [(t.state, t.value) for t in study.trials]
+    assert states == [(optuna.trial.TrialState.FAIL, None), (optuna.trial.TrialState.COMPLETE, 0.5)]
+    assert alg.searcher.suggest("t3") is not None
 
 
 def test_a_failed_trial_run_again_by_resume_is_told_to_optuna_when_it_ends() -> None:
