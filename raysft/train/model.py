@@ -401,6 +401,7 @@ def save_model(
         # 5, for a model it did not load itself), and the caller's weights go on to the
         # training state.
         state = dict(weights) if weights is not None else model.state_dict()
+        _tie_as_the_model(model, state)
         if dtype is not None:
             state = _cast_state(state, dtype)
         # Inference from the export should use the KV cache again; restore after saving.
@@ -424,6 +425,19 @@ def save_model(
     written = [p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns]
     give_plain_modes(None, [out / name for name in written])
     return out
+
+
+def _tie_as_the_model(model: Any, state: dict[str, Any]) -> None:
+    """The names of a tied embedding and LM head on one tensor in ``state``, as in the model:
+    an FSDP model's gathered state holds a copy per name, and save_pretrained drops the tied
+    copy only when the two share storage (it wrote the matrix twice)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None or head.weight is not emb.weight:
+        return
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight]
+    present = [n for n in names if n in state]
+    for name in present[1:]:
+        state[name] = state[present[0]]
 
 
 def _cast_state(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

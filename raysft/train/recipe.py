@@ -341,6 +341,12 @@ def setup(
         fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
         group_tokens=group_tokens,
     )
+    if dist.rank:
+        # Each rank its own draws of dropout masks and NEFTune noise (the weights are rank
+        # 0's, broadcast by DDP and FSDP): seeded alike, every rank drew rank 0's noise for as
+        # long as their batches had one shape (for good under compile's fixed width).
+        random.seed(cfg.train.seed + dist.rank)
+        torch.manual_seed(cfg.train.seed + dist.rank)
     own = numerics(cfg, device, model)
     if resume_from is not None:
         progress = load_state(

@@ -60,18 +60,27 @@ class Progress:
 
 
 def rng_states() -> dict[str, Any]:
-    """This process's RNG states (python, torch CPU, CUDA)."""
+    """This process's RNG states (python, torch CPU, and its own CUDA device's: a rank sees
+    every GPU of its trial, but draws on its own, and a retry may place it where it sees
+    fewer)."""
     states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # the current device: the rank's
     return states
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list | tuple):  # a checkpoint from before 2026-12-07: one per device
+        here = torch.cuda.current_device()
+        if here < len(cuda):
+            torch.cuda.set_rng_state(cuda[here])
+        return
+    torch.cuda.set_rng_state(cuda)
 
 
 def save_state(

@@ -193,6 +193,37 @@ def _resume_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None
         dist.destroy_process_group()
 
 
+def _rng_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
+    import random
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    try:
+        extra = {"lora.dropout": 0.1, "train.neftune_alpha": 5}
+        cfg = _cfg(Path(tmp), Path(model_dir), grad_accum=1, out="rng", **extra)
+        setup(cfg, dist=Dist(rank, 2), prepare_model=DistributedDataParallel)
+        noise = torch.empty(64).uniform_(-1, 1)  # what NEFTune's first draw would be
+        draws = {"torch": noise.tolist(), "python": random.random()}
+        (Path(tmp) / f"rng-{rank}.json").write_text(json.dumps(draws), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_worker_draws_its_own_dropout_and_neftune_noise(tmp_path: Path) -> None:
+    """Seeded alike, every rank drew the noise rank 0 drew, so W workers gave the method W
+    times fewer draws than one worker accumulating W micro-batches."""
+    model_dir = _model_dir(tmp_path, "llama")
+    _rows(tmp_path / "rows.jsonl")
+    os.environ.pop("RANK", None)
+    args = (str(tmp_path), str(model_dir), _rendezvous(tmp_path))
+    mp.spawn(_rng_worker, args=args, nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"rng-{r}.json").read_text()) for r in (0, 1))
+    assert first["torch"] != second["torch"] and first["python"] != second["python"]
+
+
 def test_two_workers_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
     model_dir = _model_dir(tmp_path, "llama")
     # 7 rows: the ranks cannot split them evenly; and rows of different lengths, so the

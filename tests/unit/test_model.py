@@ -329,6 +329,20 @@ def test_a_bf16_export_of_a_tied_model_writes_its_embedding_once(tmp_path):
     assert torch.equal(emb, want)
 
 
+def test_gathered_weights_of_a_tied_model_write_its_embedding_once(tmp_path):
+    """An FSDP model's gathered state holds a copy per name of the tied embedding and head:
+    written as given, the export carried the matrix twice."""
+    from safetensors import safe_open
+
+    cfg = Config(model=ModelSection(name_or_path="embedded:tiny-base"), method="full")
+    model, tok = load_model(cfg), load_tokenizer(cfg.model)
+    gathered = {k: v.detach().clone() for k, v in model.state_dict().items()}  # apart
+    assert "lm_head.weight" in gathered
+    out = save_model(model, tok, tmp_path / "full", method="full", weights=gathered)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+
+
 def test_save_full_model_with_cache_enabled_for_inference(tiny_llama_dir, tmp_path):
     cfg = _cfg(tiny_llama_dir, method="full")
     model, tok = load_model(cfg), load_tokenizer(cfg.model)

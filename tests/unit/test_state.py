@@ -493,3 +493,20 @@ def test_a_resume_that_computes_in_other_dtypes_says_so(
         again = run_trial(cfg, resume_from=str(state_path.parent))
     assert "other numerics than it was trained with: autocast none (was bfloat16)" in caplog.text
     assert again.final["numerics"] == own  # what this run computed with
+
+
+@pytest.mark.cuda
+def test_a_rank_saves_and_restores_its_own_cuda_devices_rng() -> None:
+    """One state, the current device's (a rank's), restored there; a checkpoint holding one per
+    visible device (before 2026-12-07) restores the current device's entry."""
+    import torch
+
+    from raysft.train.state import _set_rng_states, rng_states
+
+    saved = rng_states()
+    assert isinstance(saved["cuda"], torch.Tensor)
+    first = torch.rand(4, device="cuda")
+    _set_rng_states(saved)
+    assert torch.equal(torch.rand(4, device="cuda"), first)
+    _set_rng_states({**saved, "cuda": [saved["cuda"]] * torch.cuda.device_count()})
+    assert torch.equal(torch.rand(4, device="cuda"), first)
