@@ -152,7 +152,7 @@ def load_config(
     file_method = tree.get("method")
     for key, value in overrides.items():
         try:
-            set_path(tree, key, value)
+            set_path(tree, key, value, merge=True)
         except KeyError as err:
             problems.append(f"--set {err.args[0]}")
     drop_sections_of_replaced_method(tree, overrides, file_method, source=source)

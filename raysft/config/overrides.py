@@ -62,13 +62,25 @@ def _unmark(value: Any) -> Any:
     return value
 
 
-def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_path(tree: dict[str, Any], dotted: str, value: Any, *, merge: bool = False) -> None:
     """Set ``tree[a][b][c] = value`` for ``a.b.c``, creating sections as needed.
 
     Under ``search.params`` the parameter name is itself a dotted path and stays one key:
     ``search.params.lora.r.values`` sets ``values`` of the parameter ``lora.r``.
+
+    ``merge`` (a ``--set``): a mapping given for a section that is there sets its keys and keeps
+    the others (``--set 'train={max_steps: 4}'`` dropped the file's learning rate and batch
+    size for the defaults, without a word). Not under ``search.params``: a parameter given
+    whole (``{type: choice, values: [...]}``) replaces the one in the file, whose other keys
+    would belong to another type.
     """
     keys = _split_path(dotted)
+    if merge and isinstance(value, dict) and keys[:2] != ["search", "params"]:
+        here = _get(tree, keys)
+        if isinstance(here, dict):
+            for key, inner in value.items():
+                set_path(tree, f"{dotted}.{key}", inner, merge=True)
+            return
     node = tree
     for key in keys[:-1]:
         child = node.get(key)
@@ -78,6 +90,15 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise KeyError(f"{dotted}: {key} is not a section")
         node = child
     node[keys[-1]] = value
+
+
+def _get(tree: dict[str, Any], keys: list[str]) -> Any:
+    node: Any = tree
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
 
 
 def blame_overrides(

@@ -173,7 +173,7 @@ def _settings(
     problems = []
     for key, value in overrides.items():
         try:
-            set_path(tree, key, value)
+            set_path(tree, key, value, merge=True)
         except KeyError as err:
             problems.append(f"--set {err.args[0]}")
     if problems:

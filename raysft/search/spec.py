@@ -75,7 +75,7 @@ def read_spec(
     changes: dict[str, Any] = {}
     for key, value in sets.items():
         try:
-            set_path(tree, key, value)
+            set_path(tree, key, value, merge=True)
         except KeyError as err:
             bad_sets.append(f"--set {err.args[0]}")
         else:

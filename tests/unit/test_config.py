@@ -344,6 +344,20 @@ def test_set_values_are_validated_with_their_path(tmp_path: Path) -> None:
     assert sorted(p.split(":")[0] for p in problems[1:]) == ["--set data.template", "--set lora.r"]
 
 
+def test_a_set_of_a_section_mapping_keeps_the_files_other_keys(tmp_path: Path) -> None:
+    """``--set 'train={max_steps: 4}'`` sets max_steps; it used to put every other key of the
+    file's train: section back to its default, without a word."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 2.0e-3\n  batch_size: 8\n", encoding="utf-8")
+    cfg = load_config(path, parse_overrides(["train={max_steps: 4, seed: 7}"]))
+    assert (cfg.train.max_steps, cfg.train.seed) == (4, 7)
+    assert (cfg.train.learning_rate, cfg.train.batch_size) == (2.0e-3, 8)
+    # A search parameter given whole replaces the file's (its keys belong to its type).
+    tree = {"search": {"params": {"lora.r": {"type": "int", "low": 4, "high": 16}}}}
+    set_path(tree, "search.params.lora.r", {"type": "choice", "values": [4, 8]}, merge=True)
+    assert tree["search"]["params"]["lora.r"] == {"type": "choice", "values": [4, 8]}
+
+
 def test_set_of_an_unknown_key_is_rejected() -> None:
     assert problems_of(None, parse_overrides(["train.lr=1e-4"])) == ["--set train.lr: unknown key"]
 
