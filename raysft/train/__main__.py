@@ -299,6 +299,9 @@ def _main() -> int:
     if args.preview is not None:
         return _preview(cfg, args.preview, args.json)
     if args.resume_from is not None:
+        from raysft.train.state import check_is_checkpoint
+
+        check_is_checkpoint(args.resume_from)  # said as itself, not as an output_dir problem
         cfg = _follow_a_moved_run(cfg, args.resume_from)
     check_output_dir(cfg, args.config, resuming=args.resume_from)
     _check_model(cfg, args.config)

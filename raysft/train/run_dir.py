@@ -58,6 +58,12 @@ def nothing_left(cfg: Config, checkpoint: str) -> bool:
     return True
 
 
+def _last_step(cfg: Config, checkpoint: str) -> bool:
+    from raysft.train.state import checkpoint_step
+
+    return checkpoint_step(checkpoint) >= cfg.train.max_steps
+
+
 def moved_run(cfg: Config, checkpoint: str) -> tuple[Path, Path] | None:
     """(the folder the run was in, the folder its checkpoint lies in now) for a resume of
     ``checkpoint`` (RUN/checkpoints/step-N) whose run folder moved or was copied since: its
@@ -92,6 +98,17 @@ def check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:
     if holder:  # said first: its checkpoints would read as a run to continue
         raise _in_use(source, out, holder)
     if resuming is not None and Path(resuming).resolve().parent.parent == out.resolve():
+        if (out / "metrics.json").exists() and not _last_step(cfg, resuming):
+            # Ended (diverged, most often) past this checkpoint: a resume there would write
+            # over the record of how it ended. The last checkpoint is nothing_left's to judge.
+            raise ConfigError(
+                source,
+                [
+                    f"output_dir: {out.resolve()} holds a run that ended (its metrics.json): "
+                    f"resuming {resuming} there would write over its record; resume into "
+                    "another directory (--set output_dir=...)"
+                ],
+            )
         return
     kept = sorted((out / "checkpoints").glob("step-*"))
     if (out / "metrics.json").exists():

@@ -139,9 +139,8 @@ def load_state(
     """Restore weights, optimizer, scheduler and RNGs (data-parallel ``rank``'s own) from a
     checkpoint; returns its progress. Refused on another number of workers than it was written
     by: each worker's share of the data and its RNG are the checkpoint's."""
+    check_is_checkpoint(directory)
     path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise _not_a_checkpoint(directory)
     _check_archive(path)  # a trial Ray restarts comes here without check_resumable
     state = _read_state(path)
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
@@ -272,15 +271,20 @@ def _check_archive(path: Path) -> None:
     _INTACT.add(key)
 
 
+def check_is_checkpoint(directory: str | Path) -> None:
+    """``directory`` holds a checkpoint's training state; else what it is instead."""
+    if not (Path(directory) / STATE_FILE).is_file():
+        raise _not_a_checkpoint(directory)
+
+
 def check_resumable(directory: str | Path, cfg: Any) -> None:
     """Before anything loads: ``directory`` is an intact checkpoint, and ``cfg`` is the config
     its run trained with (but for ``RESUMABLE_CHANGES``), so the resumed run continues it
     exactly and its config.yaml describes what ran."""
     from raysft.config import flat_paths, load_config
 
+    check_is_checkpoint(directory)
     path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise _not_a_checkpoint(directory)
     _check_archive(path)
     saved = Path(directory) / CONFIG_FILE
     if not saved.is_file():

@@ -634,7 +634,9 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
     ended: bool,
 ) -> None:
     """``ended``: output_dir holds the run's metrics.json. A last checkpoint without it (a run
-    stopped before it wrote its outputs) is resumed to write them, and says so."""
+    stopped before it wrote its outputs) is resumed to write them, and says so. An earlier
+    checkpoint of a run that ended (diverged after it) is refused there: resumed, it wrote over
+    the record of how the run ended."""
     import logging
 
     from raysft.cli import run_cli
@@ -658,6 +660,15 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
             f"and {out} holds its outputs: nothing is left to train. A longer run starts anew, "
             "since train.max_steps shapes the learning-rate schedule (--set output_dir=... "
             "--set train.max_steps=...)\n"
+        )
+        assert (out / "metrics.json").read_text(encoding="utf-8") == "{}\n"
+        return
+    if ended:
+        assert done.value.code == 2 and trained == []
+        assert capsys.readouterr().err == (
+            f"error: {ckpt / 'config.yaml'}: output_dir: {out} holds a run that ended (its "
+            f"metrics.json): resuming {ckpt} there would write over its record; resume into "
+            "another directory (--set output_dir=...)\n"
         )
         assert (out / "metrics.json").read_text(encoding="utf-8") == "{}\n"
         return

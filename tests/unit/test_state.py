@@ -307,6 +307,31 @@ def test_resume_from_a_directory_that_is_no_checkpoint_exits_2(tmp_path: Path) -
     assert "not a raysft checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_run_folder_given_as_the_checkpoint_is_said_to_be_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--resume-from RUN (its folder, not RUN/checkpoints/step-N): said as what it is, not as
+    an output_dir that holds an unfinished run (which named another folder's checkpoint)."""
+    from raysft.cli import run_cli
+    from raysft.config import dump_config, load_config
+    from raysft.train import __main__ as train_main
+
+    run = tmp_path / "run"
+    cfg = load_config(None, {"output_dir": str(run)})
+    ckpt = run / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (ckpt / "training_state.pt").write_bytes(b"")
+    argv = ["raysft.train", str(ckpt / "config.yaml"), "--resume-from", str(run)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        run_cli(train_main._main)
+    assert done.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --resume-from: {run}: not a raysft checkpoint (no training_state.pt)"
+    )
+
+
 def test_a_checkpoint_carries_its_config_and_resume_refuses_another(tmp_path: Path) -> None:
     from raysft.config import ConfigError, load_config
     from raysft.train.state import CONFIG_FILE, check_resumable
