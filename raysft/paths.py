@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -74,6 +75,35 @@ LOCK_FILE = ".raysft.lock"  # held by the search or run writing into a directory
 # In every checkpoint: where its run read its config's relative paths from (raysft.evaluate
 # reads them there when no finished run or experiment around the checkpoint says: a stopped run).
 ORIGIN_FILE = "origin.json"
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist, innermost first: what a start
+    that makes ``path`` creates, and removes again if it is refused (``remove_if_unused``)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_if_unused(directory: Path, created: list[Path], *, empty: tuple[str, ...] = ()) -> None:
+    """Remove ``created`` (``missing_dirs`` of ``directory``, made by a start that failed before
+    it wrote anything) where ``directory`` holds no more than the lock file and the empty
+    folders named in ``empty``; another process that came in meanwhile keeps them (rmdir
+    refuses a folder it wrote to)."""
+    if not created or not directory.is_dir():
+        return
+    names = {p.name for p in directory.iterdir()}
+    if not names <= {LOCK_FILE, *empty}:
+        return
+    with contextlib.suppress(OSError):
+        for name in empty:
+            if (directory / name).is_dir():
+                (directory / name).rmdir()
+        (directory / LOCK_FILE).unlink(missing_ok=True)
+        for path in created:
+            path.rmdir()
 
 
 class InUse(Exception):

@@ -11,7 +11,6 @@ best adapter is promoted.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import shutil
@@ -26,7 +25,7 @@ from raysft.config import SearchSpec
 from raysft.data.digest import Digests, data_digests
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, SearchStateError
-from raysft.paths import LOCK_FILE
+from raysft.paths import missing_dirs, remove_if_unused
 from raysft.search import redact, tracking, tracking_requests, tracking_store
 from raysft.search.autoscale import scale_up
 from raysft.search.experiment import (
@@ -159,15 +158,6 @@ def _parent_run(
     return parent_id
 
 
-def _missing(path: Path) -> list[Path]:
-    """``path`` and those of its parents that do not exist, innermost first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
 def run_search(
     spec_path: str,
     tree: dict[str, Any],
@@ -183,7 +173,7 @@ def run_search(
     this start's wall time."""
     t0 = time.perf_counter() - read_s
     # The directories this start creates, innermost first: removed again if it is refused.
-    created = _missing(Path(cfg.search.experiment_dir).resolve())
+    created = missing_dirs(Path(cfg.search.experiment_dir).resolve())
     digests = shared.digests if shared is not None else None  # read once, with the data
     exp_dir = open_experiment(spec_path, cfg, resume=resume, digests=digests)
     lock = hold_experiment_dir(spec_path, exp_dir)  # refused: another search's, left as it is
@@ -197,14 +187,8 @@ def run_search(
             replaced=replaced,
         )  # fmt: skip
     except BaseException as err:
-        if created and exp_dir.is_dir() and {p.name for p in exp_dir.iterdir()} <= {LOCK_FILE}:
-            # Refused before anything was written (Ray not reached, no plan); another search
-            # may have come in meanwhile: then the directory is its. So are parents it created
-            # that are no longer empty (rmdir refuses those).
-            with contextlib.suppress(OSError):
-                (exp_dir / LOCK_FILE).unlink(missing_ok=True)
-                for path in created:
-                    path.rmdir()
+        # Refused before anything was written (Ray not reached, no plan): nothing left.
+        remove_if_unused(exp_dir, created)
         if isinstance(err, KeyboardInterrupt) and begun and not str(err):
             # A Ctrl-C the driver did not see through (a second one, during the teardown): the
             # CLI's last line says what to do, not a bare "interrupted".

@@ -29,6 +29,7 @@ from raysft.data.pipeline import (
 )
 from raysft.data.tokens import Segment, tokenize, trained_spans
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
+from raysft.paths import missing_dirs, remove_if_unused
 from raysft.search.preflight import check_model
 from raysft.train.model import (
     build_meta_model,
@@ -319,8 +320,16 @@ def _main() -> int:
             cfg.train.max_steps,
             cfg.output_dir,
         )
-    with hold_output_dir(cfg, args.config):
-        return _train(cfg, args.resume_from)
+    out = Path(cfg.output_dir)
+    created = missing_dirs(out.resolve())
+    try:
+        with hold_output_dir(cfg, args.config):
+            return _train(cfg, args.resume_from)
+    except BaseException:
+        # Failed before its first checkpoint (its data or model refused, a Ctrl-C): the
+        # directories this start made go again, nothing half-made is left.
+        remove_if_unused(out.resolve(), created, empty=("checkpoints",))
+        raise
 
 
 def main() -> NoReturn:

@@ -140,7 +140,7 @@ def _jobs(tmp: Path) -> dict[str, tuple[list[str], str | None]]:
         "held_output_dir": ([_held_output_dir(tmp)], None),
         # --resume-from a checkpoint of another run, into the held run's directory
         "resume_into_another_run": (
-            [_held_output_dir(tmp), "--resume-from", str(tmp / "other" / "checkpoints" / "s")],
+            [_held_output_dir(tmp), "--resume-from", _other_runs_checkpoint(tmp)],
             None,
         ),
         "foreign_output_dir": ([_foreign_output_dir(tmp)], None),
@@ -163,6 +163,14 @@ def _held_output_dir(tmp: Path) -> str:
     (held / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
     (held / "metrics.json").write_text("{}\n", encoding="utf-8")
     return write(tmp / "held.yaml", yaml.safe_dump({"output_dir": str(held)}))
+
+
+def _other_runs_checkpoint(tmp: Path) -> str:
+    """A checkpoint of another run (its training state is all the first check reads)."""
+    ckpt = tmp / "other" / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "training_state.pt").write_bytes(b"")
+    return str(ckpt)
 
 
 def _foreign_output_dir(tmp: Path) -> str:
@@ -833,3 +841,23 @@ def test_a_dry_run_refuses_eval_prompts_that_all_fill_max_seq_len(tmp_path: Path
                              "output_dir": str(tmp_path / "o")})  # fmt: skip
     with pytest.raises(DataError, match=r"^c\.yaml: data\.eval: every one of the 1 eval rows"):
         _dry_run(cfg, "c.yaml")
+
+
+def test_a_run_refused_for_its_data_leaves_no_output_dir_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The data is read once the run holds its output_dir: refused there, the directories the
+    run made (and its lock file) went on existing, half-made."""
+    from raysft.cli import run_cli
+    from raysft.train import __main__ as train_main
+
+    out = tmp_path / "new" / "run"
+    missing = tmp_path / "nope.jsonl"
+    argv = ["raysft.train", str(ROOT / "search_spaces" / "lora.yaml"),
+            "--set", f"output_dir={out}", "--set", f"data.eval={missing}"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        run_cli(train_main._main)
+    assert done.value.code == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
