@@ -84,3 +84,16 @@ def _literals(kind: Any) -> list[Any]:
     if getattr(kind, "__origin__", None) is Literal:
         return list(get_args(kind))
     return [v for arg in get_args(kind) if arg is not kind for v in _literals(arg)]
+
+
+def unknown_asset(names: list[str]) -> None:
+    """A ValueError naming the first ``embedded:NAME`` that names no shipped asset: said at
+    validation, with the file and the field (or ``--set``), not when the run reads it."""
+    from raysft.assets import EMBEDDED_PREFIX, available
+
+    for i, name in enumerate(names):
+        if name.startswith(EMBEDDED_PREFIX) and name[len(EMBEDDED_PREFIX) :] not in available():
+            where = f"item {i}: " if len(names) > 1 else ""
+            raise ValueError(
+                f"{where}{name}: no such embedded asset (have: {', '.join(available())})"
+            )

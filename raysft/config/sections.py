@@ -19,6 +19,7 @@ from raysft.config.fields import (
     Template,
     expand_home,
     local_path,
+    unknown_asset,
 )
 from raysft.config.rules import CONFIG_RULES, SPEC_RULES, apply_rules
 from raysft.config.search_sections import PromoteSection, SearchSection, TrackingSection
@@ -58,6 +59,7 @@ class ModelSection(Section):
     def _names_a_model(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("empty: give a Hub id, a local directory or embedded:tiny-base")
+        unknown_asset([value])
         return expand_home(value)  # type: ignore[no-any-return]  # a local directory as ~/models/x
 
 
@@ -178,6 +180,7 @@ class DataSection(Section):
             # An empty path would be read as the working directory.
             where = f"item {empty[0]} " if empty else ""
             raise ValueError(f"{where}is empty: give a file, directory or hf:NAME")
+        unknown_asset([value] if isinstance(value, str) else value or [])
         return expand_home(value)  # type: ignore[no-any-return]
 
     @model_validator(mode="after")

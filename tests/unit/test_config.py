@@ -358,6 +358,24 @@ def test_a_set_of_a_section_mapping_keeps_the_files_other_keys(tmp_path: Path) -
     assert tree["search"]["params"]["lora.r"] == {"type": "choice", "values": [4, 8]}
 
 
+def test_an_unknown_embedded_asset_is_said_with_its_field() -> None:
+    """It was said by the run that read it, without the file or the field."""
+    problems = problems_of(
+        None,
+        parse_overrides(["data.eval=embedded:nope.jsonl", "model.name_or_path=embedded:nope"]),
+    )
+    have = "have: tasks-alpaca.jsonl, "
+    assert [p.split(" (")[0] for p in problems] == [
+        "--set model.name_or_path: embedded:nope: no such embedded asset",
+        "--set data.eval: embedded:nope.jsonl: no such embedded asset",
+    ]
+    assert all(have in p for p in problems)
+    two = parse_overrides(["data.train=[embedded:tasks-alpaca.jsonl, embedded:x.jsonl]"])
+    assert problems_of(None, two)[0].startswith(
+        "--set data.train: item 1: embedded:x.jsonl: no such embedded asset"
+    )
+
+
 def test_set_of_an_unknown_key_is_rejected() -> None:
     assert problems_of(None, parse_overrides(["train.lr=1e-4"])) == ["--set train.lr: unknown key"]
 
