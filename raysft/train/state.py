@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import random
 import shutil
@@ -298,6 +299,11 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
         )  # fmt: skip
     old = flat_paths(load_config(saved).model_dump(mode="json"))
     new = flat_paths(cfg.model_dump(mode="json"))
+    # Data paths as read: relative ones from where each run started ('train.jsonl' then is
+    # './train.jsonl' now, or the same file by its absolute path); the bytes are checked apart.
+    then = _origin(directory)
+    for key in _DATA_PATHS:
+        old[key], new[key] = _as_read(old.get(key), then), _as_read(new.get(key), os.getcwd())
     changed = [
         f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
         for k in sorted(set(old) | set(new))
@@ -311,6 +317,32 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
              f"exactly, so it must be the same (set it back, or start a new run): {c}"
              for c in changed],
         )  # fmt: skip
+
+
+_DATA_PATHS = ("data.train", "data.eval")
+
+
+def _origin(checkpoint: str | Path) -> str:
+    """The directory the checkpoint's run read its relative paths from (its origin.json), else
+    this one (a checkpoint written before it kept one)."""
+    from raysft.paths import ORIGIN_FILE
+
+    try:
+        origin = json.loads((Path(checkpoint) / ORIGIN_FILE).read_text(encoding="utf-8"))
+        where = origin.get("working_dir") if isinstance(origin, dict) else None
+    except (OSError, ValueError):
+        where = None
+    return where if isinstance(where, str) else os.getcwd()
+
+
+def _as_read(value: Any, base: str) -> Any:
+    """A data source (or list of them) as the path a run started in ``base`` reads; names that
+    are no local path (``embedded:``, ``hf:``) as given."""
+    if isinstance(value, list):
+        return [_as_read(v, base) for v in value]
+    if not isinstance(value, str) or value.startswith(("embedded:", "hf:")):
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
 def check_same_data(directory: str | Path, digests: dict[str, dict[str, str]]) -> None:

@@ -535,3 +535,33 @@ def test_a_rank_saves_and_restores_its_own_cuda_devices_rng() -> None:
     assert torch.equal(torch.rand(4, device="cuda"), first)
     _set_rng_states({**saved, "cuda": [saved["cuda"]] * torch.cuda.device_count()})
     assert torch.equal(torch.rand(4, device="cuda"), first)
+
+
+def test_a_resume_names_its_data_by_any_path_to_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'train.jsonl' in the checkpoint, './train.jsonl' or its absolute path now: the same
+    file, read from where each run started (origin.json). Another file is still refused."""
+    from raysft.config import ConfigError, dump_config, load_config
+    from raysft.paths import ORIGIN_FILE
+    from raysft.train.state import CONFIG_FILE, STATE_FILE, check_resumable
+
+    (tmp_path / "train.jsonl").write_text("{}\n", encoding="utf-8")
+    ckpt = tmp_path / "out" / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    cfg = load_config(None, {"data.train": "train.jsonl", "output_dir": "out"})
+    (ckpt / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
+    import torch
+
+    torch.save({"progress": {"step": 2}}, ckpt / STATE_FILE)
+    (ckpt / ORIGIN_FILE).write_text(json.dumps({"working_dir": str(tmp_path)}), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # resumed from another directory, naming the file absolutely
+    for path in (str(tmp_path / "train.jsonl"), "../train.jsonl"):
+        check_resumable(ckpt, cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"train": path})}))  # fmt: skip
+    with pytest.raises(ConfigError, match="data.train: '.*/train.jsonl' in the checkpoint, '"):
+        check_resumable(ckpt, cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"train": "train.jsonl"}  # elsewhere/train.jsonl: another file
+        )}))  # fmt: skip
