@@ -260,6 +260,8 @@ def _follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
     if moved is None:
         return cfg
     then, now = moved
+    if then == now:  # not moved: its relative output_dir is read from another directory here
+        return cfg.model_copy(update={"output_dir": str(now)})
     print(
         f"note: {checkpoint} was written by a run in {then}; it is continued where the "
         f"checkpoint is, in {now} (--set output_dir=... for another folder)",

@@ -66,20 +66,23 @@ def _last_step(cfg: Config, checkpoint: str) -> bool:
 
 def moved_run(cfg: Config, checkpoint: str) -> tuple[Path, Path] | None:
     """(the folder the run was in, the folder its checkpoint lies in now) for a resume of
-    ``checkpoint`` (RUN/checkpoints/step-N) whose run folder moved or was copied since: its
-    config.yaml, the printed command's, still names the old output_dir, and the run goes on
-    where the checkpoint is, not at the old path (gone, or another run's). None where it did
-    not move, or where output_dir was given anew (--set)."""
-    from raysft.train.state import CONFIG_FILE
+    ``checkpoint`` (RUN/checkpoints/step-N) whose run folder moved or was copied since, or
+    whose relative output_dir is read from another directory than the run's: its config.yaml,
+    the printed command's, names the old output_dir, and the run goes on where the checkpoint
+    is, not at the old path (gone, or another run's). None where output_dir is the checkpoint's
+    run folder already, or was given anew (--set)."""
+    from raysft.train.state import CONFIG_FILE, origin_dir
 
     ckpt = Path(checkpoint).resolve()
     saved = ckpt / CONFIG_FILE
     if ckpt.parent.name != "checkpoints" or not saved.is_file():
         return None  # check_resumable says what is wrong with it
-    run_dir, then = ckpt.parent.parent, Path(load_config(saved).output_dir).resolve()
-    if Path(cfg.output_dir).resolve() != then or then == run_dir:
-        return None
-    return then, run_dir
+    saved_out, run_dir = load_config(saved).output_dir, ckpt.parent.parent
+    if Path(cfg.output_dir).resolve() == run_dir or cfg.output_dir != saved_out:
+        return None  # there already, or output_dir given anew (--set)
+    # A relative output_dir was the run's, from where it started (its origin.json), not ours:
+    # resumed from another directory, the run is where it was (then == run_dir).
+    return (Path(origin_dir(ckpt)) / saved_out).resolve(), run_dir
 
 
 def check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:

@@ -301,7 +301,7 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
     new = flat_paths(cfg.model_dump(mode="json"))
     # Data paths as read: relative ones from where each run started ('train.jsonl' then is
     # './train.jsonl' now, or the same file by its absolute path); the bytes are checked apart.
-    then = _origin(directory)
+    then = origin_dir(directory)
     for key in _DATA_PATHS:
         old[key], new[key] = _as_read(old.get(key), then), _as_read(new.get(key), os.getcwd())
     changed = [
@@ -322,7 +322,7 @@ def check_resumable(directory: str | Path, cfg: Any) -> None:
 _DATA_PATHS = ("data.train", "data.eval")
 
 
-def _origin(checkpoint: str | Path) -> str:
+def origin_dir(checkpoint: str | Path) -> str:
     """The directory the checkpoint's run read its relative paths from (its origin.json), else
     this one (a checkpoint written before it kept one)."""
     from raysft.paths import ORIGIN_FILE

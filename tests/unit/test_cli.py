@@ -861,3 +861,22 @@ def test_a_run_refused_for_its_data_leaves_no_output_dir_behind(
     assert done.value.code == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_resume_from_another_directory_continues_where_the_run_is_without_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run wrote output_dir 'out' from tmp/dwork; resumed from tmp, it goes on in
+    tmp/dwork/out, where it is. The note said it had been written in tmp/out (moved)."""
+    import json
+
+    from raysft.paths import ORIGIN_FILE
+    from raysft.train.__main__ import _follow_a_moved_run
+
+    work = tmp_path / "dwork"
+    ckpt = _checkpoint_at(work / "out", 2, load_config(None, {"output_dir": "out"}))
+    (ckpt / ORIGIN_FILE).write_text(json.dumps({"working_dir": str(work)}), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    resumed = _follow_a_moved_run(load_config(ckpt / "config.yaml"), str(ckpt))
+    assert resumed.output_dir == str(work / "out")
+    assert capsys.readouterr().err == ""
