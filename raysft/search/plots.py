@@ -384,6 +384,8 @@ def _quietly(draw: Callable[[], Any]) -> Any:
             return draw()
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few or too alike trials
             return one_line(e)
+        except ImportError as e:  # fANOVA's scikit-learn missing: the other plots still drawn
+            return one_line(e)
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -58,8 +58,17 @@ class FinalMetricOptunaSearch(OptunaSearch):
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Ray asks before it wraps the searcher in its limiter; True: this one limits."""
-        self.max_concurrent = max_concurrent
+        self.max_concurrent: int | None = max_concurrent
         return True
+
+    def restore(self, checkpoint_path: str) -> None:
+        """A searcher saved by a raysft before it kept its own limit (no ``max_concurrent`` in
+        it) belongs to a search whose Ray limiter is restored limiting too: the limit stays
+        Ray's alone, or a rerun's end, which that limiter drops, would hold a slot for good."""
+        self.__dict__.pop("max_concurrent", None)
+        super().restore(checkpoint_path)
+        if "max_concurrent" not in self.__dict__:
+            self.max_concurrent = None
 
     def _live(self) -> set[str]:
         # A searcher pickled before it kept its own limit (an older search's) has none.
@@ -67,8 +76,8 @@ class FinalMetricOptunaSearch(OptunaSearch):
         return self.live_trials
 
     def suggest(self, trial_id: str) -> Any:
-        live = self._live()
-        if len(live) >= getattr(self, "max_concurrent", math.inf):
+        live, limit = self._live(), getattr(self, "max_concurrent", None)
+        if limit is not None and len(live) >= limit:
             return None  # Tune asks again once a trial ended
         config = super().suggest(trial_id)
         if isinstance(config, dict):
@@ -82,7 +91,7 @@ class FinalMetricOptunaSearch(OptunaSearch):
         calls, and Ray's keyed them by eval count, which TPE then ranked a trial's last step
         by (a diverged trial's earlier evals outranked a trial ASHA stopped at a later step).
         A failed trial run again by --resume counts as running from its first result."""
-        if trial_id in getattr(self, "failed_trials", ()):
+        if trial_id in getattr(self, "failed_trials", ()) and getattr(self, "max_concurrent", None):
             self._live().add(trial_id)
 
     def on_trial_complete(

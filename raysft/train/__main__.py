@@ -322,16 +322,19 @@ def _main() -> int:
             cfg.train.max_steps,
             cfg.output_dir,
         )
-    out = Path(cfg.output_dir)
-    created = missing_dirs(out.resolve())
+    out = Path(cfg.output_dir).resolve()
+    created = missing_dirs(out)
+    # Held before the try: a run refused because another holds the folder removes nothing.
+    lock = hold_output_dir(cfg, args.config)
     try:
-        with hold_output_dir(cfg, args.config):
-            return _train(cfg, args.resume_from)
+        return _train(cfg, args.resume_from)
     except BaseException:
         # Failed before its first checkpoint (its data or model refused, a Ctrl-C): the
         # directories this start made go again, nothing half-made is left.
-        remove_if_unused(out.resolve(), created, empty=("checkpoints",))
+        remove_if_unused(out, created, empty=("checkpoints",))
         raise
+    finally:
+        lock.close()  # releases it
 
 
 def main() -> NoReturn:

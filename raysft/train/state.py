@@ -166,6 +166,7 @@ def load_state(
                 f"cannot resume {kinds[fsdp.is_sharded(model)]} training"
             ],
         )
+    _check_param_groups(directory, state["optimizer"], optimizer)
     if state.get("sharded"):
         fsdp.restore(model, optimizer, state["trainable"], state["optimizer"])
     else:
@@ -194,6 +195,23 @@ def load_state(
         scaler.load_state_dict(state["scaler"])
     _set_rng_states(rngs[rank])
     return Progress(**state["progress"])
+
+
+def _check_param_groups(directory: str | Path, saved: dict[str, Any], optimizer: Any) -> None:
+    """The optimizer's parameter groups are the checkpoint's: one where weight decay is 0, two
+    (matrices decayed, norm gains and biases not) where it is set. A checkpoint of a run with
+    weight decay written before 2026-12-07 decayed every parameter in one group."""
+    had, has = len(saved.get("param_groups", [])), len(optimizer.param_groups)
+    if had != has:
+        raise ConfigError(
+            "--resume-from",
+            [
+                f"{directory}: its optimizer state has {had} parameter group(s), this run's "
+                f"{has}: it was written before raysft kept train.weight_decay off norm gains and "
+                "biases (2026-12-07), and cannot be continued exactly; score it "
+                "(python -m raysft.evaluate), or start a new run"
+            ],
+        )
 
 
 def serving_files(checkpoint: str | Path) -> list[Path]:

@@ -880,3 +880,36 @@ def test_a_resume_from_another_directory_continues_where_the_run_is_without_a_no
     resumed = _follow_a_moved_run(load_config(ckpt / "config.yaml"), str(ckpt))
     assert resumed.output_dir == str(work / "out")
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_that_loses_the_race_for_a_new_output_dir_removes_nothing_of_the_winners(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs into one new output_dir: the second finds it held once it tries to hold it.
+    Refused, it must leave the first run's folder and lock file alone."""
+    import contextlib
+
+    from lockkit import held_elsewhere
+
+    from raysft.cli import run_cli
+    from raysft.paths import LOCK_FILE
+    from raysft.train import __main__ as train_main
+    from raysft.train import run_dir
+
+    out = tmp_path / "new" / "run"
+    real = run_dir.hold_output_dir
+    with contextlib.ExitStack() as stack:
+
+        def first_run_wins(cfg: Any, source: str) -> Any:
+            out.mkdir(parents=True)
+            stack.enter_context(held_elsewhere(out))
+            return real(cfg, source)
+
+        monkeypatch.setattr(train_main, "hold_output_dir", first_run_wins)
+        argv = ["raysft.train", str(ROOT / "search_spaces" / "lora.yaml"), "--set",
+                f"output_dir={out}"]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as done:
+            run_cli(train_main._main)
+        assert done.value.code == 2
+        assert (out / LOCK_FILE).is_file()

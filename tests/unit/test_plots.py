@@ -169,6 +169,22 @@ def test_one_trial_skips_importances_and_parallel_coordinates_with_a_reason(
         assert said in caplog.text
 
 
+def test_importances_without_scikit_learn_skip_that_plot_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fANOVA fits scikit-learn's forest: where it is missing, that plot is skipped with the
+    reason and the plots after it are drawn (the ImportError stopped them)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.ensemble", None)
+    rows, hists = six_trials()
+    with caplog.at_level(logging.INFO, logger="raysft.search.plots"):
+        paths = plots.write_plots(tmp_path, lora_spec(), rows, hists)
+    assert [p.name for p in paths] == [plots.HISTORY, plots.PARALLEL, plots.CURVES]
+    assert "param_importances.png skipped: " in caplog.text
+
+
 def test_two_trials_alike_in_every_parameter_skip_importances(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

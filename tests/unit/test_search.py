@@ -901,6 +901,36 @@ def test_a_failed_trial_rerun_is_told_through_the_wrappers_ray_puts_around_the_s
     assert alg.searcher.suggest("t3") is not None
 
 
+def test_a_search_begun_before_the_searcher_kept_its_limit_resumes_without_stalling() -> None:
+    """Saved by the raysft before (Ray's limiter limiting, no limit in the searcher), restored
+    by this one: Ray's limiter comes back limiting; a rerun it drops the end of must not hold
+    a slot in the searcher's own count for good (every later suggestion None)."""
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+
+    from raysft.search.searcher import build_searcher
+
+    cfg = validate_tree(spec({"train.learning_rate": LR}))
+
+    def as_tune_runs_it() -> Any:
+        return SearchGenerator(ConcurrencyLimiter(build_searcher(cfg, cfg.search, concurrent=1), 1))
+
+    alg = as_tune_runs_it()
+    limiter, searcher = alg.searcher, alg.searcher.searcher
+    limiter._limit_concurrency = True  # as the older searcher's False answer left it
+    assert limiter.suggest("t1") is not None
+    alg.on_trial_complete("t1", {"step": 5, "eval_loss": 2.0}, error=True)
+    for name in ("max_concurrent", "live_trials"):  # the older searcher had neither
+        searcher.__dict__.pop(name, None)
+    with tempfile.TemporaryDirectory() as saved:
+        alg.save_to_dir(saved, "s")
+        alg = as_tune_runs_it()
+        alg.restore_from_dir(saved)
+    assert alg.searcher._limit_concurrency  # Ray's limiter limits again
+    alg.on_trial_result("t1", {"step": 5, "eval_loss": 1.5, "training_iteration": 1})  # rerun
+    alg.on_trial_complete("t1", {"step": cfg.train.max_steps, "eval_loss": 0.5})
+    assert alg.searcher.suggest("t2") is not None  # one at a time, and not stalled
+
+
 def test_a_failed_trial_run_again_by_resume_is_told_to_optuna_when_it_ends() -> None:
     """Tune's resume_errored runs a failed trial again under its own id: Optuna, which has it
     as FAIL and takes no second tell, learns the rerun's result as a new trial with the same

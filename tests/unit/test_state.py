@@ -565,3 +565,29 @@ def test_a_resume_names_its_data_by_any_path_to_the_same_file(
         check_resumable(ckpt, cfg.model_copy(update={"data": cfg.data.model_copy(
             update={"train": "train.jsonl"}  # elsewhere/train.jsonl: another file
         )}))  # fmt: skip
+
+
+def test_a_checkpoint_of_one_optimizer_group_resumed_with_two_is_one_clear_error(
+    tmp_path: Path,
+) -> None:
+    """Written before weight decay left norm gains out (every parameter in one AdamW group),
+    resumed by a run with weight decay (two groups): one message, not torch's ValueError."""
+    import torch
+
+    from raysft.config import ConfigError, load_config
+    from raysft.train.recipe import _build_optimizer
+    from raysft.train.state import Progress, load_state, save_state
+
+    cfg = load_config(None, {"train.weight_decay": 0.1, "method": "full"})
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    old = torch.optim.AdamW(list(model.parameters()), lr=1e-3, weight_decay=0.1)
+    optimizer, scheduler = _build_optimizer(model, cfg)
+    assert len(optimizer.param_groups) == 2
+    save_state(tmp_path, progress=Progress(step=2), model=model, optimizer=old,
+               scheduler=scheduler)  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load_state(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler)
+    assert str(err.value).startswith(
+        f"--resume-from: {tmp_path}: its optimizer state has 1 parameter group(s), this run's 2: "
+        "it was written before raysft kept train.weight_decay off norm gains"
+    )
