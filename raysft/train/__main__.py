@@ -82,7 +82,7 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
 
     training_device(cfg)  # the run's own first check: CUDA asked for and unusable, and the like
     if resume_from is not None:
-        from raysft.train.state import check_resumable
+        from raysft.train.resume_checks import check_resumable
 
         check_resumable(resume_from, cfg)
     meta = _check_model(cfg, source)
@@ -98,7 +98,7 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
             raise DataError(f"{source}: {err}") from None
     if resume_from is not None:  # as the run's setup does
         from raysft.data.digest import TOKENS, data_digests, token_digests
-        from raysft.train.state import check_same_data, check_same_tokens
+        from raysft.train.resume_checks import check_same_data, check_same_tokens
 
         digests = data_digests(cfg.data)
         check_same_data(resume_from, digests)
@@ -309,7 +309,7 @@ def _main() -> int:
     check_output_dir(cfg, args.config, resuming=args.resume_from)
     _check_model(cfg, args.config)
     if args.resume_from is not None:
-        from raysft.train.state import check_resumable
+        from raysft.train.resume_checks import check_resumable
 
         check_resumable(args.resume_from, cfg)  # before any data or weights load
     finishing = args.resume_from is not None and nothing_left(cfg, args.resume_from)

@@ -50,7 +50,6 @@ from raysft.train.model import (
     check_vocab,
     count_parameters,
     load_model,
-    save_model,
     training_tokenizer,
 )
 from raysft.train.neftune import attach_neftune
@@ -72,12 +71,12 @@ from raysft.train.ranks import (
     loss_of_all_ranks,
     sum_over_ranks,
 )
+from raysft.train.resume_checks import check_same_data, check_same_tokens
+from raysft.train.saving import save_model
 from raysft.train.state import (
     CONFIG_FILE,
     STAGING_PREFIX,
     Progress,
-    check_same_data,
-    check_same_tokens,
     load_state,
     rng_states,
     save_state,

@@ -71,7 +71,8 @@ def moved_run(cfg: Config, checkpoint: str) -> tuple[Path, Path] | None:
     the printed command's, names the old output_dir, and the run goes on where the checkpoint
     is, not at the old path (gone, or another run's). None where output_dir is the checkpoint's
     run folder already, or was given anew (--set)."""
-    from raysft.train.state import CONFIG_FILE, origin_dir
+    from raysft.train.resume_checks import origin_dir
+    from raysft.train.state import CONFIG_FILE
 
     ckpt = Path(checkpoint).resolve()
     saved = ckpt / CONFIG_FILE

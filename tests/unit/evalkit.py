@@ -181,7 +181,8 @@ def moved_lora_dir(out: Path) -> Path:
     from raysft.assets import resolve
     from raysft.config import LoraSection, ModelSection
     from raysft.train.lora import build_lora_config
-    from raysft.train.model import load_tokenizer, save_model
+    from raysft.train.model import load_tokenizer
+    from raysft.train.saving import save_model
 
     base = AutoModelForCausalLM.from_pretrained(resolve("embedded:tiny-base"))
     model = get_peft_model(base, build_lora_config(LoraSection()))

@@ -30,8 +30,8 @@ from raysft.train.model import (
     load_model,
     load_tokenizer,
     resolve_compute_dtype,
-    save_model,
 )
+from raysft.train.saving import save_model
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

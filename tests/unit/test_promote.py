@@ -77,7 +77,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from raysft.assets import resolve
     from raysft.config import LoraSection, ModelSection
     from raysft.train.lora import build_lora_config
-    from raysft.train.model import load_tokenizer, save_model
+    from raysft.train.model import load_tokenizer
+    from raysft.train.saving import save_model
 
     root = tmp_path_factory.mktemp("checkpoints")
     tok = load_tokenizer(ModelSection())

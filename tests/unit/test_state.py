@@ -72,7 +72,7 @@ def test_a_resume_may_turn_on_activation_checkpointing_and_change_what_only_eval
     """The usual fix for a run out of memory is activation checkpointing; evals every other
     step or generation settings change no training step. Resumed with those changed, the run
     takes the uninterrupted one's steps (dropout's RNG survives the recomputation)."""
-    from raysft.train.state import check_resumable
+    from raysft.train.resume_checks import check_resumable
 
     model_dir = _model_dir(tmp_path, "llama")
     extra = {"train.max_steps": 6, "train.eval_every": 3, "train.exact_match": False}
@@ -334,7 +334,8 @@ def test_a_run_folder_given_as_the_checkpoint_is_said_to_be_no_checkpoint(
 
 def test_a_checkpoint_carries_its_config_and_resume_refuses_another(tmp_path: Path) -> None:
     from raysft.config import ConfigError, load_config
-    from raysft.train.state import CONFIG_FILE, check_resumable
+    from raysft.train.resume_checks import check_resumable
+    from raysft.train.state import CONFIG_FILE
 
     extra = {"train.exact_match": False, "data.template": "vicuna"}
     cfg = _config(tmp_path, _model_dir(tmp_path, "llama"), "lora", **extra)
@@ -415,7 +416,7 @@ def test_a_large_data_file_is_fingerprinted_by_size_and_samples(
 def test_a_data_json_of_another_shape_is_said_to_be_unreadable(tmp_path: Path) -> None:
     from raysft.config import ConfigError
     from raysft.data.digest import DATA_FILE
-    from raysft.train.state import check_same_data
+    from raysft.train.resume_checks import check_same_data
 
     (tmp_path / DATA_FILE).write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ConfigError, match="holds no data digests: the checkpoint is truncated"):
@@ -424,7 +425,7 @@ def test_a_data_json_of_another_shape_is_said_to_be_unreadable(tmp_path: Path) -
 
 def test_resume_from_a_path_that_is_not_there_or_a_file_says_so(tmp_path: Path) -> None:
     from raysft.config import ConfigError
-    from raysft.train.state import check_resumable
+    from raysft.train.resume_checks import check_resumable
 
     (tmp_path / "f").write_text("x")
     for path, what in ((tmp_path / "gone" / "step-20", "no such directory"),
@@ -544,7 +545,8 @@ def test_a_resume_names_its_data_by_any_path_to_the_same_file(
     file, read from where each run started (origin.json). Another file is still refused."""
     from raysft.config import ConfigError, dump_config, load_config
     from raysft.paths import ORIGIN_FILE
-    from raysft.train.state import CONFIG_FILE, STATE_FILE, check_resumable
+    from raysft.train.resume_checks import check_resumable
+    from raysft.train.state import CONFIG_FILE, STATE_FILE
 
     (tmp_path / "train.jsonl").write_text("{}\n", encoding="utf-8")
     ckpt = tmp_path / "out" / "checkpoints" / "step-000002"
