@@ -22,8 +22,8 @@ from raysft.train.model import (
     keep_4bit_weights_trainable,
     load_model,
     load_tokenizer,
-    save_model,
 )
+from raysft.train.saving import save_model
 
 PROMPTS = ["Convert this word to uppercase: stone", "Say stutdim two times."]
 
