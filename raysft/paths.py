@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import tempfile
@@ -104,6 +105,17 @@ def remove_if_unused(directory: Path, created: list[Path], *, empty: tuple[str, 
         (directory / LOCK_FILE).unlink(missing_ok=True)
         for path in created:
             path.rmdir()
+
+
+def origin_working_dir(checkpoint: str | Path) -> str | None:
+    """The directory a checkpoint's run read its relative paths from (its ``ORIGIN_FILE``),
+    None where it records none."""
+    try:
+        origin = json.loads((Path(checkpoint) / ORIGIN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    where = origin.get("working_dir") if isinstance(origin, dict) else None
+    return where if isinstance(where, str) else None
 
 
 class InUse(Exception):

@@ -35,7 +35,7 @@ WARMUP_STEPS = 3  # not timed for throughput (a preset of 20 steps times 17)
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
+    ("H100 NVL", 835e12),  # half its "1,671 with sparsity" as recalled; not checked offline
     ("H100", 989e12),  # SXM
     ("GH200", 989e12),
     ("A100", 312e12),

@@ -89,11 +89,11 @@ def _literals(kind: Any) -> list[Any]:
 def unknown_asset(names: list[str]) -> None:
     """A ValueError naming the first ``embedded:NAME`` that names no shipped asset: said at
     validation, with the file and the field (or ``--set``), not when the run reads it."""
-    from raysft.assets import EMBEDDED_PREFIX, available
+    from raysft.assets import resolve
+    from raysft.errors import AssetError
 
     for i, name in enumerate(names):
-        if name.startswith(EMBEDDED_PREFIX) and name[len(EMBEDDED_PREFIX) :] not in available():
-            where = f"item {i}: " if len(names) > 1 else ""
-            raise ValueError(
-                f"{where}{name}: no such embedded asset (have: {', '.join(available())})"
-            )
+        try:
+            resolve(name)  # what a run does with it
+        except AssetError as err:
+            raise ValueError(f"item {i}: {err}" if len(names) > 1 else str(err)) from None

@@ -22,7 +22,7 @@ from raysft.config import (
     validate_tree,
 )
 from raysft.errors import ConfigError, ModelError, SearchStateError
-from raysft.paths import ORIGIN_FILE
+from raysft.paths import origin_working_dir
 from raysft.search.results import SUMMARY_FILE, read_summary
 from raysft.train.score_saved import adapter_base
 
@@ -208,7 +208,7 @@ def _working_dir(root: Path) -> str | None:
         if wd is not None:
             return wd
     # Last: a trial's worker may run elsewhere than its search's driver (summary.json's).
-    return _json_field(here / ORIGIN_FILE, "working_dir")
+    return origin_working_dir(here)
 
 
 def _json_field(path: Path, key: str, kind: type = str) -> Any:

@@ -102,12 +102,12 @@ def _refuse_an_adapter(path: str, name: str) -> None:
     folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
         return
+    from raysft.train.score_saved import adapter_base  # imports this module
+
     try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        base = base.get("base_model_name_or_path") if isinstance(base, dict) else None
-    except (OSError, ValueError):
-        base = None
-    give = f"give its base ({base!r}) here" if isinstance(base, str) else "give its base here"
+        give = f"give its base ({adapter_base(folder)!r}) here"
+    except (ModelError, OSError):
+        give = "give its base here"
     raise ModelError(
         f"model.name_or_path: {name!r} is a LoRA adapter (adapter_config.json), not a model: "
         f"{give}; an adapter is scored with python -m raysft.evaluate"

@@ -18,6 +18,7 @@ from raysft.data.digest import (
     changed_tokens,
 )
 from raysft.errors import ConfigError, DataError
+from raysft.paths import origin_working_dir
 from raysft.train.state import (
     CONFIG_FILE,
     STATE_FILE,
@@ -86,14 +87,7 @@ _DATA_PATHS = ("data.train", "data.eval")
 def origin_dir(checkpoint: str | Path) -> str:
     """The directory the checkpoint's run read its relative paths from (its origin.json), else
     this one (a checkpoint written before it kept one)."""
-    from raysft.paths import ORIGIN_FILE
-
-    try:
-        origin = json.loads((Path(checkpoint) / ORIGIN_FILE).read_text(encoding="utf-8"))
-        where = origin.get("working_dir") if isinstance(origin, dict) else None
-    except (OSError, ValueError):
-        where = None
-    return where if isinstance(where, str) else os.getcwd()
+    return origin_working_dir(checkpoint) or os.getcwd()
 
 
 def _as_read(value: Any, base: str) -> Any:
