@@ -244,13 +244,32 @@ def eval_rows(n: int = 100, tasks: tuple[Task, ...] = TASKS, seed: int = SEED) -
     words = make_pools(seed).eval_words
     rows: list[dict] = []
     seen: set[tuple[str, str]] = set()
+    misses = 0
     while len(rows) < n:
         row = instruction_row(tasks[len(rows) % len(tasks)], rng.choice(words), rng)
         key = (row["instruction"], row["input"])
-        if key not in seen:
-            seen.add(key)
-            rows.append(row)
+        if key in seen:
+            misses += 1
+            check_not_exhausted(misses, len(rows), n)
+            continue
+        seen.add(key)
+        rows.append(row)
+        misses = 0
     return rows
+
+
+# Draws in a row that found only prompts already taken, before a held-out generator gives up.
+_MAX_MISSES = 20_000
+
+
+def check_not_exhausted(misses: int, found: int, wanted: int) -> None:
+    """Raise once ``misses`` draws in a row repeated a prompt: the pool holds about ``found``
+    distinct ones, not ``wanted`` (the loop would never end)."""
+    if misses >= _MAX_MISSES:
+        raise ValueError(
+            f"asked for {wanted} held-out rows without repeats, but {_MAX_MISSES} draws in a "
+            f"row found none new after {found}: the eval words and templates give about {found}"
+        )
 
 
 def sharegpt_rows(n: int = 200, tasks: tuple[Task, ...] = TASKS, seed: int = SEED) -> list[dict]:

@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raysft.assets.corpus import SEED, make_pools
+from raysft.assets.corpus import SEED, check_not_exhausted, make_pools
 
 
 @dataclass(frozen=True)
@@ -123,15 +123,22 @@ def _rows(
         return [make(i, rng) for i in range(n)]
     rows: dict[tuple[str, str], dict[str, str]] = {}
     attempts = itertools.count()
+    misses = 0
     while len(rows) < n:
         row = make(next(attempts), rng)
-        rows.setdefault((row["instruction"], row["input"]), row)
+        key = (row["instruction"], row["input"])
+        if key in rows:
+            misses += 1
+            check_not_exhausted(misses, len(rows), n)
+        else:
+            rows[key] = row
+            misses = 0
     return list(rows.values())
 
 
 def text_rows(n: int = 450, *, held_out: bool = False, seed: int = SEED) -> list[dict]:
     """Free-text SFT rows (train words), or held-out rows (eval words, no repeats); tasks
-    balanced."""
+    in turn (held out, a repeat drawn is skipped, so the tasks' counts differ by a row or two)."""
     rng = random.Random(seed + (7 if held_out else 6))
     pools = make_pools(seed)
     words = pools.eval_words if held_out else pools.train_words
@@ -144,7 +151,7 @@ def text_rows(n: int = 450, *, held_out: bool = False, seed: int = SEED) -> list
 
 def code_rows(n: int = 500, *, held_out: bool = False, seed: int = SEED) -> list[dict]:
     """Code SFT rows (train words, both quote styles), or held-out rows (eval words, no
-    repeats, double-quoted references); tasks balanced."""
+    repeats, double-quoted references); tasks in turn, as in ``text_rows``."""
     rng = random.Random(seed + (9 if held_out else 8))
     pools = make_pools(seed)
     words = pools.eval_words if held_out else pools.train_words

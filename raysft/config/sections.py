@@ -123,7 +123,13 @@ class DataSection(Section):
         "`train` by default. Null: a seeded split of `train`.",
     )
     eval_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Share of `train` held out when `eval` is null."
+        0.1,
+        gt=0,
+        lt=1,
+        description=(
+            "Share of `train` held out when `eval` is null (copies of a row are held out or "
+            "trained on together)."
+        ),
     )
     format: DataFormat = Field("auto", description="Row format; `auto` detects it per row.")
     template: Template = Field(

@@ -363,17 +363,38 @@ def load_conversations(
 def split_train_eval(
     conversations: list[Conversation], *, eval_fraction: float, seed: int
 ) -> tuple[list[Conversation], list[Conversation]]:
-    """Seeded split; each side gets at least one conversation."""
+    """Seeded split; each side gets at least one conversation. Copies of one conversation (the
+    same roles and texts) go to the same side, so no held-out row is also a training row; with
+    no copies the split is the first ``eval_fraction`` of a seeded shuffle."""
     if len(conversations) < 2:
         raise DataError(
             f"data.eval is null: need at least 2 conversations to split off an eval set, "
             f"have {len(conversations)}"
         )
+    copies: dict[tuple[tuple[str, str], ...], list[int]] = {}
+    for i, conv in enumerate(conversations):
+        copies.setdefault(_content(conv), []).append(i)
+    if len(copies) < 2:
+        raise DataError(
+            f"data.eval is null: all {len(conversations)} conversations are the same, so none "
+            f"can be held out without also being trained on"
+        )
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     # Both sides non-empty, whatever the fraction.
     n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
-    held = set(order[:n_eval])
+    held: set[int] = set()
+    for i in order:
+        if len(held) >= n_eval:
+            break
+        group = copies[_content(conversations[i])]
+        if i in held or len(held) + len(group) >= len(order):
+            continue  # taken with an earlier copy, or it would leave nothing to train on
+        held.update(group)
     train = [c for i, c in enumerate(conversations) if i not in held]
     evals = [c for i, c in enumerate(conversations) if i in held]
     return train, evals
+
+
+def _content(conv: Conversation) -> tuple[tuple[str, str], ...]:
+    return tuple((m["role"], m["content"]) for m in conv)

@@ -295,3 +295,18 @@ def test_a_local_base_is_named_by_its_absolute_path(tmp_path, monkeypatch) -> No
     assert absolute_if_local("./base") == str((tmp_path / "base").resolve())
     assert absolute_if_local("embedded:tiny-base") == "embedded:tiny-base"
     assert absolute_if_local("org/model") == "org/model"  # no such directory: a hub id
+
+
+@pytest.mark.parametrize(
+    ("make", "capacity"),
+    [
+        (lambda n: corpus.eval_rows(n), 601),
+        (lambda n: text_code.text_rows(n, held_out=True), 360),
+        (lambda n: text_code.code_rows(n, held_out=True), 600),
+    ],
+)
+def test_held_out_generators_refuse_more_rows_than_they_have(make, capacity: int) -> None:
+    # Past its pool of distinct prompts a generator used to draw forever.
+    assert len(make(capacity)) == capacity
+    with pytest.raises(ValueError, match=f"found none new after {capacity}"):
+        make(capacity + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -527,6 +528,38 @@ def test_split_leaves_both_sides_non_empty(n: int, fraction: float) -> None:
     train, evals = split_train_eval(_numbered(n), eval_fraction=fraction, seed=0)
     assert train and evals
     assert len(train) + len(evals) == n
+
+
+def test_split_keeps_copies_of_a_conversation_on_one_side() -> None:
+    # Every conversation three times over: a held-out row must not also be a training row.
+    convs = [c for c in _numbered(30) for _ in range(3)]
+    for seed in range(5):
+        train, evals = split_train_eval(convs, eval_fraction=0.1, seed=seed)
+        assert evals and not set(_ids(train)) & set(_ids(evals))
+        assert len(train) + len(evals) == 90
+        assert len(evals) == 9  # three whole groups, the fraction's 9 rows
+
+
+def test_split_without_copies_is_unchanged_by_grouping() -> None:
+    # The first eval_fraction of the seeded shuffle, as before copies were grouped.
+    convs = _numbered(40)
+    order = list(range(40))
+    random.Random(7).shuffle(order)
+    _, evals = split_train_eval(convs, eval_fraction=0.25, seed=7)
+    assert sorted(_ids(evals)) == sorted(f"q{i}" for i in order[:10])
+
+
+def test_split_never_leaves_training_empty_for_a_big_group() -> None:
+    convs = [*(_numbered(1) * 9), *_numbered(3)[1:]]  # q0 nine times, q1, q2
+    for seed in range(10):
+        train, evals = split_train_eval(convs, eval_fraction=0.5, seed=seed)
+        assert train and evals
+        assert not set(_ids(train)) & set(_ids(evals))
+
+
+def test_split_of_copies_of_one_conversation_is_an_error() -> None:
+    with pytest.raises(DataError, match="all 4 conversations are the same"):
+        split_train_eval(_numbered(1) * 4, eval_fraction=0.5, seed=0)
 
 
 def test_split_of_one_conversation_is_an_error() -> None:
