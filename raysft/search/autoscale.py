@@ -45,6 +45,44 @@ def autoscaler_launching() -> int | None:
     return None
 
 
+def autoscaler_failures() -> list[str]:
+    """What the cluster's autoscaler says went wrong: launches the cloud refused (v2, with its
+    reason: quota, capacity) and nodes that failed while starting (v1 and v2)."""
+    import ray
+    from ray._private import ray_constants
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if raw:
+        return v1_failures(json.loads(raw).get("autoscaler_report") or {})
+    if is_autoscaler_v2(fetch_from_server=True):
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        return v2_failures(get_cluster_status(ray.get_runtime_context().gcs_address))
+    return []
+
+
+def v1_failures(report: dict[str, Any]) -> list[str]:
+    """A v1 autoscaler report's failed nodes (``[ip, node type]``), as ``ray status`` words them."""
+    return [f"{kind}: node {ip} terminated" for ip, kind in report.get("failed_nodes") or []]
+
+
+def v2_failures(status: Any) -> list[str]:
+    """An autoscaler v2 ``ClusterStatus``'s failed launch requests and failed nodes."""
+    launches = [
+        f"{r.ray_node_type_name}: {r.count} launch(es) failed"
+        + (f" ({r.details})" if r.details else "")
+        for r in status.failed_launches
+    ]
+    nodes = [
+        f"{n.ray_node_type_name}: node {n.instance_id} failed"
+        + (f" ({why})" if (why := n.failure_detail or n.details) else "")
+        for n in status.failed_nodes
+    ]
+    return launches + nodes
+
+
 def v2_launching(status: Any) -> int:
     """Nodes an autoscaler v2 ``ClusterStatus`` says are on their way: its pending launch
     requests (failed ones are listed apart) and the nodes still starting."""
@@ -67,6 +105,15 @@ def request_nodes(bundles: list[dict[str, float]]) -> None:
     request_resources(bundles=bundles)
 
 
+def _failures(failures: Callable[[], list[str]]) -> list[str]:
+    """``failures()``, or none when the autoscaler's status cannot be read."""
+    try:
+        return failures()
+    except Exception as err:  # an RPC error of Ray's autoscaler SDK: the wait's result stands
+        log.warning("could not read what the cluster autoscaler says failed (%s)", err)
+        return []
+
+
 def _launching(launching: Callable[[], int | None]) -> int | None:
     """``launching()``, or None (no autoscaler to wait for) when its status cannot be read."""
     try:
@@ -81,6 +128,7 @@ def scale_up(
     nodes: Callable[[], list[Node]] = lambda: ray_nodes(),
     launching: Callable[[], int | None] = autoscaler_launching,
     request: Callable[[list[dict[str, float]]], None] = request_nodes,
+    failures: Callable[[], list[str]] = autoscaler_failures,
     *,
     share: float | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -94,7 +142,8 @@ def scale_up(
     (``request_resources``) and the driver waits until they fit, until the autoscaler has
     launched nothing and no node has come up for ``AUTOSCALER_SETTLE_S``, or until
     ``search.resources.scale_up_timeout_s``. The request is then withdrawn: Tune's own demand
-    keeps the nodes its trials use. Returns the nodes and how long it waited ("" if not).
+    keeps the nodes its trials use. Returns the nodes and how long it waited ("" if not), with
+    what the autoscaler says failed when the nodes hold fewer trials than wanted.
     """
     r = search.resources
     up, wanted = nodes(), wanted_trials(search)
@@ -126,4 +175,12 @@ def scale_up(
     waited = clock() - start
     held = trials_on(search, up, g)
     log.info("after %.0f s, the cluster's nodes hold %d trial(s) at once", waited, held)
-    return up, f"after {waited:.0f} s of its autoscaler"
+    said = f"after {waited:.0f} s of its autoscaler"
+    if held < wanted and (failed := _failures(failures)):
+        # Why the nodes did not come: a refusal of the search then says it, not only the wait.
+        log.warning(
+            "the cluster's autoscaler reports failures (its log on the head: "
+            "/tmp/ray/session_latest/logs/monitor.*): %s", "; ".join(failed),
+        )  # fmt: skip
+        said += f", which reports: {'; '.join(failed)}"
+    return up, said

@@ -31,7 +31,14 @@ from raysft.errors import ConfigError, DataError
 from raysft.paths import LOCK_FILE
 from raysft.search import combinations as combinations_module
 from raysft.search import spec as spec_module
-from raysft.search.autoscale import AUTOSCALER_SETTLE_S, launches_nodes, scale_up, v2_launching
+from raysft.search.autoscale import (
+    AUTOSCALER_SETTLE_S,
+    launches_nodes,
+    scale_up,
+    v1_failures,
+    v2_failures,
+    v2_launching,
+)
 from raysft.search.resources import plan_resources
 from raysft.search.space import (
     DefineByRun,
@@ -1167,6 +1174,7 @@ class FakeAutoscaler:
         self.up = [dict(node) for _ in range(up)]
         self.head = {"CPU": 0.0, "GPU": 0.0}
         self.requests: list[list[dict[str, float]]] = []
+        self.failed: list[str] = []  # what its status says failed
 
     def nodes(self) -> list[dict[str, float]]:
         return [self.head, *self.up]
@@ -1188,8 +1196,8 @@ class FakeAutoscaler:
 
     def run(self, search: Any) -> tuple[list[dict[str, float]], str]:
         return scale_up(
-            search, self.nodes, self.launching, self.request, clock=lambda: self.now,
-            sleep=self.sleep,
+            search, self.nodes, self.launching, self.request, lambda: self.failed,
+            clock=lambda: self.now, sleep=self.sleep,
         )  # fmt: skip
 
 
@@ -1255,6 +1263,43 @@ def test_no_node_type_that_fits_is_given_up_on_once_nothing_launches() -> None:
         "search.resources: no node has 1 CPU and 1 GPU for one worker "
         "(c, after 60 s of its autoscaler: 0 CPU, 0 GPU)"
     ]
+
+
+def test_a_refusal_after_the_wait_says_what_the_autoscaler_says_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A new AWS account: no g5 quota, so every launch fails and no node comes up.
+    s = search_section(4, gpus_per_worker=1)
+    cluster = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=0, boot_s=100)
+    cluster.failed = ["gpu_a10g: 1 launch(es) failed (VcpuLimitExceeded)"]
+    nodes, waited = cluster.run(s)
+    assert waited == (
+        "after 60 s of its autoscaler, which reports: gpu_a10g: 1 launch(es) failed "
+        "(VcpuLimitExceeded)"
+    )
+    assert "logs/monitor.*): gpu_a10g: 1 launch(es) failed (VcpuLimitExceeded)" in caplog.text
+    ok = FakeAutoscaler({"CPU": 8.0, "GPU": 1.0}, max_nodes=4, boot_s=100)
+    ok.failed = ["gpu_a10g: node i-0 terminated"]  # an earlier failure, all wanted came up
+    assert ok.run(s)[1] == "after 400 s of its autoscaler"
+
+
+def test_autoscaler_failures_as_v1_and_v2_report_them() -> None:
+    from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
+
+    assert v1_failures({"failed_nodes": [["10.0.0.7", "gpu_a10g"]]}) == [
+        "gpu_a10g: node 10.0.0.7 terminated"
+    ]
+    assert v1_failures({}) == []
+    refused = LaunchRequest(
+        "g5.2xlarge", "gpu_a10g", 2, LaunchRequest.Status.FAILED, request_ts_s=0,
+        details="InsufficientInstanceCapacity",
+    )  # fmt: skip
+    died = NodeInfo("g5.2xlarge", "gpu_a10g", "i-0abc", "", failure_detail="setup failed")
+    assert v2_failures(ClusterStatus(failed_launches=[refused], failed_nodes=[died])) == [
+        "gpu_a10g: 2 launch(es) failed (InsufficientInstanceCapacity)",
+        "gpu_a10g: node i-0abc failed (setup failed)",
+    ]
+    assert v2_failures(ClusterStatus()) == []
 
 
 def test_auto_gpus_ask_for_the_share_a_trial_needs() -> None:

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +59,66 @@ def test_cluster_yaml_has_head_gpu_workers_and_mlflow() -> None:
     mlflow = [c for c in cluster["head_start_ray_commands"] if "mlflow server" in c]
     assert mlflow and all("--host 127.0.0.1" in c for c in mlflow), "MLflow open beyond the head"
     assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text(encoding="utf-8")
+
+
+def test_cluster_yaml_runs_ray_with_the_laptops_token_on_every_node() -> None:
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text(encoding="utf-8"))
+    assert cluster["file_mounts"].get("/home/ubuntu/.ray/auth_token") == "~/.ray/auth_token"
+    starts = [
+        c
+        for key in ("head_start_ray_commands", "worker_start_ray_commands")
+        for c in cluster[key]
+        if "ray start" in c
+    ]
+    assert len(starts) == 2
+    assert all("export RAY_AUTH_MODE=token && ray start" in c for c in starts)
+
+
+def _head_mlflow_start(port: int, home: Path) -> str:
+    """cluster.yaml's MLflow start on the head, wrapped as `ray up` runs a start command (an
+    interactive login bash whose own command line holds the whole command), with ``port``."""
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text(encoding="utf-8"))
+    (cmd,) = [c for c in cluster["head_start_ray_commands"] if "mlflow server" in c]
+    cmd = cmd.replace("5000", str(port)).replace("~/", f"{home}/")
+    return " ".join(_with_interactive(cmd))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the start command's check uses curl")
+def test_cluster_yaml_starts_mlflow_on_the_head_once(tmp_path: Path) -> None:
+    # A fake `mlflow` that notes it ran; a fake venv that puts it first on PATH.
+    bin_dir, venv = tmp_path / "bin", tmp_path / "venv" / "bin"
+    bin_dir.mkdir()
+    venv.mkdir(parents=True)
+    (bin_dir / "mlflow").write_text(f"#!/bin/sh\necho ran >> {tmp_path}/mlflow-ran\n")
+    (bin_dir / "mlflow").chmod(0o755)
+    (venv / "activate").write_text(f"export PATH={bin_dir}:$PATH\n")
+    env = {**os.environ, "HOME": str(tmp_path)}
+
+    def run_start(port: int) -> None:
+        subprocess.run(
+            ["bash", "-c", _head_mlflow_start(port, tmp_path)], env=env, timeout=60, check=False
+        )
+        time.sleep(0.5)  # the server is started in the background
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    run_start(port)  # nothing answers there: started
+    assert (tmp_path / "mlflow-ran").read_text().count("ran") == 1
+
+    (tmp_path / "health").write_text("OK")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        run_start(server.server_address[1])  # one answers /health there: not started again
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tmp_path / "mlflow-ran").read_text().count("ran") == 1
 
 
 def test_readme_reference_matches_schema() -> None:
