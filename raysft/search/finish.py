@@ -12,9 +12,12 @@ import functools
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from raysft.config import SearchSpec
 from raysft.search import compare, notes, plots, redact, tracking
@@ -155,11 +158,21 @@ def _eval_curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]
 def _log_best_adapter(mlc: Any, run_id: str, checkpoint: str) -> None:
     """The best checkpoint as the parent run's ``best_adapter`` artifact, without its training
     state (``serving_files``)."""
-    from raysft.train.state import serving_files
+    from raysft.train.state import CONFIG_FILE, serving_files
 
     for item in serving_files(checkpoint):
         if item.is_dir():
             mlc.log_artifacts(run_id, str(item), artifact_path=f"best_adapter/{item.name}")
+        elif item.name == CONFIG_FILE:
+            # Written redacted since 2026-12-07; an older checkpoint's may hold a password.
+            with tempfile.TemporaryDirectory() as tmp:
+                clean = Path(tmp) / CONFIG_FILE
+                tree = yaml.safe_load(item.read_text(encoding="utf-8"))
+                clean.write_text(
+                    yaml.safe_dump(redact.redact_tree(tree), sort_keys=False, allow_unicode=True),
+                    encoding="utf-8",
+                )
+                mlc.log_artifact(run_id, str(clean), artifact_path="best_adapter")
         else:
             mlc.log_artifact(run_id, str(item), artifact_path="best_adapter")
 

@@ -7,7 +7,9 @@ import os
 import re
 from typing import Any
 
-from raysft.config import flat_paths
+import yaml
+
+from raysft.config import Config, flat_paths, saved_tree
 from raysft.errors import one_line
 
 # Redaction rule. A param is secret when the LAST WORD of its LAST dotted segment (words split at
@@ -46,6 +48,13 @@ def redact_tree(tree: Any, prefix: str = "") -> Any:
     if is_secret(prefix.rstrip(".")) and tree is not None:
         return REDACTED
     return tree
+
+
+def saved_config_text(cfg: Config) -> str:
+    """``cfg`` as a run saves it (its ``config.yaml``: checkpoints, outputs, exports), secrets
+    hidden: a tracking URI's password would otherwise ride along into every checkpoint and the
+    artifacts made of them. What a resume compares is kept (``tracking.`` may change)."""
+    return yaml.safe_dump(redact_tree(saved_tree(cfg)), sort_keys=False, allow_unicode=True)
 
 
 def redact(name: str, value: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from raysft.cli import config_parser, run_cli, setup_logging
-from raysft.config import Config, dump_config, load_config
+from raysft.config import Config, load_config
 from raysft.data.pipeline import (
     PreparedData,
     TrainingRows,
@@ -31,6 +31,7 @@ from raysft.data.tokens import Segment, tokenize, trained_spans
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.paths import missing_dirs, remove_if_unused
 from raysft.search.preflight import check_model
+from raysft.search.redact import saved_config_text
 from raysft.train.model import (
     build_meta_model,
     check_vocab,
@@ -103,7 +104,7 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
         digests = data_digests(cfg.data)
         check_same_data(resume_from, digests)
         check_same_tokens(resume_from, {**digests, TOKENS: token_digests(prepared)})
-    print(dump_config(cfg), end="")
+    print(saved_config_text(cfg), end="")
     print(format_parameter_counts(*count_parameters(meta)))
     lost = report.train_dropped_no_trained_tokens + report.eval_dropped_no_trained_tokens
     dropped = [

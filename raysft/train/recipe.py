@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from raysft.config import Config, dump_config, get_path, parse_value
+from raysft.config import Config, get_path, parse_value
 from raysft.data.batching import BatchStream, make_bins
 from raysft.data.digest import DATA_FILE, TOKENS, data_digests, token_digests
 from raysft.data.packing import loss_mask, packing_efficiency
@@ -33,6 +33,7 @@ from raysft.data.pipeline import prepare_data
 from raysft.data.shared import SharedData
 from raysft.errors import ConfigError, DataError
 from raysft.paths import ORIGIN_FILE, give_plain_modes, replace_text
+from raysft.search.redact import saved_config_text
 from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import granted_gpus, training_device
@@ -590,7 +591,7 @@ def _checkpoint(run: Run, record: dict[str, Any], report: Reporter | None) -> No
         )
         # The run's settings travel with its weights: `raysft.evaluate CHECKPOINT` scores with
         # them (template, eval rows) and `--resume-from` checks the config against them.
-        (Path(tmp) / CONFIG_FILE).write_text(dump_config(run.cfg), encoding="utf-8")
+        (Path(tmp) / CONFIG_FILE).write_text(saved_config_text(run.cfg), encoding="utf-8")
         (Path(tmp) / DATA_FILE).write_text(json.dumps(run.data_digests), encoding="utf-8")
         origin = json.dumps({"working_dir": os.getcwd()})
         (Path(tmp) / ORIGIN_FILE).write_text(origin, encoding="utf-8")
@@ -654,7 +655,7 @@ def _write_outputs(
             dtype=_export_dtype(run),
             stop_ids=answer_stops(run.cfg.data.template, run.tokenizer)[1],
         )
-    (out_dir / "config.yaml").write_text(dump_config(run.cfg), encoding="utf-8")
+    (out_dir / "config.yaml").write_text(saved_config_text(run.cfg), encoding="utf-8")
     metrics = {
         "final": result.final,
         "history": result.history,

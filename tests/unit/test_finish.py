@@ -483,3 +483,32 @@ def test_a_trial_whose_reports_cannot_be_read_leaves_its_gaps_said(
         failures
     )
     assert (s["exp_dir"] / GAPS_FILE).exists()
+
+
+def test_the_best_adapter_artifact_holds_no_tracking_password(tmp_path: Path) -> None:
+    # A checkpoint written before config.yaml was saved redacted: the artifact is scrubbed.
+    from raysft.search.finish import _log_best_adapter
+
+    ckpt = tmp_path / "checkpoint"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(
+        "method: lora\ntracking:\n  uri: https://alice:s3cretpw@mlflow.example.com\n",
+        encoding="utf-8",
+    )
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights")
+    (ckpt / "training_state.pt").write_bytes(b"state")
+    uploaded: dict[str, str] = {}
+
+    class Client:
+        def log_artifact(self, run_id: str, path: str, artifact_path: str) -> None:
+            uploaded[f"{artifact_path}/{Path(path).name}"] = Path(path).read_text(errors="replace")
+
+        def log_artifacts(self, run_id: str, path: str, artifact_path: str) -> None:
+            uploaded[artifact_path] = "dir"
+
+    _log_best_adapter(Client(), "run", str(ckpt))
+    assert sorted(uploaded) == [
+        "best_adapter/adapter_model.safetensors", "best_adapter/config.yaml", "best_adapter/sub",
+    ]  # fmt: skip
+    assert "s3cretpw" not in uploaded["best_adapter/config.yaml"]
+    assert "https://alice:***@mlflow.example.com" in uploaded["best_adapter/config.yaml"]

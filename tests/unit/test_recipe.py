@@ -17,6 +17,7 @@ from raysft.config import load_config
 from raysft.errors import DataError
 from raysft.train.metrics import REPLAYED
 from raysft.train.recipe import run_trial
+from raysft.train.resume_checks import check_resumable
 
 ROWS = [{"instruction": "Upper case", "input": f"w{i}", "output": f"W{i}"} for i in range(12)] + [
     {
@@ -125,6 +126,27 @@ def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
     assert all("training_state.pt" in files for _, files in seen)
     assert "base_exact_match" not in seen[-1][0]  # train.eval_base: false is honoured
     assert "exact_match" in seen[-1][0] and "exact_match" not in seen[0][0]
+
+
+def test_a_runs_saved_configs_hold_no_tracking_password(tmp_path: Path) -> None:
+    # Checkpoints are uploaded as the best adapter and read by anyone who reads the experiment.
+    uri = "https://alice:s3cretpw@mlflow.example.com"
+    cfg = _config(
+        tmp_path, _model_dir(tmp_path, "llama"), "lora",
+        **{"tracking.uri": uri, "train.max_steps": 2, "train.eval_base": False},
+    )  # fmt: skip
+    saved: list[str] = []
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        assert checkpoint_dir is not None
+        saved.append((Path(checkpoint_dir) / "config.yaml").read_text(encoding="utf-8"))
+        check_resumable(checkpoint_dir, cfg)  # tracking. may change: the run resumes
+
+    out = Path(run_trial(cfg, report=report).output_dir)
+    saved.append((out / "config.yaml").read_text(encoding="utf-8"))
+    assert len(saved) == 2
+    for text in saved:
+        assert "s3cretpw" not in text and "alice:***@mlflow.example.com" in text
 
 
 def test_compiled_training_steps_equal_eager_ones(tmp_path: Path) -> None:
