@@ -120,6 +120,14 @@ def _connect(
     return plan
 
 
+def store_failed(spec_path: str, uri: str, what: str, err: Exception) -> ConfigError:
+    """A tracking store that stopped answering, or refused a write, after the check before Ray
+    started: one line naming ``tracking.uri`` (credentials hidden), not MLflow's traceback,
+    whose message holds the request's address, password and all."""
+    where = f"tracking.uri: {redact.redact('tracking_uri', uri)}"
+    return ConfigError(spec_path, [f"{where}: {what} ({redact.scrubbed(err)})"])
+
+
 def _parent_run(
     mlc: Any,
     exp_id: str,
@@ -137,16 +145,19 @@ def _parent_run(
     state file, spec record and parent run are this start's."""
     if state:
         parent_id: str = state["parent_run_id"]
-        mlc.update_run(parent_id, status="RUNNING")
+        try:
+            mlc.update_run(parent_id, status="RUNNING")
+        except Exception as err:
+            raise store_failed(spec_path, uri, "the parent run could not be reopened", err) from err
         return parent_id
     try:
         parent_id = tracking.start_parent(
             mlc, exp_id, name=exp_dir.name, cfg=cfg, spec_path=spec_path
         )
-    except Exception as err:  # one line, not MLflow's traceback (the store answered before)
-        where = f"tracking.uri: {redact.redact('tracking_uri', uri)}"
-        why = f"the search's parent run could not be written ({redact.scrubbed(err)})"
-        raise ConfigError(spec_path, [f"{where}: {why}"]) from err
+    except Exception as err:
+        raise store_failed(
+            spec_path, uri, "the search's parent run could not be written", err
+        ) from err
     state = {
         "parent_run_id": parent_id,
         "tracking_uri": redact.redact("tracking_uri", uri),  # --resume checks it is the same
@@ -240,7 +251,11 @@ def _search(
     timing = {"preflight_s": read_s, "ray_start_s": time.perf_counter() - t0 - read_s}
     shared_ref = share_data(shared)  # held for the whole search: the object lives while it is
     mlc = tracking_store.client(uri)
-    exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment, uri=uri)
+    try:
+        exp_id = tracking.experiment_id(mlc, cfg.tracking.experiment, uri=uri)
+    except Exception as err:
+        what = f"experiment {cfg.tracking.experiment!r} could not be read or set up"
+        raise store_failed(spec_path, uri, what, err) from err
     digests = shared.digests if shared is not None else None
     resolve = TrialConfigs(tree, str(exp_dir))
     parent_id = _parent_run(

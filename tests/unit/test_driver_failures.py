@@ -123,3 +123,43 @@ def test_a_parent_run_that_cannot_be_written_whole_is_one_error_and_not_left_run
     )
     assert _statuses(mlc) == {"exp": "FAILED"}
     assert not Path(cfg.search.experiment_dir).exists()
+
+
+def test_an_experiment_that_cannot_be_set_up_once_ray_is_up_is_one_line_without_the_password(
+    search: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store answered before Ray started, then refused (a read-only user on an experiment
+    made by hand, a server gone): one line, and MLflow's message, which holds the request's
+    address with its password, scrubbed."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    spec, tree, cfg, mlc = search
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise MlflowException("API request to http://alice:s3cretpw@127.0.0.1:9/api failed: 403")
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", refused)
+    with pytest.raises(ConfigError) as err:
+        driver.run_search(spec, tree, cfg, resume=False)
+    (line,) = err.value.lines()
+    assert line == (
+        f"{spec}: tracking.uri: {cfg.tracking.uri}: experiment 'raysft-lora' could not be read "
+        "or set up (MlflowException: API request to http://alice:***@127.0.0.1:9/api failed: 403)"
+    )
+
+
+def test_a_parent_run_that_cannot_be_reopened_on_resume_is_one_line(tmp_path: Path) -> None:
+    class Gone:
+        def update_run(self, run_id: str, status: str) -> None:
+            raise ConnectionError("http://bob:pw99@mlflow.example/api: Connection refused")
+
+    with pytest.raises(ConfigError) as err:
+        driver._parent_run(
+            Gone(), "1", tmp_path, None, "s.yaml",  # type: ignore[arg-type]
+            uri="http://bob:pw99@mlflow.example", state={"parent_run_id": "abc"},
+        )  # fmt: skip
+    assert err.value.lines() == [
+        "s.yaml: tracking.uri: http://bob:***@mlflow.example: the parent run could not be "
+        "reopened (ConnectionError: http://bob:***@mlflow.example/api: Connection refused)"
+    ]
