@@ -9,18 +9,21 @@ import argparse
 import contextlib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import run_cli, setup_logging
+from raysft.cli import EXIT_FINISH_FAILED, run_cli, setup_logging
 from raysft.config import validate_spec
-from raysft.errors import ConfigError, SearchStateError, one_line
+from raysft.errors import ConfigError, SearchStateError
 from raysft.search import notes, tracking
 from raysft.search.compare import base_value
 from raysft.search.experiment import recorded_digests
 from raysft.search.finish_steps import FinishSteps
 from raysft.search.promote import promote
+from raysft.search.redact import redact, scrubbed
 from raysft.search.results import SUMMARY_FILE, read_summary, write_summary
+from raysft.search.tracking_requests import FAST_REQUESTS, bound_retries, capped_environ
 from raysft.search.tracking_store import client, local_store
 from raysft.train.metrics import objective_mode
 
@@ -38,6 +41,7 @@ def _main() -> int:
     )
     args = parser.parse_args()
     setup_logging()
+    bound_retries()  # a search's retries and timeouts, not MLflow's minutes per request
     # Absolute: the gate runs in the search's working dir (below), not necessarily this one.
     exp_dir = Path(args.experiment_dir).resolve()
     summary = read_summary(exp_dir, sections=("resolved_spec", "mlflow"))
@@ -66,6 +70,7 @@ def _main() -> int:
             base_value=base_value(summary.get("base_vs_tuned"), cfg.search.metric),
             recorded=recorded_digests(exp_dir),  # what the trials were scored on
         )  # fmt: skip
+    unwritten: list[str] = []
     if record.get("failed") and summary.get("promotion"):
         pass  # a failed retry keeps the record it would have replaced
     elif record.get("failed"):
@@ -73,10 +78,19 @@ def _main() -> int:
         write_summary(exp_dir, summary)
     else:
         summary["promotion"] = record
-        _tell_the_parent_run(mlc, exp_dir, summary)
+        unwritten = _tell_the_parent_run(mlc, exp_dir, summary)
     print(json.dumps(record, indent=2))
     if record.get("failed"):
         raise SearchStateError(f"{exp_dir}: promotion failed: {record['reason']}")
+    if unwritten:
+        for line in unwritten:
+            print(f"error: {line}", file=sys.stderr)
+        print(
+            f"error: promoted, but the parent run still says what the search's finish left; "
+            f"{exp_dir / SUMMARY_FILE} holds the promotion (run this command again to retry)",
+            file=sys.stderr,
+        )
+        return EXIT_FINISH_FAILED
     return 0
 
 
@@ -88,10 +102,10 @@ _PARENT_STEPS = (
 )
 
 
-def _tell_the_parent_run(mlc: Any, exp_dir: Path, summary: dict[str, Any]) -> None:
+def _tell_the_parent_run(mlc: Any, exp_dir: Path, summary: dict[str, Any]) -> list[str]:
     """summary.json, then the parent run, say what this promotion did: its tag, description
     and summary.json artifact still said what the finish's failed promotion left. The failures
-    this retries leave failed_steps; any step that fails again is put back, and said."""
+    this retries leave failed_steps; any step that fails again is put back, and returned."""
     parent = summary["mlflow"].get("parent_run_id")
     retried = ("promotion: ", *(f"{what}: " for what in _PARENT_STEPS))
     summary["failed_steps"] = [
@@ -99,7 +113,7 @@ def _tell_the_parent_run(mlc: Any, exp_dir: Path, summary: dict[str, Any]) -> No
     ]
     if not isinstance(parent, str):  # a summary from before raysft kept it: summary.json alone
         write_summary(exp_dir, summary)
-        return
+        return []
     # The finish's own steps (one that fails is recorded, and none is tried once the server is
     # found out of reach), in the finish's order: tag and description, then summary.json.
     steps = FinishSteps()
@@ -113,6 +127,7 @@ def _tell_the_parent_run(mlc: Any, exp_dir: Path, summary: dict[str, Any]) -> No
     if closing.failures:
         summary["failed_steps"] += closing.failures
         write_summary(exp_dir, summary)
+    return steps.failures + closing.failures
 
 
 def _search_dir(summary: dict[str, Any], source: str) -> str:
@@ -139,6 +154,7 @@ def _registry(uri: Any, where: str) -> Any:
     champion in it."""
     if not isinstance(uri, str) or not uri:
         raise SearchStateError(f"{where}: missing")
+    shown = redact("tracking_uri", uri)  # the URI given may hold a password
     if "***" in uri:
         raise SearchStateError(
             f"{where}: {uri}: its password was redacted when saved; pass the real URI with "
@@ -146,13 +162,14 @@ def _registry(uri: Any, where: str) -> Any:
         )
     db = local_store(uri) if uri.startswith("sqlite:///") else None
     if db is not None and db.name != ":memory:" and not db.is_file():
-        raise SearchStateError(f"{where}: {uri}: no such database file")
+        raise SearchStateError(f"{where}: {shown}: no such database file")
     try:
         mlc = client(uri)
-        mlc.search_registered_models(max_results=1)
+        with capped_environ(FAST_REQUESTS):  # asked once: a server down is said at once
+            mlc.search_registered_models(max_results=1)
     except Exception as err:
         raise SearchStateError(
-            f"{where}: {uri}: cannot reach the model registry ({one_line(err)})"
+            f"{where}: {shown}: cannot reach the model registry ({scrubbed(err)})"
         ) from None
     return mlc
 

@@ -1111,13 +1111,13 @@ def test_no_secret_reaches_the_export_or_the_registry(
 # ---------------------------------------------------------------- the command
 
 
-def _promote_cli(exp_dir: Path) -> subprocess.CompletedProcess:
-    """``python -m raysft.promote EXP_DIR`` as a user runs it (its promotion lock in the test's
-    dir, not the user's cache)."""
+def _promote_cli(exp_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m raysft.promote EXP_DIR [ARGS]`` as a user runs it (its promotion lock in the
+    test's dir, not the user's cache)."""
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "raysft.promote", str(exp_dir)],
+        [sys.executable, "-m", "raysft.promote", str(exp_dir), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -1208,6 +1208,26 @@ def test_promote_cli_refuses_a_registry_it_cannot_use(
     assert line.startswith(f"error: {exp_dir / 'summary.json'}: mlflow.tracking_uri: {uri}: "
                            f"{problem}"), line  # fmt: skip
     assert not Path("/nonexistent-raysft").exists()
+
+
+def test_promote_cli_on_a_server_out_of_reach_asks_once_and_hides_the_password(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """--tracking-uri holds the password summary.json hid: the refusal names the server
+    without it (MLflow's own message carries the request's whole address), and comes after one
+    request, not MLflow's 7 retries with backoff (over 4 minutes, measured)."""
+    import time
+
+    exp_dir = _finished(tmp_path, registry, checkpoints["a"])
+    t0 = time.monotonic()
+    proc = _promote_cli(exp_dir, "--tracking-uri", "http://alice:s3cretpw@127.0.0.1:9")
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - t0 < 60
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(
+        "error: --tracking-uri: http://alice:***@127.0.0.1:9: cannot reach the model registry ("
+    ), line
+    assert "s3cretpw" not in proc.stderr + proc.stdout
 
 
 def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) -> None:
@@ -1341,6 +1361,26 @@ def test_a_promote_retry_that_succeeds_says_so_on_the_parent_run_too(
     assert "Promotion: **promoted** as `cli-parent` v1 (alias `champion`)" in tags[notes.NOTE_TAG]
     logged = Path(registry.mlc.download_artifacts(parent, "summary.json", str(tmp_path)))
     assert json.loads(logged.read_text()) == after
+
+
+def test_a_promote_whose_parent_run_cannot_be_told_exits_3(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    """Promoted, but the parent run's tag, description and summary.json could not be written
+    (here: the run is gone): the parent run still says the old outcome, so the command does not
+    exit 0; summary.json holds the promotion and the failed steps."""
+    exp_dir = _finished(tmp_path, registry, checkpoints["a"], parent_run_id="0" * 32)
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-1] == (
+        "error: promoted, but the parent run still says what the search's finish left; "
+        f"{exp_dir / 'summary.json'} holds the promotion (run this command again to retry)"
+    )
+    assert any(line.startswith("error: MLflow: the promotion tag: ") for line in lines)
+    after = json.loads((exp_dir / "summary.json").read_text())
+    assert after["promotion"]["promoted"] is True
+    assert any(f.startswith("MLflow: the promotion tag: ") for f in after["failed_steps"])
 
 
 def test_promotions_of_one_model_queue_behind_each_other(
