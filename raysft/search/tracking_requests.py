@@ -19,10 +19,13 @@ FAST_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0, "MLFLOW_HTTP_REQUEST_TIME
 # to 30 s for an answer, not MLflow's 120: a server that takes connections and never answers (a
 # hung process, packets dropped on the way) held the trials 8 minutes at a time. An artifact
 # upload is not cut short: the wait is for the server's next bytes.
+# A 429 or 503's Retry-After header is not waited for: urllib3 honours up to 6 hours of it, which
+# would hold every trial's report (a callback write waited 55 s for "Retry-After: 55").
 _SEARCH_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
 }
 # The trials' callback asks less of a server: every trial's report waits for Tune's loop, where
 # it runs. Its requests wait 10 s for an answer and are retried once: about 20 s on a server that

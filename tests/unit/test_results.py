@@ -632,6 +632,49 @@ def test_the_trials_callback_asks_a_hung_server_twice_with_shorter_waits(
         tracking_requests.callback_failures(reset=True)
 
 
+def test_a_busy_servers_retry_after_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server answering 503 with "Retry-After: 55" (a maintenance proxy): urllib3 would wait
+    55 s before each retry, holding Tune's loop and so every trial's report. The callback's one
+    retry comes at once instead."""
+    import http.server
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from raysft.search import tracking_requests
+
+    for name in ("MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.setenv(name, "")  # so that the test's values are undone after it
+        monkeypatch.delenv(name)
+    tracking_requests.bound_retries()  # as a search
+    asked: list[float] = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(time.monotonic())
+            self.send_response(503)
+            self.send_header("Retry-After", "55")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        mlc = MlflowClient(tracking_uri=f"http://127.0.0.1:{server.server_address[1]}")
+        t0 = time.monotonic()
+        with tracking_requests.callback_requests(), pytest.raises(Exception, match="503"):
+            mlc.get_experiment("1")
+        assert len(asked) == 2  # the request and its one retry
+        assert time.monotonic() - t0 < 20
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_callbacks_request_figures_are_the_lower_and_last_only_for_its_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
