@@ -37,12 +37,30 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _RedactingFormatter(logging.Formatter):
+    """A handler's own formatter, each line it makes (traceback included) as ``redact`` lets it
+    be seen: MLflow's and HTTP libraries' messages hold the request's address, a tracking URI's
+    password with it."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        from raysft.search.redact import redact
+
+        return redact("log", self.inner.format(record))
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, _RedactingFormatter):
+            handler.setFormatter(_RedactingFormatter(handler.formatter or logging.Formatter()))
     for noisy in ("urllib3", "filelock", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

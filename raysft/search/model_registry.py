@@ -12,6 +12,7 @@ import yaml
 
 from raysft.assets import BUNDLED_BASE, absolute_if_local
 from raysft.config import Config, PromoteSection
+from raysft.search.redact import scrubbed
 from raysft.search.results import finite_or_none
 
 log = logging.getLogger("raysft.promote")
@@ -117,9 +118,9 @@ def register_version(
 def _delete_unreturned(mlc: Any, name: str, version: str) -> None:
     try:
         mlc.delete_model_version(name, version)
-    except Exception:
-        log.warning("could not undo %s v%s (registered, never champion)", name, version,
-                    exc_info=True)  # fmt: skip
+    except Exception as err:
+        log.warning("could not undo %s v%s (registered, never champion): %s", name, version,
+                    scrubbed(err))  # fmt: skip
 
 
 def forget_version(mlc: Any, p: PromoteSection, version: str, previous: str | None) -> None:
@@ -136,10 +137,10 @@ def forget_version(mlc: Any, p: PromoteSection, version: str, previous: str | No
             else:
                 mlc.delete_registered_model_alias(p.registered_model, p.alias)
         mlc.delete_model_version(p.registered_model, version)
-    except Exception:
+    except Exception as err:
         log.warning(
-            "could not undo %s v%s (registered, never champion)", p.registered_model, version,
-            exc_info=True,
+            "could not undo %s v%s (registered, never champion): %s", p.registered_model,
+            version, scrubbed(err),
         )  # fmt: skip
 
 

@@ -334,3 +334,26 @@ def test_a_trials_error_and_attempts_are_scrubbed_before_summary_and_mlflow(
     row = tune_results.result_of(result, tmp_path)
     for text in (row["error"], row["attempts"][0]["error"]):
         assert "s3cret" not in text and TOKEN not in text and REDACTED in text, text
+
+
+def test_log_lines_and_their_tracebacks_are_scrubbed() -> None:
+    """MLflow's errors hold the request's whole address: a warning logged with its traceback
+    (undoing a registry version, -v's debug lines) would print a tracking URI's password."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from raysft.cli import setup_logging\n"
+        "setup_logging()\n"
+        "try:\n"
+        "    raise RuntimeError('API request to http://alice:s3cretpw@h:5000/api failed')\n"
+        "except RuntimeError:\n"
+        "    logging.getLogger('raysft.x').warning('at https://bob:pw2@h/x', exc_info=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "s3cretpw" not in proc.stderr and "pw2" not in proc.stderr, proc.stderr
+    assert "WARNING raysft.x: at https://bob:***@h/x" in proc.stderr
+    assert "RuntimeError: API request to http://alice:***@h:5000/api failed" in proc.stderr
