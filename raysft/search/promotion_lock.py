@@ -11,6 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from raysft.search.tracking_store import local_store
 
 log = logging.getLogger("raysft.promote")
 
@@ -68,8 +71,22 @@ def _lock_path(mlc: Any, name: str) -> Path:
     """The lock file of one registered model in one registry (``one_promotion_at_a_time``)."""
     # The registry's URI (MLflow's own attribute; the tracking URI where it has none).
     uri = getattr(mlc, "_registry_uri", None) or getattr(mlc, "tracking_uri", "")
-    key = hashlib.sha256(f"{str(uri).rstrip('/')}\0{name}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{registry_key(str(uri))}\0{name}".encode()).hexdigest()[:16]
     # A lasting place, not the temp dir: a lock file is never deleted (a process waiting on it
     # would hold a lock on a file no other one opens), and a search leaves no file in /tmp.
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "raysft" / "locks" / f"promote-{key}.lock"
+
+
+def registry_key(uri: str) -> str:
+    """One registry however its URI is written: two users' credentials, a password changed, a
+    host in capitals or a trailing "/" name the same server; a local store (SQLite, a file
+    store) is its absolute path (a relative one read from the working directory, as MLflow
+    does)."""
+    local = local_store(uri.strip())
+    if local is not None:
+        return f"local:{local}"
+    parts = urlsplit(uri.strip())
+    port = f":{parts.port}" if parts.port else ""
+    host = (parts.hostname or "").lower()
+    return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"

@@ -1422,3 +1422,27 @@ def test_promotions_of_one_model_queue_behind_each_other(
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(
+    "same",
+    [
+        ("http://alice:pw1@mlflow.corp:5000", "http://bob:pw2@MLFLOW.corp:5000/",
+         "http://mlflow.corp:5000"),
+        ("sqlite:///mlflow.db", "sqlite:///./mlflow.db?timeout=30", "sqlite:///{cwd}/mlflow.db"),
+        ("file:///{cwd}/mlruns", "./mlruns", "mlruns"),
+    ],
+)  # fmt: skip
+def test_one_registry_written_several_ways_has_one_promotion_lock(same: tuple[str, ...]) -> None:
+    """Two searches promoting into one registered model must queue behind one lock, whoever's
+    credentials, whatever the spelling of the host or of a local store's path."""
+    import os
+    from types import SimpleNamespace
+
+    keys = {
+        promotion_lock._lock_path(SimpleNamespace(tracking_uri=u.format(cwd=os.getcwd())), "m")
+        for u in same
+    }
+    assert len(keys) == 1, keys
+    other = SimpleNamespace(tracking_uri="http://mlflow.corp:5001")
+    assert promotion_lock._lock_path(other, "m") not in keys
