@@ -23,8 +23,9 @@ def known_trial_runs(
 ) -> tuple[dict[str, tuple[str | None, str | None]], str | None]:
     """trial_id -> (run id, status tag) of the search's trial runs just after its trials, and
     the step that found the tracking server out of reach (the finish then does not ask
-    again), if it did. MLflow is asked: after --resume, Tune drives its restored copy of the
-    callback, not ``callback``, so the trial runs of earlier starts are only known to MLflow.
+    again, and the process asks once from then on), if it did. MLflow is asked: after
+    --resume, Tune drives its restored copy of the callback, not ``callback``, so the trial
+    runs of earlier starts are only known to MLflow.
     Where it cannot answer, the callback's record stands in and the failure joins
     ``failures``."""
     try:
@@ -34,8 +35,12 @@ def known_trial_runs(
         log.warning("MLflow: could not read the search's trial runs (%s)", reason)
         failures.append(f"MLflow: reading the search's trial runs: {reason}")
         known = {t: (r, callback.status.get(t)) for t, r in callback.runs.items()}
-        unreachable = "MLflow: reading the search's trial runs"
-        return known, unreachable if tracking_requests.out_of_reach(err) else None
+        if not tracking_requests.out_of_reach(err):
+            return known, None
+        # Out of reach: what follows asks once (closing a Ctrl-C'd search's runs, one request
+        # per open run and the parent, took the driver's 3 retries of 30 s each).
+        tracking_requests.ask_once_from_now()
+        return known, "MLflow: reading the search's trial runs"
 
 
 def stop_if_interrupted(

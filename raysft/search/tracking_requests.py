@@ -77,6 +77,12 @@ def _cap_environ(caps: dict[str, int]) -> None:
     os.environ.update(_capped(caps))
 
 
+def ask_once_from_now() -> None:
+    """This process's MLflow requests asked once, without retries (``FAST_REQUESTS``; lower
+    figures in the environment stay): the tracking server was found out of reach."""
+    _cap_environ(FAST_REQUESTS)
+
+
 def capped_environ(caps: dict[str, int]) -> contextlib.AbstractContextManager[None]:
     """``_cap_environ`` for the block; the process's values are back after it."""
     return environ(_capped(caps))
@@ -102,7 +108,7 @@ def note_callback_failure(line: str) -> None:
     (no retries, ``FAST_REQUESTS``; lower figures in the environment stay): a server down for
     good would otherwise hold every report, and the trials with it (a trial's report waits for
     Tune's loop), and the finish would spend the search's retries on each of its steps."""
-    _cap_environ(FAST_REQUESTS)
+    ask_once_from_now()
     _CALLBACK_FAILURES.append(line)
 
 

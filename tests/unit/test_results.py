@@ -859,3 +859,30 @@ def test_each_trials_end_is_noted_in_the_experiment_dir_too(
     assert ended_trials(ended_file) == {
         "done": "finished", "stopped": "stopped_early", "failed": "failed"
     }  # fmt: skip
+
+
+def test_a_server_found_out_of_reach_after_the_trials_is_asked_once_from_then_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a Ctrl-C the driver closes each open trial run and the parent: at the search's
+    figures (3 retries of up to 30 s each) that is minutes per run on a server known to be out
+    of reach since reading the trial runs."""
+    import requests
+
+    from raysft.search import tracking_requests
+    from raysft.search.interrupt import known_trial_runs
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # the search's
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+    class Gone:
+        def search_runs(self, *args: Any, **kwargs: Any) -> None:
+            raise requests.exceptions.ConnectionError("Connection refused")
+
+    callback = SimpleNamespace(runs={"t1": "r1"}, status={})
+    failures: list[str] = []
+    known, unreachable = known_trial_runs(Gone(), "1", "p", callback, failures)
+    assert known == {"t1": ("r1", None)}
+    assert unreachable == "MLflow: reading the search's trial runs"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    tracking_requests.callback_failures(reset=True)
