@@ -14,6 +14,7 @@ Method = Literal["full", "lora", "qlora"]
 DataFormat = Literal["alpaca", "sharegpt", "messages", "auto"]
 Template = Literal["llama2", "chatml", "vicuna", "tokenizer"]
 MAX_SEED = 2**32 - 1  # what every seeded library takes (Optuna and numpy refuse more)
+MAX_INT = MAX_SEED  # the most any integer setting takes (Section)
 
 
 def expand_home(value: Any) -> Any:
@@ -69,6 +70,15 @@ class Section(BaseModel):
             kind = cls.model_fields[info.field_name].annotation
             if _takes(kind, (int, float)) and not _takes(kind, (bool,)):
                 raise ValueError(f"should be {_numbers(kind)}, not {str(value).lower()}")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _not_past_what_libraries_take(cls, value: Any) -> Any:
+        """No integer setting above ``MAX_INT``: none means more, and torch, Optuna and the
+        memory estimate overflow past 64 bits (``lora.r: 1e29`` was a TypeError in peft)."""
+        if type(value) is int and abs(value) > MAX_INT:
+            raise ValueError(f"Input should be less than or equal to {MAX_INT}")
         return value
 
 

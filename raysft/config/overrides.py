@@ -25,7 +25,7 @@ def parse_value(text: str) -> Any:
     value`` not in braces (``Answer: briefly`` would be a mapping)."""
     try:
         value = yaml_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: over 4300 digits
         return text
     if _hides_a_comment(text, value) or (
         isinstance(value, dict) and not text.lstrip().startswith("{")

@@ -168,6 +168,14 @@ class ResourcesSection(Section):
         "wait. Without an autoscaler the plan is made at once on the nodes up.",
     )
 
+    @field_validator("cpus_per_worker", "gpus_per_worker")
+    @classmethod
+    def _in_rays_steps(cls, value: float | str) -> float | str:
+        """Ray refuses a fraction finer than 1/10000 of a CPU or GPU, at the trial's start."""
+        if isinstance(value, float | int) and abs(value * 10**4 - round(value * 10**4)) > 1e-6:
+            raise ValueError(f"{value:g}: Ray takes resources in steps of 0.0001")
+        return value
+
     @field_validator("gpus_per_worker")
     @classmethod
     def _non_negative(cls, value: float | str) -> float | str:

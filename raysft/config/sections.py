@@ -319,10 +319,17 @@ class EvalSection(Section):
     )
     pass_k: int = Field(1, gt=0, description="The k of pass@k (at most `samples`).")
     code_timeout_s: float = Field(
-        5.0, gt=0, description="pass@k: wall-clock limit of one answer's program and its tests."
+        5.0,
+        gt=0,
+        le=86400,
+        description="pass@k: wall-clock limit of one answer's program and its tests (at most a "
+        "day).",
     )
     code_memory_mb: int = Field(
-        1024, gt=0, description="pass@k: address-space limit of one answer's program (MiB)."
+        1024,
+        gt=0,
+        le=2**20,
+        description="pass@k: address-space limit of one answer's program (MiB, at most 1 TiB).",
     )
 
     @model_validator(mode="after")

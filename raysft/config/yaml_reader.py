@@ -52,6 +52,31 @@ _Loader.add_implicit_resolver(
 )
 
 
+# YAML 1.1 reads an integer with a leading 0 as octal (``seed: 0123`` is 83) and digits joined by
+# ":" as base 60 (``1:30`` is 90); YAML 1.2 does neither. Such a value is refused, not misread.
+_AMBIGUOUS = "tag:raysft,2026:ambiguous-number"
+_AMBIGUOUS_NUMBER = re.compile(
+    r"^[-+]?0[0-9_]+$|^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$"
+)
+for _first in "-+0123456789":
+    _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, (_AMBIGUOUS, _AMBIGUOUS_NUMBER)
+    )
+
+
+def _refuse_ambiguous(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = node.value
+    how = (
+        "a leading 0 makes it octal in YAML 1.1; write it without the 0, or quote it"
+        if ":" not in text
+        else "YAML 1.1 reads digits joined by ':' in base 60; quote it, or write the number"
+    )
+    raise yaml.constructor.ConstructorError(None, None, f"{text}: {how}", node.start_mark)
+
+
+_Loader.add_constructor(_AMBIGUOUS, _refuse_ambiguous)
+
+
 def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
@@ -71,16 +96,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
         raise ConfigError(str(path), ["not a regular file"])
     try:
-        tree = yaml_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        tree = yaml_load(text)
     except OSError as err:  # unreadable: permissions, an I/O error (/proc/self/mem)
         raise ConfigError(str(path), [f"cannot read: {err.strerror or err}"]) from None
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [_yaml_problem(err)]) from None
+    except RecursionError:
+        raise ConfigError(str(path), ["nested too deeply to be a config"]) from None
     except UnicodeDecodeError as err:
         raise ConfigError(
             str(path), [f"not UTF-8 text (byte {err.start}: 0x{err.object[err.start]:02x})"]
         ) from None
-    if tree is None:
+    except ValueError:  # Python's cap on an integer's digits
+        raise ConfigError(str(path), ["holds a number of more than 4300 digits"]) from None
+    if tree is None and not text.strip():  # an empty file (a failed write, the wrong file)
+        raise ConfigError(str(path), ["empty; write {} to use every default"])
+    if tree is None:  # comments only: a template with every setting commented out
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(

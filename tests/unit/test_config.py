@@ -75,8 +75,61 @@ def test_defaults_load_without_a_file() -> None:
     assert cfg.search is None
 
 
-def test_an_empty_file_is_the_defaults(tmp_path: Path) -> None:
+def test_a_file_of_comments_only_is_the_defaults(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "# nothing set\n")) == load_config(None)
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_file_is_refused(tmp_path: Path, text: str) -> None:
+    # A failed write or the wrong file, more often than a wish for every default.
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.lines() == [f"{path}: empty; write {{}} to use every default"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("train:\n  seed: 0123\n", "line 2, column 9: not valid YAML: 0123: a leading 0 makes "
+         "it octal in YAML 1.1; write it without the 0, or quote it"),
+        ("train:\n  max_steps: 1:30\n", "line 2, column 14: not valid YAML: 1:30: YAML 1.1 "
+         "reads digits joined by ':' in base 60; quote it, or write the number"),
+        ("train:\n  max_steps: " + "1" * 5000 + "\n", "holds a number of more than 4300 digits"),
+        ("x: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply to be a config"),
+    ],
+)  # fmt: skip
+def test_yaml_that_python_or_yaml_1_1_would_misread_is_one_message(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.lines() == [f"{path}: {problem}"]
+
+
+def test_leading_zeros_and_colons_in_a_set_value_read_as_yaml_1_2() -> None:
+    # YAML 1.1 read --set lora.r=010 as 8; YAML 1.2 (and a person) as 10.
+    assert load_config(None, parse_overrides(["lora.r=010"])).lora.r == 10
+    assert load_config(None, parse_overrides(["train.seed=0"])).train.seed == 0
+    assert parse_overrides(["model.revision=1:30"]) == {"model.revision": "1:30"}
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("lora.r=99999999999999999999999999999", "lora.r: Input should be less than or equal "
+         "to 4294967295"),
+        ("eval.code_timeout_s=2200000", "eval.code_timeout_s: Input should be less than or "
+         "equal to 86400"),
+        ("eval.code_memory_mb=9000000000000", "eval.code_memory_mb: Input should be less than "
+         "or equal to 1048576"),
+    ],
+)  # fmt: skip
+def test_numbers_past_what_the_libraries_take_are_refused(override: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert err.value.lines() == [f"<defaults>: --set {problem}"]
 
 
 @pytest.mark.parametrize("dotted", sorted(REQUIRED))

@@ -331,7 +331,7 @@ def test_chained_multiple_of_is_reported() -> None:
     # Sampling would raise KeyError for whichever product comes first.
     params = {
         "lora.alpha": {"type": "multiple_of", "of": "lora.dropout", "values": [100]},
-        "lora.dropout": {"type": "multiple_of", "of": "lora.r", "values": [0.01]},
+        "lora.dropout": {"type": "multiple_of", "of": "lora.r", "values": [0.01, 0.02]},
     }
     assert problems_of(spec(params)) == [
         "search.params.lora.alpha.of: lora.dropout is itself a multiple_of; "
@@ -369,8 +369,30 @@ def test_a_typo_among_searched_methods_is_the_one_problem() -> None:
         "search.params.method: value 'lorax': method: Input should be 'full', 'lora' or 'qlora'"
     )
     # Methods that all exist are still checked against the sections and searched settings.
-    tree["search"]["params"]["method"]["values"] = ["full"]
-    assert [p.split(":")[0] for p in problems_of(tree)] == ["lora", "search.params.lora.r"]
+    tree["search"]["params"]["method"]["values"] = ["full", "qlora"]
+    tree["lora"]["use_dora"] = True  # read by lora and qlora, but trials of full would get it
+    assert problems_of(tree) == [
+        "search.params.method: value 'full': lora.use_dora/use_rslora are set but method is full"
+    ]
+
+
+def test_a_parameter_that_can_take_one_value_is_refused() -> None:
+    # Every trial would train the same: an empty search.params is refused for that reason too.
+    for param, why in [
+        ({"type": "choice", "values": [8]}, "values: 8 is the only choice"),
+        ({"type": "int", "low": 8, "high": 8}, "low and high are both 8"),
+    ]:
+        assert one_problem(spec({"lora.r": param})) == (
+            f"search.params.lora.r: {why}: every trial would train with the same value; set it "
+            "in the spec instead, or search more than one"
+        )
+    fixed = {"lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2]}}
+    assert one_problem(spec(fixed)) == (
+        "search.params.lora.alpha: one factor of a fixed lora.r: every trial would train with "
+        "the same value; set it in the spec instead, or search more than one"
+    )
+    # One factor of a searched value varies with it (search_spaces/lora.yaml).
+    assert problems_of(spec({**fixed, "lora.r": R_CHOICE})) == []
 
 
 def test_metric_the_trainer_never_reports() -> None:
@@ -2777,3 +2799,16 @@ def test_a_set_of_a_method_section_no_trial_reads_is_refused_at_its_default(
         "--set lora: settings for method lora and qlora only, but method is full (not "
         "searched): they would be ignored; remove the section or set method: lora or qlora"
     ]
+
+
+def test_resources_finer_than_ray_takes_are_refused() -> None:
+    # Ray refuses them at the trial's start; the plan printed "1e-05 CPU ... 4 of 4" before.
+    tree = spec()
+    tree["search"]["resources"] = {"cpus_per_worker": 0.00001}
+    with pytest.raises(ConfigError) as err:
+        validate_tree(tree, source=SRC)
+    assert err.value.lines() == [
+        f"{SRC}: search.resources.cpus_per_worker: 1e-05: Ray takes resources in steps of 0.0001"
+    ]
+    tree["search"]["resources"] = {"cpus_per_worker": 0.3, "gpus_per_worker": 0.0625}
+    assert problems_of(tree) == []
