@@ -27,21 +27,27 @@ def apply_rules(cfg: Any, rules: list[Rule], info: ValidationInfo) -> Any:
     context = info.context if isinstance(info.context, dict) else {}
     if context.get("no_rules"):
         return cfg
-    problems = [msg for _, msg in broken_rules(cfg, rules, context.get("dropped", ()))]
+    dropped, probe = context.get("dropped", ()), context.get("probe", False)
+    problems = [msg for _, msg in broken_rules(cfg, rules, dropped, probe=probe)]
     if problems:
         raise ValueError(RULE_SEPARATOR.join(problems))
     return cfg
 
 
 def broken_rules(
-    cfg: Any, rules: list[Rule] | None = None, dropped: Any = ()
+    cfg: Any, rules: list[Rule] | None = None, dropped: Any = (), *, probe: bool = False
 ) -> list[tuple[tuple[str, ...], str]]:
     """(the paths it reads, its message) of each rule ``cfg`` breaks, those reading a
-    ``dropped`` path left out; ``rules``: None for the model's own."""
+    ``dropped`` path left out; ``rules``: None for the model's own. ``probe``: ``cfg``'s
+    ``method`` is a searched one, set by a probe of the trials' values."""
     from raysft.config.sections import SearchSpec
 
     if rules is None:
         rules = CONFIG_RULES + (SPEC_RULES if isinstance(cfg, SearchSpec) else [])
+    if isinstance(cfg, SearchSpec) and _method_searched(cfg) and not probe:
+        # No trial runs the spec's own method: a rule reading it is judged by the probe of
+        # each searched method (raysft.search.searchable), which sets it.
+        rules = [(i, r) for i, r in rules if "method" not in i or "search.params.method" in i]
     return [
         (inputs, msg)
         for inputs, rule in rules
@@ -49,6 +55,11 @@ def broken_rules(
         for msg in [rule(cfg)]
         if msg
     ]
+
+
+def _method_searched(spec: SearchSpec) -> bool:
+    searched = spec.search.params.get("method") if spec.search is not None else None
+    return bool(searched and searched.values)
 
 
 # Joins the messages of broken rules into one pydantic error; loading splits them again.
@@ -88,8 +99,9 @@ def _one_step_of_warmup(cfg: Config) -> str | None:
 
 
 def _methods(spec: SearchSpec) -> set[Any]:
+    """The methods the trials run: the searched ones, else the spec's."""
     searched = spec.search.params.get("method")
-    return {spec.method, *(searched.values or [] if searched else [])}
+    return set(searched.values) if searched and searched.values else {spec.method}
 
 
 def _fsdp_is_for_full_fine_tuning(spec: SearchSpec) -> str | None:

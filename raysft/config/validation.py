@@ -121,14 +121,18 @@ def validate_tree(
     model: type[Config] = Config,
     dropped: Collection[str] = (),
     rest: bool = True,
+    probe: bool = False,
 ) -> Config:
     """``tree`` validated as ``model``; every problem at once, cross-field rules included: a
     field error hides none of the rules whose fields validated (``validate_rest``).
     ``dropped``: paths already left out of ``tree`` (``Rest.dropped``): a rule reading one is
     not applied (its input is a default, not what the file meant). ``rest=False``: the field
-    errors alone (a probe of one searched value, whose rules the spec's check already ran)."""
+    errors alone (a probe of one searched value, whose rules the spec's check already ran).
+    ``probe``: ``tree`` holds a trial's searched ``method`` (rules on the method then apply
+    to it; otherwise, in a spec that searches the method, they wait for that probe)."""
+    context = {"dropped": set(dropped), "probe": probe} if dropped or probe else None
     try:
-        return model.model_validate(tree, context={"dropped": set(dropped)} if dropped else None)
+        return model.model_validate(tree, context=context)
     except ValidationError as err:
         problems = _format_errors(err, tree)
         if rest and any(e["loc"] for e in err.errors()):  # field errors: the rules did not run

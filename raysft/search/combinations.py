@@ -154,8 +154,9 @@ def probe_problems(
     search.resources (fsdp and train.compile, train.device cpu and GPUs) hold for them."""
     try:
         validate_tree(
-            probe_tree(tree, values), source=source, model=SearchSpec, dropped=dropped, rest=False
-        )
+            probe_tree(tree, values), source=source, model=SearchSpec, dropped=dropped,
+            rest=False, probe="method" in values,
+        )  # fmt: skip
     except ConfigError as err:
         return [e for e in err.problems if e not in known]
     return []

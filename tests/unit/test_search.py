@@ -2812,3 +2812,19 @@ def test_resources_finer_than_ray_takes_are_refused() -> None:
     ]
     tree["search"]["resources"] = {"cpus_per_worker": 0.3, "gpus_per_worker": 0.0625}
     assert problems_of(tree) == []
+
+
+def test_rules_on_the_method_are_judged_by_the_searched_methods_not_the_specs_own() -> None:
+    # method: full in the spec, but every trial runs lora or qlora: their settings are no
+    # problem (the spec's method is read by no trial).
+    tree = spec({"lora.r": R_CHOICE, "method": {"type": "choice", "values": ["lora", "qlora"]}})
+    tree.update(method="full", lora={"r": 8, "alpha": 16, "use_dora": True})
+    tree["model"] = {**tree.get("model", {}), "dtype": "bfloat16"}
+    assert problems_of(tree) == []
+    # A searched full trial still gets the rule, named by its value.
+    tree["search"]["params"]["method"]["values"] = ["lora", "full"]
+    assert problems_of(tree) == [
+        "search.params.method: value 'full': lora.use_dora/use_rslora are set but method is full",
+        "search.params.method: value 'full': model.dtype: bfloat16 but method is full: full "
+        "fine-tuning keeps float32 master weights; set train.precision: bf16 for bf16 compute",
+    ]
