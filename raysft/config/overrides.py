@@ -112,7 +112,9 @@ def blame_overrides(
     read before the overrides) does not have, or an unknown one.
     """
     values = keys if isinstance(keys, dict) else {}
-    keys = list(keys)
+    # A mapping merges into its section (``--set 'train={seed: 7}'``): only the keys it sets
+    # are the command line's; the section's other settings are still the file's.
+    keys = [leaf for k in keys for leaf in _leaf_keys(k, values.get(k))]
     out = []
     for line in problems:
         path = line.split(": ", 1)[0]
@@ -138,6 +140,16 @@ def blame_overrides(
                 line += f" (YAML reads the value as {read}; quote it for the word)"
         out.append(line)
     return out
+
+
+def _leaf_keys(key: str, value: Any) -> list[str]:
+    """The dotted paths ``--set key=value`` sets: a mapping's leaves, a search parameter (set
+    whole) and a list as one."""
+    if not isinstance(value, dict) or key.startswith("search.params."):
+        return [key]
+    if key == "search.params":
+        return [f"{key}.{name}" for name in value]
+    return [leaf for sub, inner in value.items() for leaf in _leaf_keys(f"{key}.{sub}", inner)]
 
 
 def _set_targets(key: str) -> set[str]:

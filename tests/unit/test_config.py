@@ -878,3 +878,14 @@ def test_an_empty_experiment_dir_is_refused() -> None:
     assert info.value.problems == [
         "search.experiment_dir: empty: give a directory (empty is the working directory)"
     ]
+
+
+def test_a_mapping_set_blames_only_the_keys_it_sets(tmp_path: Path) -> None:
+    # --set 'train={...}' merges into the file's train: its other settings are still the file's.
+    path = write(tmp_path, "train:\n  learning_rate: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, parse_overrides(["train={max_steps: -4, seed: 7}"]))
+    assert err.value.lines() == [
+        f"{path}: train.learning_rate: Input should be greater than 0",
+        f"{path}: --set train.max_steps: Input should be greater than 0",
+    ]
