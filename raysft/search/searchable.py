@@ -103,13 +103,18 @@ def check_param(
         ann = _field_annotation(name)
     except KeyError as err:
         return f"{where}: {err.args[0]}"
-    twice = _listed_twice(p.values or [])
+    twice = _listed_twice(p.values or [], ann if p.type == "choice" else None)
+    if twice is not None and same_value(twice[0]) != same_value(twice[1]):
+        return (
+            f"{where}: values: {twice[0]!r} and {twice[1]!r} are one value of {name}; each "
+            "value is drawn as often as it is listed: list it once"
+        )
     if twice is not None:
         # Here, on the spec file a search starts from, not in SearchParam's validator: a
         # saved spec (summary.json's resolved_spec, a trial's, --resume's) of a search that
         # ran with one must still load.
         return (
-            f"{where}: values: {twice!r} is listed more than once; each value is drawn as "
+            f"{where}: values: {twice[0]!r} is listed more than once; each value is drawn as "
             "often as it is listed: list it once"
         )
     one = _one_value(p)
@@ -187,15 +192,30 @@ def _one_value(p: Any) -> str | None:
     return None
 
 
-def _listed_twice(values: list[Any]) -> Any:
-    """The first value listed a second time (4 and 4.0 are one value), or None: it would be
-    drawn twice as often, the search leaning on it unasked."""
-    seen: set[Any] = set()
+def _listed_twice(values: list[Any], ann: Any = None) -> tuple[Any, Any] | None:
+    """The first value listed a second time (4 and 4.0 are one value; so are 4 and "4", or
+    true and 1, where the field ``ann`` reads them as one), or None: it would be drawn twice
+    as often, the search leaning on it unasked. Returns (that value, the one listed before)."""
+    seen: dict[Any, Any] = {}
     for v in values:
-        if same_value(v) in seen:
-            return v
-        seen.add(same_value(v))
+        key = same_value(_as_the_field_reads(v, ann))
+        if key in seen:
+            return v, seen[key]
+        seen[key] = v
     return None
+
+
+def _as_the_field_reads(value: Any, ann: Any) -> Any:
+    """``value`` as a field of type ``ann`` takes it; as it is where that fails (the field's
+    own check reports it) or no type is given."""
+    if ann is None:
+        return value
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(ann).validate_python(value)
+    except (ValidationError, TypeError):
+        return value
 
 
 def same_value(v: Any) -> Any:

@@ -2620,6 +2620,19 @@ def test_a_value_listed_twice_is_refused(param: dict[str, Any], value: str) -> N
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "values", "said"),
+    [("lora.use_dora", [True, 1], "1 and True"), ("lora.r", [4, "4"], "'4' and 4")],
+)
+def test_two_values_the_field_reads_as_one_are_refused(
+    name: str, values: list[Any], said: str
+) -> None:
+    assert problems_of(spec({name: {"type": "choice", "values": values}})) == [
+        f"search.params.{name}: values: {said} are one value of {name}; each value is drawn as "
+        "often as it is listed: list it once"
+    ]
+
+
 def test_a_saved_spec_with_a_value_listed_twice_loads() -> None:
     # summary.json's resolved_spec of a search that ran with one: raysft.promote, a trial and
     # --resume validate it again; the refusal is the spec file's, when a search starts.
