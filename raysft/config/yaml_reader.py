@@ -119,6 +119,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             str(path),
             [f"top level must be a mapping of sections (model:, data:, ...), got {kind_of(tree)}"],
         )
+    odd = _non_string_key(tree)
+    if odd:
+        raise ConfigError(str(path), [odd])
     # A section whose keys are all commented out reads as null: its defaults are meant.
     return {k: {} if v is None and k in _SECTIONS else v for k, v in tree.items()}
 
@@ -128,6 +131,27 @@ _SECTIONS = {
     for name, field in Config.model_fields.items()  # not search: null there means no search
     if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 }
+
+
+def _non_string_key(tree: Any, prefix: str = "") -> str | None:
+    """The first mapping key YAML read as something else than a string (``null:``, ``true:``,
+    ``1.5:``), said as written, or None: every setting is named by a string."""
+    if isinstance(tree, list):
+        return next((p for v in tree if (p := _non_string_key(v, prefix))), None)
+    if not isinstance(tree, dict):
+        return None
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            written = yaml.safe_dump(key).removesuffix("\n...\n").strip()
+            where = f"{prefix}: " if prefix else ""
+            return (
+                f"{where}key {written}: YAML reads it as {'null' if key is None else kind_of(key)}"
+                ", not a name; quote it, or correct it"
+            )
+        problem = _non_string_key(value, f"{prefix}.{key}" if prefix else key)
+        if problem:
+            return problem
+    return None
 
 
 def kind_of(value: Any) -> str:

@@ -889,3 +889,21 @@ def test_a_mapping_set_blames_only_the_keys_it_sets(tmp_path: Path) -> None:
         f"{path}: train.learning_rate: Input should be greater than 0",
         f"{path}: --set train.max_steps: Input should be greater than 0",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("null: 2\n", "key null: YAML reads it as null, not a name"),
+        ("true: 2\n", "key true: YAML reads it as true/false, not a name"),
+        ("train:\n  1.5: 2\n", "train: key 1.5: YAML reads it as a number, not a name"),
+    ],
+)
+def test_a_key_yaml_reads_as_no_string_is_named_as_written(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    # pydantic's own words were "F: : as None: Keys should be strings" and "1: ..." for true.
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.lines() == [f"{path}: {problem}; quote it, or correct it"]
