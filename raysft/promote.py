@@ -85,9 +85,10 @@ def _main() -> int:
     if unwritten:
         for line in unwritten:
             print(f"error: {line}", file=sys.stderr)
+        outcome = "promoted" if record.get("promoted") else f"not promoted ({record['reason']})"
         print(
-            f"error: promoted, but the parent run still says what the search's finish left; "
-            f"{exp_dir / SUMMARY_FILE} holds the promotion (run this command again to retry)",
+            f"error: {outcome}, but the parent run still says what the search's finish left; "
+            f"{exp_dir / SUMMARY_FILE} holds this outcome (run this command again to retry)",
             file=sys.stderr,
         )
         return EXIT_FINISH_FAILED

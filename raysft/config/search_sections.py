@@ -173,7 +173,7 @@ class ResourcesSection(Section):
     def _in_rays_steps(cls, value: float | str) -> float | str:
         """Ray refuses a fraction finer than 1/10000 of a CPU or GPU, at the trial's start."""
         if isinstance(value, float | int) and abs(value * 10**4 - round(value * 10**4)) > 1e-6:
-            raise ValueError(f"{value:g}: Ray takes resources in steps of 0.0001")
+            raise ValueError(f"{value!r}: Ray takes resources in steps of 0.0001")
         return value
 
     @field_validator("gpus_per_worker")

@@ -53,28 +53,27 @@ _Loader.add_implicit_resolver(
 
 
 # YAML 1.1 reads an integer with a leading 0 as octal (``seed: 0123`` is 83) and digits joined by
-# ":" as base 60 (``1:30`` is 90); YAML 1.2 does neither. Such a value is refused, not misread.
-_AMBIGUOUS = "tag:raysft,2026:ambiguous-number"
-_AMBIGUOUS_NUMBER = re.compile(
-    r"^[-+]?0[0-9_]+$|^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$"
+# ":" as base 60 (``1:30`` is 90); YAML 1.2 does neither, and neither does raysft: ``0123`` is 123
+# and ``1:30`` a string. PyYAML's own patterns for those forms, so nothing else changes (``0189``
+# and ``0:30`` were strings already).
+_YAML11_ONLY = "tag:raysft,2026:yaml-1.1-number"
+_YAML11_ONLY_NUMBER = re.compile(
+    r"^(?:[-+]?0[0-7_]+|[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*)$"
 )
 for _first in "-+0123456789":
     _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(
-        0, (_AMBIGUOUS, _AMBIGUOUS_NUMBER)
+        0, (_YAML11_ONLY, _YAML11_ONLY_NUMBER)
     )
 
 
-def _refuse_ambiguous(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    text = node.value
-    how = (
-        "a leading 0 makes it octal in YAML 1.1; write it without the 0, or quote it"
-        if ":" not in text
-        else "YAML 1.1 reads digits joined by ':' in base 60; quote it, or write the number"
-    )
-    raise yaml.constructor.ConstructorError(None, None, f"{text}: {how}", node.start_mark)
+def _as_yaml_1_2(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
+    """A YAML 1.1 octal or base-60 number as YAML 1.2 reads it: digits in base 10, the rest a
+    string."""
+    text = str(node.value)
+    return int(text) if re.fullmatch(r"[-+]?[0-9]+", text) else text
 
 
-_Loader.add_constructor(_AMBIGUOUS, _refuse_ambiguous)
+_Loader.add_constructor(_YAML11_ONLY, _as_yaml_1_2)
 
 
 def yaml_load(text: str) -> Any:
@@ -135,7 +134,8 @@ _SECTIONS = {
 
 def _non_string_key(tree: Any, prefix: str = "") -> str | None:
     """The first mapping key YAML read as something else than a string (``null:``, ``true:``,
-    ``1.5:``), said as written, or None: every setting is named by a string."""
+    ``1.5:``), said as YAML reads it (``on:`` as true), or None: every setting is named by a
+    string."""
     if isinstance(tree, list):
         return next((p for v in tree if (p := _non_string_key(v, prefix))), None)
     if not isinstance(tree, dict):

@@ -364,8 +364,10 @@ def split_train_eval(
     conversations: list[Conversation], *, eval_fraction: float, seed: int
 ) -> tuple[list[Conversation], list[Conversation]]:
     """Seeded split; each side gets at least one conversation. Copies of one conversation (the
-    same roles and texts) go to the same side, so no held-out row is also a training row; with
-    no copies the split is the first ``eval_fraction`` of a seeded shuffle."""
+    same roles and texts) go to the same side, so no held-out row is also a training row, and
+    the held-out side is at most ``eval_fraction`` (a conversation with more copies than that
+    stays in training; the one with fewest copies where all have more). With no copies the
+    split is the first ``eval_fraction`` of a seeded shuffle."""
     if len(conversations) < 2:
         raise DataError(
             f"data.eval is null: need at least 2 conversations to split off an eval set, "
@@ -388,9 +390,12 @@ def split_train_eval(
         if len(held) >= n_eval:
             break
         group = copies[_content(conversations[i])]
-        if i in held or len(held) + len(group) >= len(order):
-            continue  # taken with an earlier copy, or it would leave nothing to train on
+        if i in held or len(held) + len(group) > n_eval:
+            continue  # taken with an earlier copy, or more copies than the fraction has room for
         held.update(group)
+    if not held:  # every conversation has more copies than the fraction: the fewest, then
+        fewest = min(copies.values(), key=lambda ids: (len(ids), order.index(ids[0])))
+        held.update(fewest)
     train = [c for i, c in enumerate(conversations) if i not in held]
     evals = [c for i, c in enumerate(conversations) if i in held]
     return train, evals

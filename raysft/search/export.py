@@ -22,12 +22,12 @@ from typing import Any
 import yaml
 
 from raysft.assets import BUNDLED_BASE, absolute_if_local, adapter_base_path, resolve
-from raysft.config import PromoteSection, SearchSpec
+from raysft.config import PromoteSection, SearchSpec, saved_tree
 from raysft.errors import ModelError
 from raysft.paths import give_plain_modes, writable_dir_problem
 from raysft.search.model_registry import forget_version
 from raysft.search.ray_start import base_in_job_copy
-from raysft.search.redact import redact_tree, saved_config_text
+from raysft.search.redact import redact_tree
 from raysft.search.results import json_safe
 from raysft.search.space import trial_config
 from raysft.thirdparty import peft_quietly
@@ -118,8 +118,9 @@ def stage_export(
         else:
             shutil.copy2(item, staging / item.name)
     own = trial_config(cfg.model_dump(mode="json"), best.get("sampled") or {}, output_dir=trial_dir)
-    # The export is logged to the registry: no secret may ride along.
-    (staging / "config.yaml").write_text(saved_config_text(own), encoding="utf-8")
+    # The export is logged to the registry: no secret may ride along (redact.redact_tree).
+    text = yaml.safe_dump(redact_tree(saved_tree(own)), sort_keys=False)
+    (staging / "config.yaml").write_text(text, encoding="utf-8")
     metrics = {
         "trial_id": best["trial_id"],
         "step": best.get("step"),

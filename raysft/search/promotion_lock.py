@@ -87,6 +87,9 @@ def registry_key(uri: str) -> str:
     if local is not None:
         return f"local:{local}"
     parts = urlsplit(uri.strip())
-    port = f":{parts.port}" if parts.port else ""
-    host = (parts.hostname or "").lower()
-    return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
+    where = parts.netloc.rpartition("@")[2].lower()  # without user info
+    if parts.scheme.lower() in ("http", "https"):
+        with contextlib.suppress(ValueError):  # a port that is no number: kept as written
+            where = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}".lower()
+    # databricks://PROFILE:PREFIX and the like: the whole address, each prefix its own registry
+    return f"{parts.scheme.lower()}://{where}{parts.path.rstrip('/')}"

@@ -51,10 +51,21 @@ def redact_tree(tree: Any, prefix: str = "") -> Any:
 
 
 def saved_config_text(cfg: Config) -> str:
-    """``cfg`` as a run saves it (its ``config.yaml``: checkpoints, outputs, exports), secrets
-    hidden: a tracking URI's password would otherwise ride along into every checkpoint and the
-    artifacts made of them. What a resume compares is kept (``tracking.`` may change)."""
-    return yaml.safe_dump(redact_tree(saved_tree(cfg)), sort_keys=False, allow_unicode=True)
+    """``cfg`` as a run saves it (its ``config.yaml`` in checkpoints and the output dir),
+    secrets hidden: the ``tracking`` section scrubbed (a tracking URI's password would ride
+    along into every checkpoint and the artifacts made of them) and any setting with a secret
+    name. The rest is kept as it is: a resume compares it (``tracking.`` may change there) and
+    ``raysft.evaluate`` scores with it, so a system prompt that holds a URL stays whole."""
+    return yaml.safe_dump(_hide_secrets(saved_tree(cfg)), sort_keys=False, allow_unicode=True)
+
+
+def _hide_secrets(tree: Any, prefix: str = "") -> Any:
+    if isinstance(tree, dict):
+        return {k: _hide_secrets(v, f"{prefix}{k}.") for k, v in tree.items()}
+    name = prefix.rstrip(".")
+    if name.startswith("tracking."):
+        return redact_tree(tree, prefix)
+    return REDACTED if is_secret(name) and tree is not None else tree
 
 
 def redact(name: str, value: str) -> str:

@@ -117,12 +117,6 @@ def check_param(
             f"{where}: values: {twice[0]!r} is listed more than once; each value is drawn as "
             "often as it is listed: list it once"
         )
-    one = _one_value(p)
-    if one is not None:
-        return (
-            f"{where}: {one}: every trial would train with the same value; set it in the spec "
-            "instead, or search more than one"
-        )
     if p.type in ("loguniform", "uniform") and _is_int_field(ann):
         return f"{where}: {name} is an integer; use type int or choice, not {p.type}"
     if p.type in ("loguniform", "uniform") and not _takes_a_float(ann):
@@ -159,11 +153,6 @@ def check_param(
     if not all(is_number(b) for b in bases):
         got = next(b for b in bases if not is_number(b))
         return f"{where}.of: {p.of} is not a number ({got!r}); multiple_of needs a number"
-    if of is None and len(p.values or []) == 1:
-        return (
-            f"{where}: one factor of a fixed {p.of}: every trial would train with the same "
-            "value; set it in the spec instead, or search more than one"
-        )
     if of is not None and _is_int_field(ann):
         # Only the bounds of a range are probed: products between them must be whole too.
         if of.type in ("loguniform", "uniform"):
@@ -182,13 +171,27 @@ def check_param(
     return None
 
 
-def _one_value(p: Any) -> str | None:
-    """How a parameter that can take one value only says so (a choice of one, a range whose
-    bounds are equal), or None. A multiple_of of one factor varies with what it multiplies."""
-    if p.type == "choice" and len(p.values or []) == 1:
-        return f"values: {p.values[0]!r} is the only choice"
-    if p.type in ("loguniform", "uniform", "int") and p.low == p.high:
-        return f"low and high are both {p.low:g}"
+def varies_nothing(params: dict[str, Any]) -> str | None:
+    """Why a search whose every parameter takes one value only (a choice of one, a range whose
+    bounds are equal, one factor of such a value or of a fixed one) would train every trial
+    alike, as an empty ``search.params`` would, or None. One parameter that varies is enough:
+    a spec may hold fixed ones beside it."""
+    if not params:
+        return None
+
+    def one(name: str) -> bool:
+        p = params[name]
+        if p.type == "multiple_of":
+            return len(p.values or []) == 1 and (p.of not in params or one(p.of))
+        if p.type == "choice":
+            return len(p.values or []) == 1
+        return bool(p.low == p.high)
+
+    if all(one(name) for name in params):
+        return (
+            "every parameter takes one value, so every trial trains alike (their results "
+            "differ by seed noise at most); search at least one over more than one value"
+        )
     return None
 
 

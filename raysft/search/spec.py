@@ -8,6 +8,7 @@ shape and probe values: ``searchable``) and in combination (``combinations``).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Collection
 from typing import Any
 
@@ -37,8 +38,10 @@ from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
 from raysft.search.preflight import preflight as read_as_a_trial
 from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import check_resources, local_nodes
-from raysft.search.searchable import check_param, is_number, probe_values
+from raysft.search.searchable import check_param, is_number, probe_values, varies_nothing
 from raysft.train.metrics import METRICS, objective_mode, reported
+
+log = logging.getLogger(__name__)
 
 
 def load_spec(
@@ -119,6 +122,9 @@ def read_spec(
     if problems or bad_sets:
         raise ConfigError(path, bad_sets + blame_overrides(problems, changes, in_file))
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
+    alike = varies_nothing(spec.search.params)
+    if alike:  # said, not refused: a spec may pin its values on purpose (a rerun, a check)
+        log.warning("%s: search.params: %s", path, alike)
     shared = read_as_a_trial(spec, source=path) if preflight and checked_here else None
     return tree, spec, shared
 

@@ -557,6 +557,18 @@ def test_split_never_leaves_training_empty_for_a_big_group() -> None:
         assert not set(_ids(train)) & set(_ids(evals))
 
 
+def test_split_holds_out_no_more_than_the_fraction_for_a_big_group() -> None:
+    # 60 copies of one conversation and 40 others: 10%, not the 60 copies, is held out.
+    convs = [*(_numbered(1) * 60), *_numbered(41)[1:]]
+    for seed in range(10):
+        train, evals = split_train_eval(convs, eval_fraction=0.1, seed=seed)
+        assert len(evals) == 10 and "q0" not in _ids(evals)
+    # Every conversation with more copies than the fraction: the one with fewest is held out.
+    _, evals = split_train_eval([*(_numbered(1) * 5), *(_numbered(2)[1:] * 3)],
+                                eval_fraction=0.1, seed=0)  # fmt: skip
+    assert _ids(evals) == ["q1"] * 3
+
+
 def test_split_of_copies_of_one_conversation_is_an_error() -> None:
     with pytest.raises(DataError, match="all 4 conversations are the same"):
         split_train_eval(_numbered(1) * 4, eval_fraction=0.5, seed=0)

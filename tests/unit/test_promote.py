@@ -1375,7 +1375,7 @@ def test_a_promote_whose_parent_run_cannot_be_told_exits_3(
     lines = proc.stderr.splitlines()
     assert lines[-1] == (
         "error: promoted, but the parent run still says what the search's finish left; "
-        f"{exp_dir / 'summary.json'} holds the promotion (run this command again to retry)"
+        f"{exp_dir / 'summary.json'} holds this outcome (run this command again to retry)"
     )
     assert any(line.startswith("error: MLflow: the promotion tag: ") for line in lines)
     after = json.loads((exp_dir / "summary.json").read_text())
@@ -1446,3 +1446,24 @@ def test_one_registry_written_several_ways_has_one_promotion_lock(same: tuple[st
     assert len(keys) == 1, keys
     other = SimpleNamespace(tracking_uri="http://mlflow.corp:5001")
     assert promotion_lock._lock_path(other, "m") not in keys
+
+
+def test_registries_mlflow_names_without_a_port_number_each_get_a_lock() -> None:
+    # databricks://PROFILE:PREFIX is no host:port (urlsplit's port raises on it).
+    keys = {promotion_lock.registry_key(u) for u in ("databricks://s:p", "databricks://s:q")}
+    assert len(keys) == 2
+    assert promotion_lock.registry_key("http://h:99999") == "http://h:99999"
+
+
+def test_a_refusal_the_parent_run_cannot_be_told_of_exits_3_and_says_not_promoted(
+    registry: Registry, checkpoints: dict[str, Any], tmp_path: Path
+) -> None:
+    exp_dir = _finished(tmp_path, registry, checkpoints["a"], parent_run_id="0" * 32)
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    summary["base_vs_tuned"] = {"base": {"metrics": {"eval_loss": 0.1}}, "tuned": {"metrics": {}}}
+    (exp_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("error: not promoted (") and "base model" in last, last
+    assert json.loads((exp_dir / "summary.json").read_text())["promotion"]["promoted"] is False

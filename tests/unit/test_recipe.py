@@ -131,9 +131,11 @@ def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
 def test_a_runs_saved_configs_hold_no_tracking_password(tmp_path: Path) -> None:
     # Checkpoints are uploaded as the best adapter and read by anyone who reads the experiment.
     uri = "https://alice:s3cretpw@mlflow.example.com"
+    prompt = "Clone ssh://git@github.com/x/y?key=setup first."  # no secret: kept as it is
     cfg = _config(
         tmp_path, _model_dir(tmp_path, "llama"), "lora",
-        **{"tracking.uri": uri, "train.max_steps": 2, "train.eval_base": False},
+        **{"tracking.uri": uri, "train.max_steps": 2, "train.eval_base": False,
+           "data.system_prompt": prompt},
     )  # fmt: skip
     saved: list[str] = []
 
@@ -147,6 +149,7 @@ def test_a_runs_saved_configs_hold_no_tracking_password(tmp_path: Path) -> None:
     assert len(saved) == 2
     for text in saved:
         assert "s3cretpw" not in text and "alice:***@mlflow.example.com" in text
+        assert prompt in text  # resume compares it, raysft.evaluate scores with it
 
 
 def test_compiled_training_steps_equal_eager_ones(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from raysft.search.autoscale import (
     v2_launching,
 )
 from raysft.search.resources import plan_resources
+from raysft.search.searchable import varies_nothing
 from raysft.search.space import (
     DefineByRun,
     build_sampler,
@@ -376,23 +377,30 @@ def test_a_typo_among_searched_methods_is_the_one_problem() -> None:
     ]
 
 
-def test_a_parameter_that_can_take_one_value_is_refused() -> None:
-    # Every trial would train the same: an empty search.params is refused for that reason too.
-    for param, why in [
-        ({"type": "choice", "values": [8]}, "values: 8 is the only choice"),
-        ({"type": "int", "low": 8, "high": 8}, "low and high are both 8"),
-    ]:
-        assert one_problem(spec({"lora.r": param})) == (
-            f"search.params.lora.r: {why}: every trial would train with the same value; set it "
-            "in the spec instead, or search more than one"
-        )
-    fixed = {"lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2]}}
-    assert one_problem(spec(fixed)) == (
-        "search.params.lora.alpha: one factor of a fixed lora.r: every trial would train with "
-        "the same value; set it in the spec instead, or search more than one"
+def test_a_search_whose_every_parameter_takes_one_value_is_said() -> None:
+    # Every trial trains alike, as with an empty search.params (refused): said, not refused,
+    # since a spec may pin its values on purpose.
+    said = (
+        "every parameter takes one value, so every trial trains alike (their results differ "
+        "by seed noise at most); search at least one over more than one value"
     )
-    # One factor of a searched value varies with it (search_spaces/lora.yaml).
-    assert problems_of(spec({**fixed, "lora.r": R_CHOICE})) == []
+    fixed = {"lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2]}}
+    one_r = {"lora.r": {"type": "choice", "values": [8]}}
+    for params in (one_r, {"lora.r": {"type": "int", "low": 8, "high": 8}}, fixed,
+                   {**fixed, **one_r}):  # fmt: skip
+        assert varies_nothing(validate_spec(spec(params), source=SRC).search.params) == said
+    # One that varies is enough: a one-factor multiple_of of it (search_spaces/lora.yaml), or
+    # a parameter held at one value beside it.
+    one_lr = {"train.learning_rate": {"type": "choice", "values": [1e-3]}}
+    for params in ({**fixed, "lora.r": R_CHOICE}, {**one_lr, "lora.r": R_CHOICE}):
+        assert varies_nothing(validate_spec(spec(params), source=SRC).search.params) is None
+
+
+def test_load_spec_warns_of_a_search_that_varies_nothing(
+    spec_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    load_spec(str(spec_file), ["search.params.lora.r.values=[8]"])
+    assert f"{spec_file}: search.params: every parameter takes one value" in caplog.text
 
 
 def test_metric_the_trainer_never_reports() -> None:
