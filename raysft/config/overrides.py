@@ -115,9 +115,21 @@ def blame_overrides(
     # A mapping merges into its section (``--set 'train={seed: 7}'``): only the keys it sets
     # are the command line's; the section's other settings are still the file's.
     keys = [leaf for k in keys for leaf in _leaf_keys(k, values.get(k))]
+    fields_of_new = _fields_of_new_params(keys, file_tree)
     out = []
     for line in problems:
         path = line.split(": ", 1)[0]
+        new = next((k for n, k in fields_of_new.items() if f"{path}.".startswith(f"{n}.")), None)
+        if new is not None:
+            # Its other fields are missing: the parameter is not in the file to be changed.
+            name = _split_path(new)[2]
+            said = (
+                f"--set {new}: the spec has no search parameter {name} to set a field of; give "
+                f"it whole, e.g. --set 'search.params.{name}={{type: choice, values: [...]}}'"
+            )
+            if said not in out:
+                out.append(said)
+            continue
         ours = any(
             path in _set_targets(k)
             or path.startswith(k + ".")
@@ -139,6 +151,23 @@ def blame_overrides(
                 read = yaml.safe_dump(values[path]).removesuffix("\n...\n")
                 line += f" (YAML reads the value as {read}; quote it for the word)"
         out.append(line)
+    return out
+
+
+def _fields_of_new_params(keys: list[str], file_tree: dict[str, Any] | None) -> dict[str, str]:
+    """``search.params.NAME`` -> the ``--set`` key that sets one of its fields
+    (``search.params.NAME.values``), for each NAME the file (``file_tree``) has no parameter
+    of."""
+    if file_tree is None:
+        return {}
+    search = file_tree.get("search")
+    params = search.get("params") if isinstance(search, dict) else None
+    have = params if isinstance(params, dict) else {}
+    out: dict[str, str] = {}
+    for k in keys:
+        parts = _split_path(k)
+        if parts[:2] == ["search", "params"] and len(parts) == 4 and parts[2] not in have:
+            out.setdefault(f"search.params.{parts[2]}", k)
     return out
 
 

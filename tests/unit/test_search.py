@@ -2849,3 +2849,17 @@ def test_rules_on_the_method_are_judged_by_the_searched_methods_not_the_specs_ow
         "search.params.method: value 'full': model.dtype: bfloat16 but method is full: full "
         "fine-tuning keeps float32 master weights; set train.precision: bf16 for bf16 compute",
     ]
+
+
+@pytest.mark.parametrize("name", ["lora.dropout", "lora.rr"])
+def test_set_of_a_field_of_a_parameter_the_spec_lacks_says_to_give_it_whole(
+    spec_file: Path, name: str
+) -> None:
+    # Was "<spec>: search.params.NAME.type: Field required", blamed on the file.
+    with pytest.raises(ConfigError) as err:
+        load_spec(str(spec_file), [f"search.params.{name}.values=[0.1, 0.2]"])
+    assert err.value.lines() == [
+        f"{spec_file}: --set search.params.{name}.values: the spec has no search parameter "
+        f"{name} to set a field of; give it whole, e.g. --set 'search.params.{name}={{type: "
+        "choice, values: [...]}'"
+    ]
