@@ -107,8 +107,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             str(path), [f"not UTF-8 text (byte {err.start}: 0x{err.object[err.start]:02x})"]
         ) from None
-    except ValueError:  # Python's cap on an integer's digits
-        raise ConfigError(str(path), ["holds a number of more than 4300 digits"]) from None
+    except ValueError as err:  # Python's cap on an integer's digits; a date that is none
+        why = (
+            "holds a number of more than 4300 digits"
+            if "digits" in str(err)
+            else (f"holds a value YAML cannot read ({err}); quote it if it is text")
+        )
+        raise ConfigError(str(path), [why]) from None
     if tree is None and not text.strip():  # an empty file (a failed write, the wrong file)
         raise ConfigError(str(path), ["empty; write {} to use every default"])
     if tree is None:  # comments only: a template with every setting commented out

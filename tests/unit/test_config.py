@@ -93,8 +93,10 @@ def test_an_empty_file_is_refused(tmp_path: Path, text: str) -> None:
     [
         ("train:\n  max_steps: " + "1" * 5000 + "\n", "holds a number of more than 4300 digits"),
         ("x: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply to be a config"),
+        ("tracking:\n  experiment: 2026-13-45\n", "holds a value YAML cannot read (month must "
+         "be in 1..12); quote it if it is text"),
     ],
-)
+)  # fmt: skip
 def test_yaml_python_cannot_read_is_one_message(tmp_path: Path, text: str, problem: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
