@@ -103,7 +103,8 @@ def collect(scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path) -> 
     (exp_dir / COMPARISON_MD).write_text(md, encoding="utf-8")
     path = exp_dir / COMPARISON_JSON
     path.write_text(json.dumps(out["scores"], indent=2, ensure_ascii=False), encoding="utf-8")
-    log.info("base vs tuned:\n%s", out["table"])
+    # The table itself is printed once, by the CLI's summary (``raysft.tune``).
+    log.info("base vs tuned: scored, written to %s", exp_dir / COMPARISON_MD)
     return {"table": out["table"], "side_by_side": out["side_by_side"], **out["scores"]}
 
 
