@@ -21,7 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from raysft.search.notes import run_name
+from raysft.search.notes import trial_run_name
 from raysft.search.redact import scrubbed
 from raysft.search.results import classify, is_diverged
 from raysft.search.tracking import (
@@ -195,7 +195,7 @@ class MlflowTrials(Callback):
                 return
         run = self.mlc.create_run(
             self.exp_id,
-            run_name=run_name(dict(trial.config), self.order),
+            run_name=trial_run_name(dict(trial.config), self.order, trial.trial_id),
             tags={
                 "mlflow.parentRunId": self.parent_id,
                 "raysft.kind": "trial",

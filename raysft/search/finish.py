@@ -124,7 +124,7 @@ def complete_trial_runs(
             parent_id=tracked["parent_id"],
             run_id=row["mlflow_run_id"],
             trial_id=tid,
-            name=notes.run_name(sampled, order),
+            name=notes.trial_run_name(sampled, order, tid),
             params=functools.partial(tracking.trial_params, resolve, tid, sampled),
             history=history.get(tid) or [],
             status=status.value,

@@ -40,7 +40,7 @@ def experiment_note(exp_id: str) -> str:
         f"Training runs, not traces: [open the runs]({runs}), or set the sidebar's switch to "
         "**Model training** (once per browser).\n\n"
         "Hyperparameter searches by raysft: one parent run per search, its trials nested under "
-        "it, named by their sampled values."
+        "it, named by their sampled values and trial id."
     )
 
 
@@ -69,6 +69,15 @@ def run_name(sampled: dict[str, Any], order: Sequence[str] = ()) -> str:
     keys = [k for k in order if k in sampled] + [k for k in sampled if k not in order]
     # A searched secret (unlikely, but a name is logged like a param) shows as REDACTED.
     return " ".join(f"{short_name(k)}={redact(k, format_value(sampled[k]))}" for k in keys)[:250]
+
+
+def trial_run_name(sampled: dict[str, Any], order: Sequence[str], trial_id: str) -> str:
+    """A trial's MLflow run name: its sampled values, then its trial id, ``lr=3.2e-3 r=8
+    alpha=16 neft=5 (b3d53107)``. Two trials of one search can sample the same values (a space
+    of choices, or values equal at 2 significant digits); the id tells their runs apart and names
+    the trial as the terminal's table, summary.json and ``trials/<id>/`` do."""
+    tail = f" ({trial_id})"
+    return run_name(sampled, order)[: 250 - len(tail)] + tail
 
 
 def describe_parent(mlc: Any, parent_id: str, summary: dict[str, Any]) -> str:

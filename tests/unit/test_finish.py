@@ -355,7 +355,7 @@ def test_what_the_trials_callback_could_not_write_is_written_at_the_finish(
     assert b2.data.tags["mlflow.parentRunId"] == tracked["parent_id"]
     assert b2.data.tags["raysft.trial_id"] == "b2"
     assert b2.data.tags["raysft.status"] == "finished" and b2.info.status == "FINISHED"
-    assert b2.info.run_name == "r=8"
+    assert b2.info.run_name == "r=8 (b2)"
     assert b2.data.params["sampled.lora.r"] == "8" and b2.data.params["lora.r"] == "8"
 
     def points(run_id: str, key: str) -> list[tuple[int, float]]:

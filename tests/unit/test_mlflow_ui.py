@@ -118,6 +118,13 @@ def test_run_names_use_short_names_in_the_spec_order() -> None:
     assert notes.run_name(sampled) == "lr=3.2e-3 r=8 neft=5 template=chatml alpha=16"
 
 
+def test_a_trial_run_name_keeps_its_trial_id_however_long_its_values() -> None:
+    sampled = {f"data.field_{i}": "x" * 40 for i in range(10)}
+    name = notes.trial_run_name(sampled, [], "b3d53107")
+    assert len(name) == 250 and name.endswith(" (b3d53107)")
+    assert notes.trial_run_name({"lora.r": 8}, [], "t0") == "r=8 (t0)"
+
+
 def _trial(trial_id: str, **config: Any) -> Any:
     return SimpleNamespace(trial_id=trial_id, config=config)
 
@@ -154,6 +161,16 @@ def test_trial_runs_are_named_by_their_sampled_values(mlc: Any, tmp_path: Path) 
                 "lora.alpha": 4,
             },
         ),
+        # The same values to 2 significant digits as t0: its run must still be told apart.
+        _trial(
+            "t2",
+            **{
+                "train.learning_rate": 0.00324,
+                "lora.r": 8,
+                "train.neftune_alpha": 5,
+                "lora.alpha": 16,
+            },
+        ),
     ]
     for t in trials:
         callback.on_trial_start(0, trials, t)
@@ -161,8 +178,9 @@ def test_trial_runs_are_named_by_their_sampled_values(mlc: Any, tmp_path: Path) 
         r.data.tags["raysft.trial_id"]: r
         for r in mlc.search_runs([exp_id], "tags.`raysft.kind` = 'trial'")
     }
-    assert runs["t0"].info.run_name == "lr=3.2e-3 r=8 alpha=16 neft=5"
-    assert runs["t1"].info.run_name == "lr=7.1e-4 r=4 alpha=4 neft=0"
+    assert runs["t0"].info.run_name == "lr=3.2e-3 r=8 alpha=16 neft=5 (t0)"
+    assert runs["t1"].info.run_name == "lr=7.1e-4 r=4 alpha=4 neft=0 (t1)"
+    assert runs["t2"].info.run_name == "lr=3.2e-3 r=8 alpha=16 neft=5 (t2)"
     assert runs["t0"].data.tags["mlflow.parentRunId"] == parent
 
 
