@@ -13,6 +13,7 @@ from raysft.config.loading import (
     load_config,
     saved_tree,
     unread_sections,
+    unused_settings,
 )
 from raysft.config.overrides import (
     blame_overrides,
@@ -79,6 +80,7 @@ __all__ = [
     "set_path",
     "split_overrides",
     "unread_sections",
+    "unused_settings",
     "validate_rest",
     "validate_spec",
     "validate_tree",

@@ -123,6 +123,28 @@ def unread_sections(
     return problems
 
 
+def unused_settings(cfg: Config, searched: Iterable[str] = ()) -> list[str]:
+    """Settings of ``cfg`` that nothing reads, as messages: a ``data.eval_fraction`` off its
+    default beside a ``data.eval`` file (held-out data of its own: no split of ``data.train``).
+    Said, not refused: a config written before this check, or a search's saved spec, must still
+    run; a default counts as unset, so a run's saved config.yaml (every setting written out) is
+    not blamed. ``searched``: a spec's parameter names (its trials may set either).
+
+    Generation settings (``eval.*``, ``train.max_new_tokens``) are read even with
+    ``train.exact_match`` false: a search's base-vs-tuned scoring and ``raysft.evaluate`` score
+    the generated answers with them."""
+    searched = set(searched)
+    default = type(cfg.data).model_fields["eval_fraction"].default
+    if cfg.data.eval is None or "data.eval" in searched:
+        return []
+    if cfg.data.eval_fraction == default and "data.eval_fraction" not in searched:
+        return []
+    return [
+        "data.eval_fraction: has no effect, since data.eval names the held-out data "
+        "(data.eval: null holds out that share of data.train instead)"
+    ]
+
+
 def load_config(
     path: str | Path | None,
     overrides: dict[str, Any] | list[str] | None = None,
@@ -166,6 +188,10 @@ def load_config(
         problems += blame_overrides(unread, overrides, in_file)
     if problems:
         raise ConfigError(source, problems)
+    if authored:
+        for problem in unused_settings(cfg):
+            # Before the CLI sets up logging: Python's last-resort handler prints it.
+            log.warning("%s: %s", source, problem)
     return cfg
 
 

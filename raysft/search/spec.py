@@ -22,6 +22,7 @@ from raysft.config import (
     set_path,
     split_overrides,
     unread_sections,
+    unused_settings,
     validate_rest,
     validate_spec,
     validate_tree,
@@ -122,6 +123,8 @@ def read_spec(
     if problems or bad_sets:
         raise ConfigError(path, bad_sets + blame_overrides(problems, changes, in_file))
     spec.search.mode = objective_mode(spec.search.metric, spec.search.mode)
+    for problem in unused_settings(spec, spec.search.params):
+        log.warning("%s: %s", path, problem)
     alike = varies_nothing(spec.search.params)
     if alike:  # said, not refused: a spec may pin its values on purpose (a rerun, a check)
         log.warning("%s: search.params: %s", path, alike)

@@ -18,6 +18,7 @@ from raysft.config import (
     saved_tree,
     set_path,
     unread_sections,
+    unused_settings,
     validate_spec,
 )
 
@@ -586,6 +587,32 @@ def test_set_method_runs_without_the_sections_of_the_files_method(
     with caplog.at_level("WARNING", logger="raysft.config.loading"):
         assert [p.split(":")[0] for p in problems_of(path, {"method": "ful"})] == ["--set method"]
     assert caplog.records == []
+
+
+def test_an_eval_fraction_beside_an_eval_file_is_said_to_have_no_effect(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    said = (
+        "data.eval_fraction: has no effect, since data.eval names the held-out data "
+        "(data.eval: null holds out that share of data.train instead)"
+    )
+    both = write(tmp_path, "data: {eval: held.jsonl, eval_fraction: 0.3}\n")
+    split = write(tmp_path, "data: {eval: null, eval_fraction: 0.3}\n", "split.yaml")
+    with caplog.at_level("WARNING", logger="raysft.config.loading"):
+        assert load_config(both, authored=True).data.eval_fraction == 0.3  # said, not refused
+        load_config(split, authored=True)  # a split of data.train: read
+        load_config(None, {"data.eval_fraction": 0.2}, authored=True)  # the default eval file
+        load_config(None, {"data.eval_fraction": 0.1}, authored=True)  # the default: unset
+        load_config(both)  # a run's saved config.yaml: read as it is
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{both}: {said}",
+        f"<defaults>: {said}",
+    ]
+    # A spec whose trials search data.eval (null among its values) may read it.
+    cfg = Config.model_validate({"data": {"eval_fraction": 0.3}})
+    assert unused_settings(cfg) == [said]
+    assert unused_settings(cfg, ["data.eval"]) == []
+    assert unused_settings(Config(), ["data.eval_fraction"]) == [said]
 
 
 def test_a_searched_method_that_reads_the_section_makes_it_used(tmp_path: Path) -> None:

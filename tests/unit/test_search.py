@@ -403,6 +403,13 @@ def test_load_spec_warns_of_a_search_that_varies_nothing(
     assert f"{spec_file}: search.params: every parameter takes one value" in caplog.text
 
 
+def test_load_spec_warns_of_an_eval_fraction_beside_an_eval_file(
+    spec_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    load_spec(str(spec_file), ["data.eval_fraction=0.3"])
+    assert f"{spec_file}: data.eval_fraction: has no effect" in caplog.text
+
+
 def test_metric_the_trainer_never_reports() -> None:
     assert one_problem(spec(metric="accuracy")) == (
         "search.metric: the trainer never reports 'accuracy' "
