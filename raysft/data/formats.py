@@ -1,4 +1,4 @@
-"""Alpaca / ShareGPT / OpenAI-messages rows -> one canonical message list.
+"""Alpaca / ShareGPT / OpenAI-messages / TRL prompt-completion rows -> one canonical message list.
 
 A conversation is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an optional
 system message, then user/assistant turns alternating, ending with the assistant. Every malformed
@@ -6,6 +6,11 @@ row is either an error naming file, row and field (strict) or skipped and counte
 
 Any row may carry ``tests`` (a string of Python statements, e.g. asserts): a code task's tests for
 pass@k. They ride on the final assistant message as its ``tests`` key (``code_tests``).
+
+A TRL prompt-completion row is either two strings (read as one user turn and its answer, rendered
+with ``data.template`` like any other row: TRL instead joins the two texts without a template) or
+two message lists (the prompt's messages, then the completion's, as TRL's conversational form);
+as in TRL, only the completion is trained: an assistant message in the prompt is context.
 
 An OpenAI-messages assistant message may carry ``"weight": 0`` (in the conversation, not
 trained) or ``1`` (trained, as without it); a 0 rides on the message as its ``UNTRAINED`` key
@@ -15,7 +20,6 @@ trained) or ``1`` (trained, as without it); a 0 rides on the message as its ``UN
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,8 +61,19 @@ READS = {
     "alpaca": ("instruction", "input", "output", "system", "tests"),
     "sharegpt": ("conversations", "system", "tests"),
     "messages": ("messages", "tests"),
+    "prompt_completion": ("prompt", "completion", "tests"),
 }
-MESSAGE_READS = {"sharegpt": ("from", "value"), "messages": ("role", "content", "weight")}
+MESSAGE_READS = {
+    "sharegpt": ("from", "value"),
+    "messages": ("role", "content", "weight"),
+    "prompt_completion": ("role", "content"),
+}
+# The fields of a row that hold its message lists, and those it must have.
+_MESSAGE_LISTS = {
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+}
 
 # The key marking an assistant message a row gave ``"weight": 0`` (OpenAI fine-tuning data):
 # the model reads it as context and is not trained to write it.
@@ -73,17 +88,22 @@ def is_trained(msg: Message) -> bool:
 # ---------------------------------------------------------------- row -> conversation
 
 
-def detect_format(row: dict[str, Any]) -> Literal["alpaca", "sharegpt", "messages"]:
+def detect_format(
+    row: dict[str, Any],
+) -> Literal["alpaca", "sharegpt", "messages", "prompt_completion"]:
     if "messages" in row:
         return "messages"
     if "conversations" in row:
         return "sharegpt"
     if "instruction" in row:
         return "alpaca"
+    if "prompt" in row or "completion" in row:
+        return "prompt_completion"  # a missing one of the two is named by the converter
     raise _RowError(
         "",
         "cannot detect the format: expected instruction/output (alpaca), "
-        "conversations (sharegpt) or messages (openai); keys are " + ", ".join(sorted(row)),
+        "conversations (sharegpt), messages (openai) or prompt/completion (trl); keys are "
+        + ", ".join(sorted(row)),
     )
 
 
@@ -176,6 +196,40 @@ def _with_sharegpt_system(conv: Conversation, row: dict[str, Any]) -> Conversati
     return conv
 
 
+def _from_prompt_completion(row: dict[str, Any]) -> Conversation:
+    """TRL's prompt-completion row: two strings, or two message lists (only the completion's
+    messages trained)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            raise _RowError(key, "missing (a prompt-completion row has both)")
+    if isinstance(prompt, list) != isinstance(completion, list):
+        kinds = {k: "a message list" if isinstance(v, list) else type(v).__name__
+                 for k, v in (("prompt", prompt), ("completion", completion))}  # fmt: skip
+        raise _RowError(
+            "completion",
+            f"is {kinds['completion']} but prompt is {kinds['prompt']}: give both as strings "
+            "or both as message lists",
+        )
+    if not isinstance(prompt, list):
+        user = _text(row, "prompt", required=True)
+        answer = _text(row, "completion", required=True)
+        if not user.strip():
+            raise _RowError("prompt", "empty: nothing to answer")
+        if not answer.strip():
+            raise _RowError("completion", "empty: nothing to train")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    roles = {r: r for r in _MESSAGE_ROLES}
+    head, tail = (
+        _turns(items, key=key, role_key="role", content_key="content", roles=roles)
+        for key, items in (("prompt", prompt), ("completion", completion))
+    )
+    for msg in head:
+        if msg["role"] == "assistant":
+            msg[UNTRAINED] = "in the prompt"  # context, as TRL trains the completion alone
+    return head + tail
+
+
 def _from_messages(row: dict[str, Any]) -> Conversation:
     roles = {r: r for r in _MESSAGE_ROLES}
     return _turns(
@@ -188,8 +242,10 @@ def _from_messages(row: dict[str, Any]) -> Conversation:
     )
 
 
-def _check_shape(conv: Conversation, *, key: str) -> None:
-    """System first (optional), then user/assistant alternating, ending on the assistant."""
+def _check_shape(conv: Conversation, *, key: str, names: list[str] | None = None) -> None:
+    """System first (optional), then user/assistant alternating, ending on the assistant.
+    ``names``: the field of each message (default ``key[i]``)."""
+    names = names or [f"{key}[{i}]" for i in range(len(conv))]
     start = 1 if conv and conv[0]["role"] == "system" else 0
     turns = conv[start:]
     if not turns:
@@ -198,24 +254,45 @@ def _check_shape(conv: Conversation, *, key: str) -> None:
         expected = "user" if i % 2 == 0 else "assistant"
         if msg["role"] != expected:
             raise _RowError(
-                f"{key}[{i + start}]",
+                names[i + start],
                 f"expected {'an' if expected == 'assistant' else 'a'} {expected} turn, "
                 f"got {msg['role']} "
                 "(turns must alternate user/assistant after an optional system message)",
             )
         if expected == "assistant" and not msg["content"].strip():
-            raise _RowError(f"{key}[{i + start}]", "assistant content is empty: nothing to train")
+            raise _RowError(names[i + start], "assistant content is empty: nothing to train")
         if expected == "user" and not msg["content"].strip():
             # As an alpaca row's empty instruction: an answer to nothing.
-            raise _RowError(f"{key}[{i + start}]", "user content is empty: nothing to answer")
+            raise _RowError(names[i + start], "user content is empty: nothing to answer")
     if turns[-1]["role"] != "assistant":
         raise _RowError(key, "must end with an assistant turn")
     if not any(is_trained(msg) for msg in turns if msg["role"] == "assistant"):
         raise _RowError(key, "every assistant message has weight 0: nothing to train")
 
 
-_CONVERTERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _from_messages}
-_SHAPE_KEY = {"alpaca": "output", "sharegpt": "conversations", "messages": "messages"}
+_CONVERTERS = {
+    "alpaca": _from_alpaca,
+    "sharegpt": _from_sharegpt,
+    "messages": _from_messages,
+    "prompt_completion": _from_prompt_completion,
+}
+_SHAPE_KEY = {
+    "alpaca": "output",
+    "sharegpt": "conversations",
+    "messages": "messages",
+    "prompt_completion": "completion",
+}
+
+
+def _message_names(kind: str, row: dict[str, Any], conv: Conversation) -> list[str] | None:
+    """The field of each message of a prompt-completion row's conversation (its prompt's, then
+    its completion's); None for the other formats (their one list's ``key[i]``)."""
+    if kind != "prompt_completion":
+        return None
+    if not isinstance(row["prompt"], list):
+        return ["prompt", "completion"]
+    n = len(row["prompt"])
+    return [f"prompt[{i}]" if i < n else f"completion[{i - n}]" for i in range(len(conv))]
 
 
 def to_conversation(
@@ -237,10 +314,11 @@ def _convert(
     kind = detect_format(row) if fmt == "auto" else fmt
     if kind not in _CONVERTERS:
         raise _RowError("", f"unknown format {kind!r}")
-    if fmt != "auto" and _SHAPE_KEY[kind] not in row and kind != "alpaca":
-        raise _RowError(_SHAPE_KEY[kind], f"missing (data.format is {fmt})")
+    for key in _MESSAGE_LISTS.get(kind, ()) if fmt != "auto" else ():
+        if key not in row:
+            raise _RowError(key, f"missing (data.format is {fmt})")
     conv = _CONVERTERS[kind](row)
-    _check_shape(conv, key=_SHAPE_KEY[kind])
+    _check_shape(conv, key=_SHAPE_KEY[kind], names=_message_names(kind, row, conv))
     if conv[0]["role"] == "system" and not conv[0]["content"].strip():
         conv = conv[1:]  # a blank system turn is no system prompt, as a blank `system` field is
     if kind == "sharegpt":
@@ -255,9 +333,9 @@ def _convert(
 def reads(kind: str, field: str) -> tuple[str, ...]:
     """What a row of format ``kind`` reads beside its unread ``field``: its fields, or for a
     key of its messages ("messages[].name"), their keys."""
-    key = _SHAPE_KEY[kind]
-    if kind in MESSAGE_READS and field.startswith(f"{key}[]."):
-        return tuple(f"{key}[].{name}" for name in MESSAGE_READS[kind])
+    for key in _MESSAGE_LISTS.get(kind, ()):
+        if field.startswith(f"{key}[]."):
+            return tuple(f"{key}[].{name}" for name in MESSAGE_READS[kind])
     return READS[kind]
 
 
@@ -265,14 +343,14 @@ def _unread(row: dict[str, Any], kind: str) -> list[str]:
     """The fields of a (well-formed) row its format does not read, and the keys of its messages
     (as "messages[].name"); a null one is absent, as a null column is."""
     unread = row.keys() - set(READS[kind])
-    if kind in MESSAGE_READS:
-        key = _SHAPE_KEY[kind]
-        unread |= {
-            f"{key}[].{name}"
-            for msg in row[key]
-            for name, value in msg.items()
-            if value is not None and name not in MESSAGE_READS[kind]
-        }
+    for key in _MESSAGE_LISTS.get(kind, ()):
+        if isinstance(row[key], list):  # a prompt-completion row's may be strings
+            unread |= {
+                f"{key}[].{name}"
+                for msg in row[key]
+                for name, value in msg.items()
+                if value is not None and name not in MESSAGE_READS[kind]
+            }
     return sorted(unread)
 
 
@@ -358,48 +436,3 @@ def load_conversations(
                     ) from None
                 out.skipped.append(where)
     return out
-
-
-def split_train_eval(
-    conversations: list[Conversation], *, eval_fraction: float, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
-    """Seeded split; each side gets at least one conversation. Copies of one conversation (the
-    same roles and texts) go to the same side, so no held-out row is also a training row, and
-    the held-out side is at most ``eval_fraction`` (a conversation with more copies than that
-    stays in training; the one with fewest copies where all have more). With no copies the
-    split is the first ``eval_fraction`` of a seeded shuffle."""
-    if len(conversations) < 2:
-        raise DataError(
-            f"data.eval is null: need at least 2 conversations to split off an eval set, "
-            f"have {len(conversations)}"
-        )
-    copies: dict[tuple[tuple[str, str], ...], list[int]] = {}
-    for i, conv in enumerate(conversations):
-        copies.setdefault(_content(conv), []).append(i)
-    if len(copies) < 2:
-        raise DataError(
-            f"data.eval is null: all {len(conversations)} conversations are the same, so none "
-            f"can be held out without also being trained on"
-        )
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    # Both sides non-empty, whatever the fraction.
-    n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
-    held: set[int] = set()
-    for i in order:
-        if len(held) >= n_eval:
-            break
-        group = copies[_content(conversations[i])]
-        if i in held or len(held) + len(group) > n_eval:
-            continue  # taken with an earlier copy, or more copies than the fraction has room for
-        held.update(group)
-    if not held:  # every conversation has more copies than the fraction: the fewest, then
-        fewest = min(copies.values(), key=lambda ids: (len(ids), order.index(ids[0])))
-        held.update(fewest)
-    train = [c for i, c in enumerate(conversations) if i not in held]
-    evals = [c for i, c in enumerate(conversations) if i in held]
-    return train, evals
-
-
-def _content(conv: Conversation) -> tuple[tuple[str, str], ...]:
-    return tuple((m["role"], m["content"]) for m in conv)

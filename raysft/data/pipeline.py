@@ -18,9 +18,9 @@ from raysft.data.formats import (
     load_conversations,
     reads,
     scored_part,
-    split_train_eval,
 )
 from raysft.data.sources import Role, default_split, saved_split
+from raysft.data.split import split_train_eval
 from raysft.data.templates import TERMINATORS, render, terminator_tokens
 from raysft.data.tokens import (
     Example,

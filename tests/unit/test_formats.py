@@ -14,9 +14,10 @@ from raysft.data.formats import (
     detect_format,
     is_trained,
     load_conversations,
-    split_train_eval,
+    reads,
     to_conversation,
 )
+from raysft.data.split import split_train_eval
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ZH_INSTRUCTION = "Translate the following sentence into English"
@@ -84,6 +85,23 @@ def test_openai_messages() -> None:
     assert to_conversation({"messages": m}) == m
 
 
+def test_trl_prompt_completion_strings_are_a_user_turn_and_its_answer() -> None:
+    row = {"prompt": "2+2?", "completion": "4"}
+    assert to_conversation(row) == msgs(("user", "2+2?"), ("assistant", "4"))
+    assert to_conversation(row, fmt="prompt_completion") == to_conversation(row)
+
+
+def test_trl_conversational_prompt_completion_trains_the_completion_alone() -> None:
+    prompt = msgs(("system", "s"), ("user", "q0"), ("assistant", "a0"), ("user", "q1"))
+    row = {"prompt": prompt, "completion": msgs(("assistant", "a1"))}
+    conv = to_conversation(row)
+    assert [(m["role"], m["content"]) for m in conv] == [
+        ("system", "s"), ("user", "q0"), ("assistant", "a0"), ("user", "q1"), ("assistant", "a1")
+    ]  # fmt: skip
+    # As in TRL, an answer in the prompt is context: only the completion is trained.
+    assert [is_trained(m) for m in conv if m["role"] == "assistant"] == [False, True]
+
+
 def weighted(*weights: Any) -> dict[str, Any]:
     """A messages row of one user/assistant pair per weight (None: the answer has no weight)."""
     m: list[dict[str, Any]] = []
@@ -137,6 +155,8 @@ def test_a_blank_system_message_is_no_system_message(row: dict[str, Any]) -> Non
         ({"instruction": "q", "output": "a"}, "alpaca"),
         ({"conversations": []}, "sharegpt"),
         ({"messages": []}, "messages"),
+        ({"prompt": "q", "completion": "a"}, "prompt_completion"),
+        ({"prompt": []}, "prompt_completion"),
     ],
 )
 def test_detect_format(row: dict[str, Any], fmt: str) -> None:
@@ -206,7 +226,27 @@ BAD_ROWS = [
         "messages[0].weight: only an assistant message has a weight, not a user message",
     ),
     (weighted(0, 0), "messages: every assistant message has weight 0: nothing to train"),
-    ({"prompt": "q", "completion": "a"}, "cannot detect the format"),
+    ({"question": "q", "answer": "a"}, "cannot detect the format"),
+    ({"prompt": "q"}, "completion: missing (a prompt-completion row has both)"),
+    ({"completion": "a"}, "prompt: missing (a prompt-completion row has both)"),
+    ({"prompt": " ", "completion": "a"}, "prompt: empty: nothing to answer"),
+    ({"prompt": "q", "completion": ""}, "completion: empty: nothing to train"),
+    ({"prompt": "q", "completion": ["a"]}, "completion: is a message list but prompt is str"),
+    ({"prompt": msgs(("user", "q")), "completion": "a"}, "completion: is str but prompt is a"),
+    ({"prompt": 3, "completion": "a"}, "prompt: must be a string, got int"),
+    ({"prompt": [], "completion": msgs(("assistant", "a"))}, "prompt: must be a non-empty list"),
+    (  # indexes are each list's own
+        {"prompt": msgs(("user", "q")), "completion": msgs(("assistant", "a"), ("assistant", "b"))},
+        "completion[1]: expected a user turn, got assistant",
+    ),
+    (
+        {"prompt": msgs(("user", "q"), ("tool", "t")), "completion": msgs(("assistant", "a"))},
+        "prompt[1].role: unknown role 'tool'",
+    ),
+    (
+        {"prompt": msgs(("user", "q")), "completion": msgs(("assistant", "a"), ("user", "b"))},
+        "completion: must end with an assistant turn",
+    ),
     (["q", "a"], "row must be a JSON object, got list"),
 ]
 
@@ -220,8 +260,8 @@ def test_malformed_row_names_file_row_and_field(tmp_path: Path, row: Any, proble
 
 
 def test_undetectable_row_lists_its_keys(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
-    with pytest.raises(DataError, match="keys are completion, prompt"):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="keys are answer, question"):
         load_conversations(str(path))
 
 
@@ -264,14 +304,27 @@ def test_unknown_keys_of_messages_are_reported_as_unread(tmp_path: Path) -> None
         named,
         {"conversations": [{"from": "human", "value": "q", "weight": 0}, turns(("gpt", "a"))[0]]},
         {"messages": [{"role": "user", "content": "q", "name": None}, *msgs(("assistant", "a"))]},
+        {
+            "prompt": [{"role": "user", "content": "q", "name": "bob"}],
+            "completion": [{"role": "assistant", "content": "a", "weight": 0}],
+            "id": 7,
+        },
+        {"prompt": "q", "completion": "a"},
     ]
     path = str(write_jsonl(tmp_path / "d.jsonl", rows))
     out = load_conversations(path)
     assert out.unread == {
         (path, "messages", "messages[].name"): 2,
         (path, "sharegpt", "conversations[].weight"): 1,
+        (path, "prompt_completion", "prompt[].name"): 1,
+        (path, "prompt_completion", "completion[].weight"): 1,
+        (path, "prompt_completion", "id"): 1,
     }
-    assert len(out.conversations) == 4  # reported, never a reason to drop the row
+    assert len(out.conversations) == 6  # reported, never a reason to drop the row
+    assert reads("prompt_completion", "completion[].weight") == (
+        "completion[].role",
+        "completion[].content",
+    )
 
 
 def test_invalid_json_line_names_the_line() -> None:

@@ -269,6 +269,26 @@ def test_an_answer_of_weight_0_is_context_and_not_trained(
     assert ex.n_trained == sum(n_tokens(tok, t) for t in kept)
 
 
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_a_trl_prompt_completion_row_trains_its_completion_alone(tok: Any, template: str) -> None:
+    from raysft.data.formats import to_conversation
+
+    prompt = [
+        {"role": "user", "content": "Capital 0?"},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "Capital 1?"},
+    ]
+    completion = [{"role": "assistant", "content": "Rome"}]
+    c = to_conversation({"prompt": prompt, "completion": completion}, system_prompt=SYSTEM)
+    ex = tokenize(render(c, template=template, tokenizer=tok), tok, max_seq_len=4096)
+    assert trained_spans(ex, tok) == ["Rome" + TERMINATOR[template]]
+    # Its text is that of the same messages in one list.
+    plain = [{"role": m["role"], "content": m["content"]} for m in c]
+    assert "".join(s.text for s in render(c, template=template, tokenizer=tok)) == render_text(
+        plain, template=template, tokenizer=tok
+    )
+
+
 @pytest.mark.parametrize("conv_name", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_generation_prompt_ends_where_the_answer_starts(
