@@ -120,6 +120,11 @@ METRICS: dict[str, Metric] = {
         Metric("lr", "Learning rate the step used.", "step"),
         Metric("tokens", "Real (non-padding) tokens in the step.", "step"),
         Metric(
+            "grad_norm",
+            "Total norm of the step's gradients, before clipping (`train.max_grad_norm`).",
+            "step",
+        ),
+        Metric(
             "elapsed_s",
             "Seconds since the trial started; after a resume, up to its checkpoint plus since.",
             "eval",

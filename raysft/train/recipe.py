@@ -416,10 +416,14 @@ def train_step(run: Run) -> dict[str, Any]:
     step_loss /= n_tokens
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
-    if cfg.train.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in run.model.parameters() if p.requires_grad], cfg.train.max_grad_norm
-        )
+    # The norm before clipping, as TRL and the HF Trainer log it; without clipping (an infinite
+    # bound) the norm alone: the gradients are scaled by 1.
+    norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in run.model.parameters() if p.requires_grad],
+        cfg.train.max_grad_norm or math.inf,
+    )
+    if hasattr(norm, "full_tensor"):  # FSDP's sharded parameters: a DTensor
+        norm = norm.full_tensor()
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses, before the scheduler moves
     stepped = True
     if run.scaler is not None:
@@ -438,6 +442,7 @@ def train_step(run: Run) -> dict[str, Any]:
         "train_loss": round(step_loss, 6),
         "lr": lr,
         "tokens": int(real_tokens),  # of every rank: the step's
+        "grad_norm": round(float(norm), 6),  # inf or NaN on a step an fp16 overflow skips
     }
 
 

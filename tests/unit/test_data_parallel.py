@@ -137,6 +137,10 @@ def test_two_workers_take_the_step_of_one_worker_with_doubled_accumulation(
     )
     # The step's tokens are those of both workers, not rank 0's alone.
     assert ddp_metrics["history"][0]["tokens"] == single.history[0]["tokens"]
+    # The gradients, averaged over the workers, are those of the one worker: so is their norm.
+    assert ddp_metrics["history"][0]["grad_norm"] == pytest.approx(
+        single.history[0]["grad_norm"], rel=1e-4
+    )
     # Each rank scored half of the eval rows: added up, they are the whole eval, and the
     # answers come back in the rows' order.
     assert ddp_metrics["history"][0]["eval_loss"] == pytest.approx(
@@ -304,6 +308,8 @@ def test_fsdp_shards_full_fine_tuning_and_takes_the_step_of_one_worker(tmp_path:
     history = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())["history"]
     for ours, theirs in zip(history, single.history, strict=True):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-5), ours["step"]
+        # The norm of the whole gradient, over both workers' shards, not of rank 0's shard.
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), ours["step"]
     a = load_file(str(tmp_path / "single" / "model.safetensors"))
     b = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
     assert a.keys() == b.keys() and a

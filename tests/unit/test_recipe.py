@@ -313,6 +313,22 @@ def _diverging(tmp_path: Path, eval_every: int):
     )
 
 
+def test_every_step_records_its_gradient_norm_before_clipping(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path, "llama")
+    norms = {}
+    for clip in (None, 1e-6):  # a bound every step's norm is over: each is clipped
+        cfg = _config(
+            tmp_path, model_dir, "lora", **{"train.max_grad_norm": clip, "train.max_steps": 2}
+        )
+        result = run_trial(cfg.model_copy(update={"output_dir": str(tmp_path / f"out-{clip}")}))
+        norms[clip] = [h["grad_norm"] for h in result.history]
+    unclipped, clipped = norms[None], norms[1e-6]
+    # Read before the clipping: far above the bound the clipped steps were cut to.
+    assert all(n > 1e-3 for n in unclipped + clipped), norms
+    # Step 1 starts from the same weights and data either way: the same norm.
+    assert clipped[0] == pytest.approx(unclipped[0], rel=1e-5)
+
+
 def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path: Path) -> None:
     """Step 2's loss is NaN, between evals: the run stops there, reports that step without a
     checkpoint and with every eval metric NaN, unevaluated (a search needs its objective in
