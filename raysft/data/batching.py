@@ -158,6 +158,16 @@ class BatchStream:
         self.epoch, self.position = epoch, position
         self._chunks = self._epoch_chunks(epoch)
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches of this rank in the current epoch (grouped by length: it may vary)."""
+        return len(self._chunks)
+
+    @property
+    def epochs(self) -> float:
+        """Epochs run so far: whole ones, and the share of the current one its batches taken."""
+        return self.epoch + self.position / len(self._chunks)
+
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.position >= len(self._chunks):
             self.seek(self.epoch + 1, 0)

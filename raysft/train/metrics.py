@@ -120,6 +120,11 @@ METRICS: dict[str, Metric] = {
         Metric("lr", "Learning rate the step used.", "step"),
         Metric("tokens", "Real (non-padding) tokens in the step.", "step"),
         Metric(
+            "epoch",
+            "Epochs of the training data run after the step (1.5: one and a half).",
+            "step",
+        ),
+        Metric(
             "grad_norm",
             "Total norm of the step's gradients, before clipping (`train.max_grad_norm`).",
             "step",

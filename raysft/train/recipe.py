@@ -341,6 +341,12 @@ def setup(
         fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
         group_tokens=group_tokens,
     )
+    steps = stream.batches_per_epoch / cfg.train.grad_accum
+    log.info(
+        "one epoch: %d micro-batches per worker, %.1f optimizer steps; train.max_steps=%d is "
+        "%.2f epochs",
+        stream.batches_per_epoch, steps, cfg.train.max_steps, cfg.train.max_steps / steps,
+    )  # fmt: skip
     if dist.rank:
         # Each rank its own draws of dropout masks and NEFTune noise (the weights are rank
         # 0's, broadcast by DDP and FSDP): seeded alike, every rank drew rank 0's noise for as
@@ -470,7 +476,7 @@ def train(run: Run, report: Reporter | None) -> None:
     before = progress.seconds
     times.update({k: v for k, v in before.items() if k in _PHASES})
     # The steps' records since the last report, carried by the next one (``REPLAYED``): Tune
-    # hears a trial at its evals, MLflow gets every step's train_loss, lr and tokens.
+    # hears a trial at its evals, MLflow gets every step's records (train_loss, lr, ...).
     between: list[dict[str, Any]] = []
     times["setup_s"] = times.get("setup_s", 0.0) + t_train - run.t0
     run.t0 -= before.get("elapsed_s", 0.0)
@@ -479,6 +485,7 @@ def train(run: Run, report: Reporter | None) -> None:
         step = progress.step + 1
         t = time.perf_counter()
         record: dict[str, Any] = {"step": step, **train_step(run)}
+        record["epoch"] = round(run.stream.epochs, 4)
         times["step_s"] = times.get("step_s", 0.0) + time.perf_counter() - t
         last = step == cfg.train.max_steps
         progress.step, progress.epoch, progress.position = (

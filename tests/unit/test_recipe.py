@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -313,7 +314,7 @@ def _diverging(tmp_path: Path, eval_every: int):
     )
 
 
-def test_every_step_records_its_gradient_norm_before_clipping(tmp_path: Path) -> None:
+def test_every_step_records_its_gradient_norm_before_clipping_and_its_epoch(tmp_path: Path) -> None:
     model_dir = _model_dir(tmp_path, "llama")
     norms = {}
     for clip in (None, 1e-6):  # a bound every step's norm is over: each is clipped
@@ -322,6 +323,11 @@ def test_every_step_records_its_gradient_norm_before_clipping(tmp_path: Path) ->
         )
         result = run_trial(cfg.model_copy(update={"output_dir": str(tmp_path / f"out-{clip}")}))
         norms[clip] = [h["grad_norm"] for h in result.history]
+        # Each step also says how many epochs of the (packed) rows it has run.
+        per_epoch = math.ceil(result.data["packed_rows"] / cfg.train.batch_size)
+        assert [h["epoch"] for h in result.history] == [
+            round(step * cfg.train.grad_accum / per_epoch, 4) for step in (1, 2)
+        ]
     unclipped, clipped = norms[None], norms[1e-6]
     # Read before the clipping: far above the bound the clipped steps were cut to.
     assert all(n > 1e-3 for n in unclipped + clipped), norms
