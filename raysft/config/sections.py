@@ -167,7 +167,9 @@ class DataSection(Section):
         200,
         gt=0,
         description="Cap on eval conversations (eval loss, and the generated-answer metrics "
-        "unless `eval.max_prompts` caps them lower). Null: all.",
+        "unless `eval.max_prompts` caps them lower): a sample drawn with `train.seed`, so runs "
+        "of other seeds score other rows of a larger eval set (to compare seeds, set it to null "
+        "or to at least the eval rows). Null: all.",
     )
 
     @field_validator("system_prompt")
