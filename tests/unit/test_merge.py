@@ -1,0 +1,108 @@
+"""``python -m raysft.merge``: an adapter merged into its base, saved as a plain model that gives
+the adapter's logits; bad inputs one message, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from raysft.assets import resolve
+from raysft.errors import ModelError
+from raysft.merge import merge
+
+BASE = "embedded:tiny-base"
+TEXT = "Count the letters in the word dru."
+
+
+def _adapter(tmp_path: Path, method: str = "lora") -> Path:
+    """An adapter on the embedded base whose update is not zero (B is random), saved as a run
+    saves one: its base named portably, its tokenizer and config.yaml beside it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(resolve(BASE))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    out = tmp_path / f"adapter-{method}"
+    model.save_pretrained(out)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": BASE}))
+    AutoTokenizer.from_pretrained(resolve(BASE)).save_pretrained(out)
+    config = {"model": {"name_or_path": BASE}, "method": method, "train": {"device": "cpu"}}
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    return out
+
+
+def _logits(model: Any, tok: Any) -> torch.Tensor:
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_merged_adapter_is_a_plain_model_with_the_adapters_logits(
+    tmp_path: Path, method: str
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = _adapter(tmp_path, method)
+    out = tmp_path / "merged"
+    merge(str(adapter), out)
+    # Plain transformers, no peft: the weights hold the update.
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert not (out / "adapter_config.json").exists()
+    # A QLoRA adapter goes onto the unquantized base, as load_champion applies it.
+    base = AutoModelForCausalLM.from_pretrained(resolve(BASE)).eval()
+    with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()
+    want = _logits(with_adapter, tok)
+    torch.testing.assert_close(_logits(model, tok), want, atol=1e-4, rtol=1e-4)
+    plain = _logits(AutoModelForCausalLM.from_pretrained(resolve(BASE)).eval(), tok)
+    assert (plain - want).abs().max() > 1e-2  # the update changes the logits: checked for real
+    assert json.loads((out / "merged.json").read_text())["base"] == BASE
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+def test_a_half_precision_merge_is_saved_in_that_dtype(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    merge(str(_adapter(tmp_path)), out, dtype="bfloat16")
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+
+
+def test_what_cannot_be_merged_is_one_message_and_nothing_is_written(tmp_path: Path) -> None:
+    adapter = _adapter(tmp_path)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(ModelError, match=f"{taken}: not empty; give a new or empty directory"):
+        merge(str(adapter), taken)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    full = Path(resolve(BASE))
+    with pytest.raises(ModelError, match="a full model, not an adapter: nothing to merge"):
+        merge(str(full), tmp_path / "out")
+    with pytest.raises(ModelError, match="no such directory"):
+        merge(str(tmp_path / "absent"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    ran = subprocess.run(
+        [sys.executable, "-m", "raysft.merge", str(tmp_path / "absent"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.strip().splitlines() == [f"error: {tmp_path / 'absent'}: no such directory"]
