@@ -126,6 +126,17 @@ def _compile_is_not_for_fsdp(spec: SearchSpec) -> str | None:
     return None
 
 
+def _8bit_optimizer_is_not_for_fsdp(spec: SearchSpec) -> str | None:
+    r = spec.search.resources
+    if spec.train.optimizer != "adamw" and any(r.shards(str(m)) for m in _methods(spec)):
+        return (
+            f"train.optimizer: {spec.train.optimizer} not with FSDP yet (untested here), which "
+            f"search.resources.strategy {r.strategy} gives method full on {r.workers} workers; "
+            "set strategy: ddp or train.optimizer: adamw"
+        )
+    return None
+
+
 def _threads_fit_the_cpus(spec: SearchSpec) -> str | None:
     cpus = spec.search.resources.cpus_per_worker
     threads = spec.train.num_threads
@@ -185,6 +196,16 @@ SPEC_RULES: list[Rule] = [
             "search.resources.workers",
         ),
         _compile_is_not_for_fsdp,
+    ),
+    (
+        (
+            "method",
+            "search.params.method",
+            "train.optimizer",
+            "search.resources.strategy",
+            "search.resources.workers",
+        ),
+        _8bit_optimizer_is_not_for_fsdp,
     ),  # fmt: skip
     (("train.num_threads", "search.resources.cpus_per_worker"), _threads_fit_the_cpus),
     (("train.device", "search.resources.gpus_per_worker"), _device_matches_resources),

@@ -227,6 +227,17 @@ class TrainSection(Section):
         ge=0,
         description="AdamW weight decay, on weight matrices only (not on norm gains or biases).",
     )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="`adamw`: torch's AdamW. `adamw_8bit`: bitsandbytes' 8-bit AdamW, its two "
+        "states quantized blockwise to 8 bits (2 bytes per trained parameter instead of 8; "
+        "TRL's `optim: adamw_8bit`). `paged_adamw_8bit`: the same, its states in memory the "
+        "GPU pages out to the CPU under pressure (the QLoRA paper's choice; on a CPU, plain "
+        "8-bit). Not with FSDP yet.",
+    )
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="The optimizer's beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="The optimizer's beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="The optimizer's epsilon.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping. Null: none.")
     batch_size: int = Field(
         4,

@@ -10,7 +10,9 @@ What it models (the recipe's code paths: ``train/model.py``, ``train/recipe.py``
   adapters. qlora: NF4 (0.5 B/param) plus quantization constants; embeddings, LM head and norms
   in the load dtype.
 - Gradients fp32 per trainable parameter; AdamW two fp32 states, plus at ``optimizer.step`` a
-  temporary the size of one state (torch's foreach implementation).
+  temporary the size of one state (torch's foreach implementation); ``train.optimizer``
+  8-bit: two uint8 states and an fp32 scale per 256 values, updated in place (bitsandbytes
+  keeps fp32 states for tensors under 4096 values: negligible in a model worth planning).
 - Activations saved for backward: per decoder layer, or per layer input plus one recomputed
   layer with gradient checkpointing. Logits: the loss picks the trained tokens of the [B, T, V]
   logits, upcasts them to fp32 and keeps a log-softmax; every token is assumed trained.
@@ -50,7 +52,7 @@ MEMORY_PATHS = (
     "lora.use_dora", "qlora.double_quant", "data.max_seq_len", "data.max_eval_samples",
     "train.batch_size", "train.grad_accum", "train.gradient_checkpointing", "train.precision",
     "train.exact_match", "train.max_new_tokens", "model.attn_implementation", "eval.samples",
-    "eval.max_prompts", "model.dtype",
+    "eval.max_prompts", "model.dtype", "train.optimizer",
 )  # fmt: skip
 # Llama-style projection names -> the tensor they read; linears reading one tensor can share
 # the copy saved for backward.
@@ -245,7 +247,9 @@ def estimate(
     split = workers if sharded else 1
     # DDP keeps a bucket copy of the gradients; FSDP reduce-scatters into its shard.
     grads = 4.0 * trainable * (2 if workers > 1 and not sharded else 1) / split
-    optimizer = 8.0 * trainable / split  # AdamW: exp_avg, exp_avg_sq in fp32
+    eight_bit = cfg.train.optimizer != "adamw"
+    # AdamW: exp_avg, exp_avg_sq in fp32; 8-bit: in uint8 with an fp32 scale per 256 values
+    optimizer = (2.0 + 8.0 / 256 if eight_bit else 8.0) * trainable / split
     if sharded:  # layers are gathered in the compute dtype: autocast has nothing to copy
         layer = max(shape.params - 2 * shape.vocab * shape.hidden, 0) / shape.layers
         stored, copies = stored / split + 2 * layer * b.compute, 0.0
@@ -261,7 +265,11 @@ def estimate(
             "activations": _activations(cfg, shape, b, adapted),
             "logits": logits,
         },
-        "optimizer step": {"weights": stored, "grads": grads, "optimizer": 1.5 * optimizer},
+        "optimizer step": {
+            "weights": stored,
+            "grads": grads,
+            "optimizer": (1.0 if eight_bit else 1.5) * optimizer,
+        },
     }
     kv, prefill = _generation(cfg, shape, b)
     if kv:

@@ -51,7 +51,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
         # Before the first CUDA allocation: this trial's cache cannot starve its GPU's others.
         cap_process_memory(loop["gpu_share"])
     cfg = loop["resolve"](loop["trial_id"], loop["sampled"])
-    keep_bitsandbytes_out(cfg.method)
+    keep_bitsandbytes_out(cfg.method, cfg.train.optimizer)
     ctx = ray.train.get_context()
     sharded = loop["resources"].shards(cfg.method)  # this trial's method: it may be searched
     dist = Dist(ctx.get_world_rank(), ctx.get_world_size(), sharded=sharded)
@@ -125,9 +125,9 @@ def no_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def keep_bitsandbytes_out(method: str) -> bool:
-    """In a Train worker of a method that does not quantize, make ``import bitsandbytes`` fail;
-    returns whether it did.
+def keep_bitsandbytes_out(method: str, optimizer: str = "adamw") -> bool:
+    """In a Train worker of a method that does not quantize, with an optimizer that is not
+    bitsandbytes' 8-bit one, make ``import bitsandbytes`` fail; returns whether it did.
 
     peft imports bitsandbytes whenever it is installed (``peft/helpers.py``, in a try/except
     ImportError), and bitsandbytes wraps its CPU kernels in ``torch.compile`` at import, which
@@ -137,7 +137,9 @@ def keep_bitsandbytes_out(method: str) -> bool:
     base-vs-tuned task's, ``compare._score_pair_task``: one scoring of one method); it is never done
     in a user's process.
     """
-    if method == "qlora" or "bitsandbytes" in sys.modules or "peft" in sys.modules:
+    if method == "qlora" or optimizer != "adamw":
+        return False
+    if "bitsandbytes" in sys.modules or "peft" in sys.modules:
         return False
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import -> ImportError
     return True

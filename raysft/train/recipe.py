@@ -152,7 +152,21 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
             )
             if g["params"]
         ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, weight_decay=decay)
+    t = cfg.train
+    kwargs: dict[str, Any] = {
+        "lr": t.learning_rate,
+        "weight_decay": decay,
+        "betas": (t.adam_beta1, t.adam_beta2),
+        "eps": t.adam_epsilon,
+    }
+    optimizer: torch.optim.Optimizer
+    if t.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, **kwargs)
+    else:  # the states in 8 bits, blockwise (bitsandbytes)
+        from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
+
+        cls = PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else AdamW8bit
+        optimizer = cls(groups, **kwargs)
     name = {"constant": "constant_with_warmup"}.get(cfg.train.lr_scheduler, cfg.train.lr_scheduler)
     scheduler = get_scheduler(
         name,
@@ -254,6 +268,12 @@ def setup(
                 "train.compile",
                 ["not with FSDP yet (untested here), which shards this trial; set "
                  "search.resources.strategy: ddp or train.compile: false"],
+            )  # fmt: skip
+        if cfg.train.optimizer != "adamw":
+            raise ConfigError(
+                "train.optimizer",
+                [f"{cfg.train.optimizer} not with FSDP yet (untested here), which shards this "
+                 "trial; set search.resources.strategy: ddp or train.optimizer: adamw"],
             )  # fmt: skip
         bf16 = computes_in_bf16(cfg, device)
         model = fsdp.load_sharded(

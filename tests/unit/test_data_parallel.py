@@ -407,6 +407,17 @@ def test_fsdp_with_lora_is_refused(tmp_path: Path) -> None:
         setup(cfg, dist=Dist(0, 2, sharded=True))
 
 
+def test_fsdp_with_an_8bit_optimizer_is_refused(tmp_path: Path) -> None:
+    from raysft.errors import ConfigError
+
+    model_dir = _model_dir(tmp_path, "llama")
+    _rows(tmp_path / "rows.jsonl")
+    over = {"train.optimizer": "adamw_8bit"}
+    cfg = _cfg(tmp_path, model_dir, grad_accum=1, out="x", method="full", **over)
+    with pytest.raises(ConfigError, match="train.optimizer: adamw_8bit not with FSDP yet"):
+        setup(cfg, dist=Dist(0, 2, sharded=True))
+
+
 def test_fsdp_with_compile_is_refused(tmp_path: Path) -> None:
     from raysft.errors import ConfigError
 

@@ -335,6 +335,41 @@ def test_every_step_records_its_gradient_norm_before_clipping_and_its_epoch(tmp_
     assert clipped[0] == pytest.approx(unclipped[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
+def test_the_optimizer_and_its_settings_are_the_configs(name: str) -> None:
+    from raysft.train.recipe import _build_optimizer
+
+    cfg = load_config(
+        None,
+        {
+            "train.optimizer": name,
+            "train.adam_beta1": 0.8,
+            "train.adam_beta2": 0.95,
+            "train.adam_epsilon": 1e-6,
+            "train.weight_decay": 0.1,
+            "train.warmup_ratio": 0.0,  # else the first step runs at rate 0
+        },
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 64)  # 8192 weights: bitsandbytes quantizes from 4096 values
+    optimizer, _ = _build_optimizer(model, cfg)
+    groups = optimizer.param_groups
+    assert [(g["betas"], g["eps"], g["weight_decay"]) for g in groups] == [
+        ((0.8, 0.95), 1e-6, 0.1),  # the weight matrix
+        ((0.8, 0.95), 1e-6, 0.0),  # the bias: no decay
+    ]
+    model(torch.randn(4, 128)).pow(2).mean().backward()
+    before = model.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.weight, before)
+    state = optimizer.state[model.weight]
+    if name == "adamw":
+        assert type(optimizer) is torch.optim.AdamW and state["exp_avg"].dtype == torch.float32
+    else:  # two 8-bit states, a quarter of AdamW's fp32 ones
+        assert type(optimizer).__module__.startswith("bitsandbytes.")
+        assert state["state1"].dtype == state["state2"].dtype == torch.uint8
+
+
 def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path: Path) -> None:
     """Step 2's loss is NaN, between evals: the run stops there, reports that step without a
     checkpoint and with every eval metric NaN, unevaluated (a search needs its objective in

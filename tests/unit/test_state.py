@@ -31,12 +31,22 @@ class _KeepAll:
         shutil.copytree(checkpoint_dir, self.root / f"step-{metrics['step']}")
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "optimizer"), [("lora", "adamw"), ("full", "adamw"), ("full", "adamw_8bit")]
+)
+def test_resumed_run_matches_an_uninterrupted_one(
+    tmp_path: Path, method: str, optimizer: str
+) -> None:
     model_dir = _model_dir(tmp_path, "llama")
     # 12 rows, 2 x 2 rows a step: the data wraps into a new epoch mid-run; dropout (LoRA) and
-    # NEFTune noise draw from the RNGs the checkpoint must restore.
-    extra = {"train.max_steps": 8, "train.eval_every": 3, "train.exact_match": False}
+    # NEFTune noise draw from the RNGs the checkpoint must restore. bitsandbytes' 8-bit states
+    # (full fine-tuning: tensors of 4096 values or more, the size it quantizes from).
+    extra = {
+        "train.max_steps": 8,
+        "train.eval_every": 3,
+        "train.exact_match": False,
+        "train.optimizer": optimizer,
+    }
     whole_cfg = _config(tmp_path, model_dir, method, output_dir=str(tmp_path / "whole"), **extra)
     keep = _KeepAll(tmp_path / "ckpts")
     whole = run_trial(whole_cfg, report=keep)
@@ -52,6 +62,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, method: str) -
         assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5), a["step"]
         assert b["lr"] == a["lr"]
         assert b["tokens"] == a["tokens"]
+        assert b["epoch"] == a["epoch"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
     assert resumed.final["eval_loss"] == pytest.approx(whole.final["eval_loss"], abs=1e-5)
     # Its time counts from the first start: the checkpoint's, plus the resumed run's own.
     import torch

@@ -118,3 +118,14 @@ def test_outside_a_tune_session_no_trial_is_running() -> None:
     from raysft.search.trial import tune_is_running_this_trial
 
     assert tune_is_running_this_trial() is False
+
+
+def test_a_worker_with_an_8bit_optimizer_keeps_bitsandbytes() -> None:
+    """bitsandbytes' 8-bit AdamW needs the module a LoRA or full worker otherwise hides."""
+    from raysft.search.trial import keep_bitsandbytes_out
+
+    before = sys.modules.get("bitsandbytes", "absent")
+    for optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        assert keep_bitsandbytes_out("lora", optimizer) is False
+        assert keep_bitsandbytes_out("full", optimizer) is False
+    assert sys.modules.get("bitsandbytes", "absent") is before
