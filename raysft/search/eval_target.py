@@ -39,10 +39,20 @@ class Target:
     base: str | None  # the base model (an adapter's, or the config's); None if unknown
 
 
+_SCORED_WITH_DEFAULTS = (
+    "scored with the defaults (pass --config FILE, or --data and --set, for its data and template)"
+)
+
+
 def resolve_target(
-    directory: str, *, config: str | None = None, overrides: dict[str, Any] | None = None
+    directory: str,
+    *,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    without_settings: str = _SCORED_WITH_DEFAULTS,
 ) -> Target:
-    """Classify DIR and find the settings to score it with."""
+    """Classify DIR and find the settings to score it with. ``without_settings``: what the
+    warning says is done where DIR has none (the caller's use of the defaults)."""
     root = Path(directory)
     if not root.is_dir():
         if root.exists():
@@ -73,9 +83,9 @@ def resolve_target(
     cfg, known = _settings(own, summary, config=config, overrides=overrides or {}, sampled=sampled)
     if not known and not overrides:  # nothing of the run's, nothing of yours
         log.warning(
-            "%s: no config.yaml or summary.json to read the run's settings from: scored with "
-            "the defaults (pass --config FILE, or --data and --set, for its data and template)",
+            "%s: no config.yaml or summary.json to read the run's settings from: %s",
             directory,
+            without_settings,
         )
     if (path / "adapter_config.json").is_file():
         base: str | None = adapter_base(path)

@@ -133,7 +133,7 @@ def _trials_table(summary: dict[str, Any]) -> str:
         if sum(map(len, lines)) > _TABLE_CHARS:
             break
         listed = i
-        name = run_name(row["sampled"], order).replace("|", "/")
+        name = trial_run_name(row["sampled"], order, row["trial_id"]).replace("|", "/")
         if exp_id and row.get("mlflow_run_id"):
             name = f"[{name}](#/experiments/{exp_id}/runs/{row['mlflow_run_id']})"
         value = row.get("metric")

@@ -327,9 +327,12 @@ def _curves(rows: list[dict[str, Any]], histories: History, metric: str, order: 
         colors = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20").colors  # type: ignore[attr-defined]
         for i, (row, points) in enumerate(lines):
             best = row["trial_id"] == best_id
-            label = ("best: " if best else "") + run_name(row["sampled"], order)
+            # The trial id tells apart trials that sampled the same values (as their runs' names).
+            said = [row["trial_id"]]
             if row["status"] != "finished":
-                label += f" ({row['status'].replace('_', ' ')})"
+                said.append(row["status"].replace("_", " "))
+            label = ("best: " if best else "") + f"{run_name(row['sampled'], order)} "
+            label += f"({', '.join(said)})"
             color = colors[i % len(colors)]
             if i >= _LEGEND_MAX:
                 label = "_nolegend_"  # matplotlib's marker for a line left out of the legend

@@ -21,23 +21,27 @@ BASE = "embedded:tiny-base"
 TEXT = "Count the letters in the word dru."
 
 
-def _adapter(tmp_path: Path, method: str = "lora") -> Path:
-    """An adapter on the embedded base whose update is not zero (B is random), saved as a run
-    saves one: its base named portably, its tokenizer and config.yaml beside it."""
+def _adapter(
+    tmp_path: Path, method: str = "lora", *, base_dir: str = BASE, **model_section: Any
+) -> Path:
+    """An adapter on the embedded base (or ``base_dir``) whose update is not zero (B is random),
+    saved as a run saves one: its base named portably, its tokenizer and config.yaml (its
+    ``model`` section: ``model``) beside it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(resolve(BASE))
+    base = AutoModelForCausalLM.from_pretrained(resolve(base_dir))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(base, lora)
     out = tmp_path / f"adapter-{method}"
     model.save_pretrained(out)
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": BASE}))
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": base_dir}))
     AutoTokenizer.from_pretrained(resolve(BASE)).save_pretrained(out)
-    config = {"model": {"name_or_path": BASE}, "method": method, "train": {"device": "cpu"}}
+    settings = {"name_or_path": base_dir, **model_section}
+    config = {"model": settings, "method": method, "train": {"device": "cpu"}}
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     return out
 
@@ -73,12 +77,57 @@ def test_a_merged_adapter_is_a_plain_model_with_the_adapters_logits(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
 
 
-def test_a_half_precision_merge_is_saved_in_that_dtype(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("run_dtype", "asked", "saved"),
+    [
+        ("float32", "bfloat16", torch.bfloat16),
+        ("bfloat16", "auto", torch.bfloat16),  # a GPU run's LoRA base: as the run loaded it
+        ("bfloat16", "float32", torch.float32),
+        ("float16", "auto", torch.float16),
+    ],
+)
+def test_a_merge_is_checked_in_float32_and_saved_in_the_dtype_asked(
+    tmp_path: Path, run_dtype: str, asked: str, saved: torch.dtype
+) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    merge(str(_adapter(tmp_path)), out, dtype="bfloat16")
-    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    # A merge killed half way left its staging folder: the next one sweeps it away.
+    stale = tmp_path / ".merged.merging-0c925310"
+    stale.mkdir()
+    merge(str(_adapter(tmp_path, dtype=run_dtype)), out, dtype=asked)
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == saved
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+def test_a_merge_whose_saved_model_computes_no_finite_logits_is_refused(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    # A base whose activations overflow float16 (finite in float32, where the merge is made).
+    base = AutoModelForCausalLM.from_pretrained(resolve(BASE))
+    with torch.no_grad():
+        for layer in base.model.layers[:1]:
+            layer.self_attn.o_proj.weight.mul_(3e5)
+            layer.mlp.down_proj.weight.mul_(3e5)
+    loud = tmp_path / "loud-base"
+    base.save_pretrained(loud)
+    adapter = _adapter(tmp_path, base_dir=str(loud))
+    out = tmp_path / "merged"
+    with pytest.raises(ModelError, match=r"the saved model's logits \(in float16\) are not finite"):
+        merge(str(adapter), out, dtype="float16")
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+def test_logits_off_by_more_than_the_tolerance_or_not_finite_are_refused() -> None:
+    from raysft.merge import _compare
+
+    want = torch.tensor([[10.0, -20.0]])
+    _compare(want + 1e-4, want, rtol=1e-4, what="x")  # 1e-4 of 20: within
+    with pytest.raises(ModelError, match=r"x differ from the adapter's by 0.01 \(at most 0.002"):
+        _compare(want + 1e-2, want, rtol=1e-4, what="x")
+    with pytest.raises(ModelError, match="x are not finite"):
+        _compare(torch.tensor([[float("nan"), 0.0]]), want, rtol=1e-4, what="x")
 
 
 def test_what_cannot_be_merged_is_one_message_and_nothing_is_written(tmp_path: Path) -> None:

@@ -242,7 +242,8 @@ def test_parent_description_lists_the_ranked_trials_linked_to_their_runs() -> No
     table = text.split("\n\n")[-1].splitlines()
     assert table[0] == "| # | trial | status | step | eval_loss |"
     assert table[2] == (
-        "| 1 | [lr=3.6e-3 r=8 alpha=16](#/experiments/7/runs/run-a) | finished | 150/150 | 0.4917 |"
+        "| 1 | [lr=3.6e-3 r=8 alpha=16 (a)](#/experiments/7/runs/run-a) | finished | 150/150 | "
+        "0.4917 |"
     )
     assert table[3].endswith("| stopped early | 30/150 | 2.198 |")
     assert table[4].endswith("| failed | 4/150 | - |")

@@ -217,12 +217,12 @@ def test_curves_draw_one_labelled_line_per_trial_best_first() -> None:
         assert len(ax.lines) == 6
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert rows[0]["sampled"]["train.learning_rate"] == 0.0032  # the best of six_trials
-        assert labels[0] == "best: lr=3.2e-3 r=8 alpha=16 neft=5"
-        assert "lr=9.5e-3 r=16 alpha=32 neft=0 (stopped early)" in labels
-        assert "lr=5.0e-3 r=8 alpha=8 neft=0 (failed)" in labels
+        assert labels[0] == "best: lr=3.2e-3 r=8 alpha=16 neft=5 (7c1e2_00000)"
+        assert "lr=9.5e-3 r=16 alpha=32 neft=0 (7c1e2_00002, stopped early)" in labels
+        assert "lr=5.0e-3 r=8 alpha=8 neft=0 (7c1e2_00004, failed)" in labels
         assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "eval_loss")
         # The NaN point of the diverged trial is dropped, its finite one kept.
-        diverged = labels.index("lr=8.8e-3 r=4 alpha=8 neft=5 (diverged)")
+        diverged = labels.index("lr=8.8e-3 r=4 alpha=8 neft=5 (7c1e2_00005, diverged)")
         assert list(ax.lines[diverged].get_xdata()) == [30]
         widths = [line.get_linewidth() for line in ax.lines]
         assert widths[0] > max(widths[1:])
@@ -350,8 +350,9 @@ def test_the_curve_labelled_best_is_the_trial_promotion_takes() -> None:
     try:
         ax = fig.axes[0]
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
-        best = run_name(pick_best(rows)["sampled"], list(lora_spec().search.params))
-        assert labels[0] == f"best: {best}"
+        top = pick_best(rows)
+        best = run_name(top["sampled"], list(lora_spec().search.params))
+        assert labels[0] == f"best: {best} ({top['trial_id']})"
         assert [label for label in labels if label.startswith("best: ")] == [labels[0]]
         widths = [line.get_linewidth() for line in ax.lines]
         assert widths[0] > max(widths[1:])
