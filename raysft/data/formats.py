@@ -5,7 +5,7 @@ system message, then user/assistant turns alternating, ending with the assistant
 row is either an error naming file, row and field (strict) or skipped and counted (skip).
 
 Any row may carry ``tests`` (a string of Python statements, e.g. asserts): a code task's tests for
-pass@k. They ride on the final assistant message as its ``tests`` key (``code_tests``).
+pass@k. They ride on the final assistant message as its ``tests`` key (``references.code_tests``).
 
 A TRL prompt-completion row is either two strings (read as one user turn and its answer, rendered
 with ``data.template`` like any other row: TRL instead joins the two texts without a template) or
@@ -19,12 +19,11 @@ trained) or ``1`` (trained, as without it); a 0 rides on the message as its ``UN
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from raysft.data.sources import JsonObject, Role, Unparsable, iter_rows
-from raysft.errors import DataError, RaysftError
+from raysft.errors import DataError
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -367,40 +366,6 @@ def _tests(value: Any) -> str:
     except SyntaxError as err:
         raise _RowError("tests", f"not valid Python: line {err.lineno}: {err.msg}") from None
     return value
-
-
-def scored_part(conv: Conversation) -> Conversation:
-    """What generation metrics score of a held-out conversation: up to its last trained answer,
-    whose prompt is everything before it. A final answer of weight 0 is context the model is
-    not trained to write, so it is no reference either (its tests go with it)."""
-    last = max(
-        (i for i, m in enumerate(conv) if m["role"] == "assistant" and is_trained(m)), default=None
-    )
-    return conv if last is None else conv[: last + 1]
-
-
-def code_tests(conv: Conversation) -> str | None:
-    """The tests a row carried (``to_conversation`` puts them on its final answer), or None."""
-    return conv[-1].get("tests") if conv else None
-
-
-@functools.lru_cache(maxsize=16)
-def _sources_have_tests(sources: tuple[str, ...], role: Role) -> bool:
-    for source in sources:
-        for _, row in iter_rows(source, role):
-            if isinstance(row, dict) and row.get("tests") is not None:
-                return True
-    return False
-
-
-def sources_have_tests(sources: str | list[str], role: Role = "train") -> bool:
-    """Whether any row of ``sources`` has a ``tests`` field (read once per process); False when
-    a source cannot be read (loading the data reports that)."""
-    try:
-        many = (sources,) if isinstance(sources, str) else tuple(sources)
-        return _sources_have_tests(many, role)
-    except (RaysftError, OSError):
-        return False
 
 
 def load_conversations(

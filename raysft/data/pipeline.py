@@ -17,8 +17,8 @@ from raysft.data.formats import (
     LoadedData,
     load_conversations,
     reads,
-    scored_part,
 )
+from raysft.data.references import scored_part
 from raysft.data.sources import Role, default_split, saved_split
 from raysft.data.split import split_train_eval
 from raysft.data.templates import TERMINATORS, render, terminator_tokens

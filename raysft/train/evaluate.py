@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from raysft.data.batching import batches
-from raysft.data.formats import Conversation, code_tests
+from raysft.data.formats import Conversation
 from raysft.data.packing import causal_lm_loss
+from raysft.data.references import code_tests
 from raysft.data.templates import (
     answer_preamble,
     generation_prompt,

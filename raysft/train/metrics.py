@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from raysft.data.formats import sources_have_tests
+from raysft.data.references import sources_have_tests
 from raysft.train import scoring
 
 Cadence = Literal["step", "eval", "final"]

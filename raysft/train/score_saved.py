@@ -12,8 +12,9 @@ from typing import Any
 
 from raysft.assets import adapter_base_path, available, resolve
 from raysft.config import Config
-from raysft.data.formats import Conversation, code_tests, scored_part
+from raysft.data.formats import Conversation
 from raysft.data.pipeline import DataReport, check_template, load_eval, render_row
+from raysft.data.references import code_tests, scored_part
 from raysft.data.tokens import Example, tokenize
 from raysft.errors import ConfigError, DataError, ModelError
 from raysft.thirdparty import peft_quietly

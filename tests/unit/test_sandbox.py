@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from raysft.data.formats import code_tests, load_conversations
+from raysft.data.formats import load_conversations
+from raysft.data.references import code_tests
 from raysft.errors import DataError
 from raysft.train.sandbox import (
     Limits,
