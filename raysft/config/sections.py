@@ -258,8 +258,9 @@ class TrainSection(Section):
     max_new_tokens: int = Field(32, gt=0, description="Generation cap per answer (tokens).")
     eval_base: bool = Field(
         True,
-        description="Also score the untrained base model on the same held-out rows. In a search "
-        "this happens once, after the trials (base_vs_tuned.md), not in each trial.",
+        description="Also score the untrained base model on the same held-out rows: a run, "
+        "before its first step, on eval loss (and exact match with `train.exact_match`); a "
+        "search once, after the trials, on every metric (base_vs_tuned.md), not in each trial.",
     )
     neftune_alpha: float | None = Field(
         None,

@@ -240,7 +240,12 @@ def _train(cfg: Config, resume_from: str | None) -> int:
             f"{result.output_dir} holds config.yaml and metrics.json, no model{last}"
         )
     print(f"output: {result.output_dir}")
-    print(f"eval_loss: {f.get('eval_loss', float('nan')):.4f}  train_seconds: {f['train_seconds']}")
+    base_loss = f.get("base_eval_loss")
+    vs_base = f" (base model {base_loss:.4f})" if isinstance(base_loss, int | float) else ""
+    print(
+        f"eval_loss: {f.get('eval_loss', float('nan')):.4f}{vs_base}  "
+        f"train_seconds: {f['train_seconds']}"
+    )
     computed = ("perplexity", "rouge_l", "bleu", "pass_at_k")
     others = [f"{m}: {f[m]:.4g}" for m in computed if isinstance(f.get(m), int | float)]
     if others:  # the generation metrics the run computed (its spec may search on one)

@@ -201,6 +201,12 @@ METRICS: dict[str, Metric] = {
             enabled=_has_tests,
         ),
         Metric(
+            "base_eval_loss",
+            "eval_loss of the untrained base model on the same rows.",
+            "final",
+            enabled=lambda cfg: cfg.train.eval_base,
+        ),
+        Metric(
             "base_exact_match",
             "exact_match of the untrained base model on the same rows.",
             "final",

@@ -389,10 +389,13 @@ def setup(
             final={"trainable_params": trainable, "total_params": total, NUMERICS: own}
         )
         # LoRA starts with B = 0 and full FT with the base weights: the model *is* the base.
-        if cfg.train.eval_base and cfg.train.exact_match and convs:
-            base, _ = evaluate(final=True, only=("exact_match",))
-            progress.final["base_exact_match"] = base["exact_match"]
-            log.info("base model exact match: %.3f", base["exact_match"])
+        if cfg.train.eval_base and data.eval:
+            generates = cfg.train.exact_match and convs
+            names = ("eval_loss", "exact_match") if generates else ("eval_loss",)
+            base, _ = evaluate(final=True, only=names)
+            for name, value in base.items():
+                progress.final[f"base_{name}"] = value
+            log.info("base model: %s", "  ".join(f"{k} {v:.4f}" for k, v in base.items()))
     return Run(
         cfg, dist, device, autocast, tokenizer, data, model, train_model, neftune, optimizer,
         scheduler, stream, evaluate, progress, t0, data_digests=digests, scaler=scaler,
@@ -529,8 +532,10 @@ def train(run: Run, report: Reporter | None) -> None:
             if not math.isfinite(record.get("eval_loss", 0.0)):  # this step's update did it
                 _stop_diverged(run, record, report, between)
                 break
-            if last and "base_exact_match" in progress.final:  # for comparison with the base
-                record["base_exact_match"] = progress.final["base_exact_match"]
+            if last:  # for comparison with the base
+                for name in ("base_eval_loss", "base_exact_match"):
+                    if name in progress.final:
+                        record[name] = progress.final[name]
             if samples:
                 progress.final["eval_samples"] = samples[:10]
             record["elapsed_s"] = round(time.perf_counter() - run.t0, 2)

@@ -40,6 +40,9 @@ def test_default_lora_run_lifts_exact_match_by_30_points(tmp_path: Path) -> None
     final = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))["final"]
     assert final["base_exact_match"] <= 0.05  # a base model: it continues text, does not answer
     assert final["exact_match"] - final["base_exact_match"] >= 0.30
+    assert final["base_eval_loss"] > 2 * final["eval_loss"]  # the base on the same rows
+    shown = re.search(r"eval_loss: ([\d.]+) \(base model ([\d.]+)\)", output)
+    assert shown and float(shown.group(2)) == pytest.approx(final["base_eval_loss"], abs=1e-4)
     printed = re.search(r"held-out exact match: ([\d.]+)% \(base model ([\d.]+)%", output)
     assert printed, output[-4000:]
     assert float(printed.group(1)) == pytest.approx(final["exact_match"] * 100, abs=0.05)

@@ -105,6 +105,11 @@ def test_full_and_qlora_trials_report_and_save(tmp_path: Path) -> None:
     full = run_trial(_config(tmp_path, model_dir, "full", **{"train.exact_match": False}))
     assert (Path(full.output_dir) / "model.safetensors").is_file()
     assert full.final["trainable_params"] == full.final["total_params"]
+    # Without generation the base is still scored, on the eval loss: the rows' loss before any
+    # step, higher than the trained model's, and on the last step's record beside it.
+    assert full.final["base_eval_loss"] > full.final["eval_loss"]
+    assert full.history[-1]["base_eval_loss"] == full.final["base_eval_loss"]
+    assert "base_exact_match" not in full.final
     qlora = run_trial(_config(tmp_path, model_dir, "qlora", **{"train.exact_match": False}))
     assert (Path(qlora.output_dir) / "adapter_model.safetensors").is_file()
     assert qlora.final["trainable_params"] < qlora.final["total_params"]
@@ -125,7 +130,8 @@ def test_reporter_gets_every_eval_with_a_checkpoint(tmp_path: Path) -> None:
     assert [m["step"] for m, _ in seen] == [2, 4]
     assert all("adapter_model.safetensors" in files for _, files in seen)
     assert all("training_state.pt" in files for _, files in seen)
-    assert "base_exact_match" not in seen[-1][0]  # train.eval_base: false is honoured
+    # train.eval_base: false is honoured
+    assert "base_exact_match" not in seen[-1][0] and "base_eval_loss" not in seen[-1][0]
     assert "exact_match" in seen[-1][0] and "exact_match" not in seen[0][0]
 
 
