@@ -878,39 +878,24 @@ def test_fsdp_strategy_is_refused_for_adapters(
     assert any("fsdp shards full fine-tuning" in p for p in err.value.problems), err.value.problems
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "auto"])
-def test_fsdp_strategy_is_refused_with_an_8bit_optimizer(
-    tmp_path: Path, llama2_7b: Path, strategy: str
-) -> None:
-    params: dict[str, Any] = {"train.learning_rate": {"type": "choice", "values": [1e-5]}}
-    tree = spec_tree(llama2_7b, params, strategy=strategy, workers=2)
-    tree["method"] = "full"
-    tree.setdefault("train", {})["optimizer"] = "adamw_8bit"
-    with pytest.raises(ConfigError) as err:
-        load_spec(write_spec(tmp_path, tree), [], dry_run=True)
-    why = "train.optimizer: adamw_8bit not with FSDP yet (untested here), which "
-    why += f"search.resources.strategy {strategy}"
-    assert any(p.startswith(why) for p in err.value.problems), err.value.problems
-    # DDP keeps every worker's optimizer whole: that rule holds.
-    tree["search"]["resources"]["strategy"] = "ddp"
-    with pytest.raises(ConfigError) as err:
-        load_spec(write_spec(tmp_path, tree), [], dry_run=True)
-    assert not any(p.startswith("train.optimizer") for p in err.value.problems)
-
-
 @pytest.mark.parametrize("strategy", ["fsdp", "auto"])  # auto: full on 2 workers shards too
-def test_fsdp_strategy_is_refused_with_compile(
-    tmp_path: Path, llama2_7b: Path, strategy: str
+@pytest.mark.parametrize(("setting", "value"), [("compile", True), ("optimizer", "adamw_8bit")])
+def test_fsdp_strategy_is_refused_with_what_is_untested_with_it(
+    tmp_path: Path, llama2_7b: Path, strategy: str, setting: str, value: Any
 ) -> None:
     params: dict[str, Any] = {"train.learning_rate": {"type": "choice", "values": [1e-5]}}
     tree = spec_tree(llama2_7b, params, strategy=strategy, workers=2)
     tree["method"] = "full"
-    tree.setdefault("train", {})["compile"] = True
+    tree.pop("lora", None)
+    tree.setdefault("train", {})[setting] = value
     with pytest.raises(ConfigError) as err:
         load_spec(write_spec(tmp_path, tree), [], dry_run=True)
-    why = "train.compile: not with FSDP yet (untested here), which search.resources.strategy "
-    why += strategy
-    assert any(p.startswith(why) for p in err.value.problems), err.value.problems
+    said = {"compile": "train.compile:", "optimizer": "train.optimizer: adamw_8bit"}[setting]
+    why = f"{said} not with FSDP yet (untested here), which search.resources.strategy {strategy}"
+    assert [p for p in err.value.problems if p.startswith(why)], err.value.problems
+    # DDP keeps every worker's model and optimizer whole: the spec holds.
+    tree["search"]["resources"]["strategy"] = "ddp"
+    load_spec(write_spec(tmp_path, tree), [], dry_run=True)
 
 
 @pytest.mark.parametrize(
