@@ -396,6 +396,10 @@ def setup(
             for name, value in base.items():
                 progress.final[f"base_{name}"] = value
             log.info("base model: %s", "  ".join(f"{k} {v:.4f}" for k, v in base.items()))
+            if fsdp.is_sharded(model):
+                # FSDP keeps the root's parameters (embeddings, head) gathered after a forward
+                # that no backward follows: back to this worker's shard before training.
+                model.reshard()
     return Run(
         cfg, dist, device, autocast, tokenizer, data, model, train_model, neftune, optimizer,
         scheduler, stream, evaluate, progress, t0, data_digests=digests, scaler=scaler,
