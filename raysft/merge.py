@@ -25,7 +25,9 @@ from typing import Any, NoReturn
 
 from raysft.cli import run_cli, setup_logging
 from raysft.errors import ModelError
+from raysft.paths import writable_dir_problem
 from raysft.search.eval_target import resolve_target
+from raysft.search.export import use_saved_generation_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The merge is checked in float32: the merged model's logits against the adapter's, within this
@@ -60,7 +62,7 @@ def _out_problem(out: Path) -> str | None:
         return f"{out}: a file; give a new or empty directory"
     if not out.parent.is_dir():
         return f"{out.parent}: no such directory"
-    return None
+    return writable_dir_problem(out.parent)  # the staging folder and the rename go there
 
 
 def merge(directory: str, out: Path, *, base_model: str | None = None, dtype: str = "auto") -> Any:
@@ -95,10 +97,7 @@ def merge(directory: str, out: Path, *, base_model: str | None = None, dtype: st
     want = _logits(net, probe)
     merged = net.merge_and_unload()
     _compare(_logits(merged, probe), want, rtol=_MERGE_RTOL, what="the merged model's logits")
-    if (target.path / "generation_config.json").is_file():  # the template's end of answer
-        from transformers import GenerationConfig
-
-        merged.generation_config = GenerationConfig.from_pretrained(str(target.path))
+    use_saved_generation_config(merged, target.path)  # the template's end of answer
     saved = resolve_dtype(as_lora, device) if dtype == "auto" else getattr(torch, dtype)
     merged = merged.to(saved)
     expected = _logits(merged, probe)

@@ -244,6 +244,15 @@ def export_version(export: Path) -> str | None:
 # ---------------------------------------------------------------- using an export
 
 
+def use_saved_generation_config(model: Any, directory: Path) -> None:
+    """An adapter directory's generation_config.json (the template's end of answer among its EOS
+    ids, written by ``save_model``) on ``model``, its base, in place of the base's own."""
+    if (directory / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+
+
 def load_champion(directory: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) of an export: a PEFT adapter on its base, or a full model.
 
@@ -272,9 +281,6 @@ def load_champion(directory: str | Path) -> tuple[Any, Any]:
         revision=model_cfg.get("revision"),
         trust_remote_code=trust,
     )
-    if (d / "generation_config.json").is_file():  # the template's end of answer (save_model)
-        from transformers import GenerationConfig
-
-        base.generation_config = GenerationConfig.from_pretrained(str(d))
+    use_saved_generation_config(base, d)
     with peft_quietly():
         return PeftModel.from_pretrained(base, str(d)).eval(), tokenizer

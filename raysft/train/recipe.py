@@ -263,17 +263,16 @@ def setup(
                 "search.resources.strategy",
                 [f"fsdp shards full fine-tuning; method {cfg.method} trains with ddp"],
             )
-        if cfg.train.compile:
+        untested = {  # setting -> (what is set, what the trial could run with instead)
+            "train.compile": ("", "false") if cfg.train.compile else None,
+            "train.optimizer": (f"{cfg.train.optimizer} ", "adamw")
+            if cfg.train.optimizer != "adamw" else None,
+        }  # fmt: skip
+        for path, (what, instead) in ((p, u) for p, u in untested.items() if u):
             raise ConfigError(
-                "train.compile",
-                ["not with FSDP yet (untested here), which shards this trial; set "
-                 "search.resources.strategy: ddp or train.compile: false"],
-            )  # fmt: skip
-        if cfg.train.optimizer != "adamw":
-            raise ConfigError(
-                "train.optimizer",
-                [f"{cfg.train.optimizer} not with FSDP yet (untested here), which shards this "
-                 "trial; set search.resources.strategy: ddp or train.optimizer: adamw"],
+                path,
+                [f"{what}not with FSDP yet (untested here), which shards this trial; set "
+                 f"search.resources.strategy: ddp or {path}: {instead}"],
             )  # fmt: skip
         bf16 = computes_in_bf16(cfg, device)
         model = fsdp.load_sharded(
@@ -449,12 +448,11 @@ def train_step(run: Run) -> dict[str, Any]:
     step_loss /= n_tokens
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients
-    # The norm before clipping, as TRL and the HF Trainer log it; without clipping (an infinite
-    # bound) the norm alone: the gradients are scaled by 1.
-    norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in run.model.parameters() if p.requires_grad],
-        cfg.train.max_grad_norm or math.inf,
-    )
+    # The norm before clipping, as TRL and the HF Trainer log it (clip_grad_norm_ in two parts).
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if cfg.train.max_grad_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.train.max_grad_norm, norm)
     if hasattr(norm, "full_tensor"):  # FSDP's sharded parameters: a DTensor
         norm = norm.full_tensor()
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses, before the scheduler moves
