@@ -66,6 +66,13 @@ def _print_plan(cfg: SearchSpec, nodes: list[Node], *, cluster: bool) -> int:
         f"metric: {s.metric} ({s.mode}), samples: {s.num_samples}, seed: {s.seed}, "
         f"scheduler: {s.scheduler.type}"
     )
+    t = cfg.train
+    length = (
+        f"train.epochs {t.epochs:g} (counted in steps where the search reads its data)"
+        if t.epochs is not None  # a cluster spec's dry run: its data may be on the cluster only
+        else f"{t.max_steps:,} optimizer steps"
+    )
+    print(f"trial length: {length}, an eval every {t.eval_every} steps")
     memory = trial_memory(cfg)  # every spec, CPU ones too (host memory then)
     if cluster:
         r = s.resources

@@ -98,6 +98,16 @@ def _one_step_of_warmup(cfg: Config) -> str | None:
     return None
 
 
+def _epochs_or_max_steps(cfg: Config) -> str | None:
+    # Explicitly set, not the default: a run's length is one or the other.
+    if cfg.train.epochs is not None and "max_steps" in cfg.train.model_fields_set:
+        return (
+            f"train.epochs: {cfg.train.epochs:g} with train.max_steps {cfg.train.max_steps} set "
+            "too: a run's length is one or the other; remove train.max_steps"
+        )
+    return None
+
+
 def _methods(spec: SearchSpec) -> set[Any]:
     """The methods the trials run: the searched ones, else the spec's."""
     searched = spec.search.params.get("method")
@@ -181,6 +191,7 @@ CONFIG_RULES: list[Rule] = [
     (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
     (("method", "model.dtype"), _full_with_half_weights),
     (("train.max_steps", "train.warmup_ratio"), _one_step_of_warmup),
+    (("train.epochs", "train.max_steps"), _epochs_or_max_steps),
 ]
 SPEC_RULES: list[Rule] = [
     (

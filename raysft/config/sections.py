@@ -246,7 +246,22 @@ class TrainSection(Section):
         "micro-batch holds up to batch_size x `data.max_seq_len` tokens, as many rows as fit.",
     )
     grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
-    max_steps: int = Field(200, gt=0, description="Optimizer steps (epochs repeat the data).")
+    max_steps: int = Field(
+        200,
+        gt=0,
+        description="Optimizer steps (epochs repeat the data). Or set `train.epochs` instead.",
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="The run's length in passes over the training rows (TRL's "
+        "`num_train_epochs`), instead of `train.max_steps`: once the data is read it becomes "
+        "max_steps = ceil(epochs x optimizer steps per epoch), said in the log and kept in the "
+        "run's config.yaml (an epoch: micro-batches per worker / `grad_accum`; grouped by "
+        "length: the first epoch's). Not with `train.max_steps` set; in a search, not with a "
+        "searched `train.batch_size`, `grad_accum`, `compile`, `data.packing` or "
+        "`data.group_by_length` (each changes the steps of an epoch).",
+    )
     eval_every: int = Field(
         50, gt=0, description="Eval loss every N optimizer steps, and always at the last step."
     )

@@ -19,6 +19,8 @@ from raysft.data.tokens import Example
 if TYPE_CHECKING:
     import torch
 
+    from raysft.config import Config
+
 
 def make_bins(examples: list[Example], *, packing: bool, max_len: int) -> list[list[int]]:
     """Example indices of each row: packed (best-fit decreasing) or one per row. Built once."""
@@ -177,3 +179,31 @@ class BatchStream:
             self._examples, self._bins, chunk, packing=self._packing,
             causal=self._group is not None, pad_id=self._pad, width=self._width,
         )  # fmt: skip
+
+
+def group_by_length_tokens(cfg: Config) -> int | None:
+    """Tokens per micro-batch (padding included) of ``data.group_by_length``: those of a batch of
+    packed rows, ``train.batch_size`` x ``data.max_seq_len``; None when off."""
+    return cfg.train.batch_size * cfg.data.max_seq_len if cfg.data.group_by_length else None
+
+
+def training_stream(
+    cfg: Config,
+    examples: list[Example],
+    bins: list[list[int]],
+    *,
+    pad_id: int,
+    shard: tuple[int, int] = (0, 1),
+) -> BatchStream:
+    """The training micro-batches of ``cfg``'s rows for rank ``shard[0]`` of ``shard[1]``."""
+    return BatchStream(
+        examples,
+        bins,
+        packing=cfg.data.packing,
+        batch_size=cfg.train.batch_size,
+        pad_id=pad_id,
+        seed=cfg.train.seed,
+        shard=shard,
+        fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
+        group_tokens=group_by_length_tokens(cfg),
+    )

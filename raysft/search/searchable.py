@@ -25,6 +25,8 @@ _UNSEARCHABLE_PATHS = {
 _NOT_COMPARABLE = {
     "train.max_steps": "sets how long a trial runs (ASHA's horizon and the finished status "
     "are the spec's)",
+    "train.epochs": "sets how long a trial runs (ASHA's horizon and the finished status "
+    "are the spec's)",
     "train.eval_every": "sets when a trial is scored (ASHA counts its rungs in evals)",
     "data.": "selects or renders the rows the metric is computed on",
     "model.name_or_path": "sets the tokenizer that renders the eval rows",
@@ -35,6 +37,12 @@ _NOT_COMPARABLE = {
 }
 # How rows are batched, not which rows are scored or how they render.
 _COMPARABLE = {"data.packing", "data.group_by_length"}
+# What sets how many micro-batches, so optimizer steps, an epoch of the rows is: with
+# ``train.epochs``, trials differing in one would run different numbers of steps.
+_EPOCH_STEPS = {
+    "train.batch_size", "train.grad_accum", "train.compile", "data.packing",
+    "data.group_by_length",
+}  # fmt: skip
 
 
 def _field_annotation(path: str) -> Any:
@@ -232,6 +240,11 @@ def _not_comparable(name: str, cfg: Config) -> str | None:
     ``train.seed`` picks the eval rows when they are split off ``data.train``; when it samples
     ``max_eval_samples`` of a larger eval file is known only by reading it (preflight).
     """
+    if cfg.train.epochs is not None and name in _EPOCH_STEPS:
+        return (
+            f"sets how many optimizer steps train.epochs {cfg.train.epochs:g} is (give "
+            "train.max_steps instead of train.epochs to search it)"
+        )
     if name in _COMPARABLE:
         return None
     if name == "train.seed" and cfg.data.eval is None:

@@ -129,7 +129,43 @@ def read_spec(
     if alike:  # said, not refused: a spec may pin its values on purpose (a rerun, a check)
         log.warning("%s: search.params: %s", path, alike)
     shared = read_as_a_trial(spec, source=path) if preflight and checked_here else None
+    if spec.train.epochs is not None and shared is not None:
+        tree, spec = _epochs_as_steps(tree, spec, shared, source=path)
+    elif spec.train.epochs is not None:
+        log.info(
+            "%s: train.epochs %g is counted in optimizer steps once the search reads its data",
+            path, spec.train.epochs,
+        )  # fmt: skip
     return tree, spec, shared
+
+
+def _epochs_as_steps(
+    tree: dict[str, Any], spec: SearchSpec, shared: SharedData, *, source: str
+) -> tuple[dict[str, Any], SearchSpec]:
+    """``tree`` and ``spec`` with ``train.epochs`` resolved into ``train.max_steps`` from the
+    data the driver read (``raysft.train.epochs``): every trial, ASHA and the trials'
+    statuses then count the same steps. Raises ``ConfigError`` where the steps break a check."""
+    from raysft.train.epochs import resolve_epochs
+
+    epochs = spec.train.epochs
+    resolved = resolve_epochs(
+        spec, shared.prepared().train, world_size=spec.search.resources.workers, source=source
+    )
+    steps = resolved.train.max_steps
+    problems = _check_metric(resolved)
+    if problems:
+        raise ConfigError(
+            source,
+            [
+                f"train.epochs {epochs:g} is {steps:,} optimizer step(s) of this data: {p}"
+                for p in problems
+            ],  # fmt: skip
+        )
+    tree = copy.deepcopy(tree)
+    train = tree.setdefault("train", {})
+    train.pop("epochs", None)
+    train["max_steps"] = steps
+    return tree, resolved
 
 
 def trial_memory(spec: SearchSpec) -> Estimate | str:
@@ -291,6 +327,8 @@ def _check_metric(spec: SearchSpec, dropped: Collection[str] = ()) -> list[str]:
             f"search.metric: {s.metric} is reported only at the end of a trial; "
             f"search.scheduler asha needs a per-eval metric ({', '.join(per_eval)})"
         )
+    if spec.train.epochs is not None:  # steps not known yet: checked once they are
+        return problems
     # The recipe evaluates every eval_every steps and at the last step.
     n_evals = -(-spec.train.max_steps // spec.train.eval_every)
     if s.scheduler.type == "asha" and n_evals < 2:

@@ -27,6 +27,7 @@ from raysft.data.pipeline import (
     render_row,
     training_rows,
 )
+from raysft.data.shared import SharedData
 from raysft.data.tokens import Segment, tokenize, trained_spans
 from raysft.errors import ConfigError, DataError, ModelError, TemplateError
 from raysft.paths import missing_dirs, remove_if_unused
@@ -78,10 +79,29 @@ def _check_data(cfg: Config, source: str) -> PreparedData:
         raise
 
 
+def _epochs_as_steps(cfg: Config, source: str) -> tuple[Config, SharedData]:
+    """``cfg`` with ``train.epochs`` resolved into ``train.max_steps`` (``raysft.train.epochs``),
+    and the data read for it, which the run then takes instead of reading it again."""
+    from raysft.data.shared import read_once
+    from raysft.train.epochs import resolve_epochs
+
+    try:
+        shared = read_once(cfg, training_tokenizer(cfg), seed_searched=False)
+    except (DataError, TemplateError, ModelError) as err:
+        if str(err).startswith(("data.", "model.")):
+            raise type(err)(f"{source}: {err}") from None
+        raise
+    resolved = resolve_epochs(cfg, shared.prepared().train, world_size=1, source=source)
+    return resolved, shared
+
+
 def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int:
     from raysft.train.device import training_device
 
     training_device(cfg)  # the run's own first check: CUDA asked for and unusable, and the like
+    epochs = cfg.train.epochs
+    if epochs is not None:  # a resume's checks count steps
+        cfg, _ = _epochs_as_steps(cfg, source)
     if resume_from is not None:
         from raysft.train.resume_checks import check_resumable
 
@@ -128,6 +148,8 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
     for what, reasons in (("skipped", report.skipped), ("dropped", report.dropped)):
         if reasons:
             print(f"  first {what}: {reasons[0]}")
+    if epochs is not None:
+        print(f"train.epochs {epochs:g}: {cfg.train.max_steps:,} optimizer steps (train.max_steps)")
     if resume_from is not None:
         from raysft.train.state import checkpoint_step
 
@@ -206,7 +228,7 @@ def _preview(cfg: Config, n: int, as_json: bool) -> int:
     return 0
 
 
-def _train(cfg: Config, resume_from: str | None) -> int:
+def _train(cfg: Config, resume_from: str | None, shared: SharedData | None = None) -> int:
     from raysft.errors import TrainingDiverged
     from raysft.train.recipe import DIVERGED_AT, divergence_hint, run_trial
     from raysft.train.state import LocalCheckpoints
@@ -217,7 +239,7 @@ def _train(cfg: Config, resume_from: str | None) -> int:
     stops = (signal.SIGTERM, signal.SIGHUP)
     before = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
     try:
-        result = run_trial(cfg, report=checkpoints, resume_from=resume_from)
+        result = run_trial(cfg, report=checkpoints, resume_from=resume_from, shared=shared)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             interrupted_note(cfg, checkpoints.latest(), resume_from=resume_from)
@@ -312,8 +334,13 @@ def _main() -> int:
 
         check_is_checkpoint(args.resume_from)  # said as itself, not as an output_dir problem
         cfg = _follow_a_moved_run(cfg, args.resume_from)
+    shared = None
+    if cfg.train.epochs is not None:  # before anything counts steps: a resume's checks do
+        _check_model(cfg, args.config)  # its tokenizer reads the data
+        cfg, shared = _epochs_as_steps(cfg, args.config)
     check_output_dir(cfg, args.config, resuming=args.resume_from)
-    _check_model(cfg, args.config)
+    if shared is None:  # else checked above
+        _check_model(cfg, args.config)
     if args.resume_from is not None:
         from raysft.train.resume_checks import check_resumable
 
@@ -333,7 +360,7 @@ def _main() -> int:
     # Held before the try: a run refused because another holds the folder removes nothing.
     lock = hold_output_dir(cfg, args.config)
     try:
-        return _train(cfg, args.resume_from)
+        return _train(cfg, args.resume_from, shared=shared)
     except BaseException:
         # Failed before its first checkpoint (its data or model refused, a Ctrl-C): the
         # directories this start made go again, nothing half-made is left.

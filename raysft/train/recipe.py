@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from raysft.config import Config, get_path, parse_value
-from raysft.data.batching import BatchStream, make_bins
+from raysft.data.batching import BatchStream, group_by_length_tokens, make_bins, training_stream
 from raysft.data.digest import DATA_FILE, TOKENS, data_digests, token_digests
 from raysft.data.packing import loss_mask, packing_efficiency
 from raysft.data.pipeline import prepare_data
@@ -37,6 +37,7 @@ from raysft.search.redact import saved_config_text
 from raysft.search.results import json_safe
 from raysft.train import fsdp
 from raysft.train.device import granted_gpus, training_device
+from raysft.train.epochs import resolve_epochs
 from raysft.train.evaluate import (
     answer_stops,
     eval_loss_sum,
@@ -177,12 +178,6 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
     return optimizer, scheduler
 
 
-def group_by_length_tokens(cfg: Config) -> int | None:
-    """Tokens per micro-batch (padding included) of ``data.group_by_length``: those of a batch of
-    packed rows, ``train.batch_size`` x ``data.max_seq_len``; None when off."""
-    return cfg.train.batch_size * cfg.data.max_seq_len if cfg.data.group_by_length else None
-
-
 def _prepare(
     cfg: Config, tokenizer: Any, shared: SharedData | None = None
 ) -> tuple[Any, list[list[int]], list[list[int]]]:
@@ -193,7 +188,8 @@ def _prepare(
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     else:
         data = shared.prepared()
-        log.info("data: as the search's driver read and tokenized it (no second read)")
+        # The search's driver read it (or the train CLI, to count train.epochs in steps).
+        log.info("data: as read and tokenized before the run (no second read)")
     train_bins = make_bins(data.train, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     eval_bins = make_bins(data.eval, packing=cfg.data.packing, max_len=cfg.data.max_seq_len)
     if cfg.data.packing:
@@ -252,6 +248,9 @@ def setup(
             f"data.train: {len(train_bins)} training row(s) (packed) for {dist.world_size} "
             "workers: every worker needs at least one; lower search.resources.workers or add data"
         )
+    # Resolved by the train CLI and the search's driver already (their checks count steps);
+    # here for a config that reaches a run unresolved (run_trial called directly).
+    cfg = resolve_epochs(cfg, data.train, train_bins, world_size=dist.world_size)
     generates = any(m.generates for m in computed_at(cfg, final=True))
     convs = data.eval_conversations
     if generates:  # before the model loads: none of them left is an error
@@ -349,16 +348,8 @@ def setup(
     # code tests of its share of the problems (all of them alone).
     check = functools.partial(checks_of_all_ranks, dist=dist)
     evaluate = functools.partial(score, cfg, loss=loss, answers=answers, check=check)
-    stream = BatchStream(
-        data.train,
-        train_bins,
-        packing=cfg.data.packing,
-        batch_size=cfg.train.batch_size,
-        pad_id=pad_id,
-        seed=cfg.train.seed,
-        shard=(dist.rank, dist.world_size),
-        fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
-        group_tokens=group_tokens,
+    stream = training_stream(
+        cfg, data.train, train_bins, pad_id=pad_id, shard=(dist.rank, dist.world_size)
     )
     steps = stream.batches_per_epoch / cfg.train.grad_accum
     log.info(

@@ -211,6 +211,7 @@ def score_model(
     settings. Scoring two models on the same rows makes their numbers comparable."""
     import functools
 
+    from raysft.data.batching import group_by_length_tokens
     from raysft.train.evaluate import (
         compute,
         eval_loss_sum,
@@ -219,7 +220,6 @@ def score_model(
         warn_of_capped_references,
     )
     from raysft.train.precision import autocast_for
-    from raysft.train.recipe import group_by_length_tokens
 
     rows = eval_rows(cfg) if conversations is None else conversations
     due = select_metrics(metrics, rows)

@@ -557,7 +557,7 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
     out = tmp_path / "out"
     cfg = load_config(None, {"output_dir": str(out), "train.eval_every": 5})
 
-    def interrupted(cfg: Any, *, report: Any, resume_from: str | None) -> None:
+    def interrupted(cfg: Any, *, report: Any, resume_from: str | None, shared: Any) -> None:
         if checkpointed:  # the checkpoint of step 5, as the run hands it over
             written = tmp_path / "written"
             written.mkdir()
@@ -656,7 +656,9 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
     if ended:
         (out / "metrics.json").write_text("{}\n", encoding="utf-8")
     trained: list[str | None] = []
-    monkeypatch.setattr(train_main, "_train", lambda cfg, resume: trained.append(resume) or 0)
+    monkeypatch.setattr(
+        train_main, "_train", lambda cfg, resume, shared=None: trained.append(resume) or 0
+    )
     argv = ["raysft.train", str(ckpt / "config.yaml"), "--resume-from", str(ckpt)]
     monkeypatch.setattr(sys, "argv", argv)
     with caplog.at_level(logging.INFO, logger="raysft.train"), pytest.raises(SystemExit) as done:

@@ -1635,9 +1635,9 @@ def test_cli_dry_run_prints_space_and_plan(cli: CliRuns) -> None:
     assert run["stderr"] == ""
     lines = run["stdout"].splitlines()
     # Then the memory estimate (its numbers: tests/unit/test_memory.py).
-    assert lines[10].startswith("memory per trial: ~")
-    assert "of host memory (a CPU trial: not checked)" in lines[10]
-    assert lines[:10] == [
+    assert lines[11].startswith("memory per trial: ~")
+    assert "of host memory (a CPU trial: not checked)" in lines[11]
+    assert lines[:11] == [
         "search space:",
         "  train.learning_rate: loguniform(1e-05, 0.001)",
         "  lora.dropout: uniform(0, 0.2)",
@@ -1645,6 +1645,7 @@ def test_cli_dry_run_prints_space_and_plan(cli: CliRuns) -> None:
         "  train.lr_scheduler: choice['cosine', 'linear', 'constant']",
         "  lora.alpha: lora.r x choice[1, 2, 4]",
         "metric: eval_loss (min), samples: 3, seed: 0, scheduler: asha",
+        "trial length: 20 optimizer steps, an eval every 5 steps",
         "sampler: TPE (multivariate), first 2 of 3 trials random, seed 0",
         "per trial: 1 worker(s) x 1 CPU, 0 GPU  (= 1 CPU, 0 GPU)",
         "concurrent trials: 1 of 3 (this machine)",
