@@ -16,7 +16,9 @@ model's logits in that dtype (finite, too), then renamed into place.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import logging
 import math
 import shutil
 import uuid
@@ -24,10 +26,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from raysft.cli import run_cli, setup_logging
-from raysft.errors import ModelError
+from raysft.errors import ModelError, RaysftError
 from raysft.paths import writable_dir_problem
 from raysft.search.eval_target import resolve_target
 from raysft.search.export import use_saved_generation_config
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The merge is checked in float32: the merged model's logits against the adapter's, within this
@@ -49,7 +53,15 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="dtype of the saved weights (auto: as the run loaded the base, model.dtype)",
+        help="dtype of the saved weights (auto: the dtype the run loaded its base in, as it "
+        "recorded it; else model.dtype as it resolves on --device)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the merge runs (default cpu: it holds the base in float32, 4 bytes a "
+        "parameter, 28 GB for a 7B model, which host memory holds more often than a GPU)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -65,40 +77,63 @@ def _out_problem(out: Path) -> str | None:
     return writable_dir_problem(out.parent)  # the staging folder and the rename go there
 
 
-def merge(directory: str, out: Path, *, base_model: str | None = None, dtype: str = "auto") -> Any:
+def merge(
+    directory: str,
+    out: Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+) -> Any:
     """Merge DIR's adapter into its base and save it to ``out``; returns the merged model."""
     import torch
 
     from raysft.train.model import resolve_dtype
     from raysft.train.score_saved import load_for_scoring
 
+    if out.is_symlink():  # written where it points: the staging folder goes beside that
+        out = out.resolve()
     problem = _out_problem(out)
     if problem:
         raise ModelError(problem)
-    for stale in out.parent.glob(f".{out.name}.merging-*"):  # a merge killed half way
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.merging-*"):  # a merge killed
         shutil.rmtree(stale, ignore_errors=True)
     target = resolve_target(
         directory,
         without_settings="merged with the default model settings (model.dtype, "
         "trust_remote_code, revision); pass --dtype and --base-model as needed",
+        adapters_only="nothing to merge",
     )
-    if not (target.path / "adapter_config.json").is_file():
-        raise ModelError(f"{target.path}: a full model, not an adapter: nothing to merge")
-    # As LoRA in float32, whatever the run loaded: the base unquantized (QLoRA's NF4 would
-    # round the update away) and a check the merge's rounding alone can fail.
-    as_lora = target.cfg.model_copy(update={"method": "lora"})
+    # As LoRA in float32 on --device, whatever the run loaded where: the base unquantized
+    # (QLoRA's NF4 would round the update away) and a check the merge's rounding alone can fail.
+    as_lora = target.cfg.model_copy(
+        update={
+            "method": "lora",
+            "train": target.cfg.train.model_copy(update={"device": device}),
+        }
+    )
     cfg = as_lora.model_copy(
         update={"model": as_lora.model.model_copy(update={"dtype": "float32"})}
     )
     net, tokenizer = load_for_scoring(str(target.path), cfg=cfg, base_model=base_model)
-    device = next(net.parameters()).device
+    on = next(net.parameters()).device
     probe = tokenizer("Merging checks these logits.", return_tensors="pt")["input_ids"]
-    probe = probe.to(device)
+    probe = probe.to(on)
     want = _logits(net, probe)
     merged = net.merge_and_unload()
     _compare(_logits(merged, probe), want, rtol=_MERGE_RTOL, what="the merged model's logits")
     use_saved_generation_config(merged, target.path)  # the template's end of answer
-    saved = resolve_dtype(as_lora, device) if dtype == "auto" else getattr(torch, dtype)
+    if dtype == "auto":
+        recorded = _recorded_base_dtype(target.path)
+        saved = getattr(torch, recorded) if recorded else resolve_dtype(as_lora, on)
+        if not recorded:
+            log.warning(
+                "%s records no dtype its run loaded the base in: saved in %s, model.dtype %s "
+                "as it resolves on %s (--dtype to choose)",
+                target.path, str(saved).removeprefix("torch."), as_lora.model.dtype, device,
+            )  # fmt: skip
+    else:
+        saved = getattr(torch, dtype)
     merged = merged.to(saved)
     expected = _logits(merged, probe)
     stage = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:8]}"
@@ -114,6 +149,25 @@ def merge(directory: str, out: Path, *, base_model: str | None = None, dtype: st
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return merged
+
+
+def _recorded_base_dtype(path: Path) -> str | None:
+    """The dtype the run of the adapter at ``path`` loaded its base in, as it recorded it: a
+    run's metrics.json, or a checkpoint's training state (an export records none)."""
+    from raysft.train.precision import NUMERICS
+    from raysft.train.state import STATE_FILE, read_progress_final
+
+    try:
+        if (path / "metrics.json").is_file():
+            final = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["final"]
+        elif (path / STATE_FILE).is_file():
+            final = read_progress_final(path)
+        else:
+            return None
+        dtype = final[NUMERICS]["base_dtype"]
+    except (KeyError, TypeError, ValueError, OSError, RaysftError):
+        return None
+    return dtype if dtype in DTYPES[1:] else None  # a 4-bit base records uint8: not a dtype to save
 
 
 def _logits(model: Any, ids: Any) -> Any:
@@ -153,7 +207,7 @@ def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     out = Path(args.out)
-    merge(args.dir, out, base_model=args.base_model, dtype=args.dtype)
+    merge(args.dir, out, base_model=args.base_model, dtype=args.dtype, device=args.device)
     print(f"merged: {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 

@@ -50,9 +50,11 @@ def resolve_target(
     config: str | None = None,
     overrides: dict[str, Any] | None = None,
     without_settings: str = _SCORED_WITH_DEFAULTS,
+    adapters_only: str | None = None,
 ) -> Target:
     """Classify DIR and find the settings to score it with. ``without_settings``: what the
-    warning says is done where DIR has none (the caller's use of the defaults)."""
+    warning says is done where DIR has none (the caller's use of the defaults).
+    ``adapters_only``: a full model (DIR's or its champion) is refused, with this reason."""
     root = Path(directory)
     if not root.is_dir():
         if root.exists():
@@ -77,6 +79,8 @@ def resolve_target(
             f"{directory}: neither a model (config.json), an adapter (adapter_config.json) nor "
             f"an experiment directory (summary.json){hint}"
         )
+    if adapters_only is not None and not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path}: a full model, not an adapter: {adapters_only}")
     # An experiment without its summary (copied without it, say): its champion export's own.
     own = path if kind == "experiment" and summary is None else root
     sampled = _champion_sampled(path, summary) if summary is not None else {}

@@ -225,6 +225,11 @@ def _unreadable(path: Path, why: str) -> ConfigError:
     )  # fmt: skip
 
 
+def read_progress_final(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``Progress.final``: the base model's scores, the run's numerics."""
+    return dict(_read_state(Path(directory) / STATE_FILE, mmap=True)["progress"]["final"])
+
+
 def checkpoint_step(directory: str | Path) -> int:
     """The step a checkpoint was written at; its tensors are mapped, not read (``mmap``)."""
     return int(_read_state(Path(directory) / STATE_FILE, mmap=True)["progress"]["step"])

@@ -155,3 +155,46 @@ def test_the_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert ran.returncode == 2, ran.stderr
     assert ran.stderr.strip().splitlines() == [f"error: {tmp_path / 'absent'}: no such directory"]
+
+
+def test_auto_saves_the_dtype_the_run_recorded_not_the_merging_machines(tmp_path: Path) -> None:
+    """A GPU run loaded its base in bf16 (``model.dtype: auto``) and trained on ``cuda``: merged
+    on this CPU machine, it is saved in bf16, as its run recorded, not in the float32 that
+    ``auto`` resolves to here."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter(tmp_path)
+    config = yaml.safe_load((adapter / "config.yaml").read_text())
+    config["train"]["device"] = "cuda"  # the run's: the merge runs on --device (cpu)
+    (adapter / "config.yaml").write_text(yaml.safe_dump(config))
+    final = {"numerics": {"base_dtype": "bfloat16", "autocast": "bfloat16"}}
+    (adapter / "metrics.json").write_text(json.dumps({"final": final, "history": []}))
+    merge(str(adapter), tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto").dtype == (
+        torch.bfloat16
+    )
+
+
+def test_an_out_that_links_to_an_empty_folder_is_written_there(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    merge(str(_adapter(tmp_path)), link)
+    assert (target / "merged.json").is_file() and link.is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if ".merging-" in p.name] == []
+
+
+def test_a_full_model_is_refused_before_any_warning_of_missing_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ModelError, match="a full model, not an adapter: nothing to merge"):
+        merge(resolve(BASE), tmp_path / "out")
+    assert caplog.records == []
+
+
+def test_a_merge_sweeps_only_its_own_outs_stale_staging_folders(tmp_path: Path) -> None:
+    other = tmp_path / ".m1.merging-0c925310"  # another OUT's, which m[12] would match as a glob
+    other.mkdir()
+    merge(str(_adapter(tmp_path)), tmp_path / "m[12]")
+    assert other.is_dir() and (tmp_path / "m[12]" / "merged.json").is_file()
