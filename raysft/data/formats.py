@@ -114,7 +114,7 @@ def _text(row: dict[str, Any], key: str, *, required: bool, where: str | None = 
             raise _RowError(where, "missing")
         return ""
     if not isinstance(value, str):
-        raise _RowError(where, f"must be a string, got {type(value).__name__}")
+        raise _RowError(where, f"must be a string, got {_kind(value)}")
     return value
 
 
@@ -148,7 +148,7 @@ def _turns(
     for i, turn in enumerate(items):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise _RowError(where, f"must be an object, got {type(turn).__name__}")
+            raise _RowError(where, f"must be an object, got {_kind(turn)}")
         raw_role = turn.get(role_key)
         if raw_role not in roles:
             raise _RowError(
@@ -203,7 +203,7 @@ def _from_prompt_completion(row: dict[str, Any]) -> Conversation:
         if value is None:
             raise _RowError(key, "missing (a prompt-completion row has both)")
     if isinstance(prompt, list) != isinstance(completion, list):
-        kinds = {k: "a message list" if isinstance(v, list) else type(v).__name__
+        kinds = {k: "a message list" if isinstance(v, list) else _kind(v)
                  for k, v in (("prompt", prompt), ("completion", completion))}  # fmt: skip
         raise _RowError(
             "completion",
@@ -306,7 +306,7 @@ def _convert(
 ) -> tuple[Conversation, tuple[str, list[str]]]:
     """``to_conversation``, and (the row's format, its fields that format does not read)."""
     if not isinstance(row, dict):
-        raise _RowError("", f"row must be a JSON object, got {type(row).__name__}")
+        raise _RowError("", f"row must be a JSON object, got {_kind(row)}")
     # Parquet and `datasets` give every row every column, null where a row has none: a file
     # mixing alpaca and sharegpt rows must read like the same rows in JSONL.
     row = {k: v for k, v in row.items() if v is not None}
@@ -353,11 +353,17 @@ def _unread(row: dict[str, Any], kind: str) -> list[str]:
     return sorted(unread)
 
 
+def _kind(value: Any) -> str:
+    """What a row's value is, as a message says it: Python's name, but "object" for a JSON
+    object (read as ``sources.JsonObject``, an internal name)."""
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
 def _tests(value: Any) -> str:
     """A code row's ``tests``: Python statements (asserts) that run after the answer's code; the
     answer passes when they raise nothing (pass@k). Carried on the final assistant message."""
     if not isinstance(value, str):
-        kind = type(value).__name__
+        kind = _kind(value)
         raise _RowError("tests", f"must be a string of Python statements, got {kind}")
     if not value.strip():
         raise _RowError("tests", "empty (leave the field out for a row without tests)")

@@ -234,6 +234,10 @@ BAD_ROWS = [
     ({"prompt": "q", "completion": ["a"]}, "completion: is a message list but prompt is str"),
     ({"prompt": msgs(("user", "q")), "completion": "a"}, "completion: is str but prompt is a"),
     ({"prompt": 3, "completion": "a"}, "prompt: must be a string, got int"),
+    (  # one message, not a list of them: said as JSON names it, not as raysft reads it
+        {"prompt": "q", "completion": {"role": "assistant", "content": "a"}},
+        "completion: must be a string, got object",
+    ),
     ({"prompt": [], "completion": msgs(("assistant", "a"))}, "prompt: must be a non-empty list"),
     (  # indexes are each list's own
         {"prompt": msgs(("user", "q")), "completion": msgs(("assistant", "a"), ("assistant", "b"))},
