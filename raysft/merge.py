@@ -20,6 +20,7 @@ import glob
 import json
 import logging
 import math
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -96,8 +97,7 @@ def merge(
     problem = _out_problem(out)
     if problem:
         raise ModelError(problem)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.merging-*"):  # a merge killed
-        shutil.rmtree(stale, ignore_errors=True)
+    _sweep_stale_stages(out)
     target = resolve_target(
         directory,
         without_settings="merged with the default model settings (model.dtype, "
@@ -136,19 +136,45 @@ def merge(
         saved = getattr(torch, dtype)
     merged = merged.to(saved)
     expected = _logits(merged, probe)
-    stage = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:8]}"
+    stage = out.parent / f".{out.name}.merging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         merged.save_pretrained(stage)
         tokenizer.save_pretrained(stage)
         record = {"merged_from": str(target.path.resolve()), "base": base_model or target.base}
         (stage / "merged.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
         _check_saved(stage, probe, expected, trust=cfg.model.trust_remote_code)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        stage.rename(out)
+        try:
+            if out.is_dir():
+                out.rmdir()  # empty (checked above)
+            stage.rename(out)
+        except OSError:  # another merge into OUT got there first
+            problem = _out_problem(out)
+            if problem is None:
+                raise
+            raise ModelError(f"{problem} (written meanwhile); nothing saved") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return merged
+
+
+def _sweep_stale_stages(out: Path) -> None:
+    """The staging folders of merges into ``out`` killed half way go; those of a merge still
+    running (its process alive: ``.OUT.merging-PID-*``) stay."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.merging-*"):
+        pid = stale.name.rsplit(".merging-", 1)[1].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _recorded_base_dtype(path: Path) -> str | None:

@@ -198,3 +198,36 @@ def test_a_merge_sweeps_only_its_own_outs_stale_staging_folders(tmp_path: Path) 
     other.mkdir()
     merge(str(_adapter(tmp_path)), tmp_path / "m[12]")
     assert other.is_dir() and (tmp_path / "m[12]" / "merged.json").is_file()
+
+
+def test_a_merge_running_beside_keeps_its_staging_folder_and_the_later_rename_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import raysft.merge as merge_module
+
+    running = subprocess.Popen(["sleep", "60"])
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    try:
+        live = tmp_path / f".merged.merging-{running.pid}-0c925310"
+        dead = tmp_path / f".merged.merging-{ended.pid}-0c925311"
+        live.mkdir()
+        dead.mkdir()
+        adapter = _adapter(tmp_path)
+        checked = merge_module._check_saved
+
+        def another_merge_finishes_first(*args: Any, **kwargs: Any) -> None:
+            checked(*args, **kwargs)
+            (tmp_path / "merged").mkdir(exist_ok=True)
+            (tmp_path / "merged" / "merged.json").write_text("{}")  # its rename came first
+
+        monkeypatch.setattr(merge_module, "_check_saved", another_merge_finishes_first)
+        with pytest.raises(ModelError, match=r"merged: not empty; .* \(written meanwhile\); "):
+            merge(str(adapter), tmp_path / "merged")
+        assert live.is_dir() and not dead.exists()
+        assert (tmp_path / "merged" / "merged.json").read_text() == "{}"  # the other's, kept
+        staged = [p for p in tmp_path.iterdir() if ".merging-" in p.name]
+        assert staged == [live]  # this merge's own staging folder is gone
+    finally:
+        running.kill()
+        running.wait()
