@@ -158,6 +158,14 @@ class DataSection(Section):
         "(the CPU; benchmarks/RESULTS.md). A batch of one length can be a batch of one kind "
         "of task: compare the held-out metric with packing's on your data (README).",
     )
+    train_on_prompt: bool = Field(
+        False,
+        description="Train on every token of a training row (system and user turns, the "
+        "template's markup, assistant messages of weight 0), not on the answers alone: "
+        "Axolotl's `train_on_inputs`, LLaMA-Factory's `train_on_prompt`, TRL's default for "
+        "conversational rows without `assistant_only_loss`. The held-out loss stays on the "
+        "answers, so runs with and without it compare (train_loss then counts the prompts too).",
+    )
     on_error: Literal["strict", "skip"] = Field(
         "strict",
         description="Malformed rows: `strict` stops naming file/row/field; `skip` drops and "

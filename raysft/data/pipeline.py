@@ -83,12 +83,14 @@ def render_row(
     report: DataReport,
     *,
     origins: dict[int, str] | None = None,
+    training: bool = False,
 ) -> list[Segment] | None:
     """``conv`` rendered by ``data.template``; None for a row the template refuses in skip mode
     (counted in ``report``). In strict mode such a row is a DataError naming it (``origins``:
-    ``id(conv)`` -> "file: line N")."""
+    ``id(conv)`` -> "file: line N"). ``training``: a training row, every segment of which is
+    trained with ``data.train_on_prompt`` (but a BOS the template opens with, never a target)."""
     try:
-        return render(conv, template=cfg.template, tokenizer=tokenizer)
+        segments = render(conv, template=cfg.template, tokenizer=tokenizer)
     except TemplateError as err:
         # One row the template cannot render (Gemma's "System role not supported"): a
         # malformed row, so an error in strict mode, dropped and counted in skip mode.
@@ -98,6 +100,12 @@ def render_row(
         report.skipped.append(why)
         report.rows_skipped += 1
         return None
+    if training and cfg.train_on_prompt:
+        bos = getattr(tokenizer, "bos_token", None)
+        opening = bool(segments) and not segments[0].trained and segments[0].text == bos
+        segments = [Segment(s.text, s.trained or (i > 0 or not opening))
+                    for i, s in enumerate(segments)]  # fmt: skip
+    return segments
 
 
 def _tokenize_all(
@@ -125,7 +133,9 @@ def _tokenize_all(
                 name, f"{done:,}", f"{len(convs):,}", rate,
             )  # fmt: skip
             say_at += PROGRESS_EVERY_S
-        segments = render_row(conv, cfg, tokenizer, report, origins=origins)
+        segments = render_row(
+            conv, cfg, tokenizer, report, origins=origins, training=name == "train"
+        )
         if segments is None:  # skipped (skip mode): counted in report, and in this split's list
             if skipped is not None:
                 skipped.append(report.skipped[-1])

@@ -35,8 +35,9 @@ _NOT_COMPARABLE = {
     "eval.": "changes what the generated-answer metrics measure",
     "train.exact_match": "decides whether the generated-answer metrics are measured",
 }
-# How rows are batched, not which rows are scored or how they render.
-_COMPARABLE = {"data.packing", "data.group_by_length"}
+# How training rows are batched or which of their tokens are trained, not which rows are scored
+# or how they render (the held-out loss is on the answers either way).
+_COMPARABLE = {"data.packing", "data.group_by_length", "data.train_on_prompt"}
 # What sets how many micro-batches, so optimizer steps, an epoch of the rows is: with
 # ``train.epochs``, trials differing in one would run different numbers of steps.
 _EPOCH_STEPS = {

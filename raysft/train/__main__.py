@@ -182,7 +182,9 @@ def _rendered(cfg: Config, rows: TrainingRows, n: int, tokenizer: Any) -> list[l
     and line."""
     shown: list[list[Segment]] = []
     for conv in rows.conversations:
-        segments = render_row(conv, cfg.data, tokenizer, rows.report, origins=rows.origins)
+        segments = render_row(
+            conv, cfg.data, tokenizer, rows.report, origins=rows.origins, training=True
+        )
         if segments is not None and len(shown) < n:
             shown.append(segments)
     return shown

@@ -496,3 +496,57 @@ def test_a_blank_system_prompt_is_none_as_a_rows_blank_system_is(tok: Any, blank
     assert cfg.system_prompt is None
     text = tok.decode(prepare_data(cfg, tok, seed=0).train[0].input_ids)
     assert "<<SYS>>" not in text and text.startswith("<s>[INST] Translate")
+
+
+def test_train_on_prompt_trains_every_token_of_a_training_row_and_no_more_of_an_eval_one(
+    tmp_path: Path, tok: Any
+) -> None:
+    weighted = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "weight": 0},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ciao"},
+        ]
+    }
+    train = write_jsonl(tmp_path / "t.jsonl", [alpaca("Say hi", "hi"), weighted])
+    plain = prepare_data(section(train=train), tok, seed=0)
+    whole = prepare_data(section(train=train, train_on_prompt=True), tok, seed=0)
+    for ex, before in zip(whole.train, plain.train, strict=True):
+        assert ex.input_ids == before.input_ids
+        assert ex.labels == ex.input_ids  # the prompt, markup and the weight-0 answer too
+        assert 0 < before.n_trained < ex.n_trained
+    assert whole.report.trained_tokens == whole.report.train_tokens
+    # The held-out loss is on the answers either way: the eval rows are the same examples.
+    assert [e.labels for e in whole.eval] == [e.labels for e in plain.eval]
+
+
+def test_train_on_prompt_leaves_the_bos_a_template_opens_with_untrained() -> None:
+    from test_templates import _metaspace_tokenizer
+
+    from raysft.data.pipeline import DataReport, render_row
+    from raysft.data.tokens import IGNORE, tokenize
+
+    sp = _metaspace_tokenizer(bos=True)
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    segs = render_row(conv, section(train_on_prompt=True), sp, DataReport(), training=True)
+    assert segs is not None
+    ex = tokenize(segs, sp, max_seq_len=512)
+    assert ex.input_ids[0] == sp.bos_token_id and ex.labels[0] == IGNORE
+    assert ex.labels[1:] == ex.input_ids[1:]
+    # Not a training row (the eval split, a generation prompt): as the template marks it.
+    held_out = render_row(conv, section(train_on_prompt=True), sp, DataReport())
+    assert held_out is not None and not all(s.trained for s in held_out)
+
+
+def test_train_on_prompt_can_be_searched_and_a_trial_of_the_other_value_reads_its_own() -> None:
+    from raysft.config import SearchParam, load_config
+    from raysft.data.shared import data_key
+    from raysft.search.searchable import check_param
+
+    cfg = load_config(None, {})
+    flipped = load_config(None, {"data.train_on_prompt": True})
+    assert data_key(cfg, seed_matters=False) != data_key(flipped, seed_matters=False)
+    choice = SearchParam(type="choice", values=[False, True])
+    assert check_param("data.train_on_prompt", choice, {}, cfg) is None
