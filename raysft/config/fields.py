@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 Method = Literal["full", "lora", "qlora"]
-DataFormat = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "auto"]
+DataFormat = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text", "auto"]
 Template = Literal["llama2", "chatml", "vicuna", "tokenizer"]
 MAX_SEED = 2**32 - 1  # what every seeded library takes (Optuna and numpy refuse more)
 MAX_INT = MAX_SEED  # the most any integer setting takes (Section)

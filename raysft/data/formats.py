@@ -1,4 +1,5 @@
-"""Alpaca / ShareGPT / OpenAI-messages / TRL prompt-completion rows -> one canonical message list.
+"""Alpaca / ShareGPT / OpenAI-messages / TRL prompt-completion / plain-text rows -> one canonical
+message list.
 
 A conversation is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an optional
 system message, then user/assistant turns alternating, ending with the assistant. Every malformed
@@ -11,6 +12,10 @@ A TRL prompt-completion row is either two strings (read as one user turn and its
 with ``data.template`` like any other row: TRL instead joins the two texts without a template) or
 two message lists (the prompt's messages, then the completion's, as TRL's conversational form);
 as in TRL, only the completion is trained: an assistant message in the prompt is context.
+
+A plain-text row (``{"text": ...}``, TRL's language-modeling rows) is one message of role
+``text`` (``is_plain_text``): no template renders it, every token of it is trained, with the
+tokenizer's EOS after it, and it has no answer for the generation metrics to score.
 
 An OpenAI-messages assistant message may carry ``"weight": 0`` (in the conversation, not
 trained) or ``1`` (trained, as without it); a 0 rides on the message as its ``UNTRAINED`` key
@@ -61,6 +66,7 @@ READS = {
     "sharegpt": ("conversations", "system", "tests"),
     "messages": ("messages", "tests"),
     "prompt_completion": ("prompt", "completion", "tests"),
+    "text": ("text",),
 }
 MESSAGE_READS = {
     "sharegpt": ("from", "value"),
@@ -84,12 +90,21 @@ def is_trained(msg: Message) -> bool:
     return UNTRAINED not in msg
 
 
+# The role of a plain-text row's one message.
+TEXT = "text"
+
+
+def is_plain_text(conv: Conversation) -> bool:
+    """Whether ``conv`` is a plain-text row (one message of role ``text``), not a conversation."""
+    return len(conv) == 1 and conv[0]["role"] == TEXT
+
+
 # ---------------------------------------------------------------- row -> conversation
 
 
 def detect_format(
     row: dict[str, Any],
-) -> Literal["alpaca", "sharegpt", "messages", "prompt_completion"]:
+) -> Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"]:
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -98,11 +113,13 @@ def detect_format(
         return "alpaca"
     if "prompt" in row or "completion" in row:
         return "prompt_completion"  # a missing one of the two is named by the converter
+    if "text" in row:
+        return "text"
     raise _RowError(
         "",
         "cannot detect the format: expected instruction/output (alpaca), "
-        "conversations (sharegpt), messages (openai) or prompt/completion (trl); keys are "
-        + ", ".join(sorted(row)),
+        "conversations (sharegpt), messages (openai), prompt/completion (trl) or text (plain "
+        "text); keys are " + ", ".join(sorted(row)),
     )
 
 
@@ -269,11 +286,19 @@ def _check_shape(conv: Conversation, *, key: str, names: list[str] | None = None
         raise _RowError(key, "every assistant message has weight 0: nothing to train")
 
 
+def _from_text(row: dict[str, Any]) -> Conversation:
+    text = _text(row, "text", required=True)
+    if not text.strip():
+        raise _RowError("text", "empty: nothing to train")
+    return [{"role": TEXT, "content": text}]
+
+
 _CONVERTERS = {
     "alpaca": _from_alpaca,
     "sharegpt": _from_sharegpt,
     "messages": _from_messages,
     "prompt_completion": _from_prompt_completion,
+    "text": _from_text,
 }
 _SHAPE_KEY = {
     "alpaca": "output",
@@ -317,6 +342,8 @@ def _convert(
         if key not in row:
             raise _RowError(key, f"missing (data.format is {fmt})")
     conv = _CONVERTERS[kind](row)
+    if kind == "text":  # no turns, no system prompt, no answer to test
+        return conv, (kind, _unread(row, kind))
     _check_shape(conv, key=_SHAPE_KEY[kind], names=_message_names(kind, row, conv))
     if conv[0]["role"] == "system" and not conv[0]["content"].strip():
         conv = conv[1:]  # a blank system turn is no system prompt, as a blank `system` field is

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from raysft.data.formats import Conversation, is_trained
+from raysft.data.formats import Conversation, is_plain_text, is_trained
 from raysft.data.tokens import IGNORE, Segment, adds_bos_token, tokenize
 from raysft.errors import TemplateError
 
@@ -276,7 +276,10 @@ def render(
     conv: Conversation, *, template: str, tokenizer: Any = None, generation: bool = False
 ) -> list[Segment]:
     """Segments of one conversation; ``generation`` renders a prompt that ends with a user turn.
-    chatml and vicuna open with the tokenizer's BOS (untrained) where it adds one by default."""
+    chatml and vicuna open with the tokenizer's BOS (untrained) where it adds one by default.
+    A plain-text row is no conversation: see ``_plain_text``."""
+    if is_plain_text(conv):
+        return _plain_text(conv[0]["content"], tokenizer, generation=generation)
     if template == "tokenizer":
         return _from_tokenizer(conv, tokenizer, generation=generation)
     if template not in _BUILTIN:
@@ -294,6 +297,21 @@ def render(
         bos = str(tokenizer.bos_token)
         if not "".join(s.text for s in segs).startswith(bos):
             segs = [Segment(bos, False), *segs]
+    return segs
+
+
+def _plain_text(text: str, tokenizer: Any, *, generation: bool) -> list[Segment]:
+    """A plain-text row as TRL trains one: the tokenizer's BOS where it adds one (untrained: no
+    token predicts it), then the text and the tokenizer's EOS, all trained, so the model learns
+    where such a text ends. No template: it has no turns."""
+    if generation:
+        raise TemplateError("a plain-text row has no prompt to answer (no generation for it)")
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos:
+        raise TemplateError("plain-text rows end with the tokenizer's EOS, and it has none")
+    segs = [Segment(text, True), Segment(str(eos), True)]
+    if adds_bos_token(tokenizer):
+        segs.insert(0, Segment(str(tokenizer.bos_token), False))
     return segs
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from raysft.data.batching import batches
-from raysft.data.formats import Conversation
+from raysft.data.formats import Conversation, is_plain_text
 from raysft.data.packing import causal_lm_loss
 from raysft.data.references import code_tests
 from raysft.data.templates import (
@@ -281,10 +281,27 @@ def generation_rows(
     *,
     warn: bool = True,
     hint: str = "raise data.max_seq_len, or shorten the held-out prompts",
+    text_hint: str = "set train.exact_match: false (eval loss scores them)",
 ) -> list[Conversation]:
     """``prompts_that_fit`` of ``cfg``'s template and max_seq_len, where generation metrics are
     due, the first ``eval.max_prompts`` of them; none of several is an error (``DataError``,
-    ending in ``hint``), before anything loads."""
+    ending in ``hint``), before anything loads. Plain-text rows, which have no answer, are left
+    out (said); held-out rows that are all plain text are an error."""
+    texts = sum(is_plain_text(c) for c in conversations)
+    if texts and texts == len(conversations):
+        raise DataError(
+            f"data.eval: its {texts} rows are plain text, with no answer to generate: exact "
+            f"match, ROUGE-L, BLEU and pass@k cannot be scored on them; {text_hint}, or hold "
+            "out rows with answers"
+        )
+    if texts:
+        conversations = [c for c in conversations if not is_plain_text(c)]
+        if warn:
+            log.info(
+                "%d of the held-out rows are plain text, with no answer: the generated-answer "
+                "metrics score the other %d; eval loss scores all of them",
+                texts, len(conversations),
+            )  # fmt: skip
     kept = prompts_that_fit(
         conversations, tokenizer, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len,
         warn=warn,

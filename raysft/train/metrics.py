@@ -146,7 +146,7 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             "eval_loss",
-            "Held-out mean cross-entropy on response tokens.",
+            "Held-out mean cross-entropy on response tokens (a plain-text row's: all of them).",
             "eval",
             "min",
             compute=_eval_loss,

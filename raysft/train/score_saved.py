@@ -12,7 +12,7 @@ from typing import Any
 
 from raysft.assets import adapter_base_path, available, resolve
 from raysft.config import Config
-from raysft.data.formats import Conversation
+from raysft.data.formats import Conversation, is_plain_text
 from raysft.data.pipeline import DataReport, check_template, load_eval, render_row
 from raysft.data.references import code_tests, scored_part
 from raysft.data.tokens import Example, tokenize
@@ -148,10 +148,16 @@ def placed(err: ModelError, place: str) -> ModelError:
 
 
 def select_metrics(names: list[str] | None, conversations: list[Conversation]) -> list[Metric]:
-    """The metrics to compute: ``names``, else every scorable one (pass@k when a row has tests)."""
+    """The metrics to compute: ``names``, else every scorable one (pass@k when a row has tests;
+    none that generates when every row is plain text, which has no answer)."""
     has_tests = any(code_tests(c) is not None for c in conversations)
+    texts = bool(conversations) and all(is_plain_text(c) for c in conversations)
     if names is None:
-        return [METRICS[n] for n in SCORABLE if n != "pass_at_k" or has_tests]
+        return [
+            METRICS[n]
+            for n in SCORABLE
+            if (n != "pass_at_k" or has_tests) and not (texts and METRICS[n].generates)
+        ]
     unknown = [n for n in names if n not in SCORABLE]
     if unknown:
         raise ConfigError(
@@ -228,7 +234,9 @@ def score_model(
     prompted = kept
     if any(m.generates for m in due):
         hint = "raise it with --set data.max_seq_len=..., or score --metrics eval_loss"
-        prompted = generation_rows(kept, tokenizer, cfg, hint=hint)
+        prompted = generation_rows(
+            kept, tokenizer, cfg, hint=hint, text_hint="score them with --metrics eval_loss"
+        )
         warn_of_capped_references(
             prompted, tokenizer, max_new_tokens=cfg.train.max_new_tokens, template=cfg.data.template
         )

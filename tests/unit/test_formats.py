@@ -157,6 +157,7 @@ def test_a_blank_system_message_is_no_system_message(row: dict[str, Any]) -> Non
         ({"messages": []}, "messages"),
         ({"prompt": "q", "completion": "a"}, "prompt_completion"),
         ({"prompt": []}, "prompt_completion"),
+        ({"text": "A plain text."}, "text"),
     ],
 )
 def test_detect_format(row: dict[str, Any], fmt: str) -> None:
@@ -234,6 +235,8 @@ BAD_ROWS = [
     ({"prompt": "q", "completion": ["a"]}, "completion: is a message list but prompt is str"),
     ({"prompt": msgs(("user", "q")), "completion": "a"}, "completion: is str but prompt is a"),
     ({"prompt": 3, "completion": "a"}, "prompt: must be a string, got int"),
+    ({"text": " \n"}, "text: empty: nothing to train"),
+    ({"text": ["a", "b"]}, "text: must be a string, got list"),
     (  # one message, not a list of them: said as JSON names it, not as raysft reads it
         {"prompt": "q", "completion": {"role": "assistant", "content": "a"}},
         "completion: must be a string, got object",
@@ -646,3 +649,18 @@ def test_a_plain_directory_is_named_as_the_data_setting_with_what_to_give(tmp_pa
         f"data.eval: {folder}: a directory, but not one `datasets` saved (a directory is read as "
         "a saved dataset; give a .jsonl, .json or .parquet file): "
     ), err.value
+
+
+def test_a_plain_text_row_is_one_text_message_without_a_system_prompt(tmp_path: Path) -> None:
+    from raysft.data.formats import is_plain_text
+
+    row = {"text": "### Human: hi ### Assistant: hello", "id": 7, "tests": "assert True"}
+    conv = to_conversation(row, system_prompt="Be brief.")
+    assert conv == [{"role": "text", "content": row["text"]}] and is_plain_text(conv)
+    assert not is_plain_text(msgs(("user", "q"), ("assistant", "a")))
+    # Its other fields are reported, as any format's: a text row has no answer to test.
+    path = write_jsonl(tmp_path / "t.jsonl", [row, GOOD_ALPACA])
+    loaded = load_conversations(str(path))
+    assert loaded.unread == {(str(path), "text", "id"): 1, (str(path), "text", "tests"): 1}
+    with pytest.raises(DataError, match=r"line 2: text: missing"):
+        load_conversations(str(path), fmt="text")

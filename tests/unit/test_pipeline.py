@@ -550,3 +550,61 @@ def test_train_on_prompt_can_be_searched_and_a_trial_of_the_other_value_reads_it
     assert data_key(cfg, seed_matters=False) != data_key(flipped, seed_matters=False)
     choice = SearchParam(type="choice", values=[False, True])
     assert check_param("data.train_on_prompt", choice, {}, cfg) is None
+
+
+def test_a_plain_text_row_trains_its_text_and_the_eos_after_it_whatever_the_template(
+    tmp_path: Path, tok: Any
+) -> None:
+    text = "### Human: Spell abc backwards. ### Assistant: cba"
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": text}, alpaca("Say hi", "hi")])
+    for template in ("chatml", "llama2", "vicuna"):
+        data = prepare_data(section(train=train, template=template), tok, seed=0)
+        ex = data.train[0]
+        assert ex.labels == ex.input_ids  # every token, no template around it
+        assert tok.decode(ex.input_ids, skip_special_tokens=False) == text + tok.eos_token
+        assert ex.input_ids[-1] == tok.eos_token_id
+        assert trained_spans(data.train[1], tok) != [tok.decode(data.train[1].input_ids)]
+
+
+def test_a_plain_text_row_opens_with_the_bos_a_tokenizer_adds_untrained() -> None:
+    from test_templates import _metaspace_tokenizer
+
+    from raysft.data.templates import render
+    from raysft.data.tokens import IGNORE, tokenize
+    from raysft.errors import TemplateError
+
+    sp = _metaspace_tokenizer(bos=True)
+    conv = [{"role": "text", "content": "hello world"}]
+    ex = tokenize(render(conv, template="chatml", tokenizer=sp), sp, max_seq_len=512)
+    assert ex.input_ids[0] == sp.bos_token_id and ex.labels[0] == IGNORE
+    assert ex.labels[1:] == ex.input_ids[1:] and ex.input_ids[-1] == sp.eos_token_id
+    with pytest.raises(TemplateError, match="a plain-text row has no prompt to answer"):
+        render(conv, template="chatml", tokenizer=sp, generation=True)
+
+
+def test_generation_leaves_plain_text_rows_out_and_refuses_a_held_out_set_of_them_alone(
+    tok: Any,
+) -> None:
+    from raysft.config import load_config
+    from raysft.train.evaluate import generation_rows
+
+    cfg = load_config(None, {})
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    text = [{"role": "text", "content": "plain"}]
+    assert generation_rows([text, chat, text], tok, cfg) == [chat]
+    with pytest.raises(DataError) as err:
+        generation_rows([text, text], tok, cfg)
+    assert str(err.value) == (
+        "data.eval: its 2 rows are plain text, with no answer to generate: exact match, "
+        "ROUGE-L, BLEU and pass@k cannot be scored on them; set train.exact_match: false (eval "
+        "loss scores them), or hold out rows with answers"
+    )
+
+
+def test_raysft_evaluate_scores_plain_text_rows_on_their_loss_by_default() -> None:
+    from raysft.train.score_saved import select_metrics
+
+    text = [{"role": "text", "content": "plain"}]
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert [m.name for m in select_metrics(None, [text, text])] == ["eval_loss", "perplexity"]
+    assert "exact_match" in [m.name for m in select_metrics(None, [text, chat])]
