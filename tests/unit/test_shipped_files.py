@@ -128,6 +128,33 @@ def test_readme_reference_matches_schema() -> None:
     )
 
 
+def test_the_readmes_trl_table_names_real_settings_and_values() -> None:
+    """Every raysft key the "Coming from TRL" table names (``train.epochs``, and ``key: value``
+    where it gives one) is a field of the schema, and its value one the field takes."""
+    import re
+
+    from raysft.config import load_config
+    from raysft.search.searchable import _field_annotation
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Coming from TRL", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ", 1)[1] for line in table.splitlines() if line.startswith("| `")]
+    named = [
+        m.group(1)
+        for row in rows
+        for m in re.finditer(r"`([a-z_]+(?:\.[a-z_0-9]+)+(?:: [a-z_]+)?)`", row)
+        if not m.group(1).startswith("raysft.")
+    ]
+    assert len(named) > 30, named
+    for item in named:
+        path, _, value = item.partition(": ")
+        _field_annotation(path)  # KeyError: not a field
+        if value:
+            load_config(None, {path: yaml.safe_load(value)})  # a value the field takes
+    for top in ("output_dir",):
+        assert f"`{top}`" in table
+
+
 def test_readme_quick_start_is_the_ci_command() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
