@@ -89,11 +89,33 @@ def _full_with_half_weights(cfg: Config) -> str | None:
 def _one_step_of_warmup(cfg: Config) -> str | None:
     # The warmup's first step runs at rate 0 (as transformers' schedules do): a run of one
     # step with any warmup would train nothing, and say it trained.
-    if cfg.train.max_steps == 1 and cfg.train.warmup_ratio > 0:
+    if cfg.train.max_steps == 1 and cfg.train.warmup() > 0:
+        which = "warmup_steps" if cfg.train.warmup_steps is not None else "warmup_ratio"
         return (
-            f"train.warmup_ratio: {cfg.train.warmup_ratio} of train.max_steps 1 is one warmup "
+            f"train.{which}: {getattr(cfg.train, which)} of train.max_steps 1 is one warmup "
             "step, taken at learning rate 0 (the warmup's first): the run would train nothing; "
-            "set train.warmup_ratio: 0"
+            f"set train.{which}: 0"
+        )
+    return None
+
+
+def _warmup_ratio_or_steps(cfg: Config) -> str | None:
+    t = cfg.train
+    if t.warmup_steps is not None and "warmup_ratio" in t.model_fields_set:
+        return (
+            f"train.warmup_steps: {t.warmup_steps} with train.warmup_ratio {t.warmup_ratio:g} "
+            "set too: the warmup is one or the other; remove train.warmup_ratio"
+        )
+    return None
+
+
+def _warmup_past_the_run(cfg: Config) -> str | None:
+    t = cfg.train
+    if t.warmup_steps is not None and 1 < t.max_steps <= t.warmup_steps:
+        return (
+            f"train.warmup_steps: {t.warmup_steps} of train.max_steps {t.max_steps}: the "
+            "learning rate would still be rising at the last step, never reaching "
+            f"train.learning_rate; set fewer than {t.max_steps}"
         )
     return None
 
@@ -190,7 +212,9 @@ def _flex_attention_needs_a_gpu(spec: SearchSpec) -> str | None:
 CONFIG_RULES: list[Rule] = [
     (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
     (("method", "model.dtype"), _full_with_half_weights),
-    (("train.max_steps", "train.warmup_ratio"), _one_step_of_warmup),
+    (("train.max_steps", "train.warmup_ratio", "train.warmup_steps"), _one_step_of_warmup),
+    (("train.warmup_steps", "train.warmup_ratio"), _warmup_ratio_or_steps),
+    (("train.max_steps", "train.warmup_steps"), _warmup_past_the_run),
     (("train.epochs", "train.max_steps"), _epochs_or_max_steps),
 ]
 SPEC_RULES: list[Rule] = [

@@ -7,6 +7,7 @@ what they all share.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -230,6 +231,12 @@ class TrainSection(Section):
             "warmup_ratio 0."
         ),
     )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Warmup in optimizer steps instead of a share of them (transformers' "
+        "`warmup_steps` as a count). Not with `warmup_ratio` set; fewer than `max_steps`.",
+    )
     weight_decay: float = Field(
         0.0,
         ge=0,
@@ -328,6 +335,13 @@ class TrainSection(Section):
         description="torch CPU threads per worker. Null: torch's default (in a search Ray sets "
         "it to search.resources.cpus_per_worker); in a search at most cpus_per_worker.",
     )
+
+    def warmup(self) -> int:
+        """Optimizer steps of linear warmup: ``warmup_steps``, else ``warmup_ratio`` of the run's
+        steps, rounded up."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * self.max_steps)
 
 
 class EvalSection(Section):

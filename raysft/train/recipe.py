@@ -172,7 +172,7 @@ def _build_optimizer(model: Any, cfg: Config) -> tuple[Any, Any]:
     scheduler = get_scheduler(
         name,
         optimizer,
-        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps),
+        num_warmup_steps=cfg.train.warmup(),
         num_training_steps=cfg.train.max_steps,
     )
     return optimizer, scheduler
@@ -579,9 +579,10 @@ def _stop_diverged(
 def divergence_hint(cfg: Config) -> str:
     t = cfg.train
     clip = "" if t.max_grad_norm else ", or clip gradients (train.max_grad_norm)"
+    which = "warmup_steps" if t.warmup_steps is not None else "warmup_ratio"
     return (
-        f"lower train.learning_rate (now {t.learning_rate:g}) or raise train.warmup_ratio "
-        f"(now {t.warmup_ratio:g}){clip}"
+        f"lower train.learning_rate (now {t.learning_rate:g}) or raise train.{which} "
+        f"(now {getattr(t, which):g}){clip}"
     )
 
 

@@ -534,3 +534,55 @@ def test_eval_max_prompts_caps_the_generated_answers_not_the_loss(
     assert [s["expected"] for s in all_samples] == ["yes", "no", "maybe", "sure"]
     assert len(capped.data.eval) == len(every.data.eval) == 5
     assert scores["eval_loss"] == pytest.approx(all_scores["eval_loss"])
+
+
+@pytest.mark.parametrize(
+    ("warmup", "peak_at"),
+    [({"train.warmup_steps": 5}, 5), ({"train.warmup_ratio": 0.1}, 2), ({}, 1)],
+)
+def test_the_warmup_is_its_steps_or_its_share_of_the_run(
+    warmup: dict[str, float], peak_at: int
+) -> None:
+    from raysft.train.recipe import _build_optimizer
+
+    cfg = load_config(
+        None, {"train.max_steps": 20, "train.lr_scheduler": "constant", **warmup}
+    )  # the default warmup_ratio 0.03 of 20 steps: 1
+    optimizer, scheduler = _build_optimizer(torch.nn.Linear(2, 2), cfg)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = cfg.train.learning_rate
+    assert rates[0] == 0.0 and rates[peak_at - 1] < peak
+    assert rates[peak_at:] == [peak] * (8 - peak_at)
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        (
+            {"train.warmup_steps": 2, "train.warmup_ratio": 0.1},
+            "train.warmup_steps: 2 with train.warmup_ratio 0.1 set too: the warmup is one or "
+            "the other; remove train.warmup_ratio",
+        ),
+        (
+            {"train.warmup_steps": 20, "train.max_steps": 20},
+            "train.warmup_steps: 20 of train.max_steps 20: the learning rate would still be "
+            "rising at the last step, never reaching train.learning_rate; set fewer than 20",
+        ),
+        (
+            {"train.warmup_steps": 1, "train.max_steps": 1},
+            "train.warmup_steps: 1 of train.max_steps 1 is one warmup step, taken at learning "
+            "rate 0 (the warmup's first): the run would train nothing; set train.warmup_steps: 0",
+        ),
+    ],
+)
+def test_warmup_steps_that_cannot_be_are_refused(settings: dict[str, float], problem: str) -> None:
+    from raysft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, settings)
+    assert [p.removeprefix("--set ") for p in err.value.problems] == [problem]
+    load_config(None, {"train.warmup_steps": 0, "train.max_steps": 1})  # no warmup: one step
