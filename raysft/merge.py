@@ -92,6 +92,8 @@ def merge(
     from raysft.train.model import resolve_dtype
     from raysft.train.score_saved import load_for_scoring
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: torch sees no CUDA GPU here; merge with --device cpu")
     if out.is_symlink():  # written where it points: the staging folder goes beside that
         out = out.resolve()
     problem = _out_problem(out)

@@ -115,7 +115,8 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
         print(f"\nbase vs tuned: not scored ({cmp['reason']})")
     elif cmp:
         print(f"\nbase vs tuned on the same held-out rows:\n{cmp['table']}")
-        print(f"\n{cmp['side_by_side']}")
+        if cmp.get("side_by_side"):  # none where no metric generates
+            print(f"\n{cmp['side_by_side']}")
     p = summary["promotion"]
     if not p.get("promoted"):
         line = f"none ({p.get('reason')})"

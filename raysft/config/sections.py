@@ -274,8 +274,9 @@ class TrainSection(Section):
         "max_steps = ceil(epochs x optimizer steps per epoch), said in the log and kept in the "
         "run's config.yaml (an epoch: micro-batches per worker / `grad_accum`; grouped by "
         "length: the first epoch's). Not with `train.max_steps` set; in a search, not with a "
-        "searched `train.batch_size`, `grad_accum`, `compile`, `data.packing` or "
-        "`data.group_by_length` (each changes the steps of an epoch).",
+        "searched `train.batch_size`, `grad_accum`, `compile`, `data.packing`, "
+        "`data.group_by_length` or `data.train_on_prompt` (each changes the steps of an "
+        "epoch).",
     )
     eval_every: int = Field(
         50, gt=0, description="Eval loss every N optimizer steps, and always at the last step."

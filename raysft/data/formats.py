@@ -334,7 +334,11 @@ def _convert(
         raise _RowError("", f"row must be a JSON object, got {_kind(row)}")
     # Parquet and `datasets` give every row every column, null where a row has none: a file
     # mixing alpaca and sharegpt rows must read like the same rows in JSONL.
+    given = sorted(row)
     row = {k: v for k, v in row.items() if v is not None}
+    if not row:
+        empty = f"no field holds a value ({', '.join(given)}: null)" if given else "empty"
+        raise _RowError("", empty)
     kind = detect_format(row) if fmt == "auto" else fmt
     if kind not in _CONVERTERS:
         raise _RowError("", f"unknown format {kind!r}")

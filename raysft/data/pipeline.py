@@ -101,10 +101,13 @@ def render_row(
         report.rows_skipped += 1
         return None
     if training and cfg.train_on_prompt:
-        bos = getattr(tokenizer, "bos_token", None)
-        opening = bool(segments) and not segments[0].trained and segments[0].text == bos
-        segments = [Segment(s.text, s.trained or (i > 0 or not opening))
-                    for i, s in enumerate(segments)]  # fmt: skip
+        # llama2 writes "<s>" as its text's first characters; chatml and vicuna add it apart.
+        bos = str(getattr(tokenizer, "bos_token", None) or "")
+        first = segments[0].text if segments else ""
+        opening = [Segment(bos, False)] if bos and first.startswith(bos) else []
+        if opening:
+            segments = [Segment(first[len(bos) :], True), *segments[1:]]
+        segments = opening + [Segment(s.text, True) for s in segments if s.text]
     return segments
 
 

@@ -96,10 +96,10 @@ def collect(scores: Scores, best_cfg: Config, tuned_dir: str, exp_dir: Path) -> 
         log.warning("base vs tuned: the scoring failed (%s); the search goes on without it", reason)
         log.debug("base vs tuned failure", exc_info=True)
         return {"failed": True, "reason": reason}
-    md = (
-        f"# Base vs tuned ({best_cfg.model.name_or_path} vs {tuned_dir})\n\n"
-        f"```\n{out['table']}\n```\n\n## Answers side by side\n\n```\n{out['side_by_side']}\n```\n"
-    )
+    title = f"# Base vs tuned ({best_cfg.model.name_or_path} vs {tuned_dir})"
+    md = f"{title}\n\n```\n{out['table']}\n```\n"
+    if out["side_by_side"]:  # none where no metric generates (plain-text held-out rows)
+        md += f"\n## Answers side by side\n\n```\n{out['side_by_side']}\n```\n"
     (exp_dir / COMPARISON_MD).write_text(md, encoding="utf-8")
     path = exp_dir / COMPARISON_JSON
     path.write_text(json.dumps(out["scores"], indent=2, ensure_ascii=False), encoding="utf-8")

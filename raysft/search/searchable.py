@@ -42,7 +42,7 @@ _COMPARABLE = {"data.packing", "data.group_by_length", "data.train_on_prompt"}
 # ``train.epochs``, trials differing in one would run different numbers of steps.
 _EPOCH_STEPS = {
     "train.batch_size", "train.grad_accum", "train.compile", "data.packing",
-    "data.group_by_length",
+    "data.group_by_length", "data.train_on_prompt",  # the last: which rows truncation keeps
 }  # fmt: skip
 
 

@@ -100,14 +100,15 @@ def _dry_run(cfg: Config, source: str, *, resume_from: str | None = None) -> int
 
     training_device(cfg)  # the run's own first check: CUDA asked for and unusable, and the like
     epochs = cfg.train.epochs
+    read = None
     if epochs is not None:  # a resume's checks count steps
-        cfg, _ = _epochs_as_steps(cfg, source)
+        cfg, read = _epochs_as_steps(cfg, source)
     if resume_from is not None:
         from raysft.train.resume_checks import check_resumable
 
         check_resumable(resume_from, cfg)
     meta = _check_model(cfg, source)
-    prepared = _check_data(cfg, source)
+    prepared = read.prepared() if read is not None else _check_data(cfg, source)
     report = prepared.report
     from raysft.train.evaluate import generation_rows
     from raysft.train.metrics import computed_at
@@ -338,6 +339,7 @@ def _main() -> int:
         cfg = _follow_a_moved_run(cfg, args.resume_from)
     shared = None
     if cfg.train.epochs is not None:  # before anything counts steps: a resume's checks do
+        setup_logging(args.verbose)  # the read and the steps it gives are said
         _check_model(cfg, args.config)  # its tokenizer reads the data
         cfg, shared = _epochs_as_steps(cfg, args.config)
     check_output_dir(cfg, args.config, resuming=args.resume_from)

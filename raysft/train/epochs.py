@@ -19,6 +19,7 @@ import math
 from typing import TypeVar
 
 from raysft.config import Config
+from raysft.config.fields import MAX_INT
 from raysft.config.rules import broken_rules
 from raysft.data.batching import make_bins, training_stream
 from raysft.data.tokens import Example
@@ -58,6 +59,12 @@ def resolve_epochs(
     per_epoch = micro / cfg.train.grad_accum
     # 1e-9: 3 epochs of 10/3 steps each is 10 steps, not 11 by a rounding error.
     steps = max(1, math.ceil(epochs * per_epoch - 1e-9))
+    if steps > MAX_INT:  # model_copy validates nothing: as train.max_steps itself would be
+        raise ConfigError(
+            source,
+            [f"train.epochs: {epochs:g} is {steps:,} optimizer steps of this data, more than "
+             f"train.max_steps takes ({MAX_INT:,})"],
+        )  # fmt: skip
     train = cfg.train.model_copy(update={"epochs": None, "max_steps": steps})
     resolved = cfg.model_copy(update={"train": train})
     said = (

@@ -53,7 +53,7 @@ def nothing_left(cfg: Config, checkpoint: str) -> bool:
             [f"{checkpoint}: the run already finished at step {step} (train.max_steps) and "
              f"{out} holds its outputs: nothing is left to train. A longer run starts anew, "
              "since train.max_steps shapes the learning-rate schedule (--set output_dir=... "
-             "--set train.max_steps=...)"],
+             "--set train.max_steps=..., or train.epochs=... where the config gives epochs)"],
         )  # fmt: skip
     return True
 

@@ -669,7 +669,7 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
             f"error: --resume-from: {ckpt}: the run already finished at step 4 (train.max_steps) "
             f"and {out} holds its outputs: nothing is left to train. A longer run starts anew, "
             "since train.max_steps shapes the learning-rate schedule (--set output_dir=... "
-            "--set train.max_steps=...)\n"
+            "--set train.max_steps=..., or train.epochs=... where the config gives epochs)\n"
         )
         assert (out / "metrics.json").read_text(encoding="utf-8") == "{}\n"
         return

@@ -112,3 +112,15 @@ def test_eval_rows_the_driver_cannot_read_fail_the_scoring_not_the_search(tmp_pa
     scores = compare.start(spec, cfg, "ckpt")  # no Ray task is started for it
     out = compare.collect(scores, cfg, "ckpt", tmp_path)
     assert out["failed"] is True and "gone.jsonl" in out["reason"], out
+
+
+def test_a_comparison_without_answers_writes_no_side_by_side_block(tmp_path: Path) -> None:
+    """Held-out rows of plain text alone: scored on their loss, no answer generated."""
+    result = {
+        "table": "metric  base  tuned",
+        "side_by_side": "",
+        "scores": {"base": {"rows": 2, "metrics": {}}, "tuned": {"rows": 2, "metrics": {}}},
+    }
+    compare.collect(lambda: result, _cfg("embedded:tasks-eval.jsonl"), "ckpt", tmp_path)
+    md = (tmp_path / compare.COMPARISON_MD).read_text(encoding="utf-8")
+    assert "metric  base  tuned" in md and "side by side" not in md

@@ -104,6 +104,19 @@ def test_epochs_that_come_to_one_step_with_warmup_are_refused_naming_the_epochs(
     assert "train.warmup_ratio" in problem
 
 
+def test_epochs_of_more_steps_than_max_steps_takes_are_refused() -> None:
+    from raysft.config.fields import MAX_INT
+
+    cfg = load_config(None, {"train.epochs": 1e12, "train.batch_size": 1, "train.grad_accum": 1})
+    with pytest.raises(ConfigError) as err:
+        resolve_epochs(cfg, _examples(), world_size=1, source="run.yaml")
+    steps = micro_batches_per_epoch(cfg, _examples(), world_size=1) * 10**12
+    assert err.value.problems == [
+        f"train.epochs: 1e+12 is {steps:,} optimizer steps of this data, more than "
+        f"train.max_steps takes ({MAX_INT:,})"
+    ]
+
+
 def test_epochs_and_an_explicit_max_steps_are_refused_but_a_resolved_config_loads(
     tmp_path: Path,
 ) -> None:
@@ -158,6 +171,7 @@ def test_a_run_given_epochs_trains_them_and_saves_the_steps(tmp_path: Path) -> N
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "no second read" in run.stderr  # the data the CLI read for the epochs
+    assert "train.epochs 0.5 is 14 optimizer step(s) of this data" in run.stderr
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text(encoding="utf-8"))
     assert (saved["train"]["max_steps"], saved["train"]["epochs"]) == (14, None)
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
@@ -210,7 +224,7 @@ def test_epochs_too_short_for_asha_are_refused_with_their_steps(
 @pytest.mark.parametrize(
     "param",
     ["train.batch_size", "train.grad_accum", "data.packing", "data.group_by_length",
-     "train.compile", "train.epochs"],
+     "train.compile", "data.train_on_prompt", "train.epochs"],
 )  # fmt: skip
 def test_what_sets_an_epochs_steps_cannot_be_searched_with_epochs(
     tmp_path: Path, epochs_spec: dict[str, Any], param: str

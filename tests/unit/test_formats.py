@@ -664,3 +664,14 @@ def test_a_plain_text_row_is_one_text_message_without_a_system_prompt(tmp_path: 
     assert loaded.unread == {(str(path), "text", "id"): 1, (str(path), "text", "tests"): 1}
     with pytest.raises(DataError, match=r"line 2: text: missing"):
         load_conversations(str(path), fmt="text")
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [({"text": None}, "no field holds a value (text: null)"), ({}, "empty")],
+)
+def test_a_row_without_values_says_so(tmp_path: Path, row: dict[str, Any], problem: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD_ALPACA, row])
+    with pytest.raises(DataError) as info:
+        load_conversations(str(path))
+    assert str(info.value).startswith(f"{path}: line 2: {problem} (data.on_error=skip drops")

@@ -231,3 +231,11 @@ def test_a_merge_running_beside_keeps_its_staging_folder_and_the_later_rename_is
     finally:
         running.kill()
         running.wait()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_a_merge_asked_for_cuda_where_there_is_none_says_to_use_the_cpu(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as err:
+        merge(str(_adapter(tmp_path)), tmp_path / "merged", device="cuda")
+    assert str(err.value) == "--device cuda: torch sees no CUDA GPU here; merge with --device cpu"
+    assert not (tmp_path / "merged").exists()

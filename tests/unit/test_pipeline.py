@@ -535,6 +535,13 @@ def test_train_on_prompt_leaves_the_bos_a_template_opens_with_untrained() -> Non
     ex = tokenize(segs, sp, max_seq_len=512)
     assert ex.input_ids[0] == sp.bos_token_id and ex.labels[0] == IGNORE
     assert ex.labels[1:] == ex.input_ids[1:]
+    # llama2 writes "<s>" as its text's first characters: split off, untrained, all the same.
+    llama = render_row(conv, section(train_on_prompt=True, template="llama2"), sp, DataReport(),
+                       training=True)  # fmt: skip
+    assert llama is not None
+    ex = tokenize(llama, sp, max_seq_len=512)
+    assert ex.input_ids[0] == sp.bos_token_id and ex.labels[0] == IGNORE
+    assert ex.labels[1:] == ex.input_ids[1:]
     # Not a training row (the eval split, a generation prompt): as the template marks it.
     held_out = render_row(conv, section(train_on_prompt=True), sp, DataReport())
     assert held_out is not None and not all(s.trained for s in held_out)
