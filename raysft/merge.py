@@ -181,21 +181,23 @@ def _alive(pid: int) -> bool:
 
 def _recorded_base_dtype(path: Path) -> str | None:
     """The dtype the run of the adapter at ``path`` loaded its base in, as it recorded it: a
-    run's metrics.json, or a checkpoint's training state (an export records none)."""
+    run's metrics.json (``final``), a champion export's (``numerics``), or a checkpoint's
+    training state. A QLoRA base is 4-bit: its matmuls' dtype (``compute_dtype``) then."""
     from raysft.train.precision import NUMERICS
     from raysft.train.state import STATE_FILE, read_progress_final
 
     try:
         if (path / "metrics.json").is_file():
-            final = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["final"]
+            record = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+            numerics = record["final"][NUMERICS] if "final" in record else record[NUMERICS]
         elif (path / STATE_FILE).is_file():
-            final = read_progress_final(path)
+            numerics = read_progress_final(path)[NUMERICS]
         else:
             return None
-        dtype = final[NUMERICS]["base_dtype"]
-    except (KeyError, TypeError, ValueError, OSError, RaysftError):
+        found = [numerics.get("base_dtype"), numerics.get("compute_dtype")]
+    except (KeyError, TypeError, ValueError, OSError, AttributeError, RaysftError):
         return None
-    return dtype if dtype in DTYPES[1:] else None  # a 4-bit base records uint8: not a dtype to save
+    return next((d for d in found if d in DTYPES[1:]), None)
 
 
 def _logits(model: Any, ids: Any) -> Any:

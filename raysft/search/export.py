@@ -105,6 +105,20 @@ def write_identity(staging: Path, record: dict[str, Any]) -> None:
     (staging / CHAMPION_FILE).write_text(json.dumps(record, indent=2, allow_nan=False))
 
 
+def _numerics(checkpoint: str) -> dict[str, str] | None:
+    """The dtypes a checkpoint's run resolved (``precision.numerics``), or None for one written
+    before they were recorded."""
+    from raysft.errors import RaysftError
+    from raysft.train.precision import NUMERICS
+    from raysft.train.state import read_progress_final
+
+    try:
+        found = read_progress_final(checkpoint).get(NUMERICS)
+    except (OSError, KeyError, RaysftError):
+        return None
+    return dict(found) if isinstance(found, dict) else None
+
+
 def stage_export(
     staging: Path, *, cfg: SearchSpec, best: dict[str, Any], record: dict[str, Any], trial_dir: str
 ) -> None:
@@ -129,6 +143,8 @@ def stage_export(
         "metrics": best.get("metrics", {}),
         "sampled": best.get("sampled", {}),
         "working_dir": os.getcwd(),  # the search's: config.yaml's relative paths are read there
+        # The dtypes the trial loaded and computed in (raysft.merge's --dtype auto reads them).
+        "numerics": _numerics(best["checkpoint"]),
     }
     text = json.dumps(json_safe(redact_tree(metrics)), indent=2, allow_nan=False)
     (staging / "metrics.json").write_text(text, encoding="utf-8")

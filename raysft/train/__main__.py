@@ -339,6 +339,8 @@ def _main() -> int:
         cfg = _follow_a_moved_run(cfg, args.resume_from)
     shared = None
     if cfg.train.epochs is not None:  # before anything counts steps: a resume's checks do
+        if args.resume_from is None:  # counts none: a folder in use is said before the read
+            check_output_dir(cfg, args.config, resuming=None)
         setup_logging(args.verbose)  # the read and the steps it gives are said
         _check_model(cfg, args.config)  # its tokenizer reads the data
         cfg, shared = _epochs_as_steps(cfg, args.config)

@@ -281,3 +281,26 @@ def test_a_cluster_specs_dry_run_keeps_the_epochs_and_says_when_they_are_counted
     out = capsys.readouterr().out
     said = "trial length: train.epochs 5 (counted in steps where the search reads its data), "
     assert said in out
+
+
+def test_an_epochs_run_into_a_finished_runs_folder_is_refused_before_its_data_is_read(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}\n", encoding="utf-8")  # a run that ended
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"output_dir": str(out), "data": {"train": str(tmp_path / "absent.jsonl")},
+                        "train": {"epochs": 1}}),
+        encoding="utf-8",
+    )  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "raysft.train", str(cfg)],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: {cfg}: output_dir: {out} already holds a training run that ended (its "
+        "metrics.json); choose another (--set output_dir=...) or remove it"
+    ]

@@ -157,6 +157,37 @@ def test_the_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     assert ran.stderr.strip().splitlines() == [f"error: {tmp_path / 'absent'}: no such directory"]
 
 
+@pytest.mark.parametrize(
+    ("record", "saved"),
+    [
+        ({"numerics": {"base_dtype": "bfloat16"}}, torch.bfloat16),  # a champion export's
+        # A QLoRA run's 4-bit base: the dtype its matmuls computed in.
+        ({"final": {"numerics": {"base_dtype": "uint8", "compute_dtype": "float16"}}},
+         torch.float16),
+    ],
+)  # fmt: skip
+def test_auto_reads_an_exports_record_and_a_qlora_runs_compute_dtype(
+    tmp_path: Path, record: dict[str, Any], saved: torch.dtype
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter(tmp_path)
+    (adapter / "metrics.json").write_text(json.dumps(record))
+    merge(str(adapter), tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto").dtype == saved
+
+
+def test_a_champion_export_records_the_dtypes_of_its_checkpoints_run(tmp_path: Path) -> None:
+    from raysft.search.export import _numerics
+
+    numerics = {"base_dtype": "bfloat16", "autocast": "bfloat16"}
+    state = {"progress": {"step": 3, "final": {"numerics": numerics}}}
+    torch.save(state, tmp_path / "training_state.pt")
+    assert _numerics(str(tmp_path)) == numerics
+    (tmp_path / "training_state.pt").write_bytes(b"not a state")
+    assert _numerics(str(tmp_path)) is None  # said nowhere: merge then warns of its guess
+
+
 def test_auto_saves_the_dtype_the_run_recorded_not_the_merging_machines(tmp_path: Path) -> None:
     """A GPU run loaded its base in bf16 (``model.dtype: auto``) and trained on ``cuda``: merged
     on this CPU machine, it is saved in bf16, as its run recorded, not in the float32 that
