@@ -176,9 +176,19 @@ class DataSection(Section):
         200,
         gt=0,
         description="Cap on eval conversations (eval loss, and the generated-answer metrics "
-        "unless `eval.max_prompts` caps them lower): a sample drawn with `train.seed`, so runs "
-        "of other seeds score other rows of a larger eval set (to compare seeds, set it to null "
-        "or to at least the eval rows). Null: all.",
+        "unless `eval.max_prompts` caps them lower): a sample drawn with `data.seed` (else "
+        "`train.seed`), so runs of other seeds score other rows of a larger eval set (to "
+        "compare seeds, set `data.seed`, or this to null or to at least the eval rows). Null: "
+        "all.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seeds the data alone: the split of `train` (`eval: null`), the sample of "
+        "`max_eval_samples` and the order of the training batches (transformers' `data_seed`). "
+        "Null: `train.seed`. Set, runs of other `train.seed`s (a search of it too) train and "
+        "are scored on the same rows.",
     )
 
     @field_validator("system_prompt")
@@ -328,7 +338,8 @@ class TrainSection(Section):
         42,
         ge=0,
         le=MAX_SEED,
-        description="Seeds data order, split, init of adapters and noise.",
+        description="Seeds the init of adapters, dropout and NEFTune noise, and (without "
+        "`data.seed`) the data: the split, the eval sample and the batches' order.",
     )
     num_threads: int | None = Field(
         None,
@@ -410,6 +421,11 @@ class Config(Section):
     promote: PromoteSection = Field(default_factory=PromoteSection)
 
     _output_home = field_validator("output_dir")(local_path)
+
+    def data_seed(self) -> int:
+        """What seeds the data (split, eval sample, batch order): ``data.seed``, else
+        ``train.seed``."""
+        return self.data.seed if self.data.seed is not None else self.train.seed
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Config:

@@ -202,7 +202,7 @@ def training_stream(
         packing=cfg.data.packing,
         batch_size=cfg.train.batch_size,
         pad_id=pad_id,
-        seed=cfg.train.seed,
+        seed=cfg.data_seed(),
         shard=shard,
         fixed_width=cfg.data.max_seq_len if cfg.train.compile and cfg.data.packing else None,
         group_tokens=group_by_length_tokens(cfg),

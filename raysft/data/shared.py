@@ -36,7 +36,7 @@ def data_key(cfg: Config, *, seed_matters: bool) -> str:
         {
             "data": cfg.data.model_dump(mode="json", exclude=_BATCHING),
             "tokenizer": [cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code],
-            "seed": cfg.train.seed if seed_matters else None,
+            "seed": cfg.data_seed() if seed_matters else None,
         },
         sort_keys=True,
     )
@@ -75,18 +75,25 @@ def read_once(
     Without a searched ``train.seed`` every trial has the spec's, so the key keeps it; with one,
     it is in the key only where it picks the eval rows (read again to count them)."""
     digests = data_digests(cfg.data)
-    prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    prepared = prepare_data(cfg.data, tokenizer, seed=cfg.data_seed())
     digests[TOKENS] = token_digests(prepared)
     if check_eval is not None:
         check_eval(prepared.eval_conversations)
-    seed_matters = seed_picks_eval_rows(cfg) if seed_searched else True
+    seed_matters = train_seed_picks_eval_rows(cfg) if seed_searched else True
     payload = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
     return SharedData(data_key(cfg, seed_matters=seed_matters), seed_matters, payload, digests)
 
 
+def train_seed_picks_eval_rows(cfg: Config) -> bool:
+    """Whether ``train.seed`` selects which rows are scored: it seeds the data (no
+    ``data.seed``), and ``seed_picks_eval_rows``."""
+    return cfg.data.seed is None and seed_picks_eval_rows(cfg)
+
+
 def seed_picks_eval_rows(cfg: Config) -> bool:
-    """Whether ``train.seed`` selects which rows are scored: it splits the eval set off
-    ``data.train`` (``data.eval: null``), or it samples ``data.max_eval_samples`` of more rows.
+    """Whether the data's seed (``Config.data_seed``) selects which rows are scored: it splits
+    the eval set off ``data.train`` (``data.eval: null``), or it samples
+    ``data.max_eval_samples`` of more rows.
 
     Counts the eval source's usable rows the way the data pipeline does before sampling.
     """

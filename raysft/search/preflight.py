@@ -57,7 +57,8 @@ def preflight(spec: SearchSpec, *, source: str) -> SharedData:
                 "search.params.train.seed: train.seed cannot be searched here: it picks the "
                 f"eval rows (data.eval has more than data.max_eval_samples="
                 f"{spec.data.max_eval_samples} rows), so trials would be scored on different "
-                "rows; set data.max_eval_samples: null (score every eval row) or fix train.seed"
+                "rows; set data.seed (the data's own seed), data.max_eval_samples: null (score "
+                "every eval row) or fix train.seed"
             ],
         )
     # Debug: the driver's logging is on by now, and a spec refused after this (its experiment

@@ -96,7 +96,7 @@ def eval_fingerprint(cfg: Config, recorded: Digests | None = None) -> str:
             for s in data_sources(sources)
         ],
         "split": None if d.eval is not None else d.eval_fraction,
-        "seed": cfg.train.seed if seed_picks_eval_rows(cfg) else None,
+        "seed": cfg.data_seed() if seed_picks_eval_rows(cfg) else None,
         "render": [d.format, d.template, d.system_prompt, d.max_seq_len, d.max_eval_samples],
         "tokenizer": [cfg.model.name_or_path, cfg.model.revision],
         "generate": [

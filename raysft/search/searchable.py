@@ -248,8 +248,11 @@ def _not_comparable(name: str, cfg: Config) -> str | None:
         )
     if name in _COMPARABLE:
         return None
-    if name == "train.seed" and cfg.data.eval is None:
-        return "picks the eval rows (data.eval is null: the seed splits them off data.train)"
+    if name == "train.seed" and cfg.data.eval is None and cfg.data.seed is None:
+        return (
+            "picks the eval rows (data.eval is null: the seed splits them off data.train; "
+            "data.seed keeps them fixed)"
+        )
     for prefix, why in _NOT_COMPARABLE.items():
         if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
             return why

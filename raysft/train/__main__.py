@@ -72,7 +72,7 @@ def _check_data(cfg: Config, source: str) -> PreparedData:
     from raysft.data.pipeline import prepare_data
 
     try:
-        return prepare_data(cfg.data, training_tokenizer(cfg), seed=cfg.train.seed)
+        return prepare_data(cfg.data, training_tokenizer(cfg), seed=cfg.data_seed())
     except (DataError, TemplateError, ModelError) as err:
         if str(err).startswith(("data.", "model.")):
             raise type(err)(f"{source}: {err}") from None
@@ -193,7 +193,7 @@ def _rendered(cfg: Config, rows: TrainingRows, n: int, tokenizer: Any) -> list[l
 
 def _preview(cfg: Config, n: int, as_json: bool) -> int:
     # Data first: a bad row is reported before the (slower) tokenizer load.
-    rows = training_rows(cfg.data, seed=cfg.train.seed)
+    rows = training_rows(cfg.data, seed=cfg.data_seed())
     tokenizer = load_tokenizer(cfg.model)
     check_template(cfg.data, tokenizer)
     rendered, report = _rendered(cfg, rows, n, tokenizer), rows.report

@@ -185,7 +185,7 @@ def _prepare(
     (packed bins, or one sample per row), built once."""
 
     if shared is None:
-        data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.data_seed())
     else:
         data = shared.prepared()
         # The search's driver read it (or the train CLI, to count train.epochs in steps).

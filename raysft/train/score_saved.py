@@ -72,7 +72,7 @@ def adapter_base(adapter_dir: Path) -> str:
 def eval_rows(cfg: Config) -> list[Conversation]:
     """The held-out conversations ``cfg`` scores on (``data.eval``, or its seeded split)."""
 
-    rows, report = load_eval(cfg.data, seed=cfg.train.seed)  # data.train only if split from
+    rows, report = load_eval(cfg.data, seed=cfg.data_seed())  # data.train only if split from
     if report.rows_skipped:  # dropped under data.on_error=skip: said, never silent
         log.warning(
             "%d row(s) skipped (data.on_error=skip), e.g. %s",
