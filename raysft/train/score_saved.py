@@ -165,6 +165,12 @@ def select_metrics(names: list[str] | None, conversations: list[Conversation]) -
         )
     if "pass_at_k" in names and not has_tests:
         raise DataError("--metrics pass_at_k: no eval row has a `tests` field to run answers with")
+    generating = [n for n in names if METRICS[n].generates]
+    if texts and generating:  # said before any model loads
+        raise DataError(
+            f"--metrics {','.join(generating)}: the {len(conversations)} eval rows are plain "
+            "text, with no answer to generate; score them with --metrics eval_loss"
+        )
     return [METRICS[n] for n in dict.fromkeys(names)]
 
 

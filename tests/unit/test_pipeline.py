@@ -615,3 +615,16 @@ def test_raysft_evaluate_scores_plain_text_rows_on_their_loss_by_default() -> No
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert [m.name for m in select_metrics(None, [text, text])] == ["eval_loss", "perplexity"]
     assert "exact_match" in [m.name for m in select_metrics(None, [text, chat])]
+
+
+def test_generated_metrics_asked_of_plain_text_rows_are_refused_before_a_model_loads() -> None:
+    from raysft.train.score_saved import select_metrics
+
+    text = [{"role": "text", "content": "plain"}]
+    with pytest.raises(DataError) as err:
+        select_metrics(["eval_loss", "exact_match"], [text, text])
+    assert str(err.value) == (
+        "--metrics exact_match: the 2 eval rows are plain text, with no answer to generate; "
+        "score them with --metrics eval_loss"
+    )
+    assert [m.name for m in select_metrics(["perplexity"], [text])] == ["perplexity"]
