@@ -182,7 +182,8 @@ def _alive(pid: int) -> bool:
 def _recorded_base_dtype(path: Path) -> str | None:
     """The dtype the run of the adapter at ``path`` loaded its base in, as it recorded it: a
     run's metrics.json (``final``), a champion export's (``numerics``), or a checkpoint's
-    training state. A QLoRA base is 4-bit: its matmuls' dtype (``compute_dtype``) then."""
+    training state. A record whose base dtype is no float one: its matmuls' dtype
+    (``compute_dtype``, a QLoRA run's) then."""
     from raysft.train.precision import NUMERICS
     from raysft.train.state import STATE_FILE, read_progress_final
 

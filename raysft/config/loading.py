@@ -125,7 +125,8 @@ def unread_sections(
 
 def unused_settings(cfg: Config, searched: Iterable[str] = ()) -> list[str]:
     """Settings of ``cfg`` that nothing reads, as messages: a ``data.eval_fraction`` off its
-    default beside a ``data.eval`` file (held-out data of its own: no split of ``data.train``).
+    default beside a ``data.eval`` file (held-out data of its own: no split of ``data.train``),
+    a ``train.warmup_ratio`` off its default beside a ``train.warmup_steps``.
     Said, not refused: a config written before this check, or a search's saved spec, must still
     run; a default counts as unset, so a run's saved config.yaml (every setting written out) is
     not blamed. ``searched``: a spec's parameter names (its trials may set either).
@@ -134,15 +135,22 @@ def unused_settings(cfg: Config, searched: Iterable[str] = ()) -> list[str]:
     ``train.exact_match`` false: a search's base-vs-tuned scoring and ``raysft.evaluate`` score
     the generated answers with them."""
     searched = set(searched)
+    unused = []
     default = type(cfg.data).model_fields["eval_fraction"].default
-    if cfg.data.eval is None or "data.eval" in searched:
-        return []
-    if cfg.data.eval_fraction == default and "data.eval_fraction" not in searched:
-        return []
-    return [
-        "data.eval_fraction: has no effect, since data.eval names the held-out data "
-        "(data.eval: null holds out that share of data.train instead)"
-    ]
+    if (
+        cfg.data.eval is not None
+        and "data.eval" not in searched
+        and (cfg.data.eval_fraction != default or "data.eval_fraction" in searched)
+    ):
+        unused.append(
+            "data.eval_fraction: has no effect, since data.eval names the held-out data "
+            "(data.eval: null holds out that share of data.train instead)"
+        )
+    ratio = type(cfg.train).model_fields["warmup_ratio"].default
+    steps_given = cfg.train.warmup_steps is not None or "train.warmup_steps" in searched
+    if steps_given and (cfg.train.warmup_ratio != ratio or "train.warmup_ratio" in searched):
+        unused.append("train.warmup_ratio: has no effect, since train.warmup_steps sets the warmup")
+    return unused
 
 
 def load_config(

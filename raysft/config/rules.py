@@ -99,19 +99,10 @@ def _one_step_of_warmup(cfg: Config) -> str | None:
     return None
 
 
-def _warmup_ratio_or_steps(cfg: Config) -> str | None:
-    t = cfg.train
-    if t.warmup_steps is not None and "warmup_ratio" in t.model_fields_set:
-        return (
-            f"train.warmup_steps: {t.warmup_steps} with train.warmup_ratio {t.warmup_ratio:g} "
-            "set too: the warmup is one or the other; remove train.warmup_ratio"
-        )
-    return None
-
-
 def _warmup_past_the_run(cfg: Config) -> str | None:
     t = cfg.train
-    if t.warmup_steps is not None and 1 < t.max_steps <= t.warmup_steps:
+    # With train.epochs, max_steps is not known yet: checked again once it is (resolve_epochs).
+    if t.warmup_steps is not None and t.epochs is None and 1 < t.max_steps <= t.warmup_steps:
         return (
             f"train.warmup_steps: {t.warmup_steps} of train.max_steps {t.max_steps}: the "
             "learning rate would still be rising at the last step, never reaching "
@@ -213,8 +204,7 @@ CONFIG_RULES: list[Rule] = [
     (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
     (("method", "model.dtype"), _full_with_half_weights),
     (("train.max_steps", "train.warmup_ratio", "train.warmup_steps"), _one_step_of_warmup),
-    (("train.warmup_steps", "train.warmup_ratio"), _warmup_ratio_or_steps),
-    (("train.max_steps", "train.warmup_steps"), _warmup_past_the_run),
+    (("train.max_steps", "train.warmup_steps", "train.epochs"), _warmup_past_the_run),
     (("train.epochs", "train.max_steps"), _epochs_or_max_steps),
 ]
 SPEC_RULES: list[Rule] = [

@@ -245,7 +245,8 @@ class TrainSection(Section):
         None,
         ge=0,
         description="Warmup in optimizer steps instead of a share of them (transformers' "
-        "`warmup_steps` as a count). Not with `warmup_ratio` set; fewer than `max_steps`.",
+        "`warmup_steps` as a count): set, `warmup_ratio` is not read (a warning says so where "
+        "it is set). Fewer than `max_steps`.",
     )
     weight_decay: float = Field(
         0.0,

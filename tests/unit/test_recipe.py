@@ -563,11 +563,6 @@ def test_the_warmup_is_its_steps_or_its_share_of_the_run(
     ("settings", "problem"),
     [
         (
-            {"train.warmup_steps": 2, "train.warmup_ratio": 0.1},
-            "train.warmup_steps: 2 with train.warmup_ratio 0.1 set too: the warmup is one or "
-            "the other; remove train.warmup_ratio",
-        ),
-        (
             {"train.warmup_steps": 20, "train.max_steps": 20},
             "train.warmup_steps: 20 of train.max_steps 20: the learning rate would still be "
             "rising at the last step, never reaching train.learning_rate; set fewer than 20",
@@ -586,3 +581,39 @@ def test_warmup_steps_that_cannot_be_are_refused(settings: dict[str, float], pro
         load_config(None, settings)
     assert [p.removeprefix("--set ") for p in err.value.problems] == [problem]
     load_config(None, {"train.warmup_steps": 0, "train.max_steps": 1})  # no warmup: one step
+
+
+def test_warmup_steps_win_over_a_ratio_said_unread_and_a_saved_config_loads_again(
+    tmp_path: Path,
+) -> None:
+    import yaml
+
+    from raysft.config import saved_tree
+    from raysft.config.loading import unused_settings
+
+    cfg = load_config(None, {"train.warmup_steps": 2, "train.warmup_ratio": 0.1})
+    assert cfg.train.warmup() == 2
+    assert unused_settings(cfg) == [
+        "train.warmup_ratio: has no effect, since train.warmup_steps sets the warmup"
+    ]
+    assert unused_settings(load_config(None, {"train.warmup_steps": 2})) == []
+    # A run saves every setting, the default ratio beside the steps: it loads as it ran.
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(saved_tree(load_config(None, {"train.warmup_steps": 2}))))
+    again = load_config(saved)
+    assert (again.train.warmup_steps, again.train.warmup()) == (2, 2)
+
+
+def test_warmup_steps_beside_epochs_are_checked_against_the_epochs_steps() -> None:
+    from raysft.data.tokens import Example
+    from raysft.errors import ConfigError
+    from raysft.train.epochs import resolve_epochs
+
+    given = {"train.epochs": 50, "train.warmup_steps": 300, "train.batch_size": 1,
+             "train.grad_accum": 1}  # fmt: skip
+    rows = [Example([1, 2, 3], [1, 2, 3], False) for _ in range(10)]
+    padded = load_config(None, {**given, "data.packing": False})  # 10 steps an epoch: 500
+    assert resolve_epochs(padded, rows, world_size=1, source="c").train.max_steps == 500
+    packed = load_config(None, given)  # one packed row: 1 step an epoch, 50 in all
+    with pytest.raises(ConfigError, match="warmup_steps: 300 of train.max_steps 50"):
+        resolve_epochs(packed, rows, world_size=1, source="c")
