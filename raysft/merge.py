@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from raysft.cli import run_cli, setup_logging
-from raysft.errors import ModelError, RaysftError
+from raysft.errors import ModelError
 from raysft.paths import writable_dir_problem
 from raysft.search.eval_target import resolve_target
-from raysft.search.export import use_saved_generation_config
+from raysft.search.export import recorded_numerics, use_saved_generation_config
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +185,18 @@ def _recorded_base_dtype(path: Path) -> str | None:
     training state. A record whose base dtype is no float one: its matmuls' dtype
     (``compute_dtype``, a QLoRA run's) then."""
     from raysft.train.precision import NUMERICS
-    from raysft.train.state import STATE_FILE, read_progress_final
+    from raysft.train.state import STATE_FILE
 
     try:
         if (path / "metrics.json").is_file():
             record = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
             numerics = record["final"][NUMERICS] if "final" in record else record[NUMERICS]
         elif (path / STATE_FILE).is_file():
-            numerics = read_progress_final(path)[NUMERICS]
+            numerics = recorded_numerics(path)
         else:
             return None
         found = [numerics.get("base_dtype"), numerics.get("compute_dtype")]
-    except (KeyError, TypeError, ValueError, OSError, AttributeError, RaysftError):
+    except (KeyError, TypeError, ValueError, OSError, AttributeError):
         return None
     return next((d for d in found if d in DTYPES[1:]), None)
 

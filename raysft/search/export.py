@@ -105,9 +105,9 @@ def write_identity(staging: Path, record: dict[str, Any]) -> None:
     (staging / CHAMPION_FILE).write_text(json.dumps(record, indent=2, allow_nan=False))
 
 
-def _numerics(checkpoint: str) -> dict[str, str] | None:
+def recorded_numerics(checkpoint: str | Path) -> dict[str, str] | None:
     """The dtypes a checkpoint's run resolved (``precision.numerics``), or None for one written
-    before they were recorded."""
+    before they were recorded (or unreadable)."""
     from raysft.errors import RaysftError
     from raysft.train.precision import NUMERICS
     from raysft.train.state import read_progress_final
@@ -144,7 +144,7 @@ def stage_export(
         "sampled": best.get("sampled", {}),
         "working_dir": os.getcwd(),  # the search's: config.yaml's relative paths are read there
         # The dtypes the trial loaded and computed in (raysft.merge's --dtype auto reads them).
-        "numerics": _numerics(best["checkpoint"]),
+        "numerics": recorded_numerics(best["checkpoint"]),
     }
     text = json.dumps(json_safe(redact_tree(metrics)), indent=2, allow_nan=False)
     (staging / "metrics.json").write_text(text, encoding="utf-8")

@@ -281,7 +281,6 @@ def generation_rows(
     *,
     warn: bool = True,
     hint: str = "raise data.max_seq_len, or shorten the held-out prompts",
-    text_hint: str = "set train.exact_match: false (eval loss scores them)",
 ) -> list[Conversation]:
     """``prompts_that_fit`` of ``cfg``'s template and max_seq_len, where generation metrics are
     due, the first ``eval.max_prompts`` of them; none of several is an error (``DataError``,
@@ -291,8 +290,8 @@ def generation_rows(
     if texts and texts == len(conversations):
         raise DataError(
             f"data.eval: its {texts} rows are plain text, with no answer to generate: exact "
-            f"match, ROUGE-L, BLEU and pass@k cannot be scored on them; {text_hint}, or hold "
-            "out rows with answers"
+            "match, ROUGE-L, BLEU and pass@k cannot be scored on them; set train.exact_match: "
+            "false (eval loss scores them), or hold out rows with answers"
         )
     if texts:
         conversations = [c for c in conversations if not is_plain_text(c)]

@@ -240,9 +240,7 @@ def score_model(
     prompted = kept
     if any(m.generates for m in due):
         hint = "raise it with --set data.max_seq_len=..., or score --metrics eval_loss"
-        prompted = generation_rows(
-            kept, tokenizer, cfg, hint=hint, text_hint="score them with --metrics eval_loss"
-        )
+        prompted = generation_rows(kept, tokenizer, cfg, hint=hint)
         warn_of_capped_references(
             prompted, tokenizer, max_new_tokens=cfg.train.max_new_tokens, template=cfg.data.template
         )

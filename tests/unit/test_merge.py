@@ -178,7 +178,7 @@ def test_auto_reads_an_exports_record_and_a_qlora_runs_compute_dtype(
 
 
 def test_a_champion_export_records_the_dtypes_of_its_checkpoints_run(tmp_path: Path) -> None:
-    from raysft.search.export import _numerics
+    from raysft.search.export import recorded_numerics as _numerics
 
     numerics = {"base_dtype": "bfloat16", "autocast": "bfloat16"}
     state = {"progress": {"step": 3, "final": {"numerics": numerics}}}
