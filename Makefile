@@ -7,15 +7,26 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-$(VENV)/.installed: pyproject.toml
+# The other dependencies at the versions of constraints.txt (CI's tested set).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt "$(TORCH)" -e ".[dev]"
 	touch $@
 
-.PHONY: setup demo test lint docs
+.PHONY: setup demo test lint docs constraints
 setup: $(VENV)/.installed
+
+# constraints.txt anew: the newest versions pyproject.toml admits, installed in a scratch venv.
+constraints:
+	rm -rf .venv-constraints && python3 -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q --upgrade pip
+	.venv-constraints/bin/pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
+	.venv-constraints/bin/pip install -q "$(TORCH)" -e ".[dev]"
+	{ sed -n '/^#/p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable \
+	  | grep -v -i '^torch=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
 
 demo: $(VENV)/.installed
 	$(PY) -m raysft.tune search_spaces/lora.yaml

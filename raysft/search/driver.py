@@ -52,6 +52,7 @@ from raysft.search.ray_start import (
     attaching_to_cluster,
     check_ray_address,
     init_ray,
+    stop_ray,
 )
 from raysft.search.resources import (
     ResourcePlan,
@@ -339,8 +340,6 @@ def _after_trials(
 ) -> dict[str, Any]:
     """What follows Tune's run (``finish``: ``_finish`` of this search), its failures told
     apart from those before every trial had ended, and Ray shut down whatever happens."""
-    import ray
-
     ended: list[bool] = []  # set once every trial ended (a Ctrl-C during fit() is told apart)
     summary: dict[str, Any] | None = None
     try:
@@ -368,7 +367,7 @@ def _after_trials(
         raise
     finally:
         try:
-            ray.shutdown()  # flushes worker logs now, not after the summary table
+            stop_ray()  # flushes worker logs now, not after the summary table
         except KeyboardInterrupt:
             if summary is None:
                 raise

@@ -173,14 +173,14 @@ def stop_interrupted(
 ) -> None:
     """An interrupted search is not finished: no ranking, promotion or summary; its open runs
     and the parent are KILLED (``--resume`` reopens them), and the CLI says it was interrupted."""
-    import ray
+    from raysft.search.ray_start import stop_ray
 
     for trial_id in unended:
         run_id = known[trial_id][0]
         if run_id:
             close_parent(mlc, run_id, "KILLED")
     close_parent(mlc, parent_id, "KILLED")
-    ray.shutdown()
+    stop_ray()
     ended = sum(1 for _, status in known.values() if status)
     log.warning(
         "search interrupted: %d of its %d trials ended, %d stopped while running, %d not "

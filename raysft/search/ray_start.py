@@ -1,7 +1,8 @@
 """Starting Ray, or joining a cluster: whether this driver joins one (``attaching_to_cluster``),
 a quick check of ``RAY_ADDRESS``, and ``init_ray`` with what every trial's processes need in
 their environment. A local Ray whose node times out at its start is started once more
-(``start_local_ray``). Imports ray only when called.
+(``start_local_ray``); ``stop_ray`` ends a local Ray with all its processes. Imports ray only
+when called.
 """
 
 from __future__ import annotations
@@ -206,6 +207,17 @@ NODE_START_TIMEOUT = "The current node timed out during startup"
 RAY_START_TRIES = 2
 
 
+# The processes ``start_local_ray`` started (GCS, raylet, dashboard, ...; psutil), for stop_ray.
+_STARTED: list[Any] = []
+
+# How long stop_ray lets the local Ray's processes exit on their own after ray.shutdown(). Ray
+# ends its GCS and raylet itself, but each worker and actor runs in a process group of its own
+# and exits when it sees its raylet gone: beside another search on 2 cores, one was still alive
+# 90 s after its driver had exited (CI run of 2026-12-07, a search whose Train worker was
+# killed), using the CPU of whatever ran next.
+SHUTDOWN_GRACE_S = 10.0
+
+
 def start_local_ray(start: Callable[[], Any]) -> None:
     """``start()`` (a local ``ray.init``), once more if Ray's node timed out at its start."""
     import psutil
@@ -215,6 +227,7 @@ def start_local_ray(start: Callable[[], Any]) -> None:
         before = {p.pid for p in me.children()}
         try:
             start()
+            _STARTED[:] = [p for p in me.children() if p.pid not in before]
             return
         except Exception as err:
             if NODE_START_TIMEOUT not in str(err):
@@ -236,6 +249,38 @@ def start_local_ray(start: Callable[[], Any]) -> None:
             log.warning(
                 "Ray's local node took over 30 s to start (a busy machine?): starting it again"
             )
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()``; then, where this process started a local Ray, whatever of it is
+    still running ``SHUTDOWN_GRACE_S`` later is ended (terminated, then killed): its workers
+    and actors, which Ray does not end itself. A Ray this process joined is left alone."""
+    import psutil
+    import ray
+
+    started, _STARTED[:] = list(_STARTED), []
+    # Taken before the shutdown: once the raylet is gone, its workers are no one's children.
+    ours = started + [d for p in started for d in _descendants(p)]
+    try:
+        ray.shutdown()
+    finally:
+        _, alive = psutil.wait_procs(ours, timeout=SHUTDOWN_GRACE_S) if ours else ([], [])
+        if alive:
+            log.info(
+                "%d process(es) of the local Ray still ran %.0f s after its shutdown: ending "
+                "them (%s)",
+                len(alive), SHUTDOWN_GRACE_S, ", ".join(_named(p) for p in alive),
+            )  # fmt: skip
+            _end(alive)
+
+
+def _named(process: Any) -> str:
+    import psutil
+
+    try:
+        return f"{process.pid} {process.name()}"
+    except psutil.Error:
+        return str(process.pid)
 
 
 def _descendants(process: Any) -> list[Any]:

@@ -357,7 +357,7 @@ class Ran:
     seconds: float
     pgid: int  # the command's process group
     mark: str  # the MARK_VAR value of everything it started
-    leftovers: list[int] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)  # 'PID COMMAND LINE' of each
     lowered: bool = False  # its CPU share lowered once its Ray was up (lower_cpu_share)
 
     def tail(self, n: int = 60) -> str:
@@ -423,10 +423,11 @@ def run_cmd(
             pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s; log tail:\n{tail}")
     seconds = time.monotonic() - t0
     watcher.join()
-    leftovers = [] if settle is None else wait_gone(settle, pgid=proc.pid, mark=mark)
-    if leftovers:
+    left = [] if settle is None else wait_gone(settle, pgid=proc.pid, mark=mark)
+    leftovers = [f"{pid} {cmdline(pid)[:120]}" for pid in left]  # what each was, for the report
+    if left:
         kill_group(proc.pid)
-        kill_all(leftovers)
+        kill_all(left)
         wait_gone(10, pgid=proc.pid, mark=mark)
     output = log.read_text(encoding="utf-8", errors="replace")
     return Ran(

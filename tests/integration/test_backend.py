@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     import json, os, sys
     import ray, ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-    from raysft.search.ray_start import start_local_ray
+    from raysft.search.ray_start import start_local_ray, stop_ray
     from raysft.search.trial import backend_config
 
     out, storage = sys.argv[1], sys.argv[2]
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent(
         run_config=ray.train.RunConfig(name="one", storage_path=storage),
     ).fit()
     print("driver imported torch:", "torch" in sys.modules)
-    ray.shutdown()
+    stop_ray()
     """
 )
 

@@ -318,7 +318,8 @@ def test_cluster_yaml_installs_the_driver_matched_torch_and_checks_it():
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text(encoding="utf-8"))
     setup = cluster["setup_commands"]
     pick = next(i for i, c in enumerate(setup) if "--torch-pip-args" in c)
-    install = next(i for i, c in enumerate(setup) if "pip install -q -e ~/raysft" in c)
+    install_raysft = "pip install -q -c ~/raysft/constraints.txt -e ~/raysft"
+    install = next(i for i, c in enumerate(setup) if install_raysft in c)
     assert pick < install  # torch first: raysft's range then keeps it
     assert any("raysft.train.device --require-cuda" in c for c in cluster["worker_setup_commands"])
 

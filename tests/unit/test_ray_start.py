@@ -312,3 +312,66 @@ def test_environ_sets_for_the_block_and_puts_back_what_was_there(
         raise RuntimeError("the block failed")
     assert os.environ["RAYSFT_T_SET"] == "before"
     assert "RAYSFT_T_UNSET" not in os.environ
+
+
+# ---------------------------------------------------------------- a local Ray's end
+
+# Starts a local Ray as a search does, has an actor leave a process of Ray's behind (the
+# grandchild of a worker, in a session of its own: out of reach of Ray's cleanup of a worker's
+# children and process group), then ends Ray with stop_ray, or ray.shutdown alone (argv[2]).
+# A process of the caller's, started before Ray, is not Ray's to end.
+_LEFT_BEHIND = """
+import json, subprocess, sys, time
+import ray
+from raysft.search import ray_start
+
+ray_start.SHUTDOWN_GRACE_S = 2.0
+CHILD = (
+    "import subprocess, sys, time\\n"
+    "sleep = [sys.executable, '-c', 'import time; time.sleep(120)']\\n"
+    "print(subprocess.Popen(sleep, start_new_session=True).pid, flush=True)\\n"
+    "time.sleep(120)\\n"
+)
+
+@ray.remote(num_cpus=0)
+class Spawner:
+    def spawn(self):
+        child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+        return int(child.stdout.readline())
+
+mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+ray_start.start_local_ray(lambda: ray.init(address="local", num_cpus=1, include_dashboard=True))
+spawner = Spawner.remote()  # kept: an actor out of scope is ended, its child with it
+left = ray.get(spawner.spawn.remote())
+ray_start.stop_ray() if sys.argv[2] == "stop_ray" else ray.shutdown()
+time.sleep(0.5)
+json.dump({"left": left, "mine_alive": mine.poll() is None}, open(sys.argv[1], "w"))
+mine.kill()
+"""
+
+
+@pytest.mark.parametrize("stop", ["stop_ray", "ray.shutdown"])
+def test_stop_ray_ends_what_its_local_ray_left_running(tmp_path: Path, stop: str) -> None:
+    import shutil
+    import tempfile
+
+    out = tmp_path / "pids.json"
+    # Ray's socket paths must fit in 107 bytes: its temp dir cannot be under tmp_path.
+    ray_tmp = tempfile.mkdtemp(prefix="rsft-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LEFT_BEHIND, str(out), stop],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    left_alive = _alive(seen["left"])
+    if left_alive:
+        os.kill(seen["left"], signal.SIGKILL)
+    assert seen["mine_alive"]
+    # The control: Ray's shutdown alone leaves the process running.
+    assert left_alive == (stop == "ray.shutdown")

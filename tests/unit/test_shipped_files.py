@@ -161,6 +161,31 @@ def test_readme_quick_start_is_the_ci_command() -> None:
     assert "make test" in ci.splitlines()[-1] and "make test" in readme and "make demo" in readme
 
 
+def test_constraints_pin_every_requirement_inside_its_range() -> None:
+    """constraints.txt (what `make setup` installs) pins each of pyproject's requirements, and
+    the dev extra's, to a version its range admits; torch stays out (Makefile TORCH picks it)."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins: dict[str, Version] = {}
+    for n, line in enumerate((ROOT / "constraints.txt").read_text().splitlines(), 1):
+        if line and not line.startswith("#"):
+            name, eq, version = line.partition("==")
+            assert eq and name.strip() == name, f"constraints.txt:{n}: not NAME==VERSION: {line}"
+            pins[canonicalize_name(name)] = Version(version)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for text in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert name not in pins
+            continue
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+
+
 def test_gpu_fractional_spec_plans_two_trials_on_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # benchmarks/gpu_check.sh runs it on a lent GPU; here its plan is checked without one.
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
