@@ -41,6 +41,11 @@ _SHAREGPT_ROLES = {
     "system": "system",
 }
 _MESSAGE_ROLES = {"system", "user", "assistant"}
+# Turns of tool use: OpenAI's and Llama 3's roles, and ShareGPT's (LLaMA-Factory, glaive).
+# Refused by name: none of the templates has a rendering for them (README: Not in raysft).
+_TOOL_ROLES = {"tool", "function", "ipython", "function_call", "observation"}
+_TOOL_KEYS = ("tool_calls", "function_call")
+_NO_TOOLS = "tool use is not supported: drop such rows or write the calls into the text"
 
 
 class _RowError(Exception):
@@ -167,11 +172,16 @@ def _turns(
         if not isinstance(turn, dict):
             raise _RowError(where, f"must be an object, got {_kind(turn)}")
         raw_role = turn.get(role_key)
+        if raw_role in _TOOL_ROLES:
+            raise _RowError(f"{where}.{role_key}", f"a {raw_role!r} turn: {_NO_TOOLS}")
         if raw_role not in roles:
             raise _RowError(
                 f"{where}.{role_key}",
                 f"unknown role {raw_role!r} (expected one of {', '.join(sorted(roles))})",
             )
+        for tool_key in _TOOL_KEYS:
+            if turn.get(tool_key):  # null or [] where Parquet gives every message every key
+                raise _RowError(f"{where}.{tool_key}", _NO_TOOLS)
         content = _text(turn, content_key, required=True, where=f"{where}.{content_key}")
         conv.append({"role": roles[raw_role], "content": content})
         if weighted and _weight(turn, role=roles[raw_role], where=f"{where}.weight") == 0:

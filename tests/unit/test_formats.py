@@ -181,7 +181,26 @@ BAD_ROWS = [
         {"conversations": turns(("human", "a"), ("gpt", "b"), ("bot", "c"), ("gpt", "d"))},
         "conversations[2].from: unknown role 'bot'",
     ),
-    ({"messages": msgs(("user", "a"), ("tool", "b"))}, "messages[1].role: unknown role 'tool'"),
+    ({"messages": msgs(("user", "a"), ("bot", "b"))}, "messages[1].role: unknown role 'bot'"),
+    (
+        {"messages": msgs(("user", "a"), ("tool", "b"))},
+        "messages[1].role: a 'tool' turn: tool use is not supported: drop such rows or write "
+        "the calls into the text",
+    ),
+    (  # OpenAI's assistant message calling a tool: no content, its calls beside
+        {"messages": [
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            ]},
+        ]},
+        "messages[1].tool_calls: tool use is not supported",
+    ),  # fmt: skip
+    (
+        {"conversations": turns(("human", "a"), ("function_call", "{}"), ("observation", "x"))},
+        "conversations[1].from: a 'function_call' turn: tool use is not supported",
+    ),
     ({"instruction": "q"}, "output: missing"),
     ({"instruction": "q", "output": "  "}, "output: empty"),
     ({"instruction": " ", "output": "a"}, "instruction: empty"),
@@ -248,7 +267,7 @@ BAD_ROWS = [
     ),
     (
         {"prompt": msgs(("user", "q"), ("tool", "t")), "completion": msgs(("assistant", "a"))},
-        "prompt[1].role: unknown role 'tool'",
+        "prompt[1].role: a 'tool' turn: tool use is not supported",
     ),
     (
         {"prompt": msgs(("user", "q")), "completion": msgs(("assistant", "a"), ("user", "b"))},
