@@ -176,6 +176,11 @@ def test_null_columns_count_as_absent() -> None:
 
 # ---------------------------------------------------------------- malformed rows
 
+TOOL_CALL = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+}
 BAD_ROWS = [
     (
         {"conversations": turns(("human", "a"), ("gpt", "b"), ("bot", "c"), ("gpt", "d"))},
@@ -188,15 +193,9 @@ BAD_ROWS = [
         "the calls into the text",
     ),
     (  # OpenAI's assistant message calling a tool: no content, its calls beside
-        {"messages": [
-            {"role": "user", "content": "weather in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-            ]},
-        ]},
+        {"messages": [*msgs(("user", "weather in Paris?")), TOOL_CALL]},
         "messages[1].tool_calls: tool use is not supported",
-    ),  # fmt: skip
+    ),
     (
         {"conversations": turns(("human", "a"), ("function_call", "{}"), ("observation", "x"))},
         "conversations[1].from: a 'function_call' turn: tool use is not supported",
