@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,6 @@ def stop_ray() -> None:
     """``ray.shutdown()``; then, where this process started a local Ray, whatever of it is
     still running ``SHUTDOWN_GRACE_S`` later is ended (terminated, then killed): its workers
     and actors, which Ray does not end itself. A Ray this process joined is left alone."""
-    import psutil
     import ray
 
     started, _STARTED[:] = list(_STARTED), []
@@ -264,7 +264,7 @@ def stop_ray() -> None:
     try:
         ray.shutdown()
     finally:
-        _, alive = psutil.wait_procs(ours, timeout=SHUTDOWN_GRACE_S) if ours else ([], [])
+        alive = _still_running(ours, SHUTDOWN_GRACE_S)
         if alive:
             log.info(
                 "%d process(es) of the local Ray still ran %.0f s after its shutdown: ending "
@@ -300,11 +300,34 @@ def _end(processes: Iterable[Any]) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=5)
+    alive = _still_running(procs, 5.0)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    _still_running(alive, 5.0)
+
+
+def _still_running(processes: list[Any], timeout: float) -> list[Any]:
+    """Those of ``processes`` still running after up to ``timeout`` s. A zombie has ended:
+    psutil's ``wait_procs`` waits out its timeout on one that is not this process's child and
+    that nobody reaps (an orphan in a container whose PID 1 does not reap)."""
+    import psutil
+
+    def running(p: Any) -> bool:
+        try:
+            return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in processes:  # reaps those that are this process's children
+            with contextlib.suppress(psutil.Error):
+                p.wait(timeout=0)
+        alive = [p for p in processes if running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
 
 
 # Ray Train starts a PreemptionWatcher actor (a Python process) for every Train run, to hear of

@@ -375,3 +375,38 @@ def test_stop_ray_ends_what_its_local_ray_left_running(tmp_path: Path, stop: str
     assert seen["mine_alive"]
     # The control: Ray's shutdown alone leaves the process running.
     assert left_alive == (stop == "ray.shutdown")
+
+
+def test_a_zombie_that_is_not_ours_to_reap_counts_as_ended(tmp_path: Path) -> None:
+    """An ended process whose parent does not reap it (as an orphaned Ray worker under a PID 1
+    that never reaps) is not waited on until the timeout."""
+    import psutil
+
+    from raysft.search.ray_start import _still_running
+
+    pid_file = tmp_path / "zombie"
+    code = (  # a parent that leaves its ended child unreaped
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'pass'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        _wait_for(pid_file)
+        zombie = psutil.Process(int(pid_file.read_text()))
+        for _ in range(100):
+            if zombie.status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.05)
+        assert zombie.status() == psutil.STATUS_ZOMBIE
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        t0 = time.monotonic()
+        assert _still_running([zombie], 30.0) == []
+        assert time.monotonic() - t0 < 5
+        assert _still_running([psutil.Process(sleeper.pid)], 0.5) == [psutil.Process(sleeper.pid)]
+        sleeper.kill()
+        sleeper.wait()
+    finally:
+        parent.kill()
+        parent.wait()
