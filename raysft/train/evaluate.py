@@ -178,7 +178,8 @@ def generate_answers(
 ) -> list[dict[str, Any]]:
     """``samples`` answers to each eval conversation's last user turn, in batches, cut at the
     template's stops, beside the reference: ``{"prompt", "expected", "generated" (the first),
-    "answers", "tests"?}``. Prompts are tokenized as in training (``generation_prompt_ids``).
+    "answers", "capped" (per answer: cut by max_new_tokens, not ended by a stop), "tests"?}``.
+    Prompts are tokenized as in training (``generation_prompt_ids``).
     Decoding is ``eval_generation_config``'s alone: the model's saved generation_config is unused.
     Sampling draws from its own seeded RNG, so the trainer's RNG stream is left as it was.
     ``synced``: a sharded model, whose every forward is a collective; all ranks generate until
@@ -224,11 +225,15 @@ def generate_answers(
                 )
             rows = out[:, width:].tolist()  # samples consecutive rows per prompt
             for j, conv in enumerate(convs):
-                texts = [
-                    _answer(tokenizer.decode(r, skip_special_tokens=False), stops, preamble)
+                decoded = [
+                    tokenizer.decode(r, skip_special_tokens=False)
                     for r in rows[j * samples : (j + 1) * samples]
                 ]
-                out_samples.append(_sample(conv, texts, template=template, tokenizer=tokenizer))
+                texts = [_answer(t, stops, preamble) for t in decoded]
+                sample = _sample(conv, texts, template=template, tokenizer=tokenizer)
+                # No stop in it: generation ran to max_new_tokens, the answer may go on.
+                sample["capped"] = [not any(stop in t for stop in stops) for t in decoded]
+                out_samples.append(sample)
     model.train(was_training)
     return out_samples
 

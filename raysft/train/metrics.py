@@ -26,7 +26,8 @@ class EvalOutputs:
     loss_sum: float  # summed token cross-entropy over the eval set's response tokens
     tokens: int  # response tokens scored
     # One per eval prompt: prompt, expected (the reference), answers (all n generated),
-    # generated (the first), tests (a code row's, or None) and, once run, passed (per answer).
+    # generated (the first), capped (per answer: ran to max_new_tokens without a stop), tests
+    # (a code row's, or None) and, once run, passed (per answer).
     samples: list[dict[str, Any]] | None = None
     pass_k: int = 1  # the k of pass@k
 
@@ -79,7 +80,14 @@ def _pairs(out: EvalOutputs) -> tuple[list[str], list[str]]:
 
 
 def _exact_match(out: EvalOutputs) -> float:
-    return scoring.exact_match(*_pairs(out))
+    """An answer cut by ``train.max_new_tokens`` before it ended is no match, even when its
+    text so far equals the reference: the model had not stopped there."""
+    capped = [
+        c
+        for s in out.samples or []
+        for c in s.get("capped") or [False] * len(s.get("answers") or [s["generated"]])
+    ]
+    return scoring.exact_match(*_pairs(out), capped=capped)
 
 
 def _rouge_l(out: EvalOutputs) -> float:
@@ -161,7 +169,8 @@ METRICS: dict[str, Metric] = {
         Metric(
             "exact_match",
             "Share of held-out answers equal to the reference after stripping surrounding "
-            "whitespace (case, punctuation and inner spacing count).",
+            "whitespace (case, punctuation and inner spacing count); an answer cut by "
+            "train.max_new_tokens before it ended is no match.",
             "final",
             "max",
             generates=True,

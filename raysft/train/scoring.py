@@ -23,14 +23,21 @@ def normalize_answer(text: str) -> str:
     return text.strip()
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Share of predictions equal to their reference after ``normalize_answer``; NaN if none."""
+def exact_match(
+    predictions: Sequence[str], references: Sequence[str], *, capped: Sequence[bool] = ()
+) -> float:
+    """Share of predictions equal to their reference after ``normalize_answer``; NaN if none.
+    ``capped`` (one per prediction, or empty: none): a prediction cut off before it ended is
+    no match."""
     _check_pairs(predictions, references)
+    if capped and len(capped) != len(predictions):
+        raise ValueError(f"{len(capped)} capped flags for {len(predictions)} predictions")
     if not predictions:
         return math.nan
+    cut = capped or [False] * len(predictions)
     hits = sum(
-        normalize_answer(p) == normalize_answer(r)
-        for p, r in zip(predictions, references, strict=True)
+        not c and normalize_answer(p) == normalize_answer(r)
+        for p, r, c in zip(predictions, references, cut, strict=True)
     )
     return hits / len(predictions)
 

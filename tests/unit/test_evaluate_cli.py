@@ -191,6 +191,31 @@ def test_template_terminators_stop_and_score(tmp_path: Path, family: str) -> Non
     assert _answer(text, [tok.eos_token]) != "Paris" and _answer(text, stops) == "Paris"
 
 
+@pytest.mark.parametrize(("cap", "capped", "matched"), [(5, True, 0.0), (6, False, 1.0)])
+def test_an_answer_cut_by_max_new_tokens_is_no_exact_match(
+    tmp_path: Path, cap: int, capped: bool, matched: float
+) -> None:
+    """ "Paris" is 5 tokens and its terminator a sixth: under a cap of 5 the text so far equals
+    the reference, but the model had not ended its answer (it may go on: "Paris, Texas")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raysft.train.metrics import METRICS, EvalOutputs
+
+    family = sorted(FAMILIES)[0]
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir(tmp_path, family))
+    chain = {"\n": "P", "P": "a", "a": "r", "r": "i", "i": "s", "s": FAMILIES[family][4]}
+    model = AutoModelForCausalLM.from_pretrained(chain_model_dir(tmp_path, tok, chain, default="Z"))
+    conv = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris"}]
+    got = generate_answers(
+        model, tok, [conv], template="tokenizer", max_new_tokens=cap, batch_size=2,
+        device="cpu", autocast=contextlib.nullcontext,
+    )  # fmt: skip
+    assert got[0]["generated"] == "Paris" and got[0]["capped"] == [capped]
+    assert METRICS["exact_match"].compute(EvalOutputs(0.0, 0, samples=got)) == matched
+    # ROUGE-L still credits the words generated so far.
+    assert METRICS["rouge_l"].compute(EvalOutputs(0.0, 0, samples=got)) == 1.0
+
+
 def _tokenizer_without_eos_marker(root: Path) -> Any:
     """The embedded byte tokenizer with its "</s>" token renamed "<|endoftext|>" (EOS still):
     Vicuna's "</s>" is then 4 ordinary tokens, as ChatML's marker is on a Llama tokenizer."""

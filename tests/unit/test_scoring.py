@@ -252,3 +252,11 @@ def test_bleu_says_nothing_when_no_reference_has_a_4_gram() -> None:
     assert scoring.bleu(longer, short) > 0
     assert not scoring.bleu_says_nothing([*short, "The word means a house."])
     assert not scoring.bleu_says_nothing([])
+
+
+def test_exact_match_counts_no_answer_cut_before_it_ended() -> None:
+    preds, refs = ["Paris", "Paris", "Rome"], ["Paris", "Paris", "Rome"]
+    assert scoring.exact_match(preds, refs, capped=[False, True, False]) == pytest.approx(2 / 3)
+    assert scoring.exact_match(preds, refs) == 1.0
+    with pytest.raises(ValueError, match="2 capped flags for 3 predictions"):
+        scoring.exact_match(preds, refs, capped=[False, True])
