@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from raysft.cli import run_cli, setup_logging
 from raysft.errors import ModelError
-from raysft.paths import writable_dir_problem
+from raysft.paths import give_plain_modes, writable_dir_problem
 from raysft.search.eval_target import resolve_target
 from raysft.search.export import recorded_numerics, use_saved_generation_config
 
@@ -144,6 +144,7 @@ def merge(
         tokenizer.save_pretrained(stage)
         record = {"merged_from": str(target.path.resolve()), "base": base_model or target.base}
         (stage / "merged.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+        give_plain_modes(None, list(stage.iterdir()))  # safetensors' 0600 weights
         _check_saved(stage, probe, expected, trust=cfg.model.trust_remote_code)
         try:
             if out.is_dir():

@@ -4,6 +4,7 @@ the adapter's logits; bad inputs one message, nothing written."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,12 @@ def _logits(model: Any, tok: Any) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_a_merged_adapter_is_a_plain_model_with_the_adapters_logits(
     tmp_path: Path, method: str
@@ -75,6 +82,11 @@ def test_a_merged_adapter_is_a_plain_model_with_the_adapters_logits(
     assert (plain - want).abs().max() > 1e-2  # the update changes the logits: checked for real
     assert json.loads((out / "merged.json").read_text())["base"] == BASE
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+    # Readable by whoever serves it, as a plain write under this umask makes its files.
+    plain_mode = 0o666 & ~_umask()
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+        f.name: plain_mode for f in out.iterdir()
+    }
 
 
 @pytest.mark.parametrize(
