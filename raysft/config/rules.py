@@ -7,6 +7,7 @@ and what it read (``broken_rules``, ``RULE_INPUTS``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -102,13 +103,22 @@ def _one_step_of_warmup(cfg: Config) -> str | None:
 def _warmup_past_the_run(cfg: Config) -> str | None:
     t = cfg.train
     # With train.epochs, max_steps is not known yet: checked again once it is (resolve_epochs).
-    if t.warmup_steps is not None and t.epochs is None and 1 < t.max_steps <= t.warmup_steps:
+    if t.epochs is not None or not 1 < t.max_steps <= t.warmup():
+        return None
+    never = "the learning rate would still be rising at the last step, never reaching " + (
+        "train.learning_rate"
+    )
+    if t.warmup_steps is not None:
         return (
-            f"train.warmup_steps: {t.warmup_steps} of train.max_steps {t.max_steps}: the "
-            "learning rate would still be rising at the last step, never reaching "
-            f"train.learning_rate; set fewer than {t.max_steps}"
+            f"train.warmup_steps: {t.warmup_steps} of train.max_steps {t.max_steps}: {never}; "
+            f"set fewer than {t.max_steps}"
         )
-    return None
+    # The largest ratio whose rounded-up steps stay below max_steps, to 4 decimals.
+    most = math.floor((t.max_steps - 1) / t.max_steps * 10_000) / 10_000
+    return (
+        f"train.warmup_ratio: {t.warmup_ratio:g} of train.max_steps {t.max_steps} is "
+        f"{t.warmup()} warmup steps (rounded up): {never}; set at most {most:g}"
+    )
 
 
 def _epochs_or_max_steps(cfg: Config) -> str | None:
@@ -204,7 +214,10 @@ CONFIG_RULES: list[Rule] = [
     (("method", "lora.use_dora", "lora.use_rslora"), _full_with_dora),
     (("method", "model.dtype"), _full_with_half_weights),
     (("train.max_steps", "train.warmup_ratio", "train.warmup_steps"), _one_step_of_warmup),
-    (("train.max_steps", "train.warmup_steps", "train.epochs"), _warmup_past_the_run),
+    (
+        ("train.max_steps", "train.warmup_ratio", "train.warmup_steps", "train.epochs"),
+        _warmup_past_the_run,
+    ),
     (("train.epochs", "train.max_steps"), _epochs_or_max_steps),
 ]
 SPEC_RULES: list[Rule] = [

@@ -567,6 +567,12 @@ def test_the_warmup_is_its_steps_or_its_share_of_the_run(
             "train.warmup_steps: 20 of train.max_steps 20: the learning rate would still be "
             "rising at the last step, never reaching train.learning_rate; set fewer than 20",
         ),
+        (  # as a ratio: 10 steps rounded up
+            {"train.warmup_ratio": 0.95, "train.max_steps": 10},
+            "train.warmup_ratio: 0.95 of train.max_steps 10 is 10 warmup steps (rounded up): the "
+            "learning rate would still be rising at the last step, never reaching "
+            "train.learning_rate; set at most 0.9",
+        ),
         (
             {"train.warmup_steps": 1, "train.max_steps": 1},
             "train.warmup_steps: 1 of train.max_steps 1 is one warmup step, taken at learning "
@@ -581,6 +587,22 @@ def test_warmup_steps_that_cannot_be_are_refused(settings: dict[str, float], pro
         load_config(None, settings)
     assert [p.removeprefix("--set ") for p in err.value.problems] == [problem]
     load_config(None, {"train.warmup_steps": 0, "train.max_steps": 1})  # no warmup: one step
+    # The largest ratio said: its steps stay below max_steps.
+    for steps in (2, 3, 7, 10, 1000):
+        most = float(
+            str(load_problem({"train.warmup_ratio": 0.9999, "train.max_steps": steps}))
+            .rsplit("set at most ", 1)[1]
+        )  # fmt: skip
+        assert load_config(None, {"train.warmup_ratio": most, "train.max_steps": steps})
+
+
+def load_problem(settings: dict[str, float]) -> str:
+    from raysft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, settings)
+    (problem,) = err.value.problems
+    return problem
 
 
 def test_warmup_steps_win_over_a_ratio_said_unread_and_a_saved_config_loads_again(
