@@ -8,6 +8,7 @@ ray, so validation and ``--dry-run`` are instant.
 
 from raysft.config.fields import DataFormat, Method, Template
 from raysft.config.loading import (
+    apply_set,
     drop_sections_of_replaced_method,
     dump_config,
     load_config,
@@ -67,6 +68,7 @@ __all__ = [
     "Template",
     "TrackingSection",
     "TrainSection",
+    "apply_set",
     "drop_sections_of_replaced_method",
     "dump_config",
     "flat_paths",

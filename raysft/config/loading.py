@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
+from pydantic import BaseModel
 
 from raysft.config.fields import Method
 from raysft.config.overrides import blame_overrides, set_path, split_overrides
@@ -28,6 +29,48 @@ log = logging.getLogger(__name__)
 # QLoRA, the 4-bit settings to QLoRA alone.
 _READ_BY = {"lora": ("lora", "qlora"), "qlora": ("qlora",)}
 _DEFAULT_METHOD = Config.model_fields["method"].default
+
+
+def field_annotation(path: str) -> Any:
+    """The type annotation of a leaf config field at ``path``, or raise KeyError."""
+    model: type[BaseModel] = Config
+    keys = path.split(".")
+    for i, key in enumerate(keys):
+        if key not in model.model_fields:
+            raise KeyError(f"config has no field {key!r} at {'.'.join(keys[: i + 1])}")
+        ann = model.model_fields[key].annotation
+        sub = [
+            a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if i == len(keys) - 1:
+            if sub:
+                raise KeyError(f"{path} is a section, not a value")
+            return ann
+        if not sub:
+            raise KeyError(f"{'.'.join(keys[: i + 1])} is a value, it has no field {keys[i + 1]!r}")
+        model = sub[0]
+    raise KeyError(path)
+
+
+def apply_set(tree: dict[str, Any], key: str, value: Any) -> None:
+    """A ``--set KEY=VALUE`` applied to a config's ``tree`` (``set_path``, a mapping merged).
+    ``null`` for a setting that takes no null unsets it: the default applies, as if the file
+    never set it (``--set train.max_steps=null --set train.epochs=2`` on a spec giving steps).
+    Raises KeyError as ``set_path`` does."""
+    if value is None:
+        try:
+            nullable = type(None) in get_args(field_annotation(key))
+        except KeyError:  # no leaf setting of the config: validation says what is wrong
+            nullable = True
+        if not nullable:
+            *parents, leaf = key.split(".")
+            node: Any = tree
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+            return
+    set_path(tree, key, value, merge=True)
 
 
 def methods_of(cfg: Config, *, trials: bool = False) -> list[str]:
@@ -182,7 +225,7 @@ def load_config(
     file_method = tree.get("method")
     for key, value in overrides.items():
         try:
-            set_path(tree, key, value, merge=True)
+            apply_set(tree, key, value)
         except KeyError as err:
             problems.append(f"--set {err.args[0]}")
     drop_sections_of_replaced_method(tree, overrides, file_method, source=source)

@@ -126,7 +126,8 @@ def _epochs_or_max_steps(cfg: Config) -> str | None:
     if cfg.train.epochs is not None and "max_steps" in cfg.train.model_fields_set:
         return (
             f"train.epochs: {cfg.train.epochs:g} with train.max_steps {cfg.train.max_steps} set "
-            "too: a run's length is one or the other; remove train.max_steps"
+            "too: a run's length is one or the other; remove train.max_steps (on the command "
+            "line: --set train.max_steps=null)"
         )
     return None
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel
-
 from raysft.config import Config, SearchParam, get_path
+from raysft.config.loading import field_annotation as _field_annotation
 
 _UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")
 # Single paths that cannot be searched, and why.
@@ -44,27 +43,6 @@ _EPOCH_STEPS = {
     "train.batch_size", "train.grad_accum", "train.compile", "data.packing",
     "data.group_by_length", "data.train_on_prompt",  # the last: which rows truncation keeps
 }  # fmt: skip
-
-
-def _field_annotation(path: str) -> Any:
-    """The type annotation of a leaf config field at ``path``, or raise KeyError."""
-    model: type[BaseModel] = Config
-    keys = path.split(".")
-    for i, key in enumerate(keys):
-        if key not in model.model_fields:
-            raise KeyError(f"config has no field {key!r} at {'.'.join(keys[: i + 1])}")
-        ann = model.model_fields[key].annotation
-        sub = [
-            a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if i == len(keys) - 1:
-            if sub:
-                raise KeyError(f"{path} is a section, not a value")
-            return ann
-        if not sub:
-            raise KeyError(f"{'.'.join(keys[: i + 1])} is a value, it has no field {keys[i + 1]!r}")
-        model = sub[0]
-    raise KeyError(path)
 
 
 def _is_int_field(ann: Any) -> bool:

@@ -16,6 +16,7 @@ from raysft.config import (
     Config,
     SearchParam,
     SearchSpec,
+    apply_set,
     blame_overrides,
     drop_sections_of_replaced_method,
     read_yaml,
@@ -79,7 +80,7 @@ def read_spec(
     changes: dict[str, Any] = {}
     for key, value in sets.items():
         try:
-            set_path(tree, key, value, merge=True)
+            apply_set(tree, key, value)
         except KeyError as err:
             bad_sets.append(f"--set {err.args[0]}")
         else:

@@ -10,6 +10,7 @@ import pytest
 from raysft.config import (
     Config,
     ConfigError,
+    TrainSection,
     dump_config,
     get_path,
     load_config,
@@ -357,6 +358,20 @@ def test_set_overrides_a_file_and_keeps_the_rest(tmp_path: Path) -> None:
     assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
     assert cfg.train.max_steps == 60
     assert cfg.data.eval is None
+
+
+def test_set_null_unsets_a_setting_that_takes_no_null(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  max_steps: 60\n  learning_rate: 3.0e-4\n")
+    cfg = load_config(path, parse_overrides(["train.learning_rate=null", "data.eval=null"]))
+    assert cfg.train.learning_rate == TrainSection.model_fields["learning_rate"].default
+    assert "learning_rate" not in cfg.train.model_fields_set and cfg.train.max_steps == 60
+    assert cfg.data.eval is None  # a setting that takes null is set to it
+    # One the file does not set, a section, an unknown key: as before.
+    assert load_config(path, parse_overrides(["lora.r=null"])).lora.r == 16
+    with pytest.raises(ConfigError, match=r"--set train: "):
+        load_config(path, parse_overrides(["train=null"]))
+    with pytest.raises(ConfigError, match=r"--set train.nope: "):
+        load_config(path, parse_overrides(["train.nope=null"]))
 
 
 def test_set_of_a_word_that_float_would_parse_stays_a_string() -> None:

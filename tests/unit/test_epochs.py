@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import raysft.search.spec as spec_module
-from raysft.config import load_config
+from raysft.config import TrainSection, load_config
 from raysft.config.loading import saved_tree
 from raysft.data.batching import make_bins, training_stream
 from raysft.data.tokens import Example
@@ -126,11 +126,15 @@ def test_epochs_and_an_explicit_max_steps_are_refused_but_a_resolved_config_load
         load_config(both)
     assert err.value.problems == [
         "train.epochs: 2 with train.max_steps 100 set too: a run's length is one or the "
-        "other; remove train.max_steps"
+        "other; remove train.max_steps (on the command line: --set train.max_steps=null)"
     ]
     with pytest.raises(ConfigError) as err:  # the file's length, the command line's epochs
         load_config(tmp_path / "both.yaml", ["train.epochs=3"])
     assert err.value.problems[0].startswith("--set train.epochs: 3 with train.max_steps 100")
+    # null unsets a setting that takes no null: the file's steps go, the epochs stay.
+    unset = load_config(tmp_path / "both.yaml", ["train.max_steps=null", "train.epochs=3"])
+    assert unset.train.epochs == 3 and "max_steps" not in unset.train.model_fields_set
+    assert unset.train.max_steps == TrainSection.model_fields["max_steps"].default
     given = load_config(None, {"train.epochs": 2, "train.batch_size": 1, "train.grad_accum": 2})
     assert given.train.max_steps == 200  # the default: not read while epochs are set
     resolved = resolve_epochs(given, _examples(), world_size=1)
@@ -304,3 +308,15 @@ def test_an_epochs_run_into_a_finished_runs_folder_is_refused_before_its_data_is
         f"error: {cfg}: output_dir: {out} already holds a training run that ended (its "
         "metrics.json); choose another (--set output_dir=...) or remove it"
     ]
+
+
+def test_a_shipped_spec_given_in_steps_runs_epochs_from_the_command_line() -> None:
+    from raysft.search.spec import load_spec
+
+    spec_path = str(Path(__file__).resolve().parents[2] / "search_spaces" / "lora.yaml")
+    with pytest.raises(ConfigError, match=r"--set train.max_steps=null"):
+        load_spec(spec_path, ["train.epochs=2"], preflight=False)
+    tree, spec = load_spec(
+        spec_path, ["train.max_steps=null", "train.epochs=2", "train.eval_every=10"]
+    )
+    assert spec.train.epochs is None and spec.train.max_steps == tree["train"]["max_steps"] > 0
