@@ -8,12 +8,15 @@ strict or skip handling (``raysft.data.formats``).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from raysft.assets import resolve
 from raysft.errors import DataError, DatasetLoadError, one_line
+
+log = logging.getLogger(__name__)
 
 Role = Literal["train", "eval"]  # which of data.train / data.eval a source is read for
 
@@ -137,10 +140,29 @@ def _iter_json(path: Path, source: str) -> Iterator[tuple[str, Any]]:
             return
         raise DataError(f"{source}: not valid JSON: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
+        # The rows under "data" (a JSON file `datasets` reads with field="data").
+        others = sorted(k for k in data if k != "data")
+        if others:
+            log.warning("%s: top-level keys not read (rows are under 'data'): %s", source,
+                        ", ".join(others))  # fmt: skip
         data = data["data"]
+    elif isinstance(data, dict) and len(raw.strip().splitlines()) == 1:
+        yield from _iter_jsonl(path, source)  # one row on one line: a JSON-lines file of one
+        return
     if not isinstance(data, list):
-        raise DataError(f"{source}: expected a JSON list of rows (or JSON lines)")
+        raise DataError(
+            f"{source}: expected a JSON list of rows, an object whose 'data' holds them, or "
+            f"JSON lines (one row per line), got a JSON {_json_kind(data)}"
+        )
     yield from _numbered(data)
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "object over several lines"
+    return {str: "string", bool: "true/false", int: "number", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
 
 
 def _iter_parquet(path: Path, source: str) -> Iterator[tuple[str, Any]]:

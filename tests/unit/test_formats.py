@@ -437,11 +437,30 @@ def test_invalid_json_file_names_file_and_line(tmp_path: Path) -> None:
         load_conversations(str(path))
 
 
-def test_json_object_without_rows_is_an_error(tmp_path: Path) -> None:
-    path = tmp_path / "one.json"
-    path.write_text(json.dumps(GOOD_ALPACA))
-    with pytest.raises(DataError, match=r"one\.json: expected a JSON list of rows"):
+def test_a_json_object_on_one_line_is_a_row_over_several_lines_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    one = tmp_path / "one.json"  # a JSON-lines file of one row
+    one.write_text(json.dumps(GOOD_ALPACA))
+    assert len(load_conversations(str(one)).conversations) == 1
+    path = tmp_path / "obj.json"
+    path.write_text(json.dumps(GOOD_ALPACA, indent=2))
+    with pytest.raises(DataError) as err:
         load_conversations(str(path))
+    assert str(err.value) == (
+        f"{path}: expected a JSON list of rows, an object whose 'data' holds them, or JSON "
+        "lines (one row per line), got a JSON object over several lines"
+    )
+    text = tmp_path / "str.json"
+    text.write_text('"just text"')
+    with pytest.raises(DataError, match=r"str\.json: expected .*, got a JSON string$"):
+        load_conversations(str(text))
+    # Rows under "data": other top-level keys are said to be unread.
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": "1", "data": [GOOD_ALPACA]}))
+    with caplog.at_level("WARNING"):
+        assert len(load_conversations(str(wrapped)).conversations) == 1
+    assert "top-level keys not read (rows are under 'data'): version" in caplog.text
 
 
 def _mixed_rows() -> list[dict[str, Any]]:
