@@ -73,6 +73,8 @@ def _out_problem(out: Path) -> str | None:
         return f"{out}: not empty; give a new or empty directory"
     if out.exists() and not out.is_dir():
         return f"{out}: a file; give a new or empty directory"
+    if out.parent.exists() and not out.parent.is_dir():
+        return f"{out.parent}: a file, not a directory to write {out.name} into"
     if not out.parent.is_dir():
         return f"{out.parent}: no such directory"
     return writable_dir_problem(out.parent)  # the staging folder and the rename go there

@@ -156,6 +156,11 @@ def test_what_cannot_be_merged_is_one_message_and_nothing_is_written(tmp_path: P
     with pytest.raises(ModelError, match="no such directory"):
         merge(str(tmp_path / "absent"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(ModelError, match=f"{a_file}: a file, not a directory to write x into"):
+        merge(str(adapter), a_file / "x")
+    assert a_file.read_text() == "mine"
 
 
 def test_the_cli_exits_2_with_one_line(tmp_path: Path) -> None:
