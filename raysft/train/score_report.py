@@ -45,7 +45,8 @@ def metrics_table(scores: dict[str, ModelScore]) -> str:
 
 def side_by_side(scores: dict[str, ModelScore], *, n: int = 3) -> str:
     """The first ``n`` prompts with the reference and each model's first answer to that eval
-    row, labelled by model (base, tuned) when there are several, else ``generated``."""
+    row, labelled by model (base, tuned) when there are several, else ``generated``; an answer
+    cut by the generation cap is marked so."""
     first = next(iter(scores.values()))
     label = {name: name if len(scores) > 1 else "generated" for name in scores}
     by_row = {name: {_row(x, i): x for i, x in enumerate(s.samples)} for name, s in scores.items()}
@@ -58,6 +59,8 @@ def side_by_side(scores: dict[str, ModelScore], *, n: int = 3) -> str:
         for name in scores:
             answer = by_row[name].get(_row(sample, i))
             shown = repr(answer["generated"]) if answer else "(not answered: not among its rows)"
+            if answer and (answer.get("capped") or [False])[0]:
+                shown += " (cut at train.max_new_tokens)"
             lines.append(f"{label[name]}: {shown}")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)

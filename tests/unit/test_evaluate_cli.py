@@ -329,14 +329,16 @@ def test_answers_side_by_side_are_paired_by_eval_row() -> None:
     def sample(row: int, answer: str) -> dict[str, Any]:
         return {"prompt": f"Q{row}", "expected": f"A{row}", "generated": answer, "row": row}
 
+    capped = {**sample(3, "A3"), "capped": [True]}  # the reference so far, still going on
     scores = {
         "base": ModelScore("b", {}, [sample(1, "b1"), sample(2, "b2"), sample(3, "b3")], 3),
-        "tuned": ModelScore("t", {}, [sample(2, "t2"), sample(3, "t3")], 2),
+        "tuned": ModelScore("t", {}, [sample(2, "t2"), capped], 2),
     }
     assert side_by_side(scores, n=3).splitlines() == [
         "--- 1: Q1", "expected: 'A1'", "base: 'b1'", "tuned: (not answered: not among its rows)",
         "--- 2: Q2", "expected: 'A2'", "base: 'b2'", "tuned: 't2'",
-        "--- 3: Q3", "expected: 'A3'", "base: 'b3'", "tuned: 't3'",
+        "--- 3: Q3", "expected: 'A3'", "base: 'b3'",
+        "tuned: 'A3' (cut at train.max_new_tokens)",
     ]  # fmt: skip
 
 
