@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from raysft.config.fields import Method
-from raysft.config.overrides import blame_overrides, set_path, split_overrides
+from raysft.config.overrides import blame_overrides, set_path, split_overrides, unset_path
 from raysft.config.sections import Config
 from raysft.config.validation import validate_tree
 from raysft.config.yaml_reader import read_yaml
@@ -63,12 +63,7 @@ def apply_set(tree: dict[str, Any], key: str, value: Any) -> None:
         except KeyError:  # no leaf setting of the config: validation says what is wrong
             nullable = True
         if not nullable:
-            *parents, leaf = key.split(".")
-            node: Any = tree
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node.pop(leaf, None)
+            unset_path(tree, key)
             return
     set_path(tree, key, value, merge=True)
 

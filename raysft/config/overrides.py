@@ -92,6 +92,14 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any, *, merge: bool = Fal
     node[keys[-1]] = value
 
 
+def unset_path(tree: dict[str, Any], dotted: str) -> None:
+    """Remove ``a.b.c`` from ``tree``, if it is there."""
+    *parents, leaf = _split_path(dotted)
+    node = _get(tree, parents)
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
 def _get(tree: dict[str, Any], keys: list[str]) -> Any:
     node: Any = tree
     for key in keys:

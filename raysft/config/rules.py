@@ -105,7 +105,8 @@ def _warmup_past_the_run(cfg: Config) -> str | None:
     # With train.epochs, max_steps is not known yet: checked again once it is (resolve_epochs).
     if t.epochs is not None or not 1 < t.max_steps <= t.warmup():
         return None
-    never = "the learning rate would still be rising at the last step, never reaching " + (
+    never = (
+        "the learning rate would still be rising at the last step, never reaching "
         "train.learning_rate"
     )
     if t.warmup_steps is not None:

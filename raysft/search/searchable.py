@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, get_args, get_origin
 
 from raysft.config import Config, SearchParam, get_path
-from raysft.config.loading import field_annotation as _field_annotation
+from raysft.config.loading import field_annotation
 
 _UNSEARCHABLE = ("search", "tracking", "promote", "output_dir")
 # Single paths that cannot be searched, and why.
@@ -87,7 +87,7 @@ def check_param(
     if name in _UNSEARCHABLE_PATHS:
         return f"{where}: {name} cannot be searched: {_UNSEARCHABLE_PATHS[name]}"
     try:
-        ann = _field_annotation(name)
+        ann = field_annotation(name)
     except KeyError as err:
         return f"{where}: {err.args[0]}"
     twice = _listed_twice(p.values or [], ann if p.type == "choice" else None)
@@ -133,7 +133,7 @@ def check_param(
         )
     if of is None:
         try:
-            _field_annotation(p.of or "")
+            field_annotation(p.of or "")
         except KeyError as err:
             return f"{where}.of: {err.args[0]}"
     bases = _bases(p, params, cfg)

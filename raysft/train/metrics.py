@@ -69,11 +69,15 @@ def _perplexity(out: EvalOutputs) -> float:
         return math.inf
 
 
+def _answers(sample: dict[str, Any]) -> list[str]:
+    return sample.get("answers") or [sample["generated"]]
+
+
 def _pairs(out: EvalOutputs) -> tuple[list[str], list[str]]:
     """(answer, reference) for every generated answer: n per prompt."""
     answers, refs = [], []
     for s in out.samples or []:
-        for a in s.get("answers") or [s["generated"]]:
+        for a in _answers(s):
             answers.append(a)
             refs.append(s["expected"])
     return answers, refs
@@ -82,11 +86,7 @@ def _pairs(out: EvalOutputs) -> tuple[list[str], list[str]]:
 def _exact_match(out: EvalOutputs) -> float:
     """An answer cut by ``train.max_new_tokens`` before it ended is no match, even when its
     text so far equals the reference: the model had not stopped there."""
-    capped = [
-        c
-        for s in out.samples or []
-        for c in s.get("capped") or [False] * len(s.get("answers") or [s["generated"]])
-    ]
+    capped = [c for s in out.samples or [] for c in s.get("capped") or [False] * len(_answers(s))]
     return scoring.exact_match(*_pairs(out), capped=capped)
 
 

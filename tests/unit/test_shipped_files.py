@@ -134,7 +134,7 @@ def test_the_readmes_trl_table_names_real_settings_and_values() -> None:
     import re
 
     from raysft.config import load_config
-    from raysft.search.searchable import _field_annotation
+    from raysft.config.loading import field_annotation
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.split("## Coming from TRL", 1)[1].split("\n## ", 1)[0]
@@ -148,7 +148,7 @@ def test_the_readmes_trl_table_names_real_settings_and_values() -> None:
     assert len(named) > 30, named
     for item in named:
         path, _, value = item.partition(": ")
-        _field_annotation(path)  # KeyError: not a field
+        field_annotation(path)  # KeyError: not a field
         if value:
             load_config(None, {path: yaml.safe_load(value)})  # a value the field takes
     for top in ("output_dir",):
