@@ -18,7 +18,12 @@ from typing import Any, NoReturn
 from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging
 from raysft.config import SearchSpec
 from raysft.search.driver import run_search
-from raysft.search.experiment import check_experiment_dir, experiment_dir_holder
+from raysft.search.experiment import (
+    check_experiment_dir,
+    experiment_dir_holder,
+    foreign_notice,
+    foreign_outputs,
+)
 from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import (
     Node,
@@ -55,6 +60,9 @@ def _dry_run(spec_path: str, cfg: SearchSpec, exp_dir: Path, *, resume: bool) ->
             f"note: search.experiment_dir {exp_dir} already holds a search: the run would be "
             "refused; pass --resume to continue it, or choose another directory"
         )
+    elif not resume and (foreign := foreign_outputs(exp_dir)):
+        notice = foreign_notice(exp_dir, foreign)
+        print(f"note: search.experiment_dir {notice}: the run would be refused")
     return code
 
 

@@ -24,12 +24,26 @@ from raysft.errors import ConfigError, SearchStateError, one_line
 from raysft.paths import InUse, dir_holder, hold_dir, replace_text, writable_dir_problem
 from raysft.search import redact, tracking_store
 from raysft.search import results as res
+from raysft.search.compare import COMPARISON_JSON, COMPARISON_MD
 from raysft.search.export import export_dir_problem, export_target
+from raysft.search.plots import PLOTS_DIR
 from raysft.search.ray_start import base_in_job_copy_notice, inside_job_copy
+from raysft.search.tracking import ENDED_FILE, GAPS_FILE
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "raysft_state.json"  # first written with the parent run (driver._parent_run)
+
+# What a search writes at the top of its experiment dir, but for tune/ (Tune's storage: where
+# it is, a search is), its state file and hidden files (its lock, the storage check's
+# markers): Train's storage, the trials' folders, the plots, the default export, the summary,
+# the base-vs-tuned report and the tracking ledgers. A new search refuses a directory that
+# holds any of them without a search (``foreign_outputs``): it would write over them. Other
+# files (the spec, its data) may stay.
+SEARCH_OUTPUTS = (
+    "train", "trials", PLOTS_DIR, "champion", res.SUMMARY_FILE, COMPARISON_MD, COMPARISON_JSON,
+    ENDED_FILE, GAPS_FILE,
+)  # fmt: skip
 
 
 def open_experiment(
@@ -51,9 +65,10 @@ def check_experiment_dir(
 ) -> Path:
     """Where the search goes (resolved), refused if it cannot go there: a file, a search that
     is there without ``--resume`` (unless ``held_ok``: a dry run of an edited spec) or missing
-    with it, another spec's search to resume, or any of its outputs inside a Ray job's copy of
-    ``--working-dir``. A base model inside that copy is said here too (the export will carry
-    it: ``export.stage_export``)."""
+    with it, files of a search's output names where no search is (``foreign_outputs``; a dry
+    run notes them instead), another spec's search to resume, or any of its outputs inside a
+    Ray job's copy of ``--working-dir``. A base model inside that copy is said here too (the
+    export will carry it: ``export.stage_export``)."""
     exp_dir = Path(cfg.search.experiment_dir).resolve()
     lost = inside_job_copy(_outputs(cfg, exp_dir), os.environ, Path.cwd())
     if lost:
@@ -76,12 +91,33 @@ def check_experiment_dir(
         )
     if resume and not tune_dir.exists():
         raise SearchStateError(f"{spec_path}: --resume: no search to resume in {exp_dir}")
+    foreign = [] if resume or held_ok else foreign_outputs(exp_dir)
+    if foreign:
+        notice = foreign_notice(exp_dir, foreign)
+        raise SearchStateError(f"{spec_path}: search.experiment_dir: {notice}")
     if resume:
         _check_same_spec(spec_path, cfg, exp_dir, digests)
     unsafe = export_dir_problem(cfg.promote, exp_dir) if cfg.promote.enabled else None
     if unsafe:  # found now, not after the search
         raise SearchStateError(f"{spec_path}: promote.export_dir: {unsafe}")
     return exp_dir
+
+
+def foreign_outputs(exp_dir: Path) -> list[str]:
+    """The names of ``SEARCH_OUTPUTS`` that ``exp_dir`` holds though it holds no search (no
+    ``tune/``), sorted: a new search would write over them. Empty where it holds a search (that
+    is "pass --resume"'s to say) or none of them."""
+    if not exp_dir.is_dir() or (exp_dir / "tune").exists():
+        return []
+    return sorted(name for name in SEARCH_OUTPUTS if (exp_dir / name).exists())
+
+
+def foreign_notice(exp_dir: Path, names: list[str]) -> str:
+    """What ``foreign_outputs`` found, as the refusal (and a dry run's note) says it."""
+    return (
+        f"{exp_dir} holds {', '.join(names)} but no search (no tune/): a search writes its own "
+        "of these names there, over them; choose a new or empty directory, or move them away"
+    )
 
 
 def _outputs(cfg: SearchSpec, exp_dir: Path) -> dict[str, Path | None]:

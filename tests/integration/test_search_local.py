@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from raysft.search.experiment import SEARCH_OUTPUTS, STATE_FILE
+
 from .conftest import (
     PYTHON,
     MlflowServer,
@@ -237,6 +239,11 @@ def test_search_stops_some_trials_early_and_reports_the_best(local_search: Local
     for png in ("optimization_history", "param_importances", "parallel_coordinate", "eval_curves"):
         assert (local_search.exp_dir / "plots" / f"{png}.png").is_file(), png
     assert "promotion: v1 is now @champion" in out
+    # Every name it wrote at the top is one a new search refuses to write over where no
+    # search is (experiment.SEARCH_OUTPUTS), or the search's own.
+    written = {p.name for p in local_search.exp_dir.iterdir() if not p.name.startswith(".")}
+    assert written - {"tune", STATE_FILE} <= set(SEARCH_OUTPUTS), written
+    assert {"trials", "plots", "champion", "summary.json"} <= written, written
     # The steps each report carries stay off the console (Ray Train's report lines, Tune's
     # result tables, its TensorBoard logger's warnings), and in Tune's result.json.
     assert "Reporting training result" not in out and "replayed_records" not in out

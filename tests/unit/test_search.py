@@ -2377,6 +2377,63 @@ def test_a_dry_run_of_a_spec_whose_experiment_dir_holds_a_search_notes_it(tmp_pa
     )
 
 
+def test_a_new_search_refuses_to_write_over_files_of_its_output_names_and_leaves_others(
+    tmp_path: Path,
+) -> None:
+    """A folder with a summary.json or plots/ of the user's own, and no search, is refused:
+    the search would write over them. The spec or its data kept in the folder are no reason."""
+    from raysft.errors import SearchStateError
+    from raysft.search.experiment import SEARCH_OUTPUTS, check_experiment_dir
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for name in ("spec.yaml", "train.jsonl", "notes.md", ".gitkeep"):
+        (exp / name).write_text("the user's\n")
+    cfg = validate_spec(_lora_tree(exp), source="s.yaml")
+    assert check_experiment_dir("s.yaml", cfg, resume=False) == exp.resolve()
+
+    (exp / "summary.json").write_text('{"mine": true}\n')
+    (exp / "plots").mkdir()
+    with pytest.raises(SearchStateError) as err:
+        check_experiment_dir("s.yaml", cfg, resume=False)
+    assert str(err.value) == (
+        f"s.yaml: search.experiment_dir: {exp.resolve()} holds plots, summary.json but no "
+        "search (no tune/): a search writes its own of these names there, over them; choose a "
+        "new or empty directory, or move them away"
+    )
+    assert (exp / "summary.json").read_text() == '{"mine": true}\n'
+    # Where a search is, "pass --resume" is what is said; a resume goes on as ever.
+    (exp / "tune").mkdir()
+    with pytest.raises(SearchStateError, match="already holds a search; pass --resume"):
+        check_experiment_dir("s.yaml", cfg, resume=False)
+    # Every name a search writes at the top of the folder is one it refuses to write over.
+    (exp / "tune").rmdir()
+    for name in SEARCH_OUTPUTS:
+        fresh = tmp_path / f"x-{name}"
+        fresh.mkdir()
+        (fresh / name).mkdir()
+        cfg = validate_spec(_lora_tree(fresh), source="s.yaml")
+        with pytest.raises(SearchStateError, match=f"holds {name} but no search"):
+            check_experiment_dir("s.yaml", cfg, resume=False)
+
+
+def test_a_dry_run_notes_files_a_search_would_write_over(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "base_vs_tuned.md").write_text("the user's\n")
+    ran = subprocess.run(
+        [sys.executable, "-m", "raysft.tune", str(ROOT / "search_spaces" / "lora.yaml"),
+         "--dry-run", "--set", f"search.experiment_dir={exp}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.splitlines()[-1] == (
+        f"note: search.experiment_dir {exp} holds base_vs_tuned.md but no search (no tune/): a "
+        "search writes its own of these names there, over them; choose a new or empty "
+        "directory, or move them away: the run would be refused"
+    )
+
+
 def test_checkpoints_ray_train_no_longer_tracks_are_deleted_once_the_trials_ended(
     tmp_path: Path,
 ) -> None:
