@@ -102,7 +102,8 @@ def _one_step_of_warmup(cfg: Config) -> str | None:
 
 def _warmup_past_the_run(cfg: Config) -> str | None:
     t = cfg.train
-    # With train.epochs, max_steps is not known yet: checked again once it is (resolve_epochs).
+    # With train.epochs, max_steps is not known yet: checked again once it is (resolve_epochs;
+    # a search's searched values in search.spec._epochs_as_steps).
     if t.epochs is not None or not 1 < t.max_steps <= t.warmup():
         return None
     never = (

@@ -153,7 +153,14 @@ def _epochs_as_steps(
         spec, shared.prepared().train, world_size=spec.search.resources.workers, source=source
     )
     steps = resolved.train.max_steps
-    problems = _check_metric(resolved)
+    tree = copy.deepcopy(tree)
+    train = tree.setdefault("train", {})
+    train.pop("epochs", None)
+    train["max_steps"] = steps
+    # The searched values were probed against the default max_steps, the steps unknown then:
+    # probed again against these (a train.warmup_steps of 36 in 28 steps; a multiple_of of
+    # train.max_steps), so no trial is refused once Ray is up.
+    problems = validate_search(tree, resolved, source=source)  # the metric among its checks
     if problems:
         raise ConfigError(
             source,
@@ -162,10 +169,6 @@ def _epochs_as_steps(
                 for p in problems
             ],  # fmt: skip
         )
-    tree = copy.deepcopy(tree)
-    train = tree.setdefault("train", {})
-    train.pop("epochs", None)
-    train["max_steps"] = steps
     return tree, resolved
 
 

@@ -226,6 +226,43 @@ def test_epochs_too_short_for_asha_are_refused_with_their_steps(
 
 
 @pytest.mark.parametrize(
+    ("param", "said"),
+    [
+        (
+            {"type": "int", "low": 0, "high": 50},
+            "value 50: train.warmup_steps: 50 of train.max_steps 28: the learning rate would "
+            "still be rising at the last step, never reaching train.learning_rate; set fewer "
+            "than 28",
+        ),
+        (
+            {"type": "multiple_of", "of": "train.max_steps", "values": [0.1, 0.25]},
+            "value 2.8000000000000003: train.warmup_steps: Input should be a valid integer, "
+            "got a number with a fractional part",
+        ),
+    ],
+    ids=["range", "multiple_of"],
+)
+def test_searched_values_are_checked_against_the_steps_the_epochs_come_to(
+    tmp_path: Path, epochs_spec: dict[str, Any], param: dict[str, Any], said: str
+) -> None:
+    """Probed at first against the default max_steps (the data unread), a searched warmup
+    must be probed again against the epochs' 28 steps: else trials fail once Ray is up."""
+    tree = copy.deepcopy(epochs_spec)
+    tree["train"].update({"epochs": 1, "eval_every": 5})
+    tree["train"].pop("warmup_ratio", None)
+    tree["search"]["params"]["train.warmup_steps"] = param
+    with pytest.raises(ConfigError) as err:
+        _read(tmp_path, tree)
+    assert err.value.problems == [
+        f"train.epochs 1 is 28 optimizer step(s) of this data: search.params.train.warmup_steps: "
+        f"{said}"
+    ]
+    # Values that fit those steps search as before.
+    tree["search"]["params"]["train.warmup_steps"] = {"type": "int", "low": 0, "high": 20}
+    assert _read(tmp_path, tree)[1].train.max_steps == 28
+
+
+@pytest.mark.parametrize(
     "param",
     ["train.batch_size", "train.grad_accum", "data.packing", "data.group_by_length",
      "train.compile", "data.train_on_prompt", "train.epochs"],
