@@ -182,6 +182,35 @@ def varies_nothing(params: dict[str, Any]) -> str | None:
     return None
 
 
+def distinct_configs(params: dict[str, Any]) -> int | None:
+    """How many distinct configurations the space holds, or None where a range of floats makes
+    them countless. A ``multiple_of`` has as many as its factors, times nothing more: its base
+    is counted on its own (or fixed)."""
+    count = 1
+    for p in params.values():
+        if p.type in ("choice", "multiple_of"):
+            count *= len(p.values or [])
+        elif p.type == "int":
+            count *= int(p.high) - int(p.low) + 1
+        elif p.low != p.high:  # uniform, loguniform
+            return None
+    return count
+
+
+def repeats_configs(params: dict[str, Any], num_samples: int) -> str | None:
+    """Why ``num_samples`` trials over a space of fewer distinct configurations train some of
+    them again (the samplers draw with replacement), or None."""
+    count = distinct_configs(params)
+    if count is None or count <= 1 or num_samples <= count:  # one: varies_nothing says it
+        return None
+    return (
+        f"{num_samples} trials over {count} distinct configurations: the sampler draws with "
+        f"replacement, so at least {num_samples - count} trials repeat one (with the same "
+        f"train.seed, a repeat trains the same run again); set search.num_samples to at most "
+        f"{count}, or search a parameter over a range of floats"
+    )
+
+
 def _listed_twice(values: list[Any], ann: Any = None) -> tuple[Any, Any] | None:
     """The first value listed a second time (4 and 4.0 are one value; so are 4 and "4", or
     true and 1, where the field ``ann`` reads them as one), or None: it would be drawn twice

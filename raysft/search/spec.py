@@ -40,7 +40,13 @@ from raysft.search.memory import MEMORY_PATHS, Estimate, estimate, model_shape
 from raysft.search.preflight import preflight as read_as_a_trial
 from raysft.search.ray_start import attaching_to_cluster
 from raysft.search.resources import check_resources, local_nodes
-from raysft.search.searchable import check_param, is_number, probe_values, varies_nothing
+from raysft.search.searchable import (
+    check_param,
+    is_number,
+    probe_values,
+    repeats_configs,
+    varies_nothing,
+)
 from raysft.train.metrics import METRICS, objective_mode, reported
 
 log = logging.getLogger(__name__)
@@ -137,6 +143,9 @@ def read_spec(
             "%s: train.epochs %g is counted in optimizer steps once the search reads its data",
             path, spec.train.epochs,
         )  # fmt: skip
+    again = repeats_configs(spec.search.params, spec.search.num_samples)
+    if again:  # said once the spec and its data hold, not refused: repeats may be meant
+        log.warning("%s: search.num_samples: %s", path, again)
     return tree, spec, shared
 
 

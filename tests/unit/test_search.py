@@ -403,6 +403,42 @@ def test_load_spec_warns_of_a_search_that_varies_nothing(
     assert f"{spec_file}: search.params: every parameter takes one value" in caplog.text
 
 
+def test_more_trials_than_the_space_has_configurations_are_said(
+    spec_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TPE and random search draw with replacement: 8 trials over r in {4, 8, 16} (alpha = 2r)
+    train at least 5 of them again, each the same run where train.seed is fixed."""
+    from raysft.search.searchable import distinct_configs
+
+    tied = {"lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [2]}}
+    r3 = {"lora.r": {"type": "choice", "values": [4, 8, 16]}}
+    cases = [
+        ({**r3, **tied}, 3),
+        ({**r3, "lora.alpha": {"type": "multiple_of", "of": "lora.r", "values": [1, 2]}}, 6),
+        (
+            {
+                "lora.r": {"type": "int", "low": 4, "high": 7},
+                "data.packing": {"type": "choice", "values": [False, True]},
+            },
+            8,
+        ),
+        ({**r3, "train.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}, None),
+        ({**r3, "train.learning_rate": {"type": "uniform", "low": 1e-3, "high": 1e-3}}, 3),
+    ]
+    for params, count in cases:
+        assert distinct_configs(validate_spec(spec(params), source=SRC).search.params) == count
+    load_spec(str(spec_file), ["search.params.lora.r.values=[4,8,16]", "search.num_samples=8"])
+    assert (
+        f"{spec_file}: search.num_samples: 8 trials over 3 distinct configurations: the sampler "
+        "draws with replacement, so at least 5 trials repeat one (with the same train.seed, a "
+        "repeat trains the same run again); set search.num_samples to at most 3, or search a "
+        "parameter over a range of floats"
+    ) in caplog.text
+    caplog.clear()
+    load_spec(str(spec_file), ["search.params.lora.r.values=[4,8,16]", "search.num_samples=3"])
+    assert "search.num_samples" not in caplog.text
+
+
 def test_load_spec_warns_of_an_eval_fraction_beside_an_eval_file(
     spec_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
