@@ -52,6 +52,10 @@ def test_resumed_run_matches_an_uninterrupted_one(
     whole = run_trial(whole_cfg, report=keep)
     assert [r["step"] for r in keep.records] == [3, 6, 8]
     assert (tmp_path / "ckpts" / "step-3" / STATE_FILE).is_file()
+    # metrics.json's times are those the last eval reported (checkpoint_s: all but its own).
+    written = json.loads((tmp_path / "whole" / "metrics.json").read_text())["final"]
+    for phase in ("setup_s", "step_s", "eval_s", "checkpoint_s"):
+        assert written[phase] == whole.final[phase] == keep.records[-1][phase], phase
 
     resumed_cfg = _config(tmp_path, model_dir, method, output_dir=str(tmp_path / "re"), **extra)
     resumed = run_trial(resumed_cfg, resume_from=str(tmp_path / "ckpts" / "step-3"))
