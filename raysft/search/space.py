@@ -132,14 +132,15 @@ def describe_sampler(search: SearchSection, *, concurrent: int | None) -> str:
 
 
 def describe_space(search: SearchSection) -> list[str]:
-    lines = []
-    for name, p in search.params.items():
-        if p.type in ("loguniform", "uniform"):
-            lines.append(f"{name}: {p.type}({p.low:g}, {p.high:g})")
-        elif p.type == "int":
-            lines.append(f"{name}: int({int(p.low or 0)}, {int(p.high or 0)})")
-        elif p.type == "choice":
-            lines.append(f"{name}: choice{p.values}")
-        else:
-            lines.append(f"{name}: {p.of} x choice{p.values}")
-    return lines
+    return [f"{name}: {describe_param(p)}" for name, p in search.params.items()]
+
+
+def describe_param(p: Any) -> str:
+    """A searched parameter's distribution, as the plan and the parent run's params show it."""
+    if p.type in ("loguniform", "uniform"):
+        return f"{p.type}({p.low:g}, {p.high:g})"
+    if p.type == "int":
+        return f"int({int(p.low or 0)}, {int(p.high or 0)})"
+    if p.type == "choice":
+        return f"choice{p.values}"
+    return f"{p.of} x choice{p.values}"

@@ -20,6 +20,7 @@ from raysft.search.notes import NOTE_TAG, experiment_note
 from raysft.search.notes import run_name as run_name
 from raysft.search.redact import flatten, redact
 from raysft.search.redact import scrubbed as scrubbed
+from raysft.search.space import describe_param
 from raysft.search.tracking_requests import callback_requests as callback_requests
 from raysft.search.tracking_requests import note_callback_failure as note_callback_failure
 from raysft.search.tracking_requests import out_of_reach as out_of_reach
@@ -86,6 +87,9 @@ def start_parent(mlc: Any, exp_id: str, *, name: str, cfg: SearchSpec, spec_path
     run = mlc.create_run(exp_id, run_name=name, tags={"raysft.kind": "search"})
     rid = run.info.run_id
     params = flatten(cfg.model_dump(mode="json", exclude={"search"}))
+    # A searched setting's value in the spec is no trial's: the runs table would show the
+    # parent's lora.r 8 beside trials of 4 and 16. It shows what was searched there instead.
+    params.update({k: f"searched: {describe_param(p)}" for k, p in cfg.search.params.items()})
     params.update(
         {f"search.{k}": v for k, v in flatten(cfg.search.model_dump(mode="json")).items()}
     )

@@ -182,6 +182,14 @@ def test_trial_runs_are_named_by_their_sampled_values(mlc: Any, tmp_path: Path) 
     assert runs["t1"].info.run_name == "lr=7.1e-4 r=4 alpha=4 neft=0 (t1)"
     assert runs["t2"].info.run_name == "lr=3.2e-3 r=8 alpha=16 neft=5 (t2)"
     assert runs["t0"].data.tags["mlflow.parentRunId"] == parent
+    # The parent's searched settings show what was searched, not the spec's value, which no
+    # trial trained (lora.yaml's r 8, in one column with the trials' own).
+    params = mlc.get_run(parent).data.params
+    assert params["lora.r"] == "searched: choice[4, 8, 16]"
+    assert params["lora.alpha"] == "searched: lora.r x choice[2]"
+    assert params["train.learning_rate"] == "searched: loguniform(0.001, 0.02)"
+    assert params["train.batch_size"] == "8" and params["train.max_steps"] == "150"
+    assert runs["t0"].data.params["lora.r"] == "8"
 
 
 def summary(**over: Any) -> dict[str, Any]:
