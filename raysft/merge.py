@@ -108,6 +108,9 @@ def merge(
         "trust_remote_code, revision); pass --dtype and --base-model as needed",
         adapters_only="nothing to merge",
     )
+    source = target.path.resolve()  # the adapter's own directory (an experiment's champion)
+    if out.resolve().is_relative_to(source):  # the merge would land in what it reads
+        raise ModelError(f"{out}: inside {source}, the adapter merged; give a directory outside it")
     # As LoRA in float32 on --device, whatever the run loaded where: the base unquantized
     # (QLoRA's NF4 would round the update away) and a check the merge's rounding alone can fail.
     as_lora = target.cfg.model_copy(

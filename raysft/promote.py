@@ -44,6 +44,9 @@ def _main() -> int:
     bound_retries()  # a search's retries and timeouts, not MLflow's minutes per request
     # Absolute: the gate runs in the search's working dir (below), not necessarily this one.
     exp_dir = Path(args.experiment_dir).resolve()
+    if not exp_dir.is_dir():
+        what = "a file" if exp_dir.exists() else "no such directory"
+        raise SearchStateError(f"{exp_dir}: {what}; give a finished search's experiment dir")
     summary = read_summary(exp_dir, sections=("resolved_spec", "mlflow"))
     if summary is None:
         raise SearchStateError(
@@ -63,6 +66,8 @@ def _main() -> int:
     best = summary.get("best")
     if best is not None and not (isinstance(best, dict) and isinstance(best.get("trial_id"), str)):
         raise SearchStateError(f"{source}: best: not a trial's record (no trial_id)")
+    if best is not None and not isinstance(best.get("checkpoint"), str | None):
+        raise SearchStateError(f"{source}: best.checkpoint: not a path (a string)")
     # The spec's relative paths (data.eval, promote.export_dir) as the search read them.
     with contextlib.chdir(_search_dir(summary, source)):
         record = promote(

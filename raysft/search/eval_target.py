@@ -21,7 +21,7 @@ from raysft.config import (
     set_path,
     validate_tree,
 )
-from raysft.errors import ConfigError, ModelError, SearchStateError
+from raysft.errors import ConfigError, ModelError, SearchStateError, one_line
 from raysft.paths import origin_working_dir
 from raysft.search.results import SUMMARY_FILE, read_summary
 from raysft.train.score_saved import adapter_base
@@ -62,7 +62,8 @@ def resolve_target(
         raise ModelError(f"{directory}: no such directory")
     kind, path, summary = "model", root, None
     if any((root / name).exists() for name in ("summary.json", "tune", "champion")):
-        kind, summary = "experiment", read_summary(root)
+        kind = "experiment"
+        summary = read_summary(root, objects=_SECTIONS_READ)
         path = _champion_dir(root, summary)
     elif (root / "adapter_config.json").is_file():
         kind = "adapter"
@@ -98,19 +99,29 @@ def resolve_target(
     return Target(kind, path, cfg, base)
 
 
+# The sections of summary.json read here, each an object where it is there.
+_SECTIONS_READ = ("promotion", "best", "resolved_spec")
+
+
 def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
     promotion = (summary or {}).get("promotion") or {}
     export = promotion.get("export_dir")
-    moved = _mover((summary or {}).get("experiment_dir"), exp_dir)
-    # The recorded export; where it is if the project moved with the experiment dir since;
-    # EXP_DIR/champion.
-    for path in [Path(p) for p in (export, moved(export)) if p] + [exp_dir / "champion"]:
+    recorded_exp = (summary or {}).get("experiment_dir")
+    moved = _mover(recorded_exp, exp_dir)
+    own = _inside(export, recorded_exp)
+    if own is not None:
+        # Exported into the experiment dir (the default): this directory's own, never the one
+        # it was copied from, which the recorded path still names.
+        export, candidates = str(exp_dir / own), [exp_dir / own]
+    else:  # elsewhere: as recorded; where it is if the project moved with it since
+        candidates = [Path(p) for p in (export, moved(export)) if p]
+    for path in [*candidates, exp_dir / "champion"]:
         if path.is_dir():
             return path
     if promotion.get("promoted") and export:
         raise SearchStateError(
             f"{exp_dir}: its champion (v{promotion.get('version')}) was exported to {export}, "
-            "which is not there (moved or deleted?); score the export where it is now"
+            "which is not there (moved or deleted?); give the export's own directory instead"
         )
     recorded = ((summary or {}).get("best") or {}).get("checkpoint")
     best = next((p for p in (recorded, moved(recorded)) if p and Path(p).is_dir()), None)
@@ -119,6 +130,16 @@ def _champion_dir(exp_dir: Path, summary: dict[str, Any] | None) -> Path:
         hint = f"; the best trial's checkpoint was {recorded}, which is not there now"
     why = promotion.get("reason") or "the search has not finished"
     raise SearchStateError(f"{exp_dir}: no champion to score ({why}){hint}")
+
+
+def _inside(path: Any, directory: Any) -> Path | None:
+    """``path`` relative to ``directory`` where it lies inside it (both recorded strings)."""
+    if not isinstance(path, str) or not isinstance(directory, str):
+        return None
+    try:
+        return Path(path).relative_to(directory)
+    except ValueError:
+        return None
 
 
 def _mover(old_exp: Any, new_exp: Path) -> Callable[[Any], str | None]:
@@ -228,9 +249,13 @@ def _working_dir(root: Path) -> str | None:
 def _json_field(path: Path, key: str, kind: type = str) -> Any:
     """``key`` of the JSON object at ``path`` when it is a ``kind``, else None."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None  # not there, or not a record of ours
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # a directory, unreadable, not JSON, not text
+        log.warning("%s: not read (%s); its record is left out", path, one_line(err))
+        return None
+    value = record.get(key) if isinstance(record, dict) else None
     return value if isinstance(value, kind) else None
 
 

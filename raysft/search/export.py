@@ -263,10 +263,16 @@ def export_version(export: Path) -> str | None:
 def use_saved_generation_config(model: Any, directory: Path) -> None:
     """An adapter directory's generation_config.json (the template's end of answer among its EOS
     ids, written by ``save_model``) on ``model``, its base, in place of the base's own."""
-    if (directory / "generation_config.json").is_file():
+    path = directory / "generation_config.json"
+    if path.is_file():
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(directory))
+        except (OSError, ValueError, TypeError) as err:  # transformers: OSError for bad JSON
+            raise ModelError(
+                f"{path}: not a generation config transformers can read ({err})"
+            ) from None
 
 
 def load_champion(directory: str | Path) -> tuple[Any, Any]:

@@ -215,21 +215,28 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
-def read_summary(exp_dir: Path, *, sections: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """EXP_DIR/summary.json, None when there is none; a file that is not JSON, not an object or
-    lacks one of ``sections`` (each an object) is one SearchStateError."""
+def read_summary(
+    exp_dir: Path, *, sections: tuple[str, ...] = (), objects: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
+    """EXP_DIR/summary.json, None when there is none; a file that is not JSON, not an object,
+    lacks one of ``sections`` (each an object) or holds one of ``objects`` that is neither an
+    object nor null is one SearchStateError."""
     path = exp_dir / SUMMARY_FILE
     if not path.is_file():
         return None
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # not JSON, or not text (UnicodeDecodeError)
         raise SearchStateError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(summary, dict):
         raise SearchStateError(f"{path}: not a raysft summary (not a JSON object)")
     # Only what is wrong: "no mlflow section", not every section asked for.
     absent = [k for k in sections if k not in summary]
     not_objects = [k for k in sections if k in summary and not isinstance(summary[k], dict)]
+    not_objects += [
+        k for k in objects
+        if k not in sections and summary.get(k) is not None and not isinstance(summary[k], dict)
+    ]  # fmt: skip
     why = [f"no {' and '.join(absent)} section{'s' * (len(absent) > 1)}"] if absent else []
     why += [f"{k} is not a JSON object" for k in not_objects]
     if why:

@@ -50,7 +50,7 @@ def adapter_base(adapter_dir: Path) -> str:
 
     try:
         meta = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # not JSON, or not text (UnicodeDecodeError)
         raise ModelError(f"{adapter_dir}/adapter_config.json: not valid JSON: {err}") from None
     base = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None
     if not base:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -516,7 +517,7 @@ def test_a_moved_projects_champion_is_found_where_it_moved_with_it(
         resolve_target(str(exp))
     assert str(err.value) == (
         f"{exp}: its champion (v3) was exported to /old/proj/out/champion, which is not there "
-        "(moved or deleted?); score the export where it is now"
+        "(moved or deleted?); give the export's own directory instead"
     )
     # Already the champion, its export elsewhere: no export recorded, none invented.
     summary["promotion"] = {"promoted": True, "version": "3", "reason": "already champion v3"}
@@ -524,6 +525,65 @@ def test_a_moved_projects_champion_is_found_where_it_moved_with_it(
     with pytest.raises(SearchStateError) as err:
         resolve_target(str(exp))
     assert str(err.value).startswith(f"{exp}: no champion to score (already champion v3); ")
+
+
+def test_a_copied_experiment_scores_its_own_champion_and_never_the_originals(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path
+) -> None:
+    """summary.json records the export by its absolute path: a copy of the experiment dir must
+    still score its own champion/, and with that deleted, say so, not score the original's."""
+    exp = _experiment(tmp_path, _cfg(tmp_path, chain_dir), champion=adapter_dir)
+    summary = json.loads((exp / "summary.json").read_text())
+    summary["experiment_dir"] = str(exp)
+    summary["promotion"].update(version="1")
+    (exp / "summary.json").write_text(json.dumps(summary))
+    copy = tmp_path / "copy"
+    shutil.copytree(exp, copy)
+    assert resolve_target(str(copy)).path == copy / "champion"
+    shutil.rmtree(copy / "champion")
+    with pytest.raises(SearchStateError) as err:
+        resolve_target(str(copy))
+    assert str(err.value) == (
+        f"{copy}: its champion (v1) was exported to {copy / 'champion'}, which is not there "
+        "(moved or deleted?); give the export's own directory instead"
+    )
+    assert resolve_target(str(exp)).path == exp / "champion"
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ({"promotion": "yes"}, "promotion is not a JSON object"),
+        ({"best": [1]}, "best is not a JSON object"),
+        ({"resolved_spec": "x"}, "resolved_spec is not a JSON object"),
+    ],
+)
+def test_a_summary_section_of_the_wrong_kind_is_one_message(
+    tmp_path: Path, chain_dir: Path, adapter_dir: Path, edit: dict[str, Any], said: str
+) -> None:
+    exp = _experiment(tmp_path, _cfg(tmp_path, chain_dir), champion=adapter_dir)
+    summary = json.loads((exp / "summary.json").read_text())
+    (exp / "summary.json").write_text(json.dumps({**summary, **edit}))
+    with pytest.raises(SearchStateError) as err:
+        resolve_target(str(exp))
+    assert str(err.value) == f"{exp / 'summary.json'}: not a raysft summary ({said})"
+    (exp / "summary.json").write_bytes(b"\xff\xfe{")  # not text
+    with pytest.raises(SearchStateError, match="summary.json: not valid JSON: 'utf-8' codec"):
+        resolve_target(str(exp))
+
+
+def test_a_runs_unreadable_record_is_warned_of_not_passed_over(
+    tmp_path: Path, adapter_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir, run)
+    # Its settings name data by a relative path, which its metrics.json would say where to read.
+    (run / "config.yaml").write_text("data: {eval: rows/eval.jsonl}\n")
+    (run / "metrics.json").write_text("{bad")
+    with caplog.at_level(logging.WARNING, logger="raysft.search.eval_target"):
+        resolve_target(str(run))
+    assert f"{run / 'metrics.json'}: not read (JSONDecodeError: " in caplog.text
+    assert "its record is left out" in caplog.text
 
 
 def test_tunes_record_of_a_trial_points_at_what_can_be_scored(tmp_path: Path) -> None:

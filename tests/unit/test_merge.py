@@ -161,6 +161,27 @@ def test_what_cannot_be_merged_is_one_message_and_nothing_is_written(tmp_path: P
     with pytest.raises(ModelError, match=f"{a_file}: a file, not a directory to write x into"):
         merge(str(adapter), a_file / "x")
     assert a_file.read_text() == "mine"
+    # Into the adapter's own directory: it would hold a copy of what it reads, for good.
+    before = sorted(p.name for p in adapter.iterdir())
+    with pytest.raises(ModelError) as err:
+        merge(str(adapter), adapter / "merged")
+    assert str(err.value) == (
+        f"{adapter / 'merged'}: inside {adapter}, the adapter merged; give a directory outside it"
+    )
+    assert sorted(p.name for p in adapter.iterdir()) == before
+    # Its generation_config.json broken: named, not transformers' traceback.
+    (adapter / "generation_config.json").write_text('{"eos_token_id": [')
+    with pytest.raises(ModelError) as err:
+        merge(str(adapter), tmp_path / "out")
+    assert str(err.value).startswith(
+        f"{adapter / 'generation_config.json'}: not a generation config transformers can read ("
+    )
+    assert not (tmp_path / "out").exists()
+    # Its adapter_config.json not text at all: said as broken JSON is.
+    (adapter / "generation_config.json").unlink()
+    (adapter / "adapter_config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ModelError, match=f"{adapter}/adapter_config.json: not valid JSON: 'utf-8'"):
+        merge(str(adapter), tmp_path / "out")
 
 
 def test_the_cli_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -1190,6 +1190,28 @@ def test_promote_cli_on_a_best_record_without_its_trial_exits_2(
     ]
 
 
+def test_promote_cli_on_a_best_checkpoint_that_is_no_path_exits_2(
+    registry: Registry, tmp_path: Path
+) -> None:
+    exp_dir = _finished(tmp_path, registry, tmp_path / "gone")
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    summary["best"]["checkpoint"] = 5  # edited by hand
+    (exp_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    proc = _promote_cli(exp_dir)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: {exp_dir / 'summary.json'}: best.checkpoint: not a path (a string)"
+    ]
+
+
+def test_promote_cli_on_no_directory_or_a_file_says_which(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for name, what in (("nope", "no such directory"), ("afile", "a file")):
+        proc = _promote_cli(tmp_path / name)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"error: {tmp_path / name}: {what}; give a finished search's experiment dir"
+        ]
+
+
 @pytest.mark.parametrize(
     ("uri", "problem"),
     [
@@ -1249,12 +1271,17 @@ def test_promote_cli_without_a_summary_exits_2_with_one_message(tmp_path: Path) 
         # Only what is missing or wrong is named, not every section the summary needs.
         ('{"resolved_spec": {}}', "not a raysft summary (no mlflow section)"),
         ('{"mlflow": [], "resolved_spec": {}}', "not a raysft summary (mlflow is not a JSON"),
+        (b"\xff\xfe{", "not valid JSON: 'utf-8' codec can't decode byte 0xff"),  # not text
     ],
 )
 def test_promote_cli_on_a_broken_summary_exits_2_with_one_message(
-    tmp_path: Path, text: str, problem: str
+    tmp_path: Path, text: str | bytes, problem: str
 ) -> None:
-    (tmp_path / "summary.json").write_text(text, encoding="utf-8")
+    path = tmp_path / "summary.json"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
     proc = _promote_cli(tmp_path)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.splitlines()
