@@ -91,7 +91,7 @@ def merge(
     """Merge DIR's adapter into its base and save it to ``out``; returns the merged model."""
     import torch
 
-    from raysft.train.model import resolve_dtype
+    from raysft.train.model import resolve_dtype, save_tokenizer
     from raysft.train.score_saved import load_for_scoring
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -146,7 +146,7 @@ def merge(
     stage = out.parent / f".{out.name}.merging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         merged.save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
+        save_tokenizer(tokenizer, stage)
         record = {"merged_from": str(target.path.resolve()), "base": base_model or target.base}
         (stage / "merged.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
         give_plain_modes(None, list(stage.iterdir()))  # safetensors' 0600 weights

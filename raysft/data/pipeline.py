@@ -21,7 +21,7 @@ from raysft.data.formats import (
 from raysft.data.references import scored_part
 from raysft.data.sources import Role, default_split, saved_split
 from raysft.data.split import split_train_eval
-from raysft.data.templates import TERMINATORS, render, terminator_tokens
+from raysft.data.templates import TERMINATORS, render, terminator_tokens, token_count
 from raysft.data.tokens import (
     Example,
     Segment,
@@ -366,10 +366,28 @@ def _warn_of_a_split_terminator(cfg: DataSection, tokenizer: Any) -> None:
     )  # fmt: skip
 
 
+def _warn_of_a_foreign_bos(cfg: DataSection, tokenizer: Any) -> None:
+    """``llama2`` writes its turns' ``<s>`` as the BOS Llama-2's tokenizer has: on a tokenizer
+    whose BOS is another (Llama-3's ``<|begin_of_text|>``), its rows open with that text and
+    never with the BOS the model was pretrained after. Said once."""
+    bos = getattr(tokenizer, "bos_token", None)
+    key = ("llama2 <s>", str(getattr(tokenizer, "name_or_path", "")))
+    if cfg.template != "llama2" or bos in (None, "<s>") or key in _WARNED_TERMINATORS:
+        return
+    _WARNED_TERMINATORS.add(key)
+    log.warning(
+        "data.template: llama2 opens each turn with '<s>', Llama-2's BOS, but this tokenizer's "
+        "BOS is %r: its rows open with the text '<s>' (%d token(s)), never with %r. Use "
+        "data.template: tokenizer where the model has a chat template",
+        bos, token_count("<s>", tokenizer), bos,
+    )  # fmt: skip
+
+
 def check_template(cfg: DataSection, tokenizer: Any) -> None:
     """``template: tokenizer`` needs a tokenizer with a chat_template: said once, of the model,
     not of the first row each would fail on."""
     _warn_of_a_split_terminator(cfg, tokenizer)
+    _warn_of_a_foreign_bos(cfg, tokenizer)
     if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "data.template: tokenizer, but the model's tokenizer has no chat_template (a base "

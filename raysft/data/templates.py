@@ -10,12 +10,15 @@ text and padding are not.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 from raysft.data.formats import Conversation, is_plain_text, is_trained
 from raysft.data.tokens import IGNORE, Segment, adds_bos_token, tokenize
 from raysft.errors import TemplateError
+
+log = logging.getLogger(__name__)
 
 VICUNA_SYSTEM = "A chat between a curious user and an AI assistant."
 
@@ -25,6 +28,11 @@ TERMINATORS = {"llama2": " </s>", "chatml": "<|im_end|>", "vicuna": "</s>"}
 _SENTINEL = "RaysftSentinelAnswer"
 # The answer after a generation prompt when tokenizing it as training does: an ordinary word.
 _PROBE_ANSWER = "The"
+# The probe conversations' openings, in turn: none, then a system message, for a template that
+# refuses a conversation without one (and one that refuses a system role takes the first).
+_PROBE_OPENINGS: tuple[list[dict[str, str]], ...] = ([], [{"role": "system", "content": "Hi"}])
+# The chat templates whose end of answer was warned of as unknown (once a process each).
+_UNKNOWN_END_WARNED: set[int] = set()
 # Built-in templates whose text has no BOS of its own (llama2 writes "<s>"): they open with the
 # tokenizer's BOS where it adds one by default (``adds_bos_token``).
 _OPENS_WITH_BOS = ("chatml", "vicuna")
@@ -379,14 +387,16 @@ def answer_preamble(template: str, tokenizer: Any = None) -> str:
     if template != "tokenizer" or not getattr(tokenizer, "chat_template", None):
         return ""
     user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}
-    try:
-        prompt = _apply_chat_template(tokenizer, [user], generation=True)
-        full = _apply_chat_template(tokenizer, [user, answer], generation=False)
-    except TemplateError:
-        return ""
-    if not full.startswith(prompt) or _SENTINEL not in full[len(prompt) :]:
-        return ""
-    return full[len(prompt) : full.index(_SENTINEL, len(prompt))]
+    for opening in _PROBE_OPENINGS:
+        try:
+            prompt = _apply_chat_template(tokenizer, [*opening, user], generation=True)
+            full = _apply_chat_template(tokenizer, [*opening, user, answer], generation=False)
+        except TemplateError:
+            continue
+        if not full.startswith(prompt) or _SENTINEL not in full[len(prompt) :]:
+            return ""
+        return full[len(prompt) : full.index(_SENTINEL, len(prompt))]
+    return ""
 
 
 def template_terminator(tokenizer: Any) -> str | None:
@@ -396,20 +406,36 @@ def template_terminator(tokenizer: Any) -> str | None:
     Found by rendering a sentinel answer twice, as the last turn and followed by a user turn,
     and taking the tokens that follow it in both (decoded, whitespace stripped): the last turn
     alone may be followed by an EOS (Phi-3), the next turn's header is not part of the
-    terminator. None if the template writes nothing there.
+    terminator. Rendered without a system message, else with one (a template may require it).
+    None if the template writes nothing there; also where it renders neither, which is warned
+    of: answers then stop at EOS only.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         return None
     user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}
-    after = []
-    for msgs in ([user, answer], [user, answer, {"role": "user", "content": "Thanks"}]):
-        try:
-            text = _apply_chat_template(tokenizer, msgs, generation=False)
-        except TemplateError:
-            continue  # e.g. a template that allows a single turn only
-        if _SENTINEL in text:
-            after.append(text[text.index(_SENTINEL) + len(_SENTINEL) :])
+    after: list[str] = []
+    refused: list[str] = []
+    for opening in _PROBE_OPENINGS:
+        for msgs in ([user, answer], [user, answer, {"role": "user", "content": "Thanks"}]):
+            try:
+                text = _apply_chat_template(tokenizer, [*opening, *msgs], generation=False)
+            except TemplateError as err:
+                refused.append(str(err))
+                continue  # e.g. a template that allows a single turn only
+            if _SENTINEL in text:
+                after.append(text[text.index(_SENTINEL) + len(_SENTINEL) :])
+        if after:
+            break
     if not after:
+        if refused and hash(str(template)) not in _UNKNOWN_END_WARNED:
+            _UNKNOWN_END_WARNED.add(hash(str(template)))
+            log.warning(
+                "the tokenizer's chat_template renders no conversation of a user turn and an "
+                "answer, with or without a system message (%s): its end of answer is unknown, so "
+                "generated answers stop at EOS only and may run on to train.max_new_tokens",
+                refused[-1],
+            )
         return None
     # Common prefix in tokens, not characters: "<|end|>\n<|endoftext|>" and "<|end|>\n<|user|>"
     # share "<|end|>\n<|" as text, but only "<|end|>", "\n" as tokens.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raysft.config import Config, ModelSection, QloraSection
@@ -34,6 +35,19 @@ log = logging.getLogger(__name__)
 _GC_KWARGS = {"use_reentrant": False}
 
 
+def save_tokenizer(tok: Any, out: str | Path) -> None:
+    """``tok`` saved as its model has it: without the pad token ``load_tokenizer`` lent it."""
+    if not getattr(tok, "raysft_pad_added", False):
+        tok.save_pretrained(str(out))
+        return
+    pad = tok.pad_token
+    tok.pad_token = None
+    try:
+        tok.save_pretrained(str(out))
+    finally:
+        tok.pad_token = pad
+
+
 def load_tokenizer(model_cfg: ModelSection) -> Any:
     """The model's tokenizer, right padding, with a pad token guaranteed."""
     from transformers import AutoTokenizer
@@ -41,8 +55,10 @@ def load_tokenizer(model_cfg: ModelSection) -> Any:
     tok = from_pretrained(AutoTokenizer, model_cfg)
     if tok.pad_token is None:
         # Safe to reuse unk/eos: labels and attention are masked by position (collate_* set -100
-        # and seg_lens on padding), never by comparing token ids with pad_token_id.
+        # and seg_lens on padding), never by comparing token ids with pad_token_id. Saved
+        # without it (``save_tokenizer``): a collator that masks pad ids would mask EOS too.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        tok.raysft_pad_added = True
     tok.padding_side = "right"
     # raysft holds every sample to data.max_seq_len itself, naming the row; transformers' own
     # "Token indices sequence length is longer than ..." warning, about the model's

@@ -14,6 +14,7 @@ import torch
 
 from raysft.errors import ModelError
 from raysft.paths import give_plain_modes
+from raysft.train.model import save_tokenizer
 
 
 def _serving_generation_config(model: Any, stop_ids: Sequence[int]) -> Any | None:
@@ -82,7 +83,7 @@ def save_model(
             model.generation_config = saved_generation
         if dtype is not None:
             _record_dtype(out / "config.json", dtype)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     # The files written here (new or rewritten), not the folder: output_dir may be the user's,
     # with modes of their choosing (0700, a group's setgid).
     written = [p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns]

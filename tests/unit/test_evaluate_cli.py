@@ -271,6 +271,31 @@ def test_a_template_marker_the_tokenizer_splits_is_said_and_still_ends_answers(
     assert len(steps) == len("x=1</s>")  # stopped at the marker: 7 forwards, not 30
 
 
+def test_llama2_on_a_tokenizer_whose_bos_is_not_s_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """llama2's "<s>" is Llama-2's BOS: on a Llama-3-like tokenizer the rows would open with
+    that text and never with the BOS the model was pretrained after."""
+    from raysft.config import DataSection
+    from raysft.data.pipeline import check_template
+
+    tok = build_tokenizer()
+    tok.name_or_path = "llama3-like"  # said once a tokenizer
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    for _ in range(2):
+        check_template(DataSection(template="llama2"), tok)
+    said = [m for m in caplog.messages if "opens each turn with '<s>'" in m]
+    assert said == [
+        "data.template: llama2 opens each turn with '<s>', Llama-2's BOS, but this tokenizer's "
+        "BOS is '<|begin_of_text|>': its rows open with the text '<s>' (1 token(s)), never with "
+        "'<|begin_of_text|>'. Use data.template: tokenizer where the model has a chat template"
+    ]
+    caplog.clear()
+    check_template(DataSection(template="llama2"), build_tokenizer())  # "<s>" is its BOS
+    check_template(DataSection(template="chatml"), tok)  # opens with the tokenizer's own BOS
+    assert not [m for m in caplog.messages if "opens each turn" in m]
+
+
 # ---------------------------------------------------------------- what DIR is
 
 

@@ -534,3 +534,28 @@ def test_an_adapter_on_a_tied_embedding_is_warned_of(caplog, targets, warned):
     assert len(said) == (1 if warned else 0)  # once, as the adapter is attached
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert warn_of_tied_targets(model.get_base_model(), cfg.lora) == warned
+
+
+def test_a_pad_token_lent_for_training_is_not_saved_with_the_tokenizer(tmp_path: Path) -> None:
+    """A base tokenizer without a pad token trains with unk or EOS lent as one (padding is
+    masked by position); its saved copy has none, as its model does: a collator that masks pad
+    ids would mask EOS too."""
+    from transformers import AutoTokenizer
+
+    from raysft.assets.tokenizer import build_tokenizer
+    from raysft.config import ModelSection
+    from raysft.train.model import load_tokenizer, save_tokenizer
+
+    without = build_tokenizer()
+    without.pad_token = None
+    without.save_pretrained(tmp_path / "base")
+    tok = load_tokenizer(ModelSection(name_or_path=str(tmp_path / "base")))
+    lent = tok.pad_token
+    assert lent in (tok.unk_token, tok.eos_token) and lent is not None
+    save_tokenizer(tok, tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").pad_token is None
+    assert tok.pad_token == lent  # still padding this run's batches
+    # A tokenizer with a pad token of its own keeps it.
+    own = load_tokenizer(ModelSection(name_or_path="embedded:tiny-base"))
+    save_tokenizer(own, tmp_path / "own")
+    assert AutoTokenizer.from_pretrained(tmp_path / "own").pad_token == own.pad_token == "<pad>"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +443,30 @@ def test_template_terminator_of_a_template_that_writes_nothing_after_an_answer(t
     bare.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
     # After the answer comes the next turn's header only: the common prefix is empty.
     assert template_terminator(bare) is None
+
+
+def test_the_end_of_answer_of_a_template_that_requires_a_system_message_is_found(
+    tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probed with a user turn alone, such a template raises: its terminator was taken for none,
+    so answers ran on to max_new_tokens and exact match read 0, without a word."""
+    needs_system = copy.copy(tok)
+    needs_system.chat_template = (
+        "{%- if messages[0]['role'] != 'system' %}"
+        "{{ raise_exception('A system message is required') }}{%- endif %}" + tok.chat_template
+    )
+    assert template_terminator(needs_system) == "<|im_end|>"
+    assert stop_strings("tokenizer", needs_system) == ["<|im_end|>", "</s>"]
+    assert answer_preamble("tokenizer", needs_system) == ""
+    # One that renders nothing of the kind: said once, and answers stop at EOS only.
+    never = copy.copy(tok)
+    never.chat_template = "{{ raise_exception('Only tool calls, please') }}"
+    with caplog.at_level(logging.WARNING, logger="raysft.data.templates"):
+        assert template_terminator(never) is None
+        assert stop_strings("tokenizer", never) == ["</s>"]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("the tokenizer's chat_template renders no conversation of a user turn")
+    assert "Only tool calls, please" in said and "stop at EOS only" in said
 
 
 # ---------------------------------------------------------------- prompt ids as training saw them
