@@ -67,9 +67,9 @@ class LoadedData:
 # data carries for something else), never used. So is any other key of a message in its list,
 # named as "messages[].name".
 READS = {
-    "alpaca": ("instruction", "input", "output", "system", "tests"),
+    "alpaca": ("instruction", "input", "output", "system", "history", "tests"),
     "sharegpt": ("conversations", "system", "tests"),
-    "messages": ("messages", "tests"),
+    "messages": ("messages", "system", "tests"),
     "prompt_completion": ("prompt", "completion", "tests"),
     "text": ("text",),
 }
@@ -137,6 +137,20 @@ def _text(row: dict[str, Any], key: str, *, required: bool, where: str | None = 
         return ""
     if not isinstance(value, str):
         raise _RowError(where, f"must be a string, got {_kind(value)}")
+    return _encodable(value, where)
+
+
+def _encodable(value: str, where: str) -> str:
+    """``value``, refused where it holds a lone UTF-16 surrogate (JSON's ``"\\ud83d"``, an
+    emoji cut in half by the exporter), which JSON reads but no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _RowError(
+            where,
+            f"holds a lone UTF-16 surrogate (\\u{ord(value[err.start]):04x} at character "
+            f"{err.start}), half of a character: not text a tokenizer takes",
+        ) from None
     return value
 
 
@@ -151,7 +165,28 @@ def _from_alpaca(row: dict[str, Any]) -> Conversation:
     system = _text(row, "system", required=False)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     conv: Conversation = [{"role": "system", "content": system}] if system.strip() else []
+    conv += _alpaca_history(row.get("history"))
     return conv + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _alpaca_history(history: Any) -> Conversation:
+    """LLaMA-Factory's ``history`` of an alpaca row: earlier [instruction, answer] pairs, turns
+    before the row's own (each answer trained, as every turn of a conversation is)."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        kind = _kind(history)
+        raise _RowError("history", f"must be a list of [instruction, answer] pairs, got {kind}")
+    turns: Conversation = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _RowError(f"history[{i}]", "must be an [instruction, answer] pair")
+        for j, role in enumerate(("user", "assistant")):
+            where = f"history[{i}][{j}]"
+            if not isinstance(pair[j], str):
+                raise _RowError(where, f"must be a string, got {_kind(pair[j])}")
+            turns.append({"role": role, "content": _encodable(pair[j], where)})
+    return turns
 
 
 def _turns(
@@ -174,6 +209,13 @@ def _turns(
         raw_role = turn.get(role_key)
         if raw_role in _TOOL_ROLES:
             raise _RowError(f"{where}.{role_key}", f"a {raw_role!r} turn: {_NO_TOOLS}")
+        pair = _TURN_KEYS[1 - _TURN_KEYS.index((role_key, content_key))]
+        if raw_role is None and pair[0] in turn:  # the other format's keys, under this list
+            raise _RowError(
+                where,
+                f"has {pair[0]}/{pair[1]}, not {role_key}/{content_key}: turns under `{key}` "
+                f"use {role_key}/{content_key} (rename the keys, or the list)",
+            )
         if raw_role not in roles:
             raise _RowError(
                 f"{where}.{role_key}",
@@ -182,11 +224,40 @@ def _turns(
         for tool_key in _TOOL_KEYS:
             if turn.get(tool_key):  # null or [] where Parquet gives every message every key
                 raise _RowError(f"{where}.{tool_key}", _NO_TOOLS)
-        content = _text(turn, content_key, required=True, where=f"{where}.{content_key}")
-        conv.append({"role": roles[raw_role], "content": content})
+        role = roles[raw_role]
+        content = _content(turn, content_key, where=f"{where}.{content_key}", role=role)
+        conv.append({"role": role, "content": content})
         if weighted and _weight(turn, role=roles[raw_role], where=f"{where}.weight") == 0:
             conv[-1][UNTRAINED] = "weight 0"
     return conv
+
+
+# A turn's (role, content) keys: ShareGPT's and OpenAI's.
+_TURN_KEYS = (("from", "value"), ("role", "content"))
+
+
+def _content(turn: dict[str, Any], key: str, *, where: str, role: str) -> str:
+    """A message's text: a string; OpenAI's list of content parts where every part is text
+    (joined, as OpenAI reads them); null for a system message: none, as a blank one is."""
+    value = turn.get(key)
+    if value is None and role == "system":
+        return ""
+    if not isinstance(value, list):
+        return _text(turn, key, required=True, where=where)
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            got = f"type {kind!r}" if isinstance(part, dict) else _kind(part)
+            raise _RowError(
+                f"{where}[{i}]",
+                f'a content part of {got}: only text parts ({{"type": "text", "text": ...}}) '
+                "are read; images and audio are not supported",
+            )
+        texts.append(_encodable(part["text"], f"{where}[{i}].text"))
+    if not texts:
+        raise _RowError(where, "an empty list of content parts")
+    return "".join(texts)
 
 
 def _weight(turn: dict[str, Any], *, role: str, where: str) -> int:
@@ -213,9 +284,9 @@ def _from_sharegpt(row: dict[str, Any]) -> Conversation:
     )
 
 
-def _with_sharegpt_system(conv: Conversation, row: dict[str, Any]) -> Conversation:
-    """A ShareGPT row's top-level ``system``, unless its turns open with their own. Added after
-    the shape check, so a bad turn's index is its index in ``conversations``."""
+def _with_row_system(conv: Conversation, row: dict[str, Any]) -> Conversation:
+    """A ShareGPT or messages row's top-level ``system``, unless its turns open with their own.
+    Added after the shape check, so a bad turn's index is its index in its list."""
     system = _text(row, "system", required=False)
     if system.strip() and conv[0]["role"] != "system":
         return [{"role": "system", "content": system}, *conv]
@@ -361,8 +432,8 @@ def _convert(
     _check_shape(conv, key=_SHAPE_KEY[kind], names=_message_names(kind, row, conv))
     if conv[0]["role"] == "system" and not conv[0]["content"].strip():
         conv = conv[1:]  # a blank system turn is no system prompt, as a blank `system` field is
-    if kind == "sharegpt":
-        conv = _with_sharegpt_system(conv, row)
+    if kind in ("sharegpt", "messages"):
+        conv = _with_row_system(conv, row)
     if "tests" in row:
         conv[-1]["tests"] = _tests(row["tests"])
     if system_prompt and conv[0]["role"] != "system":

@@ -62,7 +62,8 @@ def iter_rows(source: str, role: Role = "train") -> Iterator[tuple[str, Any]]:
         yield from _iter_parquet(path, source)
     else:
         raise DataError(
-            f"data.{role}: {source}: unsupported file type {suffix!r} (.json, .jsonl, .parquet)"
+            f"data.{role}: {source}: unsupported file type {suffix!r} (.json, .jsonl, .parquet"
+            f"{'; decompress it first' if suffix in _COMPRESSED else ''})"
         )
 
 
@@ -165,6 +166,9 @@ def _json_kind(value: Any) -> str:
     )
 
 
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
 def _iter_parquet(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
@@ -193,7 +197,8 @@ def _iter_saved_dataset(
     except Exception as err:
         raise DataError(
             f"data.{role}: {source}: a directory, but not one `datasets` saved (a directory is "
-            f"read as a saved dataset; give a .jsonl, .json or .parquet file): {one_line(err)}"
+            f"read as a saved dataset; give a .jsonl, .json or .parquet file, or a list of "
+            f"them for shards): {one_line(err)}"
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         names = ", ".join(ds)

@@ -85,6 +85,25 @@ def test_openai_messages() -> None:
     assert to_conversation({"messages": m}) == m
 
 
+def test_openai_messages_as_exporters_write_them() -> None:
+    """A top-level system (as ShareGPT rows have), content as a list of text parts (OpenAI's
+    own format), a system message of null content (no system prompt)."""
+    m = msgs(("user", "2+2?"), ("assistant", "4"))
+    assert to_conversation({"system": "Be brief.", "messages": m}) == [
+        {"role": "system", "content": "Be brief."},
+        *m,
+    ]
+    parts = [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]
+    assert to_conversation({"messages": [{"role": "user", "content": parts}, m[1]]}) == m
+    assert to_conversation({"messages": [{"role": "system", "content": None}, *m]}) == m
+
+
+def test_alpaca_history_of_llama_factory_is_earlier_turns() -> None:
+    row = {"instruction": "Q2", "input": "", "output": "A2", "history": [["Q1", "A1"]]}
+    assert to_conversation(row) == msgs(("user", "Q1"), ("assistant", "A1"), ("user", "Q2"),
+                                        ("assistant", "A2"))  # fmt: skip
+
+
 def test_trl_prompt_completion_strings_are_a_user_turn_and_its_answer() -> None:
     row = {"prompt": "2+2?", "completion": "4"}
     assert to_conversation(row) == msgs(("user", "2+2?"), ("assistant", "4"))
@@ -273,6 +292,23 @@ BAD_ROWS = [
         "completion: must end with an assistant turn",
     ),
     (["q", "a"], "row must be a JSON object, got list"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages[0].content[0]: a content part of type 'image_url': only text parts",
+    ),
+    (
+        {"conversations": msgs(("user", "a"), ("assistant", "b"))},
+        "conversations[0]: has role/content, not from/value: turns under `conversations` use "
+        "from/value (rename the keys, or the list)",
+    ),
+    (
+        {"messages": turns(("human", "a"), ("gpt", "b"))},
+        "messages[0]: has from/value, not role/content: turns under `messages` use role/content",
+    ),
+    (
+        {"instruction": "q", "output": "a", "history": [["x"]]},
+        "history[0]: must be an [instruction, answer] pair",
+    ),
 ]
 
 
@@ -305,6 +341,25 @@ def test_fixture_with_bad_role_is_strict_by_default() -> None:
         f"{path}: line 3: conversations[2].from: unknown role 'bot' (expected one of "
     )
     assert "data.on_error=skip" in str(info.value)  # says how to get past it
+
+
+def test_a_lone_surrogate_is_a_bad_row_not_a_crash(tmp_path: Path) -> None:
+    """An emoji cut in half by an exporter ("\\ud83d"): JSON reads it, no tokenizer takes it
+    (the tokenizer's TypeError stopped the run, data.on_error: skip or not)."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text(
+        '{"instruction": "Say hi \\ud83d", "output": "hi"}\n{"instruction": "x", "output": "y"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError) as info:
+        load_conversations(str(path))
+    assert str(info.value) == (
+        f"{path}: line 1: instruction: holds a lone UTF-16 surrogate (\\ud83d at character 7), "
+        "half of a character: not text a tokenizer takes (data.on_error=skip drops and counts "
+        "such rows)"
+    )
+    out = load_conversations(str(path), on_error="skip")
+    assert len(out.conversations) == 1 and len(out.skipped) == 1
 
 
 def test_skip_mode_drops_and_counts_every_bad_row(tmp_path: Path) -> None:
@@ -684,7 +739,7 @@ def test_a_plain_directory_is_named_as_the_data_setting_with_what_to_give(tmp_pa
         load_conversations(str(folder), role="eval")
     assert str(err.value).startswith(
         f"data.eval: {folder}: a directory, but not one `datasets` saved (a directory is read as "
-        "a saved dataset; give a .jsonl, .json or .parquet file): "
+        "a saved dataset; give a .jsonl, .json or .parquet file, or a list of them for shards): "
     ), err.value
 
 
