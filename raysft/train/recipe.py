@@ -653,10 +653,9 @@ def finish(run: Run) -> TrialResult:
     final.update({k: v for k, v in last.items() if k in METRICS or k == "step"})
     if "base_exact_match" in final and "exact_match" in final:
         final["exact_match_gain"] = round(final["exact_match"] - final["base_exact_match"], 4)
-    # Where the time went, as the last eval reported it where it did: its checkpoint_s is all
-    # but its own checkpoint, written after the report (the metric's meaning), as the search's
-    # summary and MLflow have it. A run that diverged reported none: its times now.
-    final.update({k: round(v, 3) for k, v in run.times.items() if k not in last})
+    final.update({k: round(v, 3) for k, v in run.times.items()})  # every start's
+    if "checkpoint_s" in last:  # as the last eval reported it: all but its own checkpoint,
+        final["checkpoint_s"] = last["checkpoint_s"]  # the metric's meaning, summary's, MLflow's
     final["train_seconds"] = round(run.train_seconds, 2)
     final["wall_seconds"] = round(time.perf_counter() - run.t0, 2)
     out_dir = Path(run.cfg.output_dir)

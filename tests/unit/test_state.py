@@ -80,6 +80,11 @@ def test_resumed_run_matches_an_uninterrupted_one(
     second_setup = resumed.final["setup_s"] - before["setup_s"]
     last = resumed.history[-1]["elapsed_s"]
     assert resumed.final["wall_seconds"] >= last >= before["elapsed_s"] + second_setup - 0.01
+    # Resumed at its last step, it only writes its outputs: its setup counts all the same.
+    end = tmp_path / "ckpts" / "step-8"
+    again_cfg = _config(tmp_path, model_dir, method, output_dir=str(tmp_path / "again"), **extra)
+    again = run_trial(again_cfg, resume_from=str(end))
+    assert again.final["setup_s"] > torch.load(end / STATE_FILE)["progress"]["seconds"]["setup_s"]
 
 
 def test_a_resume_may_turn_on_activation_checkpointing_and_change_what_only_evaluates(
