@@ -125,12 +125,19 @@ def check_output_dir(cfg: Config, source: str, *, resuming: str | None) -> None:
             ],
         )
     if kept:
+        from raysft.train.state import STATE_FILE
+
+        # The newest a resume takes: one whose training state is gone (deleted, a copy cut
+        # short) would only be refused in turn.
+        whole = [k for k in kept if (k / STATE_FILE).is_file()]
+        how = f"continue it: --resume-from {whole[-1]}, or" if whole else "none can be resumed:"
+        broken = f" ({kept[-1].name} has no {STATE_FILE})" if kept[-1] not in whole else ""
         raise ConfigError(
             source,
             [
                 f"output_dir: {out.resolve()} already holds an unfinished training run (a "
-                f"checkpoint, no metrics.json); continue it: --resume-from {kept[-1]}, or choose "
-                "another (--set output_dir=...) or remove it"
+                f"checkpoint, no metrics.json){broken}; {how} choose another "
+                "(--set output_dir=...) or remove it"
             ],
         )
     # Hidden files (.gitkeep, .DS_Store, .nfs*) and a volume root's lost+found are no one's run,

@@ -697,19 +697,43 @@ def test_a_held_output_dir_is_said_to_be_ended_or_continuable(tmp_path: Path, en
     from raysft.errors import ConfigError
     from raysft.train.run_dir import check_output_dir
 
+    from raysft.train.state import STATE_FILE
+
     out = tmp_path / "out"
     kept = out / "checkpoints" / "step-000002"
     kept.mkdir(parents=True)
+    (kept / STATE_FILE).write_bytes(b"state")
     if ended:
         (out / "metrics.json").write_text("{}\n", encoding="utf-8")
+    cfg = load_config(None, {"output_dir": str(out)})
     with pytest.raises(ConfigError) as err:
-        check_output_dir(load_config(None, {"output_dir": str(out)}), "c.yaml", resuming=None)
+        check_output_dir(cfg, "c.yaml", resuming=None)
     assert err.value.problems == [
         f"output_dir: {out} already holds a training run that ended (its metrics.json); choose "
         "another (--set output_dir=...) or remove it"
         if ended
         else f"output_dir: {out} already holds an unfinished training run (a checkpoint, no "
         f"metrics.json); continue it: --resume-from {kept}, or choose another "
+        "(--set output_dir=...) or remove it"
+    ]
+    if ended:
+        return
+    # Its newest checkpoint's state gone: the one before is named, not one a resume refuses.
+    newest = out / "checkpoints" / "step-000004"
+    newest.mkdir()
+    with pytest.raises(ConfigError) as err:
+        check_output_dir(cfg, "c.yaml", resuming=None)
+    assert err.value.problems == [
+        f"output_dir: {out} already holds an unfinished training run (a checkpoint, no "
+        f"metrics.json) (step-000004 has no {STATE_FILE}); continue it: --resume-from {kept}, "
+        "or choose another (--set output_dir=...) or remove it"
+    ]
+    (kept / STATE_FILE).unlink()
+    with pytest.raises(ConfigError) as err:
+        check_output_dir(cfg, "c.yaml", resuming=None)
+    assert err.value.problems == [
+        f"output_dir: {out} already holds an unfinished training run (a checkpoint, no "
+        f"metrics.json) (step-000004 has no {STATE_FILE}); none can be resumed: choose another "
         "(--set output_dir=...) or remove it"
     ]
 
