@@ -354,7 +354,7 @@ def test_fields_no_format_reads_are_reported_once_per_source_and_field(
     train = write_jsonl(tmp_path / "t.jsonl", [typo, typo, {**alpaca("q", "a"), "id": 7}])
     with caplog.at_level(logging.WARNING, logger="raysft.data.pipeline"):
         _, _, report = load_split(section(train=train), seed=0)
-    reads = "instruction, input, output, system, tests"
+    reads = "instruction, input, output, system, history, tests"
     assert report.unread_fields == [
         f"{train}: field 'id' in 1 row(s) is not read (alpaca rows read {reads}); if it is "
         "misspelt, its text is left out",
