@@ -207,6 +207,7 @@ def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     monkeypatch.delenv("RAY_CHDIR_TO_TRIAL_DIR", raising=False)
     monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/cache")  # the user's: kept, not passed
     ray_start.init_ray(2)
     (kwargs,) = calls
@@ -215,6 +216,7 @@ def test_init_ray_puts_the_token_in_the_runtime_env(monkeypatch, token):
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a local Ray: nobody drains its node
         "RAY_CHDIR_TO_TRIAL_DIR": "0",  # trials read relative paths where the driver does
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",  # a trial granted no GPU sees none
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # Train's controller takes reports sooner
     }
     assert env_vars == ({HUB_TOKEN_VAR: token, **local} if token else local)
     assert "worker_process_setup_hook" in kwargs["runtime_env"]

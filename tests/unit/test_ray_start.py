@@ -17,13 +17,18 @@ import pytest
 def test_trials_keep_the_working_dir_unless_the_user_or_the_job_says_otherwise():
     from raysft.search.ray_start import trial_env
 
-    both = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
-    assert trial_env({}) == both
-    assert trial_env({"RAY_CHDIR_TO_TRIAL_DIR": "1"}) == {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
-    job = {"runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "1"}}}
-    assert trial_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}) == {
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"
+    every = {
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # Train's controller takes reports sooner
     }
+    assert trial_env({}) == every
+    rest = {k: v for k, v in every.items() if k != "RAY_CHDIR_TO_TRIAL_DIR"}
+    assert trial_env({"RAY_CHDIR_TO_TRIAL_DIR": "1"}) == rest
+    job = {"runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "1"}}}
+    assert trial_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}) == rest
+    mine = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}  # Ray's default, set by the user: theirs
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in trial_env(mine)
 
 
 def test_a_cluster_gets_the_drivers_hub_settings_and_its_login_token(
@@ -59,7 +64,8 @@ def test_a_search_joining_a_cluster_keeps_its_trials_in_the_working_dir(monkeypa
     monkeypatch.setattr(ray_start, "attaching_to_cluster", lambda: True)
     for var in ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_CHDIR_TO_TRIAL_DIR", "HF_TOKEN",
                 "HUGGING_FACE_HUB_TOKEN", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "HF_OIDC_RESOURCE"):  # fmt: skip
+                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "HF_OIDC_RESOURCE",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
     from huggingface_hub import constants
 
@@ -70,6 +76,7 @@ def test_a_search_joining_a_cluster_keeps_its_trials_in_the_working_dir(monkeypa
     assert kwargs["runtime_env"]["env_vars"] == {
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     }
 
 
