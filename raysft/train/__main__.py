@@ -11,10 +11,12 @@ checkpoint, the config against it, the data's bytes) and trains nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -237,19 +239,13 @@ def _train(cfg: Config, resume_from: str | None, shared: SharedData | None = Non
     from raysft.train.state import LocalCheckpoints
 
     checkpoints = LocalCheckpoints(Path(cfg.output_dir) / "checkpoints")
-    # kill, docker stop, Slurm (SIGTERM) and a closed terminal (SIGHUP) take Ctrl-C's path:
-    # the note says where the run can continue from.
-    stops = (signal.SIGTERM, signal.SIGHUP)
-    before = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
     try:
-        result = run_trial(cfg, report=checkpoints, resume_from=resume_from, shared=shared)
+        with stops_as_ctrl_c():  # the note says where the run can continue from
+            result = run_trial(cfg, report=checkpoints, resume_from=resume_from, shared=shared)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             interrupted_note(cfg, checkpoints.latest(), resume_from=resume_from)
         ) from None
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     f = result.final
     if DIVERGED_AT in f:
         kept = checkpoints.latest()
@@ -301,7 +297,29 @@ def _follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
     return cfg.model_copy(update={"output_dir": str(now)})
 
 
+@contextlib.contextmanager
+def stops_as_ctrl_c() -> Iterator[None]:
+    """While held, kill, docker stop, Slurm (SIGTERM) and a closed terminal (SIGHUP) take
+    Ctrl-C's path (a KeyboardInterrupt: what was made is cleared, the run says where it can
+    continue from); the handlers before are put back after."""
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def _main() -> int:
+    # From the start, not from the first step: a stop while the model or the data is checked
+    # (seconds, minutes for a large file) would otherwise end the process without a word (exit
+    # 143, Python's default for SIGTERM).
+    with stops_as_ctrl_c():
+        return _command()
+
+
+def _command() -> int:
     parser = config_parser("python -m raysft.train", __doc__)
     parser.add_argument("--dry-run", action="store_true", help="validate, print config and counts")
     parser.add_argument("--preview", type=int, metavar="N", help="print the first N examples")

@@ -593,6 +593,43 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
     check_output_dir(again, str(kept / "config.yaml"), resuming=str(kept))
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_stop_before_training_begins_is_said_and_leaves_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stop: str,
+) -> None:
+    """A kill while the model and data are checked, before the first step: said as Ctrl-C is,
+    not a silent exit 143, and no output folder is left."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import raysft.train.__main__ as cli
+    from raysft.cli import run_cli
+
+    out = tmp_path / "out"
+
+    def killed_while_checking(*_args: Any) -> None:
+        os.kill(os.getpid(), getattr(signal, stop))
+        time.sleep(5)  # the handler raises at the next bytecode
+        raise AssertionError(f"{stop} did not stop the run")
+
+    monkeypatch.setattr(cli, "_check_model", killed_while_checking)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {out}\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["raysft.train", str(config)])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    with pytest.raises(SystemExit) as done:
+        run_cli(cli._main)
+    assert done.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back after
+    assert not out.exists()
+
+
 def _checkpoint_at(out: Path, step: int, cfg: Any) -> Path:
     """A checkpoint of ``cfg``'s run at ``step``: config.yaml and a training state holding its
     progress (all ``--resume-from``'s checks before the model loads read)."""
@@ -696,7 +733,6 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(
 def test_a_held_output_dir_is_said_to_be_ended_or_continuable(tmp_path: Path, ended: bool) -> None:
     from raysft.errors import ConfigError
     from raysft.train.run_dir import check_output_dir
-
     from raysft.train.state import STATE_FILE
 
     out = tmp_path / "out"
