@@ -314,7 +314,7 @@ def stops_as_ctrl_c() -> Iterator[None]:
 def _main() -> int:
     # From the start, not from the first step: a stop while the model or the data is checked
     # (seconds, minutes for a large file) would otherwise end the process without a word (exit
-    # 143, Python's default for SIGTERM).
+    # 143: Python leaves SIGTERM to the system's default, which ends the process).
     with stops_as_ctrl_c():
         return _command()
 
