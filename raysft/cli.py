@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from raysft.errors import RaysftError
@@ -63,6 +65,22 @@ def setup_logging(verbose: bool = False) -> None:
             handler.setFormatter(_RedactingFormatter(handler.formatter or logging.Formatter()))
     for noisy in ("urllib3", "filelock", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def stops_interrupt() -> Iterator[None]:
+    """While held, kill, docker stop, Slurm (SIGTERM) and a closed terminal (SIGHUP) raise
+    KeyboardInterrupt, as Ctrl-C does: the command clears what it made and says where it can
+    continue from, not a silent exit 143 (Python leaves SIGTERM to the system's default). The
+    handlers before are put back after. (A search, once begun, installs its own:
+    ``raysft.search.interrupt.stops_as_ctrl_c``.)"""
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_cli(main: Callable[[], int]) -> NoReturn:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging
+from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging, stops_interrupt
 from raysft.config import SearchSpec
 from raysft.search.driver import run_search
 from raysft.search.experiment import (
@@ -147,6 +147,13 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
 
 
 def _main() -> int:
+    # A stop while the spec, data and model are checked (minutes for a large file) is said, as
+    # Ctrl-C is; once the search begins, it installs its own handlers (search/interrupt.py).
+    with stops_interrupt():
+        return _command()
+
+
+def _command() -> int:
     parser = config_parser("python -m raysft.tune", __doc__)
     parser.add_argument(
         "--dry-run",

@@ -11,16 +11,13 @@ checkpoint, the config against it, the data's bytes) and trains nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import config_parser, run_cli, setup_logging
+from raysft.cli import config_parser, run_cli, setup_logging, stops_interrupt
 from raysft.config import Config, load_config
 from raysft.data.pipeline import (
     PreparedData,
@@ -240,7 +237,7 @@ def _train(cfg: Config, resume_from: str | None, shared: SharedData | None = Non
 
     checkpoints = LocalCheckpoints(Path(cfg.output_dir) / "checkpoints")
     try:
-        with stops_as_ctrl_c():  # the note says where the run can continue from
+        with stops_interrupt():  # the note says where the run can continue from
             result = run_trial(cfg, report=checkpoints, resume_from=resume_from, shared=shared)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
@@ -297,25 +294,10 @@ def _follow_a_moved_run(cfg: Config, checkpoint: str) -> Config:
     return cfg.model_copy(update={"output_dir": str(now)})
 
 
-@contextlib.contextmanager
-def stops_as_ctrl_c() -> Iterator[None]:
-    """While held, kill, docker stop, Slurm (SIGTERM) and a closed terminal (SIGHUP) take
-    Ctrl-C's path (a KeyboardInterrupt: what was made is cleared, the run says where it can
-    continue from); the handlers before are put back after."""
-    stops = (signal.SIGTERM, signal.SIGHUP)
-    before = {sig: signal.signal(sig, signal.default_int_handler) for sig in stops}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
 def _main() -> int:
     # From the start, not from the first step: a stop while the model or the data is checked
-    # (seconds, minutes for a large file) would otherwise end the process without a word (exit
-    # 143: Python leaves SIGTERM to the system's default, which ends the process).
-    with stops_as_ctrl_c():
+    # (seconds, minutes for a large file) is said too.
+    with stops_interrupt():
         return _command()
 
 
