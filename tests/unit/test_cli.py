@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from evalkit import LONG_HISTORY
+from stopkit import STOPS, exit_code_of_a_stop, stopped_by
 
 from raysft.config import load_config, saved_tree
 from raysft.errors import DataError
@@ -544,11 +545,6 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
     stop: str,
 ) -> None:
     """Ctrl-C, and kill / docker stop / Slurm (SIGTERM) or a closed terminal (SIGHUP) alike."""
-    import os
-    import signal
-    import time
-
-    from raysft.cli import run_cli
     from raysft.config import dump_config
     from raysft.train import recipe
     from raysft.train.__main__ import _train
@@ -556,6 +552,7 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
 
     out = tmp_path / "out"
     cfg = load_config(None, {"output_dir": str(out), "train.eval_every": 5})
+    stopped = stopped_by(stop, "the run")
 
     def interrupted(cfg: Any, *, report: Any, resume_from: str | None, shared: Any) -> None:
         if checkpointed:  # the checkpoint of step 5, as the run hands it over
@@ -563,18 +560,10 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
             written.mkdir()
             (written / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
             report({"step": 5}, str(written))
-        if stop == "SIGINT":
-            raise KeyboardInterrupt
-        os.kill(os.getpid(), getattr(signal, stop))
-        time.sleep(5)  # the handler raises at the next bytecode
-        raise AssertionError(f"{stop} did not stop the run")
+        stopped()
 
     monkeypatch.setattr(recipe, "run_trial", interrupted)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    with pytest.raises(SystemExit) as done:
-        run_cli(lambda: _train(cfg, None))
-    assert done.value.code == 130
-    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back after
+    exit_code_of_a_stop(lambda: _train(cfg, None))
     said = capsys.readouterr().err
     if not checkpointed:
         assert said == (
@@ -593,7 +582,7 @@ def test_ctrl_c_says_what_is_left_and_how_to_continue(
     check_output_dir(again, str(kept / "config.yaml"), resuming=str(kept))
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("stop", STOPS)
 def test_a_stop_before_training_begins_is_said_and_leaves_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -602,31 +591,15 @@ def test_a_stop_before_training_begins_is_said_and_leaves_nothing(
 ) -> None:
     """A kill while the model and data are checked, before the first step: said as Ctrl-C is,
     not a silent exit 143, and no output folder is left."""
-    import os
-    import signal
-    import sys
-    import time
-
     import raysft.train.__main__ as cli
-    from raysft.cli import run_cli
 
     out = tmp_path / "out"
-
-    def killed_while_checking(*_args: Any) -> None:
-        os.kill(os.getpid(), getattr(signal, stop))
-        time.sleep(5)  # the handler raises at the next bytecode
-        raise AssertionError(f"{stop} did not stop the run")
-
-    monkeypatch.setattr(cli, "_check_model", killed_while_checking)
+    monkeypatch.setattr(cli, "_check_model", stopped_by(stop, "the run"))
     config = tmp_path / "run.yaml"
     config.write_text(f"output_dir: {out}\n", encoding="utf-8")
     monkeypatch.setattr(sys, "argv", ["raysft.train", str(config)])
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    with pytest.raises(SystemExit) as done:
-        run_cli(cli._main)
-    assert done.value.code == 130
+    exit_code_of_a_stop(cli._main)
     assert capsys.readouterr().err == "interrupted\n"
-    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back after
     assert not out.exists()
 
 

@@ -25,6 +25,7 @@ import optuna
 import pytest
 import yaml
 from evalkit import LONG_HISTORY
+from stopkit import STOPS, exit_code_of_a_stop, stopped_by
 
 from raysft.config import set_path, validate_spec
 from raysft.errors import ConfigError, DataError
@@ -2966,7 +2967,7 @@ def test_set_of_a_field_of_a_parameter_the_spec_lacks_says_to_give_it_whole(
     ]
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("name", STOPS)
 def test_a_stop_while_the_spec_is_read_is_said_and_leaves_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -2975,26 +2976,12 @@ def test_a_stop_while_the_spec_is_read_is_said_and_leaves_nothing(
 ) -> None:
     """A kill while the spec, its data and model are checked, before the search begins (and
     installs its own handlers): said as Ctrl-C is, not a silent exit 143; nothing is made."""
-    import os
-    import signal
-    import sys
-
     import raysft.tune as cli
-    from raysft.cli import run_cli
-
-    def killed_while_reading(*_args: Any, **_kwargs: Any) -> None:
-        os.kill(os.getpid(), getattr(signal, name))
-        time.sleep(5)  # the handler raises at the next bytecode
-        raise AssertionError(f"{name} did not stop the search")
 
     exp_dir = tmp_path / "exp"
-    monkeypatch.setattr(cli, "read_spec", killed_while_reading)
+    monkeypatch.setattr(cli, "read_spec", stopped_by(name, "the search"))
     monkeypatch.setattr(sys, "argv", ["raysft.tune", str(ROOT / "search_spaces" / "lora.yaml"),
                                       "--set", f"search.experiment_dir={exp_dir}"])  # fmt: skip
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    with pytest.raises(SystemExit) as done:
-        run_cli(cli._main)
-    assert done.value.code == 130
+    exit_code_of_a_stop(cli._main)
     assert capsys.readouterr().err == "interrupted\n"
-    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back after
     assert not exp_dir.exists()
