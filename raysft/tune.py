@@ -109,6 +109,12 @@ def _print_summary(summary: dict[str, Any], metric: str) -> None:
 
     print()
     print(table(summary["trials"], metric))
+    lost = [t["trial_id"] for t in summary.get("lost_trials") or []]
+    if lost:
+        print(
+            f"lost: {', '.join(lost)} (begun just before an earlier start's driver was killed, "
+            "before Tune saved its state; not continued nor ranked, see summary.json)"
+        )
     best = summary["best"]
     if best:
         print(f"\nbest trial {best['trial_id']}: {metric}={best['metric']:.4g}", end="")

@@ -48,6 +48,7 @@ from raysft.search.interrupt import (
     stops_as_ctrl_c,
     with_local_ends,
 )
+from raysft.search.lost_trials import set_lost_apart
 from raysft.search.ray_start import (
     attaching_to_cluster,
     check_ray_address,
@@ -69,7 +70,7 @@ from raysft.search.space import (
 )
 from raysft.search.spec import trial_memory
 from raysft.search.storage import check_shared_storage
-from raysft.search.tune_results import result_of
+from raysft.search.tune_results import result_of, trial_id_of
 from raysft.search.tuner import build_tuner, quiet_tune_output, search_trainable, share_data
 
 log = logging.getLogger(__name__)
@@ -395,8 +396,8 @@ def _finish(
     # This start's: reset at its start.
     tracking_failures = tracking_requests.callback_failures()
     known, unreachable = known_trial_runs(mlc, exp_id, parent_id, callback, tracking_failures)
-    ids = [(grid[i].metrics or {}).get("trial_id") for i in range(len(grid))]
-    known = with_local_ends(known, exp_dir, ids)
+    ids = [trial_id_of(grid[i]) for i in range(len(grid))]
+    known, lost = set_lost_apart(mlc, with_local_ends(known, exp_dir, ids), ids, exp_dir=exp_dir)
     stop_if_interrupted(grid, known, mlc, parent_id, exp_dir=exp_dir, cfg=cfg)
     ended.append(True)
     runs = {t: run for t, (run, _) in known.items() if run}
@@ -408,6 +409,7 @@ def _finish(
         "diverged": set(getattr(callback, "diverged", ())),
         "tracking_failures": tracking_failures,
         "unreachable": unreachable,
+        "lost": lost,
     }
     results = [result_of(grid[i], exp_dir) for i in range(len(grid))]
     return finish_search(

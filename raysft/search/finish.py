@@ -233,6 +233,9 @@ def finish_search(
         "best": best,
         "trials": rows,
         "counts": res.counts(rows),
+        # Begun just before an earlier start's driver was killed, unknown to Tune's saved
+        # state, so never continued nor ranked (``lost_trials``).
+        "lost_trials": tracked.get("lost", []),
         "mlflow": {
             "tracking_uri": redact.redact("tracking_uri", tracked["uri"]),
             "experiment": cfg.tracking.experiment,

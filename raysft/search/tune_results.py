@@ -20,7 +20,7 @@ def result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
     """A Tune result as plain values (no Ray types past this point), with the trial's cause of
     failure (not Ray's wrapper) and its failed attempts."""
     m = dict(result.metrics or {})
-    trial_id = m.get("trial_id") or Path(result.path).name
+    trial_id = trial_id_of(result) or Path(result.path).name
     error = None
     if result.error is not None:
         error = res.error_cause(result.error).removeprefix(f"{TrialFailure.__name__}: ")
@@ -41,6 +41,21 @@ def result_of(result: Any, exp_dir: Path) -> dict[str, Any]:
         "attempts": attempts,
         "history": _history_of(result),
     }
+
+
+# Tune names a trial's directory TRAINABLE_{trial_id}_{N}_{values}_{date}; its trial ids are 8
+# hex digits (``Trial.generate_id``).
+_DIR_TRIAL_ID = re.compile(r"_([0-9a-f]{8})_\d+(?:_|$)")
+
+
+def trial_id_of(result: Any) -> str | None:
+    """A Tune result's trial id: from its reports, else (a trial that never reported) from
+    the name of its directory; None where neither holds it."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    if isinstance(trial_id, str) and trial_id:
+        return trial_id
+    m = _DIR_TRIAL_ID.search(Path(str(result.path or "")).name)
+    return m[1] if m else None
 
 
 def _history_of(result: Any) -> list[dict[str, Any]] | None:

@@ -142,6 +142,16 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
     exp_dir = tmp_path / "crash"
     state: dict[str, Any] = {}
 
+    def tune_saved(snapshots: list[Path]) -> bool:
+        # Tune's saved state (what --resume restores) holds both trials. A kill before that
+        # loses the second one (test_lost_trials.py): Tune saves at most every 10 s, so this
+        # search saves every second (TUNE_GLOBAL_CHECKPOINT_S below) to leave the trial time.
+        try:
+            saved = "".join(p.read_text() for p in exp_dir.glob("tune/experiment_state-*.json"))
+        except OSError:  # replaced as it was read
+            return False
+        return all(p.parent.name.removeprefix("train-") in saved for p in snapshots)
+
     def kill_driver_mid_second_trial(proc: Any, _mark: str) -> None:
         def poll() -> None:
             deadline = time.monotonic() + 450
@@ -151,7 +161,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
                 # The first trial finished; Ray Train registered a checkpoint of the second one
                 # (in its snapshot: a checkpoint folder alone may be half-written) and it runs on.
                 snapshots = list(exp_dir.glob("train/train-*/checkpoint_manager_snapshot.json"))
-                if len(done) == 1 and len(snapshots) == 2:
+                if len(done) == 1 and len(snapshots) == 2 and tune_saved(snapshots):
                     state["finished"] = done[0].parent.name
                     state["checkpoints"] = {p: p.stat().st_mtime for p in ckpts}
                     os.kill(proc.pid, signal.SIGKILL)  # the driver only, not its group
@@ -166,6 +176,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
         ray_tmp,
         log="crash.log",
         timeout=450,
+        env={"TUNE_GLOBAL_CHECKPOINT_S": "1"},
         # Ray's processes follow the driver within seconds, except its dashboard and runtime-env
         # agents: they see their raylet die within 2 s, then try for 60 s (a timeout hard-coded
         # in ray._private.utils.publish_error_to_driver) to report it to the GCS, which died with

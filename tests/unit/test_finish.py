@@ -97,6 +97,7 @@ def test_a_finish_without_failures_records_none(tmp_path: Path, checkpoint: Path
     s = _search(tmp_path, checkpoint, "clean")
     summary = _run_finish(s)
     assert summary["failed_steps"] == []
+    assert summary["lost_trials"] == []
     assert summary["promotion"]["promoted"] is True
     mlc, parent = s["tracked"]["mlc"], s["tracked"]["parent_id"]
     assert mlc.get_run(parent).info.status == "FINISHED"
@@ -512,3 +513,24 @@ def test_the_best_adapter_artifact_holds_no_tracking_password(tmp_path: Path) ->
     ]  # fmt: skip
     assert "s3cretpw" not in uploaded["best_adapter/config.yaml"]
     assert "https://alice:***@mlflow.example.com" in uploaded["best_adapter/config.yaml"]
+
+
+def test_a_lost_trial_is_listed_and_said_apart_from_the_ranked_ones(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trial an earlier start began just before its driver was killed, unknown to Tune's
+    saved state (``lost_trials.set_lost_apart``): in summary.json and the printed summary,
+    never among the trials ranked."""
+    from raysft.tune import _print_summary
+
+    s = _search(tmp_path, checkpoint, "lost")
+    lost = [{"trial_id": "faacafaf", "mlflow_run_id": "r9", "status": "lost"}]
+    s["tracked"]["lost"] = lost
+    summary = _run_finish(s)
+    assert summary["lost_trials"] == lost
+    assert [t["trial_id"] for t in summary["trials"]] == ["a1", "b2"]
+    assert json.loads((s["exp_dir"] / SUMMARY_FILE).read_text())["lost_trials"] == lost
+    capsys.readouterr()
+    _print_summary(summary, "eval_loss")
+    out = capsys.readouterr().out
+    assert "\nlost: faacafaf (begun just before an earlier start's driver was killed, " in out
