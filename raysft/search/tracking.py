@@ -33,7 +33,7 @@ from raysft.train.metrics import METRICS, REPLAYED
 
 log = logging.getLogger(__name__)
 
-STATUS_TAG = "raysft.status"  # a TrialStatus value
+STATUS_TAG = "raysft.status"  # a TrialStatus value, or lost_trials.LOST
 # MLflow 3 opens an experiment without this tag on its GenAI overview (traces); this value
 # marks it as model training, so the UI opens on the runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
