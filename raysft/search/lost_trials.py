@@ -1,13 +1,14 @@
 """Trials a killed driver leaves that its ``--resume`` cannot continue.
 
-Tune saves the search's state (its trials, its searcher) every 10 s at most, more under load
-(``TUNE_GLOBAL_CHECKPOINT_S``, "auto"). A driver killed with SIGKILL after Tune started a trial,
-and raysft's callback opened its MLflow run, but before Tune saved its state again leaves a
-trial that state never held. ``--resume`` restores that state: Tune cannot continue the trial,
-and its searcher samples again in its place. The trial is lost, not interrupted: before this
-module, its run stayed open and every later start ended as an interrupted search (exit 130),
-for ever. Its run is closed (KILLED, ``raysft.status`` ``lost``), its end noted in the
-experiment dir, and ``summary.json`` lists it apart from the ranked trials; its checkpoints stay.
+Tune saves the search's state (its trials, its searcher) at most once every 10 s, less often
+under load (``TUNE_GLOBAL_CHECKPOINT_S``, "auto"). A driver killed with SIGKILL after Tune
+started a trial, and raysft's callback opened its MLflow run, but before Tune saved its state
+again leaves a trial that state never held. ``--resume`` restores that state: Tune cannot
+continue the trial, and its searcher samples again in its place. The trial is lost, not
+interrupted: before this module, its run stayed open and every later start ended as an
+interrupted search (exit 130), for ever. Its run is closed (KILLED, ``raysft.status`` ``lost``),
+its end noted in the experiment dir, and ``summary.json`` lists it apart from the ranked
+trials; its checkpoints stay.
 """
 
 from __future__ import annotations

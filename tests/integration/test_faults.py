@@ -144,7 +144,7 @@ def test_driver_killed_mid_search_resumes_without_rerunning_or_duplicating(
 
     def tune_saved(snapshots: list[Path]) -> bool:
         # Tune's saved state (what --resume restores) holds both trials. A kill before that
-        # loses the second one (test_lost_trials.py): Tune saves at most every 10 s, so this
+        # loses the second one (test_lost_trials.py): Tune saves at most once every 10 s, so this
         # search saves every second (TUNE_GLOBAL_CHECKPOINT_S below) to leave the trial time.
         try:
             saved = "".join(p.read_text() for p in exp_dir.glob("tune/experiment_state-*.json"))
