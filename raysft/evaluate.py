@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import NoReturn
 
-from raysft.cli import run_cli, setup_logging
+from raysft.cli import run_command, setup_logging
 from raysft.config import split_overrides
 from raysft.errors import ConfigError, ModelError
 from raysft.search.eval_target import resolve_target
@@ -123,7 +123,7 @@ def run(argv: list[str] | None = None) -> int:
 def main() -> NoReturn:
     """Entry point (``python -m raysft.evaluate`` and the ``raysft-evaluate`` script): user errors
     exit 2 with one message, never a traceback."""
-    run_cli(run)
+    run_command(run)
 
 
 if __name__ == "__main__":

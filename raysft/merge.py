@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import run_cli, setup_logging
+from raysft.cli import run_command, setup_logging
 from raysft.errors import ModelError
 from raysft.paths import give_plain_modes, writable_dir_problem
 from raysft.search.eval_target import resolve_target
@@ -251,7 +251,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def main() -> NoReturn:
     """Entry point (``python -m raysft.merge``): user errors exit 2 with one message."""
-    run_cli(run)
+    run_command(run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import EXIT_FINISH_FAILED, run_cli, setup_logging
+from raysft.cli import EXIT_FINISH_FAILED, run_command, setup_logging
 from raysft.config import validate_spec
 from raysft.errors import ConfigError, SearchStateError
 from raysft.search import notes, tracking
@@ -182,7 +182,7 @@ def _registry(uri: Any, where: str) -> Any:
 
 def main() -> NoReturn:
     """Entry point (``python -m raysft.promote`` and the ``raysft-promote`` script)."""
-    run_cli(_main)
+    run_command(_main)
 
 
 if __name__ == "__main__":

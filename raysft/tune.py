@@ -15,7 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import EXIT_FINISH_FAILED, config_parser, run_cli, setup_logging, stops_interrupt
+from raysft.cli import (
+    EXIT_FINISH_FAILED,
+    config_parser,
+    run_command,
+    setup_logging,
+    stops_interrupt,
+)
 from raysft.config import SearchSpec
 from raysft.search.driver import run_search
 from raysft.search.experiment import (
@@ -218,7 +224,7 @@ def exit_code(summary: dict[str, Any]) -> int:
 
 def main() -> NoReturn:
     """Entry point (``python -m raysft.tune`` and the ``raysft-tune`` script)."""
-    run_cli(_main)
+    run_command(_main)
 
 
 if __name__ == "__main__":

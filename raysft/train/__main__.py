@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from raysft.cli import config_parser, run_cli, setup_logging, stops_interrupt
+from raysft.cli import config_parser, run_command, setup_logging, stops_interrupt
 from raysft.config import Config, load_config
 from raysft.data.pipeline import (
     PreparedData,
@@ -379,7 +379,7 @@ def _command() -> int:
 def main() -> NoReturn:
     """Entry point (``python -m raysft.train`` and the ``raysft-train`` script): user errors
     exit 2 with one message, never a traceback."""
-    run_cli(_main)
+    run_command(_main)
 
 
 if __name__ == "__main__":

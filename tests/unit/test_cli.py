@@ -948,3 +948,28 @@ def test_a_run_that_loses_the_race_for_a_new_output_dir_removes_nothing_of_the_w
             run_cli(train_main._main)
         assert done.value.code == 2
         assert (out / LOCK_FILE).is_file()
+
+
+def test_a_commands_exit_skips_the_teardowns_cycle_search_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    """``run_command`` (every command's entry point) freezes the objects out of the garbage
+    collector before Python's teardown; the exit code, the atexit handlers (logging's flush
+    among them) and what is printed all stay as they were."""
+    script = tmp_path / "command.py"
+    script.write_text(
+        "import atexit, gc, logging, sys\n"
+        "from raysft.cli import run_command\n"
+        f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
+        "atexit.register(lambda: print('at exit: frozen', gc.get_freeze_count() > 0))\n"
+        "def main():\n"
+        "    logging.getLogger('command').info('logged')\n"
+        "    print('done', end='')  # no newline: flushed at exit\n"
+        "    return 3\n"
+        "run_command(main)\n",
+        encoding="utf-8",
+    )
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 3, ran.stderr
+    assert ran.stdout == "doneat exit: frozen True\n", ran.stdout
+    assert "logged" in (tmp_path / "log.txt").read_text(encoding="utf-8")
