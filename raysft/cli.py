@@ -106,14 +106,15 @@ def run_command(main: Callable[[], int]) -> NoReturn:
 
     Before Python's teardown, every object is frozen out of the garbage collector
     (``gc.freeze``): a search's driver, with torch, transformers, Ray, MLflow and Optuna
-    imported, otherwise spent 2.3 CPU-s collecting after its last line (2-core dev VM; 0.3 s
-    with the freeze), and 25-50 s where the machine was busy with other work. The teardown
-    still runs the atexit handlers (logging's flush, Ray's and MLflow's own, temporary
+    imported, otherwise exited 2.85 s after its last line, 2.3 s of it in the teardown's
+    collections with no system call (2-core dev VM, quiet; 0.31 s with the freeze), and 27 s
+    (about 50 s in a CI run) beside other work, at the lowered CPU share the tests give it. The
+    teardown still runs the atexit handlers (logging's flush, Ray's and MLflow's own, temporary
     directories' cleanup) and flushes stdout and stderr. What it no longer does is free the
     objects held in reference cycles, module globals among them: a file left open there would
-    not be flushed. raysft's commands close every file they write before they return (a scan
-    of a search driver's 905,000 objects at its exit found only stdio and matplotlib's fonts
-    open). Not for ``run_cli`` called in a process that goes on (tests)."""
+    not be flushed. raysft's commands close every file they write before they return (a scan of
+    a search driver's 905,000 objects at its exit found only stdio and matplotlib's fonts open).
+    Not for ``run_cli`` called in a process that goes on (tests)."""
     try:
         run_cli(main)
     finally:
