@@ -19,7 +19,10 @@ from test_recipe import _model_dir
 
 from raysft.config import load_config
 from raysft.errors import DataError
-from raysft.train.recipe import Dist, finish, run_trial, setup, train
+
+# setup under another name: pytest 8.0 would call a module-level `setup` as nose's module setup.
+from raysft.train.recipe import Dist, finish, run_trial, train
+from raysft.train.recipe import setup as setup_run
 
 
 def _rows(path: Path) -> Path:
@@ -208,7 +211,7 @@ def _rng_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
     try:
         extra = {"lora.dropout": 0.1, "train.neftune_alpha": 5}
         cfg = _cfg(Path(tmp), Path(model_dir), grad_accum=1, out="rng", **extra)
-        setup(cfg, dist=Dist(rank, 2), prepare_model=DistributedDataParallel)
+        setup_run(cfg, dist=Dist(rank, 2), prepare_model=DistributedDataParallel)
         noise = torch.empty(64).uniform_(-1, 1)  # what NEFTune's first draw would be
         draws = {"torch": noise.tolist(), "python": random.random()}
         (Path(tmp) / f"rng-{rank}.json").write_text(json.dumps(draws), encoding="utf-8")
@@ -275,7 +278,7 @@ def _fsdp_worker(rank: int, tmp: str, model_dir: str, rendezvous: str) -> None:
             if checkpoint_dir is not None:  # rank 0 writes; keep step 1's to resume from
                 shutil.copytree(checkpoint_dir, Path(tmp) / f"fsdp-ckpt-{metrics['step']}")
 
-        run = setup(cfg, dist=Dist(rank, 2, sharded=True))
+        run = setup_run(cfg, dist=Dist(rank, 2, sharded=True))
         # Every parameter is a shard: this rank holds about half of the model.
         local = sum(p.to_local().numel() for p in run.model.parameters())
         total = sum(p.numel() for p in run.model.parameters())
@@ -404,7 +407,7 @@ def test_fsdp_with_lora_is_refused(tmp_path: Path) -> None:
     _rows(tmp_path / "rows.jsonl")
     cfg = _cfg(tmp_path, model_dir, grad_accum=1, out="x")
     with pytest.raises(ConfigError, match="fsdp shards full fine-tuning"):
-        setup(cfg, dist=Dist(0, 2, sharded=True))
+        setup_run(cfg, dist=Dist(0, 2, sharded=True))
 
 
 def test_fsdp_with_an_8bit_optimizer_is_refused(tmp_path: Path) -> None:
@@ -415,7 +418,7 @@ def test_fsdp_with_an_8bit_optimizer_is_refused(tmp_path: Path) -> None:
     over = {"train.optimizer": "adamw_8bit"}
     cfg = _cfg(tmp_path, model_dir, grad_accum=1, out="x", method="full", **over)
     with pytest.raises(ConfigError, match="train.optimizer: adamw_8bit not with FSDP yet"):
-        setup(cfg, dist=Dist(0, 2, sharded=True))
+        setup_run(cfg, dist=Dist(0, 2, sharded=True))
 
 
 def test_fsdp_with_compile_is_refused(tmp_path: Path) -> None:
@@ -425,4 +428,4 @@ def test_fsdp_with_compile_is_refused(tmp_path: Path) -> None:
     _rows(tmp_path / "rows.jsonl")
     cfg = _cfg(tmp_path, model_dir, grad_accum=1, out="x", method="full", **{"train.compile": True})
     with pytest.raises(ConfigError, match="train.compile: not with FSDP yet"):
-        setup(cfg, dist=Dist(0, 2, sharded=True))
+        setup_run(cfg, dist=Dist(0, 2, sharded=True))

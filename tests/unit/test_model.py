@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelkit import checkpointing_on
 
 from raysft.bench.presets import LLAMA2_7B
 from raysft.config import (
@@ -129,7 +130,7 @@ def test_full_trains_every_weight(tiny_llama_dir):
 
 def test_lora_changes_only_the_adapter(tiny_llama_dir):
     model = load_model(_cfg(tiny_llama_dir, gc=True))
-    assert model.config.use_cache is False and model.is_activation_checkpointing
+    assert model.config.use_cache is False and checkpointing_on(model)
     before = _snapshot(model)
     losses = _train(model)
     assert all(math.isfinite(v) for v in losses)
@@ -148,7 +149,7 @@ def test_qlora_on_cpu_keeps_4bit_base_and_trains_adapter(tiny_llama_dir):
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
     assert q_proj.base_layer.weight.dtype == torch.uint8  # two NF4 values per byte
-    assert model.config.use_cache is False and model.is_activation_checkpointing
+    assert model.config.use_cache is False and checkpointing_on(model)
     before = _snapshot(model)
     absmax = q_proj.base_layer.weight.quant_state.absmax.clone()
     losses = _train(model)
