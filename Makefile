@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt "$(TORCH)" -e ".[dev]"
 	touch $@
 
-.PHONY: setup demo test lint docs constraints
+.PHONY: setup demo test lint docs constraints constraints-lowest test-lowest
 setup: $(VENV)/.installed
 
 # constraints.txt anew: the newest versions pyproject.toml admits, installed in a scratch venv.
@@ -27,6 +27,23 @@ constraints:
 	{ sed -n '/^#/p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable \
 	  | grep -v -i '^torch=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 	rm -rf .venv-constraints
+
+# The oldest versions pyproject.toml admits (README "Install"): constraints-lowest.txt pins each
+# direct dependency at its range's lower end (.ci/constraints_lowest.py, with uv's resolver), and
+# test-lowest runs the unit tests on that set in .venv-lowest. From PyPI, torch 2.9 is a CUDA
+# build (about 3 GB with its CUDA libraries); it trains on the CPU all the same.
+TORCH_LOWEST ?= torch==2.9.0
+constraints-lowest:
+	rm -rf .venv-uv && python3 -m venv .venv-uv && .venv-uv/bin/pip install -q uv
+	python3 .ci/constraints_lowest.py .venv-uv/bin/uv "$(TORCH_LOWEST)" constraints-lowest.txt
+	rm -rf .venv-uv
+
+test-lowest:
+	rm -rf .venv-lowest && python3 -m venv .venv-lowest
+	.venv-lowest/bin/pip install -q --upgrade pip
+	.venv-lowest/bin/pip install -q $(TORCH_PIP_ARGS) -c constraints-lowest.txt "$(TORCH_LOWEST)"
+	.venv-lowest/bin/pip install -q -c constraints-lowest.txt "$(TORCH_LOWEST)" -e ".[dev]"
+	.venv-lowest/bin/python -m pytest -q -n 2 tests/unit
 
 demo: $(VENV)/.installed
 	$(PY) -m raysft.tune search_spaces/lora.yaml
