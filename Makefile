@@ -30,12 +30,13 @@ constraints:
 
 # The oldest versions pyproject.toml admits (README "Install"): constraints-lowest.txt pins each
 # direct dependency at its range's lower end (.ci/constraints_lowest.py, with uv's resolver), and
-# test-lowest runs the unit tests on that set in .venv-lowest. From PyPI, torch 2.9 is a CUDA
-# build (about 3 GB with its CUDA libraries); it trains on the CPU all the same.
-TORCH_LOWEST ?= torch==2.9.0
+# test-lowest runs the unit tests on that set in .venv-lowest. From PyPI, that torch (2.9) is a
+# CUDA build (6.6 GB installed with its CUDA libraries and triton); it trains on the CPU all the
+# same.
+TORCH_LOWEST = $(shell grep '^torch==' constraints-lowest.txt)
 constraints-lowest:
-	rm -rf .venv-uv && python3 -m venv .venv-uv && .venv-uv/bin/pip install -q uv
-	python3 .ci/constraints_lowest.py .venv-uv/bin/uv "$(TORCH_LOWEST)" constraints-lowest.txt
+	rm -rf .venv-uv && python3 -m venv .venv-uv && .venv-uv/bin/pip install -q uv packaging
+	.venv-uv/bin/python .ci/constraints_lowest.py .venv-uv/bin/uv constraints-lowest.txt
 	rm -rf .venv-uv
 
 test-lowest:

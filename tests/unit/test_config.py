@@ -715,8 +715,9 @@ def test_registered_model_rule_is_mlflows(name: str) -> None:
     ours = _takes(lambda: load_config(None, {"promote.registered_model": name}), ConfigError)
     theirs = _takes(lambda: validation._validate_model_name(name), MlflowException)
     if _takes(lambda: validation._validate_model_name("a/b"), MlflowException):
-        # An MLflow before its rule on "/", ":" and path-like names (3.9 checks only that a name
-        # is not empty): raysft keeps the later rule, and never takes a name MLflow refuses.
+        # An MLflow before its rule on "/", ":" and path-like names (3.10, the oldest raysft takes,
+        # checks only that a name is not empty): raysft keeps the later rule, and never takes a name
+        # MLflow refuses.
         assert theirs or not ours, name
         return
     assert ours == theirs, name

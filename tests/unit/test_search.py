@@ -1283,29 +1283,21 @@ def test_a_read_only_autoscaler_is_told_from_one_that_launches_nodes() -> None:
     assert not launches_nodes({})  # an older report without the mapping: planned as it is
 
 
-def _cluster_status(**fields: Any) -> Any:
-    """Ray's own v2 ``ClusterStatus``, with its stats given: Ray 2.51's default for them
-    (``Stats()``) lacks their one required field, so ``ClusterStatus()`` raises there."""
-    from ray.autoscaler.v2.schema import ClusterStatus, Stats
-
-    return ClusterStatus(**fields, stats=Stats(gcs_request_time_s=0.0))
-
-
 def test_an_autoscaler_v2_status_counts_launches_and_starting_nodes() -> None:
     # Ray's own v2 schema objects, as get_cluster_status returns them (ray up's default).
-    from ray.autoscaler.v2.schema import LaunchRequest, NodeInfo
+    from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
 
     def launch(count: int, state: LaunchRequest.Status) -> LaunchRequest:
         return LaunchRequest("g5.2xlarge", "gpu_a10g", count, state, request_ts_s=0)
 
     starting = NodeInfo("g5.2xlarge", "gpu_a10g", "i-0abc", "10.0.0.5")
-    status = _cluster_status(
+    status = ClusterStatus(
         pending_launches=[launch(2, LaunchRequest.Status.PENDING)],
         failed_launches=[launch(1, LaunchRequest.Status.FAILED)],
         pending_nodes=[starting],
     )
     assert v2_launching(status) == 3
-    assert v2_launching(_cluster_status()) == 0
+    assert v2_launching(ClusterStatus()) == 0
 
 
 def test_a_cluster_without_an_autoscaler_is_planned_as_it_is() -> None:
@@ -1366,7 +1358,7 @@ def test_a_refusal_after_the_wait_says_what_the_autoscaler_says_failed(
 
 
 def test_autoscaler_failures_as_v1_and_v2_report_them() -> None:
-    from ray.autoscaler.v2.schema import LaunchRequest, NodeInfo
+    from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
 
     assert v1_failures({"failed_nodes": [["10.0.0.7", "gpu_a10g"]]}) == [
         "gpu_a10g: node 10.0.0.7 terminated"
@@ -1377,11 +1369,11 @@ def test_autoscaler_failures_as_v1_and_v2_report_them() -> None:
         details="InsufficientInstanceCapacity",
     )  # fmt: skip
     died = NodeInfo("g5.2xlarge", "gpu_a10g", "i-0abc", "", failure_detail="setup failed")
-    assert v2_failures(_cluster_status(failed_launches=[refused], failed_nodes=[died])) == [
+    assert v2_failures(ClusterStatus(failed_launches=[refused], failed_nodes=[died])) == [
         "gpu_a10g: 2 launch(es) failed (InsufficientInstanceCapacity)",
         "gpu_a10g: node i-0abc failed (setup failed)",
     ]
-    assert v2_failures(_cluster_status()) == []
+    assert v2_failures(ClusterStatus()) == []
 
 
 def test_auto_gpus_ask_for_the_share_a_trial_needs() -> None:
